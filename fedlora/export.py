@@ -1,0 +1,101 @@
+"""Export the global adapter in PEFT's LoRA format.
+
+``adapter_config.json`` plus ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` (``r × d_in``) and ``…lora_B.weight``
+(``d_out × r``), and the task head under ``base_model.model.<module>.weight``
+(``modules_to_save``), so ``peft.PeftModel.from_pretrained(base, DIR)`` loads it.
+
+Every strategy's global update is written exactly as one LoRA pair per layer:
+the factors of :meth:`GlobalState.delta` are concatenated (FLoRA's folded updates,
+LoRA-SB's ``B R``), and ``lora_alpha`` is set equal to each layer's rank so that
+PEFT's scale ``α / r`` is 1 (``rank_pattern``/``alpha_pattern`` where layers differ).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fedlora.strategies import GlobalState
+
+PREFIX = "base_model.model."
+
+
+def export_factors(state: GlobalState, layers: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Layer -> ``(A, B)`` with ``B A`` the layer's whole update (scale 1)."""
+    out = {}
+    for layer in layers:
+        us, vs = state.delta(layer)
+        if not us:
+            raise ValueError(f"the global state has no update for layer {layer!r}")
+        out[layer] = (torch.cat(vs, dim=0).float().contiguous(),
+                      torch.cat(us, dim=1).float().contiguous())
+    return out
+
+
+def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base_model: str,
+                task_type: str, head_modules: list[str]) -> Path:
+    """Write ``out_dir/adapter_config.json`` and ``adapter_model.safetensors``.
+
+    Parameters
+    ----------
+    state : GlobalState
+        The global adapter.
+    layers : list of str
+        Adapted module names (as in the base model).
+    out_dir : path
+        Target folder; written through a temporary folder and renamed into place.
+    base_model : str
+        Recorded as ``base_model_name_or_path``.
+    task_type : str
+        PEFT task type, e.g. ``"SEQ_CLS"`` or ``"CAUSAL_LM"``.
+    head_modules : list of str
+        Task-head module names whose full weights are saved (``modules_to_save``).
+    """
+    out_dir = Path(out_dir)
+    factors = export_factors(state, layers)
+    tensors = {}
+    for layer, (A, B) in factors.items():
+        tensors[f"{PREFIX}{layer}.lora_A.weight"] = A
+        tensors[f"{PREFIX}{layer}.lora_B.weight"] = B
+    for key, t in state.head.items():
+        tensors[f"{PREFIX}{key}"] = t.float().contiguous()
+    ranks = {layer: A.shape[0] for layer, (A, _) in factors.items()}
+    r = max(ranks.values())
+    pattern = {layer: rk for layer, rk in ranks.items() if rk != r}
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": str(base_model),
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(layers),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": sorted({h.split(".")[0] for h in head_modules}) or None,
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out_dir.parent))
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir

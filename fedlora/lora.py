@@ -1,0 +1,225 @@
+"""LoRA layers that hold K clients at once: the one place for adapter math.
+
+A frozen linear layer ``y = x W0ᵀ + b`` (W0: ``d_out × d_in``) gets, for client k,
+
+    y = x W0ᵀ + b + s_k · x A_kᵀ B_kᵀ,        s_k = α / r_k
+
+with ``A_k`` (``r_k × d_in``) and ``B_k`` (``d_out × r_k``), so the client's update
+of the weight is ``ΔW_k = s_k B_k A_k``. The K clients are stored stacked with a
+leading client dimension: ``A`` is ``(K, r_max, d_in)`` and ``B`` is
+``(K, d_out, r_max)``. A client of rank ``r_k < r_max`` uses only the first ``r_k``
+rows of ``A_k`` and columns of ``B_k``; the rest is multiplied by a 0/1 rank mask
+in the forward pass, so those entries get exactly zero gradient and, starting at
+zero, stay exactly zero under SGD or AdamW (weight decay of zero is zero).
+
+**LoRA-SB form** (Fed-SB): ``ΔW_k = s · B R_k A`` with ``A`` (``r × d_in``) and
+``B`` (``d_out × r``) frozen and shared by every client, and only ``R_k``
+(``r × r``) trained.
+
+Each batch row is tagged with its client slot through a shared :class:`Router`;
+the frozen ``x W0ᵀ`` is one GEMM over the whole batch and the per-client terms are
+batched matmuls (see ``fedlora.kernels``), never a loop over clients.
+
+Task heads (e.g. a classifier) are trained in full per client:
+:class:`BatchedLinear` holds ``(K, d_out, d_in)`` weights. Nothing here merges
+weights as a side effect; folding an update into the base is an explicit call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from fedlora.kernels import Routing, dense_delta, lora_delta, sb_delta
+
+
+class Router:
+    """Shared holder of the current batch's :class:`Routing` (one per model)."""
+
+    def __init__(self) -> None:
+        self.routing: Routing | None = None
+
+    def get(self, n_rows: int, device: torch.device) -> Routing:
+        """Current routing, or every row on slot 0 when none is set."""
+        if self.routing is None:
+            return Routing.segments(torch.zeros(1, dtype=torch.long, device=device), n_rows)
+        if self.routing.ids.numel() != n_rows:
+            raise ValueError(
+                f"batch has {n_rows} rows but {self.routing.ids.numel()} client ids were given"
+            )
+        return self.routing
+
+
+def kaiming_rows(gen: torch.Generator, rows: int, d_in: int) -> Tensor:
+    """PEFT's default LoRA A init: kaiming-uniform with a=√5, i.e. U(-1/√d_in, 1/√d_in).
+
+    Drawn row by row, so the first r rows do not depend on how many rows are drawn
+    (a rank-r client gets the same A whether padded to a larger rank or not).
+    """
+    bound = 1.0 / math.sqrt(d_in)
+    return torch.stack([(torch.rand(d_in, generator=gen) * 2 - 1) * bound for _ in range(rows)])
+
+
+class BatchedLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus K per-client LoRA adapters (or LoRA-SB cores).
+
+    Parameters
+    ----------
+    base : nn.Linear
+        The frozen layer (kept, not copied).
+    ranks : list of int
+        Rank of each of the K client slots.
+    alpha : float
+        LoRA α; slot k uses ``s_k = α / r_k``. In ``"lora-sb"`` mode the scale is
+        ``α / r`` for every slot.
+    router : Router
+        Shared routing of batch rows to slots.
+    mode : {"lora", "lora-sb"}
+        Factor form.
+    """
+
+    def __init__(self, base: nn.Linear, ranks: list[int], alpha: float, router: Router,
+                 mode: str = "lora") -> None:
+        super().__init__()
+        if mode not in ("lora", "lora-sb"):
+            raise ValueError(f"unknown adapter mode {mode!r}; use 'lora' or 'lora-sb'")
+        if mode == "lora-sb" and len(set(ranks)) != 1:
+            raise ValueError("LoRA-SB needs the same rank for every client")
+        self.base = base
+        self.mode = mode
+        self.router = router
+        self.ranks = list(ranks)
+        K, r_max = len(ranks), max(ranks)
+        d_out, d_in = base.weight.shape
+        dev, dt = base.weight.device, base.weight.dtype
+        self.register_buffer("scale", torch.tensor([alpha / r for r in ranks], device=dev, dtype=dt))
+        mask = torch.zeros(K, r_max, device=dev, dtype=dt)
+        for k, r in enumerate(ranks):
+            mask[k, :r] = 1
+        self.register_buffer("rank_mask", mask)
+        self.heterogeneous = len(set(ranks)) > 1
+        if mode == "lora":
+            self.lora_A = nn.Parameter(torch.zeros(K, r_max, d_in, device=dev, dtype=dt))
+            self.lora_B = nn.Parameter(torch.zeros(K, d_out, r_max, device=dev, dtype=dt))
+        else:
+            self.register_buffer("sb_A", torch.zeros(r_max, d_in, device=dev, dtype=dt))
+            self.register_buffer("sb_B", torch.zeros(d_out, r_max, device=dev, dtype=dt))
+            self.lora_R = nn.Parameter(torch.zeros(K, r_max, r_max, device=dev, dtype=dt))
+        self.probe: nn.Parameter | None = None
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.ranks)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)                                          # (N, T, d_out), shared GEMM
+        routing = self.router.get(x.shape[0], x.device)
+        xa = x.to(self.scale.dtype)
+        if self.mode == "lora":
+            A, B = self.lora_A, self.lora_B
+            if self.heterogeneous:
+                A = A * self.rank_mask.unsqueeze(-1)              # (K, r_max, d_in)
+                B = B * self.rank_mask.unsqueeze(1)               # (K, d_out, r_max)
+            delta = lora_delta(xa, A, B, self.scale, routing)
+        else:
+            delta = sb_delta(xa, self.sb_A, self.sb_B, self.lora_R, self.scale[0].item(), routing)
+        if self.probe is not None:
+            delta = delta + dense_delta(xa, self.probe, routing)
+        return y + delta.to(y.dtype)
+
+    # ------------------------------------------------------------- slot access
+    @torch.no_grad()
+    def reset_slots(self, gen: torch.Generator) -> None:
+        """Fresh LoRA: one ``A`` drawn from ``gen`` for all slots (masked to r_k), ``B = 0``."""
+        if self.mode != "lora":
+            raise RuntimeError("reset_slots is for LoRA mode; LoRA-SB uses set_shared")
+        A = kaiming_rows(gen, self.lora_A.shape[1], self.lora_A.shape[2])
+        self.lora_A.copy_(A.to(self.lora_A).unsqueeze(0) * self.rank_mask.unsqueeze(-1))
+        self.lora_B.zero_()
+
+    def get_slot(self, k: int) -> tuple[Tensor, Tensor]:
+        """Client k's ``(A_k (r_k, d_in), B_k (d_out, r_k))``, detached copies."""
+        r = self.ranks[k]
+        return (self.lora_A[k, :r].detach().clone(), self.lora_B[k, :, :r].detach().clone())
+
+    @torch.no_grad()
+    def set_slot(self, k: int, A: Tensor, B: Tensor) -> None:
+        """Load ``A`` (r_k, d_in) and ``B`` (d_out, r_k) into slot k, zero-padded."""
+        r = self.ranks[k]
+        if tuple(A.shape) != (r, self.lora_A.shape[2]) or tuple(B.shape) != (self.lora_B.shape[1], r):
+            raise ValueError(
+                f"slot {k} expects A {(r, self.lora_A.shape[2])} and B {(self.lora_B.shape[1], r)},"
+                f" got {tuple(A.shape)} and {tuple(B.shape)}"
+            )
+        self.lora_A[k].zero_()
+        self.lora_B[k].zero_()
+        self.lora_A[k, :r] = A.to(self.lora_A)
+        self.lora_B[k, :, :r] = B.to(self.lora_B)
+
+    def get_core(self, k: int) -> Tensor:
+        """Client k's LoRA-SB core ``R_k`` (r, r)."""
+        return self.lora_R[k].detach().clone()
+
+    @torch.no_grad()
+    def set_core(self, k: int, R: Tensor) -> None:
+        self.lora_R[k] = R.to(self.lora_R)
+
+    @torch.no_grad()
+    def set_shared(self, A: Tensor, B: Tensor) -> None:
+        """Set the frozen LoRA-SB factors ``A`` (r, d_in) and ``B`` (d_out, r)."""
+        self.sb_A.copy_(A.to(self.sb_A))
+        self.sb_B.copy_(B.to(self.sb_B))
+
+    @torch.no_grad()
+    def fold(self, A: Tensor, B: Tensor) -> None:
+        """Add ``B @ A`` (d_out × d_in) to the frozen base weight, explicitly."""
+        self.base.weight.add_((B.to(torch.float64) @ A.to(torch.float64)).to(self.base.weight))
+
+    # ------------------------------------------------------- gradient probe
+    def attach_probe(self) -> None:
+        """Add a zero per-client dense delta whose gradient is ∂L_k/∂W0 for each slot."""
+        d_out, d_in = self.base.weight.shape
+        self.probe = nn.Parameter(torch.zeros(self.num_clients, d_out, d_in,
+                                              device=self.scale.device, dtype=self.scale.dtype))
+
+    def detach_probe(self) -> Tensor:
+        """Remove the probe and return its accumulated gradient ``(K, d_out, d_in)``."""
+        grad = self.probe.grad if self.probe is not None and self.probe.grad is not None else None
+        out = grad.detach().clone() if grad is not None else torch.zeros_like(self.probe)
+        self.probe = None
+        return out
+
+
+class BatchedLinear(nn.Module):
+    """K per-client copies of a trainable linear layer (a task head).
+
+    ``y_i = x_i W_kᵀ + b_k`` for row i of client k; weights ``(K, d_out, d_in)``,
+    all slots initialised from the given layer.
+    """
+
+    def __init__(self, base: nn.Linear, num_clients: int, router: Router) -> None:
+        super().__init__()
+        self.router = router
+        w = base.weight.detach()
+        self.weight = nn.Parameter(w.unsqueeze(0).repeat(num_clients, 1, 1).clone())
+        b = base.bias.detach() if base.bias is not None else torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
+        self.bias = nn.Parameter(b.unsqueeze(0).repeat(num_clients, 1).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        routing = self.router.get(x.shape[0], x.device)
+        return dense_delta(x.to(self.weight.dtype), self.weight, routing, self.bias)
+
+    def get_slot(self, k: int) -> dict[str, Tensor]:
+        return {"weight": self.weight[k].detach().clone(), "bias": self.bias[k].detach().clone()}
+
+    @torch.no_grad()
+    def set_slot(self, k: int, state: dict[str, Tensor]) -> None:
+        for key in ("weight", "bias"):
+            if tuple(state[key].shape) != tuple(getattr(self, key).shape[1:]):
+                raise ValueError(f"head {key} expects shape {tuple(getattr(self, key).shape[1:])},"
+                                 f" got {tuple(state[key].shape)}")
+        self.weight[k] = state["weight"].to(self.weight)
+        self.bias[k] = state["bias"].to(self.bias)

@@ -1,0 +1,178 @@
+"""Wrap any transformers model so that K clients train adapters over one shared base.
+
+:class:`FederatedModel` swaps the targeted ``nn.Linear`` layers for
+:class:`~fedlora.lora.BatchedLoRALinear` and the task head's linear layers for
+:class:`~fedlora.lora.BatchedLinear`, freezes everything else, and routes each batch
+row to its client slot. A client in its own process is the case K = 1.
+
+Dropout stays off in the wrapped model (it is kept in eval mode): the base is
+frozen, and identical results for K clients batched and one at a time need a
+deterministic forward pass.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fedlora.kernels import Routing
+from fedlora.lora import BatchedLinear, BatchedLoRALinear, Router
+
+#: Attention query/value names tried in order when no target is given.
+DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
+    ("query", "value"),          # BERT, RoBERTa, MiniLM
+    ("q_proj", "v_proj"),        # LLaMA, Mistral, OPT, Qwen
+    ("q_lin", "v_lin"),          # DistilBERT
+    ("q", "v"),                  # T5
+)
+#: Attribute names of sequence-classification heads.
+HEAD_NAMES: tuple[str, ...] = ("classifier", "score")
+
+
+@dataclass
+class AdapterConfig:
+    """Which layers get adapters and how.
+
+    Attributes
+    ----------
+    ranks : list of int
+        Rank of each client slot (K = len(ranks)).
+    alpha : float
+        LoRA α (scale α / r).
+    target_modules : list of str or None
+        Module-name patterns: a plain name matches a module whose dotted name equals
+        it or ends with ``"." + name``; anything with regex characters must match the
+        whole name. None picks the attention query/value layers.
+    mode : {"lora", "lora-sb"}
+        Adapter form.
+    train_head : bool
+        Train the classification head per client (sequence classification only).
+    """
+
+    ranks: list[int]
+    alpha: float = 16.0
+    target_modules: list[str] | None = None
+    mode: str = "lora"
+    train_head: bool = True
+    resolved_targets: list[str] = field(default_factory=list)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if re.fullmatch(r"[\w.]+", pattern):
+        return name == pattern or name.endswith("." + pattern)
+    return re.fullmatch(pattern, name) is not None
+
+
+def find_targets(model: nn.Module, patterns: list[str] | None) -> tuple[list[str], list[str]]:
+    """``(module names, patterns used)`` of the ``nn.Linear`` layers to adapt.
+
+    Raises
+    ------
+    ValueError
+        When nothing matches (the message lists some Linear layer names).
+    """
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    candidates = [list(patterns)] if patterns else [list(p) for p in DEFAULT_TARGETS]
+    for pats in candidates:
+        names = [n for n in linears if any(_matches(n, p) for p in pats)]
+        names = [n for n in names if n.split(".")[0] not in HEAD_NAMES]
+        if names:
+            return names, pats
+    sample = ", ".join(sorted({n.split(".")[-1] for n in linears})[:12]) or "none"
+    asked = ", ".join(patterns) if patterns else "attention query/value"
+    raise ValueError(f"no nn.Linear layer matches {asked}; this model's Linear layer names"
+                     f" include: {sample} (pass them with --target-modules)")
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+class FederatedModel(nn.Module):
+    """A transformers model with K client slots of adapters and task heads.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The base model; modified in place (targets and head swapped, all frozen).
+    config : AdapterConfig
+        Adapter settings.
+    """
+
+    def __init__(self, model: nn.Module, config: AdapterConfig) -> None:
+        super().__init__()
+        if not config.ranks or min(config.ranks) < 1:
+            raise ValueError(f"every client needs a rank ≥ 1, got {config.ranks}")
+        self.model = model
+        self.config = config
+        self.router = Router()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        names, used = find_targets(model, config.target_modules)
+        config.resolved_targets = used
+        self.adapters: dict[str, BatchedLoRALinear] = {}
+        for name in names:
+            layer = BatchedLoRALinear(model.get_submodule(name), config.ranks, config.alpha,
+                                      self.router, mode=config.mode)
+            _set_module(model, name, layer)
+            self.adapters[name] = layer
+        self.heads: dict[str, BatchedLinear] = {}
+        if config.train_head:
+            for name in self._head_linears():
+                head = BatchedLinear(model.get_submodule(name), len(config.ranks), self.router)
+                _set_module(model, name, head)
+                self.heads[name] = head
+        self.model.eval()
+
+    def _head_linears(self) -> list[str]:
+        for head in HEAD_NAMES:
+            module = getattr(self.model, head, None)
+            if isinstance(module, nn.Linear):
+                return [head]
+            if isinstance(module, nn.Module):
+                return [f"{head}.{n}" for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        return []
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.config.ranks)
+
+    def train(self, mode: bool = True) -> FederatedModel:
+        """Set the flag only: submodules stay in eval mode (no dropout)."""
+        self.training = mode
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The stacked per-client parameters (adapters, cores, heads)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, routing: Routing | None = None, client_ids: Tensor | None = None,
+                **inputs: Tensor):
+        """Run the wrapped model with batch rows routed to client slots.
+
+        Give either ``routing`` or ``client_ids`` (``(N,)``); with neither, every row
+        uses slot 0.
+        """
+        if routing is None and client_ids is not None:
+            routing = Routing.from_ids(client_ids.to(next(iter(inputs.values())).device))
+        self.router.routing = routing
+        try:
+            return self.model(**inputs)
+        finally:
+            self.router.routing = None
+
+    @torch.no_grad()
+    def reset_adapters(self, gen: torch.Generator) -> None:
+        """Fresh LoRA adapters in every slot (A from ``gen``, B = 0).
+
+        One seed is drawn from ``gen``; layer i draws from its own generator seeded with
+        ``seed + i``, so a client's A does not depend on other clients' (padded) ranks.
+        """
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        for i, layer in enumerate(self.adapters.values()):
+            layer.reset_slots(torch.Generator().manual_seed(seed + i))

@@ -1,0 +1,188 @@
+"""The one local training loop: K client slots per pass, K = 1 for a lone client.
+
+Each step takes ``batch_size`` examples from every client in the pass, stacked as
+contiguous equal segments, runs one forward/backward over the shared frozen base,
+and steps one AdamW over the stacked ``(K, …)`` parameters. The loss is the sum of
+the clients' mean losses, so each client's parameters get exactly the gradient of
+its own mean loss; AdamW is elementwise, so a stacked AdamW is exactly K
+independent ones. Gradient clipping, being norm based, is done per client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fedlora.kernels import Routing
+from fedlora.model import FederatedModel
+
+
+@dataclass
+class TrainConfig:
+    """Local training settings shared by every client."""
+
+    task: str = "classification"
+    local_steps: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+
+
+class ClientSampler:
+    """A client's example order: a new permutation of its indices every epoch.
+
+    Its generator depends only on ``seed``, so a client draws the same batches
+    whether it trains alone or batched with others.
+    """
+
+    def __init__(self, indices: Sequence[int], seed: int) -> None:
+        if len(indices) == 0:
+            raise ValueError("a client needs at least one training example")
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.rng = np.random.default_rng(seed)
+        self.order: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if not self.order:
+                self.order = self.indices[self.rng.permutation(len(self.indices))].tolist()
+            out.append(self.order.pop(0))
+        return out
+
+
+def per_client_loss(logits: Tensor, labels: Tensor, task: str, n_seg: int) -> Tensor:
+    """``(S,)`` mean loss of each of ``n_seg`` equal contiguous row segments."""
+    if task == "classification":
+        rows = F.cross_entropy(logits.float(), labels, reduction="none")     # (N,)
+        return rows.view(n_seg, -1).mean(dim=1)
+    # causal LM: predict token t+1 from tokens ≤ t; -100 marks padding
+    lg, lb = logits[:, :-1].float(), labels[:, 1:]
+    tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), reduction="none",
+                          ignore_index=-100).view(lb.shape)                  # (N, T-1)
+    valid = (lb != -100).float()
+    tot = (tok * valid).view(n_seg, -1).sum(dim=1)
+    cnt = valid.view(n_seg, -1).sum(dim=1).clamp_min(1.0)
+    return tot / cnt
+
+
+def _batch(data: dict[str, Tensor], idx: list[int], device: torch.device) -> dict[str, Tensor]:
+    index = torch.as_tensor(idx, dtype=torch.long)
+    return {k: v.index_select(0, index).to(device) for k, v in data.items()}
+
+
+def _forward_losses(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
+                    slots: Tensor, cfg: TrainConfig, device: torch.device) -> Tensor:
+    idx = [i for s in samplers for i in s.take(cfg.batch_size)]
+    batch = _batch(data, idx, device)
+    labels = batch.pop("labels")
+    out = fm(routing=Routing.segments(slots, cfg.batch_size), **batch)
+    return per_client_loss(out.logits, labels, cfg.task, len(samplers))
+
+
+def clip_per_client(params: Sequence[Tensor], max_norm: float) -> Tensor:
+    """Scale each client's gradient (slice k of every stacked parameter) to norm ≤ max_norm.
+
+    Returns the ``(K,)`` norms before clipping.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = torch.stack([g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in grads]).sum(dim=0)
+    norms = sq.sqrt()
+    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(factor.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+    return norms
+
+
+def train_clients(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
+                  cfg: TrainConfig, slots: Sequence[int] | None = None,
+                  progress=None) -> list[float]:
+    """Train the clients in ``slots`` (default: all) for ``cfg.local_steps`` steps.
+
+    Returns each client's mean training loss over the steps.
+    """
+    slots = list(range(fm.num_clients)) if slots is None else list(slots)
+    if len(slots) != len(samplers):
+        raise ValueError(f"{len(samplers)} samplers for {len(slots)} slots")
+    if len(slots) != fm.num_clients:
+        raise ValueError("train_clients trains every slot of the model in one pass")
+    device = next(fm.parameters()).device
+    slot_t = torch.as_tensor(slots, dtype=torch.long, device=device)
+    params = fm.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fm.train()
+    total = torch.zeros(len(slots), dtype=torch.float64)
+    for _ in range(cfg.local_steps):
+        losses = _forward_losses(fm, data, samplers, slot_t, cfg, device)
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        if cfg.max_grad_norm is not None:
+            clip_per_client(params, cfg.max_grad_norm)
+        opt.step()
+        total += losses.detach().double().cpu()
+        if progress is not None:
+            progress()
+    opt.zero_grad(set_to_none=True)
+    fm.eval()
+    return (total / max(cfg.local_steps, 1)).tolist()
+
+
+def estimate_gradients(fm: FederatedModel, data: dict[str, Tensor],
+                       samplers: Sequence[ClientSampler], cfg: TrainConfig,
+                       steps: int) -> dict[str, Tensor]:
+    """Each client's mean gradient of its loss w.r.t. every adapted frozen weight.
+
+    Returns layer -> ``(K, d_out, d_in)``, averaged over ``steps`` batches.
+    """
+    device = next(fm.parameters()).device
+    slot_t = torch.arange(fm.num_clients, device=device)
+    for layer in fm.adapters.values():
+        layer.attach_probe()
+    try:
+        for _ in range(steps):
+            losses = _forward_losses(fm, data, samplers, slot_t, cfg, device)
+            losses.sum().backward()
+    finally:
+        grads = {name: layer.detach_probe() / steps for name, layer in fm.adapters.items()}
+        for p in fm.trainable_parameters():
+            p.grad = None
+    return grads
+
+
+@torch.no_grad()
+def evaluate(fm: FederatedModel, data: dict[str, Tensor], task: str, batch_size: int = 64,
+             slot: int = 0) -> tuple[float, float]:
+    """``(accuracy, mean loss)`` of slot ``slot`` on ``data``.
+
+    Accuracy is per example for classification and per predicted token for causal LM.
+    """
+    device = next(fm.parameters()).device
+    n = data["labels"].shape[0]
+    correct = count = 0.0
+    loss_sum = 0.0
+    for start in range(0, n, batch_size):
+        batch = _batch(data, list(range(start, min(n, start + batch_size))), device)
+        labels = batch.pop("labels")
+        rows = labels.shape[0]
+        logits = fm(routing=Routing.segments(torch.tensor([slot], device=device), rows),
+                    **batch).logits.float()
+        if task == "classification":
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+            count += rows
+        else:
+            lg, lb = logits[:, :-1], labels[:, 1:]
+            valid = lb != -100
+            loss_sum += F.cross_entropy(lg[valid], lb[valid], reduction="sum").item()
+            correct += (lg.argmax(-1)[valid] == lb[valid]).sum().item()
+            count += valid.sum().item()
+    return correct / max(count, 1), loss_sum / max(count, 1)

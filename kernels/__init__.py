@@ -1,0 +1,21 @@
+"""Batched per-client adapter ops (torch only), each beside a slow reference."""
+
+from .lora_ops import (
+    Routing,
+    dense_delta,
+    dense_delta_reference,
+    lora_delta,
+    lora_delta_reference,
+    sb_delta,
+    sb_delta_reference,
+)
+
+__all__ = [
+    "Routing",
+    "dense_delta",
+    "dense_delta_reference",
+    "lora_delta",
+    "lora_delta_reference",
+    "sb_delta",
+    "sb_delta_reference",
+]

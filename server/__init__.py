@@ -1,0 +1,1 @@
+"""fedlora.server: thin glue over fedlora and strategies."""

@@ -1,0 +1,1 @@
+"""fedlora.simulations: thin glue over fedlora and strategies."""

@@ -1,0 +1,236 @@
+"""The small interface every aggregation strategy implements (torch only).
+
+Notation (see each strategy's docstring): client k of K has ``n_k`` examples and
+weight ``p_k = n_k / Σ n``. For one adapted layer its adapter is ``A_k``
+(``r_k × d_in``), ``B_k`` (``d_out × r_k``) and scale ``s_k = α / r_k``, so its
+update is ``ΔW_k = s_k B_k A_k``; the ideal aggregate is ``ΔW* = Σ p_k ΔW_k``.
+
+A strategy is a pure function ``aggregate(uploads, state) -> Aggregate``: no
+Flower, no model, no I/O. What goes over the wire is decided by the fields it
+reads and writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+Factors = tuple[Tensor, Tensor]
+"""One layer's ``(A (r, d_in), B (d_out, r))``."""
+
+
+@dataclass
+class ClientUpload:
+    """What one client sends after local training.
+
+    Attributes
+    ----------
+    num_examples : int
+        ``n_k``, the client's training examples (sets ``p_k``).
+    factors : dict
+        LoRA mode: layer name -> ``(A_k, B_k)``, ranks may differ between clients.
+    scale : float
+        LoRA mode: ``s_k = α / r_k``.
+    cores : dict
+        LoRA-SB mode: layer name -> ``R_k`` (``r × r``).
+    head : dict
+        Full task-head tensors (averaged by every strategy: exact, since they are dense).
+    grads : dict
+        Initialisation round only (Fed-SB): layer -> the client's gradient estimate
+        ``G_k`` of the loss with respect to the frozen weight (``d_out × d_in``).
+    """
+
+    num_examples: int
+    factors: dict[str, Factors] = field(default_factory=dict)
+    scale: float = 1.0
+    cores: dict[str, Tensor] = field(default_factory=dict)
+    head: dict[str, Tensor] = field(default_factory=dict)
+    grads: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class GlobalState:
+    """The server's global adapter, and what clients start the next round from.
+
+    Attributes
+    ----------
+    factors : dict or None
+        Layer -> ``(A, B)`` every client loads at the start of a round; None means
+        clients start from fresh adapters (A random, B = 0), as in FLoRA. In
+        LoRA-SB mode these are the frozen shared factors.
+    scale : float
+        Scale applied to ``B A`` (LoRA) or ``B R A`` (LoRA-SB).
+    cores : dict or None
+        LoRA-SB mode: layer -> global ``R``.
+    merged : dict
+        Layer -> ``(A_m, B_m)`` with ``B_m A_m`` the sum of all updates folded into the
+        base weights so far (scale 1). Empty unless the strategy folds (FLoRA).
+    head : dict
+        Global task-head tensors.
+    """
+
+    factors: dict[str, Factors] | None = None
+    scale: float = 1.0
+    cores: dict[str, Tensor] | None = None
+    merged: dict[str, Factors] = field(default_factory=dict)
+    head: dict[str, Tensor] = field(default_factory=dict)
+
+    def delta(self, layer: str) -> tuple[list[Tensor], list[Tensor]]:
+        """Factor lists ``(Us, Vs)`` with ``Σ U_i V_i`` the layer's whole adapter update
+        relative to the original base weights (merged part plus live adapter)."""
+        us, vs = [], []
+        if layer in self.merged:
+            A, B = self.merged[layer]
+            us.append(B)
+            vs.append(A)
+        if self.factors is not None and layer in self.factors:
+            A, B = self.factors[layer]
+            if self.cores is not None:
+                us.append(self.scale * B @ self.cores[layer])
+            else:
+                us.append(self.scale * B)
+            vs.append(A)
+        return us, vs
+
+
+@dataclass
+class Aggregate:
+    """A strategy's result for one round.
+
+    Attributes
+    ----------
+    state : GlobalState
+        The new global state (``merged`` already includes ``fold``).
+    fold : dict
+        Layer -> ``(A, B)`` to add as ``B A`` into the base weights this round (FLoRA);
+        empty for the others. This is what travels down in place of an adapter.
+    agg_error : float
+        ``‖ΔW_agg − Σ p_k ΔW_k‖_F / ‖Σ p_k ΔW_k‖_F`` summed over layers (squared norms
+        added before the ratio), computed without any ``d × d`` matrix.
+    """
+
+    state: GlobalState
+    fold: dict[str, Factors]
+    agg_error: float
+
+
+class Strategy:
+    """Base class: metadata plus :meth:`aggregate`.
+
+    Class attributes
+    ----------------
+    name : str
+        Registry key, e.g. ``"fedavg"``.
+    mode : str
+        ``"lora"`` or ``"lora-sb"``: the adapter form clients train.
+    uploads, downloads : str
+        What a client sends and receives each round, in words.
+    sum_only : bool
+        True when the aggregate needs only (weighted) sums of client uploads, so it
+        is compatible with secure aggregation and client-level DP.
+    heterogeneous_ranks : bool
+        True when clients may use different ranks.
+    fresh_adapters : bool
+        True when clients start every round from fresh adapters (A random, B = 0)
+        because the server folds each aggregate into the base weights.
+    needs_gradient_init : bool
+        True when the first global state is built by :meth:`initialize` from the
+        clients' gradient estimates.
+    """
+
+    name: str = ""
+    mode: str = "lora"
+    uploads: str = ""
+    downloads: str = ""
+    sum_only: bool = True
+    heterogeneous_ranks: bool = False
+    needs_gradient_init: bool = False
+    fresh_adapters: bool = False
+
+    def initialize(self, uploads: Sequence[ClientUpload], rank: int, scale: float) -> GlobalState:
+        """Build the first global state from clients' gradient estimates (Fed-SB only)."""
+        raise NotImplementedError(f"{self.name} has no initialisation round")
+
+    def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, object]:
+        """The strategy's declarations as a plain dict."""
+        return {
+            "name": self.name,
+            "mode": self.mode,
+            "uploads": self.uploads,
+            "downloads": self.downloads,
+            "sum_only": self.sum_only,
+            "heterogeneous_ranks": self.heterogeneous_ranks,
+            "needs_gradient_init": self.needs_gradient_init,
+            "fresh_adapters": self.fresh_adapters,
+        }
+
+
+def client_weights(uploads: Sequence[ClientUpload]) -> list[float]:
+    """``p_k = n_k / Σ n``; raises on an empty round or a non-positive count."""
+    if not uploads:
+        raise ValueError("cannot aggregate an empty round: no client replied")
+    counts = [u.num_examples for u in uploads]
+    if any(n <= 0 for n in counts):
+        raise ValueError(f"every client needs num_examples > 0, got {counts}")
+    total = float(sum(counts))
+    return [n / total for n in counts]
+
+
+def average_head(uploads: Sequence[ClientUpload], weights: Sequence[float]) -> dict[str, Tensor]:
+    """Weighted average of the dense task-head tensors."""
+    if not uploads[0].head:
+        return {}
+    return {key: sum(p * u.head[key] for p, u in zip(weights, uploads, strict=True))
+            for key in uploads[0].head}
+
+
+def factored_sq_norm(us: Sequence[Tensor], vs: Sequence[Tensor]) -> float:
+    """``‖Σ_i U_i V_i‖_F²`` as ``tr((UᵀU)(VVᵀ))`` with ``U = [U_1 … U_m]``,
+    ``V = [V_1; …; V_m]``: an R×R computation, R the summed rank, in float64."""
+    if not us:
+        return 0.0
+    U = torch.cat([u.double() for u in us], dim=1)        # (d_out, R)
+    V = torch.cat([v.double() for v in vs], dim=0)        # (R, d_in)
+    return float(torch.trace((U.T @ U) @ (V @ V.T)).clamp_min(0.0))
+
+
+def ideal_factors(uploads: Sequence[ClientUpload], weights: Sequence[float],
+                  layer: str, shared: Factors | None = None,
+                  shared_scale: float = 1.0) -> tuple[list[Tensor], list[Tensor]]:
+    """Factor lists of ``Σ p_k ΔW_k`` for one layer.
+
+    LoRA: ``ΔW_k = s_k B_k A_k`` with each upload's scale. LoRA-SB (``shared`` given):
+    ``ΔW_k = shared_scale · B R_k A`` with the shared ``(A, B)`` and the server's scale.
+    """
+    us, vs = [], []
+    for p, u in zip(weights, uploads, strict=True):
+        if shared is not None:
+            A, B = shared
+            us.append(p * shared_scale * B @ u.cores[layer])
+            vs.append(A)
+        else:
+            A, B = u.factors[layer]
+            us.append(p * u.scale * B)
+            vs.append(A)
+    return us, vs
+
+
+def relative_error(parts: dict[str, tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]]) -> float:
+    """``sqrt(Σ_l ‖agg_l − ideal_l‖²) / sqrt(Σ_l ‖ideal_l‖²)`` from factor lists.
+
+    ``parts[layer] = (agg_us, agg_vs, ideal_us, ideal_vs)``. Returns 0 when the ideal
+    update is zero and the aggregate matches it.
+    """
+    num = den = 0.0
+    for agg_us, agg_vs, id_us, id_vs in parts.values():
+        num += factored_sq_norm(list(agg_us) + [-u for u in id_us], list(agg_vs) + list(id_vs))
+        den += factored_sq_norm(id_us, id_vs)
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return (num / den) ** 0.5

