@@ -168,10 +168,12 @@ class BatchedLoRALinear(nn.Module):
         self.lora_R[k] = R.to(self.lora_R)
 
     @torch.no_grad()
-    def set_shared(self, A: Tensor, B: Tensor) -> None:
-        """Set the frozen LoRA-SB factors ``A`` (r, d_in) and ``B`` (d_out, r)."""
+    def set_shared(self, A: Tensor, B: Tensor, scale: float | None = None) -> None:
+        """Set the frozen LoRA-SB factors ``A`` (r, d_in), ``B`` (d_out, r) and the scale."""
         self.sb_A.copy_(A.to(self.sb_A))
         self.sb_B.copy_(B.to(self.sb_B))
+        if scale is not None:
+            self.scale.fill_(scale)
 
     @torch.no_grad()
     def fold(self, A: Tensor, B: Tensor) -> None:

@@ -54,7 +54,7 @@ def apply_global(fm: FederatedModel, state: GlobalState, fold: dict[str, Factors
         if state.factors is None or state.cores is None:
             raise ValueError("a LoRA-SB model needs the shared factors and cores")
         for name, layer in fm.adapters.items():
-            layer.set_shared(*state.factors[name])
+            layer.set_shared(*state.factors[name], scale=state.scale)
             for k in range(fm.num_clients):
                 layer.set_core(k, state.cores[name])
     elif state.factors is None:

@@ -1,0 +1,65 @@
+"""Offline datasets, files with named columns, splits and partitions."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlora.data import load_bbcnews, load_dataset, load_file, partition, split
+from fedlora.errors import UserError
+
+
+def test_bbcnews_is_offline_sorted_and_complete():
+    ds = load_bbcnews()
+    assert len(ds) == 2225
+    assert ds.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert [ds.labels.count(i) for i in range(5)] == [510, 386, 417, 511, 401]
+
+
+def test_tsv_and_jsonl_with_named_columns(tmp_path):
+    # Prepare
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("sentence\tlabel\ngood film\t1\nbad film\t0\nfine\t1\n")
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"body": "a", "y": "neg"}\n{"body": "b", "y": "pos"}\n')
+    # Execute
+    a = load_file(tsv, text_column="sentence")
+    b = load_dataset(str(jsonl), text_column="body", label_column="y")
+    # Assert: numeric labels keep their value order; string labels sort
+    assert a.texts == ["good film", "bad film", "fine"] and a.labels == [1, 0, 1]
+    assert b.label_names == ["neg", "pos"] and b.labels == [0, 1]
+
+
+def test_missing_column_and_file_errors_are_one_line(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text("text,label\nhi,0\n")
+    with pytest.raises(UserError, match=r"label column 'y' is not in d.csv \(columns: text, label\)"):
+        load_file(f, label_column="y")
+    with pytest.raises(UserError, match="not found"):
+        load_file(tmp_path / "nope.csv")
+    with pytest.raises(UserError, match="unsupported data file"):
+        (tmp_path / "x.parquet").write_text("")
+        load_file(tmp_path / "x.parquet")
+
+
+def test_split_and_iid_partition_cover_train_exactly_once(tiny_csv):
+    ds = load_file(tiny_csv)
+    train, test = split(ds, 0.2, seed=0)
+    parts = partition(train, 4, "iid", 0.5, seed=0)
+    assert len(train) == 144 and len(test) == 36
+    assert sorted(i for p in parts for i in p) == list(range(144))
+    assert [len(p) for p in parts] == [36, 36, 36, 36]
+
+
+def test_dirichlet_partition_is_skewed_and_seeded(tiny_csv):
+    ds = load_file(tiny_csv)
+    a = partition(ds, 3, "dirichlet", 0.1, seed=1)
+    b = partition(ds, 3, "dirichlet", 0.1, seed=1)
+    assert a == b
+    assert sorted(i for p in a for i in p) == list(range(len(ds)))
+    shares = [max(sum(ds.labels[i] == c for i in p) for c in range(3)) / len(p) for p in a]
+    assert max(shares) > 0.5   # α = 0.1: at least one client dominated by one class
+
+
+def test_too_many_clients_is_refused(tiny_csv):
+    with pytest.raises(UserError, match="1000 clients but only 180"):
+        partition(load_file(tiny_csv), 1000, "iid", 0.5, seed=0)

@@ -1,0 +1,83 @@
+"""The PEFT export loads with peft.PeftModel.from_pretrained and reproduces logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from fedlora.export import export_peft
+from fedlora.model import AdapterConfig, FederatedModel
+from fedlora.state import apply_global
+from fedlora.strategies import GlobalState
+
+peft = pytest.importorskip("peft")
+
+
+def _inputs(n: int = 4, seq: int = 10) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return {"input_ids": torch.randint(5, 1000, (n, seq), generator=g),
+            "attention_mask": torch.ones(n, seq, dtype=torch.long)}
+
+
+def _base(path):
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
+
+
+def _random_state(fm: FederatedModel, mode: str, g: torch.Generator) -> GlobalState:
+    head = {"classifier.weight": torch.randn(3, 32, generator=g),
+            "classifier.bias": torch.randn(3, generator=g)}
+    factors = {n: (torch.randn(4, 32, generator=g) * 0.3, torch.randn(32, 4, generator=g) * 0.3)
+               for n in fm.adapters}
+    if mode == "lora-sb":
+        cores = {n: torch.randn(4, 4, generator=g) for n in fm.adapters}
+        return GlobalState(factors=factors, scale=0.5, cores=cores, head=head)
+    merged = {n: (torch.randn(6, 32, generator=g) * 0.2, torch.randn(32, 6, generator=g) * 0.2)
+              for n in fm.adapters}
+    return GlobalState(factors=factors, scale=2.0, merged=merged, head=head)
+
+
+@pytest.mark.parametrize("mode", ["lora", "lora-sb"])
+def test_export_reproduces_logits(tiny_bert_dir, tmp_path, mode):
+    # Prepare: a model holding a global state with a live adapter, folded updates (LoRA)
+    # or shared factors and cores (LoRA-SB), and a trained head
+    fm = FederatedModel(_base(tiny_bert_dir), AdapterConfig(ranks=[4], alpha=8.0, mode=mode))
+    state = _random_state(fm, mode, torch.Generator().manual_seed(1))
+    fold = {n: state.merged[n] for n in state.merged}
+    apply_global(fm, state, fold, torch.Generator())
+    x = _inputs()
+    want = fm(**x).logits
+    # Execute: export, then load with PEFT onto a fresh copy of the original base
+    out = export_peft(state, list(fm.adapters), tmp_path / "adapter", str(tiny_bert_dir),
+                      "SEQ_CLS", list(fm.heads))
+    loaded = peft.PeftModel.from_pretrained(_base(tiny_bert_dir), out).eval()
+    got = loaded(**x).logits
+    # Assert: same logits, PEFT's key names and config
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    keys = load_file(out / "adapter_model.safetensors")
+    layer = "bert.encoder.layer.0.attention.self.query"
+    rank = 4 if mode == "lora-sb" else 10
+    assert keys[f"base_model.model.{layer}.lora_A.weight"].shape == (rank, 32)
+    assert keys[f"base_model.model.{layer}.lora_B.weight"].shape == (32, rank)
+    assert "base_model.model.classifier.weight" in keys
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == rank
+
+
+def test_export_replaces_previous_adapter_whole(tiny_bert_dir, tmp_path):
+    # Prepare: an existing export with an extra stale file
+    fm = FederatedModel(_base(tiny_bert_dir), AdapterConfig(ranks=[4], alpha=8.0))
+    state = _random_state(fm, "lora", torch.Generator().manual_seed(2))
+    target = tmp_path / "adapter"
+    export_peft(state, list(fm.adapters), target, "base", "SEQ_CLS", list(fm.heads))
+    (target / "stale.txt").write_text("x")
+    # Execute
+    export_peft(state, list(fm.adapters), target, "base", "SEQ_CLS", list(fm.heads))
+    # Assert: exactly the two PEFT files, no temporary folders left behind
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json",
+                                                         "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

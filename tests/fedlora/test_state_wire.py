@@ -1,0 +1,77 @@
+"""Uploads and downloads as named tensors, Flower ArrayRecords, and their byte counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora.state import download_tensors, upload_from_tensors, upload_tensors
+from fedlora.strategies import ClientUpload, GlobalState
+from fedlora.wire import from_record, tensor_bytes, to_record, wire_bytes
+
+
+def _upload() -> ClientUpload:
+    g = torch.Generator().manual_seed(0)
+    return ClientUpload(
+        num_examples=7, scale=2.0,
+        factors={"l0.q": (torch.randn(2, 5, generator=g), torch.randn(3, 2, generator=g))},
+        head={"classifier.weight": torch.randn(4, 5, generator=g),
+              "classifier.bias": torch.randn(4, generator=g)})
+
+
+def test_upload_roundtrip_through_array_record():
+    # Prepare
+    up = _upload()
+    # Execute: flatten, pack into an ArrayRecord, unpack, rebuild
+    back = upload_from_tensors(from_record(to_record(upload_tensors(up))), 7, 2.0)
+    # Assert: identical tensors under the same names
+    assert set(upload_tensors(up)) == {"l0.q.lora_A", "l0.q.lora_B", "head.classifier.weight",
+                                       "head.classifier.bias"}
+    assert torch.equal(back.factors["l0.q"][0], up.factors["l0.q"][0])
+    assert torch.equal(back.factors["l0.q"][1], up.factors["l0.q"][1])
+    assert torch.equal(back.head["classifier.bias"], up.head["classifier.bias"])
+
+
+def test_unknown_upload_key_is_rejected_by_name():
+    with pytest.raises(ValueError, match="unexpected tensor 'l0.q.weird'"):
+        upload_from_tensors({"l0.q.weird": torch.zeros(1)}, 1, 1.0)
+
+
+def test_wire_bytes_counts_npy_payload_names_and_headers():
+    # Prepare: one float32 array of 1000 numbers: 4000 bytes of data plus .npy header
+    t = {"w": torch.zeros(1000)}
+    record = to_record(t)
+    npy = len(record["w"].data)
+    # Execute
+    n = wire_bytes(record)
+    # Assert: at least the .npy bytes (4000 + its 128-byte header), at most ~1 KiB more
+    assert npy == 4000 + 128
+    assert npy < n < npy + 1024
+    assert tensor_bytes(t) == n and tensor_bytes({}) == 0
+
+
+def test_wire_bytes_grow_with_payload_exactly_by_data_size():
+    # Prepare: same shape rank, 10x the numbers
+    small, big = tensor_bytes({"w": torch.ones(100, 10)}), tensor_bytes({"w": torch.ones(1000, 10)})
+    # Assert: the difference is exactly the extra 9000 float32 numbers (plus shape digits)
+    assert 36000 <= big - small <= 36000 + 4
+
+
+def test_download_contents_per_strategy_kind():
+    g = torch.Generator().manual_seed(1)
+    A, B, R = torch.randn(2, 5, generator=g), torch.randn(3, 2, generator=g), torch.eye(2)
+    head = {"classifier.bias": torch.zeros(4)}
+    # FedAvg-like: the global factors and head
+    lora = download_tensors(GlobalState(factors={"l": (A, B)}, head=head), {}, with_shared=True)
+    assert set(lora) == {"l.lora_A", "l.lora_B", "head.classifier.bias"}
+    # FLoRA: the stack to fold, no adapter
+    flora = download_tensors(GlobalState(head=head), {"l": (A, B)}, with_shared=False)
+    assert set(flora) == {"l.fold_A", "l.fold_B", "head.classifier.bias"}
+    # Fed-SB: R every round, the frozen A and B only the first time
+    sb = GlobalState(factors={"l": (A, B)}, cores={"l": R}, head=head)
+    assert set(download_tensors(sb, {}, with_shared=True)) == {"l.lora_R", "l.lora_A", "l.lora_B",
+                                                               "head.classifier.bias"}
+    assert set(download_tensors(sb, {}, with_shared=False)) == {"l.lora_R", "head.classifier.bias"}
+    assert np.isclose(tensor_bytes(download_tensors(sb, {}, with_shared=False)),
+                      tensor_bytes({"l.lora_R": R, "head.classifier.bias": torch.zeros(4)}))

@@ -1,0 +1,124 @@
+"""fedlora-sim end to end on a tiny model: metrics, exports, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fedlora.simulations.cli import main
+
+REQUIRED = {"round", "strategy", "accuracy", "loss", "bytes_up", "bytes_down", "agg_error"}
+
+
+def _args(model, data, out, *extra):
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--num-clients", "3",
+            "--rounds", "2", "--local-steps", "2", "--batch-size", "4", "--rank", "4",
+            "--max-length", "16", "--quiet", *extra]
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "flora", "lora-fair", "fed-sb"])
+def test_every_strategy_writes_metrics_and_peft_adapter(tiny_bert_dir, tiny_csv, tmp_path, strategy):
+    # Execute
+    out = tmp_path / "run"
+    assert main(_args(tiny_bert_dir, tiny_csv, out, "--strategy", strategy)) == 0
+    rows = _rows(out)
+    # Assert: round 0 (before training) then one row per round with every field
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert REQUIRED <= set(r) and r["strategy"] == strategy
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["bytes_up"] > 0 and r["bytes_down"] > 0
+    errors = [r["agg_error"] for r in rows[1:]]
+    if strategy in ("flora", "fed-sb"):
+        assert max(errors) <= 1e-5
+    else:
+        assert min(errors) > 0
+    if strategy == "fed-sb":
+        assert rows[0]["bytes_up"] > 3 * 4 * 32 * 32 * 4   # 3 clients x 4 layers of 32x32 gradients
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_bert_dir)
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_fedsb_sends_r_only_after_round_one(tiny_bert_dir, tiny_csv, tmp_path):
+    # Prepare / Execute: fed-sb and fedavg on the same job
+    sb, avg = tmp_path / "sb", tmp_path / "avg"
+    main(_args(tiny_bert_dir, tiny_csv, sb, "--strategy", "fed-sb"))
+    main(_args(tiny_bert_dir, tiny_csv, avg, "--strategy", "fedavg"))
+    r_sb, r_avg = _rows(sb), _rows(avg)
+    # Assert: 4 layers x (4x4 R) per client is far below 4 layers x 2 x (4x32) factors;
+    # round 1 downloads also carry the frozen A and B, round 2 only R and the head
+    assert r_sb[2]["bytes_up"] < r_avg[2]["bytes_up"]
+    assert r_sb[2]["bytes_down"] < r_sb[1]["bytes_down"]
+
+
+def test_flora_heterogeneous_ranks(tiny_bert_dir, tiny_csv, tmp_path):
+    out = tmp_path / "het"
+    assert main(_args(tiny_bert_dir, tiny_csv, out, "--strategy", "flora", "--ranks", "2,4,8")) == 0
+    rows = _rows(out)
+    assert max(r["agg_error"] for r in rows[1:]) <= 1e-5
+    sizes = rows[1]["bytes_up_per_client"]
+    assert sizes[0] < sizes[1] < sizes[2]
+
+
+def test_causal_lm_runs(tiny_llama_dir, tmp_path):
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the cat sat on mat number {i}"}) + "\n"
+                            for i in range(40)))
+    out = tmp_path / "lm"
+    assert main(_args(tiny_llama_dir, data, out, "--task", "causal-lm")) == 0
+    rows = _rows(out)
+    assert len(rows) == 3 and rows[-1]["loss"] < rows[0]["loss"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num-clients", "0"], "--num-clients must be ≥ 1, got 0"),
+    (["--data", "missing.csv"], "data file 'missing.csv' not found"),
+    (["--model", "no/such/model"], "model 'no/such/model' not found"),
+    (["--label-column", "topic"], "label column 'topic' is not in toy.csv"),
+    (["--strategy", "fedavg", "--ranks", "2,4"], "needs one rank for every client"),
+    (["--strategy", "nope"], "invalid choice: 'nope'"),
+])
+def test_bad_input_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path, capsys, extra, message):
+    # Execute
+    with pytest.raises(SystemExit) if "--strategy" in extra and "nope" in extra else _nullctx():
+        code = main(_args(tiny_bert_dir, tiny_csv, tmp_path / "o", *extra))
+        assert code == 2
+    # Assert: exactly one line on stderr naming the problem, no output folder
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_existing_results_are_not_overwritten_unless_asked(tiny_bert_dir, tiny_csv, tmp_path):
+    # Prepare: a folder with earlier results
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("precious\n")
+    # Execute: a real process, as a user runs it
+    cmd = [sys.executable, "-m", "fedlora.simulations.cli", *_args(tiny_bert_dir, tiny_csv, out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "CI": "1"})
+    # Assert
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"fedlora-sim: error: --out '{out}' already has results; pass --overwrite to replace"
+        " them or choose another folder"]
+    assert (out / "metrics.jsonl").read_text() == "precious\n"
+    # Execute again with --overwrite: the run replaces them
+    assert main(_args(tiny_bert_dir, tiny_csv, out, "--overwrite")) == 0
+    assert _rows(out)[0]["round"] == 0
