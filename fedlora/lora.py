@@ -207,7 +207,7 @@ class BatchedLinear(nn.Module):
         self.router = router
         w = base.weight.detach()
         self.weight = nn.Parameter(w.unsqueeze(0).repeat(num_clients, 1, 1).clone())
-        b = base.bias.detach() if base.bias is not None else torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
+        b = base.bias.detach() if base.bias is not None else w.new_zeros(w.shape[0])
         self.bias = nn.Parameter(b.unsqueeze(0).repeat(num_clients, 1).clone())
 
     def forward(self, x: Tensor) -> Tensor:

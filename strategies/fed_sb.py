@@ -62,7 +62,8 @@ def init_from_gradient(G: Tensor, rank: int, scale: float, lr: float,
 class FedSB(Strategy):
     name = "fed-sb"
     mode = "lora-sb"
-    uploads = "init round: a gradient estimate G_k per layer (d_out × d_in); then R_k (r × r) per layer, plus the head"
+    uploads = ("init round: a gradient estimate G_k per layer (d_out × d_in);"
+               " then R_k (r × r) per layer, plus the head")
     downloads = "init round: the shared frozen A, B and R_0; then the averaged R, plus the head"
     sum_only = True
     heterogeneous_ranks = False
