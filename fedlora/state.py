@@ -20,12 +20,15 @@ from fedlora.strategies import ClientUpload, GlobalState
 from fedlora.strategies.base import Factors
 
 
+def head_of(fm: FederatedModel, k: int) -> dict[str, Tensor]:
+    """Slot k's task-head tensors, named ``<module>.weight`` / ``<module>.bias``."""
+    return {f"{name}.{key}": t for name, layer in fm.heads.items()
+            for key, t in layer.get_slot(k).items()}
+
+
 def extract_upload(fm: FederatedModel, k: int, num_examples: int) -> ClientUpload:
     """Client slot k's trained adapter (or LoRA-SB cores) and head."""
-    head = {}
-    for name, layer in fm.heads.items():
-        for key, t in layer.get_slot(k).items():
-            head[f"{name}.{key}"] = t
+    head = head_of(fm, k)
     if fm.config.mode == "lora-sb":
         cores = {name: layer.get_core(k) for name, layer in fm.adapters.items()}
         scale = float(next(iter(fm.adapters.values())).scale[k])
@@ -72,10 +75,7 @@ def initial_state(fm: FederatedModel, gen: torch.Generator, fresh: bool) -> Glob
 
     ``fresh`` (FLoRA) leaves ``factors`` None: clients draw fresh adapters every round.
     """
-    head = {}
-    for name, layer in fm.heads.items():
-        for key, t in layer.get_slot(0).items():
-            head[f"{name}.{key}"] = t
+    head = head_of(fm, 0)
     if fresh:
         return GlobalState(factors=None, head=head)
     fm.reset_adapters(gen)

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                       disable=args.quiet) as bar:
             task = bar.add_task(f"{cfg.strategy}: {cfg.num_clients} clients", total=total)
             run(cfg, args.out, on_step=lambda: bar.advance(task),
-                on_round=lambda row: bar.console.print(_format(row)))
+                on_round=lambda row: bar.console.print(_format(row), soft_wrap=True))
         console.print(f"wrote {args.out / 'metrics.jsonl'} and {args.out / 'adapter'}")
         return 0
     except UserError as exc:

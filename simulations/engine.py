@@ -27,6 +27,7 @@ from fedlora.state import (
     apply_global,
     download_tensors,
     extract_upload,
+    head_of,
     initial_state,
     upload_tensors,
 )
@@ -134,7 +135,7 @@ def init_round(job: Job) -> tuple[GlobalState, int]:
         uploads.append(up)
     bytes_up = sum(tensor_bytes(upload_tensors(u)) for u in uploads)
     state = job.strategy.initialize(uploads, cfg.rank, scale=cfg.lora_alpha / cfg.rank)
-    state.head = initial_state(fm, job.gen, fresh=True).head
+    state.head = head_of(fm, 0)
     return state, bytes_up
 
 
