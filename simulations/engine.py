@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -66,7 +66,6 @@ class SimConfig:
     sb_init_lr: float = 1e-3
     max_grad_norm: float | None = None
     eval_batch_size: int = 64
-    extra: dict[str, object] = field(default_factory=dict)
 
     def client_ranks(self) -> list[int]:
         return list(self.ranks) if self.ranks else [self.rank] * self.num_clients

