@@ -125,7 +125,7 @@ class BatchedLoRALinear(nn.Module):
                 B = B * self.rank_mask.unsqueeze(1)               # (K, d_out, r_max)
             delta = lora_delta(xa, A, B, self.scale, routing)
         else:
-            delta = sb_delta(xa, self.sb_A, self.sb_B, self.lora_R, self.scale[0].item(), routing)
+            delta = sb_delta(xa, self.sb_A, self.sb_B, self.lora_R, self.scale[0], routing)
         if self.probe is not None:
             delta = delta + dense_delta(xa, self.probe, routing)
         return y + delta.to(y.dtype)

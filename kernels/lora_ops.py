@@ -37,10 +37,14 @@ class Routing:
     slots : Tensor or None
         ``(S,)`` slots of the equal contiguous segments, or None when the rows are not
         in that form (then the gather path is used).
+    in_order : bool
+        True when ``slots`` is exactly ``0, 1, …, S-1`` (then a model with S slots
+        needs no gather). Decided once per batch, so the ops never sync with the host.
     """
 
     ids: Tensor
     slots: Tensor | None
+    in_order: bool = False
 
     @staticmethod
     def from_ids(ids: Tensor) -> Routing:
@@ -49,14 +53,22 @@ class Routing:
         n_rows = ids.numel()
         values, counts = torch.unique_consecutive(ids, return_counts=True)
         seg = counts[0].item() if n_rows else 0
-        equal = n_rows > 0 and bool((counts == seg).all()) and values.numel() == torch.unique(values).numel()
-        return Routing(ids=ids, slots=values if equal else None)
+        equal = (n_rows > 0 and bool((counts == seg).all())
+                 and values.numel() == torch.unique(values).numel())
+        if not equal:
+            return Routing(ids=ids, slots=None)
+        return Routing(ids=ids, slots=values, in_order=_in_order(values))
 
     @staticmethod
     def segments(slots: Tensor, rows_per_slot: int) -> Routing:
         """Routing for ``len(slots)`` contiguous segments of ``rows_per_slot`` rows."""
         slots = slots.long()
-        return Routing(ids=slots.repeat_interleave(rows_per_slot), slots=slots)
+        return Routing(ids=slots.repeat_interleave(rows_per_slot), slots=slots,
+                       in_order=_in_order(slots))
+
+
+def _in_order(slots: Tensor) -> bool:
+    return slots.tolist() == list(range(slots.numel()))
 
 
 def _as_segments(x: Tensor, n_seg: int) -> Tensor:
@@ -69,12 +81,11 @@ def _as_rows(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-def _pick(t: Tensor, index: Tensor, full: int) -> Tensor:
-    # Skip the gather when the index is exactly 0..full-1.
-    if index.numel() == full and index.numel() > 0:
-        if bool((index == torch.arange(full, device=index.device)).all()):
-            return t
-    return t.index_select(0, index)
+def _pick(t: Tensor, routing: Routing) -> Tensor:
+    # The segments' slots of a stacked per-client tensor; no gather when they are 0..K-1.
+    if routing.in_order and routing.slots.numel() == t.shape[0]:
+        return t
+    return t.index_select(0, routing.slots)
 
 
 def lora_delta(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, routing: Routing) -> Tensor:
@@ -100,10 +111,8 @@ def lora_delta(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, routing: Routing)
     """
     out_shape = (*x.shape[:-1], B.shape[1])
     if routing.slots is not None:
-        s = routing.slots
-        K = A.shape[0]
-        a, b, sc = _pick(A, s, K), _pick(B, s, K), _pick(scale, s, K)
-        xs = _as_segments(x, s.numel())                      # (S, n*T, d_in)
+        a, b, sc = _pick(A, routing), _pick(B, routing), _pick(scale, routing)
+        xs = _as_segments(x, routing.slots.numel())                      # (S, n*T, d_in)
         h = torch.bmm(xs, a.transpose(1, 2))                 # (S, n*T, r)
         y = torch.bmm(h, b.transpose(1, 2))                  # (S, n*T, d_out)
         return (y * sc.view(-1, 1, 1).to(y.dtype)).reshape(out_shape)
@@ -123,7 +132,8 @@ def lora_delta_reference(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, ids: Te
     return torch.stack(rows)
 
 
-def sb_delta(x: Tensor, A: Tensor, B: Tensor, R: Tensor, scale: float, routing: Routing) -> Tensor:
+def sb_delta(x: Tensor, A: Tensor, B: Tensor, R: Tensor, scale: float | Tensor,
+             routing: Routing) -> Tensor:
     """LoRA-SB term ``scale · x Aᵀ R_kᵀ Bᵀ`` with A, B shared by all clients.
 
     Parameters
@@ -136,16 +146,15 @@ def sb_delta(x: Tensor, A: Tensor, B: Tensor, R: Tensor, scale: float, routing: 
         ``(d_out, r)`` shared, frozen.
     R : Tensor
         ``(K, r, r)`` per-client trainable cores.
-    scale : float
+    scale : float or 0-d Tensor
         Constant scale.
     routing : Routing
         Row-to-slot assignment.
     """
     h = x @ A.T                                              # (N, ..., r): one GEMM, shared
     if routing.slots is not None:
-        s = routing.slots
-        hs = _as_segments(h, s.numel())                      # (S, n*T, r)
-        g = torch.bmm(hs, _pick(R, s, R.shape[0]).transpose(1, 2))
+        hs = _as_segments(h, routing.slots.numel())          # (S, n*T, r)
+        g = torch.bmm(hs, _pick(R, routing).transpose(1, 2))
     else:
         g = torch.bmm(_as_rows(h), R[routing.ids].transpose(1, 2))
     return scale * (g.reshape(h.shape) @ B.T)                # (N, ..., d_out)
@@ -178,11 +187,10 @@ def dense_delta(x: Tensor, W: Tensor, routing: Routing, bias: Tensor | None = No
     """
     out_shape = (*x.shape[:-1], W.shape[1])
     if routing.slots is not None:
-        s = routing.slots
-        w = _pick(W, s, W.shape[0])
-        y = torch.bmm(_as_segments(x, s.numel()), w.transpose(1, 2))   # (S, n*T, d_out)
+        w = _pick(W, routing)
+        y = torch.bmm(_as_segments(x, routing.slots.numel()), w.transpose(1, 2))  # (S, n*T, d_out)
         if bias is not None:
-            y = y + _pick(bias, s, bias.shape[0]).unsqueeze(1)
+            y = y + _pick(bias, routing).unsqueeze(1)
         return y.reshape(out_shape)
     ids = routing.ids
     y = torch.bmm(_as_rows(x), W[ids].transpose(1, 2))                  # (N, T, d_out)
