@@ -43,8 +43,9 @@ class Router:
 
     def get(self, n_rows: int, device: torch.device) -> Routing:
         """Current routing, or every row on slot 0 when none is set."""
-        if self.routing is None:
-            return Routing.segments(torch.zeros(1, dtype=torch.long, device=device), n_rows)
+        if self.routing is None:   # built directly: no host sync per layer call
+            return Routing(ids=torch.zeros(n_rows, dtype=torch.long, device=device),
+                           slots=torch.zeros(1, dtype=torch.long, device=device), in_order=True)
         if self.routing.ids.numel() != n_rows:
             raise ValueError(
                 f"batch has {n_rows} rows but {self.routing.ids.numel()} client ids were given"

@@ -112,7 +112,7 @@ def lora_delta(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, routing: Routing)
     out_shape = (*x.shape[:-1], B.shape[1])
     if routing.slots is not None:
         a, b, sc = _pick(A, routing), _pick(B, routing), _pick(scale, routing)
-        xs = _as_segments(x, routing.slots.numel())                      # (S, n*T, d_in)
+        xs = _as_segments(x, routing.slots.numel())          # (S, n*T, d_in)
         h = torch.bmm(xs, a.transpose(1, 2))                 # (S, n*T, r)
         y = torch.bmm(h, b.transpose(1, 2))                  # (S, n*T, d_out)
         return (y * sc.view(-1, 1, 1).to(y.dtype)).reshape(out_shape)

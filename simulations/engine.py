@@ -31,7 +31,7 @@ from fedlora.state import (
     initial_state,
     upload_tensors,
 )
-from fedlora.strategies import GlobalState, Strategy, get_strategy
+from fedlora.strategies import ClientUpload, GlobalState, Strategy, get_strategy
 from fedlora.train import ClientSampler, TrainConfig, estimate_gradients, evaluate, train_clients
 from fedlora.wire import tensor_bytes
 
@@ -126,12 +126,8 @@ def init_round(job: Job) -> tuple[GlobalState, int]:
     if not job.strategy.needs_gradient_init:
         return initial_state(fm, job.gen, fresh=job.strategy.fresh_adapters), 0
     grads = estimate_gradients(fm, job.train, job.samplers, train_config(cfg), cfg.init_batches)
-    uploads = []
-    for k, sampler in enumerate(job.samplers):
-        up = extract_upload(fm, k, len(sampler))
-        up.cores, up.head = {}, {}
-        up.grads = {name: g[k] for name, g in grads.items()}
-        uploads.append(up)
+    uploads = [ClientUpload(num_examples=len(sampler), grads={name: g[k] for name, g in grads.items()})
+               for k, sampler in enumerate(job.samplers)]
     bytes_up = sum(tensor_bytes(upload_tensors(u)) for u in uploads)
     state = job.strategy.initialize(uploads, cfg.rank, scale=cfg.lora_alpha / cfg.rank)
     state.head = head_of(fm, 0)
