@@ -38,7 +38,7 @@ def time_batched(base, data, k: int, args) -> float:
     from fedlora.train import ClientSampler, TrainConfig, train_clients
 
     fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[args.rank] * k, alpha=16.0))
-    fm.reset_adapters(torch.Generator().manual_seed(0))
+    fm.reset_adapters(0)
     fm.to(args.device)
     n = data["labels"].shape[0]
     samplers = [ClientSampler(range(n), seed=i) for i in range(k)]

@@ -1,15 +1,159 @@
-"""`fedlora-client`: not available yet (the deployment issue builds it)."""
+"""``fedlora-client``: one federated client on this machine.
+
+Starts Flower's SuperNode (``python -m fedlora.clients.supernode``, isolation
+``process``) against ``--server`` and runs the ClientApp's tasks in this process
+(``clients/executor.py``), so the model is loaded once per run. When the SuperNode
+exits (the server restarted, the network dropped) it is started again: the client
+reconnects instead of exiting. Stop it with Ctrl-C.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
+import signal
+import subprocess
 import sys
+import threading
+from pathlib import Path
+
+from fedlora.config import Parser
+from fedlora.errors import UserError
+from fedlora.tls import check_certificate, check_private_key, free_port, parse_address
+
+log = logging.getLogger("fedlora.client")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="fedlora-client", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--server", required=True, help="the fedlora-server's HOST:PORT")
+    data = p.add_argument_group("data (one of)")
+    data.add_argument("--data", type=Path, help="this client's .csv/.tsv/.jsonl training file")
+    data.add_argument("--partition-id", type=int, help="this client's share of the job's dataset")
+    data.add_argument("--num-partitions", type=int, help="number of shares (with --partition-id)")
+    data.add_argument("--client-id", type=int, default=None,
+                      help="client number (rank and seeds; default: --partition-id, else 0)")
+    sec = p.add_argument_group("security")
+    sec.add_argument("--root-certificates", type=Path, help="CA certificate (PEM) of the server")
+    sec.add_argument("--insecure", action="store_true", help="plain HTTP, no TLS")
+    sec.add_argument("--auth-key", type=Path,
+                     help="this node's private key (its public key registered with the server)")
+    p.add_argument("--runtime-port", type=int, default=None,
+                   help="local port of the SuperNode's runtime API (default: a free one)")
+    p.add_argument("--poll", type=float, default=0.2, help="seconds between polls of the server")
+    p.add_argument("--quiet", action="store_true", help="log warnings only")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One line per problem; nothing is started before these pass."""
+    parse_address(args.server, "--server")
+    if (args.data is None) == (args.partition_id is None):
+        raise UserError("give either --data FILE or --partition-id N --num-partitions M")
+    if args.data is not None and not args.data.is_file():
+        raise UserError(f"--data {str(args.data)!r}: file not found")
+    if args.partition_id is not None:
+        if args.num_partitions is None or args.num_partitions < 1:
+            raise UserError("--partition-id needs --num-partitions M (M ≥ 1)")
+        if not 0 <= args.partition_id < args.num_partitions:
+            raise UserError(f"--partition-id must be in 0..{args.num_partitions - 1},"
+                            f" got {args.partition_id}")
+    if args.insecure == (args.root_certificates is not None):
+        raise UserError("give --root-certificates CA.pem for TLS, or --insecure for plain HTTP")
+    if args.root_certificates is not None:
+        check_certificate(args.root_certificates, "--root-certificates")
+    if args.auth_key is not None:
+        if args.insecure:
+            raise UserError("--auth-key needs TLS: pass --root-certificates instead of --insecure")
+        check_private_key(args.auth_key, "--auth-key")
+    if args.poll <= 0:
+        raise UserError(f"--poll must be > 0, got {args.poll}")
+
+
+def node_config(args: argparse.Namespace) -> str:
+    """The SuperNode's ``--node-config`` (TOML values) for the ClientApp."""
+    items = {}
+    if args.partition_id is not None:
+        items["partition-id"] = args.partition_id
+        items["num-partitions"] = args.num_partitions
+    if args.data is not None:
+        items["data"] = str(args.data.expanduser().resolve())
+    client_id = args.client_id if args.client_id is not None else (args.partition_id or 0)
+    items["client-id"] = client_id
+    return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in items.items())
+
+
+def supernode_command(args: argparse.Namespace, runtime_port: int) -> list[str]:
+    cmd = [sys.executable, "-m", "fedlora.clients.supernode", "--superlink", args.server,
+           "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
+           "--node-config", node_config(args)]
+    if args.insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(args.root_certificates)]
+    if args.auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(args.auth_key)]
+    return cmd
+
+
+def _die_with_parent() -> None:
+    """Linux: the SuperNode gets SIGTERM if this process dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def supervise(cmd: list[str], env: dict, stop: threading.Event) -> None:
+    """Keep one SuperNode running until ``stop``; restart it when it exits."""
+    while not stop.is_set():
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+        while proc.poll() is None and not stop.is_set():
+            stop.wait(0.2)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            return
+        log.warning("SuperNode exited (code %s); reconnecting to %s", proc.returncode, cmd[4])
+        stop.wait(1.0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Say plainly that deployment is not built yet, and what to use meanwhile."""
-    print("fedlora-client: not yet available: deployment on Flower's SuperLink/SuperNode"
-          " is still being built; use fedlora-sim for in-process runs", file=sys.stderr)
-    return 2
+    """Entry point of ``fedlora-client``."""
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+    except UserError as exc:
+        print(f"fedlora-client: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from fedlora.clients.app import app
+    from fedlora.clients.executor import serve
+
+    port = args.runtime_port or free_port()
+    env = dict(os.environ, FEDLORA_SUPERNODE_POLL=str(args.poll))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    keeper = threading.Thread(target=supervise, args=(supernode_command(args, port), env, stop),
+                              daemon=True)
+    keeper.start()
+    log.info("fedlora-client: connecting to %s (runtime API on 127.0.0.1:%d)", args.server, port)
+    try:
+        serve(f"127.0.0.1:{port}", app, stop=stop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        keeper.join(timeout=10)
+    return 0
 
 
 if __name__ == "__main__":

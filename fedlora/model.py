@@ -167,12 +167,17 @@ class FederatedModel(nn.Module):
             self.router.routing = None
 
     @torch.no_grad()
-    def reset_adapters(self, gen: torch.Generator) -> None:
-        """Fresh LoRA adapters in every slot (A from ``gen``, B = 0).
+    def reset_adapters(self, seed: int) -> None:
+        """Fresh LoRA adapters in every slot (A drawn from ``seed``, B = 0).
 
-        One seed is drawn from ``gen``; layer i draws from its own generator seeded with
-        ``seed + i``, so a client's A does not depend on other clients' (padded) ranks.
+        Layer i draws from its own generator seeded with ``seed + i``, and rows are
+        drawn one by one, so a client's A depends neither on other clients' (padded)
+        ranks nor on how many clients share the model.
         """
-        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
         for i, layer in enumerate(self.adapters.values()):
-            layer.reset_slots(torch.Generator().manual_seed(seed + i))
+            layer.reset_slots(torch.Generator().manual_seed(int(seed) + i))
+
+
+def draw_seed(gen: torch.Generator) -> int:
+    """One adapter-initialisation seed drawn from ``gen``."""
+    return int(torch.randint(0, 2**62, (1,), generator=gen))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedlora.model import FederatedModel
+from fedlora.model import FederatedModel, draw_seed
 from fedlora.strategies import ClientUpload, GlobalState
 from fedlora.strategies.base import Factors
 
@@ -46,10 +46,11 @@ def _set_heads(fm: FederatedModel, head: dict[str, Tensor]) -> None:
 
 
 def apply_global(fm: FederatedModel, state: GlobalState, fold: dict[str, Factors],
-                 gen: torch.Generator) -> None:
+                 fresh_seed: int | None = None) -> None:
     """Load the global state into every slot, after folding ``fold`` into the base.
 
-    With ``state.factors`` None (FLoRA) every slot gets a fresh adapter drawn from ``gen``.
+    With ``state.factors`` None (FLoRA) every slot gets a fresh adapter drawn from
+    ``fresh_seed`` (see :func:`fedlora.model.draw_seed`).
     """
     for name, (A, B) in fold.items():
         fm.adapters[name].fold(A, B)
@@ -61,7 +62,9 @@ def apply_global(fm: FederatedModel, state: GlobalState, fold: dict[str, Factors
             for k in range(fm.num_clients):
                 layer.set_core(k, state.cores[name])
     elif state.factors is None:
-        fm.reset_adapters(gen)
+        if fresh_seed is None:
+            raise ValueError("fresh adapters need a seed")
+        fm.reset_adapters(fresh_seed)
     else:
         for name, layer in fm.adapters.items():
             for k in range(fm.num_clients):
@@ -78,7 +81,7 @@ def initial_state(fm: FederatedModel, gen: torch.Generator, fresh: bool) -> Glob
     head = head_of(fm, 0)
     if fresh:
         return GlobalState(factors=None, head=head)
-    fm.reset_adapters(gen)
+    fm.reset_adapters(draw_seed(gen))
     factors = {name: layer.get_slot(0) for name, layer in fm.adapters.items()}
     scale = float(next(iter(fm.adapters.values())).scale[0])
     return GlobalState(factors=factors, scale=scale, head=head)
@@ -138,3 +141,37 @@ def download_tensors(state: GlobalState, fold: dict[str, Factors],
     for key, t in state.head.items():
         out[f"head.{key}"] = t
     return out
+
+
+def download_from_tensors(tensors: dict[str, Tensor], scale: float,
+                          shared: dict[str, Factors] | None = None
+                          ) -> tuple[GlobalState, dict[str, Factors]]:
+    """Inverse of :func:`download_tensors`: ``(state, fold)``.
+
+    ``shared``: LoRA-SB's frozen factors received earlier, used when the download
+    carries cores without them.
+    """
+    state = GlobalState(scale=scale)
+    fold: dict[str, Factors] = {}
+    factors: dict[str, list] = {}
+    cores: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        if key.startswith("head."):
+            state.head[key[5:]] = t
+            continue
+        layer, _, kind = key.rpartition(".")
+        if kind in ("fold_A", "fold_B"):
+            fold.setdefault(layer, [None, None])[kind == "fold_B"] = t
+        elif kind in ("lora_A", "lora_B"):
+            factors.setdefault(layer, [None, None])[kind == "lora_B"] = t
+        elif kind == "lora_R":
+            cores[layer] = t
+        else:
+            raise ValueError(f"unexpected tensor {key!r} in a download")
+    fold = {k: (v[0], v[1]) for k, v in fold.items()}
+    if cores:
+        state.cores = cores
+        state.factors = {k: (v[0], v[1]) for k, v in factors.items()} if factors else shared
+    elif factors:
+        state.factors = {k: (v[0], v[1]) for k, v in factors.items()}
+    return state, fold

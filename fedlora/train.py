@@ -35,21 +35,28 @@ class TrainConfig:
 
 
 class ClientSampler:
-    """A client's example order: a new permutation of its indices every epoch.
+    """A client's example order, keyed by round: batches depend on ``(seed, round)`` only.
 
-    Its generator depends only on ``seed``, so a client draws the same batches
-    whether it trains alone or batched with others.
+    :meth:`start_round` reseeds the generator from ``(seed, round)`` and starts a new
+    permutation, so a client draws the same batches in round t whether it trains
+    alone or batched with others, in one process or another, in an uninterrupted run
+    or after a resume. Within a round, ``take`` walks permutations epoch by epoch.
     """
 
     def __init__(self, indices: Sequence[int], seed: int) -> None:
         if len(indices) == 0:
             raise ValueError("a client needs at least one training example")
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.rng = np.random.default_rng(seed)
-        self.order: list[int] = []
+        self.seed = int(seed)
+        self.start_round(0)
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def start_round(self, rnd: int) -> None:
+        """Restart the example order for round ``rnd`` (0 is Fed-SB's initialisation)."""
+        self.rng = np.random.default_rng([self.seed, int(rnd)])
+        self.order: list[int] = []
 
     def take(self, n: int) -> list[int]:
         out = []
@@ -105,11 +112,15 @@ def clip_per_client(params: Sequence[Tensor], max_norm: float) -> Tensor:
 
 def train_clients(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
                   cfg: TrainConfig, slots: Sequence[int] | None = None,
-                  progress=None) -> list[float]:
+                  progress=None, rnd: int | None = None) -> list[float]:
     """Train the clients in ``slots`` (default: all) for ``cfg.local_steps`` steps.
 
-    Returns each client's mean training loss over the steps.
+    ``rnd``: restart every sampler's order for that round first. Returns each
+    client's mean training loss over the steps.
     """
+    if rnd is not None:
+        for s in samplers:
+            s.start_round(rnd)
     slots = list(range(fm.num_clients)) if slots is None else list(slots)
     if len(slots) != len(samplers):
         raise ValueError(f"{len(samplers)} samplers for {len(slots)} slots")
@@ -141,8 +152,11 @@ def estimate_gradients(fm: FederatedModel, data: dict[str, Tensor],
                        steps: int) -> dict[str, Tensor]:
     """Each client's mean gradient of its loss w.r.t. every adapted frozen weight.
 
-    Returns layer -> ``(K, d_out, d_in)``, averaged over ``steps`` batches.
+    Uses round 0 of every sampler. Returns layer -> ``(K, d_out, d_in)``, averaged
+    over ``steps`` batches.
     """
+    for s in samplers:
+        s.start_round(0)
     device = next(fm.parameters()).device
     slot_t = torch.arange(fm.num_clients, device=device)
     for layer in fm.adapters.values():

@@ -1,15 +1,171 @@
-"""`fedlora-server`: not available yet (the deployment issue builds it)."""
+"""``fedlora-server``: run a federated job for clients on other machines.
+
+Starts a Flower SuperLink on ``--host:--port`` (HTTP, or HTTPS with the
+``--ssl-*`` files), waits for it, registers the ``--auth-keys`` of allowed nodes,
+submits the fedlora app with the job below, and prints one line per round. The
+results land in ``--out`` as with ``fedlora-sim``: ``metrics.jsonl``,
+``config.json``, ``adapter/`` (PEFT), plus ``checkpoint.pt`` after every round;
+``fedlora-server --resume DIR`` continues a stopped run from its last round.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
+from pathlib import Path
+
+from fedlora.config import (
+    JobConfig,
+    Parser,
+    add_job_arguments,
+    check_job_args,
+    check_out_dir,
+    to_config,
+    to_run_config,
+)
+from fedlora.errors import UserError
+from fedlora.tls import check_certificate, check_port_free, check_private_key, check_public_key
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="fedlora-server", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_job_arguments(p, num_clients_help="clients to wait for and train in each round")
+    net = p.add_argument_group("network and security")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (0.0.0.0 for clients on other machines)")
+    net.add_argument("--port", type=int, default=8000, help="the SuperLink's HTTP(S) port")
+    net.add_argument("--ssl-certfile", type=Path, help="server certificate (PEM)")
+    net.add_argument("--ssl-keyfile", type=Path, help="server private key (PEM)")
+    net.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (PEM) clients verify")
+    net.add_argument("--insecure", action="store_true", help="plain HTTP, no TLS")
+    net.add_argument("--auth-keys", type=Path, nargs="+", default=None,
+                     help="OpenSSH EC public keys of the nodes allowed to join (turns on node auth)")
+    rnd = p.add_argument_group("rounds and faults")
+    rnd.add_argument("--round-timeout", type=float, default=600.0,
+                     help="seconds to wait for clients (to connect, and to reply) in a round")
+    rnd.add_argument("--min-replies", type=int, default=1,
+                     help="valid replies a round needs; fewer stops the run (resumable)")
+    rnd.add_argument("--max-update-norm", type=float, default=1e4,
+                     help="reject an uploaded tensor whose Frobenius norm exceeds this")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, default=Path("runs/server"), help="output folder")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace the results in an existing, non-empty --out folder")
+    out.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                     help="continue the run in DIR after its last completed round (job flags are"
+                          " read from DIR/config.json)")
+    out.add_argument("--quiet", action="store_true", help="no per-round lines")
+    return p
+
+
+def check_security(args: argparse.Namespace) -> None:
+    ssl = [args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile]
+    if args.insecure and any(ssl):
+        raise UserError("--insecure and --ssl-* files contradict each other; give one or the other")
+    if not args.insecure and not all(ssl):
+        raise UserError("TLS needs --ssl-certfile, --ssl-keyfile and --ssl-ca-certfile;"
+                        " or pass --insecure for plain HTTP")
+    if not args.insecure:
+        check_certificate(args.ssl_certfile, "--ssl-certfile")
+        check_private_key(args.ssl_keyfile, "--ssl-keyfile")
+        check_certificate(args.ssl_ca_certfile, "--ssl-ca-certfile")
+    if args.auth_keys:
+        if args.insecure:
+            raise UserError("--auth-keys needs TLS (Flower refuses node auth over plain HTTP)")
+        for key in args.auth_keys:
+            check_public_key(key, "--auth-keys")
+
+
+def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
+    """The job and output folder: from the flags, or from ``--resume DIR``."""
+    if args.resume is None:
+        check_job_args(args)
+        check_out_dir(args.out, args.overwrite)
+        if args.min_replies < 1 or args.min_replies > args.num_clients:
+            raise UserError(f"--min-replies must be in 1..--num-clients ({args.num_clients}),"
+                            f" got {args.min_replies}")
+        return to_config(args), args.out
+    ckpt, conf = args.resume / "checkpoint.pt", args.resume / "config.json"
+    if not ckpt.is_file() or not conf.is_file():
+        raise UserError(f"--resume {str(args.resume)!r} has no checkpoint.pt and config.json of a"
+                        " fedlora-server run")
+    return JobConfig(**json.loads(conf.read_text())), args.resume
+
+
+def run_config(cfg: JobConfig, args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
+    rc = to_run_config(cfg)
+    rc.update({"out": str(out_dir.resolve()), "resume": args.resume is not None,
+               "round-timeout": float(args.round_timeout), "min-replies": int(args.min_replies),
+               "max-update-norm": float(args.max_update_norm)})
+    return rc
+
+
+def superlink_args(args: argparse.Namespace) -> list[str]:
+    out = ["--host", args.host, "--port", str(args.port)]
+    if args.insecure:
+        out.append("--insecure")
+    else:
+        out += ["--ssl-certfile", str(args.ssl_certfile), "--ssl-keyfile", str(args.ssl_keyfile),
+                "--ssl-ca-certfile", str(args.ssl_ca_certfile)]
+    if args.auth_keys:
+        out.append("--enable-supernode-auth")
+    return out
+
+
+def _format(row: dict) -> str:
+    from fedlora.simulations.cli import format_row
+
+    extra = f"  rejected {len(row['rejected'])}" if row.get("rejected") else ""
+    return format_row(row) + extra
+
+
+def serve(args: argparse.Namespace, cfg: JobConfig, out_dir: Path) -> int:
+    from fedlora.server.launch import SuperLink, follow, register_keys, submit, write_app, write_connection
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume is None:
+        for name in ("metrics.jsonl", "config.json", "checkpoint.pt", "status.json"):
+            (out_dir / name).unlink(missing_ok=True)
+    else:
+        (out_dir / "status.json").unlink(missing_ok=True)
+    home = out_dir / ".flwr"
+    env = dict(os.environ, FLWR_HOME=str(home.resolve()), HF_HUB_OFFLINE="1",
+               FLWR_DISABLE_UPDATE_CHECK="1")
+    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    write_connection(home, f"{local}:{args.port}", None if args.insecure else args.ssl_ca_certfile)
+    link = SuperLink(superlink_args(args), out_dir / "superlink.log", env)
+    try:
+        link.wait_ready(local, args.port)
+        register_keys(list(args.auth_keys or []), env)
+        run_id = submit(write_app(home / "app", run_config(cfg, args, out_dir)), env)
+        print(f"fedlora-server: run {run_id} on {args.host}:{args.port}, waiting for"
+              f" {cfg.num_clients} client(s); results in {out_dir}", file=sys.stderr, flush=True)
+        status = follow(out_dir, link, lambda row: None if args.quiet else print(_format(row), flush=True))
+    finally:
+        link.stop()
+    if status["state"] != "finished":
+        print(f"fedlora-server: error: {status.get('error', 'run failed')}", file=sys.stderr)
+        return 1
+    print(f"wrote {out_dir / 'metrics.jsonl'} and {out_dir / 'adapter'}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Say plainly that deployment is not built yet, and what to use meanwhile."""
-    print("fedlora-server: not yet available: deployment on Flower's SuperLink/SuperNode"
-          " is still being built; use fedlora-sim for in-process runs", file=sys.stderr)
-    return 2
+    """Entry point of ``fedlora-server``."""
+    args = build_parser().parse_args(argv)
+    try:
+        check_security(args)
+        check_port_free(args.host, args.port)
+        cfg, out_dir = job_for(args)
+        return serve(args, cfg, out_dir)
+    except UserError as exc:
+        print(f"fedlora-server: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

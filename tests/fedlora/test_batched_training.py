@@ -24,7 +24,7 @@ def _data(n: int = 24, seq: int = 12, vocab: int = 1000, seed: int = 0) -> dict[
 
 def _wrap(base, ranks, mode="lora", seed=0) -> FederatedModel:
     fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=ranks, alpha=8.0, mode=mode))
-    fm.reset_adapters(torch.Generator().manual_seed(seed)) if mode == "lora" else None
+    fm.reset_adapters(seed) if mode == "lora" else None
     return fm
 
 

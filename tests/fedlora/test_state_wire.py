@@ -42,13 +42,40 @@ def test_wire_bytes_counts_npy_payload_names_and_headers():
     # Prepare: one float32 array of 1000 numbers: 4000 bytes of data plus .npy header
     t = {"w": torch.zeros(1000)}
     record = to_record(t)
-    npy = len(record["w"].data)
+    npy = len(record["data.float32"].data)
+    index = len(record["index"].data)
     # Execute
     n = wire_bytes(record)
-    # Assert: at least the .npy bytes (4000 + its 128-byte header), at most ~1 KiB more
+    # Assert: at least the .npy bytes (4000 + its 128-byte header) and the index, at most ~1 KiB more
     assert npy == 4000 + 128
-    assert npy < n < npy + 1024
+    assert npy + index < n < npy + index + 1024
     assert tensor_bytes(t) == n and tensor_bytes({}) == 0
+
+
+def test_packed_record_keeps_names_shapes_dtypes_and_order():
+    # Prepare: tensors of two dtypes and several shapes, including a scalar
+    t = {"b": torch.arange(6.0).view(2, 3), "a": torch.tensor(2.5), "i": torch.arange(3),
+         "c": torch.ones(4, 1)}
+    # Execute
+    record = to_record(t)
+    back = from_record(record)
+    # Assert: one data array per dtype plus the index; every tensor comes back exactly
+    assert set(record.keys()) == {"index", "data.float32", "data.int64"}
+    assert list(back) == ["b", "a", "i", "c"]
+    for k, v in t.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
+
+
+def test_malformed_record_is_refused_by_name():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    with pytest.raises(ValueError, match="no 'index'"):
+        from_record(ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))}))
+    bad = to_record({"w": torch.zeros(3)})
+    bad["data.float32"] = Array(np.zeros(2, dtype=np.float32))
+    with pytest.raises(ValueError, match="outside its data array"):
+        from_record(bad)
 
 
 def test_wire_bytes_grow_with_payload_exactly_by_data_size():

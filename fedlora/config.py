@@ -1,0 +1,230 @@
+"""One federated job's settings, shared by ``fedlora-sim``, ``fedlora-server`` and Flower.
+
+The same job is spelled three ways, all generated from :class:`JobConfig`:
+
+* command-line flags (``--local-steps 10``), added by :func:`add_job_arguments`;
+* Flower run-config keys (``local-steps = 10``), the flag names without dashes
+  (:func:`to_run_config` / :func:`from_run_config`), which is what ``flwr run`` and
+  the ServerApp read;
+* ``config.json`` in an output folder (``dataclasses.asdict``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from fedlora.errors import UserError
+from fedlora.strategies import STRATEGIES
+
+
+@dataclass
+class JobConfig:
+    """One federated job (the ``fedlora-sim`` flags)."""
+
+    strategy: str = "fedavg"
+    model: str = "minilm"
+    data: str = "bbcnews"
+    task: str = "classification"
+    text_column: str = "text"
+    label_column: str = "label"
+    num_clients: int = 10
+    rounds: int = 3
+    local_steps: int = 10
+    batch_size: int = 8
+    lr: float = 2e-3
+    rank: int = 8
+    ranks: list[int] | None = None
+    lora_alpha: float = 16.0
+    target_modules: list[str] | None = None
+    partition: str = "iid"
+    alpha: float = 0.5
+    max_length: int = 64
+    test_fraction: float = 0.2
+    seed: int = 0
+    device: str = "cpu"
+    init_batches: int = 2
+    fair_lambda: float = 0.01
+    sb_init_lr: float = 1e-3
+    max_grad_norm: float | None = None
+    eval_batch_size: int = 64
+
+    def client_ranks(self) -> list[int]:
+        return list(self.ranks) if self.ranks else [self.rank] * self.num_clients
+
+    def rank_of(self, client: int) -> int:
+        """Rank of client (partition) ``client``: ``ranks`` cycled, else ``rank``."""
+        return self.ranks[client % len(self.ranks)] if self.ranks else self.rank
+
+    def train_config(self):
+        """The local-training settings (:class:`fedlora.train.TrainConfig`)."""
+        from fedlora.train import TrainConfig
+
+        return TrainConfig(task=self.task, local_steps=self.local_steps, batch_size=self.batch_size,
+                           lr=self.lr, max_grad_norm=self.max_grad_norm)
+
+    def sampler(self, client: int, indices):
+        """Client ``client``'s example order: the same in the simulator and deployment."""
+        from fedlora.train import ClientSampler
+
+        return ClientSampler(indices, seed=self.seed * 100_003 + client)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _ranks(text: str) -> list[int]:
+    try:
+        ranks = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ranks takes integers like 4,8,16, got {text!r}") from None
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"--ranks takes positive integers, got {text!r}")
+    return ranks
+
+
+def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "clients") -> None:
+    """The job flags, shared by ``fedlora-sim`` and ``fedlora-server``."""
+    job = p.add_argument_group("job")
+    job.add_argument("--strategy", choices=sorted(STRATEGIES), default="fedavg")
+    job.add_argument("--num-clients", type=int, default=10, help=num_clients_help)
+    job.add_argument("--rounds", type=int, default=3)
+    job.add_argument("--local-steps", type=int, default=10)
+    job.add_argument("--batch-size", type=int, default=8, help="examples per client per step")
+    job.add_argument("--lr", type=float, default=None,
+                     help="local AdamW learning rate (default: 1e-2 for fed-sb, which trains only"
+                          " the r×r cores, 2e-3 for the others)")
+    job.add_argument("--rank", type=int, default=8)
+    job.add_argument("--ranks", type=_ranks, default=None,
+                     help="per-client ranks, cycled over clients (e.g. 4,8,16); flora only")
+    job.add_argument("--lora-alpha", type=float, default=16.0)
+    job.add_argument("--target-modules", nargs="+", default=None,
+                     help="module names or regexes to adapt (default: attention query/value)")
+    job.add_argument("--seed", type=int, default=0)
+    job.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    data = p.add_argument_group("data and model")
+    data.add_argument("--model", default="minilm",
+                      help="'minilm' (bundled all-MiniLM-L6-v2) or a local model folder")
+    data.add_argument("--task", choices=["classification", "causal-lm"], default="classification")
+    data.add_argument("--data", default="bbcnews",
+                      help="'bbcnews' (bundled) or a .csv/.tsv/.jsonl file")
+    data.add_argument("--text-column", default="text")
+    data.add_argument("--label-column", default="label")
+    data.add_argument("--partition", choices=["iid", "dirichlet"], default="iid")
+    data.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    data.add_argument("--max-length", type=int, default=64, help="tokens per example")
+    data.add_argument("--test-fraction", type=float, default=0.2)
+    strat = p.add_argument_group("strategy options")
+    strat.add_argument("--fair-lambda", type=float, default=0.01, help="LoRA-FAIR λ")
+    strat.add_argument("--sb-init-lr", type=float, default=1e-3,
+                       help="Fed-SB: η of the approximated first step −η·sign(G)")
+    strat.add_argument("--init-batches", type=int, default=2,
+                       help="Fed-SB: local batches per client for the gradient estimate")
+    strat.add_argument("--max-grad-norm", type=float, default=None,
+                       help="clip each client's gradient norm per step")
+
+
+def check_job_args(args: argparse.Namespace) -> None:
+    """Refuse bad job values in one line each."""
+    positive = ("num_clients", "rounds", "local_steps", "batch_size", "rank", "max_length",
+                "init_batches")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    if args.lr is not None and args.lr <= 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if args.ranks is not None and not STRATEGIES[args.strategy].heterogeneous_ranks:
+        if len(set(args.ranks)) > 1:
+            raise UserError(f"--strategy {args.strategy} needs one rank for every client;"
+                            " use --rank, or --strategy flora for heterogeneous ranks")
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a file, or an existing non-empty folder unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {str(out)!r} already has results; pass --overwrite to"
+                        " replace them or choose another folder")
+
+
+def default_lr(strategy: str) -> float:
+    """Fed-SB trains only R (r×r per layer) and wants a larger step than LoRA's A and B."""
+    return 1e-2 if strategy == "fed-sb" else 2e-3
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> cuda when available, else cpu; refuse an unavailable CUDA device."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or auto")
+    return name
+
+
+def to_config(args: argparse.Namespace, device: str | None = None) -> JobConfig:
+    """The :class:`JobConfig` for parsed job flags."""
+    ranks = None
+    if args.ranks is not None:
+        ranks = [args.ranks[k % len(args.ranks)] for k in range(args.num_clients)]
+    return JobConfig(
+        strategy=args.strategy, model=args.model, data=args.data, task=args.task,
+        text_column=args.text_column, label_column=args.label_column,
+        num_clients=args.num_clients, rounds=args.rounds, local_steps=args.local_steps,
+        batch_size=args.batch_size, lr=args.lr if args.lr is not None else default_lr(args.strategy),
+        rank=args.rank, ranks=ranks,
+        lora_alpha=args.lora_alpha, target_modules=args.target_modules,
+        partition=args.partition, alpha=args.alpha, max_length=args.max_length,
+        test_fraction=args.test_fraction, seed=args.seed,
+        device=device if device is not None else resolve_device(args.device),
+        init_batches=args.init_batches, fair_lambda=args.fair_lambda,
+        sb_init_lr=args.sb_init_lr, max_grad_norm=args.max_grad_norm,
+    )
+
+
+# ---- Flower run config: TOML scalars only, so lists are strings and None is 0 / "" ----
+
+def to_run_config(cfg: JobConfig) -> dict[str, object]:
+    """``JobConfig`` as Flower run-config entries (kebab-case keys, TOML scalars)."""
+    out: dict[str, object] = {}
+    for f in fields(JobConfig):
+        value = getattr(cfg, f.name)
+        if f.name == "ranks":
+            value = ",".join(str(r) for r in value) if value else ""
+        elif f.name == "target_modules":
+            value = " ".join(value) if value else ""
+        elif f.name == "max_grad_norm":
+            value = 0.0 if value is None else float(value)
+        out[f.name.replace("_", "-")] = value
+    return out
+
+
+def from_run_config(run_config: dict[str, object]) -> JobConfig:
+    """Inverse of :func:`to_run_config`; unknown keys are ignored, missing ones default."""
+    cfg = JobConfig()
+    for f in fields(JobConfig):
+        key = f.name.replace("_", "-")
+        if key not in run_config:
+            continue
+        value = run_config[key]
+        if f.name == "ranks":
+            value = [int(v) for v in str(value).split(",") if v.strip()] or None
+        elif f.name == "target_modules":
+            value = str(value).split() or None
+        elif f.name == "max_grad_norm":
+            value = float(value) or None
+        elif isinstance(getattr(cfg, f.name), float):
+            value = float(value)
+        elif isinstance(getattr(cfg, f.name), int):
+            value = int(value)
+        setattr(cfg, f.name, value)
+    return cfg

@@ -1,0 +1,163 @@
+"""The server side of a federated job, shared by the simulator and the Flower ServerApp.
+
+A :class:`Coordinator` owns the global state and everything that must be identical
+in ``fedlora-sim`` and ``fedlora-server``: the initial state, the order in which
+the seed generator is used (FLoRA's fresh adapters), what is sent down each round,
+aggregation, the metric row of a round, and checkpoints. Its model ``fm`` is the
+one the global state is loaded into and evaluated with (the simulator's batched
+model, or the ServerApp's one-slot model).
+
+Round t (t ≥ 1): clients load :meth:`download` (the global state after round t-1,
+plus FLoRA's fold of round t-1 and ``fresh_seed``), train, upload; :meth:`aggregate`
+makes the state of round t. Round 0 is the initial state; for Fed-SB it is built
+from the clients' gradient estimates (:meth:`start` with ``init_uploads``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fedlora.config import JobConfig
+from fedlora.model import FederatedModel, draw_seed
+from fedlora.state import apply_global, download_tensors, head_of, initial_state
+from fedlora.strategies import Aggregate, ClientUpload, GlobalState, Strategy, get_strategy
+from fedlora.strategies.base import Factors
+from fedlora.train import evaluate
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def make_strategy(cfg: JobConfig) -> Strategy:
+    """The configured strategy with its options."""
+    options: dict[str, object] = {}
+    if cfg.strategy == "lora-fair":
+        options["lam"] = cfg.fair_lambda
+    elif cfg.strategy == "fed-sb":
+        options = {"init_lr": cfg.sb_init_lr, "seed": cfg.seed}
+    return get_strategy(cfg.strategy, **options)
+
+
+class Coordinator:
+    """Global state, fold history and seeds of one job (see the module docstring)."""
+
+    def __init__(self, cfg: JobConfig, strategy: Strategy, fm: FederatedModel,
+                 test: dict[str, Tensor]) -> None:
+        self.cfg, self.strategy, self.fm, self.test = cfg, strategy, fm, test
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.state: GlobalState | None = None
+        self.folds: list[dict[str, Factors]] = []    # folds[t-1]: fold of round t
+        self.round = 0                               # last completed round
+        self.fresh_seed: int | None = None           # FLoRA: adapters of the next round
+        self.rows: list[dict] = []
+
+    # ---- state ----
+    def start(self, init_uploads: list[ClientUpload] | None = None) -> None:
+        """Round 0: the initial global state (Fed-SB: from the gradient uploads)."""
+        if self.strategy.needs_gradient_init:
+            if not init_uploads:
+                raise ValueError(f"{self.strategy.name} needs the clients' gradient estimates")
+            self.state = self.strategy.initialize(init_uploads, self.cfg.rank,
+                                                  scale=self.cfg.lora_alpha / self.cfg.rank)
+            self.state.head = head_of(self.fm, 0)
+        else:
+            self.state = initial_state(self.fm, self.gen, fresh=self.strategy.fresh_adapters)
+        self._load({})
+
+    def _load(self, fold: dict[str, Factors]) -> None:
+        assert self.state is not None
+        fresh = self.state.factors is None and self.fm.config.mode == "lora"
+        self.fresh_seed = draw_seed(self.gen) if fresh else None
+        apply_global(self.fm, self.state, fold, self.fresh_seed)
+
+    def aggregate(self, uploads: list[ClientUpload]) -> Aggregate:
+        """Round ``self.round + 1``: aggregate, load the new state into ``fm``."""
+        assert self.state is not None
+        agg = self.strategy.aggregate(uploads, self.state)
+        self.state = agg.state
+        self.folds.append(agg.fold)
+        self.round += 1
+        self._load(agg.fold)
+        return agg
+
+    @property
+    def fold(self) -> dict[str, Factors]:
+        """The fold of the last completed round (empty before round 1 or without folds)."""
+        return self.folds[-1] if self.folds else {}
+
+    def download(self, with_shared: bool) -> dict[str, Tensor]:
+        """What every client of the next round receives (see ``state.download_tensors``)."""
+        assert self.state is not None
+        return download_tensors(self.state, self.fold, with_shared)
+
+    def catch_up(self, folded_through: int) -> dict[str, Tensor]:
+        """Folds a client that has applied rounds ≤ ``folded_through`` still misses,
+        except the last one (which is in :meth:`download`): ``t<round>.<layer>.fold_A/B``."""
+        out: dict[str, Tensor] = {}
+        for t in range(folded_through + 1, self.round):
+            for layer, (A, B) in self.folds[t - 1].items():
+                out[f"t{t}.{layer}.fold_A"], out[f"t{t}.{layer}.fold_B"] = A, B
+        return out
+
+    # ---- metrics ----
+    def row(self, bytes_up: list[int], bytes_down: list[int], agg_error: float | None,
+            losses: list[float] | None, seconds: float, clients: int) -> dict:
+        """The metric row of the last completed round (evaluates ``fm``)."""
+        acc, loss = evaluate(self.fm, self.test, self.cfg.task, self.cfg.eval_batch_size)
+        row = {
+            "round": self.round,
+            "strategy": self.strategy.name,
+            "accuracy": acc,
+            "loss": loss,
+            "train_loss": sum(losses) / len(losses) if losses else None,
+            "bytes_up": sum(bytes_up),
+            "bytes_down": sum(bytes_down),
+            "bytes_up_per_client": list(bytes_up),
+            "bytes_down_per_client": list(bytes_down),
+            "agg_error": None if agg_error is None or agg_error != agg_error else agg_error,
+            "clients": clients,
+            "seconds": round(seconds, 3),
+        }
+        self.rows.append(row)
+        return row
+
+    # ---- checkpoints ----
+    def save(self, out_dir: Path) -> Path:
+        """Write ``checkpoint.pt`` atomically (temp file, fsync, rename)."""
+        blob = {"config": asdict(self.cfg), "round": self.round, "state": self.state,
+                "folds": self.folds, "gen": self.gen.get_state(), "fresh_seed": self.fresh_seed,
+                "rows": self.rows}
+        path = out_dir / CHECKPOINT
+        fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=out_dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(blob, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def restore(self, path: Path) -> None:
+        """Continue after the round saved in ``path``: base folds, state and seeds."""
+        blob = torch.load(path, weights_only=False)
+        self.round, self.state, self.folds = blob["round"], blob["state"], blob["folds"]
+        self.rows = blob["rows"]
+        self.gen.set_state(blob["gen"])
+        for fold in self.folds:
+            for name, (A, B) in fold.items():
+                self.fm.adapters[name].fold(A, B)
+        self.fresh_seed = blob["fresh_seed"]
+        apply_global(self.fm, self.state, {}, self.fresh_seed)
+
+
+def read_checkpoint_config(path: Path) -> dict:
+    """The job config stored in a checkpoint (to resume with the same flags)."""
+    return torch.load(path, weights_only=False)["config"]

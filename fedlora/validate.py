@@ -1,0 +1,80 @@
+"""Check a client's reply before it reaches the aggregate.
+
+A reply is rejected, by name, when a tensor is missing or unexpected, has the wrong
+dtype or shape (a rank other than the client's), holds NaN/Inf, or has an absurd
+Frobenius norm. The server logs the reason and leaves the reply out; the global
+adapter is computed from the accepted replies only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fedlora.model import FederatedModel
+from fedlora.state import head_of
+
+#: Default bound on any uploaded tensor's Frobenius norm (``--max-update-norm``).
+MAX_UPDATE_NORM = 1e4
+
+
+class RejectedReply(ValueError):
+    """A client reply that cannot be aggregated; the message says why."""
+
+
+def expected_upload(fm: FederatedModel, rank: int, kind: str = "train") -> dict[str, tuple[int, ...]]:
+    """Name -> shape of a valid upload from a rank-``rank`` client.
+
+    ``kind``: ``"train"`` (adapter or LoRA-SB cores, plus the head) or ``"init"``
+    (Fed-SB's gradient estimates, ``(d_out, d_in)`` per layer).
+    """
+    out: dict[str, tuple[int, ...]] = {}
+    for name, layer in fm.adapters.items():
+        d_out, d_in = layer.base.weight.shape
+        if kind == "init":
+            out[f"{name}.grad"] = (d_out, d_in)
+        elif fm.config.mode == "lora-sb":
+            out[f"{name}.lora_R"] = (rank, rank)
+        else:
+            out[f"{name}.lora_A"] = (rank, d_in)
+            out[f"{name}.lora_B"] = (d_out, rank)
+    if kind == "train":
+        for key, t in head_of(fm, 0).items():
+            out[f"head.{key}"] = tuple(t.shape)
+    return out
+
+
+def check_upload(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]],
+                 max_norm: float = MAX_UPDATE_NORM) -> None:
+    """Raise :class:`RejectedReply` naming the first problem; return None if valid."""
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise RejectedReply(f"missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    extra = [k for k in tensors if k not in expected]
+    if extra:
+        raise RejectedReply(f"unexpected tensor {extra[0]!r}")
+    for key, shape in expected.items():
+        t = tensors[key]
+        if t.dtype != torch.float32:
+            raise RejectedReply(f"{key} has dtype {str(t.dtype).replace('torch.', '')}, expected float32")
+        if tuple(t.shape) != shape:
+            raise RejectedReply(f"{key} has shape {tuple(t.shape)}, expected {shape}"
+                                + _rank_hint(key, tuple(t.shape), shape))
+        if not bool(torch.isfinite(t).all()):
+            raise RejectedReply(f"{key} holds NaN or Inf values")
+        norm = float(torch.linalg.vector_norm(t))
+        if not math.isfinite(norm) or norm > max_norm:
+            raise RejectedReply(f"{key} has norm {norm:.3g}, above the limit {max_norm:.3g}"
+                                " (--max-update-norm)")
+
+
+def _rank_hint(key: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    if key.endswith(".lora_A") and got[1:] == want[1:]:
+        return f" (rank {got[0]} instead of the client's rank {want[0]})"
+    if key.endswith(".lora_B") and got[:1] == want[:1] and len(got) == 2:
+        return f" (rank {got[1]} instead of the client's rank {want[1]})"
+    if key.endswith(".lora_R") and len(got) == 2:
+        return f" (rank {got[0]} instead of {want[0]})"
+    return ""

@@ -1,0 +1,100 @@
+"""The Flower ``ServerApp``: ``flwr run .`` or ``fedlora-server`` start it on a SuperLink.
+
+It reads the job from the run config (the ``fedlora-sim`` flag names, see
+``fedlora.config``), builds a one-slot model to evaluate the global adapter on the
+held-out split, runs :class:`fedlora.server.strategy.FedLoRA`, and writes
+``metrics.jsonl``, ``config.json``, ``checkpoint.pt``, ``adapter/`` and
+``status.json`` (``running`` / ``finished`` / ``failed`` with the reason) into the
+run config's ``out`` folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.config import JobConfig, from_run_config
+from fedlora.data import load_dataset, split, tokenize
+from fedlora.export import export_peft
+from fedlora.hub import load_model
+from fedlora.model import AdapterConfig, FederatedModel
+from fedlora.rounds import CHECKPOINT, Coordinator, make_strategy
+from fedlora.server.strategy import FedLoRA, RoundSettings
+from fedlora.server.transport import fast_object_pulls
+
+app = ServerApp()
+log = logging.getLogger("fedlora.server")
+
+
+def write_status(out_dir: Path, state: str, **extra) -> None:
+    """``status.json``, replaced atomically (``fedlora-server`` polls it)."""
+    tmp = out_dir / ".status.json.tmp"
+    tmp.write_text(json.dumps({"state": state, **extra}) + "\n")
+    os.replace(tmp, out_dir / "status.json")
+
+
+def build_coordinator(cfg: JobConfig) -> tuple[Coordinator, Path, list[str]]:
+    """Server-side model (one slot), test split and coordinator for ``cfg``."""
+    label_col = cfg.label_column if cfg.task == "classification" else None
+    ds = load_dataset(cfg.data, cfg.text_column, label_col)
+    _, test_ds = split(ds, cfg.test_fraction, cfg.seed)
+    classify = cfg.task == "classification"
+    model, tokenizer, path = load_model(cfg.model, cfg.task, len(ds.label_names) if classify else None,
+                                        seed=cfg.seed)
+    strategy = make_strategy(cfg)
+    fm = FederatedModel(model, AdapterConfig(ranks=[cfg.rank], alpha=cfg.lora_alpha,
+                                             target_modules=cfg.target_modules, mode=strategy.mode,
+                                             train_head=classify)).to(torch.device(cfg.device))
+    test = tokenize(tokenizer, test_ds, cfg.max_length, cfg.task)
+    return Coordinator(cfg, strategy, fm, test), path, ds.label_names
+
+
+def run_server(grid, run_config: dict) -> None:
+    """The whole server side of a run (also callable without Flower's process wrapper)."""
+    cfg = from_run_config(run_config)
+    out_dir = Path(str(run_config["out"])).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_status(out_dir, "running", pid=os.getpid())
+    try:
+        coord, model_path, labels = build_coordinator(cfg)
+        ckpt = out_dir / CHECKPOINT
+        if bool(run_config.get("resume", False)) and ckpt.is_file():
+            coord.restore(ckpt)
+            _rewrite_metrics(out_dir, coord.rows)
+            log.info("resuming after round %d", coord.round)
+        else:
+            (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+            (out_dir / "metrics.jsonl").write_text("")
+        strategy = FedLoRA(coord, RoundSettings.from_run_config(run_config), out_dir, labels)
+        strategy.start(grid)
+        export_peft(coord.state, list(coord.fm.adapters), out_dir / "adapter", str(model_path),
+                    "SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM", list(coord.fm.heads))
+    except BaseException as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        write_status(out_dir, "failed", error=reason)
+        raise
+    write_status(out_dir, "finished", rounds=coord.round)
+
+
+def _rewrite_metrics(out_dir: Path, rows: list[dict]) -> None:
+    tmp = out_dir / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, out_dir / "metrics.jsonl")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower entry point."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    fast_object_pulls()
+    run_server(grid, dict(context.run_config))

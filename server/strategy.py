@@ -1,0 +1,227 @@
+"""One Flower strategy (``flwr.serverapp.strategy.Strategy``) over every fedlora strategy.
+
+:class:`FedLoRA` turns a :class:`fedlora.rounds.Coordinator` (which owns the global
+state and delegates aggregation to the registry's strategy) into Flower messages:
+
+* round 0: Fed-SB's gradient query (``query`` messages), then the initial state;
+* round t: a ``train`` message per node with the global state (``global``), the
+  FLoRA folds that node still misses (``catchup``) and the round's settings
+  (``config``); the replies are validated (``fedlora.validate``), sorted by client
+  id, and aggregated;
+* after every round: a metric row in ``metrics.jsonl`` and an atomic checkpoint,
+  so :meth:`start` can resume after the last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Strategy as FlowerStrategy
+
+from fedlora.rounds import Coordinator
+from fedlora.server.transport import send_and_collect, wait_for_nodes
+from fedlora.state import upload_from_tensors
+from fedlora.strategies import ClientUpload
+from fedlora.validate import MAX_UPDATE_NORM, RejectedReply, check_upload, expected_upload
+from fedlora.wire import from_record, to_record, wire_bytes
+
+log = logging.getLogger("fedlora.server")
+
+
+@dataclass
+class RoundSettings:
+    """Deployment settings of a run (``fedlora-server`` flags / run-config keys)."""
+
+    min_replies: int = 1
+    round_timeout: float = 600.0
+    max_update_norm: float = MAX_UPDATE_NORM
+    poll: float = 0.1
+
+    @classmethod
+    def from_run_config(cls, rc: dict) -> RoundSettings:
+        return cls(min_replies=int(rc.get("min-replies", 1)),
+                   round_timeout=float(rc.get("round-timeout", 600.0)),
+                   max_update_norm=float(rc.get("max-update-norm", MAX_UPDATE_NORM)))
+
+
+class FedLoRA(FlowerStrategy):
+    """Flower strategy delegating to the coordinator's fedlora strategy."""
+
+    def __init__(self, coord: Coordinator, settings: RoundSettings, out_dir: Path,
+                 label_names: list[str]) -> None:
+        self.coord, self.settings, self.out_dir = coord, settings, out_dir
+        self.label_names = label_names
+        self.synced: dict[int, int] = {}       # node -> last round whose fold it applied
+        self.has_shared: set[int] = set()      # nodes holding LoRA-SB's frozen factors
+        self.sent_bytes: dict[int, int] = {}
+        self.rejected: list[dict] = []
+
+    # ---- Flower's Strategy interface ----
+    def summary(self) -> None:
+        cfg = self.coord.cfg
+        log.info("fedlora %s: %d rounds, rank %d, %d clients per round (min %d replies, timeout %.0fs)",
+                 cfg.strategy, cfg.rounds, cfg.rank, cfg.num_clients, self.settings.min_replies,
+                 self.settings.round_timeout)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid) -> list[Message]:
+        """One ``train`` message per node; ``arrays`` is ignored (downloads are per node)."""
+        nodes = self._sample(grid, server_round)
+        shared_first = self.coord.strategy.mode == "lora-sb"
+        messages = []
+        self.sent_bytes = {}
+        for node in nodes:
+            folded = self.synced.get(node, 0)
+            glob = to_record(self.coord.download(with_shared=shared_first and node not in self.has_shared))
+            content = RecordDict({"global": glob, "config": self._round_config(server_round, folded)})
+            catch = self.coord.catch_up(folded)
+            if catch:
+                content["catchup"] = to_record(catch)
+            self.sent_bytes[node] = sum(wire_bytes(r) for r in content.array_records.values())
+            messages.append(Message(content=content, message_type="train", dst_node_id=node,
+                                    group_id=str(server_round)))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, sort by client id, aggregate; None if too few valid replies."""
+        uploads, bytes_up, losses, seconds = [], [], [], []
+        for _key, node, msg in self._valid(list(replies), "upload", kind="train"):
+            m = msg.content["metrics"]
+            upload = upload_from_tensors(from_record(msg.content["upload"]), int(m["num-examples"]),
+                                         scale=self.coord.cfg.lora_alpha / int(m["rank"]))
+            uploads.append(upload)
+            bytes_up.append(wire_bytes(msg.content["upload"]))
+            losses.append(float(m["train-loss"]))
+            seconds.append(float(m["train-seconds"]))
+            self.synced[node] = server_round - 1
+            if self.coord.strategy.mode == "lora-sb":
+                self.has_shared.add(node)
+        if len(uploads) < self.settings.min_replies:
+            return None, None
+        agg = self.coord.aggregate(uploads)
+        self._last = (bytes_up, agg.agg_error, losses, seconds)
+        metrics = MetricRecord({"train-loss": sum(losses) / len(losses), "clients": len(uploads)})
+        return to_record(self.coord.download(with_shared=False)), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid) -> list[Message]:
+        """No federated evaluation: the server evaluates the global model on the test split."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
+        return None
+
+    # ---- the run ----
+    def start(self, grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
+              timeout: float | None = None, **_) -> None:
+        """Rounds ``coord.round + 1 .. cfg.rounds`` (round 0 first on a fresh run)."""
+        self.summary()
+        cfg = self.coord.cfg
+        if self.coord.state is None:
+            self._initial_round(grid)
+        for rnd in range(self.coord.round + 1, (num_rounds or cfg.rounds) + 1):
+            t0 = time.perf_counter()
+            self.rejected = []
+            replies, errors, missing = send_and_collect(
+                grid, self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid),
+                timeout or self.settings.round_timeout, self.settings.poll)
+            self._note_failures(rnd, errors, missing)
+            arrays, _ = self.aggregate_train(rnd, replies)
+            if arrays is None:
+                raise RuntimeError(self._too_few(rnd, len(replies)))
+            bytes_up, agg_error, losses, seconds = self._last
+            row = self.coord.row(bytes_up, [self.sent_bytes[n] for n in sorted(self.sent_bytes)],
+                                 agg_error, losses, time.perf_counter() - t0, len(bytes_up))
+            row.update(rejected=self.rejected, failed=len(errors) + len(missing),
+                       client_seconds=round(max(seconds), 3),
+                       overhead_seconds=round(row["seconds"] - max(seconds), 3))
+            self._commit(row)
+
+    def _initial_round(self, grid) -> None:
+        t0 = time.perf_counter()
+        uploads: list[ClientUpload] | None = None
+        bytes_up: list[int] = []
+        if self.coord.strategy.needs_gradient_init:
+            nodes = self._sample(grid, 0)
+            msgs = [Message(content=RecordDict({"config": self._round_config(0, 0)}),
+                            message_type="query", dst_node_id=n, group_id="0") for n in nodes]
+            replies, errors, missing = send_and_collect(grid, msgs, self.settings.round_timeout,
+                                                        self.settings.poll)
+            self._note_failures(0, errors, missing)
+            uploads = []
+            for _, _, msg in self._valid(replies, "grads", kind="init"):
+                uploads.append(upload_from_tensors(from_record(msg.content["grads"]),
+                                                   int(msg.content["metrics"]["num-examples"]), 1.0))
+                bytes_up.append(wire_bytes(msg.content["grads"]))
+            if len(uploads) < self.settings.min_replies:
+                raise RuntimeError(self._too_few(0, len(replies)))
+        self.coord.start(uploads)
+        self._commit(self.coord.row(bytes_up, [], None, None, time.perf_counter() - t0, len(bytes_up)))
+
+    # ---- helpers ----
+    def _sample(self, grid, rnd: int) -> list[int]:
+        cfg = self.coord.cfg
+        nodes = wait_for_nodes(grid, cfg.num_clients, self.settings.round_timeout)
+        if len(nodes) < self.settings.min_replies:
+            raise RuntimeError(f"round {rnd}: only {len(nodes)} client(s) connected within"
+                               f" {self.settings.round_timeout:.0f}s, need {self.settings.min_replies}")
+        if len(nodes) > cfg.num_clients:
+            nodes = sorted(random.Random(cfg.seed * 7919 + rnd).sample(nodes, cfg.num_clients))
+        return nodes
+
+    def _round_config(self, rnd: int, folded: int) -> ConfigRecord:
+        seed = self.coord.fresh_seed
+        return ConfigRecord({"round": rnd, "fold-from": folded,
+                             "fresh-seed": -1 if seed is None else int(seed),
+                             "label-names": list(self.label_names) or [""]})
+
+    def _valid(self, replies: list[Message], record: str, kind: str):
+        """``(client_id, node, message)`` of valid replies, sorted by client id then node."""
+        good = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            try:
+                if record not in msg.content.array_records or "metrics" not in msg.content.metric_records:
+                    raise RejectedReply(f"reply has no '{record}' arrays or no metrics")
+                m = msg.content["metrics"]
+                rank = int(m.get("rank", self.coord.cfg.rank))
+                if kind == "train" and rank != self.coord.cfg.rank_of(int(m.get("client-id", 0))):
+                    raise RejectedReply(f"rank {rank} is not this client's rank"
+                                        f" {self.coord.cfg.rank_of(int(m.get('client-id', 0)))}")
+                tensors = from_record(msg.content[record])
+                check_upload(tensors, expected_upload(self.coord.fm, rank, kind),
+                             self.settings.max_update_norm)
+                if int(m.get("num-examples", 0)) < 1:
+                    raise RejectedReply("num-examples must be ≥ 1")
+            except (RejectedReply, KeyError, TypeError, ValueError) as exc:
+                log.warning("rejected reply from node %s: %s", node, exc)
+                self.rejected.append({"node": node, "reason": str(exc)})
+                continue
+            good.append((int(m.get("client-id", 0)), node, msg))
+        return sorted(good, key=lambda g: (g[0], g[1]))
+
+    def _note_failures(self, rnd: int, errors, missing) -> None:
+        for node, reason in errors:
+            log.warning("round %d: node %s failed: %s", rnd, node, reason)
+            self.synced.pop(node, None)
+        for node in missing:
+            log.warning("round %d: node %s did not reply within %.0fs", rnd, node,
+                        self.settings.round_timeout)
+            self.synced.pop(node, None)
+
+    def _too_few(self, rnd: int, got: int) -> str:
+        return (f"round {rnd}: {got} repl(ies), {len(self.rejected)} rejected; fewer than"
+                f" --min-replies {self.settings.min_replies} valid ones. The last completed round"
+                " is checkpointed: fix the clients and rerun with --resume")
+
+    def _commit(self, row: dict) -> None:
+        with (self.out_dir / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self.coord.save(self.out_dir)
+        log.info("round %d done: acc %.4f, %d clients", row["round"], row["accuracy"], row["clients"])
