@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fedlora.config import Parser
 from fedlora.errors import UserError
+from fedlora.process import die_with_parent
 from fedlora.tls import check_certificate, check_private_key, free_port, parse_address
 
 log = logging.getLogger("fedlora.client")
@@ -88,7 +89,11 @@ def node_config(args: argparse.Namespace) -> str:
 def supernode_command(args: argparse.Namespace, runtime_port: int) -> list[str]:
     cmd = [sys.executable, "-m", "fedlora.clients.supernode", "--superlink", args.server,
            "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
-           "--node-config", node_config(args)]
+           "--node-config", node_config(args),
+           # give up on a lost SuperLink after a few tries: supervise() restarts the node,
+           # which re-registers at once when the server is back (a restarted SuperLink
+           # does not know the old node id anyway)
+           "--max-retries", "3"]
     if args.insecure:
         cmd.append("--insecure")
     else:
@@ -98,18 +103,10 @@ def supernode_command(args: argparse.Namespace, runtime_port: int) -> list[str]:
     return cmd
 
 
-def _die_with_parent() -> None:
-    """Linux: the SuperNode gets SIGTERM if this process dies (even by SIGKILL)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def supervise(cmd: list[str], env: dict, stop: threading.Event) -> None:
     """Keep one SuperNode running until ``stop``; restart it when it exits."""
     while not stop.is_set():
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
         while proc.poll() is None and not stop.is_set():
             stop.wait(0.2)
         if proc.poll() is None:
@@ -119,7 +116,9 @@ def supervise(cmd: list[str], env: dict, stop: threading.Event) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
             return
-        log.warning("SuperNode exited (code %s); reconnecting to %s", proc.returncode, cmd[4])
+        hint = " (refused: is this node's public key registered with --auth-keys?)" \
+            if proc.returncode == 305 and "--auth-supernode-private-key" in cmd else ""
+        log.warning("SuperNode exited (code %s)%s; reconnecting to %s", proc.returncode, hint, cmd[4])
         stop.wait(1.0)
 
 

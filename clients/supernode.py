@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 
 
 class _CappedClock:
@@ -39,7 +40,14 @@ def main() -> None:
     internal.time = _CappedClock(cap)
     internal.pull_objects = partial(internal.pull_objects, initial_backoff=0.02, backoff_cap=cap)
     sys.argv[0] = "flower-supernode"
-    flower_supernode()
+    try:
+        flower_supernode()
+    except SystemExit as exc:
+        os._exit(exc.code if isinstance(exc.code, int) else 1)
+    except BaseException:  # e.g. the SuperLink is gone: Flower's HTTP server thread would
+        traceback.print_exc()  # keep the process alive with no node loop; exit instead
+        os._exit(1)
+    os._exit(0)
 
 
 if __name__ == "__main__":

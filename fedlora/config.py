@@ -227,4 +227,6 @@ def from_run_config(run_config: dict[str, object]) -> JobConfig:
         elif isinstance(getattr(cfg, f.name), int):
             value = int(value)
         setattr(cfg, f.name, value)
+    if "lr" in run_config and float(run_config["lr"]) <= 0:  # 0: the strategy's default
+        cfg.lr = default_lr(cfg.strategy)
     return cfg

@@ -28,6 +28,7 @@ def check_certificate(path: str | Path, flag: str) -> None:
 
 def check_private_key(path: str | Path, flag: str) -> None:
     """A PEM or OpenSSH private key without a passphrase."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     data = _read(path, flag)
@@ -36,19 +37,20 @@ def check_private_key(path: str | Path, flag: str) -> None:
         try:
             load(data, password=None)
             return
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             continue
     raise UserError(f"{flag} {str(path)!r} is not an unencrypted PEM or OpenSSH private key")
 
 
 def check_public_key(path: str | Path, flag: str) -> None:
     """An OpenSSH elliptic-curve public key (``ecdsa-sha2-nistp384 ...``), as Flower registers."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
     try:
         key = load_ssh_public_key(_read(path, flag))
-    except (ValueError, TypeError, IndexError):
+    except (ValueError, TypeError, IndexError, UnsupportedAlgorithm):
         key = None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise UserError(f"{flag} {str(path)!r} is not an OpenSSH EC public key"

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from fedlora.data import load_dataset, split, tokenize
 from fedlora.export import export_peft
 from fedlora.hub import load_model
 from fedlora.model import AdapterConfig, FederatedModel
+from fedlora.process import die_with_parent
 from fedlora.rounds import CHECKPOINT, Coordinator, make_strategy
 from fedlora.server.strategy import FedLoRA, RoundSettings
 from fedlora.server.transport import fast_object_pulls
@@ -57,12 +59,34 @@ def build_coordinator(cfg: JobConfig) -> tuple[Coordinator, Path, list[str]]:
     return Coordinator(cfg, strategy, fm, test), path, ds.label_names
 
 
-def run_server(grid, run_config: dict) -> None:
+def lock_out_dir(out_dir: Path, timeout: float = 60.0):
+    """Hold ``out_dir/.lock`` for this process's lifetime: one writer per output folder.
+
+    A ServerApp left over from a killed server keeps writing until it notices; a
+    resumed run waits for it to go (at most ``timeout`` s) instead of interleaving.
+    """
+    import fcntl
+
+    fh = (out_dir / ".lock").open("a")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fh
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"another ServerApp is still writing to {out_dir}") from None
+            time.sleep(0.2)
+
+
+def run_server(grid, run_config: dict, run_id: int = 0) -> None:
     """The whole server side of a run (also callable without Flower's process wrapper)."""
     cfg = from_run_config(run_config)
     out_dir = Path(str(run_config["out"])).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_status(out_dir, "running", pid=os.getpid())
+    lock = lock_out_dir(out_dir)
+    status = {"run_id": str(run_id), "pid": os.getpid()}
+    write_status(out_dir, "running", **status)
     try:
         coord, model_path, labels = build_coordinator(cfg)
         ckpt = out_dir / CHECKPOINT
@@ -79,9 +103,10 @@ def run_server(grid, run_config: dict) -> None:
                     "SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM", list(coord.fm.heads))
     except BaseException as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        write_status(out_dir, "failed", error=reason)
+        write_status(out_dir, "failed", error=reason, **status)
         raise
-    write_status(out_dir, "finished", rounds=coord.round)
+    write_status(out_dir, "finished", rounds=coord.round, **status)
+    lock.close()
 
 
 def _rewrite_metrics(out_dir: Path, rows: list[dict]) -> None:
@@ -96,5 +121,6 @@ def main(grid: Grid, context: Context) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    die_with_parent()  # no orphan ServerApp writing into --out after its SuperLink is gone
     fast_object_pulls()
-    run_server(grid, dict(context.run_config))
+    run_server(grid, dict(context.run_config), context.run_id)

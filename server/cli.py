@@ -143,7 +143,8 @@ def serve(args: argparse.Namespace, cfg: JobConfig, out_dir: Path) -> int:
         run_id = submit(write_app(home / "app", run_config(cfg, args, out_dir)), env)
         print(f"fedlora-server: run {run_id} on {args.host}:{args.port}, waiting for"
               f" {cfg.num_clients} client(s); results in {out_dir}", file=sys.stderr, flush=True)
-        status = follow(out_dir, link, lambda row: None if args.quiet else print(_format(row), flush=True))
+        status = follow(out_dir, link, lambda row: None if args.quiet else print(_format(row), flush=True),
+                        run_id)
     finally:
         link.stop()
     if status["state"] != "finished":

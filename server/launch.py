@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedlora.errors import UserError
+from fedlora.process import die_with_parent
 
 CONNECTION = "fedlora"
 
@@ -67,7 +68,7 @@ class SuperLink:
         self.log = log_path.open("ab")
         self.proc = subprocess.Popen(["flower-superlink", "--disable-runtime-dependency-installation",
                                       *args], stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent)
 
     def wait_ready(self, host: str, port: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -121,13 +122,15 @@ def submit(app_dir: Path, env: dict) -> int:
         raise UserError(f"flwr run gave no run id: {out.strip()[:200]}") from exc
 
 
-def follow(out_dir: Path, superlink: SuperLink, on_row: Callable[[dict], None],
+def follow(out_dir: Path, superlink: SuperLink, on_row: Callable[[dict], None], run_id: int,
            poll: float = 0.5) -> dict:
-    """Report new metric rows until ``status.json`` says finished or failed."""
+    """Report new metric rows until run ``run_id``'s ``status.json`` says finished or failed."""
     metrics, status_path = out_dir / "metrics.jsonl", out_dir / "status.json"
     seen = 0
     while True:
         status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+        if status.get("run_id") != str(run_id):
+            status = {}  # not yet written by this run (or left by an older one)
         if metrics.is_file():
             rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
             for row in rows[seen:]:

@@ -1,0 +1,39 @@
+"""One job, three spellings: flags, Flower run config, and the repo's [tool.flwr.app.config]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tomllib
+
+from fedlora.config import JobConfig, from_run_config, to_run_config
+from fedlora.server.cli import build_parser, run_config, to_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_run_config_round_trips_every_field():
+    cfg = JobConfig(strategy="flora", ranks=[4, 8, 4], target_modules=["query", "v.*"],
+                    max_grad_norm=0.5, lr=3e-4, seed=7)
+    assert from_run_config(to_run_config(cfg)) == cfg
+    assert from_run_config(to_run_config(JobConfig())) == JobConfig()
+
+
+def test_zero_lr_means_the_strategy_default():
+    assert from_run_config({"strategy": "fed-sb", "lr": 0.0}).lr == 1e-2
+    assert from_run_config({"strategy": "fedavg", "lr": 0.0}).lr == 2e-3
+
+
+def test_repo_flower_app_config_has_exactly_the_server_keys(tmp_path):
+    # Prepare: the keys fedlora-server writes into its generated app
+    args = build_parser().parse_args(["--insecure"])
+    expected = run_config(to_config(args, device="cpu"), args, tmp_path)
+    # Execute
+    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    # Assert: same keys, same defaults (but out, and lr whose 0 means "strategy default")
+    assert set(app["config"]) == set(expected)
+    for key, value in app["config"].items():
+        if key not in ("out", "lr"):
+            assert value == expected[key], key
+    assert app["components"] == {"serverapp": "fedlora.server.app:app",
+                                 "clientapp": "fedlora.clients.app:app"}

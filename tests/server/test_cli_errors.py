@@ -1,0 +1,95 @@
+"""fedlora-server and fedlora-client refuse bad input in one line, before starting anything."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from fedlora.clients.cli import main as client_main
+from fedlora.server.cli import main as server_main
+from tests.server.deploy_helpers import make_node_key, make_pki
+
+
+def one_line_error(capsys, code: int) -> str:
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture()
+def files(tmp_path):
+    pki = make_pki(tmp_path)
+    priv, pub = make_node_key(tmp_path, "node")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    return {**pki, "priv": priv, "pub": pub, "junk": junk}
+
+
+def test_server_without_tls_or_insecure(capsys, tmp_path):
+    err = one_line_error(capsys, server_main(["--out", str(tmp_path / "o")]))
+    assert "--ssl-certfile, --ssl-keyfile and --ssl-ca-certfile" in err and "--insecure" in err
+
+
+def test_server_bad_certificate_file(capsys, files, tmp_path):
+    code = server_main(["--ssl-certfile", str(files["junk"]), "--ssl-keyfile", str(files["key"]),
+                        "--ssl-ca-certfile", str(files["ca"]), "--out", str(tmp_path / "o")])
+    assert "is not a PEM certificate" in one_line_error(capsys, code)
+
+
+def test_server_missing_key_file(capsys, files, tmp_path):
+    code = server_main(["--ssl-certfile", str(files["cert"]), "--ssl-keyfile", str(tmp_path / "nope"),
+                        "--ssl-ca-certfile", str(files["ca"]), "--out", str(tmp_path / "o")])
+    assert "file not found" in one_line_error(capsys, code)
+
+
+def test_server_auth_needs_tls_and_real_public_keys(capsys, files, tmp_path):
+    code = server_main(["--insecure", "--auth-keys", str(files["pub"]), "--out", str(tmp_path / "o")])
+    assert "--auth-keys needs TLS" in one_line_error(capsys, code)
+    code = server_main(["--ssl-certfile", str(files["cert"]), "--ssl-keyfile", str(files["key"]),
+                        "--ssl-ca-certfile", str(files["ca"]), "--auth-keys", str(files["junk"]),
+                        "--out", str(tmp_path / "o")])
+    assert "not an OpenSSH EC public key" in one_line_error(capsys, code)
+
+
+def test_server_port_in_use(capsys, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code = server_main(["--insecure", "--port", str(port), "--out", str(tmp_path / "o")])
+    assert f"cannot listen on 127.0.0.1:{port}" in one_line_error(capsys, code)
+
+
+def test_server_keeps_existing_results_and_needs_a_checkpoint_to_resume(capsys, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    assert "already has results" in one_line_error(capsys, server_main(["--insecure", "--out", str(out)]))
+    assert (out / "metrics.jsonl").read_text() == "{}\n"
+    code = server_main(["--insecure", "--resume", str(out)])
+    assert "no checkpoint.pt" in one_line_error(capsys, code)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--server", "localhost", "--insecure", "--partition-id", "0", "--num-partitions", "2"],
+     "not HOST:PORT"),
+    (["--server", "127.0.0.1:8000", "--insecure"], "either --data FILE or --partition-id"),
+    (["--server", "127.0.0.1:8000", "--insecure", "--partition-id", "2", "--num-partitions", "2"],
+     "--partition-id must be in 0..1"),
+    (["--server", "127.0.0.1:8000", "--partition-id", "0", "--num-partitions", "2"],
+     "--root-certificates CA.pem for TLS, or --insecure"),
+    (["--server", "127.0.0.1:8000", "--insecure", "--data", "/no/such.csv"], "file not found"),
+])
+def test_client_bad_arguments(capsys, argv, words):
+    assert words in one_line_error(capsys, client_main(argv))
+
+
+def test_client_bad_certificate_and_key(capsys, files):
+    base = ["--server", "127.0.0.1:8000", "--partition-id", "0", "--num-partitions", "1"]
+    code = client_main([*base, "--root-certificates", str(files["junk"])])
+    assert "is not a PEM certificate" in one_line_error(capsys, code)
+    code = client_main([*base, "--root-certificates", str(files["ca"]), "--auth-key", str(files["junk"])])
+    assert "not an unencrypted PEM or OpenSSH private key" in one_line_error(capsys, code)
+    code = client_main([*base, "--insecure", "--auth-key", str(files["priv"])])
+    assert "--auth-key needs TLS" in one_line_error(capsys, code)

@@ -1,0 +1,216 @@
+"""End to end on loopback: real fedlora-server and fedlora-client processes (tiny BERT).
+
+Clients stay up across the tests of a module: every new fedlora-server starts a new
+SuperLink on the same port and the clients reconnect to it by themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+import torch
+
+from tests.server.deploy_helpers import (
+    adapter_tensors,
+    client,
+    free_port,
+    make_node_key,
+    make_pki,
+    rows,
+    server,
+    wait_for_round,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def wait_port_free(port: int, timeout: float) -> None:
+    """The killed server's SuperLink (SIGTERMed as its parent died) lets go of the port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                time.sleep(0.3)
+    raise AssertionError(f"port {port} still in use after {timeout}s")
+
+
+def job(tiny_bert_dir, tiny_csv, clients: int = 2) -> list[str]:
+    """Job flags shared by fedlora-sim and fedlora-server."""
+    return ["--model", str(tiny_bert_dir), "--data", str(tiny_csv), "--num-clients", str(clients),
+            "--local-steps", "2", "--batch-size", "4", "--max-length", "16", "--rank", "4"]
+
+
+WAIT = ["--round-timeout", "60"]
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A port and two insecure clients (partitions 0 and 1 of 2) that outlive each server."""
+    tmp = tmp_path_factory.mktemp("plain")
+    port = free_port()
+    procs = [client(tmp, port, k, 2, "--insecure") for k in range(2)]
+    yield tmp, port, procs
+    for p in procs:
+        p.kill()
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "flora", "lora-fair", "fed-sb"])
+def test_two_rounds_of_each_strategy(plain, tiny_bert_dir, tiny_csv, strategy):
+    # Prepare: a server for 2 rounds; the module's two clients are (re)connecting
+    tmp, port, _ = plain
+    out = tmp / f"run-{strategy}"
+    # Execute
+    srv = server(tmp, port, out, "--insecure", "--strategy", strategy, "--rounds", "2",
+                 *job(tiny_bert_dir, tiny_csv), *WAIT, name=f"server-{strategy}")
+    code = srv.wait(240)
+    # Assert: finished, rounds 0..2 with both clients and bytes both ways, and a PEFT export
+    assert code == 0, srv.text()[-3000:]
+    got = rows(out)
+    assert [r["round"] for r in got] == [0, 1, 2]
+    for r in got[1:]:
+        assert r["clients"] == 2 and r["rejected"] == [] and r["failed"] == 0
+        assert len(r["bytes_up_per_client"]) == 2 and min(r["bytes_up_per_client"]) > 0
+        assert r["bytes_down"] > 0 and 0 <= r["accuracy"] <= 1
+    if strategy == "fed-sb":
+        assert got[0]["clients"] == 2 and got[0]["bytes_up"] > 0      # the gradient estimates
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
+    assert any(k.endswith("lora_A.weight") for k in adapter_tensors(out))
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"
+
+
+def test_deployment_matches_the_simulator(plain, tiny_bert_dir, tiny_csv, tmp_path):
+    # Prepare: the same fedavg job in fedlora-sim (2 clients = partitions 0 and 1)
+    from fedlora.simulations.cli import main as sim
+
+    tmp, port, _ = plain
+    sim_out = tmp_path / "sim"
+    assert sim(["--strategy", "fedavg", "--rounds", "2", "--quiet", "--out", str(sim_out),
+                *job(tiny_bert_dir, tiny_csv)]) == 0
+    out = tmp / "run-fedavg"
+    if not (out / "adapter").is_dir():
+        pytest.skip("needs test_two_rounds_of_each_strategy[fedavg] first")
+    # Assert: identical bytes up and down per client, and the same final adapter
+    for s, d in zip(rows(sim_out)[1:], rows(out)[1:], strict=True):
+        assert s["bytes_up_per_client"] == d["bytes_up_per_client"]
+        assert s["bytes_down_per_client"] == d["bytes_down_per_client"]
+    a, b = adapter_tensors(sim_out), adapter_tensors(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_killed_client_does_not_stop_the_run(tiny_bert_dir, tiny_csv, tmp_path):
+    # Prepare: three clients, the server needs 2 valid replies per round
+    port = free_port()
+    procs = [client(tmp_path, port, k, 3, "--insecure") for k in range(3)]
+    out = tmp_path / "out"
+    srv = server(tmp_path, port, out, "--insecure", "--rounds", "3", "--min-replies", "2",
+                 *job(tiny_bert_dir, tiny_csv, clients=3), "--round-timeout", "15")
+    try:
+        # Execute: kill client 2 (and its SuperNode) as soon as round 1 is done
+        wait_for_round(out, 1, 120)
+        procs[2].kill()
+        code = srv.wait(240)
+    finally:
+        for p in procs:
+            p.kill()
+    # Assert: the run finished; a later round went on with the 2 survivors
+    assert code == 0, srv.text()[-3000:]
+    got = rows(out)
+    assert [r["round"] for r in got] == [0, 1, 2, 3]
+    assert got[1]["clients"] == 3
+    assert got[3]["clients"] == 2 and got[3]["failed"] >= 1
+
+
+def test_resume_after_server_kill_gives_the_uninterrupted_adapter(plain, tiny_bert_dir, tiny_csv):
+    # Prepare: an uninterrupted 3-round run
+    tmp, port, _ = plain
+    args = ["--insecure", "--rounds", "3", *job(tiny_bert_dir, tiny_csv), *WAIT]
+    full = tmp / "full"
+    assert server(tmp, port, full, *args, name="server-full").wait(240) == 0
+    # Execute: the same run killed (SIGKILL, SuperLink included) after round 1, then resumed
+    cut = tmp / "cut"
+    srv = server(tmp, port, cut, *args, name="server-cut")
+    wait_for_round(cut, 1, 120)
+    srv.kill()
+    assert json.loads((cut / "status.json").read_text())["state"] == "running"
+    wait_port_free(port, 30)
+    resumed = server(tmp, port, cut, "--insecure", "--resume", str(cut), "--round-timeout", "60",
+                     name="server-resumed")
+    assert resumed.wait(240) == 0, resumed.text()[-3000:]
+    # Assert: rounds 0..3 once each, and the same adapter as the uninterrupted run
+    assert [r["round"] for r in rows(cut)] == [0, 1, 2, 3]
+    a, b = adapter_tensors(full), adapter_tensors(cut)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_tls_and_node_auth_refuse_an_unregistered_node(tiny_bert_dir, tiny_csv, tmp_path):
+    # Prepare: certificates, two registered node keys and one unregistered
+    pki = make_pki(tmp_path)
+    keys = [make_node_key(tmp_path, f"node{k}") for k in range(3)]
+    port = free_port()
+    tls = ["--root-certificates", str(pki["ca"])]
+    procs = [client(tmp_path, port, k, 2, *tls, "--auth-key", str(keys[k][0])) for k in range(2)]
+    procs.append(client(tmp_path, port, 1, 2, *tls, "--auth-key", str(keys[2][0]), name="intruder"))
+    out = tmp_path / "out"
+    try:
+        # Execute
+        srv = server(tmp_path, port, out, "--ssl-certfile", str(pki["cert"]), "--ssl-keyfile",
+                     str(pki["key"]), "--ssl-ca-certfile", str(pki["ca"]), "--auth-keys",
+                     str(keys[0][1]), str(keys[1][1]), "--rounds", "2", *job(tiny_bert_dir, tiny_csv), *WAIT)
+        code = srv.wait(240)
+        intruder = procs[2].text()
+    finally:
+        for p in procs:
+            p.kill()
+    # Assert: the run finished over TLS with the two registered nodes; the third never trained
+    assert code == 0, srv.text()[-3000:]
+    assert [r["clients"] for r in rows(out)[1:]] == [2, 2]
+    assert "task completed" not in intruder and "Failed to activate SuperNode" in intruder
+    assert "task completed" in procs[0].text()
+
+
+def test_flwr_run_of_the_repository_app(plain, tiny_bert_dir, tiny_csv):
+    # Prepare: a bare SuperLink on the clients' port and a flwr connection to it
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.server.deploy_helpers import Proc
+
+    tmp, port, _ = plain
+    home = tmp / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n[superlink.local]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    link = Proc("flower-superlink", ["--insecure", "--disable-runtime-dependency-installation",
+                                     "--port", str(port)], tmp / "bare-superlink.log")
+    out = tmp / "flwr-run"
+    overrides = (f"model='{tiny_bert_dir}' data='{tiny_csv}' num-clients=2 rounds=1 local-steps=2"
+                 f" batch-size=4 max-length=16 rank=4 round-timeout=60.0 out='{out}'")
+    try:
+        time.sleep(3)
+        # Execute: `flwr run .` from the repository root
+        root = Path(__file__).resolve().parents[2]
+        res = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", str(root), "local",
+                              "--run-config", overrides], env=dict(os.environ, FLWR_HOME=str(home)),
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (out / "adapter").is_dir():
+            time.sleep(0.5)
+    finally:
+        link.kill(15)
+    # Assert: the ServerApp ran the job from the run config and wrote its results
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"
+    assert [r["round"] for r in rows(out)] == [0, 1] and rows(out)[1]["clients"] == 2

@@ -1,0 +1,104 @@
+"""Malformed client replies are rejected by name and leave the aggregate untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlora.config import JobConfig
+from fedlora.rounds import Coordinator, make_strategy
+from fedlora.server.strategy import FedLoRA, RoundSettings
+from fedlora.state import upload_tensors
+from fedlora.strategies import ClientUpload
+from fedlora.wire import to_record
+
+
+@pytest.fixture()
+def coord(tiny_bert_dir, tmp_path):
+    from fedlora.hub import load_model
+    from fedlora.model import AdapterConfig, FederatedModel
+
+    cfg = JobConfig(model=str(tiny_bert_dir), rank=4, num_clients=3, seed=0)
+    model, _, _ = load_model(cfg.model, "classification", 3, seed=0)
+    fm = FederatedModel(model, AdapterConfig(ranks=[4], alpha=16.0, mode="lora", train_head=True))
+    c = Coordinator(cfg, make_strategy(cfg), fm, test={})
+    c.start()
+    return c
+
+
+def good_upload(coord: Coordinator, k: int) -> dict[str, torch.Tensor]:
+    """Client k's plausible upload: the global factors nudged by a k-dependent amount."""
+    g = torch.Generator().manual_seed(k)
+    up = ClientUpload(num_examples=10 + k, scale=4.0, head=copy.deepcopy(coord.state.head))
+    for name, (A, B) in coord.state.factors.items():
+        up.factors[name] = (A + 0.01 * torch.randn(A.shape, generator=g),
+                            B + 0.01 * torch.randn(B.shape, generator=g))
+    return upload_tensors(up)
+
+
+def reply(node: int, tensors: dict, client_id: int, rank: int = 4, examples: int = 10) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    ins = Message(content=RecordDict(), message_type="train", dst_node_id=node, group_id="1")
+    ins.metadata.__dict__["_message_id"] = f"m{node}"
+    metrics = MetricRecord({"num-examples": examples, "train-loss": 1.0, "train-seconds": 0.1,
+                            "rank": rank, "client-id": client_id})
+    return Message(RecordDict({"upload": to_record(tensors), "metrics": metrics}), reply_to=ins)
+
+
+def bad_variants(good: dict[str, torch.Tensor]) -> dict[str, tuple[dict, str]]:
+    """Each kind of malformed upload, with the words its rejection must contain."""
+    a_key = next(k for k in good if k.endswith("lora_A"))
+    out = {}
+    out["missing"] = ({k: v for k, v in good.items() if k != a_key}, "missing")
+    out["extra"] = ({**good, "evil.lora_Z": torch.zeros(2)}, "unexpected tensor 'evil.lora_Z'")
+    out["dtype"] = ({**good, a_key: good[a_key].double()}, "dtype float64")
+    out["shape"] = ({**good, a_key: good[a_key][:, :-1]}, "has shape")
+    out["rank"] = ({**good, a_key: torch.cat([good[a_key], good[a_key]])}, "rank 8 instead")
+    out["nan"] = ({**good, a_key: good[a_key].clone().fill_(float("nan"))}, "NaN or Inf")
+    out["inf"] = ({**good, a_key: good[a_key].clone().fill_(float("inf"))}, "NaN or Inf")
+    out["norm"] = ({**good, a_key: good[a_key] * 1e9}, "above the limit")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["missing", "extra", "dtype", "shape", "rank", "nan", "inf", "norm"])
+def test_malformed_reply_is_rejected_and_left_out(coord, tmp_path, kind):
+    # Prepare: two valid replies (clients 0, 1) and one malformed one (client 2)
+    good = [good_upload(coord, k) for k in range(3)]
+    bad, words = bad_variants(good[2])[kind]
+    ref = copy.deepcopy(coord)
+    s_ref = FedLoRA(ref, RoundSettings(min_replies=1), tmp_path, [])
+    s_ref.aggregate_train(1, [reply(10, good[0], 0), reply(11, good[1], 1)])
+    strategy = FedLoRA(coord, RoundSettings(min_replies=1), tmp_path, [])
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, [reply(12, bad, 2), reply(11, good[1], 1),
+                                             reply(10, good[0], 0)])
+    # Assert: rejected by name, logged in the round's list; the aggregate equals the good-only one
+    assert arrays is not None
+    assert len(strategy.rejected) == 1 and strategy.rejected[0]["node"] == 12
+    assert words in strategy.rejected[0]["reason"]
+    for name, (A, B) in coord.state.factors.items():
+        assert torch.equal(A, ref.state.factors[name][0]) and torch.equal(B, ref.state.factors[name][1])
+
+
+def test_wrong_declared_rank_and_empty_client_are_rejected(coord, tmp_path):
+    good = good_upload(coord, 0)
+    strategy = FedLoRA(coord, RoundSettings(min_replies=1), tmp_path, [])
+    strategy.aggregate_train(1, [reply(10, good, 0, rank=8), reply(11, good, 1, examples=0),
+                                 reply(12, good, 2)])
+    reasons = [r["reason"] for r in strategy.rejected]
+    assert any("rank 8 is not this client's rank 4" in r for r in reasons)
+    assert any("num-examples" in r for r in reasons)
+
+
+def test_too_few_valid_replies_leave_the_state_unchanged(coord, tmp_path):
+    before = copy.deepcopy(coord.state)
+    strategy = FedLoRA(coord, RoundSettings(min_replies=2), tmp_path, [])
+    bad, _ = bad_variants(good_upload(coord, 0))["nan"]
+    arrays, metrics = strategy.aggregate_train(1, [reply(10, good_upload(coord, 1), 1), reply(11, bad, 0)])
+    assert arrays is None and metrics is None and coord.round == 0
+    for name, (A, B) in before.factors.items():
+        assert torch.equal(coord.state.factors[name][0], A) and torch.equal(coord.state.factors[name][1], B)
