@@ -132,8 +132,10 @@ def serve(args: argparse.Namespace, cfg: JobConfig, out_dir: Path) -> int:
     else:
         (out_dir / "status.json").unlink(missing_ok=True)
     home = out_dir / ".flwr"
+    # the SuperLink starts flower-superexec and flwr-serverapp by name: this environment's first
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = dict(os.environ, FLWR_HOME=str(home.resolve()), HF_HUB_OFFLINE="1",
-               FLWR_DISABLE_UPDATE_CHECK="1")
+               FLWR_DISABLE_UPDATE_CHECK="1", PATH=path)
     local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     write_connection(home, f"{local}:{args.port}", None if args.insecure else args.ssl_ca_certfile)
     link = SuperLink(superlink_args(args), out_dir / "superlink.log", env)

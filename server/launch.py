@@ -60,13 +60,22 @@ def write_connection(flwr_home: Path, address: str, root_certificates: Path | No
     (flwr_home / "config.toml").write_text(text)
 
 
+def tool(name: str) -> str:
+    """A Flower command from this Python's environment (even if it is not on PATH)."""
+    sibling = Path(sys.executable).with_name(name)
+    found = str(sibling) if sibling.is_file() else shutil.which(name)
+    if found is None:
+        raise UserError(f"{name} not found: install fedlora's dependencies (pip install -e .)")
+    return found
+
+
 class SuperLink:
     """A ``flower-superlink`` child process with its log in ``log_path``."""
 
     def __init__(self, args: list[str], log_path: Path, env: dict) -> None:
         self.log_path = log_path
         self.log = log_path.open("ab")
-        self.proc = subprocess.Popen(["flower-superlink", "--disable-runtime-dependency-installation",
+        self.proc = subprocess.Popen([tool("flower-superlink"), "--disable-runtime-dependency-installation",
                                       *args], stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, preexec_fn=die_with_parent)
 
@@ -100,8 +109,7 @@ class SuperLink:
 
 def flwr(args: list[str], env: dict, timeout: float = 120.0) -> str:
     """Run the ``flwr`` CLI; its stdout, or a one-line :class:`UserError`."""
-    exe = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
-    res = subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run([tool("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
         text = (res.stdout + res.stderr).strip().splitlines()
         raise UserError(f"flwr {args[0]} failed: {text[-1] if text else res.returncode}")

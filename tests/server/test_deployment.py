@@ -207,7 +207,9 @@ def test_flwr_run_of_the_repository_app(plain, tiny_bert_dir, tiny_csv):
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stdout + res.stderr
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not (out / "adapter").is_dir():
+        status = out / "status.json"
+        while time.monotonic() < deadline and not (
+                status.is_file() and json.loads(status.read_text())["state"] != "running"):
             time.sleep(0.5)
     finally:
         link.kill(15)
