@@ -122,6 +122,13 @@ def supervise(cmd: list[str], env: dict, stop: threading.Event) -> None:
         stop.wait(1.0)
 
 
+def warm_imports() -> None:
+    """Import what the first task needs while the SuperNode connects (seconds on a small CPU)."""
+    import flwr_datasets.partitioner  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedlora-client``."""
     args = build_parser().parse_args(argv)
@@ -145,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                               daemon=True)
     keeper.start()
     log.info("fedlora-client: connecting to %s (runtime API on 127.0.0.1:%d)", args.server, port)
+    warm_imports()
     try:
         serve(f"127.0.0.1:{port}", app, stop=stop)
     except KeyboardInterrupt:

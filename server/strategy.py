@@ -207,6 +207,7 @@ class FedLoRA(FlowerStrategy):
         return sorted(good, key=lambda g: (g[0], g[1]))
 
     def _note_failures(self, rnd: int, errors, missing) -> None:
+        self.failures = (len(errors), len(missing))
         for node, reason in errors:
             log.warning("round %d: node %s failed: %s", rnd, node, reason)
             self.synced.pop(node, None)
@@ -216,9 +217,12 @@ class FedLoRA(FlowerStrategy):
             self.synced.pop(node, None)
 
     def _too_few(self, rnd: int, got: int) -> str:
-        return (f"round {rnd}: {got} repl(ies), {len(self.rejected)} rejected; fewer than"
-                f" --min-replies {self.settings.min_replies} valid ones. The last completed round"
-                " is checkpointed: fix the clients and rerun with --resume")
+        failed, late = getattr(self, "failures", (0, 0))
+        return (f"round {rnd}: {got} repl(ies) ({len(self.rejected)} rejected), {failed} client"
+                f" error(s), {late} without a reply within --round-timeout"
+                f" {self.settings.round_timeout:.0f}s; fewer than --min-replies"
+                f" {self.settings.min_replies} valid ones. The last completed round is checkpointed:"
+                " fix the clients and rerun with --resume")
 
     def _commit(self, row: dict) -> None:
         with (self.out_dir / "metrics.jsonl").open("a") as fh:
