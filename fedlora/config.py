@@ -49,6 +49,9 @@ class JobConfig:
     sb_init_lr: float = 1e-3
     max_grad_norm: float | None = None
     eval_batch_size: int = 64
+    clients_per_round: int = 0       # 0: every client, every round
+    max_clients_per_pass: int = 0    # simulator: clients trained in one pass; 0: automatic
+    precision: str = "fp32"          # or "bf16" (autocast of the forward)
 
     def client_ranks(self) -> list[int]:
         return list(self.ranks) if self.ranks else [self.rank] * self.num_clients
@@ -62,7 +65,18 @@ class JobConfig:
         from fedlora.train import TrainConfig
 
         return TrainConfig(task=self.task, local_steps=self.local_steps, batch_size=self.batch_size,
-                           lr=self.lr, max_grad_norm=self.max_grad_norm)
+                           lr=self.lr, max_grad_norm=self.max_grad_norm, precision=self.precision)
+
+    def sampled(self, rnd: int) -> list[int]:
+        """The clients of round ``rnd`` (sorted): all, or ``clients_per_round`` drawn from
+        ``(seed, round)`` only."""
+        import numpy as np
+
+        k = self.clients_per_round
+        if not k or k >= self.num_clients:
+            return list(range(self.num_clients))
+        rng = np.random.default_rng([self.seed, 7919, int(rnd)])
+        return sorted(int(c) for c in rng.choice(self.num_clients, size=k, replace=False))
 
     def sampler(self, client: int, indices):
         """Client ``client``'s example order: the same in the simulator and deployment."""
@@ -127,6 +141,8 @@ def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "cl
                        help="Fed-SB: local batches per client for the gradient estimate")
     strat.add_argument("--max-grad-norm", type=float, default=None,
                        help="clip each client's gradient norm per step")
+    strat.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                       help="bf16: autocast the forward pass (for GPUs; parameters stay fp32)")
 
 
 def check_job_args(args: argparse.Namespace) -> None:
@@ -188,6 +204,9 @@ def to_config(args: argparse.Namespace, device: str | None = None) -> JobConfig:
         device=device if device is not None else resolve_device(args.device),
         init_batches=args.init_batches, fair_lambda=args.fair_lambda,
         sb_init_lr=args.sb_init_lr, max_grad_norm=args.max_grad_norm,
+        clients_per_round=getattr(args, "clients_per_round", None) or 0,
+        max_clients_per_pass=getattr(args, "max_clients_per_pass", None) or 0,
+        precision=args.precision,
     )
 
 

@@ -160,6 +160,23 @@ class BatchedLoRALinear(nn.Module):
         self.lora_A[k, :r] = A.to(self.lora_A)
         self.lora_B[k, :, :r] = B.to(self.lora_B)
 
+    @torch.no_grad()
+    def set_ranks(self, ranks: list[int], alpha: float) -> None:
+        """Give the K slots new ranks (≤ the r_max this layer was built with): the
+        simulator reuses slots for the clients of each pass."""
+        r_max = self.rank_mask.shape[1]
+        if len(ranks) != self.num_clients or max(ranks) > r_max or min(ranks) < 1:
+            raise ValueError(f"need {self.num_clients} ranks in 1..{r_max}, got {ranks}")
+        if self.mode == "lora-sb" and len(set(ranks)) != 1:
+            raise ValueError("LoRA-SB needs the same rank for every client")
+        self.ranks = list(ranks)
+        if self.mode == "lora":
+            self.scale.copy_(torch.tensor([alpha / r for r in ranks]))
+        self.rank_mask.zero_()
+        for k, r in enumerate(ranks):
+            self.rank_mask[k, :r] = 1
+        self.heterogeneous = len(set(ranks)) > 1
+
     def get_core(self, k: int) -> Tensor:
         """Client k's LoRA-SB core ``R_k`` (r, r)."""
         return self.lora_R[k].detach().clone()

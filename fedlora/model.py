@@ -166,6 +166,12 @@ class FederatedModel(nn.Module):
         finally:
             self.router.routing = None
 
+    def set_ranks(self, ranks: list[int]) -> None:
+        """New per-slot ranks (same K, each ≤ the largest rank the model was built with)."""
+        for layer in self.adapters.values():
+            layer.set_ranks(ranks, self.config.alpha)
+        self.config.ranks = list(ranks)
+
     @torch.no_grad()
     def reset_adapters(self, seed: int) -> None:
         """Fresh LoRA adapters in every slot (A drawn from ``seed``, B = 0).

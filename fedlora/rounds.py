@@ -55,6 +55,8 @@ class Coordinator:
         self.round = 0                               # last completed round
         self.fresh_seed: int | None = None           # FLoRA: adapters of the next round
         self.rows: list[dict] = []
+        self.synced: dict[object, int] = {}          # client -> last round whose fold it applied
+        self.has_shared: set[object] = set()         # clients holding LoRA-SB's frozen factors
 
     # ---- state ----
     def start(self, init_uploads: list[ClientUpload] | None = None) -> None:
@@ -75,6 +77,12 @@ class Coordinator:
         self.fresh_seed = draw_seed(self.gen) if fresh else None
         apply_global(self.fm, self.state, fold, self.fresh_seed)
 
+    def reload(self) -> None:
+        """Load the current global state into every slot again (no fold): the next pass
+        of the same round starts from where the previous one did."""
+        assert self.state is not None
+        apply_global(self.fm, self.state, {}, self.fresh_seed)
+
     def aggregate(self, uploads: list[ClientUpload]) -> Aggregate:
         """Round ``self.round + 1``: aggregate, load the new state into ``fm``."""
         assert self.state is not None
@@ -94,6 +102,24 @@ class Coordinator:
         """What every client of the next round receives (see ``state.download_tensors``)."""
         assert self.state is not None
         return download_tensors(self.state, self.fold, with_shared)
+
+    def payload(self, client) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
+        """What ``client`` (any key: a client id, a node id) receives for the next round:
+        ``(download, catch-up folds, round through which it has folded)``."""
+        folded = self.synced.get(client, 0)
+        first = self.strategy.mode == "lora-sb" and client not in self.has_shared
+        return self.download(with_shared=first), self.catch_up(folded), folded
+
+    def delivered(self, client) -> None:
+        """``client`` replied to the current round: it holds the state of ``self.round``."""
+        self.synced[client] = self.round
+        if self.strategy.mode == "lora-sb":
+            self.has_shared.add(client)
+
+    def forget(self, client) -> None:
+        """``client`` failed: assume nothing about what it applied."""
+        self.synced.pop(client, None)
+        self.has_shared.discard(client)
 
     def catch_up(self, folded_through: int) -> dict[str, Tensor]:
         """Folds a client that has applied rounds ≤ ``folded_through`` still misses,

@@ -32,6 +32,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
+    precision: str = "fp32"  # or "bf16": autocast the forward (parameters stay fp32)
 
 
 class ClientSampler:
@@ -92,7 +93,8 @@ def _forward_losses(fm: FederatedModel, data: dict[str, Tensor], samplers: Seque
     idx = [i for s in samplers for i in s.take(cfg.batch_size)]
     batch = _batch(data, idx, device)
     labels = batch.pop("labels")
-    out = fm(routing=Routing.segments(slots, cfg.batch_size), **batch)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        out = fm(routing=Routing.segments(slots, cfg.batch_size), **batch)
     return per_client_loss(out.logits, labels, cfg.task, len(samplers))
 
 
@@ -121,11 +123,11 @@ def train_clients(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequenc
     if rnd is not None:
         for s in samplers:
             s.start_round(rnd)
-    slots = list(range(fm.num_clients)) if slots is None else list(slots)
+    slots = list(range(len(samplers))) if slots is None else list(slots)
     if len(slots) != len(samplers):
         raise ValueError(f"{len(samplers)} samplers for {len(slots)} slots")
-    if len(slots) != fm.num_clients:
-        raise ValueError("train_clients trains every slot of the model in one pass")
+    if slots != list(range(len(slots))) or len(slots) > fm.num_clients:
+        raise ValueError("a pass trains slots 0..m-1 (m ≤ the model's slots), one per sampler")
     device = next(fm.parameters()).device
     slot_t = torch.as_tensor(slots, dtype=torch.long, device=device)
     params = fm.trainable_parameters()
@@ -152,13 +154,15 @@ def estimate_gradients(fm: FederatedModel, data: dict[str, Tensor],
                        steps: int) -> dict[str, Tensor]:
     """Each client's mean gradient of its loss w.r.t. every adapted frozen weight.
 
-    Uses round 0 of every sampler. Returns layer -> ``(K, d_out, d_in)``, averaged
-    over ``steps`` batches.
+    Client k of ``samplers`` uses slot k; round 0 of every sampler. Returns layer ->
+    ``(m, d_out, d_in)`` for the m samplers, averaged over ``steps`` batches.
     """
+    if len(samplers) > fm.num_clients:
+        raise ValueError(f"{len(samplers)} samplers for a model with {fm.num_clients} slots")
     for s in samplers:
         s.start_round(0)
     device = next(fm.parameters()).device
-    slot_t = torch.arange(fm.num_clients, device=device)
+    slot_t = torch.arange(len(samplers), device=device)
     for layer in fm.adapters.values():
         layer.attach_probe()
     try:
@@ -166,7 +170,8 @@ def estimate_gradients(fm: FederatedModel, data: dict[str, Tensor],
             losses = _forward_losses(fm, data, samplers, slot_t, cfg, device)
             losses.sum().backward()
     finally:
-        grads = {name: layer.detach_probe() / steps for name, layer in fm.adapters.items()}
+        grads = {name: layer.detach_probe()[:len(samplers)] / steps
+                 for name, layer in fm.adapters.items()}
         for p in fm.trainable_parameters():
             p.grad = None
     return grads

@@ -57,8 +57,6 @@ class FedLoRA(FlowerStrategy):
                  label_names: list[str]) -> None:
         self.coord, self.settings, self.out_dir = coord, settings, out_dir
         self.label_names = label_names
-        self.synced: dict[int, int] = {}       # node -> last round whose fold it applied
-        self.has_shared: set[int] = set()      # nodes holding LoRA-SB's frozen factors
         self.sent_bytes: dict[int, int] = {}
         self.rejected: list[dict] = []
 
@@ -73,14 +71,12 @@ class FedLoRA(FlowerStrategy):
                         grid) -> list[Message]:
         """One ``train`` message per node; ``arrays`` is ignored (downloads are per node)."""
         nodes = self._sample(grid, server_round)
-        shared_first = self.coord.strategy.mode == "lora-sb"
         messages = []
         self.sent_bytes = {}
         for node in nodes:
-            folded = self.synced.get(node, 0)
-            glob = to_record(self.coord.download(with_shared=shared_first and node not in self.has_shared))
-            content = RecordDict({"global": glob, "config": self._round_config(server_round, folded)})
-            catch = self.coord.catch_up(folded)
+            down, catch, folded = self.coord.payload(node)
+            content = RecordDict({"global": to_record(down),
+                                  "config": self._round_config(server_round, folded)})
             if catch:
                 content["catchup"] = to_record(catch)
             self.sent_bytes[node] = sum(wire_bytes(r) for r in content.array_records.values())
@@ -99,9 +95,7 @@ class FedLoRA(FlowerStrategy):
             bytes_up.append(wire_bytes(msg.content["upload"]))
             losses.append(float(m["train-loss"]))
             seconds.append(float(m["train-seconds"]))
-            self.synced[node] = server_round - 1
-            if self.coord.strategy.mode == "lora-sb":
-                self.has_shared.add(node)
+            self.coord.delivered(node)
         if len(uploads) < self.settings.min_replies:
             return None, None
         agg = self.coord.aggregate(uploads)
@@ -171,8 +165,9 @@ class FedLoRA(FlowerStrategy):
         if len(nodes) < self.settings.min_replies:
             raise RuntimeError(f"round {rnd}: only {len(nodes)} client(s) connected within"
                                f" {self.settings.round_timeout:.0f}s, need {self.settings.min_replies}")
-        if len(nodes) > cfg.num_clients:
-            nodes = sorted(random.Random(cfg.seed * 7919 + rnd).sample(nodes, cfg.num_clients))
+        want = min(cfg.clients_per_round or cfg.num_clients, cfg.num_clients)
+        if len(nodes) > want:
+            nodes = sorted(random.Random(cfg.seed * 7919 + rnd).sample(nodes, want))
         return nodes
 
     def _round_config(self, rnd: int, folded: int) -> ConfigRecord:
@@ -210,11 +205,11 @@ class FedLoRA(FlowerStrategy):
         self.failures = (len(errors), len(missing))
         for node, reason in errors:
             log.warning("round %d: node %s failed: %s", rnd, node, reason)
-            self.synced.pop(node, None)
+            self.coord.forget(node)
         for node in missing:
             log.warning("round %d: node %s did not reply within %.0fs", rnd, node,
                         self.settings.round_timeout)
-            self.synced.pop(node, None)
+            self.coord.forget(node)
 
     def _too_few(self, rnd: int, got: int) -> str:
         failed, late = getattr(self, "failures", (0, 0))

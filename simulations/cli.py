@@ -16,6 +16,15 @@ __all__ = ["build_parser", "check_args", "main", "to_config"]
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fedlora-sim", description=__doc__)
     add_job_arguments(p)
+    scale = p.add_argument_group("scale")
+    pick = scale.add_mutually_exclusive_group()
+    pick.add_argument("--clients-per-round", type=int, default=None,
+                      help="clients sampled per round (default: all); drawn from (seed, round)")
+    pick.add_argument("--fraction", type=float, default=None,
+                      help="fraction of clients sampled per round, in (0, 1]")
+    scale.add_argument("--max-clients-per-pass", type=int, default=None,
+                       help="clients trained together in one forward/backward (default: all the"
+                            " round's clients on CPU; what fits in free memory on a GPU)")
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("runs/sim"), help="output folder")
     out.add_argument("--overwrite", action="store_true",
@@ -27,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad values and an existing non-empty --out folder, in one line each."""
     check_job_args(args)
+    if args.fraction is not None:
+        if not 0 < args.fraction <= 1:
+            raise UserError(f"--fraction must be in (0, 1], got {args.fraction}")
+        args.clients_per_round = max(1, round(args.fraction * args.num_clients))
+    for name in ("clients_per_round", "max_clients_per_pass"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
     check_out_dir(args.out, args.overwrite)
 
 
@@ -53,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.is_dir() and args.overwrite:
             for name in ("metrics.jsonl", "config.json"):
                 (args.out / name).unlink(missing_ok=True)
-        total = cfg.rounds * cfg.local_steps
+        total = cfg.rounds * cfg.local_steps * len(cfg.sampled(1))  # client-steps
         with Progress("[progress.description]{task.description}", BarColumn(),
                       MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                       disable=args.quiet) as bar:
             task = bar.add_task(f"{cfg.strategy}: {cfg.num_clients} clients", total=total)
-            run(cfg, args.out, on_step=lambda: bar.advance(task),
+            run(cfg, args.out, on_step=lambda n: bar.advance(task, n),
                 on_round=lambda row: bar.console.print(format_row(row), soft_wrap=True))
         console.print(f"wrote {args.out / 'metrics.jsonl'} and {args.out / 'adapter'}")
         return 0

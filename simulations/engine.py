@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ class Job:
 
 
 def build_job(cfg: JobConfig) -> Job:
-    """Load data and model, partition clients, wrap the model with K client slots."""
+    """Load data and model, partition clients, wrap the model with one slot per client of a pass."""
     strategy = make_strategy(cfg)
     ds = load_dataset(cfg.data, cfg.text_column,
                       cfg.label_column if cfg.task == "classification" else None)
@@ -59,7 +60,9 @@ def build_job(cfg: JobConfig) -> Job:
     parts = partition(train_ds, cfg.num_clients, cfg.partition, cfg.alpha, cfg.seed)
     num_labels = len(ds.label_names) if cfg.task == "classification" else None
     model, tokenizer, path = load_model(cfg.model, cfg.task, num_labels, seed=cfg.seed)
-    adapter_cfg = AdapterConfig(ranks=cfg.client_ranks(), alpha=cfg.lora_alpha,
+    slots = pass_size(cfg, len(cfg.sampled(1)))
+    r_max = max(cfg.client_ranks())
+    adapter_cfg = AdapterConfig(ranks=[r_max] * slots, alpha=cfg.lora_alpha,
                                 target_modules=cfg.target_modules, mode=strategy.mode,
                                 train_head=cfg.task == "classification")
     fm = FederatedModel(model, adapter_cfg).to(torch.device(cfg.device))
@@ -69,15 +72,66 @@ def build_job(cfg: JobConfig) -> Job:
                ds.label_names)
 
 
-def init_uploads(job: Job) -> list[ClientUpload]:
-    """Fed-SB's round 0: every client's gradient estimate."""
-    grads = estimate_gradients(job.fm, job.train, job.samplers, job.cfg.train_config(),
-                               job.cfg.init_batches)
-    return [ClientUpload(num_examples=len(sampler), grads={name: g[k] for name, g in grads.items()})
-            for k, sampler in enumerate(job.samplers)]
+def pass_size(cfg: JobConfig, clients: int) -> int:
+    """Clients per forward/backward: ``max_clients_per_pass``, else all of a round's
+    clients on CPU, else as many as an estimate of free GPU memory allows."""
+    if cfg.max_clients_per_pass:
+        return min(cfg.max_clients_per_pass, clients)
+    if not cfg.device.startswith("cuda"):
+        return clients
+    free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
+    # activations of one client's step: batch × tokens × ~60 floats per token per layer-width unit
+    per_client = cfg.batch_size * cfg.max_length * 4 * 4096 * 24
+    return max(1, min(clients, int(0.5 * free // per_client)))
 
 
-def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[], None] | None = None,
+def chunks(clients: list[int], size: int) -> list[list[int]]:
+    return [clients[i:i + size] for i in range(0, len(clients), size)]
+
+
+def local_round(job: Job, coord: Coordinator, rnd: int, clients: list[int],
+                on_step: Callable[[int], None] | None) -> tuple[list[ClientUpload], list[float]]:
+    """Train ``clients`` pass by pass from the global state; their uploads and losses."""
+    uploads, losses = [], []
+    for chunk in chunks(clients, job.fm.num_clients):
+        pad = [job.cfg.rank_of(chunk[0])] * (job.fm.num_clients - len(chunk))
+        job.fm.set_ranks([job.cfg.rank_of(c) for c in chunk] + pad)
+        coord.reload()
+        step = None if on_step is None else partial(on_step, len(chunk))
+        losses += train_clients(job.fm, job.train, [job.samplers[c] for c in chunk],
+                                job.cfg.train_config(), rnd=rnd, progress=step)
+        uploads += [extract_upload(job.fm, k, len(job.samplers[c])) for k, c in enumerate(chunk)]
+    return uploads, losses
+
+
+def init_uploads(job: Job, clients: list[int]) -> list[ClientUpload]:
+    """Fed-SB's round 0: the gradient estimate of every client, pass by pass."""
+    out = []
+    for chunk in chunks(clients, job.fm.num_clients):
+        grads = estimate_gradients(job.fm, job.train, [job.samplers[c] for c in chunk],
+                                   job.cfg.train_config(), job.cfg.init_batches)
+        out += [ClientUpload(num_examples=len(job.samplers[c]),
+                             grads={name: g[k] for name, g in grads.items()})
+                for k, c in enumerate(chunk)]
+    return out
+
+
+class _Bytes:
+    """Bytes down per client, serialising each distinct payload once per round."""
+
+    def __init__(self, coord: Coordinator) -> None:
+        self.coord, self.cache = coord, {}
+
+    def __call__(self, client: int) -> int:
+        folded = self.coord.synced.get(client, 0)
+        key = (self.coord.round, folded, client in self.coord.has_shared)
+        if key not in self.cache:
+            down, catch, _ = self.coord.payload(client)
+            self.cache[key] = tensor_bytes(down) + tensor_bytes(catch)
+        return self.cache[key]
+
+
+def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = None,
         on_round: Callable[[dict], None] | None = None) -> list[dict]:
     """Run the job, append one JSON line per round to ``out_dir/metrics.jsonl``,
     export the final adapter to ``out_dir/adapter``. Returns the metric rows."""
@@ -88,19 +142,20 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[], None] | None = None
     metrics_path = out_dir / "metrics.jsonl"
     metrics_path.write_text("")
     coord = Coordinator(cfg, job.strategy, job.fm, job.test)
-    uploads = init_uploads(job) if job.strategy.needs_gradient_init else None
+    uploads = init_uploads(job, cfg.sampled(0)) if job.strategy.needs_gradient_init else None
     coord.start(uploads)
     up0 = [tensor_bytes(upload_tensors(u)) for u in uploads or []]
     _emit(metrics_path, coord.row(up0, [], None, None, time.perf_counter() - t0, len(up0)), on_round)
     for rnd in range(1, cfg.rounds + 1):
         t_round = time.perf_counter()
-        down = tensor_bytes(coord.download(with_shared=rnd == 1))
-        losses = train_clients(job.fm, job.train, job.samplers, cfg.train_config(),
-                               progress=on_step, rnd=rnd)
-        ups = [extract_upload(job.fm, k, len(s)) for k, s in enumerate(job.samplers)]
+        clients = cfg.sampled(rnd)
+        down = [_Bytes(coord)(c) for c in clients]
+        ups, losses = local_round(job, coord, rnd, clients, on_step)
+        for c in clients:
+            coord.delivered(c)
         agg = coord.aggregate(ups)
-        row = coord.row([tensor_bytes(upload_tensors(u)) for u in ups], [down] * len(ups),
-                        agg.agg_error, losses, time.perf_counter() - t_round, len(ups))
+        row = coord.row([tensor_bytes(upload_tensors(u)) for u in ups], down, agg.agg_error, losses,
+                        time.perf_counter() - t_round, len(ups))
         _emit(metrics_path, row, on_round)
     export_peft(coord.state, list(job.fm.adapters), out_dir / "adapter", str(job.model_path),
                 "SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM", list(job.fm.heads))
