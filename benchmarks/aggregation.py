@@ -52,6 +52,7 @@ from fedlora.strategies.registry import STRATEGIES
 
 GIB = 2 ** 30
 F32, F64 = 4, 8
+BASELINE = GIB // 2        # the interpreter, torch and allocator slack, added to every estimate
 
 
 def _sync(device: str) -> None:
@@ -224,6 +225,7 @@ def timed(fn, args: argparse.Namespace, device: str) -> tuple[float, object]:
     _sync(device)
     times, out = [], None
     for _ in range(args.repeat):
+        out = None                     # free the previous result before the next call
         t0 = time.perf_counter()
         out = fn()
         _sync(device)
@@ -250,7 +252,7 @@ def run_strategy(name: str, uploads: list[ClientUpload], state: GlobalState,
     computed = "yes" if isinstance(error, float) and math.isfinite(error) else "no"
     verdict = "ok" if seconds <= 1.0 else "over 1 s"
     return (f"{label:<16} {seconds:>10.3f} {bare:>14} {computed:>9} {error:>10.2e}"
-            f" {estimate_bytes(name, args) / GIB:>8.2f} {verdict:>9}")
+            f" {(estimate_bytes(name, args) + BASELINE) / GIB:>8.2f} {verdict:>9}")
 
 
 def run_init(args: argparse.Namespace, device: str, gen: torch.Generator) -> str:
@@ -264,7 +266,7 @@ def run_init(args: argparse.Namespace, device: str, gen: torch.Generator) -> str
     except (RuntimeError, ValueError) as e:
         return f"{'fed-sb init':<16} failed: {type(e).__name__}: {str(e).splitlines()[0]}"
     return (f"{'fed-sb init':<16} {seconds:>10.3f} {'-':>14} {'-':>9} {'-':>10}"
-            f" {init_bytes(args) / GIB:>8.2f}  one-off round, not per-round")
+            f" {(init_bytes(args) + BASELINE) / GIB:>8.2f}  one-off round, not per-round")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -303,10 +305,10 @@ def plan(names: list[str], args: argparse.Namespace, budget: int) -> tuple[list[
     """Split ``names`` into those whose estimate fits ``budget`` and skip lines for the rest."""
     run, skipped = [], []
     for name in names:
-        need = estimate_bytes(name, args)
+        need = estimate_bytes(name, args) + BASELINE
         if need > budget:
             skipped.append(f"{name:<16} skipped: needs ~{need / GIB:.1f} GiB, {budget / GIB:.1f} GiB"
-                           f" available; try fewer --layers or --clients")
+                           f" budget; try fewer --layers or --clients")
         else:
             run.append(name)
     return run, skipped
@@ -342,8 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     if "fed-sb" in run:
         print(run_strategy("fed-sb", *sb_round(args, device, gen), args, device), flush=True)
     if "fed-sb" in names and not args.skip_init:
-        if init_bytes(args) > budget:
-            print(f"{'fed-sb init':<16} skipped: needs ~{init_bytes(args) / GIB:.1f} GiB", flush=True)
+        if init_bytes(args) + BASELINE > budget:
+            print(f"{'fed-sb init':<16} skipped: needs ~{(init_bytes(args) + BASELINE) / GIB:.1f} GiB",
+                  flush=True)
         else:
             print(run_init(args, device, gen), flush=True)
 

@@ -10,13 +10,12 @@ from pathlib import Path
 from fedlora.config import Parser, add_job_arguments, check_job_args, check_out_dir, to_config
 from fedlora.errors import UserError
 
-__all__ = ["build_parser", "check_args", "main", "to_config"]
+__all__ = ["add_scale_arguments", "build_parser", "check_args", "main", "to_config"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="fedlora-sim", description=__doc__)
-    add_job_arguments(p)
-    scale = p.add_argument_group("scale")
+def add_scale_arguments(p: argparse.ArgumentParser, title: str = "scale") -> None:
+    """Client sampling and pass size (shared with ``fedlora-compare``)."""
+    scale = p.add_argument_group(title)
     pick = scale.add_mutually_exclusive_group()
     pick.add_argument("--clients-per-round", type=int, default=None,
                       help="clients sampled per round (default: all); drawn from (seed, round)")
@@ -25,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--max-clients-per-pass", type=int, default=None,
                        help="clients trained together in one forward/backward (default: all the"
                             " round's clients on CPU; what fits in free memory on a GPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="fedlora-sim", description=__doc__)
+    add_job_arguments(p)
+    add_scale_arguments(p)
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("runs/sim"), help="output folder")
     out.add_argument("--overwrite", action="store_true",

@@ -16,8 +16,10 @@ import re
 import sys
 from pathlib import Path
 
-from fedlora.config import JobConfig, Parser, add_job_arguments, check_job_args, check_out_dir, to_config
+from fedlora.config import JobConfig, Parser, add_job_arguments, to_config
 from fedlora.errors import UserError
+from fedlora.simulations.cli import add_scale_arguments
+from fedlora.simulations.cli import check_args as check_sim_args
 from fedlora.strategies import STRATEGIES
 
 __all__ = ["COLUMNS", "build_parser", "folder_name", "main", "markdown_table", "plan_runs", "plot",
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_arguments(p)
     # re-adding --strategy under the "resolve" handler removes the job group's --strategy
     p.add_argument("--strategy", action=_UseStrategies, help=argparse.SUPPRESS)
+    add_scale_arguments(p, "scale (as fedlora-sim; the same clients in every run)")
     comp = p.add_argument_group("comparison")
     comp.add_argument("--strategies", type=_strategies, default=list(ALL_STRATEGIES),
                       help="comma-separated strategies to run (default: fedavg,flora,lora-fair,fed-sb);"
@@ -124,7 +127,8 @@ def plan_runs(args: argparse.Namespace) -> list[tuple[str, JobConfig]]:
     Raises
     ------
     UserError
-        A bad job value, ``--hetero-ranks`` with no strategy that allows it, or different
+        A bad job or scale value (fedlora-sim's checks, an existing non-empty ``--out``
+        without ``--overwrite`` included), ``--hetero-ranks`` with no strategy that allows it, or different
         ``--ranks`` for a strategy that needs one rank.
     """
     hetero = [s for s in args.strategies if STRATEGIES[s].heterogeneous_ranks]
@@ -145,7 +149,7 @@ def plan_runs(args: argparse.Namespace) -> list[tuple[str, JobConfig]]:
     for label, name, ranks in specs:
         job = argparse.Namespace(**vars(args))
         job.strategy, job.ranks = name, ranks
-        check_job_args(job)
+        check_sim_args(job)  # fedlora-sim's checks: job and scale values, --out
         plan.append((label, to_config(job)))
     return plan
 
@@ -414,8 +418,8 @@ def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool) -> dict[s
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, disable=quiet) as bar:
         for label, cfg in plan:
-            task = bar.add_task(label, total=cfg.rounds * cfg.local_steps)
-            runs[label] = run(cfg, out / folder_name(label), on_step=lambda t=task: bar.advance(t),
+            task = bar.add_task(label, total=cfg.rounds * cfg.local_steps * len(cfg.sampled(1)))
+            runs[label] = run(cfg, out / folder_name(label), on_step=lambda n, t=task: bar.advance(t, n),
                               on_round=lambda row, lb=label: bar.console.print(
                                   f"{lb}: {format_row(row)}", soft_wrap=True))
             write_table([summarize(rows, lb) for lb, rows in runs.items()], out,
@@ -439,7 +443,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         plan = plan_runs(args)
-        check_out_dir(args.out, args.overwrite)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if args.out.is_dir() and args.overwrite:
             _clear(args.out, plan)

@@ -191,13 +191,19 @@ def average_head(uploads: Sequence[ClientUpload], weights: Sequence[float]) -> d
 
 
 def factored_sq_norm(us: Sequence[Tensor], vs: Sequence[Tensor]) -> float:
-    """``‖Σ_i U_i V_i‖_F²`` as ``tr((UᵀU)(VVᵀ))`` with ``U = [U_1 … U_m]``,
-    ``V = [V_1; …; V_m]``: an R×R computation, R the summed rank, in float64."""
+    """``‖Σ_i U_i V_i‖_F²`` in float64, with ``U = [U_1 … U_m]``, ``V = [V_1; …; V_m]``.
+
+    Small summed rank R: ``Σ (UᵀU) ⊙ (VVᵀ)`` (= ``tr((UᵀU)(VVᵀ))``, two R×R Grams, no R³
+    product). Once ``R² > d_out·d_in / 2`` the dense ``‖U V‖_F²`` is cheaper and is used.
+    """
     if not us:
         return 0.0
     U = torch.cat([u.double() for u in us], dim=1)        # (d_out, R)
     V = torch.cat([v.double() for v in vs], dim=0)        # (R, d_in)
-    return float(torch.trace((U.T @ U) @ (V @ V.T)).clamp_min(0.0))
+    R = U.shape[1]
+    if 2 * R * R > U.shape[0] * V.shape[1]:
+        return float(torch.linalg.matrix_norm(U @ V) ** 2)
+    return float(((U.T @ U) * (V @ V.T)).sum().clamp_min(0.0))
 
 
 def ideal_factors(uploads: Sequence[ClientUpload], weights: Sequence[float],
@@ -208,16 +214,15 @@ def ideal_factors(uploads: Sequence[ClientUpload], weights: Sequence[float],
     LoRA: ``ΔW_k = s_k B_k A_k`` with each upload's scale. LoRA-SB (``shared`` given):
     ``ΔW_k = shared_scale · B R_k A`` with the shared ``(A, B)`` and the server's scale.
     """
+    if shared is not None:  # Σ p_k s B R_k A = s B (Σ p_k R_k) A: one rank-r term
+        A, B = shared
+        R = sum(p * u.cores[layer].double() for p, u in zip(weights, uploads, strict=True))
+        return [shared_scale * B.double() @ R], [A]
     us, vs = [], []
     for p, u in zip(weights, uploads, strict=True):
-        if shared is not None:
-            A, B = shared
-            us.append(p * shared_scale * B @ u.cores[layer])
-            vs.append(A)
-        else:
-            A, B = u.factors[layer]
-            us.append(p * u.scale * B)
-            vs.append(A)
+        A, B = u.factors[layer]
+        us.append(p * u.scale * B)
+        vs.append(A)
     return us, vs
 
 

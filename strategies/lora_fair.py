@@ -52,7 +52,7 @@ def correction(uploads: Sequence[ClientUpload], weights: Sequence[float], layer:
                  for p, u in zip(weights, uploads, strict=True))       # ΔW* Āᵀ   (d_out, r)
     gram = Ab @ Ab.T                                                   # Ā Āᵀ     (r, r)
     residual = target - s * Bb @ gram                                  # (ΔW* − s B̄ Ā) Āᵀ
-    system = s * s * gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype)
+    system = s * s * gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     # ΔB system = s·residual  ->  systemᵀ ΔBᵀ = s·residualᵀ (system is symmetric)
     return torch.linalg.solve(system, s * residual.T).T.to(B_bar.dtype)
 

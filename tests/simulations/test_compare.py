@@ -155,6 +155,7 @@ def test_refuses_hetero_ranks_without_a_strategy_that_allows_them(tmp_path, caps
     (["--hetero-ranks", "4,x"], "takes integers like 4,8,16"),
     (["--strategies", "fedavg,fedavg"], "lists a strategy twice"),
     (["--strategies", "fedavg,flora", "--ranks", "4,8"], "fedavg cannot aggregate"),
+    (["--fraction", "1.5"], "--fraction must be in (0, 1]"),
 ])
 def test_refuses_other_bad_flags_in_one_line(tmp_path, capsys, argv, expected):
     # Execute: parser errors exit through SystemExit(2), the others return 2
