@@ -122,12 +122,14 @@ def test_killed_client_does_not_stop_the_run(tiny_bert_dir, tiny_csv, tmp_path):
     finally:
         for p in procs:
             p.kill()
-    # Assert: the run finished; a later round went on with the 2 survivors
+    # Assert: the run finished; the last round went on with the 2 survivors (the dead node
+    # either failed to reply in round 2 or 3, or had left the SuperLink's list by then)
     assert code == 0, srv.text()[-3000:]
     got = rows(out)
     assert [r["round"] for r in got] == [0, 1, 2, 3]
     assert got[1]["clients"] == 3
-    assert got[3]["clients"] == 2 and got[3]["failed"] >= 1
+    assert got[3]["clients"] == 2 and all(r["rejected"] == [] for r in got[1:])
+    assert got[2]["failed"] + got[3]["failed"] >= 1 or got[2]["clients"] == 3
 
 
 def test_resume_after_server_kill_gives_the_uninterrupted_adapter(plain, tiny_bert_dir, tiny_csv):
