@@ -92,14 +92,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _ranks(text: str) -> list[int]:
+def parse_ranks(text: str, flag: str = "--ranks") -> list[int]:
+    """``4,8,16`` -> ``[4, 8, 16]`` (argparse type): positive integers."""
     try:
         ranks = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--ranks takes integers like 4,8,16, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{flag} takes integers like 4,8,16, got {text!r}") from None
     if not ranks or min(ranks) < 1:
-        raise argparse.ArgumentTypeError(f"--ranks takes positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{flag} takes positive integers, got {text!r}")
     return ranks
+
+
+def _ranks(text: str) -> list[int]:
+    return parse_ranks(text)
 
 
 def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "clients") -> None:

@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from fedlora.config import JobConfig, Parser, add_job_arguments, to_config
+from fedlora.config import JobConfig, Parser, add_job_arguments, parse_ranks, to_config
 from fedlora.errors import UserError
 from fedlora.simulations.cli import add_scale_arguments
 from fedlora.simulations.cli import check_args as check_sim_args
@@ -62,13 +62,7 @@ def _strategies(text: str) -> list[str]:
 
 def _hetero_ranks(text: str) -> list[int]:
     """``--hetero-ranks 4,8,16``: positive integers."""
-    try:
-        ranks = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"takes integers like 4,8,16, got {text!r}") from None
-    if not ranks or min(ranks) < 1:
-        raise argparse.ArgumentTypeError(f"takes positive integers like 4,8,16, got {text!r}")
-    return ranks
+    return parse_ranks(text, "--hetero-ranks")
 
 
 class _UseStrategies(argparse.Action):
