@@ -103,10 +103,6 @@ def parse_ranks(text: str, flag: str = "--ranks") -> list[int]:
     return ranks
 
 
-def _ranks(text: str) -> list[int]:
-    return parse_ranks(text)
-
-
 def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "clients") -> None:
     """The job flags, shared by ``fedlora-sim`` and ``fedlora-server``."""
     job = p.add_argument_group("job")
@@ -119,7 +115,7 @@ def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "cl
                      help="local AdamW learning rate (default: 1e-2 for fed-sb, which trains only"
                           " the r×r cores, 2e-3 for the others)")
     job.add_argument("--rank", type=int, default=8)
-    job.add_argument("--ranks", type=_ranks, default=None,
+    job.add_argument("--ranks", type=parse_ranks, default=None,
                      help="per-client ranks, cycled over clients (e.g. 4,8,16); flora only")
     job.add_argument("--lora-alpha", type=float, default=16.0)
     job.add_argument("--target-modules", nargs="+", default=None,
