@@ -103,12 +103,11 @@ class Coordinator:
         assert self.state is not None
         return download_tensors(self.state, self.fold, with_shared)
 
-    def payload(self, client) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
+    def payload(self, client) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """What ``client`` (any key: a client id, a node id) receives for the next round:
-        ``(download, catch-up folds, round through which it has folded)``."""
-        folded = self.synced.get(client, 0)
+        ``(download, catch-up folds)``."""
         first = self.strategy.mode == "lora-sb" and client not in self.has_shared
-        return self.download(with_shared=first), self.catch_up(folded), folded
+        return self.download(with_shared=first), self.catch_up(self.synced.get(client, 0))
 
     def delivered(self, client) -> None:
         """``client`` replied to the current round: it holds the state of ``self.round``."""

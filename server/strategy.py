@@ -74,9 +74,8 @@ class FedLoRA(FlowerStrategy):
         messages = []
         self.sent_bytes = {}
         for node in nodes:
-            down, catch, folded = self.coord.payload(node)
-            content = RecordDict({"global": to_record(down),
-                                  "config": self._round_config(server_round, folded)})
+            down, catch = self.coord.payload(node)
+            content = RecordDict({"global": to_record(down), "config": self._round_config(server_round)})
             if catch:
                 content["catchup"] = to_record(catch)
             self.sent_bytes[node] = sum(wire_bytes(r) for r in content.array_records.values())
@@ -87,9 +86,9 @@ class FedLoRA(FlowerStrategy):
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, sort by client id, aggregate; None if too few valid replies."""
         uploads, bytes_up, losses, seconds = [], [], [], []
-        for _key, node, msg in self._valid(list(replies), "upload", kind="train"):
+        for node, msg, tensors in self._valid(list(replies), "upload", kind="train"):
             m = msg.content["metrics"]
-            upload = upload_from_tensors(from_record(msg.content["upload"]), int(m["num-examples"]),
+            upload = upload_from_tensors(tensors, int(m["num-examples"]),
                                          scale=self.coord.cfg.lora_alpha / int(m["rank"]))
             uploads.append(upload)
             bytes_up.append(wire_bytes(msg.content["upload"]))
@@ -143,15 +142,15 @@ class FedLoRA(FlowerStrategy):
         bytes_up: list[int] = []
         if self.coord.strategy.needs_gradient_init:
             nodes = self._sample(grid, 0)
-            msgs = [Message(content=RecordDict({"config": self._round_config(0, 0)}),
+            msgs = [Message(content=RecordDict({"config": self._round_config(0)}),
                             message_type="query", dst_node_id=n, group_id="0") for n in nodes]
             replies, errors, missing = send_and_collect(grid, msgs, self.settings.round_timeout,
                                                         self.settings.poll)
             self._note_failures(0, errors, missing)
             uploads = []
-            for _, _, msg in self._valid(replies, "grads", kind="init"):
-                uploads.append(upload_from_tensors(from_record(msg.content["grads"]),
-                                                   int(msg.content["metrics"]["num-examples"]), 1.0))
+            for _, msg, tensors in self._valid(replies, "grads", kind="init"):
+                uploads.append(upload_from_tensors(tensors, int(msg.content["metrics"]["num-examples"]),
+                                                   1.0))
                 bytes_up.append(wire_bytes(msg.content["grads"]))
             if len(uploads) < self.settings.min_replies:
                 raise RuntimeError(self._too_few(0, len(replies)))
@@ -170,14 +169,14 @@ class FedLoRA(FlowerStrategy):
             nodes = sorted(random.Random(cfg.seed * 7919 + rnd).sample(nodes, want))
         return nodes
 
-    def _round_config(self, rnd: int, folded: int) -> ConfigRecord:
+    def _round_config(self, rnd: int) -> ConfigRecord:
         seed = self.coord.fresh_seed
-        return ConfigRecord({"round": rnd, "fold-from": folded,
-                             "fresh-seed": -1 if seed is None else int(seed),
+        return ConfigRecord({"round": rnd, "fresh-seed": -1 if seed is None else int(seed),
                              "label-names": list(self.label_names) or [""]})
 
     def _valid(self, replies: list[Message], record: str, kind: str):
-        """``(client_id, node, message)`` of valid replies, sorted by client id then node."""
+        """``(node, message, tensors)`` of valid replies, sorted by client id then node
+        (each record is decoded once, here)."""
         good = []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -185,10 +184,11 @@ class FedLoRA(FlowerStrategy):
                 if record not in msg.content.array_records or "metrics" not in msg.content.metric_records:
                     raise RejectedReply(f"reply has no '{record}' arrays or no metrics")
                 m = msg.content["metrics"]
+                client = int(m.get("client-id", 0))
                 rank = int(m.get("rank", self.coord.cfg.rank))
-                if kind == "train" and rank != self.coord.cfg.rank_of(int(m.get("client-id", 0))):
+                if kind == "train" and rank != self.coord.cfg.rank_of(client):
                     raise RejectedReply(f"rank {rank} is not this client's rank"
-                                        f" {self.coord.cfg.rank_of(int(m.get('client-id', 0)))}")
+                                        f" {self.coord.cfg.rank_of(client)}")
                 tensors = from_record(msg.content[record])
                 check_upload(tensors, expected_upload(self.coord.fm, rank, kind),
                              self.settings.max_update_norm)
@@ -198,8 +198,8 @@ class FedLoRA(FlowerStrategy):
                 log.warning("rejected reply from node %s: %s", node, exc)
                 self.rejected.append({"node": node, "reason": str(exc)})
                 continue
-            good.append((int(m.get("client-id", 0)), node, msg))
-        return sorted(good, key=lambda g: (g[0], g[1]))
+            good.append((client, node, msg, tensors))
+        return [(node, msg, tensors) for _, node, msg, tensors in sorted(good, key=lambda g: (g[0], g[1]))]
 
     def _note_failures(self, rnd: int, errors, missing) -> None:
         self.failures = (len(errors), len(missing))

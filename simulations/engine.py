@@ -126,7 +126,7 @@ class _Bytes:
         folded = self.coord.synced.get(client, 0)
         key = (self.coord.round, folded, client in self.coord.has_shared)
         if key not in self.cache:
-            down, catch, _ = self.coord.payload(client)
+            down, catch = self.coord.payload(client)
             self.cache[key] = tensor_bytes(down) + tensor_bytes(catch)
         return self.cache[key]
 
