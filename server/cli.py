@@ -99,7 +99,7 @@ def run_config(cfg: JobConfig, args: argparse.Namespace, out_dir: Path) -> dict[
     rc = to_run_config(cfg)
     rc.update({"out": str(out_dir.resolve()), "resume": args.resume is not None,
                "round-timeout": float(args.round_timeout), "min-replies": int(args.min_replies),
-               "max-update-norm": float(args.max_update_norm)})
+               "max-update-norm": float(args.max_update_norm), "stateless-clients": False})
     return rc
 
 

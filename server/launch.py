@@ -121,9 +121,9 @@ def register_keys(keys: list[Path], env: dict) -> None:
         flwr(["supernode", "register", str(key), CONNECTION], env)
 
 
-def submit(app_dir: Path, env: dict) -> int:
-    """``flwr run`` the app; the run id."""
-    out = flwr(["run", str(app_dir), CONNECTION, "--format", "json"], env)
+def submit(app_dir: Path, env: dict, extra: list[str] | None = None) -> int:
+    """``flwr run`` the app (``extra``: more ``flwr run`` options); the run id."""
+    out = flwr(["run", str(app_dir), CONNECTION, "--format", "json", *(extra or [])], env)
     try:
         return int(json.loads(out[out.index("{"):])["run-id"])
     except (ValueError, KeyError) as exc:

@@ -41,13 +41,15 @@ class RoundSettings:
     min_replies: int = 1
     round_timeout: float = 600.0
     max_update_norm: float = MAX_UPDATE_NORM
+    stateless_clients: bool = False  # clients keep nothing between rounds (Flower's simulation)
     poll: float = 0.1
 
     @classmethod
     def from_run_config(cls, rc: dict) -> RoundSettings:
         return cls(min_replies=int(rc.get("min-replies", 1)),
                    round_timeout=float(rc.get("round-timeout", 600.0)),
-                   max_update_norm=float(rc.get("max-update-norm", MAX_UPDATE_NORM)))
+                   max_update_norm=float(rc.get("max-update-norm", MAX_UPDATE_NORM)),
+                   stateless_clients=bool(rc.get("stateless-clients", False)))
 
 
 class FedLoRA(FlowerStrategy):
@@ -94,7 +96,8 @@ class FedLoRA(FlowerStrategy):
             bytes_up.append(wire_bytes(msg.content["upload"]))
             losses.append(float(m["train-loss"]))
             seconds.append(float(m["train-seconds"]))
-            self.coord.delivered(node)
+            if not self.settings.stateless_clients:
+                self.coord.delivered(node)  # it now holds this round's folds / shared factors
         if len(uploads) < self.settings.min_replies:
             return None, None
         agg = self.coord.aggregate(uploads)

@@ -26,10 +26,23 @@ def add_scale_arguments(p: argparse.ArgumentParser, title: str = "scale") -> Non
                             " round's clients on CPU; what fits in free memory on a GPU)")
 
 
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--engine", choices=["batched", "flower"], default="batched",
+                     help="batched: the round's clients train together over one base model (fast);"
+                          " flower: Flower's simulation engine, one ClientApp call per client"
+                          " (to check that both agree; needs flwr[simulation])")
+    eng.add_argument("--client-cpus", type=int, default=1,
+                     help="--engine flower: CPUs reserved per client call (Ray client resources)")
+    eng.add_argument("--client-gpus", type=float, default=0.0,
+                     help="--engine flower: GPU fraction per client call (e.g. 0.1 on a GPU)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fedlora-sim", description=__doc__)
     add_job_arguments(p)
     add_scale_arguments(p)
+    add_engine_arguments(p)
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("runs/sim"), help="output folder")
     out.add_argument("--overwrite", action="store_true",
@@ -49,6 +62,11 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+    if args.engine == "flower":
+        if args.client_cpus <= 0 or args.client_gpus < 0:
+            raise UserError("--client-cpus must be ≥ 1 and --client-gpus ≥ 0")
+        if args.max_clients_per_pass is not None or args.precision != "fp32":
+            raise UserError("--max-clients-per-pass and --precision apply to --engine batched only")
     check_out_dir(args.out, args.overwrite)
 
 
@@ -75,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.is_dir() and args.overwrite:
             for name in ("metrics.jsonl", "config.json"):
                 (args.out / name).unlink(missing_ok=True)
+        if args.engine == "flower":
+            from fedlora.simulations.flower_engine import run_flower
+
+            console.print(f"{cfg.strategy}: {cfg.num_clients} clients on Flower's simulation engine")
+            run_flower(cfg, args.out, on_round=lambda row: console.print(format_row(row), soft_wrap=True),
+                       client_cpus=args.client_cpus, client_gpus=args.client_gpus)
+            console.print(f"wrote {args.out / 'metrics.jsonl'} and {args.out / 'adapter'}")
+            return 0
         total = cfg.rounds * cfg.local_steps * len(cfg.sampled(1))  # client-steps
         with Progress("[progress.description]{task.description}", BarColumn(),
                       MofNCompleteColumn(), TimeElapsedColumn(), console=console,
