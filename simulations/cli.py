@@ -62,7 +62,7 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
-    if args.engine == "flower":
+    if getattr(args, "engine", "batched") == "flower":  # fedlora-compare has no --engine
         if args.client_cpus <= 0 or args.client_gpus < 0:
             raise UserError("--client-cpus must be ≥ 1 and --client-gpus ≥ 0")
         if args.max_clients_per_pass is not None or args.precision != "fp32":

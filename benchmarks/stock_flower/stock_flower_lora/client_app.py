@@ -2,6 +2,7 @@
 
 import time
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -35,7 +36,8 @@ def train(msg: Message, context: Context) -> Message:
     path = resolve_model_path(str(cfg["model"]), num_labels)
 
     t0 = time.perf_counter()
-    model = build_model(path, num_labels, int(cfg["rank"]), float(cfg["lora-alpha"]))
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")  # as Flower's LLM examples
+    model = build_model(path, num_labels, int(cfg["rank"]), float(cfg["lora-alpha"])).to(device)
     build_s = time.perf_counter() - t0
     set_weights(model, msg.content["arrays"].to_torch_state_dict())
 
@@ -56,5 +58,6 @@ def train(msg: Message, context: Context) -> Message:
         "build-seconds": build_s,
         "data-seconds": data_s,
     })
-    content = RecordDict({"arrays": ArrayRecord(get_weights(model)), "metrics": metrics})
+    weights = {k: v.detach().cpu() for k, v in get_weights(model).items()}
+    content = RecordDict({"arrays": ArrayRecord(weights), "metrics": metrics})
     return Message(content=content, reply_to=msg)

@@ -195,14 +195,15 @@ def train(model: torch.nn.Module, data: dict[str, torch.Tensor], steps: int, bat
         Mean training loss.
     """
     gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     n = data["labels"].shape[0]
     total = 0.0
     for _ in range(steps):
         b = torch.randint(0, n, (batch_size,), generator=gen)
-        out = model(input_ids=data["input_ids"][b], attention_mask=data["attention_mask"][b],
-                    labels=data["labels"][b])
+        out = model(input_ids=data["input_ids"][b].to(device),
+                    attention_mask=data["attention_mask"][b].to(device), labels=data["labels"][b].to(device))
         opt.zero_grad()
         out.loss.backward()
         opt.step()
