@@ -52,6 +52,11 @@ class JobConfig:
     clients_per_round: int = 0       # 0: every client, every round
     max_clients_per_pass: int = 0    # simulator: clients trained in one pass; 0: automatic
     precision: str = "fp32"          # or "bf16" (autocast of the forward)
+    dp: str = "none"                 # "sample" (DP-SGD per client) or "client" (server side)
+    epsilon: float = 0.0             # DP budget ε (required with dp)
+    delta: float = 1e-5              # DP δ
+    noise_multiplier: float = 0.0    # 0: calibrated to (ε, δ) over the planned steps
+    update_clip: float = 1.0         # dp client: each client's update is clipped to this norm
 
     def client_ranks(self) -> list[int]:
         return list(self.ranks) if self.ranks else [self.rank] * self.num_clients
@@ -64,8 +69,12 @@ class JobConfig:
         """The local-training settings (:class:`fedlora.train.TrainConfig`)."""
         from fedlora.train import TrainConfig
 
+        clip = self.max_grad_norm
+        if self.dp == "sample" and clip is None:
+            clip = 1.0  # DP-SGD always clips per example
         return TrainConfig(task=self.task, local_steps=self.local_steps, batch_size=self.batch_size,
-                           lr=self.lr, max_grad_norm=self.max_grad_norm, precision=self.precision)
+                           lr=self.lr, max_grad_norm=clip, precision=self.precision,
+                           dp_sample=self.dp == "sample")
 
     def sampled(self, rnd: int) -> list[int]:
         """The clients of round ``rnd`` (sorted): all, or ``clients_per_round`` drawn from
@@ -144,6 +153,19 @@ def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "cl
                        help="clip each client's gradient norm per step")
     strat.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                        help="bf16: autocast the forward pass (for GPUs; parameters stay fp32)")
+    dp = p.add_argument_group("differential privacy")
+    dp.add_argument("--dp", choices=["none", "sample", "client"], default="none",
+                    help="sample: DP-SGD on each client (per-example clipping to --max-grad-norm,"
+                         " Poisson batches); client: the server clips each client's update to"
+                         " --update-clip and noises the sum (fedavg, fed-sb)")
+    dp.add_argument("--epsilon", type=float, default=0.0, help="privacy budget ε (required with --dp)")
+    dp.add_argument("--delta", type=float, default=1e-5,
+                    help="δ; must be below 1/(a client's examples) for --dp sample, 1/(clients) for client")
+    dp.add_argument("--noise-multiplier", type=float, default=0.0,
+                    help="fixed σ instead of calibrating it to --epsilon; training then stops when"
+                         " the budget is spent")
+    dp.add_argument("--update-clip", type=float, default=1.0,
+                    help="--dp client: L2 bound of each client's update (all its uploaded tensors)")
 
 
 def check_job_args(args: argparse.Namespace) -> None:
@@ -155,10 +177,36 @@ def check_job_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
+    check_dp_args(args)
     if args.ranks is not None and not STRATEGIES[args.strategy].heterogeneous_ranks:
         if len(set(args.ranks)) > 1:
             raise UserError(f"--strategy {args.strategy} needs one rank for every client;"
                             " use --rank, or --strategy flora for heterogeneous ranks")
+
+
+def check_dp_args(args: argparse.Namespace) -> None:
+    """Refuse DP settings that would give no guarantee, in one line each."""
+    if args.dp == "none":
+        return
+    if args.epsilon <= 0:
+        raise UserError(f"--dp {args.dp} needs a budget: pass --epsilon (e.g. 8) and --delta")
+    if not 0 < args.delta < 1:
+        raise UserError(f"--delta must be in (0, 1), got {args.delta}")
+    if args.noise_multiplier < 0:
+        raise UserError(f"--noise-multiplier must be ≥ 0 (0: calibrate), got {args.noise_multiplier}")
+    if args.dp == "sample":
+        if args.max_grad_norm is not None and args.max_grad_norm <= 0:
+            raise UserError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
+    else:
+        if not STRATEGIES[args.strategy].sum_only:
+            raise UserError(f"--dp client needs a strategy whose aggregate is a sum of client"
+                            f" updates (fedavg, fed-sb); {args.strategy}'s is not, so clipping and"
+                            " noising a sum would not bound each client's influence")
+        if args.update_clip <= 0:
+            raise UserError(f"--update-clip must be > 0, got {args.update_clip}")
+        if args.delta >= 1 / args.num_clients:
+            raise UserError(f"--delta {args.delta:g} is not below 1/(clients) = {1 / args.num_clients:g};"
+                            " pass a smaller --delta")
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -208,6 +256,9 @@ def to_config(args: argparse.Namespace, device: str | None = None) -> JobConfig:
         clients_per_round=getattr(args, "clients_per_round", None) or 0,
         max_clients_per_pass=getattr(args, "max_clients_per_pass", None) or 0,
         precision=args.precision,
+        dp=getattr(args, "dp", "none"), epsilon=getattr(args, "epsilon", 0.0),
+        delta=getattr(args, "delta", 1e-5), noise_multiplier=getattr(args, "noise_multiplier", 0.0),
+        update_clip=getattr(args, "update_clip", 1.0),
     )
 
 

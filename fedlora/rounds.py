@@ -148,6 +148,9 @@ class Coordinator:
             "clients": clients,
             "seconds": round(seconds, 3),
         }
+        report = getattr(self.strategy, "privacy_report", None)  # --dp client's ledger
+        if report is not None:
+            row.update(report())
         self.rows.append(row)
         return row
 

@@ -33,6 +33,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     precision: str = "fp32"  # or "bf16": autocast the forward (parameters stay fp32)
+    dp_sample: bool = False  # DP-SGD: Poisson batches, per-example clipping to max_grad_norm, noise
 
 
 class ClientSampler:

@@ -1,0 +1,104 @@
+"""Differential-privacy accounting: noise calibration and spent ε, by Opacus' RDP accountant.
+
+Both DP modes are Gaussian mechanisms on subsampled data, accounted with Rényi DP
+(``opacus.accountants.RDPAccountant``):
+
+* ``--dp sample`` (DP-SGD on each client): a step samples each of the client's
+  ``n_k`` examples with probability ``q_k = batch_size / n_k`` (Poisson), clips every
+  example's gradient to ``C`` and adds ``N(0, σ_k² C²)`` to their sum. Each client has
+  its own ``q_k``, ``σ_k`` and accountant; the planned steps are
+  ``rounds × local_steps`` (plus Fed-SB's ``init_batches``), counted as if the client
+  trained every round (sampling of clients is not used to amplify privacy).
+* ``--dp client`` (server side): a round samples each client with probability
+  ``q = clients_per_round / num_clients``, clips each update to ``C`` and adds
+  ``N(0, σ² C²)`` to their sum; the planned steps are the rounds (plus Fed-SB's
+  initialisation round).
+
+:class:`Budget` is one accountant with its σ, sampling rate and ε budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedlora.errors import UserError
+
+
+def calibrate(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """σ such that ``steps`` subsampled Gaussian steps at ``sample_rate`` spend ``(ε, δ)``."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps, accountant="rdp",
+                                          epsilon_tolerance=0.005))
+    except ValueError as exc:
+        raise UserError(f"ε={epsilon:g} cannot be met with δ={delta:g} over {steps} steps at sampling"
+                        f" rate {sample_rate:.3g}: {exc}; raise --epsilon or lower the steps") from None
+
+
+def spent(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
+    """ε spent after ``steps`` steps (Opacus' RDP accountant); 0 for no steps."""
+    if steps <= 0:
+        return 0.0
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [(sigma, sample_rate, steps)]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass
+class Budget:
+    """One party's privacy ledger: fixed σ and sampling rate, steps taken, ε cap.
+
+    Attributes
+    ----------
+    sigma : float
+        Noise multiplier (std of the noise / clipping norm).
+    sample_rate : float
+        Probability that a given example (client) is in a step (round).
+    delta : float
+        Target δ.
+    epsilon : float
+        Budget: no step is taken that would bring the spent ε above it.
+    steps : int
+        Steps taken so far.
+    """
+
+    sigma: float
+    sample_rate: float
+    delta: float
+    epsilon: float
+    steps: int = 0
+    _cache: dict[int, float] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def planned(cls, epsilon: float, delta: float, sample_rate: float, steps: int,
+                sigma: float = 0.0) -> Budget:
+        """A budget whose σ is calibrated to spend ``ε`` in exactly ``steps`` (or the given σ)."""
+        sigma = sigma if sigma > 0 else calibrate(epsilon, delta, sample_rate, steps)
+        return cls(sigma=sigma, sample_rate=sample_rate, delta=delta, epsilon=epsilon)
+
+    def epsilon_after(self, steps: int) -> float:
+        if steps not in self._cache:
+            self._cache[steps] = spent(self.sigma, self.sample_rate, steps, self.delta)
+        return self._cache[steps]
+
+    @property
+    def spent(self) -> float:
+        return self.epsilon_after(self.steps)
+
+    def can_step(self) -> bool:
+        """Whether one more step stays within the budget (small slack for the calibration)."""
+        return self.epsilon_after(self.steps + 1) <= self.epsilon * (1 + 1e-3)
+
+    def step(self) -> None:
+        self.steps += 1
+
+
+def check_delta(delta: float, smallest: int, what: str) -> None:
+    """Refuse a δ that is not below 1/``smallest`` (a guarantee that allows leaking one record)."""
+    if delta >= 1.0 / smallest:
+        raise UserError(f"--delta {delta:g} is not below 1/({what} = {smallest}) = {1 / smallest:.3g};"
+                        f" pass --delta smaller than {1 / smallest:.3g}")
