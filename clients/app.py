@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora.config import from_run_config
@@ -33,13 +33,22 @@ def local_client(msg: Message, context: Context) -> LocalClient:
         labels = [n for n in msg.content["config"]["label-names"] if n]
         client = LocalClient(cfg, ClientData.from_node_config(dict(context.node_config)), labels)
         _CACHE[key] = client
+    if client.budget is not None and "fedlora-privacy" in context.state.config_records:
+        # the ledger outlives a rebuilt client (Flower's simulation; a ClientApp restarted by its node)
+        client.budget.steps = max(client.budget.steps,
+                                  int(context.state.config_records["fedlora-privacy"]["steps"]))
     return client
+
+
+def _keep_ledger(client: LocalClient, context: Context) -> None:
+    if client.budget is not None:
+        context.state["fedlora-privacy"] = ConfigRecord({"steps": client.budget.steps})
 
 
 def _metrics(client: LocalClient, seconds: float, loss: float = 0.0) -> MetricRecord:
     return MetricRecord({"num-examples": len(client), "train-loss": float(loss),
                          "train-seconds": float(seconds), "rank": client.rank,
-                         "client-id": client.where.client_id})
+                         "client-id": client.where.client_id, "epsilon": float(client.epsilon)})
 
 
 @app.train()
@@ -52,6 +61,7 @@ def train(msg: Message, context: Context) -> Message:
     seed = int(conf["fresh-seed"])
     client.load(rnd, from_record(msg.content["global"]), catch, None if seed < 0 else seed)
     upload, loss, seconds = client.fit(rnd)
+    _keep_ledger(client, context)
     return Message(RecordDict({"upload": to_record(upload), "metrics": _metrics(client, seconds, loss)}),
                    reply_to=msg)
 
@@ -61,5 +71,6 @@ def gradient(msg: Message, context: Context) -> Message:
     """Fed-SB round 0: this client's gradient estimate for every adapted weight."""
     client = local_client(msg, context)
     grads, seconds = client.gradient()
+    _keep_ledger(client, context)
     return Message(RecordDict({"grads": to_record(grads), "metrics": _metrics(client, seconds)}),
                    reply_to=msg)

@@ -19,10 +19,11 @@ from fedlora.data import load_dataset, partition, split, tokenize
 from fedlora.errors import UserError
 from fedlora.hub import load_model
 from fedlora.model import AdapterConfig, FederatedModel
+from fedlora.privacy import sample_budgets
 from fedlora.rounds import make_strategy
 from fedlora.state import apply_global, download_from_tensors, extract_upload, upload_tensors
 from fedlora.strategies.base import Factors
-from fedlora.train import estimate_gradients, train_clients
+from fedlora.train import gradient_estimates, local_training
 
 
 @dataclass
@@ -61,6 +62,8 @@ class LocalClient:
         self.sampler = cfg.sampler(where.client_id, range(len(ds)))
         self.folded_through = 0
         self.shared: dict[str, Factors] | None = None
+        # --dp sample: this client's privacy ledger (σ calibrated to its own sampling rate)
+        self.budget = sample_budgets(cfg, [len(ds)], model)[0] if cfg.dp == "sample" else None
 
     def _examples(self, label_names: list[str]):
         cfg, where = self.cfg, self.where
@@ -101,16 +104,28 @@ class LocalClient:
         apply_global(self.fm, state, fold, fresh_seed)
         self.folded_through = max(self.folded_through, rnd - 1)
 
+    def _budgets(self):
+        return None if self.budget is None else [self.budget]
+
+    @property
+    def epsilon(self) -> float:
+        """ε spent so far (0 without --dp sample)."""
+        return 0.0 if self.budget is None else self.budget.spent
+
     def fit(self, rnd: int) -> tuple[dict[str, Tensor], float, float]:
         """Train round ``rnd``: ``(upload tensors, mean train loss, seconds)``."""
         t0 = time.perf_counter()
-        losses = train_clients(self.fm, self.train, [self.sampler], self.cfg.train_config(), rnd=rnd)
+        if self.budget is not None and not self.budget.can_step():
+            raise RuntimeError(f"this client's privacy budget ε={self.budget.epsilon:g} is spent"
+                               f" ({self.budget.spent:.3f} after {self.budget.steps} steps)")
+        losses = local_training(self.fm, self.train, [self.sampler], self.cfg.train_config(), rnd,
+                                self._budgets())
         up = upload_tensors(extract_upload(self.fm, 0, len(self)))
         return up, losses[0], time.perf_counter() - t0
 
     def gradient(self) -> tuple[dict[str, Tensor], float]:
         """Fed-SB round 0: ``(<layer>.grad tensors, seconds)``."""
         t0 = time.perf_counter()
-        grads = estimate_gradients(self.fm, self.train, [self.sampler], self.cfg.train_config(),
-                                   self.cfg.init_batches)
+        grads = gradient_estimates(self.fm, self.train, [self.sampler], self.cfg.train_config(),
+                                   self.cfg.init_batches, self._budgets())
         return {f"{name}.grad": g[0] for name, g in grads.items()}, time.perf_counter() - t0

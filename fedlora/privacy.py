@@ -26,12 +26,16 @@ from fedlora.errors import UserError
 
 def calibrate(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """σ such that ``steps`` subsampled Gaussian steps at ``sample_rate`` spend ``(ε, δ)``."""
+    import warnings
+
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps, accountant="rdp",
-                                          epsilon_tolerance=0.005))
+        with warnings.catch_warnings():  # "optimal order is the largest alpha": still a valid bound
+            warnings.simplefilter("ignore", UserWarning)
+            return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                              sample_rate=sample_rate, steps=steps, accountant="rdp",
+                                              epsilon_tolerance=0.005))
     except ValueError as exc:
         raise UserError(f"ε={epsilon:g} cannot be met with δ={delta:g} over {steps} steps at sampling"
                         f" rate {sample_rate:.3g}: {exc}; raise --epsilon or lower the steps") from None
@@ -41,11 +45,15 @@ def spent(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
     """ε spent after ``steps`` steps (Opacus' RDP accountant); 0 for no steps."""
     if steps <= 0:
         return 0.0
+    import warnings
+
     from opacus.accountants import RDPAccountant
 
     acc = RDPAccountant()
     acc.history = [(sigma, sample_rate, steps)]
-    return float(acc.get_epsilon(delta=delta))
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is still valid
+        warnings.simplefilter("ignore", UserWarning)
+        return float(acc.get_epsilon(delta=delta))
 
 
 @dataclass
@@ -102,3 +110,29 @@ def check_delta(delta: float, smallest: int, what: str) -> None:
     if delta >= 1.0 / smallest:
         raise UserError(f"--delta {delta:g} is not below 1/({what} = {smallest}) = {1 / smallest:.3g};"
                         f" pass --delta smaller than {1 / smallest:.3g}")
+
+
+def sample_budgets(cfg, sizes: list[int], model=None) -> list[Budget]:
+    """One DP-SGD :class:`Budget` per client of ``--dp sample`` (``sizes``: examples per client).
+
+    Client k samples at ``q_k = min(1, batch_size / n_k)`` and plans
+    ``rounds × local_steps`` steps (plus Fed-SB's ``init_batches``); its σ_k is
+    ``--noise-multiplier`` or calibrated to ``(ε, δ)`` over those steps.
+    """
+    check_delta(cfg.delta, min(sizes), "the smallest client's examples")
+    if model is not None:
+        from fedlora.dpsgd import is_per_sample_safe
+
+        why = is_per_sample_safe(model)
+        if why is not None:
+            raise UserError(f"--dp sample needs per-example gradients, but {why}; use a model"
+                            " without batch normalisation, or --dp client")
+    steps = cfg.rounds * cfg.local_steps + (cfg.init_batches if cfg.strategy == "fed-sb" else 0)
+    sigmas: dict[float, float] = {}
+    out = []
+    for n in sizes:
+        q = min(1.0, cfg.batch_size / n)
+        if q not in sigmas:
+            sigmas[q] = Budget.planned(cfg.epsilon, cfg.delta, q, steps, cfg.noise_multiplier).sigma
+        out.append(Budget(sigma=sigmas[q], sample_rate=q, delta=cfg.delta, epsilon=cfg.epsilon))
+    return out

@@ -206,3 +206,24 @@ def evaluate(fm: FederatedModel, data: dict[str, Tensor], task: str, batch_size:
             correct += (lg.argmax(-1)[valid] == lb[valid]).sum().item()
             count += valid.sum().item()
     return correct / max(count, 1), loss_sum / max(count, 1)
+
+
+def local_training(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
+                   cfg: TrainConfig, rnd: int, budgets=None, progress=None) -> list[float]:
+    """Round ``rnd`` of slots ``0..m-1``: :func:`train_clients`, or DP-SGD with each client's
+    :class:`~fedlora.privacy.Budget` when ``cfg.dp_sample`` (see ``fedlora.dpsgd``)."""
+    if cfg.dp_sample:
+        from fedlora.dpsgd import dp_train_clients
+
+        return dp_train_clients(fm, data, samplers, cfg, budgets, rnd, progress)
+    return train_clients(fm, data, samplers, cfg, rnd=rnd, progress=progress)
+
+
+def gradient_estimates(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
+                       cfg: TrainConfig, steps: int, budgets=None) -> dict[str, Tensor]:
+    """Fed-SB's round 0: :func:`estimate_gradients`, privatised when ``cfg.dp_sample``."""
+    if cfg.dp_sample:
+        from fedlora.dpsgd import dp_estimate_gradients
+
+        return dp_estimate_gradients(fm, data, samplers, cfg, budgets, steps)
+    return estimate_gradients(fm, data, samplers, cfg, steps)

@@ -1,5 +1,6 @@
 """Batched per-client adapter ops (torch only), each beside a slow reference."""
 
+from . import per_sample
 from .lora_ops import (
     Routing,
     dense_delta,
@@ -12,6 +13,7 @@ from .lora_ops import (
 
 __all__ = [
     "Routing",
+    "per_sample",
     "dense_delta",
     "dense_delta_reference",
     "lora_delta",

@@ -87,7 +87,7 @@ class FedLoRA(FlowerStrategy):
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, sort by client id, aggregate; None if too few valid replies."""
-        uploads, bytes_up, losses, seconds = [], [], [], []
+        uploads, bytes_up, losses, seconds, eps = [], [], [], [], []
         for node, msg, tensors in self._valid(list(replies), "upload", kind="train"):
             m = msg.content["metrics"]
             upload = upload_from_tensors(tensors, int(m["num-examples"]),
@@ -96,12 +96,14 @@ class FedLoRA(FlowerStrategy):
             bytes_up.append(wire_bytes(msg.content["upload"]))
             losses.append(float(m["train-loss"]))
             seconds.append(float(m["train-seconds"]))
+            eps.append(float(m.get("epsilon", 0.0)))
             if not self.settings.stateless_clients:
                 self.coord.delivered(node)  # it now holds this round's folds / shared factors
         if len(uploads) < self.settings.min_replies:
             return None, None
         agg = self.coord.aggregate(uploads)
         self._last = (bytes_up, agg.agg_error, losses, seconds)
+        self._epsilons = eps
         metrics = MetricRecord({"train-loss": sum(losses) / len(losses), "clients": len(uploads)})
         return to_record(self.coord.download(with_shared=False)), metrics
 
@@ -137,6 +139,9 @@ class FedLoRA(FlowerStrategy):
             row.update(rejected=self.rejected, failed=len(errors) + len(missing),
                        client_seconds=round(max(seconds), 3),
                        overhead_seconds=round(row["seconds"] - max(seconds), 3))
+            if self.coord.cfg.dp == "sample":
+                row.update(dp="sample", epsilon_per_client=[round(e, 4) for e in self._epsilons],
+                           epsilon=round(max(self._epsilons), 4))
             self._commit(row)
 
     def _initial_round(self, grid) -> None:

@@ -72,9 +72,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 def format_row(row: dict) -> str:
     err = "-" if row["agg_error"] is None else f"{row['agg_error']:.2e}"
+    eps = "" if row.get("epsilon") is None else f"  ε {row['epsilon']:.2f}"
     return (f"round {row['round']:>3}  acc {row['accuracy']:.4f}  loss {row['loss']:.4f}  "
             f"agg_err {err}  up {row['bytes_up'] / 1e6:.2f} MB  "
-            f"down {row['bytes_down'] / 1e6:.2f} MB  {row['seconds']:.1f}s")
+            f"down {row['bytes_down'] / 1e6:.2f} MB  {row['seconds']:.1f}s{eps}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ loop from ``fedlora.train``. One round is
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,10 +27,11 @@ from fedlora.data import load_dataset, partition, split, tokenize
 from fedlora.export import export_peft
 from fedlora.hub import load_model
 from fedlora.model import AdapterConfig, FederatedModel
+from fedlora.privacy import Budget, sample_budgets
 from fedlora.rounds import Coordinator, make_strategy
 from fedlora.state import extract_upload, upload_tensors
 from fedlora.strategies import ClientUpload, Strategy
-from fedlora.train import ClientSampler, estimate_gradients, train_clients
+from fedlora.train import ClientSampler, gradient_estimates, local_training
 from fedlora.wire import tensor_bytes
 
 SimConfig = JobConfig  # the simulator's name for a job's settings
@@ -49,6 +51,7 @@ class Job:
     samplers: list[ClientSampler]
     model_path: Path
     label_names: list[str]
+    budgets: list[Budget] | None = None  # --dp sample: one privacy ledger per client
 
 
 def build_job(cfg: JobConfig) -> Job:
@@ -67,9 +70,10 @@ def build_job(cfg: JobConfig) -> Job:
                                 train_head=cfg.task == "classification")
     fm = FederatedModel(model, adapter_cfg).to(torch.device(cfg.device))
     samplers = [cfg.sampler(k, idx) for k, idx in enumerate(parts)]
+    budgets = sample_budgets(cfg, [len(s) for s in samplers], model) if cfg.dp == "sample" else None
     return Job(cfg, strategy, fm, tokenize(tokenizer, train_ds, cfg.max_length, cfg.task),
                tokenize(tokenizer, test_ds, cfg.max_length, cfg.task), samplers, path,
-               ds.label_names)
+               ds.label_names, budgets)
 
 
 def pass_size(cfg: JobConfig, clients: int) -> int:
@@ -98,8 +102,8 @@ def local_round(job: Job, coord: Coordinator, rnd: int, clients: list[int],
         job.fm.set_ranks([job.cfg.rank_of(c) for c in chunk] + pad)
         coord.reload()
         step = None if on_step is None else partial(on_step, len(chunk))
-        losses += train_clients(job.fm, job.train, [job.samplers[c] for c in chunk],
-                                job.cfg.train_config(), rnd=rnd, progress=step)
+        losses += local_training(job.fm, job.train, [job.samplers[c] for c in chunk],
+                                 job.cfg.train_config(), rnd, _budgets(job, chunk), step)
         uploads += [extract_upload(job.fm, k, len(job.samplers[c])) for k, c in enumerate(chunk)]
     return uploads, losses
 
@@ -108,12 +112,25 @@ def init_uploads(job: Job, clients: list[int]) -> list[ClientUpload]:
     """Fed-SB's round 0: the gradient estimate of every client, pass by pass."""
     out = []
     for chunk in chunks(clients, job.fm.num_clients):
-        grads = estimate_gradients(job.fm, job.train, [job.samplers[c] for c in chunk],
-                                   job.cfg.train_config(), job.cfg.init_batches)
+        grads = gradient_estimates(job.fm, job.train, [job.samplers[c] for c in chunk],
+                                   job.cfg.train_config(), job.cfg.init_batches, _budgets(job, chunk))
         out += [ClientUpload(num_examples=len(job.samplers[c]),
                              grads={name: g[k] for name, g in grads.items()})
                 for k, c in enumerate(chunk)]
     return out
+
+
+def _budgets(job: Job, clients: list[int]) -> list[Budget] | None:
+    return None if job.budgets is None else [job.budgets[c] for c in clients]
+
+
+def privacy_columns(budgets: list[Budget] | None, clients: list[int]) -> dict:
+    """``--dp sample`` metric columns: ε spent by each client of the round, and the largest."""
+    if budgets is None:
+        return {}
+    return {"dp": "sample", "epsilon_per_client": [round(budgets[c].spent, 4) for c in clients],
+            "epsilon": round(max(b.spent for b in budgets), 4),
+            "noise_multiplier": max(b.sigma for b in budgets)}
 
 
 class _Bytes:
@@ -145,10 +162,18 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
     uploads = init_uploads(job, cfg.sampled(0)) if job.strategy.needs_gradient_init else None
     coord.start(uploads)
     up0 = [tensor_bytes(upload_tensors(u)) for u in uploads or []]
-    _emit(metrics_path, coord.row(up0, [], None, None, time.perf_counter() - t0, len(up0)), on_round)
+    row0 = coord.row(up0, [], None, None, time.perf_counter() - t0, len(up0))
+    row0.update(privacy_columns(job.budgets, cfg.sampled(0) if uploads else []))
+    _emit(metrics_path, row0, on_round)
     for rnd in range(1, cfg.rounds + 1):
         t_round = time.perf_counter()
         clients = cfg.sampled(rnd)
+        if job.budgets is not None:  # clients whose privacy budget is spent sit out
+            clients = [c for c in clients if job.budgets[c].can_step()]
+            if not clients:
+                print(f"fedlora: every client of round {rnd} has spent its privacy budget"
+                      f" (ε={cfg.epsilon:g}); stopping after round {rnd - 1}", file=sys.stderr)
+                break
         down = [_Bytes(coord)(c) for c in clients]
         ups, losses = local_round(job, coord, rnd, clients, on_step)
         for c in clients:
@@ -156,6 +181,7 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
         agg = coord.aggregate(ups)
         row = coord.row([tensor_bytes(upload_tensors(u)) for u in ups], down, agg.agg_error, losses,
                         time.perf_counter() - t_round, len(ups))
+        row.update(privacy_columns(job.budgets, clients))
         _emit(metrics_path, row, on_round)
     export_peft(coord.state, list(job.fm.adapters), out_dir / "adapter", str(job.model_path),
                 "SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM", list(job.fm.heads))

@@ -24,8 +24,9 @@ def _rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("extra", [["--strategy", "flora", "--ranks", "2,4,3"], ["--strategy", "fed-sb"]],
-                         ids=["flora-hetero", "fed-sb"])
+@pytest.mark.parametrize("extra", [["--strategy", "flora", "--ranks", "2,4,3"], ["--strategy", "fed-sb"],
+                                   ["--dp", "sample", "--epsilon", "8", "--delta", "1e-3"]],
+                         ids=["flora-hetero", "fed-sb", "dp-sample"])
 def test_flower_engine_reaches_the_batched_adapter(tiny_bert_dir, tiny_csv, tmp_path, extra):
     # Prepare: the batched run of the job
     batched, flower = tmp_path / "batched", tmp_path / "flower"
@@ -45,6 +46,8 @@ def test_flower_engine_reaches_the_batched_adapter(tiny_bert_dir, tiny_csv, tmp_
         assert y["clients"] == 3 and sorted(y["bytes_up_per_client"]) == sorted(x["bytes_up_per_client"])
         assert y["bytes_down"] >= x["bytes_down"]
         assert y["accuracy"] == pytest.approx(x["accuracy"], abs=1e-9)
+        # DP: each client's ledger survives Flower rebuilding it (kept in the node's context.state)
+        assert y.get("epsilon_per_client") == x.get("epsilon_per_client")
 
 
 def test_flower_engine_refuses_batched_only_flags(tiny_bert_dir, tiny_csv, tmp_path, capsys):

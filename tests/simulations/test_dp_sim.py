@@ -1,0 +1,80 @@
+"""``fedlora-sim --dp sample`` end to end on a tiny model: passes, budgets, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedlora.privacy import spent
+from fedlora.simulations.cli import main
+
+pytestmark = pytest.mark.slow
+
+# 144 training rows over 3 IID clients: 48 each, so q = 4 / 48 per client
+Q = 4 / 48
+
+
+def _job(model, data, out, *extra):
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--num-clients", "3",
+            "--rounds", "3", "--local-steps", "3", "--batch-size", "4", "--rank", "4",
+            "--max-length", "16", "--quiet", "--dp", "sample", "--delta", "1e-3", *extra]
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dp_clients_batched_equal_one_per_pass(tiny_bert_dir, tiny_csv, tmp_path):
+    # Execute: the same DP job with all 3 clients in one pass, and one client per pass
+    assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "one", "--epsilon", "8")) == 0
+    assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "per", "--epsilon", "8",
+                     "--max-clients-per-pass", "1")) == 0
+    # Assert: each client's Poisson batches and noise are its own: same adapter
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "per" / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    # and the budget is spent exactly by the planned 9 steps: ε ≤ 8, close to it
+    last = _rows(tmp_path / "one")[-1]
+    assert last["dp"] == "sample" and len(last["epsilon_per_client"]) == 3
+    assert 7.9 <= last["epsilon"] <= 8.0
+
+
+def test_budget_stops_training(tiny_bert_dir, tiny_csv, tmp_path, capsys):
+    # Prepare: a fixed σ = 1 and a budget of ε = 1.5: 5 steps fit (ε 1.488), a 6th does not (1.561)
+    out = tmp_path / "run"
+    # Execute
+    code = main(_job(tiny_bert_dir, tiny_csv, out, "--epsilon", "1.5", "--noise-multiplier", "1.0"))
+    # Assert: round 1 takes 3 steps, round 2 only 2, then the run stops before round 3
+    rows = _rows(out)
+    assert code == 0 and [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[1]["epsilon_per_client"] == [pytest.approx(spent(1.0, Q, 3, 1e-3), abs=1e-4)] * 3
+    assert rows[2]["epsilon_per_client"] == [pytest.approx(spent(1.0, Q, 5, 1e-3), abs=1e-4)] * 3
+    assert max(rows[2]["epsilon_per_client"]) <= 1.5
+    assert "spent its privacy budget" in capsys.readouterr().err
+
+
+def test_fed_sb_initialisation_is_counted_in_the_budget(tiny_bert_dir, tiny_csv, tmp_path):
+    # Execute: Fed-SB's gradient estimate (2 batches) is privatised like a training step
+    out = tmp_path / "sb"
+    assert main(_job(tiny_bert_dir, tiny_csv, out, "--strategy", "fed-sb", "--epsilon", "1e6",
+                     "--noise-multiplier", "1.0", "--rounds", "1")) == 0
+    # Assert: round 0 has spent 2 steps, round 1 has spent 2 + 3
+    rows = _rows(out)
+    assert rows[0]["epsilon_per_client"] == [pytest.approx(spent(1.0, Q, 2, 1e-3), abs=1e-4)] * 3
+    assert rows[1]["epsilon_per_client"] == [pytest.approx(spent(1.0, Q, 5, 1e-3), abs=1e-4)] * 3
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--epsilon", "0"], "needs a budget"),
+    (["--epsilon", "8", "--delta", "0.05"], "smaller than"),
+])
+def test_dp_refusals_are_one_line(tiny_bert_dir, tiny_csv, tmp_path, capsys, extra, words):
+    args = [a for a in _job(tiny_bert_dir, tiny_csv, tmp_path / "x") if a not in ("--delta", "1e-3")]
+    code = main([*args, *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and words in err[0]
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
