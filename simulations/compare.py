@@ -370,7 +370,16 @@ def job_notes(cfg: JobConfig) -> str:
     return (f"Same job for every run: model `{cfg.model}`, data `{cfg.data}`, {cfg.num_clients} clients "
             f"({cfg.partition} partition), {cfg.rounds} rounds of {cfg.local_steps} local steps, "
             f"batch {cfg.batch_size}, max length {cfg.max_length}, rank {cfg.rank}, seed {cfg.seed}, "
-            f"device {cfg.device}.")
+            f"device {cfg.device}.{_dp_note(cfg)}")
+
+
+def _dp_note(cfg: JobConfig) -> str:
+    if cfg.dp == "none":
+        return ""
+    sigma = f"σ {cfg.noise_multiplier:g}" if cfg.noise_multiplier > 0 else "σ calibrated"
+    clip = f"update clip {cfg.update_clip:g}" if cfg.dp == "client" else \
+        f"per-example clip {cfg.max_grad_norm or 1.0:g}"
+    return f" Differential privacy: --dp {cfg.dp}, ε {cfg.epsilon:g}, δ {cfg.delta:g}, {sigma}, {clip}."
 
 
 def _clear(out: Path, plan: list[tuple[str, JobConfig]]) -> None:

