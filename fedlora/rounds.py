@@ -24,9 +24,18 @@ import torch
 from torch import Tensor
 
 from fedlora.config import JobConfig
+from fedlora.errors import UserError
 from fedlora.model import FederatedModel, draw_seed
+from fedlora.privacy import Budget, check_delta
 from fedlora.state import apply_global, download_tensors, head_of, initial_state
-from fedlora.strategies import Aggregate, ClientUpload, GlobalState, Strategy, get_strategy
+from fedlora.strategies import (
+    Aggregate,
+    ClientLevelDP,
+    ClientUpload,
+    GlobalState,
+    Strategy,
+    get_strategy,
+)
 from fedlora.strategies.base import Factors
 from fedlora.train import evaluate
 
@@ -40,7 +49,59 @@ def make_strategy(cfg: JobConfig) -> Strategy:
         options["lam"] = cfg.fair_lambda
     elif cfg.strategy == "fed-sb":
         options = {"init_lr": cfg.sb_init_lr, "seed": cfg.seed}
-    return get_strategy(cfg.strategy, **options)
+    strategy = get_strategy(cfg.strategy, **options)
+    return client_level_dp(cfg, strategy) if cfg.dp == "client" else strategy
+
+
+def client_level_dp(cfg: JobConfig, inner: Strategy) -> ClientLevelDP:
+    """``inner`` wrapped for ``--dp client``, with its privacy ledger.
+
+    ``m = len(cfg.sampled(1))`` clients per round sampled at rate ``q = m / num_clients``;
+    the planned releases are the rounds (plus Fed-SB's initialisation); ``σ`` is
+    ``--noise-multiplier`` or calibrated to spend ``(ε, δ)`` over them; ``C`` is
+    ``--update-clip``. A fixed ``σ`` that cannot afford every planned round is refused
+    here, before anything is trained.
+
+    Raises
+    ------
+    UserError
+        Non-sum strategy, missing ε, bad δ or clip, or a ``σ`` too small for the rounds.
+    """
+    if not inner.sum_only:
+        raise UserError(f"--dp client needs a strategy whose aggregate is a sum of client updates"
+                        f" (fedavg, fed-sb); {inner.name}'s is not")
+    if cfg.epsilon <= 0:
+        raise UserError("--dp client needs a budget: pass --epsilon (e.g. 8) and --delta")
+    if cfg.update_clip <= 0:
+        raise UserError(f"--update-clip must be > 0, got {cfg.update_clip}")
+    if not 0 < cfg.delta < 1:
+        raise UserError(f"--delta must be in (0, 1), got {cfg.delta}")
+    check_delta(cfg.delta, cfg.num_clients, "clients")
+    m = len(cfg.sampled(1))
+    steps = cfg.rounds + (1 if inner.needs_gradient_init else 0)
+    budget = Budget.planned(cfg.epsilon, cfg.delta, m / cfg.num_clients, steps, cfg.noise_multiplier)
+    if budget.epsilon_after(steps) > cfg.epsilon * (1 + 1e-3):
+        raise UserError(_too_little_noise(budget, steps, steps - cfg.rounds))
+    return ClientLevelDP(inner, clip=cfg.update_clip, noise_multiplier=budget.sigma,
+                         expected_clients=m, seed=cfg.seed, accountant=budget.epsilon_after,
+                         epsilon=cfg.epsilon)
+
+
+def _too_little_noise(budget: Budget, steps: int, extra: int) -> str:
+    """The refusal of a fixed σ that spends ε before the last planned round."""
+    lo, hi = 0, steps       # largest affordable number of releases, by bisection (ε grows)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if budget.epsilon_after(mid) <= budget.epsilon * (1 + 1e-3):
+            lo = mid
+        else:
+            hi = mid - 1
+    rounds = max(lo - extra, 0)
+    fix = f"pass --rounds {rounds}, " if rounds else "pass "
+    return (f"--noise-multiplier {budget.sigma:g} spends the privacy budget ε={budget.epsilon:g} before"
+            f" the last round (ε={budget.epsilon_after(steps):.3g} after {steps - extra} rounds); it"
+            f" affords {rounds} rounds: {fix}a larger --noise-multiplier, or none to calibrate σ"
+            " to --epsilon")
 
 
 class Coordinator:
@@ -64,6 +125,7 @@ class Coordinator:
         if self.strategy.needs_gradient_init:
             if not init_uploads:
                 raise ValueError(f"{self.strategy.name} needs the clients' gradient estimates")
+            self._check_budget()
             self.state = self.strategy.initialize(init_uploads, self.cfg.rank,
                                                   scale=self.cfg.lora_alpha / self.cfg.rank)
             self.state.head = head_of(self.fm, 0)
@@ -86,12 +148,20 @@ class Coordinator:
     def aggregate(self, uploads: list[ClientUpload]) -> Aggregate:
         """Round ``self.round + 1``: aggregate, load the new state into ``fm``."""
         assert self.state is not None
+        self._check_budget()
         agg = self.strategy.aggregate(uploads, self.state)
         self.state = agg.state
         self.folds.append(agg.fold)
         self.round += 1
         self._load(agg.fold)
         return agg
+
+    def _check_budget(self) -> None:
+        """``--dp client``: refuse a release past the ε budget (more rounds than planned)."""
+        if isinstance(self.strategy, ClientLevelDP) and not self.strategy.can_step():
+            raise UserError(f"the privacy budget ε={self.cfg.epsilon:g} is spent after round"
+                            f" {self.round}: one more round would exceed it; stop here or start"
+                            " a job with a larger --epsilon")
 
     @property
     def fold(self) -> dict[str, Factors]:
@@ -183,6 +253,8 @@ class Coordinator:
             for name, (A, B) in fold.items():
                 self.fm.adapters[name].fold(A, B)
         self.fresh_seed = blob["fresh_seed"]
+        if isinstance(self.strategy, ClientLevelDP):  # releases so far: rounds (+ Fed-SB's init)
+            self.strategy.steps = self.round + (1 if self.strategy.needs_gradient_init else 0)
         apply_global(self.fm, self.state, {}, self.fresh_seed)
 
 

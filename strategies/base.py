@@ -107,14 +107,15 @@ class Aggregate:
     fold : dict
         Layer -> ``(A, B)`` to add as ``B A`` into the base weights this round (FLoRA);
         empty for the others. This is what travels down in place of an adapter.
-    agg_error : float
+    agg_error : float or None
         ``‖ΔW_agg − Σ p_k ΔW_k‖_F / ‖Σ p_k ΔW_k‖_F`` summed over layers (squared norms
-        added before the ratio), computed without any ``d × d`` matrix.
+        added before the ratio), computed without any ``d × d`` matrix. None when not
+        measured (client-level DP: comparing with the exact mean would use raw updates).
     """
 
     state: GlobalState
     fold: dict[str, Factors]
-    agg_error: float
+    agg_error: float | None
 
 
 class Strategy:

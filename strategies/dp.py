@@ -1,0 +1,247 @@
+"""Client-level differential privacy around a sum-only strategy (DP-FedAvg; torch only).
+
+Client k starts a round from the global tensors ``θ`` and uploads ``θ_k``; its update
+is ``Δ_k = θ_k − θ`` over every tensor the strategy averages:
+
+* LoRA mode (fedavg): ``A`` and ``B`` of every adapted layer, plus the task head;
+* LoRA-SB mode (fed-sb): the core ``R`` of every layer, plus the task head.
+
+One release (a round) is the Gaussian mechanism on the sum of clipped updates::
+
+    clip_C(Δ) = Δ · min(1, C / ‖Δ‖₂)                  (one L2 norm over all of Δ_k's tensors)
+    θ_new     = θ + (Σ_k clip_C(Δ_k) + N(0, σ² C² I)) / m
+
+with ``m`` the *expected* number of clients per round: a fixed denominator and uniform
+weights, since weights ``p_k ∝ n_k`` would reveal ``n_k`` and leave a client's influence
+unbounded. Adding or removing one client moves the sum by at most ``C``, so each
+release has noise multiplier ``σ``; composing releases over rounds (clients sampled
+at rate ``q``) is accounted by the caller (``fedlora.rounds`` with Opacus' RDP
+accountant), which hands in ``accountant(steps) -> ε``.
+
+Fed-SB's initialisation is one more release: the clients' gradient estimates ``G_k``
+are clipped jointly to ``C``, summed, noised with the same ``σ`` and divided by ``m``;
+the inner strategy's :meth:`initialize` then runs on that noisy mean alone.
+
+**Noise seed.** Release ``i`` (``i = steps`` before it; Fed-SB's initialisation is
+release 0) draws its noise from a CPU ``torch.Generator`` seeded from ``(seed, i)``.
+``steps`` is plain state that a resumed job sets from its completed rounds
+(``Coordinator.restore`` does), so a resumed run draws the same noise and reports the
+same ε as an uninterrupted one. Whoever knows ``seed`` can regenerate the noise: keep
+it as private as the clients' raw updates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import Aggregate, ClientUpload, GlobalState, Strategy
+
+Key = tuple[str, str]
+"""``(kind, name)``: ``("A" | "B" | "R", layer)`` or ``("head", tensor name)``."""
+
+Accountant = Callable[[int], float]
+"""ε spent after the given number of releases."""
+
+SLACK = 1e-3
+"""Relative slack on the ε budget (σ is calibrated by a binary search)."""
+
+
+def noise_seed(seed: int, step: int) -> int:
+    """The generator seed of release ``step``: a hash of ``(seed, step)`` to 32 bits.
+
+    32 bits because a CPU ``torch.Generator`` (mt19937) keeps only the low 32 bits of
+    its seed; hashing keeps ``(seed, step)`` pairs apart (and away from the job's other
+    generators, which are seeded with ``seed`` itself).
+    """
+    digest = hashlib.blake2b(f"fedlora-client-dp:{seed}:{step}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def global_tensors(state: GlobalState, mode: str) -> dict[Key, Tensor]:
+    """The global tensors clients start from: ``A``/``B`` (LoRA) or ``R`` (LoRA-SB), and the head."""
+    out: dict[Key, Tensor] = {}
+    if mode == "lora-sb":
+        if state.factors is None or state.cores is None:
+            raise ValueError("client-level DP on LoRA-SB needs the initialisation round first")
+        out.update({("R", layer): R for layer, R in state.cores.items()})
+    else:
+        if state.factors is None:
+            raise ValueError("client-level DP needs a global adapter to measure updates against;"
+                             " this state has none (clients start from fresh adapters)")
+        for layer, (A, B) in state.factors.items():
+            out[("A", layer)], out[("B", layer)] = A, B
+    out.update({("head", key): t for key, t in state.head.items()})
+    return out
+
+
+def upload_tensors(upload: ClientUpload, mode: str) -> dict[Key, Tensor]:
+    """An upload's counterparts of :func:`global_tensors`."""
+    out: dict[Key, Tensor] = {}
+    if mode == "lora-sb":
+        out.update({("R", layer): R for layer, R in upload.cores.items()})
+    else:
+        for layer, (A, B) in upload.factors.items():
+            out[("A", layer)], out[("B", layer)] = A, B
+    out.update({("head", key): t for key, t in upload.head.items()})
+    return out
+
+
+def as_upload(tensors: dict[Key, Tensor], mode: str, scale: float) -> ClientUpload:
+    """Inverse of :func:`upload_tensors`: one synthetic upload (``num_examples=1``)."""
+    up = ClientUpload(num_examples=1, scale=scale)
+    for (kind, name), t in tensors.items():
+        if kind == "head":
+            up.head[name] = t
+        elif kind == "R":
+            up.cores[name] = t
+        elif kind == "A":
+            up.factors[name] = (t, tensors[("B", name)])
+    return up
+
+
+def updates(uploads: Sequence[ClientUpload], start: dict[Key, Tensor],
+            mode: str) -> list[dict[Key, Tensor]]:
+    """``Δ_k = θ_k − θ`` per client; raises when a client's tensors do not match the global ones."""
+    out = []
+    for k, upload in enumerate(uploads):
+        new = upload_tensors(upload, mode)
+        if new.keys() != start.keys():
+            raise ValueError(f"client {k} uploaded {sorted(new)} but the global state has"
+                             f" {sorted(start)}")
+        for key, t in new.items():
+            if t.shape != start[key].shape:
+                raise ValueError(f"client {k}'s {key[0]} of {key[1]} has shape {tuple(t.shape)}, the"
+                                 f" global one {tuple(start[key].shape)}: client-level DP needs every"
+                                 " client to train the global adapter's rank")
+        out.append({key: t - start[key] for key, t in new.items()})
+    return out
+
+
+def joint_norm(tensors: dict[Key, Tensor]) -> float:
+    """One L2 norm over all the tensors (float64)."""
+    return float(sum((t.double() ** 2).sum() for t in tensors.values()) ** 0.5)
+
+
+class ClientLevelDP(Strategy):
+    """Clip each client's update, noise the sum, divide by ``m`` (see the module docstring).
+
+    Parameters
+    ----------
+    inner : Strategy
+        A strategy whose ``sum_only`` is True (fedavg, fed-sb). Its name, mode and
+        flags are copied; its :meth:`aggregate` of one upload must return that upload
+        as the new state (true of weighted averages).
+    clip : float
+        ``C``, the bound on each client's update norm.
+    noise_multiplier : float
+        ``σ``: the noise std is ``σ C`` on every coordinate of the sum (0: no noise).
+    expected_clients : int
+        ``m``, the fixed denominator: clients sampled per round. A round with more
+        replies is refused (the accounting's sampling rate would be wrong).
+    seed : int
+        Noise seed (with the release index, see :func:`noise_seed`).
+    accountant : callable, optional
+        ``steps -> ε``; without it :meth:`privacy_report` has ``epsilon`` None.
+    epsilon : float, optional
+        Budget: a release that would bring ``accountant(steps + 1)`` above it is refused.
+
+    Attributes
+    ----------
+    steps : int
+        Releases made so far (rounds, plus Fed-SB's initialisation). Set it when resuming.
+    clipped_fraction : float or None
+        Fraction of the last release's clients whose update norm exceeded ``C``.
+    """
+
+    def __init__(self, inner: Strategy, clip: float, noise_multiplier: float,
+                 expected_clients: int, seed: int = 0, accountant: Accountant | None = None,
+                 epsilon: float | None = None) -> None:
+        if not inner.sum_only:
+            raise ValueError(f"client-level DP needs a strategy whose aggregate is a sum of client"
+                             f" updates (sum_only, e.g. fedavg, fed-sb); {inner.name}'s is not, so"
+                             " clipping and noising a sum would not bound each client's influence")
+        if clip <= 0 or noise_multiplier < 0 or expected_clients < 1:
+            raise ValueError(f"client-level DP needs clip > 0, noise_multiplier ≥ 0 and"
+                             f" expected_clients ≥ 1, got {clip}, {noise_multiplier}, {expected_clients}")
+        self.inner = inner
+        for attr in ("name", "mode", "uploads", "downloads", "needs_gradient_init", "fresh_adapters"):
+            setattr(self, attr, getattr(inner, attr))
+        self.sum_only, self.heterogeneous_ranks = True, False
+        self.clip, self.sigma, self.expected_clients = float(clip), float(noise_multiplier), expected_clients
+        self.seed, self.accountant, self.epsilon = seed, accountant, epsilon
+        self.steps = 0
+        self.clipped_fraction: float | None = None
+
+    # ---- the ledger ----
+    def can_step(self) -> bool:
+        """Whether one more release stays within the ε budget (always, without one)."""
+        if self.accountant is None or self.epsilon is None:
+            return True
+        return self.accountant(self.steps + 1) <= self.epsilon * (1 + SLACK)
+
+    def privacy_report(self) -> dict[str, object]:
+        """Metric columns: ε spent after the releases so far, σ, C, last clipped fraction."""
+        eps = None if self.accountant is None else float(self.accountant(self.steps))
+        return {"dp": "client", "epsilon": eps, "noise_multiplier": self.sigma, "clip": self.clip,
+                "clipped_fraction": self.clipped_fraction}
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "dp": "client", "clip": self.clip,
+                "noise_multiplier": self.sigma, "expected_clients": self.expected_clients}
+
+    # ---- releases ----
+    def release(self, deltas: Sequence[dict[Key, Tensor]]) -> dict[Key, Tensor]:
+        """``(Σ_k clip_C(Δ_k) + N(0, σ²C² I)) / m``; counts one step."""
+        if not deltas:
+            raise ValueError("cannot aggregate an empty round: no client replied")
+        if len(deltas) > self.expected_clients:
+            raise ValueError(f"{len(deltas)} clients replied but client-level DP was set up for"
+                             f" m = {self.expected_clients} per round (its sampling rate)")
+        if not self.can_step():
+            raise RuntimeError(f"the privacy budget ε={self.epsilon:g} is spent after"
+                               f" {self.steps} releases")
+        total = {key: torch.zeros_like(t, dtype=torch.float64) for key, t in deltas[0].items()}
+        clipped = 0
+        for delta in deltas:
+            if delta.keys() != total.keys():
+                raise ValueError(f"clients sent different tensors: {sorted(delta)} and {sorted(total)}")
+            norm = joint_norm(delta)
+            clipped += norm > self.clip
+            factor = min(1.0, self.clip / norm) if norm > 0 else 1.0
+            for key, t in delta.items():
+                total[key] += factor * t.double()
+        gen = torch.Generator().manual_seed(noise_seed(self.seed, self.steps))
+        std = self.sigma * self.clip
+        out = {}
+        for key, t in total.items():
+            if std > 0:
+                t = t + std * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device)
+            out[key] = (t / self.expected_clients).to(deltas[0][key].dtype)
+        self.steps += 1
+        self.clipped_fraction = clipped / len(deltas)
+        return out
+
+    def initialize(self, uploads: Sequence[ClientUpload], rank: int, scale: float) -> GlobalState:
+        """The inner initialisation on the noisy mean ``(Σ clip_C(G_k) + noise) / m`` only."""
+        if not self.needs_gradient_init:
+            raise NotImplementedError(f"{self.name} has no initialisation round")
+        grads = [{("G", layer): g for layer, g in u.grads.items()} for u in uploads]
+        mean = self.release(grads)
+        noisy = ClientUpload(num_examples=1, grads={layer: g for (_, layer), g in mean.items()})
+        return self.inner.initialize([noisy], rank, scale)
+
+    def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
+        """``θ + noisy mean update``, shaped by the inner strategy; ``agg_error`` None."""
+        start = global_tensors(state, self.mode)
+        deltas = updates(uploads, start, self.mode)
+        if self.mode == "lora" and len({u.scale for u in uploads}) > 1:
+            raise ValueError(f"{self.name} needs one LoRA scale for every client")
+        mean = self.release(deltas)
+        new = {key: start[key] + mean[key] for key in start}
+        scale = uploads[0].scale if self.mode == "lora" else state.scale
+        inner = self.inner.aggregate([as_upload(new, self.mode, scale)], state)
+        return Aggregate(state=inner.state, fold={}, agg_error=None)
