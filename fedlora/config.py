@@ -57,6 +57,7 @@ class JobConfig:
     delta: float = 1e-5              # DP δ
     noise_multiplier: float = 0.0    # 0: calibrated to (ε, δ) over the planned steps
     update_clip: float = 1.0         # dp client: each client's update is clipped to this norm
+    dp_reproducible: bool = False    # DP randomness from --seed (tests, parity checks; not private)
 
     def client_ranks(self) -> list[int]:
         return list(self.ranks) if self.ranks else [self.rank] * self.num_clients
@@ -74,7 +75,7 @@ class JobConfig:
             clip = 1.0  # DP-SGD always clips per example
         return TrainConfig(task=self.task, local_steps=self.local_steps, batch_size=self.batch_size,
                            lr=self.lr, max_grad_norm=clip, precision=self.precision,
-                           dp_sample=self.dp == "sample")
+                           dp_sample=self.dp == "sample", dp_reproducible=self.dp_reproducible)
 
     def sampled(self, rnd: int) -> list[int]:
         """The clients of round ``rnd`` (sorted): all, or ``clients_per_round`` drawn from
@@ -166,6 +167,9 @@ def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "cl
                          " the budget is spent")
     dp.add_argument("--update-clip", type=float, default=1.0,
                     help="--dp client: L2 bound of each client's update (all its uploaded tensors)")
+    dp.add_argument("--dp-reproducible", action="store_true",
+                    help="draw the DP noise and Poisson batches from --seed instead of OS entropy, so"
+                         " runs repeat exactly; for tests only: knowing the seed removes the noise")
 
 
 def check_job_args(args: argparse.Namespace) -> None:
@@ -259,6 +263,7 @@ def to_config(args: argparse.Namespace, device: str | None = None) -> JobConfig:
         dp=getattr(args, "dp", "none"), epsilon=getattr(args, "epsilon", 0.0),
         delta=getattr(args, "delta", 1e-5), noise_multiplier=getattr(args, "noise_multiplier", 0.0),
         update_clip=getattr(args, "update_clip", 1.0),
+        dp_reproducible=getattr(args, "dp_reproducible", False),
     )
 
 

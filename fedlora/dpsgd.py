@@ -4,22 +4,25 @@ One step, for every client k of the pass (each with its own sampling rate
 ``q_k = batch_size / n_k``, noise multiplier ``σ_k`` and :class:`~fedlora.privacy.Budget`):
 
 1. **Poisson sampling**: each of the client's examples joins the batch with
-   probability ``q_k`` (drawn from the client's round-keyed generator, so the same
-   batches in the simulator and in a deployment). Batches differ in size, so every
-   client's segment is padded to the largest with zero-weight rows.
+   probability ``q_k``. Draws and noise come from OS entropy; ``--dp-reproducible``
+   keys them to (client seed, round, step) instead, so the simulator, a deployment
+   and a resumed run agree, for tests only (knowing the seed removes the privacy).
+   Batches differ in size, so every client's segment is padded to the largest with
+   zero-weight rows.
 2. One forward/backward of ``Σ_i w_i ℓ_i`` over all rows (``w_i = 0`` on padding).
    Hooks keep each adapted layer's input ``x`` and output gradient ``g``; since
    examples do not interact, ``g_i`` is the gradient of example i's own loss.
 3. Per-example gradients of every trainable tensor (``kernels.per_sample``), their
    joint norm, clipping to ``C`` (``--max-grad-norm``): ``c_i = min(1, C / ‖∇ℓ_i‖)``.
 4. Client k's gradient is ``(Σ_{i∈k} c_i ∇ℓ_i + σ_k C ξ_k) / (q_k n_k)``, ``ξ_k`` standard
-   normal from a generator keyed by (client seed, round, step), then one stacked AdamW
+   normal from the client's own generator, then one stacked AdamW
    step (elementwise, so K independent ones). A client whose budget cannot afford the
    step sits it out (its slot is restored after the step).
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,7 +38,7 @@ from fedlora.kernels.per_sample import (
     lora_grad_sample,
     sb_grad_sample,
 )
-from fedlora.privacy import Budget
+from fedlora.privacy import Budget, GaussianNoise
 
 
 class Capture:
@@ -99,11 +102,17 @@ def clip_factors(sq_norms: Tensor, weights: Tensor, max_norm: float) -> Tensor:
     return weights * (max_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
 
 
-def poisson_batches(samplers, rates: Sequence[float]) -> tuple[list[int], Tensor, int]:
-    """Each client's Poisson batch, padded to one length L: ``(indices, weights, L)``."""
+def poisson_batches(samplers, rates: Sequence[float],
+                    reproducible: bool = False) -> tuple[list[int], Tensor, int]:
+    """Each client's Poisson batch, padded to one length L: ``(indices, weights, L)``.
+
+    The draws are secret (OS entropy) unless ``reproducible``: privacy amplification by
+    sampling assumes the adversary does not know which examples were drawn.
+    """
     picks = []
     for s, q in zip(samplers, rates, strict=True):
-        keep = s.rng.random(len(s.indices)) < q
+        rng = s.rng if reproducible else np.random.default_rng(secrets.randbits(128))
+        keep = rng.random(len(s.indices)) < q
         picks.append(s.indices[keep].tolist())
     L = max(1, max(len(p) for p in picks))
     idx, w = [], []
@@ -118,20 +127,21 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
 
 
 def noisy_mean(summed: Tensor, sigmas: Tensor, max_norm: float, expected: Tensor,
-               gens: Sequence[torch.Generator]) -> Tensor:
+               gens: Sequence[GaussianNoise]) -> Tensor:
     """``(summed_k + σ_k C ξ_k) / E_k`` per client k (rows of ``summed``), on the CPU.
 
     ``ξ_k`` is drawn from client k's own generator, so a client's noise does not depend
     on which other clients share its pass.
     """
     summed = summed.detach().float().cpu()
-    noise = torch.stack([torch.randn(summed.shape[1:], generator=g) for g in gens])
+    noise = torch.stack([g.normal(summed.shape[1:]).float() for g in gens])
     return (summed + _bcast(sigmas, summed) * max_norm * noise) / _bcast(expected, summed)
 
 
-def noise_generator(seed: int, rnd: int, step: int) -> torch.Generator:
-    state = np.random.SeedSequence([int(seed), int(rnd), int(step), 0xD9]).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+def noise_generator(seed: int, rnd: int, step: int, reproducible: bool = True) -> GaussianNoise:
+    """A client's noise for one step: keyed by (client seed, round, step) if ``reproducible``
+    (tests, parity checks: anyone who knows the seed can subtract it), else OS entropy."""
+    return GaussianNoise(reproducible, seed, rnd, step, 0xD9)
 
 
 def _batch(data: dict[str, Tensor], idx: list[int], device: torch.device) -> dict[str, Tensor]:
@@ -141,7 +151,7 @@ def _batch(data: dict[str, Tensor], idx: list[int], device: torch.device) -> dic
 
 def _forward(fm, data, samplers, cfg, rates, device):
     """Poisson batches, one forward/backward with capture; ``(cap, ids, w, L, losses)``."""
-    idx, w, L = poisson_batches(samplers, rates)
+    idx, w, L = poisson_batches(samplers, rates, cfg.dp_reproducible)
     m = len(samplers)
     batch = _batch(data, idx, device)
     labels = batch.pop("labels")
@@ -177,7 +187,7 @@ def dp_train_clients(fm, data: dict[str, Tensor], samplers, cfg, budgets: Sequen
         gs = grad_samples(fm, cap, ids)
         sq = sum(gr.reshape(gr.shape[0], -1).pow(2).sum(dim=1) for _, gr in gs)
         c = clip_factors(sq, w, cfg.max_grad_norm)
-        gens = [noise_generator(s.seed, rnd, step) for s in samplers]
+        gens = [noise_generator(s.seed, rnd, step, cfg.dp_reproducible) for s in samplers]
         sigmas = torch.tensor([b.sigma for b in budgets])
         for p, gr in gs:
             summed = (c.view(-1, *[1] * (gr.dim() - 1)) * gr).reshape(m, L, *gr.shape[1:]).sum(1)
@@ -225,7 +235,7 @@ def dp_estimate_gradients(fm, data, samplers, cfg, budgets: Sequence[Budget],
         layers = list(fm.adapters.items())
         sq = sum(dense_sq_norms(cap.x[layer], cap.g[layer]) for _, layer in layers)
         c = clip_factors(sq, w, cfg.max_grad_norm)
-        gens = [noise_generator(s.seed, 0, step) for s in samplers]
+        gens = [noise_generator(s.seed, 0, step, cfg.dp_reproducible) for s in samplers]
         sigmas = torch.tensor([b.sigma for b in budgets])
         for name, layer in layers:
             summed = dense_weighted_sum(cap.x[layer], cap.g[layer], c, m)

@@ -19,9 +19,30 @@ Both DP modes are Gaussian mechanisms on subsampled data, accounted with Rényi 
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
+
 from fedlora.errors import UserError
+
+
+class GaussianNoise:
+    """Standard normal draws for one DP release.
+
+    From OS entropy (a PCG64 generator seeded with 128 secret bits) by default; keyed
+    by ``key`` (e.g. seed, round, step) when ``reproducible``, which is for tests and
+    parity checks only: whoever knows the key can subtract the noise.
+    """
+
+    def __init__(self, reproducible: bool, *key: int) -> None:
+        seed = [int(k) & (2**63 - 1) for k in key] if reproducible else secrets.randbits(128)
+        self.rng = np.random.default_rng(seed)
+
+    def normal(self, shape) -> torch.Tensor:
+        """``(shape)`` float64 standard normal draws (CPU)."""
+        return torch.from_numpy(self.rng.standard_normal(tuple(shape)))
 
 
 def calibrate(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:

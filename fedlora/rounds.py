@@ -26,7 +26,7 @@ from torch import Tensor
 from fedlora.config import JobConfig
 from fedlora.errors import UserError
 from fedlora.model import FederatedModel, draw_seed
-from fedlora.privacy import Budget, check_delta
+from fedlora.privacy import Budget, GaussianNoise, check_delta
 from fedlora.state import apply_global, download_tensors, head_of, initial_state
 from fedlora.strategies import (
     Aggregate,
@@ -84,7 +84,8 @@ def client_level_dp(cfg: JobConfig, inner: Strategy) -> ClientLevelDP:
         raise UserError(_too_little_noise(budget, steps, steps - cfg.rounds))
     return ClientLevelDP(inner, clip=cfg.update_clip, noise_multiplier=budget.sigma,
                          expected_clients=m, seed=cfg.seed, accountant=budget.epsilon_after,
-                         epsilon=cfg.epsilon)
+                         epsilon=cfg.epsilon,
+                         noise=lambda step: GaussianNoise(cfg.dp_reproducible, cfg.seed, step, 0xC1))
 
 
 def _too_little_noise(budget: Budget, steps: int, extra: int) -> str:

@@ -34,6 +34,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     precision: str = "fp32"  # or "bf16": autocast the forward (parameters stay fp32)
     dp_sample: bool = False  # DP-SGD: Poisson batches, per-example clipping to max_grad_norm, noise
+    dp_reproducible: bool = False  # DP draws keyed to the seed (tests only: no privacy then)
 
 
 class ClientSampler:

@@ -22,12 +22,13 @@ Fed-SB's initialisation is one more release: the clients' gradient estimates ``G
 are clipped jointly to ``C``, summed, noised with the same ``σ`` and divided by ``m``;
 the inner strategy's :meth:`initialize` then runs on that noisy mean alone.
 
-**Noise seed.** Release ``i`` (``i = steps`` before it; Fed-SB's initialisation is
-release 0) draws its noise from a CPU ``torch.Generator`` seeded from ``(seed, i)``.
-``steps`` is plain state that a resumed job sets from its completed rounds
-(``Coordinator.restore`` does), so a resumed run draws the same noise and reports the
-same ε as an uninterrupted one. Whoever knows ``seed`` can regenerate the noise: keep
-it as private as the clients' raw updates.
+**Noise.** Release ``i`` (``i = steps`` before it; Fed-SB's initialisation is release 0)
+draws its noise from ``noise(i)``, an object with ``normal(shape) -> float64 Tensor``.
+The caller supplies it (``fedlora.rounds``: OS entropy, or keyed by the seed with
+``--dp-reproducible``); without one, a CPU ``torch.Generator`` seeded from
+``(seed, i)`` is used, which is reproducible and therefore for tests only: whoever
+knows ``seed`` can regenerate the noise. ``steps`` is plain state that a resumed job
+sets from its completed rounds (``Coordinator.restore`` does), so ε stays right.
 """
 
 from __future__ import annotations
@@ -143,7 +144,9 @@ class ClientLevelDP(Strategy):
         ``m``, the fixed denominator: clients sampled per round. A round with more
         replies is refused (the accounting's sampling rate would be wrong).
     seed : int
-        Noise seed (with the release index, see :func:`noise_seed`).
+        Seed of the default, reproducible noise (with the release index, see :func:`noise_seed`).
+    noise : callable, optional
+        ``release index -> source`` with ``source.normal(shape)`` standard normal draws.
     accountant : callable, optional
         ``steps -> ε``; without it :meth:`privacy_report` has ``epsilon`` None.
     epsilon : float, optional
@@ -159,7 +162,7 @@ class ClientLevelDP(Strategy):
 
     def __init__(self, inner: Strategy, clip: float, noise_multiplier: float,
                  expected_clients: int, seed: int = 0, accountant: Accountant | None = None,
-                 epsilon: float | None = None) -> None:
+                 epsilon: float | None = None, noise: Callable[[int], object] | None = None) -> None:
         if not inner.sum_only:
             raise ValueError(f"client-level DP needs a strategy whose aggregate is a sum of client"
                              f" updates (sum_only, e.g. fedavg, fed-sb); {inner.name}'s is not, so"
@@ -173,6 +176,7 @@ class ClientLevelDP(Strategy):
         self.sum_only, self.heterogeneous_ranks = True, False
         self.clip, self.sigma, self.expected_clients = float(clip), float(noise_multiplier), expected_clients
         self.seed, self.accountant, self.epsilon = seed, accountant, epsilon
+        self.noise = noise if noise is not None else self._seeded
         self.steps = 0
         self.clipped_fraction: float | None = None
 
@@ -182,6 +186,17 @@ class ClientLevelDP(Strategy):
         if self.accountant is None or self.epsilon is None:
             return True
         return self.accountant(self.steps + 1) <= self.epsilon * (1 + SLACK)
+
+    def _seeded(self, step: int):
+        """The default noise of release ``step``: reproducible from ``seed`` (tests only)."""
+        gen = torch.Generator().manual_seed(noise_seed(self.seed, step))
+
+        class _Source:
+            @staticmethod
+            def normal(shape) -> Tensor:
+                return torch.randn(tuple(shape), generator=gen, dtype=torch.float64)
+
+        return _Source()
 
     def privacy_report(self) -> dict[str, object]:
         """Metric columns: ε spent after the releases so far, σ, C, last clipped fraction."""
@@ -214,12 +229,12 @@ class ClientLevelDP(Strategy):
             factor = min(1.0, self.clip / norm) if norm > 0 else 1.0
             for key, t in delta.items():
                 total[key] += factor * t.double()
-        gen = torch.Generator().manual_seed(noise_seed(self.seed, self.steps))
+        source = self.noise(self.steps)
         std = self.sigma * self.clip
         out = {}
         for key, t in total.items():
             if std > 0:
-                t = t + std * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device)
+                t = t + std * source.normal(t.shape).to(t.device, torch.float64)
             out[key] = (t / self.expected_clients).to(deltas[0][key].dtype)
         self.steps += 1
         self.clipped_fraction = clipped / len(deltas)

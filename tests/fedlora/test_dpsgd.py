@@ -125,10 +125,13 @@ def test_noise_standard_deviation_matches_the_calibration():
     assert abs(float(noisy[0].mean())) < 0.01
 
 
-def test_noise_is_keyed_by_client_round_and_step():
-    a = torch.randn(3, generator=noise_generator(5, 2, 1))
-    assert torch.equal(a, torch.randn(3, generator=noise_generator(5, 2, 1)))
-    assert not torch.equal(a, torch.randn(3, generator=noise_generator(5, 2, 2)))
+def test_reproducible_noise_is_keyed_by_client_round_and_step_and_default_noise_is_secret():
+    a = noise_generator(5, 2, 1).normal((3,))
+    assert torch.equal(a, noise_generator(5, 2, 1).normal((3,)))
+    assert not torch.equal(a, noise_generator(5, 2, 2).normal((3,)))
+    # default: OS entropy, so the same key gives different noise (nobody can regenerate it)
+    assert not torch.equal(noise_generator(5, 2, 1, reproducible=False).normal((3,)),
+                           noise_generator(5, 2, 1, reproducible=False).normal((3,)))
 
 
 def test_epsilon_matches_opacus_accountant_and_calibration_meets_the_target():

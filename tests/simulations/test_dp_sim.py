@@ -28,15 +28,20 @@ def _rows(out):
 
 
 def test_dp_clients_batched_equal_one_per_pass(tiny_bert_dir, tiny_csv, tmp_path):
-    # Execute: the same DP job with all 3 clients in one pass, and one client per pass
-    assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "one", "--epsilon", "8")) == 0
-    assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "per", "--epsilon", "8",
+    # Execute: the same DP job (noise keyed to the seed) with all 3 clients in one pass,
+    # one client per pass, and with the default secret noise
+    assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "one", "--epsilon", "8", "--dp-reproducible")) == 0
+    assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "per", "--epsilon", "8", "--dp-reproducible",
                      "--max-clients-per-pass", "1")) == 0
+    assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "secret", "--epsilon", "8")) == 0
     # Assert: each client's Poisson batches and noise are its own: same adapter
     a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "per" / "adapter" / "adapter_model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    # secret noise and batches: not the seed's (nobody who knows --seed can regenerate them)
+    c = load_file(tmp_path / "secret" / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.allclose(a[k], c[k]) for k in a)
     # and the budget is spent exactly by the planned 9 steps: ε ≤ 8, close to it
     last = _rows(tmp_path / "one")[-1]
     assert last["dp"] == "sample" and len(last["epsilon_per_client"]) == 3

@@ -24,8 +24,10 @@ def _rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("extra", [["--strategy", "flora", "--ranks", "2,4,3"], ["--strategy", "fed-sb"],
-                                   ["--dp", "sample", "--epsilon", "8", "--delta", "1e-3"]],
+DP = ["--dp", "sample", "--epsilon", "8", "--delta", "1e-3", "--dp-reproducible"]
+
+
+@pytest.mark.parametrize("extra", [["--strategy", "flora", "--ranks", "2,4,3"], ["--strategy", "fed-sb"], DP],
                          ids=["flora-hetero", "fed-sb", "dp-sample"])
 def test_flower_engine_reaches_the_batched_adapter(tiny_bert_dir, tiny_csv, tmp_path, extra):
     # Prepare: the batched run of the job

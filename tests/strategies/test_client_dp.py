@@ -260,8 +260,9 @@ def stub_coordinator(cfg, strategy):
 def test_resume_restores_the_step_count_and_the_noise(tmp_path):
     from fedlora.rounds import make_strategy
 
-    # Prepare: an uninterrupted 3-round job, and one checkpointed after round 2
-    cfg = client_cfg(clients_per_round=0, num_clients=4)
+    # Prepare: an uninterrupted 3-round job, and one checkpointed after round 2 (noise keyed
+    # to the seed, so the resumed noise can be compared; by default it is secret)
+    cfg = client_cfg(clients_per_round=0, num_clients=4, dp_reproducible=True)
     g, ups = big_zero_round(n=4, size=4)
     full, part = stub_coordinator(cfg, make_strategy(cfg)), stub_coordinator(cfg, make_strategy(cfg))
     for coord in (full, part):
@@ -332,3 +333,18 @@ def test_sim_refuses_client_dp_for_flora_in_one_line(tiny_bert_dir, tiny_csv, tm
     # Assert
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "sum" in err[0], err
+
+
+def test_configured_noise_is_secret_unless_reproducible():
+    # Prepare: the wrapper as fedlora-sim / fedlora-server build it
+    from fedlora.config import JobConfig
+    from fedlora.rounds import make_strategy
+
+    def draws(reproducible: bool):
+        cfg = JobConfig(strategy="fedavg", dp="client", epsilon=8.0, delta=1e-3, num_clients=4,
+                        dp_reproducible=reproducible)
+        return make_strategy(cfg).noise(0).normal((4,))
+
+    # Execute / Assert: OS entropy by default (two builds differ), the seed's with --dp-reproducible
+    assert not torch.equal(draws(False), draws(False))
+    assert torch.equal(draws(True), draws(True))
