@@ -86,6 +86,24 @@ def test_two_rounds_of_each_strategy(plain, tiny_bert_dir, tiny_csv, strategy):
     assert json.loads((out / "status.json").read_text())["state"] == "finished"
 
 
+@pytest.mark.parametrize("mode", ["sample", "client"])
+def test_differential_privacy_in_deployment(plain, tiny_bert_dir, tiny_csv, mode):
+    # Prepare: a DP job for the module's two clients (72 examples each: δ 1e-3 < 1/72)
+    tmp, port, _ = plain
+    out = tmp / f"run-dp-{mode}"
+    # Execute
+    srv = server(tmp, port, out, "--insecure", "--rounds", "2", "--dp", mode, "--epsilon", "8",
+                 "--delta", "1e-3", *job(tiny_bert_dir, tiny_csv), *WAIT, name=f"server-dp-{mode}")
+    code = srv.wait(240)
+    # Assert: every round reports the ε spent, growing, within the budget
+    assert code == 0, srv.text()[-3000:]
+    got = rows(out)[1:]
+    assert [r["dp"] for r in got] == [mode, mode]
+    assert 0 < got[0]["epsilon"] < got[1]["epsilon"] <= 8.0 * 1.001
+    if mode == "sample":  # each client's own ledger, reported in its reply
+        assert len(got[1]["epsilon_per_client"]) == 2
+
+
 def test_deployment_matches_the_simulator(plain, tiny_bert_dir, tiny_csv, tmp_path):
     # Prepare: the same fedavg job in fedlora-sim (2 clients = partitions 0 and 1)
     from fedlora.simulations.cli import main as sim
