@@ -163,8 +163,9 @@ def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "cl
     dp.add_argument("--delta", type=float, default=1e-5,
                     help="δ; must be below 1/(a client's examples) for --dp sample, 1/(clients) for client")
     dp.add_argument("--noise-multiplier", type=float, default=0.0,
-                    help="fixed σ instead of calibrating it to --epsilon; training then stops when"
-                         " the budget is spent")
+                    help="fixed σ instead of calibrating it to --epsilon: with --dp sample a client"
+                         " stops training when its budget is spent; with --dp client a σ that cannot"
+                         " afford every round is refused")
     dp.add_argument("--update-clip", type=float, default=1.0,
                     help="--dp client: L2 bound of each client's update (all its uploaded tensors)")
     dp.add_argument("--dp-reproducible", action="store_true",
