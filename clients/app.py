@@ -9,7 +9,9 @@ long-lived process, so the base model is loaded once per run, not per message.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -33,22 +35,52 @@ def local_client(msg: Message, context: Context) -> LocalClient:
         labels = [n for n in msg.content["config"]["label-names"] if n]
         client = LocalClient(cfg, ClientData.from_node_config(dict(context.node_config)), labels)
         _CACHE[key] = client
-    if client.budget is not None and "fedlora-privacy" in context.state.config_records:
-        # the ledger outlives a rebuilt client (Flower's simulation; a ClientApp restarted by its node)
-        client.budget.steps = max(client.budget.steps,
-                                  int(context.state.config_records["fedlora-privacy"]["steps"]))
+    if client.budget is not None:
+        # the ledger outlives a rebuilt client (Flower's simulation, a restarted ClientApp) in the
+        # node's context, and a restarted node or a resumed server in a file
+        kept = [client.budget.steps, read_ledger(ledger_path(client, context))]
+        if "fedlora-privacy" in context.state.config_records:
+            kept.append(int(context.state.config_records["fedlora-privacy"]["steps"]))
+        client.budget.steps = max(kept)
     return client
 
 
+def ledger_path(client: LocalClient, context: Context) -> Path:
+    """``$FEDLORA_LEDGER_DIR/<dp run id>-client<id>.json`` (default dir ``~/.cache/fedlora/ledgers``).
+
+    The DP run id comes from ``fedlora-server`` (new per fresh run, kept by ``--resume``), else
+    Flower's run id.
+    """
+    root = Path(os.environ.get("FEDLORA_LEDGER_DIR") or Path.home() / ".cache" / "fedlora" / "ledgers")
+    run = client.cfg.dp_run_id or f"flwr-{context.run_id}"
+    return root / f"{run}-client{client.where.client_id}.json"
+
+
+def read_ledger(path: Path) -> int:
+    """Steps recorded in a ledger file (0 when there is none)."""
+    try:
+        return int(json.loads(path.read_text())["steps"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def _keep_ledger(client: LocalClient, context: Context) -> None:
-    if client.budget is not None:
-        context.state["fedlora-privacy"] = ConfigRecord({"steps": client.budget.steps})
+    if client.budget is None:
+        return
+    context.state["fedlora-privacy"] = ConfigRecord({"steps": client.budget.steps})
+    path = ledger_path(client, context)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"steps": client.budget.steps, "epsilon": client.budget.spent,
+                               "budget": client.budget.epsilon, "delta": client.budget.delta}))
+    os.replace(tmp, path)
 
 
 def _metrics(client: LocalClient, seconds: float, loss: float = 0.0) -> MetricRecord:
     return MetricRecord({"num-examples": len(client), "train-loss": float(loss),
                          "train-seconds": float(seconds), "rank": client.rank,
-                         "client-id": client.where.client_id, "epsilon": float(client.epsilon)})
+                         "client-id": client.where.client_id, "epsilon": float(client.epsilon),
+                         "noise-multiplier": 0.0 if client.budget is None else float(client.budget.sigma)})
 
 
 @app.train()

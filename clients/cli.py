@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime-port", type=int, default=None,
                    help="local port of the SuperNode's runtime API (default: a free one)")
     p.add_argument("--poll", type=float, default=0.2, help="seconds between polls of the server")
+    p.add_argument("--ledger-dir", type=Path, default=None,
+                   help="where this client keeps its DP privacy ledger across restarts and resumed"
+                        " runs (default ~/.cache/fedlora/ledgers)")
     p.add_argument("--quiet", action="store_true", help="log warnings only")
     return p
 
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.ledger_dir is not None:
+        os.environ["FEDLORA_LEDGER_DIR"] = str(args.ledger_dir.expanduser().resolve())
     from fedlora.clients.app import app
     from fedlora.clients.executor import serve
 

@@ -58,6 +58,7 @@ class JobConfig:
     noise_multiplier: float = 0.0    # 0: calibrated to (ε, δ) over the planned steps
     update_clip: float = 1.0         # dp client: each client's update is clipped to this norm
     dp_reproducible: bool = False    # DP randomness from --seed (tests, parity checks; not private)
+    dp_run_id: str = ""              # names the clients' privacy ledgers; kept by --resume
 
     def client_ranks(self) -> list[int]:
         return list(self.ranks) if self.ranks else [self.rank] * self.num_clients

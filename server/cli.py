@@ -87,7 +87,12 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
         if args.min_replies < 1 or args.min_replies > args.num_clients:
             raise UserError(f"--min-replies must be in 1..--num-clients ({args.num_clients}),"
                             f" got {args.min_replies}")
-        return to_config(args), args.out
+        cfg = to_config(args)
+        if cfg.dp == "sample":  # a fresh run: fresh client ledgers; --resume keeps this id
+            import uuid
+
+            cfg.dp_run_id = uuid.uuid4().hex
+        return cfg, args.out
     ckpt, conf = args.resume / "checkpoint.pt", args.resume / "config.json"
     if not ckpt.is_file() or not conf.is_file():
         raise UserError(f"--resume {str(args.resume)!r} has no checkpoint.pt and config.json of a"

@@ -96,7 +96,7 @@ class FedLoRA(FlowerStrategy):
             bytes_up.append(wire_bytes(msg.content["upload"]))
             losses.append(float(m["train-loss"]))
             seconds.append(float(m["train-seconds"]))
-            eps.append(float(m.get("epsilon", 0.0)))
+            eps.append((float(m.get("epsilon", 0.0)), float(m.get("noise-multiplier", 0.0))))
             if not self.settings.stateless_clients:
                 self.coord.delivered(node)  # it now holds this round's folds / shared factors
         if len(uploads) < self.settings.min_replies:
@@ -140,8 +140,9 @@ class FedLoRA(FlowerStrategy):
                        client_seconds=round(max(seconds), 3),
                        overhead_seconds=round(row["seconds"] - max(seconds), 3))
             if self.coord.cfg.dp == "sample":
-                row.update(dp="sample", epsilon_per_client=[round(e, 4) for e in self._epsilons],
-                           epsilon=round(max(self._epsilons), 4))
+                row.update(dp="sample", epsilon_per_client=[round(e, 4) for e, _ in self._epsilons],
+                           epsilon=round(max(e for e, _ in self._epsilons), 4),
+                           noise_multiplier=max(s for _, s in self._epsilons))
             self._commit(row)
 
     def _initial_round(self, grid) -> None:

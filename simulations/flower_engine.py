@@ -40,6 +40,10 @@ def _check_ray() -> None:
 def run_config(cfg: JobConfig, out_dir: Path, round_timeout: float) -> dict[str, object]:
     """The ServerApp's run config for ``cfg``: every client replies, clients are stateless."""
     rc = to_run_config(cfg)
+    if cfg.dp == "sample":
+        import uuid
+
+        rc["dp-run-id"] = uuid.uuid4().hex  # this run's client ledgers (see clients/app.py)
     rc.update({"out": str(out_dir.resolve()), "resume": False, "round-timeout": float(round_timeout),
                "min-replies": len(cfg.sampled(1)), "max-update-norm": 1e4, "stateless-clients": True})
     return rc
@@ -65,7 +69,7 @@ def run_flower(cfg: JobConfig, out_dir: Path, on_round: Callable[[dict], None] |
     home = (out_dir / ".flwr").resolve()
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = dict(os.environ, FLWR_HOME=str(home), HF_HUB_OFFLINE="1", FLWR_DISABLE_UPDATE_CHECK="1",
-               PATH=path, RAY_DEDUP_LOGS="0")
+               PATH=path, RAY_DEDUP_LOGS="0", FEDLORA_LEDGER_DIR=str(home / "ledgers"))
     port = free_port()
     write_connection(home, f"127.0.0.1:{port}", None)
     link = SuperLink(["--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port)],

@@ -30,6 +30,7 @@ class Proc:
         self.log = log
         self.fh = log.open("wb")
         env = dict(os.environ, HF_HUB_OFFLINE="1", FLWR_DISABLE_UPDATE_CHECK="1",
+                   FEDLORA_LEDGER_DIR=str(log.parent / "ledgers"),
                    TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
         self.p = subprocess.Popen([str(BIN / name), *args], stdout=self.fh, stderr=subprocess.STDOUT,
                                   env=env, start_new_session=True)
