@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"fedlora-compare failed for {name}")
         if key not in central:
             done = args.out / f"{key}-centralized"
-            central[key] = final_accuracy(done) if args.report_only and (done / "metrics.jsonl").is_file() \
-                else centralized(flags, per_round, args, done)
+            central[key] = final_accuracy(done) if (done / "metrics.jsonl").is_file() \
+                else centralized(flags, per_round, args, done)  # shared by the settings: run once
             lines.append(f"| {key} | centralized LoRA (union, {per_round}× steps) | {central[key]:.1%} |"
                          " | | | |")
         for row in read_table(folder):

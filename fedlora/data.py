@@ -138,21 +138,25 @@ def partition(ds: TextDataset, num_clients: int, method: str, alpha: float,
     labels = ds.labels if ds.labels is not None else [0] * len(ds)
     table = Dataset.from_dict({"idx": list(range(len(ds))), "label": labels})
     if method == "iid":
-        part = IidPartitioner(num_partitions=num_clients)
-    else:
-        if ds.labels is None:
-            raise UserError("--partition dirichlet needs labels; use --partition iid")
-        if alpha <= 0:
-            raise UserError(f"--alpha must be > 0, got {alpha}")
-        min_size = max(1, min(10, len(ds) // (4 * num_clients)))
-        part = DirichletPartitioner(num_partitions=num_clients, partition_by="label",
-                                    alpha=alpha, min_partition_size=min_size, seed=seed)
+        return _load(IidPartitioner(num_partitions=num_clients), table, num_clients)
+    if ds.labels is None:
+        raise UserError("--partition dirichlet needs labels; use --partition iid")
+    if alpha <= 0:
+        raise UserError(f"--alpha must be > 0, got {alpha}")
+    error: Exception | None = None
+    for size in dict.fromkeys([max(1, min(10, len(ds) // (4 * num_clients))), 1]):
+        try:  # a minimum share per client first; then any non-empty share
+            return _load(DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=alpha,
+                                              min_partition_size=size, seed=seed), table, num_clients)
+        except ValueError as exc:
+            error = exc
+    raise UserError(f"cannot partition {len(ds)} examples into {num_clients} clients with"
+                    f" alpha={alpha}: {error}; use fewer clients or a larger --alpha")
+
+
+def _load(part, table, num_clients: int) -> list[list[int]]:
     part.dataset = table
-    try:
-        return [list(part.load_partition(i)["idx"]) for i in range(num_clients)]
-    except ValueError as exc:
-        raise UserError(f"cannot partition {len(ds)} examples into {num_clients} clients with"
-                        f" alpha={alpha}: {exc}") from None
+    return [list(part.load_partition(i)["idx"]) for i in range(num_clients)]
 
 
 def tokenize(tokenizer, ds: TextDataset, max_length: int, task: str) -> dict[str, Tensor]:
