@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from fedlora.simulations.compare import CSV_COLUMNS, main, plot, summarize, write_table
+from fedlora.simulations.compare import main
+from fedlora.simulations.report import CSV_COLUMNS, plot, summarize, write_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("accuracy_per_round.png", "accuracy_vs_bytes.png", "bytes_per_client_round.png")

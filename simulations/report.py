@@ -1,0 +1,244 @@
+"""Presentation of a comparison: per-run summaries, the Markdown/CSV table and the PNG plots.
+
+Pure functions over the runs' metric rows (``metrics.jsonl``), used by ``fedlora-compare``
+(``simulations/compare.py``) and by notebooks.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+__all__ = ["COLUMNS", "CSV_COLUMNS", "PLOT_FILES", "TABLE_FILES", "human_bytes", "markdown_table", "plot",
+           "summarize", "write_table"]
+
+# (summary key, Markdown header); the CSV uses the keys as its header, plus ``strategy``.
+COLUMNS = [
+    ("run", "run"),
+    ("final_accuracy", "final acc"),
+    ("best_accuracy", "best acc"),
+    ("bytes_up", "bytes up"),
+    ("bytes_down", "bytes down"),
+    ("bytes_total", "bytes up+down"),
+    ("bytes_up_per_client_round", "up / client / round"),
+    ("bytes_down_per_client_round", "down / client / round"),
+    ("final_agg_error", "final agg error"),
+    ("seconds", "wall s"),
+]
+CSV_COLUMNS = ["run", "strategy"] + [key for key, _ in COLUMNS[1:]]
+TABLE_FILES = ("comparison.md", "comparison.csv")
+PLOT_FILES = ("accuracy_per_round.png", "accuracy_vs_bytes.png", "bytes_per_client_round.png")
+
+# ---- summaries and the table ----
+
+def summarize(rows: list[dict], label: str | None = None) -> dict:
+    """One run's comparison figures from its metric rows (``metrics.jsonl``).
+
+    Parameters
+    ----------
+    rows : list of dict
+        The run's metric rows, round 0 (before training; Fed-SB's init upload) first.
+    label : str, optional
+        The run's name in the table; default: the rows' strategy.
+
+    Returns
+    -------
+    dict
+        ``run``, ``strategy``, ``rounds``; ``final_accuracy`` (last round) and ``best_accuracy``
+        (best of rounds ≥ 1, or round 0 when there is no other); ``bytes_up``, ``bytes_down`` and
+        ``bytes_total`` summed over all rounds, round 0 included; ``bytes_up_per_client_round`` and
+        ``bytes_down_per_client_round``, the mean of the per-client byte counts over rounds ≥ 1
+        (``None`` without such rounds); ``final_agg_error`` (last round's, ``None`` if not
+        reported); ``seconds``, the sum of the rows' seconds (setup and round 0 included),
+        rounded to milliseconds as the rows are.
+    """
+    if not rows:
+        raise ValueError("no metric rows to summarize")
+    rows = sorted(rows, key=lambda r: r["round"])
+    trained = [r for r in rows if r["round"] >= 1]
+    ups = [b for r in trained for b in r["bytes_up_per_client"]]
+    downs = [b for r in trained for b in r["bytes_down_per_client"]]
+    bytes_up = sum(r["bytes_up"] for r in rows)
+    bytes_down = sum(r["bytes_down"] for r in rows)
+    return {
+        "run": label if label is not None else rows[0]["strategy"],
+        "strategy": rows[0]["strategy"],
+        "rounds": rows[-1]["round"],
+        "final_accuracy": rows[-1]["accuracy"],
+        "best_accuracy": max(r["accuracy"] for r in trained or rows),
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "bytes_total": bytes_up + bytes_down,
+        "bytes_up_per_client_round": sum(ups) / len(ups) if ups else None,
+        "bytes_down_per_client_round": sum(downs) / len(downs) if downs else None,
+        "final_agg_error": rows[-1]["agg_error"],
+        "seconds": round(sum(r["seconds"] for r in rows), 3),
+    }
+
+
+def human_bytes(n: float | None) -> str:
+    """``1234567`` -> ``1.23 MB`` (decimal units, as in the README)."""
+    if n is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "run":
+        return f"`{value}`"
+    if key.endswith("accuracy"):
+        return f"{100 * value:.1f}%"
+    if key.startswith("bytes"):
+        return human_bytes(value)
+    if key == "final_agg_error":
+        return f"{value:.2e}"
+    return f"{value:.1f}"
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    """The Markdown table of :data:`COLUMNS`, one row per summary."""
+    lines = ["| " + " | ".join(header for _, header in COLUMNS) + " |",
+             "|" + "|".join("---" if key == "run" else "---:" for key, _ in COLUMNS) + "|"]
+    for s in summaries:
+        lines.append("| " + " | ".join(_cell(key, s[key]) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(summaries: list[dict], out: Path, notes: str | None = None) -> tuple[Path, Path]:
+    """Write ``out/comparison.md`` and ``out/comparison.csv``.
+
+    Parameters
+    ----------
+    summaries : list of dict
+        :func:`summarize` results, one table row each, in order.
+    out : Path
+        The folder (created if missing).
+    notes : str, optional
+        Text appended to the Markdown after the table and its column legend.
+
+    Returns
+    -------
+    (Path, Path)
+        The Markdown and CSV files. The CSV holds the exact figures (bytes as integers, floats
+        as Python writes them, an empty cell for ``None``); the Markdown rounds them for reading.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    legend = ("Bytes are the serialized sizes of the arrays each way; totals include round 0 "
+              "(Fed-SB's gradient upload), the per-client means are over rounds ≥ 1. Best acc is "
+              "the best global-model accuracy after a round ≥ 1; agg error is "
+              "‖ΔW_agg − Σ p_k ΔW_k‖_F / ‖Σ p_k ΔW_k‖_F of the last round; wall s is the run's "
+              "setup, evaluations and rounds (the first run also pays one-off start-up costs).")
+    text = "# fedlora-compare\n\n" + markdown_table(summaries) + "\n" + legend + "\n"
+    if notes:
+        text += "\n" + notes.rstrip() + "\n"
+    md = out / "comparison.md"
+    md.write_text(text)
+    path = out / "comparison.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_COLUMNS)
+        for s in summaries:
+            writer.writerow(["" if s[key] is None else s[key] for key in CSV_COLUMNS])
+    return md, path
+
+
+# ---- plots ----
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def _plot_accuracy_per_round(runs: dict[str, list[dict]], path: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
+    for label, rows in runs.items():
+        rows = sorted(rows, key=lambda r: r["round"])
+        ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="round (0 = before training)", ylabel="test accuracy",
+           title="Accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _plot_accuracy_vs_bytes(runs: dict[str, list[dict]], path: Path) -> Path:
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
+    for label, rows in runs.items():
+        total, xs, ys = 0, [], []
+        for r in sorted(rows, key=lambda r: r["round"]):
+            total += r["bytes_up"] + r["bytes_down"]
+            if total > 0:  # nothing sent yet: no place on a log axis
+                xs.append(total / 1e6)
+                ys.append(r["accuracy"])
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set(xlabel="cumulative bytes up + down (MB, log scale)", ylabel="test accuracy",
+           title="Accuracy vs communication")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _plot_bytes_per_client_round(summaries: list[dict], path: Path) -> Path:
+    import numpy as np
+
+    fig, ax = _pyplot().subplots(figsize=(max(6.0, 1.6 * len(summaries) + 2), 4.5))
+    x, width = np.arange(len(summaries)), 0.38
+    top = max([s[k] or 0 for s in summaries
+               for k in ("bytes_up_per_client_round", "bytes_down_per_client_round")] + [1])
+    unit, size = next((u, v) for u, v in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1))
+                      if top >= v)
+    for shift, key, name in ((-width / 2, "bytes_up_per_client_round", "up"),
+                             (width / 2, "bytes_down_per_client_round", "down")):
+        values = [s[key] or 0 for s in summaries]
+        bars = ax.bar(x + shift, [v / size for v in values], width, label=name)
+        ax.bar_label(bars, labels=[human_bytes(v) for v in values], fontsize=7, padding=2)
+    ax.set_xticks(x, [s["run"] for s in summaries], rotation=15 if len(summaries) > 3 else 0)
+    ax.set(ylabel=f"mean per client per round ({unit})",
+           title="Bytes per client per round (rounds ≥ 1)")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot(runs: dict[str, list[dict]], out: Path) -> list[Path]:
+    """Write the three comparison plots into ``out``.
+
+    Parameters
+    ----------
+    runs : dict of str to list of dict
+        Run label -> that run's metric rows, in table order.
+    out : Path
+        Folder for ``accuracy_per_round.png``, ``accuracy_vs_bytes.png`` (x: cumulative bytes
+        up + down in MB, log scale; points before any byte was sent are left out) and
+        ``bytes_per_client_round.png`` (grouped bars of the mean bytes up and down per client per
+        round).
+
+    Returns
+    -------
+    list of Path
+        The written files.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = [summarize(rows, label) for label, rows in runs.items()]
+    return [_plot_accuracy_per_round(runs, out / PLOT_FILES[0]),
+            _plot_accuracy_vs_bytes(runs, out / PLOT_FILES[1]),
+            _plot_bytes_per_client_round(summaries, out / PLOT_FILES[2])]
