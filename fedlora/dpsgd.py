@@ -39,6 +39,7 @@ from fedlora.kernels.per_sample import (
     sb_grad_sample,
 )
 from fedlora.privacy import Budget, GaussianNoise
+from fedlora.train import gather_rows
 
 
 class Capture:
@@ -144,16 +145,11 @@ def noise_generator(seed: int, rnd: int, step: int, reproducible: bool = True) -
     return GaussianNoise(reproducible, seed, rnd, step, 0xD9)
 
 
-def _batch(data: dict[str, Tensor], idx: list[int], device: torch.device) -> dict[str, Tensor]:
-    index = torch.as_tensor(idx, dtype=torch.long)
-    return {k: v.index_select(0, index).to(device) for k, v in data.items()}
-
-
 def _forward(fm, data, samplers, cfg, rates, device):
     """Poisson batches, one forward/backward with capture; ``(cap, ids, w, L, losses)``."""
     idx, w, L = poisson_batches(samplers, rates, cfg.dp_reproducible)
     m = len(samplers)
-    batch = _batch(data, idx, device)
+    batch = gather_rows(data, idx, device)
     labels = batch.pop("labels")
     slots = torch.arange(m, device=device)
     w = w.to(device)

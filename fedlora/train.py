@@ -85,7 +85,8 @@ def per_client_loss(logits: Tensor, labels: Tensor, task: str, n_seg: int) -> Te
     return tot / cnt
 
 
-def _batch(data: dict[str, Tensor], idx: list[int], device: torch.device) -> dict[str, Tensor]:
+def gather_rows(data: dict[str, Tensor], idx: list[int], device: torch.device) -> dict[str, Tensor]:
+    """Rows ``idx`` of every tensor in ``data``, on ``device``."""
     index = torch.as_tensor(idx, dtype=torch.long)
     return {k: v.index_select(0, index).to(device) for k, v in data.items()}
 
@@ -93,7 +94,7 @@ def _batch(data: dict[str, Tensor], idx: list[int], device: torch.device) -> dic
 def _forward_losses(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
                     slots: Tensor, cfg: TrainConfig, device: torch.device) -> Tensor:
     idx = [i for s in samplers for i in s.take(cfg.batch_size)]
-    batch = _batch(data, idx, device)
+    batch = gather_rows(data, idx, device)
     labels = batch.pop("labels")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         out = fm(routing=Routing.segments(slots, cfg.batch_size), **batch)
@@ -191,7 +192,7 @@ def evaluate(fm: FederatedModel, data: dict[str, Tensor], task: str, batch_size:
     correct = count = 0.0
     loss_sum = 0.0
     for start in range(0, n, batch_size):
-        batch = _batch(data, list(range(start, min(n, start + batch_size))), device)
+        batch = gather_rows(data, list(range(start, min(n, start + batch_size))), device)
         labels = batch.pop("labels")
         rows = labels.shape[0]
         logits = fm(routing=Routing.segments(torch.tensor([slot], device=device), rows),
