@@ -190,8 +190,12 @@ def check_job_args(args: argparse.Namespace) -> None:
                             " use --rank, or --strategy flora for heterogeneous ranks")
 
 
-def check_dp_args(args: argparse.Namespace) -> None:
-    """Refuse DP settings that would give no guarantee, in one line each."""
+def check_dp_args(args) -> None:
+    """Refuse DP settings that would give no guarantee, in one line each.
+
+    ``args``: parsed flags or a :class:`JobConfig` (the same field names), so a job that
+    arrives as a Flower run config is checked as its flags would be.
+    """
     if args.dp == "none":
         return
     if args.epsilon <= 0:

@@ -140,6 +140,9 @@ def sample_budgets(cfg, sizes: list[int], model=None) -> list[Budget]:
     ``rounds × local_steps`` steps (plus Fed-SB's ``init_batches``); its σ_k is
     ``--noise-multiplier`` or calibrated to ``(ε, δ)`` over those steps.
     """
+    from fedlora.config import check_dp_args
+
+    check_dp_args(cfg)  # a run config is not parsed as flags: the same checks here
     check_delta(cfg.delta, min(sizes), "the smallest client's examples")
     if model is not None:
         from fedlora.dpsgd import is_per_sample_safe

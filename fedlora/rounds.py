@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fedlora.config import JobConfig
+from fedlora.config import JobConfig, check_dp_args
 from fedlora.errors import UserError
 from fedlora.model import FederatedModel, draw_seed
-from fedlora.privacy import Budget, GaussianNoise, check_delta
+from fedlora.privacy import Budget, GaussianNoise
 from fedlora.state import apply_global, download_tensors, head_of, initial_state
 from fedlora.strategies import (
     Aggregate,
@@ -67,16 +67,7 @@ def client_level_dp(cfg: JobConfig, inner: Strategy) -> ClientLevelDP:
     UserError
         Non-sum strategy, missing ε, bad δ or clip, or a ``σ`` too small for the rounds.
     """
-    if not inner.sum_only:
-        raise UserError(f"--dp client needs a strategy whose aggregate is a sum of client updates"
-                        f" (fedavg, fed-sb); {inner.name}'s is not")
-    if cfg.epsilon <= 0:
-        raise UserError("--dp client needs a budget: pass --epsilon (e.g. 8) and --delta")
-    if cfg.update_clip <= 0:
-        raise UserError(f"--update-clip must be > 0, got {cfg.update_clip}")
-    if not 0 < cfg.delta < 1:
-        raise UserError(f"--delta must be in (0, 1), got {cfg.delta}")
-    check_delta(cfg.delta, cfg.num_clients, "clients")
+    check_dp_args(cfg)  # the flags' checks: the Flower run-config path never parses flags
     m = len(cfg.sampled(1))
     steps = cfg.rounds + (1 if inner.needs_gradient_init else 0)
     budget = Budget.planned(cfg.epsilon, cfg.delta, m / cfg.num_clients, steps, cfg.noise_multiplier)
