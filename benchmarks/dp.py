@@ -4,6 +4,9 @@
   ``fedlora.dpsgd`` (per-example gradients from hooks, clipping, noise, accounting).
   The client holds exactly ``--batch-size`` examples and samples them at rate 1, so
   every step sees the same batch in both modes.
+* **fedlora client via Opacus** (``--dp-backend opacus``, a deployed client's default):
+  the same fedlora model through Opacus' GradSampleModule and DPOptimizer, with
+  fedlora's grad samplers registered for its layers.
 * **Opacus**: a PEFT LoRA model (same rank, targets and head), plain AdamW vs
   ``PrivacyEngine.make_private`` with its defaults (``grad_sample_mode="hooks"``),
   on the same fixed batch.
@@ -73,11 +76,15 @@ def fedlora_steps(args, base, data, device) -> dict:
     plain = TrainConfig(local_steps=1, batch_size=args.batch_size, lr=2e-3)
     private = TrainConfig(local_steps=1, batch_size=args.batch_size, lr=2e-3, max_grad_norm=1.0,
                           dp_sample=True)
+    through_opacus = TrainConfig(local_steps=1, batch_size=args.batch_size, lr=2e-3, max_grad_norm=1.0,
+                                 dp_sample=True, dp_backend="opacus")
     budget = Budget(sigma=1.0, sample_rate=1.0, delta=1e-5, epsilon=float("inf"))
     rnd = iter(range(1, 10**6))
     return {"fedlora plain": lambda: local_training(fm, data, [ClientSampler(idx, 0)], plain, next(rnd)),
             "fedlora dp": lambda: local_training(fm, data, [ClientSampler(idx, 0)], private, next(rnd),
-                                                 [budget])}
+                                                 [budget]),
+            "fedlora opacus": lambda: local_training(fm, data, [ClientSampler(idx, 0)], through_opacus,
+                                                     next(rnd), [budget])}
 
 
 def opacus_steps(args, base, data, device) -> dict:
@@ -139,8 +146,11 @@ def main() -> None:
     t = timed({**fedlora_steps(args, base, data, device), **opacus_steps(args, base, data, device)},
               device, args.warmup, args.steps)
     f_plain, f_dp, o_plain, o_dp = t["fedlora plain"], t["fedlora dp"], t["opacus plain"], t["opacus dp"]
+    f_op = t["fedlora opacus"]
     print(f"{'':26s} {'non-private ms':>15s} {'DP-SGD ms':>10s} {'DP / non-private':>17s}")
     print(f"{'fedlora (batched core)':26s} {1e3 * f_plain:15.1f} {1e3 * f_dp:10.1f} {f_dp / f_plain:16.2f}x")
+    print(f"{'fedlora client via Opacus':26s} {1e3 * f_plain:15.1f} {1e3 * f_op:10.1f}"
+          f" {f_op / f_plain:16.2f}x")
     print(f"{'Opacus default (hooks)':26s} {1e3 * o_plain:15.1f} {1e3 * o_dp:10.1f} {o_dp / o_plain:16.2f}x")
 
 

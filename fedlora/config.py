@@ -59,6 +59,7 @@ class JobConfig:
     update_clip: float = 1.0         # dp client: each client's update is clipped to this norm
     dp_reproducible: bool = False    # DP randomness from --seed (tests, parity checks; not private)
     dp_run_id: str = ""              # names the clients' privacy ledgers; kept by --resume
+    dp_backend: str = "auto"         # dp sample: "fedlora" (batched), "opacus", auto: by process
 
     def client_ranks(self) -> list[int]:
         return list(self.ranks) if self.ranks else [self.rank] * self.num_clients
@@ -67,8 +68,12 @@ class JobConfig:
         """Rank of client (partition) ``client``: ``ranks`` cycled, else ``rank``."""
         return self.ranks[client % len(self.ranks)] if self.ranks else self.rank
 
-    def train_config(self):
-        """The local-training settings (:class:`fedlora.train.TrainConfig`)."""
+    def train_config(self, lone: bool = False):
+        """The local-training settings (:class:`fedlora.train.TrainConfig`).
+
+        ``lone``: for a client that trains alone (a deployed one), whose ``--dp-backend auto``
+        is Opacus; the batched simulator's is fedlora's kernels.
+        """
         from fedlora.train import TrainConfig
 
         clip = self.max_grad_norm
@@ -76,7 +81,14 @@ class JobConfig:
             clip = 1.0  # DP-SGD always clips per example
         return TrainConfig(task=self.task, local_steps=self.local_steps, batch_size=self.batch_size,
                            lr=self.lr, max_grad_norm=clip, precision=self.precision,
-                           dp_sample=self.dp == "sample", dp_reproducible=self.dp_reproducible)
+                           dp_sample=self.dp == "sample", dp_reproducible=self.dp_reproducible,
+                           dp_backend=self.dp_backend_for(lone))
+
+    def dp_backend_for(self, lone: bool) -> str:
+        """``--dp-backend`` resolved: ``auto`` is Opacus for a lone client, else fedlora."""
+        if self.dp_backend == "auto":
+            return "opacus" if lone else "fedlora"
+        return self.dp_backend
 
     def sampled(self, rnd: int) -> list[int]:
         """The clients of round ``rnd`` (sorted): all, or ``clients_per_round`` drawn from
@@ -169,6 +181,11 @@ def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "cl
                          " afford every round is refused")
     dp.add_argument("--update-clip", type=float, default=1.0,
                     help="--dp client: L2 bound of each client's update (all its uploaded tensors)")
+    dp.add_argument("--dp-backend", choices=["auto", "fedlora", "opacus"], default="auto",
+                    help="--dp sample: who computes DP-SGD. fedlora: per-example gradients of every"
+                         " client of a pass in one forward/backward; opacus: Opacus' GradSampleModule"
+                         " and DPOptimizer, one client at a time; auto: opacus on a deployed client,"
+                         " fedlora in the simulator")
     dp.add_argument("--dp-reproducible", action="store_true",
                     help="draw the DP noise and Poisson batches from --seed instead of OS entropy, so"
                          " runs repeat exactly; for tests only: knowing the seed removes the noise")
@@ -204,6 +221,8 @@ def check_dp_args(args) -> None:
         raise UserError(f"--delta must be in (0, 1), got {args.delta}")
     if args.noise_multiplier < 0:
         raise UserError(f"--noise-multiplier must be ≥ 0 (0: calibrate), got {args.noise_multiplier}")
+    if getattr(args, "dp_backend", "auto") not in ("auto", "fedlora", "opacus"):
+        raise UserError(f"--dp-backend must be auto, fedlora or opacus, got {args.dp_backend!r}")
     if args.dp == "sample":
         if args.max_grad_norm is not None and args.max_grad_norm <= 0:
             raise UserError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
@@ -270,6 +289,7 @@ def to_config(args: argparse.Namespace, device: str | None = None) -> JobConfig:
         delta=getattr(args, "delta", 1e-5), noise_multiplier=getattr(args, "noise_multiplier", 0.0),
         update_clip=getattr(args, "update_clip", 1.0),
         dp_reproducible=getattr(args, "dp_reproducible", False),
+        dp_backend=getattr(args, "dp_backend", "auto"),
     )
 
 

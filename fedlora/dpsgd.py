@@ -38,6 +38,7 @@ from fedlora.kernels.per_sample import (
     lora_grad_sample,
     sb_grad_sample,
 )
+from fedlora.lora import BatchedLinear
 from fedlora.privacy import Budget, GaussianNoise
 from fedlora.train import gather_rows
 
@@ -78,24 +79,35 @@ def per_row_losses(logits: Tensor, labels: Tensor, task: str) -> Tensor:
     return (tok * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
 
 
+def layer_grad_samples(layer: nn.Module, x: Tensor, g: Tensor,
+                       ids: Tensor) -> list[tuple[nn.Parameter, Tensor]]:
+    """One adapter or head layer's ``(parameter, (N, *parameter.shape[1:]))`` per-example
+    gradients, from its input ``x``, output gradient ``g`` and the rows' slots ``ids``."""
+    if isinstance(layer, BatchedLinear):
+        gW, gb = dense_grad_sample(x, g)
+        return [(layer.weight, gW), (layer.bias, gb)]
+    if layer.mode == "lora-sb":
+        return [(layer.lora_R, sb_grad_sample(x, g, layer.sb_A, layer.sb_B, layer.scale[0]))]
+    A, B = layer.lora_A, layer.lora_B
+    if layer.heterogeneous:
+        A = A * layer.rank_mask.unsqueeze(-1)
+        B = B * layer.rank_mask.unsqueeze(1)
+    gA, gB = lora_grad_sample(x, g, A.detach()[ids], B.detach()[ids], layer.scale[ids])
+    return [(layer.lora_A, gA), (layer.lora_B, gB)]
+
+
 def grad_samples(fm, cap: Capture, ids: Tensor) -> list[tuple[nn.Parameter, Tensor]]:
     """``(parameter, (N, *parameter.shape[1:]) per-example gradients)`` of every trainable tensor."""
     out = []
-    for layer in fm.adapters.values():
-        x, g = cap.x[layer], cap.g[layer]
-        if layer.mode == "lora":
-            A, B = layer.lora_A, layer.lora_B
-            if layer.heterogeneous:
-                A = A * layer.rank_mask.unsqueeze(-1)
-                B = B * layer.rank_mask.unsqueeze(1)
-            gA, gB = lora_grad_sample(x, g, A.detach()[ids], B.detach()[ids], layer.scale[ids])
-            out += [(layer.lora_A, gA), (layer.lora_B, gB)]
-        else:
-            out.append((layer.lora_R, sb_grad_sample(x, g, layer.sb_A, layer.sb_B, layer.scale[0])))
-    for head in fm.heads.values():
-        gW, gb = dense_grad_sample(cap.x[head], cap.g[head])
-        out += [(head.weight, gW), (head.bias, gb)]
+    for layer in [*fm.adapters.values(), *fm.heads.values()]:
+        out += layer_grad_samples(layer, cap.x[layer], cap.g[layer], ids)
     return out
+
+
+def dp_parameters(fm) -> list[nn.Parameter]:
+    """The trainable tensors in :func:`grad_samples`' order (the order noise is drawn in)."""
+    return [p for layer in [*fm.adapters.values(), *fm.heads.values()]
+            for p in layer.parameters() if p.requires_grad]
 
 
 def clip_factors(sq_norms: Tensor, weights: Tensor, max_norm: float) -> Tensor:

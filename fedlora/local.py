@@ -3,7 +3,8 @@
 Built once per run by the ClientApp (see ``clients/app.py``) and kept in memory
 between messages, so the base model is loaded once, not per message. Training is
 ``fedlora.train`` with K = 1: the same loop, seeds and batches as that client's
-slot in ``fedlora-sim``.
+slot in ``fedlora-sim``; with ``--dp sample`` it is Opacus' DP-SGD
+(``fedlora.opacus_dp``) unless ``--dp-backend fedlora``.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class LocalClient:
         if self.budget is not None and not self.budget.can_step():
             raise RuntimeError(f"this client's privacy budget ε={self.budget.epsilon:g} is spent"
                                f" ({self.budget.spent:.3f} after {self.budget.steps} steps)")
-        losses = local_training(self.fm, self.train, [self.sampler], self.cfg.train_config(), rnd,
+        losses = local_training(self.fm, self.train, [self.sampler], self.cfg.train_config(lone=True), rnd,
                                 self._budgets())
         up = upload_tensors(extract_upload(self.fm, 0, len(self)))
         return up, losses[0], time.perf_counter() - t0
@@ -126,6 +127,6 @@ class LocalClient:
     def gradient(self) -> tuple[dict[str, Tensor], float]:
         """Fed-SB round 0: ``(<layer>.grad tensors, seconds)``."""
         t0 = time.perf_counter()
-        grads = gradient_estimates(self.fm, self.train, [self.sampler], self.cfg.train_config(),
+        grads = gradient_estimates(self.fm, self.train, [self.sampler], self.cfg.train_config(lone=True),
                                    self.cfg.init_batches, self._budgets())
         return {f"{name}.grad": g[0] for name, g in grads.items()}, time.perf_counter() - t0

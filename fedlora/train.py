@@ -35,6 +35,7 @@ class TrainConfig:
     precision: str = "fp32"  # or "bf16": autocast the forward (parameters stay fp32)
     dp_sample: bool = False  # DP-SGD: Poisson batches, per-example clipping to max_grad_norm, noise
     dp_reproducible: bool = False  # DP draws keyed to the seed (tests only: no privacy then)
+    dp_backend: str = "fedlora"  # DP-SGD by fedlora's batched kernels, or "opacus" (one client)
 
 
 class ClientSampler:
@@ -213,7 +214,14 @@ def evaluate(fm: FederatedModel, data: dict[str, Tensor], task: str, batch_size:
 def local_training(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
                    cfg: TrainConfig, rnd: int, budgets=None, progress=None) -> list[float]:
     """Round ``rnd`` of slots ``0..m-1``: :func:`train_clients`, or DP-SGD with each client's
-    :class:`~fedlora.privacy.Budget` when ``cfg.dp_sample`` (see ``fedlora.dpsgd``)."""
+    :class:`~fedlora.privacy.Budget` when ``cfg.dp_sample``: batched (``fedlora.dpsgd``) or,
+    with ``dp_backend="opacus"``, one client through Opacus (``fedlora.opacus_dp``)."""
+    if cfg.dp_sample and cfg.dp_backend == "opacus":
+        from fedlora.opacus_dp import opacus_train_client
+
+        if len(samplers) != 1:
+            raise ValueError(f"the Opacus DP path trains one client per pass, got {len(samplers)}")
+        return [opacus_train_client(fm, data, samplers[0], cfg, budgets[0], rnd, progress)]
     if cfg.dp_sample:
         from fedlora.dpsgd import dp_train_clients
 

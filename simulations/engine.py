@@ -77,8 +77,10 @@ def build_job(cfg: JobConfig) -> Job:
 
 
 def pass_size(cfg: JobConfig, clients: int) -> int:
-    """Clients per forward/backward: ``max_clients_per_pass``, else all of a round's
-    clients on CPU, else as many as an estimate of free GPU memory allows."""
+    """Clients per forward/backward: 1 for ``--dp-backend opacus``, else ``max_clients_per_pass``,
+    else all of a round's clients on CPU, else as many as an estimate of free GPU memory allows."""
+    if cfg.dp == "sample" and cfg.dp_backend_for(lone=False) == "opacus":
+        return 1  # Opacus' DP-SGD is one client at a time
     if cfg.max_clients_per_pass:
         return min(cfg.max_clients_per_pass, clients)
     if not cfg.device.startswith("cuda"):

@@ -29,16 +29,20 @@ def _rows(out):
 
 def test_dp_clients_batched_equal_one_per_pass(tiny_bert_dir, tiny_csv, tmp_path):
     # Execute: the same DP job (noise keyed to the seed) with all 3 clients in one pass,
-    # one client per pass, and with the default secret noise
+    # one client per pass, one client at a time through Opacus, and with the default secret noise
     assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "one", "--epsilon", "8", "--dp-reproducible")) == 0
     assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "per", "--epsilon", "8", "--dp-reproducible",
                      "--max-clients-per-pass", "1")) == 0
+    assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "opacus", "--epsilon", "8", "--dp-reproducible",
+                     "--dp-backend", "opacus")) == 0
     assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "secret", "--epsilon", "8")) == 0
-    # Assert: each client's Poisson batches and noise are its own: same adapter
+    # Assert: each client's Poisson batches and noise are its own: same adapter, batched or
+    # not, fedlora's kernels or Opacus' GradSampleModule + DPOptimizer
     a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "per" / "adapter" / "adapter_model.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    for other in ("per", "opacus"):
+        b = load_file(tmp_path / other / "adapter" / "adapter_model.safetensors")
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
     # secret noise and batches: not the seed's (nobody who knows --seed can regenerate them)
     c = load_file(tmp_path / "secret" / "adapter" / "adapter_model.safetensors")
     assert any(not torch.allclose(a[k], c[k]) for k in a)
