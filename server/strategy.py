@@ -140,7 +140,8 @@ class FedLoRA(FlowerStrategy):
                        client_seconds=round(max(seconds), 3),
                        overhead_seconds=round(row["seconds"] - max(seconds), 3))
             if self.coord.cfg.dp == "sample":
-                row.update(dp="sample", epsilon_per_client=[round(e, 4) for e, _ in self._epsilons],
+                row.update(dp="sample", dp_backend=self.coord.cfg.dp_backend_for(lone=True),
+                           epsilon_per_client=[round(e, 4) for e, _ in self._epsilons],
                            epsilon=round(max(e for e, _ in self._epsilons), 4),
                            noise_multiplier=max(s for _, s in self._epsilons))
             self._commit(row)

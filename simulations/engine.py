@@ -126,11 +126,13 @@ def _budgets(job: Job, clients: list[int]) -> list[Budget] | None:
     return None if job.budgets is None else [job.budgets[c] for c in clients]
 
 
-def privacy_columns(budgets: list[Budget] | None, clients: list[int]) -> dict:
-    """``--dp sample`` metric columns: ε spent by each client of the round, and the largest."""
+def privacy_columns(budgets: list[Budget] | None, clients: list[int], backend: str) -> dict:
+    """``--dp sample`` metric columns: ε spent by each client of the round, the largest, and
+    who computed DP-SGD (``backend``: fedlora or opacus)."""
     if budgets is None:
         return {}
-    return {"dp": "sample", "epsilon_per_client": [round(budgets[c].spent, 4) for c in clients],
+    return {"dp": "sample", "dp_backend": backend,
+            "epsilon_per_client": [round(budgets[c].spent, 4) for c in clients],
             "epsilon": round(max(b.spent for b in budgets), 4),
             "noise_multiplier": max(b.sigma for b in budgets)}
 
@@ -165,7 +167,7 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
     coord.start(uploads)
     up0 = [tensor_bytes(upload_tensors(u)) for u in uploads or []]
     row0 = coord.row(up0, [], None, None, time.perf_counter() - t0, len(up0))
-    row0.update(privacy_columns(job.budgets, cfg.sampled(0) if uploads else []))
+    row0.update(privacy_columns(job.budgets, cfg.sampled(0) if uploads else [], cfg.dp_backend_for(False)))
     _emit(metrics_path, row0, on_round)
     for rnd in range(1, cfg.rounds + 1):
         t_round = time.perf_counter()
@@ -183,7 +185,7 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
         agg = coord.aggregate(ups)
         row = coord.row([tensor_bytes(upload_tensors(u)) for u in ups], down, agg.agg_error, losses,
                         time.perf_counter() - t_round, len(ups))
-        row.update(privacy_columns(job.budgets, clients))
+        row.update(privacy_columns(job.budgets, clients, cfg.dp_backend_for(False)))
         _emit(metrics_path, row, on_round)
     export_peft(coord.state, list(job.fm.adapters), out_dir / "adapter", str(job.model_path),
                 "SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM", list(job.fm.heads))

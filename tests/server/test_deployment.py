@@ -115,6 +115,7 @@ def test_differential_privacy_in_deployment(plain, tiny_bert_dir, tiny_csv, mode
         # each client's ledger continued across the resumed run (a new Flower run, the same DP run
         # id): at least 2 rounds × 2 local steps, 6 if the killed server had started round 2 (a
         # redone round is paid again); reported ε = the accountant's for those steps at q = 4/72
+        assert got[1]["dp_backend"] == "opacus"  # a deployed client's default
         ledgers = sorted((tmp / "ledgers").glob("*-client*.json"))
         steps = [json.loads(p.read_text())["steps"] for p in ledgers]
         assert len(steps) == 2 and set(steps) <= {4, 6}

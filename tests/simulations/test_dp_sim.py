@@ -49,6 +49,7 @@ def test_dp_clients_batched_equal_one_per_pass(tiny_bert_dir, tiny_csv, tmp_path
     # and the budget is spent exactly by the planned 9 steps: ε ≤ 8, close to it
     last = _rows(tmp_path / "one")[-1]
     assert last["dp"] == "sample" and len(last["epsilon_per_client"]) == 3
+    assert last["dp_backend"] == "fedlora" and _rows(tmp_path / "opacus")[-1]["dp_backend"] == "opacus"
     assert 7.9 <= last["epsilon"] <= 8.0
 
 
