@@ -99,15 +99,14 @@ def layer_grad_samples(layer: nn.Module, x: Tensor, g: Tensor,
 def grad_samples(fm, cap: Capture, ids: Tensor) -> list[tuple[nn.Parameter, Tensor]]:
     """``(parameter, (N, *parameter.shape[1:]) per-example gradients)`` of every trainable tensor."""
     out = []
-    for layer in [*fm.adapters.values(), *fm.heads.values()]:
+    for layer in fm.client_layers():
         out += layer_grad_samples(layer, cap.x[layer], cap.g[layer], ids)
     return out
 
 
 def dp_parameters(fm) -> list[nn.Parameter]:
     """The trainable tensors in :func:`grad_samples`' order (the order noise is drawn in)."""
-    return [p for layer in [*fm.adapters.values(), *fm.heads.values()]
-            for p in layer.parameters() if p.requires_grad]
+    return [p for layer in fm.client_layers() for p in layer.parameters() if p.requires_grad]
 
 
 def clip_factors(sq_norms: Tensor, weights: Tensor, max_norm: float) -> Tensor:
@@ -165,7 +164,7 @@ def _forward(fm, data, samplers, cfg, rates, device):
     labels = batch.pop("labels")
     slots = torch.arange(m, device=device)
     w = w.to(device)
-    with Capture([*fm.adapters.values(), *fm.heads.values()]) as cap:
+    with Capture(fm.client_layers()) as cap:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             out = fm(routing=Routing.segments(slots, L), **batch)
         losses = per_row_losses(out.logits, labels, cfg.task)

@@ -147,6 +147,10 @@ class FederatedModel(nn.Module):
         self.training = mode
         return self
 
+    def client_layers(self) -> list[nn.Module]:
+        """The layers holding per-client tensors: adapters first, then heads."""
+        return [*self.adapters.values(), *self.heads.values()]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The stacked per-client parameters (adapters, cores, heads)."""
         return [p for p in self.parameters() if p.requires_grad]

@@ -102,7 +102,7 @@ def opacus_train_client(fm, data: dict[str, Tensor], sampler, cfg, budget: Budge
         expected_batch_size=q * len(sampler), loss_reduction="mean",
         noise=lambda step: noise_generator(sampler.seed, rnd, step, cfg.dp_reproducible))
     total = count = 0.0
-    layers = [*fm.adapters.values(), *fm.heads.values()]
+    layers = fm.client_layers()
     for layer in layers:  # Opacus hooks only layers in training mode; the base stays in eval
         layer.train()
     try:
