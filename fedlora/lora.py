@@ -63,6 +63,11 @@ def kaiming_rows(gen: torch.Generator, rows: int, d_in: int) -> Tensor:
     return torch.stack([(torch.rand(d_in, generator=gen) * 2 - 1) * bound for _ in range(rows)])
 
 
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters, heads and their optimizer stay fp32 over a bf16/fp16 base (fp64 stays fp64)."""
+    return torch.float64 if base_dtype == torch.float64 else torch.float32
+
+
 class BatchedLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus K per-client LoRA adapters (or LoRA-SB cores).
 
@@ -94,7 +99,7 @@ class BatchedLoRALinear(nn.Module):
         self.ranks = list(ranks)
         K, r_max = len(ranks), max(ranks)
         d_out, d_in = base.weight.shape
-        dev, dt = base.weight.device, base.weight.dtype
+        dev, dt = base.weight.device, adapter_dtype(base.weight.dtype)
         self.register_buffer("scale", torch.tensor([alpha / r for r in ranks], device=dev, dtype=dt))
         mask = torch.zeros(K, r_max, device=dev, dtype=dt)
         for k, r in enumerate(ranks):
@@ -223,9 +228,9 @@ class BatchedLinear(nn.Module):
     def __init__(self, base: nn.Linear, num_clients: int, router: Router) -> None:
         super().__init__()
         self.router = router
-        w = base.weight.detach()
+        w = base.weight.detach().to(adapter_dtype(base.weight.dtype))
         self.weight = nn.Parameter(w.unsqueeze(0).repeat(num_clients, 1, 1).clone())
-        b = base.bias.detach() if base.bias is not None else w.new_zeros(w.shape[0])
+        b = base.bias.detach().to(w.dtype) if base.bias is not None else w.new_zeros(w.shape[0])
         self.bias = nn.Parameter(b.unsqueeze(0).repeat(num_clients, 1).clone())
 
     def forward(self, x: Tensor) -> Tensor:

@@ -28,6 +28,8 @@ DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
     ("q_lin", "v_lin"),          # DistilBERT
     ("q", "v"),                  # T5
 )
+#: ``--target-modules`` value that adapts every linear layer of the blocks.
+ALL_LINEAR = "all-linear"
 #: Attribute names of sequence-classification heads.
 HEAD_NAMES: tuple[str, ...] = ("classifier", "score")
 
@@ -45,11 +47,15 @@ class AdapterConfig:
     target_modules : list of str or None
         Module-name patterns: a plain name matches a module whose dotted name equals
         it or ends with ``"." + name``; anything with regex characters must match the
-        whole name. None picks the attention query/value layers.
+        whole name. ``["all-linear"]`` picks every ``nn.Linear`` but the output
+        (vocabulary) layer and the head. None picks the attention query/value layers.
     mode : {"lora", "lora-sb"}
         Adapter form.
     train_head : bool
         Train the classification head per client (sequence classification only).
+    gradient_checkpointing : bool
+        Recompute the base model's blocks in the backward pass (transformers' activation
+        checkpointing) instead of keeping their activations.
     """
 
     ranks: list[int]
@@ -57,6 +63,7 @@ class AdapterConfig:
     target_modules: list[str] | None = None
     mode: str = "lora"
     train_head: bool = True
+    gradient_checkpointing: bool = False
     resolved_targets: list[str] = field(default_factory=list)
 
 
@@ -74,7 +81,12 @@ def find_targets(model: nn.Module, patterns: list[str] | None) -> tuple[list[str
     ValueError
         When nothing matches (the message lists some Linear layer names).
     """
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output]
+    if patterns and list(patterns) == [ALL_LINEAR]:
+        names = [n for n in linears if n.split(".")[0] not in HEAD_NAMES]
+        if names:
+            return names, [ALL_LINEAR]
     candidates = [list(patterns)] if patterns else [list(p) for p in DEFAULT_TARGETS]
     for pats in candidates:
         names = [n for n in linears if any(_matches(n, p) for p in pats)]
@@ -127,6 +139,10 @@ class FederatedModel(nn.Module):
                 head = BatchedLinear(model.get_submodule(name), len(config.ranks), self.router)
                 _set_module(model, name, head)
                 self.heads[name] = head
+        if config.gradient_checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or \
+                model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
         self.model.eval()
 
     def _head_linears(self) -> list[str]:
@@ -143,8 +159,14 @@ class FederatedModel(nn.Module):
         return len(self.config.ranks)
 
     def train(self, mode: bool = True) -> FederatedModel:
-        """Set the flag only: submodules stay in eval mode (no dropout)."""
+        """Set the flag only: submodules stay in eval mode (no dropout). With gradient
+        checkpointing, the checkpointed blocks themselves follow ``mode`` (transformers
+        checkpoints only in training mode); their submodules stay in eval mode."""
         self.training = mode
+        if self.config.gradient_checkpointing:
+            for module in self.model.modules():
+                if getattr(module, "gradient_checkpointing", False) is True:
+                    module.training = mode
         return self
 
     def client_layers(self) -> list[nn.Module]:
@@ -168,7 +190,13 @@ class FederatedModel(nn.Module):
         try:
             return self.model(**inputs)
         finally:
-            self.router.routing = None
+            if not self.config.gradient_checkpointing:  # the backward pass recomputes with it
+                self.router.routing = None
+
+    def generate(self, **kwargs):
+        """transformers' ``generate`` of the wrapped model with every row on slot 0."""
+        self.router.routing = None
+        return self.model.generate(**kwargs)
 
     def set_ranks(self, ranks: list[int]) -> None:
         """New per-slot ranks (same K, each ≤ the largest rank the model was built with)."""

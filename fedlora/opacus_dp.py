@@ -26,7 +26,7 @@ Two parts are fedlora's, for reasons a deployment cares about:
 Opacus' ``strict`` check is off because it refuses any trainable layer with buffers;
 fedlora's buffers are LoRA scales, rank masks and the server's frozen LoRA-SB factors,
 none of them data dependent. Layers that do mix examples (batch norm) are refused
-earlier (:func:`fedlora.dpsgd.is_per_sample_safe`).
+earlier (:func:`fedlora.privacy.is_per_sample_safe`).
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 
-from fedlora.dpsgd import dp_parameters, layer_grad_samples, noise_generator, per_row_losses, poisson_batches
+from fedlora.dpsgd import dp_parameters, layer_grad_samples, noise_generator, poisson_batches
 from fedlora.lora import BatchedLinear, BatchedLoRALinear
 from fedlora.privacy import Budget, GaussianNoise
-from fedlora.train import gather_rows
+from fedlora.tasks import gather_rows
 
 
 @register_grad_sampler([BatchedLoRALinear, BatchedLinear])
@@ -112,12 +112,12 @@ def opacus_train_client(fm, data: dict[str, Tensor], sampler, cfg, budget: Budge
             opt.zero_grad(set_to_none=True)
             # an empty Poisson draw is one zero-weight row: the step releases noise only
             idx, w, _ = poisson_batches([sampler], [q], cfg.dp_reproducible)
-            batch = gather_rows(data, idx, device)
+            batch = gather_rows(data, idx, device, cfg.pad_to_longest)
             labels = batch.pop("labels")
             w = w.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 out = gsm(**batch)
-            losses = per_row_losses(out.logits, labels, cfg.task)
+            losses = cfg.task.row_losses(out.logits, labels)
             with warnings.catch_warnings():   # the frozen base: the first adapter's input needs no grad
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 (losses * w).mean().backward()  # Opacus rescales by the rows: w_i ∇ℓ_i each

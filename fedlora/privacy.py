@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
+from fedlora.config import check_dp_args
 from fedlora.errors import UserError
 
 
@@ -140,13 +142,9 @@ def sample_budgets(cfg, sizes: list[int], model=None) -> list[Budget]:
     ``rounds × local_steps`` steps (plus Fed-SB's ``init_batches``); its σ_k is
     ``--noise-multiplier`` or calibrated to ``(ε, δ)`` over those steps.
     """
-    from fedlora.config import check_dp_args
-
     check_dp_args(cfg)  # a run config is not parsed as flags: the same checks here
     check_delta(cfg.delta, min(sizes), "the smallest client's examples")
     if model is not None:
-        from fedlora.dpsgd import is_per_sample_safe
-
         why = is_per_sample_safe(model)
         if why is not None:
             raise UserError(f"--dp sample needs per-example gradients, but {why}; use a model"
@@ -160,3 +158,12 @@ def sample_budgets(cfg, sizes: list[int], model=None) -> list[Budget]:
             sigmas[q] = Budget.planned(cfg.epsilon, cfg.delta, q, steps, cfg.noise_multiplier).sigma
         out.append(Budget(sigma=sigmas[q], sample_rate=q, delta=cfg.delta, epsilon=cfg.epsilon))
     return out
+
+
+def is_per_sample_safe(model: nn.Module) -> str | None:
+    """Why per-example gradients are undefined for ``model`` (a layer mixing examples), or None."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            return f"layer {name} ({type(mod).__name__}) mixes the examples of a batch"
+    return None
+

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from fedlora.strategies import (
     get_strategy,
 )
 from fedlora.strategies.base import Factors
-from fedlora.train import evaluate
+from fedlora.tasks import get_task
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -99,9 +100,9 @@ def _too_little_noise(budget: Budget, steps: int, extra: int) -> str:
 class Coordinator:
     """Global state, fold history and seeds of one job (see the module docstring)."""
 
-    def __init__(self, cfg: JobConfig, strategy: Strategy, fm: FederatedModel,
-                 test: dict[str, Tensor]) -> None:
+    def __init__(self, cfg: JobConfig, strategy: Strategy, fm: FederatedModel, test: object) -> None:
         self.cfg, self.strategy, self.fm, self.test = cfg, strategy, fm, test
+        self.task = get_task(cfg.task)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.state: GlobalState | None = None
         self.folds: list[dict[str, Factors]] = []    # folds[t-1]: fold of round t
@@ -193,14 +194,22 @@ class Coordinator:
 
     # ---- metrics ----
     def row(self, bytes_up: list[int], bytes_down: list[int], agg_error: float | None,
-            losses: list[float] | None, seconds: float, clients: int) -> dict:
-        """The metric row of the last completed round (evaluates ``fm``)."""
-        acc, loss = evaluate(self.fm, self.test, self.cfg.task, self.cfg.eval_batch_size)
+            losses: list[float] | None, train_seconds: float, clients: int) -> dict:
+        """The metric row of the last completed round: evaluates ``fm`` with the task's metrics.
+
+        ``train_seconds``: the round's time so far (training, transfers, aggregation; setup for
+        round 0); ``eval_seconds`` is timed here, and ``seconds`` is their sum, the round's wall time.
+        """
+        t0 = time.perf_counter()
+        metrics = self.task.evaluate(self.fm, self.test, self.cfg)
+        eval_seconds = time.perf_counter() - t0
         row = {
             "round": self.round,
             "strategy": self.strategy.name,
-            "accuracy": acc,
-            "loss": loss,
+            "accuracy": metrics.pop("accuracy"),
+            "loss": metrics.pop("loss"),
+            "metric": self.task.metric,
+            **metrics,
             "train_loss": sum(losses) / len(losses) if losses else None,
             "bytes_up": sum(bytes_up),
             "bytes_down": sum(bytes_down),
@@ -208,7 +217,9 @@ class Coordinator:
             "bytes_down_per_client": list(bytes_down),
             "agg_error": None if agg_error is None or agg_error != agg_error else agg_error,
             "clients": clients,
-            "seconds": round(seconds, 3),
+            "train_seconds": round(train_seconds, 3),
+            "eval_seconds": round(eval_seconds, 3),
+            "seconds": round(train_seconds + eval_seconds, 3),
         }
         report = getattr(self.strategy, "privacy_report", None)  # --dp client's ledger
         if report is not None:

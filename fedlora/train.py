@@ -11,22 +11,25 @@ independent ones. Gradient clipping, being norm based, is done per client.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from fedlora.config import JobConfig
+from fedlora.dpsgd import dp_estimate_gradients, dp_train_clients
 from fedlora.kernels import Routing
 from fedlora.model import FederatedModel
+from fedlora.opacus_dp import opacus_train_client
+from fedlora.tasks import Task, gather_rows, get_task
 
 
 @dataclass
 class TrainConfig:
     """Local training settings shared by every client."""
 
-    task: str = "classification"
+    task: Task = field(default_factory=lambda: get_task("classification"))
     local_steps: int = 10
     batch_size: int = 8
     lr: float = 1e-3
@@ -36,6 +39,22 @@ class TrainConfig:
     dp_sample: bool = False  # DP-SGD: Poisson batches, per-example clipping to max_grad_norm, noise
     dp_reproducible: bool = False  # DP draws keyed to the seed (tests only: no privacy then)
     dp_backend: str = "fedlora"  # DP-SGD by fedlora's batched kernels, or "opacus" (one client)
+    pad_to_longest: bool = True  # dynamic padding: a pass is as wide as its longest row
+
+    @classmethod
+    def from_job(cls, cfg: JobConfig, lone: bool = False) -> TrainConfig:
+        """The local-training settings of a job.
+
+        ``lone``: for a client that trains alone (a deployed one), whose ``--dp-backend auto``
+        is Opacus; the batched simulator's is fedlora's kernels.
+        """
+        clip = cfg.max_grad_norm
+        if cfg.dp == "sample" and clip is None:
+            clip = 1.0  # DP-SGD always clips per example
+        return cls(task=get_task(cfg.task), local_steps=cfg.local_steps, batch_size=cfg.batch_size,
+                   lr=cfg.lr, max_grad_norm=clip, precision=cfg.precision, dp_sample=cfg.dp == "sample",
+                   dp_reproducible=cfg.dp_reproducible, dp_backend=cfg.dp_backend_for(lone),
+                   pad_to_longest=cfg.padding == "longest")
 
 
 class ClientSampler:
@@ -46,6 +65,11 @@ class ClientSampler:
     alone or batched with others, in one process or another, in an uninterrupted run
     or after a resume. Within a round, ``take`` walks permutations epoch by epoch.
     """
+
+    @classmethod
+    def for_client(cls, cfg: JobConfig, client: int, indices: Sequence[int]) -> ClientSampler:
+        """Client ``client``'s sampler: the same in the simulator and deployment."""
+        return cls(indices, seed=cfg.seed * 100_003 + client)
 
     def __init__(self, indices: Sequence[int], seed: int) -> None:
         if len(indices) == 0:
@@ -71,35 +95,14 @@ class ClientSampler:
         return out
 
 
-def per_client_loss(logits: Tensor, labels: Tensor, task: str, n_seg: int) -> Tensor:
-    """``(S,)`` mean loss of each of ``n_seg`` equal contiguous row segments."""
-    if task == "classification":
-        rows = F.cross_entropy(logits.float(), labels, reduction="none")     # (N,)
-        return rows.view(n_seg, -1).mean(dim=1)
-    # causal LM: predict token t+1 from tokens ≤ t; -100 marks padding
-    lg, lb = logits[:, :-1].float(), labels[:, 1:]
-    tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), reduction="none",
-                          ignore_index=-100).view(lb.shape)                  # (N, T-1)
-    valid = (lb != -100).float()
-    tot = (tok * valid).view(n_seg, -1).sum(dim=1)
-    cnt = valid.view(n_seg, -1).sum(dim=1).clamp_min(1.0)
-    return tot / cnt
-
-
-def gather_rows(data: dict[str, Tensor], idx: list[int], device: torch.device) -> dict[str, Tensor]:
-    """Rows ``idx`` of every tensor in ``data``, on ``device``."""
-    index = torch.as_tensor(idx, dtype=torch.long)
-    return {k: v.index_select(0, index).to(device) for k, v in data.items()}
-
-
 def _forward_losses(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
                     slots: Tensor, cfg: TrainConfig, device: torch.device) -> Tensor:
     idx = [i for s in samplers for i in s.take(cfg.batch_size)]
-    batch = gather_rows(data, idx, device)
+    batch = gather_rows(data, idx, device, cfg.pad_to_longest)
     labels = batch.pop("labels")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         out = fm(routing=Routing.segments(slots, cfg.batch_size), **batch)
-    return per_client_loss(out.logits, labels, cfg.task, len(samplers))
+    return cfg.task.client_losses(out.logits, labels, len(samplers))
 
 
 def clip_per_client(params: Sequence[Tensor], max_norm: float) -> Tensor:
@@ -181,50 +184,16 @@ def estimate_gradients(fm: FederatedModel, data: dict[str, Tensor],
     return grads
 
 
-@torch.no_grad()
-def evaluate(fm: FederatedModel, data: dict[str, Tensor], task: str, batch_size: int = 64,
-             slot: int = 0) -> tuple[float, float]:
-    """``(accuracy, mean loss)`` of slot ``slot`` on ``data``.
-
-    Accuracy is per example for classification and per predicted token for causal LM.
-    """
-    device = next(fm.parameters()).device
-    n = data["labels"].shape[0]
-    correct = count = 0.0
-    loss_sum = 0.0
-    for start in range(0, n, batch_size):
-        batch = gather_rows(data, list(range(start, min(n, start + batch_size))), device)
-        labels = batch.pop("labels")
-        rows = labels.shape[0]
-        logits = fm(routing=Routing.segments(torch.tensor([slot], device=device), rows),
-                    **batch).logits.float()
-        if task == "classification":
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(-1) == labels).sum().item()
-            count += rows
-        else:
-            lg, lb = logits[:, :-1], labels[:, 1:]
-            valid = lb != -100
-            loss_sum += F.cross_entropy(lg[valid], lb[valid], reduction="sum").item()
-            correct += (lg.argmax(-1)[valid] == lb[valid]).sum().item()
-            count += valid.sum().item()
-    return correct / max(count, 1), loss_sum / max(count, 1)
-
-
 def local_training(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
                    cfg: TrainConfig, rnd: int, budgets=None, progress=None) -> list[float]:
     """Round ``rnd`` of slots ``0..m-1``: :func:`train_clients`, or DP-SGD with each client's
     :class:`~fedlora.privacy.Budget` when ``cfg.dp_sample``: batched (``fedlora.dpsgd``) or,
     with ``dp_backend="opacus"``, one client through Opacus (``fedlora.opacus_dp``)."""
     if cfg.dp_sample and cfg.dp_backend == "opacus":
-        from fedlora.opacus_dp import opacus_train_client
-
         if len(samplers) != 1:
             raise ValueError(f"the Opacus DP path trains one client per pass, got {len(samplers)}")
         return [opacus_train_client(fm, data, samplers[0], cfg, budgets[0], rnd, progress)]
     if cfg.dp_sample:
-        from fedlora.dpsgd import dp_train_clients
-
         return dp_train_clients(fm, data, samplers, cfg, budgets, rnd, progress)
     return train_clients(fm, data, samplers, cfg, rnd=rnd, progress=progress)
 
@@ -233,7 +202,5 @@ def gradient_estimates(fm: FederatedModel, data: dict[str, Tensor], samplers: Se
                        cfg: TrainConfig, steps: int, budgets=None) -> dict[str, Tensor]:
     """Fed-SB's round 0: :func:`estimate_gradients`, privatised when ``cfg.dp_sample``."""
     if cfg.dp_sample:
-        from fedlora.dpsgd import dp_estimate_gradients
-
         return dp_estimate_gradients(fm, data, samplers, cfg, budgets, steps)
     return estimate_gradients(fm, data, samplers, cfg, steps)

@@ -18,19 +18,17 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import JobConfig, from_run_config
-from fedlora.data import load_dataset, split, tokenize
 from fedlora.export import export_peft
-from fedlora.hub import load_model
-from fedlora.model import AdapterConfig, FederatedModel
 from fedlora.process import die_with_parent
 from fedlora.rounds import CHECKPOINT, Coordinator, make_strategy
 from fedlora.server.strategy import FedLoRA, RoundSettings
 from fedlora.server.transport import fast_object_pulls
+from fedlora.setup import build_model, held_out
+from fedlora.tasks import get_task
 
 app = ServerApp()
 log = logging.getLogger("fedlora.server")
@@ -43,20 +41,12 @@ def write_status(out_dir: Path, state: str, **extra) -> None:
     os.replace(tmp, out_dir / "status.json")
 
 
-def build_coordinator(cfg: JobConfig) -> tuple[Coordinator, Path, list[str]]:
-    """Server-side model (one slot), test split and coordinator for ``cfg``."""
-    label_col = cfg.label_column if cfg.task == "classification" else None
-    ds = load_dataset(cfg.data, cfg.text_column, label_col)
-    _, test_ds = split(ds, cfg.test_fraction, cfg.seed)
-    classify = cfg.task == "classification"
-    model, tokenizer, path = load_model(cfg.model, cfg.task, len(ds.label_names) if classify else None,
-                                        seed=cfg.seed)
-    strategy = make_strategy(cfg)
-    fm = FederatedModel(model, AdapterConfig(ranks=[cfg.rank], alpha=cfg.lora_alpha,
-                                             target_modules=cfg.target_modules, mode=strategy.mode,
-                                             train_head=classify)).to(torch.device(cfg.device))
-    test = tokenize(tokenizer, test_ds, cfg.max_length, cfg.task)
-    return Coordinator(cfg, strategy, fm, test), path, ds.label_names
+def build_coordinator(cfg: JobConfig) -> tuple[Coordinator, str, list[str]]:
+    """Server-side model (one slot), held-out examples and coordinator for ``cfg``."""
+    task, strategy = get_task(cfg.task), make_strategy(cfg)
+    test_ds, label_names = held_out(cfg, task)
+    fm, tokenizer, path = build_model(cfg, [cfg.rank], strategy.mode, len(label_names))
+    return Coordinator(cfg, strategy, fm, task.eval_set(tokenizer, test_ds, cfg)), path, label_names
 
 
 def lock_out_dir(out_dir: Path, timeout: float = 60.0):
@@ -99,8 +89,8 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
             (out_dir / "metrics.jsonl").write_text("")
         strategy = FedLoRA(coord, RoundSettings.from_run_config(run_config), out_dir, labels)
         strategy.start(grid)
-        export_peft(coord.state, list(coord.fm.adapters), out_dir / "adapter", str(model_path),
-                    "SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM", list(coord.fm.heads))
+        export_peft(coord.state, list(coord.fm.adapters), out_dir / "adapter", model_path,
+                    coord.task.peft_task_type, list(coord.fm.heads))
     except BaseException as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         write_status(out_dir, "failed", error=reason, **status)

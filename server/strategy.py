@@ -138,7 +138,7 @@ class FedLoRA(FlowerStrategy):
                                  agg_error, losses, time.perf_counter() - t0, len(bytes_up))
             row.update(rejected=self.rejected, failed=len(errors) + len(missing),
                        client_seconds=round(max(seconds), 3),
-                       overhead_seconds=round(row["seconds"] - max(seconds), 3))
+                       overhead_seconds=round(row["train_seconds"] - max(seconds), 3))
             if self.coord.cfg.dp == "sample":
                 row.update(dp="sample", dp_backend=self.coord.cfg.dp_backend_for(lone=True),
                            epsilon_per_client=[round(e, 4) for e, _ in self._epsilons],

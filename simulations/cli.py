@@ -65,17 +65,23 @@ def check_args(args: argparse.Namespace) -> None:
     if getattr(args, "engine", "batched") == "flower":  # fedlora-compare has no --engine
         if args.client_cpus <= 0 or args.client_gpus < 0:
             raise UserError("--client-cpus must be ≥ 1 and --client-gpus ≥ 0")
-        if args.max_clients_per_pass is not None or args.precision != "fp32":
-            raise UserError("--max-clients-per-pass and --precision apply to --engine batched only")
+        if args.max_clients_per_pass is not None:
+            raise UserError("--max-clients-per-pass applies to --engine batched only")
     check_out_dir(args.out, args.overwrite)
 
 
+METRIC_LABELS = {"accuracy": "acc", "answer_accuracy": "answer acc", "token_accuracy": "token acc"}
+
+
 def format_row(row: dict) -> str:
+    """One round as a line: the task's headline metric, loss (and perplexity), bytes, times."""
     err = "-" if row["agg_error"] is None else f"{row['agg_error']:.2e}"
     eps = "" if row.get("epsilon") is None else f"  ε {row['epsilon']:.2f}"
-    return (f"round {row['round']:>3}  acc {row['accuracy']:.4f}  loss {row['loss']:.4f}  "
-            f"agg_err {err}  up {row['bytes_up'] / 1e6:.2f} MB  "
-            f"down {row['bytes_down'] / 1e6:.2f} MB  {row['seconds']:.1f}s{eps}")
+    ppl = f"  ppl {row['perplexity']:.2f}" if row.get("perplexity") is not None else ""
+    name = METRIC_LABELS.get(row.get("metric", "accuracy"), row.get("metric", "acc"))
+    return (f"round {row['round']:>3}  {name} {row['accuracy']:.4f}  loss {row['loss']:.4f}{ppl}  "
+            f"agg_err {err}  up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB  "
+            f"{row['seconds']:.1f}s (eval {row.get('eval_seconds', 0.0):.1f}s){eps}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import argparse
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from fedlora.config import JobConfig, Parser, add_job_arguments, parse_ranks, to_config
@@ -185,8 +186,8 @@ def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool) -> dict[s
 
     Returns
     -------
-    dict of str to list of dict
-        Run label -> its metric rows, in plan order.
+    (dict of str to list of dict, dict of str to float)
+        Run label -> its metric rows, in plan order; run label -> its measured wall seconds.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -196,16 +197,19 @@ def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool) -> dict[s
 
     console = Console(stderr=True, quiet=quiet)
     runs: dict[str, list[dict]] = {}
+    walls: dict[str, float] = {}
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, disable=quiet) as bar:
         for label, cfg in plan:
             task = bar.add_task(label, total=cfg.rounds * cfg.local_steps * len(cfg.sampled(1)))
+            t0 = time.perf_counter()
             runs[label] = run(cfg, out / folder_name(label), on_step=lambda n, t=task: bar.advance(t, n),
                               on_round=lambda row, lb=label: bar.console.print(
                                   f"{lb}: {format_row(row)}", soft_wrap=True))
-            write_table([summarize(rows, lb) for lb, rows in runs.items()], out,
+            walls[label] = time.perf_counter() - t0
+            write_table([summarize(rows, lb, walls[lb]) for lb, rows in runs.items()], out,
                         job_notes(plan[0][1]))
-    return runs
+    return runs, walls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if args.out.is_dir() and args.overwrite:
             _clear(args.out, plan)
-        runs = run_all(plan, args.out, args.quiet)
+        runs, walls = run_all(plan, args.out, args.quiet)
         plot(runs, args.out)
         if not args.quiet:
-            print(markdown_table([summarize(rows, label) for label, rows in runs.items()]))
+            print(markdown_table([summarize(rows, label, walls[label]) for label, rows in runs.items()]))
             print(f"wrote {args.out / TABLE_FILES[0]}, {TABLE_FILES[1]} and the plots "
                   f"{', '.join(PLOT_FILES)}", file=sys.stderr)
         return 0

@@ -23,15 +23,16 @@ from pathlib import Path
 import torch
 
 from fedlora.config import JobConfig
-from fedlora.data import load_dataset, partition, split, tokenize
+from fedlora.data import partition
 from fedlora.export import export_peft
-from fedlora.hub import load_model
-from fedlora.model import AdapterConfig, FederatedModel
+from fedlora.model import FederatedModel
 from fedlora.privacy import Budget, sample_budgets
 from fedlora.rounds import Coordinator, make_strategy
+from fedlora.setup import build_model, held_out, training_data
 from fedlora.state import extract_upload, upload_tensors
 from fedlora.strategies import ClientUpload, Strategy
-from fedlora.train import ClientSampler, gradient_estimates, local_training
+from fedlora.tasks import Task, get_task
+from fedlora.train import ClientSampler, TrainConfig, gradient_estimates, local_training
 from fedlora.wire import tensor_bytes
 
 SimConfig = JobConfig  # the simulator's name for a job's settings
@@ -44,36 +45,30 @@ class Job:
     """Everything a run needs, built once."""
 
     cfg: JobConfig
+    task: Task
     strategy: Strategy
     fm: FederatedModel
     train: dict[str, torch.Tensor]
-    test: dict[str, torch.Tensor]
+    test: object  # the task's evaluation set
     samplers: list[ClientSampler]
-    model_path: Path
+    model_path: str
     label_names: list[str]
     budgets: list[Budget] | None = None  # --dp sample: one privacy ledger per client
 
 
 def build_job(cfg: JobConfig) -> Job:
     """Load data and model, partition clients, wrap the model with one slot per client of a pass."""
-    strategy = make_strategy(cfg)
-    ds = load_dataset(cfg.data, cfg.text_column,
-                      cfg.label_column if cfg.task == "classification" else None)
-    train_ds, test_ds = split(ds, cfg.test_fraction, cfg.seed)
+    task, strategy = get_task(cfg.task), make_strategy(cfg)
+    train_ds = training_data(cfg, task)
+    test_ds, label_names = held_out(cfg, task)
     parts = partition(train_ds, cfg.num_clients, cfg.partition, cfg.alpha, cfg.seed)
-    num_labels = len(ds.label_names) if cfg.task == "classification" else None
-    model, tokenizer, path = load_model(cfg.model, cfg.task, num_labels, seed=cfg.seed)
     slots = pass_size(cfg, len(cfg.sampled(1)))
-    r_max = max(cfg.client_ranks())
-    adapter_cfg = AdapterConfig(ranks=[r_max] * slots, alpha=cfg.lora_alpha,
-                                target_modules=cfg.target_modules, mode=strategy.mode,
-                                train_head=cfg.task == "classification")
-    fm = FederatedModel(model, adapter_cfg).to(torch.device(cfg.device))
-    samplers = [cfg.sampler(k, idx) for k, idx in enumerate(parts)]
-    budgets = sample_budgets(cfg, [len(s) for s in samplers], model) if cfg.dp == "sample" else None
-    return Job(cfg, strategy, fm, tokenize(tokenizer, train_ds, cfg.max_length, cfg.task),
-               tokenize(tokenizer, test_ds, cfg.max_length, cfg.task), samplers, path,
-               ds.label_names, budgets)
+    fm, tokenizer, path = build_model(cfg, [max(cfg.client_ranks())] * slots, strategy.mode,
+                                      len(label_names))
+    samplers = [ClientSampler.for_client(cfg, k, idx) for k, idx in enumerate(parts)]
+    budgets = sample_budgets(cfg, [len(s) for s in samplers], fm.model) if cfg.dp == "sample" else None
+    return Job(cfg, task, strategy, fm, task.encode(tokenizer, train_ds, cfg),
+               task.eval_set(tokenizer, test_ds, cfg), samplers, path, label_names, budgets)
 
 
 def pass_size(cfg: JobConfig, clients: int) -> int:
@@ -105,7 +100,7 @@ def local_round(job: Job, coord: Coordinator, rnd: int, clients: list[int],
         coord.reload()
         step = None if on_step is None else partial(on_step, len(chunk))
         losses += local_training(job.fm, job.train, [job.samplers[c] for c in chunk],
-                                 job.cfg.train_config(), rnd, _budgets(job, chunk), step)
+                                 TrainConfig.from_job(job.cfg), rnd, _budgets(job, chunk), step)
         uploads += [extract_upload(job.fm, k, len(job.samplers[c])) for k, c in enumerate(chunk)]
     return uploads, losses
 
@@ -115,7 +110,8 @@ def init_uploads(job: Job, clients: list[int]) -> list[ClientUpload]:
     out = []
     for chunk in chunks(clients, job.fm.num_clients):
         grads = gradient_estimates(job.fm, job.train, [job.samplers[c] for c in chunk],
-                                   job.cfg.train_config(), job.cfg.init_batches, _budgets(job, chunk))
+                                   TrainConfig.from_job(job.cfg), job.cfg.init_batches,
+                                   _budgets(job, chunk))
         out += [ClientUpload(num_examples=len(job.samplers[c]),
                              grads={name: g[k] for name, g in grads.items()})
                 for k, c in enumerate(chunk)]
@@ -187,8 +183,8 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
                         time.perf_counter() - t_round, len(ups))
         row.update(privacy_columns(job.budgets, clients, cfg.dp_backend_for(False)))
         _emit(metrics_path, row, on_round)
-    export_peft(coord.state, list(job.fm.adapters), out_dir / "adapter", str(job.model_path),
-                "SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM", list(job.fm.heads))
+    export_peft(coord.state, list(job.fm.adapters), out_dir / "adapter", job.model_path,
+                job.task.peft_task_type, list(job.fm.heads))
     return coord.rows
 
 

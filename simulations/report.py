@@ -23,15 +23,19 @@ COLUMNS = [
     ("bytes_up_per_client_round", "up / client / round"),
     ("bytes_down_per_client_round", "down / client / round"),
     ("final_agg_error", "final agg error"),
+    ("final_perplexity", "final ppl"),
     ("seconds", "wall s"),
 ]
-CSV_COLUMNS = ["run", "strategy"] + [key for key, _ in COLUMNS[1:]]
+CSV_COLUMNS = ["run", "strategy", "metric"] + [key for key, _ in COLUMNS[1:]]
 TABLE_FILES = ("comparison.md", "comparison.csv")
 PLOT_FILES = ("accuracy_per_round.png", "accuracy_vs_bytes.png", "bytes_per_client_round.png")
+PERPLEXITY_PLOT = "perplexity_per_round.png"  # runs whose task reports perplexity (sft)
+METRIC_NAMES = {"accuracy": "test accuracy", "answer_accuracy": "answer accuracy (generated)",
+                "token_accuracy": "next-token accuracy"}
 
 # ---- summaries and the table ----
 
-def summarize(rows: list[dict], label: str | None = None) -> dict:
+def summarize(rows: list[dict], label: str | None = None, wall: float | None = None) -> dict:
     """One run's comparison figures from its metric rows (``metrics.jsonl``).
 
     Parameters
@@ -40,6 +44,9 @@ def summarize(rows: list[dict], label: str | None = None) -> dict:
         The run's metric rows, round 0 (before training; Fed-SB's init upload) first.
     label : str, optional
         The run's name in the table; default: the rows' strategy.
+    wall : float, optional
+        The run's measured wall time in seconds (setup, rounds, evaluations, export); default:
+        the sum of the rows' ``seconds``.
 
     Returns
     -------
@@ -49,8 +56,9 @@ def summarize(rows: list[dict], label: str | None = None) -> dict:
         ``bytes_total`` summed over all rounds, round 0 included; ``bytes_up_per_client_round`` and
         ``bytes_down_per_client_round``, the mean of the per-client byte counts over rounds ≥ 1
         (``None`` without such rounds); ``final_agg_error`` (last round's, ``None`` if not
-        reported); ``seconds``, the sum of the rows' seconds (setup and round 0 included),
-        rounded to milliseconds as the rows are.
+        reported); ``final_perplexity`` (``None`` unless the task reports it); ``metric``, the
+        name of what ``accuracy`` measures; ``seconds``, ``wall`` or else the sum of the rows'
+        seconds (setup, round 0 and evaluations included), rounded to milliseconds.
     """
     if not rows:
         raise ValueError("no metric rows to summarize")
@@ -72,7 +80,9 @@ def summarize(rows: list[dict], label: str | None = None) -> dict:
         "bytes_up_per_client_round": sum(ups) / len(ups) if ups else None,
         "bytes_down_per_client_round": sum(downs) / len(downs) if downs else None,
         "final_agg_error": rows[-1]["agg_error"],
-        "seconds": round(sum(r["seconds"] for r in rows), 3),
+        "final_perplexity": rows[-1].get("perplexity"),
+        "metric": rows[-1].get("metric", "accuracy"),
+        "seconds": round(wall if wall is not None else sum(r["seconds"] for r in rows), 3),
     }
 
 
@@ -97,15 +107,20 @@ def _cell(key: str, value) -> str:
         return human_bytes(value)
     if key == "final_agg_error":
         return f"{value:.2e}"
+    if key == "final_perplexity":
+        return f"{value:.3g}"
     return f"{value:.1f}"
 
 
 def markdown_table(summaries: list[dict]) -> str:
-    """The Markdown table of :data:`COLUMNS`, one row per summary."""
-    lines = ["| " + " | ".join(header for _, header in COLUMNS) + " |",
-             "|" + "|".join("---" if key == "run" else "---:" for key, _ in COLUMNS) + "|"]
+    """The Markdown table of :data:`COLUMNS`, one row per summary (``final ppl`` only when a run
+    reports perplexity)."""
+    columns = [(k, h) for k, h in COLUMNS
+               if k != "final_perplexity" or any(s.get(k) is not None for s in summaries)]
+    lines = ["| " + " | ".join(header for _, header in columns) + " |",
+             "|" + "|".join("---" if key == "run" else "---:" for key, _ in columns) + "|"]
     for s in summaries:
-        lines.append("| " + " | ".join(_cell(key, s[key]) for key, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(key, s[key]) for key, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -130,9 +145,11 @@ def write_table(summaries: list[dict], out: Path, notes: str | None = None) -> t
     out.mkdir(parents=True, exist_ok=True)
     legend = ("Bytes are the serialized sizes of the arrays each way; totals include round 0 "
               "(Fed-SB's gradient upload), the per-client means are over rounds ≥ 1. Best acc is "
-              "the best global-model accuracy after a round ≥ 1; agg error is "
-              "‖ΔW_agg − Σ p_k ΔW_k‖_F / ‖Σ p_k ΔW_k‖_F of the last round; wall s is the run's "
-              "setup, evaluations and rounds (the first run also pays one-off start-up costs).")
+              "the best global-model accuracy after a round ≥ 1 (for --task sft: answer accuracy, "
+              "greedy answers equal to the reference; ppl: perplexity of the reference responses); "
+              "agg error is ‖ΔW_agg − Σ p_k ΔW_k‖_F / ‖Σ p_k ΔW_k‖_F of the last round; wall s is "
+              "the run's measured wall time: setup, rounds, evaluations and export (the first run "
+              "also pays one-off start-up costs).")
     text = "# fedlora-compare\n\n" + markdown_table(summaries) + "\n" + legend + "\n"
     if notes:
         text += "\n" + notes.rstrip() + "\n"
@@ -165,16 +182,20 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _plot_accuracy_per_round(runs: dict[str, list[dict]], path: Path) -> Path:
+def _metric_name(runs: dict[str, list[dict]]) -> str:
+    metric = next(iter(runs.values()))[-1].get("metric", "accuracy")
+    return METRIC_NAMES.get(metric, metric)
+
+
+def _plot_per_round(runs: dict[str, list[dict]], path: Path, key: str, name: str, title: str) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     for label, rows in runs.items():
         rows = sorted(rows, key=lambda r: r["round"])
-        ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
+        ax.plot([r["round"] for r in rows], [r[key] for r in rows], marker="o", label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="round (0 = before training)", ylabel="test accuracy",
-           title="Accuracy per round")
+    ax.set(xlabel="round (0 = before training)", ylabel=name, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
@@ -191,7 +212,7 @@ def _plot_accuracy_vs_bytes(runs: dict[str, list[dict]], path: Path) -> Path:
                 ys.append(r["accuracy"])
         ax.plot(xs, ys, marker="o", label=label)
     ax.set_xscale("log")
-    ax.set(xlabel="cumulative bytes up + down (MB, log scale)", ylabel="test accuracy",
+    ax.set(xlabel="cumulative bytes up + down (MB, log scale)", ylabel=_metric_name(runs),
            title="Accuracy vs communication")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
@@ -232,6 +253,9 @@ def plot(runs: dict[str, list[dict]], out: Path) -> list[Path]:
         ``bytes_per_client_round.png`` (grouped bars of the mean bytes up and down per client per
         round).
 
+    Runs whose rows report a perplexity (``--task sft``) also get ``perplexity_per_round.png``.
+    The accuracy axes are named after the task's metric (answer accuracy for sft).
+
     Returns
     -------
     list of Path
@@ -239,6 +263,10 @@ def plot(runs: dict[str, list[dict]], out: Path) -> list[Path]:
     """
     out.mkdir(parents=True, exist_ok=True)
     summaries = [summarize(rows, label) for label, rows in runs.items()]
-    return [_plot_accuracy_per_round(runs, out / PLOT_FILES[0]),
-            _plot_accuracy_vs_bytes(runs, out / PLOT_FILES[1]),
-            _plot_bytes_per_client_round(summaries, out / PLOT_FILES[2])]
+    paths = [_plot_per_round(runs, out / PLOT_FILES[0], "accuracy", _metric_name(runs), "Accuracy per round"),
+             _plot_accuracy_vs_bytes(runs, out / PLOT_FILES[1]),
+             _plot_bytes_per_client_round(summaries, out / PLOT_FILES[2])]
+    if all(r.get("perplexity") is not None for rows in runs.values() for r in rows):
+        paths.append(_plot_per_round(runs, out / PERPLEXITY_PLOT, "perplexity", "response perplexity",
+                                     "Perplexity of the reference responses per round"))
+    return paths

@@ -71,3 +71,44 @@ def tiny_csv(tmp_path_factory) -> Path:
         lines.append(f"{key} {body},{keys[key]}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+#: A tiny chat template in plain words (MiniLM's tokenizer has no <|im_start|>): turns end with [SEP].
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} [SEP] {% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide LLaMA with a chat template whose end of turn (and eos) is [SEP]."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-chat-llama")
+    tok = _tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tok.eos_token = "[SEP]"
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                      max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sentiment_tsv(tmp_path_factory) -> Path:
+    """SST-2-like rows (label 0/1): the label is signalled by a keyword, so it is learnable."""
+    import random
+
+    rng = random.Random(1)
+    words = ["film", "plot", "actor", "scene", "story", "music", "ending", "cast"]
+    path = tmp_path_factory.mktemp("sst") / "train.tsv"
+    lines = ["label\tsentence"]
+    for i in range(120):
+        label = i % 2
+        key = "great" if label else "awful"
+        lines.append(f"{label}\t{key} " + " ".join(rng.choice(words) for _ in range(4)))
+    path.write_text("\n".join(lines) + "\n")
+    return path

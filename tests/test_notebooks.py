@@ -1,7 +1,8 @@
 """The notebooks in ``notebooks/``: stored clean (fast) and executed end to end (slow).
 
-The slow tests run each notebook in a fresh ``python3`` kernel with nbclient, in a temporary
-working directory and with ``TMPDIR`` pointing there, so whatever the notebook writes (it uses
+The slow tests run each notebook in a fresh ``python3`` kernel with nbclient (the LLM notebook with
+a tiny random chat LLaMA as its ``FEDLORA_NOTEBOOK_MODEL``, not SmolLM2), in a temporary working
+directory and with ``TMPDIR`` pointing there, so whatever the notebook writes (it uses
 ``tempfile.mkdtemp``) lands under pytest's ``tmp_path``. A cell that raises fails the test with the
 cell's source and traceback.
 """
@@ -15,7 +16,7 @@ import nbformat
 import pytest
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-NOTEBOOKS = ["quickstart.ipynb", "compare_strategies.ipynb"]
+NOTEBOOKS = ["quickstart.ipynb", "compare_strategies.ipynb", "llm_instruction_tuning.ipynb"]
 CELL_TIMEOUT_S = 600
 
 
@@ -44,12 +45,14 @@ def test_notebook_is_valid_and_clean(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_executes(name, tmp_path):
+def test_notebook_executes(name, tmp_path, request):
     from nbclient import NotebookClient
 
     nb = _read(name)
     env = {**os.environ, "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
+    if name == "llm_instruction_tuning.ipynb":  # the notebook's model parameter: a tiny random LLaMA here
+        env["FEDLORA_NOTEBOOK_MODEL"] = str(request.getfixturevalue("tiny_chat_llama_dir"))
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute(env=env)  # raises nbclient.exceptions.CellExecutionError on a failing cell

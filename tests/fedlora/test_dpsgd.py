@@ -12,14 +12,13 @@ from fedlora.dpsgd import (
     Capture,
     clip_factors,
     grad_samples,
-    is_per_sample_safe,
     noise_generator,
     noisy_mean,
-    per_row_losses,
 )
 from fedlora.errors import UserError
 from fedlora.model import AdapterConfig, FederatedModel
-from fedlora.privacy import Budget, calibrate, check_delta, spent
+from fedlora.privacy import Budget, calibrate, check_delta, is_per_sample_safe, spent
+from fedlora.tasks import get_task
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,7 @@ def _our_grad_samples(base, batch, A_B):
     inputs = dict(batch)
     labels = inputs.pop("labels")
     with Capture([*fm.adapters.values(), *fm.heads.values()]) as cap:
-        per_row_losses(fm(**inputs).logits, labels, "classification").sum().backward()
+        get_task("classification").row_losses(fm(**inputs).logits, labels).sum().backward()
     ids = torch.zeros(labels.shape[0], dtype=torch.long)
     return fm, {id(p): g for p, g in grad_samples(fm, cap, ids)}
 

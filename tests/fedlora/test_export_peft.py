@@ -81,3 +81,34 @@ def test_export_replaces_previous_adapter_whole(tiny_bert_dir, tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json",
                                                          "adapter_model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_sft_export_generates_the_same_greedy_tokens_with_peft(tiny_chat_llama_dir, tmp_path):
+    # Prepare: the tiny chat LLaMA with a live global adapter on all linear layers (A and B random)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir)
+
+    fm = FederatedModel(base(), AdapterConfig(ranks=[4], alpha=8.0, target_modules=["all-linear"],
+                                              train_head=False))
+    g = torch.Generator().manual_seed(3)
+    factors = {n: (torch.randn(4, layer.lora_A.shape[2], generator=g),
+                   torch.randn(layer.lora_B.shape[1], 4, generator=g)) for n, layer in fm.adapters.items()}
+    state = GlobalState(factors=factors, scale=2.0)
+    apply_global(fm, state, {})
+    tok = AutoTokenizer.from_pretrained(tiny_chat_llama_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "great film"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    prompt = {k: ids[k] for k in ("input_ids", "attention_mask")}
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    ours = fm.generate(**prompt, **kw)
+    # Execute: export as a CAUSAL_LM adapter, load with PEFT onto a fresh base
+    out = export_peft(state, list(fm.adapters), tmp_path / "adapter", str(tiny_chat_llama_dir),
+                      "CAUSAL_LM", [])
+    theirs = peft.PeftModel.from_pretrained(base(), out).eval().generate(**prompt, **kw)
+    # Assert: the same greedy tokens, and the adapter changed them (it is not a no-op)
+    assert ours.tolist() == theirs.tolist()
+    assert ours.tolist() != base().generate(**prompt, **kw).tolist()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and len(config["target_modules"]) == 14

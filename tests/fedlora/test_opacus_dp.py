@@ -110,9 +110,9 @@ def test_auto_backend_is_opacus_for_a_deployed_client_and_fedlora_in_the_simulat
     from fedlora.simulations.engine import pass_size
 
     cfg = JobConfig(dp="sample", epsilon=8.0, num_clients=10)
-    assert cfg.train_config(lone=True).dp_backend == "opacus"
-    assert cfg.train_config().dp_backend == "fedlora"
+    assert TrainConfig.from_job(cfg, lone=True).dp_backend == "opacus"
+    assert TrainConfig.from_job(cfg).dp_backend == "fedlora"
     assert pass_size(cfg, 10) == 10
     # an explicit --dp-backend opacus in the simulator trains one client per pass
     cfg.dp_backend = "opacus"
-    assert cfg.train_config().dp_backend == "opacus" and pass_size(cfg, 10) == 1
+    assert TrainConfig.from_job(cfg).dp_backend == "opacus" and pass_size(cfg, 10) == 1

@@ -23,7 +23,7 @@ def coord(tiny_bert_dir, tmp_path):
     from fedlora.model import AdapterConfig, FederatedModel
 
     cfg = JobConfig(model=str(tiny_bert_dir), rank=4, num_clients=3, seed=0)
-    model, _, _ = load_model(cfg.model, "classification", 3, seed=0)
+    model, _, _ = load_model(cfg.model, "sequence-classification", 3, seed=0)
     fm = FederatedModel(model, AdapterConfig(ranks=[4], alpha=16.0, mode="lora", train_head=True))
     c = Coordinator(cfg, make_strategy(cfg), fm, test={})
     c.start()

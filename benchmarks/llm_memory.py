@@ -1,0 +1,102 @@
+"""SmolLM2 on CPU: peak memory and time per training step, fp32 vs bf16, with and without
+gradient checkpointing.
+
+    python benchmarks/llm_memory.py [--model smollm2] [--batch 4] [--tokens 256] [--steps 3]
+
+Each configuration runs in its own process (so one's memory does not count against
+another): it builds the job's one-slot model exactly as a client does
+(``fedlora.setup.build_model``: ``--precision bf16`` stores the frozen base in bfloat16),
+trains LoRA r=8 on q_proj/v_proj for one warm-up step and ``--steps`` timed steps of
+``batch × tokens`` tokens (loss on every token), and reports
+
+* ``RSS after load``: resident memory once the model is built;
+* ``step peak``: the peak resident memory during the steps minus the resident memory
+  before them (activations, gradients and optimizer state; the peak counter is reset through
+  ``/proc/self/clear_refs`` first);
+* ``s / step``: mean wall time of the timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _status(key: str) -> int:
+    """A ``/proc/self/status`` memory figure in bytes (``VmRSS``, ``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def child(model: str, precision: str, checkpointing: bool, batch: int, tokens: int, steps: int) -> dict:
+    import torch
+
+    from fedlora.config import JobConfig
+    from fedlora.setup import build_model
+    from fedlora.train import ClientSampler, TrainConfig, train_clients
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = JobConfig(model=model, task="causal-lm", precision=precision, gradient_checkpointing=checkpointing,
+                    batch_size=batch, max_length=tokens, local_steps=1, lr=1e-3)
+    fm, tok, _ = build_model(cfg, [cfg.rank], "lora")
+    rss_loaded = _status("VmRSS")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, tok.vocab_size - 100, (batch, tokens), generator=g)
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    sampler = ClientSampler(range(batch), seed=0)
+    train_cfg = TrainConfig.from_job(cfg)
+    train_clients(fm, data, [sampler], train_cfg)  # warm-up
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    before = _status("VmRSS")
+    train_cfg.local_steps = steps
+    t0 = time.perf_counter()
+    train_clients(fm, data, [sampler], train_cfg)
+    seconds = (time.perf_counter() - t0) / steps
+    return {"rss_loaded": rss_loaded, "step_peak": _status("VmHWM") - before, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--child", nargs=2, metavar=("PRECISION", "CHECKPOINTING"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        out = child(args.model, args.child[0], args.child[1] == "1", args.batch, args.tokens, args.steps)
+        print(json.dumps(out))
+        return 0
+    print(f"{args.model}, LoRA r=8 q/v, batch {args.batch} × {args.tokens} tokens, {os.cpu_count()} CPUs\n")
+    print("| base | checkpointing | RSS after load | step peak | s / step |")
+    print("|---|---|---:|---:|---:|")
+    results = {}
+    for precision in ("fp32", "bf16"):
+        for ckpt in (False, True):
+            cmd = [sys.executable, __file__, "--child", precision, "1" if ckpt else "0",
+                   "--model", args.model, "--batch", str(args.batch), "--tokens", str(args.tokens),
+                   "--steps", str(args.steps)]
+            proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            line = proc.stdout.strip().splitlines()[-1]
+            r = results[(precision, ckpt)] = json.loads(line)
+            print(f"| {precision} | {'on' if ckpt else 'off'} | {r['rss_loaded'] / 2**20:.0f} MiB |"
+                  f" {r['step_peak'] / 2**20:.0f} MiB | {r['seconds']:.2f} |", flush=True)
+    base = results[("fp32", False)]
+    print()
+    for (precision, ckpt), r in results.items():
+        print(f"{precision}, checkpointing {'on' if ckpt else 'off'}:"
+              f" load {r['rss_loaded'] / base['rss_loaded']:.2f}x,"
+              f" step peak {r['step_peak'] / base['step_peak']:.2f}x,"
+              f" time {r['seconds'] / base['seconds']:.2f}x of fp32 without checkpointing")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The one way a job's data and model are set up: by the simulator, the ServerApp and a client.
+
+* :func:`training_data`: the examples clients train on (``--data``, minus the held-out
+  split unless ``--test-data`` is given);
+* :func:`held_out`: the examples the global model is evaluated on (the split, or
+  ``--test-data``), at most ``--eval-max`` of them;
+* :func:`client_share`: one client's examples (its partition, or its own file);
+* :func:`build_model`: the base model wrapped with client slots for the job's task and
+  strategy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora.config import JobConfig
+from fedlora.data import TextDataset, partition, split
+from fedlora.errors import UserError
+from fedlora.hub import load_model
+from fedlora.model import AdapterConfig, FederatedModel
+from fedlora.tasks import Task, get_task
+
+
+def _splits(cfg: JobConfig, task: Task) -> tuple[TextDataset, TextDataset | None]:
+    ds = task.load(cfg.data, cfg)
+    if cfg.test_data:
+        return ds, None
+    return split(ds, cfg.test_fraction, cfg.seed)
+
+
+def training_data(cfg: JobConfig, task: Task | None = None) -> TextDataset:
+    """Every client's examples together (partitioned by :func:`client_share` or the simulator)."""
+    return _splits(cfg, task or get_task(cfg.task))[0]
+
+
+def held_out(cfg: JobConfig, task: Task | None = None) -> tuple[TextDataset, list[str]]:
+    """``(test examples, label names)``: the held-out split of ``--data`` or ``--test-data``
+    (relabeled to ``--data``'s labels), its first ``--eval-max`` rows."""
+    task = task or get_task(cfg.task)
+    train, test = _splits(cfg, task)
+    if test is None:
+        test = task.load(cfg.test_data, cfg, test=True)
+        if task.trains_head:
+            test = test.relabel(train.label_names)
+    return test.head(cfg.eval_max), train.label_names
+
+
+def client_share(cfg: JobConfig, partition_id: int, num_partitions: int) -> TextDataset:
+    """Client ``partition_id``'s share of the job's training data (``num_partitions`` shares)."""
+    train = training_data(cfg)
+    parts = partition(train, num_partitions, cfg.partition, cfg.alpha, cfg.seed)
+    if not 0 <= partition_id < len(parts):
+        raise UserError(f"partition-id {partition_id} is not in 0..{len(parts) - 1}")
+    return train.subset(parts[partition_id])
+
+
+def build_model(cfg: JobConfig, ranks: list[int], mode: str,
+                num_labels: int | None = None) -> tuple[FederatedModel, object, str]:
+    """``(model with len(ranks) client slots, tokenizer, base model path)`` on ``cfg.device``.
+
+    ``--precision bf16`` loads the frozen base in bfloat16 (the adapters and heads stay fp32).
+    """
+    task = get_task(cfg.task)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    model, tokenizer, path = load_model(cfg.model, task.model_kind,
+                                        num_labels if task.trains_head else None, seed=cfg.seed, dtype=dtype)
+    try:
+        fm = FederatedModel(model, AdapterConfig(
+            ranks=ranks, alpha=cfg.lora_alpha, target_modules=cfg.target_modules, mode=mode,
+            train_head=task.trains_head, gradient_checkpointing=cfg.gradient_checkpointing))
+    except ValueError as exc:  # nothing matches --target-modules, or the model cannot checkpoint
+        raise UserError(str(exc)) from None
+    return fm.to(torch.device(cfg.device)), tokenizer, str(path)

@@ -1,0 +1,11 @@
+"""Tasks: one object per ``--task`` (data, tokenization, loss, metrics, export type).
+
+Importing this package registers the built-in tasks; ``get_task(name)`` returns one.
+"""
+
+from .base import TASKS, Task, TokenLossTask, gather_rows, get_task, register_task, token_losses
+from .classic import CausalLM, Classification
+from .sft import SFT, GenerationSet, normalize
+
+__all__ = ["SFT", "TASKS", "CausalLM", "Classification", "GenerationSet", "Task", "TokenLossTask",
+           "gather_rows", "get_task", "normalize", "register_task", "token_losses"]

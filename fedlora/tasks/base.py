@@ -1,0 +1,137 @@
+"""What a task is, and the pieces every task shares: collation and token losses.
+
+A :class:`Task` owns everything that differs between fine-tuning jobs: which data it
+reads, how it tokenizes, which model class and PEFT task type it uses, its loss and its
+evaluation metrics. Training, DP-SGD, the simulator and deployment call these methods
+and never branch on a task's name. A task is registered where it is defined
+(:func:`register_task`), like a strategy.
+
+Batches are dicts of tensors whose rows are examples. Token tensors are stored right-padded
+to ``--max-length``; :func:`gather_rows` takes the rows of a pass and cuts the columns past
+its longest row (dynamic padding), so a pass of short phrases costs what its tokens cost.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: name -> task object (filled by :func:`register_task`).
+TASKS: dict[str, Task] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: register one instance of ``cls`` under ``cls.name``."""
+    if cls.name in TASKS:
+        raise ValueError(f"task {cls.name!r} is registered twice")
+    TASKS[cls.name] = cls()
+    return cls
+
+
+def get_task(name: str) -> Task:
+    """The registered task called ``name``."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; use one of {', '.join(sorted(TASKS))}") from None
+
+
+def gather_rows(data: dict[str, Tensor], idx: list[int], device: torch.device,
+                pad_to_longest: bool = True) -> dict[str, Tensor]:
+    """Rows ``idx`` of every tensor in ``data``, on ``device``.
+
+    With ``pad_to_longest`` the token columns (every 2-D tensor as wide as
+    ``input_ids``) are cut after the longest selected row, which is where its
+    ``attention_mask`` ends (rows are right-padded).
+    """
+    index = torch.as_tensor(idx, dtype=torch.long)
+    out = {k: v.index_select(0, index) for k, v in data.items()}
+    mask = out.get("attention_mask")
+    if pad_to_longest and mask is not None and mask.numel():
+        width = mask.shape[1]
+        longest = max(1, int(mask.sum(dim=1).max()))
+        if longest < width:
+            out = {k: v[:, :longest] if v.dim() == 2 and v.shape[1] == width else v
+                   for k, v in out.items()}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def token_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Next-token losses: ``(loss (N, T-1), valid (N, T-1))``; -100 marks tokens without loss.
+
+    Token t+1 is predicted from tokens ≤ t.
+    """
+    lg, lb = logits[:, :-1].float(), labels[:, 1:]
+    tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), reduction="none",
+                          ignore_index=-100).view(lb.shape)                  # (N, T-1)
+    return tok, (lb != -100).float()
+
+
+class Task(ABC):
+    """One kind of fine-tuning job (see the module docstring).
+
+    Attributes
+    ----------
+    name : str
+        The ``--task`` value.
+    model_kind : str
+        ``"sequence-classification"`` or ``"causal-lm"``: the transformers model class.
+    peft_task_type : str
+        The exported adapter's PEFT task type.
+    trains_head : bool
+        Clients train (and the server averages) the classification head.
+    metric : str
+        Name of the round's headline metric (a row's ``accuracy``).
+    """
+
+    name: ClassVar[str]
+    model_kind: ClassVar[str] = "causal-lm"
+    peft_task_type: ClassVar[str] = "CAUSAL_LM"
+    trains_head: ClassVar[bool] = False
+    metric: ClassVar[str] = "accuracy"
+
+    @abstractmethod
+    def load(self, spec: str, cfg, *, test: bool = False):
+        """The examples of ``spec`` (``--data`` or ``--test-data``) as a ``TextDataset``."""
+
+    @abstractmethod
+    def encode(self, tokenizer, ds, cfg) -> dict[str, Tensor]:
+        """Training tensors of ``ds``: ``input_ids``, ``attention_mask``, ``labels``, …"""
+
+    def eval_set(self, tokenizer, ds, cfg) -> Any:
+        """What :meth:`evaluate` takes: the encoded held-out rows, longest first (so that
+        an evaluation batch pads little)."""
+        data = self.encode(tokenizer, ds, cfg)
+        order = torch.argsort(data["attention_mask"].sum(dim=1), descending=True, stable=True)
+        return {k: v.index_select(0, order) for k, v in data.items()}
+
+    @abstractmethod
+    def row_losses(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """``(N,)``: each example's own mean loss (DP-SGD clips per example)."""
+
+    @abstractmethod
+    def client_losses(self, logits: Tensor, labels: Tensor, n_seg: int) -> Tensor:
+        """``(S,)``: the mean loss of each of ``n_seg`` equal contiguous row segments."""
+
+    @abstractmethod
+    def evaluate(self, fm, data: Any, cfg) -> dict[str, float]:
+        """Metrics of slot 0 of ``fm`` on :meth:`eval_set`'s ``data``: at least
+        ``accuracy`` (the headline :attr:`metric`), ``loss`` and ``eval_examples``."""
+
+
+class TokenLossTask(Task):
+    """A task whose loss is next-token cross-entropy over the tokens with a label."""
+
+    def row_losses(self, logits: Tensor, labels: Tensor) -> Tensor:
+        tok, valid = token_losses(logits, labels)
+        return (tok * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
+
+    def client_losses(self, logits: Tensor, labels: Tensor, n_seg: int) -> Tensor:
+        # token-weighted within a client: every labeled token of its batch counts once
+        tok, valid = token_losses(logits, labels)
+        tot = (tok * valid).view(n_seg, -1).sum(dim=1)
+        return tot / valid.view(n_seg, -1).sum(dim=1).clamp_min(1.0)

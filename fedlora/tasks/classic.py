@@ -1,0 +1,97 @@
+"""Sequence classification (a head on the model) and causal language modelling (every token)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fedlora.data import TextDataset, load_dataset
+from fedlora.kernels import Routing
+from fedlora.tasks.base import Task, TokenLossTask, gather_rows, register_task, token_losses
+
+
+def columns(cfg, test: bool) -> tuple[str, str]:
+    """``(text column, label column)`` of ``--data``, or of ``--test-data`` when ``test``."""
+    if test:
+        return cfg.test_text_column or cfg.text_column, cfg.test_label_column or cfg.label_column
+    return cfg.text_column, cfg.label_column
+
+
+def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, Tensor]:
+    """``input_ids``, ``attention_mask`` (and ``token_type_ids``), right-padded to ``max_length``."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length",
+                    return_tensors="pt")
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def eval_batches(fm, data: dict[str, Tensor], batch_size: int):
+    """``(batch without labels, labels, logits)`` of slot 0, batch by batch, without gradients."""
+    device = next(fm.parameters()).device
+    n = data["labels"].shape[0]
+    for start in range(0, n, batch_size):
+        batch = gather_rows(data, list(range(start, min(n, start + batch_size))), device)
+        labels = batch.pop("labels")
+        routing = Routing.segments(torch.zeros(1, dtype=torch.long, device=device), labels.shape[0])
+        with torch.no_grad():
+            yield batch, labels, fm(routing=routing, **batch).logits.float()
+
+
+@register_task
+class Classification(Task):
+    """Sequence classification: cross-entropy of a per-client head; accuracy per example."""
+
+    name = "classification"
+    model_kind = "sequence-classification"
+    peft_task_type = "SEQ_CLS"
+    trains_head = True
+
+    def load(self, spec: str, cfg, *, test: bool = False) -> TextDataset:
+        return load_dataset(spec, *columns(cfg, test))
+
+    def encode(self, tokenizer, ds: TextDataset, cfg) -> dict[str, Tensor]:
+        out = tokenize_texts(tokenizer, ds.texts, cfg.max_length)
+        out["labels"] = torch.tensor(ds.labels, dtype=torch.long)
+        return out
+
+    def row_losses(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+
+    def client_losses(self, logits: Tensor, labels: Tensor, n_seg: int) -> Tensor:
+        return self.row_losses(logits, labels).view(n_seg, -1).mean(dim=1)
+
+    def evaluate(self, fm, data: dict[str, Tensor], cfg) -> dict[str, float]:
+        correct = loss = 0.0
+        for _, labels, logits in eval_batches(fm, data, cfg.eval_batch_size):
+            loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+        n = max(int(data["labels"].shape[0]), 1)
+        return {"accuracy": correct / n, "loss": loss / n, "eval_examples": int(data["labels"].shape[0])}
+
+
+@register_task
+class CausalLM(TokenLossTask):
+    """Language modelling of whole texts: loss on every token; accuracy per predicted token."""
+
+    name = "causal-lm"
+    metric = "token_accuracy"
+
+    def load(self, spec: str, cfg, *, test: bool = False) -> TextDataset:
+        return load_dataset(spec, columns(cfg, test)[0], None)
+
+    def encode(self, tokenizer, ds: TextDataset, cfg) -> dict[str, Tensor]:
+        out = tokenize_texts(tokenizer, ds.texts, cfg.max_length)
+        out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
+        return out
+
+    def evaluate(self, fm, data: dict[str, Tensor], cfg) -> dict[str, float]:
+        correct = count = loss = 0.0
+        for _, labels, logits in eval_batches(fm, data, cfg.eval_batch_size):
+            tok, valid = token_losses(logits, labels)
+            hit = (logits[:, :-1].argmax(-1) == labels[:, 1:]).float() * valid
+            loss += (tok * valid).sum().item()
+            correct += hit.sum().item()
+            count += valid.sum().item()
+        count = max(count, 1.0)
+        return {"accuracy": correct / count, "token_accuracy": correct / count, "loss": loss / count,
+                "eval_examples": int(data["labels"].shape[0])}

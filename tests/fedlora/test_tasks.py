@@ -1,0 +1,166 @@
+"""Task objects: collation with dynamic padding, losses, and the sft encoding and evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from fedlora.config import JobConfig
+from fedlora.data import TextDataset
+from fedlora.errors import UserError
+from fedlora.tasks import TASKS, gather_rows, get_task, normalize
+
+
+def test_every_task_is_registered_once():
+    assert sorted(TASKS) == ["causal-lm", "classification", "sft"]
+    assert get_task("sft").peft_task_type == "CAUSAL_LM" and get_task("classification").trains_head
+    with pytest.raises(ValueError, match="unknown task 'qa'"):
+        get_task("qa")
+
+
+def test_gather_rows_cuts_columns_after_the_longest_row():
+    # rows of 2, 5 and 3 tokens right-padded to 8; labels per row (1-D) and per token (2-D)
+    mask = torch.tensor([[1] * n + [0] * (8 - n) for n in (2, 5, 3)])
+    data = {"input_ids": torch.arange(24).view(3, 8), "attention_mask": mask,
+            "labels": torch.tensor([7, 8, 9]), "token_labels": torch.arange(24).view(3, 8)}
+    batch = gather_rows(data, [2, 0], torch.device("cpu"))
+    assert batch["input_ids"].tolist() == [[16, 17, 18], [0, 1, 2]]   # width 3: the longer row
+    assert batch["token_labels"].shape == (2, 3) and batch["labels"].tolist() == [9, 7]
+    fixed = gather_rows(data, [2, 0], torch.device("cpu"), pad_to_longest=False)
+    assert fixed["input_ids"].shape == (2, 8)
+
+
+def test_losses_by_hand():
+    cls, lm = get_task("classification"), get_task("causal-lm")
+    # two segments of two rows; logits make row losses log(2), log(2), 0-ish, 0-ish
+    logits = torch.tensor([[0.0, 0.0], [0.0, 0.0], [50.0, 0.0], [0.0, 50.0]])
+    labels = torch.tensor([0, 1, 0, 1])
+    assert torch.allclose(cls.client_losses(logits, labels, 2), torch.tensor([math.log(2), 0.0]), atol=1e-6)
+    # causal LM: uniform logits over 4 tokens; row 0 has 2 labeled next tokens, row 1 has 1
+    lg = torch.zeros(2, 3, 4)
+    lb = torch.tensor([[-100, 1, 2], [-100, -100, 3]])
+    assert torch.allclose(lm.row_losses(lg, lb), torch.full((2,), math.log(4)))
+    assert torch.allclose(lm.client_losses(lg, lb, 1), torch.tensor([math.log(4)]))
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tiny_chat_llama_dir):
+    return AutoTokenizer.from_pretrained(tiny_chat_llama_dir)
+
+
+def _sft(**kw) -> JobConfig:
+    return JobConfig(task="sft", model="unused", **{"max_length": 32, **kw})
+
+
+def test_sft_rows_learn_only_the_response(chat_tok):
+    ds = TextDataset(["great film", "dull"], [1, 0], ["0", "1"], ["positive", "negative"])
+    data = get_task("sft").encode(chat_tok, ds, _sft())
+    ids, labels, mask = data["input_ids"][0], data["labels"][0], data["attention_mask"][0]
+    prompt = chat_tok("user: great film [SEP] assistant:", add_special_tokens=False)["input_ids"]
+    completion = chat_tok("positive [SEP]", add_special_tokens=False)["input_ids"]
+    n = len(prompt) + len(completion)
+    assert ids[:n].tolist() == prompt + completion and int(mask.sum()) == n
+    assert labels[len(prompt):n].tolist() == completion                      # the response and [SEP]
+    assert (labels[:len(prompt)] == -100).all() and (labels[n:] == -100).all()
+
+
+def test_sft_cuts_long_prompts_from_the_left_and_refuses_long_responses(chat_tok, capsys):
+    long = " ".join(["word"] * 40)
+    ds = TextDataset([long, "short"], None, [], ["yes", "no"])
+    data = get_task("sft").encode(chat_tok, ds, _sft(max_length=16))
+    row = data["input_ids"][0].tolist()
+    completion = chat_tok("yes [SEP]", add_special_tokens=False)["input_ids"]
+    assert int(data["attention_mask"][0].sum()) == 16 and row[16 - len(completion):16] == completion
+    assert chat_tok.decode(row[:3]) == "word word word"                     # the start was cut
+    assert "1 of 2 sft examples exceed --max-length 16" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"1 response\(s\) alone exceed --max-length 4"):
+        get_task("sft").encode(chat_tok, TextDataset(["q"], None, [], ["a b c d e f"]), _sft(max_length=4))
+
+
+def test_sft_needs_a_chat_template_or_plain(tiny_llama_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)  # MiniLM's tokenizer: no chat template
+    ds = TextDataset(["hi"], None, [], ["hello"])
+    with pytest.raises(UserError, match="no chat template.*--chat-template plain"):
+        get_task("sft").encode(tok, ds, _sft())
+    tok.eos_token = "[SEP]"
+    prompts, completions = get_task("sft").pieces(tok, ds, _sft(chat_template="plain"))
+    assert tok.decode(prompts[0]) == "hi" and tok.decode(completions[0]) == "hello [SEP]"
+
+
+def test_normalize_compares_answers_not_formatting():
+    assert normalize("  Positive.\n") == "positive" == normalize('"positive"')
+    assert normalize("very  Positive!") == "very positive" != normalize("positive")
+
+
+def _adapted_chat_model(path):
+    from transformers import AutoModelForCausalLM
+
+    from fedlora.model import AdapterConfig, FederatedModel
+    from fedlora.state import apply_global
+    from fedlora.strategies import GlobalState
+
+    fm = FederatedModel(AutoModelForCausalLM.from_pretrained(path),
+                        AdapterConfig(ranks=[4], alpha=8.0, target_modules=["all-linear"], train_head=False))
+    g = torch.Generator().manual_seed(5)
+    factors = {n: (torch.randn(4, m.lora_A.shape[2], generator=g),
+                   torch.randn(m.lora_B.shape[1], 4, generator=g)) for n, m in fm.adapters.items()}
+    apply_global(fm, GlobalState(factors=factors, scale=2.0), {})
+    return fm
+
+
+def test_shared_prefill_scoring_equals_generate_and_teacher_forcing(tiny_chat_llama_dir, chat_tok):
+    # Prepare: prompts of different lengths (left padding matters), references of 1-3 tokens
+    from fedlora.tasks.base import token_losses
+    from fedlora.tasks.decode import score_and_generate
+
+    fm = _adapted_chat_model(tiny_chat_llama_dir)
+    texts = ["great", "a rather long and winding review of a film", "dull plot twist"]
+    prompts = [chat_tok(f"user: {t} [SEP] assistant:", add_special_tokens=False)["input_ids"]
+               for t in texts]
+    completions = [chat_tok(c, add_special_tokens=False)["input_ids"]
+                   for c in ("yes [SEP]", "no", "so so [SEP]")]
+    stop = [chat_tok.sep_token_id]
+    # Execute
+    nll, count, greedy = score_and_generate(fm, prompts, completions, 6, stop, chat_tok.pad_token_id)
+    # Assert 1: greedy tokens are transformers' generate, row by row, cut before the stop token
+    for p, got in zip(prompts, greedy, strict=True):
+        mask = torch.ones(1, len(p), dtype=torch.long)
+        want = fm.generate(input_ids=torch.tensor([p]), attention_mask=mask, max_new_tokens=6,
+                           do_sample=False, eos_token_id=stop,
+                           pad_token_id=chat_tok.pad_token_id)[0, len(p):].tolist()
+        assert got == (want[:want.index(stop[0])] if stop[0] in want else want)
+    # Assert 2: nll is the summed loss of each reference under a teacher-forced pass of the whole row
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        ids = torch.tensor([p + c])
+        labels = torch.tensor([[-100] * len(p) + c])
+        tok, valid = token_losses(fm(input_ids=ids).logits, labels)
+        assert float(nll[i]) == pytest.approx(float((tok * valid).sum()), rel=1e-5)
+        assert int(count[i]) == len(c)
+
+
+def test_sft_evaluate_counts_normalized_answers(tiny_chat_llama_dir, chat_tok, monkeypatch):
+    # Prepare: three references; the model's greedy answers are replaced by known strings
+    import math as m
+
+    from fedlora.tasks import sft as sft_module
+
+    task = get_task("sft")
+    ds = TextDataset(["a", "b", "c"], None, [], ["positive", "negative", "positive"])
+    data = task.eval_set(chat_tok, ds, _sft())
+
+    def fake(fm, prompts, completions, max_new, stops, pad):
+        greedy = [chat_tok("Positive.", add_special_tokens=False)["input_ids"],
+                  chat_tok("the sentiment", add_special_tokens=False)["input_ids"],
+                  chat_tok("positive", add_special_tokens=False)["input_ids"]]
+        return torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2, 2, 2]), greedy
+
+    monkeypatch.setattr(sft_module, "score_and_generate", fake)
+    # Execute
+    got = task.evaluate(_adapted_chat_model(tiny_chat_llama_dir), data, _sft(eval_batch_size=8))
+    # Assert: 2 of 3 answers match after normalization; loss = 6 nats over 6 reference tokens
+    assert got["answer_accuracy"] == pytest.approx(2 / 3) and got["accuracy"] == got["answer_accuracy"]
+    assert got["loss"] == pytest.approx(1.0) and got["perplexity"] == pytest.approx(m.e)
+    assert got["eval_examples"] == 3
