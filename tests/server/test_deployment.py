@@ -145,6 +145,30 @@ def test_deployment_matches_the_simulator(plain, tiny_bert_dir, tiny_csv, tmp_pa
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_sft_in_deployment_matches_the_simulator(plain, tiny_chat_llama_dir, sentiment_tsv, tmp_path):
+    # Prepare: an instruction-tuning job; the module's clients learn it from the server's run config
+    from fedlora.simulations.cli import main as sim
+
+    tmp, port, _ = plain
+    sft = ["--task", "sft", "--model", str(tiny_chat_llama_dir), "--data", str(sentiment_tsv),
+           "--text-column", "sentence", "--label-words", "0=negative,1=positive", "--prompt-template",
+           "Review: {text}", "--num-clients", "2", "--local-steps", "2", "--batch-size", "4",
+           "--max-length", "24", "--rank", "4", "--rounds", "2"]
+    out, sim_out = tmp / "run-sft", tmp_path / "sim-sft"
+    # Execute: fedlora-server with two real fedlora-client processes, and fedlora-sim
+    srv = server(tmp, port, out, "--insecure", *sft, *WAIT, name="server-sft")
+    assert srv.wait(240) == 0, srv.text()[-3000:]
+    assert sim([*sft, "--quiet", "--out", str(sim_out)]) == 0
+    # Assert: the same answer accuracy each round and the same CAUSAL_LM adapter
+    for s, d in zip(rows(sim_out), rows(out), strict=True):
+        assert d["metric"] == "answer_accuracy" and d["answer_accuracy"] == s["answer_accuracy"]
+    a, b = adapter_tensors(sim_out), adapter_tensors(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
 def test_killed_client_does_not_stop_the_run(tiny_bert_dir, tiny_csv, tmp_path):
     # Prepare: three clients, the server needs 2 valid replies per round
     port = free_port()

@@ -59,3 +59,25 @@ def test_flower_engine_refuses_batched_only_flags(tiny_bert_dir, tiny_csv, tmp_p
     # Assert: one line naming the flags
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--engine batched only" in err[0]
+
+
+SFT = ["--task", "sft", "--text-column", "sentence", "--label-words", "0=negative,1=positive",
+       "--prompt-template", "Review: {text}", "--max-length", "24"]
+
+
+def test_flower_engine_runs_sft_to_the_batched_adapter(tiny_chat_llama_dir, sentiment_tsv, tmp_path):
+    # Execute: an sft job on the batched engine, then on Flower's (a ClientApp per client and round)
+    batched, flower = tmp_path / "batched", tmp_path / "flower"
+    assert main(_job(tiny_chat_llama_dir, sentiment_tsv, batched, *SFT, "--rounds", "2")) == 0
+    assert main(_job(tiny_chat_llama_dir, sentiment_tsv, flower, *SFT, "--rounds", "2",
+                     "--engine", "flower")) == 0
+    # Assert: the same CAUSAL_LM adapter and the same generated-answer accuracy and perplexity
+    a = load_file(batched / "adapter" / "adapter_model.safetensors")
+    b = load_file(flower / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    for x, y in zip(_rows(batched), _rows(flower), strict=True):
+        assert y["answer_accuracy"] == x["answer_accuracy"]
+        assert y["perplexity"] == pytest.approx(x["perplexity"], rel=1e-4)
+    assert json.loads((flower / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"

@@ -1,0 +1,117 @@
+"""Federated instruction tuning of SmolLM2 on SST-2, every strategy against centralized LoRA.
+
+    python benchmarks/llm_sft.py [--rounds 2] [--partitions iid,dirichlet] [--out runs/llm-sft]
+
+The job (``fedlora-sim --task sft``): SmolLM2-135M-Instruct, SST-2's 67,349 training phrases
+over 10 clients (IID, or Dirichlet α=0.5 over the two labels), every client in every round,
+10 local steps of 8 examples, LoRA r=8 on q_proj/v_proj, each strategy's default learning
+rate. Each phrase becomes a chat prompt (the model's own template and system prompt) asking
+for the sentiment in one word; the answer is ``positive`` or ``negative``. After every round
+the global model answers all 872 SST-2 dev sentences by greedy decoding (``answer_accuracy``)
+and scores the reference answers' perplexity; round 0 is the model before training.
+
+The centralized baseline is one client holding every phrase and taking 10 × 10 steps per
+round, so it sees as many examples per round as the ten clients together. Each run is its own
+process (``fedlora-sim``); its peak resident memory is read from the kernel. Finished runs
+(a complete ``metrics.jsonl``) are reused, so the script can be stopped and started again.
+Prints a Markdown table for ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+PROMPT = ("Is the sentiment of this movie review positive or negative? Answer with one word.\n\n"
+          "Review: {text}")
+STRATEGIES = ["fedavg", "flora", "lora-fair", "fed-sb"]
+
+
+def job_flags(args: argparse.Namespace) -> list[str]:
+    return ["--task", "sft", "--model", "smollm2", "--data", str(args.sst2 / "train.tsv"),
+            "--text-column", "sentence", "--label-words", "0=negative,1=positive",
+            "--prompt-template", PROMPT,
+            "--test-data", str(args.sst2 / "dev.tsv"), "--test-text-column", "content",
+            "--eval-max", str(args.eval_max), "--rounds", str(args.rounds), "--batch-size", "8",
+            "--max-length", "96", "--eval-batch-size", "16", "--seed", "0", "--quiet"]
+
+
+def child(argv: list[str]) -> int:
+    """Run fedlora-sim in this process, then print its peak resident memory (bytes)."""
+    from fedlora.simulations.cli import main
+
+    code = main(argv)
+    print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    return code
+
+
+def run(out: Path, flags: list[str], rounds: int) -> tuple[list[dict], int | None]:
+    """``(metric rows, peak RSS)`` of one run, reusing a finished one."""
+    metrics, peak = out / "metrics.jsonl", out / "peak_rss.json"
+    if metrics.is_file():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        if rows and rows[-1]["round"] == rounds:
+            return rows, json.loads(peak.read_text())["peak_rss"] if peak.is_file() else None
+    cmd = [sys.executable, __file__, "--child", *flags, "--out", str(out), "--overwrite"]
+    print("running:", out.name, file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{out.name} failed:\n{proc.stderr[-3000:]}")
+    peak_rss = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss"]
+    peak.write_text(json.dumps({"peak_rss": peak_rss}) + "\n")
+    return [json.loads(line) for line in metrics.read_text().splitlines()], peak_rss
+
+
+def row_line(setting: str, name: str, rows: list[dict], peak: int | None, central: float | None) -> str:
+    accs = " / ".join(f"{r['answer_accuracy']:.1%}" for r in rows)
+    trained = rows[1:]
+    train = sum(r["train_seconds"] for r in trained) / len(trained)
+    ev = sum(r["eval_seconds"] for r in trained) / len(trained)
+    gap = "" if central is None else f"{rows[-1]['answer_accuracy'] - central:+.1%}"
+    mem = "-" if peak is None else f"{peak / 2**30:.1f} GiB"
+    return (f"| {setting} | {name} | {accs} | **{rows[-1]['answer_accuracy']:.1%}** | {gap} |"
+            f" {rows[-1]['perplexity']:.3f} | {train:.0f} + {ev:.0f} | {mem} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        return child(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sst2", type=Path, default=SST2, help="folder with SST-2's train.tsv and dev.tsv")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--eval-max", type=int, default=0, help="dev sentences scored per round (0: all 872)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--partitions", default="iid,dirichlet")
+    p.add_argument("--out", type=Path, default=Path("runs/llm-sft"))
+    args = p.parse_args(argv)
+    if not (args.sst2 / "train.tsv").is_file():
+        raise SystemExit(f"SST-2 not found in {args.sst2} (train.tsv, dev.tsv); pass --sst2")
+    flags = job_flags(args)
+    per_round = args.local_steps * args.clients
+    print("| setting | run | answer acc per round (0 = before) | final | vs centralized | final ppl |"
+          " s / round (train + eval) | peak RSS |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    central_flags = [*flags, "--num-clients", "1", "--local-steps", str(per_round)]
+    rows, peak = run(args.out / "centralized", central_flags, args.rounds)
+    central = rows[-1]["answer_accuracy"]
+    print(row_line("union", f"centralized LoRA ({per_round} steps / round)", rows, peak, None), flush=True)
+    for partition in args.partitions.split(","):
+        extra = ["--partition", partition] + (["--alpha", "0.5"] if partition == "dirichlet" else [])
+        for strategy in args.strategies.split(","):
+            out = args.out / f"{partition}-{strategy}"
+            rows, peak = run(out, [*flags, *extra, "--strategy", strategy, "--num-clients", str(args.clients),
+                                   "--local-steps", str(args.local_steps)], args.rounds)
+            print(row_line(f"{args.clients} clients, {partition}", strategy, rows, peak, central), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
