@@ -10,8 +10,8 @@ From that one declaration come
   ``[tool.flwr.app.config]`` in ``pyproject.toml`` is checked against them by a test;
 * ``config.json`` in an output folder (``dataclasses.asdict``).
 
-This module is a leaf of the package: it imports only the error type and the strategy
-registry, never the training code.
+This module imports only the error type and the strategy and task registries (which import
+neither it nor the training code).
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from typing import Any
 
 from fedlora.errors import UserError
 from fedlora.strategies import STRATEGIES
+from fedlora.tasks import TASKS
 
-#: Names of the tasks (``fedlora.tasks`` registers one object per name).
-TASK_NAMES = ("classification", "causal-lm", "sft")
 #: Flag groups, in ``--help`` order.
 GROUPS = ("job", "data and model", "LLM fine-tuning", "strategy options", "differential privacy")
 
@@ -78,7 +77,7 @@ class JobConfig:
                        " file", group="data and model")
     task: str = option("classification", "classification (a head on the encoder), causal-lm (every"
                        " token), sft (instruction tuning: loss on the responses, answers scored by"
-                       " generation)", group="data and model", choices=list(TASK_NAMES))
+                       " generation)", group="data and model", choices=sorted(TASKS))
     text_column: str = option("text", "column of the text (the prompt's {text} with --task sft)",
                               group="data and model")
     label_column: str = option("label", "column of the label", group="data and model")
@@ -243,19 +242,24 @@ def check_job_args(args) -> None:
         if len(set(args.ranks)) > 1:
             raise UserError(f"--strategy {args.strategy} needs one rank for every client;"
                             " use --rank, or --strategy flora for heterogeneous ranks")
-    if args.task != "classification" and args.model == "minilm":
-        raise UserError(f"--task {args.task} needs a causal language model, and minilm is an encoder:"
-                        " pass --model smollm2, a .gguf file or a local LLM folder")
-    if args.task != "sft":
-        if args.data == "bbcnews-instruct":
-            raise UserError("--data bbcnews-instruct is BBC News as questions, for --task sft;"
-                            f" --task {args.task} reads --data bbcnews")
-        for name in ("prompt_template", "label_words", "max_new_tokens", "system_prompt"):
-            if getattr(args, name):
-                raise UserError(f"{_flag(name)} is for --task sft (this job is --task {args.task})")
+    check_task_args(args)
     if args.gradient_checkpointing and args.dp == "sample":
         raise UserError("--gradient-checkpointing recomputes activations, which DP-SGD's per-example"
                         " gradient hooks would see twice; drop one of the two")
+
+
+def check_task_args(args) -> None:
+    """Refuse a job its task cannot run: another task's options, or data or a model it cannot use."""
+    task = TASKS[args.task]
+    for name, other in ((n, t) for t in TASKS.values() if t is not task for n in t.options):
+        if name not in task.options and getattr(args, name) != JobConfig.__dataclass_fields__[name].default:
+            raise UserError(f"{_flag(name)} is for --task {other.name} (this job is --task {task.name})")
+    if args.data not in task.datasets and args.data in {d for t in TASKS.values() for d in t.datasets}:
+        raise UserError(f"--data {args.data} is not for --task {task.name}; it reads"
+                        f" {' or '.join(task.datasets)} or a file")
+    if task.model_kind == "causal-lm" and args.model == "minilm":  # the bundled encoder
+        raise UserError(f"--task {task.name} needs a causal language model, and minilm is an encoder:"
+                        " pass --model smollm2, a .gguf file or a local LLM folder")
 
 
 def check_dp_args(args) -> None:

@@ -86,6 +86,10 @@ class Task(ABC):
         Clients train (and the server averages) the classification head.
     metric : str
         Name of the round's headline metric (a row's ``accuracy``).
+    options : tuple of str
+        The job fields only this task reads (another task's job refuses them when set).
+    datasets : tuple of str
+        The built-in ``--data`` names it reads (besides files).
     """
 
     name: ClassVar[str]
@@ -93,6 +97,8 @@ class Task(ABC):
     peft_task_type: ClassVar[str] = "CAUSAL_LM"
     trains_head: ClassVar[bool] = False
     metric: ClassVar[str] = "accuracy"
+    options: ClassVar[tuple[str, ...]] = ()
+    datasets: ClassVar[tuple[str, ...]] = ("bbcnews",)
 
     @abstractmethod
     def load(self, spec: str, cfg, *, test: bool = False):

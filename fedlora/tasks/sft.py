@@ -107,6 +107,8 @@ class SFT(TokenLossTask):
 
     name = "sft"
     metric = "answer_accuracy"
+    options = ("prompt_template", "label_words", "system_prompt", "chat_template", "max_new_tokens")
+    datasets = ("bbcnews-instruct", "bbcnews")
 
     def load(self, spec: str, cfg, *, test: bool = False):
         text, label = columns(cfg, test)

@@ -85,6 +85,11 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
     (["--label-column", "topic"], "label column 'topic' is not in toy.csv"),
     (["--strategy", "fedavg", "--ranks", "2,4"], "needs one rank for every client"),
     (["--strategy", "nope"], "invalid choice: 'nope'"),
+    (["--prompt-template", "Q: {text}"],
+     "--prompt-template is for --task sft (this job is --task classification)"),
+    (["--data", "bbcnews-instruct"],
+     "--data bbcnews-instruct is not for --task classification; it reads bbcnews"),
+    (["--eval-max", "-1"], "--eval-max must be ≥ 0 (0: all), got -1"),
 ])
 def test_bad_input_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path, capsys, extra, message):
     # Execute
