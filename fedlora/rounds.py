@@ -261,6 +261,20 @@ class Coordinator:
         apply_global(self.fm, self.state, {}, self.fresh_seed)
 
 
+METRIC_LABELS = {"accuracy": "acc", "answer_accuracy": "answer acc", "token_accuracy": "token acc"}
+
+
+def format_row(row: dict) -> str:
+    """One round as a line: the task's headline metric, loss (and perplexity), bytes, times."""
+    err = "-" if row["agg_error"] is None else f"{row['agg_error']:.2e}"
+    eps = "" if row.get("epsilon") is None else f"  ε {row['epsilon']:.2f}"
+    ppl = f"  ppl {row['perplexity']:.2f}" if row.get("perplexity") is not None else ""
+    name = METRIC_LABELS.get(row.get("metric", "accuracy"), row.get("metric", "acc"))
+    return (f"round {row['round']:>3}  {name} {row['accuracy']:.4f}  loss {row['loss']:.4f}{ppl}  "
+            f"agg_err {err}  up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB  "
+            f"{row['seconds']:.1f}s (eval {row.get('eval_seconds', 0.0):.1f}s){eps}")
+
+
 def read_checkpoint_config(path: Path) -> dict:
     """The job config stored in a checkpoint (to resume with the same flags)."""
     return torch.load(path, weights_only=False)["config"]

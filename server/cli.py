@@ -26,6 +26,7 @@ from fedlora.config import (
     to_run_config,
 )
 from fedlora.errors import UserError
+from fedlora.rounds import format_row
 from fedlora.tls import check_certificate, check_port_free, check_private_key, check_public_key
 
 
@@ -121,8 +122,6 @@ def superlink_args(args: argparse.Namespace) -> list[str]:
 
 
 def _format(row: dict) -> str:
-    from fedlora.simulations.cli import format_row
-
     extra = f"  rejected {len(row['rejected'])}" if row.get("rejected") else ""
     return format_row(row) + extra
 

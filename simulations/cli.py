@@ -9,8 +9,9 @@ from pathlib import Path
 
 from fedlora.config import Parser, add_job_arguments, check_job_args, check_out_dir, to_config
 from fedlora.errors import UserError
+from fedlora.rounds import format_row
 
-__all__ = ["add_scale_arguments", "build_parser", "check_args", "main", "to_config"]
+__all__ = ["add_scale_arguments", "build_parser", "check_args", "format_row", "main", "to_config"]
 
 
 def add_scale_arguments(p: argparse.ArgumentParser, title: str = "scale") -> None:
@@ -68,20 +69,6 @@ def check_args(args: argparse.Namespace) -> None:
         if args.max_clients_per_pass is not None:
             raise UserError("--max-clients-per-pass applies to --engine batched only")
     check_out_dir(args.out, args.overwrite)
-
-
-METRIC_LABELS = {"accuracy": "acc", "answer_accuracy": "answer acc", "token_accuracy": "token acc"}
-
-
-def format_row(row: dict) -> str:
-    """One round as a line: the task's headline metric, loss (and perplexity), bytes, times."""
-    err = "-" if row["agg_error"] is None else f"{row['agg_error']:.2e}"
-    eps = "" if row.get("epsilon") is None else f"  ε {row['epsilon']:.2f}"
-    ppl = f"  ppl {row['perplexity']:.2f}" if row.get("perplexity") is not None else ""
-    name = METRIC_LABELS.get(row.get("metric", "accuracy"), row.get("metric", "acc"))
-    return (f"round {row['round']:>3}  {name} {row['accuracy']:.4f}  loss {row['loss']:.4f}{ppl}  "
-            f"agg_err {err}  up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB  "
-            f"{row['seconds']:.1f}s (eval {row.get('eval_seconds', 0.0):.1f}s){eps}")
 
 
 def main(argv: list[str] | None = None) -> int:

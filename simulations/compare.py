@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedlora.config import JobConfig, Parser, add_job_arguments, parse_ranks, to_config
 from fedlora.errors import UserError
-from fedlora.simulations.cli import add_scale_arguments
+from fedlora.simulations.cli import add_scale_arguments, format_row
 from fedlora.simulations.cli import check_args as check_sim_args
 from fedlora.simulations.report import (
     COLUMNS,
@@ -192,7 +192,6 @@ def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool) -> dict[s
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from fedlora.simulations.cli import format_row
     from fedlora.simulations.engine import run
 
     console = Console(stderr=True, quiet=quiet)
