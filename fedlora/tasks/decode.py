@@ -25,9 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _cache_name(model) -> str:
-    """The KV cache's keyword: ``cache`` since transformers 5.2x, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def _keywords(model) -> tuple[str, dict]:
+    """``(name of the KV cache keyword, prefill keywords)``: the cache is ``cache`` since
+    transformers 5.2x (``past_key_values`` before); the prefill keeps the logits of the last
+    position only (``logits_to_keep``, where the model takes it), not a vocabulary row per token."""
+    params = inspect.signature(model.forward).parameters
+    last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    return ("cache" if "cache" in params else "past_key_values"), last
 
 
 def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[Tensor, Tensor]:
@@ -56,9 +60,9 @@ def score_and_generate(fm, prompts: list[list[int]], completions: list[list[int]
     fm.router.routing = None                                        # every row on slot 0
     ids, mask = _left_pad(prompts, pad, device)                     # (B, P)
     lens = mask.sum(dim=1)                                          # (B,)
-    key = _cache_name(model)
+    key, last = _keywords(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
-                use_cache=True)
+                use_cache=True, **last)
     cache, first = getattr(out, key), out.logits[:, -1].float()     # first: (B, V)
     # 1. the reference completions, teacher-forced from the prompt's cache
     comp, cmask = _right_pad(completions, pad, device)              # (B, C)
