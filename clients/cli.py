@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 from fedlora.config import Parser
-from fedlora.errors import UserError
+from fedlora.errors import UserError, command
 from fedlora.process import die_with_parent
 from fedlora.tls import check_certificate, check_private_key, free_port, parse_address
 
@@ -132,14 +132,11 @@ def warm_imports() -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: F401
 
 
+@command("fedlora-client")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedlora-client``."""
     args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-    except UserError as exc:
-        print(f"fedlora-client: error: {exc}", file=sys.stderr)
-        return 2
+    check_args(args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)

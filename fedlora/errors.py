@@ -1,5 +1,31 @@
-"""The error type for bad user input: command lines print its one-line message and exit 2."""
+"""The error type for bad user input, and the one wrapper every command line uses for it."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
 
 
 class UserError(Exception):
     """Bad input (flag, file, model, column): its message says what is wrong and how to fix it."""
+
+
+def command(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a command's ``main(argv) -> exit code``: a :class:`UserError` becomes the line
+    ``PROG: error: MESSAGE`` on stderr and exit code 2; Ctrl-C exits 130."""
+
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except UserError as exc:
+                print(f"{prog}: error: {exc}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                return 130
+
+        return run
+
+    return wrap

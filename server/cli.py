@@ -25,7 +25,7 @@ from fedlora.config import (
     to_config,
     to_run_config,
 )
-from fedlora.errors import UserError
+from fedlora.errors import UserError, command
 from fedlora.rounds import format_row
 from fedlora.tls import check_certificate, check_port_free, check_private_key, check_public_key
 
@@ -160,19 +160,14 @@ def serve(args: argparse.Namespace, cfg: JobConfig, out_dir: Path) -> int:
     return 0
 
 
+@command("fedlora-server")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedlora-server``."""
     args = build_parser().parse_args(argv)
-    try:
-        check_security(args)
-        check_port_free(args.host, args.port)
-        cfg, out_dir = job_for(args)
-        return serve(args, cfg, out_dir)
-    except UserError as exc:
-        print(f"fedlora-server: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    check_security(args)
+    check_port_free(args.host, args.port)
+    cfg, out_dir = job_for(args)
+    return serve(args, cfg, out_dir)
 
 
 if __name__ == "__main__":

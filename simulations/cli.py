@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from fedlora.config import Parser, add_job_arguments, check_job_args, check_out_dir, to_config
-from fedlora.errors import UserError
+from fedlora.errors import UserError, command
 from fedlora.rounds import format_row
 
 __all__ = ["add_scale_arguments", "build_parser", "check_args", "format_row", "main", "to_config"]
@@ -71,42 +71,37 @@ def check_args(args: argparse.Namespace) -> None:
     check_out_dir(args.out, args.overwrite)
 
 
+@command("fedlora-sim")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedlora-sim``."""
     args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-        cfg = to_config(args)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    check_args(args)
+    cfg = to_config(args)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-        from fedlora.simulations.engine import run
+    from fedlora.simulations.engine import run
 
-        console = Console(stderr=True, quiet=args.quiet)
-        if args.out.is_dir() and args.overwrite:
-            for name in ("metrics.jsonl", "config.json"):
-                (args.out / name).unlink(missing_ok=True)
-        if args.engine == "flower":
-            from fedlora.simulations.flower_engine import run_flower
+    console = Console(stderr=True, quiet=args.quiet)
+    # with --overwrite, the earlier results are replaced once the job is built (bad input keeps them)
+    if args.engine == "flower":
+        from fedlora.simulations.flower_engine import run_flower
 
-            console.print(f"{cfg.strategy}: {cfg.num_clients} clients on Flower's simulation engine")
-            run_flower(cfg, args.out, on_round=lambda row: console.print(format_row(row), soft_wrap=True),
-                       client_cpus=args.client_cpus, client_gpus=args.client_gpus)
-            console.print(f"wrote {args.out / 'metrics.jsonl'} and {args.out / 'adapter'}")
-            return 0
-        total = cfg.rounds * cfg.local_steps * len(cfg.sampled(1))  # client-steps
-        with Progress("[progress.description]{task.description}", BarColumn(),
-                      MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                      disable=args.quiet) as bar:
-            task = bar.add_task(f"{cfg.strategy}: {cfg.num_clients} clients", total=total)
-            run(cfg, args.out, on_step=lambda n: bar.advance(task, n),
-                on_round=lambda row: bar.console.print(format_row(row), soft_wrap=True))
+        console.print(f"{cfg.strategy}: {cfg.num_clients} clients on Flower's simulation engine")
+        run_flower(cfg, args.out, on_round=lambda row: console.print(format_row(row), soft_wrap=True),
+                   client_cpus=args.client_cpus, client_gpus=args.client_gpus)
         console.print(f"wrote {args.out / 'metrics.jsonl'} and {args.out / 'adapter'}")
         return 0
-    except UserError as exc:
-        print(f"fedlora-sim: error: {exc}", file=sys.stderr)
-        return 2
+    total = cfg.rounds * cfg.local_steps * len(cfg.sampled(1))  # client-steps
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                  disable=args.quiet) as bar:
+        task = bar.add_task(f"{cfg.strategy}: {cfg.num_clients} clients", total=total)
+        run(cfg, args.out, on_step=lambda n: bar.advance(task, n),
+            on_round=lambda row: bar.console.print(format_row(row), soft_wrap=True))
+    console.print(f"wrote {args.out / 'metrics.jsonl'} and {args.out / 'adapter'}")
+    return 0
 
 
 if __name__ == "__main__":

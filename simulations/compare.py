@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from fedlora.config import JobConfig, Parser, add_job_arguments, parse_ranks, to_config
-from fedlora.errors import UserError
+from fedlora.errors import UserError, command
 from fedlora.simulations.cli import add_scale_arguments, format_row
 from fedlora.simulations.cli import check_args as check_sim_args
 from fedlora.simulations.report import (
@@ -211,6 +211,7 @@ def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool) -> dict[s
     return runs, walls
 
 
+@command("fedlora-compare")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedlora-compare``.
 
@@ -225,21 +226,17 @@ def main(argv: list[str] | None = None) -> int:
         0 on success, 2 on bad input (one line on stderr; argparse's own errors exit 2 too).
     """
     args = build_parser().parse_args(argv)
-    try:
-        plan = plan_runs(args)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        if args.out.is_dir() and args.overwrite:
-            _clear(args.out, plan)
-        runs, walls = run_all(plan, args.out, args.quiet)
-        plot(runs, args.out)
-        if not args.quiet:
-            print(markdown_table([summarize(rows, label, walls[label]) for label, rows in runs.items()]))
-            print(f"wrote {args.out / TABLE_FILES[0]}, {TABLE_FILES[1]} and the plots "
-                  f"{', '.join(PLOT_FILES)}", file=sys.stderr)
-        return 0
-    except UserError as exc:
-        print(f"fedlora-compare: error: {exc}", file=sys.stderr)
-        return 2
+    plan = plan_runs(args)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.out.is_dir() and args.overwrite:
+        _clear(args.out, plan)
+    runs, walls = run_all(plan, args.out, args.quiet)
+    plot(runs, args.out)
+    if not args.quiet:
+        print(markdown_table([summarize(rows, label, walls[label]) for label, rows in runs.items()]))
+        print(f"wrote {args.out / TABLE_FILES[0]}, {TABLE_FILES[1]} and the plots "
+              f"{', '.join(PLOT_FILES)}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -102,3 +102,18 @@ def test_bad_sft_input_is_one_line_and_writes_nothing(tiny_chat_llama_dir, tiny_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fedlora-sim: error: ") and message in err[0], err
     assert not out.exists()
+
+
+def test_bad_input_keeps_earlier_results_even_with_overwrite(tiny_chat_llama_dir, tmp_path, capsys):
+    # Prepare: a folder with results, and a file of unrecognizable columns
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("precious\n")
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    # Execute
+    code = main(_args(tiny_chat_llama_dir, odd, out, "--label-words", "", "--prompt-template", "",
+                      "--overwrite"))
+    # Assert: refused in one line before anything was replaced
+    assert code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert (out / "metrics.jsonl").read_text() == "precious\n"
