@@ -117,3 +117,18 @@ def test_bad_input_keeps_earlier_results_even_with_overwrite(tiny_chat_llama_dir
     # Assert: refused in one line before anything was replaced
     assert code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
     assert (out / "metrics.jsonl").read_text() == "precious\n"
+
+
+def test_sft_dp_sgd_through_opacus_equals_the_batched_kernels(tiny_chat_llama_dir, sentiment_tsv, tmp_path):
+    # Execute: the same DP-SGD sft job, per-example gradients by fedlora's kernels and by Opacus
+    from safetensors.torch import load_file
+
+    dp = ["--dp", "sample", "--epsilon", "8", "--delta", "1e-3", "--dp-reproducible", "--rounds", "1"]
+    for backend in ("fedlora", "opacus"):
+        out = tmp_path / backend
+        assert main(_args(tiny_chat_llama_dir, sentiment_tsv, out, *dp, "--dp-backend", backend)) == 0
+    # Assert: the same adapter (token-level losses, response-only labels, Poisson batches, noise)
+    a = load_file(tmp_path / "fedlora" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "opacus" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) <= 1e-6 for k in a)
+    assert _rows(tmp_path / "opacus")[-1]["dp_backend"] == "opacus"
