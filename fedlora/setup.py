@@ -1,9 +1,9 @@
 """The one way a job's data and model are set up: by the simulator, the ServerApp and a client.
 
-* :func:`training_data`: the examples clients train on (``--data``, minus the held-out
-  split unless ``--test-data`` is given);
-* :func:`held_out`: the examples the global model is evaluated on (the split, or
-  ``--test-data``), at most ``--eval-max`` of them;
+* :func:`splits`: the examples clients train on (``--data``, minus the held-out split unless
+  ``--test-data`` is given) and the examples the global model is evaluated on (the split, or
+  ``--test-data``; at most ``--eval-max`` of them), from one read of the data;
+* :func:`training_data`: the first of the two alone;
 * :func:`client_share`: one client's examples (its partition, or its own file);
 * :func:`build_model`: the base model wrapped with client slots for the job's task and
   strategy.
@@ -21,28 +21,25 @@ from fedlora.model import AdapterConfig, FederatedModel
 from fedlora.tasks import Task, get_task
 
 
-def _splits(cfg: JobConfig, task: Task) -> tuple[TextDataset, TextDataset | None]:
-    ds = task.load(cfg.data, cfg)
-    if cfg.test_data:
-        return ds, None
-    return split(ds, cfg.test_fraction, cfg.seed)
-
-
 def training_data(cfg: JobConfig, task: Task | None = None) -> TextDataset:
     """Every client's examples together (partitioned by :func:`client_share` or the simulator)."""
-    return _splits(cfg, task or get_task(cfg.task))[0]
+    ds = (task or get_task(cfg.task)).load(cfg.data, cfg)
+    return ds if cfg.test_data else split(ds, cfg.test_fraction, cfg.seed)[0]
 
 
-def held_out(cfg: JobConfig, task: Task | None = None) -> tuple[TextDataset, list[str]]:
-    """``(test examples, label names)``: the held-out split of ``--data`` or ``--test-data``
-    (relabeled to ``--data``'s labels), its first ``--eval-max`` rows."""
+def splits(cfg: JobConfig, task: Task | None = None) -> tuple[TextDataset, TextDataset, list[str]]:
+    """``(training examples, test examples, label names)``: the test examples are the held-out
+    split of ``--data`` or ``--test-data`` (relabeled to ``--data``'s labels), its first
+    ``--eval-max`` rows."""
     task = task or get_task(cfg.task)
-    train, test = _splits(cfg, task)
-    if test is None:
-        test = task.load(cfg.test_data, cfg, test=True)
+    ds = task.load(cfg.data, cfg)
+    if not cfg.test_data:
+        train, test = split(ds, cfg.test_fraction, cfg.seed)
+    else:
+        train, test = ds, task.load(cfg.test_data, cfg, test=True)
         if task.trains_head:
-            test = test.relabel(train.label_names)
-    return test.head(cfg.eval_max), train.label_names
+            test = test.relabel(ds.label_names)
+    return train, test.head(cfg.eval_max), ds.label_names
 
 
 def client_share(cfg: JobConfig, partition_id: int, num_partitions: int) -> TextDataset:

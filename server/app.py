@@ -27,7 +27,7 @@ from fedlora.process import die_with_parent
 from fedlora.rounds import CHECKPOINT, Coordinator, make_strategy
 from fedlora.server.strategy import FedLoRA, RoundSettings
 from fedlora.server.transport import fast_object_pulls
-from fedlora.setup import build_model, held_out
+from fedlora.setup import build_model, splits
 from fedlora.tasks import get_task
 
 app = ServerApp()
@@ -44,7 +44,7 @@ def write_status(out_dir: Path, state: str, **extra) -> None:
 def build_coordinator(cfg: JobConfig) -> tuple[Coordinator, str, list[str]]:
     """Server-side model (one slot), held-out examples and coordinator for ``cfg``."""
     task, strategy = get_task(cfg.task), make_strategy(cfg)
-    test_ds, label_names = held_out(cfg, task)
+    _, test_ds, label_names = splits(cfg, task)
     fm, tokenizer, path = build_model(cfg, [cfg.rank], strategy.mode, len(label_names))
     return Coordinator(cfg, strategy, fm, task.eval_set(tokenizer, test_ds, cfg)), path, label_names
 

@@ -28,7 +28,7 @@ from fedlora.export import export_peft
 from fedlora.model import FederatedModel
 from fedlora.privacy import Budget, sample_budgets
 from fedlora.rounds import Coordinator, make_strategy
-from fedlora.setup import build_model, held_out, training_data
+from fedlora.setup import build_model, splits
 from fedlora.state import extract_upload, upload_tensors
 from fedlora.strategies import ClientUpload, Strategy
 from fedlora.tasks import Task, get_task
@@ -59,8 +59,7 @@ class Job:
 def build_job(cfg: JobConfig) -> Job:
     """Load data and model, partition clients, wrap the model with one slot per client of a pass."""
     task, strategy = get_task(cfg.task), make_strategy(cfg)
-    train_ds = training_data(cfg, task)
-    test_ds, label_names = held_out(cfg, task)
+    train_ds, test_ds, label_names = splits(cfg, task)
     parts = partition(train_ds, cfg.num_clients, cfg.partition, cfg.alpha, cfg.seed)
     slots = pass_size(cfg, len(cfg.sampled(1)))
     fm, tokenizer, path = build_model(cfg, [max(cfg.client_ranks())] * slots, strategy.mode,
