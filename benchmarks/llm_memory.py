@@ -9,7 +9,8 @@ another): it builds the job's one-slot model exactly as a client does
 trains LoRA r=8 on q_proj/v_proj for one warm-up step and ``--steps`` timed steps of
 ``batch × tokens`` tokens (loss on every token), and reports
 
-* ``RSS after load``: resident memory once the model is built;
+* ``model memory``: the process's anonymous resident memory once the model is built (the
+  weights it holds; the safetensors file's mapped pages are not counted, they are the file's);
 * ``step peak``: the peak resident memory during the steps minus the resident memory
   before them (activations, gradients and optimizer state; the peak counter is reset through
   ``/proc/self/clear_refs`` first);
@@ -28,7 +29,7 @@ from pathlib import Path
 
 
 def _status(key: str) -> int:
-    """A ``/proc/self/status`` memory figure in bytes (``VmRSS``, ``VmHWM``)."""
+    """A ``/proc/self/status`` memory figure in bytes (``VmRSS``, ``VmHWM``, ``RssAnon``)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
@@ -46,7 +47,7 @@ def child(model: str, precision: str, checkpointing: bool, batch: int, tokens: i
     cfg = JobConfig(model=model, task="causal-lm", precision=precision, gradient_checkpointing=checkpointing,
                     batch_size=batch, max_length=tokens, local_steps=1, lr=1e-3)
     fm, tok, _ = build_model(cfg, [cfg.rank], "lora")
-    rss_loaded = _status("VmRSS")
+    rss_loaded = _status("RssAnon")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, tok.vocab_size - 100, (batch, tokens), generator=g)
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
         return 0
     print(f"{args.model}, LoRA r=8 q/v, batch {args.batch} × {args.tokens} tokens, {os.cpu_count()} CPUs\n")
-    print("| base | checkpointing | RSS after load | step peak | s / step |")
+    print("| base | checkpointing | model memory | step peak | s / step |")
     print("|---|---|---:|---:|---:|")
     results = {}
     for precision in ("fp32", "bf16"):

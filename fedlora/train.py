@@ -6,6 +6,9 @@ and steps one AdamW over the stacked ``(K, …)`` parameters. The loss is the su
 the clients' mean losses, so each client's parameters get exactly the gradient of
 its own mean loss; AdamW is elementwise, so a stacked AdamW is exactly K
 independent ones. Gradient clipping, being norm based, is done per client.
+
+With dynamic padding, rows of very different lengths (short phrases beside long ones) run
+as a few micro-batches of similar lengths whose gradients add up to the same step.
 """
 
 from __future__ import annotations
@@ -95,14 +98,58 @@ class ClientSampler:
         return out
 
 
-def _forward_losses(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
-                    slots: Tensor, cfg: TrainConfig, device: torch.device) -> Tensor:
-    idx = [i for s in samplers for i in s.take(cfg.batch_size)]
-    batch = gather_rows(data, idx, device, cfg.pad_to_longest)
-    labels = batch.pop("labels")
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        out = fm(routing=Routing.segments(slots, cfg.batch_size), **batch)
-    return cfg.task.client_losses(out.logits, labels, len(samplers))
+def length_groups(lengths: Tensor, max_groups: int = 8, pass_cost: float = 0.1) -> list[Tensor] | None:
+    """Micro-batches of rows of similar length: row indices sorted by length, in G equal-count
+    groups, each padded to its own longest row.
+
+    G minimises the padded tokens ``Σ_g |g| · max(g)``, each pass beyond the first priced at
+    ``pass_cost`` of the total (a pass has a fixed cost); None when one pass of every row is
+    cheapest (rows of similar lengths, e.g. BBC News cut at --max-length).
+    """
+    n = lengths.numel()
+    order = torch.argsort(lengths, stable=True)
+    ranked = lengths[order].tolist()
+    best_cost, best = float(n * max(ranked, default=0)), None
+    for g in range(2, min(max_groups, n) + 1):
+        bounds = [n * i // g for i in range(g + 1)]
+        padded = sum((b - a) * ranked[b - 1] for a, b in zip(bounds, bounds[1:], strict=False) if b > a)
+        cost = padded * (1 + pass_cost * (g - 1))
+        if cost < best_cost:
+            best_cost = cost
+            best = [order[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return best
+
+
+def _step(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
+          slots: Tensor, cfg: TrainConfig, device: torch.device, split: bool = True) -> Tensor:
+    """One step's forward and backward passes for the clients of a pass: slot ``slots[k]`` takes
+    sampler k's next ``batch_size`` examples, and the gradient of ``Σ_k L_k`` (``L_k``: client
+    k's mean loss over its batch's loss terms) is accumulated into the parameters.
+
+    With dynamic padding and ``split``, the rows run as micro-batches of similar lengths
+    (:func:`length_groups`, rows routed to their slots by id): the same gradient over fewer
+    padded tokens. Returns the ``(S,)`` losses ``L_k``.
+    """
+    n, task = cfg.batch_size, cfg.task
+    idx = [i for s in samplers for i in s.take(n)]
+    owner = torch.arange(len(samplers)).repeat_interleave(n)              # (N,) client of each row
+    rows = torch.as_tensor(idx, dtype=torch.long)
+    counts = torch.zeros(len(samplers)).index_add_(0, owner, task.loss_counts(data["labels"][rows]).float())
+    groups = None
+    if split and cfg.pad_to_longest and "attention_mask" in data:
+        groups = length_groups(data["attention_mask"][rows].sum(dim=1))
+    total = torch.zeros(len(samplers), dtype=torch.float64)
+    for group in groups or [None]:
+        who = owner if group is None else owner[group]
+        batch = gather_rows(data, idx if group is None else rows[group].tolist(), device, cfg.pad_to_longest)
+        labels = batch.pop("labels")
+        routing = Routing.segments(slots, n) if group is None else Routing.from_ids(slots[who.to(device)])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = fm(routing=routing, **batch)
+        share = task.loss_sums(out.logits, labels) / counts[who].clamp_min(1.0).to(device)   # (m,)
+        share.sum().backward()
+        total.index_add_(0, who, share.detach().double().cpu())
+    return total
 
 
 def clip_per_client(params: Sequence[Tensor], max_norm: float) -> Tensor:
@@ -142,13 +189,11 @@ def train_clients(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequenc
     fm.train()
     total = torch.zeros(len(slots), dtype=torch.float64)
     for _ in range(cfg.local_steps):
-        losses = _forward_losses(fm, data, samplers, slot_t, cfg, device)
         opt.zero_grad(set_to_none=True)
-        losses.sum().backward()
+        total += _step(fm, data, samplers, slot_t, cfg, device)
         if cfg.max_grad_norm is not None:
             clip_per_client(params, cfg.max_grad_norm)
         opt.step()
-        total += losses.detach().double().cpu()
         if progress is not None:
             progress()
     opt.zero_grad(set_to_none=True)
@@ -173,9 +218,8 @@ def estimate_gradients(fm: FederatedModel, data: dict[str, Tensor],
     for layer in fm.adapters.values():
         layer.attach_probe()
     try:
-        for _ in range(steps):
-            losses = _forward_losses(fm, data, samplers, slot_t, cfg, device)
-            losses.sum().backward()
+        for _ in range(steps):  # one pass: a probe's gradient is dense, too large to gather per row
+            _step(fm, data, samplers, slot_t, cfg, device, split=False)
     finally:
         grads = {name: layer.detach_probe()[:len(samplers)] / steps
                  for name, layer in fm.adapters.items()}

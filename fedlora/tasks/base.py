@@ -116,12 +116,23 @@ class Task(ABC):
         return {k: v.index_select(0, order) for k, v in data.items()}
 
     @abstractmethod
-    def row_losses(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """``(N,)``: each example's own mean loss (DP-SGD clips per example)."""
+    def loss_counts(self, labels: Tensor) -> Tensor:
+        """``(N,)``: how many loss terms each example has (1, or its labeled tokens), known
+        before the forward pass (a client's loss is the mean over its batch's terms)."""
 
     @abstractmethod
+    def loss_sums(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """``(N,)``: each example's summed loss terms."""
+
+    def row_losses(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """``(N,)``: each example's own mean loss (DP-SGD clips per example)."""
+        return self.loss_sums(logits, labels) / self.loss_counts(labels).clamp_min(1.0)
+
     def client_losses(self, logits: Tensor, labels: Tensor, n_seg: int) -> Tensor:
-        """``(S,)``: the mean loss of each of ``n_seg`` equal contiguous row segments."""
+        """``(S,)``: the mean loss of each of ``n_seg`` equal contiguous row segments, over all
+        the loss terms of the segment."""
+        sums = self.loss_sums(logits, labels).view(n_seg, -1).sum(dim=1)
+        return sums / self.loss_counts(labels).view(n_seg, -1).sum(dim=1).clamp_min(1.0)
 
     @abstractmethod
     def evaluate(self, fm, data: Any, cfg) -> dict[str, float]:
@@ -130,14 +141,12 @@ class Task(ABC):
 
 
 class TokenLossTask(Task):
-    """A task whose loss is next-token cross-entropy over the tokens with a label."""
+    """A task whose loss is next-token cross-entropy over the tokens with a label (a client's
+    loss is token-weighted: every labeled token of its batch counts once)."""
 
-    def row_losses(self, logits: Tensor, labels: Tensor) -> Tensor:
-        tok, valid = token_losses(logits, labels)
-        return (tok * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
+    def loss_counts(self, labels: Tensor) -> Tensor:
+        return (labels[:, 1:] != -100).sum(dim=1).float()
 
-    def client_losses(self, logits: Tensor, labels: Tensor, n_seg: int) -> Tensor:
-        # token-weighted within a client: every labeled token of its batch counts once
+    def loss_sums(self, logits: Tensor, labels: Tensor) -> Tensor:
         tok, valid = token_losses(logits, labels)
-        tot = (tok * valid).view(n_seg, -1).sum(dim=1)
-        return tot / valid.view(n_seg, -1).sum(dim=1).clamp_min(1.0)
+        return (tok * valid).sum(dim=1)

@@ -25,12 +25,14 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, Te
     return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-def eval_batches(fm, data: dict[str, Tensor], batch_size: int):
-    """``(batch without labels, labels, logits)`` of slot 0, batch by batch, without gradients."""
+def eval_batches(fm, data: dict[str, Tensor], cfg):
+    """``(batch without labels, labels, logits)`` of slot 0, batch by batch, without gradients
+    (each batch padded to its longest row unless ``--padding max-length``)."""
     device = next(fm.parameters()).device
     n = data["labels"].shape[0]
-    for start in range(0, n, batch_size):
-        batch = gather_rows(data, list(range(start, min(n, start + batch_size))), device)
+    for start in range(0, n, cfg.eval_batch_size):
+        batch = gather_rows(data, list(range(start, min(n, start + cfg.eval_batch_size))), device,
+                            cfg.padding == "longest")
         labels = batch.pop("labels")
         routing = Routing.segments(torch.zeros(1, dtype=torch.long, device=device), labels.shape[0])
         with torch.no_grad():
@@ -54,15 +56,15 @@ class Classification(Task):
         out["labels"] = torch.tensor(ds.labels, dtype=torch.long)
         return out
 
-    def row_losses(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(logits.float(), labels, reduction="none")
+    def loss_counts(self, labels: Tensor) -> Tensor:
+        return torch.ones(labels.shape[0], device=labels.device)
 
-    def client_losses(self, logits: Tensor, labels: Tensor, n_seg: int) -> Tensor:
-        return self.row_losses(logits, labels).view(n_seg, -1).mean(dim=1)
+    def loss_sums(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float(), labels, reduction="none")
 
     def evaluate(self, fm, data: dict[str, Tensor], cfg) -> dict[str, float]:
         correct = loss = 0.0
-        for _, labels, logits in eval_batches(fm, data, cfg.eval_batch_size):
+        for _, labels, logits in eval_batches(fm, data, cfg):
             loss += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(-1) == labels).sum().item()
         n = max(int(data["labels"].shape[0]), 1)
@@ -86,7 +88,7 @@ class CausalLM(TokenLossTask):
 
     def evaluate(self, fm, data: dict[str, Tensor], cfg) -> dict[str, float]:
         correct = count = loss = 0.0
-        for _, labels, logits in eval_batches(fm, data, cfg.eval_batch_size):
+        for _, labels, logits in eval_batches(fm, data, cfg):
             tok, valid = token_losses(logits, labels)
             hit = (logits[:, :-1].argmax(-1) == labels[:, 1:]).float() * valid
             loss += (tok * valid).sum().item()
