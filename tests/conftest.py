@@ -39,20 +39,23 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide LLaMA causal LM with MiniLM's tokenizer."""
+def _tiny_llama(path: Path, tok, **config) -> Path:
+    """Save a 2-layer, 32-wide random LLaMA causal LM and ``tok`` in ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = _tokenizer()
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
-                      max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+                      pad_token_id=tok.pad_token_id, **config)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide LLaMA causal LM with MiniLM's tokenizer."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama"), _tokenizer(), max_position_embeddings=64)
 
 
 @pytest.fixture(scope="session")
@@ -81,20 +84,11 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} [SE
 @pytest.fixture(scope="session")
 def tiny_chat_llama_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide LLaMA with a chat template whose end of turn (and eos) is [SEP]."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-chat-llama")
     tok = _tokenizer()
     tok.chat_template = CHAT_TEMPLATE
     tok.eos_token = "[SEP]"
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
-                      max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-chat-llama"), tok, max_position_embeddings=128,
+                       eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
 
 
 @pytest.fixture(scope="session")
