@@ -152,10 +152,11 @@ def _forward(fm, data, samplers, cfg, rates, device):
     labels = batch.pop("labels")
     slots = torch.arange(m, device=device)
     w = w.to(device)
+    positions = cfg.task.logit_positions(labels)
     with Capture(fm.client_layers()) as cap:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            out = fm(routing=Routing.segments(slots, L), **batch)
-        losses = cfg.task.row_losses(out.logits, labels)
+            out = fm(routing=Routing.segments(slots, L), positions=positions, **batch)
+        losses = cfg.task.row_losses(out.logits, labels, positions)
         (losses * w).sum().backward()
     return cap, slots.repeat_interleave(L), w, L, losses.detach()
 

@@ -12,6 +12,7 @@ deterministic forward pass.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -143,6 +144,8 @@ class FederatedModel(nn.Module):
             enable = getattr(model, "activation_checkpointing_enable", None) or \
                 model.gradient_checkpointing_enable
             enable({"use_reentrant": False})
+        # transformers' causal LMs compute the logits of chosen positions only (``logits_to_keep``)
+        self.cuts_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.model.eval()
 
     def _head_linears(self) -> list[str]:
@@ -178,20 +181,27 @@ class FederatedModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def forward(self, routing: Routing | None = None, client_ids: Tensor | None = None,
-                **inputs: Tensor):
+                positions: Tensor | None = None, **inputs: Tensor):
         """Run the wrapped model with batch rows routed to client slots.
 
         Give either ``routing`` or ``client_ids`` (``(N,)``); with neither, every row
-        uses slot 0.
+        uses slot 0. ``positions`` (``(P,)`` sequence positions): the output's logits are
+        those positions' only, ``(N, P, vocab)`` (a loss on response tokens needs no others;
+        the model computes only these where it can).
         """
         if routing is None and client_ids is not None:
             routing = Routing.from_ids(client_ids.to(next(iter(inputs.values())).device))
+        if positions is not None and self.cuts_logits:
+            inputs["logits_to_keep"] = positions
         self.router.routing = routing
         try:
-            return self.model(**inputs)
+            out = self.model(**inputs)
         finally:
             if not self.config.gradient_checkpointing:  # the backward pass recomputes with it
                 self.router.routing = None
+        if positions is not None and not self.cuts_logits:
+            out.logits = out.logits[:, positions]
+        return out
 
     def generate(self, **kwargs):
         """transformers' ``generate`` of the wrapped model with every row on slot 0."""

@@ -115,9 +115,10 @@ def opacus_train_client(fm, data: dict[str, Tensor], sampler, cfg, budget: Budge
             batch = gather_rows(data, idx, device, cfg.pad_to_longest)
             labels = batch.pop("labels")
             w = w.to(device)
+            positions = cfg.task.logit_positions(labels)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                out = gsm(**batch)
-            losses = cfg.task.row_losses(out.logits, labels)
+                out = gsm(positions=positions, **batch)
+            losses = cfg.task.row_losses(out.logits, labels, positions)
             with warnings.catch_warnings():   # the frozen base: the first adapter's input needs no grad
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 (losses * w).mean().backward()  # Opacus rescales by the rows: w_i ∇ℓ_i each

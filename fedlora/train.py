@@ -144,9 +144,10 @@ def _step(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[Client
         batch = gather_rows(data, idx if group is None else rows[group].tolist(), device, cfg.pad_to_longest)
         labels = batch.pop("labels")
         routing = Routing.segments(slots, n) if group is None else Routing.from_ids(slots[who.to(device)])
+        positions = task.logit_positions(labels)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            out = fm(routing=routing, **batch)
-        share = task.loss_sums(out.logits, labels) / counts[who].clamp_min(1.0).to(device)   # (m,)
+            out = fm(routing=routing, positions=positions, **batch)
+        share = task.loss_sums(out.logits, labels, positions) / counts[who].clamp_min(1.0).to(device)
         share.sum().backward()
         total.index_add_(0, who, share.detach().double().cpu())
     return total

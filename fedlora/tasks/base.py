@@ -60,14 +60,18 @@ def gather_rows(data: dict[str, Tensor], idx: list[int], device: torch.device,
     return {k: v.to(device) for k, v in out.items()}
 
 
-def token_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Next-token losses: ``(loss (N, T-1), valid (N, T-1))``; -100 marks tokens without loss.
+def token_losses(logits: Tensor, labels: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Next-token losses: ``(loss (N, P), valid (N, P))``; -100 marks tokens without loss.
 
-    Token t+1 is predicted from tokens ≤ t.
+    Token t+1 is predicted from tokens ≤ t. ``logits`` are every position's ``(N, T, V)``
+    (then P = T-1), or those of ``positions`` only, ``(N, P, V)``.
     """
-    lg, lb = logits[:, :-1].float(), labels[:, 1:]
+    if positions is None:
+        lg, lb = logits[:, :-1].float(), labels[:, 1:]
+    else:
+        lg, lb = logits.float(), labels[:, positions + 1]
     tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), reduction="none",
-                          ignore_index=-100).view(lb.shape)                  # (N, T-1)
+                          ignore_index=-100).view(lb.shape)                  # (N, P)
     return tok, (lb != -100).float()
 
 
@@ -121,12 +125,17 @@ class Task(ABC):
         before the forward pass (a client's loss is the mean over its batch's terms)."""
 
     @abstractmethod
-    def loss_sums(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """``(N,)``: each example's summed loss terms."""
+    def loss_sums(self, logits: Tensor, labels: Tensor, positions: Tensor | None = None) -> Tensor:
+        """``(N,)``: each example's summed loss terms (``logits`` of ``positions`` only when given,
+        see :meth:`logit_positions`)."""
 
-    def row_losses(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def logit_positions(self, labels: Tensor) -> Tensor | None:
+        """The sequence positions whose logits the loss reads, or None (all, or no sequence)."""
+        return None
+
+    def row_losses(self, logits: Tensor, labels: Tensor, positions: Tensor | None = None) -> Tensor:
         """``(N,)``: each example's own mean loss (DP-SGD clips per example)."""
-        return self.loss_sums(logits, labels) / self.loss_counts(labels).clamp_min(1.0)
+        return self.loss_sums(logits, labels, positions) / self.loss_counts(labels).clamp_min(1.0)
 
     def client_losses(self, logits: Tensor, labels: Tensor, n_seg: int) -> Tensor:
         """``(S,)``: the mean loss of each of ``n_seg`` equal contiguous row segments, over all
@@ -147,6 +156,11 @@ class TokenLossTask(Task):
     def loss_counts(self, labels: Tensor) -> Tensor:
         return (labels[:, 1:] != -100).sum(dim=1).float()
 
-    def loss_sums(self, logits: Tensor, labels: Tensor) -> Tensor:
-        tok, valid = token_losses(logits, labels)
+    def logit_positions(self, labels: Tensor) -> Tensor:
+        """Positions t with a labeled token t+1 in any row: a response's, for sft (a vocabulary-wide
+        logit row per prompt token would be computed, kept for the backward pass, and unused)."""
+        return (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()
+
+    def loss_sums(self, logits: Tensor, labels: Tensor, positions: Tensor | None = None) -> Tensor:
+        tok, valid = token_losses(logits, labels, positions)
         return (tok * valid).sum(dim=1)

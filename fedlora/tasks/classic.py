@@ -59,7 +59,7 @@ class Classification(Task):
     def loss_counts(self, labels: Tensor) -> Tensor:
         return torch.ones(labels.shape[0], device=labels.device)
 
-    def loss_sums(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def loss_sums(self, logits: Tensor, labels: Tensor, positions: Tensor | None = None) -> Tensor:
         return F.cross_entropy(logits.float(), labels, reduction="none")
 
     def evaluate(self, fm, data: dict[str, Tensor], cfg) -> dict[str, float]:

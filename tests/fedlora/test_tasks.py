@@ -164,3 +164,47 @@ def test_sft_evaluate_counts_normalized_answers(tiny_chat_llama_dir, chat_tok, m
     assert got["answer_accuracy"] == pytest.approx(2 / 3) and got["accuracy"] == got["answer_accuracy"]
     assert got["loss"] == pytest.approx(1.0) and got["perplexity"] == pytest.approx(m.e)
     assert got["eval_examples"] == 3
+
+
+def test_logit_positions_are_those_before_a_labeled_token():
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, -100, -100, -100]])
+    sft = get_task("sft")
+    assert sft.logit_positions(labels).tolist() == [0, 1, 2]     # predict tokens 1, 2, 3
+    assert get_task("classification").logit_positions(torch.tensor([0, 1])) is None
+    # the loss from those positions' logits equals the loss from every position's
+    logits = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(0))
+    keep = sft.logit_positions(labels)
+    assert torch.allclose(sft.loss_sums(logits[:, keep], labels, keep), sft.loss_sums(logits, labels))
+
+
+def test_training_on_response_logits_only_equals_all_logits(tiny_chat_llama_dir, chat_tok, monkeypatch):
+    # Prepare: sft rows of different lengths, two clients in one pass
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from fedlora.model import AdapterConfig, FederatedModel
+    from fedlora.state import extract_upload
+    from fedlora.train import ClientSampler, TrainConfig, train_clients
+
+    task = get_task("sft")
+    texts = [" ".join(["word"] * (i % 7 + 1)) for i in range(16)]
+    ds = TextDataset(texts, None, [], ["positive" if i % 2 else "negative" for i in range(16)])
+    data = task.encode(chat_tok, ds, _sft())
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir)
+    cfg = TrainConfig(task=task, local_steps=3, batch_size=4, lr=1e-2)
+    ups = []
+    for keep in (True, False):
+        if not keep:  # every position's logits, as before the loss's positions were known
+            monkeypatch.setattr(type(task), "logit_positions", lambda self, labels: None)
+        fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[4, 4], alpha=8.0, train_head=False))
+        fm.reset_adapters(0)
+        # Execute
+        train_clients(fm, data, [ClientSampler(range(0, 8), 0), ClientSampler(range(8, 16), 1)], cfg)
+        ups.append([extract_upload(fm, k, 8) for k in range(2)])
+    # Assert: the same adapters
+    for k in range(2):
+        for layer, (A, B) in ups[0][k].factors.items():
+            A1, B1 = ups[1][k].factors[layer]
+            assert torch.allclose(A, A1, atol=1e-6) and torch.allclose(B, B1, atol=1e-6)
+            assert B.abs().sum() > 0
