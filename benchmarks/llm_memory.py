@@ -16,9 +16,9 @@ logits are computed), and reports
 * ``RSS after load``: the process's resident memory once the model is built (torch and
   transformers themselves take about 300 MiB; an fp32 base may stay partly a mapping of the
   safetensors file);
-* ``step peak``: the peak resident memory during the steps minus the resident memory
-  before them (activations, logits, gradients and optimizer state; the peak counter is reset
-  through ``/proc/self/clear_refs`` first);
+* ``step peak``: the peak resident memory while training (warm-up step included) minus the
+  resident memory after the load: activations, logits, gradients and optimizer state (the
+  peak counter is reset through ``/proc/self/clear_refs`` after the load);
 * ``s / step``: mean wall time of the timed steps.
 """
 
@@ -63,9 +63,9 @@ def child(model: str, task: str, precision: str, checkpointing: bool, batch: int
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     sampler = ClientSampler(range(batch), seed=0)
     train_cfg = TrainConfig.from_job(cfg)
-    train_clients(fm, data, [sampler], train_cfg)  # warm-up
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     before = _status("VmRSS")
+    train_clients(fm, data, [sampler], train_cfg)  # warm-up
     train_cfg.local_steps = steps
     t0 = time.perf_counter()
     train_clients(fm, data, [sampler], train_cfg)
