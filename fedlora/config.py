@@ -85,11 +85,12 @@ class JobConfig:
     rounds: int = option(3, "federated rounds")
     local_steps: int = option(10, "optimizer steps per client per round")
     batch_size: int = option(8, "examples per client per step")
-    lr: float = option(2e-3, "local AdamW learning rate (default: 1e-2 for fed-sb, which trains only"
-                       " the r×r cores, 2e-3 for the others)", flag_default=None)
+    lr: float = option(2e-3, "local AdamW learning rate (default: the strategy's, e.g. 1e-2 for"
+                       " fed-sb, which trains only the r×r cores, 2e-3 for fedavg)", flag_default=None)
     rank: int = option(8, "LoRA rank")
-    ranks: list[int] | None = option(None, "per-client ranks, cycled over clients (e.g. 4,8,16); flora"
-                                     " only", flag_type=parse_ranks)
+    ranks: list[int] | None = option(None, "per-client ranks, cycled over clients (e.g. 4,8,16); for"
+                                     " strategies that take heterogeneous ranks (flora, flexlora)",
+                                     flag_type=parse_ranks)
     lora_alpha: float = option(16.0, "LoRA α (scale α / r)")
     target_modules: list[str] | None = option(
         None, "module names or regexes to adapt, or all-linear (default: attention query/value)",
@@ -103,9 +104,10 @@ class JobConfig:
     device: str = option("cpu", "cpu, cuda, cuda:1, ... or auto")
     init_batches: int = option(2, "Fed-SB: local batches per client for the gradient estimate",
                                group="strategy options")
-    fair_lambda: float = option(0.01, "LoRA-FAIR λ", group="strategy options")
-    sb_init_lr: float = option(1e-3, "Fed-SB: η of the approximated first step −η·sign(G)",
-                               group="strategy options")
+    strategy_options: str = option("", "the strategy's own options as NAME=VALUE pairs separated by"
+                                   " commas, e.g. lam=0.05 for lora-fair (the README's strategy table"
+                                   " lists each strategy's options)",
+                                   group="strategy options", flag_type=str, metavar="NAME=VALUE")
     max_grad_norm: float | None = option(None, "clip each client's gradient norm per step",
                                          group="strategy options", flag_type=float)
     eval_batch_size: int = option(64, "examples per evaluation batch", group="data and model")
@@ -240,8 +242,13 @@ def check_job_args(args) -> None:
     check_dp_args(args)
     if args.ranks is not None and not STRATEGIES[args.strategy].heterogeneous_ranks:
         if len(set(args.ranks)) > 1:
+            takes = ", ".join(sorted(n for n, c in STRATEGIES.items() if c.heterogeneous_ranks))
             raise UserError(f"--strategy {args.strategy} needs one rank for every client;"
-                            " use --rank, or --strategy flora for heterogeneous ranks")
+                            f" use --rank, or a strategy that takes heterogeneous ranks ({takes})")
+    try:
+        STRATEGIES[args.strategy].from_job(args)  # its options, checked before anything loads
+    except ValueError as exc:
+        raise UserError(f"--strategy {args.strategy}: {exc}") from None
     check_task_args(args)
     if args.gradient_checkpointing and args.dp == "sample":
         raise UserError("--gradient-checkpointing recomputes activations, which DP-SGD's per-example"
@@ -283,8 +290,9 @@ def check_dp_args(args) -> None:
             raise UserError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
     else:
         if not STRATEGIES[args.strategy].sum_only:
+            takes = ", ".join(sorted(n for n, c in STRATEGIES.items() if c.sum_only))
             raise UserError(f"--dp client needs a strategy whose aggregate is a sum of client"
-                            f" updates (fedavg, fed-sb); {args.strategy}'s is not, so clipping and"
+                            f" updates ({takes}); {args.strategy}'s is not, so clipping and"
                             " noising a sum would not bound each client's influence")
         if args.update_clip <= 0:
             raise UserError(f"--update-clip must be > 0, got {args.update_clip}")
@@ -303,8 +311,28 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def default_lr(strategy: str) -> float:
-    """Fed-SB trains only R (r×r per layer) and wants a larger step than LoRA's A and B."""
-    return 1e-2 if strategy == "fed-sb" else 2e-3
+    """The strategy's own default learning rate (``Strategy.default_lr``)."""
+    return STRATEGIES[strategy].default_lr
+
+
+#: Fields of older jobs, as the strategy options that replaced them.
+LEGACY_OPTIONS = {"fair_lambda": ("lora-fair", "lam"), "sb_init_lr": ("fed-sb", "init_lr")}
+
+
+def from_dict(values: dict[str, Any]) -> JobConfig:
+    """A :class:`JobConfig` from ``config.json`` (``asdict``): fields of older versions that
+    became strategy options are carried over when they apply, and unknown keys refused."""
+    values = dict(values)
+    for old, (strategy, name) in LEGACY_OPTIONS.items():
+        value = values.pop(old, None)
+        if value is not None and values.get("strategy") == strategy and not values.get("strategy_options"):
+            values["strategy_options"] = f"{name}={value}"
+    known = {f.name for f in fields(JobConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"config.json has unknown settings {unknown}: it was written by another"
+                        " fedlora version")
+    return JobConfig(**values)
 
 
 def resolve_device(name: str) -> str:

@@ -74,14 +74,15 @@ def layer_grad_samples(layer: nn.Module, x: Tensor, g: Tensor,
     if isinstance(layer, BatchedLinear):
         gW, gb = dense_grad_sample(x, g)
         return [(layer.weight, gW), (layer.bias, gb)]
-    if layer.mode == "lora-sb":
+    if layer.core:
         return [(layer.lora_R, sb_grad_sample(x, g, layer.sb_A, layer.sb_B, layer.scale[0]))]
     A, B = layer.lora_A, layer.lora_B
     if layer.heterogeneous:
         A = A * layer.rank_mask.unsqueeze(-1)
         B = B * layer.rank_mask.unsqueeze(1)
-    gA, gB = lora_grad_sample(x, g, A.detach()[ids], B.detach()[ids], layer.scale[ids])
-    return [(layer.lora_A, gA), (layer.lora_B, gB)]
+    gA, gB = lora_grad_sample(x, g, A.detach()[ids], B.detach()[ids], layer.scale[ids],
+                              want_A=layer.lora_A.requires_grad, want_B=layer.lora_B.requires_grad)
+    return [(p, gs) for p, gs in ((layer.lora_A, gA), (layer.lora_B, gB)) if p.requires_grad]
 
 
 def grad_samples(fm, cap: Capture, ids: Tensor) -> list[tuple[nn.Parameter, Tensor]]:

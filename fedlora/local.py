@@ -19,8 +19,13 @@ from fedlora.errors import UserError
 from fedlora.privacy import sample_budgets
 from fedlora.rounds import make_strategy
 from fedlora.setup import build_model, client_share
-from fedlora.state import apply_global, download_from_tensors, extract_upload, upload_tensors
-from fedlora.strategies.base import Factors
+from fedlora.state import (
+    apply_global,
+    download_from_tensors,
+    extract_kept,
+    extract_upload,
+    upload_tensors,
+)
 from fedlora.tasks import get_task
 from fedlora.train import ClientSampler, TrainConfig, gradient_estimates, local_training
 
@@ -51,12 +56,14 @@ class LocalClient:
         self.task = get_task(cfg.task)
         self.strategy = make_strategy(cfg)
         self.rank = cfg.rank_of(where.client_id)
-        self.fm, tokenizer, _ = build_model(cfg, [self.rank], self.strategy.mode, len(label_names))
+        self.fm, tokenizer, _ = build_model(cfg, [self.rank], self.strategy.plan(1), len(label_names))
         ds = self._examples(label_names)
         self.train = self.task.encode(tokenizer, ds, cfg)
         self.sampler = ClientSampler.for_client(cfg, where.client_id, range(len(ds)))
         self.folded_through = 0
-        self.shared: dict[str, Factors] | None = None
+        # factors this client holds between rounds: the plan's shared ones (sent once) and its
+        # kept, personal ones (``<layer>.lora_<F>``)
+        self.held: dict[str, Tensor] = {}
         # --dp sample: this client's privacy ledger (σ calibrated to its own sampling rate)
         self.budget = sample_budgets(cfg, [len(ds)], self.fm.model)[0] if cfg.dp == "sample" else None
 
@@ -77,19 +84,28 @@ class LocalClient:
         """Apply the global state of round ``rnd - 1``: missing folds first, then the state."""
         for t in range(self.folded_through + 1, rnd - 1):
             fold = {k[len(f"t{t}."):].rpartition(".")[0] for k in catch_up if k.startswith(f"t{t}.")}
-            if not fold and self.strategy.fresh_adapters:
+            if not fold and self.strategy.folds:
                 raise ValueError(f"round {rnd}: the server did not send the fold of round {t}")
             for layer in fold:
                 self.fm.adapters[layer].fold(catch_up[f"t{t}.{layer}.fold_A"],
                                              catch_up[f"t{t}.{layer}.fold_B"])
+        plan = self.strategy.plan(rnd)
+        self.fm.set_plan(plan)
         scale = self.cfg.lora_alpha / self.cfg.rank
-        state, fold = download_from_tensors(download, scale, self.shared)
+        # a kept factor the client already holds is its own: a re-sent starting value is ignored
+        download = {k: t for k, t in download.items()
+                    if not (k.rpartition(".lora_")[2] in plan.keep and k in self.held)}
+        state, fold = download_from_tensors(download, scale, self.held)
         if rnd - 1 <= self.folded_through:
             fold = {}
-        if self.strategy.mode == "lora-sb":
-            if state.factors is None:
-                raise ValueError("the server sent LoRA-SB cores without the shared factors")
-            self.shared = state.factors
+        for kind in (*plan.shared, *plan.keep):
+            missing = [k for k in self.fm.adapters if f"{k}.lora_{kind}" not in self.held
+                       and f"{k}.lora_{kind}" not in download]
+            if missing:
+                raise ValueError(f"the server did not send {missing[0]}.lora_{kind}, which this"
+                                 " client does not hold yet")
+        self.held.update({k: t for k, t in download.items()
+                          if k.rpartition(".lora_")[2] in (*plan.shared, *plan.keep)})
         apply_global(self.fm, state, fold, fresh_seed)
         self.folded_through = max(self.folded_through, rnd - 1)
 
@@ -109,7 +125,8 @@ class LocalClient:
                                f" ({self.budget.spent:.3f} after {self.budget.steps} steps)")
         cfg = TrainConfig.from_job(self.cfg, lone=True)
         losses = local_training(self.fm, self.train, [self.sampler], cfg, rnd, self._budgets())
-        up = upload_tensors(extract_upload(self.fm, 0, len(self)))
+        self.held.update(extract_kept(self.fm, 0))
+        up = upload_tensors(extract_upload(self.fm, 0, len(self)), self.fm.config.plan)
         return up, losses[0], time.perf_counter() - t0
 
     def gradient(self) -> tuple[dict[str, Tensor], float]:

@@ -78,23 +78,23 @@ class BatchedLoRALinear(nn.Module):
     ranks : list of int
         Rank of each of the K client slots.
     alpha : float
-        LoRA α; slot k uses ``s_k = α / r_k``. In ``"lora-sb"`` mode the scale is
+        LoRA α; slot k uses ``s_k = α / r_k``. In the LoRA-SB form the scale is
         ``α / r`` for every slot.
     router : Router
         Shared routing of batch rows to slots.
-    mode : {"lora", "lora-sb"}
-        Factor form.
+    core : bool
+        The LoRA-SB form (an adapter plan whose factors include ``R``): per-slot cores
+        ``R_k`` between one shared, frozen ``A`` and ``B``. Otherwise per-slot ``A_k``,
+        ``B_k``; which of them train is set by :meth:`set_trainable`.
     """
 
     def __init__(self, base: nn.Linear, ranks: list[int], alpha: float, router: Router,
-                 mode: str = "lora") -> None:
+                 core: bool = False) -> None:
         super().__init__()
-        if mode not in ("lora", "lora-sb"):
-            raise ValueError(f"unknown adapter mode {mode!r}; use 'lora' or 'lora-sb'")
-        if mode == "lora-sb" and len(set(ranks)) != 1:
+        if core and len(set(ranks)) != 1:
             raise ValueError("LoRA-SB needs the same rank for every client")
         self.base = base
-        self.mode = mode
+        self.core = core
         self.router = router
         self.ranks = list(ranks)
         K, r_max = len(ranks), max(ranks)
@@ -106,7 +106,7 @@ class BatchedLoRALinear(nn.Module):
             mask[k, :r] = 1
         self.register_buffer("rank_mask", mask)
         self.heterogeneous = len(set(ranks)) > 1
-        if mode == "lora":
+        if not core:
             self.lora_A = nn.Parameter(torch.zeros(K, r_max, d_in, device=dev, dtype=dt))
             self.lora_B = nn.Parameter(torch.zeros(K, d_out, r_max, device=dev, dtype=dt))
         else:
@@ -119,12 +119,24 @@ class BatchedLoRALinear(nn.Module):
     def num_clients(self) -> int:
         return len(self.ranks)
 
+    def factor(self, name: str) -> nn.Parameter:
+        """The stacked per-slot tensor of factor ``name`` (``A``, ``B`` or, LoRA-SB, ``R``)."""
+        if self.core and name in ("A", "B"):
+            raise ValueError(f"LoRA-SB's {name} is shared and frozen, not a per-slot factor")
+        return {"A": self.lora_A, "B": self.lora_B}[name] if not self.core else self.lora_R
+
+    def set_trainable(self, train: tuple[str, ...]) -> None:
+        """Let only the factors in ``train`` require gradients (the plan's ``train``)."""
+        names = ("R",) if self.core else ("A", "B")
+        for name in names:
+            self.factor(name).requires_grad_(name in train)
+
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)                                          # (N, T, d_out), shared GEMM
         routing = self.router.get(x.shape[0], x.device)
         xa = x.to(self.scale.dtype)
-        if self.mode == "lora":
+        if not self.core:
             A, B = self.lora_A, self.lora_B
             if self.heterogeneous:
                 A = A * self.rank_mask.unsqueeze(-1)              # (K, r_max, d_in)
@@ -140,8 +152,8 @@ class BatchedLoRALinear(nn.Module):
     @torch.no_grad()
     def reset_slots(self, gen: torch.Generator) -> None:
         """Fresh LoRA: one ``A`` drawn from ``gen`` for all slots (masked to r_k), ``B = 0``."""
-        if self.mode != "lora":
-            raise RuntimeError("reset_slots is for LoRA mode; LoRA-SB uses set_shared")
+        if self.core:
+            raise RuntimeError("reset_slots is for the LoRA form; LoRA-SB uses set_shared")
         A = kaiming_rows(gen, self.lora_A.shape[1], self.lora_A.shape[2])
         self.lora_A.copy_(A.to(self.lora_A).unsqueeze(0) * self.rank_mask.unsqueeze(-1))
         self.lora_B.zero_()
@@ -172,10 +184,10 @@ class BatchedLoRALinear(nn.Module):
         r_max = self.rank_mask.shape[1]
         if len(ranks) != self.num_clients or max(ranks) > r_max or min(ranks) < 1:
             raise ValueError(f"need {self.num_clients} ranks in 1..{r_max}, got {ranks}")
-        if self.mode == "lora-sb" and len(set(ranks)) != 1:
+        if self.core and len(set(ranks)) != 1:
             raise ValueError("LoRA-SB needs the same rank for every client")
         self.ranks = list(ranks)
-        if self.mode == "lora":
+        if not self.core:
             self.scale.copy_(torch.tensor([alpha / r for r in ranks]))
         self.rank_mask.zero_()
         for k, r in enumerate(ranks):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from fedlora.kernels import Routing
 from fedlora.lora import BatchedLinear, BatchedLoRALinear, Router
+from fedlora.strategies.plan import LORA, AdapterPlan
 
 #: Attention query/value names tried in order when no target is given.
 DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
@@ -50,8 +51,9 @@ class AdapterConfig:
         it or ends with ``"." + name``; anything with regex characters must match the
         whole name. ``["all-linear"]`` picks every ``nn.Linear`` but the output
         (vocabulary) layer and the head. None picks the attention query/value layers.
-    mode : {"lora", "lora-sb"}
-        Adapter form.
+    plan : AdapterPlan
+        Which factors exist and which train (the strategy's plan of the first round;
+        :meth:`FederatedModel.set_plan` switches the trained factors later).
     train_head : bool
         Train the classification head per client (sequence classification only).
     gradient_checkpointing : bool
@@ -62,7 +64,7 @@ class AdapterConfig:
     ranks: list[int]
     alpha: float = 16.0
     target_modules: list[str] | None = None
-    mode: str = "lora"
+    plan: AdapterPlan = LORA
     train_head: bool = True
     gradient_checkpointing: bool = False
     resolved_targets: list[str] = field(default_factory=list)
@@ -131,9 +133,10 @@ class FederatedModel(nn.Module):
         self.adapters: dict[str, BatchedLoRALinear] = {}
         for name in names:
             layer = BatchedLoRALinear(model.get_submodule(name), config.ranks, config.alpha,
-                                      self.router, mode=config.mode)
+                                      self.router, core=config.plan.core)
             _set_module(model, name, layer)
             self.adapters[name] = layer
+        self.set_plan(config.plan)
         self.heads: dict[str, BatchedLinear] = {}
         if config.train_head:
             for name in self._head_linears():
@@ -207,6 +210,15 @@ class FederatedModel(nn.Module):
         """transformers' ``generate`` of the wrapped model with every row on slot 0."""
         self.router.routing = None
         return self.model.generate(**kwargs)
+
+    def set_plan(self, plan: AdapterPlan) -> None:
+        """Train the factors ``plan.train`` from now on (e.g. RoLoRA's alternation)."""
+        if plan.core != self.config.plan.core:
+            raise ValueError(f"this model's adapters have factors {self.config.plan.factors};"
+                             f" the plan needs {plan.factors}")
+        for layer in self.adapters.values():
+            layer.set_trainable(plan.train)
+        self.config.plan = plan
 
     def set_ranks(self, ranks: list[int]) -> None:
         """New per-slot ranks (same K, each ≤ the largest rank the model was built with)."""

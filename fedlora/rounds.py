@@ -35,22 +35,22 @@ from fedlora.strategies import (
     ClientUpload,
     GlobalState,
     Strategy,
-    get_strategy,
+    strategy_class,
 )
 from fedlora.strategies.base import Factors
+from fedlora.strategies.plan import AdapterPlan
 from fedlora.tasks import get_task
 
 CHECKPOINT = "checkpoint.pt"
 
 
 def make_strategy(cfg: JobConfig) -> Strategy:
-    """The configured strategy with its options."""
-    options: dict[str, object] = {}
-    if cfg.strategy == "lora-fair":
-        options["lam"] = cfg.fair_lambda
-    elif cfg.strategy == "fed-sb":
-        options = {"init_lr": cfg.sb_init_lr, "seed": cfg.seed}
-    strategy = get_strategy(cfg.strategy, **options)
+    """The configured strategy with its options (``Strategy.from_job``), wrapped for
+    ``--dp client``; a bad name or option is a one-line :class:`UserError`."""
+    try:
+        strategy = strategy_class(cfg.strategy).from_job(cfg)
+    except ValueError as exc:
+        raise UserError(f"--strategy {cfg.strategy}: {exc}") from None
     return client_level_dp(cfg, strategy) if cfg.dp == "client" else strategy
 
 
@@ -110,7 +110,8 @@ class Coordinator:
         self.fresh_seed: int | None = None           # FLoRA: adapters of the next round
         self.rows: list[dict] = []
         self.synced: dict[object, int] = {}          # client -> last round whose fold it applied
-        self.has_shared: set[object] = set()         # clients holding LoRA-SB's frozen factors
+        self.has_shared: set[object] = set()         # clients holding the plan's shared/kept factors
+        self.personal: dict[object, dict[str, Tensor]] = {}  # simulated clients' kept factors
 
     # ---- state ----
     def start(self, init_uploads: list[ClientUpload] | None = None) -> None:
@@ -124,13 +125,20 @@ class Coordinator:
             self.state.head = head_of(self.fm, 0)
         else:
             self.state = initial_state(self.fm, self.gen, fresh=self.strategy.fresh_adapters)
+        self.state.round = 0
         self._load({})
 
     def _load(self, fold: dict[str, Factors]) -> None:
         assert self.state is not None
-        fresh = self.state.factors is None and self.fm.config.mode == "lora"
+        self.fm.set_plan(self.plan)
+        fresh = self.state.factors is None and self.plan.start == "fresh"
         self.fresh_seed = draw_seed(self.gen) if fresh else None
         apply_global(self.fm, self.state, fold, self.fresh_seed)
+
+    @property
+    def plan(self) -> AdapterPlan:
+        """The adapter plan of the next round."""
+        return self.strategy.plan(self.round + 1)
 
     def reload(self) -> None:
         """Load the current global state into every slot again (no fold): the next pass
@@ -146,12 +154,13 @@ class Coordinator:
         self.state = agg.state
         self.folds.append(agg.fold)
         self.round += 1
+        self.state.round = self.round
         self._load(agg.fold)
         return agg
 
     def _check_budget(self) -> None:
         """``--dp client``: refuse a release past the ε budget (more rounds than planned)."""
-        if isinstance(self.strategy, ClientLevelDP) and not self.strategy.can_step():
+        if not self.strategy.can_step():
             raise UserError(f"the privacy budget ε={self.cfg.epsilon:g} is spent after round"
                             f" {self.round}: one more round would exceed it; stop here or start"
                             " a job with a larger --epsilon")
@@ -161,21 +170,27 @@ class Coordinator:
         """The fold of the last completed round (empty before round 1 or without folds)."""
         return self.folds[-1] if self.folds else {}
 
-    def download(self, with_shared: bool) -> dict[str, Tensor]:
-        """What every client of the next round receives (see ``state.download_tensors``)."""
+    def download(self, first: bool) -> dict[str, Tensor]:
+        """What every client of the next round receives (see ``state.download_tensors``);
+        ``first``: with the plan's shared factors and the kept ones' starting values."""
         assert self.state is not None
-        return download_tensors(self.state, self.fold, with_shared)
+        return download_tensors(self.state, self.fold, self.plan, first)
+
+    @property
+    def holds_state(self) -> bool:
+        """Whether clients hold factors between rounds (the plan's shared or kept ones)."""
+        return bool(self.plan.shared or self.plan.keep)
 
     def payload(self, client) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """What ``client`` (any key: a client id, a node id) receives for the next round:
         ``(download, catch-up folds)``."""
-        first = self.strategy.mode == "lora-sb" and client not in self.has_shared
-        return self.download(with_shared=first), self.catch_up(self.synced.get(client, 0))
+        first = self.holds_state and client not in self.has_shared
+        return self.download(first=first), self.catch_up(self.synced.get(client, 0))
 
     def delivered(self, client) -> None:
         """``client`` replied to the current round: it holds the state of ``self.round``."""
         self.synced[client] = self.round
-        if self.strategy.mode == "lora-sb":
+        if self.holds_state:
             self.has_shared.add(client)
 
     def forget(self, client) -> None:
@@ -221,9 +236,7 @@ class Coordinator:
             "eval_seconds": round(eval_seconds, 3),
             "seconds": round(train_seconds + eval_seconds, 3),
         }
-        report = getattr(self.strategy, "privacy_report", None)  # --dp client's ledger
-        if report is not None:
-            row.update(report())
+        row.update(self.strategy.privacy_report())  # --dp client's ledger (none otherwise)
         self.rows.append(row)
         return row
 
@@ -232,7 +245,7 @@ class Coordinator:
         """Write ``checkpoint.pt`` atomically (temp file, fsync, rename)."""
         blob = {"config": asdict(self.cfg), "round": self.round, "state": self.state,
                 "folds": self.folds, "gen": self.gen.get_state(), "fresh_seed": self.fresh_seed,
-                "rows": self.rows}
+                "rows": self.rows, "personal": self.personal}
         path = out_dir / CHECKPOINT
         fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=out_dir)
         try:
@@ -256,8 +269,9 @@ class Coordinator:
             for name, (A, B) in fold.items():
                 self.fm.adapters[name].fold(A, B)
         self.fresh_seed = blob["fresh_seed"]
-        if isinstance(self.strategy, ClientLevelDP):  # releases so far: rounds (+ Fed-SB's init)
-            self.strategy.steps = self.round + (1 if self.strategy.needs_gradient_init else 0)
+        self.personal = blob.get("personal", {})
+        self.strategy.resume(self.round)  # --dp client: releases so far
+        self.fm.set_plan(self.plan)
         apply_global(self.fm, self.state, {}, self.fresh_seed)
 
 
@@ -273,8 +287,3 @@ def format_row(row: dict) -> str:
     return (f"round {row['round']:>3}  {name} {row['accuracy']:.4f}  loss {row['loss']:.4f}{ppl}  "
             f"agg_err {err}  up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB  "
             f"{row['seconds']:.1f}s (eval {row.get('eval_seconds', 0.0):.1f}s){eps}")
-
-
-def read_checkpoint_config(path: Path) -> dict:
-    """The job config stored in a checkpoint (to resume with the same flags)."""
-    return torch.load(path, weights_only=False)["config"]

@@ -18,6 +18,7 @@ from fedlora.data import TextDataset, partition, split
 from fedlora.errors import UserError
 from fedlora.hub import load_model
 from fedlora.model import AdapterConfig, FederatedModel
+from fedlora.strategies import AdapterPlan
 from fedlora.tasks import Task, get_task
 
 
@@ -51,7 +52,7 @@ def client_share(cfg: JobConfig, partition_id: int, num_partitions: int) -> Text
     return train.subset(parts[partition_id])
 
 
-def build_model(cfg: JobConfig, ranks: list[int], mode: str,
+def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan,
                 num_labels: int | None = None) -> tuple[FederatedModel, object, str]:
     """``(model with len(ranks) client slots, tokenizer, base model path)`` on ``cfg.device``.
 
@@ -63,7 +64,7 @@ def build_model(cfg: JobConfig, ranks: list[int], mode: str,
                                         num_labels if task.trains_head else None, seed=cfg.seed, dtype=dtype)
     try:
         fm = FederatedModel(model, AdapterConfig(
-            ranks=ranks, alpha=cfg.lora_alpha, target_modules=cfg.target_modules, mode=mode,
+            ranks=ranks, alpha=cfg.lora_alpha, target_modules=cfg.target_modules, plan=plan,
             train_head=task.trains_head, gradient_checkpointing=cfg.gradient_checkpointing))
     except ValueError as exc:  # nothing matches --target-modules, or the model cannot checkpoint
         raise UserError(str(exc)) from None

@@ -5,6 +5,8 @@ Flower ``ArrayRecord``\\ s and of byte accounting):
 
 * ``<layer>.lora_A`` ``(r, d_in)``, ``<layer>.lora_B`` ``(d_out, r)`` — LoRA factors;
 * ``<layer>.lora_R`` ``(r, r)`` — LoRA-SB core;
+
+  which of them travel is the strategy's adapter plan (``upload``, ``download``, ``shared``);
 * ``<layer>.grad`` ``(d_out, d_in)`` — Fed-SB initialisation gradient estimate;
 * ``<layer>.fold_A`` / ``<layer>.fold_B`` — FLoRA stacks to fold into the base;
 * ``head.<module>.weight`` / ``head.<module>.bias`` — task head.
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fedlora.model import FederatedModel, draw_seed
-from fedlora.strategies import ClientUpload, GlobalState
+from fedlora.strategies import AdapterPlan, ClientUpload, GlobalState
 from fedlora.strategies.base import Factors
 
 
@@ -27,15 +29,40 @@ def head_of(fm: FederatedModel, k: int) -> dict[str, Tensor]:
 
 
 def extract_upload(fm: FederatedModel, k: int, num_examples: int) -> ClientUpload:
-    """Client slot k's trained adapter (or LoRA-SB cores) and head."""
+    """Client slot k's adapter (or LoRA-SB cores) and head, as its upload.
+
+    A factor the model's plan keeps on the client (FedSA-LoRA's B) is None: it never
+    leaves the client (see :func:`extract_kept`). Frozen factors are included (they are
+    the global ones); :func:`upload_tensors` sends only the plan's ``upload``.
+    """
+    plan = fm.config.plan
     head = head_of(fm, k)
-    if fm.config.mode == "lora-sb":
-        cores = {name: layer.get_core(k) for name, layer in fm.adapters.items()}
-        scale = float(next(iter(fm.adapters.values())).scale[k])
-        return ClientUpload(num_examples=num_examples, cores=cores, scale=scale, head=head)
-    factors = {name: layer.get_slot(k) for name, layer in fm.adapters.items()}
     scale = float(next(iter(fm.adapters.values())).scale[k])
+    if plan.core:
+        cores = {name: layer.get_core(k) for name, layer in fm.adapters.items()}
+        return ClientUpload(num_examples=num_examples, cores=cores, scale=scale, head=head)
+    factors = {}
+    for name, layer in fm.adapters.items():
+        A, B = layer.get_slot(k)
+        factors[name] = (None if "A" in plan.keep else A, None if "B" in plan.keep else B)
     return ClientUpload(num_examples=num_examples, factors=factors, scale=scale, head=head)
+
+
+def extract_kept(fm: FederatedModel, k: int) -> dict[str, Tensor]:
+    """Slot k's personal factors (the plan's ``keep``), named ``<layer>.lora_<F>``."""
+    out = {}
+    for name, layer in fm.adapters.items():
+        A, B = layer.get_slot(k)
+        for kind in fm.config.plan.keep:
+            out[f"{name}.lora_{kind}"] = A if kind == "A" else B
+    return out
+
+
+def load_kept(fm: FederatedModel, k: int, kept: dict[str, Tensor]) -> None:
+    """Put a client's personal factors (from :func:`extract_kept`) into slot k."""
+    for name, layer in fm.adapters.items():
+        A, B = layer.get_slot(k)
+        layer.set_slot(k, kept.get(f"{name}.lora_A", A), kept.get(f"{name}.lora_B", B))
 
 
 def _set_heads(fm: FederatedModel, head: dict[str, Tensor]) -> None:
@@ -54,7 +81,7 @@ def apply_global(fm: FederatedModel, state: GlobalState, fold: dict[str, Factors
     """
     for name, (A, B) in fold.items():
         fm.adapters[name].fold(A, B)
-    if fm.config.mode == "lora-sb":
+    if fm.config.plan.core:
         if state.factors is None or state.cores is None:
             raise ValueError("a LoRA-SB model needs the shared factors and cores")
         for name, layer in fm.adapters.items():
@@ -87,13 +114,17 @@ def initial_state(fm: FederatedModel, gen: torch.Generator, fresh: bool) -> Glob
     return GlobalState(factors=factors, scale=scale, head=head)
 
 
-def upload_tensors(up: ClientUpload) -> dict[str, Tensor]:
-    """Flat named tensors of an upload (see the module docstring)."""
+def upload_tensors(up: ClientUpload, plan: AdapterPlan) -> dict[str, Tensor]:
+    """Flat named tensors of what a client sends: the plan's ``upload`` factors (or Fed-SB's
+    gradient estimates), plus the head (see the module docstring)."""
     out: dict[str, Tensor] = {}
     for layer, (A, B) in up.factors.items():
-        out[f"{layer}.lora_A"], out[f"{layer}.lora_B"] = A, B
-    for layer, R in up.cores.items():
-        out[f"{layer}.lora_R"] = R
+        for kind, t in (("A", A), ("B", B)):
+            if kind in plan.upload:
+                out[f"{layer}.lora_{kind}"] = t
+    if "R" in plan.upload:
+        for layer, R in up.cores.items():
+            out[f"{layer}.lora_R"] = R
     for layer, G in up.grads.items():
         out[f"{layer}.grad"] = G
     for key, t in up.head.items():
@@ -101,60 +132,73 @@ def upload_tensors(up: ClientUpload) -> dict[str, Tensor]:
     return out
 
 
-def upload_from_tensors(tensors: dict[str, Tensor], num_examples: int, scale: float) -> ClientUpload:
-    """Inverse of :func:`upload_tensors`."""
+def upload_from_tensors(tensors: dict[str, Tensor], num_examples: int, scale: float,
+                        plan: AdapterPlan, state: GlobalState | None = None) -> ClientUpload:
+    """Inverse of :func:`upload_tensors`. A frozen factor the plan does not upload is the
+    global one, taken from ``state``; a kept one is None."""
     up = ClientUpload(num_examples=num_examples, scale=scale)
+    parts: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         if key.startswith("head."):
             up.head[key[5:]] = t
             continue
         layer, _, kind = key.rpartition(".")
-        if kind == "lora_A":
-            up.factors[layer] = (t, tensors[f"{layer}.lora_B"])
-        elif kind == "lora_R":
-            up.cores[layer] = t
-        elif kind == "grad":
+        if kind == "grad":
             up.grads[layer] = t
-        elif kind != "lora_B":
+        elif kind == "lora_R" and "R" in plan.upload:
+            up.cores[layer] = t
+        elif kind in ("lora_A", "lora_B") and kind[-1] in plan.upload:
+            parts.setdefault(layer, {})[kind[-1]] = t
+        else:
             raise ValueError(f"unexpected tensor {key!r} in a client upload")
+    for layer, got in parts.items():
+        pair = []
+        for i, kind in enumerate(("A", "B")):
+            if kind in got:
+                pair.append(got[kind])
+            elif kind in plan.keep:
+                pair.append(None)
+            elif state is not None and state.factors is not None:
+                pair.append(state.factors[layer][i])
+            else:
+                raise ValueError(f"the upload lacks {layer}.lora_{kind} and there is no global one")
+        up.factors[layer] = (pair[0], pair[1])
     return up
 
 
-def download_tensors(state: GlobalState, fold: dict[str, Factors],
-                     with_shared: bool) -> dict[str, Tensor]:
-    """What the server sends a client at the start of a round.
-
-    ``with_shared``: include LoRA-SB's frozen A and B (only when the client does not
-    have them yet).
-    """
+def download_tensors(state: GlobalState, fold: dict[str, Factors], plan: AdapterPlan,
+                     first: bool) -> dict[str, Tensor]:
+    """What the server sends a client at the start of a round: the fold, the plan's
+    ``download`` factors and the head; on a client's ``first`` download also the
+    ``shared`` factors and the starting values of the ``keep`` ones."""
     out: dict[str, Tensor] = {}
     for layer, (A, B) in fold.items():
         out[f"{layer}.fold_A"], out[f"{layer}.fold_B"] = A, B
-    if state.cores is not None:
+    kinds = set(plan.download) | (set(plan.shared) | set(plan.keep) if first else set())
+    if "R" in kinds and state.cores is not None:
         for layer, R in state.cores.items():
             out[f"{layer}.lora_R"] = R
-            if with_shared and state.factors is not None:
-                out[f"{layer}.lora_A"], out[f"{layer}.lora_B"] = state.factors[layer]
-    elif state.factors is not None:
+    if state.factors is not None:
         for layer, (A, B) in state.factors.items():
-            out[f"{layer}.lora_A"], out[f"{layer}.lora_B"] = A, B
+            for kind, t in (("A", A), ("B", B)):
+                if kind in kinds:
+                    out[f"{layer}.lora_{kind}"] = t
     for key, t in state.head.items():
         out[f"head.{key}"] = t
     return out
 
 
 def download_from_tensors(tensors: dict[str, Tensor], scale: float,
-                          shared: dict[str, Factors] | None = None
+                          held: dict[str, Tensor] | None = None
                           ) -> tuple[GlobalState, dict[str, Factors]]:
     """Inverse of :func:`download_tensors`: ``(state, fold)``.
 
-    ``shared``: LoRA-SB's frozen factors received earlier, used when the download
-    carries cores without them.
+    ``held``: the factors the client holds from earlier downloads or its own training
+    (``<layer>.lora_<F>``: shared and kept ones), used where the download has none.
     """
     state = GlobalState(scale=scale)
-    fold: dict[str, Factors] = {}
-    factors: dict[str, list] = {}
-    cores: dict[str, Tensor] = {}
+    fold: dict[str, list] = {}
+    got = dict(held or {})
     for key, t in tensors.items():
         if key.startswith("head."):
             state.head[key[5:]] = t
@@ -162,16 +206,16 @@ def download_from_tensors(tensors: dict[str, Tensor], scale: float,
         layer, _, kind = key.rpartition(".")
         if kind in ("fold_A", "fold_B"):
             fold.setdefault(layer, [None, None])[kind == "fold_B"] = t
-        elif kind in ("lora_A", "lora_B"):
-            factors.setdefault(layer, [None, None])[kind == "lora_B"] = t
-        elif kind == "lora_R":
-            cores[layer] = t
+        elif kind in ("lora_A", "lora_B", "lora_R"):
+            got[key] = t
         else:
             raise ValueError(f"unexpected tensor {key!r} in a download")
-    fold = {k: (v[0], v[1]) for k, v in fold.items()}
+    layers = sorted({k.rpartition(".")[0] for k in got})
+    cores = {lay: got[f"{lay}.lora_R"] for lay in layers if f"{lay}.lora_R" in got}
     if cores:
         state.cores = cores
-        state.factors = {k: (v[0], v[1]) for k, v in factors.items()} if factors else shared
-    elif factors:
-        state.factors = {k: (v[0], v[1]) for k, v in factors.items()}
-    return state, fold
+    factors = {lay: (got.get(f"{lay}.lora_A"), got.get(f"{lay}.lora_B")) for lay in layers
+               if f"{lay}.lora_A" in got or f"{lay}.lora_B" in got}
+    if factors:
+        state.factors = factors
+    return state, {k: (v[0], v[1]) for k, v in fold.items()}

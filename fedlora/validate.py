@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fedlora.model import FederatedModel
 from fedlora.state import head_of
+from fedlora.strategies import AdapterPlan
 
 #: Default bound on any uploaded tensor's Frobenius norm (``--max-update-norm``).
 MAX_UPDATE_NORM = 1e4
@@ -24,10 +25,11 @@ class RejectedReply(ValueError):
     """A client reply that cannot be aggregated; the message says why."""
 
 
-def expected_upload(fm: FederatedModel, rank: int, kind: str = "train") -> dict[str, tuple[int, ...]]:
-    """Name -> shape of a valid upload from a rank-``rank`` client.
+def expected_upload(fm: FederatedModel, rank: int, plan: AdapterPlan,
+                    kind: str = "train") -> dict[str, tuple[int, ...]]:
+    """Name -> shape of a valid upload from a rank-``rank`` client under ``plan``.
 
-    ``kind``: ``"train"`` (adapter or LoRA-SB cores, plus the head) or ``"init"``
+    ``kind``: ``"train"`` (the plan's ``upload`` factors, plus the head) or ``"init"``
     (Fed-SB's gradient estimates, ``(d_out, d_in)`` per layer).
     """
     out: dict[str, tuple[int, ...]] = {}
@@ -35,11 +37,10 @@ def expected_upload(fm: FederatedModel, rank: int, kind: str = "train") -> dict[
         d_out, d_in = layer.base.weight.shape
         if kind == "init":
             out[f"{name}.grad"] = (d_out, d_in)
-        elif fm.config.mode == "lora-sb":
-            out[f"{name}.lora_R"] = (rank, rank)
-        else:
-            out[f"{name}.lora_A"] = (rank, d_in)
-            out[f"{name}.lora_B"] = (d_out, rank)
+            continue
+        shapes = {"A": (rank, d_in), "B": (d_out, rank), "R": (rank, rank)}
+        for factor in plan.upload:
+            out[f"{name}.lora_{factor}"] = shapes[factor]
     if kind == "train":
         for key, t in head_of(fm, 0).items():
             out[f"head.{key}"] = tuple(t.shape)

@@ -30,8 +30,10 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1]).float()
 
 
-def lora_grad_sample(x: Tensor, g: Tensor, A: Tensor, B: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row ``(∂ℓ_i/∂A (N, r, d_in), ∂ℓ_i/∂B (N, d_out, r))``.
+def lora_grad_sample(x: Tensor, g: Tensor, A: Tensor, B: Tensor, scale: Tensor,
+                     want_A: bool = True, want_B: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """Per-row ``(∂ℓ_i/∂A (N, r, d_in), ∂ℓ_i/∂B (N, d_out, r))``; None for a frozen factor
+    (``want_A`` / ``want_B`` False: FFA-LoRA's A, RoLoRA's frozen half).
 
     Parameters
     ----------
@@ -44,10 +46,13 @@ def lora_grad_sample(x: Tensor, g: Tensor, A: Tensor, B: Tensor, scale: Tensor) 
     """
     x, g = _rows(x), _rows(g)
     s = scale.float().view(-1, 1, 1)
-    u = torch.bmm(x, A.float().transpose(1, 2))               # (N, T, r)
-    v = torch.bmm(g, B.float())                               # (N, T, r)
-    gB = s * torch.bmm(g.transpose(1, 2), u)                  # (N, d_out, r)
-    gA = s * torch.bmm(v.transpose(1, 2), x)                  # (N, r, d_in)
+    gA = gB = None
+    if want_B:
+        u = torch.bmm(x, A.float().transpose(1, 2))           # (N, T, r)
+        gB = s * torch.bmm(g.transpose(1, 2), u)              # (N, d_out, r)
+    if want_A:
+        v = torch.bmm(g, B.float())                           # (N, T, r)
+        gA = s * torch.bmm(v.transpose(1, 2), x)              # (N, r, d_in)
     return gA, gB
 
 

@@ -45,7 +45,7 @@ def build_coordinator(cfg: JobConfig) -> tuple[Coordinator, str, list[str]]:
     """Server-side model (one slot), held-out examples and coordinator for ``cfg``."""
     task, strategy = get_task(cfg.task), make_strategy(cfg)
     _, test_ds, label_names = splits(cfg, task)
-    fm, tokenizer, path = build_model(cfg, [cfg.rank], strategy.mode, len(label_names))
+    fm, tokenizer, path = build_model(cfg, [cfg.rank], strategy.plan(1), len(label_names))
     return Coordinator(cfg, strategy, fm, task.eval_set(tokenizer, test_ds, cfg)), path, label_names
 
 

@@ -22,6 +22,7 @@ from fedlora.config import (
     add_job_arguments,
     check_job_args,
     check_out_dir,
+    from_dict,
     to_config,
     to_run_config,
 )
@@ -98,7 +99,7 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
     if not ckpt.is_file() or not conf.is_file():
         raise UserError(f"--resume {str(args.resume)!r} has no checkpoint.pt and config.json of a"
                         " fedlora-server run")
-    return JobConfig(**json.loads(conf.read_text())), args.resume
+    return from_dict(json.loads(conf.read_text())), args.resume
 
 
 def run_config(cfg: JobConfig, args: argparse.Namespace, out_dir: Path) -> dict[str, object]:

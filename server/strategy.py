@@ -91,7 +91,8 @@ class FedLoRA(FlowerStrategy):
         for node, msg, tensors in self._valid(list(replies), "upload", kind="train"):
             m = msg.content["metrics"]
             upload = upload_from_tensors(tensors, int(m["num-examples"]),
-                                         scale=self.coord.cfg.lora_alpha / int(m["rank"]))
+                                         self.coord.cfg.lora_alpha / int(m["rank"]), self.coord.plan,
+                                         self.coord.state)
             uploads.append(upload)
             bytes_up.append(wire_bytes(msg.content["upload"]))
             losses.append(float(m["train-loss"]))
@@ -105,7 +106,7 @@ class FedLoRA(FlowerStrategy):
         self._last = (bytes_up, agg.agg_error, losses, seconds)
         self._epsilons = eps
         metrics = MetricRecord({"train-loss": sum(losses) / len(losses), "clients": len(uploads)})
-        return to_record(self.coord.download(with_shared=False)), metrics
+        return to_record(self.coord.download(first=False)), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid) -> list[Message]:
@@ -160,7 +161,7 @@ class FedLoRA(FlowerStrategy):
             uploads = []
             for _, msg, tensors in self._valid(replies, "grads", kind="init"):
                 uploads.append(upload_from_tensors(tensors, int(msg.content["metrics"]["num-examples"]),
-                                                   1.0))
+                                                   1.0, self.coord.plan))
                 bytes_up.append(wire_bytes(msg.content["grads"]))
             if len(uploads) < self.settings.min_replies:
                 raise RuntimeError(self._too_few(0, len(replies)))
@@ -200,7 +201,7 @@ class FedLoRA(FlowerStrategy):
                     raise RejectedReply(f"rank {rank} is not this client's rank"
                                         f" {self.coord.cfg.rank_of(client)}")
                 tensors = from_record(msg.content[record])
-                check_upload(tensors, expected_upload(self.coord.fm, rank, kind),
+                check_upload(tensors, expected_upload(self.coord.fm, rank, self.coord.plan, kind),
                              self.settings.max_update_norm)
                 if int(m.get("num-examples", 0)) < 1:
                     raise RejectedReply("num-examples must be ≥ 1")

@@ -62,7 +62,7 @@ def build_job(cfg: JobConfig) -> Job:
     train_ds, test_ds, label_names = splits(cfg, task)
     parts = partition(train_ds, cfg.num_clients, cfg.partition, cfg.alpha, cfg.seed)
     slots = pass_size(cfg, len(cfg.sampled(1)))
-    fm, tokenizer, path = build_model(cfg, [max(cfg.client_ranks())] * slots, strategy.mode,
+    fm, tokenizer, path = build_model(cfg, [max(cfg.client_ranks())] * slots, strategy.plan(1),
                                       len(label_names))
     samplers = [ClientSampler.for_client(cfg, k, idx) for k, idx in enumerate(parts)]
     budgets = sample_budgets(cfg, [len(s) for s in samplers], fm.model) if cfg.dp == "sample" else None
@@ -160,7 +160,7 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
     coord = Coordinator(cfg, job.strategy, job.fm, job.test)
     uploads = init_uploads(job, cfg.sampled(0)) if job.strategy.needs_gradient_init else None
     coord.start(uploads)
-    up0 = [tensor_bytes(upload_tensors(u)) for u in uploads or []]
+    up0 = [tensor_bytes(upload_tensors(u, coord.plan)) for u in uploads or []]
     row0 = coord.row(up0, [], None, None, time.perf_counter() - t0, len(up0))
     row0.update(privacy_columns(job.budgets, cfg.sampled(0) if uploads else [], cfg.dp_backend_for(False)))
     _emit(metrics_path, row0, on_round)
@@ -174,11 +174,12 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
                       f" (ε={cfg.epsilon:g}); stopping after round {rnd - 1}", file=sys.stderr)
                 break
         down = [_Bytes(coord)(c) for c in clients]
+        plan = coord.plan
         ups, losses = local_round(job, coord, rnd, clients, on_step)
         for c in clients:
             coord.delivered(c)
         agg = coord.aggregate(ups)
-        row = coord.row([tensor_bytes(upload_tensors(u)) for u in ups], down, agg.agg_error, losses,
+        row = coord.row([tensor_bytes(upload_tensors(u, plan)) for u in ups], down, agg.agg_error, losses,
                         time.perf_counter() - t_round, len(ups))
         row.update(privacy_columns(job.budgets, clients, cfg.dp_backend_for(False)))
         _emit(metrics_path, row, on_round)

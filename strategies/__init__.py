@@ -1,16 +1,34 @@
-"""LoRA-aware aggregation strategies: pure functions over adapter factors (torch only)."""
+"""LoRA-aware aggregation strategies: pure functions over adapter factors (torch only).
 
-from .base import Aggregate, ClientUpload, GlobalState, Strategy, factored_sq_norm
+Every module here but ``base``, ``plan``, ``registry`` and ``dp`` defines one strategy and
+registers it with :func:`register_strategy`; :mod:`.registry` imports them all.
+"""
+
+from .base import (
+    STRATEGIES,
+    Aggregate,
+    ClientUpload,
+    GlobalState,
+    Option,
+    Strategy,
+    factored_sq_norm,
+    register_strategy,
+)
 from .dp import ClientLevelDP
-from .registry import STRATEGIES, get_strategy
+from .plan import AdapterPlan
+from .registry import get_strategy, strategy_class
 
 __all__ = [
+    "AdapterPlan",
     "Aggregate",
     "ClientLevelDP",
     "ClientUpload",
     "GlobalState",
+    "Option",
     "STRATEGIES",
     "Strategy",
     "factored_sq_norm",
     "get_strategy",
+    "register_strategy",
+    "strategy_class",
 ]

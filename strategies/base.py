@@ -12,14 +12,18 @@ reads and writes.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from .plan import LORA, AdapterPlan
+
 Factors = tuple[Tensor, Tensor]
-"""One layer's ``(A (r, d_in), B (d_out, r))``."""
+"""One layer's ``(A (r, d_in), B (d_out, r))``. In an upload, a factor the plan keeps on
+the client (FedSA-LoRA's B) is None: the server never sees it."""
 
 
 @dataclass
@@ -31,11 +35,12 @@ class ClientUpload:
     num_examples : int
         ``n_k``, the client's training examples (sets ``p_k``).
     factors : dict
-        LoRA mode: layer name -> ``(A_k, B_k)``, ranks may differ between clients.
+        LoRA form: layer name -> ``(A_k, B_k)``, ranks may differ between clients. A frozen
+        factor the client did not send is the global one (filled in by the server).
     scale : float
-        LoRA mode: ``s_k = α / r_k``.
+        LoRA form: ``s_k = α / r_k``.
     cores : dict
-        LoRA-SB mode: layer name -> ``R_k`` (``r × r``).
+        LoRA-SB form: layer name -> ``R_k`` (``r × r``).
     head : dict
         Full task-head tensors (averaged by every strategy: exact, since they are dense).
     grads : dict
@@ -70,6 +75,9 @@ class GlobalState:
         base weights so far (scale 1). Empty unless the strategy folds (FLoRA).
     head : dict
         Global task-head tensors.
+    round : int
+        Rounds aggregated into this state (set by the caller; a strategy whose plan varies
+        by round reads the plan of ``round + 1`` when aggregating).
     """
 
     factors: dict[str, Factors] | None = None
@@ -77,6 +85,7 @@ class GlobalState:
     cores: dict[str, Tensor] | None = None
     merged: dict[str, Factors] = field(default_factory=dict)
     head: dict[str, Tensor] = field(default_factory=dict)
+    round: int = 0
 
     def delta(self, layer: str) -> tuple[list[Tensor], list[Tensor]]:
         """Factor lists ``(Us, Vs)`` with ``Σ U_i V_i`` the layer's whole adapter update
@@ -118,15 +127,55 @@ class Aggregate:
     agg_error: float | None
 
 
-class Strategy:
-    """Base class: metadata plus :meth:`aggregate`.
+STRATEGIES: dict[str, type[Strategy]] = {}
+"""Registry: name -> strategy class (filled by :func:`register_strategy`)."""
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: add ``cls`` to :data:`STRATEGIES` under ``cls.name`` (in its own file)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a name to be registered")
+    if cls.name in STRATEGIES and STRATEGIES[cls.name] is not cls:
+        raise ValueError(f"two strategies are called {cls.name!r}")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class Option:
+    """A strategy option: its type, default and help (``--strategy-option NAME=VALUE``)."""
+
+    type: type
+    default: object
+    help: str = ""
+
+
+def parse_options(text: str) -> dict[str, str]:
+    """``"lam=0.05, init_lr=1e-4"`` -> ``{"lam": "0.05", "init_lr": "1e-4"}``."""
+    out = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"strategy option {item!r} is not NAME=VALUE")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+class Strategy(ABC):
+    """Base class: declarations, options and :meth:`aggregate` (a pure function over factors).
+
+    A new strategy is one file: subclass this, declare ``name``, its adapter plan and
+    flags, implement :meth:`aggregate`, decorate the class with :func:`register_strategy`.
 
     Class attributes
     ----------------
     name : str
         Registry key, e.g. ``"fedavg"``.
-    mode : str
-        ``"lora"`` or ``"lora-sb"``: the adapter form clients train.
+    adapter_plan : AdapterPlan
+        What a client holds, trains and sends (every round, unless :meth:`plan` says
+        otherwise).
     uploads, downloads : str
         What a client sends and receives each round, in words.
     sum_only : bool
@@ -134,41 +183,103 @@ class Strategy:
         is compatible with secure aggregation and client-level DP.
     heterogeneous_ranks : bool
         True when clients may use different ranks.
-    fresh_adapters : bool
-        True when clients start every round from fresh adapters (A random, B = 0)
-        because the server folds each aggregate into the base weights.
+    folds : bool
+        True when an aggregate can carry a ``fold`` into the base weights (FLoRA,
+        FedEx-LoRA): a client that missed rounds must catch up on them.
     needs_gradient_init : bool
         True when the first global state is built by :meth:`initialize` from the
         clients' gradient estimates.
+    default_lr : float
+        The local learning rate when ``--lr`` is not given.
+    options : dict
+        Option name -> :class:`Option`; the constructor takes them as keywords.
+    takes_seed : bool
+        True when the constructor takes the job's ``seed`` too.
     """
 
     name: str = ""
-    mode: str = "lora"
+    adapter_plan: AdapterPlan = LORA
     uploads: str = ""
     downloads: str = ""
     sum_only: bool = True
     heterogeneous_ranks: bool = False
+    folds: bool = False
     needs_gradient_init: bool = False
-    fresh_adapters: bool = False
+    default_lr: float = 2e-3
+    options: dict[str, Option] = {}
+    takes_seed: bool = False
+
+    @classmethod
+    def from_job(cls, job) -> Strategy:
+        """The strategy of a job (``job.strategy_options``, ``job.seed``), options checked.
+
+        Raises
+        ------
+        ValueError
+            For an option this strategy does not take, or a value of the wrong type.
+        """
+        values: dict[str, object] = {}
+        for key, text in parse_options(getattr(job, "strategy_options", "") or "").items():
+            if key not in cls.options:
+                takes = ", ".join(sorted(cls.options)) or "no options"
+                raise ValueError(f"unknown option {key!r} for strategy {cls.name} (it takes: {takes})")
+            try:
+                values[key] = cls.options[key].type(text)
+            except ValueError:
+                raise ValueError(f"strategy option {key}={text!r}: expected a"
+                                 f" {cls.options[key].type.__name__}") from None
+        if cls.takes_seed:
+            values["seed"] = int(getattr(job, "seed", 0))
+        return cls(**values)
+
+    def plan(self, rnd: int) -> AdapterPlan:
+        """The adapter plan of round ``rnd`` (≥ 1; 0 is the initial state)."""
+        return self.adapter_plan
+
+    @property
+    def fresh_adapters(self) -> bool:
+        """True when clients start every round from fresh adapters (the server folds)."""
+        return self.adapter_plan.start == "fresh"
+
+    @property
+    def personal(self) -> bool:
+        """True when clients keep personal factors between rounds."""
+        return bool(self.adapter_plan.keep)
 
     def initialize(self, uploads: Sequence[ClientUpload], rank: int, scale: float) -> GlobalState:
         """Build the first global state from clients' gradient estimates (Fed-SB only)."""
         raise NotImplementedError(f"{self.name} has no initialisation round")
 
+    @abstractmethod
     def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
-        raise NotImplementedError
+        """The new global state from one round's uploads (and the previous state)."""
+
+    # ---- hooks a wrapper (client-level DP) fills in; a plain strategy has no ledger ----
+    def can_step(self) -> bool:
+        """Whether one more release is allowed (a privacy ledger may refuse)."""
+        return True
+
+    def privacy_report(self) -> dict[str, object]:
+        """Metric columns of a privacy ledger (none without one)."""
+        return {}
+
+    def resume(self, rounds: int) -> None:  # noqa: B027 (a hook: nothing to do without a ledger)
+        """A job resumed after ``rounds`` completed rounds (a ledger recounts its releases)."""
 
     def describe(self) -> dict[str, object]:
         """The strategy's declarations as a plain dict."""
         return {
             "name": self.name,
-            "mode": self.mode,
+            "plan": self.adapter_plan.describe(),
             "uploads": self.uploads,
             "downloads": self.downloads,
             "sum_only": self.sum_only,
             "heterogeneous_ranks": self.heterogeneous_ranks,
             "needs_gradient_init": self.needs_gradient_init,
             "fresh_adapters": self.fresh_adapters,
+            "personal": self.personal,
+            "default_lr": self.default_lr,
+            "options": {k: o.default for k, o in self.options.items()},
         }
 
 

@@ -3,8 +3,8 @@
 Client k starts a round from the global tensors ``θ`` and uploads ``θ_k``; its update
 is ``Δ_k = θ_k − θ`` over every tensor the strategy averages:
 
-* LoRA mode (fedavg): ``A`` and ``B`` of every adapted layer, plus the task head;
-* LoRA-SB mode (fed-sb): the core ``R`` of every layer, plus the task head.
+* the factors the round's adapter plan uploads: ``A`` and ``B`` of every adapted layer
+  (fedavg), ``B`` only (ffa-lora), the core ``R`` (fed-sb), …; plus the task head.
 
 One release (a round) is the Gaussian mechanism on the sum of clipped updates::
 
@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .base import Aggregate, ClientUpload, GlobalState, Strategy
+from .plan import AdapterPlan
 
 Key = tuple[str, str]
 """``(kind, name)``: ``("A" | "B" | "R", layer)`` or ``("head", tensor name)``."""
@@ -62,54 +63,56 @@ def noise_seed(seed: int, step: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def global_tensors(state: GlobalState, mode: str) -> dict[Key, Tensor]:
-    """The global tensors clients start from: ``A``/``B`` (LoRA) or ``R`` (LoRA-SB), and the head."""
+def global_tensors(state: GlobalState, plan: AdapterPlan) -> dict[Key, Tensor]:
+    """The global tensors of the factors clients upload (``plan.upload``), and the head."""
     out: dict[Key, Tensor] = {}
-    if mode == "lora-sb":
+    if plan.core:
         if state.factors is None or state.cores is None:
             raise ValueError("client-level DP on LoRA-SB needs the initialisation round first")
-        out.update({("R", layer): R for layer, R in state.cores.items()})
-    else:
-        if state.factors is None:
-            raise ValueError("client-level DP needs a global adapter to measure updates against;"
-                             " this state has none (clients start from fresh adapters)")
-        for layer, (A, B) in state.factors.items():
-            out[("A", layer)], out[("B", layer)] = A, B
+    elif state.factors is None:
+        raise ValueError("client-level DP needs a global adapter to measure updates against;"
+                         " this state has none (clients start from fresh adapters)")
+    for kind in plan.upload:
+        if kind == "R":
+            out.update({("R", layer): R for layer, R in state.cores.items()})
+        else:
+            out.update({(kind, layer): ab[kind == "B"] for layer, ab in state.factors.items()})
     out.update({("head", key): t for key, t in state.head.items()})
     return out
 
 
-def upload_tensors(upload: ClientUpload, mode: str) -> dict[Key, Tensor]:
+def upload_tensors(upload: ClientUpload, plan: AdapterPlan) -> dict[Key, Tensor]:
     """An upload's counterparts of :func:`global_tensors`."""
     out: dict[Key, Tensor] = {}
-    if mode == "lora-sb":
-        out.update({("R", layer): R for layer, R in upload.cores.items()})
-    else:
-        for layer, (A, B) in upload.factors.items():
-            out[("A", layer)], out[("B", layer)] = A, B
+    for kind in plan.upload:
+        if kind == "R":
+            out.update({("R", layer): R for layer, R in upload.cores.items()})
+        else:
+            out.update({(kind, layer): ab[kind == "B"] for layer, ab in upload.factors.items()})
     out.update({("head", key): t for key, t in upload.head.items()})
     return out
 
 
-def as_upload(tensors: dict[Key, Tensor], mode: str, scale: float) -> ClientUpload:
-    """Inverse of :func:`upload_tensors`: one synthetic upload (``num_examples=1``)."""
+def as_upload(tensors: dict[Key, Tensor], state: GlobalState, plan: AdapterPlan,
+              scale: float) -> ClientUpload:
+    """Inverse of :func:`upload_tensors`: one synthetic upload (``num_examples=1``), its
+    factors that are not uploaded taken from ``state`` (they are the global ones)."""
     up = ClientUpload(num_examples=1, scale=scale)
-    for (kind, name), t in tensors.items():
-        if kind == "head":
-            up.head[name] = t
-        elif kind == "R":
-            up.cores[name] = t
-        elif kind == "A":
-            up.factors[name] = (t, tensors[("B", name)])
+    if plan.core:
+        up.cores = {name: t for (kind, name), t in tensors.items() if kind == "R"}
+    else:
+        for layer, (A, B) in state.factors.items():
+            up.factors[layer] = (tensors.get(("A", layer), A), tensors.get(("B", layer), B))
+    up.head = {name: t for (kind, name), t in tensors.items() if kind == "head"}
     return up
 
 
 def updates(uploads: Sequence[ClientUpload], start: dict[Key, Tensor],
-            mode: str) -> list[dict[Key, Tensor]]:
+            plan: AdapterPlan) -> list[dict[Key, Tensor]]:
     """``Δ_k = θ_k − θ`` per client; raises when a client's tensors do not match the global ones."""
     out = []
     for k, upload in enumerate(uploads):
-        new = upload_tensors(upload, mode)
+        new = upload_tensors(upload, plan)
         if new.keys() != start.keys():
             raise ValueError(f"client {k} uploaded {sorted(new)} but the global state has"
                              f" {sorted(start)}")
@@ -133,7 +136,7 @@ class ClientLevelDP(Strategy):
     Parameters
     ----------
     inner : Strategy
-        A strategy whose ``sum_only`` is True (fedavg, fed-sb). Its name, mode and
+        A strategy whose ``sum_only`` is True (fedavg, fed-sb). Its name, plan and
         flags are copied; its :meth:`aggregate` of one upload must return that upload
         as the new state (true of weighted averages).
     clip : float
@@ -171,7 +174,8 @@ class ClientLevelDP(Strategy):
             raise ValueError(f"client-level DP needs clip > 0, noise_multiplier ≥ 0 and"
                              f" expected_clients ≥ 1, got {clip}, {noise_multiplier}, {expected_clients}")
         self.inner = inner
-        for attr in ("name", "mode", "uploads", "downloads", "needs_gradient_init", "fresh_adapters"):
+        for attr in ("name", "adapter_plan", "uploads", "downloads", "needs_gradient_init",
+                     "folds", "default_lr", "options"):
             setattr(self, attr, getattr(inner, attr))
         self.sum_only, self.heterogeneous_ranks = True, False
         self.clip, self.sigma, self.expected_clients = float(clip), float(noise_multiplier), expected_clients
@@ -179,6 +183,10 @@ class ClientLevelDP(Strategy):
         self.noise = noise if noise is not None else self._seeded
         self.steps = 0
         self.clipped_fraction: float | None = None
+
+    def plan(self, rnd: int) -> AdapterPlan:
+        """The wrapped strategy's plan."""
+        return self.inner.plan(rnd)
 
     # ---- the ledger ----
     def can_step(self) -> bool:
@@ -197,6 +205,10 @@ class ClientLevelDP(Strategy):
                 return torch.randn(tuple(shape), generator=gen, dtype=torch.float64)
 
         return _Source()
+
+    def resume(self, rounds: int) -> None:
+        """Releases so far after ``rounds`` completed rounds (plus Fed-SB's initialisation)."""
+        self.steps = rounds + (1 if self.needs_gradient_init else 0)
 
     def privacy_report(self) -> dict[str, object]:
         """Metric columns: ε spent after the releases so far, σ, C, last clipped fraction."""
@@ -250,13 +262,17 @@ class ClientLevelDP(Strategy):
         return self.inner.initialize([noisy], rank, scale)
 
     def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
-        """``θ + noisy mean update``, shaped by the inner strategy; ``agg_error`` None."""
-        start = global_tensors(state, self.mode)
-        deltas = updates(uploads, start, self.mode)
-        if self.mode == "lora" and len({u.scale for u in uploads}) > 1:
+        """``θ + noisy mean update``, shaped by the inner strategy; ``agg_error`` None.
+
+        The released updates are those of the factors the round's plan uploads (RoLoRA
+        alternates them)."""
+        plan = self.plan(state.round + 1)
+        start = global_tensors(state, plan)
+        deltas = updates(uploads, start, plan)
+        if not plan.core and len({u.scale for u in uploads}) > 1:
             raise ValueError(f"{self.name} needs one LoRA scale for every client")
         mean = self.release(deltas)
         new = {key: start[key] + mean[key] for key in start}
-        scale = uploads[0].scale if self.mode == "lora" else state.scale
-        inner = self.inner.aggregate([as_upload(new, self.mode, scale)], state)
+        scale = state.scale if plan.core else uploads[0].scale
+        inner = self.inner.aggregate([as_upload(new, state, plan, scale)], state)
         return Aggregate(state=inner.state, fold={}, agg_error=None)

@@ -32,12 +32,15 @@ from .base import (
     ClientUpload,
     Factors,
     GlobalState,
+    Option,
     Strategy,
     average_head,
     client_weights,
     ideal_factors,
+    register_strategy,
     relative_error,
 )
+from .plan import AdapterPlan
 
 
 def low_rank_factors(delta: Tensor, rank: int, seed: int = 0, niter: int = 4,
@@ -59,17 +62,22 @@ def init_from_gradient(G: Tensor, rank: int, scale: float, lr: float,
     return (V.T.contiguous(), U.contiguous()), torch.diag(S) / scale
 
 
+@register_strategy
 class FedSB(Strategy):
     name = "fed-sb"
-    mode = "lora-sb"
+    adapter_plan = AdapterPlan(factors=("A", "B", "R"), train=("R",), upload=("R",), download=("R",),
+                               shared=("A", "B"))
     uploads = ("init round: a gradient estimate G_k per layer (d_out × d_in);"
                " then R_k (r × r) per layer, plus the head")
     downloads = "init round: the shared frozen A, B and R_0; then the averaged R, plus the head"
     sum_only = True
     heterogeneous_ranks = False
     needs_gradient_init = True
+    default_lr = 1e-2  # only the r×r cores train: a larger step than LoRA's A and B
+    options = {"init_lr": Option(float, 1e-3, "η of the approximated first step −η·sign(G)")}
+    takes_seed = True
 
-    def __init__(self, init_lr: float = 1e-4, seed: int = 0) -> None:
+    def __init__(self, init_lr: float = 1e-3, seed: int = 0) -> None:
         if init_lr <= 0:
             raise ValueError(f"Fed-SB init_lr must be > 0, got {init_lr}")
         self.init_lr = init_lr

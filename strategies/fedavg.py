@@ -18,6 +18,7 @@ from .base import (
     average_head,
     client_weights,
     ideal_factors,
+    register_strategy,
     relative_error,
 )
 
@@ -43,9 +44,9 @@ def average_factors(uploads: Sequence[ClientUpload], weights: Sequence[float]):
     return out
 
 
+@register_strategy
 class FedAvg(Strategy):
     name = "fedavg"
-    mode = "lora"
     uploads = "A_k and B_k for every adapted layer, plus the task head"
     downloads = "the averaged A and B, plus the averaged head"
     sum_only = True

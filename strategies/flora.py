@@ -29,8 +29,10 @@ from .base import (
     average_head,
     client_weights,
     ideal_factors,
+    register_strategy,
     relative_error,
 )
+from .plan import AdapterPlan
 
 
 def stack(uploads: Sequence[ClientUpload], weights: Sequence[float], layer: str) -> Factors:
@@ -57,14 +59,15 @@ def compact(A: torch.Tensor, B: torch.Tensor) -> Factors:
     return Q.T.to(A.dtype), (B.double() @ R.T).to(B.dtype)
 
 
+@register_strategy
 class FLoRA(Strategy):
     name = "flora"
-    mode = "lora"
+    adapter_plan = AdapterPlan(download=(), start="fresh")
     uploads = "A_k and B_k for every adapted layer (any rank r_k), plus the task head"
     downloads = "the stacked A and B (Σ r_k rows/columns) to fold into the base, plus the head"
     sum_only = False
     heterogeneous_ranks = True
-    fresh_adapters = True
+    folds = True
 
     def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
         p = client_weights(uploads)

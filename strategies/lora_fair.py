@@ -35,10 +35,12 @@ from .base import (
     Aggregate,
     ClientUpload,
     GlobalState,
+    Option,
     Strategy,
     average_head,
     client_weights,
     ideal_factors,
+    register_strategy,
     relative_error,
 )
 from .fedavg import average_factors, check_same_rank
@@ -57,13 +59,14 @@ def correction(uploads: Sequence[ClientUpload], weights: Sequence[float], layer:
     return torch.linalg.solve(system, s * residual.T).T.to(B_bar.dtype)
 
 
+@register_strategy
 class LoRAFAIR(Strategy):
     name = "lora-fair"
-    mode = "lora"
     uploads = "A_k and B_k for every adapted layer, plus the task head"
     downloads = "Ā and the corrected B̄ + ΔB, plus the averaged head"
     sum_only = False
     heterogeneous_ranks = False
+    options = {"lam": Option(float, 0.01, "λ of the ridge term λ‖ΔB‖²")}
 
     def __init__(self, lam: float = 0.01) -> None:
         if lam < 0:

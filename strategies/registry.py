@@ -1,16 +1,19 @@
-"""Name -> strategy class, and a factory."""
+"""The strategy registry: every module of this package is imported once, and each strategy
+registers itself where it is defined (:func:`~.base.register_strategy`), so a new strategy
+is one new file."""
 
 from __future__ import annotations
 
-from .base import Strategy
-from .fed_sb import FedSB
-from .fedavg import FedAvg
-from .flora import FLoRA
-from .lora_fair import LoRAFAIR
+import importlib
+import pkgutil
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FLoRA, LoRAFAIR, FedSB)
-}
+from .base import STRATEGIES, Strategy
+
+_NOT_STRATEGIES = {"base", "plan", "registry", "dp"}
+
+for _module in pkgutil.iter_modules(importlib.import_module(__package__).__path__):
+    if _module.name not in _NOT_STRATEGIES:
+        importlib.import_module(f"{__package__}.{_module.name}")
 
 
 def get_strategy(name: str, **options: object) -> Strategy:
@@ -21,10 +24,14 @@ def get_strategy(name: str, **options: object) -> Strategy:
     ValueError
         When ``name`` is not registered.
     """
+    return strategy_class(name)(**options)
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The registered class called ``name``; a one-line error lists the others."""
     try:
-        cls = STRATEGIES[name]
+        return STRATEGIES[name]
     except KeyError:
         raise ValueError(
             f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}"
         ) from None
-    return cls(**options)

@@ -10,6 +10,8 @@ from transformers import AutoModelForSequenceClassification
 
 from fedlora.model import AdapterConfig, FederatedModel, find_targets
 from fedlora.state import extract_upload
+from fedlora.strategies.fed_sb import FedSB
+from fedlora.strategies.plan import LORA
 from fedlora.train import ClientSampler, TrainConfig, clip_per_client, train_clients
 
 
@@ -23,7 +25,8 @@ def _data(n: int = 24, seq: int = 12, vocab: int = 1000, seed: int = 0) -> dict[
 
 
 def _wrap(base, ranks, mode="lora", seed=0) -> FederatedModel:
-    fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=ranks, alpha=8.0, mode=mode))
+    plan = FedSB.adapter_plan if mode == "lora-sb" else LORA
+    fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=ranks, alpha=8.0, plan=plan))
     fm.reset_adapters(seed) if mode == "lora" else None
     return fm
 

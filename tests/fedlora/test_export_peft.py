@@ -13,6 +13,8 @@ from fedlora.export import export_peft
 from fedlora.model import AdapterConfig, FederatedModel
 from fedlora.state import apply_global
 from fedlora.strategies import GlobalState
+from fedlora.strategies.fed_sb import FedSB
+from fedlora.strategies.plan import LORA
 
 peft = pytest.importorskip("peft")
 
@@ -45,7 +47,8 @@ def _random_state(fm: FederatedModel, mode: str, g: torch.Generator) -> GlobalSt
 def test_export_reproduces_logits(tiny_bert_dir, tmp_path, mode):
     # Prepare: a model holding a global state with a live adapter, folded updates (LoRA)
     # or shared factors and cores (LoRA-SB), and a trained head
-    fm = FederatedModel(_base(tiny_bert_dir), AdapterConfig(ranks=[4], alpha=8.0, mode=mode))
+    plan = FedSB.adapter_plan if mode == "lora-sb" else LORA
+    fm = FederatedModel(_base(tiny_bert_dir), AdapterConfig(ranks=[4], alpha=8.0, plan=plan))
     state = _random_state(fm, mode, torch.Generator().manual_seed(1))
     fold = {n: state.merged[n] for n in state.merged}
     apply_global(fm, state, fold, torch.Generator())

@@ -11,6 +11,8 @@ from transformers import AutoModelForSequenceClassification
 from fedlora.config import JobConfig
 from fedlora.model import AdapterConfig, FederatedModel
 from fedlora.privacy import Budget
+from fedlora.strategies.fed_sb import FedSB
+from fedlora.strategies.plan import LORA
 from fedlora.train import ClientSampler, TrainConfig, local_training
 
 
@@ -28,7 +30,8 @@ def _data(n=24, seq=10, seed=0):
 
 
 def _model(base, mode, slots=1):
-    fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[4] * slots, alpha=8.0, mode=mode))
+    plan = FedSB.adapter_plan if mode == "lora-sb" else LORA
+    fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[4] * slots, alpha=8.0, plan=plan))
     if mode == "lora":
         fm.reset_adapters(0)
     gen = torch.Generator().manual_seed(1)

@@ -8,6 +8,9 @@ import torch
 
 from fedlora.state import download_tensors, upload_from_tensors, upload_tensors
 from fedlora.strategies import ClientUpload, GlobalState
+from fedlora.strategies.fed_sb import FedSB
+from fedlora.strategies.flora import FLoRA
+from fedlora.strategies.plan import LORA
 from fedlora.wire import from_record, tensor_bytes, to_record, wire_bytes
 
 
@@ -24,9 +27,9 @@ def test_upload_roundtrip_through_array_record():
     # Prepare
     up = _upload()
     # Execute: flatten, pack into an ArrayRecord, unpack, rebuild
-    back = upload_from_tensors(from_record(to_record(upload_tensors(up))), 7, 2.0)
+    back = upload_from_tensors(from_record(to_record(upload_tensors(up, LORA))), 7, 2.0, LORA)
     # Assert: identical tensors under the same names
-    assert set(upload_tensors(up)) == {"l0.q.lora_A", "l0.q.lora_B", "head.classifier.weight",
+    assert set(upload_tensors(up, LORA)) == {"l0.q.lora_A", "l0.q.lora_B", "head.classifier.weight",
                                        "head.classifier.bias"}
     assert torch.equal(back.factors["l0.q"][0], up.factors["l0.q"][0])
     assert torch.equal(back.factors["l0.q"][1], up.factors["l0.q"][1])
@@ -35,7 +38,7 @@ def test_upload_roundtrip_through_array_record():
 
 def test_unknown_upload_key_is_rejected_by_name():
     with pytest.raises(ValueError, match="unexpected tensor 'l0.q.weird'"):
-        upload_from_tensors({"l0.q.weird": torch.zeros(1)}, 1, 1.0)
+        upload_from_tensors({"l0.q.weird": torch.zeros(1)}, 1, 1.0, LORA)
 
 
 def test_wire_bytes_counts_npy_payload_names_and_headers():
@@ -90,15 +93,16 @@ def test_download_contents_per_strategy_kind():
     A, B, R = torch.randn(2, 5, generator=g), torch.randn(3, 2, generator=g), torch.eye(2)
     head = {"classifier.bias": torch.zeros(4)}
     # FedAvg-like: the global factors and head
-    lora = download_tensors(GlobalState(factors={"l": (A, B)}, head=head), {}, with_shared=True)
+    lora = download_tensors(GlobalState(factors={"l": (A, B)}, head=head), {}, LORA, first=True)
     assert set(lora) == {"l.lora_A", "l.lora_B", "head.classifier.bias"}
     # FLoRA: the stack to fold, no adapter
-    flora = download_tensors(GlobalState(head=head), {"l": (A, B)}, with_shared=False)
+    flora = download_tensors(GlobalState(head=head), {"l": (A, B)}, FLoRA.adapter_plan, first=False)
     assert set(flora) == {"l.fold_A", "l.fold_B", "head.classifier.bias"}
     # Fed-SB: R every round, the frozen A and B only the first time
     sb = GlobalState(factors={"l": (A, B)}, cores={"l": R}, head=head)
-    assert set(download_tensors(sb, {}, with_shared=True)) == {"l.lora_R", "l.lora_A", "l.lora_B",
-                                                               "head.classifier.bias"}
-    assert set(download_tensors(sb, {}, with_shared=False)) == {"l.lora_R", "head.classifier.bias"}
-    assert np.isclose(tensor_bytes(download_tensors(sb, {}, with_shared=False)),
+    first = download_tensors(sb, {}, FedSB.adapter_plan, first=True)
+    assert set(first) == {"l.lora_R", "l.lora_A", "l.lora_B", "head.classifier.bias"}
+    assert set(download_tensors(sb, {}, FedSB.adapter_plan, first=False)) == {"l.lora_R",
+                                                                             "head.classifier.bias"}
+    assert np.isclose(tensor_bytes(download_tensors(sb, {}, FedSB.adapter_plan, first=False)),
                       tensor_bytes({"l.lora_R": R, "head.classifier.bias": torch.zeros(4)}))

@@ -14,6 +14,7 @@ from fedlora.rounds import Coordinator, make_strategy
 from fedlora.server.strategy import FedLoRA, RoundSettings
 from fedlora.state import upload_tensors
 from fedlora.strategies import ClientUpload
+from fedlora.strategies.plan import LORA
 from fedlora.wire import to_record
 
 
@@ -24,7 +25,7 @@ def coord(tiny_bert_dir, tmp_path):
 
     cfg = JobConfig(model=str(tiny_bert_dir), rank=4, num_clients=3, seed=0)
     model, _, _ = load_model(cfg.model, "sequence-classification", 3, seed=0)
-    fm = FederatedModel(model, AdapterConfig(ranks=[4], alpha=16.0, mode="lora", train_head=True))
+    fm = FederatedModel(model, AdapterConfig(ranks=[4], alpha=16.0, train_head=True))
     c = Coordinator(cfg, make_strategy(cfg), fm, test={})
     c.start()
     return c
@@ -37,7 +38,7 @@ def good_upload(coord: Coordinator, k: int) -> dict[str, torch.Tensor]:
     for name, (A, B) in coord.state.factors.items():
         up.factors[name] = (A + 0.01 * torch.randn(A.shape, generator=g),
                             B + 0.01 * torch.randn(B.shape, generator=g))
-    return upload_tensors(up)
+    return upload_tensors(up, LORA)
 
 
 def reply(node: int, tensors: dict, client_id: int, rank: int = 4, examples: int = 10) -> Message:

@@ -15,6 +15,7 @@ import torch
 
 from fedlora.strategies import ClientLevelDP, ClientUpload, GlobalState, get_strategy
 from fedlora.strategies.fed_sb import FedSB
+from fedlora.strategies.plan import LORA
 
 F64 = torch.float64
 
@@ -253,7 +254,8 @@ def stub_coordinator(cfg, strategy):
     """A Coordinator over a model-less stand-in (no adapters or heads to load)."""
     from fedlora.rounds import Coordinator
 
-    fm = SimpleNamespace(config=SimpleNamespace(mode="lora"), adapters={}, heads={}, num_clients=1)
+    fm = SimpleNamespace(config=SimpleNamespace(plan=LORA), adapters={}, heads={}, num_clients=1,
+                         set_plan=lambda plan: None)
     return Coordinator(cfg, strategy, fm, {})
 
 

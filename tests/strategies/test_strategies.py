@@ -663,7 +663,7 @@ def test_registry_names_classes_and_options():
     assert FLoRA().describe()["heterogeneous_ranks"] is True
     assert FLoRA().describe()["sum_only"] is False
     assert FedSB().describe()["needs_gradient_init"] is True
-    assert FedSB().describe()["mode"] == "lora-sb"
+    assert FedSB().describe()["plan"]["train"] == "R"
 
 
 def test_initialize_not_available_for_lora_strategies():
