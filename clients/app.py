@@ -21,6 +21,7 @@ from fedlora.local import ClientData, LocalClient
 from fedlora.wire import from_record, to_record
 
 app = ClientApp()
+KEPT = "fedlora-kept"  # context.state record: the client's personal factors (plan's keep)
 _CACHE: dict[tuple[int, int], LocalClient] = {}
 
 
@@ -35,6 +36,8 @@ def local_client(msg: Message, context: Context) -> LocalClient:
         labels = [n for n in msg.content["config"]["label-names"] if n]
         client = LocalClient(cfg, ClientData.from_node_config(dict(context.node_config)), labels)
         _CACHE[key] = client
+        if KEPT in context.state.array_records:  # personal factors of a rebuilt client (Flower sim)
+            client.held.update(from_record(context.state[KEPT]))
     if client.budget is not None:
         # the ledger outlives a rebuilt client (Flower's simulation, a restarted ClientApp) in the
         # node's context, and a restarted node or a resumed server in a file
@@ -91,11 +94,31 @@ def train(msg: Message, context: Context) -> Message:
     rnd = int(conf["round"])
     catch = from_record(msg.content["catchup"]) if "catchup" in msg.content.array_records else {}
     seed = int(conf["fresh-seed"])
-    client.load(rnd, from_record(msg.content["global"]), catch, None if seed < 0 else seed)
+    client.load(rnd, from_record(msg.content["global"]), catch, None if seed < 0 else seed,
+                float(conf.get("scale", 0.0)) or None)
     upload, loss, seconds = client.fit(rnd)
     _keep_ledger(client, context)
+    kept = {k: t for k, t in client.held.items() if k.rpartition(".lora_")[2] in client.fm.config.plan.keep}
+    if kept:
+        context.state[KEPT] = to_record(kept)
     return Message(RecordDict({"upload": to_record(upload), "metrics": _metrics(client, seconds, loss)}),
                    reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """After round t: load the new global state (with what this client keeps) and measure it
+    on this client's held-out examples (``--personal-test-fraction``)."""
+    client = local_client(msg, context)
+    conf = msg.content["config"]
+    catch = from_record(msg.content["catchup"]) if "catchup" in msg.content.array_records else {}
+    seed = int(conf["fresh-seed"])
+    client.load(int(conf["round"]), from_record(msg.content["global"]), catch, None if seed < 0 else seed,
+                float(conf.get("scale", 0.0)) or None)
+    got = client.evaluate()
+    metrics = MetricRecord({"accuracy": float(got["accuracy"]), "eval-examples": int(got["eval_examples"]),
+                            "client-id": client.where.client_id})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 @app.query()

@@ -110,6 +110,10 @@ class JobConfig:
                                    group="strategy options", flag_type=str, metavar="NAME=VALUE")
     max_grad_norm: float | None = option(None, "clip each client's gradient norm per step",
                                          group="strategy options", flag_type=float)
+    personal_test_fraction: float = option(
+        0.0, "hold out this share of each client's examples and report personal_accuracy: each"
+        " client's own model (the global one, plus what the strategy keeps on the client) on its"
+        " own held-out examples (0: off; fedsa-lora needs it)", group="data and model")
     eval_batch_size: int = option(64, "examples per evaluation batch", group="data and model")
     clients_per_round: int = option(0, group=None)      # 0: every client, every round
     max_clients_per_pass: int = option(0, group=None)   # simulator: clients per pass; 0: automatic
@@ -239,6 +243,12 @@ def check_job_args(args) -> None:
                             f" got {getattr(args, name)}")
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
+    if not 0 <= args.personal_test_fraction < 1:
+        raise UserError(f"--personal-test-fraction must be in [0, 1), got {args.personal_test_fraction}")
+    if STRATEGIES[args.strategy].adapter_plan.keep and not args.personal_test_fraction:
+        raise UserError(f"--strategy {args.strategy} keeps personal factors on each client, so each"
+                        " client has its own model: pass --personal-test-fraction (e.g. 0.2) to"
+                        " measure those models on each client's own held-out examples")
     check_dp_args(args)
     if args.ranks is not None and not STRATEGIES[args.strategy].heterogeneous_ranks:
         if len(set(args.ranks)) > 1:

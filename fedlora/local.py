@@ -18,7 +18,7 @@ from fedlora.config import JobConfig
 from fedlora.errors import UserError
 from fedlora.privacy import sample_budgets
 from fedlora.rounds import make_strategy
-from fedlora.setup import build_model, client_share
+from fedlora.setup import build_model, client_share, personal_split
 from fedlora.state import (
     apply_global,
     download_from_tensors,
@@ -58,6 +58,10 @@ class LocalClient:
         self.rank = cfg.rank_of(where.client_id)
         self.fm, tokenizer, _ = build_model(cfg, [self.rank], self.strategy.plan(1), len(label_names))
         ds = self._examples(label_names)
+        train, test = personal_split(cfg, where.client_id, len(ds))
+        # --personal-test-fraction: held-out examples of this client, to measure its own model
+        self.personal = self.task.eval_set(tokenizer, ds.subset(test), cfg) if test else None
+        ds = ds.subset(train) if test else ds
         self.train = self.task.encode(tokenizer, ds, cfg)
         self.sampler = ClientSampler.for_client(cfg, where.client_id, range(len(ds)))
         self.folded_through = 0
@@ -80,7 +84,7 @@ class LocalClient:
         return len(self.sampler)
 
     def load(self, rnd: int, download: dict[str, Tensor], catch_up: dict[str, Tensor],
-             fresh_seed: int | None) -> None:
+             fresh_seed: int | None, scale: float | None = None) -> None:
         """Apply the global state of round ``rnd - 1``: missing folds first, then the state."""
         for t in range(self.folded_through + 1, rnd - 1):
             fold = {k[len(f"t{t}."):].rpartition(".")[0] for k in catch_up if k.startswith(f"t{t}.")}
@@ -91,7 +95,7 @@ class LocalClient:
                                              catch_up[f"t{t}.{layer}.fold_B"])
         plan = self.strategy.plan(rnd)
         self.fm.set_plan(plan)
-        scale = self.cfg.lora_alpha / self.cfg.rank
+        scale = scale or self.cfg.lora_alpha / self.rank  # the global adapter's (FlexLoRA: 1)
         # a kept factor the client already holds is its own: a re-sent starting value is ignored
         download = {k: t for k, t in download.items()
                     if not (k.rpartition(".lora_")[2] in plan.keep and k in self.held)}
@@ -128,6 +132,13 @@ class LocalClient:
         self.held.update(extract_kept(self.fm, 0))
         up = upload_tensors(extract_upload(self.fm, 0, len(self)), self.fm.config.plan)
         return up, losses[0], time.perf_counter() - t0
+
+    def evaluate(self) -> dict[str, float]:
+        """This client's own model (as loaded: the global state plus what it keeps) on its
+        held-out examples: the task's metrics (``accuracy``, ``loss``, ``eval_examples``)."""
+        if self.personal is None:
+            raise ValueError("this client holds out no examples: the job has no --personal-test-fraction")
+        return self.task.evaluate(self.fm, self.personal, self.cfg)
 
     def gradient(self) -> tuple[dict[str, Tensor], float]:
         """Fed-SB round 0: ``(<layer>.grad tensors, seconds)``."""

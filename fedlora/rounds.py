@@ -28,7 +28,7 @@ from fedlora.config import JobConfig, check_dp_args
 from fedlora.errors import UserError
 from fedlora.model import FederatedModel, draw_seed
 from fedlora.privacy import Budget, GaussianNoise
-from fedlora.state import apply_global, download_tensors, head_of, initial_state
+from fedlora.state import apply_global, download_tensors, exact_global, head_of, initial_state
 from fedlora.strategies import (
     Aggregate,
     ClientLevelDP,
@@ -112,6 +112,7 @@ class Coordinator:
         self.synced: dict[object, int] = {}          # client -> last round whose fold it applied
         self.has_shared: set[object] = set()         # clients holding the plan's shared/kept factors
         self.personal: dict[object, dict[str, Tensor]] = {}  # simulated clients' kept factors
+        self.metrics: dict = {}                      # the last aggregate's own columns
 
     # ---- state ----
     def start(self, init_uploads: list[ClientUpload] | None = None) -> None:
@@ -124,7 +125,7 @@ class Coordinator:
                                                   scale=self.cfg.lora_alpha / self.cfg.rank)
             self.state.head = head_of(self.fm, 0)
         else:
-            self.state = initial_state(self.fm, self.gen, fresh=self.strategy.fresh_adapters)
+            self.state = initial_state(self.fm, self.gen, fresh=self.plan.start == "fresh")
         self.state.round = 0
         self._load({})
 
@@ -155,6 +156,7 @@ class Coordinator:
         self.folds.append(agg.fold)
         self.round += 1
         self.state.round = self.round
+        self.metrics = dict(agg.metrics)
         self._load(agg.fold)
         return agg
 
@@ -216,7 +218,8 @@ class Coordinator:
         round 0); ``eval_seconds`` is timed here, and ``seconds`` is their sum, the round's wall time.
         """
         t0 = time.perf_counter()
-        metrics = self.task.evaluate(self.fm, self.test, self.cfg)
+        with exact_global(self.fm, self.state):
+            metrics = self.task.evaluate(self.fm, self.test, self.cfg)
         eval_seconds = time.perf_counter() - t0
         row = {
             "round": self.round,
@@ -235,6 +238,7 @@ class Coordinator:
             "train_seconds": round(train_seconds, 3),
             "eval_seconds": round(eval_seconds, 3),
             "seconds": round(train_seconds + eval_seconds, 3),
+            **(self.metrics if self.round else {}),
         }
         row.update(self.strategy.privacy_report())  # --dp client's ledger (none otherwise)
         self.rows.append(row)
@@ -273,6 +277,16 @@ class Coordinator:
         self.strategy.resume(self.round)  # --dp client: releases so far
         self.fm.set_plan(self.plan)
         apply_global(self.fm, self.state, {}, self.fresh_seed)
+
+
+def personal_columns(results: list[dict]) -> dict:
+    """``personal_accuracy``: the clients' own-model metric (each client's ``accuracy`` on its
+    held-out examples), averaged with weights ``eval_examples``; ``personal_examples`` their sum."""
+    n = sum(int(r["eval_examples"]) for r in results)
+    if not n:
+        return {}
+    acc = sum(float(r["accuracy"]) * int(r["eval_examples"]) for r in results) / n
+    return {"personal_accuracy": acc, "personal_examples": n, "personal_clients": len(results)}
 
 
 METRIC_LABELS = {"accuracy": "acc", "answer_accuracy": "answer acc", "token_accuracy": "token acc"}

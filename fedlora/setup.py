@@ -5,6 +5,7 @@
   ``--test-data``; at most ``--eval-max`` of them), from one read of the data;
 * :func:`training_data`: the first of the two alone;
 * :func:`client_share`: one client's examples (its partition, or its own file);
+* :func:`personal_split`: which of them the client holds out to measure its own model;
 * :func:`build_model`: the base model wrapped with client slots for the job's task and
   strategy.
 """
@@ -50,6 +51,24 @@ def client_share(cfg: JobConfig, partition_id: int, num_partitions: int) -> Text
     if not 0 <= partition_id < len(parts):
         raise UserError(f"partition-id {partition_id} is not in 0..{len(parts) - 1}")
     return train.subset(parts[partition_id])
+
+
+def personal_split(cfg: JobConfig, client: int, n: int) -> tuple[list[int], list[int]]:
+    """``(train positions, personal test positions)`` among a client's ``n`` examples.
+
+    ``--personal-test-fraction`` of them (at least one, leaving one to train on) are held out
+    to measure the client's own model; drawn from ``(seed, client)``, so the simulator and the
+    deployed client hold out the same ones. Without the flag every example trains.
+    """
+    if cfg.personal_test_fraction <= 0:
+        return list(range(n)), []
+    if n < 2:
+        raise UserError(f"client {client} has {n} example(s): too few to hold out a personal test"
+                        " set; use fewer clients or drop --personal-test-fraction")
+    k = min(max(1, round(cfg.personal_test_fraction * n)), n - 1)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + client)
+    order = torch.randperm(n, generator=gen).tolist()
+    return sorted(order[k:]), sorted(order[:k])
 
 
 def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan,

@@ -14,12 +14,16 @@ Flower ``ArrayRecord``\\ s and of byte accounting):
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
 from fedlora.model import FederatedModel, draw_seed
 from fedlora.strategies import AdapterPlan, ClientUpload, GlobalState
-from fedlora.strategies.base import Factors
+from fedlora.strategies.base import Factors, truncated_factors
 
 
 def head_of(fm: FederatedModel, k: int) -> dict[str, Tensor]:
@@ -50,7 +54,9 @@ def extract_upload(fm: FederatedModel, k: int, num_examples: int) -> ClientUploa
 
 def extract_kept(fm: FederatedModel, k: int) -> dict[str, Tensor]:
     """Slot k's personal factors (the plan's ``keep``), named ``<layer>.lora_<F>``."""
-    out = {}
+    out: dict[str, Tensor] = {}
+    if not fm.config.plan.keep:
+        return out
     for name, layer in fm.adapters.items():
         A, B = layer.get_slot(k)
         for kind in fm.config.plan.keep:
@@ -60,6 +66,8 @@ def extract_kept(fm: FederatedModel, k: int) -> dict[str, Tensor]:
 
 def load_kept(fm: FederatedModel, k: int, kept: dict[str, Tensor]) -> None:
     """Put a client's personal factors (from :func:`extract_kept`) into slot k."""
+    if not kept:
+        return
     for name, layer in fm.adapters.items():
         A, B = layer.get_slot(k)
         layer.set_slot(k, kept.get(f"{name}.lora_A", A), kept.get(f"{name}.lora_B", B))
@@ -94,10 +102,56 @@ def apply_global(fm: FederatedModel, state: GlobalState, fold: dict[str, Factors
         fm.reset_adapters(fresh_seed)
     else:
         for name, layer in fm.adapters.items():
-            for k in range(fm.num_clients):
-                layer.set_slot(k, *state.factors[name])
+            _load_factors(layer, *state.factors[name], state.scale)
     if state.head:
         _set_heads(fm, state.head)
+
+
+def _fits(layer, k: int, A: Tensor, scale: float) -> bool:
+    """Whether slot k holds factors of ``A``'s rank at ``scale`` (then they load as they are)."""
+    return A.shape[0] == layer.ranks[k] and math.isclose(scale, float(layer.scale[k]), rel_tol=1e-6)
+
+
+def _load_factors(layer, A: Tensor, B: Tensor, scale: float) -> None:
+    """Every slot of ``layer`` gets ``scale · B A``: as is, or, where its rank or scale differs
+    (FlexLoRA's stacked ΔW*), as the best approximation of its rank (one SVD per rank)."""
+    cache: dict[tuple[int, float], tuple[Tensor, Tensor]] = {}
+    for k in range(layer.num_clients):
+        if _fits(layer, k, A, scale):
+            layer.set_slot(k, A, B)
+            continue
+        key = (layer.ranks[k], float(layer.scale[k]))
+        if key not in cache:
+            cache[key] = truncated_factors(A, B, scale, *key)[0]
+        layer.set_slot(k, *cache[key])
+
+
+@contextmanager
+def exact_global(fm: FederatedModel, state: GlobalState | None) -> Iterator[None]:
+    """Slot 0 of ``fm`` as the exact global model while the block runs.
+
+    Where slot 0 holds only an approximation of the global adapter (FlexLoRA: a truncation
+    of ΔW* to the slot's rank), the whole ``scale · B A`` is added to the base weight and
+    slot 0's adapter set to zero; both are restored afterwards, bit for bit.
+    """
+    lossy = (state is not None and state.factors is not None and state.cores is None
+             and not fm.config.plan.core
+             and any(not _fits(fm.adapters[n], 0, A, state.scale) for n, (A, _) in state.factors.items()))
+    if not lossy:
+        yield
+        return
+    saved = {n: (layer.base.weight.detach().clone(), *layer.get_slot(0)) for n, layer in fm.adapters.items()}
+    try:
+        for name, (A, B) in state.factors.items():
+            layer = fm.adapters[name]
+            layer.fold(A, state.scale * B)
+            layer.set_slot(0, torch.zeros_like(saved[name][1]), torch.zeros_like(saved[name][2]))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, (W, A, B) in saved.items():
+                fm.adapters[name].base.weight.copy_(W)
+                fm.adapters[name].set_slot(0, A, B)
 
 
 def initial_state(fm: FederatedModel, gen: torch.Generator, fresh: bool) -> GlobalState:

@@ -24,7 +24,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
-from fedlora.rounds import Coordinator
+from fedlora.rounds import Coordinator, personal_columns
 from fedlora.server.transport import send_and_collect, wait_for_nodes
 from fedlora.state import upload_from_tensors
 from fedlora.strategies import ClientUpload
@@ -88,7 +88,9 @@ class FedLoRA(FlowerStrategy):
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, sort by client id, aggregate; None if too few valid replies."""
         uploads, bytes_up, losses, seconds, eps = [], [], [], [], []
+        self._nodes = []
         for node, msg, tensors in self._valid(list(replies), "upload", kind="train"):
+            self._nodes.append(node)
             m = msg.content["metrics"]
             upload = upload_from_tensors(tensors, int(m["num-examples"]),
                                          self.coord.cfg.lora_alpha / int(m["rank"]), self.coord.plan,
@@ -110,11 +112,30 @@ class FedLoRA(FlowerStrategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid) -> list[Message]:
-        """No federated evaluation: the server evaluates the global model on the test split."""
-        return []
+        """With ``--personal-test-fraction``, one ``evaluate`` message per client of the round:
+        the new global state, which the client measures (with what it keeps) on its own held-out
+        examples. The server evaluates the global model on the test split itself."""
+        if not self.coord.cfg.personal_test_fraction:
+            return []
+        messages = []
+        for node in self._nodes:
+            down, catch = self.coord.payload(node)
+            content = RecordDict({"global": to_record(down), "config": self._round_config(server_round + 1)})
+            if catch:
+                content["catchup"] = to_record(catch)
+            messages.append(Message(content=content, message_type="evaluate", dst_node_id=node,
+                                    group_id=f"eval-{server_round}"))
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
-        return None
+        """``personal_accuracy`` of the clients that replied (weighted by their held-out examples)."""
+        got = []
+        for msg in replies:
+            m = msg.content["metrics"]
+            got.append((int(m["client-id"]), {"accuracy": float(m["accuracy"]),
+                                              "eval_examples": int(m["eval-examples"])}))
+        results = [r for _, r in sorted(got, key=lambda g: g[0])]
+        return MetricRecord(personal_columns(results)) if results else None
 
     # ---- the run ----
     def start(self, grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
@@ -140,6 +161,14 @@ class FedLoRA(FlowerStrategy):
             row.update(rejected=self.rejected, failed=len(errors) + len(missing),
                        client_seconds=round(max(seconds), 3),
                        overhead_seconds=round(row["train_seconds"] - max(seconds), 3))
+            evals = self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(), grid)
+            if evals:
+                wait = timeout or self.settings.round_timeout
+                replies, errors, missing = send_and_collect(grid, evals, wait, self.settings.poll)
+                for node, reason in [*errors, *((n, "no reply") for n in missing)]:
+                    log.warning("round %d: node %s did not evaluate: %s", rnd, node, reason)
+                personal = self.aggregate_evaluate(rnd, replies)
+                row.update(dict(personal) if personal is not None else {})
             if self.coord.cfg.dp == "sample":
                 row.update(dp="sample", dp_backend=self.coord.cfg.dp_backend_for(lone=True),
                            epsilon_per_client=[round(e, 4) for e, _ in self._epsilons],
@@ -181,8 +210,9 @@ class FedLoRA(FlowerStrategy):
         return nodes
 
     def _round_config(self, rnd: int) -> ConfigRecord:
-        seed = self.coord.fresh_seed
+        seed, state = self.coord.fresh_seed, self.coord.state
         return ConfigRecord({"round": rnd, "fresh-seed": -1 if seed is None else int(seed),
+                             "scale": float(state.scale) if state is not None else 0.0,
                              "label-names": list(self.label_names) or [""]})
 
     def _valid(self, replies: list[Message], record: str, kind: str):

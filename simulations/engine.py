@@ -27,9 +27,9 @@ from fedlora.data import partition
 from fedlora.export import export_peft
 from fedlora.model import FederatedModel
 from fedlora.privacy import Budget, sample_budgets
-from fedlora.rounds import Coordinator, make_strategy
-from fedlora.setup import build_model, splits
-from fedlora.state import extract_upload, upload_tensors
+from fedlora.rounds import Coordinator, make_strategy, personal_columns
+from fedlora.setup import build_model, personal_split, splits
+from fedlora.state import extract_kept, extract_upload, load_kept, upload_tensors
 from fedlora.strategies import ClientUpload, Strategy
 from fedlora.tasks import Task, get_task
 from fedlora.train import ClientSampler, TrainConfig, gradient_estimates, local_training
@@ -54,6 +54,7 @@ class Job:
     model_path: str
     label_names: list[str]
     budgets: list[Budget] | None = None  # --dp sample: one privacy ledger per client
+    personal: list[object] | None = None  # --personal-test-fraction: each client's own test set
 
 
 def build_job(cfg: JobConfig) -> Job:
@@ -61,13 +62,19 @@ def build_job(cfg: JobConfig) -> Job:
     task, strategy = get_task(cfg.task), make_strategy(cfg)
     train_ds, test_ds, label_names = splits(cfg, task)
     parts = partition(train_ds, cfg.num_clients, cfg.partition, cfg.alpha, cfg.seed)
+    held = [personal_split(cfg, k, len(idx)) for k, idx in enumerate(parts)]
     slots = pass_size(cfg, len(cfg.sampled(1)))
     fm, tokenizer, path = build_model(cfg, [max(cfg.client_ranks())] * slots, strategy.plan(1),
                                       len(label_names))
-    samplers = [ClientSampler.for_client(cfg, k, idx) for k, idx in enumerate(parts)]
+    samplers = [ClientSampler.for_client(cfg, k, [idx[i] for i in train])
+                for k, (idx, (train, _)) in enumerate(zip(parts, held, strict=True))]
     budgets = sample_budgets(cfg, [len(s) for s in samplers], fm.model) if cfg.dp == "sample" else None
+    personal = None
+    if cfg.personal_test_fraction:
+        personal = [task.eval_set(tokenizer, train_ds.subset([idx[i] for i in test]), cfg)
+                    for idx, (_, test) in zip(parts, held, strict=True)]
     return Job(cfg, task, strategy, fm, task.encode(tokenizer, train_ds, cfg),
-               task.eval_set(tokenizer, test_ds, cfg), samplers, path, label_names, budgets)
+               task.eval_set(tokenizer, test_ds, cfg), samplers, path, label_names, budgets, personal)
 
 
 def pass_size(cfg: JobConfig, clients: int) -> int:
@@ -97,11 +104,31 @@ def local_round(job: Job, coord: Coordinator, rnd: int, clients: list[int],
         pad = [job.cfg.rank_of(chunk[0])] * (job.fm.num_clients - len(chunk))
         job.fm.set_ranks([job.cfg.rank_of(c) for c in chunk] + pad)
         coord.reload()
+        for k, c in enumerate(chunk):  # what each client kept from its last round (plan's keep)
+            if c in coord.personal:
+                load_kept(job.fm, k, coord.personal[c])
         step = None if on_step is None else partial(on_step, len(chunk))
         losses += local_training(job.fm, job.train, [job.samplers[c] for c in chunk],
                                  TrainConfig.from_job(job.cfg), rnd, _budgets(job, chunk), step)
         uploads += [extract_upload(job.fm, k, len(job.samplers[c])) for k, c in enumerate(chunk)]
+        if job.fm.config.plan.keep:
+            coord.personal.update({c: extract_kept(job.fm, k) for k, c in enumerate(chunk)})
     return uploads, losses
+
+
+def personal_evaluation(job: Job, coord: Coordinator, clients: list[int]) -> dict:
+    """``--personal-test-fraction``: each client's own model (the global state plus what it
+    kept) on its own held-out examples, combined by :func:`fedlora.rounds.personal_columns`."""
+    if job.personal is None:
+        return {}
+    results = []
+    for c in clients:
+        coord.reload()
+        if c in coord.personal:
+            load_kept(job.fm, 0, coord.personal[c])
+        results.append(job.task.evaluate(job.fm, job.personal[c], job.cfg))
+    coord.reload()
+    return personal_columns(results)
 
 
 def init_uploads(job: Job, clients: list[int]) -> list[ClientUpload]:
@@ -182,6 +209,7 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
         row = coord.row([tensor_bytes(upload_tensors(u, plan)) for u in ups], down, agg.agg_error, losses,
                         time.perf_counter() - t_round, len(ups))
         row.update(privacy_columns(job.budgets, clients, cfg.dp_backend_for(False)))
+        row.update(personal_evaluation(job, coord, clients))
         _emit(metrics_path, row, on_round)
     export_peft(coord.state, list(job.fm.adapters), out_dir / "adapter", job.model_path,
                 job.task.peft_task_type, list(job.fm.heads))

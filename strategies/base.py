@@ -120,11 +120,14 @@ class Aggregate:
         ``‖ΔW_agg − Σ p_k ΔW_k‖_F / ‖Σ p_k ΔW_k‖_F`` summed over layers (squared norms
         added before the ratio), computed without any ``d × d`` matrix. None when not
         measured (client-level DP: comparing with the exact mean would use raw updates).
+    metrics : dict
+        Strategy-specific columns of the round's metric row (FlexLoRA's truncation errors).
     """
 
     state: GlobalState
     fold: dict[str, Factors]
     agg_error: float | None
+    metrics: dict[str, object] = field(default_factory=dict)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}
@@ -336,6 +339,35 @@ def ideal_factors(uploads: Sequence[ClientUpload], weights: Sequence[float],
         us.append(p * u.scale * B)
         vs.append(A)
     return us, vs
+
+
+def factored_svd(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U, S, V)`` with ``B A = U diag(S) Vᵀ`` (float64), from the factors only.
+
+    ``B = Q_b R_b`` and ``Aᵀ = Q_a R_a`` (reduced QR), then the SVD of the small core
+    ``R_b R_aᵀ`` (R × R, R the rank of the factors): never a ``d × d`` SVD.
+    """
+    Qb, Rb = torch.linalg.qr(B.double())                     # (d_out, R), (R, R)
+    Qa, Ra = torch.linalg.qr(A.double().T)                   # (d_in, R), (R, R)
+    Uc, S, Vch = torch.linalg.svd(Rb @ Ra.T)                 # core (R, R)
+    return Qb @ Uc, S, Qa @ Vch.T
+
+
+def truncated_factors(A: Tensor, B: Tensor, scale: float, rank: int,
+                      slot_scale: float) -> tuple[Factors, Tensor]:
+    """The best rank-``rank`` approximation of ``scale · B A`` as LoRA factors for a slot of
+    scale ``slot_scale``: ``((A_r, B_r), S)`` with ``slot_scale · B_r A_r = U_r Σ_r V_rᵀ``,
+    split evenly (``B_r = U_r Σ_r^{1/2} / √s``, ``A_r = Σ_r^{1/2} V_rᵀ / √s``, s the slot
+    scale; the design notes' ``A_r = Σ_r^{1/2} V_rᵀ`` would give ``√s U_r Σ_r V_rᵀ``) and
+    zero-padded when ``B A`` has fewer than ``rank`` directions; ``S`` all singular values."""
+    U, S, V = factored_svd(A, scale * B.double())
+    k = min(rank, S.numel())
+    root = S[:k].sqrt()
+    A_r = torch.zeros(rank, A.shape[1], dtype=torch.float64, device=A.device)
+    B_r = torch.zeros(B.shape[0], rank, dtype=torch.float64, device=B.device)
+    A_r[:k] = root[:, None] * V[:, :k].T / slot_scale ** 0.5
+    B_r[:, :k] = U[:, :k] * root[None, :] / slot_scale ** 0.5
+    return (A_r.to(A.dtype), B_r.to(B.dtype)), S
 
 
 def relative_error(parts: dict[str, tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]]) -> float:

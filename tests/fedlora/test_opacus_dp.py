@@ -12,6 +12,7 @@ from fedlora.config import JobConfig
 from fedlora.model import AdapterConfig, FederatedModel
 from fedlora.privacy import Budget
 from fedlora.strategies.fed_sb import FedSB
+from fedlora.strategies.ffa_lora import FFALoRA
 from fedlora.strategies.plan import LORA
 from fedlora.train import ClientSampler, TrainConfig, local_training
 
@@ -30,9 +31,9 @@ def _data(n=24, seq=10, seed=0):
 
 
 def _model(base, mode, slots=1):
-    plan = FedSB.adapter_plan if mode == "lora-sb" else LORA
+    plan = {"lora-sb": FedSB.adapter_plan, "ffa-lora": FFALoRA.adapter_plan}.get(mode, LORA)
     fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[4] * slots, alpha=8.0, plan=plan))
-    if mode == "lora":
+    if mode != "lora-sb":
         fm.reset_adapters(0)
     gen = torch.Generator().manual_seed(1)
     for layer in fm.adapters.values():
@@ -51,7 +52,7 @@ def _cfg(backend, steps=4):
                        dp_reproducible=True, dp_backend=backend)
 
 
-@pytest.mark.parametrize("mode", ["lora", "lora-sb"])
+@pytest.mark.parametrize("mode", ["lora", "lora-sb", "ffa-lora"])
 def test_opacus_client_equals_fedlora_batched_dp(base, mode):
     # Prepare: the same one-slot model, data (24 rows, q = 6/24) and seed-keyed draws twice
     data = _data()
@@ -72,6 +73,11 @@ def test_opacus_client_equals_fedlora_batched_dp(base, mode):
         torch.testing.assert_close(po, pa, rtol=1e-4, atol=1e-6)
         moved = max(moved, float((pa - p0).detach().abs().max()))
     assert moved > 1e-3  # the steps did change the adapter
+    if mode == "ffa-lora":  # FFA-LoRA: only B has per-example gradients and moves; A stays put
+        assert [p.shape[1:] for p in fa.trainable_parameters() if p.dim() == 3][:1] == [(32, 4)]
+        start = _model(base, mode)
+        for name, layer in fa.adapters.items():
+            torch.testing.assert_close(layer.lora_A, start.adapters[name].lora_A, rtol=0, atol=0)
 
 
 def test_opacus_client_stops_at_its_budget_and_leaves_no_hooks(base):

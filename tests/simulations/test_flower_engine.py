@@ -27,8 +27,11 @@ def _rows(out):
 DP = ["--dp", "sample", "--epsilon", "8", "--delta", "1e-3", "--dp-reproducible"]
 
 
-@pytest.mark.parametrize("extra", [["--strategy", "flora", "--ranks", "2,4,3"], ["--strategy", "fed-sb"], DP],
-                         ids=["flora-hetero", "fed-sb", "dp-sample"])
+@pytest.mark.parametrize("extra", [["--strategy", "flora", "--ranks", "2,4,3"], ["--strategy", "fed-sb"], DP,
+                                   ["--strategy", "ffa-lora"],
+                                   ["--strategy", "fedsa-lora", "--personal-test-fraction", "0.3"],
+                                   ["--strategy", "flexlora", "--ranks", "2,4,3"]],
+                         ids=["flora-hetero", "fed-sb", "dp-sample", "ffa-lora", "fedsa-lora", "flexlora"])
 def test_flower_engine_reaches_the_batched_adapter(tiny_bert_dir, tiny_csv, tmp_path, extra):
     # Prepare: the batched run of the job
     batched, flower = tmp_path / "batched", tmp_path / "flower"
@@ -48,6 +51,8 @@ def test_flower_engine_reaches_the_batched_adapter(tiny_bert_dir, tiny_csv, tmp_
         assert y["clients"] == 3 and sorted(y["bytes_up_per_client"]) == sorted(x["bytes_up_per_client"])
         assert y["bytes_down"] >= x["bytes_down"]
         assert y["accuracy"] == pytest.approx(x["accuracy"], abs=1e-9)
+        # FedSA-LoRA: each client's personal B survives Flower rebuilding it (context.state)
+        assert y.get("personal_accuracy") == pytest.approx(x.get("personal_accuracy"), abs=1e-9)
         # DP: each client's ledger survives Flower rebuilding it (kept in the node's context.state)
         assert y.get("epsilon_per_client") == x.get("epsilon_per_client")
 

@@ -21,11 +21,17 @@ def adapter(out):
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("strategy, ranks", [("fedavg", None), ("flora", [2, 4, 3]), ("fed-sb", None)])
+STRATEGY_JOBS = [("fedavg", None), ("flora", [2, 4, 3]), ("fed-sb", None), ("ffa-lora", None),
+                 ("rolora", None), ("fedex-lora", None), ("flexlora", [2, 4, 3]), ("fedsa-lora", None)]
+
+
+@pytest.mark.parametrize("strategy, ranks", STRATEGY_JOBS)
 def test_passes_of_two_equal_one_pass(tiny_bert_dir, tiny_csv, tmp_path, strategy, ranks):
-    # Prepare: the same 5-client job, all clients in one pass vs passes of 2, 2 and 1
-    one = job(tiny_bert_dir, tiny_csv, strategy=strategy, ranks=ranks)
-    split = job(tiny_bert_dir, tiny_csv, strategy=strategy, ranks=ranks, max_clients_per_pass=2)
+    # Prepare: the same 5-client job, all clients in one pass vs passes of 2, 2 and 1; each
+    # client holds out 30% of its examples (personal_accuracy)
+    kw = dict(strategy=strategy, ranks=ranks, personal_test_fraction=0.3, rounds=3)
+    one = job(tiny_bert_dir, tiny_csv, **kw)
+    split = job(tiny_bert_dir, tiny_csv, max_clients_per_pass=2, **kw)
     # Execute
     rows_one = run(one, tmp_path / "one")
     rows_split = run(split, tmp_path / "split")
@@ -38,6 +44,12 @@ def test_passes_of_two_equal_one_pass(tiny_bert_dir, tiny_csv, tmp_path, strateg
         assert r1["bytes_up_per_client"] == r2["bytes_up_per_client"]
         assert r1["bytes_down_per_client"] == r2["bytes_down_per_client"]
         assert r1["clients"] == r2["clients"]
+        assert r1.get("personal_accuracy") == pytest.approx(r2.get("personal_accuracy"), abs=1e-9)
+    # every round ≥ 1 measures each client's own model on its held-out 30%
+    assert all(r["personal_clients"] == 5 and 0.25 * 144 < r["personal_examples"] < 0.35 * 144
+               for r in rows_one[1:])
+    if strategy in ("ffa-lora", "rolora", "fedex-lora", "flexlora"):  # exact aggregates
+        assert all(r["agg_error"] <= 1e-5 for r in rows_one[1:])
 
 
 def test_sampled_clients_are_drawn_from_seed_and_round_only():

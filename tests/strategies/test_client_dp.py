@@ -350,3 +350,24 @@ def test_configured_noise_is_secret_unless_reproducible():
     # Execute / Assert: OS entropy by default (two builds differ), the seed's with --dp-reproducible
     assert not torch.equal(draws(False), draws(False))
     assert torch.equal(draws(True), draws(True))
+
+
+@pytest.mark.parametrize("name, rnd, pairs, want", [
+    ("ffa-lora", 0, [(3.0, 2.0), (3.0, 6.0)], (3.0, 4.0)),      # B: 1 + ((2−1) + (6−1)) / 2 = 4
+    ("rolora", 1, [(1.0, 1.0), (9.0, 1.0)], (5.0, 1.0)),        # round 2 trains A: 3 + (−2 + 6) / 2
+    ("fedsa-lora", 0, [(1.0, None), (7.0, None)], (4.0, 1.0)),  # A: 3 + (−2 + 4) / 2 = 4; B stays
+])
+def test_client_level_dp_releases_only_the_uploaded_factor(name, rnd, pairs, want):
+    # Prepare: global A = 3, B = 1; σ = 0 and a large clip, so the release is the plain mean
+    # of the uploaded factor's updates (m = 2 clients)
+    state = GlobalState(factors={"w": (torch.tensor([[3.0]]), torch.tensor([[1.0]]))}, scale=1.0, round=rnd)
+    uploads = [ClientUpload(num_examples=n, scale=1.0,
+                            factors={"w": (torch.tensor([[a]]), None if b is None else torch.tensor([[b]]))})
+               for n, (a, b) in zip((1, 3), pairs, strict=True)]
+    dp = ClientLevelDP(get_strategy(name), clip=100.0, noise_multiplier=0.0, expected_clients=2)
+    # Execute
+    agg = dp.aggregate(uploads, state)
+    # Assert: uniform weights (n_k hidden), the frozen / kept factor untouched, one release
+    A, B = agg.state.factors["w"]
+    assert (float(A), float(B)) == pytest.approx(want)
+    assert dp.steps == 1 and agg.agg_error is None

@@ -1,0 +1,81 @@
+"""Strategies as plugins: adapter plans, the registry, options from a job, describe()."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from fedlora.strategies import STRATEGIES, AdapterPlan, Strategy, register_strategy, strategy_class
+from fedlora.strategies.base import Option, parse_options
+
+
+def test_every_strategy_is_registered_from_its_own_file():
+    # Assert: the nine strategies, each class defined in the module named after it
+    assert set(STRATEGIES) == {"fedavg", "flora", "lora-fair", "fed-sb", "ffa-lora", "fedex-lora",
+                               "rolora", "fedsa-lora", "flexlora"}
+    for name, cls in STRATEGIES.items():
+        assert cls.__module__.rsplit(".", 1)[1] == name.replace("-", "_")
+
+
+def test_a_new_strategy_is_one_class():
+    # Prepare: a plugin declared in a test, as a user's file would
+    @register_strategy
+    class Frozen(Strategy):
+        name = "test-frozen-b"
+        adapter_plan = AdapterPlan(train=("A",), upload=("A",), download=("A",), shared=("B",))
+        options = {"k": Option(int, 3, "a knob")}
+
+        def __init__(self, k: int = 3) -> None:
+            self.k = k
+
+        def aggregate(self, uploads, state):
+            raise NotImplementedError
+    try:
+        # Execute
+        got = strategy_class("test-frozen-b").from_job(SimpleNamespace(strategy_options="k=7", seed=0))
+        # Assert: registered, its option parsed to its type, its plan declared
+        assert got.k == 7 and got.plan(3).train == ("A",) and got.describe()["options"] == {"k": 3}
+        with pytest.raises(ValueError, match="two strategies are called"):
+            register_strategy(type("Other", (Frozen,), {}))
+    finally:
+        STRATEGIES.pop("test-frozen-b")
+
+
+def test_options_from_a_job_and_their_errors():
+    # Execute / Assert: lora-fair takes lam; an unknown option names what it takes
+    fair = strategy_class("lora-fair").from_job(SimpleNamespace(strategy_options="lam=0.5", seed=0))
+    assert fair.lam == 0.5
+    sb = strategy_class("fed-sb").from_job(SimpleNamespace(strategy_options="init_lr=0.25", seed=4))
+    assert sb.init_lr == 0.25 and sb.seed == 4
+    with pytest.raises(ValueError, match=r"unknown option 'lambda' for strategy lora-fair \(it takes: lam\)"):
+        strategy_class("lora-fair").from_job(SimpleNamespace(strategy_options="lambda=1", seed=0))
+    with pytest.raises(ValueError, match="expected a float"):
+        strategy_class("lora-fair").from_job(SimpleNamespace(strategy_options="lam=big", seed=0))
+    with pytest.raises(ValueError, match="not NAME=VALUE"):
+        parse_options("lam")
+    assert parse_options(" lam = 1 , init-lr=2 ") == {"lam": "1", "init_lr": "2"}
+
+
+def test_plans_refuse_impossible_combinations():
+    with pytest.raises(ValueError, match="do not exist"):
+        AdapterPlan(train=("R",))
+    with pytest.raises(ValueError, match="cannot also train"):
+        AdapterPlan(shared=("A",))
+    with pytest.raises(ValueError, match="never uploaded"):
+        AdapterPlan(keep=("B",))
+    with pytest.raises(ValueError, match="at least one"):
+        AdapterPlan(train=())
+
+
+def test_declarations_of_the_new_strategies():
+    # Assert: what each one trains, sends and keeps, and which flags it takes
+    ffa, fedsa = STRATEGIES["ffa-lora"].adapter_plan, STRATEGIES["fedsa-lora"].adapter_plan
+    assert (ffa.train, ffa.upload, ffa.shared) == (("B",), ("B",), ("A",))
+    assert (fedsa.upload, fedsa.download, fedsa.keep) == (("A",), ("A",), ("B",))
+    assert STRATEGIES["fed-sb"].adapter_plan.core and STRATEGIES["fed-sb"].default_lr == 1e-2
+    sums = {n for n, c in STRATEGIES.items() if c.sum_only}
+    assert sums == {"fedavg", "fed-sb", "ffa-lora", "rolora", "fedsa-lora"}
+    hetero = {n for n, c in STRATEGIES.items() if c.heterogeneous_ranks}
+    assert hetero == {"flora", "flexlora"}
+    assert {n for n, c in STRATEGIES.items() if c.folds} == {"flora", "fedex-lora"}
