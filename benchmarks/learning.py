@@ -1,154 +1,160 @@
-"""Learning quality: every strategy vs centralized LoRA, on BBC News (and SST-2 when present).
+"""Learning study: every registered strategy vs centralized LoRA on BBC News, over seeds.
 
-Settings (MiniLM, r = 8, the ``fedlora-sim`` defaults otherwise: 3 rounds of 10 local steps
-of 8 × 64 tokens, seed 0):
+Settings (MiniLM, r = 8, 10 local steps of 8 × 64 tokens per round, each strategy's default lr;
+every client holds out 20% of its examples, so rows also report ``personal_accuracy``):
 
-* BBC News, 10 clients (all train every round), IID and Dirichlet α = 0.5;
-* BBC News, 100 clients, 10 sampled per round, IID and Dirichlet α = 0.5;
-* SST-2 (``../shared/data/sst2/train.tsv``, a seeded sample of ``--sst2-rows`` phrases),
-  10 IID clients, when the folder is present.
+* ``bbc-10-iid`` / ``bbc-10-dirichlet``: 10 clients, all train every round, IID or Dirichlet 0.5;
+* ``bbc-10-dirichlet-hetero``: the same clients with ranks 2/4/8 (cycled), for the strategies
+  that take heterogeneous ranks (flora, flexlora);
+* ``bbc-100-dirichlet0.1``: 100 clients, 10 sampled per round, Dirichlet 0.1 (strong skew),
+  20 rounds: sized for a GPU (``--only bbc-100``).
 
-Every federated setting runs ``fedlora-compare`` (all four strategies on the same partition).
-The centralized baseline is LoRA on the union of the clients' data: one client holding the
-whole training split, trained for as many examples as a federated round's clients see
-together (``local_steps × clients_per_round`` steps per round, same rounds, batch and lr as
-FedAvg). Each run lands in ``OUT/<setting>/``; the script prints one Markdown table.
+Each (setting, seed) is one ``fedlora-compare`` run (same partition, seed and sampled clients
+for every strategy) in ``OUT/<setting>/seed<k>/``, plus its centralized baseline: LoRA on the
+union of the clients' training examples (one client, ``local_steps × clients per round`` steps
+per round, same rounds, batch and lr as FedAvg) in ``OUT/<data>-centralized/seed<k>/``.
 
-Run: ``python benchmarks/learning.py --out runs/learning`` (about 20 runs; ~3 min each on
-2 CPU cores). ``--quick`` runs a 1-round smoke version.
+The table reports, per setting and strategy: the final accuracy (mean over seeds, ± half the
+range), the final personal accuracy, and the rounds and bytes (up + down, cumulative) until the
+global accuracy first reaches centralized − 2 points (mean over the seeds that reach it; "—"
+when none does). The accuracy-vs-bytes plots are the compare runs' ``accuracy_vs_bytes.png``.
+
+Run: ``python benchmarks/learning.py --out runs/learning --only bbc-10-dirichlet --seeds 0``
+(~10 min per strategy and seed on 2 CPU cores). ``--report-only`` rebuilds the table from the
+runs in ``--out``; ``--quick`` is a 1-round smoke run.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import os
-import random
+import statistics
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
+SETTINGS = {
+    "bbc-10-iid": (["--num-clients", "10", "--partition", "iid"], 10, None),
+    "bbc-10-dirichlet": (["--num-clients", "10", "--partition", "dirichlet", "--alpha", "0.5"], 10, None),
+    "bbc-10-dirichlet-hetero": (["--num-clients", "10", "--partition", "dirichlet", "--alpha", "0.5",
+                                 "--ranks", "2,4,8"], 10, "flora,flexlora"),
+    "bbc-100-dirichlet0.1": (["--num-clients", "100", "--clients-per-round", "10", "--partition",
+                              "dirichlet", "--alpha", "0.1"], 10, None),
+}
+"""name -> (job flags, clients per round, strategies (None: all))."""
 
 
-def sst2_sample(out: Path, rows: int, seed: int = 0) -> Path:
-    """A seeded sample of SST-2's training phrases as a TSV (``label``, ``sentence``)."""
-    lines = SST2.read_text().splitlines()
-    header, body = lines[0], lines[1:]
-    pick = random.Random(seed).sample(body, min(rows, len(body)))
-    path = out / "sst2-sample.tsv"
-    path.write_text("\n".join([header, *pick]) + "\n")
-    return path
+def job_flags(args: argparse.Namespace, seed: int) -> list[str]:
+    return ["--data", "bbcnews", "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
+            "--seed", str(seed), "--personal-test-fraction", "0.2", "--quiet", "--overwrite"]
 
 
-def settings(args: argparse.Namespace, sst2: Path | None) -> list[tuple[str, list[str], int]]:
-    """``(name, job flags, clients per round)`` of each federated setting."""
-    bbc = ["--data", "bbcnews"]
-    out = []
-    for n, k in ((10, 10), (100, 10)):
-        for part in (["--partition", "iid"], ["--partition", "dirichlet", "--alpha", "0.5"]):
-            name = f"bbc-{n}-clients-{part[1]}"
-            out.append((name, [*bbc, "--num-clients", str(n), "--clients-per-round", str(k), *part], k))
-    if sst2 is not None:
-        out.append(("sst2-10-clients-iid", ["--data", str(sst2), "--text-column", "sentence",
-                                            "--num-clients", "10", "--partition", "iid"], 10))
+def centralized(args: argparse.Namespace, per_round: int, seed: int, out: Path) -> Path:
+    """One client holding the union of the clients' training examples (the same examples a
+    round's clients see together per round)."""
+    from fedlora.simulations.cli import main as sim
+
+    if not (out / "metrics.jsonl").is_file() and not args.report_only:
+        flags = [*job_flags(args, seed), "--num-clients", "1", "--strategy", "fedavg",
+                 "--local-steps", str(args.local_steps * per_round), "--out", str(out)]
+        if sim(flags) != 0:
+            raise SystemExit(f"centralized run failed ({out})")
     return out
 
 
-def common(args: argparse.Namespace) -> list[str]:
-    return ["--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--seed", str(args.seed),
-            "--quiet", "--overwrite"]
+def read_rows(folder: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
-def centralized(data_flags: list[str], per_round: int, args: argparse.Namespace, out: Path) -> float:
-    """Final accuracy of one client trained on the union (same examples per round as the round's clients)."""
-    from fedlora.simulations.cli import main as sim
-
-    flags = [f for f in data_flags]
-    i = flags.index("--num-clients")
-    flags[i + 1] = "1"
-    if "--partition" in flags:
-        j = flags.index("--partition")
-        del flags[j:j + 2]
-        if "--alpha" in flags:
-            k = flags.index("--alpha")
-            del flags[k:k + 2]
-    if "--clients-per-round" in flags:
-        k = flags.index("--clients-per-round")
-        del flags[k:k + 2]
-    steps = args.local_steps * per_round
-    code = sim([*flags, "--rounds", str(args.rounds), "--local-steps", str(steps), "--seed", str(args.seed),
-                "--strategy", "fedavg", "--quiet", "--overwrite", "--out", str(out)])
-    if code != 0:
-        raise SystemExit(f"centralized run failed ({out})")
-    return final_accuracy(out)
+def to_target(rows: list[dict], target: float) -> tuple[int | None, int | None]:
+    """The first round whose accuracy is ≥ ``target`` and the bytes sent until then."""
+    total = 0
+    for r in rows:
+        total += int(r["bytes_up"]) + int(r["bytes_down"])
+        if r["round"] >= 1 and r["accuracy"] >= target:
+            return r["round"], total
+    return None, None
 
 
-def final_accuracy(folder: Path) -> float:
-    import json
+def spread(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean = statistics.fmean(values)
+    half = (max(values) - min(values)) / 2
+    return f"{mean:.1%}" + (f" ± {half:.1%}" if len(values) > 1 else "")
 
-    rows = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return rows[-1]["accuracy"]
 
-
-def read_table(folder: Path) -> list[dict]:
-    with (folder / "comparison.csv").open() as fh:
-        return list(csv.DictReader(fh))
+def table(args: argparse.Namespace, results: dict) -> list[str]:
+    lines = ["| setting | run | final acc | personal acc | vs centralized | rounds to C−2 | bytes to C−2 |"
+             " total bytes |", "|---|---|---|---|---|---|---|---|"]
+    for setting, (central, runs) in results.items():
+        lines.append(f"| {setting} | centralized LoRA | {spread(central)} | | | | | |")
+        for run, per_seed in runs.items():
+            final = [rows[-1]["accuracy"] for rows, _ in per_seed]
+            personal = [rows[-1]["personal_accuracy"] for rows, _ in per_seed
+                        if rows[-1].get("personal_accuracy") is not None]
+            hits = [to_target(rows, c - 0.02) for rows, c in per_seed]
+            reached = [h for h in hits if h[0] is not None]
+            rounds = (f"{statistics.fmean(h[0] for h in reached):.1f} ({len(reached)}/{len(hits)})"
+                      if reached else "—")
+            sent = f"{statistics.fmean(h[1] for h in reached) / 1e6:.1f} MB" if reached else "—"
+            total = statistics.fmean(sum(int(r["bytes_up"]) + int(r["bytes_down"]) for r in rows)
+                                     for rows, _ in per_seed)
+            gap = statistics.fmean(f - c for f, (_, c) in zip(final, per_seed, strict=True))
+            lines.append(f"| {setting} | {run} | {spread(final)} | {spread(personal)} | {gap:+.1%} |"
+                         f" {rounds} | {sent} | {total / 1e6:.1f} MB |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/learning"))
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-steps", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sst2-rows", type=int, default=5000)
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     p.add_argument("--only", default=None, help="run only the settings whose name contains this")
-    p.add_argument("--strategies", default=None, help="passed to fedlora-compare (default: all four)")
-    p.add_argument("--report-only", action="store_true",
-                   help="no runs: rebuild the table from the runs already in --out")
+    p.add_argument("--strategies", default=None, help="passed to fedlora-compare (default: all)")
+    p.add_argument("--report-only", action="store_true", help="no runs: the table from --out")
     p.add_argument("--quick", action="store_true", help="1 round of 2 steps (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.local_steps = 1, 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args.out.mkdir(parents=True, exist_ok=True)
-    sst2 = sst2_sample(args.out, args.sst2_rows, args.seed) if SST2.is_file() else None
-    if sst2 is None:
-        print(f"SST-2 not found at {SST2}: its setting is skipped", file=sys.stderr)
     from fedlora.simulations.compare import main as compare
 
-    lines = ["| setting | run | final acc | best acc | vs centralized | bytes up+down | wall s |",
-             "|---|---|---|---|---|---|---|"]
-    central: dict[str, float] = {}
-    for name, flags, per_round in settings(args, sst2):
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    results: dict = {}
+    for name, (flags, per_round, strategies) in SETTINGS.items():
         if args.only and args.only not in name:
             continue
-        t0 = time.perf_counter()
-        folder = args.out / name
-        key = name.split("-")[0]
-        if args.report_only:
+        rounds = max(args.rounds, 20) if name.startswith("bbc-100") and not args.quick else args.rounds
+        local = argparse.Namespace(**{**vars(args), "rounds": rounds})
+        central, runs = [], {}
+        for seed in seeds:
+            t0 = time.perf_counter()
+            folder = args.out / name / f"seed{seed}"
+            if not args.report_only and not (folder / "comparison.csv").is_file():
+                chosen = args.strategies or strategies or "all"
+                argv = [*flags, *job_flags(local, seed), "--strategies", chosen, "--out", str(folder)]
+                if compare(argv) != 0:
+                    raise SystemExit(f"fedlora-compare failed for {name} seed {seed}")
             if not (folder / "comparison.csv").is_file():
                 continue
-        elif compare([*flags, *common(args), "--out", str(folder),
-                      *(["--strategies", args.strategies] if args.strategies else [])]) != 0:
-            raise SystemExit(f"fedlora-compare failed for {name}")
-        if key not in central:
-            done = args.out / f"{key}-centralized"
-            central[key] = final_accuracy(done) if (done / "metrics.jsonl").is_file() \
-                else centralized(flags, per_round, args, done)  # shared by the settings: run once
-            lines.append(f"| {key} | centralized LoRA (union, {per_round}× steps) | {central[key]:.1%} |"
-                         " | | | |")
-        for row in read_table(folder):
-            acc = float(row["final_accuracy"])
-            lines.append(f"| {name} | {row['run']} | {acc:.1%} | {float(row['best_accuracy']):.1%} |"
-                         f" {acc - central[key]:+.1%} | {int(float(row['bytes_total'])):,} |"
-                         f" {float(row['seconds']):.0f} |")
-        print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            home = args.out / f"{name.split('-')[0]}-{rounds}r-centralized"
+            base = centralized(local, per_round, seed, home / f"seed{seed}")
+            if not (base / "metrics.jsonl").is_file():
+                continue
+            c = read_rows(base)[-1]["accuracy"]
+            central.append(c)
+            for run in sorted(d for d in folder.iterdir() if (d / "metrics.jsonl").is_file()):
+                runs.setdefault(run.name, []).append((read_rows(run), c))
+            print(f"{name} seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        if central:
+            results[name] = (central, runs)
     print(f"job: MiniLM, r = 8, {args.rounds} rounds × {args.local_steps} local steps of 8 × 64 tokens,"
-          f" seed {args.seed}")
-    print("\n".join(lines))
+          f" seeds {args.seeds}")
+    print("\n".join(table(args, results)))
     return 0
 
 

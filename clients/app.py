@@ -4,7 +4,9 @@ Replies carry the upload (``upload`` arrays, or ``grads`` for Fed-SB's round 0) 
 ``metrics`` (``num-examples``, ``train-loss``, ``train-seconds``, ``rank``,
 ``client-id``). The node's :class:`fedlora.local.LocalClient` (model, data, folds)
 is cached per (run, node): under ``fedlora-client`` the ClientApp runs inside one
-long-lived process, so the base model is loaded once per run, not per message.
+long-lived process, so the base model is loaded once per run, not per message. What must
+outlive a rebuilt client (its DP ledger, the personal factors its strategy keeps) is kept in
+the node's ``context.state`` and in a file beside the ledger.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import Tensor
 
 from fedlora.config import from_run_config
 from fedlora.local import ClientData, LocalClient
@@ -36,8 +40,7 @@ def local_client(msg: Message, context: Context) -> LocalClient:
         labels = [n for n in msg.content["config"]["label-names"] if n]
         client = LocalClient(cfg, ClientData.from_node_config(dict(context.node_config)), labels)
         _CACHE[key] = client
-        if KEPT in context.state.array_records:  # personal factors of a rebuilt client (Flower sim)
-            client.held.update(from_record(context.state[KEPT]))
+        client.kept.update(read_kept(client, context))
     if client.budget is not None:
         # the ledger outlives a rebuilt client (Flower's simulation, a restarted ClientApp) in the
         # node's context, and a restarted node or a resumed server in a file
@@ -65,6 +68,35 @@ def read_ledger(path: Path) -> int:
         return int(json.loads(path.read_text())["steps"])
     except (OSError, ValueError, KeyError):
         return 0
+
+
+def read_kept(client: LocalClient, context: Context) -> dict[int, dict[str, Tensor]]:
+    """A rebuilt client's personal factors by round (the plan's keep): from the node's
+    ``context.state`` (Flower's simulation rebuilds clients), else from its file (a restarted
+    node, or a resumed server, which starts a new Flower run)."""
+    flat: dict[str, Tensor] = {}
+    path = ledger_path(client, context).with_suffix(".kept.pt")
+    if KEPT in context.state.array_records:
+        flat = from_record(context.state[KEPT])
+    elif path.is_file():
+        flat = torch.load(path)
+    out: dict[int, dict[str, Tensor]] = {}
+    for key, t in flat.items():  # "t<round>.<layer>.lora_<F>"
+        rnd, _, name = key.partition(".")
+        out.setdefault(int(rnd[1:]), {})[name] = t
+    return out
+
+
+def _keep_factors(client: LocalClient, context: Context) -> None:
+    kept = {f"t{rnd}.{name}": t for rnd, got in client.kept.items() for name, t in got.items()}
+    if not kept:
+        return
+    context.state[KEPT] = to_record(kept)
+    path = ledger_path(client, context).with_suffix(".kept.pt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(kept, tmp)
+    os.replace(tmp, path)
 
 
 def _keep_ledger(client: LocalClient, context: Context) -> None:
@@ -98,9 +130,7 @@ def train(msg: Message, context: Context) -> Message:
                 float(conf.get("scale", 0.0)) or None)
     upload, loss, seconds = client.fit(rnd)
     _keep_ledger(client, context)
-    kept = {k: t for k, t in client.held.items() if k.rpartition(".lora_")[2] in client.fm.config.plan.keep}
-    if kept:
-        context.state[KEPT] = to_record(kept)
+    _keep_factors(client, context)
     return Message(RecordDict({"upload": to_record(upload), "metrics": _metrics(client, seconds, loss)}),
                    reply_to=msg)
 

@@ -136,7 +136,7 @@ class JobConfig:
     dp_reproducible: bool = option(False, "draw the DP noise and Poisson batches from --seed instead of"
                                    " OS entropy, so runs repeat exactly; for tests only: knowing the"
                                    " seed removes the noise", group="differential privacy")
-    dp_run_id: str = option("", group=None)  # names the clients' privacy ledgers; kept by --resume
+    dp_run_id: str = option("", group=None)  # names clients' ledgers and kept factors; kept by --resume
     dp_backend: str = option("auto", "--dp sample: who computes DP-SGD. fedlora: per-example gradients"
                              " of every client of a pass in one forward/backward; opacus: Opacus'"
                              " GradSampleModule and DPOptimizer, one client at a time; auto: opacus on"

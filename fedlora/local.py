@@ -48,6 +48,10 @@ class ClientData:
                    data=node_config.get("data") or None)
 
 
+KEEP_ROUNDS = 3
+"""Rounds of kept (personal) factors a client holds: a resumed server redoes at most one."""
+
+
 class LocalClient:
     """A client's model (one slot), training data and fold bookkeeping for one run."""
 
@@ -65,9 +69,11 @@ class LocalClient:
         self.train = self.task.encode(tokenizer, ds, cfg)
         self.sampler = ClientSampler.for_client(cfg, where.client_id, range(len(ds)))
         self.folded_through = 0
-        # factors this client holds between rounds: the plan's shared ones (sent once) and its
-        # kept, personal ones (``<layer>.lora_<F>``)
+        # factors this client holds between rounds (``<layer>.lora_<F>``): the plan's shared ones
+        # (sent once), and its own kept ones by the round that trained them (0: the starting
+        # values), so that a round the server redoes (a resumed server) starts from the right ones
         self.held: dict[str, Tensor] = {}
+        self.kept: dict[int, dict[str, Tensor]] = {}
         # --dp sample: this client's privacy ledger (σ calibrated to its own sampling rate)
         self.budget = sample_budgets(cfg, [len(ds)], self.fm.model)[0] if cfg.dp == "sample" else None
 
@@ -96,22 +102,30 @@ class LocalClient:
         plan = self.strategy.plan(rnd)
         self.fm.set_plan(plan)
         scale = scale or self.cfg.lora_alpha / self.rank  # the global adapter's (FlexLoRA: 1)
-        # a kept factor the client already holds is its own: a re-sent starting value is ignored
-        download = {k: t for k, t in download.items()
-                    if not (k.rpartition(".lora_")[2] in plan.keep and k in self.held)}
-        state, fold = download_from_tensors(download, scale, self.held)
-        if rnd - 1 <= self.folded_through:
-            fold = {}
+        mine = self.kept_before(rnd)
+        if mine is not None:  # the client's own kept factors: a re-sent starting value is ignored
+            download = {k: t for k, t in download.items() if k.rpartition(".lora_")[2] not in plan.keep}
+        else:
+            mine = {k: t for k, t in download.items() if k.rpartition(".lora_")[2] in plan.keep}
+            if mine:
+                self.kept[0] = mine
+        self.held.update({k: t for k, t in download.items() if k.rpartition(".lora_")[2] in plan.shared})
         for kind in (*plan.shared, *plan.keep):
-            missing = [k for k in self.fm.adapters if f"{k}.lora_{kind}" not in self.held
-                       and f"{k}.lora_{kind}" not in download]
+            missing = [k for k in self.fm.adapters if f"{k}.lora_{kind}" not in {**self.held, **mine}]
             if missing:
                 raise ValueError(f"the server did not send {missing[0]}.lora_{kind}, which this"
                                  " client does not hold yet")
-        self.held.update({k: t for k, t in download.items()
-                          if k.rpartition(".lora_")[2] in (*plan.shared, *plan.keep)})
+        state, fold = download_from_tensors(download, scale, {**self.held, **mine})
+        if rnd - 1 <= self.folded_through:
+            fold = {}
         apply_global(self.fm, state, fold, fresh_seed)
         self.folded_through = max(self.folded_through, rnd - 1)
+
+    def kept_before(self, rnd: int) -> dict[str, Tensor] | None:
+        """The kept factors this client starts round ``rnd`` from: those of its latest round
+        before ``rnd`` (None when it has none yet)."""
+        done = [t for t in self.kept if t < rnd]
+        return self.kept[max(done)] if done else None
 
     def _budgets(self):
         return None if self.budget is None else [self.budget]
@@ -129,7 +143,10 @@ class LocalClient:
                                f" ({self.budget.spent:.3f} after {self.budget.steps} steps)")
         cfg = TrainConfig.from_job(self.cfg, lone=True)
         losses = local_training(self.fm, self.train, [self.sampler], cfg, rnd, self._budgets())
-        self.held.update(extract_kept(self.fm, 0))
+        if self.fm.config.plan.keep:
+            self.kept[rnd] = extract_kept(self.fm, 0)
+            for old in sorted(self.kept)[:-KEEP_ROUNDS]:
+                del self.kept[old]
         up = upload_tensors(extract_upload(self.fm, 0, len(self)), self.fm.config.plan)
         return up, losses[0], time.perf_counter() - t0
 

@@ -28,6 +28,7 @@ from fedlora.config import (
 )
 from fedlora.errors import UserError, command
 from fedlora.rounds import format_row
+from fedlora.strategies import STRATEGIES
 from fedlora.tls import check_certificate, check_port_free, check_private_key, check_public_key
 
 
@@ -90,7 +91,8 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
             raise UserError(f"--min-replies must be in 1..--num-clients ({args.num_clients}),"
                             f" got {args.min_replies}")
         cfg = to_config(args)
-        if cfg.dp == "sample":  # a fresh run: fresh client ledgers; --resume keeps this id
+        if cfg.dp == "sample" or STRATEGIES[cfg.strategy].adapter_plan.keep:
+            # a fresh run: fresh client ledgers and personal factors; --resume keeps this id
             import uuid
 
             cfg.dp_run_id = uuid.uuid4().hex

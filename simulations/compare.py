@@ -41,7 +41,10 @@ ALL_STRATEGIES = ["fedavg", "flora", "lora-fair", "fed-sb"]
 # ---- command line ----
 
 def _strategies(text: str) -> list[str]:
-    """``--strategies fedavg,flora``: known names, each once, at least one."""
+    """``--strategies fedavg,flora``: registered names, each once, at least one; ``all``: every
+    registered strategy."""
+    if text.strip() == "all":
+        return list(STRATEGIES)
     names = [v.strip() for v in text.split(",") if v.strip()]
     if not names:
         raise argparse.ArgumentTypeError(f"takes strategy names like fedavg,flora, got {text!r}")
@@ -76,10 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_scale_arguments(p, "scale (as fedlora-sim; the same clients in every run)")
     comp = p.add_argument_group("comparison")
     comp.add_argument("--strategies", type=_strategies, default=list(ALL_STRATEGIES),
-                      help="comma-separated strategies to run (default: fedavg,flora,lora-fair,fed-sb);"
-                           " --lr, when given, applies to all of them")
+                      help="comma-separated strategies to run, or all (registered: "
+                           + ", ".join(STRATEGIES) + "; default: " + ",".join(ALL_STRATEGIES)
+                           + "); --lr, when given, applies to all of them")
     comp.add_argument("--hetero-ranks", type=_hetero_ranks, default=None,
-                      help="also run every selected strategy that allows per-client ranks (flora)"
+                      help="also run every selected strategy that allows per-client ranks (flora, flexlora)"
                            " with these ranks cycled over the clients, e.g. 4,8,16")
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")

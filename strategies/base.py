@@ -297,6 +297,13 @@ def client_weights(uploads: Sequence[ClientUpload]) -> list[float]:
     return [n / total for n in counts]
 
 
+def average_factor(uploads: Sequence[ClientUpload], weights: Sequence[float], layer: str,
+                   factor: str) -> Tensor:
+    """``Σ p_k A_k`` or ``Σ p_k B_k`` (``factor`` "A" or "B") of one layer."""
+    i = ("A", "B").index(factor)
+    return sum(p * u.factors[layer][i] for p, u in zip(weights, uploads, strict=True))
+
+
 def average_head(uploads: Sequence[ClientUpload], weights: Sequence[float]) -> dict[str, Tensor]:
     """Weighted average of the dense task-head tensors."""
     if not uploads[0].head:

@@ -31,7 +31,7 @@ from .base import (
     relative_error,
 )
 from .fedavg import average_factors, check_same_rank
-from .flora import compact
+from .flora import merge
 
 
 @register_strategy
@@ -55,9 +55,6 @@ class FedExLoRA(Strategy):
             fB = torch.cat([*us, -s * B_bar], dim=1)                  # (d_out, (K+1) r)
             fold[layer] = (fA, fB)
             parts[layer] = ([fB, s * B_bar], [fA, A_bar], us, vs)
-            if layer in merged:
-                mA, mB = merged[layer]
-                fA, fB = compact(torch.cat([mA, fA], dim=0), torch.cat([mB, fB], dim=1))
-            merged[layer] = (fA, fB)
+            merge(merged, layer, fA, fB)
         new = GlobalState(factors=factors, scale=s, merged=merged, head=average_head(uploads, p))
         return Aggregate(state=new, fold=fold, agg_error=relative_error(parts))

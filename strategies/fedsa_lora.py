@@ -22,6 +22,7 @@ from .base import (
     ClientUpload,
     GlobalState,
     Strategy,
+    average_factor,
     average_head,
     client_weights,
     register_strategy,
@@ -46,7 +47,7 @@ class FedSALoRA(Strategy):
         check_same_rank(uploads, self.name)
         factors = {}
         for layer, (_, B0) in state.factors.items():
-            A = sum(w * u.factors[layer][0] for w, u in zip(p, uploads, strict=True))
+            A = average_factor(uploads, p, layer, "A")
             factors[layer] = (A, B0)
         new = GlobalState(factors=factors, scale=uploads[0].scale, merged=dict(state.merged),
                           head=average_head(uploads, p))

@@ -21,6 +21,7 @@ from .base import (
     ClientUpload,
     GlobalState,
     Strategy,
+    average_factor,
     average_head,
     client_weights,
     ideal_factors,
@@ -48,7 +49,7 @@ class FFALoRA(Strategy):
         s = uploads[0].scale
         factors, parts = {}, {}
         for layer, (A, _) in state.factors.items():
-            B = sum(w * u.factors[layer][1] for w, u in zip(p, uploads, strict=True))
+            B = average_factor(uploads, p, layer, "B")
             factors[layer] = (A, B)
             parts[layer] = ([s * B], [A], *ideal_factors(uploads, p, layer))
         new = GlobalState(factors=factors, scale=s, merged=dict(state.merged),

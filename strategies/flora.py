@@ -59,6 +59,14 @@ def compact(A: torch.Tensor, B: torch.Tensor) -> Factors:
     return Q.T.to(A.dtype), (B.double() @ R.T).to(B.dtype)
 
 
+def merge(merged: dict[str, Factors], layer: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Add the fold ``B A`` to ``merged[layer]`` (all updates folded so far), compacted."""
+    if layer in merged:
+        mA, mB = merged[layer]
+        A, B = compact(torch.cat([mA, A], dim=0), torch.cat([mB, B], dim=1))
+    merged[layer] = (A, B)
+
+
 @register_strategy
 class FLoRA(Strategy):
     name = "flora"
@@ -76,9 +84,6 @@ class FLoRA(Strategy):
             A, B = stack(uploads, p, layer)
             fold[layer] = (A, B)
             parts[layer] = ([B], [A], *ideal_factors(uploads, p, layer))
-            if layer in merged:
-                mA, mB = merged[layer]
-                A, B = compact(torch.cat([mA, A], dim=0), torch.cat([mB, B], dim=1))
-            merged[layer] = (A, B)
+            merge(merged, layer, A, B)
         new = GlobalState(factors=None, scale=1.0, merged=merged, head=average_head(uploads, p))
         return Aggregate(state=new, fold=fold, agg_error=relative_error(parts))

@@ -22,6 +22,7 @@ from .base import (
     ClientUpload,
     GlobalState,
     Strategy,
+    average_factor,
     average_head,
     client_weights,
     ideal_factors,
@@ -56,7 +57,7 @@ class RoLoRA(Strategy):
         s = uploads[0].scale
         factors, parts = {}, {}
         for layer, (A, B) in state.factors.items():
-            mean = sum(w * u.factors[layer][trained == "B"] for w, u in zip(p, uploads, strict=True))
+            mean = average_factor(uploads, p, layer, trained)
             A, B = (A, mean) if trained == "B" else (mean, B)
             factors[layer] = (A, B)
             parts[layer] = ([s * B], [A], *ideal_factors(uploads, p, layer))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 import tomllib
 
-from fedlora.config import JobConfig, from_run_config, to_run_config
+from fedlora.config import JobConfig, from_dict, from_run_config, to_run_config
+from fedlora.errors import UserError
 from fedlora.server.cli import build_parser, run_config, to_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,3 +40,16 @@ def test_repo_flower_app_config_has_exactly_the_server_keys(tmp_path):
             assert value == expected[key], key
     assert app["components"] == {"serverapp": "fedlora.server.app:app",
                                  "clientapp": "fedlora.clients.app:app"}
+
+
+def test_config_json_of_an_older_version_keeps_its_strategy_option():
+    # Prepare: a config.json written before strategy options (lora-fair's λ was a field)
+    old = asdict(JobConfig(strategy="lora-fair"))
+    del old["strategy_options"], old["personal_test_fraction"]
+    old.update(fair_lambda=0.05, sb_init_lr=0.001)
+    # Execute
+    cfg = from_dict(old)
+    # Assert: λ carried over as the strategy's option; fed-sb's field dropped (not this strategy)
+    assert cfg.strategy_options == "lam=0.05" and cfg.personal_test_fraction == 0.0
+    with pytest.raises(UserError, match=r"unknown settings \['colour'\]"):
+        from_dict({**asdict(JobConfig()), "colour": "red"})

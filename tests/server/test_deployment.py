@@ -209,24 +209,29 @@ def test_killed_client_does_not_stop_the_run(tiny_bert_dir, tiny_csv, tmp_path):
     assert got[2]["failed"] + got[3]["failed"] >= 1 or got[2]["clients"] == 3
 
 
-def test_resume_after_server_kill_gives_the_uninterrupted_adapter(plain, tiny_bert_dir, tiny_csv):
-    # Prepare: an uninterrupted 3-round run
+@pytest.mark.parametrize("strategy", ["fedavg", "fedsa-lora"])
+def test_resume_after_server_kill_gives_the_uninterrupted_adapter(plain, tiny_bert_dir, tiny_csv, strategy):
+    # Prepare: an uninterrupted 3-round run (FedSA-LoRA: the clients keep their own B)
     tmp, port, _ = plain
-    args = ["--insecure", "--rounds", "3", *job(tiny_bert_dir, tiny_csv), *WAIT]
-    full = tmp / "full"
-    assert server(tmp, port, full, *args, name="server-full").wait(240) == 0
+    args = ["--insecure", "--rounds", "3", "--strategy", strategy, *job(tiny_bert_dir, tiny_csv),
+            *EXTRA.get(strategy, []), *WAIT]
+    full = tmp / f"full-{strategy}"
+    assert server(tmp, port, full, *args, name=f"server-full-{strategy}").wait(240) == 0
     # Execute: the same run killed (SIGKILL, SuperLink included) after round 1, then resumed
-    cut = tmp / "cut"
-    srv = server(tmp, port, cut, *args, name="server-cut")
+    cut = tmp / f"cut-{strategy}"
+    srv = server(tmp, port, cut, *args, name=f"server-cut-{strategy}")
     wait_for_round(cut, 1, 120)
     srv.kill()
     assert json.loads((cut / "status.json").read_text())["state"] == "running"
     wait_port_free(port, 30)
     resumed = server(tmp, port, cut, "--insecure", "--resume", str(cut), "--round-timeout", "60",
-                     name="server-resumed")
+                     name=f"server-resumed-{strategy}")
     assert resumed.wait(240) == 0, resumed.text()[-3000:]
-    # Assert: rounds 0..3 once each, and the same adapter as the uninterrupted run
+    # Assert: rounds 0..3 once each, and the same adapter (and clients' own models: a redone
+    # round starts from the B each client kept before it) as the uninterrupted run
     assert [r["round"] for r in rows(cut)] == [0, 1, 2, 3]
+    for x, y in zip(rows(full)[1:], rows(cut)[1:], strict=True):
+        assert y.get("personal_accuracy") == x.get("personal_accuracy")
     a, b = adapter_tensors(full), adapter_tensors(cut)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

@@ -90,6 +90,14 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
     (["--data", "bbcnews-instruct"],
      "--data bbcnews-instruct is not for --task classification; it reads bbcnews"),
     (["--eval-max", "-1"], "--eval-max must be ≥ 0 (0: all), got -1"),
+    (["--strategy", "ffa-lora", "--ranks", "2,4"], "takes heterogeneous ranks (flexlora, flora)"),
+    (["--strategy", "fedex-lora", "--dp", "client", "--epsilon", "8", "--delta", "1e-3"],
+     "--dp client needs a strategy whose aggregate is a sum of client updates (fed-sb, fedavg,"),
+    (["--strategy", "fedsa-lora"], "--strategy fedsa-lora keeps personal factors on each client"),
+    (["--strategy", "lora-fair", "--strategy-options", "lambda=1"],
+     "--strategy lora-fair: unknown option 'lambda' for strategy lora-fair (it takes: lam)"),
+    (["--strategy-options", "lam=1"], "unknown option 'lam' for strategy fedavg (it takes: no options)"),
+    (["--personal-test-fraction", "1"], "--personal-test-fraction must be in [0, 1), got 1.0"),
 ])
 def test_bad_input_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path, capsys, extra, message):
     # Execute

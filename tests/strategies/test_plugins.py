@@ -79,3 +79,30 @@ def test_declarations_of_the_new_strategies():
     hetero = {n for n, c in STRATEGIES.items() if c.heterogeneous_ranks}
     assert hetero == {"flora", "flexlora"}
     assert {n for n, c in STRATEGIES.items() if c.folds} == {"flora", "fedex-lora"}
+
+
+def test_the_readme_example_strategy_works():
+    # Prepare: the README's one-file strategy, its relative imports made absolute
+    import re
+    from pathlib import Path
+
+    import torch
+
+    from fedlora.strategies import ClientUpload, GlobalState
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = re.search(r"```python\n(# strategies/my_method.py.*?)```", readme, re.S).group(1)
+    code = code.replace("from .", "from fedlora.strategies.")
+    try:
+        exec(compile(code, "my_method.py", "exec"), {"__name__": "my_method"})
+        # Execute: built from a job's options, one round of two clients (p = 1/4, 3/4)
+        s = strategy_class("my-method").from_job(SimpleNamespace(strategy_options="beta=0.5", seed=0))
+        state = GlobalState(factors={"w": (torch.ones(1, 1), torch.full((1, 1), 2.0))}, scale=1.0)
+        ups = [ClientUpload(num_examples=n, factors={"w": (torch.ones(1, 1), torch.full((1, 1), b))})
+               for n, b in ((1, 4.0), (3, 8.0))]
+        new = s.aggregate(ups, state).state
+        # Assert: B = 0.5 · 2 + 0.5 · (4/4 + 24/4) = 4.5; the plan trains B only
+        assert float(new.factors["w"][1]) == pytest.approx(4.5)
+        assert s.plan(1).train == ("B",) and s.beta == 0.5
+    finally:
+        STRATEGIES.pop("my-method", None)
