@@ -297,6 +297,7 @@ def format_row(row: dict) -> str:
     err = "-" if row["agg_error"] is None else f"{row['agg_error']:.2e}"
     eps = "" if row.get("epsilon") is None else f"  ε {row['epsilon']:.2f}"
     ppl = f"  ppl {row['perplexity']:.2f}" if row.get("perplexity") is not None else ""
+    ppl += f"  personal {row['personal_accuracy']:.4f}" if row.get("personal_accuracy") is not None else ""
     name = METRIC_LABELS.get(row.get("metric", "accuracy"), row.get("metric", "acc"))
     return (f"round {row['round']:>3}  {name} {row['accuracy']:.4f}  loss {row['loss']:.4f}{ppl}  "
             f"agg_err {err}  up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB  "

@@ -1,0 +1,23 @@
+"""The round line and the personal-accuracy columns of ``fedlora.rounds``."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlora.rounds import format_row, personal_columns
+
+ROW = {"round": 2, "accuracy": 0.8, "loss": 0.5, "agg_error": None, "bytes_up": 2e6, "bytes_down": 1e6,
+       "seconds": 3.0, "eval_seconds": 1.0}
+
+
+def test_personal_columns_weight_clients_by_their_held_out_examples():
+    # 3 of 4 right on one client, 1 of 6 on another: (3 + 1) / 10, not the mean 0.458
+    got = personal_columns([{"accuracy": 0.75, "eval_examples": 4}, {"accuracy": 1 / 6, "eval_examples": 6}])
+    assert got == {"personal_accuracy": pytest.approx(0.4), "personal_examples": 10, "personal_clients": 2}
+    assert personal_columns([]) == {}
+
+
+def test_round_line_shows_personal_accuracy_only_when_measured():
+    assert "personal 0.4000" in format_row({**ROW, "personal_accuracy": 0.4})
+    assert "personal" not in format_row(ROW)
+    assert "acc 0.8000" in format_row(ROW) and "up 2.00 MB" in format_row(ROW)
