@@ -106,3 +106,19 @@ def test_the_readme_example_strategy_works():
         assert s.plan(1).train == ("B",) and s.beta == 0.5
     finally:
         STRATEGIES.pop("my-method", None)
+
+
+def test_every_registered_strategy_has_its_readme_row_with_its_options():
+    # Prepare: the README's strategy table, name -> options cell
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text().split("## Quickstart")[0]
+    table = re.finditer(r"^\| `([a-z-]+)` \|.*\|([^|]*)\|$", readme, re.M)
+    rows = {m.group(1): m.group(2).strip() for m in table}
+    # Assert: one row per strategy, listing exactly its options and their defaults
+    for name, cls in STRATEGIES.items():
+        assert name in rows, f"README has no row for {name}"
+        want = sorted(f"`{k}={o.default:g}`" if isinstance(o.default, float) else f"`{k}={o.default}`"
+                      for k, o in cls.options.items())
+        assert sorted(filter(None, (c.strip() for c in rows[name].split(",")))) == want, name
