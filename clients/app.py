@@ -118,16 +118,23 @@ def _metrics(client: LocalClient, seconds: float, loss: float = 0.0) -> MetricRe
                          "noise-multiplier": 0.0 if client.budget is None else float(client.budget.sigma)})
 
 
+def _load_global(client: LocalClient, msg: Message) -> None:
+    """Apply the message's global state (``global`` arrays, missing folds in ``catchup``, the
+    fresh-adapter seed and the global adapter's scale in ``config``) for its round."""
+    conf = msg.content["config"]
+    catch = from_record(msg.content["catchup"]) if "catchup" in msg.content.array_records else {}
+    seed = int(conf["fresh-seed"])
+    client.load(int(conf["round"]), from_record(msg.content["global"]), catch, None if seed < 0 else seed,
+                float(conf.get("scale", 0.0)) or None)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Round t: load the global state (and missing folds), train, reply with the adapter."""
     client = local_client(msg, context)
     conf = msg.content["config"]
     rnd = int(conf["round"])
-    catch = from_record(msg.content["catchup"]) if "catchup" in msg.content.array_records else {}
-    seed = int(conf["fresh-seed"])
-    client.load(rnd, from_record(msg.content["global"]), catch, None if seed < 0 else seed,
-                float(conf.get("scale", 0.0)) or None)
+    _load_global(client, msg)
     upload, loss, seconds = client.fit(rnd)
     _keep_ledger(client, context)
     _keep_factors(client, context)
@@ -140,11 +147,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """After round t: load the new global state (with what this client keeps) and measure it
     on this client's held-out examples (``--personal-test-fraction``)."""
     client = local_client(msg, context)
-    conf = msg.content["config"]
-    catch = from_record(msg.content["catchup"]) if "catchup" in msg.content.array_records else {}
-    seed = int(conf["fresh-seed"])
-    client.load(int(conf["round"]), from_record(msg.content["global"]), catch, None if seed < 0 else seed,
-                float(conf.get("scale", 0.0)) or None)
+    _load_global(client, msg)
     got = client.evaluate()
     metrics = MetricRecord({"accuracy": float(got["accuracy"]), "eval-examples": int(got["eval_examples"]),
                             "client-id": client.where.client_id})

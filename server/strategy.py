@@ -76,10 +76,7 @@ class FedLoRA(FlowerStrategy):
         messages = []
         self.sent_bytes = {}
         for node in nodes:
-            down, catch = self.coord.payload(node)
-            content = RecordDict({"global": to_record(down), "config": self._round_config(server_round)})
-            if catch:
-                content["catchup"] = to_record(catch)
+            content = self._global_content(node, server_round)
             self.sent_bytes[node] = sum(wire_bytes(r) for r in content.array_records.values())
             messages.append(Message(content=content, message_type="train", dst_node_id=node,
                                     group_id=str(server_round)))
@@ -119,10 +116,7 @@ class FedLoRA(FlowerStrategy):
             return []
         messages = []
         for node in self._nodes:
-            down, catch = self.coord.payload(node)
-            content = RecordDict({"global": to_record(down), "config": self._round_config(server_round + 1)})
-            if catch:
-                content["catchup"] = to_record(catch)
+            content = self._global_content(node, server_round + 1)
             messages.append(Message(content=content, message_type="evaluate", dst_node_id=node,
                                     group_id=f"eval-{server_round}"))
         return messages
@@ -208,6 +202,15 @@ class FedLoRA(FlowerStrategy):
         if len(nodes) > want:
             nodes = sorted(random.Random(cfg.seed * 7919 + rnd).sample(nodes, want))
         return nodes
+
+    def _global_content(self, node: int, rnd: int) -> RecordDict:
+        """What ``node`` needs to load the global state for round ``rnd``: its download
+        (``global``), the folds it misses (``catchup``) and the round's ``config``."""
+        down, catch = self.coord.payload(node)
+        content = RecordDict({"global": to_record(down), "config": self._round_config(rnd)})
+        if catch:
+            content["catchup"] = to_record(catch)
+        return content
 
     def _round_config(self, rnd: int) -> ConfigRecord:
         seed, state = self.coord.fresh_seed, self.coord.state

@@ -118,11 +118,14 @@ def local_round(job: Job, coord: Coordinator, rnd: int, clients: list[int],
 
 def personal_evaluation(job: Job, coord: Coordinator, clients: list[int]) -> dict:
     """``--personal-test-fraction``: each client's own model (the global state plus what it
-    kept) on its own held-out examples, combined by :func:`fedlora.rounds.personal_columns`."""
+    kept) on its own held-out examples, combined by :func:`fedlora.rounds.personal_columns`.
+    Slot 0 takes the client's rank first: FlexLoRA's clients start from their own rank's
+    truncation of the global update."""
     if job.personal is None:
         return {}
     results = []
     for c in clients:
+        job.fm.set_ranks([job.cfg.rank_of(c)] * job.fm.num_clients)
         coord.reload()
         if c in coord.personal:
             load_kept(job.fm, 0, coord.personal[c])

@@ -241,13 +241,8 @@ class Strategy(ABC):
 
     @property
     def fresh_adapters(self) -> bool:
-        """True when clients start every round from fresh adapters (the server folds)."""
-        return self.adapter_plan.start == "fresh"
-
-    @property
-    def personal(self) -> bool:
-        """True when clients keep personal factors between rounds."""
-        return bool(self.adapter_plan.keep)
+        """True when clients start round 1 from fresh adapters (FLoRA every round, FlexLoRA)."""
+        return self.plan(1).start == "fresh"
 
     def initialize(self, uploads: Sequence[ClientUpload], rank: int, scale: float) -> GlobalState:
         """Build the first global state from clients' gradient estimates (Fed-SB only)."""
@@ -280,7 +275,7 @@ class Strategy(ABC):
             "heterogeneous_ranks": self.heterogeneous_ranks,
             "needs_gradient_init": self.needs_gradient_init,
             "fresh_adapters": self.fresh_adapters,
-            "personal": self.personal,
+            "personal": bool(self.adapter_plan.keep),
             "default_lr": self.default_lr,
             "options": {k: o.default for k, o in self.options.items()},
         }

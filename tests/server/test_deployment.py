@@ -63,7 +63,8 @@ def plain(tmp_path_factory):
 
 #: Extra flags per strategy: FedSA-LoRA's clients keep B, so their models are measured on
 #: their own held-out examples; FlexLoRA's clients train different ranks.
-EXTRA = {"fedsa-lora": ["--personal-test-fraction", "0.3"], "flexlora": ["--ranks", "2,4"]}
+EXTRA = {"fedsa-lora": ["--personal-test-fraction", "0.3"],
+         "flexlora": ["--ranks", "2,4", "--personal-test-fraction", "0.3"]}
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "flora", "lora-fair", "fed-sb", "ffa-lora", "rolora",
