@@ -17,10 +17,11 @@ the LoRA strategies. Global states are built directly:
   exceeds d, re-factors exactly by QR (``compact``) as every round from the third on
   does; ``--flora-round first`` times round 1 (nothing merged yet);
 * fed-sb: shared frozen ``A``, ``B`` with orthonormal rows/columns and random cores
-  ``R_k``; its gradient initialisation (``initialize``, a one-off round, not part of
-  the per-round time) gets its own line, timed with the K clients' ``d × d``
-  gradients sharing one tensor per layer (same arithmetic as K distinct ones, memory
-  of one client).
+  ``R_k``; its dense gradient initialisation (``--strategy-options init=dense``, a
+  one-off round, not part of the per-round time) gets its own line, timed with the K
+  clients' ``d × d`` gradients sharing one tensor per layer (same arithmetic as K
+  distinct ones, memory of one client; the time includes forming each client's
+  answer, which a client does).
 
 Every ``aggregate`` also computes ``agg_error`` (in float64, factored); the column
 "w/o agg_error" re-times it with that diagnostic stubbed out (the strategy module's
@@ -48,6 +49,7 @@ from collections.abc import Iterator
 import torch
 
 from fedlora.strategies import ClientUpload, GlobalState, Strategy, get_strategy
+from fedlora.strategies.fed_sb import initialize_from_gradients
 from fedlora.strategies.registry import STRATEGIES
 
 GIB = 2 ** 30
@@ -260,9 +262,10 @@ def run_init(args: argparse.Namespace, device: str, gen: torch.Generator) -> str
     d, names = args.dim, layer_names(args.layers)
     grads = {n: torch.randn(d, d, generator=gen, device=device) for n in names}
     uploads = [ClientUpload(num_examples=n_k, grads=grads) for n_k in _counts(args.clients, gen)]
-    strategy = get_strategy("fed-sb")
+    strategy = get_strategy("fed-sb", init="dense")
     try:
-        seconds, _ = timed(lambda: strategy.initialize(uploads, args.rank, 16.0 / args.rank), args, device)
+        seconds, _ = timed(lambda: initialize_from_gradients(strategy, uploads, args.rank, 16.0 / args.rank),
+                           args, device)
     except (RuntimeError, ValueError) as e:
         return f"{'fed-sb init':<16} failed: {type(e).__name__}: {str(e).splitlines()[0]}"
     return (f"{'fed-sb init':<16} {seconds:>10.3f} {'-':>14} {'-':>9} {'-':>10}"

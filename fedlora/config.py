@@ -65,6 +65,12 @@ def parse_ranks(text: str, flag: str = "--ranks") -> list[int]:
     return ranks
 
 
+DP_RECIPE: dict[str, Any] = {"batch_size": 256, "max_grad_norm": 1.0, "lr": 1e-2}
+"""``--dp sample``'s defaults for the flags a job leaves unset: Poisson batch, per-example clip
+and AdamW learning rate, measured by ``benchmarks/dp_learning.py --sweep`` (RESULTS.md, "DP
+recipe"): FFA-LoRA on SST-2 at ε = 8."""
+
+
 @dataclass
 class JobConfig:
     """One federated job (the ``fedlora-sim`` flags)."""
@@ -84,7 +90,8 @@ class JobConfig:
     num_clients: int = option(10, "clients")
     rounds: int = option(3, "federated rounds")
     local_steps: int = option(10, "optimizer steps per client per round")
-    batch_size: int = option(8, "examples per client per step")
+    batch_size: int = option(8, "examples per client per step (default 8; with --dp sample, the DP"
+                             " recipe's)", flag_default=None)
     lr: float = option(2e-3, "local AdamW learning rate (default: the strategy's, e.g. 1e-2 for"
                        " fed-sb, which trains only the r×r cores, 2e-3 for fedavg)", flag_default=None)
     rank: int = option(8, "LoRA rank")
@@ -102,13 +109,22 @@ class JobConfig:
     test_fraction: float = option(0.2, "held-out share of --data", group="data and model")
     seed: int = option(0, "seed of the split, partition, adapters and batches")
     device: str = option("cpu", "cpu, cuda, cuda:1, ... or auto")
-    init_batches: int = option(2, "Fed-SB: local batches per client for the gradient estimate",
+    init_batches: int = option(2, "Fed-SB: local batches per client in each initialisation phase",
                                group="strategy options")
+    init_data: str = option("", "a public .csv/.tsv/.jsonl file with the task's columns, read by the"
+                            " server before round 1 at no privacy cost: Fed-SB initialises from it"
+                            " instead of the clients' data; --head public trains the head on it",
+                            group="strategy options")
+    head: str = option("train", "the classification head: train (with the adapters, every round),"
+                       " zero (zero-initialised, then trained), frozen (never trained), public"
+                       " (trained on --init-data before round 1, then frozen)", group="strategy options",
+                       choices=["train", "zero", "frozen", "public"])
     strategy_options: str = option("", "the strategy's own options as NAME=VALUE pairs separated by"
                                    " commas, e.g. lam=0.05 for lora-fair (the README's strategy table"
                                    " lists each strategy's options)",
                                    group="strategy options", flag_type=str, metavar="NAME=VALUE")
-    max_grad_norm: float | None = option(None, "clip each client's gradient norm per step",
+    max_grad_norm: float | None = option(None, "clip each client's gradient norm per step (with --dp"
+                                         " sample: each example's, default: the DP recipe's)",
                                          group="strategy options", flag_type=float)
     personal_test_fraction: float = option(
         0.0, "hold out this share of each client's examples and report personal_accuracy: each"
@@ -231,7 +247,9 @@ def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "cl
 
 
 def check_job_args(args) -> None:
-    """Refuse bad job values in one line each (``args``: parsed flags or a :class:`JobConfig`)."""
+    """Refuse bad job values in one line each (``args``: parsed flags or a :class:`JobConfig`),
+    after :func:`fill_defaults`."""
+    fill_defaults(args)
     positive = ("num_clients", "rounds", "local_steps", "batch_size", "rank", "max_length",
                 "init_batches", "eval_batch_size")
     for name in positive:
@@ -260,9 +278,22 @@ def check_job_args(args) -> None:
     except ValueError as exc:
         raise UserError(f"--strategy {args.strategy}: {exc}") from None
     check_task_args(args)
+    check_init_args(args)
     if args.gradient_checkpointing and args.dp == "sample":
         raise UserError("--gradient-checkpointing recomputes activations, which DP-SGD's per-example"
                         " gradient hooks would see twice; drop one of the two")
+
+
+def check_init_args(args) -> None:
+    """Refuse ``--init-data`` that nothing reads and a ``--head`` the job cannot have."""
+    if args.head != "train" and not TASKS[args.task].trains_head:
+        raise UserError(f"--head {args.head} is for a task with a head (--task classification);"
+                        f" --task {args.task} has none")
+    if args.head == "public" and not args.init_data:
+        raise UserError("--head public trains the head on a public file: pass --init-data FILE")
+    if args.init_data and args.head != "public" and not STRATEGIES[args.strategy].from_job(args).init_phases:
+        raise UserError(f"--init-data is read by Fed-SB's initialisation and by --head public; --strategy"
+                        f" {args.strategy} with --head {args.head} reads neither: drop it")
 
 
 def check_task_args(args) -> None:
@@ -320,9 +351,23 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
                         " replace them or choose another folder")
 
 
-def default_lr(strategy: str) -> float:
-    """The strategy's own default learning rate (``Strategy.default_lr``)."""
-    return STRATEGIES[strategy].default_lr
+def default_lr(strategy: str, dp: str = "none") -> float:
+    """The default learning rate: the DP recipe's with ``--dp sample``, else the strategy's own
+    (``Strategy.default_lr``)."""
+    return DP_RECIPE["lr"] if dp == "sample" else STRATEGIES[strategy].default_lr
+
+
+def fill_defaults(args) -> None:
+    """Give the flags left unset (None) their defaults, which depend on the job: ``--batch-size``
+    8 (``--dp sample``: :data:`DP_RECIPE`'s), ``--lr`` :func:`default_lr`, and under ``--dp
+    sample`` the recipe's per-example clip ``--max-grad-norm``."""
+    private = args.dp == "sample"
+    if args.batch_size is None:
+        args.batch_size = DP_RECIPE["batch_size"] if private else JobConfig.batch_size
+    if args.lr is None:
+        args.lr = default_lr(args.strategy, args.dp)
+    if private and args.max_grad_norm is None:
+        args.max_grad_norm = DP_RECIPE["max_grad_norm"]
 
 
 #: Fields of older jobs, as the strategy options that replaced them.
@@ -364,8 +409,8 @@ def to_config(args: argparse.Namespace, device: str | None = None) -> JobConfig:
     values = {f.name: getattr(args, f.name) for f in fields(JobConfig) if hasattr(args, f.name)}
     values["clients_per_round"] = values.get("clients_per_round") or 0
     values["max_clients_per_pass"] = values.get("max_clients_per_pass") or 0
-    if values.get("lr") is None:
-        values["lr"] = default_lr(args.strategy)
+    fill_defaults(args)
+    values.update(batch_size=args.batch_size, lr=args.lr, max_grad_norm=args.max_grad_norm)
     if args.ranks is not None:  # cycled over the clients
         values["ranks"] = [args.ranks[k % len(args.ranks)] for k in range(args.num_clients)]
     values["device"] = device if device is not None else resolve_device(args.device)
@@ -410,6 +455,8 @@ def from_run_config(run_config: dict[str, object]) -> JobConfig:
         elif isinstance(getattr(cfg, f.name), int):
             value = int(value)
         setattr(cfg, f.name, value)
-    if "lr" in run_config and float(run_config["lr"]) <= 0:  # 0: the strategy's default
-        cfg.lr = default_lr(cfg.strategy)
+    if "lr" in run_config and float(run_config["lr"]) <= 0:  # 0: the default (strategy's, DP recipe's)
+        cfg.lr = default_lr(cfg.strategy, cfg.dp)
+    if cfg.dp == "sample" and cfg.max_grad_norm is None:
+        cfg.max_grad_norm = DP_RECIPE["max_grad_norm"]
     return cfg

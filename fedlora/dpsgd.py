@@ -7,14 +7,19 @@ One step, for every client k of the pass (each with its own sampling rate
    probability ``q_k``. Draws and noise come from OS entropy; ``--dp-reproducible``
    keys them to (client seed, round, step) instead, so the simulator, a deployment
    and a resumed run agree, for tests only (knowing the seed removes the privacy).
-   Batches differ in size, so every client's segment is padded to the largest with
-   zero-weight rows.
-2. One forward/backward of ``Σ_i w_i ℓ_i`` over all rows (``w_i = 0`` on padding).
-   Hooks keep each adapted layer's input ``x`` and output gradient ``g``; since
-   examples do not interact, ``g_i`` is the gradient of example i's own loss.
+   Batches differ in size, so they are packed back to back (client 0's rows, then
+   client 1's, …) with each row's slot id: the pass runs ``Σ_k |batch_k|`` rows and no
+   padding; a client that drew no example has no rows.
+2. One forward/backward of ``Σ_i ℓ_i`` over all rows, each routed to its slot
+   (``Routing.from_ids``). Hooks keep each adapted layer's input ``x`` and output
+   gradient ``g``; since examples do not interact, ``g_i`` is the gradient of example
+   i's own loss. The backward stops at those outputs (:meth:`Capture.backward`): the
+   parameters' summed gradients are not needed. When no client drew an example there
+   is no pass: every clipped sum is zero and the step releases noise only.
 3. Per-example gradients of every trainable tensor (``kernels.per_sample``), their
    joint norm, clipping to ``C`` (``--max-grad-norm``): ``c_i = min(1, C / ‖∇ℓ_i‖)``.
-4. Client k's gradient is ``(Σ_{i∈k} c_i ∇ℓ_i + σ_k C ξ_k) / (q_k n_k)``, ``ξ_k`` standard
+4. Client k's gradient is ``(Σ_{i∈k} c_i ∇ℓ_i + σ_k C ξ_k) / (q_k n_k)`` (the sum over its
+   rows by id, :func:`per_client_sum`), ``ξ_k`` standard
    normal from the client's own generator, then one stacked AdamW
    step (elementwise, so K independent ones). A client whose budget cannot afford the
    step sits it out (its slot is restored after the step).
@@ -22,8 +27,11 @@ One step, for every client k of the pass (each with its own sampling rate
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,8 +40,6 @@ from torch import Tensor, nn
 from fedlora.kernels import Routing
 from fedlora.kernels.per_sample import (
     dense_grad_sample,
-    dense_sq_norms,
-    dense_weighted_sum,
     lora_grad_sample,
     sb_grad_sample,
 )
@@ -43,11 +49,16 @@ from fedlora.tasks import gather_rows
 
 
 class Capture:
-    """Forward hooks that keep each adapter/head layer's input and output gradient."""
+    """Forward hooks that keep each adapter/head layer's input and output gradient.
 
-    def __init__(self, modules: Sequence[nn.Module]) -> None:
+    With ``keep_outputs`` the layers' outputs are kept too, for :meth:`backward`.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], keep_outputs: bool = False) -> None:
         self.modules = list(modules)
+        self.keep_outputs = keep_outputs
         self.x: dict[nn.Module, Tensor] = {}
+        self.y: dict[nn.Module, Tensor] = {}
         self.g: dict[nn.Module, Tensor] = {}
         self.handles = []
 
@@ -60,6 +71,18 @@ class Capture:
         self.x[module] = inputs[0].detach()
         if output.requires_grad:
             output.register_hook(lambda grad, m=module: self.g.__setitem__(m, grad.detach()))
+            if self.keep_outputs:
+                self.y[module] = output
+
+    def backward(self, loss: Tensor) -> None:
+        """Backpropagate ``loss`` only as far as the kept outputs (``keep_outputs``): their
+        gradients ``g`` are all that per-example gradients need, so the parameters' own summed
+        gradients (on the gather path, a scatter of every ``A[ids]``) are never computed."""
+        grads = torch.autograd.grad(loss, list(self.y.values()), allow_unused=True)
+        for m, grad in zip(list(self.y), grads, strict=True):
+            if grad is not None:
+                self.g[m] = grad.detach()
+        self.y.clear()
 
     def __exit__(self, *exc) -> None:
         for h in self.handles:
@@ -72,6 +95,8 @@ def layer_grad_samples(layer: nn.Module, x: Tensor, g: Tensor,
     """One adapter or head layer's ``(parameter, (N, *parameter.shape[1:]))`` per-example
     gradients, from its input ``x``, output gradient ``g`` and the rows' slots ``ids``."""
     if isinstance(layer, BatchedLinear):
+        if not layer.weight.requires_grad:  # --head frozen / public: no gradient, no clip share, no noise
+            return []
         gW, gb = dense_grad_sample(x, g)
         return [(layer.weight, gW), (layer.bias, gb)]
     if layer.core:
@@ -98,29 +123,50 @@ def dp_parameters(fm) -> list[nn.Parameter]:
     return [p for layer in fm.client_layers() for p in layer.parameters() if p.requires_grad]
 
 
-def clip_factors(sq_norms: Tensor, weights: Tensor, max_norm: float) -> Tensor:
-    """``w_i · min(1, C / ‖∇ℓ_i‖)`` (padding rows have ``w_i = 0``)."""
-    return weights * (max_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
+def clip_factors(sq_norms: Tensor, weights: Tensor | None, max_norm: float) -> Tensor:
+    """``w_i · min(1, C / ‖∇ℓ_i‖)`` per row (``weights`` None: every ``w_i = 1``)."""
+    c = (max_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
+    return c if weights is None else weights * c
 
 
-def poisson_batches(samplers, rates: Sequence[float],
-                    reproducible: bool = False) -> tuple[list[int], Tensor, int]:
-    """Each client's Poisson batch, padded to one length L: ``(indices, weights, L)``.
+class PackedBatch(NamedTuple):
+    """Every client's Poisson batch, packed back to back: client 0's rows, then client 1's, …"""
 
-    The draws are secret (OS entropy) unless ``reproducible``: privacy amplification by
-    sampling assumes the adversary does not know which examples were drawn.
+    indices: list[int]  # (N,) dataset rows
+    ids: Tensor         # (N,) long: the client (slot) of each row
+    counts: Tensor      # (m,) long: each client's rows, 0 for a client that drew none
+
+    @property
+    def offsets(self) -> Tensor:
+        """``(m + 1,)``: where each client's segment starts, then ``N``."""
+        return torch.cat([self.counts.new_zeros(1), self.counts.cumsum(0)])
+
+
+def poisson_batches(samplers, rates: Sequence[float], reproducible: bool = False) -> PackedBatch:
+    """Each client's Poisson batch (example j of client k joins with probability ``q_k``), packed.
+
+    The draws are secret (OS entropy) unless ``reproducible`` (then the sampler's own
+    generator): privacy amplification by sampling assumes the adversary does not know
+    which examples were drawn.
     """
     picks = []
     for s, q in zip(samplers, rates, strict=True):
         rng = s.rng if reproducible else np.random.default_rng(secrets.randbits(128))
         keep = rng.random(len(s.indices)) < q
-        picks.append(s.indices[keep].tolist())
-    L = max(1, max(len(p) for p in picks))
-    idx, w = [], []
-    for s, p in zip(samplers, picks, strict=True):
-        idx += p + [int(s.indices[0])] * (L - len(p))
-        w += [1.0] * len(p) + [0.0] * (L - len(p))
-    return idx, torch.tensor(w), L
+        picks.append(s.indices[keep])
+    counts = torch.tensor([len(p) for p in picks], dtype=torch.long)        # (m,)
+    ids = torch.arange(len(picks)).repeat_interleave(counts)                # (N,)
+    indices = np.concatenate(picks).tolist() if picks else []
+    return PackedBatch(indices, ids, counts)
+
+
+def per_client_sum(values: Tensor, ids: Tensor, m: int) -> Tensor:
+    """``(N, ...) -> (m, ...)``: row i added into client ``ids[i]``'s sum (zero for a client
+    without rows)."""
+    # as (N, D) rows: the CPU index_add_ of 3-D rows goes through a slow scatter
+    flat = values.reshape(values.shape[0], math.prod(values.shape[1:]))       # (N, D)
+    out = flat.new_zeros(m, flat.shape[1]).index_add_(0, ids.to(values.device), flat)
+    return out.view(m, *values.shape[1:])                                      # (m, ...)
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
@@ -145,21 +191,60 @@ def noise_generator(seed: int, rnd: int, step: int, reproducible: bool = True) -
     return GaussianNoise(reproducible, seed, rnd, step, 0xD9)
 
 
-def _forward(fm, data, samplers, cfg, rates, device):
-    """Poisson batches, one forward/backward with capture; ``(cap, ids, w, L, losses)``."""
-    idx, w, L = poisson_batches(samplers, rates, cfg.dp_reproducible)
-    m = len(samplers)
-    batch = gather_rows(data, idx, device, cfg.pad_to_longest)
+@dataclass
+class DPPass:
+    """One forward/backward over the packed Poisson batches of clients (slots) ``0..m-1``.
+
+    Attributes
+    ----------
+    cap : Capture
+        Each client layer's input ``x`` and output gradient ``g``, ``(N, ...)``; empty when
+        no client drew an example (``N = 0``: there was no forward).
+    ids : Tensor
+        ``(N,)`` long, on the model's device: the slot of each row.
+    counts : Tensor
+        ``(m,)`` long, on the CPU: each client's rows (its Poisson batch size, may be 0).
+    losses : Tensor
+        ``(N,)`` each row's own loss, detached.
+    m : int
+        The number of clients.
+    """
+
+    cap: Capture
+    ids: Tensor
+    counts: Tensor
+    losses: Tensor
+    m: int
+
+
+def _forward(fm, data, samplers, cfg, rates, device) -> DPPass:
+    """Draw the Poisson batches, pack them, run one forward/backward of ``Σ_i ℓ_i`` with capture
+    (down to the client layers' outputs only: the parameters' ``.grad`` are left alone)."""
+    packed = poisson_batches(samplers, rates, cfg.dp_reproducible)
+    ids = packed.ids.to(device)
+    cap = Capture(fm.client_layers(), keep_outputs=True)
+    if not packed.indices:  # nobody drew an example: the step releases noise only
+        return DPPass(cap, ids, packed.counts, torch.zeros(0, device=device), len(samplers))
+    batch = gather_rows(data, packed.indices, device, cfg.pad_to_longest)
     labels = batch.pop("labels")
-    slots = torch.arange(m, device=device)
-    w = w.to(device)
     positions = cfg.task.logit_positions(labels)
-    with Capture(fm.client_layers()) as cap:
+    with cap:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            out = fm(routing=Routing.segments(slots, L), positions=positions, **batch)
-        losses = cfg.task.row_losses(out.logits, labels, positions)
-        (losses * w).sum().backward()
-    return cap, slots.repeat_interleave(L), w, L, losses.detach()
+            out = fm(routing=Routing.from_ids(ids), positions=positions, **batch)
+        losses = cfg.task.row_losses(out.logits, labels, positions)            # (N,)
+        cap.backward(losses.sum())
+    return DPPass(cap, ids, packed.counts, losses.detach(), len(samplers))
+
+
+def clipped_sums(fm, dpp: DPPass, max_norm: float) -> list[tuple[nn.Parameter, Tensor]]:
+    """``(parameter, (m, *parameter.shape[1:]))`` for every trainable tensor: each client's sum
+    of its rows' per-example gradients, clipped to ``max_norm`` jointly over all tensors."""
+    if dpp.ids.numel() == 0:
+        return [(p, torch.zeros(dpp.m, *p.shape[1:], device=p.device)) for p in dp_parameters(fm)]
+    gs = grad_samples(fm, dpp.cap, dpp.ids)
+    sq = sum(gr.reshape(gr.shape[0], -1).pow(2).sum(dim=1) for _, gr in gs)     # (N,)
+    c = clip_factors(sq, None, max_norm)
+    return [(p, per_client_sum(_bcast(c, gr) * gr, dpp.ids, dpp.m)) for p, gr in gs]
 
 
 def dp_train_clients(fm, data: dict[str, Tensor], samplers, cfg, budgets: Sequence[Budget],
@@ -180,14 +265,10 @@ def dp_train_clients(fm, data: dict[str, Tensor], samplers, cfg, budgets: Sequen
         if not active.any():
             break
         opt.zero_grad(set_to_none=True)
-        cap, ids, w, L, losses = _forward(fm, data, samplers, cfg, rates, device)
-        gs = grad_samples(fm, cap, ids)
-        sq = sum(gr.reshape(gr.shape[0], -1).pow(2).sum(dim=1) for _, gr in gs)
-        c = clip_factors(sq, w, cfg.max_grad_norm)
+        dpp = _forward(fm, data, samplers, cfg, rates, device)
         gens = [noise_generator(s.seed, rnd, step, cfg.dp_reproducible) for s in samplers]
         sigmas = torch.tensor([b.sigma for b in budgets])
-        for p, gr in gs:
-            summed = (c.view(-1, *[1] * (gr.dim() - 1)) * gr).reshape(m, L, *gr.shape[1:]).sum(1)
+        for p, summed in clipped_sums(fm, dpp, cfg.max_grad_norm):
             grad = noisy_mean(summed, sigmas, cfg.max_grad_norm, expected, gens) * _bcast(active, summed)
             p.grad = torch.zeros_like(p)
             p.grad[:m] = grad.to(p.device, p.dtype)
@@ -196,9 +277,8 @@ def dp_train_clients(fm, data: dict[str, Tensor], samplers, cfg, budgets: Sequen
         with torch.no_grad():
             for p, old in zip(params, keep, strict=True):
                 p[:m][~active.to(p.device)] = old[~active.to(p.device)]
-        seg = (losses * w).view(m, L).sum(1).double().cpu()
-        total += seg * active
-        count += (w.view(m, L).sum(1).cpu()) * active
+        total += per_client_sum(dpp.losses.double(), dpp.ids, m).cpu() * active
+        count += dpp.counts * active
         for b, a in zip(budgets, active.tolist(), strict=True):
             if a:
                 b.step()
@@ -207,39 +287,3 @@ def dp_train_clients(fm, data: dict[str, Tensor], samplers, cfg, budgets: Sequen
     opt.zero_grad(set_to_none=True)
     fm.eval()
     return (total / count.clamp_min(1).double()).tolist()
-
-
-def dp_estimate_gradients(fm, data, samplers, cfg, budgets: Sequence[Budget],
-                          steps: int) -> dict[str, Tensor]:
-    """Fed-SB's gradient estimates under DP: layer -> ``(m, d_out, d_in)``.
-
-    Each of ``steps`` Poisson batches gives, per client, the clipped sum of the
-    examples' gradients of the frozen weights (joint norm over all adapted layers;
-    norms from Gram matrices) plus ``N(0, σ_k² C²)``, over the expected batch; the
-    estimate is their mean. Every batch is one step of the client's budget.
-    """
-    m = len(samplers)
-    for s in samplers:
-        s.start_round(0)
-    device = next(fm.parameters()).device
-    rates = [min(1.0, cfg.batch_size / len(s)) for s in samplers]
-    expected = torch.tensor([q * len(s) for q, s in zip(rates, samplers, strict=True)])
-    sums: dict[str, Tensor] = {}
-    for step in range(steps):
-        if not all(b.can_step() for b in budgets):
-            raise RuntimeError("the privacy budget does not cover Fed-SB's gradient estimate")
-        cap, ids, w, L, _ = _forward(fm, data, samplers, cfg, rates, device)
-        layers = list(fm.adapters.items())
-        sq = sum(dense_sq_norms(cap.x[layer], cap.g[layer]) for _, layer in layers)
-        c = clip_factors(sq, w, cfg.max_grad_norm)
-        gens = [noise_generator(s.seed, 0, step, cfg.dp_reproducible) for s in samplers]
-        sigmas = torch.tensor([b.sigma for b in budgets])
-        for name, layer in layers:
-            summed = dense_weighted_sum(cap.x[layer], cap.g[layer], c, m)
-            est = noisy_mean(summed, sigmas, cfg.max_grad_norm, expected, gens)
-            sums[name] = sums.get(name, 0) + est / steps
-        for p in fm.trainable_parameters():
-            p.grad = None
-        for b in budgets:
-            b.step()
-    return sums

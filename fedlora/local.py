@@ -19,6 +19,7 @@ from fedlora.errors import UserError
 from fedlora.privacy import sample_budgets
 from fedlora.rounds import make_strategy
 from fedlora.setup import build_model, client_share, personal_split
+from fedlora.sketch import client_sketches
 from fedlora.state import (
     apply_global,
     download_from_tensors,
@@ -26,8 +27,9 @@ from fedlora.state import (
     extract_upload,
     upload_tensors,
 )
+from fedlora.strategies import Probe
 from fedlora.tasks import get_task
-from fedlora.train import ClientSampler, TrainConfig, gradient_estimates, local_training
+from fedlora.train import ClientSampler, TrainConfig, local_training
 
 
 @dataclass
@@ -157,10 +159,11 @@ class LocalClient:
             raise ValueError("this client holds out no examples: the job has no --personal-test-fraction")
         return self.task.evaluate(self.fm, self.personal, self.cfg)
 
-    def gradient(self) -> tuple[dict[str, Tensor], float]:
-        """Fed-SB round 0: ``(<layer>.grad tensors, seconds)``."""
+    def gradient(self, probes: dict[str, Probe], phase: int) -> tuple[dict[str, Tensor], float]:
+        """Initialisation phase ``phase`` (Fed-SB): ``(<layer>.grad tensors, seconds)``, this
+        client's ``Lᵀ G R`` for every probed layer (see ``fedlora.sketch``)."""
         t0 = time.perf_counter()
         cfg = TrainConfig.from_job(self.cfg, lone=True)
-        grads = gradient_estimates(self.fm, self.train, [self.sampler], cfg, self.cfg.init_batches,
-                                   self._budgets())
-        return {f"{name}.grad": g[0] for name, g in grads.items()}, time.perf_counter() - t0
+        got = client_sketches(self.fm, self.train, [self.sampler], cfg, self.cfg.init_batches, probes,
+                              self._budgets(), phase)
+        return {f"{name}.grad": g[0] for name, g in got.items()}, time.perf_counter() - t0

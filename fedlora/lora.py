@@ -113,7 +113,6 @@ class BatchedLoRALinear(nn.Module):
             self.register_buffer("sb_A", torch.zeros(r_max, d_in, device=dev, dtype=dt))
             self.register_buffer("sb_B", torch.zeros(d_out, r_max, device=dev, dtype=dt))
             self.lora_R = nn.Parameter(torch.zeros(K, r_max, r_max, device=dev, dtype=dt))
-        self.probe: nn.Parameter | None = None
 
     @property
     def num_clients(self) -> int:
@@ -144,8 +143,6 @@ class BatchedLoRALinear(nn.Module):
             delta = lora_delta(xa, A, B, self.scale, routing)
         else:
             delta = sb_delta(xa, self.sb_A, self.sb_B, self.lora_R, self.scale[0], routing)
-        if self.probe is not None:
-            delta = delta + dense_delta(xa, self.probe, routing)
         return y + delta.to(y.dtype)
 
     # ------------------------------------------------------------- slot access
@@ -214,20 +211,6 @@ class BatchedLoRALinear(nn.Module):
     def fold(self, A: Tensor, B: Tensor) -> None:
         """Add ``B @ A`` (d_out × d_in) to the frozen base weight, explicitly."""
         self.base.weight.add_((B.to(torch.float64) @ A.to(torch.float64)).to(self.base.weight))
-
-    # ------------------------------------------------------- gradient probe
-    def attach_probe(self) -> None:
-        """Add a zero per-client dense delta whose gradient is ∂L_k/∂W0 for each slot."""
-        d_out, d_in = self.base.weight.shape
-        self.probe = nn.Parameter(torch.zeros(self.num_clients, d_out, d_in,
-                                              device=self.scale.device, dtype=self.scale.dtype))
-
-    def detach_probe(self) -> Tensor:
-        """Remove the probe and return its accumulated gradient ``(K, d_out, d_in)``."""
-        grad = self.probe.grad if self.probe is not None and self.probe.grad is not None else None
-        out = grad.detach().clone() if grad is not None else torch.zeros_like(self.probe)
-        self.probe = None
-        return out
 
 
 class BatchedLinear(nn.Module):

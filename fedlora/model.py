@@ -220,6 +220,19 @@ class FederatedModel(nn.Module):
             layer.set_trainable(plan.train)
         self.config.plan = plan
 
+    def freeze_heads(self, frozen: bool = True) -> None:
+        """Stop (or restart) training the task heads (``--head frozen`` / ``public``): no
+        gradients, no per-example gradients, no DP noise for them."""
+        for head in self.heads.values():
+            head.requires_grad_(not frozen)
+
+    @torch.no_grad()
+    def zero_heads(self) -> None:
+        """Zero every slot's head weights and biases (``--head zero``)."""
+        for head in self.heads.values():
+            head.weight.zero_()
+            head.bias.zero_()
+
     def set_ranks(self, ranks: list[int]) -> None:
         """New per-slot ranks (same K, each ≤ the largest rank the model was built with)."""
         for layer in self.adapters.values():

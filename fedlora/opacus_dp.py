@@ -110,11 +110,11 @@ def opacus_train_client(fm, data: dict[str, Tensor], sampler, cfg, budget: Budge
             if not budget.can_step():
                 break
             opt.zero_grad(set_to_none=True)
+            idx = poisson_batches([sampler], [q], cfg.dp_reproducible).indices
             # an empty Poisson draw is one zero-weight row: the step releases noise only
-            idx, w, _ = poisson_batches([sampler], [q], cfg.dp_reproducible)
-            batch = gather_rows(data, idx, device, cfg.pad_to_longest)
+            w = torch.ones(len(idx), device=device) if idx else torch.zeros(1, device=device)
+            batch = gather_rows(data, idx or [int(sampler.indices[0])], device, cfg.pad_to_longest)
             labels = batch.pop("labels")
-            w = w.to(device)
             positions = cfg.task.logit_positions(labels)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 out = gsm(positions=positions, **batch)

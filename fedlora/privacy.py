@@ -7,7 +7,8 @@ Both DP modes are Gaussian mechanisms on subsampled data, accounted with Rényi 
   ``n_k`` examples with probability ``q_k = batch_size / n_k`` (Poisson), clips every
   example's gradient to ``C`` and adds ``N(0, σ_k² C²)`` to their sum. Each client has
   its own ``q_k``, ``σ_k`` and accountant; the planned steps are
-  ``rounds × local_steps`` (plus Fed-SB's ``init_batches``), counted as if the client
+  ``rounds × local_steps`` (plus ``init_batches`` per Fed-SB initialisation phase on the
+  clients' data), counted as if the client
   trained every round (sampling of clients is not used to amplify privacy).
 * ``--dp client`` (server side): a round samples each client with probability
   ``q = clients_per_round / num_clients``, clips each update to ``C`` and adds
@@ -28,6 +29,7 @@ from torch import nn
 
 from fedlora.config import check_dp_args
 from fedlora.errors import UserError
+from fedlora.strategies import strategy_class
 
 
 class GaussianNoise:
@@ -139,7 +141,8 @@ def sample_budgets(cfg, sizes: list[int], model=None) -> list[Budget]:
     """One DP-SGD :class:`Budget` per client of ``--dp sample`` (``sizes``: examples per client).
 
     Client k samples at ``q_k = min(1, batch_size / n_k)`` and plans
-    ``rounds × local_steps`` steps (plus Fed-SB's ``init_batches``); its σ_k is
+    ``rounds × local_steps`` steps (plus ``init_batches`` per initialisation phase on the clients'
+    data); its σ_k is
     ``--noise-multiplier`` or calibrated to ``(ε, δ)`` over those steps.
     """
     check_dp_args(cfg)  # a run config is not parsed as flags: the same checks here
@@ -149,7 +152,8 @@ def sample_budgets(cfg, sizes: list[int], model=None) -> list[Budget]:
         if why is not None:
             raise UserError(f"--dp sample needs per-example gradients, but {why}; use a model"
                             " without batch normalisation, or --dp client")
-    steps = cfg.rounds * cfg.local_steps + (cfg.init_batches if cfg.strategy == "fed-sb" else 0)
+    init = cfg.init_batches * strategy_class(cfg.strategy).from_job(cfg).init_releases
+    steps = cfg.rounds * cfg.local_steps + init
     sigmas: dict[float, float] = {}
     out = []
     for n in sizes:
@@ -157,7 +161,16 @@ def sample_budgets(cfg, sizes: list[int], model=None) -> list[Budget]:
         if q not in sigmas:
             sigmas[q] = Budget.planned(cfg.epsilon, cfg.delta, q, steps, cfg.noise_multiplier).sigma
         out.append(Budget(sigma=sigmas[q], sample_rate=q, delta=cfg.delta, epsilon=cfg.epsilon))
+        if init and out[-1].epsilon_after(init) > cfg.epsilon * (1 + 1e-3):
+            raise UserError(init_too_costly(out[-1].epsilon_after(init), cfg.epsilon, f"{init} batches"))
     return out
+
+
+def init_too_costly(spent: float, epsilon: float, what: str) -> str:
+    """The refusal of a DP job whose initialisation alone would spend more than its budget."""
+    return (f"the initialisation ({what} of the clients' data) alone spends ε={spent:.3g}, more than"
+            f" --epsilon {epsilon:g}: pass a larger --noise-multiplier (or none, to calibrate σ), a"
+            " public --init-data FILE, or --strategy-options init=seed")
 
 
 def is_per_sample_safe(model: nn.Module) -> str | None:

@@ -10,7 +10,7 @@ model, or the ServerApp's one-slot model).
 Round t (t ≥ 1): clients load :meth:`download` (the global state after round t-1,
 plus FLoRA's fold of round t-1 and ``fresh_seed``), train, upload; :meth:`aggregate`
 makes the state of round t. Round 0 is the initial state; for Fed-SB it is built
-from the clients' gradient estimates (:meth:`start` with ``init_uploads``).
+by initialisation phases over the clients' data (:meth:`start` with a ``gather``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +28,8 @@ from torch import Tensor
 from fedlora.config import JobConfig, check_dp_args
 from fedlora.errors import UserError
 from fedlora.model import FederatedModel, draw_seed
-from fedlora.privacy import Budget, GaussianNoise
+from fedlora.privacy import Budget, GaussianNoise, init_too_costly
+from fedlora.sketch import client_sketches
 from fedlora.state import apply_global, download_tensors, exact_global, head_of, initial_state
 from fedlora.strategies import (
     Aggregate,
@@ -37,11 +39,16 @@ from fedlora.strategies import (
     Strategy,
     strategy_class,
 )
-from fedlora.strategies.base import Factors
+from fedlora.strategies.base import Factors, Probe
 from fedlora.strategies.plan import AdapterPlan
 from fedlora.tasks import get_task
+from fedlora.train import ClientSampler, TrainConfig, train_clients
 
 CHECKPOINT = "checkpoint.pt"
+HEAD_EPOCHS = 3  # --head public: passes over the --init-data examples
+
+Gather = Callable[[int, dict[str, Probe]], list[ClientUpload]]
+"""``gather(phase, probes)``: the clients' uploads of one initialisation phase."""
 
 
 def make_strategy(cfg: JobConfig) -> Strategy:
@@ -70,8 +77,11 @@ def client_level_dp(cfg: JobConfig, inner: Strategy) -> ClientLevelDP:
     """
     check_dp_args(cfg)  # the flags' checks: the Flower run-config path never parses flags
     m = len(cfg.sampled(1))
-    steps = cfg.rounds + (1 if inner.needs_gradient_init else 0)
+    steps = cfg.rounds + inner.init_releases
     budget = Budget.planned(cfg.epsilon, cfg.delta, m / cfg.num_clients, steps, cfg.noise_multiplier)
+    init = inner.init_releases
+    if init and budget.epsilon_after(init) > cfg.epsilon * (1 + 1e-3):
+        raise UserError(init_too_costly(budget.epsilon_after(init), cfg.epsilon, f"{init} release(s)"))
     if budget.epsilon_after(steps) > cfg.epsilon * (1 + 1e-3):
         raise UserError(_too_little_noise(budget, steps, steps - cfg.rounds))
     return ClientLevelDP(inner, clip=cfg.update_clip, noise_multiplier=budget.sigma,
@@ -100,8 +110,10 @@ def _too_little_noise(budget: Budget, steps: int, extra: int) -> str:
 class Coordinator:
     """Global state, fold history and seeds of one job (see the module docstring)."""
 
-    def __init__(self, cfg: JobConfig, strategy: Strategy, fm: FederatedModel, test: object) -> None:
+    def __init__(self, cfg: JobConfig, strategy: Strategy, fm: FederatedModel, test: object,
+                 public: dict[str, Tensor] | None = None) -> None:
         self.cfg, self.strategy, self.fm, self.test = cfg, strategy, fm, test
+        self.public = public                         # --init-data, encoded for the task
         self.task = get_task(cfg.task)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.state: GlobalState | None = None
@@ -115,19 +127,61 @@ class Coordinator:
         self.metrics: dict = {}                      # the last aggregate's own columns
 
     # ---- state ----
-    def start(self, init_uploads: list[ClientUpload] | None = None) -> None:
-        """Round 0: the initial global state (Fed-SB: from the gradient uploads)."""
-        if self.strategy.needs_gradient_init:
-            if not init_uploads:
-                raise ValueError(f"{self.strategy.name} needs the clients' gradient estimates")
+    def start(self, gather: Gather | None = None) -> None:
+        """Round 0: the initial global state, after the strategy's initialisation phases.
+
+        Phase p sends the strategy's probes to the clients, ``gather(p, probes)`` returns their
+        uploads, the strategy reduces them; with ``--init-data`` the phases run here on the
+        public file instead (no upload, no privacy cost).
+        """
+        shapes = {name: tuple(layer.base.weight.shape) for name, layer in self.fm.adapters.items()}
+        carry: dict = {}
+        for phase in range(self.strategy.init_phases):
+            probes = self.strategy.init_probes(phase, shapes, self.cfg.rank, carry)
+            uploads = self._public_phase(probes) if self.strategy.public_init else gather(phase, probes)
+            if not uploads:
+                raise ValueError(f"{self.strategy.name}'s initialisation needs the clients' uploads")
             self._check_budget()
-            self.state = self.strategy.initialize(init_uploads, self.cfg.rank,
-                                                  scale=self.cfg.lora_alpha / self.cfg.rank)
-            self.state.head = head_of(self.fm, 0)
+            carry = self.strategy.init_reduce(phase, uploads, carry)
+        state = self.strategy.initialize(carry, self.cfg.rank, self.cfg.lora_alpha / self.cfg.rank, shapes)
+        if state is None:
+            state = initial_state(self.fm, self.gen, fresh=self.plan.start == "fresh")
         else:
-            self.state = initial_state(self.fm, self.gen, fresh=self.plan.start == "fresh")
+            state.head = head_of(self.fm, 0)
+        self.state = state
         self.state.round = 0
         self._load({})
+        if self.cfg.head == "public":
+            self.state.head = self._public_head()
+            self._load({})
+
+    def _public_head(self) -> dict[str, Tensor]:
+        """``--head public``: the head trained alone on the ``--init-data`` examples (slot 0, the
+        adapters at their starting values) for :data:`HEAD_EPOCHS` epochs, then frozen again."""
+        if self.public is None:
+            raise ValueError("--head public needs the --init-data examples")
+        n = len(self.public["labels"])
+        sampler = ClientSampler(range(n), seed=self.cfg.seed * 100_003 + 100_001)
+        steps = -(-HEAD_EPOCHS * n // self.cfg.batch_size)
+        cfg = replace(TrainConfig.from_job(self.cfg), dp_sample=False, local_steps=steps)
+        for layer in self.fm.adapters.values():
+            layer.set_trainable(())
+        self.fm.freeze_heads(False)
+        try:
+            train_clients(self.fm, self.public, [sampler], cfg, rnd=0)
+        finally:
+            self.fm.freeze_heads(True)
+            self.fm.set_plan(self.plan)
+        return head_of(self.fm, 0)
+
+    def _public_phase(self, probes: dict[str, Probe]) -> list[ClientUpload]:
+        """One initialisation phase over the public ``--init-data`` file, on slot 0."""
+        if self.public is None:
+            raise ValueError("a public initialisation needs the --init-data examples")
+        sampler = ClientSampler(range(len(self.public["labels"])), seed=self.cfg.seed * 100_003 + 100_002)
+        cfg = replace(TrainConfig.from_job(self.cfg), dp_sample=False)
+        got = client_sketches(self.fm, self.public, [sampler], cfg, self.cfg.init_batches, probes)
+        return [ClientUpload(num_examples=len(sampler), grads={k: g[0] for k, g in got.items()})]
 
     def _load(self, fold: dict[str, Factors]) -> None:
         assert self.state is not None

@@ -6,6 +6,7 @@
 * :func:`training_data`: the first of the two alone;
 * :func:`client_share`: one client's examples (its partition, or its own file);
 * :func:`personal_split`: which of them the client holds out to measure its own model;
+* :func:`public_data`: the public ``--init-data`` examples the server initialises from;
 * :func:`build_model`: the base model wrapped with client slots for the job's task and
   strategy.
 """
@@ -42,6 +43,26 @@ def splits(cfg: JobConfig, task: Task | None = None) -> tuple[TextDataset, TextD
         if task.trains_head:
             test = test.relabel(ds.label_names)
     return train, test.head(cfg.eval_max), ds.label_names
+
+
+def public_data(cfg: JobConfig, task: Task, tokenizer,
+                label_names: list[str]) -> dict[str, torch.Tensor] | None:
+    """``--init-data``, encoded for the task (labels mapped to ``--data``'s), or None without it.
+
+    Raises
+    ------
+    UserError
+        The file is missing, unreadable, lacks the task's columns or has labels ``--data`` lacks.
+    """
+    if not cfg.init_data:
+        return None
+    try:
+        ds = task.load(cfg.init_data, cfg)
+        if task.trains_head:
+            ds = ds.relabel(label_names)
+    except UserError as exc:
+        raise UserError(f"--init-data: {exc}") from None
+    return task.encode(tokenizer, ds, cfg)
 
 
 def client_share(cfg: JobConfig, partition_id: int, num_partitions: int) -> TextDataset:
@@ -87,4 +108,7 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan,
             train_head=task.trains_head, gradient_checkpointing=cfg.gradient_checkpointing))
     except ValueError as exc:  # nothing matches --target-modules, or the model cannot checkpoint
         raise UserError(str(exc)) from None
+    if cfg.head == "zero":
+        fm.zero_heads()
+    fm.freeze_heads(cfg.head in ("frozen", "public"))  # public: the server trains it before round 1
     return fm.to(torch.device(cfg.device)), tokenizer, str(path)

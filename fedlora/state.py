@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fedlora.model import FederatedModel, draw_seed
-from fedlora.strategies import AdapterPlan, ClientUpload, GlobalState
+from fedlora.strategies import AdapterPlan, ClientUpload, GlobalState, Probe
 from fedlora.strategies.base import Factors, truncated_factors
 
 
@@ -273,3 +273,23 @@ def download_from_tensors(tensors: dict[str, Tensor], scale: float,
     if factors:
         state.factors = factors
     return state, {k: (v[0], v[1]) for k, v in fold.items()}
+
+
+def probe_tensors(probes: dict[str, Probe]) -> dict[str, Tensor]:
+    """Flat named tensors of an initialisation phase's probes: ``<layer>.left`` / ``<layer>.right``
+    (absent: the identity); an empty dict when every probe is the dense gradient."""
+    out: dict[str, Tensor] = {}
+    for layer, probe in probes.items():
+        for side in ("left", "right"):
+            if getattr(probe, side) is not None:
+                out[f"{layer}.{side}"] = getattr(probe, side).float().contiguous()
+    return out
+
+
+def probes_from_tensors(tensors: dict[str, Tensor], layers: list[str]) -> dict[str, Probe]:
+    """Inverse of :func:`probe_tensors` for the model's adapted ``layers``."""
+    unknown = [k for k in tensors if k.rpartition(".")[0] not in layers]
+    if unknown:
+        raise ValueError(f"a probe for {unknown[0]!r}, which is not an adapted layer of this model")
+    return {layer: Probe(left=tensors.get(f"{layer}.left"), right=tensors.get(f"{layer}.right"))
+            for layer in layers}

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedlora.config import JobConfig
-from fedlora.dpsgd import dp_estimate_gradients, dp_train_clients
+from fedlora.config import DP_RECIPE, JobConfig
+from fedlora.dpsgd import dp_train_clients
 from fedlora.kernels import Routing
 from fedlora.model import FederatedModel
 from fedlora.opacus_dp import opacus_train_client
@@ -52,8 +52,8 @@ class TrainConfig:
         is Opacus; the batched simulator's is fedlora's kernels.
         """
         clip = cfg.max_grad_norm
-        if cfg.dp == "sample" and clip is None:
-            clip = 1.0  # DP-SGD always clips per example
+        if cfg.dp == "sample" and clip is None:  # DP-SGD always clips per example
+            clip = DP_RECIPE["max_grad_norm"]
         return cls(task=get_task(cfg.task), local_steps=cfg.local_steps, batch_size=cfg.batch_size,
                    lr=cfg.lr, max_grad_norm=clip, precision=cfg.precision, dp_sample=cfg.dp == "sample",
                    dp_reproducible=cfg.dp_reproducible, dp_backend=cfg.dp_backend_for(lone),
@@ -202,33 +202,6 @@ def train_clients(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequenc
     return (total / max(cfg.local_steps, 1)).tolist()
 
 
-def estimate_gradients(fm: FederatedModel, data: dict[str, Tensor],
-                       samplers: Sequence[ClientSampler], cfg: TrainConfig,
-                       steps: int) -> dict[str, Tensor]:
-    """Each client's mean gradient of its loss w.r.t. every adapted frozen weight.
-
-    Client k of ``samplers`` uses slot k; round 0 of every sampler. Returns layer ->
-    ``(m, d_out, d_in)`` for the m samplers, averaged over ``steps`` batches.
-    """
-    if len(samplers) > fm.num_clients:
-        raise ValueError(f"{len(samplers)} samplers for a model with {fm.num_clients} slots")
-    for s in samplers:
-        s.start_round(0)
-    device = next(fm.parameters()).device
-    slot_t = torch.arange(len(samplers), device=device)
-    for layer in fm.adapters.values():
-        layer.attach_probe()
-    try:
-        for _ in range(steps):  # one pass: a probe's gradient is dense, too large to gather per row
-            _step(fm, data, samplers, slot_t, cfg, device, split=False)
-    finally:
-        grads = {name: layer.detach_probe()[:len(samplers)] / steps
-                 for name, layer in fm.adapters.items()}
-        for p in fm.trainable_parameters():
-            p.grad = None
-    return grads
-
-
 def local_training(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
                    cfg: TrainConfig, rnd: int, budgets=None, progress=None) -> list[float]:
     """Round ``rnd`` of slots ``0..m-1``: :func:`train_clients`, or DP-SGD with each client's
@@ -241,11 +214,3 @@ def local_training(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequen
     if cfg.dp_sample:
         return dp_train_clients(fm, data, samplers, cfg, budgets, rnd, progress)
     return train_clients(fm, data, samplers, cfg, rnd=rnd, progress=progress)
-
-
-def gradient_estimates(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
-                       cfg: TrainConfig, steps: int, budgets=None) -> dict[str, Tensor]:
-    """Fed-SB's round 0: :func:`estimate_gradients`, privatised when ``cfg.dp_sample``."""
-    if cfg.dp_sample:
-        return dp_estimate_gradients(fm, data, samplers, cfg, budgets, steps)
-    return estimate_gradients(fm, data, samplers, cfg, steps)

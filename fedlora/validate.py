@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fedlora.model import FederatedModel
 from fedlora.state import head_of
-from fedlora.strategies import AdapterPlan
+from fedlora.strategies import AdapterPlan, Probe
 
 #: Default bound on any uploaded tensor's Frobenius norm (``--max-update-norm``).
 MAX_UPDATE_NORM = 1e4
@@ -25,18 +25,18 @@ class RejectedReply(ValueError):
     """A client reply that cannot be aggregated; the message says why."""
 
 
-def expected_upload(fm: FederatedModel, rank: int, plan: AdapterPlan,
-                    kind: str = "train") -> dict[str, tuple[int, ...]]:
+def expected_upload(fm: FederatedModel, rank: int, plan: AdapterPlan, kind: str = "train",
+                    probes: dict[str, Probe] | None = None) -> dict[str, tuple[int, ...]]:
     """Name -> shape of a valid upload from a rank-``rank`` client under ``plan``.
 
-    ``kind``: ``"train"`` (the plan's ``upload`` factors, plus the head) or ``"init"``
-    (Fed-SB's gradient estimates, ``(d_out, d_in)`` per layer).
+    ``kind``: ``"train"`` (the plan's ``upload`` factors, plus the head) or ``"init"`` (an
+    initialisation phase: ``Lᵀ G R`` per layer, shaped by ``probes``; dense without them).
     """
     out: dict[str, tuple[int, ...]] = {}
     for name, layer in fm.adapters.items():
         d_out, d_in = layer.base.weight.shape
         if kind == "init":
-            out[f"{name}.grad"] = (d_out, d_in)
+            out[f"{name}.grad"] = probes[name].shape(d_out, d_in) if probes else (d_out, d_in)
             continue
         shapes = {"A": (rank, d_in), "B": (d_out, rank), "R": (rank, rank)}
         for factor in plan.upload:

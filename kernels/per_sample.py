@@ -13,7 +13,8 @@ Each is two batched matmuls over the rows, about the cost of the ordinary weight
 gradient, and holds ``N·r·(d_in + d_out)`` numbers for LoRA (less than ``x`` itself
 when ``r < T``). For the dense gradient of a frozen weight (Fed-SB's gradient estimate)
 only the norms are formed per example, from ``T × T`` Gram matrices
-(``‖g_iᵀ x_i‖² = Σ_{t,t'} (g_t·g_t')(x_t·x_t')``); the clipped sum is then one matmul.
+(``‖g_iᵀ x_i‖² = Σ_{t,t'} (g_t·g_t')(x_t·x_t')``); the clipped sum is then one matmul
+per segment (:func:`dense_weighted_sum`) or per client (:func:`dense_weighted_sum_by_ids`).
 
 ``A`` and ``B`` here are already per row (``A[ids]``) and already rank-masked, so the
 gradients of masked entries come out exactly zero. Only torch is imported here.
@@ -84,6 +85,36 @@ def dense_weighted_sum(x: Tensor, g: Tensor, weights: Tensor, segments: int) -> 
     xs = x.reshape(segments, n * x.shape[1], x.shape[2])
     gs = gw.reshape(segments, n * g.shape[1], g.shape[2])
     return torch.bmm(gs.transpose(1, 2), xs)
+
+
+def dense_weighted_sum_by_ids(x: Tensor, g: Tensor, weights: Tensor, ids: Tensor, m: int) -> Tensor:
+    """``(m, d_out, d_in)``: ``Σ_{i : ids_i = k} w_i g_iᵀ x_i`` for every client ``k < m``.
+
+    Clients may have any number of rows (zero gives a zero sum) in any order; the rows are
+    grouped by client (one stable sort, one host sync for the counts), then each client's
+    sum is one matmul over its ``n_k·T`` tokens.
+
+    Parameters
+    ----------
+    x, g : Tensor
+        ``(N, ..., d_in)`` inputs and ``(N, ..., d_out)`` output gradients.
+    weights : Tensor
+        ``(N,)`` row weights (the clipping factors).
+    ids : Tensor
+        ``(N,)`` long: the client of each row, in ``0..m-1``.
+    m : int
+        Number of clients.
+    """
+    x, g = _rows(x), _rows(g)
+    gw = g * weights.float().view(-1, 1, 1)                  # (N, T, d_out)
+    out = x.new_zeros(m, g.shape[2], x.shape[2])             # (m, d_out, d_in)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=m).tolist()
+    for k, (xk, gk) in enumerate(zip(torch.split(x[order], counts), torch.split(gw[order], counts),
+                                     strict=True)):
+        if xk.shape[0]:
+            out[k] = gk.reshape(-1, gk.shape[2]).T @ xk.reshape(-1, xk.shape[2])
+    return out
 
 
 # ---- slow references: one example at a time, through autograd ----

@@ -27,7 +27,7 @@ from fedlora.process import die_with_parent
 from fedlora.rounds import CHECKPOINT, Coordinator, make_strategy
 from fedlora.server.strategy import FedLoRA, RoundSettings
 from fedlora.server.transport import fast_object_pulls
-from fedlora.setup import build_model, splits
+from fedlora.setup import build_model, public_data, splits
 from fedlora.tasks import get_task
 
 app = ServerApp()
@@ -46,7 +46,8 @@ def build_coordinator(cfg: JobConfig) -> tuple[Coordinator, str, list[str]]:
     task, strategy = get_task(cfg.task), make_strategy(cfg)
     _, test_ds, label_names = splits(cfg, task)
     fm, tokenizer, path = build_model(cfg, [cfg.rank], strategy.plan(1), len(label_names))
-    return Coordinator(cfg, strategy, fm, task.eval_set(tokenizer, test_ds, cfg)), path, label_names
+    return (Coordinator(cfg, strategy, fm, task.eval_set(tokenizer, test_ds, cfg),
+                        public_data(cfg, task, tokenizer, label_names)), path, label_names)
 
 
 def lock_out_dir(out_dir: Path, timeout: float = 60.0):

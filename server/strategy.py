@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedlora.rounds import Coordinator, personal_columns
 from fedlora.server.transport import send_and_collect, wait_for_nodes
-from fedlora.state import upload_from_tensors
+from fedlora.state import probe_tensors, upload_from_tensors
 from fedlora.strategies import ClientUpload
 from fedlora.validate import MAX_UPDATE_NORM, RejectedReply, check_upload, expected_upload
 from fedlora.wire import from_record, to_record, wire_bytes
@@ -171,25 +171,35 @@ class FedLoRA(FlowerStrategy):
             self._commit(row)
 
     def _initial_round(self, grid) -> None:
+        """Round 0: the strategy's initialisation phases (Fed-SB), each a query to the same
+        sampled nodes carrying the phase's probes; then the initial state."""
         t0 = time.perf_counter()
-        uploads: list[ClientUpload] | None = None
-        bytes_up: list[int] = []
-        if self.coord.strategy.needs_gradient_init:
-            nodes = self._sample(grid, 0)
-            msgs = [Message(content=RecordDict({"config": self._round_config(0)}),
-                            message_type="query", dst_node_id=n, group_id="0") for n in nodes]
+        nodes = self._sample(grid, 0) if self.coord.strategy.init_releases else []
+        up: dict[int, int] = {}
+        down: dict[int, int] = {}
+
+        def gather(phase: int, probes) -> list[ClientUpload]:
+            record = to_record(probe_tensors(probes))
+            config = self._round_config(0)
+            config["phase"] = phase
+            msgs = [Message(content=RecordDict({"config": config, "probes": record}),
+                            message_type="query", dst_node_id=n, group_id=f"0.{phase}") for n in nodes]
             replies, errors, missing = send_and_collect(grid, msgs, self.settings.round_timeout,
                                                         self.settings.poll)
             self._note_failures(0, errors, missing)
             uploads = []
-            for _, msg, tensors in self._valid(replies, "grads", kind="init"):
+            for node, msg, tensors in self._valid(replies, "grads", kind="init", probes=probes):
                 uploads.append(upload_from_tensors(tensors, int(msg.content["metrics"]["num-examples"]),
                                                    1.0, self.coord.plan))
-                bytes_up.append(wire_bytes(msg.content["grads"]))
+                up[node] = up.get(node, 0) + wire_bytes(msg.content["grads"])
+                down[node] = down.get(node, 0) + wire_bytes(record)
             if len(uploads) < self.settings.min_replies:
                 raise RuntimeError(self._too_few(0, len(replies)))
-        self.coord.start(uploads)
-        self._commit(self.coord.row(bytes_up, [], None, None, time.perf_counter() - t0, len(bytes_up)))
+            return uploads
+
+        self.coord.start(gather)
+        self._commit(self.coord.row(list(up.values()), list(down.values()), None, None,
+                                    time.perf_counter() - t0, len(up)))
 
     # ---- helpers ----
     def _sample(self, grid, rnd: int) -> list[int]:
@@ -218,7 +228,7 @@ class FedLoRA(FlowerStrategy):
                              "scale": float(state.scale) if state is not None else 0.0,
                              "label-names": list(self.label_names) or [""]})
 
-    def _valid(self, replies: list[Message], record: str, kind: str):
+    def _valid(self, replies: list[Message], record: str, kind: str, probes=None):
         """``(node, message, tensors)`` of valid replies, sorted by client id then node
         (each record is decoded once, here)."""
         good = []
@@ -234,7 +244,7 @@ class FedLoRA(FlowerStrategy):
                     raise RejectedReply(f"rank {rank} is not this client's rank"
                                         f" {self.coord.cfg.rank_of(client)}")
                 tensors = from_record(msg.content[record])
-                check_upload(tensors, expected_upload(self.coord.fm, rank, self.coord.plan, kind),
+                check_upload(tensors, expected_upload(self.coord.fm, rank, self.coord.plan, kind, probes),
                              self.settings.max_update_norm)
                 if int(m.get("num-examples", 0)) < 1:
                     raise RejectedReply("num-examples must be ≥ 1")

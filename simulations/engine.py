@@ -28,11 +28,12 @@ from fedlora.export import export_peft
 from fedlora.model import FederatedModel
 from fedlora.privacy import Budget, sample_budgets
 from fedlora.rounds import Coordinator, make_strategy, personal_columns
-from fedlora.setup import build_model, personal_split, splits
-from fedlora.state import extract_kept, extract_upload, load_kept, upload_tensors
-from fedlora.strategies import ClientUpload, Strategy
+from fedlora.setup import build_model, personal_split, public_data, splits
+from fedlora.sketch import client_sketches
+from fedlora.state import extract_kept, extract_upload, load_kept, probe_tensors, upload_tensors
+from fedlora.strategies import ClientUpload, Probe, Strategy
 from fedlora.tasks import Task, get_task
-from fedlora.train import ClientSampler, TrainConfig, gradient_estimates, local_training
+from fedlora.train import ClientSampler, TrainConfig, local_training
 from fedlora.wire import tensor_bytes
 
 SimConfig = JobConfig  # the simulator's name for a job's settings
@@ -55,6 +56,7 @@ class Job:
     label_names: list[str]
     budgets: list[Budget] | None = None  # --dp sample: one privacy ledger per client
     personal: list[object] | None = None  # --personal-test-fraction: each client's own test set
+    public: dict[str, torch.Tensor] | None = None  # --init-data, encoded
 
 
 def build_job(cfg: JobConfig) -> Job:
@@ -74,7 +76,8 @@ def build_job(cfg: JobConfig) -> Job:
         personal = [task.eval_set(tokenizer, train_ds.subset([idx[i] for i in test]), cfg)
                     for idx, (_, test) in zip(parts, held, strict=True)]
     return Job(cfg, task, strategy, fm, task.encode(tokenizer, train_ds, cfg),
-               task.eval_set(tokenizer, test_ds, cfg), samplers, path, label_names, budgets, personal)
+               task.eval_set(tokenizer, test_ds, cfg), samplers, path, label_names, budgets, personal,
+               public_data(cfg, task, tokenizer, label_names))
 
 
 def pass_size(cfg: JobConfig, clients: int) -> int:
@@ -134,16 +137,15 @@ def personal_evaluation(job: Job, coord: Coordinator, clients: list[int]) -> dic
     return personal_columns(results)
 
 
-def init_uploads(job: Job, clients: list[int]) -> list[ClientUpload]:
-    """Fed-SB's round 0: the gradient estimate of every client, pass by pass."""
+def init_uploads(job: Job, clients: list[int], probes: dict[str, Probe], phase: int) -> list[ClientUpload]:
+    """One initialisation phase (Fed-SB): every client's ``Lᵀ G_k R``, pass by pass."""
     out = []
     for chunk in chunks(clients, job.fm.num_clients):
-        grads = gradient_estimates(job.fm, job.train, [job.samplers[c] for c in chunk],
-                                   TrainConfig.from_job(job.cfg), job.cfg.init_batches,
-                                   _budgets(job, chunk))
+        got = client_sketches(job.fm, job.train, [job.samplers[c] for c in chunk],
+                              TrainConfig.from_job(job.cfg), job.cfg.init_batches, probes,
+                              _budgets(job, chunk), phase)
         out += [ClientUpload(num_examples=len(job.samplers[c]),
-                             grads={name: g[k] for name, g in grads.items()})
-                for k, c in enumerate(chunk)]
+                             grads={name: g[k] for name, g in got.items()}) for k, c in enumerate(chunk)]
     return out
 
 
@@ -160,6 +162,24 @@ def privacy_columns(budgets: list[Budget] | None, clients: list[int], backend: s
             "epsilon_per_client": [round(budgets[c].spent, 4) for c in clients],
             "epsilon": round(max(b.spent for b in budgets), 4),
             "noise_multiplier": max(b.sigma for b in budgets)}
+
+
+class InitBytes:
+    """The simulator's ``gather`` of initialisation phases, counting each client's bytes up
+    (its uploads) and down (the probes) over the phases."""
+
+    def __init__(self, job: Job, clients: list[int]) -> None:
+        self.job, self.clients = job, clients
+        self.up: list[int] = []
+        self.down: list[int] = []
+
+    def __call__(self, phase: int, probes: dict[str, Probe]) -> list[ClientUpload]:
+        ups = init_uploads(self.job, self.clients, probes, phase)
+        sizes = [tensor_bytes({f"{k}.grad": g for k, g in u.grads.items()}) for u in ups]
+        sent = [tensor_bytes(probe_tensors(probes))] * len(ups)
+        self.up = [a + b for a, b in zip(self.up or [0] * len(ups), sizes, strict=True)]
+        self.down = [a + b for a, b in zip(self.down or [0] * len(ups), sent, strict=True)]
+        return ups
 
 
 class _Bytes:
@@ -187,12 +207,11 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
     (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     metrics_path = out_dir / "metrics.jsonl"
     metrics_path.write_text("")
-    coord = Coordinator(cfg, job.strategy, job.fm, job.test)
-    uploads = init_uploads(job, cfg.sampled(0)) if job.strategy.needs_gradient_init else None
-    coord.start(uploads)
-    up0 = [tensor_bytes(upload_tensors(u, coord.plan)) for u in uploads or []]
-    row0 = coord.row(up0, [], None, None, time.perf_counter() - t0, len(up0))
-    row0.update(privacy_columns(job.budgets, cfg.sampled(0) if uploads else [], cfg.dp_backend_for(False)))
+    coord = Coordinator(cfg, job.strategy, job.fm, job.test, job.public)
+    init = InitBytes(job, cfg.sampled(0))
+    coord.start(init)
+    row0 = coord.row(init.up, init.down, None, None, time.perf_counter() - t0, len(init.up))
+    row0.update(privacy_columns(job.budgets, cfg.sampled(0) if init.up else [], cfg.dp_backend_for(False)))
     _emit(metrics_path, row0, on_round)
     for rnd in range(1, cfg.rounds + 1):
         t_round = time.perf_counter()

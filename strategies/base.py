@@ -44,8 +44,8 @@ class ClientUpload:
     head : dict
         Full task-head tensors (averaged by every strategy: exact, since they are dense).
     grads : dict
-        Initialisation round only (Fed-SB): layer -> the client's gradient estimate
-        ``G_k`` of the loss with respect to the frozen weight (``d_out × d_in``).
+        Initialisation phases only (Fed-SB): layer -> the client's projected gradient
+        ``Lᵀ G_k R`` (see :class:`Probe`) of its loss with respect to the frozen weight.
     """
 
     num_examples: int
@@ -54,6 +54,24 @@ class ClientUpload:
     cores: dict[str, Tensor] = field(default_factory=dict)
     head: dict[str, Tensor] = field(default_factory=dict)
     grads: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Probe:
+    """What a client computes from one adapted layer in an initialisation phase:
+    ``Lᵀ G_k R`` with ``G_k = ∂L_k/∂W0`` (``d_out × d_in``), never formed densely.
+
+    ``left`` (``d_out × w``) or ``right`` (``d_in × w``) may be None (the identity): both None
+    is the dense gradient, ``right = Ω`` a range sketch ``G_k Ω``, ``left = Q`` ``Qᵀ G_k``.
+    """
+
+    left: Tensor | None = None
+    right: Tensor | None = None
+
+    def shape(self, d_out: int, d_in: int) -> tuple[int, int]:
+        """The shape of the client's result for a ``d_out × d_in`` layer."""
+        return (d_out if self.left is None else self.left.shape[1],
+                d_in if self.right is None else self.right.shape[1])
 
 
 @dataclass
@@ -189,9 +207,13 @@ class Strategy(ABC):
     folds : bool
         True when an aggregate can carry a ``fold`` into the base weights (FLoRA,
         FedEx-LoRA): a client that missed rounds must catch up on them.
-    needs_gradient_init : bool
-        True when the first global state is built by :meth:`initialize` from the
-        clients' gradient estimates.
+    init_phases : int
+        Initialisation phases before round 1 (Fed-SB: 2 for sketches, 1 for the dense
+        gradient, 0 for a data-free start): each sends :meth:`init_probes` and reduces
+        the answers with :meth:`init_reduce`.
+    public_init : bool
+        True when the initialisation phases read a public file on the server, not the
+        clients' data (no upload, no privacy cost).
     default_lr : float
         The local learning rate when ``--lr`` is not given.
     options : dict
@@ -207,7 +229,8 @@ class Strategy(ABC):
     sum_only: bool = True
     heterogeneous_ranks: bool = False
     folds: bool = False
-    needs_gradient_init: bool = False
+    init_phases: int = 0
+    public_init: bool = False
     default_lr: float = 2e-3
     options: dict[str, Option] = {}
     takes_seed: bool = False
@@ -244,9 +267,26 @@ class Strategy(ABC):
         """True when clients start round 1 from fresh adapters (FLoRA every round, FlexLoRA)."""
         return self.plan(1).start == "fresh"
 
-    def initialize(self, uploads: Sequence[ClientUpload], rank: int, scale: float) -> GlobalState:
-        """Build the first global state from clients' gradient estimates (Fed-SB only)."""
-        raise NotImplementedError(f"{self.name} has no initialisation round")
+    @property
+    def init_releases(self) -> int:
+        """Initialisation phases computed on the clients' data (each costs privacy)."""
+        return 0 if self.public_init else self.init_phases
+
+    def init_probes(self, phase: int, shapes: dict[str, tuple[int, int]], rank: int,
+                    carry: dict) -> dict[str, Probe]:
+        """Layer -> :class:`Probe` of initialisation phase ``phase`` (``shapes``: layer ->
+        ``(d_out, d_in)``; ``carry``: what the earlier phases reduced to)."""
+        raise NotImplementedError(f"{self.name} has no initialisation phases")
+
+    def init_reduce(self, phase: int, uploads: Sequence[ClientUpload], carry: dict) -> dict:
+        """The new ``carry`` from phase ``phase``'s uploads (their ``grads``)."""
+        raise NotImplementedError(f"{self.name} has no initialisation phases")
+
+    def initialize(self, carry: dict, rank: int, scale: float,
+                   shapes: dict[str, tuple[int, int]]) -> GlobalState | None:
+        """The first global state after the initialisation phases; None: the default one
+        (A drawn from the seed, B = 0)."""
+        return None
 
     @abstractmethod
     def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
@@ -273,7 +313,7 @@ class Strategy(ABC):
             "downloads": self.downloads,
             "sum_only": self.sum_only,
             "heterogeneous_ranks": self.heterogeneous_ranks,
-            "needs_gradient_init": self.needs_gradient_init,
+            "init_phases": self.init_phases,
             "fresh_adapters": self.fresh_adapters,
             "personal": bool(self.adapter_plan.keep),
             "default_lr": self.default_lr,

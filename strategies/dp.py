@@ -18,11 +18,13 @@ release has noise multiplier ``σ``; composing releases over rounds (clients sam
 at rate ``q``) is accounted by the caller (``fedlora.rounds`` with Opacus' RDP
 accountant), which hands in ``accountant(steps) -> ε``.
 
-Fed-SB's initialisation is one more release: the clients' gradient estimates ``G_k``
-are clipped jointly to ``C``, summed, noised with the same ``σ`` and divided by ``m``;
-the inner strategy's :meth:`initialize` then runs on that noisy mean alone.
+Each initialisation phase of the clients' data (Fed-SB: the sketches ``G_k Ω`` and
+``Qᵀ G_k``, or the dense ``G_k``) is one more release: the uploads are clipped jointly to
+``C``, summed, noised with the same ``σ`` and divided by ``m``; the inner strategy's
+:meth:`init_reduce` then runs on that noisy mean alone. A public initialisation
+(``--init-data``) releases nothing.
 
-**Noise.** Release ``i`` (``i = steps`` before it; Fed-SB's initialisation is release 0)
+**Noise.** Release ``i`` (``i = steps`` before it; Fed-SB's initialisation phases come first)
 draws its noise from ``noise(i)``, an object with ``normal(shape) -> float64 Tensor``.
 The caller supplies it (``fedlora.rounds``: OS entropy, or keyed by the seed with
 ``--dp-reproducible``); without one, a CPU ``torch.Generator`` seeded from
@@ -39,7 +41,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .base import Aggregate, ClientUpload, GlobalState, Strategy
+from .base import Aggregate, ClientUpload, GlobalState, Probe, Strategy
 from .plan import AdapterPlan
 
 Key = tuple[str, str]
@@ -174,7 +176,7 @@ class ClientLevelDP(Strategy):
             raise ValueError(f"client-level DP needs clip > 0, noise_multiplier ≥ 0 and"
                              f" expected_clients ≥ 1, got {clip}, {noise_multiplier}, {expected_clients}")
         self.inner = inner
-        for attr in ("name", "adapter_plan", "uploads", "downloads", "needs_gradient_init",
+        for attr in ("name", "adapter_plan", "uploads", "downloads", "init_phases", "public_init",
                      "folds", "default_lr", "options"):
             setattr(self, attr, getattr(inner, attr))
         self.sum_only, self.heterogeneous_ranks = True, False
@@ -208,7 +210,7 @@ class ClientLevelDP(Strategy):
 
     def resume(self, rounds: int) -> None:
         """Releases so far after ``rounds`` completed rounds (plus Fed-SB's initialisation)."""
-        self.steps = rounds + (1 if self.needs_gradient_init else 0)
+        self.steps = rounds + self.init_releases
 
     def privacy_report(self) -> dict[str, object]:
         """Metric columns: ε spent after the releases so far, σ, C, last clipped fraction."""
@@ -252,14 +254,25 @@ class ClientLevelDP(Strategy):
         self.clipped_fraction = clipped / len(deltas)
         return out
 
-    def initialize(self, uploads: Sequence[ClientUpload], rank: int, scale: float) -> GlobalState:
-        """The inner initialisation on the noisy mean ``(Σ clip_C(G_k) + noise) / m`` only."""
-        if not self.needs_gradient_init:
-            raise NotImplementedError(f"{self.name} has no initialisation round")
+    def init_probes(self, phase: int, shapes: dict[str, tuple[int, int]], rank: int,
+                    carry: dict) -> dict[str, Probe]:
+        """The inner strategy's probes."""
+        return self.inner.init_probes(phase, shapes, rank, carry)
+
+    def init_reduce(self, phase: int, uploads: Sequence[ClientUpload], carry: dict) -> dict:
+        """The inner reduction of the noisy mean ``(Σ clip_C(Y_k) + noise) / m`` of the phase's
+        uploads (one release); of the uploads themselves for a public initialisation."""
+        if self.public_init:
+            return self.inner.init_reduce(phase, uploads, carry)
         grads = [{("G", layer): g for layer, g in u.grads.items()} for u in uploads]
         mean = self.release(grads)
         noisy = ClientUpload(num_examples=1, grads={layer: g for (_, layer), g in mean.items()})
-        return self.inner.initialize([noisy], rank, scale)
+        return self.inner.init_reduce(phase, [noisy], carry)
+
+    def initialize(self, carry: dict, rank: int, scale: float,
+                   shapes: dict[str, tuple[int, int]]) -> GlobalState | None:
+        """The inner first state."""
+        return self.inner.initialize(carry, rank, scale, shapes)
 
     def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
         """``θ + noisy mean update``, shaped by the inner strategy; ``agg_error`` None.

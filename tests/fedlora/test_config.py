@@ -53,3 +53,24 @@ def test_config_json_of_an_older_version_keeps_its_strategy_option():
     assert cfg.strategy_options == "lam=0.05" and cfg.personal_test_fraction == 0.0
     with pytest.raises(UserError, match=r"unknown settings \['colour'\]"):
         from_dict({**asdict(JobConfig()), "colour": "red"})
+
+
+def test_dp_sample_takes_the_dp_recipe_for_unset_flags():
+    # Prepare
+    from fedlora.config import DP_RECIPE
+
+    args = ["--num-clients", "2", "--epsilon", "8", "--dp", "sample"]
+    # Execute
+    private = to_config(build_parser().parse_args(args), device="cpu")
+    plain = to_config(build_parser().parse_args(args[:2]), device="cpu")
+    given = to_config(build_parser().parse_args([*args, "--batch-size", "32", "--lr", "1e-3",
+                                                  "--max-grad-norm", "0.5"]), device="cpu")
+    # Assert: unset flags take the recipe under --dp sample, the usual defaults without it, and
+    # a flag given wins
+    assert (private.batch_size, private.lr, private.max_grad_norm) == (
+        DP_RECIPE["batch_size"], DP_RECIPE["lr"], DP_RECIPE["max_grad_norm"])
+    assert (plain.batch_size, plain.lr, plain.max_grad_norm) == (8, 2e-3, None)
+    assert (given.batch_size, given.lr, given.max_grad_norm) == (32, 1e-3, 0.5)
+    # the Flower run config carries the resolved values; lr 0 there means the same default
+    back = from_run_config({**to_run_config(private), "lr": 0.0})
+    assert (back.batch_size, back.lr) == (DP_RECIPE["batch_size"], DP_RECIPE["lr"])

@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification
 from fedlora.dpsgd import (
     Capture,
     clip_factors,
+    dp_parameters,
     grad_samples,
     noise_generator,
     noisy_mean,
@@ -166,3 +167,21 @@ def test_refusals_name_the_fix():
     bn = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
     assert "mixes the examples" in is_per_sample_safe(bn)
     assert is_per_sample_safe(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))) is None
+
+
+def test_a_frozen_head_has_no_per_example_gradients(base):
+    # Prepare: --head frozen: the head's tensors do not train
+    batch = _batch()
+    fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[4], alpha=8.0))
+    fm.reset_adapters(0)
+    fm.freeze_heads()
+    inputs = dict(batch)
+    labels = inputs.pop("labels")
+    # Execute
+    with Capture([*fm.adapters.values(), *fm.heads.values()]) as cap:
+        get_task("classification").row_losses(fm(**inputs).logits, labels).sum().backward()
+    got = grad_samples(fm, cap, torch.zeros(labels.shape[0], dtype=torch.long))
+    # Assert: only the adapters' factors, in the order noise is drawn (dp_parameters)
+    heads = {id(p) for h in fm.heads.values() for p in h.parameters()}
+    assert got and not any(id(p) in heads for p, _ in got)
+    assert [id(p) for p, _ in got] == [id(p) for p in dp_parameters(fm)]

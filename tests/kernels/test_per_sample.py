@@ -9,6 +9,7 @@ from fedlora.kernels.per_sample import (
     dense_grad_sample_reference,
     dense_sq_norms,
     dense_weighted_sum,
+    dense_weighted_sum_by_ids,
     lora_grad_sample,
     lora_grad_sample_reference,
     sb_grad_sample,
@@ -66,6 +67,25 @@ def test_dense_grad_sample_norms_and_weighted_sums():
     torch.testing.assert_close(dense_sq_norms(x, g), rW.pow(2).sum(dim=(1, 2)), rtol=1e-4, atol=1e-4)
     expect = torch.stack([(w[:3].view(-1, 1, 1) * rW[:3]).sum(0), (w[3:].view(-1, 1, 1) * rW[3:]).sum(0)])
     torch.testing.assert_close(dense_weighted_sum(x, g, w, 2), expect, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_weighted_sum_by_ids_equals_reference():
+    # Prepare: 6 rows of clients 2, 0, 2, 0, 0, 2 (client 1 has none, client 3 is beyond the ids)
+    x, g, _, _ = _data(N=6)
+    w = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0, 0.25])
+    ids = torch.tensor([2, 0, 2, 0, 0, 2])
+    rW, _ = dense_grad_sample_reference(x, g)
+    # Execute
+    out = dense_weighted_sum_by_ids(x, g, w, ids, 4)
+    # Assert: Σ_{i : ids_i = k} w_i ∂ℓ_i/∂W per client, zero where a client has no rows
+    expect = torch.zeros(4, 6, 7)
+    for i, k in enumerate(ids.tolist()):
+        expect[k] += w[i] * rW[i]
+    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-4)
+    assert out[1].abs().max() == 0 and out[3].abs().max() == 0
+    # packed contiguous segments of equal size: the same as the segment version
+    torch.testing.assert_close(dense_weighted_sum_by_ids(x, g, w, torch.arange(2).repeat_interleave(3), 2),
+                               dense_weighted_sum(x, g, w, 2), rtol=1e-5, atol=1e-5)
 
 
 def test_single_token_rows_are_supported():

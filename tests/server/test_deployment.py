@@ -86,7 +86,7 @@ def test_two_rounds_of_each_strategy(plain, tiny_bert_dir, tiny_csv, strategy):
         assert len(r["bytes_up_per_client"]) == 2 and min(r["bytes_up_per_client"]) > 0
         assert r["bytes_down"] > 0 and 0 <= r["accuracy"] <= 1
     if strategy == "fed-sb":
-        assert got[0]["clients"] == 2 and got[0]["bytes_up"] > 0      # the gradient estimates
+        assert got[0]["clients"] == 2 and got[0]["bytes_up"] > 0      # the two sketches
     if strategy == "fedsa-lora":  # both clients measured their own models after each round
         assert all(r["personal_clients"] == 2 and r["personal_examples"] > 0 for r in got[1:])
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -133,7 +133,7 @@ def test_differential_privacy_in_deployment(plain, tiny_bert_dir, tiny_csv, mode
                                                 for n in steps]
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "ffa-lora", "fedsa-lora", "flexlora"])
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa-lora", "fedsa-lora", "flexlora", "fed-sb"])
 def test_deployment_matches_the_simulator(plain, tiny_bert_dir, tiny_csv, tmp_path, strategy):
     # Prepare: the same job in fedlora-sim (2 clients = partitions 0 and 1)
     from fedlora.simulations.cli import main as sim
@@ -145,9 +145,9 @@ def test_deployment_matches_the_simulator(plain, tiny_bert_dir, tiny_csv, tmp_pa
     out = tmp / f"run-{strategy}"
     if not (out / "adapter").is_dir():
         pytest.skip(f"needs test_two_rounds_of_each_strategy[{strategy}] first")
-    # Assert: identical bytes up and down per client, the same personal accuracy (FedSA-LoRA:
-    # the deployed clients kept their own B) and the same final adapter
-    for s, d in zip(rows(sim_out)[1:], rows(out)[1:], strict=True):
+    # Assert: identical bytes up and down per client (round 0: Fed-SB's sketches and probes), the
+    # same personal accuracy (FedSA-LoRA: the deployed clients kept their own B) and adapter
+    for s, d in zip(rows(sim_out), rows(out), strict=True):
         assert s["bytes_up_per_client"] == d["bytes_up_per_client"]
         assert s["bytes_down_per_client"] == d["bytes_down_per_client"]
         assert s.get("personal_accuracy") == pytest.approx(d.get("personal_accuracy"), abs=1e-9)
@@ -155,10 +155,12 @@ def test_deployment_matches_the_simulator(plain, tiny_bert_dir, tiny_csv, tmp_pa
     a, b = adapter_tensors(sim_out), adapter_tensors(out)
     assert a.keys() == b.keys()
     # FlexLoRA: the SVD's exported stack carries float32 training differences (batched vs one
-    # client per process) up to ~1e-6 absolute on its smallest entries
-    atol = 1e-5 if strategy == "flexlora" else 1e-6
+    # client per process) up to ~1e-6 absolute on its smallest entries; Fed-SB: the singular
+    # vectors of its sketched initialisation move by (float32 difference) / (singular gap),
+    # ~1e-5 on A's entries of ~0.2 for this tiny random model
+    atol = {"flexlora": 1e-5, "fed-sb": 5e-5}.get(strategy, 1e-6)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4 if strategy == "fed-sb" else 1e-5, atol=atol)
 
 
 def test_sft_in_deployment_matches_the_simulator(plain, tiny_chat_llama_dir, sentiment_tsv, tmp_path):

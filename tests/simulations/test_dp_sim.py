@@ -67,20 +67,36 @@ def test_budget_stops_training(tiny_bert_dir, tiny_csv, tmp_path, capsys):
     assert "spent its privacy budget" in capsys.readouterr().err
 
 
-def test_fed_sb_initialisation_is_counted_in_the_budget(tiny_bert_dir, tiny_csv, tmp_path):
-    # Execute: Fed-SB's gradient estimate (2 batches) is privatised like a training step
+@pytest.mark.parametrize("init,steps", [("sketch", 4), ("dense", 2)])
+def test_fed_sb_initialisation_is_counted_in_the_budget(tiny_bert_dir, tiny_csv, tmp_path, init, steps):
+    # Execute: each initialisation phase (2 batches each; the sketch has 2 phases, the dense
+    # gradient 1) is privatised like training steps
     out = tmp_path / "sb"
     assert main(_job(tiny_bert_dir, tiny_csv, out, "--strategy", "fed-sb", "--epsilon", "1e6",
-                     "--noise-multiplier", "1.0", "--rounds", "1")) == 0
-    # Assert: round 0 has spent 2 steps, round 1 has spent 2 + 3
+                     "--noise-multiplier", "1.0", "--rounds", "1", "--strategy-options", f"init={init}")) == 0
+    # Assert: round 0 has spent `steps`, round 1 `steps` + 3
     rows = _rows(out)
-    assert rows[0]["epsilon_per_client"] == [pytest.approx(spent(1.0, Q, 2, 1e-3), abs=1e-4)] * 3
-    assert rows[1]["epsilon_per_client"] == [pytest.approx(spent(1.0, Q, 5, 1e-3), abs=1e-4)] * 3
+    assert rows[0]["epsilon_per_client"] == [pytest.approx(spent(1.0, Q, steps, 1e-3), abs=1e-4)] * 3
+    assert rows[1]["epsilon_per_client"] == [pytest.approx(spent(1.0, Q, steps + 3, 1e-3), abs=1e-4)] * 3
+
+
+def test_public_fed_sb_initialisation_costs_no_privacy(tiny_bert_dir, tiny_csv, tmp_path):
+    # Execute: --init-data (here the same file, standing in for a public one): nothing uploaded
+    out = tmp_path / "sb"
+    assert main(_job(tiny_bert_dir, tiny_csv, out, "--strategy", "fed-sb", "--epsilon", "1e6",
+                     "--noise-multiplier", "1.0", "--rounds", "1", "--init-data", str(tiny_csv))) == 0
+    # Assert: round 0 spent nothing and sent nothing; round 1 its 3 steps
+    rows = _rows(out)
+    assert rows[0]["epsilon_per_client"] == [] and rows[0]["bytes_up"] == 0
+    assert rows[1]["epsilon_per_client"] == [pytest.approx(spent(1.0, Q, 3, 1e-3), abs=1e-4)] * 3
 
 
 @pytest.mark.parametrize("extra,words", [
     (["--epsilon", "0"], "needs a budget"),
     (["--epsilon", "8", "--delta", "0.05"], "smaller than"),
+    (["--epsilon", "0.5", "--noise-multiplier", "0.3", "--strategy", "fed-sb"], "initialisation"),
+    (["--epsilon", "0.5", "--noise-multiplier", "0.3", "--strategy", "fed-sb", "--dp", "client",
+      "--update-clip", "1"], "initialisation"),
 ])
 def test_dp_refusals_are_one_line(tiny_bert_dir, tiny_csv, tmp_path, capsys, extra, words):
     args = [a for a in _job(tiny_bert_dir, tiny_csv, tmp_path / "x") if a not in ("--delta", "1e-3")]
@@ -88,3 +104,36 @@ def test_dp_refusals_are_one_line(tiny_bert_dir, tiny_csv, tmp_path, capsys, ext
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and words in err[0]
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def _head(out):
+    from safetensors.torch import load_file
+
+    got = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    return {k: v for k, v in got.items() if "classifier" in k}
+
+
+@pytest.mark.parametrize("dp", ["none", "sample"])
+def test_head_options(tiny_bert_dir, tiny_csv, tmp_path, dp):
+    # Prepare: the same job with each --head; DP-SGD too (a frozen head gets no noise)
+    base = [a for a in _job(tiny_bert_dir, tiny_csv, tmp_path / "x") if a not in ("--dp", "sample")]
+    base = [*base, "--rounds", "1", *(["--dp", dp, "--epsilon", "50"] if dp != "none" else [])]
+
+    def run(name, *extra):
+        out = tmp_path / name
+        assert main([*[a if a != str(tmp_path / "x") else str(out) for a in base], *extra]) == 0
+        return _head(out)
+
+    # Execute
+    frozen, frozen2 = run("frozen", "--head", "frozen"), run("frozen2", "--head", "frozen", "--seed", "0")
+    trained, zero = run("train"), run("zero", "--head", "zero")
+    public = run("public", "--head", "public", "--init-data", str(tiny_csv))
+    # Assert: a frozen head is the model's initial one (the same in two runs) and differs from a
+    # trained one; a zero-initialised head trained away from zero; the public one moved from the
+    # initial head before round 1 and is not the frozen one
+    assert frozen.keys() == trained.keys() and frozen
+    for k in frozen:
+        torch.testing.assert_close(frozen[k], frozen2[k])
+        assert not torch.equal(frozen[k], trained[k])
+        assert not torch.equal(public[k], frozen[k])
+    assert any(zero[k].abs().max() > 0 for k in zero)

@@ -41,7 +41,10 @@ def test_every_strategy_writes_metrics_and_peft_adapter(tiny_bert_dir, tiny_csv,
     else:
         assert min(errors) > 0
     if strategy == "fed-sb":
-        assert rows[0]["bytes_up"] > 3 * 4 * 32 * 32 * 4   # 3 clients x 4 layers of 32x32 gradients
+        # round 0: 3 clients x 4 layers of sketches G Ω (32 × 8) and Qᵀ G (8 × 32), w = 2r = 8,
+        # less than the dense 32 × 32 gradients; Ω and Q came down
+        assert 3 * 4 * 2 * 32 * 8 * 4 <= rows[0]["bytes_up"] < 3 * 4 * 32 * 32 * 4
+        assert rows[0]["bytes_down"] >= 3 * 4 * 2 * 32 * 8 * 4
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_bert_dir)
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
@@ -98,6 +101,12 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
      "--strategy lora-fair: unknown option 'lambda' for strategy lora-fair (it takes: lam)"),
     (["--strategy-options", "lam=1"], "unknown option 'lam' for strategy fedavg (it takes: no options)"),
     (["--personal-test-fraction", "1"], "--personal-test-fraction must be in [0, 1), got 1.0"),
+    (["--strategy", "fed-sb", "--strategy-options", "sketch_width=2"],
+     "sketch_width=2 is below the rank 4: the sketch must hold r directions; pass sketch_width ≥ 4"),
+    (["--strategy", "fed-sb", "--strategy-options", "init=seed", "--init-data", "x.csv"],
+     "init=seed reads no data: drop --init-data"),
+    (["--init-data", "x.csv"], "--strategy fedavg with --head train reads neither: drop it"),
+    (["--head", "public"], "--head public trains the head on a public file: pass --init-data FILE"),
 ])
 def test_bad_input_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path, capsys, extra, message):
     # Execute
@@ -108,6 +117,19 @@ def test_bad_input_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path, capsys, ex
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_init_data_without_the_task_columns_is_one_line(tiny_bert_dir, tiny_csv, tmp_path, capsys):
+    # Prepare: a public file whose columns are not the task's (text, label)
+    public = tmp_path / "public.csv"
+    public.write_text("sentence,label\nfine,pos\n")
+    # Execute
+    code = main(_args(tiny_bert_dir, tiny_csv, tmp_path / "o", "--strategy", "fed-sb",
+                      "--init-data", str(public)))
+    # Assert: one line naming the flag and the missing column; nothing written
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--init-data: text column 'text' is not in public.csv" in err[0]
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
 class _nullctx:

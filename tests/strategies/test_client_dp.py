@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fedlora.strategies import ClientLevelDP, ClientUpload, GlobalState, get_strategy
-from fedlora.strategies.fed_sb import FedSB
+from fedlora.strategies.fed_sb import FedSB, initialize_from_gradients
 from fedlora.strategies.plan import LORA
 
 F64 = torch.float64
@@ -126,15 +126,15 @@ def test_noise_depends_on_seed_and_release_index_only():
 
 
 class RecordingFedSB(FedSB):
-    """Fed-SB whose initialisation records the uploads it receives."""
+    """Fed-SB (dense initialisation) whose reduction records the uploads it receives."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(init="dense")
         self.seen: list[list[ClientUpload]] = []
 
-    def initialize(self, uploads, rank, scale):
+    def init_reduce(self, phase, uploads, carry):
         self.seen.append(list(uploads))
-        return super().initialize(uploads, rank, scale)
+        return super().init_reduce(phase, uploads, carry)
 
 
 def test_fedsb_init_uses_the_clipped_uniform_mean_of_gradients():
@@ -145,15 +145,33 @@ def test_fedsb_init_uses_the_clipped_uniform_mean_of_gradients():
            ClientUpload(num_examples=1, grads={"w": t([[0, 0], [0, -0.5]])})]
 
     # Execute
-    state = strategy.initialize(ups, rank=1, scale=1.0)
+    state = initialize_from_gradients(strategy, ups, rank=1, scale=1.0)
 
-    # Assert: the inner initialisation saw one upload, the mean (G_1/5 + G_2) / 2
+    # Assert: the inner reduction saw one upload, the mean (G_1/5 + G_2) / 2
     (seen,) = inner.seen
     assert len(seen) == 1
     torch.testing.assert_close(seen[0].grads["w"], t([[0.3, 0.4], [0, -0.25]]))
-    expected = get_strategy("fed-sb").initialize(seen, rank=1, scale=1.0)
+    expected = initialize_from_gradients(get_strategy("fed-sb", init="dense"), seen, rank=1, scale=1.0)
     torch.testing.assert_close(state.cores["w"], expected.cores["w"])
     assert strategy.steps == 1 and strategy.privacy_report()["clipped_fraction"] == 0.5
+
+
+def test_fedsb_sketched_init_is_two_releases_and_public_init_none():
+    # Prepare: the default sketch has two phases, each one release; --init-data has none
+    ups = [ClientUpload(num_examples=1, grads={"w": t([[3, 4], [0, 0]])}),
+           ClientUpload(num_examples=1, grads={"w": t([[1, 0], [0, 1]])})]
+    private = ClientLevelDP(FedSB(), clip=1.0, noise_multiplier=0.0, expected_clients=2)
+    public = ClientLevelDP(FedSB(public=True), clip=1.0, noise_multiplier=0.0, expected_clients=2)
+
+    # Execute
+    initialize_from_gradients(private, ups, rank=1, scale=1.0)
+    initialize_from_gradients(public, ups, rank=1, scale=1.0)
+
+    # Assert
+    assert (private.init_releases, private.steps) == (2, 2)
+    assert (public.init_releases, public.steps) == (0, 0)
+    private.resume(3)
+    assert private.steps == 5
 
 
 def test_fedsb_rounds_add_the_mean_core_update_and_keep_the_shared_factors():

@@ -21,7 +21,7 @@ from fedlora.strategies import (
     factored_sq_norm,
     get_strategy,
 )
-from fedlora.strategies.fed_sb import FedSB
+from fedlora.strategies.fed_sb import FedSB, initialize_from_gradients
 from fedlora.strategies.fedavg import FedAvg
 from fedlora.strategies.flora import FLoRA, compact
 from fedlora.strategies.lora_fair import LoRAFAIR
@@ -100,11 +100,11 @@ def sb_setup(seed: int = 0, n=(5, 15, 30), rank: int = 3, scale: float = 2.0):
     """An initialised Fed-SB state and clients uploading random cores."""
     gen = torch.Generator().manual_seed(seed)
     layers = {"q": (10, 12), "v": (12, 8)}
-    strat = FedSB(init_lr=1e-3, seed=7)
+    strat = FedSB(init_lr=1e-3, init="dense", seed=7)
     grads = [ClientUpload(num_examples=nk,
                           grads={k: torch.randn(*shape, generator=gen, dtype=F64)
                                  for k, shape in layers.items()}) for nk in n]
-    state = strat.initialize(grads, rank=rank, scale=scale)
+    state = initialize_from_gradients(strat, grads, rank=rank, scale=scale)
     clients = [ClientUpload(num_examples=nk, scale=scale,
                             cores={k: torch.randn(rank, rank, generator=gen, dtype=F64)
                                    for k in layers}) for nk in n]
@@ -266,7 +266,7 @@ def test_fed_sb_initialize_is_deterministic_in_seed():
     _, grads, state, _ = sb_setup(seed=1)
 
     # Execute
-    again = FedSB(init_lr=1e-3, seed=7).initialize(grads, rank=3, scale=2.0)
+    again = initialize_from_gradients(FedSB(init_lr=1e-3, init="dense", seed=7), grads, rank=3, scale=2.0)
 
     # Assert
     for layer in state.factors:
@@ -341,7 +341,7 @@ def test_fed_sb_rejects_rank_above_layer_size_and_missing_init():
 
     # Execute / Assert
     with pytest.raises(ValueError, match="exceeds"):
-        FedSB().initialize(grads, rank=5, scale=1.0)
+        initialize_from_gradients(FedSB(init="dense"), grads, rank=5, scale=1.0)
     with pytest.raises(ValueError, match="initialisation"):
         FedSB().aggregate(cores, GlobalState())
     with pytest.raises(ValueError, match="init_lr"):
@@ -602,7 +602,7 @@ def test_empty_round_raises_value_error(name):
 def test_fed_sb_initialize_on_empty_round_raises():
     # Execute / Assert
     with pytest.raises(ValueError, match="empty round"):
-        FedSB().initialize([], rank=2, scale=1.0)
+        FedSB().init_reduce(0, [], {})
 
 
 @pytest.mark.parametrize("count", [0, -3])
@@ -662,14 +662,18 @@ def test_registry_names_classes_and_options():
         assert info["name"] == name
     assert FLoRA().describe()["heterogeneous_ranks"] is True
     assert FLoRA().describe()["sum_only"] is False
-    assert FedSB().describe()["needs_gradient_init"] is True
+    assert FedSB().describe()["init_phases"] == 2
+    assert FedSB(init="dense").describe()["init_phases"] == 1
+    assert FedSB(init="seed").describe()["init_phases"] == 0
     assert FedSB().describe()["plan"]["train"] == "R"
 
 
-def test_initialize_not_available_for_lora_strategies():
-    # Execute / Assert
+def test_lora_strategies_have_no_initialisation_phases():
+    # Execute / Assert: no phases, and the default first state (None)
+    assert FedAvg().init_phases == 0
+    assert FedAvg().initialize({}, rank=2, scale=1.0, shapes={"q": (4, 4)}) is None
     with pytest.raises(NotImplementedError):
-        FedAvg().initialize([], rank=2, scale=1.0)
+        FedAvg().init_probes(0, {"q": (4, 4)}, 2, {})
 
 
 # ----------------------------------------------------------------------------- norms

@@ -16,6 +16,7 @@ import torch
 
 from fedlora.strategies import ClientUpload, GlobalState, factored_sq_norm, get_strategy
 from fedlora.strategies.base import client_weights
+from fedlora.strategies.fed_sb import initialize_from_gradients
 
 F64 = torch.float64
 
@@ -83,6 +84,40 @@ def test_lora_fair_by_hand():
     assert ridge.agg_error == pytest.approx(0.0075 / (6.26 * 9.5), rel=1e-9)
 
 
+def test_fed_sb_sketched_initialisation_by_hand():
+    # Prepare: G_1 = (1,2)ᵀ(1,2), G_2 = 3 G_1 with n = 3, 1: Ḡ = 3/4 G_1 + 3/4 G_1 = 1.5 (1,2)ᵀ(1,2),
+    # rank 1, σ = 7.5, u = v = (1,2)/√5. A sketch of any width ≥ 1 holds u exactly, so
+    # Z̄ = Qᵀ Ḡ has norm ‖Ḡ‖ = 7.5; c = η √(2·2) / 7.5 = 0.5·2/7.5 = 2/15 and the step is
+    # −c Ḡ = −0.2 (1,2)ᵀ(1,2), of Frobenius norm η √(d_out d_in) = 1, like η·sign.
+    g1 = t([[1.0, 2.0], [2.0, 4.0]])
+    grads = [ClientUpload(num_examples=3, grads={"w": g1}), ClientUpload(num_examples=1, grads={"w": 3 * g1})]
+    strat = get_strategy("fed-sb", init_lr=0.5, init="sketch", sketch_width=2)
+
+    # Execute: the two phases (Y_k = G_k Ω, then Z_k = Qᵀ G_k), then the SVD of Z̄
+    state = initialize_from_gradients(strat, grads, rank=1, scale=2.0)
+
+    # Assert: B A = u vᵀ = Ḡ / σ = (1,2)ᵀ(1,2) / 5; R_0 = −c σ / s = −(2/15)(7.5)/2 = −0.5
+    A, B = state.factors["w"]
+    torch.testing.assert_close(B @ A, t([[0.2, 0.4], [0.4, 0.8]]))
+    torch.testing.assert_close(state.cores["w"], t([[-0.5]]))
+    torch.testing.assert_close(2.0 * B @ state.cores["w"] @ A, t([[-0.2, -0.4], [-0.4, -0.8]]))
+
+
+def test_fed_sb_seed_initialisation_reads_no_data():
+    # Prepare / Execute: init=seed has no phases; A, B orthonormal from the seed, R_0 = 0
+    strat = get_strategy("fed-sb", init="seed")
+    state = strat.initialize({}, rank=2, scale=1.0, shapes={"w": (5, 3)})
+    again = get_strategy("fed-sb", init="seed").initialize({}, rank=2, scale=1.0, shapes={"w": (5, 3)})
+
+    # Assert
+    A, B = state.factors["w"]
+    assert strat.init_phases == 0 and A.shape == (2, 3) and B.shape == (5, 2)
+    torch.testing.assert_close(A @ A.T, torch.eye(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(B.T @ B, torch.eye(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(state.cores["w"], torch.zeros(2, 2))
+    torch.testing.assert_close(again.factors["w"][0], A)
+
+
 def test_fed_sb_by_hand():
     # Prepare: Σ p_k G_k = 3/4 · ones + 1/4 · [[1, 1], [1, −2]] = [[1, 1], [1, 0.25]],
     # whose sign is all ones (uniform weights would give −0.5 there, sign −1).
@@ -91,10 +126,10 @@ def test_fed_sb_by_hand():
         ClientUpload(num_examples=3, grads={"w": t([[1.0, 1.0], [1.0, 1.0]])}),
         ClientUpload(num_examples=1, grads={"w": t([[1.0, 1.0], [1.0, -2.0]])}),
     ]
-    strat = get_strategy("fed-sb", init_lr=0.5)
+    strat = get_strategy("fed-sb", init_lr=0.5, init="dense")
 
     # Execute
-    state = strat.initialize(grads, rank=1, scale=2.0)
+    state = initialize_from_gradients(strat, grads, rank=1, scale=2.0)
 
     # Assert: B A = u vᵀ = −0.5 · ones, R_0 = σ_1 / s = 0.5, s B R_0 A = −0.5 · ones.
     A, B = state.factors["w"]
