@@ -95,7 +95,7 @@ def table(args: argparse.Namespace) -> int:
              " clip | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for strategy in args.strategies.split(","):
         for eps in args.epsilons.split(","):
-            extra = [] if eps == "inf" else list(args.dp_flags)
+            extra = [*args.job_flags, *([] if eps == "inf" else args.dp_flags)]
             name = f"{strategy}-eps{eps}"
             s = run(args, name, job(args, strategy, eps, Path(args.out) / name, extra))
             lines.append(f"| {strategy} | {eps} | {fmt(s, eps, q)}")
@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategies", default="fedavg,ffa-lora,fed-sb")
     p.add_argument("--epsilons", default=",".join(EPSILONS))
     p.add_argument("--dp-flags", default="", help="extra flags for the DP runs (e.g. '--lr 5e-3')")
+    p.add_argument("--job-flags", default="", help="extra flags for every run (e.g. '--head frozen')")
     p.add_argument("--sweep", action="store_true", help="the DP-defaults sweep instead of the table")
     p.add_argument("--sweep-lrs", default="1e-3,5e-3,2e-2")
     p.add_argument("--sweep-clips", default="0.1,1.0")
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 round of 2 steps of 32 examples (smoke)")
     args = p.parse_args(argv)
-    args.dp_flags = args.dp_flags.split()
+    args.dp_flags, args.job_flags = args.dp_flags.split(), args.job_flags.split()
     if args.quick:
         args.rounds, args.local_steps, args.batch_size = 1, 2, 32
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -7,7 +7,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
 
 from fedlora.dpsgd import (
     _forward,
@@ -27,12 +26,6 @@ from fedlora.train import ClientSampler, TrainConfig
 CPU = torch.device("cpu")
 # three clients of different sizes: rows 0-11, 12-17 and 18-29 of the data
 PARTS = [range(0, 12), range(12, 18), range(18, 30)]
-
-
-@pytest.fixture(scope="module")
-def base(tiny_bert_dir):
-    return AutoModelForSequenceClassification.from_pretrained(
-        tiny_bert_dir, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def _data(n=30, seq=10, seed=0):

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
 
 from fedlora.dpsgd import (
     Capture,
@@ -20,13 +19,6 @@ from fedlora.errors import UserError
 from fedlora.model import AdapterConfig, FederatedModel
 from fedlora.privacy import Budget, calibrate, check_delta, is_per_sample_safe, spent
 from fedlora.tasks import get_task
-
-
-@pytest.fixture(scope="module")
-def base(tiny_bert_dir):
-    # no dropout, so Opacus (which needs train mode) and fedlora see the same function
-    return AutoModelForSequenceClassification.from_pretrained(
-        tiny_bert_dir, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def _batch(n=6, seq=10, seed=0):

@@ -6,9 +6,7 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
-import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
 
 from fedlora.model import AdapterConfig, FederatedModel
 from fedlora.privacy import Budget
@@ -29,12 +27,6 @@ class NoiselessBudget(Budget):
 
     def can_step(self) -> bool:
         return True
-
-
-@pytest.fixture(scope="module")
-def base(tiny_bert_dir):
-    return AutoModelForSequenceClassification.from_pretrained(
-        tiny_bert_dir, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def _data(n=14, seq=8, seed=0):  # 14 = sum(SIZES)
