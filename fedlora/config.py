@@ -65,10 +65,12 @@ def parse_ranks(text: str, flag: str = "--ranks") -> list[int]:
     return ranks
 
 
-DP_RECIPE: dict[str, Any] = {"batch_size": 256, "max_grad_norm": 1.0, "lr": 1e-2}
-"""``--dp sample``'s defaults for the flags a job leaves unset: Poisson batch, per-example clip
-and AdamW learning rate, measured by ``benchmarks/dp_learning.py --sweep`` (RESULTS.md, "DP
-recipe"): FFA-LoRA on SST-2 at ε = 8."""
+DP_RECIPE: dict[str, Any] = {"batch_size": 256, "max_grad_norm": 0.1, "lr": 3e-3, "head": "frozen"}
+"""``--dp sample``'s defaults for the flags a job leaves unset: Poisson batch, per-example clip,
+AdamW learning rate and head, measured by ``benchmarks/dp_learning.py --sweep`` (RESULTS.md, "DP
+recipe"): FFA-LoRA on SST-2 at ε = 8. At the start of training a MiniLM head holds over 99% of
+an example's gradient norm, so a trained head would take the whole clip and leave LoRA's factors
+with noise alone; frozen, the clip (0.1, about the factors' own per-example norm) is theirs."""
 
 
 @dataclass
@@ -117,8 +119,9 @@ class JobConfig:
                             group="strategy options")
     head: str = option("train", "the classification head: train (with the adapters, every round),"
                        " zero (zero-initialised, then trained), frozen (never trained), public"
-                       " (trained on --init-data before round 1, then frozen)", group="strategy options",
-                       choices=["train", "zero", "frozen", "public"])
+                       " (trained on --init-data before round 1, then frozen); default train, with"
+                       " --dp sample frozen", group="strategy options",
+                       choices=["train", "zero", "frozen", "public"], flag_default=None)
     strategy_options: str = option("", "the strategy's own options as NAME=VALUE pairs separated by"
                                    " commas, e.g. lam=0.05 for lora-fair (the README's strategy table"
                                    " lists each strategy's options)",
@@ -359,9 +362,11 @@ def default_lr(strategy: str, dp: str = "none") -> float:
 
 def fill_defaults(args) -> None:
     """Give the flags left unset (None) their defaults, which depend on the job: ``--batch-size``
-    8 (``--dp sample``: :data:`DP_RECIPE`'s), ``--lr`` :func:`default_lr`, and under ``--dp
-    sample`` the recipe's per-example clip ``--max-grad-norm``."""
+    8 and ``--head train`` (``--dp sample``: :data:`DP_RECIPE`'s), ``--lr`` :func:`default_lr`,
+    and under ``--dp sample`` the recipe's per-example clip ``--max-grad-norm``."""
     private = args.dp == "sample"
+    if args.head is None:
+        args.head = DP_RECIPE["head"] if private and TASKS[args.task].trains_head else JobConfig.head
     if args.batch_size is None:
         args.batch_size = DP_RECIPE["batch_size"] if private else JobConfig.batch_size
     if args.lr is None:
@@ -410,7 +415,7 @@ def to_config(args: argparse.Namespace, device: str | None = None) -> JobConfig:
     values["clients_per_round"] = values.get("clients_per_round") or 0
     values["max_clients_per_pass"] = values.get("max_clients_per_pass") or 0
     fill_defaults(args)
-    values.update(batch_size=args.batch_size, lr=args.lr, max_grad_norm=args.max_grad_norm)
+    values.update(batch_size=args.batch_size, lr=args.lr, max_grad_norm=args.max_grad_norm, head=args.head)
     if args.ranks is not None:  # cycled over the clients
         values["ranks"] = [args.ranks[k % len(args.ranks)] for k in range(args.num_clients)]
     values["device"] = device if device is not None else resolve_device(args.device)

@@ -67,9 +67,9 @@ def test_dp_sample_takes_the_dp_recipe_for_unset_flags():
                                                   "--max-grad-norm", "0.5"]), device="cpu")
     # Assert: unset flags take the recipe under --dp sample, the usual defaults without it, and
     # a flag given wins
-    assert (private.batch_size, private.lr, private.max_grad_norm) == (
-        DP_RECIPE["batch_size"], DP_RECIPE["lr"], DP_RECIPE["max_grad_norm"])
-    assert (plain.batch_size, plain.lr, plain.max_grad_norm) == (8, 2e-3, None)
+    assert (private.batch_size, private.lr, private.max_grad_norm, private.head) == (
+        DP_RECIPE["batch_size"], DP_RECIPE["lr"], DP_RECIPE["max_grad_norm"], DP_RECIPE["head"])
+    assert (plain.batch_size, plain.lr, plain.max_grad_norm, plain.head) == (8, 2e-3, None, "train")
     assert (given.batch_size, given.lr, given.max_grad_norm) == (32, 1e-3, 0.5)
     # the Flower run config carries the resolved values; lr 0 there means the same default
     back = from_run_config({**to_run_config(private), "lr": 0.0})

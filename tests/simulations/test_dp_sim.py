@@ -126,7 +126,7 @@ def test_head_options(tiny_bert_dir, tiny_csv, tmp_path, dp):
 
     # Execute
     frozen, frozen2 = run("frozen", "--head", "frozen"), run("frozen2", "--head", "frozen", "--seed", "0")
-    trained, zero = run("train"), run("zero", "--head", "zero")
+    trained, zero, default = run("train", "--head", "train"), run("zero", "--head", "zero"), run("default")
     public = run("public", "--head", "public", "--init-data", str(tiny_csv))
     # Assert: a frozen head is the model's initial one (the same in two runs) and differs from a
     # trained one; a zero-initialised head trained away from zero; the public one moved from the
@@ -137,3 +137,6 @@ def test_head_options(tiny_bert_dir, tiny_csv, tmp_path, dp):
         assert not torch.equal(frozen[k], trained[k])
         assert not torch.equal(public[k], frozen[k])
     assert any(zero[k].abs().max() > 0 for k in zero)
+    # without --head: trained, but frozen under --dp sample (the DP recipe's default)
+    for k in frozen:
+        torch.testing.assert_close(default[k], frozen[k] if dp == "sample" else trained[k])
