@@ -151,6 +151,44 @@ def client_level(args: argparse.Namespace) -> int:
     return 0
 
 
+def norms(args: argparse.Namespace) -> int:
+    """Per-example gradient norms at the start of training (64 SST-2 phrases, fedavg's fresh
+    adapter, Fed-SB's frozen factors drawn at random): their quantiles and the head's share."""
+    import torch
+
+    from fedlora.config import JobConfig
+    from fedlora.dpsgd import Capture, grad_samples
+    from fedlora.setup import build_model
+    from fedlora.strategies import strategy_class
+    from fedlora.tasks import get_task
+
+    for strategy in args.strategies.split(","):
+        cfg = JobConfig(strategy=strategy, data=str(Path(args.data_dir) / "train.tsv"),
+                        text_column="sentence", max_length=args.max_length, seed=args.seed)
+        plan = strategy_class(strategy).from_job(cfg).plan(1)
+        fm, tokenizer, _ = build_model(cfg, [cfg.rank], plan, 2)
+        if plan.core:
+            for layer in fm.adapters.values():
+                layer.sb_A.normal_(0, 0.05)
+                layer.sb_B.normal_(0, 0.05)
+        else:
+            fm.reset_adapters(args.seed)
+        task = get_task("classification")
+        data = task.encode(tokenizer, task.load(cfg.data, cfg).subset(list(range(64))), cfg)
+        labels = data.pop("labels")
+        with Capture(fm.client_layers()) as cap:
+            task.row_losses(fm(**data).logits, labels).sum().backward()
+        heads = {id(p) for h in fm.heads.values() for p in h.parameters()}
+        rows = grad_samples(fm, cap, torch.zeros(64, dtype=torch.long))
+        sq = {id(p): g.reshape(64, -1).pow(2).sum(1) for p, g in rows}
+        total = sum(sq.values())
+        head = sum(v for k, v in sq.items() if k in heads)
+        q = torch.quantile(total.sqrt(), torch.tensor([0.1, 0.5, 0.9])).tolist()
+        print(f"{strategy}: per-example norm 10/50/90% {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f};"
+              f" head share of the squared norm {float((head / total).mean()):.2%}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/dp_learning")
@@ -173,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="--dp client at --clients clients (use 100), --per-round per round, batch 8")
     p.add_argument("--per-round", type=int, default=20)
     p.add_argument("--update-clip", type=float, default=0.5)
+    p.add_argument("--norms", action="store_true", help="per-example gradient norms at the start")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 round of 2 steps of 32 examples (smoke)")
     args = p.parse_args(argv)
@@ -183,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.data_dir) / "train.tsv").is_file():
         print(f"dp_learning: no SST-2 at {args.data_dir} (pass --data-dir)", file=sys.stderr)
         return 2
+    if args.norms:
+        return norms(args)
     if args.client_level:
         return client_level(args)
     return sweep(args) if args.sweep else table(args)

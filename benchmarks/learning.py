@@ -63,6 +63,11 @@ def centralized(args: argparse.Namespace, per_round: int, seed: int, out: Path) 
     return out
 
 
+def finished(run: Path) -> bool:
+    """A run that completed: its metrics and its exported adapter (written last)."""
+    return (run / "metrics.jsonl").is_file() and (run / "adapter").is_dir()
+
+
 def read_rows(folder: Path) -> list[dict]:
     return [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.local_steps = 1, 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fedlora.simulations.compare import main as compare
+    from fedlora.strategies.registry import STRATEGIES
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     results: dict = {}
@@ -134,12 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             t0 = time.perf_counter()
             folder = args.out / name / f"seed{seed}"
-            if not args.report_only and not (folder / "comparison.csv").is_file():
-                chosen = args.strategies or strategies or "all"
-                argv = [*flags, *job_flags(local, seed), "--strategies", chosen, "--out", str(folder)]
+            chosen = (args.strategies or strategies or ",".join(sorted(STRATEGIES))).split(",")
+            missing = [s for s in chosen if not finished(folder / s)]  # an interrupted study resumes
+            if not args.report_only and missing:
+                argv = [*flags, *job_flags(local, seed), "--strategies", ",".join(missing),
+                        "--out", str(folder)]
                 if compare(argv) != 0:
                     raise SystemExit(f"fedlora-compare failed for {name} seed {seed}")
-            if not (folder / "comparison.csv").is_file():
+            if not any(finished(d) for d in folder.glob("*")):
                 continue
             home = args.out / f"{name.split('-')[0]}-{rounds}r-centralized"
             base = centralized(local, per_round, seed, home / f"seed{seed}")
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             c = read_rows(base)[-1]["accuracy"]
             central.append(c)
-            for run in sorted(d for d in folder.iterdir() if (d / "metrics.jsonl").is_file()):
+            for run in sorted(d for d in folder.iterdir() if finished(d)):
                 runs.setdefault(run.name, []).append((read_rows(run), c))
             print(f"{name} seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         if central:
