@@ -460,8 +460,11 @@ def from_run_config(run_config: dict[str, object]) -> JobConfig:
         elif isinstance(getattr(cfg, f.name), int):
             value = int(value)
         setattr(cfg, f.name, value)
-    if "lr" in run_config and float(run_config["lr"]) <= 0:  # 0: the default (strategy's, DP recipe's)
-        cfg.lr = default_lr(cfg.strategy, cfg.dp)
-    if cfg.dp == "sample" and cfg.max_grad_norm is None:
-        cfg.max_grad_norm = DP_RECIPE["max_grad_norm"]
+    # lr 0, batch-size 0, head "": the job's default (the strategy's, or the DP recipe's)
+    if "lr" in run_config and float(run_config["lr"]) <= 0:
+        cfg.lr = None
+    if cfg.batch_size <= 0:
+        cfg.batch_size = None
+    cfg.head = cfg.head or None
+    fill_defaults(cfg)
     return cfg

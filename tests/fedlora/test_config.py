@@ -33,11 +33,16 @@ def test_repo_flower_app_config_has_exactly_the_server_keys(tmp_path):
     expected = run_config(to_config(args, device="cpu"), args, tmp_path)
     # Execute
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    # Assert: same keys, same defaults (but out, and lr whose 0 means "strategy default")
+    # Assert: same keys, same defaults (but out, and lr, batch-size and head whose 0 or "" mean
+    # "the job's default", which --dp sample changes)
     assert set(app["config"]) == set(expected)
     for key, value in app["config"].items():
-        if key not in ("out", "lr"):
+        if key not in ("out", "lr", "batch-size", "head"):
             assert value == expected[key], key
+    got = from_run_config(app["config"])
+    assert (got.lr, got.batch_size, got.head) == (2e-3, 8, "train")
+    private = from_run_config({**app["config"], "dp": "sample", "epsilon": 8.0})
+    assert (private.lr, private.batch_size, private.head, private.max_grad_norm) == (3e-3, 256, "frozen", 0.1)
     assert app["components"] == {"serverapp": "fedlora.server.app:app",
                                  "clientapp": "fedlora.clients.app:app"}
 
