@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from fedlora.errors import UserError
@@ -247,111 +246,6 @@ def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "cl
             if kind is not None and meta["nargs"] is None:
                 kwargs["type"] = kind
         groups[meta["group"]].add_argument(_flag(f.name), **kwargs)
-
-
-def check_job_args(args) -> None:
-    """Refuse bad job values in one line each (``args``: parsed flags or a :class:`JobConfig`),
-    after :func:`fill_defaults`."""
-    fill_defaults(args)
-    positive = ("num_clients", "rounds", "local_steps", "batch_size", "rank", "max_length",
-                "init_batches", "eval_batch_size")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise UserError(f"{_flag(name)} must be ≥ 1, got {getattr(args, name)}")
-    for name in ("eval_max", "max_new_tokens"):
-        if getattr(args, name) < 0:
-            raise UserError(f"{_flag(name)} must be ≥ 0 (0: {'all' if name == 'eval_max' else 'auto'}),"
-                            f" got {getattr(args, name)}")
-    if args.lr is not None and args.lr <= 0:
-        raise UserError(f"--lr must be > 0, got {args.lr}")
-    if not 0 <= args.personal_test_fraction < 1:
-        raise UserError(f"--personal-test-fraction must be in [0, 1), got {args.personal_test_fraction}")
-    if STRATEGIES[args.strategy].adapter_plan.keep and not args.personal_test_fraction:
-        raise UserError(f"--strategy {args.strategy} keeps personal factors on each client, so each"
-                        " client has its own model: pass --personal-test-fraction (e.g. 0.2) to"
-                        " measure those models on each client's own held-out examples")
-    check_dp_args(args)
-    if args.ranks is not None and not STRATEGIES[args.strategy].heterogeneous_ranks:
-        if len(set(args.ranks)) > 1:
-            takes = ", ".join(sorted(n for n, c in STRATEGIES.items() if c.heterogeneous_ranks))
-            raise UserError(f"--strategy {args.strategy} needs one rank for every client;"
-                            f" use --rank, or a strategy that takes heterogeneous ranks ({takes})")
-    try:
-        STRATEGIES[args.strategy].from_job(args)  # its options, checked before anything loads
-    except ValueError as exc:
-        raise UserError(f"--strategy {args.strategy}: {exc}") from None
-    check_task_args(args)
-    check_init_args(args)
-    if args.gradient_checkpointing and args.dp == "sample":
-        raise UserError("--gradient-checkpointing recomputes activations, which DP-SGD's per-example"
-                        " gradient hooks would see twice; drop one of the two")
-
-
-def check_init_args(args) -> None:
-    """Refuse ``--init-data`` that nothing reads and a ``--head`` the job cannot have."""
-    if args.head != "train" and not TASKS[args.task].trains_head:
-        raise UserError(f"--head {args.head} is for a task with a head (--task classification);"
-                        f" --task {args.task} has none")
-    if args.head == "public" and not args.init_data:
-        raise UserError("--head public trains the head on a public file: pass --init-data FILE")
-    if args.init_data and args.head != "public" and not STRATEGIES[args.strategy].from_job(args).init_phases:
-        raise UserError(f"--init-data is read by Fed-SB's initialisation and by --head public; --strategy"
-                        f" {args.strategy} with --head {args.head} reads neither: drop it")
-
-
-def check_task_args(args) -> None:
-    """Refuse a job its task cannot run: another task's options, or data or a model it cannot use."""
-    task = TASKS[args.task]
-    for name, other in ((n, t) for t in TASKS.values() if t is not task for n in t.options):
-        if name not in task.options and getattr(args, name) != JobConfig.__dataclass_fields__[name].default:
-            raise UserError(f"{_flag(name)} is for --task {other.name} (this job is --task {task.name})")
-    if args.data not in task.datasets and args.data in {d for t in TASKS.values() for d in t.datasets}:
-        raise UserError(f"--data {args.data} is not for --task {task.name}; it reads"
-                        f" {' or '.join(task.datasets)} or a file")
-    if task.model_kind == "causal-lm" and args.model == "minilm":  # the bundled encoder
-        raise UserError(f"--task {task.name} needs a causal language model, and minilm is an encoder:"
-                        " pass --model smollm2, a .gguf file or a local LLM folder")
-
-
-def check_dp_args(args) -> None:
-    """Refuse DP settings that would give no guarantee, in one line each.
-
-    ``args``: parsed flags or a :class:`JobConfig` (the same field names), so a job that
-    arrives as a Flower run config is checked as its flags would be.
-    """
-    if args.dp == "none":
-        return
-    if args.epsilon <= 0:
-        raise UserError(f"--dp {args.dp} needs a budget: pass --epsilon (e.g. 8) and --delta")
-    if not 0 < args.delta < 1:
-        raise UserError(f"--delta must be in (0, 1), got {args.delta}")
-    if args.noise_multiplier < 0:
-        raise UserError(f"--noise-multiplier must be ≥ 0 (0: calibrate), got {args.noise_multiplier}")
-    if getattr(args, "dp_backend", "auto") not in ("auto", "fedlora", "opacus"):
-        raise UserError(f"--dp-backend must be auto, fedlora or opacus, got {args.dp_backend!r}")
-    if args.dp == "sample":
-        if args.max_grad_norm is not None and args.max_grad_norm <= 0:
-            raise UserError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
-    else:
-        if not STRATEGIES[args.strategy].sum_only:
-            takes = ", ".join(sorted(n for n, c in STRATEGIES.items() if c.sum_only))
-            raise UserError(f"--dp client needs a strategy whose aggregate is a sum of client"
-                            f" updates ({takes}); {args.strategy}'s is not, so clipping and"
-                            " noising a sum would not bound each client's influence")
-        if args.update_clip <= 0:
-            raise UserError(f"--update-clip must be > 0, got {args.update_clip}")
-        if args.delta >= 1 / args.num_clients:
-            raise UserError(f"--delta {args.delta:g} is not below 1/(clients) = {1 / args.num_clients:g};"
-                            " pass a smaller --delta")
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a file, or an existing non-empty folder unless ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {str(out)!r} already has results; pass --overwrite to"
-                        " replace them or choose another folder")
 
 
 def default_lr(strategy: str, dp: str = "none") -> float:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlora.config import check_dp_args
+from fedlora.checks import check_dp_args
 from fedlora.errors import UserError
 from fedlora.strategies import strategy_class
 

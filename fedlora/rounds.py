@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fedlora.config import JobConfig, check_dp_args
+from fedlora.checks import check_dp_args
+from fedlora.config import JobConfig
 from fedlora.errors import UserError
 from fedlora.model import FederatedModel, draw_seed
 from fedlora.privacy import Budget, GaussianNoise, init_too_costly

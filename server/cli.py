@@ -16,12 +16,11 @@ import os
 import sys
 from pathlib import Path
 
+from fedlora.checks import check_job_args, check_out_dir
 from fedlora.config import (
     JobConfig,
     Parser,
     add_job_arguments,
-    check_job_args,
-    check_out_dir,
     from_dict,
     to_config,
     to_run_config,

@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from fedlora.config import Parser, add_job_arguments, check_job_args, check_out_dir, to_config
+from fedlora.checks import check_job_args, check_out_dir
+from fedlora.config import Parser, add_job_arguments, to_config
 from fedlora.errors import UserError, command
 from fedlora.rounds import format_row
 
