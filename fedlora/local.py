@@ -77,7 +77,8 @@ class LocalClient:
         self.held: dict[str, Tensor] = {}
         self.kept: dict[int, dict[str, Tensor]] = {}
         # --dp sample: this client's privacy ledger (σ calibrated to its own sampling rate)
-        self.budget = sample_budgets(cfg, [len(ds)], self.fm.model)[0] if cfg.dp == "sample" else None
+        self.budget = (sample_budgets(cfg, [len(ds)], self.strategy.init_releases, self.fm.model)[0]
+                       if cfg.dp == "sample" else None)
 
     def _examples(self, label_names: list[str]):
         """This client's examples: its own file (labels renamed to the job's), or its partition."""

@@ -29,7 +29,6 @@ from torch import nn
 
 from fedlora.checks import check_dp_args
 from fedlora.errors import UserError
-from fedlora.strategies import strategy_class
 
 
 class GaussianNoise:
@@ -122,9 +121,22 @@ class Budget:
     def spent(self) -> float:
         return self.epsilon_after(self.steps)
 
+    def affords(self, steps: int) -> bool:
+        """Whether ``steps`` steps in all stay within the budget (small slack for the calibration)."""
+        return self.epsilon_after(steps) <= self.epsilon * (1 + 1e-3)
+
     def can_step(self) -> bool:
-        """Whether one more step stays within the budget (small slack for the calibration)."""
-        return self.epsilon_after(self.steps + 1) <= self.epsilon * (1 + 1e-3)
+        """Whether one more step stays within the budget."""
+        return self.affords(self.steps + 1)
+
+    def refuse_costly_init(self, init: int, what: str) -> None:
+        """Refuse, in one line, a job whose ``init`` initialisation steps (``what``, e.g. "4
+        batches") alone would spend more than the budget."""
+        if init and not self.affords(init):
+            raise UserError(f"the initialisation ({what} of the clients' data) alone spends"
+                            f" ε={self.epsilon_after(init):.3g}, more than --epsilon {self.epsilon:g}: pass a"
+                            " larger --noise-multiplier (or none, to calibrate σ), a public --init-data"
+                            " FILE, or --strategy-options init=seed")
 
     def step(self) -> None:
         self.steps += 1
@@ -137,13 +149,13 @@ def check_delta(delta: float, smallest: int, what: str) -> None:
                         f" pass --delta smaller than {1 / smallest:.3g}")
 
 
-def sample_budgets(cfg, sizes: list[int], model=None) -> list[Budget]:
+def sample_budgets(cfg, sizes: list[int], init_releases: int, model=None) -> list[Budget]:
     """One DP-SGD :class:`Budget` per client of ``--dp sample`` (``sizes``: examples per client).
 
     Client k samples at ``q_k = min(1, batch_size / n_k)`` and plans
-    ``rounds × local_steps`` steps (plus ``init_batches`` per initialisation phase on the clients'
-    data); its σ_k is
-    ``--noise-multiplier`` or calibrated to ``(ε, δ)`` over those steps.
+    ``rounds × local_steps`` steps, plus ``init_batches`` per initialisation phase on the clients'
+    data (``init_releases``, the strategy's); its σ_k is ``--noise-multiplier`` or calibrated to
+    ``(ε, δ)`` over those steps.
     """
     check_dp_args(cfg)  # a run config is not parsed as flags: the same checks here
     check_delta(cfg.delta, min(sizes), "the smallest client's examples")
@@ -152,7 +164,7 @@ def sample_budgets(cfg, sizes: list[int], model=None) -> list[Budget]:
         if why is not None:
             raise UserError(f"--dp sample needs per-example gradients, but {why}; use a model"
                             " without batch normalisation, or --dp client")
-    init = cfg.init_batches * strategy_class(cfg.strategy).from_job(cfg).init_releases
+    init = cfg.init_batches * init_releases
     steps = cfg.rounds * cfg.local_steps + init
     sigmas: dict[float, float] = {}
     out = []
@@ -161,16 +173,8 @@ def sample_budgets(cfg, sizes: list[int], model=None) -> list[Budget]:
         if q not in sigmas:
             sigmas[q] = Budget.planned(cfg.epsilon, cfg.delta, q, steps, cfg.noise_multiplier).sigma
         out.append(Budget(sigma=sigmas[q], sample_rate=q, delta=cfg.delta, epsilon=cfg.epsilon))
-        if init and out[-1].epsilon_after(init) > cfg.epsilon * (1 + 1e-3):
-            raise UserError(init_too_costly(out[-1].epsilon_after(init), cfg.epsilon, f"{init} batches"))
+        out[-1].refuse_costly_init(init, f"{init} batches")
     return out
-
-
-def init_too_costly(spent: float, epsilon: float, what: str) -> str:
-    """The refusal of a DP job whose initialisation alone would spend more than its budget."""
-    return (f"the initialisation ({what} of the clients' data) alone spends ε={spent:.3g}, more than"
-            f" --epsilon {epsilon:g}: pass a larger --noise-multiplier (or none, to calibrate σ), a"
-            " public --init-data FILE, or --strategy-options init=seed")
 
 
 def is_per_sample_safe(model: nn.Module) -> str | None:

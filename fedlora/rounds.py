@@ -29,7 +29,7 @@ from fedlora.checks import check_dp_args
 from fedlora.config import JobConfig
 from fedlora.errors import UserError
 from fedlora.model import FederatedModel, draw_seed
-from fedlora.privacy import Budget, GaussianNoise, init_too_costly
+from fedlora.privacy import Budget, GaussianNoise
 from fedlora.sketch import client_sketches
 from fedlora.state import apply_global, download_tensors, exact_global, head_of, initial_state
 from fedlora.strategies import (
@@ -78,12 +78,11 @@ def client_level_dp(cfg: JobConfig, inner: Strategy) -> ClientLevelDP:
     """
     check_dp_args(cfg)  # the flags' checks: the Flower run-config path never parses flags
     m = len(cfg.sampled(1))
-    steps = cfg.rounds + inner.init_releases
-    budget = Budget.planned(cfg.epsilon, cfg.delta, m / cfg.num_clients, steps, cfg.noise_multiplier)
     init = inner.init_releases
-    if init and budget.epsilon_after(init) > cfg.epsilon * (1 + 1e-3):
-        raise UserError(init_too_costly(budget.epsilon_after(init), cfg.epsilon, f"{init} release(s)"))
-    if budget.epsilon_after(steps) > cfg.epsilon * (1 + 1e-3):
+    steps = cfg.rounds + init
+    budget = Budget.planned(cfg.epsilon, cfg.delta, m / cfg.num_clients, steps, cfg.noise_multiplier)
+    budget.refuse_costly_init(init, f"{init} release(s)")
+    if not budget.affords(steps):
         raise UserError(_too_little_noise(budget, steps, steps - cfg.rounds))
     return ClientLevelDP(inner, clip=cfg.update_clip, noise_multiplier=budget.sigma,
                          expected_clients=m, seed=cfg.seed, accountant=budget.epsilon_after,
@@ -96,7 +95,7 @@ def _too_little_noise(budget: Budget, steps: int, extra: int) -> str:
     lo, hi = 0, steps       # largest affordable number of releases, by bisection (ε grows)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if budget.epsilon_after(mid) <= budget.epsilon * (1 + 1e-3):
+        if budget.affords(mid):
             lo = mid
         else:
             hi = mid - 1

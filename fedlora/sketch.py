@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlora.dpsgd import Capture, DPPass, _forward, clip_factors, noise_generator, noisy_mean
-from fedlora.kernels.per_sample import dense_sq_norms, dense_weighted_sum_by_ids
+from fedlora.kernels.per_sample import dense_sq_norms, dense_weighted_sum, dense_weighted_sum_by_ids
 from fedlora.model import FederatedModel
 from fedlora.privacy import Budget
 from fedlora.strategies import Probe
@@ -71,15 +71,14 @@ def client_sketches(fm: FederatedModel, data: dict[str, Tensor], samplers: Seque
 def _plain(fm, data, samplers, cfg, steps, probes, layers) -> dict[str, Tensor]:
     m, device = len(samplers), next(fm.parameters()).device
     slots = torch.arange(m, device=device)
-    owner = slots.repeat_interleave(cfg.batch_size)        # rows are contiguous per client
-    ones = torch.ones(owner.numel(), device=device)
+    ones = torch.ones(m * cfg.batch_size, device=device)
     sums: dict[str, Tensor] = {}
     for _ in range(steps):
-        with Capture(list(layers.values())) as cap:
+        with Capture(list(layers.values())) as cap:  # one pass: each client's rows contiguous, equal
             _step(fm, data, samplers, slots, cfg, device, split=False)
         for name, layer in layers.items():
             xr, gl = project(cap.x[layer], cap.g[layer], probes[name])
-            got = dense_weighted_sum_by_ids(xr, gl, ones, owner, m).cpu() / steps
+            got = dense_weighted_sum(xr, gl, ones, m).cpu() / steps
             sums[name] = sums[name] + got if name in sums else got
     return sums
 
@@ -98,8 +97,6 @@ def _private(fm, data, samplers, cfg, steps, probes, layers, budgets, phase) -> 
         for name, summed in projected_clipped_sums(got, layers, probes, cfg.max_grad_norm).items():
             est = noisy_mean(summed, sigmas, cfg.max_grad_norm, expected, gens) / steps
             sums[name] = sums[name] + est if name in sums else est
-        for p in fm.trainable_parameters():
-            p.grad = None
         for b in budgets:
             b.step()
     return sums

@@ -70,7 +70,8 @@ def build_job(cfg: JobConfig) -> Job:
                                       len(label_names))
     samplers = [ClientSampler.for_client(cfg, k, [idx[i] for i in train])
                 for k, (idx, (train, _)) in enumerate(zip(parts, held, strict=True))]
-    budgets = sample_budgets(cfg, [len(s) for s in samplers], fm.model) if cfg.dp == "sample" else None
+    budgets = (sample_budgets(cfg, [len(s) for s in samplers], strategy.init_releases, fm.model)
+               if cfg.dp == "sample" else None)
     personal = None
     if cfg.personal_test_fraction:
         personal = [task.eval_set(tokenizer, train_ds.subset([idx[i] for i in test]), cfg)
@@ -175,7 +176,7 @@ class InitBytes:
 
     def __call__(self, phase: int, probes: dict[str, Probe]) -> list[ClientUpload]:
         ups = init_uploads(self.job, self.clients, probes, phase)
-        sizes = [tensor_bytes({f"{k}.grad": g for k, g in u.grads.items()}) for u in ups]
+        sizes = [tensor_bytes(upload_tensors(u, self.job.strategy.plan(1))) for u in ups]
         sent = [tensor_bytes(probe_tensors(probes))] * len(ups)
         self.up = [a + b for a, b in zip(self.up or [0] * len(ups), sizes, strict=True)]
         self.down = [a + b for a, b in zip(self.down or [0] * len(ups), sent, strict=True)]

@@ -153,9 +153,8 @@ class FedSB(Strategy):
             raise ValueError(f"sketch_width={strategy.sketch_width} is below the rank {rank}: the"
                              f" sketch must hold r directions; pass sketch_width ≥ {rank} (or 0 for"
                              f" {2 * rank})")
-        strategy.public_init = bool(getattr(job, "init_data", None))
-        if strategy.public_init and strategy.init == "seed":
-            raise ValueError("init=seed reads no data: drop --init-data, or use init=sketch")
+        if getattr(job, "init_data", None):  # the constructor checks that the init reads data
+            return cls(strategy.init_lr, strategy.init, strategy.sketch_width, strategy.seed, public=True)
         return strategy
 
     def width(self, rank: int, shape: tuple[int, int]) -> int:
