@@ -171,6 +171,13 @@ def lora_uploads(args: argparse.Namespace, device: str, gen: torch.Generator) ->
     return uploads
 
 
+def frozen_a(uploads: list[ClientUpload], state: GlobalState) -> list[ClientUpload]:
+    """The uploads of a round in which A stays frozen (FFA-LoRA, RoLoRA's B rounds): A_k = Ā."""
+    return [ClientUpload(num_examples=u.num_examples, scale=u.scale,
+                         factors={n: (state.factors[n][0], B) for n, (_, B) in u.factors.items()})
+            for u in uploads]
+
+
 def orthonormal(rows: int, cols: int, device: str, gen: torch.Generator) -> torch.Tensor:
     """A ``rows × cols`` matrix with orthonormal columns (rows ≥ cols) from a QR of noise."""
     q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=gen, device=device))
@@ -209,15 +216,20 @@ def sb_round(args: argparse.Namespace, device: str,
 
 @contextlib.contextmanager
 def without_error(strategy: Strategy) -> Iterator[None]:
-    """Stub the strategy module's ``ideal_factors``/``relative_error`` (agg_error becomes 0)."""
+    """Stub the strategy module's ``ideal_factors``/``relative_error`` (agg_error becomes 0).
+
+    A strategy that computes no ``agg_error`` (FedSA-LoRA) imports neither: nothing to stub.
+    """
     module = sys.modules[type(strategy).__module__]
-    saved = module.ideal_factors, module.relative_error
-    module.ideal_factors = lambda *a, **kw: ([], [])
-    module.relative_error = lambda parts: 0.0
+    stubs = {"ideal_factors": lambda *a, **kw: ([], []), "relative_error": lambda parts: 0.0}
+    saved = {name: getattr(module, name) for name in stubs if hasattr(module, name)}
+    for name in saved:
+        setattr(module, name, stubs[name])
     try:
         yield
     finally:
-        module.ideal_factors, module.relative_error = saved
+        for name, fn in saved.items():
+            setattr(module, name, fn)
 
 
 def timed(fn, args: argparse.Namespace, device: str) -> tuple[float, object]:
@@ -252,6 +264,7 @@ def run_strategy(name: str, uploads: list[ClientUpload], state: GlobalState,
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         return f"{label:<16} failed: {type(e).__name__}: {first}"
     computed = "yes" if isinstance(error, float) and math.isfinite(error) else "no"
+    error = float("nan") if error is None else error
     verdict = "ok" if seconds <= 1.0 else "over 1 s"
     return (f"{label:<16} {seconds:>10.3f} {bare:>14} {computed:>9} {error:>10.2e}"
             f" {(estimate_bytes(name, args) + BASELINE) / GIB:>8.2f} {verdict:>9}")
@@ -338,11 +351,13 @@ def main(argv: list[str] | None = None) -> None:
     for line in skipped:
         print(line, flush=True)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    lora = [n for n in run if STRATEGIES[n].mode == "lora"]
+    lora = [n for n in run if "R" not in STRATEGIES[n].adapter_plan.factors]  # A, B travel
     if lora:
         uploads = lora_uploads(args, device, gen)
         for name in lora:
-            print(run_strategy(name, uploads, lora_state(name, args, device, gen), args, device), flush=True)
+            state = lora_state(name, args, device, gen)
+            ups = uploads if "A" in get_strategy(name).plan(1).train else frozen_a(uploads, state)
+            print(run_strategy(name, ups, state, args, device), flush=True)
         del uploads
     if "fed-sb" in run:
         print(run_strategy("fed-sb", *sb_round(args, device, gen), args, device), flush=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ EPSILONS = ("1", "3", "8", "inf")
 def job(args: argparse.Namespace, strategy: str, epsilon: str, out: Path, extra=()) -> list[str]:
     """The ``fedlora-sim`` flags of one run."""
     data = Path(args.data_dir)
-    flags = ["--data", str(data / "train.tsv"), "--text-column", "sentence", "--test-data",
+    flags = ["--data", str(args.train_file), "--text-column", "sentence", "--test-data",
              str(data / "dev.tsv"), "--test-text-column", "content", "--num-clients", str(args.clients),
              "--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--batch-size",
              str(args.batch_size), "--max-length", str(args.max_length), "--strategy", strategy,
@@ -47,7 +48,26 @@ def job(args: argparse.Namespace, strategy: str, epsilon: str, out: Path, extra=
              "--eval-batch-size", "256"]
     if epsilon != "inf":
         flags += ["--dp", "sample", "--epsilon", epsilon, "--delta", "1e-5", "--dp-backend", "fedlora"]
+    if args.public_file:  # the same in every run, private or not
+        flags += ["--init-data", str(args.public_file), "--head", "public"]
     return [*flags, *extra]
+
+
+def public_split(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """``(private file, public file)``: ``--public-rows`` phrases drawn with the seed become public
+    (the head's and Fed-SB's initialisation, no ε), the rest is split over the clients."""
+    src = Path(args.data_dir) / "train.tsv"
+    if not args.public_rows:
+        return src, None
+    header, *rows = src.read_text().splitlines()
+    order = random.Random(args.seed).sample(range(len(rows)), len(rows))
+    folder = Path(args.out) / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    public, private = folder / "public.tsv", folder / "private.tsv"
+    chosen = set(order[:args.public_rows])
+    public.write_text("\n".join([header, *(rows[i] for i in sorted(chosen))]) + "\n")
+    private.write_text("\n".join([header, *(r for i, r in enumerate(rows) if i not in chosen)]) + "\n")
+    return private, public
 
 
 def run(args: argparse.Namespace, name: str, flags: list[str]) -> dict | None:
@@ -85,7 +105,7 @@ def fmt(s: dict | None, eps: str, q: float) -> str:
 
 def sizes(args: argparse.Namespace) -> float:
     """q of a client of the IID split (all clients within one example of each other)."""
-    n = sum(1 for _ in open(Path(args.data_dir) / "train.tsv")) - 1
+    n = sum(1 for _ in open(args.train_file)) - 1
     return min(1.0, args.batch_size / (n // args.clients))
 
 
@@ -214,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--norms", action="store_true", help="per-example gradient norms at the start")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 round of 2 steps of 32 examples (smoke)")
+    p.add_argument("--public-rows", type=int, default=0,
+                   help="this many training phrases are public: every run trains its head on them"
+                        " (--head public) and Fed-SB initialises from them (--init-data), at no ε")
     args = p.parse_args(argv)
     args.dp_flags, args.job_flags = args.dp_flags.split(), args.job_flags.split()
     if args.quick:
@@ -222,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.data_dir) / "train.tsv").is_file():
         print(f"dp_learning: no SST-2 at {args.data_dir} (pass --data-dir)", file=sys.stderr)
         return 2
+    args.train_file, args.public_file = public_split(args)
     if args.norms:
         return norms(args)
     if args.client_level:

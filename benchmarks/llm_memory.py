@@ -47,12 +47,13 @@ def child(model: str, task: str, precision: str, checkpointing: bool, batch: int
 
     from fedlora.config import JobConfig
     from fedlora.setup import build_model
+    from fedlora.strategies import AdapterPlan
     from fedlora.train import ClientSampler, TrainConfig, train_clients
 
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = JobConfig(model=model, task=task, precision=precision, gradient_checkpointing=checkpointing,
                     batch_size=batch, max_length=tokens, local_steps=1, lr=1e-3)
-    fm, tok, _ = build_model(cfg, [cfg.rank], "lora")
+    fm, tok, _ = build_model(cfg, [cfg.rank], AdapterPlan())
     rss_loaded = _status("VmRSS")
     weights = sum(t.numel() * t.element_size() for t in [*fm.parameters(), *fm.buffers()])
     g = torch.Generator().manual_seed(0)

@@ -25,8 +25,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,7 +97,7 @@ def _sync(device: torch.device) -> None:
 
 def stock_round(args, work: Path, env: dict) -> dict:
     """The last round of the stock app on Flower's simulation engine (its STOCK_ROUND line)."""
-    from fedlora.server.launch import SuperLink, write_connection
+    from fedlora.server.launch import SuperLink, tool, write_connection
     from fedlora.tls import free_port
 
     home, port = work / "flwr-home", free_port()
@@ -110,7 +112,7 @@ def stock_round(args, work: Path, env: dict) -> dict:
            f" client-resources-num-gpus={args.client_gpus}")
     try:
         link.wait_ready("127.0.0.1", port)
-        res = subprocess.run([str(BIN / "flwr"), "run", str(HERE / "stock_flower"), "fedlora", "--stream",
+        res = subprocess.run([tool("flwr"), "run", str(HERE / "stock_flower"), "fedlora", "--stream",
                               "--run-config", config, "--federation-config", fed], env=env,
                              capture_output=True, text=True, timeout=7200)
     finally:
@@ -120,6 +122,59 @@ def stock_round(args, work: Path, env: dict) -> dict:
         raise SystemExit(f"stock Flower simulation failed: {(res.stdout + res.stderr).strip()[-800:]}"
                          f" (logs in {work})")
     return json.loads(lines[-1])
+
+
+def stock_missing() -> str | None:
+    """Why the stock leg cannot run on Flower's simulation engine here (None if it can)."""
+    if not (BIN / "flwr").exists() and shutil.which("flwr") is None:
+        return "no flwr command"
+    if importlib.util.find_spec("ray") is None:
+        return "Ray is not installed"
+    return None
+
+
+def stock_parts(args, calls: int) -> dict:
+    """The stock ClientApp's work per call, measured without Flower or Ray (median of ``calls``).
+
+    One call rebuilds the PEFT model and loads the global weights (``build``), tokenizes its
+    partition (``data``; the app caches it, so later rounds of the same process skip it), trains
+    ``--local-steps`` steps (``train``) and copies the weights back (counted in ``train``).
+    """
+    sys.path.insert(0, str(HERE / "stock_flower"))
+    from stock_flower_lora import task
+
+    path = task.resolve_model_path(args.model, 5)
+    device = torch.device(args.device)
+    glob = task.get_weights(task.build_model(path, 5, args.rank, 16.0))
+    parts = {"build": [], "data": [], "train": []}
+    for pid in range(calls):
+        t0 = time.perf_counter()
+        model = task.build_model(path, 5, args.rank, 16.0).to(device)
+        task.set_weights(model, glob)
+        t1 = time.perf_counter()
+        data = task.load_partition(path, pid, args.clients, args.max_length)
+        t2 = time.perf_counter()
+        task.train(model, data, args.local_steps, args.batch_size, 2e-3, seed=pid)
+        _ = {k: v.detach().cpu() for k, v in task.get_weights(model).items()}
+        _sync(device)
+        t3 = time.perf_counter()
+        for key, sec in zip(parts, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            parts[key].append(sec)
+    return {key: statistics.median(v) for key, v in parts.items()}
+
+
+def stock_estimate(args, calls: int) -> list[tuple[str, float]]:
+    """Rows for the stock leg estimated from :func:`stock_parts`, printed with their parts."""
+    parts = stock_parts(args, calls)
+    per_call = sum(parts.values())
+    at_once = max(1, int(1 / args.client_gpus)) if args.client_gpus > 0 else 1
+    print(f"stock Flower estimated from its measured parts (median of {calls} calls, no Flower engine):"
+          f" build {parts['build']:.2f} s + data {parts['data']:.2f} s + train {parts['train']:.2f} s"
+          " per call")
+    rows = [("stock est. sequential", args.clients * per_call)]
+    if at_once > 1:  # Ray would run up to 1/client-gpus calls on the GPU at once: a lower bound
+        rows.append((f"stock est. {at_once} at once", args.clients * per_call / min(at_once, args.clients)))
+    return rows
 
 
 def main() -> None:
@@ -136,6 +191,9 @@ def main() -> None:
     p.add_argument("--client-cpus", type=int, default=1, help="stock Flower: CPUs per client call")
     p.add_argument("--client-gpus", type=float, default=0.0, help="stock Flower: GPU share per call")
     p.add_argument("--skip-stock", action="store_true", help="only the two fedlora ways")
+    p.add_argument("--stock-parts", type=int, default=0, metavar="CALLS",
+                   help="estimate the stock leg from CALLS measured client calls instead of running Flower's"
+                        " engine (automatic, with 3 calls, when flwr or Ray is missing)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     env = dict(os.environ, HF_HUB_OFFLINE="1", FLWR_DISABLE_UPDATE_CHECK="1", TOKENIZERS_PARALLELISM="false")
@@ -149,15 +207,21 @@ def main() -> None:
     batched = fedlora_round(args, work, args.max_clients_per_pass)
     single = fedlora_round(args, work, 1)
     rows = [("fedlora batched", batched), ("fedlora one by one", single)]
-    if not args.skip_stock:
+    missing = None if args.skip_stock or args.stock_parts else stock_missing()
+    if missing:
+        print(f"stock Flower's engine cannot run here ({missing}): its leg is estimated from its parts")
+    stock = None
+    if args.stock_parts or missing:
+        rows += stock_estimate(args, args.stock_parts or 3)
+    elif not args.skip_stock:
         stock = stock_round(args, work, env)
         rows.append(("stock Flower sim", stock["seconds"]))
-    print(f"{'way':20s} {'s/round':>9s} {'ms/client-step':>15s} {'batched is x faster':>20s}")
+    print(f"{'way':22s} {'s/round':>9s} {'ms/client-step':>15s} {'batched is x faster':>20s}")
     for name, sec in rows:
-        print(f"{name:20s} {sec:9.2f} {1e3 * sec / steps:15.1f} {sec / batched:19.1f}x")
+        print(f"{name:22s} {sec:9.2f} {1e3 * sec / steps:15.1f} {sec / batched:19.1f}x")
     print(f"bare batched step: {1e3 * bare:.1f} ms per client; end-to-end batched per-client step is"
           f" {batched / steps / bare:.2f}x the bare step")
-    if not args.skip_stock:
+    if stock is not None:
         print(f"stock Flower, slowest client: build {stock['client_build_seconds']:.2f} s,"
               f" data {stock['client_data_seconds']:.2f} s, train {stock['client_train_seconds']:.2f} s")
 

@@ -81,19 +81,27 @@ def build_job(cfg: JobConfig) -> Job:
                public_data(cfg, task, tokenizer, label_names))
 
 
+#: CPU passes hold about this many tokens (rows × ``--max-length``): per token, a CPU step is
+#: fastest at a few thousand tokens and slower in larger passes (``benchmarks/pass_size.py``).
+CPU_PASS_TOKENS = 4096
+#: GPU activation memory of one client's step per token (``batch × max_length``), in bytes,
+#: with a margin; ``benchmarks/pass_size.py --device cuda`` measures it.
+GPU_BYTES_PER_TOKEN = 4 * 4096 * 24
+
+
 def pass_size(cfg: JobConfig, clients: int) -> int:
-    """Clients per forward/backward: 1 for ``--dp-backend opacus``, else ``max_clients_per_pass``,
-    else all of a round's clients on CPU, else as many as an estimate of free GPU memory allows."""
+    """Clients per forward/backward: 1 for ``--dp-backend opacus``, else ``--max-clients-per-pass``,
+    else on CPU as many as fill :data:`CPU_PASS_TOKENS`, else as many as half the free GPU
+    memory holds at :data:`GPU_BYTES_PER_TOKEN`."""
     if cfg.dp == "sample" and cfg.dp_backend_for(lone=False) == "opacus":
         return 1  # Opacus' DP-SGD is one client at a time
     if cfg.max_clients_per_pass:
         return min(cfg.max_clients_per_pass, clients)
+    tokens = cfg.batch_size * cfg.max_length  # one client's rows of one step, at most
     if not cfg.device.startswith("cuda"):
-        return clients
+        return max(1, min(clients, CPU_PASS_TOKENS // tokens))
     free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
-    # activations of one client's step: batch × tokens × ~60 floats per token per layer-width unit
-    per_client = cfg.batch_size * cfg.max_length * 4 * 4096 * 24
-    return max(1, min(clients, int(0.5 * free // per_client)))
+    return max(1, min(clients, int(0.5 * free // (tokens * GPU_BYTES_PER_TOKEN))))
 
 
 def chunks(clients: list[int], size: int) -> list[list[int]]:

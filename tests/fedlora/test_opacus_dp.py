@@ -118,10 +118,10 @@ def test_opacus_backend_refuses_a_batched_pass(base):
 def test_auto_backend_is_opacus_for_a_deployed_client_and_fedlora_in_the_simulator():
     from fedlora.simulations.engine import pass_size
 
-    cfg = JobConfig(dp="sample", epsilon=8.0, num_clients=10)
+    cfg = JobConfig(dp="sample", epsilon=8.0, num_clients=10, batch_size=2, max_length=16)
     assert TrainConfig.from_job(cfg, lone=True).dp_backend == "opacus"
     assert TrainConfig.from_job(cfg).dp_backend == "fedlora"
-    assert pass_size(cfg, 10) == 10
+    assert pass_size(cfg, 10) == 10  # 32 tokens per client: all ten fill less than a CPU pass
     # an explicit --dp-backend opacus in the simulator trains one client per pass
     cfg.dp_backend = "opacus"
     assert TrainConfig.from_job(cfg).dp_backend == "opacus" and pass_size(cfg, 10) == 1

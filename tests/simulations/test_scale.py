@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.config import JobConfig
+from fedlora.simulations import engine
 from fedlora.simulations.engine import run
 
 
@@ -84,3 +85,14 @@ def test_sampling_trains_and_bills_only_the_sampled_clients(tiny_bert_dir, tiny_
         for c in clients:
             seen[c] = row["round"]
     assert compared >= 1   # seed 0 gives rounds whose two clients have different backlogs
+
+
+def test_cpu_pass_size_counts_tokens_not_clients(monkeypatch):
+    monkeypatch.setattr(engine, "CPU_PASS_TOKENS", 4096)
+    # 8 rows × 64 tokens = 512 tokens per client: 4096 // 512 = 8 clients per pass
+    assert engine.pass_size(JobConfig(batch_size=8, max_length=64), 100) == 8
+    assert engine.pass_size(JobConfig(batch_size=8, max_length=64), 5) == 5  # fewer clients than fit
+    # 256 × 32 = 8192 tokens: more than a pass, so each client trains alone
+    assert engine.pass_size(JobConfig(batch_size=256, max_length=32), 10) == 1
+    # an explicit --max-clients-per-pass wins
+    assert engine.pass_size(JobConfig(batch_size=8, max_length=64, max_clients_per_pass=20), 100) == 20
