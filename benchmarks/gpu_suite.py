@@ -3,13 +3,19 @@
 The GPU machine has torch, transformers and peft but not flwr, Ray, opacus or fedlora's bundled
 models, and each call of the device tool carries at most 64 MiB. So the suite's payload (wheels,
 MiniLM's weights in fp16, SmolLM2's config and tokenizer) is built here, tar'ed and split into
-parts of at most 60 MiB, one folder each (``.gpu/p1``, ``.gpu/p2``, ...; git ignores ``.gpu/``)::
+parts of at most 60 MiB, one folder each (``.gpu/p1``, ...; git ignores ``.gpu/``).
 
-    python benchmarks/gpu_payload.py            # here, once (needs the package registry); prints the calls
+**The single command** (payload without stock Flower's engine: one part, 52 MiB)::
 
-Then, on the GPU machine, one device call per part, back to back (the machine stays warm only
-about 30 s between calls): every call but the last stages its part under ``/tmp/fedlora-gpu``::
+    python benchmarks/gpu_payload.py --no-ray       # here, once (needs the package registry)
+    device run, carry [".gpu/p1"], timeout_s 600:
+        PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --out $OUT
 
+With stock Flower's own engine (flwr and Ray, 131 MiB: three parts), one device call per part,
+back to back (the machine stays warm only about 30 s between calls); every call but the last
+stages its part under ``/tmp/fedlora-gpu``::
+
+    python benchmarks/gpu_payload.py                # prints the three calls
     carry [".gpu/p1"]:  python3 benchmarks/gpu_suite.py --stage
     carry [".gpu/p2"]:  python3 benchmarks/gpu_suite.py --stage
     carry [".gpu/p3"]:  PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --out $OUT     (timeout_s 600)
