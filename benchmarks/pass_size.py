@@ -59,8 +59,7 @@ def measure(args: argparse.Namespace, clients: int) -> dict:
                     local_steps=1, lr=1e-3, device=args.device, precision=args.precision)
     fm, tokenizer, _ = build_model(cfg, [cfg.rank] * clients, AdapterPlan(), num_labels=2)
     rows = clients * args.batch_size
-    data = {k: v.to(args.device) for k, v in batch(fm, tokenizer, args.task, rows, args.tokens,
-                                                     args.response).items()}
+    data = batch(fm, tokenizer, args.task, rows, args.tokens, args.response)  # on the CPU, as a job's
     samplers = [ClientSampler(range(k * args.batch_size, (k + 1) * args.batch_size), seed=k)
                 for k in range(clients)]
     train_cfg = TrainConfig.from_job(cfg)

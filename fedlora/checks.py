@@ -30,6 +30,11 @@ def check_job_args(args) -> None:
                             f" got {getattr(args, name)}")
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
+    if args.max_examples < 0:
+        raise UserError(f"--max-examples must be ≥ 1 (0: no cap), got {args.max_examples}")
+    if args.norm_bound < 0 or not 0 <= args.trim < 0.5:
+        raise UserError(f"--norm-bound must be ≥ 0 and --trim in [0, 0.5), got {args.norm_bound},"
+                        f" {args.trim}")
     if not 0 <= args.personal_test_fraction < 1:
         raise UserError(f"--personal-test-fraction must be in [0, 1), got {args.personal_test_fraction}")
     if STRATEGIES[args.strategy].adapter_plan.keep and not args.personal_test_fraction:

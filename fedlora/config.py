@@ -25,7 +25,8 @@ from fedlora.strategies import STRATEGIES
 from fedlora.tasks import TASKS
 
 #: Flag groups, in ``--help`` order.
-GROUPS = ("job", "data and model", "LLM fine-tuning", "strategy options", "differential privacy")
+GROUPS = ("job", "data and model", "LLM fine-tuning", "strategy options", "differential privacy",
+          "robust aggregation")
 
 
 def option(default: Any, help: str = "", *, group: str | None = "job", choices=None, flag_type=None,
@@ -160,6 +161,22 @@ class JobConfig:
                              " GradSampleModule and DPOptimizer, one client at a time; auto: opacus on"
                              " a deployed client, fedlora in the simulator",
                              group="differential privacy", choices=["auto", "fedlora", "opacus"])
+    # ---- what the server trusts (strategies/robust.py) ----
+    weighting: str = option("examples", "client weights: by claimed example counts (capped by"
+                            " --max-examples) or uniform", group="robust aggregation",
+                            choices=["examples", "uniform"])
+    max_examples: int = option(0, "cap on the example count a client may claim (0: no cap)",
+                               group="robust aggregation")
+    norm_bound: float = option(0.0, "bound each client's update norm (from its factors) by this"
+                               " multiple of the round's median (0: off; sum-only strategies)",
+                               group="robust aggregation")
+    robust_mean: str = option("mean", "replace the clients' tensors by their coordinate-wise trimmed"
+                              " mean or median before aggregating (sum-only strategies; not with --dp"
+                              " client)", group="robust aggregation", choices=["mean", "trimmed", "median"])
+    trim: float = option(0.1, "--robust-mean trimmed: share of clients dropped at each end of every"
+                         " coordinate", group="robust aggregation")
+    attack: str = option("", group=None)  # simulator: what clients 0..attackers-1 send (attacks.py)
+    attackers: int = option(0, group=None)
     # ---- LLM fine-tuning (--task sft), evaluation and memory ----
     prompt_template: str = option("", "--task sft on a labeled file: the instruction, with a {text} slot"
                                   " for the text column (default: the text alone)",

@@ -11,6 +11,7 @@ from fedlora.checks import check_job_args, check_out_dir
 from fedlora.config import Parser, add_job_arguments, to_config
 from fedlora.errors import UserError, command
 from fedlora.rounds import format_row
+from fedlora.simulations.attacks import Attack
 
 __all__ = ["add_scale_arguments", "build_parser", "check_args", "format_row", "main", "to_config"]
 
@@ -40,11 +41,20 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                      help="--engine flower: GPU fraction per client call (e.g. 0.1 on a GPU)")
 
 
+def add_attack_arguments(p: argparse.ArgumentParser) -> None:
+    bad = p.add_argument_group("dishonest clients (batched engine; see --norm-bound, --robust-mean)")
+    bad.add_argument("--attack", default="", metavar="KIND",
+                     help="what clients 0..N-1 send: scale:F (their update times F), flip (its sign"
+                          " flipped) or claim:N (N examples claimed)")
+    bad.add_argument("--attackers", type=int, default=0, metavar="N", help="how many clients attack")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fedlora-sim", description=__doc__)
     add_job_arguments(p)
     add_scale_arguments(p)
     add_engine_arguments(p)
+    add_attack_arguments(p)
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("runs/sim"), help="output folder")
     out.add_argument("--overwrite", action="store_true",
@@ -69,6 +79,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError("--client-cpus must be ≥ 1 and --client-gpus ≥ 0")
         if args.max_clients_per_pass is not None:
             raise UserError("--max-clients-per-pass applies to --engine batched only")
+        if args.attack:
+            raise UserError("--attack applies to --engine batched only")
+    if getattr(args, "attack", ""):
+        Attack.parse(args.attack)
+        if not 1 <= args.attackers <= args.num_clients:
+            raise UserError(f"--attack needs --attackers between 1 and --num-clients, got {args.attackers}")
     check_out_dir(args.out, args.overwrite)
 
 

@@ -29,6 +29,7 @@ from fedlora.model import FederatedModel
 from fedlora.privacy import Budget, sample_budgets
 from fedlora.rounds import Coordinator, make_strategy, personal_columns
 from fedlora.setup import build_model, personal_split, public_data, splits
+from fedlora.simulations.attacks import Attack, attack_uploads
 from fedlora.sketch import client_sketches
 from fedlora.state import extract_kept, extract_upload, load_kept, probe_tensors, upload_tensors
 from fedlora.strategies import ClientUpload, Probe, Strategy
@@ -222,6 +223,7 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
     row0 = coord.row(init.up, init.down, None, None, time.perf_counter() - t0, len(init.up))
     row0.update(privacy_columns(job.budgets, cfg.sampled(0) if init.up else [], cfg.dp_backend_for(False)))
     _emit(metrics_path, row0, on_round)
+    attack = Attack.parse(cfg.attack) if cfg.attack else None
     for rnd in range(1, cfg.rounds + 1):
         t_round = time.perf_counter()
         clients = cfg.sampled(rnd)
@@ -234,6 +236,7 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
         down = [_Bytes(coord)(c) for c in clients]
         plan = coord.plan
         ups, losses = local_round(job, coord, rnd, clients, on_step)
+        ups = attack_uploads(ups, clients, attack, cfg.attackers, coord.state, plan)
         for c in clients:
             coord.delivered(c)
         agg = coord.aggregate(ups)

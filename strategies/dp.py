@@ -41,8 +41,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .base import Aggregate, ClientUpload, GlobalState, Probe, Strategy
+from .base import Aggregate, ClientUpload, GlobalState, Strategy
 from .plan import AdapterPlan
+from .wrap import Wrapped
 
 Key = tuple[str, str]
 """``(kind, name)``: ``("A" | "B" | "R", layer)`` or ``("head", tensor name)``."""
@@ -132,7 +133,7 @@ def joint_norm(tensors: dict[Key, Tensor]) -> float:
     return float(sum((t.double() ** 2).sum() for t in tensors.values()) ** 0.5)
 
 
-class ClientLevelDP(Strategy):
+class ClientLevelDP(Wrapped):
     """Clip each client's update, noise the sum, divide by ``m`` (see the module docstring).
 
     Parameters
@@ -175,20 +176,13 @@ class ClientLevelDP(Strategy):
         if clip <= 0 or noise_multiplier < 0 or expected_clients < 1:
             raise ValueError(f"client-level DP needs clip > 0, noise_multiplier ≥ 0 and"
                              f" expected_clients ≥ 1, got {clip}, {noise_multiplier}, {expected_clients}")
-        self.inner = inner
-        for attr in ("name", "adapter_plan", "uploads", "downloads", "init_phases", "public_init",
-                     "folds", "default_lr", "options"):
-            setattr(self, attr, getattr(inner, attr))
-        self.sum_only, self.heterogeneous_ranks = True, False
+        super().__init__(inner)
+        self.heterogeneous_ranks = False
         self.clip, self.sigma, self.expected_clients = float(clip), float(noise_multiplier), expected_clients
         self.seed, self.accountant, self.epsilon = seed, accountant, epsilon
         self.noise = noise if noise is not None else self._seeded
         self.steps = 0
         self.clipped_fraction: float | None = None
-
-    def plan(self, rnd: int) -> AdapterPlan:
-        """The wrapped strategy's plan."""
-        return self.inner.plan(rnd)
 
     # ---- the ledger ----
     def can_step(self) -> bool:
@@ -254,11 +248,6 @@ class ClientLevelDP(Strategy):
         self.clipped_fraction = clipped / len(deltas)
         return out
 
-    def init_probes(self, phase: int, shapes: dict[str, tuple[int, int]], rank: int,
-                    carry: dict) -> dict[str, Probe]:
-        """The inner strategy's probes."""
-        return self.inner.init_probes(phase, shapes, rank, carry)
-
     def init_reduce(self, phase: int, uploads: Sequence[ClientUpload], carry: dict) -> dict:
         """The inner reduction of the noisy mean ``(Σ clip_C(Y_k) + noise) / m`` of the phase's
         uploads (one release); of the uploads themselves for a public initialisation."""
@@ -268,11 +257,6 @@ class ClientLevelDP(Strategy):
         mean = self.release(grads)
         noisy = ClientUpload(num_examples=1, grads={layer: g for (_, layer), g in mean.items()})
         return self.inner.init_reduce(phase, [noisy], carry)
-
-    def initialize(self, carry: dict, rank: int, scale: float,
-                   shapes: dict[str, tuple[int, int]]) -> GlobalState | None:
-        """The inner first state."""
-        return self.inner.initialize(carry, rank, scale, shapes)
 
     def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
         """``θ + noisy mean update``, shaped by the inner strategy; ``agg_error`` None.

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from safetensors.torch import load_file
 
 from fedlora.simulations.cli import main
 
@@ -107,6 +108,13 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
      "init=seed reads no data: drop --init-data"),
     (["--init-data", "x.csv"], "--strategy fedavg with --head train reads neither: drop it"),
     (["--head", "public"], "--head public trains the head on a public file: pass --init-data FILE"),
+    (["--strategy", "flora", "--norm-bound", "2"], "norm bounding need a sum-only strategy"),
+    (["--strategy", "lora-fair", "--robust-mean", "median"], "a robust mean need a sum-only strategy"),
+    (["--max-examples", "-1"], "--max-examples must be ≥ 1 (0: no cap), got -1"),
+    (["--attack", "boom", "--attackers", "1"], "--attack 'boom': use scale:F (e.g. scale:100), flip or"),
+    (["--attack", "flip"], "--attack needs --attackers between 1 and --num-clients, got 0"),
+    (["--dp", "client", "--epsilon", "8", "--delta", "1e-3", "--robust-mean", "trimmed"],
+     "a robust mean cannot run under client-level DP"),
 ])
 def test_bad_input_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path, capsys, extra, message):
     # Execute
@@ -186,3 +194,27 @@ def test_learning_rate_default_depends_on_strategy(argv, lr):
     from fedlora.simulations.cli import build_parser, to_config
 
     assert to_config(build_parser().parse_args(argv)).lr == lr
+
+
+def _adapter(out) -> dict:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def _distance(a: dict, b: dict) -> float:
+    return sum(float((a[k] - b[k]).pow(2).sum()) for k in a) ** 0.5
+
+
+@pytest.mark.slow
+def test_a_scaled_attacker_is_bounded_by_the_server(tiny_bert_dir, tiny_csv, tmp_path):
+    # Prepare: 4 clients, 2 rounds; client 0 sends its update times 100
+    runs = {"clean": [], "attacked": ["--attack", "scale:100", "--attackers", "1"],
+            "bounded": ["--attack", "scale:100", "--attackers", "1", "--norm-bound", "2"]}
+    for name, extra in runs.items():
+        assert main(_args(tiny_bert_dir, tiny_csv, tmp_path / name, "--num-clients", "4", *extra)) == 0
+    # Assert: the server scaled one update per round, and its adapter stayed far closer to the
+    # clean run's than the undefended one did
+    assert [r["norm_bounded"] for r in _rows(tmp_path / "bounded")[1:]] == [1, 1]
+    clean = _adapter(tmp_path / "clean")
+    near = _distance(_adapter(tmp_path / "bounded"), clean)
+    far = _distance(_adapter(tmp_path / "attacked"), clean)
+    assert near < 0.1 * far

@@ -1,0 +1,198 @@
+"""Aggregation the server controls: client weights, norm bounding and robust means (torch only).
+
+A reply claims ``n_k`` examples and carries client k's tensors; a dishonest client can lie about
+both. :class:`Robust` wraps a strategy and applies up to three defences, in this order, before the
+wrapped strategy aggregates:
+
+1. **Weights.** ``weighting="uniform"`` sets every ``p_k = 1/K``; ``max_examples=N`` caps a claim,
+   ``n_k ← min(n_k, N)``, so a client that claims 10⁹ examples weighs what an honest client
+   holding ``N`` weighs.
+2. **Norm bounding** (``norm_bound=M``, sum-only strategies). Client k's update is
+   ``‖Δ_k‖² = Σ_l ‖ΔW_{k,l}‖²_F + ‖Δhead_k‖²`` over the adapted layers ``l``, with ``ΔW`` formed
+   from factors only, never as a ``d_out × d_in`` matrix::
+
+       LoRA     ΔW = s (B_k A_k − B̄ Ā) = U V,   U = [s B_k, −s B̄] (d_out × 2r), V = [A_k; Ā] (2r × d_in)
+                ‖ΔW‖²_F = Σ_ij (UᵀU)_ij (V Vᵀ)_ij                     (2r × 2r Gram matrices)
+       LoRA-SB  ΔW = s B (R_k − R̄) A
+                ‖ΔW‖²_F = s² Σ_ij (ΔRᵀ BᵀB ΔR)_ij (A Aᵀ)_ij            (r × r)
+
+   Every client above ``M ×`` the round's median norm is moved back toward the global state,
+   ``θ_k ← θ̄ + c_k (θ_k − θ̄)`` over the tensors it uploads, with the largest ``c_k ≤ 1`` that
+   brings its norm to the bound: ``c_k = bound / ‖Δ_k‖`` when ``ΔW`` is linear in the uploaded
+   tensors (one factor, or the core ``R``), found by bisection when both ``A`` and ``B`` move.
+3. **Robust mean** (``mean="trimmed"`` or ``"median"``, sum-only strategies): each uploaded
+   tensor, coordinate by coordinate over the K clients, is replaced by its trimmed mean (the
+   ``⌊βK⌋`` smallest and largest values dropped, ``β = trim``) or its median, unweighted. The
+   wrapped strategy then aggregates that one synthetic upload (a weighted average of one upload
+   is that upload), so ``agg_error`` is not reported. Not with client-level DP, whose noise is
+   calibrated to a sum of clipped updates.
+
+A sum-only strategy is one whose aggregate is a weighted mean of the uploaded tensors starting
+from the global ones (fedavg, fed-sb, ffa-lora, rolora; fedsa-lora for the robust mean only: its
+``B`` stays on the clients, so the server cannot form ``ΔW``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from .base import Aggregate, ClientUpload, GlobalState, Strategy
+from .dp import ClientLevelDP, Key, as_upload, global_tensors, updates
+from .plan import AdapterPlan
+from .wrap import Wrapped
+
+WEIGHTINGS = ("examples", "uniform")
+MEANS = ("mean", "trimmed", "median")
+
+
+def update_norm(delta: dict[Key, Tensor], c: float, state: GlobalState, plan: AdapterPlan,
+                scale: float) -> float:
+    """``‖Δ‖`` of the update ``c · delta`` from ``state`` (module docstring), in float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    for layer, (A0, B0) in state.factors.items():
+        A0, B0 = A0.double(), B0.double()
+        if plan.core:
+            dR = c * delta[("R", layer)].double()                              # (r, r)
+            M = dR.T @ (B0.T @ B0) @ dR
+            total += state.scale ** 2 * (M * (A0 @ A0.T)).sum()
+            continue
+        A = A0 + c * delta[("A", layer)].double() if ("A", layer) in delta else A0   # (r, d_in)
+        B = B0 + c * delta[("B", layer)].double() if ("B", layer) in delta else B0   # (d_out, r)
+        U = torch.cat([scale * B, -scale * B0], dim=1)                             # (d_out, 2r)
+        V = torch.cat([A, A0], dim=0)                                              # (2r, d_in)
+        total += ((U.T @ U) * (V @ V.T)).sum()
+    for (kind, _), t in delta.items():
+        if kind == "head":
+            total += c ** 2 * (t.double() ** 2).sum()
+    return float(total.clamp_min(0.0).sqrt())
+
+
+def shrink(delta: dict[Key, Tensor], bound: float, state: GlobalState, plan: AdapterPlan,
+           scale: float) -> float:
+    """The largest ``c ≤ 1`` (to bisection precision) with ``update_norm(delta, c) ≤ bound``."""
+    full = update_norm(delta, 1.0, state, plan, scale)
+    if full <= bound:
+        return 1.0
+    if plan.core or len([k for k in plan.upload if k in "AB"]) == 1:  # ΔW linear in the update
+        return bound / full
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if update_norm(delta, mid, state, plan, scale) <= bound else (lo, mid)
+    return lo
+
+
+def robust_mean(deltas: Sequence[dict[Key, Tensor]], mean: str, trim: float) -> dict[Key, Tensor]:
+    """Coordinate-wise trimmed mean or median of the clients' updates, unweighted."""
+    out = {}
+    for key in deltas[0]:
+        stack = torch.stack([d[key].double() for d in deltas])                    # (K, ...)
+        if mean == "median":
+            out[key] = stack.quantile(0.5, dim=0) if stack.numel() else stack.sum(0)
+        else:
+            drop = int(trim * len(deltas))
+            kept = stack.sort(dim=0).values[drop:len(deltas) - drop]
+            out[key] = kept.mean(dim=0)
+        out[key] = out[key].to(deltas[0][key].dtype)
+    return out
+
+
+class Robust(Wrapped):
+    """Server-controlled weights, norm bounding and robust means around ``inner`` (module docstring).
+
+    Parameters
+    ----------
+    inner : Strategy
+        The wrapped strategy (possibly :class:`ClientLevelDP`).
+    weighting : {"examples", "uniform"}
+        ``p_k ∝ n_k`` (after the cap) or ``1/K``.
+    max_examples : int
+        Cap on a client's claimed ``n_k``; 0: no cap.
+    norm_bound : float
+        ``M``: bound each update's norm by ``M ×`` the round's median; 0: off.
+    mean : {"mean", "trimmed", "median"}
+        What replaces the clients' tensors before aggregating: nothing, or a robust mean.
+    trim : float
+        ``β`` of the trimmed mean, in [0, 0.5).
+
+    Attributes
+    ----------
+    capped, bounded : int
+        Claims above the cap and updates moved by the norm bound in the last round.
+    """
+
+    def __init__(self, inner: Strategy, weighting: str = "examples", max_examples: int = 0,
+                 norm_bound: float = 0.0, mean: str = "mean", trim: float = 0.1) -> None:
+        super().__init__(inner)
+        if weighting not in WEIGHTINGS or mean not in MEANS:
+            raise ValueError(f"weighting is one of {WEIGHTINGS} and mean one of {MEANS}")
+        if max_examples < 0 or norm_bound < 0 or not 0 <= trim < 0.5:
+            raise ValueError(f"max_examples ≥ 1 (0: no cap), norm_bound ≥ 0 and 0 ≤ trim < 0.5;"
+                             f" got {max_examples}, {norm_bound}, {trim}")
+        robust = [what for what, on in (("norm bounding", norm_bound), ("a robust mean", mean != "mean"))
+                  if on]
+        if robust and not inner.sum_only:
+            raise ValueError(f"{' and '.join(robust)} need a sum-only strategy (fedavg, fed-sb, ffa-lora,"
+                             f" rolora, fedsa-lora); {inner.name} does not average what clients send")
+        if norm_bound and any(inner.plan(r).keep for r in (1, 2)):
+            raise ValueError(f"norm bounding needs each client's whole update; {inner.name} keeps"
+                             " factors on the clients, so the server cannot measure it")
+        if mean != "mean" and isinstance(inner, ClientLevelDP):
+            raise ValueError("a robust mean cannot run under client-level DP: its noise is calibrated"
+                             " to a sum of clipped updates")
+        self.weighting, self.max_examples, self.norm_bound = weighting, max_examples, norm_bound
+        self.mean, self.trim = mean, trim
+        self.capped = self.bounded = 0
+
+    @property
+    def active(self) -> bool:
+        """True when anything differs from the wrapped strategy's own aggregation."""
+        return (self.weighting != "examples" or self.max_examples > 0 or self.norm_bound > 0
+                or self.mean != "mean")
+
+    def weigh(self, uploads: Sequence[ClientUpload]) -> list[ClientUpload]:
+        """The uploads with the server's weights (uniform, or claims capped)."""
+        self.capped = sum(self.max_examples > 0 and u.num_examples > self.max_examples for u in uploads)
+        if self.weighting == "uniform":
+            return [replace(u, num_examples=1) for u in uploads]
+        if self.max_examples:
+            return [replace(u, num_examples=min(u.num_examples, self.max_examples)) for u in uploads]
+        return list(uploads)
+
+    def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
+        """Weights, then norm bounding, then the robust mean; the wrapped strategy aggregates."""
+        uploads = self.weigh(uploads)
+        self.bounded = 0
+        if not self.norm_bound and self.mean == "mean":
+            return self.inner.aggregate(uploads, state)
+        plan = self.plan(state.round + 1)
+        start = global_tensors(state, plan)
+        deltas = updates(uploads, start, plan)
+        scale = state.scale if plan.core else uploads[0].scale
+        if self.norm_bound:
+            norms = [update_norm(d, 1.0, state, plan, scale) for d in deltas]
+            bound = self.norm_bound * statistics.median(norms)
+            factors = [shrink(d, bound, state, plan, scale) for d in deltas]
+            self.bounded = sum(c < 1.0 for c in factors)
+            deltas = [{key: c * t for key, t in d.items()} for c, d in zip(factors, deltas, strict=True)]
+        if self.mean == "mean":
+            moved = [replace(as_upload({key: start[key] + t for key, t in d.items()}, state, plan, scale),
+                             num_examples=u.num_examples) for d, u in zip(deltas, uploads, strict=True)]
+            return self.inner.aggregate(moved, state)
+        centre = robust_mean(deltas, self.mean, self.trim)
+        one = as_upload({key: start[key] + t for key, t in centre.items()}, state, plan, scale)
+        inner = self.inner.aggregate([one], state)
+        return Aggregate(state=inner.state, fold={}, agg_error=None)
+
+    def privacy_report(self) -> dict[str, object]:
+        """The inner ledger's columns, and what the defences did in the last round."""
+        return {**self.inner.privacy_report(), "capped_claims": self.capped, "norm_bounded": self.bounded}
+
+    def describe(self) -> dict[str, object]:
+        return {**self.inner.describe(), "weighting": self.weighting, "max_examples": self.max_examples,
+                "norm_bound": self.norm_bound, "robust_mean": self.mean, "trim": self.trim}
