@@ -246,8 +246,13 @@ class FedLoRA(FlowerStrategy):
                 tensors = from_record(msg.content[record])
                 check_upload(tensors, expected_upload(self.coord.fm, rank, self.coord.plan, kind, probes),
                              self.settings.max_update_norm)
-                if int(m.get("num-examples", 0)) < 1:
+                claimed = int(m.get("num-examples", 0))
+                if claimed < 1:
                     raise RejectedReply("num-examples must be ≥ 1")
+                cap = self.coord.cfg.max_examples
+                if cap and claimed > cap:
+                    log.warning("node %s claims %d examples, above --max-examples %d: weighted as %d",
+                                node, claimed, cap, cap)
             except (RejectedReply, KeyError, TypeError, ValueError) as exc:
                 log.warning("rejected reply from node %s: %s", node, exc)
                 self.rejected.append({"node": node, "reason": str(exc)})

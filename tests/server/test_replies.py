@@ -18,17 +18,21 @@ from fedlora.strategies.plan import LORA
 from fedlora.wire import to_record
 
 
-@pytest.fixture()
-def coord(tiny_bert_dir, tmp_path):
+def make_coord(tiny_bert_dir, **kw) -> Coordinator:
     from fedlora.hub import load_model
     from fedlora.model import AdapterConfig, FederatedModel
 
-    cfg = JobConfig(model=str(tiny_bert_dir), rank=4, num_clients=3, seed=0)
+    cfg = JobConfig(model=str(tiny_bert_dir), rank=4, num_clients=3, seed=0, **kw)
     model, _, _ = load_model(cfg.model, "sequence-classification", 3, seed=0)
     fm = FederatedModel(model, AdapterConfig(ranks=[4], alpha=16.0, train_head=True))
     c = Coordinator(cfg, make_strategy(cfg), fm, test={})
     c.start()
     return c
+
+
+@pytest.fixture()
+def coord(tiny_bert_dir):
+    return make_coord(tiny_bert_dir)
 
 
 def good_upload(coord: Coordinator, k: int) -> dict[str, torch.Tensor]:
@@ -103,3 +107,20 @@ def test_too_few_valid_replies_leave_the_state_unchanged(coord, tmp_path):
     assert arrays is None and metrics is None and coord.round == 0
     for name, (A, B) in before.factors.items():
         assert torch.equal(coord.state.factors[name][0], A) and torch.equal(coord.state.factors[name][1], B)
+
+
+def test_a_claim_above_the_cap_is_logged_and_weighs_as_the_cap(tiny_bert_dir, tmp_path, caplog):
+    # Prepare: the same three replies; client 2 claims 10⁹ examples, then honestly the cap (10)
+    capped, honest = make_coord(tiny_bert_dir, max_examples=10), make_coord(tiny_bert_dir, max_examples=10)
+    ups = [good_upload(capped, k) for k in range(3)]
+    # Execute
+    with caplog.at_level("WARNING"):
+        FedLoRA(capped, RoundSettings(min_replies=1), tmp_path / "a", []).aggregate_train(
+            1, [reply(10, ups[0], 0), reply(11, ups[1], 1), reply(12, ups[2], 2, examples=10**9)])
+    FedLoRA(honest, RoundSettings(min_replies=1), tmp_path / "b", []).aggregate_train(
+        1, [reply(10, ups[0], 0), reply(11, ups[1], 1), reply(12, ups[2], 2, examples=10)])
+    # Assert: logged against the cap; the aggregate is the one of an honest client at the cap
+    assert "node 12 claims 1000000000 examples, above --max-examples 10: weighted as 10" in caplog.text
+    for name, (A, B) in capped.state.factors.items():
+        A_ref, B_ref = honest.state.factors[name]
+        assert torch.allclose(A, A_ref) and torch.allclose(B, B_ref)
