@@ -136,6 +136,8 @@ class JobConfig:
     eval_batch_size: int = option(64, "examples per evaluation batch", group="data and model")
     clients_per_round: int = option(0, group=None)      # 0: every client, every round
     max_clients_per_pass: int = option(0, group=None)   # simulator: clients per pass; 0: automatic
+    optimizer: str = option("adamw", "local optimizer: adamw, or sgd with momentum 0.9",
+                            group="strategy options", choices=["adamw", "sgd"])
     precision: str = option("fp32", "bf16: store the frozen base in bfloat16 and autocast the forward"
                             " (adapters, optimizer and aggregation stay fp32)", group="strategy options",
                             choices=["fp32", "bf16"])

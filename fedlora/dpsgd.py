@@ -44,6 +44,7 @@ from fedlora.kernels.per_sample import (
     sb_grad_sample,
 )
 from fedlora.lora import BatchedLinear
+from fedlora.optim import make_optimizer
 from fedlora.privacy import Budget, GaussianNoise
 from fedlora.tasks import gather_rows
 
@@ -255,7 +256,7 @@ def dp_train_clients(fm, data: dict[str, Tensor], samplers, cfg, budgets: Sequen
         s.start_round(rnd)
     device = next(fm.parameters()).device
     params = fm.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg)
     rates = [min(1.0, cfg.batch_size / len(s)) for s in samplers]
     expected = torch.tensor([q * len(s) for q, s in zip(rates, samplers, strict=True)])
     total, count = torch.zeros(m, dtype=torch.float64), torch.zeros(m)

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from fedlora.dpsgd import dp_parameters, layer_grad_samples, noise_generator, poisson_batches
 from fedlora.lora import BatchedLinear, BatchedLoRALinear
+from fedlora.optim import make_optimizer
 from fedlora.privacy import Budget, GaussianNoise
 from fedlora.tasks import gather_rows
 
@@ -97,7 +98,7 @@ def opacus_train_client(fm, data: dict[str, Tensor], sampler, cfg, budget: Budge
     q = min(1.0, cfg.batch_size / len(sampler))
     gsm = GradSampleModule(fm, batch_first=True, loss_reduction="mean", strict=False)
     opt = SecretNoiseDPOptimizer(
-        torch.optim.AdamW(dp_parameters(fm), lr=cfg.lr, weight_decay=cfg.weight_decay),
+        make_optimizer(dp_parameters(fm), cfg),
         noise_multiplier=budget.sigma, max_grad_norm=cfg.max_grad_norm,
         expected_batch_size=q * len(sampler), loss_reduction="mean",
         noise=lambda step: noise_generator(sampler.seed, rnd, step, cfg.dp_reproducible))

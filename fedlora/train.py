@@ -25,6 +25,7 @@ from fedlora.dpsgd import dp_train_clients
 from fedlora.kernels import Routing
 from fedlora.model import FederatedModel
 from fedlora.opacus_dp import opacus_train_client
+from fedlora.optim import make_optimizer
 from fedlora.tasks import Task, gather_rows, get_task
 
 
@@ -37,6 +38,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9): fedlora.optim
     max_grad_norm: float | None = None
     precision: str = "fp32"  # or "bf16": autocast the forward (parameters stay fp32)
     dp_sample: bool = False  # DP-SGD: Poisson batches, per-example clipping to max_grad_norm, noise
@@ -55,9 +57,9 @@ class TrainConfig:
         if cfg.dp == "sample" and clip is None:  # DP-SGD always clips per example
             clip = DP_RECIPE["max_grad_norm"]
         return cls(task=get_task(cfg.task), local_steps=cfg.local_steps, batch_size=cfg.batch_size,
-                   lr=cfg.lr, max_grad_norm=clip, precision=cfg.precision, dp_sample=cfg.dp == "sample",
-                   dp_reproducible=cfg.dp_reproducible, dp_backend=cfg.dp_backend_for(lone),
-                   pad_to_longest=cfg.padding == "longest")
+                   lr=cfg.lr, optimizer=cfg.optimizer, max_grad_norm=clip, precision=cfg.precision,
+                   dp_sample=cfg.dp == "sample", dp_reproducible=cfg.dp_reproducible,
+                   dp_backend=cfg.dp_backend_for(lone), pad_to_longest=cfg.padding == "longest")
 
 
 class ClientSampler:
@@ -186,7 +188,7 @@ def train_clients(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequenc
     device = next(fm.parameters()).device
     slot_t = torch.as_tensor(slots, dtype=torch.long, device=device)
     params = fm.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg)
     fm.train()
     total = torch.zeros(len(slots), dtype=torch.float64)
     for _ in range(cfg.local_steps):

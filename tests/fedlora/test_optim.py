@@ -1,0 +1,41 @@
+"""The local optimizer (``--optimizer``): hand-computed steps, and the job's flag reaches training."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fedlora.config import JobConfig
+from fedlora.optim import make_optimizer
+from fedlora.train import TrainConfig
+
+
+def steps(kind: str, grads: list[list[float]], lr: float = 0.1) -> list[float]:
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = make_optimizer([p], SimpleNamespace(optimizer=kind, lr=lr, weight_decay=0.0))
+    for g in grads:
+        p.grad = torch.tensor(g)
+        opt.step()
+    return p.detach().tolist()
+
+
+def test_sgd_with_momentum_by_hand():
+    # step 1: b = g1 = (1, 2); θ = (1, -2) − 0.1 (1, 2) = (0.9, -2.2)
+    assert steps("sgd", [[1.0, 2.0]]) == pytest.approx([0.9, -2.2])
+    # step 2: b = 0.9 (1, 2) + (0, -1) = (0.9, 0.8); θ = (0.9, -2.2) − 0.1 (0.9, 0.8) = (0.81, -2.28)
+    assert steps("sgd", [[1.0, 2.0], [0.0, -1.0]]) == pytest.approx([0.81, -2.28])
+
+
+def test_adamw_first_step_moves_each_coordinate_by_lr_whatever_its_gradient():
+    # m̂ = g, v̂ = g²: the step is lr · g / |g| (up to ε), for a tiny and a large gradient alike
+    assert steps("adamw", [[1e-3, -50.0]]) == pytest.approx([0.9, -1.9], abs=1e-4)
+
+
+def test_the_job_flag_reaches_local_training():
+    assert TrainConfig.from_job(JobConfig(optimizer="sgd")).optimizer == "sgd"
+    assert TrainConfig.from_job(JobConfig()).optimizer == "adamw"
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(1))], SimpleNamespace(optimizer="rmsprop", lr=1.0,
+                                                                             weight_decay=0.0))
