@@ -90,6 +90,9 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
             raise UserError(f"--min-replies must be in 1..--num-clients ({args.num_clients}),"
                             f" got {args.min_replies}")
         cfg = to_config(args)
+        from fedlora.rounds import make_strategy  # deferred start-up import (torch)
+
+        make_strategy(cfg)  # a strategy, option or defence that cannot be built: one line, now
         if cfg.dp == "sample" or STRATEGIES[cfg.strategy].adapter_plan.keep:
             # a fresh run: fresh client ledgers and personal factors; --resume keeps this id
             import uuid

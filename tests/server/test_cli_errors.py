@@ -52,6 +52,16 @@ def test_server_auth_needs_tls_and_real_public_keys(capsys, files, tmp_path):
     assert "not an OpenSSH EC public key" in one_line_error(capsys, code)
 
 
+@pytest.mark.parametrize("extra, words", [
+    (["--strategy", "flora", "--norm-bound", "2"], "norm bounding need a sum-only strategy"),
+    (["--max-examples", "-5"], "--max-examples must be ≥ 1 (0: no cap), got -5"),
+])
+def test_server_refuses_a_defence_its_strategy_cannot_take(capsys, tmp_path, extra, words):
+    code = server_main(["--insecure", "--out", str(tmp_path / "o"), *extra])
+    assert words in one_line_error(capsys, code)
+    assert not (tmp_path / "o").exists()
+
+
 def test_server_port_in_use(capsys, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
