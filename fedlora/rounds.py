@@ -308,7 +308,7 @@ class Coordinator:
             "seconds": round(train_seconds + eval_seconds, 3),
             **(self.metrics if self.round else {}),
         }
-        row.update(self.strategy.privacy_report())  # --dp client's ledger (none otherwise)
+        row.update(self.strategy.round_report())  # --dp client's ledger, the defences' counts
         self.rows.append(row)
         return row
 

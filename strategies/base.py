@@ -301,6 +301,10 @@ class Strategy(ABC):
         """Metric columns of a privacy ledger (none without one)."""
         return {}
 
+    def round_report(self) -> dict[str, object]:
+        """Every metric column a wrapper adds to a round's row: the ledger's, and the defences'."""
+        return self.privacy_report()
+
     def resume(self, rounds: int) -> None:  # noqa: B027 (a hook: nothing to do without a ledger)
         """A job resumed after ``rounds`` completed rounds (a ledger recounts its releases)."""
 

@@ -189,9 +189,9 @@ class Robust(Wrapped):
         inner = self.inner.aggregate([one], state)
         return Aggregate(state=inner.state, fold={}, agg_error=None)
 
-    def privacy_report(self) -> dict[str, object]:
-        """The inner ledger's columns, and what the defences did in the last round."""
-        return {**self.inner.privacy_report(), "capped_claims": self.capped, "norm_bounded": self.bounded}
+    def round_report(self) -> dict[str, object]:
+        """The inner columns, and what the defences did in the last round."""
+        return {**self.inner.round_report(), "capped_claims": self.capped, "norm_bounded": self.bounded}
 
     def describe(self) -> dict[str, object]:
         return {**self.inner.describe(), "weighting": self.weighting, "max_examples": self.max_examples,

@@ -57,6 +57,10 @@ class Wrapped(Strategy):
         """The inner ledger's columns."""
         return self.inner.privacy_report()
 
+    def round_report(self) -> dict[str, object]:
+        """The inner strategy's columns, then this wrapper's ledger (client-level DP's)."""
+        return {**self.inner.round_report(), **self.privacy_report()}
+
     def resume(self, rounds: int) -> None:
         """Passed on to the inner ledger."""
         self.inner.resume(rounds)

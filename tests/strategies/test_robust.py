@@ -40,9 +40,9 @@ def test_a_claim_of_a_billion_examples_weighs_what_a_capped_honest_client_weighs
     capped = robust.aggregate([*honest, ffa_upload([9, 9], n=10)], ffa_state())
     assert new_b(liar) == pytest.approx(new_b(capped))
     assert new_b(liar) == pytest.approx([10 / 3, 10 / 3])
-    assert robust.privacy_report()["capped_claims"] == 0  # the last round's: the honest claim
+    assert robust.round_report()["capped_claims"] == 0  # the last round's: the honest claim
     robust.aggregate([*honest, ffa_upload([9, 9], n=10**9)], ffa_state())
-    assert robust.privacy_report()["capped_claims"] == 1
+    assert robust.round_report()["capped_claims"] == 1
     # without the cap the liar sets the global B by itself
     plain = get_strategy("ffa-lora").aggregate([*honest, ffa_upload([9, 9], n=10**9)], ffa_state())
     assert new_b(plain) == pytest.approx([9, 9], abs=1e-6)
@@ -149,3 +149,12 @@ def test_a_robust_mean_is_refused_under_client_level_dp():
     with pytest.raises(ValueError, match="client-level DP"):
         Robust(dp, mean="trimmed")
     assert Robust(dp, norm_bound=2.0).describe()["dp"] == "client"  # norm bounding composes with it
+
+
+def test_a_row_reports_the_ledger_and_the_defences_together():
+    dp = ClientLevelDP(get_strategy("ffa-lora"), clip=10.0, noise_multiplier=0.0, expected_clients=3)
+    robust = Robust(dp, max_examples=10)
+    robust.aggregate([ffa_upload([1, 0]), ffa_upload([0, 1]), ffa_upload([9, 9], n=10**9)], ffa_state())
+    report = robust.round_report()
+    assert report["dp"] == "client" and report["clip"] == 10.0 and report["capped_claims"] == 1
+    assert report["norm_bounded"] == 0
