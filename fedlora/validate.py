@@ -47,6 +47,21 @@ def expected_upload(fm: FederatedModel, rank: int, plan: AdapterPlan, kind: str 
     return out
 
 
+FRAMING = 64 * 1024
+"""Bytes a valid reply may carry beyond its float32 payload: ``.npy`` headers and the JSON index."""
+
+
+def check_record_size(record, expected: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a reply whose arrays hold more bytes than ``expected`` (float32) plus
+    :data:`FRAMING` + 1%, before any array is decoded; ``record`` is a Flower ``ArrayRecord``."""
+    allowed = 4 * sum(math.prod(shape) for shape in expected.values())
+    allowed += FRAMING + allowed // 100
+    got = sum(len(array.data) for array in record.values())
+    if got > allowed:
+        raise RejectedReply(f"reply of {got} bytes is larger than the {allowed} its adapter plan allows:"
+                            " refused before decoding")
+
+
 def check_upload(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]],
                  max_norm: float = MAX_UPDATE_NORM) -> None:
     """Raise :class:`RejectedReply` naming the first problem; return None if valid."""

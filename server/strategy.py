@@ -28,7 +28,7 @@ from fedlora.rounds import Coordinator, personal_columns
 from fedlora.server.transport import send_and_collect, wait_for_nodes
 from fedlora.state import probe_tensors, upload_from_tensors
 from fedlora.strategies import ClientUpload
-from fedlora.validate import MAX_UPDATE_NORM, RejectedReply, check_upload, expected_upload
+from fedlora.validate import MAX_UPDATE_NORM, RejectedReply, check_record_size, check_upload, expected_upload
 from fedlora.wire import from_record, to_record, wire_bytes
 
 log = logging.getLogger("fedlora.server")
@@ -243,9 +243,10 @@ class FedLoRA(FlowerStrategy):
                 if kind == "train" and rank != self.coord.cfg.rank_of(client):
                     raise RejectedReply(f"rank {rank} is not this client's rank"
                                         f" {self.coord.cfg.rank_of(client)}")
+                expected = expected_upload(self.coord.fm, rank, self.coord.plan, kind, probes)
+                check_record_size(msg.content[record], expected)
                 tensors = from_record(msg.content[record])
-                check_upload(tensors, expected_upload(self.coord.fm, rank, self.coord.plan, kind, probes),
-                             self.settings.max_update_norm)
+                check_upload(tensors, expected, self.settings.max_update_norm)
                 claimed = int(m.get("num-examples", 0))
                 if claimed < 1:
                     raise RejectedReply("num-examples must be ≥ 1")

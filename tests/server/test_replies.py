@@ -124,3 +124,25 @@ def test_a_claim_above_the_cap_is_logged_and_weighs_as_the_cap(tiny_bert_dir, tm
     for name, (A, B) in capped.state.factors.items():
         A_ref, B_ref = honest.state.factors[name]
         assert torch.allclose(A, A_ref) and torch.allclose(B, B_ref)
+
+
+def test_an_oversized_reply_is_refused_before_its_arrays_are_decoded(coord, tmp_path, monkeypatch):
+    # Prepare: client 2's record carries 8 MB more than its plan's tensors
+    import numpy as np
+    from flwr.app import Array
+
+    import fedlora.server.strategy as server_strategy
+
+    decoded = []
+    real = server_strategy.from_record
+    monkeypatch.setattr(server_strategy, "from_record", lambda rec: decoded.append(1) or real(rec))
+    big = reply(12, good_upload(coord, 2), 2)
+    big.content["upload"]["data.float64"] = Array(np.zeros(1_000_000))
+    strategy = FedLoRA(coord, RoundSettings(min_replies=1), tmp_path, [])
+    # Execute
+    good = [reply(10, good_upload(coord, 0), 0), reply(11, good_upload(coord, 1), 1)]
+    strategy.aggregate_train(1, [*good, big])
+    # Assert: refused by size, and only the two good records were decoded
+    assert len(strategy.rejected) == 1 and strategy.rejected[0]["node"] == 12
+    assert "refused before decoding" in strategy.rejected[0]["reason"]
+    assert len(decoded) == 2
