@@ -13,6 +13,10 @@ under DP: q_k = batch / n_k), ``--rounds`` × ``--local-steps`` steps per client
 * ``--client-level``: ``--dp client`` (the server clips and noises each client's update) with
   ``--clients`` clients (e.g. 100) and ``--per-round`` of them per round, at ε = 8 and without DP.
 
+``--public-rows N``: N training phrases (drawn with the seed) become a public file that every run
+uses for its head (``--head public``) and Fed-SB for its initialisation (``--init-data``), at no ε;
+the clients split the rest.
+
 Each run is one ``fedlora-sim`` job in ``OUT/<run>/``; finished runs are reused, so an
 interrupted table resumes, and ``--report-only`` rebuilds the table. ``--quick`` is a smoke run
 (1 round of 2 steps of 32 examples). Cost on a 2-core CPU: printed per run (``wall s``).
