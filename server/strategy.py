@@ -52,6 +52,10 @@ class RoundSettings:
                    stateless_clients=bool(rc.get("stateless-clients", False)))
 
 
+RECONNECT_GRACE = 5.0
+"""Seconds a round after the first waits for clients missing from the SuperLink's node list."""
+
+
 class FedLoRA(FlowerStrategy):
     """Flower strategy delegating to the coordinator's fedlora strategy."""
 
@@ -61,6 +65,7 @@ class FedLoRA(FlowerStrategy):
         self.label_names = label_names
         self.sent_bytes: dict[int, int] = {}
         self.rejected: list[dict] = []
+        self.sampled_once = False  # the first round of this process waits for every client
 
     # ---- Flower's Strategy interface ----
     def summary(self) -> None:
@@ -203,11 +208,20 @@ class FedLoRA(FlowerStrategy):
 
     # ---- helpers ----
     def _sample(self, grid, rnd: int) -> list[int]:
+        """The round's nodes. The first round of this process waits up to ``--round-timeout`` for
+        every client to connect; later ones wait :data:`RECONNECT_GRACE` seconds for missing
+        clients (a dead node has left the SuperLink's list: waiting for it would stall every
+        round), and up to the timeout only while fewer than ``--min-replies`` are connected."""
         cfg = self.coord.cfg
-        nodes = wait_for_nodes(grid, cfg.num_clients, self.settings.round_timeout)
+        wait = self.settings.round_timeout if not self.sampled_once else min(RECONNECT_GRACE,
+                                                                             self.settings.round_timeout)
+        nodes = wait_for_nodes(grid, cfg.num_clients, wait)
+        if len(nodes) < self.settings.min_replies:
+            nodes = wait_for_nodes(grid, self.settings.min_replies, self.settings.round_timeout)
         if len(nodes) < self.settings.min_replies:
             raise RuntimeError(f"round {rnd}: only {len(nodes)} client(s) connected within"
                                f" {self.settings.round_timeout:.0f}s, need {self.settings.min_replies}")
+        self.sampled_once = True
         want = min(cfg.clients_per_round or cfg.num_clients, cfg.num_clients)
         if len(nodes) > want:
             nodes = sorted(random.Random(cfg.seed * 7919 + rnd).sample(nodes, want))
