@@ -11,7 +11,8 @@ Each attack runs undefended and with each defence (``strategies/robust.py``): ``
 (updates above twice the round's median norm are scaled down to it), ``--robust-mean trimmed``
 (β = 0.1: one client dropped at each end of every coordinate), ``--robust-mean median``, and for
 the claim ``--max-examples 200`` (a client holds about 178). The table gives the final accuracy
-and its difference from the clean run (the same job, no attacker). Finished runs are reused.
+and its difference from the clean run (the same job, no attacker); the clean job with each defence
+shows what the defence itself costs. Finished runs are reused.
 
     python benchmarks/robust.py [--out runs/robust] [--strategies fedavg,ffa-lora] [--rounds 3]
 """
@@ -24,7 +25,8 @@ import os
 import sys
 from pathlib import Path
 
-ATTACKS = {"scale:100": ["none", "norm-bound", "trimmed", "median"],
+ATTACKS = {"": ["norm-bound", "trimmed", "median"],  # what each defence costs a clean run
+           "scale:100": ["none", "norm-bound", "trimmed", "median"],
            "flip": ["none", "norm-bound", "trimmed", "median"],
            "claim:1e9": ["none", "max-examples", "uniform"]}
 DEFENCES = {"none": [], "norm-bound": ["--norm-bound", "2"], "trimmed": ["--robust-mean", "trimmed"],
@@ -62,10 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {strategy} | none | none | {clean:.1%} | — |")
         for attack, defences in ATTACKS.items():
             for defence in defences:
-                flags = ["--strategy", strategy, "--attack", attack, "--attackers", "1", *DEFENCES[defence]]
-                acc = final_accuracy(args, f"{strategy}-{attack.replace(':', '')}-{defence}", flags)
+                flags = ["--strategy", strategy, *DEFENCES[defence]]
+                if attack:
+                    flags += ["--attack", attack, "--attackers", "1"]
+                name = f"{strategy}-{attack.replace(':', '') or 'clean'}-{defence}"
+                acc = final_accuracy(args, name, flags)
                 gap = 100 * (acc - clean)
-                lines.append(f"| {strategy} | {attack} | {defence} | {acc:.1%} | {gap:+.1f} |")
+                lines.append(f"| {strategy} | {attack or 'none'} | {defence} | {acc:.1%} | {gap:+.1f} |")
                 print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
     return 0
