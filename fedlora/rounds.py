@@ -47,8 +47,8 @@ from fedlora.tasks import get_task
 from fedlora.train import ClientSampler, TrainConfig, train_clients
 
 CHECKPOINT = "checkpoint.pt"
-#: ``--head public``: the head alone, on the public examples, as a linear probe: AdamW at
-#: HEAD_LR, batches of HEAD_BATCH, HEAD_EPOCHS passes. Measured on SST-2 (1,000 public phrases,
+#: ``--head public``: the head alone, on the public examples, as a linear probe: AdamW (whatever
+#: ``--optimizer`` the clients use) at HEAD_LR, batches of HEAD_BATCH, HEAD_EPOCHS passes. Measured on SST-2 (1,000 public phrases,
 #: MiniLM): 3 passes of 256 at 3e-3 left it at the majority class (51.1%); 10 of 64 at 1e-2 gave
 #: 66.2%, at 3e-2 64.9%, at 0.1 67.5% (benchmarks/RESULTS.md, "DP with a public head").
 HEAD_EPOCHS, HEAD_LR, HEAD_BATCH = 10, 1e-2, 64
@@ -176,8 +176,8 @@ class Coordinator:
         n = len(self.public["labels"])
         sampler = ClientSampler(range(n), seed=self.cfg.seed * 100_003 + 100_001)
         batch = min(HEAD_BATCH, n)
-        cfg = replace(TrainConfig.from_job(self.cfg), dp_sample=False, lr=HEAD_LR, batch_size=batch,
-                      local_steps=-(-HEAD_EPOCHS * n // batch))
+        cfg = replace(TrainConfig.from_job(self.cfg), dp_sample=False, optimizer="adamw", lr=HEAD_LR,
+                      batch_size=batch, local_steps=-(-HEAD_EPOCHS * n // batch))
         for layer in self.fm.adapters.values():
             layer.set_trainable(())
         self.fm.freeze_heads(False)
