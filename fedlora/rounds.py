@@ -48,9 +48,9 @@ from fedlora.train import ClientSampler, TrainConfig, train_clients
 
 CHECKPOINT = "checkpoint.pt"
 #: ``--head public``: the head alone, on the public examples, as a linear probe: AdamW (whatever
-#: ``--optimizer`` the clients use) at HEAD_LR, batches of HEAD_BATCH, HEAD_EPOCHS passes. Measured on SST-2 (1,000 public phrases,
-#: MiniLM): 3 passes of 256 at 3e-3 left it at the majority class (51.1%); 10 of 64 at 1e-2 gave
-#: 66.2%, at 3e-2 64.9%, at 0.1 67.5% (benchmarks/RESULTS.md, "DP with a public head").
+#: ``--optimizer`` the clients use) at HEAD_LR, batches of HEAD_BATCH, HEAD_EPOCHS passes.
+#: Measured on SST-2 (1,000 public phrases, MiniLM): 3 passes of 256 at 3e-3 left it at the
+#: majority class (51.1%); 10 of 64 at 1e-2 gave 66.2%, at 3e-2 64.9%, at 0.1 67.5%.
 HEAD_EPOCHS, HEAD_LR, HEAD_BATCH = 10, 1e-2, 64
 
 Gather = Callable[[int, dict[str, Probe]], list[ClientUpload]]
