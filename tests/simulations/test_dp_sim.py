@@ -128,6 +128,8 @@ def test_head_options(tiny_bert_dir, tiny_csv, tmp_path, dp):
     frozen, frozen2 = run("frozen", "--head", "frozen"), run("frozen2", "--head", "frozen", "--seed", "0")
     trained, zero, default = run("train", "--head", "train"), run("zero", "--head", "zero"), run("default")
     public = run("public", "--head", "public", "--init-data", str(tiny_csv))
+    public_sgd = run("public-sgd", "--head", "public", "--init-data", str(tiny_csv), "--optimizer", "sgd",
+                     "--lr", "0.5")
     # Assert: a frozen head is the model's initial one (the same in two runs) and differs from a
     # trained one; a zero-initialised head trained away from zero; the public one moved from the
     # initial head before round 1 and is not the frozen one
@@ -136,6 +138,8 @@ def test_head_options(tiny_bert_dir, tiny_csv, tmp_path, dp):
         torch.testing.assert_close(frozen[k], frozen2[k])
         assert not torch.equal(frozen[k], trained[k])
         assert not torch.equal(public[k], frozen[k])
+        # the public head is a linear probe with its own optimizer and lr, whatever the clients use
+        torch.testing.assert_close(public_sgd[k], public[k])
     assert any(zero[k].abs().max() > 0 for k in zero)
     # without --head: trained, but frozen under --dp sample (the DP recipe's default)
     for k in frozen:
