@@ -331,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(results, machine(env), args.dry_run)
     (args.out / "gpu_results.md").write_text(text + "\n")
     print(text)
-    return 0 if all(r["status"] == "ok" or r["name"] in {s["name"] for s in results if s["status"] == "ok"}
-                    for r in results) else 1
+    ok = {r["name"] for r in results if r["status"] == "ok"}  # a part whose fallback ran counts
+    return 0 if ok == {r["name"] for r in results} else 1
 
 
 def minilm_path(env: dict) -> str:

@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,6 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
 
 
 def job_config(args, **over):
@@ -126,7 +124,12 @@ def stock_round(args, work: Path, env: dict) -> dict:
 
 def stock_missing() -> str | None:
     """Why the stock leg cannot run on Flower's simulation engine here (None if it can)."""
-    if not (BIN / "flwr").exists() and shutil.which("flwr") is None:
+    from fedlora.errors import UserError
+    from fedlora.server.launch import tool
+
+    try:
+        tool("flwr")
+    except UserError:
         return "no flwr command"
     if importlib.util.find_spec("ray") is None:
         return "Ray is not installed"

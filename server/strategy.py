@@ -213,14 +213,14 @@ class FedLoRA(FlowerStrategy):
         clients (a dead node has left the SuperLink's list: waiting for it would stall every
         round), and up to the timeout only while fewer than ``--min-replies`` are connected."""
         cfg = self.coord.cfg
-        wait = self.settings.round_timeout if not self.sampled_once else min(RECONNECT_GRACE,
-                                                                             self.settings.round_timeout)
+        timeout = self.settings.round_timeout
+        wait = min(RECONNECT_GRACE, timeout) if self.sampled_once else timeout
         nodes = wait_for_nodes(grid, cfg.num_clients, wait)
         if len(nodes) < self.settings.min_replies:
-            nodes = wait_for_nodes(grid, self.settings.min_replies, self.settings.round_timeout)
+            nodes = wait_for_nodes(grid, self.settings.min_replies, timeout)
         if len(nodes) < self.settings.min_replies:
             raise RuntimeError(f"round {rnd}: only {len(nodes)} client(s) connected within"
-                               f" {self.settings.round_timeout:.0f}s, need {self.settings.min_replies}")
+                               f" {timeout:.0f}s, need {self.settings.min_replies}")
         self.sampled_once = True
         want = min(cfg.clients_per_round or cfg.num_clients, cfg.num_clients)
         if len(nodes) > want:

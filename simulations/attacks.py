@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from fedlora.errors import UserError
 from fedlora.strategies import ClientUpload, GlobalState
-from fedlora.strategies.dp import as_upload, global_tensors, upload_tensors
+from fedlora.strategies.dp import from_update, global_tensors, updates
 from fedlora.strategies.plan import AdapterPlan
 
 
@@ -46,10 +46,9 @@ class Attack:
         if self.kind == "claim":
             return replace(upload, num_examples=int(self.value))
         start = global_tensors(state, plan)
-        sent = upload_tensors(upload, plan)
-        moved = {key: start[key] + self.value * (t - start[key]) for key, t in sent.items()}
+        delta = {key: self.value * t for key, t in updates([upload], start, plan)[0].items()}
         scale = state.scale if plan.core else upload.scale
-        return replace(as_upload(moved, state, plan, scale), num_examples=upload.num_examples)
+        return from_update(delta, start, state, plan, scale, upload.num_examples)
 
 
 def attack_uploads(uploads: list[ClientUpload], clients: list[int], attack: Attack | None, attackers: int,

@@ -110,6 +110,15 @@ def as_upload(tensors: dict[Key, Tensor], state: GlobalState, plan: AdapterPlan,
     return up
 
 
+def from_update(delta: dict[Key, Tensor], start: dict[Key, Tensor], state: GlobalState, plan: AdapterPlan,
+                scale: float, num_examples: int = 1) -> ClientUpload:
+    """The upload of a client whose update from the global tensors ``start`` is ``delta``
+    (:func:`as_upload` of ``start + delta``)."""
+    up = as_upload({key: start[key] + t for key, t in delta.items()}, state, plan, scale)
+    up.num_examples = num_examples
+    return up
+
+
 def updates(uploads: Sequence[ClientUpload], start: dict[Key, Tensor],
             plan: AdapterPlan) -> list[dict[Key, Tensor]]:
     """``Δ_k = θ_k − θ`` per client; raises when a client's tensors do not match the global ones."""
@@ -269,7 +278,6 @@ class ClientLevelDP(Wrapped):
         if not plan.core and len({u.scale for u in uploads}) > 1:
             raise ValueError(f"{self.name} needs one LoRA scale for every client")
         mean = self.release(deltas)
-        new = {key: start[key] + mean[key] for key in start}
         scale = state.scale if plan.core else uploads[0].scale
-        inner = self.inner.aggregate([as_upload(new, state, plan, scale)], state)
+        inner = self.inner.aggregate([from_update(mean, start, state, plan, scale)], state)
         return Aggregate(state=inner.state, fold={}, agg_error=None)

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .base import Aggregate, ClientUpload, GlobalState, Strategy
-from .dp import ClientLevelDP, Key, as_upload, global_tensors, updates
+from .dp import ClientLevelDP, Key, from_update, global_tensors, updates
 from .plan import AdapterPlan
 from .wrap import Wrapped
 
@@ -72,14 +72,14 @@ def update_norm(delta: dict[Key, Tensor], c: float, state: GlobalState, plan: Ad
     return float(total.clamp_min(0.0).sqrt())
 
 
-def shrink(delta: dict[Key, Tensor], bound: float, state: GlobalState, plan: AdapterPlan,
+def shrink(delta: dict[Key, Tensor], norm: float, bound: float, state: GlobalState, plan: AdapterPlan,
            scale: float) -> float:
-    """The largest ``c ≤ 1`` (to bisection precision) with ``update_norm(delta, c) ≤ bound``."""
-    full = update_norm(delta, 1.0, state, plan, scale)
-    if full <= bound:
+    """The largest ``c ≤ 1`` (to bisection precision) with ``update_norm(delta, c) ≤ bound``;
+    ``norm`` is ``update_norm(delta, 1)``."""
+    if norm <= bound:
         return 1.0
     if plan.core or len([k for k in plan.upload if k in "AB"]) == 1:  # ΔW linear in the update
-        return bound / full
+        return bound / norm
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
@@ -88,17 +88,15 @@ def shrink(delta: dict[Key, Tensor], bound: float, state: GlobalState, plan: Ada
 
 
 def robust_mean(deltas: Sequence[dict[Key, Tensor]], mean: str, trim: float) -> dict[Key, Tensor]:
-    """Coordinate-wise trimmed mean or median of the clients' updates, unweighted."""
+    """Coordinate-wise trimmed mean or median (the mean of the middle one or two values) of the
+    clients' updates, unweighted; by sorting, so any tensor size works."""
+    k = len(deltas)
+    drop = (k - 1) // 2 if mean == "median" else int(trim * k)
     out = {}
     for key in deltas[0]:
         stack = torch.stack([d[key].double() for d in deltas])                    # (K, ...)
-        if mean == "median":
-            out[key] = stack.quantile(0.5, dim=0) if stack.numel() else stack.sum(0)
-        else:
-            drop = int(trim * len(deltas))
-            kept = stack.sort(dim=0).values[drop:len(deltas) - drop]
-            out[key] = kept.mean(dim=0)
-        out[key] = out[key].to(deltas[0][key].dtype)
+        kept = stack.sort(dim=0).values[drop:k - drop]
+        out[key] = kept.mean(dim=0).to(deltas[0][key].dtype)
     return out
 
 
@@ -177,16 +175,16 @@ class Robust(Wrapped):
         if self.norm_bound:
             norms = [update_norm(d, 1.0, state, plan, scale) for d in deltas]
             bound = self.norm_bound * statistics.median(norms)
-            factors = [shrink(d, bound, state, plan, scale) for d in deltas]
+            factors = [shrink(d, n, bound, state, plan, scale) for d, n in zip(deltas, norms, strict=True)]
             self.bounded = sum(c < 1.0 for c in factors)
+            if self.mean == "mean":  # the bounded clients moved back, the others as they are
+                return self.inner.aggregate([
+                    u if c == 1.0 else from_update({key: c * t for key, t in d.items()}, start, state, plan,
+                                                   scale, u.num_examples)
+                    for c, d, u in zip(factors, deltas, uploads, strict=True)], state)
             deltas = [{key: c * t for key, t in d.items()} for c, d in zip(factors, deltas, strict=True)]
-        if self.mean == "mean":
-            moved = [replace(as_upload({key: start[key] + t for key, t in d.items()}, state, plan, scale),
-                             num_examples=u.num_examples) for d, u in zip(deltas, uploads, strict=True)]
-            return self.inner.aggregate(moved, state)
         centre = robust_mean(deltas, self.mean, self.trim)
-        one = as_upload({key: start[key] + t for key, t in centre.items()}, state, plan, scale)
-        inner = self.inner.aggregate([one], state)
+        inner = self.inner.aggregate([from_update(centre, start, state, plan, scale)], state)
         return Aggregate(state=inner.state, fold={}, agg_error=None)
 
     def round_report(self) -> dict[str, object]:

@@ -107,9 +107,10 @@ def test_fedavg_bound_found_by_bisection_when_both_factors_move():
     deltas = updates(ups, global_tensors(state, plan), plan)
     norms = [update_norm(d, 1.0, state, plan, 1.0) for d in deltas]
     bound = 1.5 * (sorted(norms)[1] + sorted(norms)[2]) / 2                     # 1.5 × the median
-    c = shrink(deltas[3], bound, state, plan, 1.0)
+    c = shrink(deltas[3], norms[3], bound, state, plan, 1.0)
     assert 0 < c < 1 and update_norm(deltas[3], c, state, plan, 1.0) == pytest.approx(bound, rel=1e-9)
-    assert [shrink(d, bound, state, plan, 1.0) for d in deltas[:3]] == [1.0, 1.0, 1.0]
+    honest = zip(deltas[:3], norms[:3], strict=True)
+    assert [shrink(d, n, bound, state, plan, 1.0) for d, n in honest] == [1.0, 1.0, 1.0]
     robust = Robust(get_strategy("fedavg"), norm_bound=1.5)
     agg = robust.aggregate(ups, state)
     assert robust.bounded == 1
@@ -128,6 +129,8 @@ def test_trimmed_mean_and_median_of_fed_sb_cores():
     assert agg.agg_error is None
     med = Robust(get_strategy("fed-sb"), mean="median").aggregate(ups, state)
     assert med.state.cores["w"].item() == pytest.approx(3.0)
+    even = Robust(get_strategy("fed-sb"), mean="median").aggregate(ups[1:], state)
+    assert even.state.cores["w"].item() == pytest.approx(3.5)     # between 3 and 4 of 2, 3, 4, 100
     plain = get_strategy("fed-sb").aggregate(ups, state)          # weighted by claims: the outlier wins
     assert plain.state.cores["w"].item() == pytest.approx((1 + 2 + 3 + 4 + 50 * 100) / 54)
 
