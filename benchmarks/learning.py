@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
-    p.add_argument("--only", default=None, help="run only the settings whose name contains this")
+    p.add_argument("--only", default=None, help="run only the settings whose name contains this (or is this)")
     p.add_argument("--strategies", default=None, help="passed to fedlora-compare (default: all)")
     p.add_argument("--report-only", action="store_true", help="no runs: the table from --out")
     p.add_argument("--quick", action="store_true", help="1 round of 2 steps (smoke test)")
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     results: dict = {}
     for name, (flags, per_round, strategies) in SETTINGS.items():
-        if args.only and args.only not in name:
+        if args.only and (args.only not in name or (args.only in SETTINGS and args.only != name)):
             continue
         rounds = max(args.rounds, 20) if name.startswith("bbc-100") and not args.quick else args.rounds
         local = argparse.Namespace(**{**vars(args), "rounds": rounds})

@@ -1,8 +1,9 @@
 """The Flower ``ClientApp``: trains this node's adapter on its data.
 
-Replies carry the upload (``upload`` arrays, or ``grads`` for Fed-SB's round 0) and
-``metrics`` (``num-examples``, ``train-loss``, ``train-seconds``, ``rank``,
-``client-id``). The node's :class:`fedlora.local.LocalClient` (model, data, folds)
+Replies carry the upload (``upload`` arrays, or ``grads`` for Fed-SB's round 0; with
+``--secagg`` SecAgg+'s masked update, see ``clients/secagg.py``) and ``metrics``
+(``num-examples``, ``train-loss``, ``train-seconds``, ``rank``, ``client-id``). The node's
+:class:`fedlora.local.LocalClient` (model, data, folds)
 is cached per (run, node): under ``fedlora-client`` the ClientApp runs inside one
 long-lived process, so the base model is loaded once per run, not per message. What must
 outlive a rebuilt client (its DP ledger, the personal factors its strategy keeps) is kept in
@@ -20,12 +21,13 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor
 
+from fedlora.clients.secagg import is_secure, secagg_bridge, secure_reply
 from fedlora.config import from_run_config
 from fedlora.local import ClientData, LocalClient
 from fedlora.state import probes_from_tensors
 from fedlora.wire import from_record, to_record
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_bridge])
 KEPT = "fedlora-kept"  # context.state record: the client's personal factors (plan's keep)
 _CACHE: dict[tuple[int, int], LocalClient] = {}
 
@@ -139,6 +141,8 @@ def train(msg: Message, context: Context) -> Message:
     upload, loss, seconds = client.fit(rnd)
     _keep_ledger(client, context)
     _keep_factors(client, context)
+    if is_secure(msg):  # --secagg: SecAgg+ masks the update before it leaves this node
+        return secure_reply(client, upload, _metrics(client, seconds, loss), msg)
     return Message(RecordDict({"upload": to_record(upload), "metrics": _metrics(client, seconds, loss)}),
                    reply_to=msg)
 

@@ -42,6 +42,7 @@ def check_job_args(args) -> None:
                         " client has its own model: pass --personal-test-fraction (e.g. 0.2) to"
                         " measure those models on each client's own held-out examples")
     check_dp_args(args)
+    check_secagg_args(args)
     if args.ranks is not None and not STRATEGIES[args.strategy].heterogeneous_ranks:
         if len(set(args.ranks)) > 1:
             takes = ", ".join(sorted(n for n, c in STRATEGIES.items() if c.heterogeneous_ranks))
@@ -114,6 +115,27 @@ def check_dp_args(args) -> None:
         if args.delta >= 1 / args.num_clients:
             raise UserError(f"--delta {args.delta:g} is not below 1/(clients) = {1 / args.num_clients:g};"
                             " pass a smaller --delta")
+
+
+def check_secagg_args(args) -> None:
+    """Refuse a ``--secagg`` job the server could not run on the clients' mean alone, in one line."""
+    if not 0 < args.secagg_threshold <= 1 or args.secagg_range < 0:
+        raise UserError(f"--secagg-threshold must be in (0, 1] and --secagg-range ≥ 0, got"
+                        f" {args.secagg_threshold}, {args.secagg_range}")
+    if not args.secagg:
+        return
+    if not STRATEGIES[args.strategy].sum_only:
+        takes = ", ".join(sorted(n for n, c in STRATEGIES.items() if c.sum_only))
+        raise UserError(f"--secagg needs a strategy whose aggregate is a weighted mean of the uploads"
+                        f" ({takes}); {args.strategy}'s is not, so the server cannot run it on the"
+                        " clients' masked sum")
+    if args.norm_bound > 0 or args.robust_mean != "mean":
+        raise UserError("--secagg hides each client's update from the server, so --norm-bound and"
+                        " --robust-mean have nothing to inspect: drop them or --secagg")
+    if STRATEGIES[args.strategy].from_job(args).init_releases:
+        raise UserError(f"--secagg does not cover {args.strategy}'s initialisation, whose uploads are"
+                        " each client's gradient sketches: pass --strategy-options init=seed, or a"
+                        " public --init-data FILE")
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:

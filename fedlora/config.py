@@ -26,7 +26,7 @@ from fedlora.tasks import TASKS
 
 #: Flag groups, in ``--help`` order.
 GROUPS = ("job", "data and model", "LLM fine-tuning", "strategy options", "differential privacy",
-          "robust aggregation")
+          "robust aggregation", "secure aggregation")
 
 
 def option(default: Any, help: str = "", *, group: str | None = "job", choices=None, flag_type=None,
@@ -177,6 +177,16 @@ class JobConfig:
                               " client)", group="robust aggregation", choices=["mean", "trimmed", "median"])
     trim: float = option(0.1, "--robust-mean trimmed: share of clients dropped at each end of every"
                          " coordinate", group="robust aggregation")
+    # ---- secure aggregation (fedlora/secagg.py, server/secagg.py) ----
+    secagg: bool = option(False, "Flower's SecAgg+: the server learns only the round's mean update,"
+                          " never a client's (deployment and --engine flower; sum-only strategies)",
+                          group="secure aggregation")
+    secagg_range: float = option(0.0, "--secagg: each client's update is clipped to [-R, R] per"
+                                 " coordinate and quantized over that range (0: --update-clip with"
+                                 " --dp client, else 1)", group="secure aggregation")
+    secagg_threshold: float = option(0.5, "--secagg: share of a client's key shares needed to remove"
+                                     " its masks if it drops out mid-round (SecAgg+'s reconstruction"
+                                     " threshold, at least 2 shares)", group="secure aggregation")
     attack: str = option("", group=None)  # simulator: what clients 0..attackers-1 send (attacks.py)
     attackers: int = option(0, group=None)
     # ---- LLM fine-tuning (--task sft), evaluation and memory ----

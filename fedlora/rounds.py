@@ -219,7 +219,15 @@ class Coordinator:
         """Round ``self.round + 1``: aggregate, load the new state into ``fm``."""
         assert self.state is not None
         self._check_budget()
-        agg = self.strategy.aggregate(uploads, self.state)
+        return self._advance(self.strategy.aggregate(uploads, self.state))
+
+    def aggregate_mean(self, mean: ClientUpload, clients: int) -> Aggregate:
+        """Round ``self.round + 1`` from the clients' weighted mean upload alone (``--secagg``)."""
+        assert self.state is not None
+        self._check_budget()
+        return self._advance(self.strategy.aggregate_mean(mean, clients, self.state))
+
+    def _advance(self, agg: Aggregate) -> Aggregate:
         self.state = agg.state
         self.folds.append(agg.fold)
         self.round += 1

@@ -25,8 +25,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedlora.rounds import Coordinator, personal_columns
+from fedlora.secagg import error_bound
+from fedlora.server.secagg import secure_round
 from fedlora.server.transport import send_and_collect, wait_for_nodes
-from fedlora.state import probe_tensors, upload_from_tensors
+from fedlora.state import download_tensors, probe_tensors, upload_from_tensors
 from fedlora.strategies import ClientUpload
 from fedlora.validate import MAX_UPDATE_NORM, RejectedReply, check_record_size, check_upload, expected_upload
 from fedlora.wire import from_record, to_record, wire_bytes
@@ -112,6 +114,37 @@ class FedLoRA(FlowerStrategy):
         metrics = MetricRecord({"train-loss": sum(losses) / len(losses), "clients": len(uploads)})
         return to_record(self.coord.download(first=False)), metrics
 
+    def _secure_train(self, grid, rnd: int, timeout: float) -> None:
+        """``--secagg``: the round through SecAgg+ (``server/secagg.py``); the strategy aggregates
+        the clients' weighted mean update, the only thing of theirs the server learns."""
+        coord = self.coord
+        nodes = self._sample(grid, rnd)
+        contents = {node: self._global_content(node, rnd) for node in nodes}
+        shapes = expected_upload(coord.fm, coord.cfg.rank, coord.plan, "train")
+        got = secure_round(grid, contents, rnd, coord.cfg, shapes, timeout, self.settings.poll)
+        self.rejected = got.rejected if got is not None else []
+        n = len(got.replies) if got is not None else 0
+        self._note_failures(rnd, [], sorted(set(nodes) - set(got.replies if got else ())))
+        if n < max(self.settings.min_replies, 1):
+            raise RuntimeError(self._too_few(rnd, n))
+        start = download_tensors(coord.state, {}, coord.plan, first=True)
+        total = sum(w for w, _ in got.replies.values())
+        mean = upload_from_tensors({k: start[k] + d.to(start[k].dtype) for k, d in got.mean.items()}, total,
+                                   coord.cfg.lora_alpha / coord.cfg.rank, coord.plan, coord.state)
+        coord.aggregate_mean(mean, n)
+        self._nodes = sorted(got.replies)
+        metrics = [m for _, m in (got.replies[k] for k in self._nodes)]
+        if not self.settings.stateless_clients:
+            for node in self._nodes:
+                coord.delivered(node)
+        self.sent_bytes = {k: got.down.get(k, 0) for k in nodes}
+        self._last = ([got.up.get(k, 0) for k in self._nodes], None,
+                      [float(m["train-loss"]) for m in metrics], [float(m["train-seconds"]) for m in metrics])
+        self._epsilons = [(float(m.get("epsilon", 0.0)), float(m.get("noise-multiplier", 0.0)))
+                          for m in metrics]
+        self._secure = {"secagg_error_bound": error_bound(coord.cfg, n, total),
+                        "secagg_clipped": max(float(m.get("secagg-clipped", 0.0)) for m in metrics)}
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid) -> list[Message]:
         """With ``--personal-test-fraction``, one ``evaluate`` message per client of the round:
@@ -147,19 +180,24 @@ class FedLoRA(FlowerStrategy):
         for rnd in range(self.coord.round + 1, (num_rounds or cfg.rounds) + 1):
             t0 = time.perf_counter()
             self.rejected = []
-            replies, errors, missing = send_and_collect(
-                grid, self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid),
-                timeout or self.settings.round_timeout, self.settings.poll)
-            self._note_failures(rnd, errors, missing)
-            arrays, _ = self.aggregate_train(rnd, replies)
-            if arrays is None:
-                raise RuntimeError(self._too_few(rnd, len(replies)))
+            if cfg.secagg:
+                self._secure_train(grid, rnd, timeout or self.settings.round_timeout)
+            else:
+                replies, errors, missing = send_and_collect(
+                    grid, self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid),
+                    timeout or self.settings.round_timeout, self.settings.poll)
+                self._note_failures(rnd, errors, missing)
+                arrays, _ = self.aggregate_train(rnd, replies)
+                if arrays is None:
+                    raise RuntimeError(self._too_few(rnd, len(replies)))
             bytes_up, agg_error, losses, seconds = self._last
             row = self.coord.row(bytes_up, [self.sent_bytes[n] for n in sorted(self.sent_bytes)],
                                  agg_error, losses, time.perf_counter() - t0, len(bytes_up))
-            row.update(rejected=self.rejected, failed=len(errors) + len(missing),
+            row.update(rejected=self.rejected, failed=sum(self.failures),
                        client_seconds=round(max(seconds), 3),
                        overhead_seconds=round(row["train_seconds"] - max(seconds), 3))
+            if cfg.secagg:
+                row.update(self._secure)
             evals = self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(), grid)
             if evals:
                 wait = timeout or self.settings.round_timeout

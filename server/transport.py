@@ -43,6 +43,27 @@ def wait_for_nodes(grid, wanted: int, timeout: float, poll: float = 0.2) -> list
         time.sleep(poll)
 
 
+def collect(grid, messages: Iterable, timeout: float, poll: float = 0.1):
+    """Push ``messages``; return ``(replies, missing_node_ids)``: every reply (error replies
+    too) that arrived before ``timeout``, and the nodes that sent none."""
+    messages = list(messages)
+    dst = {}
+    ids = list(grid.push_messages(messages))
+    for mid, msg in zip(ids, messages, strict=False):
+        dst[mid] = msg.metadata.dst_node_id
+    pending = set(ids)
+    replies = []
+    deadline = time.monotonic() + timeout
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
+    return replies, sorted(dst[m] for m in pending)
+
+
 def send_and_collect(grid, messages: Iterable, timeout: float, poll: float = 0.1):
     """Push ``messages``; return ``(replies, errors, missing_node_ids)``.
 
@@ -50,22 +71,7 @@ def send_and_collect(grid, messages: Iterable, timeout: float, poll: float = 0.1
     (a crashed ClientApp, an unreachable node); ``missing``: nodes that did not reply
     before ``timeout``.
     """
-    messages = list(messages)
-    dst = {}
-    ids = list(grid.push_messages(messages))
-    for mid, msg in zip(ids, messages, strict=False):
-        dst[mid] = msg.metadata.dst_node_id
-    pending = set(ids)
-    replies, errors = [], []
-    deadline = time.monotonic() + timeout
-    while pending:
-        for reply in grid.pull_messages(list(pending)):
-            pending.discard(reply.metadata.reply_to_message_id)
-            if reply.has_error():
-                errors.append((reply.metadata.src_node_id, reply.error.reason or "error"))
-            else:
-                replies.append(reply)
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(poll)
-    return replies, errors, sorted(dst[m] for m in pending)
+    got, missing = collect(grid, messages, timeout, poll)
+    replies = [r for r in got if not r.has_error()]
+    errors = [(r.metadata.src_node_id, r.error.reason or "error") for r in got if r.has_error()]
+    return replies, errors, missing

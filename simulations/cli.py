@@ -81,6 +81,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError("--max-clients-per-pass applies to --engine batched only")
         if args.attack:
             raise UserError("--attack applies to --engine batched only")
+    elif args.secagg:  # the batched engine and fedlora-compare
+        raise UserError("--secagg runs where clients are separate Flower nodes (fedlora-server, or"
+                        " fedlora-sim --engine flower); the batched engine holds every client in one"
+                        " process, so there is nothing to hide from the server")
     if getattr(args, "attack", ""):
         Attack.parse(args.attack)
         if not 1 <= args.attackers <= args.num_clients:

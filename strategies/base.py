@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -291,6 +291,15 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
         """The new global state from one round's uploads (and the previous state)."""
+
+    def aggregate_mean(self, mean: ClientUpload, clients: int, state: GlobalState) -> Aggregate:
+        """The new global state when the server holds only the clients' weighted mean upload
+        (secure aggregation): a sum-only strategy's average of that one upload is that upload.
+        ``clients``: how many clients it averages (a DP wrapper turns the mean back into a sum)."""
+        if not self.sum_only:
+            raise ValueError(f"{self.name}'s aggregate is not a weighted mean of the uploads, so it"
+                             " cannot run on the clients' mean alone (secure aggregation)")
+        return replace(self.aggregate([mean], state), agg_error=None)
 
     # ---- hooks a wrapper (client-level DP) fills in; a plain strategy has no ledger ----
     def can_step(self) -> bool:

@@ -230,12 +230,6 @@ class ClientLevelDP(Wrapped):
         """``(Σ_k clip_C(Δ_k) + N(0, σ²C² I)) / m``; counts one step."""
         if not deltas:
             raise ValueError("cannot aggregate an empty round: no client replied")
-        if len(deltas) > self.expected_clients:
-            raise ValueError(f"{len(deltas)} clients replied but client-level DP was set up for"
-                             f" m = {self.expected_clients} per round (its sampling rate)")
-        if not self.can_step():
-            raise RuntimeError(f"the privacy budget ε={self.epsilon:g} is spent after"
-                               f" {self.steps} releases")
         total = {key: torch.zeros_like(t, dtype=torch.float64) for key, t in deltas[0].items()}
         clipped = 0
         for delta in deltas:
@@ -246,15 +240,31 @@ class ClientLevelDP(Wrapped):
             factor = min(1.0, self.clip / norm) if norm > 0 else 1.0
             for key, t in delta.items():
                 total[key] += factor * t.double()
+        out = self.release_sum(total, len(deltas), deltas[0])
+        self.clipped_fraction = clipped / len(deltas)
+        return out
+
+    def release_sum(self, total: dict[Key, Tensor], clients: int,
+                    like: dict[Key, Tensor]) -> dict[Key, Tensor]:
+        """``(total + N(0, σ²C² I)) / m`` for the sum of ``clients`` clipped updates (clipped by
+        the server, or by the clients themselves under secure aggregation); counts one step.
+        The result has the dtypes of ``like``."""
+        if clients > self.expected_clients:
+            raise ValueError(f"{clients} clients replied but client-level DP was set up for"
+                             f" m = {self.expected_clients} per round (its sampling rate)")
+        if not self.can_step():
+            raise RuntimeError(f"the privacy budget ε={self.epsilon:g} is spent after"
+                               f" {self.steps} releases")
         source = self.noise(self.steps)
         std = self.sigma * self.clip
         out = {}
         for key, t in total.items():
+            t = t.double()
             if std > 0:
                 t = t + std * source.normal(t.shape).to(t.device, torch.float64)
-            out[key] = (t / self.expected_clients).to(deltas[0][key].dtype)
+            out[key] = (t / self.expected_clients).to(like[key].dtype)
         self.steps += 1
-        self.clipped_fraction = clipped / len(deltas)
+        self.clipped_fraction = None
         return out
 
     def init_reduce(self, phase: int, uploads: Sequence[ClientUpload], carry: dict) -> dict:
@@ -281,3 +291,14 @@ class ClientLevelDP(Wrapped):
         scale = state.scale if plan.core else uploads[0].scale
         inner = self.inner.aggregate([from_update(mean, start, state, plan, scale)], state)
         return Aggregate(state=inner.state, fold={}, agg_error=None)
+
+    def aggregate_mean(self, mean: ClientUpload, clients: int, state: GlobalState) -> Aggregate:
+        """Secure aggregation: ``mean`` is the plain mean of ``clients`` updates the clients
+        clipped to ``C`` themselves; noise ``clients ×`` its update like :meth:`release` does."""
+        plan = self.plan(state.round + 1)
+        start = global_tensors(state, plan)
+        (delta,) = updates([mean], start, plan)
+        total = {key: t.double() * clients for key, t in delta.items()}
+        noisy = self.release_sum(total, clients, delta)
+        scale = state.scale if plan.core else mean.scale
+        return self.inner.aggregate_mean(from_update(noisy, start, state, plan, scale), clients, state)

@@ -49,6 +49,10 @@ class Wrapped(Strategy):
         """The inner first state."""
         return self.inner.initialize(carry, rank, scale, shapes)
 
+    def aggregate_mean(self, mean: ClientUpload, clients: int, state: GlobalState):
+        """The inner strategy's aggregate of the clients' mean (secure aggregation)."""
+        return self.inner.aggregate_mean(mean, clients, state)
+
     def can_step(self) -> bool:
         """The inner ledger's answer."""
         return self.inner.can_step()

@@ -133,6 +133,28 @@ def test_differential_privacy_in_deployment(plain, tiny_bert_dir, tiny_csv, mode
                                                 for n in steps]
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa-lora"])
+def test_secagg_in_deployment_matches_the_simulator(plain, tiny_bert_dir, tiny_csv, tmp_path, strategy):
+    # Prepare: the plain job in fedlora-sim, and the same job deployed under SecAgg+
+    from fedlora.simulations.cli import main as sim
+
+    tmp, port, _ = plain
+    flags = ["--strategy", strategy, "--rounds", "2", "--max-examples", "100", *job(tiny_bert_dir, tiny_csv)]
+    assert sim([*flags, "--quiet", "--out", str(tmp_path / "sim")]) == 0
+    out = tmp / f"run-secagg-{strategy}"
+    # Act
+    srv = server(tmp, port, out, "--insecure", "--secagg", *flags, *WAIT, name=f"server-secagg-{strategy}")
+    code = srv.wait(240)
+    # Assert: both rounds through SecAgg+ (both clients, the quantization bound reported), and the
+    # simulator's adapter within what quantization moves it (≤ 1e-8 a round, carried by training)
+    assert code == 0, srv.text()[-3000:]
+    got = rows(out)[1:]
+    assert [r["clients"] for r in got] == [2, 2] and all(r["secagg_error_bound"] < 1e-7 for r in got)
+    a, b = adapter_tensors(tmp_path / "sim"), adapter_tensors(out)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=5e-6)
+
+
 @pytest.mark.parametrize("strategy", ["fedavg", "ffa-lora", "fedsa-lora", "flexlora", "fed-sb"])
 def test_deployment_matches_the_simulator(plain, tiny_bert_dir, tiny_csv, tmp_path, strategy):
     # Prepare: the same job in fedlora-sim (2 clients = partitions 0 and 1)

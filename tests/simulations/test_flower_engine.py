@@ -57,6 +57,22 @@ def test_flower_engine_reaches_the_batched_adapter(tiny_bert_dir, tiny_csv, tmp_
         assert y.get("epsilon_per_client") == x.get("epsilon_per_client")
 
 
+def test_flower_engine_under_secagg_reaches_the_plain_batched_adapter(tiny_bert_dir, tiny_csv, tmp_path):
+    # Prepare: the plain batched run, and the job under SecAgg+ on Flower's engine
+    batched, flower = tmp_path / "batched", tmp_path / "flower"
+    extra = ["--strategy", "ffa-lora", "--max-examples", "100"]
+    assert main(_job(tiny_bert_dir, tiny_csv, batched, *extra)) == 0
+    # Execute
+    assert main(_job(tiny_bert_dir, tiny_csv, flower, "--engine", "flower", "--secagg", *extra)) == 0
+    # Assert: every round aggregated securely (3 clients, quantization bound reported), and the
+    # same adapter up to what quantization moves it
+    assert [(r["clients"], r["secagg_error_bound"] < 1e-7) for r in _rows(flower)[1:]] == [(3, True)] * 3
+    a = load_file(batched / "adapter" / "adapter_model.safetensors")
+    b = load_file(flower / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=5e-6)
+
+
 def test_flower_engine_refuses_batched_only_flags(tiny_bert_dir, tiny_csv, tmp_path, capsys):
     # Execute
     code = main(_job(tiny_bert_dir, tiny_csv, tmp_path / "o", "--engine", "flower",

@@ -84,6 +84,25 @@ def test_update_above_clip_is_scaled_to_norm_c_by_hand():
     assert float(norm) == pytest.approx(1.0, rel=1e-12)
 
 
+def test_secure_mean_of_client_clipped_updates_gives_the_same_release_by_hand():
+    # Prepare: under --secagg the clients clip (Δ_1 of norm 5 → ΔA 0.6, ΔB 0.8; Δ_2 = 0.5 stays)
+    # and the server sees only their mean: ΔA = (0.3, 0.25, 0), ΔB[2, 1] = 0.4
+    g = global_lora()
+    mean = upload(g, [[0.3, 0.25, 0], [0, 0, 0]], [[0, 0], [0, 0], [0, 0.4]], ZERO_H, n=2)
+    strategy = dp(m=4)
+
+    # Execute
+    result = strategy.aggregate_mean(mean, 2, g)
+
+    # Assert: (Σ clip(Δ_k)) / m with m = 4: half the clients' mean; one release counted
+    A, B = result.state.factors["w"]
+    torch.testing.assert_close(A, t([[1.15, 0.125, 0], [0, 1, 0]]))
+    torch.testing.assert_close(B, t([[0, 0], [0, 0], [0, 0.2]]))
+    assert strategy.steps == 1 and result.agg_error is None
+    with pytest.raises(ValueError, match="m = 4"):
+        strategy.aggregate_mean(mean, 5, g)
+
+
 def big_zero_round(n: int = 4, size: int = 200):
     A0 = torch.randn(size, size, dtype=torch.float32)
     g = GlobalState(factors={"w": (A0, torch.zeros(size, size))}, scale=1.0)
