@@ -47,6 +47,16 @@ def expected_upload(fm: FederatedModel, rank: int, plan: AdapterPlan, kind: str 
     return out
 
 
+def request_limit(fm: FederatedModel, cfg, plan: AdapterPlan) -> int:
+    """Largest push a client of this job may make (``server/ingress.py``): 3 × its largest valid
+    reply in float32 (a training upload, or Fed-SB's dense initialisation gradients; SecAgg+'s
+    masked int64 vectors are twice a float32 upload), plus 1 MiB of framing."""
+    rank = max([cfg.rank, *(cfg.ranks or [])])
+    kinds = [expected_upload(fm, rank, plan, "train"), expected_upload(fm, rank, plan, "init")]
+    largest = max(4 * sum(math.prod(s) for s in shapes.values()) for shapes in kinds)
+    return 3 * largest + 2 ** 20
+
+
 FRAMING = 64 * 1024
 """Bytes a valid reply may carry beyond its float32 payload: ``.npy`` headers and the JSON index."""
 

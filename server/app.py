@@ -25,10 +25,12 @@ from fedlora.config import JobConfig, from_run_config
 from fedlora.export import export_peft
 from fedlora.process import die_with_parent
 from fedlora.rounds import CHECKPOINT, Coordinator, make_strategy
+from fedlora.server.ingress import write_limit
 from fedlora.server.strategy import FedLoRA, RoundSettings
 from fedlora.server.transport import fast_object_pulls
 from fedlora.setup import build_model, public_data, splits
 from fedlora.tasks import get_task
+from fedlora.validate import request_limit
 
 app = ServerApp()
 log = logging.getLogger("fedlora.server")
@@ -80,6 +82,7 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
     write_status(out_dir, "running", **status)
     try:
         coord, model_path, labels = build_coordinator(cfg)
+        write_limit(out_dir, request_limit(coord.fm, cfg, coord.plan))  # the SuperLink's (ingress.py)
         ckpt = out_dir / CHECKPOINT
         if bool(run_config.get("resume", False)) and ckpt.is_file():
             coord.restore(ckpt)
@@ -113,5 +116,5 @@ def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     die_with_parent()  # no orphan ServerApp writing into --out after its SuperLink is gone
-    fast_object_pulls()
+    fast_object_pulls(RoundSettings.from_run_config(dict(context.run_config)).round_timeout)
     run_server(grid, dict(context.run_config), context.run_id)

@@ -27,6 +27,7 @@ from fedlora.config import (
 )
 from fedlora.errors import UserError, command
 from fedlora.rounds import format_row
+from fedlora.server import ingress
 from fedlora.strategies import STRATEGIES
 from fedlora.tls import check_certificate, check_port_free, check_private_key, check_public_key
 
@@ -145,6 +146,7 @@ def serve(args: argparse.Namespace, cfg: JobConfig, out_dir: Path) -> int:
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = dict(os.environ, FLWR_HOME=str(home.resolve()), HF_HUB_OFFLINE="1",
                FLWR_DISABLE_UPDATE_CHECK="1", PATH=path)
+    env[ingress.ENV] = str(out_dir.resolve() / ingress.LIMIT_FILE)  # the ServerApp writes the job's limit
     local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     write_connection(home, f"{local}:{args.port}", None if args.insecure else args.ssl_ca_certfile)
     link = SuperLink(superlink_args(args), out_dir / "superlink.log", env)

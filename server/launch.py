@@ -75,8 +75,10 @@ class SuperLink:
     def __init__(self, args: list[str], log_path: Path, env: dict) -> None:
         self.log_path = log_path
         self.log = log_path.open("ab")
-        self.proc = subprocess.Popen([tool("flower-superlink"), "--disable-runtime-dependency-installation",
-                                      *args], stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        # flower-superlink with fedlora's size limit on client pushes (server/ingress.py)
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedlora.server.ingress",
+                                      "--disable-runtime-dependency-installation", *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, preexec_fn=die_with_parent)
 
     def wait_ready(self, host: str, port: int, timeout: float = 60.0) -> None:

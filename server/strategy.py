@@ -93,9 +93,11 @@ class FedLoRA(FlowerStrategy):
         """Validate, sort by client id, aggregate; None if too few valid replies."""
         uploads, bytes_up, losses, seconds, eps = [], [], [], [], []
         self._nodes = []
+        self._clients = []
         for node, msg, tensors in self._valid(list(replies), "upload", kind="train"):
             self._nodes.append(node)
             m = msg.content["metrics"]
+            self._clients.append(int(m.get("client-id", 0)))
             upload = upload_from_tensors(tensors, int(m["num-examples"]),
                                          self.coord.cfg.lora_alpha / int(m["rank"]), self.coord.plan,
                                          self.coord.state)
@@ -134,6 +136,7 @@ class FedLoRA(FlowerStrategy):
         coord.aggregate_mean(mean, n)
         self._nodes = sorted(got.replies)
         metrics = [m for _, m in (got.replies[k] for k in self._nodes)]
+        self._clients = [int(m.get("client-id", 0)) for m in metrics]
         if not self.settings.stateless_clients:
             for node in self._nodes:
                 coord.delivered(node)
@@ -193,7 +196,7 @@ class FedLoRA(FlowerStrategy):
             bytes_up, agg_error, losses, seconds = self._last
             row = self.coord.row(bytes_up, [self.sent_bytes[n] for n in sorted(self.sent_bytes)],
                                  agg_error, losses, time.perf_counter() - t0, len(bytes_up))
-            row.update(rejected=self.rejected, failed=sum(self.failures),
+            row.update(rejected=self.rejected, failed=sum(self.failures), client_ids=self._clients,
                        client_seconds=round(max(seconds), 3),
                        overhead_seconds=round(row["train_seconds"] - max(seconds), 3))
             if cfg.secagg:

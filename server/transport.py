@@ -15,18 +15,22 @@ from collections.abc import Iterable
 log = logging.getLogger("fedlora.server")
 
 
-def fast_object_pulls() -> None:
-    """Make the ServerApp's grid retry a reply's missing objects after 20 ms, not 1 s.
+def fast_object_pulls(max_time: float | None = None) -> None:
+    """Make the ServerApp's grid retry a reply's missing objects after 20 ms, not 1 s, and give
+    up on them after ``max_time`` seconds (the round timeout) instead of Flower's 500 tries.
 
-    A reply can be listed before all its objects reached the SuperLink; Flower's
-    default first backoff of 1 s would then add a second to the round.
+    A reply can be listed before all its objects reached the SuperLink; Flower's default first
+    backoff of 1 s would then add a second to the round. A reply whose objects never arrive (the
+    SuperLink refused them as oversize, or the client died mid-upload) becomes an error reply
+    after ``max_time``; with Flower's defaults it held the whole round for about 3 minutes.
     """
     from functools import partial
 
     import flwr.superlink.grid.http_grid as http_grid
     from flwr.supercore.inflatable.inflatable_utils import pull_objects
 
-    http_grid.pull_objects = partial(pull_objects, initial_backoff=0.02, backoff_cap=0.5)
+    limits = {} if max_time is None else {"max_time": max_time, "max_tries_per_object": None}
+    http_grid.pull_objects = partial(pull_objects, initial_backoff=0.02, backoff_cap=0.5, **limits)
 
 
 def wait_for_nodes(grid, wanted: int, timeout: float, poll: float = 0.2) -> list[int]:

@@ -208,9 +208,13 @@ class _Bytes:
 
 
 def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = None,
-        on_round: Callable[[dict], None] | None = None) -> list[dict]:
+        on_round: Callable[[dict], None] | None = None,
+        schedule: Callable[[int], list[int]] | None = None) -> list[dict]:
     """Run the job, append one JSON line per round to ``out_dir/metrics.jsonl``,
-    export the final adapter to ``out_dir/adapter``. Returns the metric rows."""
+    export the final adapter to ``out_dir/adapter``. Returns the metric rows.
+
+    ``schedule``: round -> its clients, in place of ``cfg.sampled`` (to replay the participation
+    of a deployed run, whose clients may have died: ``benchmarks/load.py``)."""
     t0 = time.perf_counter()
     job = build_job(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +230,7 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
     attack = Attack.parse(cfg.attack) if cfg.attack else None
     for rnd in range(1, cfg.rounds + 1):
         t_round = time.perf_counter()
-        clients = cfg.sampled(rnd)
+        clients = (schedule or cfg.sampled)(rnd)
         if job.budgets is not None:  # clients whose privacy budget is spent sit out
             clients = [c for c in clients if job.budgets[c].can_step()]
             if not clients:

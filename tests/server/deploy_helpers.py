@@ -26,12 +26,12 @@ def free_port() -> int:
 class Proc:
     """A console-script process in its own session, logging to a file."""
 
-    def __init__(self, name: str, args: list[str], log: Path) -> None:
+    def __init__(self, name: str, args: list[str], log: Path, env: dict | None = None) -> None:
         self.log = log
         self.fh = log.open("wb")
         env = dict(os.environ, HF_HUB_OFFLINE="1", FLWR_DISABLE_UPDATE_CHECK="1",
                    FEDLORA_LEDGER_DIR=str(log.parent / "ledgers"),
-                   TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+                   TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **(env or {}))
         self.p = subprocess.Popen([str(BIN / name), *args], stdout=self.fh, stderr=subprocess.STDOUT,
                                   env=env, start_new_session=True)
 
@@ -61,10 +61,11 @@ def server(tmp: Path, port: int, out: Path, *extra: str, name: str = "server") -
     return Proc("fedlora-server", ["--port", str(port), "--out", str(out), *extra], tmp / f"{name}.log")
 
 
-def client(tmp: Path, port: int, pid: int, n: int, *extra: str, name: str | None = None) -> Proc:
+def client(tmp: Path, port: int, pid: int, n: int, *extra: str, name: str | None = None,
+           env: dict | None = None) -> Proc:
     return Proc("fedlora-client", ["--server", f"127.0.0.1:{port}", "--partition-id", str(pid),
                                    "--num-partitions", str(n), "--poll", "0.1", *extra],
-                tmp / f"{name or f'client{pid}'}.log")
+                tmp / f"{name or f'client{pid}'}.log", env)
 
 
 def rows(out: Path) -> list[dict]:
