@@ -9,7 +9,8 @@ learning rate, seed 0. Client 0 attacks (``simulations/attacks.py``):
 
 Each attack runs undefended and with each defence (``strategies/robust.py``): ``--norm-bound 2``
 (updates above twice the round's median norm are scaled down to it), ``--robust-mean trimmed``
-(β = 0.1: one client dropped at each end of every coordinate), ``--robust-mean median``, and for
+(β = 0.1: one client dropped at each end of every coordinate), ``--robust-mean median``,
+``--robust-mean krum`` (multi-Krum: the one client farthest from its neighbours left out), and for
 the claim ``--max-examples 200`` (a client holds about 178). The table gives the final accuracy
 and its difference from the clean run (the same job, no attacker); the clean job with each defence
 shows what the defence itself costs. Finished runs are reused.
@@ -25,13 +26,13 @@ import os
 import sys
 from pathlib import Path
 
-ATTACKS = {"": ["norm-bound", "trimmed", "median"],  # what each defence costs a clean run
-           "scale:100": ["none", "norm-bound", "trimmed", "median"],
-           "flip": ["none", "norm-bound", "trimmed", "median"],
+ATTACKS = {"": ["norm-bound", "trimmed", "median", "krum"],  # what each defence costs a clean run
+           "scale:100": ["none", "norm-bound", "trimmed", "median", "krum"],
+           "flip": ["none", "norm-bound", "trimmed", "median", "krum"],
            "claim:1e9": ["none", "max-examples", "uniform"]}
 DEFENCES = {"none": [], "norm-bound": ["--norm-bound", "2"], "trimmed": ["--robust-mean", "trimmed"],
-            "median": ["--robust-mean", "median"], "max-examples": ["--max-examples", "200"],
-            "uniform": ["--weighting", "uniform"]}
+            "median": ["--robust-mean", "median"], "krum": ["--robust-mean", "krum"],
+            "max-examples": ["--max-examples", "200"], "uniform": ["--weighting", "uniform"]}
 
 
 def final_accuracy(args: argparse.Namespace, name: str, flags: list[str]) -> float:

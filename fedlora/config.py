@@ -173,10 +173,13 @@ class JobConfig:
                                " multiple of the round's median (0: off; sum-only strategies)",
                                group="robust aggregation")
     robust_mean: str = option("mean", "replace the clients' tensors by their coordinate-wise trimmed"
-                              " mean or median before aggregating (sum-only strategies; not with --dp"
-                              " client)", group="robust aggregation", choices=["mean", "trimmed", "median"])
+                              " mean or median, or leave out the clients multi-Krum finds farthest from"
+                              " the others (krum), before aggregating (sum-only strategies; not with"
+                              " --dp client)", group="robust aggregation",
+                              choices=["mean", "trimmed", "median", "krum"])
     trim: float = option(0.1, "--robust-mean trimmed: share of clients dropped at each end of every"
-                         " coordinate", group="robust aggregation")
+                         " coordinate; krum: share of clients left out (at least 1)",
+                         group="robust aggregation")
     # ---- secure aggregation (fedlora/secagg.py, server/secagg.py) ----
     secagg: bool = option(False, "Flower's SecAgg+: the server learns only the round's mean update,"
                           " never a client's (deployment and --engine flower; sum-only strategies)",

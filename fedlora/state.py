@@ -23,7 +23,8 @@ from torch import Tensor
 
 from fedlora.model import FederatedModel, draw_seed
 from fedlora.strategies import AdapterPlan, ClientUpload, GlobalState, Probe
-from fedlora.strategies.base import Factors, truncated_factors
+from fedlora.strategies.base import Factors
+from fedlora.strategies.factors import truncated_factors
 
 
 def head_of(fm: FederatedModel, k: int) -> dict[str, Tensor]:

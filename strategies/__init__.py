@@ -12,10 +12,12 @@ from .base import (
     Option,
     Probe,
     Strategy,
-    factored_sq_norm,
     register_strategy,
 )
 from .dp import ClientLevelDP
+from .factors import (
+    factored_sq_norm,
+)
 from .plan import AdapterPlan
 from .registry import get_strategy, strategy_class
 

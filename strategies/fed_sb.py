@@ -49,10 +49,12 @@ from .base import (
     Option,
     Probe,
     Strategy,
+    register_strategy,
+)
+from .factors import (
     average_head,
     client_weights,
     ideal_factors,
-    register_strategy,
     relative_error,
 )
 from .plan import AdapterPlan

@@ -15,10 +15,12 @@ from .base import (
     ClientUpload,
     GlobalState,
     Strategy,
+    register_strategy,
+)
+from .factors import (
     average_head,
     client_weights,
     ideal_factors,
-    register_strategy,
     relative_error,
 )
 

@@ -22,10 +22,12 @@ from .base import (
     ClientUpload,
     GlobalState,
     Strategy,
+    register_strategy,
+)
+from .factors import (
     average_factor,
     average_head,
     client_weights,
-    register_strategy,
 )
 from .fedavg import check_same_rank
 from .plan import AdapterPlan

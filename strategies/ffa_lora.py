@@ -21,11 +21,13 @@ from .base import (
     ClientUpload,
     GlobalState,
     Strategy,
+    register_strategy,
+)
+from .factors import (
     average_factor,
     average_head,
     client_weights,
     ideal_factors,
-    register_strategy,
     relative_error,
 )
 from .fedavg import check_same_rank

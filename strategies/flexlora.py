@@ -29,11 +29,13 @@ from .base import (
     ClientUpload,
     GlobalState,
     Strategy,
+    register_strategy,
+)
+from .factors import (
     average_head,
     client_weights,
     factored_svd,
     ideal_factors,
-    register_strategy,
     relative_error,
 )
 from .flora import compact, stack

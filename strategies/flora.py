@@ -26,10 +26,12 @@ from .base import (
     Factors,
     GlobalState,
     Strategy,
+    register_strategy,
+)
+from .factors import (
     average_head,
     client_weights,
     ideal_factors,
-    register_strategy,
     relative_error,
 )
 from .plan import AdapterPlan

@@ -37,10 +37,12 @@ from .base import (
     GlobalState,
     Option,
     Strategy,
+    register_strategy,
+)
+from .factors import (
     average_head,
     client_weights,
     ideal_factors,
-    register_strategy,
     relative_error,
 )
 from .fedavg import average_factors, check_same_rank

@@ -27,6 +27,13 @@ wrapped strategy aggregates:
    is that upload), so ``agg_error`` is not reported. Not with client-level DP, whose noise is
    calibrated to a sum of clipped updates.
 
+   With ``mean="krum"`` (multi-Krum, Blanchard et al. 2017) no coordinate is replaced: the
+   ``f = max(1, ⌊βK⌋)`` clients whose updates lie farthest from their ``K − f − 2`` nearest
+   neighbours (sum of squared distances over the uploaded tensors, from one ``K × K`` Gram
+   matrix) are left out, and the wrapped strategy aggregates the others with their weights, so
+   ``agg_error`` is still reported. A sign-flipped update, whose norm is honest, sits about twice
+   an honest update's norm from every other client and is the one left out.
+
 A sum-only strategy is one whose aggregate is a weighted mean of the uploaded tensors starting
 from the global ones (fedavg, fed-sb, ffa-lora, rolora; fedsa-lora for the robust mean only: its
 ``B`` stays on the clients, so the server cannot form ``ΔW``).
@@ -47,7 +54,7 @@ from .plan import AdapterPlan
 from .wrap import Wrapped
 
 WEIGHTINGS = ("examples", "uniform")
-MEANS = ("mean", "trimmed", "median")
+MEANS = ("mean", "trimmed", "median", "krum")
 
 
 def update_norm(delta: dict[Key, Tensor], c: float, state: GlobalState, plan: AdapterPlan,
@@ -100,6 +107,22 @@ def robust_mean(deltas: Sequence[dict[Key, Tensor]], mean: str, trim: float) -> 
     return out
 
 
+def krum_keep(deltas: Sequence[dict[Key, Tensor]], drop: int) -> list[int]:
+    """Indices of the ``K − drop`` clients with the lowest Krum scores (sorted): a client's score is
+    the sum of its squared distances to its ``K − drop − 2`` nearest other clients."""
+    k = len(deltas)
+    if drop < 1 or k - drop < 1:
+        return list(range(k))
+    flat = [torch.cat([d[key].double().flatten() for key in sorted(d)]) for d in deltas]
+    X = torch.stack(flat)                                                       # (K, D)
+    G = X @ X.T                                                                 # (K, K)
+    dist = (G.diag()[:, None] + G.diag()[None, :] - 2 * G).clamp_min(0.0)      # squared distances
+    near = max(k - drop - 2, 1)
+    others = dist + torch.diag(torch.full((k,), float("inf"), dtype=dist.dtype))
+    scores = others.sort(dim=1).values[:, :near].sum(dim=1)
+    return sorted(int(i) for i in scores.argsort()[:k - drop])
+
+
 class Robust(Wrapped):
     """Server-controlled weights, norm bounding and robust means around ``inner`` (module docstring).
 
@@ -113,15 +136,17 @@ class Robust(Wrapped):
         Cap on a client's claimed ``n_k``; 0: no cap.
     norm_bound : float
         ``M``: bound each update's norm by ``M ×`` the round's median; 0: off.
-    mean : {"mean", "trimmed", "median"}
-        What replaces the clients' tensors before aggregating: nothing, or a robust mean.
+    mean : {"mean", "trimmed", "median", "krum"}
+        What replaces the clients' tensors before aggregating: nothing, a robust mean, or (krum)
+        the clients that multi-Krum keeps.
     trim : float
-        ``β`` of the trimmed mean, in [0, 0.5).
+        ``β`` of the trimmed mean, in [0, 0.5); with krum, ``max(1, ⌊βK⌋)`` clients are left out.
 
     Attributes
     ----------
-    capped, bounded : int
-        Claims above the cap and updates moved by the norm bound in the last round.
+    capped, bounded, left_out : int
+        Claims above the cap, updates moved by the norm bound and clients Krum left out in the
+        last round.
     """
 
     def __init__(self, inner: Strategy, weighting: str = "examples", max_examples: int = 0,
@@ -145,7 +170,7 @@ class Robust(Wrapped):
                              " to a sum of clipped updates")
         self.weighting, self.max_examples, self.norm_bound = weighting, max_examples, norm_bound
         self.mean, self.trim = mean, trim
-        self.capped = self.bounded = 0
+        self.capped = self.bounded = self.left_out = 0
 
     @property
     def active(self) -> bool:
@@ -165,7 +190,7 @@ class Robust(Wrapped):
     def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
         """Weights, then norm bounding, then the robust mean; the wrapped strategy aggregates."""
         uploads = self.weigh(uploads)
-        self.bounded = 0
+        self.bounded = self.left_out = 0
         if not self.norm_bound and self.mean == "mean":
             return self.inner.aggregate(uploads, state)
         plan = self.plan(state.round + 1)
@@ -177,19 +202,25 @@ class Robust(Wrapped):
             bound = self.norm_bound * statistics.median(norms)
             factors = [shrink(d, n, bound, state, plan, scale) for d, n in zip(deltas, norms, strict=True)]
             self.bounded = sum(c < 1.0 for c in factors)
-            if self.mean == "mean":  # the bounded clients moved back, the others as they are
-                return self.inner.aggregate([
-                    u if c == 1.0 else from_update({key: c * t for key, t in d.items()}, start, state, plan,
-                                                   scale, u.num_examples)
-                    for c, d, u in zip(factors, deltas, uploads, strict=True)], state)
+            # the bounded clients moved back, the others as they are
+            uploads = [u if c == 1.0 else from_update({key: c * t for key, t in d.items()}, start, state,
+                                                      plan, scale, u.num_examples)
+                       for c, d, u in zip(factors, deltas, uploads, strict=True)]
             deltas = [{key: c * t for key, t in d.items()} for c, d in zip(factors, deltas, strict=True)]
+        if self.mean == "mean":
+            return self.inner.aggregate(uploads, state)
+        if self.mean == "krum":
+            keep = krum_keep(deltas, max(1, int(self.trim * len(deltas))))
+            self.left_out = len(uploads) - len(keep)
+            return self.inner.aggregate([uploads[i] for i in keep], state)
         centre = robust_mean(deltas, self.mean, self.trim)
         inner = self.inner.aggregate([from_update(centre, start, state, plan, scale)], state)
         return Aggregate(state=inner.state, fold={}, agg_error=None)
 
     def round_report(self) -> dict[str, object]:
         """The inner columns, and what the defences did in the last round."""
-        return {**self.inner.round_report(), "capped_claims": self.capped, "norm_bounded": self.bounded}
+        return {**self.inner.round_report(), "capped_claims": self.capped, "norm_bounded": self.bounded,
+                "krum_left_out": self.left_out}
 
     def describe(self) -> dict[str, object]:
         return {**self.inner.describe(), "weighting": self.weighting, "max_examples": self.max_examples,

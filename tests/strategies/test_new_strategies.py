@@ -12,7 +12,7 @@ import torch
 
 from fedlora.state import upload_tensors
 from fedlora.strategies import ClientUpload, GlobalState, get_strategy
-from fedlora.strategies.base import truncated_factors
+from fedlora.strategies.factors import truncated_factors
 from fedlora.wire import tensor_bytes
 
 F64 = torch.float64

@@ -69,6 +69,20 @@ def test_sign_flip_beyond_the_bound_is_clipped_too():
     assert new_b(agg) == pytest.approx([(1 + 1 - 1) / 3, 0])
 
 
+def test_krum_leaves_out_the_sign_flipped_client_and_keeps_the_weights():
+    # Prepare: three honest updates near (1, 0) and one flipped, (-1, 0); K = 4, f = 1, each
+    # client's score is its squared distance to its K - f - 2 = 1 nearest other client:
+    # 0.01, 0.01, 0.01 (honest) and 1.9² = 3.61 (the flipped one)
+    ups = [ffa_upload([1, 0], n=10), ffa_upload([1.1, 0], n=30), ffa_upload([0.9, 0], n=10),
+           ffa_upload([-1, 0], n=10)]
+    robust = Robust(get_strategy("ffa-lora"), mean="krum")
+    # Act
+    agg = robust.aggregate(ups, ffa_state())
+    # Assert: the example-weighted mean of the honest three, (10 + 33 + 9) / 50, exact
+    assert new_b(agg) == pytest.approx([1.04, 0.0])
+    assert robust.round_report()["krum_left_out"] == 1 and agg.agg_error == pytest.approx(0.0, abs=1e-12)
+
+
 def test_update_norm_from_factors_equals_the_dense_norm():
     g = torch.Generator().manual_seed(0)
     A0, B0 = torch.randn(3, 5, generator=g, dtype=F64), torch.randn(4, 3, generator=g, dtype=F64)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fedlora.strategies import ClientUpload, GlobalState, factored_sq_norm, get_strategy
-from fedlora.strategies.base import client_weights
+from fedlora.strategies.factors import client_weights
 from fedlora.strategies.fed_sb import initialize_from_gradients
 
 F64 = torch.float64
