@@ -265,7 +265,8 @@ def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "cl
         if meta.get("group") is None:
             continue
         default = f.default if f.default is not MISSING else f.default_factory()
-        kwargs: dict[str, Any] = {"help": num_clients_help if f.name == "num_clients" else meta["help"],
+        text = num_clients_help if f.name == "num_clients" else meta["help"]
+        kwargs: dict[str, Any] = {"help": text.replace("%", "%%"),  # argparse formats help with %
                                   "default": default if meta["flag_default"] is MISSING
                                   else meta["flag_default"]}
         if isinstance(default, bool):
