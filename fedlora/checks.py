@@ -12,6 +12,7 @@ from pathlib import Path
 from fedlora.config import JobConfig, _flag, fill_defaults
 from fedlora.errors import UserError
 from fedlora.strategies import STRATEGIES
+from fedlora.strategies.robust import Robust
 from fedlora.tasks import TASKS
 
 
@@ -49,7 +50,9 @@ def check_job_args(args) -> None:
             raise UserError(f"--strategy {args.strategy} needs one rank for every client;"
                             f" use --rank, or a strategy that takes heterogeneous ranks ({takes})")
     try:
-        STRATEGIES[args.strategy].from_job(args)  # its options, checked before anything loads
+        inner = STRATEGIES[args.strategy].from_job(args)  # its options, checked before anything loads
+        if args.norm_bound > 0 or args.robust_mean != "mean":  # what the server's defences can take
+            Robust(inner, args.weighting, args.max_examples, args.norm_bound, args.robust_mean, args.trim)
     except ValueError as exc:
         raise UserError(f"--strategy {args.strategy}: {exc}") from None
     check_task_args(args)

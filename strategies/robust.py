@@ -160,8 +160,9 @@ class Robust(Wrapped):
         robust = [what for what, on in (("norm bounding", norm_bound), ("a robust mean", mean != "mean"))
                   if on]
         if robust and not inner.sum_only:
-            raise ValueError(f"{' and '.join(robust)} need a sum-only strategy (fedavg, fed-sb, ffa-lora,"
-                             f" rolora, fedsa-lora); {inner.name} does not average what clients send")
+            raise ValueError(f"{' and '.join(robust)} can only run on a sum-only strategy (fedavg, fed-sb,"
+                             f" ffa-lora, rolora, fedsa-lora); {inner.name} does not average what clients"
+                             " send")
         if norm_bound and any(inner.plan(r).keep for r in (1, 2)):
             raise ValueError(f"norm bounding needs each client's whole update; {inner.name} keeps"
                              " factors on the clients, so the server cannot measure it")

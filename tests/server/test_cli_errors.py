@@ -53,7 +53,7 @@ def test_server_auth_needs_tls_and_real_public_keys(capsys, files, tmp_path):
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--strategy", "flora", "--norm-bound", "2"], "norm bounding need a sum-only strategy"),
+    (["--strategy", "flora", "--norm-bound", "2"], "norm bounding can only run on a sum-only strategy"),
     (["--max-examples", "-5"], "--max-examples must be ≥ 1 (0: no cap), got -5"),
 ])
 def test_server_refuses_a_defence_its_strategy_cannot_take(capsys, tmp_path, extra, words):

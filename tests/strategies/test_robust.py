@@ -150,8 +150,8 @@ def test_trimmed_mean_and_median_of_fed_sb_cores():
 
 
 @pytest.mark.parametrize("inner, kw, message", [
-    ("flora", {"norm_bound": 2.0}, "need a sum-only strategy"),
-    ("lora-fair", {"mean": "median"}, "need a sum-only strategy"),
+    ("flora", {"norm_bound": 2.0}, "can only run on a sum-only strategy"),
+    ("lora-fair", {"mean": "median"}, "can only run on a sum-only strategy"),
     ("fedsa-lora", {"norm_bound": 2.0}, "keeps factors on the clients"),
     ("fedavg", {"max_examples": -1}, "max_examples ≥ 1"),
     ("fedavg", {"trim": 0.5}, "0 ≤ trim < 0.5"),
