@@ -198,6 +198,7 @@ def test_quantization_range_leaves_room_for_every_client():
     ({"robust_mean": "median"}, "--robust-mean"),
     ({"strategy": "fed-sb"}, "init=seed"),
     ({"secagg_threshold": 1.5}, "--secagg-threshold"),
+    ({"num_clients": 1}, "at least 2 clients per round"),
 ])
 def test_bad_secagg_jobs_are_refused_in_one_line(flags, words):
     from fedlora.checks import check_secagg_args
