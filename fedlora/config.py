@@ -282,9 +282,12 @@ def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "cl
 
 
 def default_lr(strategy: str, dp: str = "none") -> float:
-    """The default learning rate: the DP recipe's with ``--dp sample``, else the strategy's own
+    """The default learning rate: with ``--dp sample`` the strategy's measured DP one
+    (``Strategy.dp_lr``, Fed-SB's) or the DP recipe's, else the strategy's own
     (``Strategy.default_lr``)."""
-    return DP_RECIPE["lr"] if dp == "sample" else STRATEGIES[strategy].default_lr
+    if dp == "sample":
+        return STRATEGIES[strategy].dp_lr or DP_RECIPE["lr"]
+    return STRATEGIES[strategy].default_lr
 
 
 def fill_defaults(args) -> None:

@@ -215,6 +215,8 @@ class Strategy(ABC):
         clients' data (no upload, no privacy cost).
     default_lr : float
         The local learning rate when ``--lr`` is not given.
+    dp_lr : float or None
+        The same under ``--dp sample``, where measured (None: the DP recipe's).
     options : dict
         Option name -> :class:`Option`; the constructor takes them as keywords.
     takes_seed : bool
@@ -231,6 +233,7 @@ class Strategy(ABC):
     init_phases: int = 0
     public_init: bool = False
     default_lr: float = 2e-3
+    dp_lr: float | None = None
     options: dict[str, Option] = {}
     takes_seed: bool = False
 

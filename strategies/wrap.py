@@ -13,7 +13,7 @@ from .base import ClientUpload, GlobalState, Probe, Strategy
 from .plan import AdapterPlan
 
 COPIED = ("name", "adapter_plan", "uploads", "downloads", "sum_only", "heterogeneous_ranks", "folds",
-          "init_phases", "public_init", "default_lr", "options", "takes_seed")
+          "init_phases", "public_init", "default_lr", "dp_lr", "options", "takes_seed")
 """The declarations a wrapper takes over from the strategy it wraps."""
 
 
