@@ -104,8 +104,11 @@ class JobConfig:
     target_modules: list[str] | None = option(
         None, "module names or regexes to adapt, or all-linear (default: attention query/value)",
         nargs="+")
-    partition: str = option("iid", "how the data is split over clients", group="data and model",
-                            choices=["iid", "dirichlet"])
+    partition: str = option("iid", "how the data is split over clients: iid; dirichlet (each class"
+                            " split over the clients by Dir(--alpha)); dirichlet-clients (each client's"
+                            " label mix from Dir(--alpha), equal sizes: works for many clients and a"
+                            " small alpha)", group="data and model",
+                            choices=["iid", "dirichlet", "dirichlet-clients"])
     alpha: float = option(0.5, "Dirichlet concentration", group="data and model")
     max_length: int = option(64, "tokens per example", group="data and model")
     test_fraction: float = option(0.2, "held-out share of --data", group="data and model")

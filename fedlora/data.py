@@ -19,7 +19,7 @@ import numpy as np
 from fedlora.errors import UserError
 
 DEFAULT_DATASET = "bbcnews"
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "dirichlet-clients")
 
 
 @dataclass
@@ -138,7 +138,9 @@ def split(ds: TextDataset, test_fraction: float, seed: int) -> tuple[TextDataset
 
 def partition(ds: TextDataset, num_clients: int, method: str, alpha: float,
               seed: int) -> list[list[int]]:
-    """Indices of each client's examples, by flwr-datasets' IID or Dirichlet partitioner."""
+    """Indices of each client's examples: flwr-datasets' IID or Dirichlet partitioner (each class
+    split over the clients by ``Dir(α)``), or :func:`dirichlet_clients` (each client's label mix
+    drawn from ``Dir(α)``, equal sizes)."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
@@ -151,9 +153,11 @@ def partition(ds: TextDataset, num_clients: int, method: str, alpha: float,
     if method == "iid":
         return _load(IidPartitioner(num_partitions=num_clients), table, num_clients)
     if ds.labels is None:
-        raise UserError("--partition dirichlet needs labels; use --partition iid")
+        raise UserError(f"--partition {method} needs labels; use --partition iid")
     if alpha <= 0:
         raise UserError(f"--alpha must be > 0, got {alpha}")
+    if method == "dirichlet-clients":
+        return dirichlet_clients(ds.labels, num_clients, alpha, seed)
     error: Exception | None = None
     for size in dict.fromkeys([max(1, min(10, len(ds) // (4 * num_clients))), 1]):
         try:  # a minimum share per client first; then any non-empty share
@@ -162,7 +166,32 @@ def partition(ds: TextDataset, num_clients: int, method: str, alpha: float,
         except ValueError as exc:
             error = exc
     raise UserError(f"cannot partition {len(ds)} examples into {num_clients} clients with"
-                    f" alpha={alpha}: {error}; use fewer clients or a larger --alpha")
+                    f" alpha={alpha}: {error}; use fewer clients, a larger --alpha, or --partition"
+                    " dirichlet-clients (each client's label mix from Dir(alpha), equal sizes)")
+
+
+def dirichlet_clients(labels: list[int], num_clients: int, alpha: float, seed: int) -> list[list[int]]:
+    """Label skew by client (Hsu et al. 2019): client k's class mix ``q_k ~ Dir(α·1)``, and its
+    ``⌊N/K⌋`` or ``⌈N/K⌉`` examples drawn one by one from the classes by ``q_k`` renormalised over
+    the classes that still have examples (without replacement). Every example goes to one client and
+    every client gets one at least, whatever α: the class-wise partitioner cannot promise that for
+    many clients and a small α."""
+    rng = np.random.default_rng([seed, 4099])
+    classes = sorted(set(labels))
+    pools = {c: [int(i) for i in rng.permutation([i for i, y in enumerate(labels) if y == c])]
+             for c in classes}
+    base, extra = divmod(len(labels), num_clients)
+    out = []
+    for k in range(num_clients):
+        q = rng.dirichlet(np.full(len(classes), alpha))
+        mine = []
+        for _ in range(base + (k < extra)):
+            live = np.array([len(pools[c]) > 0 for c in classes], dtype=float)
+            p = q * live
+            p = p / p.sum() if p.sum() > 0 else live / live.sum()
+            mine.append(pools[classes[int(rng.choice(len(classes), p=p))]].pop())
+        out.append(sorted(mine))
+    return out
 
 
 def _load(part, table, num_clients: int) -> list[list[int]]:

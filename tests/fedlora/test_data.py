@@ -63,3 +63,24 @@ def test_dirichlet_partition_is_skewed_and_seeded(tiny_csv):
 def test_too_many_clients_is_refused(tiny_csv):
     with pytest.raises(UserError, match="1000 clients but only 180"):
         partition(load_file(tiny_csv), 1000, "iid", 0.5, seed=0)
+
+
+def test_dirichlet_clients_gives_100_equal_skewed_clients_where_classwise_cannot():
+    # Prepare: BBC News' 1,780 training articles (5 classes), 100 clients, α = 0.1
+    import pytest
+
+    from fedlora.errors import UserError
+
+    train, _ = split(load_bbcnews(), 0.2, seed=0)
+    # Act
+    parts = partition(train, 100, "dirichlet-clients", 0.1, seed=0)
+    # Assert: every article once, 17 or 18 per client, half the clients 80% one class, seeded
+    assert sorted(i for p in parts for i in p) == list(range(len(train)))
+    assert {len(p) for p in parts} <= {len(train) // 100, len(train) // 100 + 1}
+    top = [max(sum(train.labels[i] == c for i in p) for c in range(5)) / len(p) for p in parts]
+    assert sum(t >= 0.8 for t in top) >= 50  # IID clients: about 0 (57 here)
+    assert parts == partition(train, 100, "dirichlet-clients", 0.1, seed=0)
+    assert parts != partition(train, 100, "dirichlet-clients", 0.1, seed=1)
+    # the class-wise partitioner cannot give each of 100 clients an article at α = 0.1
+    with pytest.raises(UserError, match="dirichlet-clients"):
+        partition(train, 100, "dirichlet", 0.1, seed=0)
