@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from fedlora.errors import UserError
 from fedlora.strategies import ClientUpload, GlobalState
-from fedlora.strategies.dp import from_update, global_tensors, updates
+from fedlora.strategies.dp import from_update, global_tensors, update_scale, updates
 from fedlora.strategies.plan import AdapterPlan
 
 
@@ -47,7 +47,7 @@ class Attack:
             return replace(upload, num_examples=int(self.value))
         start = global_tensors(state, plan)
         delta = {key: self.value * t for key, t in updates([upload], start, plan)[0].items()}
-        scale = state.scale if plan.core else upload.scale
+        scale = update_scale(state, plan, upload)
         return from_update(delta, start, state, plan, scale, upload.num_examples)
 
 

@@ -110,6 +110,12 @@ def as_upload(tensors: dict[Key, Tensor], state: GlobalState, plan: AdapterPlan,
     return up
 
 
+def update_scale(state: GlobalState, plan: AdapterPlan, upload: ClientUpload) -> float:
+    """The LoRA scale of an upload rebuilt from an update: the global one for LoRA-SB cores (the
+    shared factors are the server's), else the client's."""
+    return state.scale if plan.core else upload.scale
+
+
 def from_update(delta: dict[Key, Tensor], start: dict[Key, Tensor], state: GlobalState, plan: AdapterPlan,
                 scale: float, num_examples: int = 1) -> ClientUpload:
     """The upload of a client whose update from the global tensors ``start`` is ``delta``
@@ -288,7 +294,7 @@ class ClientLevelDP(Wrapped):
         if not plan.core and len({u.scale for u in uploads}) > 1:
             raise ValueError(f"{self.name} needs one LoRA scale for every client")
         mean = self.release(deltas)
-        scale = state.scale if plan.core else uploads[0].scale
+        scale = update_scale(state, plan, uploads[0])
         inner = self.inner.aggregate([from_update(mean, start, state, plan, scale)], state)
         return Aggregate(state=inner.state, fold={}, agg_error=None)
 
@@ -300,5 +306,5 @@ class ClientLevelDP(Wrapped):
         (delta,) = updates([mean], start, plan)
         total = {key: t.double() * clients for key, t in delta.items()}
         noisy = self.release_sum(total, clients, delta)
-        scale = state.scale if plan.core else mean.scale
+        scale = update_scale(state, plan, mean)
         return self.inner.aggregate_mean(from_update(noisy, start, state, plan, scale), clients, state)

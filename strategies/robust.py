@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from .base import Aggregate, ClientUpload, GlobalState, Strategy
-from .dp import ClientLevelDP, Key, from_update, global_tensors, updates
+from .dp import ClientLevelDP, Key, from_update, global_tensors, update_scale, updates
 from .plan import AdapterPlan
 from .wrap import Wrapped
 
@@ -197,7 +197,7 @@ class Robust(Wrapped):
         plan = self.plan(state.round + 1)
         start = global_tensors(state, plan)
         deltas = updates(uploads, start, plan)
-        scale = state.scale if plan.core else uploads[0].scale
+        scale = update_scale(state, plan, uploads[0])
         if self.norm_bound:
             norms = [update_norm(d, 1.0, state, plan, scale) for d in deltas]
             bound = self.norm_bound * statistics.median(norms)
