@@ -5,8 +5,9 @@ data each) on this machine, runs ``--rounds`` rounds of a tiny random BERT, and 
 ``--kill`` clients (process group and all) as soon as round ``--kill-round`` has started. It reports
 
 * every round's wall time, clients aggregated, failed and rejected clients;
-* the peak resident memory of the server's process tree (``fedlora-server``, its SuperLink and
-  ServerApp), sampled every 0.2 s, and of the largest client;
+* the peak resident memory of the server's process tree (``fedlora-server`` and every process
+  below it: ``flwr run``, the SuperLink, the ServerApp), sampled every 0.2 s, and of one client's
+  tree (``fedlora-client`` and its SuperNode);
 * whether ``checkpoint.pt`` and ``metrics.jsonl`` hold every round;
 * whether the final adapter equals a clean run over the survivors' rounds: the batched simulator
   replaying, round by round, exactly the clients whose replies the server aggregated (defined for
@@ -35,37 +36,54 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 
 
-def rss_of_group(pgid: int) -> tuple[int, int]:
-    """``(total, largest)`` resident bytes of the processes in process group ``pgid``."""
-    total = largest = 0
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it (by parent pid; children in their own sessions too:
+    the SuperLink, the ServerApp)."""
+    children: dict[int, list[int]] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
-            if os.getpgid(int(pid)) != pgid:
-                continue
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(pid))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def rss_of_tree(root: int) -> tuple[int, int]:
+    """``(total, largest)`` resident bytes of ``root`` and its descendants."""
+    total = largest = 0
+    for pid in descendants(root):
+        try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     kb = int(line.split()[1]) * 1024
                     total, largest = total + kb, max(largest, kb)
-        except (OSError, ProcessLookupError, ValueError):
+        except OSError:
             continue
     return total, largest
 
 
 class PeakMemory(threading.Thread):
-    """Samples the RSS of process groups every ``period`` seconds; keeps the peaks."""
+    """Samples the RSS of process trees every ``period`` seconds; keeps the peaks."""
 
-    def __init__(self, groups: dict[str, list[int]], period: float = 0.2) -> None:
+    def __init__(self, trees: dict[str, list[int]], period: float = 0.2) -> None:
         super().__init__(daemon=True)
-        self.groups, self.period = groups, period
-        self.peak = {name: 0 for name in groups}
+        self.trees, self.period = trees, period
+        self.peak = {name: 0 for name in trees}
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
-            for name, pgids in self.groups.items():
-                self.peak[name] = max(self.peak[name], *(rss_of_group(g)[0] for g in pgids))
+            for name, roots in self.trees.items():
+                self.peak[name] = max(self.peak[name], *(rss_of_tree(r)[0] for r in roots))
             self.stop.wait(self.period)
 
 

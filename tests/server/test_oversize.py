@@ -37,7 +37,7 @@ local.LocalClient.fit = fit
 
 def run(tmp: Path, tiny_bert_dir, tiny_csv, huge: bool) -> tuple[int, list[dict], int]:
     """One round with two clients (client 1 sends 500 MB if ``huge``): exit code, rows, peak RSS
-    of the server's process tree (fedlora-server, SuperLink, ServerApp)."""
+    of the server's process tree (fedlora-server and every process below it: SuperLink, ServerApp)."""
     tmp.mkdir()
     (tmp / "sitecustomize.py").write_text(HUGE)
     port, out = free_port(), tmp / "out"
@@ -67,4 +67,7 @@ def test_500_mb_reply_is_refused_and_server_memory_stays_put(tiny_bert_dir, tiny
     assert code == 0
     assert got[-1]["clients"] == 1 and got[-1]["failed"] == 1
     assert "413" in (tmp_path / "huge" / "out" / "superlink.log").read_text()
-    assert peak < 2 * usual and peak < usual + 250 * 2 ** 20
+    # (measured: 1199 and 1202 MiB for fedlora-server, SuperLink and ServerApp; reading the reply
+    # would add at least its 500 MB)
+    sizes = f"honest {usual / 2**20:.0f} MiB, with the 500 MB reply {peak / 2**20:.0f} MiB"
+    assert peak < 2 * usual and peak < usual + 400 * 2 ** 20, sizes
