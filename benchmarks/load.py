@@ -4,7 +4,8 @@ Starts ``fedlora-server`` and ``--clients`` ``fedlora-client`` processes (one pa
 data each) on this machine, runs ``--rounds`` rounds of a tiny random BERT, and SIGKILLs the last
 ``--kill`` clients (process group and all) as soon as round ``--kill-round`` has started. It reports
 
-* every round's wall time, clients aggregated, failed and rejected clients;
+* every round's wall time, clients aggregated, failed and rejected clients (a round needs half the
+  clients that are never killed, ``--min-replies``);
 * the peak resident memory of the server's process tree (``fedlora-server`` and every process
   below it: ``flwr run``, the SuperLink, the ServerApp), sampled every 0.2 s, and of one client's
   tree (``fedlora-client`` and its SuperNode);
@@ -104,7 +105,8 @@ def launch(args, work: Path, env: dict) -> tuple[subprocess.Popen, list[subproce
     out = work / "run"
     server = subprocess.Popen(
         [str(BIN / "fedlora-server"), "--insecure", "--port", str(args.port), "--out", str(out),
-         "--round-timeout", str(args.round_timeout), "--min-replies", str(args.clients - args.kill),
+         "--round-timeout", str(args.round_timeout),
+         "--min-replies", str(max(1, (args.clients - args.kill) // 2)),
          "--quiet", *job_flags(args)],
         stdout=(work / "server.log").open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     clients = [subprocess.Popen(

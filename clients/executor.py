@@ -112,7 +112,9 @@ def run_task(address: str, token: str, app) -> bool:
 def serve(address: str, app, poll: float = 0.05, stop: threading.Event | None = None) -> None:
     """Take and run ClientApp tasks from the SuperNode at ``address`` until ``stop`` is set.
 
-    A SuperNode that is down or restarting is waited for, not fatal.
+    A SuperNode that is down or restarting is waited for, not fatal, and so is one that goes away
+    in the middle of a task (its SuperLink declared it dead under load, say): the task is lost, the
+    supervisor restarts the SuperNode, and this loop takes the next task.
     """
     stop = stop or threading.Event()
     control = None
@@ -123,7 +125,10 @@ def serve(address: str, app, poll: float = 0.05, stop: threading.Event | None = 
                     address, [RuntimeVersionHttpInterceptor(component_name="SuperExec")])
             res = control.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             if res.HasField("task") and res.token:
-                run_task(address, res.token, app)
+                try:
+                    run_task(address, res.token, app)
+                except (RuntimeError, httpx.HTTPError, OSError) as exc:
+                    log.warning("task lost (%s: %s); waiting for the next one", type(exc).__name__, exc)
                 continue
         except (httpx.HTTPError, OSError) as exc:
             log.debug("runtime API not reachable (%s); retrying", exc)
