@@ -26,7 +26,7 @@ SECAGG_RECORD = RECORD_KEY_CONFIGS
 
 def secagg_bridge(msg: Message, context, call_next) -> Message:
     """A ClientApp mod: SecAgg+ for its protocol messages, nothing for the others."""
-    if msg.metadata.message_type == MessageType.TRAIN and SECAGG_RECORD in msg.content.config_records:
+    if msg.metadata.message_type == MessageType.TRAIN and is_secure(msg):
         return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
 

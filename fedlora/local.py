@@ -71,7 +71,7 @@ class LocalClient:
         self.train = self.task.encode(tokenizer, ds, cfg)
         self.sampler = ClientSampler.for_client(cfg, where.client_id, range(len(ds)))
         self.folded_through = 0
-        self.start: dict[str, Tensor] = {}  # the uploaded tensors' global values of the last fit
+        self.start: dict[str, Tensor] = {}  # --secagg: the uploaded tensors' values before the last fit
         # factors this client holds between rounds (``<layer>.lora_<F>``): the plan's shared ones
         # (sent once), and its own kept ones by the round that trained them (0: the starting
         # values), so that a round the server redoes (a resumed server) starts from the right ones
@@ -146,9 +146,9 @@ class LocalClient:
             raise RuntimeError(f"this client's privacy budget ε={self.budget.epsilon:g} is spent"
                                f" ({self.budget.spent:.3f} after {self.budget.steps} steps)")
         cfg = TrainConfig.from_job(self.cfg, lone=True)
-        plan = self.fm.config.plan
-        before = upload_tensors(extract_upload(self.fm, 0, 1), plan)
-        self.start = {k: t.detach().clone() for k, t in before.items()}
+        if self.cfg.secagg:  # the update Δ = θ_k − θ̄ is what SecAgg+ sums (see update)
+            before = upload_tensors(extract_upload(self.fm, 0, 1), self.fm.config.plan)
+            self.start = {k: t.detach().clone() for k, t in before.items()}
         losses = local_training(self.fm, self.train, [self.sampler], cfg, rnd, self._budgets())
         if self.fm.config.plan.keep:
             self.kept[rnd] = extract_kept(self.fm, 0)
@@ -158,7 +158,8 @@ class LocalClient:
         return up, losses[0], time.perf_counter() - t0
 
     def update(self, upload: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``Δ = θ_k − θ̄``: the last :meth:`fit`'s upload minus the global tensors it started from."""
+        """``Δ = θ_k − θ̄``: the last :meth:`fit`'s upload minus the global tensors it started from
+        (kept by :meth:`fit` under ``--secagg`` only)."""
         return {k: t - self.start[k] for k, t in upload.items()}
 
     def evaluate(self) -> dict[str, float]:

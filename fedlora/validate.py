@@ -47,12 +47,15 @@ def expected_upload(fm: FederatedModel, rank: int, plan: AdapterPlan, kind: str 
     return out
 
 
-def request_limit(fm: FederatedModel, cfg, plan: AdapterPlan) -> int:
+def request_limit(fm: FederatedModel, cfg, plan: AdapterPlan, client_init: bool) -> int:
     """Largest push a client of this job may make (``server/ingress.py``): 3 × its largest valid
-    reply in float32 (a training upload, or Fed-SB's dense initialisation gradients; SecAgg+'s
-    masked int64 vectors are twice a float32 upload), plus 1 MiB of framing."""
+    reply in float32 (a training upload, or with ``client_init`` Fed-SB's dense initialisation
+    gradients, which bound its sketches too; SecAgg+'s masked int64 vectors are twice a float32
+    upload), plus 1 MiB of framing."""
     rank = max([cfg.rank, *(cfg.ranks or [])])
-    kinds = [expected_upload(fm, rank, plan, "train"), expected_upload(fm, rank, plan, "init")]
+    kinds = [expected_upload(fm, rank, plan, "train")]
+    if client_init:
+        kinds.append(expected_upload(fm, rank, plan, "init"))
     largest = max(4 * sum(math.prod(s) for s in shapes.values()) for shapes in kinds)
     return 3 * largest + 2 ** 20
 

@@ -82,7 +82,8 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
     write_status(out_dir, "running", **status)
     try:
         coord, model_path, labels = build_coordinator(cfg)
-        write_limit(out_dir, request_limit(coord.fm, cfg, coord.plan))  # the SuperLink's (ingress.py)
+        # the SuperLink's limit on client pushes (ingress.py)
+        write_limit(out_dir, request_limit(coord.fm, cfg, coord.plan, coord.strategy.init_releases > 0))
         ckpt = out_dir / CHECKPOINT
         if bool(run_config.get("resume", False)) and ckpt.is_file():
             coord.restore(ckpt)
