@@ -14,8 +14,11 @@
 The **K-client Poisson case** (``--case clients``, ``benchmarks/dp_clients.py``) times the
 simulator's real round step instead: K clients (``--clients``, default 4) of different sizes,
 so their Poisson batches differ, in one batched model; ``train_clients`` against
-``dp_train_clients`` with packed batches, and against the earlier padded layout (every
-client's segment padded to the longest draw), with and without the earlier full backward.
+``dp_train_clients`` with packed batches grouped by length, against the packed rows in one pass,
+and against the earlier padded layout (every client's segment padded to the longest draw),
+with and without the earlier full backward. ``--data sst2`` draws SST-2's phrases (many
+lengths, like the DP job of ``benchmarks/dp_learning.py``) instead of BBC News cut at
+``--max-length`` (one length).
 
 Each figure is the median of ``--steps`` timed steps after ``--warmup`` untimed ones; the
 kinds of step of a case are measured round-robin, so a busy machine slows them alike.
@@ -24,6 +27,7 @@ Usage::
 
     python benchmarks/dp.py                     # MiniLM, 16 × 128 tokens, CPU; both cases
     python benchmarks/dp.py --case clients --clients 4 --steps 5
+    python benchmarks/dp.py --case clients --data sst2 --clients 2 --batch-size 256 --max-length 32
     python benchmarks/dp.py --device cuda
 """
 
@@ -152,7 +156,8 @@ def clients_case(args, base, path: str, device: torch.device) -> None:
 
     job = client_job(args, base, path, device)
     sizes = "/".join(str(len(p)) for p in job.parts)
-    print(f"job: all-MiniLM-L6-v2, K={args.clients} clients of {sizes} examples, batch {args.batch_size}"
+    print(f"job: all-MiniLM-L6-v2, {args.data}, K={args.clients} clients of {sizes} examples,"
+          f" batch {args.batch_size}"
           f" (Poisson q_k = {args.batch_size}/n_k under DP) x {args.max_length} tokens, dynamic padding,"
           f" LoRA r={args.rank} on query/value + head, AdamW, clip 1.0, sigma 1.0, 1 local step;"
           f" device {device}, torch {torch.__version__}, threads {torch.get_num_threads()};"
@@ -161,12 +166,14 @@ def clients_case(args, base, path: str, device: torch.device) -> None:
     packed, padded = job.rows(args.batch_size)
     plain = t["non-private"]
     rows = {"non-private": float(args.clients * args.batch_size), "DP packed": packed,
-            "DP padded": padded, "DP before": padded}
-    print(f"{'':38s} {'rows/step':>10s} {'ms':>10s} {'DP / non-private':>17s}")
+            "DP one pass": packed, "DP padded": padded, "DP before": padded}
+    print(f"{'':38s} {'rows/step':>10s} {'ms':>10s} {'DP / non-private':>17s} {'per row':>8s}")
     for name, label in (("non-private", "non-private"), ("DP packed", "DP-SGD, packed"),
+                        ("DP one pass", "DP-SGD, packed, one pass"),
                         ("DP padded", "DP-SGD, padded to K·L"),
                         ("DP before", "DP-SGD, padded, full backward (before)")):
-        print(f"{label:38s} {rows[name]:10.1f} {1e3 * t[name]:10.1f} {t[name] / plain:16.2f}x")
+        per_row = (t[name] / rows[name]) / (plain / rows["non-private"])
+        print(f"{label:38s} {rows[name]:10.1f} {1e3 * t[name]:10.1f} {t[name] / plain:16.2f}x {per_row:7.2f}x")
 
 
 def main() -> None:
@@ -174,6 +181,9 @@ def main() -> None:
     p.add_argument("--case", choices=["lone", "clients", "both"], default="both",
                    help="lone: one client at q = 1 (fedlora, Opacus); clients: K Poisson clients")
     p.add_argument("--clients", type=int, default=4, help="K for --case clients")
+    p.add_argument("--data", choices=["bbcnews", "sst2"], default="bbcnews",
+                   help="--case clients: BBC News (rows of one length at --max-length) or SST-2's"
+                        " phrases (../shared/data/sst2, short and of many lengths)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--rank", type=int, default=8)

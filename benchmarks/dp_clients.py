@@ -1,16 +1,21 @@
 """The multi-client Poisson case of ``benchmarks/dp.py``: one batched round step of K clients.
 
-K clients hold ``2·B·(k+1)`` examples (k = 0..K-1), so their Poisson rates ``q_k = B / n_k``
-differ and so do their batch sizes (expected ``B`` each). Four steps of the same job are
-timed, each on one batched model of K slots:
+K clients hold ``2·B·(k+1)`` examples (k = 0..K-1) of BBC News or of SST-2's training phrases
+(``--data``), so their Poisson rates ``q_k = B / n_k`` differ and so do their batch sizes
+(expected ``B`` each). Five steps of the same job are timed, each on one batched model of K
+slots:
 
-* **non-private**: ``fedlora.train.train_clients``, ``B`` examples per client, dynamic padding;
+* **non-private**: ``fedlora.train.train_clients``, ``B`` examples per client, dynamic padding
+  with rows grouped by length;
 * **DP packed**: ``fedlora.dpsgd.dp_train_clients``: every client's Poisson batch back to
-  back, ``Σ_k |batch_k|`` rows;
-* **DP padded**: the same step with the earlier layout, every client's segment padded to
-  the longest draw ``L`` with zero-weight rows (``K·L`` rows; :func:`padded_forward` stands
-  in for ``fedlora.dpsgd._forward`` while it runs). Padding rows have zero gradient, so
-  the result is the packed step's; only the work differs;
+  back, ``Σ_k |batch_k|`` rows, grouped by length as the non-private step's;
+* **DP one pass**: the packed rows in one pass, every row padded to the step's longest (the
+  DP step before it grouped rows; :func:`one_pass`). With rows of one length (BBC News cut
+  at ``--max-length``) it is the packed step; with SST-2's short phrases it is not;
+* **DP padded**: one pass in the earlier layout, every client's segment padded to the
+  longest draw ``L`` with zero-weight rows (``K·L`` rows; :func:`padded_passes` stands in for
+  ``fedlora.dpsgd.dp_passes`` while it runs). Padding rows have zero gradient, so the result
+  is the packed step's; only the work differs;
 * **DP before**: the padded layout with a full backward (the parameters' summed gradients
   computed too, then discarded), as ``fedlora.dpsgd`` did before packing.
 
@@ -29,20 +34,20 @@ from dataclasses import dataclass, field
 import torch
 
 
-def padded_forward(fm, data, samplers, cfg, rates, device, full_backward=False):
-    """``fedlora.dpsgd._forward`` with the padded layout: K segments of L rows, zero-weight padding;
-    ``full_backward``: through the parameters too (the layout's original cost)."""
+def padded_passes(fm, data, packed, cfg, device, full_backward=False):
+    """``fedlora.dpsgd.dp_passes`` with the padded layout: one pass of K segments of L rows,
+    zero-weight padding; ``full_backward``: through the parameters too (the layout's original
+    cost)."""
     from fedlora import dpsgd
     from fedlora.kernels import Routing
     from fedlora.tasks import gather_rows
 
-    packed = dpsgd.poisson_batches(samplers, rates, cfg.dp_reproducible)
-    m, L = len(samplers), max(1, int(packed.counts.max()))
+    m, L = len(packed.counts), max(1, int(packed.counts.max()))
     off = packed.offsets.tolist()
     idx, w = [], []
-    for k, s in enumerate(samplers):
+    for k in range(m):
         rows = packed.indices[off[k]:off[k + 1]]
-        idx += rows + [int(s.indices[0])] * (L - len(rows))
+        idx += rows + [packed.indices[0] if packed.indices else 0] * (L - len(rows))
         w += [1.0] * len(rows) + [0.0] * (L - len(rows))
     batch = gather_rows(data, idx, device, cfg.pad_to_longest)
     labels = batch.pop("labels")
@@ -57,32 +62,57 @@ def padded_forward(fm, data, samplers, cfg, rates, device, full_backward=False):
             losses.sum().backward()
         else:
             cap.backward(losses.sum())
-    return dpsgd.DPPass(cap, slots.repeat_interleave(L), packed.counts, losses.detach(), m)
+    yield dpsgd.DPPass(cap, slots.repeat_interleave(L), losses.detach(), m)
 
 
 @contextlib.contextmanager
-def padded_layout(full_backward: bool = False):
-    """Run ``fedlora.dpsgd`` with :func:`padded_forward` instead of its packed ``_forward``."""
+def patched(name: str, value):
+    """Run ``fedlora.dpsgd`` with its ``name`` replaced by ``value``."""
     from fedlora import dpsgd
 
-    packed = dpsgd._forward
-    dpsgd._forward = functools.partial(padded_forward, full_backward=full_backward)
+    before = getattr(dpsgd, name)
+    setattr(dpsgd, name, value)
     try:
         yield
     finally:
-        dpsgd._forward = packed
+        setattr(dpsgd, name, before)
+
+
+def padded_layout(full_backward: bool = False):
+    """Run ``fedlora.dpsgd`` with :func:`padded_passes` instead of its packed ``dp_passes``."""
+    return patched("dp_passes", functools.partial(padded_passes, full_backward=full_backward))
+
+
+def one_pass():
+    """Run ``fedlora.dpsgd`` with its packed rows in one pass (no length groups: every row padded
+    to the step's longest), as before the DP step grouped rows by length."""
+    return patched("length_groups", lambda lengths: None)
+
+
+def _texts(args, n: int) -> tuple[list[str], list[int]]:
+    """``n`` texts and labels, cycling through BBC News or SST-2's training phrases (``--data``)."""
+    if args.data == "sst2":
+        import csv
+        from pathlib import Path
+
+        path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2" / "train.tsv"
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+        texts, labels = [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
+    else:
+        from fedlora.data import load_bbcnews
+
+        ds = load_bbcnews()
+        texts, labels = ds.texts, ds.labels
+    return [texts[i % len(texts)] for i in range(n)], [labels[i % len(labels)] for i in range(n)]
 
 
 def client_data(args, path: str) -> tuple[dict[str, torch.Tensor], list[range]]:
-    """BBC News rows for ``args.clients`` clients of ``2·B·(k+1)`` examples; the clients' row ranges."""
+    """Rows for ``args.clients`` clients of ``2·B·(k+1)`` examples; the clients' row ranges."""
     from transformers import AutoTokenizer
 
-    from fedlora.data import load_bbcnews
-
     sizes = [2 * args.batch_size * (k + 1) for k in range(args.clients)]
-    ds = load_bbcnews()
-    texts = [ds.texts[i % len(ds.texts)] for i in range(sum(sizes))]
-    labels = [ds.labels[i % len(ds.labels)] for i in range(sum(sizes))]
+    texts, labels = _texts(args, sum(sizes))
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     enc = tok(texts, padding="max_length", truncation=True, max_length=args.max_length, return_tensors="pt")
     bounds = [0, *itertools.accumulate(sizes)]
@@ -134,18 +164,19 @@ def client_job(args, base, path: str, device: torch.device) -> ClientJob:
     budgets = [Budget(sigma=1.0, sample_rate=min(1.0, args.batch_size / len(p)), delta=1e-5,
                       epsilon=float("inf")) for p in parts]
     job = ClientJob(parts=parts)
-    rounds = {name: itertools.count(1) for name in ("plain", "packed", "padded", "before")}
+    rounds = {name: itertools.count(1) for name in ("plain", "packed", "one pass", "padded", "before")}
 
     def packed_step():
         rnd = next(rounds["packed"])
         job.dp_rounds.append(rnd)
         dp_train_clients(fm, data, samplers, private, budgets, rnd)
 
-    def padded_step(name: str):
-        with padded_layout(full_backward=name == "before"):
+    def other_step(name: str):
+        layout = one_pass() if name == "one pass" else padded_layout(full_backward=name == "before")
+        with layout:
             dp_train_clients(fm, data, samplers, private, budgets, next(rounds[name]))
 
     job.steps = {"non-private": lambda: train_clients(fm, data, samplers, plain, rnd=next(rounds["plain"])),
-                 "DP packed": packed_step, "DP padded": lambda: padded_step("padded"),
-                 "DP before": lambda: padded_step("before")}
+                 "DP packed": packed_step, **{f"DP {name}": functools.partial(other_step, name)
+                                              for name in ("one pass", "padded", "before")}}
     return job

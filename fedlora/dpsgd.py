@@ -1,4 +1,4 @@
-"""Sample-level DP-SGD for the K clients of a pass, in one forward/backward.
+"""Sample-level DP-SGD for the K clients of a pass, in one batched forward/backward.
 
 One step, for every client k of the pass (each with its own sampling rate
 ``q_k = batch_size / n_k``, noise multiplier ``σ_k`` and :class:`~fedlora.privacy.Budget`):
@@ -11,11 +11,14 @@ One step, for every client k of the pass (each with its own sampling rate
    client 1's, …) with each row's slot id: the pass runs ``Σ_k |batch_k|`` rows and no
    padding; a client that drew no example has no rows.
 2. One forward/backward of ``Σ_i ℓ_i`` over all rows, each routed to its slot
-   (``Routing.from_ids``). Hooks keep each adapted layer's input ``x`` and output
-   gradient ``g``; since examples do not interact, ``g_i`` is the gradient of example
-   i's own loss. The backward stops at those outputs (:meth:`Capture.backward`): the
-   parameters' summed gradients are not needed. When no client drew an example there
-   is no pass: every clipped sum is zero and the step releases noise only.
+   (``Routing.from_ids``); with dynamic padding, one per group of rows of similar length
+   (:func:`dp_passes`, the non-private step's grouping), since short phrases padded to the
+   longest row of a Poisson batch would cost the step up to twice its work. Hooks keep
+   each adapted layer's input ``x`` and output gradient ``g``; since examples do not
+   interact, ``g_i`` is the gradient of example i's own loss. The backward stops at those
+   outputs (:meth:`Capture.backward`): the parameters' summed gradients are not needed.
+   When no client drew an example there is no pass: every clipped sum is zero and the
+   step releases noise only.
 3. Per-example gradients of every trainable tensor (``kernels.per_sample``), their
    joint norm, clipping to ``C`` (``--max-grad-norm``): ``c_i = min(1, C / ‖∇ℓ_i‖)``.
 4. Client k's gradient is ``(Σ_{i∈k} c_i ∇ℓ_i + σ_k C ξ_k) / (q_k n_k)`` (the sum over its
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -46,7 +49,7 @@ from fedlora.kernels.per_sample import (
 from fedlora.lora import BatchedLinear
 from fedlora.optim import make_optimizer
 from fedlora.privacy import Budget, GaussianNoise
-from fedlora.tasks import gather_rows
+from fedlora.tasks import gather_rows, length_groups
 
 
 class Capture:
@@ -194,7 +197,7 @@ def noise_generator(seed: int, rnd: int, step: int, reproducible: bool = True) -
 
 @dataclass
 class DPPass:
-    """One forward/backward over the packed Poisson batches of clients (slots) ``0..m-1``.
+    """One forward/backward over some of the packed rows of clients (slots) ``0..m-1``.
 
     Attributes
     ----------
@@ -203,8 +206,6 @@ class DPPass:
         no client drew an example (``N = 0``: there was no forward).
     ids : Tensor
         ``(N,)`` long, on the model's device: the slot of each row.
-    counts : Tensor
-        ``(m,)`` long, on the CPU: each client's rows (its Poisson batch size, may be 0).
     losses : Tensor
         ``(N,)`` each row's own loss, detached.
     m : int
@@ -213,39 +214,69 @@ class DPPass:
 
     cap: Capture
     ids: Tensor
-    counts: Tensor
     losses: Tensor
     m: int
 
 
-def _forward(fm, data, samplers, cfg, rates, device) -> DPPass:
-    """Draw the Poisson batches, pack them, run one forward/backward of ``Σ_i ℓ_i`` with capture
-    (down to the client layers' outputs only: the parameters' ``.grad`` are left alone)."""
-    packed = poisson_batches(samplers, rates, cfg.dp_reproducible)
-    ids = packed.ids.to(device)
-    cap = Capture(fm.client_layers(), keep_outputs=True)
-    if not packed.indices:  # nobody drew an example: the step releases noise only
-        return DPPass(cap, ids, packed.counts, torch.zeros(0, device=device), len(samplers))
-    batch = gather_rows(data, packed.indices, device, cfg.pad_to_longest)
+def _rows_pass(fm, data, idx: list[int], ids: Tensor, m: int, cfg, device) -> DPPass:
+    """Forward/backward of ``Σ_i ℓ_i`` over rows ``idx`` (routed to slots ``ids``) with capture,
+    down to the client layers' outputs only (the parameters' ``.grad`` are left alone)."""
+    batch = gather_rows(data, idx, device, cfg.pad_to_longest)
     labels = batch.pop("labels")
     positions = cfg.task.logit_positions(labels)
+    cap = Capture(fm.client_layers(), keep_outputs=True)
     with cap:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             out = fm(routing=Routing.from_ids(ids), positions=positions, **batch)
         losses = cfg.task.row_losses(out.logits, labels, positions)            # (N,)
         cap.backward(losses.sum())
-    return DPPass(cap, ids, packed.counts, losses.detach(), len(samplers))
+    return DPPass(cap, ids, losses.detach(), m)
 
 
-def clipped_sums(fm, dpp: DPPass, max_norm: float) -> list[tuple[nn.Parameter, Tensor]]:
-    """``(parameter, (m, *parameter.shape[1:]))`` for every trainable tensor: each client's sum
-    of its rows' per-example gradients, clipped to ``max_norm`` jointly over all tensors."""
+def dp_passes(fm, data, packed: PackedBatch, cfg, device) -> Iterator[DPPass]:
+    """The packed rows' passes: with dynamic padding, one per group of similar lengths
+    (:func:`~fedlora.tasks.length_groups`, as the non-private step), else one. Every
+    per-example quantity is per row, so the groups' sums are the one pass's; only the padded
+    tokens differ. No row at all: one empty pass (no forward; the step releases noise only)."""
+    m = len(packed.counts)
+    if not packed.indices:
+        yield DPPass(Capture([]), packed.ids.to(device), torch.zeros(0, device=device), m)
+        return
+    rows = torch.as_tensor(packed.indices, dtype=torch.long)                  # (N,)
+    groups = None
+    if cfg.pad_to_longest and "attention_mask" in data:
+        groups = length_groups(data["attention_mask"][rows].sum(dim=1))
+    for group in groups or [None]:
+        if group is None:
+            idx, ids = packed.indices, packed.ids
+        else:
+            idx, ids = rows[group].tolist(), packed.ids[group]
+        yield _rows_pass(fm, data, idx, ids.to(device), m, cfg, device)
+
+
+def pass_sums(fm, data, packed: PackedBatch, cfg, device,
+              reduce: Callable[[DPPass], dict]) -> tuple[dict, Tensor]:
+    """``reduce`` (key -> ``(m, ...)`` per-client sums of one pass) summed over
+    :func:`dp_passes`, and each client's ``(m,)`` float64 loss sum, on the CPU."""
+    total: dict = {}
+    losses = torch.zeros(len(packed.counts), dtype=torch.float64)
+    for dpp in dp_passes(fm, data, packed, cfg, device):
+        for key, part in reduce(dpp).items():
+            total[key] = total[key] + part if key in total else part
+        losses += per_client_sum(dpp.losses.double(), dpp.ids, dpp.m).cpu()
+    return total, losses
+
+
+def clipped_sums(fm, dpp: DPPass, max_norm: float) -> dict[nn.Parameter, Tensor]:
+    """Trainable tensor -> ``(m, *parameter.shape[1:])``, in :func:`dp_parameters`' order: each
+    client's sum of its rows' per-example gradients, clipped to ``max_norm`` jointly over all
+    tensors."""
     if dpp.ids.numel() == 0:
-        return [(p, torch.zeros(dpp.m, *p.shape[1:], device=p.device)) for p in dp_parameters(fm)]
+        return {p: torch.zeros(dpp.m, *p.shape[1:], device=p.device) for p in dp_parameters(fm)}
     gs = grad_samples(fm, dpp.cap, dpp.ids)
     sq = sum(gr.reshape(gr.shape[0], -1).pow(2).sum(dim=1) for _, gr in gs)     # (N,)
     c = clip_factors(sq, None, max_norm)
-    return [(p, per_client_sum(_bcast(c, gr) * gr, dpp.ids, dpp.m)) for p, gr in gs]
+    return {p: per_client_sum(_bcast(c, gr) * gr, dpp.ids, dpp.m) for p, gr in gs}
 
 
 def dp_train_clients(fm, data: dict[str, Tensor], samplers, cfg, budgets: Sequence[Budget],
@@ -266,10 +297,12 @@ def dp_train_clients(fm, data: dict[str, Tensor], samplers, cfg, budgets: Sequen
         if not active.any():
             break
         opt.zero_grad(set_to_none=True)
-        dpp = _forward(fm, data, samplers, cfg, rates, device)
+        packed = poisson_batches(samplers, rates, cfg.dp_reproducible)
+        sums, losses = pass_sums(fm, data, packed, cfg, device,
+                                 lambda dpp: clipped_sums(fm, dpp, cfg.max_grad_norm))
         gens = [noise_generator(s.seed, rnd, step, cfg.dp_reproducible) for s in samplers]
         sigmas = torch.tensor([b.sigma for b in budgets])
-        for p, summed in clipped_sums(fm, dpp, cfg.max_grad_norm):
+        for p, summed in sums.items():
             grad = noisy_mean(summed, sigmas, cfg.max_grad_norm, expected, gens) * _bcast(active, summed)
             p.grad = torch.zeros_like(p)
             p.grad[:m] = grad.to(p.device, p.dtype)
@@ -278,8 +311,8 @@ def dp_train_clients(fm, data: dict[str, Tensor], samplers, cfg, budgets: Sequen
         with torch.no_grad():
             for p, old in zip(params, keep, strict=True):
                 p[:m][~active.to(p.device)] = old[~active.to(p.device)]
-        total += per_client_sum(dpp.losses.double(), dpp.ids, m).cpu() * active
-        count += dpp.counts * active
+        total += losses * active
+        count += packed.counts * active
         for b, a in zip(budgets, active.tolist(), strict=True):
             if a:
                 b.step()

@@ -27,7 +27,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fedlora.dpsgd import Capture, DPPass, _forward, clip_factors, noise_generator, noisy_mean
+from fedlora.dpsgd import (
+    Capture,
+    DPPass,
+    clip_factors,
+    noise_generator,
+    noisy_mean,
+    pass_sums,
+    poisson_batches,
+)
 from fedlora.kernels.per_sample import dense_sq_norms, dense_weighted_sum, dense_weighted_sum_by_ids
 from fedlora.model import FederatedModel
 from fedlora.privacy import Budget
@@ -91,10 +99,12 @@ def _private(fm, data, samplers, cfg, steps, probes, layers, budgets, phase) -> 
     for step in range(steps):
         if not all(b.can_step() for b in budgets):
             raise RuntimeError("the privacy budget does not cover the initialisation's batches")
-        got = _forward(fm, data, samplers, cfg, rates, device)
+        packed = poisson_batches(samplers, rates, cfg.dp_reproducible)
+        got, _ = pass_sums(fm, data, packed, cfg, device,
+                           lambda dpp: projected_clipped_sums(dpp, layers, probes, cfg.max_grad_norm))
         gens = [noise_generator(s.seed, 0, phase * steps + step, cfg.dp_reproducible) for s in samplers]
         sigmas = torch.tensor([b.sigma for b in budgets])
-        for name, summed in projected_clipped_sums(got, layers, probes, cfg.max_grad_norm).items():
+        for name, summed in got.items():
             est = noisy_mean(summed, sigmas, cfg.max_grad_norm, expected, gens) / steps
             sums[name] = sums[name] + est if name in sums else est
         for b in budgets:

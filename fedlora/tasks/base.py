@@ -60,6 +60,28 @@ def gather_rows(data: dict[str, Tensor], idx: list[int], device: torch.device,
     return {k: v.to(device) for k, v in out.items()}
 
 
+def length_groups(lengths: Tensor, max_groups: int = 8, pass_cost: float = 0.1) -> list[Tensor] | None:
+    """Micro-batches of rows of similar length: row indices sorted by length, in G equal-count
+    groups, each padded to its own longest row.
+
+    G minimises the padded tokens ``Σ_g |g| · max(g)``, each pass beyond the first priced at
+    ``pass_cost`` of the total (a pass has a fixed cost); None when one pass of every row is
+    cheapest (rows of similar lengths, e.g. BBC News cut at --max-length).
+    """
+    n = lengths.numel()
+    order = torch.argsort(lengths, stable=True)
+    ranked = lengths[order].tolist()
+    best_cost, best = float(n * max(ranked, default=0)), None
+    for g in range(2, min(max_groups, n) + 1):
+        bounds = [n * i // g for i in range(g + 1)]
+        padded = sum((b - a) * ranked[b - 1] for a, b in zip(bounds, bounds[1:], strict=False) if b > a)
+        cost = padded * (1 + pass_cost * (g - 1))
+        if cost < best_cost:
+            best_cost = cost
+            best = [order[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return best
+
+
 def token_losses(logits: Tensor, labels: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Next-token losses: ``(loss (N, P), valid (N, P))``; -100 marks tokens without loss.
 

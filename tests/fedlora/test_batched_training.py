@@ -219,7 +219,7 @@ def test_gradient_checkpointing_trains_the_same_adapters(tiny_llama_dir):
 
 
 def test_length_groups_by_hand():
-    from fedlora.train import length_groups
+    from fedlora.tasks import length_groups
 
     # 8 rows: one pass costs 8 x 50 = 400 padded tokens. Sorted, 4 groups cost
     # 2·2 + 2·3 + 2·5 + 2·50 = 120, priced 1.3x = 156, the cheapest G (G=3: 166·1.2 = 199.2;

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from fedlora.dpsgd import (
-    _forward,
     clipped_sums,
     dp_parameters,
+    dp_passes,
     dp_train_clients,
     noise_generator,
+    pass_sums,
     per_client_sum,
     poisson_batches,
 )
@@ -114,34 +116,65 @@ def test_per_client_sum_by_hand():
     assert torch.equal(per_client_sum(torch.zeros(0, 2, 3), ids[:0], 2), torch.zeros(2, 2, 3))
 
 
+def _pass_sums(fm, data, samplers, cfg, rates):
+    """One step's draws, and ``(named clipped sums, named projected dense sums, loss sums)``
+    over its passes."""
+    packed = poisson_batches(samplers, rates, cfg.dp_reproducible)
+    names = {id(p): n for n, p in fm.named_parameters()}
+    identity = {n: Probe() for n in fm.adapters}
+
+    def reduce(dpp):
+        sums = {names[id(p)]: s for p, s in clipped_sums(fm, dpp, cfg.max_grad_norm).items()}
+        dense = projected_clipped_sums(dpp, fm.adapters, identity, cfg.max_grad_norm)
+        return {**sums, **{("dense", n): s for n, s in dense.items()}}
+
+    got, losses = pass_sums(fm, data, packed, cfg, CPU, reduce)
+    return packed, got, losses
+
+
 def test_packed_pass_gives_each_client_the_clipped_sums_it_gets_alone(base):
     # Prepare: 3 clients with different slots; client 1 draws nothing (rate 0)
     data, fm, cfg = _data(), _model(base, 3), _cfg()
     rates = [0.5, 0.0, 0.6]
-    C = cfg.max_grad_norm
-    # Execute: one packed pass of the 3 clients, then each client alone in a one-slot model
-    dpp = _forward(fm, data, [ClientSampler(p, 10 + k) for k, p in enumerate(PARTS)], cfg, rates, CPU)
-    packed = clipped_sums(fm, dpp, C)
-    sums = _by_name(fm, packed)
-    dense = projected_clipped_sums(dpp, fm.adapters, {n: Probe() for n in fm.adapters}, C)
-    losses = per_client_sum(dpp.losses, dpp.ids, 3)
+    # Execute: one packed step of the 3 clients, then each client alone in a one-slot model
+    packed, sums, losses = _pass_sums(fm, data, [ClientSampler(p, 10 + k) for k, p in enumerate(PARTS)],
+                                      cfg, rates)
     # Assert: the layout, the parameters in noise order, and client by client the same sums
-    n = dpp.counts.tolist()
-    assert n[1] == 0 and n[0] > 0 and n[2] > 0 and dpp.m == 3
-    assert dpp.ids.tolist() == [0] * n[0] + [2] * n[2] and dpp.losses.shape == (n[0] + n[2],)
-    assert [id(p) for p, _ in packed] == [id(p) for p in dp_parameters(fm)]
+    n = packed.counts.tolist()
+    assert n[1] == 0 and n[0] > 0 and n[2] > 0
+    assert packed.ids.tolist() == [0] * n[0] + [2] * n[2]
+    dpp = next(dp_passes(fm, data, packed, cfg, CPU))
+    assert list(clipped_sums(fm, dpp, 0.5)) == dp_parameters(fm)
     for k, part in enumerate(PARTS):
         one = _alone(base, fm, k)
-        alone = _forward(one, data, [ClientSampler(part, 10 + k)], cfg, [rates[k]], CPU)
+        alone, own, own_losses = _pass_sums(one, data, [ClientSampler(part, 10 + k)], cfg, [rates[k]])
         assert alone.counts.tolist() == [n[k]]
-        for name, s in _by_name(one, clipped_sums(one, alone, C)).items():
-            torch.testing.assert_close(sums[name][k], s[0], rtol=1e-4, atol=1e-6)
-        identity = {n: Probe() for n in one.adapters}
-        for name, s in projected_clipped_sums(alone, one.adapters, identity, C).items():
-            torch.testing.assert_close(dense[name][k], s[0], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(losses[k], alone.losses.sum(), rtol=1e-5, atol=1e-6)
+        for key, s in own.items():
+            torch.testing.assert_close(sums[key][k], s[0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(losses[k], own_losses[0], rtol=1e-5, atol=1e-6)
     assert all(float(s[1].abs().max()) == 0 for s in sums.values())
-    assert all(float(s[1].abs().max()) == 0 for s in dense.values())
+
+
+def test_length_groups_give_the_one_pass_sums_over_fewer_padded_tokens(base):
+    # Prepare: 3 clients at q = 1 (all 30 rows, lengths 4..9 in a width of 10): the grouping
+    # splits them into passes of similar lengths; pad_to_longest=False is one pass of width 10
+    data, fm, cfg = _data(), _model(base, 3), _cfg()
+    samplers = [ClientSampler(p, 10 + k) for k, p in enumerate(PARTS)]
+    packed = poisson_batches(samplers, [1.0] * 3, reproducible=True)
+    # Execute
+    passes = list(dp_passes(fm, data, packed, cfg, CPU))
+    widths = [int(d.cap.x[fm.client_layers()[0]].shape[1]) for d in passes]
+    grouped = pass_sums(fm, data, packed, cfg, CPU, lambda d: clipped_sums(fm, d, 0.5))
+    flat = replace(cfg, pad_to_longest=False)
+    single = list(dp_passes(fm, data, packed, flat, CPU))
+    whole = pass_sums(fm, data, packed, flat, CPU, lambda d: clipped_sums(fm, d, 0.5))
+    # Assert: several passes, each as wide as its longest row (< 10), every row in exactly one;
+    # the same clipped sums and losses as the one pass
+    assert len(passes) > 1 and len(single) == 1 and max(widths) <= 9 and min(widths) < 9
+    assert sorted(i for d in passes for i in d.ids.tolist()) == sorted(packed.ids.tolist())
+    for p, s in whole[0].items():
+        torch.testing.assert_close(grouped[0][p], s, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grouped[1], whole[1], rtol=1e-6, atol=1e-6)
 
 
 def test_batched_dp_training_equals_one_client_at_a_time(base):
