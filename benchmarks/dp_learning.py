@@ -213,6 +213,50 @@ def norms(args: argparse.Namespace) -> int:
     return 0
 
 
+def snr(args: argparse.Namespace) -> int:
+    """Signal against noise at the start of each strategy's ε = 8 job (the table's flags, after
+    its initialisation, e.g. the public start): per-example gradient norms of the trainable
+    tensors over 512 of client 0's phrases, the norm of their mean clipped at the job's C, and
+    the norm of one step's noise on that mean, ``σ C / B · √D`` (σ: the job's calibrated one)."""
+    import torch
+
+    from fedlora.config import to_config
+    from fedlora.dpsgd import Capture, clip_factors, grad_samples
+    from fedlora.kernels import Routing
+    from fedlora.rounds import Coordinator
+    from fedlora.simulations.cli import build_parser, check_args
+    from fedlora.simulations.engine import InitBytes, build_job
+    from fedlora.tasks import gather_rows
+
+    for strategy in args.strategies.split(","):
+        extra = [*args.job_flags, *args.dp_flags]
+        flags = job(args, strategy, "8", Path(args.out) / f"snr-{strategy}", extra)
+        parsed = build_parser().parse_args(flags)
+        check_args(parsed)
+        cfg = to_config(parsed)
+        built = build_job(cfg)
+        coord = Coordinator(cfg, built.strategy, built.fm, built.test, built.public)
+        coord.start(InitBytes(built, cfg.sampled(0)))
+        rows = built.samplers[0].indices[:512].tolist()
+        batch = gather_rows(built.train, rows, torch.device("cpu"))
+        labels = batch.pop("labels")
+        ids = torch.zeros(len(rows), dtype=torch.long)
+        with Capture(built.fm.client_layers()) as cap:
+            out = built.fm(routing=Routing.from_ids(ids), **batch)
+            built.task.row_losses(out.logits, labels).sum().backward()
+        flat = torch.cat([g.reshape(len(rows), -1) for _, g in grad_samples(built.fm, cap, ids)], dim=1)
+        norms_ = flat.norm(dim=1)                                                    # (512,)
+        C, sigma = cfg.max_grad_norm, built.budgets[0].sigma
+        mean = (flat * clip_factors(norms_.pow(2), None, C)[:, None]).mean(dim=0)
+        noise = sigma * C / cfg.batch_size * flat.shape[1] ** 0.5
+        q = torch.quantile(norms_, torch.tensor([0.1, 0.5, 0.9])).tolist()
+        print(f"{strategy}: D = {flat.shape[1]} noisy numbers; per-example norm 10/50/90%"
+              f" {q[0]:.3g} / {q[1]:.3g} / {q[2]:.3g}; C = {C:g}: mean clipped gradient {mean.norm():.4f},"
+              f" noise per step {noise:.4f} (σ = {sigma:.3f}, B = {cfg.batch_size}),"
+              f" ratio {mean.norm() / noise:.2f}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/dp_learning")
@@ -236,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-round", type=int, default=20)
     p.add_argument("--update-clip", type=float, default=0.5)
     p.add_argument("--norms", action="store_true", help="per-example gradient norms at the start")
+    p.add_argument("--snr", action="store_true",
+                   help="each strategy's ε = 8 job at its start: per-example norms, the mean clipped"
+                        " gradient against one step's noise")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 round of 2 steps of 32 examples (smoke)")
     p.add_argument("--public-rows", type=int, default=0,
@@ -252,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     args.train_file, args.public_file = public_split(args)
     if args.norms:
         return norms(args)
+    if args.snr:
+        return snr(args)
     if args.client_level:
         return client_level(args)
     return sweep(args) if args.sweep else table(args)

@@ -216,16 +216,3 @@ def test_gradient_checkpointing_trains_the_same_adapters(tiny_llama_dir):
             A1, B1 = ups[1][k].factors[layer]
             assert _rel(A, A1) <= 1e-5 and _rel(B, B1) <= 1e-5
             assert B.abs().sum() > 0
-
-
-def test_length_groups_by_hand():
-    from fedlora.tasks import length_groups
-
-    # 8 rows: one pass costs 8 x 50 = 400 padded tokens. Sorted, 4 groups cost
-    # 2·2 + 2·3 + 2·5 + 2·50 = 120, priced 1.3x = 156, the cheapest G (G=3: 166·1.2 = 199.2;
-    # G=5: 121·1.4 = 169.4; G=8: 114·1.7 = 193.8)
-    lengths = torch.tensor([2, 50, 3, 4, 45, 5, 2, 3])
-    groups = length_groups(lengths)
-    assert [g.tolist() for g in groups] == [[0, 6], [2, 7], [3, 5], [4, 1]]
-    assert length_groups(torch.full((8,), 64)) is None        # equal lengths: one pass
-    assert length_groups(torch.tensor([10, 12, 11, 13])) is None  # similar lengths: one pass

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from fedlora.config import JobConfig
 from fedlora.data import TextDataset
 from fedlora.errors import UserError
-from fedlora.tasks import TASKS, gather_rows, get_task, normalize
+from fedlora.tasks import TASKS, gather_rows, get_task, length_groups, normalize
 
 
 def test_every_task_is_registered_once():
@@ -31,6 +31,17 @@ def test_gather_rows_cuts_columns_after_the_longest_row():
     assert batch["token_labels"].shape == (2, 3) and batch["labels"].tolist() == [9, 7]
     fixed = gather_rows(data, [2, 0], torch.device("cpu"), pad_to_longest=False)
     assert fixed["input_ids"].shape == (2, 8)
+
+
+def test_length_groups_by_hand():
+    # 8 rows: one pass costs 8 x 50 = 400 padded tokens. Sorted, 4 groups cost
+    # 2·2 + 2·3 + 2·5 + 2·50 = 120, priced 1.3x = 156, the cheapest G (G=3: 166·1.2 = 199.2;
+    # G=5: 121·1.4 = 169.4; G=8: 114·1.7 = 193.8)
+    lengths = torch.tensor([2, 50, 3, 4, 45, 5, 2, 3])
+    groups = length_groups(lengths)
+    assert [g.tolist() for g in groups] == [[0, 6], [2, 7], [3, 5], [4, 1]]
+    assert length_groups(torch.full((8,), 64)) is None        # equal lengths: one pass
+    assert length_groups(torch.tensor([10, 12, 11, 13])) is None  # similar lengths: one pass
 
 
 def test_losses_by_hand():
