@@ -173,7 +173,8 @@ def clients_case(args, base, path: str, device: torch.device) -> None:
                         ("DP padded", "DP-SGD, padded to K·L"),
                         ("DP before", "DP-SGD, padded, full backward (before)")):
         per_row = (t[name] / rows[name]) / (plain / rows["non-private"])
-        print(f"{label:38s} {rows[name]:10.1f} {1e3 * t[name]:10.1f} {t[name] / plain:16.2f}x {per_row:7.2f}x")
+        print(f"{label:38s} {rows[name]:10.1f} {1e3 * t[name]:10.1f} {t[name] / plain:16.2f}x"
+              f" {per_row:7.2f}x")
 
 
 def main() -> None:
