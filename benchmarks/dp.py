@@ -21,7 +21,9 @@ lengths, like the DP job of ``benchmarks/dp_learning.py``) instead of BBC News c
 ``--max-length`` (one length).
 
 Each figure is the median of ``--steps`` timed steps after ``--warmup`` untimed ones; the
-kinds of step of a case are measured round-robin, so a busy machine slows them alike.
+kinds of step of a case are measured round-robin, so a busy machine slows them alike. The
+clients case also prints the ratio per row: a few Poisson draws hold more or fewer than the
+``K·B`` rows of a non-private step (over a round they hold ``K·B`` on average).
 
 Usage::
 

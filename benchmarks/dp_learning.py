@@ -12,6 +12,8 @@ under DP: q_k = batch / n_k), ``--rounds`` × ``--local-steps`` steps per client
   fewer rounds: the source of the ``--dp sample`` defaults (``fedlora.config.DP_RECIPE``).
 * ``--client-level``: ``--dp client`` (the server clips and noises each client's update) with
   ``--clients`` clients (e.g. 100) and ``--per-round`` of them per round, at ε = 8 and without DP.
+* ``--snr``: each strategy's ε = 8 job at its start (after its initialisation): per-example
+  gradient norms, the mean clipped gradient's norm and one step's noise ``σ C / B · √D``.
 
 ``--public-rows N``: N training phrases (drawn with the seed) become a public file that every run
 uses for its head (``--head public``) and Fed-SB for its initialisation (``--init-data``), at no ε;
