@@ -86,7 +86,7 @@ def padded_layout(full_backward: bool = False):
 def one_pass():
     """Run ``fedlora.dpsgd`` with its packed rows in one pass (no length groups: every row padded
     to the step's longest), as before the DP step grouped rows by length."""
-    return patched("length_groups", lambda lengths: None)
+    return patched("row_groups", lambda data, rows, pad_to_longest: None)
 
 
 def _texts(args, n: int) -> tuple[list[str], list[int]]:

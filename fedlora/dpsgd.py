@@ -49,7 +49,7 @@ from fedlora.kernels.per_sample import (
 from fedlora.lora import BatchedLinear
 from fedlora.optim import make_optimizer
 from fedlora.privacy import Budget, GaussianNoise
-from fedlora.tasks import gather_rows, length_groups
+from fedlora.tasks import gather_rows, row_groups
 
 
 class Capture:
@@ -235,7 +235,7 @@ def _rows_pass(fm, data, idx: list[int], ids: Tensor, m: int, cfg, device) -> DP
 
 def dp_passes(fm, data, packed: PackedBatch, cfg, device) -> Iterator[DPPass]:
     """The packed rows' passes: with dynamic padding, one per group of similar lengths
-    (:func:`~fedlora.tasks.length_groups`, as the non-private step), else one. Every
+    (:func:`~fedlora.tasks.row_groups`, as the non-private step), else one. Every
     per-example quantity is per row, so the groups' sums are the one pass's; only the padded
     tokens differ. No row at all: one empty pass (no forward; the step releases noise only)."""
     m = len(packed.counts)
@@ -243,10 +243,7 @@ def dp_passes(fm, data, packed: PackedBatch, cfg, device) -> Iterator[DPPass]:
         yield DPPass(Capture([]), packed.ids.to(device), torch.zeros(0, device=device), m)
         return
     rows = torch.as_tensor(packed.indices, dtype=torch.long)                  # (N,)
-    groups = None
-    if cfg.pad_to_longest and "attention_mask" in data:
-        groups = length_groups(data["attention_mask"][rows].sum(dim=1))
-    for group in groups or [None]:
+    for group in row_groups(data, rows, cfg.pad_to_longest) or [None]:
         if group is None:
             idx, ids = packed.indices, packed.ids
         else:

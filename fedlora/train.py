@@ -26,7 +26,7 @@ from fedlora.kernels import Routing
 from fedlora.model import FederatedModel
 from fedlora.opacus_dp import opacus_train_client
 from fedlora.optim import make_optimizer
-from fedlora.tasks import Task, gather_rows, get_task, length_groups
+from fedlora.tasks import Task, gather_rows, get_task, row_groups
 
 
 @dataclass
@@ -107,7 +107,7 @@ def _step(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[Client
     k's mean loss over its batch's loss terms) is accumulated into the parameters.
 
     With dynamic padding and ``split``, the rows run as micro-batches of similar lengths
-    (:func:`length_groups`, rows routed to their slots by id): the same gradient over fewer
+    (:func:`~fedlora.tasks.row_groups`, rows routed to their slots by id): the same gradient over fewer
     padded tokens. Returns the ``(S,)`` losses ``L_k``.
     """
     n, task = cfg.batch_size, cfg.task
@@ -115,9 +115,7 @@ def _step(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[Client
     owner = torch.arange(len(samplers)).repeat_interleave(n)              # (N,) client of each row
     rows = torch.as_tensor(idx, dtype=torch.long)
     counts = torch.zeros(len(samplers)).index_add_(0, owner, task.loss_counts(data["labels"][rows]).float())
-    groups = None
-    if split and cfg.pad_to_longest and "attention_mask" in data:
-        groups = length_groups(data["attention_mask"][rows].sum(dim=1))
+    groups = row_groups(data, rows, cfg.pad_to_longest) if split else None
     total = torch.zeros(len(samplers), dtype=torch.float64)
     for group in groups or [None]:
         who = owner if group is None else owner[group]

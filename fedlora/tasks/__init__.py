@@ -11,10 +11,12 @@ from .base import (
     get_task,
     length_groups,
     register_task,
+    row_groups,
     token_losses,
 )
 from .classic import CausalLM, Classification
 from .sft import SFT, GenerationSet, normalize
 
 __all__ = ["SFT", "TASKS", "CausalLM", "Classification", "GenerationSet", "Task", "TokenLossTask",
-           "gather_rows", "get_task", "length_groups", "normalize", "register_task", "token_losses"]
+           "gather_rows", "get_task", "length_groups", "normalize", "register_task", "row_groups",
+           "token_losses"]

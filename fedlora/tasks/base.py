@@ -82,6 +82,15 @@ def length_groups(lengths: Tensor, max_groups: int = 8, pass_cost: float = 0.1) 
     return best
 
 
+def row_groups(data: dict[str, Tensor], rows: Tensor, pad_to_longest: bool) -> list[Tensor] | None:
+    """The passes of a step over ``rows``: under dynamic padding with an attention mask,
+    :func:`length_groups` of the rows' lengths (positions into ``rows``), else None (one pass).
+    The non-private and the DP step both group this way."""
+    if not pad_to_longest or "attention_mask" not in data:
+        return None
+    return length_groups(data["attention_mask"][rows].sum(dim=1))
+
+
 def token_losses(logits: Tensor, labels: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Next-token losses: ``(loss (N, P), valid (N, P))``; -100 marks tokens without loss.
 
