@@ -96,7 +96,8 @@ def run(args: argparse.Namespace, name: str, flags: list[str]) -> dict | None:
     return {"final": last["accuracy"], "best": max(r["accuracy"] for r in rows[1:]),
             "sigma": last.get("noise_multiplier"), "eps": last.get("epsilon_per_client"),
             "steps": cfg["rounds"] * cfg["local_steps"], "wall": wall, "lr": cfg["lr"],
-            "clip": cfg["max_grad_norm"] or (1.0 if cfg["dp"] == "sample" else None), "rounds": len(rows) - 1}
+            "clip": cfg["max_grad_norm"] or last.get("max_grad_norm"),  # given, or measured (public file)
+            "rounds": len(rows) - 1, "per_round": [r["accuracy"] for r in rows]}
 
 
 def fmt(s: dict | None, eps: str, q: float) -> str:
@@ -105,8 +106,9 @@ def fmt(s: dict | None, eps: str, q: float) -> str:
     spent = "—" if not s["eps"] else f"{min(s['eps']):.2f}–{max(s['eps']):.2f}"
     sigma = "—" if s["sigma"] is None else f"{s['sigma']:.3f}"
     wall = "—" if s["wall"] is None else f"{s['wall']:.0f}"
+    clip = "—" if s["clip"] is None else f"{s['clip']:.3g}"
     return (f"{s['final']:.1%} | {s['best']:.1%} | {sigma} | {q if eps != 'inf' else 1:.4f} | {s['steps']} |"
-            f" {spent} | {s['lr']:g} | {s['clip'] if s['clip'] is not None else '—'} | {wall} |")
+            f" {spent} | {s['lr']:g} | {clip} | {wall} |")
 
 
 def sizes(args: argparse.Namespace) -> float:
@@ -248,7 +250,7 @@ def snr(args: argparse.Namespace) -> int:
             built.task.row_losses(out.logits, labels).sum().backward()
         flat = torch.cat([g.reshape(len(rows), -1) for _, g in grad_samples(built.fm, cap, ids)], dim=1)
         norms_ = flat.norm(dim=1)                                                    # (512,)
-        C, sigma = cfg.max_grad_norm, built.budgets[0].sigma
+        C, sigma = cfg.max_grad_norm or coord.clip, built.budgets[0].sigma
         mean = (flat * clip_factors(norms_.pow(2), None, C)[:, None]).mean(dim=0)
         noise = sigma * C / cfg.batch_size * flat.shape[1] ** 0.5
         q = torch.quantile(norms_, torch.tensor([0.1, 0.5, 0.9])).tolist()

@@ -123,12 +123,13 @@ def _metrics(client: LocalClient, seconds: float, loss: float = 0.0) -> MetricRe
 
 def _load_global(client: LocalClient, msg: Message) -> None:
     """Apply the message's global state (``global`` arrays, missing folds in ``catchup``, the
-    fresh-adapter seed and the global adapter's scale in ``config``) for its round."""
+    fresh-adapter seed, the global adapter's scale and the measured clip in ``config``) for its round."""
     conf = msg.content["config"]
     catch = from_record(msg.content["catchup"]) if "catchup" in msg.content.array_records else {}
     seed = int(conf["fresh-seed"])
     client.load(int(conf["round"]), from_record(msg.content["global"]), catch, None if seed < 0 else seed,
                 float(conf.get("scale", 0.0)) or None)
+    client.clip = float(conf.get("clip", 0.0)) or None  # --dp sample: measured on the server's --init-data
 
 
 @app.train()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedlora.config import JobConfig, _flag, fill_defaults
+from fedlora.config import JobConfig, _flag, fill_defaults, measures_clip
 from fedlora.errors import UserError
 from fedlora.strategies import STRATEGIES
 from fedlora.strategies.robust import Robust
@@ -94,6 +94,11 @@ def check_dp_args(args) -> None:
     ``args``: parsed flags or a :class:`JobConfig` (the same field names), so a job that
     arrives as a Flower run config is checked as its flags would be.
     """
+    quantile = getattr(args, "clip_quantile", None)
+    if quantile is not None and not (0 < quantile <= 1 and measures_clip(args)):
+        raise UserError(f"--clip-quantile {quantile:g}: it must be in (0, 1], and it sets the clip"
+                        " measured on a public file: pass --dp sample and --init-data FILE, without"
+                        " --max-grad-norm")
     if args.dp == "none":
         return
     if args.epsilon <= 0:

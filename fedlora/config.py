@@ -73,6 +73,17 @@ an example's gradient norm, so a trained head would take the whole clip and leav
 with noise alone; frozen, the clip (0.1, about the factors' own per-example norm) is theirs."""
 
 
+CLIP_QUANTILE = 0.5
+"""``--dp sample`` with a public ``--init-data`` file and no ``--max-grad-norm``: the per-example
+clip is this quantile of the per-example gradient norms of the trainable tensors, measured by the
+server on the public examples at the start of training (after the public head and initialisation),
+at no privacy cost. The norms' scale depends on the model, the task and what trains (Fed-SB's
+r × r cores: a median of 5.6 on SST-2's public start, LoRA's B: 1.6), so no fixed clip fits every
+job; and a clip far below every norm (the recipe's 0.1) turns DP-SGD into a mean of normalised
+gradients, which on SST-2 raised Fed-SB's training loss even without noise (RESULTS.md, "The
+per-example clip")."""
+
+
 @dataclass
 class JobConfig:
     """One federated job (the ``fedlora-sim`` flags)."""
@@ -130,8 +141,14 @@ class JobConfig:
                                    " lists each strategy's options)",
                                    group="strategy options", flag_type=str, metavar="NAME=VALUE")
     max_grad_norm: float | None = option(None, "clip each client's gradient norm per step (with --dp"
-                                         " sample: each example's, default: the DP recipe's)",
+                                         " sample: each example's; default: measured on --init-data"
+                                         " (--clip-quantile), else the DP recipe's)",
                                          group="strategy options", flag_type=float)
+    clip_quantile: float | None = option(
+        None, "--dp sample with --init-data and no --max-grad-norm: the per-example clip is this"
+        " quantile of the per-example gradient norms on the public file at the start of training,"
+        " measured by the server at no privacy cost (default 0.5)", group="differential privacy",
+        flag_type=float)
     personal_test_fraction: float = option(
         0.0, "hold out this share of each client's examples and report personal_accuracy: each"
         " client's own model (the global one, plus what the strategy keeps on the client) on its"
@@ -293,6 +310,12 @@ def default_lr(strategy: str, dp: str = "none") -> float:
     return STRATEGIES[strategy].default_lr
 
 
+def measures_clip(args) -> bool:
+    """Whether the job's per-example clip is measured on its public ``--init-data`` file (``--dp
+    sample`` without ``--max-grad-norm``): see :data:`CLIP_QUANTILE`."""
+    return args.dp == "sample" and args.max_grad_norm is None and bool(args.init_data)
+
+
 def fill_defaults(args) -> None:
     """Give the flags left unset (None) their defaults, which depend on the job: ``--batch-size``
     8 and ``--head train`` (``--dp sample``: :data:`DP_RECIPE`'s), ``--lr`` :func:`default_lr`,
@@ -304,7 +327,10 @@ def fill_defaults(args) -> None:
         args.batch_size = DP_RECIPE["batch_size"] if private else JobConfig.batch_size
     if args.lr is None:
         args.lr = default_lr(args.strategy, args.dp)
-    if private and args.max_grad_norm is None:
+    if measures_clip(args):
+        if args.clip_quantile is None:
+            args.clip_quantile = CLIP_QUANTILE
+    elif private and args.max_grad_norm is None:
         args.max_grad_norm = DP_RECIPE["max_grad_norm"]
 
 
@@ -348,7 +374,8 @@ def to_config(args: argparse.Namespace, device: str | None = None) -> JobConfig:
     values["clients_per_round"] = values.get("clients_per_round") or 0
     values["max_clients_per_pass"] = values.get("max_clients_per_pass") or 0
     fill_defaults(args)
-    values.update(batch_size=args.batch_size, lr=args.lr, max_grad_norm=args.max_grad_norm, head=args.head)
+    values.update(batch_size=args.batch_size, lr=args.lr, max_grad_norm=args.max_grad_norm, head=args.head,
+                  clip_quantile=args.clip_quantile)
     if args.ranks is not None:  # cycled over the clients
         values["ranks"] = [args.ranks[k % len(args.ranks)] for k in range(args.num_clients)]
     values["device"] = device if device is not None else resolve_device(args.device)
@@ -356,6 +383,8 @@ def to_config(args: argparse.Namespace, device: str | None = None) -> JobConfig:
 
 
 # ---- Flower run config: TOML scalars only, so lists are strings and None is 0 / "" ----
+
+OPTIONAL_FLOATS = ("max_grad_norm", "clip_quantile")  # None travels as 0.0
 
 def to_run_config(cfg: JobConfig) -> dict[str, object]:
     """``JobConfig`` as Flower run-config entries (kebab-case keys, TOML scalars)."""
@@ -366,7 +395,7 @@ def to_run_config(cfg: JobConfig) -> dict[str, object]:
             value = ",".join(str(r) for r in value) if value else ""
         elif f.name == "target_modules":
             value = " ".join(value) if value else ""
-        elif f.name == "max_grad_norm":
+        elif f.name in OPTIONAL_FLOATS:
             value = 0.0 if value is None else float(value)
         out[f.name.replace("_", "-")] = value
     return out
@@ -384,7 +413,7 @@ def from_run_config(run_config: dict[str, object]) -> JobConfig:
             value = [int(v) for v in str(value).split(",") if v.strip()] or None
         elif f.name == "target_modules":
             value = str(value).split() or None
-        elif f.name == "max_grad_norm":
+        elif f.name in OPTIONAL_FLOATS:
             value = float(value) or None
         elif isinstance(getattr(cfg, f.name), bool):
             value = bool(value)

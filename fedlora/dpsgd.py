@@ -276,6 +276,19 @@ def clipped_sums(fm, dpp: DPPass, max_norm: float) -> dict[nn.Parameter, Tensor]
     return {p: per_client_sum(_bcast(c, gr) * gr, dpp.ids, dpp.m) for p, gr in gs}
 
 
+def example_norms(fm, data: dict[str, Tensor], rows: Sequence[int], cfg, device) -> Tensor:
+    """``(N,)``: each row's gradient norm, jointly over the trainable tensors of slot 0 (what
+    DP-SGD clips), grouped into passes as :func:`dp_passes` does (so not in ``rows``' order)."""
+    if not rows:
+        raise ValueError("example_norms needs at least one row")
+    packed = PackedBatch(list(rows), torch.zeros(len(rows), dtype=torch.long), torch.tensor([len(rows)]))
+    out = []
+    for dpp in dp_passes(fm, data, packed, cfg, device):
+        gs = grad_samples(fm, dpp.cap, dpp.ids)
+        out.append(sum(g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for _, g in gs).sqrt().cpu())
+    return torch.cat(out)
+
+
 def dp_train_clients(fm, data: dict[str, Tensor], samplers, cfg, budgets: Sequence[Budget],
                      rnd: int, progress=None) -> list[float]:
     """DP-SGD for slots ``0..m-1`` (one per sampler); each client's mean batch loss."""

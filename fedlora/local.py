@@ -71,6 +71,7 @@ class LocalClient:
         self.train = self.task.encode(tokenizer, ds, cfg)
         self.sampler = ClientSampler.for_client(cfg, where.client_id, range(len(ds)))
         self.folded_through = 0
+        self.clip: float | None = None  # --dp sample: the per-example clip the server measured
         self.start: dict[str, Tensor] = {}  # --secagg: the uploaded tensors' values before the last fit
         # factors this client holds between rounds (``<layer>.lora_<F>``): the plan's shared ones
         # (sent once), and its own kept ones by the round that trained them (0: the starting
@@ -145,7 +146,7 @@ class LocalClient:
         if self.budget is not None and not self.budget.can_step():
             raise RuntimeError(f"this client's privacy budget ε={self.budget.epsilon:g} is spent"
                                f" ({self.budget.spent:.3f} after {self.budget.steps} steps)")
-        cfg = TrainConfig.from_job(self.cfg, lone=True)
+        cfg = TrainConfig.from_job(self.cfg, lone=True, clip=self.clip)
         if self.cfg.secagg:  # the update Δ = θ_k − θ̄ is what SecAgg+ sums (see update)
             before = upload_tensors(extract_upload(self.fm, 0, 1), self.fm.config.plan)
             self.start = {k: t.detach().clone() for k, t in before.items()}

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from fedlora.checks import check_dp_args
-from fedlora.config import JobConfig
+from fedlora.config import JobConfig, measures_clip
+from fedlora.dpsgd import example_norms
 from fedlora.errors import UserError
 from fedlora.model import FederatedModel, draw_seed
 from fedlora.privacy import Budget, GaussianNoise
@@ -52,6 +53,8 @@ CHECKPOINT = "checkpoint.pt"
 #: Measured on SST-2 (1,000 public phrases, MiniLM): 3 passes of 256 at 3e-3 left it at the
 #: majority class (51.1%); 10 of 64 at 1e-2 gave 66.2%, at 3e-2 64.9%, at 0.1 67.5%.
 HEAD_EPOCHS, HEAD_LR, HEAD_BATCH = 10, 1e-2, 64
+#: The measured clip (``--clip-quantile``) reads at most this many public examples.
+CLIP_ROWS = 1024
 
 Gather = Callable[[int, dict[str, Probe]], list[ClientUpload]]
 """``gather(phase, probes)``: the clients' uploads of one initialisation phase."""
@@ -137,6 +140,7 @@ class Coordinator:
         self.has_shared: set[object] = set()         # clients holding the plan's shared/kept factors
         self.personal: dict[object, dict[str, Tensor]] = {}  # simulated clients' kept factors
         self.metrics: dict = {}                      # the last aggregate's own columns
+        self.clip: float | None = None               # --dp sample: the clip measured on --init-data
 
     # ---- state ----
     def start(self, gather: Gather | None = None) -> None:
@@ -166,18 +170,20 @@ class Coordinator:
         if self.cfg.head == "public":
             self.state.head = self._public_head()
             self._load({})
+        if measures_clip(self.cfg):
+            self.clip = self._public_clip()
 
     def _public_head(self) -> dict[str, Tensor]:
         """``--head public``: the head trained alone on the ``--init-data`` examples (slot 0, the
-        adapters at their starting values; :data:`HEAD_EPOCHS` epochs at :data:`HEAD_LR`), then
-        frozen again."""
+        adapters at their starting values; :data:`HEAD_EPOCHS` epochs at :data:`HEAD_LR`, no clipping:
+        it is not private), then frozen again."""
         if self.public is None:
             raise ValueError("--head public needs the --init-data examples")
         n = len(self.public["labels"])
         sampler = ClientSampler(range(n), seed=self.cfg.seed * 100_003 + 100_001)
         batch = min(HEAD_BATCH, n)
-        cfg = replace(TrainConfig.from_job(self.cfg), dp_sample=False, optimizer="adamw", lr=HEAD_LR,
-                      batch_size=batch, local_steps=-(-HEAD_EPOCHS * n // batch))
+        cfg = replace(TrainConfig.from_job(self.cfg), dp_sample=False, max_grad_norm=None, optimizer="adamw",
+                      lr=HEAD_LR, batch_size=batch, local_steps=-(-HEAD_EPOCHS * n // batch))
         for layer in self.fm.adapters.values():
             layer.set_trainable(())
         self.fm.freeze_heads(False)
@@ -187,6 +193,19 @@ class Coordinator:
             self.fm.freeze_heads(True)
             self.fm.set_plan(self.plan)
         return head_of(self.fm, 0)
+
+    def _public_clip(self) -> float:
+        """``--dp sample`` without ``--max-grad-norm``: the ``--clip-quantile`` of the per-example
+        gradient norms of the trainable tensors on (up to :data:`CLIP_ROWS` of) the public
+        ``--init-data`` examples, at the start state (slot 0), without dropout (which would draw
+        from the generator the clients' training draws from). No ε: no private example is read."""
+        if self.public is None:
+            raise ValueError("a clip measured on public data needs the --init-data examples")
+        rows = list(range(min(CLIP_ROWS, len(self.public["labels"]))))
+        self.fm.eval()
+        norms = example_norms(self.fm, self.public, rows, TrainConfig.from_job(self.cfg, clip=1.0),
+                              next(self.fm.parameters()).device)
+        return float(torch.quantile(norms.double(), self.cfg.clip_quantile))
 
     def _public_phase(self, probes: dict[str, Probe]) -> list[ClientUpload]:
         """One initialisation phase over the public ``--init-data`` file, on slot 0."""
@@ -316,6 +335,8 @@ class Coordinator:
             "seconds": round(train_seconds + eval_seconds, 3),
             **(self.metrics if self.round else {}),
         }
+        if self.cfg.dp == "sample":  # the per-example clip: given, or measured on --init-data
+            row["max_grad_norm"] = self.cfg.max_grad_norm or self.clip
         row.update(self.strategy.round_report())  # --dp client's ledger, the defences' counts
         self.rows.append(row)
         return row
@@ -325,7 +346,7 @@ class Coordinator:
         """Write ``checkpoint.pt`` atomically (temp file, fsync, rename)."""
         blob = {"config": asdict(self.cfg), "round": self.round, "state": self.state,
                 "folds": self.folds, "gen": self.gen.get_state(), "fresh_seed": self.fresh_seed,
-                "rows": self.rows, "personal": self.personal}
+                "rows": self.rows, "personal": self.personal, "clip": self.clip}
         path = out_dir / CHECKPOINT
         fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=out_dir)
         try:
@@ -350,6 +371,7 @@ class Coordinator:
                 self.fm.adapters[name].fold(A, B)
         self.fresh_seed = blob["fresh_seed"]
         self.personal = blob.get("personal", {})
+        self.clip = blob.get("clip")
         self.strategy.resume(self.round)  # --dp client: releases so far
         self.fm.set_plan(self.plan)
         apply_global(self.fm, self.state, {}, self.fresh_seed)

@@ -47,13 +47,14 @@ class TrainConfig:
     pad_to_longest: bool = True  # dynamic padding: a pass is as wide as its longest row
 
     @classmethod
-    def from_job(cls, cfg: JobConfig, lone: bool = False) -> TrainConfig:
+    def from_job(cls, cfg: JobConfig, lone: bool = False, clip: float | None = None) -> TrainConfig:
         """The local-training settings of a job.
 
         ``lone``: for a client that trains alone (a deployed one), whose ``--dp-backend auto``
-        is Opacus; the batched simulator's is fedlora's kernels.
+        is Opacus; the batched simulator's is fedlora's kernels. ``clip``: the per-example clip
+        the server measured on the public file (``Coordinator.clip``), when the job has none.
         """
-        clip = cfg.max_grad_norm
+        clip = cfg.max_grad_norm or clip
         if cfg.dp == "sample" and clip is None:  # DP-SGD always clips per example
             clip = DP_RECIPE["max_grad_norm"]
         return cls(task=get_task(cfg.task), local_steps=cfg.local_steps, batch_size=cfg.batch_size,

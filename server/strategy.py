@@ -281,6 +281,7 @@ class FedLoRA(FlowerStrategy):
         seed, state = self.coord.fresh_seed, self.coord.state
         return ConfigRecord({"round": rnd, "fresh-seed": -1 if seed is None else int(seed),
                              "scale": float(state.scale) if state is not None else 0.0,
+                             "clip": float(self.coord.clip or 0.0),
                              "label-names": list(self.label_names) or [""]})
 
     def _valid(self, replies: list[Message], record: str, kind: str, probes=None):

@@ -161,7 +161,8 @@ def _dp_note(cfg: JobConfig) -> str:
         return ""
     sigma = f"σ {cfg.noise_multiplier:g}" if cfg.noise_multiplier > 0 else "σ calibrated"
     clip = f"update clip {cfg.update_clip:g}" if cfg.dp == "client" else \
-        f"per-example clip {cfg.max_grad_norm or 1.0:g}"
+        f"per-example clip {cfg.max_grad_norm:g}" if cfg.max_grad_norm else \
+        f"per-example clip measured on --init-data (quantile {cfg.clip_quantile:g})"
     return f" Differential privacy: --dp {cfg.dp}, ε {cfg.epsilon:g}, δ {cfg.delta:g}, {sigma}, {clip}."
 
 

@@ -122,7 +122,8 @@ def local_round(job: Job, coord: Coordinator, rnd: int, clients: list[int],
                 load_kept(job.fm, k, coord.personal[c])
         step = None if on_step is None else partial(on_step, len(chunk))
         losses += local_training(job.fm, job.train, [job.samplers[c] for c in chunk],
-                                 TrainConfig.from_job(job.cfg), rnd, _budgets(job, chunk), step)
+                                 TrainConfig.from_job(job.cfg, clip=coord.clip), rnd, _budgets(job, chunk),
+                                 step)
         uploads += [extract_upload(job.fm, k, len(job.samplers[c])) for k, c in enumerate(chunk)]
         if job.fm.config.plan.keep:
             coord.personal.update({c: extract_kept(job.fm, k) for k, c in enumerate(chunk)})

@@ -14,15 +14,18 @@ from fedlora.dpsgd import (
     dp_parameters,
     dp_passes,
     dp_train_clients,
+    example_norms,
     noise_generator,
     pass_sums,
     per_client_sum,
     poisson_batches,
 )
+from fedlora.kernels import Routing
 from fedlora.model import AdapterConfig, FederatedModel
 from fedlora.privacy import Budget
 from fedlora.sketch import projected_clipped_sums
 from fedlora.strategies import Probe
+from fedlora.tasks import gather_rows
 from fedlora.train import ClientSampler, TrainConfig
 
 CPU = torch.device("cpu")
@@ -224,3 +227,26 @@ def test_a_step_where_nobody_draws_an_example_releases_noise_only(base):
             g = 0.8 * 0.5 * gen.normal(p.shape[1:]).float() / 1.0
             torch.testing.assert_close(p[k].detach(), p0[k] - 1e-2 * g / (g.abs() + 1e-8),
                                        rtol=1e-5, atol=1e-6)
+
+
+def test_example_norms_are_each_rows_own_gradient_norm_by_autograd(base):
+    # Prepare: 3 slots that differ; slot 0's adapters and head train; 12 rows of lengths 4..9
+    data, fm, cfg = _data(), _model(base, 3), _cfg()
+    rows = list(range(12))
+    # Execute
+    got = example_norms(fm, data, rows, cfg, CPU)
+    # Assert: the slow, obvious reference: each row alone through autograd, the norm of slot 0's
+    # gradients of every trainable tensor (the grouping by length changes the order, not the set)
+    expect = []
+    for i in rows:
+        fm.zero_grad(set_to_none=True)
+        batch = gather_rows(data, [i], CPU)
+        labels = batch.pop("labels")
+        out = fm(routing=Routing.from_ids(torch.zeros(1, dtype=torch.long)), **batch)
+        cfg.task.row_losses(out.logits, labels).sum().backward()
+        sq = sum(float(p.grad[0].pow(2).sum()) for p in dp_parameters(fm) if p.grad is not None)
+        expect.append(sq ** 0.5)
+    assert got.shape == (12,)
+    torch.testing.assert_close(got.sort().values, torch.tensor(sorted(expect)), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one row"):
+        example_norms(fm, data, [], cfg, CPU)

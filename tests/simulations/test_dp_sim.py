@@ -97,13 +97,40 @@ def test_public_fed_sb_initialisation_costs_no_privacy(tiny_bert_dir, tiny_csv, 
     (["--epsilon", "0.5", "--noise-multiplier", "0.3", "--strategy", "fed-sb"], "initialisation"),
     (["--epsilon", "0.5", "--noise-multiplier", "0.3", "--strategy", "fed-sb", "--dp", "client",
       "--update-clip", "1"], "initialisation"),
+    (["--epsilon", "8", "--clip-quantile", "0.5"], "--init-data FILE"),
+    (["--epsilon", "8", "--clip-quantile", "0.5", "--head", "public", "--init-data", "TINY_CSV",
+      "--max-grad-norm", "1"], "without --max-grad-norm"),
+    (["--epsilon", "8", "--clip-quantile", "1.5", "--head", "public", "--init-data", "TINY_CSV"], "(0, 1]"),
 ])
 def test_dp_refusals_are_one_line(tiny_bert_dir, tiny_csv, tmp_path, capsys, extra, words):
     args = [a for a in _job(tiny_bert_dir, tiny_csv, tmp_path / "x") if a not in ("--delta", "1e-3")]
-    code = main([*args, *extra])
+    code = main([*args, *[str(tiny_csv) if a == "TINY_CSV" else a for a in extra]])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and words in err[0]
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_the_clip_measured_on_the_public_file_is_the_one_the_clients_clip_to(tiny_bert_dir, tiny_csv,
+                                                                            tmp_path):
+    # Execute: --init-data and no --max-grad-norm (the clip is the median per-example norm on the
+    # public file), the same job with that clip given, and with --clip-quantile 1 (the largest norm)
+    public = ["--epsilon", "8", "--dp-reproducible", "--rounds", "2", "--head", "public",
+              "--init-data", str(tiny_csv)]
+    assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "median", *public)) == 0
+    clip = _rows(tmp_path / "median")[0]["max_grad_norm"]
+    given = ["--max-grad-norm", repr(clip)]
+    assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "given", *public, *given)) == 0
+    assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "top", *public, "--clip-quantile", "1")) == 0
+    # Assert: every row reports the measured clip; it is not the recipe's fixed 0.1; clipping to it
+    # trains the adapter that clipping to the same value given by hand does; the largest norm is above
+    # the median; a job with a clip given reports it
+    assert [r["max_grad_norm"] for r in _rows(tmp_path / "median")] == [clip] * 3 and clip != 0.1
+    a = load_file(tmp_path / "median" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "given" / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k])
+    assert _rows(tmp_path / "top")[0]["max_grad_norm"] > clip
+    assert _rows(tmp_path / "given")[0]["max_grad_norm"] == clip
 
 
 def _head(out):
