@@ -14,6 +14,8 @@ under DP: q_k = batch / n_k), ``--rounds`` × ``--local-steps`` steps per client
   ``--clients`` clients (e.g. 100) and ``--per-round`` of them per round, at ε = 8 and without DP.
 * ``--snr``: each strategy's ε = 8 job at its start (after its initialisation): per-example
   gradient norms, the mean clipped gradient's norm and one step's noise ``σ C / B · √D``.
+* ``--clip-study``: client 0 alone from that start, DP-SGD under several clips and noise levels
+  (``--study-settings``, e.g. clipping without noise): loss and dev accuracy every 20 steps.
 
 ``--public-rows N``: N training phrases (drawn with the seed) become a public file that every run
 uses for its head (``--head public``) and Fed-SB for its initialisation (``--init-data``), at no ε;
@@ -217,6 +219,24 @@ def norms(args: argparse.Namespace) -> int:
     return 0
 
 
+def started(args: argparse.Namespace, strategy: str):
+    """``(job, coordinator)``: the strategy's ε = 8 job of the table (its flags), built and past its
+    initialisation (e.g. the public start), as ``fedlora-sim`` would run it."""
+    from fedlora.config import to_config
+    from fedlora.rounds import Coordinator
+    from fedlora.simulations.cli import build_parser, check_args
+    from fedlora.simulations.engine import InitBytes, build_job
+
+    flags = job(args, strategy, "8", Path(args.out) / f"start-{strategy}", [*args.job_flags, *args.dp_flags])
+    parsed = build_parser().parse_args(flags)
+    check_args(parsed)
+    cfg = to_config(parsed)
+    built = build_job(cfg)
+    coord = Coordinator(cfg, built.strategy, built.fm, built.test, built.public)
+    coord.start(InitBytes(built, cfg.sampled(0)))
+    return built, coord
+
+
 def snr(args: argparse.Namespace) -> int:
     """Signal against noise at the start of each strategy's ε = 8 job (the table's flags, after
     its initialisation, e.g. the public start): per-example gradient norms of the trainable
@@ -224,23 +244,13 @@ def snr(args: argparse.Namespace) -> int:
     the norm of one step's noise on that mean, ``σ C / B · √D`` (σ: the job's calibrated one)."""
     import torch
 
-    from fedlora.config import to_config
     from fedlora.dpsgd import Capture, clip_factors, grad_samples
     from fedlora.kernels import Routing
-    from fedlora.rounds import Coordinator
-    from fedlora.simulations.cli import build_parser, check_args
-    from fedlora.simulations.engine import InitBytes, build_job
     from fedlora.tasks import gather_rows
 
     for strategy in args.strategies.split(","):
-        extra = [*args.job_flags, *args.dp_flags]
-        flags = job(args, strategy, "8", Path(args.out) / f"snr-{strategy}", extra)
-        parsed = build_parser().parse_args(flags)
-        check_args(parsed)
-        cfg = to_config(parsed)
-        built = build_job(cfg)
-        coord = Coordinator(cfg, built.strategy, built.fm, built.test, built.public)
-        coord.start(InitBytes(built, cfg.sampled(0)))
+        built, coord = started(args, strategy)
+        cfg = built.cfg
         rows = built.samplers[0].indices[:512].tolist()
         batch = gather_rows(built.train, rows, torch.device("cpu"))
         labels = batch.pop("labels")
@@ -258,6 +268,61 @@ def snr(args: argparse.Namespace) -> int:
               f" {q[0]:.3g} / {q[1]:.3g} / {q[2]:.3g}; C = {C:g}: mean clipped gradient {mean.norm():.4f},"
               f" noise per step {noise:.4f} (σ = {sigma:.3f}, B = {cfg.batch_size}),"
               f" ratio {mean.norm() / noise:.2f}", flush=True)
+    return 0
+
+
+def study_run(built, tc, C: float, sigma: float, steps: int) -> list[str]:
+    """``steps`` DP-SGD steps of client 0 (slot 0) clipped at ``C`` with noise ``σ C``, AdamW at the
+    job's lr; ``"loss / accuracy"`` every 20 steps."""
+    import torch
+
+    from fedlora.dpsgd import clipped_sums, pass_sums, poisson_batches
+
+    fm, sampler, batch = built.fm, built.samplers[0], built.cfg.batch_size
+    sampler.start_round(1)
+    opt = torch.optim.AdamW(fm.trainable_parameters(), lr=built.cfg.lr, weight_decay=0.0)
+    losses, line = [], []
+    fm.train()
+    for step in range(1, steps + 1):
+        opt.zero_grad(set_to_none=True)
+        packed = poisson_batches([sampler], [batch / len(sampler)])
+        sums, loss = pass_sums(fm, built.train, packed, tc, torch.device("cpu"),
+                               lambda dpp: clipped_sums(fm, dpp, C))
+        for p, summed in sums.items():
+            p.grad = torch.zeros_like(p)
+            p.grad[:1] = (summed + sigma * C * torch.randn_like(summed)) / batch
+        opt.step()
+        losses.append(float(loss[0]) / max(1, int(packed.counts[0])))
+        if step % 20 == 0:
+            fm.eval()
+            acc = built.task.evaluate(fm, built.test, built.cfg)["accuracy"]
+            fm.train()
+            line.append(f"{sum(losses[-20:]) / 20:.3f} / {acc:.1%}")
+    fm.eval()
+    return line
+
+
+def clip_study(args: argparse.Namespace) -> int:
+    """Client 0 alone, from each strategy's ε = 8 start (as ``--snr``), ``--study-steps`` DP-SGD
+    steps under each ``C:σ`` of ``--study-settings`` (C: a number, ``inf`` for no clipping, ``job``
+    for the job's clip; σ: a number, or ``job`` for the job's calibrated one): the training loss
+    and dev accuracy every 20 steps. Separates what the clip does from what the noise does."""
+    from fedlora.train import TrainConfig
+
+    for strategy in args.strategies.split(","):
+        built, coord = started(args, strategy)
+        tc = TrainConfig.from_job(built.cfg, clip=coord.clip)
+        start = {k: t.detach().clone() for k, t in built.fm.state_dict().items()}
+        print(f"{strategy}: start {built.task.evaluate(built.fm, built.test, built.cfg)['accuracy']:.1%},"
+              f" job clip {tc.max_grad_norm:.3g}", flush=True)
+        for setting in args.study_settings.split(","):
+            c_text, s_text = setting.split(":")
+            C = {"inf": 1e6, "job": tc.max_grad_norm}.get(c_text) or float(c_text)  # 1e6: above every norm
+            sigma = 0.0 if c_text == "inf" else built.budgets[0].sigma if s_text == "job" else float(s_text)
+            built.fm.load_state_dict(start)
+            line = study_run(built, tc, C, sigma, args.study_steps)
+            print(f"{strategy} C={c_text} ({C:.3g}) σ={sigma:.3f}: loss / acc every 20 steps: "
+                  + ", ".join(line), flush=True)
     return 0
 
 
@@ -287,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--snr", action="store_true",
                    help="each strategy's ε = 8 job at its start: per-example norms, the mean clipped"
                         " gradient against one step's noise")
+    p.add_argument("--clip-study", action="store_true",
+                   help="client 0 alone from each strategy's ε = 8 start, under --study-settings")
+    p.add_argument("--study-settings", default="inf:0,0.1:0,0.1:job,job:0,job:job")
+    p.add_argument("--study-steps", type=int, default=60)
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 round of 2 steps of 32 examples (smoke)")
     p.add_argument("--public-rows", type=int, default=0,
@@ -305,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         return norms(args)
     if args.snr:
         return snr(args)
+    if args.clip_study:
+        return clip_study(args)
     if args.client_level:
         return client_level(args)
     return sweep(args) if args.sweep else table(args)
