@@ -99,7 +99,7 @@ def run(args: argparse.Namespace, name: str, flags: list[str]) -> dict | None:
             "sigma": last.get("noise_multiplier"), "eps": last.get("epsilon_per_client"),
             "steps": cfg["rounds"] * cfg["local_steps"], "wall": wall, "lr": cfg["lr"],
             "clip": cfg["max_grad_norm"] or last.get("max_grad_norm"),  # given, or measured (public file)
-            "rounds": len(rows) - 1, "per_round": [r["accuracy"] for r in rows]}
+            "rounds": len(rows) - 1}
 
 
 def fmt(s: dict | None, eps: str, q: float) -> str:
@@ -276,7 +276,7 @@ def study_run(built, tc, C: float, sigma: float, steps: int) -> list[str]:
     job's lr; ``"loss / accuracy"`` every 20 steps."""
     import torch
 
-    from fedlora.dpsgd import clipped_sums, pass_sums, poisson_batches
+    from fedlora.dpsgd import clipped_sums, noise_generator, noisy_mean, pass_sums, poisson_batches
 
     fm, sampler, batch = built.fm, built.samplers[0], built.cfg.batch_size
     sampler.start_round(1)
@@ -288,9 +288,10 @@ def study_run(built, tc, C: float, sigma: float, steps: int) -> list[str]:
         packed = poisson_batches([sampler], [batch / len(sampler)])
         sums, loss = pass_sums(fm, built.train, packed, tc, torch.device("cpu"),
                                lambda dpp: clipped_sums(fm, dpp, C))
+        gen = [noise_generator(sampler.seed, 1, step, reproducible=False)]
         for p, summed in sums.items():
             p.grad = torch.zeros_like(p)
-            p.grad[:1] = (summed + sigma * C * torch.randn_like(summed)) / batch
+            p.grad[:1] = noisy_mean(summed, torch.tensor([sigma]), C, torch.tensor([float(batch)]), gen)
         opt.step()
         losses.append(float(loss[0]) / max(1, int(packed.counts[0])))
         if step % 20 == 0:

@@ -77,11 +77,11 @@ CLIP_QUANTILE = 0.5
 """``--dp sample`` with a public ``--init-data`` file and no ``--max-grad-norm``: the per-example
 clip is this quantile of the per-example gradient norms of the trainable tensors, measured by the
 server on the public examples at the start of training (after the public head and initialisation),
-at no privacy cost. The norms' scale depends on the model, the task and what trains (Fed-SB's
-r × r cores: a median of 5.6 on SST-2's public start, LoRA's B: 1.6), so no fixed clip fits every
-job; and a clip far below every norm (the recipe's 0.1) turns DP-SGD into a mean of normalised
-gradients, which on SST-2 raised Fed-SB's training loss even without noise (RESULTS.md, "The
-per-example clip")."""
+at no privacy cost. The norms' scale depends on the model, the task and what trains (medians on
+SST-2's 1,000 public phrases at the public start: Fed-SB's r × r cores 4.83, LoRA's B (FFA-LoRA)
+and A, B (FedAvg) 1.42), so no fixed clip fits every job; and a clip far below every norm (the
+recipe's 0.1) turns DP-SGD into a mean of normalised gradients, which on SST-2 raised Fed-SB's
+training loss even without noise (RESULTS.md, "The per-example clip")."""
 
 
 @dataclass

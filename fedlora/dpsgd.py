@@ -127,6 +127,11 @@ def dp_parameters(fm) -> list[nn.Parameter]:
     return [p for layer in fm.client_layers() for p in layer.parameters() if p.requires_grad]
 
 
+def joint_sq_norms(gs: Sequence[tuple[nn.Parameter, Tensor]]) -> Tensor:
+    """``(N,)``: each row's squared gradient norm jointly over every tensor of :func:`grad_samples`."""
+    return sum(g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for _, g in gs)
+
+
 def clip_factors(sq_norms: Tensor, weights: Tensor | None, max_norm: float) -> Tensor:
     """``w_i · min(1, C / ‖∇ℓ_i‖)`` per row (``weights`` None: every ``w_i = 1``)."""
     c = (max_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
@@ -271,8 +276,7 @@ def clipped_sums(fm, dpp: DPPass, max_norm: float) -> dict[nn.Parameter, Tensor]
     if dpp.ids.numel() == 0:
         return {p: torch.zeros(dpp.m, *p.shape[1:], device=p.device) for p in dp_parameters(fm)}
     gs = grad_samples(fm, dpp.cap, dpp.ids)
-    sq = sum(gr.reshape(gr.shape[0], -1).pow(2).sum(dim=1) for _, gr in gs)     # (N,)
-    c = clip_factors(sq, None, max_norm)
+    c = clip_factors(joint_sq_norms(gs), None, max_norm)
     return {p: per_client_sum(_bcast(c, gr) * gr, dpp.ids, dpp.m) for p, gr in gs}
 
 
@@ -284,8 +288,7 @@ def example_norms(fm, data: dict[str, Tensor], rows: Sequence[int], cfg, device)
     packed = PackedBatch(list(rows), torch.zeros(len(rows), dtype=torch.long), torch.tensor([len(rows)]))
     out = []
     for dpp in dp_passes(fm, data, packed, cfg, device):
-        gs = grad_samples(fm, dpp.cap, dpp.ids)
-        out.append(sum(g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for _, g in gs).sqrt().cpu())
+        out.append(joint_sq_norms(grad_samples(fm, dpp.cap, dpp.ids)).sqrt().cpu())
     return torch.cat(out)
 
 
