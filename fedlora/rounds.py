@@ -15,6 +15,7 @@ by initialisation phases over the clients' data (:meth:`start` with a ``gather``
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fedlora.checks import check_dp_args
-from fedlora.config import JobConfig, measures_clip
+from fedlora.config import DP_RECIPE, JobConfig, measures_clip
 from fedlora.dpsgd import example_norms
 from fedlora.errors import UserError
 from fedlora.model import FederatedModel, draw_seed
@@ -46,6 +47,8 @@ from fedlora.strategies.plan import AdapterPlan
 from fedlora.strategies.robust import Robust
 from fedlora.tasks import get_task
 from fedlora.train import ClientSampler, TrainConfig, train_clients
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 #: ``--head public``: the head alone, on the public examples, as a linear probe: AdamW (whatever
@@ -372,6 +375,11 @@ class Coordinator:
         self.fresh_seed = blob["fresh_seed"]
         self.personal = blob.get("personal", {})
         self.clip = blob.get("clip")
+        if self.clip is None and measures_clip(self.cfg):
+            # written before the clip was measured: its clients clipped at the recipe's clip; keep it
+            self.clip = DP_RECIPE["max_grad_norm"]
+            log.warning("%s has no measured clip (written by an older fedlora): its clients clipped at"
+                        " %g and the resumed rounds do too", path, self.clip)
         self.strategy.resume(self.round)  # --dp client: releases so far
         self.fm.set_plan(self.plan)
         apply_global(self.fm, self.state, {}, self.fresh_seed)
