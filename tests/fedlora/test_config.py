@@ -77,9 +77,8 @@ def test_dp_sample_takes_the_dp_recipe_for_unset_flags():
     assert (plain.batch_size, plain.lr, plain.max_grad_norm, plain.head) == (8, 2e-3, None, "train")
     assert (given.batch_size, given.lr, given.max_grad_norm) == (32, 1e-3, 0.5)
     # a public file: its head is trained on it (and the clip measured on it); a head given wins
-    public = build_parser().parse_args([*args, "--init-data", "public.csv"])
-    assert (to_config(public, device="cpu").head, to_config(public, device="cpu").max_grad_norm) == (
-        "public", None)
+    public = to_config(build_parser().parse_args([*args, "--init-data", "public.csv"]), device="cpu")
+    assert (public.head, public.max_grad_norm) == ("public", None)
     frozen = build_parser().parse_args([*args, "--init-data", "public.csv", "--head", "frozen"])
     assert to_config(frozen, device="cpu").head == "frozen"
     # the Flower run config carries the resolved values; lr 0 there means the same default
