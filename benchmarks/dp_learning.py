@@ -271,16 +271,19 @@ def snr(args: argparse.Namespace) -> int:
     return 0
 
 
-def study_run(built, tc, C: float, sigma: float, steps: int) -> list[str]:
-    """``steps`` DP-SGD steps of client 0 (slot 0) clipped at ``C`` with noise ``σ C``, AdamW at the
-    job's lr; ``"loss / accuracy"`` every 20 steps."""
+def study_run(built, tc, C: float, sigma: float, steps: int, schedule: str = "constant") -> list[str]:
+    """``steps`` DP-SGD steps of client 0 (slot 0) clipped at ``C`` with noise ``σ C``, the job's
+    optimizer and lr (``schedule="linear"``: decayed linearly to 0 over the steps); ``"loss /
+    accuracy"`` every 20 steps."""
     import torch
 
     from fedlora.dpsgd import clipped_sums, noise_generator, noisy_mean, pass_sums, poisson_batches
+    from fedlora.optim import make_optimizer
 
     fm, sampler, batch = built.fm, built.samplers[0], built.cfg.batch_size
     sampler.start_round(1)
-    opt = torch.optim.AdamW(fm.trainable_parameters(), lr=built.cfg.lr, weight_decay=0.0)
+    opt = make_optimizer(fm.trainable_parameters(), tc)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps if schedule == "linear" else 1.0)
     losses, line = [], []
     fm.train()
     for step in range(1, steps + 1):
@@ -293,6 +296,7 @@ def study_run(built, tc, C: float, sigma: float, steps: int) -> list[str]:
             p.grad = torch.zeros_like(p)
             p.grad[:1] = noisy_mean(summed, torch.tensor([sigma]), C, torch.tensor([float(batch)]), gen)
         opt.step()
+        decay.step()
         losses.append(float(loss[0]) / max(1, int(packed.counts[0])))
         if step % 20 == 0:
             fm.eval()
@@ -321,7 +325,7 @@ def clip_study(args: argparse.Namespace) -> int:
             C = {"inf": 1e6, "job": tc.max_grad_norm}.get(c_text) or float(c_text)  # 1e6: above every norm
             sigma = 0.0 if c_text == "inf" else built.budgets[0].sigma if s_text == "job" else float(s_text)
             built.fm.load_state_dict(start)
-            line = study_run(built, tc, C, sigma, args.study_steps)
+            line = study_run(built, tc, C, sigma, args.study_steps, args.study_schedule)
             print(f"{strategy} C={c_text} ({C:.3g}) σ={sigma:.3f}: loss / acc every 20 steps: "
                   + ", ".join(line), flush=True)
     return 0
@@ -357,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="client 0 alone from each strategy's ε = 8 start, under --study-settings")
     p.add_argument("--study-settings", default="inf:0,0.1:0,0.1:job,job:0,job:job")
     p.add_argument("--study-steps", type=int, default=60)
+    p.add_argument("--study-schedule", choices=("constant", "linear"), default="constant",
+                   help="the study's lr over its steps: constant, or linear decay to 0")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 round of 2 steps of 32 examples (smoke)")
     p.add_argument("--public-rows", type=int, default=0,

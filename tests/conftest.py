@@ -106,3 +106,20 @@ def sentiment_tsv(tmp_path_factory) -> Path:
         lines.append(f"{label}\t{key} " + " ".join(rng.choice(words) for _ in range(4)))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture
+def stub_coordinator():
+    """``make(cfg)``: a Coordinator of ``cfg``'s strategy over a model-less stand-in (no adapters
+    or heads to load), for the server's bookkeeping (checkpoints, ledgers, clips)."""
+    from types import SimpleNamespace
+
+    from fedlora.rounds import Coordinator, make_strategy
+    from fedlora.strategies.plan import LORA
+
+    def make(cfg):
+        fm = SimpleNamespace(config=SimpleNamespace(plan=LORA), adapters={}, heads={}, num_clients=1,
+                             set_plan=lambda plan: None)
+        return Coordinator(cfg, make_strategy(cfg), fm, {})
+
+    return make

@@ -23,20 +23,8 @@ def test_round_line_shows_personal_accuracy_only_when_measured():
     assert "acc 0.8000" in format_row(ROW) and "up 2.00 MB" in format_row(ROW)
 
 
-def _stub(cfg):
-    """A Coordinator over a model-less stand-in (no adapters or heads to load)."""
-    from types import SimpleNamespace
-
-    from fedlora.rounds import Coordinator, make_strategy
-    from fedlora.strategies.plan import LORA
-
-    fm = SimpleNamespace(config=SimpleNamespace(plan=LORA), adapters={}, heads={}, num_clients=1,
-                         set_plan=lambda plan: None)
-    return Coordinator(cfg, make_strategy(cfg), fm, {})
-
-
 @pytest.mark.parametrize("saved, restored", [(0.37, 0.37), (None, 0.1)])
-def test_resume_keeps_the_clip_its_clients_trained_with(tmp_path, caplog, saved, restored):
+def test_resume_keeps_the_clip_its_clients_trained_with(tmp_path, caplog, stub_coordinator, saved, restored):
     import torch
 
     from fedlora.config import JobConfig
@@ -46,7 +34,7 @@ def test_resume_keeps_the_clip_its_clients_trained_with(tmp_path, caplog, saved,
     # and a checkpoint of an older fedlora, which had no "clip" (its clients clipped at the recipe's 0.1)
     cfg = JobConfig(strategy="fedavg", num_clients=2, rounds=3, dp="sample", epsilon=8.0, delta=1e-5,
                     init_data="public.csv", max_grad_norm=None)
-    part = _stub(cfg)
+    part = stub_coordinator(cfg)
     part.clip, part.state = 0.37, GlobalState(factors={}, scale=1.0)
     path = part.save(tmp_path)
     blob = torch.load(path, weights_only=False)
@@ -54,7 +42,7 @@ def test_resume_keeps_the_clip_its_clients_trained_with(tmp_path, caplog, saved,
     torch.save(blob, path)
 
     # Execute
-    resumed = _stub(cfg)
+    resumed = stub_coordinator(cfg)
     resumed.restore(path)
 
     # Assert: the clip the clients clipped to before; an old checkpoint's fallback is said, not silent

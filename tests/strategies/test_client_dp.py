@@ -8,14 +8,12 @@ Client weights are uniform (``1/m``) whatever ``num_examples`` says.
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fedlora.strategies import ClientLevelDP, ClientUpload, GlobalState, get_strategy
 from fedlora.strategies.fed_sb import FedSB, initialize_from_gradients
-from fedlora.strategies.plan import LORA
 
 F64 = torch.float64
 
@@ -287,23 +285,13 @@ def test_make_strategy_refuses_bad_run_configs(kw, message):
         make_strategy(client_cfg(**kw))
 
 
-def stub_coordinator(cfg, strategy):
-    """A Coordinator over a model-less stand-in (no adapters or heads to load)."""
-    from fedlora.rounds import Coordinator
-
-    fm = SimpleNamespace(config=SimpleNamespace(plan=LORA), adapters={}, heads={}, num_clients=1,
-                         set_plan=lambda plan: None)
-    return Coordinator(cfg, strategy, fm, {})
-
-
-def test_resume_restores_the_step_count_and_the_noise(tmp_path):
-    from fedlora.rounds import make_strategy
+def test_resume_restores_the_step_count_and_the_noise(tmp_path, stub_coordinator):
 
     # Prepare: an uninterrupted 3-round job, and one checkpointed after round 2 (noise keyed
     # to the seed, so the resumed noise can be compared; by default it is secret)
     cfg = client_cfg(clients_per_round=0, num_clients=4, dp_reproducible=True)
     g, ups = big_zero_round(n=4, size=4)
-    full, part = stub_coordinator(cfg, make_strategy(cfg)), stub_coordinator(cfg, make_strategy(cfg))
+    full, part = stub_coordinator(cfg), stub_coordinator(cfg)
     for coord in (full, part):
         coord.state = g
         coord.aggregate(ups)
@@ -312,7 +300,7 @@ def test_resume_restores_the_step_count_and_the_noise(tmp_path):
     part.save(tmp_path)
 
     # Execute: a fresh coordinator restores and runs round 3
-    resumed = stub_coordinator(cfg, make_strategy(cfg))
+    resumed = stub_coordinator(cfg)
     resumed.restore(tmp_path / "checkpoint.pt")
     resumed.aggregate(ups)
 
@@ -322,13 +310,12 @@ def test_resume_restores_the_step_count_and_the_noise(tmp_path):
     torch.testing.assert_close(resumed.state.factors["w"][0], full.state.factors["w"][0])
 
 
-def test_coordinator_refuses_a_round_past_the_budget():
+def test_coordinator_refuses_a_round_past_the_budget(stub_coordinator):
     from fedlora.errors import UserError
-    from fedlora.rounds import make_strategy
 
     # Prepare: a ledger already at its planned 5 rounds
     cfg = client_cfg()
-    coord = stub_coordinator(cfg, make_strategy(cfg))
+    coord = stub_coordinator(cfg)
     coord.state, _ = big_zero_round(size=4)
     coord.round = coord.strategy.steps = 5
 
