@@ -158,6 +158,9 @@ class JobConfig:
     max_clients_per_pass: int = option(0, group=None)   # simulator: clients per pass; 0: automatic
     optimizer: str = option("adamw", "local optimizer: adamw, or sgd with momentum 0.9",
                             group="strategy options", choices=["adamw", "sgd"])
+    weight_decay: float = option(0.0, "decoupled weight decay λ of the local optimizer (AdamW: θ ← θ −"
+                                 " lr·λ·θ each step; SGD: λθ added to the gradient)",
+                                 group="strategy options")
     precision: str = option("fp32", "bf16: store the frozen base in bfloat16 and autocast the forward"
                             " (adapters, optimizer and aggregation stay fp32)", group="strategy options",
                             choices=["fp32", "bf16"])

@@ -58,7 +58,8 @@ class TrainConfig:
         if cfg.dp == "sample" and clip is None:  # DP-SGD always clips per example
             clip = DP_RECIPE["max_grad_norm"]
         return cls(task=get_task(cfg.task), local_steps=cfg.local_steps, batch_size=cfg.batch_size,
-                   lr=cfg.lr, optimizer=cfg.optimizer, max_grad_norm=clip, precision=cfg.precision,
+                   lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, max_grad_norm=clip,
+                   precision=cfg.precision,
                    dp_sample=cfg.dp == "sample", dp_reproducible=cfg.dp_reproducible,
                    dp_backend=cfg.dp_backend_for(lone), pad_to_longest=cfg.padding == "longest")
 

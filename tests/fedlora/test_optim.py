@@ -12,9 +12,9 @@ from fedlora.optim import make_optimizer
 from fedlora.train import TrainConfig
 
 
-def steps(kind: str, grads: list[list[float]], lr: float = 0.1) -> list[float]:
+def steps(kind: str, grads: list[list[float]], lr: float = 0.1, decay: float = 0.0) -> list[float]:
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-    opt = make_optimizer([p], SimpleNamespace(optimizer=kind, lr=lr, weight_decay=0.0))
+    opt = make_optimizer([p], SimpleNamespace(optimizer=kind, lr=lr, weight_decay=decay))
     for g in grads:
         p.grad = torch.tensor(g)
         opt.step()
@@ -33,9 +33,19 @@ def test_adamw_first_step_moves_each_coordinate_by_lr_whatever_its_gradient():
     assert steps("adamw", [[1e-3, -50.0]]) == pytest.approx([0.9, -1.9], abs=1e-4)
 
 
+def test_weight_decay_by_hand():
+    # AdamW, decoupled: θ ← θ − lr·λ·θ, then the Adam step lr·g/|g|: with λ = 0.5 and g = (1, -1),
+    # (1, -2) − 0.1·0.5·(1, -2) − 0.1·(1, -1) = (0.85, -1.8)
+    assert steps("adamw", [[1.0, -1.0]], decay=0.5) == pytest.approx([0.85, -1.8], abs=1e-4)
+    # SGD: λθ joins the gradient: g + λθ = (1, 2) + 0.5·(1, -2) = (1.5, 1); θ = (1, -2) − 0.1·(1.5, 1)
+    assert steps("sgd", [[1.0, 2.0]], decay=0.5) == pytest.approx([0.85, -2.1])
+
+
 def test_the_job_flag_reaches_local_training():
     assert TrainConfig.from_job(JobConfig(optimizer="sgd")).optimizer == "sgd"
     assert TrainConfig.from_job(JobConfig()).optimizer == "adamw"
+    assert TrainConfig.from_job(JobConfig(weight_decay=0.01)).weight_decay == 0.01
+    assert TrainConfig.from_job(JobConfig()).weight_decay == 0.0
     with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
         make_optimizer([torch.nn.Parameter(torch.zeros(1))], SimpleNamespace(optimizer="rmsprop", lr=1.0,
                                                                              weight_decay=0.0))
