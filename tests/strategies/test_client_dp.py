@@ -286,7 +286,6 @@ def test_make_strategy_refuses_bad_run_configs(kw, message):
 
 
 def test_resume_restores_the_step_count_and_the_noise(tmp_path, stub_coordinator):
-
     # Prepare: an uninterrupted 3-round job, and one checkpointed after round 2 (noise keyed
     # to the seed, so the resumed noise can be compared; by default it is secret)
     cfg = client_cfg(clients_per_round=0, num_clients=4, dp_reproducible=True)
