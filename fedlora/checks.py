@@ -69,9 +69,20 @@ def check_init_args(args) -> None:
                         f" --task {args.task} has none")
     if args.head == "public" and not args.init_data:
         raise UserError("--head public trains the head on a public file: pass --init-data FILE")
-    if args.init_data and args.head != "public" and not STRATEGIES[args.strategy].from_job(args).init_phases:
-        raise UserError(f"--init-data is read by Fed-SB's initialisation and by --head public; --strategy"
-                        f" {args.strategy} with --head {args.head} reads neither: drop it")
+    if args.public_steps < 0:
+        raise UserError(f"--public-steps must be ≥ 0 (0: no public warm start), got {args.public_steps}")
+    if args.public_steps and not args.init_data:
+        raise UserError("--public-steps trains the adapters on a public file: pass --init-data FILE")
+    strategy = STRATEGIES[args.strategy].from_job(args)
+    if args.public_steps and (strategy.folds or strategy.plan(1).keep):
+        where = "folds every round into the base" if strategy.folds else "keeps a factor on each client"
+        raise UserError(f"--public-steps starts the global adapters from a public update, but --strategy"
+                        f" {args.strategy} {where}: drop --public-steps or choose another strategy")
+    if (args.init_data and args.head != "public" and not args.public_steps
+            and not strategy.init_phases):
+        raise UserError(f"--init-data is read by Fed-SB's initialisation, --head public and"
+                        f" --public-steps; --strategy {args.strategy} with --head {args.head} reads none:"
+                        " drop it")
 
 
 def check_task_args(args) -> None:

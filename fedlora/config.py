@@ -76,12 +76,12 @@ with noise alone; frozen, the clip (0.1, about the factors' own per-example norm
 CLIP_QUANTILE = 0.5
 """``--dp sample`` with a public ``--init-data`` file and no ``--max-grad-norm``: the per-example
 clip is this quantile of the per-example gradient norms of the trainable tensors, measured by the
-server on the public examples at the start of training (after the public head and initialisation),
-at no privacy cost. The norms' scale depends on the model, the task and what trains (medians on
-SST-2's 1,000 public phrases at the public start: Fed-SB's r × r cores 4.83, LoRA's B (FFA-LoRA)
-and A, B (FedAvg) 1.42), so no fixed clip fits every job; and a clip far below every norm (the
-recipe's 0.1) turns DP-SGD into a mean of normalised gradients, which on SST-2 raised Fed-SB's
-training loss even without noise (RESULTS.md, "The per-example clip")."""
+server on the public examples at the start of training (after the public head, initialisation
+and warm start), at no privacy cost. The norms' scale depends on the model, the task and what
+trains (medians on SST-2's 1,000 public phrases at the public start: Fed-SB's r × r cores 4.83,
+LoRA's B (FFA-LoRA) and A, B (FedAvg) 1.42), so no fixed clip fits every job; and a clip far
+below every norm (the recipe's 0.1) turns DP-SGD into a mean of normalised gradients, which on
+SST-2 raised Fed-SB's training loss even without noise (RESULTS.md, "The per-example clip")."""
 
 
 @dataclass
@@ -129,8 +129,13 @@ class JobConfig:
                                group="strategy options")
     init_data: str = option("", "a public .csv/.tsv/.jsonl file with the task's columns, read by the"
                             " server before round 1 at no privacy cost: Fed-SB initialises from it"
-                            " instead of the clients' data; --head public trains the head on it",
+                            " instead of the clients' data; --head public trains the head on it and"
+                            " --public-steps the adapters",
                             group="strategy options")
+    public_steps: int = option(0, "a public warm start: the server trains the adapters this many"
+                               " (non-private) local steps on --init-data before round 1, at no"
+                               " privacy cost, and round 1 starts from the strategy's aggregate of"
+                               " that one update (0: off)", group="strategy options")
     head: str = option("train", "the classification head: train (with the adapters, every round),"
                        " zero (zero-initialised, then trained), frozen (never trained), public"
                        " (trained on --init-data before round 1, then frozen); default train, with"

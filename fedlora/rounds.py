@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,11 +28,10 @@ from torch import Tensor
 
 from fedlora.checks import check_dp_args
 from fedlora.config import DP_RECIPE, JobConfig, measures_clip
-from fedlora.dpsgd import example_norms
 from fedlora.errors import UserError
 from fedlora.model import FederatedModel, draw_seed
 from fedlora.privacy import Budget, GaussianNoise
-from fedlora.sketch import client_sketches
+from fedlora.public import measure_clip, public_uploads, train_head, warm_start
 from fedlora.state import apply_global, download_tensors, exact_global, head_of, initial_state
 from fedlora.strategies import (
     Aggregate,
@@ -46,19 +45,10 @@ from fedlora.strategies.base import Factors, Probe
 from fedlora.strategies.plan import AdapterPlan
 from fedlora.strategies.robust import Robust
 from fedlora.tasks import get_task
-from fedlora.train import ClientSampler, TrainConfig, train_clients
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-#: ``--head public``: the head alone, on the public examples, as a linear probe: AdamW (whatever
-#: ``--optimizer`` the clients use) at HEAD_LR, batches of HEAD_BATCH, HEAD_EPOCHS passes.
-#: Measured on SST-2 (1,000 public phrases, MiniLM): 3 passes of 256 at 3e-3 left it at the
-#: majority class (51.1%); 10 of 64 at 1e-2 gave 66.2%, at 3e-2 64.9%, at 0.1 67.5%.
-HEAD_EPOCHS, HEAD_LR, HEAD_BATCH = 10, 1e-2, 64
-#: The measured clip (``--clip-quantile``) reads at most this many public examples.
-CLIP_ROWS = 1024
-
 Gather = Callable[[int, dict[str, Probe]], list[ClientUpload]]
 """``gather(phase, probes)``: the clients' uploads of one initialisation phase."""
 
@@ -157,7 +147,10 @@ class Coordinator:
         carry: dict = {}
         for phase in range(self.strategy.init_phases):
             probes = self.strategy.init_probes(phase, shapes, self.cfg.rank, carry)
-            uploads = self._public_phase(probes) if self.strategy.public_init else gather(phase, probes)
+            if self.strategy.public_init and self.public is None:
+                raise ValueError("a public initialisation needs the --init-data examples")
+            uploads = (public_uploads(self.fm, self.public, self.cfg, probes)
+                       if self.strategy.public_init else gather(phase, probes))
             if not uploads:
                 raise ValueError(f"{self.strategy.name}'s initialisation needs the clients' uploads")
             self._check_budget()
@@ -170,54 +163,26 @@ class Coordinator:
         self.state = state
         self.state.round = 0
         self._load({})
+        self._public_start()
+
+    def _public_start(self) -> None:
+        """What the server does with the public ``--init-data`` file (:mod:`fedlora.public`), in
+        this order: the head, the adapters' warm start, the clip measured at the result."""
+        if self.public is None:
+            if self.cfg.head == "public" or self.cfg.public_steps or measures_clip(self.cfg):
+                raise ValueError("--head public, --public-steps and a measured clip need the"
+                                 " --init-data examples")
+            return
+        assert self.state is not None
         if self.cfg.head == "public":
-            self.state.head = self._public_head()
+            self.state.head = train_head(self.fm, self.public, self.cfg, self.plan)
+            self._load({})
+        if self.cfg.public_steps:
+            self.state = warm_start(self.fm, self.public, self.cfg, self.strategy, self.state)
+            self.state.round = 0
             self._load({})
         if measures_clip(self.cfg):
-            self.clip = self._public_clip()
-
-    def _public_head(self) -> dict[str, Tensor]:
-        """``--head public``: the head trained alone on the ``--init-data`` examples (slot 0, the
-        adapters at their starting values; :data:`HEAD_EPOCHS` epochs at :data:`HEAD_LR`, no clipping:
-        it is not private), then frozen again."""
-        if self.public is None:
-            raise ValueError("--head public needs the --init-data examples")
-        n = len(self.public["labels"])
-        sampler = ClientSampler(range(n), seed=self.cfg.seed * 100_003 + 100_001)
-        batch = min(HEAD_BATCH, n)
-        cfg = replace(TrainConfig.from_job(self.cfg), dp_sample=False, max_grad_norm=None, optimizer="adamw",
-                      lr=HEAD_LR, batch_size=batch, local_steps=-(-HEAD_EPOCHS * n // batch))
-        for layer in self.fm.adapters.values():
-            layer.set_trainable(())
-        self.fm.freeze_heads(False)
-        try:
-            train_clients(self.fm, self.public, [sampler], cfg, rnd=0)
-        finally:
-            self.fm.freeze_heads(True)
-            self.fm.set_plan(self.plan)
-        return head_of(self.fm, 0)
-
-    def _public_clip(self) -> float:
-        """``--dp sample`` without ``--max-grad-norm``: the ``--clip-quantile`` of the per-example
-        gradient norms of the trainable tensors on (up to :data:`CLIP_ROWS` of) the public
-        ``--init-data`` examples, at the start state (slot 0), without dropout (which would draw
-        from the generator the clients' training draws from). No ε: no private example is read."""
-        if self.public is None:
-            raise ValueError("a clip measured on public data needs the --init-data examples")
-        rows = list(range(min(CLIP_ROWS, len(self.public["labels"]))))
-        self.fm.eval()
-        norms = example_norms(self.fm, self.public, rows, TrainConfig.from_job(self.cfg, clip=1.0),
-                              next(self.fm.parameters()).device)
-        return float(torch.quantile(norms.double(), self.cfg.clip_quantile))
-
-    def _public_phase(self, probes: dict[str, Probe]) -> list[ClientUpload]:
-        """One initialisation phase over the public ``--init-data`` file, on slot 0."""
-        if self.public is None:
-            raise ValueError("a public initialisation needs the --init-data examples")
-        sampler = ClientSampler(range(len(self.public["labels"])), seed=self.cfg.seed * 100_003 + 100_002)
-        cfg = replace(TrainConfig.from_job(self.cfg), dp_sample=False)
-        got = client_sketches(self.fm, self.public, [sampler], cfg, self.cfg.init_batches, probes)
-        return [ClientUpload(num_examples=len(sampler), grads={k: g[0] for k, g in got.items()})]
+            self.clip = measure_clip(self.fm, self.public, self.cfg)
 
     def _load(self, fold: dict[str, Factors]) -> None:
         assert self.state is not None
