@@ -40,8 +40,9 @@ HEAD_EPOCHS, HEAD_LR, HEAD_BATCH = 10, 1e-2, 64
 #: The measured clip (``--clip-quantile``) reads at most this many public examples.
 CLIP_ROWS = 1024
 #: With a warm start, this share of the public examples (drawn with the seed) is held out of it and
-#: the clip is measured on them alone: the examples the warm start fit have near-zero gradients (on
-#: SST-2 after 40 steps on 1,000 phrases the median norm fell to 0.0034 from 1.42 at the cold start).
+#: the clip is measured on them alone: the examples it fit have smaller gradients than unseen ones.
+#: On SST-2 (MiniLM, 40 steps of 256 at 3e-3) the median norm fell from 1.42 at the cold start to
+#: 0.0034 on the 1,000 phrases it trained on, and to 0.0118 on 200 phrases held out of 1,000.
 CLIP_HOLDOUT = 0.2
 #: Seeds of the public file's example orders, apart from every client's (``seed * 100_003 + k``).
 HEAD_SEED, PHASE_SEED, WARM_SEED, HOLDOUT_SEED = 100_001, 100_002, 100_004, 100_005
@@ -49,8 +50,9 @@ HEAD_SEED, PHASE_SEED, WARM_SEED, HOLDOUT_SEED = 100_001, 100_002, 100_004, 100_
 
 def split_public(n: int, cfg: JobConfig) -> tuple[list[int], list[int]]:
     """``(warm-start rows, clip rows)`` of ``n`` public examples: all of them for both without a
-    warm start; with one, a seeded :data:`CLIP_HOLDOUT` share (at least 1) is the clip's alone."""
-    if not cfg.public_steps:
+    warm start (or a single example); with one, a seeded :data:`CLIP_HOLDOUT` share (at least
+    1) is the clip's alone."""
+    if not cfg.public_steps or n < 2:
         return list(range(n)), list(range(n))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + HOLDOUT_SEED))
     held = min(n - 1, max(1, round(CLIP_HOLDOUT * n)))

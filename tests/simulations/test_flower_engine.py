@@ -25,18 +25,20 @@ def _rows(out):
 
 
 DP = ["--dp", "sample", "--epsilon", "8", "--delta", "1e-3", "--dp-reproducible"]
+PUBLIC = ["--head", "public", "--init-data", "TINY_CSV", "--public-steps", "3"]
 
 
 @pytest.mark.parametrize("extra", [["--strategy", "flora", "--ranks", "2,4,3"], ["--strategy", "fed-sb"], DP,
-                                   [*DP, "--head", "public", "--init-data", "TINY_CSV"],
+                                   [*DP, *PUBLIC],
                                    ["--strategy", "ffa-lora"],
                                    ["--strategy", "fedsa-lora", "--personal-test-fraction", "0.3"],
                                    ["--strategy", "flexlora", "--ranks", "2,4,3"]],
-                         ids=["flora-hetero", "fed-sb", "dp-sample", "dp-sample-measured-clip", "ffa-lora",
+                         ids=["flora-hetero", "fed-sb", "dp-sample", "dp-sample-public-start", "ffa-lora",
                               "fedsa-lora", "flexlora"])
 def test_flower_engine_reaches_the_batched_adapter(tiny_bert_dir, tiny_csv, tmp_path, extra):
-    # Prepare: the batched run of the job (dp-sample-measured-clip: the server measures the clip on
-    # the public file and sends it with each round's config)
+    # Prepare: the batched run of the job (dp-sample-public-start: the server trains the head, then
+    # warm-starts the adapters on the public file, measures the clip there and sends it with each
+    # round's config)
     extra = [str(tiny_csv) if a == "TINY_CSV" else a for a in extra]
     batched, flower = tmp_path / "batched", tmp_path / "flower"
     assert main(_job(tiny_bert_dir, tiny_csv, batched, *extra)) == 0
