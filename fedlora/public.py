@@ -102,15 +102,14 @@ def warm_start(fm: FederatedModel, public: dict[str, Tensor], cfg: JobConfig, st
     ValueError
         The strategy folds its aggregate into the base (FLoRA, FedEx-LoRA): round 0 has no fold.
     """
+    if strategy.folds:  # checked before training: round 0 has no fold to send
+        raise ValueError(f"--public-steps: {strategy.name} folds its aggregate into the base weights,"
+                         " which round 0 cannot")
     rows, _ = split_public(len(public["labels"]), cfg)
     tc = replace(TrainConfig.from_job(cfg), dp_sample=False, max_grad_norm=None,
                  local_steps=cfg.public_steps, batch_size=min(cfg.batch_size, len(rows)))
     train_clients(fm, public, [_sampler(rows, cfg, WARM_SEED)], tc, rnd=0)
-    agg = innermost(strategy).aggregate([extract_upload(fm, 0, len(rows))], state)
-    if agg.fold:
-        raise ValueError(f"--public-steps: {strategy.name} folds its aggregate into the base weights,"
-                         " which round 0 cannot")
-    return agg.state
+    return innermost(strategy).aggregate([extract_upload(fm, 0, len(rows))], state).state
 
 
 def measure_clip(fm: FederatedModel, public: dict[str, Tensor], cfg: JobConfig) -> float:
