@@ -10,7 +10,7 @@ Uploads are random tensors of the right shapes (timings do not depend on the val
 every strategy runs a fixed sequence of dense operations), built once and shared by
 the LoRA strategies. Global states are built directly:
 
-* fedavg, lora-fair: ``(A random, B = 0)`` as ``fedlora.state.initial_state`` builds it
+* fedavg, lora-fair: ``(A random, B = 0)`` as ``fedlora.models.state.initial_state`` builds it
   (neither strategy reads it beyond ``merged``, which is empty);
 * flora (``--flora-round later``, the default): ``merged`` holds an earlier fold of
   rank ``min(d, K·r)``, so a round stacks, concatenates and, when the summed rank

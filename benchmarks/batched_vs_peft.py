@@ -34,8 +34,8 @@ def _data(n: int, tokens: int, vocab: int, num_labels: int) -> dict[str, torch.T
 
 def time_batched(base, data, k: int, args) -> float:
     """Seconds per client step for K clients batched."""
-    from fedlora.model import AdapterConfig, FederatedModel
-    from fedlora.train import ClientSampler, TrainConfig, train_clients
+    from fedlora.models.model import AdapterConfig, FederatedModel
+    from fedlora.training.train import ClientSampler, TrainConfig, train_clients
 
     fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[args.rank] * k, alpha=16.0))
     fm.reset_adapters(0)
@@ -94,7 +94,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
-    from fedlora.hub import load_model
+    from fedlora.models.hub import load_model
 
     base, _, path = load_model("minilm", "sequence-classification", num_labels=5)
     data = _data(256, args.tokens, 30000, 5)

@@ -1,7 +1,7 @@
 """DP-SGD step time over the non-private step: fedlora vs Opacus' default, same model and batch.
 
-* **fedlora**: one client's local steps through ``fedlora.train`` (non-private) and
-  ``fedlora.dpsgd`` (per-example gradients from hooks, clipping, noise, accounting).
+* **fedlora**: one client's local steps through ``fedlora.training.train`` (non-private) and
+  ``fedlora.privacy.dpsgd`` (per-example gradients from hooks, clipping, noise, accounting).
   The client holds exactly ``--batch-size`` examples and samples them at rate 1, so
   every step sees the same batch in both modes.
 * **fedlora client via Opacus** (``--dp-backend opacus``, a deployed client's default):
@@ -68,7 +68,7 @@ def timed(steps: dict, device, warmup: int, repeats: int) -> dict[str, float]:
 def batch_of(args, path: str) -> dict[str, torch.Tensor]:
     from transformers import AutoTokenizer
 
-    from fedlora.data import load_bbcnews
+    from fedlora.data.loading import load_bbcnews
 
     ds = load_bbcnews()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -79,9 +79,9 @@ def batch_of(args, path: str) -> dict[str, torch.Tensor]:
 
 
 def fedlora_steps(args, base, data, device) -> dict:
-    from fedlora.model import AdapterConfig, FederatedModel
-    from fedlora.privacy import Budget
-    from fedlora.train import ClientSampler, TrainConfig, local_training
+    from fedlora.models.model import AdapterConfig, FederatedModel
+    from fedlora.privacy.accounting import Budget
+    from fedlora.training.train import ClientSampler, TrainConfig, local_training
 
     fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[args.rank], alpha=16.0)).to(device)
     fm.reset_adapters(0)

@@ -5,19 +5,19 @@ K clients hold ``2·B·(k+1)`` examples (k = 0..K-1) of BBC News or of SST-2's t
 (expected ``B`` each). Five steps of the same job are timed, each on one batched model of K
 slots:
 
-* **non-private**: ``fedlora.train.train_clients``, ``B`` examples per client, dynamic padding
+* **non-private**: ``fedlora.training.train.train_clients``, ``B`` examples per client, dynamic padding
   with rows grouped by length;
-* **DP packed**: ``fedlora.dpsgd.dp_train_clients``: every client's Poisson batch back to
+* **DP packed**: ``fedlora.privacy.dpsgd.dp_train_clients``: every client's Poisson batch back to
   back, ``Σ_k |batch_k|`` rows, grouped by length as the non-private step's;
 * **DP one pass**: the packed rows in one pass, every row padded to the step's longest (the
   DP step before it grouped rows; :func:`one_pass`). With rows of one length (BBC News cut
   at ``--max-length``) it is the packed step; with SST-2's short phrases it is not;
 * **DP padded**: one pass in the earlier layout, every client's segment padded to the
   longest draw ``L`` with zero-weight rows (``K·L`` rows; :func:`padded_passes` stands in for
-  ``fedlora.dpsgd.dp_passes`` while it runs). Padding rows have zero gradient, so the result
+  ``fedlora.privacy.dpsgd.dp_passes`` while it runs). Padding rows have zero gradient, so the result
   is the packed step's; only the work differs;
 * **DP before**: the padded layout with a full backward (the parameters' summed gradients
-  computed too, then discarded), as ``fedlora.dpsgd`` did before packing.
+  computed too, then discarded), as ``fedlora.privacy.dpsgd`` did before packing.
 
 DP draws are keyed to the seed (``dp_reproducible``) so that the i-th packed and the i-th
 padded step see the same batches.
@@ -35,11 +35,11 @@ import torch
 
 
 def padded_passes(fm, data, packed, cfg, device, full_backward=False):
-    """``fedlora.dpsgd.dp_passes`` with the padded layout: one pass of K segments of L rows,
+    """``fedlora.privacy.dpsgd.dp_passes`` with the padded layout: one pass of K segments of L rows,
     zero-weight padding; ``full_backward``: through the parameters too (the layout's original
     cost)."""
-    from fedlora import dpsgd
     from fedlora.kernels import Routing
+    from fedlora.privacy import dpsgd
     from fedlora.tasks import gather_rows
 
     m, L = len(packed.counts), max(1, int(packed.counts.max()))
@@ -67,8 +67,8 @@ def padded_passes(fm, data, packed, cfg, device, full_backward=False):
 
 @contextlib.contextmanager
 def patched(name: str, value):
-    """Run ``fedlora.dpsgd`` with its ``name`` replaced by ``value``."""
-    from fedlora import dpsgd
+    """Run ``fedlora.privacy.dpsgd`` with its ``name`` replaced by ``value``."""
+    from fedlora.privacy import dpsgd
 
     before = getattr(dpsgd, name)
     setattr(dpsgd, name, value)
@@ -79,12 +79,12 @@ def patched(name: str, value):
 
 
 def padded_layout(full_backward: bool = False):
-    """Run ``fedlora.dpsgd`` with :func:`padded_passes` instead of its packed ``dp_passes``."""
+    """Run ``fedlora.privacy.dpsgd`` with :func:`padded_passes` instead of its packed ``dp_passes``."""
     return patched("dp_passes", functools.partial(padded_passes, full_backward=full_backward))
 
 
 def one_pass():
-    """Run ``fedlora.dpsgd`` with its packed rows in one pass (no length groups: every row padded
+    """Run ``fedlora.privacy.dpsgd`` with its packed rows in one pass (no length groups: every row padded
     to the step's longest), as before the DP step grouped rows by length."""
     return patched("row_groups", lambda data, rows, pad_to_longest: None)
 
@@ -100,7 +100,7 @@ def _texts(args, n: int) -> tuple[list[str], list[int]]:
             rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
         texts, labels = [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
     else:
-        from fedlora.data import load_bbcnews
+        from fedlora.data.loading import load_bbcnews
 
         ds = load_bbcnews()
         texts, labels = ds.texts, ds.labels
@@ -131,8 +131,8 @@ class ClientJob:
 
     def rows(self, batch_size: int) -> tuple[float, float]:
         """Mean rows per DP step over the rounds drawn: ``(packed Σ_k n_k, padded K·L)``."""
-        from fedlora.dpsgd import poisson_batches
-        from fedlora.train import ClientSampler
+        from fedlora.privacy.dpsgd import poisson_batches
+        from fedlora.training.train import ClientSampler
 
         packed, padded = [], []
         for rnd in self.dp_rounds:
@@ -148,10 +148,10 @@ class ClientJob:
 
 def client_job(args, base, path: str, device: torch.device) -> ClientJob:
     """The steps of :class:`ClientJob` on one K-slot MiniLM (LoRA ``args.rank``)."""
-    from fedlora.dpsgd import dp_train_clients
-    from fedlora.model import AdapterConfig, FederatedModel
-    from fedlora.privacy import Budget
-    from fedlora.train import ClientSampler, TrainConfig, train_clients
+    from fedlora.models.model import AdapterConfig, FederatedModel
+    from fedlora.privacy.accounting import Budget
+    from fedlora.privacy.dpsgd import dp_train_clients
+    from fedlora.training.train import ClientSampler, TrainConfig, train_clients
 
     data, parts = client_data(args, path)
     fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[args.rank] * args.clients,

@@ -9,7 +9,7 @@ under DP: q_k = batch / n_k), ``--rounds`` × ``--local-steps`` steps per client
   same job without DP), the final and best dev accuracy, σ, q, the steps each client took and
   the ε every client ended at.
 * ``--sweep``: FFA-LoRA at ε = 8 over learning rates × clipping norms (and head options),
-  fewer rounds: the source of the ``--dp sample`` defaults (``fedlora.config.DP_RECIPE``).
+  fewer rounds: the source of the ``--dp sample`` defaults (``fedlora.job.defaults.DP_RECIPE``).
 * ``--client-level``: ``--dp client`` (the server clips and noises each client's update) with
   ``--clients`` clients (e.g. 100) and ``--per-round`` of them per round, at ε = 8 and without DP.
 * ``--snr``: each strategy's ε = 8 job at its start (after its initialisation): per-example
@@ -188,9 +188,9 @@ def norms(args: argparse.Namespace) -> int:
     adapter, Fed-SB's frozen factors drawn at random): their quantiles and the head's share."""
     import torch
 
-    from fedlora.config import JobConfig
-    from fedlora.dpsgd import Capture, grad_samples
-    from fedlora.setup import build_model
+    from fedlora.job.schema import JobConfig
+    from fedlora.job.setup import build_model
+    from fedlora.privacy.dpsgd import Capture, grad_samples
     from fedlora.strategies import strategy_class
     from fedlora.tasks import get_task
 
@@ -224,18 +224,17 @@ def norms(args: argparse.Namespace) -> int:
 def started(args: argparse.Namespace, strategy: str):
     """``(job, coordinator)``: the strategy's ε = 8 job of the table (its flags), built and past its
     initialisation (e.g. the public start), as ``fedlora-sim`` would run it."""
-    from fedlora.config import to_config
-    from fedlora.rounds import Coordinator
+    from fedlora.rounds.coordinator import Coordinator
+    from fedlora.rounds.loop import Phases
+    from fedlora.simulations.batched import BatchedTransport
     from fedlora.simulations.cli import build_parser, check_args
-    from fedlora.simulations.engine import InitBytes, build_job
+    from fedlora.simulations.engine import build_job
 
     flags = job(args, strategy, "8", Path(args.out) / f"start-{strategy}", [*args.job_flags, *args.dp_flags])
-    parsed = build_parser().parse_args(flags)
-    check_args(parsed)
-    cfg = to_config(parsed)
+    cfg = check_args(build_parser().parse_args(flags))
     built = build_job(cfg)
     coord = Coordinator(cfg, built.strategy, built.fm, built.test, built.public)
-    coord.start(InitBytes(built, cfg.sampled(0)))
+    coord.start(Phases(BatchedTransport(built, coord), cfg.sampled(0)))
     return built, coord
 
 
@@ -246,8 +245,8 @@ def snr(args: argparse.Namespace) -> int:
     the norm of one step's noise on that mean, ``σ C / B · √D`` (σ: the job's calibrated one)."""
     import torch
 
-    from fedlora.dpsgd import Capture, clip_factors, grad_samples
     from fedlora.kernels import Routing
+    from fedlora.privacy.dpsgd import Capture, clip_factors, grad_samples
     from fedlora.tasks import gather_rows
 
     for strategy in args.strategies.split(","):
@@ -279,8 +278,14 @@ def study_run(built, tc, C: float, sigma: float, steps: int, schedule: str = "co
     accuracy"`` every 20 steps."""
     import torch
 
-    from fedlora.dpsgd import clipped_sums, noise_generator, noisy_mean, pass_sums, poisson_batches
-    from fedlora.optim import make_optimizer
+    from fedlora.privacy.dpsgd import (
+        clipped_sums,
+        noise_generator,
+        noisy_mean,
+        pass_sums,
+        poisson_batches,
+    )
+    from fedlora.training.optim import make_optimizer
 
     fm, sampler, batch = built.fm, built.samplers[0], built.cfg.batch_size
     sampler.start_round(1)
@@ -314,7 +319,7 @@ def clip_study(args: argparse.Namespace) -> int:
     steps under each ``C:σ`` of ``--study-settings`` (C: a number, ``inf`` for no clipping, ``job``
     for the job's clip; σ: a number, or ``job`` for the job's calibrated one): the training loss
     and dev accuracy every 20 steps. Separates what the clip does from what the noise does."""
-    from fedlora.train import TrainConfig
+    from fedlora.training.train import TrainConfig
 
     for strategy in args.strategies.split(","):
         built, coord = started(args, strategy)

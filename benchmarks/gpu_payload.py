@@ -66,7 +66,7 @@ def smollm2(dest: Path) -> None:
     """SmolLM2-135M-Instruct's config and tokenizer (from the bundled GGUF file's cached folder)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from fedlora.hub import resolve_model_path
+    from fedlora.models.hub import resolve_model_path
 
     folder = resolve_model_path("smollm2")
     AutoConfig.from_pretrained(folder, local_files_only=True).save_pretrained(dest)

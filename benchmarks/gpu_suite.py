@@ -68,7 +68,7 @@ MANIFEST = "manifest.json"
 # --- payload parts: split here, joined there ---------------------------------------------------
 
 def sha256(path: Path) -> str:
-    """A file's SHA-256 (fedlora.hub has one too, but nothing of fedlora is installed yet here)."""
+    """A file's SHA-256 (fedlora.models.hub has one too, but nothing of fedlora is installed yet here)."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

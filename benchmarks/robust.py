@@ -2,7 +2,7 @@
 
 The job (every run, ``fedlora-sim``): MiniLM on BBC News, 10 IID clients, every client in every
 round, ``--rounds`` rounds of 10 local steps of 8 examples, LoRA r = 8, the strategy's default
-learning rate, seed 0. Client 0 attacks (``simulations/attacks.py``):
+learning rate, seed 0. Client 0 attacks (``fedlora/rounds/attacks.py``):
 
 * ``scale:100``: its update blown up 100 times; ``flip``: its update's sign flipped (the same
   size); ``claim:1e9``: its honest update with 10⁹ examples claimed.

@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def job_config(args, **over):
-    from fedlora.config import JobConfig
+    from fedlora.job.schema import JobConfig
 
     kw = dict(strategy="fedavg", model=args.model, num_clients=args.clients, rounds=args.rounds,
               local_steps=args.local_steps, batch_size=args.batch_size, rank=args.rank, lr=2e-3,
@@ -95,8 +95,8 @@ def _sync(device: torch.device) -> None:
 
 def stock_round(args, work: Path, env: dict) -> dict:
     """The last round of the stock app on Flower's simulation engine (its STOCK_ROUND line)."""
+    from fedlora.net.tls import free_port
     from fedlora.server.launch import SuperLink, tool, write_connection
-    from fedlora.tls import free_port
 
     home, port = work / "flwr-home", free_port()
     write_connection(home, f"127.0.0.1:{port}", None)

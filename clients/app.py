@@ -3,7 +3,7 @@
 Replies carry the upload (``upload`` arrays, or ``grads`` for Fed-SB's round 0; with
 ``--secagg`` SecAgg+'s masked update, see ``clients/secagg.py``) and ``metrics``
 (``num-examples``, ``train-loss``, ``train-seconds``, ``rank``, ``client-id``). The node's
-:class:`fedlora.local.LocalClient` (model, data, folds)
+:class:`fedlora.training.client.LocalClient` (model, data, folds)
 is cached per (run, node): under ``fedlora-client`` the ClientApp runs inside one
 long-lived process, so the base model is loaded once per run, not per message. What must
 outlive a rebuilt client (its DP ledger, the personal factors its strategy keeps) is kept in
@@ -16,20 +16,25 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor
 
 from fedlora.clients.secagg import is_secure, secagg_bridge, secure_reply
-from fedlora.config import from_run_config
-from fedlora.local import ClientData, LocalClient
-from fedlora.state import probes_from_tensors
-from fedlora.wire import from_record, to_record
+from fedlora.job.checks import check_job_args
+from fedlora.job.runconfig import from_run_config
+from fedlora.models.state import probes_from_tensors
+from fedlora.rounds.checkpoint import load_tensors, save_tensors
+from fedlora.rounds.wire import from_record, to_record
+from fedlora.training.client import ClientData, LocalClient
 
 app = ClientApp(mods=[secagg_bridge])
 KEPT = "fedlora-kept"  # context.state record: the client's personal factors (plan's keep)
 _CACHE: dict[tuple[int, int], LocalClient] = {}
+CACHED_CLIENTS = 1
+"""Clients this process keeps warm: a SuperNode serves one node; a Ray actor of Flower's simulation
+serves many virtual nodes and keeps one model at a time (the others are rebuilt from their
+``context.state``); an in-process test grid may keep one per node."""
 
 
 def local_client(msg: Message, context: Context) -> LocalClient:
@@ -38,8 +43,12 @@ def local_client(msg: Message, context: Context) -> LocalClient:
     client = _CACHE.get(key)
     if client is None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        _CACHE.clear()  # one run at a time: release the previous run's model
+        for other in [k for k in _CACHE if k[0] != context.run_id]:
+            del _CACHE[other]  # one run at a time: release the previous run's models
+        while _CACHE and len(_CACHE) >= CACHED_CLIENTS:
+            del _CACHE[next(iter(_CACHE))]  # the oldest
         cfg = from_run_config(dict(context.run_config))
+        check_job_args(cfg)  # the run config's job, checked once as the server checked it
         labels = [n for n in msg.content["config"]["label-names"] if n]
         client = LocalClient(cfg, ClientData.from_node_config(dict(context.node_config)), labels)
         _CACHE[key] = client
@@ -78,11 +87,12 @@ def read_kept(client: LocalClient, context: Context) -> dict[int, dict[str, Tens
     ``context.state`` (Flower's simulation rebuilds clients), else from its file (a restarted
     node, or a resumed server, which starts a new Flower run)."""
     flat: dict[str, Tensor] = {}
-    path = ledger_path(client, context).with_suffix(".kept.pt")
+    path = ledger_path(client, context).with_suffix(".kept.safetensors")
+    old = path.with_suffix(".pt")  # an older fedlora's torch.save file: read without unpickling code
     if KEPT in context.state.array_records:
         flat = from_record(context.state[KEPT])
-    elif path.is_file():
-        flat = torch.load(path)
+    elif path.is_file() or old.is_file():
+        flat = load_tensors(path if path.is_file() else old)
     out: dict[int, dict[str, Tensor]] = {}
     for key, t in flat.items():  # "t<round>.<layer>.lora_<F>"
         rnd, _, name = key.partition(".")
@@ -95,11 +105,7 @@ def _keep_factors(client: LocalClient, context: Context) -> None:
     if not kept:
         return
     context.state[KEPT] = to_record(kept)
-    path = ledger_path(client, context).with_suffix(".kept.pt")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(kept, tmp)
-    os.replace(tmp, path)
+    save_tensors(ledger_path(client, context).with_suffix(".kept.safetensors"), kept)  # atomic
 
 
 def _keep_ledger(client: LocalClient, context: Context) -> None:
@@ -162,7 +168,12 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def gradient(msg: Message, context: Context) -> Message:
-    """An initialisation phase (Fed-SB): this client's ``Lᵀ G R`` for the message's probes."""
+    """An initialisation phase (Fed-SB): this client's ``Lᵀ G R`` for the message's probes; or,
+    for an ``identify`` query, which client this node is (from its node config, before any model
+    is loaded): the server samples rounds by client id."""
+    if msg.content["config"].get("identify"):
+        where = ClientData.from_node_config(dict(context.node_config))
+        return Message(RecordDict({"metrics": MetricRecord({"client-id": where.client_id})}), reply_to=msg)
     client = local_client(msg, context)
     tensors = from_record(msg.content["probes"]) if "probes" in msg.content.array_records else {}
     probes = probes_from_tensors(tensors, list(client.fm.adapters))

@@ -18,10 +18,10 @@ import sys
 import threading
 from pathlib import Path
 
-from fedlora.config import Parser
 from fedlora.errors import UserError, command
-from fedlora.process import die_with_parent
-from fedlora.tls import check_certificate, check_private_key, free_port, parse_address
+from fedlora.job.flags import Parser
+from fedlora.net.process import die_with_parent
+from fedlora.net.tls import check_certificate, check_private_key, free_port, parse_address
 
 log = logging.getLogger("fedlora.client")
 

@@ -3,7 +3,7 @@
 :func:`secagg_bridge` hands a ``train`` message to ``flwr.client.mod.secaggplus_mod`` when it
 carries SecAgg+'s config record (the server's four protocol stages), and passes every other
 message straight on. In the stage that trains, the mod calls fedlora's handler, which answers with
-:func:`secure_reply`: the clipped update ``Δ_k`` (``fedlora.secagg``) in Flower's ``FitRes``
+:func:`secure_reply`: the clipped update ``Δ_k`` (``fedlora.privacy.secagg``) in Flower's ``FitRes``
 layout, the only layout the mod reads. The mod quantizes and masks it and strips the arrays
 before the reply leaves the node: what reaches the server is the masked vector and the metrics.
 """
@@ -17,8 +17,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-from fedlora.local import LocalClient
-from fedlora.secagg import client_weight, clip_update, flatten
+from fedlora.privacy.secagg import client_weight, clip_update, flatten
+from fedlora.training.client import LocalClient
 
 SECAGG_RECORD = RECORD_KEY_CONFIGS
 """The config record SecAgg+ adds to its messages (``secaggplus``)."""

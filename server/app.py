@@ -1,46 +1,44 @@
 """The Flower ``ServerApp``: ``flwr run .`` or ``fedlora-server`` start it on a SuperLink.
 
 It reads the job from the run config (the ``fedlora-sim`` flag names, see
-``fedlora.config``), builds a one-slot model to evaluate the global adapter on the
-held-out split, runs :class:`fedlora.server.strategy.FedLoRA`, and writes
-``metrics.jsonl``, ``config.json``, ``checkpoint.pt``, ``adapter/`` and
+``fedlora.job``), builds a one-slot model to evaluate the global adapter on the
+held-out split, runs the round loop (:mod:`fedlora.rounds.loop`) over
+:class:`fedlora.server.flower_transport.FlowerTransport`, and writes
+``metrics.jsonl``, ``config.json``, ``checkpoint.safetensors``, ``adapter/`` and
 ``status.json`` (``running`` / ``finished`` / ``failed`` with the reason) into the
 run config's ``out`` folder.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.config import JobConfig, from_run_config
-from fedlora.export import export_peft
-from fedlora.process import die_with_parent
-from fedlora.rounds import CHECKPOINT, Coordinator, make_strategy
+from fedlora.job.checks import check_job_args
+from fedlora.job.runconfig import from_run_config
+from fedlora.job.schema import JobConfig
+from fedlora.job.setup import build_model, public_data, splits
+from fedlora.models.export import export_peft
+from fedlora.net.process import die_with_parent
+from fedlora.rounds import loop
+from fedlora.rounds.build import make_strategy
+from fedlora.rounds.checkpoint import find_checkpoint
+from fedlora.rounds.coordinator import Coordinator
+from fedlora.rounds.sink import RunFolder
+from fedlora.rounds.validate import request_limit
+from fedlora.server.flower_transport import FlowerTransport, RoundSettings
 from fedlora.server.ingress import write_limit
-from fedlora.server.strategy import FedLoRA, RoundSettings
-from fedlora.server.transport import fast_object_pulls
-from fedlora.setup import build_model, public_data, splits
+from fedlora.server.polling import fast_object_pulls
 from fedlora.tasks import get_task
-from fedlora.validate import request_limit
 
 app = ServerApp()
 log = logging.getLogger("fedlora.server")
-
-
-def write_status(out_dir: Path, state: str, **extra) -> None:
-    """``status.json``, replaced atomically (``fedlora-server`` polls it)."""
-    tmp = out_dir / ".status.json.tmp"
-    tmp.write_text(json.dumps({"state": state, **extra}) + "\n")
-    os.replace(tmp, out_dir / "status.json")
 
 
 def build_coordinator(cfg: JobConfig) -> tuple[Coordinator, str, list[str]]:
@@ -73,41 +71,44 @@ def lock_out_dir(out_dir: Path, timeout: float = 60.0):
 
 
 def run_server(grid, run_config: dict, run_id: int = 0) -> None:
-    """The whole server side of a run (also callable without Flower's process wrapper)."""
+    """The whole server side of a run (also callable without Flower's process wrapper): the round
+    loop of every engine over the Flower transport, into the run config's ``out`` folder."""
     cfg = from_run_config(run_config)
+    check_job_args(cfg)  # the run config's job, checked once as fedlora-sim checks its flags
     out_dir = Path(str(run_config["out"])).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    sink = RunFolder(out_dir, checkpoints=True, on_round=_log_round)
     lock = lock_out_dir(out_dir)
     status = {"run_id": str(run_id), "pid": os.getpid()}
-    write_status(out_dir, "running", **status)
+    sink.status("running", **status)
     try:
         coord, model_path, labels = build_coordinator(cfg)
         # the SuperLink's limit on client pushes (ingress.py)
         write_limit(out_dir, request_limit(coord.fm, cfg, coord.plan, coord.strategy.init_releases > 0))
-        ckpt = out_dir / CHECKPOINT
-        if bool(run_config.get("resume", False)) and ckpt.is_file():
+        ckpt = find_checkpoint(out_dir)  # checkpoint.safetensors, else an older fedlora's checkpoint.pt
+        if bool(run_config.get("resume", False)) and ckpt is not None:
             coord.restore(ckpt)
-            _rewrite_metrics(out_dir, coord.rows)
+            sink.resume(coord.rows)
             log.info("resuming after round %d", coord.round)
         else:
-            (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-            (out_dir / "metrics.jsonl").write_text("")
-        strategy = FedLoRA(coord, RoundSettings.from_run_config(run_config), out_dir, labels)
-        strategy.start(grid)
+            sink.begin(cfg)
+        settings = RoundSettings.from_run_config(run_config)
+        log.info("fedlora %s: %d rounds, rank %d, %d clients (%d per round; min %d replies, timeout %.0fs)",
+                 cfg.strategy, cfg.rounds, cfg.rank, cfg.num_clients, len(cfg.sampled(1)),
+                 settings.min_replies, settings.round_timeout)
+        loop.run(coord, FlowerTransport(grid, coord, settings, labels), sink)
         export_peft(coord.state, list(coord.fm.adapters), out_dir / "adapter", model_path,
                     coord.task.peft_task_type, list(coord.fm.heads))
     except BaseException as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        write_status(out_dir, "failed", error=reason, **status)
+        sink.status("failed", error=reason, **status)
         raise
-    write_status(out_dir, "finished", rounds=coord.round, **status)
+    sink.status("finished", rounds=coord.round, **status)
     lock.close()
 
 
-def _rewrite_metrics(out_dir: Path, rows: list[dict]) -> None:
-    tmp = out_dir / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, out_dir / "metrics.jsonl")
+def _log_round(row: dict) -> None:
+    log.info("round %d done: %s %.4f, %d clients", row["round"], row["metric"], row["accuracy"],
+             row["clients"])
 
 
 @app.main()

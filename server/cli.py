@@ -4,7 +4,7 @@ Starts a Flower SuperLink on ``--host:--port`` (HTTP, or HTTPS with the
 ``--ssl-*`` files), waits for it, registers the ``--auth-keys`` of allowed nodes,
 submits the fedlora app with the job below, and prints one line per round. The
 results land in ``--out`` as with ``fedlora-sim``: ``metrics.jsonl``,
-``config.json``, ``adapter/`` (PEFT), plus ``checkpoint.pt`` after every round;
+``config.json``, ``adapter/`` (PEFT), plus ``checkpoint.safetensors`` after every round;
 ``fedlora-server --resume DIR`` continues a stopped run from its last round.
 """
 
@@ -12,24 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from fedlora.checks import check_job_args, check_out_dir
-from fedlora.config import (
-    JobConfig,
-    Parser,
-    add_job_arguments,
-    from_dict,
-    to_config,
-    to_run_config,
-)
 from fedlora.errors import UserError, command
-from fedlora.rounds import format_row
-from fedlora.server import ingress
+from fedlora.job.checks import check_job_args, check_out_dir
+from fedlora.job.flags import Parser, add_job_arguments, to_config
+from fedlora.job.runconfig import from_dict
+from fedlora.job.schema import JobConfig
+from fedlora.net.tls import check_certificate, check_port_free, check_private_key, check_public_key
+from fedlora.rounds.rows import format_row
 from fedlora.strategies import STRATEGIES
-from fedlora.tls import check_certificate, check_port_free, check_private_key, check_public_key
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,13 +78,13 @@ def check_security(args: argparse.Namespace) -> None:
 def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
     """The job and output folder: from the flags, or from ``--resume DIR``."""
     if args.resume is None:
-        check_job_args(args)
+        cfg = to_config(args)
+        check_job_args(cfg)
         check_out_dir(args.out, args.overwrite)
         if args.min_replies < 1 or args.min_replies > args.num_clients:
             raise UserError(f"--min-replies must be in 1..--num-clients ({args.num_clients}),"
                             f" got {args.min_replies}")
-        cfg = to_config(args)
-        from fedlora.rounds import make_strategy  # deferred start-up import (torch)
+        from fedlora.rounds.build import make_strategy  # deferred start-up import (torch
 
         make_strategy(cfg)  # a strategy, option or defence that cannot be built: one line, now
         if cfg.dp == "sample" or STRATEGIES[cfg.strategy].adapter_plan.keep:
@@ -100,19 +93,11 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
 
             cfg.dp_run_id = uuid.uuid4().hex
         return cfg, args.out
-    ckpt, conf = args.resume / "checkpoint.pt", args.resume / "config.json"
-    if not ckpt.is_file() or not conf.is_file():
-        raise UserError(f"--resume {str(args.resume)!r} has no checkpoint.pt and config.json of a"
+    ckpt, conf = args.resume / "checkpoint.safetensors", args.resume / "config.json"
+    if not (ckpt.is_file() or ckpt.with_suffix(".pt").is_file()) or not conf.is_file():  # .pt: older fedlora
+        raise UserError(f"--resume {str(args.resume)!r} has no checkpoint.safetensors and config.json of a"
                         " fedlora-server run")
     return from_dict(json.loads(conf.read_text())), args.resume
-
-
-def run_config(cfg: JobConfig, args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
-    rc = to_run_config(cfg)
-    rc.update({"out": str(out_dir.resolve()), "resume": args.resume is not None,
-               "round-timeout": float(args.round_timeout), "min-replies": int(args.min_replies),
-               "max-update-norm": float(args.max_update_norm), "stateless-clients": False})
-    return rc
 
 
 def superlink_args(args: argparse.Namespace) -> list[str]:
@@ -133,33 +118,19 @@ def _format(row: dict) -> str:
 
 
 def serve(args: argparse.Namespace, cfg: JobConfig, out_dir: Path) -> int:
-    from fedlora.server.launch import SuperLink, follow, register_keys, submit, write_app, write_connection
+    from fedlora.server.launch import launch, run_config
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if args.resume is None:
-        for name in ("metrics.jsonl", "config.json", "checkpoint.pt", "status.json"):
-            (out_dir / name).unlink(missing_ok=True)
-    else:
-        (out_dir / "status.json").unlink(missing_ok=True)
-    home = out_dir / ".flwr"
-    # the SuperLink starts flower-superexec and flwr-serverapp by name: this environment's first
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = dict(os.environ, FLWR_HOME=str(home.resolve()), HF_HUB_OFFLINE="1",
-               FLWR_DISABLE_UPDATE_CHECK="1", PATH=path)
-    env[ingress.ENV] = str(out_dir.resolve() / ingress.LIMIT_FILE)  # the ServerApp writes the job's limit
-    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    write_connection(home, f"{local}:{args.port}", None if args.insecure else args.ssl_ca_certfile)
-    link = SuperLink(superlink_args(args), out_dir / "superlink.log", env)
-    try:
-        link.wait_ready(local, args.port)
-        register_keys(list(args.auth_keys or []), env)
-        run_id = submit(write_app(home / "app", run_config(cfg, args, out_dir)), env)
+    rc = run_config(cfg, out_dir, resume=args.resume is not None, round_timeout=args.round_timeout,
+                    min_replies=args.min_replies, max_update_norm=args.max_update_norm)
+
+    def started(run_id: int) -> None:
         print(f"fedlora-server: run {run_id} on {args.host}:{args.port}, waiting for"
               f" {cfg.num_clients} client(s); results in {out_dir}", file=sys.stderr, flush=True)
-        status = follow(out_dir, link, lambda row: None if args.quiet else print(_format(row), flush=True),
-                        run_id)
-    finally:
-        link.stop()
+
+    status = launch(rc, superlink_args(args), args.host, args.port,
+                    ca=None if args.insecure else args.ssl_ca_certfile, keys=list(args.auth_keys or []),
+                    on_row=lambda row: None if args.quiet else print(_format(row), flush=True),
+                    on_submit=started)
     if status["state"] != "finished":
         print(f"fedlora-server: error: {status.get('error', 'run failed')}", file=sys.stderr)
         return 1

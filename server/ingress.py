@@ -7,7 +7,7 @@ ASGI middleware (:class:`RequestLimit`) refuses a push larger than the job allow
 its ``Content-Length`` (or, for a streamed body, as soon as the bytes read pass the limit), before
 the body is read.
 
-The limit is the ServerApp's (``fedlora.validate.request_limit``): three times the largest reply the
+The limit is the ServerApp's (``fedlora.rounds.validate.request_limit``): three times the largest reply the
 adapter plan allows (a float32 upload; Fed-SB's dense initialisation gradients when clients answer
 its initialisation; SecAgg+'s masked int64 vectors are twice a float32 upload) plus 1 MiB of
 framing. The ServerApp writes it to

@@ -1,10 +1,11 @@
-"""Start a SuperLink, submit the fedlora app to it, and follow the run.
+"""Start a SuperLink, submit the fedlora app to it, and follow the run: :func:`launch`.
 
-``fedlora-server`` does what a user would otherwise type by hand: start
-``flower-superlink`` (runtime dependency installation disabled), wait until it
-answers, register node public keys, write a private ``$FLWR_HOME/config.toml``
-connection, ``flwr run`` a generated app folder whose ``[tool.flwr.app.config]`` is
-the job, then follow ``status.json`` / ``metrics.jsonl`` in the output folder.
+``fedlora-server`` and ``fedlora-sim --engine flower`` both do what a user would otherwise type by
+hand: start ``flower-superlink`` (runtime dependency installation disabled; as a deployment, or
+with ``--simulation``), wait until it answers, register node public keys, write a private
+``$FLWR_HOME/config.toml`` connection, ``flwr run`` a generated app folder whose
+``[tool.flwr.app.config]`` is the job (:func:`run_config`), then follow ``status.json`` /
+``metrics.jsonl`` in the output folder.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedlora.errors import UserError
-from fedlora.process import die_with_parent
+from fedlora.job.runconfig import to_run_config
+from fedlora.job.schema import JobConfig
+from fedlora.net.process import die_with_parent
+from fedlora.server import ingress
 
 CONNECTION = "fedlora"
 
@@ -168,3 +172,68 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except (OSError, IndexError):
         return True
+
+
+OUTPUTS = ("metrics.jsonl", "config.json", "checkpoint.safetensors", "checkpoint.pt", "status.json")
+"""What a fresh run replaces in its output folder."""
+
+
+def run_config(cfg: JobConfig, out_dir: Path, *, resume: bool = False, round_timeout: float = 600.0,
+               min_replies: int = 1, max_update_norm: float = 1e4,
+               stateless: bool = False) -> dict[str, object]:
+    """The ServerApp's run config: the job's keys (``to_run_config``) plus the round settings of
+    :class:`fedlora.server.flower_transport.RoundSettings` and the output folder."""
+    rc = to_run_config(cfg)
+    rc.update({"out": str(out_dir.resolve()), "resume": bool(resume), "round-timeout": float(round_timeout),
+               "min-replies": int(min_replies), "max-update-norm": float(max_update_norm),
+               "stateless-clients": bool(stateless)})
+    return rc
+
+
+def launch(rc: dict[str, object], link_args: list[str], host: str, port: int, *,
+           ca: Path | None = None, keys: list[Path] | tuple = (), env: dict | None = None,
+           run_options: list[str] | None = None, on_row: Callable[[dict], None] = lambda row: None,
+           on_submit: Callable[[int], None] = lambda run_id: None) -> dict:
+    """Run the job of run config ``rc`` on a SuperLink started here; its final ``status.json``.
+
+    Parameters
+    ----------
+    rc : dict
+        The run config (:func:`run_config`); its ``out`` folder gets the results, and with
+        ``resume`` false the outputs of an earlier run there are removed first.
+    link_args : list of str
+        ``flower-superlink`` options (TLS files or ``--insecure``, ``--simulation``, ...).
+    host, port : str, int
+        Where the SuperLink listens (``0.0.0.0`` is reached on loopback).
+    ca : Path, optional
+        The CA certificate of the SuperLink's TLS (None: plain HTTP).
+    keys : list of Path
+        Public keys of the nodes allowed to join (node authentication).
+    env : dict, optional
+        More environment for the SuperLink and the apps it starts.
+    run_options : list of str, optional
+        More ``flwr run`` options (``--federation-config`` of a simulation).
+    on_row, on_submit : callable
+        Called with every new metric row, and with the run id once submitted.
+    """
+    out_dir = Path(str(rc["out"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS if not rc.get("resume") else ("status.json",):
+        (out_dir / name).unlink(missing_ok=True)
+    home = (out_dir / ".flwr").resolve()
+    # the SuperLink starts flower-superexec and flwr-serverapp by name: this environment's first
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    full_env = dict(os.environ, FLWR_HOME=str(home), HF_HUB_OFFLINE="1", FLWR_DISABLE_UPDATE_CHECK="1",
+                    PATH=path, **(env or {}))
+    full_env[ingress.ENV] = str(out_dir.resolve() / ingress.LIMIT_FILE)  # the ServerApp writes the limit
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    write_connection(home, f"{local}:{port}", ca)
+    link = SuperLink(link_args, out_dir / "superlink.log", full_env)
+    try:
+        link.wait_ready(local, port)
+        register_keys(list(keys), full_env)
+        run_id = submit(write_app(home / "app", rc), full_env, extra=run_options)
+        on_submit(run_id)
+        return follow(out_dir, link, on_row, run_id)
+    finally:
+        link.stop()

@@ -14,7 +14,7 @@ sends every node the same ``FitIns``. This bridge, which adds no cryptography:
 
 What the server ever holds of a client is its public keys, encrypted key shares it forwards, its
 masked vector and its metrics; :func:`secure_round` returns the weighted mean update
-``Σ w_k Δ_k / Σ w_k`` (``fedlora.secagg``).
+``Σ w_k Δ_k / Σ w_k`` (``fedlora.privacy.secagg``).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from torch import Tensor
 
-from fedlora.secagg import MODULUS, max_weight, quantization_range, unflatten, value_range
-from fedlora.server.transport import collect
-from fedlora.validate import FRAMING
-from fedlora.wire import wire_bytes
+from fedlora.privacy.secagg import MODULUS, max_weight, quantization_range, unflatten, value_range
+from fedlora.rounds.validate import FRAMING
+from fedlora.rounds.wire import wire_bytes
+from fedlora.server.polling import collect
 
 log = logging.getLogger("fedlora.server")
 

@@ -7,11 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from fedlora.checks import check_job_args, check_out_dir
-from fedlora.config import Parser, add_job_arguments, to_config
 from fedlora.errors import UserError, command
-from fedlora.rounds import format_row
-from fedlora.simulations.attacks import Attack
+from fedlora.job.checks import check_job_args, check_out_dir
+from fedlora.job.flags import Parser, add_job_arguments, to_config
+from fedlora.job.schema import JobConfig
+from fedlora.rounds.attacks import Attack
+from fedlora.rounds.rows import format_row
 
 __all__ = ["add_scale_arguments", "build_parser", "check_args", "format_row", "main", "to_config"]
 
@@ -19,11 +20,9 @@ __all__ = ["add_scale_arguments", "build_parser", "check_args", "format_row", "m
 def add_scale_arguments(p: argparse.ArgumentParser, title: str = "scale") -> None:
     """Client sampling and pass size (shared with ``fedlora-compare``)."""
     scale = p.add_argument_group(title)
-    pick = scale.add_mutually_exclusive_group()
-    pick.add_argument("--clients-per-round", type=int, default=None,
-                      help="clients sampled per round (default: all); drawn from (seed, round)")
-    pick.add_argument("--fraction", type=float, default=None,
-                      help="fraction of clients sampled per round, in (0, 1]")
+    scale.add_argument("--fraction", type=float, default=None,
+                       help="fraction of clients sampled per round, in (0, 1] (instead of"
+                            " --clients-per-round)")
     scale.add_argument("--max-clients-per-pass", type=int, default=None,
                        help="clients trained together in one forward/backward (default: all the"
                             " round's clients on CPU; what fits in free memory on a GPU)")
@@ -63,17 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse bad values and an existing non-empty --out folder, in one line each."""
-    check_job_args(args)
+def check_args(args: argparse.Namespace) -> JobConfig:
+    """The job of the flags; bad values and an existing non-empty --out folder are refused in one
+    line each."""
     if args.fraction is not None:
+        if args.clients_per_round is not None:
+            raise UserError("--fraction and --clients-per-round both set the clients per round; give one")
         if not 0 < args.fraction <= 1:
             raise UserError(f"--fraction must be in (0, 1], got {args.fraction}")
         args.clients_per_round = max(1, round(args.fraction * args.num_clients))
-    for name in ("clients_per_round", "max_clients_per_pass"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+    if args.max_clients_per_pass is not None and args.max_clients_per_pass < 1:
+        raise UserError(f"--max-clients-per-pass must be ≥ 1, got {args.max_clients_per_pass}")
+    cfg = to_config(args)
+    check_job_args(cfg)
     if getattr(args, "engine", "batched") == "flower":  # fedlora-compare has no --engine
         if args.client_cpus <= 0 or args.client_gpus < 0:
             raise UserError("--client-cpus must be ≥ 1 and --client-gpus ≥ 0")
@@ -90,14 +91,14 @@ def check_args(args: argparse.Namespace) -> None:
         if not 1 <= args.attackers <= args.num_clients:
             raise UserError(f"--attack needs --attackers between 1 and --num-clients, got {args.attackers}")
     check_out_dir(args.out, args.overwrite)
+    return cfg
 
 
 @command("fedlora-sim")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedlora-sim``."""
     args = build_parser().parse_args(argv)
-    check_args(args)
-    cfg = to_config(args)
+    cfg = check_args(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn

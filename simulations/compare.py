@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from fedlora.config import JobConfig, Parser, add_job_arguments, parse_ranks, to_config
 from fedlora.errors import UserError, command
+from fedlora.job.flags import Parser, add_job_arguments
+from fedlora.job.schema import JobConfig, parse_ranks
 from fedlora.simulations.cli import add_scale_arguments, format_row
 from fedlora.simulations.cli import check_args as check_sim_args
 from fedlora.simulations.report import (
@@ -141,8 +142,7 @@ def plan_runs(args: argparse.Namespace) -> list[tuple[str, JobConfig]]:
     for label, name, ranks in specs:
         job = argparse.Namespace(**vars(args))
         job.strategy, job.ranks = name, ranks
-        check_sim_args(job)  # fedlora-sim's checks: job and scale values, --out
-        plan.append((label, to_config(job)))
+        plan.append((label, check_sim_args(job)))  # fedlora-sim's checks: job and scale values, --out
     return plan
 
 

@@ -1,41 +1,33 @@
 """In-process federated run on the batched core: every client of a round in one pass.
 
-Thin glue: data and model from ``fedlora``, the server side of a round from
-:class:`fedlora.rounds.Coordinator` (shared with ``fedlora-server``), the training
-loop from ``fedlora.train``. One round is
-
-1. every client loads the global state (its slot of the batched model),
-2. all clients train ``local_steps`` steps together (one forward/backward per step),
-3. each slot's adapter is extracted as that client's upload,
-4. the coordinator aggregates; the new global state is loaded and evaluated.
+Thin glue: the job's data and model (:func:`build_job`), the round loop of every engine
+(:func:`fedlora.rounds.loop.run`) over the batched transport (:mod:`fedlora.simulations.batched`:
+a round's clients train together, one forward/backward per step), the output folder as its sink.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fedlora.config import JobConfig
-from fedlora.data import partition
-from fedlora.export import export_peft
-from fedlora.model import FederatedModel
-from fedlora.privacy import Budget, sample_budgets
-from fedlora.rounds import Coordinator, make_strategy, personal_columns
-from fedlora.setup import build_model, personal_split, public_data, splits
-from fedlora.simulations.attacks import Attack, attack_uploads
-from fedlora.sketch import client_sketches
-from fedlora.state import extract_kept, extract_upload, load_kept, probe_tensors, upload_tensors
-from fedlora.strategies import ClientUpload, Probe, Strategy
+from fedlora.data.loading import partition
+from fedlora.job.schema import JobConfig
+from fedlora.job.setup import build_model, personal_split, public_data, splits
+from fedlora.models.export import export_peft
+from fedlora.models.model import FederatedModel
+from fedlora.privacy.accounting import Budget, sample_budgets
+from fedlora.rounds import loop
+from fedlora.rounds.build import make_strategy
+from fedlora.rounds.coordinator import Coordinator
+from fedlora.rounds.sink import RunFolder
+from fedlora.simulations.batched import BatchedTransport
+from fedlora.strategies import Strategy
 from fedlora.tasks import Task, get_task
-from fedlora.train import ClientSampler, TrainConfig, local_training
-from fedlora.wire import tensor_bytes
+from fedlora.training.train import ClientSampler
 
 SimConfig = JobConfig  # the simulator's name for a job's settings
 
@@ -105,109 +97,6 @@ def pass_size(cfg: JobConfig, clients: int) -> int:
     return max(1, min(clients, int(0.5 * free // (tokens * GPU_BYTES_PER_TOKEN))))
 
 
-def chunks(clients: list[int], size: int) -> list[list[int]]:
-    return [clients[i:i + size] for i in range(0, len(clients), size)]
-
-
-def local_round(job: Job, coord: Coordinator, rnd: int, clients: list[int],
-                on_step: Callable[[int], None] | None) -> tuple[list[ClientUpload], list[float]]:
-    """Train ``clients`` pass by pass from the global state; their uploads and losses."""
-    uploads, losses = [], []
-    for chunk in chunks(clients, job.fm.num_clients):
-        pad = [job.cfg.rank_of(chunk[0])] * (job.fm.num_clients - len(chunk))
-        job.fm.set_ranks([job.cfg.rank_of(c) for c in chunk] + pad)
-        coord.reload()
-        for k, c in enumerate(chunk):  # what each client kept from its last round (plan's keep)
-            if c in coord.personal:
-                load_kept(job.fm, k, coord.personal[c])
-        step = None if on_step is None else partial(on_step, len(chunk))
-        losses += local_training(job.fm, job.train, [job.samplers[c] for c in chunk],
-                                 TrainConfig.from_job(job.cfg, clip=coord.clip), rnd, _budgets(job, chunk),
-                                 step)
-        uploads += [extract_upload(job.fm, k, len(job.samplers[c])) for k, c in enumerate(chunk)]
-        if job.fm.config.plan.keep:
-            coord.personal.update({c: extract_kept(job.fm, k) for k, c in enumerate(chunk)})
-    return uploads, losses
-
-
-def personal_evaluation(job: Job, coord: Coordinator, clients: list[int]) -> dict:
-    """``--personal-test-fraction``: each client's own model (the global state plus what it
-    kept) on its own held-out examples, combined by :func:`fedlora.rounds.personal_columns`.
-    Slot 0 takes the client's rank first: FlexLoRA's clients start from their own rank's
-    truncation of the global update."""
-    if job.personal is None:
-        return {}
-    results = []
-    for c in clients:
-        job.fm.set_ranks([job.cfg.rank_of(c)] * job.fm.num_clients)
-        coord.reload()
-        if c in coord.personal:
-            load_kept(job.fm, 0, coord.personal[c])
-        results.append(job.task.evaluate(job.fm, job.personal[c], job.cfg))
-    coord.reload()
-    return personal_columns(results)
-
-
-def init_uploads(job: Job, clients: list[int], probes: dict[str, Probe], phase: int) -> list[ClientUpload]:
-    """One initialisation phase (Fed-SB): every client's ``Lᵀ G_k R``, pass by pass."""
-    out = []
-    for chunk in chunks(clients, job.fm.num_clients):
-        got = client_sketches(job.fm, job.train, [job.samplers[c] for c in chunk],
-                              TrainConfig.from_job(job.cfg), job.cfg.init_batches, probes,
-                              _budgets(job, chunk), phase)
-        out += [ClientUpload(num_examples=len(job.samplers[c]),
-                             grads={name: g[k] for name, g in got.items()}) for k, c in enumerate(chunk)]
-    return out
-
-
-def _budgets(job: Job, clients: list[int]) -> list[Budget] | None:
-    return None if job.budgets is None else [job.budgets[c] for c in clients]
-
-
-def privacy_columns(budgets: list[Budget] | None, clients: list[int], backend: str) -> dict:
-    """``--dp sample`` metric columns: ε spent by each client of the round, the largest, and
-    who computed DP-SGD (``backend``: fedlora or opacus)."""
-    if budgets is None:
-        return {}
-    return {"dp": "sample", "dp_backend": backend,
-            "epsilon_per_client": [round(budgets[c].spent, 4) for c in clients],
-            "epsilon": round(max(b.spent for b in budgets), 4),
-            "noise_multiplier": max(b.sigma for b in budgets)}
-
-
-class InitBytes:
-    """The simulator's ``gather`` of initialisation phases, counting each client's bytes up
-    (its uploads) and down (the probes) over the phases."""
-
-    def __init__(self, job: Job, clients: list[int]) -> None:
-        self.job, self.clients = job, clients
-        self.up: list[int] = []
-        self.down: list[int] = []
-
-    def __call__(self, phase: int, probes: dict[str, Probe]) -> list[ClientUpload]:
-        ups = init_uploads(self.job, self.clients, probes, phase)
-        sizes = [tensor_bytes(upload_tensors(u, self.job.strategy.plan(1))) for u in ups]
-        sent = [tensor_bytes(probe_tensors(probes))] * len(ups)
-        self.up = [a + b for a, b in zip(self.up or [0] * len(ups), sizes, strict=True)]
-        self.down = [a + b for a, b in zip(self.down or [0] * len(ups), sent, strict=True)]
-        return ups
-
-
-class _Bytes:
-    """Bytes down per client, serialising each distinct payload once per round."""
-
-    def __init__(self, coord: Coordinator) -> None:
-        self.coord, self.cache = coord, {}
-
-    def __call__(self, client: int) -> int:
-        folded = self.coord.synced.get(client, 0)
-        key = (self.coord.round, folded, client in self.coord.has_shared)
-        if key not in self.cache:
-            down, catch = self.coord.payload(client)
-            self.cache[key] = tensor_bytes(down) + tensor_bytes(catch)
-        return self.cache[key]
-
-
 def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = None,
         on_round: Callable[[dict], None] | None = None,
         schedule: Callable[[int], list[int]] | None = None) -> list[dict]:
@@ -218,45 +107,10 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
     of a deployed run, whose clients may have died: ``benchmarks/load.py``)."""
     t0 = time.perf_counter()
     job = build_job(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.write_text("")
+    sink = RunFolder(out_dir, on_round=on_round)
+    sink.begin(cfg)
     coord = Coordinator(cfg, job.strategy, job.fm, job.test, job.public)
-    init = InitBytes(job, cfg.sampled(0))
-    coord.start(init)
-    row0 = coord.row(init.up, init.down, None, None, time.perf_counter() - t0, len(init.up))
-    row0.update(privacy_columns(job.budgets, cfg.sampled(0) if init.up else [], cfg.dp_backend_for(False)))
-    _emit(metrics_path, row0, on_round)
-    attack = Attack.parse(cfg.attack) if cfg.attack else None
-    for rnd in range(1, cfg.rounds + 1):
-        t_round = time.perf_counter()
-        clients = (schedule or cfg.sampled)(rnd)
-        if job.budgets is not None:  # clients whose privacy budget is spent sit out
-            clients = [c for c in clients if job.budgets[c].can_step()]
-            if not clients:
-                print(f"fedlora: every client of round {rnd} has spent its privacy budget"
-                      f" (ε={cfg.epsilon:g}); stopping after round {rnd - 1}", file=sys.stderr)
-                break
-        down = [_Bytes(coord)(c) for c in clients]
-        plan = coord.plan
-        ups, losses = local_round(job, coord, rnd, clients, on_step)
-        ups = attack_uploads(ups, clients, attack, cfg.attackers, coord.state, plan)
-        for c in clients:
-            coord.delivered(c)
-        agg = coord.aggregate(ups)
-        row = coord.row([tensor_bytes(upload_tensors(u, plan)) for u in ups], down, agg.agg_error, losses,
-                        time.perf_counter() - t_round, len(ups))
-        row.update(privacy_columns(job.budgets, clients, cfg.dp_backend_for(False)))
-        row.update(personal_evaluation(job, coord, clients))
-        _emit(metrics_path, row, on_round)
+    loop.run(coord, BatchedTransport(job, coord, on_step), sink, schedule, started=t0)
     export_peft(coord.state, list(job.fm.adapters), out_dir / "adapter", job.model_path,
                 job.task.peft_task_type, list(job.fm.heads))
     return coord.rows
-
-
-def _emit(path: Path, row: dict, on_round: Callable[[dict], None] | None) -> None:
-    with path.open("a") as fh:
-        fh.write(json.dumps(row) + "\n")
-    if on_round is not None:
-        on_round(row)

@@ -18,13 +18,14 @@ most one client's model, so the server re-sends what a client would otherwise ke
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fedlora.config import JobConfig, to_run_config
 from fedlora.errors import UserError
+from fedlora.job.schema import JobConfig
+from fedlora.net.tls import free_port
+from fedlora.server.launch import launch
+from fedlora.server.launch import run_config as server_run_config
 
 __all__ = ["run_flower"]
 
@@ -38,14 +39,13 @@ def _check_ray() -> None:
 
 
 def run_config(cfg: JobConfig, out_dir: Path, round_timeout: float) -> dict[str, object]:
-    """The ServerApp's run config for ``cfg``: every client replies, clients are stateless."""
-    rc = to_run_config(cfg)
+    """The ServerApp's run config for ``cfg``: every sampled client must reply, clients are stateless."""
+    rc = server_run_config(cfg, out_dir, round_timeout=round_timeout, min_replies=len(cfg.sampled(1)),
+                           stateless=True)
     if cfg.dp == "sample":
         import uuid
 
         rc["dp-run-id"] = uuid.uuid4().hex  # this run's client ledgers (see clients/app.py)
-    rc.update({"out": str(out_dir.resolve()), "resume": False, "round-timeout": float(round_timeout),
-               "min-replies": len(cfg.sampled(1)), "max-update-norm": 1e4, "stateless-clients": True})
     return rc
 
 
@@ -59,21 +59,9 @@ def run_flower(cfg: JobConfig, out_dir: Path, on_round: Callable[[dict], None] |
                client_cpus: int = 1, client_gpus: float = 0.0,
                round_timeout: float = 1800.0) -> list[dict]:
     """Run ``cfg`` on Flower's simulation engine; the metric rows (also in ``out_dir``)."""
-    from fedlora.server.launch import SuperLink, follow, submit, write_app, write_connection
-    from fedlora.tls import free_port
-
     _check_ray()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "config.json", "checkpoint.pt", "status.json"):
-        (out_dir / name).unlink(missing_ok=True)
     home = (out_dir / ".flwr").resolve()
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = dict(os.environ, FLWR_HOME=str(home), HF_HUB_OFFLINE="1", FLWR_DISABLE_UPDATE_CHECK="1",
-               PATH=path, RAY_DEDUP_LOGS="0", FEDLORA_LEDGER_DIR=str(home / "ledgers"))
     port = free_port()
-    write_connection(home, f"127.0.0.1:{port}", None)
-    link = SuperLink(["--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port)],
-                     out_dir / "superlink.log", env)
     rows: list[dict] = []
 
     def on_row(row: dict) -> None:
@@ -81,13 +69,10 @@ def run_flower(cfg: JobConfig, out_dir: Path, on_round: Callable[[dict], None] |
         if on_round is not None:
             on_round(row)
 
-    try:
-        link.wait_ready("127.0.0.1", port)
-        app = write_app(home / "app", run_config(cfg, out_dir, round_timeout))
-        run_id = submit(app, env, extra=federation_config(cfg, client_cpus, client_gpus))
-        status = follow(out_dir, link, on_row, run_id)
-    finally:
-        link.stop()
+    status = launch(run_config(cfg, out_dir, round_timeout),
+                    ["--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port)], "127.0.0.1",
+                    port, env={"RAY_DEDUP_LOGS": "0", "FEDLORA_LEDGER_DIR": str(home / "ledgers")},
+                    run_options=federation_config(cfg, client_cpus, client_gpus), on_row=on_row)
     if status["state"] != "finished":
         raise UserError(f"the Flower simulation failed: {status.get('error', 'see')}"
                         f" ({out_dir / 'superlink.log'})")

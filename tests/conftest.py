@@ -24,6 +24,14 @@ def _tokenizer():
 
 
 @pytest.fixture(scope="session")
+def fedlora_cache(tmp_path_factory) -> Path:
+    """The session's cache of dequantized GGUF models (``FEDLORA_CACHE_DIR``): ``.ci/run`` makes one
+    per CI run and exports it, so SmolLM2 is dequantized once per run, by whichever test (or
+    subprocess: they inherit the variable) needs it first; else a folder of this session."""
+    return Path(os.environ.get("FEDLORA_CACHE_DIR") or tmp_path_factory.mktemp("fedlora-cache"))
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT classifier (3 labels) with MiniLM's tokenizer."""
     from transformers import BertConfig, BertForSequenceClassification
@@ -114,7 +122,8 @@ def stub_coordinator():
     or heads to load), for the server's bookkeeping (checkpoints, ledgers, clips)."""
     from types import SimpleNamespace
 
-    from fedlora.rounds import Coordinator, make_strategy
+    from fedlora.rounds.build import make_strategy
+    from fedlora.rounds.coordinator import Coordinator
     from fedlora.strategies.plan import LORA
 
     def make(cfg):

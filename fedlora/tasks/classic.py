@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedlora.data import TextDataset, load_dataset
+from fedlora.data.loading import TextDataset, load_dataset
 from fedlora.kernels import Routing
 from fedlora.tasks.base import Task, TokenLossTask, gather_rows, register_task, token_losses
 

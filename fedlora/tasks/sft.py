@@ -1,7 +1,7 @@
 """Supervised instruction tuning (``--task sft``): learn the responses, score generated answers.
 
 An example is a prompt (a string, or a chat's earlier messages) and a response
-(``fedlora.instructions``). It is rendered with the tokenizer's chat template: the
+(``fedlora.data.instructions``). It is rendered with the tokenizer's chat template: the
 prompt with the assistant's turn opened (``add_generation_prompt``), then the
 completion, which is the rest of the rendered conversation (the response and the
 end of its turn). Tokens::
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fedlora.data.instructions import load_instructions
 from fedlora.errors import UserError
-from fedlora.instructions import load_instructions
 from fedlora.tasks.base import TokenLossTask, register_task
 from fedlora.tasks.classic import columns
 from fedlora.tasks.decode import score_and_generate

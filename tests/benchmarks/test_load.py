@@ -26,5 +26,5 @@ def test_load_benchmark_survives_a_killed_client_and_replays_the_adapter(tmp_pat
     assert [int(r[0]) for r in table] == [1, 2, 3]
     assert [int(r[2]) for r in table] == [3, 2, 2]
     assert int(table[1][3]) == 1
-    assert "every round in metrics.jsonl and checkpoint.pt (round 3): True" in out
+    assert "every round in metrics.jsonl and checkpoint.safetensors (round 3): True" in out
     assert "final adapter = clean batched run over the same clients per round: True" in out

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from fedlora.model import AdapterConfig, FederatedModel, find_targets
-from fedlora.state import extract_upload
+from fedlora.models.model import AdapterConfig, FederatedModel, find_targets
+from fedlora.models.state import extract_upload
 from fedlora.strategies.fed_sb import FedSB
 from fedlora.strategies.plan import LORA
-from fedlora.train import ClientSampler, TrainConfig, clip_per_client, train_clients
+from fedlora.training.train import ClientSampler, TrainConfig, clip_per_client, train_clients
 
 
 def _data(n: int = 24, seq: int = 12, vocab: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from fedlora.config import JobConfig, from_dict, from_run_config, to_run_config
 from fedlora.errors import UserError
-from fedlora.server.cli import build_parser, run_config, to_config
+from fedlora.job.flags import to_config
+from fedlora.job.runconfig import from_dict, from_run_config, to_run_config
+from fedlora.job.schema import JobConfig
+from fedlora.server.cli import build_parser
+from fedlora.server.launch import run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +33,7 @@ def test_zero_lr_means_the_strategy_default():
 def test_repo_flower_app_config_has_exactly_the_server_keys(tmp_path):
     # Prepare: the keys fedlora-server writes into its generated app
     args = build_parser().parse_args(["--insecure"])
-    expected = run_config(to_config(args, device="cpu"), args, tmp_path)
+    expected = run_config(to_config(args, device="cpu"), tmp_path)
     # Execute
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     # Assert: same keys, same defaults (but out, and lr, batch-size and head whose 0 or "" mean
@@ -62,7 +65,7 @@ def test_config_json_of_an_older_version_keeps_its_strategy_option():
 
 def test_dp_sample_takes_the_dp_recipe_for_unset_flags():
     # Prepare
-    from fedlora.config import DP_RECIPE
+    from fedlora.job.defaults import DP_RECIPE
 
     args = ["--num-clients", "2", "--epsilon", "8", "--dp", "sample"]
     # Execute

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora.data import load_bbcnews, load_dataset, load_file, partition, split
+from fedlora.data.loading import load_bbcnews, load_dataset, load_file, partition, split
 from fedlora.errors import UserError
 
 

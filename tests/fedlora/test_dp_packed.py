@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.dpsgd import (
+from fedlora.kernels import Routing
+from fedlora.models.model import AdapterConfig, FederatedModel
+from fedlora.privacy.accounting import Budget
+from fedlora.privacy.dpsgd import (
     clipped_sums,
     dp_parameters,
     dp_passes,
@@ -20,13 +23,10 @@ from fedlora.dpsgd import (
     per_client_sum,
     poisson_batches,
 )
-from fedlora.kernels import Routing
-from fedlora.model import AdapterConfig, FederatedModel
-from fedlora.privacy import Budget
-from fedlora.sketch import projected_clipped_sums
 from fedlora.strategies import Probe
 from fedlora.tasks import gather_rows
-from fedlora.train import ClientSampler, TrainConfig
+from fedlora.training.sketch import projected_clipped_sums
+from fedlora.training.train import ClientSampler, TrainConfig
 
 CPU = torch.device("cpu")
 # three clients of different sizes: rows 0-11, 12-17 and 18-29 of the data

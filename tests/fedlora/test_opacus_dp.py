@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from fedlora.config import JobConfig
-from fedlora.model import AdapterConfig, FederatedModel
-from fedlora.privacy import Budget
+from fedlora.job.schema import JobConfig
+from fedlora.models.model import AdapterConfig, FederatedModel
+from fedlora.privacy.accounting import Budget
 from fedlora.strategies.fed_sb import FedSB
 from fedlora.strategies.ffa_lora import FFALoRA
 from fedlora.strategies.plan import LORA
-from fedlora.train import ClientSampler, TrainConfig, local_training
+from fedlora.training.train import ClientSampler, TrainConfig, local_training
 
 
 @pytest.fixture(scope="module")

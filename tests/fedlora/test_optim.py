@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fedlora.config import JobConfig
-from fedlora.optim import make_optimizer
-from fedlora.train import TrainConfig
+from fedlora.job.schema import JobConfig
+from fedlora.training.optim import make_optimizer
+from fedlora.training.train import TrainConfig
 
 
 def steps(kind: str, grads: list[list[float]], lr: float = 0.1, decay: float = 0.0) -> list[float]:

@@ -1,4 +1,4 @@
-"""The server's public start (``fedlora.public``): the adapters' warm start on ``--init-data``."""
+"""The server's public start (``fedlora.privacy.public``): the adapters' warm start on ``--init-data``."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedlora.config import JobConfig, to_config
-from fedlora.dpsgd import example_norms
+from fedlora.job.flags import to_config
+from fedlora.job.schema import JobConfig
 from fedlora.kernels import Routing
-from fedlora.public import WARM_SEED, split_public
-from fedlora.rounds import Coordinator
+from fedlora.privacy.dpsgd import example_norms
+from fedlora.privacy.public import WARM_SEED, split_public
+from fedlora.rounds.coordinator import Coordinator
 from fedlora.simulations.cli import build_parser
 from fedlora.simulations.engine import build_job
 from fedlora.tasks import gather_rows
-from fedlora.train import ClientSampler, TrainConfig, train_clients
+from fedlora.training.train import ClientSampler, TrainConfig, train_clients
 
 
 def _started(tiny_bert_dir, tiny_csv, *extra):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora.rounds import format_row, personal_columns
+from fedlora.rounds.rows import format_row, personal_columns
 
 ROW = {"round": 2, "accuracy": 0.8, "loss": 0.5, "agg_error": None, "bytes_up": 2e6, "bytes_down": 1e6,
        "seconds": 3.0, "eval_seconds": 1.0}
@@ -25,9 +25,8 @@ def test_round_line_shows_personal_accuracy_only_when_measured():
 
 @pytest.mark.parametrize("saved, restored", [(0.37, 0.37), (None, 0.1)])
 def test_resume_keeps_the_clip_its_clients_trained_with(tmp_path, caplog, stub_coordinator, saved, restored):
-    import torch
-
-    from fedlora.config import JobConfig
+    from fedlora.job.schema import JobConfig
+    from fedlora.rounds.checkpoint import load_checkpoint, save_checkpoint
     from fedlora.strategies import GlobalState
 
     # Prepare: a --dp sample job whose clip is measured on --init-data, checkpointed with its clip,
@@ -37,9 +36,9 @@ def test_resume_keeps_the_clip_its_clients_trained_with(tmp_path, caplog, stub_c
     part = stub_coordinator(cfg)
     part.clip, part.state = 0.37, GlobalState(factors={}, scale=1.0)
     path = part.save(tmp_path)
-    blob = torch.load(path, weights_only=False)
+    blob = load_checkpoint(path)
     blob["clip"] = saved
-    torch.save(blob, path)
+    save_checkpoint(tmp_path, blob)
 
     # Execute
     resumed = stub_coordinator(cfg)

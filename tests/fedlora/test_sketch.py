@@ -8,13 +8,13 @@ from dataclasses import replace
 
 import torch
 
-from fedlora.model import AdapterConfig, FederatedModel
-from fedlora.privacy import Budget
-from fedlora.sketch import client_sketches
+from fedlora.models.model import AdapterConfig, FederatedModel
+from fedlora.privacy.accounting import Budget
 from fedlora.strategies import ClientUpload, Probe
 from fedlora.strategies.fed_sb import FedSB
 from fedlora.tasks import get_task
-from fedlora.train import ClientSampler, TrainConfig
+from fedlora.training.sketch import client_sketches
+from fedlora.training.train import ClientSampler, TrainConfig
 
 SIZES = (5, 9)  # examples of the two clients
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.state import download_tensors, upload_from_tensors, upload_tensors
+from fedlora.models.state import download_tensors, upload_from_tensors, upload_tensors
+from fedlora.rounds.wire import from_record, tensor_bytes, to_record, wire_bytes
 from fedlora.strategies import ClientUpload, GlobalState
 from fedlora.strategies.fed_sb import FedSB
 from fedlora.strategies.flora import FLoRA
 from fedlora.strategies.plan import LORA
-from fedlora.wire import from_record, tensor_bytes, to_record, wire_bytes
 
 
 def _upload() -> ClientUpload:

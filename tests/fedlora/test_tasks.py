@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from fedlora.config import JobConfig
-from fedlora.data import TextDataset
+from fedlora.data.loading import TextDataset
 from fedlora.errors import UserError
+from fedlora.job.schema import JobConfig
 from fedlora.tasks import TASKS, gather_rows, get_task, length_groups, normalize
 
 
@@ -109,8 +109,8 @@ def test_normalize_compares_answers_not_formatting():
 def _adapted_chat_model(path):
     from transformers import AutoModelForCausalLM
 
-    from fedlora.model import AdapterConfig, FederatedModel
-    from fedlora.state import apply_global
+    from fedlora.models.model import AdapterConfig, FederatedModel
+    from fedlora.models.state import apply_global
     from fedlora.strategies import GlobalState
 
     fm = FederatedModel(AutoModelForCausalLM.from_pretrained(path),
@@ -194,9 +194,9 @@ def test_training_on_response_logits_only_equals_all_logits(tiny_chat_llama_dir,
 
     from transformers import AutoModelForCausalLM
 
-    from fedlora.model import AdapterConfig, FederatedModel
-    from fedlora.state import extract_upload
-    from fedlora.train import ClientSampler, TrainConfig, train_clients
+    from fedlora.models.model import AdapterConfig, FederatedModel
+    from fedlora.models.state import extract_upload
+    from fedlora.training.train import ClientSampler, TrainConfig, train_clients
 
     task = get_task("sft")
     texts = [" ".join(["word"] * (i % 7 + 1)) for i in range(16)]

@@ -18,7 +18,7 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    from fedlora.tls import free_port as fp
+    from fedlora.net.tls import free_port as fp
 
     return fp()
 

@@ -78,7 +78,7 @@ def test_server_keeps_existing_results_and_needs_a_checkpoint_to_resume(capsys, 
     assert "already has results" in one_line_error(capsys, server_main(["--insecure", "--out", str(out)]))
     assert (out / "metrics.jsonl").read_text() == "{}\n"
     code = server_main(["--insecure", "--resume", str(out)])
-    assert "no checkpoint.pt" in one_line_error(capsys, code)
+    assert "no checkpoint.safetensors" in one_line_error(capsys, code)
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -1,5 +1,11 @@
 """End to end on loopback: real fedlora-server and fedlora-client processes (tiny BERT).
 
+Only what needs processes: a folding strategy over gRPC (FLoRA, equal to the simulator), sample-level
+DP resumed after a SIGKILL, a resume that gives the uninterrupted adapter, a killed client, TLS with
+node authentication, and ``flwr run`` of the repository's app (a 500 MB reply: ``test_oversize.py``).
+Every strategy's deployment == simulator parity runs the same ServerApp and ClientApp in one process
+(``test_grid_parity.py``).
+
 Clients stay up across the tests of a module: every new fedlora-server starts a new
 SuperLink on the same port and the clients reconnect to it by themselves.
 """
@@ -61,152 +67,85 @@ def plain(tmp_path_factory):
         p.kill()
 
 
-#: Extra flags per strategy: FedSA-LoRA's clients keep B, so their models are measured on
-#: their own held-out examples; FlexLoRA's clients train different ranks.
-EXTRA = {"fedsa-lora": ["--personal-test-fraction", "0.3"],
-         "flexlora": ["--ranks", "2,4", "--personal-test-fraction", "0.3"]}
+#: FedSA-LoRA's clients keep B, so their models are measured on their own held-out examples.
+PERSONAL = ["--personal-test-fraction", "0.3"]
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "flora", "lora-fair", "fed-sb", "ffa-lora", "rolora",
-                                      "fedex-lora", "flexlora", "fedsa-lora"])
-def test_two_rounds_of_each_strategy(plain, tiny_bert_dir, tiny_csv, strategy):
-    # Prepare: a server for 2 rounds; the module's two clients are (re)connecting
+@pytest.fixture(scope="module")
+def flora_runs(plain, tiny_bert_dir, tiny_csv, tmp_path_factory):
+    """FLoRA (the base folds every round) for 2 rounds: deployed to the module's clients, and the
+    same job in fedlora-sim. ``(deployed out, simulator out, server exit code, server log)``."""
+    from fedlora.simulations.cli import main as sim
+
     tmp, port, _ = plain
-    out = tmp / f"run-{strategy}"
-    # Execute
-    srv = server(tmp, port, out, "--insecure", "--strategy", strategy, "--rounds", "2",
-                 *job(tiny_bert_dir, tiny_csv), *EXTRA.get(strategy, []), *WAIT, name=f"server-{strategy}")
+    flags = ["--strategy", "flora", "--rounds", "2", *job(tiny_bert_dir, tiny_csv)]
+    out, sim_out = tmp / "run-flora", tmp_path_factory.mktemp("sim-flora")
+    srv = server(tmp, port, out, "--insecure", *flags, *WAIT, name="server-flora")
     code = srv.wait(240)
+    assert sim([*flags, "--quiet", "--out", str(sim_out)]) == 0
+    return out, sim_out, code, srv.text()
+
+
+def test_folding_strategy_runs_two_rounds_over_grpc(flora_runs):
+    out, _, code, log = flora_runs
     # Assert: finished, rounds 0..2 with both clients and bytes both ways, and a PEFT export
-    assert code == 0, srv.text()[-3000:]
+    assert code == 0, log[-3000:]
     got = rows(out)
     assert [r["round"] for r in got] == [0, 1, 2]
     for r in got[1:]:
         assert r["clients"] == 2 and r["rejected"] == [] and r["failed"] == 0
         assert len(r["bytes_up_per_client"]) == 2 and min(r["bytes_up_per_client"]) > 0
         assert r["bytes_down"] > 0 and 0 <= r["accuracy"] <= 1
-    if strategy == "fed-sb":
-        assert got[0]["clients"] == 2 and got[0]["bytes_up"] > 0      # the two sketches
-    if strategy == "fedsa-lora":  # both clients measured their own models after each round
-        assert all(r["personal_clients"] == 2 and r["personal_examples"] > 0 for r in got[1:])
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
     assert any(k.endswith("lora_A.weight") for k in adapter_tensors(out))
     assert json.loads((out / "status.json").read_text())["state"] == "finished"
 
 
-@pytest.mark.parametrize("mode", ["sample", "client"])
-def test_differential_privacy_in_deployment(plain, tiny_bert_dir, tiny_csv, mode):
-    # Prepare: a DP job for the module's two clients (72 examples each: δ 1e-3 < 1/72)
-    from fedlora.privacy import spent
-
-    tmp, port, _ = plain
-    out = tmp / f"run-dp-{mode}"
-    budget = ["--epsilon", "8"] if mode == "client" else ["--epsilon", "1000", "--noise-multiplier", "1.0"]
-    args = ["--insecure", "--rounds", "2", "--dp", mode, *budget, "--delta", "1e-3",
-            *job(tiny_bert_dir, tiny_csv), *WAIT]
-    # Execute: sample-level DP is killed after round 1 and resumed (the clients keep running)
-    srv = server(tmp, port, out, *args, name=f"server-dp-{mode}")
-    if mode == "sample":
-        wait_for_round(out, 1, 120)
-        srv.kill()
-        wait_port_free(port, 30)
-        srv = server(tmp, port, out, "--insecure", "--resume", str(out), *WAIT, name="server-dp-resumed")
-    code = srv.wait(240)
-    # Assert: every round reports the ε spent, growing, within the budget
-    assert code == 0, srv.text()[-3000:]
-    got = rows(out)[1:]
-    assert [r["dp"] for r in got] == [mode, mode]
-    assert 0 < got[0]["epsilon"] < got[1]["epsilon"]
-    if mode == "client":
-        assert got[1]["epsilon"] <= 8.0 * 1.001
-    else:
-        # each client's ledger continued across the resumed run (a new Flower run, the same DP run
-        # id): at least 2 rounds × 2 local steps, 6 if the killed server had started round 2 (a
-        # redone round is paid again); reported ε = the accountant's for those steps at q = 4/72
-        assert got[1]["dp_backend"] == "opacus"  # a deployed client's default
-        ledgers = sorted((tmp / "ledgers").glob("*-client*.json"))
-        steps = [json.loads(p.read_text())["steps"] for p in ledgers]
-        assert len(steps) == 2 and set(steps) <= {4, 6}
-        sigma = got[1]["noise_multiplier"]
-        assert got[1]["epsilon_per_client"] == [pytest.approx(spent(sigma, 4 / 72, n, 1e-3), abs=1e-3)
-                                                for n in steps]
-
-
-@pytest.mark.parametrize("strategy", ["fedavg", "ffa-lora"])
-def test_secagg_in_deployment_matches_the_simulator(plain, tiny_bert_dir, tiny_csv, tmp_path, strategy):
-    # Prepare: the plain job in fedlora-sim, and the same job deployed under SecAgg+
-    from fedlora.simulations.cli import main as sim
-
-    tmp, port, _ = plain
-    flags = ["--strategy", strategy, "--rounds", "2", "--max-examples", "100", *job(tiny_bert_dir, tiny_csv)]
-    assert sim([*flags, "--quiet", "--out", str(tmp_path / "sim")]) == 0
-    out = tmp / f"run-secagg-{strategy}"
-    # Act
-    srv = server(tmp, port, out, "--insecure", "--secagg", *flags, *WAIT, name=f"server-secagg-{strategy}")
-    code = srv.wait(240)
-    # Assert: both rounds through SecAgg+ (both clients, the quantization bound reported), and the
-    # simulator's adapter within what quantization moves it (≤ 1e-8 a round, carried by training)
-    assert code == 0, srv.text()[-3000:]
-    got = rows(out)[1:]
-    assert [r["clients"] for r in got] == [2, 2] and all(r["secagg_error_bound"] < 1e-7 for r in got)
-    a, b = adapter_tensors(tmp_path / "sim"), adapter_tensors(out)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=5e-6)
-
-
-@pytest.mark.parametrize("strategy", ["fedavg", "ffa-lora", "fedsa-lora", "flexlora", "fed-sb"])
-def test_deployment_matches_the_simulator(plain, tiny_bert_dir, tiny_csv, tmp_path, strategy):
-    # Prepare: the same job in fedlora-sim (2 clients = partitions 0 and 1)
-    from fedlora.simulations.cli import main as sim
-
-    tmp, port, _ = plain
-    sim_out = tmp_path / "sim"
-    assert sim(["--strategy", strategy, "--rounds", "2", "--quiet", "--out", str(sim_out),
-                *job(tiny_bert_dir, tiny_csv), *EXTRA.get(strategy, [])]) == 0
-    out = tmp / f"run-{strategy}"
-    if not (out / "adapter").is_dir():
-        pytest.skip(f"needs test_two_rounds_of_each_strategy[{strategy}] first")
-    # Assert: identical bytes up and down per client (round 0: Fed-SB's sketches and probes), the
-    # same personal accuracy (FedSA-LoRA: the deployed clients kept their own B) and adapter
+def test_folding_strategy_over_grpc_matches_the_simulator(flora_runs):
+    out, sim_out, code, log = flora_runs
+    assert code == 0, log[-3000:]
+    # Assert: identical bytes up and down per client (the folds re-sent), the same adapter
     for s, d in zip(rows(sim_out), rows(out), strict=True):
         assert s["bytes_up_per_client"] == d["bytes_up_per_client"]
         assert s["bytes_down_per_client"] == d["bytes_down_per_client"]
-        assert s.get("personal_accuracy") == pytest.approx(d.get("personal_accuracy"), abs=1e-9)
-        assert s.get("truncation_error_per_client") == pytest.approx(d.get("truncation_error_per_client"))
-    a, b = adapter_tensors(sim_out), adapter_tensors(out)
-    assert a.keys() == b.keys()
-    # FlexLoRA: the SVD's exported stack carries float32 training differences (batched vs one
-    # client per process) up to ~1e-6 absolute on its smallest entries; Fed-SB: the singular
-    # vectors of its sketched initialisation move by (float32 difference) / (singular gap),
-    # ~1e-5 on A's entries of ~0.2 for this tiny random model
-    atol = {"flexlora": 1e-5, "fed-sb": 5e-5}.get(strategy, 1e-6)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4 if strategy == "fed-sb" else 1e-5, atol=atol)
-
-
-def test_sft_in_deployment_matches_the_simulator(plain, tiny_chat_llama_dir, sentiment_tsv, tmp_path):
-    # Prepare: an instruction-tuning job; the module's clients learn it from the server's run config
-    from fedlora.simulations.cli import main as sim
-
-    tmp, port, _ = plain
-    sft = ["--task", "sft", "--model", str(tiny_chat_llama_dir), "--data", str(sentiment_tsv),
-           "--text-column", "sentence", "--label-words", "0=negative,1=positive", "--prompt-template",
-           "Review: {text}", "--num-clients", "2", "--local-steps", "2", "--batch-size", "4",
-           "--max-length", "24", "--rank", "4", "--rounds", "2"]
-    out, sim_out = tmp / "run-sft", tmp_path / "sim-sft"
-    # Execute: fedlora-server with two real fedlora-client processes, and fedlora-sim
-    srv = server(tmp, port, out, "--insecure", *sft, *WAIT, name="server-sft")
-    assert srv.wait(240) == 0, srv.text()[-3000:]
-    assert sim([*sft, "--quiet", "--out", str(sim_out)]) == 0
-    # Assert: the same answer accuracy each round and the same CAUSAL_LM adapter
-    for s, d in zip(rows(sim_out), rows(out), strict=True):
-        assert d["metric"] == "answer_accuracy" and d["answer_accuracy"] == s["answer_accuracy"]
     a, b = adapter_tensors(sim_out), adapter_tensors(out)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
+def test_sample_level_dp_resumed_after_a_kill_keeps_each_clients_ledger(plain, tiny_bert_dir, tiny_csv):
+    # Prepare: a DP job for the module's two clients (72 examples each: δ 1e-3 < 1/72)
+    from fedlora.privacy.accounting import spent
+
+    tmp, port, _ = plain
+    out = tmp / "run-dp-sample"
+    args = ["--insecure", "--rounds", "2", "--dp", "sample", "--epsilon", "1000", "--noise-multiplier", "1.0",
+            "--delta", "1e-3", *job(tiny_bert_dir, tiny_csv), *WAIT]
+    # Execute: the server is killed after round 1 and resumed (the clients keep running)
+    srv = server(tmp, port, out, *args, name="server-dp-sample")
+    wait_for_round(out, 1, 120)
+    srv.kill()
+    wait_port_free(port, 30)
+    srv = server(tmp, port, out, "--insecure", "--resume", str(out), *WAIT, name="server-dp-resumed")
+    code = srv.wait(240)
+    # Assert: every round reports the ε spent, growing
+    assert code == 0, srv.text()[-3000:]
+    got = rows(out)[1:]
+    assert [r["dp"] for r in got] == ["sample", "sample"]
+    assert 0 < got[0]["epsilon"] < got[1]["epsilon"]
+    # each client's ledger continued across the resumed run (a new Flower run, the same DP run
+    # id): at least 2 rounds × 2 local steps, 6 if the killed server had started round 2 (a
+    # redone round is paid again); reported ε = the accountant's for those steps at q = 4/72
+    # (this module's only sample-level DP run: the clients' only ledgers)
+    assert got[1]["dp_backend"] == "opacus"  # a deployed client's default
+    ledgers = sorted((tmp / "ledgers").glob("*-client*.json"))
+    steps = [json.loads(p.read_text())["steps"] for p in ledgers]
+    assert len(steps) == 2 and set(steps) <= {4, 6}
+    sigma = got[1]["noise_multiplier"]
+    assert got[1]["epsilon_per_client"] == [pytest.approx(spent(sigma, 4 / 72, n, 1e-3), abs=1e-3)
+                                            for n in steps]
 
 
 def test_killed_client_does_not_stop_the_run(tiny_bert_dir, tiny_csv, tmp_path):
@@ -237,12 +176,13 @@ def test_killed_client_does_not_stop_the_run(tiny_bert_dir, tiny_csv, tmp_path):
     assert max(r["seconds"] for r in got[2:]) < 45, [r["seconds"] for r in got]
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedsa-lora"])
-def test_resume_after_server_kill_gives_the_uninterrupted_adapter(plain, tiny_bert_dir, tiny_csv, strategy):
-    # Prepare: an uninterrupted 3-round run (FedSA-LoRA: the clients keep their own B)
+def test_resume_after_server_kill_gives_the_uninterrupted_adapter(plain, tiny_bert_dir, tiny_csv):
+    # Prepare: an uninterrupted 3-round run of FedSA-LoRA (the server keeps the global A, the clients
+    # keep their own B: both sides' state must survive the kill)
     tmp, port, _ = plain
+    strategy = "fedsa-lora"
     args = ["--insecure", "--rounds", "3", "--strategy", strategy, *job(tiny_bert_dir, tiny_csv),
-            *EXTRA.get(strategy, []), *WAIT]
+            *PERSONAL, *WAIT]
     full = tmp / f"full-{strategy}"
     assert server(tmp, port, full, *args, name=f"server-full-{strategy}").wait(240) == 0
     # Execute: the same run killed (SIGKILL, SuperLink included) after round 1, then resumed

@@ -20,7 +20,7 @@ SPEC.loader.exec_module(load)
 #: Loaded first by the dishonest client's interpreter: every upload of it carries 500 MB.
 HUGE = '''
 import torch
-import fedlora.local as local
+import fedlora.training.client as local
 
 _fit = local.LocalClient.fit
 

@@ -9,18 +9,19 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedlora.config import JobConfig
-from fedlora.rounds import Coordinator, make_strategy
-from fedlora.server.strategy import FedLoRA, RoundSettings
-from fedlora.state import upload_tensors
+from fedlora.job.schema import JobConfig
+from fedlora.models.state import upload_tensors
+from fedlora.rounds.build import make_strategy
+from fedlora.rounds.coordinator import Coordinator
+from fedlora.rounds.wire import to_record
+from fedlora.server.flower_transport import FlowerTransport, RoundSettings
 from fedlora.strategies import ClientUpload
 from fedlora.strategies.plan import LORA
-from fedlora.wire import to_record
 
 
 def make_coord(tiny_bert_dir, **kw) -> Coordinator:
-    from fedlora.hub import load_model
-    from fedlora.model import AdapterConfig, FederatedModel
+    from fedlora.models.hub import load_model
+    from fedlora.models.model import AdapterConfig, FederatedModel
 
     cfg = JobConfig(model=str(tiny_bert_dir), rank=4, num_clients=3, seed=0, **kw)
     model, _, _ = load_model(cfg.model, "sequence-classification", 3, seed=0)
@@ -33,6 +34,20 @@ def make_coord(tiny_bert_dir, **kw) -> Coordinator:
 @pytest.fixture()
 def coord(tiny_bert_dir):
     return make_coord(tiny_bert_dir)
+
+
+def transport(coord: Coordinator, min_replies: int = 1) -> FlowerTransport:
+    """The Flower transport of ``coord`` after nodes 10, 11, 12 identified as clients 0, 1, 2."""
+    t = FlowerTransport(None, coord, RoundSettings(min_replies=min_replies), [])
+    t.nodes, t.clients = {0: 10, 1: 11, 2: 12}, {10: 0, 11: 1, 12: 2}
+    return t
+
+
+def aggregate(t: FlowerTransport, replies: list[Message]):
+    """Round 1 from ``replies``: the valid uploads, aggregated by the coordinator."""
+    got = t.collect(replies, {}, 1)
+    t.coord.aggregate(got.uploads)
+    return got
 
 
 def good_upload(coord: Coordinator, k: int) -> dict[str, torch.Tensor]:
@@ -70,55 +85,65 @@ def bad_variants(good: dict[str, torch.Tensor]) -> dict[str, tuple[dict, str]]:
 
 
 @pytest.mark.parametrize("kind", ["missing", "extra", "dtype", "shape", "rank", "nan", "inf", "norm"])
-def test_malformed_reply_is_rejected_and_left_out(coord, tmp_path, kind):
+def test_malformed_reply_is_rejected_and_left_out(coord, kind):
     # Prepare: two valid replies (clients 0, 1) and one malformed one (client 2)
     good = [good_upload(coord, k) for k in range(3)]
     bad, words = bad_variants(good[2])[kind]
     ref = copy.deepcopy(coord)
-    s_ref = FedLoRA(ref, RoundSettings(min_replies=1), tmp_path, [])
-    s_ref.aggregate_train(1, [reply(10, good[0], 0), reply(11, good[1], 1)])
-    strategy = FedLoRA(coord, RoundSettings(min_replies=1), tmp_path, [])
+    aggregate(transport(ref), [reply(10, good[0], 0), reply(11, good[1], 1)])
+    strategy = transport(coord)
     # Execute
-    arrays, _ = strategy.aggregate_train(1, [reply(12, bad, 2), reply(11, good[1], 1),
-                                             reply(10, good[0], 0)])
+    got = aggregate(strategy, [reply(12, bad, 2), reply(11, good[1], 1), reply(10, good[0], 0)])
     # Assert: rejected by name, logged in the round's list; the aggregate equals the good-only one
-    assert arrays is not None
+    assert got.clients == [0, 1] and coord.round == 1
     assert len(strategy.rejected) == 1 and strategy.rejected[0]["node"] == 12
     assert words in strategy.rejected[0]["reason"]
     for name, (A, B) in coord.state.factors.items():
         assert torch.equal(A, ref.state.factors[name][0]) and torch.equal(B, ref.state.factors[name][1])
 
 
-def test_wrong_declared_rank_and_empty_client_are_rejected(coord, tmp_path):
+def test_wrong_declared_rank_and_empty_client_are_rejected(coord):
     good = good_upload(coord, 0)
-    strategy = FedLoRA(coord, RoundSettings(min_replies=1), tmp_path, [])
-    strategy.aggregate_train(1, [reply(10, good, 0, rank=8), reply(11, good, 1, examples=0),
-                                 reply(12, good, 2)])
+    strategy = transport(coord)
+    got = aggregate(strategy, [reply(10, good, 0, rank=8), reply(11, good, 1, examples=0),
+                               reply(12, good, 2)])
     reasons = [r["reason"] for r in strategy.rejected]
     assert any("rank 8 is not this client's rank 4" in r for r in reasons)
     assert any("num-examples" in r for r in reasons)
+    assert got.clients == [2]
 
 
-def test_too_few_valid_replies_leave_the_state_unchanged(coord, tmp_path):
+def test_a_reply_for_another_client_than_its_node_is_rejected(coord):
+    # Prepare: node 11 identified as client 1, and replies claiming to be client 2
+    strategy = transport(coord)
+    # Execute
+    got = strategy.collect([reply(10, good_upload(coord, 0), 0), reply(11, good_upload(coord, 1), 2)], {}, 1)
+    # Assert: only node 10's upload is kept, node 11's is rejected by name
+    assert got.clients == [0] and [r["node"] for r in strategy.rejected] == [11]
+    assert "client-id 2 is not the client this node identified as (1)" in strategy.rejected[0]["reason"]
+
+
+def test_too_few_valid_replies_leave_the_state_unchanged(coord):
     before = copy.deepcopy(coord.state)
-    strategy = FedLoRA(coord, RoundSettings(min_replies=2), tmp_path, [])
+    strategy = transport(coord, min_replies=2)
     bad, _ = bad_variants(good_upload(coord, 0))["nan"]
-    arrays, metrics = strategy.aggregate_train(1, [reply(10, good_upload(coord, 1), 1), reply(11, bad, 0)])
-    assert arrays is None and metrics is None and coord.round == 0
+    with pytest.raises(RuntimeError, match="fewer than --min-replies 2 valid ones"):
+        aggregate(strategy, [reply(11, good_upload(coord, 1), 1), reply(10, bad, 0)])
+    assert coord.round == 0
     for name, (A, B) in before.factors.items():
         assert torch.equal(coord.state.factors[name][0], A) and torch.equal(coord.state.factors[name][1], B)
 
 
-def test_a_claim_above_the_cap_is_logged_and_weighs_as_the_cap(tiny_bert_dir, tmp_path, caplog):
+def test_a_claim_above_the_cap_is_logged_and_weighs_as_the_cap(tiny_bert_dir, caplog):
     # Prepare: the same three replies; client 2 claims 10⁹ examples, then honestly the cap (10)
     capped, honest = make_coord(tiny_bert_dir, max_examples=10), make_coord(tiny_bert_dir, max_examples=10)
     ups = [good_upload(capped, k) for k in range(3)]
     # Execute
     with caplog.at_level("WARNING"):
-        FedLoRA(capped, RoundSettings(min_replies=1), tmp_path / "a", []).aggregate_train(
-            1, [reply(10, ups[0], 0), reply(11, ups[1], 1), reply(12, ups[2], 2, examples=10**9)])
-    FedLoRA(honest, RoundSettings(min_replies=1), tmp_path / "b", []).aggregate_train(
-        1, [reply(10, ups[0], 0), reply(11, ups[1], 1), reply(12, ups[2], 2, examples=10)])
+        aggregate(transport(capped), [reply(10, ups[0], 0), reply(11, ups[1], 1),
+                                      reply(12, ups[2], 2, examples=10**9)])
+    aggregate(transport(honest), [reply(10, ups[0], 0), reply(11, ups[1], 1),
+                                  reply(12, ups[2], 2, examples=10)])
     # Assert: logged against the cap; the aggregate is the one of an honest client at the cap
     assert "node 12 claims 1000000000 examples, above --max-examples 10: weighted as 10" in caplog.text
     for name, (A, B) in capped.state.factors.items():
@@ -126,22 +151,22 @@ def test_a_claim_above_the_cap_is_logged_and_weighs_as_the_cap(tiny_bert_dir, tm
         assert torch.allclose(A, A_ref) and torch.allclose(B, B_ref)
 
 
-def test_an_oversized_reply_is_refused_before_its_arrays_are_decoded(coord, tmp_path, monkeypatch):
+def test_an_oversized_reply_is_refused_before_its_arrays_are_decoded(coord, monkeypatch):
     # Prepare: client 2's record carries 8 MB more than its plan's tensors
     import numpy as np
     from flwr.app import Array
 
-    import fedlora.server.strategy as server_strategy
+    import fedlora.server.flower_transport as server_strategy
 
     decoded = []
     real = server_strategy.from_record
     monkeypatch.setattr(server_strategy, "from_record", lambda rec: decoded.append(1) or real(rec))
     big = reply(12, good_upload(coord, 2), 2)
     big.content["upload"]["data.float64"] = Array(np.zeros(1_000_000))
-    strategy = FedLoRA(coord, RoundSettings(min_replies=1), tmp_path, [])
+    strategy = transport(coord)
     # Execute
     good = [reply(10, good_upload(coord, 0), 0), reply(11, good_upload(coord, 1), 1)]
-    strategy.aggregate_train(1, [*good, big])
+    aggregate(strategy, [*good, big])
     # Assert: refused by size, and only the two good records were decoded
     assert len(strategy.rejected) == 1 and strategy.rejected[0]["node"] == 12
     assert "refused before decoding" in strategy.rejected[0]["reason"]

@@ -1,6 +1,6 @@
 """``--secagg``: the real ServerApp and ClientApp, in one process, over an in-memory grid.
 
-The grid delivers each message to the node's ClientApp (``fedlora.clients.app.app``, with
+The grid (``tests/server/local_grid.py``) delivers each message to the node's ClientApp (with
 Flower's SecAgg+ mod) and hands the reply back; a node can stop answering from a given protocol
 stage on, as a client that dies mid-round does. Deployment over real processes is in
 ``test_deployment.py``.
@@ -9,77 +9,19 @@ stage on, as a client that dies mid-round does. Deployment over real processes i
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
 import fedlora.clients.secagg as client_side
-import fedlora.server.strategy as server_side
-from fedlora.clients.app import app as client_app
-from fedlora.config import JobConfig, to_run_config
+import fedlora.server.flower_transport as server_side
 from fedlora.errors import UserError
-from fedlora.secagg import error_bound, quantization_range
+from fedlora.job.schema import JobConfig
+from fedlora.privacy.secagg import error_bound, quantization_range
 from fedlora.server.app import run_server
-from tests.server.deploy_helpers import adapter_tensors
-
-
-class LocalGrid:
-    """Nodes ``0..n-1`` running the ClientApp in this process; ``dead``: node -> the SecAgg+ stage
-    from which it no longer answers. ``seen`` keeps every reply the server pulled."""
-
-    def __init__(self, run_config: dict, n: int, dead: dict[int, str] | None = None) -> None:
-        self.contexts = {k: Context(run_id=1, node_id=k, node_config={"partition-id": k, "num-partitions": n},
-                                    state=RecordDict(), run_config=run_config) for k in range(n)}
-        self.dead = dict(dead or {})
-        self.replies: dict[str, object] = {}
-        self.seen: list = []
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER, 1  # the ServerApp
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            mid = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = mid
-            ids.append(mid)
-            node = msg.metadata.dst_node_id
-            stage = msg.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE)
-            if node in self.dead and stage in STAGES[STAGES.index(self.dead[node]):]:
-                continue  # this node is gone: no reply, ever
-            msg.metadata.__dict__["_src_node_id"] = SERVER
-            TaskIdentity.node_id = node
-            # a copy, as over the wire: SecAgg+'s mod edits what it receives, and the server sends
-            # one setup record to every node
-            self.replies[mid] = client_app(over_the_wire(msg), self.contexts[node])
-            TaskIdentity.node_id = SERVER
-        return ids
-
-    def pull_messages(self, ids):
-        got = [self.replies.pop(i) for i in ids if i in self.replies]
-        self.seen.extend(got)
-        return got
-
-
-def over_the_wire(msg: Message) -> Message:
-    """A received copy of ``msg`` (Flower's protobuf round trip)."""
-    return message_from_proto(message_to_proto(msg))
-
-
-SERVER = 1 << 40
-STAGES = ["setup", "share_keys", "collect_masked_vectors", "unmask"]
-
-
-def run_config(tiny_bert_dir, tiny_csv, out, clients: int = 3, **kw) -> dict:
-    cfg = JobConfig(model=str(tiny_bert_dir), data=str(tiny_csv), num_clients=clients, rounds=1,
-                    local_steps=2, batch_size=4, max_length=16, rank=4, seed=0, **kw)
-    return {**to_run_config(cfg), "out": str(out), "round-timeout": 5.0, "min-replies": 1}
+from tests.server.local_grid import LocalGrid, adapter_tensors, run_config
 
 
 @pytest.fixture()
@@ -105,7 +47,7 @@ def spies(monkeypatch):
     def per_client_path(*_a, **_k):
         raise AssertionError("the server aggregated individual uploads under --secagg")
 
-    monkeypatch.setattr(server_side.FedLoRA, "aggregate_train", per_client_path)
+    monkeypatch.setattr(server_side.FlowerTransport, "collect", per_client_path)
     return deltas, results
 
 
@@ -201,7 +143,7 @@ def test_quantization_range_leaves_room_for_every_client():
     ({"num_clients": 1}, "at least 2 clients per round"),
 ])
 def test_bad_secagg_jobs_are_refused_in_one_line(flags, words):
-    from fedlora.checks import check_secagg_args
+    from fedlora.job.checks import check_secagg_args
 
     with pytest.raises(UserError, match=words) as err:
         check_secagg_args(JobConfig(secagg=True, **flags))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedlora.privacy import spent
+from fedlora.privacy.accounting import spent
 from fedlora.simulations.cli import main
 
 pytestmark = pytest.mark.slow

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -176,8 +177,8 @@ def test_defaults_run_on_bundled_minilm_and_bbcnews(tmp_path):
     # Execute: the installed console script, on the offline defaults, shrunk to one tiny round
     out = tmp_path / "defaults"
     proc = subprocess.run(
-        ["fedlora-sim", "--num-clients", "2", "--rounds", "1", "--local-steps", "1",
-         "--batch-size", "2", "--max-length", "16", "--out", str(out)],
+        [str(Path(sys.executable).parent / "fedlora-sim"), "--num-clients", "2", "--rounds", "1",
+         "--local-steps", "1", "--batch-size", "2", "--max-length", "16", "--out", str(out)],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     # Assert: it ran, evaluated 445 held-out BBC articles with a 5-class head, exported
     assert proc.returncode == 0, proc.stderr

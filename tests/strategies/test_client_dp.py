@@ -224,7 +224,7 @@ def test_refuses_more_replies_than_the_expected_clients():
 
 
 def client_cfg(**kw):
-    from fedlora.config import JobConfig
+    from fedlora.job.schema import JobConfig
 
     base = dict(strategy="fedavg", num_clients=10, clients_per_round=4, rounds=5, dp="client",
                 epsilon=4.0, delta=1e-5, update_clip=1.0)
@@ -234,8 +234,8 @@ def client_cfg(**kw):
 def test_reported_epsilon_is_opacus_rdp_and_calibration_meets_the_target():
     from opacus.accountants import RDPAccountant
 
-    from fedlora.privacy import spent
-    from fedlora.rounds import make_strategy
+    from fedlora.privacy.accounting import spent
+    from fedlora.rounds.build import make_strategy
 
     # Prepare: 4 of 10 clients per round (q = 0.4), 5 planned rounds, ε = 4
     strategy = make_strategy(client_cfg())
@@ -258,8 +258,8 @@ def test_reported_epsilon_is_opacus_rdp_and_calibration_meets_the_target():
 
 def test_fixed_sigma_too_small_for_the_rounds_is_refused_before_training():
     from fedlora.errors import UserError
-    from fedlora.privacy import spent
-    from fedlora.rounds import make_strategy
+    from fedlora.privacy.accounting import spent
+    from fedlora.rounds.build import make_strategy
 
     # Prepare: σ = 3 with every client every round (q = 1) affords only a few rounds of ε = 4
     cfg = client_cfg(clients_per_round=0, rounds=50, noise_multiplier=3.0)
@@ -276,13 +276,15 @@ def test_fixed_sigma_too_small_for_the_rounds_is_refused_before_training():
     (dict(epsilon=0.0), "needs a budget"),
     (dict(delta=0.2), "not below 1/"),
 ])
-def test_make_strategy_refuses_bad_run_configs(kw, message):
+def test_a_run_config_job_is_refused_at_its_boundary(kw, message):
     from fedlora.errors import UserError
-    from fedlora.rounds import make_strategy
+    from fedlora.job.checks import check_job_args
+    from fedlora.job.runconfig import from_run_config, to_run_config
 
-    # Execute / Assert: the Flower run-config path has no flag checks, so make_strategy refuses
+    # Execute / Assert: a job that arrives as a Flower run config (the ServerApp's and ClientApp's
+    # entry) is checked as its flags would be
     with pytest.raises(UserError, match=message):
-        make_strategy(client_cfg(**kw))
+        check_job_args(from_run_config(to_run_config(client_cfg(**kw))))
 
 
 def test_resume_restores_the_step_count_and_the_noise(tmp_path, stub_coordinator):
@@ -300,7 +302,7 @@ def test_resume_restores_the_step_count_and_the_noise(tmp_path, stub_coordinator
 
     # Execute: a fresh coordinator restores and runs round 3
     resumed = stub_coordinator(cfg)
-    resumed.restore(tmp_path / "checkpoint.pt")
+    resumed.restore(tmp_path / "checkpoint.safetensors")
     resumed.aggregate(ups)
 
     # Assert: same release count, same ε, same noisy state as without the interruption
@@ -362,8 +364,8 @@ def test_sim_refuses_client_dp_for_flora_in_one_line(tiny_bert_dir, tiny_csv, tm
 
 def test_configured_noise_is_secret_unless_reproducible():
     # Prepare: the wrapper as fedlora-sim / fedlora-server build it
-    from fedlora.config import JobConfig
-    from fedlora.rounds import make_strategy
+    from fedlora.job.schema import JobConfig
+    from fedlora.rounds.build import make_strategy
 
     def draws(reproducible: bool):
         cfg = JobConfig(strategy="fedavg", dp="client", epsilon=8.0, delta=1e-3, num_clients=4,

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.state import upload_tensors
+from fedlora.models.state import upload_tensors
+from fedlora.rounds.wire import tensor_bytes
 from fedlora.strategies import ClientUpload, GlobalState, get_strategy
 from fedlora.strategies.factors import truncated_factors
-from fedlora.wire import tensor_bytes
 
 F64 = torch.float64
 

@@ -159,7 +159,7 @@ def load_partition(
     dict[str, torch.Tensor]
         ``input_ids``, ``attention_mask`` and ``labels``.
     """
-    from fedlora.data import load_bbcnews
+    from fedlora.data.loading import load_bbcnews
 
     ds = load_bbcnews()
     idx = [i for i in range(len(ds.texts)) if i % num_partitions == partition_id]

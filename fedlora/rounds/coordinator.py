@@ -1,11 +1,11 @@
-"""The server side of a federated job, shared by the simulator and the Flower ServerApp.
+"""The global state of a federated job, the same in every engine.
 
-A :class:`Coordinator` owns the global state and everything that must be identical
-in ``fedlora-sim`` and ``fedlora-server``: the initial state, the order in which
-the seed generator is used (FLoRA's fresh adapters), what is sent down each round,
-aggregation, the metric row of a round, and checkpoints. Its model ``fm`` is the
-one the global state is loaded into and evaluated with (the simulator's batched
-model, or the ServerApp's one-slot model).
+A :class:`Coordinator` owns the global state and everything about it that must be identical
+in ``fedlora-sim`` and ``fedlora-server``: the initial state, the order in which the seed
+generator is used (FLoRA's fresh adapters), what each client is sent (its payload: the state and
+the folds it misses, by client id), aggregation, the rows so far and checkpoints. The round loop
+(:mod:`fedlora.rounds.loop`) drives it; its model ``fm`` is the one the global state is loaded into
+and evaluated with (the simulator's batched model, or the ServerApp's one-slot model).
 
 Round t (t ≥ 1): clients load :meth:`download` (the global state after round t-1,
 plus FLoRA's fold of round t-1 and ``fresh_seed``), train, upload; :meth:`aggregate`
@@ -16,9 +16,6 @@ by initialisation phases over the clients' data (:meth:`start` with a ``gather``
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -26,93 +23,27 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fedlora.checks import check_dp_args
-from fedlora.config import DP_RECIPE, JobConfig, measures_clip
 from fedlora.errors import UserError
-from fedlora.model import FederatedModel, draw_seed
-from fedlora.privacy import Budget, GaussianNoise
-from fedlora.public import measure_clip, public_uploads, train_head, warm_start
-from fedlora.state import apply_global, download_tensors, exact_global, head_of, initial_state
+from fedlora.job.defaults import DP_RECIPE, measures_clip
+from fedlora.job.schema import JobConfig
+from fedlora.models.model import FederatedModel, draw_seed
+from fedlora.models.state import apply_global, download_tensors, head_of, initial_state
+from fedlora.privacy.public import measure_clip, public_uploads, train_head, warm_start
+from fedlora.rounds.checkpoint import CHECKPOINT as CHECKPOINT  # re-exported (server/app.py)
+from fedlora.rounds.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.strategies import (
     Aggregate,
-    ClientLevelDP,
     ClientUpload,
     GlobalState,
     Strategy,
-    strategy_class,
 )
 from fedlora.strategies.base import Factors, Probe
 from fedlora.strategies.plan import AdapterPlan
-from fedlora.strategies.robust import Robust
 from fedlora.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
 Gather = Callable[[int, dict[str, Probe]], list[ClientUpload]]
-"""``gather(phase, probes)``: the clients' uploads of one initialisation phase."""
-
-
-def make_strategy(cfg: JobConfig) -> Strategy:
-    """The configured strategy with its options (``Strategy.from_job``), wrapped for
-    ``--dp client`` and for the server's weights and robust aggregation (:class:`Robust`, when
-    any of its flags is set); a bad name, option or combination is a one-line :class:`UserError`."""
-    try:
-        strategy = strategy_class(cfg.strategy).from_job(cfg)
-    except ValueError as exc:
-        raise UserError(f"--strategy {cfg.strategy}: {exc}") from None
-    strategy = client_level_dp(cfg, strategy) if cfg.dp == "client" else strategy
-    try:
-        robust = Robust(strategy, cfg.weighting, cfg.max_examples, cfg.norm_bound, cfg.robust_mean,
-                        cfg.trim)
-    except ValueError as exc:
-        raise UserError(f"--strategy {cfg.strategy}: {exc}") from None
-    return robust if robust.active else strategy
-
-
-def client_level_dp(cfg: JobConfig, inner: Strategy) -> ClientLevelDP:
-    """``inner`` wrapped for ``--dp client``, with its privacy ledger.
-
-    ``m = len(cfg.sampled(1))`` clients per round sampled at rate ``q = m / num_clients``;
-    the planned releases are the rounds (plus Fed-SB's initialisation); ``σ`` is
-    ``--noise-multiplier`` or calibrated to spend ``(ε, δ)`` over them; ``C`` is
-    ``--update-clip``. A fixed ``σ`` that cannot afford every planned round is refused
-    here, before anything is trained.
-
-    Raises
-    ------
-    UserError
-        Non-sum strategy, missing ε, bad δ or clip, or a ``σ`` too small for the rounds.
-    """
-    check_dp_args(cfg)  # the flags' checks: the Flower run-config path never parses flags
-    m = len(cfg.sampled(1))
-    init = inner.init_releases
-    steps = cfg.rounds + init
-    budget = Budget.planned(cfg.epsilon, cfg.delta, m / cfg.num_clients, steps, cfg.noise_multiplier)
-    budget.refuse_costly_init(init, f"{init} release(s)")
-    if not budget.affords(steps):
-        raise UserError(_too_little_noise(budget, steps, steps - cfg.rounds))
-    return ClientLevelDP(inner, clip=cfg.update_clip, noise_multiplier=budget.sigma,
-                         expected_clients=m, seed=cfg.seed, accountant=budget.epsilon_after,
-                         epsilon=cfg.epsilon,
-                         noise=lambda step: GaussianNoise(cfg.dp_reproducible, cfg.seed, step, 0xC1))
-
-
-def _too_little_noise(budget: Budget, steps: int, extra: int) -> str:
-    """The refusal of a fixed σ that spends ε before the last planned round."""
-    lo, hi = 0, steps       # largest affordable number of releases, by bisection (ε grows)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if budget.affords(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    rounds = max(lo - extra, 0)
-    fix = f"pass --rounds {rounds}, " if rounds else "pass "
-    return (f"--noise-multiplier {budget.sigma:g} spends the privacy budget ε={budget.epsilon:g} before"
-            f" the last round (ε={budget.epsilon_after(steps):.3g} after {steps - extra} rounds); it"
-            f" affords {rounds} rounds: {fix}a larger --noise-multiplier, or none to calibrate σ"
-            " to --epsilon")
 
 
 class Coordinator:
@@ -166,7 +97,7 @@ class Coordinator:
         self._public_start()
 
     def _public_start(self) -> None:
-        """What the server does with the public ``--init-data`` file (:mod:`fedlora.public`), in
+        """What the server does with the public ``--init-data`` file (:mod:`fedlora.privacy.public`), in
         this order: the head, the adapters' warm start, the clip measured at the result."""
         if self.public is None:
             if self.cfg.head == "public" or self.cfg.public_steps or measures_clip(self.cfg):
@@ -273,64 +204,18 @@ class Coordinator:
         return out
 
     # ---- metrics ----
-    def row(self, bytes_up: list[int], bytes_down: list[int], agg_error: float | None,
-            losses: list[float] | None, train_seconds: float, clients: int) -> dict:
-        """The metric row of the last completed round: evaluates ``fm`` with the task's metrics.
-
-        ``train_seconds``: the round's time so far (training, transfers, aggregation; setup for
-        round 0); ``eval_seconds`` is timed here, and ``seconds`` is their sum, the round's wall time.
-        """
-        t0 = time.perf_counter()
-        with exact_global(self.fm, self.state):
-            metrics = self.task.evaluate(self.fm, self.test, self.cfg)
-        eval_seconds = time.perf_counter() - t0
-        row = {
-            "round": self.round,
-            "strategy": self.strategy.name,
-            "accuracy": metrics.pop("accuracy"),
-            "loss": metrics.pop("loss"),
-            "metric": self.task.metric,
-            **metrics,
-            "train_loss": sum(losses) / len(losses) if losses else None,
-            "bytes_up": sum(bytes_up),
-            "bytes_down": sum(bytes_down),
-            "bytes_up_per_client": list(bytes_up),
-            "bytes_down_per_client": list(bytes_down),
-            "agg_error": None if agg_error is None or agg_error != agg_error else agg_error,
-            "clients": clients,
-            "train_seconds": round(train_seconds, 3),
-            "eval_seconds": round(eval_seconds, 3),
-            "seconds": round(train_seconds + eval_seconds, 3),
-            **(self.metrics if self.round else {}),
-        }
-        if self.cfg.dp == "sample":  # the per-example clip: given, or measured on --init-data
-            row["max_grad_norm"] = self.cfg.max_grad_norm or self.clip
-        row.update(self.strategy.round_report())  # --dp client's ledger, the defences' counts
-        self.rows.append(row)
-        return row
-
     # ---- checkpoints ----
     def save(self, out_dir: Path) -> Path:
-        """Write ``checkpoint.pt`` atomically (temp file, fsync, rename)."""
+        """Write ``checkpoint.safetensors`` atomically (:mod:`fedlora.rounds.checkpoint`: no pickle)."""
         blob = {"config": asdict(self.cfg), "round": self.round, "state": self.state,
                 "folds": self.folds, "gen": self.gen.get_state(), "fresh_seed": self.fresh_seed,
                 "rows": self.rows, "personal": self.personal, "clip": self.clip}
-        path = out_dir / CHECKPOINT
-        fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=out_dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(blob, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_checkpoint(out_dir, blob)
 
     def restore(self, path: Path) -> None:
-        """Continue after the round saved in ``path``: base folds, state and seeds."""
-        blob = torch.load(path, weights_only=False)
+        """Continue after the round saved in ``path`` (a checkpoint, its folder, or an older fedlora's
+        ``checkpoint.pt``, read without unpickling code): base folds, state and seeds."""
+        blob = load_checkpoint(path)
         self.round, self.state, self.folds = blob["round"], blob["state"], blob["folds"]
         self.rows = blob["rows"]
         self.gen.set_state(blob["gen"])
@@ -350,26 +235,3 @@ class Coordinator:
         apply_global(self.fm, self.state, {}, self.fresh_seed)
 
 
-def personal_columns(results: list[dict]) -> dict:
-    """``personal_accuracy``: the clients' own-model metric (each client's ``accuracy`` on its
-    held-out examples), averaged with weights ``eval_examples``; ``personal_examples`` their sum."""
-    n = sum(int(r["eval_examples"]) for r in results)
-    if not n:
-        return {}
-    acc = sum(float(r["accuracy"]) * int(r["eval_examples"]) for r in results) / n
-    return {"personal_accuracy": acc, "personal_examples": n, "personal_clients": len(results)}
-
-
-METRIC_LABELS = {"accuracy": "acc", "answer_accuracy": "answer acc", "token_accuracy": "token acc"}
-
-
-def format_row(row: dict) -> str:
-    """One round as a line: the task's headline metric, loss (and perplexity), bytes, times."""
-    err = "-" if row["agg_error"] is None else f"{row['agg_error']:.2e}"
-    eps = "" if row.get("epsilon") is None else f"  ε {row['epsilon']:.2f}"
-    ppl = f"  ppl {row['perplexity']:.2f}" if row.get("perplexity") is not None else ""
-    ppl += f"  personal {row['personal_accuracy']:.4f}" if row.get("personal_accuracy") is not None else ""
-    name = METRIC_LABELS.get(row.get("metric", "accuracy"), row.get("metric", "acc"))
-    return (f"round {row['round']:>3}  {name} {row['accuracy']:.4f}  loss {row['loss']:.4f}{ppl}  "
-            f"agg_err {err}  up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB  "
-            f"{row['seconds']:.1f}s (eval {row.get('eval_seconds', 0.0):.1f}s){eps}")

@@ -2,9 +2,9 @@
 
 Built once per run by the ClientApp (see ``clients/app.py``) and kept in memory
 between messages, so the base model is loaded once, not per message. Training is
-``fedlora.train`` with K = 1: the same loop, seeds and batches as that client's
+``fedlora.training.train`` with K = 1: the same loop, seeds and batches as that client's
 slot in ``fedlora-sim``; with ``--dp sample`` it is Opacus' DP-SGD
-(``fedlora.opacus_dp``) unless ``--dp-backend fedlora``.
+(``fedlora.privacy.opacus_dp``) unless ``--dp-backend fedlora``.
 """
 
 from __future__ import annotations
@@ -14,22 +14,22 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from fedlora.config import JobConfig
 from fedlora.errors import UserError
-from fedlora.privacy import sample_budgets
-from fedlora.rounds import make_strategy
-from fedlora.setup import build_model, client_share, personal_split
-from fedlora.sketch import client_sketches
-from fedlora.state import (
+from fedlora.job.schema import JobConfig
+from fedlora.job.setup import build_model, client_share, personal_split
+from fedlora.models.state import (
     apply_global,
     download_from_tensors,
     extract_kept,
     extract_upload,
     upload_tensors,
 )
+from fedlora.privacy.accounting import sample_budgets
+from fedlora.rounds.build import client_strategy
 from fedlora.strategies import Probe
 from fedlora.tasks import get_task
-from fedlora.train import ClientSampler, TrainConfig, local_training
+from fedlora.training.sketch import client_sketches
+from fedlora.training.train import ClientSampler, TrainConfig, local_training
 
 
 @dataclass
@@ -60,7 +60,7 @@ class LocalClient:
     def __init__(self, cfg: JobConfig, where: ClientData, label_names: list[str]) -> None:
         self.cfg, self.where = cfg, where
         self.task = get_task(cfg.task)
-        self.strategy = make_strategy(cfg)
+        self.strategy = client_strategy(cfg)  # its plan, folds and releases: no DP calibration, no defences
         self.rank = cfg.rank_of(where.client_id)
         self.fm, tokenizer, _ = build_model(cfg, [self.rank], self.strategy.plan(1), len(label_names))
         ds = self._examples(label_names)
@@ -172,7 +172,7 @@ class LocalClient:
 
     def gradient(self, probes: dict[str, Probe], phase: int) -> tuple[dict[str, Tensor], float]:
         """Initialisation phase ``phase`` (Fed-SB): ``(<layer>.grad tensors, seconds)``, this
-        client's ``Lᵀ G R`` for every probed layer (see ``fedlora.sketch``)."""
+        client's ``Lᵀ G R`` for every probed layer (see ``fedlora.training.sketch``)."""
         t0 = time.perf_counter()
         cfg = TrainConfig.from_job(self.cfg, lone=True)
         got = client_sketches(self.fm, self.train, [self.sampler], cfg, self.cfg.init_batches, probes,

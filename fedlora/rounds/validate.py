@@ -13,8 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from fedlora.model import FederatedModel
-from fedlora.state import head_of
+from fedlora.models.model import FederatedModel
+from fedlora.models.state import head_of
 from fedlora.strategies import AdapterPlan, Probe
 
 #: Default bound on any uploaded tensor's Frobenius norm (``--max-update-norm``).

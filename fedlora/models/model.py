@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlora.kernels import Routing
-from fedlora.lora import BatchedLinear, BatchedLoRALinear, Router
+from fedlora.models.lora import BatchedLinear, BatchedLoRALinear, Router
 from fedlora.strategies.plan import LORA, AdapterPlan
 
 #: Attention query/value names tried in order when no target is given.

@@ -1,26 +1,20 @@
-"""One federated job's settings: one schema, every spelling derived from it.
+"""A federated job's schema: one :class:`JobConfig` whose fields declare their flags.
 
-Each field of :class:`JobConfig` carries its flag's help, choices and group (:func:`option`).
-From that one declaration come
+Each field carries its flag's help, choices and group (:func:`option`). Every spelling of a job
+is derived from it: the command-line flags (:mod:`fedlora.job.flags`), the Flower run config and
+``config.json`` (:mod:`fedlora.job.runconfig`). The defaults that depend on the rest of the job live
+in :mod:`fedlora.job.defaults`, the one-line refusals in :mod:`fedlora.job.checks`.
 
-* the command-line flags (``--local-steps 10``) of ``fedlora-sim``, ``fedlora-compare`` and
-  ``fedlora-server`` (:func:`add_job_arguments`) and the job they parse to (:func:`to_config`);
-* the Flower run-config keys (``local-steps = 10``), the flag names without dashes
-  (:func:`to_run_config` / :func:`from_run_config`), which ``flwr run`` and the ServerApp read;
-  ``[tool.flwr.app.config]`` in ``pyproject.toml`` is checked against them by a test;
-* ``config.json`` in an output folder (``dataclasses.asdict``).
-
-This module imports only the error type and the strategy and task registries (which import
-neither it nor the training code).
+This module imports only the strategy and task registries (which import neither it nor the
+training code).
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field
 from typing import Any
 
-from fedlora.errors import UserError
 from fedlora.strategies import STRATEGIES
 from fedlora.tasks import TASKS
 
@@ -63,25 +57,6 @@ def parse_ranks(text: str, flag: str = "--ranks") -> list[int]:
     if not ranks or min(ranks) < 1:
         raise argparse.ArgumentTypeError(f"{flag} takes positive integers, got {text!r}")
     return ranks
-
-
-DP_RECIPE: dict[str, Any] = {"batch_size": 256, "max_grad_norm": 0.1, "lr": 3e-3, "head": "frozen"}
-"""``--dp sample``'s defaults for the flags a job leaves unset: Poisson batch, per-example clip,
-AdamW learning rate and head, measured by ``benchmarks/dp_learning.py --sweep`` (RESULTS.md, "DP
-recipe"): FFA-LoRA on SST-2 at ε = 8. At the start of training a MiniLM head holds over 99% of
-an example's gradient norm, so a trained head would take the whole clip and leave LoRA's factors
-with noise alone; frozen, the clip (0.1, about the factors' own per-example norm) is theirs."""
-
-
-CLIP_QUANTILE = 0.5
-"""``--dp sample`` with a public ``--init-data`` file and no ``--max-grad-norm``: the per-example
-clip is this quantile of the per-example gradient norms of the trainable tensors, measured by the
-server on the public examples at the start of training (after the public head, initialisation
-and warm start), at no privacy cost. The norms' scale depends on the model, the task and what
-trains (medians on SST-2's 1,000 public phrases at the public start: Fed-SB's r × r cores 4.83,
-LoRA's B (FFA-LoRA) and A, B (FedAvg) 1.42), so no fixed clip fits every job; and a clip far
-below every norm (the recipe's 0.1) turns DP-SGD into a mean of normalised gradients, which on
-SST-2 raised Fed-SB's training loss even without noise (RESULTS.md, "The per-example clip")."""
 
 
 @dataclass
@@ -159,7 +134,9 @@ class JobConfig:
         " client's own model (the global one, plus what the strategy keeps on the client) on its"
         " own held-out examples (0: off; fedsa-lora needs it)", group="data and model")
     eval_batch_size: int = option(64, "examples per evaluation batch", group="data and model")
-    clients_per_round: int = option(0, group=None)      # 0: every client, every round
+    clients_per_round: int = option(0, "clients sampled per round (default, or 0: all), drawn by client id"
+                                    " from (seed, round) alone, so every engine trains the same ones",
+                                    flag_default=None)
     max_clients_per_pass: int = option(0, group=None)   # simulator: clients per pass; 0: automatic
     optimizer: str = option("adamw", "local optimizer: adamw, or sgd with momentum 0.9",
                             group="strategy options", choices=["adamw", "sgd"])
@@ -208,7 +185,7 @@ class JobConfig:
     trim: float = option(0.1, "--robust-mean trimmed: share of clients dropped at each end of every"
                          " coordinate; krum: share of clients left out (at least 1)",
                          group="robust aggregation")
-    # ---- secure aggregation (fedlora/secagg.py, server/secagg.py) ----
+    # ---- secure aggregation (fedlora/privacy/secagg.py, server/secagg.py) ----
     secagg: bool = option(False, "Flower's SecAgg+: the server learns only the round's mean update,"
                           " never a client's (deployment and --engine flower; sum-only strategies)",
                           group="secure aggregation")
@@ -273,172 +250,3 @@ class JobConfig:
         rng = np.random.default_rng([self.seed, 7919, int(rnd)])
         return sorted(int(c) for c in rng.choice(self.num_clients, size=k, replace=False))
 
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line and exits 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "clients") -> None:
-    """The job flags of every field with a group (:func:`option`), shared by the CLIs."""
-    groups = {g: p.add_argument_group(g) for g in GROUPS}
-    for f in fields(JobConfig):
-        meta = f.metadata
-        if meta.get("group") is None:
-            continue
-        default = f.default if f.default is not MISSING else f.default_factory()
-        text = num_clients_help if f.name == "num_clients" else meta["help"]
-        kwargs: dict[str, Any] = {"help": text.replace("%", "%%"),  # argparse formats help with %
-                                  "default": default if meta["flag_default"] is MISSING
-                                  else meta["flag_default"]}
-        if isinstance(default, bool):
-            kwargs["action"] = "store_true"
-        else:
-            for key in ("choices", "nargs", "metavar"):
-                if meta[key] is not None:
-                    kwargs[key] = meta[key]
-            kind = meta["type"] or (type(default) if default is not None else None)
-            if kind is not None and meta["nargs"] is None:
-                kwargs["type"] = kind
-        groups[meta["group"]].add_argument(_flag(f.name), **kwargs)
-
-
-def default_lr(strategy: str, dp: str = "none") -> float:
-    """The default learning rate: with ``--dp sample`` the strategy's measured DP one
-    (``Strategy.dp_lr``, Fed-SB's) or the DP recipe's, else the strategy's own
-    (``Strategy.default_lr``)."""
-    if dp == "sample":
-        return STRATEGIES[strategy].dp_lr or DP_RECIPE["lr"]
-    return STRATEGIES[strategy].default_lr
-
-
-def measures_clip(args) -> bool:
-    """Whether the job's per-example clip is measured on its public ``--init-data`` file (``--dp
-    sample`` without ``--max-grad-norm``): see :data:`CLIP_QUANTILE`."""
-    return args.dp == "sample" and args.max_grad_norm is None and bool(args.init_data)
-
-
-def fill_defaults(args) -> None:
-    """Give the flags left unset (None) their defaults, which depend on the job: ``--batch-size``
-    8 and ``--head train`` (``--dp sample``: :data:`DP_RECIPE`'s, and ``--head public`` when a public
-    ``--init-data`` file is given), ``--lr`` :func:`default_lr`,
-    and under ``--dp sample`` the recipe's per-example clip ``--max-grad-norm``."""
-    private = args.dp == "sample"
-    if args.head is None and private and TASKS[args.task].trains_head:
-        # a public file trains the head at no ε (SST-2: a 65% start, a frozen random head 51-53%)
-        args.head = "public" if args.init_data else DP_RECIPE["head"]
-    elif args.head is None:
-        args.head = JobConfig.head
-    if args.batch_size is None:
-        args.batch_size = DP_RECIPE["batch_size"] if private else JobConfig.batch_size
-    if args.lr is None:
-        args.lr = default_lr(args.strategy, args.dp)
-    if measures_clip(args):
-        if args.clip_quantile is None:
-            args.clip_quantile = CLIP_QUANTILE
-    elif private and args.max_grad_norm is None:
-        args.max_grad_norm = DP_RECIPE["max_grad_norm"]
-
-
-#: Fields of older jobs, as the strategy options that replaced them.
-LEGACY_OPTIONS = {"fair_lambda": ("lora-fair", "lam"), "sb_init_lr": ("fed-sb", "init_lr")}
-
-
-def from_dict(values: dict[str, Any]) -> JobConfig:
-    """A :class:`JobConfig` from ``config.json`` (``asdict``): fields of older versions that
-    became strategy options are carried over when they apply, and unknown keys refused."""
-    values = dict(values)
-    for old, (strategy, name) in LEGACY_OPTIONS.items():
-        value = values.pop(old, None)
-        if value is not None and values.get("strategy") == strategy and not values.get("strategy_options"):
-            values["strategy_options"] = f"{name}={value}"
-    known = {f.name for f in fields(JobConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"config.json has unknown settings {unknown}: it was written by another"
-                        " fedlora version")
-    return JobConfig(**values)
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> cuda when available, else cpu; refuse an unavailable CUDA device."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or auto")
-    return name
-
-
-def to_config(args: argparse.Namespace, device: str | None = None) -> JobConfig:
-    """The :class:`JobConfig` of parsed flags: every field from its flag (a field without
-    one in ``args`` keeps its default), then the few that need the job around them."""
-    values = {f.name: getattr(args, f.name) for f in fields(JobConfig) if hasattr(args, f.name)}
-    values["clients_per_round"] = values.get("clients_per_round") or 0
-    values["max_clients_per_pass"] = values.get("max_clients_per_pass") or 0
-    fill_defaults(args)
-    values.update(batch_size=args.batch_size, lr=args.lr, max_grad_norm=args.max_grad_norm, head=args.head,
-                  clip_quantile=args.clip_quantile)
-    if args.ranks is not None:  # cycled over the clients
-        values["ranks"] = [args.ranks[k % len(args.ranks)] for k in range(args.num_clients)]
-    values["device"] = device if device is not None else resolve_device(args.device)
-    return JobConfig(**values)
-
-
-# ---- Flower run config: TOML scalars only, so lists are strings and None is 0 / "" ----
-
-OPTIONAL_FLOATS = ("max_grad_norm", "clip_quantile")  # None travels as 0.0
-
-def to_run_config(cfg: JobConfig) -> dict[str, object]:
-    """``JobConfig`` as Flower run-config entries (kebab-case keys, TOML scalars)."""
-    out: dict[str, object] = {}
-    for f in fields(JobConfig):
-        value = getattr(cfg, f.name)
-        if f.name == "ranks":
-            value = ",".join(str(r) for r in value) if value else ""
-        elif f.name == "target_modules":
-            value = " ".join(value) if value else ""
-        elif f.name in OPTIONAL_FLOATS:
-            value = 0.0 if value is None else float(value)
-        out[f.name.replace("_", "-")] = value
-    return out
-
-
-def from_run_config(run_config: dict[str, object]) -> JobConfig:
-    """Inverse of :func:`to_run_config`; unknown keys are ignored, missing ones default."""
-    cfg = JobConfig()
-    for f in fields(JobConfig):
-        key = f.name.replace("_", "-")
-        if key not in run_config:
-            continue
-        value = run_config[key]
-        if f.name == "ranks":
-            value = [int(v) for v in str(value).split(",") if v.strip()] or None
-        elif f.name == "target_modules":
-            value = str(value).split() or None
-        elif f.name in OPTIONAL_FLOATS:
-            value = float(value) or None
-        elif isinstance(getattr(cfg, f.name), bool):
-            value = bool(value)
-        elif isinstance(getattr(cfg, f.name), float):
-            value = float(value)
-        elif isinstance(getattr(cfg, f.name), int):
-            value = int(value)
-        setattr(cfg, f.name, value)
-    # lr 0, batch-size 0, head "": the job's default (the strategy's, or the DP recipe's)
-    if "lr" in run_config and float(run_config["lr"]) <= 0:
-        cfg.lr = None
-    if cfg.batch_size <= 0:
-        cfg.batch_size = None
-    cfg.head = cfg.head or None
-    fill_defaults(cfg)
-    return cfg

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.config import JobConfig
-from fedlora.data import TextDataset, partition, split
+from fedlora.data.loading import TextDataset, partition, split
 from fedlora.errors import UserError
-from fedlora.hub import load_model
-from fedlora.model import AdapterConfig, FederatedModel
+from fedlora.job.schema import JobConfig
+from fedlora.models.hub import load_model
+from fedlora.models.model import AdapterConfig, FederatedModel
 from fedlora.strategies import AdapterPlan
 from fedlora.tasks import Task, get_task
 

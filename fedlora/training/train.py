@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedlora.config import DP_RECIPE, JobConfig
-from fedlora.dpsgd import dp_train_clients
+from fedlora.job.defaults import DP_RECIPE
+from fedlora.job.schema import JobConfig
 from fedlora.kernels import Routing
-from fedlora.model import FederatedModel
-from fedlora.opacus_dp import opacus_train_client
-from fedlora.optim import make_optimizer
+from fedlora.models.model import FederatedModel
+from fedlora.privacy.dpsgd import dp_train_clients
+from fedlora.privacy.opacus_dp import opacus_train_client
 from fedlora.tasks import Task, gather_rows, get_task, row_groups
+from fedlora.training.optim import make_optimizer
 
 
 @dataclass
@@ -38,7 +39,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
-    optimizer: str = "adamw"  # or "sgd" (momentum 0.9): fedlora.optim
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9): fedlora.training.optim
     max_grad_norm: float | None = None
     precision: str = "fp32"  # or "bf16": autocast the forward (parameters stay fp32)
     dp_sample: bool = False  # DP-SGD: Poisson batches, per-example clipping to max_grad_norm, noise
@@ -185,8 +186,8 @@ def train_clients(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequenc
 def local_training(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
                    cfg: TrainConfig, rnd: int, budgets=None, progress=None) -> list[float]:
     """Round ``rnd`` of slots ``0..m-1``: :func:`train_clients`, or DP-SGD with each client's
-    :class:`~fedlora.privacy.Budget` when ``cfg.dp_sample``: batched (``fedlora.dpsgd``) or,
-    with ``dp_backend="opacus"``, one client through Opacus (``fedlora.opacus_dp``)."""
+    :class:`~fedlora.privacy.Budget` when ``cfg.dp_sample``: batched (``fedlora.privacy.dpsgd``) or,
+    with ``dp_backend="opacus"``, one client through Opacus (``fedlora.privacy.opacus_dp``)."""
     if cfg.dp_sample and cfg.dp_backend == "opacus":
         if len(samplers) != 1:
             raise ValueError(f"the Opacus DP path trains one client per pass, got {len(samplers)}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedlora.data import DEFAULT_DATASET, TextDataset, load_bbcnews, load_file, read_rows
+from fedlora.data.loading import DEFAULT_DATASET, TextDataset, load_bbcnews, load_file, read_rows
 from fedlora.errors import UserError
 
 BBC_INSTRUCT = "bbcnews-instruct"

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from fedlora.model import FederatedModel, draw_seed
+from fedlora.models.model import FederatedModel, draw_seed
 from fedlora.strategies import AdapterPlan, ClientUpload, GlobalState, Probe
 from fedlora.strategies.base import Factors
 from fedlora.strategies.factors import truncated_factors
@@ -86,7 +86,7 @@ def apply_global(fm: FederatedModel, state: GlobalState, fold: dict[str, Factors
     """Load the global state into every slot, after folding ``fold`` into the base.
 
     With ``state.factors`` None (FLoRA) every slot gets a fresh adapter drawn from
-    ``fresh_seed`` (see :func:`fedlora.model.draw_seed`).
+    ``fresh_seed`` (see :func:`fedlora.models.model.draw_seed`).
     """
     for name, (A, B) in fold.items():
         fm.adapters[name].fold(A, B)

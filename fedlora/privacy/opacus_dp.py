@@ -1,7 +1,7 @@
 """DP-SGD for a lone client through Opacus (the deployed client's default).
 
 A deployed client trains alone (one slot), so it can use Opacus' own DP-SGD
-machinery on its model instead of fedlora's batched one (``fedlora.dpsgd``):
+machinery on its model instead of fedlora's batched one (``fedlora.privacy.dpsgd``):
 
 * :class:`opacus.GradSampleModule` computes the per-example gradients, through grad
   samplers registered here for fedlora's layers (:class:`~fedlora.lora.BatchedLoRALinear`,
@@ -17,7 +17,7 @@ Two parts are fedlora's, for reasons a deployment cares about:
 
 * **Batches**: ``PrivacyEngine.make_private`` would fix the sampling rate to
   ``1/⌈n/B⌉`` and draw batches from a torch generator; here they are the same secret
-  Poisson draws at ``q = B/n`` as the simulator's (:func:`fedlora.dpsgd.poisson_batches`).
+  Poisson draws at ``q = B/n`` as the simulator's (:func:`fedlora.privacy.dpsgd.poisson_batches`).
 * **Noise**: Opacus draws it from a torch generator, whose CPU seed is 32 bits (or the
   global one, which fedlora seeds from ``--seed``); :class:`SecretNoiseDPOptimizer` draws
   it from :class:`~fedlora.privacy.GaussianNoise` (128 secret bits, or keyed to the seed
@@ -26,7 +26,7 @@ Two parts are fedlora's, for reasons a deployment cares about:
 Opacus' ``strict`` check is off because it refuses any trainable layer with buffers;
 fedlora's buffers are LoRA scales, rank masks and the server's frozen LoRA-SB factors,
 none of them data dependent. Layers that do mix examples (batch norm) are refused
-earlier (:func:`fedlora.privacy.is_per_sample_safe`).
+earlier (:func:`fedlora.privacy.accounting.is_per_sample_safe`).
 """
 
 from __future__ import annotations
@@ -40,11 +40,16 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 
-from fedlora.dpsgd import dp_parameters, layer_grad_samples, noise_generator, poisson_batches
-from fedlora.lora import BatchedLinear, BatchedLoRALinear
-from fedlora.optim import make_optimizer
-from fedlora.privacy import Budget, GaussianNoise
+from fedlora.models.lora import BatchedLinear, BatchedLoRALinear
+from fedlora.privacy.accounting import Budget, GaussianNoise
+from fedlora.privacy.dpsgd import (
+    dp_parameters,
+    layer_grad_samples,
+    noise_generator,
+    poisson_batches,
+)
 from fedlora.tasks import gather_rows
+from fedlora.training.optim import make_optimizer
 
 
 @register_grad_sampler([BatchedLoRALinear, BatchedLinear])

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlora.checks import check_dp_args
 from fedlora.errors import UserError
 
 
@@ -157,7 +156,6 @@ def sample_budgets(cfg, sizes: list[int], init_releases: int, model=None) -> lis
     data (``init_releases``, the strategy's); its σ_k is ``--noise-multiplier`` or calibrated to
     ``(ε, δ)`` over those steps.
     """
-    check_dp_args(cfg)  # a run config is not parsed as flags: the same checks here
     check_delta(cfg.delta, min(sizes), "the smallest client's examples")
     if model is not None:
         why = is_per_sample_safe(model)

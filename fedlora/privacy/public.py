@@ -21,16 +21,16 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fedlora.config import JobConfig
-from fedlora.dpsgd import example_norms
-from fedlora.model import FederatedModel
-from fedlora.sketch import client_sketches
-from fedlora.state import extract_upload, head_of
+from fedlora.job.schema import JobConfig
+from fedlora.models.model import FederatedModel
+from fedlora.models.state import extract_upload, head_of
+from fedlora.privacy.dpsgd import example_norms
 from fedlora.strategies import ClientUpload, GlobalState, Strategy
 from fedlora.strategies.base import Probe
 from fedlora.strategies.plan import AdapterPlan
 from fedlora.strategies.wrap import Wrapped
-from fedlora.train import ClientSampler, TrainConfig, train_clients
+from fedlora.training.sketch import client_sketches
+from fedlora.training.train import ClientSampler, TrainConfig, train_clients
 
 #: ``--head public``: the head alone, on the public examples, as a linear probe: AdamW (whatever
 #: ``--optimizer`` the clients use) at HEAD_LR, batches of HEAD_BATCH, HEAD_EPOCHS passes.

@@ -46,10 +46,10 @@ from fedlora.kernels.per_sample import (
     lora_grad_sample,
     sb_grad_sample,
 )
-from fedlora.lora import BatchedLinear
-from fedlora.optim import make_optimizer
-from fedlora.privacy import Budget, GaussianNoise
+from fedlora.models.lora import BatchedLinear
+from fedlora.privacy.accounting import Budget, GaussianNoise
 from fedlora.tasks import gather_rows, row_groups
+from fedlora.training.optim import make_optimizer
 
 
 class Capture:

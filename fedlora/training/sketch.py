@@ -27,7 +27,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fedlora.dpsgd import (
+from fedlora.kernels.per_sample import dense_sq_norms, dense_weighted_sum, dense_weighted_sum_by_ids
+from fedlora.models.model import FederatedModel
+from fedlora.privacy.accounting import Budget
+from fedlora.privacy.dpsgd import (
     Capture,
     DPPass,
     clip_factors,
@@ -36,11 +39,8 @@ from fedlora.dpsgd import (
     pass_sums,
     poisson_batches,
 )
-from fedlora.kernels.per_sample import dense_sq_norms, dense_weighted_sum, dense_weighted_sum_by_ids
-from fedlora.model import FederatedModel
-from fedlora.privacy import Budget
 from fedlora.strategies import Probe
-from fedlora.train import ClientSampler, TrainConfig, _step
+from fedlora.training.train import ClientSampler, TrainConfig, _step
 
 
 def project(x: Tensor, g: Tensor, probe: Probe) -> tuple[Tensor, Tensor]:

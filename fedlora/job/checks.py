@@ -1,6 +1,6 @@
 """One-line refusals of a job that cannot run, shared by every entry point.
 
-``args`` is parsed flags or a :class:`~fedlora.config.JobConfig` (the same field names), so a
+``args`` is parsed flags or a :class:`~fedlora.job.schema.JobConfig` (the same field names), so a
 job that arrives as a Flower run config is checked as its flags would be. Each check raises a
 :class:`~fedlora.errors.UserError` whose message says what is wrong and how to fix it.
 """
@@ -9,25 +9,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedlora.config import JobConfig, _flag, fill_defaults, measures_clip
 from fedlora.errors import UserError
+from fedlora.job.defaults import measures_clip
+from fedlora.job.flags import flag_name
+from fedlora.job.schema import JobConfig
 from fedlora.strategies import STRATEGIES
 from fedlora.strategies.robust import Robust
 from fedlora.tasks import TASKS
 
 
-def check_job_args(args) -> None:
-    """Refuse bad job values in one line each (``args``: parsed flags or a :class:`JobConfig`),
-    after :func:`fill_defaults`."""
-    fill_defaults(args)
+def check_job_args(args: JobConfig) -> None:
+    """Refuse bad job values in one line each: every entry point runs this once, on the job its
+    codec made (:func:`fedlora.job.flags.to_config`, :func:`fedlora.job.runconfig.from_run_config`,
+    which give unset fields their defaults)."""
     positive = ("num_clients", "rounds", "local_steps", "batch_size", "rank", "max_length",
                 "init_batches", "eval_batch_size")
     for name in positive:
         if getattr(args, name) < 1:
-            raise UserError(f"{_flag(name)} must be ≥ 1, got {getattr(args, name)}")
+            raise UserError(f"{flag_name(name)} must be ≥ 1, got {getattr(args, name)}")
+    if (args.clients_per_round or 0) < 0:
+        raise UserError(f"--clients-per-round must be ≥ 1 (0: every client), got {args.clients_per_round}")
     for name in ("eval_max", "max_new_tokens"):
         if getattr(args, name) < 0:
-            raise UserError(f"{_flag(name)} must be ≥ 0 (0: {'all' if name == 'eval_max' else 'auto'}),"
+            raise UserError(f"{flag_name(name)} must be ≥ 0 (0: {'all' if name == 'eval_max' else 'auto'}),"
                             f" got {getattr(args, name)}")
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
@@ -90,7 +94,7 @@ def check_task_args(args) -> None:
     task = TASKS[args.task]
     for name, other in ((n, t) for t in TASKS.values() if t is not task for n in t.options):
         if name not in task.options and getattr(args, name) != JobConfig.__dataclass_fields__[name].default:
-            raise UserError(f"{_flag(name)} is for --task {other.name} (this job is --task {task.name})")
+            raise UserError(f"{flag_name(name)} is for --task {other.name} (this job is --task {task.name})")
     if args.data not in task.datasets and args.data in {d for t in TASKS.values() for d in t.datasets}:
         raise UserError(f"--data {args.data} is not for --task {task.name}; it reads"
                         f" {' or '.join(task.datasets)} or a file")

@@ -1,0 +1,1 @@
+"""Data: loading and partitioning labeled files, instruction data."""

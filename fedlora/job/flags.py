@@ -1,0 +1,65 @@
+"""A job as command-line flags: argparse arguments derived from :class:`JobConfig`'s fields, and
+the job they parse to."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+from typing import Any
+
+from fedlora.job.defaults import fill_defaults, resolve_device
+from fedlora.job.schema import GROUPS, JobConfig
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "clients") -> None:
+    """The job flags of every field with a group (:func:`option`), shared by the CLIs."""
+    groups = {g: p.add_argument_group(g) for g in GROUPS}
+    for f in fields(JobConfig):
+        meta = f.metadata
+        if meta.get("group") is None:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        text = num_clients_help if f.name == "num_clients" else meta["help"]
+        kwargs: dict[str, Any] = {"help": text.replace("%", "%%"),  # argparse formats help with %
+                                  "default": default if meta["flag_default"] is MISSING
+                                  else meta["flag_default"]}
+        if isinstance(default, bool):
+            kwargs["action"] = "store_true"
+        else:
+            for key in ("choices", "nargs", "metavar"):
+                if meta[key] is not None:
+                    kwargs[key] = meta[key]
+            kind = meta["type"] or (type(default) if default is not None else None)
+            if kind is not None and meta["nargs"] is None:
+                kwargs["type"] = kind
+        groups[meta["group"]].add_argument(flag_name(f.name), **kwargs)
+
+
+def to_config(args: argparse.Namespace, device: str | None = None) -> JobConfig:
+    """The :class:`JobConfig` of parsed flags: every field from its flag (a field without
+    one in ``args`` keeps its default), then the few that need the job around them."""
+    values = {f.name: getattr(args, f.name) for f in fields(JobConfig) if hasattr(args, f.name)}
+    values["clients_per_round"] = values.get("clients_per_round") or 0
+    values["max_clients_per_pass"] = values.get("max_clients_per_pass") or 0
+    fill_defaults(args)
+    values.update(batch_size=args.batch_size, lr=args.lr, max_grad_norm=args.max_grad_norm, head=args.head,
+                  clip_quantile=args.clip_quantile)
+    if args.ranks is not None:  # cycled over the clients
+        values["ranks"] = [args.ranks[k % len(args.ranks)] for k in range(args.num_clients)]
+    values["device"] = device if device is not None else resolve_device(args.device)
+    return JobConfig(**values)
+
+
+# ---- Flower run config: TOML scalars only, so lists are strings and None is 0 / "" ----
+

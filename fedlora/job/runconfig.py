@@ -1,0 +1,78 @@
+"""A job as a Flower run config (kebab-case keys, TOML scalars) and as ``config.json``
+(``dataclasses.asdict``), with the migration of older ``config.json`` files."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from fedlora.errors import UserError
+from fedlora.job.defaults import fill_defaults
+from fedlora.job.schema import JobConfig
+
+LEGACY_OPTIONS = {"fair_lambda": ("lora-fair", "lam"), "sb_init_lr": ("fed-sb", "init_lr")}
+
+
+def from_dict(values: dict[str, Any]) -> JobConfig:
+    """A :class:`JobConfig` from ``config.json`` (``asdict``): fields of older versions that
+    became strategy options are carried over when they apply, and unknown keys refused."""
+    values = dict(values)
+    for old, (strategy, name) in LEGACY_OPTIONS.items():
+        value = values.pop(old, None)
+        if value is not None and values.get("strategy") == strategy and not values.get("strategy_options"):
+            values["strategy_options"] = f"{name}={value}"
+    known = {f.name for f in fields(JobConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"config.json has unknown settings {unknown}: it was written by another"
+                        " fedlora version")
+    return JobConfig(**values)
+
+
+
+OPTIONAL_FLOATS = ("max_grad_norm", "clip_quantile")  # None travels as 0.0
+
+def to_run_config(cfg: JobConfig) -> dict[str, object]:
+    """``JobConfig`` as Flower run-config entries (kebab-case keys, TOML scalars)."""
+    out: dict[str, object] = {}
+    for f in fields(JobConfig):
+        value = getattr(cfg, f.name)
+        if f.name == "ranks":
+            value = ",".join(str(r) for r in value) if value else ""
+        elif f.name == "target_modules":
+            value = " ".join(value) if value else ""
+        elif f.name in OPTIONAL_FLOATS:
+            value = 0.0 if value is None else float(value)
+        out[f.name.replace("_", "-")] = value
+    return out
+
+
+def from_run_config(run_config: dict[str, object]) -> JobConfig:
+    """Inverse of :func:`to_run_config`; unknown keys are ignored, missing ones default."""
+    cfg = JobConfig()
+    for f in fields(JobConfig):
+        key = f.name.replace("_", "-")
+        if key not in run_config:
+            continue
+        value = run_config[key]
+        if f.name == "ranks":
+            value = [int(v) for v in str(value).split(",") if v.strip()] or None
+        elif f.name == "target_modules":
+            value = str(value).split() or None
+        elif f.name in OPTIONAL_FLOATS:
+            value = float(value) or None
+        elif isinstance(getattr(cfg, f.name), bool):
+            value = bool(value)
+        elif isinstance(getattr(cfg, f.name), float):
+            value = float(value)
+        elif isinstance(getattr(cfg, f.name), int):
+            value = int(value)
+        setattr(cfg, f.name, value)
+    # lr 0, batch-size 0, head "": the job's default (the strategy's, or the DP recipe's)
+    if "lr" in run_config and float(run_config["lr"]) <= 0:
+        cfg.lr = None
+    if cfg.batch_size <= 0:
+        cfg.batch_size = None
+    cfg.head = cfg.head or None
+    fill_defaults(cfg)
+    return cfg

@@ -1,0 +1,1 @@
+"""Deployment plumbing: TLS material, process lifetime."""

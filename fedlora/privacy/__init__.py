@@ -1,0 +1,3 @@
+"""Privacy: DP-SGD (fedlora's kernels and Opacus), ε accounting, the public start, SecAgg's client
+side.
+"""

@@ -1,0 +1,3 @@
+"""The round: the loop, the coordinator of the global state, transports, wire format, validation,
+checkpoints.
+"""

@@ -1,0 +1,73 @@
+"""A round's metric row: built from the coordinator's evaluation, its personal-evaluation columns,
+and its line on the console."""
+
+from __future__ import annotations
+
+import time
+
+from fedlora.models.state import exact_global
+from fedlora.rounds.coordinator import Coordinator
+
+
+def round_row(coord: Coordinator, bytes_up: list[int], bytes_down: list[int], agg_error: float | None,
+              losses: list[float] | None, train_seconds: float, clients: int) -> dict:
+    """The metric row of ``coord``'s last completed round: its model ``fm``, evaluated with the
+    task's metrics on the held-out set, the bytes each way, the aggregate's and the strategy's
+    own columns (the loop adds the transport's, the DP and personal columns).
+
+    ``train_seconds``: the round's time so far (training, transfers, aggregation; setup for
+    round 0); ``eval_seconds`` is timed here, and ``seconds`` is their sum, the round's wall time.
+    """
+    t0 = time.perf_counter()
+    with exact_global(coord.fm, coord.state):
+        metrics = coord.task.evaluate(coord.fm, coord.test, coord.cfg)
+    eval_seconds = time.perf_counter() - t0
+    row = {
+        "round": coord.round,
+        "strategy": coord.strategy.name,
+        "accuracy": metrics.pop("accuracy"),
+        "loss": metrics.pop("loss"),
+        "metric": coord.task.metric,
+        **metrics,
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "bytes_up": sum(bytes_up),
+        "bytes_down": sum(bytes_down),
+        "bytes_up_per_client": list(bytes_up),
+        "bytes_down_per_client": list(bytes_down),
+        "agg_error": None if agg_error is None or agg_error != agg_error else agg_error,
+        "clients": clients,
+        "train_seconds": round(train_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+        "seconds": round(train_seconds + eval_seconds, 3),
+        **(coord.metrics if coord.round else {}),
+    }
+    if coord.cfg.dp == "sample":  # the per-example clip: given, or measured on --init-data
+        row["max_grad_norm"] = coord.cfg.max_grad_norm or coord.clip
+    row.update(coord.strategy.round_report())  # --dp client's ledger, the defences' counts
+    return row
+
+
+
+def personal_columns(results: list[dict]) -> dict:
+    """``personal_accuracy``: the clients' own-model metric (each client's ``accuracy`` on its
+    held-out examples), averaged with weights ``eval_examples``; ``personal_examples`` their sum."""
+    n = sum(int(r["eval_examples"]) for r in results)
+    if not n:
+        return {}
+    acc = sum(float(r["accuracy"]) * int(r["eval_examples"]) for r in results) / n
+    return {"personal_accuracy": acc, "personal_examples": n, "personal_clients": len(results)}
+
+
+METRIC_LABELS = {"accuracy": "acc", "answer_accuracy": "answer acc", "token_accuracy": "token acc"}
+
+
+def format_row(row: dict) -> str:
+    """One round as a line: the task's headline metric, loss (and perplexity), bytes, times."""
+    err = "-" if row["agg_error"] is None else f"{row['agg_error']:.2e}"
+    eps = "" if row.get("epsilon") is None else f"  ε {row['epsilon']:.2f}"
+    ppl = f"  ppl {row['perplexity']:.2f}" if row.get("perplexity") is not None else ""
+    ppl += f"  personal {row['personal_accuracy']:.4f}" if row.get("personal_accuracy") is not None else ""
+    name = METRIC_LABELS.get(row.get("metric", "accuracy"), row.get("metric", "acc"))
+    return (f"round {row['round']:>3}  {name} {row['accuracy']:.4f}  loss {row['loss']:.4f}{ppl}  "
+            f"agg_err {err}  up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB  "
+            f"{row['seconds']:.1f}s (eval {row.get('eval_seconds', 0.0):.1f}s){eps}")

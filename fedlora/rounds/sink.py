@@ -1,0 +1,72 @@
+"""Where a run's results go: its output folder.
+
+A :class:`RunFolder` is the round loop's sink. It writes ``config.json`` and an empty
+``metrics.jsonl`` when a run starts (or rewrites ``metrics.jsonl`` from a checkpoint's rows when it
+resumes), and commits every round: one JSON line in ``metrics.jsonl``, then, where the run can be
+resumed (``fedlora-server``), the coordinator's checkpoint; ``status.json`` says whether the run is
+``running``, ``finished`` or ``failed`` (with the reason) for whoever follows it from outside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from fedlora.job.schema import JobConfig
+from fedlora.rounds.coordinator import Coordinator
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in one step (a temp file beside it, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """A run's output folder as the loop's sink.
+
+    Parameters
+    ----------
+    out_dir : Path
+        The folder (created if missing).
+    checkpoints : bool
+        Write the coordinator's checkpoint after every committed round (a resumable run).
+    on_round : callable, optional
+        Called with every committed row (progress lines, a caller's list).
+    """
+
+    def __init__(self, out_dir: Path, checkpoints: bool = False,
+                 on_round: Callable[[dict], None] | None = None) -> None:
+        self.out_dir, self.checkpoints, self.on_round = out_dir, checkpoints, on_round
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def metrics(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def begin(self, cfg: JobConfig) -> None:
+        """A fresh run: ``config.json`` and an empty ``metrics.jsonl``."""
+        (self.out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        self.metrics.write_text("")
+
+    def resume(self, rows: list[dict]) -> None:
+        """A resumed run: ``metrics.jsonl`` holds exactly the checkpoint's rounds (a killed run may
+        have written a row after its last checkpoint)."""
+        write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def commit(self, row: dict, coord: Coordinator) -> None:
+        """One completed round: its row, then its checkpoint."""
+        with self.metrics.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.checkpoints:
+            coord.save(self.out_dir)
+        if self.on_round is not None:
+            self.on_round(row)
+
+    def status(self, state: str, **extra) -> None:
+        """``status.json``: ``running``, ``finished`` or ``failed`` (``error``: the reason)."""
+        write_atomic(self.out_dir / "status.json", json.dumps({"state": state, **extra}) + "\n")

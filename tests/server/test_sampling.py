@@ -1,0 +1,46 @@
+"""One sampling rule: a deployment trains the clients ``fedlora-sim`` samples, by client id.
+
+The real ServerApp and ClientApp run in one process over :class:`LocalGrid`, whose node ids are
+not the clients' ids (as on a SuperLink, which numbers nodes by itself): the server learns which
+client each node is before its first round.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora.job.schema import JobConfig
+from fedlora.server.app import run_server
+from fedlora.simulations.engine import run
+from tests.server.local_grid import LocalGrid, adapter_tensors, deployment_run_config, rows
+
+
+def test_a_deployment_trains_the_clients_the_simulator_samples(tiny_bert_dir, tiny_csv, tmp_path,
+                                                               monkeypatch):
+    # Prepare: FLoRA (a client that missed a round's fold must be sent it), 3 of 6 clients a round;
+    # six nodes numbered 105, 104, ..., 100 for clients 0..5
+    monkeypatch.setenv("FEDLORA_LEDGER_DIR", str(tmp_path / "ledgers"))
+    cfg = JobConfig(model=str(tiny_bert_dir), data=str(tiny_csv), strategy="flora", num_clients=6,
+                    clients_per_round=3, rounds=3, local_steps=2, batch_size=4, max_length=16, rank=4)
+    grid = LocalGrid(deployment_run_config(cfg, tmp_path / "deployed"), 6)
+    grid.contexts = {105 - k: ctx for k, ctx in grid.contexts.items()}
+    # Execute
+    simulated = run(cfg, tmp_path / "sim")
+    run_server(grid, deployment_run_config(cfg, tmp_path / "deployed"))
+    deployed = rows(tmp_path / "deployed")
+    # Assert: the same 3 clients each round, those of (seed, round), not the same 3 every round
+    drawn = [cfg.sampled(r) for r in (1, 2, 3)]
+    assert [r["client_ids"] for r in deployed[1:]] == [r["client_ids"] for r in simulated[1:]] == drawn
+    assert len({tuple(d) for d in drawn}) > 1 and all(len(d) == 3 for d in drawn)
+    # ... the nodes that trained were those clients' nodes
+    trained = {(m.metadata.src_node_id, m.content["metrics"]["client-id"]) for m in grid.seen
+               if "upload" in m.content.array_records}
+    assert trained == {(105 - c, c) for d in drawn for c in d}
+    # ... billed the same (a client that missed folds is sent them), and the same adapter
+    for s, d in zip(simulated, deployed, strict=True):
+        assert s["bytes_up_per_client"] == d["bytes_up_per_client"]
+        assert s["bytes_down_per_client"] == d["bytes_down_per_client"]
+    a, b = adapter_tensors(tmp_path / "sim"), adapter_tensors(tmp_path / "deployed")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
