@@ -20,6 +20,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora.errors import UserError
 from fedlora.job.checks import check_job_args
 from fedlora.job.runconfig import from_run_config
 from fedlora.job.schema import JobConfig
@@ -73,14 +74,17 @@ def lock_out_dir(out_dir: Path, timeout: float = 60.0):
 def run_server(grid, run_config: dict, run_id: int = 0) -> None:
     """The whole server side of a run (also callable without Flower's process wrapper): the round
     loop of every engine over the Flower transport, into the run config's ``out`` folder."""
-    cfg = from_run_config(run_config)
-    check_job_args(cfg)  # the run config's job, checked once as fedlora-sim checks its flags
     out_dir = Path(str(run_config["out"])).expanduser().resolve()
     sink = RunFolder(out_dir, checkpoints=True, on_round=_log_round)
     lock = lock_out_dir(out_dir)
     status = {"run_id": str(run_id), "pid": os.getpid()}
     sink.status("running", **status)
     try:
+        cfg = from_run_config(run_config)
+        check_job_args(cfg)  # the run config's job, checked once as fedlora-sim checks its flags
+        if cfg.attack:
+            raise UserError("attack is simulated by fedlora-sim's batched engine only; a deployment's"
+                            " clients are what they are: drop it from the run config")
         coord, model_path, labels = build_coordinator(cfg)
         # the SuperLink's limit on client pushes (ingress.py)
         write_limit(out_dir, request_limit(coord.fm, cfg, coord.plan, coord.strategy.init_releases > 0))

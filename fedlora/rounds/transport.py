@@ -27,12 +27,14 @@ from fedlora.strategies.base import Probe
 class Replies:
     """The valid replies of one exchange (a training round or an initialisation phase).
 
-    ``clients`` are sorted client ids and every list is in their order. ``bytes_down`` counts what
-    was sent to each of ``clients``; ``privacy`` is each client's ``(ε spent, σ)`` under ``--dp
-    sample`` (empty otherwise). ``mean`` replaces ``uploads`` when the transport learns only the
-    clients' weighted mean (``--secagg``). ``failed``: clients that were sent the round and did not
-    reply validly (the coordinator forgets what they hold). ``report``: the transport's own columns
-    of the round's row (rejected replies, client seconds, SecAgg+'s error bound, ...).
+    ``clients`` are the sorted ids of the clients that replied validly, and every list but
+    ``bytes_down`` is in their order; ``bytes_down`` counts what was sent to each client the
+    exchange went to, by client id (those that then failed included). ``privacy`` is each client's
+    ``(ε spent, σ)`` under ``--dp sample`` (empty otherwise). ``mean`` replaces ``uploads`` when the
+    transport learns only the clients' weighted mean (``--secagg``). ``failed``: clients that were
+    sent the round and did not reply (the coordinator forgets what they hold). ``report``: the
+    transport's own columns of the round's row (rejected replies, client seconds, SecAgg+'s error
+    bound, ...).
     """
 
     clients: list[int]

@@ -29,7 +29,9 @@ class Proc:
     def __init__(self, name: str, args: list[str], log: Path, env: dict | None = None) -> None:
         self.log = log
         self.fh = log.open("wb")
-        env = dict(os.environ, HF_HUB_OFFLINE="1", FLWR_DISABLE_UPDATE_CHECK="1",
+        # PATH: the venv's console scripts (flower-superexec, ...) even when it is not activated
+        path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+        env = dict(os.environ, PATH=path, HF_HUB_OFFLINE="1", FLWR_DISABLE_UPDATE_CHECK="1",
                    FEDLORA_LEDGER_DIR=str(log.parent / "ledgers"),
                    TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **(env or {}))
         self.p = subprocess.Popen([str(BIN / name), *args], stdout=self.fh, stderr=subprocess.STDOUT,

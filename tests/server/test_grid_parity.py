@@ -152,12 +152,11 @@ def test_sft_deployment_matches_the_simulator(tiny_chat_llama_dir, sentiment_tsv
 
 DP = ["--dp", "sample", "--epsilon", "8", "--delta", "1e-3", "--dp-reproducible"]
 PUBLIC = ["--head", "public", "--init-data", "TINY_CSV", "--public-steps", "3"]
+#: (Flower's own engine runs FedSA-LoRA under sample-level DP: tests/simulations/test_flower_engine.py)
 STATELESS = {"flora-hetero": ["--strategy", "flora", "--ranks", "2,4,3"], "fed-sb": ["--strategy", "fed-sb"],
-             "dp-sample": DP, "dp-sample-public-start": [*DP, *PUBLIC],
-             "ffa-lora": ["--strategy", "ffa-lora"],
+             "dp-sample-public-start": [*DP, *PUBLIC], "ffa-lora": ["--strategy", "ffa-lora"],
              "fedsa-lora": ["--strategy", "fedsa-lora", "--personal-test-fraction", "0.3"],
-             "flexlora": ["--strategy", "flexlora", "--ranks", "2,4,3"],
-             "fedsa-lora-dp-sample": ["--strategy", "fedsa-lora", "--personal-test-fraction", "0.3", *DP]}
+             "flexlora": ["--strategy", "flexlora", "--ranks", "2,4,3"]}
 
 
 @pytest.mark.parametrize("case", list(STATELESS))

@@ -26,7 +26,6 @@ STRATEGY_JOBS = [("fedavg", None), ("flora", [2, 4, 3]), ("fed-sb", None), ("ffa
                  ("rolora", None), ("fedex-lora", None), ("flexlora", [2, 4, 3]), ("fedsa-lora", None)]
 
 
-@pytest.mark.slow  # 16 simulations of 5 clients
 @pytest.mark.parametrize("strategy, ranks", STRATEGY_JOBS)
 def test_passes_of_two_equal_one_pass(tiny_bert_dir, tiny_csv, tmp_path, strategy, ranks):
     # Prepare: the same 5-client job, all clients in one pass vs passes of 2, 2 and 1; each
