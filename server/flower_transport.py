@@ -81,6 +81,7 @@ class FlowerTransport:
         self.rejected: list[dict] = []     # of the current exchange
         self.failures = (0, 0)             # error replies, missing replies of the current exchange
         self.waited = False                # the first round of this process waits for every client
+        self.silent: set[int] = set()      # nodes that did not identify themselves this round
 
     # ---- who is who ----
     def available(self, rnd: int, clients: list[int]) -> list[int]:
@@ -89,6 +90,7 @@ class FlowerTransport:
         node has left the SuperLink's list: waiting for it would stall every round), and up to the
         timeout only while fewer than ``--min-replies`` are connected."""
         timeout = self.settings.round_timeout
+        self.silent.clear()  # asked again once a round
         got = self._wait(clients, min(RECONNECT_GRACE, timeout) if self.waited else timeout, len(clients))
         need = min(self.settings.min_replies, len(clients))
         if len(got) < need:
@@ -116,9 +118,10 @@ class FlowerTransport:
         live = set(node_ids)
         for node in [n for n in self.clients if n not in live]:
             self.nodes.pop(self.clients.pop(node), None)
-        new = [n for n in node_ids if n not in self.clients]
+        new = [n for n in node_ids if n not in self.clients and n not in self.silent]
         if not new:
             return
+        self.silent.update(new)  # until they answer: a node that does not is not asked again this round
         msgs = [Message(content=RecordDict({"config": ConfigRecord({"identify": True})}),
                         message_type="query", dst_node_id=n, group_id="identify") for n in new]
         wait = min(IDENTIFY_TIMEOUT, self.settings.round_timeout)
@@ -142,6 +145,7 @@ class FlowerTransport:
                 self.clients.pop(old, None)
                 self.coord.forget(client)
             self.nodes[client], self.clients[node] = node, client
+            self.silent.discard(node)
 
     # ---- the exchanges ----
     def train(self, rnd: int, clients: list[int]) -> Replies:

@@ -44,3 +44,31 @@ def test_a_deployment_trains_the_clients_the_simulator_samples(tiny_bert_dir, ti
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_node_that_does_not_say_who_it_is_is_left_out_and_asked_once_a_round(tiny_bert_dir, tiny_csv,
+                                                                                tmp_path, monkeypatch):
+    # Prepare: 3 nodes; node 2 never answers the server's identify query (an old or foreign client)
+    import fedlora.server.flower_transport as transport
+
+    monkeypatch.setenv("FEDLORA_LEDGER_DIR", str(tmp_path / "ledgers"))
+    monkeypatch.setattr(transport, "IDENTIFY_TIMEOUT", 0.5)
+    cfg = JobConfig(model=str(tiny_bert_dir), data=str(tiny_csv), num_clients=3, rounds=2, local_steps=1,
+                    batch_size=4, max_length=16, rank=4)
+    rc = deployment_run_config(cfg, tmp_path / "out", round_timeout=2.0)
+    asked = []
+
+    class Grid(LocalGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            asked.extend(m.metadata.dst_node_id for m in messages if m.metadata.group_id == "identify")
+            return super().push_messages([m for m in messages if not (
+                m.metadata.dst_node_id == 2 and m.metadata.group_id == "identify")])
+
+    # Execute
+    run_server(Grid(rc, 3), rc)
+    # Assert: both rounds trained the two clients that identified themselves; node 2 was asked once
+    # in each round, not at every poll of the round's wait
+    got = rows(tmp_path / "out")
+    assert [r["client_ids"] for r in got[1:]] == [[0, 1], [0, 1]]
+    assert asked.count(2) == 2 and asked.count(0) == asked.count(1) == 1
