@@ -13,6 +13,7 @@ from fedlora.errors import UserError
 from fedlora.job.defaults import measures_clip
 from fedlora.job.flags import flag_name
 from fedlora.job.schema import JobConfig
+from fedlora.models.hub import QUANTIZE, require_bitsandbytes
 from fedlora.strategies import STRATEGIES
 from fedlora.strategies.robust import Robust
 from fedlora.tasks import TASKS
@@ -61,6 +62,7 @@ def check_job_args(args: JobConfig) -> None:
         raise UserError(f"--strategy {args.strategy}: {exc}") from None
     check_task_args(args)
     check_init_args(args)
+    check_quantize_args(args)
     if args.gradient_checkpointing and args.dp == "sample":
         raise UserError("--gradient-checkpointing recomputes activations, which DP-SGD's per-example"
                         " gradient hooks would see twice; drop one of the two")
@@ -87,6 +89,22 @@ def check_init_args(args) -> None:
         raise UserError(f"--init-data is read by Fed-SB's initialisation, --head public and"
                         f" --public-steps; --strategy {args.strategy} with --head {args.head} reads none:"
                         " drop it")
+
+
+def check_quantize_args(args) -> None:
+    """Refuse a ``--quantize`` job that cannot load or train, in one line."""
+    quantize = getattr(args, "quantize", "none")
+    if quantize not in QUANTIZE:
+        raise UserError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    if quantize in ("none", "int8") and getattr(args, "double_quant", False):
+        raise UserError("--double-quant quantizes the scales of 4-bit blocks: it needs --quantize nf4 or fp4")
+    if quantize == "none":
+        return
+    if args.model == "minilm":
+        raise UserError(f"--quantize {quantize}: the bundled MiniLM is tiny (22M parameters) and its"
+                        " classification head is never quantized, so there is little to save: quantize a"
+                        " causal LM (--model smollm2, a .gguf file or a local LLM folder)")
+    require_bitsandbytes(quantize)
 
 
 def check_task_args(args) -> None:

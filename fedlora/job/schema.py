@@ -225,6 +225,13 @@ class JobConfig:
     gradient_checkpointing: bool = option(False, "recompute the base model's activations in the"
                                           " backward pass (less memory, ~30% more time)",
                                           group="LLM fine-tuning")
+    quantize: str = option("none", "store the frozen base's linear layers in 4 bits (nf4, fp4: QLoRA's"
+                           " bitsandbytes Linear4bit) or 8 bits (int8: Linear8bitLt); the LM head and a"
+                           " classification head are never quantized, and the adapters, heads, optimizer"
+                           " and aggregation stay fp32 (needs bitsandbytes: pip install -e '.[llm]')",
+                           group="LLM fine-tuning", choices=["none", "nf4", "fp4", "int8"])
+    double_quant: bool = option(False, "--quantize nf4/fp4: quantize the 4-bit blocks' scales too"
+                                " (QLoRA's double quantization)", group="LLM fine-tuning")
 
     def client_ranks(self) -> list[int]:
         return list(self.ranks) if self.ranks else [self.rank] * self.num_clients

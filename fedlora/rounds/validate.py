@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor
 
+from fedlora.models.lora import linear_shape
 from fedlora.models.model import FederatedModel
 from fedlora.models.state import head_of
 from fedlora.strategies import AdapterPlan, Probe
@@ -34,7 +35,7 @@ def expected_upload(fm: FederatedModel, rank: int, plan: AdapterPlan, kind: str 
     """
     out: dict[str, tuple[int, ...]] = {}
     for name, layer in fm.adapters.items():
-        d_out, d_in = layer.base.weight.shape
+        d_out, d_in = linear_shape(layer)
         if kind == "init":
             out[f"{name}.grad"] = probes[name].shape(d_out, d_in) if probes else (d_out, d_in)
             continue

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlora.kernels.per_sample import dense_sq_norms, dense_weighted_sum, dense_weighted_sum_by_ids
+from fedlora.models.lora import linear_shape
 from fedlora.models.model import FederatedModel
 from fedlora.privacy.accounting import Budget
 from fedlora.privacy.dpsgd import (
@@ -118,7 +119,7 @@ def projected_clipped_sums(dpp: DPPass, layers: dict[str, nn.Module], probes: di
     ``max_norm`` jointly over ``layers`` (norms from ``T × T`` Gram matrices of the projected
     rows); zeros when no client drew a row."""
     if dpp.ids.numel() == 0:
-        return {name: torch.zeros(dpp.m, *probes[name].shape(*layer.base.weight.shape))
+        return {name: torch.zeros(dpp.m, *probes[name].shape(*linear_shape(layer)))
                 for name, layer in layers.items()}
     rows = {name: project(dpp.cap.x[layer], dpp.cap.g[layer], probes[name]) for name, layer in layers.items()}
     sq = sum(dense_sq_norms(xr, gl) for xr, gl in rows.values())                   # (N,)

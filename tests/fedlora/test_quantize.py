@@ -1,0 +1,234 @@
+"""``--quantize``: LoRA over bitsandbytes 4-bit and 8-bit bases, exact folds as residuals, refusals.
+
+The tiny LLaMA (hidden 32) is quantized on the CPU; every expectation is computed by hand from the
+layer's own frozen base (``base(x)``), never from the code under test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedlora.kernels import Routing
+from fedlora.models import hub
+from fedlora.models.hub import load_model
+from fedlora.models.lora import BatchedLoRALinear, Router, linear_shape
+from fedlora.models.model import AdapterConfig, FederatedModel
+from fedlora.models.state import exact_global
+from fedlora.simulations.cli import main
+from fedlora.strategies import GlobalState
+
+bnb = pytest.importorskip("bitsandbytes")
+
+LAYER = "model.layers.0.self_attn.q_proj"
+
+
+def _quantized(path, quantize="nf4", **kwargs):
+    return load_model(str(path), "causal-lm", quantize=quantize, **kwargs)[0]
+
+
+def _slots(layer: BatchedLoRALinear, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Random nonzero factors in every slot; returns them."""
+    out = []
+    for k, r in enumerate(layer.ranks):
+        A = torch.randn(r, layer.lora_A.shape[2], generator=gen)
+        B = torch.randn(layer.lora_B.shape[1], r, generator=gen)
+        layer.set_slot(k, A, B)
+        out.append((A, B))
+    return out
+
+
+@pytest.mark.parametrize("quantize, cls", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_lora_over_a_quantized_layer_is_base_plus_delta_and_trains_only_adapters(tiny_llama_dir, quantize,
+                                                                                   cls):
+    # Prepare: a quantized q_proj (its packed weight is not 32 × 32) with two slots of ranks 4 and 2
+    base = _quantized(tiny_llama_dir, quantize).get_submodule(LAYER)
+    assert type(base).__name__ == cls and linear_shape(base) == (32, 32)
+    router = Router()
+    layer = BatchedLoRALinear(base, [4, 2], alpha=8.0, router=router)
+    assert layer.lora_A.shape == (2, 4, 32) and layer.lora_A.dtype == torch.float32
+    factors = _slots(layer, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        layer(x)                          # an eval-mode call without gradients first (CPU repacking)
+        y0 = base(x)
+    router.routing = Routing.from_ids(torch.tensor([0, 1]))
+    xg = x.clone().requires_grad_(True)
+    # Execute
+    y = layer(xg)
+    y.sum().backward()
+    # Assert: y = base(x) + s_k x A_kᵀ B_kᵀ per row, with s = 8/4 and 8/2
+    scales = (2.0, 4.0)
+    delta = torch.stack([s * x[i] @ A.T @ B.T
+                         for i, (s, (A, B)) in enumerate(zip(scales, factors, strict=True))])
+    torch.testing.assert_close(y.detach(), y0 + delta, rtol=1e-5, atol=1e-5)
+    # gradients reach A and B only, and the input through the frozen base (for earlier layers)
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+    assert all(p.grad is None for p in base.parameters())
+    with torch.no_grad():
+        W = base(torch.eye(32)).T                  # the base's effective (dequantized) weight, d_out × d_in
+    ones = torch.ones(3, 32)
+    for i, (s, (A, B)) in enumerate(zip(scales, factors, strict=True)):
+        torch.testing.assert_close(xg.grad[i], ones @ (W + s * B @ A), rtol=1e-4, atol=1e-4)
+
+
+def test_folds_on_an_nf4_base_are_an_exact_residual_compacted_to_its_rank(tiny_llama_dir):
+    # Prepare
+    base = _quantized(tiny_llama_dir).get_submodule(LAYER)
+    packed = base.weight.detach().clone()
+    layer = BatchedLoRALinear(base, [2], alpha=2.0, router=Router())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 32, generator=gen, dtype=torch.float64).float()
+    with torch.no_grad():
+        y0 = base(x)
+    folds = [(torch.randn(8, 32, generator=gen), torch.randn(32, 8, generator=gen)) for _ in range(2)]
+    # Execute: two rank-8 folds
+    for A, B in folds:
+        layer.fold(A, B)
+    # Assert: y = base(x) + x (Σ B A)ᵀ, the packed base untouched, the residual of rank 16
+    dW = sum(B.double() @ A.double() for A, B in folds)
+    with torch.no_grad():
+        y = layer(x)
+    expected = x.double() @ dW.T
+    assert (y.double() - y0.double() - expected).norm() <= 1e-6 * expected.norm()
+    assert torch.equal(base.weight.detach(), packed)
+    assert layer.fold_U.shape == (32, 16) and layer.fold_V.shape == (16, 32)
+    # Execute: a third rank-24 fold (40 > 32 = min(d_out, d_in)), then one that cancels part of it
+    A3, B3 = torch.randn(24, 32, generator=gen), torch.randn(32, 24, generator=gen)
+    layer.fold(A3, B3)
+    layer.fold(A3[:4], -B3[:, :4])
+    dW = dW + B3[:, 4:].double() @ A3[4:].double()
+    with torch.no_grad():
+        y = layer(x)
+    # Assert: compaction kept the output and bounds the rank by min(d_out, d_in)
+    assert layer.fold_U.shape[1] == 32
+    err = (y.double() - y0.double() - x.double() @ dW.T).norm() / (x.double() @ dW.T).norm()
+    assert err <= 1e-5
+    # a fold that cancels everything leaves no residual at all
+    U, V = layer.fold_U.clone(), layer.fold_V.clone()
+    layer.fold(V, -U)
+    assert layer.fold_U.shape == (32, 0)
+
+
+def test_exact_global_on_an_nf4_base_restores_the_residual_bit_for_bit(tiny_llama_dir):
+    # Prepare: a one-slot model of rank 2 whose global adapter is of rank 4 (FlexLoRA's case)
+    fm = FederatedModel(_quantized(tiny_llama_dir), AdapterConfig(ranks=[2], alpha=2.0))
+    gen = torch.Generator().manual_seed(0)
+    for layer in fm.adapters.values():
+        layer.fold(torch.randn(3, 32, generator=gen), torch.randn(32, 3, generator=gen))
+    factors = {n: (torch.randn(4, 32, generator=gen), torch.randn(32, 4, generator=gen)) for n in fm.adapters}
+    state = GlobalState(factors=factors, scale=0.5)
+    name, layer = next(iter(fm.adapters.items()))
+    before = layer.fold_state()
+    x = torch.randn(3, 32, generator=gen)
+    with torch.no_grad():
+        y_before = layer(x)
+    # Execute
+    with exact_global(fm, state), torch.no_grad():
+        inside = layer(x)
+    # Assert: inside, the whole 0.5 · B A is in the residual; afterwards everything is back
+    A, B = factors[name]
+    torch.testing.assert_close(inside, y_before + 0.5 * x @ A.T @ B.T, rtol=1e-5, atol=1e-5)
+    after = layer.fold_state()
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def _lm_data(tmp_path):
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the cat sat on mat number {i}"}) + "\n" for i in range(40)))
+    return data
+
+
+def _sim(model, data, out, *extra):
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--num-clients", "3",
+            "--rounds", "2", "--local-steps", "2", "--batch-size", "4", "--rank", "4", "--max-length", "16",
+            "--task", "causal-lm", "--quiet", "--quantize", "nf4", *extra]
+
+
+@pytest.mark.parametrize("strategy", ["flora", "fedex-lora"])
+def test_folding_strategies_on_nf4_are_exact_and_fold_into_the_residual(tiny_llama_dir, tmp_path, strategy):
+    # Prepare
+    from fedlora.rounds import loop
+    from fedlora.rounds.coordinator import Coordinator
+    from fedlora.rounds.sink import RunFolder
+    from fedlora.simulations.batched import BatchedTransport
+    from fedlora.simulations.cli import build_parser, check_args
+    from fedlora.simulations.engine import build_job
+
+    out = tmp_path / strategy
+    cfg = check_args(build_parser().parse_args(_sim(tiny_llama_dir, _lm_data(tmp_path), out,
+                                                    "--strategy", strategy)))
+    job = build_job(cfg)
+    assert all(layer.quantized for layer in job.fm.adapters.values())
+    coord = Coordinator(cfg, job.strategy, job.fm, job.test, job.public)
+    # Execute
+    loop.run(coord, BatchedTransport(job, coord, None), RunFolder(out), None)
+    # Assert: exact aggregation every round, and each layer's residual is the server's merged update
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["agg_error"] <= 1e-6 for r in rows[1:])
+    for name, layer in job.fm.adapters.items():
+        A, B = coord.state.merged[name]
+        merged = B.double() @ A.double()
+        residual = layer.fold_U.double() @ layer.fold_V.double()
+        assert merged.norm() > 0
+        assert (residual - merged).norm() <= 1e-5 * merged.norm()
+    # a restored checkpoint re-applies the folds to a freshly loaded 4-bit base: the same residuals
+    fresh = build_job(cfg)
+    Coordinator(cfg, fresh.strategy, fresh.fm, fresh.test, fresh.public).restore(coord.save(out))
+    for name, layer in fresh.fm.adapters.items():
+        want = job.fm.adapters[name].fold_U.double() @ job.fm.adapters[name].fold_V.double()
+        got = layer.fold_U.double() @ layer.fold_V.double()
+        assert (got - want).norm() <= 1e-6 * want.norm()
+
+
+@pytest.mark.slow
+def test_dp_sample_over_nf4_fedlora_kernels_equal_opacus(tiny_llama_dir, tmp_path):
+    # Execute: one private round over the 4-bit base, with fedlora's per-example gradients (all
+    # clients in one pass) and with Opacus' GradSampleModule (one client at a time), noise keyed to the seed
+    data = _lm_data(tmp_path)
+    for backend in ("fedlora", "opacus"):
+        assert main(_sim(tiny_llama_dir, data, tmp_path / backend, "--rounds", "1", "--dp", "sample",
+                         "--dp-backend", backend, "--epsilon", "8", "--delta", "1e-3",
+                         "--dp-reproducible")) == 0
+    # Assert: the round spent budget and moved the adapter, the same adapter either way
+    rows = [json.loads(line) for line in (tmp_path / "fedlora" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["dp"] == "sample" and rows[-1]["dp_backend"] == "fedlora" and 0 < rows[-1]["epsilon"] <= 8
+    ours, opacus = (load_file(tmp_path / b / "adapter" / "adapter_model.safetensors")
+                    for b in ("fedlora", "opacus"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in ours.items())
+    for k in ours:
+        torch.testing.assert_close(opacus[k], ours[k], rtol=1e-4, atol=1e-6)
+
+
+def _refused(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    return err[0]
+
+
+def test_refusals_are_one_line(tiny_llama_dir, tiny_csv, tmp_path, capsys, monkeypatch):
+    data = _lm_data(tmp_path)
+    # the bundled MiniLM classifier
+    line = _refused(capsys, ["--model", "minilm", "--data", str(tiny_csv), "--out", str(tmp_path / "m"),
+                             "--quantize", "nf4", "--quiet"])
+    assert "MiniLM is tiny" in line and "head is never quantized" in line
+    # --double-quant without a 4-bit base
+    line = _refused(capsys, _sim(tiny_llama_dir, data, tmp_path / "d", "--quantize", "int8",
+                                 "--double-quant"))
+    assert "--double-quant" in line and "nf4 or fp4" in line
+    # no linear layer left for bitsandbytes to replace (every block linear skipped like a head)
+    monkeypatch.setattr(hub, "UNQUANTIZED_HEADS", ("classifier", "score", "proj"))
+    line = _refused(capsys, _sim(tiny_llama_dir, data, tmp_path / "n"))
+    assert "bitsandbytes replaced no linear layer" in line
+    monkeypatch.undo()
+    # bitsandbytes not installed
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    line = _refused(capsys, _sim(tiny_llama_dir, data, tmp_path / "b"))
+    assert "pip install bitsandbytes==0.50.2" in line and ".[llm]" in line
