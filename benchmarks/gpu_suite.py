@@ -221,7 +221,7 @@ def dry_parts(lm: str) -> list[Part]:
         Part("dp", ["dp.py", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch-size", "2",
                     "--max-length", "16", "--clients", "2"], 240),
         Part("kernels", ["kernels.py", "--device", "cpu", "--clients", "2", "--batch-size", "2", "--tokens",
-                         "16", "--repeats", "1", "--skip-model"], 240),
+                         "16", "--repeats", "1", "--skip-model", "--eager-only"], 240),
         Part("pass-size", ["pass_size.py", "--device", "cpu", "--clients", "1,2", "--batch-size", "2",
                            "--tokens", "16", "--steps", "1"], 240),
         Part("smollm2-sft", ["pass_size.py", "--device", "cpu", "--task", "sft", "--model", lm, "--clients",

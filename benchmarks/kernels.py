@@ -93,6 +93,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-model", action="store_true", help="only the single-layer ops")
+    p.add_argument("--eager-only", action="store_true",
+                   help="no torch.compile leg (the GPU suite's CPU dry run: a CPU compile rehearses nothing"
+                        " of the GPU's Triton path and costs most of the run)")
     args = p.parse_args()
     dev = torch.device(args.device)
     K, n, T, d, r = args.clients, args.batch_size, args.tokens, args.dim, args.rank
@@ -111,6 +114,9 @@ def main() -> None:
     for name, fn, args_ in (("layer fwd+bwd", layer_step, (x, W, A, B, scale, routing)),
                             ("per-example grads", per_sample, (x, g, A.detach(), B.detach(), scale, ids))):
         eager = timed(lambda f=fn, a=args_: f(*a), dev, args.repeats)
+        if args.eager_only:
+            rows.append((name, eager, float("nan")))
+            continue
         try:
             compiled_fn = torch.compile(fn)
             compiled = timed(lambda f=compiled_fn, a=args_: f(*a), dev, args.repeats)
