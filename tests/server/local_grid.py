@@ -122,3 +122,12 @@ def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(expected: Path, got: Path, rtol: float, atol: float) -> None:
+    """The PEFT adapters exported in the output folders ``expected`` and ``got`` hold the same tensors,
+    each within ``rtol``/``atol``."""
+    a, b = adapter_tensors(expected), adapter_tensors(got)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=rtol, atol=atol)

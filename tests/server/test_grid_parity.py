@@ -23,6 +23,7 @@ from fedlora.simulations.cli import main as sim
 from tests.server.local_grid import (
     LocalGrid,
     adapter_tensors,
+    assert_same_adapter,
     deployment_run_config,
     flower_run_config,
     rows,
@@ -106,9 +107,7 @@ def test_secagg_deployment_matches_the_plain_simulator(tiny_bert_dir, tiny_csv, 
     # Assert: both rounds through SecAgg+ (both clients, the quantization bound reported), and the
     # simulator's adapter within what quantization moves it (≤ 1e-8 a round, carried by training)
     assert [r["clients"] for r in got[1:]] == [2, 2] and all(r["secagg_error_bound"] < 1e-7 for r in got[1:])
-    a, b = adapter_tensors(tmp_path / "sim"), adapter_tensors(tmp_path / "grid")
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=5e-6)
+    assert_same_adapter(tmp_path / "sim", tmp_path / "grid", rtol=0, atol=5e-6)
 
 
 def test_client_level_dp_deployment_reports_growing_epsilon_within_budget(tiny_bert_dir, tiny_csv, tmp_path):
@@ -140,10 +139,7 @@ def test_sft_deployment_matches_the_simulator(tiny_chat_llama_dir, sentiment_tsv
     # Assert: the same answer accuracy each round and the same CAUSAL_LM adapter
     for s, d in zip(want, got, strict=True):
         assert d["metric"] == "answer_accuracy" and d["answer_accuracy"] == s["answer_accuracy"]
-    a, b = adapter_tensors(tmp_path / "sim"), adapter_tensors(tmp_path / "grid")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert_same_adapter(tmp_path / "sim", tmp_path / "grid", rtol=1e-5, atol=1e-6)
     config = json.loads((tmp_path / "grid" / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM"
 
@@ -171,10 +167,7 @@ def test_stateless_clients_reach_the_batched_adapter(tiny_bert_dir, tiny_csv, tm
     rf = deploy(flags, tmp_path / "stateless", 3, stateless=True)
     # Assert: the same final adapter; the same uploads; stateless clients get at least what the
     # batched engine's clients get each round (folds / shared factors re-sent)
-    a, b = adapter_tensors(tmp_path / "batched"), adapter_tensors(tmp_path / "stateless")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    assert_same_adapter(tmp_path / "batched", tmp_path / "stateless", rtol=1e-4, atol=1e-5)
     assert [r["round"] for r in rf] == [0, 1, 2, 3]
     for x, y in zip(rb[1:], rf[1:], strict=True):
         assert y["clients"] == 3 and sorted(y["bytes_up_per_client"]) == sorted(x["bytes_up_per_client"])
@@ -196,9 +189,7 @@ def test_stateless_clients_under_secagg_reach_the_plain_batched_adapter(tiny_ber
     # Assert: every round aggregated securely (3 clients, quantization bound reported), and the
     # same adapter up to what quantization moves it
     assert [(r["clients"], r["secagg_error_bound"] < 1e-7) for r in got[1:]] == [(3, True)] * 3
-    a, b = adapter_tensors(tmp_path / "batched"), adapter_tensors(tmp_path / "stateless")
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=5e-6)
+    assert_same_adapter(tmp_path / "batched", tmp_path / "stateless", rtol=0, atol=5e-6)
 
 
 def test_stateless_clients_run_sft_to_the_batched_adapter(tiny_chat_llama_dir, sentiment_tsv, tmp_path):
@@ -207,10 +198,7 @@ def test_stateless_clients_run_sft_to_the_batched_adapter(tiny_chat_llama_dir, s
     rb = simulate(flags, tmp_path / "batched")
     rf = deploy(flags, tmp_path / "stateless", 3, stateless=True)
     # Assert: the same CAUSAL_LM adapter and the same generated-answer accuracy and perplexity
-    a, b = adapter_tensors(tmp_path / "batched"), adapter_tensors(tmp_path / "stateless")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    assert_same_adapter(tmp_path / "batched", tmp_path / "stateless", rtol=1e-4, atol=1e-5)
     for x, y in zip(rb, rf, strict=True):
         assert y["answer_accuracy"] == x["answer_accuracy"]
         assert y["perplexity"] == pytest.approx(x["perplexity"], rel=1e-4)

@@ -7,12 +7,10 @@ client each node is before its first round.
 
 from __future__ import annotations
 
-import torch
-
 from fedlora.job.schema import JobConfig
 from fedlora.server.app import run_server
 from fedlora.simulations.engine import run
-from tests.server.local_grid import LocalGrid, adapter_tensors, deployment_run_config, rows
+from tests.server.local_grid import LocalGrid, assert_same_adapter, deployment_run_config, rows
 
 
 def test_a_deployment_trains_the_clients_the_simulator_samples(tiny_bert_dir, tiny_csv, tmp_path,
@@ -40,10 +38,7 @@ def test_a_deployment_trains_the_clients_the_simulator_samples(tiny_bert_dir, ti
     for s, d in zip(simulated, deployed, strict=True):
         assert s["bytes_up_per_client"] == d["bytes_up_per_client"]
         assert s["bytes_down_per_client"] == d["bytes_down_per_client"]
-    a, b = adapter_tensors(tmp_path / "sim"), adapter_tensors(tmp_path / "deployed")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    assert_same_adapter(tmp_path / "sim", tmp_path / "deployed", rtol=1e-5, atol=1e-6)
 
 
 def test_a_node_that_does_not_say_who_it_is_is_left_out_and_asked_once_a_round(tiny_bert_dir, tiny_csv,
