@@ -82,12 +82,17 @@ def read_ledger(path: Path) -> int:
         return 0
 
 
+def kept_path(client: LocalClient, context: Context) -> Path:
+    """The file of the client's personal factors, beside its ledger (``.kept.safetensors``)."""
+    return ledger_path(client, context).with_suffix(".kept.safetensors")
+
+
 def read_kept(client: LocalClient, context: Context) -> dict[int, dict[str, Tensor]]:
     """A rebuilt client's personal factors by round (the plan's keep): from the node's
     ``context.state`` (Flower's simulation rebuilds clients), else from its file (a restarted
     node, or a resumed server, which starts a new Flower run)."""
     flat: dict[str, Tensor] = {}
-    path = ledger_path(client, context).with_suffix(".kept.safetensors")
+    path = kept_path(client, context)
     old = path.with_suffix(".pt")  # an older fedlora's torch.save file: read without unpickling code
     if KEPT in context.state.array_records:
         flat = from_record(context.state[KEPT])
@@ -105,7 +110,7 @@ def _keep_factors(client: LocalClient, context: Context) -> None:
     if not kept:
         return
     context.state[KEPT] = to_record(kept)
-    save_tensors(ledger_path(client, context).with_suffix(".kept.safetensors"), kept)  # atomic
+    save_tensors(kept_path(client, context), kept)  # atomic
 
 
 def _keep_ledger(client: LocalClient, context: Context) -> None:

@@ -84,7 +84,7 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
         if args.min_replies < 1 or args.min_replies > args.num_clients:
             raise UserError(f"--min-replies must be in 1..--num-clients ({args.num_clients}),"
                             f" got {args.min_replies}")
-        from fedlora.rounds.build import make_strategy  # deferred start-up import (torch
+        from fedlora.rounds.build import make_strategy  # deferred start-up import (torch)
 
         make_strategy(cfg)  # a strategy, option or defence that cannot be built: one line, now
         if cfg.dp == "sample" or STRATEGIES[cfg.strategy].adapter_plan.keep:
@@ -93,8 +93,10 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
 
             cfg.dp_run_id = uuid.uuid4().hex
         return cfg, args.out
-    ckpt, conf = args.resume / "checkpoint.safetensors", args.resume / "config.json"
-    if not (ckpt.is_file() or ckpt.with_suffix(".pt").is_file()) or not conf.is_file():  # .pt: older fedlora
+    from fedlora.rounds.checkpoint import find_checkpoint  # deferred start-up import (torch)
+
+    conf = args.resume / "config.json"
+    if find_checkpoint(args.resume) is None or not conf.is_file():  # an older fedlora's checkpoint.pt too
         raise UserError(f"--resume {str(args.resume)!r} has no checkpoint.safetensors and config.json of a"
                         " fedlora-server run")
     return from_dict(json.loads(conf.read_text())), args.resume

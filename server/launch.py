@@ -25,6 +25,7 @@ from fedlora.errors import UserError
 from fedlora.job.runconfig import to_run_config
 from fedlora.job.schema import JobConfig
 from fedlora.net.process import die_with_parent
+from fedlora.rounds.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT
 from fedlora.server import ingress
 
 CONNECTION = "fedlora"
@@ -174,7 +175,7 @@ def _alive(pid: int) -> bool:
         return True
 
 
-OUTPUTS = ("metrics.jsonl", "config.json", "checkpoint.safetensors", "checkpoint.pt", "status.json")
+OUTPUTS = ("metrics.jsonl", "config.json", CHECKPOINT, LEGACY_CHECKPOINT, "status.json")
 """What a fresh run replaces in its output folder."""
 
 
