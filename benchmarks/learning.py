@@ -15,10 +15,13 @@ for every strategy) in ``OUT/<setting>/seed<k>/``, plus its centralized baseline
 union of the clients' training examples (one client, ``local_steps × clients per round`` steps
 per round, same rounds, batch and lr as FedAvg) in ``OUT/<data>-centralized/seed<k>/``.
 
-The table reports, per setting and strategy: the final accuracy (mean over seeds, ± half the
-range), the final personal accuracy, and the rounds and bytes (up + down, cumulative) until the
+The table reports, per setting and strategy (``benchmarks/stats.py``): the final accuracy and the
+tail mean (the last quarter of the rounds, at most 5) as mean ± sd over seeds, the difference of
+the tail from the centralized baseline of the same seed ("no difference" when it is within its
+spread), the final personal accuracy, and the rounds and bytes (up + down, cumulative) until the
 global accuracy first reaches centralized − 2 points (mean over the seeds that reach it; "—"
-when none does). The accuracy-vs-bytes plots are the compare runs' ``accuracy_vs_bytes.png``.
+when none does). RESULTS.md quotes the printed table as it is. The accuracy-vs-bytes plots are
+the compare runs' ``accuracy_vs_bytes.png``.
 
 Run: ``python benchmarks/learning.py --out runs/learning --only bbc-10-dirichlet --seeds 0``
 (~10 min per strategy and seed on 2 CPU cores). ``--report-only`` rebuilds the table from the
@@ -34,6 +37,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from stats import difference, mean_sd, tail_mean
 
 SETTINGS = {
     "bbc-10-iid": (["--num-clients", "10", "--partition", "iid"], 10, None),
@@ -83,33 +88,28 @@ def to_target(rows: list[dict], target: float) -> tuple[int | None, int | None]:
     return None, None
 
 
-def spread(values: list[float]) -> str:
-    if not values:
-        return "—"
-    mean = statistics.fmean(values)
-    half = (max(values) - min(values)) / 2
-    return f"{mean:.1%}" + (f" ± {half:.1%}" if len(values) > 1 else "")
-
-
 def table(args: argparse.Namespace, results: dict) -> list[str]:
-    lines = ["| setting | run | final acc | personal acc | vs centralized | rounds to C−2 | bytes to C−2 |"
-             " total bytes |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | run | final acc | tail acc | tail vs centralized | personal acc | rounds to C−2 |"
+             " bytes to C−2 | total bytes |", "|---|---|---|---|---|---|---|---|---|"]
     for setting, (central, runs) in results.items():
-        lines.append(f"| {setting} | centralized LoRA | {spread(central)} | | | | | |")
+        finals = [rows[-1]["accuracy"] for rows in central]
+        tails = [tail_mean(rows) for rows in central]
+        lines.append(f"| {setting} | centralized LoRA | {mean_sd(finals)} | {mean_sd(tails)} | | | | | |")
         for run, per_seed in runs.items():
             final = [rows[-1]["accuracy"] for rows, _ in per_seed]
+            tail = [tail_mean(rows) for rows, _ in per_seed]
             personal = [rows[-1]["personal_accuracy"] for rows, _ in per_seed
                         if rows[-1].get("personal_accuracy") is not None]
-            hits = [to_target(rows, c - 0.02) for rows, c in per_seed]
+            hits = [to_target(rows, tail_mean(c) - 0.02) for rows, c in per_seed]
             reached = [h for h in hits if h[0] is not None]
             rounds = (f"{statistics.fmean(h[0] for h in reached):.1f} ({len(reached)}/{len(hits)})"
                       if reached else "—")
             sent = f"{statistics.fmean(h[1] for h in reached) / 1e6:.1f} MB" if reached else "—"
             total = statistics.fmean(sum(int(r["bytes_up"]) + int(r["bytes_down"]) for r in rows)
                                      for rows, _ in per_seed)
-            gap = statistics.fmean(f - c for f, (_, c) in zip(final, per_seed, strict=True))
-            lines.append(f"| {setting} | {run} | {spread(final)} | {spread(personal)} | {gap:+.1%} |"
-                         f" {rounds} | {sent} | {total / 1e6:.1f} MB |")
+            gap = difference(tail, [tail_mean(c) for _, c in per_seed])
+            lines.append(f"| {setting} | {run} | {mean_sd(final)} | {mean_sd(tail)} | {gap} |"
+                         f" {mean_sd(personal)} | {rounds} | {sent} | {total / 1e6:.1f} MB |")
     return lines
 
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/learning"))
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-steps", type=int, default=10)
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--only", default=None, help="run only the settings whose name contains this (or is this)")
     p.add_argument("--strategies", default=None, help="passed to fedlora-compare (default: all)")
     p.add_argument("--report-only", action="store_true", help="no runs: the table from --out")
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             base = centralized(local, per_round, seed, home / f"seed{seed}")
             if not (base / "metrics.jsonl").is_file():
                 continue
-            c = read_rows(base)[-1]["accuracy"]
+            c = read_rows(base)
             central.append(c)
             for run in sorted(d for d in folder.iterdir() if finished(d)):
                 runs.setdefault(run.name, []).append((read_rows(run), c))

@@ -1,6 +1,7 @@
 """Federated instruction tuning of SmolLM2 on SST-2, every strategy against centralized LoRA.
 
     python benchmarks/llm_sft.py [--rounds 2] [--partitions iid,dirichlet] [--out runs/llm-sft]
+                                 [--bases fp32,bf16,nf4] [--no-centralized] [--max-clients-per-pass K]
 
 The job (``fedlora-sim --task sft``): SmolLM2-135M-Instruct, SST-2's 67,349 training phrases
 over 10 clients (IID, or Dirichlet α=0.5 over the two labels), every client in every round,
@@ -15,6 +16,11 @@ round, so it sees as many examples per round as the ten clients together. Each r
 process (``fedlora-sim``); its peak resident memory is read from the kernel. Finished runs
 (a complete ``metrics.jsonl``) are reused, so the script can be stopped and started again.
 Prints a Markdown table for ``benchmarks/RESULTS.md``.
+
+``--bases`` runs each federated job on each frozen base (:data:`BASES`): ``fp32``, ``bf16``
+(``--precision bf16``), or a bitsandbytes base that computes in bf16 (``nf4``, ``int8``:
+``--quantize`` with ``--precision bf16``, as QLoRA does). ``--max-clients-per-pass`` bounds the
+memory of a round's pass without changing its result (batched = one client at a time).
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 PROMPT = ("Is the sentiment of this movie review positive or negative? Answer with one word.\n\n"
           "Review: {text}")
 STRATEGIES = ["fedavg", "flora", "lora-fair", "fed-sb"]
+#: The frozen base of a run: its extra fedlora-sim flags.
+BASES = {"fp32": [], "bf16": ["--precision", "bf16"],
+         "nf4": ["--quantize", "nf4", "--precision", "bf16"],
+         "int8": ["--quantize", "int8", "--precision", "bf16"]}
 
 
 def job_flags(args: argparse.Namespace) -> list[str]:
@@ -90,26 +100,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-max", type=int, default=0, help="dev sentences scored per round (0: all 872)")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--partitions", default="iid,dirichlet")
+    p.add_argument("--bases", default="fp32", help=f"comma list of {', '.join(BASES)}")
+    p.add_argument("--no-centralized", action="store_true", help="skip the centralized baseline")
+    p.add_argument("--max-clients-per-pass", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/llm-sft"))
     args = p.parse_args(argv)
+    if unknown := set(args.bases.split(",")) - set(BASES):
+        raise SystemExit(f"unknown base {sorted(unknown)}; use {', '.join(BASES)}")
     if not (args.sst2 / "train.tsv").is_file():
         raise SystemExit(f"SST-2 not found in {args.sst2} (train.tsv, dev.tsv); pass --sst2")
-    flags = job_flags(args)
+    flags = job_flags(args) + (["--max-clients-per-pass", str(args.max_clients_per_pass)]
+                               if args.max_clients_per_pass else [])
     per_round = args.local_steps * args.clients
     print("| setting | run | answer acc per round (0 = before) | final | vs centralized | final ppl |"
           " s / round (train + eval) | peak RSS |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    central_flags = [*flags, "--num-clients", "1", "--local-steps", str(per_round)]
-    rows, peak = run(args.out / "centralized", central_flags, args.rounds)
-    central = rows[-1]["answer_accuracy"]
-    print(row_line("union", f"centralized LoRA ({per_round} steps / round)", rows, peak, None), flush=True)
+    central = None
+    if not args.no_centralized:
+        central_flags = [*flags, "--num-clients", "1", "--local-steps", str(per_round)]
+        rows, peak = run(args.out / "centralized", central_flags, args.rounds)
+        central = rows[-1]["answer_accuracy"]
+        name = f"centralized LoRA ({per_round} steps / round)"
+        print(row_line("union", name, rows, peak, None), flush=True)
     for partition in args.partitions.split(","):
         extra = ["--partition", partition] + (["--alpha", "0.5"] if partition == "dirichlet" else [])
         for strategy in args.strategies.split(","):
-            out = args.out / f"{partition}-{strategy}"
-            rows, peak = run(out, [*flags, *extra, "--strategy", strategy, "--num-clients", str(args.clients),
-                                   "--local-steps", str(args.local_steps)], args.rounds)
-            print(row_line(f"{args.clients} clients, {partition}", strategy, rows, peak, central), flush=True)
+            for base in args.bases.split(","):
+                out = args.out / (f"{partition}-{strategy}" + ("" if base == "fp32" else f"-{base}"))
+                job = [*flags, *extra, *BASES[base], "--strategy", strategy, "--num-clients",
+                       str(args.clients), "--local-steps", str(args.local_steps)]
+                rows, peak = run(out, job, args.rounds)
+                name = strategy if base == "fp32" else f"{strategy}, {base} base"
+                print(row_line(f"{args.clients} clients, {partition}", name, rows, peak, central), flush=True)
     return 0
 
 

@@ -8,20 +8,24 @@
   pass and the tokens per pass of the fastest; ``engine.CPU_PASS_TOKENS`` is set from it (the
   CPU default is chosen by tokens per pass, not by clients).
 * **GPU** (``--device cuda``): the peak memory of one step (``torch.cuda.max_memory_allocated``
-  above the loaded model) at each ``K``; its growth per client, divided by the client's
-  ``batch × tokens``, is the measured bytes per token, printed against the constant
-  ``engine.GPU_BYTES_PER_TOKEN`` that the estimate uses, with the corrected value.
+  above the loaded model) at each ``K``, against ``fedlora-plan``'s estimate of the same step
+  (:func:`fedlora.plan.memory.plan_memory`, which ``engine.pass_size`` fills
+  ``engine.GPU_MEMORY_SHARE`` of the free memory with): each client's gradients, optimizer state
+  and activations, plus one dequantized layer of a ``--quantize`` base.
 
 ``--task sft --model FOLDER`` measures a causal LM the same way (loss on the last
 ``--response`` tokens of each row, as ``--task sft`` trains): on a GPU this is the SmolLM2 SFT
-step of ``benchmarks/gpu_suite.py``. Rows are random token ids (time and memory do not depend on
-the values); every figure is the median of ``--steps`` steps after one warm-up step.
+step of ``benchmarks/gpu_suite.py``, in bf16 and over a 4-bit base (``--quantize nf4``). Rows are
+random token ids (time and memory do not depend on the values); every figure is the median of
+``--steps`` steps after one warm-up step.
 
 Usage::
 
     python benchmarks/pass_size.py --device cpu --clients 1,2,5,10,25,50,100
     python benchmarks/pass_size.py --device cuda --clients 1,8,32
     python benchmarks/pass_size.py --device cuda --task sft --model smollm2 --clients 1,4 --tokens 256
+    python benchmarks/pass_size.py --device cuda --task sft --model smollm2 --clients 1,4 --tokens 256 \
+        --precision bf16 --quantize nf4
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import torch
 
 from fedlora.job.schema import JobConfig
 from fedlora.job.setup import build_model
-from fedlora.simulations.engine import CPU_PASS_TOKENS, GPU_BYTES_PER_TOKEN
+from fedlora.plan.memory import predict_job
+from fedlora.simulations.engine import CPU_PASS_TOKENS, GPU_MEMORY_SHARE
 from fedlora.strategies import AdapterPlan
 from fedlora.training.train import ClientSampler, TrainConfig, train_clients
 
@@ -55,8 +60,7 @@ def batch(fm, tokenizer, task: str, rows: int, tokens: int, response: int) -> di
 
 def measure(args: argparse.Namespace, clients: int) -> dict:
     """Seconds per step and peak step memory of one pass of ``clients`` clients."""
-    cfg = JobConfig(model=args.model, task=args.task, batch_size=args.batch_size, max_length=args.tokens,
-                    local_steps=1, lr=1e-3, device=args.device, precision=args.precision)
+    cfg = job(args)
     fm, tokenizer, _ = build_model(cfg, [cfg.rank] * clients, AdapterPlan(), num_labels=2)
     rows = clients * args.batch_size
     data = batch(fm, tokenizer, args.task, rows, args.tokens, args.response)  # on the CPU, as a job's
@@ -97,24 +101,32 @@ def report_cpu(results: list[dict]) -> None:
           f" engine.CPU_PASS_TOKENS is {CPU_PASS_TOKENS}")
 
 
-def report_gpu(results: list[dict], per_client_tokens: int) -> None:
-    print("| clients | tokens / pass | s / step | ms / client-step | peak step memory |")
-    print("|---:|---:|---:|---:|---:|")
+def report_gpu(results: list[dict], args: argparse.Namespace) -> None:
+    """Each pass's measured peak against ``fedlora-plan``'s: ``K`` clients' step memory plus one
+    dequantized layer (the model and its slots were loaded before the peak counter started)."""
+    plan = predict_job(job(args), response_tokens=args.response, num_labels=2)
+    step = plan.per_client - plan.adapter
+    print("| clients | tokens / pass | s / step | ms / client-step | peak step memory | planned |"
+          " planned / measured |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         per_client = 1e3 * r["seconds"] / r["clients"]
+        planned = r["clients"] * step + plan.transient
         print(f"| {r['clients']} | {r['tokens']} | {r['seconds']:.3f} | {per_client:.1f} |"
-              f" {r['peak'] / 2**20:.0f} MiB |")
+              f" {r['peak'] / 2**20:.0f} MiB | {planned / 2**20:.0f} MiB | {planned / r['peak']:.2f} |")
     if len(results) > 1:
         lo, hi = results[0], results[-1]
         slope = (hi["peak"] - lo["peak"]) / (hi["clients"] - lo["clients"])
-    else:
-        slope = results[0]["peak"] / results[0]["clients"]
-    measured = slope / per_client_tokens
-    print(f"measured: {slope / 2**20:.1f} MiB per client, {measured / 1024:.1f} KiB per token;"
-          f" the estimate uses GPU_BYTES_PER_TOKEN = {GPU_BYTES_PER_TOKEN}"
-          f" ({GPU_BYTES_PER_TOKEN / 1024:.0f} KiB),"
-          f" {GPU_BYTES_PER_TOKEN / measured:.2f}x the measurement; corrected constant"
-          f" (measured + 25% margin): {int(1.25 * measured)}")
+        print(f"measured: {slope / 2**20:.1f} MiB per client; planned: {step / 2**20:.1f} MiB per client"
+              f" ({step / slope:.2f}x); engine.pass_size fills {GPU_MEMORY_SHARE:.0%} of the free memory"
+              " with the plan")
+
+
+def job(args: argparse.Namespace) -> JobConfig:
+    """The job of one pass (its rank, targets and optimizer are the defaults)."""
+    return JobConfig(model=args.model, task=args.task, batch_size=args.batch_size, max_length=args.tokens,
+                     local_steps=1, lr=1e-3, device=args.device, precision=args.precision,
+                     quantize=args.quantize)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="minilm")
     p.add_argument("--task", default="classification", choices=["classification", "sft"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--quantize", default="none", choices=["none", "nf4", "fp4", "int8"],
+                   help="a 4- or 8-bit base (bitsandbytes), as --quantize does")
     p.add_argument("--clients", default="1,2,5,10,25,50,100", help="clients per pass, comma-separated")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tokens", type=int, default=64)
@@ -130,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args(argv)
     ks = sorted(int(k) for k in args.clients.split(","))
-    print(f"pass size: {args.model} ({args.task}, {args.precision}), LoRA r=8, {args.batch_size} rows"
-          f" × {args.tokens} tokens per client, device {args.device}, torch {torch.__version__},"
-          f" threads {torch.get_num_threads()}", flush=True)
+    print(f"pass size: {args.model} ({args.task}, {args.precision}, --quantize {args.quantize}), LoRA r=8,"
+          f" {args.batch_size} rows × {args.tokens} tokens per client, device {args.device},"
+          f" torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     results = []
     for k in ks:
         r = measure(args, k)
@@ -140,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(f"  {k} clients: {r['seconds']:.3f} s / step", file=sys.stderr, flush=True)
     if args.device.startswith("cuda"):
-        report_gpu(results, args.batch_size * args.tokens)
+        report_gpu(results, args)
     else:
         report_cpu(results)
     return 0

@@ -35,8 +35,21 @@ DEFENCES = {"none": [], "norm-bound": ["--norm-bound", "2"], "trimmed": ["--robu
             "max-examples": ["--max-examples", "200"], "uniform": ["--weighting", "uniform"]}
 
 
-def final_accuracy(args: argparse.Namespace, name: str, flags: list[str]) -> float:
-    """The last round's accuracy of one run (run now unless it finished before)."""
+#: The row column naming the clients each defence dropped or moved.
+CAUGHT = {"norm-bound": "norm_bounded_clients", "krum": "krum_dropped"}
+
+
+def caught(rows: list[dict], defence: str, attacker: int = 0) -> str:
+    """In how many rounds the defence dropped or moved the attacker, and whom else it hit."""
+    if defence not in CAUGHT:
+        return "—"
+    hit = [r.get(CAUGHT[defence]) or [] for r in rows[1:]]
+    others = sorted({c for h in hit for c in h if c != attacker})
+    return f"{sum(attacker in h for h in hit)}/{len(hit)}" + (f" (also {others})" if others else "")
+
+
+def run_rows(args: argparse.Namespace, name: str, flags: list[str]) -> list[dict]:
+    """The rows of one run (run now unless it finished before)."""
     from fedlora.simulations.cli import main as sim
 
     out = Path(args.out) / name
@@ -48,7 +61,7 @@ def final_accuracy(args: argparse.Namespace, name: str, flags: list[str]) -> flo
         if sim([*base, *flags]) != 0:
             raise SystemExit(f"run {name} failed")
         rows = [json.loads(ln) for ln in metrics.read_text().splitlines()]
-    return rows[-1]["accuracy"]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,20 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    lines = ["| strategy | attack (client 0 of 10) | defence | final accuracy | vs clean |",
-             "|---|---|---|---|---|"]
+    lines = ["| strategy | attack (client 0 of 10) | defence | final accuracy | vs clean |"
+             " client 0 dropped/bounded (rounds) |", "|---|---|---|---|---|---|"]
     for strategy in args.strategies.split(","):
-        clean = final_accuracy(args, f"{strategy}-clean", ["--strategy", strategy])
-        lines.append(f"| {strategy} | none | none | {clean:.1%} | — |")
+        clean = run_rows(args, f"{strategy}-clean", ["--strategy", strategy])[-1]["accuracy"]
+        lines.append(f"| {strategy} | none | none | {clean:.1%} | — | — |")
         for attack, defences in ATTACKS.items():
             for defence in defences:
                 flags = ["--strategy", strategy, *DEFENCES[defence]]
                 if attack:
                     flags += ["--attack", attack, "--attackers", "1"]
                 name = f"{strategy}-{attack.replace(':', '') or 'clean'}-{defence}"
-                acc = final_accuracy(args, name, flags)
-                gap = 100 * (acc - clean)
-                lines.append(f"| {strategy} | {attack or 'none'} | {defence} | {acc:.1%} | {gap:+.1f} |")
+                rows = run_rows(args, name, flags)
+                acc, gap = rows[-1]["accuracy"], 100 * (rows[-1]["accuracy"] - clean)
+                lines.append(f"| {strategy} | {attack or 'none'} | {defence} | {acc:.1%} | {gap:+.1f} |"
+                             f" {caught(rows, defence) if attack else '—'} |")
                 print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
     return 0

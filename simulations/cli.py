@@ -11,6 +11,7 @@ from fedlora.errors import UserError, command
 from fedlora.job.checks import check_job_args, check_out_dir
 from fedlora.job.flags import Parser, add_job_arguments, to_config
 from fedlora.job.schema import JobConfig
+from fedlora.job.setup import resolve_max_length
 from fedlora.rounds.attacks import Attack
 from fedlora.rounds.rows import format_row
 
@@ -91,6 +92,7 @@ def check_args(args: argparse.Namespace) -> JobConfig:
         if not 1 <= args.attackers <= args.num_clients:
             raise UserError(f"--attack needs --attackers between 1 and --num-clients, got {args.attackers}")
     check_out_dir(args.out, args.overwrite)
+    resolve_max_length(cfg, quiet=getattr(args, "quiet", False))  # --task sft: from the data
     return cfg
 
 

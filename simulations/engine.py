@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,7 +18,10 @@ from fedlora.data.loading import partition
 from fedlora.job.schema import JobConfig
 from fedlora.job.setup import build_model, personal_split, public_data, splits
 from fedlora.models.export import export_peft
+from fedlora.models.hub import resolve_model_path
 from fedlora.models.model import FederatedModel
+from fedlora.plan.memory import MemoryPlan, default_response_tokens, plan_memory
+from fedlora.plan.shape import build_shape
 from fedlora.privacy.accounting import Budget, sample_budgets
 from fedlora.rounds import loop
 from fedlora.rounds.build import make_strategy
@@ -58,7 +61,7 @@ def build_job(cfg: JobConfig) -> Job:
     train_ds, test_ds, label_names = splits(cfg, task)
     parts = partition(train_ds, cfg.num_clients, cfg.partition, cfg.alpha, cfg.seed)
     held = [personal_split(cfg, k, len(idx)) for k, idx in enumerate(parts)]
-    slots = pass_size(cfg, len(cfg.sampled(1)))
+    slots = pass_size(cfg, len(cfg.sampled(1)), len(label_names))
     fm, tokenizer, path = build_model(cfg, [max(cfg.client_ranks())] * slots, strategy.plan(1),
                                       len(label_names))
     samplers = [ClientSampler.for_client(cfg, k, [idx[i] for i in train])
@@ -77,15 +80,24 @@ def build_job(cfg: JobConfig) -> Job:
 #: CPU passes hold about this many tokens (rows × ``--max-length``): per token, a CPU step is
 #: fastest at a few thousand tokens and slower in larger passes (``benchmarks/pass_size.py``).
 CPU_PASS_TOKENS = 4096
-#: GPU activation memory of one client's step per token (``batch × max_length``), in bytes,
-#: with a margin; ``benchmarks/pass_size.py --device cuda`` measures it.
-GPU_BYTES_PER_TOKEN = 4 * 4096 * 24
+#: On a GPU a pass fills at most this share of the free memory by ``fedlora-plan``'s estimate of the
+#: job (:func:`fedlora.plan.memory.plan_memory`: the base once, then each client's adapter,
+#: gradients, optimizer state and activations); the rest is margin for what it leaves out (the
+#: allocator's cache, evaluation). ``benchmarks/gpu_suite.py`` measures the estimate against a step.
+GPU_MEMORY_SHARE = 0.8
 
 
-def pass_size(cfg: JobConfig, clients: int) -> int:
+def gpu_memory_plan(cfg: JobConfig, num_labels: int = 2) -> MemoryPlan:
+    """``fedlora-plan``'s memory of the job, from its model's config (built on the meta device)."""
+    shape = build_shape(replace(cfg, model=str(resolve_model_path(cfg.model))), num_labels)
+    return plan_memory(shape, cfg, default_response_tokens(cfg))
+
+
+def pass_size(cfg: JobConfig, clients: int, num_labels: int = 2) -> int:
     """Clients per forward/backward: 1 for ``--dp-backend opacus``, else ``--max-clients-per-pass``,
-    else on CPU as many as fill :data:`CPU_PASS_TOKENS`, else as many as half the free GPU
-    memory holds at :data:`GPU_BYTES_PER_TOKEN`."""
+    else on CPU as many as fill :data:`CPU_PASS_TOKENS`, else as many as ``fedlora-plan``'s
+    estimate of the job fits in :data:`GPU_MEMORY_SHARE` of the free GPU memory
+    (:func:`gpu_memory_plan`; ``num_labels``: a classification head's outputs)."""
     if cfg.dp == "sample" and cfg.dp_backend_for(lone=False) == "opacus":
         return 1  # Opacus' DP-SGD is one client at a time
     if cfg.max_clients_per_pass:
@@ -94,7 +106,8 @@ def pass_size(cfg: JobConfig, clients: int) -> int:
     if not cfg.device.startswith("cuda"):
         return max(1, min(clients, CPU_PASS_TOKENS // tokens))
     free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
-    return max(1, min(clients, int(0.5 * free // (tokens * GPU_BYTES_PER_TOKEN))))
+    fits = gpu_memory_plan(cfg, num_labels).largest_pass(int(GPU_MEMORY_SHARE * free))
+    return max(1, min(clients, fits))
 
 
 def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = None,

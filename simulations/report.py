@@ -31,7 +31,9 @@ TABLE_FILES = ("comparison.md", "comparison.csv")
 PLOT_FILES = ("accuracy_per_round.png", "accuracy_vs_bytes.png", "bytes_per_client_round.png")
 PERPLEXITY_PLOT = "perplexity_per_round.png"  # runs whose task reports perplexity (sft)
 METRIC_NAMES = {"accuracy": "test accuracy", "answer_accuracy": "answer accuracy (generated)",
-                "token_accuracy": "next-token accuracy"}
+                "token_accuracy": "next-token accuracy",
+                "answer_contains": "answers containing the reference",
+                "rouge_l": "ROUGE-L F1 of the answers", "mc_accuracy": "multiple-choice accuracy"}
 
 # ---- summaries and the table ----
 

@@ -45,6 +45,8 @@ class ClientUpload:
     grads : dict
         Initialisation phases only (Fed-SB): layer -> the client's projected gradient
         ``Lᵀ G_k R`` (see :class:`Probe`) of its loss with respect to the frozen weight.
+    client : int or None
+        The sender's client id, when the round loop knows it (the defences' reports name it).
     """
 
     num_examples: int
@@ -53,6 +55,7 @@ class ClientUpload:
     cores: dict[str, Tensor] = field(default_factory=dict)
     head: dict[str, Tensor] = field(default_factory=dict)
     grads: dict[str, Tensor] = field(default_factory=dict)
+    client: int | None = None
 
 
 @dataclass
@@ -90,6 +93,10 @@ class GlobalState:
     merged : dict
         Layer -> ``(A_m, B_m)`` with ``B_m A_m`` the sum of all updates folded into the
         base weights so far (scale 1). Empty unless the strategy folds (FLoRA).
+    residual : dict or None
+        What the model holds of ``merged`` when it is truncated (``--fold-rank`` over a quantized
+        base): layer -> ``(A_r, B_r)``, ``B_r A_r ≈ B_m A_m`` (set by the caller, who folds; a
+        layer not in it holds nothing). None: the model holds ``merged`` exactly.
     head : dict
         Global task-head tensors.
     round : int
@@ -101,15 +108,18 @@ class GlobalState:
     scale: float = 1.0
     cores: dict[str, Tensor] | None = None
     merged: dict[str, Factors] = field(default_factory=dict)
+    residual: dict[str, Factors] | None = None
     head: dict[str, Tensor] = field(default_factory=dict)
     round: int = 0
 
     def delta(self, layer: str) -> tuple[list[Tensor], list[Tensor]]:
         """Factor lists ``(Us, Vs)`` with ``Σ U_i V_i`` the layer's whole adapter update
-        relative to the original base weights (merged part plus live adapter)."""
+        relative to the original base weights as the model holds it (merged part, or its
+        truncation ``residual``, plus live adapter)."""
         us, vs = [], []
-        if layer in self.merged:
-            A, B = self.merged[layer]
+        folded = self.merged if self.residual is None else self.residual
+        if layer in folded:
+            A, B = folded[layer]
             us.append(B)
             vs.append(A)
         if self.factors is not None and layer in self.factors:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import ClientUpload, Factors
+from .base import ClientUpload, Factors, GlobalState
 
 
 def client_weights(uploads: Sequence[ClientUpload]) -> list[float]:
@@ -119,3 +119,16 @@ def relative_error(parts: dict[str, tuple[list[Tensor], list[Tensor], list[Tenso
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return (num / den) ** 0.5
+
+
+def residual_error(state: GlobalState) -> float:
+    """What a truncated fold costs: ``sqrt(Σ_l ‖B_r A_r − B_m A_m‖²) / sqrt(Σ_l ‖B_m A_m‖²)`` over
+    the layers, ``(A_m, B_m)`` the exact ``state.merged`` and ``(A_r, B_r)`` the ``state.residual``
+    the model holds instead (0 when it holds ``merged`` exactly, or nothing was folded)."""
+    if state.residual is None:
+        return 0.0
+    parts = {}
+    for layer, (A, B) in state.merged.items():
+        held = state.residual.get(layer)
+        parts[layer] = ([held[1]] if held else [], [held[0]] if held else [], [B], [A])
+    return relative_error(parts)

@@ -144,9 +144,11 @@ class Robust(Wrapped):
 
     Attributes
     ----------
-    capped, bounded, left_out : int
-        Claims above the cap, updates moved by the norm bound and clients Krum left out in the
-        last round.
+    capped : int
+        Claims above the cap in the last round.
+    bounded, dropped : list
+        The uploads the norm bound moved and those Krum left out in the last round, each by its
+        client id (:attr:`ClientUpload.client`; its position among the uploads when unknown).
     """
 
     def __init__(self, inner: Strategy, weighting: str = "examples", max_examples: int = 0,
@@ -171,7 +173,7 @@ class Robust(Wrapped):
                              " to a sum of clipped updates")
         self.weighting, self.max_examples, self.norm_bound = weighting, max_examples, norm_bound
         self.mean, self.trim = mean, trim
-        self.capped = self.bounded = self.left_out = 0
+        self.capped, self.bounded, self.dropped = 0, [], []
 
     @property
     def active(self) -> bool:
@@ -191,7 +193,8 @@ class Robust(Wrapped):
     def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
         """Weights, then norm bounding, then the robust mean; the wrapped strategy aggregates."""
         uploads = self.weigh(uploads)
-        self.bounded = self.left_out = 0
+        self.bounded, self.dropped = [], []
+        ids = [i if u.client is None else u.client for i, u in enumerate(uploads)]
         if not self.norm_bound and self.mean == "mean":
             return self.inner.aggregate(uploads, state)
         plan = self.plan(state.round + 1)
@@ -202,7 +205,7 @@ class Robust(Wrapped):
             norms = [update_norm(d, 1.0, state, plan, scale) for d in deltas]
             bound = self.norm_bound * statistics.median(norms)
             factors = [shrink(d, n, bound, state, plan, scale) for d, n in zip(deltas, norms, strict=True)]
-            self.bounded = sum(c < 1.0 for c in factors)
+            self.bounded = [c for c, f in zip(ids, factors, strict=True) if f < 1.0]
             # the bounded clients moved back, the others as they are
             uploads = [u if c == 1.0 else from_update({key: c * t for key, t in d.items()}, start, state,
                                                       plan, scale, u.num_examples)
@@ -212,7 +215,7 @@ class Robust(Wrapped):
             return self.inner.aggregate(uploads, state)
         if self.mean == "krum":
             keep = krum_keep(deltas, max(1, int(self.trim * len(deltas))))
-            self.left_out = len(uploads) - len(keep)
+            self.dropped = [c for i, c in enumerate(ids) if i not in keep]
             return self.inner.aggregate([uploads[i] for i in keep], state)
         centre = robust_mean(deltas, self.mean, self.trim)
         inner = self.inner.aggregate([from_update(centre, start, state, plan, scale)], state)
@@ -220,8 +223,9 @@ class Robust(Wrapped):
 
     def round_report(self) -> dict[str, object]:
         """The inner columns, and what the defences did in the last round."""
-        return {**self.inner.round_report(), "capped_claims": self.capped, "norm_bounded": self.bounded,
-                "krum_left_out": self.left_out}
+        return {**self.inner.round_report(), "capped_claims": self.capped, "norm_bounded": len(self.bounded),
+                "norm_bounded_clients": self.bounded, "krum_left_out": len(self.dropped),
+                "krum_dropped": self.dropped}
 
     def describe(self) -> dict[str, object]:
         return {**self.inner.describe(), "weighting": self.weighting, "max_examples": self.max_examples,

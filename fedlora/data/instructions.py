@@ -10,9 +10,14 @@ A file is read in the first form its columns fit:
    ``--prompt-template`` with the text in its ``{text}`` slot, the response is the
    label's word from ``--label-words`` (``0=negative,1=positive``) or the label itself.
 
-``--prompt-template`` or ``--label-words`` select form 4 directly. The built-in
+A multiple-choice file (``question``/``choices``/``answer`` rows, or MMLU's CSV:
+``fedlora.data.choices``) is read first, its question put in ``--prompt-template``'s slot
+and its right choice as the response. ``--label-words`` selects form 4 directly, and so does
+``--prompt-template`` for a file that is not multiple choice. The built-in
 ``bbcnews-instruct`` (``bbcnews`` reads the same) is BBC News in form 4, answered with
-the category's name.
+the category's name; each prompt holds the article's lead, its first :data:`BBC_LEAD_WORDS`
+words (the headline and opening sentences; a whole article is a median of ~500 tokens).
+Closed-set answers (forms 4 and multiple choice) keep their ``choices``.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedlora.data.choices import read_choice_file
 from fedlora.data.loading import DEFAULT_DATASET, TextDataset, load_bbcnews, load_file, read_rows
 from fedlora.errors import UserError
 
 BBC_INSTRUCT = "bbcnews-instruct"
 BBC_TEMPLATE = ("{text}\n\nWhich category is this news article: business, entertainment, politics,"
                 " sports or tech? Answer with one word.")
+#: Words of a BBC News article that its ``bbcnews-instruct`` prompt holds.
+BBC_LEAD_WORDS = 64
 
 
 def parse_label_words(text: str) -> dict[str, str]:
@@ -39,18 +47,31 @@ def parse_label_words(text: str) -> dict[str, str]:
     return words
 
 
+def lead(ds: TextDataset, words: int) -> TextDataset:
+    """``ds`` with each text cut to its first ``words`` words (" …" marks a cut)."""
+    cut = [" ".join(t.split()[:words]) + (" …" if len(t.split()) > words else "") for t in ds.texts]
+    return TextDataset(cut, ds.labels, ds.label_names, ds.responses, ds.choices)
+
+
+def fill_template(template: str, texts: list[str]) -> list[str]:
+    """``template`` around each text (in its ``{text}`` slot); the texts themselves without one."""
+    if template and "{text}" not in template:
+        raise UserError(f"--prompt-template needs a {{text}} slot for the text, got {template!r}")
+    return [template.replace("{text}", t) if template else t for t in texts]
+
+
 def from_labeled(ds: TextDataset, template: str, label_words: dict[str, str]) -> TextDataset:
-    """Questions from a labeled dataset: ``template`` around each text, the label's word as the answer."""
+    """Questions from a labeled dataset: ``template`` around each text, the label's word as the
+    answer; every label's word is a choice."""
     missing = sorted(set(ds.label_names) - set(label_words)) if label_words else []
     if missing:
         raise UserError(f"--label-words has no word for label(s) {', '.join(map(repr, missing[:5]))};"
                         f" give one for each of {', '.join(ds.label_names)}")
-    if template and "{text}" not in template:
-        raise UserError(f"--prompt-template needs a {{text}} slot for the text, got {template!r}")
     answers = [label_words.get(name, name) for name in ds.label_names]
-    prompts = [template.replace("{text}", t) if template else t for t in ds.texts]
+    prompts = fill_template(template, ds.texts)
     assert ds.labels is not None
-    return TextDataset(prompts, ds.labels, ds.label_names, [answers[y] for y in ds.labels])
+    return TextDataset(prompts, ds.labels, ds.label_names, [answers[y] for y in ds.labels],
+                       [answers] * len(ds.labels))
 
 
 def _messages(value, where: str) -> list[dict[str, str]]:
@@ -98,14 +119,19 @@ def load_instructions(spec: str, text_column: str, label_column: str, template: 
     ------
     UserError
         Columns that fit no form, a bad ``messages`` list, a label without a word, a
-        template without ``{text}``.
+        template without ``{text}``, a multiple-choice row without choices or with an answer
+        outside them.
     """
     words = parse_label_words(label_words)
     if spec in (BBC_INSTRUCT, DEFAULT_DATASET):  # the bundled BBC News, as questions
-        return from_labeled(load_bbcnews(), template or BBC_TEMPLATE, words)
+        return from_labeled(lead(load_bbcnews(), BBC_LEAD_WORDS), template or BBC_TEMPLATE, words)
     path = Path(spec)
     if not path.is_file():
         raise UserError(f"data file {spec!r} not found")
+    choices = None if words else read_choice_file(path)
+    if choices is not None:
+        choices.texts = fill_template(template, choices.texts)
+        return choices
     if not (template or words):
         rows = read_rows(path)
         if not rows:
@@ -116,6 +142,6 @@ def load_instructions(spec: str, text_column: str, label_column: str, template: 
         if not {text_column, label_column} <= set(rows[0]):
             raise UserError(
                 f"{path.name} has no prompt/response columns (columns: {', '.join(rows[0])}): --task sft"
-                " reads prompt/response, instruction/input/output, messages, or --text-column and"
-                " --label-column with --label-words")
+                " reads prompt/response, instruction/input/output, messages, question/choices/answer"
+                " (multiple choice), or --text-column and --label-column with --label-words")
     return from_labeled(load_file(path, text_column, label_column), template, words)

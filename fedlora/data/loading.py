@@ -29,12 +29,16 @@ class TextDataset:
     For instruction data ``texts`` are the prompts (a string, or a chat's earlier
     ``messages``) and ``responses`` the answers to learn; ``labels`` stay set when
     the answers come from a labeled file (so a Dirichlet partition can use them).
+    Where the answers come from a closed set (label words, a multiple-choice file),
+    ``choices[i]`` lists example i's possible answers and ``labels[i]`` is the index
+    of its answer among them.
     """
 
     texts: list
     labels: list[int] | None
     label_names: list[str]
     responses: list[str] | None = None
+    choices: list[list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -42,7 +46,8 @@ class TextDataset:
     def subset(self, idx: list[int] | np.ndarray) -> TextDataset:
         labels = [self.labels[i] for i in idx] if self.labels is not None else None
         responses = [self.responses[i] for i in idx] if self.responses is not None else None
-        return TextDataset([self.texts[i] for i in idx], labels, self.label_names, responses)
+        choices = [self.choices[i] for i in idx] if self.choices is not None else None
+        return TextDataset([self.texts[i] for i in idx], labels, self.label_names, responses, choices)
 
     def head(self, n: int) -> TextDataset:
         """The first ``n`` rows (all of them when ``n`` is 0)."""

@@ -16,7 +16,7 @@ from fedlora.job.schema import JobConfig
 from fedlora.models.hub import QUANTIZE, require_bitsandbytes
 from fedlora.strategies import STRATEGIES
 from fedlora.strategies.robust import Robust
-from fedlora.tasks import TASKS
+from fedlora.tasks import AUTO, EVALUATIONS, TASKS
 
 
 def check_job_args(args: JobConfig) -> None:
@@ -25,8 +25,8 @@ def check_job_args(args: JobConfig) -> None:
     which give unset fields their defaults)."""
     positive = ("num_clients", "rounds", "local_steps", "batch_size", "rank", "max_length",
                 "init_batches", "eval_batch_size")
-    for name in positive:
-        if getattr(args, name) < 1:
+    for name in positive:  # --max-length None: derived from the data later (resolve_max_length)
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"{flag_name(name)} must be ≥ 1, got {getattr(args, name)}")
     if (args.clients_per_round or 0) < 0:
         raise UserError(f"--clients-per-round must be ≥ 1 (0: every client), got {args.clients_per_round}")
@@ -98,6 +98,7 @@ def check_quantize_args(args) -> None:
         raise UserError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
     if quantize in ("none", "int8") and getattr(args, "double_quant", False):
         raise UserError("--double-quant quantizes the scales of 4-bit blocks: it needs --quantize nf4 or fp4")
+    check_fold_rank(args)
     if quantize == "none":
         return
     if args.model == "minilm":
@@ -107,9 +108,33 @@ def check_quantize_args(args) -> None:
     require_bitsandbytes(quantize)
 
 
+def check_fold_rank(args) -> None:
+    """Refuse a ``--fold-rank`` that would bound nothing, in one line."""
+    rank = getattr(args, "fold_rank", 0)
+    if rank < 0:
+        raise UserError(f"--fold-rank must be ≥ 1 (0: the whole residual, exactly), got {rank}")
+    if not rank:
+        return
+    if not STRATEGIES[args.strategy].folds:
+        takes = ", ".join(sorted(n for n, c in STRATEGIES.items() if c.folds))
+        raise UserError(f"--fold-rank bounds the residual of folded updates, and --strategy {args.strategy}"
+                        f" does not fold ({takes} do): drop --fold-rank")
+    if getattr(args, "quantize", "none") == "none":
+        raise UserError("--fold-rank bounds the residual kept beside a quantized base; without --quantize"
+                        " folds go into the weights exactly, at no cost in rank: drop --fold-rank or"
+                        " pass --quantize nf4")
+
+
 def check_task_args(args) -> None:
     """Refuse a job its task cannot run: another task's options, or data or a model it cannot use."""
     task = TASKS[args.task]
+    if args.eval != JobConfig.eval and task.model_kind != "causal-lm":
+        raise UserError(f"--eval {args.eval} scores answers by a causal language model's log-likelihood, and"
+                        f" --task {task.name} is a {task.model_kind} model: use --task sft with a causal LM"
+                        " (--model smollm2, a .gguf file or a local LLM folder)")
+    if args.metric != AUTO and not EVALUATIONS[args.eval].takes_metric:
+        raise UserError(f"--metric {args.metric} scores generated answers, and --eval {args.eval} generates"
+                        " none: drop --metric")
     for name, other in ((n, t) for t in TASKS.values() if t is not task for n in t.options):
         if name not in task.options and getattr(args, name) != JobConfig.__dataclass_fields__[name].default:
             raise UserError(f"{flag_name(name)} is for --task {other.name} (this job is --task {task.name})")

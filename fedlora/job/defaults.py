@@ -52,7 +52,8 @@ def measures_clip(args) -> bool:
 def fill_defaults(args) -> None:
     """Give the flags left unset (None) their defaults, which depend on the job: ``--batch-size``
     8 and ``--head train`` (``--dp sample``: :data:`DP_RECIPE`'s, and ``--head public`` when a public
-    ``--init-data`` file is given), ``--lr`` :func:`default_lr`,
+    ``--init-data`` file is given), ``--max-length`` 64 (``--task sft`` leaves it to
+    :func:`fedlora.job.setup.resolve_max_length`, which reads the data), ``--lr`` :func:`default_lr`,
     and under ``--dp sample`` the recipe's per-example clip ``--max-grad-norm``."""
     private = args.dp == "sample"
     if args.head is None and private and TASKS[args.task].trains_head:
@@ -62,6 +63,8 @@ def fill_defaults(args) -> None:
         args.head = JobConfig.head
     if args.batch_size is None:
         args.batch_size = DP_RECIPE["batch_size"] if private else JobConfig.batch_size
+    if args.max_length is None and not TASKS[args.task].length_from_data:
+        args.max_length = JobConfig.max_length  # else derived from the data (fedlora.job.setup)
     if args.lr is None:
         args.lr = default_lr(args.strategy, args.dp)
     if measures_clip(args):

@@ -4,6 +4,7 @@ the job they parse to."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -22,8 +23,11 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "clients") -> None:
-    """The job flags of every field with a group (:func:`option`), shared by the CLIs."""
+def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "clients",
+                      only: Collection[str] | None = None) -> None:
+    """The job flags of every field with a group (:func:`option`), shared by the CLIs; with ``only``,
+    the flags of those fields alone, the others keeping their flags' defaults (a command that reads
+    part of a job: ``fedlora-eval``)."""
     groups = {g: p.add_argument_group(g) for g in GROUPS}
     for f in fields(JobConfig):
         meta = f.metadata
@@ -34,6 +38,9 @@ def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "cl
         kwargs: dict[str, Any] = {"help": text.replace("%", "%%"),  # argparse formats help with %
                                   "default": default if meta["flag_default"] is MISSING
                                   else meta["flag_default"]}
+        if only is not None and f.name not in only:
+            p.set_defaults(**{f.name: kwargs["default"]})
+            continue
         if isinstance(default, bool):
             kwargs["action"] = "store_true"
         else:
@@ -54,7 +61,7 @@ def to_config(args: argparse.Namespace, device: str | None = None) -> JobConfig:
     values["max_clients_per_pass"] = values.get("max_clients_per_pass") or 0
     fill_defaults(args)
     values.update(batch_size=args.batch_size, lr=args.lr, max_grad_norm=args.max_grad_norm, head=args.head,
-                  clip_quantile=args.clip_quantile)
+                  clip_quantile=args.clip_quantile, max_length=args.max_length)
     if args.ranks is not None:  # cycled over the clients
         values["ranks"] = [args.ranks[k % len(args.ranks)] for k in range(args.num_clients)]
     values["device"] = device if device is not None else resolve_device(args.device)

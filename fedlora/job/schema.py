@@ -16,7 +16,7 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 from fedlora.strategies import STRATEGIES
-from fedlora.tasks import TASKS
+from fedlora.tasks import ANSWER_METRICS, AUTO, EVALUATIONS, TASKS
 
 #: Flag groups, in ``--help`` order.
 GROUPS = ("job", "data and model", "LLM fine-tuning", "strategy options", "differential privacy",
@@ -96,7 +96,10 @@ class JobConfig:
                             " small alpha)", group="data and model",
                             choices=["iid", "dirichlet", "dirichlet-clients"])
     alpha: float = option(0.5, "Dirichlet concentration", group="data and model")
-    max_length: int = option(64, "tokens per example", group="data and model")
+    max_length: int | None = option(64, "tokens per example (default 64; --task sft: derived from the"
+                                    " training data, the 95th percentile of its tokenized examples"
+                                    " rounded up to a multiple of 8, at most 512, and printed)",
+                                    group="data and model", flag_default=None)
     test_fraction: float = option(0.2, "held-out share of --data", group="data and model")
     seed: int = option(0, "seed of the split, partition, adapters and batches")
     device: str = option("cpu", "cpu, cuda, cuda:1, ... or auto")
@@ -220,6 +223,16 @@ class JobConfig:
                            group="data and model")
     max_new_tokens: int = option(0, "--task sft: tokens generated per answer (0: the longest reference"
                                  " answer's, plus the end of turn)", group="LLM fine-tuning")
+    eval: str = option("generate", "--task sft: how held-out examples are scored: generate (greedy answers,"
+                       " scored by --metric) or mc (multiple choice: the choice with the highest"
+                       " log-likelihood, lm-eval-harness' acc and acc_norm; choices from a"
+                       " question/choices/answer .jsonl, MMLU's CSV or --label-words)",
+                       group="LLM fine-tuning", choices=sorted(EVALUATIONS))
+    metric: str = option(AUTO, "--task sft --eval generate: the answers' headline score: exact (normalized"
+                         " answer equals the reference), contains (the reference appears in the answer) or"
+                         " rouge-l (ROUGE-L F1); auto: exact for label words and multiple-choice data,"
+                         " rouge-l for free-form responses", group="LLM fine-tuning",
+                         choices=[AUTO, *ANSWER_METRICS])
     padding: str = option("longest", "pad each pass to its longest row, or every row to --max-length",
                           group="data and model", choices=["longest", "max-length"])
     gradient_checkpointing: bool = option(False, "recompute the base model's activations in the"
@@ -232,6 +245,11 @@ class JobConfig:
                            group="LLM fine-tuning", choices=["none", "nf4", "fp4", "int8"])
     double_quant: bool = option(False, "--quantize nf4/fp4: quantize the 4-bit blocks' scales too"
                                 " (QLoRA's double quantization)", group="LLM fine-tuning")
+    fold_rank: int = option(0, "--quantize with a strategy that folds (flora, fedex-lora): keep only the"
+                            " top N singular directions of each layer's folded residual beside the"
+                            " quantized base, and report what it costs in every row"
+                            " (fold_truncation_error); 0: the whole residual, exactly",
+                            group="LLM fine-tuning", metavar="N")
 
     def client_ranks(self) -> list[int]:
         return list(self.ranks) if self.ranks else [self.rank] * self.num_clients

@@ -8,17 +8,22 @@
 * :func:`personal_split`: which of them the client holds out to measure its own model;
 * :func:`public_data`: the public ``--init-data`` examples the server initialises from;
 * :func:`build_model`: the base model wrapped with client slots for the job's task and
-  strategy.
+  strategy;
+* :func:`resolve_max_length`: ``--task sft``'s default ``--max-length``, read from the data once,
+  where a job starts (``fedlora-sim``, ``fedlora-server``): clients get the number in the run config.
 """
 
 from __future__ import annotations
+
+import math
+import sys
 
 import torch
 
 from fedlora.data.loading import TextDataset, partition, split
 from fedlora.errors import UserError
 from fedlora.job.schema import JobConfig
-from fedlora.models.hub import load_model
+from fedlora.models.hub import load_model, load_tokenizer
 from fedlora.models.model import AdapterConfig, FederatedModel
 from fedlora.strategies import AdapterPlan
 from fedlora.tasks import Task, get_task
@@ -108,10 +113,59 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan,
     try:
         fm = FederatedModel(model, AdapterConfig(
             ranks=ranks, alpha=cfg.lora_alpha, target_modules=cfg.target_modules, plan=plan,
-            train_head=task.trains_head, gradient_checkpointing=cfg.gradient_checkpointing))
+            train_head=task.trains_head, gradient_checkpointing=cfg.gradient_checkpointing,
+            fold_rank=cfg.fold_rank))
     except ValueError as exc:  # nothing matches --target-modules, or the model cannot checkpoint
         raise UserError(str(exc)) from None
     if cfg.head == "zero":
         fm.zero_heads()
     fm.freeze_heads(cfg.head in ("frozen", "public"))  # public: the server trains it before round 1
     return fm.to(torch.device(cfg.device)), tokenizer, str(path)
+
+
+#: ``--task sft`` without ``--max-length``: the tokenized length (prompt and response, as rendered)
+#: that this share of the training examples fits in, rounded up to a multiple of 8 and to the
+#: longest response (never cut), at most :data:`LENGTH_CAP` and the model's context; read from a
+#: seeded sample of at most :data:`LENGTH_SAMPLE` training examples.
+LENGTH_QUANTILE = 0.95
+LENGTH_CAP = 512
+LENGTH_SAMPLE = 2000
+_DERIVED: dict[tuple, tuple[int, int, int]] = {}  # one derivation per data and model (fedlora-compare)
+
+
+def derived_max_length(totals: list[int], musts: list[int], context: int | None = None) -> tuple[int, int]:
+    """``(--max-length, the quantile's length)`` from each example's tokens (``totals``) and those no
+    cut may shorten (``musts``): the :data:`LENGTH_QUANTILE` quantile (nearest rank: the smallest
+    length that many of the examples fit in), at least the longest of ``musts``, rounded up to a
+    multiple of 8, at most :data:`LENGTH_CAP` and ``context``."""
+    ranked = sorted(totals)
+    quantile = ranked[max(1, math.ceil(LENGTH_QUANTILE * len(ranked))) - 1]
+    need = max(quantile, max(musts))
+    return min(-(-need // 8) * 8, LENGTH_CAP, context or LENGTH_CAP), quantile
+
+
+def resolve_max_length(cfg: JobConfig, quiet: bool = False) -> None:
+    """Give ``cfg.max_length`` its value when it was left to the data (``--task sft`` without
+    ``--max-length``: :func:`derived_max_length` of its training examples), and print it in one line
+    unless ``quiet``; nothing otherwise."""
+    task = get_task(cfg.task)
+    if cfg.max_length is not None or not task.length_from_data:
+        return
+    key = tuple(getattr(cfg, f) for f in ("task", "model", "data", "test_data", "test_fraction", "seed",
+                                          "text_column", "label_column", "prompt_template", "label_words",
+                                          "system_prompt", "chat_template"))
+    if key not in _DERIVED:
+        tokenizer, context = load_tokenizer(cfg.model)
+        ds = training_data(cfg, task)
+        if len(ds) > LENGTH_SAMPLE:
+            gen = torch.Generator().manual_seed(cfg.seed)
+            ds = ds.subset(sorted(torch.randperm(len(ds), generator=gen)[:LENGTH_SAMPLE].tolist()))
+        totals, musts = task.example_lengths(tokenizer, ds, cfg)
+        _DERIVED[key] = (*derived_max_length(totals, musts, context), len(totals))
+        if not quiet:
+            value, quantile, n = _DERIVED[key]
+            cap = min(LENGTH_CAP, context or LENGTH_CAP)
+            print(f"fedlora: --max-length {value} (the {LENGTH_QUANTILE * 100:.0f}th percentile of {n:,}"
+                  f" tokenized training examples is {quantile:,} tokens; rounded up to a multiple of 8, at"
+                  f" most {cap}); pass --max-length to choose", file=sys.stderr)
+    cfg.max_length = _DERIVED[key][0]

@@ -249,6 +249,21 @@ def _check_quantized(model: nn.Module, name: str, quantize: str) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
+def load_tokenizer(name: str) -> tuple[object, int | None]:
+    """``(tokenizer, context)`` of model ``name`` without its weights: ``context`` is the model's
+    ``max_position_embeddings`` (None when its config has none)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve_model_path(name)
+    with _quiet():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load the tokenizer of {str(path)!r}: {_first_line(exc)}") from exc
+    return tokenizer, getattr(config, "max_position_embeddings", None)
+
+
 def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 0,
                dtype: torch.dtype = torch.float32, quantize: str = "none", double_quant: bool = False,
                device: str | torch.device = "cpu") -> tuple[nn.Module, object, Path]:

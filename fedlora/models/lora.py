@@ -32,7 +32,9 @@ never requantized: it is kept as a frozen low-rank residual ``U V`` beside the b
     y = base(x) + x Vᵀ Uᵀ + s_k · x A_kᵀ B_kᵀ,
 
 ``U`` (``d_out × R``) and ``V`` (``R × d_in``) in the adapter dtype, re-factored exactly at
-every fold (:func:`compact_residual`), so ``R`` never exceeds ``min(d_out, d_in)``.
+every fold (:func:`compact_residual`), so ``R`` never exceeds ``min(d_out, d_in)``. With a
+``fold_rank`` N (``--fold-rank``) each fold keeps only the residual's top N singular directions:
+not exact any more, and the run reports what that costs (``fold_truncation_error``).
 """
 
 from __future__ import annotations
@@ -103,19 +105,24 @@ def compute_dtype(base: nn.Module) -> torch.dtype:
 
 
 @torch.no_grad()
-def compact_residual(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    """Exactly re-factor ``U V`` (``U``: ``d_out × R``, ``V``: ``R × d_in``) to its numerical rank.
+def compact_residual(U: Tensor, V: Tensor, max_rank: int = 0) -> tuple[Tensor, Tensor]:
+    """Re-factor ``U V`` (``U``: ``d_out × R``, ``V``: ``R × d_in``) to its numerical rank, exactly,
+    or to its best approximation of rank ``max_rank`` (0: no bound).
 
     QR of ``U`` and ``Vᵀ``, then the SVD of the small core (float64, never a ``d × d`` SVD);
     singular values at or below ``RESIDUAL_RTOL · ‖U‖_F ‖V‖_F`` (rounding) are dropped, so the
-    result is exact to float precision. Returns ``(U' Σ, V')`` with orthonormal rows of ``V'``
-    and at most ``min(d_out, d_in, R)`` columns, in the input dtype.
+    result is exact to float precision; with ``max_rank`` only the largest ``max_rank`` are kept
+    (the discarded part's Frobenius norm is that of the singular values dropped: Eckart–Young).
+    Returns ``(U' Σ, V')`` with orthonormal rows of ``V'`` and at most ``min(d_out, d_in, R)``
+    columns, largest singular value first, in the input dtype.
     """
     if U.shape[1] == 0:
         return U, V
     Us, S, Vs = factored_svd(V, U)                             # U V = Us diag(S) Vsᵀ
     tol = RESIDUAL_RTOL * float(U.double().norm() * V.double().norm())
     n = int((S > tol).sum())
+    if max_rank:
+        n = min(n, max_rank)
     return (Us[:, :n] * S[:n]).to(U.dtype).contiguous(), Vs[:, :n].T.contiguous().to(V.dtype)
 
 
@@ -138,10 +145,13 @@ class BatchedLoRALinear(nn.Module):
         The LoRA-SB form (an adapter plan whose factors include ``R``): per-slot cores
         ``R_k`` between one shared, frozen ``A`` and ``B``. Otherwise per-slot ``A_k``,
         ``B_k``; which of them train is set by :meth:`set_trainable`.
+    fold_rank : int
+        A quantized base: the most directions the folded residual keeps (``--fold-rank``;
+        0: all of them, exactly).
     """
 
     def __init__(self, base: nn.Linear, ranks: list[int], alpha: float, router: Router,
-                 core: bool = False) -> None:
+                 core: bool = False, fold_rank: int = 0) -> None:
         super().__init__()
         if core and len(set(ranks)) != 1:
             raise ValueError("LoRA-SB needs the same rank for every client")
@@ -153,6 +163,7 @@ class BatchedLoRALinear(nn.Module):
         d_out, d_in = linear_shape(base)
         dev, dt = base.weight.device, adapter_dtype(compute_dtype(base))
         self.quantized = is_quantized(base)
+        self.fold_rank = fold_rank
         if self.quantized:  # folds, never requantized: y += x Vᵀ Uᵀ (rank grows, compacted exactly)
             self.register_buffer("fold_U", torch.zeros(d_out, 0, device=dev, dtype=dt), persistent=False)
             self.register_buffer("fold_V", torch.zeros(0, d_in, device=dev, dtype=dt), persistent=False)
@@ -266,18 +277,24 @@ class BatchedLoRALinear(nn.Module):
             self.scale.fill_(scale)
 
     @torch.no_grad()
-    def fold(self, A: Tensor, B: Tensor) -> None:
+    def fold(self, A: Tensor, B: Tensor, exact: bool = False) -> None:
         """Add ``B @ A`` (d_out × d_in) to the frozen base weight, explicitly.
 
         A quantized base is never requantized: ``B`` and ``A`` join the residual factors
-        (``fold_U``, ``fold_V``), which are then re-factored exactly (:func:`compact_residual`).
+        (``fold_U``, ``fold_V``), which are then re-factored exactly (:func:`compact_residual`),
+        or truncated to ``fold_rank`` directions unless ``exact`` (an evaluation's temporary fold).
         """
         if not self.quantized:
             self.base.weight.add_((B.to(torch.float64) @ A.to(torch.float64)).to(self.base.weight))
             return
         U = torch.cat([self.fold_U, B.to(self.fold_U)], dim=1)
         V = torch.cat([self.fold_V, A.to(self.fold_V)], dim=0)
-        self.fold_U, self.fold_V = compact_residual(U, V)
+        self.fold_U, self.fold_V = compact_residual(U, V, 0 if exact else self.fold_rank)
+
+    def residual(self) -> tuple[Tensor, Tensor] | None:
+        """``(V, U)`` (LoRA's ``(A, B)`` order) of the residual beside a quantized base; None
+        over an unquantized one, whose folds are in its weight."""
+        return (self.fold_V.clone(), self.fold_U.clone()) if self.quantized else None
 
     def fold_state(self) -> tuple[Tensor, ...]:
         """A copy of what :meth:`fold` changes (the base weight, or the residual factors)."""

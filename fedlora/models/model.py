@@ -59,6 +59,9 @@ class AdapterConfig:
     gradient_checkpointing : bool
         Recompute the base model's blocks in the backward pass (transformers' activation
         checkpointing) instead of keeping their activations.
+    fold_rank : int
+        Over a quantized base, the most singular directions each layer's folded residual keeps
+        (``--fold-rank``); 0: all, exactly.
     """
 
     ranks: list[int]
@@ -67,6 +70,7 @@ class AdapterConfig:
     plan: AdapterPlan = LORA
     train_head: bool = True
     gradient_checkpointing: bool = False
+    fold_rank: int = 0
     resolved_targets: list[str] = field(default_factory=list)
 
 
@@ -133,7 +137,7 @@ class FederatedModel(nn.Module):
         self.adapters: dict[str, BatchedLoRALinear] = {}
         for name in names:
             layer = BatchedLoRALinear(model.get_submodule(name), config.ranks, config.alpha,
-                                      self.router, core=config.plan.core)
+                                      self.router, core=config.plan.core, fold_rank=config.fold_rank)
             _set_module(model, name, layer)
             self.adapters[name] = layer
         self.set_plan(config.plan)

@@ -108,6 +108,17 @@ def apply_global(fm: FederatedModel, state: GlobalState, fold: dict[str, Factors
         _set_heads(fm, state.head)
 
 
+def held_residual(fm: FederatedModel) -> dict[str, Factors]:
+    """Layer -> ``(A_r, B_r)``: the residual each layer over a quantized base holds beside it
+    (its folds, truncated under ``--fold-rank``); an empty residual or an unquantized layer is left out."""
+    out = {}
+    for name, layer in fm.adapters.items():
+        got = layer.residual()
+        if got is not None and got[0].shape[0]:
+            out[name] = got
+    return out
+
+
 def _fits(layer, k: int, A: Tensor, scale: float) -> bool:
     """Whether slot k holds factors of ``A``'s rank at ``scale`` (then they load as they are)."""
     return A.shape[0] == layer.ranks[k] and math.isclose(scale, float(layer.scale[k]), rel_tol=1e-6)
@@ -146,7 +157,7 @@ def exact_global(fm: FederatedModel, state: GlobalState | None) -> Iterator[None
     try:
         for name, (A, B) in state.factors.items():
             layer = fm.adapters[name]
-            layer.fold(A, state.scale * B)
+            layer.fold(A, state.scale * B, exact=True)
             layer.set_slot(0, torch.zeros_like(saved[name][1]), torch.zeros_like(saved[name][2]))
         yield
     finally:

@@ -28,7 +28,7 @@ from fedlora.job.defaults import DP_RECIPE, measures_clip
 from fedlora.job.schema import JobConfig
 from fedlora.models.lora import linear_shape
 from fedlora.models.model import FederatedModel, draw_seed
-from fedlora.models.state import apply_global, download_tensors, head_of, initial_state
+from fedlora.models.state import apply_global, download_tensors, head_of, held_residual, initial_state
 from fedlora.privacy.public import measure_clip, public_uploads, train_head, warm_start
 from fedlora.rounds.checkpoint import CHECKPOINT as CHECKPOINT  # re-exported (server/app.py)
 from fedlora.rounds.checkpoint import load_checkpoint, save_checkpoint
@@ -122,6 +122,15 @@ class Coordinator:
         fresh = self.state.factors is None and self.plan.start == "fresh"
         self.fresh_seed = draw_seed(self.gen) if fresh else None
         apply_global(self.fm, self.state, fold, self.fresh_seed)
+        self._note_residual()
+
+    def _note_residual(self) -> None:
+        """``--fold-rank``: the state records what the model holds of its folds (a truncation),
+        which is what the model is evaluated with and exported as."""
+        if self.cfg.fold_rank and self.state is not None:
+            merged = self.state.merged  # where the strategy keeps it (the residual is on the model's device)
+            self.state.residual = {name: tuple(t.to(merged[name][0].device) for t in pair)
+                                   for name, pair in held_residual(self.fm).items() if name in merged}
 
     @property
     def plan(self) -> AdapterPlan:
@@ -234,5 +243,6 @@ class Coordinator:
         self.strategy.resume(self.round)  # --dp client: releases so far
         self.fm.set_plan(self.plan)
         apply_global(self.fm, self.state, {}, self.fresh_seed)
+        self._note_residual()
 
 

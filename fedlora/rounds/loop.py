@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from fedlora.rounds.attacks import Attack, attack_uploads
 from fedlora.rounds.coordinator import Coordinator
@@ -92,7 +93,7 @@ def run(coord: Coordinator, transport: Transport, sink: RunFolder, schedule: Sch
             agg = coord.aggregate_mean(got.mean, len(got.clients))
         else:
             uploads = attack_uploads(got.uploads, got.clients, attack, cfg.attackers, coord.state, plan)
-            agg = coord.aggregate(uploads)
+            agg = coord.aggregate([replace(u, client=c) for u, c in zip(uploads, got.clients, strict=True)])
         row = round_row(coord, got.bytes_up, got.bytes_down, agg.agg_error, got.losses,
                         time.perf_counter() - t0, len(got.clients))
         row.update(client_ids=got.clients, **got.report)

@@ -7,6 +7,7 @@ import time
 
 from fedlora.models.state import exact_global
 from fedlora.rounds.coordinator import Coordinator
+from fedlora.strategies.factors import residual_error
 
 
 def round_row(coord: Coordinator, bytes_up: list[int], bytes_down: list[int], agg_error: float | None,
@@ -27,7 +28,7 @@ def round_row(coord: Coordinator, bytes_up: list[int], bytes_down: list[int], ag
         "strategy": coord.strategy.name,
         "accuracy": metrics.pop("accuracy"),
         "loss": metrics.pop("loss"),
-        "metric": coord.task.metric,
+        "metric": coord.task.headline(coord.test),
         **metrics,
         "train_loss": sum(losses) / len(losses) if losses else None,
         "bytes_up": sum(bytes_up),
@@ -41,6 +42,8 @@ def round_row(coord: Coordinator, bytes_up: list[int], bytes_down: list[int], ag
         "seconds": round(train_seconds + eval_seconds, 3),
         **(coord.metrics if coord.round else {}),
     }
+    if coord.cfg.fold_rank:  # what truncating the residual beside a quantized base costs, so far
+        row["fold_truncation_error"] = residual_error(coord.state)
     if coord.cfg.dp == "sample":  # the per-example clip: given, or measured on --init-data
         row["max_grad_norm"] = coord.cfg.max_grad_norm or coord.clip
     row.update(coord.strategy.round_report())  # --dp client's ledger, the defences' counts
@@ -58,7 +61,8 @@ def personal_columns(results: list[dict]) -> dict:
     return {"personal_accuracy": acc, "personal_examples": n, "personal_clients": len(results)}
 
 
-METRIC_LABELS = {"accuracy": "acc", "answer_accuracy": "answer acc", "token_accuracy": "token acc"}
+METRIC_LABELS = {"accuracy": "acc", "answer_accuracy": "answer acc", "token_accuracy": "token acc",
+                 "answer_contains": "answer contains", "rouge_l": "rouge-l", "mc_accuracy": "mc acc"}
 
 
 def format_row(row: dict) -> str:

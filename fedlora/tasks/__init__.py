@@ -1,22 +1,30 @@
 """Tasks: one object per ``--task`` (data, tokenization, loss, metrics, export type).
 
-Importing this package registers the built-in tasks; ``get_task(name)`` returns one.
+Importing this package registers the built-in tasks, the evaluations of a task that answers
+prompts (``--eval``: ``generate``, ``mc``) and the answer metrics (``--metric``);
+``get_task(name)`` returns a task.
 """
 
+from .answers import ANSWER_METRICS, AUTO, AnswerMetric, register_answer_metric
 from .base import (
+    EVALUATIONS,
     TASKS,
+    Evaluation,
     Task,
     TokenLossTask,
     gather_rows,
     get_task,
     length_groups,
+    register_evaluation,
     register_task,
     row_groups,
     token_losses,
 )
+from .choice import ChoiceSet, MultipleChoice
 from .classic import CausalLM, Classification
 from .sft import SFT, GenerationSet, normalize
 
-__all__ = ["SFT", "TASKS", "CausalLM", "Classification", "GenerationSet", "Task", "TokenLossTask",
-           "gather_rows", "get_task", "length_groups", "normalize", "register_task", "row_groups",
-           "token_losses"]
+__all__ = ["ANSWER_METRICS", "AUTO", "EVALUATIONS", "SFT", "TASKS", "AnswerMetric", "CausalLM", "ChoiceSet",
+           "Classification", "Evaluation", "GenerationSet", "MultipleChoice", "Task", "TokenLossTask",
+           "gather_rows", "get_task", "length_groups", "normalize", "register_answer_metric",
+           "register_evaluation", "register_task", "row_groups", "token_losses"]

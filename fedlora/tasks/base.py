@@ -22,6 +22,8 @@ from torch import Tensor
 
 #: name -> task object (filled by :func:`register_task`).
 TASKS: dict[str, Task] = {}
+#: ``--eval`` name -> how a task that answers prompts scores them (:func:`register_evaluation`).
+EVALUATIONS: dict[str, Evaluation] = {}
 
 
 def register_task(cls: type[Task]) -> type[Task]:
@@ -29,6 +31,14 @@ def register_task(cls: type[Task]) -> type[Task]:
     if cls.name in TASKS:
         raise ValueError(f"task {cls.name!r} is registered twice")
     TASKS[cls.name] = cls()
+    return cls
+
+
+def register_evaluation(cls: type[Evaluation]) -> type[Evaluation]:
+    """Class decorator: register one instance of ``cls`` under ``cls.name`` (an ``--eval`` value)."""
+    if cls.name in EVALUATIONS:
+        raise ValueError(f"evaluation {cls.name!r} is registered twice")
+    EVALUATIONS[cls.name] = cls()
     return cls
 
 
@@ -125,6 +135,9 @@ class Task(ABC):
         The job fields only this task reads (another task's job refuses them when set).
     datasets : tuple of str
         The built-in ``--data`` names it reads (besides files).
+    length_from_data : bool
+        Without ``--max-length``, the job's is derived from the training data
+        (:meth:`example_lengths`, :func:`fedlora.job.setup.resolve_max_length`); else it is 64.
     """
 
     name: ClassVar[str]
@@ -134,6 +147,7 @@ class Task(ABC):
     metric: ClassVar[str] = "accuracy"
     options: ClassVar[tuple[str, ...]] = ()
     datasets: ClassVar[tuple[str, ...]] = ("bbcnews",)
+    length_from_data: ClassVar[bool] = False
 
     @abstractmethod
     def load(self, spec: str, cfg, *, test: bool = False):
@@ -142,6 +156,11 @@ class Task(ABC):
     @abstractmethod
     def encode(self, tokenizer, ds, cfg) -> dict[str, Tensor]:
         """Training tensors of ``ds``: ``input_ids``, ``attention_mask``, ``labels``, …"""
+
+    def example_lengths(self, tokenizer, ds, cfg) -> tuple[list[int], list[int]]:
+        """``(tokens of each example, tokens of its part that no cut may shorten)``, uncut: what a
+        ``--max-length`` derived from the data is read from (:attr:`length_from_data`)."""
+        raise NotImplementedError(f"--task {self.name} does not derive --max-length from the data")
 
     def eval_set(self, tokenizer, ds, cfg) -> Any:
         """What :meth:`evaluate` takes: the encoded held-out rows, longest first (so that
@@ -177,7 +196,36 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, fm, data: Any, cfg) -> dict[str, float]:
         """Metrics of slot 0 of ``fm`` on :meth:`eval_set`'s ``data``: at least
-        ``accuracy`` (the headline :attr:`metric`), ``loss`` and ``eval_examples``."""
+        ``accuracy`` (the headline, :meth:`headline`), ``loss`` and ``eval_examples``."""
+
+    def headline(self, data: Any) -> str:
+        """The name of what ``accuracy`` measures on :meth:`eval_set`'s ``data`` (a row's ``metric``)."""
+        return self.metric
+
+
+class Evaluation(ABC):
+    """How a task that answers prompts (``--task sft``) scores its held-out examples: one
+    registered object per ``--eval`` value (:func:`register_evaluation`).
+
+    Attributes
+    ----------
+    name : str
+        The ``--eval`` value.
+    takes_metric : bool
+        Whether ``--metric`` (how a generated answer is scored) applies.
+    """
+
+    name: ClassVar[str]
+    takes_metric: ClassVar[bool] = False
+
+    @abstractmethod
+    def eval_set(self, task: Task, tokenizer, ds, cfg) -> Any:
+        """What :meth:`evaluate` takes: the held-out examples ``ds``, encoded. Its ``headline``
+        attribute names the metric its ``accuracy`` is."""
+
+    @abstractmethod
+    def evaluate(self, task: Task, fm, data: Any, cfg) -> dict[str, float]:
+        """The metrics of slot 0 of ``fm`` on ``data``, as :meth:`Task.evaluate`."""
 
 
 class TokenLossTask(Task):

@@ -14,11 +14,17 @@ Evaluating a generative task this way costs one prompt pass instead of two (one 
 teacher-forced loss, one for ``generate``'s prefill): prompts are long and answers short.
 Rows are on client slot 0 (the global model). Equal to transformers' ``generate`` and to a
 teacher-forced pass over the whole rows (tested).
+
+:func:`score_choices` scores the choices of a multiple-choice question the same way: one
+prefill per prompt, then choice j of every row teacher-forced from the prompts' cache (cut back
+after each), so a batch costs one prompt pass plus one short pass per choice position (none
+for choices of one token, whose log-probability the prefill's last logits already give).
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +54,47 @@ def _right_pad(rows: list[list[int]], pad: int, device) -> tuple[Tensor, Tensor]
     return ids, mask
 
 
+@dataclass
+class _Prefix:
+    """The prompts' pass: the KV cache, the logits of each row's first answer token ``first``
+    (B, V), the prompts' left-padded mask (B, P) and lengths (B,)."""
+
+    model: object
+    key: str
+    cache: object
+    first: Tensor
+    mask: Tensor
+    lens: Tensor
+
+
+def _prefill(fm, prompts: list[list[int]], pad: int) -> _Prefix:
+    model, device = fm.model, next(fm.parameters()).device
+    fm.router.routing = None                                        # every row on slot 0
+    ids, mask = _left_pad(prompts, pad, device)                     # (B, P)
+    key, last = _keywords(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
+                use_cache=True, **last)
+    return _Prefix(model, key, getattr(out, key), out.logits[:, -1].float(), mask, mask.sum(dim=1))
+
+
+def _continuation_nll(pre: _Prefix, rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    """``(nll (B,), mask (B, C))``: each row's continuation teacher-forced from the prompts' cache,
+    its token losses summed; the cache is cut back to the prompt positions afterwards."""
+    device = pre.mask.device
+    comp, cmask = _right_pad(rows, pad, device)                     # (B, C)
+    nll = F.cross_entropy(pre.first, comp[:, 0], reduction="none") * cmask[:, 0]
+    if comp.shape[1] > 1:
+        steps = comp.shape[1] - 1
+        nxt = pre.model(input_ids=comp[:, :-1], attention_mask=torch.cat([pre.mask, cmask[:, :-1]], dim=1),
+                        position_ids=pre.lens[:, None] + torch.arange(steps, device=device), use_cache=True,
+                        **{pre.key: pre.cache}).logits.float()      # (B, C-1, V): predicts comp[:, 1:]
+        tok = F.cross_entropy(nxt.reshape(-1, nxt.shape[-1]), comp[:, 1:].reshape(-1),
+                              reduction="none").view(-1, steps)
+        nll = nll + (tok * cmask[:, 1:]).sum(dim=1)
+        pre.cache.crop(-steps)  # back to the P prompt positions (a negative count: every version)
+    return nll, cmask
+
+
 @torch.no_grad()
 def score_and_generate(fm, prompts: list[list[int]], completions: list[list[int]], max_new: int,
                        stop_ids: list[int], pad: int) -> tuple[Tensor, Tensor, list[list[int]]]:
@@ -56,29 +103,12 @@ def score_and_generate(fm, prompts: list[list[int]], completions: list[list[int]
     ``nll`` sums each reference completion's token losses; the greedy tokens stop before the
     first stop token (or after ``max_new`` tokens).
     """
-    model, device = fm.model, next(fm.parameters()).device
-    fm.router.routing = None                                        # every row on slot 0
-    ids, mask = _left_pad(prompts, pad, device)                     # (B, P)
-    lens = mask.sum(dim=1)                                          # (B,)
-    key, last = _keywords(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
-                use_cache=True, **last)
-    cache, first = getattr(out, key), out.logits[:, -1].float()     # first: (B, V)
-    # 1. the reference completions, teacher-forced from the prompt's cache
-    comp, cmask = _right_pad(completions, pad, device)              # (B, C)
-    nll = F.cross_entropy(first, comp[:, 0], reduction="none") * cmask[:, 0]
-    if comp.shape[1] > 1:
-        steps = comp.shape[1] - 1
-        nxt = model(input_ids=comp[:, :-1], attention_mask=torch.cat([mask, cmask[:, :-1]], dim=1),
-                    position_ids=lens[:, None] + torch.arange(steps, device=device), use_cache=True,
-                    **{key: cache}).logits.float()                  # (B, C-1, V): predicts comp[:, 1:]
-        tok = F.cross_entropy(nxt.reshape(-1, nxt.shape[-1]), comp[:, 1:].reshape(-1),
-                              reduction="none").view(-1, steps)
-        nll = nll + (tok * cmask[:, 1:]).sum(dim=1)
-        cache.crop(-steps)  # back to the P prompt positions (a negative count: every version)
+    pre = _prefill(fm, prompts, pad)
+    nll, cmask = _continuation_nll(pre, completions, pad)           # 1. the references, teacher-forced
     # 2. greedy answers from the same prompt cache
-    stops = torch.tensor(stop_ids, device=device)
-    token = first.argmax(dim=-1)
+    model, key, cache, mask, lens = pre.model, pre.key, pre.cache, pre.mask, pre.lens
+    stops = torch.tensor(stop_ids, device=mask.device)
+    token = pre.first.argmax(dim=-1)
     done = torch.isin(token, stops)
     answers = [[] if bool(d) else [int(t)] for t, d in zip(token, done, strict=True)]
     for j in range(1, max_new):
@@ -93,3 +123,19 @@ def score_and_generate(fm, prompts: list[list[int]], completions: list[list[int]
             answers[i].append(int(token[i]))
         done = done | stopped
     return nll, cmask.sum(dim=1), answers
+
+
+@torch.no_grad()
+def score_choices(fm, prompts: list[list[int]], choices: list[list[list[int]]],
+                  pad: int) -> list[list[float]]:
+    """``scores[i][j]``: the summed log-probability of choice j's tokens given prompt i, for one batch
+    (rows may have different numbers of choices, choices different numbers of tokens)."""
+    pre = _prefill(fm, prompts, pad)
+    scores = [[0.0] * len(row) for row in choices]
+    for j in range(max(len(row) for row in choices)):
+        rows = [row[j] if j < len(row) else [pad] for row in choices]  # a stand-in: row has no choice j
+        nll, _ = _continuation_nll(pre, rows, pad)
+        for i, row in enumerate(choices):
+            if j < len(row):
+                scores[i][j] = -float(nll[i])
+    return scores

@@ -12,13 +12,17 @@ end of its turn). Tokens::
 so the loss covers the response tokens only. A response longer than ``--max-length``
 on its own is refused.
 
-Evaluation, every round, on the held-out examples (``--eval-max`` caps them), both from
-one pass over each batch of left-padded prompts (``fedlora.tasks.decode``):
+Evaluation, every round, on the held-out examples (``--eval-max`` caps them), is one of
+the registered evaluations (``--eval``). ``generate`` (the default, :class:`Generate`) scores
+both of these from one pass over each batch of left-padded prompts (``fedlora.tasks.decode``):
 
-* ``answer_accuracy``: greedy decoding of up to ``--max-new-tokens`` tokens from each
-  prompt; the normalized answer must equal the normalized reference;
+* the answers: greedy decoding of up to ``--max-new-tokens`` tokens from each prompt, scored
+  by ``--metric`` (``fedlora.tasks.answers``); ``answer_accuracy`` (exact match) always;
 * ``loss`` and ``perplexity``: the mean negative log-likelihood of the reference
   completion tokens (the response and the end of its turn), and its exponential.
+
+``mc`` scores multiple-choice questions by their choices' log-likelihood
+(``fedlora.tasks.choice``).
 """
 
 from __future__ import annotations
@@ -33,16 +37,12 @@ from torch import Tensor
 
 from fedlora.data.instructions import load_instructions
 from fedlora.errors import UserError
-from fedlora.tasks.base import TokenLossTask, register_task
+from fedlora.tasks.answers import ANSWER_METRICS, AnswerMetric, Exact, answer_metric, normalize
+from fedlora.tasks.base import EVALUATIONS, Evaluation, TokenLossTask, register_evaluation, register_task
 from fedlora.tasks.classic import columns
 from fedlora.tasks.decode import score_and_generate
 
-_PUNCT = " \t\n.!?,;:'\"`"
-
-
-def normalize(text: str) -> str:
-    """An answer as it is compared: lower case, single spaces, no surrounding punctuation."""
-    return " ".join(text.lower().split()).strip(_PUNCT)
+__all__ = ["SFT", "ChatFormat", "Generate", "GenerationSet", "normalize"]
 
 
 class ChatFormat:
@@ -84,7 +84,8 @@ class ChatFormat:
 @dataclass
 class GenerationSet:
     """Held-out examples of an sft job, ready for :meth:`SFT.evaluate`, shortest prompt first:
-    ``prompts`` and ``completions`` (token ids), ``answers`` (the reference responses)."""
+    ``prompts`` and ``completions`` (token ids), ``answers`` (the reference responses),
+    ``metric`` (how an answer is scored: ``--metric``, or its default for the data)."""
 
     prompts: list[list[int]]
     completions: list[list[int]]
@@ -92,6 +93,12 @@ class GenerationSet:
     tokenizer: object
     max_new_tokens: int
     stop_ids: list[int] = field(default_factory=list)
+    metric: AnswerMetric = field(default_factory=lambda: ANSWER_METRICS[Exact.name])
+
+    @property
+    def headline(self) -> str:
+        """The row column of the answers' metric (what ``accuracy`` is)."""
+        return self.metric.column
 
 
 def _stop_ids(tokenizer, model_config=None) -> list[int]:
@@ -107,20 +114,37 @@ class SFT(TokenLossTask):
 
     name = "sft"
     metric = "answer_accuracy"
-    options = ("prompt_template", "label_words", "system_prompt", "chat_template", "max_new_tokens")
+    options = ("prompt_template", "label_words", "system_prompt", "chat_template", "max_new_tokens", "eval",
+               "metric")
     datasets = ("bbcnews-instruct", "bbcnews")
 
     def load(self, spec: str, cfg, *, test: bool = False):
         text, label = columns(cfg, test)
         return load_instructions(spec, text, label, cfg.prompt_template, cfg.label_words)
 
-    def pieces(self, tokenizer, ds, cfg) -> tuple[list[list[int]], list[list[int]]]:
-        """``(prompt ids, completion ids)`` of every example, prompts cut from the left to fit
-        ``--max-length`` (one warning counts them)."""
+    length_from_data = True
+
+    @staticmethod
+    def tokenized(tokenizer, ds, cfg) -> tuple[list[list[int]], list[list[int]]]:
+        """``(prompt ids, completion ids)`` of every example, uncut."""
         chat = ChatFormat(tokenizer, cfg.chat_template, cfg.system_prompt)
         texts = [chat.split(p, r) for p, r in zip(ds.texts, ds.responses, strict=True)]
         enc = tokenizer([t for pair in texts for t in pair], add_special_tokens=False)["input_ids"]
-        prompts, completions = enc[0::2], enc[1::2]
+        return enc[0::2], enc[1::2]
+
+    def example_lengths(self, tokenizer, ds, cfg) -> tuple[list[int], list[int]]:
+        """Tokens of each rendered example (prompt and completion), and of its completion (a
+        prompt is cut to fit, a completion never)."""
+        prompts, completions = self.tokenized(tokenizer, ds, cfg)
+        totals = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+        return totals, [len(c) for c in completions]
+
+    def pieces(self, tokenizer, ds, cfg) -> tuple[list[list[int]], list[list[int]]]:
+        """``(prompt ids, completion ids)`` of every example, prompts cut from the left to fit
+        ``--max-length`` (one warning counts them)."""
+        if cfg.max_length is None:
+            raise ValueError("--task sft without --max-length: derive it first (resolve_max_length)")
+        prompts, completions = self.tokenized(tokenizer, ds, cfg)
         longest = max(len(c) for c in completions)
         if longest > cfg.max_length:
             n = sum(len(c) > cfg.max_length for c in completions)
@@ -152,13 +176,26 @@ class SFT(TokenLossTask):
             mask[i, :len(row)] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    def eval_set(self, tokenizer, ds, cfg) -> GenerationSet:
+    def eval_set(self, tokenizer, ds, cfg):
+        """The held-out examples as ``--eval``'s evaluation takes them (a :class:`GenerationSet`
+        for ``generate``)."""
+        return EVALUATIONS[cfg.eval].eval_set(self, tokenizer, ds, cfg)
+
+    def evaluate(self, fm, data, cfg) -> dict[str, float]:
+        return EVALUATIONS[cfg.eval].evaluate(self, fm, data, cfg)
+
+    def headline(self, data) -> str:
+        return data.headline
+
+    def generation_set(self, tokenizer, ds, cfg) -> GenerationSet:
+        """The held-out examples ``ds`` for greedy answers, shortest prompt first."""
         prompts, completions = self.pieces(tokenizer, ds, cfg)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         return GenerationSet(
             prompts=[prompts[i] for i in order], completions=[completions[i] for i in order],
             answers=[ds.responses[i] for i in order], tokenizer=tokenizer, stop_ids=_stop_ids(tokenizer),
-            max_new_tokens=cfg.max_new_tokens or max(len(c) for c in completions))
+            max_new_tokens=cfg.max_new_tokens or max(len(c) for c in completions),
+            metric=answer_metric(cfg.metric, ds.choices is not None))
 
     def _batches(self, fm, data: GenerationSet, batch_size: int, limit: int | None = None):
         """``(reference nll (B,), reference tokens (B,), decoded greedy answers)`` per batch."""
@@ -175,15 +212,27 @@ class SFT(TokenLossTask):
         """Greedy answers of slot 0 to the first ``limit`` prompts (all by default), decoded."""
         return [a for _, _, answers in self._batches(fm, data, batch_size, limit) for a in answers]
 
-    def evaluate(self, fm, data: GenerationSet, cfg) -> dict[str, float]:
+
+
+@register_evaluation
+class Generate(Evaluation):
+    """``--eval generate``: greedy answers scored by ``--metric`` (and by exact match always, as
+    ``answer_accuracy``), beside the reference responses' perplexity."""
+
+    name = "generate"
+    takes_metric = True
+
+    def eval_set(self, task: SFT, tokenizer, ds, cfg) -> GenerationSet:
+        return task.generation_set(tokenizer, ds, cfg)
+
+    def evaluate(self, task: SFT, fm, data: GenerationSet, cfg) -> dict[str, float]:
         loss = count = 0.0
         answers: list[str] = []
-        for nll, tokens, batch in self._batches(fm, data, cfg.eval_batch_size):
+        for nll, tokens, batch in task._batches(fm, data, cfg.eval_batch_size):
             loss += float(nll.sum())
             count += float(tokens.sum())
             answers += batch
-        hits = sum(normalize(a) == normalize(b) for a, b in zip(answers, data.answers, strict=True))
+        scores = {m.column: m.mean(answers, data.answers) for m in (ANSWER_METRICS[Exact.name], data.metric)}
         mean = loss / max(count, 1.0)
-        acc = hits / max(len(answers), 1)
-        return {"accuracy": acc, "answer_accuracy": acc, "loss": mean,
+        return {"accuracy": scores[data.headline], **scores, "loss": mean,
                 "perplexity": math.exp(min(mean, 50.0)), "eval_examples": len(answers)}

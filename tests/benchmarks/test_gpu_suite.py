@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SPEC = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
 gpu_suite = sys.modules["gpu_suite"] = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(gpu_suite)
-PARTS = ["simulation", "aggregation", "dp", "kernels", "pass-size", "smollm2-sft"]
+PARTS = ["simulation", "aggregation", "dp", "kernels", "pass-size", "smollm2-sft", "smollm2-sft-nf4"]
 
 
 def split_and_stage(tmp_path: Path, data: bytes, part_bytes: int) -> tuple[list[Path], Path]:

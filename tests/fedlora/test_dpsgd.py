@@ -62,7 +62,8 @@ def test_per_example_gradients_equal_opacus_on_a_peft_model(base):
             mod.lora_A["default"].weight.data.copy_(A)
             mod.lora_B["default"].weight.data.copy_(B)
             A_B[name.removeprefix("base_model.model.")] = (A, B)
-    # Execute: Opacus' per-sample gradients of the summed loss; fedlora's from its hooks
+    # Execute: Opacus' per-sample gradients of the summed loss, from Opacus' own nn.Linear grad
+    # sampler (PEFT's lora_A / lora_B are nn.Linear); fedlora's from its hooks and kernels
     gsm = GradSampleModule(peft.train(), loss_reduction="sum")
     labels = batch["labels"]
     out = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -18,6 +18,8 @@ from fedlora.strategies.plan import LORA
 
 peft = pytest.importorskip("peft")
 
+LLAMA_LAYER = "model.layers.0.self_attn.q_proj"
+
 
 def _inputs(n: int = 4, seq: int = 10) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
@@ -115,3 +117,51 @@ def test_sft_export_generates_the_same_greedy_tokens_with_peft(tiny_chat_llama_d
     assert ours.tolist() != base().generate(**prompt, **kw).tolist()
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM" and len(config["target_modules"]) == 14
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "flora"])
+def test_export_onto_the_same_nf4_base_gives_fedloras_greedy_answers(tiny_chat_llama_dir, sentiment_tsv,
+                                                                     tmp_path, strategy):
+    # Prepare: a round of sft over an nf4 base on every linear layer (FLoRA folds its stacks into
+    # each layer's residual beside the 4-bit weight; FedAvg keeps a live adapter)
+    pytest.importorskip("bitsandbytes")
+    from fedlora.models.hub import load_model
+    from fedlora.models.lora import is_quantized as bnb_layer
+    from tests.fedlora.test_quantize import _trained
+
+    flags = ["--task", "sft", "--model", str(tiny_chat_llama_dir), "--data", str(sentiment_tsv),
+             "--text-column", "sentence", "--label-words", "0=negative,1=positive", "--prompt-template",
+             "Review: {text}", "--num-clients", "3", "--rounds", "1", "--local-steps", "3", "--batch-size",
+             "4", "--rank", "4", "--max-length", "24", "--lr", "5e-2", "--quantize", "nf4", "--eval-max", "3",
+             "--target-modules", "all-linear", "--strategy", strategy]
+    job, coord = _trained([*flags, "--out", str(tmp_path / "run"), "--quiet"], tmp_path / "run")
+    if strategy == "flora":
+        assert all(layer.fold_U.shape[1] == 12 for layer in job.fm.adapters.values())  # 3 clients × r
+    prompts = [torch.tensor([p]) for p in job.test.prompts[:3]]   # rendered as the evaluation does
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": job.test.tokenizer.pad_token_id}
+    with torch.no_grad():
+        ours = [job.fm.generate(input_ids=p, attention_mask=torch.ones_like(p), **kw) for p in prompts]
+        ours_logits = job.fm(input_ids=prompts[0]).logits
+    # Execute: export, load with PEFT onto a freshly loaded nf4 base
+    out = export_peft(coord.state, list(job.fm.adapters), tmp_path / "adapter", str(tiny_chat_llama_dir),
+                      "CAUSAL_LM", [])
+
+    def base():
+        return load_model(str(tiny_chat_llama_dir), "causal-lm", quantize="nf4")[0]
+
+    theirs = peft.PeftModel.from_pretrained(base(), out).eval()
+    wrapped = theirs.get_submodule(f"base_model.model.{LLAMA_LAYER}")
+    assert isinstance(wrapped, peft.tuners.lora.LoraLayer) and bnb_layer(wrapped.get_base_layer())
+    # Assert: the same greedy tokens and logits; the adapter moved the logits (it is not a no-op)
+    with torch.no_grad():
+        for p, want in zip(prompts, ours, strict=True):
+            got = theirs.generate(input_ids=p, attention_mask=torch.ones_like(p), **kw)
+            assert got.tolist() == want.tolist()
+        got_logits = theirs(input_ids=prompts[0]).logits
+        plain = base()(input_ids=prompts[0]).logits
+    torch.testing.assert_close(got_logits, ours_logits, rtol=1e-4, atol=1e-4)
+    assert (ours_logits - plain).abs().max() > 100 * (got_logits - ours_logits).abs().max()
+    config = json.loads((out / "adapter_config.json").read_text())
+    rank = 12 if strategy == "flora" else 4   # FLoRA: the folded residual's 12 directions, as extra rank
+    assert config["r"] == config["lora_alpha"] == rank
+

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from fedlora.data.instructions import BBC_TEMPLATE, load_instructions, parse_label_words
+from fedlora.data.instructions import BBC_LEAD_WORDS, BBC_TEMPLATE, load_instructions, parse_label_words
+from fedlora.data.loading import load_bbcnews
 from fedlora.errors import UserError
 
 
@@ -53,6 +54,10 @@ def test_bbcnews_instruct_asks_for_the_category():
     head, tail = BBC_TEMPLATE.split("{text}")
     assert ds.texts[0].startswith(head) and ds.texts[0].endswith(tail)
     assert ds.responses[0] == ds.label_names[ds.labels[0]]
+    # each prompt holds the article's lead: its first 64 words, " …" where the article goes on
+    article = load_bbcnews().texts[0].split()
+    assert ds.texts[0] == BBC_TEMPLATE.replace("{text}", " ".join(article[:BBC_LEAD_WORDS]) + " …")
+    assert BBC_LEAD_WORDS == 64 < len(article)
 
 
 def test_label_words_parse_and_refusals(tmp_path):

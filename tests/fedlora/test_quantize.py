@@ -137,6 +137,50 @@ def test_exact_global_on_an_nf4_base_restores_the_residual_bit_for_bit(tiny_llam
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+def test_flexlora_evaluates_its_exact_global_model_in_the_nf4_residual(tiny_llama_dir, tmp_path, monkeypatch):
+    # Prepare: record each layer's residual and slot 0 while the server evaluates (FlexLoRA never
+    # folds; its global ΔW* (rank 2 + 4 + 2) does not fit a client's slot, so it is evaluated exactly)
+    from fedlora.tasks import get_task
+
+    task = type(get_task("causal-lm"))
+    evaluate, seen = task.evaluate, []
+
+    def record(self, fm, data, cfg):
+        seen.append({n: (layer.fold_U @ layer.fold_V, layer.lora_B[0].abs().max()) for n, layer in
+                     fm.adapters.items()})
+        return evaluate(self, fm, data, cfg)
+
+    monkeypatch.setattr(task, "evaluate", record)
+    out = tmp_path / "flex"
+    # Execute
+    job, coord = _trained(_sim(tiny_llama_dir, _lm_data(tmp_path), out, "--rounds", "1", "--strategy",
+                               "flexlora", "--ranks", "2,4"), out)
+    # Assert: round 1 was evaluated with ΔW* = B A (the stacked global factors, scale 1) in each
+    # layer's residual and slot 0's adapter zero; afterwards the residual is empty again
+    assert len(seen) == 2 and all(float(R.abs().max()) == 0 for R, _ in seen[0].values())  # round 0
+    for name, (residual, slot) in seen[1].items():
+        A, B = coord.state.factors[name]
+        assert A.shape[0] == 8 and slot == 0
+        torch.testing.assert_close(residual, B @ A, rtol=1e-5, atol=1e-6)
+        assert job.fm.adapters[name].fold_U.shape[1] == 0
+
+
+def _trained(argv: list[str], out):
+    """``(job, coordinator)`` after the batched simulator ran ``argv`` (a job's flags, ``--out``
+    included): its model is the global one, its coordinator holds the state."""
+    from fedlora.rounds import loop
+    from fedlora.rounds.coordinator import Coordinator
+    from fedlora.rounds.sink import RunFolder
+    from fedlora.simulations.batched import BatchedTransport
+    from fedlora.simulations.cli import build_parser, check_args
+    from fedlora.simulations.engine import build_job
+
+    job = build_job(check_args(build_parser().parse_args(argv)))
+    coord = Coordinator(job.cfg, job.strategy, job.fm, job.test, job.public)
+    loop.run(coord, BatchedTransport(job, coord, None), RunFolder(out), None)
+    return job, coord
+
+
 def _lm_data(tmp_path):
     data = tmp_path / "lm.jsonl"
     data.write_text("".join(json.dumps({"text": f"the cat sat on mat number {i}"}) + "\n" for i in range(40)))
@@ -183,6 +227,37 @@ def test_folding_strategies_on_nf4_are_exact_and_fold_into_the_residual(tiny_lla
         want = job.fm.adapters[name].fold_U.double() @ job.fm.adapters[name].fold_V.double()
         got = layer.fold_U.double() @ layer.fold_V.double()
         assert (got - want).norm() <= 1e-6 * want.norm()
+
+
+def test_a_coordinate_median_over_nf4_is_the_median_of_the_uploads(tiny_llama_dir, tmp_path, monkeypatch):
+    # Prepare: record what the server's defence receives (the clients trained over the 4-bit base)
+    from fedlora.strategies.robust import Robust
+
+    seen = []
+    aggregate = Robust.aggregate
+
+    def record(self, uploads, state):
+        seen.append(list(uploads))
+        return aggregate(self, uploads, state)
+
+    monkeypatch.setattr(Robust, "aggregate", record)
+    out = tmp_path / "median"
+    # Execute: one FedAvg round with the coordinate-wise median of 3 clients
+    flags = _sim(tiny_llama_dir, _lm_data(tmp_path), out, "--rounds", "1", "--robust-mean", "median")
+    assert main(flags) == 0
+    # Assert: the global A and B are the middle client's value, coordinate by coordinate (all clients
+    # start from the same global factors, so the median of updates is the median of the factors); the
+    # export holds A and s·B, s = α/r = 16/4
+    (uploads,) = seen
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert {u.scale for u in uploads} == {4.0}
+    for layer in uploads[0].factors:
+        for i, kind, scale in ((0, "A", 1.0), (1, "B", 4.0)):
+            stack = torch.stack([u.factors[layer][i].double() for u in uploads])
+            want = scale * stack.sort(dim=0).values[1]
+            got = adapter[f"base_model.model.{layer}.lora_{kind}.weight"].double()
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+            assert (stack[0] != stack[1]).any()                 # the clients did differ
 
 
 @pytest.mark.slow

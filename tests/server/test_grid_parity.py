@@ -110,6 +110,28 @@ def test_secagg_deployment_matches_the_plain_simulator(tiny_bert_dir, tiny_csv, 
     assert_same_adapter(tmp_path / "sim", tmp_path / "grid", rtol=0, atol=5e-6)
 
 
+
+def test_fold_rank_over_nf4_deployment_matches_the_simulator(tiny_llama_dir, tmp_path):
+    # Prepare: FLoRA over a 4-bit base, residuals truncated to 3 directions (each round folds 8):
+    # from round 2 on every deployed client trains over the residual it truncated itself
+    pytest.importorskip("bitsandbytes")
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the cat sat on mat number {i}"}) + "\n" for i in range(40)))
+    flags = ["--task", "causal-lm", "--model", str(tiny_llama_dir), "--data", str(data), "--num-clients", "2",
+             "--local-steps", "2", "--batch-size", "4", "--max-length", "16", "--rank", "4", "--rounds", "3",
+             "--strategy", "flora", "--quantize", "nf4", "--fold-rank", "3", "--lr", "2e-2"]
+    # Execute
+    want = simulate(flags, tmp_path / "sim")
+    got = deploy(flags, tmp_path / "grid", 2)
+    # Assert: the same truncation cost every round, and the same (rank-3) exported residual
+    errors = [r["fold_truncation_error"] for r in got]
+    assert errors[0] == 0 and min(errors[1:]) > 0
+    assert errors == pytest.approx([r["fold_truncation_error"] for r in want], rel=1e-4)
+    assert_same_adapter(tmp_path / "sim", tmp_path / "grid", rtol=1e-4, atol=1e-6)
+    config = json.loads((tmp_path / "grid" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 3
+
+
 def test_client_level_dp_deployment_reports_growing_epsilon_within_budget(tiny_bert_dir, tiny_csv, tmp_path):
     # Prepare: client-level DP (the server clips and noises the mean) for 2 rounds, budget ε = 8
     flags = ["--rounds", "2", "--dp", "client", "--epsilon", "8", "--delta", "1e-3",

@@ -171,3 +171,32 @@ def test_batched_simulator_refuses_secagg_in_one_line(tiny_bert_dir, tiny_csv, t
     code = sim(["--model", str(tiny_bert_dir), "--data", str(tiny_csv), "--secagg", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--engine flower" in err and len(err.splitlines()) == 1
+
+
+
+def test_secagg_over_an_nf4_base_is_the_plain_weighted_mean(tiny_llama_dir, tmp_path, spies):
+    # Prepare: a causal-lm job over a 4-bit base (the server's model and every client's); 40 lines,
+    # so 32 training examples over 3 clients (weights capped at 100)
+    pytest.importorskip("bitsandbytes")
+    deltas, results = spies
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the cat sat on mat number {i}"}) + "\n" for i in range(40)))
+    rc = run_config(tiny_llama_dir, data, tmp_path / "run", secagg=True, max_examples=100, quantize="nf4",
+                    task="causal-lm")
+    grid = LocalGrid(rc, 3)
+    # Act
+    run_server(grid, rc)
+    # Assert: every client trained over Linear4bit layers; the secure mean is the clients' weighted
+    # mean of their updates within SecAgg+'s bound, which the row reports
+    assert all(layer.quantized for cache in grid.clients.values() for client in cache.values()
+               for layer in client.fm.adapters.values())
+    (got,) = results
+    weights = {n: w for n, (w, _) in got.replies.items()}
+    assert sorted(weights) == [0, 1, 2] and sum(weights.values()) == 32
+    bound = error_bound(JobConfig(secagg=True, max_examples=100), 3, 32)
+    want = expected_mean(deltas, weights)
+    for k, t in want.items():
+        assert (got.mean[k].double() - t).abs().max() <= bound + 1e-7
+    assert max(float(t.abs().max()) for t in want.values()) > 1e3 * bound     # the updates are not noise
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["secagg_error_bound"] == pytest.approx(bound) and row["agg_error"] is None

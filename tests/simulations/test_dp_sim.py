@@ -37,7 +37,8 @@ def test_dp_clients_batched_equal_one_per_pass(tiny_bert_dir, tiny_csv, tmp_path
                      "--dp-backend", "opacus")) == 0
     assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "secret", "--epsilon", "8")) == 0
     # Assert: each client's Poisson batches and noise are its own: same adapter, batched or
-    # not, fedlora's kernels or Opacus' GradSampleModule + DPOptimizer
+    # not, fedlora's DP-SGD or Opacus' (GradSampleModule collects the per-example gradients from
+    # fedlora's grad samplers registered with it; Opacus' DPOptimizer clips, sums and noises)
     a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     for other in ("per", "opacus"):
         b = load_file(tmp_path / other / "adapter" / "adapter_model.safetensors")

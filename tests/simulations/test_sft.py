@@ -120,7 +120,9 @@ def test_bad_input_keeps_earlier_results_even_with_overwrite(tiny_chat_llama_dir
 
 
 def test_sft_dp_sgd_through_opacus_equals_the_batched_kernels(tiny_chat_llama_dir, sentiment_tsv, tmp_path):
-    # Execute: the same DP-SGD sft job, per-example gradients by fedlora's kernels and by Opacus
+    # Execute: the same DP-SGD sft job through fedlora's batched DP-SGD and through Opacus'
+    # GradSampleModule and DPOptimizer (Opacus clips, sums and noises; the per-example gradients
+    # of fedlora's layers come from fedlora's grad samplers, registered with Opacus)
     from safetensors.torch import load_file
 
     dp = ["--dp", "sample", "--epsilon", "8", "--delta", "1e-3", "--dp-reproducible", "--rounds", "1"]

@@ -120,6 +120,10 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
     (["--attack", "flip"], "--attack needs --attackers between 1 and --num-clients, got 0"),
     (["--dp", "client", "--epsilon", "8", "--delta", "1e-3", "--robust-mean", "trimmed"],
      "a robust mean cannot run under client-level DP"),
+    (["--fold-rank", "4"], "--fold-rank bounds the residual of folded updates, and --strategy fedavg does"
+     " not fold (fedex-lora, flora do): drop --fold-rank"),
+    (["--strategy", "flora", "--fold-rank", "4"], "without --quantize folds go into the weights exactly"),
+    (["--strategy", "flora", "--fold-rank", "-1"], "--fold-rank must be ≥ 1 (0: the whole residual"),
 ])
 def test_bad_input_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path, capsys, extra, message):
     # Execute
@@ -218,7 +222,7 @@ def test_a_scaled_attacker_is_bounded_by_the_server(tiny_bert_dir, tiny_csv, tmp
         assert main(_args(tiny_bert_dir, tiny_csv, tmp_path / name, "--num-clients", "4", *extra)) == 0
     # Assert: the server scaled one update per round, and its adapter stayed far closer to the
     # clean run's than the undefended one did
-    assert [r["norm_bounded"] for r in _rows(tmp_path / "bounded")[1:]] == [1, 1]
+    assert [r["norm_bounded_clients"] for r in _rows(tmp_path / "bounded")[1:]] == [[0], [0]]  # the attacker
     clean = _adapter(tmp_path / "clean")
     near = _distance(_adapter(tmp_path / "bounded"), clean)
     far = _distance(_adapter(tmp_path / "attacked"), clean)

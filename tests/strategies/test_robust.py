@@ -6,6 +6,8 @@ FFA-LoRA setting: one layer ``w`` with ``A = [[1, 0]]`` frozen and shared (a uni
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -60,7 +62,7 @@ def test_norm_bound_scales_the_outlier_to_m_times_the_median():
     robust = Robust(get_strategy("ffa-lora"), norm_bound=2.0)
     agg = robust.aggregate(ups, ffa_state())
     assert new_b(agg) == pytest.approx([(1 + 0 + 2.4) / 3, (0 + 2 + 3.2) / 3])
-    assert robust.bounded == 1
+    assert robust.bounded == [2]  # its position: these uploads carry no client id
 
 
 def test_sign_flip_beyond_the_bound_is_clipped_too():
@@ -75,12 +77,16 @@ def test_krum_leaves_out_the_sign_flipped_client_and_keeps_the_weights():
     # 0.01, 0.01, 0.01 (honest) and 1.9² = 3.61 (the flipped one)
     ups = [ffa_upload([1, 0], n=10), ffa_upload([1.1, 0], n=30), ffa_upload([0.9, 0], n=10),
            ffa_upload([-1, 0], n=10)]
+    ups = [replace(u, client=c) for u, c in zip(ups, (7, 3, 5, 2), strict=True)]  # client ids
     robust = Robust(get_strategy("ffa-lora"), mean="krum")
     # Act
     agg = robust.aggregate(ups, ffa_state())
-    # Assert: the example-weighted mean of the honest three, (10 + 33 + 9) / 50, exact
+    # Assert: the example-weighted mean of the honest three, (10 + 33 + 9) / 50, exact, and the
+    # report names the flipped client (id 2)
     assert new_b(agg) == pytest.approx([1.04, 0.0])
-    assert robust.round_report()["krum_left_out"] == 1 and agg.agg_error == pytest.approx(0.0, abs=1e-12)
+    report = robust.round_report()
+    assert report["krum_dropped"] == [2] and report["krum_left_out"] == 1
+    assert agg.agg_error == pytest.approx(0.0, abs=1e-12)
 
 
 def test_update_norm_from_factors_equals_the_dense_norm():
@@ -127,7 +133,7 @@ def test_fedavg_bound_found_by_bisection_when_both_factors_move():
     assert [shrink(d, n, bound, state, plan, 1.0) for d, n in honest] == [1.0, 1.0, 1.0]
     robust = Robust(get_strategy("fedavg"), norm_bound=1.5)
     agg = robust.aggregate(ups, state)
-    assert robust.bounded == 1
+    assert robust.bounded == [3]
     A_mean = sum(A0 + (c if k == 3 else 1.0) * deltas[k][("A", "w")] for k in range(4)) / 4
     assert torch.allclose(agg.state.factors["w"][0], A_mean)
 

@@ -1,0 +1,118 @@
+"""Benchmark files scored by ``fedlora-eval``: one function per study.
+
+    python benchmarks/llm_eval.py [--studies sst2-mc,bbcnews-mc] [--out runs/llm-eval] [--eval-max N]
+                                  [--adapter DIR ...]
+
+* ``sst2-mc`` (:func:`sst2_mc`): SmolLM2-135M-Instruct zero-shot on SST-2's 872 dev sentences as
+  multiple choice: choices ``negative`` / ``positive`` (``--label-words``), the prompt of
+  ``benchmarks/llm_sft.py`` (:data:`PROMPT`) in SmolLM2's chat template; lm-eval-harness' ``acc``
+  and ``acc_norm`` (``mc_accuracy``, ``mc_accuracy_norm``).
+* ``bbcnews-mc`` (:func:`bbcnews_mc`): the same on BBC News' held-out split (445 articles of
+  ``--data bbcnews-instruct``, ``--seed 0 --test-fraction 0.2``, as every BBC run holds out), its
+  five categories as the choices; ``--max-length 2048`` keeps all but the longest articles whole.
+
+``--adapter`` scores adapters exported by runs on SmolLM2 beside the base. Each study runs
+``fedlora-eval`` in this process, into ``OUT/<study>/``, and returns the command it ran and the
+result rows; the script prints a Markdown block for ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from fedlora.simulations.evaluate import main as fedlora_eval
+
+HERE = Path(__file__).resolve().parent
+SST2 = HERE.parents[1] / "shared" / "data" / "sst2"
+
+
+def _llm_sft():
+    """``benchmarks/llm_sft.py`` as a module (its prompt is this script's)."""
+    spec = importlib.util.spec_from_file_location("llm_sft", HERE / "llm_sft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PROMPT = _llm_sft().PROMPT
+
+
+def shell(argv: list[str]) -> str:
+    """``argv`` as one shell line (a value with a newline as ``$'...'``)."""
+    def quote(arg: str) -> str:
+        if "\n" in arg:
+            return "$'" + arg.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+        return shlex.quote(arg)
+    return " ".join(quote(a) for a in argv)
+
+
+def score(name: str, flags: list[str], args: argparse.Namespace) -> dict:
+    """Run ``fedlora-eval`` with ``flags`` (plus ``--adapter``, ``--eval-max``, ``--out``) and return
+    ``{"study", "command", "rows", "seconds"}``."""
+    out = args.out / name
+    argv = [*flags, *(["--eval-max", str(args.eval_max)] if args.eval_max else []),
+            *(["--base", "--adapter", *map(str, args.adapter)] if args.adapter else []),
+            "--out", str(out), "--overwrite"]
+    t0 = time.perf_counter()
+    if fedlora_eval(argv) != 0:
+        raise SystemExit(f"{name}: fedlora-eval failed")
+    rows = json.loads((out / "eval.json").read_text())["results"]
+    return {"study": name, "command": "fedlora-eval " + shell(argv), "rows": rows,
+            "seconds": time.perf_counter() - t0}
+
+
+def sst2_mc(args: argparse.Namespace) -> dict:
+    """SST-2 dev as multiple choice (negative / positive), zero-shot."""
+    return score("sst2-mc", ["--task", "sft", "--model", "smollm2", "--eval", "mc",
+                             "--test-data", str(args.sst2 / "dev.tsv"), "--test-text-column", "content",
+                             "--label-words", "0=negative,1=positive", "--prompt-template", PROMPT,
+                             "--max-length", "128", "--eval-batch-size", "16"], args)
+
+
+def bbcnews_mc(args: argparse.Namespace) -> dict:
+    """BBC News' held-out split as multiple choice over its five categories, zero-shot."""
+    return score("bbcnews-mc", ["--task", "sft", "--model", "smollm2", "--eval", "mc",
+                                "--data", "bbcnews-instruct", "--seed", "0", "--test-fraction", "0.2",
+                                "--max-length", "2048", "--eval-batch-size", "4"], args)
+
+
+STUDIES = {"sst2-mc": sst2_mc, "bbcnews-mc": bbcnews_mc}
+
+
+def report(result: dict) -> str:
+    """One study as Markdown: the command, then a row per model."""
+    lines = [f"`{result['command']}` ({result['seconds']:.0f} s in all)", "",
+             "| model | acc (mc_accuracy) | acc_norm (mc_accuracy_norm) | loss of the right choice |"
+             " examples | eval s |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {100 * r['mc_accuracy']:.1f}% | {100 * r['mc_accuracy_norm']:.1f}% |"
+                     f" {r['loss']:.3f} | {r['eval_examples']} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--studies", default=",".join(STUDIES), help=f"comma-separated: {', '.join(STUDIES)}")
+    p.add_argument("--out", type=Path, default=Path("runs/llm-eval"))
+    p.add_argument("--sst2", type=Path, default=SST2, help="folder of SST-2's dev.tsv")
+    p.add_argument("--eval-max", type=int, default=0, help="score at most N examples per study (0: all)")
+    p.add_argument("--adapter", type=Path, nargs="+", default=[], help="adapters to score beside the base")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.studies.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(STUDIES))
+    if unknown:
+        p.error(f"unknown studies {unknown}; choose from {', '.join(STUDIES)}")
+    for name in names:
+        result = STUDIES[name](args)
+        print(f"### {name}\n\n{report(result)}\n", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

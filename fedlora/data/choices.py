@@ -1,0 +1,113 @@
+"""Multiple-choice files: a question, its choices, and which choice is the answer.
+
+Two forms are read (``--prompt-template`` then puts the question in its ``{text}`` slot):
+
+1. ``.jsonl`` rows with ``question``, ``choices`` (a list of at least two answers) and
+   ``answer``: the right choice's index (from 0) or its letter (``A`` for the first);
+2. MMLU's CSV: ``question,A,B,C,D,answer`` per row (any number of lettered choice columns),
+   with or without that header line; ``answer`` is a letter (or an index).
+
+A labeled file with ``--label-words`` is multiple choice too, its words being the choices
+(:func:`fedlora.data.instructions.from_labeled`). The rows become a ``TextDataset`` whose
+``texts`` are the questions, ``choices`` the choices, ``labels`` the answers' indices and
+``responses`` the answers' texts (what ``--task sft`` trains on).
+"""
+
+from __future__ import annotations
+
+import csv
+import string
+from pathlib import Path
+
+from fedlora.data.loading import TextDataset, read_rows
+from fedlora.errors import UserError
+
+LETTERS = string.ascii_uppercase
+#: The columns of a multiple-choice ``.jsonl`` row.
+COLUMNS = ("question", "choices", "answer")
+
+
+def answer_index(value, n: int, where: str) -> int:
+    """The index of ``value`` (an index from 0 or a letter) among ``n`` choices.
+
+    Raises
+    ------
+    UserError
+        ``value`` is neither, or names no choice of the ``n``.
+    """
+    text = str(value).strip()
+    if isinstance(value, int) and not isinstance(value, bool) or text.isdigit():
+        index = int(text)
+    elif len(text) == 1 and text.upper() in LETTERS:
+        index = LETTERS.index(text.upper())
+    else:
+        index = -1
+    if not 0 <= index < n:
+        raise UserError(f"{where}: answer {value!r} is not among its {n} choices; give the right"
+                        f" choice's index (0-{n - 1}) or letter (A-{LETTERS[n - 1]})")
+    return index
+
+
+def _row(question, choices, answer, where: str) -> tuple[str, list[str], int]:
+    if not isinstance(choices, list) or len(choices) < 2 or len(choices) > len(LETTERS):
+        raise UserError(f"{where}: 'choices' must be a list of 2 to {len(LETTERS)} answers,"
+                        f" got {choices!r}")
+    texts = [str(c).strip() for c in choices]
+    if not all(texts):
+        raise UserError(f"{where}: choice {texts.index('') + 1} is empty; every choice needs a text")
+    return str(question), texts, answer_index(answer, len(texts), where)
+
+
+def _dataset(rows: list[tuple[str, list[str], int]]) -> TextDataset:
+    widest = max(len(c) for _, c, _ in rows)
+    return TextDataset([q for q, _, _ in rows], [y for _, _, y in rows], list(LETTERS[:widest]),
+                       [c[y] for _, c, y in rows], [c for _, c, _ in rows])
+
+
+def _mmlu_start(first: list[str]) -> int | None:
+    """How many header lines an MMLU-shaped CSV has (0 or 1), None when it is not one."""
+    cells = [c.strip() for c in first]
+    if len(cells) < 4:
+        return None
+    middle = [c.upper() for c in cells[1:-1]]
+    lettered = middle == list(LETTERS[:len(middle)])
+    if cells[0].lower() == "question" and cells[-1].lower() == "answer" and lettered:
+        return 1
+    last = cells[-1].upper()
+    return 0 if len(last) == 1 and last in LETTERS[:len(cells) - 2] else None
+
+
+def read_choice_file(path: Path) -> TextDataset | None:
+    """The rows of a multiple-choice file (see the module docstring), or None when ``path`` is in
+    neither form.
+
+    Raises
+    ------
+    UserError
+        A row without a list of choices, with an empty choice, or whose answer is outside them.
+    """
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = read_rows(path)
+        if not rows or not set(COLUMNS) <= set(rows[0]):
+            return None
+        return _dataset([_row(r.get("question"), r.get("choices"), r.get("answer"), f"{path.name} row {n}")
+                         for n, r in enumerate(rows, 1)])
+    if suffix != ".csv":
+        return None
+    with path.open(newline="", encoding="utf-8") as fh:
+        lines = [r for r in csv.reader(fh) if r]
+    start = _mmlu_start(lines[0]) if lines else None
+    if start is None:
+        return None
+    width = len(lines[0])
+    out = []
+    for n, cells in enumerate(lines[start:], start + 1):
+        where = f"{path.name} line {n}"
+        if len(cells) != width:
+            raise UserError(f"{where} has {len(cells)} fields, not {width} (question, the choices, answer)"
+                            " like the first line; quote fields that contain commas")
+        out.append(_row(cells[0], cells[1:-1], cells[-1], where))
+    if not out:
+        raise UserError(f"{path.name} has a header but no questions")
+    return _dataset(out)

@@ -1,0 +1,144 @@
+"""Score a base model and exported adapters on one test set, as a run scores its global model
+(``fedlora-eval``).
+
+The test examples are those a run evaluates with the same flags: ``--test-data`` (at most
+``--eval-max`` of them), or, with ``--data`` alone, its held-out split (``--test-fraction``,
+``--seed``). Each model is built the way a job builds its model (:func:`fedlora.job.setup.
+build_model`), an adapter's factors are loaded into its one slot
+(:mod:`fedlora.models.adapter`), and the task's own evaluation (``Task.evaluate``: the same
+batched code as every round's) scores it. The base alone is the same model with zero adapters.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fedlora.data.loading import TextDataset
+from fedlora.errors import UserError
+from fedlora.job.schema import JobConfig
+from fedlora.job.setup import build_model, derived_max_length, resolve_max_length, splits
+from fedlora.models.adapter import PeftAdapter, check_adapter, linear_shapes, padded_state, read_adapter
+from fedlora.models.hub import load_tokenizer, resolve_model_path
+from fedlora.models.model import FederatedModel
+from fedlora.models.state import apply_global
+from fedlora.strategies.plan import LORA
+from fedlora.tasks import Task, get_task
+
+#: The job fields an evaluation reads: ``fedlora-eval``'s job flags.
+EVAL_FIELDS = ("task", "model", "data", "text_column", "label_column", "test_data", "test_text_column",
+               "test_label_column", "test_fraction", "seed", "eval_max", "eval_batch_size", "max_length",
+               "padding", "device", "precision", "quantize", "double_quant", "target_modules",
+               "prompt_template", "label_words", "system_prompt", "chat_template", "max_new_tokens", "eval",
+               "metric")
+#: What a row of :func:`score_models` names the bare base model.
+BASE = "base"
+
+
+def eval_examples(cfg: JobConfig, task: Task) -> tuple[TextDataset, list[str]]:
+    """``(test examples, label names)``: the run's (``--data`` given: :func:`fedlora.job.setup.splits`),
+    or ``--test-data``'s own rows and labels (no ``--data``).
+
+    Raises
+    ------
+    UserError
+        Neither ``--data`` nor ``--test-data``.
+    """
+    if cfg.data:
+        _, test, names = splits(cfg, task)
+        return test, names
+    if not cfg.test_data:
+        raise UserError("fedlora-eval needs examples: --test-data FILE, or --data FILE (or bbcnews-instruct)"
+                        " to score its held-out split as the run did (same --seed and --test-fraction)")
+    test = task.load(cfg.test_data, cfg, test=True)
+    return test.head(cfg.eval_max), test.label_names
+
+
+def resolve_eval_length(cfg: JobConfig, task: Task, examples: TextDataset, quiet: bool = False) -> None:
+    """Give ``--max-length`` its value when it was left to the data: from ``--data`` as the run derived
+    it, or, without ``--data``, by the same rule from the test examples (printed unless ``quiet``)."""
+    if cfg.data or cfg.max_length is not None or not task.length_from_data:
+        resolve_max_length(cfg, quiet=quiet)
+        return
+    tokenizer, context = load_tokenizer(cfg.model)
+    cfg.max_length, quantile = derived_max_length(*task.example_lengths(tokenizer, examples, cfg), context)
+    if not quiet:
+        print(f"fedlora: --max-length {cfg.max_length} (from the {len(examples):,} test examples, whose 95th"
+              f" percentile is {quantile} tokens); pass --max-length to choose", file=sys.stderr)
+
+
+def check_adapters(cfg: JobConfig, task: Task, paths: list[Path]) -> list[PeftAdapter]:
+    """The adapters in ``paths``, each checked against ``--model`` (one-line refusals)."""
+    adapters = [read_adapter(p) for p in paths]
+    if adapters:
+        model_path = resolve_model_path(cfg.model)
+        shapes = linear_shapes(model_path, task.model_kind)
+        for adapter in adapters:
+            check_adapter(adapter, cfg.model, model_path, shapes)
+    return adapters
+
+
+def load_scored_model(cfg: JobConfig, task: Task, adapter: PeftAdapter | None,
+                      num_labels: int) -> tuple[FederatedModel, object]:
+    """``(model with one slot, tokenizer)``: ``--model`` with ``adapter`` loaded (scale 1, the
+    adapter's target modules), or with zero adapters on ``--target-modules``."""
+    if adapter is None:
+        fm, tokenizer, _ = build_model(replace(cfg, rank=1), [1], LORA, num_labels)
+        for layer in fm.adapters.values():
+            A, B = layer.get_slot(0)
+            layer.set_slot(0, torch.zeros_like(A), torch.zeros_like(B))
+        return fm, tokenizer
+    r = adapter.rank
+    job = replace(cfg, rank=r, lora_alpha=float(r), target_modules=sorted(adapter.factors))
+    fm, tokenizer, _ = build_model(job, [r], LORA, num_labels)
+    missing = sorted(f"{name}.weight" for name in fm.heads if f"{name}.weight" not in adapter.head)
+    if missing:
+        raise UserError(f"adapter {str(adapter.path)!r} has no {missing[0]} for --task {cfg.task}'s head:"
+                        " pass an adapter of that task")
+    apply_global(fm, padded_state(adapter, r), {})
+    return fm, tokenizer
+
+
+def score_models(cfg: JobConfig, adapters: list[Path], base: bool, quiet: bool = False) -> list[dict]:
+    """One row per model (the bare base first when ``base`` or no adapter is given, then each adapter
+    in order): ``model``, ``adapter``, ``metric`` (what ``accuracy`` is), the task's metrics and
+    ``seconds`` (the evaluation's)."""
+    task = get_task(cfg.task)
+    checked = check_adapters(cfg, task, adapters)
+    examples, names = eval_examples(cfg, task)
+    resolve_eval_length(cfg, task, examples, quiet)
+    data, rows = None, []
+    for adapter in ([None] if base or not checked else []) + checked:
+        fm, tokenizer = load_scored_model(cfg, task, adapter, len(names))
+        if data is None:  # one tokenizer for every model: --model's
+            data = task.eval_set(tokenizer, examples, cfg)
+        t0 = time.perf_counter()
+        metrics = task.evaluate(fm, data, cfg)
+        rows.append({"model": BASE if adapter is None else str(adapter.path),
+                     "adapter": None if adapter is None else str(adapter.path),
+                     "metric": task.headline(data), **metrics,
+                     "seconds": round(time.perf_counter() - t0, 3)})
+        del fm
+    return rows
+
+
+def _cell(key: str, value) -> str:
+    if isinstance(value, float) and (key.endswith(("accuracy", "accuracy_norm")) or key in
+                                     ("answer_contains", "rouge_l")):
+        return f"{100 * value:.1f}%"
+    if isinstance(value, float):
+        return f"{value:.4g}" if key == "perplexity" else f"{value:.4f}" if key == "loss" else f"{value:.1f}"
+    return str(value)
+
+
+def eval_table(rows: list[dict]) -> str:
+    """The rows as one Markdown table: the model, its headline metric first, then the others."""
+    head = rows[0]["metric"]
+    keys = [head] + [k for k in rows[0] if k not in ("model", "adapter", "metric", "accuracy", head)]
+    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    lines += [f"| {r['model']} | " + " | ".join(_cell(k, r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)

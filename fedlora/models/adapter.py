@@ -1,0 +1,158 @@
+"""Read an exported PEFT LoRA adapter back, check it against a base model, load it into a
+:class:`~fedlora.models.model.FederatedModel` (``fedlora-eval``).
+
+An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with
+``base_model.model.<layer>.lora_A.weight`` (``r × d_in``) and ``…lora_B.weight`` (``d_out × r``)
+per layer, and any task head under ``base_model.model.<module>.weight`` / ``.bias``
+(:mod:`fedlora.models.export` writes this; so does PEFT). A layer's update is
+``s · B A`` with PEFT's scale ``s = α / r`` (``α / √r`` with ``use_rslora``), α and r taken
+from ``alpha_pattern`` / ``rank_pattern`` where they name the layer. fedlora's exports have
+``s = 1``, so their factors load bit for bit.
+
+The model is built with one slot of the adapter's largest rank and ``α`` equal to it (slot
+scale 1); each layer's factors go in as ``(A, s·B)``, zero-padded to that rank (the padding adds
+exact zeros).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from fedlora.errors import UserError
+from fedlora.models.export import PREFIX
+from fedlora.strategies import GlobalState
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+@dataclass
+class PeftAdapter:
+    """An adapter read by :func:`read_adapter`.
+
+    Attributes
+    ----------
+    path : Path
+        Its folder.
+    base_model : str
+        The recorded ``base_model_name_or_path``.
+    factors : dict
+        Layer -> ``(A (r, d_in), B (d_out, r))`` with ``B A`` the layer's whole update (scale
+        folded into B).
+    head : dict
+        Task-head tensors, ``<module>.weight`` / ``<module>.bias``.
+    """
+
+    path: Path
+    base_model: str
+    factors: dict[str, tuple[Tensor, Tensor]]
+    head: dict[str, Tensor]
+
+    @property
+    def rank(self) -> int:
+        return max(A.shape[0] for A, _ in self.factors.values())
+
+
+def _pattern(patterns: dict, layer: str, default):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the value of the first key that names
+    ``layer`` (the whole name, or its end after a dot)."""
+    for key, value in (patterns or {}).items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", layer):
+            return value
+    return default
+
+
+def _config(path: Path) -> dict:
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise UserError(f"adapter {str(path)!r} has no {name}: pass a folder written by fedlora-sim,"
+                            " fedlora-server or PEFT's save_pretrained (runs/NAME/adapter)")
+    config = json.loads((path / CONFIG).read_text())
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("fan_in_fan_out"):
+        raise UserError(f"adapter {str(path)!r} is not a plain LoRA adapter (peft_type"
+                        f" {config.get('peft_type')!r}, DoRA or fan_in_fan_out): fedlora-eval reads LoRA"
+                        " on linear layers")
+    return config
+
+
+def read_adapter(path: str | Path) -> PeftAdapter:
+    """The adapter in folder ``path``, its scales folded into B.
+
+    Raises
+    ------
+    UserError
+        No such folder or files, not a LoRA adapter, or a layer without both factors.
+    """
+    path = Path(path)
+    config = _config(path)
+    tensors = load_file(str(path / WEIGHTS))
+    factors, head = {}, {}
+    for key, A in tensors.items():
+        name = key.removeprefix(PREFIX)
+        if name.endswith(_A):
+            layer = name[:-len(_A)]
+            B = tensors.get(f"{PREFIX}{layer}{_B}")
+            if B is None:
+                raise UserError(f"adapter {str(path)!r} has {key} but no lora_B for that layer")
+            r = A.shape[0]
+            alpha = _pattern(config.get("alpha_pattern"), layer, config.get("lora_alpha", r))
+            scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+            factors[layer] = (A.float(), B.float() * scale)
+        elif not name.endswith(_B):  # a head (modules_to_save), under PEFT's or fedlora's key
+            head[name.replace(".modules_to_save.default", "").replace(".modules_to_save", "")] = A.float()
+    if not factors:
+        raise UserError(f"adapter {str(path)!r} has no LoRA factors")
+    return PeftAdapter(path, str(config.get("base_model_name_or_path") or ""), factors, head)
+
+
+def same_base(recorded: str, resolved: Path) -> bool:
+    """Whether an adapter's recorded base model is the folder ``resolved``: the same folder, or one of
+    the same name (a run's relative path, a copy, the GGUF cache's folder keyed by the file's hash)."""
+    rec = Path(recorded).expanduser()
+    return bool(recorded) and (rec.name == resolved.name or rec.resolve() == resolved.resolve())
+
+
+def linear_shapes(path: Path, kind: str) -> dict[str, tuple[int, int]]:
+    """Module name -> ``(d_out, d_in)`` of every ``nn.Linear`` of the model in ``path``, from a
+    weightless copy on the meta device (``kind``: ``causal-lm`` or ``sequence-classification``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        model = auto.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def check_adapter(adapter: PeftAdapter, model: str, path: Path, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse, in one line naming both, an adapter trained on another base than ``--model`` (at
+    ``path``), or whose target modules ``--model`` lacks or shapes differently (``shapes``:
+    :func:`linear_shapes`)."""
+    where = f"adapter {str(adapter.path)!r} was trained on {adapter.base_model or 'an unrecorded base'!r}"
+    if not same_base(adapter.base_model, path):
+        raise UserError(f"{where}, and --model {model} is {str(path)!r}: pass --model with that base"
+                        " model, or another adapter")
+    for layer, (A, B) in adapter.factors.items():
+        if shapes.get(layer) != (B.shape[0], A.shape[1]):
+            got = "has no such linear layer" if layer not in shapes else f"has it as {shapes[layer]}"
+            raise UserError(f"{where}, and its target module {layer} (d_out, d_in = {B.shape[0]},"
+                            f" {A.shape[1]}) does not fit --model {model}, which {got}: pass the"
+                            " adapter's base model")
+
+
+def padded_state(adapter: PeftAdapter, rank: int) -> GlobalState:
+    """The adapter as a global state at scale 1 for slots of ``rank``: each layer's factors
+    zero-padded to it."""
+    factors = {}
+    for layer, (A, B) in adapter.factors.items():
+        extra = rank - A.shape[0]
+        factors[layer] = (torch.cat([A, A.new_zeros(extra, A.shape[1])]),
+                          torch.cat([B, B.new_zeros(B.shape[0], extra)], dim=1))
+    return GlobalState(factors=factors, scale=1.0, head=dict(adapter.head))

@@ -1,0 +1,226 @@
+"""A job's memory from its model's shape: the frozen base once per pass, and per client its
+adapter, gradients, optimizer state and activations.
+
+Notation: ``b`` bytes per element of the compute dtype (2 with ``--precision bf16``, else 4);
+per client ``B = --batch-size`` rows of ``T = --max-length`` tokens, ``N = B T``; ``L`` blocks of
+hidden size ``h``, query width ``a``, key/value width ``kv``, ``n_h`` heads, intermediate size
+``m``; vocabulary ``V``; ``P`` positions per row whose logits the loss reads (``T − 1`` for
+``--task causal-lm``; for ``--task sft`` the response's, ``--response-tokens``: only those
+positions' logits are computed). All in bytes::
+
+    base        = Σ_quantized q(numel, rows) + d · Σ_other numel       (d = 2 for bf16, else 4)
+                  q: nf4/fp4 numel/2 + 4 numel/64 (a float32 absmax per block of 64); double quant
+                  numel/2 + numel/64 + 4 numel/16384; int8 numel + 4 rows; none d numel
+    adapter     = 4 × the slot's adapter and head numbers (LoRA r (d_in + d_out) per layer;
+                  LoRA-SB r², its frozen A and B once per pass)
+    gradients   = 4 × trainable numbers;  optimizer = 8 × trainable (AdamW), 4 × (SGD)
+    s           = N [8h + b(2a + 2kv) + 4 n_h + 3bm + b Σ_inputs d_in + b Σ_layers r (+ b(2h + a + m))]
+    activations = (L + 1) s + 4Nh + logits            without gradient checkpointing
+                = L N b h + 2 s + 4Nh + logits        with it
+    logits      = B P V (b + 12)
+    dp          = N b Σ_layers d_out + 4 B × trainable (--dp sample)
+
+``s`` is one block's tensors kept for the backward pass, counted op by op on LLaMA's block
+(RMSNorm, rotary attention, gated MLP, as in Mistral and Qwen2): each RMSNorm keeps an fp32 copy of
+its input; the attention keeps the rotated queries and keys, the values, its output and the
+log-sum-exp of each head; the MLP its gate, SiLU(gate) and up projections; LoRA the input of every
+adapted layer (in fp32 the layers that read one tensor, q/k/v or gate/up, share it; under bf16
+autocast each keeps its own copy) and its ``x Aᵀ``; an 8-bit base the input of every 8-bit layer
+(4-bit and unquantized frozen layers keep none). Without checkpointing every block's ``s`` is
+alive when the backward pass starts, plus one block's gradients (another ``s``); with it, each
+block's input, and one recomputed block with its gradients; ``4Nh`` is the final RMSNorm's fp32
+input. :func:`saved_bytes` (what autograd keeps when the forward pass ends) is tested against the
+tensors a real forward keeps, to 2%. ``logits``: the logits of the ``P``
+positions in the compute dtype, their fp32 log-softmax (kept for the backward pass) and the two
+fp32 gradients of the loss's backward. A quantized base also dequantizes one layer's weight at a
+time (``b × numel`` of the largest, once per pass). ``dp``: DP-SGD keeps every adapted layer's
+output gradient and every row's per-example gradient of each trainable tensor.
+
+This counts live tensors, what ``torch.cuda.max_memory_allocated`` measures. On the CPU the
+resident memory also holds what glibc's allocator keeps of freed blocks between live ones:
+:data:`CPU_OVERHEAD` of the blocks' ``L s``, fitted on SmolLM2-135M (``benchmarks/llm_memory.py``,
+``benchmarks/RESULTS.md``, 2026-12-02), added for ``--device cpu``. Other block types (an
+encoder's) are counted with the same terms: an approximation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fedlora.job.schema import JobConfig
+from fedlora.plan.shape import ModelShape, build_shape
+
+#: Share of the blocks' saved activations ``L s`` that the resident memory of a CPU step adds to its
+#: live tensors (glibc keeps freed blocks it cannot return), without and with checkpointing; fitted
+#: on SmolLM2-135M in ``benchmarks/llm_memory.py`` (RESULTS.md, 2026-12-02).
+CPU_OVERHEAD = {False: 0.5, True: 0.25}
+#: Which tensor each LLaMA-style layer reads, so that layers reading one tensor are counted once.
+INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
+          "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid",
+          "query": "attn_in", "key": "attn_in", "value": "attn_in"}
+
+
+def quantized_bytes(numel: int, rows: int, quantize: str, double_quant: bool) -> int:
+    """Bytes of one linear weight of ``numel`` numbers and ``rows`` outputs stored by ``--quantize``."""
+    if quantize in ("nf4", "fp4"):
+        blocks = math.ceil(numel / 64)
+        scales = blocks + 4 * math.ceil(blocks / 256) if double_quant else 4 * blocks
+        return math.ceil(numel / 2) + scales
+    if quantize == "int8":
+        return numel + 4 * rows
+    raise ValueError(f"not a quantized base: {quantize!r}")
+
+
+def base_bytes(shape: ModelShape, cfg: JobConfig) -> int:
+    """The frozen base's bytes: its quantized linear layers and every other tensor in the load dtype."""
+    d = 2 if cfg.precision == "bf16" else 4
+    total = 0
+    for t in shape.base:
+        if t.rows and cfg.quantize != "none":
+            total += quantized_bytes(t.numel, t.rows, cfg.quantize, cfg.double_quant)
+        else:
+            total += d * t.numel
+    return total
+
+
+def adapter_numbers(shape: ModelShape) -> tuple[int, int, int]:
+    """``(per client, trainable per client, shared)`` numbers of the adapters and heads of one slot."""
+    per, trainable, shared = 0, 0, 0
+    for layer in shape.fm.client_layers():
+        for p in layer.parameters(recurse=False):  # not an adapted layer's frozen base
+            per += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        for name in ("sb_A", "sb_B"):
+            shared += getattr(layer, name).numel() if hasattr(layer, name) else 0
+    return per, trainable, shared
+
+
+def block_bytes(shape: ModelShape, cfg: JobConfig) -> int:
+    """``s / N``: one block's bytes kept for the backward pass per token (module docstring)."""
+    dims, b = shape.dims(), compute_bytes(cfg)
+    h, a, kv, m = dims["hidden"], dims["attention"], dims["kv"], dims["intermediate"]
+    per = 8 * h + b * (2 * a + 2 * kv + 3 * m) + 4 * dims["heads"]
+    inputs = {}
+    for name, (_, d_in) in shape.layers.items():
+        parent, _, short = name.rpartition(".")
+        key = f"{parent}.{INPUTS.get(short, short)}" if b == 4 else name   # bf16 autocast: a copy each
+        inputs[key] = d_in
+    layers = dims["layers"]
+    per += b * (sum(inputs.values()) + max(cfg.client_ranks()) * len(shape.layers)) / layers
+    if cfg.quantize == "int8":  # the input of every 8-bit layer: in fp32, LoRA's copy is the same tensor
+        shared = {k.rpartition(".")[2] for k in inputs} if b == 4 else set()
+        eight = {"attn_in": h, "attn_out": a, "mlp_in": h, "mlp_mid": m}
+        per += b * sum(v for k, v in eight.items() if k not in shared)
+    return int(per)
+
+
+def compute_bytes(cfg: JobConfig) -> int:
+    """``b``: bytes per element of what the blocks compute (bf16 under ``--precision bf16``)."""
+    return 2 if cfg.precision == "bf16" else 4
+
+
+def logit_positions(cfg: JobConfig, response_tokens: int) -> int:
+    """``P``: positions per row whose logits the loss reads."""
+    if cfg.task == "sft":
+        return min(response_tokens, cfg.max_length - 1)
+    return cfg.max_length - 1 if cfg.task == "causal-lm" else 0
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes of a job's pass (see the module docstring): ``base``, ``shared`` and ``transient`` once
+    per pass, the rest per client; ``activations`` with the job's ``--gradient-checkpointing``,
+    ``activations_other`` with the other setting; ``dp`` is counted in :attr:`per_client` under
+    ``--dp sample`` only."""
+
+    base: int
+    shared: int
+    transient: int
+    adapter: int
+    gradients: int
+    optimizer: int
+    activations: int
+    activations_other: int
+    dp: int
+    dp_on: bool = False
+
+    @property
+    def per_client(self) -> int:
+        """One more client in the pass: its adapter, gradients, optimizer state, activations (and DP)."""
+        dp = self.dp if self.dp_on else 0
+        return self.adapter + self.gradients + self.optimizer + self.activations + dp
+
+    @property
+    def fixed(self) -> int:
+        """What a pass holds whatever its clients: the base, shared factors, one dequantized layer."""
+        return self.base + self.shared + self.transient
+
+    def pass_bytes(self, clients: int) -> int:
+        """A pass of ``clients`` clients."""
+        return self.fixed + clients * self.per_client
+
+    def largest_pass(self, memory: int) -> int:
+        """The most clients a pass can hold in ``memory`` bytes (0: not even one)."""
+        return max(0, (memory - self.fixed) // self.per_client)
+
+    @property
+    def weight_bytes(self) -> int:
+        """A one-client model's parameters and buffers (``benchmarks/llm_memory.py``'s ``weights``)."""
+        return self.base + self.shared + self.adapter
+
+    @property
+    def step_bytes(self) -> int:
+        """What a one-client step adds to the loaded model (the benchmark's ``step peak``)."""
+        return self.per_client - self.adapter + self.transient
+
+
+def saved_bytes(shape: ModelShape, cfg: JobConfig, response_tokens: int, checkpointing: bool) -> int:
+    """What autograd keeps for the backward pass when one client's forward pass ends: every block's
+    ``s`` (with checkpointing only each block's input, ``N b h``), the final RMSNorm's fp32 input and
+    the fp32 log-softmax of the ``P`` positions' logits."""
+    dims, b = shape.dims(), compute_bytes(cfg)
+    n, layers = cfg.batch_size * cfg.max_length, dims["layers"]
+    blocks = layers * n * b * dims["hidden"] if checkpointing else layers * n * block_bytes(shape, cfg)
+    logits = 4 * cfg.batch_size * logit_positions(cfg, response_tokens) * dims["vocab"]
+    return blocks + 4 * n * dims["hidden"] + logits
+
+
+def activation_bytes(shape: ModelShape, cfg: JobConfig, response_tokens: int, checkpointing: bool) -> int:
+    """One client's activations at the peak of its step (module docstring): :func:`saved_bytes`, one
+    block's gradients (and with checkpointing its recomputed ``s``), the logits and the loss's two
+    fp32 gradients, and on ``--device cpu`` the allocator's :data:`CPU_OVERHEAD`."""
+    dims, b = shape.dims(), compute_bytes(cfg)
+    s = cfg.batch_size * cfg.max_length * block_bytes(shape, cfg)
+    logits = cfg.batch_size * logit_positions(cfg, response_tokens) * dims["vocab"] * (b + 8)
+    live = saved_bytes(shape, cfg, response_tokens, checkpointing) + (2 if checkpointing else 1) * s + logits
+    if not cfg.device.startswith("cuda"):
+        live += int(CPU_OVERHEAD[checkpointing] * dims["layers"] * s)
+    return live
+
+
+def plan_memory(shape: ModelShape, cfg: JobConfig, response_tokens: int) -> MemoryPlan:
+    """The :class:`MemoryPlan` of job ``cfg`` on the model ``shape``."""
+    per, trainable, shared = adapter_numbers(shape)
+    b = compute_bytes(cfg)
+    largest = max((t.numel for t in shape.base if t.rows), default=0)
+    n = cfg.batch_size * cfg.max_length
+    dp = n * b * sum(d_out for d_out, _ in shape.layers.values()) + 4 * cfg.batch_size * trainable
+    return MemoryPlan(
+        base=base_bytes(shape, cfg), shared=4 * shared,
+        transient=b * largest if cfg.quantize != "none" else 0,
+        adapter=4 * per, gradients=4 * trainable, optimizer=(4 if cfg.optimizer == "sgd" else 8) * trainable,
+        activations=activation_bytes(shape, cfg, response_tokens, cfg.gradient_checkpointing),
+        activations_other=activation_bytes(shape, cfg, response_tokens, not cfg.gradient_checkpointing),
+        dp=dp, dp_on=cfg.dp == "sample")
+
+
+def default_response_tokens(cfg: JobConfig) -> int:
+    """``--response-tokens`` when not given: a quarter of ``--max-length``."""
+    return max(1, cfg.max_length // 4)
+
+
+def predict_job(cfg: JobConfig, response_tokens: int | None = None, num_labels: int = 2) -> MemoryPlan:
+    """:func:`plan_memory` of ``cfg`` on its model built on the meta device (no weights read)."""
+    tokens = default_response_tokens(cfg) if response_tokens is None else response_tokens
+    return plan_memory(build_shape(cfg, num_labels), cfg, tokens)

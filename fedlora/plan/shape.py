@@ -1,0 +1,173 @@
+"""A job's model as shapes: its config (no weights read) and a weightless build on the meta device.
+
+:func:`model_config` reads ``--model``'s config: a preset (:mod:`fedlora.plan.presets`), the bundled
+``minilm`` or ``smollm2``, a local transformers folder (``config.json``) or a ``.gguf`` file (its
+metadata, through transformers: nothing is dequantized). :func:`build_shape` builds the job's model
+from it on the meta device, wrapped with one client slot exactly as the job wraps it
+(:class:`~fedlora.models.model.FederatedModel`: the same target modules, adapter plan and heads), and
+:class:`ModelShape` holds what the planner reads of it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from fedlora.errors import UserError
+from fedlora.job.schema import JobConfig
+from fedlora.models.hub import DEFAULT_MODEL, SMOLLM2, UNQUANTIZED_HEADS, resolve_model_path, smollm2_file
+from fedlora.models.lora import linear_shape
+from fedlora.models.model import HEAD_NAMES, AdapterConfig, FederatedModel
+from fedlora.plan.presets import PRESETS, preset_config
+from fedlora.rounds.build import client_strategy
+from fedlora.tasks import get_task
+
+#: Adapted modules that read the same input (one saved copy per block): LLaMA/Mistral/Qwen2's
+#: attention and gated-MLP inputs, BERT's attention input.
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+
+
+def model_config(name: str):
+    """The transformers config of ``--model`` ``name`` (see the module docstring), a fresh copy.
+
+    Raises
+    ------
+    UserError
+        ``name`` is no preset, bundled model, folder or ``.gguf`` file: the one line lists the presets.
+    """
+    config = _read_config(name)
+    return type(config).from_dict(config.to_dict())
+
+
+@functools.lru_cache(maxsize=8)
+def _read_config(name: str):
+    """:func:`model_config`, read once per process (a ``.gguf`` file's metadata takes seconds)."""
+    if name in PRESETS:
+        return preset_config(name)
+    path = Path(name).expanduser()
+    try:
+        if name == SMOLLM2 or path.suffix.lower() == ".gguf":
+            gguf = smollm2_file() if name == SMOLLM2 else path
+            if not gguf.is_file():
+                raise UserError(f"model file {name!r} not found")
+            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if name == DEFAULT_MODEL or path.is_dir():
+            return AutoConfig.from_pretrained(resolve_model_path(name), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the config of {name!r}: {str(exc).strip().splitlines()[0]}") from None
+    raise UserError(f"no model or planner preset called {name!r}: pass a local folder, a .gguf file,"
+                    f" '{DEFAULT_MODEL}', '{SMOLLM2}' or a preset ({', '.join(PRESETS)})")
+
+
+@dataclass(frozen=True)
+class BaseTensor:
+    """One frozen tensor of the base: ``numel`` elements; ``rows`` > 0 for the weight of a linear
+    layer ``--quantize`` replaces (every ``nn.Linear`` but the output embeddings and the heads)."""
+
+    name: str
+    numel: int
+    rows: int = 0
+
+
+@dataclass
+class ModelShape:
+    """What the planner reads of a job's model (built on the meta device, one client slot).
+
+    Attributes
+    ----------
+    config
+        The transformers config.
+    fm : FederatedModel
+        The wrapped model; every tensor is on the meta device.
+    base : list of BaseTensor
+        The frozen base's parameters and buffers, each storage once (tied embeddings once).
+    """
+
+    config: object
+    fm: FederatedModel
+    base: list[BaseTensor]
+
+    @property
+    def layers(self) -> dict[str, tuple[int, int]]:
+        """Adapted layer -> ``(d_out, d_in)``, in the model's order (the simulator's)."""
+        return {name: linear_shape(m) for name, m in self.fm.adapters.items()}
+
+    @property
+    def heads(self) -> dict[str, tuple[int, ...]]:
+        """The task head's tensors as they travel (``<module>.weight`` / ``.bias``) -> shape."""
+        return {f"{name}.{key}": tuple(getattr(h, key).shape[1:]) for name, h in self.fm.heads.items()
+                for key in ("weight", "bias")}
+
+    def dims(self) -> dict[str, int]:
+        """The block's sizes: ``hidden``, ``intermediate``, ``layers``, ``heads``, ``attention``
+        (query width), ``kv`` (key/value width), ``vocab``."""
+        c = self.config
+        text = c.get_text_config() if hasattr(c, "get_text_config") else c
+        heads = int(text.num_attention_heads)
+        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+        return {"hidden": int(text.hidden_size), "intermediate": int(text.intermediate_size),
+                "layers": int(text.num_hidden_layers), "heads": heads, "attention": heads * head_dim,
+                "kv": kv_heads * head_dim, "vocab": int(text.vocab_size)}
+
+    def input_groups(self) -> list[int]:
+        """``d_in`` of each distinct tensor the adapted layers read: layers of one block in a group
+        of :data:`SHARED_INPUTS` read one tensor, the others each their own."""
+        groups: dict[str, int] = {}
+        for name, (_, d_in) in self.layers.items():
+            parent, _, short = name.rpartition(".")
+            group = next((g for g in SHARED_INPUTS if short in g), (short,))
+            groups.setdefault(f"{parent}.{group[0]}", d_in)
+        return list(groups.values())
+
+
+def base_tensors(model: nn.Module) -> list[BaseTensor]:
+    """The parameters and buffers of an unwrapped model but its heads (which become per-client),
+    each storage once; the linear layers ``--quantize`` replaces carry their rows."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = set(UNQUANTIZED_HEADS) | set(HEAD_NAMES)
+    out, seen = [], set()
+    for module_name, module in model.named_modules():
+        parts = set(module_name.split("."))
+        if module_name.split(".")[0] in HEAD_NAMES:
+            continue
+        for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            quantizable = (isinstance(module, nn.Linear) and key == "weight" and module is not output
+                           and not parts & skip)
+            rows = module.out_features if quantizable else 0
+            out.append(BaseTensor(f"{module_name}.{key}", t.numel(), rows))
+    return out
+
+
+def build_shape(cfg: JobConfig, num_labels: int = 2) -> ModelShape:
+    """The job's model on the meta device, wrapped with one slot for the job's strategy and targets
+    (``num_labels``: the classification head's outputs, ``--task classification`` only)."""
+    config = model_config(cfg.model)
+    task = get_task(cfg.task)
+    if task.model_kind == "causal-lm":
+        auto = AutoModelForCausalLM
+    else:
+        auto = AutoModelForSequenceClassification
+        config.num_labels = num_labels
+    with torch.device("meta"):
+        try:
+            model = auto.from_config(config)
+        except ValueError as exc:
+            raise UserError(f"--task {cfg.task} cannot use {cfg.model}: {str(exc).splitlines()[0]}") from None
+    base = base_tensors(model)
+    plan = client_strategy(cfg).plan(1)
+    try:
+        fm = FederatedModel(model, AdapterConfig(ranks=[max(cfg.client_ranks())], alpha=cfg.lora_alpha,
+                                                 target_modules=cfg.target_modules, plan=plan,
+                                                 train_head=task.trains_head))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return ModelShape(config, fm, base)

@@ -1,0 +1,103 @@
+"""How a generated answer is scored against the reference (``--metric``): one registered object
+per metric.
+
+* ``exact``: the normalized answer equals the normalized reference (:func:`normalize`:
+  lower case, single spaces, no surrounding punctuation); a row's ``answer_accuracy``;
+* ``contains``: the normalized reference appears in the normalized answer (as a substring:
+  "positive" is found in "the review is positive"); ``answer_contains``;
+* ``rouge-l``: ROUGE-L F1 (Lin 2004) from the ``rouge-score`` package: the longest common
+  subsequence of the two token lists, ``F = 2PR / (P + R)`` with ``P = LCS / len(answer)`` and
+  ``R = LCS / len(reference)``; rouge-score's tokens are lower-cased runs of ASCII letters and
+  digits, so text in other scripts scores 0. ``rouge_l``.
+
+The default (``auto``) is ``exact`` for closed-set answers (label words, multiple-choice files)
+and ``rouge-l`` for free-form responses.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from functools import cached_property
+from typing import ClassVar
+
+_PUNCT = " \t\n.!?,;:'\"`"
+
+#: name -> metric (filled by :func:`register_answer_metric`).
+ANSWER_METRICS: dict[str, AnswerMetric] = {}
+#: ``--metric``'s default: chosen from the data by :func:`answer_metric`.
+AUTO = "auto"
+
+
+def normalize(text: str) -> str:
+    """An answer as it is compared: lower case, single spaces, no surrounding punctuation."""
+    return " ".join(text.lower().split()).strip(_PUNCT)
+
+
+def register_answer_metric(cls: type[AnswerMetric]) -> type[AnswerMetric]:
+    """Class decorator: register one instance of ``cls`` under ``cls.name``."""
+    if cls.name in ANSWER_METRICS:
+        raise ValueError(f"answer metric {cls.name!r} is registered twice")
+    ANSWER_METRICS[cls.name] = cls()
+    return cls
+
+
+def answer_metric(name: str, closed_set: bool) -> AnswerMetric:
+    """The metric ``--metric NAME`` selects; ``auto``: exact for ``closed_set`` answers, else ROUGE-L."""
+    if name == AUTO:
+        name = Exact.name if closed_set else RougeL.name
+    return ANSWER_METRICS[name]
+
+
+class AnswerMetric(ABC):
+    """One way to score an answer.
+
+    Attributes
+    ----------
+    name : str
+        The ``--metric`` value.
+    column : str
+        The metric row's column of its mean over the examples.
+    """
+
+    name: ClassVar[str]
+    column: ClassVar[str]
+
+    @abstractmethod
+    def score(self, answer: str, reference: str) -> float:
+        """The answer's score in [0, 1]."""
+
+    def mean(self, answers: list[str], references: list[str]) -> float:
+        """The mean score of ``answers`` against ``references`` (0 for none)."""
+        scores = [self.score(a, r) for a, r in zip(answers, references, strict=True)]
+        return sum(scores) / max(len(scores), 1)
+
+
+@register_answer_metric
+class Exact(AnswerMetric):
+    name, column = "exact", "answer_accuracy"
+
+    def score(self, answer: str, reference: str) -> float:
+        return float(normalize(answer) == normalize(reference))
+
+
+@register_answer_metric
+class Contains(AnswerMetric):
+    name, column = "contains", "answer_contains"
+
+    def score(self, answer: str, reference: str) -> float:
+        return float(normalize(reference) in normalize(answer))
+
+
+@register_answer_metric
+class RougeL(AnswerMetric):
+    name, column = "rouge-l", "rouge_l"
+
+    @cached_property
+    def scorer(self):
+        """rouge-score's scorer, imported on first use: the package imports nltk (seconds)."""
+        from rouge_score.rouge_scorer import RougeScorer
+
+        return RougeScorer(["rougeL"])
+
+    def score(self, answer: str, reference: str) -> float:
+        return float(self.scorer.score(reference, answer)["rougeL"].fmeasure)

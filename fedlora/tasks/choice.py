@@ -1,0 +1,121 @@
+"""``--eval mc``: multiple-choice questions scored by log-likelihood, as lm-eval-harness does.
+
+Each held-out example has a prompt and choices (a multiple-choice file's, or every label's word
+of a labeled file: ``fedlora.data.choices``). The prompt is rendered as ``--task sft`` renders
+it (``--prompt-template``, the chat template, ``--system-prompt``), then each choice's tokens
+are scored as its continuation (the choice alone, without the end of the turn):
+
+    ll_j = Σ_t log p(c_jt | prompt, c_j<t)
+
+* ``mc_accuracy`` (lm-eval's ``acc``): the example is right when its answer has the highest
+  ``ll_j`` (the first of equal ones);
+* ``mc_accuracy_norm`` (``acc_norm``): the same with ``ll_j / bytes_j``, the choice's length in
+  UTF-8 bytes, so long choices are not penalised for their length;
+* ``loss`` and ``perplexity``: the mean negative log-likelihood of the right choices' tokens.
+
+One prefill per prompt; the choices are scored from its KV cache
+(:func:`fedlora.tasks.decode.score_choices`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fedlora.errors import UserError
+from fedlora.tasks.base import Evaluation, Task, register_evaluation
+from fedlora.tasks.decode import score_choices
+from fedlora.tasks.sft import ChatFormat
+
+
+@dataclass
+class ChoiceSet:
+    """Held-out multiple-choice examples, shortest prompt first: ``prompts`` (token ids), each
+    example's ``choices`` (token ids) and their ``sizes`` (UTF-8 bytes of their texts), the
+    ``answers`` (the right choice's index), ``pad`` (the pad token id)."""
+
+    prompts: list[list[int]]
+    choices: list[list[list[int]]]
+    sizes: list[list[int]]
+    answers: list[int]
+    pad: int
+    headline: ClassVar[str] = "mc_accuracy"
+
+
+def fit_prompts(prompts: list[list[int]], room: list[int], max_length: int) -> list[list[int]]:
+    """The prompts cut from the left so that prompt i and ``room[i]`` tokens (its longest choice)
+    fit ``max_length``; one warning counts the cut ones.
+
+    Raises
+    ------
+    UserError
+        A choice alone is longer than ``max_length``.
+    """
+    if max(room) > max_length:
+        raise UserError(f"a choice alone has {max(room)} tokens, more than --max-length {max_length};"
+                        " raise --max-length or shorten the choices")
+    out = [p[max(0, len(p) - (max_length - r)):] for p, r in zip(prompts, room, strict=True)]
+    cut = sum(len(a) < len(b) for a, b in zip(out, prompts, strict=True))
+    if cut:
+        print(f"fedlora: {cut} of {len(prompts)} multiple-choice prompts exceed --max-length {max_length}"
+              " with their longest choice; they were cut from the left", file=sys.stderr)
+    return out
+
+
+def choice_set(tokenizer, ds, cfg) -> ChoiceSet:
+    """The held-out examples ``ds`` as a :class:`ChoiceSet`.
+
+    Raises
+    ------
+    UserError
+        The data has no choices (free-form responses), or a choice is longer than ``--max-length``.
+    """
+    if ds.choices is None or ds.labels is None:
+        raise UserError("--eval mc needs choices for every held-out example, and this data has free-form"
+                        " responses: give a .jsonl with question, choices and answer, MMLU's CSV"
+                        " (question,A,B,C,D,answer), or a labeled file with --label-words")
+    chat = ChatFormat(tokenizer, cfg.chat_template, cfg.system_prompt)
+    heads = [chat.split(p, c[0])[0] for p, c in zip(ds.texts, ds.choices, strict=True)]
+    texts = sorted({c for row in ds.choices for c in row})
+    ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True))
+    choices = [[ids[c] for c in row] for row in ds.choices]
+    prompts = fit_prompts(tokenizer(heads, add_special_tokens=False)["input_ids"],
+                          [max(len(c) for c in row) for row in choices], cfg.max_length)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return ChoiceSet(prompts=[prompts[i] for i in order], choices=[choices[i] for i in order],
+                     sizes=[[len(c.encode()) for c in ds.choices[i]] for i in order],
+                     answers=[ds.labels[i] for i in order], pad=tokenizer.pad_token_id)
+
+
+def first_best(values: list[float]) -> int:
+    """The index of the largest value, the first of equal ones (numpy's ``argmax``)."""
+    return max(range(len(values)), key=values.__getitem__)
+
+
+@register_evaluation
+class MultipleChoice(Evaluation):
+    """``--eval mc``: each choice's log-likelihood given the prompt (see the module docstring)."""
+
+    name = "mc"
+
+    def eval_set(self, task: Task, tokenizer, ds, cfg) -> ChoiceSet:
+        return choice_set(tokenizer, ds, cfg)
+
+    def evaluate(self, task: Task, fm, data: ChoiceSet, cfg) -> dict[str, float]:
+        hits = hits_norm = 0
+        nll = tokens = 0.0
+        n = len(data.prompts)
+        for start in range(0, n, cfg.eval_batch_size):
+            end = min(n, start + cfg.eval_batch_size)
+            scores = score_choices(fm, data.prompts[start:end], data.choices[start:end], data.pad)
+            for i, row in zip(range(start, end), scores, strict=True):
+                answer = data.answers[i]
+                hits += first_best(row) == answer
+                hits_norm += first_best([s / b for s, b in zip(row, data.sizes[i], strict=True)]) == answer
+                nll -= row[answer]
+                tokens += len(data.choices[i][answer])
+        acc, mean = hits / max(n, 1), nll / max(tokens, 1.0)
+        return {"accuracy": acc, "mc_accuracy": acc, "mc_accuracy_norm": hits_norm / max(n, 1), "loss": mean,
+                "perplexity": math.exp(min(mean, 50.0)), "eval_examples": n}

@@ -1,0 +1,101 @@
+"""Multiple-choice data (jsonl, MMLU's CSV, label words) and the answer metrics, by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedlora.data.instructions import load_instructions
+from fedlora.errors import UserError
+from fedlora.tasks import ANSWER_METRICS
+from fedlora.tasks.answers import answer_metric
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_jsonl_questions_with_an_index_or_a_letter(tmp_path):
+    spec = _jsonl(tmp_path / "mc.jsonl", [
+        {"question": "2+2?", "choices": ["3", "4", "five"], "answer": 1},
+        {"question": "Sky?", "choices": ["blue", "green"], "answer": "A"},
+        {"question": "Odd?", "choices": ["1", "2", "4", "6"], "answer": "0"}])
+    ds = load_instructions(spec, "text", "label", "Q: {text}")
+    assert ds.texts == ["Q: 2+2?", "Q: Sky?", "Q: Odd?"]                 # the template around the question
+    assert ds.choices == [["3", "4", "five"], ["blue", "green"], ["1", "2", "4", "6"]]
+    assert ds.labels == [1, 0, 0] and ds.responses == ["4", "blue", "1"]  # what --task sft trains on
+    assert ds.label_names == ["A", "B", "C", "D"]
+
+
+@pytest.mark.parametrize("header", [True, False], ids=["header", "no-header"])
+def test_mmlu_csv_with_or_without_its_header(tmp_path, header):
+    path = tmp_path / "mmlu.csv"
+    lines = ['"What is 2, plus 2?",3,4,5,6,B', "Largest planet?,Mars,Venus,Jupiter,Earth,C"]
+    path.write_text("\n".join((["question,A,B,C,D,answer"] if header else []) + lines) + "\n")
+    ds = load_instructions(str(path), "text", "label")
+    assert ds.texts == ["What is 2, plus 2?", "Largest planet?"]
+    assert ds.choices == [["3", "4", "5", "6"], ["Mars", "Venus", "Jupiter", "Earth"]]
+    assert ds.labels == [1, 2] and ds.responses == ["4", "Jupiter"]
+
+
+def test_label_words_become_the_choices(tmp_path):
+    tsv = tmp_path / "sst.tsv"
+    tsv.write_text("label\tsentence\n1\tgood film\n0\tdull plot\n")
+    ds = load_instructions(str(tsv), "sentence", "label", "Review: {text}", "0=negative,1=positive")
+    assert ds.choices == [["negative", "positive"]] * 2 and ds.labels == [1, 0]
+    assert ds.subset([1]).choices == [["negative", "positive"]]      # a split keeps them
+    pairs = load_instructions(_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi", "response": "hello"}]),
+                              "text", "label")
+    assert pairs.choices is None                                     # free-form responses have none
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"question": "q", "choices": "a or b", "answer": 0}, "row 1: 'choices' must be a list of 2 to 26"),
+    ({"question": "q", "choices": ["a"], "answer": 0}, "row 1: 'choices' must be a list of 2 to 26"),
+    ({"question": "q", "choices": ["a", ""], "answer": 0}, "row 1: choice 2 is empty"),
+    ({"question": "q", "choices": ["a", "b", "c", "d"], "answer": 4},
+     "row 1: answer 4 is not among its 4 choices; give the right choice's index (0-3) or letter (A-D)"),
+    ({"question": "q", "choices": ["a", "b"], "answer": "E"}, "row 1: answer 'E' is not among its 2 choices"),
+    ({"question": "q", "choices": ["blue", "red"], "answer": "blue"},
+     "row 1: answer 'blue' is not among its 2 choices"),
+], ids=["not-a-list", "one-choice", "empty-choice", "index-outside", "letter-outside", "text"])
+def test_bad_multiple_choice_rows_are_refused(tmp_path, row, message):
+    with pytest.raises(UserError, match="mc.jsonl " + message.replace("(", r"\(").replace(")", r"\)")):
+        load_instructions(_jsonl(tmp_path / "mc.jsonl", [row]), "text", "label")
+
+
+def test_bad_mmlu_lines_are_refused(tmp_path):
+    path = tmp_path / "mmlu.csv"
+    path.write_text("q1,a,b,c,d,A\nq2,a,b,c,E\n")
+    with pytest.raises(UserError, match="mmlu.csv line 2 has 5 fields, not 6"):
+        load_instructions(str(path), "text", "label")
+    path.write_text("q1,a,b,c,d,A\nq2,a,b,c,d,E\n")
+    with pytest.raises(UserError, match="mmlu.csv line 2: answer 'E' is not among its 4 choices"):
+        load_instructions(str(path), "text", "label")
+
+
+def test_rouge_l_f1_by_hand():
+    # Lin (2004)'s example: LCS("police killed the gunman", "police kill the gunman") = police the gunman
+    rouge = ANSWER_METRICS["rouge-l"]
+    assert rouge.score("police kill the gunman", "police killed the gunman") == pytest.approx(3 / 4)
+    # LCS = "the gunman": P = R = 2/4
+    assert rouge.score("the gunman kill police", "police killed the gunman") == pytest.approx(1 / 2)
+    # unequal lengths: LCS = the cat sat (3); P = 3/6, R = 3/3, F = 2·(1/2)·1 / (3/2) = 2/3
+    assert rouge.score("The big cat sat down today.", "the cat sat") == pytest.approx(2 / 3)
+    assert rouge.score("dog", "the cat sat") == 0.0
+    assert rouge.mean(["police kill the gunman", "dog"], ["police killed the gunman", "cat"]) == \
+        pytest.approx(3 / 8)
+
+
+def test_exact_and_contains_compare_normalized_answers():
+    exact, contains = ANSWER_METRICS["exact"], ANSWER_METRICS["contains"]
+    assert exact.score(" Positive.\n", "positive") == 1.0 and exact.score("very positive", "positive") == 0.0
+    assert contains.score("The review is  POSITIVE!", "positive") == 1.0
+    assert contains.score("negative", "positive") == 0.0
+    assert (exact.column, contains.column, ANSWER_METRICS["rouge-l"].column) == \
+        ("answer_accuracy", "answer_contains", "rouge_l")
+    # the default: exact for closed-set answers, ROUGE-L for free-form ones
+    assert answer_metric("auto", True).name == "exact" and answer_metric("auto", False).name == "rouge-l"
+    assert answer_metric("contains", True).name == "contains"

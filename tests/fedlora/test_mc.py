@@ -1,0 +1,121 @@
+"""--eval mc: choices scored from one prefill equal a direct computation; acc and acc_norm by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fedlora.data.loading import TextDataset
+from fedlora.errors import UserError
+from fedlora.job.schema import JobConfig
+from fedlora.models.model import AdapterConfig, FederatedModel
+from fedlora.models.state import apply_global
+from fedlora.strategies import GlobalState
+from fedlora.tasks import choice as choice_module
+from fedlora.tasks import get_task
+from fedlora.tasks.decode import score_choices
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tiny_chat_llama_dir):
+    return AutoTokenizer.from_pretrained(tiny_chat_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def fm(tiny_chat_llama_dir):
+    """The tiny chat LLaMA with random (nonzero) adapters on every linear layer."""
+    config = AdapterConfig(ranks=[4], alpha=8.0, target_modules=["all-linear"], train_head=False)
+    model = FederatedModel(AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir), config)
+    g = torch.Generator().manual_seed(3)
+    factors = {n: (torch.randn(4, m.lora_A.shape[2], generator=g),
+                   torch.randn(m.lora_B.shape[1], 4, generator=g)) for n, m in model.adapters.items()}
+    apply_global(model, GlobalState(factors=factors, scale=2.0), {})
+    return model
+
+
+def _mc(**kw) -> JobConfig:
+    return JobConfig(task="sft", model="unused", eval="mc", **{"max_length": 64, **kw})
+
+
+@torch.no_grad()
+def _direct(fm, prompt: list[int], choice: list[int]) -> float:
+    """log p(choice | prompt) from one forward pass over the whole row, token by token."""
+    logp = torch.log_softmax(fm(input_ids=torch.tensor([prompt + choice])).logits[0].float(), dim=-1)
+    return sum(float(logp[len(prompt) - 1 + t, c]) for t, c in enumerate(choice))
+
+
+def test_choices_from_one_prefill_equal_each_choice_scored_alone(fm, chat_tok, tmp_path):
+    # Prepare: questions of different lengths with 2-4 choices of 1 to 5 tokens
+    rows = [{"question": "a rather long question about the plot of a film", "choices":
+             ["yes", "no way at all", "maybe so"], "answer": 2},
+            {"question": "short", "choices": ["great film", "dull"], "answer": "A"},
+            {"question": "which word", "choices": ["one", "two words", "three words here", "four"],
+             "answer": 3}]
+    spec = tmp_path / "mc.jsonl"
+    spec.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task, cfg = get_task("sft"), _mc(prompt_template="Q: {text}", eval_batch_size=2)
+    data = task.eval_set(chat_tok, task.load(str(spec), cfg), cfg)
+    assert len({len(c) for row in data.choices for c in row}) > 2       # choices of unequal token length
+    # the prompt as --task sft renders it (chat template, template), the choice alone after it
+    short = data.prompts[0]
+    assert short == chat_tok("user: Q: short [SEP] assistant:", add_special_tokens=False)["input_ids"]
+    assert data.choices[0][0] == chat_tok("great film", add_special_tokens=False)["input_ids"]
+    # Execute: one batch of every row (left-padded prompts, choices from the prompts' cache)
+    got = score_choices(fm, data.prompts, data.choices, chat_tok.pad_token_id)
+    # Assert: each equals the choice scored alone after its prompt
+    want = [[_direct(fm, p, c) for c in row] for p, row in zip(data.prompts, data.choices, strict=True)]
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, rel=1e-5, abs=1e-5)
+    # and evaluate (batches of 2) reports what the direct scores give
+    metrics = task.evaluate(fm, data, cfg)
+
+    def best(values):
+        return max(range(len(values)), key=values.__getitem__)
+
+    answers = data.answers
+    assert metrics["mc_accuracy"] == sum(best(w) == a for w, a in zip(want, answers, strict=True)) / 3
+    normed = [[x / b for x, b in zip(w, size, strict=True)] for w, size in zip(want, data.sizes, strict=True)]
+    assert metrics["mc_accuracy_norm"] == sum(best(w) == a for w, a in zip(normed, answers, strict=True)) / 3
+    assert metrics["accuracy"] == metrics["mc_accuracy"] and metrics["eval_examples"] == 3
+    nll = -sum(w[a] for w, a in zip(want, answers, strict=True))
+    tokens = sum(len(row[a]) for row, a in zip(data.choices, answers, strict=True))
+    assert metrics["loss"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert task.headline(data) == "mc_accuracy"
+
+
+def test_accuracy_and_length_normalised_accuracy_by_hand(chat_tok, monkeypatch):
+    # Prepare: three questions whose choice scores are given; sizes are UTF-8 bytes ("éé" is 4, not 2)
+    ds = TextDataset(["q0", "q11", "q222"], [1, 0, 0], ["A", "B"], None,
+                     [["a", "bbbb"], ["xx", "y"], ["éé", "abc"]])
+    scores = {"q0": [-2.0, -4.0],        # acc: a (wrong);  norm: -2/1 < -4/4, bbbb (right)
+              "q11": [-1.0, -1.0],       # a tie: the first (right); norm: -1/2 > -1/1 (right)
+              "q222": [-4.0, -3.3]}      # acc: abc (wrong); norm: -4/4 > -3.3/3 (right; per character: wrong)
+    task, cfg = get_task("sft"), _mc(eval_batch_size=8)
+    data = task.eval_set(chat_tok, ds, cfg)
+
+    def fake(fm, prompts, choices, pad):
+        return [scores[next(q for q in scores if q in chat_tok.decode(p).split())] for p in prompts]
+
+    monkeypatch.setattr(choice_module, "score_choices", fake)
+    # Execute
+    got = task.evaluate(None, data, cfg)
+    # Assert: acc 1/3, acc_norm 3/3; loss: the right choices' nll over their tokens
+    assert got["mc_accuracy"] == pytest.approx(1 / 3) and got["mc_accuracy_norm"] == 1.0
+    tokens = [len(chat_tok(c, add_special_tokens=False)["input_ids"]) for c in ("bbbb", "xx", "éé")]
+    assert got["loss"] == pytest.approx((4.0 + 1.0 + 4.0) / sum(tokens))
+
+
+def test_mc_refusals_and_long_prompts(chat_tok, capsys):
+    task = get_task("sft")
+    free = TextDataset(["hi"], None, [], ["hello"])
+    with pytest.raises(UserError, match="--eval mc needs choices for every held-out example"):
+        task.eval_set(chat_tok, free, _mc())
+    ds = TextDataset([" ".join(["word"] * 40), "short"], [0, 1], ["A", "B"], None, [["yes", "no"]] * 2)
+    data = task.eval_set(chat_tok, ds, _mc(max_length=16))
+    assert max(len(p) for p in data.prompts) == 15             # 16 minus the longest choice's one token
+    assert "1 of 2 multiple-choice prompts exceed --max-length 16" in capsys.readouterr().err
+    with pytest.raises(UserError, match="a choice alone has 3 tokens, more than --max-length 2"):
+        task.eval_set(chat_tok, TextDataset(["q"], [0], ["A"], None, [["a b c", "d"]]), _mc(max_length=2))

@@ -1,0 +1,85 @@
+"""``fedlora-plan``: presets, ``--memory`` sizes, the printed plan and table, one-line refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedlora.job.schema import JobConfig
+from fedlora.plan.cli import main, parse_memory
+from fedlora.plan.memory import plan_memory
+from fedlora.plan.presets import PRESETS
+from fedlora.plan.shape import build_shape
+from fedlora.strategies import STRATEGIES
+
+
+@pytest.mark.parametrize("preset, billions", [("llama-3.1-8b", 8.03), ("mistral-7b", 7.25),
+                                              ("qwen2.5-7b", 7.62), ("smollm2-1.7b", 1.71)])
+def test_presets_have_the_published_parameter_counts(preset, billions):
+    shape = build_shape(JobConfig(model=preset, task="sft", rank=16))
+    assert sum(t.numel for t in shape.base) / 1e9 == pytest.approx(billions, abs=0.005)
+    assert set(PRESETS) == {"llama-3.1-8b", "mistral-7b", "qwen2.5-7b", "smollm2-1.7b"}
+
+
+@pytest.mark.parametrize("text, expected", [("24GB", 24 * 10**9), ("80GiB", 80 * 2**30), ("1.5 TB", 1.5e12),
+                                            ("512MiB", 2**29), ("1000", 1000)])
+def test_memory_sizes(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "llama-9b"], "no model or planner preset called 'llama-9b': pass a local folder, a .gguf"
+                              " file, 'minilm', 'smollm2' or a preset (llama-3.1-8b, mistral-7b, qwen2.5-7b,"
+                              " smollm2-1.7b)"),
+    (["--model", "llama-3.1-8b", "--task", "sft", "--memory", "24XB"],
+     "--memory takes sizes like 24GB or 80GiB, got '24XB'"),
+    (["--model", "llama-3.1-8b", "--task", "sft", "--memory", "8GB,0GB"], "--memory takes sizes like 24GB"),
+    (["--model", "llama-3.1-8b", "--task", "sft", "--response-tokens", "0"], "--response-tokens must be ≥ 1"),
+    (["--model", "llama-3.1-8b", "--task", "sft"], "a preset has none: pass --max-length (e.g. 512)"),
+])
+def test_bad_input_is_one_line_exit_2(argv, message, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_plan_of_a_folder_prints_memory_and_every_strategys_traffic(tiny_llama_dir, tmp_path, capsys):
+    # Execute
+    out = tmp_path / "plan.json"
+    assert main(["--model", str(tiny_llama_dir), "--task", "causal-lm", "--rank", "4", "--batch-size", "2",
+                 "--max-length", "16", "--num-clients", "3", "--rounds", "2", "--memory", "1GB,80GiB",
+                 "--json", str(out)]) == 0
+    # Assert: the memory table, what fits, a traffic row per strategy, and the same in the JSON
+    text = capsys.readouterr().out
+    plan = json.loads(out.read_text())["plan"]
+    assert "| **per client** |" in text and "80GiB: at most" in text
+    assert set(plan["traffic"]) == set(STRATEGIES)
+    for name in STRATEGIES:
+        assert f"| `{name}` |" in text
+        assert [r["round"] for r in plan["traffic"][name]] == [0, 1, 2]
+    assert plan["fits"]["80GiB"] > plan["fits"]["1GB"] > 0
+    assert plan["traffic"]["fedavg"][1]["up"] == plan["traffic"]["fedavg"][2]["up"]     # 3 clients' bytes
+    assert plan["traffic"]["ffa-lora"][1]["up"][0] < plan["traffic"]["fedavg"][1]["up"][0]  # B only
+
+
+def test_table_over_models(tiny_llama_dir, tmp_path, capsys):
+    # Execute: the README's table for two models
+    out = tmp_path / "table.json"
+    argv = ["--models", f"llama-3.1-8b,{tiny_llama_dir}", "--task", "sft", "--quantize", "nf4", "--precision",
+            "bf16", "--rank", "16", "--batch-size", "4", "--max-length", "512", "--device", "cuda",
+            "--memory", "8GB,24GB,80GB", "--json", str(out)]
+    assert main(argv) == 0
+    # Assert: one row per model whose numbers are plan_memory's
+    text = capsys.readouterr().out
+    rows = json.loads(out.read_text())["plan"]
+    assert [r["model"] for r in rows] == ["llama-3.1-8b", str(tiny_llama_dir)]
+    assert text.count("| llama-3.1-8b | 8.03B |") == 1
+    cfg = JobConfig(model="llama-3.1-8b", task="sft", quantize="nf4", precision="bf16", rank=16, batch_size=4,
+                    max_length=512, device="cuda")
+    mem = plan_memory(build_shape(cfg), cfg, 128)
+    assert rows[0]["per_client"] == mem.per_client
+    assert rows[0]["fits"]["80GB"][0] == mem.largest_pass(80 * 10**9) >= rows[0]["fits"]["24GB"][0]

@@ -1,0 +1,131 @@
+"""``fedlora-plan``'s memory model on the tiny LLaMA (hidden 32, 2 blocks, vocabulary 30,522).
+
+The base's bytes are computed by hand here and checked against bitsandbytes' own storage; the
+activations' op-by-op count against the tensors a real forward pass keeps for the backward pass
+(counted through ``torch.autograd.graph.saved_tensors_hooks``), never against the code under test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from fedlora.job.schema import JobConfig
+from fedlora.job.setup import build_model
+from fedlora.kernels import Routing
+from fedlora.plan.memory import MemoryPlan, base_bytes, plan_memory, quantized_bytes, saved_bytes
+from fedlora.plan.shape import build_shape
+from fedlora.simulations import engine
+from fedlora.tasks import get_task
+
+#: The tiny LLaMA's block linear layers: q, k, v, o (32 × 32) and gate, up, down (64 × 32), 2 blocks.
+QUANTIZED = 2 * (4 * 32 * 32 + 3 * 64 * 32)
+#: Its other tensors: embeddings and LM head (30,522 × 32, untied), 5 RMSNorms of 32, the rotary
+#: frequencies (inv_freq and original_inv_freq, 8 each).
+OTHER = 2 * 30522 * 32 + 5 * 32 + 2 * 8
+
+
+def _job(model, **kw) -> JobConfig:
+    values = {"model": str(model), "task": "causal-lm", "batch_size": 2, "max_length": 16, "rank": 4}
+    return JobConfig(**{**values, **kw})
+
+
+@pytest.mark.parametrize("quantize, double_quant, precision, expected", [
+    ("none", False, "fp32", 4 * (QUANTIZED + OTHER)),
+    ("none", False, "bf16", 2 * (QUANTIZED + OTHER)),
+    ("nf4", False, "fp32", QUANTIZED // 2 + 4 * QUANTIZED // 64 + 4 * OTHER),        # absmax per 64
+    ("nf4", True, "bf16", QUANTIZED // 2 + QUANTIZED // 64 + 4 * 14 + 2 * OTHER),     # uint8 absmax, and
+                                                                                     # an fp32 per layer
+    ("int8", False, "fp32", QUANTIZED + 4 * 2 * (5 * 32 + 2 * 64) + 4 * OTHER),      # fp32 scale per row
+])
+def test_base_bytes_by_hand(tiny_llama_dir, quantize, double_quant, precision, expected):
+    cfg = _job(tiny_llama_dir, quantize=quantize, double_quant=double_quant, precision=precision)
+    assert base_bytes(build_shape(cfg), cfg) == expected
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_base_bytes_equal_what_bitsandbytes_stores(tiny_llama_dir, quantize):
+    # Prepare: the model as a job loads it, every tensor of it counted (4-bit scales and 8-bit row
+    # scales hang off the packed weights)
+    cfg = _job(tiny_llama_dir, quantize=quantize)
+    fm, _, _ = build_model(cfg, [4], build_shape(cfg).fm.config.plan)
+    base = [t for name, t in fm.named_parameters() if "lora_" not in name]
+    stored = sum(t.numel() * t.element_size() for t in base)
+    stored += sum(t.numel() * t.element_size() for name, t in fm.named_buffers()
+                  if name.rpartition(".")[2] not in ("scale", "rank_mask", "fold_U", "fold_V"))
+    for t in base:
+        state = getattr(t, "quant_state", None)
+        stored += state.absmax.numel() * state.absmax.element_size() if state is not None else 0
+        stored += t.SCB.numel() * t.SCB.element_size() if getattr(t, "SCB", None) is not None else 0
+    # Assert
+    assert base_bytes(build_shape(cfg), cfg) == stored
+
+
+def _kept_for_backward(cfg: JobConfig, response: int) -> int:
+    """Bytes of the distinct storages a real one-client forward keeps for its backward pass."""
+    shape = build_shape(cfg)
+    fm, _, _ = build_model(cfg, [cfg.rank], shape.fm.config.plan)
+    ids = torch.randint(5, 1000, (cfg.batch_size, cfg.max_length), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    if cfg.task == "sft":
+        labels[:, :cfg.max_length - response] = -100
+    task = get_task(cfg.task)
+    params = {t.untyped_storage().data_ptr() for t in [*fm.parameters(), *fm.buffers()]}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    fm.train()
+    positions = task.logit_positions(labels)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        out = fm(routing=Routing.segments(torch.tensor([0]), cfg.batch_size), positions=positions,
+                 input_ids=ids, attention_mask=torch.ones_like(ids))
+        task.loss_sums(out.logits, labels, positions).sum()
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("task, precision, targets", [
+    ("causal-lm", "fp32", None), ("sft", "fp32", ["all-linear"]), ("sft", "bf16", None),
+    ("causal-lm", "bf16", ["all-linear"]),
+])
+def test_saved_activations_match_a_real_forward(tiny_llama_dir, task, precision, targets):
+    cfg = _job(tiny_llama_dir, task=task, precision=precision, target_modules=targets)
+    planned = saved_bytes(build_shape(cfg), cfg, 3, checkpointing=False)
+    assert planned == pytest.approx(_kept_for_backward(cfg, 3), rel=0.02)
+
+
+def test_largest_pass_arithmetic():
+    mem = MemoryPlan(base=10_000, shared=500, transient=1_500, adapter=100, gradients=100, optimizer=200,
+                     activations=600, activations_other=50, dp=1_000)
+    assert mem.per_client == 1_000 and mem.fixed == 12_000
+    assert mem.pass_bytes(3) == 15_000
+    assert mem.largest_pass(15_000) == 3 and mem.largest_pass(14_999) == 2
+    assert mem.largest_pass(12_999) == 0 and mem.largest_pass(5_000) == 0     # the base alone does not fit
+    mem.dp_on = True                                                           # --dp sample adds its extra
+    assert mem.per_client == 2_000 and mem.largest_pass(15_000) == 1
+
+
+def test_quantized_bytes_of_one_layer():
+    assert quantized_bytes(4096 * 4096, 4096, "nf4", False) == 4096 * 4096 // 2 + 4 * 4096 * 4096 // 64
+    assert quantized_bytes(128, 2, "fp4", True) == 64 + 2 + 4
+    assert quantized_bytes(128, 2, "int8", False) == 128 + 8
+
+
+def test_gpu_pass_size_comes_from_the_plan(tiny_llama_dir, monkeypatch):
+    # Prepare: a "GPU" with 1 GB free (the planner's estimate needs no real one)
+    cfg = JobConfig(model=str(tiny_llama_dir), task="causal-lm", batch_size=2, max_length=32, device="cuda")
+    mem = plan_memory(build_shape(cfg), cfg, 8)
+    monkeypatch.setattr(engine.torch.cuda, "mem_get_info", lambda device: (10**9, 10**9))
+    # Execute / Assert: as many clients as the plan fits in 80% of it
+    expected = mem.largest_pass(int(engine.GPU_MEMORY_SHARE * 10**9))
+    assert 1 < expected < 100
+    assert engine.pass_size(cfg, 100) == expected
+    assert engine.pass_size(cfg, 2) == 2

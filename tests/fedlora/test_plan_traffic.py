@@ -1,0 +1,72 @@
+"""``fedlora-plan``'s bytes per client per round equal the simulator's rows, for every strategy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedlora.job.schema import JobConfig
+from fedlora.plan.shape import build_shape
+from fedlora.plan.traffic import plan_traffic, record_bytes
+from fedlora.rounds.wire import tensor_bytes
+from fedlora.simulations.engine import run
+from fedlora.strategies import STRATEGIES
+
+#: Per strategy, what makes its traffic uneven: folds a client missed (3 rounds, 2 of 4 clients a
+#: round), mixed ranks, a first download of shared or kept factors, Fed-SB's sketches in round 0.
+EXTRA = {"flora": {"ranks": [2, 4, 3, 4], "rounds": 3}, "fedex-lora": {"rounds": 3},
+         "flexlora": {"ranks": [2, 4, 3, 4]}, "fedsa-lora": {"personal_test_fraction": 0.25}}
+
+
+@pytest.mark.parametrize("tensors", [
+    {},
+    {"layer.lora_A": torch.randn(4, 32), "layer.lora_B": torch.randn(32, 4)},
+    {f"model.layers.{i}.self_attn.q_proj.lora_A": torch.randn(16, 300) for i in range(40)},
+    {"big": torch.randn(2_700_000), "small": torch.randn(7), "head.bias": torch.randn(3, dtype=torch.float64),
+     "steps": torch.arange(5)},                                                   # 3 chunks, 3 dtypes
+], ids=["empty", "one-layer", "forty-layers", "chunks-and-dtypes"])
+def test_record_bytes_from_shapes_equal_the_serialized_record(tensors):
+    assert record_bytes(tensors) == tensor_bytes(tensors)
+
+
+def _job(model, data, strategy: str) -> JobConfig:
+    values = dict(strategy=strategy, model=str(model), data=str(data), task="causal-lm", num_clients=4,
+                  clients_per_round=2, rounds=2, local_steps=1, batch_size=2, rank=4, max_length=16,
+                  eval_max=2, lr=1e-3, target_modules=["all-linear"], seed=1)
+    return JobConfig(**{**values, **EXTRA.get(strategy, {})})
+
+
+@pytest.fixture(scope="module")
+def simulated(tiny_llama_dir, tmp_path_factory):
+    """Every strategy's rows, each from one short simulation of the tiny LLaMA (on one thread: a
+    32-wide model gains nothing from two, and loses much when other processes hold the cores)."""
+    tmp = tmp_path_factory.mktemp("plan-traffic")
+    data = tmp / "lm.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the cat sat on mat number {i}"}) + "\n" for i in range(40)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {name: (_job(tiny_llama_dir, data, name), run(_job(tiny_llama_dir, data, name), tmp / name))
+                for name in sorted(STRATEGIES)}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_planned_bytes_equal_the_simulators(simulated, strategy):
+    # Prepare: the simulator's rows, and the planner's replay of the same job on the meta-device model
+    cfg, rows = simulated[strategy]
+    shape = build_shape(cfg)
+    # Execute
+    plan = plan_traffic(cfg, shape.layers, shape.heads)
+    # Assert: every round (0 = initialisation), every client, both ways, to the byte
+    assert [p.round for p in plan] == [r["round"] for r in rows]
+    assert [p.up for p in plan] == [r["bytes_up_per_client"] for r in rows]
+    assert [p.down for p in plan] == [r["bytes_down_per_client"] for r in rows]
+    assert [p.clients for p in plan[1:]] == [r["client_ids"] for r in rows[1:]]
+    if strategy == "fed-sb":   # round 0 is the sketched initialisation
+        assert plan[0].up and min(plan[0].up) > 0
+    if strategy == "flora":    # a client that missed a round's fold is sent it: downloads differ
+        assert len(set(plan[3].down)) > 1

@@ -1,0 +1,148 @@
+"""fedlora-eval reproduces a run's metrics from its exported adapter (and the base, round 0's);
+--eval mc and --metric in a run's rows; one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from fedlora.simulations.cli import main as sim
+from fedlora.simulations.evaluate import main as evaluate
+
+pytestmark = pytest.mark.slow  # runs the CLIs end to end
+
+#: The data and model flags a run and fedlora-eval share.
+SHARED = ["--task", "sft", "--text-column", "sentence", "--label-words", "0=negative,1=positive",
+          "--prompt-template", "Review: {text}", "--max-length", "24", "--eval-batch-size", "8"]
+
+
+def _run(model, data, out, *extra):
+    argv = [*SHARED, "--model", str(model), "--data", str(data), "--out", str(out), "--num-clients", "3",
+            "--rounds", "1", "--local-steps", "2", "--batch-size", "4", "--rank", "4", "--quiet", *extra]
+    assert sim(argv) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_chat_llama_dir, sentiment_tsv, tmp_path_factory):
+    """A 1-round run scored as multiple choice, and one scored by generated answers (ROUGE-L)."""
+    root = tmp_path_factory.mktemp("eval-runs")
+    return {"mc": (root / "mc", _run(tiny_chat_llama_dir, sentiment_tsv, root / "mc", "--eval", "mc")),
+            "generate": (root / "gen", _run(tiny_chat_llama_dir, sentiment_tsv, root / "gen",
+                                            "--metric", "rouge-l"))}
+
+
+def test_rows_name_their_headline_metric(runs):
+    for row in runs["mc"][1]:
+        assert row["metric"] == "mc_accuracy" and row["accuracy"] == row["mc_accuracy"]
+        assert 0 <= row["mc_accuracy_norm"] <= 1 and row["eval_examples"] == 24
+        assert "answer_accuracy" not in row
+    for row in runs["generate"][1]:
+        assert row["metric"] == "rouge_l" and row["accuracy"] == row["rouge_l"]
+        assert 0 <= row["answer_accuracy"] <= 1                          # exact match, beside it
+
+
+@pytest.mark.parametrize("kind", ["mc", "generate"])
+def test_eval_reproduces_the_runs_last_round_and_the_base_its_round_0(runs, tiny_chat_llama_dir,
+                                                                     sentiment_tsv, tmp_path, capsys, kind):
+    # Prepare: the run's folder and rows
+    folder, rows = runs[kind]
+    extra = ["--eval", "mc"] if kind == "mc" else ["--metric", "rouge-l"]
+    # Execute: the base and the run's adapter on the run's held-out split (same --data, --seed)
+    code = evaluate([*SHARED, "--model", str(tiny_chat_llama_dir), "--data", str(sentiment_tsv), *extra,
+                     "--base", "--adapter", str(folder / "adapter"), "--out", str(tmp_path / "e"), "--quiet"])
+    # Assert: the run's figures exactly; one table on stdout; eval.json
+    assert code == 0
+    got = json.loads((tmp_path / "e" / "eval.json").read_text())["results"]
+    assert [r["model"] for r in got] == ["base", str(folder / "adapter")]
+    keys = ["metric", "accuracy", "loss", "perplexity", "eval_examples",
+            *(["mc_accuracy", "mc_accuracy_norm"] if kind == "mc" else ["answer_accuracy", "rouge_l"])]
+    for scored, row in zip(got, [rows[0], rows[-1]], strict=True):
+        assert {k: scored[k] for k in keys} == {k: row[k] for k in keys}
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith(f"| model | {rows[0]['metric']} |") and len(table) == 4
+
+
+def test_eval_reproduces_a_classification_run_with_its_head(tiny_bert_dir, tiny_csv, tmp_path):
+    # Prepare: a 1-round classification run (its adapter carries the trained head)
+    job = ["--model", str(tiny_bert_dir), "--data", str(tiny_csv), "--max-length", "16"]
+    assert sim([*job, "--num-clients", "2", "--rounds", "1", "--local-steps", "3", "--out",
+                str(tmp_path / "run"), "--quiet"]) == 0
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    # Execute
+    assert evaluate([*job, "--adapter", str(tmp_path / "run" / "adapter"), "--out", str(tmp_path / "e"),
+                     "--quiet"]) == 0
+    # Assert: the run's accuracy and loss, from the adapter's factors and head
+    (got,) = json.loads((tmp_path / "e" / "eval.json").read_text())["results"]
+    assert {k: got[k] for k in ("metric", "accuracy", "loss", "eval_examples")} == \
+        {k: last[k] for k in ("metric", "accuracy", "loss", "eval_examples")}
+
+
+def test_eval_on_a_test_file_alone(runs, tiny_chat_llama_dir, tmp_path, capsys):
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("label\tcontent\n" + "".join(f"{i % 2}\t{'great' if i % 2 else 'awful'} film {i}\n"
+                                                for i in range(12)))
+    code = evaluate([*SHARED, "--model", str(tiny_chat_llama_dir), "--test-data", str(dev),
+                     "--test-text-column", "content", "--eval", "mc", "--eval-max", "10",
+                     "--out", str(tmp_path / "e"), "--quiet"])
+    assert code == 0
+    (base,) = json.loads((tmp_path / "e" / "eval.json").read_text())["results"]
+    assert base["model"] == "base" and base["eval_examples"] == 10 and base["metric"] == "mc_accuracy"
+
+
+def _renamed(adapter, tmp_path):
+    """A copy of ``adapter`` whose first layer is renamed to one the model lacks."""
+    bad = tmp_path / "renamed"
+    shutil.copytree(adapter, bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    layer = next(k for k in tensors if k.endswith(".lora_A.weight")).removesuffix(".lora_A.weight")
+    ghost = "base_model.model.model.layers.7.self_attn.q_proj"
+    tensors = {k.replace(layer, ghost): v for k, v in tensors.items()}
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    return bad
+
+
+BAD = [
+    ("classification", "--eval mc scores answers by a causal language model's log-likelihood, and --task"
+                       " classification is a sequence-classification model"),
+    ("metric", "--metric rouge-l scores generated answers, and --eval mc generates none: drop --metric"),
+    ("no-choices", "--eval mc needs choices for every held-out example"),
+    ("outside", "mc.jsonl row 3: answer 7 is not among its 2 choices"),
+    ("other-base", "was trained on"),
+    ("other-targets", "its target module model.layers.7.self_attn.q_proj"),
+]
+
+
+@pytest.mark.parametrize("case, message", BAD, ids=[case for case, _ in BAD])
+def test_bad_input_is_one_line(runs, tiny_chat_llama_dir, tiny_llama_dir, tiny_bert_dir, tiny_csv, tmp_path,
+                               capsys, case, message):
+    # Prepare: one bad input per case
+    adapter = runs["mc"][0] / "adapter"
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "ok"}) + "\n" for i in range(10)))
+    mc = tmp_path / "mc.jsonl"
+    rows = [{"question": f"q{i}", "choices": ["a", "b"], "answer": 7 if i == 2 else 0} for i in range(10)]
+    mc.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["--task", "sft", "--model", str(tiny_chat_llama_dir), "--out", str(tmp_path / "o"), "--quiet"]
+    command, argv = {
+        "classification": (sim, ["--model", str(tiny_bert_dir), "--data", str(tiny_csv), "--eval", "mc",
+                                 "--out", str(tmp_path / "o")]),
+        "metric": (sim, [*base, "--data", str(pairs), "--eval", "mc", "--metric", "rouge-l"]),
+        "no-choices": (evaluate, [*base, "--test-data", str(pairs), "--eval", "mc", "--max-length", "24"]),
+        "outside": (sim, [*base, "--data", str(mc), "--eval", "mc", "--max-length", "24"]),
+        "other-base": (evaluate, [*base, "--model", str(tiny_llama_dir), "--test-data", str(mc), "--eval",
+                                  "mc", "--adapter", str(adapter)]),
+        "other-targets": (evaluate, [*base, "--test-data", str(mc), "--eval", "mc",
+                                     "--adapter", str(_renamed(adapter, tmp_path))]),
+    }[case]
+    # Execute
+    code = command(argv)
+    # Assert: exit 2, one line naming what is wrong; nothing written
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()
+    if case == "other-base":  # names both: the adapter's base and --model's
+        assert str(tiny_chat_llama_dir) in err[0] and str(tiny_llama_dir) in err[0]
