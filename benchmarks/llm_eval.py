@@ -8,8 +8,9 @@
   ``benchmarks/llm_sft.py`` (:data:`PROMPT`) in SmolLM2's chat template; lm-eval-harness' ``acc``
   and ``acc_norm`` (``mc_accuracy``, ``mc_accuracy_norm``).
 * ``bbcnews-mc`` (:func:`bbcnews_mc`): the same on BBC News' held-out split (445 articles of
-  ``--data bbcnews-instruct``, ``--seed 0 --test-fraction 0.2``, as every BBC run holds out), its
-  five categories as the choices; ``--max-length 2048`` keeps all but the longest articles whole.
+  ``--data bbcnews-instruct``, ``--seed 0 --test-fraction 0.2``, as every BBC run holds out; each
+  prompt holds the article's lead), its five categories as the choices; ``--max-length 256``
+  cuts no prompt.
 
 ``--adapter`` scores adapters exported by runs on SmolLM2 beside the base. Each study runs
 ``fedlora-eval`` in this process, into ``OUT/<study>/``, and returns the command it ran and the
@@ -79,7 +80,7 @@ def bbcnews_mc(args: argparse.Namespace) -> dict:
     """BBC News' held-out split as multiple choice over its five categories, zero-shot."""
     return score("bbcnews-mc", ["--task", "sft", "--model", "smollm2", "--eval", "mc",
                                 "--data", "bbcnews-instruct", "--seed", "0", "--test-fraction", "0.2",
-                                "--max-length", "2048", "--eval-batch-size", "4"], args)
+                                "--max-length", "256", "--eval-batch-size", "16"], args)
 
 
 STUDIES = {"sst2-mc": sst2_mc, "bbcnews-mc": bbcnews_mc}
