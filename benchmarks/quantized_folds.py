@@ -29,12 +29,8 @@ import torch
 
 from fedlora.models.export import export_peft
 from fedlora.models.hub import load_model
-from fedlora.rounds import loop
-from fedlora.rounds.coordinator import Coordinator
-from fedlora.rounds.sink import RunFolder
-from fedlora.simulations.batched import BatchedTransport
 from fedlora.simulations.cli import build_parser, check_args
-from fedlora.simulations.engine import build_job
+from fedlora.simulations.engine import train
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 PROMPT = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: {text}"
@@ -64,9 +60,9 @@ def one(args: argparse.Namespace, strategy: str) -> str:
 
     out = args.out / strategy
     t0 = time.perf_counter()
-    job = build_job(check_args(build_parser().parse_args([*flags(args, strategy), "--out", str(out)])))
-    coord = Coordinator(job.cfg, job.strategy, job.fm, job.test, job.public)
-    rows = loop.run(coord, BatchedTransport(job, coord, None), RunFolder(out), None)
+    cfg = check_args(build_parser().parse_args([*flags(args, strategy), "--out", str(out)]))
+    job, coord = train(cfg, out)
+    rows = coord.rows
     seconds = time.perf_counter() - t0
     errors = [r["agg_error"] for r in rows[1:]]
     ranks = sorted({int(layer.fold_U.shape[1]) for layer in job.fm.adapters.values()})

@@ -65,12 +65,13 @@ def roots(phrases: Sequence[str]) -> list[int]:
     return kept
 
 
-def split_by_source(phrases: Sequence[str], fractions: dict[str, float],
-                    seed: int) -> tuple[dict[str, list[int]], list[int]]:
+def split_by_source(phrases: Sequence[str], fractions: dict[str, float], seed: int,
+                    top: list[int] | None = None) -> tuple[dict[str, list[int]], list[int]]:
     """``({part: row indices}, dropped)``: the roots dealt by ``fractions`` (of the roots; the
     remainder is ``private``), then every phrase to the one part whose roots contain it
-    (``dropped``: the phrases inside roots of two or more parts)."""
-    top = roots(phrases)
+    (``dropped``: the phrases inside roots of two or more parts). ``top``: :func:`roots` of
+    ``phrases``, when the caller has them."""
+    top = list(roots(phrases) if top is None else top)
     random.Random(seed).shuffle(top)
     owner: dict[str, list[int]] = {}
     start = 0
@@ -120,8 +121,9 @@ def split_file(src: Path, out: Path, fractions: dict[str, float], seed: int = 0,
     header, *rows = Path(src).read_text().splitlines()
     col = header.split("\t").index(text_column)
     phrases = [r.split("\t")[col] for r in rows]
+    top = roots(phrases) if by == "source" else None
     if by == "source":
-        parts, dropped = split_by_source(phrases, fractions, seed)
+        parts, dropped = split_by_source(phrases, fractions, seed, top)
     elif by == "random":
         parts, dropped = split_random(len(rows), fractions, seed), []
     else:
@@ -131,7 +133,7 @@ def split_file(src: Path, out: Path, fractions: dict[str, float], seed: int = 0,
         paths[part].write_text("\n".join([header, *(rows[i] for i in sorted(idx))]) + "\n")
     sizes = {part: len(idx) for part, idx in parts.items()}
     record.write_text(json.dumps({**meta, "rows": sizes, "dropped": len(dropped),
-                                  "roots": len(roots(phrases)) if by == "source" else None}, indent=1) + "\n")
+                                  "roots": None if top is None else len(top)}, indent=1) + "\n")
     return paths
 
 

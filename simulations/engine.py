@@ -110,11 +110,12 @@ def pass_size(cfg: JobConfig, clients: int, num_labels: int = 2) -> int:
     return max(1, min(clients, fits))
 
 
-def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = None,
-        on_round: Callable[[dict], None] | None = None,
-        schedule: Callable[[int], list[int]] | None = None) -> list[dict]:
-    """Run the job, append one JSON line per round to ``out_dir/metrics.jsonl``,
-    export the final adapter to ``out_dir/adapter``. Returns the metric rows.
+def train(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = None,
+          on_round: Callable[[dict], None] | None = None,
+          schedule: Callable[[int], list[int]] | None = None) -> tuple[Job, Coordinator]:
+    """Run the job's rounds, one JSON line per round in ``out_dir/metrics.jsonl``. Returns
+    ``(job, coordinator)``: the job's model is then the global one, the coordinator holds the
+    state and the rows.
 
     ``schedule``: round -> its clients, in place of ``cfg.sampled`` (to replay the participation
     of a deployed run, whose clients may have died: ``benchmarks/load.py``)."""
@@ -124,6 +125,14 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
     sink.begin(cfg)
     coord = Coordinator(cfg, job.strategy, job.fm, job.test, job.public)
     loop.run(coord, BatchedTransport(job, coord, on_step), sink, schedule, started=t0)
+    return job, coord
+
+
+def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = None,
+        on_round: Callable[[dict], None] | None = None,
+        schedule: Callable[[int], list[int]] | None = None) -> list[dict]:
+    """:func:`train`, then export the final adapter to ``out_dir/adapter``. Returns the metric rows."""
+    job, coord = train(cfg, out_dir, on_step, on_round, schedule)
     export_peft(coord.state, list(job.fm.adapters), out_dir / "adapter", job.model_path,
                 job.task.peft_task_type, list(job.fm.heads))
     return coord.rows

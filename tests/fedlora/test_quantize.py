@@ -19,7 +19,8 @@ from fedlora.models.hub import load_model
 from fedlora.models.lora import BatchedLoRALinear, Router, linear_shape
 from fedlora.models.model import AdapterConfig, FederatedModel
 from fedlora.models.state import exact_global
-from fedlora.simulations.cli import main
+from fedlora.simulations.cli import build_parser, check_args, main
+from fedlora.simulations.engine import train
 from fedlora.strategies import GlobalState
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -168,17 +169,7 @@ def test_flexlora_evaluates_its_exact_global_model_in_the_nf4_residual(tiny_llam
 def _trained(argv: list[str], out):
     """``(job, coordinator)`` after the batched simulator ran ``argv`` (a job's flags, ``--out``
     included): its model is the global one, its coordinator holds the state."""
-    from fedlora.rounds import loop
-    from fedlora.rounds.coordinator import Coordinator
-    from fedlora.rounds.sink import RunFolder
-    from fedlora.simulations.batched import BatchedTransport
-    from fedlora.simulations.cli import build_parser, check_args
-    from fedlora.simulations.engine import build_job
-
-    job = build_job(check_args(build_parser().parse_args(argv)))
-    coord = Coordinator(job.cfg, job.strategy, job.fm, job.test, job.public)
-    loop.run(coord, BatchedTransport(job, coord, None), RunFolder(out), None)
-    return job, coord
+    return train(check_args(build_parser().parse_args(argv)), out)
 
 
 def _lm_data(tmp_path):
