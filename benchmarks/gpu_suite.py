@@ -32,7 +32,7 @@ GPU, torch, every table) to paste into ``benchmarks/RESULTS.md``.
 
 Parts: ``simulation.py`` at 100 clients (batched, one by one, stock Flower), ``aggregation.py``
 at full size (d = 4096, r = 64, 100 clients), ``dp.py`` (one client and the Poisson multi-client
-case), ``kernels.py`` at 32 clients, the pass-size check (``pass_size.py``: each pass's peak memory
+case), ``lora_kernels.py`` at 32 clients, the pass-size check (``pass_size.py``: each pass's peak memory
 against ``fedlora-plan``'s estimate, which ``simulations.engine.pass_size`` fills the free memory
 with) and an SFT step of SmolLM2 in bf16 (``pass_size.py --task sft``) and over a 4-bit NF4 base
 (``--quantize nf4``, against the planner too; it needs bitsandbytes among the payload's wheels).
@@ -203,7 +203,7 @@ def gpu_parts(lm: str) -> list[Part]:
         Part("simulation", sim, 150, fallback=[*sim, "--stock-parts", "3"]),
         Part("aggregation", ["aggregation.py", "--device", "cuda"], 75),
         Part("dp", ["dp.py", "--device", "cuda", "--steps", "5", "--warmup", "2"], 75),
-        Part("kernels", ["kernels.py", "--device", "cuda", "--clients", "32"], 90),
+        Part("kernels", ["lora_kernels.py", "--device", "cuda", "--clients", "32"], 90),
         Part("pass-size", ["pass_size.py", "--device", "cuda", "--clients", "1,8,32", "--batch-size", "16",
                            "--tokens", "128"], 45),
         Part("smollm2-sft", ["pass_size.py", "--device", "cuda", "--task", "sft", "--model", lm, "--clients",
@@ -224,12 +224,12 @@ def dry_parts(lm: str) -> list[Part]:
                              "0"], 240),
         Part("dp", ["dp.py", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch-size", "2",
                     "--max-length", "16", "--clients", "2"], 240),
-        Part("kernels", ["kernels.py", "--device", "cpu", "--clients", "2", "--batch-size", "2", "--tokens",
-                         "16", "--repeats", "1", "--skip-model", "--eager-only"], 240),
+        Part("kernels", ["lora_kernels.py", "--device", "cpu", "--clients", "2", "--batch-size", "2",
+                         "--tokens", "16", "--repeats", "1", "--skip-model", "--eager-only"], 240),
         Part("pass-size", ["pass_size.py", "--device", "cpu", "--clients", "1,2", "--batch-size", "2",
                            "--tokens", "16", "--steps", "1"], 240),
         Part("smollm2-sft", ["pass_size.py", "--device", "cpu", "--task", "sft", "--model", lm, "--clients",
-                             "1,2", "--batch-size", "2", "--tokens", "16", "--steps", "1"], 240),
+                             "1", "--batch-size", "2", "--tokens", "16", "--steps", "1"], 240),
         Part("smollm2-sft-nf4", ["pass_size.py", "--device", "cpu", "--task", "sft", "--model", lm,
                                  "--clients", "1", "--batch-size", "2", "--tokens", "16", "--steps", "1",
                                  "--quantize", "nf4"], 240),  # one pass: 4-bit matmuls are slow on CPU

@@ -1,7 +1,7 @@
-"""Benchmark files scored by ``fedlora-eval``: one function per study.
+"""Benchmark files scored by ``fedlora-eval`` (and, ``sst2-dpo``, DPO runs): one function per study.
 
-    python benchmarks/llm_eval.py [--studies sst2-mc,bbcnews-mc] [--out runs/llm-eval] [--eval-max N]
-                                  [--adapter DIR ...]
+    python benchmarks/llm_eval.py [--studies sst2-mc,bbcnews-mc,sst2-dpo] [--out runs/llm-eval] [--eval-max N]
+                                  [--adapter DIR ...] [--dpo-train N] [--dpo-rounds R] [--dpo-steps S]
 
 * ``sst2-mc`` (:func:`sst2_mc`): SmolLM2-135M-Instruct zero-shot on SST-2's 872 dev sentences as
   multiple choice: choices ``negative`` / ``positive`` (``--label-words``), the prompt of
@@ -11,6 +11,13 @@
   ``--data bbcnews-instruct``, ``--seed 0 --test-fraction 0.2``, as every BBC run holds out; each
   prompt holds the article's lead), its five categories as the choices; ``--max-length 256``
   cuts no prompt.
+* ``sst2-dpo`` (:func:`sst2_dpo`): federated DPO (``fedlora-sim --task dpo``) from label-word pairs on
+  a seeded sample of SST-2 train (``--dpo-train`` phrases: the right word chosen, the other
+  rejected), 10 clients, FedAvg and FLoRA (exact), scored on SST-2 dev by greedy answer accuracy
+  and reward accuracy; round 0 is the zero-shot model (the reference itself). The reference
+  log-probabilities of every training pair are computed once where the job is set up, so the
+  sample is sized to what the rounds draw (10 clients × ``--dpo-steps`` × 8 per round), not to the
+  67,349 phrases. ``--model`` and ``--sst2`` let a test run it on a tiny model and files.
 
 ``--adapter`` scores adapters exported by runs on SmolLM2 beside the base. Each study runs
 ``fedlora-eval`` in this process, into ``OUT/<study>/``, and returns the command it ran and the
@@ -22,11 +29,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import random
 import shlex
 import sys
 import time
 from pathlib import Path
 
+from fedlora.simulations.cli import main as fedlora_sim
 from fedlora.simulations.evaluate import main as fedlora_eval
 
 HERE = Path(__file__).resolve().parent
@@ -83,7 +92,46 @@ def bbcnews_mc(args: argparse.Namespace) -> dict:
                                 "--max-length", "256", "--eval-batch-size", "16"], args)
 
 
-STUDIES = {"sst2-mc": sst2_mc, "bbcnews-mc": bbcnews_mc}
+def sample_file(src: Path, n: int, out: Path, seed: int = 0) -> Path:
+    """``n`` rows of the table ``src`` (its header kept), drawn from ``seed``, written to ``out``."""
+    header, *rows = src.read_text().splitlines()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join([header, *random.Random(seed).sample(rows, min(n, len(rows)))]) + "\n")
+    return out
+
+
+def sst2_dpo(args: argparse.Namespace) -> dict:
+    """DPO from SST-2 label-word pairs, each of :data:`DPO_STRATEGIES`; rows: round 0 and the last."""
+    root = args.out / "sst2-dpo"
+    train = sample_file(args.sst2 / "train.tsv", args.dpo_train, root / "train.tsv")
+    flags = ["--task", "dpo", "--model", args.model, "--data", str(train), "--text-column", "sentence",
+             "--label-words", "0=negative,1=positive", "--prompt-template", PROMPT,
+             "--test-data", str(args.sst2 / "dev.tsv"), "--test-text-column", "content",
+             *(["--eval-max", str(args.eval_max)] if args.eval_max else []),
+             "--num-clients", "10", "--rounds", str(args.dpo_rounds), "--local-steps", str(args.dpo_steps),
+             "--batch-size", "8", "--max-length", "96", "--eval-batch-size", "16", "--dpo-beta", "0.1",
+             "--quiet", "--overwrite"]
+    t0, rows = time.perf_counter(), []
+    for strategy in DPO_STRATEGIES:
+        out = root / strategy
+        if fedlora_sim([*flags, "--strategy", strategy, "--out", str(out)]) != 0:
+            raise SystemExit(f"sst2-dpo: fedlora-sim --strategy {strategy} failed")
+        got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows += [{"model": f"{strategy}, round {r['round']}", **r} for r in (got[0], got[-1])]
+    command = "fedlora-sim " + shell([*flags, "--strategy", "S", "--out", "OUT"])
+    return {"study": "sst2-dpo", "command": command, "rows": rows, "seconds": time.perf_counter() - t0}
+
+
+def dpo_report(result: dict) -> str:
+    """The DPO study as Markdown: the command, then round 0 and the last round of each strategy."""
+    lines = [f"`{result['command']}` ({result['seconds']:.0f} s in all)", "",
+             "| run | answer accuracy | reward accuracy | reward margin | DPO loss | examples | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {100 * r['answer_accuracy']:.1f}% |"
+                     f" {100 * r['reward_accuracy']:.1f}% | {r['reward_margin']:.3f} | {r['loss']:.3f} |"
+                     f" {r['eval_examples']} | {r.get('train_seconds', 0.0):.0f} |")
+    return "\n".join(lines)
 
 
 def report(result: dict) -> str:
@@ -97,21 +145,33 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+#: study -> (what runs it, what reports it)
+STUDIES = {"sst2-mc": (sst2_mc, report), "bbcnews-mc": (bbcnews_mc, report),
+           "sst2-dpo": (sst2_dpo, dpo_report)}
+#: The DPO study's strategies: the default, and an exact one (FLoRA: stacking, folded into the base).
+DPO_STRATEGIES = ("fedavg", "flora")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--studies", default=",".join(STUDIES), help=f"comma-separated: {', '.join(STUDIES)}")
+    p.add_argument("--studies", default="sst2-mc,bbcnews-mc",
+                   help=f"comma-separated: {', '.join(STUDIES)} (sst2-dpo trains: CPU-hours on SmolLM2)")
     p.add_argument("--out", type=Path, default=Path("runs/llm-eval"))
-    p.add_argument("--sst2", type=Path, default=SST2, help="folder of SST-2's dev.tsv")
+    p.add_argument("--sst2", type=Path, default=SST2, help="folder of SST-2's dev.tsv (and train.tsv)")
     p.add_argument("--eval-max", type=int, default=0, help="score at most N examples per study (0: all)")
     p.add_argument("--adapter", type=Path, nargs="+", default=[], help="adapters to score beside the base")
+    p.add_argument("--model", default="smollm2", help="sst2-dpo: the base model")
+    p.add_argument("--dpo-train", type=int, default=2000, help="sst2-dpo: SST-2 training phrases sampled")
+    p.add_argument("--dpo-rounds", type=int, default=2, help="sst2-dpo: rounds")
+    p.add_argument("--dpo-steps", type=int, default=10, help="sst2-dpo: local steps per round")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.studies.split(",") if n.strip()]
     unknown = sorted(set(names) - set(STUDIES))
     if unknown:
         p.error(f"unknown studies {unknown}; choose from {', '.join(STUDIES)}")
     for name in names:
-        result = STUDIES[name](args)
-        print(f"### {name}\n\n{report(result)}\n", flush=True)
+        run, table = STUDIES[name]
+        print(f"### {name}\n\n{table(run(args))}\n", flush=True)
     return 0
 
 

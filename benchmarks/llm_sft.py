@@ -2,6 +2,7 @@
 
     python benchmarks/llm_sft.py [--rounds 2] [--partitions iid,dirichlet] [--out runs/llm-sft]
                                  [--bases fp32,bf16,nf4] [--no-centralized] [--max-clients-per-pass K]
+                                 [--seeds 0,1,2] [--device cuda] [--job-flags '--dp sample ...']
 
 The job (``fedlora-sim --task sft``): SmolLM2-135M-Instruct, SST-2's 67,349 training phrases
 over 10 clients (IID, or Dirichlet α=0.5 over the two labels), every client in every round,
@@ -21,6 +22,14 @@ Prints a Markdown table for ``benchmarks/RESULTS.md``.
 (``--precision bf16``), or a bitsandbytes base that computes in bf16 (``nf4``, ``int8``:
 ``--quantize`` with ``--precision bf16``, as QLoRA does). ``--max-clients-per-pass`` bounds the
 memory of a round's pass without changing its result (batched = one client at a time).
+
+``--seeds`` runs every job (the centralized baseline too) once per seed (the split, the
+partition, the adapters' initialisation and the batches). Each run prints its own row; with
+more than one seed, a summary per setting follows (``benchmarks/stats.py``): the final and the
+tail answer accuracy as mean ± sd over the seeds, and the tail's paired difference from the
+same seed's centralized run ("no difference" within its spread). ``--job-flags`` passes more
+``fedlora-sim`` flags to every federated job (e.g. ``--dp sample --epsilon 8``); its runs get
+their own folders (``--tag``).
 """
 
 from __future__ import annotations
@@ -28,9 +37,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from stats import difference, mean_sd, tail_mean
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 PROMPT = ("Is the sentiment of this movie review positive or negative? Answer with one word.\n\n"
@@ -42,13 +54,14 @@ BASES = {"fp32": [], "bf16": ["--precision", "bf16"],
          "int8": ["--quantize", "int8", "--precision", "bf16"]}
 
 
-def job_flags(args: argparse.Namespace) -> list[str]:
+def job_flags(args: argparse.Namespace, seed: int) -> list[str]:
     return ["--task", "sft", "--model", "smollm2", "--data", str(args.sst2 / "train.tsv"),
             "--text-column", "sentence", "--label-words", "0=negative,1=positive",
             "--prompt-template", PROMPT,
             "--test-data", str(args.sst2 / "dev.tsv"), "--test-text-column", "content",
             "--eval-max", str(args.eval_max), "--rounds", str(args.rounds), "--batch-size", "8",
-            "--max-length", "96", "--eval-batch-size", "16", "--seed", "0", "--quiet"]
+            "--max-length", "96", "--eval-batch-size", "16", "--seed", str(seed), "--device", args.device,
+            "--quiet"]
 
 
 def child(argv: list[str]) -> int:
@@ -84,14 +97,25 @@ def row_line(setting: str, name: str, rows: list[dict], peak: int | None, centra
     ev = sum(r["eval_seconds"] for r in trained) / len(trained)
     gap = "" if central is None else f"{rows[-1]['answer_accuracy'] - central:+.1%}"
     mem = "-" if peak is None else f"{peak / 2**30:.1f} GiB"
-    return (f"| {setting} | {name} | {accs} | **{rows[-1]['answer_accuracy']:.1%}** | {gap} |"
-            f" {rows[-1]['perplexity']:.3f} | {train:.0f} + {ev:.0f} | {mem} |")
+    return (f"| {setting} | {name} | {accs} | **{rows[-1]['answer_accuracy']:.1%}** |"
+            f" {tail_mean(rows, 'answer_accuracy'):.1%} | {gap} | {rows[-1]['perplexity']:.3f} |"
+            f" {train:.0f} + {ev:.0f} | {mem} |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--child"]:
-        return child(argv[1:])
+def summary(runs: dict[tuple[str, str], list[list[dict]]], central: list[list[dict]]) -> list[str]:
+    """One line per (setting, run) over the seeds: final and tail mean ± sd, tail vs centralized."""
+    lines = ["| setting | run | seeds | final | tail | tail vs centralized |",
+             "|---|---|---:|---:|---:|---:|"]
+    central_tails = [tail_mean(rows, "answer_accuracy") for rows in central]
+    for (setting, name), seeds in runs.items():
+        tails = [tail_mean(rows, "answer_accuracy") for rows in seeds]
+        vs = difference(tails, central_tails) if len(central_tails) == len(tails) else "—"
+        finals = [rows[-1]["answer_accuracy"] for rows in seeds]
+        lines.append(f"| {setting} | {name} | {len(seeds)} | {mean_sd(finals)} | {mean_sd(tails)} | {vs} |")
+    return lines
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sst2", type=Path, default=SST2, help="folder with SST-2's train.tsv and dev.tsv")
     p.add_argument("--rounds", type=int, default=2)
@@ -103,35 +127,68 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bases", default="fp32", help=f"comma list of {', '.join(BASES)}")
     p.add_argument("--no-centralized", action="store_true", help="skip the centralized baseline")
     p.add_argument("--max-clients-per-pass", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma list of seeds")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--job-flags", default="", help="more fedlora-sim flags for the federated jobs")
+    p.add_argument("--tag", default="", help="suffix of the federated runs' folders (with --job-flags)")
     p.add_argument("--out", type=Path, default=Path("runs/llm-sft"))
     args = p.parse_args(argv)
     if unknown := set(args.bases.split(",")) - set(BASES):
         raise SystemExit(f"unknown base {sorted(unknown)}; use {', '.join(BASES)}")
+    if args.job_flags and not args.tag:
+        raise SystemExit("--job-flags needs --tag: its runs must not reuse the plain runs' folders")
     if not (args.sst2 / "train.tsv").is_file():
         raise SystemExit(f"SST-2 not found in {args.sst2} (train.tsv, dev.tsv); pass --sst2")
-    flags = job_flags(args) + (["--max-clients-per-pass", str(args.max_clients_per_pass)]
-                               if args.max_clients_per_pass else [])
+    return args
+
+
+def run_seed(args: argparse.Namespace, seed: int, runs: dict, central: list) -> None:
+    """Every job of one seed; its rows are printed and kept in ``runs`` / ``central``."""
+    flags = job_flags(args, seed) + (["--max-clients-per-pass", str(args.max_clients_per_pass)]
+                                     if args.max_clients_per_pass else [])
+    root = args.out if seed == 0 else args.out / f"seed{seed}"  # seed 0: the folders of earlier runs
     per_round = args.local_steps * args.clients
-    print("| setting | run | answer acc per round (0 = before) | final | vs centralized | final ppl |"
-          " s / round (train + eval) | peak RSS |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    central = None
+    central_acc = None
     if not args.no_centralized:
         central_flags = [*flags, "--num-clients", "1", "--local-steps", str(per_round)]
-        rows, peak = run(args.out / "centralized", central_flags, args.rounds)
-        central = rows[-1]["answer_accuracy"]
-        name = f"centralized LoRA ({per_round} steps / round)"
-        print(row_line("union", name, rows, peak, None), flush=True)
+        rows, peak = run(root / "centralized", central_flags, args.rounds)
+        central.append(rows)
+        central_acc = rows[-1]["answer_accuracy"]
+        print(row_line("union", f"centralized LoRA ({per_round} steps / round), seed {seed}", rows, peak,
+                       None), flush=True)
+    tag = f"-{args.tag}" if args.tag else ""
     for partition in args.partitions.split(","):
         extra = ["--partition", partition] + (["--alpha", "0.5"] if partition == "dirichlet" else [])
         for strategy in args.strategies.split(","):
             for base in args.bases.split(","):
-                out = args.out / (f"{partition}-{strategy}" + ("" if base == "fp32" else f"-{base}"))
+                out = root / (f"{partition}-{strategy}" + ("" if base == "fp32" else f"-{base}") + tag)
                 job = [*flags, *extra, *BASES[base], "--strategy", strategy, "--num-clients",
-                       str(args.clients), "--local-steps", str(args.local_steps)]
+                       str(args.clients), "--local-steps", str(args.local_steps),
+                       *shlex.split(args.job_flags)]
                 rows, peak = run(out, job, args.rounds)
-                name = strategy if base == "fp32" else f"{strategy}, {base} base"
-                print(row_line(f"{args.clients} clients, {partition}", name, rows, peak, central), flush=True)
+                name = (strategy if base == "fp32" else f"{strategy}, {base} base") + (
+                    f" ({args.job_flags})" if args.job_flags else "")
+                setting = f"{args.clients} clients, {partition}"
+                runs.setdefault((setting, name), []).append(rows)
+                print(row_line(setting, f"{name}, seed {seed}", rows, peak, central_acc), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        return child(argv[1:])
+    args = parse(argv)
+    print("| setting | run | answer acc per round (0 = before) | final | tail | vs centralized | final ppl |"
+          " s / round (train + eval) | peak RSS |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    runs: dict[tuple[str, str], list[list[dict]]] = {}
+    central: list[list[dict]] = []
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for seed in seeds:
+        run_seed(args, seed, runs, central)
+    if len(seeds) > 1:
+        print()
+        print("\n".join(summary(runs, central)))
     return 0
 
 

@@ -6,8 +6,10 @@ Replies carry the upload (``upload`` arrays, or ``grads`` for Fed-SB's round 0; 
 :class:`fedlora.training.client.LocalClient` (model, data, folds)
 is cached per (run, node): under ``fedlora-client`` the ClientApp runs inside one
 long-lived process, so the base model is loaded once per run, not per message. What must
-outlive a rebuilt client (its DP ledger, the personal factors its strategy keeps) is kept in
-the node's ``context.state`` and in a file beside the ledger.
+outlive a rebuilt client (its DP ledger, the personal factors its strategy keeps, ``--compress``'s
+error-feedback residual) is kept in the node's ``context.state`` and in a file beside the ledger.
+With ``--compress`` the upload travels coded (``fedlora.rounds.compress``), and with
+``--compress-down`` so does what the server sends.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from fedlora.job.checks import check_job_args
 from fedlora.job.runconfig import from_run_config
 from fedlora.models.state import probes_from_tensors
 from fedlora.rounds.checkpoint import load_tensors, save_tensors
+from fedlora.rounds.compress import unpack
 from fedlora.rounds.wire import from_record, to_record
 from fedlora.training.client import ClientData, LocalClient
 
 app = ClientApp(mods=[secagg_bridge])
 KEPT = "fedlora-kept"  # context.state record: the client's personal factors (plan's keep)
+RESIDUAL = "fedlora-residual"  # context.state record: --compress's error-feedback residual
 _CACHE: dict[tuple[int, int], LocalClient] = {}
 CACHED_CLIENTS = 1
 """Clients this process keeps warm: a SuperNode serves one node; a Ray actor of Flower's simulation
@@ -53,6 +57,7 @@ def local_client(msg: Message, context: Context) -> LocalClient:
         client = LocalClient(cfg, ClientData.from_node_config(dict(context.node_config)), labels)
         _CACHE[key] = client
         client.kept.update(read_kept(client, context))
+        client.residual = read_residual(client, context)
     if client.budget is not None:
         # the ledger outlives a rebuilt client (Flower's simulation, a restarted ClientApp) in the
         # node's context, and a restarted node or a resumed server in a file
@@ -105,6 +110,26 @@ def read_kept(client: LocalClient, context: Context) -> dict[int, dict[str, Tens
     return out
 
 
+def residual_path(client: LocalClient, context: Context) -> Path:
+    """The file of the client's ``--compress`` residual, beside its ledger (``.residual.safetensors``)."""
+    return ledger_path(client, context).with_suffix(".residual.safetensors")
+
+
+def read_residual(client: LocalClient, context: Context) -> dict[str, Tensor]:
+    """A rebuilt client's error-feedback residual: from ``context.state``, else from its file."""
+    if RESIDUAL in context.state.array_records:
+        return from_record(context.state[RESIDUAL])
+    path = residual_path(client, context)
+    return load_tensors(path) if path.is_file() else {}
+
+
+def _keep_residual(client: LocalClient, context: Context) -> None:
+    if not client.residual:
+        return
+    context.state[RESIDUAL] = to_record(client.residual)
+    save_tensors(residual_path(client, context), client.residual)  # atomic
+
+
 def _keep_factors(client: LocalClient, context: Context) -> None:
     kept = {f"t{rnd}.{name}": t for rnd, got in client.kept.items() for name, t in got.items()}
     if not kept:
@@ -138,7 +163,8 @@ def _load_global(client: LocalClient, msg: Message) -> None:
     conf = msg.content["config"]
     catch = from_record(msg.content["catchup"]) if "catchup" in msg.content.array_records else {}
     seed = int(conf["fresh-seed"])
-    client.load(int(conf["round"]), from_record(msg.content["global"]), catch, None if seed < 0 else seed,
+    down = unpack(client.down, from_record(msg.content["global"]))  # --compress-down: as coded
+    client.load(int(conf["round"]), down, unpack(client.down, catch), None if seed < 0 else seed,
                 float(conf.get("scale", 0.0)) or None)
     client.clip = float(conf.get("clip", 0.0)) or None  # --dp sample: measured on the server's --init-data
 
@@ -155,8 +181,12 @@ def train(msg: Message, context: Context) -> Message:
     _keep_factors(client, context)
     if is_secure(msg):  # --secagg: SecAgg+ masks the update before it leaves this node
         return secure_reply(client, upload, _metrics(client, seconds, loss), msg)
-    return Message(RecordDict({"upload": to_record(upload), "metrics": _metrics(client, seconds, loss)}),
-                   reply_to=msg)
+    message, (err, norm) = client.coded(upload)  # --compress (none: the upload as it is)
+    _keep_residual(client, context)
+    metrics = _metrics(client, seconds, loss)
+    if client.codec.on:
+        metrics["compress-err2"], metrics["compress-norm2"] = float(err), float(norm)
+    return Message(RecordDict({"upload": to_record(message), "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()

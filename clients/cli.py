@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", required=True, help="the fedlora-server's HOST:PORT")
     data = p.add_argument_group("data (one of)")
-    data.add_argument("--data", type=Path, help="this client's .csv/.tsv/.jsonl training file")
+    data.add_argument("--data", type=Path, help="this client's training data: a .csv, .tsv, .jsonl(.gz) or"
+                      " .parquet file, or a datasets.save_to_disk folder")
     data.add_argument("--partition-id", type=int, help="this client's share of the job's dataset")
     data.add_argument("--num-partitions", type=int, help="number of shares (with --partition-id)")
     data.add_argument("--client-id", type=int, default=None,
@@ -56,7 +57,7 @@ def check_args(args: argparse.Namespace) -> None:
     parse_address(args.server, "--server")
     if (args.data is None) == (args.partition_id is None):
         raise UserError("give either --data FILE or --partition-id N --num-partitions M")
-    if args.data is not None and not args.data.is_file():
+    if args.data is not None and not args.data.exists():  # a file, or a datasets.save_to_disk folder
         raise UserError(f"--data {str(args.data)!r}: file not found")
     if args.partition_id is not None:
         if args.num_partitions is None or args.num_partitions < 1:

@@ -21,10 +21,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.errors import UserError
-from fedlora.job.checks import check_job_args
+from fedlora.job.checks import check_job_args, check_track_dir
 from fedlora.job.runconfig import from_run_config
 from fedlora.job.schema import JobConfig
-from fedlora.job.setup import build_model, public_data, splits
+from fedlora.job.setup import build_model, prepared, public_data, splits
 from fedlora.models.export import export_peft
 from fedlora.net.process import die_with_parent
 from fedlora.rounds import loop
@@ -32,6 +32,7 @@ from fedlora.rounds.build import make_strategy
 from fedlora.rounds.checkpoint import find_checkpoint
 from fedlora.rounds.coordinator import Coordinator
 from fedlora.rounds.sink import RunFolder
+from fedlora.rounds.tracking import Tracking
 from fedlora.rounds.validate import request_limit
 from fedlora.server.flower_transport import FlowerTransport, RoundSettings
 from fedlora.server.ingress import write_limit
@@ -47,8 +48,9 @@ def build_coordinator(cfg: JobConfig) -> tuple[Coordinator, str, list[str]]:
     task, strategy = get_task(cfg.task), make_strategy(cfg)
     _, test_ds, label_names = splits(cfg, task)
     fm, tokenizer, path = build_model(cfg, [cfg.rank], strategy.plan(1), len(label_names))
-    return (Coordinator(cfg, strategy, fm, task.eval_set(tokenizer, test_ds, cfg),
-                        public_data(cfg, task, tokenizer, label_names)), path, label_names)
+    test = prepared(task, fm, cfg, task.eval_set(tokenizer, test_ds, cfg))
+    public = prepared(task, fm, cfg, public_data(cfg, task, tokenizer, label_names))
+    return Coordinator(cfg, strategy, fm, test, public), path, label_names
 
 
 def lock_out_dir(out_dir: Path, timeout: float = 60.0):
@@ -85,6 +87,7 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
         if cfg.attack:
             raise UserError("attack is simulated by fedlora-sim's batched engine only; a deployment's"
                             " clients are what they are: drop it from the run config")
+        check_track_dir(cfg, out_dir)
         coord, model_path, labels = build_coordinator(cfg)
         # the SuperLink's limit on client pushes (ingress.py)
         write_limit(out_dir, request_limit(coord.fm, cfg, coord.plan, coord.strategy.init_releases > 0))
@@ -95,6 +98,7 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
             log.info("resuming after round %d", coord.round)
         else:
             sink.begin(cfg)
+        sink.tracking = Tracking.open(cfg, out_dir, fresh=coord.round == 0)  # --track: rows go there too
         settings = RoundSettings.from_run_config(run_config)
         log.info("fedlora %s: %d rounds, rank %d, %d clients (%d per round; min %d replies, timeout %.0fs)",
                  cfg.strategy, cfg.rounds, cfg.rank, cfg.num_clients, len(cfg.sampled(1)),
@@ -102,9 +106,13 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
         loop.run(coord, FlowerTransport(grid, coord, settings, labels), sink)
         export_peft(coord.state, list(coord.fm.adapters), out_dir / "adapter", model_path,
                     coord.task.peft_task_type, list(coord.fm.heads))
+        if sink.tracking is not None:
+            sink.tracking.finish({"adapter": [out_dir / "adapter"]})
     except BaseException as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         sink.status("failed", error=reason, **status)
+        if sink.tracking is not None:
+            sink.tracking.close(failed=True)
         raise
     sink.status("finished", rounds=coord.round, **status)
     lock.close()

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from fedlora.errors import UserError, command
-from fedlora.job.checks import check_job_args, check_out_dir
+from fedlora.job.checks import check_job_args, check_out_dir, check_track_dir
+from fedlora.job.configfile import add_config_argument, parse_args
 from fedlora.job.flags import Parser, add_job_arguments, to_config
 from fedlora.job.runconfig import from_dict
 from fedlora.job.schema import JobConfig
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fedlora-server", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_arguments(p, num_clients_help="clients to wait for and train in each round")
+    add_config_argument(p)
     net = p.add_argument_group("network and security")
     net.add_argument("--host", default="127.0.0.1",
                      help="address to listen on (0.0.0.0 for clients on other machines)")
@@ -81,6 +83,7 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
         cfg = to_config(args)
         check_job_args(cfg)
         check_out_dir(args.out, args.overwrite)
+        check_track_dir(cfg, args.out)
         if args.min_replies < 1 or args.min_replies > args.num_clients:
             raise UserError(f"--min-replies must be in 1..--num-clients ({args.num_clients}),"
                             f" got {args.min_replies}")
@@ -146,7 +149,7 @@ def serve(args: argparse.Namespace, cfg: JobConfig, out_dir: Path) -> int:
 @command("fedlora-server")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedlora-server``."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)  # --config FILE's fields, then the flags
     check_security(args)
     check_port_free(args.host, args.port)
     cfg, out_dir = job_for(args)

@@ -9,8 +9,9 @@
   every engine, so a deployment trains the clients ``fedlora-sim`` trains;
 * **round t**: a ``train`` message per sampled client with its payload (``global``: the global
   state, ``catchup``: the folds it misses, ``config``: the round's settings); the replies are
-  validated (:mod:`fedlora.rounds.validate`) and sorted by client id; with ``--secagg`` the round
-  goes through SecAgg+ (:mod:`fedlora.server.secagg`) and only the weighted mean comes back;
+  validated (:mod:`fedlora.rounds.validate`, after ``--compress``'s decoding) and sorted by client
+  id; with ``--secagg`` the round goes through SecAgg+ (:mod:`fedlora.server.secagg`) and only the
+  weighted mean comes back;
 * **round 0**: Fed-SB's initialisation phases as ``query`` messages carrying the probes;
 * **personal evaluation**: an ``evaluate`` message per client of the round.
 """
@@ -25,6 +26,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedlora.models.state import download_tensors, probe_tensors, upload_from_tensors
 from fedlora.privacy.secagg import error_bound
+from fedlora.rounds.compress import pack, relative_error
 from fedlora.rounds.coordinator import Coordinator
 from fedlora.rounds.transport import Replies
 from fedlora.rounds.validate import (
@@ -169,12 +171,14 @@ class FlowerTransport:
         uploads = [upload_from_tensors(t, int(m["num-examples"]), cfg.lora_alpha / int(m["rank"]),
                                        coord.plan, coord.state)
                    for (_, _, t), m in zip(valid, metrics, strict=True)]
-        seconds = [float(m["train-seconds"]) for m in metrics]
+        report = self._report([float(m["train-seconds"]) for m in metrics])
+        if coord.codec.on:  # what the clients' coding lost, as they measured it
+            report["compress_error"] = relative_error(
+                [(float(m.get("compress-err2", 0.0)), float(m.get("compress-norm2", 0.0))) for m in metrics])
         return Replies([c for c, _, _ in valid], uploads,
                        [wire_bytes(msg.content["upload"]) for _, msg, _ in valid],
                        [down[c] for c in sorted(down)], [float(m["train-loss"]) for m in metrics],
-                       self._privacy(metrics), failed=self._lost(replies, down),
-                       report=self._report(seconds))
+                       self._privacy(metrics), failed=self._lost(replies, down), report=report)
 
     def _secure_train(self, rnd: int, clients: list[int]) -> Replies:
         """``--secagg``: the round through SecAgg+; the server learns the weighted mean update only."""
@@ -260,9 +264,10 @@ class FlowerTransport:
         """What ``client`` needs to load the global state for round ``rnd``: its download
         (``global``), the folds it misses (``catchup``) and the round's ``config``."""
         down, catch = self.coord.payload(client)
-        content = RecordDict({"global": to_record(down), "config": self._round_config(rnd)})
+        coding = self.coord.down  # --compress-down: the state is held at this precision
+        content = RecordDict({"global": to_record(pack(coding, down)), "config": self._round_config(rnd)})
         if catch:
-            content["catchup"] = to_record(catch)
+            content["catchup"] = to_record(pack(coding, catch))
         return content
 
     def _round_config(self, rnd: int) -> ConfigRecord:
@@ -301,6 +306,8 @@ class FlowerTransport:
                 expected = expected_upload(self.coord.fm, rank, self.coord.plan, kind, probes)
                 check_record_size(msg.content[record], expected)
                 tensors = from_record(msg.content[record])
+                if kind == "train":  # --compress: decoded from the coded message (none: as it is)
+                    tensors = self.coord.decode_upload(tensors, expected)
                 check_upload(tensors, expected, self.settings.max_update_norm)
                 claimed = int(m.get("num-examples", 0))
                 if claimed < 1:

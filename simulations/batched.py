@@ -12,8 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from fedlora.models.state import extract_kept, extract_upload, load_kept, probe_tensors, upload_tensors
+from fedlora.models.state import (
+    extract_kept,
+    extract_upload,
+    load_kept,
+    probe_tensors,
+    upload_from_tensors,
+    upload_tensors,
+)
 from fedlora.privacy.accounting import Budget
+from fedlora.rounds.compress import pack, relative_error
 from fedlora.rounds.coordinator import Coordinator
 from fedlora.rounds.transport import Replies
 from fedlora.rounds.wire import tensor_bytes
@@ -63,7 +71,7 @@ class BatchedTransport:
             key = (coord.synced.get(c, 0), c in coord.has_shared)
             if key not in cache:
                 down, catch = coord.payload(c)
-                cache[key] = tensor_bytes(down) + tensor_bytes(catch)
+                cache[key] = tensor_bytes(pack(coord.down, down)) + tensor_bytes(pack(coord.down, catch))
             out.append(cache[key])
         return out
 
@@ -91,8 +99,25 @@ class BatchedTransport:
             uploads += [extract_upload(job.fm, k, len(job.samplers[c])) for k, c in enumerate(chunk)]
             if job.fm.config.plan.keep:
                 coord.personal.update({c: extract_kept(job.fm, k) for k, c in enumerate(chunk)})
-        up = [tensor_bytes(upload_tensors(u, coord.plan)) for u in uploads]
-        return Replies(list(clients), uploads, up, down, losses, self._privacy(clients))
+        uploads, up, report = self._compressed(clients, uploads)
+        return Replies(list(clients), uploads, up, down, losses, self._privacy(clients), report=report)
+
+    def _compressed(self, clients: list[int], uploads: list[ClientUpload]
+                    ) -> tuple[list[ClientUpload], list[int], dict]:
+        """``--compress``: each client codes its upload (keeping its error-feedback residual), the
+        server decodes it; the uploads as decoded, the bytes of the messages, ``compress_error``."""
+        coord = self.coord
+        tensors = [upload_tensors(u, coord.plan) for u in uploads]
+        if not coord.codec.on:
+            return uploads, [tensor_bytes(t) for t in tensors], {}
+        ref, out, up, parts = coord.reference(), [], [], []
+        for c, u, t in zip(clients, uploads, tensors, strict=True):
+            message, coord.residual[c], part = coord.codec.encode(t, ref, coord.residual.get(c, {}))
+            got = coord.decode_upload(message)
+            out.append(upload_from_tensors(got, u.num_examples, u.scale, coord.plan, coord.state))
+            up.append(tensor_bytes(message))
+            parts.append(part)
+        return out, up, {"compress_error": relative_error(parts)}
 
     def query(self, phase: int, probes: dict[str, Probe], clients: list[int]) -> Replies:
         """One initialisation phase (Fed-SB): every client's ``Lᵀ G_k R``, pass by pass."""

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from fedlora.errors import UserError, command
-from fedlora.job.checks import check_job_args, check_out_dir
+from fedlora.job.checks import check_job_args, check_out_dir, check_track_dir
+from fedlora.job.configfile import add_config_argument, parse_args
 from fedlora.job.flags import Parser, add_job_arguments, to_config
 from fedlora.job.schema import JobConfig
 from fedlora.job.setup import resolve_max_length
@@ -52,6 +53,7 @@ def add_attack_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fedlora-sim", description=__doc__)
     add_job_arguments(p)
+    add_config_argument(p)
     add_scale_arguments(p)
     add_engine_arguments(p)
     add_attack_arguments(p)
@@ -92,6 +94,7 @@ def check_args(args: argparse.Namespace) -> JobConfig:
         if not 1 <= args.attackers <= args.num_clients:
             raise UserError(f"--attack needs --attackers between 1 and --num-clients, got {args.attackers}")
     check_out_dir(args.out, args.overwrite)
+    check_track_dir(cfg, args.out)
     resolve_max_length(cfg, quiet=getattr(args, "quiet", False))  # --task sft: from the data
     return cfg
 
@@ -99,7 +102,7 @@ def check_args(args: argparse.Namespace) -> JobConfig:
 @command("fedlora-sim")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedlora-sim``."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)  # --config FILE's fields, then the flags
     cfg = check_args(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.console import Console

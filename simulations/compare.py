@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 from fedlora.errors import UserError, command
+from fedlora.job.configfile import add_config_argument, parse_args
 from fedlora.job.flags import Parser, add_job_arguments
 from fedlora.job.schema import JobConfig, parse_ranks
+from fedlora.rounds.tracking import Tracking
 from fedlora.simulations.cli import add_scale_arguments, format_row
 from fedlora.simulations.cli import check_args as check_sim_args
 from fedlora.simulations.report import (
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fedlora-compare", description=__doc__, conflict_handler="resolve",
                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_arguments(p)
+    add_config_argument(p)
     # re-adding --strategy under the "resolve" handler removes the job group's --strategy
     p.add_argument("--strategy", action=_UseStrategies, help=argparse.SUPPRESS)
     add_scale_arguments(p, "scale (as fedlora-sim; the same clients in every run)")
@@ -104,7 +107,8 @@ def plan_runs(args: argparse.Namespace) -> list[tuple[str, JobConfig]]:
 
     One run per strategy in ``args.strategies`` (with ``--ranks`` when given), then, with
     ``--hetero-ranks``, one more per strategy that allows heterogeneous ranks, labelled
-    ``flora (ranks 4,8,16)``. Each config is ``to_config`` of the flags with that strategy, so
+    ``flora (ranks 4,8,16)``; with several ``--compress`` codings, each of those per coding,
+    labelled ``fedavg + int8``. Each config is ``to_config`` of the flags with that strategy, so
     the default ``--lr`` is the strategy's.
 
     Parameters
@@ -138,12 +142,24 @@ def plan_runs(args: argparse.Namespace) -> list[tuple[str, JobConfig]]:
     if args.hetero_ranks is not None:
         text = ",".join(str(r) for r in args.hetero_ranks)
         specs += [(f"{name} (ranks {text})", name, args.hetero_ranks) for name in hetero]
+    codings = compress_grid(args.compress)
     plan = []
     for label, name, ranks in specs:
-        job = argparse.Namespace(**vars(args))
-        job.strategy, job.ranks = name, ranks
-        plan.append((label, check_sim_args(job)))  # fedlora-sim's checks: job and scale values, --out
+        for coding in codings:  # --compress none,int8,topk:0.1: strategy × compression
+            job = argparse.Namespace(**vars(args))
+            job.strategy, job.ranks, job.compress = name, ranks, coding
+            run = label if codings == ["none"] else f"{label} + {coding}"
+            plan.append((run, check_sim_args(job)))  # fedlora-sim's checks: job and scale values, --out
     return plan
+
+
+def compress_grid(text: str) -> list[str]:
+    """``--compress none,int8,topk:0.1``: the upload codings every strategy runs with, each once (each
+    checked with the job, :func:`fedlora.job.checks.check_compress_args`)."""
+    codings = [c.strip() for c in (text or "none").split(",") if c.strip()]
+    if not codings or len(set(codings)) < len(codings):
+        raise UserError(f"--compress takes codings like none,int8,topk:0.1, each once; got {text!r}")
+    return codings
 
 
 # ---- running ----
@@ -175,10 +191,13 @@ def _clear(out: Path, plan: list[tuple[str, JobConfig]]) -> None:
             (out / folder_name(label) / name).unlink(missing_ok=True)
 
 
-def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool) -> dict[str, list[dict]]:
+def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool,
+            tracked: dict[str, Tracking]) -> dict[str, list[dict]]:
     """Run every planned job with the simulator into ``out/<folder_name(label)>/``.
 
-    The table is rewritten after each run, so finished runs are kept if a later one fails.
+    The table is rewritten after each run, so finished runs are kept if a later one fails. With
+    ``--track``, each run is a run of its own in the experiment named after ``out``, its tracker files
+    under ``out`` (``tensorboard/<folder_name(label)>``, ``mlruns``, ``wandb``).
 
     Parameters
     ----------
@@ -188,6 +207,9 @@ def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool) -> dict[s
         The comparison folder.
     quiet : bool
         No progress bar and no per-round lines.
+    tracked : dict
+        Filled with each finished run's trackers (label -> Tracking), left open for the plots; a run
+        that fails closes its own.
 
     Returns
     -------
@@ -207,9 +229,18 @@ def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool) -> dict[s
         for label, cfg in plan:
             task = bar.add_task(label, total=cfg.rounds * cfg.local_steps * len(cfg.sampled(1)))
             t0 = time.perf_counter()
-            runs[label] = run(cfg, out / folder_name(label), on_step=lambda n, t=task: bar.advance(t, n),
-                              on_round=lambda row, lb=label: bar.console.print(
-                                  f"{lb}: {format_row(row)}", soft_wrap=True))
+            tracking = Tracking.open(cfg, out, run=label, subdir=folder_name(label),
+                                     experiment=out.resolve().name)
+            try:
+                runs[label] = run(cfg, out / folder_name(label), on_step=lambda n, t=task: bar.advance(t, n),
+                                  on_round=lambda row, lb=label: bar.console.print(
+                                      f"{lb}: {format_row(row)}", soft_wrap=True), tracking=tracking)
+            except BaseException:
+                if tracking is not None:
+                    tracking.close(failed=True)
+                raise
+            if tracking is not None:
+                tracked[label] = tracking
             walls[label] = time.perf_counter() - t0
             write_table([summarize(rows, lb, walls[lb]) for lb, rows in runs.items()], out,
                         job_notes(plan[0][1]))
@@ -230,13 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     int
         0 on success, 2 on bad input (one line on stderr; argparse's own errors exit 2 too).
     """
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)  # --config FILE's fields, then the flags
     plan = plan_runs(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.out.is_dir() and args.overwrite:
         _clear(args.out, plan)
-    runs, walls = run_all(plan, args.out, args.quiet)
-    plot(runs, args.out)
+    tracked: dict[str, Tracking] = {}  # --track: every run's trackers, which keep the plots too
+    plots: list[Path] = []
+    try:
+        runs, walls = run_all(plan, args.out, args.quiet, tracked)
+        plots = plot(runs, args.out)
+    finally:  # the finished runs' trackers end as finished, with the plots when there are some
+        for tracking in tracked.values():
+            tracking.finish({"plots": plots} if plots else {})
     if not args.quiet:
         print(markdown_table([summarize(rows, label, walls[label]) for label, rows in runs.items()]))
         print(f"wrote {args.out / TABLE_FILES[0]}, {TABLE_FILES[1]} and the plots "

@@ -16,7 +16,7 @@ import torch
 
 from fedlora.data.loading import partition
 from fedlora.job.schema import JobConfig
-from fedlora.job.setup import build_model, personal_split, public_data, splits
+from fedlora.job.setup import build_model, personal_split, prepared, public_data, splits
 from fedlora.models.export import export_peft
 from fedlora.models.hub import resolve_model_path
 from fedlora.models.model import FederatedModel
@@ -27,6 +27,7 @@ from fedlora.rounds import loop
 from fedlora.rounds.build import make_strategy
 from fedlora.rounds.coordinator import Coordinator
 from fedlora.rounds.sink import RunFolder
+from fedlora.rounds.tracking import Tracking
 from fedlora.simulations.batched import BatchedTransport
 from fedlora.strategies import Strategy
 from fedlora.tasks import Task, get_task
@@ -70,11 +71,12 @@ def build_job(cfg: JobConfig) -> Job:
                if cfg.dp == "sample" else None)
     personal = None
     if cfg.personal_test_fraction:
-        personal = [task.eval_set(tokenizer, train_ds.subset([idx[i] for i in test]), cfg)
+        personal = [prepared(task, fm, cfg, task.eval_set(tokenizer, train_ds.subset([idx[i] for i in test]),
+                                                          cfg))
                     for idx, (_, test) in zip(parts, held, strict=True)]
-    return Job(cfg, task, strategy, fm, task.encode(tokenizer, train_ds, cfg),
-               task.eval_set(tokenizer, test_ds, cfg), samplers, path, label_names, budgets, personal,
-               public_data(cfg, task, tokenizer, label_names))
+    return Job(cfg, task, strategy, fm, prepared(task, fm, cfg, task.encode(tokenizer, train_ds, cfg)),
+               prepared(task, fm, cfg, task.eval_set(tokenizer, test_ds, cfg)), samplers, path, label_names,
+               budgets, personal, prepared(task, fm, cfg, public_data(cfg, task, tokenizer, label_names)))
 
 
 #: CPU passes hold about this many tokens (rows × ``--max-length``): per token, a CPU step is
@@ -102,7 +104,7 @@ def pass_size(cfg: JobConfig, clients: int, num_labels: int = 2) -> int:
         return 1  # Opacus' DP-SGD is one client at a time
     if cfg.max_clients_per_pass:
         return min(cfg.max_clients_per_pass, clients)
-    tokens = cfg.batch_size * cfg.max_length  # one client's rows of one step, at most
+    tokens = cfg.batch_size * cfg.max_length * get_task(cfg.task).rows_per_example  # a client's step, at most
     if not cfg.device.startswith("cuda"):
         return max(1, min(clients, CPU_PASS_TOKENS // tokens))
     free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
@@ -112,16 +114,18 @@ def pass_size(cfg: JobConfig, clients: int, num_labels: int = 2) -> int:
 
 def train(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = None,
           on_round: Callable[[dict], None] | None = None,
-          schedule: Callable[[int], list[int]] | None = None) -> tuple[Job, Coordinator]:
+          schedule: Callable[[int], list[int]] | None = None,
+          tracking: Tracking | None = None) -> tuple[Job, Coordinator]:
     """Run the job's rounds, one JSON line per round in ``out_dir/metrics.jsonl``. Returns
     ``(job, coordinator)``: the job's model is then the global one, the coordinator holds the
     state and the rows.
 
     ``schedule``: round -> its clients, in place of ``cfg.sampled`` (to replay the participation
-    of a deployed run, whose clients may have died: ``benchmarks/load.py``)."""
+    of a deployed run, whose clients may have died: ``benchmarks/load.py``). ``tracking``: experiment
+    trackers every row also goes to (left open)."""
     t0 = time.perf_counter()
     job = build_job(cfg)
-    sink = RunFolder(out_dir, on_round=on_round)
+    sink = RunFolder(out_dir, on_round=on_round, tracking=tracking)
     sink.begin(cfg)
     coord = Coordinator(cfg, job.strategy, job.fm, job.test, job.public)
     loop.run(coord, BatchedTransport(job, coord, on_step), sink, schedule, started=t0)
@@ -130,9 +134,25 @@ def train(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None =
 
 def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = None,
         on_round: Callable[[dict], None] | None = None,
-        schedule: Callable[[int], list[int]] | None = None) -> list[dict]:
-    """:func:`train`, then export the final adapter to ``out_dir/adapter``. Returns the metric rows."""
-    job, coord = train(cfg, out_dir, on_step, on_round, schedule)
-    export_peft(coord.state, list(job.fm.adapters), out_dir / "adapter", job.model_path,
-                job.task.peft_task_type, list(job.fm.heads))
+        schedule: Callable[[int], list[int]] | None = None,
+        tracking: Tracking | None = None) -> list[dict]:
+    """:func:`train`, then export the final adapter to ``out_dir/adapter``. Returns the metric rows.
+
+    ``tracking``: experiment trackers the caller opened, which get the rows and the adapter and which
+    the caller ends (``fedlora-compare``); default: the job's own (``cfg.track``), ended here."""
+    own = tracking is None
+    if own:
+        tracking = Tracking.open(cfg, out_dir)
+    try:
+        job, coord = train(cfg, out_dir, on_step, on_round, schedule, tracking)
+        export_peft(coord.state, list(job.fm.adapters), out_dir / "adapter", job.model_path,
+                    job.task.peft_task_type, list(job.fm.heads))
+    except BaseException:
+        if own and tracking is not None:
+            tracking.close(failed=True)
+        raise
+    if own and tracking is not None:
+        tracking.finish({"adapter": [out_dir / "adapter"]})
+    elif tracking is not None:
+        tracking.artifacts("adapter", [out_dir / "adapter"])
     return coord.rows

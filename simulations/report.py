@@ -33,7 +33,8 @@ PERPLEXITY_PLOT = "perplexity_per_round.png"  # runs whose task reports perplexi
 METRIC_NAMES = {"accuracy": "test accuracy", "answer_accuracy": "answer accuracy (generated)",
                 "token_accuracy": "next-token accuracy",
                 "answer_contains": "answers containing the reference",
-                "rouge_l": "ROUGE-L F1 of the answers", "mc_accuracy": "multiple-choice accuracy"}
+                "rouge_l": "ROUGE-L F1 of the answers", "mc_accuracy": "multiple-choice accuracy",
+                "reward_accuracy": "DPO reward accuracy (held-out pairs)"}
 
 # ---- summaries and the table ----
 
@@ -204,7 +205,9 @@ def _plot_per_round(runs: dict[str, list[dict]], path: Path, key: str, name: str
 
 
 def _plot_accuracy_vs_bytes(runs: dict[str, list[dict]], path: Path) -> Path:
+    """One line per run: its colour the strategy's, its marker the upload coding's (``--compress``)."""
     fig, ax = _pyplot().subplots(figsize=(7, 4.5))
+    colours, markers = {}, {}
     for label, rows in runs.items():
         total, xs, ys = 0, [], []
         for r in sorted(rows, key=lambda r: r["round"]):
@@ -212,7 +215,11 @@ def _plot_accuracy_vs_bytes(runs: dict[str, list[dict]], path: Path) -> Path:
             if total > 0:  # nothing sent yet: no place on a log axis
                 xs.append(total / 1e6)
                 ys.append(r["accuracy"])
-        ax.plot(xs, ys, marker="o", label=label)
+        strategy = rows[0].get("strategy", label) if rows else label
+        coding = next((r["compress"] for r in rows if r.get("compress")), "none")
+        colour = colours.setdefault(strategy, f"C{len(colours) % 10}")
+        marker = markers.setdefault(coding, "osD^v<>px*"[len(markers) % 10])
+        ax.plot(xs, ys, marker=marker, color=colour, label=label)
     ax.set_xscale("log")
     ax.set(xlabel="cumulative bytes up + down (MB, log scale)", ylabel=_metric_name(runs),
            title="Accuracy vs communication")

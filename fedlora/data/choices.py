@@ -2,8 +2,10 @@
 
 Two forms are read (``--prompt-template`` then puts the question in its ``{text}`` slot):
 
-1. ``.jsonl`` rows with ``question``, ``choices`` (a list of at least two answers) and
-   ``answer``: the right choice's index (from 0) or its letter (``A`` for the first);
+1. rows with ``question``, ``choices`` (a list of at least two answers) and ``answer``: the
+   right choice's index (from 0) or its letter (``A`` for the first), in any form whose values
+   keep their types (``.jsonl``, ``.jsonl.gz``, ``.parquet``, a ``datasets.save_to_disk``
+   folder: :mod:`fedlora.data.readers`);
 2. MMLU's CSV: ``question,A,B,C,D,answer`` per row (any number of lettered choice columns),
    with or without that header line; ``answer`` is a letter (or an index).
 
@@ -15,11 +17,11 @@ A labeled file with ``--label-words`` is multiple choice too, its words being th
 
 from __future__ import annotations
 
-import csv
 import string
 from pathlib import Path
 
-from fedlora.data.loading import TextDataset, read_rows
+from fedlora.data.loading import TextDataset
+from fedlora.data.readers import reader_for
 from fedlora.errors import UserError
 
 LETTERS = string.ascii_uppercase
@@ -86,17 +88,16 @@ def read_choice_file(path: Path) -> TextDataset | None:
     UserError
         A row without a list of choices, with an empty choice, or whose answer is outside them.
     """
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        rows = read_rows(path)
+    reader = reader_for(path)
+    if reader.typed:
+        rows = reader.rows(path)
         if not rows or not set(COLUMNS) <= set(rows[0]):
             return None
         return _dataset([_row(r.get("question"), r.get("choices"), r.get("answer"), f"{path.name} row {n}")
                          for n, r in enumerate(rows, 1)])
-    if suffix != ".csv":
+    if reader.cells is None:
         return None
-    with path.open(newline="", encoding="utf-8") as fh:
-        lines = [r for r in csv.reader(fh) if r]
+    lines = reader.cells(path)
     start = _mmlu_start(lines[0]) if lines else None
     if start is None:
         return None

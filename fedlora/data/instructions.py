@@ -1,6 +1,7 @@
 """Instruction data for ``--task sft``: prompts and the responses to learn.
 
-A file is read in the first form its columns fit:
+A file (or folder: any form of :mod:`fedlora.data.readers`) is read in the first form its
+columns fit:
 
 1. chat: a ``messages`` list of ``{"role", "content"}`` whose last message is the
    assistant's (the response); the earlier ones are the prompt;
@@ -26,7 +27,8 @@ import json
 from pathlib import Path
 
 from fedlora.data.choices import read_choice_file
-from fedlora.data.loading import DEFAULT_DATASET, TextDataset, load_bbcnews, load_file, read_rows
+from fedlora.data.loading import DEFAULT_DATASET, TextDataset, load_bbcnews, load_file
+from fedlora.data.readers import read_rows
 from fedlora.errors import UserError
 
 BBC_INSTRUCT = "bbcnews-instruct"
@@ -126,8 +128,6 @@ def load_instructions(spec: str, text_column: str, label_column: str, template: 
     if spec in (BBC_INSTRUCT, DEFAULT_DATASET):  # the bundled BBC News, as questions
         return from_labeled(lead(load_bbcnews(), BBC_LEAD_WORDS), template or BBC_TEMPLATE, words)
     path = Path(spec)
-    if not path.is_file():
-        raise UserError(f"data file {spec!r} not found")
     choices = None if words else read_choice_file(path)
     if choices is not None:
         choices.texts = fill_template(template, choices.texts)

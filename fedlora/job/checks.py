@@ -7,13 +7,16 @@ job that arrives as a Flower run config is checked as its flags would be. Each c
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fedlora.errors import UserError
 from fedlora.job.defaults import measures_clip
 from fedlora.job.flags import flag_name
 from fedlora.job.schema import JobConfig
-from fedlora.models.hub import QUANTIZE, require_bitsandbytes
+from fedlora.models.hub import QUANTIZE, check_model_name, require_bitsandbytes
+from fedlora.rounds.compress import parse_scheme
+from fedlora.rounds.tracking import TRACKERS
 from fedlora.strategies import STRATEGIES
 from fedlora.strategies.robust import Robust
 from fedlora.tasks import AUTO, EVALUATIONS, TASKS
@@ -49,6 +52,7 @@ def check_job_args(args: JobConfig) -> None:
                         " measure those models on each client's own held-out examples")
     check_dp_args(args)
     check_secagg_args(args)
+    check_compress_args(args)
     if args.ranks is not None and not STRATEGIES[args.strategy].heterogeneous_ranks:
         if len(set(args.ranks)) > 1:
             takes = ", ".join(sorted(n for n, c in STRATEGIES.items() if c.heterogeneous_ranks))
@@ -63,6 +67,8 @@ def check_job_args(args: JobConfig) -> None:
     check_task_args(args)
     check_init_args(args)
     check_quantize_args(args)
+    check_track_args(args)
+    check_model_name(args.model)  # a hub id the local HF cache lacks: one line, before anything runs
     if args.gradient_checkpointing and args.dp == "sample":
         raise UserError("--gradient-checkpointing recomputes activations, which DP-SGD's per-example"
                         " gradient hooks would see twice; drop one of the two")
@@ -170,6 +176,9 @@ def check_dp_args(args) -> None:
     if args.dp == "sample":
         if args.max_grad_norm is not None and args.max_grad_norm <= 0:
             raise UserError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
+        if getattr(args, "dp_backend", "auto") == "opacus" and not TASKS[args.task].opacus:
+            raise UserError(f"--dp-backend opacus clips each model row, and --task {args.task}'s example is"
+                            " several rows (a preference pair): use --dp-backend fedlora (or auto)")
     else:
         if not STRATEGIES[args.strategy].sum_only:
             takes = ", ".join(sorted(n for n, c in STRATEGIES.items() if c.sum_only))
@@ -206,6 +215,46 @@ def check_secagg_args(args) -> None:
         raise UserError(f"--secagg does not cover {args.strategy}'s initialisation, whose uploads are"
                         " each client's gradient sketches: pass --strategy-options init=seed, or a"
                         " public --init-data FILE")
+
+
+def check_compress_args(args) -> None:
+    """Refuse an unknown ``--compress`` / ``--compress-down`` scheme, and the combinations that cannot
+    run, in one line: top-k for downloads (the server's state is not sparse), and ``--compress``
+    with ``--secagg``, which already quantizes each update (SecAgg+'s integers over [-R, R])."""
+    up = parse_scheme(args.compress, "--compress")
+    down = parse_scheme(args.compress_down, "--compress-down")
+    if not down.idempotent:
+        raise UserError(f"--compress-down {args.compress_down}: the server's global state is not sparse, so"
+                        " it travels as none, fp16, bf16, int8 or nf4 (top-k is for uploads)")
+    if args.secagg and up.name != "none":
+        raise UserError(f"--compress {args.compress} with --secagg: SecAgg+ already quantizes each update"
+                        " to integers over [-R, R] before masking it; drop --compress (or --secagg)")
+
+
+def check_track_args(args) -> None:
+    """Refuse an unknown ``--track`` tracker, or one whose package is not installed, in one line."""
+    for name in getattr(args, "track", None) or []:
+        if name not in TRACKERS:
+            raise UserError(f"unknown tracker {name!r} for --track; choose from"
+                            f" {', '.join(sorted(TRACKERS))}")
+        missing = TRACKERS[name].missing()
+        if missing:
+            raise UserError(missing)
+
+
+def check_track_dir(args, out: Path) -> None:
+    """Refuse a ``--track`` job whose tracker could not write its directory (for output folder ``out``)."""
+    for name in getattr(args, "track", None) or []:
+        where = TRACKERS[name].directory(out)
+        if where is None:  # a tracking server or database: the tracker's own errors
+            continue
+        path = where.resolve()
+        while not path.exists():
+            path = path.parent
+        if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+            why = "is a file" if not path.is_dir() else "is not writable"
+            raise UserError(f"--track {name} writes to {str(where)!r}, and {str(path)!r} {why}: choose"
+                            " another --out (or the tracker's own location) or fix the permissions")
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:

@@ -116,6 +116,7 @@ def score_models(cfg: JobConfig, adapters: list[Path], base: bool, quiet: bool =
         fm, tokenizer = load_scored_model(cfg, task, adapter, len(names))
         if data is None:  # one tokenizer for every model: --model's
             data = task.eval_set(tokenizer, examples, cfg)
+            task.prepare(fm, data, cfg)  # DPO's reference: this base with the adapter off
         t0 = time.perf_counter()
         metrics = task.evaluate(fm, data, cfg)
         rows.append({"model": BASE if adapter is None else str(adapter.path),
@@ -131,7 +132,9 @@ def _cell(key: str, value) -> str:
                                      ("answer_contains", "rouge_l")):
         return f"{100 * value:.1f}%"
     if isinstance(value, float):
-        return f"{value:.4g}" if key == "perplexity" else f"{value:.4f}" if key == "loss" else f"{value:.1f}"
+        if key in ("loss", "reward_margin"):
+            return f"{value:.4f}"
+        return f"{value:.4g}" if key == "perplexity" else f"{value:.1f}"
     return str(value)
 
 

@@ -31,6 +31,7 @@ def from_dict(values: dict[str, Any]) -> JobConfig:
 
 
 OPTIONAL_FLOATS = ("max_grad_norm", "clip_quantile")  # None travels as 0.0
+WORD_LISTS = ("target_modules", "track")  # lists of names travel joined by spaces, None as ""
 
 def to_run_config(cfg: JobConfig) -> dict[str, object]:
     """``JobConfig`` as Flower run-config entries (kebab-case keys, TOML scalars)."""
@@ -39,7 +40,7 @@ def to_run_config(cfg: JobConfig) -> dict[str, object]:
         value = getattr(cfg, f.name)
         if f.name == "ranks":
             value = ",".join(str(r) for r in value) if value else ""
-        elif f.name == "target_modules":
+        elif f.name in WORD_LISTS:
             value = " ".join(value) if value else ""
         elif f.name in OPTIONAL_FLOATS:
             value = 0.0 if value is None else float(value)
@@ -57,7 +58,7 @@ def from_run_config(run_config: dict[str, object]) -> JobConfig:
         value = run_config[key]
         if f.name == "ranks":
             value = [int(v) for v in str(value).split(",") if v.strip()] or None
-        elif f.name == "target_modules":
+        elif f.name in WORD_LISTS:
             value = str(value).split() or None
         elif f.name in OPTIONAL_FLOATS:
             value = float(value) or None

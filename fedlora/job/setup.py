@@ -7,6 +7,7 @@
 * :func:`client_share`: one client's examples (its partition, or its own file);
 * :func:`personal_split`: which of them the client holds out to measure its own model;
 * :func:`public_data`: the public ``--init-data`` examples the server initialises from;
+* :func:`prepared`: encoded data completed from the untrained model (DPO's reference);
 * :func:`build_model`: the base model wrapped with client slots for the job's task and
   strategy;
 * :func:`resolve_max_length`: ``--task sft``'s default ``--max-length``, read from the data once,
@@ -68,6 +69,15 @@ def public_data(cfg: JobConfig, task: Task, tokenizer,
     except UserError as exc:
         raise UserError(f"--init-data: {exc}") from None
     return task.encode(tokenizer, ds, cfg)
+
+
+def prepared(task: Task, fm: FederatedModel, cfg: JobConfig, data):
+    """``data`` (encoded, an evaluation set, or None) completed by :meth:`Task.prepare` from the
+    untrained ``fm``: DPO's reference log-probabilities. Every entry point calls it where it sets
+    the job up, before any round."""
+    if data is not None:
+        task.prepare(fm, data, cfg)
+    return data
 
 
 def client_share(cfg: JobConfig, partition_id: int, num_partitions: int) -> TextDataset:

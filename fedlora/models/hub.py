@@ -7,7 +7,12 @@
   found through the distribution's file list (the package itself is never imported: its
   ``__init__`` needs ``llm``);
 * a local transformers folder (``config.json`` and weights);
-* a ``.gguf`` file that transformers can read (it needs ``gguf`` and ``accelerate``).
+* a ``.gguf`` file that transformers can read (it needs ``gguf`` and ``accelerate``);
+* a hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``) of a model already in the local Hugging Face
+  cache (``HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``): its ``main`` snapshot's folder,
+  found by reading the cache's files alone (:func:`cached_snapshot`), so nothing is downloaded
+  whether or not ``HF_HUB_OFFLINE`` is set; an id the cache lacks is refused with the
+  ``hf download`` line that fetches it once.
 
 ``--quantize nf4|fp4|int8`` loads the base's linear layers as bitsandbytes ``Linear4bit`` /
 ``Linear8bitLt`` (transformers' ``BitsAndBytesConfig``); the output (LM) head and a
@@ -25,6 +30,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -45,6 +51,8 @@ QUANTIZE = ("none", "nf4", "fp4", "int8")
 BNB_PIN = "bitsandbytes==0.50.2"
 #: Heads that are never quantized (with the model's output embeddings).
 UNQUANTIZED_HEADS = ("classifier", "score")
+#: A hub id: ``org/name``.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def cache_dir() -> Path:
@@ -123,6 +131,36 @@ def _read_gguf(path: Path):
     return model, tokenizer
 
 
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The folder of hub model ``repo_id`` in the local Hugging Face cache (the snapshot of its
+    ``main`` revision, holding a ``config.json``), or None when the cache has none. Only the cache's
+    files are read (``try_to_load_from_cache``): nothing is ever downloaded."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=constants.HF_HUB_CACHE)
+    except HFValidationError:  # not a valid repository id
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def hub_refusal(name: str) -> UserError:
+    """The one line for hub id ``name`` that is neither a local folder nor in the cache."""
+    from huggingface_hub import constants
+
+    return UserError(f"model {name!r} is not a local folder, nor in the Hugging Face cache"
+                     f" ({constants.HF_HUB_CACHE}); nothing is downloaded at run time: fetch it once"
+                     f" with `hf download {name}`")
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a hub id (``org/name``) that names neither a local folder nor a cached model, reading
+    nothing but the file system (other names are checked where the model loads)."""
+    if HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
+        resolve_model_path(name)
+
+
 def resolve_model_path(name: str) -> Path:
     """Local folder of a model (see the module docstring)."""
     if name == DEFAULT_MODEL:
@@ -140,8 +178,14 @@ def resolve_model_path(name: str) -> Path:
             raise UserError(f"model file {name!r} not found")
         return gguf_folder(path.resolve())
     if not path.is_dir():
+        snapshot = cached_snapshot(name)
+        if snapshot is not None:
+            return snapshot
+        if HUB_ID.fullmatch(name):
+            raise hub_refusal(name)
         raise UserError(f"model {name!r} not found: pass a local folder with config.json and"
-                        f" weights, a .gguf file, '{DEFAULT_MODEL}' or '{SMOLLM2}' (nothing is downloaded)")
+                        f" weights, a .gguf file, a hub id (org/name) of a model in the local Hugging Face"
+                        f" cache, '{DEFAULT_MODEL}' or '{SMOLLM2}' (nothing is downloaded)")
     if not (path / "config.json").is_file():
         raise UserError(f"model folder {str(path)!r} has no config.json: it is not a transformers"
                         " model folder")

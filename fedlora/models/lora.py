@@ -40,6 +40,8 @@ not exact any more, and the run reports what that costs (``fold_truncation_error
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -309,6 +311,20 @@ class BatchedLoRALinear(nn.Module):
             self.fold_U, self.fold_V = saved
         else:
             self.base.weight.copy_(saved[0])
+
+
+@contextmanager
+def adapters_off(layers: Iterable[BatchedLoRALinear]) -> Iterator[None]:
+    """Inside the block every slot's adapter term of ``layers`` is off (its scale is 0): the model is
+    its frozen base (with any folds), every slot alike; the scales are restored on leaving."""
+    saved = [(layer, layer.scale.clone()) for layer in layers]
+    try:
+        for layer, _ in saved:
+            layer.scale.zero_()
+        yield
+    finally:
+        for layer, scale in saved:
+            layer.scale.copy_(scale)
 
 
 class BatchedLinear(nn.Module):

@@ -1,11 +1,11 @@
 """A job's model as shapes: its config (no weights read) and a weightless build on the meta device.
 
 :func:`model_config` reads ``--model``'s config: a preset (:mod:`fedlora.plan.presets`), the bundled
-``minilm`` or ``smollm2``, a local transformers folder (``config.json``) or a ``.gguf`` file (its
-metadata, through transformers: nothing is dequantized). :func:`build_shape` builds the job's model
-from it on the meta device, wrapped with one client slot exactly as the job wraps it
-(:class:`~fedlora.models.model.FederatedModel`: the same target modules, adapter plan and heads), and
-:class:`ModelShape` holds what the planner reads of it.
+``minilm`` or ``smollm2``, a local transformers folder (``config.json``), a hub id in the local Hugging
+Face cache, or a ``.gguf`` file (its metadata, through transformers: nothing is dequantized).
+:func:`build_shape` builds the job's model from it on the meta device, wrapped with one client slot
+exactly as the job wraps it (:class:`~fedlora.models.model.FederatedModel`: the same target modules,
+adapter plan and heads), and :class:`ModelShape` holds what the planner reads of it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from fedlora.errors import UserError
 from fedlora.job.schema import JobConfig
-from fedlora.models.hub import DEFAULT_MODEL, SMOLLM2, UNQUANTIZED_HEADS, resolve_model_path, smollm2_file
+from fedlora.models.hub import (
+    DEFAULT_MODEL,
+    HUB_ID,
+    SMOLLM2,
+    UNQUANTIZED_HEADS,
+    cached_snapshot,
+    resolve_model_path,
+    smollm2_file,
+)
 from fedlora.models.lora import linear_shape
 from fedlora.models.model import HEAD_NAMES, AdapterConfig, FederatedModel
 from fedlora.plan.presets import PRESETS, preset_config
@@ -56,12 +64,13 @@ def _read_config(name: str):
             if not gguf.is_file():
                 raise UserError(f"model file {name!r} not found")
             return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        if name == DEFAULT_MODEL or path.is_dir():
+        if name == DEFAULT_MODEL or path.is_dir() or HUB_ID.fullmatch(name) or cached_snapshot(name):
             return AutoConfig.from_pretrained(resolve_model_path(name), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read the config of {name!r}: {str(exc).strip().splitlines()[0]}") from None
     raise UserError(f"no model or planner preset called {name!r}: pass a local folder, a .gguf file,"
-                    f" '{DEFAULT_MODEL}', '{SMOLLM2}' or a preset ({', '.join(PRESETS)})")
+                    f" '{DEFAULT_MODEL}', '{SMOLLM2}' or a preset ({', '.join(PRESETS)}), or a hub id"
+                    " (org/name) of a model in the local Hugging Face cache")
 
 
 @dataclass(frozen=True)

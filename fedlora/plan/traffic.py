@@ -7,7 +7,9 @@ plus the coordinator's catch-up folds). :func:`plan_traffic` replays a job's rou
 same code: the job's strategy (``make_strategy``: its initialisation phases, plan of each round
 and ``aggregate``), a :class:`~fedlora.rounds.coordinator.Coordinator` for what each client is
 sent (its shared factors once, the folds it missed) and the same naming functions, on random
-factors of the real shapes. Only the shapes matter, and every adapted layer of one shape gets
+factors of the real shapes (coded as ``--compress`` / ``--compress-down`` code them: the codings'
+sizes depend on shapes alone; Fed-SB's initialisation sketches travel uncoded, as in the
+simulator). Only the shapes matter, and every adapted layer of one shape gets
 the same result, so the strategy runs on one layer per distinct ``(d_out, d_in)`` and the others
 share its tensors (no copy): an 8B model with 10 clients a round plans in about half a minute on
 2 cores, most of it the strategies' own aggregation (and its error) on one layer per shape.
@@ -35,6 +37,7 @@ from fedlora.errors import UserError
 from fedlora.job.schema import JobConfig
 from fedlora.models.state import probe_tensors, upload_tensors
 from fedlora.rounds.build import make_strategy
+from fedlora.rounds.compress import pack
 from fedlora.rounds.coordinator import Coordinator
 from fedlora.rounds.wire import INDEX
 from fedlora.strategies import ClientUpload, GlobalState
@@ -186,10 +189,12 @@ class Replay:
         """Round ``rnd``: every sampled client's download (with the folds it missed) and upload, then
         the strategy's aggregate, as :func:`fedlora.rounds.loop.run` orders them."""
         coord, clients = self.coord, self.cfg.sampled(rnd)
-        down = [record_bytes(sent) + record_bytes(catch) for sent, catch in map(coord.payload, clients)]
+        coded = coord.down, coord.codec.scheme  # --compress-down, --compress (none: as they are)
+        down = [record_bytes(pack(coded[0], sent)) + record_bytes(pack(coded[0], catch))
+                for sent, catch in map(coord.payload, clients)]
         uploads = [self._upload(c) for c in clients]
         full = [replace(u, factors=self._full(u.factors), cores=self._full(u.cores)) for u in uploads]
-        up = [record_bytes(upload_tensors(u, coord.plan)) for u in full]
+        up = [record_bytes(pack(coded[1], upload_tensors(u, coord.plan))) for u in full]
         for c in clients:
             coord.delivered(c)
         agg = self.strategy.aggregate(uploads, self.state)

@@ -88,6 +88,15 @@ class Capture:
                 self.g[m] = grad.detach()
         self.y.clear()
 
+    def group_rows(self, r: int) -> None:
+        """Take every ``r`` adjacent rows as one example's: ``(r·N, T, ·) -> (N, r·T, ·)`` (a
+        per-example gradient is a sum over the example's tokens, whichever row holds them)."""
+        if r == 1:
+            return
+        for kept in (self.x, self.g):
+            for m, t in kept.items():
+                kept[m] = t.reshape(t.shape[0] // r, r * t.shape[1], *t.shape[2:])
+
     def __exit__(self, *exc) -> None:
         for h in self.handles:
             h.remove()
@@ -226,15 +235,16 @@ class DPPass:
 def _rows_pass(fm, data, idx: list[int], ids: Tensor, m: int, cfg, device) -> DPPass:
     """Forward/backward of ``Σ_i ℓ_i`` over rows ``idx`` (routed to slots ``ids``) with capture,
     down to the client layers' outputs only (the parameters' ``.grad`` are left alone)."""
-    batch = gather_rows(data, idx, device, cfg.pad_to_longest)
-    labels = batch.pop("labels")
+    inputs, labels = cfg.task.model_inputs(gather_rows(data, idx, device, cfg.pad_to_longest))
     positions = cfg.task.logit_positions(labels)
+    r = cfg.task.rows_per_example
     cap = Capture(fm.client_layers(), keep_outputs=True)
     with cap:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            out = fm(routing=Routing.from_ids(ids), positions=positions, **batch)
+            out = fm(routing=Routing.from_ids(ids.repeat_interleave(r)), positions=positions, **inputs)
         losses = cfg.task.row_losses(out.logits, labels, positions)            # (N,)
         cap.backward(losses.sum())
+    cap.group_rows(r)
     return DPPass(cap, ids, losses.detach(), m)
 
 

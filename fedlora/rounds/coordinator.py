@@ -32,6 +32,7 @@ from fedlora.models.state import apply_global, download_tensors, head_of, held_r
 from fedlora.privacy.public import measure_clip, public_uploads, train_head, warm_start
 from fedlora.rounds.checkpoint import CHECKPOINT as CHECKPOINT  # re-exported (server/app.py)
 from fedlora.rounds.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.rounds.compress import parse_scheme, round_trip, upload_codec
 from fedlora.strategies import (
     Aggregate,
     ClientUpload,
@@ -66,6 +67,9 @@ class Coordinator:
         self.personal: dict[object, dict[str, Tensor]] = {}  # simulated clients' kept factors
         self.metrics: dict = {}                      # the last aggregate's own columns
         self.clip: float | None = None               # --dp sample: the clip measured on --init-data
+        self.codec = upload_codec(cfg, strategy)                 # --compress: the uploads' coding
+        self.down = parse_scheme(cfg.compress_down)  # downloads: the state is kept at this precision
+        self.residual: dict[object, dict[str, Tensor]] = {}  # simulated clients' error feedback
 
     # ---- state ----
     def start(self, gather: Gather | None = None) -> None:
@@ -118,11 +122,42 @@ class Coordinator:
 
     def _load(self, fold: dict[str, Factors]) -> None:
         assert self.state is not None
+        self._shipped(fold)
         self.fm.set_plan(self.plan)
         fresh = self.state.factors is None and self.plan.start == "fresh"
         self.fresh_seed = draw_seed(self.gen) if fresh else None
         apply_global(self.fm, self.state, fold, self.fresh_seed)
         self._note_residual()
+
+    def _shipped(self, fold: dict[str, Factors]) -> dict[str, Factors]:
+        """``--compress-down``: hold the state (and return ``fold``) at the precision clients receive
+        it, so that every engine's clients and the server's evaluation see the same values (the
+        schemes are idempotent: the download re-encodes them exactly). ``state.merged`` keeps the
+        aggregate's exact folds."""
+        if not self.down.lossy:
+            return fold
+        st = self.state
+
+        def at(t: Tensor | None) -> Tensor | None:
+            return None if t is None else round_trip(self.down, t.detach().cpu()).to(t.device, t.dtype)
+
+        if st.factors is not None:
+            st.factors = {k: (at(A), at(B)) for k, (A, B) in st.factors.items()}
+        if st.cores is not None:
+            st.cores = {k: at(R) for k, R in st.cores.items()}
+        st.head = {k: at(t) for k, t in st.head.items()}
+        return {k: (at(A), at(B)) for k, (A, B) in fold.items()}
+
+    def reference(self) -> dict[str, Tensor]:
+        """What a client of the next round starts its uploaded tensors from, as both sides hold it
+        (the state's tensors by name): the reference of ``--compress``'s upload coding."""
+        assert self.state is not None
+        return download_tensors(self.state, {}, self.plan, first=True)
+
+    def decode_upload(self, message: dict[str, Tensor],
+                      expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
+        """A client's upload tensors from its ``--compress`` message (``ValueError`` if malformed)."""
+        return self.codec.decode(message, self.reference(), expected)
 
     def _note_residual(self) -> None:
         """``--fold-rank``: the state records what the model holds of its folds (a truncation),
@@ -157,6 +192,7 @@ class Coordinator:
 
     def _advance(self, agg: Aggregate) -> Aggregate:
         self.state = agg.state
+        agg.fold = self._shipped(agg.fold)
         self.folds.append(agg.fold)
         self.round += 1
         self.state.round = self.round
@@ -219,7 +255,8 @@ class Coordinator:
         """Write ``checkpoint.safetensors`` atomically (:mod:`fedlora.rounds.checkpoint`: no pickle)."""
         blob = {"config": asdict(self.cfg), "round": self.round, "state": self.state,
                 "folds": self.folds, "gen": self.gen.get_state(), "fresh_seed": self.fresh_seed,
-                "rows": self.rows, "personal": self.personal, "clip": self.clip}
+                "rows": self.rows, "personal": self.personal, "clip": self.clip,
+                "residual": self.residual}
         return save_checkpoint(out_dir, blob)
 
     def restore(self, path: Path) -> None:
@@ -234,6 +271,7 @@ class Coordinator:
                 self.fm.adapters[name].fold(A, B)
         self.fresh_seed = blob["fresh_seed"]
         self.personal = blob.get("personal", {})
+        self.residual = blob.get("residual", {})
         self.clip = blob.get("clip")
         if self.clip is None and measures_clip(self.cfg):
             # written before the clip was measured: its clients clipped at the recipe's clip; keep it

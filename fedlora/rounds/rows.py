@@ -44,6 +44,8 @@ def round_row(coord: Coordinator, bytes_up: list[int], bytes_down: list[int], ag
     }
     if coord.cfg.fold_rank:  # what truncating the residual beside a quantized base costs, so far
         row["fold_truncation_error"] = residual_error(coord.state)
+    if coord.codec.on or coord.down.lossy:  # --compress / --compress-down (the transport adds compress_error)
+        row.update(compress=str(coord.codec.scheme), compress_down=str(coord.down))
     if coord.cfg.dp == "sample":  # the per-example clip: given, or measured on --init-data
         row["max_grad_norm"] = coord.cfg.max_grad_norm or coord.clip
     row.update(coord.strategy.round_report())  # --dp client's ledger, the defences' counts
@@ -62,7 +64,8 @@ def personal_columns(results: list[dict]) -> dict:
 
 
 METRIC_LABELS = {"accuracy": "acc", "answer_accuracy": "answer acc", "token_accuracy": "token acc",
-                 "answer_contains": "answer contains", "rouge_l": "rouge-l", "mc_accuracy": "mc acc"}
+                 "answer_contains": "answer contains", "rouge_l": "rouge-l", "mc_accuracy": "mc acc",
+                 "reward_accuracy": "reward acc"}
 
 
 def format_row(row: dict) -> str:
@@ -71,6 +74,8 @@ def format_row(row: dict) -> str:
     eps = "" if row.get("epsilon") is None else f"  ε {row['epsilon']:.2f}"
     ppl = f"  ppl {row['perplexity']:.2f}" if row.get("perplexity") is not None else ""
     ppl += f"  personal {row['personal_accuracy']:.4f}" if row.get("personal_accuracy") is not None else ""
+    if row.get("reward_margin") is not None:  # --task dpo
+        ppl += f"  reward acc {row['reward_accuracy']:.4f}  margin {row['reward_margin']:.4f}"
     name = METRIC_LABELS.get(row.get("metric", "accuracy"), row.get("metric", "acc"))
     return (f"round {row['round']:>3}  {name} {row['accuracy']:.4f}  loss {row['loss']:.4f}{ppl}  "
             f"agg_err {err}  up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB  "

@@ -4,7 +4,9 @@ A :class:`RunFolder` is the round loop's sink. It writes ``config.json`` and an 
 ``metrics.jsonl`` when a run starts (or rewrites ``metrics.jsonl`` from a checkpoint's rows when it
 resumes), and commits every round: one JSON line in ``metrics.jsonl``, then, where the run can be
 resumed (``fedlora-server``), the coordinator's checkpoint; ``status.json`` says whether the run is
-``running``, ``finished`` or ``failed`` (with the reason) for whoever follows it from outside.
+``running``, ``finished`` or ``failed`` (with the reason) for whoever follows it from outside. With
+``--track``, every committed row also goes to the job's experiment trackers (:mod:`fedlora.rounds.tracking`),
+which the run's owner ends with the run's artifacts (:meth:`Tracking.finish`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from fedlora.job.schema import JobConfig
 from fedlora.rounds.coordinator import Coordinator
+from fedlora.rounds.tracking import Tracking
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -37,11 +40,14 @@ class RunFolder:
         Write the coordinator's checkpoint after every committed round (a resumable run).
     on_round : callable, optional
         Called with every committed row (progress lines, a caller's list).
+    tracking : Tracking, optional
+        The job's experiment trackers (``--track``): every committed row goes to them too.
     """
 
     def __init__(self, out_dir: Path, checkpoints: bool = False,
-                 on_round: Callable[[dict], None] | None = None) -> None:
+                 on_round: Callable[[dict], None] | None = None, tracking: Tracking | None = None) -> None:
         self.out_dir, self.checkpoints, self.on_round = out_dir, checkpoints, on_round
+        self.tracking = tracking
         out_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -64,6 +70,8 @@ class RunFolder:
             fh.write(json.dumps(row) + "\n")
         if self.checkpoints:
             coord.save(self.out_dir)
+        if self.tracking is not None:
+            self.tracking.log(row)
         if self.on_round is not None:
             self.on_round(row)
 

@@ -22,9 +22,10 @@ from .base import (
 )
 from .choice import ChoiceSet, MultipleChoice
 from .classic import CausalLM, Classification
+from .dpo import DPO
 from .sft import SFT, GenerationSet, normalize
 
-__all__ = ["ANSWER_METRICS", "AUTO", "EVALUATIONS", "SFT", "TASKS", "AnswerMetric", "CausalLM", "ChoiceSet",
-           "Classification", "Evaluation", "GenerationSet", "MultipleChoice", "Task", "TokenLossTask",
-           "gather_rows", "get_task", "length_groups", "normalize", "register_answer_metric",
+__all__ = ["ANSWER_METRICS", "AUTO", "DPO", "EVALUATIONS", "SFT", "TASKS", "AnswerMetric", "CausalLM",
+           "ChoiceSet", "Classification", "Evaluation", "GenerationSet", "MultipleChoice", "Task",
+           "TokenLossTask", "gather_rows", "get_task", "length_groups", "normalize", "register_answer_metric",
            "register_evaluation", "register_task", "row_groups", "token_losses"]

@@ -56,16 +56,17 @@ def gather_rows(data: dict[str, Tensor], idx: list[int], device: torch.device,
 
     With ``pad_to_longest`` the token columns (every 2-D tensor as wide as
     ``input_ids``) are cut after the longest selected row, which is where its
-    ``attention_mask`` ends (rows are right-padded).
+    ``attention_mask`` ends (rows are right-padded). An example of several rows (DPO's pair:
+    ``(N, 2, T)`` token tensors) is cut the same way along its last dimension.
     """
     index = torch.as_tensor(idx, dtype=torch.long)
     out = {k: v.index_select(0, index) for k, v in data.items()}
     mask = out.get("attention_mask")
     if pad_to_longest and mask is not None and mask.numel():
-        width = mask.shape[1]
-        longest = max(1, int(mask.sum(dim=1).max()))
+        width = mask.shape[-1]
+        longest = max(1, int(mask.sum(dim=-1).max()))
         if longest < width:
-            out = {k: v[:, :longest] if v.dim() == 2 and v.shape[1] == width else v
+            out = {k: v[..., :longest] if v.dim() == mask.dim() and v.shape[-1] == width else v
                    for k, v in out.items()}
     return {k: v.to(device) for k, v in out.items()}
 
@@ -98,7 +99,8 @@ def row_groups(data: dict[str, Tensor], rows: Tensor, pad_to_longest: bool) -> l
     The non-private and the DP step both group this way."""
     if not pad_to_longest or "attention_mask" not in data:
         return None
-    return length_groups(data["attention_mask"][rows].sum(dim=1))
+    lengths = data["attention_mask"][rows].sum(dim=-1)            # (N,), or (N, rows of an example)
+    return length_groups(lengths.reshape(len(rows), -1).amax(dim=1))
 
 
 def token_losses(logits: Tensor, labels: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -138,6 +140,11 @@ class Task(ABC):
     length_from_data : bool
         Without ``--max-length``, the job's is derived from the training data
         (:meth:`example_lengths`, :func:`fedlora.job.setup.resolve_max_length`); else it is 64.
+    rows_per_example : int
+        Model rows of one example, adjacent in a pass (DPO: 2, a pair's chosen and rejected
+        responses); a per-example gradient (DP-SGD) sums over them.
+    opacus : bool
+        Opacus' DP-SGD can train it (its per-sample gradients are per model row).
     """
 
     name: ClassVar[str]
@@ -148,6 +155,8 @@ class Task(ABC):
     options: ClassVar[tuple[str, ...]] = ()
     datasets: ClassVar[tuple[str, ...]] = ("bbcnews",)
     length_from_data: ClassVar[bool] = False
+    rows_per_example: ClassVar[int] = 1
+    opacus: ClassVar[bool] = True
 
     @abstractmethod
     def load(self, spec: str, cfg, *, test: bool = False):
@@ -156,6 +165,18 @@ class Task(ABC):
     @abstractmethod
     def encode(self, tokenizer, ds, cfg) -> dict[str, Tensor]:
         """Training tensors of ``ds``: ``input_ids``, ``attention_mask``, ``labels``, …"""
+
+    def prepare(self, fm, data: Any, cfg) -> None:
+        """Complete :meth:`encode`'s or :meth:`eval_set`'s ``data`` with what it needs from the
+        untrained model, once, where the job is set up (before any round): nothing, but for DPO
+        (its reference log-probabilities)."""
+        return None
+
+    def model_inputs(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
+        """``(the model's inputs, the targets the loss reads)`` of a batch from :func:`gather_rows`
+        (``batch`` is consumed): the labels popped, for every task but DPO."""
+        labels = batch.pop("labels")
+        return batch, labels
 
     def example_lengths(self, tokenizer, ds, cfg) -> tuple[list[int], list[int]]:
         """``(tokens of each example, tokens of its part that no cut may shorten)``, uncut: what a

@@ -156,7 +156,7 @@ class SFT(TokenLossTask):
             if len(p) > room:
                 prompts[i], cut = p[len(p) - room:], cut + 1
         if cut:
-            print(f"fedlora: {cut} of {len(ds)} sft examples exceed --max-length {cfg.max_length};"
+            print(f"fedlora: {cut} of {len(ds)} {self.name} examples exceed --max-length {cfg.max_length};"
                   " their prompts were cut from the left (responses kept)", file=sys.stderr)
         return prompts, completions
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fedlora.errors import UserError
 from fedlora.job.schema import JobConfig
-from fedlora.job.setup import build_model, client_share, personal_split
+from fedlora.job.setup import build_model, client_share, personal_split, prepared
 from fedlora.models.state import (
     apply_global,
     download_from_tensors,
@@ -26,6 +26,7 @@ from fedlora.models.state import (
 )
 from fedlora.privacy.accounting import sample_budgets
 from fedlora.rounds.build import client_strategy
+from fedlora.rounds.compress import parse_scheme, upload_codec
 from fedlora.strategies import Probe
 from fedlora.tasks import get_task
 from fedlora.training.sketch import client_sketches
@@ -66,9 +67,10 @@ class LocalClient:
         ds = self._examples(label_names)
         train, test = personal_split(cfg, where.client_id, len(ds))
         # --personal-test-fraction: held-out examples of this client, to measure its own model
-        self.personal = self.task.eval_set(tokenizer, ds.subset(test), cfg) if test else None
+        self.personal = (prepared(self.task, self.fm, cfg,
+                                  self.task.eval_set(tokenizer, ds.subset(test), cfg)) if test else None)
         ds = ds.subset(train) if test else ds
-        self.train = self.task.encode(tokenizer, ds, cfg)
+        self.train = prepared(self.task, self.fm, cfg, self.task.encode(tokenizer, ds, cfg))
         self.sampler = ClientSampler.for_client(cfg, where.client_id, range(len(ds)))
         self.folded_through = 0
         self.clip: float | None = None  # --dp sample: the per-example clip the server measured
@@ -78,6 +80,12 @@ class LocalClient:
         # values), so that a round the server redoes (a resumed server) starts from the right ones
         self.held: dict[str, Tensor] = {}
         self.kept: dict[int, dict[str, Tensor]] = {}
+        # --compress: the upload's coding, the values it is coded from (this round's global tensors,
+        # as the server holds them) and the error-feedback residual (personal: kept between rounds)
+        self.codec = upload_codec(cfg, self.strategy)
+        self.down = parse_scheme(cfg.compress_down)
+        self.reference: dict[str, Tensor] = {}
+        self.residual: dict[str, Tensor] = {}
         # --dp sample: this client's privacy ledger (σ calibrated to its own sampling rate)
         self.budget = (sample_budgets(cfg, [len(ds)], self.strategy.init_releases, self.fm.model)[0]
                        if cfg.dp == "sample" else None)
@@ -115,6 +123,7 @@ class LocalClient:
             if mine:
                 self.kept[0] = mine
         self.held.update({k: t for k, t in download.items() if k.rpartition(".lora_")[2] in plan.shared})
+        self.reference = {**self.held, **download}
         for kind in (*plan.shared, *plan.keep):
             missing = [k for k in self.fm.adapters if f"{k}.lora_{kind}" not in {**self.held, **mine}]
             if missing:
@@ -157,6 +166,12 @@ class LocalClient:
                 del self.kept[old]
         up = upload_tensors(extract_upload(self.fm, 0, len(self)), self.fm.config.plan)
         return up, losses[0], time.perf_counter() - t0
+
+    def coded(self, upload: dict[str, Tensor]) -> tuple[dict[str, Tensor], tuple[float, float]]:
+        """``--compress``: the message that ships :meth:`fit`'s upload, and ``(‖θ̂ − θ‖², ‖θ‖²)``; the
+        error-feedback residual is updated (see ``fedlora.rounds.compress``)."""
+        message, self.residual, error = self.codec.encode(upload, self.reference, self.residual)
+        return message, error
 
     def update(self, upload: dict[str, Tensor]) -> dict[str, Tensor]:
         """``Δ = θ_k − θ̄``: the last :meth:`fit`'s upload minus the global tensors it started from

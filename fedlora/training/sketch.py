@@ -85,6 +85,7 @@ def _plain(fm, data, samplers, cfg, steps, probes, layers) -> dict[str, Tensor]:
     for _ in range(steps):
         with Capture(list(layers.values())) as cap:  # one pass: each client's rows contiguous, equal
             _step(fm, data, samplers, slots, cfg, device, split=False)
+        cap.group_rows(cfg.task.rows_per_example)
         for name, layer in layers.items():
             xr, gl = project(cap.x[layer], cap.g[layer], probes[name])
             got = dense_weighted_sum(xr, gl, ones, m).cpu() / steps

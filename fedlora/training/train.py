@@ -123,11 +123,13 @@ def _step(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[Client
     for group in groups or [None]:
         who = owner if group is None else owner[group]
         batch = gather_rows(data, idx if group is None else rows[group].tolist(), device, cfg.pad_to_longest)
-        labels = batch.pop("labels")
-        routing = Routing.segments(slots, n) if group is None else Routing.from_ids(slots[who.to(device)])
+        inputs, labels = task.model_inputs(batch)
+        r = task.rows_per_example  # an example's model rows are adjacent: its client's segment holds them
+        routing = (Routing.segments(slots, n * r) if group is None
+                   else Routing.from_ids(slots[who.to(device)].repeat_interleave(r)))
         positions = task.logit_positions(labels)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            out = fm(routing=routing, positions=positions, **batch)
+            out = fm(routing=routing, positions=positions, **inputs)
         share = task.loss_sums(out.logits, labels, positions) / counts[who].clamp_min(1.0).to(device)
         share.sum().backward()
         total.index_add_(0, who, share.detach().double().cpu())

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
-gpu_suite = sys.modules["gpu_suite"] = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(gpu_suite)
+gpu_suite = load_script("gpu_suite")
 PARTS = ["simulation", "aggregation", "dp", "kernels", "pass-size", "smollm2-sft", "smollm2-sft-nf4"]
 
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location("splits", ROOT / "benchmarks" / "splits.py")
-splits = sys.modules["splits"] = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(splits)
+splits = load_script("splits")
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 
 #: Three sentences and their pieces; "bad plot" is a piece of two of them.

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location("stats", ROOT / "benchmarks" / "stats.py")
-stats = sys.modules["bench_stats"] = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(stats)
+stats = load_script("stats", "bench_stats")
 
 
 @pytest.mark.parametrize("trained, tail", [(1, 1), (2, 1), (10, 3), (20, 5), (100, 5)])

@@ -37,8 +37,8 @@ def test_missing_column_and_file_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_file(tmp_path / "nope.csv")
     with pytest.raises(UserError, match="unsupported data file"):
-        (tmp_path / "x.parquet").write_text("")
-        load_file(tmp_path / "x.parquet")
+        (tmp_path / "x.xlsx").write_text("")
+        load_file(tmp_path / "x.xlsx")
 
 
 def test_split_and_iid_partition_cover_train_exactly_once(tiny_csv):

@@ -166,6 +166,21 @@ def test_sft_deployment_matches_the_simulator(tiny_chat_llama_dir, sentiment_tsv
     assert config["task_type"] == "CAUSAL_LM"
 
 
+def test_dpo_deployment_matches_the_simulator(tiny_chat_llama_dir, sentiment_tsv, tmp_path):
+    # Prepare: preference pairs from label words under FLoRA (whose folds change the base after the
+    # reference was cached) and DP-SGD per pair (a lone client's auto backend: fedlora's kernels)
+    flags = [*sft_job(tiny_chat_llama_dir, sentiment_tsv, 2, 2), "--task", "dpo", "--strategy", "flora", *DP]
+    # Execute
+    want = simulate(flags, tmp_path / "sim")
+    got = deploy(flags, tmp_path / "grid", 2)
+    # Assert: the same rewards and answers each round, and the same adapter
+    for s, d in zip(want, got, strict=True):
+        assert d["metric"] == "answer_accuracy" and d["answer_accuracy"] == s["answer_accuracy"]
+        assert d["reward_accuracy"] == s["reward_accuracy"]
+        assert d["reward_margin"] == pytest.approx(s["reward_margin"], rel=1e-4, abs=1e-7)
+    assert_same_adapter(tmp_path / "sim", tmp_path / "grid", rtol=1e-5, atol=1e-6)
+
+
 # --- stateless clients (Flower's simulation engine's run config, clients rebuilt every message) ---
 
 DP = ["--dp", "sample", "--epsilon", "8", "--delta", "1e-3", "--dp-reproducible"]

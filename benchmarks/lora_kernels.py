@@ -11,8 +11,8 @@ counting that every new pass shape (K, Poisson batch length) compiles again.
 
 Usage::
 
-    python benchmarks/kernels.py                  # CPU, MiniLM-sized layer
-    python benchmarks/kernels.py --device cuda --clients 100 --dim 384
+    python benchmarks/lora_kernels.py                  # CPU, MiniLM-sized layer
+    python benchmarks/lora_kernels.py --device cuda --clients 100 --dim 384
 """
 
 from __future__ import annotations

@@ -1,0 +1,180 @@
+"""Data files and folders by form: every data file fedlora reads is opened here.
+
+A form is a :class:`Reader` in :data:`READERS`, found by the end of a file's name or by the file
+that marks a folder:
+
+* ``.csv`` / ``.tsv``: a header line, then a row per line (every value is text);
+* ``.jsonl`` (or ``.json``): a JSON object per line; ``.jsonl.gz`` (or ``.json.gz``): the same,
+  gzip-compressed;
+* ``.parquet``: a Parquet file (pyarrow);
+* a folder written by ``datasets``' ``save_to_disk``: a ``Dataset`` (``state.json``), or a
+  ``DatasetDict`` (``dataset_dict.json``) of one split.
+
+Every form gives the same rows, a dict per row keyed by column in the file's column order, so the
+column rules of each task (:mod:`fedlora.data.loading`, :mod:`fedlora.data.instructions`,
+:mod:`fedlora.data.choices`) hold for all of them alike. JSON, Parquet and ``datasets`` values keep
+their types (a ``choices`` or ``messages`` list, an integer label); CSV and TSV values are text.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import gzip
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedlora.errors import UserError
+
+Rows = list[dict]
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One form of data.
+
+    Attributes
+    ----------
+    name : str
+        The form, as messages name it.
+    rows : callable
+        ``path -> rows`` (a dict per row).
+    suffixes : tuple of str
+        Lower-case ends of the names of the files it reads (a file form).
+    marker : str
+        The file inside the folders it reads (a folder form).
+    typed : bool
+        Values keep their types (lists, numbers); False: every value is text.
+    cells : callable or None
+        ``path -> lines of cells``, every line as it is (a first line that may be data rather
+        than a header: MMLU's CSV); None where the form has no such lines.
+    """
+
+    name: str
+    rows: Callable[[Path], Rows]
+    suffixes: tuple[str, ...] = ()
+    marker: str = ""
+    typed: bool = True
+    cells: Callable[[Path], list[list[str]]] | None = None
+
+    def reads(self, path: Path) -> bool:
+        """Whether ``path`` is in this form."""
+        if self.marker:
+            return path.is_dir() and (path / self.marker).is_file()
+        return path.is_file() and path.name.lower().endswith(self.suffixes)
+
+
+#: The forms, by name, tried in order (:func:`register_reader` adds one).
+READERS: dict[str, Reader] = {}
+
+
+def register_reader(reader: Reader) -> Reader:
+    """Add ``reader`` to :data:`READERS`."""
+    READERS[reader.name] = reader
+    return reader
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _delimited_rows(path: Path, delimiter: str) -> Rows:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh, delimiter=delimiter))
+
+
+def _delimited_cells(path: Path, delimiter: str) -> list[list[str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return [r for r in csv.reader(fh, delimiter=delimiter) if r]
+
+
+def _json_lines(path: Path, opener: Callable = open) -> Rows:
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}:{n}: not a JSON object per line ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}:{n}: not a JSON object per line (a {type(row).__name__})")
+                rows.append(row)
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise UserError(f"{path}: not a gzip-compressed file ({_first_line(exc)})") from None
+    return rows
+
+
+def _parquet(path: Path) -> Rows:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+    return table.to_pylist()
+
+
+def _dataset(path: Path) -> Rows:
+    from datasets import load_from_disk
+
+    try:
+        return load_from_disk(str(path)).to_list()
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{path}: not a readable datasets.save_to_disk folder ({_first_line(exc)})") from None
+
+
+def _dataset_dict(path: Path) -> Rows:
+    try:
+        splits = list(json.loads((path / "dataset_dict.json").read_text())["splits"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a readable datasets.save_to_disk folder ({_first_line(exc)})") from None
+    if len(splits) != 1:
+        raise UserError(f"{path} is a DatasetDict of the splits {', '.join(splits)}: pass one split's"
+                        f" folder, e.g. {path / splits[0]}")
+    return _dataset(path / splits[0])
+
+
+register_reader(Reader("CSV", functools.partial(_delimited_rows, delimiter=","), (".csv",), typed=False,
+                       cells=functools.partial(_delimited_cells, delimiter=",")))
+register_reader(Reader("TSV", functools.partial(_delimited_rows, delimiter="\t"), (".tsv",), typed=False))
+register_reader(Reader("JSON lines", _json_lines, (".jsonl", ".json")))
+register_reader(Reader("gzip JSON lines", functools.partial(_json_lines, opener=gzip.open),
+                       (".jsonl.gz", ".json.gz")))
+register_reader(Reader("Parquet", _parquet, (".parquet",)))
+register_reader(Reader("datasets.save_to_disk folder", _dataset, marker="state.json"))
+register_reader(Reader("datasets.save_to_disk DatasetDict folder", _dataset_dict, marker="dataset_dict.json"))
+
+
+def forms() -> str:
+    """The accepted forms, in one phrase (for messages)."""
+    suffixes = [s for r in READERS.values() for s in r.suffixes]
+    return (f"a {', '.join(suffixes[:-1])} or {suffixes[-1]} file, or a datasets.save_to_disk folder"
+            if suffixes else "a datasets.save_to_disk folder")
+
+
+def reader_for(path: Path) -> Reader:
+    """The form of ``path``.
+
+    Raises
+    ------
+    UserError
+        ``path`` does not exist, or is in no form of :data:`READERS`.
+    """
+    if not path.exists():
+        raise UserError(f"data file {str(path)!r} not found")
+    found = next((r for r in READERS.values() if r.reads(path)), None)
+    if found is None:
+        raise UserError(f"unsupported data {'folder' if path.is_dir() else 'file'} {str(path)!r}:"
+                        f" use {forms()}")
+    return found
+
+
+def read_rows(path: Path) -> Rows:
+    """The rows of ``path`` (a dict per row), in whichever form it is."""
+    return reader_for(path).rows(path)

@@ -1,0 +1,32 @@
+"""benchmarks/llm_eval.py's DPO study on a tiny model and a tiny SST-2-like folder (its smoke path)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.benchmarks.bench_scripts import BENCHMARKS, load_script
+
+
+@pytest.mark.slow
+def test_sst2_dpo_study_reports_round_0_and_the_last_of_each_strategy(tiny_chat_llama_dir, tmp_path,
+                                                                       monkeypatch, capsys):
+    # Prepare: SST-2's two files, keyword-labelled (train: sentence, dev: content)
+    sst2 = tmp_path / "sst2"
+    sst2.mkdir()
+    for name, column, n in (("train.tsv", "sentence", 60), ("dev.tsv", "content", 12)):
+        rows = [f"{i % 2}\t{'great' if i % 2 else 'awful'} film {i}" for i in range(n)]
+        (sst2 / name).write_text("\n".join([f"label\t{column}", *rows]) + "\n")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # llm_sft.py imports stats.py
+    llm_eval = load_script("llm_eval")
+    # Execute: 40 sampled phrases over 10 clients, one round of one step, 8 dev sentences
+    argv = ["--studies", "sst2-dpo", "--model", str(tiny_chat_llama_dir), "--sst2", str(sst2),
+            "--out", str(tmp_path / "out"), "--dpo-train", "40", "--dpo-rounds", "1", "--dpo-steps", "1",
+            "--eval-max", "8"]
+    assert llm_eval.main(argv) == 0
+    # Assert: the sample, and a table row for round 0 and round 1 of FedAvg and FLoRA
+    assert len((tmp_path / "out" / "sst2-dpo" / "train.tsv").read_text().splitlines()) == 41
+    table = capsys.readouterr().out
+    for strategy in llm_eval.DPO_STRATEGIES:
+        for rnd in (0, 1):
+            assert f"| {strategy}, round {rnd} |" in table
+    assert "| fedavg, round 0 | 0.0% | 0.0% | 0.000 | 0.693 | 8 |" in table  # zero-shot: the reference
