@@ -57,7 +57,7 @@ def local_client(msg: Message, context: Context) -> LocalClient:
         client = LocalClient(cfg, ClientData.from_node_config(dict(context.node_config)), labels)
         _CACHE[key] = client
         client.kept.update(read_kept(client, context))
-        client.residual = read_residual(client, context)
+        client.residuals = read_residuals(client, context)
     if client.budget is not None:
         # the ledger outlives a rebuilt client (Flower's simulation, a restarted ClientApp) in the
         # node's context, and a restarted node or a resumed server in a file
@@ -115,19 +115,27 @@ def residual_path(client: LocalClient, context: Context) -> Path:
     return ledger_path(client, context).with_suffix(".residual.safetensors")
 
 
-def read_residual(client: LocalClient, context: Context) -> dict[str, Tensor]:
-    """A rebuilt client's error-feedback residual: from ``context.state``, else from its file."""
-    if RESIDUAL in context.state.array_records:
-        return from_record(context.state[RESIDUAL])
+def read_residuals(client: LocalClient, context: Context) -> dict[int, dict[str, Tensor]]:
+    """A rebuilt client's error-feedback residuals by round: from ``context.state``, else from its
+    file."""
     path = residual_path(client, context)
-    return load_tensors(path) if path.is_file() else {}
+    if RESIDUAL in context.state.array_records:
+        flat = from_record(context.state[RESIDUAL])
+    else:
+        flat = load_tensors(path) if path.is_file() else {}
+    out: dict[int, dict[str, Tensor]] = {}
+    for key, t in flat.items():  # "t<round>.<tensor name>"
+        rnd, _, name = key.partition(".")
+        out.setdefault(int(rnd[1:]), {})[name] = t
+    return out
 
 
 def _keep_residual(client: LocalClient, context: Context) -> None:
-    if not client.residual:
+    flat = {f"t{rnd}.{name}": t for rnd, left in client.residuals.items() for name, t in left.items()}
+    if not flat:
         return
-    context.state[RESIDUAL] = to_record(client.residual)
-    save_tensors(residual_path(client, context), client.residual)  # atomic
+    context.state[RESIDUAL] = to_record(flat)
+    save_tensors(residual_path(client, context), flat)  # atomic
 
 
 def _keep_factors(client: LocalClient, context: Context) -> None:
@@ -181,7 +189,7 @@ def train(msg: Message, context: Context) -> Message:
     _keep_factors(client, context)
     if is_secure(msg):  # --secagg: SecAgg+ masks the update before it leaves this node
         return secure_reply(client, upload, _metrics(client, seconds, loss), msg)
-    message, (err, norm) = client.coded(upload)  # --compress (none: the upload as it is)
+    message, (err, norm) = client.coded(upload, rnd)  # --compress (none: the upload as it is)
     _keep_residual(client, context)
     metrics = _metrics(client, seconds, loss)
     if client.codec.on:

@@ -81,11 +81,12 @@ class LocalClient:
         self.held: dict[str, Tensor] = {}
         self.kept: dict[int, dict[str, Tensor]] = {}
         # --compress: the upload's coding, the values it is coded from (this round's global tensors,
-        # as the server holds them) and the error-feedback residual (personal: kept between rounds)
+        # as the server holds them) and the error-feedback residuals (personal: kept between rounds),
+        # by the round whose upload left them, so that a redone round codes from the one before it
         self.codec = upload_codec(cfg, self.strategy)
         self.down = parse_scheme(cfg.compress_down)
         self.reference: dict[str, Tensor] = {}
-        self.residual: dict[str, Tensor] = {}
+        self.residuals: dict[int, dict[str, Tensor]] = {}
         # --dp sample: this client's privacy ledger (σ calibrated to its own sampling rate)
         self.budget = (sample_budgets(cfg, [len(ds)], self.strategy.init_releases, self.fm.model)[0]
                        if cfg.dp == "sample" else None)
@@ -167,10 +168,17 @@ class LocalClient:
         up = upload_tensors(extract_upload(self.fm, 0, len(self)), self.fm.config.plan)
         return up, losses[0], time.perf_counter() - t0
 
-    def coded(self, upload: dict[str, Tensor]) -> tuple[dict[str, Tensor], tuple[float, float]]:
-        """``--compress``: the message that ships :meth:`fit`'s upload, and ``(‖θ̂ − θ‖², ‖θ‖²)``; the
-        error-feedback residual is updated (see ``fedlora.rounds.compress``)."""
-        message, self.residual, error = self.codec.encode(upload, self.reference, self.residual)
+    def coded(self, upload: dict[str, Tensor], rnd: int) -> tuple[dict[str, Tensor], tuple[float, float]]:
+        """``--compress``: the message that ships round ``rnd``'s upload (:meth:`fit`'s), and
+        ``(‖θ̂ − θ‖², ‖θ‖²)`` (see ``fedlora.rounds.compress``). It adds the residual of the last round
+        before ``rnd`` and keeps the one it leaves as round ``rnd``'s: a round the server redoes (a
+        resumed server) adds the residual its first attempt added, not that attempt's own."""
+        earlier = {r: e for r, e in self.residuals.items() if r < rnd}
+        residual = earlier[max(earlier)] if earlier else {}
+        message, left, error = self.codec.encode(upload, self.reference, residual)
+        self.residuals = {r: earlier[r] for r in sorted(earlier)[-1:]}  # the one a redo of rnd needs
+        if left:
+            self.residuals[rnd] = left
         return message, error
 
     def update(self, upload: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from fedlora.rounds.compress import (
     unpack,
 )
 from fedlora.rounds.wire import tensor_bytes
+from fedlora.training.client import LocalClient
 
 
 def test_int8_is_within_half_a_shipped_scale_of_every_entry():
@@ -150,6 +152,23 @@ def test_error_feedback_carries_the_residual_into_the_next_upload():
     assert Codec(parse_scheme("topk:0.25"), feedback=False).encode({"t": torch.ones(4)}, {}, {})[1] == {}
     assert Codec(parse_scheme("none")).encode({"t": torch.ones(4)}, {}, {})[1] == {}
     assert relative_error([(1.0, 4.0), (3.0, 12.0)]) == pytest.approx(0.5)
+
+
+def test_a_redone_round_codes_from_the_residual_its_first_attempt_used():
+    # Prepare: a deployed client's coding state (LocalClient.coded reads codec, reference, residuals)
+    client = SimpleNamespace(codec=Codec(parse_scheme("topk:0.25")), reference={}, residuals={})
+    first = {"t": torch.tensor([4.0, 1.0, 0.5, 0.2])}
+    # Execute: round 1, round 2, then round 2 again (a resumed server redoes it), then round 3
+    LocalClient.coded(client, first, 1)
+    m2, _ = LocalClient.coded(client, {"t": torch.zeros(4)}, 2)
+    m2_again, _ = LocalClient.coded(client, {"t": torch.zeros(4)}, 2)
+    m3, _ = LocalClient.coded(client, {"t": torch.zeros(4)}, 3)
+    # Assert: the redo adds round 1's residual [0, 1, 0.5, 0.2] again (ships 1 at index 1), not its
+    # first attempt's [0, 0, 0.5, 0.2]; round 3 goes on from round 2's, and two rounds are kept
+    assert m2["t"].tolist() == m2_again["t"].tolist() == [1] and m2_again[SIDE].tolist() == [1.0]
+    assert m3["t"].tolist() == [2] and m3[SIDE].tolist() == [0.5]
+    assert sorted(client.residuals) == [2, 3]
+    assert torch.allclose(client.residuals[3]["t"], torch.tensor([0.0, 0.0, 0.0, 0.2]))
 
 
 def test_residuals_survive_a_checkpoint(tmp_path):
