@@ -92,22 +92,37 @@ def kept_path(client: LocalClient, context: Context) -> Path:
     return ledger_path(client, context).with_suffix(".kept.safetensors")
 
 
-def read_kept(client: LocalClient, context: Context) -> dict[int, dict[str, Tensor]]:
-    """A rebuilt client's personal factors by round (the plan's keep): from the node's
-    ``context.state`` (Flower's simulation rebuilds clients), else from its file (a restarted
-    node, or a resumed server, which starts a new Flower run)."""
+def read_by_round(context: Context, record: str, path: Path, *older: Path) -> dict[int, dict[str, Tensor]]:
+    """Tensors a client keeps by round (``t<round>.<name>``), as :func:`keep_by_round` wrote them:
+    from the node's ``context.state`` (Flower's simulation rebuilds clients), else from ``path`` or
+    an ``older`` file (a restarted node, or a resumed server, which starts a new Flower run)."""
     flat: dict[str, Tensor] = {}
-    path = kept_path(client, context)
-    old = path.with_suffix(".pt")  # an older fedlora's torch.save file: read without unpickling code
-    if KEPT in context.state.array_records:
-        flat = from_record(context.state[KEPT])
-    elif path.is_file() or old.is_file():
-        flat = load_tensors(path if path.is_file() else old)
+    found = next((f for f in (path, *older) if f.is_file()), None)
+    if record in context.state.array_records:
+        flat = from_record(context.state[record])
+    elif found is not None:
+        flat = load_tensors(found)
     out: dict[int, dict[str, Tensor]] = {}
-    for key, t in flat.items():  # "t<round>.<layer>.lora_<F>"
+    for key, t in flat.items():
         rnd, _, name = key.partition(".")
         out.setdefault(int(rnd[1:]), {})[name] = t
     return out
+
+
+def keep_by_round(context: Context, record: str, path: Path, by_round: dict[int, dict[str, Tensor]]) -> None:
+    """Keep ``by_round`` in the node's ``context.state`` and in ``path`` (atomically); nothing if empty."""
+    flat = {f"t{rnd}.{name}": t for rnd, held in by_round.items() for name, t in held.items()}
+    if not flat:
+        return
+    context.state[record] = to_record(flat)
+    save_tensors(path, flat)  # atomic
+
+
+def read_kept(client: LocalClient, context: Context) -> dict[int, dict[str, Tensor]]:
+    """A rebuilt client's personal factors by round (the plan's keep)."""
+    path = kept_path(client, context)
+    # an older fedlora's torch.save file is read too, without unpickling code
+    return read_by_round(context, KEPT, path, path.with_suffix(".pt"))
 
 
 def residual_path(client: LocalClient, context: Context) -> Path:
@@ -116,34 +131,16 @@ def residual_path(client: LocalClient, context: Context) -> Path:
 
 
 def read_residuals(client: LocalClient, context: Context) -> dict[int, dict[str, Tensor]]:
-    """A rebuilt client's error-feedback residuals by round: from ``context.state``, else from its
-    file."""
-    path = residual_path(client, context)
-    if RESIDUAL in context.state.array_records:
-        flat = from_record(context.state[RESIDUAL])
-    else:
-        flat = load_tensors(path) if path.is_file() else {}
-    out: dict[int, dict[str, Tensor]] = {}
-    for key, t in flat.items():  # "t<round>.<tensor name>"
-        rnd, _, name = key.partition(".")
-        out.setdefault(int(rnd[1:]), {})[name] = t
-    return out
+    """A rebuilt client's error-feedback residuals by round."""
+    return read_by_round(context, RESIDUAL, residual_path(client, context))
 
 
 def _keep_residual(client: LocalClient, context: Context) -> None:
-    flat = {f"t{rnd}.{name}": t for rnd, left in client.residuals.items() for name, t in left.items()}
-    if not flat:
-        return
-    context.state[RESIDUAL] = to_record(flat)
-    save_tensors(residual_path(client, context), flat)  # atomic
+    keep_by_round(context, RESIDUAL, residual_path(client, context), client.residuals)
 
 
 def _keep_factors(client: LocalClient, context: Context) -> None:
-    kept = {f"t{rnd}.{name}": t for rnd, got in client.kept.items() for name, t in got.items()}
-    if not kept:
-        return
-    context.state[KEPT] = to_record(kept)
-    save_tensors(kept_path(client, context), kept)  # atomic
+    keep_by_round(context, KEPT, kept_path(client, context), client.kept)
 
 
 def _keep_ledger(client: LocalClient, context: Context) -> None:
