@@ -113,7 +113,7 @@ class BatchedTransport:
         ref, out, up, parts = coord.reference(), [], [], []
         for c, u, t in zip(clients, uploads, tensors, strict=True):
             message, coord.residual[c], part = coord.codec.encode(t, ref, coord.residual.get(c, {}))
-            got = coord.decode_upload(message)
+            got = coord.codec.decode(message, ref)  # the server's decoding, from the round's one reference
             out.append(upload_from_tensors(got, u.num_examples, u.scale, coord.plan, coord.state))
             up.append(tensor_bytes(message))
             parts.append(part)
