@@ -2,6 +2,8 @@
 
     python benchmarks/llm_eval.py [--studies sst2-mc,bbcnews-mc,sst2-dpo] [--out runs/llm-eval] [--eval-max N]
                                   [--adapter DIR ...] [--dpo-train N] [--dpo-rounds R] [--dpo-steps S]
+                                  [--dpo-batch P] [--dpo-sft-weights 0,1] [--dpo-strategies fedavg,flora]
+                                  [--job-flags '--precision bf16 --max-clients-per-pass 2']
 
 * ``sst2-mc`` (:func:`sst2_mc`): SmolLM2-135M-Instruct zero-shot on SST-2's 872 dev sentences as
   multiple choice: choices ``negative`` / ``positive`` (``--label-words``), the prompt of
@@ -13,11 +15,16 @@
   cuts no prompt.
 * ``sst2-dpo`` (:func:`sst2_dpo`): federated DPO (``fedlora-sim --task dpo``) from label-word pairs on
   a seeded sample of SST-2 train (``--dpo-train`` phrases: the right word chosen, the other
-  rejected), 10 clients, FedAvg and FLoRA (exact), scored on SST-2 dev by greedy answer accuracy
-  and reward accuracy; round 0 is the zero-shot model (the reference itself). The reference
-  log-probabilities of every training pair are computed once where the job is set up, so the
-  sample is sized to what the rounds draw (10 clients × ``--dpo-steps`` × 8 per round), not to the
-  67,349 phrases. ``--model`` and ``--sst2`` let a test run it on a tiny model and files.
+  rejected), 10 clients, FedAvg and FLoRA (exact, ``--dpo-strategies``), scored on SST-2 dev by
+  greedy answer accuracy and reward accuracy; round 0 is the zero-shot model (the reference
+  itself). Each strategy runs once per ``--dpo-sft-weights`` α (0: plain DPO; α > 0 adds the
+  chosen answer's per-token NLL, as RPO does). ``--dpo-batch`` pairs a step (default 4: the 8 rows
+  of a ``benchmarks/llm_sft.py`` step, so that the rounds cost what the SFT job's do, plus the
+  reference pass). The reference log-probabilities of every training pair are computed once where
+  the job is set up, so the sample is sized to what the rounds draw (10 clients × ``--dpo-steps``
+  × ``--dpo-batch`` per round), not to the 67,349 phrases. ``--job-flags`` passes more
+  ``fedlora-sim`` flags (precision, pass size). ``--model`` and ``--sst2`` let a test run it on a
+  tiny model and files.
 
 ``--adapter`` scores adapters exported by runs on SmolLM2 beside the base. Each study runs
 ``fedlora-eval`` in this process, into ``OUT/<study>/``, and returns the command it ran and the
@@ -109,16 +116,19 @@ def sst2_dpo(args: argparse.Namespace) -> dict:
              "--test-data", str(args.sst2 / "dev.tsv"), "--test-text-column", "content",
              *(["--eval-max", str(args.eval_max)] if args.eval_max else []),
              "--num-clients", "10", "--rounds", str(args.dpo_rounds), "--local-steps", str(args.dpo_steps),
-             "--batch-size", "8", "--max-length", "96", "--eval-batch-size", "16", "--dpo-beta", "0.1",
-             "--quiet", "--overwrite"]
+             "--batch-size", str(args.dpo_batch), "--max-length", "96", "--eval-batch-size", "16",
+             "--dpo-beta", "0.1", *shlex.split(args.job_flags), "--quiet", "--overwrite"]
     t0, rows = time.perf_counter(), []
-    for strategy in DPO_STRATEGIES:
-        out = root / strategy
-        if fedlora_sim([*flags, "--strategy", strategy, "--out", str(out)]) != 0:
-            raise SystemExit(f"sst2-dpo: fedlora-sim --strategy {strategy} failed")
-        got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        rows += [{"model": f"{strategy}, round {r['round']}", **r} for r in (got[0], got[-1])]
-    command = "fedlora-sim " + shell([*flags, "--strategy", "S", "--out", "OUT"])
+    for strategy in args.dpo_strategies.split(","):
+        for alpha in args.dpo_sft_weights.split(","):
+            out = root / f"{strategy}-a{alpha}"
+            if not (out / "adapter").is_dir():  # a finished run is reused
+                argv = [*flags, "--strategy", strategy, "--dpo-sft-weight", alpha, "--out", str(out)]
+                if fedlora_sim(argv) != 0:
+                    raise SystemExit(f"sst2-dpo: fedlora-sim --strategy {strategy} failed")
+            got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            rows += [{"model": f"{strategy}, α {alpha}, round {r['round']}", **r} for r in (got[0], got[-1])]
+    command = "fedlora-sim " + shell([*flags, "--strategy", "S", "--dpo-sft-weight", "α", "--out", "OUT"])
     return {"study": "sst2-dpo", "command": command, "rows": rows, "seconds": time.perf_counter() - t0}
 
 
@@ -149,7 +159,7 @@ def report(result: dict) -> str:
 STUDIES = {"sst2-mc": (sst2_mc, report), "bbcnews-mc": (bbcnews_mc, report),
            "sst2-dpo": (sst2_dpo, dpo_report)}
 #: The DPO study's strategies: the default, and an exact one (FLoRA: stacking, folded into the base).
-DPO_STRATEGIES = ("fedavg", "flora")
+DPO_STRATEGIES = "fedavg,flora"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dpo-train", type=int, default=2000, help="sst2-dpo: SST-2 training phrases sampled")
     p.add_argument("--dpo-rounds", type=int, default=2, help="sst2-dpo: rounds")
     p.add_argument("--dpo-steps", type=int, default=10, help="sst2-dpo: local steps per round")
+    p.add_argument("--dpo-batch", type=int, default=4, help="sst2-dpo: pairs per local step")
+    p.add_argument("--dpo-sft-weights", default="0,1", help="sst2-dpo: comma list of --dpo-sft-weight α")
+    p.add_argument("--dpo-strategies", default=DPO_STRATEGIES, help="sst2-dpo: comma list of strategies")
+    p.add_argument("--job-flags", default="", help="sst2-dpo: more fedlora-sim flags")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.studies.split(",") if n.strip()]
     unknown = sorted(set(names) - set(STUDIES))

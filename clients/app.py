@@ -219,5 +219,6 @@ def gradient(msg: Message, context: Context) -> Message:
     probes = probes_from_tensors(tensors, list(client.fm.adapters))
     grads, seconds = client.gradient(probes, int(msg.content["config"].get("phase", 0)))
     _keep_ledger(client, context)
-    return Message(RecordDict({"grads": to_record(grads), "metrics": _metrics(client, seconds)}),
+    message = client.codec.encode_once(grads)  # --compress (none: as they are)
+    return Message(RecordDict({"grads": to_record(message), "metrics": _metrics(client, seconds)}),
                    reply_to=msg)

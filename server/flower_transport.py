@@ -308,6 +308,8 @@ class FlowerTransport:
                 tensors = from_record(msg.content[record])
                 if kind == "train":  # --compress: decoded from the coded message (none: as it is)
                     tensors = self.coord.decode_upload(tensors, expected)
+                elif kind == "init":  # Fed-SB's sketches, coded as sent once
+                    tensors = self.coord.codec.decode_once(tensors, expected)
                 check_upload(tensors, expected, self.settings.max_update_norm)
                 claimed = int(m.get("num-examples", 0))
                 if claimed < 1:

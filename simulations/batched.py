@@ -129,7 +129,12 @@ class BatchedTransport:
             uploads += [ClientUpload(num_examples=len(job.samplers[c]),
                                      grads={name: g[k] for name, g in got.items()})
                         for k, c in enumerate(chunk)]
-        up = [tensor_bytes(upload_tensors(u, self.coord.plan)) for u in uploads]
+        codec, plan = self.coord.codec, self.coord.plan
+        messages = [codec.encode_once(upload_tensors(u, plan)) for u in uploads]  # --compress
+        if codec.on:  # the server's decoding of each coded message
+            uploads = [upload_from_tensors(codec.decode_once(m), u.num_examples, 1.0, plan)
+                       for m, u in zip(messages, uploads, strict=True)]
+        up = [tensor_bytes(m) for m in messages]
         down = [tensor_bytes(probe_tensors(probes))] * len(uploads)
         return Replies(list(clients), uploads, up, down, privacy=self._privacy(clients))
 

@@ -173,7 +173,9 @@ class FedSB(Strategy):
                 raise ValueError(f"Fed-SB's sketch_width={self.sketch_width} is below the rank {rank}")
             return {layer: Probe(right=sketch_matrix(self.seed, i, shape[1], self.width(rank, shape)))
                     for i, (layer, shape) in enumerate(shapes.items())}
-        return {layer: Probe(left=Q) for layer, Q in carry["Q"].items()}
+        # in the model's layer order (not the uploads' order, which a coded upload sorts by name),
+        # so that the message and its bytes are the same in every engine
+        return {layer: Probe(left=carry["Q"][layer]) for layer in shapes}
 
     def init_reduce(self, phase: int, uploads: Sequence[ClientUpload], carry: dict) -> dict:
         client_weights(uploads)  # refuses an empty phase

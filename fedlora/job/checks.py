@@ -37,6 +37,9 @@ def check_job_args(args: JobConfig) -> None:
         if getattr(args, name) < 0:
             raise UserError(f"{flag_name(name)} must be ≥ 0 (0: {'all' if name == 'eval_max' else 'auto'}),"
                             f" got {getattr(args, name)}")
+    if args.dpo_beta <= 0 or args.dpo_sft_weight < 0:
+        raise UserError(f"--dpo-beta must be > 0 and --dpo-sft-weight ≥ 0, got {args.dpo_beta},"
+                        f" {args.dpo_sft_weight}")
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if args.max_examples < 0:

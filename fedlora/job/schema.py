@@ -250,6 +250,9 @@ class JobConfig:
     dpo_beta: float = option(0.1, "--task dpo: β of the DPO loss -log σ(r(chosen) - r(rejected)), where a"
                              " response's implicit reward is r = β(log π - log π_ref), π_ref the base model",
                              group="LLM fine-tuning")
+    dpo_sft_weight: float = option(0.0, "--task dpo: α of the chosen response's negative log-likelihood"
+                                   " (per token) added to each pair's loss, as RPO does (TRL's rpo_alpha);"
+                                   " 0: plain DPO", group="LLM fine-tuning")
     padding: str = option("longest", "pad each pass to its longest row, or every row to --max-length",
                           group="data and model", choices=["longest", "max-length"])
     gradient_checkpointing: bool = option(False, "recompute the base model's activations in the"

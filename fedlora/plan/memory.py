@@ -2,10 +2,11 @@
 adapter, gradients, optimizer state and activations.
 
 Notation: ``b`` bytes per element of the compute dtype (2 with ``--precision bf16``, else 4);
-per client ``B = --batch-size`` rows of ``T = --max-length`` tokens, ``N = B T``; ``L`` blocks of
+per client ``B`` rows of ``T = --max-length`` tokens (``--batch-size`` examples of the task's rows
+each: a DPO pair is two), ``N = B T``; ``L`` blocks of
 hidden size ``h``, query width ``a``, key/value width ``kv``, ``n_h`` heads, intermediate size
 ``m``; vocabulary ``V``; ``P`` positions per row whose logits the loss reads (``T − 1`` for
-``--task causal-lm``; for ``--task sft`` the response's, ``--response-tokens``: only those
+``--task causal-lm``; for ``--task sft`` and ``dpo`` the response's, ``--response-tokens``: only those
 positions' logits are computed). All in bytes::
 
     base        = Σ_quantized q(numel, rows) + d · Σ_other numel       (d = 2 for bf16, else 4)
@@ -18,7 +19,7 @@ positions' logits are computed). All in bytes::
     activations = (L + 1) s + 4Nh + logits            without gradient checkpointing
                 = L N b h + 2 s + 4Nh + logits        with it
     logits      = B P V (b + 12)
-    dp          = N b Σ_layers d_out + 4 B × trainable (--dp sample)
+    dp          = N b Σ_layers d_out + 4 E × trainable (--dp sample; E = --batch-size examples)
 
 ``s`` is one block's tensors kept for the backward pass, counted op by op on LLaMA's block
 (RMSNorm, rotary attention, gated MLP, as in Mistral and Qwen2): each RMSNorm keeps an fp32 copy of
@@ -50,6 +51,7 @@ from dataclasses import dataclass
 
 from fedlora.job.schema import JobConfig
 from fedlora.plan.shape import ModelShape, build_shape
+from fedlora.tasks import TASKS
 
 #: Share of the blocks' saved activations ``L s`` that the resident memory of a CPU step adds to its
 #: live tensors (glibc keeps freed blocks it cannot return), without and with checkpointing; fitted
@@ -120,9 +122,14 @@ def compute_bytes(cfg: JobConfig) -> int:
     return 2 if cfg.precision == "bf16" else 4
 
 
+def batch_rows(cfg: JobConfig) -> int:
+    """``B``: the model rows of one client's step, ``--batch-size`` examples of the task's rows each."""
+    return cfg.batch_size * TASKS[cfg.task].rows_per_example
+
+
 def logit_positions(cfg: JobConfig, response_tokens: int) -> int:
     """``P``: positions per row whose logits the loss reads."""
-    if cfg.task == "sft":
+    if cfg.task in ("sft", "dpo"):
         return min(response_tokens, cfg.max_length - 1)
     return cfg.max_length - 1 if cfg.task == "causal-lm" else 0
 
@@ -180,9 +187,9 @@ def saved_bytes(shape: ModelShape, cfg: JobConfig, response_tokens: int, checkpo
     ``s`` (with checkpointing only each block's input, ``N b h``), the final RMSNorm's fp32 input and
     the fp32 log-softmax of the ``P`` positions' logits."""
     dims, b = shape.dims(), compute_bytes(cfg)
-    n, layers = cfg.batch_size * cfg.max_length, dims["layers"]
+    n, layers = batch_rows(cfg) * cfg.max_length, dims["layers"]
     blocks = layers * n * b * dims["hidden"] if checkpointing else layers * n * block_bytes(shape, cfg)
-    logits = 4 * cfg.batch_size * logit_positions(cfg, response_tokens) * dims["vocab"]
+    logits = 4 * batch_rows(cfg) * logit_positions(cfg, response_tokens) * dims["vocab"]
     return blocks + 4 * n * dims["hidden"] + logits
 
 
@@ -191,8 +198,8 @@ def activation_bytes(shape: ModelShape, cfg: JobConfig, response_tokens: int, ch
     block's gradients (and with checkpointing its recomputed ``s``), the logits and the loss's two
     fp32 gradients, and on ``--device cpu`` the allocator's :data:`CPU_OVERHEAD`."""
     dims, b = shape.dims(), compute_bytes(cfg)
-    s = cfg.batch_size * cfg.max_length * block_bytes(shape, cfg)
-    logits = cfg.batch_size * logit_positions(cfg, response_tokens) * dims["vocab"] * (b + 8)
+    s = batch_rows(cfg) * cfg.max_length * block_bytes(shape, cfg)
+    logits = batch_rows(cfg) * logit_positions(cfg, response_tokens) * dims["vocab"] * (b + 8)
     live = saved_bytes(shape, cfg, response_tokens, checkpointing) + (2 if checkpointing else 1) * s + logits
     if not cfg.device.startswith("cuda"):
         live += int(CPU_OVERHEAD[checkpointing] * dims["layers"] * s)
@@ -204,7 +211,7 @@ def plan_memory(shape: ModelShape, cfg: JobConfig, response_tokens: int) -> Memo
     per, trainable, shared = adapter_numbers(shape)
     b = compute_bytes(cfg)
     largest = max((t.numel for t in shape.base if t.rows), default=0)
-    n = cfg.batch_size * cfg.max_length
+    n = batch_rows(cfg) * cfg.max_length  # per-example gradients: one per example (a DPO pair shares one)
     dp = n * b * sum(d_out for d_out, _ in shape.layers.values()) + 4 * cfg.batch_size * trainable
     return MemoryPlan(
         base=base_bytes(shape, cfg), shared=4 * shared,

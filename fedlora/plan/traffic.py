@@ -8,8 +8,8 @@ same code: the job's strategy (``make_strategy``: its initialisation phases, pla
 and ``aggregate``), a :class:`~fedlora.rounds.coordinator.Coordinator` for what each client is
 sent (its shared factors once, the folds it missed) and the same naming functions, on random
 factors of the real shapes (coded as ``--compress`` / ``--compress-down`` code them: the codings'
-sizes depend on shapes alone; Fed-SB's initialisation sketches travel uncoded, as in the
-simulator). Only the shapes matter, and every adapted layer of one shape gets
+sizes depend on shapes alone; Fed-SB's initialisation sketches are coded too, as one-shot
+uploads). Only the shapes matter, and every adapted layer of one shape gets
 the same result, so the strategy runs on one layer per distinct ``(d_out, d_in)`` and the others
 share its tensors (no copy): an 8B model with 10 clients a round plans in about half a minute on
 2 cores, most of it the strategies' own aggregation (and its error) on one layer per shape.
@@ -156,7 +156,8 @@ class Replay:
             probes = strategy.init_probes(phase, self.shapes, cfg.rank, carry)
             grads = {rep: self._rand(*probe.shape(*self.shapes[rep])) for rep, probe in probes.items()}
             sent = record_bytes(probe_tensors(self._full(probes)))
-            got = record_bytes(upload_tensors(ClientUpload(1, grads=self._full(grads)), self.coord.plan))
+            message = upload_tensors(ClientUpload(1, grads=self._full(grads)), self.coord.plan)
+            got = record_bytes(pack(self.coord.codec.scheme, message))  # --compress: coded as sent once
             for c in clients:
                 up[c], down[c] = up[c] + got, down[c] + sent
             carry = strategy.init_reduce(phase, [ClientUpload(1, grads=grads)] * max(len(clients), 1), carry)

@@ -38,6 +38,10 @@ residual. The server decodes ``θ̂ = ref + x̂``; the client keeps ``e ← x �
 (lossy schemes, unless ``--no-error-feedback``; not for FLoRA and FlexLoRA, whose clients start every
 round from fresh factors). ``compress_error`` is ``‖θ̂ − θ‖ / ‖θ‖`` over the
 round's uploaded tensors.
+
+**One-shot uploads** (:meth:`Codec.encode_once`: Fed-SB's initialisation sketches ``Lᵀ G_k R``, or
+its dense gradients) have no value both sides hold and are sent once, so they code ``x = θ``
+(``ref = 0``) with no residual; the server decodes ``θ̂ = x̂``.
 """
 
 from __future__ import annotations
@@ -332,6 +336,15 @@ class Codec:
             return dict(message)
         got = unpack(self.scheme, message, expected)
         return {k: self.reference(k, t, ref) + t for k, t in got.items()}
+
+    def encode_once(self, upload: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The message of a one-shot upload (see the module docstring): ``upload`` coded as it is."""
+        return self.encode(upload, {}, {})[0]
+
+    def decode_once(self, message: dict[str, Tensor],
+                    expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
+        """The server's ``θ̂ = x̂`` of a one-shot upload's message."""
+        return self.decode(message, {}, expected)
 
 
 def upload_codec(cfg, strategy) -> Codec:

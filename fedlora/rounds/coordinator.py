@@ -70,6 +70,7 @@ class Coordinator:
         self.codec = upload_codec(cfg, strategy)                 # --compress: the uploads' coding
         self.down = parse_scheme(cfg.compress_down)  # downloads: the state is kept at this precision
         self.residual: dict[object, dict[str, Tensor]] = {}  # simulated clients' error feedback
+        self._reference: tuple[tuple[int, int], dict[str, Tensor]] | None = None  # reference() of a state
 
     # ---- state ----
     def start(self, gather: Gather | None = None) -> None:
@@ -152,7 +153,10 @@ class Coordinator:
         """What a client of the next round starts its uploaded tensors from, as both sides hold it
         (the state's tensors by name): the reference of ``--compress``'s upload coding."""
         assert self.state is not None
-        return download_tensors(self.state, {}, self.plan, first=True)
+        key = (id(self.state), self.round)  # a new state each round: built once per round, not per reply
+        if self._reference is None or self._reference[0] != key:
+            self._reference = (key, download_tensors(self.state, {}, self.plan, first=True))
+        return self._reference[1]
 
     def decode_upload(self, message: dict[str, Tensor],
                       expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
@@ -264,7 +268,7 @@ class Coordinator:
         ``checkpoint.pt``, read without unpickling code): base folds, state and seeds."""
         blob = load_checkpoint(path)
         self.round, self.state, self.folds = blob["round"], blob["state"], blob["folds"]
-        self.rows = blob["rows"]
+        self.rows, self._reference = blob["rows"], None
         self.gen.set_state(blob["gen"])
         for fold in self.folds:
             for name, (A, B) in fold.items():

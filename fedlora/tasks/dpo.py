@@ -11,7 +11,13 @@ response and the end of its turn) under the client's model, and ``log π_ref(y)`
 the base model with every adapter off, the implicit reward of a response is
 ``r(y) = β (log π(y) − log π_ref(y))`` (``--dpo-beta``), and a pair's loss is
 
-    ℓ = −log σ(r(chosen) − r(rejected)).
+    ℓ = −log σ(r(chosen) − r(rejected))  [ + α · (−log π(chosen)) / |chosen| ].
+
+The bracketed term (``--dpo-sft-weight`` α, default 0: plain DPO) is the chosen completion's
+negative log-likelihood per token, as in RPO (Pang et al. 2024, "Iterative Reasoning Preference
+Optimization"; TRL's ``rpo_alpha``): DPO alone only ranks the chosen response above the rejected
+one, and can lower both, so a model that does not already answer in the data's format is not
+taught it; the NLL term teaches it.
 
 The reference log-probabilities are computed once per example where the job is set up
 (:meth:`DPO.prepare`: the same batched model with every adapter switched off, before any
@@ -47,17 +53,21 @@ __all__ = ["DPO", "PairTargets", "PreferenceSet", "pair_logps"]
 REF = "ref_logps"
 #: The encoded pairs' β, ``(N,)`` (the loss reads it from the batch).
 BETA = "dpo_beta"
+#: The encoded pairs' α, ``(N,)``: the weight of the chosen completion's per-token NLL.
+ALPHA = "dpo_sft_weight"
 
 
 @dataclass
 class PairTargets:
     """What a pass's DPO loss reads besides the logits: ``labels`` ``(2n, T)`` (the pairs' rows,
     chosen then rejected; -100 off the completions), ``ref`` ``(n, 2)`` reference log-probabilities
-    (None while they are being computed) and ``beta`` ``(n,)``."""
+    (None while they are being computed), ``beta`` ``(n,)`` and ``alpha`` ``(n,)`` (the NLL term's
+    weight; None: 0)."""
 
     labels: Tensor
     ref: Tensor | None
     beta: Tensor
+    alpha: Tensor | None = None
 
 
 @dataclass
@@ -73,10 +83,13 @@ class PreferenceSet:
         return "answer_accuracy" if self.answers is not None else DPO.metric
 
 
-def pair_logps(logits: Tensor, labels: Tensor, positions: Tensor | None = None) -> Tensor:
-    """``(n, 2)``: each row's summed log-probability of its labeled tokens, two rows a pair."""
+def pair_logps(logits: Tensor, labels: Tensor, positions: Tensor | None = None,
+               counts: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """``(n, 2)``: each row's summed log-probability of its labeled tokens, two rows a pair; with
+    ``counts``, also each row's number of labeled tokens ``(n, 2)``."""
     tok, valid = token_losses(logits, labels, positions)
-    return -(tok * valid).sum(dim=1).view(-1, 2)
+    logp = -(tok * valid).sum(dim=1).view(-1, 2)
+    return (logp, valid.sum(dim=1).view(-1, 2)) if counts else logp
 
 
 def _views(ds: PairDataset) -> tuple[TextDataset, TextDataset]:
@@ -92,7 +105,7 @@ class DPO(SFT):
     name = "dpo"
     metric = "reward_accuracy"
     options = ("prompt_template", "label_words", "system_prompt", "chat_template", "max_new_tokens",
-               "dpo_beta")
+               "dpo_beta", "dpo_sft_weight")
     rows_per_example = 2
     opacus = False
 
@@ -111,6 +124,7 @@ class DPO(SFT):
         chosen, rejected = (super(DPO, self).encode(tokenizer, v, cfg) for v in _views(ds))
         out = {k: torch.stack([chosen[k], rejected[k]], dim=1) for k in chosen}
         out[BETA] = torch.full((len(ds),), float(cfg.dpo_beta))
+        out[ALPHA] = torch.full((len(ds),), float(cfg.dpo_sft_weight))
         return out
 
     def prepare(self, fm, data, cfg) -> None:
@@ -124,7 +138,8 @@ class DPO(SFT):
     def model_inputs(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], PairTargets]:
         """The pairs' rows for the model, ``(2n, T)``, each pair's two adjacent; and their targets."""
         inputs = {k: batch.pop(k).flatten(0, 1) for k in ("input_ids", "attention_mask")}
-        return inputs, PairTargets(batch.pop("labels").flatten(0, 1), batch.pop(REF, None), batch.pop(BETA))
+        return inputs, PairTargets(batch.pop("labels").flatten(0, 1), batch.pop(REF, None), batch.pop(BETA),
+                                   batch.pop(ALPHA, None))
 
     def logit_positions(self, labels: PairTargets) -> Tensor:
         return super().logit_positions(labels.labels)
@@ -132,15 +147,22 @@ class DPO(SFT):
     def loss_counts(self, labels: Tensor) -> Tensor:
         return torch.ones(labels.shape[0], device=labels.device)
 
-    def margins(self, logits: Tensor, targets: PairTargets, positions: Tensor | None = None) -> Tensor:
-        """``(n,)``: ``r(chosen) − r(rejected)`` of each pair."""
+    def margins(self, logits: Tensor, targets: PairTargets, positions: Tensor | None = None,
+                nll: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``(n,)``: ``r(chosen) − r(rejected)`` of each pair; with ``nll``, also the chosen
+        completion's negative log-likelihood per token ``(n,)``."""
         if targets.ref is None:
             raise ValueError("DPO pairs without reference log-probabilities: call DPO.prepare first")
-        logp = pair_logps(logits, targets.labels, positions) - targets.ref.to(logits.device)
-        return targets.beta.to(logp) * (logp[:, 0] - logp[:, 1])
+        logp, count = pair_logps(logits, targets.labels, positions, counts=True)
+        rel = logp - targets.ref.to(logits.device)
+        margin = targets.beta.to(logp) * (rel[:, 0] - rel[:, 1])
+        return (margin, -logp[:, 0] / count[:, 0].clamp(min=1)) if nll else margin
 
     def loss_sums(self, logits: Tensor, labels: PairTargets, positions: Tensor | None = None) -> Tensor:
-        return -F.logsigmoid(self.margins(logits, labels, positions))
+        """Each pair's ``ℓ`` (the module docstring), the NLL term included when ``α > 0``."""
+        margin, nll = self.margins(logits, labels, positions, nll=True)
+        loss = -F.logsigmoid(margin)
+        return loss if labels.alpha is None else loss + labels.alpha.to(loss) * nll
 
     def row_losses(self, logits: Tensor, labels: PairTargets, positions: Tensor | None = None) -> Tensor:
         return self.loss_sums(logits, labels, positions)

@@ -21,12 +21,17 @@ def test_sst2_dpo_study_reports_round_0_and_the_last_of_each_strategy(tiny_chat_
     # Execute: 40 sampled phrases over 10 clients, one round of one step, 8 dev sentences
     argv = ["--studies", "sst2-dpo", "--model", str(tiny_chat_llama_dir), "--sst2", str(sst2),
             "--out", str(tmp_path / "out"), "--dpo-train", "40", "--dpo-rounds", "1", "--dpo-steps", "1",
-            "--eval-max", "8"]
+            "--eval-max", "8", "--dpo-sft-weights", "0,1"]
     assert llm_eval.main(argv) == 0
-    # Assert: the sample, and a table row for round 0 and round 1 of FedAvg and FLoRA
+    # Assert: the sample, and a table row for round 0 and round 1 of FedAvg and FLoRA, each α
     assert len((tmp_path / "out" / "sst2-dpo" / "train.tsv").read_text().splitlines()) == 41
     table = capsys.readouterr().out
-    for strategy in llm_eval.DPO_STRATEGIES:
-        for rnd in (0, 1):
-            assert f"| {strategy}, round {rnd} |" in table
-    assert "| fedavg, round 0 | 0.0% | 0.0% | 0.000 | 0.693 | 8 |" in table  # zero-shot: the reference
+    for strategy in llm_eval.DPO_STRATEGIES.split(","):
+        for alpha in ("0", "1"):
+            for rnd in (0, 1):
+                assert f"| {strategy}, α {alpha}, round {rnd} |" in table
+    assert "| fedavg, α 0, round 0 | 0.0% | 0.0% | 0.000 | 0.693 | 8 |" in table  # zero-shot: the reference
+    # α = 1 trains on the chosen answers too: its round 1 is not plain DPO's
+    plain, rpo = (next(line for line in table.splitlines() if line.startswith(f"| fedavg, α {a}, round 1"))
+                  for a in ("0", "1"))
+    assert plain != rpo

@@ -283,18 +283,20 @@ def test_client_level_dp_clips_and_noises_the_decoded_upload(tiny_bert_dir, tiny
 
 
 @pytest.mark.slow
-def test_planned_coded_bytes_equal_the_simulators(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("strategy", ["flora", "fed-sb"])
+def test_planned_coded_bytes_equal_the_simulators(tiny_llama_dir, tmp_path, strategy):
     from dataclasses import replace
 
     from fedlora.plan.shape import build_shape
     from fedlora.plan.traffic import plan_traffic
     from fedlora.simulations.engine import run
     from tests.fedlora.test_plan_traffic import _job
-    # Prepare: FLoRA (folds, and the catch-up of a client that missed a round) with nf4 uploads and
-    # int8 downloads, on the tiny LLaMA (the planner's test job)
+    # Prepare: FLoRA (folds, and the catch-up of a client that missed a round) or Fed-SB (round 0's
+    # sketches, coded as one-shot uploads) with nf4 uploads and int8 downloads, on the tiny LLaMA
+    # (the planner's test job)
     data = tmp_path / "lm.jsonl"
     data.write_text("".join(json.dumps({"text": f"the cat sat on mat number {i}"}) + "\n" for i in range(40)))
-    cfg = replace(_job(tiny_llama_dir, data, "flora"), compress="nf4", compress_down="int8", rounds=3)
+    cfg = replace(_job(tiny_llama_dir, data, strategy), compress="nf4", compress_down="int8", rounds=3)
     # Execute
     rows = run(cfg, tmp_path / "run")
     shape = build_shape(cfg)
@@ -302,4 +304,9 @@ def test_planned_coded_bytes_equal_the_simulators(tiny_llama_dir, tmp_path):
     # Assert: every round, every client, both ways, to the byte
     assert [p.up for p in plan] == [r["bytes_up_per_client"] for r in rows]
     assert [p.down for p in plan] == [r["bytes_down_per_client"] for r in rows]
-    assert len(set(plan[3].down)) > 1  # a catch-up fold travelled
+    if strategy == "flora":
+        assert len(set(plan[3].down)) > 1  # a catch-up fold travelled
+    else:  # the sketches travelled as nf4: an eighth of float32's bytes plus the framing, which is
+        # much of a tiny model's 256-entry sketches (27% here)
+        fp32 = plan_traffic(replace(cfg, compress="none"), shape.layers, shape.heads, rounds=0)
+        assert all(0 < c < f / 3 for c, f in zip(plan[0].up, fp32[0].up, strict=True))

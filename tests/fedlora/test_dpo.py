@@ -118,6 +118,44 @@ def test_reference_loss_and_gradient_equal_the_dpo_formula(tiny_chat_llama_dir, 
     assert sorted(norms.tolist()) == pytest.approx(sorted(per_pair), rel=1e-4)
 
 
+def test_sft_weight_adds_the_chosen_per_token_nll_to_each_pairs_loss(tiny_chat_llama_dir, tok, pairs_file):
+    # Prepare: α = 0.7 (RPO's term); the reference as the base computes it
+    alpha = 0.7
+    cfg = _cfg(dpo_sft_weight=alpha)
+    fm = _fm(tiny_chat_llama_dir)
+    data = _encoded(tok, fm, pairs_file, cfg)
+    pieces = _pieces(tok, cfg)
+    ref = data["ref_logps"]
+    # Execute: one step over every pair
+    task = get_task("dpo")
+    step = TrainConfig(task=task, batch_size=len(PAIRS), local_steps=1)
+    got = _step(fm, data, [ClientSampler(range(len(PAIRS)), seed=0)], torch.zeros(1, dtype=torch.long),
+                step, torch.device("cpu"))
+    grads = [p.grad[0].clone() for p in fm.trainable_parameters()]
+    # the formula: mean over pairs of -log σ(margin) - α log π(y_w) / |y_w|
+    fm.zero_grad(set_to_none=True)
+    terms = []
+    for i, (p, c, r) in enumerate(pieces):
+        good, bad = _logp(fm, p, c), _logp(fm, p, r)
+        margin = BETA * ((good - ref[i, 0]) - (bad - ref[i, 1]))
+        terms.append(-F.logsigmoid(margin) - alpha * good / len(c))
+    want = torch.stack(terms).mean()
+    want.backward()
+    # Assert: the same loss and gradient, and the term is there (α = 0 gives a smaller loss)
+    assert float(got[0]) == pytest.approx(want.item(), rel=1e-5)
+    for g, p in zip(grads, fm.trainable_parameters(), strict=True):
+        assert torch.allclose(g, p.grad[0], rtol=1e-4, atol=1e-6)
+    plain = sum(float(-F.logsigmoid(BETA * ((_logp(fm, p, c) - ref[i, 0]) - (_logp(fm, p, r) - ref[i, 1]))))
+                for i, (p, c, r) in enumerate(pieces)) / len(PAIRS)
+    assert float(got[0]) > plain + 0.1
+
+
+def test_negative_dpo_weights_are_refused_in_one_line():
+    for kw in ({"dpo_sft_weight": -1.0}, {"dpo_beta": 0.0}):
+        with pytest.raises(UserError, match="--dpo-beta must be > 0 and --dpo-sft-weight ≥ 0"):
+            check_job_args(JobConfig(task="dpo", model="m", data="d.jsonl", **kw))
+
+
 def test_batched_clients_equal_one_client_at_a_time(tiny_chat_llama_dir, tok, pairs_file):
     # Prepare: two clients of two pairs each, with the same starting adapter
     cfg = _cfg()

@@ -19,6 +19,7 @@ from fedlora.plan.memory import MemoryPlan, base_bytes, plan_memory, quantized_b
 from fedlora.plan.shape import build_shape
 from fedlora.simulations import engine
 from fedlora.tasks import get_task
+from fedlora.tasks.dpo import PairTargets
 
 #: The tiny LLaMA's block linear layers: q, k, v, o (32 × 32) and gate, up, down (64 × 32), 2 blocks.
 QUANTIZED = 2 * (4 * 32 * 32 + 3 * 64 * 32)
@@ -68,11 +69,14 @@ def _kept_for_backward(cfg: JobConfig, response: int) -> int:
     """Bytes of the distinct storages a real one-client forward keeps for its backward pass."""
     shape = build_shape(cfg)
     fm, _, _ = build_model(cfg, [cfg.rank], shape.fm.config.plan)
-    ids = torch.randint(5, 1000, (cfg.batch_size, cfg.max_length), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    if cfg.task == "sft":
-        labels[:, :cfg.max_length - response] = -100
     task = get_task(cfg.task)
+    rows = cfg.batch_size * task.rows_per_example  # a DPO pair is two rows
+    ids = torch.randint(5, 1000, (rows, cfg.max_length), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    if cfg.task in ("sft", "dpo"):
+        labels[:, :cfg.max_length - response] = -100
+    if cfg.task == "dpo":
+        labels = PairTargets(labels, torch.zeros(cfg.batch_size, 2), torch.full((cfg.batch_size,), 0.1))
     params = {t.untyped_storage().data_ptr() for t in [*fm.parameters(), *fm.buffers()]}
     kept: dict[int, int] = {}
 
@@ -86,7 +90,7 @@ def _kept_for_backward(cfg: JobConfig, response: int) -> int:
     positions = task.logit_positions(labels)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        out = fm(routing=Routing.segments(torch.tensor([0]), cfg.batch_size), positions=positions,
+        out = fm(routing=Routing.segments(torch.tensor([0]), rows), positions=positions,
                  input_ids=ids, attention_mask=torch.ones_like(ids))
         task.loss_sums(out.logits, labels, positions).sum()
     return sum(kept.values())
@@ -94,7 +98,7 @@ def _kept_for_backward(cfg: JobConfig, response: int) -> int:
 
 @pytest.mark.parametrize("task, precision, targets", [
     ("causal-lm", "fp32", None), ("sft", "fp32", ["all-linear"]), ("sft", "bf16", None),
-    ("causal-lm", "bf16", ["all-linear"]),
+    ("causal-lm", "bf16", ["all-linear"]), ("dpo", "fp32", None),
 ])
 def test_saved_activations_match_a_real_forward(tiny_llama_dir, task, precision, targets):
     cfg = _job(tiny_llama_dir, task=task, precision=precision, target_modules=targets)

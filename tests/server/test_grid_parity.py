@@ -229,15 +229,26 @@ def test_stateless_clients_under_secagg_reach_the_plain_batched_adapter(tiny_ber
     assert_same_adapter(tmp_path / "batched", tmp_path / "stateless", rtol=0, atol=5e-6)
 
 
-def test_stateless_clients_run_sft_to_the_batched_adapter(tiny_chat_llama_dir, sentiment_tsv, tmp_path):
-    # Execute: an sft job on the batched engine, then with clients rebuilt for every message
-    flags = sft_job(tiny_chat_llama_dir, sentiment_tsv, 3, 2)
+#: dpo: a rebuilt client recomputes its pairs' reference with every adapter off, on a base that
+#: FLoRA's catch-up folds then change (the reference must be the base's, before any fold)
+LLM_STATELESS = {"sft": [], "dpo-flora": ["--task", "dpo", "--strategy", "flora", "--dpo-sft-weight", "0.5"]}
+
+
+@pytest.mark.parametrize("case", list(LLM_STATELESS))
+def test_stateless_clients_run_llm_tasks_to_the_batched_adapter(tiny_chat_llama_dir, sentiment_tsv, tmp_path,
+                                                                case):
+    # Execute: the job on the batched engine, then with clients rebuilt for every message
+    flags = [*sft_job(tiny_chat_llama_dir, sentiment_tsv, 3, 2), *LLM_STATELESS[case]]
     rb = simulate(flags, tmp_path / "batched")
     rf = deploy(flags, tmp_path / "stateless", 3, stateless=True)
-    # Assert: the same CAUSAL_LM adapter and the same generated-answer accuracy and perplexity
+    # Assert: the same CAUSAL_LM adapter and the same generated-answer accuracy, and perplexity
+    # (sft) or rewards (dpo)
     assert_same_adapter(tmp_path / "batched", tmp_path / "stateless", rtol=1e-4, atol=1e-5)
     for x, y in zip(rb, rf, strict=True):
         assert y["answer_accuracy"] == x["answer_accuracy"]
-        assert y["perplexity"] == pytest.approx(x["perplexity"], rel=1e-4)
+        key = "reward_margin" if case.startswith("dpo") else "perplexity"
+        assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-7)
+    if case == "dpo-flora":
+        assert rf[-1]["reward_margin"] != 0 and rf[-1]["strategy"] == "flora"
     config = json.loads((tmp_path / "stateless" / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM"

@@ -4,7 +4,7 @@ against the batched engine: same job and seed, same global adapter.
 Only what Flower's engine itself must show: clients it rebuilds keep their state in
 ``context.state``. The same ServerApp and ClientApp with clients rebuilt for every message, strategy
 by strategy (FLoRA and FlexLoRA with mixed ranks, Fed-SB, FFA-LoRA, FedSA-LoRA, sample-level DP and
-its public start, SecAgg+, sft), are compared with the batched engine in one process in
+its public start, SecAgg+, sft, DPO under FLoRA), are compared with the batched engine in one process in
 ``tests/server/test_grid_parity.py``.
 """
 
