@@ -20,14 +20,13 @@ One prefill per prompt; the choices are scored from its KV cache
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
 from fedlora.errors import UserError
 from fedlora.tasks.base import Evaluation, Task, register_evaluation
 from fedlora.tasks.decode import score_choices
-from fedlora.tasks.sft import ChatFormat
+from fedlora.tasks.sft import ChatFormat, cut_prompts, warn_cut
 
 
 @dataclass
@@ -56,11 +55,8 @@ def fit_prompts(prompts: list[list[int]], room: list[int], max_length: int) -> l
     if max(room) > max_length:
         raise UserError(f"a choice alone has {max(room)} tokens, more than --max-length {max_length};"
                         " raise --max-length or shorten the choices")
-    out = [p[max(0, len(p) - (max_length - r)):] for p, r in zip(prompts, room, strict=True)]
-    cut = sum(len(a) < len(b) for a, b in zip(out, prompts, strict=True))
-    if cut:
-        print(f"fedlora: {cut} of {len(prompts)} multiple-choice prompts exceed --max-length {max_length}"
-              " with their longest choice; they were cut from the left", file=sys.stderr)
+    out, cut = cut_prompts(prompts, room, max_length)
+    warn_cut(sum(cut), len(prompts), "multiple-choice prompts", max_length, kept="choices")
     return out
 
 

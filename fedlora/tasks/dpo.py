@@ -45,7 +45,7 @@ from fedlora.models.lora import adapters_off
 from fedlora.tasks.answers import ANSWER_METRICS, Exact
 from fedlora.tasks.base import gather_rows, register_task, token_losses
 from fedlora.tasks.classic import columns
-from fedlora.tasks.sft import SFT, GenerationSet
+from fedlora.tasks.sft import SFT, GenerationSet, warn_cut
 
 __all__ = ["DPO", "PairTargets", "PreferenceSet", "pair_logps"]
 
@@ -121,7 +121,9 @@ class DPO(SFT):
     def encode(self, tokenizer, ds: PairDataset, cfg) -> dict[str, Tensor]:
         """``input_ids``, ``attention_mask``, ``labels`` ``(N, 2, T)`` and ``dpo_beta`` ``(N,)``; the
         reference log-probabilities are added by :meth:`prepare`."""
-        chosen, rejected = (super(DPO, self).encode(tokenizer, v, cfg) for v in _views(ds))
+        views = [self.fitted(tokenizer, v, cfg) for v in _views(ds)]
+        warn_cut(sum(map(max, views[0][2], views[1][2])), len(ds), "dpo pairs", cfg.max_length)  # once a pair
+        chosen, rejected = (self._rows(tokenizer, p, c, cfg.max_length) for p, c, _ in views)
         out = {k: torch.stack([chosen[k], rejected[k]], dim=1) for k in chosen}
         out[BETA] = torch.full((len(ds),), float(cfg.dpo_beta))
         out[ALPHA] = torch.full((len(ds),), float(cfg.dpo_sft_weight))

@@ -108,6 +108,21 @@ def _stop_ids(tokenizer, model_config=None) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def cut_prompts(prompts: list[list[int]], room: list[int], max_length: int
+                ) -> tuple[list[list[int]], list[bool]]:
+    """Each prompt cut from the left so that it and ``room[i]`` more tokens (its completion, or its
+    longest choice) fit ``max_length``; and which prompts were cut."""
+    out = [p[max(0, len(p) - (max_length - r)):] for p, r in zip(prompts, room, strict=True)]
+    return out, [len(a) < len(b) for a, b in zip(out, prompts, strict=True)]
+
+
+def warn_cut(cut: int, total: int, what: str, max_length: int, kept: str = "responses") -> None:
+    """One warning counting the prompts :func:`cut_prompts` cut (none: nothing)."""
+    if cut:
+        print(f"fedlora: {cut} of {total} {what} exceed --max-length {max_length}; their prompts were"
+              f" cut from the left ({kept} kept)", file=sys.stderr)
+
+
 @register_task
 class SFT(TokenLossTask):
     """Instruction tuning: response-only loss, answers scored by greedy generation."""
@@ -142,6 +157,12 @@ class SFT(TokenLossTask):
     def pieces(self, tokenizer, ds, cfg) -> tuple[list[list[int]], list[list[int]]]:
         """``(prompt ids, completion ids)`` of every example, prompts cut from the left to fit
         ``--max-length`` (one warning counts them)."""
+        prompts, completions, cut = self.fitted(tokenizer, ds, cfg)
+        warn_cut(sum(cut), len(ds), f"{self.name} examples", cfg.max_length)
+        return prompts, completions
+
+    def fitted(self, tokenizer, ds, cfg) -> tuple[list[list[int]], list[list[int]], list[bool]]:
+        """:meth:`pieces` without the warning, and which prompts were cut."""
         if cfg.max_length is None:
             raise ValueError("--task sft without --max-length: derive it first (resolve_max_length)")
         prompts, completions = self.tokenized(tokenizer, ds, cfg)
@@ -150,15 +171,8 @@ class SFT(TokenLossTask):
             n = sum(len(c) > cfg.max_length for c in completions)
             raise UserError(f"{n} response(s) alone exceed --max-length {cfg.max_length} (the longest has"
                             f" {longest} tokens); raise --max-length or shorten the responses")
-        cut = 0
-        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-            room = cfg.max_length - len(c)
-            if len(p) > room:
-                prompts[i], cut = p[len(p) - room:], cut + 1
-        if cut:
-            print(f"fedlora: {cut} of {len(ds)} {self.name} examples exceed --max-length {cfg.max_length};"
-                  " their prompts were cut from the left (responses kept)", file=sys.stderr)
-        return prompts, completions
+        fit, cut = cut_prompts(prompts, [len(c) for c in completions], cfg.max_length)
+        return fit, completions, cut
 
     def encode(self, tokenizer, ds, cfg) -> dict[str, Tensor]:
         return self._rows(tokenizer, *self.pieces(tokenizer, ds, cfg), cfg.max_length)

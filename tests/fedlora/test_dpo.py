@@ -156,6 +156,18 @@ def test_negative_dpo_weights_are_refused_in_one_line():
             check_job_args(JobConfig(task="dpo", model="m", data="d.jsonl", **kw))
 
 
+def test_cut_prompts_are_counted_once_a_pair(tok, pairs_file, capsys):
+    # Execute: a --max-length that cuts the long first prompt (15 tokens), in its chosen (4 more) and
+    # its rejected row (2 more); no other row is longer than 14
+    cfg = _cfg(max_length=16)
+    task = get_task("dpo")
+    data = task.encode(tok, task.load(str(pairs_file), cfg), cfg)
+    # Assert: one warning, counting pairs
+    err = [line for line in capsys.readouterr().err.splitlines() if "exceed --max-length" in line]
+    assert len(err) == 1 and "1 of 4 dpo pairs exceed --max-length 16" in err[0]
+    assert data["input_ids"].shape[1:] == (2, 16)
+
+
 def test_batched_clients_equal_one_client_at_a_time(tiny_chat_llama_dir, tok, pairs_file):
     # Prepare: two clients of two pairs each, with the same starting adapter
     cfg = _cfg()
