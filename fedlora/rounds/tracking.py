@@ -66,7 +66,8 @@ class RunSpec:
         A folder of the run's own under the tracker's directory (``fedlora-compare``: one per strategy).
     fresh : bool
         A new run (its TensorBoard folder's earlier event files, from a replaced run, are removed);
-        False: a resumed one, whose events go on.
+        False: a resumed one (a resumed ``fedlora-server``), whose events go on in the same run: the
+        MLflow run and the W&B run id recorded in ``ROOT/tracking.json`` (:meth:`recorded`).
     config : dict
         The job config (:func:`params`).
     """
@@ -77,6 +78,23 @@ class RunSpec:
     subdir: str | None
     fresh: bool
     config: dict
+
+    @property
+    def ids(self) -> Path:
+        """The run ids the trackers that have them recorded (``ROOT/tracking.json``)."""
+        return self.root / "tracking.json"
+
+    def recorded(self, tracker: str) -> str | None:
+        """A resumed run's id in ``tracker`` (None: a fresh run, or none recorded)."""
+        if self.fresh or not self.ids.is_file():
+            return None
+        return json.loads(self.ids.read_text()).get(f"{tracker}/{self.subdir or ''}")
+
+    def record(self, tracker: str, run_id: str) -> None:
+        """Keep ``run_id`` for a resumed run of this job."""
+        known = json.loads(self.ids.read_text()) if self.ids.is_file() else {}
+        known[f"{tracker}/{self.subdir or ''}"] = run_id
+        self.ids.write_text(json.dumps(known, indent=1) + "\n")
 
 
 class Tracker:
@@ -162,10 +180,26 @@ class MLflow(Tracker):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=self.uri(spec.root))
-        found = self.client.get_experiment_by_name(spec.experiment)
-        exp = found.experiment_id if found is not None else self.client.create_experiment(spec.experiment)
-        self.run_id = self.client.create_run(exp, run_name=spec.run).info.run_id
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in spec.config.items()])
+        self.run_id = self._resumed(spec.recorded(self.name))
+        if self.run_id is None:
+            found = self.client.get_experiment_by_name(spec.experiment)
+            exp = found.experiment_id if found is not None else self.client.create_experiment(spec.experiment)
+            self.run_id = self.client.create_run(exp, run_name=spec.run).info.run_id
+            values = [Param(k, str(v)[:6000]) for k, v in spec.config.items()]
+            self.client.log_batch(self.run_id, params=values)
+            spec.record(self.name, self.run_id)
+
+    def _resumed(self, run_id: str | None) -> str | None:
+        """``run_id``, running again, when the store still has it (else None: a new run)."""
+        from mlflow.exceptions import MlflowException
+
+        if run_id is None:
+            return None
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+        except MlflowException:
+            return None
+        return run_id
 
     def log(self, metrics, step) -> None:
         from mlflow.entities import Metric
@@ -209,9 +243,12 @@ class WandB(Tracker):
         mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
         where = self.directory(spec.root)
         where.mkdir(parents=True, exist_ok=True)
+        run_id = spec.recorded(self.name)  # a resumed run goes on under its id (synced into one run)
         self.run = wandb.init(project=spec.experiment, name=spec.run, dir=str(where.parent), mode=mode,
-                              config=spec.config, reinit="create_new",
+                              config=spec.config, reinit="create_new", id=run_id,
+                              resume="allow" if run_id else None,
                               settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        spec.record(self.name, self.run.id)
 
     def log(self, metrics, step) -> None:
         self.run.log(metrics, step=step)

@@ -100,6 +100,31 @@ def _wandb_records(path: Path):
             break
 
 
+@pytest.mark.skipif(not HAVE["mlflow"], reason="checked by test_missing_package")
+def test_a_resumed_run_goes_on_in_the_same_mlflow_run(tmp_path):
+    # Prepare: a run of rounds 0-1 (a server that was then stopped)
+    cfg = JobConfig(track=["mlflow"], seed=3)
+    first = Tracking.open(cfg, tmp_path)
+    for rnd in (0, 1):
+        first.log({"round": rnd, "accuracy": 0.5 + rnd / 10})
+    first.close(failed=True)
+    # Execute: the resumed server's rounds 2-3, then a new run in the same folder
+    resumed = Tracking.open(cfg, tmp_path, fresh=False)
+    for rnd in (2, 3):
+        resumed.log({"round": rnd, "accuracy": 0.5 + rnd / 10})
+    resumed.finish({})
+    Tracking.open(cfg, tmp_path).close()
+    # Assert: the first run holds every round and finished; the fresh one is another run
+    client = _mlflow(tmp_path)
+    experiment = client.get_experiment_by_name("fedlora").experiment_id
+    runs = client.search_runs([experiment], order_by=["start_time"])
+    assert len(runs) == 2
+    history = client.get_metric_history(runs[0].info.run_id, "accuracy")
+    assert [(m.step, m.value) for m in history] == [(0, 0.5), (1, 0.6), (2, 0.7), (3, 0.8)]
+    assert runs[0].info.status == "FINISHED" and runs[0].data.params["seed"] == "3"
+    assert json.loads((tmp_path / "tracking.json").read_text())["mlflow/"] == runs[1].info.run_id
+
+
 @pytest.mark.slow  # W&B's service process takes ~10 s to start and stop on 2 cores
 @pytest.mark.skipif(not HAVE["wandb"], reason="checked by test_missing_package")
 def test_wandb_offline_run_folder_holds_the_rows(tmp_path, monkeypatch):
