@@ -80,6 +80,14 @@ def _encoded(tok, fm, spec, cfg):
     return data
 
 
+def _one_step(fm, data) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One training step of slot 0 over every pair: its loss, and the gradient of each trained tensor."""
+    step = TrainConfig(task=get_task("dpo"), batch_size=len(PAIRS), local_steps=1)
+    got = _step(fm, data, [ClientSampler(range(len(PAIRS)), seed=0)], torch.zeros(1, dtype=torch.long),
+                step, torch.device("cpu"))
+    return got, [p.grad[0].clone() for p in fm.trainable_parameters()]
+
+
 def test_reference_loss_and_gradient_equal_the_dpo_formula(tiny_chat_llama_dir, tok, pairs_file):
     # Prepare: pairs encoded, their reference computed by the adapted model with its adapters off
     cfg = _cfg()
@@ -93,10 +101,7 @@ def test_reference_loss_and_gradient_equal_the_dpo_formula(tiny_chat_llama_dir, 
     assert torch.allclose(data["ref_logps"], ref, rtol=1e-5, atol=1e-5)
     # Execute: one step over every pair (dynamic padding groups the rows by length)
     task = get_task("dpo")
-    step = TrainConfig(task=task, batch_size=len(PAIRS), local_steps=1)
-    got = _step(fm, data, [ClientSampler(range(len(PAIRS)), seed=0)], torch.zeros(1, dtype=torch.long),
-                step, torch.device("cpu"))
-    grads = [p.grad[0].clone() for p in fm.trainable_parameters()]
+    got, grads = _one_step(fm, data)
     # the formula, pair by pair: mean of -log σ(β[(log π - log π_ref)(y_w) - (log π - log π_ref)(y_l)])
     fm.zero_grad(set_to_none=True)
     margins = torch.stack([BETA * ((_logp(fm, p, c) - ref[i, 0]) - (_logp(fm, p, r) - ref[i, 1]))
@@ -127,11 +132,7 @@ def test_sft_weight_adds_the_chosen_per_token_nll_to_each_pairs_loss(tiny_chat_l
     pieces = _pieces(tok, cfg)
     ref = data["ref_logps"]
     # Execute: one step over every pair
-    task = get_task("dpo")
-    step = TrainConfig(task=task, batch_size=len(PAIRS), local_steps=1)
-    got = _step(fm, data, [ClientSampler(range(len(PAIRS)), seed=0)], torch.zeros(1, dtype=torch.long),
-                step, torch.device("cpu"))
-    grads = [p.grad[0].clone() for p in fm.trainable_parameters()]
+    got, grads = _one_step(fm, data)
     # the formula: mean over pairs of -log σ(margin) - α log π(y_w) / |y_w|
     fm.zero_grad(set_to_none=True)
     terms = []
