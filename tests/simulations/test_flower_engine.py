@@ -2,9 +2,10 @@
 against the batched engine: same job and seed, same global adapter.
 
 Only what Flower's engine itself must show: clients it rebuilds keep their state in
-``context.state``. The same ServerApp and ClientApp with clients rebuilt for every message, strategy
-by strategy (FLoRA and FlexLoRA with mixed ranks, Fed-SB, FFA-LoRA, FedSA-LoRA, sample-level DP and
-its public start, SecAgg+, sft, DPO under FLoRA), are compared with the batched engine in one process in
+``context.state``, and a DPO job's rebuilt clients compute their reference on the unfolded base.
+The same ServerApp and ClientApp with clients rebuilt for every message, strategy by strategy
+(FLoRA and FlexLoRA with mixed ranks, Fed-SB, FFA-LoRA, FedSA-LoRA, sample-level DP and its public
+start, SecAgg+, sft, DPO under FLoRA), are compared with the batched engine in one process in
 ``tests/server/test_grid_parity.py``.
 """
 
@@ -62,6 +63,26 @@ def test_flower_engine_keeps_client_state_and_reaches_the_batched_adapter(tiny_b
         # each client's ledger survives Flower rebuilding it (kept in the node's context.state)
         assert len(y["epsilon_per_client"]) == 3 and y["epsilon_per_client"] == x["epsilon_per_client"]
     assert rf[1]["epsilon"] < rf[3]["epsilon"] <= 8.0
+
+
+def test_flower_engine_runs_dpo_to_the_batched_adapter(tiny_chat_llama_dir, sentiment_tsv, tmp_path):
+    from tests.server.local_grid import assert_same_adapter
+    from tests.server.test_grid_parity import sft_job
+
+    # Prepare: DPO pairs from label words under FLoRA, whose folds change the base that Flower's
+    # rebuilt clients must compute their reference on before any fold (RPO's NLL term on)
+    flags = [*sft_job(tiny_chat_llama_dir, sentiment_tsv, 3, 2), "--task", "dpo", "--strategy", "flora",
+             "--dpo-sft-weight", "0.5", "--quiet"]
+    # Execute
+    assert main([*flags, "--out", str(tmp_path / "batched")]) == 0
+    assert main([*flags, "--engine", "flower", "--out", str(tmp_path / "flower")]) == 0
+    # Assert: the same adapter and the same rewards every round
+    assert_same_adapter(tmp_path / "batched", tmp_path / "flower", rtol=1e-4, atol=1e-5)
+    rb, rf = _rows(tmp_path / "batched"), _rows(tmp_path / "flower")
+    assert [r["round"] for r in rf] == [0, 1, 2] and rf[-1]["reward_margin"] != 0
+    for x, y in zip(rb, rf, strict=True):
+        assert y["reward_accuracy"] == x["reward_accuracy"]
+        assert y["reward_margin"] == pytest.approx(x["reward_margin"], rel=1e-4, abs=1e-7)
 
 
 def test_flower_engine_refuses_batched_only_flags(tiny_bert_dir, tiny_csv, tmp_path, capsys):
