@@ -339,7 +339,7 @@ class Codec:
 
     def encode_once(self, upload: dict[str, Tensor]) -> dict[str, Tensor]:
         """The message of a one-shot upload (see the module docstring): ``upload`` coded as it is."""
-        return self.encode(upload, {}, {})[0]
+        return pack(self.scheme, {k: t.float() for k, t in upload.items()}) if self.on else dict(upload)
 
     def decode_once(self, message: dict[str, Tensor],
                     expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
