@@ -42,6 +42,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from splits import split_file
 from stats import difference, mean_sd, tail_mean
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
@@ -54,11 +55,27 @@ BASES = {"fp32": [], "bf16": ["--precision", "bf16"],
          "int8": ["--quantize", "int8", "--precision", "bf16"]}
 
 
+def data_flags(args: argparse.Namespace) -> list[str]:
+    """The data of every job: SST-2's whole training file scored on dev, or with
+    ``--public-fraction`` / ``--eval-on validation`` its parts split by source sentence
+    (:func:`splits.split_file`): the clients hold the private part, ``--init-data`` is the public
+    part, and the rows are scored on the validation part or on dev."""
+    if not args.public_fraction and args.eval_on == "dev":
+        return ["--data", str(args.sst2 / "train.tsv"), "--test-data", str(args.sst2 / "dev.tsv"),
+                "--test-text-column", "content"]
+    fractions = {"public": args.public_fraction, "validation": args.validation_fraction}
+    parts = split_file(args.sst2 / "train.tsv", args.out / "data", fractions, seed=0)
+    test = (["--test-data", str(parts["validation"]), "--test-text-column", "sentence"]
+            if args.eval_on == "validation" else
+            ["--test-data", str(args.sst2 / "dev.tsv"), "--test-text-column", "content"])
+    public = ["--init-data", str(parts["public"])] if args.public_fraction else []
+    return ["--data", str(parts["private"]), *public, *test]
+
+
 def job_flags(args: argparse.Namespace, seed: int) -> list[str]:
-    return ["--task", "sft", "--model", "smollm2", "--data", str(args.sst2 / "train.tsv"),
+    return ["--task", "sft", "--model", "smollm2", *data_flags(args),
             "--text-column", "sentence", "--label-words", "0=negative,1=positive",
             "--prompt-template", PROMPT,
-            "--test-data", str(args.sst2 / "dev.tsv"), "--test-text-column", "content",
             "--eval-max", str(args.eval_max), "--rounds", str(args.rounds), "--batch-size", "8",
             "--max-length", "96", "--eval-batch-size", "16", "--seed", str(seed), "--device", args.device,
             "--quiet"]
@@ -132,6 +149,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--job-flags", default="", help="more fedlora-sim flags for the federated jobs")
     p.add_argument("--tag", default="", help="suffix of the federated runs' folders (with --job-flags)")
     p.add_argument("--out", type=Path, default=Path("runs/llm-sft"))
+    p.add_argument("--public-fraction", type=float, default=0.0,
+                   help="share of SST-2's training sentences held out as the public --init-data file"
+                        " (split by source sentence; 0: no public file, the clients hold every phrase)")
+    p.add_argument("--validation-fraction", type=float, default=0.1,
+                   help="share of the training sentences held out for --eval-on validation")
+    p.add_argument("--eval-on", choices=("dev", "validation"), default="dev",
+                   help="score on dev (the final table) or on the validation part (choosing settings)")
     args = p.parse_args(argv)
     if unknown := set(args.bases.split(",")) - set(BASES):
         raise SystemExit(f"unknown base {sorted(unknown)}; use {', '.join(BASES)}")
@@ -147,6 +171,8 @@ def run_seed(args: argparse.Namespace, seed: int, runs: dict, central: list) -> 
     flags = job_flags(args, seed) + (["--max-clients-per-pass", str(args.max_clients_per_pass)]
                                      if args.max_clients_per_pass else [])
     root = args.out if seed == 0 else args.out / f"seed{seed}"  # seed 0: the folders of earlier runs
+    if args.public_fraction or args.eval_on == "validation":  # other data: never reuse those folders
+        root = root / f"public{args.public_fraction:g}-{args.eval_on}"
     per_round = args.local_steps * args.clients
     central_acc = None
     if not args.no_centralized:

@@ -47,7 +47,7 @@ from fedlora.tasks.base import gather_rows, register_task, token_losses
 from fedlora.tasks.classic import columns
 from fedlora.tasks.sft import SFT, GenerationSet, warn_cut
 
-__all__ = ["DPO", "PairTargets", "PreferenceSet", "pair_logps"]
+__all__ = ["DPO", "PairTargets", "PreferenceSet", "pair_logps", "pair_sums"]
 
 #: The encoded pairs' cached reference log-probabilities, ``(N, 2)``.
 REF = "ref_logps"
@@ -83,13 +83,16 @@ class PreferenceSet:
         return "answer_accuracy" if self.answers is not None else DPO.metric
 
 
-def pair_logps(logits: Tensor, labels: Tensor, positions: Tensor | None = None,
-               counts: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """``(n, 2)``: each row's summed log-probability of its labeled tokens, two rows a pair; with
-    ``counts``, also each row's number of labeled tokens ``(n, 2)``."""
+def pair_sums(logits: Tensor, labels: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(log-probabilities, counts)``, each ``(n, 2)``: every row's summed log-probability of its
+    labeled tokens and its number of labeled tokens, two rows a pair."""
     tok, valid = token_losses(logits, labels, positions)
-    logp = -(tok * valid).sum(dim=1).view(-1, 2)
-    return (logp, valid.sum(dim=1).view(-1, 2)) if counts else logp
+    return -(tok * valid).sum(dim=1).view(-1, 2), valid.sum(dim=1).view(-1, 2)
+
+
+def pair_logps(logits: Tensor, labels: Tensor, positions: Tensor | None = None) -> Tensor:
+    """``(n, 2)``: each row's summed log-probability of its labeled tokens (:func:`pair_sums`)."""
+    return pair_sums(logits, labels, positions)[0]
 
 
 def _views(ds: PairDataset) -> tuple[TextDataset, TextDataset]:
@@ -118,11 +121,18 @@ class DPO(SFT):
         (ta, ma), (tb, mb) = (super(DPO, self).example_lengths(tokenizer, v, cfg) for v in _views(ds))
         return list(map(max, ta, tb)), list(map(max, ma, mb))
 
-    def encode(self, tokenizer, ds: PairDataset, cfg) -> dict[str, Tensor]:
-        """``input_ids``, ``attention_mask``, ``labels`` ``(N, 2, T)`` and ``dpo_beta`` ``(N,)``; the
-        reference log-probabilities are added by :meth:`prepare`."""
+    def fitted_views(self, tokenizer, ds: PairDataset, cfg) -> list[tuple[list, list, list[bool]]]:
+        """:meth:`fitted` of the chosen and the rejected view, with one warning counting the pairs
+        whose prompt was cut in either."""
         views = [self.fitted(tokenizer, v, cfg) for v in _views(ds)]
-        warn_cut(sum(map(max, views[0][2], views[1][2])), len(ds), "dpo pairs", cfg.max_length)  # once a pair
+        warn_cut(sum(map(max, views[0][2], views[1][2])), len(ds), "dpo pairs", cfg.max_length)
+        return views
+
+    def encode(self, tokenizer, ds: PairDataset, cfg, views: list | None = None) -> dict[str, Tensor]:
+        """``input_ids``, ``attention_mask``, ``labels`` ``(N, 2, T)``, ``dpo_beta`` and
+        ``dpo_sft_weight`` ``(N,)`` (from ``views``, :meth:`fitted_views`, when given); the reference
+        log-probabilities are added by :meth:`prepare`."""
+        views = views or self.fitted_views(tokenizer, ds, cfg)
         chosen, rejected = (self._rows(tokenizer, p, c, cfg.max_length) for p, c, _ in views)
         out = {k: torch.stack([chosen[k], rejected[k]], dim=1) for k in chosen}
         out[BETA] = torch.full((len(ds),), float(cfg.dpo_beta))
@@ -149,20 +159,25 @@ class DPO(SFT):
     def loss_counts(self, labels: Tensor) -> Tensor:
         return torch.ones(labels.shape[0], device=labels.device)
 
-    def margins(self, logits: Tensor, targets: PairTargets, positions: Tensor | None = None,
-                nll: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """``(n,)``: ``r(chosen) − r(rejected)`` of each pair; with ``nll``, also the chosen
-        completion's negative log-likelihood per token ``(n,)``."""
+    @staticmethod
+    def margins_nll(logits: Tensor, targets: PairTargets, positions: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor]:
+        """``(margins, nll)``, each ``(n,)``: every pair's ``r(chosen) − r(rejected)``, and its chosen
+        completion's negative log-likelihood per token."""
         if targets.ref is None:
             raise ValueError("DPO pairs without reference log-probabilities: call DPO.prepare first")
-        logp, count = pair_logps(logits, targets.labels, positions, counts=True)
+        logp, count = pair_sums(logits, targets.labels, positions)
         rel = logp - targets.ref.to(logits.device)
         margin = targets.beta.to(logp) * (rel[:, 0] - rel[:, 1])
-        return (margin, -logp[:, 0] / count[:, 0].clamp(min=1)) if nll else margin
+        return margin, -logp[:, 0] / count[:, 0].clamp(min=1)
+
+    def margins(self, logits: Tensor, targets: PairTargets, positions: Tensor | None = None) -> Tensor:
+        """``(n,)``: ``r(chosen) − r(rejected)`` of each pair (:meth:`margins_nll`)."""
+        return self.margins_nll(logits, targets, positions)[0]
 
     def loss_sums(self, logits: Tensor, labels: PairTargets, positions: Tensor | None = None) -> Tensor:
         """Each pair's ``ℓ`` (the module docstring), the NLL term included when ``α > 0``."""
-        margin, nll = self.margins(logits, labels, positions, nll=True)
+        margin, nll = self.margins_nll(logits, labels, positions)
         loss = -F.logsigmoid(margin)
         return loss if labels.alpha is None else loss + labels.alpha.to(loss) * nll
 
@@ -189,9 +204,12 @@ class DPO(SFT):
         return torch.cat([pair_logps(lg, t.labels, p).cpu() for lg, t, p in self._passes(fm, pairs, cfg)])
 
     def eval_set(self, tokenizer, ds: PairDataset, cfg) -> PreferenceSet:
-        pairs = self.encode(tokenizer, ds, cfg)
+        """Held-out pairs, and for label-word data the chosen view's prompts (already fitted: tokenized
+        and cut once, with one warning) for greedy answers."""
+        views = self.fitted_views(tokenizer, ds, cfg)
+        pairs = self.encode(tokenizer, ds, cfg, views)
         order = torch.argsort(pairs["attention_mask"].sum(dim=-1).amax(dim=1), descending=True, stable=True)
-        answers = self.generation_set(tokenizer, ds, cfg) if ds.choices is not None else None
+        answers = self.answer_set(tokenizer, ds, *views[0][:2], cfg) if ds.choices is not None else None
         return PreferenceSet({k: v.index_select(0, order) for k, v in pairs.items()}, answers)
 
     def evaluate(self, fm, data: PreferenceSet, cfg) -> dict[str, float]:

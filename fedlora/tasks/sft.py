@@ -203,7 +203,12 @@ class SFT(TokenLossTask):
 
     def generation_set(self, tokenizer, ds, cfg) -> GenerationSet:
         """The held-out examples ``ds`` for greedy answers, shortest prompt first."""
-        prompts, completions = self.pieces(tokenizer, ds, cfg)
+        return self.answer_set(tokenizer, ds, *self.pieces(tokenizer, ds, cfg), cfg)
+
+    @staticmethod
+    def answer_set(tokenizer, ds, prompts: list[list[int]], completions: list[list[int]],
+                   cfg) -> GenerationSet:
+        """:meth:`generation_set` of ``ds`` from its fitted ``prompts`` and ``completions``."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         return GenerationSet(
             prompts=[prompts[i] for i in order], completions=[completions[i] for i in order],

@@ -169,6 +169,22 @@ def test_cut_prompts_are_counted_once_a_pair(tok, pairs_file, capsys):
     assert data["input_ids"].shape[1:] == (2, 16)
 
 
+def test_held_out_label_word_pairs_are_cut_once_for_pairs_and_answers(tok, sentiment_tsv, capsys):
+    # Prepare: label-word pairs whose prompts a short --max-length cuts
+    cfg = _cfg(text_column="sentence", label_words="0=negative,1=positive", prompt_template="Review: {text}",
+               max_length=8)
+    dpo, sft = get_task("dpo"), get_task("sft")
+    ds = dpo.load(str(sentiment_tsv), cfg)
+    # Execute
+    held = dpo.eval_set(tok, ds, cfg)
+    err = [line for line in capsys.readouterr().err.splitlines() if "exceed --max-length" in line]
+    # Assert: one warning (the pairs'), and the answers' prompts are SFT's for the chosen responses
+    assert len(err) == 1 and "dpo pairs" in err[0]
+    plain = sft.generation_set(tok, ds, cfg)
+    assert (held.answers.prompts, held.answers.completions, held.answers.answers) == (
+        plain.prompts, plain.completions, plain.answers)
+
+
 def test_batched_clients_equal_one_client_at_a_time(tiny_chat_llama_dir, tok, pairs_file):
     # Prepare: two clients of two pairs each, with the same starting adapter
     cfg = _cfg()
