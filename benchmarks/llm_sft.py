@@ -30,6 +30,12 @@ tail answer accuracy as mean ± sd over the seeds, and the tail's paired differe
 same seed's centralized run ("no difference" within its spread). ``--job-flags`` passes more
 ``fedlora-sim`` flags to every federated job (e.g. ``--dp sample --epsilon 8``); its runs get
 their own folders (``--tag``).
+
+``--public-fraction F`` splits SST-2's training file by source sentence (``benchmarks/splits.py``):
+the clients hold the private part and ``--init-data`` is the public part (for ``--public-steps``,
+the measured DP clip, Fed-SB's initialisation). ``--eval-on validation`` scores the rows on the
+validation part instead of dev, for choosing settings; dev is for the final table. Either puts
+the runs under ``OUT/public{F}-{dev|validation}``.
 """
 
 from __future__ import annotations
