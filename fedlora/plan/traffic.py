@@ -26,6 +26,7 @@ import io
 import json
 import math
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from fedlora.models.state import probe_tensors, upload_tensors
 from fedlora.rounds.build import make_strategy
 from fedlora.rounds.compress import pack
 from fedlora.rounds.coordinator import Coordinator
-from fedlora.rounds.wire import INDEX
+from fedlora.rounds.wire import DATA, INDEX, record_index
 from fedlora.strategies import ClientUpload, GlobalState
 
 #: Length of a Flower object id (a SHA-256 in hex).
@@ -83,13 +84,12 @@ def record_bytes(tensors: dict[str, Tensor]) -> int:
     (0 if empty): the packed record of :func:`~fedlora.rounds.wire.to_record` as Flower serializes it."""
     if not tensors:
         return 0
-    index, sizes = [], {}
+    shapes = {}
     for name, t in tensors.items():
-        dt = numpy_dtype(t.dtype)
-        index.append([name, dt.name, list(t.shape), sizes.get(dt, 0)])
-        sizes[dt] = sizes.get(dt, 0) + math.prod(t.shape)
-    arrays = {INDEX: _array(np.dtype(np.uint8), len(json.dumps(index).encode()))}
-    arrays.update({f"data.{dt.name}": _array(dt, n) for dt, n in sizes.items()})
+        dt, shape = numpy_dtype(t.dtype), tuple(t.shape)
+        shapes[name] = SimpleNamespace(dtype=dt, shape=shape, nbytes=math.prod(shape) * dt.itemsize)
+    index, data = record_index(shapes)
+    arrays = {INDEX: _array(np.dtype(np.uint8), len(index)), DATA: _array(np.dtype(np.uint8), data)}
     refs = json.dumps({name: "0" * OBJECT_ID for name in arrays})
     return _object("ArrayRecord", len(arrays), len(refs.encode())) + sum(arrays.values())
 

@@ -45,14 +45,32 @@ def test_wire_bytes_counts_npy_payload_names_and_headers():
     # Prepare: one float32 array of 1000 numbers: 4000 bytes of data plus .npy header
     t = {"w": torch.zeros(1000)}
     record = to_record(t)
-    npy = len(record["data.float32"].data)
+    npy = len(record["data"].data)
     index = len(record["index"].data)
     # Execute
     n = wire_bytes(record)
     # Assert: at least the .npy bytes (4000 + its 128-byte header) and the index, at most ~1 KiB more
+    assert sorted(record.keys()) == ["data", "index"]
     assert npy == 4000 + 128
     assert npy + index < n < npy + index + 1024
     assert tensor_bytes(t) == n and tensor_bytes({}) == 0
+
+
+def test_the_index_is_compressed_json_of_names_dtypes_shapes_and_byte_offsets():
+    # Prepare: module-path names that repeat, as an upload's do
+    import json
+    import zlib
+
+    t = {f"model.layers.{i}.self_attn.q_proj.lora_{k}": torch.ones(2, 3, dtype=dt)
+         for i in range(20) for k, dt in (("A", torch.float32), ("B", torch.int8))}
+    # Execute
+    raw = bytes(to_record(t)["index"].numpy())
+    index = json.loads(zlib.decompress(raw))
+    # Assert: one entry a tensor, offsets in bytes (24 bytes of float32, then 6 of int8, ...)
+    assert index[:3] == [["model.layers.0.self_attn.q_proj.lora_A", "<f4", [2, 3], 0],
+                         ["model.layers.0.self_attn.q_proj.lora_B", "|i1", [2, 3], 24],
+                         ["model.layers.1.self_attn.q_proj.lora_A", "<f4", [2, 3], 30]]
+    assert len(raw) * 4 < len(json.dumps(index))
 
 
 def test_packed_record_keeps_names_shapes_dtypes_and_order():
@@ -62,8 +80,8 @@ def test_packed_record_keeps_names_shapes_dtypes_and_order():
     # Execute
     record = to_record(t)
     back = from_record(record)
-    # Assert: one data array per dtype plus the index; every tensor comes back exactly
-    assert set(record.keys()) == {"index", "data.float32", "data.int64"}
+    # Assert: one byte array for every dtype, plus the index; every tensor comes back exactly
+    assert set(record.keys()) == {"index", "data"}
     assert list(back) == ["b", "a", "i", "c"]
     for k, v in t.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v)
@@ -76,8 +94,11 @@ def test_malformed_record_is_refused_by_name():
     with pytest.raises(ValueError, match="no 'index'"):
         from_record(ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))}))
     bad = to_record({"w": torch.zeros(3)})
-    bad["data.float32"] = Array(np.zeros(2, dtype=np.float32))
+    bad["data"] = Array(np.zeros(8, dtype=np.uint8))  # 2 of the 3 float32 numbers
     with pytest.raises(ValueError, match="outside its data array"):
+        from_record(bad)
+    bad["index"] = Array(np.frombuffer(b"[not zlib]", dtype=np.uint8).copy())
+    with pytest.raises(ValueError, match="record index is malformed"):
         from_record(bad)
 
 
