@@ -10,7 +10,7 @@ Settings (each a ``fedlora-sim`` job, one at a time, in ``OUT/<setting>/<strateg
   ``--compress-down int8``, and ``--compress int8 --compress-down int8``.
 
 The table reports per run the bytes up and down of the training rounds (rounds ≥ 1; Fed-SB's
-round-0 sketches are not coded, so its all-rounds ratio is printed too), each as a share of the
+round-0 sketches, coded as one-shot uploads, are in the all-rounds ratio), each as a share of the
 same job in float32, the final accuracy and its difference from float32's in points, and the
 last round's ``compress_error``. Finished runs are reused (``--report-only`` only prints).
 SmolLM2 SFT with ``--compress nf4`` is CPU-hours and is not run here.
