@@ -292,13 +292,16 @@ def clipped_sums(fm, dpp: DPPass, max_norm: float) -> dict[nn.Parameter, Tensor]
 
 def example_norms(fm, data: dict[str, Tensor], rows: Sequence[int], cfg, device) -> Tensor:
     """``(N,)``: each row's gradient norm, jointly over the trainable tensors of slot 0 (what
-    DP-SGD clips), grouped into passes as :func:`dp_passes` does (so not in ``rows``' order)."""
+    DP-SGD clips), ``cfg.batch_size`` rows a pass (a batch's memory, whatever ``N``), each grouped
+    into passes as :func:`dp_passes` does (so not in ``rows``' order)."""
     if not rows:
         raise ValueError("example_norms needs at least one row")
-    packed = PackedBatch(list(rows), torch.zeros(len(rows), dtype=torch.long), torch.tensor([len(rows)]))
-    out = []
-    for dpp in dp_passes(fm, data, packed, cfg, device):
-        out.append(joint_sq_norms(grad_samples(fm, dpp.cap, dpp.ids)).sqrt().cpu())
+    out, rows, size = [], list(rows), max(1, cfg.batch_size)
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        packed = PackedBatch(chunk, torch.zeros(len(chunk), dtype=torch.long), torch.tensor([len(chunk)]))
+        for dpp in dp_passes(fm, data, packed, cfg, device):
+            out.append(joint_sq_norms(grad_samples(fm, dpp.cap, dpp.ids)).sqrt().cpu())
     return torch.cat(out)
 
 
