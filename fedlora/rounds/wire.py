@@ -49,9 +49,10 @@ def to_record(tensors: dict[str, Tensor]):
 
     arrays = {name: t.detach().cpu().contiguous().numpy() for name, t in tensors.items()}
     index, _ = record_index(arrays)
-    data = b"".join(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for a in arrays.values())
-    return ArrayRecord({INDEX: Array(np.frombuffer(index, dtype=np.uint8).copy()),
-                        DATA: Array(np.frombuffer(data, dtype=np.uint8).copy())})
+    raw = [np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False)).reshape(-1).view(np.uint8)
+           for a in arrays.values()]
+    data = np.concatenate(raw) if raw else np.zeros(0, dtype=np.uint8)  # the one copy of the bytes
+    return ArrayRecord({INDEX: Array(np.frombuffer(index, dtype=np.uint8).copy()), DATA: Array(data)})
 
 
 def from_record(record) -> dict[str, Tensor]:
@@ -64,12 +65,12 @@ def from_record(record) -> dict[str, Tensor]:
             raise ValueError(f"record has no '{key}' array")
     try:
         index = json.loads(zlib.decompress(record[INDEX].numpy().astype(np.uint8).tobytes()).decode())
-        data = record[DATA].numpy().astype(np.uint8, copy=False).tobytes()
+        data = np.ascontiguousarray(record[DATA].numpy(), dtype=np.uint8)
         out = {}
         for name, dt, shape, offset in index:
             dtype = np.dtype(dt)
             n = int(np.prod(shape)) if shape else 1
-            if offset < 0 or offset + n * dtype.itemsize > len(data):
+            if offset < 0 or offset + n * dtype.itemsize > data.size:
                 raise ValueError(f"tensor {name!r} lies outside its data array")
             arr = np.frombuffer(data, dtype=dtype, count=n, offset=offset).astype(dtype.newbyteorder("="))
             out[name] = torch.from_numpy(arr.reshape(shape))
