@@ -66,14 +66,13 @@ def data_flags(args: argparse.Namespace) -> list[str]:
     ``--public-fraction`` / ``--eval-on validation`` its parts split by source sentence
     (:func:`splits.split_file`): the clients hold the private part, ``--init-data`` is the public
     part, and the rows are scored on the validation part or on dev."""
+    dev = ["--test-data", str(args.sst2 / "dev.tsv"), "--test-text-column", "content"]
     if not args.public_fraction and args.eval_on == "dev":
-        return ["--data", str(args.sst2 / "train.tsv"), "--test-data", str(args.sst2 / "dev.tsv"),
-                "--test-text-column", "content"]
+        return ["--data", str(args.sst2 / "train.tsv"), *dev]
     fractions = {"public": args.public_fraction, "validation": args.validation_fraction}
     parts = split_file(args.sst2 / "train.tsv", args.out / "data", fractions, seed=0)
     test = (["--test-data", str(parts["validation"]), "--test-text-column", "sentence"]
-            if args.eval_on == "validation" else
-            ["--test-data", str(args.sst2 / "dev.tsv"), "--test-text-column", "content"])
+            if args.eval_on == "validation" else dev)
     public = ["--init-data", str(parts["public"])] if args.public_fraction else []
     return ["--data", str(parts["private"]), *public, *test]
 

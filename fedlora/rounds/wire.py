@@ -38,7 +38,7 @@ def record_index(tensors: dict[str, np.ndarray]) -> tuple[bytes, int]:
     ``tensors`` (numpy arrays, or anything with ``dtype``, ``shape`` and ``nbytes``)."""
     index, offset = [], 0
     for name, arr in tensors.items():
-        index.append([name, arr.dtype.str, list(arr.shape), offset])
+        index.append([name, arr.dtype.newbyteorder("<").str, list(arr.shape), offset])  # as shipped
         offset += arr.nbytes
     return zlib.compress(json.dumps(index).encode(), 9), offset
 
