@@ -113,6 +113,11 @@ def table(args: argparse.Namespace, results: dict) -> list[str]:
     return lines
 
 
+def rounds_of(name: str, args: argparse.Namespace) -> int:
+    """The rounds setting ``name`` runs: ``--rounds``, at least 20 for the 100-client settings."""
+    return max(args.rounds, 20) if name.startswith("bbc-100") and not args.quick else args.rounds
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/learning"))
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (flags, per_round, strategies) in SETTINGS.items():
         if args.only and (args.only not in name or (args.only in SETTINGS and args.only != name)):
             continue
-        rounds = max(args.rounds, 20) if name.startswith("bbc-100") and not args.quick else args.rounds
+        rounds = rounds_of(name, args)
         local = argparse.Namespace(**{**vars(args), "rounds": rounds})
         central, runs = [], {}
         for seed in seeds:
@@ -161,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         if central:
             results[name] = (central, runs)
-    print(f"job: MiniLM, r = 8, {args.rounds} rounds × {args.local_steps} local steps of 8 × 64 tokens,"
+    per_setting = ", ".join(f"{name}: {rounds_of(name, args)}" for name in results)
+    print(f"job: MiniLM, r = 8, rounds ({per_setting}) × {args.local_steps} local steps of 8 × 64 tokens,"
           f" seeds {args.seeds}")
     print("\n".join(table(args, results)))
     return 0

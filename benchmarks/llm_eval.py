@@ -4,6 +4,7 @@
                                   [--adapter DIR ...] [--dpo-train N] [--dpo-rounds R] [--dpo-steps S]
                                   [--dpo-batch P] [--dpo-sft-weights 0,1] [--dpo-strategies fedavg,flora]
                                   [--job-flags '--precision bf16 --max-clients-per-pass 2']
+                                  [--dpo-split] [--dpo-eval-on dev|validation] [--dpo-tag NAME]
 
 * ``sst2-mc`` (:func:`sst2_mc`): SmolLM2-135M-Instruct zero-shot on SST-2's 872 dev sentences as
   multiple choice: choices ``negative`` / ``positive`` (``--label-words``), the prompt of
@@ -23,8 +24,12 @@
   reference pass). The reference log-probabilities of every training pair are computed once where
   the job is set up, so the sample is sized to what the rounds draw (10 clients × ``--dpo-steps``
   × ``--dpo-batch`` per round), not to the 67,349 phrases. ``--job-flags`` passes more
-  ``fedlora-sim`` flags (precision, pass size). ``--model`` and ``--sst2`` let a test run it on a
-  tiny model and files.
+  ``fedlora-sim`` flags (precision, pass size, ``--lr``, ``--dpo-beta``; ``--dpo-tag`` names the
+  runs' folders apart). ``--model`` and ``--sst2`` let a test run it on a tiny model and files.
+  With ``--dpo-split`` the pairs are sampled from the private part of ``benchmarks/llm_sft.py``'s
+  split by source sentence (``benchmarks/splits.py``), and ``--dpo-eval-on validation`` scores the
+  runs on its validation part (``--eval-max`` of them) instead of dev, for a sweep that reads dev
+  once (issue 29's rule). Those runs go to ``OUT/sst2-dpo-split-{dev|validation}/``.
 
 ``--adapter`` scores adapters exported by runs on SmolLM2 beside the base. Each study runs
 ``fedlora-eval`` in this process, into ``OUT/<study>/``, and returns the command it ran and the
@@ -42,11 +47,16 @@ import sys
 import time
 from pathlib import Path
 
+from splits import split_file
+
 from fedlora.simulations.cli import main as fedlora_sim
 from fedlora.simulations.evaluate import main as fedlora_eval
 
 HERE = Path(__file__).resolve().parent
 SST2 = HERE.parents[1] / "shared" / "data" / "sst2"
+#: The sentence split of ``--dpo-split``: ``benchmarks/llm_sft.py``'s (``--public-fraction 0.015``),
+#: so its validation part is the one the SFT job's choices were made on; the public part goes unused.
+SPLIT = {"public": 0.015, "validation": 0.1}
 
 
 def _llm_sft():
@@ -107,13 +117,25 @@ def sample_file(src: Path, n: int, out: Path, seed: int = 0) -> Path:
     return out
 
 
+def dpo_data(args: argparse.Namespace) -> tuple[Path, list[str], Path]:
+    """``(phrases to sample the pairs from, the held-out pairs' flags, the study's folder)``: SST-2's
+    whole training file and dev, or with ``--dpo-split`` / ``--dpo-eval-on validation`` the private
+    part of ``benchmarks/llm_sft.py``'s sentence split (:data:`SPLIT`) and its dev or validation part."""
+    dev = ["--test-data", str(args.sst2 / "dev.tsv"), "--test-text-column", "content"]
+    if not args.dpo_split and args.dpo_eval_on == "dev":
+        return args.sst2 / "train.tsv", dev, args.out / "sst2-dpo"
+    parts = split_file(args.sst2 / "train.tsv", args.out / "data", SPLIT, seed=0)
+    test = (["--test-data", str(parts["validation"]), "--test-text-column", "sentence"]
+            if args.dpo_eval_on == "validation" else dev)
+    return parts["private"], test, args.out / f"sst2-dpo-split-{args.dpo_eval_on}"
+
+
 def sst2_dpo(args: argparse.Namespace) -> dict:
     """DPO from SST-2 label-word pairs, each of :data:`DPO_STRATEGIES`; rows: round 0 and the last."""
-    root = args.out / "sst2-dpo"
-    train = sample_file(args.sst2 / "train.tsv", args.dpo_train, root / "train.tsv")
+    source, test, root = dpo_data(args)
+    train = sample_file(source, args.dpo_train, root / "train.tsv")
     flags = ["--task", "dpo", "--model", args.model, "--data", str(train), "--text-column", "sentence",
-             "--label-words", "0=negative,1=positive", "--prompt-template", PROMPT,
-             "--test-data", str(args.sst2 / "dev.tsv"), "--test-text-column", "content",
+             "--label-words", "0=negative,1=positive", "--prompt-template", PROMPT, *test,
              *(["--eval-max", str(args.eval_max)] if args.eval_max else []),
              "--num-clients", "10", "--rounds", str(args.dpo_rounds), "--local-steps", str(args.dpo_steps),
              "--batch-size", str(args.dpo_batch), "--max-length", "96", "--eval-batch-size", "16",
@@ -121,7 +143,7 @@ def sst2_dpo(args: argparse.Namespace) -> dict:
     t0, rows = time.perf_counter(), []
     for strategy in args.dpo_strategies.split(","):
         for alpha in args.dpo_sft_weights.split(","):
-            out = root / f"{strategy}-a{alpha}"
+            out = root / (f"{strategy}-a{alpha}" + (f"-{args.dpo_tag}" if args.dpo_tag else ""))
             if not (out / "adapter").is_dir():  # a finished run is reused
                 argv = [*flags, "--strategy", strategy, "--dpo-sft-weight", alpha, "--out", str(out)]
                 if fedlora_sim(argv) != 0:
@@ -178,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dpo-sft-weights", default="0,1", help="sst2-dpo: comma list of --dpo-sft-weight α")
     p.add_argument("--dpo-strategies", default=DPO_STRATEGIES, help="sst2-dpo: comma list of strategies")
     p.add_argument("--job-flags", default="", help="sst2-dpo: more fedlora-sim flags")
+    p.add_argument("--dpo-tag", default="", help="sst2-dpo: suffix of the runs' folders (with --job-flags)")
+    p.add_argument("--dpo-split", action="store_true",
+                   help="sst2-dpo: sample the pairs from the private part of the sentence split")
+    p.add_argument("--dpo-eval-on", choices=("dev", "validation"), default="dev",
+                   help="sst2-dpo: score on dev or on the split's validation part (implies --dpo-split)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.studies.split(",") if n.strip()]
     unknown = sorted(set(names) - set(STUDIES))

@@ -35,3 +35,32 @@ def test_sst2_dpo_study_reports_round_0_and_the_last_of_each_strategy(tiny_chat_
     plain, rpo = (next(line for line in table.splitlines() if line.startswith(f"| fedavg, α {a}, round 1"))
                   for a in ("0", "1"))
     assert plain != rpo
+
+
+def test_dpo_split_samples_pairs_from_the_private_part_and_scores_on_validation(tmp_path, monkeypatch):
+    # Prepare: 200 independent SST-2-like sentences (each its own root)
+    sst2 = tmp_path / "sst2"
+    sst2.mkdir()
+    for name, column, n in (("train.tsv", "sentence", 200), ("dev.tsv", "content", 4)):
+        rows = [f"{i % 2}\t{'great' if i % 2 else 'awful'} film number{i}" for i in range(n)]
+        (sst2 / name).write_text("\n".join([f"label\t{column}", *rows]) + "\n")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    llm_eval = load_script("llm_eval")
+    args = llm_eval.argparse.Namespace(sst2=sst2, out=tmp_path / "out", dpo_split=False, dpo_eval_on="dev")
+    # Execute: the three data choices
+    whole = llm_eval.dpo_data(args)
+    args.dpo_eval_on = "validation"
+    source, test, root = llm_eval.dpo_data(args)
+    args.dpo_eval_on, args.dpo_split = "dev", True
+    split_dev = llm_eval.dpo_data(args)
+    # Assert: the old study is untouched; the split's runs sample the private part, held out on
+    # validation (3 + 20 of the 200 roots public / validation) or on dev
+    dev = ["--test-data", str(sst2 / "dev.tsv"), "--test-text-column", "content"]
+    assert whole == (sst2 / "train.tsv", dev, tmp_path / "out" / "sst2-dpo")
+    data = tmp_path / "out" / "data"
+    assert (source, root) == (data / "private.tsv", tmp_path / "out" / "sst2-dpo-split-validation")
+    assert test == ["--test-data", str(data / "validation.tsv"), "--test-text-column", "sentence"]
+    assert split_dev == (data / "private.tsv", dev, tmp_path / "out" / "sst2-dpo-split-dev")
+    private = set(source.read_text().splitlines()[1:])
+    validation = set((data / "validation.tsv").read_text().splitlines()[1:])
+    assert (len(private), len(validation)) == (177, 20) and not private & validation
