@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -98,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
             patch(args.child)
         return sim([*VARIANTS[args.child], "--num-clients", "10", "--rounds", str(args.rounds), "--quiet",
                     "--overwrite", "--out", str(args.out / args.child)])
-    import subprocess
     names = ["none", *(v for v in args.variants.split(",") if v != "none")]
     for name in names:
         if not (args.out / name / "adapter").is_dir():
