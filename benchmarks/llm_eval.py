@@ -67,7 +67,8 @@ def _llm_sft():
     return module
 
 
-PROMPT = _llm_sft().PROMPT
+LLM_SFT = _llm_sft()
+PROMPT = LLM_SFT.PROMPT
 
 
 def shell(argv: list[str]) -> str:
@@ -121,13 +122,11 @@ def dpo_data(args: argparse.Namespace) -> tuple[Path, list[str], Path]:
     """``(phrases to sample the pairs from, the held-out pairs' flags, the study's folder)``: SST-2's
     whole training file and dev, or with ``--dpo-split`` / ``--dpo-eval-on validation`` the private
     part of ``benchmarks/llm_sft.py``'s sentence split (:data:`SPLIT`) and its dev or validation part."""
-    dev = ["--test-data", str(args.sst2 / "dev.tsv"), "--test-text-column", "content"]
     if not args.dpo_split and args.dpo_eval_on == "dev":
-        return args.sst2 / "train.tsv", dev, args.out / "sst2-dpo"
+        return args.sst2 / "train.tsv", LLM_SFT.held_out_flags(args.sst2), args.out / "sst2-dpo"
     parts = split_file(args.sst2 / "train.tsv", args.out / "data", SPLIT, seed=0)
-    test = (["--test-data", str(parts["validation"]), "--test-text-column", "sentence"]
-            if args.dpo_eval_on == "validation" else dev)
-    return parts["private"], test, args.out / f"sst2-dpo-split-{args.dpo_eval_on}"
+    return (parts["private"], LLM_SFT.held_out_flags(args.sst2, parts, args.dpo_eval_on),
+            args.out / f"sst2-dpo-split-{args.dpo_eval_on}")
 
 
 def sst2_dpo(args: argparse.Namespace) -> dict:

@@ -66,15 +66,19 @@ def data_flags(args: argparse.Namespace) -> list[str]:
     ``--public-fraction`` / ``--eval-on validation`` its parts split by source sentence
     (:func:`splits.split_file`): the clients hold the private part, ``--init-data`` is the public
     part, and the rows are scored on the validation part or on dev."""
-    dev = ["--test-data", str(args.sst2 / "dev.tsv"), "--test-text-column", "content"]
     if not args.public_fraction and args.eval_on == "dev":
-        return ["--data", str(args.sst2 / "train.tsv"), *dev]
+        return ["--data", str(args.sst2 / "train.tsv"), *held_out_flags(args.sst2)]
     fractions = {"public": args.public_fraction, "validation": args.validation_fraction}
     parts = split_file(args.sst2 / "train.tsv", args.out / "data", fractions, seed=0)
-    test = (["--test-data", str(parts["validation"]), "--test-text-column", "sentence"]
-            if args.eval_on == "validation" else dev)
     public = ["--init-data", str(parts["public"])] if args.public_fraction else []
-    return ["--data", str(parts["private"]), *public, *test]
+    return ["--data", str(parts["private"]), *public, *held_out_flags(args.sst2, parts, args.eval_on)]
+
+
+def held_out_flags(sst2: Path, parts: dict[str, Path] | None = None, eval_on: str = "dev") -> list[str]:
+    """The held-out rows' flags: SST-2's dev sentences, or the split ``parts``' validation phrases."""
+    if eval_on == "validation":
+        return ["--test-data", str(parts["validation"]), "--test-text-column", "sentence"]
+    return ["--test-data", str(sst2 / "dev.tsv"), "--test-text-column", "content"]
 
 
 def job_flags(args: argparse.Namespace, seed: int) -> list[str]:
