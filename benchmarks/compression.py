@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from stats import read_rows
+
 ROOT = Path(__file__).resolve().parents[1]
 CODINGS = {"none": [], "int8": ["--compress", "int8"], "topk:0.1": ["--compress", "topk:0.1"]}
 FLORA = {"none": [], "down-int8": ["--compress-down", "int8"],
@@ -60,7 +62,7 @@ def run(flags: list[str], out: Path) -> float:
 
 
 def summary(out: Path) -> dict:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_rows(out)
     train = [r for r in rows if r["round"] >= 1]
     return {"up": sum(r["bytes_up"] for r in train), "down": sum(r["bytes_down"] for r in train),
             "up_all": sum(r["bytes_up"] for r in rows), "accuracy": rows[-1]["accuracy"],

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stats import read_rows
+
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 
@@ -66,7 +68,7 @@ def run_fedlora(args, model: str, work: Path, env: dict) -> list[dict]:
         _stop(clients)
     if server.returncode != 0:
         raise SystemExit(f"fedlora-server failed: {server.stderr.strip()[-500:]}")
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    rows = read_rows(out)
     return [{"round": r["round"], "seconds": r["seconds"], "client": r["client_seconds"]}
             for r in rows if r["round"] >= 1]
 

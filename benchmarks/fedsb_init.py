@@ -18,11 +18,12 @@ Usage: ``python benchmarks/fedsb_init.py --out runs/fedsb_init`` (~12 min on 2 C
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
 from pathlib import Path
+
+from stats import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"MiniLM (q,v × 6 layers, 384², r = 8)": (12, 384, 384, 8),
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                             "--quiet", "--overwrite"])
                 if code != 0:
                     raise SystemExit(f"fed-sb init={init} on {data} failed")
-            rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+            rows = read_rows(out)
             up = rows[0]["bytes_up"] / max(rows[0]["clients"], 1)
             down = rows[0]["bytes_down"] / max(rows[0]["clients"], 1)
             lines.append(f"| {data} | {init} | {rows[1]['accuracy']:.1%} | {rows[-1]['accuracy']:.1%} |"

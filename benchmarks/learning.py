@@ -31,14 +31,13 @@ runs in ``--out``; ``--quick`` is a 1-round smoke run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from stats import difference, mean_sd, tail_mean
+from stats import difference, mean_sd, read_rows, tail_mean
 
 SETTINGS = {
     "bbc-10-iid": (["--num-clients", "10", "--partition", "iid"], 10, None),
@@ -72,10 +71,6 @@ def centralized(args: argparse.Namespace, per_round: int, seed: int, out: Path) 
 def finished(run: Path) -> bool:
     """A run that completed: its metrics and its exported adapter (written last)."""
     return (run / "metrics.jsonl").is_file() and (run / "adapter").is_dir()
-
-
-def read_rows(folder: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
 def to_target(rows: list[dict], target: float) -> tuple[int | None, int | None]:

@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 from splits import split_file
+from stats import read_rows
 
 from fedlora.simulations.cli import main as fedlora_sim
 from fedlora.simulations.evaluate import main as fedlora_eval
@@ -147,7 +148,7 @@ def sst2_dpo(args: argparse.Namespace) -> dict:
                 argv = [*flags, "--strategy", strategy, "--dpo-sft-weight", alpha, "--out", str(out)]
                 if fedlora_sim(argv) != 0:
                     raise SystemExit(f"sst2-dpo: fedlora-sim --strategy {strategy} failed")
-            got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            got = read_rows(out)
             rows += [{"model": f"{strategy}, α {alpha}, round {r['round']}", **r} for r in (got[0], got[-1])]
     command = "fedlora-sim " + shell([*flags, "--strategy", "S", "--dpo-sft-weight", "α", "--out", "OUT"])
     return {"study": "sst2-dpo", "command": command, "rows": rows, "seconds": time.perf_counter() - t0}

@@ -49,7 +49,7 @@ import sys
 from pathlib import Path
 
 from splits import split_file
-from stats import difference, mean_sd, tail_mean
+from stats import difference, mean_sd, read_rows, tail_mean
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 PROMPT = ("Is the sentiment of this movie review positive or negative? Answer with one word.\n\n"
@@ -103,7 +103,7 @@ def run(out: Path, flags: list[str], rounds: int) -> tuple[list[dict], int | Non
     """``(metric rows, peak RSS)`` of one run, reusing a finished one."""
     metrics, peak = out / "metrics.jsonl", out / "peak_rss.json"
     if metrics.is_file():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        rows = read_rows(out)
         if rows and rows[-1]["round"] == rounds:
             return rows, json.loads(peak.read_text())["peak_rss"] if peak.is_file() else None
     cmd = [sys.executable, __file__, "--child", *flags, "--out", str(out), "--overwrite"]
@@ -113,7 +113,7 @@ def run(out: Path, flags: list[str], rounds: int) -> tuple[list[dict], int | Non
         raise SystemExit(f"{out.name} failed:\n{proc.stderr[-3000:]}")
     peak_rss = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss"]
     peak.write_text(json.dumps({"peak_rss": peak_rss}) + "\n")
-    return [json.loads(line) for line in metrics.read_text().splitlines()], peak_rss
+    return read_rows(out), peak_rss
 
 
 def row_line(setting: str, name: str, rows: list[dict], peak: int | None, central: float | None) -> str:

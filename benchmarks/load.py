@@ -23,7 +23,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -32,6 +31,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from stats import read_rows
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -89,10 +90,7 @@ class PeakMemory(threading.Thread):
 
 
 def rows(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return read_rows(out) if (out / "metrics.jsonl").is_file() else []
 
 
 def job_flags(args) -> list[str]:

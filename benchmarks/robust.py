@@ -21,10 +21,11 @@ shows what the defence itself costs. Finished runs are reused.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
+
+from stats import read_rows
 
 ATTACKS = {"": ["norm-bound", "trimmed", "median", "krum"],  # what each defence costs a clean run
            "scale:100": ["none", "norm-bound", "trimmed", "median", "krum"],
@@ -54,13 +55,13 @@ def run_rows(args: argparse.Namespace, name: str, flags: list[str]) -> list[dict
 
     out = Path(args.out) / name
     metrics = out / "metrics.jsonl"
-    rows = [json.loads(ln) for ln in metrics.read_text().splitlines()] if metrics.is_file() else []
+    rows = read_rows(out) if metrics.is_file() else []
     if len(rows) != args.rounds + 1:
         base = ["--num-clients", "10", "--rounds", str(args.rounds), "--local-steps", "10", "--seed", "0",
                 "--out", str(out), "--overwrite", "--quiet"]
         if sim([*base, *flags]) != 0:
             raise SystemExit(f"run {name} failed")
-        rows = [json.loads(ln) for ln in metrics.read_text().splitlines()]
+        rows = read_rows(out)
     return rows
 
 

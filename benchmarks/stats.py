@@ -1,5 +1,7 @@
-"""How the benchmarks summarise runs: a run's tail mean, mean ± sd over seeds, and when a
-difference counts.
+"""How the benchmarks summarise runs: a run's rows, its tail mean, mean ± sd over seeds, and when
+a difference counts.
+
+* A run's **rows**: the lines of its ``metrics.jsonl``, one per committed round (round 0 first).
 
 * A run's **tail**: the mean of its last rounds' metric, the last quarter of the trained rounds
   (at most 5, at least 1: the last 5 of 20 rounds, the last 3 of 10, the last of 2), so one
@@ -12,9 +14,17 @@ difference counts.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
+
+
+def read_rows(folder: str | Path) -> list[dict]:
+    """The rows of the run in ``folder`` (its ``metrics.jsonl``, blank lines skipped)."""
+    text = (Path(folder) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def tail_rounds(trained: int) -> int:

@@ -24,13 +24,13 @@ round, the final gap to ``none``, the upload bytes as a share of ``none``'s and 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from stats import read_rows
 
 import fedlora.rounds.compress as codings
 
@@ -83,7 +83,7 @@ def patch(kind: str) -> None:
 
 
 def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_rows(out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,10 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 def load_script(name: str, module_name: str | None = None) -> ModuleType:
     """``benchmarks/NAME.py`` as module ``module_name`` (default ``NAME``), registered in ``sys.modules``
-    (dataclasses and pickling look their module up there)."""
+    (dataclasses and pickling look their module up there). ``benchmarks/`` joins the end of
+    ``sys.path``, as it is first there when a script runs: the scripts import ``stats`` and ``splits``."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(module_name or name, BENCHMARKS / f"{name}.py")
     module = sys.modules[module_name or name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

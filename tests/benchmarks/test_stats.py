@@ -34,3 +34,9 @@ def test_a_difference_within_its_spread_is_no_difference():
     # gaps +3, -1, +1: mean +1, sd 2 -> no difference; one seed has no spread
     assert stats.difference([0.83, 0.79, 0.81], [0.80, 0.80, 0.80]) == "no difference (+1.0 ± 2.0 pts)"
     assert stats.difference([0.9], [0.8]) == "no difference (+10.0 pts)"
+
+
+def test_read_rows_reads_a_runs_metrics_file_and_skips_blank_lines(tmp_path):
+    text = '{"round": 0, "accuracy": 0.5}\n\n{"round": 1, "accuracy": 0.75}\n'
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert stats.read_rows(tmp_path) == [{"round": 0, "accuracy": 0.5}, {"round": 1, "accuracy": 0.75}]
