@@ -7,7 +7,10 @@ under DP: q_k = batch / n_k), ``--rounds`` × ``--local-steps`` steps per client
 
 * ``table`` (default): for each strategy (fedavg, ffa-lora, fed-sb) and ε ∈ {1, 3, 8, ∞} (∞: the
   same job without DP), the final and best dev accuracy, σ, q, the steps each client took and
-  the ε every client ended at.
+  the ε every client ended at. With ``--seeds 0,1,2`` every run is repeated per seed (the
+  clients' draws, the adapters' start, the noise; the split stays ``--split-seed``'s) in
+  ``OUT/<strategy>-eps<ε>/seed<k>/``, and a second table gives the final accuracy as mean ± sd
+  and its paired difference from the same seeds' ε = ∞ runs (``stats.difference``).
 * ``--sweep``: FFA-LoRA at ε = 8 over learning rates × clipping norms (and head options),
   fewer rounds: the source of the ``--dp sample`` defaults (``fedlora.job.defaults.DP_RECIPE``).
 * ``--client-level``: ``--dp client`` (the server clips and noises each client's update) with
@@ -47,6 +50,7 @@ import time
 from pathlib import Path
 
 from splits import split_file
+from stats import difference, mean_sd, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 EPSILONS = ("1", "3", "8", "inf")
@@ -90,7 +94,7 @@ def run(args: argparse.Namespace, name: str, flags: list[str]) -> dict | None:
         (out / "wall.json").write_text(json.dumps({"seconds": time.perf_counter() - t0}))
     if not metrics.is_file():
         return None
-    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    rows = read_rows(out)
     cfg = json.loads((out / "config.json").read_text())
     last = rows[-1]
     wall = json.loads((out / "wall.json").read_text())["seconds"] if (out / "wall.json").is_file() else None
@@ -120,17 +124,36 @@ def sizes(args: argparse.Namespace) -> float:
 
 def table(args: argparse.Namespace) -> int:
     q = sizes(args)
-    lines = ["| strategy | ε | final acc | best acc | σ | q | steps / client | ε spent (clients) | lr |"
-             " clip | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    seeds = [int(k) for k in args.seeds.split(",")] if args.seeds else [args.seed]
+    lines = ["| strategy | ε | seed | final acc | best acc | σ | q | steps / client | ε spent (clients) |"
+             " lr | clip | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    finals: dict[tuple[str, str], list[float]] = {}
     for strategy in args.strategies.split(","):
         for eps in args.epsilons.split(","):
             extra = [*args.job_flags, *([] if eps == "inf" else args.dp_flags)]
-            name = f"{strategy}-eps{eps}"
-            s = run(args, name, job(args, strategy, eps, Path(args.out) / name, extra))
-            lines.append(f"| {strategy} | {eps} | {fmt(s, eps, q)}")
-            print(lines[-1], file=sys.stderr, flush=True)
+            for seed in seeds:
+                local = argparse.Namespace(**{**vars(args), "seed": seed})
+                name = f"{strategy}-eps{eps}" + (f"/seed{seed}" if args.seeds else "")
+                s = run(local, name, job(local, strategy, eps, Path(args.out) / name, extra))
+                if s is not None:
+                    finals.setdefault((strategy, eps), []).append(s["final"])
+                lines.append(f"| {strategy} | {eps} | {seed} | {fmt(s, eps, q)}")
+                print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
+    if len(seeds) > 1:
+        print("\n" + "\n".join(seed_summary(finals, len(seeds))))
     return 0
+
+
+def seed_summary(finals: dict[tuple[str, str], list[float]], seeds: int) -> list[str]:
+    """Per strategy and ε: the final accuracy over seeds (mean ± sd) and its paired difference
+    from ε = ∞ ("—" unless both have every seed)."""
+    lines = ["| strategy | ε | seeds run | final acc | vs no DP (paired) |", "|---|---|---|---|---|"]
+    for (strategy, eps), values in finals.items():
+        base = finals.get((strategy, "inf"), [])
+        vs = difference(values, base) if eps != "inf" and len(values) == len(base) == seeds else "—"
+        lines.append(f"| {strategy} | {eps} | {len(values)} | {mean_sd(values)} | {vs} |")
+    return lines
 
 
 def sweep(args: argparse.Namespace) -> int:
@@ -169,8 +192,7 @@ def client_level(args: argparse.Namespace) -> int:
             if s is None:
                 lines.append(f"| {strategy} | {eps} | (not run) |")
                 continue
-            text = (Path(args.out) / name / "metrics.jsonl").read_text()
-            rows = [json.loads(ln) for ln in text.splitlines()]
+            rows = read_rows(Path(args.out) / name)
             clipped = rows[-1].get("clipped_fraction")
             lines.append(f"| {strategy} | {eps} | {args.per_round} | {s['rounds']} | {s['final']:.1%} |"
                          f" {s['best']:.1%} | {rows[-1].get('noise_multiplier') or '—'} |"
@@ -345,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="", help="the table over these seeds (e.g. 0,1,2), mean ± sd")
     p.add_argument("--strategies", default="fedavg,ffa-lora,fed-sb")
     p.add_argument("--epsilons", default=",".join(EPSILONS))
     p.add_argument("--dp-flags", default="", help="extra flags for the DP runs (e.g. '--lr 5e-3')")
