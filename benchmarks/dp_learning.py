@@ -211,7 +211,8 @@ def start_flags(args: argparse.Namespace) -> Callable[[str], list[str]]:
                                 [*args.job_flags, *args.dp_flags])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags (the table's by default; ``--sweep`` and the studies choose others)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/dp_learning")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "sst2"))
@@ -253,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--eval-on", choices=("validation", "dev"), default=None,
                    help="score on the validation part (default for --sweep and the studies) or dev")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.dp_flags, args.job_flags = args.dp_flags.split(), args.job_flags.split()
     if args.quick:
         args.rounds, args.local_steps, args.batch_size = 1, 2, 32

@@ -85,6 +85,12 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
         "inference_mode": True,
         "modules_to_save": sorted({h.split(".")[0] for h in head_modules}) or None,
     }
+    return write_adapter(out_dir, tensors, config)
+
+
+def write_adapter(out_dir: Path, tensors: dict, config: dict) -> Path:
+    """Write PEFT's two files into a temporary folder beside ``out_dir`` and rename it into place,
+    so a reader sees the old adapter or the new one, never half of either."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out_dir.parent))
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
