@@ -19,7 +19,10 @@ DP_RECIPE: dict[str, Any] = {"batch_size": 256, "max_grad_norm": 0.1, "lr": 3e-3
 AdamW learning rate and head, measured by ``benchmarks/dp_learning.py --sweep`` (RESULTS.md, "DP
 recipe"): FFA-LoRA on SST-2 at ε = 8. At the start of training a MiniLM head holds over 99% of
 an example's gradient norm, so a trained head would take the whole clip and leave LoRA's factors
-with noise alone; frozen, the clip (0.1, about the factors' own per-example norm) is theirs."""
+with noise alone; frozen, the clip (0.1, about the factors' own per-example norm) is theirs.
+The lr was re-chosen on a validation part (FedAvg with a sentence-disjoint public warm start at
+ε = 8, against 1e-3 and 1e-2: RESULTS.md, "DP-SGD on MiniLM, re-measured") and stays 3e-3; the
+clip and head (the job without a public file) were read on dev and not re-derived."""
 
 
 CLIP_QUANTILE = 0.5
