@@ -18,11 +18,53 @@ def columns(cfg, test: bool) -> tuple[str, str]:
     return cfg.text_column, cfg.label_column
 
 
-def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, Tensor]:
-    """``input_ids``, ``attention_mask`` (and ``token_type_ids``), right-padded to ``max_length``."""
+#: A long text is cut at a space this many characters per token of ``max_length`` in, before it is
+#: tokenized: far past where truncation ends (a token of English text averages 4-5 characters).
+CUT_CHARS_PER_TOKEN = 16
+KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _encode(tokenizer, texts: list[str], max_length: int) -> dict[str, Tensor]:
     enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length",
                     return_tensors="pt")
-    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    return {k: v for k, v in enc.items() if k in KEYS}
+
+
+def _cut(text: str, chars: int) -> str:
+    """``text`` up to the last space before ``chars`` characters (all of it when shorter)."""
+    if len(text) <= chars:
+        return text
+    space = text.rfind(" ", 0, chars)
+    return text[:space] if space > 0 else text
+
+
+def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, Tensor]:
+    """``input_ids``, ``attention_mask`` (and ``token_type_ids``), right-padded to ``max_length``.
+
+    The same tensors as tokenizing the whole texts with right truncation, faster on long texts
+    (a news article is about 100 times ``--max-length 32``): each text is first cut at a space
+    ``CUT_CHARS_PER_TOKEN × max_length`` characters in. A row its cut text does not fill is encoded
+    again from the whole text, and the cut rows are checked against the whole texts on a sample;
+    a tokenizer that differs there (or truncates on the left) encodes every whole text.
+    """
+    chars = CUT_CHARS_PER_TOKEN * max_length
+    cut = [_cut(t, chars) for t in texts]
+    rows = [i for i, (a, b) in enumerate(zip(texts, cut, strict=True)) if a is not b]
+    if not rows or getattr(tokenizer, "truncation_side", "right") != "right":
+        return _encode(tokenizer, texts, max_length)
+    out = _encode(tokenizer, cut, max_length)
+    if "attention_mask" not in out:
+        return _encode(tokenizer, texts, max_length)
+    filled = out["attention_mask"].sum(dim=1) >= max_length                     # (rows,)
+    short = [i for i in rows if not filled[i]]
+    sample = [i for i in rows if filled[i]][:4]
+    redo = short + sample
+    whole = _encode(tokenizer, [texts[i] for i in redo], max_length)
+    if any(not torch.equal(whole[k][len(short):], out[k][sample]) for k in out):
+        return _encode(tokenizer, texts, max_length)
+    for k in out:
+        out[k][short] = whole[k][:len(short)]
+    return out
 
 
 def eval_batches(fm, data: dict[str, Tensor], cfg):

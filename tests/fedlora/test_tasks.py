@@ -219,3 +219,41 @@ def test_training_on_response_logits_only_equals_all_logits(tiny_chat_llama_dir,
             A1, B1 = ups[1][k].factors[layer]
             assert torch.allclose(A, A1, atol=1e-6) and torch.allclose(B, B1, atol=1e-6)
             assert B.abs().sum() > 0
+
+
+@pytest.mark.parametrize("max_length", [16, 64])
+def test_tokenize_texts_cut_before_tokenizing_equals_tokenizing_bbc_news_whole(max_length):
+    # 300 bundled BBC News articles (about 2,300 characters each, mostly far longer than the cut) with
+    # MiniLM's tokenizer, against the tokenizer on the whole texts
+    from fedlora.data.loading import load_bbcnews
+    from fedlora.tasks.classic import CUT_CHARS_PER_TOKEN, tokenize_texts
+    from tests.conftest import _tokenizer
+
+    tok = _tokenizer()
+    texts = load_bbcnews().texts[:300]
+    assert sum(len(t) > CUT_CHARS_PER_TOKEN * max_length for t in texts) > 250  # most rows are cut
+    whole = tok(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    got = tokenize_texts(tok, texts, max_length)
+    assert got.keys() == {"input_ids", "attention_mask", "token_type_ids"}
+    for k, v in got.items():
+        assert torch.equal(v, whole[k]), k
+
+
+def test_tokenize_texts_encodes_a_row_its_cut_does_not_fill_from_the_whole_text():
+    # Row 0: one word, then 600 spaces before the rest, so its cut (at 16 × 8 = 128 characters)
+    # holds a single token; row 1: ordinary words; row 2: one 300-character word (no space to cut at)
+    from fedlora.tasks.classic import tokenize_texts
+    from tests.conftest import _tokenizer
+
+    tok = _tokenizer()
+    texts = ["hello" + " " * 600 + "the news of the day " * 10, "the news of the day " * 40, "x" * 300]
+    got = tokenize_texts(tok, texts, 8)
+    whole = tok(texts, truncation=True, max_length=8, padding="max_length", return_tensors="pt")
+    assert torch.equal(got["input_ids"], whole["input_ids"])
+    # [CLS] hello the news of the day [SEP]: the words after the spaces, as the whole text gives
+    assert tok.convert_ids_to_tokens(got["input_ids"][0].tolist()) == [
+        "[CLS]", "hello", "the", "news", "of", "the", "day", "[SEP]"]
+    # a tokenizer that truncates on the left encodes the whole texts
+    tok.truncation_side = "left"
+    left = tok(texts, truncation=True, max_length=8, padding="max_length", return_tensors="pt")
+    assert torch.equal(tokenize_texts(tok, texts, 8)["input_ids"], left["input_ids"])
