@@ -222,14 +222,13 @@ def test_training_on_response_logits_only_equals_all_logits(tiny_chat_llama_dir,
 
 
 @pytest.mark.parametrize("max_length", [16, 64])
-def test_tokenize_texts_cut_before_tokenizing_equals_tokenizing_bbc_news_whole(max_length):
+def test_tokenize_texts_cut_before_tokenizing_equals_tokenizing_bbc_news_whole(max_length, tiny_bert_dir):
     # 300 bundled BBC News articles (about 2,300 characters each, mostly far longer than the cut) with
     # MiniLM's tokenizer, against the tokenizer on the whole texts
     from fedlora.data.loading import load_bbcnews
     from fedlora.tasks.classic import CUT_CHARS_PER_TOKEN, tokenize_texts
-    from tests.conftest import _tokenizer
 
-    tok = _tokenizer()
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)  # MiniLM's
     texts = load_bbcnews().texts[:300]
     assert sum(len(t) > CUT_CHARS_PER_TOKEN * max_length for t in texts) > 250  # most rows are cut
     whole = tok(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
@@ -239,13 +238,12 @@ def test_tokenize_texts_cut_before_tokenizing_equals_tokenizing_bbc_news_whole(m
         assert torch.equal(v, whole[k]), k
 
 
-def test_tokenize_texts_encodes_a_row_its_cut_does_not_fill_from_the_whole_text():
+def test_tokenize_texts_encodes_a_row_its_cut_does_not_fill_from_the_whole_text(tiny_bert_dir):
     # Row 0: one word, then 600 spaces before the rest, so its cut (at 16 × 8 = 128 characters)
     # holds a single token; row 1: ordinary words; row 2: one 300-character word (no space to cut at)
     from fedlora.tasks.classic import tokenize_texts
-    from tests.conftest import _tokenizer
 
-    tok = _tokenizer()
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)  # MiniLM's
     texts = ["hello" + " " * 600 + "the news of the day " * 10, "the news of the day " * 40, "x" * 300]
     got = tokenize_texts(tok, texts, 8)
     whole = tok(texts, truncation=True, max_length=8, padding="max_length", return_tensors="pt")
