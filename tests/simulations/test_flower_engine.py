@@ -12,6 +12,11 @@ start, SecAgg+, sft, DPO under FLoRA), are compared with the batched engine in o
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -38,12 +43,36 @@ STATEFUL = ["--strategy", "fedsa-lora", "--personal-test-fraction", "0.3", "--dp
             "--delta", "1e-3", "--dp-reproducible"]
 
 
+def flower_leg(make_flags, tmp_path, limit: float = 300.0, attempts: int = 2):
+    """Run ``fedlora-sim --engine flower`` in a process (session) of its own; the folder it wrote.
+
+    A run not finished within ``limit`` seconds is killed with everything it started (SuperLink,
+    ServerApp, Ray) and run again in a fresh folder, with a warning. On 2-core CI Flower's Ray
+    engine has twice stalled after its actors had computed every reply of round 1: the ServerApp
+    never received them (cause not found; sessions 21-22). The parity below is still checked on a
+    run that finished; the warning keeps the stall visible."""
+    for attempt in range(attempts):
+        out = tmp_path / f"flower-{attempt}"
+        proc = subprocess.Popen([sys.executable, "-m", "fedlora.simulations.cli", *make_flags(out)],
+                                start_new_session=True)
+        try:
+            assert proc.wait(limit) == 0
+            return out
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            warnings.warn(f"Flower's engine did not finish within {limit:.0f} s (attempt {attempt + 1});"
+                          " killed and run again", stacklevel=2)
+    raise AssertionError(f"Flower's engine did not finish in {attempts} attempts of {limit:.0f} s")
+
+
 def test_flower_engine_keeps_client_state_and_reaches_the_batched_adapter(tiny_bert_dir, tiny_csv, tmp_path):
     # Prepare: the batched run of the job
-    batched, flower = tmp_path / "batched", tmp_path / "flower"
+    batched = tmp_path / "batched"
     assert main(_job(tiny_bert_dir, tiny_csv, batched, *STATEFUL)) == 0
     # Execute: the same job on Flower's simulation engine (3 virtual SuperNodes)
-    assert main(_job(tiny_bert_dir, tiny_csv, flower, "--engine", "flower", *STATEFUL)) == 0
+    flower = flower_leg(lambda out: _job(tiny_bert_dir, tiny_csv, out, "--engine", "flower", *STATEFUL),
+                        tmp_path)
     # Assert: the same final adapter; the same uploads; stateless Flower clients get
     # at least what the batched engine's clients get each round (shared factors re-sent)
     a = load_file(batched / "adapter" / "adapter_model.safetensors")
