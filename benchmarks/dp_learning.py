@@ -49,10 +49,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from dp_studies import clip_study, norms, snr
+from dp_studies import Flags, clip_study, norms, snr
 from splits import split_file
 from stats import difference, mean_sd, read_rows
 
@@ -206,7 +205,7 @@ def client_level(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_flags(args: argparse.Namespace) -> Callable[[str], list[str]]:
+def start_flags(args: argparse.Namespace) -> Flags:
     """The flags of a strategy's ε = 8 job (the table's), where the studies start."""
     return lambda strategy: job(args, strategy, "8", Path(args.out) / f"start-{strategy}",
                                 [*args.job_flags, *args.dp_flags])

@@ -49,7 +49,7 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, Te
     """
     chars = CUT_CHARS_PER_TOKEN * max_length
     cut = [_cut(t, chars) for t in texts]
-    rows = [i for i, (a, b) in enumerate(zip(texts, cut, strict=True)) if a is not b]
+    rows = [i for i, (a, b) in enumerate(zip(texts, cut, strict=True)) if len(b) < len(a)]  # cut
     if not rows or getattr(tokenizer, "truncation_side", "right") != "right":
         return _encode(tokenizer, texts, max_length)
     out = _encode(tokenizer, cut, max_length)

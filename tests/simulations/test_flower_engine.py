@@ -46,8 +46,9 @@ STATEFUL = ["--strategy", "fedsa-lora", "--personal-test-fraction", "0.3", "--dp
 def flower_leg(make_flags, tmp_path, limit: float = 300.0, attempts: int = 2):
     """Run ``fedlora-sim --engine flower`` in a process (session) of its own; the folder it wrote.
 
-    A run not finished within ``limit`` seconds is killed with everything it started (SuperLink,
-    ServerApp, Ray) and run again in a fresh folder, with a warning. On 2-core CI Flower's Ray
+    A run not finished within ``limit`` seconds is killed with its process group (the CLI and its
+    SuperLink; the ServerApp's ``flwr-simulation`` process, in a session of its own, exits once the
+    SuperLink is gone) and run again in a fresh folder, with a warning. On 2-core CI Flower's Ray
     engine has twice stalled after its actors had computed every reply of round 1: the ServerApp
     never received them (cause not found; sessions 21-22). The parity below is still checked on a
     run that finished; the warning keeps the stall visible."""
