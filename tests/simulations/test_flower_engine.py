@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.simulations.cli import main
+from tests.simulations import stall
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ STATEFUL = ["--strategy", "fedsa-lora", "--personal-test-fraction", "0.3", "--dp
             "--delta", "1e-3", "--dp-reproducible"]
 
 
-def flower_leg(make_flags, tmp_path, limit: float = 300.0, attempts: int = 2):
+def flower_leg(make_flags, tmp_path, limit: float = 240.0, attempts: int = 2):
     """Run ``fedlora-sim --engine flower`` in a process (session) of its own; the folder it wrote.
 
     A run not finished within ``limit`` seconds is killed with its process group (the CLI and its
@@ -60,10 +61,11 @@ def flower_leg(make_flags, tmp_path, limit: float = 300.0, attempts: int = 2):
             assert proc.wait(limit) == 0
             return out
         except subprocess.TimeoutExpired:
+            seen = stall.report(proc.pid, out, tmp_path / f"stall-{attempt}.txt").read_text()
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             warnings.warn(f"Flower's engine did not finish within {limit:.0f} s (attempt {attempt + 1});"
-                          " killed and run again", stacklevel=2)
+                          f" killed and run again. What its processes were doing:\n{seen}", stacklevel=2)
     raise AssertionError(f"Flower's engine did not finish in {attempts} attempts of {limit:.0f} s")
 
 

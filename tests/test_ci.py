@@ -1,0 +1,34 @@
+"""CI's install: uv gets the package sources pip is configured with (``.ci/uv_env.py``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("uv_env", ROOT / ".ci" / "uv_env.py")
+uv_env = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(uv_env)
+
+LISTING = """\
+:env:.default-timeout='180'
+:env:.find-links='/opt/wheels'
+global.cert='/etc/ssl/certs/ca-certificates.crt'
+global.constraint='/etc/xdg/pip/constraints.txt'
+global.extra-index-url='file:///opt/pypi/simple file:///opt/pypi-more/simple'
+global.find-links='/srv/other /srv/more'
+"""
+
+
+def test_pips_sources_become_uvs_variables_the_environment_first():
+    # Execute
+    options = uv_env.pip_options(LISTING)
+    lines = uv_env.exports(options)
+    # Assert: PIP_FIND_LINKS (":env:") wins over the file's two links; several indexes stay
+    # space-separated; pip's settings that uv has no use for are left out
+    assert options == {"find-links": "/opt/wheels", "constraint": "/etc/xdg/pip/constraints.txt",
+                       "extra-index-url": "file:///opt/pypi/simple file:///opt/pypi-more/simple"}
+    assert lines == ["export UV_FIND_LINKS=/opt/wheels", "export UV_CONSTRAINT=/etc/xdg/pip/constraints.txt",
+                     "export UV_EXTRA_INDEX_URL='file:///opt/pypi/simple file:///opt/pypi-more/simple'",
+                     "export UV_INDEX_STRATEGY=unsafe-best-match"]
+    assert uv_env.pip_options("global.find-links='/a /b'") == {"find-links": "/a,/b"}
