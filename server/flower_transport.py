@@ -37,7 +37,7 @@ from fedlora.rounds.validate import (
     expected_upload,
 )
 from fedlora.rounds.wire import from_record, to_record, wire_bytes
-from fedlora.server.polling import send_and_collect
+from fedlora.server.polling import gather, push, send_and_collect
 from fedlora.server.secagg import secure_round
 from fedlora.strategies.base import Probe
 
@@ -83,7 +83,8 @@ class FlowerTransport:
         self.rejected: list[dict] = []     # of the current exchange
         self.failures = (0, 0)             # error replies, missing replies of the current exchange
         self.waited = False                # the first round of this process waits for every client
-        self.silent: set[int] = set()      # nodes that did not identify themselves this round
+        self.silent: set[int] = set()      # nodes asked this round which client they are
+        self.asking: dict[str, int] = {}   # identify queries not answered yet: message id -> node id
 
     # ---- who is who ----
     def available(self, rnd: int, clients: list[int]) -> list[int]:
@@ -116,38 +117,54 @@ class FlowerTransport:
             time.sleep(2 * self.settings.poll)
 
     def _identify(self, node_ids: list[int]) -> None:
-        """Forget nodes that left; ask each new node which client it is."""
+        """Forget nodes that left; ask each new node which client it is, once a round.
+
+        A node's answer counts whenever it comes: one that misses :data:`IDENTIFY_TIMEOUT` (a
+        ClientApp still loading its model, Ray actors still starting) is found by a later poll
+        of the same wait, from its query's reply, instead of being left out until the next round.
+        """
         live = set(node_ids)
         for node in [n for n in self.clients if n not in live]:
             self.nodes.pop(self.clients.pop(node), None)
+        self.asking = {m: n for m, n in self.asking.items() if n in live and n not in self.clients}
         new = [n for n in node_ids if n not in self.clients and n not in self.silent]
-        if not new:
+        self.silent.update(new)  # asked once a round, not at every poll of the round's wait
+        got = []
+        if new:
+            msgs = [Message(content=RecordDict({"config": ConfigRecord({"identify": True})}),
+                            message_type="query", dst_node_id=n, group_id="identify") for n in new]
+            sent = push(self.grid, msgs)
+            self.asking.update(sent)
+            wait = min(IDENTIFY_TIMEOUT, self.settings.round_timeout)
+            got = gather(self.grid, sent, wait, self.settings.poll)
+        earlier = [m for m in self.asking if m not in {r.metadata.reply_to_message_id for r in got}]
+        got += gather(self.grid, earlier, 0.0) if earlier else []
+        for msg in got:
+            self.asking.pop(msg.metadata.reply_to_message_id, None)
+            if msg.has_error():
+                log.warning("node %s did not identify itself: %s", msg.metadata.src_node_id,
+                            msg.error.reason or "error")
+            else:
+                self._learn(msg)
+
+    def _learn(self, msg: Message) -> None:
+        """Take the client id of an identify reply."""
+        node = msg.metadata.src_node_id
+        try:
+            client = int(msg.content["metrics"]["client-id"])
+        except (KeyError, TypeError, ValueError):
+            log.warning("node %s did not say which client it is", node)
             return
-        self.silent.update(new)  # until they answer: a node that does not is not asked again this round
-        msgs = [Message(content=RecordDict({"config": ConfigRecord({"identify": True})}),
-                        message_type="query", dst_node_id=n, group_id="identify") for n in new]
-        wait = min(IDENTIFY_TIMEOUT, self.settings.round_timeout)
-        replies, errors, _ = send_and_collect(self.grid, msgs, wait, self.settings.poll)
-        for node, reason in errors:
-            log.warning("node %s did not identify itself: %s", node, reason)
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            try:
-                client = int(msg.content["metrics"]["client-id"])
-            except (KeyError, TypeError, ValueError):
-                log.warning("node %s did not say which client it is", node)
-                continue
-            if not 0 <= client < self.coord.cfg.num_clients:
-                log.warning("node %s is client %d, outside the job's %d clients: ignored", node, client,
-                            self.coord.cfg.num_clients)
-                continue
-            old = self.nodes.get(client)
-            if old is not None and old != node:  # a restarted client: it holds nothing of ours
-                log.info("client %d came back as node %s (was %s)", client, node, old)
-                self.clients.pop(old, None)
-                self.coord.forget(client)
-            self.nodes[client], self.clients[node] = node, client
-            self.silent.discard(node)
+        if not 0 <= client < self.coord.cfg.num_clients:
+            log.warning("node %s is client %d, outside the job's %d clients: ignored", node, client,
+                        self.coord.cfg.num_clients)
+            return
+        old = self.nodes.get(client)
+        if old is not None and old != node:  # a restarted client: it holds nothing of ours
+            log.info("client %d came back as node %s (was %s)", client, node, old)
+            self.clients.pop(old, None)
+            self.coord.forget(client)
+        self.nodes[client], self.clients[node] = node, client
 
     # ---- the exchanges ----
     def train(self, rnd: int, clients: list[int]) -> Replies:

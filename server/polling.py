@@ -47,16 +47,17 @@ def wait_for_nodes(grid, wanted: int, timeout: float, poll: float = 0.2) -> list
         time.sleep(poll)
 
 
-def collect(grid, messages: Iterable, timeout: float, poll: float = 0.1):
-    """Push ``messages``; return ``(replies, missing_node_ids)``: every reply (error replies
-    too) that arrived before ``timeout``, and the nodes that sent none."""
+def push(grid, messages: Iterable) -> dict[str, int]:
+    """Push ``messages``; ``{message id: destination node id}``."""
     messages = list(messages)
-    dst = {}
     ids = list(grid.push_messages(messages))
-    for mid, msg in zip(ids, messages, strict=False):
-        dst[mid] = msg.metadata.dst_node_id
-    pending = set(ids)
-    replies = []
+    return {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=False)}
+
+
+def gather(grid, ids: Iterable[str], timeout: float, poll: float = 0.1) -> list:
+    """The replies (error replies too) to the messages ``ids`` that arrive within ``timeout``
+    seconds (0: what one pull finds)."""
+    pending, replies = set(ids), []
     deadline = time.monotonic() + timeout
     while pending:
         for reply in grid.pull_messages(list(pending)):
@@ -65,7 +66,16 @@ def collect(grid, messages: Iterable, timeout: float, poll: float = 0.1):
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(poll)
-    return replies, sorted(dst[m] for m in pending)
+    return replies
+
+
+def collect(grid, messages: Iterable, timeout: float, poll: float = 0.1):
+    """Push ``messages``; return ``(replies, missing_node_ids)``: every reply (error replies
+    too) that arrived before ``timeout``, and the nodes that sent none."""
+    dst = push(grid, messages)
+    replies = gather(grid, dst, timeout, poll)
+    answered = {r.metadata.reply_to_message_id for r in replies}
+    return replies, sorted(node for mid, node in dst.items() if mid not in answered)
 
 
 def send_and_collect(grid, messages: Iterable, timeout: float, poll: float = 0.1):

@@ -67,3 +67,43 @@ def test_a_node_that_does_not_say_who_it_is_is_left_out_and_asked_once_a_round(t
     got = rows(tmp_path / "out")
     assert [r["client_ids"] for r in got[1:]] == [[0, 1], [0, 1]]
     assert asked.count(2) == 2 and asked.count(0) == asked.count(1) == 1
+
+
+def test_a_node_that_answers_after_the_identify_timeout_trains_in_the_same_round(tiny_bert_dir, tiny_csv,
+                                                                                 tmp_path, monkeypatch):
+    # Prepare: 3 nodes; node 2's identify reply is held back for the first 8 pulls that ask for it,
+    # past the 0.05 s identify timeout (a ClientApp still loading its model, Ray actors still
+    # starting: Flower's engine stalled on 2-core CI until its round timeout this way)
+    import fedlora.server.flower_transport as transport
+
+    monkeypatch.setenv("FEDLORA_LEDGER_DIR", str(tmp_path / "ledgers"))
+    monkeypatch.setattr(transport, "IDENTIFY_TIMEOUT", 0.05)
+    cfg = JobConfig(model=str(tiny_bert_dir), data=str(tiny_csv), num_clients=3, rounds=2, local_steps=1,
+                    batch_size=4, max_length=16, rank=4)
+    rc = deployment_run_config(cfg, tmp_path / "out", round_timeout=30.0)
+    asked, held = [], {}
+
+    class Grid(LocalGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            ids = super().push_messages(messages)
+            for mid, m in zip(ids, messages, strict=True):
+                if m.metadata.group_id == "identify":
+                    asked.append(m.metadata.dst_node_id)
+                    if m.metadata.dst_node_id == 2:
+                        held[mid] = 8
+            return ids
+
+        def pull_messages(self, ids):
+            ids = list(ids)
+            for mid in [i for i in ids if held.get(i, 0) > 0]:
+                held[mid] -= 1
+            return super().pull_messages([i for i in ids if held.get(i, 0) == 0])
+
+    # Execute
+    run_server(Grid(rc, 3), rc)
+    # Assert: round 1 trained all three clients (node 2 was not left out until the round timeout),
+    # each node was asked once, and the late reply was the one that counted
+    got = rows(tmp_path / "out")
+    assert [r["client_ids"] for r in got[1:]] == [[0, 1, 2], [0, 1, 2]]
+    assert sorted(asked) == [0, 1, 2] and list(held.values()) == [0]

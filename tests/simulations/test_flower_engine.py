@@ -47,12 +47,13 @@ STATEFUL = ["--strategy", "fedsa-lora", "--personal-test-fraction", "0.3", "--dp
 def flower_leg(make_flags, tmp_path, limit: float = 240.0, attempts: int = 2):
     """Run ``fedlora-sim --engine flower`` in a process (session) of its own; the folder it wrote.
 
-    A run not finished within ``limit`` seconds is killed with its process group (the CLI and its
-    SuperLink; the ServerApp's ``flwr-simulation`` process, in a session of its own, exits once the
-    SuperLink is gone) and run again in a fresh folder, with a warning. On 2-core CI Flower's Ray
-    engine has twice stalled after its actors had computed every reply of round 1: the ServerApp
-    never received them (cause not found; sessions 21-22). The parity below is still checked on a
-    run that finished; the warning keeps the stall visible."""
+    A run not finished within ``limit`` seconds is reported (:mod:`tests.simulations.stall`: what
+    each of its processes was doing), killed with its process group (the CLI and its SuperLink; the
+    ServerApp's ``flwr-simulation`` process, in a session of its own, exits once the SuperLink is
+    gone) and run again in a fresh folder, with the report as a warning. Such stalls on 2-core CI
+    (sessions 18-23) were the ServerApp waiting out its round timeout for nodes whose first answer
+    came after ``IDENTIFY_TIMEOUT`` (Ray actors still importing torch); they are fixed in
+    ``FlowerTransport._identify``, and a stall of another kind would show here."""
     for attempt in range(attempts):
         out = tmp_path / f"flower-{attempt}"
         proc = subprocess.Popen([sys.executable, "-m", "fedlora.simulations.cli", *make_flags(out)],
