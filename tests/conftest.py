@@ -20,13 +20,14 @@ else:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-#: The files that take a minute or more on 2-core CI, longest first (seconds in the CI of stop 39).
-#: They are collected first, and ``.ci/run`` hands files to its two workers in collection order
+#: The files that take a minute or more on 2-core CI (seconds in the CI of stop 39). They are
+#: collected first, and ``.ci/run`` hands files to its two workers in collection order
 #: (``--dist loadfile --no-loadscope-reorder``), so the long files start at once and the short
-#: ones fill in after: neither worker is left running a long file alone at the end.
-LONG_FILES = ("tests/server/test_deployment.py",            # ~380: three deployments, a kill
+#: ones fill in after: neither worker is left running a long file alone at the end. The two that
+#: start the most processes (a deployment, Ray) are kept apart at the start.
+LONG_FILES = ("tests/server/test_deployment.py",            # ~300: two deployments, a kill
+              "tests/benchmarks/test_gpu_suite.py",          # ~156: seven benchmark processes, one at a time
               "tests/simulations/test_flower_engine.py",    # ~215: Ray
-              "tests/benchmarks/test_gpu_suite.py",          # ~156: seven benchmark processes
               "tests/test_notebooks.py",                     # ~140
               "tests/benchmarks/test_load.py",               # ~137: a deployment, a killed client
               "tests/server/test_grid_parity.py",
