@@ -41,16 +41,24 @@ def test_a_deployment_trains_the_clients_the_simulator_samples(tiny_bert_dir, ti
     assert_same_adapter(tmp_path / "sim", tmp_path / "deployed", rtol=1e-5, atol=1e-6)
 
 
-def test_a_node_that_does_not_say_who_it_is_is_left_out_and_asked_once_a_round(tiny_bert_dir, tiny_csv,
-                                                                                tmp_path, monkeypatch):
-    # Prepare: 3 nodes; node 2 never answers the server's identify query (an old or foreign client)
+def three_nodes_two_rounds(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch, identify_timeout: float,
+                           round_timeout: float) -> dict:
+    """The run config of a 3-client, 2-round job into ``tmp_path/out``, with the server's identify
+    timeout set to ``identify_timeout`` seconds."""
     import fedlora.server.flower_transport as transport
 
     monkeypatch.setenv("FEDLORA_LEDGER_DIR", str(tmp_path / "ledgers"))
-    monkeypatch.setattr(transport, "IDENTIFY_TIMEOUT", 0.5)
+    monkeypatch.setattr(transport, "IDENTIFY_TIMEOUT", identify_timeout)
     cfg = JobConfig(model=str(tiny_bert_dir), data=str(tiny_csv), num_clients=3, rounds=2, local_steps=1,
                     batch_size=4, max_length=16, rank=4)
-    rc = deployment_run_config(cfg, tmp_path / "out", round_timeout=2.0)
+    return deployment_run_config(cfg, tmp_path / "out", round_timeout=round_timeout)
+
+
+def test_a_node_that_does_not_say_who_it_is_is_left_out_and_asked_once_a_round(tiny_bert_dir, tiny_csv,
+                                                                                tmp_path, monkeypatch):
+    # Prepare: 3 nodes; node 2 never answers the server's identify query (an old or foreign client)
+    rc = three_nodes_two_rounds(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch, identify_timeout=0.5,
+                                round_timeout=2.0)
     asked = []
 
     class Grid(LocalGrid):
@@ -74,13 +82,8 @@ def test_a_node_that_answers_after_the_identify_timeout_trains_in_the_same_round
     # Prepare: 3 nodes; node 2's identify reply is held back for the first 8 pulls that ask for it,
     # past the 0.05 s identify timeout (a ClientApp still loading its model, Ray actors still
     # starting: Flower's engine stalled on 2-core CI until its round timeout this way)
-    import fedlora.server.flower_transport as transport
-
-    monkeypatch.setenv("FEDLORA_LEDGER_DIR", str(tmp_path / "ledgers"))
-    monkeypatch.setattr(transport, "IDENTIFY_TIMEOUT", 0.05)
-    cfg = JobConfig(model=str(tiny_bert_dir), data=str(tiny_csv), num_clients=3, rounds=2, local_steps=1,
-                    batch_size=4, max_length=16, rank=4)
-    rc = deployment_run_config(cfg, tmp_path / "out", round_timeout=30.0)
+    rc = three_nodes_two_rounds(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch, identify_timeout=0.05,
+                                round_timeout=30.0)
     asked, held = [], {}
 
     class Grid(LocalGrid):
