@@ -137,7 +137,8 @@ class FlowerTransport:
             self.asking.update(sent)
             wait = min(IDENTIFY_TIMEOUT, self.settings.round_timeout)
             got = gather(self.grid, sent, wait, self.settings.poll)
-        earlier = [m for m in self.asking if m not in {r.metadata.reply_to_message_id for r in got}]
+        answered = {r.metadata.reply_to_message_id for r in got}
+        earlier = [m for m in self.asking if m not in answered]  # asked before: one pull
         got += gather(self.grid, earlier, 0.0) if earlier else []
         for msg in got:
             self.asking.pop(msg.metadata.reply_to_message_id, None)

