@@ -23,12 +23,17 @@ global.find-links='/srv/other /srv/more'
 def test_pips_sources_become_uvs_variables_the_environment_first():
     # Execute
     options = uv_env.pip_options(LISTING)
-    lines = uv_env.exports(options)
+    lines = uv_env.exports(options, {})
     # Assert: PIP_FIND_LINKS (":env:") wins over the file's two links; several indexes stay
-    # space-separated; pip's settings that uv has no use for are left out
-    assert options == {"find-links": "/opt/wheels", "constraint": "/etc/xdg/pip/constraints.txt",
+    # space-separated; the CA bundle becomes SSL_CERT_FILE; pip's other settings are left out
+    assert options == {"find-links": "/opt/wheels", "cert": "/etc/ssl/certs/ca-certificates.crt",
+                       "constraint": "/etc/xdg/pip/constraints.txt",
                        "extra-index-url": "file:///opt/pypi/simple file:///opt/pypi-more/simple"}
-    assert lines == ["export UV_FIND_LINKS=/opt/wheels", "export UV_CONSTRAINT=/etc/xdg/pip/constraints.txt",
+    assert lines == ["export UV_FIND_LINKS=/opt/wheels",
+                     "export SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt",
+                     "export UV_CONSTRAINT=/etc/xdg/pip/constraints.txt",
                      "export UV_EXTRA_INDEX_URL='file:///opt/pypi/simple file:///opt/pypi-more/simple'",
                      "export UV_INDEX_STRATEGY=unsafe-best-match"]
+    # ... a CA bundle the environment already names is kept
+    assert "export SSL_CERT_FILE" not in "\n".join(uv_env.exports(options, {"SSL_CERT_FILE": "/x.pem"}))
     assert uv_env.pip_options("global.find-links='/a /b'") == {"find-links": "/a,/b"}
