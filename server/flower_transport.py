@@ -83,7 +83,7 @@ class FlowerTransport:
         self.rejected: list[dict] = []     # of the current exchange
         self.failures = (0, 0)             # error replies, missing replies of the current exchange
         self.waited = False                # the first round of this process waits for every client
-        self.silent: set[int] = set()      # nodes asked this round which client they are
+        self.asked: set[int] = set()       # nodes asked this round which client they are
         self.asking: dict[str, int] = {}   # identify queries not answered yet: message id -> node id
 
     # ---- who is who ----
@@ -93,7 +93,7 @@ class FlowerTransport:
         node has left the SuperLink's list: waiting for it would stall every round), and up to the
         timeout only while fewer than ``--min-replies`` are connected."""
         timeout = self.settings.round_timeout
-        self.silent.clear()  # asked again once a round
+        self.asked.clear()  # asked again once a round
         got = self._wait(clients, min(RECONNECT_GRACE, timeout) if self.waited else timeout, len(clients))
         need = min(self.settings.min_replies, len(clients))
         if len(got) < need:
@@ -127,8 +127,8 @@ class FlowerTransport:
         for node in [n for n in self.clients if n not in live]:
             self.nodes.pop(self.clients.pop(node), None)
         self.asking = {m: n for m, n in self.asking.items() if n in live and n not in self.clients}
-        new = [n for n in node_ids if n not in self.clients and n not in self.silent]
-        self.silent.update(new)  # asked once a round, not at every poll of the round's wait
+        new = [n for n in node_ids if n not in self.clients and n not in self.asked]
+        self.asked.update(new)  # asked once a round, not at every poll of the round's wait
         got = []
         if new:
             msgs = [Message(content=RecordDict({"config": ConfigRecord({"identify": True})}),

@@ -25,7 +25,7 @@ else:
 #: (``--dist loadfile --no-loadscope-reorder``), so the long files start at once and the short
 #: ones fill in after: neither worker is left running a long file alone at the end. The two that
 #: start the most processes (a deployment, Ray) are kept apart at the start.
-LONG_FILES = ("tests/server/test_deployment.py",            # ~250: the nodes, two deployments, a kill
+LONG_FILES = ("tests/server/test_deployment.py",            # ~300: the nodes, three deployments, a kill
               "tests/benchmarks/test_gpu_suite.py",          # ~185: seven benchmark processes, one at a time
               "tests/simulations/test_flower_engine.py",    # ~195: Ray
               "tests/test_notebooks.py",                     # ~130
