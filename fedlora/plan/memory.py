@@ -17,7 +17,7 @@ positions' logits are computed). All in bytes::
     gradients   = 4 × trainable numbers;  optimizer = 8 × trainable (AdamW), 4 × (SGD)
     s           = N [8h + b(2a + 2kv) + 4 n_h + 3bm + b Σ_inputs d_in + b Σ_layers r (+ b(2h + a + m))]
     activations = (L + 1) s + 4Nh + logits            without gradient checkpointing
-                = L N b h + 2 s + 4Nh + logits        with it
+                = L N (b h + e) + 2 s + 4Nh + logits  with it (e = b(2h + a + m) on an 8-bit base, else 0)
     logits      = B P V (b + 12)
     dp          = N b Σ_layers d_out + 4 E × trainable (--dp sample; E = --batch-size examples)
 
@@ -27,7 +27,8 @@ its input; the attention keeps the rotated queries and keys, the values, its out
 log-sum-exp of each head; the MLP its gate, SiLU(gate) and up projections; LoRA the input of every
 adapted layer (in fp32 the layers that read one tensor, q/k/v or gate/up, share it; under bf16
 autocast each keeps its own copy) and its ``x Aᵀ``; an 8-bit base the input of every 8-bit layer
-(4-bit and unquantized frozen layers keep none). Without checkpointing every block's ``s`` is
+(4-bit and unquantized frozen layers keep none); bitsandbytes keeps those outside autograd's saved
+tensors, so checkpointing does not drop them (``e``). Without checkpointing every block's ``s`` is
 alive when the backward pass starts, plus one block's gradients (another ``s``); with it, each
 block's input, and one recomputed block with its gradients; ``4Nh`` is the final RMSNorm's fp32
 input. :func:`saved_bytes` (what autograd keeps when the forward pass ends) is tested against the
@@ -110,11 +111,25 @@ def block_bytes(shape: ModelShape, cfg: JobConfig) -> int:
         inputs[key] = d_in
     layers = dims["layers"]
     per += b * (sum(inputs.values()) + max(cfg.client_ranks()) * len(shape.layers)) / layers
-    if cfg.quantize == "int8":  # the input of every 8-bit layer: in fp32, LoRA's copy is the same tensor
+    if cfg.quantize == "int8":  # in fp32 LoRA's copy of an input is the 8-bit layer's own tensor
         shared = {k.rpartition(".")[2] for k in inputs} if b == 4 else set()
-        eight = {"attn_in": h, "attn_out": a, "mlp_in": h, "mlp_mid": m}
-        per += b * sum(v for k, v in eight.items() if k not in shared)
+        per += int8_input_bytes(shape, cfg, shared)
     return int(per)
+
+
+def int8_input_bytes(shape: ModelShape, cfg: JobConfig, shared: set[str] = frozenset()) -> int:
+    """Bytes per token of one block's inputs that its 8-bit layers keep, leaving out ``shared`` ones.
+
+    bitsandbytes' ``MatMul8bitLt`` keeps its input as an attribute of its autograd context, not as
+    a saved tensor, so gradient checkpointing does not drop it: with checkpointing every block
+    still holds the inputs of its 8-bit layers (q/k/v's, o's, gate/up's and down's), ``b(2h + a + m)``.
+    """
+    if cfg.quantize != "int8":
+        return 0
+    dims = shape.dims()
+    eight = {"attn_in": dims["hidden"], "attn_out": dims["attention"], "mlp_in": dims["hidden"],
+             "mlp_mid": dims["intermediate"]}
+    return compute_bytes(cfg) * sum(v for k, v in eight.items() if k not in shared)
 
 
 def compute_bytes(cfg: JobConfig) -> int:
@@ -184,11 +199,15 @@ class MemoryPlan:
 
 def saved_bytes(shape: ModelShape, cfg: JobConfig, response_tokens: int, checkpointing: bool) -> int:
     """What autograd keeps for the backward pass when one client's forward pass ends: every block's
-    ``s`` (with checkpointing only each block's input, ``N b h``), the final RMSNorm's fp32 input and
+    ``s`` (with checkpointing each block's input, ``N b h``, and an 8-bit base's layer inputs), the
+    final RMSNorm's fp32 input and
     the fp32 log-softmax of the ``P`` positions' logits."""
     dims, b = shape.dims(), compute_bytes(cfg)
     n, layers = batch_rows(cfg) * cfg.max_length, dims["layers"]
-    blocks = layers * n * b * dims["hidden"] if checkpointing else layers * n * block_bytes(shape, cfg)
+    if checkpointing:  # each block's input, and what its 8-bit layers keep past the checkpoint
+        blocks = layers * n * (b * dims["hidden"] + int8_input_bytes(shape, cfg))
+    else:
+        blocks = layers * n * block_bytes(shape, cfg)
     logits = 4 * batch_rows(cfg) * logit_positions(cfg, response_tokens) * dims["vocab"]
     return blocks + 4 * n * dims["hidden"] + logits
 

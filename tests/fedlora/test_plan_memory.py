@@ -65,8 +65,25 @@ def test_base_bytes_equal_what_bitsandbytes_stores(tiny_llama_dir, quantize):
     assert base_bytes(build_shape(cfg), cfg) == stored
 
 
+def _held_by_8bit_layers(root, kept: dict[int, int]) -> None:
+    """Add to ``kept`` the storages that bitsandbytes' ``MatMul8bitLt`` nodes of the graph under
+    ``root`` hold as context attributes (``ctx.tensors``): saved-tensor hooks never see them."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__.startswith("MatMul8bitLt"):
+            for t in getattr(node, "tensors", None) or ():
+                if isinstance(t, torch.Tensor):
+                    kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack.extend(f for f, _ in node.next_functions)
+
+
 def _kept_for_backward(cfg: JobConfig, response: int) -> int:
-    """Bytes of the distinct storages a real one-client forward keeps for its backward pass."""
+    """Bytes of the distinct storages a real one-client forward keeps for its backward pass: what
+    autograd saves, and what 8-bit layers keep beside it."""
     shape = build_shape(cfg)
     fm, _, _ = build_model(cfg, [cfg.rank], shape.fm.config.plan)
     task = get_task(cfg.task)
@@ -92,7 +109,8 @@ def _kept_for_backward(cfg: JobConfig, response: int) -> int:
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         out = fm(routing=Routing.segments(torch.tensor([0]), rows), positions=positions,
                  input_ids=ids, attention_mask=torch.ones_like(ids))
-        task.loss_sums(out.logits, labels, positions).sum()
+        loss = task.loss_sums(out.logits, labels, positions).sum()
+    _held_by_8bit_layers(loss.grad_fn, kept)
     return sum(kept.values())
 
 
@@ -104,6 +122,21 @@ def test_saved_activations_match_a_real_forward(tiny_llama_dir, task, precision,
     cfg = _job(tiny_llama_dir, task=task, precision=precision, target_modules=targets)
     planned = saved_bytes(build_shape(cfg), cfg, 3, checkpointing=False)
     assert planned == pytest.approx(_kept_for_backward(cfg, 3), rel=0.02)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_8bit_base_keeps_its_layer_inputs_under_checkpointing(tiny_llama_dir, precision):
+    # Arrange: the same checkpointed job over an unquantized base and over an 8-bit one
+    jobs = [_job(tiny_llama_dir, task="causal-lm", precision=precision, quantize=q,
+                 gradient_checkpointing=True) for q in ("none", "int8")]
+    # Act: what the 8-bit base adds to what a real forward keeps, and to the plan
+    kept = _kept_for_backward(jobs[1], 3) - _kept_for_backward(jobs[0], 3)
+    planned = [saved_bytes(build_shape(cfg), cfg, 3, checkpointing=True) for cfg in jobs]
+    # Assert: every 8-bit layer still holds its input past the checkpoint (q/k/v's and gate/up's,
+    # 32 wide each, o's 32 and down's 64: 160 numbers per token and block; 2 blocks × 32 tokens)
+    assert kept == 2 * 32 * (2 if precision == "bf16" else 4) * 160
+    assert planned[1] - planned[0] == kept
 
 
 def test_largest_pass_arithmetic():
