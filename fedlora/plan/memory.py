@@ -48,6 +48,7 @@ encoder's) are counted with the same terms: an approximation.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from fedlora.job.schema import JobConfig
@@ -117,7 +118,7 @@ def block_bytes(shape: ModelShape, cfg: JobConfig) -> int:
     return int(per)
 
 
-def int8_input_bytes(shape: ModelShape, cfg: JobConfig, shared: set[str] = frozenset()) -> int:
+def int8_input_bytes(shape: ModelShape, cfg: JobConfig, shared: Collection[str] = ()) -> int:
     """Bytes per token of one block's inputs that its 8-bit layers keep, leaving out ``shared`` ones.
 
     bitsandbytes' ``MatMul8bitLt`` keeps its input as an attribute of its autograd context, not as
@@ -200,8 +201,7 @@ class MemoryPlan:
 def saved_bytes(shape: ModelShape, cfg: JobConfig, response_tokens: int, checkpointing: bool) -> int:
     """What autograd keeps for the backward pass when one client's forward pass ends: every block's
     ``s`` (with checkpointing each block's input, ``N b h``, and an 8-bit base's layer inputs), the
-    final RMSNorm's fp32 input and
-    the fp32 log-softmax of the ``P`` positions' logits."""
+    final RMSNorm's fp32 input and the fp32 log-softmax of the ``P`` positions' logits."""
     dims, b = shape.dims(), compute_bytes(cfg)
     n, layers = batch_rows(cfg) * cfg.max_length, dims["layers"]
     if checkpointing:  # each block's input, and what its 8-bit layers keep past the checkpoint
