@@ -7,8 +7,10 @@
 The job (``fedlora-sim --task sft``): SmolLM2-135M-Instruct, SST-2's 67,349 training phrases
 over 10 clients (IID, or Dirichlet α=0.5 over the two labels), every client in every round,
 10 local steps of 8 examples, LoRA r=8 on q_proj/v_proj, each strategy's default learning
-rate. Each phrase becomes a chat prompt (the model's own template and system prompt) asking
-for the sentiment in one word; the answer is ``positive`` or ``negative``. After every round
+rate; every registered strategy by default (``--strategies``), a personal one (FedSA-LoRA) also
+scored by its clients' own models (:data:`PERSONAL_FRACTION`). Each phrase becomes a chat
+prompt (the model's own template and system prompt) asking for the sentiment in one word; the
+answer is ``positive`` or ``negative``. After every round
 the global model answers all 872 SST-2 dev sentences by greedy decoding (``answer_accuracy``)
 and scores the reference answers' perplexity; round 0 is the model before training.
 
@@ -51,10 +53,17 @@ from pathlib import Path
 from splits import split_file
 from stats import difference, mean_sd, read_rows, tail_mean
 
+from fedlora.strategies import STRATEGIES as REGISTERED
+
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 PROMPT = ("Is the sentiment of this movie review positive or negative? Answer with one word.\n\n"
           "Review: {text}")
-STRATEGIES = ["fedavg", "flora", "lora-fair", "fed-sb"]
+#: Every registered strategy, FedAvg first.
+STRATEGIES = sorted(REGISTERED, key=lambda name: (name != "fedavg", name))
+#: A strategy that keeps personal factors (FedSA-LoRA's B) has no one global model: its clients'
+#: own models answer this share of each client's phrases, held out from its training (about 67
+#: phrases a client at 10 clients), beside the global model's dev rows.
+PERSONAL_FRACTION = 0.01
 #: The frozen base of a run: its extra fedlora-sim flags.
 BASES = {"fp32": [], "bf16": ["--precision", "bf16"],
          "nf4": ["--quantize", "nf4", "--precision", "bf16"],
@@ -122,6 +131,9 @@ def row_line(setting: str, name: str, rows: list[dict], peak: int | None, centra
     train = sum(r["train_seconds"] for r in trained) / len(trained)
     ev = sum(r["eval_seconds"] for r in trained) / len(trained)
     gap = "" if central is None else f"{rows[-1]['answer_accuracy'] - central:+.1%}"
+    if "personal_accuracy" in rows[-1]:
+        name += (f" (global = base; clients' own models: {rows[-1]['personal_accuracy']:.1%} of"
+                 f" {rows[-1]['personal_examples']} own phrases)")
     mem = "-" if peak is None else f"{peak / 2**30:.1f} GiB"
     return (f"| {setting} | {name} | {accs} | **{rows[-1]['answer_accuracy']:.1%}** |"
             f" {tail_mean(rows, 'answer_accuracy'):.1%} | {gap} | {rows[-1]['perplexity']:.3f} |"
@@ -199,6 +211,8 @@ def run_seed(args: argparse.Namespace, seed: int, runs: dict, central: list) -> 
                 out = root / (f"{partition}-{strategy}" + ("" if base == "fp32" else f"-{base}") + tag)
                 job = [*flags, *extra, *BASES[base], "--strategy", strategy, "--num-clients",
                        str(args.clients), "--local-steps", str(args.local_steps),
+                       *(["--personal-test-fraction", str(PERSONAL_FRACTION)]
+                         if REGISTERED[strategy].adapter_plan.keep else []),
                        *shlex.split(args.job_flags)]
                 rows, peak = run(out, job, args.rounds)
                 name = (strategy if base == "fp32" else f"{strategy}, {base} base") + (

@@ -8,6 +8,7 @@ import pytest
 
 from fedlora.simulations import compare
 from fedlora.simulations.cli import main
+from fedlora.strategies import STRATEGIES
 
 SFT_FIELDS = {"answer_accuracy", "perplexity", "loss", "eval_examples", "train_seconds", "eval_seconds",
               "seconds"}
@@ -25,10 +26,15 @@ def _rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("extra", [["--strategy", "fedavg"], ["--strategy", "flora", "--ranks", "2,4"],
-                                   ["--strategy", "lora-fair"], ["--strategy", "fed-sb"],
-                                   ["--dp", "sample", "--epsilon", "8", "--delta", "1e-3"]],
-                         ids=["fedavg", "flora", "lora-fair", "fed-sb", "dp-sample"])
+#: Every registered strategy (mixed ranks where a strategy takes them, personal held-out rows where
+#: it keeps personal factors), and DP-SGD.
+CASES = {**{name: ["--strategy", name, *(["--ranks", "2,4"] if cls.heterogeneous_ranks else []),
+                   *(["--personal-test-fraction", "0.25"] if cls.adapter_plan.keep else [])]
+            for name, cls in sorted(STRATEGIES.items())},
+         "dp-sample": ["--dp", "sample", "--epsilon", "8", "--delta", "1e-3"]}
+
+
+@pytest.mark.parametrize("extra", list(CASES.values()), ids=list(CASES))
 def test_sft_rows_and_causal_lm_export(tiny_chat_llama_dir, sentiment_tsv, tmp_path, extra):
     out = tmp_path / "run"
     assert main(_args(tiny_chat_llama_dir, sentiment_tsv, out, *extra)) == 0
@@ -40,7 +46,11 @@ def test_sft_rows_and_causal_lm_export(tiny_chat_llama_dir, sentiment_tsv, tmp_p
         assert r["perplexity"] == pytest.approx(__import__("math").exp(r["loss"]), rel=1e-6)
         assert r["eval_examples"] == 24                       # 20% of 120 rows held out
         assert r["seconds"] == pytest.approx(r["train_seconds"] + r["eval_seconds"], abs=2e-3)
-    assert rows[-1]["loss"] < rows[0]["loss"]                 # the responses became likelier
+    if "--personal-test-fraction" in extra:  # B stays personal: the global model is the base's
+        assert rows[-1]["loss"] == rows[0]["loss"] and rows[-1]["personal_clients"] == 3
+        assert rows[-1]["train_loss"] < rows[1]["train_loss"]
+    else:
+        assert rows[-1]["loss"] < rows[0]["loss"]             # the responses became likelier
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM" and config["modules_to_save"] is None
 
