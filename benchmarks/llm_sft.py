@@ -15,7 +15,8 @@ the global model answers all 872 SST-2 dev sentences by greedy decoding (``answe
 and scores the reference answers' perplexity; round 0 is the model before training.
 
 The centralized baseline is one client holding every phrase and taking 10 × 10 steps per
-round, so it sees as many examples per round as the ten clients together. Each run is its own
+round, so it sees as many examples per round as the ten clients together; it runs on each of
+``--bases``, and every federated row is compared with the one on its own base. Each run is its own
 process (``fedlora-sim``); its peak resident memory is read from the kernel. Finished runs
 (a complete ``metrics.jsonl``) are reused, so the script can be stopped and started again.
 Prints a Markdown table for ``benchmarks/RESULTS.md``.
@@ -140,15 +141,19 @@ def row_line(setting: str, name: str, rows: list[dict], peak: int | None, centra
             f" {train:.0f} + {ev:.0f} | {mem} |")
 
 
-def summary(runs: dict[tuple[str, str], list[list[dict]]], central: list[list[dict]]) -> list[str]:
-    """One line per (setting, run) over the seeds: final and tail mean ± sd, tail vs centralized."""
+def summary(runs: dict[tuple[str, str, str], list[list[dict]]], central: dict[str, list[list[dict]]]
+            ) -> list[str]:
+    """One line per (setting, run) over the seeds: final and tail mean ± sd, tail vs the centralized
+    runs on the same base (paired by seed); a personal strategy's clients' own models beside it."""
     lines = ["| setting | run | seeds | final | tail | tail vs centralized |",
              "|---|---|---:|---:|---:|---:|"]
-    central_tails = [tail_mean(rows, "answer_accuracy") for rows in central]
-    for (setting, name), seeds in runs.items():
+    for (setting, name, base), seeds in runs.items():
+        central_tails = [tail_mean(rows, "answer_accuracy") for rows in central.get(base, [])]
         tails = [tail_mean(rows, "answer_accuracy") for rows in seeds]
         vs = difference(tails, central_tails) if len(central_tails) == len(tails) else "—"
         finals = [rows[-1]["answer_accuracy"] for rows in seeds]
+        if all("personal_accuracy" in rows[-1] for rows in seeds):
+            name += f" (clients' own models: {mean_sd([rows[-1]['personal_accuracy'] for rows in seeds])})"
         lines.append(f"| {setting} | {name} | {len(seeds)} | {mean_sd(finals)} | {mean_sd(tails)} | {vs} |")
     return lines
 
@@ -187,28 +192,44 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def run_seed(args: argparse.Namespace, seed: int, runs: dict, central: list) -> None:
-    """Every job of one seed; its rows are printed and kept in ``runs`` / ``central``."""
-    flags = job_flags(args, seed) + (["--max-clients-per-pass", str(args.max_clients_per_pass)]
-                                     if args.max_clients_per_pass else [])
+def seed_root(args: argparse.Namespace, seed: int) -> Path:
+    """The folder of one seed's runs."""
     root = args.out if seed == 0 else args.out / f"seed{seed}"  # seed 0: the folders of earlier runs
     if args.public_fraction or args.eval_on == "validation":  # other data: never reuse those folders
         root = root / f"public{args.public_fraction:g}-{args.eval_on}"
+    return root
+
+
+def run_centralized(args: argparse.Namespace, seed: int, flags: list[str], central: dict) -> dict[str, float]:
+    """Each base's centralized run of one seed (kept in ``central``); ``{base: final accuracy}``."""
+    if args.no_centralized:
+        return {}
     per_round = args.local_steps * args.clients
-    central_acc = None
-    if not args.no_centralized:
-        central_flags = [*flags, "--num-clients", "1", "--local-steps", str(per_round)]
-        rows, peak = run(root / "centralized", central_flags, args.rounds)
-        central.append(rows)
-        central_acc = rows[-1]["answer_accuracy"]
-        print(row_line("union", f"centralized LoRA ({per_round} steps / round), seed {seed}", rows, peak,
-                       None), flush=True)
+    finals = {}
+    for base in args.bases.split(","):
+        suffix = "" if base == "fp32" else f"-{base}"
+        rows, peak = run(seed_root(args, seed) / f"centralized{suffix}",
+                         [*flags, *BASES[base], "--num-clients", "1", "--local-steps", str(per_round)],
+                         args.rounds)
+        central.setdefault(base, []).append(rows)
+        finals[base] = rows[-1]["answer_accuracy"]
+        name = f"centralized LoRA ({per_round} steps / round)" + ("" if base == "fp32" else f", {base} base")
+        print(row_line("union", f"{name}, seed {seed}", rows, peak, None), flush=True)
+    return finals
+
+
+def run_seed(args: argparse.Namespace, seed: int, runs: dict, central: dict) -> None:
+    """Every job of one seed; its rows are printed and kept in ``runs`` / ``central``."""
+    flags = job_flags(args, seed) + (["--max-clients-per-pass", str(args.max_clients_per_pass)]
+                                     if args.max_clients_per_pass else [])
+    central_acc = run_centralized(args, seed, flags, central)
     tag = f"-{args.tag}" if args.tag else ""
     for partition in args.partitions.split(","):
         extra = ["--partition", partition] + (["--alpha", "0.5"] if partition == "dirichlet" else [])
         for strategy in args.strategies.split(","):
             for base in args.bases.split(","):
-                out = root / (f"{partition}-{strategy}" + ("" if base == "fp32" else f"-{base}") + tag)
+                suffix = ("" if base == "fp32" else f"-{base}") + tag
+                out = seed_root(args, seed) / f"{partition}-{strategy}{suffix}"
                 job = [*flags, *extra, *BASES[base], "--strategy", strategy, "--num-clients",
                        str(args.clients), "--local-steps", str(args.local_steps),
                        *(["--personal-test-fraction", str(PERSONAL_FRACTION)]
@@ -218,8 +239,9 @@ def run_seed(args: argparse.Namespace, seed: int, runs: dict, central: list) -> 
                 name = (strategy if base == "fp32" else f"{strategy}, {base} base") + (
                     f" ({args.job_flags})" if args.job_flags else "")
                 setting = f"{args.clients} clients, {partition}"
-                runs.setdefault((setting, name), []).append(rows)
-                print(row_line(setting, f"{name}, seed {seed}", rows, peak, central_acc), flush=True)
+                runs.setdefault((setting, name, base), []).append(rows)
+                print(row_line(setting, f"{name}, seed {seed}", rows, peak, central_acc.get(base)),
+                      flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| setting | run | answer acc per round (0 = before) | final | tail | vs centralized | final ppl |"
           " s / round (train + eval) | peak RSS |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-    runs: dict[tuple[str, str], list[list[dict]]] = {}
-    central: list[list[dict]] = []
+    runs: dict[tuple[str, str, str], list[list[dict]]] = {}
+    central: dict[str, list[list[dict]]] = {}
     seeds = [int(s) for s in args.seeds.split(",")]
     for seed in seeds:
         run_seed(args, seed, runs, central)

@@ -1,0 +1,67 @@
+"""benchmarks/llm_sft.py's table: which runs it starts, and how it pairs them with centralized runs.
+
+The runs themselves (SmolLM2 for minutes each) are replaced by rows written here by hand.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.benchmarks.bench_scripts import load_script
+
+llm_sft = load_script("llm_sft")
+
+#: final answer accuracy of each run, by (folder, seed); FedSA-LoRA's clients' own models beside it
+FINAL = {("centralized-bf16", 0): 0.86, ("centralized-bf16", 1): 0.88,
+         ("iid-fedavg-bf16", 0): 0.85, ("iid-fedavg-bf16", 1): 0.86,
+         ("iid-fedsa-lora-bf16", 0): 0.15, ("iid-fedsa-lora-bf16", 1): 0.15}
+PERSONAL = {0: 0.90, 1: 0.92}
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every run the script asks for, as ``(folder name, seed, flags)``; each returns rows by hand."""
+    seen = []
+
+    def fake_run(out, flags, rounds):
+        seed = int(flags[flags.index("--seed") + 1])
+        seen.append((out.name, seed, flags))
+        final = FINAL[out.name, seed]
+        rows = [{"round": r, "answer_accuracy": a, "perplexity": 1.2, "train_seconds": 1.0,
+                 "eval_seconds": 1.0} for r, a in enumerate([0.15, final - 0.02, final][:rounds + 1])]
+        if "--personal-test-fraction" in flags:
+            rows[-1].update(personal_accuracy=PERSONAL[seed], personal_examples=670)
+        return rows, None
+
+    monkeypatch.setattr(llm_sft, "run", fake_run)
+    return seen
+
+
+def test_centralized_runs_on_each_base_and_a_personal_strategy_scores_its_clients(calls, tmp_path, capsys):
+    # Prepare: an SST-2 folder (the runs are faked, so only its existence is read)
+    (tmp_path / "train.tsv").write_text("label\tsentence\n")
+    argv = ["--sst2", str(tmp_path), "--out", str(tmp_path / "out"), "--bases", "bf16", "--partitions", "iid",
+            "--strategies", "fedavg,fedsa-lora", "--seeds", "0,1"]
+    # Execute
+    assert llm_sft.main(argv) == 0
+    # Assert: per seed, the centralized run on the same bf16 base (100 steps, one client), then each strategy
+    assert [(name, seed) for name, seed, _ in calls] == [
+        ("centralized-bf16", 0), ("iid-fedavg-bf16", 0), ("iid-fedsa-lora-bf16", 0),
+        ("centralized-bf16", 1), ("iid-fedavg-bf16", 1), ("iid-fedsa-lora-bf16", 1)]
+    for name, _, flags in calls:
+        assert flags[flags.index("--precision") + 1] == "bf16"
+        assert ("--personal-test-fraction" in flags) == (name == "iid-fedsa-lora-bf16")
+    central = calls[0][2]
+    assert central[central.index("--num-clients") + 1] == "1"
+    assert central[central.index("--local-steps") + 1] == "100"
+    # the summary pairs each seed with its own centralized run: fedavg −1 and −2 points
+    out = capsys.readouterr().out
+    assert "| 10 clients, iid | fedavg, bf16 base | 2 | 85.5 ± 0.7% | 85.5 ± 0.7% | -1.5 ± 0.7 pts |" in out
+    assert ("| 10 clients, iid | fedsa-lora, bf16 base (clients' own models: 91.0 ± 1.4%) | 2 | 15.0 ± 0.0% |"
+            in out)
+    assert ("fedsa-lora, bf16 base, seed 1 (global = base; clients' own models: 92.0% of 670 own phrases)"
+            in out)
+
+
+def test_every_registered_strategy_is_the_default():
+    assert llm_sft.STRATEGIES[0] == "fedavg" and len(llm_sft.STRATEGIES) == 9
