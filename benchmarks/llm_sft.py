@@ -10,9 +10,9 @@ over 10 clients (IID, or Dirichlet α=0.5 over the two labels), every client in 
 rate; every registered strategy by default (``--strategies``), a personal one (FedSA-LoRA) also
 scored by its clients' own models (:data:`PERSONAL_FRACTION`). Each phrase becomes a chat
 prompt (the model's own template and system prompt) asking for the sentiment in one word; the
-answer is ``positive`` or ``negative``. After every round
-the global model answers all 872 SST-2 dev sentences by greedy decoding (``answer_accuracy``)
-and scores the reference answers' perplexity; round 0 is the model before training.
+answer is ``positive`` or ``negative``. After every round the global model answers all 872
+SST-2 dev sentences by greedy decoding (``answer_accuracy``) and scores the reference answers'
+perplexity; round 0 is the model before training.
 
 The centralized baseline is one client holding every phrase and taking 10 × 10 steps per
 round, so it sees as many examples per round as the ten clients together; it runs on each of
@@ -69,6 +69,11 @@ PERSONAL_FRACTION = 0.01
 BASES = {"fp32": [], "bf16": ["--precision", "bf16"],
          "nf4": ["--quantize", "nf4", "--precision", "bf16"],
          "int8": ["--quantize", "int8", "--precision", "bf16"]}
+
+
+def base_suffix(base: str) -> str:
+    """What a run's folder name adds for its base: nothing for fp32 (the folders of earlier runs)."""
+    return "" if base == "fp32" else f"-{base}"
 
 
 def data_flags(args: argparse.Namespace) -> list[str]:
@@ -207,8 +212,7 @@ def run_centralized(args: argparse.Namespace, seed: int, flags: list[str], centr
     per_round = args.local_steps * args.clients
     finals = {}
     for base in args.bases.split(","):
-        suffix = "" if base == "fp32" else f"-{base}"
-        rows, peak = run(seed_root(args, seed) / f"centralized{suffix}",
+        rows, peak = run(seed_root(args, seed) / f"centralized{base_suffix(base)}",
                          [*flags, *BASES[base], "--num-clients", "1", "--local-steps", str(per_round)],
                          args.rounds)
         central.setdefault(base, []).append(rows)
@@ -223,13 +227,13 @@ def run_seed(args: argparse.Namespace, seed: int, runs: dict, central: dict) -> 
     flags = job_flags(args, seed) + (["--max-clients-per-pass", str(args.max_clients_per_pass)]
                                      if args.max_clients_per_pass else [])
     central_acc = run_centralized(args, seed, flags, central)
+    root = seed_root(args, seed)
     tag = f"-{args.tag}" if args.tag else ""
     for partition in args.partitions.split(","):
         extra = ["--partition", partition] + (["--alpha", "0.5"] if partition == "dirichlet" else [])
         for strategy in args.strategies.split(","):
             for base in args.bases.split(","):
-                suffix = ("" if base == "fp32" else f"-{base}") + tag
-                out = seed_root(args, seed) / f"{partition}-{strategy}{suffix}"
+                out = root / f"{partition}-{strategy}{base_suffix(base)}{tag}"
                 job = [*flags, *extra, *BASES[base], "--strategy", strategy, "--num-clients",
                        str(args.clients), "--local-steps", str(args.local_steps),
                        *(["--personal-test-fraction", str(PERSONAL_FRACTION)]
