@@ -12,7 +12,8 @@ scored by its clients' own models (:data:`PERSONAL_FRACTION`). Each phrase becom
 prompt (the model's own template and system prompt) asking for the sentiment in one word; the
 answer is ``positive`` or ``negative``. After every round the global model answers all 872
 SST-2 dev sentences by greedy decoding (``answer_accuracy``) and scores the reference answers'
-perplexity; round 0 is the model before training.
+perplexity; round 0 is the model before training. ``--eval-every 0`` scores only the last round
+(the final and tail columns; "—" for the others).
 
 The centralized baseline is one client holding every phrase and taking 10 × 10 steps per
 round, so it sees as many examples per round as the ten clients together; it runs on each of
@@ -100,7 +101,8 @@ def job_flags(args: argparse.Namespace, seed: int) -> list[str]:
     return ["--task", "sft", "--model", "smollm2", *data_flags(args),
             "--text-column", "sentence", "--label-words", "0=negative,1=positive",
             "--prompt-template", PROMPT,
-            "--eval-max", str(args.eval_max), "--rounds", str(args.rounds), "--batch-size", "8",
+            "--eval-max", str(args.eval_max), "--eval-every", str(args.eval_every),
+            "--rounds", str(args.rounds), "--batch-size", "8",
             "--max-length", "96", "--eval-batch-size", "16", "--seed", str(seed), "--device", args.device,
             "--quiet"]
 
@@ -132,10 +134,12 @@ def run(out: Path, flags: list[str], rounds: int) -> tuple[list[dict], int | Non
 
 
 def row_line(setting: str, name: str, rows: list[dict], peak: int | None, central: float | None) -> str:
-    accs = " / ".join(f"{r['answer_accuracy']:.1%}" for r in rows)
+    accs = " / ".join("—" if r.get("answer_accuracy") is None else f"{r['answer_accuracy']:.1%}"
+                      for r in rows)
     trained = rows[1:]
     train = sum(r["train_seconds"] for r in trained) / len(trained)
-    ev = sum(r["eval_seconds"] for r in trained) / len(trained)
+    scored = [r["eval_seconds"] for r in trained if r.get("answer_accuracy") is not None]
+    ev = sum(scored) / len(scored)  # the last round is always scored
     gap = "" if central is None else f"{rows[-1]['answer_accuracy'] - central:+.1%}"
     if "personal_accuracy" in rows[-1]:
         name += (f" (global = base; clients' own models: {rows[-1]['personal_accuracy']:.1%} of"
@@ -170,6 +174,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--eval-max", type=int, default=0, help="dev sentences scored per round (0: all 872)")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="score round 0 and every N-th round, and the last (0: only the last: the final"
+                        " and tail columns need no more, and scoring 872 answers takes 1.5 min)")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--partitions", default="iid,dirichlet")
     p.add_argument("--bases", default="fp32", help=f"comma list of {', '.join(BASES)}")

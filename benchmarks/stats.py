@@ -33,11 +33,16 @@ def tail_rounds(trained: int) -> int:
 
 
 def tail_mean(rows: Sequence[dict], key: str = "accuracy") -> float:
-    """The mean of ``key`` over the tail of the trained rounds (rows with ``round`` ≥ 1)."""
-    trained = [r[key] for r in rows if r["round"] >= 1]
+    """The mean of ``key`` over the tail of the trained rounds (rows with ``round`` ≥ 1): over
+    the rounds of the tail that were scored, when ``--eval-every`` skipped some (the last round
+    always is)."""
+    trained = [r for r in rows if r["round"] >= 1]
     if not trained:
         raise ValueError("no trained round")
-    return statistics.fmean(trained[-tail_rounds(len(trained)):])
+    tail = [r[key] for r in trained[-tail_rounds(len(trained)):] if r.get(key) is not None]
+    if not tail:
+        raise ValueError(f"no scored {key} in the tail's rounds")
+    return statistics.fmean(tail)
 
 
 def mean_sd(values: Sequence[float], pct: bool = True) -> str:

@@ -119,8 +119,8 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
 
 
 def _log_round(row: dict) -> None:
-    log.info("round %d done: %s %.4f, %d clients", row["round"], row["metric"], row["accuracy"],
-             row["clients"])
+    score = "not scored" if row["accuracy"] is None else f"{row['metric']} {row['accuracy']:.4f}"
+    log.info("round %d done: %s, %d clients", row["round"], score, row["clients"])
 
 
 @app.main()

@@ -55,7 +55,7 @@ def summarize(rows: list[dict], label: str | None = None, wall: float | None = N
     -------
     dict
         ``run``, ``strategy``, ``rounds``; ``final_accuracy`` (last round) and ``best_accuracy``
-        (best of rounds ≥ 1, or round 0 when there is no other); ``bytes_up``, ``bytes_down`` and
+        (best of the scored rounds ≥ 1, or round 0 when there is no other); ``bytes_up``, ``bytes_down`` and
         ``bytes_total`` summed over all rounds, round 0 included; ``bytes_up_per_client_round`` and
         ``bytes_down_per_client_round``, the mean of the per-client byte counts over rounds ≥ 1
         (``None`` without such rounds); ``final_agg_error`` (last round's, ``None`` if not
@@ -67,6 +67,7 @@ def summarize(rows: list[dict], label: str | None = None, wall: float | None = N
         raise ValueError("no metric rows to summarize")
     rows = sorted(rows, key=lambda r: r["round"])
     trained = [r for r in rows if r["round"] >= 1]
+    scored = [r["accuracy"] for r in trained if r["accuracy"] is not None] or [rows[0]["accuracy"]]
     ups = [b for r in trained for b in r["bytes_up_per_client"]]
     downs = [b for r in trained for b in r["bytes_down_per_client"]]
     bytes_up = sum(r["bytes_up"] for r in rows)
@@ -76,7 +77,7 @@ def summarize(rows: list[dict], label: str | None = None, wall: float | None = N
         "strategy": rows[0]["strategy"],
         "rounds": rows[-1]["round"],
         "final_accuracy": rows[-1]["accuracy"],
-        "best_accuracy": max(r["accuracy"] for r in trained or rows),
+        "best_accuracy": max(scored),  # the rounds --eval-every scored
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "bytes_total": bytes_up + bytes_down,
@@ -195,7 +196,7 @@ def _plot_per_round(runs: dict[str, list[dict]], path: Path, key: str, name: str
 
     fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     for label, rows in runs.items():
-        rows = sorted(rows, key=lambda r: r["round"])
+        rows = [r for r in sorted(rows, key=lambda r: r["round"]) if r.get(key) is not None]  # --eval-every
         ax.plot([r["round"] for r in rows], [r[key] for r in rows], marker="o", label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round (0 = before training)", ylabel=name, title=title)
@@ -212,7 +213,7 @@ def _plot_accuracy_vs_bytes(runs: dict[str, list[dict]], path: Path) -> Path:
         total, xs, ys = 0, [], []
         for r in sorted(rows, key=lambda r: r["round"]):
             total += r["bytes_up"] + r["bytes_down"]
-            if total > 0:  # nothing sent yet: no place on a log axis
+            if total > 0 and r["accuracy"] is not None:  # nothing sent yet: no place on a log axis
                 xs.append(total / 1e6)
                 ys.append(r["accuracy"])
         strategy = rows[0].get("strategy", label) if rows else label

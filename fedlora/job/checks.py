@@ -33,10 +33,10 @@ def check_job_args(args: JobConfig) -> None:
             raise UserError(f"{flag_name(name)} must be ≥ 1, got {getattr(args, name)}")
     if (args.clients_per_round or 0) < 0:
         raise UserError(f"--clients-per-round must be ≥ 1 (0: every client), got {args.clients_per_round}")
-    for name in ("eval_max", "max_new_tokens"):
+    zero = {"eval_max": "all", "max_new_tokens": "auto", "eval_every": "only after the last round"}
+    for name, meaning in zero.items():
         if getattr(args, name) < 0:
-            raise UserError(f"{flag_name(name)} must be ≥ 0 (0: {'all' if name == 'eval_max' else 'auto'}),"
-                            f" got {getattr(args, name)}")
+            raise UserError(f"{flag_name(name)} must be ≥ 0 (0: {meaning}), got {getattr(args, name)}")
     if args.dpo_beta <= 0 or args.dpo_sft_weight < 0:
         raise UserError(f"--dpo-beta must be > 0 and --dpo-sft-weight ≥ 0, got {args.dpo_beta},"
                         f" {args.dpo_sft_weight}")

@@ -235,6 +235,11 @@ class JobConfig:
                                     group="data and model")
     eval_max: int = option(0, "evaluate on at most this many held-out examples (0: all)",
                            group="data and model")
+    eval_every: int = option(1, "score the global model before training and after every N-th round,"
+                             " and always after the last (0: only after the last); the other rows"
+                             " keep bytes, losses and times, their accuracy empty. Generation is"
+                             " most of an LLM round's time on a CPU", group="data and model",
+                             metavar="N")
     max_new_tokens: int = option(0, "--task sft: tokens generated per answer (0: the longest reference"
                                  " answer's, plus the end of turn)", group="LLM fine-tuning")
     eval: str = option("generate", "--task sft: how held-out examples are scored: generate (greedy answers,"
@@ -290,6 +295,11 @@ class JobConfig:
         if self.dp_backend == "auto":  # a task Opacus cannot train (DPO's pairs): fedlora's kernels
             return "opacus" if lone and TASKS[self.task].opacus else "fedlora"
         return self.dp_backend
+
+    def scores(self, rnd: int) -> bool:
+        """Whether round ``rnd``'s global model is evaluated (``--eval-every``): the last round
+        always; round 0 and every N-th round when N ≥ 1."""
+        return rnd == self.rounds or (self.eval_every > 0 and rnd % self.eval_every == 0)
 
     def sampled(self, rnd: int) -> list[int]:
         """The clients of round ``rnd`` (sorted): all, or ``clients_per_round`` drawn from

@@ -12,8 +12,9 @@ measured clip; :mod:`fedlora.privacy.public`). Round t ≥ 1 is
    collects the valid uploads;
 3. **attack** (``--attack``, simulated clients only) and **aggregate**: each upload, or under
    ``--secagg`` only their weighted mean;
-4. **row**: the coordinator's evaluation of the new global model, the bytes each way, the DP
-   columns (every client's reported ε), personal evaluation and the transport's own columns;
+4. **row**: the coordinator's evaluation of the new global model (on the rounds ``--eval-every``
+   names, and the last), the bytes each way, the DP columns (every client's reported ε), personal
+   evaluation and the transport's own columns;
 5. **commit**: the sink writes the row (and the checkpoint).
 
 A resumed coordinator (``coord.round > 0``) continues after its last round.
@@ -94,13 +95,14 @@ def run(coord: Coordinator, transport: Transport, sink: RunFolder, schedule: Sch
         else:
             uploads = attack_uploads(got.uploads, got.clients, attack, cfg.attackers, coord.state, plan)
             agg = coord.aggregate([replace(u, client=c) for u, c in zip(uploads, got.clients, strict=True)])
+        score = cfg.scores(rnd) or stops_after(coord, transport, rnd, schedule)
         row = round_row(coord, got.bytes_up, got.bytes_down, agg.agg_error, got.losses,
-                        time.perf_counter() - t0, len(got.clients))
+                        time.perf_counter() - t0, len(got.clients), score)
         row.update(client_ids=got.clients, **got.report)
         if "client_seconds" in got.report:  # the round's time beyond its slowest client's training
             row["overhead_seconds"] = round(row["train_seconds"] - got.report["client_seconds"], 3)
         row.update(ledger.columns(got))
-        if cfg.personal_test_fraction:
+        if cfg.personal_test_fraction and score:
             row.update(personal_columns(transport.evaluate(got.clients)))
         coord.rows.append(row)
         sink.commit(row, coord)
@@ -113,12 +115,26 @@ def sample(coord: Coordinator, transport: Transport, rnd: int, schedule: Schedul
     cfg = coord.cfg
     clients = (schedule or cfg.sampled)(rnd)
     if transport.budgets is not None:
-        clients = [c for c in clients if transport.budgets[c].can_step()]
+        clients = spendable(transport, clients)
         if not clients:
             print(f"fedlora: every client of round {rnd} has spent its privacy budget"
                   f" (ε={cfg.epsilon:g}); stopping after round {rnd - 1}", file=sys.stderr)
             return None
     return transport.available(rnd, clients)
+
+
+def spendable(transport: Transport, clients: list[int]) -> list[int]:
+    """Those of ``clients`` whose ``--dp sample`` budget allows another step."""
+    return [c for c in clients if transport.budgets[c].can_step()]
+
+
+def stops_after(coord: Coordinator, transport: Transport, rnd: int, schedule: Schedule | None) -> bool:
+    """Whether round ``rnd`` is the run's last one: ``--rounds``, or every client of the next round
+    has spent its privacy budget (:func:`sample` will stop the run), so its row is scored."""
+    if rnd >= coord.cfg.rounds:
+        return True
+    nxt = (schedule or coord.cfg.sampled)(rnd + 1)
+    return transport.budgets is not None and not spendable(transport, nxt)
 
 
 def initial_round(coord: Coordinator, transport: Transport, sink: RunFolder, ledger: Ledger,
@@ -129,7 +145,7 @@ def initial_round(coord: Coordinator, transport: Transport, sink: RunFolder, led
     coord.start(phases)
     last = phases.last
     row = round_row(coord, phases.bytes(phases.up), phases.bytes(phases.down), None, None,
-                    time.perf_counter() - t0, len(phases.up))
+                    time.perf_counter() - t0, len(phases.up), coord.cfg.scores(0))
     row.update(client_ids=sorted(phases.up))
     row.update(ledger.columns(last))
     coord.rows.append(row)

@@ -11,17 +11,21 @@ from fedlora.strategies.factors import residual_error
 
 
 def round_row(coord: Coordinator, bytes_up: list[int], bytes_down: list[int], agg_error: float | None,
-              losses: list[float] | None, train_seconds: float, clients: int) -> dict:
+              losses: list[float] | None, train_seconds: float, clients: int, score: bool = True) -> dict:
     """The metric row of ``coord``'s last completed round: its model ``fm``, evaluated with the
     task's metrics on the held-out set, the bytes each way, the aggregate's and the strategy's
     own columns (the loop adds the transport's, the DP and personal columns).
 
     ``train_seconds``: the round's time so far (training, transfers, aggregation; setup for
     round 0); ``eval_seconds`` is timed here, and ``seconds`` is their sum, the round's wall time.
+    ``score``: False for a round ``--eval-every`` skips; its ``accuracy`` and ``loss`` are None
+    and the task's own metrics are left out.
     """
     t0 = time.perf_counter()
-    with exact_global(coord.fm, coord.state):
-        metrics = coord.task.evaluate(coord.fm, coord.test, coord.cfg)
+    metrics = {"accuracy": None, "loss": None}
+    if score:
+        with exact_global(coord.fm, coord.state):
+            metrics = coord.task.evaluate(coord.fm, coord.test, coord.cfg)
     eval_seconds = time.perf_counter() - t0
     row = {
         "round": coord.round,
@@ -77,6 +81,8 @@ def format_row(row: dict) -> str:
     if row.get("reward_margin") is not None:  # --task dpo
         ppl += f"  reward acc {row['reward_accuracy']:.4f}  margin {row['reward_margin']:.4f}"
     name = METRIC_LABELS.get(row.get("metric", "accuracy"), row.get("metric", "acc"))
-    return (f"round {row['round']:>3}  {name} {row['accuracy']:.4f}  loss {row['loss']:.4f}{ppl}  "
+    scored = "not scored (--eval-every)" if row["accuracy"] is None else (
+        f"{name} {row['accuracy']:.4f}  loss {row['loss']:.4f}")
+    return (f"round {row['round']:>3}  {scored}{ppl}  "
             f"agg_err {err}  up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB  "
             f"{row['seconds']:.1f}s (eval {row.get('eval_seconds', 0.0):.1f}s){eps}")

@@ -29,6 +29,9 @@ def calls(monkeypatch):
         final = FINAL[out.name, seed]
         rows = [{"round": r, "answer_accuracy": a, "perplexity": 1.2, "train_seconds": 1.0,
                  "eval_seconds": 1.0} for r, a in enumerate([0.15, final - 0.02, final][:rounds + 1])]
+        if flags[flags.index("--eval-every") + 1] == "0":  # only the last round scored
+            for r in rows[:-1]:
+                r["answer_accuracy"], r["eval_seconds"] = None, 0.0
         if "--personal-test-fraction" in flags:
             rows[-1].update(personal_accuracy=PERSONAL[seed], personal_examples=670)
         return rows, None
@@ -65,3 +68,17 @@ def test_centralized_runs_on_each_base_and_a_personal_strategy_scores_its_client
 
 def test_every_registered_strategy_is_the_default():
     assert llm_sft.STRATEGIES[0] == "fedavg" and len(llm_sft.STRATEGIES) == 9
+
+
+def test_eval_every_zero_scores_the_last_round_only_and_the_table_says_which(calls, tmp_path, capsys):
+    (tmp_path / "train.tsv").write_text("label\tsentence\n")
+    argv = ["--sst2", str(tmp_path), "--out", str(tmp_path / "out"), "--bases", "bf16", "--partitions", "iid",
+            "--strategies", "fedavg", "--eval-every", "0"]
+    assert llm_sft.main(argv) == 0
+    # every run (the centralized one too) is asked to score its last round only
+    assert all(flags[flags.index("--eval-every") + 1] == "0" for _, _, flags in calls)
+    # rounds 0 and 1 unscored: "—"; the final and tail columns are round 2's; eval seconds its alone
+    out = capsys.readouterr().out
+    row = "| 10 clients, iid | fedavg, bf16 base, seed 0 | — / — / 85.0% | **85.0%** | 85.0% | -1.0% |"
+    assert row in out
+    assert "| 1 + 1 |" in out

@@ -23,6 +23,12 @@ def test_tail_mean_skips_round_zero_and_averages_the_last_rounds():
     assert stats.tail_mean(rows) == pytest.approx((4 * 0.9 + 0.5) / 5)
 
 
+def test_tail_mean_averages_the_scored_rounds_of_the_tail():
+    # 20 rounds scored every 2nd (--eval-every 2): the tail's rounds 16-20 hold scores at 16, 18, 20
+    rows = [{"round": r, "accuracy": (0.5 + r / 100 if r % 2 == 0 else None)} for r in range(21)]
+    assert stats.tail_mean(rows) == pytest.approx((0.66 + 0.68 + 0.70) / 3)
+
+
 def test_mean_and_sample_sd_in_points():
     assert stats.mean_sd([0.80, 0.82, 0.84]) == "82.0 ± 2.0%"
     assert stats.mean_sd([0.8]) == "80.0%" and stats.mean_sd([]) == "—"

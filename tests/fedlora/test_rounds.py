@@ -23,6 +23,11 @@ def test_round_line_shows_personal_accuracy_only_when_measured():
     assert "acc 0.8000" in format_row(ROW) and "up 2.00 MB" in format_row(ROW)
 
 
+def test_a_round_eval_every_skips_says_so_in_its_line():
+    line = format_row({**ROW, "accuracy": None, "loss": None})
+    assert "not scored (--eval-every)" in line and "loss" not in line and "up 2.00 MB" in line
+
+
 @pytest.mark.parametrize("saved, restored", [(0.37, 0.37), (None, 0.1)])
 def test_resume_keeps_the_clip_its_clients_trained_with(tmp_path, caplog, stub_coordinator, saved, restored):
     from fedlora.job.schema import JobConfig

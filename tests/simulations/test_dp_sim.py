@@ -55,13 +55,17 @@ def test_dp_clients_batched_equal_one_per_pass(tiny_bert_dir, tiny_csv, tmp_path
 
 
 def test_budget_stops_training(tiny_bert_dir, tiny_csv, tmp_path, capsys):
-    # Prepare: a fixed σ = 1 and a budget of ε = 1.5: 5 steps fit (ε 1.488), a 6th does not (1.561)
+    # Prepare: a fixed σ = 1 and a budget of ε = 1.5: 5 steps fit (ε 1.488), a 6th does not (1.561);
+    # the model scored only after the last round (--eval-every 0)
     out = tmp_path / "run"
     # Execute
-    code = main(_job(tiny_bert_dir, tiny_csv, out, "--epsilon", "1.5", "--noise-multiplier", "1.0"))
+    code = main(_job(tiny_bert_dir, tiny_csv, out, "--epsilon", "1.5", "--noise-multiplier", "1.0",
+                     "--eval-every", "0"))
     # Assert: round 1 takes 3 steps, round 2 only 2, then the run stops before round 3
     rows = _rows(out)
     assert code == 0 and [r["round"] for r in rows] == [0, 1, 2]
+    # round 2 is the run's last though --rounds is 3: it is the one scored
+    assert [r["accuracy"] is None for r in rows] == [True, True, False]
     assert rows[1]["epsilon_per_client"] == [pytest.approx(spent(1.0, Q, 3, 1e-3), abs=1e-4)] * 3
     assert rows[2]["epsilon_per_client"] == [pytest.approx(spent(1.0, Q, 5, 1e-3), abs=1e-4)] * 3
     assert max(rows[2]["epsilon_per_client"]) <= 1.5

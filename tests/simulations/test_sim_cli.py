@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from fedlora.simulations.cli import main
@@ -50,6 +51,26 @@ def test_every_strategy_writes_metrics_and_peft_adapter(tiny_bert_dir, tiny_csv,
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_bert_dir)
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_eval_every_scores_some_rounds_and_trains_as_if_every_round_were_scored(tiny_bert_dir, tiny_csv,
+                                                                                  tmp_path):
+    # Execute: the same 5-round job scored every round, and every 2nd round (and the last)
+    job = ["--strategy", "fedavg", "--rounds", "5"]
+    assert main(_args(tiny_bert_dir, tiny_csv, tmp_path / "all", *job)) == 0
+    assert main(_args(tiny_bert_dir, tiny_csv, tmp_path / "some", *job, "--eval-every", "2")) == 0
+    every, some = _rows(tmp_path / "all"), _rows(tmp_path / "some")
+    # Assert: rounds 0, 2, 4 and the last (5) scored, the same figures as in the full run; the
+    # others keep their training columns (evaluating draws nothing the training uses)
+    assert [r["round"] for r in some if r["accuracy"] is not None] == [0, 2, 4, 5]
+    for a, b in zip(every, some, strict=True):
+        assert b["train_loss"] == a["train_loss"] and b["bytes_up"] == a["bytes_up"]
+        if b["accuracy"] is not None:
+            assert (b["accuracy"], b["loss"]) == (a["accuracy"], a["loss"])
+        else:
+            assert b["loss"] is None and b["eval_seconds"] < a["eval_seconds"]
+    a, b = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("all", "some"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_fedsb_sends_r_only_after_round_one(tiny_bert_dir, tiny_csv, tmp_path):
@@ -95,6 +116,7 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
     (["--data", "bbcnews-instruct"],
      "--data bbcnews-instruct is not for --task classification; it reads bbcnews"),
     (["--eval-max", "-1"], "--eval-max must be ≥ 0 (0: all), got -1"),
+    (["--eval-every", "-1"], "--eval-every must be ≥ 0 (0: only after the last round), got -1"),
     (["--strategy", "ffa-lora", "--ranks", "2,4"], "takes heterogeneous ranks (flexlora, flora)"),
     (["--strategy", "fedex-lora", "--dp", "client", "--epsilon", "8", "--delta", "1e-3"],
      "--dp client needs a strategy whose aggregate is a sum of client updates (fed-sb, fedavg,"),
