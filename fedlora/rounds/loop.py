@@ -95,7 +95,7 @@ def run(coord: Coordinator, transport: Transport, sink: RunFolder, schedule: Sch
         else:
             uploads = attack_uploads(got.uploads, got.clients, attack, cfg.attackers, coord.state, plan)
             agg = coord.aggregate([replace(u, client=c) for u, c in zip(uploads, got.clients, strict=True)])
-        score = cfg.scores(rnd) or stops_after(coord, transport, rnd, schedule)
+        score = cfg.scores(rnd) or budget_stops_after(coord, transport, rnd, schedule)
         row = round_row(coord, got.bytes_up, got.bytes_down, agg.agg_error, got.losses,
                         time.perf_counter() - t0, len(got.clients), score)
         row.update(client_ids=got.clients, **got.report)
@@ -128,13 +128,13 @@ def spendable(transport: Transport, clients: list[int]) -> list[int]:
     return [c for c in clients if transport.budgets[c].can_step()]
 
 
-def stops_after(coord: Coordinator, transport: Transport, rnd: int, schedule: Schedule | None) -> bool:
-    """Whether round ``rnd`` is the run's last one: ``--rounds``, or every client of the next round
-    has spent its privacy budget (:func:`sample` will stop the run), so its row is scored."""
-    if rnd >= coord.cfg.rounds:
-        return True
-    nxt = (schedule or coord.cfg.sampled)(rnd + 1)
-    return transport.budgets is not None and not spendable(transport, nxt)
+def budget_stops_after(coord: Coordinator, transport: Transport, rnd: int, schedule: Schedule | None) -> bool:
+    """Whether the run stops after round ``rnd`` before its ``--rounds``: every client of the next
+    round has spent its ``--dp sample`` budget (:func:`sample` will stop it), so ``rnd``'s row is
+    scored like a last round's (:meth:`JobConfig.scores` names the ``--rounds``-th)."""
+    if transport.budgets is None or rnd >= coord.cfg.rounds:
+        return False
+    return not spendable(transport, (schedule or coord.cfg.sampled)(rnd + 1))
 
 
 def initial_round(coord: Coordinator, transport: Transport, sink: RunFolder, ledger: Ledger,
