@@ -25,7 +25,7 @@ from fedlora.job.checks import check_job_args, check_track_dir
 from fedlora.job.runconfig import from_run_config
 from fedlora.job.schema import JobConfig
 from fedlora.job.setup import build_model, prepared, public_data, splits
-from fedlora.models.export import export_peft
+from fedlora.models.export import export_model
 from fedlora.net.process import die_with_parent
 from fedlora.rounds import loop
 from fedlora.rounds.build import make_strategy
@@ -104,8 +104,7 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
                  cfg.strategy, cfg.rounds, cfg.rank, cfg.num_clients, len(cfg.sampled(1)),
                  settings.min_replies, settings.round_timeout)
         loop.run(coord, FlowerTransport(grid, coord, settings, labels), sink)
-        export_peft(coord.state, list(coord.fm.adapters), out_dir / "adapter", model_path,
-                    coord.task.peft_task_type, list(coord.fm.heads))
+        export_model(coord.fm, coord.state, out_dir / "adapter", model_path, coord.task.peft_task_type)
         if sink.tracking is not None:
             sink.tracking.finish({"adapter": [out_dir / "adapter"]})
     except BaseException as exc:

@@ -17,7 +17,7 @@ import torch
 from fedlora.data.loading import partition
 from fedlora.job.schema import JobConfig
 from fedlora.job.setup import build_model, personal_split, prepared, public_data, splits
-from fedlora.models.export import export_peft
+from fedlora.models.export import export_model
 from fedlora.models.hub import resolve_model_path
 from fedlora.models.model import FederatedModel
 from fedlora.plan.memory import MemoryPlan, default_response_tokens, plan_memory
@@ -145,8 +145,7 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
         tracking = Tracking.open(cfg, out_dir)
     try:
         job, coord = train(cfg, out_dir, on_step, on_round, schedule, tracking)
-        export_peft(coord.state, list(job.fm.adapters), out_dir / "adapter", job.model_path,
-                    job.task.peft_task_type, list(job.fm.heads))
+        export_model(job.fm, coord.state, out_dir / "adapter", job.model_path, job.task.peft_task_type)
     except BaseException:
         if own and tracking is not None:
             tracking.close(failed=True)

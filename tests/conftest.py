@@ -92,6 +92,22 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide GPT-2 causal LM (its linear layers are transformers' ``Conv1D``) with MiniLM's
+    tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path, tok = tmp_path_factory.mktemp("tiny-gpt2"), _tokenizer()
+    cfg = GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                     bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                     pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_csv(tmp_path_factory) -> Path:
     """A 3-class CSV: the class is signalled by a keyword, so it is learnable."""
     import random

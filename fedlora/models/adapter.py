@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from fedlora.errors import UserError
 from fedlora.models.export import PREFIX
+from fedlora.models.model import LINEAR_TYPES, layer_dims
 from fedlora.strategies import GlobalState
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -76,10 +77,10 @@ def _config(path: Path) -> dict:
             raise UserError(f"adapter {str(path)!r} has no {name}: pass a folder written by fedlora-sim,"
                             " fedlora-server or PEFT's save_pretrained (runs/NAME/adapter)")
     config = json.loads((path / CONFIG).read_text())
-    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("fan_in_fan_out"):
+    # fan_in_fan_out (GPT-2's Conv1D layers) changes only how PEFT merges: its factors act as on a Linear
+    if config.get("peft_type") != "LORA" or config.get("use_dora"):
         raise UserError(f"adapter {str(path)!r} is not a plain LoRA adapter (peft_type"
-                        f" {config.get('peft_type')!r}, DoRA or fan_in_fan_out): fedlora-eval reads LoRA"
-                        " on linear layers")
+                        f" {config.get('peft_type')!r}, or DoRA): fedlora-eval reads LoRA on linear layers")
     return config
 
 
@@ -121,14 +122,15 @@ def same_base(recorded: str, resolved: Path) -> bool:
 
 
 def linear_shapes(path: Path, kind: str) -> dict[str, tuple[int, int]]:
-    """Module name -> ``(d_out, d_in)`` of every ``nn.Linear`` of the model in ``path``, from a
-    weightless copy on the meta device (``kind``: ``causal-lm`` or ``sequence-classification``)."""
+    """Module name -> ``(d_out, d_in)`` of every linear layer (``nn.Linear``, ``Conv1D``) of the model
+    in ``path``, from a weightless copy on the meta device (``kind``: ``causal-lm`` or
+    ``sequence-classification``)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
     with torch.device("meta"):
         model = auto.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
-    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {n: layer_dims(m) for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
 
 
 def check_adapter(adapter: PeftAdapter, model: str, path: Path, shapes: dict[str, tuple[int, int]]) -> None:

@@ -39,7 +39,7 @@ def export_factors(state: GlobalState, layers: list[str]) -> dict[str, tuple[tor
 
 
 def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base_model: str,
-                task_type: str, head_modules: list[str]) -> Path:
+                task_type: str, head_modules: list[str], fan_in_fan_out: bool = False) -> Path:
     """Write ``out_dir/adapter_config.json`` and ``adapter_model.safetensors``.
 
     Parameters
@@ -56,6 +56,9 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
         PEFT task type, e.g. ``"SEQ_CLS"`` or ``"CAUSAL_LM"``.
     head_modules : list of str
         Task-head module names whose full weights are saved (``modules_to_save``).
+    fan_in_fan_out : bool
+        The targets are transformers ``Conv1D`` layers (GPT-2), whose weight PEFT stores
+        ``d_in × d_out``; the factors are the same, only PEFT's merge transposes ``B A``.
     """
     out_dir = Path(out_dir)
     factors = export_factors(state, layers)
@@ -79,13 +82,20 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
         "target_modules": sorted(layers),
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "use_rslora": False,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": sorted({h.split(".")[0] for h in head_modules}) or None,
     }
     return write_adapter(out_dir, tensors, config)
+
+
+def export_model(fm, state: GlobalState, out_dir: str | Path, base_model: str, task_type: str) -> Path:
+    """:func:`export_peft` of a ``FederatedModel``'s global ``state``: ``fm``'s adapted layers, its
+    task heads, and whether its targets were ``Conv1D`` layers (``fm.transposed``)."""
+    return export_peft(state, list(fm.adapters), out_dir, base_model, task_type, list(fm.heads),
+                       fan_in_fan_out=bool(fm.transposed))
 
 
 def write_adapter(out_dir: Path, tensors: dict, config: dict) -> Path:

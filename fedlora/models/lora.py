@@ -331,7 +331,8 @@ class BatchedLinear(nn.Module):
     """K per-client copies of a trainable linear layer (a task head).
 
     ``y_i = x_i W_kᵀ + b_k`` for row i of client k; weights ``(K, d_out, d_in)``,
-    all slots initialised from the given layer.
+    all slots initialised from the given layer. A layer without a bias (a decoder's ``score``
+    head) stays without one: ``bias`` is None, and only ``weight`` trains and travels.
     """
 
     def __init__(self, base: nn.Linear, num_clients: int, router: Router) -> None:
@@ -339,21 +340,29 @@ class BatchedLinear(nn.Module):
         self.router = router
         w = base.weight.detach().to(adapter_dtype(base.weight.dtype))
         self.weight = nn.Parameter(w.unsqueeze(0).repeat(num_clients, 1, 1).clone())
-        b = base.bias.detach().to(w.dtype) if base.bias is not None else w.new_zeros(w.shape[0])
-        self.bias = nn.Parameter(b.unsqueeze(0).repeat(num_clients, 1).clone())
+        if base.bias is None:
+            self.register_parameter("bias", None)
+        else:
+            b = base.bias.detach().to(w.dtype)
+            self.bias = nn.Parameter(b.unsqueeze(0).repeat(num_clients, 1).clone())
+
+    @property
+    def slot_keys(self) -> tuple[str, ...]:
+        """The names of the tensors a slot holds: ``weight``, and ``bias`` when the layer has one."""
+        return ("weight",) if self.bias is None else ("weight", "bias")
 
     def forward(self, x: Tensor) -> Tensor:
         routing = self.router.get(x.shape[0], x.device)
         return dense_delta(x.to(self.weight.dtype), self.weight, routing, self.bias)
 
     def get_slot(self, k: int) -> dict[str, Tensor]:
-        return {"weight": self.weight[k].detach().clone(), "bias": self.bias[k].detach().clone()}
+        return {key: getattr(self, key)[k].detach().clone() for key in self.slot_keys}
 
     @torch.no_grad()
     def set_slot(self, k: int, state: dict[str, Tensor]) -> None:
-        for key in ("weight", "bias"):
+        for key in self.slot_keys:
             if tuple(state[key].shape) != tuple(getattr(self, key).shape[1:]):
                 raise ValueError(f"head {key} expects shape {tuple(getattr(self, key).shape[1:])},"
                                  f" got {tuple(state[key].shape)}")
-        self.weight[k] = state["weight"].to(self.weight)
-        self.bias[k] = state["bias"].to(self.bias)
+        for key in self.slot_keys:
+            getattr(self, key)[k] = state[key].to(self.weight)

@@ -1,6 +1,7 @@
 """Wrap any transformers model so that K clients train adapters over one shared base.
 
-:class:`FederatedModel` swaps the targeted ``nn.Linear`` layers for
+:class:`FederatedModel` swaps the targeted linear layers (``nn.Linear``, or transformers'
+``Conv1D`` of GPT-2-style models, turned into the equal ``nn.Linear`` first) for
 :class:`~fedlora.lora.BatchedLoRALinear` and the task head's linear layers for
 :class:`~fedlora.lora.BatchedLinear`, freezes everything else, and routes each batch
 row to its client slot. A client in its own process is the case K = 1.
@@ -18,9 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from fedlora.kernels import Routing
-from fedlora.models.lora import BatchedLinear, BatchedLoRALinear, Router
+from fedlora.models.lora import BatchedLinear, BatchedLoRALinear, Router, linear_shape
 from fedlora.strategies.plan import LORA, AdapterPlan
 
 #: Attention query/value names tried in order when no target is given.
@@ -29,7 +31,15 @@ DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
     ("q_proj", "v_proj"),        # LLaMA, Mistral, OPT, Qwen
     ("q_lin", "v_lin"),          # DistilBERT
     ("q", "v"),                  # T5
+    ("query_proj", "value_proj"),  # DeBERTa-v2/v3
+    ("c_attn",),                 # GPT-2 (fused q/k/v, a Conv1D)
+    ("query_key_value",),        # BLOOM, Falcon, GPT-NeoX, Pythia (fused)
+    ("qkv_proj",),               # Phi-3 (fused)
+    ("Wqkv",),                   # MPT, ModernBERT (fused)
 )
+#: The layer types an adapter wraps: ``nn.Linear`` (bitsandbytes' quantized layers are subclasses)
+#: and transformers' ``Conv1D`` (GPT-2: ``y = x W + b`` with ``W`` stored ``d_in × d_out``).
+LINEAR_TYPES = (nn.Linear, Conv1D)
 #: ``--target-modules`` value that adapts every linear layer of the blocks.
 ALL_LINEAR = "all-linear"
 #: Attribute names of sequence-classification heads.
@@ -49,7 +59,7 @@ class AdapterConfig:
     target_modules : list of str or None
         Module-name patterns: a plain name matches a module whose dotted name equals
         it or ends with ``"." + name``; anything with regex characters must match the
-        whole name. ``["all-linear"]`` picks every ``nn.Linear`` but the output
+        whole name. ``["all-linear"]`` picks every linear layer but the output
         (vocabulary) layer and the head. None picks the attention query/value layers.
     plan : AdapterPlan
         Which factors exist and which train (the strategy's plan of the first round;
@@ -74,6 +84,28 @@ class AdapterConfig:
     resolved_targets: list[str] = field(default_factory=list)
 
 
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a layer of :data:`LINEAR_TYPES`."""
+    if isinstance(module, Conv1D):
+        return int(module.nf), int(module.weight.shape[0])
+    return linear_shape(module)
+
+
+@torch.no_grad()
+def as_linear(module: nn.Module) -> nn.Module:
+    """A ``Conv1D`` as the ``nn.Linear`` that computes the same (weight ``Wᵀ``, same bias, frozen);
+    any other layer as it is. Folds, residuals and exports then need no transposed case."""
+    if not isinstance(module, Conv1D):
+        return module
+    d_out, d_in = layer_dims(module)
+    w = module.weight
+    linear = nn.Linear(d_in, d_out, bias=module.bias is not None, device=w.device, dtype=w.dtype)
+    linear.weight.copy_(w.T)
+    if module.bias is not None:
+        linear.bias.copy_(module.bias)
+    return linear.requires_grad_(False)
+
+
 def _matches(name: str, pattern: str) -> bool:
     if re.fullmatch(r"[\w.]+", pattern):
         return name == pattern or name.endswith("." + pattern)
@@ -81,15 +113,15 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def find_targets(model: nn.Module, patterns: list[str] | None) -> tuple[list[str], list[str]]:
-    """``(module names, patterns used)`` of the ``nn.Linear`` layers to adapt.
+    """``(module names, patterns used)`` of the linear layers (:data:`LINEAR_TYPES`) to adapt.
 
     Raises
     ------
     ValueError
-        When nothing matches (the message lists some Linear layer names).
+        When nothing matches (the message lists some linear layer names).
     """
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output]
+    linears = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and m is not output]
     if patterns and list(patterns) == [ALL_LINEAR]:
         names = [n for n in linears if n.split(".")[0] not in HEAD_NAMES]
         if names:
@@ -102,7 +134,7 @@ def find_targets(model: nn.Module, patterns: list[str] | None) -> tuple[list[str
             return names, pats
     sample = ", ".join(sorted({n.split(".")[-1] for n in linears})[:12]) or "none"
     asked = ", ".join(patterns) if patterns else "attention query/value"
-    raise ValueError(f"no nn.Linear layer matches {asked}; this model's Linear layer names"
+    raise ValueError(f"no linear layer matches {asked}; this model's linear layer names"
                      f" include: {sample} (pass them with --target-modules)")
 
 
@@ -135,8 +167,10 @@ class FederatedModel(nn.Module):
         names, used = find_targets(model, config.target_modules)
         config.resolved_targets = used
         self.adapters: dict[str, BatchedLoRALinear] = {}
+        #: Targets that were ``Conv1D`` layers (PEFT's ``fan_in_fan_out`` on export).
+        self.transposed = [name for name in names if isinstance(model.get_submodule(name), Conv1D)]
         for name in names:
-            layer = BatchedLoRALinear(model.get_submodule(name), config.ranks, config.alpha,
+            layer = BatchedLoRALinear(as_linear(model.get_submodule(name)), config.ranks, config.alpha,
                                       self.router, core=config.plan.core, fold_rank=config.fold_rank)
             _set_module(model, name, layer)
             self.adapters[name] = layer
@@ -234,8 +268,8 @@ class FederatedModel(nn.Module):
     def zero_heads(self) -> None:
         """Zero every slot's head weights and biases (``--head zero``)."""
         for head in self.heads.values():
-            head.weight.zero_()
-            head.bias.zero_()
+            for key in head.slot_keys:
+                getattr(head, key).zero_()
 
     def set_ranks(self, ranks: list[int]) -> None:
         """New per-slot ranks (same K, each ≤ the largest rank the model was built with)."""

@@ -76,7 +76,7 @@ def load_kept(fm: FederatedModel, k: int, kept: dict[str, Tensor]) -> None:
 
 def _set_heads(fm: FederatedModel, head: dict[str, Tensor]) -> None:
     for name, layer in fm.heads.items():
-        sub = {"weight": head[f"{name}.weight"], "bias": head[f"{name}.bias"]}
+        sub = {key: head[f"{name}.{key}"] for key in layer.slot_keys}
         for k in range(fm.num_clients):
             layer.set_slot(k, sub)
 

@@ -30,7 +30,7 @@ from fedlora.models.hub import (
     smollm2_file,
 )
 from fedlora.models.lora import linear_shape
-from fedlora.models.model import HEAD_NAMES, AdapterConfig, FederatedModel
+from fedlora.models.model import HEAD_NAMES, LINEAR_TYPES, AdapterConfig, FederatedModel, layer_dims
 from fedlora.plan.presets import PRESETS, preset_config
 from fedlora.rounds.build import client_strategy
 from fedlora.tasks import get_task
@@ -110,7 +110,7 @@ class ModelShape:
     def heads(self) -> dict[str, tuple[int, ...]]:
         """The task head's tensors as they travel (``<module>.weight`` / ``.bias``) -> shape."""
         return {f"{name}.{key}": tuple(getattr(h, key).shape[1:]) for name, h in self.fm.heads.items()
-                for key in ("weight", "bias")}
+                for key in h.slot_keys}
 
     def dims(self) -> dict[str, int]:
         """The block's sizes: ``hidden``, ``intermediate``, ``layers``, ``heads``, ``attention``
@@ -149,9 +149,9 @@ def base_tensors(model: nn.Module) -> list[BaseTensor]:
             if id(t) in seen:
                 continue
             seen.add(id(t))
-            quantizable = (isinstance(module, nn.Linear) and key == "weight" and module is not output
+            quantizable = (isinstance(module, LINEAR_TYPES) and key == "weight" and module is not output
                            and not parts & skip)
-            rows = module.out_features if quantizable else 0
+            rows = layer_dims(module)[0] if quantizable else 0
             out.append(BaseTensor(f"{module_name}.{key}", t.numel(), rows))
     return out
 

@@ -111,7 +111,7 @@ def layer_grad_samples(layer: nn.Module, x: Tensor, g: Tensor,
         if not layer.weight.requires_grad:  # --head frozen / public: no gradient, no clip share, no noise
             return []
         gW, gb = dense_grad_sample(x, g)
-        return [(layer.weight, gW), (layer.bias, gb)]
+        return [(layer.weight, gW)] + ([] if layer.bias is None else [(layer.bias, gb)])
     if layer.core:
         return [(layer.lora_R, sb_grad_sample(x, g, layer.sb_A, layer.sb_B, layer.scale[0]))]
     A, B = layer.lora_A, layer.lora_B

@@ -150,7 +150,7 @@ def test_forward_matches_dense_merged_weights(base):
 
 
 def test_unknown_target_modules_error_lists_names(base):
-    with pytest.raises(ValueError, match="no nn.Linear layer matches nope.*query"):
+    with pytest.raises(ValueError, match="no linear layer matches nope.*query"):
         find_targets(copy.deepcopy(base), ["nope"])
 
 

@@ -66,9 +66,10 @@ def test_eval_reproduces_the_runs_last_round_and_the_base_its_round_0(runs, tiny
     assert table[0].startswith(f"| model | {rows[0]['metric']} |") and len(table) == 4
 
 
-def test_eval_reproduces_a_classification_run_with_its_head(tiny_bert_dir, tiny_csv, tmp_path):
+@pytest.mark.parametrize("model", ["tiny_bert_dir", "tiny_gpt2_dir"])  # GPT-2: Conv1D, a bias-less head
+def test_eval_reproduces_a_classification_run_with_its_head(request, model, tiny_csv, tmp_path):
     # Prepare: a 1-round classification run (its adapter carries the trained head)
-    job = ["--model", str(tiny_bert_dir), "--data", str(tiny_csv), "--max-length", "16"]
+    job = ["--model", str(request.getfixturevalue(model)), "--data", str(tiny_csv), "--max-length", "16"]
     assert sim([*job, "--num-clients", "2", "--rounds", "1", "--local-steps", "3", "--out",
                 str(tmp_path / "run"), "--quiet"]) == 0
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])

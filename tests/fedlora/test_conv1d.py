@@ -1,0 +1,93 @@
+"""GPT-2-style models: their ``Conv1D`` layers get adapters like ``nn.Linear`` ones, and the export
+loads into PEFT, which stores those layers transposed (``fan_in_fan_out``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
+
+from fedlora.models.export import export_model
+from fedlora.models.model import AdapterConfig, FederatedModel, as_linear, find_targets, layer_dims
+from fedlora.simulations.cli import build_parser, check_args
+from fedlora.simulations.engine import train
+
+peft = pytest.importorskip("peft")
+
+C_ATTN = ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+
+
+def _ids(n: int = 3, seq: int = 9) -> torch.Tensor:
+    return torch.randint(5, 1000, (n, seq), generator=torch.Generator().manual_seed(3))
+
+
+def test_a_conv1d_becomes_the_linear_that_computes_the_same():
+    # Prepare: GPT-2's layer y = x W + b with W stored d_in × d_out (4 inputs, 6 outputs)
+    torch.manual_seed(0)
+    conv = Conv1D(6, 4)
+    nn.init.normal_(conv.bias)
+    x = torch.randn(2, 5, 4)
+    # Execute
+    linear = as_linear(conv)
+    # Assert: an nn.Linear of weight Wᵀ, frozen, and one output worked by hand
+    assert isinstance(linear, nn.Linear) and tuple(linear.weight.shape) == (6, 4)
+    assert layer_dims(conv) == (6, 4) and not linear.weight.requires_grad
+    torch.testing.assert_close(linear(x), conv(x))
+    by_hand = sum(float(x[1, 2, i] * conv.weight[i, 5]) for i in range(4)) + float(conv.bias[5])
+    assert float(linear(x)[1, 2, 5]) == pytest.approx(by_hand, abs=1e-6)
+    assert as_linear(linear) is linear
+
+
+def test_gpt2_is_adapted_on_c_attn_by_default_and_starts_as_its_base(tiny_gpt2_dir):
+    # Prepare
+    ids = _ids()
+    want = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)(input_ids=ids).logits
+    # Execute
+    fm = FederatedModel(GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir), AdapterConfig(ranks=[4, 4]))
+    names, _ = find_targets(GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir), ["all-linear"])
+    # Assert: the fused q/k/v layers (a Conv1D each) hold the adapters; B = 0 leaves the base's logits
+    assert sorted(fm.adapters) == C_ATTN == fm.transposed
+    assert len(names) == 8 and "lm_head" not in names   # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+    got = fm(input_ids=ids, client_ids=torch.tensor([0, 1, 1])).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _run(model, data, out, *extra):
+    argv = ["--model", str(model), "--data", str(data), "--out", str(out), "--num-clients", "3",
+            "--rounds", "2", "--local-steps", "3", "--batch-size", "4", "--rank", "4", "--max-length", "24",
+            "--lr", "5e-2", "--quiet", *extra]
+    return train(check_args(build_parser().parse_args(argv)), out)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "flora"])
+def test_a_gpt2_run_exports_what_peft_loads_and_merges_to_the_same_logits(tiny_gpt2_dir, tiny_csv, tmp_path,
+                                                                          strategy):
+    # Prepare: 2 rounds of classification on every Conv1D layer (FLoRA folds round 1 into the bases)
+    job, coord = _run(tiny_gpt2_dir, tiny_csv, tmp_path / "run", "--strategy", strategy,
+                      "--target-modules", "all-linear")
+    ids = _ids()
+    with torch.no_grad():
+        ours = job.fm(input_ids=ids).logits
+    # Execute: the run's export, loaded by PEFT onto a fresh GPT-2 (Conv1D layers), then merged
+    out = export_model(job.fm, coord.state, tmp_path / "adapter", str(tiny_gpt2_dir), "SEQ_CLS")
+
+    def base():
+        return AutoModelForSequenceClassification.from_pretrained(tiny_gpt2_dir, num_labels=3)
+
+    theirs = peft.PeftModel.from_pretrained(base(), out).eval()
+    assert isinstance(theirs.get_submodule(f"base_model.model.{C_ATTN[0]}").get_base_layer(), Conv1D)
+    with torch.no_grad():
+        loaded = theirs(input_ids=ids).logits
+        merged = theirs.merge_and_unload()(input_ids=ids).logits
+        plain = base()(input_ids=ids).logits
+    # Assert: the same logits loaded and merged (PEFT transposes B A into the Conv1D weight); GPT-2's
+    # score head has no bias, and none was trained or exported
+    assert job.fm.heads["score"].bias is None and "score.bias" not in coord.state.head
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    torch.testing.assert_close(loaded, ours, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged, ours, rtol=1e-4, atol=1e-4)
+    assert (ours - plain).abs().max() > 100 * (loaded - ours).abs().max()
