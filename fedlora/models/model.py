@@ -42,8 +42,10 @@ DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
 LINEAR_TYPES = (nn.Linear, Conv1D)
 #: ``--target-modules`` value that adapts every linear layer of the blocks.
 ALL_LINEAR = "all-linear"
-#: Attribute names of sequence-classification heads.
-HEAD_NAMES: tuple[str, ...] = ("classifier", "score")
+#: Attribute names of sequence-classification heads; every one a model has is trained per client:
+#: ``classifier`` (BERT, RoBERTa, DeBERTa, ELECTRA), ``pre_classifier`` with it (DistilBERT),
+#: ``score`` (decoders: LLaMA, GPT-2, Qwen), ``classification_head`` (BART, T5).
+HEAD_NAMES: tuple[str, ...] = ("pre_classifier", "classifier", "score", "classification_head")
 
 
 @dataclass
@@ -190,13 +192,14 @@ class FederatedModel(nn.Module):
         self.model.eval()
 
     def _head_linears(self) -> list[str]:
+        names = []
         for head in HEAD_NAMES:
             module = getattr(self.model, head, None)
             if isinstance(module, nn.Linear):
-                return [head]
-            if isinstance(module, nn.Module):
-                return [f"{head}.{n}" for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-        return []
+                names.append(head)
+            elif isinstance(module, nn.Module):
+                names += [f"{head}.{n}" for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        return names
 
     @property
     def num_clients(self) -> int:

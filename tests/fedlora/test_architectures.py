@@ -1,5 +1,6 @@
-"""GPT-2-style models: their ``Conv1D`` layers get adapters like ``nn.Linear`` ones, and the export
-loads into PEFT, which stores those layers transposed (``fan_in_fan_out``)."""
+"""Models beyond BERT and LLaMA: GPT-2's ``Conv1D`` layers get adapters like ``nn.Linear`` ones, and
+the export loads into PEFT, which stores those layers transposed (``fan_in_fan_out``); every
+classification head a model has trains (DistilBERT's two layers, BART's ``classification_head``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import json
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel
+from transformers import (
+    AutoModelForSequenceClassification,
+    BartConfig,
+    BartForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2LMHeadModel,
+)
 from transformers.pytorch_utils import Conv1D
 
 from fedlora.models.export import export_model
@@ -91,3 +99,50 @@ def test_a_gpt2_run_exports_what_peft_loads_and_merges_to_the_same_logits(tiny_g
     torch.testing.assert_close(loaded, ours, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(merged, ours, rtol=1e-4, atol=1e-4)
     assert (ours - plain).abs().max() > 100 * (loaded - ours).abs().max()
+
+
+@pytest.fixture(scope="module")
+def tiny_distilbert_dir(tmp_path_factory, tiny_bert_dir):
+    """A 2-layer, 32-wide DistilBERT classifier (3 labels) with MiniLM's tokenizer (the tiny BERT's)."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-distilbert")
+    cfg = DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                           max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    DistilBertForSequenceClassification(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(path)
+    return path
+
+
+def test_every_classification_head_a_model_has_trains_per_client():
+    # Prepare: BART's head is a module of two layers
+    cfg = BartConfig(vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1, num_labels=3,
+                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                     decoder_ffn_dim=32)
+    # Execute
+    bart = FederatedModel(BartForSequenceClassification(cfg), AdapterConfig(ranks=[2]))
+    # Assert: the head's layers are per-client heads, not adapted, not frozen
+    assert sorted(bart.heads) == ["classification_head.dense", "classification_head.out_proj"]
+    assert not any(name.startswith("classification_head") for name in bart.adapters)
+    assert all(p.requires_grad for head in bart.heads.values() for p in head.parameters())
+
+
+def test_distilbert_trains_and_exports_both_head_layers(tiny_distilbert_dir, tiny_csv, tmp_path):
+    # Prepare: DistilBERT's pre_classifier (d × d) and classifier
+    start = DistilBertForSequenceClassification.from_pretrained(tiny_distilbert_dir).pre_classifier.weight
+    # Execute
+    job, coord = _run(tiny_distilbert_dir, tiny_csv, tmp_path / "run", "--max-length", "16")
+    out = export_model(job.fm, coord.state, tmp_path / "adapter", str(tiny_distilbert_dir), "SEQ_CLS")
+    theirs = peft.PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(tiny_distilbert_dir), out).eval()
+    ids = _ids()
+    with torch.no_grad():
+        ours, loaded = job.fm(input_ids=ids).logits, theirs(input_ids=ids).logits
+    # Assert: both layers trained and travel; q_lin/v_lin are adapted; PEFT gives the same logits
+    assert sorted(job.fm.heads) == ["classifier", "pre_classifier"]
+    assert sorted({n.rsplit(".", 1)[1] for n in job.fm.adapters}) == ["q_lin", "v_lin"]
+    assert not torch.equal(coord.state.head["pre_classifier.weight"], start)
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["classifier",
+                                                                                        "pre_classifier"]
+    torch.testing.assert_close(loaded, ours, rtol=1e-4, atol=1e-4)
