@@ -308,6 +308,21 @@ def load_tokenizer(name: str) -> tuple[object, int | None]:
     return tokenizer, getattr(config, "max_position_embeddings", None)
 
 
+def new_head(path: Path, num_labels: int | None) -> bool:
+    """Whether the checkpoint in ``path`` is a sequence classifier whose head has another number of
+    labels than ``num_labels``: it is then loaded with a new head (``ignore_mismatched_sizes``), and
+    one line on stderr says so."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    if num_labels is None or not classifier or config.num_labels == num_labels:
+        return False
+    print(f"fedlora: the classification head of {path.name} has {config.num_labels} labels and the data"
+          f" {num_labels}: it is replaced by a new, randomly initialised head", file=sys.stderr, flush=True)
+    return True
+
+
 def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 0,
                dtype: torch.dtype = torch.float32, quantize: str = "none", double_quant: bool = False,
                device: str | torch.device = "cpu") -> tuple[nn.Module, object, Path]:
@@ -327,6 +342,8 @@ def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 
                    if kind == "sequence-classification" else (AutoModelForCausalLM, {}))
     with _quiet():
         try:
+            if kind == "sequence-classification" and new_head(path, num_labels):
+                extra["ignore_mismatched_sizes"] = True
             torch.manual_seed(seed)
             if quantize != "none":
                 skip = unquantized_modules(path, auto, **extra)

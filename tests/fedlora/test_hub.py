@@ -65,6 +65,22 @@ def test_bf16_base_keeps_adapters_and_heads_in_fp32(tiny_bert_dir):
 
 
 @pytest.mark.slow
+def test_a_classifier_with_another_number_of_labels_gets_a_new_head_said_in_one_line(tiny_bert_dir, capfd):
+    # Prepare: the tiny BERT is a saved 3-label classifier
+    from transformers import AutoModelForSequenceClassification
+
+    saved = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).classifier.weight
+    capfd.readouterr()  # transformers' own progress bar
+    # Execute
+    five, _, _ = load_model(str(tiny_bert_dir), "sequence-classification", num_labels=5)
+    said = capfd.readouterr().err
+    three, _, _ = load_model(str(tiny_bert_dir), "sequence-classification", num_labels=3)
+    # Assert: 5 labels: a new head and one line; 3: the saved head, nothing said
+    assert tuple(five.classifier.weight.shape) == (5, 32)
+    assert said.count("\n") == 1 and "has 3 labels and the data 5" in said
+    assert torch.equal(three.classifier.weight, saved) and "labels" not in capfd.readouterr().err
+
+
 def test_smollm2_is_dequantized_once_and_answers(monkeypatch, fedlora_cache):
     pytest.importorskip("gguf")
     try:
