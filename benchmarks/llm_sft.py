@@ -40,6 +40,11 @@ the clients hold the private part and ``--init-data`` is the public part (for ``
 the measured DP clip, Fed-SB's initialisation). ``--eval-on validation`` scores the rows on the
 validation part instead of dev, for choosing settings; dev is for the final table. Either puts
 the runs under ``OUT/public{F}-{dev|validation}``.
+
+A table that takes longer than one sitting (the dev table: 19 runs a seed, about 7 min each on a
+2-core CPU) keeps its runs in the repository: ``--out benchmarks/records/llm-sft-table``. Each run's
+``metrics.jsonl``, ``config.json`` and ``peak_rss.json`` are committed (its adapter is ignored by
+git), so a later sitting reuses them and the script prints the whole table from them.
 """
 
 from __future__ import annotations

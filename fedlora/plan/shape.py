@@ -120,7 +120,10 @@ class ModelShape:
         heads = int(text.num_attention_heads)
         head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
         kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-        return {"hidden": int(text.hidden_size), "intermediate": int(text.intermediate_size),
+        # the MLP's width under any of its names (INTERMEDIATE); 4 × hidden where a config leaves it
+        # out (GPT-2's n_inner None, BLOOM)
+        wide = next((getattr(text, k) for k in INTERMEDIATE if getattr(text, k, None)), 4 * text.hidden_size)
+        return {"hidden": int(text.hidden_size), "intermediate": int(wide),
                 "layers": int(text.num_hidden_layers), "heads": heads, "attention": heads * head_dim,
                 "kv": kv_heads * head_dim, "vocab": int(text.vocab_size)}
 
@@ -133,6 +136,12 @@ class ModelShape:
             group = next((g for g in SHARED_INPUTS if short in g), (short,))
             groups.setdefault(f"{parent}.{group[0]}", d_in)
         return list(groups.values())
+
+
+#: Config attributes that name the MLP's width, in the order they are tried: LLaMA's and BERT's,
+#: GPT-2's, OPT's, BART's, T5's, DistilBERT's, Falcon's.
+INTERMEDIATE = ("intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim", "d_ff", "hidden_dim",
+                "ffn_hidden_size")
 
 
 def base_tensors(model: nn.Module) -> list[BaseTensor]:

@@ -66,6 +66,14 @@ def test_base_bytes_equal_what_bitsandbytes_stores(request, model, quantize):
     assert base_bytes(build_shape(cfg), cfg) == stored
 
 
+def test_the_mlp_width_is_read_under_each_configs_name(tiny_llama_dir, tiny_gpt2_dir):
+    # LLaMA: intermediate_size 64; GPT-2: n_inner left None, so 4 × n_embd = 128
+    assert build_shape(_job(tiny_llama_dir)).dims()["intermediate"] == 64
+    assert build_shape(_job(tiny_gpt2_dir)).dims() == {"hidden": 32, "intermediate": 128, "layers": 2,
+                                                       "heads": 2, "attention": 32, "kv": 32,
+                                                       "vocab": 30522}
+
+
 def _held_by_8bit_layers(root, kept: dict[int, int]) -> None:
     """Add to ``kept`` the storages that bitsandbytes' ``MatMul8bitLt`` nodes of the graph under
     ``root`` hold as context attributes (``ctx.tensors``): saved-tensor hooks never see them."""
