@@ -4,8 +4,8 @@ A form is a :class:`Reader` in :data:`READERS`, found by the end of a file's nam
 that marks a folder:
 
 * ``.csv`` / ``.tsv``: a header line, then a row per line (every value is text);
-* ``.jsonl`` (or ``.json``): a JSON object per line; ``.jsonl.gz`` (or ``.json.gz``): the same,
-  gzip-compressed;
+* ``.jsonl`` (or ``.json``): a JSON object per line, or one JSON array of objects (``alpaca_data.json``,
+  ``datasets``' ``to_json(lines=False)``); ``.jsonl.gz`` (or ``.json.gz``): the same, gzip-compressed;
 * ``.parquet``: a Parquet file (pyarrow);
 * a folder written by ``datasets``' ``save_to_disk``: a ``Dataset`` (``state.json``), or a
   ``DatasetDict`` (``dataset_dict.json``) of one split.
@@ -25,6 +25,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from fedlora.errors import UserError
 
@@ -90,22 +91,39 @@ def _delimited_cells(path: Path, delimiter: str) -> list[list[str]]:
         return [r for r in csv.reader(fh, delimiter=delimiter) if r]
 
 
-def _json_lines(path: Path, opener: Callable = open) -> Rows:
-    rows = []
+def _json(path: Path, opener: Callable = open) -> Rows:
+    """JSON lines, or one JSON array of objects when the file starts with ``[``."""
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{n}: not a JSON object per line ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path}:{n}: not a JSON object per line (a {type(row).__name__})")
-                rows.append(row)
+        with opener(path, "rt", encoding="utf-8-sig") as fh:
+            head = fh.read(4096).lstrip()
+            if not head.startswith("["):
+                fh.seek(0)
+                return _json_lines(path, fh)
+            try:
+                rows = json.loads(head + fh.read())
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{exc.lineno}: not a JSON array of objects ({exc.msg})") from None
     except (gzip.BadGzipFile, EOFError) as exc:
         raise UserError(f"{path}: not a gzip-compressed file ({_first_line(exc)})") from None
+    bad = next((n for n, row in enumerate(rows) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise UserError(f"{path}: item {bad} of the JSON array is a {type(rows[bad]).__name__}, not an"
+                        " object (a row of named columns)")
+    return rows
+
+
+def _json_lines(path: Path, fh: IO[str]) -> Rows:
+    rows = []
+    for n, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{n}: not a JSON object per line ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: not a JSON object per line (a {type(row).__name__})")
+        rows.append(row)
     return rows
 
 
@@ -143,8 +161,8 @@ def _dataset_dict(path: Path) -> Rows:
 register_reader(Reader("CSV", functools.partial(_delimited_rows, delimiter=","), (".csv",), typed=False,
                        cells=functools.partial(_delimited_cells, delimiter=",")))
 register_reader(Reader("TSV", functools.partial(_delimited_rows, delimiter="\t"), (".tsv",), typed=False))
-register_reader(Reader("JSON lines", _json_lines, (".jsonl", ".json")))
-register_reader(Reader("gzip JSON lines", functools.partial(_json_lines, opener=gzip.open),
+register_reader(Reader("JSON lines", _json, (".jsonl", ".json")))
+register_reader(Reader("gzip JSON lines", functools.partial(_json, opener=gzip.open),
                        (".jsonl.gz", ".json.gz")))
 register_reader(Reader("Parquet", _parquet, (".parquet",)))
 register_reader(Reader("datasets.save_to_disk folder", _dataset, marker="state.json"))

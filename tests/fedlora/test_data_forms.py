@@ -34,6 +34,12 @@ def _jsonl_gz(rows: list[dict], path: Path) -> Path:
     return out
 
 
+def _json_array(rows: list[dict], path: Path) -> Path:
+    out = path.with_suffix(".json")   # alpaca_data.json's form: one indented array of objects
+    out.write_text(json.dumps(rows, indent=4), encoding="utf-8")
+    return out
+
+
 def _dataset(rows: list[dict], path: Path) -> Path:
     Dataset.from_list(rows).save_to_disk(str(path))
     return path
@@ -45,7 +51,7 @@ def _dataset_dict(rows: list[dict], path: Path) -> Path:
 
 
 #: The forms a test writes its rows in (the typed ones: values keep their types).
-WRITERS = {"parquet": _parquet, "jsonl.gz": _jsonl_gz, "save_to_disk": _dataset,
+WRITERS = {"parquet": _parquet, "jsonl.gz": _jsonl_gz, "json-array": _json_array, "save_to_disk": _dataset,
            "dataset_dict": _dataset_dict}
 
 
@@ -111,11 +117,16 @@ def test_unreadable_and_unknown_forms_are_one_line(tmp_path):
     # Prepare
     (tmp_path / "x.parquet").write_bytes(b"not parquet")
     (tmp_path / "x.jsonl.gz").write_bytes(b"not gzip")
+    (tmp_path / "a.json").write_text('[{"text": "a"}, "b"]')
+    (tmp_path / "b.json").write_text('[{"text": "a"},\n {"text": }]')
     (tmp_path / "plain").mkdir()
     DatasetDict({"train": Dataset.from_list([{"text": "a"}]), "test": Dataset.from_list([{"text": "b"}])}
                 ).save_to_disk(str(tmp_path / "dd"))
     cases = {"x.parquet": r"x\.parquet: not a readable Parquet file \(",
              "x.jsonl.gz": r"x\.jsonl\.gz: not a gzip-compressed file \(",
+             "a.json": r"a\.json: item 1 of the JSON array is a str, not an object \(a row of named"
+                       r" columns\)$",
+             "b.json": r"b\.json:2: not a JSON array of objects \(Expecting value\)$",
              "plain": r"^unsupported data folder '.*plain': use a \.csv, .* or \.parquet file, or a"
                       r" datasets\.save_to_disk folder$",
              "dd": r"dd is a DatasetDict of the splits train, test: pass one split's folder, e\.g\."
