@@ -36,6 +36,7 @@ DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
     ("query_key_value",),        # BLOOM, Falcon, GPT-NeoX, Pythia (fused)
     ("qkv_proj",),               # Phi-3 (fused)
     ("Wqkv",),                   # MPT, ModernBERT (fused)
+    ("in_proj",),                # DeBERTa (v1, fused)
 )
 #: The layer types an adapter wraps: ``nn.Linear`` (bitsandbytes' quantized layers are subclasses)
 #: and transformers' ``Conv1D`` (GPT-2: ``y = x W + b`` with ``W`` stored ``d_in × d_out``).

@@ -11,8 +11,6 @@ import torch
 from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
-    BartConfig,
-    BartForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     GPT2LMHeadModel,
@@ -64,6 +62,52 @@ def test_gpt2_is_adapted_on_c_attn_by_default_and_starts_as_its_base(tiny_gpt2_d
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+#: One attention block and 2 heads of 8 (16 wide), 32-wide MLPs, 100 tokens.
+BLOCK = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+         "vocab_size": 100}
+SELF = "deberta.encoder.layer.0.attention.self"
+T5 = [f"transformer.{part}.block.0.layer.{i}.{kind}.{n}" for part, i, kind in
+      [("encoder", 0, "SelfAttention"), ("decoder", 0, "SelfAttention"), ("decoder", 1, "EncDecAttention")]
+      for n in "qv"]
+BART = [f"model.{part}.layers.0.{kind}.{n}_proj" for part, kind in
+        [("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "encoder_attn")] for n in ("q", "v")]
+SEQ2SEQ_HEAD = ["classification_head.dense", "classification_head.out_proj"]
+#: Architecture -> (its config class and toy sizes, the layers adapted by default, its head's layers).
+ARCHITECTURES = {
+    "bart": ("BartConfig", {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "vocab_size": 100,
+                            "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 32,
+                            "decoder_ffn_dim": 32}, BART, SEQ2SEQ_HEAD),
+    "gpt2": ("GPT2Config", {"n_embd": 16, "n_layer": 1, "n_head": 2, "vocab_size": 100},
+             ["transformer.h.0.attn.c_attn"], ["score"]),
+    "bloom": ("BloomConfig", {"hidden_size": 16, "n_layer": 1, "n_head": 2, "vocab_size": 100},
+              ["transformer.h.0.self_attention.query_key_value"], ["score"]),
+    "gpt_neox": ("GPTNeoXConfig", BLOCK, ["gpt_neox.layers.0.attention.query_key_value"], ["score"]),
+    "phi3": ("Phi3Config", {**BLOCK, "pad_token_id": 0}, ["model.layers.0.self_attn.qkv_proj"], ["score"]),
+    "mpt": ("MptConfig", {"d_model": 16, "n_layers": 1, "n_heads": 2, "vocab_size": 100},
+            ["transformer.blocks.0.attn.Wqkv"], ["score"]),
+    "deberta": ("DebertaConfig", BLOCK, [f"{SELF}.in_proj"], ["classifier"]),
+    "deberta-v2": ("DebertaV2Config", BLOCK, [f"{SELF}.query_proj", f"{SELF}.value_proj"], ["classifier"]),
+    "t5": ("T5Config", {"d_model": 16, "d_ff": 32, "num_layers": 1, "num_heads": 2, "d_kv": 8,
+                        "vocab_size": 100}, T5, SEQ2SEQ_HEAD),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_each_architecture_gets_its_attention_adapted_and_its_head_trained(arch):
+    # Prepare: the model at toy size, weightless (meta device)
+    import transformers
+
+    config, sizes, targets, heads = ARCHITECTURES[arch]
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(getattr(transformers, config)(**sizes))
+    # Execute
+    fm = FederatedModel(model, AdapterConfig(ranks=[2]))
+    # Assert: the fused or separate query/value layers hold adapters; every head layer is a client's own
+    assert sorted(fm.adapters) == sorted(targets)
+    assert sorted(fm.heads) == heads
+    assert all(p.requires_grad for head in fm.heads.values() for p in head.parameters())
+
+
 def _run(model, data, out, *extra):
     argv = ["--model", str(model), "--data", str(data), "--out", str(out), "--num-clients", "3",
             "--rounds", "2", "--local-steps", "3", "--batch-size", "4", "--rank", "4", "--max-length", "24",
@@ -112,19 +156,6 @@ def tiny_distilbert_dir(tmp_path_factory, tiny_bert_dir):
     DistilBertForSequenceClassification(cfg).save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(path)
     return path
-
-
-def test_every_classification_head_a_model_has_trains_per_client():
-    # Prepare: BART's head is a module of two layers
-    cfg = BartConfig(vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1, num_labels=3,
-                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                     decoder_ffn_dim=32)
-    # Execute
-    bart = FederatedModel(BartForSequenceClassification(cfg), AdapterConfig(ranks=[2]))
-    # Assert: the head's layers are per-client heads, not adapted, not frozen
-    assert sorted(bart.heads) == ["classification_head.dense", "classification_head.out_proj"]
-    assert not any(name.startswith("classification_head") for name in bart.adapters)
-    assert all(p.requires_grad for head in bart.heads.values() for p in head.parameters())
 
 
 def test_distilbert_trains_and_exports_both_head_layers(tiny_distilbert_dir, tiny_csv, tmp_path):
