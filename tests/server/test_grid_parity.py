@@ -97,6 +97,19 @@ def test_deployment_matches_the_simulator(tiny_bert_dir, tiny_csv, tmp_path, str
         torch.testing.assert_close(a[k], b[k], rtol=1e-4 if strategy == "fed-sb" else 1e-5, atol=atol)
 
 
+def test_a_gpt2_deployment_matches_the_simulator(tiny_gpt2_dir, tiny_csv, tmp_path):
+    # Prepare: FLoRA on GPT-2 (Conv1D layers, a bias-less score head) in fedlora-sim and deployed
+    flags = ["--strategy", "flora", "--rounds", "2", *job(tiny_gpt2_dir, tiny_csv)]
+    # Execute
+    want = simulate(flags, tmp_path / "sim")
+    got = deploy(flags, tmp_path / "grid", 2)
+    # Assert: the same bytes every round and the same exported adapter, marked fan_in_fan_out
+    assert [r["bytes_up_per_client"] for r in got] == [r["bytes_up_per_client"] for r in want]
+    config = json.loads((tmp_path / "grid" / "adapter" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and config["modules_to_save"] == ["score"]
+    assert_same_adapter(tmp_path / "sim", tmp_path / "grid", rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("strategy", ["fedavg", "ffa-lora"])
 def test_secagg_deployment_matches_the_plain_simulator(tiny_bert_dir, tiny_csv, tmp_path, strategy):
     # Prepare: the plain job in fedlora-sim, and the same job deployed under SecAgg+
