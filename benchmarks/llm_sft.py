@@ -19,7 +19,10 @@ The centralized baseline is one client holding every phrase and taking 10 × 10 
 round, so it sees as many examples per round as the ten clients together; it runs on each of
 ``--bases``, and every federated row is compared with the one on its own base. Each run is its own
 process (``fedlora-sim``); its peak resident memory is read from the kernel. Finished runs
-(a complete ``metrics.jsonl``) are reused, so the script can be stopped and started again.
+(a complete ``metrics.jsonl``) are reused, so the script can be stopped and started again. Runs of
+another schedule (``--rounds``, ``--local-steps``, ``--clients``) go under
+``rounds{R}-steps{S}-clients{K}``, and a folder that holds a finished run of more rounds is refused,
+never overwritten.
 Prints a Markdown table for ``benchmarks/RESULTS.md``.
 
 ``--bases`` runs each federated job on each frozen base (:data:`BASES`): ``fp32``, ``bf16``
@@ -71,6 +74,8 @@ STRATEGIES = sorted(REGISTERED, key=lambda name: (name != "fedavg", name))
 #: own models answer this share of each client's phrases, held out from its training (about 67
 #: phrases a client at 10 clients), beside the global model's dev rows.
 PERSONAL_FRACTION = 0.01
+#: The default schedule (rounds, local steps, clients); runs of another one get their own folders.
+SCHEDULE = (2, 10, 10)
 #: The frozen base of a run: its extra fedlora-sim flags.
 BASES = {"fp32": [], "bf16": ["--precision", "bf16"],
          "nf4": ["--quantize", "nf4", "--precision", "bf16"],
@@ -128,6 +133,9 @@ def run(out: Path, flags: list[str], rounds: int) -> tuple[list[dict], int | Non
         rows = read_rows(out)
         if rows and rows[-1]["round"] == rounds:
             return rows, json.loads(peak.read_text())["peak_rss"] if peak.is_file() else None
+        if rows and rows[-1]["round"] > rounds:
+            raise SystemExit(f"{out} holds a run of {rows[-1]['round']} rounds, not {rounds}:"
+                             " pass its --rounds, or another --out")
     cmd = [sys.executable, __file__, "--child", *flags, "--out", str(out), "--overwrite"]
     print("running:", out.name, file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -212,6 +220,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def seed_root(args: argparse.Namespace, seed: int) -> Path:
     """The folder of one seed's runs."""
     root = args.out if seed == 0 else args.out / f"seed{seed}"  # seed 0: the folders of earlier runs
+    if (args.rounds, args.local_steps, args.clients) != SCHEDULE:  # another schedule: its own runs
+        root = root / f"rounds{args.rounds}-steps{args.local_steps}-clients{args.clients}"
     if args.public_fraction or args.eval_on == "validation":  # other data: never reuse those folders
         root = root / f"public{args.public_fraction:g}-{args.eval_on}"
     return root

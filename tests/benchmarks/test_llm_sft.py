@@ -5,6 +5,8 @@ The runs themselves (SmolLM2 for minutes each) are replaced by rows written here
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.benchmarks.bench_scripts import load_script
@@ -82,3 +84,33 @@ def test_eval_every_zero_scores_the_last_round_only_and_the_table_says_which(cal
     row = "| 10 clients, iid | fedavg, bf16 base, seed 0 | — / — / 85.0% | **85.0%** | 85.0% | -1.0% |"
     assert row in out
     assert "| 1 + 1 |" in out
+
+
+def test_another_schedule_runs_in_its_own_folders(calls, tmp_path, monkeypatch):
+    # Prepare: 2 rounds of 5 local steps, against the default 2 of 10
+    (tmp_path / "train.tsv").write_text("label\tsentence\n")
+    monkeypatch.setitem(FINAL, ("centralized-bf16", 2), 0.8)
+    monkeypatch.setitem(FINAL, ("dirichlet-flora-bf16", 2), 0.8)
+    argv = ["--sst2", str(tmp_path), "--out", str(tmp_path / "out"), "--bases", "bf16", "--partitions",
+            "dirichlet", "--strategies", "flora", "--rounds", "2", "--local-steps", "5", "--seeds", "2"]
+    # Execute
+    assert llm_sft.main(argv) == 0
+    # Assert: neither run can reuse or overwrite a default-schedule run; centralized takes 5 × 10 steps
+    assert [name for name, _, _ in calls] == ["centralized-bf16", "dirichlet-flora-bf16"]
+    central = calls[0][2]
+    assert central[central.index("--local-steps") + 1] == "50"
+    args = llm_sft.parse(argv)
+    assert llm_sft.seed_root(args, 2) == tmp_path / "out" / "seed2" / "rounds2-steps5-clients10"
+
+
+def test_a_finished_run_of_more_rounds_is_refused_not_overwritten(tmp_path):
+    # Prepare: a finished 4-round run in the folder a 2-round job would use
+    out = tmp_path / "iid-fedavg-bf16"
+    out.mkdir()
+    lines = [json.dumps({"round": r, "answer_accuracy": 0.8}) for r in range(5)]
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    before = (out / "metrics.jsonl").read_text()
+    # Execute / Assert: one line naming the folder and both round counts; the run is kept
+    with pytest.raises(SystemExit, match="holds a run of 4 rounds, not 2"):
+        llm_sft.run(out, [], 2)
+    assert (out / "metrics.jsonl").read_text() == before
