@@ -183,9 +183,9 @@ def summary(runs: dict[tuple[str, str, str], list[list[dict]]], central: dict[st
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sst2", type=Path, default=SST2, help="folder with SST-2's train.tsv and dev.tsv")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--local-steps", type=int, default=10)
-    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=SCHEDULE[0])
+    p.add_argument("--local-steps", type=int, default=SCHEDULE[1])
+    p.add_argument("--clients", type=int, default=SCHEDULE[2])
     p.add_argument("--eval-max", type=int, default=0, help="dev sentences scored per round (0: all 872)")
     p.add_argument("--eval-every", type=int, default=1,
                    help="score round 0 and every N-th round, and the last (0: only the last: the final"
