@@ -112,11 +112,14 @@ def leaks(parts: dict[str, Sequence[str]]) -> list[tuple[str, str, str]]:
 def split_file(src: Path, out: Path, fractions: dict[str, float], seed: int = 0,
                by: str = "source", text_column: str = "sentence") -> dict[str, Path]:
     """Write ``out/{private,public,validation}.tsv`` (same header as ``src``) and
-    ``out/split.json`` (sizes, dropped count); reuse them if ``split.json`` matches. Returns the paths."""
+    ``out/split.json`` (sizes, dropped count); reuse them if ``split.json`` matches and every part is
+    there (a run record may keep ``split.json`` alone: the parts are written again, the same rows).
+    Returns the paths."""
     meta = {"src": str(Path(src).resolve()), "fractions": fractions, "seed": seed, "by": by}
     paths = {part: out / f"{part}.tsv" for part in PARTS}
     record = out / "split.json"
-    if record.is_file() and {k: v for k, v in json.loads(record.read_text()).items() if k in meta} == meta:
+    if (record.is_file() and all(path.is_file() for path in paths.values())
+            and {k: v for k, v in json.loads(record.read_text()).items() if k in meta} == meta):
         return paths
     header, *rows = Path(src).read_text().splitlines()
     col = header.split("\t").index(text_column)

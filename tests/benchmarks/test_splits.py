@@ -53,6 +53,11 @@ def test_split_file_writes_the_parts_and_keeps_the_header(tmp_path):
     assert all(r[0] == "label\tsentence" for r in rows.values())
     assert sum(len(r) - 1 for r in rows.values()) == len(PHRASES) - 1   # "bad plot" dropped
     assert '"dropped": 1' in (tmp_path / "out" / "split.json").read_text()
+    # a record that kept split.json alone (benchmarks/records): the parts come back, row for row
+    for path in paths.values():
+        path.unlink()
+    again = splits.split_file(src, tmp_path / "out", {"public": 1 / 3, "validation": 1 / 3}, seed=0)
+    assert {part: path.read_text().splitlines() for part, path in again.items()} == rows
 
 
 @pytest.mark.slow
