@@ -9,7 +9,7 @@ import pkgutil
 
 from .base import STRATEGIES, Strategy
 
-_NOT_STRATEGIES = {"base", "plan", "registry", "dp", "wrap", "robust"}
+_NOT_STRATEGIES = {"base", "plan", "registry", "dp", "wrap", "robust", "server_step"}
 
 for _module in pkgutil.iter_modules(importlib.import_module(__package__).__path__):
     if _module.name not in _NOT_STRATEGIES:

@@ -19,6 +19,7 @@ from fedlora.rounds.compress import parse_scheme
 from fedlora.rounds.tracking import TRACKERS
 from fedlora.strategies import STRATEGIES
 from fedlora.strategies.robust import Robust
+from fedlora.strategies.server_step import ServerStep
 from fedlora.tasks import AUTO, EVALUATIONS, TASKS
 
 
@@ -65,6 +66,8 @@ def check_job_args(args: JobConfig) -> None:
         inner = STRATEGIES[args.strategy].from_job(args)  # its options, checked before anything loads
         if args.norm_bound > 0 or args.robust_mean != "mean":  # what the server's defences can take
             Robust(inner, args.weighting, args.max_examples, args.norm_bound, args.robust_mean, args.trim)
+        if args.server_lr != 1:
+            ServerStep(inner, args.server_lr)
     except ValueError as exc:
         raise UserError(f"--strategy {args.strategy}: {exc}") from None
     check_task_args(args)

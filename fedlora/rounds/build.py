@@ -1,5 +1,6 @@
 """The server's strategy object of a job: the registry's strategy with its options, wrapped for
-``--dp client`` (calibrated to its ε budget) and for the server's robust aggregation.
+``--dp client`` (calibrated to its ε budget), for the server's robust aggregation and for its
+learning rate (``--server-lr``).
 
 Clients never build this: they need only the strategy's class declarations (its plan, folds and
 initialisation releases), :func:`client_strategy`.
@@ -12,6 +13,7 @@ from fedlora.job.schema import JobConfig
 from fedlora.privacy.accounting import Budget, GaussianNoise
 from fedlora.strategies import ClientLevelDP, Strategy, strategy_class
 from fedlora.strategies.robust import Robust
+from fedlora.strategies.server_step import ServerStep
 
 
 def client_strategy(cfg: JobConfig) -> Strategy:
@@ -26,16 +28,18 @@ def client_strategy(cfg: JobConfig) -> Strategy:
 
 def make_strategy(cfg: JobConfig) -> Strategy:
     """The configured strategy with its options (``Strategy.from_job``), wrapped for
-    ``--dp client`` and for the server's weights and robust aggregation (:class:`Robust`, when
-    any of its flags is set); a bad name, option or combination is a one-line :class:`UserError`."""
+    ``--dp client``, for the server's weights and robust aggregation (:class:`Robust`, when
+    any of its flags is set) and for ``--server-lr`` (:class:`ServerStep`, outermost: it moves the
+    defended, noised aggregate); a bad name, option or combination is a one-line :class:`UserError`."""
     strategy = client_strategy(cfg)
     strategy = client_level_dp(cfg, strategy) if cfg.dp == "client" else strategy
     try:
         robust = Robust(strategy, cfg.weighting, cfg.max_examples, cfg.norm_bound, cfg.robust_mean,
                         cfg.trim)
+        strategy = robust if robust.active else strategy
+        return strategy if cfg.server_lr == 1 else ServerStep(strategy, cfg.server_lr)
     except ValueError as exc:
         raise UserError(f"--strategy {cfg.strategy}: {exc}") from None
-    return robust if robust.active else strategy
 
 
 def client_level_dp(cfg: JobConfig, inner: Strategy) -> ClientLevelDP:

@@ -146,6 +146,9 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
      " not fold (fedex-lora, flora do): drop --fold-rank"),
     (["--strategy", "flora", "--fold-rank", "4"], "without --quantize folds go into the weights exactly"),
     (["--strategy", "flora", "--fold-rank", "-1"], "--fold-rank must be ≥ 1 (0: the whole residual"),
+    (["--strategy", "flexlora", "--server-lr", "2"], "--strategy flexlora: flexlora folds its aggregate into"
+     " the base or restarts its clients from fresh factors, so it has no averaged factors for --server-lr"),
+    (["--server-lr", "0"], "a server learning rate must be > 0 (1: off), got 0.0"),
 ])
 def test_bad_input_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path, capsys, extra, message):
     # Execute
@@ -233,6 +236,17 @@ def _adapter(out) -> dict:
 
 def _distance(a: dict, b: dict) -> float:
     return sum(float((a[k] - b[k]).pow(2).sum()) for k in a) ** 0.5
+
+
+def test_server_lr_moves_the_global_adapter_twice_as_far(tiny_bert_dir, tiny_csv, tmp_path):
+    # Execute: one FedAvg round at --server-lr 1 and 2 (the same clients, batches and start)
+    for lr in ("1", "2"):
+        assert main(_args(tiny_bert_dir, tiny_csv, tmp_path / lr, "--rounds", "1", "--server-lr", lr)) == 0
+    # Assert: B starts at 0, so the server's step doubles the clients' mean B exactly; the row says so
+    one, two = _adapter(tmp_path / "1"), _adapter(tmp_path / "2")
+    bs = [k for k in one if "lora_B" in k]
+    assert bs and all(torch.equal(two[k], 2 * one[k]) for k in bs) and float(one[bs[0]].abs().sum()) > 0
+    assert _rows(tmp_path / "2")[1]["server_lr"] == 2.0 and "server_lr" not in _rows(tmp_path / "1")[1]
 
 
 @pytest.mark.slow

@@ -1,0 +1,98 @@
+"""A server learning rate around a strategy (``--server-lr``): FedOpt's server SGD step.
+
+A round's aggregate is read as a pseudo-gradient step from the global state the clients started
+from. With server learning rate ``η``, every tensor ``x`` of the global state (the factors ``A``/``B``,
+Fed-SB's cores ``R``, the task head) moves
+
+    x_t = x_{t-1} + η (x̄_t − x_{t-1})                                   (Reddi et al., 2021)
+
+where ``x̄_t`` is the wrapped strategy's aggregate; a factor the clients do not train (FFA-LoRA's
+shared A, FedSA-LoRA's personal B in the global state) has ``x̄_t = x_{t-1}`` and stays. ``η = 1``
+is the strategy itself; ``η > 1`` extrapolates along the clients' mean update. Ten clients that
+each take 5 local steps move the global model about as far as one client's 5 steps, while a
+centralized run on the same examples takes 50: the server step scales the averaged
+(lower-variance) update instead of the clients' own steps.
+
+Only strategies whose global state is the averaged factors take it. A folding strategy (FLoRA,
+FedEx-LoRA) or one whose clients start from fresh or re-stacked factors (FlexLoRA) has no
+factor-space update to scale, and is refused. The step keeps no state of its own (no server
+momentum), so a checkpoint, a resumed job and every engine give the same result. ``agg_error``
+stays the wrapped strategy's: how exactly it averaged the clients, before the server's step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from torch import Tensor
+
+from .base import Aggregate, ClientUpload, GlobalState, Strategy
+from .wrap import Wrapped
+
+
+def step(old: Tensor | None, new: Tensor, lr: float) -> Tensor:
+    """``old + lr (new − old)``; ``new`` where there is no old value of the same shape."""
+    if old is None or old.shape != new.shape:
+        return new
+    return old + lr * (new - old)
+
+
+class ServerStep(Wrapped):
+    """``inner``'s aggregate, taken ``lr`` times as far from the last global state.
+
+    Parameters
+    ----------
+    inner : Strategy
+        The wrapped strategy (possibly itself a wrapper: client-level DP, robust aggregation).
+    lr : float
+        ``η > 0``; 1 is ``inner`` unchanged.
+
+    Raises
+    ------
+    ValueError
+        For ``lr ≤ 0``, or a strategy that folds or starts its clients from fresh factors.
+    """
+
+    def __init__(self, inner: Strategy, lr: float) -> None:
+        super().__init__(inner)
+        if not lr > 0:
+            raise ValueError(f"a server learning rate must be > 0 (1: off), got {lr}")
+        if inner.folds or inner.fresh_adapters:
+            raise ValueError(f"{inner.name} folds its aggregate into the base or restarts its clients"
+                             " from fresh factors, so it has no averaged factors for --server-lr to"
+                             " scale; use --server-lr 1 (or fedavg, ffa-lora, rolora, lora-fair,"
+                             " fed-sb, fedsa-lora)")
+        self.lr = lr
+
+    def moved(self, agg: Aggregate, old: GlobalState) -> Aggregate:
+        """``agg`` with its state's tensors moved ``lr`` times as far from ``old`` (a frozen, shared or
+        personal factor the strategy did not change stays where it is)."""
+        new = agg.state
+        factors = new.factors
+        if factors is not None and old.factors is not None:
+            factors = {}
+            for layer, (A, B) in new.factors.items():
+                A0, B0 = old.factors.get(layer, (None, None))
+                factors[layer] = (step(A0, A, self.lr), step(B0, B, self.lr))
+        cores = new.cores
+        if cores is not None and old.cores is not None:
+            cores = {layer: step(old.cores.get(layer), R, self.lr) for layer, R in cores.items()}
+        head = {key: step(old.head.get(key), t, self.lr) for key, t in new.head.items()}
+        state = replace(new, factors=factors, cores=cores, head=head)
+        return replace(agg, state=state, metrics={**agg.metrics, "server_lr": self.lr})
+
+    def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
+        """The wrapped aggregate, then the server's step."""
+        return self.moved(self.inner.aggregate(uploads, state), state)
+
+    def aggregate_mean(self, mean: ClientUpload, clients: int, state: GlobalState) -> Aggregate:
+        """The wrapped aggregate of the clients' mean (secure aggregation), then the server's step."""
+        return self.moved(self.inner.aggregate_mean(mean, clients, state), state)
+
+    def round_report(self) -> dict[str, object]:
+        """The inner columns (the step's own, ``server_lr``, is in the aggregate's metrics)."""
+        return self.inner.round_report()
+
+    def describe(self) -> dict[str, object]:
+        return {**self.inner.describe(), "server_lr": self.lr}
