@@ -129,16 +129,21 @@ def child(argv: list[str]) -> int:
     return code
 
 
+def finished(out: Path, rounds: int) -> list[dict] | None:
+    """The rows of a finished run of ``rounds`` rounds in ``out``, or None (absent or unfinished)."""
+    rows = read_rows(out) if (out / "metrics.jsonl").is_file() else []
+    if rows and rows[-1]["round"] > rounds:
+        raise SystemExit(f"{out} holds a run of {rows[-1]['round']} rounds, not {rounds}:"
+                         " pass its --rounds, or another --out")
+    return rows if rows and rows[-1]["round"] == rounds else None
+
+
 def run(out: Path, flags: list[str], rounds: int) -> tuple[list[dict], int | None]:
     """``(metric rows, peak RSS)`` of one run, reusing a finished one."""
-    metrics, peak = out / "metrics.jsonl", out / "peak_rss.json"
-    if metrics.is_file():
-        rows = read_rows(out)
-        if rows and rows[-1]["round"] == rounds:
-            return rows, json.loads(peak.read_text())["peak_rss"] if peak.is_file() else None
-        if rows and rows[-1]["round"] > rounds:
-            raise SystemExit(f"{out} holds a run of {rows[-1]['round']} rounds, not {rounds}:"
-                             " pass its --rounds, or another --out")
+    peak = out / "peak_rss.json"
+    rows = finished(out, rounds)
+    if rows is not None:
+        return rows, json.loads(peak.read_text())["peak_rss"] if peak.is_file() else None
     cmd = [sys.executable, __file__, "--child", *flags, "--out", str(out), "--overwrite"]
     print("running:", out.name, file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -231,12 +236,15 @@ def seed_root(args: argparse.Namespace, seed: int) -> Path:
 
 
 def run_centralized(args: argparse.Namespace, seed: int, flags: list[str], central: dict) -> dict[str, float]:
-    """Each base's centralized run of one seed (kept in ``central``); ``{base: final accuracy}``."""
-    if args.no_centralized:
-        return {}
+    """Each base's centralized run of one seed (kept in ``central``); ``{base: final accuracy}``.
+    With ``--no-centralized`` nothing runs, but a finished centralized run is still compared with."""
     per_round = args.local_steps * args.clients
     finals = {}
     for base in args.bases.split(","):
+        if args.no_centralized:
+            rows = finished(seed_root(args, seed) / f"centralized{base_suffix(base)}", args.rounds)
+            finals.update({base: rows[-1]["answer_accuracy"]} if rows else {})
+            continue
         rows, peak = run(seed_root(args, seed) / f"centralized{base_suffix(base)}",
                          [*flags, *BASES[base], "--num-clients", "1", "--local-steps", str(per_round)],
                          args.rounds)

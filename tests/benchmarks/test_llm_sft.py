@@ -114,3 +114,23 @@ def test_a_finished_run_of_more_rounds_is_refused_not_overwritten(tmp_path):
     with pytest.raises(SystemExit, match="holds a run of 4 rounds, not 2"):
         llm_sft.run(out, [], 2)
     assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_no_centralized_runs_none_but_compares_with_a_finished_one(calls, tmp_path, capsys):
+    # Prepare: a finished 2-round centralized run (final 86%) in seed 0's folder
+    (tmp_path / "train.tsv").write_text("label\tsentence\n")
+    central = tmp_path / "out" / "centralized-bf16"
+    central.mkdir(parents=True)
+    rows = [{"round": r, "answer_accuracy": a} for r, a in enumerate([0.15, 0.8, 0.86])]
+    (central / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--sst2", str(tmp_path), "--out", str(tmp_path / "out"), "--bases", "bf16", "--partitions", "iid",
+            "--strategies", "fedavg", "--no-centralized"]
+    # Execute
+    assert llm_sft.main(argv) == 0
+    # Assert: only the federated run ran, and its row says −1 point against the finished 86%
+    assert [name for name, _, _ in calls] == ["iid-fedavg-bf16"]
+    assert "| **85.0%** | 85.0% | -1.0% |" in capsys.readouterr().out
+    # without a finished centralized run the column stays empty
+    central.joinpath("metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert llm_sft.main(argv) == 0
+    assert "| **85.0%** | 85.0% |  |" in capsys.readouterr().out
