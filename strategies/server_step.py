@@ -13,11 +13,18 @@ each take 5 local steps move the global model about as far as one client's 5 ste
 centralized run on the same examples takes 50: the server step scales the averaged
 (lower-variance) update instead of the clients' own steps.
 
-Only strategies whose global state is the averaged factors take it. A folding strategy (FLoRA,
-FedEx-LoRA) or one whose clients start from fresh or re-stacked factors (FlexLoRA) has no
-factor-space update to scale, and is refused. The step keeps no state of its own (no server
-momentum), so a checkpoint, a resumed job and every engine give the same result. ``agg_error``
-stays the wrapped strategy's: how exactly it averaged the clients, before the server's step.
+A strategy that folds its aggregate into the base (FLoRA, FedEx-LoRA) takes the same step in
+weight space, exactly: with ``W`` the model's weights (base, folds so far, live adapter), the
+round's fold is replaced by the one that puts the model at ``W_{t-1} + η (W̄_t − W_{t-1})``:
+
+    fold' = η fold + (η − 1) (s B̄ Ā − s B_{t-1} A_{t-1})               (rank + 2r for FedEx-LoRA)
+
+while the clients start from the strategy's own factors (FLoRA: fresh ones, so the second term is
+absent and ``fold' = η fold``). FlexLoRA, whose clients restart from truncations of a restacked
+global update, has neither averaged factors nor a fold to scale, and is refused. The step keeps no
+state of its own (no server momentum), so a checkpoint, a resumed job and every engine give the
+same result. ``agg_error`` stays the wrapped strategy's: how exactly it averaged the clients,
+before the server's step.
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+import torch
 from torch import Tensor
 
-from .base import Aggregate, ClientUpload, GlobalState, Strategy
+from .base import Aggregate, ClientUpload, Factors, GlobalState, Strategy
+from .flora import merge
 from .wrap import Wrapped
 
 
@@ -51,36 +60,53 @@ class ServerStep(Wrapped):
     Raises
     ------
     ValueError
-        For ``lr ≤ 0``, or a strategy that folds or starts its clients from fresh factors.
+        For ``lr ≤ 0``, or a strategy whose clients start from fresh factors and that does not fold
+        (FlexLoRA).
     """
 
     def __init__(self, inner: Strategy, lr: float) -> None:
         super().__init__(inner)
         if not lr > 0:
             raise ValueError(f"a server learning rate must be > 0 (1: off), got {lr}")
-        if inner.folds or inner.fresh_adapters:
-            raise ValueError(f"{inner.name} folds its aggregate into the base or restarts its clients"
-                             " from fresh factors, so it has no averaged factors for --server-lr to"
-                             " scale; use --server-lr 1 (or fedavg, ffa-lora, rolora, lora-fair,"
-                             " fed-sb, fedsa-lora)")
+        if inner.fresh_adapters and not inner.folds:
+            raise ValueError(f"{inner.name} restarts its clients from truncations of a restacked global"
+                             " update, so it has neither averaged factors nor a fold for --server-lr to"
+                             " scale; use --server-lr 1")
         self.lr = lr
 
     def moved(self, agg: Aggregate, old: GlobalState) -> Aggregate:
-        """``agg`` with its state's tensors moved ``lr`` times as far from ``old`` (a frozen, shared or
-        personal factor the strategy did not change stays where it is)."""
-        new = agg.state
-        factors = new.factors
-        if factors is not None and old.factors is not None:
+        """``agg`` with its state moved ``lr`` times as far from ``old``: its factors and cores, or
+        (a folding strategy) its fold, and its head. A frozen, shared or personal factor the strategy
+        did not change stays where it is."""
+        new, fold = agg.state, agg.fold
+        factors, cores, merged = new.factors, new.cores, new.merged
+        if self.folds:
+            fold, merged = self.moved_fold(agg, old)
+        elif factors is not None and old.factors is not None:
             factors = {}
             for layer, (A, B) in new.factors.items():
                 A0, B0 = old.factors.get(layer, (None, None))
                 factors[layer] = (step(A0, A, self.lr), step(B0, B, self.lr))
-        cores = new.cores
         if cores is not None and old.cores is not None:
             cores = {layer: step(old.cores.get(layer), R, self.lr) for layer, R in cores.items()}
         head = {key: step(old.head.get(key), t, self.lr) for key, t in new.head.items()}
-        state = replace(new, factors=factors, cores=cores, head=head)
-        return replace(agg, state=state, metrics={**agg.metrics, "server_lr": self.lr})
+        state = replace(new, factors=factors, cores=cores, merged=merged, head=head)
+        return replace(agg, state=state, fold=fold, metrics={**agg.metrics, "server_lr": self.lr})
+
+    def moved_fold(self, agg: Aggregate, old: GlobalState) -> tuple[dict[str, Factors], dict[str, Factors]]:
+        """``(fold', merged')``: the fold that takes the model ``lr`` times as far (module docstring),
+        and every fold so far with it."""
+        new, lr = agg.state, self.lr
+        fold, merged = {}, dict(old.merged)
+        for layer, (fA, fB) in agg.fold.items():               # fA (k, d_in), fB (d_out, k)
+            As, Bs = [fA], [lr * fB]
+            if new.factors is not None and old.factors is not None:   # the live adapter moved too
+                (A, B), (A0, B0) = new.factors[layer], old.factors[layer]
+                As += [A, A0]
+                Bs += [(lr - 1) * new.scale * B, (1 - lr) * old.scale * B0]
+            fold[layer] = (torch.cat(As, dim=0), torch.cat(Bs, dim=1))   # (k + 2r, d_in), (d_out, k + 2r)
+            merge(merged, layer, *fold[layer])
+        return fold, merged
 
     def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
         """The wrapped aggregate, then the server's step."""

@@ -18,6 +18,9 @@ from fedlora.strategies import STRATEGIES
 #: round), mixed ranks, a first download of shared or kept factors, Fed-SB's sketches in round 0.
 EXTRA = {"flora": {"ranks": [2, 4, 3, 4], "rounds": 3}, "fedex-lora": {"rounds": 3},
          "flexlora": {"ranks": [2, 4, 3, 4]}, "fedsa-lora": {"personal_test_fraction": 0.25}}
+#: Jobs beside each strategy's own: FedEx-LoRA under a server step, whose fold is 2r wider
+VARIANTS = {"fedex-lora+server-lr": ("fedex-lora", {"server_lr": 2.0})}
+JOBS = sorted(STRATEGIES) + sorted(VARIANTS)
 
 
 @pytest.mark.parametrize("tensors", [
@@ -31,11 +34,12 @@ def test_record_bytes_from_shapes_equal_the_serialized_record(tensors):
     assert record_bytes(tensors) == tensor_bytes(tensors)
 
 
-def _job(model, data, strategy: str) -> JobConfig:
+def _job(model, data, name: str) -> JobConfig:
+    strategy, variant = VARIANTS.get(name, (name, {}))
     values = dict(strategy=strategy, model=str(model), data=str(data), task="causal-lm", num_clients=4,
                   clients_per_round=2, rounds=2, local_steps=1, batch_size=2, rank=4, max_length=16,
                   eval_max=2, lr=1e-3, target_modules=["all-linear"], seed=1)
-    return JobConfig(**{**values, **EXTRA.get(strategy, {})})
+    return JobConfig(**{**values, **EXTRA.get(strategy, {}), **variant})
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +53,12 @@ def simulated(tiny_llama_dir, tmp_path_factory):
     torch.set_num_threads(1)
     try:
         return {name: (_job(tiny_llama_dir, data, name), run(_job(tiny_llama_dir, data, name), tmp / name))
-                for name in sorted(STRATEGIES)}
+                for name in JOBS}
     finally:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("strategy", JOBS)
 def test_planned_bytes_equal_the_simulators(simulated, strategy):
     # Prepare: the simulator's rows, and the planner's replay of the same job on the meta-device model
     cfg, rows = simulated[strategy]
@@ -70,3 +74,6 @@ def test_planned_bytes_equal_the_simulators(simulated, strategy):
         assert plan[0].up and min(plan[0].up) > 0
     if strategy == "flora":    # a client that missed a round's fold is sent it: downloads differ
         assert len(set(plan[3].down)) > 1
+    if strategy in VARIANTS:   # the server step's wider fold costs more down than the plain job's
+        plain = simulated[VARIANTS[strategy][0]][1]
+        assert sum(plan[2].down) > sum(plain[2]["bytes_down_per_client"])

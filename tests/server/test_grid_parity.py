@@ -123,17 +123,18 @@ def test_secagg_deployment_matches_the_plain_simulator(tiny_bert_dir, tiny_csv, 
     assert_same_adapter(tmp_path / "sim", tmp_path / "grid", rtol=0, atol=5e-6)
 
 
-def test_server_lr_deployment_matches_the_simulator(tiny_bert_dir, tiny_csv, tmp_path):
-    # Prepare: FedAvg whose server moves 3 times the clients' mean update; the deployed server reads
-    # --server-lr from the run config fedlora-server submits
-    flags = ["--rounds", "2", "--server-lr", "3", *job(tiny_bert_dir, tiny_csv)]
+@pytest.mark.parametrize("strategy", ["fedavg", "fedex-lora", "flora"])
+def test_server_lr_deployment_matches_the_simulator(tiny_bert_dir, tiny_csv, tmp_path, strategy):
+    # Prepare: a server that moves 3 times the clients' mean update (in factors, or by a wider fold);
+    # the deployed server reads --server-lr from the run config fedlora-server submits
+    flags = ["--rounds", "2", "--server-lr", "3", "--strategy", strategy, *job(tiny_bert_dir, tiny_csv)]
     # Execute
     want = simulate(flags, tmp_path / "sim")
     got = deploy(flags, tmp_path / "grid", 2)
     # Assert: both report the step, and reach the same adapter (not the plain job's)
     assert [r.get("server_lr") for r in got] == [r.get("server_lr") for r in want] == [None, 3.0, 3.0]
     assert_same_adapter(tmp_path / "sim", tmp_path / "grid", rtol=1e-5, atol=1e-6)
-    simulate(flags[2:], tmp_path / "plain")
+    simulate(flags[:2] + flags[4:], tmp_path / "plain")
     with pytest.raises(AssertionError):
         assert_same_adapter(tmp_path / "plain", tmp_path / "grid", rtol=1e-3, atol=1e-4)
 

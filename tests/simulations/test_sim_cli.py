@@ -146,8 +146,8 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
      " not fold (fedex-lora, flora do): drop --fold-rank"),
     (["--strategy", "flora", "--fold-rank", "4"], "without --quantize folds go into the weights exactly"),
     (["--strategy", "flora", "--fold-rank", "-1"], "--fold-rank must be ≥ 1 (0: the whole residual"),
-    (["--strategy", "flexlora", "--server-lr", "2"], "--strategy flexlora: flexlora folds its aggregate into"
-     " the base or restarts its clients from fresh factors, so it has no averaged factors for --server-lr"),
+    (["--strategy", "flexlora", "--server-lr", "2"], "--strategy flexlora: flexlora restarts its clients from"
+     " truncations of a restacked global update, so it has neither averaged factors nor a fold"),
     (["--server-lr", "0"], "a server learning rate must be > 0 (1: off), got 0.0"),
 ])
 def test_bad_input_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path, capsys, extra, message):

@@ -10,6 +10,8 @@ the last global state is ``A = 1, B = 0`` and head ``h = 1``:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -87,10 +89,39 @@ def test_it_moves_the_defended_aggregate():
     assert values(ServerStep(robust, 2.0).aggregate(uploads(), state())) == pytest.approx((3.0, 6.0, 5.0))
 
 
-@pytest.mark.parametrize("name", ["flora", "fedex-lora", "flexlora"])
-def test_strategies_without_averaged_factors_are_refused(name):
-    with pytest.raises(ValueError, match=f"{name} folds its aggregate .* use --server-lr 1"):
-        ServerStep(get_strategy(name), 2.0)
+def product(factors) -> float:
+    A, B = factors
+    return float((B @ A).squeeze())
+
+
+def test_flora_folds_twice_the_clients_mean_update():
+    # the exact mean Σ p_k s B_k A_k = 1/4 · 2 + 3/4 · 12 = 9.5, folded twice: 19; clients restart fresh
+    fresh = GlobalState(factors=None, head={"h": t(1.0)})
+    agg = ServerStep(get_strategy("flora"), 2.0).aggregate(uploads(), fresh)
+    assert product(agg.fold["w"]) == pytest.approx(19.0)
+    assert product(agg.state.merged["w"]) == pytest.approx(19.0)
+    assert agg.state.factors is None and float(agg.state.head["h"]) == pytest.approx(6.0)
+    assert agg.agg_error == pytest.approx(0.0, abs=1e-12)   # FLoRA's own exactness, before the step
+
+
+def test_fedex_lora_moves_the_model_in_weight_space():
+    # W_old = s B0 A0 = 0; the clients' mean model W̄ = 9.5 (live s B̄ Ā = 8.75, residual fold 0.75).
+    # η = 2: W = 0 + 2 · 9.5 = 19, the clients start from (Ā, B̄), so the fold is 19 − 8.75 = 10.25
+    plain = get_strategy("fedex-lora").aggregate(uploads(), state())
+    agg = ServerStep(get_strategy("fedex-lora"), 2.0).aggregate(uploads(), state())
+    assert product(plain.fold["w"]) == pytest.approx(0.75)
+    assert product(agg.fold["w"]) == pytest.approx(10.25)
+    assert product(agg.state.merged["w"]) == pytest.approx(10.25)
+    assert values(agg) == pytest.approx((2.5, 3.5, 6.0))
+    # a second round from there: the folds add up, and the model is again the old one plus 2 × the update
+    again = ServerStep(get_strategy("fedex-lora"), 2.0).aggregate(uploads(), replace(agg.state, round=1))
+    # clients' mean model 9.5 + 10.25 = 19.75 against the old 10.25 + 8.75 = 19: W = 19 + 2 · 0.75 = 20.5
+    assert product(again.state.merged["w"]) + 8.75 == pytest.approx(20.5)
+
+
+def test_flexlora_is_refused():
+    with pytest.raises(ValueError, match="flexlora restarts its clients .* use --server-lr 1"):
+        ServerStep(get_strategy("flexlora"), 2.0)
 
 
 def test_a_rate_that_is_not_positive_is_refused():
