@@ -36,7 +36,9 @@ more than one seed, a summary per setting follows (``benchmarks/stats.py``): the
 tail answer accuracy as mean ± sd over the seeds, and the tail's paired difference from the
 same seed's centralized run ("no difference" within its spread). ``--job-flags`` passes more
 ``fedlora-sim`` flags to every federated job (e.g. ``--dp sample --epsilon 8``); its runs get
-their own folders (``--tag``).
+their own folders (``--tag``). ``--centralized-flags`` does the same for the centralized baseline
+(``--centralized-tag``): a setting chosen for the federated runs (a larger ``--lr``) is tried on
+the baseline too, so the comparison stays between two tuned runs.
 
 ``--public-fraction F`` splits SST-2's training file by source sentence (``benchmarks/splits.py``):
 the clients hold the private part and ``--init-data`` is the public part (for ``--public-steps``,
@@ -207,6 +209,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--job-flags", default="", help="more fedlora-sim flags for the federated jobs")
     p.add_argument("--tag", default="", help="suffix of the federated runs' folders (with --job-flags)")
+    p.add_argument("--centralized-flags", default="",
+                   help="more fedlora-sim flags for the centralized baseline (e.g. its own --lr)")
+    p.add_argument("--centralized-tag", default="", help="suffix of its folder (with --centralized-flags)")
     p.add_argument("--out", type=Path, default=Path("runs/llm-sft"))
     p.add_argument("--public-fraction", type=float, default=0.0,
                    help="share of SST-2's training sentences held out as the public --init-data file"
@@ -220,6 +225,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise SystemExit(f"unknown base {sorted(unknown)}; use {', '.join(BASES)}")
     if args.job_flags and not args.tag:
         raise SystemExit("--job-flags needs --tag: its runs must not reuse the plain runs' folders")
+    if args.centralized_flags and not args.centralized_tag:
+        raise SystemExit("--centralized-flags needs --centralized-tag: its run must not reuse the plain"
+                         " centralized run's folder")
     if not (args.sst2 / "train.tsv").is_file():
         raise SystemExit(f"SST-2 not found in {args.sst2} (train.tsv, dev.tsv); pass --sst2")
     return args
@@ -239,18 +247,20 @@ def run_centralized(args: argparse.Namespace, seed: int, flags: list[str], centr
     """Each base's centralized run of one seed (kept in ``central``); ``{base: final accuracy}``.
     With ``--no-centralized`` nothing runs, but a finished centralized run is still compared with."""
     per_round = args.local_steps * args.clients
+    tag = f"-{args.centralized_tag}" if args.centralized_tag else ""
     finals = {}
     for base in args.bases.split(","):
+        out = seed_root(args, seed) / f"centralized{base_suffix(base)}{tag}"
         if args.no_centralized:
-            rows = finished(seed_root(args, seed) / f"centralized{base_suffix(base)}", args.rounds)
+            rows = finished(out, args.rounds)
             finals.update({base: rows[-1]["answer_accuracy"]} if rows else {})
             continue
-        rows, peak = run(seed_root(args, seed) / f"centralized{base_suffix(base)}",
-                         [*flags, *BASES[base], "--num-clients", "1", "--local-steps", str(per_round)],
-                         args.rounds)
+        rows, peak = run(out, [*flags, *BASES[base], "--num-clients", "1", "--local-steps", str(per_round),
+                               *shlex.split(args.centralized_flags)], args.rounds)
         central.setdefault(base, []).append(rows)
         finals[base] = rows[-1]["answer_accuracy"]
-        name = f"centralized LoRA ({per_round} steps / round)" + ("" if base == "fp32" else f", {base} base")
+        name = (f"centralized LoRA ({per_round} steps / round)" + ("" if base == "fp32" else f", {base} base")
+                + (f" ({args.centralized_flags})" if args.centralized_flags else ""))
         print(row_line("union", f"{name}, seed {seed}", rows, peak, None), flush=True)
     return finals
 

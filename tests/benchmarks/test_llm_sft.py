@@ -134,3 +134,16 @@ def test_no_centralized_runs_none_but_compares_with_a_finished_one(calls, tmp_pa
     central.joinpath("metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
     assert llm_sft.main(argv) == 0
     assert "| **85.0%** | 85.0% |  |" in capsys.readouterr().out
+
+
+def test_centralized_flags_run_the_baseline_in_its_own_folder(calls, tmp_path, monkeypatch):
+    (tmp_path / "train.tsv").write_text("label\tsentence\n")
+    monkeypatch.setitem(FINAL, ("centralized-bf16-lr4e-3", 0), 0.9)
+    argv = ["--sst2", str(tmp_path), "--out", str(tmp_path / "out"), "--bases", "bf16", "--partitions", "iid",
+            "--strategies", "fedavg", "--centralized-flags", "--lr 4e-3", "--centralized-tag", "lr4e-3"]
+    assert llm_sft.main(argv) == 0
+    name, _, flags = calls[0]
+    assert name == "centralized-bf16-lr4e-3" and flags[-2:] == ["--lr", "4e-3"]
+    assert "--lr" not in calls[1][2]            # the federated run keeps the strategy's lr
+    with pytest.raises(SystemExit, match="--centralized-flags needs --centralized-tag"):
+        llm_sft.parse(argv[:-2])
