@@ -11,7 +11,9 @@ shared A, FedSA-LoRA's personal B in the global state) has ``x̄_t = x_{t-1}`` a
 is the strategy itself; ``η > 1`` extrapolates along the clients' mean update. Ten clients that
 each take 5 local steps move the global model about as far as one client's 5 steps, while a
 centralized run on the same examples takes 50: the server step scales the averaged
-(lower-variance) update instead of the clients' own steps.
+(lower-variance) update instead of the clients' own steps. Measured, it is no free gain: on
+SmolLM2's SST-2 SFT (FedAvg, 4 rounds of 5 steps) η = 2 was no better IID and 10 points worse under
+label skew, and η = 4 diverged (``benchmarks/RESULTS.md``, 2026-12-04).
 
 A strategy that folds its aggregate into the base (FLoRA, FedEx-LoRA) takes the same step in
 weight space, exactly: with ``W`` the model's weights (base, folds so far, live adapter), the

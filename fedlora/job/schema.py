@@ -149,8 +149,8 @@ class JobConfig:
                                  " lr·λ·θ each step; SGD: λθ added to the gradient)",
                                  group="strategy options")
     server_lr: float = option(1.0, "server learning rate η: the global state moves η times the clients'"
-                              " mean update (FedOpt's server step; 1: the strategy's aggregate; strategies"
-                              " that average factors)", group="strategy options")
+                              " mean update (FedOpt's server step; 1: the strategy's aggregate; folding"
+                              " strategies through a wider fold; not flexlora)", group="strategy options")
     precision: str = option("fp32", "bf16: store the frozen base in bfloat16 and autocast the forward"
                             " (adapters, optimizer and aggregation stay fp32)", group="strategy options",
                             choices=["fp32", "bf16"])
