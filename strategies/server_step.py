@@ -43,10 +43,8 @@ from .wrap import Wrapped
 
 
 def step(old: Tensor | None, new: Tensor, lr: float) -> Tensor:
-    """``old + lr (new − old)``; ``new`` where there is no old value of the same shape."""
-    if old is None or old.shape != new.shape:
-        return new
-    return old + lr * (new - old)
+    """``old + lr (new − old)``; ``new`` where there is no old value."""
+    return new if old is None else old + lr * (new - old)
 
 
 class ServerStep(Wrapped):
@@ -117,10 +115,6 @@ class ServerStep(Wrapped):
     def aggregate_mean(self, mean: ClientUpload, clients: int, state: GlobalState) -> Aggregate:
         """The wrapped aggregate of the clients' mean (secure aggregation), then the server's step."""
         return self.moved(self.inner.aggregate_mean(mean, clients, state), state)
-
-    def round_report(self) -> dict[str, object]:
-        """The inner columns (the step's own, ``server_lr``, is in the aggregate's metrics)."""
-        return self.inner.round_report()
 
     def describe(self) -> dict[str, object]:
         return {**self.inner.describe(), "server_lr": self.lr}
