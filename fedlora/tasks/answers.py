@@ -11,7 +11,10 @@ per metric.
   digits, so text in other scripts scores 0. ``rouge_l``.
 
 The default (``auto``) is ``exact`` for closed-set answers (label words, multiple-choice files)
-and ``rouge-l`` for free-form responses.
+and ``rouge-l`` for free-form responses. Closed-set answers also get :func:`balanced_accuracy`
+(``answer_balanced_accuracy``): the exact-match rate of each reference answer, averaged over the
+answers, so a model that gives one label to every question scores ``1 / labels`` however the labels
+are mixed (what a skewed federation's bias shows as).
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ AUTO = "auto"
 def normalize(text: str) -> str:
     """An answer as it is compared: lower case, single spaces, no surrounding punctuation."""
     return " ".join(text.lower().split()).strip(_PUNCT)
+
+
+def balanced_accuracy(answers: list[str], references: list[str]) -> float:
+    """The mean over the distinct (normalized) references of their answers' exact-match rate: the
+    mean per-class recall; 0 for no answers."""
+    hits: dict[str, list[bool]] = {}
+    for answer, reference in zip(answers, references, strict=True):
+        hits.setdefault(normalize(reference), []).append(normalize(answer) == normalize(reference))
+    return sum(sum(h) / len(h) for h in hits.values()) / max(len(hits), 1)
 
 
 def register_answer_metric(cls: type[AnswerMetric]) -> type[AnswerMetric]:

@@ -37,7 +37,14 @@ from torch import Tensor
 
 from fedlora.data.instructions import load_instructions
 from fedlora.errors import UserError
-from fedlora.tasks.answers import ANSWER_METRICS, AnswerMetric, Exact, answer_metric, normalize
+from fedlora.tasks.answers import (
+    ANSWER_METRICS,
+    AnswerMetric,
+    Exact,
+    answer_metric,
+    balanced_accuracy,
+    normalize,
+)
 from fedlora.tasks.base import EVALUATIONS, Evaluation, TokenLossTask, register_evaluation, register_task
 from fedlora.tasks.classic import columns
 from fedlora.tasks.decode import score_and_generate
@@ -85,7 +92,8 @@ class ChatFormat:
 class GenerationSet:
     """Held-out examples of an sft job, ready for :meth:`SFT.evaluate`, shortest prompt first:
     ``prompts`` and ``completions`` (token ids), ``answers`` (the reference responses),
-    ``metric`` (how an answer is scored: ``--metric``, or its default for the data)."""
+    ``metric`` (how an answer is scored: ``--metric``, or its default for the data), ``closed_set``
+(the answers come from a closed set: label words, multiple-choice files)."""
 
     prompts: list[list[int]]
     completions: list[list[int]]
@@ -94,6 +102,7 @@ class GenerationSet:
     max_new_tokens: int
     stop_ids: list[int] = field(default_factory=list)
     metric: AnswerMetric = field(default_factory=lambda: ANSWER_METRICS[Exact.name])
+    closed_set: bool = False
 
     @property
     def headline(self) -> str:
@@ -214,7 +223,7 @@ class SFT(TokenLossTask):
             prompts=[prompts[i] for i in order], completions=[completions[i] for i in order],
             answers=[ds.responses[i] for i in order], tokenizer=tokenizer, stop_ids=_stop_ids(tokenizer),
             max_new_tokens=cfg.max_new_tokens or max(len(c) for c in completions),
-            metric=answer_metric(cfg.metric, ds.choices is not None))
+            metric=answer_metric(cfg.metric, ds.choices is not None), closed_set=ds.choices is not None)
 
     def _batches(self, fm, data: GenerationSet, batch_size: int, limit: int | None = None):
         """``(reference nll (B,), reference tokens (B,), decoded greedy answers)`` per batch."""
@@ -236,7 +245,8 @@ class SFT(TokenLossTask):
 @register_evaluation
 class Generate(Evaluation):
     """``--eval generate``: greedy answers scored by ``--metric`` (and by exact match always, as
-    ``answer_accuracy``), beside the reference responses' perplexity."""
+    ``answer_accuracy``; closed-set answers add ``answer_balanced_accuracy``), beside the reference
+    responses' perplexity."""
 
     name = "generate"
     takes_metric = True
@@ -252,6 +262,8 @@ class Generate(Evaluation):
             count += float(tokens.sum())
             answers += batch
         scores = {m.column: m.mean(answers, data.answers) for m in (ANSWER_METRICS[Exact.name], data.metric)}
+        if data.closed_set:
+            scores["answer_balanced_accuracy"] = balanced_accuracy(answers, data.answers)
         mean = loss / max(count, 1.0)
         return {"accuracy": scores[data.headline], **scores, "loss": mean,
                 "perplexity": math.exp(min(mean, 50.0)), "eval_examples": len(answers)}

@@ -9,7 +9,7 @@ import pytest
 from fedlora.data.instructions import load_instructions
 from fedlora.errors import UserError
 from fedlora.tasks import ANSWER_METRICS
-from fedlora.tasks.answers import answer_metric
+from fedlora.tasks.answers import answer_metric, balanced_accuracy
 
 
 def _jsonl(path, rows):
@@ -87,6 +87,14 @@ def test_rouge_l_f1_by_hand():
     assert rouge.score("dog", "the cat sat") == 0.0
     assert rouge.mean(["police kill the gunman", "dog"], ["police killed the gunman", "cat"]) == \
         pytest.approx(3 / 8)
+
+
+def test_balanced_accuracy_averages_the_classes_recalls():
+    # "a": 2 of 2 right; "b": 1 of 3 right ("B." normalizes to "b"); "c": 0 of 1 -> (1 + 1/3 + 0) / 3
+    answers = ["a", "a", "B.", "a", "a", "b"]
+    references = ["a", "a", "b", "b", "b", "c"]
+    assert balanced_accuracy(answers, references) == pytest.approx(4 / 9)
+    assert balanced_accuracy([], []) == 0.0
 
 
 def test_exact_and_contains_compare_normalized_answers():

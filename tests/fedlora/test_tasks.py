@@ -175,6 +175,24 @@ def test_sft_evaluate_counts_normalized_answers(tiny_chat_llama_dir, chat_tok, m
     assert got["answer_accuracy"] == pytest.approx(2 / 3) and got["accuracy"] == got["answer_accuracy"]
     assert got["loss"] == pytest.approx(1.0) and got["perplexity"] == pytest.approx(m.e)
     assert got["eval_examples"] == 3
+    assert "answer_balanced_accuracy" not in got  # free-form references: no classes to balance
+
+
+def test_sft_evaluate_balances_closed_set_answers(tiny_chat_llama_dir, chat_tok, monkeypatch):
+    # Prepare: label-word data (3 positive, 1 negative) and a model that answers "positive" to all
+    from fedlora.tasks import sft as sft_module
+
+    words = ["positive", "negative"]
+    ds = TextDataset(["a", "b", "c", "d"], [1, 1, 1, 0], words, ["positive"] * 3 + ["negative"], [words] * 4)
+    data = get_task("sft").eval_set(chat_tok, ds, _sft())
+    said = chat_tok("positive", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(sft_module, "score_and_generate", lambda fm, prompts, *a: (
+        torch.ones(len(prompts)), torch.ones(len(prompts), dtype=torch.long), [said] * len(prompts)))
+    # Execute
+    got = get_task("sft").evaluate(_adapted_chat_model(tiny_chat_llama_dir), data, _sft(eval_batch_size=8))
+    # Assert: 3 of 4 right, but per class 3/3 and 0/1: balanced (1 + 0) / 2
+    assert got["answer_accuracy"] == pytest.approx(3 / 4)
+    assert got["answer_balanced_accuracy"] == pytest.approx(1 / 2)
 
 
 def test_logit_positions_are_those_before_a_labeled_token():
