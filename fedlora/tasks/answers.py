@@ -36,15 +36,6 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().split()).strip(_PUNCT)
 
 
-def balanced_accuracy(answers: list[str], references: list[str]) -> float:
-    """The mean over the distinct (normalized) references of their answers' exact-match rate: the
-    mean per-class recall; 0 for no answers."""
-    hits: dict[str, list[bool]] = {}
-    for answer, reference in zip(answers, references, strict=True):
-        hits.setdefault(normalize(reference), []).append(normalize(answer) == normalize(reference))
-    return sum(sum(h) / len(h) for h in hits.values()) / max(len(hits), 1)
-
-
 def register_answer_metric(cls: type[AnswerMetric]) -> type[AnswerMetric]:
     """Class decorator: register one instance of ``cls`` under ``cls.name``."""
     if cls.name in ANSWER_METRICS:
@@ -90,6 +81,16 @@ class Exact(AnswerMetric):
 
     def score(self, answer: str, reference: str) -> float:
         return float(normalize(answer) == normalize(reference))
+
+
+def balanced_accuracy(answers: list[str], references: list[str]) -> float:
+    """The mean over the distinct (normalized) references of their answers' :class:`Exact` score:
+    the mean per-class recall; 0 for no answers."""
+    exact = ANSWER_METRICS[Exact.name]
+    scores: dict[str, list[float]] = {}
+    for answer, reference in zip(answers, references, strict=True):
+        scores.setdefault(normalize(reference), []).append(exact.score(answer, reference))
+    return sum(sum(s) / len(s) for s in scores.values()) / max(len(scores), 1)
 
 
 @register_answer_metric

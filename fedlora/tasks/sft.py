@@ -93,7 +93,7 @@ class GenerationSet:
     """Held-out examples of an sft job, ready for :meth:`SFT.evaluate`, shortest prompt first:
     ``prompts`` and ``completions`` (token ids), ``answers`` (the reference responses),
     ``metric`` (how an answer is scored: ``--metric``, or its default for the data), ``closed_set``
-(the answers come from a closed set: label words, multiple-choice files)."""
+    (the answers come from a closed set: label words, multiple-choice files)."""
 
     prompts: list[list[int]]
     completions: list[list[int]]
