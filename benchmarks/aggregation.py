@@ -150,7 +150,7 @@ def init_bytes(args: argparse.Namespace) -> int:
 
 
 def _counts(k: int, gen: torch.Generator) -> list[int]:
-    return torch.randint(50, 500, (k,), generator=gen).tolist()
+    return torch.randint(50, 500, (k,), generator=gen, device=gen.device).tolist()
 
 
 def layer_names(n: int) -> list[str]:

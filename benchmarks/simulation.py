@@ -124,15 +124,17 @@ def stock_round(args, work: Path, env: dict) -> dict:
 
 def stock_missing() -> str | None:
     """Why the stock leg cannot run on Flower's simulation engine here (None if it can)."""
-    from fedlora.errors import UserError
-    from fedlora.server.launch import tool
-
+    if importlib.util.find_spec("ray") is None:
+        return "Ray is not installed"
+    try:
+        from fedlora.errors import UserError
+        from fedlora.server.launch import tool
+    except ImportError as exc:  # deployment's extras (the SuperLink's web stack) are absent
+        return f"fedlora's deployment cannot be imported ({exc})"
     try:
         tool("flwr")
     except UserError:
         return "no flwr command"
-    if importlib.util.find_spec("ray") is None:
-        return "Ray is not installed"
     return None
 
 

@@ -12,7 +12,15 @@ from bench_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 gpu_suite = load_script("gpu_suite")
-PARTS = ["simulation", "aggregation", "dp", "kernels", "pass-size", "smollm2-sft", "smollm2-sft-nf4"]
+PARTS = ["simulation", "aggregation", "dp", "kernels", "pass-size", "smollm2-sft", "smollm2-sft-nf4",
+         "aggregation-flexlora"]
+
+
+def test_the_dry_run_has_the_gpu_run_s_parts_in_its_order():
+    assert [pt.name for pt in gpu_suite.gpu_parts("lm")] == PARTS
+    assert [pt.name for pt in gpu_suite.dry_parts("lm")] == PARTS
+    gpu_scripts = [pt.argv[0] for pt in gpu_suite.gpu_parts("lm")]
+    assert gpu_scripts == [pt.argv[0] for pt in gpu_suite.dry_parts("lm")]
 
 
 def split_and_stage(tmp_path: Path, data: bytes, part_bytes: int) -> tuple[list[Path], Path]:

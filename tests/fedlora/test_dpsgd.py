@@ -142,6 +142,41 @@ def test_epsilon_matches_opacus_accountant_and_calibration_meets_the_target():
     assert 2.95 <= spent(sigma, 0.05, 200, 1e-5) <= 3.0
 
 
+def test_spent_is_opacus_rdp_epsilon_to_the_bit_from_one_step_s_rdp():
+    # Prepare: Opacus' accountant with the whole history in one entry, at several (σ, q, steps)
+    from opacus.accountants import RDPAccountant
+
+    from fedlora.privacy.accounting import RDP_ORDERS
+
+    assert RDP_ORDERS == RDPAccountant.DEFAULT_ALPHAS
+    for sigma, q, steps in [(1.1, 0.05, 37), (0.7, 0.25, 1), (2.3, 1.0, 400), (1.0, 1 / 12, 6)]:
+        acc = RDPAccountant()
+        acc.history = [(sigma, q, steps)]
+        # Execute / Assert: the cached one-step RDP times steps gives the same float
+        assert spent(sigma, q, steps, 1e-5) == acc.get_epsilon(delta=1e-5)
+
+
+def test_a_budget_checked_every_step_computes_one_step_s_rdp_once(monkeypatch):
+    # Prepare: count Opacus' RDP computations (about 0.2 s each: once per step and client, they
+    # were most of a DP step's time on a GPU)
+    import opacus.accountants.analysis.rdp as rdp
+
+    from fedlora.privacy import accounting
+
+    calls = []
+    real = rdp.compute_rdp
+    monkeypatch.setattr(rdp, "compute_rdp", lambda **kw: calls.append(kw) or real(**kw))
+    accounting._step_rdp.cache_clear()
+    budgets = [Budget(sigma=0.9, sample_rate=0.1, delta=1e-5, epsilon=50.0) for _ in range(3)]
+    # Execute: 40 checked steps of three clients with the same (σ, q)
+    for _ in range(40):
+        for b in budgets:
+            assert b.can_step()
+            b.step()
+    # Assert
+    assert len(calls) == 1 and calls[0]["steps"] == 1
+
+
 def test_budget_refuses_the_step_that_would_overspend():
     # Prepare: σ = 1, q = 1/12, δ = 1e-3: ε after 5 steps is 1.488, after 6 is 1.561
     b = Budget(sigma=1.0, sample_rate=1 / 12, delta=1e-3, epsilon=1.5)
