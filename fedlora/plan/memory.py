@@ -15,7 +15,7 @@ positions' logits are computed). All in bytes::
     adapter     = 4 × the slot's adapter and head numbers (LoRA r (d_in + d_out) per layer;
                   LoRA-SB r², its frozen A and B once per pass)
     gradients   = 4 × trainable numbers;  optimizer = 8 × trainable (AdamW), 4 × (SGD)
-    s           = N [8h + b(2a + 2kv) + 4 n_h + 3bm + b Σ_inputs d_in + b Σ_layers r (+ b(2h + a + m))]
+    s           = N [8h + b(2a + 2kv) + 4 n_h + g bm + b Σ_inputs d_in + b Σ_layers r (+ b(2h + a + m))]
     activations = (L + 1) s + 4Nh + logits            without gradient checkpointing
                 = L N (b h + e) + 2 s + 4Nh + logits  with it (e = b(2h + a + m) on an 8-bit base, else 0)
     logits      = B P V (b + 12)
@@ -23,26 +23,30 @@ positions' logits are computed). All in bytes::
 
 ``s`` is one block's tensors kept for the backward pass, counted op by op on LLaMA's block
 (RMSNorm, rotary attention, gated MLP, as in Mistral and Qwen2): each RMSNorm keeps an fp32 copy of
-its input; the attention keeps the rotated queries and keys, the values, its output and the
-log-sum-exp of each head; the MLP its gate, SiLU(gate) and up projections; LoRA the input of every
+its input (``8h``; a LayerNorm under the CPU's bf16 autocast keeps a bf16 one, ``2bh``, and each
+LayerNorm its mean and 1/std per token); the
+attention keeps the rotated queries and keys, the values, its output and the log-sum-exp of each
+head; the MLP its gate, SiLU(gate) and up projections (``g = 3``; an ungated MLP, BERT's or
+GPT-2's, only its activation's input: ``g = 1``); LoRA the input of every
 adapted layer (in fp32 the layers that read one tensor, q/k/v or gate/up, share it; under bf16
 autocast each keeps its own copy) and its ``x Aᵀ``; an 8-bit base the input of every 8-bit layer
 (4-bit and unquantized frozen layers keep none); bitsandbytes keeps those outside autograd's saved
 tensors, so checkpointing does not drop them (``e``). Without checkpointing every block's ``s`` is
 alive when the backward pass starts, plus one block's gradients (another ``s``); with it, each
 block's input, and one recomputed block with its gradients; ``4Nh`` is the final RMSNorm's fp32
-input. :func:`saved_bytes` (what autograd keeps when the forward pass ends) is tested against the
-tensors a real forward keeps, to 2%. ``logits``: the logits of the ``P``
-positions in the compute dtype, their fp32 log-softmax (kept for the backward pass) and the two
-fp32 gradients of the loss's backward. A quantized base also dequantizes one layer's weight at a
-time (``b × numel`` of the largest, once per pass). ``dp``: DP-SGD keeps every adapted layer's
-output gradient and every row's per-example gradient of each trainable tensor.
+input (a post-norm encoder has no final norm). :func:`saved_bytes` (what autograd keeps when the
+forward pass ends) is tested against the tensors a real forward keeps, to 2%. ``logits``: the
+logits of the ``P`` positions in the compute dtype, their fp32 log-softmax (kept for the backward
+pass) and the two fp32 gradients of the loss's backward. A quantized base also dequantizes one
+layer's weight at a time (``b × numel`` of the largest, once per pass). ``dp``: DP-SGD keeps every
+adapted layer's output gradient and every row's per-example gradient of each trainable tensor.
 
 This counts live tensors, what ``torch.cuda.max_memory_allocated`` measures. On the CPU the
 resident memory also holds what glibc's allocator keeps of freed blocks between live ones:
 :data:`CPU_OVERHEAD` of the blocks' ``L s``, fitted on SmolLM2-135M (``benchmarks/llm_memory.py``,
-``benchmarks/RESULTS.md``, 2026-12-02), added for ``--device cpu``. Other block types (an
-encoder's) are counted with the same terms: an approximation.
+``benchmarks/RESULTS.md``, 2026-12-02), added for ``--device cpu``. A BERT block (post-norm: its
+two LayerNorms keep their inputs, like the RMSNorms) is counted by the same terms with ``g = 1``
+(tested against a real forward, as LLaMA's); other block types are an approximation.
 """
 
 from __future__ import annotations
@@ -104,7 +108,10 @@ def block_bytes(shape: ModelShape, cfg: JobConfig) -> int:
     """``s / N``: one block's bytes kept for the backward pass per token (module docstring)."""
     dims, b = shape.dims(), compute_bytes(cfg)
     h, a, kv, m = dims["hidden"], dims["attention"], dims["kv"], dims["intermediate"]
-    per = 8 * h + b * (2 * a + 2 * kv + 3 * m) + 4 * dims["heads"]
+    nb = norm_bytes(shape, cfg)
+    per = 2 * nb * h + b * (2 * a + 2 * kv + mlp_tensors(shape) * m) + 4 * dims["heads"]
+    if not shape.rms_norm:
+        per += 2 * 2 * nb  # each LayerNorm's mean and 1/std per token
     inputs = {}
     for name, (_, d_in) in shape.layers.items():
         parent, _, short = name.rpartition(".")
@@ -116,6 +123,19 @@ def block_bytes(shape: ModelShape, cfg: JobConfig) -> int:
         shared = {k.rpartition(".")[2] for k in inputs} if b == 4 else set()
         per += int8_input_bytes(shape, cfg, shared)
     return int(per)
+
+
+def norm_bytes(shape: ModelShape, cfg: JobConfig) -> int:
+    """Bytes per element of the input each of a block's two norms keeps: fp32 for an RMSNorm (it
+    casts to fp32 itself) and for a LayerNorm under CUDA's autocast (which runs it in fp32); under
+    the CPU's bf16 autocast a LayerNorm runs, and keeps its input, in bf16."""
+    return 4 if shape.rms_norm or cfg.device.startswith("cuda") else compute_bytes(cfg)
+
+
+def mlp_tensors(shape: ModelShape) -> int:
+    """``g``: the ``m``-wide tensors a block's MLP keeps: a gated one its gate, the activation of
+    the gate and the up projection (3); an ungated one its activation's input (1)."""
+    return 3 if shape.gated_mlp else 1
 
 
 def int8_input_bytes(shape: ModelShape, cfg: JobConfig, shared: Collection[str] = ()) -> int:
@@ -201,7 +221,7 @@ class MemoryPlan:
 def saved_bytes(shape: ModelShape, cfg: JobConfig, response_tokens: int, checkpointing: bool) -> int:
     """What autograd keeps for the backward pass when one client's forward pass ends: every block's
     ``s`` (with checkpointing each block's input, ``N b h``, and an 8-bit base's layer inputs), the
-    final RMSNorm's fp32 input and the fp32 log-softmax of the ``P`` positions' logits."""
+    final norm's fp32 input (a model with one) and the fp32 log-softmax of the ``P`` positions' logits."""
     dims, b = shape.dims(), compute_bytes(cfg)
     n, layers = batch_rows(cfg) * cfg.max_length, dims["layers"]
     if checkpointing:  # each block's input, and what its 8-bit layers keep past the checkpoint
@@ -209,7 +229,8 @@ def saved_bytes(shape: ModelShape, cfg: JobConfig, response_tokens: int, checkpo
     else:
         blocks = layers * n * block_bytes(shape, cfg)
     logits = 4 * batch_rows(cfg) * logit_positions(cfg, response_tokens) * dims["vocab"]
-    return blocks + 4 * n * dims["hidden"] + logits
+    final = 4 * n * dims["hidden"] if shape.final_norm else 0
+    return blocks + final + logits
 
 
 def activation_bytes(shape: ModelShape, cfg: JobConfig, response_tokens: int, checkpointing: bool) -> int:

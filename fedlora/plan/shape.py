@@ -126,6 +126,24 @@ class ModelShape:
                 "layers": int(text.num_hidden_layers), "heads": heads, "attention": heads * head_dim,
                 "kv": kv_heads * head_dim, "vocab": int(text.vocab_size)}
 
+    @property
+    def gated_mlp(self) -> bool:
+        """Whether the blocks' MLP is gated (LLaMA's ``down(act(gate(x)) * up(x))``: a ``gate_proj``),
+        rather than ``down(act(up(x)))`` (BERT's and GPT-2's)."""
+        return any(t.name.rsplit(".", 2)[-2] in GATES for t in self.base if "." in t.name)
+
+    @property
+    def rms_norm(self) -> bool:
+        """Whether the blocks' norms are RMSNorms (LLaMA's kin: they compute in fp32 whatever the
+        autocast), rather than ``nn.LayerNorm`` (BERT's, GPT-2's)."""
+        return any("RMSNorm" in type(m).__name__ for m in self.fm.modules())
+
+    @property
+    def final_norm(self) -> bool:
+        """Whether a norm follows the last block (pre-norm LLaMA's ``norm``, GPT-2's ``ln_f``; a
+        post-norm encoder such as BERT has none)."""
+        return any(t.name.rsplit(".", 2)[-2] in FINAL_NORMS for t in self.base if "." in t.name)
+
     def input_groups(self) -> list[int]:
         """``d_in`` of each distinct tensor the adapted layers read: layers of one block in a group
         of :data:`SHARED_INPUTS` read one tensor, the others each their own."""
@@ -136,6 +154,12 @@ class ModelShape:
             groups.setdefault(f"{parent}.{group[0]}", d_in)
         return list(groups.values())
 
+
+#: The names of a gated MLP's gate projection (LLaMA, Mistral, Qwen2, Gemma; Phi-3's fused one).
+GATES = ("gate_proj", "gate_up_proj")
+
+#: The names of the norm after the last block (LLaMA and its kin, GPT-2, Phi, BLOOM).
+FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
 
 #: Config attributes that name the MLP's width, in the order they are tried: LLaMA's and BERT's,
 #: GPT-2's, OPT's, BART's, T5's, DistilBERT's, Falcon's.

@@ -93,12 +93,13 @@ def _held_by_8bit_layers(root, kept: dict[int, int]) -> None:
 def _kept_for_backward(cfg: JobConfig, response: int) -> int:
     """Bytes of the distinct storages a real one-client forward keeps for its backward pass: what
     autograd saves, and what 8-bit layers keep beside it."""
-    shape = build_shape(cfg)
-    fm, _, _ = build_model(cfg, [cfg.rank], shape.fm.config.plan)
+    labelled = cfg.task == "classification"
+    shape = build_shape(cfg, 3)
+    fm, _, _ = build_model(cfg, [cfg.rank], shape.fm.config.plan, num_labels=3 if labelled else None)
     task = get_task(cfg.task)
     rows = cfg.batch_size * task.rows_per_example  # a DPO pair is two rows
     ids = torch.randint(5, 1000, (rows, cfg.max_length), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
+    labels = torch.arange(rows) % 3 if labelled else ids.clone()
     if cfg.task in ("sft", "dpo"):
         labels[:, :cfg.max_length - response] = -100
     if cfg.task == "dpo":
@@ -131,6 +132,17 @@ def test_saved_activations_match_a_real_forward(tiny_llama_dir, task, precision,
     cfg = _job(tiny_llama_dir, task=task, precision=precision, target_modules=targets)
     planned = saved_bytes(build_shape(cfg), cfg, 3, checkpointing=False)
     assert planned == pytest.approx(_kept_for_backward(cfg, 3), rel=0.02)
+
+
+@pytest.mark.parametrize("precision, targets", [("fp32", None), ("bf16", ["query", "value", "output.dense"])])
+def test_an_encoder_s_saved_activations_match_a_real_forward(tiny_bert_dir, precision, targets):
+    # BERT's MLP is ungated: it keeps its GELU's input alone, where LLaMA's keeps gate, SiLU(gate), up
+    # (64 tokens a row, so that the per-row tensors of the pooler and head stay under 2%)
+    cfg = JobConfig(model=str(tiny_bert_dir), task="classification", batch_size=4, max_length=64, rank=4,
+                    precision=precision, target_modules=targets)
+    assert not build_shape(cfg, 3).gated_mlp
+    planned = saved_bytes(build_shape(cfg, 3), cfg, 1, checkpointing=False)
+    assert planned == pytest.approx(_kept_for_backward(cfg, 1), rel=0.02)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
