@@ -19,7 +19,9 @@ The centralized baseline is one client holding every phrase and taking 10 × 10 
 round, so it sees as many examples per round as the ten clients together; it runs on each of
 ``--bases``, and every federated row is compared with the one on its own base. Each run is its own
 process (``fedlora-sim``); its peak resident memory is read from the kernel. Finished runs
-(a complete ``metrics.jsonl``) are reused, so the script can be stopped and started again. Runs of
+(a complete ``metrics.jsonl``) are reused, so the script can be stopped and started again;
+``--finished-only`` runs nothing and prints what is finished (its summary pairs each run with the
+same seed's centralized run, so a seed still missing leaves a hole, not a misaligned pair). Runs of
 another schedule (``--rounds``, ``--local-steps``, ``--clients``) go under
 ``rounds{R}-steps{S}-clients{K}``, and a folder that holds a finished run of more rounds is refused,
 never overwritten.
@@ -140,12 +142,17 @@ def finished(out: Path, rounds: int) -> list[dict] | None:
     return rows if rows and rows[-1]["round"] == rounds else None
 
 
-def run(out: Path, flags: list[str], rounds: int) -> tuple[list[dict], int | None]:
-    """``(metric rows, peak RSS)`` of one run, reusing a finished one."""
+def run(out: Path, flags: list[str], rounds: int, finished_only: bool = False
+        ) -> tuple[list[dict] | None, int | None]:
+    """``(metric rows, peak RSS)`` of one run, reusing a finished one; ``(None, None)`` for an
+    unfinished one with ``finished_only`` (nothing runs)."""
     peak = out / "peak_rss.json"
     rows = finished(out, rounds)
     if rows is not None:
         return rows, json.loads(peak.read_text())["peak_rss"] if peak.is_file() else None
+    if finished_only:
+        print("not finished, left out:", out, file=sys.stderr, flush=True)
+        return None, None
     cmd = [sys.executable, __file__, "--child", *flags, "--out", str(out), "--overwrite"]
     print("running:", out.name, file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -173,16 +180,19 @@ def row_line(setting: str, name: str, rows: list[dict], peak: int | None, centra
             f" {train:.0f} + {ev:.0f} | {mem} |")
 
 
-def summary(runs: dict[tuple[str, str, str], list[list[dict]]], central: dict[str, list[list[dict]]]
+def summary(runs: dict[tuple[str, str, str], dict[int, list[dict]]], central: dict[str, dict[int, list[dict]]]
             ) -> list[str]:
-    """One line per (setting, run) over the seeds: final and tail mean ± sd, tail vs the centralized
-    runs on the same base (paired by seed); a personal strategy's clients' own models beside it."""
+    """One line per (setting, run) over its seeds: final and tail mean ± sd, tail vs the centralized
+    runs on the same base (paired by seed; "—" unless every seed has one); a personal strategy's
+    clients' own models beside it."""
     lines = ["| setting | run | seeds | final | tail | tail vs centralized |",
              "|---|---|---:|---:|---:|---:|"]
-    for (setting, name, base), seeds in runs.items():
-        central_tails = [tail_mean(rows, "answer_accuracy") for rows in central.get(base, [])]
+    for (setting, name, base), by_seed in runs.items():
+        seeds = [by_seed[s] for s in sorted(by_seed)]
+        paired = [central.get(base, {}).get(s) for s in sorted(by_seed)]
         tails = [tail_mean(rows, "answer_accuracy") for rows in seeds]
-        vs = difference(tails, central_tails) if len(central_tails) == len(tails) else "—"
+        vs = ("—" if None in paired else
+              difference(tails, [tail_mean(rows, "answer_accuracy") for rows in paired]))
         finals = [rows[-1]["answer_accuracy"] for rows in seeds]
         if all("personal_accuracy" in rows[-1] for rows in seeds):
             name += f" (clients' own models: {mean_sd([rows[-1]['personal_accuracy'] for rows in seeds])})"
@@ -218,6 +228,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         " (split by source sentence; 0: no public file, the clients hold every phrase)")
     p.add_argument("--validation-fraction", type=float, default=0.1,
                    help="share of the training sentences held out for --eval-on validation")
+    p.add_argument("--finished-only", action="store_true",
+                   help="run nothing: print the finished runs and their summary, leave out the rest")
     p.add_argument("--eval-on", choices=("dev", "validation"), default="dev",
                    help="score on dev (the final table) or on the validation part (choosing settings)")
     args = p.parse_args(argv)
@@ -256,8 +268,10 @@ def run_centralized(args: argparse.Namespace, seed: int, flags: list[str], centr
             finals.update({base: rows[-1]["answer_accuracy"]} if rows else {})
             continue
         rows, peak = run(out, [*flags, *BASES[base], "--num-clients", "1", "--local-steps", str(per_round),
-                               *shlex.split(args.centralized_flags)], args.rounds)
-        central.setdefault(base, []).append(rows)
+                               *shlex.split(args.centralized_flags)], args.rounds, args.finished_only)
+        if rows is None:
+            continue
+        central.setdefault(base, {})[seed] = rows
         finals[base] = rows[-1]["answer_accuracy"]
         name = (f"centralized LoRA ({per_round} steps / round)" + ("" if base == "fp32" else f", {base} base")
                 + (f" ({args.centralized_flags})" if args.centralized_flags else ""))
@@ -282,11 +296,13 @@ def run_seed(args: argparse.Namespace, seed: int, runs: dict, central: dict) -> 
                        *(["--personal-test-fraction", str(PERSONAL_FRACTION)]
                          if REGISTERED[strategy].adapter_plan.keep else []),
                        *shlex.split(args.job_flags)]
-                rows, peak = run(out, job, args.rounds)
+                rows, peak = run(out, job, args.rounds, args.finished_only)
+                if rows is None:
+                    continue
                 name = (strategy if base == "fp32" else f"{strategy}, {base} base") + (
                     f" ({args.job_flags})" if args.job_flags else "")
                 setting = f"{args.clients} clients, {partition}"
-                runs.setdefault((setting, name, base), []).append(rows)
+                runs.setdefault((setting, name, base), {})[seed] = rows
                 print(row_line(setting, f"{name}, seed {seed}", rows, peak, central_acc.get(base)),
                       flush=True)
 
@@ -299,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| setting | run | answer acc per round (0 = before) | final | tail | vs centralized | final ppl |"
           " s / round (train + eval) | peak RSS |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-    runs: dict[tuple[str, str, str], list[list[dict]]] = {}
-    central: dict[str, list[list[dict]]] = {}
+    runs: dict[tuple[str, str, str], dict[int, list[dict]]] = {}
+    central: dict[str, dict[int, list[dict]]] = {}
     seeds = [int(s) for s in args.seeds.split(",")]
     for seed in seeds:
         run_seed(args, seed, runs, central)

@@ -25,8 +25,10 @@ def calls(monkeypatch):
     """Every run the script asks for, as ``(folder name, seed, flags)``; each returns rows by hand."""
     seen = []
 
-    def fake_run(out, flags, rounds):
+    def fake_run(out, flags, rounds, finished_only=False):
         seed = int(flags[flags.index("--seed") + 1])
+        if finished_only and (out.name, seed) not in FINAL:  # a run not finished: left out
+            return None, None
         seen.append((out.name, seed, flags))
         final = FINAL[out.name, seed]
         rows = [{"round": r, "answer_accuracy": a, "perplexity": 1.2, "train_seconds": 1.0,
@@ -147,3 +149,18 @@ def test_centralized_flags_run_the_baseline_in_its_own_folder(calls, tmp_path, m
     assert "--lr" not in calls[1][2]            # the federated run keeps the strategy's lr
     with pytest.raises(SystemExit, match="--centralized-flags needs --centralized-tag"):
         llm_sft.parse(argv[:-2])
+
+
+def test_finished_only_leaves_out_a_missing_run_and_pairs_the_rest_by_seed(calls, tmp_path, capsys,
+                                                                           monkeypatch):
+    # Prepare: seed 1's FedAvg run is not finished
+    (tmp_path / "train.tsv").write_text("label\tsentence\n")
+    monkeypatch.delitem(FINAL, ("iid-fedavg-bf16", 1))
+    argv = ["--sst2", str(tmp_path), "--out", str(tmp_path / "out"), "--bases", "bf16", "--partitions", "iid",
+            "--strategies", "fedavg", "--seeds", "0,1", "--finished-only"]
+    # Execute
+    assert llm_sft.main(argv) == 0
+    # Assert: FedAvg's summary holds seed 0 alone, paired with seed 0's centralized run (85 − 86)
+    out = capsys.readouterr().out
+    assert [name for name, _, _ in calls] == ["centralized-bf16", "iid-fedavg-bf16", "centralized-bf16"]
+    assert "| 10 clients, iid | fedavg, bf16 base | 1 | 85.0% | 85.0% | no difference (-1.0 pts) |" in out
