@@ -2,6 +2,7 @@
 
     python benchmarks/quant_error.py [--rows 200] [--ranks 8,32] [--threads 2]
     python benchmarks/quant_error.py --sensitivity [--kl-rows 50]   # which layers the KL comes from
+    python benchmarks/quant_error.py --write-base nf4-aw8 runs/smollm2-nf4-aw8  # a base for --model
 
 SmolLM2-135M-Instruct's linear layers (every ``nn.Linear`` but the tied LM head, as ``--quantize``
 replaces them) are rounded to a code and decoded back to float32, then the model answers SST-2
@@ -44,13 +45,32 @@ from fedlora.models.hub import resolve_model_path
 Weights = dict[str, Tensor]
 
 
-def validation_rows(out: Path, n: int, calibration: int, seed: int = 0) -> tuple[list, list]:
-    """``n`` scored rows and ``calibration`` other rows of 8+ words from SST-2's validation part."""
+def validation_rows(out: Path, n: int, calibration: int, seed: int = 0, part: str = "validation"
+                    ) -> tuple[list, list]:
+    """``n`` scored rows and ``calibration`` other rows of 8+ words from one part of SST-2's split
+    (``llm_sft.py --eval-on validation``'s: no public part, 10% validation, seed 0)."""
     parts = split_file(SST2 / "train.tsv", out, {"public": 0.0, "validation": 0.1}, seed=0)
-    with parts["validation"].open() as fh:
+    with parts[part].open() as fh:
         rows = [r for r in csv.DictReader(fh, delimiter="\t") if len(r["sentence"].split()) >= 8]
     random.Random(seed).shuffle(rows)
     return rows[:n], rows[n:n + calibration]
+
+
+def write_base(model, tok, weights: Weights, scales: Weights, kind: str, folder: Path) -> None:
+    """Save SmolLM2 with its coded weights (``nf4``, or ``nf4-awR``: NF4 plus the activation-weighted
+    rank-R correction, merged) as a model folder that ``--model`` takes: the accuracy a 4-bit base
+    (and its correction) costs an SFT job, on a bf16 base that holds the decoded values."""
+    if kind == "nf4":
+        coded = {n: four_bit(w, "nf4", 64) for n, w in weights.items()}
+    elif kind.startswith("nf4-aw") and kind[6:].isdigit():
+        rank = int(kind[6:])
+        coded = {n: corrected(w, four_bit(w, "nf4", 64), rank, scales[n]) for n, w in weights.items()}
+    else:
+        raise SystemExit(f"--write-base {kind}: use nf4 or nf4-awR (R the correction's rank)")
+    load(model, coded)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    load(model, weights)
 
 
 def linear_weights(model) -> Weights:
@@ -185,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", default="8,32", help="ranks of the error corrections")
     p.add_argument("--kl-rows", type=int, default=50, help="prompts the KL is taken over")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--write-base", nargs=2, metavar=("KIND", "FOLDER"),
+                   help="instead: save SmolLM2 coded as KIND (nf4, nf4-awR) to FOLDER, for --model")
     p.add_argument("--sensitivity", action="store_true",
                    help="instead: the KL with one group of layers (a projection type, a block) in nf4")
     p.add_argument("--out", type=Path, default=Path("runs/quant-error"), help="where the split is written")
@@ -205,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     batches, labels = [encode(r) for r in rows], [int(r["label"]) for r in rows]
     label_ids = [tok.encode(w, add_special_tokens=False)[0] for w in ("negative", "positive")]
     weights = linear_weights(model)
+    if args.write_base:  # calibrated on the clients' part of the split, not on the rows it is scored on
+        _, private = validation_rows(args.out, 0, 32, part="private")
+        scales = input_scales(model, [encode(r) for r in private], set(weights))
+        write_base(model, tok, weights, scales, args.write_base[0], Path(args.write_base[1]))
+        print(f"wrote {args.write_base[0]} SmolLM2 to {args.write_base[1]}")
+        return 0
     scales = input_scales(model, [encode(r) for r in calibration], set(weights))
     kl_batches = batches[:args.kl_rows]
     reference = [log_probs(model, b).to(torch.bfloat16) for b in kl_batches]   # the uncoded model's

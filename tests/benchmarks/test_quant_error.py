@@ -48,3 +48,11 @@ def test_groups_are_projection_types_and_blocks():
         "down_proj": ["model.layers.0.mlp.down_proj"],
         "block 0": ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"],
         "block 1": ["model.layers.1.self_attn.q_proj"]}
+
+
+def test_write_base_refuses_an_unknown_code_in_one_line(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="use nf4 or nf4-awR"):
+        quant_error.write_base(None, None, {}, {}, "int3", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
