@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from bench_scripts import load_script
 
@@ -51,8 +52,6 @@ def test_groups_are_projection_types_and_blocks():
 
 
 def test_write_base_refuses_an_unknown_code_in_one_line(tmp_path):
-    import pytest
-
     with pytest.raises(SystemExit, match="use nf4 or nf4-awR"):
         quant_error.write_base(None, None, {}, {}, "int3", tmp_path / "x")
     assert not (tmp_path / "x").exists()
