@@ -297,6 +297,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     p.add_argument("--strategies", default=",".join(STRATEGIES),
                    help=f"comma-separated, from {', '.join(STRATEGIES)}")
+    p.add_argument("--skip", default="", help="comma-separated strategies left out of --strategies")
     p.add_argument("--flora-round", choices=["first", "later"], default="later",
                    help="FLoRA: round 1 (nothing merged) or a later round (merged rank min(d, K·r))")
     p.add_argument("--no-split", dest="split", action="store_false",
@@ -309,9 +310,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.small:
         args.clients, args.dim, args.rank, args.layers = 10, 512, 16, 4
-    unknown = [s for s in args.strategies.split(",") if s not in STRATEGIES]
+    skip = [s for s in args.skip.split(",") if s]
+    unknown = [s for s in args.strategies.split(",") + skip if s not in STRATEGIES]
     if unknown:
         p.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    args.strategies = ",".join(s for s in args.strategies.split(",") if s not in skip)
     if args.repeat < 1 or args.warmup < 0:
         p.error("--repeat must be ≥ 1 and --warmup ≥ 0")
     return args

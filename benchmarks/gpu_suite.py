@@ -193,16 +193,12 @@ class Part:
     fallback: list[str] = field(default_factory=list)
 
 
-#: Every strategy but FlexLoRA (its own part, last: its SVDs take minutes at full size).
-FAST_AGG = "fedavg,flora,fedex-lora,fedsa-lora,ffa-lora,lora-fair,rolora,fed-sb"
-
-
 def gpu_parts(lm: str) -> list[Part]:
     sim = ["simulation.py", "--device", "cuda", "--clients", "100", "--rounds", "2", "--local-steps", "5",
            "--client-gpus", "0.1"]
     return [
         Part("simulation", sim, 150, fallback=[*sim, "--stock-parts", "3"]),
-        Part("aggregation", ["aggregation.py", "--device", "cuda", "--strategies", FAST_AGG], 150),
+        Part("aggregation", ["aggregation.py", "--device", "cuda", "--skip", "flexlora"], 150),
         Part("dp", ["dp.py", "--device", "cuda", "--steps", "5", "--warmup", "2"], 75),
         Part("kernels", ["lora_kernels.py", "--device", "cuda", "--clients", "32"], 90),
         Part("pass-size", ["pass_size.py", "--device", "cuda", "--clients", "1,8,32", "--batch-size", "16",
@@ -212,8 +208,9 @@ def gpu_parts(lm: str) -> list[Part]:
         Part("smollm2-sft-nf4", ["pass_size.py", "--device", "cuda", "--task", "sft", "--model", lm,
                                  "--clients", "1,4", "--batch-size", "8", "--tokens", "256", "--precision",
                                  "bf16", "--quantize", "nf4"], 60),
-        # last: FlexLoRA's stacked rank (100 × 64) exceeds d = 4096, so each layer takes a 4096² float64
-        # SVD; on 2026-12-04 it did not finish 4 rounds in the 125 s the other strategies left it
+        # every strategy but FlexLoRA above; it comes last: its stacked rank (100 × 64) exceeds
+        # d = 4096, so each layer takes a 4096² float64 SVD; on 2026-12-04 it did not finish 4 rounds
+        # in the 125 s the other strategies left it
         Part("aggregation-flexlora", ["aggregation.py", "--device", "cuda", "--strategies", "flexlora",
                                       "--repeat", "1", "--warmup", "0"], 150),
     ]
@@ -225,7 +222,7 @@ def dry_parts(lm: str) -> list[Part]:
         Part("simulation", ["simulation.py", "--device", "cpu", "--clients", "2", "--rounds", "1",
                             "--local-steps", "1", "--batch-size", "2", "--max-length", "16", "--stock-parts",
                             "1"], 240),
-        Part("aggregation", ["aggregation.py", "--small", "--device", "cpu", "--strategies", FAST_AGG,
+        Part("aggregation", ["aggregation.py", "--small", "--device", "cpu", "--skip", "flexlora",
                              "--repeat", "1", "--warmup", "0"], 240),
         Part("dp", ["dp.py", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch-size", "2",
                     "--max-length", "16", "--clients", "2"], 240),

@@ -217,15 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_model_path("smollm2")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
-    rows, calibration = validation_rows(args.out, args.rows, 32)
 
     def encode(r: dict) -> dict:
         text = tok.apply_chat_template([{"role": "user", "content": PROMPT.format(text=r["sentence"])}],
                                        tokenize=False, add_generation_prompt=True)
         return dict(tok(text, return_tensors="pt", add_special_tokens=False))
 
-    batches, labels = [encode(r) for r in rows], [int(r["label"]) for r in rows]
-    label_ids = [tok.encode(w, add_special_tokens=False)[0] for w in ("negative", "positive")]
     weights = linear_weights(model)
     if args.write_base:  # calibrated on the clients' part of the split, not on the rows it is scored on
         _, private = validation_rows(args.out, 0, 32, part="private")
@@ -233,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         write_base(model, tok, weights, scales, args.write_base[0], Path(args.write_base[1]))
         print(f"wrote {args.write_base[0]} SmolLM2 to {args.write_base[1]}")
         return 0
+    rows, calibration = validation_rows(args.out, args.rows, 32)
+    batches, labels = [encode(r) for r in rows], [int(r["label"]) for r in rows]
+    label_ids = [tok.encode(w, add_special_tokens=False)[0] for w in ("negative", "positive")]
     scales = input_scales(model, [encode(r) for r in calibration], set(weights))
     kl_batches = batches[:args.kl_rows]
     reference = [log_probs(model, b).to(torch.bfloat16) for b in kl_batches]   # the uncoded model's

@@ -126,23 +126,27 @@ class ModelShape:
                 "layers": int(text.num_hidden_layers), "heads": heads, "attention": heads * head_dim,
                 "kv": kv_heads * head_dim, "vocab": int(text.vocab_size)}
 
-    @property
+    def _has_module(self, names: tuple[str, ...]) -> bool:
+        """Whether a base tensor belongs to a module called one of ``names`` (its last name part)."""
+        return any(t.name.rsplit(".", 2)[-2] in names for t in self.base if "." in t.name)
+
+    @functools.cached_property
     def gated_mlp(self) -> bool:
         """Whether the blocks' MLP is gated (LLaMA's ``down(act(gate(x)) * up(x))``: a ``gate_proj``),
         rather than ``down(act(up(x)))`` (BERT's and GPT-2's)."""
-        return any(t.name.rsplit(".", 2)[-2] in GATES for t in self.base if "." in t.name)
+        return self._has_module(GATES)
 
-    @property
+    @functools.cached_property
     def rms_norm(self) -> bool:
         """Whether the blocks' norms are RMSNorms (LLaMA's kin: they compute in fp32 whatever the
         autocast), rather than ``nn.LayerNorm`` (BERT's, GPT-2's)."""
         return any("RMSNorm" in type(m).__name__ for m in self.fm.modules())
 
-    @property
+    @functools.cached_property
     def final_norm(self) -> bool:
         """Whether a norm follows the last block (pre-norm LLaMA's ``norm``, GPT-2's ``ln_f``; a
         post-norm encoder such as BERT has none)."""
-        return any(t.name.rsplit(".", 2)[-2] in FINAL_NORMS for t in self.base if "." in t.name)
+        return self._has_module(FINAL_NORMS)
 
     def input_groups(self) -> list[int]:
         """``d_in`` of each distinct tensor the adapted layers read: layers of one block in a group

@@ -30,9 +30,6 @@ from torch import nn
 
 from fedlora.errors import UserError
 
-#: The RDP orders ε is minimised over: ``RDPAccountant.DEFAULT_ALPHAS`` (a test checks they agree).
-RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
-
 
 class GaussianNoise:
     """Standard normal draws for one DP release.
@@ -81,20 +78,24 @@ def spent(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
         return 0.0
     import warnings
 
+    from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
+    rdp = _step_rdp(sigma, sample_rate) * steps
     with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is still valid
         warnings.simplefilter("ignore", UserWarning)
-        eps, _ = get_privacy_spent(orders=RDP_ORDERS, rdp=_step_rdp(sigma, sample_rate) * steps, delta=delta)
+        eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
     return float(eps)
 
 
 @functools.lru_cache(maxsize=1024)
 def _step_rdp(sigma: float, sample_rate: float) -> np.ndarray:
-    """One subsampled Gaussian step's RDP at each of :data:`RDP_ORDERS`."""
+    """One subsampled Gaussian step's RDP at each of the accountant's orders (``DEFAULT_ALPHAS``)."""
+    from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=RDP_ORDERS))
+    return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1,
+                                  orders=RDPAccountant.DEFAULT_ALPHAS))
 
 
 @dataclass
