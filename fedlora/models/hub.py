@@ -286,8 +286,12 @@ def _check_quantized(model: nn.Module, name: str, quantize: str) -> None:
     faster, but non-differentiable, kernel: fedlora keeps the base in eval mode while training)."""
     quantized = [m for m in model.modules() if is_quantized(m)]
     if not quantized:
+        kinds = sorted({type(m).__name__ for m in model.modules()
+                        if isinstance(m, nn.Linear) and type(m) is not nn.Linear})
+        why = (f"; its layers are {', '.join(kinds)}, subclasses of nn.Linear that transformers' loader"
+               " leaves unquantized" if kinds else "")
         raise UserError(f"--quantize {quantize}: bitsandbytes replaced no linear layer of {name}"
-                        " (it quantizes nn.Linear layers but the heads): drop --quantize")
+                        f" (it quantizes nn.Linear layers but the heads{why}): drop --quantize")
     for m in quantized:
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
@@ -352,7 +356,10 @@ def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 
             model = auto.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load model from {str(path)!r}: {_first_line(exc)}") from exc
+            hint = ("; transformers has no sequence-classification class for it: use --task sft with"
+                    " --label-words" if kind == "sequence-classification"
+                    and "AutoModelForSequenceClassification" in str(exc) else "")
+            raise UserError(f"cannot load model from {str(path)!r}: {_first_line(exc)}{hint}") from exc
     if quantize != "none":
         _check_quantized(model, name, quantize)
     if tokenizer.pad_token is None:

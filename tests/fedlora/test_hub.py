@@ -64,6 +64,37 @@ def test_bf16_base_keeps_adapters_and_heads_in_fp32(tiny_bert_dir):
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
 
 
+def _tiny(path, tokenizer_dir, config_name, model_name, **sizes):
+    """Save a random ``model_name`` (transformers' class) of ``sizes`` in ``path``, with the tokenizer
+    of ``tokenizer_dir``."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = getattr(transformers, config_name)(vocab_size=tok.vocab_size, **sizes)
+    torch.manual_seed(0)
+    getattr(transformers, model_name)(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_models_transformers_cannot_load_as_asked_are_refused_with_the_way_out(tiny_llama_dir, tmp_path):
+    # Falcon's layers are FalconLinear, a subclass of nn.Linear transformers' bitsandbytes loader skips
+    falcon = _tiny(tmp_path / "falcon", tiny_llama_dir, "FalconConfig", "FalconForCausalLM", hidden_size=16,
+                   num_hidden_layers=1, num_attention_heads=2)
+    pytest.importorskip("bitsandbytes")
+    with pytest.raises(UserError, match="bitsandbytes replaced no linear layer") as err:
+        load_model(falcon, "causal-lm", quantize="nf4")
+    assert "its layers are FalconLinear, subclasses of nn.Linear" in str(err.value)
+    assert str(err.value).endswith("drop --quantize") and "\n" not in str(err.value)
+    # Granite has a causal LM class and no sequence-classification one
+    granite = _tiny(tmp_path / "granite", tiny_llama_dir, "GraniteConfig", "GraniteForCausalLM",
+                    hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                    intermediate_size=32)
+    with pytest.raises(UserError, match="^cannot load model from ") as err:
+        load_model(granite, "sequence-classification", num_labels=2)
+    assert str(err.value).endswith("use --task sft with --label-words") and "\n" not in str(err.value)
+
+
 @pytest.mark.slow
 def test_a_classifier_with_another_number_of_labels_gets_a_new_head_said_in_one_line(tiny_bert_dir, capfd):
     # Prepare: the tiny BERT is a saved 3-label classifier
