@@ -9,6 +9,7 @@ Tokenisation belongs to the tasks (``fedlora.tasks``).
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,16 +96,31 @@ def load_file(path: str | Path, text_column: str = "text",
     columns = list(rows[0].keys())
     for col, what in ((text_column, "text"), (label_column, "label")):
         if col is not None and col not in rows[0]:
+            guess = _closest(col, columns, rows, what)
             raise UserError(f"{what} column {col!r} is not in {path.name} (columns: "
-                            f"{', '.join(columns)}); pass --{what}-column")
+                            f"{', '.join(columns)}); pass --{what}-column {guess}")
     texts = [str(r[text_column]) for r in rows]
     if label_column is None:
         return TextDataset(texts, None, [])
+    missing = [i for i, r in enumerate(rows) if r[label_column] is None or str(r[label_column]).strip() == ""]
+    if missing:
+        raise UserError(f"{len(missing)} row(s) of {path.name} have no {label_column!r} (the first is data"
+                        f" row {missing[0] + 1}): fill in their labels or drop those rows")
     raw = [str(r[label_column]) for r in rows]
     numeric = all(v.lstrip("-").isdigit() for v in raw)
     names = sorted(set(raw), key=int) if numeric else sorted(set(raw))
     index = {v: i for i, v in enumerate(names)}
     return TextDataset(texts, [index[v] for v in raw], names)
+
+
+def _closest(name: str, columns: list[str], rows: list[dict], what: str) -> str:
+    """The column ``name`` most likely means: the same name in other case, else the closest spelling,
+    else (a ``text`` column) the column of the longest values in the first rows, else ``NAME``."""
+    same = [c for c in columns if c.lower() == name.lower()]
+    close = difflib.get_close_matches(name, columns, n=1)
+    if what == "text" and not (same or close) and columns:
+        return max(columns, key=lambda c: sum(len(str(r.get(c) or "")) for r in rows[:50]))
+    return (same or close or ["NAME"])[0]
 
 
 def load_dataset(spec: str, text_column: str = "text", label_column: str | None = "label") -> TextDataset:

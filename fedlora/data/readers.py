@@ -3,7 +3,8 @@
 A form is a :class:`Reader` in :data:`READERS`, found by the end of a file's name or by the file
 that marks a folder:
 
-* ``.csv`` / ``.tsv``: a header line, then a row per line (every value is text);
+* ``.csv`` / ``.tsv``: a header line, then a row per line (every value is text; a UTF-8 byte-order
+  mark, as spreadsheets write one, is dropped);
 * ``.jsonl`` (or ``.json``): a JSON object per line, or one JSON array of objects (``alpaca_data.json``,
   ``datasets``' ``to_json(lines=False)``); ``.jsonl.gz`` (or ``.json.gz``): the same, gzip-compressed;
 * ``.parquet``: a Parquet file (pyarrow);
@@ -82,12 +83,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _delimited_rows(path: Path, delimiter: str) -> Rows:
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         return list(csv.DictReader(fh, delimiter=delimiter))
 
 
 def _delimited_cells(path: Path, delimiter: str) -> list[list[str]]:
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         return [r for r in csv.reader(fh, delimiter=delimiter) if r]
 
 

@@ -41,6 +41,39 @@ def test_missing_column_and_file_errors_are_one_line(tmp_path):
         load_file(tmp_path / "x.xlsx")
 
 
+def test_a_spreadsheet_csv_with_a_byte_order_mark_reads_its_first_column_by_name(tmp_path):
+    f = tmp_path / "excel.csv"
+    f.write_bytes("text,label\r\ngood,1\r\nbad,0\r\n".encode("utf-8-sig"))
+    ds = load_file(f)
+    assert ds.texts == ["good", "bad"] and ds.labels == [1, 0]
+
+
+def test_a_missing_column_names_the_one_meant(tmp_path):
+    # Prepare: the text is under another case, another name, or a near spelling
+    upper, review, typo = tmp_path / "u.csv", tmp_path / "r.tsv", tmp_path / "t.csv"
+    upper.write_text("Text,Label\nhi,0\n")
+    review.write_text("label\tid\treview\n1\t7\ta long review text\n0\t8\tanother one\n")
+    typo.write_text("text,lable\nhi,0\n")
+    # Execute / Assert
+    with pytest.raises(UserError, match=r"text column 'text' is not in u.csv .*; pass --text-column Text$"):
+        load_file(upper)
+    with pytest.raises(UserError, match=r"pass --text-column review$"):    # the longest values
+        load_file(review)
+    with pytest.raises(UserError, match=r"label column 'label' .*; pass --label-column lable$"):
+        load_file(typo)
+
+
+@pytest.mark.parametrize("body", ["text,label\na,0\nb,\nc,1\nd, \n",
+                                  '{"text": "a", "label": 0}\n{"text": "b", "label": null}\n'
+                                  '{"text": "c", "label": 1}\n{"text": "d", "label": ""}\n'])
+def test_rows_without_a_label_are_refused_not_made_a_class(tmp_path, body):
+    f = tmp_path / ("d.csv" if body.startswith("text") else "d.jsonl")
+    f.write_text(body)
+    with pytest.raises(UserError, match=r"^2 row\(s\) of d\.\w+ have no 'label' \(the first is data row 2\): "
+                                        r"fill in their labels or drop those rows$"):
+        load_file(f)
+
+
 def test_split_and_iid_partition_cover_train_exactly_once(tiny_csv):
     ds = load_file(tiny_csv)
     train, test = split(ds, 0.2, seed=0)
