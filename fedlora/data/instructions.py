@@ -4,21 +4,25 @@ A file (or folder: any form of :mod:`fedlora.data.readers`) is read in the first
 columns fit:
 
 1. chat: a ``messages`` list of ``{"role", "content"}`` whose last message is the
-   assistant's (the response); the earlier ones are the prompt;
-2. ``prompt`` / ``response`` columns;
-3. alpaca: ``instruction`` (+ optional ``input``) / ``output``;
-4. a labeled file (``--text-column`` / ``--label-column``): the prompt is
+   assistant's (the response); the earlier ones are the prompt. ShareGPT's ``conversations`` of
+   ``{"from", "value"}`` (``human``/``gpt``/``system``) read the same;
+2. a prompt and a response column, the first pair of :data:`PAIR_FORMS` the file has:
+   ``prompt``/``response``, ``prompt``/``completion`` (TRL's form, whose prompt may be a message list
+   and completion a one-message list), alpaca's ``instruction`` (+ optional ``input``)/``output``,
+   Dolly's ``instruction`` (+ optional ``context``)/``response``, or ``question``/``answer``
+   (GSM8K: without ``choices``, so not multiple choice);
+3. a labeled file (``--text-column`` / ``--label-column``): the prompt is
    ``--prompt-template`` with the text in its ``{text}`` slot, the response is the
    label's word from ``--label-words`` (``0=negative,1=positive``) or the label itself.
 
 A multiple-choice file (``question``/``choices``/``answer`` rows, or MMLU's CSV:
 ``fedlora.data.choices``) is read first, its question put in ``--prompt-template``'s slot
-and its right choice as the response. ``--label-words`` selects form 4 directly, and so does
+and its right choice as the response. ``--label-words`` selects form 3 directly, and so does
 ``--prompt-template`` for a file that is not multiple choice. The built-in
-``bbcnews-instruct`` (``bbcnews`` reads the same) is BBC News in form 4, answered with
+``bbcnews-instruct`` (``bbcnews`` reads the same) is BBC News in form 3, answered with
 the category's name; each prompt holds the article's lead, its first :data:`BBC_LEAD_WORDS`
 words (the headline and opening sentences; a whole article is a median of ~500 tokens).
-Closed-set answers (forms 4 and multiple choice) keep their ``choices``.
+Closed-set answers (form 3 and multiple choice) keep their ``choices``.
 """
 
 from __future__ import annotations
@@ -76,40 +80,77 @@ def from_labeled(ds: TextDataset, template: str, label_words: dict[str, str]) ->
                        [answers] * len(ds.labels))
 
 
-def _messages(value, where: str) -> list[dict[str, str]]:
+#: Prompt/response column pairs (form 2), in the order they are tried: (prompt, response, a column
+#: whose text, where a row has one, follows the prompt after a blank line).
+PAIR_FORMS: tuple[tuple[str, str, str], ...] = (
+    ("prompt", "response", ""), ("prompt", "completion", ""), ("instruction", "output", "input"),
+    ("instruction", "response", "context"), ("question", "answer", ""))
+#: ShareGPT's speakers (``from``) as chat roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+
+
+def _message(m, where: str) -> dict[str, str]:
+    """One ``{"role", "content"}`` message, from that form or ShareGPT's ``{"from", "value"}``."""
+    if isinstance(m, dict) and "role" in m and "content" in m:
+        return {"role": str(m["role"]), "content": str(m["content"])}
+    if isinstance(m, dict) and m.get("from") in SHAREGPT_ROLES and "value" in m:
+        return {"role": SHAREGPT_ROLES[m["from"]], "content": str(m["value"])}
+    raise UserError(f"{where}: every message must be {{role, content}} (or ShareGPT's {{from, value}},"
+                    f" from one of {', '.join(SHAREGPT_ROLES)}), got {str(m)[:60]!r}")
+
+
+def _chat_list(value, where: str, least: int) -> list[dict[str, str]]:
+    """``value`` (a list, or its JSON) as at least ``least`` messages."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise UserError(f"{where}: 'messages' is not a JSON list of {{role, content}}") from None
-    if (not isinstance(value, list) or len(value) < 2
-            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value)):
-        raise UserError(f"{where}: 'messages' must list at least two {{role, content}} objects")
-    if value[-1]["role"] != "assistant":
+            raise UserError(f"{where}: the messages are not a JSON list of {{role, content}}") from None
+    if not isinstance(value, list) or len(value) < least:
+        raise UserError(f"{where}: the messages must list at least {least} {{role, content}} objects")
+    return [_message(m, where) for m in value]
+
+
+def _messages(value, where: str) -> list[dict[str, str]]:
+    """A conversation whose last message is the assistant's response."""
+    msgs = _chat_list(value, where, 2)
+    if msgs[-1]["role"] != "assistant":
         raise UserError(f"{where}: the last message must be the assistant's response,"
-                        f" got role {value[-1]['role']!r}")
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+                        f" got role {msgs[-1]['role']!r}")
+    return msgs
+
+
+def _prompt(value, where: str) -> str | list[dict[str, str]]:
+    """A prompt column's value: text, or (TRL's conversational form) a message list."""
+    if isinstance(value, list) or (isinstance(value, str) and value.lstrip().startswith("[{")):
+        return _chat_list(value, where, 1)
+    return str(value)
+
+
+def _response(value, where: str) -> str:
+    """A response column's value: text, or the content of a message list's last message."""
+    if isinstance(value, list) or (isinstance(value, str) and value.lstrip().startswith("[{")):
+        return _chat_list(value, where, 1)[-1]["content"]
+    return str(value)
 
 
 def _pairs(rows: list[dict], name: str) -> TextDataset | None:
-    """Forms 1-3, or None when the columns fit none of them."""
+    """Forms 1 and 2, or None when the columns fit neither."""
     cols = set(rows[0])
-    prompts, responses = [], []
-    if "messages" in cols:
-        for n, r in enumerate(rows, 1):
-            msgs = _messages(r["messages"], f"{name} row {n}")
-            prompts.append(msgs[:-1])
-            responses.append(msgs[-1]["content"])
-    elif {"prompt", "response"} <= cols:
-        prompts = [str(r["prompt"]) for r in rows]
-        responses = [str(r["response"]) for r in rows]
-    elif {"instruction", "output"} <= cols:
-        for r in rows:
-            extra = str(r.get("input") or "").strip()
-            prompts.append(str(r["instruction"]) + (f"\n\n{extra}" if extra else ""))
-        responses = [str(r["output"]) for r in rows]
-    else:
+    chat = next((c for c in ("messages", "conversations") if c in cols), None)
+    if chat:
+        convs = [_messages(r[chat], f"{name} row {n}") for n, r in enumerate(rows, 1)]
+        return TextDataset([m[:-1] for m in convs], None, [], [m[-1]["content"] for m in convs])
+    form = next((f for f in PAIR_FORMS if {f[0], f[1]} <= cols), None)
+    if form is None:
         return None
+    ask, answer, extra = form
+    prompts, responses = [], []
+    for n, r in enumerate(rows, 1):
+        prompt, more = _prompt(r[ask], f"{name} row {n}"), str(r.get(extra) or "").strip() if extra else ""
+        prompts.append(prompt + f"\n\n{more}" if more and isinstance(prompt, str) else prompt)
+        responses.append(_response(r[answer], f"{name} row {n}"))
     return TextDataset(prompts, None, [], responses)
 
 
@@ -142,6 +183,7 @@ def load_instructions(spec: str, text_column: str, label_column: str, template: 
         if not {text_column, label_column} <= set(rows[0]):
             raise UserError(
                 f"{path.name} has no prompt/response columns (columns: {', '.join(rows[0])}): --task sft"
-                " reads prompt/response, instruction/input/output, messages, question/choices/answer"
-                " (multiple choice), or --text-column and --label-column with --label-words")
+                f" reads messages or conversations, {', '.join(f'{a}/{b}' for a, b, _ in PAIR_FORMS)},"
+                " question/choices/answer (multiple choice), or --text-column and --label-column with"
+                " --label-words")
     return from_labeled(load_file(path, text_column, label_column), template, words)

@@ -72,11 +72,44 @@ def test_label_words_parse_and_refusals(tmp_path):
         parse_label_words("negative,positive")
 
 
+#: One row in each form the common instruction sets ship, and the prompt and response it gives.
+FORMS = {
+    "sharegpt": ({"conversations": [{"from": "system", "value": "Be brief."},
+                                    {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}], "Hello."),
+    "trl-text": ({"prompt": "2+2=", "completion": "4"}, "2+2=", "4"),
+    "trl-chat": ({"prompt": [{"role": "user", "content": "2+2?"}],
+                  "completion": [{"role": "assistant", "content": "4"}]},
+                 [{"role": "user", "content": "2+2?"}], "4"),
+    "dolly": ({"instruction": "Sum up.", "context": "A long text.", "response": "Short.", "category": "x"},
+              "Sum up.\n\nA long text.", "Short."),
+    "dolly-no-context": ({"instruction": "Name a colour.", "context": "", "response": "Red."},
+                         "Name a colour.", "Red."),
+    "gsm8k": ({"question": "What is 3 times 4?", "answer": "3 * 4 = 12\n#### 12"},
+              "What is 3 times 4?", "3 * 4 = 12\n#### 12"),
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_the_common_instruction_forms_give_prompt_and_response(tmp_path, form):
+    row, prompt, response = FORMS[form]
+    ds = load_instructions(_jsonl(tmp_path / "d.jsonl", [row, row]), "text", "label")
+    assert ds.texts == [prompt, prompt] and ds.responses == [response, response]
+    assert ds.labels is None and ds.choices is None
+
+
 def test_unrecognized_columns_and_bad_messages_are_one_line(tmp_path):
-    odd = _jsonl(tmp_path / "odd.jsonl", [{"question": "x", "answer": "y"}])
-    with pytest.raises(UserError, match=r"odd.jsonl has no prompt/response columns \(columns: question,"
-                                        r" answer\)"):
+    odd = _jsonl(tmp_path / "odd.jsonl", [{"query": "x", "reply": "y"}])
+    with pytest.raises(UserError, match=r"odd.jsonl has no prompt/response columns \(columns: query,"
+                                        r" reply\): --task sft reads messages or conversations,"
+                                        r" prompt/response, prompt/completion, instruction/output,"
+                                        r" instruction/response, question/answer, question/choices/answer"):
         load_instructions(odd, "text", "label")
+    sharegpt = _jsonl(tmp_path / "s.jsonl", [{"conversations": [{"from": "human", "value": "a"},
+                                                                {"from": "bot", "value": "b"}]}])
+    with pytest.raises(UserError, match=r"s.jsonl row 1: every message must be \{role, content\} \(or"
+                                        r" ShareGPT's \{from, value\}, from one of human, user, gpt"):
+        load_instructions(sharegpt, "text", "label")
     last_user = _jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "a"},
                                                             {"role": "user", "content": "b"}]}])
     with pytest.raises(UserError, match="last message must be the assistant's"):

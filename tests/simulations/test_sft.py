@@ -77,7 +77,7 @@ def test_compare_reports_answer_accuracy_and_perplexity(tiny_chat_llama_dir, sen
 
 
 @pytest.mark.parametrize("case, message", [
-    ("columns", "odd.jsonl has no prompt/response columns (columns: question, answer)"),
+    ("columns", "odd.jsonl has no prompt/response columns (columns: query, reply)"),
     ("long-response", "1 response(s) alone exceed --max-length 24"),
     ("no-template", "tokenizer has no chat template"),
     ("gguf", "transformers cannot load broken.gguf"),
@@ -90,7 +90,7 @@ def test_bad_sft_input_is_one_line_and_writes_nothing(tiny_chat_llama_dir, tiny_
     extra: list[str] = []
     if case == "columns":
         data = tmp_path / "odd.jsonl"
-        data.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+        data.write_text(json.dumps({"query": "q", "reply": "a"}) + "\n")
         extra = ["--label-words", "", "--prompt-template", ""]
     elif case == "long-response":
         data = tmp_path / "long.jsonl"
