@@ -4,7 +4,10 @@ A file is read in the first form its columns fit:
 
 1. chat: ``chosen`` and ``rejected`` lists of ``{"role", "content"}`` messages (hh-rlhf and
    UltraFeedback style) whose last message is the assistant's response; the earlier ones, the
-   same in both, are the prompt (a ``prompt`` column beside them is ignored);
+   same in both, are the prompt. Where the lists hold the assistant's answer alone (TRL's
+   explicit-prompt form), the ``prompt`` column (a message list, or text: the user's turn) comes
+   before it; otherwise a ``prompt`` column beside them is ignored. hh-rlhf's raw transcripts
+   (text of ``\n\nHuman: …\n\nAssistant: …`` turns) are read as such lists;
 2. ``prompt`` / ``chosen`` / ``rejected`` columns of text;
 3. a labeled file with ``--label-words`` (or a multiple-choice file, or the built-in
    ``bbcnews-instruct``), read as ``--task sft`` reads it (``fedlora.data.instructions``): the
@@ -17,6 +20,7 @@ with one warning; data of nothing else is refused.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,14 +49,38 @@ class PairDataset(TextDataset):
                            [self.rejected[i] for i in idx])
 
 
+#: hh-rlhf's raw transcripts: the speaker markers and the chat roles they stand for.
+TRANSCRIPT_TURNS = re.compile(r"\n\n(Human|Assistant): ")
+TRANSCRIPT_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _transcript(text: str) -> list | None:
+    """hh-rlhf's ``\n\nHuman: …\n\nAssistant: …`` text as a message list, else None."""
+    parts = TRANSCRIPT_TURNS.split(text)
+    if len(parts) < 5 or parts[0].strip():   # ["", "Human", q, "Assistant", a, ...]
+        return None
+    return [{"role": TRANSCRIPT_ROLES[who], "content": said.strip()}
+            for who, said in zip(parts[1::2], parts[2::2], strict=True)]
+
+
 def _chat(value) -> list | None:
-    """``value`` as a message list when it is one (or its JSON), else None."""
+    """``value`` as a message list when it is one (or its JSON, or an hh-rlhf transcript), else None."""
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
             return None
+    if isinstance(value, str):
+        return _transcript(value)
     return value if isinstance(value, list) else None
+
+
+def _with_prompt(answer: list, prompt) -> list:
+    """``answer``, a message list, after the ``prompt`` column when it holds the assistant's turn alone."""
+    if prompt is None or any(isinstance(m, dict) and m.get("role") != "assistant" for m in answer):
+        return answer
+    asked = _chat(prompt)
+    return (asked if asked is not None else [{"role": "user", "content": str(prompt)}]) + answer
 
 
 def _from_rows(rows: list[dict], name: str) -> PairDataset:
@@ -61,6 +89,7 @@ def _from_rows(rows: list[dict], name: str) -> PairDataset:
     for n, row in enumerate(rows, 1):
         good, bad = _chat(row["chosen"]), _chat(row["rejected"])
         if good is not None and bad is not None:
+            good, bad = _with_prompt(good, row.get("prompt")), _with_prompt(bad, row.get("prompt"))
             good, bad = _messages(good, f"{name} row {n} chosen"), _messages(bad, f"{name} row {n} rejected")
             if good[:-1] != bad[:-1]:
                 raise UserError(f"{name} row {n}: the chosen and rejected conversations differ before"

@@ -222,6 +222,27 @@ def test_data_forms_and_label_word_pairs(tok, tmp_path, sentiment_tsv):
     assert task.eval_set(tok, ds.subset([0, 1]), cfg).headline == "answer_accuracy"
 
 
+#: hh-rlhf's raw rows (two turns, the second answered two ways), TRL's explicit-prompt rows (the
+#: answer lists hold the assistant's turn alone; the prompt a message list, or text).
+HH = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: A joke?\n\nAssistant: Why not.",
+      "rejected": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: A joke?\n\nAssistant: No."}
+TRL = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+       "rejected": [{"role": "assistant", "content": "5"}]}
+
+
+@pytest.mark.parametrize("row, prompt, chosen, rejected", [
+    (HH, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+          {"role": "user", "content": "A joke?"}], "Why not.", "No."),
+    (TRL, [{"role": "user", "content": "2+2?"}], "4", "5"),
+    ({**TRL, "prompt": "2+2?"}, [{"role": "user", "content": "2+2?"}], "4", "5"),
+])
+def test_hh_rlhf_transcripts_and_trl_explicit_prompts_are_chat_pairs(tmp_path, row, prompt, chosen, rejected):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    ds = get_task("dpo").load(str(path), _cfg())
+    assert (ds.texts, ds.responses, ds.rejected) == ([prompt], [chosen], [rejected])
+
+
 def test_identical_pairs_are_skipped_with_one_warning_or_refused(tmp_path, capsys):
     task, path = get_task("dpo"), tmp_path / "p.jsonl"
     rows = [("q1", "same", "same"), ("q2", "good", "bad"), ("q3", "x", " x ")]
