@@ -5,7 +5,10 @@ Two forms are read (``--prompt-template`` then puts the question in its ``{text}
 1. rows with ``question``, ``choices`` (a list of at least two answers) and ``answer``: the
    right choice's index (from 0) or its letter (``A`` for the first), in any form whose values
    keep their types (``.jsonl``, ``.jsonl.gz``, ``.parquet``, a ``datasets.save_to_disk``
-   folder: :mod:`fedlora.data.readers`);
+   folder: :mod:`fedlora.data.readers`). The benchmarks' own columns (:data:`FORMS`) read the
+   same: ARC's and CommonsenseQA's ``choices`` of ``{"text", "label"}`` lists with ``answerKey``,
+   OpenBookQA's ``question_stem``, HellaSwag's ``ctx``/``endings``/``label``, MedQA's ``options``
+   (``{"A": text, …}``) with ``answer_idx``; an answer may also be one of the choices' labels;
 2. MMLU's CSV: ``question,A,B,C,D,answer`` per row (any number of lettered choice columns),
    with or without that header line; ``answer`` is a letter (or an index).
 
@@ -25,8 +28,12 @@ from fedlora.data.readers import reader_for
 from fedlora.errors import UserError
 
 LETTERS = string.ascii_uppercase
-#: The columns of a multiple-choice ``.jsonl`` row.
-COLUMNS = ("question", "choices", "answer")
+#: The (question, choices, answer) columns of a multiple-choice row, in the order they are tried:
+#: fedlora's own, then the benchmarks' as they ship (ARC/CommonsenseQA, OpenBookQA, HellaSwag, MedQA).
+FORMS: tuple[tuple[str, str, str], ...] = (
+    ("question", "choices", "answer"), ("question", "choices", "answerKey"),
+    ("question_stem", "choices", "answerKey"), ("ctx", "endings", "label"),
+    ("question", "options", "answer_idx"))
 
 
 def answer_index(value, n: int, where: str) -> int:
@@ -50,13 +57,26 @@ def answer_index(value, n: int, where: str) -> int:
     return index
 
 
+def _listed(choices) -> tuple[object, list[str]]:
+    """``(the choices as a list, their labels)``: a list as it is (no labels), ARC's ``{"text": [...],
+    "label": [...]}``, or MedQA's ``{"A": text, ...}`` (labels: its keys)."""
+    if isinstance(choices, dict) and isinstance(choices.get("text"), list):
+        return choices["text"], [str(v) for v in choices.get("label") or []]
+    if isinstance(choices, dict) and choices and all(isinstance(v, str) for v in choices.values()):
+        return list(choices.values()), [str(k) for k in choices]
+    return choices, []
+
+
 def _row(question, choices, answer, where: str) -> tuple[str, list[str], int]:
+    choices, labels = _listed(choices)
     if not isinstance(choices, list) or len(choices) < 2 or len(choices) > len(LETTERS):
         raise UserError(f"{where}: 'choices' must be a list of 2 to {len(LETTERS)} answers,"
                         f" got {choices!r}")
     texts = [str(c).strip() for c in choices]
     if not all(texts):
         raise UserError(f"{where}: choice {texts.index('') + 1} is empty; every choice needs a text")
+    if str(answer).strip() in labels:
+        return str(question), texts, labels.index(str(answer).strip())
     return str(question), texts, answer_index(answer, len(texts), where)
 
 
@@ -91,9 +111,11 @@ def read_choice_file(path: Path) -> TextDataset | None:
     reader = reader_for(path)
     if reader.typed:
         rows = reader.rows(path)
-        if not rows or not set(COLUMNS) <= set(rows[0]):
+        form = next((f for f in FORMS if rows and set(f) <= set(rows[0])), None)
+        if form is None:
             return None
-        return _dataset([_row(r.get("question"), r.get("choices"), r.get("answer"), f"{path.name} row {n}")
+        ask, options, answer = form
+        return _dataset([_row(r.get(ask), r.get(options), r.get(answer), f"{path.name} row {n}")
                          for n, r in enumerate(rows, 1)])
     if reader.cells is None:
         return None

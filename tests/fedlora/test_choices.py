@@ -29,6 +29,34 @@ def test_jsonl_questions_with_an_index_or_a_letter(tmp_path):
     assert ds.label_names == ["A", "B", "C", "D"]
 
 
+#: One row of each benchmark as its dataset ships it, and (question, choices, answer index) read.
+BENCHMARK_ROWS = {
+    "arc": ({"id": "x", "question": "Which is a metal?", "answerKey": "2",
+             "choices": {"text": ["wood", "iron", "glass"], "label": ["1", "2", "3"]}},
+            ("Which is a metal?", ["wood", "iron", "glass"], 1)),
+    "commonsenseqa": ({"question": "Where is ice?", "question_concept": "ice", "answerKey": "C",
+                       "choices": {"label": ["A", "B", "C"], "text": ["oven", "desert", "freezer"]}},
+                      ("Where is ice?", ["oven", "desert", "freezer"], 2)),
+    "openbookqa": ({"id": "7", "question_stem": "The sun is a", "answerKey": "A",
+                    "choices": {"text": ["star", "planet"], "label": ["A", "B"]}},
+                   ("The sun is a", ["star", "planet"], 0)),
+    "hellaswag": ({"ctx": "He picks up the ball and", "endings": ["eats it.", "throws it.", "sings."],
+                   "label": "1", "activity_label": "Ball"},
+                  ("He picks up the ball and", ["eats it.", "throws it.", "sings."], 1)),
+    "medqa": ({"question": "Fever drug?", "answer": "Aspirin", "answer_idx": "B",
+               "options": {"A": "Insulin", "B": "Aspirin", "C": "Heparin"}},
+              ("Fever drug?", ["Insulin", "Aspirin", "Heparin"], 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(BENCHMARK_ROWS))
+def test_benchmark_rows_as_they_ship_are_multiple_choice(tmp_path, name):
+    row, (question, choices, answer) = BENCHMARK_ROWS[name]
+    ds = load_instructions(_jsonl(tmp_path / "b.jsonl", [row]), "text", "label")
+    assert (ds.texts, ds.choices, ds.labels, ds.responses) == ([question], [choices], [answer],
+                                                               [choices[answer]])
+
+
 @pytest.mark.parametrize("header", [True, False], ids=["header", "no-header"])
 def test_mmlu_csv_with_or_without_its_header(tmp_path, header):
     path = tmp_path / "mmlu.csv"
