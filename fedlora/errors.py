@@ -11,6 +11,12 @@ class UserError(Exception):
     """Bad input (flag, file, model, column): its message says what is wrong and how to fix it."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none): what a one-line
+    refusal quotes of a library's error."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def command(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorate a command's ``main(argv) -> exit code``: a :class:`UserError` becomes the line
     ``PROG: error: MESSAGE`` on stderr and exit code 2; Ctrl-C exits 130."""

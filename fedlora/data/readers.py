@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from fedlora.errors import UserError
+from fedlora.errors import UserError, first_line
 
 Rows = list[dict]
 
@@ -78,10 +78,6 @@ def register_reader(reader: Reader) -> Reader:
     return reader
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def _delimited_rows(path: Path, delimiter: str) -> Rows:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         return list(csv.DictReader(fh, delimiter=delimiter))
@@ -105,7 +101,7 @@ def _json(path: Path, opener: Callable = open) -> Rows:
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{exc.lineno}: not a JSON array of objects ({exc.msg})") from None
     except (gzip.BadGzipFile, EOFError) as exc:
-        raise UserError(f"{path}: not a gzip-compressed file ({_first_line(exc)})") from None
+        raise UserError(f"{path}: not a gzip-compressed file ({first_line(exc)})") from None
     bad = next((n for n, row in enumerate(rows) if not isinstance(row, dict)), None)
     if bad is not None:
         raise UserError(f"{path}: item {bad} of the JSON array is a {type(rows[bad]).__name__}, not an"
@@ -135,7 +131,7 @@ def _parquet(path: Path) -> Rows:
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+        raise UserError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
     return table.to_pylist()
 
 
@@ -145,14 +141,14 @@ def _dataset(path: Path) -> Rows:
     try:
         return load_from_disk(str(path)).to_list()
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"{path}: not a readable datasets.save_to_disk folder ({_first_line(exc)})") from None
+        raise UserError(f"{path}: not a readable datasets.save_to_disk folder ({first_line(exc)})") from None
 
 
 def _dataset_dict(path: Path) -> Rows:
     try:
         splits = list(json.loads((path / "dataset_dict.json").read_text())["splits"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path}: not a readable datasets.save_to_disk folder ({_first_line(exc)})") from None
+        raise UserError(f"{path}: not a readable datasets.save_to_disk folder ({first_line(exc)})") from None
     if len(splits) != 1:
         raise UserError(f"{path} is a DatasetDict of the splits {', '.join(splits)}: pass one split's"
                         f" folder, e.g. {path / splits[0]}")

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedlora.errors import UserError
+from fedlora.errors import UserError, first_line
 from fedlora.models.lora import is_quantized
 from fedlora.models.model import HEAD_NAMES
 
@@ -121,7 +121,7 @@ def _read_gguf(path: Path):
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a bad file
-            raise UserError(f"transformers cannot load {path.name}: {_first_line(exc)}") from exc
+            raise UserError(f"transformers cannot load {path.name}: {first_line(exc)}") from exc
     # transformers marks a GGUF model as quantized (not saveable): rebuild it from its config
     values = loaded.config.to_dict()
     values.pop("quantization_config", None)
@@ -207,10 +207,6 @@ class _quiet:
     def __exit__(self, *exc):
         self.log.set_verbosity(self.verbosity)
         self.log.enable_progress_bar()
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def require_bitsandbytes(quantize: str) -> None:
@@ -308,7 +304,7 @@ def load_tokenizer(name: str) -> tuple[object, int | None]:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             config = AutoConfig.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load the tokenizer of {str(path)!r}: {_first_line(exc)}") from exc
+            raise UserError(f"cannot load the tokenizer of {str(path)!r}: {first_line(exc)}") from exc
     return tokenizer, getattr(config, "max_position_embeddings", None)
 
 
@@ -359,7 +355,7 @@ def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 
             hint = ("; transformers has no sequence-classification class for it: use --task sft with"
                     " --label-words" if kind == "sequence-classification"
                     and "AutoModelForSequenceClassification" in str(exc) else "")
-            raise UserError(f"cannot load model from {str(path)!r}: {_first_line(exc)}{hint}") from exc
+            raise UserError(f"cannot load model from {str(path)!r}: {first_line(exc)}{hint}") from exc
     if quantize != "none":
         _check_quantized(model, name, quantize)
     if tokenizer.pad_token is None:

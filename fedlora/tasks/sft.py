@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from jinja2.exceptions import TemplateError
 from torch import Tensor
 
 from fedlora.data.instructions import load_instructions
-from fedlora.errors import UserError
+from fedlora.errors import UserError, first_line
 from fedlora.tasks.answers import (
     ANSWER_METRICS,
     AnswerMetric,
@@ -52,13 +53,18 @@ from fedlora.tasks.decode import score_and_generate
 __all__ = ["SFT", "ChatFormat", "Generate", "GenerationSet", "normalize"]
 
 
+#: Chat templates found to refuse a system message in this process (said once each).
+NO_SYSTEM_TEMPLATES: set[str] = set()
+
+
 class ChatFormat:
     """Renders ``(prompt, response)`` as ``(prompt text, completion text)``.
 
     ``mode``: ``"model"`` (the tokenizer's chat template), ``"plain"`` (the prompt's
     contents, a newline, then the response and the end-of-text token), or a path to a
     Jinja chat template file. ``system``: a system message put before every prompt that
-    has none (empty: none, so the template's default applies).
+    has none (empty: none, so the template's default applies). A template that refuses a system
+    message (Gemma's) gets it at the start of the first user message instead, said once.
     """
 
     def __init__(self, tokenizer, mode: str = "model", system: str = "") -> None:
@@ -71,6 +77,7 @@ class ChatFormat:
         elif mode == "model" and not getattr(tokenizer, "chat_template", None):
             raise UserError("this model's tokenizer has no chat template, which --task sft renders"
                             " prompts with; pass --chat-template plain, or --chat-template FILE.jinja")
+        self.fold_system = getattr(tokenizer, "chat_template", None) in NO_SYSTEM_TEMPLATES
 
     def split(self, prompt, response: str) -> tuple[str, str]:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
@@ -79,13 +86,40 @@ class ChatFormat:
         if self.plain:
             end = self.tokenizer.eos_token or ""
             return "\n\n".join(m["content"] for m in messages) + "\n", response + end
-        render = self.tokenizer.apply_chat_template
-        head = render(messages, tokenize=False, add_generation_prompt=True)
-        full = render(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        head = self._render(messages, add_generation_prompt=True)
+        full = self._render(messages + [{"role": "assistant", "content": response}])
         if not full.startswith(head):
             raise UserError("the chat template renders a prompt differently once the answer follows;"
                             " pass --chat-template plain or a Jinja file")
         return head, full[len(head):].rstrip()
+
+    def _render(self, messages: list[dict], **kwargs) -> str:
+        """The chat template's text of ``messages``; a refused system message is retried in the
+        first user message (and so every later one)."""
+        if self.fold_system:
+            messages = system_in_user(messages)
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        except TemplateError as exc:
+            if self.fold_system or messages[0]["role"] != "system":
+                raise UserError(f"the chat template refuses these messages ({first_line(exc)}); fix the"
+                                " data's roles, or pass --chat-template plain or a Jinja file") from None
+            self.fold_system = True
+            NO_SYSTEM_TEMPLATES.add(self.tokenizer.chat_template)
+            print("fedlora: the chat template takes no system message; it is put at the start of the first"
+                  " user message instead", file=sys.stderr)
+            return self._render(messages, **kwargs)
+
+
+def system_in_user(messages: list[dict]) -> list[dict]:
+    """``messages`` with a leading system message joined to the start of the user message after it
+    (a user message of its own when none follows)."""
+    if messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], messages[1:]
+    if rest and rest[0]["role"] == "user":
+        return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
+    return [{"role": "user", "content": system}, *rest]
 
 
 @dataclass

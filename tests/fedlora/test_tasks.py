@@ -101,6 +101,34 @@ def test_sft_needs_a_chat_template_or_plain(tiny_llama_dir):
     assert tok.decode(prompts[0]) == "hi" and tok.decode(completions[0]) == "hello [SEP]"
 
 
+#: Gemma's rule: no system role, and user/assistant turns alternate (in plain words for MiniLM's tokenizer).
+NO_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+             "{% endif %}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+             "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+             "{{ m['role'] }}: {{ m['content'] }} [SEP] {% endfor %}"
+             "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_a_template_without_a_system_role_gets_it_in_the_first_user_turn_said_once(tiny_llama_dir, capsys):
+    # Prepare: a tokenizer whose template refuses system messages, and --system-prompt
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.chat_template, tok.eos_token = NO_SYSTEM, "[SEP]"
+    ds = TextDataset(["great film"], None, [], ["positive"])
+    cfg = _sft(system_prompt="Answer in one word.")
+    # Execute: twice, as a job renders its training and held-out examples
+    first = get_task("sft").pieces(tok, ds, cfg)
+    second = get_task("sft").pieces(tok, ds, cfg)
+    # Assert: the system prompt opens the user's turn; one line said it
+    prompt = tok.decode(first[0][0])
+    assert prompt == "user : answer in one word. great film [SEP] assistant :" and second == first
+    assert capsys.readouterr().err.count("takes no system message") == 1
+    # roles that break the template otherwise are refused in one line
+    turns = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(UserError, match=r"^the chat template refuses these messages \(Conversation roles must"
+                                        r" alternate\); fix the data's roles"):
+        get_task("sft").pieces(tok, TextDataset([turns], None, [], ["c"]), _sft())
+
+
 def test_normalize_compares_answers_not_formatting():
     assert normalize("  Positive.\n") == "positive" == normalize('"positive"')
     assert normalize("very  Positive!") == "very positive" != normalize("positive")
