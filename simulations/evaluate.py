@@ -2,9 +2,10 @@
 global model, and compare them in one table.
 
 It takes the job flags an evaluation reads (``--task``, ``--model``, ``--eval mc``, ``--metric``,
-``--eval-max``, the templates, ...; :data:`fedlora.job.evaluate.EVAL_FIELDS`), ``--adapter`` folders
-written by runs (``runs/NAME/adapter``) and ``--base`` for the bare base model; it prints one Markdown
-table and writes ``OUT/eval.json``. Thin glue over :mod:`fedlora.job.evaluate`.
+``--eval-max``, the templates, ...; :data:`fedlora.job.evaluate.EVAL_FIELDS`), or a run's
+``config.json`` with ``--config`` (its other fields are left out), ``--adapter`` folders written by
+runs (``runs/NAME/adapter``) and ``--base`` for the bare base model; it prints one Markdown table and
+writes ``OUT/eval.json``. Thin glue over :mod:`fedlora.job.evaluate`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from fedlora.errors import command
 from fedlora.job.checks import check_job_args, check_out_dir
+from fedlora.job.configfile import add_config_argument, parse_args
 from fedlora.job.evaluate import EVAL_FIELDS, eval_table, score_models
 from fedlora.job.flags import Parser, add_job_arguments, to_config
 
@@ -26,6 +28,7 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fedlora-eval", description=__doc__)
+    add_config_argument(p)
     add_job_arguments(p, only=EVAL_FIELDS)
     p.set_defaults(data="")  # no --data: the examples are --test-data's
     models = p.add_argument_group("models")
@@ -44,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 @command("fedlora-eval")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedlora-eval``."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv, only=EVAL_FIELDS)  # --config FILE's fields, then the flags
     cfg = to_config(args)
     check_job_args(cfg)
     check_out_dir(args.out, args.overwrite)

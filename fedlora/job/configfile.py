@@ -38,12 +38,17 @@ def add_config_argument(p: argparse.ArgumentParser) -> None:
                         " a finished run's config.json as it is); the flags given beside it override it")
 
 
-def parse_args(p: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """``p.parse_args(argv)``, with ``--config FILE``'s fields as the defaults of their flags."""
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None = None,
+               only: tuple[str, ...] | None = None) -> argparse.Namespace:
+    """``p.parse_args(argv)``, with ``--config FILE``'s fields as the defaults of their flags; with
+    ``only``, the file's other (valid) job fields are left out: a command that reads part of a job
+    (``fedlora-eval``) takes a whole run's ``config.json``."""
     args = p.parse_args(argv)
     if getattr(args, "config", None) is None:
         return args
     values = read_config(args.config)
+    if only is not None:
+        values = {name: value for name, value in values.items() if name in only}
     defaults = {a.dest: a.default for a in p._actions}
     for name, value in values.items():  # 0, "" or []: "the job's default" where the flag's default is None
         if name in defaults and defaults[name] is None and not isinstance(value, bool) and not value:

@@ -34,7 +34,7 @@ EVAL_FIELDS = ("task", "model", "data", "text_column", "label_column", "test_dat
                "test_label_column", "test_fraction", "seed", "eval_max", "eval_batch_size", "max_length",
                "padding", "device", "precision", "quantize", "double_quant", "target_modules",
                "prompt_template", "label_words", "system_prompt", "chat_template", "max_new_tokens", "eval",
-               "metric")
+               "metric", "dpo_beta", "dpo_sft_weight")
 #: What a row of :func:`score_models` names the bare base model.
 BASE = "base"
 

@@ -73,13 +73,16 @@ def test_eval_reproduces_a_classification_run_with_its_head(request, model, tiny
     assert sim([*job, "--num-clients", "2", "--rounds", "1", "--local-steps", "3", "--out",
                 str(tmp_path / "run"), "--quiet"]) == 0
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    # Execute
+    # Execute: with the job's flags, and with the run's config.json (its training fields left out)
     assert evaluate([*job, "--adapter", str(tmp_path / "run" / "adapter"), "--out", str(tmp_path / "e"),
                      "--quiet"]) == 0
-    # Assert: the run's accuracy and loss, from the adapter's factors and head
-    (got,) = json.loads((tmp_path / "e" / "eval.json").read_text())["results"]
-    assert {k: got[k] for k in ("metric", "accuracy", "loss", "eval_examples")} == \
-        {k: last[k] for k in ("metric", "accuracy", "loss", "eval_examples")}
+    assert evaluate(["--config", str(tmp_path / "run" / "config.json"), "--adapter",
+                     str(tmp_path / "run" / "adapter"), "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    # Assert: the run's accuracy and loss, from the adapter's factors and head, either way
+    keys = ("metric", "accuracy", "loss", "eval_examples")
+    for out in ("e", "c"):
+        (got,) = json.loads((tmp_path / out / "eval.json").read_text())["results"]
+        assert {k: got[k] for k in keys} == {k: last[k] for k in keys}
 
 
 def test_eval_on_a_test_file_alone(runs, tiny_chat_llama_dir, tmp_path, capsys):
