@@ -22,6 +22,7 @@ import torch
 
 from fedlora.errors import UserError, command
 from fedlora.job.checks import check_job_args
+from fedlora.job.configfile import add_config_argument, parse_args
 from fedlora.job.flags import Parser, add_job_arguments, to_config
 from fedlora.job.schema import JobConfig
 from fedlora.job.setup import resolve_max_length
@@ -68,6 +69,7 @@ def human_wire(n: float) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fedlora-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_argument(p)
     add_job_arguments(p)
     plan = p.add_argument_group("plan")
     plan.add_argument("--memory", type=parse_memories, default=[], metavar="SIZES",
@@ -231,7 +233,7 @@ def plan_table(cfg: JobConfig, args: argparse.Namespace, models: list[str]) -> l
 @command("fedlora-plan")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedlora-plan``."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)  # --config FILE's fields, then the flags
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.model = models[0] if models else args.model
     cfg = check_args(args)

@@ -66,6 +66,22 @@ def test_plan_of_a_folder_prints_memory_and_every_strategys_traffic(tiny_llama_d
     assert plan["traffic"]["ffa-lora"][1]["up"][0] < plan["traffic"]["fedavg"][1]["up"][0]  # B only
 
 
+def test_a_config_file_plans_the_same_job_as_its_flags(tiny_llama_dir, tmp_path, capsys):
+    # Prepare: the job as a TOML file of run-config names
+    config = tmp_path / "job.toml"
+    config.write_text(f'model = "{tiny_llama_dir}"\ntask = "causal-lm"\nrank = 4\nbatch-size = 2\n'
+                      'max-length = 16\nnum-clients = 3\nrounds = 2\n')
+    flags = ["--model", str(tiny_llama_dir), "--task", "causal-lm", "--rank", "4", "--batch-size", "2",
+             "--max-length", "16", "--num-clients", "3", "--rounds", "2"]
+    # Execute
+    assert main([*flags, "--json", str(tmp_path / "flags.json")]) == 0
+    assert main(["--config", str(config), "--json", str(tmp_path / "file.json")]) == 0
+    # Assert: the same job and plan
+    by_flags, by_file = (json.loads((tmp_path / f).read_text()) for f in ("flags.json", "file.json"))
+    assert by_file == by_flags
+    capsys.readouterr()
+
+
 def test_table_over_models(tiny_llama_dir, tmp_path, capsys):
     # Execute: the README's table for two models
     out = tmp_path / "table.json"
