@@ -43,6 +43,9 @@ def check_job_args(args: JobConfig) -> None:
                         f" {args.dpo_sft_weight}")
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
+    if args.lr_min < 0 or (args.lr_min and args.lr_schedule != "cosine"):
+        raise UserError(f"--lr-min is the rate --lr-schedule cosine falls toward: it needs that schedule and"
+                        f" must be ≥ 0, got {args.lr_min} with --lr-schedule {args.lr_schedule}")
     if args.max_examples < 0:
         raise UserError(f"--max-examples must be ≥ 1 (0: no cap), got {args.max_examples}")
     if args.norm_bound < 0 or not 0 <= args.trim < 0.5:

@@ -148,6 +148,11 @@ class JobConfig:
     weight_decay: float = option(0.0, "decoupled weight decay λ of the local optimizer (AdamW: θ ← θ −"
                                  " lr·λ·θ each step; SGD: λθ added to the gradient)",
                                  group="strategy options")
+    lr_schedule: str = option("constant", "the local learning rate over rounds: constant, or cosine (round t"
+                              " of T trains at lr_min + (lr - lr_min)(1 + cos(π(t-1)/T))/2: --lr in round 1,"
+                              " falling toward --lr-min, as FlowerTune anneals it)", group="strategy options",
+                              choices=["constant", "cosine"])
+    lr_min: float = option(0.0, "--lr-schedule cosine: the rate it falls toward", group="strategy options")
     server_lr: float = option(1.0, "server learning rate η: the global state moves η times the clients'"
                               " mean update (FedOpt's server step; 1: the strategy's aggregate; folding"
                               " strategies through a wider fold; not flexlora)", group="strategy options")

@@ -8,16 +8,36 @@ step; SGD moves it in proportion to the noisy gradient, whose noise averages out
 
     SGD:    b ← μ b + g;        θ ← θ − lr · b                       (μ = SGD_MOMENTUM)
     AdamW:  θ ← θ − lr · m̂ / (√v̂ + ε) − lr · λ θ
+
+A round's ``lr`` follows ``--lr-schedule`` (:func:`round_lr`); each round's optimizer is new, as a
+client's local training starts afresh from the global state.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 
 OPTIMIZERS = ("adamw", "sgd")
 SGD_MOMENTUM = 0.9
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def round_lr(lr: float, rnd: int, rounds: int, schedule: str = "constant", lr_min: float = 0.0) -> float:
+    """The local learning rate of round ``rnd`` of ``rounds``.
+
+    ``constant``: ``lr``. ``cosine``: ``lr_min + (lr − lr_min)(1 + cos(π (rnd − 1) / rounds)) / 2``,
+    ``lr`` in round 1 and falling toward ``lr_min`` (FlowerTune's annealing, shifted so that the
+    first round trains at ``lr`` and the last above ``lr_min``). Round 0 (the server's steps on public
+    data before round 1) trains at ``lr``.
+    """
+    if schedule == "constant" or rnd < 1:
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * (rnd - 1) / rounds)) / 2
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:

@@ -14,7 +14,7 @@ as a few micro-batches of similar lengths whose gradients add up to the same ste
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from fedlora.models.model import FederatedModel
 from fedlora.privacy.dpsgd import dp_train_clients
 from fedlora.privacy.opacus_dp import opacus_train_client
 from fedlora.tasks import Task, gather_rows, get_task, row_groups
-from fedlora.training.optim import make_optimizer
+from fedlora.training.optim import make_optimizer, round_lr
 
 
 @dataclass
@@ -46,6 +46,13 @@ class TrainConfig:
     dp_reproducible: bool = False  # DP draws keyed to the seed (tests only: no privacy then)
     dp_backend: str = "fedlora"  # DP-SGD by fedlora's batched kernels, or "opacus" (one client)
     pad_to_longest: bool = True  # dynamic padding: a pass is as wide as its longest row
+    lr_schedule: str = "constant"  # or "cosine" over the rounds: fedlora.training.optim.round_lr
+    lr_min: float = 0.0
+    rounds: int = 1
+
+    def for_round(self, rnd: int) -> TrainConfig:
+        """These settings with round ``rnd``'s learning rate (:func:`~fedlora.training.optim.round_lr`)."""
+        return replace(self, lr=round_lr(self.lr, rnd, self.rounds, self.lr_schedule, self.lr_min))
 
     @classmethod
     def from_job(cls, cfg: JobConfig, lone: bool = False, clip: float | None = None) -> TrainConfig:
@@ -62,7 +69,8 @@ class TrainConfig:
                    lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, max_grad_norm=clip,
                    precision=cfg.precision,
                    dp_sample=cfg.dp == "sample", dp_reproducible=cfg.dp_reproducible,
-                   dp_backend=cfg.dp_backend_for(lone), pad_to_longest=cfg.padding == "longest")
+                   dp_backend=cfg.dp_backend_for(lone), pad_to_longest=cfg.padding == "longest",
+                   lr_schedule=cfg.lr_schedule, lr_min=cfg.lr_min, rounds=cfg.rounds)
 
 
 class ClientSampler:
@@ -189,7 +197,9 @@ def local_training(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequen
                    cfg: TrainConfig, rnd: int, budgets=None, progress=None) -> list[float]:
     """Round ``rnd`` of slots ``0..m-1``: :func:`train_clients`, or DP-SGD with each client's
     :class:`~fedlora.privacy.Budget` when ``cfg.dp_sample``: batched (``fedlora.privacy.dpsgd``) or,
-    with ``dp_backend="opacus"``, one client through Opacus (``fedlora.privacy.opacus_dp``)."""
+    with ``dp_backend="opacus"``, one client through Opacus (``fedlora.privacy.opacus_dp``); at the
+    round's learning rate (``--lr-schedule``)."""
+    cfg = cfg.for_round(rnd)
     if cfg.dp_sample and cfg.dp_backend == "opacus":
         if len(samplers) != 1:
             raise ValueError(f"the Opacus DP path trains one client per pass, got {len(samplers)}")

@@ -217,7 +217,8 @@ PUBLIC = ["--head", "public", "--init-data", "TINY_CSV", "--public-steps", "3"]
 STATELESS = {"flora-hetero": ["--strategy", "flora", "--ranks", "2,4,3"], "fed-sb": ["--strategy", "fed-sb"],
              "dp-sample-public-start": [*DP, *PUBLIC], "ffa-lora": ["--strategy", "ffa-lora"],
              "fedsa-lora": ["--strategy", "fedsa-lora", "--personal-test-fraction", "0.3"],
-             "flexlora": ["--strategy", "flexlora", "--ranks", "2,4,3"]}
+             "flexlora": ["--strategy", "flexlora", "--ranks", "2,4,3"],
+             "cosine-lr": ["--lr-schedule", "cosine", "--lr-min", "1e-4"]}
 
 
 @pytest.mark.parametrize("case", list(STATELESS))
