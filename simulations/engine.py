@@ -128,6 +128,8 @@ def train(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None =
     sink = RunFolder(out_dir, on_round=on_round, tracking=tracking)
     sink.begin(cfg)
     coord = Coordinator(cfg, job.strategy, job.fm, job.test, job.public)
+    sink.export = lambda rnd, folder: export_model(job.fm, coord.state, folder, job.model_path,
+                                                   job.task.peft_task_type)
     loop.run(coord, BatchedTransport(job, coord, on_step), sink, schedule, started=t0)
     return job, coord
 

@@ -34,7 +34,8 @@ def check_job_args(args: JobConfig) -> None:
             raise UserError(f"{flag_name(name)} must be ≥ 1, got {getattr(args, name)}")
     if (args.clients_per_round or 0) < 0:
         raise UserError(f"--clients-per-round must be ≥ 1 (0: every client), got {args.clients_per_round}")
-    zero = {"eval_max": "all", "max_new_tokens": "auto", "eval_every": "only after the last round"}
+    zero = {"eval_max": "all", "max_new_tokens": "auto", "eval_every": "only after the last round",
+            "save_every": "only the final adapter"}
     for name, meaning in zero.items():
         if getattr(args, name) < 0:
             raise UserError(f"{flag_name(name)} must be ≥ 0 (0: {meaning}), got {getattr(args, name)}")

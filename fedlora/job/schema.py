@@ -248,6 +248,9 @@ class JobConfig:
                              " keep bytes, losses and times, their accuracy empty. Generation is"
                              " most of an LLM round's time on a CPU", group="data and model",
                              metavar="N")
+    save_every: int = option(0, "also export the global adapter after every N-th round, to"
+                             " OUT/adapters/round-N (0: only the final one, to OUT/adapter), for"
+                             " fedlora-eval to score each round's", group="data and model", metavar="N")
     max_new_tokens: int = option(0, "--task sft: tokens generated per answer (0: the longest reference"
                                  " answer's, plus the end of turn)", group="LLM fine-tuning")
     eval: str = option("generate", "--task sft: how held-out examples are scored: generate (greedy answers,"
@@ -308,6 +311,10 @@ class JobConfig:
         """Whether round ``rnd``'s global model is evaluated (``--eval-every``): the last round
         always; round 0 and every N-th round when N ≥ 1."""
         return rnd == self.rounds or (self.eval_every > 0 and rnd % self.eval_every == 0)
+
+    def saves(self, rnd: int) -> bool:
+        """Whether round ``rnd``'s global adapter is exported beside the final one (``--save-every``)."""
+        return self.save_every > 0 and rnd > 0 and rnd % self.save_every == 0
 
     def sampled(self, rnd: int) -> list[int]:
         """The clients of round ``rnd`` (sorted): all, or ``clients_per_round`` drawn from

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -48,6 +49,9 @@ class RunFolder:
                  on_round: Callable[[dict], None] | None = None, tracking: Tracking | None = None) -> None:
         self.out_dir, self.checkpoints, self.on_round = out_dir, checkpoints, on_round
         self.tracking = tracking
+        #: ``(round, folder) -> None``: exports the global adapter to the folder, for the rounds
+        #: ``--save-every`` names (set by the command that knows the model: engine, server app).
+        self.export: Callable[[int, Path], None] | None = None
         out_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -55,9 +59,11 @@ class RunFolder:
         return self.out_dir / "metrics.jsonl"
 
     def begin(self, cfg: JobConfig) -> None:
-        """A fresh run: ``config.json`` and an empty ``metrics.jsonl``."""
+        """A fresh run: ``config.json``, an empty ``metrics.jsonl``, and no per-round adapters of a
+        run this one replaces (``--overwrite``)."""
         (self.out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         self.metrics.write_text("")
+        shutil.rmtree(self.out_dir / "adapters", ignore_errors=True)
 
     def resume(self, rows: list[dict]) -> None:
         """A resumed run: ``metrics.jsonl`` holds exactly the checkpoint's rounds (a killed run may
@@ -70,6 +76,8 @@ class RunFolder:
             fh.write(json.dumps(row) + "\n")
         if self.checkpoints:
             coord.save(self.out_dir)
+        if self.export is not None and coord.cfg.saves(row["round"]):
+            self.export(row["round"], self.out_dir / "adapters" / f"round-{row['round']}")
         if self.tracking is not None:
             self.tracking.log(row)
         if self.on_round is not None:

@@ -139,6 +139,30 @@ def test_server_lr_deployment_matches_the_simulator(tiny_bert_dir, tiny_csv, tmp
         assert_same_adapter(tmp_path / "plain", tmp_path / "grid", rtol=1e-3, atol=1e-4)
 
 
+def test_per_round_adapters_of_a_deployment_equal_the_simulators(tiny_bert_dir, tiny_csv, tmp_path):
+    # Prepare: --save-every 1 over 2 rounds (FLoRA: round 2's export holds round 1's fold too)
+    from safetensors.torch import load_file
+
+    flags = ["--rounds", "2", "--save-every", "1", "--strategy", "flora", *job(tiny_bert_dir, tiny_csv)]
+    # Execute
+    simulate(flags, tmp_path / "sim")
+    deploy(flags, tmp_path / "grid", 2)
+    # Assert: each round's adapter, the same from both; the last round's is the final adapter
+    def saved(out, rnd):
+        return load_file(str(out / "adapters" / f"round-{rnd}" / "adapter_model.safetensors"))
+
+    for rnd in (1, 2):
+        want, got = saved(tmp_path / "sim", rnd), saved(tmp_path / "grid", rnd)
+        assert want.keys() == got.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    final = adapter_tensors(tmp_path / "sim")
+    assert all(torch.equal(saved(tmp_path / "sim", 2)[k], final[k]) for k in final)
+    assert sorted(p.name for p in (tmp_path / "sim" / "adapters").iterdir()) == ["round-1", "round-2"]
+    assert any(v.shape != final[k].shape or not torch.equal(v, final[k])
+               for k, v in saved(tmp_path / "sim", 1).items())
+
+
 def test_fold_rank_over_nf4_deployment_matches_the_simulator(tiny_llama_dir, tmp_path):
     # Prepare: FLoRA over a 4-bit base, residuals truncated to 3 directions (each round folds 8):
     # from round 2 on every deployed client trains over the residual it truncated itself

@@ -85,6 +85,22 @@ def test_eval_reproduces_a_classification_run_with_its_head(request, model, tiny
         assert {k: got[k] for k in keys} == {k: last[k] for k in keys}
 
 
+def test_eval_reproduces_each_saved_rounds_row(tiny_bert_dir, tiny_csv, tmp_path):
+    # Prepare: a 2-round run that also exports round 1's adapter (--save-every 1)
+    run = tmp_path / "run"
+    assert sim(["--model", str(tiny_bert_dir), "--data", str(tiny_csv), "--max-length", "16",
+                "--num-clients", "2", "--rounds", "2", "--local-steps", "3", "--save-every", "1",
+                "--out", str(run), "--quiet"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # Execute: each round's adapter, scored with the run's config.json
+    assert evaluate(["--config", str(run / "config.json"), "--adapter", str(run / "adapters" / "round-1"),
+                     str(run / "adapters" / "round-2"), "--out", str(tmp_path / "e"), "--quiet"]) == 0
+    # Assert: rounds 1 and 2's rows
+    got = json.loads((tmp_path / "e" / "eval.json").read_text())["results"]
+    keys = ("accuracy", "loss", "eval_examples")
+    assert [{k: g[k] for k in keys} for g in got] == [{k: r[k] for k in keys} for r in rows[1:]]
+
+
 def test_eval_on_a_test_file_alone(runs, tiny_chat_llama_dir, tmp_path, capsys):
     dev = tmp_path / "dev.tsv"
     dev.write_text("label\tcontent\n" + "".join(f"{i % 2}\t{'great' if i % 2 else 'awful'} film {i}\n"
