@@ -28,11 +28,10 @@ Closed-set answers (form 3 and multiple choice) keep their ``choices``.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from fedlora.data.choices import read_choice_file
 from fedlora.data.loading import DEFAULT_DATASET, TextDataset, load_bbcnews, load_file
-from fedlora.data.readers import read_rows
+from fedlora.data.readers import locate, read_rows
 from fedlora.errors import UserError
 
 BBC_INSTRUCT = "bbcnews-instruct"
@@ -168,7 +167,7 @@ def load_instructions(spec: str, text_column: str, label_column: str, template: 
     words = parse_label_words(label_words)
     if spec in (BBC_INSTRUCT, DEFAULT_DATASET):  # the bundled BBC News, as questions
         return from_labeled(lead(load_bbcnews(), BBC_LEAD_WORDS), template or BBC_TEMPLATE, words)
-    path = Path(spec)
+    path = locate(spec)
     choices = None if words else read_choice_file(path)
     if choices is not None:
         choices.texts = fill_template(template, choices.texts)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlora.data.readers import read_rows
+from fedlora.data.readers import locate, read_rows
 from fedlora.errors import UserError
 
 DEFAULT_DATASET = "bbcnews"
@@ -89,7 +89,7 @@ def load_file(path: str | Path, text_column: str = "text",
               label_column: str | None = "label") -> TextDataset:
     """Rows of a data file or folder (any form of :mod:`fedlora.data.readers`); labels are mapped to
     ids in sorted order."""
-    path = Path(path)
+    path = locate(path)
     rows = read_rows(path)
     if not rows:
         raise UserError(f"data file {str(path)!r} has no rows")

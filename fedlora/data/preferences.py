@@ -23,12 +23,12 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from fedlora.data.instructions import _messages, load_instructions
-from fedlora.data.loading import DEFAULT_DATASET, TextDataset, read_rows
+from fedlora.data.loading import DEFAULT_DATASET, TextDataset
+from fedlora.data.readers import is_pattern, locate, read_rows
 from fedlora.errors import UserError
 
 #: Mixed into ``--seed`` for the rejected answers drawn from a labeled file's other choices.
@@ -152,8 +152,9 @@ def load_preferences(spec: str, text_column: str, label_column: str, template: s
         Data without chosen/rejected responses (nor label words), chat lists whose prompts differ,
         every pair identical, or anything :func:`~fedlora.data.instructions.load_instructions` refuses.
     """
-    path = Path(spec)
-    if not (template or label_words) and spec != DEFAULT_DATASET and path.exists():
+    path = locate(spec)
+    here = path.exists() or is_pattern(path)
+    if not (template or label_words) and spec != DEFAULT_DATASET and here:
         rows = read_rows(path)
         if not rows:
             raise UserError(f"data file {spec!r} has no rows")
@@ -164,4 +165,4 @@ def load_preferences(spec: str, text_column: str, label_column: str, template: s
                             " --task dpo reads prompt/chosen/rejected, chat chosen/rejected message lists,"
                             " or a labeled file with --label-words")
     ds = load_instructions(spec, text_column, label_column, template, label_words)
-    return drop_identical(_from_answers(ds, seed), path.name if path.exists() else spec)
+    return drop_identical(_from_answers(ds, seed), path.name if here else spec)

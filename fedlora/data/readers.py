@@ -11,6 +11,10 @@ that marks a folder:
 * a folder written by ``datasets``' ``save_to_disk``: a ``Dataset`` (``state.json``), or a
   ``DatasetDict`` (``dataset_dict.json``) of one split.
 
+A name pattern (``shards/train-*.parquet``: ``*``, ``?`` or ``[...]`` in its last part) reads every
+matching file in name order, all in one form. A hub dataset id, ``ORG/NAME`` or ``ORG/NAME:SPLIT``,
+is its split's files in the local Hugging Face cache (:mod:`fedlora.data.hubdata`).
+
 Every form gives the same rows, a dict per row keyed by column in the file's column order, so the
 column rules of each task (:mod:`fedlora.data.loading`, :mod:`fedlora.data.instructions`,
 :mod:`fedlora.data.choices`) hold for all of them alike. JSON, Parquet and ``datasets`` values keep
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from fedlora.data.hubdata import locate_hub_dataset
 from fedlora.errors import UserError, first_line
 
 Rows = list[dict]
@@ -173,14 +178,47 @@ def forms() -> str:
             if suffixes else "a datasets.save_to_disk folder")
 
 
+def is_pattern(path: Path) -> bool:
+    """Whether ``path`` names files by a pattern (``*``, ``?`` or ``[`` in its last part)."""
+    return any(c in path.name for c in "*?[")
+
+
+def locate(path: Path | str) -> Path:
+    """``path``, or the cached files of the hub dataset id it is (:mod:`fedlora.data.hubdata`)."""
+    suffixes = tuple(s for r in READERS.values() for s in r.suffixes)
+    return locate_hub_dataset(str(path), suffixes) or Path(path)
+
+
+def _matches(path: Path) -> list[Path]:
+    found = sorted(p for p in path.parent.glob(path.name) if p.is_file())
+    if not found:
+        raise UserError(f"no data file matches {str(path)!r}")
+    return found
+
+
+def _each(read: Callable[[Path], list]) -> Callable[[Path], list]:
+    """``read`` over every file a pattern matches, in name order, as one list."""
+    return lambda pattern: [item for f in _matches(pattern) for item in read(f)]
+
+
 def reader_for(path: Path) -> Reader:
-    """The form of ``path``.
+    """The form of ``path`` (a located path: :func:`locate`); for a pattern, the form of the files it
+    matches, reading them all in name order.
 
     Raises
     ------
     UserError
-        ``path`` does not exist, or is in no form of :data:`READERS`.
+        ``path`` does not exist, is in no form of :data:`READERS`, or names files of several forms.
     """
+    if is_pattern(path):
+        files = _matches(path)
+        kinds = {reader_for(f).name for f in files}
+        if len(kinds) > 1:
+            raise UserError(f"{str(path)!r} matches files of several forms ({', '.join(sorted(kinds))});"
+                            " narrow the pattern")
+        one = READERS[kinds.pop()]
+        return Reader(f"{one.name} files", _each(one.rows), one.suffixes, typed=one.typed,
+                      cells=one.cells and _each(one.cells))
     if not path.exists():
         raise UserError(f"data file {str(path)!r} not found")
     found = next((r for r in READERS.values() if r.reads(path)), None)
@@ -190,6 +228,8 @@ def reader_for(path: Path) -> Reader:
     return found
 
 
-def read_rows(path: Path) -> Rows:
-    """The rows of ``path`` (a dict per row), in whichever form it is."""
+def read_rows(path: Path | str) -> Rows:
+    """The rows of ``path`` (a dict per row), in whichever form it is; a hub dataset id is located
+    first."""
+    path = locate(path)
     return reader_for(path).rows(path)

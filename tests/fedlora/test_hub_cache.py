@@ -137,3 +137,55 @@ def test_fedlora_sim_on_parquet_and_a_hub_id_equals_csv_and_folder(tiny_bert_dir
     same = ("round", "accuracy", "loss", "bytes_up", "bytes_down", "agg_error")
     assert [[r[k] for k in same] for r in rows["csv"]] == [[r[k] for k in same] for r in rows["parquet"]]
     assert no_network == []
+
+
+def cache_dataset(cache: Path, repo_id: str, files: dict[str, bytes]) -> Path:
+    """Lay ``files`` (path in the repository -> bytes) out as the cache holds a dataset download."""
+    snapshot = cache / f"datasets--{repo_id.replace('/', '--')}" / "snapshots" / COMMIT
+    for name, data in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes(data)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(COMMIT)
+    return snapshot
+
+
+def _parquet_bytes(rows: list[tuple[str, str]]) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"text": [t for t, _ in rows], "label": [int(y) for _, y in rows]}), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def test_a_cached_hub_dataset_and_a_file_pattern_read_as_the_file(tiny_bert_dir, tiny_csv, hf_cache,
+                                                                   no_network, tmp_path, capsys):
+    # Prepare: the toy CSV as a hub dataset of two train shards and a test file, and as two CSV files
+    with tiny_csv.open() as fh:
+        header, *body = [line.rstrip("\n").rsplit(",", 1) for line in fh]
+    half = len(body) // 2
+    cache_dataset(hf_cache, "tiny-org/toy", {
+        "data/train-00000-of-00002.parquet": _parquet_bytes(body[:half]),
+        "data/train-00001-of-00002.parquet": _parquet_bytes(body[half:]),
+        "data/test-00000-of-00001.parquet": _parquet_bytes(body[:5]), "README.md": b"# toy"})
+    for i, part in enumerate((body[:half], body[half:])):
+        (tmp_path / f"toy-{i}.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in part))
+    job = ["--model", str(tiny_bert_dir), "--num-clients", "2", "--rounds", "1", "--local-steps", "2",
+           "--batch-size", "4", "--rank", "2", "--max-length", "16", "--quiet"]
+    # Execute: the same job from the CSV, the hub id (its train split) and the pattern
+    rows = {}
+    for name, data in (("csv", tiny_csv), ("hub", "tiny-org/toy"), ("pattern", tmp_path / "toy-*.csv")):
+        assert main([*job, "--data", str(data), "--out", str(tmp_path / name)]) == 0
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        rows[name] = [json.loads(line) for line in lines]
+    # Assert: the same metrics; a split the cache lacks, and a dataset not cached, are one line each
+    same = ("round", "accuracy", "loss", "bytes_up")
+    assert [[r[k] for k in same] for r in rows["hub"]] == [[r[k] for k in same] for r in rows["csv"]]
+    assert [[r[k] for k in same] for r in rows["pattern"]] == [[r[k] for k in same] for r in rows["csv"]]
+    capsys.readouterr()
+    refusals = {"tiny-org/toy:validation": "dataset 'tiny-org/toy' in the cache has no 'validation' split"
+                                           " file (data/test-00000-of-00001.parquet,",
+                "tiny-org/absent": "fetch it once with `hf download tiny-org/absent --repo-type dataset`"}
+    for data, message in refusals.items():
+        assert main([*job, "--data", data, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
+    assert no_network == [] and not (tmp_path / "bad").exists()
