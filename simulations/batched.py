@@ -53,6 +53,8 @@ class BatchedTransport:
     def __init__(self, job, coord: Coordinator, on_step: Callable[[int], None] | None = None) -> None:
         self.job, self.coord, self.on_step = job, coord, on_step
         self.budgets: list[Budget] | None = job.budgets
+        for c, steps in coord.ledgers.items():  # a resumed run: the steps each client had taken
+            self.budgets[c].steps = steps
 
     def available(self, rnd: int, clients: list[int]) -> list[int]:
         return clients  # every simulated client answers
@@ -100,6 +102,8 @@ class BatchedTransport:
             if job.fm.config.plan.keep:
                 coord.personal.update({c: extract_kept(job.fm, k) for k, c in enumerate(chunk)})
         uploads, up, report = self._compressed(clients, uploads)
+        if self.budgets is not None:  # kept with the checkpoint, as the personal factors are
+            coord.ledgers = {c: b.steps for c, b in enumerate(self.budgets) if b.steps}
         return Replies(list(clients), uploads, up, down, losses, self._privacy(clients), report=report)
 
     def _compressed(self, clients: list[int], uploads: list[ClientUpload]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from fedlora.errors import UserError, command
-from fedlora.job.checks import check_job_args, check_out_dir, check_track_dir
+from fedlora.job.checks import check_job_args, check_out_dir, check_resume, check_track_dir
 from fedlora.job.configfile import add_config_argument, parse_args
 from fedlora.job.flags import Parser, add_job_arguments, to_config
 from fedlora.job.schema import JobConfig
@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--overwrite", action="store_true",
                      help="replace the results in an existing, non-empty --out folder")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
+    out.add_argument("--resume", action="store_true",
+                     help="continue the stopped run in --out after its last checkpointed round (the same"
+                          " job; --rounds may grow)")
+    out.add_argument("--no-checkpoint", action="store_true",
+                     help="write no checkpoint after each round (a large simulation's kept factors), so"
+                          " the run cannot be resumed")
     return p
 
 
@@ -93,7 +99,13 @@ def check_args(args: argparse.Namespace) -> JobConfig:
         Attack.parse(args.attack)
         if not 1 <= args.attackers <= args.num_clients:
             raise UserError(f"--attack needs --attackers between 1 and --num-clients, got {args.attackers}")
-    check_out_dir(args.out, args.overwrite)
+    if getattr(args, "resume", False):
+        if args.engine == "flower":
+            raise UserError("--resume continues a batched run; Flower's engine keeps its clients' state in"
+                            " Ray, which is gone when the run stops")
+        check_resume(cfg, args.out)
+    else:
+        check_out_dir(args.out, args.overwrite)
     check_track_dir(cfg, args.out)
     resolve_max_length(cfg, quiet=getattr(args, "quiet", False))  # --task sft: from the data
     return cfg
@@ -126,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                   disable=args.quiet) as bar:
         task = bar.add_task(f"{cfg.strategy}: {cfg.num_clients} clients", total=total)
         run(cfg, args.out, on_step=lambda n: bar.advance(task, n),
-            on_round=lambda row: bar.console.print(format_row(row), soft_wrap=True))
+            on_round=lambda row: bar.console.print(format_row(row), soft_wrap=True),
+            checkpoints=not args.no_checkpoint, resume=args.resume)
     console.print(f"wrote {args.out / 'metrics.jsonl'} and {args.out / 'adapter'}")
     return 0
 

@@ -115,19 +115,26 @@ def pass_size(cfg: JobConfig, clients: int, num_labels: int = 2) -> int:
 def train(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = None,
           on_round: Callable[[dict], None] | None = None,
           schedule: Callable[[int], list[int]] | None = None,
-          tracking: Tracking | None = None) -> tuple[Job, Coordinator]:
+          tracking: Tracking | None = None, checkpoints: bool = False,
+          resume: bool = False) -> tuple[Job, Coordinator]:
     """Run the job's rounds, one JSON line per round in ``out_dir/metrics.jsonl``. Returns
     ``(job, coordinator)``: the job's model is then the global one, the coordinator holds the
     state and the rows.
 
     ``schedule``: round -> its clients, in place of ``cfg.sampled`` (to replay the participation
     of a deployed run, whose clients may have died: ``benchmarks/load.py``). ``tracking``: experiment
-    trackers every row also goes to (left open)."""
+    trackers every row also goes to (left open). ``checkpoints``: write the coordinator's checkpoint
+    (with the simulated clients' kept factors, error feedback and DP steps) after every round;
+    ``resume``: continue after the checkpoint in ``out_dir``."""
     t0 = time.perf_counter()
     job = build_job(cfg)
-    sink = RunFolder(out_dir, on_round=on_round, tracking=tracking)
-    sink.begin(cfg)
+    sink = RunFolder(out_dir, checkpoints=checkpoints or resume, on_round=on_round, tracking=tracking)
     coord = Coordinator(cfg, job.strategy, job.fm, job.test, job.public)
+    if resume:
+        coord.restore(out_dir)
+        sink.resume(coord.rows)
+    else:
+        sink.begin(cfg)
     sink.export = lambda rnd, folder: export_model(job.fm, coord.state, folder, job.model_path,
                                                    job.task.peft_task_type)
     loop.run(coord, BatchedTransport(job, coord, on_step), sink, schedule, started=t0)
@@ -137,16 +144,16 @@ def train(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None =
 def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = None,
         on_round: Callable[[dict], None] | None = None,
         schedule: Callable[[int], list[int]] | None = None,
-        tracking: Tracking | None = None) -> list[dict]:
+        tracking: Tracking | None = None, checkpoints: bool = False, resume: bool = False) -> list[dict]:
     """:func:`train`, then export the final adapter to ``out_dir/adapter``. Returns the metric rows.
 
     ``tracking``: experiment trackers the caller opened, which get the rows and the adapter and which
     the caller ends (``fedlora-compare``); default: the job's own (``cfg.track``), ended here."""
     own = tracking is None
     if own:
-        tracking = Tracking.open(cfg, out_dir)
+        tracking = Tracking.open(cfg, out_dir, fresh=not resume)
     try:
-        job, coord = train(cfg, out_dir, on_step, on_round, schedule, tracking)
+        job, coord = train(cfg, out_dir, on_step, on_round, schedule, tracking, checkpoints, resume)
         export_model(job.fm, coord.state, out_dir / "adapter", job.model_path, job.task.peft_task_type)
     except BaseException:
         if own and tracking is not None:

@@ -8,6 +8,7 @@ job that arrives as a Flower run config is checked as its flags would be. Each c
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 from fedlora.errors import UserError
@@ -15,6 +16,7 @@ from fedlora.job.defaults import measures_clip
 from fedlora.job.flags import flag_name
 from fedlora.job.schema import JobConfig
 from fedlora.models.hub import QUANTIZE, check_model_name, require_bitsandbytes
+from fedlora.rounds.checkpoint import find_checkpoint, load_checkpoint
 from fedlora.rounds.compress import parse_scheme
 from fedlora.rounds.tracking import TRACKERS
 from fedlora.strategies import STRATEGIES
@@ -274,3 +276,26 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {str(out)!r} already has results; pass --overwrite to"
                         " replace them or choose another folder")
+
+
+#: Job fields a resumed run may change: how far it goes, where it runs, what it reports and saves.
+RESUME_MAY_CHANGE = ("rounds", "device", "eval_every", "save_every", "track", "eval_batch_size",
+                     "max_clients_per_pass")
+
+
+def check_resume(cfg: JobConfig, out: Path) -> None:
+    """Refuse ``--resume`` without a checkpoint in ``out``, one whose job differs from ``cfg`` (but in
+    :data:`RESUME_MAY_CHANGE`), or one already past ``cfg.rounds``, in one line each."""
+    found = find_checkpoint(out) if out.is_dir() else None
+    if found is None:
+        raise UserError(f"--resume: {str(out)!r} holds no checkpoint of a run (fedlora-sim writes one after"
+                        " every round unless --no-checkpoint); run without --resume")
+    blob = load_checkpoint(found)
+    saved = blob["config"]
+    for name, value in asdict(cfg).items():
+        if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value:
+            raise UserError(f"--resume: the stopped run's {flag_name(name)} was {saved[name]!r}, not"
+                            f" {value!r}; resume with the run's own flags (--config {out / 'config.json'})")
+    if blob["round"] > cfg.rounds:
+        raise UserError(f"--resume: the run in {str(out)!r} is past round {cfg.rounds} already (round"
+                        f" {blob['round']}); pass --rounds {blob['round']} or more")

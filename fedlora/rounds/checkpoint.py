@@ -4,7 +4,7 @@ A checkpoint (format 1) is one safetensors file, :data:`CHECKPOINT`. Its tensors
 of the coordinator's blob, named ``<n>:<where>`` (``n`` counts from 0, ``where`` is the tensor's
 place, e.g. ``2:state/factors/layer.0/0``); its metadata's one key, ``fedlora``, is a JSON document
 ``{"format": 1, "<blob key>": V, ...}`` (keys ``config``, ``round``, ``rows``, ``fresh_seed``,
-``clip``, ``state``, ``folds``, ``gen``, ``personal``, ``residual``), with ``V`` one of
+``clip``, ``state``, ``folds``, ``gen``, ``personal``, ``residual``, ``ledgers``), with ``V`` one of
 
 * ``{"json": x}``: a value without tensors that JSON keeps as it is (str-keyed dicts, lists, numbers);
 * ``{"tensor": name, "device": "cpu"}``: a tensor (back on its device when that device exists);

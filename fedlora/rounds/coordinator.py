@@ -70,6 +70,7 @@ class Coordinator:
         self.codec = upload_codec(cfg, strategy)                 # --compress: the uploads' coding
         self.down = parse_scheme(cfg.compress_down)  # downloads: the state is kept at this precision
         self.residual: dict[object, dict[str, Tensor]] = {}  # simulated clients' error feedback
+        self.ledgers: dict[object, int] = {}          # simulated clients' DP-SGD steps taken
         self._reference: tuple[tuple[int, int], dict[str, Tensor]] | None = None  # reference() of a state
 
     # ---- state ----
@@ -260,7 +261,7 @@ class Coordinator:
         blob = {"config": asdict(self.cfg), "round": self.round, "state": self.state,
                 "folds": self.folds, "gen": self.gen.get_state(), "fresh_seed": self.fresh_seed,
                 "rows": self.rows, "personal": self.personal, "clip": self.clip,
-                "residual": self.residual}
+                "residual": self.residual, "ledgers": self.ledgers}
         return save_checkpoint(out_dir, blob)
 
     def restore(self, path: Path) -> None:
@@ -276,6 +277,7 @@ class Coordinator:
         self.fresh_seed = blob["fresh_seed"]
         self.personal = blob.get("personal", {})
         self.residual = blob.get("residual", {})
+        self.ledgers = blob.get("ledgers", {})
         self.clip = blob.get("clip")
         if self.clip is None and measures_clip(self.cfg):
             # written before the clip was measured: its clients clipped at the recipe's clip; keep it
