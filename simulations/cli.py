@@ -103,7 +103,7 @@ def check_args(args: argparse.Namespace) -> JobConfig:
         if args.engine == "flower":
             raise UserError("--resume continues a batched run; Flower's engine keeps its clients' state in"
                             " Ray, which is gone when the run stops")
-        check_resume(cfg, args.out)
+        args.resumed = check_resume(cfg, args.out)
     else:
         check_out_dir(args.out, args.overwrite)
     check_track_dir(cfg, args.out)
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                    client_cpus=args.client_cpus, client_gpus=args.client_gpus)
         console.print(f"wrote {args.out / 'metrics.jsonl'} and {args.out / 'adapter'}")
         return 0
+    if args.resume:
+        console.print(f"resuming {args.out} after round {args.resumed} of {cfg.rounds}")
     total = cfg.rounds * cfg.local_steps * len(cfg.sampled(1))  # client-steps
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), console=console,

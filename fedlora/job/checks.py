@@ -283,9 +283,10 @@ RESUME_MAY_CHANGE = ("rounds", "device", "eval_every", "save_every", "track", "e
                      "max_clients_per_pass")
 
 
-def check_resume(cfg: JobConfig, out: Path) -> None:
-    """Refuse ``--resume`` without a checkpoint in ``out``, one whose job differs from ``cfg`` (but in
-    :data:`RESUME_MAY_CHANGE`), or one already past ``cfg.rounds``, in one line each."""
+def check_resume(cfg: JobConfig, out: Path) -> int:
+    """The last round of the stopped run in ``out``. Refuses ``--resume`` without a checkpoint there,
+    one whose job differs from ``cfg`` (but in :data:`RESUME_MAY_CHANGE`), or one already past
+    ``cfg.rounds``, in one line each."""
     found = find_checkpoint(out) if out.is_dir() else None
     if found is None:
         raise UserError(f"--resume: {str(out)!r} holds no checkpoint of a run (fedlora-sim writes one after"
@@ -299,3 +300,4 @@ def check_resume(cfg: JobConfig, out: Path) -> None:
     if blob["round"] > cfg.rounds:
         raise UserError(f"--resume: the run in {str(out)!r} is past round {cfg.rounds} already (round"
                         f" {blob['round']}); pass --rounds {blob['round']} or more")
+    return blob["round"]
