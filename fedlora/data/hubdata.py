@@ -7,9 +7,11 @@ reading nothing but the file system: nothing is ever downloaded.
 
 A file belongs to split ``S`` when ``S`` is a whole part of its path inside the snapshot (split by
 ``/``, ``-``, ``_`` and ``.``: ``data/train-00000-of-00002.parquet``, ``train.jsonl``,
-``sst2/train/0.parquet``). Without ``:SPLIT`` the split is ``train``, and a repository of one data
-file (``alpaca_data.json``) is that file, whatever its name. A split in several shard files becomes
-the pattern of their names (``data/train-*.parquet``), whose rows are read in name order.
+``sst2/train/0.parquet``); ``CONFIG/S`` names a configuration's split, every part a whole part of
+the path (``cais/mmlu:all/test`` is ``all/test-00000-of-00001.parquet``). Without ``:SPLIT`` the split
+is ``train``, and a repository of one data file (``alpaca_data.json``) is that file, whatever its
+name. A split in several shard files becomes the pattern of their names (``data/train-*.parquet``),
+whose rows are read in name order.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 from fedlora.errors import UserError
 
 #: ``ORG/NAME`` with an optional ``:SPLIT``.
-HUB_DATASET = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<split>[\w.-]+))?")
+HUB_DATASET = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)"
+                         r"(?::(?P<split>[\w.-]+(?:/[\w.-]+)*))?")
 DEFAULT_SPLIT = "train"
 
 
@@ -43,7 +46,8 @@ def snapshot(repo: str) -> Path | None:
 
 
 def _in_split(relative: str, split: str) -> bool:
-    return split.lower() in re.split(r"[/_.-]", relative.lower())
+    parts = re.split(r"[/_.-]", relative.lower())
+    return all(part in parts for part in split.lower().split("/"))
 
 
 def locate_hub_dataset(spec: str, suffixes: tuple[str, ...]) -> Path | None:
@@ -59,20 +63,24 @@ def locate_hub_dataset(spec: str, suffixes: tuple[str, ...]) -> Path | None:
     match = HUB_DATASET.fullmatch(spec)
     if match is None or Path(spec).expanduser().exists():
         return None
-    repo, split = match["repo"], match["split"]
+    repo, split = match["repo"], match["split"] or DEFAULT_SPLIT
     home = snapshot(repo)
     if home is None:
         raise UserError(f"data {spec!r} is not a local file or folder, nor a dataset in the Hugging Face"
                         f" cache ({hub_cache()}); nothing is downloaded at run time: fetch it once with"
                         f" `hf download {repo} --repo-type dataset`")
     files = sorted(p for p in home.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
-    named = [p for p in files if _in_split(p.relative_to(home).as_posix(), split or DEFAULT_SPLIT)]
-    if not named and split is None and len(files) == 1:
+    named = [p for p in files if _in_split(p.relative_to(home).as_posix(), split)]
+    if not named and match["split"] is None and len(files) == 1:
         named = files
     if not named:
         listed = ", ".join(p.relative_to(home).as_posix() for p in files[:6]) or "no data files"
-        raise UserError(f"dataset {repo!r} in the cache has no {split or DEFAULT_SPLIT!r} split file"
-                        f" ({listed}); name a split as {repo}:SPLIT, or pass a file's path")
+        raise UserError(f"dataset {repo!r} in the cache has no {split!r} split file ({listed}); name a"
+                        f" split as {repo}:SPLIT, or pass a file's path")
+    folders = sorted({p.parent.relative_to(home).as_posix() for p in named})
+    if len(folders) > 1:
+        raise UserError(f"dataset {repo!r} has {split!r} files in {len(folders)} folders"
+                        f" ({', '.join(folders[:5])}); name one as {repo}:{folders[0]}/{split}")
     return named[0] if len(named) == 1 else shard_pattern(named, repo)
 
 

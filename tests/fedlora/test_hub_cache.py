@@ -189,3 +189,27 @@ def test_a_cached_hub_dataset_and_a_file_pattern_read_as_the_file(tiny_bert_dir,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0]
     assert no_network == [] and not (tmp_path / "bad").exists()
+
+
+def test_a_configuration_split_and_a_one_file_repository(hf_cache):
+    # Prepare: MMLU's layout (one folder per configuration) and alpaca's (one JSON file)
+    from fedlora.data.instructions import load_instructions
+
+    def mmlu(subject: str) -> bytes:
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"question": [f"{subject} q{i}" for i in range(3)], "subject": [subject] * 3,
+                                 "choices": [["a", "b", "c", "d"]] * 3, "answer": [0, 1, 2]}), sink)
+        return sink.getvalue().to_pybytes()
+
+    cache_dataset(hf_cache, "cais/mmlu",
+                  {f"{s}/test-00000-of-00001.parquet": mmlu(s) for s in ("all", "anatomy")})
+    cache_dataset(hf_cache, "tatsu/alpaca", {"alpaca_data.json": json.dumps(
+        [{"instruction": "Say hi.", "input": "", "output": "Hi."}]).encode()})
+    # Execute / Assert
+    ds = load_instructions("cais/mmlu:anatomy/test", "text", "label")
+    assert ds.texts == ["anatomy q0", "anatomy q1", "anatomy q2"] and ds.labels == [0, 1, 2]
+    with pytest.raises(UserError, match=r"^dataset 'cais/mmlu' has 'test' files in 2 folders"
+                                        r" \(all, anatomy\); name one as cais/mmlu:all/test$"):
+        load_instructions("cais/mmlu:test", "text", "label")
+    alpaca = load_instructions("tatsu/alpaca", "text", "label")   # no train file: the one file
+    assert (alpaca.texts, alpaca.responses) == (["Say hi."], ["Hi."])
