@@ -112,6 +112,11 @@ class JobConfig:
                             " instead of the clients' data; --head public trains the head on it and"
                             " --public-steps the adapters",
                             group="strategy options")
+    init_adapter: str = option("", "start from an exported PEFT LoRA adapter of --model (runs/NAME/adapter):"
+                               " its update is folded into the frozen base, exactly (beside a quantized"
+                               " one), and its head loaded, so round 0 is that model; the new adapters"
+                               " train on top of it, DPO's reference is it, and the export holds both",
+                               group="strategy options", metavar="DIR")
     public_steps: int = option(0, "a public warm start: the server trains the adapters this many"
                                " (non-private) local steps on --init-data before round 1, at no"
                                " privacy cost, and round 1 starts from the strategy's aggregate of"

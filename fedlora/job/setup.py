@@ -24,6 +24,7 @@ import torch
 from fedlora.data.loading import TextDataset, partition, split
 from fedlora.errors import UserError
 from fedlora.job.schema import JobConfig
+from fedlora.models.adapter import fold_into_base, read_adapter
 from fedlora.models.hub import load_model, load_tokenizer
 from fedlora.models.model import AdapterConfig, FederatedModel
 from fedlora.strategies import AdapterPlan
@@ -127,6 +128,8 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan,
             fold_rank=cfg.fold_rank))
     except ValueError as exc:  # nothing matches --target-modules, or the model cannot checkpoint
         raise UserError(str(exc)) from None
+    if cfg.init_adapter:  # before the heads are zeroed or frozen: round 0 is base + this adapter
+        fold_into_base(fm, read_adapter(cfg.init_adapter), cfg.model, path)
     if cfg.head == "zero":
         fm.zero_heads()
     fm.freeze_heads(cfg.head in ("frozen", "public"))  # public: the server trains it before round 1

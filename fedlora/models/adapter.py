@@ -1,5 +1,6 @@
 """Read an exported PEFT LoRA adapter back, check it against a base model, load it into a
-:class:`~fedlora.models.model.FederatedModel` (``fedlora-eval``).
+:class:`~fedlora.models.model.FederatedModel` (``fedlora-eval``), or fold it into the frozen base a job
+starts from (``--init-adapter``: :func:`fold_into_base`).
 
 An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with
 ``base_model.model.<layer>.lora_A.weight`` (``r × d_in``) and ``…lora_B.weight`` (``d_out × r``)
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from fedlora.errors import UserError
 from fedlora.models.export import PREFIX
+from fedlora.models.lora import linear_shape
 from fedlora.models.model import LINEAR_TYPES, layer_dims
 from fedlora.strategies import GlobalState
 
@@ -158,3 +160,31 @@ def padded_state(adapter: PeftAdapter, rank: int) -> GlobalState:
         factors[layer] = (torch.cat([A, A.new_zeros(extra, A.shape[1])]),
                           torch.cat([B, B.new_zeros(B.shape[0], extra)], dim=1))
     return GlobalState(factors=factors, scale=1.0, head=dict(adapter.head))
+
+
+def fold_into_base(fm, adapter: PeftAdapter, model: str, path: Path) -> None:
+    """Fold ``adapter``'s update ``B A`` into ``fm``'s frozen base (``--init-adapter``): into the weight
+    (in its dtype), or as the exact residual beside a quantized one (:meth:`BatchedLoRALinear.fold`);
+    load its head into every slot; and keep its factors in ``fm.base_factors``, which the export adds
+    to the job's own, so the exported adapter is the whole update from the base ``path``.
+
+    Raises
+    ------
+    UserError
+        The adapter was trained on another base, or adapts a layer this job does not (one line).
+    """
+    shapes = {name: linear_shape(layer) for name, layer in fm.adapters.items()}
+    missing = sorted(set(adapter.factors) - set(shapes))
+    if missing:
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in adapter.factors})
+        raise UserError(f"--init-adapter {str(adapter.path)!r} adapts {missing[0]} ({len(missing)} layers in"
+                        f" all) that this job does not: pass --target-modules {' '.join(kinds)}")
+    check_adapter(adapter, model, path, shapes)
+    for name, (A, B) in adapter.factors.items():
+        fm.adapters[name].fold(A, B, exact=True)
+    for name, head in fm.heads.items():
+        for key in head.slot_keys:
+            if f"{name}.{key}" in adapter.head:
+                with torch.no_grad():
+                    getattr(head, key)[:] = adapter.head[f"{name}.{key}"].to(getattr(head, key))
+    fm.base_factors = dict(adapter.factors)

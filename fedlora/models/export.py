@@ -26,11 +26,15 @@ from fedlora.strategies import GlobalState
 PREFIX = "base_model.model."
 
 
-def export_factors(state: GlobalState, layers: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Layer -> ``(A, B)`` with ``B A`` the layer's whole update (scale 1)."""
+def export_factors(state: GlobalState, layers: list[str], base: dict | None = None
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Layer -> ``(A, B)`` with ``B A`` the layer's whole update (scale 1); ``base``: factors folded
+    into the base before training (``--init-adapter``), which the update then starts from."""
     out = {}
     for layer in layers:
         us, vs = state.delta(layer)
+        if base and layer in base:
+            us, vs = [base[layer][1], *us], [base[layer][0], *vs]
         if not us:
             raise ValueError(f"the global state has no update for layer {layer!r}")
         out[layer] = (torch.cat(vs, dim=0).float().contiguous(),
@@ -39,7 +43,8 @@ def export_factors(state: GlobalState, layers: list[str]) -> dict[str, tuple[tor
 
 
 def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base_model: str,
-                task_type: str, head_modules: list[str], fan_in_fan_out: bool = False) -> Path:
+                task_type: str, head_modules: list[str], fan_in_fan_out: bool = False,
+                base: dict | None = None) -> Path:
     """Write ``out_dir/adapter_config.json`` and ``adapter_model.safetensors``.
 
     Parameters
@@ -59,9 +64,12 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
     fan_in_fan_out : bool
         The targets are transformers ``Conv1D`` layers (GPT-2), whose weight PEFT stores
         ``d_in × d_out``; the factors are the same, only PEFT's merge transposes ``B A``.
+    base : dict, optional
+        Layer -> ``(A, B)`` folded into the base before training (``--init-adapter``): exported
+        with the state's update, so the adapter is the whole update from ``base_model``.
     """
     out_dir = Path(out_dir)
-    factors = export_factors(state, layers)
+    factors = export_factors(state, layers, base)
     tensors = {}
     for layer, (A, B) in factors.items():
         tensors[f"{PREFIX}{layer}.lora_A.weight"] = A
@@ -93,9 +101,10 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
 
 def export_model(fm, state: GlobalState, out_dir: str | Path, base_model: str, task_type: str) -> Path:
     """:func:`export_peft` of a ``FederatedModel``'s global ``state``: ``fm``'s adapted layers, its
-    task heads, and whether its targets were ``Conv1D`` layers (``fm.transposed``)."""
+    task heads, whether its targets were ``Conv1D`` layers (``fm.transposed``), and what was folded
+    into its base before training (``fm.base_factors``)."""
     return export_peft(state, list(fm.adapters), out_dir, base_model, task_type, list(fm.heads),
-                       fan_in_fan_out=bool(fm.transposed))
+                       fan_in_fan_out=bool(fm.transposed), base=fm.base_factors)
 
 
 def write_adapter(out_dir: Path, tensors: dict, config: dict) -> Path:

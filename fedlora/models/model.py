@@ -170,6 +170,8 @@ class FederatedModel(nn.Module):
         names, used = find_targets(model, config.target_modules)
         config.resolved_targets = used
         self.adapters: dict[str, BatchedLoRALinear] = {}
+        #: Layer -> ``(A, B)`` folded into the base before training (``--init-adapter``), exported too.
+        self.base_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         #: Targets that were ``Conv1D`` layers (PEFT's ``fan_in_fan_out`` on export).
         self.transposed = [name for name in names if isinstance(model.get_submodule(name), Conv1D)]
         for name in names:

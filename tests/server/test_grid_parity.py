@@ -163,6 +163,21 @@ def test_per_round_adapters_of_a_deployment_equal_the_simulators(tiny_bert_dir, 
                for k, v in saved(tmp_path / "sim", 1).items())
 
 
+def test_a_deployment_from_an_init_adapter_matches_the_simulator(tiny_bert_dir, tiny_csv, tmp_path):
+    # Prepare: a 1-round run's adapter (with its head), the start of a 2-round FedEx-LoRA job
+    first = ["--rounds", "1", *job(tiny_bert_dir, tiny_csv)]
+    simulate(first, tmp_path / "first")
+    flags = ["--rounds", "2", "--strategy", "fedex-lora", "--init-adapter",
+             str(tmp_path / "first" / "adapter"), *job(tiny_bert_dir, tiny_csv)]
+    # Execute: the server and every client fold it into their base
+    want = simulate(flags, tmp_path / "sim")
+    got = deploy(flags, tmp_path / "grid", 2)
+    # Assert: round 0 is the first run's model, and both engines reach the same adapter
+    assert got[0]["accuracy"] == want[0]["accuracy"] == rows(tmp_path / "first")[-1]["accuracy"]
+    assert got[0]["loss"] == pytest.approx(rows(tmp_path / "first")[-1]["loss"], abs=1e-6)
+    assert_same_adapter(tmp_path / "sim", tmp_path / "grid", rtol=1e-5, atol=1e-6)
+
+
 def test_fold_rank_over_nf4_deployment_matches_the_simulator(tiny_llama_dir, tmp_path):
     # Prepare: FLoRA over a 4-bit base, residuals truncated to 3 directions (each round folds 8):
     # from round 2 on every deployed client trains over the residual it truncated itself
