@@ -18,6 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
+from fedlora.data.readers import is_pattern, locate
 from fedlora.errors import UserError, command
 from fedlora.job.flags import Parser
 from fedlora.net.process import die_with_parent
@@ -57,8 +58,10 @@ def check_args(args: argparse.Namespace) -> None:
     parse_address(args.server, "--server")
     if (args.data is None) == (args.partition_id is None):
         raise UserError("give either --data FILE or --partition-id N --num-partitions M")
-    if args.data is not None and not args.data.exists():  # a file, or a datasets.save_to_disk folder
-        raise UserError(f"--data {str(args.data)!r}: file not found")
+    if args.data is not None:  # a file, a datasets.save_to_disk folder, a pattern or a cached hub id
+        located = locate(args.data)
+        if not located.exists() and not (is_pattern(located) and any(located.parent.glob(located.name))):
+            raise UserError(f"--data {str(args.data)!r}: file not found")
     if args.partition_id is not None:
         if args.num_partitions is None or args.num_partitions < 1:
             raise UserError("--partition-id needs --num-partitions M (M ≥ 1)")
@@ -84,7 +87,7 @@ def node_config(args: argparse.Namespace) -> str:
         items["partition-id"] = args.partition_id
         items["num-partitions"] = args.num_partitions
     if args.data is not None:
-        items["data"] = str(args.data.expanduser().resolve())
+        items["data"] = str(locate(args.data).expanduser().resolve())  # as this machine finds it
     client_id = args.client_id if args.client_id is not None else (args.partition_id or 0)
     items["client-id"] = client_id
     return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in items.items())

@@ -95,6 +95,29 @@ def test_client_bad_arguments(capsys, argv, words):
     assert words in one_line_error(capsys, client_main(argv))
 
 
+def test_client_data_as_a_pattern_or_a_cached_hub_id_reaches_the_clientapp_as_this_machine_finds_it(
+        tmp_path, monkeypatch, capsys):
+    # Prepare: two shards, and an HF cache holding a dataset with one train file
+    from fedlora.clients.cli import build_parser, check_args, node_config
+
+    for i in range(2):
+        (tmp_path / f"part-{i}.csv").write_text("text,label\na,0\n")
+    snapshot = tmp_path / "cache" / "datasets--org--toy" / "snapshots" / "c0"
+    snapshot.mkdir(parents=True)
+    (snapshot / "train.jsonl").write_text('{"text": "a", "label": 0}\n')
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    base = ["--server", "127.0.0.1:8000", "--insecure", "--data"]
+    # Execute / Assert: each passes the checks and reaches the node config as a local path
+    cases = ((str(tmp_path / "part-*.csv"), tmp_path / "part-*.csv"), ("org/toy", snapshot / "train.jsonl"))
+    for data, want in cases:
+        args = build_parser().parse_args([*base, data])
+        check_args(args)
+        assert f"data={str(want.resolve())!r}" in node_config(args)
+    absent = one_line_error(capsys, client_main([*base, "org/absent"]))
+    assert "fetch it once with `hf download org/absent" in absent
+    assert "file not found" in one_line_error(capsys, client_main([*base, str(tmp_path / "none-*.csv")]))
+
+
 def test_client_bad_certificate_and_key(capsys, files):
     base = ["--server", "127.0.0.1:8000", "--partition-id", "0", "--num-partitions", "1"]
     code = client_main([*base, "--root-certificates", str(files["junk"])])
