@@ -141,6 +141,9 @@ def check_fold_rank(args) -> None:
         raise UserError("--fold-rank bounds the residual kept beside a quantized base; without --quantize"
                         " folds go into the weights exactly, at no cost in rank: drop --fold-rank or"
                         " pass --quantize nf4")
+    if getattr(args, "init_adapter", ""):
+        raise UserError("--fold-rank would truncate --init-adapter's update together with the folds, and the"
+                        " export could not tell them apart: drop one of them")
 
 
 def check_task_args(args) -> None:

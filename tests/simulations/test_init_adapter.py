@@ -56,7 +56,10 @@ def test_an_adapter_of_other_layers_or_another_base_is_refused_in_one_line(tiny_
     cases = [([*job, "--model", str(tiny_chat_llama_dir)], "that this job does not: pass --target-modules"
               " down_proj gate_proj k_proj o_proj q_proj up_proj v_proj"),
              ([*job, "--model", str(tiny_llama_dir), "--chat-template", "plain", "--target-modules",
-               "all-linear"], "was trained on")]
+               "all-linear"], "was trained on"),
+             ([*job, "--model", str(tiny_chat_llama_dir), "--target-modules", "all-linear", "--strategy",
+               "flora", "--quantize", "nf4", "--fold-rank", "2"],
+              "--fold-rank would truncate --init-adapter's update")]
     for argv, message in cases:
         # Execute
         code = sim([*argv, "--init-adapter", adapter, "--out", str(tmp_path / "bad")])
