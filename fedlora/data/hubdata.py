@@ -61,8 +61,8 @@ def locate_hub_dataset(spec: str, suffixes: tuple[str, ...]) -> Path | None:
         the split apart.
     """
     match = HUB_DATASET.fullmatch(spec)
-    if match is None or Path(spec).expanduser().exists():
-        return None
+    if match is None or Path(spec).expanduser().exists() or spec.lower().endswith(suffixes):
+        return None  # a path (a missing data/train.csv is a file not found, not a hub id)
     repo, split = match["repo"], match["split"] or DEFAULT_SPLIT
     home = snapshot(repo)
     if home is None:

@@ -36,6 +36,8 @@ def test_missing_column_and_file_errors_are_one_line(tmp_path):
         load_file(f, label_column="y")
     with pytest.raises(UserError, match="not found"):
         load_file(tmp_path / "nope.csv")
+    with pytest.raises(UserError, match="^data file 'data/nope.csv' not found$"):  # not a hub dataset id
+        load_file("data/nope.csv")
     with pytest.raises(UserError, match="unsupported data file"):
         (tmp_path / "x.xlsx").write_text("")
         load_file(tmp_path / "x.xlsx")
