@@ -154,15 +154,23 @@ def sst2_dpo(args: argparse.Namespace) -> dict:
     return {"study": "sst2-dpo", "command": command, "rows": rows, "seconds": time.perf_counter() - t0}
 
 
+def _cell(value, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    """One table cell: ``value`` formatted, or — for a round that was not scored (``--eval-every``)."""
+    return "—" if value is None else f"{scale * value:{spec}}{unit}"
+
+
 def dpo_report(result: dict) -> str:
-    """The DPO study as Markdown: the command, then round 0 and the last round of each strategy."""
+    """The DPO study as Markdown: the command, then round 0 and the last round of each strategy (— in
+    a round that was not scored)."""
     lines = [f"`{result['command']}` ({result['seconds']:.0f} s in all)", "",
              "| run | answer accuracy | reward accuracy | reward margin | DPO loss | examples | train s |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {100 * r['answer_accuracy']:.1f}% |"
-                     f" {100 * r['reward_accuracy']:.1f}% | {r['reward_margin']:.3f} | {r['loss']:.3f} |"
-                     f" {r['eval_examples']} | {r.get('train_seconds', 0.0):.0f} |")
+        cells = [_cell(r.get("answer_accuracy"), ".1f", 100, "%"),
+                 _cell(r.get("reward_accuracy"), ".1f", 100, "%"), _cell(r.get("reward_margin"), ".3f"),
+                 _cell(r.get("loss"), ".3f"), str(r.get("eval_examples", "—")),
+                 f"{r.get('train_seconds', 0.0):.0f}"]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

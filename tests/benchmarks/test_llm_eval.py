@@ -64,3 +64,17 @@ def test_dpo_split_samples_pairs_from_the_private_part_and_scores_on_validation(
     private = set(source.read_text().splitlines()[1:])
     validation = set((data / "validation.tsv").read_text().splitlines()[1:])
     assert (len(private), len(validation)) == (177, 20) and not private & validation
+
+
+def test_dpo_report_marks_unscored_rounds(monkeypatch):
+    # Prepare: round 0 of an --eval-every 0 run (no scores) and its scored last round
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    llm_eval = load_script("llm_eval")
+    rows = [{"model": "fedavg, α 1, round 0", "loss": None, "train_seconds": 94.0},
+            {"model": "fedavg, α 1, round 2", "answer_accuracy": 0.846, "reward_accuracy": 0.834,
+             "reward_margin": 0.153, "loss": 0.622, "eval_examples": 872, "train_seconds": 98.0}]
+    # Execute
+    table = llm_eval.dpo_report({"command": "c", "seconds": 1.0, "rows": rows}).splitlines()
+    # Assert
+    assert table[-2] == "| fedavg, α 1, round 0 | — | — | — | — | — | 94 |"
+    assert table[-1] == "| fedavg, α 1, round 2 | 84.6% | 83.4% | 0.153 | 0.622 | 872 | 98 |"
