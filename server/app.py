@@ -89,8 +89,8 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
                             " clients are what they are: drop it from the run config")
         check_track_dir(cfg, out_dir)
         coord, model_path, labels = build_coordinator(cfg)
-        sink.export = lambda rnd, folder: export_model(coord.fm, coord.state, folder, model_path,
-                                                       coord.task.peft_task_type)
+        sink.export = lambda folder: export_model(coord.fm, coord.state, folder, model_path,
+                                                  coord.task.peft_task_type)
         # the SuperLink's limit on client pushes (ingress.py)
         write_limit(out_dir, request_limit(coord.fm, cfg, coord.plan, coord.strategy.init_releases > 0))
         ckpt = find_checkpoint(out_dir)  # checkpoint.safetensors, else an older fedlora's checkpoint.pt
@@ -106,7 +106,7 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
                  cfg.strategy, cfg.rounds, cfg.rank, cfg.num_clients, len(cfg.sampled(1)),
                  settings.min_replies, settings.round_timeout)
         loop.run(coord, FlowerTransport(grid, coord, settings, labels), sink)
-        export_model(coord.fm, coord.state, out_dir / "adapter", model_path, coord.task.peft_task_type)
+        sink.export(out_dir / "adapter")  # the final adapter, as every --save-every one
         if sink.tracking is not None:
             sink.tracking.finish({"adapter": [out_dir / "adapter"]})
     except BaseException as exc:

@@ -135,8 +135,8 @@ def train(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None =
         sink.resume(coord.rows)
     else:
         sink.begin(cfg)
-    sink.export = lambda rnd, folder: export_model(job.fm, coord.state, folder, job.model_path,
-                                                   job.task.peft_task_type)
+    sink.export = lambda folder: export_model(job.fm, coord.state, folder, job.model_path,
+                                              job.task.peft_task_type)
     loop.run(coord, BatchedTransport(job, coord, on_step), sink, schedule, started=t0)
     return job, coord
 

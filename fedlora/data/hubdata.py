@@ -39,8 +39,9 @@ def snapshot(repo: str) -> Path | None:
     """The cached snapshot folder of dataset ``repo`` (its ``main`` revision, else its only one)."""
     root = hub_cache() / f"datasets--{repo.replace('/', '--')}"
     ref = root / "refs" / "main"
-    if ref.is_file() and (root / "snapshots" / ref.read_text().strip()).is_dir():
-        return root / "snapshots" / ref.read_text().strip()
+    main = root / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+    if main is not None and main.is_dir():
+        return main
     found = sorted(p for p in (root / "snapshots").glob("*") if p.is_dir())
     return found[0] if len(found) == 1 else None
 

@@ -129,9 +129,8 @@ def _prompt(value, where: str) -> str | list[dict[str, str]]:
 
 def _response(value, where: str) -> str:
     """A response column's value: text, or the content of a message list's last message."""
-    if isinstance(value, list) or (isinstance(value, str) and value.lstrip().startswith("[{")):
-        return _chat_list(value, where, 1)[-1]["content"]
-    return str(value)
+    said = _prompt(value, where)
+    return said if isinstance(said, str) else said[-1]["content"]
 
 
 def _pairs(rows: list[dict], name: str) -> TextDataset | None:
@@ -147,8 +146,9 @@ def _pairs(rows: list[dict], name: str) -> TextDataset | None:
     ask, answer, extra = form
     prompts, responses = [], []
     for n, r in enumerate(rows, 1):
-        prompt, more = _prompt(r[ask], f"{name} row {n}"), str(r.get(extra) or "").strip() if extra else ""
-        prompts.append(prompt + f"\n\n{more}" if more and isinstance(prompt, str) else prompt)
+        prompt = _prompt(r[ask], f"{name} row {n}")
+        more = str(r.get(extra) or "").strip() if extra else ""
+        prompts.append(f"{prompt}\n\n{more}" if more and isinstance(prompt, str) else prompt)
         responses.append(_response(r[answer], f"{name} row {n}"))
     return TextDataset(prompts, None, [], responses)
 

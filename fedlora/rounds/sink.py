@@ -49,9 +49,9 @@ class RunFolder:
                  on_round: Callable[[dict], None] | None = None, tracking: Tracking | None = None) -> None:
         self.out_dir, self.checkpoints, self.on_round = out_dir, checkpoints, on_round
         self.tracking = tracking
-        #: ``(round, folder) -> None``: exports the global adapter to the folder, for the rounds
-        #: ``--save-every`` names (set by the command that knows the model: engine, server app).
-        self.export: Callable[[int, Path], None] | None = None
+        #: ``folder -> None``: exports the global adapter to the folder, for the rounds ``--save-every``
+        #: names (set by the command that knows the model: engine, server app).
+        self.export: Callable[[Path], None] | None = None
         out_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -77,7 +77,7 @@ class RunFolder:
         if self.checkpoints:
             coord.save(self.out_dir)
         if self.export is not None and coord.cfg.saves(row["round"]):
-            self.export(row["round"], self.out_dir / "adapters" / f"round-{row['round']}")
+            self.export(self.out_dir / "adapters" / f"round-{row['round']}")
         if self.tracking is not None:
             self.tracking.log(row)
         if self.on_round is not None:
