@@ -44,7 +44,8 @@ the baseline too, so the comparison stays between two tuned runs.
 
 ``--public-fraction F`` splits SST-2's training file by source sentence (``benchmarks/splits.py``):
 the clients hold the private part and ``--init-data`` is the public part (for ``--public-steps``,
-the measured DP clip, Fed-SB's initialisation). ``--eval-on validation`` scores the rows on the
+the measured DP clip, Fed-SB's initialisation), or with ``--public-as calibration`` the
+``--quant-calibration`` file of a ``--quant-correction`` job. ``--eval-on validation`` scores the rows on the
 validation part instead of dev, for choosing settings; dev is for the final table. Either puts
 the runs under ``OUT/public{F}-{dev|validation}``.
 
@@ -104,6 +105,9 @@ def data_flags(args: argparse.Namespace) -> list[str]:
     fractions = {"public": args.public_fraction, "validation": args.validation_fraction}
     parts = split_file(args.sst2 / "train.tsv", args.out / "data", fractions, seed=0)
     public = ["--init-data", str(parts["public"])] if args.public_fraction else []
+    if args.public_as == "calibration":  # only a corrected base reads it; the controls get no public file
+        corrected = "--quant-correction" in args.job_flags
+        public = ["--quant-calibration", str(parts["public"])] if corrected else []
     return ["--data", str(parts["private"]), *public, *held_out_flags(args.sst2, parts, args.eval_on)]
 
 
@@ -226,6 +230,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--public-fraction", type=float, default=0.0,
                    help="share of SST-2's training sentences held out as the public --init-data file"
                         " (split by source sentence; 0: no public file, the clients hold every phrase)")
+    p.add_argument("--public-as", choices=("init-data", "calibration"), default="init-data",
+                   help="what the public part is: --init-data, or the --quant-calibration file of the jobs"
+                        " whose --job-flags hold --quant-correction (the others then get none)")
     p.add_argument("--validation-fraction", type=float, default=0.1,
                    help="share of the training sentences held out for --eval-on validation")
     p.add_argument("--finished-only", action="store_true",

@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from fedlora.data.readers import locate, reader_for
 from fedlora.errors import UserError
 from fedlora.job.defaults import measures_clip
 from fedlora.job.flags import flag_name
@@ -102,11 +103,12 @@ def check_init_args(args) -> None:
         where = "folds every round into the base" if strategy.folds else "keeps a factor on each client"
         raise UserError(f"--public-steps starts the global adapters from a public update, but --strategy"
                         f" {args.strategy} {where}: drop --public-steps or choose another strategy")
+    calibrates = getattr(args, "quant_correction", 0) and not getattr(args, "quant_calibration", "")
     if (args.init_data and args.head != "public" and not args.public_steps
-            and not strategy.init_phases):
-        raise UserError(f"--init-data is read by Fed-SB's initialisation, --head public and"
-                        f" --public-steps; --strategy {args.strategy} with --head {args.head} reads none:"
-                        " drop it")
+            and not strategy.init_phases and not calibrates):
+        raise UserError(f"--init-data is read by Fed-SB's initialisation, --head public, --public-steps"
+                        f" and --quant-correction; --strategy {args.strategy} with --head {args.head} reads"
+                        " none: drop it")
 
 
 def check_quantize_args(args) -> None:
@@ -117,6 +119,7 @@ def check_quantize_args(args) -> None:
     if quantize in ("none", "int8") and getattr(args, "double_quant", False):
         raise UserError("--double-quant quantizes the scales of 4-bit blocks: it needs --quantize nf4 or fp4")
     check_fold_rank(args)
+    check_quant_correction(args)
     if quantize == "none":
         return
     if args.model == "minilm":
@@ -144,6 +147,24 @@ def check_fold_rank(args) -> None:
     if getattr(args, "init_adapter", ""):
         raise UserError("--fold-rank would truncate --init-adapter's update together with the folds, and the"
                         " export could not tell them apart: drop one of them")
+
+
+def check_quant_correction(args) -> None:
+    """Refuse a ``--quant-correction`` with nothing to correct, or a calibration file with no correction."""
+    rank = getattr(args, "quant_correction", 0)
+    if rank < 0:
+        raise UserError(f"--quant-correction must be ≥ 1 (0: none), got {rank}")
+    if getattr(args, "quant_calibration", "") and not rank:
+        raise UserError("--quant-calibration sets the input scales of --quant-correction: pass"
+                        " --quant-correction N (e.g. 8), or drop --quant-calibration")
+    if rank and getattr(args, "quantize", "none") == "none":
+        raise UserError("--quant-correction corrects a quantized base's error, and without --quantize the"
+                        " base has none: pass --quantize nf4, or drop --quant-correction")
+    if getattr(args, "quant_calibration", ""):
+        try:
+            reader_for(locate(args.quant_calibration))
+        except UserError as exc:
+            raise UserError(f"--quant-calibration: {exc}") from None
 
 
 def check_task_args(args) -> None:

@@ -22,7 +22,14 @@ from fedlora.data.loading import TextDataset
 from fedlora.errors import UserError
 from fedlora.job.schema import JobConfig
 from fedlora.job.setup import build_model, derived_max_length, resolve_max_length, splits
-from fedlora.models.adapter import PeftAdapter, check_adapter, linear_shapes, padded_state, read_adapter
+from fedlora.models.adapter import (
+    PeftAdapter,
+    check_adapter,
+    check_correction,
+    linear_shapes,
+    padded_state,
+    read_adapter,
+)
 from fedlora.models.hub import load_tokenizer, resolve_model_path
 from fedlora.models.model import FederatedModel
 from fedlora.models.state import apply_global
@@ -79,6 +86,7 @@ def check_adapters(cfg: JobConfig, task: Task, paths: list[Path]) -> list[PeftAd
         shapes = linear_shapes(model_path, task.model_kind)
         for adapter in adapters:
             check_adapter(adapter, cfg.model, model_path, shapes)
+            check_correction(adapter, cfg.quantize)
     return adapters
 
 

@@ -291,6 +291,15 @@ class JobConfig:
                             " quantized base, and report what it costs in every row"
                             " (fold_truncation_error); 0: the whole residual, exactly",
                             group="LLM fine-tuning", metavar="N")
+    quant_correction: int = option(0, "--quantize: put a frozen rank-N correction of each quantized layer's"
+                                   " error beside it (LQER: the SVD of the error weighted by the mean |input|"
+                                   " per channel on --quant-calibration), read from the checkpoint's"
+                                   " unquantized weights; it never trains or travels, and the exported"
+                                   " adapter carries it; 0: none", group="LLM fine-tuning", metavar="N")
+    quant_calibration: str = option("", "--quant-correction: a data file (or folder, as --data) whose first"
+                                    " 32 examples set the input scales; every party must pass the same"
+                                    " (default: --init-data; with neither, the plain SVD of the error)",
+                                    group="LLM fine-tuning", metavar="FILE")
     track: list[str] | None = option(None, "also log every round's metrics (step = round), the job config and"
                                      " the adapter to these experiment trackers, offline by default:"
                                      " tensorboard (event files in --out/tensorboard), mlflow"

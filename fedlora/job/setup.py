@@ -24,7 +24,8 @@ import torch
 from fedlora.data.loading import TextDataset, partition, split
 from fedlora.errors import UserError
 from fedlora.job.schema import JobConfig
-from fedlora.models.adapter import fold_into_base, read_adapter
+from fedlora.models.adapter import check_correction, fold_into_base, read_adapter
+from fedlora.models.correction import CALIBRATION_ROWS, add_correction, calibration_batches
 from fedlora.models.hub import load_model, load_tokenizer
 from fedlora.models.model import AdapterConfig, FederatedModel
 from fedlora.strategies import AdapterPlan
@@ -129,11 +130,31 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan,
     except ValueError as exc:  # nothing matches --target-modules, or the model cannot checkpoint
         raise UserError(str(exc)) from None
     if cfg.init_adapter:  # before the heads are zeroed or frozen: round 0 is base + this adapter
-        fold_into_base(fm, read_adapter(cfg.init_adapter), cfg.model, path)
+        adapter = read_adapter(cfg.init_adapter)
+        check_correction(adapter, cfg.quantize, correcting=bool(cfg.quant_correction))
+        fold_into_base(fm, adapter, cfg.model, path)
+    if cfg.quant_correction:
+        correct_base(fm, cfg, task, tokenizer, path)
     if cfg.head == "zero":
         fm.zero_heads()
     fm.freeze_heads(cfg.head in ("frozen", "public"))  # public: the server trains it before round 1
     return fm.to(torch.device(cfg.device)), tokenizer, str(path)
+
+
+def correct_base(fm: FederatedModel, cfg: JobConfig, task: Task, tokenizer, path) -> None:
+    """``--quant-correction``: the frozen correction beside every quantized layer of ``fm``, its input
+    scales read from the first examples of ``--quant-calibration`` (else ``--init-data``; with
+    neither, none: the plain SVD)."""
+    spec = cfg.quant_calibration or cfg.init_data
+    data = None
+    if spec:
+        flag = "--quant-calibration" if cfg.quant_calibration else "--init-data"
+        try:
+            data = task.encode(tokenizer, task.load(spec, cfg).head(CALIBRATION_ROWS), cfg)
+        except UserError as exc:
+            raise UserError(f"{flag}: {exc}") from None
+    note = {"quantize": cfg.quantize, "rank": cfg.quant_correction, "calibration": spec or None}
+    add_correction(fm, path, cfg.quant_correction, calibration_batches(data), note)
 
 
 #: ``--task sft`` without ``--max-length``: the tokenized length (prompt and response, as rendered)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from fedlora.errors import UserError
+from fedlora.models.correction import read_marker
 from fedlora.models.export import PREFIX
 from fedlora.models.lora import linear_shape
 from fedlora.models.model import LINEAR_TYPES, layer_dims
@@ -52,12 +53,16 @@ class PeftAdapter:
         folded into B).
     head : dict
         Task-head tensors, ``<module>.weight`` / ``<module>.bias``.
+    correction : dict or None
+        The quantization correction its factors hold (``--quant-correction``'s export:
+        :mod:`fedlora.models.correction`), or None.
     """
 
     path: Path
     base_model: str
     factors: dict[str, tuple[Tensor, Tensor]]
     head: dict[str, Tensor]
+    correction: dict | None = None
 
     @property
     def rank(self) -> int:
@@ -113,7 +118,24 @@ def read_adapter(path: str | Path) -> PeftAdapter:
             head[name.replace(".modules_to_save.default", "").replace(".modules_to_save", "")] = A.float()
     if not factors:
         raise UserError(f"adapter {str(path)!r} has no LoRA factors")
-    return PeftAdapter(path, str(config.get("base_model_name_or_path") or ""), factors, head)
+    base = str(config.get("base_model_name_or_path") or "")
+    return PeftAdapter(path, base, factors, head, read_marker(path))
+
+
+def check_correction(adapter: PeftAdapter, quantize: str, correcting: bool = False) -> None:
+    """Refuse, in one line, an adapter whose factors hold the correction of a quantized base
+    (:func:`~fedlora.models.correction.write_marker`) on another base than ``--quantize``, or beside a
+    job that adds its own (``correcting``)."""
+    held = adapter.correction
+    if not held:
+        return
+    where = f"adapter {str(adapter.path)!r} holds the --quant-correction {held.get('rank')} of a" \
+            f" --quantize {held.get('quantize')} base"
+    if quantize != held.get("quantize"):
+        raise UserError(f"{where}, which is wrong for --quantize {quantize}: pass --quantize"
+                        f" {held.get('quantize')}, or an adapter exported without --quant-correction")
+    if correcting:
+        raise UserError(f"{where} already: drop --quant-correction")
 
 
 def same_base(recorded: str, resolved: Path) -> bool:
@@ -188,3 +210,4 @@ def fold_into_base(fm, adapter: PeftAdapter, model: str, path: Path) -> None:
                 with torch.no_grad():
                     getattr(head, key)[:] = adapter.head[f"{name}.{key}"].to(getattr(head, key))
     fm.base_factors = dict(adapter.factors)
+    fm.correction_note = adapter.correction or fm.correction_note  # its factors hold one: so will the export

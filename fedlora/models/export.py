@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from fedlora.models.correction import MARKER
 from fedlora.strategies import GlobalState
 
 PREFIX = "base_model.model."
@@ -44,7 +45,7 @@ def export_factors(state: GlobalState, layers: list[str], base: dict | None = No
 
 def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base_model: str,
                 task_type: str, head_modules: list[str], fan_in_fan_out: bool = False,
-                base: dict | None = None) -> Path:
+                base: dict | None = None, fixed: dict | None = None, note: dict | None = None) -> Path:
     """Write ``out_dir/adapter_config.json`` and ``adapter_model.safetensors``.
 
     Parameters
@@ -67,9 +68,17 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
     base : dict, optional
         Layer -> ``(A, B)`` folded into the base before training (``--init-adapter``): exported
         with the state's update, so the adapter is the whole update from ``base_model``.
+    fixed : dict, optional
+        Layer -> ``(A, B)`` of layers the job does not adapt that the model still changes (the
+        ``--quant-correction`` of its other quantized layers): exported as LoRA pairs of their own.
+    note : dict, optional
+        Written as :data:`~fedlora.models.correction.MARKER` beside the adapter: what its factors
+        hold besides the update (a quantization correction).
     """
     out_dir = Path(out_dir)
     factors = export_factors(state, layers, base)
+    for layer, (A, B) in (fixed or {}).items():
+        factors[layer] = (A.float().contiguous(), B.float().contiguous())
     tensors = {}
     for layer, (A, B) in factors.items():
         tensors[f"{PREFIX}{layer}.lora_A.weight"] = A
@@ -87,7 +96,7 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
         "lora_alpha": r,
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
-        "target_modules": sorted(layers),
+        "target_modules": sorted(factors),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out,
@@ -96,24 +105,42 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
         "inference_mode": True,
         "modules_to_save": sorted({h.split(".")[0] for h in head_modules}) or None,
     }
-    return write_adapter(out_dir, tensors, config)
+    return write_adapter(out_dir, tensors, config, {MARKER: note} if note else None)
+
+
+def joined(*parts: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Layer -> ``(A, B)`` whose ``B A`` is the sum of the layer's pairs in ``parts`` (stacked)."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for part in parts:
+        for layer, (A, B) in part.items():
+            if layer in out:
+                A0, B0 = out[layer]
+                A, B = torch.cat([A0, A.to(A0)]), torch.cat([B0, B.to(B0)], dim=1)
+            out[layer] = (A, B)
+    return out
 
 
 def export_model(fm, state: GlobalState, out_dir: str | Path, base_model: str, task_type: str) -> Path:
     """:func:`export_peft` of a ``FederatedModel``'s global ``state``: ``fm``'s adapted layers, its
-    task heads, whether its targets were ``Conv1D`` layers (``fm.transposed``), and what was folded
-    into its base before training (``fm.base_factors``)."""
+    task heads, whether its targets were ``Conv1D`` layers (``fm.transposed``), what was folded into
+    its base before training (``fm.base_factors``) and the correction beside its quantized layers
+    (``fm.correction``: with the update on adapted layers, on its own elsewhere)."""
+    adapted = {n: f for n, f in fm.correction.items() if n in fm.adapters}
+    fixed = {n: f for n, f in fm.correction.items() if n not in fm.adapters}
     return export_peft(state, list(fm.adapters), out_dir, base_model, task_type, list(fm.heads),
-                       fan_in_fan_out=bool(fm.transposed), base=fm.base_factors)
+                       fan_in_fan_out=bool(fm.transposed), base=joined(fm.base_factors, adapted),
+                       fixed=fixed, note=fm.correction_note)
 
 
-def write_adapter(out_dir: Path, tensors: dict, config: dict) -> Path:
+def write_adapter(out_dir: Path, tensors: dict, config: dict, notes: dict | None = None) -> Path:
     """Write PEFT's two files into a temporary folder beside ``out_dir`` and rename it into place,
     so a reader sees the old adapter or the new one, never half of either."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out_dir.parent))
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name, value in (notes or {}).items():
+        (tmp / name).write_text(json.dumps(value, indent=2) + "\n")
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old")
         os.replace(out_dir, old)

@@ -172,6 +172,10 @@ class FederatedModel(nn.Module):
         self.adapters: dict[str, BatchedLoRALinear] = {}
         #: Layer -> ``(A, B)`` folded into the base before training (``--init-adapter``), exported too.
         self.base_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: Layer -> ``(A, B)`` of the frozen correction beside its quantized base (``--quant-correction``:
+        #: :mod:`fedlora.models.correction`), exported too, with what it is (``correction_note``).
+        self.correction: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.correction_note: dict | None = None
         #: Targets that were ``Conv1D`` layers (PEFT's ``fan_in_fan_out`` on export).
         self.transposed = [name for name in names if isinstance(model.get_submodule(name), Conv1D)]
         for name in names:

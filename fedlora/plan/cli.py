@@ -97,7 +97,8 @@ def check_args(args: argparse.Namespace) -> JobConfig:
     cfg = to_config(args, device=device)
     if cfg.double_quant and cfg.quantize not in ("nf4", "fp4"):
         raise UserError("--double-quant quantizes the scales of 4-bit blocks: it needs --quantize nf4 or fp4")
-    planned = {"quantize": "none", "double_quant": False, "fold_rank": 0,   # nothing is loaded or held out
+    planned = {"quantize": "none", "double_quant": False, "fold_rank": 0, "quant_correction": 0,
+               "quant_calibration": "",                                # nothing is loaded or held out
                "personal_test_fraction": cfg.personal_test_fraction or 0.2}
     check_job_args(replace(cfg, **{k: v for k, v in planned.items() if hasattr(cfg, k)}))
     for name in ("response_tokens", "num_labels", "clients_per_pass"):

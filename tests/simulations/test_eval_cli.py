@@ -101,6 +101,26 @@ def test_eval_reproduces_each_saved_rounds_row(tiny_bert_dir, tiny_csv, tmp_path
     assert [{k: g[k] for k in keys} for g in got] == [{k: r[k] for k in keys} for r in rows[1:]]
 
 
+def test_eval_reproduces_a_corrected_nf4_run_whose_adapter_carries_the_correction(tiny_chat_llama_dir,
+                                                                                   sentiment_tsv, tmp_path):
+    # Prepare: a round over nf4 with a rank-2 --quant-correction (q/v adapted, every layer corrected)
+    pytest.importorskip("bitsandbytes")
+    run = tmp_path / "run"
+    last = _run(tiny_chat_llama_dir, sentiment_tsv, run, "--quantize", "nf4", "--quant-correction", "2",
+                "--quant-calibration", str(sentiment_tsv), "--lr", "5e-2")[-1]
+    # Execute: the run's config.json (its --quant-correction is not an evaluation field: the adapter
+    # holds the correction), and the same adapter on a base without --quantize
+    assert evaluate(["--config", str(run / "config.json"), "--adapter", str(run / "adapter"),
+                     "--out", str(tmp_path / "e"), "--quiet"]) == 0
+    wrong = evaluate(["--config", str(run / "config.json"), "--quantize", "none", "--adapter",
+                      str(run / "adapter"), "--out", str(tmp_path / "w"), "--quiet"])
+    # Assert: the run's answers; its loss to float rounding (one LoRA pair where the run kept two terms)
+    (got,) = json.loads((tmp_path / "e" / "eval.json").read_text())["results"]
+    assert got["accuracy"] == last["accuracy"] and got["eval_examples"] == last["eval_examples"]
+    assert got["loss"] == pytest.approx(last["loss"], rel=1e-5)
+    assert wrong == 2 and not (tmp_path / "w").exists()
+
+
 def test_eval_on_a_test_file_alone(runs, tiny_chat_llama_dir, tmp_path, capsys):
     dev = tmp_path / "dev.tsv"
     dev.write_text("label\tcontent\n" + "".join(f"{i % 2}\t{'great' if i % 2 else 'awful'} film {i}\n"
