@@ -103,7 +103,8 @@ def data_flags(args: argparse.Namespace) -> list[str]:
     if not args.public_fraction and args.eval_on == "dev":
         return ["--data", str(args.sst2 / "train.tsv"), *held_out_flags(args.sst2)]
     fractions = {"public": args.public_fraction, "validation": args.validation_fraction}
-    parts = split_file(args.sst2 / "train.tsv", args.out / "data", fractions, seed=0)
+    folder = args.out / ("data" if not args.public_fraction else f"data-public{args.public_fraction:g}")
+    parts = split_file(args.sst2 / "train.tsv", folder, fractions, seed=0)  # one folder a split
     public = ["--init-data", str(parts["public"])] if args.public_fraction else []
     if args.public_as == "calibration":  # only a corrected base reads it; the controls get no public file
         corrected = "--quant-correction" in args.job_flags
