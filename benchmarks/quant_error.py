@@ -40,6 +40,7 @@ from llm_sft import PROMPT, SST2
 from splits import split_file
 from torch import Tensor
 
+from fedlora.models.correction import correction_factors
 from fedlora.models.hub import resolve_model_path
 
 Weights = dict[str, Tensor]
@@ -100,10 +101,10 @@ def int8_rows(w: Tensor) -> Tensor:
 
 
 def corrected(w: Tensor, q: Tensor, rank: int, scale: Tensor | None = None) -> Tensor:
-    """``q`` plus the best rank-``rank`` approximation of ``w − q`` (weighted by ``scale`` per input)."""
-    s = torch.ones(w.shape[1]) if scale is None else scale.clamp_min(1e-6)
-    U, S, Vh = torch.linalg.svd((w - q) * s, full_matrices=False)      # (d_out, k), (k,), (k, d_in)
-    return q + (U[:, :rank] * S[:rank]) @ (Vh[:rank] / s)
+    """``q`` plus the best rank-``rank`` approximation of ``w − q`` (weighted by ``scale`` per input):
+    ``--quant-correction``'s own factors (:func:`fedlora.models.correction.correction_factors`)."""
+    U, V = correction_factors(w - q, rank, scale)                       # (d_out, r), (r, d_in)
+    return q + U @ V
 
 
 def input_scales(model, batches: list[dict], names: set[str]) -> Weights:
