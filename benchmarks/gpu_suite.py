@@ -32,7 +32,8 @@ at full size (d = 4096, r = 64, 100 clients), ``dp.py`` (one client and the Pois
 case), ``lora_kernels.py`` at 32 clients, the pass-size check (``pass_size.py``: each pass's peak memory
 against ``fedlora-plan``'s estimate, which ``simulations.engine.pass_size`` fills the free memory
 with) and an SFT step of SmolLM2 in bf16 (``pass_size.py --task sft``) and over a 4-bit NF4 base
-(``--quantize nf4``, against the planner too; it needs bitsandbytes among the payload's wheels).
+(``--quantize nf4``, against the planner too; it needs bitsandbytes among the payload's wheels),
+also with its rank-8 ``--quant-correction`` (its build time, step time and peak).
 
 ``--dry-run`` runs the same parts on the CPU at toy sizes in the current environment (no payload,
 no install); a test runs it, so the suite cannot rot while no GPU is around::
@@ -208,6 +209,10 @@ def gpu_parts(lm: str) -> list[Part]:
         Part("smollm2-sft-nf4", ["pass_size.py", "--device", "cuda", "--task", "sft", "--model", lm,
                                  "--clients", "1,4", "--batch-size", "8", "--tokens", "256", "--precision",
                                  "bf16", "--quantize", "nf4"], 60),
+        Part("smollm2-sft-nf4-qc8", ["pass_size.py", "--device", "cuda", "--task", "sft", "--model", lm,
+                                     "--clients", "1,4", "--batch-size", "8", "--tokens", "256",
+                                     "--precision", "bf16", "--quantize", "nf4", "--quant-correction", "8"],
+             60),
         # every strategy but FlexLoRA above; it comes last: its stacked rank (100 × 64) exceeds
         # d = 4096, so each layer takes a 4096² float64 SVD; on 2026-12-04 it did not finish 4 rounds
         # in the 125 s the other strategies left it
@@ -235,6 +240,9 @@ def dry_parts(lm: str) -> list[Part]:
         Part("smollm2-sft-nf4", ["pass_size.py", "--device", "cpu", "--task", "sft", "--model", lm,
                                  "--clients", "1", "--batch-size", "2", "--tokens", "16", "--steps", "1",
                                  "--quantize", "nf4"], 240),  # one pass: 4-bit matmuls are slow on CPU
+        Part("smollm2-sft-nf4-qc8", ["pass_size.py", "--device", "cpu", "--task", "sft", "--model", lm,
+                                     "--clients", "1", "--batch-size", "2", "--tokens", "16", "--steps", "1",
+                                     "--quantize", "nf4", "--quant-correction", "8"], 240),
         Part("aggregation-flexlora", ["aggregation.py", "--small", "--device", "cpu", "--strategies",
                                       "flexlora", "--repeat", "1", "--warmup", "0"], 240),
     ]

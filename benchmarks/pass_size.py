@@ -61,7 +61,9 @@ def batch(fm, tokenizer, task: str, rows: int, tokens: int, response: int) -> di
 def measure(args: argparse.Namespace, clients: int) -> dict:
     """Seconds per step and peak step memory of one pass of ``clients`` clients."""
     cfg = job(args)
+    t0 = time.perf_counter()
     fm, tokenizer, _ = build_model(cfg, [cfg.rank] * clients, AdapterPlan(), num_labels=2)
+    print(f"  built in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     rows = clients * args.batch_size
     data = batch(fm, tokenizer, args.task, rows, args.tokens, args.response)  # on the CPU, as a job's
     samplers = [ClientSampler(range(k * args.batch_size, (k + 1) * args.batch_size), seed=k)
@@ -126,7 +128,7 @@ def job(args: argparse.Namespace) -> JobConfig:
     """The job of one pass (its rank, targets and optimizer are the defaults)."""
     return JobConfig(model=args.model, task=args.task, batch_size=args.batch_size, max_length=args.tokens,
                      local_steps=1, lr=1e-3, device=args.device, precision=args.precision,
-                     quantize=args.quantize)
+                     quantize=args.quantize, quant_correction=args.quant_correction)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--quantize", default="none", choices=["none", "nf4", "fp4", "int8"],
                    help="a 4- or 8-bit base (bitsandbytes), as --quantize does")
+    p.add_argument("--quant-correction", type=int, default=0,
+                   help="with --quantize: its frozen rank-N correction, as --quant-correction builds it")
     p.add_argument("--clients", default="1,2,5,10,25,50,100", help="clients per pass, comma-separated")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tokens", type=int, default=64)
@@ -144,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args(argv)
     ks = sorted(int(k) for k in args.clients.split(","))
-    print(f"pass size: {args.model} ({args.task}, {args.precision}, --quantize {args.quantize}), LoRA r=8,"
-          f" {args.batch_size} rows × {args.tokens} tokens per client, device {args.device},"
+    corr = f" --quant-correction {args.quant_correction}" if args.quant_correction else ""
+    print(f"pass size: {args.model} ({args.task}, {args.precision}, --quantize {args.quantize}{corr}),"
+          f" LoRA r=8, {args.batch_size} rows × {args.tokens} tokens per client, device {args.device},"
           f" torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     results = []
     for k in ks:

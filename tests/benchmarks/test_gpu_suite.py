@@ -13,7 +13,7 @@ from bench_scripts import load_script
 ROOT = Path(__file__).resolve().parents[2]
 gpu_suite = load_script("gpu_suite")
 PARTS = ["simulation", "aggregation", "dp", "kernels", "pass-size", "smollm2-sft", "smollm2-sft-nf4",
-         "aggregation-flexlora"]
+         "smollm2-sft-nf4-qc8", "aggregation-flexlora"]
 
 
 def test_the_dry_run_has_the_gpu_run_s_parts_in_its_order():
