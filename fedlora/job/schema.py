@@ -295,7 +295,8 @@ class JobConfig:
                                    " error beside it (LQER: the SVD of the error weighted by the mean |input|"
                                    " per channel on --quant-calibration), read from the checkpoint's"
                                    " unquantized weights; it never trains or travels, and the exported"
-                                   " adapter carries it; 0: none", group="LLM fine-tuning", metavar="N")
+                                   " adapter carries it; 0: none (8 closed NF4's held-out perplexity gap"
+                                   " on SmolLM2, 32 did less)", group="LLM fine-tuning", metavar="N")
     quant_calibration: str = option("", "--quant-correction: a data file (or folder, as --data) whose first"
                                     " 32 examples set the input scales; every party must pass the same"
                                     " (default: --init-data; with neither, the plain SVD of the error)",
