@@ -124,7 +124,7 @@ def read_adapter(path: str | Path) -> PeftAdapter:
 
 def check_correction(adapter: PeftAdapter, quantize: str, correcting: bool = False) -> None:
     """Refuse, in one line, an adapter whose factors hold the correction of a quantized base
-    (:func:`~fedlora.models.correction.write_marker`) on another base than ``--quantize``, or beside a
+    (its :data:`~fedlora.models.correction.MARKER` file) on another base than ``--quantize``, or beside a
     job that adds its own (``correcting``)."""
     held = adapter.correction
     if not held:

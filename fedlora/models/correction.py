@@ -36,6 +36,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fedlora.errors import UserError
 from fedlora.models.lora import adapter_dtype, compute_dtype, is_quantized
+from fedlora.models.model import set_module
 
 #: Calibration examples read from the start of the calibration file (every party reads the same).
 CALIBRATION_ROWS = 32
@@ -73,7 +74,7 @@ class CorrectedLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The base layer's (packed) weight: its device, and what ``is_quantized`` callers read."""
+        """The base layer's (packed) weight, as a linear layer has one (its device, for callers)."""
         return self.base.weight
 
     @property
@@ -84,10 +85,6 @@ class CorrectedLinear(nn.Module):
         y = self.base(x)                                            # (…, d_out), quantized GEMM
         xc = x.to(self.corr_V.dtype)
         return y + ((xc @ self.corr_V.T) @ self.corr_U.T).to(y.dtype)   # (…, R) -> (…, d_out)
-
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """``(V, U)``, LoRA's ``(A, B)`` order: the correction is ``B A``."""
-        return self.corr_V.clone(), self.corr_U.clone()
 
 
 @torch.no_grad()
@@ -125,7 +122,7 @@ def top_singular(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
 def correction_factors(error: Tensor, rank: int, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(U (d_out, R), V (R, d_in))`` float32 minimising ``‖(E − U V) S‖_F`` (``S = diag(scale)``, or I)
     over rank ``R = min(rank, d_out, d_in)`` (:func:`top_singular`)."""
-    s = torch.ones(error.shape[1]) if scale is None else scale.float().to(error.device)
+    s = torch.ones(error.shape[1]) if scale is None else scale.float()
     s = s.to(error.device).clamp_min(SCALE_FLOOR * float(s.max()) if float(s.max()) > 0 else 1.0)
     P, sig, Qh = top_singular(error.float() * s, rank)
     return (P * sig).float().contiguous(), (Qh / s).float().contiguous()
@@ -212,11 +209,6 @@ def calibration_batches(data: dict[str, Tensor] | None, batch: int = 8) -> list[
             for i in range(0, ids.shape[0], batch)]
 
 
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
 def add_correction(fm, path: Path, rank: int, batches: list[dict[str, Tensor]],
                    note: dict | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Put a rank-``rank`` correction beside every quantized layer of ``fm`` (checkpoint ``path``),
@@ -236,7 +228,7 @@ def add_correction(fm, path: Path, rank: int, batches: list[dict[str, Tensor]],
         weight = ckpt.weight(owner)
         error = (weight.T if owner in transposed else weight).to(dev) - computed_weight(module)
         U, V = correction_factors(error, rank, scales.get(name))
-        _set(fm.model, name, CorrectedLinear(module, U, V))
+        set_module(fm.model, name, CorrectedLinear(module, U, V))
         out[owner] = (V.cpu(), U.cpu())
     fm.correction, fm.correction_note = out, note
     return out

@@ -141,7 +141,8 @@ def find_targets(model: nn.Module, patterns: list[str] | None) -> tuple[list[str
                      f" include: {sample} (pass them with --target-modules)")
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at dotted ``name`` in ``root``, in place of what is there."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
@@ -181,14 +182,14 @@ class FederatedModel(nn.Module):
         for name in names:
             layer = BatchedLoRALinear(as_linear(model.get_submodule(name)), config.ranks, config.alpha,
                                       self.router, core=config.plan.core, fold_rank=config.fold_rank)
-            _set_module(model, name, layer)
+            set_module(model, name, layer)
             self.adapters[name] = layer
         self.set_plan(config.plan)
         self.heads: dict[str, BatchedLinear] = {}
         if config.train_head:
             for name in self._head_linears():
                 head = BatchedLinear(model.get_submodule(name), len(config.ranks), self.router)
-                _set_module(model, name, head)
+                set_module(model, name, head)
                 self.heads[name] = head
         if config.gradient_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None) or \

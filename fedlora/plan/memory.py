@@ -12,7 +12,7 @@ positions' logits are computed). All in bytes::
     base        = Σ_quantized q(numel, rows) + d · Σ_other numel       (d = 2 for bf16, else 4)
                   q: nf4/fp4 numel/2 + 4 numel/64 (a float32 absmax per block of 64); double quant
                   numel/2 + numel/64 + 4 numel/16384; int8 numel + 4 rows; none d numel;
-                  with --quant-correction R, 4 R (d_out + d_in) more per quantized layer
+                  with --quant-correction R, 4 min(R, d_out, d_in) (d_out + d_in) more per quantized layer
     adapter     = 4 × the slot's adapter and head numbers (LoRA r (d_in + d_out) per layer;
                   LoRA-SB r², its frozen A and B once per pass)
     gradients   = 4 × trainable numbers;  optimizer = 8 × trainable (AdamW), 4 × (SGD)
@@ -88,7 +88,8 @@ def base_bytes(shape: ModelShape, cfg: JobConfig) -> int:
     for t in shape.base:
         if t.rows and cfg.quantize != "none":
             total += quantized_bytes(t.numel, t.rows, cfg.quantize, cfg.double_quant)
-            total += 4 * cfg.quant_correction * (t.rows + t.numel // t.rows)  # its fp32 U and V
+            d_in = t.numel // t.rows                        # its fp32 U and V, of rank ≤ min(d_out, d_in)
+            total += 4 * min(cfg.quant_correction, t.rows, d_in) * (t.rows + d_in)
         else:
             total += d * t.numel
     return total
