@@ -315,7 +315,7 @@ def check_resume(cfg: JobConfig, out: Path) -> int:
     if found is None:
         raise UserError(f"--resume: {str(out)!r} holds no checkpoint of a run (fedlora-sim writes one after"
                         " every round unless --no-checkpoint); run without --resume")
-    blob = load_checkpoint(found)
+    blob = load_checkpoint(found, keys=("config", "round"))
     saved = blob["config"]
     for name, value in asdict(cfg).items():
         if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value:

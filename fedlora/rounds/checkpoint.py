@@ -59,10 +59,11 @@ def save_checkpoint(out_dir: Path, blob: dict) -> Path:
     return path
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, keys: tuple[str, ...] | None = None) -> dict:
     """The blob saved by :func:`save_checkpoint` in ``path`` (a file, or a folder: see
     :func:`find_checkpoint`); a missing ``checkpoint.safetensors`` falls back to its folder's
-    ``checkpoint.pt``, read by :func:`_legacy_load`."""
+    ``checkpoint.pt``, read by :func:`_legacy_load`. ``keys``: only these of the blob's keys (a
+    check of the job reads ``config`` and ``round`` without reading a tensor)."""
     path = Path(path)
     if path.is_dir() or (path.name == CHECKPOINT and not path.is_file()):
         path = find_checkpoint(path if path.is_dir() else path.parent) or path
@@ -76,7 +77,7 @@ def load_checkpoint(path: Path) -> dict:
             doc = json.loads((fh.metadata() or {})["fedlora"])
             if doc.pop("format") != FORMAT:
                 raise UserError(f"{path} is a checkpoint of another fedlora version: resume with that one")
-            return {key: _decode(value, fh) for key, value in doc.items()}
+            return {key: _decode(value, fh) for key, value in doc.items() if keys is None or key in keys}
     except (SafetensorError, OSError, KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise UserError(f"{path} is not a fedlora checkpoint ({type(exc).__name__}: {exc}): resume from"
                         " the folder of a fedlora run, or delete the file to start afresh") from None

@@ -204,3 +204,16 @@ def test_a_checkpoint_naming_a_class_fedlora_does_not_know_is_refused(tmp_path):
     assert load_checkpoint(tmp_path) == {"round": 2, "state": None}
     assert save_checkpoint(tmp_path, {"round": 2, "state": None}) == tmp_path / CHECKPOINT
     assert load_checkpoint(tmp_path / CHECKPOINT) == {"round": 2, "state": None}
+
+
+def test_keys_read_only_those_values_and_no_tensor(tmp_path):
+    """``--resume``'s check reads the job and the round: a state whose tensor is missing from the
+    file is not decoded (read whole, the same file is refused)."""
+    from safetensors.torch import save_file
+
+    doc = {"format": 1, "round": {"json": 2}, "config": {"json": {"rounds": 3}},
+           "state": {"tensor": "0:state", "device": "cpu"}}
+    save_file({}, tmp_path / CHECKPOINT, metadata={"fedlora": json.dumps(doc)})
+    assert load_checkpoint(tmp_path, keys=("config", "round")) == {"round": 2, "config": {"rounds": 3}}
+    with pytest.raises(UserError, match="is not a fedlora checkpoint"):
+        load_checkpoint(tmp_path)
