@@ -137,6 +137,29 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
               f" {plan.weight_bytes / 2**20:.0f} MiB | {r['rss_loaded'] / 2**20:.0f} MiB |"
               f" {r['step_peak'] / 2**20:.0f} MiB | {step / 2**20:.0f} MiB | {step / r['step_peak']:.2f} |"
               f" {r['seconds']:.2f} |", flush=True)
+    against_bf16(results)
+
+
+def against_bf16(results: dict[str, dict]) -> None:
+    """Issue 28's ratio: each base's client step (its model's bytes plus the step's peak; and the
+    process's peak, which adds the ~440 MiB of torch and transformers) over bf16's, per task and
+    checkpointing. Nothing without a bf16 measurement."""
+    rows = []
+    for key, r in results.items():
+        task, base, ckpt = key.split("/")
+        ref = results.get(f"{task}/bf16/{ckpt}")
+        if ref is None or base == "bf16":
+            continue
+        model_step = (r["weights"] + r["step_peak"]) / (ref["weights"] + ref["step_peak"])
+        process = (r["rss_loaded"] + r["step_peak"]) / (ref["rss_loaded"] + ref["step_peak"])
+        rows.append(f"| {task} | {base} | {'on' if ckpt == '1' else 'off'} |"
+                    f" {(r['weights'] + r['step_peak']) / 2**20:.0f} MiB | {model_step:.1%} | {process:.1%} |")
+    if rows:
+        print("\nagainst bf16, one run each: weights + step peak, and the process's peak (RSS after load +"
+              " step peak)\n")
+        print("| task | base | checkpointing | weights + step peak | / bf16's | process peak / bf16's |")
+        print("|---|---|---|---:|---:|---:|")
+        print("\n".join(rows), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
