@@ -150,10 +150,11 @@ def against_bf16(results: dict[str, dict]) -> None:
         ref = results.get(f"{task}/bf16/{ckpt}")
         if ref is None or base == "bf16":
             continue
-        model_step = (r["weights"] + r["step_peak"]) / (ref["weights"] + ref["step_peak"])
+        mine = r["weights"] + r["step_peak"]
+        model_step = mine / (ref["weights"] + ref["step_peak"])
         process = (r["rss_loaded"] + r["step_peak"]) / (ref["rss_loaded"] + ref["step_peak"])
         rows.append(f"| {task} | {base} | {'on' if ckpt == '1' else 'off'} |"
-                    f" {(r['weights'] + r['step_peak']) / 2**20:.0f} MiB | {model_step:.1%} | {process:.1%} |")
+                    f" {mine / 2**20:.0f} MiB | {model_step:.1%} | {process:.1%} |")
     if rows:
         print("\nagainst bf16, one run each: weights + step peak, and the process's peak (RSS after load +"
               " step peak)\n")
