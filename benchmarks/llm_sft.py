@@ -21,7 +21,9 @@ round, so it sees as many examples per round as the ten clients together; it run
 process (``fedlora-sim``); its peak resident memory is read from the kernel. Finished runs
 (a complete ``metrics.jsonl``) are reused, so the script can be stopped and started again;
 ``--finished-only`` runs nothing and prints what is finished (its summary pairs each run with the
-same seed's centralized run, so a seed still missing leaves a hole, not a misaligned pair). Runs of
+same seed's centralized run, so a seed still missing leaves a hole, not a misaligned pair).
+``--against BASE`` adds a column to the summary: each run's tail against its plain twin on ``BASE``
+(the same setting, strategy and seed, no ``--tag``), e.g. a corrected nf4 base against bf16. Runs of
 another schedule (``--rounds``, ``--local-steps``, ``--clients``) go under
 ``rounds{R}-steps{S}-clients{K}``, and a folder that holds a finished run of more rounds is refused,
 never overwritten.
@@ -185,24 +187,39 @@ def row_line(setting: str, name: str, rows: list[dict], peak: int | None, centra
             f" {train:.0f} + {ev:.0f} | {mem} |")
 
 
-def summary(runs: dict[tuple[str, str, str], dict[int, list[dict]]], central: dict[str, dict[int, list[dict]]]
-            ) -> list[str]:
+Runs = dict[tuple[str, str, str], dict[int, list[dict]]]
+"""Rows by (setting, run name, base), then by seed."""
+
+
+def summary(runs: Runs, central: dict[str, dict[int, list[dict]]], versus: Runs | None = None,
+            against: str = "") -> list[str]:
     """One line per (setting, run) over its seeds: final and tail mean ± sd, tail vs the centralized
     runs on the same base (paired by seed; "—" unless every seed has one); a personal strategy's
-    clients' own models beside it."""
-    lines = ["| setting | run | seeds | final | tail | tail vs centralized |",
-             "|---|---|---:|---:|---:|---:|"]
-    for (setting, name, base), by_seed in runs.items():
+    clients' own models beside it. With ``against`` (``--against``), the tail vs each run's plain
+    twin on that base too (``versus``: its rows by seed, paired the same way)."""
+    lines = ["| setting | run | seeds | final | tail | tail vs centralized |"
+             + (f" tail vs {against} |" if against else ""),
+             "|---|---|---:|---:|---:|---:|" + ("---:|" if against else "")]
+    for key, by_seed in runs.items():
+        setting, name, base = key
         seeds = [by_seed[s] for s in sorted(by_seed)]
-        paired = [central.get(base, {}).get(s) for s in sorted(by_seed)]
         tails = [tail_mean(rows, "answer_accuracy") for rows in seeds]
-        vs = ("—" if None in paired else
-              difference(tails, [tail_mean(rows, "answer_accuracy") for rows in paired]))
+        vs = _paired(tails, [central.get(base, {}).get(s) for s in sorted(by_seed)])
         finals = [rows[-1]["answer_accuracy"] for rows in seeds]
         if all("personal_accuracy" in rows[-1] for rows in seeds):
             name += f" (clients' own models: {mean_sd([rows[-1]['personal_accuracy'] for rows in seeds])})"
-        lines.append(f"| {setting} | {name} | {len(seeds)} | {mean_sd(finals)} | {mean_sd(tails)} | {vs} |")
+        twin = f" {_paired(tails, [(versus or {}).get(key, {}).get(s) for s in sorted(by_seed)])} |"
+        lines.append(f"| {setting} | {name} | {len(seeds)} | {mean_sd(finals)} | {mean_sd(tails)} | {vs} |"
+                     + (twin if against else ""))
     return lines
+
+
+def _paired(tails: list[float], others: list[list[dict] | None]) -> str:
+    """:func:`stats.difference` of ``tails`` and the other runs' tails, seed by seed ("—" unless every
+    seed has one)."""
+    if None in others:
+        return "—"
+    return difference(tails, [tail_mean(rows, "answer_accuracy") for rows in others])
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -238,6 +255,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="share of the training sentences held out for --eval-on validation")
     p.add_argument("--finished-only", action="store_true",
                    help="run nothing: print the finished runs and their summary, leave out the rest")
+    p.add_argument("--against", default="", choices=("", *BASES),
+                   help="the summary also sets each run against its plain run on this base (no --tag,"
+                        " same setting and seed): e.g. --bases nf4 --tag qc8 --against bf16")
     p.add_argument("--eval-on", choices=("dev", "validation"), default="dev",
                    help="score on dev (the final table) or on the validation part (choosing settings)")
     args = p.parse_args(argv)
@@ -287,8 +307,9 @@ def run_centralized(args: argparse.Namespace, seed: int, flags: list[str], centr
     return finals
 
 
-def run_seed(args: argparse.Namespace, seed: int, runs: dict, central: dict) -> None:
-    """Every job of one seed; its rows are printed and kept in ``runs`` / ``central``."""
+def run_seed(args: argparse.Namespace, seed: int, runs: dict, central: dict, versus: dict) -> None:
+    """Every job of one seed; its rows are printed and kept in ``runs`` / ``central`` (and with
+    ``--against``, each run's finished plain twin on that base in ``versus``)."""
     flags = job_flags(args, seed) + (["--max-clients-per-pass", str(args.max_clients_per_pass)]
                                      if args.max_clients_per_pass else [])
     central_acc = run_centralized(args, seed, flags, central)
@@ -311,6 +332,10 @@ def run_seed(args: argparse.Namespace, seed: int, runs: dict, central: dict) -> 
                     f" ({args.job_flags})" if args.job_flags else "")
                 setting = f"{args.clients} clients, {partition}"
                 runs.setdefault((setting, name, base), {})[seed] = rows
+                twin = args.against and finished(root / f"{partition}-{strategy}{base_suffix(args.against)}",
+                                                 args.rounds)
+                if twin:
+                    versus.setdefault((setting, name, base), {})[seed] = twin
                 print(row_line(setting, f"{name}, seed {seed}", rows, peak, central_acc.get(base)),
                       flush=True)
 
@@ -325,12 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     runs: dict[tuple[str, str, str], dict[int, list[dict]]] = {}
     central: dict[str, dict[int, list[dict]]] = {}
+    versus: dict[tuple[str, str, str], dict[int, list[dict]]] = {}
     seeds = [int(s) for s in args.seeds.split(",")]
     for seed in seeds:
-        run_seed(args, seed, runs, central)
-    if len(seeds) > 1:
+        run_seed(args, seed, runs, central, versus)
+    if len(seeds) > 1 or args.against:
         print()
-        print("\n".join(summary(runs, central)))
+        print("\n".join(summary(runs, central, versus, args.against)))
     return 0
 
 

@@ -164,3 +164,26 @@ def test_finished_only_leaves_out_a_missing_run_and_pairs_the_rest_by_seed(calls
     out = capsys.readouterr().out
     assert [name for name, _, _ in calls] == ["centralized-bf16", "iid-fedavg-bf16", "centralized-bf16"]
     assert "| 10 clients, iid | fedavg, bf16 base | 1 | 85.0% | 85.0% | no difference (-1.0 pts) |" in out
+
+
+def test_against_pairs_each_run_with_its_plain_twin_on_that_base_seed_by_seed(calls, tmp_path, capsys,
+                                                                              monkeypatch):
+    # Prepare: corrected nf4 runs (85%, 84%) and finished plain bf16 runs of the same seeds (86%, 86%)
+    (tmp_path / "train.tsv").write_text("label\tsentence\n")
+    monkeypatch.setitem(FINAL, ("iid-fedavg-nf4-qc8", 0), 0.85)
+    monkeypatch.setitem(FINAL, ("iid-fedavg-nf4-qc8", 1), 0.84)
+    for folder in (tmp_path / "out" / "iid-fedavg-bf16", tmp_path / "out" / "seed1" / "iid-fedavg-bf16"):
+        folder.mkdir(parents=True)
+        rows = [{"round": r, "answer_accuracy": a} for r, a in enumerate([0.15, 0.8, 0.86])]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--sst2", str(tmp_path), "--out", str(tmp_path / "out"), "--bases", "nf4", "--partitions", "iid",
+            "--strategies", "fedavg", "--seeds", "0,1", "--no-centralized", "--job-flags",
+            "--quant-correction 8", "--tag", "qc8", "--against", "bf16"]
+    # Execute
+    assert llm_sft.main(argv) == 0
+    # Assert: only the corrected runs ran; the summary's last column is 85 − 86 and 84 − 86 points
+    assert [name for name, _, _ in calls] == ["iid-fedavg-nf4-qc8", "iid-fedavg-nf4-qc8"]
+    out = capsys.readouterr().out
+    assert "| tail vs centralized | tail vs bf16 |" in out
+    assert ("| 10 clients, iid | fedavg, nf4 base (--quant-correction 8) | 2 | 84.5 ± 0.7% | 84.5 ± 0.7% |"
+            " — | -1.5 ± 0.7 pts |") in out
