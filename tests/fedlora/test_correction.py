@@ -114,15 +114,18 @@ def _sft(model, data, *extra):
             "24", "--lr", "5e-2", "--quantize", "nf4", "--eval-max", "3", *extra]
 
 
-def test_a_corrected_job_exports_an_adapter_peft_loads_onto_the_same_nf4_base(tiny_chat_llama_dir,
-                                                                            sentiment_tsv, tmp_path):
-    # Prepare: a round of sft over nf4 with a rank-3 correction calibrated on the data file
+@pytest.mark.parametrize("strategy", ["fedavg", "flora"])
+def test_a_corrected_job_exports_an_adapter_peft_loads_onto_the_same_nf4_base(
+        tiny_chat_llama_dir, sentiment_tsv, tmp_path, strategy):
+    # Prepare: a round of sft over nf4 with a rank-3 correction calibrated on the data file (FLoRA: its
+    # round's update folded into the exact residual beside the corrected 4-bit layer)
     peft = pytest.importorskip("peft")
     from tests.fedlora.test_quantize import _trained
 
     out = tmp_path / "run"
     job, coord = _trained([*_sft(tiny_chat_llama_dir, sentiment_tsv, "--quant-correction", "3",
-                             "--quant-calibration", str(sentiment_tsv)), "--out", str(out), "--quiet"], out)
+                             "--quant-calibration", str(sentiment_tsv)), "--strategy", strategy,
+                           "--out", str(out), "--quiet"], out)
     prompts = [torch.tensor([p]) for p in job.test.prompts[:3]]
     kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": job.test.tokenizer.pad_token_id}
     with torch.no_grad():
@@ -139,8 +142,12 @@ def test_a_corrected_job_exports_an_adapter_peft_loads_onto_the_same_nf4_base(ti
             assert got.tolist() == want.tolist()
         torch.testing.assert_close(theirs(input_ids=prompts[0]).logits, ours_logits, rtol=1e-4, atol=1e-4)
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert len(config["target_modules"]) == 14 and config["r"] == 7
+    assert len(config["target_modules"]) == 14
     assert config["rank_pattern"]["model.layers.0.mlp.down_proj"] == 3
+    if strategy == "fedavg":
+        assert config["r"] == 7
+    else:  # the folded update (2 clients' rank 4; FLoRA's global holds no factors) + the correction (3)
+        assert coord.state.merged and coord.state.factors is None and config["r"] == 8 + 3
     note = json.loads((out / "adapter" / MARKER).read_text())
     assert note == {"quantize": "nf4", "rank": 3, "calibration": str(sentiment_tsv)}
 
