@@ -348,9 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| setting | run | answer acc per round (0 = before) | final | tail | vs centralized | final ppl |"
           " s / round (train + eval) | peak RSS |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-    runs: dict[tuple[str, str, str], dict[int, list[dict]]] = {}
+    runs: Runs = {}
     central: dict[str, dict[int, list[dict]]] = {}
-    versus: dict[tuple[str, str, str], dict[int, list[dict]]] = {}
+    versus: Runs = {}
     seeds = [int(s) for s in args.seeds.split(",")]
     for seed in seeds:
         run_seed(args, seed, runs, central, versus)
