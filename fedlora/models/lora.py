@@ -46,6 +46,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from fedlora.errors import UserError
 from fedlora.kernels import Routing, dense_delta, lora_delta, sb_delta
 from fedlora.strategies.factors import factored_svd
 
@@ -56,21 +57,49 @@ RESIDUAL_RTOL = 1e-12
 
 
 class Router:
-    """Shared holder of the current batch's :class:`Routing` (one per model)."""
+    """Shared holder of the current batch's :class:`Routing` (one per model).
+
+    ``rows`` is the batch's row count, recorded by every forward of the model (it outlives the
+    forward, for the backward hooks). A model that flattens its tokens before a layer (OPT's MLP:
+    ``(N, T, d) -> (N·T, d)``, row-major) hands that layer ``N·T`` rows: each batch row's ``T``
+    tokens, in order, so they are routed to that row's slot (:meth:`get`, :meth:`batch_rows`).
+    """
 
     def __init__(self) -> None:
         self.routing: Routing | None = None
+        self.rows: int | None = None
+        self._per_token: tuple[Routing, int, Routing] | None = None  # (routing, T, its per-token form)
 
-    def get(self, n_rows: int, device: torch.device) -> Routing:
-        """Current routing, or every row on slot 0 when none is set."""
+    def get(self, x: Tensor) -> Routing:
+        """The routing of a layer's input ``x`` (``(N, ..., d)``, or ``(N·T, d)`` flattened: then per
+        token), or every row on slot 0 when none is set."""
+        n_rows = x.shape[0]
         if self.routing is None:   # built directly: no host sync per layer call
-            return Routing(ids=torch.zeros(n_rows, dtype=torch.long, device=device),
-                           slots=torch.zeros(1, dtype=torch.long, device=device), in_order=True)
-        if self.routing.ids.numel() != n_rows:
-            raise ValueError(
-                f"batch has {n_rows} rows but {self.routing.ids.numel()} client ids were given"
-            )
-        return self.routing
+            return Routing(ids=torch.zeros(n_rows, dtype=torch.long, device=x.device),
+                           slots=torch.zeros(1, dtype=torch.long, device=x.device), in_order=True)
+        n = self.routing.ids.numel()
+        if n_rows == n:
+            return self.routing
+        if x.dim() != 2 or not n or n_rows % n:
+            raise UserError(
+                f"an adapted layer got an input of shape {tuple(x.shape)} for a batch of {n} rows: the model"
+                " moves its tokens before it (sequence first, like Longformer's attention, or to a"
+                " mixture-of-experts expert); leave that layer out of --target-modules")
+        tokens = n_rows // n
+        cached = self._per_token
+        if cached is None or cached[0] is not self.routing or cached[1] != tokens:
+            r = self.routing
+            cached = (r, tokens, Routing(ids=r.ids.repeat_interleave(tokens), slots=r.slots,
+                                         in_order=r.in_order))
+            self._per_token = cached
+        return cached[2]
+
+    def batch_rows(self, x: Tensor) -> int:
+        """The batch rows that a layer's input ``x`` holds: ``N`` for ``(N, ..., d)`` or a flattened
+        ``(N·T, d)`` (``x.shape[0]`` when the batch is unknown)."""
+        n = self.routing.ids.numel() if self.routing is not None else self.rows
+        flat = n and x.dim() == 2 and x.shape[0] != n and x.shape[0] % n == 0
+        return n if flat else x.shape[0]
 
 
 def kaiming_rows(gen: torch.Generator, rows: int, d_in: int) -> Tensor:
@@ -202,7 +231,7 @@ class BatchedLoRALinear(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)                                          # (N, T, d_out), shared GEMM
-        routing = self.router.get(x.shape[0], x.device)
+        routing = self.router.get(x)
         xa = x.to(self.scale.dtype)
         if self.quantized and self.fold_U.shape[1]:
             y = y + ((xa @ self.fold_V.T) @ self.fold_U.T).to(y.dtype)
@@ -352,7 +381,7 @@ class BatchedLinear(nn.Module):
         return ("weight",) if self.bias is None else ("weight", "bias")
 
     def forward(self, x: Tensor) -> Tensor:
-        routing = self.router.get(x.shape[0], x.device)
+        routing = self.router.get(x)
         return dense_delta(x.to(self.weight.dtype), self.weight, routing, self.bias)
 
     def get_slot(self, k: int) -> dict[str, Tensor]:

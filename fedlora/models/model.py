@@ -37,6 +37,7 @@ DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
     ("qkv_proj",),               # Phi-3 (fused)
     ("Wqkv",),                   # MPT, ModernBERT (fused)
     ("in_proj",),                # DeBERTa (v1, fused)
+    ("q_head", "v_head"),        # Funnel Transformer
 )
 #: The layer types an adapter wraps: ``nn.Linear`` (bitsandbytes' quantized layers are subclasses)
 #: and transformers' ``Conv1D`` (GPT-2: ``y = x W + b`` with ``W`` stored ``d_in × d_out``).
@@ -241,8 +242,10 @@ class FederatedModel(nn.Module):
         those positions' only, ``(N, P, vocab)`` (a loss on response tokens needs no others;
         the model computes only these where it can).
         """
+        first = next(iter(inputs.values()))                   # (N, T) ids or (N, T, d) embeddings
         if routing is None and client_ids is not None:
-            routing = Routing.from_ids(client_ids.to(next(iter(inputs.values())).device))
+            routing = Routing.from_ids(client_ids.to(first.device))
+        self.router.rows = first.shape[0]
         if positions is not None and self.cuts_logits:
             inputs["logits_to_keep"] = positions
         self.router.routing = routing

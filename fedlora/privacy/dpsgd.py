@@ -72,9 +72,11 @@ class Capture:
         return self
 
     def _hook(self, module, inputs, output) -> None:
-        self.x[module] = inputs[0].detach()
+        x = inputs[0].detach()
+        n = module.router.batch_rows(x)  # a flattened (N·T, d) input is kept as (N, T, d)
+        self.x[module] = x if n == x.shape[0] else x.reshape(n, -1, x.shape[-1])
         if output.requires_grad:
-            output.register_hook(lambda grad, m=module: self.g.__setitem__(m, grad.detach()))
+            output.register_hook(lambda grad, m=module: self.g.__setitem__(m, _rows(grad.detach(), n)))
             if self.keep_outputs:
                 self.y[module] = output
 
@@ -85,7 +87,7 @@ class Capture:
         grads = torch.autograd.grad(loss, list(self.y.values()), allow_unused=True)
         for m, grad in zip(list(self.y), grads, strict=True):
             if grad is not None:
-                self.g[m] = grad.detach()
+                self.g[m] = _rows(grad.detach(), self.x[m].shape[0])
         self.y.clear()
 
     def group_rows(self, r: int) -> None:
@@ -101,6 +103,11 @@ class Capture:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def _rows(t: Tensor, n: int) -> Tensor:
+    """``t`` as ``n`` batch rows: a flattened ``(N·T, d)`` output gradient as ``(N, T, d)``."""
+    return t if t.shape[0] == n else t.reshape(n, -1, t.shape[-1])
 
 
 def layer_grad_samples(layer: nn.Module, x: Tensor, g: Tensor,

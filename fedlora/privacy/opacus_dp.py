@@ -40,6 +40,7 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 
+from fedlora.errors import UserError
 from fedlora.models.lora import BatchedLinear, BatchedLoRALinear
 from fedlora.privacy.accounting import Budget, GaussianNoise
 from fedlora.privacy.dpsgd import (
@@ -58,6 +59,10 @@ def _fedlora_grad_sampler(layer: nn.Module, activations: list[Tensor],
     """Opacus grad sampler: ``{parameter: (N, *parameter.shape)}`` for a one-slot layer."""
     x = activations[0]
     n = x.shape[0]
+    if layer.router.batch_rows(x) != n:  # Opacus would take each token of (N·T, d) for an example
+        raise UserError("--dp-backend opacus cannot clip per example over a layer whose input the model"
+                        " flattens to tokens (OPT's MLP); use --dp-backend fedlora, or leave the layer out"
+                        " of --target-modules")
     if next(p for p in layer.parameters() if p.requires_grad).shape[0] != 1:
         raise ValueError("Opacus' per-example gradients need a one-slot model (one client per pass)")
     ids = torch.zeros(n, dtype=torch.long, device=x.device)

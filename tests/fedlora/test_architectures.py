@@ -87,6 +87,10 @@ ARCHITECTURES = {
             ["transformer.blocks.0.attn.Wqkv"], ["score"]),
     "deberta": ("DebertaConfig", BLOCK, [f"{SELF}.in_proj"], ["classifier"]),
     "deberta-v2": ("DebertaV2Config", BLOCK, [f"{SELF}.query_proj", f"{SELF}.value_proj"], ["classifier"]),
+    "funnel": ("FunnelConfig", {"d_model": 16, "n_head": 2, "d_head": 8, "d_inner": 32, "block_sizes": [1, 1],
+                                "vocab_size": 100},
+               [f"funnel.encoder.blocks.{b}.0.attention.{n}_head" for b in (0, 1) for n in "qv"],
+               ["classifier.linear_hidden", "classifier.linear_out"]),
     "t5": ("T5Config", {"d_model": 16, "d_ff": 32, "num_layers": 1, "num_heads": 2, "d_kv": 8,
                         "vocab_size": 100}, T5, SEQ2SEQ_HEAD),
 }
