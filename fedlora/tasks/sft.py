@@ -75,7 +75,7 @@ class ChatFormat:
                 raise UserError(f"--chat-template {mode!r}: use model, plain or an existing Jinja file")
             tokenizer.chat_template = path.read_text()
         elif mode == "model" and not getattr(tokenizer, "chat_template", None):
-            raise UserError("this model's tokenizer has no chat template, which --task sft renders"
+            raise UserError("this model's tokenizer has no chat template, which --task sft and dpo render"
                             " prompts with; pass --chat-template plain, or --chat-template FILE.jinja")
         self.fold_system = getattr(tokenizer, "chat_template", None) in NO_SYSTEM_TEMPLATES
 
