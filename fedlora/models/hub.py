@@ -305,6 +305,7 @@ def load_tokenizer(name: str) -> tuple[object, int | None]:
             config = AutoConfig.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load the tokenizer of {str(path)!r}: {first_line(exc)}") from exc
+    tokenizer.padding_side = "right"
     return tokenizer, getattr(config, "max_position_embeddings", None)
 
 
@@ -360,6 +361,7 @@ def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 
         _check_quantized(model, name, quantize)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"  # rows are right-padded (tasks cut them after the longest)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, path

@@ -130,3 +130,33 @@ def test_smollm2_is_dequantized_once_and_answers(monkeypatch, fedlora_cache):
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_a_tokenizer_saved_to_pad_on_the_left_trains_as_one_that_pads_on_the_right(tiny_llama_dir, tiny_csv,
+                                                                                    tmp_path):
+    # Prepare: the tiny LLaMA twice, its tokenizer saved with padding_side right and left (Qwen's and
+    # others' choice for generation); fedlora's rows are right-padded and cut after the longest
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from fedlora.simulations.cli import build_parser, check_args
+    from fedlora.simulations.engine import train
+
+    left = tmp_path / "left-model"
+    shutil.copytree(tiny_llama_dir, left)
+    tok = AutoTokenizer.from_pretrained(left)
+    tok.padding_side = "left"
+    tok.save_pretrained(left)
+    assert AutoTokenizer.from_pretrained(left).padding_side == "left"
+    rows = {}
+    for name, model in (("right", tiny_llama_dir), ("left", left)):
+        argv = ["--model", str(model), "--data", str(tiny_csv), "--out", str(tmp_path / name), "--quiet",
+                "--num-clients", "2", "--rounds", "1", "--local-steps", "2", "--batch-size", "4",
+                "--max-length", "24", "--lr", "5e-2"]
+        # Execute
+        job, coord = train(check_args(build_parser().parse_args(argv)), tmp_path / name)
+        rows[name] = [(r["loss"], r["accuracy"], r["train_loss"]) for r in coord.rows]
+    # Assert: the loaded tokenizer pads on the right; the runs' losses and accuracies are the same
+    assert rows["left"] == rows["right"]
+    assert load_model(str(left), "sequence-classification", num_labels=3)[1].padding_side == "right"
