@@ -57,11 +57,22 @@ __all__ = ["SFT", "ChatFormat", "Generate", "GenerationSet", "normalize"]
 NO_SYSTEM_TEMPLATES: set[str] = set()
 
 
+def _leads_with_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` puts its beginning-of-text token before a text it encodes."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    added, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    return added[:1] == [bos] and bare[:1] != [bos]
+
+
 class ChatFormat:
     """Renders ``(prompt, response)`` as ``(prompt text, completion text)``.
 
     ``mode``: ``"model"`` (the tokenizer's chat template), ``"plain"`` (the prompt's
-    contents, a newline, then the response and the end-of-text token), or a path to a
+    contents, a newline, then the response and the end-of-text token; led by the beginning-of-text
+    token where the tokenizer puts one before every text it encodes, as LLaMA's and Gemma's
+    do: examples are encoded without special tokens), or a path to a
     Jinja chat template file. ``system``: a system message put before every prompt that
     has none (empty: none, so the template's default applies). A template that refuses a system
     message (Gemma's) gets it at the start of the first user message instead, said once.
@@ -78,6 +89,7 @@ class ChatFormat:
             raise UserError("this model's tokenizer has no chat template, which --task sft and dpo render"
                             " prompts with; pass --chat-template plain, or --chat-template FILE.jinja")
         self.fold_system = getattr(tokenizer, "chat_template", None) in NO_SYSTEM_TEMPLATES
+        self.bos = tokenizer.bos_token if self.plain and _leads_with_bos(tokenizer) else ""
 
     def split(self, prompt, response: str) -> tuple[str, str]:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
@@ -85,7 +97,7 @@ class ChatFormat:
             messages = [{"role": "system", "content": self.system}, *messages]
         if self.plain:
             end = self.tokenizer.eos_token or ""
-            return "\n\n".join(m["content"] for m in messages) + "\n", response + end
+            return self.bos + "\n\n".join(m["content"] for m in messages) + "\n", response + end
         head = self._render(messages, add_generation_prompt=True)
         full = self._render(messages + [{"role": "assistant", "content": response}])
         if not full.startswith(head):

@@ -101,6 +101,20 @@ def test_sft_needs_a_chat_template_or_plain(tiny_llama_dir):
     assert tok.decode(prompts[0]) == "hi" and tok.decode(completions[0]) == "hello [SEP]"
 
 
+def test_plain_prompts_lead_with_the_bos_token_where_the_tokenizer_puts_one_before_every_text(tiny_llama_dir):
+    # Prepare: MiniLM's tokenizer puts [CLS] before every text: as its beginning-of-text token, the
+    # way LLaMA's and Gemma's tokenizers put <s> / <bos> (examples are encoded without special tokens)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.eos_token, tok.bos_token = "[SEP]", "[CLS]"
+    ds = TextDataset(["hi", "hello there"], None, [], ["hello", "hi"])
+    # Execute
+    prompts, completions = get_task("sft").pieces(tok, ds, _sft(chat_template="plain"))
+    # Assert: each prompt starts with exactly one [CLS]; the completions are as before
+    assert [p[:2] for p in prompts] == [[tok.cls_token_id, tok.convert_tokens_to_ids("hi")],
+                                        [tok.cls_token_id, tok.convert_tokens_to_ids("hello")]]
+    assert tok.decode(prompts[1]) == "[CLS] hello there" and tok.decode(completions[0]) == "hello [SEP]"
+
+
 #: Gemma's rule: no system role, and user/assistant turns alternate (in plain words for MiniLM's tokenizer).
 NO_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
              "{% endif %}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
