@@ -98,8 +98,10 @@ class ChatFormat:
         if self.plain:
             end = self.tokenizer.eos_token or ""
             return self.bos + "\n\n".join(m["content"] for m in messages) + "\n", response + end
-        head = self._render(messages, add_generation_prompt=True)
-        full = self._render(messages + [{"role": "assistant", "content": response}])
+        # a template with a thinking switch (Qwen3's) renders with it off: the answer follows the
+        # prompt's empty thinking block, not one the completion would teach the model to write
+        head = self._render(messages, add_generation_prompt=True, enable_thinking=False)
+        full = self._render(messages + [{"role": "assistant", "content": response}], enable_thinking=False)
         if not full.startswith(head):
             raise UserError("the chat template renders a prompt differently once the answer follows;"
                             " pass --chat-template plain or a Jinja file")

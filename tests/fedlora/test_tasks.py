@@ -115,6 +115,27 @@ def test_plain_prompts_lead_with_the_bos_token_where_the_tokenizer_puts_one_befo
     assert tok.decode(prompts[1]) == "[CLS] hello there" and tok.decode(completions[0]) == "hello [SEP]"
 
 
+#: Qwen3's thinking switch, in plain words for MiniLM's tokenizer: the last assistant turn opens with an
+#: empty thinking block, and a generation prompt ends with one when ``enable_thinking`` is false.
+THINKING = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' and loop.last %}"
+            "think none end {% endif %}{{ m['content'] }} [SEP] {% endfor %}{% if add_generation_prompt %}"
+            "assistant: {% if enable_thinking is defined and enable_thinking is false %}think none end "
+            "{% endif %}{% endif %}")
+
+
+def test_a_template_with_a_thinking_switch_is_rendered_with_it_off(tiny_llama_dir):
+    # Prepare: a template like Qwen3's; without the switch its completion would start with the
+    # empty thinking block, which the model would learn to write and exact match would then fail
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.chat_template, tok.eos_token = THINKING, "[SEP]"
+    ds = TextDataset(["great film"], None, [], ["positive"])
+    # Execute
+    prompts, completions = get_task("sft").pieces(tok, ds, _sft())
+    # Assert: the empty block ends the prompt; the completion is the answer and the end of the turn
+    assert tok.decode(prompts[0]) == "user : great film [SEP] assistant : think none end"
+    assert tok.decode(completions[0]) == "positive [SEP]"
+
+
 #: Gemma's rule: no system role, and user/assistant turns alternate (in plain words for MiniLM's tokenizer).
 NO_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
              "{% endif %}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
