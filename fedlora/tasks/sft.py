@@ -158,10 +158,16 @@ class GenerationSet:
         return self.metric.column
 
 
-def _stop_ids(tokenizer, model_config=None) -> list[int]:
+def _stop_ids(tokenizer, *configs, completions: list[list[int]] = ()) -> list[int]:
+    """Where a greedy answer stops: the tokenizer's end of text, the ``eos_token_id`` (one or a list)
+    of each of ``configs`` (the model's config and generation config: Gemma's end of turn is only in
+    the latter), and each special token that ends a reference completion (its template's end of turn)."""
     ids = {tokenizer.eos_token_id}
-    eos = getattr(model_config, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos])
+    for config in configs:
+        eos = getattr(config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos])
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    ids.update(c[-1] for c in completions if c and c[-1] in special)
     return sorted(i for i in ids if i is not None)
 
 
@@ -269,14 +275,16 @@ class SFT(TokenLossTask):
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         return GenerationSet(
             prompts=[prompts[i] for i in order], completions=[completions[i] for i in order],
-            answers=[ds.responses[i] for i in order], tokenizer=tokenizer, stop_ids=_stop_ids(tokenizer),
+            answers=[ds.responses[i] for i in order], tokenizer=tokenizer,
+            stop_ids=_stop_ids(tokenizer, completions=completions),
             max_new_tokens=cfg.max_new_tokens or max(len(c) for c in completions),
             metric=answer_metric(cfg.metric, ds.choices is not None), closed_set=ds.choices is not None)
 
     def _batches(self, fm, data: GenerationSet, batch_size: int, limit: int | None = None):
         """``(reference nll (B,), reference tokens (B,), decoded greedy answers)`` per batch."""
         tok = data.tokenizer
-        stops = sorted(set(data.stop_ids) | set(_stop_ids(tok, fm.model.config)))
+        stops = sorted(set(data.stop_ids)
+                       | set(_stop_ids(tok, fm.model.config, getattr(fm.model, "generation_config", None))))
         n = len(data.prompts) if limit is None else min(limit, len(data.prompts))
         for start in range(0, n, batch_size):
             end = min(n, start + batch_size)

@@ -136,6 +136,32 @@ def test_a_template_with_a_thinking_switch_is_rendered_with_it_off(tiny_llama_di
     assert tok.decode(completions[0]) == "positive [SEP]"
 
 
+def test_greedy_answers_stop_at_the_templates_end_of_turn_too(tiny_llama_dir):
+    # Prepare: turns that end with [MASK], a special token that is not the end of text ([SEP]), as
+    # Gemma's <end_of_turn> is not its <eos>
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.chat_template = CHAT_MASK
+    tok.eos_token = "[SEP]"
+    ds = TextDataset(["great film", "dull plot"], None, [], ["positive", "negative"])
+    # Execute
+    data = get_task("sft").generation_set(tok, ds, _sft())
+    # Assert: the answers stop at either; each completion is its answer and the end of turn
+    assert data.stop_ids == sorted([tok.sep_token_id, tok.mask_token_id])
+    assert sorted(tok.decode(c) for c in data.completions) == ["negative [MASK]", "positive [MASK]"]
+    # and at the model config's and generation config's ends of text (one id, or a list: Gemma's)
+    from types import SimpleNamespace
+
+    from fedlora.tasks.sft import _stop_ids
+
+    configs = SimpleNamespace(eos_token_id=7), SimpleNamespace(eos_token_id=[1, 106])
+    assert _stop_ids(tok, *configs) == sorted([1, 7, 106, tok.sep_token_id])
+
+
+#: Turns that end with [MASK] (MiniLM's tokenizer has no end-of-turn token of its own).
+CHAT_MASK = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} [MASK] {% endfor %}"
+             "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
 #: Gemma's rule: no system role, and user/assistant turns alternate (in plain words for MiniLM's tokenizer).
 NO_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
              "{% endif %}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
