@@ -61,38 +61,28 @@ class Router:
 
     ``rows`` is the batch's row count, recorded by every forward of the model (it outlives the
     forward, for the backward hooks). A model that flattens its tokens before a layer (OPT's MLP:
-    ``(N, T, d) -> (N·T, d)``, row-major) hands that layer ``N·T`` rows: each batch row's ``T``
-    tokens, in order, so they are routed to that row's slot (:meth:`get`, :meth:`batch_rows`).
+    ``(N, T, d) -> (N·T, d)``, row-major) hands that layer ``N·T`` rows; the layer views them as
+    ``(N, T, d)`` (:meth:`as_rows`), so each batch row's tokens go to that row's slot.
     """
 
     def __init__(self) -> None:
         self.routing: Routing | None = None
         self.rows: int | None = None
-        self._per_token: tuple[Routing, int, Routing] | None = None  # (routing, T, its per-token form)
 
     def get(self, x: Tensor) -> Routing:
-        """The routing of a layer's input ``x`` (``(N, ..., d)``, or ``(N·T, d)`` flattened: then per
-        token), or every row on slot 0 when none is set."""
+        """The routing of a layer's input ``x`` (``(N, ..., d)``, as :meth:`as_rows` gives it), or
+        every row on slot 0 when none is set."""
         n_rows = x.shape[0]
         if self.routing is None:   # built directly: no host sync per layer call
             return Routing(ids=torch.zeros(n_rows, dtype=torch.long, device=x.device),
                            slots=torch.zeros(1, dtype=torch.long, device=x.device), in_order=True)
         n = self.routing.ids.numel()
-        if n_rows == n:
-            return self.routing
-        if x.dim() != 2 or not n or n_rows % n:
+        if n_rows != n:
             raise UserError(
                 f"an adapted layer got an input of shape {tuple(x.shape)} for a batch of {n} rows: the model"
                 " moves its tokens before it (sequence first, like Longformer's attention, or to a"
                 " mixture-of-experts expert); leave that layer out of --target-modules")
-        tokens = n_rows // n
-        cached = self._per_token
-        if cached is None or cached[0] is not self.routing or cached[1] != tokens:
-            r = self.routing
-            cached = (r, tokens, Routing(ids=r.ids.repeat_interleave(tokens), slots=r.slots,
-                                         in_order=r.in_order))
-            self._per_token = cached
-        return cached[2]
+        return self.routing
 
     def batch_rows(self, x: Tensor) -> int:
         """The batch rows that a layer's input ``x`` holds: ``N`` for ``(N, ..., d)`` or a flattened
@@ -100,6 +90,11 @@ class Router:
         n = self.routing.ids.numel() if self.routing is not None else self.rows
         flat = n and x.dim() == 2 and x.shape[0] != n and x.shape[0] % n == 0
         return n if flat else x.shape[0]
+
+    def as_rows(self, x: Tensor) -> Tensor:
+        """``x`` with the batch rows first: a flattened ``(N·T, d)`` input as ``(N, T, d)`` (a view)."""
+        n = self.batch_rows(x)
+        return x if n == x.shape[0] else x.view(n, -1, x.shape[-1])
 
 
 def kaiming_rows(gen: torch.Generator, rows: int, d_in: int) -> Tensor:
@@ -231,10 +226,10 @@ class BatchedLoRALinear(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)                                          # (N, T, d_out), shared GEMM
-        routing = self.router.get(x)
-        xa = x.to(self.scale.dtype)
+        xa = self.router.as_rows(x).to(self.scale.dtype)          # (N, T, d_in), also when flattened
+        routing = self.router.get(xa)
         if self.quantized and self.fold_U.shape[1]:
-            y = y + ((xa @ self.fold_V.T) @ self.fold_U.T).to(y.dtype)
+            y = y + ((xa @ self.fold_V.T) @ self.fold_U.T).reshape(y.shape).to(y.dtype)
         if not self.core:
             A, B = self.lora_A, self.lora_B
             if self.heterogeneous:
@@ -243,7 +238,7 @@ class BatchedLoRALinear(nn.Module):
             delta = lora_delta(xa, A, B, self.scale, routing)
         else:
             delta = sb_delta(xa, self.sb_A, self.sb_B, self.lora_R, self.scale[0], routing)
-        return y + delta.to(y.dtype)
+        return y + delta.reshape(y.shape).to(y.dtype)
 
     # ------------------------------------------------------------- slot access
     @torch.no_grad()
@@ -381,8 +376,9 @@ class BatchedLinear(nn.Module):
         return ("weight",) if self.bias is None else ("weight", "bias")
 
     def forward(self, x: Tensor) -> Tensor:
-        routing = self.router.get(x)
-        return dense_delta(x.to(self.weight.dtype), self.weight, routing, self.bias)
+        xr = self.router.as_rows(x)                               # (N, ..., d_in)
+        y = dense_delta(xr.to(self.weight.dtype), self.weight, self.router.get(xr), self.bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def get_slot(self, k: int) -> dict[str, Tensor]:
         return {key: getattr(self, key)[k].detach().clone() for key in self.slot_keys}

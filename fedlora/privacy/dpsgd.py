@@ -72,9 +72,9 @@ class Capture:
         return self
 
     def _hook(self, module, inputs, output) -> None:
-        x = inputs[0].detach()
-        n = module.router.batch_rows(x)  # a flattened (N·T, d) input is kept as (N, T, d)
-        self.x[module] = x if n == x.shape[0] else x.reshape(n, -1, x.shape[-1])
+        x = module.router.as_rows(inputs[0].detach())  # a flattened (N·T, d) input kept as (N, T, d)
+        n = x.shape[0]
+        self.x[module] = x
         if output.requires_grad:
             output.register_hook(lambda grad, m=module: self.g.__setitem__(m, _rows(grad.detach(), n)))
             if self.keep_outputs:
