@@ -122,6 +122,7 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan,
                                         num_labels if task.trains_head else None, seed=cfg.seed, dtype=dtype,
                                         quantize=cfg.quantize, double_quant=cfg.double_quant,
                                         device=cfg.device)
+    check_context(cfg.max_length, model.config, tokenizer)
     try:
         fm = FederatedModel(model, AdapterConfig(
             ranks=ranks, alpha=cfg.lora_alpha, target_modules=cfg.target_modules, plan=plan,
@@ -139,6 +140,17 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan,
         fm.zero_heads()
     fm.freeze_heads(cfg.head in ("frozen", "public"))  # public: the server trains it before round 1
     return fm.to(torch.device(cfg.device)), tokenizer, str(path)
+
+
+def check_context(max_length: int | None, config, tokenizer) -> None:
+    """Refuse a ``--max-length`` beyond the positions the model takes: its config's
+    ``max_position_embeddings``, or its tokenizer's ``model_max_length`` when smaller (RoBERTa's 514
+    positions hold 512 tokens)."""
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # "no limit" is 1e30
+    if max_length and limits and max_length > min(limits):
+        raise UserError(f"--max-length {max_length} exceeds the {min(limits)} positions this model takes"
+                        f" (its max_position_embeddings); pass --max-length {min(limits)} or less")
 
 
 def correct_base(fm: FederatedModel, cfg: JobConfig, task: Task, tokenizer, path) -> None:

@@ -149,6 +149,8 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
     (["--strategy", "flexlora", "--server-lr", "2"], "--strategy flexlora: flexlora restarts its clients from"
      " truncations of a restacked global update, so it has neither averaged factors nor a fold"),
     (["--server-lr", "0"], "a server learning rate must be > 0 (1: off), got 0.0"),
+    (["--max-length", "65"], "--max-length 65 exceeds the 64 positions this model takes (its"
+     " max_position_embeddings); pass --max-length 64 or less"),
 ])
 def test_bad_input_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path, capsys, extra, message):
     # Execute
