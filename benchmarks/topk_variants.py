@@ -1,6 +1,7 @@
 """Why ``--compress topk:0.1`` misses at 3 rounds: where the kept 10% goes, and error feedback.
 
     python benchmarks/topk_variants.py [--out runs/topk] [--rounds 3] [--variants per-tensor,...]
+                                       [--job-flags '--optimizer sgd --lr 0.1']
 
 The job is ``benchmarks/compression.py``'s ``bbc`` FedAvg run (MiniLM, the BBC News defaults,
 10 clients, 3 rounds, seed 0), once per variant, in ``OUT/<variant>/``:
@@ -19,12 +20,20 @@ each tensor ships a variable number of int32 indices (its main part) and their f
 side part), so their bytes are not what fedlora would ship. The table gives the test accuracy per
 round, the final gap to ``none``, the upload bytes as a share of ``none``'s and the last round's
 ``compress_error``. Finished runs are reused. About 75 s a run on a quiet 2-core CPU.
+
+The ``per-tensor`` run also records, for every coded tensor ``x = θ − ref + e``, the share of its
+squared norm that its kept entries hold (``OUT/per-tensor/energy.json``); a second table gives it per
+round and kind of tensor (LoRA's ``lora_A``, ``lora_B``, the head's weight and bias) beside a
+Gaussian's: the ``F n`` largest of ``n`` normal entries hold ``2 (c φ(c) + 1 − Φ(c))`` of the
+squared norm, ``c = Φ⁻¹(1 − F/2)`` (0.44 at F = 0.1). A share near or under the Gaussian's means the
+update is dense, and top-k sends under half of it a round.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +47,8 @@ VARIANTS = {"none": [], "per-tensor": ["--compress", "topk:0.1"], "global": ["--
             "head-whole": ["--compress", "topk:0.1"],
             "no-feedback": ["--compress", "topk:0.1", "--no-error-feedback"]}
 HEAD = ("classifier", "pre_classifier", "score")
+CLIENTS = 10
+ENERGY = "energy.json"
 
 
 def kept(kind: str, k_of, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -82,6 +93,62 @@ def patch(kind: str) -> None:
     codings.pack, codings.unpack = variant_pack, variant_unpack
 
 
+def kind_of(name: str) -> str:
+    """The last part of an uploaded tensor's name (LoRA's ``lora_A``, ``lora_B``), after ``head`` for
+    a head's (``head weight``, ``head bias``)."""
+    last = name.rsplit(".", 1)[-1]
+    return f"head {last}" if any(h in name for h in HEAD) else last
+
+
+def gaussian_share(fraction: float) -> float:
+    """The share of the squared norm that the largest ``fraction`` of normal entries hold."""
+    from statistics import NormalDist
+
+    c = NormalDist().inv_cdf(1 - fraction / 2)
+    return 2 * (c * NormalDist().pdf(c) + 1 - NormalDist().cdf(c))
+
+
+def record_energy(path: Path) -> None:
+    """Make fedlora's top-k coding append each tensor's ``[kind, entries, kept share of ‖x‖²]`` per
+    coded upload to ``path`` (a JSON list of uploads, in coding order)."""
+    import atexit
+    import json
+
+    pack, uploads = codings.pack, []
+
+    def recording_pack(scheme, tensors):
+        if isinstance(scheme, codings.TopK) and tensors:
+            upload = []
+            for name, t in sorted(tensors.items()):
+                sq = t.detach().float().reshape(-1).pow(2)
+                top = sq.topk(scheme.k(sq.numel())).values.sum()
+                upload.append([kind_of(name), sq.numel(), float(top / sq.sum()) if sq.sum() > 0 else 1.0])
+            uploads.append(upload)
+        return pack(scheme, tensors)
+
+    codings.pack = recording_pack
+    atexit.register(lambda: path.write_text(json.dumps(uploads)))
+
+
+def energy_table(path: Path, clients: int, fraction: float = 0.1) -> str:
+    """Per round and kind: the mean kept share of ``‖x‖²`` over the round's uploads' tensors."""
+    import json
+
+    uploads = json.loads(path.read_text())
+    lines = ["| round | tensor | entries each | kept share of ‖x‖², mean (min–max) | a Gaussian's |",
+             "|---|---|---:|---:|---:|"]
+    for r in range(0, len(uploads), clients):
+        by_kind: dict[str, list] = {}
+        for upload in uploads[r:r + clients]:
+            for kind, n, share in upload:
+                by_kind.setdefault(kind, []).append((n, share))
+        for kind, got in sorted(by_kind.items()):
+            shares = [s for _, s in got]
+            lines.append(f"| {r // clients + 1} | {kind} | {got[0][0]:,} | {sum(shares) / len(shares):.2f}"
+                         f" ({min(shares):.2f}–{max(shares):.2f}) | {gaussian_share(fraction):.2f} |")
+    return "\n".join(lines)
+
+
 def rows(out: Path) -> list[dict]:
     return read_rows(out)
 
@@ -91,19 +158,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/topk"))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--job-flags", default="", help="more fedlora-sim flags for every run, e.g. '--lr 0.1'")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:  # one run, in its own process (a patched coding must not outlive it)
         from fedlora.simulations.cli import main as sim
         if args.child in ("global", "head-whole"):
             patch(args.child)
-        return sim([*VARIANTS[args.child], "--num-clients", "10", "--rounds", str(args.rounds), "--quiet",
-                    "--overwrite", "--out", str(args.out / args.child)])
+        if args.child == "per-tensor":
+            (args.out / args.child).mkdir(parents=True, exist_ok=True)
+            record_energy(args.out / args.child / ENERGY)
+        return sim([*VARIANTS[args.child], "--num-clients", str(CLIENTS), "--rounds", str(args.rounds),
+                    "--quiet", "--overwrite", "--out", str(args.out / args.child),
+                    *shlex.split(args.job_flags)])
     names = ["none", *(v for v in args.variants.split(",") if v != "none")]
     for name in names:
         if not (args.out / name / "adapter").is_dir():
             subprocess.run([sys.executable, __file__, "--child", name, "--out", str(args.out), "--rounds",
-                            str(args.rounds)], check=True)
+                            str(args.rounds), "--job-flags", args.job_flags], check=True)
     ref = rows(args.out / "none")
     ref_up = sum(r["bytes_up"] for r in ref)
     print("| variant | test accuracy per round (0 = before) | final vs none (points) | bytes up / none |"
@@ -115,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         err = got[-1].get("compress_error")
         print(f"| {name} | {accs}% | {gap:+.1f} | {100 * sum(r['bytes_up'] for r in got) / ref_up:.1f}% |"
               f" {'—' if err is None else f'{err:.2f}'} |")
+    if (args.out / "per-tensor" / ENERGY).is_file():
+        print("\nper-tensor: what the kept entries hold of each coded tensor x = θ − ref + e\n")
+        print(energy_table(args.out / "per-tensor" / ENERGY, CLIENTS))
     return 0
 
 
