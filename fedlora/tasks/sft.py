@@ -99,13 +99,15 @@ class ChatFormat:
             end = self.tokenizer.eos_token or ""
             return self.bos + "\n\n".join(m["content"] for m in messages) + "\n", response + end
         # a template with a thinking switch (Qwen3's) renders with it off: the answer follows the
-        # prompt's empty thinking block, not one the completion would teach the model to write
-        head = self._render(messages, add_generation_prompt=True, enable_thinking=False)
-        full = self._render(messages + [{"role": "assistant", "content": response}], enable_thinking=False)
-        if not full.startswith(head):
-            raise UserError("the chat template renders a prompt differently once the answer follows;"
-                            " pass --chat-template plain or a Jinja file")
-        return head, full[len(head):].rstrip()
+        # prompt's empty thinking block, not one the completion would teach the model to write; a
+        # template whose switch renders the prompt otherwise once the answer follows, as it is
+        for switch in ({"enable_thinking": False}, {}):
+            head = self._render(messages, add_generation_prompt=True, **switch)
+            full = self._render(messages + [{"role": "assistant", "content": response}], **switch)
+            if full.startswith(head):
+                return head, full[len(head):].rstrip()
+        raise UserError("the chat template renders a prompt differently once the answer follows;"
+                        " pass --chat-template plain or a Jinja file")
 
     def _render(self, messages: list[dict], **kwargs) -> str:
         """The chat template's text of ``messages``; a refused system message is retried in the

@@ -134,6 +134,13 @@ def test_a_template_with_a_thinking_switch_is_rendered_with_it_off(tiny_llama_di
     # Assert: the empty block ends the prompt; the completion is the answer and the end of the turn
     assert tok.decode(prompts[0]) == "user : great film [SEP] assistant : think none end"
     assert tok.decode(completions[0]) == "positive [SEP]"
+    # a template whose switch changes only the generation prompt (the answer's turn renders without the
+    # block, as SmolLM3's no-think mode may) renders as it is, not refused
+    tok.chat_template = THINKING.replace("{% if m['role'] == 'assistant' and loop.last %}"
+                                         "think none end {% endif %}", "")
+    prompts, completions = get_task("sft").pieces(tok, ds, _sft())
+    assert tok.decode(prompts[0]) == "user : great film [SEP] assistant :"
+    assert tok.decode(completions[0]) == "positive [SEP]"
 
 
 def test_greedy_answers_stop_at_the_templates_end_of_turn_too(tiny_llama_dir):
