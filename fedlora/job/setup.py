@@ -26,7 +26,7 @@ from fedlora.errors import UserError
 from fedlora.job.schema import JobConfig
 from fedlora.models.adapter import check_correction, fold_into_base, read_adapter
 from fedlora.models.correction import CALIBRATION_ROWS, add_correction, calibration_batches
-from fedlora.models.hub import load_model, load_tokenizer
+from fedlora.models.hub import context_length, load_model, load_tokenizer
 from fedlora.models.model import AdapterConfig, FederatedModel
 from fedlora.strategies import AdapterPlan
 from fedlora.tasks import Task, get_task
@@ -143,14 +143,11 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan,
 
 
 def check_context(max_length: int | None, config, tokenizer) -> None:
-    """Refuse a ``--max-length`` beyond the positions the model takes: its config's
-    ``max_position_embeddings``, or its tokenizer's ``model_max_length`` when smaller (RoBERTa's 514
-    positions hold 512 tokens)."""
-    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # "no limit" is 1e30
-    if max_length and limits and max_length > min(limits):
-        raise UserError(f"--max-length {max_length} exceeds the {min(limits)} positions this model takes"
-                        f" (its max_position_embeddings); pass --max-length {min(limits)} or less")
+    """Refuse a ``--max-length`` beyond the tokens the model takes (:func:`context_length`)."""
+    context = context_length(config, tokenizer)
+    if max_length and context and max_length > context:
+        raise UserError(f"--max-length {max_length} exceeds the {context} positions this model takes"
+                        f" (its max_position_embeddings); pass --max-length {context} or less")
 
 
 def correct_base(fm: FederatedModel, cfg: JobConfig, task: Task, tokenizer, path) -> None:

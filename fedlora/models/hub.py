@@ -293,9 +293,18 @@ def _check_quantized(model: nn.Module, name: str, quantize: str) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
+def context_length(config, tokenizer) -> int | None:
+    """The tokens a model takes: its config's ``max_position_embeddings``, or its tokenizer's
+    ``model_max_length`` when smaller (RoBERTa's 514 positions hold 512 tokens); None when neither
+    says (a tokenizer without a limit has a huge ``model_max_length``)."""
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
+    return min(limits) if limits else None
+
+
 def load_tokenizer(name: str) -> tuple[object, int | None]:
-    """``(tokenizer, context)`` of model ``name`` without its weights: ``context`` is the model's
-    ``max_position_embeddings`` (None when its config has none)."""
+    """``(tokenizer, context)`` of model ``name`` without its weights: ``context`` is the tokens the
+    model takes (:func:`context_length`; None when unknown)."""
     from transformers import AutoConfig, AutoTokenizer
 
     path = resolve_model_path(name)
@@ -306,7 +315,7 @@ def load_tokenizer(name: str) -> tuple[object, int | None]:
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load the tokenizer of {str(path)!r}: {first_line(exc)}") from exc
     tokenizer.padding_side = "right"
-    return tokenizer, getattr(config, "max_position_embeddings", None)
+    return tokenizer, context_length(config, tokenizer)
 
 
 def new_head(path: Path, num_labels: int | None) -> bool:

@@ -160,3 +160,15 @@ def test_a_tokenizer_saved_to_pad_on_the_left_trains_as_one_that_pads_on_the_rig
     # Assert: the loaded tokenizer pads on the right; the runs' losses and accuracies are the same
     assert rows["left"] == rows["right"]
     assert load_model(str(left), "sequence-classification", num_labels=3)[1].padding_side == "right"
+
+
+def test_the_context_is_the_smaller_of_the_positions_and_the_tokenizers_limit():
+    from types import SimpleNamespace
+
+    # RoBERTa: 514 positions (2 for its padding offset), a tokenizer limited to 512
+    assert hub.context_length(SimpleNamespace(max_position_embeddings=514),
+                              SimpleNamespace(model_max_length=512)) == 512
+    # a tokenizer without a limit says 1e30 (transformers' VERY_LARGE_INTEGER); a config without positions
+    assert hub.context_length(SimpleNamespace(max_position_embeddings=128),
+                              SimpleNamespace(model_max_length=int(1e30))) == 128
+    assert hub.context_length(SimpleNamespace(), SimpleNamespace(model_max_length=int(1e30))) is None
