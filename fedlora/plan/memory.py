@@ -47,7 +47,11 @@ resident memory also holds what glibc's allocator keeps of freed blocks between 
 :data:`CPU_OVERHEAD` of the blocks' ``L s``, fitted on SmolLM2-135M (``benchmarks/llm_memory.py``,
 ``benchmarks/RESULTS.md``, 2026-12-02), added for ``--device cpu``. A BERT block (post-norm: its
 two LayerNorms keep their inputs, like the RMSNorms) is counted by the same terms with ``g = 1``
-(tested against a real forward, as LLaMA's); other block types are an approximation.
+(tested against a real forward, as LLaMA's). An eager attention (Gemma-2's) adds its ``T × T``
+scores to ``s`` (:func:`eager_attention_bytes`), a soft-capped model its logits' tanh, and GPT-2's
+``gelu_new`` three more ``m``-wide tensors to ``g`` (each tested against a real forward). Other block
+types are an approximation: a mixture of experts (Mixtral, OLMoE) keeps about 1.7× what is planned
+on a toy model (its router and the experts' tokens are not counted).
 """
 
 from __future__ import annotations
@@ -137,8 +141,35 @@ def norm_bytes(shape: ModelShape, cfg: JobConfig) -> int:
 
 def mlp_tensors(shape: ModelShape) -> int:
     """``g``: the ``m``-wide tensors a block's MLP keeps: a gated one its gate, the activation of
-    the gate and the up projection (3); an ungated one its activation's input (1)."""
-    return 3 if shape.gated_mlp else 1
+    the gate and the up projection (3); an ungated one its activation's input (1); and what an
+    activation written as tensor arithmetic keeps besides (:data:`ACTIVATION_TENSORS`)."""
+    extra = max((ACTIVATION_TENSORS.get(type(m).__name__, 0) for m in shape.fm.modules()), default=0)
+    return (3 if shape.gated_mlp else 1) + extra
+
+
+#: ``m``-wide tensors an activation keeps beyond its input, where transformers writes it out in
+#: tensor arithmetic: GPT-2's ``gelu_new``, ``0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))``, keeps the
+#: tanh, ``0.5 x`` and ``1 + tanh`` (counted against a real forward). A fused one keeps its input only.
+ACTIVATION_TENSORS = {"NewGELUActivation": 3}
+
+
+def eager_attention_bytes(shape: ModelShape, cfg: JobConfig) -> int:
+    """Bytes per row that one block's attention keeps in ``T × T`` scores when it runs eagerly (Gemma-2,
+    whose soft-capping SDPA lacks): the fp32 softmax, in bf16 its cast copy, and a soft-capped
+    model's tanh, ``n_h T² (4 [+ b] [+ b])``; 0 under SDPA or flash attention (they keep no scores)."""
+    text = shape.config.get_text_config() if hasattr(shape.config, "get_text_config") else shape.config
+    if getattr(text, "_attn_implementation", None) != "eager":
+        return 0
+    b = compute_bytes(cfg)
+    per = 4 + (b if b == 2 else 0) + (b if getattr(text, "attn_logit_softcapping", None) else 0)
+    return shape.dims()["heads"] * cfg.max_length ** 2 * per
+
+
+def logit_copies(shape: ModelShape) -> int:
+    """Logit-sized tensors the model itself keeps in the compute dtype: 1, a soft-capped one's
+    (Gemma-2: ``tanh(z / c) c``) its tanh too."""
+    text = shape.config.get_text_config() if hasattr(shape.config, "get_text_config") else shape.config
+    return 1 if getattr(text, "final_logit_softcapping", None) else 0
 
 
 def int8_input_bytes(shape: ModelShape, cfg: JobConfig, shared: Collection[str] = ()) -> int:
@@ -230,8 +261,9 @@ def saved_bytes(shape: ModelShape, cfg: JobConfig, response_tokens: int, checkpo
     if checkpointing:  # each block's input, and what its 8-bit layers keep past the checkpoint
         blocks = layers * n * (b * dims["hidden"] + int8_input_bytes(shape, cfg))
     else:
-        blocks = layers * n * block_bytes(shape, cfg)
-    logits = 4 * batch_rows(cfg) * logit_positions(cfg, response_tokens) * dims["vocab"]
+        blocks = layers * (n * block_bytes(shape, cfg) + batch_rows(cfg) * eager_attention_bytes(shape, cfg))
+    positions = batch_rows(cfg) * logit_positions(cfg, response_tokens) * dims["vocab"]
+    logits = (4 + b * logit_copies(shape)) * positions
     final = 4 * n * dims["hidden"] if shape.final_norm else 0
     return blocks + final + logits
 
@@ -241,7 +273,7 @@ def activation_bytes(shape: ModelShape, cfg: JobConfig, response_tokens: int, ch
     block's gradients (and with checkpointing its recomputed ``s``), the logits and the loss's two
     fp32 gradients, and on ``--device cpu`` the allocator's :data:`CPU_OVERHEAD`."""
     dims, b = shape.dims(), compute_bytes(cfg)
-    s = batch_rows(cfg) * cfg.max_length * block_bytes(shape, cfg)
+    s = batch_rows(cfg) * (cfg.max_length * block_bytes(shape, cfg) + eager_attention_bytes(shape, cfg))
     logits = batch_rows(cfg) * logit_positions(cfg, response_tokens) * dims["vocab"] * (b + 8)
     live = saved_bytes(shape, cfg, response_tokens, checkpointing) + (2 if checkpointing else 1) * s + logits
     if not cfg.device.startswith("cuda"):
