@@ -92,9 +92,10 @@ class Router:
         return n if flat else x.shape[0]
 
     def as_rows(self, x: Tensor) -> Tensor:
-        """``x`` with the batch rows first: a flattened ``(N·T, d)`` input as ``(N, T, d)`` (a view)."""
+        """``x`` with the batch rows first: a flattened ``(N·T, d)`` input as ``(N, T, d)`` (a view where
+        it can be)."""
         n = self.batch_rows(x)
-        return x if n == x.shape[0] else x.view(n, -1, x.shape[-1])
+        return x if n == x.shape[0] else x.reshape(n, -1, x.shape[-1])
 
 
 def kaiming_rows(gen: torch.Generator, rows: int, d_in: int) -> Tensor:
