@@ -48,6 +48,7 @@ FAMILIES = {
     "bloom": ("BloomConfig", {"hidden_size": 64, "n_layer": 2, "n_head": 4}),
     "mixtral": ("MixtralConfig", {**B, "num_key_value_heads": 2, "num_local_experts": 4,
                                   "num_experts_per_tok": 2}),
+    "olmoe": ("OlmoeConfig", {**B, "num_key_value_heads": 2, **MOE}),
     "qwen2_moe": ("Qwen2MoeConfig", {**B, "num_key_value_heads": 2, **MOE, "moe_intermediate_size": 32,
                                      "shared_expert_intermediate_size": 64}),
 }

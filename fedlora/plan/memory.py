@@ -50,8 +50,9 @@ two LayerNorms keep their inputs, like the RMSNorms) is counted by the same term
 (tested against a real forward, as LLaMA's). An eager attention (Gemma-2's) adds its ``T × T``
 scores to ``s`` (:func:`eager_attention_bytes`), a soft-capped model its logits' tanh, and GPT-2's
 ``gelu_new`` three more ``m``-wide tensors to ``g`` (each tested against a real forward). Other block
-types are an approximation: a mixture of experts (Mixtral, OLMoE) keeps about 1.7× what is planned
-on a toy model (its router and the experts' tokens are not counted).
+types are an approximation. A mixture of experts (a config with ``num_experts_per_tok``) counts, in
+place of ``g m``, each of a token's k experts' gated MLP and weighted output and a shared expert
+(:func:`mlp_numbers`), and its router's fp32 softmax (tested against a real forward on Mixtral).
 """
 
 from __future__ import annotations
@@ -114,9 +115,9 @@ def adapter_numbers(shape: ModelShape) -> tuple[int, int, int]:
 def block_bytes(shape: ModelShape, cfg: JobConfig) -> int:
     """``s / N``: one block's bytes kept for the backward pass per token (module docstring)."""
     dims, b = shape.dims(), compute_bytes(cfg)
-    h, a, kv, m = dims["hidden"], dims["attention"], dims["kv"], dims["intermediate"]
+    h, a, kv = dims["hidden"], dims["attention"], dims["kv"]
     nb = norm_bytes(shape, cfg)
-    per = 2 * nb * h + b * (2 * a + 2 * kv + mlp_tensors(shape) * m) + 4 * dims["heads"]
+    per = 2 * nb * h + b * (2 * a + 2 * kv + mlp_numbers(shape)) + 4 * dims["heads"] + router_bytes(shape)
     if not shape.rms_norm:
         per += 2 * 2 * nb  # each LayerNorm's mean and 1/std per token
     inputs = {}
@@ -139,6 +140,34 @@ def norm_bytes(shape: ModelShape, cfg: JobConfig) -> int:
     return 4 if shape.rms_norm or cfg.device.startswith("cuda") else compute_bytes(cfg)
 
 
+def mlp_numbers(shape: ModelShape) -> int:
+    """Numbers a block's MLP keeps per token: ``g m`` (:func:`mlp_tensors`); for a mixture of experts
+    (a config with ``num_experts_per_tok`` k) what each of the token's k experts keeps, its gated
+    MLP's ``gate_up`` output and activation (``3 m_e``, ``m_e`` the expert's width) and the down
+    projection's output it weights (``h``), and a shared expert's gated MLP (Qwen2-MoE's, ``3 m_s``)."""
+    text = _text_config(shape)
+    dims = shape.dims()
+    k = getattr(text, "num_experts_per_tok", None)
+    if not k or not _experts(text):
+        return mlp_tensors(shape) * dims["intermediate"]
+    width = getattr(text, "moe_intermediate_size", None) or dims["intermediate"]
+    shared = getattr(text, "shared_expert_intermediate_size", None) or 0
+    return int(k) * (3 * int(width) + dims["hidden"]) + 3 * int(shared)
+
+
+def router_bytes(shape: ModelShape) -> int:
+    """Bytes a mixture of experts' router keeps per token: its fp32 softmax over the ``E`` experts."""
+    return 4 * _experts(_text_config(shape))
+
+
+def _experts(text) -> int:
+    return int(getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 0)
+
+
+def _text_config(shape: ModelShape):
+    return shape.config.get_text_config() if hasattr(shape.config, "get_text_config") else shape.config
+
+
 def mlp_tensors(shape: ModelShape) -> int:
     """``g``: the ``m``-wide tensors a block's MLP keeps: a gated one its gate, the activation of
     the gate and the up projection (3); an ungated one its activation's input (1); and what an
@@ -157,7 +186,7 @@ def eager_attention_bytes(shape: ModelShape, cfg: JobConfig) -> int:
     """Bytes per row that one block's attention keeps in ``T × T`` scores when it runs eagerly (Gemma-2,
     whose soft-capping SDPA lacks): the fp32 softmax, in bf16 its cast copy, and a soft-capped
     model's tanh, ``n_h T² (4 [+ b] [+ b])``; 0 under SDPA or flash attention (they keep no scores)."""
-    text = shape.config.get_text_config() if hasattr(shape.config, "get_text_config") else shape.config
+    text = _text_config(shape)
     if getattr(text, "_attn_implementation", None) != "eager":
         return 0
     b = compute_bytes(cfg)
@@ -168,8 +197,7 @@ def eager_attention_bytes(shape: ModelShape, cfg: JobConfig) -> int:
 def logit_copies(shape: ModelShape) -> int:
     """Logit-sized tensors the model itself keeps in the compute dtype: 1, a soft-capped one's
     (Gemma-2: ``tanh(z / c) c``) its tanh too."""
-    text = shape.config.get_text_config() if hasattr(shape.config, "get_text_config") else shape.config
-    return 1 if getattr(text, "final_logit_softcapping", None) else 0
+    return 1 if getattr(_text_config(shape), "final_logit_softcapping", None) else 0
 
 
 def int8_input_bytes(shape: ModelShape, cfg: JobConfig, shared: Collection[str] = ()) -> int:

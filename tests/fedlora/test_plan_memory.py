@@ -147,12 +147,16 @@ def test_an_encoder_s_saved_activations_match_a_real_forward(tiny_bert_dir, prec
 
 
 #: Two blocks 64 wide (4 heads) with a 1,024-token vocabulary, so that the blocks, not the logits,
-#: carry the count; GPT-2's MLP is its gelu_new written out, Gemma-2's attention eager and soft-capped.
+#: carry the count; GPT-2's MLP is its gelu_new written out, Gemma-2's attention eager and soft-capped,
+#: Mixtral's MLP 4 experts of which each token takes 2.
 OTHER_DECODERS = {
     "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64}),
     "gemma2": ("Gemma2Config", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                                 "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128,
                                 "max_position_embeddings": 64}),
+    "mixtral": ("MixtralConfig", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                  "num_key_value_heads": 2, "intermediate_size": 128, "num_local_experts": 4,
+                                  "num_experts_per_tok": 2, "max_position_embeddings": 64}),
 }
 
 
@@ -170,7 +174,7 @@ def other_decoder(request, tmp_path_factory, tiny_llama_dir):
     return path
 
 
-def test_gpt2_s_and_gemma2_s_saved_activations_match_a_real_forward(other_decoder):
+def test_gpt2_s_gemma2_s_and_mixtral_s_saved_activations_match_a_real_forward(other_decoder):
     # 32 tokens a row: Gemma-2's eager attention keeps 4 heads × 32² scores a row and block. In fp32 and
     # over every position's logits; measured otherwise (not asserted): Gemma-2's sft rows keep 7% more
     # than planned, and under the CPU's bf16 autocast the two keep 6-11% more
