@@ -145,7 +145,7 @@ def mlp_numbers(shape: ModelShape) -> int:
     (a config with ``num_experts_per_tok`` k) what each of the token's k experts keeps, its gated
     MLP's ``gate_up`` output and activation (``3 m_e``, ``m_e`` the expert's width) and the down
     projection's output it weights (``h``), and a shared expert's gated MLP (Qwen2-MoE's, ``3 m_s``)."""
-    text = _text_config(shape)
+    text = shape.text_config
     dims = shape.dims()
     k = getattr(text, "num_experts_per_tok", None)
     if not k or not _experts(text):
@@ -157,15 +157,11 @@ def mlp_numbers(shape: ModelShape) -> int:
 
 def router_bytes(shape: ModelShape) -> int:
     """Bytes a mixture of experts' router keeps per token: its fp32 softmax over the ``E`` experts."""
-    return 4 * _experts(_text_config(shape))
+    return 4 * _experts(shape.text_config)
 
 
 def _experts(text) -> int:
     return int(getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 0)
-
-
-def _text_config(shape: ModelShape):
-    return shape.config.get_text_config() if hasattr(shape.config, "get_text_config") else shape.config
 
 
 def mlp_tensors(shape: ModelShape) -> int:
@@ -186,7 +182,7 @@ def eager_attention_bytes(shape: ModelShape, cfg: JobConfig) -> int:
     """Bytes per row that one block's attention keeps in ``T × T`` scores when it runs eagerly (Gemma-2,
     whose soft-capping SDPA lacks): the fp32 softmax, in bf16 its cast copy, and a soft-capped
     model's tanh, ``n_h T² (4 [+ b] [+ b])``; 0 under SDPA or flash attention (they keep no scores)."""
-    text = _text_config(shape)
+    text = shape.text_config
     if getattr(text, "_attn_implementation", None) != "eager":
         return 0
     b = compute_bytes(cfg)
@@ -197,7 +193,7 @@ def eager_attention_bytes(shape: ModelShape, cfg: JobConfig) -> int:
 def logit_copies(shape: ModelShape) -> int:
     """Logit-sized tensors the model itself keeps in the compute dtype: 1, a soft-capped one's
     (Gemma-2: ``tanh(z / c) c``) its tanh too."""
-    return 1 if getattr(_text_config(shape), "final_logit_softcapping", None) else 0
+    return 1 if getattr(shape.text_config, "final_logit_softcapping", None) else 0
 
 
 def int8_input_bytes(shape: ModelShape, cfg: JobConfig, shared: Collection[str] = ()) -> int:

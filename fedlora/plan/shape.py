@@ -111,11 +111,16 @@ class ModelShape:
         return {f"{name}.{key}": tuple(getattr(h, key).shape[1:]) for name, h in self.fm.heads.items()
                 for key in h.slot_keys}
 
+    @property
+    def text_config(self):
+        """The config of the language model (a multimodal config's text part, else the config)."""
+        c = self.config
+        return c.get_text_config() if hasattr(c, "get_text_config") else c
+
     def dims(self) -> dict[str, int]:
         """The block's sizes: ``hidden``, ``intermediate``, ``layers``, ``heads``, ``attention``
         (query width), ``kv`` (key/value width), ``vocab``."""
-        c = self.config
-        text = c.get_text_config() if hasattr(c, "get_text_config") else c
+        text = self.text_config
         heads = int(text.num_attention_heads)
         head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
         kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
