@@ -302,19 +302,28 @@ def context_length(config, tokenizer) -> int | None:
     return min(limits) if limits else None
 
 
+def _read_tokenizer(path: Path):
+    """The tokenizer in ``path``, padding on the right whatever it was saved with (Phi-3's and others'
+    pad on the left for generation): every task cuts its rows after the longest."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 def load_tokenizer(name: str) -> tuple[object, int | None]:
     """``(tokenizer, context)`` of model ``name`` without its weights: ``context`` is the tokens the
     model takes (:func:`context_length`; None when unknown)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     path = resolve_model_path(name)
     with _quiet():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tokenizer = _read_tokenizer(path)
             config = AutoConfig.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load the tokenizer of {str(path)!r}: {first_line(exc)}") from exc
-    tokenizer.padding_side = "right"
     return tokenizer, context_length(config, tokenizer)
 
 
@@ -342,7 +351,7 @@ def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 
     ``quantize`` (:data:`QUANTIZE`) the linear layers but the heads are loaded by bitsandbytes
     onto ``device`` (a model without quantization is loaded on the CPU: callers move it).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; use one of {', '.join(MODEL_KINDS)}")
@@ -360,7 +369,7 @@ def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 
                 extra.update(quantization_config=quantization_config(quantize, double_quant, dtype, skip),
                              device_map={"": str(torch.device(device))})
             model = auto.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tokenizer = _read_tokenizer(path)
         except (OSError, ValueError) as exc:
             hint = ("; transformers has no sequence-classification class for it: use --task sft with"
                     " --label-words" if kind == "sequence-classification"
@@ -370,7 +379,6 @@ def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 
         _check_quantized(model, name, quantize)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    tokenizer.padding_side = "right"  # rows are right-padded (tasks cut them after the longest)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, path
