@@ -23,9 +23,14 @@ logits are computed), and reports
   reuse, unseen, the heap that loading (a quantized or bf16 base converts the fp32 weights) freed;
 * ``step peak``: the peak resident memory while training (warm-up step included) minus the
   resident memory after the load: activations, logits, gradients and optimizer state (the
-  peak counter is reset through ``/proc/self/clear_refs`` after the load);
-* ``planned``: ``fedlora-plan``'s weights and step memory for the same job, and their ratio to
-  the measurement;
+  peak counter is reset through ``/proc/self/clear_refs`` after the load). It also holds what
+  glibc keeps of freed blocks, which moves from run to run;
+* ``live peak``: the peak of the bytes that torch's allocator holds in tensors during two more
+  steps (the second runs beside the optimizer's state), from the profiler's record of every allocation and free (``profile_memory``): the CPU's
+  count of what ``torch.cuda.max_memory_allocated`` counts on a GPU, free of the allocator;
+* ``planned``: ``fedlora-plan``'s weights and step memory for the same job (its resident figure,
+  with the CPU allocator's fitted share, against the step peak; its live figure against the live
+  peak), and their ratios to the measurements;
 * ``s / step``: mean wall time of the timed steps.
 """
 
@@ -33,11 +38,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 #: A configuration's frozen base: ``(--precision, --quantize)``. ``nf4`` and ``int8`` compute in
@@ -53,6 +60,18 @@ def _status(key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(key)
+
+
+def live_peak(step: Callable[[], object]) -> int:
+    """The most bytes held in tensors allocated during ``step()`` at once, from the profiler's
+    allocation record (tensors that were alive before it are not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
 
 
 def job(model: str, task: str, base: str, checkpointing: bool, batch: int, tokens: int):
@@ -97,7 +116,12 @@ def child(model: str, task: str, base: str, checkpointing: bool, batch: int, tok
     t0 = time.perf_counter()
     train_clients(fm, data, [sampler], train_cfg)
     seconds = (time.perf_counter() - t0) / steps
-    return {"weights": weights, "rss_loaded": rss_loaded, "step_peak": _status("VmHWM") - before,
+    step_peak = _status("VmHWM") - before
+    # each call builds its optimizer anew; the second step's backward pass runs beside its state, as
+    # every later step's does
+    train_cfg.local_steps = 2
+    live = live_peak(lambda: train_clients(fm, data, [sampler], train_cfg))
+    return {"weights": weights, "rss_loaded": rss_loaded, "step_peak": step_peak, "live_peak": live,
             "seconds": seconds}
 
 
@@ -126,17 +150,19 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
           f" causal-lm: loss on every token, sft: on the last {args.response} of each row; planned by"
           " fedlora-plan (fedlora.plan.memory)\n")
     print("| task | base | checkpointing | weights | planned | RSS after load | step peak | planned step |"
-          " planned / measured | s / step |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          " planned / measured | live peak | planned live | planned / live | s / step |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key, r in results.items():
         task, base, ckpt = key.split("/")
         cfg = job(args.model, task, base, ckpt == "1", args.batch, args.tokens)
         plan = predict_job(cfg, response_tokens=args.response)
-        step = plan.step_bytes
+        step, live = plan.step_bytes, r.get("live_peak")  # measurements saved before the live reading lack it
+        live_cells = (f"{live / 2**20:.0f} MiB | {plan.live_step_bytes / 2**20:.0f} MiB |"
+                      f" {plan.live_step_bytes / live:.2f}") if live else "— | — | —"
         print(f"| {task} | {base} | {'on' if ckpt == '1' else 'off'} | {r['weights'] / 2**20:.0f} MiB |"
               f" {plan.weight_bytes / 2**20:.0f} MiB | {r['rss_loaded'] / 2**20:.0f} MiB |"
               f" {r['step_peak'] / 2**20:.0f} MiB | {step / 2**20:.0f} MiB | {step / r['step_peak']:.2f} |"
-              f" {r['seconds']:.2f} |", flush=True)
+              f" {live_cells} | {r['seconds']:.2f} |", flush=True)
     against_bf16(results)
 
 

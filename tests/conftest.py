@@ -73,12 +73,12 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 
 def _tiny_llama(path: Path, tok, **config) -> Path:
-    """Save a 2-layer, 32-wide random LLaMA causal LM and ``tok`` in ``path``."""
+    """Save a 2-layer, 32-wide random LLaMA causal LM (or as ``config`` says) and ``tok`` in ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
-                      pad_token_id=tok.pad_token_id, **config)
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+             "intermediate_size": 64}
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, **{**shape, **config})
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
@@ -89,6 +89,14 @@ def _tiny_llama(path: Path, tok, **config) -> Path:
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide LLaMA causal LM with MiniLM's tokenizer."""
     return _tiny_llama(tmp_path_factory.mktemp("tiny-llama"), _tokenizer(), max_position_embeddings=64)
+
+
+@pytest.fixture(scope="session")
+def llama128_dir(tmp_path_factory) -> Path:
+    """The tiny LLaMA 128 wide (MLP 256): at 8 × 64 tokens its blocks' tensors are as large as the
+    logits of one response token a row, so a step's memory depends on both."""
+    return _tiny_llama(tmp_path_factory.mktemp("llama128"), _tokenizer(), hidden_size=128,
+                       intermediate_size=256, max_position_embeddings=64)
 
 
 @pytest.fixture(scope="session")

@@ -160,6 +160,7 @@ def memory_lines(mem: MemoryPlan, cfg: JobConfig, clients: int, memories: list[t
             (f"optimizer ({cfg.optimizer}), per client", mem.optimizer),
             (f"activations, checkpointing {ckpt}, per client", mem.activations),
             (f"(activations with checkpointing {other})", mem.activations_other),
+            ("freed blocks the CPU allocator keeps, per client (--device cpu)", mem.allocator),
             (f"DP-SGD extra, per client{'' if mem.dp_on else ' (with --dp sample)'}", mem.dp),
             ("**per client**", mem.per_client), (f"**pass of {clients} clients**", mem.pass_bytes(clients))]
     lines = ["| memory | bytes |", "|---|---:|"]

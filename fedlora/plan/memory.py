@@ -17,8 +17,8 @@ positions' logits are computed). All in bytes::
                   LoRA-SB r², its frozen A and B once per pass)
     gradients   = 4 × trainable numbers;  optimizer = 8 × trainable (AdamW), 4 × (SGD)
     s           = N [8h + b(2a + 2kv) + 4 n_h + g bm + b Σ_inputs d_in + b Σ_layers r (+ b(2h + a + m))]
-    activations = (L + 1) s + 4Nh + logits            without gradient checkpointing
-                = L N (b h + e) + 2 s + 4Nh + logits  with it (e = b(2h + a + m) on an 8-bit base, else 0)
+    activations = L s + max(4Nh + logits, s)               without gradient checkpointing
+                = L N (b h + e) + max(4Nh + logits, 2 s)   with it (e = b(2h + a + m) on 8 bits, else 0)
     logits      = B P V (b + 12)
     dp          = N b Σ_layers d_out + 4 E × trainable (--dp sample; E = --batch-size examples)
 
@@ -33,19 +33,23 @@ adapted layer (in fp32 the layers that read one tensor, q/k/v or gate/up, share 
 autocast each keeps its own copy) and its ``x Aᵀ``; an 8-bit base the input of every 8-bit layer
 (4-bit and unquantized frozen layers keep none); bitsandbytes keeps those outside autograd's saved
 tensors, so checkpointing does not drop them (``e``). Without checkpointing every block's ``s`` is
-alive when the backward pass starts, plus one block's gradients (another ``s``); with it, each
-block's input, and one recomputed block with its gradients; ``4Nh`` is the final RMSNorm's fp32
-input (a post-norm encoder has no final norm). :func:`saved_bytes` (what autograd keeps when the
-forward pass ends) is tested against the tensors a real forward keeps, to 2%. ``logits``: the
-logits of the ``P`` positions in the compute dtype, their fp32 log-softmax (kept for the backward
-pass) and the two fp32 gradients of the loss's backward. A quantized base also dequantizes one
+alive when the backward pass starts; with it, each block's input. The backward pass then peaks in
+one of two phases: the loss and the head (``4Nh``, the final RMSNorm's fp32 input, absent from a
+post-norm encoder, and ``logits``), which it frees before it reaches the blocks; or the blocks
+(one block's gradients, another ``s``, and with checkpointing one recomputed block, ``2 s``).
+:func:`saved_bytes` (what autograd keeps when the forward pass ends) is tested against the tensors
+a real forward keeps, to 2%, and the whole step against the profiler's record of its allocations.
+``logits``: the logits of the ``P`` positions in the compute dtype, their fp32 log-softmax (kept for
+the backward pass) and the two fp32 gradients of the loss's backward. A quantized base also dequantizes one
 layer's weight at a time (``b × numel`` of the largest, once per pass). ``dp``: DP-SGD keeps every
 adapted layer's output gradient and every row's per-example gradient of each trainable tensor.
 
-This counts live tensors, what ``torch.cuda.max_memory_allocated`` measures. On the CPU the
+This counts live tensors, what ``torch.cuda.max_memory_allocated`` measures on a GPU and the
+profiler's allocation record on the CPU (``benchmarks/llm_memory.py``'s ``live peak``). On the CPU the
 resident memory also holds what glibc's allocator keeps of freed blocks between live ones:
 :data:`CPU_OVERHEAD` of the blocks' ``L s``, fitted on SmolLM2-135M (``benchmarks/llm_memory.py``,
-``benchmarks/RESULTS.md``, 2026-12-02), added for ``--device cpu``. A BERT block (post-norm: its
+``benchmarks/RESULTS.md``, 2026-12-02), added for ``--device cpu`` as a term of its own
+(:attr:`MemoryPlan.allocator`). A BERT block (post-norm: its
 two LayerNorms keep their inputs, like the RMSNorms) is counted by the same terms with ``g = 1``
 (tested against a real forward, as LLaMA's). An eager attention (Gemma-2's) adds its ``T × T``
 scores to ``s`` (:func:`eager_attention_bytes`), a soft-capped model its logits' tanh, and GPT-2's
@@ -232,8 +236,9 @@ def logit_positions(cfg: JobConfig, response_tokens: int) -> int:
 class MemoryPlan:
     """Bytes of a job's pass (see the module docstring): ``base``, ``shared`` and ``transient`` once
     per pass, the rest per client; ``activations`` with the job's ``--gradient-checkpointing``,
-    ``activations_other`` with the other setting; ``dp`` is counted in :attr:`per_client` under
-    ``--dp sample`` only."""
+    ``activations_other`` with the other setting (both live tensors); ``allocator`` what the CPU's
+    allocator keeps beside a step's live tensors (0 on a GPU); ``dp`` is counted in
+    :attr:`per_client` under ``--dp sample`` only."""
 
     base: int
     shared: int
@@ -245,12 +250,14 @@ class MemoryPlan:
     activations_other: int
     dp: int
     dp_on: bool = False
+    allocator: int = 0
 
     @property
     def per_client(self) -> int:
-        """One more client in the pass: its adapter, gradients, optimizer state, activations (and DP)."""
+        """One more client in the pass: its adapter, gradients, optimizer state, activations, the CPU
+        allocator's share (and DP)."""
         dp = self.dp if self.dp_on else 0
-        return self.adapter + self.gradients + self.optimizer + self.activations + dp
+        return self.adapter + self.gradients + self.optimizer + self.activations + self.allocator + dp
 
     @property
     def fixed(self) -> int:
@@ -272,14 +279,23 @@ class MemoryPlan:
 
     @property
     def step_bytes(self) -> int:
-        """What a one-client step adds to the loaded model (the benchmark's ``step peak``)."""
+        """What a one-client step adds to the loaded model (the benchmark's ``step peak``: resident
+        memory on the CPU)."""
         return self.per_client - self.adapter + self.transient
 
+    @property
+    def live_step_bytes(self) -> int:
+        """:attr:`step_bytes` in live tensors only (the benchmark's ``live peak``; on a GPU the same)."""
+        return self.step_bytes - self.allocator
 
-def saved_bytes(shape: ModelShape, cfg: JobConfig, response_tokens: int, checkpointing: bool) -> int:
-    """What autograd keeps for the backward pass when one client's forward pass ends: every block's
-    ``s`` (with checkpointing each block's input, ``N b h``, and an 8-bit base's layer inputs), the
-    final norm's fp32 input (a model with one) and the fp32 log-softmax of the ``P`` positions' logits."""
+
+def saved_parts(shape: ModelShape, cfg: JobConfig, response_tokens: int,
+                checkpointing: bool) -> tuple[int, int]:
+    """What autograd keeps for the backward pass when one client's forward pass ends, in two parts:
+    the blocks' (every block's ``s``; with checkpointing each block's input, ``N b h``, and an 8-bit
+    base's layer inputs), and the head's (the final norm's fp32 input, in a model with one, the fp32
+    log-softmax of the ``P`` positions' logits and the model's own logit copies), which the backward
+    pass frees before it reaches the blocks."""
     dims, b = shape.dims(), compute_bytes(cfg)
     n, layers = batch_rows(cfg) * cfg.max_length, dims["layers"]
     if checkpointing:  # each block's input, and what its 8-bit layers keep past the checkpoint
@@ -289,20 +305,39 @@ def saved_bytes(shape: ModelShape, cfg: JobConfig, response_tokens: int, checkpo
     positions = batch_rows(cfg) * logit_positions(cfg, response_tokens) * dims["vocab"]
     logits = (4 + b * logit_copies(shape)) * positions
     final = 4 * n * dims["hidden"] if shape.final_norm else 0
-    return blocks + final + logits
+    return blocks, final + logits
+
+
+def saved_bytes(shape: ModelShape, cfg: JobConfig, response_tokens: int, checkpointing: bool) -> int:
+    """What autograd keeps for the backward pass when one client's forward pass ends (both
+    :func:`saved_parts`)."""
+    return sum(saved_parts(shape, cfg, response_tokens, checkpointing))
+
+
+def block_step_bytes(shape: ModelShape, cfg: JobConfig) -> int:
+    """``s`` of one client's batch: one block's saved tensors, its eager attention scores included."""
+    return batch_rows(cfg) * (cfg.max_length * block_bytes(shape, cfg) + eager_attention_bytes(shape, cfg))
 
 
 def activation_bytes(shape: ModelShape, cfg: JobConfig, response_tokens: int, checkpointing: bool) -> int:
-    """One client's activations at the peak of its step (module docstring): :func:`saved_bytes`, one
-    block's gradients (and with checkpointing its recomputed ``s``), the logits and the loss's two
-    fp32 gradients, and on ``--device cpu`` the allocator's :data:`CPU_OVERHEAD`."""
+    """One client's live activations at the peak of its step (module docstring): the blocks' saved
+    tensors (:func:`saved_parts`), then the larger of the backward pass's two phases. First the loss
+    and the head: their saved tensors, the logits and the loss's two fp32 gradients, all freed once
+    they have run. Then the blocks: one block's gradients, and with checkpointing its recomputed ``s``."""
     dims, b = shape.dims(), compute_bytes(cfg)
-    s = batch_rows(cfg) * (cfg.max_length * block_bytes(shape, cfg) + eager_attention_bytes(shape, cfg))
-    logits = batch_rows(cfg) * logit_positions(cfg, response_tokens) * dims["vocab"] * (b + 8)
-    live = saved_bytes(shape, cfg, response_tokens, checkpointing) + (2 if checkpointing else 1) * s + logits
-    if not cfg.device.startswith("cuda"):
-        live += int(CPU_OVERHEAD[checkpointing] * dims["layers"] * s)
-    return live
+    blocks, head = saved_parts(shape, cfg, response_tokens, checkpointing)
+    loss = head + batch_rows(cfg) * logit_positions(cfg, response_tokens) * dims["vocab"] * (b + 8)
+    return blocks + max(loss, (2 if checkpointing else 1) * block_step_bytes(shape, cfg))
+
+
+def allocator_bytes(shape: ModelShape, cfg: JobConfig) -> int:
+    """What the CPU's allocator keeps beside a step's live tensors: :data:`CPU_OVERHEAD` of the
+    blocks' ``L s`` on ``--device cpu``, nothing on a GPU (its caching allocator's reserve is not
+    counted: ``max_memory_allocated`` is the live tensors)."""
+    if cfg.device.startswith("cuda"):
+        return 0
+    blocks = shape.dims()["layers"] * block_step_bytes(shape, cfg)
+    return int(CPU_OVERHEAD[cfg.gradient_checkpointing] * blocks)
 
 
 def plan_memory(shape: ModelShape, cfg: JobConfig, response_tokens: int) -> MemoryPlan:
@@ -318,7 +353,7 @@ def plan_memory(shape: ModelShape, cfg: JobConfig, response_tokens: int) -> Memo
         adapter=4 * per, gradients=4 * trainable, optimizer=(4 if cfg.optimizer == "sgd" else 8) * trainable,
         activations=activation_bytes(shape, cfg, response_tokens, cfg.gradient_checkpointing),
         activations_other=activation_bytes(shape, cfg, response_tokens, not cfg.gradient_checkpointing),
-        dp=dp, dp_on=cfg.dp == "sample")
+        dp=dp, dp_on=cfg.dp == "sample", allocator=allocator_bytes(shape, cfg))
 
 
 def default_response_tokens(cfg: JobConfig) -> int:
