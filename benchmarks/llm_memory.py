@@ -26,8 +26,9 @@ logits are computed), and reports
   peak counter is reset through ``/proc/self/clear_refs`` after the load). It also holds what
   glibc keeps of freed blocks, which moves from run to run;
 * ``live peak``: the peak of the bytes that torch's allocator holds in tensors during two more
-  steps (the second runs beside the optimizer's state), from the profiler's record of every allocation and free (``profile_memory``): the CPU's
-  count of what ``torch.cuda.max_memory_allocated`` counts on a GPU, free of the allocator;
+  steps (the second runs beside the optimizer's state), from the profiler's record of every
+  allocation and free (``profile_memory``): the CPU's count of what
+  ``torch.cuda.max_memory_allocated`` counts on a GPU, free of the allocator;
 * ``planned``: ``fedlora-plan``'s weights and step memory for the same job (its resident figure,
   with the CPU allocator's fitted share, against the step peak; its live figure against the live
   peak), and their ratios to the measurements;

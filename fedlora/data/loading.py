@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedlora.data.readers import locate, read_rows
+from fedlora.data.readers import cell_text, locate, read_rows
 from fedlora.errors import UserError
 
 DEFAULT_DATASET = "bbcnews"
@@ -54,13 +55,14 @@ class TextDataset:
         """The first ``n`` rows (all of them when ``n`` is 0)."""
         return self if not n or n >= len(self) else self.subset(list(range(n)))
 
-    def relabel(self, names: list[str]) -> TextDataset:
-        """The same rows with label ids taken from ``names`` (the server's label list)."""
+    def relabel(self, names: list[str], source: str = "the client's data") -> TextDataset:
+        """The same rows with label ids taken from ``names`` (the server's label list; ``source``
+        names these rows in the message when a label is not among them)."""
         index = {n: i for i, n in enumerate(names)}
         unknown = sorted(set(self.label_names) - set(index))
         if unknown:
-            raise UserError(f"labels {', '.join(map(repr, unknown[:5]))} are not among the job's"
-                            f" labels ({', '.join(names)}); fix the client's label column")
+            raise UserError(f"labels {', '.join(map(repr, unknown[:5]))} of {source} are not among the job's"
+                            f" labels ({', '.join(names)}); fix its label column")
         assert self.labels is not None
         return TextDataset(self.texts, [index[self.label_names[i]] for i in self.labels], list(names))
 
@@ -99,18 +101,39 @@ def load_file(path: str | Path, text_column: str = "text",
             guess = _closest(col, columns, rows, what)
             raise UserError(f"{what} column {col!r} is not in {path.name} (columns: "
                             f"{', '.join(columns)}); pass --{what}-column {guess}")
-    texts = [str(r[text_column]) for r in rows]
+    texts = [cell_text(r, text_column, f"data row {i + 1} of {path.name}") for i, r in enumerate(rows)]
     if label_column is None:
         return TextDataset(texts, None, [])
-    missing = [i for i, r in enumerate(rows) if r[label_column] is None or str(r[label_column]).strip() == ""]
+    labels, names = _labels(rows, label_column, path)
+    return TextDataset(texts, labels, names)
+
+
+def _labels(rows: list[dict], column: str, path: Path) -> tuple[list[int], list[str]]:
+    """Each row's label id, and the label names in sorted order (numerically when every label is
+    an integer). A label is its text without surrounding spaces; ``1.0`` is ``1``."""
+    missing = [i for i, r in enumerate(rows) if r.get(column) is None or str(r[column]).strip() == ""]
     if missing:
-        raise UserError(f"{len(missing)} row(s) of {path.name} have no {label_column!r} (the first is data"
+        raise UserError(f"{len(missing)} row(s) of {path.name} have no {column!r} (the first is data"
                         f" row {missing[0] + 1}): fill in their labels or drop those rows")
-    raw = [str(r[label_column]) for r in rows]
+    raw = [cell_text(r, column, f"data row {i + 1} of {path.name}").strip() for i, r in enumerate(rows)]
+    if all(v.lstrip("-").replace(".", "", 1).isdigit() for v in raw):
+        raw = [str(int(float(v))) if float(v).is_integer() else v for v in raw]
     numeric = all(v.lstrip("-").isdigit() for v in raw)
     names = sorted(set(raw), key=int) if numeric else sorted(set(raw))
+    _warn_case(names, path)
     index = {v: i for i, v in enumerate(names)}
-    return TextDataset(texts, [index[v] for v in raw], names)
+    return [index[v] for v in raw], names
+
+
+def _warn_case(names: list[str], path: Path) -> None:
+    """One warning when labels differ only in case (``pos``, ``Pos``): they stay separate classes."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if name.lower() in seen:
+            print(f"fedlora: labels {seen[name.lower()]!r} and {name!r} of {path.name} differ only in case,"
+                  " so they are separate classes; write one spelling if they are one", file=sys.stderr)
+            return
+        seen[name.lower()] = name
 
 
 def _closest(name: str, columns: list[str], rows: list[dict], what: str) -> str:

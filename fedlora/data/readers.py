@@ -9,7 +9,7 @@ that marks a folder:
   ``datasets``' ``to_json(lines=False)``); ``.jsonl.gz`` (or ``.json.gz``): the same, gzip-compressed;
 * ``.parquet``: a Parquet file (pyarrow);
 * a folder written by ``datasets``' ``save_to_disk``: a ``Dataset`` (``state.json``), or a
-  ``DatasetDict`` (``dataset_dict.json``) of one split.
+  ``DatasetDict`` (``dataset_dict.json``) of one split; a ``ClassLabel`` column gives its names.
 
 A name pattern (``shards/train-*.parquet``: ``*``, ``?`` or ``[...]`` in its last part) reads every
 matching file in name order, all in one form. A hub dataset id, ``ORG/NAME`` or ``ORG/NAME:SPLIT``,
@@ -27,6 +27,7 @@ import csv
 import functools
 import gzip
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +84,50 @@ def register_reader(reader: Reader) -> Reader:
     return reader
 
 
+#: Separators a delimited file may use instead of its form's: a header of one column holding one
+#: of them is refused (a semicolon-separated ``.csv``, as spreadsheets in some locales write one).
+SEPARATORS = {",": "commas", "\t": "tabs", ";": "semicolons", "|": "bars"}
+
+
 def _delimited_rows(path: Path, delimiter: str) -> Rows:
+    """The rows of a CSV or TSV file. A row with more or fewer fields than the header is refused
+    (an unquoted delimiter in a text, a lost field) where it would shift or lose a value, and a quoted
+    field that runs over several lines is reported, once, in a warning."""
     with path.open(newline="", encoding="utf-8-sig") as fh:
-        return list(csv.DictReader(fh, delimiter=delimiter))
+        reader = csv.reader(fh, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return []
+        header = [name.strip() for name in header]  # "text, label": the column is "label"
+        _check_separator(path, header, delimiter)
+        rows, merged, line = [], [], 1
+        for cells in reader:
+            first, line = line + 1, reader.line_num
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                raise UserError(f"{path}:{line}: {len(cells)} fields where the header has {len(header)};"
+                                f" quote a text that holds a {SEPARATORS[delimiter][:-1]}"
+                                ' ("...") and give every row each column')
+            if line > first:
+                merged.append(first)
+            rows.append(dict(zip(header, cells, strict=True)))
+    if merged:
+        print(f"fedlora: {path}:{merged[0]}: a quoted field runs over several lines, so those lines make"
+              f" one row ({len(merged)} such row(s)); if the quote is part of the text, double it or save"
+              " the file as .jsonl", file=sys.stderr)
+    return rows
+
+
+def _check_separator(path: Path, header: list[str], delimiter: str) -> None:
+    """Refuse a header of one column that another separator splits (``text;label`` in a .csv)."""
+    if len(header) != 1:
+        return
+    other = next((sep for sep in SEPARATORS if sep != delimiter and sep in header[0]), None)
+    if other is not None:
+        raise UserError(f"{path}: its header {header[0]!r} is one column: its fields are separated by"
+                        f" {SEPARATORS[other]}, and fedlora reads .csv files separated by commas and"
+                        " .tsv files by tabs; re-save it so")
 
 
 def _delimited_cells(path: Path, delimiter: str) -> list[list[str]]:
@@ -141,12 +183,21 @@ def _parquet(path: Path) -> Rows:
 
 
 def _dataset(path: Path) -> Rows:
-    from datasets import load_from_disk
+    """A ``Dataset`` folder's rows, a ``ClassLabel`` column's ids as their names (``-1``, no label,
+    stays)."""
+    from datasets import ClassLabel, load_from_disk
 
     try:
-        return load_from_disk(str(path)).to_list()
+        ds = load_from_disk(str(path))
+        rows = ds.to_list()
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"{path}: not a readable datasets.save_to_disk folder ({first_line(exc)})") from None
+    named = {c: f.names for c, f in ds.features.items() if isinstance(f, ClassLabel)}
+    for row in rows:
+        for column, names in named.items():
+            if isinstance(row[column], int) and 0 <= row[column] < len(names):
+                row[column] = names[row[column]]
+    return rows
 
 
 def _dataset_dict(path: Path) -> Rows:
@@ -230,6 +281,39 @@ def reader_for(path: Path) -> Reader:
 
 def read_rows(path: Path | str) -> Rows:
     """The rows of ``path`` (a dict per row), in whichever form it is; a hub dataset id is located
-    first."""
+    first.
+
+    Raises
+    ------
+    UserError
+        As :func:`reader_for`; or the file is not UTF-8 text, or not in its form.
+    """
     path = locate(path)
-    return reader_for(path).rows(path)
+    try:
+        return reader_for(path).rows(path)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset"
+                        f" {exc.start}); re-save it as UTF-8") from None
+
+
+def cell_text(row: dict, column: str, where: str) -> str:
+    """The text in ``row``'s ``column``: a string, or a number as text (an integer-valued float as
+    an integer: ``1.0`` is ``1``).
+
+    Raises
+    ------
+    UserError
+        The row lacks the column, holds null there, or a list or object rather than text
+        (``where`` names the row in the message: ``"row 7 of train.jsonl"``).
+    """
+    value = row.get(column)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):  # and bool
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else str(value)
+    if column not in row:
+        raise UserError(f"{where} has no {column!r}: give every row each column")
+    what = "null" if value is None else f"a {type(value).__name__}, not text"
+    raise UserError(f"{where}: its {column!r} is {what}; fill in a text or drop the row")

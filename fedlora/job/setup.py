@@ -44,12 +44,15 @@ def splits(cfg: JobConfig, task: Task | None = None) -> tuple[TextDataset, TextD
     ``--eval-max`` rows."""
     task = task or get_task(cfg.task)
     ds = task.load(cfg.data, cfg)
+    if task.trains_head and len(ds.label_names) < 2:
+        raise UserError(f"--data {cfg.data} has one label ({ds.label_names[0]!r}): a classifier learns"
+                        " from two or more; check --label-column, or add the other classes' rows")
     if not cfg.test_data:
         train, test = split(ds, cfg.test_fraction, cfg.seed)
     else:
         train, test = ds, task.load(cfg.test_data, cfg, test=True)
         if task.trains_head:
-            test = test.relabel(ds.label_names)
+            test = test.relabel(ds.label_names, f"--test-data {cfg.test_data}")
     return train, test.head(cfg.eval_max), ds.label_names
 
 
@@ -67,7 +70,7 @@ def public_data(cfg: JobConfig, task: Task, tokenizer,
     try:
         ds = task.load(cfg.init_data, cfg)
         if task.trains_head:
-            ds = ds.relabel(label_names)
+            ds = ds.relabel(label_names, "the file")
     except UserError as exc:
         raise UserError(f"--init-data: {exc}") from None
     return task.encode(tokenizer, ds, cfg)

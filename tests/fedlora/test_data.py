@@ -76,6 +76,72 @@ def test_rows_without_a_label_are_refused_not_made_a_class(tmp_path, body):
         load_file(f)
 
 
+def test_a_row_with_a_field_more_or_less_is_refused_with_its_line(tmp_path):
+    # Prepare: an unquoted comma in a text would make " world" a label; a row without its label
+    extra, short = tmp_path / "extra.csv", tmp_path / "short.tsv"
+    extra.write_text('text,label\n"quoted, fine",0\nhello, world,1\n')
+    short.write_text("text\tlabel\na\t0\nb\n")
+    # Execute / Assert: the line of the file, and what would fix it
+    with pytest.raises(UserError, match=r"extra\.csv:3: 3 fields where the header has 2; quote a text that"
+                                        r" holds a comma"):
+        load_file(extra)
+    with pytest.raises(UserError, match=r"short\.tsv:3: 1 fields where the header has 2"):
+        load_file(short)
+
+
+def test_a_quoted_field_over_several_lines_is_one_row_and_one_warning(tmp_path, capsys):
+    f = tmp_path / "d.tsv"
+    f.write_text('text\tlabel\ngood\t1\n"a stray quote\t0\nbad\t0\nok"\t1\nfine\t0\n')
+    ds = load_file(f)
+    assert ds.texts == ["good", "a stray quote\t0\nbad\t0\nok", "fine"]
+    assert capsys.readouterr().err.count("d.tsv:3: a quoted field runs over several lines") == 1
+
+
+def test_another_separator_and_spaced_header_names(tmp_path):
+    semi, spaced = tmp_path / "semi.csv", tmp_path / "spaced.csv"
+    semi.write_text("text;label\nhi;0\n")
+    spaced.write_text("text, label\nhi, 0\nho, 1\n")
+    with pytest.raises(UserError, match=r"header 'text;label' is one column: its fields are separated by"
+                                        r" semicolons"):
+        load_file(semi)
+    ds = load_file(spaced)                                 # the column is "label", its values 0 and 1
+    assert ds.label_names == ["0", "1"] and ds.texts == ["hi", "ho"]
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    f = tmp_path / "latin1.csv"
+    f.write_bytes("text,label\ncaf\u00e9,0\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1\.csv: not UTF-8 text \(byte b'\\xe9' at offset 14\);"
+                                        r" re-save it as UTF-8$"):
+        load_file(f)
+
+
+@pytest.mark.parametrize("row, message", [
+    ('{"label": 1}', r"data row 2 of d\.jsonl has no 'text': give every row each column$"),
+    ('{"text": null, "label": 1}', r"data row 2 of d\.jsonl: its 'text' is null; fill in a text"),
+    ('{"text": ["a", "b"], "label": 1}', r"data row 2 of d\.jsonl: its 'text' is a list, not text"),
+    ('{"text": "b", "label": {"y": 1}}', r"data row 2 of d\.jsonl: its 'label' is a dict, not text"),
+])
+def test_a_text_cell_that_is_not_text_is_refused_not_made_none(tmp_path, row, message):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "a", "label": 0}\n' + row + "\n")
+    with pytest.raises(UserError, match=message):
+        load_file(f)
+
+
+def test_labels_are_their_text_without_spaces_and_integer_floats_are_integers(tmp_path, capsys):
+    # Prepare: "1.0" (a JSON float) and "1" are one label; " pos " is "pos"; "Pos" stays its own
+    floats, spaced = tmp_path / "f.jsonl", tmp_path / "s.csv"
+    floats.write_text('{"text": "a", "label": 1.0}\n{"text": "b", "label": 0}\n{"text": "c", "label": "1"}\n')
+    spaced.write_text("text,label\na,pos\nb, pos \nc,Pos\nd,neg\n")
+    # Execute
+    f, s = load_file(floats), load_file(spaced)
+    # Assert
+    assert f.label_names == ["0", "1"] and f.labels == [1, 0, 1]
+    assert s.label_names == ["Pos", "neg", "pos"] and s.labels == [2, 2, 0, 1]
+    assert "labels 'Pos' and 'pos' of s.csv differ only in case" in capsys.readouterr().err
+
+
 def test_split_and_iid_partition_cover_train_exactly_once(tiny_csv):
     ds = load_file(tiny_csv)
     train, test = split(ds, 0.2, seed=0)
@@ -119,3 +185,18 @@ def test_dirichlet_clients_gives_100_equal_skewed_clients_where_classwise_cannot
     # the class-wise partitioner cannot give each of 100 clients an article at α = 0.1
     with pytest.raises(UserError, match="dirichlet-clients"):
         partition(train, 100, "dirichlet", 0.1, seed=0)
+
+
+def test_a_job_refuses_one_label_and_names_the_test_file_whose_label_is_foreign(tmp_path):
+    from fedlora.job.schema import JobConfig
+    from fedlora.job.setup import splits
+
+    one, train, test = tmp_path / "one.csv", tmp_path / "train.csv", tmp_path / "test.jsonl"
+    one.write_text("text,label\na,pos\nb,pos\n")
+    train.write_text("text,label\na,0\nb,1\nc,0\n")
+    test.write_text('{"text": "x", "label": 1.0}\n{"text": "y", "label": 2}\n')
+    with pytest.raises(UserError, match=r"--data .*one\.csv has one label \('pos'\): a classifier learns"):
+        splits(JobConfig(data=str(one)))
+    with pytest.raises(UserError, match=r"^labels '2' of --test-data .*test\.jsonl are not among the job's"
+                                        r" labels \(0, 1\); fix its label column$"):
+        splits(JobConfig(data=str(train), test_data=str(test)))

@@ -97,6 +97,17 @@ def test_typed_forms_keep_chat_messages_and_choice_lists(tmp_path, form):
     assert read_choice_file(data) == got
 
 
+def test_a_class_label_column_reads_as_its_names(tmp_path):
+    from datasets import ClassLabel, Features, Value
+
+    # Prepare: ids 1, 0, -1 (no label) of the names ["pos", "neg"] (not in sorted order)
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["pos", "neg"])})
+    Dataset.from_dict({"text": ["a", "b", "c"], "label": [1, 0, -1]}, features=features).save_to_disk(
+        str(tmp_path / "ds"))
+    # Execute / Assert: the names, as a CSV of names would give them (an SFT job's answers are words)
+    assert [r["label"] for r in read_rows(tmp_path / "ds")] == ["neg", "pos", -1]
+
+
 def test_a_missing_column_is_the_csv_message(tmp_path):
     # Prepare: the same rows, without the label column, as CSV and as Parquet
     rows = [{"text": "good film", "y": 1}, {"text": "dull", "y": 0}]
