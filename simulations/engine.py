@@ -136,7 +136,7 @@ def train(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None =
     else:
         sink.begin(cfg)
     sink.export = lambda folder: export_model(job.fm, coord.state, folder, job.model_path,
-                                              job.task.peft_task_type)
+                                              job.task.peft_task_type, job.label_names)
     loop.run(coord, BatchedTransport(job, coord, on_step), sink, schedule, started=t0)
     return job, coord
 
@@ -154,7 +154,8 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
         tracking = Tracking.open(cfg, out_dir, fresh=not resume)
     try:
         job, coord = train(cfg, out_dir, on_step, on_round, schedule, tracking, checkpoints, resume)
-        export_model(job.fm, coord.state, out_dir / "adapter", job.model_path, job.task.peft_task_type)
+        export_model(job.fm, coord.state, out_dir / "adapter", job.model_path, job.task.peft_task_type,
+                     job.label_names)
     except BaseException:
         if own and tracking is not None:
             tracking.close(failed=True)

@@ -30,6 +30,7 @@ from fedlora.models.adapter import (
     padded_state,
     read_adapter,
 )
+from fedlora.models.export import read_labels
 from fedlora.models.hub import load_tokenizer, resolve_model_path
 from fedlora.models.model import FederatedModel
 from fedlora.models.state import apply_global
@@ -46,23 +47,63 @@ EVAL_FIELDS = ("task", "model", "data", "text_column", "label_column", "test_dat
 BASE = "base"
 
 
-def eval_examples(cfg: JobConfig, task: Task) -> tuple[TextDataset, list[str]]:
+def eval_examples(cfg: JobConfig, task: Task,
+                  adapters: list[PeftAdapter] = ()) -> tuple[TextDataset, list[str]]:
     """``(test examples, label names)``: the run's (``--data`` given: :func:`fedlora.job.setup.splits`),
-    or ``--test-data``'s own rows and labels (no ``--data``).
+    or ``--test-data``'s own rows (no ``--data``), whose labels a task with a head numbers as the
+    ``adapters`` were trained (the label names their export recorded: :func:`adapter_labels`).
 
     Raises
     ------
     UserError
-        Neither ``--data`` nor ``--test-data``.
+        Neither ``--data`` nor ``--test-data``; for a task with a head, an adapter whose recorded labels
+        differ from ``--data``'s or the other adapters', one without them and no ``--data``, or a test
+        label the adapters lack.
     """
     if cfg.data:
         _, test, names = splits(cfg, task)
+        if task.trains_head:
+            adapter_labels(adapters, names)
         return test, names
     if not cfg.test_data:
         raise UserError("fedlora-eval needs examples: --test-data FILE, or --data FILE (or bbcnews-instruct)"
                         " to score its held-out split as the run did (same --seed and --test-fraction)")
     test = task.load(cfg.test_data, cfg, test=True)
-    return test.head(cfg.eval_max), test.label_names
+    names = adapter_labels(adapters) if task.trains_head and adapters else None
+    if names is None:
+        return test.head(cfg.eval_max), test.label_names
+    unknown = [n for n in test.label_names if n not in names]
+    if unknown:
+        raise UserError(f"--test-data {cfg.test_data}: label(s) {', '.join(map(repr, unknown[:5]))} are not"
+                        f" among the labels adapter {str(adapters[0].path)!r} was trained on"
+                        f" ({', '.join(map(repr, names))}); score a test file of those labels")
+    return test.relabel(names).head(cfg.eval_max), names
+
+
+def adapter_labels(adapters: list[PeftAdapter], data: list[str] | None = None) -> list[str] | None:
+    """The label names the ``adapters`` were trained on, in id order (what each export recorded:
+    :func:`fedlora.models.export.read_labels`), checked against ``--data``'s ``data`` where given.
+
+    Raises
+    ------
+    UserError
+        Two adapters (or an adapter and ``--data``) with different labels; without ``data``, an
+        adapter that records none (exported by an older fedlora).
+    """
+    names, source = data, "--data"
+    for adapter in adapters:
+        path, mine = str(adapter.path), read_labels(adapter.path)
+        if mine is None and data is None:
+            raise UserError(f"adapter {path!r} records no label names (exported by an older fedlora): pass"
+                            " the run's training file as --data, so that its labels number the test file's")
+        if mine is None:
+            continue
+        if names is None:
+            names, source = mine, f"adapter {path!r}"
+        elif mine != names:
+            raise UserError(f"adapter {path!r} was trained on the labels {', '.join(map(repr, mine))}, and"
+                            f" {source} has {', '.join(map(repr, names))}: score it with its run's --data")
+    return names
 
 
 def resolve_eval_length(cfg: JobConfig, task: Task, examples: TextDataset, quiet: bool = False) -> None:
@@ -117,7 +158,7 @@ def score_models(cfg: JobConfig, adapters: list[Path], base: bool, quiet: bool =
     ``seconds`` (the evaluation's)."""
     task = get_task(cfg.task)
     checked = check_adapters(cfg, task, adapters)
-    examples, names = eval_examples(cfg, task)
+    examples, names = eval_examples(cfg, task, checked)
     resolve_eval_length(cfg, task, examples, quiet)
     data, rows = None, []
     for adapter in ([None] if base or not checked else []) + checked:

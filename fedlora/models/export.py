@@ -21,10 +21,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from fedlora.errors import UserError
 from fedlora.models.correction import MARKER
 from fedlora.strategies import GlobalState
 
 PREFIX = "base_model.model."
+#: The file beside an adapter with a task head that names the head's rows: the run's label names,
+#: in the order of their ids (a JSON list).
+LABELS = "fedlora_labels.json"
 
 
 def export_factors(state: GlobalState, layers: list[str], base: dict | None = None
@@ -45,7 +49,8 @@ def export_factors(state: GlobalState, layers: list[str], base: dict | None = No
 
 def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base_model: str,
                 task_type: str, head_modules: list[str], fan_in_fan_out: bool = False,
-                base: dict | None = None, fixed: dict | None = None, note: dict | None = None) -> Path:
+                base: dict | None = None, fixed: dict | None = None, note: dict | None = None,
+                labels: list[str] | None = None) -> Path:
     """Write ``out_dir/adapter_config.json`` and ``adapter_model.safetensors``.
 
     Parameters
@@ -74,6 +79,10 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
     note : dict, optional
         Written as :data:`~fedlora.models.correction.MARKER` beside the adapter: what its factors
         hold besides the update (a quantization correction).
+    labels : list of str, optional
+        The run's label names in the order of their ids, written as :data:`LABELS` beside an
+        adapter with a task head (``head_modules``), so that an evaluation numbers a test file's
+        labels as the run did (:func:`read_labels`).
     """
     out_dir = Path(out_dir)
     factors = export_factors(state, layers, base)
@@ -105,7 +114,10 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
         "inference_mode": True,
         "modules_to_save": sorted({h.split(".")[0] for h in head_modules}) or None,
     }
-    return write_adapter(out_dir, tensors, config, {MARKER: note} if note else None)
+    notes = {MARKER: note} if note else {}
+    if labels is not None and head_modules:
+        notes[LABELS] = list(labels)
+    return write_adapter(out_dir, tensors, config, notes)
 
 
 def joined(*parts: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -120,16 +132,41 @@ def joined(*parts: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def export_model(fm, state: GlobalState, out_dir: str | Path, base_model: str, task_type: str) -> Path:
+def export_model(fm, state: GlobalState, out_dir: str | Path, base_model: str, task_type: str,
+                 labels: list[str] | None = None) -> Path:
     """:func:`export_peft` of a ``FederatedModel``'s global ``state``: ``fm``'s adapted layers, its
     task heads, whether its targets were ``Conv1D`` layers (``fm.transposed``), what was folded into
     its base before training (``fm.base_factors``) and the correction beside its quantized layers
-    (``fm.correction``: with the update on adapted layers, on its own elsewhere)."""
+    (``fm.correction``: with the update on adapted layers, on its own elsewhere); ``labels``: the
+    run's label names, recorded beside a task head."""
     adapted = {n: f for n, f in fm.correction.items() if n in fm.adapters}
     fixed = {n: f for n, f in fm.correction.items() if n not in fm.adapters}
     return export_peft(state, list(fm.adapters), out_dir, base_model, task_type, list(fm.heads),
                        fan_in_fan_out=bool(fm.transposed), base=joined(fm.base_factors, adapted),
-                       fixed=fixed, note=fm.correction_note)
+                       fixed=fixed, note=fm.correction_note, labels=labels)
+
+
+def read_labels(folder: str | Path) -> list[str] | None:
+    """The label names recorded beside the adapter in ``folder`` (its :data:`LABELS`), or None
+    where it has none (an adapter without a head, or exported before fedlora recorded them).
+
+    Raises
+    ------
+    UserError
+        The file is not a JSON list of label names.
+    """
+    f = Path(folder) / LABELS
+    if not f.is_file():
+        return None
+    try:
+        names = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{str(f)!r} is unreadable ({exc}): re-export the adapter, or delete the file"
+                        " and pass the run's training file as --data") from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{str(f)!r} is not a JSON list of label names: re-export the adapter, or delete"
+                        " the file and pass the run's training file as --data")
+    return names
 
 
 def write_adapter(out_dir: Path, tensors: dict, config: dict, notes: dict | None = None) -> Path:

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from fedlora.models.export import export_peft
+from fedlora.errors import UserError
+from fedlora.models.export import LABELS, export_peft, read_labels
 from fedlora.models.model import AdapterConfig, FederatedModel
 from fedlora.models.state import apply_global
 from fedlora.strategies import GlobalState
@@ -87,6 +88,24 @@ def test_export_replaces_previous_adapter_whole(tiny_bert_dir, tmp_path):
                                                          "adapter_model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
+
+
+def test_export_records_the_runs_label_names_beside_a_head(tiny_bert_dir, tmp_path):
+    # Prepare: a global state with a 3-row head, and the run's label names in id order
+    fm = FederatedModel(_base(tiny_bert_dir), AdapterConfig(ranks=[4], alpha=8.0))
+    state = _random_state(fm, "lora", torch.Generator().manual_seed(4))
+    names = ["neg", "neutral", "pos"]
+    # Execute: with a head, and without one (no rows to name)
+    out = export_peft(state, list(fm.adapters), tmp_path / "cls", str(tiny_bert_dir), "SEQ_CLS",
+                      list(fm.heads), labels=names)
+    bare = export_peft(state, list(fm.adapters), tmp_path / "lm", "base", "CAUSAL_LM", [], labels=names)
+    # Assert: the names, in order, in their own file that PEFT ignores; none beside a headless adapter
+    assert json.loads((out / LABELS).read_text()) == names and read_labels(out) == names
+    assert read_labels(bare) is None and not (bare / LABELS).exists()
+    peft.PeftModel.from_pretrained(_base(tiny_bert_dir), out)
+    (out / LABELS).write_text('{"0": "neg"}')
+    with pytest.raises(UserError, match="is not a JSON list of label names"):
+        read_labels(out)
 
 def test_sft_export_generates_the_same_greedy_tokens_with_peft(tiny_chat_llama_dir, tmp_path):
     # Prepare: the tiny chat LLaMA with a live global adapter on all linear layers (A and B random)
