@@ -35,6 +35,15 @@ LONG_FILES = ("tests/server/test_deployment.py",            # ~300: the nodes, t
               "tests/simulations/test_dp_sim.py")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    """Each test starts with no data warning said: a command warns once per process
+    (``fedlora.data.instructions.warn_once``), and a test is one command."""
+    from fedlora.data.instructions import SAID
+
+    SAID.clear()
+
+
 def pytest_collection_modifyitems(config, items):
     """The long files first (in :data:`LONG_FILES`' order), every other test after, as collected."""
     rank = {name: i for i, name in enumerate(LONG_FILES)}

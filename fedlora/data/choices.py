@@ -12,6 +12,11 @@ Two forms are read (``--prompt-template`` then puts the question in its ``{text}
 2. MMLU's CSV: ``question,A,B,C,D,answer`` per row (any number of lettered choice columns),
    with or without that header line; ``answer`` is a letter (or an index).
 
+Where every choice of a row is a number (``["1", "2", "3", "4"]``), an answer given as text that
+equals one of them is that choice, not an index (``"2"`` is the choice ``2``); give an index as a
+JSON number there, or a letter. Indices count from 0: a file whose index answers reach its number
+of choices and are never 0 is 1-based, and is refused with that advice rather than read shifted.
+
 A labeled file with ``--label-words`` is multiple choice too, its words being the choices
 (:func:`fedlora.data.instructions.from_labeled`). The rows become a ``TextDataset`` whose
 ``texts`` are the questions, ``choices`` the choices, ``labels`` the answers' indices and
@@ -20,11 +25,12 @@ A labeled file with ``--label-words`` is multiple choice too, its words being th
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
 
 from fedlora.data.loading import TextDataset
-from fedlora.data.readers import reader_for
+from fedlora.data.readers import reader_for, text_of
 from fedlora.errors import UserError
 
 LETTERS = string.ascii_uppercase
@@ -36,6 +42,10 @@ FORMS: tuple[tuple[str, str, str], ...] = (
     ("question", "options", "answer_idx"))
 
 
+#: A choice's text that is a number (its answer, as text, names the choice rather than an index).
+NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
 def answer_index(value, n: int, where: str) -> int:
     """The index of ``value`` (an index from 0 or a letter) among ``n`` choices.
 
@@ -44,17 +54,25 @@ def answer_index(value, n: int, where: str) -> int:
     UserError
         ``value`` is neither, or names no choice of the ``n``.
     """
+    index = _raw_index(value)
+    if not 0 <= index < n:
+        raise UserError(_outside(value, n, where))
+    return index
+
+
+def _raw_index(value) -> int:
+    """``value`` as an index (an integer, its digits, or a letter: ``A`` is 0), else -1."""
     text = str(value).strip()
     if isinstance(value, int) and not isinstance(value, bool) or text.isdigit():
-        index = int(text)
-    elif len(text) == 1 and text.upper() in LETTERS:
-        index = LETTERS.index(text.upper())
-    else:
-        index = -1
-    if not 0 <= index < n:
-        raise UserError(f"{where}: answer {value!r} is not among its {n} choices; give the right"
-                        f" choice's index (0-{n - 1}) or letter (A-{LETTERS[n - 1]})")
-    return index
+        return int(text)
+    if len(text) == 1 and text.upper() in LETTERS:
+        return LETTERS.index(text.upper())
+    return -1
+
+
+def _outside(value, n: int, where: str) -> str:
+    return (f"{where}: answer {value!r} is not among its {n} choices; give the right"
+            f" choice's index (0-{n - 1}) or letter (A-{LETTERS[n - 1]})")
 
 
 def _listed(choices) -> tuple[object, list[str]]:
@@ -68,16 +86,36 @@ def _listed(choices) -> tuple[object, list[str]]:
 
 
 def _row(question, choices, answer, where: str) -> tuple[str, list[str], int]:
+    """``(question, choices, the answer's index)``; an index outside the choices is kept (-1 for
+    neither an index nor a letter) for :func:`_checked` to refuse."""
     choices, labels = _listed(choices)
     if not isinstance(choices, list) or len(choices) < 2 or len(choices) > len(LETTERS):
         raise UserError(f"{where}: 'choices' must be a list of 2 to {len(LETTERS)} answers,"
                         f" got {choices!r}")
-    texts = [str(c).strip() for c in choices]
+    texts = [text_of(c, where, f"choice {i}").strip() for i, c in enumerate(choices, 1)]
     if not all(texts):
         raise UserError(f"{where}: choice {texts.index('') + 1} is empty; every choice needs a text")
-    if str(answer).strip() in labels:
-        return str(question), texts, labels.index(str(answer).strip())
-    return str(question), texts, answer_index(answer, len(texts), where)
+    question = text_of(question, where, "question")
+    said = text_of(answer, where, "answer").strip()
+    if said in labels:
+        return question, texts, labels.index(said)
+    if isinstance(answer, str) and said in texts and all(NUMBER.fullmatch(t) for t in texts):
+        return question, texts, texts.index(said)      # numbers as choices: the text names one
+    return question, texts, _raw_index(answer)
+
+
+def _checked(rows: list[tuple[str, list[str], int]], answers: list, wheres: list[str]
+             ) -> list[tuple[str, list[str], int]]:
+    """``rows`` whose answers are all among their choices; a file whose index answers reach the
+    number of choices and are never 0 is refused as 1-based."""
+    bad = next((i for i, (_, c, y) in enumerate(rows) if not 0 <= y < len(c)), None)
+    if bad is None:
+        return rows
+    n = len(rows[bad][1])
+    message = _outside(answers[bad], n, wheres[bad])
+    if rows[bad][2] == n and not any(y == 0 for _, _, y in rows):
+        message += "; the answers look 1-based (none is 0): subtract 1 from each, or give letters"
+    raise UserError(message)
 
 
 def _dataset(rows: list[tuple[str, list[str], int]]) -> TextDataset:
@@ -115,8 +153,9 @@ def read_choice_file(path: Path) -> TextDataset | None:
         if form is None:
             return None
         ask, options, answer = form
-        return _dataset([_row(r.get(ask), r.get(options), r.get(answer), f"{path.name} row {n}")
-                         for n, r in enumerate(rows, 1)])
+        wheres = [f"{path.name} row {n}" for n in range(1, len(rows) + 1)]
+        read = [_row(r.get(ask), r.get(options), r.get(answer), w) for r, w in zip(rows, wheres, strict=True)]
+        return _dataset(_checked(read, [r.get(answer) for r in rows], wheres))
     if reader.cells is None:
         return None
     lines = reader.cells(path)
@@ -124,13 +163,13 @@ def read_choice_file(path: Path) -> TextDataset | None:
     if start is None:
         return None
     width = len(lines[0])
-    out = []
+    out, wheres = [], []
     for n, cells in enumerate(lines[start:], start + 1):
-        where = f"{path.name} line {n}"
+        wheres.append(f"{path.name} line {n}")
         if len(cells) != width:
-            raise UserError(f"{where} has {len(cells)} fields, not {width} (question, the choices, answer)"
-                            " like the first line; quote fields that contain commas")
-        out.append(_row(cells[0], cells[1:-1], cells[-1], where))
+            raise UserError(f"{wheres[-1]} has {len(cells)} fields, not {width} (question, the choices,"
+                            " answer) like the first line; quote fields that contain commas")
+        out.append(_row(cells[0], cells[1:-1], cells[-1], wheres[-1]))
     if not out:
         raise UserError(f"{path.name} has a header but no questions")
-    return _dataset(out)
+    return _dataset(_checked(out, [c[-1] for c in lines[start:]], wheres))

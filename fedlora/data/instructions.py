@@ -22,16 +22,26 @@ and its right choice as the response. ``--label-words`` selects form 3 directly,
 ``bbcnews-instruct`` (``bbcnews`` reads the same) is BBC News in form 3, answered with
 the category's name; each prompt holds the article's lead, its first :data:`BBC_LEAD_WORDS`
 words (the headline and opening sentences; a whole article is a median of ~500 tokens).
-Closed-set answers (form 3 and multiple choice) keep their ``choices``.
+Closed-set answers (form 3 and multiple choice) keep their ``choices``: in form 3 every label
+that ``--label-words`` names or the data holds (a held-out file's choices add the training
+data's labels), whichever of them a file's rows use.
+
+Every prompt and response is text (a number reads as it is written): a null, a list or an object
+where text belongs is refused with its row. A message's ``content`` may be a list of OpenAI-style
+text parts (``{"type": "text", "text": …}``), read as their texts joined by newlines. Every row
+needs the columns of the first row's form. Rows whose response is empty are skipped with one
+warning counting them; a file of nothing else is refused.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 
 from fedlora.data.choices import read_choice_file
 from fedlora.data.loading import DEFAULT_DATASET, TextDataset, load_bbcnews, load_file
-from fedlora.data.readers import locate, read_rows
+from fedlora.data.readers import locate, read_rows, text_of
 from fedlora.errors import UserError
 
 BBC_INSTRUCT = "bbcnews-instruct"
@@ -39,6 +49,18 @@ BBC_TEMPLATE = ("{text}\n\nWhich category is this news article: business, entert
                 " sports or tech? Answer with one word.")
 #: Words of a BBC News article that its ``bbcnews-instruct`` prompt holds.
 BBC_LEAD_WORDS = 64
+
+
+#: The warnings said in this process: a file read twice (the derived --max-length, then the job) is
+#: warned about once.
+SAID: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Print ``fedlora: MESSAGE`` on stderr, unless this process has already said it."""
+    if message not in SAID:
+        SAID.add(message)
+        print(f"fedlora: {message}", file=sys.stderr)
 
 
 def parse_label_words(text: str) -> dict[str, str]:
@@ -65,18 +87,51 @@ def fill_template(template: str, texts: list[str]) -> list[str]:
     return [template.replace("{text}", t) if template else t for t in texts]
 
 
-def from_labeled(ds: TextDataset, template: str, label_words: dict[str, str]) -> TextDataset:
+def label_order(names) -> list[str]:
+    """Label names in the order a labeled file's labels get their ids: by value when they are all
+    integers, else by text (as :func:`fedlora.data.loading.load_file` orders them)."""
+    names = set(names)
+    numeric = all(n.lstrip("-").isdigit() for n in names)
+    return sorted(names, key=int) if numeric else sorted(names)
+
+
+def from_labeled(ds: TextDataset, template: str, label_words: dict[str, str],
+                 known: Callable[[], list[str]] | None = None) -> TextDataset:
     """Questions from a labeled dataset: ``template`` around each text, the label's word as the
-    answer; every label's word is a choice."""
+    answer. The choices are every label's word: each label of ``label_words``, or without them
+    each label of ``ds`` and of ``known()`` (the training data's, for a held-out file), whichever
+    of them ``ds`` holds."""
     missing = sorted(set(ds.label_names) - set(label_words)) if label_words else []
     if missing:
         raise UserError(f"--label-words has no word for label(s) {', '.join(map(repr, missing[:5]))};"
                         f" give one for each of {', '.join(ds.label_names)}")
-    answers = [label_words.get(name, name) for name in ds.label_names]
+    more = list(label_words) if label_words else (known() if known else [])
+    names = label_order([*ds.label_names, *more])
+    answers = [label_words.get(name, name) for name in names]
     prompts = fill_template(template, ds.texts)
     assert ds.labels is not None
-    return TextDataset(prompts, ds.labels, ds.label_names, [answers[y] for y in ds.labels],
-                       [answers] * len(ds.labels))
+    index = [names.index(name) for name in ds.label_names]
+    labels = [index[y] for y in ds.labels]
+    return TextDataset(prompts, labels, names, [answers[y] for y in labels], [answers] * len(labels))
+
+
+def labeled_names(spec: str, text_column: str, label_column: str, template: str = "") -> list[str]:
+    """The labels of ``spec`` where it is read as a labeled file (form 3 without ``--label-words``),
+    else none: what a held-out labeled file adds to its own labels as choices."""
+    if not spec:
+        return []
+    try:
+        if spec in (BBC_INSTRUCT, DEFAULT_DATASET):
+            return load_bbcnews().label_names
+        path = locate(spec)
+        if read_choice_file(path) is not None:
+            return []
+        rows = read_rows(path)
+        if not rows or (not template and _form(rows[0]) is not None):
+            return []
+        return load_file(path, text_column, label_column).label_names
+    except UserError:  # the training data's own errors are said where it is read
+        return []
 
 
 #: Prompt/response column pairs (form 2), in the order they are tried: (prompt, response, a column
@@ -89,12 +144,26 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system"}
 
 
+def _content(value, where: str) -> str:
+    """A message's content: text, or a list of OpenAI-style text parts (their texts, joined by
+    newlines)."""
+    if not isinstance(value, list):
+        return text_of(value, where, "content")
+    kinds = [p.get("type") if isinstance(p, dict) else type(p).__name__ for p in value]
+    other = next((k for k in kinds if k != "text"), None)
+    if other is not None or not value:
+        raise UserError(f"{where}: a message's content parts must be text ({{\"type\": \"text\","
+                        f" \"text\": ...}}), got {'no parts' if not value else repr(other) + ' parts'};"
+                        " give the content as text, or drop the row")
+    return "\n".join(text_of(p.get("text"), where, "text part") for p in value)
+
+
 def _message(m, where: str) -> dict[str, str]:
     """One ``{"role", "content"}`` message, from that form or ShareGPT's ``{"from", "value"}``."""
     if isinstance(m, dict) and "role" in m and "content" in m:
-        return {"role": str(m["role"]), "content": str(m["content"])}
+        return {"role": text_of(m["role"], where, "role"), "content": _content(m["content"], where)}
     if isinstance(m, dict) and m.get("from") in SHAREGPT_ROLES and "value" in m:
-        return {"role": SHAREGPT_ROLES[m["from"]], "content": str(m["value"])}
+        return {"role": SHAREGPT_ROLES[m["from"]], "content": _content(m["value"], where)}
     raise UserError(f"{where}: every message must be {{role, content}} (or ShareGPT's {{from, value}},"
                     f" from one of {', '.join(SHAREGPT_ROLES)}), got {str(m)[:60]!r}")
 
@@ -120,17 +189,51 @@ def _messages(value, where: str) -> list[dict[str, str]]:
     return msgs
 
 
-def _prompt(value, where: str) -> str | list[dict[str, str]]:
+def _prompt(value, where: str, column: str = "prompt") -> str | list[dict[str, str]]:
     """A prompt column's value: text, or (TRL's conversational form) a message list."""
     if isinstance(value, list) or (isinstance(value, str) and value.lstrip().startswith("[{")):
         return _chat_list(value, where, 1)
-    return str(value)
+    return text_of(value, where, column)
 
 
-def _response(value, where: str) -> str:
+def _response(value, where: str, column: str = "response") -> str:
     """A response column's value: text, or the content of a message list's last message."""
-    said = _prompt(value, where)
+    said = _prompt(value, where, column)
     return said if isinstance(said, str) else said[-1]["content"]
+
+
+def cell(row: dict, column: str, where: str, form: str):
+    """``row[column]``, which the first row's form (``form``: its columns) has every row hold.
+
+    Raises
+    ------
+    UserError
+        ``row`` lacks ``column``.
+    """
+    if column not in row:
+        raise UserError(f"{where} has no {column!r} column, which the first row's form ({form}) needs;"
+                        f" give every row the same columns (this one has: {', '.join(row) or 'none'})")
+    return row[column]
+
+
+def nonempty(ds: TextDataset, name: str, what: str = "response") -> TextDataset:
+    """``ds`` without its rows whose response is empty (one warning counts them).
+
+    Raises
+    ------
+    UserError
+        Every response is empty.
+    """
+    assert ds.responses is not None
+    empty = [i for i, r in enumerate(ds.responses) if not r.strip()]
+    if not empty:
+        return ds
+    if len(empty) == len(ds):
+        raise UserError(f"{name}: every {what} is empty (all {len(ds)} rows); there is nothing to learn:"
+                        f" fill in the {what}s")
+    warn_once(f"{len(empty)} of {len(ds)} rows of {name} have an empty {what}; they were skipped")
+    drop = set(empty)
+    return ds.subset([i for i in range(len(ds)) if i not in drop])
 
 
 def _pairs(rows: list[dict], name: str) -> TextDataset | None:
@@ -138,24 +241,49 @@ def _pairs(rows: list[dict], name: str) -> TextDataset | None:
     cols = set(rows[0])
     chat = next((c for c in ("messages", "conversations") if c in cols), None)
     if chat:
-        convs = [_messages(r[chat], f"{name} row {n}") for n, r in enumerate(rows, 1)]
-        return TextDataset([m[:-1] for m in convs], None, [], [m[-1]["content"] for m in convs])
+        convs = [_messages(cell(r, chat, f"{name} row {n}", chat), f"{name} row {n}")
+                 for n, r in enumerate(rows, 1)]
+        said = [m[-1]["content"] for m in convs]
+        return nonempty(TextDataset([m[:-1] for m in convs], None, [], said), name)
     form = next((f for f in PAIR_FORMS if {f[0], f[1]} <= cols), None)
     if form is None:
         return None
     ask, answer, extra = form
     prompts, responses = [], []
     for n, r in enumerate(rows, 1):
-        prompt = _prompt(r[ask], f"{name} row {n}")
-        more = str(r.get(extra) or "").strip() if extra else ""
+        where = f"{name} row {n}"
+        prompt = _prompt(cell(r, ask, where, f"{ask}/{answer}"), where, ask)
+        more = text_of(r.get(extra) or "", where, extra).strip() if extra else ""
         prompts.append(f"{prompt}\n\n{more}" if more and isinstance(prompt, str) else prompt)
-        responses.append(_response(r[answer], f"{name} row {n}"))
-    return TextDataset(prompts, None, [], responses)
+        responses.append(_response(cell(r, answer, where, f"{ask}/{answer}"), where, answer))
+    return nonempty(TextDataset(prompts, None, [], responses), name)
+
+
+def _form(row: dict) -> str | None:
+    """The columns of form 1 or 2 that ``row`` has (``messages``, ``instruction/output``), else None."""
+    chat = next((c for c in ("messages", "conversations") if c in row), None)
+    return chat or next((f"{a}/{b}" for a, b, _ in PAIR_FORMS if {a, b} <= set(row)), None)
+
+
+def _flags_hint(path, template: str, words: dict[str, str]) -> None:
+    """Refuse ``--prompt-template`` / ``--label-words`` on a file of prompts and responses (forms 1
+    and 2), which is read without them; nothing for any other file."""
+    rows = read_rows(path)
+    form = _form(rows[0]) if rows else None
+    if form is not None:
+        given = [f for f, on in (("--prompt-template", template), ("--label-words", words)) if on]
+        flags, verb = " and ".join(given), "are" if len(given) > 1 else "is"
+        raise UserError(f"{path.name} holds prompts and responses ({form}), which are read as they are:"
+                        f" {flags} {verb} for a labeled file (--text-column and --label-column);"
+                        f" drop {flags}")
 
 
 def load_instructions(spec: str, text_column: str, label_column: str, template: str = "",
-                      label_words: str = "") -> TextDataset:
-    """Prompts and responses of ``spec`` (a file or ``bbcnews-instruct``), see the module docstring.
+                      label_words: str = "", known: Callable[[], list[str]] | None = None,
+                      flags: str = "") -> TextDataset:
+    """Prompts and responses of ``spec`` (a file or ``bbcnews-instruct``), see the module docstring;
+    ``known``: the training data's labels, for a held-out labeled file (:func:`from_labeled`);
+    ``flags``: the column flags' prefix a message names (``"test-"`` for ``--test-data``).
 
     Raises
     ------
@@ -166,7 +294,7 @@ def load_instructions(spec: str, text_column: str, label_column: str, template: 
     """
     words = parse_label_words(label_words)
     if spec in (BBC_INSTRUCT, DEFAULT_DATASET):  # the bundled BBC News, as questions
-        return from_labeled(lead(load_bbcnews(), BBC_LEAD_WORDS), template or BBC_TEMPLATE, words)
+        return from_labeled(lead(load_bbcnews(), BBC_LEAD_WORDS), template or BBC_TEMPLATE, words, known)
     path = locate(spec)
     choices = None if words else read_choice_file(path)
     if choices is not None:
@@ -185,4 +313,10 @@ def load_instructions(spec: str, text_column: str, label_column: str, template: 
                 f" reads messages or conversations, {', '.join(f'{a}/{b}' for a, b, _ in PAIR_FORMS)},"
                 " question/choices/answer (multiple choice), or --text-column and --label-column with"
                 " --label-words")
-    return from_labeled(load_file(path, text_column, label_column), template, words)
+    try:
+        labeled = load_file(path, text_column, label_column, flags)
+    except UserError:
+        if template or words:
+            _flags_hint(path, template, words)
+        raise
+    return from_labeled(labeled, template, words, known)

@@ -88,9 +88,10 @@ def load_bbcnews() -> TextDataset:
 
 
 def load_file(path: str | Path, text_column: str = "text",
-              label_column: str | None = "label") -> TextDataset:
+              label_column: str | None = "label", flags: str = "") -> TextDataset:
     """Rows of a data file or folder (any form of :mod:`fedlora.data.readers`); labels are mapped to
-    ids in sorted order."""
+    ids in sorted order. ``flags``: the prefix of the column flags a missing column's message names
+    (``"test-"``: ``--test-text-column``)."""
     path = locate(path)
     rows = read_rows(path)
     if not rows:
@@ -100,7 +101,7 @@ def load_file(path: str | Path, text_column: str = "text",
         if col is not None and col not in rows[0]:
             guess = _closest(col, columns, rows, what)
             raise UserError(f"{what} column {col!r} is not in {path.name} (columns: "
-                            f"{', '.join(columns)}); pass --{what}-column {guess}")
+                            f"{', '.join(columns)}); pass --{flags}{what}-column {guess}")
     texts = [cell_text(r, text_column, f"data row {i + 1} of {path.name}") for i, r in enumerate(rows)]
     if label_column is None:
         return TextDataset(texts, None, [])
@@ -146,11 +147,12 @@ def _closest(name: str, columns: list[str], rows: list[dict], what: str) -> str:
     return (same or close or ["NAME"])[0]
 
 
-def load_dataset(spec: str, text_column: str = "text", label_column: str | None = "label") -> TextDataset:
-    """``"bbcnews"`` or a file path."""
+def load_dataset(spec: str, text_column: str = "text", label_column: str | None = "label",
+                 flags: str = "") -> TextDataset:
+    """``"bbcnews"`` or a file path (:func:`load_file`)."""
     if spec == DEFAULT_DATASET:
         return load_bbcnews()
-    return load_file(spec, text_column, label_column)
+    return load_file(spec, text_column, label_column, flags)
 
 
 def split(ds: TextDataset, test_fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:

@@ -13,22 +13,29 @@ A file is read in the first form its columns fit:
    ``bbcnews-instruct``), read as ``--task sft`` reads it (``fedlora.data.instructions``): the
    right answer is chosen, and another of the example's choices, drawn from ``--seed``, rejected.
 
-A pair whose two responses are the same teaches nothing: such pairs are counted and skipped
-with one warning; data of nothing else is refused.
+A file with ``chosen`` and ``rejected`` columns is read as pairs (forms 1 and 2) whatever
+``--prompt-template`` and ``--label-words`` say: those apply to a labeled file (a labeled
+``--test-data`` beside training pairs, say).
+
+Every prompt and response is text (a null, a list or an object where text belongs is refused with
+its row and column), ``chosen`` and ``rejected`` both message lists or both text, and every row has
+the columns of the first. A pair whose two responses are the same, or with an empty one, teaches
+nothing: such pairs are counted and skipped with one warning (each said once, however often the
+file is read); data of nothing else is refused.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedlora.data.instructions import _messages, load_instructions
+from fedlora.data.instructions import _messages, cell, load_instructions, warn_once
 from fedlora.data.loading import DEFAULT_DATASET, TextDataset
-from fedlora.data.readers import is_pattern, locate, read_rows
+from fedlora.data.readers import is_pattern, locate, read_rows, text_of
 from fedlora.errors import UserError
 
 #: Mixed into ``--seed`` for the rejected answers drawn from a labeled file's other choices.
@@ -84,27 +91,57 @@ def _with_prompt(answer: list, prompt) -> list:
 
 
 def _from_rows(rows: list[dict], name: str) -> PairDataset:
-    """Forms 1 and 2 (the rows have ``chosen`` and ``rejected``)."""
+    """Forms 1 and 2 (the first row has ``chosen`` and ``rejected``)."""
     prompts, chosen, rejected = [], [], []
+    texts = "prompt" in rows[0]
     for n, row in enumerate(rows, 1):
-        good, bad = _chat(row["chosen"]), _chat(row["rejected"])
+        where = f"{name} row {n}"
+        good_cell, bad_cell = cell(row, "chosen", where, "chosen/rejected"), cell(row, "rejected", where,
+                                                                                 "chosen/rejected")
+        good, bad = _chat(good_cell), _chat(bad_cell)
         if good is not None and bad is not None:
             good, bad = _with_prompt(good, row.get("prompt")), _with_prompt(bad, row.get("prompt"))
-            good, bad = _messages(good, f"{name} row {n} chosen"), _messages(bad, f"{name} row {n} rejected")
+            good, bad = _messages(good, f"{where} chosen"), _messages(bad, f"{where} rejected")
             if good[:-1] != bad[:-1]:
-                raise UserError(f"{name} row {n}: the chosen and rejected conversations differ before"
+                raise UserError(f"{where}: the chosen and rejected conversations differ before"
                                 " their last (assistant) message; a pair answers one prompt")
             prompts.append(good[:-1])
             chosen.append(good[-1]["content"])
             rejected.append(bad[-1]["content"])
-        elif "prompt" in row:
-            prompts.append(str(row["prompt"]))
-            chosen.append(str(row["chosen"]))
-            rejected.append(str(row["rejected"]))
+        elif good is not None or bad is not None:
+            lists, text = ("chosen", "rejected") if good is not None else ("rejected", "chosen")
+            text_of(row[text], where, text)  # a null is refused as such
+            raise UserError(f"{where}: {lists!r} is a message list but {text!r} is text; give both as"
+                            " message lists or both as text")
+        elif texts:
+            prompts.append(text_of(cell(row, "prompt", where, "prompt/chosen/rejected"), where, "prompt"))
+            chosen.append(text_of(good_cell, where, "chosen"))
+            rejected.append(text_of(bad_cell, where, "rejected"))
         else:
-            raise UserError(f"{name} row {n}: chosen/rejected are text, so a prompt column is needed"
+            raise UserError(f"{where}: chosen/rejected are text, so a prompt column is needed"
                             " (or make them chat message lists that start with the prompt)")
-    return PairDataset(prompts, None, [], chosen, None, rejected)
+    return nonempty_pairs(PairDataset(prompts, None, [], chosen, None, rejected), name)
+
+
+def nonempty_pairs(ds: PairDataset, name: str) -> PairDataset:
+    """``ds`` without its pairs with an empty chosen or rejected response (one warning counts them).
+
+    Raises
+    ------
+    UserError
+        Every pair has an empty response.
+    """
+    empty = [i for i, (a, b) in enumerate(zip(ds.responses, ds.rejected, strict=True))
+             if not a.strip() or not b.strip()]
+    if not empty:
+        return ds
+    if len(empty) == len(ds):
+        raise UserError(f"{name}: every pair (all {len(ds)}) has an empty chosen or rejected response;"
+                        " a preference pair needs two responses: fill them in")
+    warn_once(f"{len(empty)} of {len(ds)} pairs in {name} have an empty chosen or rejected response;"
+              " they were skipped")
+    drop = set(empty)
+    return ds.subset([i for i in range(len(ds)) if i not in drop])
 
 
 def _from_answers(ds: TextDataset, seed: int) -> PairDataset:
@@ -136,15 +173,18 @@ def drop_identical(ds: PairDataset, name: str) -> PairDataset:
     if len(same) == len(ds):
         raise UserError(f"{name}: the chosen and rejected responses are identical in all {len(ds)} pairs;"
                         " a preference pair needs two different responses")
-    print(f"fedlora: {len(same)} of {len(ds)} pairs in {name} have identical chosen and rejected responses;"
-          " they were skipped", file=sys.stderr)
+    warn_once(f"{len(same)} of {len(ds)} pairs in {name} have identical chosen and rejected responses;"
+              " they were skipped")
     drop = set(same)
     return ds.subset([i for i in range(len(ds)) if i not in drop])
 
 
 def load_preferences(spec: str, text_column: str, label_column: str, template: str = "",
-                     label_words: str = "", seed: int = 0) -> PairDataset:
-    """Preference pairs of ``spec`` (see the module docstring).
+                     label_words: str = "", seed: int = 0,
+                     known: Callable[[], list[str]] | None = None, flags: str = "") -> PairDataset:
+    """Preference pairs of ``spec`` (see the module docstring); ``known``: the training data's
+    labels, for a held-out labeled file (:func:`fedlora.data.instructions.from_labeled`); ``flags``:
+    the column flags' prefix a message names (``"test-"`` for ``--test-data``).
 
     Raises
     ------
@@ -155,14 +195,33 @@ def load_preferences(spec: str, text_column: str, label_column: str, template: s
     path = locate(spec)
     here = path.exists() or is_pattern(path)
     if not (template or label_words) and spec != DEFAULT_DATASET and here:
-        rows = read_rows(path)
-        if not rows:
-            raise UserError(f"data file {spec!r} has no rows")
-        if {"chosen", "rejected"} <= set(rows[0]):
+        rows = _pair_rows(path, spec)
+        if rows is not None:
             return drop_identical(_from_rows(rows, path.name), path.name)
+        rows = read_rows(path)
         if not {text_column, label_column} <= set(rows[0]) and not {"question", "choices"} <= set(rows[0]):
             raise UserError(f"{path.name} has no chosen/rejected columns (columns: {', '.join(rows[0])}):"
                             " --task dpo reads prompt/chosen/rejected, chat chosen/rejected message lists,"
                             " or a labeled file with --label-words")
-    ds = load_instructions(spec, text_column, label_column, template, label_words)
+    try:
+        ds = load_instructions(spec, text_column, label_column, template, label_words, known, flags)
+    except UserError:
+        rows = _pair_rows(path, spec) if spec != DEFAULT_DATASET and here else None
+        if rows is None:  # a pair file beside --prompt-template / --label-words (for a labeled --test-data)
+            raise
+        return drop_identical(_from_rows(rows, path.name), path.name)
     return drop_identical(_from_answers(ds, seed), path.name if here else spec)
+
+
+def _pair_rows(path, spec: str) -> list[dict] | None:
+    """The rows of ``path`` when its first has ``chosen`` and ``rejected`` columns, else None.
+
+    Raises
+    ------
+    UserError
+        The file has no rows.
+    """
+    rows = read_rows(path)
+    if not rows:
+        raise UserError(f"data file {spec!r} has no rows")
+    return rows if {"chosen", "rejected"} <= set(rows[0]) else None

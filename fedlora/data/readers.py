@@ -296,24 +296,33 @@ def read_rows(path: Path | str) -> Rows:
                         f" {exc.start}); re-save it as UTF-8") from None
 
 
-def cell_text(row: dict, column: str, where: str) -> str:
-    """The text in ``row``'s ``column``: a string, or a number as text (an integer-valued float as
-    an integer: ``1.0`` is ``1``).
+def text_of(value, where: str, column: str) -> str:
+    """A text cell's value: a string as it is, a number (or a boolean) as it is written.
 
     Raises
     ------
     UserError
-        The row lacks the column, holds null there, or a list or object rather than text
-        (``where`` names the row in the message: ``"row 7 of train.jsonl"``).
+        ``value`` is null, a list or an object, whose Python text would be trained on (``where``
+        names the row in the message: ``"train.jsonl row 7"``).
     """
-    value = row.get(column)
     if isinstance(value, str):
         return value
-    if isinstance(value, int):  # and bool
+    if isinstance(value, int | float):
         return str(value)
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else str(value)
+    if value is None:
+        raise UserError(f"{where}: {column!r} is null; give it a text, or drop the row")
+    raise UserError(f"{where}: {column!r} is a {type(value).__name__} ({str(value)[:60]!r}), not text;"
+                    " give it as a string, or drop the row")
+
+
+def cell_text(row: dict, column: str, where: str) -> str:
+    """:func:`text_of` the value in ``row``'s ``column``.
+
+    Raises
+    ------
+    UserError
+        The row lacks the column, or :func:`text_of` refuses its value.
+    """
     if column not in row:
         raise UserError(f"{where} has no {column!r}: give every row each column")
-    what = "null" if value is None else f"a {type(value).__name__}, not text"
-    raise UserError(f"{where}: its {column!r} is {what}; fill in a text or drop the row")
+    return text_of(row[column], where, column)

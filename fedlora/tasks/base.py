@@ -13,12 +13,15 @@ its longest row (dynamic padding), so a pass of short phrases costs what its tok
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fedlora.errors import UserError
 
 #: name -> task object (filled by :func:`register_task`).
 TASKS: dict[str, Task] = {}
@@ -116,6 +119,45 @@ def token_losses(logits: Tensor, labels: Tensor, positions: Tensor | None = None
     tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), reduction="none",
                           ignore_index=-100).view(lb.shape)                  # (N, P)
     return tok, (lb != -100).float()
+
+
+def held_out_source(cfg) -> str:
+    """Where held-out examples come from, as a warning names it."""
+    return f"--test-data {cfg.test_data}" if cfg.test_data else "the held-out split of --data"
+
+
+def length_advice(tokenizer, longest: int) -> str:
+    """What lets a text of ``longest`` tokens fit: a larger ``--max-length`` where the model (its
+    tokenizer's ``model_max_length``) takes one, else shortening or dropping it."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    limit = limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+    if limit is not None and longest >= limit:
+        return f"this model takes at most {limit} tokens: shorten or drop those rows"
+    most = f" (this model takes up to {limit})" if limit else ""
+    return f"pass a --max-length above {longest}{most}, or shorten or drop those rows"
+
+
+def drop_long(lengths: list[int], cfg, tokenizer, what: str) -> list[int]:
+    """The positions of the held-out examples whose ``what`` (``lengths[i]`` tokens, which no cut
+    shortens) fits ``--max-length``: the others cannot be scored, and are skipped with one warning.
+
+    Raises
+    ------
+    UserError
+        None fits.
+    """
+    keep = [i for i, n in enumerate(lengths) if n <= cfg.max_length]
+    if len(keep) == len(lengths):
+        return keep
+    longest, source = max(lengths), held_out_source(cfg)
+    if not keep:
+        raise UserError(f"every held-out example ({len(lengths)}, {source}) has a {what} longer than"
+                        f" --max-length {cfg.max_length} alone (the longest has {longest} tokens), so none"
+                        f" can be scored; {length_advice(tokenizer, longest)}")
+    print(f"fedlora: {len(lengths) - len(keep)} of {len(lengths)} held-out examples ({source}) have a {what}"
+          f" longer than --max-length {cfg.max_length} alone (the longest has {longest} tokens); they are not"
+          " scored", file=sys.stderr)
+    return keep
 
 
 class Task(ABC):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fedlora.errors import UserError
-from fedlora.tasks.base import Evaluation, Task, register_evaluation
+from fedlora.tasks.base import Evaluation, Task, drop_long, register_evaluation
 from fedlora.tasks.decode import score_choices
 from fedlora.tasks.sft import ChatFormat, cut_prompts, warn_cut
 
@@ -50,7 +50,7 @@ def fit_prompts(prompts: list[list[int]], room: list[int], max_length: int) -> l
     Raises
     ------
     UserError
-        A choice alone is longer than ``max_length``.
+        A choice alone is longer than ``max_length`` (:func:`choice_set` drops those rows before).
     """
     if max(room) > max_length:
         raise UserError(f"a choice alone has {max(room)} tokens, more than --max-length {max_length};"
@@ -61,21 +61,25 @@ def fit_prompts(prompts: list[list[int]], room: list[int], max_length: int) -> l
 
 
 def choice_set(tokenizer, ds, cfg) -> ChoiceSet:
-    """The held-out examples ``ds`` as a :class:`ChoiceSet`.
+    """The held-out examples ``ds`` as a :class:`ChoiceSet`; those with a choice longer than
+    ``--max-length`` alone are not scored (one warning counts them).
 
     Raises
     ------
     UserError
-        The data has no choices (free-form responses), or a choice is longer than ``--max-length``.
+        The data has no choices (free-form responses), or every example has a choice longer than
+        ``--max-length``.
     """
     if ds.choices is None or ds.labels is None:
         raise UserError("--eval mc needs choices for every held-out example, and this data has free-form"
                         " responses: give a .jsonl with question, choices and answer, MMLU's CSV"
                         " (question,A,B,C,D,answer), or a labeled file with --label-words")
-    chat = ChatFormat(tokenizer, cfg.chat_template, cfg.system_prompt)
-    heads = [chat.split(p, c[0])[0] for p, c in zip(ds.texts, ds.choices, strict=True)]
     texts = sorted({c for row in ds.choices for c in row})
     ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True))
+    keep = drop_long([max(len(ids[c]) for c in row) for row in ds.choices], cfg, tokenizer, "choice")
+    ds = ds.subset(keep) if len(keep) < len(ds) else ds
+    chat = ChatFormat(tokenizer, cfg.chat_template, cfg.system_prompt)
+    heads = [chat.split(p, c[0])[0] for p, c in zip(ds.texts, ds.choices, strict=True)]
     choices = [[ids[c] for c in row] for row in ds.choices]
     prompts = fit_prompts(tokenizer(heads, add_special_tokens=False)["input_ids"],
                           [max(len(c) for c in row) for row in choices], cfg.max_length)

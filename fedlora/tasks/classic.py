@@ -91,7 +91,7 @@ class Classification(Task):
     trains_head = True
 
     def load(self, spec: str, cfg, *, test: bool = False) -> TextDataset:
-        return load_dataset(spec, *columns(cfg, test))
+        return load_dataset(spec, *columns(cfg, test), flags="test-" if test else "")
 
     def encode(self, tokenizer, ds: TextDataset, cfg) -> dict[str, Tensor]:
         out = tokenize_texts(tokenizer, ds.texts, cfg.max_length)
@@ -121,7 +121,7 @@ class CausalLM(TokenLossTask):
     metric = "token_accuracy"
 
     def load(self, spec: str, cfg, *, test: bool = False) -> TextDataset:
-        return load_dataset(spec, columns(cfg, test)[0], None)
+        return load_dataset(spec, columns(cfg, test)[0], None, flags="test-" if test else "")
 
     def encode(self, tokenizer, ds: TextDataset, cfg) -> dict[str, Tensor]:
         out = tokenize_texts(tokenizer, ds.texts, cfg.max_length)

@@ -43,9 +43,9 @@ from fedlora.data.preferences import PairDataset, load_preferences
 from fedlora.kernels import Routing
 from fedlora.models.lora import adapters_off
 from fedlora.tasks.answers import ANSWER_METRICS, Exact
-from fedlora.tasks.base import gather_rows, register_task, token_losses
+from fedlora.tasks.base import drop_long, gather_rows, register_task, token_losses
 from fedlora.tasks.classic import columns
-from fedlora.tasks.sft import SFT, GenerationSet, warn_cut
+from fedlora.tasks.sft import SFT, GenerationSet, train_labels, warn_cut
 
 __all__ = ["DPO", "PairTargets", "PreferenceSet", "pair_logps", "pair_sums"]
 
@@ -114,17 +114,20 @@ class DPO(SFT):
 
     def load(self, spec: str, cfg, *, test: bool = False) -> PairDataset:
         text, label = columns(cfg, test)
-        return load_preferences(spec, text, label, cfg.prompt_template, cfg.label_words, cfg.seed)
+        return load_preferences(spec, text, label, cfg.prompt_template, cfg.label_words, cfg.seed,
+                                train_labels(cfg, test), "test-" if test else "")
 
     def example_lengths(self, tokenizer, ds: PairDataset, cfg) -> tuple[list[int], list[int]]:
         """A pair's longer row, and its longer completion."""
         (ta, ma), (tb, mb) = (super(DPO, self).example_lengths(tokenizer, v, cfg) for v in _views(ds))
         return list(map(max, ta, tb)), list(map(max, ma, mb))
 
-    def fitted_views(self, tokenizer, ds: PairDataset, cfg) -> list[tuple[list, list, list[bool]]]:
-        """:meth:`fitted` of the chosen and the rejected view, with one warning counting the pairs
-        whose prompt was cut in either."""
-        views = [self.fitted(tokenizer, v, cfg) for v in _views(ds)]
+    def fitted_views(self, tokenizer, ds: PairDataset, cfg, tokens: list | None = None
+                     ) -> list[tuple[list, list, list[bool]]]:
+        """:meth:`fitted` of the chosen and the rejected view (of their :meth:`tokenized` ``tokens``
+        when given), with one warning counting the pairs whose prompt was cut in either."""
+        tokens = tokens or [None, None]
+        views = [self.fitted(tokenizer, v, cfg, t) for v, t in zip(_views(ds), tokens, strict=True)]
         warn_cut(sum(map(max, views[0][2], views[1][2])), len(ds), "dpo pairs", cfg.max_length)
         return views
 
@@ -205,8 +208,15 @@ class DPO(SFT):
 
     def eval_set(self, tokenizer, ds: PairDataset, cfg) -> PreferenceSet:
         """Held-out pairs, and for label-word data the chosen view's prompts (already fitted: tokenized
-        and cut once, with one warning) for greedy answers."""
-        views = self.fitted_views(tokenizer, ds, cfg)
+        and cut once, with one warning) for greedy answers. Pairs with a response longer than
+        ``--max-length`` alone are not scored (one warning counts them)."""
+        tokens = [self.tokenized(tokenizer, v, cfg) for v in _views(ds)]
+        keep = drop_long(list(map(max, *([len(c) for c in t[1]] for t in tokens))), cfg, tokenizer,
+                         "response (chosen or rejected)")
+        if len(keep) < len(ds):
+            ds = ds.subset(keep)
+            tokens = [([p[i] for i in keep], [c[i] for i in keep]) for p, c in tokens]
+        views = self.fitted_views(tokenizer, ds, cfg, tokens)
         pairs = self.encode(tokenizer, ds, cfg, views)
         order = torch.argsort(pairs["attention_mask"].sum(dim=-1).amax(dim=1), descending=True, stable=True)
         answers = self.answer_set(tokenizer, ds, *views[0][:2], cfg) if ds.choices is not None else None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ import torch
 from jinja2.exceptions import TemplateError
 from torch import Tensor
 
-from fedlora.data.instructions import load_instructions
+from fedlora.data.instructions import labeled_names, load_instructions
 from fedlora.errors import UserError, first_line
 from fedlora.tasks.answers import (
     ANSWER_METRICS,
@@ -46,7 +47,15 @@ from fedlora.tasks.answers import (
     balanced_accuracy,
     normalize,
 )
-from fedlora.tasks.base import EVALUATIONS, Evaluation, TokenLossTask, register_evaluation, register_task
+from fedlora.tasks.base import (
+    EVALUATIONS,
+    Evaluation,
+    TokenLossTask,
+    drop_long,
+    length_advice,
+    register_evaluation,
+    register_task,
+)
 from fedlora.tasks.classic import columns
 from fedlora.tasks.decode import score_and_generate
 
@@ -188,6 +197,14 @@ def warn_cut(cut: int, total: int, what: str, max_length: int, kept: str = "resp
               f" cut from the left ({kept} kept)", file=sys.stderr)
 
 
+def train_labels(cfg, test: bool) -> Callable[[], list[str]] | None:
+    """For ``--test-data`` (``test``) beside ``--data``: the labels of ``--data`` read as a labeled
+    file, which a labeled test file's choices hold besides its own (read only if asked); else None."""
+    if not test or not cfg.data:
+        return None
+    return lambda: labeled_names(cfg.data, cfg.text_column, cfg.label_column, cfg.prompt_template)
+
+
 @register_task
 class SFT(TokenLossTask):
     """Instruction tuning: response-only loss, answers scored by greedy generation."""
@@ -200,7 +217,9 @@ class SFT(TokenLossTask):
 
     def load(self, spec: str, cfg, *, test: bool = False):
         text, label = columns(cfg, test)
-        return load_instructions(spec, text, label, cfg.prompt_template, cfg.label_words)
+        known = train_labels(cfg, test)
+        return load_instructions(spec, text, label, cfg.prompt_template, cfg.label_words, known,
+                                 "test-" if test else "")
 
     length_from_data = True
 
@@ -219,25 +238,44 @@ class SFT(TokenLossTask):
         totals = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
         return totals, [len(c) for c in completions]
 
-    def pieces(self, tokenizer, ds, cfg) -> tuple[list[list[int]], list[list[int]]]:
+    def pieces(self, tokenizer, ds, cfg, tokens: tuple | None = None
+               ) -> tuple[list[list[int]], list[list[int]]]:
         """``(prompt ids, completion ids)`` of every example, prompts cut from the left to fit
-        ``--max-length`` (one warning counts them)."""
-        prompts, completions, cut = self.fitted(tokenizer, ds, cfg)
+        ``--max-length`` (one warning counts them); ``tokens``: :meth:`tokenized`'s, when known."""
+        prompts, completions, cut = self.fitted(tokenizer, ds, cfg, tokens)
         warn_cut(sum(cut), len(ds), f"{self.name} examples", cfg.max_length)
         return prompts, completions
 
-    def fitted(self, tokenizer, ds, cfg) -> tuple[list[list[int]], list[list[int]], list[bool]]:
-        """:meth:`pieces` without the warning, and which prompts were cut."""
+    def fitted(self, tokenizer, ds, cfg, tokens: tuple | None = None
+               ) -> tuple[list[list[int]], list[list[int]], list[bool]]:
+        """:meth:`pieces` without the warning, and which prompts were cut.
+
+        Raises
+        ------
+        UserError
+            A response alone is longer than ``--max-length`` (held-out rows are dropped before:
+            :meth:`scorable`).
+        """
         if cfg.max_length is None:
             raise ValueError("--task sft without --max-length: derive it first (resolve_max_length)")
-        prompts, completions = self.tokenized(tokenizer, ds, cfg)
+        prompts, completions = tokens or self.tokenized(tokenizer, ds, cfg)
         longest = max(len(c) for c in completions)
         if longest > cfg.max_length:
             n = sum(len(c) > cfg.max_length for c in completions)
-            raise UserError(f"{n} response(s) alone exceed --max-length {cfg.max_length} (the longest has"
-                            f" {longest} tokens); raise --max-length or shorten the responses")
+            raise UserError(f"{n} of {len(ds)} training responses alone exceed --max-length {cfg.max_length}"
+                            f" (the longest has {longest} tokens), so no cut of their prompts fits them;"
+                            f" {length_advice(tokenizer, longest)}")
         fit, cut = cut_prompts(prompts, [len(c) for c in completions], cfg.max_length)
         return fit, completions, cut
+
+    def scorable(self, tokenizer, ds, cfg) -> tuple[object, tuple[list[list[int]], list[list[int]]]]:
+        """``(held-out ds, its tokenized pieces)`` without the examples whose response alone is
+        longer than ``--max-length`` (:func:`drop_long`)."""
+        prompts, completions = self.tokenized(tokenizer, ds, cfg)
+        keep = drop_long([len(c) for c in completions], cfg, tokenizer, "response")
+        if len(keep) == len(ds):
+            return ds, (prompts, completions)
+        return ds.subset(keep), ([prompts[i] for i in keep], [completions[i] for i in keep])
 
     def encode(self, tokenizer, ds, cfg) -> dict[str, Tensor]:
         return self._rows(tokenizer, *self.pieces(tokenizer, ds, cfg), cfg.max_length)
@@ -267,8 +305,10 @@ class SFT(TokenLossTask):
         return data.headline
 
     def generation_set(self, tokenizer, ds, cfg) -> GenerationSet:
-        """The held-out examples ``ds`` for greedy answers, shortest prompt first."""
-        return self.answer_set(tokenizer, ds, *self.pieces(tokenizer, ds, cfg), cfg)
+        """The held-out examples ``ds`` for greedy answers, shortest prompt first (those whose
+        response alone exceeds ``--max-length`` dropped: :meth:`scorable`)."""
+        ds, tokens = self.scorable(tokenizer, ds, cfg)
+        return self.answer_set(tokenizer, ds, *self.pieces(tokenizer, ds, cfg, tokens), cfg)
 
     @staticmethod
     def answer_set(tokenizer, ds, prompts: list[list[int]], completions: list[list[int]],

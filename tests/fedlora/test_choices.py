@@ -135,3 +135,34 @@ def test_exact_and_contains_compare_normalized_answers():
     # the default: exact for closed-set answers, ROUGE-L for free-form ones
     assert answer_metric("auto", True).name == "exact" and answer_metric("auto", False).name == "rouge-l"
     assert answer_metric("contains", True).name == "contains"
+
+
+def test_an_answer_that_is_a_numeric_choices_text_names_that_choice(tmp_path):
+    # choices that are numbers: "2" as text is the choice "2" (index 1), 2 as a JSON number index 2
+    rows = [{"question": "q", "choices": ["1", "2", "3", "4"], "answer": "2"},
+            {"question": "q", "choices": ["1", "2", "3", "4"], "answer": "4"},
+            {"question": "q", "choices": ["1", "2", "3", "4"], "answer": 2},
+            {"question": "q", "choices": ["red", "blue"], "answer": "1"}]           # not numbers: an index
+    ds = load_instructions(_jsonl(tmp_path / "n.jsonl", rows), "text", "label")
+    assert ds.labels == [1, 3, 2, 1] and ds.responses == ["2", "4", "3", "blue"]
+
+
+def test_one_based_answers_are_refused_with_that_advice(tmp_path):
+    rows = [{"question": "q", "choices": ["a", "b", "c"], "answer": k} for k in (1, 3, 2)]
+    one_based = r"; the answers look 1-based \(none is 0\): subtract 1 from each, or give letters$"
+    with pytest.raises(UserError, match=r"o.jsonl row 2: answer 3 is not among its 3 choices;.*" + one_based):
+        load_instructions(_jsonl(tmp_path / "o.jsonl", rows), "text", "label")
+    rows.append({"question": "q", "choices": ["a", "b", "c"], "answer": 0})  # a 0: not 1-based, one bad row
+    with pytest.raises(UserError, match=r"answer 3 is not among its 3 choices; give the right choice's index"
+                                        r" \(0-2\) or letter \(A-C\)$"):
+        load_instructions(_jsonl(tmp_path / "o.jsonl", rows), "text", "label")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"question": None, "choices": ["a", "b"], "answer": 0}, "row 1: 'question' is null"),
+    ({"question": "q", "choices": ["a", None], "answer": 0}, "row 1: 'choice 2' is null"),
+    ({"question": "q", "choices": ["a", ["b"]], "answer": 0}, r"row 1: 'choice 2' is a list \(\"\['b'\]\"\)"),
+], ids=["null-question", "null-choice", "list-choice"])
+def test_null_and_list_cells_of_a_multiple_choice_row_are_refused(tmp_path, row, message):
+    with pytest.raises(UserError, match=message):
+        load_instructions(_jsonl(tmp_path / "mc.jsonl", [row]), "text", "label")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fedlora.data.instructions import SAID
 from fedlora.data.loading import TextDataset
 from fedlora.errors import UserError
 from fedlora.job.checks import check_job_args
@@ -244,10 +245,12 @@ def test_hh_rlhf_transcripts_and_trl_explicit_prompts_are_chat_pairs(tmp_path, r
 
 
 def test_identical_pairs_are_skipped_with_one_warning_or_refused(tmp_path, capsys):
+    SAID.clear()
     task, path = get_task("dpo"), tmp_path / "p.jsonl"
     rows = [("q1", "same", "same"), ("q2", "good", "bad"), ("q3", "x", " x ")]
     path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in rows))
     ds = task.load(str(path), _cfg())
+    task.load(str(path), _cfg())              # a job reads its data twice (its --max-length, then its rows)
     assert ds.texts == ["q2"] and ds.rejected == ["bad"]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "2 of 3 pairs" in err[0]
@@ -291,3 +294,48 @@ def test_pairs_are_gathered_whole_and_grouped_by_their_longer_row():
     # the passes group pairs by their longer row (5, 4, 1: three passes, 10·1.2 < 11·1.1 < 15 tokens)
     groups = row_groups(data, torch.tensor([0, 1, 2]), pad_to_longest=True)
     assert [g.tolist() for g in groups] == [[2], [1], [0]]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": None}],
+     "p.jsonl row 2: 'rejected' is null"),
+    ([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a"}],
+     r"p.jsonl row 2 has no 'rejected' column, which the first row's form \(chosen/rejected\) needs"),
+    ([{"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}],
+     "p.jsonl row 1: 'chosen' is a message list but 'rejected' is text; give both as message lists or both"),
+    ([{"prompt": "q", "chosen": "a", "rejected": {"text": "b"}}], "p.jsonl row 1: 'rejected' is a dict"),
+], ids=["null-rejected", "missing-rejected", "list-beside-text", "dict-rejected"])
+def test_bad_pair_cells_are_refused_with_their_row(tmp_path, rows, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match=message):
+        get_task("dpo").load(str(path), _cfg())
+
+
+def test_pairs_with_an_empty_response_are_skipped_with_one_warning_or_refused(tmp_path, capsys):
+    SAID.clear()
+    path = tmp_path / "e.jsonl"
+    rows = [("q1", "good", ""), ("q2", "good", "bad"), ("q3", " ", "bad")]
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in rows))
+    ds = get_task("dpo").load(str(path), _cfg())
+    assert ds.texts == ["q2"] and ds.rejected == ["bad"]
+    assert capsys.readouterr().err.strip() == ("fedlora: 2 of 3 pairs in e.jsonl have an empty chosen or"
+                                               " rejected response; they were skipped")
+    path.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": ""}) + "\n")
+    with pytest.raises(UserError, match=r"e.jsonl: every pair \(all 1\) has an empty chosen or rejected"):
+        get_task("dpo").load(str(path), _cfg())
+
+
+def test_a_labeled_test_file_rejects_from_every_label_word(tmp_path, pairs_file):
+    # Prepare: a held-out file of label 1 only, beside training pairs; --label-words name 0 and 1
+    test = tmp_path / "pos.csv"
+    test.write_text("text,label\ngood,1\nfine,1\n")
+    cfg = _cfg(data=str(pairs_file), test_data=str(test), label_words="0=negative,1=positive",
+               prompt_template="S? {text}")
+    task = get_task("dpo")
+    # Execute: the pairs file is read as pairs (the flags are for the labeled test file)
+    train, held = task.load(str(pairs_file), cfg), task.load(str(test), cfg, test=True)
+    # Assert: "negative" is rejected (before: the test file's one label, refused as identical pairs)
+    assert train.responses == [c for _, c, _ in PAIRS] and train.texts == [p for p, _, _ in PAIRS]
+    assert held.responses == ["positive"] * 2 and held.rejected == ["negative"] * 2
+    assert held.choices == [["negative", "positive"]] * 2

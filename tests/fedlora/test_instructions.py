@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedlora.data.instructions import BBC_LEAD_WORDS, BBC_TEMPLATE, load_instructions, parse_label_words
+from fedlora.data.instructions import BBC_LEAD_WORDS, BBC_TEMPLATE, SAID, load_instructions, parse_label_words
 from fedlora.data.loading import load_bbcnews
 from fedlora.errors import UserError
 
@@ -116,3 +116,86 @@ def test_unrecognized_columns_and_bad_messages_are_one_line(tmp_path):
         load_instructions(last_user, "text", "label")
     with pytest.raises(UserError, match="not found"):
         load_instructions(str(tmp_path / "missing.jsonl"), "text", "label")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "q", "response": None}, "rows.jsonl row 2: 'response' is null"),
+    ({"prompt": "q", "response": {"text": "a"}}, "rows.jsonl row 2: 'response' is a dict"),
+    ({"prompt": ["q"], "response": "a"}, "rows.jsonl row 2: every message must be"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]},
+     "rows.jsonl row 2: 'content' is null"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                   {"role": "assistant", "content": "a"}]},
+     r"rows.jsonl row 2: a message's content parts must be text .* got 'image_url' parts"),
+], ids=["null", "dict", "list-prompt", "null-content", "image-part"])
+def test_null_list_and_dict_cells_are_refused_with_their_row(tmp_path, row, message):
+    # Prepare: a good first row of the same form, then the bad one (row 2)
+    good = ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+            if "messages" in row else {"prompt": "q", "response": "a"})
+    path = _jsonl(tmp_path / "rows.jsonl", [good, row])
+    # Execute / Assert: a one-line refusal naming row 2 (not the Python text "None" trained on)
+    with pytest.raises(UserError, match=message):
+        load_instructions(path, "text", "label")
+
+
+def test_openai_text_parts_are_their_texts_joined(tmp_path):
+    parts = [{"type": "text", "text": "Read this."}, {"type": "text", "text": "Then answer."}]
+    path = _jsonl(tmp_path / "parts.jsonl", [{"messages": [{"role": "user", "content": parts},
+                                                           {"role": "assistant", "content": "ok"}]}])
+    ds = load_instructions(path, "text", "label")
+    assert ds.texts == [[{"role": "user", "content": "Read this.\nThen answer."}]] and ds.responses == ["ok"]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "q", "response": "a"}, {"prompt": "q2"}],
+     r"m.jsonl row 2 has no 'response' column, which the first row's form \(prompt/response\) needs"),
+    ([{"prompt": "q", "response": "a"},
+      {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}],
+     r"m.jsonl row 2 has no 'prompt' column.* \(this one has: messages\)"),
+    ([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+      {"prompt": "q", "response": "a"}], "m.jsonl row 2 has no 'messages' column"),
+], ids=["missing-response", "messages-after-pairs", "pairs-after-messages"])
+def test_a_row_missing_the_first_rows_column_is_one_line(tmp_path, rows, message):
+    with pytest.raises(UserError, match=message):
+        load_instructions(_jsonl(tmp_path / "m.jsonl", rows), "text", "label")
+
+
+def test_empty_responses_are_skipped_with_one_warning_or_refused(tmp_path, capsys):
+    SAID.clear()
+    rows = [{"prompt": "q1", "response": "a"}, {"prompt": "q2", "response": " "},
+            {"prompt": "q3", "response": ""}]
+    path = _jsonl(tmp_path / "e.jsonl", rows)
+    ds = load_instructions(path, "text", "label")
+    load_instructions(path, "text", "label")                                 # read twice, said once
+    assert ds.texts == ["q1"] and ds.responses == ["a"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fedlora: 2 of 3 rows of e.jsonl have an empty response; they were skipped"]
+    with pytest.raises(UserError, match=r"e2.jsonl: every response is empty \(all 2 rows\)"):
+        load_instructions(_jsonl(tmp_path / "e2.jsonl", rows[1:]), "text", "label")
+
+
+def test_label_words_are_every_choice_whatever_labels_a_file_holds(tmp_path):
+    # Prepare: a held-out file of label 1 only; the label words name labels 0, 1 and 2
+    csv = tmp_path / "pos.csv"
+    csv.write_text("text,label\ngood,1\nfine,1\n")
+    ds = load_instructions(str(csv), "text", "label", "S? {text}", "0=negative,1=positive,2=neutral")
+    # Assert: three choices (labels in order 0, 1, 2), the answer's index among them is 1
+    assert ds.choices == [["negative", "positive", "neutral"]] * 2 and ds.labels == [1, 1]
+    assert ds.label_names == ["0", "1", "2"] and ds.responses == ["positive", "positive"]
+    # without label words, the training data's labels (known) join the file's own
+    ds = load_instructions(str(csv), "text", "label", "S? {text}", known=lambda: ["0", "1"])
+    assert ds.choices == [["0", "1"]] * 2 and ds.labels == [1, 1]
+
+
+@pytest.mark.parametrize("rows, flags, message", [
+    ([{"instruction": "i", "input": "", "output": "o"}], {"template": "Q: {text}"},
+     r"a.jsonl holds prompts and responses \(instruction/output\), which are read as they are:"
+     r" --prompt-template is for a labeled file .*; drop --prompt-template$"),
+    ([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}],
+     {"template": "Q: {text}", "label_words": "0=no"},
+     r"\(messages\).* --prompt-template and --label-words are for a labeled file"),
+], ids=["alpaca", "messages"])
+def test_template_on_instruction_data_says_to_drop_it(tmp_path, rows, flags, message):
+    # the old hint was "pass --text-column instruction", which reads the instruction as a text to label
+    with pytest.raises(UserError, match=message):
+        load_instructions(_jsonl(tmp_path / "a.jsonl", rows), "text", "label", **flags)

@@ -117,5 +117,6 @@ def test_mc_refusals_and_long_prompts(chat_tok, capsys):
     data = task.eval_set(chat_tok, ds, _mc(max_length=16))
     assert max(len(p) for p in data.prompts) == 15             # 16 minus the longest choice's one token
     assert "1 of 2 multiple-choice prompts exceed --max-length 16" in capsys.readouterr().err
-    with pytest.raises(UserError, match="a choice alone has 3 tokens, more than --max-length 2"):
+    with pytest.raises(UserError, match=r"every held-out example \(1, the held-out split of --data\) has a"
+                       r" choice longer than --max-length 2 alone \(the longest has 3 tokens\)"):
         task.eval_set(chat_tok, TextDataset(["q"], [0], ["A"], None, [["a b c", "d"]]), _mc(max_length=2))

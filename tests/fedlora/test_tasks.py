@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from fedlora.data.loading import TextDataset
+from fedlora.data.preferences import PairDataset
 from fedlora.errors import UserError
 from fedlora.job.schema import JobConfig
 from fedlora.tasks import TASKS, gather_rows, get_task, length_groups, normalize
@@ -87,7 +88,8 @@ def test_sft_cuts_long_prompts_from_the_left_and_refuses_long_responses(chat_tok
     assert int(data["attention_mask"][0].sum()) == 16 and row[16 - len(completion):16] == completion
     assert chat_tok.decode(row[:3]) == "word word word"                     # the start was cut
     assert "1 of 2 sft examples exceed --max-length 16" in capsys.readouterr().err
-    with pytest.raises(UserError, match=r"1 response\(s\) alone exceed --max-length 4"):
+    with pytest.raises(UserError, match=r"1 of 1 training responses alone exceed --max-length 4 \(the longest"
+                       r" has 7 tokens\).*; pass a --max-length above 7"):
         get_task("sft").encode(chat_tok, TextDataset(["q"], None, [], ["a b c d e f"]), _sft(max_length=4))
 
 
@@ -369,3 +371,44 @@ def test_tokenize_texts_encodes_a_row_its_cut_does_not_fill_from_the_whole_text(
     tok.truncation_side = "left"
     left = tok(texts, truncation=True, max_length=8, padding="max_length", return_tensors="pt")
     assert torch.equal(tokenize_texts(tok, texts, 8)["input_ids"], left["input_ids"])
+
+
+def test_held_out_rows_whose_response_cannot_fit_are_skipped_with_one_warning(chat_tok, capsys):
+    # Prepare: "yes [SEP]" is 2 tokens; "a b c d e f [SEP]" 7, more than --max-length 4 alone
+    sft = get_task("sft")
+    ds = TextDataset(["q1", "q2"], None, [], ["yes", "a b c d e f"])
+    cfg = _sft(max_length=4, test_data="held.jsonl")
+    # Execute
+    data = sft.eval_set(chat_tok, ds, cfg)
+    # Assert: the row is not scored (before: the whole job was refused, "raise --max-length")
+    assert data.answers == ["yes"]
+    err = capsys.readouterr().err
+    assert ("fedlora: 1 of 2 held-out examples (--test-data held.jsonl) have a response longer than"
+            " --max-length 4 alone (the longest has 7 tokens); they are not scored") in err
+    with pytest.raises(UserError, match=r"every held-out example \(1, --test-data held.jsonl\) has a response"
+                                        r" longer than --max-length 4 alone \(the longest has 7 tokens\)"):
+        sft.eval_set(chat_tok, ds.subset([1]), cfg)
+
+
+def test_held_out_pairs_with_a_response_too_long_are_skipped(chat_tok, capsys):
+    dpo = get_task("dpo")
+    ds = PairDataset(["q1", "q2"], None, [], ["yes", "no"], None, ["no", "a b c d e f"])
+    data = dpo.eval_set(chat_tok, ds, JobConfig(task="dpo", model="unused", max_length=4))
+    assert data.pairs["input_ids"].shape[0] == 1
+    assert "1 of 2 held-out examples (the held-out split of --data) have a response (chosen or rejected)" in (
+        capsys.readouterr().err)
+
+
+def test_a_labeled_test_files_choices_hold_the_training_labels(tmp_path):
+    # Prepare: training rows of labels 0 and 1, a held-out file of label 1 only
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("text,label\nbad,0\ngood,1\n")
+    test.write_text("text,label\nfine,1\nnice,1\n")
+    sft = get_task("sft")
+    # Execute / Assert: with label words, every word; without, every training label (the label itself)
+    cfg = _sft(data=str(train), test_data=str(test), prompt_template="S? {text}", label_words="0=neg,1=pos")
+    held = sft.load(str(test), cfg, test=True)
+    assert held.choices == [["neg", "pos"]] * 2 and held.labels == [1, 1] and held.responses == ["pos"] * 2
+    cfg = _sft(data=str(train), test_data=str(test), prompt_template="S? {text}")
+    held = sft.load(str(test), cfg, test=True)
+    assert held.choices == [["0", "1"]] * 2 and held.labels == [1, 1] and held.responses == ["1", "1"]
