@@ -168,9 +168,9 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
 
 
 def against_bf16(results: dict[str, dict]) -> None:
-    """Issue 28's ratio: each base's client step (its model's bytes plus the step's peak; and the
-    process's peak, which adds the ~440 MiB of torch and transformers) over bf16's, per task and
-    checkpointing. Nothing without a bf16 measurement."""
+    """Issue 28's ratio: each base's client step (its model's bytes plus the step's peak, resident and
+    live; and the process's peak, which adds the ~440 MiB of torch and transformers) over bf16's, per
+    task and checkpointing. Nothing without a bf16 measurement."""
     rows = []
     for key, r in results.items():
         task, base, ckpt = key.split("/")
@@ -180,13 +180,17 @@ def against_bf16(results: dict[str, dict]) -> None:
         mine = r["weights"] + r["step_peak"]
         model_step = mine / (ref["weights"] + ref["step_peak"])
         process = (r["rss_loaded"] + r["step_peak"]) / (ref["rss_loaded"] + ref["step_peak"])
+        live = "—"
+        if r.get("live_peak") and ref.get("live_peak"):  # measurements saved before the live reading lack it
+            live = f"{(r['weights'] + r['live_peak']) / (ref['weights'] + ref['live_peak']):.1%}"
         rows.append(f"| {task} | {base} | {'on' if ckpt == '1' else 'off'} |"
-                    f" {mine / 2**20:.0f} MiB | {model_step:.1%} | {process:.1%} |")
+                    f" {mine / 2**20:.0f} MiB | {model_step:.1%} | {live} | {process:.1%} |")
     if rows:
-        print("\nagainst bf16, one run each: weights + step peak, and the process's peak (RSS after load +"
-              " step peak)\n")
-        print("| task | base | checkpointing | weights + step peak | / bf16's | process peak / bf16's |")
-        print("|---|---|---|---:|---:|---:|")
+        print("\nagainst bf16, one run each: weights + step peak (resident), weights + live peak, and the"
+              " process's peak (RSS after load + step peak)\n")
+        print("| task | base | checkpointing | weights + step peak | / bf16's |"
+              " weights + live peak / bf16's | process peak / bf16's |")
+        print("|---|---|---|---:|---:|---:|---:|")
         print("\n".join(rows), flush=True)
 
 

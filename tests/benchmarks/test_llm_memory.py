@@ -9,19 +9,22 @@ llm_memory = load_script("llm_memory", "bench_llm_memory")
 MIB = 2**20
 
 
-def _r(weights: int, rss_loaded: int, step_peak: int) -> dict:
-    return {"weights": weights * MIB, "rss_loaded": rss_loaded * MIB, "step_peak": step_peak * MIB,
-            "seconds": 1.0}
+def _r(weights: int, rss_loaded: int, step_peak: int, live_peak: int | None = None) -> dict:
+    r = {"weights": weights * MIB, "rss_loaded": rss_loaded * MIB, "step_peak": step_peak * MIB,
+         "seconds": 1.0}
+    return r if live_peak is None else {**r, "live_peak": live_peak * MIB}
 
 
 def test_each_base_is_set_against_bf16_of_the_same_task_and_checkpointing(capsys):
-    results = {"sft/bf16/1": _r(250, 700, 150), "sft/nf4-bf16/1": _r(100, 600, 50),
+    results = {"sft/bf16/1": _r(250, 700, 150, 50), "sft/nf4-bf16/1": _r(100, 600, 50, 20),
                "sft/nf4-bf16/0": _r(100, 600, 500),   # no bf16 run without checkpointing: no row
-               "causal-lm/bf16/0": _r(250, 700, 1000)}
+               "causal-lm/bf16/0": _r(250, 700, 1000), "causal-lm/nf4/0": _r(150, 900, 900)}
     llm_memory.against_bf16(results)
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| sft")]
-    # (100 + 50) / (250 + 150) = 37.5%; (600 + 50) / (700 + 150) = 76.5%
-    assert rows == ["| sft | nf4-bf16 | on | 150 MiB | 37.5% | 76.5% |"]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| sft", "| causal"))]
+    # (100 + 50) / (250 + 150) = 37.5%; live (100 + 20) / (250 + 50) = 40.0%; (600 + 50) / (700 + 150) = 76.5%
+    # causal-lm: (150 + 900) / (250 + 1000) = 84.0%, no live reading; (900 + 900) / (700 + 1000) = 105.9%
+    assert rows == ["| sft | nf4-bf16 | on | 150 MiB | 37.5% | 40.0% | 76.5% |",
+                    "| causal-lm | nf4 | off | 1050 MiB | 84.0% | — | 105.9% |"]
 
 
 def test_nothing_is_printed_without_a_bf16_measurement(capsys):
