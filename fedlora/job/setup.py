@@ -149,8 +149,10 @@ def check_context(max_length: int | None, config, tokenizer) -> None:
     """Refuse a ``--max-length`` beyond the tokens the model takes (:func:`context_length`)."""
     context = context_length(config, tokenizer)
     if max_length and context and max_length > context:
+        source = ("max_position_embeddings" if getattr(config, "max_position_embeddings", None) == context
+                  else "tokenizer's model_max_length")
         raise UserError(f"--max-length {max_length} exceeds the {context} positions this model takes"
-                        f" (its max_position_embeddings); pass --max-length {context} or less")
+                        f" (its {source}); pass --max-length {context} or less")
 
 
 def correct_base(fm: FederatedModel, cfg: JobConfig, task: Task, tokenizer, path) -> None:

@@ -172,3 +172,18 @@ def test_the_context_is_the_smaller_of_the_positions_and_the_tokenizers_limit():
     assert hub.context_length(SimpleNamespace(max_position_embeddings=128),
                               SimpleNamespace(model_max_length=int(1e30))) == 128
     assert hub.context_length(SimpleNamespace(), SimpleNamespace(model_max_length=int(1e30))) is None
+
+
+def test_a_max_length_refusal_names_the_limit_it_met():
+    from types import SimpleNamespace
+
+    from fedlora.errors import UserError
+    from fedlora.job.setup import check_context
+
+    roberta, tok = SimpleNamespace(max_position_embeddings=514), SimpleNamespace(model_max_length=512)
+    with pytest.raises(UserError, match=r"exceeds the 512 positions this model takes \(its tokenizer's"
+                                        r" model_max_length\); pass --max-length 512 or less$"):
+        check_context(600, roberta, tok)
+    with pytest.raises(UserError, match=r"\(its max_position_embeddings\)"):
+        check_context(600, SimpleNamespace(max_position_embeddings=128), tok)
+    check_context(512, roberta, tok)                                        # fits: nothing said
