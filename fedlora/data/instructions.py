@@ -216,6 +216,24 @@ def cell(row: dict, column: str, where: str, form: str):
     return row[column]
 
 
+def skip_rows(ds, bad: list[int], every: str, some: str):
+    """``ds`` (a ``TextDataset`` or a ``PairDataset``) without its rows ``bad``, said in one warning
+    (``some``).
+
+    Raises
+    ------
+    UserError
+        Every row is bad (``every``: the message).
+    """
+    if not bad:
+        return ds
+    if len(bad) == len(ds):
+        raise UserError(every)
+    warn_once(some)
+    drop = set(bad)
+    return ds.subset([i for i in range(len(ds)) if i not in drop])
+
+
 def nonempty(ds: TextDataset, name: str, what: str = "response") -> TextDataset:
     """``ds`` without its rows whose response is empty (one warning counts them).
 
@@ -226,14 +244,9 @@ def nonempty(ds: TextDataset, name: str, what: str = "response") -> TextDataset:
     """
     assert ds.responses is not None
     empty = [i for i, r in enumerate(ds.responses) if not r.strip()]
-    if not empty:
-        return ds
-    if len(empty) == len(ds):
-        raise UserError(f"{name}: every {what} is empty (all {len(ds)} rows); there is nothing to learn:"
-                        f" fill in the {what}s")
-    warn_once(f"{len(empty)} of {len(ds)} rows of {name} have an empty {what}; they were skipped")
-    drop = set(empty)
-    return ds.subset([i for i in range(len(ds)) if i not in drop])
+    return skip_rows(ds, empty, f"{name}: every {what} is empty (all {len(ds)} rows); there is nothing to"
+                                f" learn: fill in the {what}s",
+                     f"{len(empty)} of {len(ds)} rows of {name} have an empty {what}; they were skipped")
 
 
 def _pairs(rows: list[dict], name: str) -> TextDataset | None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedlora.data.instructions import _messages, cell, load_instructions, warn_once
+from fedlora.data.instructions import _messages, cell, load_instructions, skip_rows
 from fedlora.data.loading import DEFAULT_DATASET, TextDataset
 from fedlora.data.readers import is_pattern, locate, read_rows, text_of
 from fedlora.errors import UserError
@@ -133,15 +133,10 @@ def nonempty_pairs(ds: PairDataset, name: str) -> PairDataset:
     """
     empty = [i for i, (a, b) in enumerate(zip(ds.responses, ds.rejected, strict=True))
              if not a.strip() or not b.strip()]
-    if not empty:
-        return ds
-    if len(empty) == len(ds):
-        raise UserError(f"{name}: every pair (all {len(ds)}) has an empty chosen or rejected response;"
-                        " a preference pair needs two responses: fill them in")
-    warn_once(f"{len(empty)} of {len(ds)} pairs in {name} have an empty chosen or rejected response;"
-              " they were skipped")
-    drop = set(empty)
-    return ds.subset([i for i in range(len(ds)) if i not in drop])
+    return skip_rows(ds, empty, f"{name}: every pair (all {len(ds)}) has an empty chosen or rejected"
+                                " response; a preference pair needs two responses: fill them in",
+                     f"{len(empty)} of {len(ds)} pairs in {name} have an empty chosen or rejected response;"
+                     " they were skipped")
 
 
 def _from_answers(ds: TextDataset, seed: int) -> PairDataset:
@@ -168,15 +163,10 @@ def drop_identical(ds: PairDataset, name: str) -> PairDataset:
     """
     pairs = zip(ds.responses, ds.rejected, strict=True)
     same = [i for i, (a, b) in enumerate(pairs) if a.strip() == b.strip()]
-    if not same:
-        return ds
-    if len(same) == len(ds):
-        raise UserError(f"{name}: the chosen and rejected responses are identical in all {len(ds)} pairs;"
-                        " a preference pair needs two different responses")
-    warn_once(f"{len(same)} of {len(ds)} pairs in {name} have identical chosen and rejected responses;"
-              " they were skipped")
-    drop = set(same)
-    return ds.subset([i for i in range(len(ds)) if i not in drop])
+    return skip_rows(ds, same, f"{name}: the chosen and rejected responses are identical in all {len(ds)}"
+                               " pairs; a preference pair needs two different responses",
+                     f"{len(same)} of {len(ds)} pairs in {name} have identical chosen and rejected"
+                     " responses; they were skipped")
 
 
 def load_preferences(spec: str, text_column: str, label_column: str, template: str = "",
