@@ -379,6 +379,23 @@ def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 
         _check_quantized(model, name, quantize)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    check_tokenizer(model, tokenizer, path)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, path
+
+
+def check_tokenizer(model: nn.Module, tokenizer, path: Path) -> None:
+    """Refuse a tokenizer that cannot feed ``model``: one with no token to pad batches with (no pad,
+    end-of-text or unknown token), or one with more tokens than the model's embeddings hold (its
+    higher ids would index nothing)."""
+    if tokenizer.pad_token is None:
+        raise UserError(f"the tokenizer in {str(path)!r} has no pad, end-of-text or unknown token to pad"
+                        " batches with: add one (tokenizer.add_special_tokens({'pad_token': '<pad>'}),"
+                        " model.resize_token_embeddings(len(tokenizer))) and save the folder again")
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise UserError(f"the tokenizer in {str(path)!r} has {len(tokenizer)} tokens and the model's"
+                        f" embeddings {rows}: its ids from {rows} on would index nothing; pass a folder whose"
+                        " tokenizer belongs to its weights (or resize them: model.resize_token_embeddings)")

@@ -187,3 +187,29 @@ def test_a_max_length_refusal_names_the_limit_it_met():
     with pytest.raises(UserError, match=r"\(its max_position_embeddings\)"):
         check_context(600, SimpleNamespace(max_position_embeddings=128), tok)
     check_context(512, roberta, tok)                                        # fits: nothing said
+
+
+def test_a_tokenizer_that_cannot_feed_the_model_is_one_line(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Prepare: the tiny LLaMA cut to embeddings of 1,000 rows beside its tokenizer of 30,522 tokens
+    # (ids past 999 crashed the first forward pass with an IndexError)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.resize_token_embeddings(1000)
+    model.save_pretrained(tmp_path / "small")
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(tmp_path / "small")
+    with pytest.raises(UserError, match=r"has 30522 tokens and the model's embeddings 1000: its ids from 1000"
+                                        r" on would index nothing"):
+        load_model(str(tmp_path / "small"), "causal-lm")
+
+    # a tokenizer without pad, end-of-text or unknown token: nothing to pad a batch with
+    class Bare:
+        pad_token = None
+
+        def __len__(self):
+            return 10
+
+    bare = torch.nn.Module()
+    bare.get_input_embeddings = lambda: torch.nn.Embedding(10, 4)
+    with pytest.raises(UserError, match=r"has no pad, end-of-text or unknown token to pad batches with: add"):
+        hub.check_tokenizer(bare, Bare(), tmp_path)
