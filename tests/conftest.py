@@ -101,6 +101,19 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def word_tokenizer():
+    """A word-level tokenizer of 1,024 tokens (``[PAD]``, ``[UNK]``, ``w2`` ...), for toy models whose
+    vocabulary is that small (fedlora refuses a tokenizer with more tokens than the embeddings)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i for i in range(2, 1024)}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]")
+
+
+@pytest.fixture(scope="session")
 def llama128_dir(tmp_path_factory) -> Path:
     """The tiny LLaMA 128 wide (MLP 256): at 8 × 64 tokens its blocks' tensors are as large as the
     logits of one response token a row, so a step's memory depends on both."""

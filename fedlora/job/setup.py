@@ -26,7 +26,7 @@ from fedlora.errors import UserError
 from fedlora.job.schema import JobConfig
 from fedlora.models.adapter import check_correction, fold_into_base, read_adapter
 from fedlora.models.correction import CALIBRATION_ROWS, add_correction, calibration_batches
-from fedlora.models.hub import context_length, load_model, load_tokenizer
+from fedlora.models.hub import context_length, head_labels, load_model, load_tokenizer
 from fedlora.models.model import AdapterConfig, FederatedModel
 from fedlora.strategies import AdapterPlan
 from fedlora.tasks import Task, get_task
@@ -34,8 +34,26 @@ from fedlora.tasks import Task, get_task
 
 def training_data(cfg: JobConfig, task: Task | None = None) -> TextDataset:
     """Every client's examples together (partitioned by :func:`client_share` or the simulator)."""
-    ds = (task or get_task(cfg.task)).load(cfg.data, cfg)
+    ds = labeled_data(cfg, task or get_task(cfg.task))
     return ds if cfg.test_data else split(ds, cfg.test_fraction, cfg.seed)[0]
+
+
+def labeled_data(cfg: JobConfig, task: Task) -> TextDataset:
+    """``--data``'s examples; for a task with a head, of two labels at least, numbered as the model's
+    head numbers them where it was trained on the same labels (:func:`in_head_order`).
+
+    Raises
+    ------
+    UserError
+        What the task's reader refuses, or a classification ``--data`` of one label.
+    """
+    ds = task.load(cfg.data, cfg)
+    if not task.trains_head:
+        return ds
+    if len(ds.label_names) < 2:
+        raise UserError(f"--data {cfg.data} has one label ({ds.label_names[0]!r}): a classifier learns"
+                        " from two or more; check --label-column, or add the other classes' rows")
+    return in_head_order(ds, cfg.model)
 
 
 def splits(cfg: JobConfig, task: Task | None = None) -> tuple[TextDataset, TextDataset, list[str]]:
@@ -43,10 +61,7 @@ def splits(cfg: JobConfig, task: Task | None = None) -> tuple[TextDataset, TextD
     split of ``--data`` or ``--test-data`` (relabeled to ``--data``'s labels), its first
     ``--eval-max`` rows."""
     task = task or get_task(cfg.task)
-    ds = task.load(cfg.data, cfg)
-    if task.trains_head and len(ds.label_names) < 2:
-        raise UserError(f"--data {cfg.data} has one label ({ds.label_names[0]!r}): a classifier learns"
-                        " from two or more; check --label-column, or add the other classes' rows")
+    ds = labeled_data(cfg, task)
     if not cfg.test_data:
         train, test = split(ds, cfg.test_fraction, cfg.seed)
     else:
@@ -54,6 +69,18 @@ def splits(cfg: JobConfig, task: Task | None = None) -> tuple[TextDataset, TextD
         if task.trains_head:
             test = test.relabel(ds.label_names, f"--test-data {cfg.test_data}")
     return train, test.head(cfg.eval_max), ds.label_names
+
+
+def in_head_order(ds: TextDataset, model: str) -> TextDataset:
+    """``ds`` with its labels numbered as ``model``'s classification head numbers them, where the head
+    was trained on the same label names (its ``id2label``): a fine-tuned classifier keeps its rows'
+    meaning. Other data keeps its sorted order."""
+    names = head_labels(model)
+    if names is None or sorted(names) != sorted(ds.label_names) or names == ds.label_names:
+        return ds
+    print(f"fedlora: labels numbered as the head of {model} numbers them (its id2label):"
+          f" {', '.join(names)}", file=sys.stderr)
+    return ds.relabel(names, "--data")
 
 
 def public_data(cfg: JobConfig, task: Task, tokenizer,

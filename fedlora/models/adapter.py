@@ -153,7 +153,8 @@ def linear_shapes(path: Path, kind: str) -> dict[str, tuple[int, int]]:
 
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
     with torch.device("meta"):
-        model = auto.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        model = auto.from_config(config)
     return {n: layer_dims(m) for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -179,6 +180,9 @@ def resolve_model_path(name: str) -> Path:
         if not path.is_file():
             raise UserError(f"model file {name!r} not found")
         return gguf_folder(path.resolve())
+    if path.is_file():
+        raise UserError(f"model {name!r} is a file: pass the folder that holds it with its config.json"
+                        f" and tokenizer ({str(path.parent)!r}), or a .gguf file")
     if not path.is_dir():
         snapshot = cached_snapshot(name)
         if snapshot is not None:
@@ -191,7 +195,30 @@ def resolve_model_path(name: str) -> Path:
     if not (path / "config.json").is_file():
         raise UserError(f"model folder {str(path)!r} has no config.json: it is not a transformers"
                         " model folder")
+    check_custom_code(path)
     return path
+
+
+def check_custom_code(path: Path) -> None:
+    """fedlora never runs a model folder's own code (``auto_map`` in its ``config.json``: every load
+    passes ``trust_remote_code=False``). A folder whose ``model_type`` transformers implements loads
+    that implementation, said in one line; one whose type it does not is refused."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{str(path / 'config.json')!r} is not readable JSON ({first_line(exc)})") from None
+    if not isinstance(config, dict) or "auto_map" not in config:
+        return
+    kind = config.get("model_type")
+    if kind in CONFIG_MAPPING:
+        print(f"fedlora: {path.name} ships its own model code (auto_map), which fedlora does not run: it is"
+              f" loaded as transformers' {kind!r} model", file=sys.stderr)
+        return
+    raise UserError(f"model folder {str(path)!r} needs its own code (auto_map, model_type {kind!r}, which"
+                    " transformers does not implement), and fedlora does not run a folder's code: use a"
+                    " model transformers implements")
 
 
 class _quiet:
@@ -221,7 +248,7 @@ def unquantized_modules(path: Path, auto_class, **kwargs) -> list[str]:
     (found on a weightless copy of the model, on the meta device)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False, **kwargs)
     with torch.device("meta"):
         model = auto_class.from_config(config)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -307,7 +334,12 @@ def _read_tokenizer(path: Path):
     pad on the left for generation): every task cuts its rows after the longest."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"cannot read the tokenizer in {str(path)!r} ({first_line(exc).rstrip(': ')}): save"
+                        " the model's tokenizer files beside its weights (tokenizer.save_pretrained(folder))"
+                        ) from None
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -321,7 +353,7 @@ def load_tokenizer(name: str) -> tuple[object, int | None]:
     with _quiet():
         try:
             tokenizer = _read_tokenizer(path)
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load the tokenizer of {str(path)!r}: {first_line(exc)}") from exc
     return tokenizer, context_length(config, tokenizer)
@@ -333,7 +365,7 @@ def new_head(path: Path, num_labels: int | None) -> bool:
     one line on stderr says so."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     if num_labels is None or not classifier or config.num_labels == num_labels:
         return False
@@ -368,7 +400,8 @@ def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 
                 skip = unquantized_modules(path, auto, **extra)
                 extra.update(quantization_config=quantization_config(quantize, double_quant, dtype, skip),
                              device_map={"": str(torch.device(device))})
-            model = auto.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
+            model = auto.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=dtype,
+                                         **extra)
             tokenizer = _read_tokenizer(path)
         except (OSError, ValueError) as exc:
             hint = ("; transformers has no sequence-classification class for it: use --task sft with"
@@ -380,9 +413,24 @@ def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     check_tokenizer(model, tokenizer, path)
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    # the id the batches are padded with, whatever the config said: a decoder's classifier reads its
+    # score at the last token that is not this id, so another id pooled pads (or cut at a real token)
+    model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, path
+
+
+def head_labels(name: str) -> list[str] | None:
+    """The label names a model folder's classification head was trained on, in the order of its
+    rows (``id2label`` in its ``config.json``), or None: a ``.gguf`` file, no ``id2label``, or
+    transformers' placeholders (``LABEL_0``, ...)."""
+    if name == SMOLLM2 or name.lower().endswith(".gguf"):
+        return None
+    try:
+        config = json.loads((resolve_model_path(name) / "config.json").read_text())
+        names = [str(config["id2label"][str(i)]) for i in range(len(config["id2label"]))]
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+    return None if all(re.fullmatch(r"LABEL_\d+", n) for n in names) else names
 
 
 def check_tokenizer(model: nn.Module, tokenizer, path: Path) -> None:

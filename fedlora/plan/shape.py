@@ -64,7 +64,8 @@ def _read_config(name: str):
                 raise UserError(f"model file {name!r} not found")
             return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if name == DEFAULT_MODEL or path.is_dir() or HUB_ID.fullmatch(name) or cached_snapshot(name):
-            return AutoConfig.from_pretrained(resolve_model_path(name), local_files_only=True)
+            return AutoConfig.from_pretrained(resolve_model_path(name), local_files_only=True,
+                                              trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read the config of {name!r}: {str(exc).strip().splitlines()[0]}") from None
     raise UserError(f"no model or planner preset called {name!r}: pass a local folder, a .gguf file,"

@@ -214,3 +214,29 @@ def test_a_test_files_missing_column_names_the_test_flags(tmp_path):
         splits(JobConfig(data=str(train), test_data=str(test)))
     with pytest.raises(UserError, match=r"pass --test-text-column sentence$"):
         splits(JobConfig(task="sft", data=str(train), test_data=str(test), label_words="0=no,1=yes"))
+
+
+def test_labels_are_numbered_as_a_fine_tuned_head_numbers_them(tiny_bert_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    from fedlora.job.schema import JobConfig
+    from fedlora.job.setup import splits
+
+    # Prepare: a classifier whose head's rows are (pos, neg); data sorted would number them (neg, pos)
+    model = tmp_path / "posneg"
+    shutil.copytree(tiny_bert_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(id2label={"0": "pos", "1": "neg"}, label2id={"pos": 0, "neg": 1})
+    (model / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\na,neg\nb,pos\nc,neg\nd,pos\n")
+    # Execute
+    train, test, names = splits(JobConfig(model=str(model), data=str(data), test_fraction=0.5))
+    plain = splits(JobConfig(model=str(tiny_bert_dir), data=str(data), test_fraction=0.5))[2]
+    # Assert: the head's order (a row scored 0.0 at round 0 for a 100% classifier before); placeholder
+    # names (LABEL_0, ...) leave the sorted order
+    assert names == ["pos", "neg"] and plain == ["neg", "pos"]
+    rows = zip(train.texts + test.texts, train.labels + test.labels, strict=True)
+    assert sorted(rows) == [("a", 1), ("b", 0), ("c", 1), ("d", 0)]
+    assert "labels numbered as the head of" in capsys.readouterr().err

@@ -213,3 +213,49 @@ def test_a_tokenizer_that_cannot_feed_the_model_is_one_line(tiny_llama_dir, tmp_
     bare.get_input_embeddings = lambda: torch.nn.Embedding(10, 4)
     with pytest.raises(UserError, match=r"has no pad, end-of-text or unknown token to pad batches with: add"):
         hub.check_tokenizer(bare, Bare(), tmp_path)
+
+
+def _copy(src, dst, **config):
+    """A copy of model folder ``src`` whose config.json has ``config`` set."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    values = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**values, **config}))
+    return dst
+
+
+def test_a_folders_own_code_never_runs(tiny_llama_dir, tmp_path, capsys):
+    # Prepare: auto_map on a type transformers lacks (it would prompt, then run modeling_my.py), and
+    # on a LLaMA (transformers' own class loads; the folder's code would not be used)
+    auto_map = {"AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyModel"}
+    custom = _copy(tiny_llama_dir, tmp_path / "custom", model_type="mycustom", auto_map=auto_map)
+    (custom / "modeling_my.py").write_text("raise SystemExit('the folder code ran')\n")
+    llama = _copy(tiny_llama_dir, tmp_path / "llama", auto_map=auto_map)
+    # Execute / Assert
+    with pytest.raises(UserError, match=r"needs its own code \(auto_map, model_type 'mycustom', which"
+                                        r" transformers does not implement\), and fedlora does not run"):
+        load_model(str(custom), "causal-lm")
+    assert load_model(str(llama), "causal-lm")[0].config.model_type == "llama"
+    assert "llama ships its own model code (auto_map), which fedlora does not run" in capsys.readouterr().err
+
+
+def test_a_weights_file_or_a_folder_without_tokenizer_is_one_line(tiny_llama_dir, tmp_path):
+    with pytest.raises(UserError, match=r"is a file: pass the folder that holds it"):
+        resolve_model_path(str(tiny_llama_dir / "config.json"))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((tiny_llama_dir / f).read_bytes())
+    with pytest.raises(UserError, match=r"cannot read the tokenizer in .*: save the model's tokenizer files"):
+        load_model(str(bare), "causal-lm")
+
+
+def test_the_config_pads_with_the_tokenizers_pad(tiny_llama_dir, tmp_path):
+    # a config whose pad id (102, [SEP] in MiniLM's vocabulary) is not the tokenizer's ([PAD], 0): a
+    # LLaMA classifier scored the last token that is not 102, so it pooled pads (accuracy moved with
+    # the evaluation's batch size)
+    odd = _copy(tiny_llama_dir, tmp_path / "odd", pad_token_id=102)
+    model, tokenizer, _ = load_model(str(odd), "sequence-classification", num_labels=2)
+    assert tokenizer.pad_token_id == 0 and model.config.pad_token_id == 0

@@ -161,16 +161,16 @@ OTHER_DECODERS = {
 
 
 @pytest.fixture(scope="module", params=sorted(OTHER_DECODERS))
-def other_decoder(request, tmp_path_factory, tiny_llama_dir):
+def other_decoder(request, tmp_path_factory, word_tokenizer):
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     name, sizes = OTHER_DECODERS[request.param]
     path = tmp_path_factory.mktemp(request.param)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(getattr(transformers, name)(vocab_size=1024, pad_token_id=0,
                                                                  **sizes)).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
+    word_tokenizer.save_pretrained(path)     # 1,024 tokens: every id the embeddings hold
     return path
 
 
