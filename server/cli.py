@@ -90,9 +90,10 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
         from fedlora.rounds.build import make_strategy  # deferred start-up import (torch)
 
         make_strategy(cfg)  # a strategy, option or defence that cannot be built: one line, now
-        from fedlora.job.setup import resolve_max_length
+        from fedlora.job.setup import check_inputs, resolve_max_length
 
         resolve_max_length(cfg, quiet=args.quiet)  # --task sft: once, here; clients get the number
+        check_inputs(cfg)  # bad data or --max-length: one line before --out is touched
         if cfg.dp == "sample" or STRATEGIES[cfg.strategy].adapter_plan.keep:
             # a fresh run: fresh client ledgers and personal factors; --resume keeps this id
             import uuid

@@ -47,6 +47,8 @@ def check_job_args(args: JobConfig) -> None:
                         f" {args.dpo_sft_weight}")
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
+    if args.lora_alpha <= 0:  # the scale α / r: 0 would train adapters that change nothing
+        raise UserError(f"--lora-alpha must be > 0 (the update's scale is α / r), got {args.lora_alpha}")
     if args.lr_min < 0 or (args.lr_min and args.lr_schedule != "cosine"):
         raise UserError(f"--lr-min is the rate --lr-schedule cosine falls toward: it needs that schedule and"
                         f" must be ≥ 0, got {args.lr_min} with --lr-schedule {args.lr_schedule}")
@@ -294,11 +296,19 @@ def check_track_dir(args, out: Path) -> None:
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a file, or an existing non-empty folder unless ``overwrite``."""
+    """Refuse a file, a folder that cannot be made (a file or an unwritable folder on its path), or an
+    existing non-empty folder unless ``overwrite`` (naming ``--resume`` where a stopped run's
+    checkpoint is there)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; pass a folder")
+    above = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        why = "is a file" if not above.is_dir() else "is not writable"
+        raise UserError(f"--out {str(out)!r} cannot be made: {str(above)!r} {why}; choose another folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {str(out)!r} already has results; pass --overwrite to"
+        stopped = (out / "checkpoint.safetensors").is_file()
+        raise UserError(f"--out {str(out)!r} already has results; pass"
+                        f"{' --resume to continue it from its checkpoint,' if stopped else ''} --overwrite to"
                         " replace them or choose another folder")
 
 

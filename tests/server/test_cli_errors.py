@@ -126,3 +126,23 @@ def test_client_bad_certificate_and_key(capsys, files):
     assert "not an unencrypted PEM or OpenSSH private key" in one_line_error(capsys, code)
     code = client_main([*base, "--insecure", "--auth-key", str(files["priv"])])
     assert "--auth-key needs TLS" in one_line_error(capsys, code)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--text-column", "nope"], "text column 'nope' is not in"),
+    (["--max-length", "1000"], "--max-length 1000 exceeds the 64 positions"),
+])
+def test_a_refused_job_leaves_the_runs_it_would_overwrite(capsys, tmp_path, tiny_bert_dir, tiny_csv, extra,
+                                                         words):
+    # Prepare: a finished run's files; the job's data and model are read in its ServerApp, after the
+    # launch had cleared them (--overwrite)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / "checkpoint.safetensors").write_bytes(b"old")
+    argv = ["--insecure", "--model", str(tiny_bert_dir), "--data", str(tiny_csv), "--out", str(out),
+            "--overwrite", *extra]
+    # Execute / Assert: one line before anything starts, and the old run untouched
+    assert words in one_line_error(capsys, server_main(argv))
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "metrics.jsonl"]
+    assert (out / "checkpoint.safetensors").read_bytes() == b"old"

@@ -149,6 +149,7 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
     (["--strategy", "flexlora", "--server-lr", "2"], "--strategy flexlora: flexlora restarts its clients from"
      " truncations of a restacked global update, so it has neither averaged factors nor a fold"),
     (["--server-lr", "0"], "a server learning rate must be > 0 (1: off), got 0.0"),
+    (["--lora-alpha", "0"], "--lora-alpha must be > 0 (the update's scale is α / r), got 0.0"),
     (["--max-length", "65"], "--max-length 65 exceeds the 64 positions this model takes (its"
      " max_position_embeddings); pass --max-length 64 or less"),
 ])
@@ -265,3 +266,18 @@ def test_a_scaled_attacker_is_bounded_by_the_server(tiny_bert_dir, tiny_csv, tmp
     near = _distance(_adapter(tmp_path / "bounded"), clean)
     far = _distance(_adapter(tmp_path / "attacked"), clean)
     assert near < 0.1 * far
+
+
+def test_an_out_that_cannot_be_made_or_holds_a_stopped_run_is_one_line(tmp_path, capsys):
+    from fedlora.errors import UserError
+    from fedlora.job.checks import check_out_dir
+
+    (tmp_path / "afile").write_text("hi")
+    with pytest.raises(UserError, match=r"cannot be made: '.*afile' is a file; choose another folder$"):
+        check_out_dir(tmp_path / "afile" / "sub", overwrite=False)  # was a traceback after round 0
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "checkpoint.safetensors").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"already has results; pass --resume to continue it from its"
+                                        r" checkpoint, --overwrite to replace them"):
+        check_out_dir(stopped, overwrite=False)
