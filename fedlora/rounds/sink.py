@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fedlora.job.schema import JobConfig
+from fedlora.rounds.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT
 from fedlora.rounds.coordinator import Coordinator
 from fedlora.rounds.tracking import Tracking
 
@@ -59,11 +60,15 @@ class RunFolder:
         return self.out_dir / "metrics.jsonl"
 
     def begin(self, cfg: JobConfig) -> None:
-        """A fresh run: ``config.json``, an empty ``metrics.jsonl``, and no per-round adapters of a
-        run this one replaces (``--overwrite``)."""
+        """A fresh run: ``config.json``, an empty ``metrics.jsonl``, and nothing left of the adapters or
+        checkpoint of a run this one replaces (``--overwrite``): a new run stopped before its end would
+        otherwise sit beside the old run's adapter, which its config.json does not describe."""
         (self.out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         self.metrics.write_text("")
-        shutil.rmtree(self.out_dir / "adapters", ignore_errors=True)
+        for folder in ("adapters", "adapter"):
+            shutil.rmtree(self.out_dir / folder, ignore_errors=True)
+        for name in (CHECKPOINT, LEGACY_CHECKPOINT):
+            (self.out_dir / name).unlink(missing_ok=True)
 
     def resume(self, rows: list[dict]) -> None:
         """A resumed run: ``metrics.jsonl`` holds exactly the checkpoint's rounds (a killed run may

@@ -52,3 +52,20 @@ def test_resume_keeps_the_clip_its_clients_trained_with(tmp_path, caplog, stub_c
     # Assert: the clip the clients clipped to before; an old checkpoint's fallback is said, not silent
     assert resumed.clip == restored
     assert ("no measured clip" in caplog.text) == (saved is None)
+
+
+def test_a_fresh_run_leaves_nothing_of_the_adapter_or_checkpoint_it_replaces(tmp_path):
+    from fedlora.job.schema import JobConfig
+    from fedlora.rounds.sink import RunFolder
+
+    # Prepare: an older run's files (--overwrite); a new run killed before its end used to leave its
+    # config.json beside the old adapter, which fedlora-eval --config would score as the new job's
+    for folder in ("adapter", "adapters/round-1"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "adapter_model.safetensors").write_bytes(b"old")
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"old")
+    (tmp_path / "notes.txt").write_text("the user's")
+    # Execute
+    RunFolder(tmp_path).begin(JobConfig())
+    # Assert: the new run's config and empty rows; a file fedlora does not write stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.jsonl", "notes.txt"]
