@@ -25,7 +25,7 @@ from fedlora.job.checks import check_job_args
 from fedlora.job.configfile import add_config_argument, parse_args
 from fedlora.job.flags import Parser, add_job_arguments, to_config
 from fedlora.job.schema import JobConfig
-from fedlora.job.setup import resolve_max_length
+from fedlora.job.setup import check_context, resolve_max_length
 from fedlora.plan.memory import MemoryPlan, default_response_tokens, plan_memory
 from fedlora.plan.presets import PRESETS
 from fedlora.plan.shape import ModelShape, build_shape, model_config
@@ -189,6 +189,7 @@ def describe(cfg: JobConfig, shape: ModelShape, response: int) -> str:
 def plan_one(cfg: JobConfig, args: argparse.Namespace) -> dict:
     """The whole plan of one model: printed, and returned for ``--json``."""
     shape = build_shape(cfg, args.num_labels)
+    check_context(cfg.max_length, shape.text_config, None)  # as a job refuses it (positions, no tokenizer)
     response = args.response_tokens or default_response_tokens(cfg)
     mem = plan_memory(shape, cfg, response)
     clients = args.clients_per_pass or cfg.max_clients_per_pass or len(cfg.sampled(1))
@@ -209,23 +210,25 @@ def plan_table(cfg: JobConfig, args: argparse.Namespace, models: list[str]) -> l
     """One line per model: its base, its memory per client with checkpointing off and on, and the
     clients a pass fits in each ``--memory`` (without / with checkpointing)."""
     response = args.response_tokens or default_response_tokens(cfg)
+    shapes = {model: build_shape(replace(cfg, model=model), args.num_labels)  # every model read (and
+              for model in models}                                              # refused) before a row
     fits = "".join(f" {label} |" for label, _ in args.memory)
     print(f"--task {cfg.task}, --quantize {cfg.quantize}, --precision {cfg.precision}, LoRA r={cfg.rank},"
           f" batch {cfg.batch_size} × {cfg.max_length} tokens"
-          f"{f', {response} response tokens' if cfg.task == 'sft' else ''}, --device {cfg.device};"
-          " clients per pass without / with --gradient-checkpointing\n")
+          f"{f', {response} response tokens' if cfg.task == 'sft' else ''}, --device {cfg.device}"
+          f"{'; clients per pass without / with --gradient-checkpointing' if args.memory else ''}\n")
     print(f"| model | parameters | base | per client | per client, checkpointing |{fits}")
     print("|---|---:|---:|---:|---:|" + "---:|" * len(args.memory))
     out = []
-    for model in models:
+    for model, shape in shapes.items():
         job = replace(cfg, model=model)
-        shape = build_shape(job, args.num_labels)
         off = plan_memory(shape, replace(job, gradient_checkpointing=False), response)
         on = plan_memory(shape, replace(job, gradient_checkpointing=True), response)
         ks = [(off.largest_pass(size), on.largest_pass(size)) for _, size in args.memory]
         params = sum(t.numel for t in shape.base)
-        print(f"| {model} | {params / 1e9:.2f}B | {human(off.base)} | {human(off.per_client)} |"
-              f" {human(on.per_client)} | " + " | ".join(f"{a} / {b}" for a, b in ks) + " |")
+        cells = [model, f"{params / 1e9:.2f}B", human(off.base), human(off.per_client), human(on.per_client),
+                 *(f"{a} / {b}" for a, b in ks)]
+        print("| " + " | ".join(cells) + " |")
         out.append({"model": model, "parameters": params, "base": off.base, "per_client": off.per_client,
                     "per_client_checkpointing": on.per_client,
                     "fits": {label: k for (label, _), k in zip(args.memory, ks, strict=True)}})

@@ -99,3 +99,15 @@ def test_table_over_models(tiny_llama_dir, tmp_path, capsys):
     mem = plan_memory(build_shape(cfg), cfg, 128)
     assert rows[0]["per_client"] == mem.per_client
     assert rows[0]["fits"]["80GB"][0] == mem.largest_pass(80 * 10**9) >= rows[0]["fits"]["24GB"][0]
+
+
+def test_a_plan_beyond_the_positions_or_over_a_bad_model_prints_no_table(tiny_llama_dir, capsys):
+    # one model: --max-length past its 64 positions is refused as a job refuses it (94.9 GiB planned before)
+    assert main(["--model", str(tiny_llama_dir), "--task", "sft", "--max-length", "100000"]) == 2
+    assert "exceeds the 64 positions this model takes" in capsys.readouterr().err
+    # a table: every model read before a row; without --memory, no clients-per-pass cells
+    assert main(["--models", "llama-3.1-8b,nope-7b", "--task", "sft", "--max-length", "512"]) == 2
+    assert "| llama-3.1-8b" not in capsys.readouterr().out
+    assert main(["--models", "llama-3.1-8b,mistral-7b", "--task", "sft", "--max-length", "512"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| llama"))
+    assert row.count("|") == 6          # five cells: model, parameters, base, per client (off, on)
