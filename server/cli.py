@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from fedlora.errors import UserError, command
-from fedlora.job.checks import check_job_args, check_out_dir, check_track_dir
+from fedlora.job.checks import RESUME_MAY_CHANGE, check_job_args, check_out_dir, check_track_dir
 from fedlora.job.configfile import add_config_argument, parse_args
-from fedlora.job.flags import Parser, add_job_arguments, to_config
+from fedlora.job.flags import Parser, add_job_arguments, flag_name, to_config
 from fedlora.job.runconfig import from_dict
 from fedlora.job.schema import JobConfig
 from fedlora.net.tls import check_certificate, check_port_free, check_private_key, check_public_key
@@ -106,7 +107,25 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
     if find_checkpoint(args.resume) is None or not conf.is_file():  # an older fedlora's checkpoint.pt too
         raise UserError(f"--resume {str(args.resume)!r} has no checkpoint.safetensors and config.json of a"
                         " fedlora-server run")
-    return from_dict(json.loads(conf.read_text())), args.resume
+    return resumed_job(from_dict(json.loads(conf.read_text())), args), args.resume
+
+
+def resumed_job(saved: JobConfig, args: argparse.Namespace) -> JobConfig:
+    """The stopped run's job with the flags given beside ``--resume`` (``args.typed``: the fields
+    whose flags the command line names, :func:`typed_fields`): fields a resumed run may change
+    (:data:`~fedlora.job.checks.RESUME_MAY_CHANGE`, such as ``--rounds``) take them, as
+    ``fedlora-sim --resume`` does; any other is refused."""
+    typed = getattr(args, "typed", set())
+    given = {k: v for k, v in asdict(to_config(args)).items() if k in typed and v != getattr(saved, k)}
+    fixed = [k for k in given if k not in RESUME_MAY_CHANGE]
+    if fixed:
+        raise UserError(f"--resume continues the job in {str(args.resume / 'config.json')!r}, and its"
+                        f" {flag_name(fixed[0])} cannot change (only"
+                        f" {', '.join(flag_name(k) for k in RESUME_MAY_CHANGE)} can): drop"
+                        f" {flag_name(fixed[0])}")
+    cfg = replace(saved, **given)
+    check_job_args(cfg)
+    return cfg
 
 
 def superlink_args(args: argparse.Namespace) -> list[str]:
@@ -147,10 +166,18 @@ def serve(args: argparse.Namespace, cfg: JobConfig, out_dir: Path) -> int:
     return 0
 
 
+def typed_fields(argv: list[str] | None) -> set[str]:
+    """The destinations of the flags ``argv`` names (a flag given with its default value too)."""
+    parser, unset = build_parser(), object()
+    parser.set_defaults(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
+
+
 @command("fedlora-server")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedlora-server``."""
     args = parse_args(build_parser(), argv)  # --config FILE's fields, then the flags
+    args.typed = typed_fields(argv)
     check_security(args)
     check_port_free(args.host, args.port)
     cfg, out_dir = job_for(args)

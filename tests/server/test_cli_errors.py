@@ -146,3 +146,29 @@ def test_a_refused_job_leaves_the_runs_it_would_overwrite(capsys, tmp_path, tiny
     assert words in one_line_error(capsys, server_main(argv))
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "metrics.jsonl"]
     assert (out / "checkpoint.safetensors").read_bytes() == b"old"
+
+
+def test_flags_beside_resume_change_what_a_resumed_run_may_change_and_no_more(capsys, tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from fedlora.job.schema import JobConfig
+    from fedlora.server.cli import build_parser, job_for, typed_fields
+
+    # Prepare: a stopped one-round run (its checkpoint is only found, not read, here)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(asdict(JobConfig(rounds=1, lr=0.01))))
+    (run / "checkpoint.safetensors").write_bytes(b"x")
+    def parse(argv):
+        args = build_parser().parse_args(argv)
+        args.typed = typed_fields(argv)
+        return args
+
+    # Execute / Assert: --rounds grows the run (it was silently ignored); the stopped job's own value
+    # and the same flags again are no change; --lr is refused in one line
+    cfg, out = job_for(parse(["--insecure", "--resume", str(run), "--rounds", "3"]))
+    assert (cfg.rounds, cfg.lr, out) == (3, 0.01, run)
+    assert job_for(parse(["--insecure", "--resume", str(run), "--lr", "0.01"]))[0].rounds == 1
+    code = server_main(["--insecure", "--resume", str(run), "--lr", "0.5"])
+    assert "its --lr cannot change (only --rounds" in one_line_error(capsys, code)
