@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = score_models(cfg, args.adapter, args.base, quiet=args.quiet)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "eval.json").write_text(json.dumps({"job": asdict(cfg), "results": rows}, indent=1) + "\n")
+    job = {k: v for k, v in asdict(cfg).items() if k in EVAL_FIELDS}  # no training field: none was used
+    (args.out / "eval.json").write_text(json.dumps({"job": job, "results": rows}, indent=1) + "\n")
     print(eval_table(rows))
     if not args.quiet:
         print(f"wrote {args.out / 'eval.json'}", file=sys.stderr)

@@ -56,8 +56,11 @@ def test_eval_reproduces_the_runs_last_round_and_the_base_its_round_0(runs, tiny
                      "--base", "--adapter", str(folder / "adapter"), "--out", str(tmp_path / "e"), "--quiet"])
     # Assert: the run's figures exactly; one table on stdout; eval.json
     assert code == 0
-    got = json.loads((tmp_path / "e" / "eval.json").read_text())["results"]
+    record = json.loads((tmp_path / "e" / "eval.json").read_text())
+    got = record["results"]
     assert [r["model"] for r in got] == ["base", str(folder / "adapter")]
+    # the job as scored: its evaluation fields, not default training fields (rounds 3, ...) it never used
+    assert "rounds" not in record["job"] and record["job"]["data"] == str(sentiment_tsv)
     keys = ["metric", "accuracy", "loss", "perplexity", "eval_examples",
             *(["mc_accuracy", "mc_accuracy_norm"] if kind == "mc" else ["answer_accuracy", "rouge_l"])]
     for scored, row in zip(got, [rows[0], rows[-1]], strict=True):
