@@ -1,10 +1,22 @@
-"""The error type for bad user input, and the one wrapper every command line uses for it."""
+"""The error type for bad user input, the one wrapper every command line uses for it, and the one
+way a warning about the user's input is said: once per process (:func:`warn_once`)."""
 
 from __future__ import annotations
 
 import functools
 import sys
 from collections.abc import Callable
+
+#: The warnings said in this process: a file or model read twice (a derived --max-length, then the
+#: job; a model's path resolved for its tokenizer, then its weights) is warned about once.
+SAID: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Print ``fedlora: MESSAGE`` on stderr, unless this process has already said it."""
+    if message not in SAID:
+        SAID.add(message)
+        print(f"fedlora: {message}", file=sys.stderr)
 
 
 class UserError(Exception):

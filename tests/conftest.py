@@ -38,8 +38,8 @@ LONG_FILES = ("tests/server/test_deployment.py",            # ~300: the nodes, t
 @pytest.fixture(autouse=True)
 def _fresh_warnings():
     """Each test starts with no data warning said: a command warns once per process
-    (``fedlora.data.instructions.warn_once``), and a test is one command."""
-    from fedlora.data.instructions import SAID
+    (``fedlora.errors.warn_once``), and a test is one command."""
+    from fedlora.errors import SAID
 
     SAID.clear()
 

@@ -36,31 +36,18 @@ warning counting them; a file of nothing else is refused.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 
 from fedlora.data.choices import read_choice_file
-from fedlora.data.loading import DEFAULT_DATASET, TextDataset, load_bbcnews, load_file
+from fedlora.data.loading import DEFAULT_DATASET, TextDataset, label_order, load_bbcnews, load_file
 from fedlora.data.readers import locate, read_rows, text_of
-from fedlora.errors import UserError
+from fedlora.errors import UserError, warn_once
 
 BBC_INSTRUCT = "bbcnews-instruct"
 BBC_TEMPLATE = ("{text}\n\nWhich category is this news article: business, entertainment, politics,"
                 " sports or tech? Answer with one word.")
 #: Words of a BBC News article that its ``bbcnews-instruct`` prompt holds.
 BBC_LEAD_WORDS = 64
-
-
-#: The warnings said in this process: a file read twice (the derived --max-length, then the job) is
-#: warned about once.
-SAID: set[str] = set()
-
-
-def warn_once(message: str) -> None:
-    """Print ``fedlora: MESSAGE`` on stderr, unless this process has already said it."""
-    if message not in SAID:
-        SAID.add(message)
-        print(f"fedlora: {message}", file=sys.stderr)
 
 
 def parse_label_words(text: str) -> dict[str, str]:
@@ -85,14 +72,6 @@ def fill_template(template: str, texts: list[str]) -> list[str]:
     if template and "{text}" not in template:
         raise UserError(f"--prompt-template needs a {{text}} slot for the text, got {template!r}")
     return [template.replace("{text}", t) if template else t for t in texts]
-
-
-def label_order(names) -> list[str]:
-    """Label names in the order a labeled file's labels get their ids: by value when they are all
-    integers, else by text (as :func:`fedlora.data.loading.load_file` orders them)."""
-    names = set(names)
-    numeric = all(n.lstrip("-").isdigit() for n in names)
-    return sorted(names, key=int) if numeric else sorted(names)
 
 
 def from_labeled(ds: TextDataset, template: str, label_words: dict[str, str],

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedlora.data.readers import cell_text, locate, read_rows
-from fedlora.errors import UserError
+from fedlora.errors import UserError, warn_once
 
 DEFAULT_DATASET = "bbcnews"
 PARTITIONS = ("iid", "dirichlet", "dirichlet-clients")
@@ -119,11 +118,18 @@ def _labels(rows: list[dict], column: str, path: Path) -> tuple[list[int], list[
     raw = [cell_text(r, column, f"data row {i + 1} of {path.name}").strip() for i, r in enumerate(rows)]
     if all(v.lstrip("-").replace(".", "", 1).isdigit() for v in raw):
         raw = [str(int(float(v))) if float(v).is_integer() else v for v in raw]
-    numeric = all(v.lstrip("-").isdigit() for v in raw)
-    names = sorted(set(raw), key=int) if numeric else sorted(set(raw))
+    names = label_order(raw)
     _warn_case(names, path)
     index = {v: i for i, v in enumerate(names)}
     return [index[v] for v in raw], names
+
+
+def label_order(names) -> list[str]:
+    """Label names in the order labels get their ids: by value when they are all integers, else by
+    text (a labeled file's, and the choices of label-word questions)."""
+    names = set(names)
+    numeric = all(n.lstrip("-").isdigit() for n in names)
+    return sorted(names, key=int) if numeric else sorted(names)
 
 
 def _warn_case(names: list[str], path: Path) -> None:
@@ -131,8 +137,8 @@ def _warn_case(names: list[str], path: Path) -> None:
     seen: dict[str, str] = {}
     for name in names:
         if name.lower() in seen:
-            print(f"fedlora: labels {seen[name.lower()]!r} and {name!r} of {path.name} differ only in case,"
-                  " so they are separate classes; write one spelling if they are one", file=sys.stderr)
+            warn_once(f"labels {seen[name.lower()]!r} and {name!r} of {path.name} differ only in case, so"
+                      " they are separate classes; write one spelling if they are one")
             return
         seen[name.lower()] = name
 

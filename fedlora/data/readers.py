@@ -27,14 +27,13 @@ import csv
 import functools
 import gzip
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from fedlora.data.hubdata import locate_hub_dataset
-from fedlora.errors import UserError, first_line
+from fedlora.errors import UserError, first_line, warn_once
 
 Rows = list[dict]
 
@@ -113,9 +112,9 @@ def _delimited_rows(path: Path, delimiter: str) -> Rows:
                 merged.append(first)
             rows.append(dict(zip(header, cells, strict=True)))
     if merged:
-        print(f"fedlora: {path}:{merged[0]}: a quoted field runs over several lines, so those lines make"
-              f" one row ({len(merged)} such row(s)); if the quote is part of the text, double it or save"
-              " the file as .jsonl", file=sys.stderr)
+        warn_once(f"{path}:{merged[0]}: a quoted field runs over several lines, so those lines make one row"
+                  f" ({len(merged)} such row(s)); if the quote is part of the text, double it or save the"
+                  " file as .jsonl")
     return rows
 
 

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from fedlora.data.loading import TextDataset, partition, split
-from fedlora.errors import UserError
+from fedlora.errors import UserError, warn_once
 from fedlora.job.schema import JobConfig
 from fedlora.models.adapter import check_correction, fold_into_base, read_adapter
 from fedlora.models.correction import CALIBRATION_ROWS, add_correction, calibration_batches
@@ -78,8 +78,7 @@ def in_head_order(ds: TextDataset, model: str) -> TextDataset:
     names = head_labels(model)
     if names is None or sorted(names) != sorted(ds.label_names) or names == ds.label_names:
         return ds
-    print(f"fedlora: labels numbered as the head of {model} numbers them (its id2label):"
-          f" {', '.join(names)}", file=sys.stderr)
+    warn_once(f"labels numbered as the head of {model} numbers them (its id2label): {', '.join(names)}")
     return ds.relabel(names, "--data")
 
 

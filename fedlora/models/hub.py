@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedlora.errors import UserError, first_line
+from fedlora.errors import UserError, first_line, warn_once
 from fedlora.models.lora import is_quantized
 from fedlora.models.model import HEAD_NAMES
 
@@ -213,8 +213,8 @@ def check_custom_code(path: Path) -> None:
         return
     kind = config.get("model_type")
     if kind in CONFIG_MAPPING:
-        print(f"fedlora: {path.name} ships its own model code (auto_map), which fedlora does not run: it is"
-              f" loaded as transformers' {kind!r} model", file=sys.stderr)
+        warn_once(f"{path.name} ships its own model code (auto_map), which fedlora does not run: it is"
+                  f" loaded as transformers' {kind!r} model")
         return
     raise UserError(f"model folder {str(path)!r} needs its own code (auto_map, model_type {kind!r}, which"
                     " transformers does not implement), and fedlora does not run a folder's code: use a"

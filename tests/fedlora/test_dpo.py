@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedlora.data.instructions import SAID
 from fedlora.data.loading import TextDataset
-from fedlora.errors import UserError
+from fedlora.errors import SAID, UserError
 from fedlora.job.checks import check_job_args
 from fedlora.job.schema import JobConfig
 from fedlora.models.model import AdapterConfig, FederatedModel

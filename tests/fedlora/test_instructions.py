@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from fedlora.data.instructions import BBC_LEAD_WORDS, BBC_TEMPLATE, SAID, load_instructions, parse_label_words
+from fedlora.data.instructions import BBC_LEAD_WORDS, BBC_TEMPLATE, load_instructions, parse_label_words
 from fedlora.data.loading import load_bbcnews
-from fedlora.errors import UserError
+from fedlora.errors import SAID, UserError
 
 
 def _jsonl(path, rows):
