@@ -26,7 +26,7 @@ from fedlora.errors import UserError, warn_once
 from fedlora.job.schema import JobConfig
 from fedlora.models.adapter import check_correction, fold_into_base, read_adapter
 from fedlora.models.correction import CALIBRATION_ROWS, add_correction, calibration_batches
-from fedlora.models.hub import context_length, head_labels, load_model, load_tokenizer, resolve_model_path
+from fedlora.models.hub import context_length, head_labels, load_model, load_tokenizer, read_tokenizer_config
 from fedlora.models.model import AdapterConfig, FederatedModel
 from fedlora.strategies import AdapterPlan
 from fedlora.tasks import Task, get_task
@@ -222,13 +222,9 @@ def check_inputs(cfg: JobConfig) -> None:
     """Read what the job reads, before a command writes anything: its data (columns and labels, the
     test file's too) and its model's tokenizer and positions (no weight). A deployment builds its job
     in the ServerApp, after ``--out`` is prepared, so its bad input is refused here first."""
-    from transformers import AutoConfig
-
     splits(cfg)
-    tokenizer, _ = load_tokenizer(cfg.model)
-    path = resolve_model_path(cfg.model)
-    check_context(cfg.max_length, AutoConfig.from_pretrained(path, local_files_only=True,
-                                                             trust_remote_code=False), tokenizer)
+    tokenizer, config = read_tokenizer_config(cfg.model)
+    check_context(cfg.max_length, config, tokenizer)
 
 
 def resolve_max_length(cfg: JobConfig, quiet: bool = False) -> None:

@@ -344,9 +344,8 @@ def _read_tokenizer(path: Path):
     return tokenizer
 
 
-def load_tokenizer(name: str) -> tuple[object, int | None]:
-    """``(tokenizer, context)`` of model ``name`` without its weights: ``context`` is the tokens the
-    model takes (:func:`context_length`; None when unknown)."""
+def read_tokenizer_config(name: str) -> tuple[object, object]:
+    """``(tokenizer, config)`` of model ``name``, without its weights."""
     from transformers import AutoConfig
 
     path = resolve_model_path(name)
@@ -356,6 +355,13 @@ def load_tokenizer(name: str) -> tuple[object, int | None]:
             config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load the tokenizer of {str(path)!r}: {first_line(exc)}") from exc
+    return tokenizer, config
+
+
+def load_tokenizer(name: str) -> tuple[object, int | None]:
+    """``(tokenizer, context)`` of model ``name`` without its weights: ``context`` is the tokens the
+    model takes (:func:`context_length`; None when unknown)."""
+    tokenizer, config = read_tokenizer_config(name)
     return tokenizer, context_length(config, tokenizer)
 
 
