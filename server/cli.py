@@ -20,6 +20,7 @@ from fedlora.errors import UserError, command
 from fedlora.job.checks import RESUME_MAY_CHANGE, check_job_args, check_out_dir, check_track_dir
 from fedlora.job.configfile import add_config_argument, parse_args
 from fedlora.job.flags import Parser, add_job_arguments, flag_name, to_config
+from fedlora.job.paths import same_setting
 from fedlora.job.runconfig import from_dict
 from fedlora.job.schema import JobConfig
 from fedlora.net.tls import check_certificate, check_port_free, check_private_key, check_public_key
@@ -112,11 +113,14 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
 
 def resumed_job(saved: JobConfig, args: argparse.Namespace) -> JobConfig:
     """The stopped run's job with the flags given beside ``--resume`` (``args.typed``: the fields
-    whose flags the command line names, :func:`typed_fields`): fields a resumed run may change
-    (:data:`~fedlora.job.checks.RESUME_MAY_CHANGE`, such as ``--rounds``) take them, as
-    ``fedlora-sim --resume`` does; any other is refused."""
+    whose flags the command line names, :func:`~fedlora.job.configfile.typed_fields`): fields a
+    resumed run may change (:data:`~fedlora.job.checks.RESUME_MAY_CHANGE`, such as ``--rounds``)
+    take them, as ``fedlora-sim --resume`` does; any other is refused. A path given another way
+    (relative, where the run recorded it absolute) is no change."""
     typed = getattr(args, "typed", set())
-    given = {k: v for k, v in asdict(to_config(args)).items() if k in typed and v != getattr(saved, k)}
+    flags = to_config(args)
+    given = {k: v for k, v in asdict(flags).items()
+             if k in typed and not same_setting(flags, k, getattr(saved, k))}
     fixed = [k for k in given if k not in RESUME_MAY_CHANGE]
     if fixed:
         raise UserError(f"--resume continues the job in {str(args.resume / 'config.json')!r}, and its"
@@ -166,18 +170,10 @@ def serve(args: argparse.Namespace, cfg: JobConfig, out_dir: Path) -> int:
     return 0
 
 
-def typed_fields(argv: list[str] | None) -> set[str]:
-    """The destinations of the flags ``argv`` names (a flag given with its default value too)."""
-    parser, unset = build_parser(), object()
-    parser.set_defaults(**{a.dest: unset for a in parser._actions if a.dest != "help"})
-    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
-
-
 @command("fedlora-server")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedlora-server``."""
-    args = parse_args(build_parser(), argv)  # --config FILE's fields, then the flags
-    args.typed = typed_fields(argv)
+    args = parse_args(build_parser(), argv)  # --config FILE's fields, then the flags; args.typed
     check_security(args)
     check_port_free(args.host, args.port)
     cfg, out_dir = job_for(args)

@@ -15,6 +15,7 @@ from fedlora.data.readers import locate, reader_for
 from fedlora.errors import UserError
 from fedlora.job.defaults import measures_clip
 from fedlora.job.flags import flag_name
+from fedlora.job.paths import same_setting
 from fedlora.job.schema import JobConfig
 from fedlora.models.hub import QUANTIZE, check_model_name, require_bitsandbytes
 from fedlora.rounds.checkpoint import find_checkpoint, load_checkpoint
@@ -35,8 +36,9 @@ def check_job_args(args: JobConfig) -> None:
     for name in positive:  # --max-length None: derived from the data later (resolve_max_length)
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"{flag_name(name)} must be ≥ 1, got {getattr(args, name)}")
-    if (args.clients_per_round or 0) < 0:
-        raise UserError(f"--clients-per-round must be ≥ 1 (0: every client), got {args.clients_per_round}")
+    if not 0 <= (args.clients_per_round or 0) <= args.num_clients:  # more would be silently all
+        raise UserError(f"--clients-per-round must be in 1..--num-clients ({args.num_clients}; 0: every"
+                        f" client), got {args.clients_per_round}")
     zero = {"eval_max": "all", "max_new_tokens": "auto", "eval_every": "only after the last round",
             "save_every": "only the final adapter"}
     for name, meaning in zero.items():
@@ -328,7 +330,7 @@ def check_resume(cfg: JobConfig, out: Path) -> int:
     blob = load_checkpoint(found, keys=("config", "round"))
     saved = blob["config"]
     for name, value in asdict(cfg).items():
-        if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value:
+        if name not in RESUME_MAY_CHANGE and name in saved and not same_setting(cfg, name, saved[name]):
             raise UserError(f"--resume: the stopped run's {flag_name(name)} was {saved[name]!r}, not"
                             f" {value!r}; resume with the run's own flags (--config {out / 'config.json'})")
     if blob["round"] > cfg.rounds:

@@ -38,23 +38,37 @@ def add_config_argument(p: argparse.ArgumentParser) -> None:
                         " a finished run's config.json as it is); the flags given beside it override it")
 
 
+def typed_fields(p: argparse.ArgumentParser, argv: list[str] | None = None) -> set[str]:
+    """The destinations of the flags ``argv`` names (a flag given with its default value too)."""
+    unset = object()
+    blank = argparse.Namespace(**{a.dest: unset for a in p._actions if a.dest != argparse.SUPPRESS})
+    return {k for k, v in vars(p.parse_args(argv, namespace=blank)).items() if v is not unset}
+
+
 def parse_args(p: argparse.ArgumentParser, argv: list[str] | None = None,
                only: tuple[str, ...] | None = None) -> argparse.Namespace:
     """``p.parse_args(argv)``, with ``--config FILE``'s fields as the defaults of their flags; with
     ``only``, the file's other (valid) job fields are left out: a command that reads part of a job
-    (``fedlora-eval``) takes a whole run's ``config.json``."""
+    (``fedlora-eval``) takes a whole run's ``config.json``. ``args.typed`` holds the destinations of
+    the flags the command line names (:func:`typed_fields`); a ``--rank`` given there replaces the
+    file's per-client ``ranks``, as ``--ranks`` replaces its ``rank``."""
     args = p.parse_args(argv)
+    args.typed = typed_fields(p, argv)
     if getattr(args, "config", None) is None:
         return args
     values = read_config(args.config)
     if only is not None:
         values = {name: value for name, value in values.items() if name in only}
+    if "rank" in args.typed and "ranks" not in args.typed:
+        values.pop("ranks", None)
     defaults = {a.dest: a.default for a in p._actions}
     for name, value in values.items():  # 0, "" or []: "the job's default" where the flag's default is None
         if name in defaults and defaults[name] is None and not isinstance(value, bool) and not value:
             values[name] = None
     p.set_defaults(**values)
-    return p.parse_args(argv)
+    parsed = p.parse_args(argv)
+    parsed.typed = args.typed
+    return parsed
 
 
 def read_config(path: Path) -> dict[str, Any]:

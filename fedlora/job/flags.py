@@ -23,6 +23,23 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class Words(argparse.Action):
+    """``nargs="+"`` over a closed set of names, given apart or joined by commas (``--track
+    tensorboard,mlflow`` as ``--track tensorboard mlflow``, as a config file spells them)."""
+
+    def __init__(self, *args, names: Collection[str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.names = names
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        words = [w for value in values for w in value.split(",") if w]
+        bad = next((w for w in words if w not in self.names), None)
+        if bad is not None or not words:
+            parser.error(f"argument {option_string}: invalid choice: {bad or ''!r} (choose from"
+                         f" {', '.join(self.names)})")
+        setattr(namespace, self.dest, words)
+
+
 def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "clients",
                       only: Collection[str] | None = None) -> None:
     """The job flags of every field with a group (:func:`option`), shared by the CLIs; with ``only``,
@@ -43,6 +60,8 @@ def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "cl
             continue
         if isinstance(default, bool):
             kwargs["action"] = "store_true"
+        elif meta["nargs"] == "+" and meta["choices"] is not None:  # names, apart or joined by commas
+            kwargs.update(action=Words, names=meta["choices"], nargs="+", metavar=meta["metavar"])
         else:
             for key in ("choices", "nargs", "metavar"):
                 if meta[key] is not None:
@@ -62,8 +81,6 @@ def to_config(args: argparse.Namespace, device: str | None = None) -> JobConfig:
     fill_defaults(args)
     values.update(batch_size=args.batch_size, lr=args.lr, max_grad_norm=args.max_grad_norm, head=args.head,
                   clip_quantile=args.clip_quantile, max_length=args.max_length)
-    if args.ranks is not None:  # cycled over the clients
-        values["ranks"] = [args.ranks[k % len(args.ranks)] for k in range(args.num_clients)]
     values["device"] = device if device is not None else resolve_device(args.device)
     return JobConfig(**values)
 

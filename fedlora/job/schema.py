@@ -310,7 +310,8 @@ class JobConfig:
                                      choices=sorted(TRACKERS), metavar="TRACKER")
 
     def client_ranks(self) -> list[int]:
-        return list(self.ranks) if self.ranks else [self.rank] * self.num_clients
+        """Every client's rank (:meth:`rank_of`)."""
+        return [self.rank_of(k) for k in range(self.num_clients)]
 
     def rank_of(self, client: int) -> int:
         """Rank of client (partition) ``client``: ``ranks`` cycled, else ``rank``."""

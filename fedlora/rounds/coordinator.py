@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from torch import Tensor
 
 from fedlora.errors import UserError
 from fedlora.job.defaults import DP_RECIPE, measures_clip
+from fedlora.job.paths import recorded
 from fedlora.job.schema import JobConfig
 from fedlora.models.lora import linear_shape
 from fedlora.models.model import FederatedModel, draw_seed
@@ -258,7 +258,7 @@ class Coordinator:
     # ---- checkpoints ----
     def save(self, out_dir: Path) -> Path:
         """Write ``checkpoint.safetensors`` atomically (:mod:`fedlora.rounds.checkpoint`: no pickle)."""
-        blob = {"config": asdict(self.cfg), "round": self.round, "state": self.state,
+        blob = {"config": recorded(self.cfg), "round": self.round, "state": self.state,
                 "folds": self.folds, "gen": self.gen.get_state(), "fresh_seed": self.fresh_seed,
                 "rows": self.rows, "personal": self.personal, "clip": self.clip,
                 "residual": self.residual, "ledgers": self.ledgers}

@@ -15,13 +15,13 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
+from fedlora.job.paths import recorded
 from fedlora.job.schema import JobConfig
 from fedlora.rounds.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT
 from fedlora.rounds.coordinator import Coordinator
-from fedlora.rounds.tracking import Tracking
+from fedlora.rounds.tracking import Tracking, clear_untracked
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -62,13 +62,15 @@ class RunFolder:
     def begin(self, cfg: JobConfig) -> None:
         """A fresh run: ``config.json``, an empty ``metrics.jsonl``, and nothing left of the adapters or
         checkpoint of a run this one replaces (``--overwrite``): a new run stopped before its end would
-        otherwise sit beside the old run's adapter, which its config.json does not describe."""
-        (self.out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        otherwise sit beside the old run's adapter, which its config.json does not describe. So are the
+        folders of trackers this run does not use (:func:`~fedlora.rounds.tracking.clear_untracked`)."""
+        (self.out_dir / "config.json").write_text(json.dumps(recorded(cfg), indent=2) + "\n")
         self.metrics.write_text("")
         for folder in ("adapters", "adapter"):
             shutil.rmtree(self.out_dir / folder, ignore_errors=True)
         for name in (CHECKPOINT, LEGACY_CHECKPOINT):
             (self.out_dir / name).unlink(missing_ok=True)
+        clear_untracked(self.out_dir, cfg.track)
 
     def resume(self, rows: list[dict]) -> None:
         """A resumed run: ``metrics.jsonl`` holds exactly the checkpoint's rounds (a killed run may

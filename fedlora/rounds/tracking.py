@@ -22,6 +22,7 @@ import json
 import netrc
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -140,8 +141,9 @@ class TensorBoard(Tracker):
         from torch.utils.tensorboard.summary import hparams
 
         logdir = self.directory(spec.root) / (spec.subdir or "")
-        if spec.fresh:  # a replaced run's events would mix with this one's at the same steps
-            for old in logdir.glob("events.out.tfevents.*"):
+        if spec.fresh:  # a replaced run's events would mix with this one's at the same steps; a
+            # job's own folder holds no other run's, a fedlora-compare run's only its own
+            for old in logdir.glob(("" if spec.subdir else "**/") + "events.out.tfevents.*"):
                 old.unlink()
         self.writer = SummaryWriter(str(logdir))
         for summary in hparams(spec.config, {}):  # the HParams tab's columns
@@ -270,6 +272,18 @@ class WandB(Tracker):
 
 #: The trackers ``--track`` names.
 TRACKERS: dict[str, type[Tracker]] = {t.name: t for t in (TensorBoard, MLflow, WandB)}
+
+
+def clear_untracked(root: Path, track: list[str] | None) -> None:
+    """A fresh run in output folder ``root`` (replacing an earlier one, ``--overwrite``): the folders
+    that trackers it does not use wrote there for the earlier run are removed, and with none in use
+    the run ids kept for a resume (``tracking.json``). The trackers it uses replace their own."""
+    for name, tracker in TRACKERS.items():
+        where = tracker.directory(root)
+        if name not in (track or []) and where is not None and where.parent.resolve() == root.resolve():
+            shutil.rmtree(where, ignore_errors=True)
+    if not track:
+        (root / "tracking.json").unlink(missing_ok=True)
 
 
 class Tracking:

@@ -27,7 +27,8 @@ def test_toml_by_run_config_names_with_flags_over_it(tmp_path):
     cfg = _job(tmp_path, "--config", str(conf), "--rounds", "2", "--seed", "3")
     # Assert: the file's fields, the flags' where both are given, defaults elsewhere
     assert (cfg.strategy, cfg.num_clients, cfg.rounds, cfg.seed) == ("flora", 4, 2, 3)
-    assert cfg.ranks == [4, 8, 4, 8] and cfg.target_modules == ["query", "value"]
+    assert cfg.ranks == [4, 8] and cfg.client_ranks() == [4, 8, 4, 8]
+    assert cfg.target_modules == ["query", "value"]
     assert cfg.lr == 2e-3 and cfg.dp_reproducible and cfg.batch_size == 8
 
 
@@ -54,6 +55,79 @@ def test_a_finished_runs_config_json_reruns_the_job(tiny_bert_dir, tiny_csv, tmp
                 for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     assert rows(again) == rows(first) and len(rows(first)) == 2
+
+
+def test_a_rank_flag_replaces_the_files_ranks_and_ranks_keep_their_cycle(tmp_path):
+    # Prepare: a file with per-client ranks for 2 clients, as a finished run records them
+    conf = tmp_path / "job.json"
+    conf.write_text(json.dumps({"strategy": "flora", "num_clients": 2, "rank": 8, "ranks": [4, 8, 16]}))
+    # Execute / Assert: --rank 16 is every client's rank (the file's ranks were kept and it was ignored)
+    cfg = _job(tmp_path, "--config", str(conf), "--rank", "16")
+    assert (cfg.rank, cfg.ranks, cfg.client_ranks()) == (16, None, [16, 16])
+    # more clients go on with the given cycle 4, 8, 16 (it was stored as [4, 8] for 2 clients)
+    cfg = _job(tmp_path, "--config", str(conf), "--num-clients", "5")
+    assert cfg.ranks == [4, 8, 16] and cfg.client_ranks() == [4, 8, 16, 4, 8]
+    # --ranks beside the file's rank, and both flags at once: the flags' ranks
+    assert _job(tmp_path, "--config", str(conf), "--ranks", "2,4").client_ranks() == [2, 4]
+    assert _job(tmp_path, "--config", str(conf), "--rank", "2", "--ranks", "4").client_ranks() == [4, 4]
+
+
+def test_track_takes_names_apart_or_joined_by_commas_as_a_file_does(tmp_path, capsys):
+    conf = tmp_path / "job.toml"
+    conf.write_text('track = "tensorboard,mlflow"\n')
+    joined = _job(tmp_path, "--track", "tensorboard,mlflow").track
+    assert joined == _job(tmp_path, "--track", "tensorboard", "mlflow").track == ["tensorboard", "mlflow"]
+    assert _job(tmp_path, "--config", str(conf)).track == joined
+    with pytest.raises(SystemExit) as exit_:
+        _job(tmp_path, "--track", "tensorboard,neptune")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "invalid choice: 'neptune'" in err and err.count("\n") == 1
+
+
+def test_config_json_names_the_runs_own_files_from_any_folder(tiny_bert_dir, tiny_csv, tmp_path,
+                                                              monkeypatch):
+    import shutil
+
+    # Prepare: a run given relative paths in its project folder, and another folder with a file of
+    # the same relative name but other rows
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    for folder in (project, elsewhere):
+        (folder / "data").mkdir(parents=True)
+    shutil.copy(tiny_csv, project / "data" / "train.csv")
+    lines = tiny_csv.read_text().splitlines()
+    (elsewhere / "data" / "train.csv").write_text("\n".join(lines[:1] + lines[1::2]) + "\n")
+    monkeypatch.chdir(project)
+    flags = ["--model", str(tiny_bert_dir), "--num-clients", "2", "--rounds", "1", "--local-steps", "1",
+             "--batch-size", "4", "--rank", "2", "--max-length", "16", "--quiet"]
+    assert sim(["--data", "data/train.csv", "--out", "run", *flags]) == 0
+    recorded = json.loads((project / "run" / "config.json").read_text())
+    # Execute: the run again from the other folder, by its config.json
+    monkeypatch.chdir(elsewhere)
+    assert sim(["--config", str(project / "run" / "config.json"), "--out", "again", "--quiet"]) == 0
+    # Assert: config.json names the project's file (it named data/train.csv, which the rerun read
+    # from the other folder), the built-in names stay names, and the rerun scored the same rows
+    assert recorded["data"] == str(project / "data" / "train.csv") and recorded["test_data"] == ""
+    assert json.loads((elsewhere / "again" / "config.json").read_text()) == recorded
+
+    def rows(out):
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("seconds")}
+                for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(elsewhere / "again") == rows(project / "run")
+
+
+def test_a_resumed_run_may_name_its_files_another_way(tmp_path, monkeypatch):
+    from fedlora.job.paths import recorded_value, same_setting
+    from fedlora.job.schema import JobConfig
+
+    (tmp_path / "d.csv").write_text("text,label\na,x\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = JobConfig(data="d.csv", num_clients=4, ranks=[4, 8])
+    assert same_setting(cfg, "data", str(tmp_path / "d.csv")) and not same_setting(cfg, "data", "e.csv")
+    assert same_setting(cfg, "ranks", [4, 8, 4, 8]) and not same_setting(cfg, "ranks", [8, 4])
+    assert [recorded_value("model", "minilm"), recorded_value("data", "bbcnews")] == ["minilm", "bbcnews"]
+    assert recorded_value("data", "org/name") == "org/name" and recorded_value("rounds", 3) == 3
+    assert recorded_value("data", "*.csv") == str(tmp_path / "*.csv")
 
 
 @pytest.mark.parametrize("text, words", [

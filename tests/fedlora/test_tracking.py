@@ -125,6 +125,37 @@ def test_a_resumed_run_goes_on_in_the_same_mlflow_run(tmp_path):
     assert json.loads((tmp_path / "tracking.json").read_text())["mlflow/"] == runs[1].info.run_id
 
 
+@pytest.mark.skipif(not HAVE["tensorboard"], reason="checked by test_missing_package")
+def test_a_fresh_run_leaves_nothing_of_the_trackers_of_the_run_it_replaces(tmp_path, monkeypatch):
+    from fedlora.rounds.sink import RunFolder
+
+    # Prepare: what an earlier run (a fedlora-compare's, whose events sit in a folder per strategy)
+    # left under --out for three trackers, and the run ids kept for its resume
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+
+    def earlier():
+        for folder in ("tensorboard/fedavg", "mlruns/0", "wandb/offline-run-1"):
+            (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tensorboard/fedavg/events.out.tfevents.1.host").write_bytes(b"old")
+        (tmp_path / "tracking.json").write_text('{"mlflow/": "abc"}\n')
+
+    earlier()
+    # Execute: a run tracked by TensorBoard replaces it
+    cfg = JobConfig(track=["tensorboard"])
+    Tracking.open(cfg, tmp_path).close()
+    RunFolder(tmp_path).begin(cfg)
+    # Assert: its events are the only ones; MLflow's and W&B's folders of the old run are gone
+    events = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].count("/") == 1 and _scalars(tmp_path / "tensorboard") == {}
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "wandb").exists()
+    assert (tmp_path / "tracking.json").is_file()  # the trackers in use keep their ids there
+    # Execute / Assert: an untracked run replaces it all
+    earlier()
+    RunFolder(tmp_path).begin(JobConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.jsonl"]
+
+
 @pytest.mark.slow  # W&B's service process takes ~10 s to start and stop on 2 cores
 @pytest.mark.skipif(not HAVE["wandb"], reason="checked by test_missing_package")
 def test_wandb_offline_run_folder_holds_the_rows(tmp_path, monkeypatch):

@@ -152,8 +152,9 @@ def test_flags_beside_resume_change_what_a_resumed_run_may_change_and_no_more(ca
     import json
     from dataclasses import asdict
 
+    from fedlora.job.configfile import parse_args
     from fedlora.job.schema import JobConfig
-    from fedlora.server.cli import build_parser, job_for, typed_fields
+    from fedlora.server.cli import build_parser, job_for
 
     # Prepare: a stopped one-round run (its checkpoint is only found, not read, here)
     run = tmp_path / "run"
@@ -161,9 +162,7 @@ def test_flags_beside_resume_change_what_a_resumed_run_may_change_and_no_more(ca
     (run / "config.json").write_text(json.dumps(asdict(JobConfig(rounds=1, lr=0.01))))
     (run / "checkpoint.safetensors").write_bytes(b"x")
     def parse(argv):
-        args = build_parser().parse_args(argv)
-        args.typed = typed_fields(argv)
-        return args
+        return parse_args(build_parser(), argv)
 
     # Execute / Assert: --rounds grows the run (it was silently ignored); the stopped job's own value
     # and the same flags again are no change; --lr is refused in one line

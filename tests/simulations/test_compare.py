@@ -99,7 +99,7 @@ def test_end_to_end(tiny_bert_dir, tiny_csv, tmp_path, capsys):
                for label, folder in runs.items()}
     assert {c["seed"] for c in configs.values()} == {0} and {c["rounds"] for c in configs.values()} == {2}
     assert configs["fed-sb"]["lr"] == 1e-2 and configs["fedavg"]["lr"] == 2e-3
-    assert configs["flora (ranks 2,4)"]["ranks"] == [2, 4, 2] and configs["flora"]["ranks"] is None
+    assert configs["flora (ranks 2,4)"]["ranks"] == [2, 4] and configs["flora"]["ranks"] is None
     table = [line for line in (out / "comparison.md").read_text().splitlines() if line.startswith("| `")]
     assert [line.split("`")[1] for line in table] == list(runs)
     # Assert: every CSV figure equals the one recomputed by hand from that run's metrics.jsonl

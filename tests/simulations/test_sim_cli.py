@@ -116,6 +116,8 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
     (["--data", "bbcnews-instruct"],
      "--data bbcnews-instruct is not for --task classification; it reads bbcnews"),
     (["--eval-max", "-1"], "--eval-max must be ≥ 0 (0: all), got -1"),
+    (["--clients-per-round", "4"],
+     "--clients-per-round must be in 1..--num-clients (3; 0: every client), got 4"),
     (["--eval-every", "-1"], "--eval-every must be ≥ 0 (0: only after the last round), got -1"),
     (["--strategy", "ffa-lora", "--ranks", "2,4"], "takes heterogeneous ranks (flexlora, flora)"),
     (["--strategy", "fedex-lora", "--dp", "client", "--epsilon", "8", "--delta", "1e-3"],

@@ -1,0 +1,50 @@
+"""A job's file paths as a run records them: absolute, so that its ``config.json`` names the same
+files from any folder (``fedlora-sim --config runs/x/config.json`` run elsewhere, ``--resume``).
+
+A value is made absolute only where it names something on this disk (a file, a folder, or a pattern
+that matches files), and never where it is a built-in name (``minilm``, ``bbcnews``) or a hub id
+that is not a local path: those mean the same from every folder.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import asdict
+from typing import Any
+
+from fedlora.data.instructions import BBC_INSTRUCT
+from fedlora.data.loading import DEFAULT_DATASET
+from fedlora.job.schema import JobConfig
+from fedlora.models.hub import DEFAULT_MODEL, SMOLLM2
+
+#: The job fields that may name files or folders.
+PATH_FIELDS = ("model", "data", "test_data", "init_data", "init_adapter", "quant_calibration")
+#: Values of those fields that are names, not paths.
+BUILT_IN = (DEFAULT_MODEL, SMOLLM2, DEFAULT_DATASET, BBC_INSTRUCT)
+
+
+def recorded_value(name: str, value: Any) -> Any:
+    """``value`` of job field ``name`` as a run records it: a path on this disk made absolute."""
+    if name not in PATH_FIELDS or not isinstance(value, str) or not value or value in BUILT_IN:
+        return value
+    path = os.path.expanduser(value)
+    if os.path.exists(path) or glob.glob(path):  # a file, a folder, or a pattern of files
+        return os.path.abspath(path)
+    return value
+
+
+def recorded(cfg: JobConfig) -> dict[str, Any]:
+    """``asdict(cfg)`` with its paths as :func:`recorded_value` gives them (``config.json``)."""
+    return {name: recorded_value(name, value) for name, value in asdict(cfg).items()}
+
+
+def same_setting(cfg: JobConfig, name: str, before: Any) -> bool:
+    """Whether ``cfg``'s field ``name`` is the setting ``before`` (a stopped run's): the same files
+    however either names them, and for ``ranks`` the same rank for each of ``cfg``'s clients (older
+    runs stored them cycled over their clients)."""
+    now = getattr(cfg, name)
+    if name == "ranks" and before and now:
+        return [before[k % len(before)] for k in range(cfg.num_clients)] == cfg.client_ranks()
+    return recorded_value(name, before) == recorded_value(name, now)
+
