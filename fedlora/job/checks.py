@@ -17,7 +17,8 @@ from fedlora.job.defaults import measures_clip
 from fedlora.job.flags import flag_name
 from fedlora.job.paths import same_setting
 from fedlora.job.schema import JobConfig
-from fedlora.models.hub import QUANTIZE, check_model_name, require_bitsandbytes
+from fedlora.models.hub import check_model_name
+from fedlora.models.quantize import QUANTIZE, require_bitsandbytes
 from fedlora.rounds.checkpoint import find_checkpoint, load_checkpoint
 from fedlora.rounds.compress import parse_scheme
 from fedlora.rounds.tracking import TRACKERS

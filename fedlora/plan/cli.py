@@ -33,14 +33,17 @@ from fedlora.plan.traffic import RoundBytes, plan_traffic
 from fedlora.strategies import STRATEGIES
 from fedlora.tasks import get_task
 
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_memory(text: str) -> int:
     """``24GB`` -> 24·10⁹ bytes, ``80GiB`` -> 80·2³⁰ (argparse type; KB/MB/GB/TB are powers of 1000,
-    KiB/MiB/GiB/TiB of 1024, a bare number is bytes)."""
+    KiB/MiB/GiB/TiB of 1024, B bytes). A bare number is refused: ``--memory 24`` meant 24 GB, not bytes."""
     got = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if got and not got.group(2):
+        raise argparse.ArgumentTypeError(f"--memory {text.strip()} has no unit: write {got.group(1)}GB"
+                                         f" (10^9 bytes) or {got.group(1)}GiB (2^30 bytes)")
     if not got or got.group(2).lower() not in UNITS or float(got.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"--memory takes sizes like 24GB or 80GiB, got {text!r}")
     return int(float(got.group(1)) * UNITS[got.group(2).lower()])

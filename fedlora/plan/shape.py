@@ -181,7 +181,7 @@ def base_tensors(model: nn.Module) -> list[BaseTensor]:
     """The parameters and buffers of an unwrapped model but its heads (which become per-client),
     each storage once; the linear layers ``--quantize`` replaces carry their rows."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    skip = set(HEAD_NAMES)  # the heads --quantize leaves alone (hub.UNQUANTIZED_HEADS is this list)
+    skip = set(HEAD_NAMES)  # the heads --quantize leaves alone (quantize.UNQUANTIZED_HEADS is this list)
     out, seen = [], set()
     for module_name, module in model.named_modules():
         parts = set(module_name.split("."))

@@ -23,7 +23,7 @@ def test_presets_have_the_published_parameter_counts(preset, billions):
 
 
 @pytest.mark.parametrize("text, expected", [("24GB", 24 * 10**9), ("80GiB", 80 * 2**30), ("1.5 TB", 1.5e12),
-                                            ("512MiB", 2**29), ("1000", 1000)])
+                                            ("512MiB", 2**29), ("1000B", 1000)])
 def test_memory_sizes(text, expected):
     assert parse_memory(text) == expected
 
@@ -35,6 +35,8 @@ def test_memory_sizes(text, expected):
     (["--model", "llama-3.1-8b", "--task", "sft", "--memory", "24XB"],
      "--memory takes sizes like 24GB or 80GiB, got '24XB'"),
     (["--model", "llama-3.1-8b", "--task", "sft", "--memory", "8GB,0GB"], "--memory takes sizes like 24GB"),
+    (["--model", "llama-3.1-8b", "--task", "sft", "--memory", "24"],
+     "--memory 24 has no unit: write 24GB (10^9 bytes) or 24GiB (2^30 bytes)"),
     (["--model", "llama-3.1-8b", "--task", "sft", "--response-tokens", "0"], "--response-tokens must be ≥ 1"),
     (["--model", "llama-3.1-8b", "--task", "sft"], "a preset has none: pass --max-length (e.g. 512)"),
 ])

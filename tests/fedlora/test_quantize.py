@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.kernels import Routing
-from fedlora.models import hub
+from fedlora.models import quantize
 from fedlora.models.hub import load_model
 from fedlora.models.lora import BatchedLoRALinear, Router, linear_shape
 from fedlora.models.model import AdapterConfig, FederatedModel
@@ -288,7 +288,7 @@ def test_refusals_are_one_line(tiny_llama_dir, tiny_csv, tmp_path, capsys, monke
                                  "--double-quant"))
     assert "--double-quant" in line and "nf4 or fp4" in line
     # no linear layer left for bitsandbytes to replace (every block linear skipped like a head)
-    monkeypatch.setattr(hub, "UNQUANTIZED_HEADS", ("classifier", "score", "proj"))
+    monkeypatch.setattr(quantize, "UNQUANTIZED_HEADS", ("classifier", "score", "proj"))
     line = _refused(capsys, _sim(tiny_llama_dir, data, tmp_path / "n"))
     assert "bitsandbytes replaced no linear layer" in line
     monkeypatch.undo()
