@@ -17,7 +17,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from fedlora.errors import UserError, command
-from fedlora.job.checks import RESUME_MAY_CHANGE, check_job_args, check_out_dir, check_track_dir
+from fedlora.job.checks import (
+    RESUME_MAY_CHANGE,
+    check_job_args,
+    check_out_dir,
+    check_private_rounds,
+    check_track_dir,
+)
 from fedlora.job.configfile import add_config_argument, parse_args
 from fedlora.job.flags import Parser, add_job_arguments, flag_name, to_config
 from fedlora.job.paths import same_setting
@@ -129,6 +135,7 @@ def resumed_job(saved: JobConfig, args: argparse.Namespace) -> JobConfig:
                         f" {flag_name(fixed[0])}")
     cfg = replace(saved, **given)
     check_job_args(cfg)
+    check_private_rounds(cfg, saved.rounds)
     return cfg
 
 

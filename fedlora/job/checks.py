@@ -315,7 +315,8 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
                         " replace them or choose another folder")
 
 
-#: Job fields a resumed run may change: how far it goes, where it runs, what it reports and saves.
+#: Job fields a resumed run may change: how far it goes (not under DP: :func:`check_private_rounds`),
+#: where it runs, what it reports and saves.
 RESUME_MAY_CHANGE = ("rounds", "device", "eval_every", "save_every", "track", "eval_batch_size",
                      "max_clients_per_pass")
 
@@ -334,7 +335,19 @@ def check_resume(cfg: JobConfig, out: Path) -> int:
         if name not in RESUME_MAY_CHANGE and name in saved and not same_setting(cfg, name, saved[name]):
             raise UserError(f"--resume: the stopped run's {flag_name(name)} was {saved[name]!r}, not"
                             f" {value!r}; resume with the run's own flags (--config {out / 'config.json'})")
+    check_private_rounds(cfg, saved.get("rounds", cfg.rounds))
     if blob["round"] > cfg.rounds:
         raise UserError(f"--resume: the run in {str(out)!r} is past round {cfg.rounds} already (round"
                         f" {blob['round']}); pass --rounds {blob['round']} or more")
     return blob["round"]
+
+
+def check_private_rounds(cfg: JobConfig, planned: int) -> None:
+    """Refuse a resumed DP run whose ``--rounds`` differs from the stopped run's ``planned``: its noise
+    multiplier was calibrated so that ``planned`` rounds spend ε, and another count would calibrate
+    another σ for the rounds left while the accountant composes one σ over them all."""
+    if cfg.dp != "none" and cfg.rounds != planned:
+        rounds = f"{planned} round{'s' if planned != 1 else ''}"
+        raise UserError(f"--resume: the stopped run's noise was set so that its {rounds} spend"
+                        f" ε = {cfg.epsilon:g} (--dp {cfg.dp}); it cannot go to {cfg.rounds} rounds: resume"
+                        f" with --rounds {planned}, or start a new run with a budget for {cfg.rounds}")

@@ -171,3 +171,11 @@ def test_flags_beside_resume_change_what_a_resumed_run_may_change_and_no_more(ca
     assert job_for(parse(["--insecure", "--resume", str(run), "--lr", "0.01"]))[0].rounds == 1
     code = server_main(["--insecure", "--resume", str(run), "--lr", "0.5"])
     assert "its --lr cannot change (only --rounds" in one_line_error(capsys, code)
+    # a DP run's σ was set for its rounds: it cannot grow (its ε would be spent over again)
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "config.json").write_text(json.dumps(asdict(JobConfig(rounds=1, lr=0.01, dp="client",
+                                                                     epsilon=8.0, delta=1e-3))))
+    (private / "checkpoint.safetensors").write_bytes(b"x")
+    code = server_main(["--insecure", "--resume", str(private), "--rounds", "3"])
+    assert "its 1 round spend ε = 8 (--dp client); it cannot go to 3 rounds" in one_line_error(capsys, code)

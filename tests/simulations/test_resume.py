@@ -67,6 +67,8 @@ def test_resume_refusals_are_one_line_and_keep_the_run(tiny_bert_dir, tiny_csv, 
     out = tmp_path / "run"
     assert main([*job, "--out", str(out)]) == 0
     kept = (out / "metrics.jsonl").read_text()
+    private, dp = tmp_path / "dp", ["--dp", "sample", "--epsilon", "8", "--delta", "1e-3"]
+    assert main([*job[:-2], "--rounds", "1", *dp, "--out", str(private)]) == 0
     capsys.readouterr()
     cases = {
         "no checkpoint": ([*job, "--out", str(tmp_path / "empty"), "--resume"], "holds no checkpoint"),
@@ -76,6 +78,9 @@ def test_resume_refusals_are_one_line_and_keep_the_run(tiny_bert_dir, tiny_csv, 
                             "is past round 1 already (round 2); pass --rounds 2 or more"),
         "flower": ([*job, "--out", str(out), "--resume", "--engine", "flower"],
                    "--resume continues a batched"),
+        # σ was set for 1 round at ε = 8: a second would spend more than ε (its row said less)
+        "more private rounds": ([*job, *dp, "--out", str(private), "--resume"],
+                                "its 1 round spend ε = 8 (--dp sample); it cannot go to 2 rounds"),
     }
     for argv, message in cases.values():
         # Execute
