@@ -40,6 +40,7 @@ from fedlora.strategies import (
     Strategy,
 )
 from fedlora.strategies.base import Factors, Probe
+from fedlora.strategies.flora import merge
 from fedlora.strategies.plan import AdapterPlan
 from fedlora.tasks import get_task
 
@@ -134,8 +135,8 @@ class Coordinator:
     def _shipped(self, fold: dict[str, Factors]) -> dict[str, Factors]:
         """``--compress-down``: hold the state (and return ``fold``) at the precision clients receive
         it, so that every engine's clients and the server's evaluation see the same values (the
-        schemes are idempotent: the download re-encodes them exactly). ``state.merged`` keeps the
-        aggregate's exact folds."""
+        schemes are idempotent: the download re-encodes them exactly). A coded ``fold`` is returned as
+        a new dict, which :meth:`_advance` then adds to ``state.merged`` in place of the exact one."""
         if not self.down.lossy:
             return fold
         st = self.state
@@ -196,8 +197,13 @@ class Coordinator:
         return self._advance(self.strategy.aggregate_mean(mean, clients, self.state))
 
     def _advance(self, agg: Aggregate) -> Aggregate:
-        self.state = agg.state
-        agg.fold = self._shipped(agg.fold)
+        old, self.state = self.state, agg.state
+        exact, agg.fold = agg.fold, self._shipped(agg.fold)
+        if agg.fold is not exact and agg.fold:  # the model (and every client) folds the coded fold:
+            merged = dict(old.merged)  # so must the state that is exported, checkpointed, resumed
+            for layer, (A, B) in agg.fold.items():
+                merge(merged, layer, A, B)
+            self.state.merged = merged
         self.folds.append(agg.fold)
         self.round += 1
         self.state.round = self.round
