@@ -176,27 +176,30 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 @torch.no_grad()
 def input_scales(fm, layers: dict[str, nn.Module], batches: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Mean ``|x|`` per input channel of each of ``layers`` over the non-padding tokens of
-    ``batches`` (``input_ids``, ``attention_mask``), run through ``fm``'s slot 0."""
+    ``batches`` (``input_ids``, ``attention_mask``), run through ``fm``'s slot 0; over every row of
+    a layer that sees one row per sequence (a BERT pooler's first token)."""
     sums: dict[str, Tensor] = {}
-    count = [0]
+    counts: dict[str, int] = {}
     keep: list[Tensor] = []
 
     def hook(name):
         def record(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])[keep[0]].float().abs()
-            sums[name] = sums.get(name, 0) + x.sum(0)
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])    # (B·T, d_in), or (B, d_in)
+            if x.shape[0] == keep[0].shape[0]:
+                x = x[keep[0]]                                          # the tokens, not the pads
+            sums[name] = sums.get(name, 0) + x.float().abs().sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
     try:
         for batch in batches:
             keep[:] = [batch["attention_mask"].reshape(-1).bool()]
-            count[0] += int(keep[0].sum())
             fm(**batch)
     finally:
         for h in handles:
             h.remove()
-    return {n: s / max(count[0], 1) for n, s in sums.items()}
+    return {n: s / max(counts[n], 1) for n, s in sums.items()}
 
 
 def calibration_batches(data: dict[str, Tensor] | None, batch: int = 8) -> list[dict[str, Tensor]]:

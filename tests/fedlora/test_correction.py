@@ -83,21 +83,27 @@ def test_a_full_rank_correction_restores_the_unquantized_model(request, model, a
 
 
 def test_input_scales_are_mean_abs_over_unpadded_tokens_only():
-    # Prepare: a model whose one quantized-like layer sees the embeddings (x = ids as one feature)
+    # Prepare: a model whose quantized-like layers see the embeddings (x = ids as one feature): one
+    # every token, one (a pooler) each sequence's first
     class Tiny(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lin = nn.Linear(1, 1)
+            self.lin, self.pool = nn.Linear(1, 1), nn.Linear(1, 1)
 
         def forward(self, input_ids, attention_mask):
-            return self.lin(input_ids.float().unsqueeze(-1))
+            x = input_ids.float().unsqueeze(-1)                 # (B, T, 1)
+            return self.lin(x), self.pool(x[:, 0])               # a pooler sees (B, 1): first tokens
 
     tiny = Tiny()
-    batch = {"input_ids": torch.tensor([[2, -4, 100]]), "attention_mask": torch.tensor([[1, 1, 0]])}
+    batches = [{"input_ids": torch.tensor([[2, -4, 100]]), "attention_mask": torch.tensor([[1, 1, 0]])},
+               {"input_ids": torch.tensor([[6, 1, 1], [-8, 5, 0]]),
+                "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}]
     # Execute
-    scales = input_scales(tiny, {"lin": tiny.lin}, [batch])
-    # Assert: (|2| + |-4|) / 2; the padded 100 is not read
-    torch.testing.assert_close(scales["lin"], torch.tensor([3.0]))
+    scales = input_scales(tiny, {"lin": tiny.lin, "pool": tiny.pool}, batches)
+    # Assert: the tokens' (|2| + |-4| + |6| + |1| + |1| + |-8| + |5|) / 7, the padded 100 and 0 not
+    # read; the pooler's first tokens (|2| + |6| + |-8|) / 3 (it used to fail on the token mask)
+    torch.testing.assert_close(scales["lin"], torch.tensor([27 / 7]))
+    torch.testing.assert_close(scales["pool"], torch.tensor([16 / 3]))
 
 
 def test_checkpoint_finds_a_layer_under_another_prefix(tiny_llama_dir):
