@@ -57,7 +57,8 @@ def fill_defaults(args) -> None:
     8 and ``--head train`` (``--dp sample``: :data:`DP_RECIPE`'s, and ``--head public`` when a public
     ``--init-data`` file is given), ``--max-length`` 64 (``--task sft`` leaves it to
     :func:`fedlora.job.setup.resolve_max_length`, which reads the data), ``--lr`` :func:`default_lr`,
-    and under ``--dp sample`` the recipe's per-example clip ``--max-grad-norm``."""
+    ``--quant-calibration`` ``--init-data`` (with ``--quant-correction``), and under ``--dp sample``
+    the recipe's per-example clip ``--max-grad-norm``."""
     private = args.dp == "sample"
     if args.head is None and private and TASKS[args.task].trains_head:
         # a public file trains the head at no ε (SST-2: a 65% start, a frozen random head 51-53%)
@@ -70,6 +71,8 @@ def fill_defaults(args) -> None:
         args.max_length = JobConfig.max_length  # else derived from the data (fedlora.job.setup)
     if args.lr is None:
         args.lr = default_lr(args.strategy, args.dp)
+    if getattr(args, "quant_correction", 0) and not args.quant_calibration and args.init_data:
+        args.quant_calibration = args.init_data  # recorded, so an evaluation calibrates as the run did
     if measures_clip(args):
         if args.clip_quantile is None:
             args.clip_quantile = CLIP_QUANTILE

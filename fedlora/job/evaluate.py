@@ -40,7 +40,8 @@ from fedlora.tasks import Task, get_task
 #: The job fields an evaluation reads: ``fedlora-eval``'s job flags.
 EVAL_FIELDS = ("task", "model", "data", "text_column", "label_column", "test_data", "test_text_column",
                "test_label_column", "test_fraction", "seed", "eval_max", "eval_batch_size", "max_length",
-               "padding", "device", "precision", "quantize", "double_quant", "target_modules",
+               "padding", "device", "precision", "quantize", "double_quant", "quant_correction",
+               "quant_calibration", "target_modules",
                "prompt_template", "label_words", "system_prompt", "chat_template", "max_new_tokens", "eval",
                "metric", "dpo_beta", "dpo_sft_weight")
 #: What a row of :func:`score_models` names the bare base model.
@@ -134,7 +135,10 @@ def check_adapters(cfg: JobConfig, task: Task, paths: list[Path]) -> list[PeftAd
 def load_scored_model(cfg: JobConfig, task: Task, adapter: PeftAdapter | None,
                       num_labels: int) -> tuple[FederatedModel, object]:
     """``(model with one slot, tokenizer)``: ``--model`` with ``adapter`` loaded (scale 1, the
-    adapter's target modules), or with zero adapters on ``--target-modules``."""
+    adapter's target modules), or with zero adapters on ``--target-modules``. The base gets its
+    ``--quant-correction`` (a run's round 0) unless the adapter holds it already."""
+    if adapter is not None and adapter.correction:
+        cfg = replace(cfg, quant_correction=0, quant_calibration="")
     if adapter is None:
         fm, tokenizer, _ = build_model(replace(cfg, rank=1), [1], LORA, num_labels)
         for layer in fm.adapters.values():

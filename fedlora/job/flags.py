@@ -80,7 +80,8 @@ def to_config(args: argparse.Namespace, device: str | None = None) -> JobConfig:
     values["max_clients_per_pass"] = values.get("max_clients_per_pass") or 0
     fill_defaults(args)
     values.update(batch_size=args.batch_size, lr=args.lr, max_grad_norm=args.max_grad_norm, head=args.head,
-                  clip_quantile=args.clip_quantile, max_length=args.max_length)
+                  clip_quantile=args.clip_quantile, max_length=args.max_length,
+                  quant_calibration=args.quant_calibration)
     values["device"] = device if device is not None else resolve_device(args.device)
     return JobConfig(**values)
 

@@ -128,16 +128,18 @@ def test_eval_reproduces_a_corrected_nf4_run_whose_adapter_carries_the_correctio
     # Prepare: a round over nf4 with a rank-2 --quant-correction (q/v adapted, every layer corrected)
     pytest.importorskip("bitsandbytes")
     run = tmp_path / "run"
-    last = _run(tiny_chat_llama_dir, sentiment_tsv, run, "--quantize", "nf4", "--quant-correction", "2",
-                "--quant-calibration", str(sentiment_tsv), "--lr", "5e-2")[-1]
-    # Execute: the run's config.json (its --quant-correction is not an evaluation field: the adapter
-    # holds the correction), and the same adapter on a base without --quantize
-    assert evaluate(["--config", str(run / "config.json"), "--adapter", str(run / "adapter"),
+    first, last = _run(tiny_chat_llama_dir, sentiment_tsv, run, "--quantize", "nf4", "--quant-correction",
+                       "2", "--quant-calibration", str(sentiment_tsv), "--lr", "5e-2")
+    # Execute: the run's config.json (the adapter holds the correction; --base gets it from the
+    # config's --quant-correction and calibration file), and the same adapter on a base without --quantize
+    assert evaluate(["--config", str(run / "config.json"), "--base", "--adapter", str(run / "adapter"),
                      "--out", str(tmp_path / "e"), "--quiet"]) == 0
-    wrong = evaluate(["--config", str(run / "config.json"), "--quantize", "none", "--adapter",
-                      str(run / "adapter"), "--out", str(tmp_path / "w"), "--quiet"])
-    # Assert: the run's answers; its loss to float rounding (one LoRA pair where the run kept two terms)
-    (got,) = json.loads((tmp_path / "e" / "eval.json").read_text())["results"]
+    wrong = evaluate(["--config", str(run / "config.json"), "--quantize", "none", "--quant-correction", "0",
+                      "--adapter", str(run / "adapter"), "--out", str(tmp_path / "w"), "--quiet"])
+    # Assert: round 0 (the base was the uncorrected nf4 one); the run's answers, and its loss to float
+    # rounding (one LoRA pair where the run kept two terms)
+    base, got = json.loads((tmp_path / "e" / "eval.json").read_text())["results"]
+    assert (base["accuracy"], base["loss"]) == (first["accuracy"], first["loss"])
     assert got["accuracy"] == last["accuracy"] and got["eval_examples"] == last["eval_examples"]
     assert got["loss"] == pytest.approx(last["loss"], rel=1e-5)
     assert wrong == 2 and not (tmp_path / "w").exists()
