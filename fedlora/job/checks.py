@@ -108,7 +108,8 @@ def check_init_args(args) -> None:
         where = "folds every round into the base" if strategy.folds else "keeps a factor on each client"
         raise UserError(f"--public-steps starts the global adapters from a public update, but --strategy"
                         f" {args.strategy} {where}: drop --public-steps or choose another strategy")
-    calibrates = getattr(args, "quant_correction", 0) and not getattr(args, "quant_calibration", "")
+    calibration = getattr(args, "quant_calibration", "")  # --init-data is its default
+    calibrates = getattr(args, "quant_correction", 0) and calibration in ("", args.init_data)
     if (args.init_data and args.head != "public" and not args.public_steps
             and not strategy.init_phases and not calibrates):
         raise UserError(f"--init-data is read by Fed-SB's initialisation, --head public, --public-steps"
