@@ -14,15 +14,20 @@ With ``--compress`` the upload travels coded (``fedlora.rounds.compress``), and 
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from torch import Tensor
 
 from fedlora.clients.secagg import is_secure, secagg_bridge, secure_reply
+from fedlora.errors import UserError
 from fedlora.job.checks import check_job_args
 from fedlora.job.runconfig import from_run_config
 from fedlora.models.state import probes_from_tensors
@@ -174,7 +179,26 @@ def _load_global(client: LocalClient, msg: Message) -> None:
     client.clip = float(conf.get("clip", 0.0)) or None  # --dp sample: measured on the server's --init-data
 
 
+log = logging.getLogger("fedlora.client")
+
+
+def refusing(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """``handler``, replying to a job this client refuses (its data has another label or column, ...)
+    with an error whose reason is the refusal's one line, which the server's output shows; the
+    client's own output gets the same line instead of a traceback."""
+    @functools.wraps(handler)
+    def replied(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except UserError as exc:
+            log.error("fedlora-client: error: %s", exc)
+            return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"refused: {exc}"),
+                           reply_to=msg)
+    return replied
+
+
 @app.train()
+@refusing
 def train(msg: Message, context: Context) -> Message:
     """Round t: load the global state (and missing folds), train, reply with the adapter."""
     client = local_client(msg, context)
@@ -195,6 +219,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@refusing
 def evaluate(msg: Message, context: Context) -> Message:
     """After round t: load the new global state (with what this client keeps) and measure it
     on this client's held-out examples (``--personal-test-fraction``)."""
@@ -207,6 +232,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 @app.query()
+@refusing
 def gradient(msg: Message, context: Context) -> Message:
     """An initialisation phase (Fed-SB): this client's ``Lᵀ G R`` for the message's probes; or,
     for an ``identify`` query, which client this node is (from its node config, before any model

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--partition-id", type=int, help="this client's share of the job's dataset")
     data.add_argument("--num-partitions", type=int, help="number of shares (with --partition-id)")
     data.add_argument("--client-id", type=int, default=None,
-                      help="client number (rank and seeds; default: --partition-id, else 0)")
+                      help="client number, each client its own in 0..--num-clients-1 (rank and seeds;"
+                           " default: --partition-id; needed with --data)")
     sec = p.add_argument_group("security")
     sec.add_argument("--root-certificates", type=Path, help="CA certificate (PEM) of the server")
     sec.add_argument("--insecure", action="store_true", help="plain HTTP, no TLS")
@@ -62,6 +63,11 @@ def check_args(args: argparse.Namespace) -> None:
         located = locate(args.data)
         if not located.exists() and not (is_pattern(located) and any(located.parent.glob(located.name))):
             raise UserError(f"--data {str(args.data)!r}: file not found")
+    if args.data is not None and args.client_id is None:  # two clients must not both be client 0
+        raise UserError("--data needs --client-id K: each client its own number in 0..N-1 (N the"
+                        " server's --num-clients), which the server tells clients apart by")
+    if args.client_id is not None and args.client_id < 0:
+        raise UserError(f"--client-id must be ≥ 0, got {args.client_id}")
     if args.partition_id is not None:
         if args.num_partitions is None or args.num_partitions < 1:
             raise UserError("--partition-id needs --num-partitions M (M ≥ 1)")
@@ -88,7 +94,7 @@ def node_config(args: argparse.Namespace) -> str:
         items["num-partitions"] = args.num_partitions
     if args.data is not None:
         items["data"] = str(locate(args.data).expanduser().resolve())  # as this machine finds it
-    client_id = args.client_id if args.client_id is not None else (args.partition_id or 0)
+    client_id = args.client_id if args.client_id is not None else args.partition_id
     items["client-id"] = client_id
     return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in items.items())
 

@@ -36,6 +36,7 @@ from fedlora.rounds.tracking import Tracking
 from fedlora.rounds.validate import request_limit
 from fedlora.server.flower_transport import FlowerTransport, RoundSettings
 from fedlora.server.ingress import write_limit
+from fedlora.server.launch import LOG_FILE
 from fedlora.server.polling import fast_object_pulls
 from fedlora.tasks import get_task
 
@@ -79,6 +80,10 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
     out_dir = Path(str(run_config["out"])).expanduser().resolve()
     sink = RunFolder(out_dir, checkpoints=True, on_round=_log_round)
     lock = lock_out_dir(out_dir)
+    logged = logging.FileHandler(out_dir / LOG_FILE)  # fedlora-server shows its warnings
+    logged.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logged.setLevel(logging.INFO)
+    logging.getLogger("fedlora").addHandler(logged)
     status = {"run_id": str(run_id), "pid": os.getpid()}
     sink.status("running", **status)
     try:
@@ -115,6 +120,9 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
         if sink.tracking is not None:
             sink.tracking.close(failed=True)
         raise
+    finally:
+        logging.getLogger("fedlora").removeHandler(logged)
+        logged.close()
     sink.status("finished", rounds=coord.round, **status)
     lock.close()
 

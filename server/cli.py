@@ -110,6 +110,9 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
         return cfg, args.out
     from fedlora.rounds.checkpoint import find_checkpoint  # deferred start-up import (torch)
 
+    if "out" in getattr(args, "typed", ()) and args.out.resolve() != args.resume.resolve():
+        raise UserError(f"--resume {str(args.resume)!r} continues the run there and writes its results"
+                        f" there, not to --out {str(args.out)!r}: drop --out")
     conf = args.resume / "config.json"
     if find_checkpoint(args.resume) is None or not conf.is_file():  # an older fedlora's checkpoint.pt too
         raise UserError(f"--resume {str(args.resume)!r} has no checkpoint.safetensors and config.json of a"
@@ -169,7 +172,8 @@ def serve(args: argparse.Namespace, cfg: JobConfig, out_dir: Path) -> int:
     status = launch(rc, superlink_args(args), args.host, args.port,
                     ca=None if args.insecure else args.ssl_ca_certfile, keys=list(args.auth_keys or []),
                     on_row=lambda row: None if args.quiet else print(_format(row), flush=True),
-                    on_submit=started)
+                    on_submit=started, on_note=lambda line: print(f"fedlora-server: {line}", file=sys.stderr,
+                                                                  flush=True))
     if status["state"] != "finished":
         print(f"fedlora-server: error: {status.get('error', 'run failed')}", file=sys.stderr)
         return 1

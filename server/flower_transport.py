@@ -82,6 +82,7 @@ class FlowerTransport:
         self.clients: dict[int, int] = {}  # node id -> client id
         self.rejected: list[dict] = []     # of the current exchange
         self.failures = (0, 0)             # error replies, missing replies of the current exchange
+        self.errors: list[tuple[int | None, str]] = []  # (client, reason) of its error replies
         self.waited = False                # the first round of this process waits for every client
         self.asked: set[int] = set()       # nodes asked this round which client they are
         self.asking: dict[str, int] = {}   # identify queries not answered yet: message id -> node id
@@ -161,11 +162,24 @@ class FlowerTransport:
                         self.coord.cfg.num_clients)
             return
         old = self.nodes.get(client)
+        if old is not None and old != node and self._answers(old):  # two live nodes, one client id
+            log.warning("node %s says it is client %d, which node %s is: left out (give each fedlora-client"
+                        " its own --client-id or --partition-id)", node, client, old)
+            return
         if old is not None and old != node:  # a restarted client: it holds nothing of ours
             log.info("client %d came back as node %s (was %s)", client, node, old)
             self.clients.pop(old, None)
             self.coord.forget(client)
         self.nodes[client], self.clients[node] = node, client
+
+    def _answers(self, node: int) -> bool:
+        """Whether ``node`` still answers an identify query (within :data:`RECONNECT_GRACE` × 2): a
+        live node, not the dead one of a restarted client that the SuperLink still lists."""
+        msg = Message(content=RecordDict({"config": ConfigRecord({"identify": True})}), message_type="query",
+                      dst_node_id=node, group_id="identify")
+        got = gather(self.grid, push(self.grid, [msg]), min(2 * RECONNECT_GRACE, self.settings.round_timeout),
+                     self.settings.poll)
+        return any(not r.has_error() for r in got)
 
     # ---- the exchanges ----
     def train(self, rnd: int, clients: list[int]) -> Replies:
@@ -205,7 +219,7 @@ class FlowerTransport:
         shapes = expected_upload(coord.fm, cfg.rank, coord.plan, "train")
         got = secure_round(self.grid, contents, rnd, cfg, shapes, self.settings.round_timeout,
                            self.settings.poll)
-        self.rejected = got.rejected if got is not None else []
+        self.rejected, self.errors = (got.rejected if got is not None else []), []
         replied = sorted(self.clients[n] for n in (got.replies if got is not None else {}))
         self.failures = (0, len(clients) - len(replied))
         for c in sorted(set(clients) - set(replied)):
@@ -268,6 +282,7 @@ class FlowerTransport:
                                                     self.settings.poll)
         if warn is None:
             self.failures = (len(errors), len(missing))
+            self.errors = [(self.clients.get(node), reason) for node, reason in errors]
         for node, reason in [*errors, *((n, "no reply") for n in missing)]:
             log.warning("round %d: node %s (client %s) %s: %s", rnd, node, self.clients.get(node),
                         warn or "failed", reason)
@@ -344,8 +359,10 @@ class FlowerTransport:
 
     def _too_few(self, rnd: int, got: int) -> str:
         failed, late = self.failures
+        first = (f" (client {self.errors[0][0]}: {self.errors[0][1].strip().splitlines()[0][:300]})"
+                 if self.errors else "")
         return (f"round {rnd}: {got} repl(ies) ({len(self.rejected)} rejected), {failed} client"
-                f" error(s), {late} without a reply within --round-timeout"
+                f" error(s){first}, {late} without a reply within --round-timeout"
                 f" {self.settings.round_timeout:.0f}s; fewer than --min-replies"
                 f" {self.settings.min_replies} valid ones. The last completed round is checkpointed:"
                 " fix the clients and rerun with --resume")

@@ -19,9 +19,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from fedlora.errors import UserError
+from fedlora.job.paths import PATH_FIELDS, recorded_value
 from fedlora.job.runconfig import to_run_config
 from fedlora.job.schema import JobConfig
 from fedlora.net.process import die_with_parent
@@ -137,12 +139,40 @@ def submit(app_dir: Path, env: dict, extra: list[str] | None = None) -> int:
         raise UserError(f"flwr run gave no run id: {out.strip()[:200]}") from exc
 
 
+LOG_FILE = "server.log"
+"""The ServerApp's log in the output folder (its own process's output reaches no terminal)."""
+
+
+class LogTail:
+    """The warnings and errors added to a log file (``%(asctime)s %(levelname)s %(message)s``
+    lines) since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, path.stat().st_size if path.is_file() else 0
+
+    def notes(self) -> list[str]:
+        if not self.path.is_file():
+            return []
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            text = fh.read().decode(errors="replace")
+        done = text.rfind("\n") + 1  # whole lines only: the rest is still being written
+        self.offset += len(text[:done].encode())
+        parts = [line.split(" ", 3) for line in text[:done].splitlines()]
+        return [p[3] for p in parts if len(p) == 4 and p[2] in ("WARNING", "ERROR", "CRITICAL")]
+
+
 def follow(out_dir: Path, superlink: SuperLink, on_row: Callable[[dict], None], run_id: int,
-           poll: float = 0.5) -> dict:
-    """Report new metric rows until run ``run_id``'s ``status.json`` says finished or failed."""
+           poll: float = 0.5, on_note: Callable[[str], None] = lambda line: None,
+           log: LogTail | None = None) -> dict:
+    """Report new metric rows, and the ServerApp's warnings (``on_note``, from ``log``: by default
+    what ``OUT/server.log`` gets from now on), until run ``run_id``'s ``status.json`` says finished or
+    failed."""
     metrics, status_path = out_dir / "metrics.jsonl", out_dir / "status.json"
-    seen = 0
+    seen, log = 0, log or LogTail(out_dir / LOG_FILE)
     while True:
+        for line in log.notes():
+            on_note(line)
         status = json.loads(status_path.read_text()) if status_path.is_file() else {}
         if status.get("run_id") != str(run_id):
             status = {}  # not yet written by this run (or left by an older one)
@@ -152,6 +182,8 @@ def follow(out_dir: Path, superlink: SuperLink, on_row: Callable[[dict], None], 
                 on_row(row)
             seen = max(seen, len(rows))
         if status.get("state") in ("finished", "failed"):
+            for line in log.notes():
+                on_note(line)
             return status
         if superlink.proc.poll() is not None:
             return {"state": "failed", "error": f"the SuperLink stopped: {superlink.last_error()}"}
@@ -175,16 +207,33 @@ def _alive(pid: int) -> bool:
         return True
 
 
-OUTPUTS = ("metrics.jsonl", "config.json", CHECKPOINT, LEGACY_CHECKPOINT, "status.json")
+OUTPUTS = ("metrics.jsonl", "config.json", CHECKPOINT, LEGACY_CHECKPOINT, "status.json", LOG_FILE)
 """What a fresh run replaces in its output folder."""
+
+
+def check_not_written(out_dir: Path) -> None:
+    """Refuse an output folder whose ``.lock`` a running ServerApp holds (another ``fedlora-server``
+    on it), before anything there is removed: its run would lose its status, and its server wait on
+    it for ever."""
+    import fcntl
+
+    with (out_dir / ".lock").open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another fedlora-server is writing to {str(out_dir)!r}: wait for it to end"
+                            " (or stop it), or choose another --out") from None
+        fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run_config(cfg: JobConfig, out_dir: Path, *, resume: bool = False, round_timeout: float = 600.0,
                min_replies: int = 1, max_update_norm: float = 1e4,
                stateless: bool = False) -> dict[str, object]:
-    """The ServerApp's run config: the job's keys (``to_run_config``) plus the round settings of
-    :class:`fedlora.server.flower_transport.RoundSettings` and the output folder."""
-    rc = to_run_config(cfg)
+    """The ServerApp's run config: the job's keys (``to_run_config``, its paths absolute as
+    ``config.json`` records them: a client on this machine started from another folder finds them)
+    plus the round settings of :class:`fedlora.server.flower_transport.RoundSettings` and the output
+    folder."""
+    rc = to_run_config(replace(cfg, **{k: recorded_value(k, getattr(cfg, k)) for k in PATH_FIELDS}))
     rc.update({"out": str(out_dir.resolve()), "resume": bool(resume), "round-timeout": float(round_timeout),
                "min-replies": int(min_replies), "max-update-norm": float(max_update_norm),
                "stateless-clients": bool(stateless)})
@@ -194,7 +243,8 @@ def run_config(cfg: JobConfig, out_dir: Path, *, resume: bool = False, round_tim
 def launch(rc: dict[str, object], link_args: list[str], host: str, port: int, *,
            ca: Path | None = None, keys: list[Path] | tuple = (), env: dict | None = None,
            run_options: list[str] | None = None, on_row: Callable[[dict], None] = lambda row: None,
-           on_submit: Callable[[int], None] = lambda run_id: None) -> dict:
+           on_submit: Callable[[int], None] = lambda run_id: None,
+           on_note: Callable[[str], None] = lambda line: None) -> dict:
     """Run the job of run config ``rc`` on a SuperLink started here; its final ``status.json``.
 
     Parameters
@@ -214,11 +264,13 @@ def launch(rc: dict[str, object], link_args: list[str], host: str, port: int, *,
         More environment for the SuperLink and the apps it starts.
     run_options : list of str, optional
         More ``flwr run`` options (``--federation-config`` of a simulation).
-    on_row, on_submit : callable
-        Called with every new metric row, and with the run id once submitted.
+    on_row, on_submit, on_note : callable
+        Called with every new metric row, with the run id once submitted, and with every warning
+        the ServerApp logs (``OUT/server.log``: a client that failed and why, a node left out).
     """
     out_dir = Path(str(rc["out"]))
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_not_written(out_dir)
     for name in OUTPUTS if not rc.get("resume") else ("status.json",):
         (out_dir / name).unlink(missing_ok=True)
     home = (out_dir / ".flwr").resolve()
@@ -229,12 +281,13 @@ def launch(rc: dict[str, object], link_args: list[str], host: str, port: int, *,
     full_env[ingress.ENV] = str(out_dir.resolve() / ingress.LIMIT_FILE)  # the ServerApp writes the limit
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     write_connection(home, f"{local}:{port}", ca)
+    log = LogTail(out_dir / LOG_FILE)  # from here: a resumed run's earlier warnings are not shown again
     link = SuperLink(link_args, out_dir / "superlink.log", full_env)
     try:
         link.wait_ready(local, port)
         register_keys(list(keys), full_env)
         run_id = submit(write_app(home / "app", rc), full_env, extra=run_options)
         on_submit(run_id)
-        return follow(out_dir, link, on_row, run_id)
+        return follow(out_dir, link, on_row, run_id, on_note=on_note, log=log)
     finally:
         link.stop()

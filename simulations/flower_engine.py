@@ -18,6 +18,7 @@ most one client's model, so the server re-sends what a client would otherwise ke
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,8 +73,9 @@ def run_flower(cfg: JobConfig, out_dir: Path, on_round: Callable[[dict], None] |
     status = launch(run_config(cfg, out_dir, round_timeout),
                     ["--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port)], "127.0.0.1",
                     port, env={"RAY_DEDUP_LOGS": "0", "FEDLORA_LEDGER_DIR": str(home / "ledgers")},
-                    run_options=federation_config(cfg, client_cpus, client_gpus), on_row=on_row)
-    if status["state"] != "finished":
-        raise UserError(f"the Flower simulation failed: {status.get('error', 'see')}"
-                        f" ({out_dir / 'superlink.log'})")
+                    run_options=federation_config(cfg, client_cpus, client_gpus), on_row=on_row,
+                    on_note=lambda line: print(f"fedlora-sim: {line}", file=sys.stderr, flush=True))
+    if status["state"] != "finished":  # a deployment's advice to --resume is not this engine's
+        error = status.get("error", "see").split(" The last completed round is checkpointed")[0]
+        raise UserError(f"the Flower simulation failed: {error} ({out_dir / 'server.log'})")
     return rows

@@ -112,7 +112,12 @@ def prepared(task: Task, fm: FederatedModel, cfg: JobConfig, data):
 
 
 def client_share(cfg: JobConfig, partition_id: int, num_partitions: int) -> TextDataset:
-    """Client ``partition_id``'s share of the job's training data (``num_partitions`` shares)."""
+    """Client ``partition_id``'s share of the job's training data (``num_partitions`` shares: the
+    job's ``--num-clients``, as ``fedlora-sim`` splits it)."""
+    if num_partitions != cfg.num_clients:  # other shares: a part of the data no client holds
+        raise UserError(f"--num-partitions {num_partitions} differs from the server's --num-clients"
+                        f" {cfg.num_clients}: pass --num-partitions {cfg.num_clients}, so the shares are"
+                        " the job's")
     train = training_data(cfg)
     parts = partition(train, num_partitions, cfg.partition, cfg.alpha, cfg.seed)
     if not 0 <= partition_id < len(parts):

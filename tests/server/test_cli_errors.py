@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from fedlora.clients.cli import main as client_main
+from fedlora.errors import UserError
 from fedlora.server.cli import main as server_main
 from tests.server.deploy_helpers import make_node_key, make_pki
 
@@ -89,7 +90,12 @@ def test_server_keeps_existing_results_and_needs_a_checkpoint_to_resume(capsys, 
      "--partition-id must be in 0..1"),
     (["--server", "127.0.0.1:8000", "--partition-id", "0", "--num-partitions", "2"],
      "--root-certificates CA.pem for TLS, or --insecure"),
-    (["--server", "127.0.0.1:8000", "--insecure", "--data", "/no/such.csv"], "file not found"),
+    (["--server", "127.0.0.1:8000", "--insecure", "--data", "/no/such.csv", "--client-id", "1"],
+     "file not found"),
+    # two --data clients would both have been client 0, and the server kept one of them
+    (["--server", "127.0.0.1:8000", "--insecure", "--data", __file__], "--data needs --client-id K"),
+    (["--server", "127.0.0.1:8000", "--insecure", "--partition-id", "0", "--num-partitions", "2",
+      "--client-id", "-1"], "--client-id must be ≥ 0, got -1"),
 ])
 def test_client_bad_arguments(capsys, argv, words):
     assert words in one_line_error(capsys, client_main(argv))
@@ -106,7 +112,7 @@ def test_client_data_as_a_pattern_or_a_cached_hub_id_reaches_the_clientapp_as_th
     snapshot.mkdir(parents=True)
     (snapshot / "train.jsonl").write_text('{"text": "a", "label": 0}\n')
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    base = ["--server", "127.0.0.1:8000", "--insecure", "--data"]
+    base = ["--server", "127.0.0.1:8000", "--insecure", "--client-id", "0", "--data"]
     # Execute / Assert: each passes the checks and reaches the node config as a local path
     cases = ((str(tmp_path / "part-*.csv"), tmp_path / "part-*.csv"), ("org/toy", snapshot / "train.jsonl"))
     for data, want in cases:
@@ -171,6 +177,8 @@ def test_flags_beside_resume_change_what_a_resumed_run_may_change_and_no_more(ca
     assert job_for(parse(["--insecure", "--resume", str(run), "--lr", "0.01"]))[0].rounds == 1
     code = server_main(["--insecure", "--resume", str(run), "--lr", "0.5"])
     assert "its --lr cannot change (only --rounds" in one_line_error(capsys, code)
+    code = server_main(["--insecure", "--resume", str(run), "--out", str(tmp_path / "other")])
+    assert "writes its results there, not to --out" in one_line_error(capsys, code)
     # a DP run's σ was set for its rounds: it cannot grow (its ε would be spent over again)
     private = tmp_path / "private"
     private.mkdir()
@@ -179,3 +187,27 @@ def test_flags_beside_resume_change_what_a_resumed_run_may_change_and_no_more(ca
     (private / "checkpoint.safetensors").write_bytes(b"x")
     code = server_main(["--insecure", "--resume", str(private), "--rounds", "3"])
     assert "its 1 round spend ε = 8 (--dp client); it cannot go to 3 rounds" in one_line_error(capsys, code)
+
+
+def test_a_partition_of_other_shares_than_the_jobs_is_refused(tiny_csv):
+    from fedlora.job.schema import JobConfig
+    from fedlora.job.setup import client_share
+
+    cfg = JobConfig(data=str(tiny_csv), num_clients=3)
+    assert len(client_share(cfg, 0, 3)) > 0
+    with pytest.raises(UserError, match="--num-partitions 2 differs from the server's --num-clients 3"):
+        client_share(cfg, 0, 2)  # a third of the data was held by no client, silently
+
+
+def test_a_second_server_on_a_folder_a_serverapp_writes_is_refused_and_removes_nothing(tmp_path):
+    import fcntl
+
+    from fedlora.server.launch import check_not_written
+
+    (tmp_path / "status.json").write_text('{"state": "running"}\n')
+    check_not_written(tmp_path)  # no ServerApp: nothing held
+    with (tmp_path / ".lock").open("a") as held:  # as the running ServerApp holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="another fedlora-server is writing to"):
+            check_not_written(tmp_path)  # its server hung for ever once its status.json was gone
+    assert (tmp_path / "status.json").read_text() == '{"state": "running"}\n'

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.bench_scripts import load_script
 from tests.server.deploy_helpers import client, free_port, rows, server
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location("load_benchmark", ROOT / "benchmarks" / "load.py")
-load = sys.modules["load_benchmark"] = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(load)
+# benchmarks/load.py imports benchmarks/stats.py, which load_script puts on the path (this file
+# alone failed to import where no other test had put it there)
+load = load_script("load", "load_benchmark")
 
 #: Loaded first by the dishonest client's interpreter: its uploads from round 2 on carry 500 MB.
 HUGE = '''

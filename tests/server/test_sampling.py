@@ -110,3 +110,46 @@ def test_a_node_that_answers_after_the_identify_timeout_trains_in_the_same_round
     got = rows(tmp_path / "out")
     assert [r["client_ids"] for r in got[1:]] == [[0, 1, 2], [0, 1, 2]]
     assert sorted(asked) == [0, 1, 2] and list(held.values()) == [0]
+
+
+def test_a_second_live_node_with_a_clients_id_is_left_out_with_a_warning_on_the_servers_output(
+        tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
+    # Prepare: 2 clients' job; nodes 0 and 1 are clients 0 and 1, node 2 says it is client 0 too
+    # (two fedlora-client --data without --client-id were both client 0)
+    rc = three_nodes_two_rounds(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch, identify_timeout=5.0,
+                                round_timeout=10.0)
+    rc["num-clients"], rc["rounds"] = 2, 1
+    grid = LocalGrid(rc, 3)
+    for node, part in ((0, 0), (1, 1), (2, 0)):
+        grid.contexts[node].node_config = {"partition-id": part, "num-partitions": 2}
+    # Execute
+    run_server(grid, rc)
+    # Assert: clients 0 and 1 trained, on nodes 0 and 1 (node 2 had taken client 0 as a "restart"),
+    # and the server's log, which fedlora-server prints, says why node 2 was left out
+    assert rows(tmp_path / "out")[-1]["client_ids"] == [0, 1]
+    trained = {m.metadata.src_node_id for m in grid.seen if "upload" in m.content.array_records}
+    assert trained == {0, 1}
+    log = (tmp_path / "out" / "server.log").read_text()
+    assert "WARNING node 2 says it is client 0, which node 0 is: left out" in log
+
+
+def test_a_clients_refusal_is_one_line_on_both_sides(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
+    from fedlora.server.launch import LogTail
+
+    # Prepare: client 1's shares are not the job's (--num-partitions 3 for a 2-client job)
+    rc = three_nodes_two_rounds(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch, identify_timeout=5.0,
+                                round_timeout=10.0)
+    rc["num-clients"], rc["rounds"] = 2, 1
+    grid = LocalGrid(rc, 2)
+    grid.contexts[1].node_config = {"partition-id": 1, "num-partitions": 3}
+    tail = LogTail(tmp_path / "out" / "server.log")
+    # Execute
+    run_server(grid, rc)
+    # Assert: the round went on with client 0; client 1's reply is an error whose reason is the
+    # refusal's line (it was a traceback), and fedlora-server's output gets it from the log
+    assert rows(tmp_path / "out")[-1]["client_ids"] == [0]
+    (reason,) = [m.error.reason for m in grid.seen if m.has_error()]
+    assert reason.startswith("refused: --num-partitions 3 differs from the server's --num-clients 2")
+    notes = tail.notes()
+    assert any("client 1" in n and "--num-partitions 3 differs" in n for n in notes)
+    assert all("\n" not in n for n in notes)
