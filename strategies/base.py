@@ -215,7 +215,8 @@ class Strategy(ABC):
         True when clients may use different ranks.
     folds : bool
         True when an aggregate can carry a ``fold`` into the base weights (FLoRA,
-        FedEx-LoRA): a client that missed rounds must catch up on them.
+        FedEx-LoRA): a client that missed rounds must catch up on them; its rank is
+        :meth:`fold_rank`.
     init_phases : int
         Initialisation phases before round 1 (Fed-SB: 2 for sketches, 1 for the dense
         gradient, 0 for a data-free start): each sends :meth:`init_probes` and reduces
@@ -246,6 +247,13 @@ class Strategy(ABC):
     dp_lr: float | None = None
     options: dict[str, Option] = {}
     takes_seed: bool = False
+
+    @classmethod
+    def fold_rank(cls, ranks: Sequence[int]) -> int:
+        """The rank of one round's fold (per adapted layer) from clients of ``ranks``; 0 for a
+        strategy that does not fold. A quantized base keeps the folds as a residual of the
+        rounds' ranks summed (``fedlora-plan`` counts it)."""
+        return 0
 
     @classmethod
     def from_job(cls, job) -> Strategy:

@@ -45,6 +45,10 @@ class FedExLoRA(Strategy):
     heterogeneous_ranks = False
     folds = True
 
+    @classmethod
+    def fold_rank(cls, ranks: Sequence[int]) -> int:
+        return (len(ranks) + 1) * max(ranks)                          # every B_k A_k and B̄ Ā
+
     def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
         p = client_weights(uploads)
         check_same_rank(uploads, self.name)

@@ -79,6 +79,10 @@ class FLoRA(Strategy):
     heterogeneous_ranks = True
     folds = True
 
+    @classmethod
+    def fold_rank(cls, ranks: Sequence[int]) -> int:
+        return sum(ranks)                                             # the stack of every B_k A_k
+
     def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:
         p = client_weights(uploads)
         fold, merged, parts = {}, dict(state.merged), {}

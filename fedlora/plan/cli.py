@@ -157,6 +157,7 @@ def memory_lines(mem: MemoryPlan, cfg: JobConfig, clients: int, memories: list[t
     ckpt = "on" if cfg.gradient_checkpointing else "off"
     other = "off" if cfg.gradient_checkpointing else "on"
     rows = [("frozen base, once per pass", mem.base),
+            (f"folds beside the quantized base after {cfg.rounds} rounds, once per pass", mem.folds),
             ("shared frozen factors (LoRA-SB's A, B), once per pass", mem.shared),
             ("one dequantized layer at a time, once per pass", mem.transient),
             ("adapter and head, per client", mem.adapter), ("gradients, per client", mem.gradients),

@@ -13,6 +13,10 @@ positions' logits are computed). All in bytes::
                   q: nf4/fp4 numel/2 + 4 numel/64 (a float32 absmax per block of 64); double quant
                   numel/2 + numel/64 + 4 numel/16384; int8 numel + 4 rows; none d numel;
                   with --quant-correction R, 4 min(R, d_out, d_in) (d_out + d_in) more per quantized layer
+    folds       = 4 k (d_out + d_in) per adapted layer over a quantized base, for a strategy that folds
+                  (FLoRA, FedEx-LoRA): the exact residual beside it after the job's rounds, of rank
+                  k = min(Σ_rounds fold_rank, d_out, d_in, --fold-rank) at most (less only where the
+                  clients' factors are dependent); an unquantized base adds the folds to its weights (0)
     adapter     = 4 × the slot's adapter and head numbers (LoRA r (d_in + d_out) per layer;
                   LoRA-SB r², its frozen A and B once per pass)
     gradients   = 4 × trainable numbers;  optimizer = 8 × trainable (AdamW), 4 × (SGD)
@@ -67,6 +71,7 @@ from dataclasses import dataclass
 
 from fedlora.job.schema import JobConfig
 from fedlora.plan.shape import ModelShape, build_shape
+from fedlora.strategies import STRATEGIES
 from fedlora.tasks import TASKS
 
 #: Share of the blocks' saved activations ``L s`` that the resident memory of a CPU step adds to its
@@ -101,6 +106,20 @@ def base_bytes(shape: ModelShape, cfg: JobConfig) -> int:
             total += 4 * min(cfg.quant_correction, t.rows, d_in) * (t.rows + d_in)
         else:
             total += d * t.numel
+    return total
+
+
+def fold_bytes(shape: ModelShape, cfg: JobConfig) -> int:
+    """The folded residual a quantized base holds beside its adapted layers after the job's rounds
+    (module docstring): each round adds its fold's rank (``Strategy.fold_rank`` of its clients' ranks)."""
+    strategy = STRATEGIES[cfg.strategy]
+    if cfg.quantize == "none" or not strategy.folds:
+        return 0
+    rank = sum(strategy.fold_rank([cfg.rank_of(c) for c in cfg.sampled(r)]) for r in range(1, cfg.rounds + 1))
+    total = 0
+    for d_out, d_in in shape.layers.values():
+        k = min(rank, d_out, d_in, cfg.fold_rank or rank)
+        total += 4 * k * (d_out + d_in)
     return total
 
 
@@ -234,11 +253,11 @@ def logit_positions(cfg: JobConfig, response_tokens: int) -> int:
 
 @dataclass
 class MemoryPlan:
-    """Bytes of a job's pass (see the module docstring): ``base``, ``shared`` and ``transient`` once
-    per pass, the rest per client; ``activations`` with the job's ``--gradient-checkpointing``,
-    ``activations_other`` with the other setting (both live tensors); ``allocator`` what the CPU's
-    allocator keeps beside a step's live tensors (0 on a GPU); ``dp`` is counted in
-    :attr:`per_client` under ``--dp sample`` only."""
+    """Bytes of a job's pass (see the module docstring): ``base``, ``folds``, ``shared`` and
+    ``transient`` once per pass, the rest per client; ``activations`` with the job's
+    ``--gradient-checkpointing``, ``activations_other`` with the other setting (both live tensors);
+    ``allocator`` what the CPU's allocator keeps beside a step's live tensors (0 on a GPU); ``dp`` is
+    counted in :attr:`per_client` under ``--dp sample`` only."""
 
     base: int
     shared: int
@@ -251,6 +270,7 @@ class MemoryPlan:
     dp: int
     dp_on: bool = False
     allocator: int = 0
+    folds: int = 0
 
     @property
     def per_client(self) -> int:
@@ -261,8 +281,9 @@ class MemoryPlan:
 
     @property
     def fixed(self) -> int:
-        """What a pass holds whatever its clients: the base, shared factors, one dequantized layer."""
-        return self.base + self.shared + self.transient
+        """What a pass holds whatever its clients: the base (with the folds beside a quantized one),
+        shared factors, one dequantized layer."""
+        return self.base + self.folds + self.shared + self.transient
 
     def pass_bytes(self, clients: int) -> int:
         """A pass of ``clients`` clients."""
@@ -275,7 +296,7 @@ class MemoryPlan:
     @property
     def weight_bytes(self) -> int:
         """A one-client model's parameters and buffers (``benchmarks/llm_memory.py``'s ``weights``)."""
-        return self.base + self.shared + self.adapter
+        return self.base + self.folds + self.shared + self.adapter
 
     @property
     def step_bytes(self) -> int:
@@ -353,7 +374,7 @@ def plan_memory(shape: ModelShape, cfg: JobConfig, response_tokens: int) -> Memo
         adapter=4 * per, gradients=4 * trainable, optimizer=(4 if cfg.optimizer == "sgd" else 8) * trainable,
         activations=activation_bytes(shape, cfg, response_tokens, cfg.gradient_checkpointing),
         activations_other=activation_bytes(shape, cfg, response_tokens, not cfg.gradient_checkpointing),
-        dp=dp, dp_on=cfg.dp == "sample", allocator=allocator_bytes(shape, cfg))
+        dp=dp, dp_on=cfg.dp == "sample", allocator=allocator_bytes(shape, cfg), folds=fold_bytes(shape, cfg))
 
 
 def default_response_tokens(cfg: JobConfig) -> int:

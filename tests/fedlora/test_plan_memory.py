@@ -8,6 +8,7 @@ activations' op-by-op count against the tensors a real forward pass keeps for th
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import pytest
 import torch
@@ -225,3 +226,25 @@ def test_gpu_pass_size_comes_from_the_plan(tiny_llama_dir, monkeypatch):
     assert 1 < expected < 100
     assert engine.pass_size(cfg, 100) == expected
     assert engine.pass_size(cfg, 2) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+@pytest.mark.parametrize("strategy, fold_rank", [("flora", 0), ("fedex-lora", 0), ("flora", 5)])
+def test_the_folds_beside_a_quantized_base_are_what_the_run_holds(tiny_llama_dir, tmp_path, strategy,
+                                                                   fold_rank):
+    # Prepare: 2 rounds of 3 rank-4 clients over nf4 q/v (32 × 32 here): FLoRA folds rank 12 a round
+    # (24 after 2), FedEx-LoRA (3 + 1) × 4 = 16 (32 after 2, every direction), --fold-rank 5 keeps 5
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(f'{{"text": "the cat sat on mat number {i}"}}\n' for i in range(24)))
+    cfg = _job(tiny_llama_dir, strategy=strategy, quantize="nf4", fold_rank=fold_rank, data=str(data),
+               num_clients=3, rounds=2, local_steps=3, batch_size=2, lr=1e-2)  # (after 1 step every
+    # client's A would still be the shared fresh A, which B = 0 gives no gradient: a stack of lower rank)
+    # Execute
+    job, _ = engine.train(cfg, tmp_path / "run")
+    # Assert: the planner's folds are the residual factors' bytes the run's model holds; FedEx-LoRA's
+    # at most (its B̄ Ā lies in the span of the B_k A_k: compaction drops what rounding leaves of it)
+    held = sum(t.numel() * t.element_size() for name, t in job.fm.named_buffers()
+               if name.rpartition(".")[2] in ("fold_U", "fold_V"))
+    planned = plan_memory(build_shape(cfg), cfg, 4).folds
+    assert 0.9 * planned <= held <= planned if strategy == "fedex-lora" else held == planned
+    assert plan_memory(build_shape(cfg), replace(cfg, quantize="none"), 4).folds == 0  # in the weights
