@@ -18,7 +18,9 @@ import functools
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -29,7 +31,9 @@ from torch import Tensor
 from fedlora.clients.secagg import is_secure, secagg_bridge, secure_reply
 from fedlora.errors import UserError
 from fedlora.job.checks import check_job_args
+from fedlora.job.flags import flag_name
 from fedlora.job.runconfig import from_run_config
+from fedlora.job.schema import JobConfig
 from fedlora.models.state import probes_from_tensors
 from fedlora.rounds.checkpoint import load_tensors, save_tensors
 from fedlora.rounds.compress import unpack
@@ -180,6 +184,7 @@ def _load_global(client: LocalClient, msg: Message) -> None:
 
 
 log = logging.getLogger("fedlora.client")
+JOB_FLAGS = {flag_name(f.name) for f in fields(JobConfig)}
 
 
 def refusing(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
@@ -191,10 +196,20 @@ def refusing(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
         try:
             return handler(msg, context)
         except UserError as exc:
-            log.error("fedlora-client: error: %s", exc)
-            return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"refused: {exc}"),
+            text = f"{exc}{server_flags(str(exc))}"
+            log.error("fedlora-client: error: %s", text)
+            return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"refused: {text}"),
                            reply_to=msg)
     return replied
+
+
+def server_flags(text: str) -> str:
+    """Where a refusal's advice names job flags (``--text-column``): a note that those are set on
+    ``fedlora-server`` (a client has only its own: ``--data``, ``--client-id``, ...); else ''. A
+    client was told to pass a flag ``fedlora-client`` does not have."""
+    named = dict.fromkeys(re.findall(r"--[a-z][a-z0-9-]*", text))
+    job = [f for f in named if f in JOB_FLAGS and f != "--data"]
+    return f" ({', '.join(job)}: set on fedlora-server)" if job else ""
 
 
 @app.train()

@@ -211,3 +211,11 @@ def test_a_second_server_on_a_folder_a_serverapp_writes_is_refused_and_removes_n
         with pytest.raises(UserError, match="another fedlora-server is writing to"):
             check_not_written(tmp_path)  # its server hung for ever once its status.json was gone
     assert (tmp_path / "status.json").read_text() == '{"state": "running"}\n'
+
+
+def test_a_clients_refusal_says_which_flags_are_the_servers():
+    from fedlora.clients.app import server_flags
+
+    got = server_flags("text column 'text' is not in a.csv; pass --text-column sentence")
+    assert got == " (--text-column: set on fedlora-server)"  # fedlora-client has no such flag
+    assert server_flags("--data 'x.csv': file not found") == ""
