@@ -22,7 +22,7 @@ from fedlora.data.readers import is_pattern, locate
 from fedlora.errors import UserError, command
 from fedlora.job.flags import Parser
 from fedlora.net.process import die_with_parent
-from fedlora.net.tls import check_certificate, check_private_key, free_port, parse_address
+from fedlora.net.tls import check_certificate, check_private_key, free_port, parse_address, transport_hint
 
 log = logging.getLogger("fedlora.client")
 
@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     from fedlora.clients.app import app
     from fedlora.clients.executor import serve
 
+    hint = transport_hint(*parse_address(args.server, "--server"), args.root_certificates)
+    if hint is not None:  # else the SuperNode retries, saying only that the server disconnected
+        log.warning("fedlora-client: %s", hint)
     port = args.runtime_port or free_port()
     env = dict(os.environ, FEDLORA_SUPERNODE_POLL=str(args.poll))
     stop = threading.Event()

@@ -83,3 +83,46 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def transport_hint(host: str, port: int, ca: Path | None, timeout: float = 3.0) -> str | None:
+    """What a client's flags get wrong about a reachable server's transport, in one line, or None
+    (it speaks what the flags say, or it cannot be reached yet: the client retries).
+
+    Without ``ca`` (``--insecure``) a plain HTTP request is sent: a plain SuperLink answers
+    ``HTTP/1.1 ...``, a TLS one closes (or resets) the connection. With ``ca`` a TLS handshake is
+    made: a plain server answers it with an HTTP response (``WRONG_VERSION_NUMBER``), a server whose
+    certificate ``ca`` did not sign fails its verification. Without a hint the client's own retries say only
+    that the server disconnected.
+    """
+    import ssl
+
+    where = f"the server at {host}:{port}"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None
+    with sock:
+        try:
+            if ca is None:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: fedlora\r\nConnection: close\r\n\r\n")
+                try:
+                    first = sock.recv(5)
+                except TimeoutError:
+                    return None
+                except OSError:  # reset: the handshake it expected failed
+                    first = b""
+                if not first.startswith(b"HTTP/"):
+                    return f"{where} speaks TLS: pass --root-certificates CA.pem instead of --insecure"
+                return None
+            context = ssl.create_default_context(cafile=str(ca))
+            context.wrap_socket(sock, server_hostname=host).close()
+        except ssl.SSLCertVerificationError as exc:
+            return (f"{where} has a certificate that --root-certificates {str(ca)!r} does not verify"
+                    f" ({exc.verify_message}): pass the CA that signed it")
+        except ssl.SSLError as exc:
+            if "WRONG_VERSION_NUMBER" in str(exc):
+                return f"{where} speaks plain HTTP (no TLS): pass --insecure instead of --root-certificates"
+        except OSError:
+            return None
+    return None

@@ -219,3 +219,43 @@ def test_a_clients_refusal_says_which_flags_are_the_servers():
     got = server_flags("text column 'text' is not in a.csv; pass --text-column sentence")
     assert got == " (--text-column: set on fedlora-server)"  # fedlora-client has no such flag
     assert server_flags("--data 'x.csv': file not found") == ""
+
+
+def test_a_clients_transport_flags_that_do_not_fit_the_server_get_a_hint(tmp_path):
+    import http.server
+    import ssl
+    import threading
+
+    from fedlora.net.tls import free_port, transport_hint
+
+    # Prepare: a TLS server with a certificate of one CA, and a plain HTTP server (a SuperLink without
+    # TLS answers HTTP/1.1)
+    (tmp_path / "pki").mkdir()
+    (tmp_path / "other").mkdir()
+    pki, other = make_pki(tmp_path / "pki"), make_pki(tmp_path / "other")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki["cert"], pki["key"])
+    tls_port, listener = free_port(), socket.socket()
+    listener.bind(("127.0.0.1", tls_port))
+    listener.listen()
+
+    def serve_tls():
+        while True:
+            conn, _ = listener.accept()
+            try:
+                context.wrap_socket(conn, server_side=True).close()
+            except (ssl.SSLError, OSError):
+                conn.close()  # plain bytes: closed without an answer, as a TLS SuperLink does
+
+    threading.Thread(target=serve_tls, daemon=True).start()
+    plain = http.server.HTTPServer(("127.0.0.1", free_port()), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    http_port = plain.server_address[1]
+    # Execute / Assert: the SuperNode had retried with "Server disconnected" alone
+    assert "speaks TLS: pass --root-certificates" in transport_hint("127.0.0.1", tls_port, None)
+    assert "speaks plain HTTP (no TLS): pass --insecure" in transport_hint("127.0.0.1", http_port, pki["ca"])
+    assert "does not verify" in transport_hint("127.0.0.1", tls_port, other["ca"])
+    assert transport_hint("127.0.0.1", tls_port, pki["ca"]) is None       # as the flags say
+    assert transport_hint("127.0.0.1", http_port, None) is None
+    assert transport_hint("127.0.0.1", free_port(), None) is None         # not up yet: no hint
+    plain.shutdown()
