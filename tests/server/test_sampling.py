@@ -124,13 +124,15 @@ def test_a_second_live_node_with_a_clients_id_is_left_out_with_a_warning_on_the_
         grid.contexts[node].node_config = {"partition-id": part, "num-partitions": 2}
     # Execute
     run_server(grid, rc)
-    # Assert: clients 0 and 1 trained, on nodes 0 and 1 (node 2 had taken client 0 as a "restart"),
-    # and the server's log, which fedlora-server prints, says why node 2 was left out
+    # Assert: clients 0 and 1 trained, client 0 on the node identified first (nodes 0 and 2 answer
+    # one query, in no set order; the later one had replaced it as a "restart"), and the server's
+    # log, which fedlora-server prints, says why the other was left out
     assert rows(tmp_path / "out")[-1]["client_ids"] == [0, 1]
     trained = {m.metadata.src_node_id for m in grid.seen if "upload" in m.content.array_records}
-    assert trained == {0, 1}
+    (kept,) = trained - {1}
+    assert 1 in trained and kept in (0, 2)
     log = (tmp_path / "out" / "server.log").read_text()
-    assert "WARNING node 2 says it is client 0, which node 0 is: left out" in log
+    assert f"WARNING node {2 - kept} says it is client 0, which node {kept} is: left out" in log
 
 
 def test_a_clients_refusal_is_one_line_on_both_sides(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
