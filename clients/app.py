@@ -177,7 +177,8 @@ def _load_global(client: LocalClient, msg: Message) -> None:
     conf = msg.content["config"]
     catch = from_record(msg.content["catchup"]) if "catchup" in msg.content.array_records else {}
     seed = int(conf["fresh-seed"])
-    down = unpack(client.down, from_record(msg.content["global"]))  # --compress-down: as coded
+    down = unpack(client.down, from_record(msg.content["global"])  # --compress-down: as coded
+                  if "global" in msg.content.array_records else {})
     client.load(int(conf["round"]), down, unpack(client.down, catch), None if seed < 0 else seed,
                 float(conf.get("scale", 0.0)) or None)
     client.clip = float(conf.get("clip", 0.0)) or None  # --dp sample: measured on the server's --init-data

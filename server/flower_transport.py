@@ -295,10 +295,12 @@ class FlowerTransport:
 
     def _content(self, client: int, rnd: int) -> RecordDict:
         """What ``client`` needs to load the global state for round ``rnd``: its download
-        (``global``), the folds it misses (``catchup``) and the round's ``config``."""
+        (``global``, absent when empty), the folds it misses (``catchup``) and the round's ``config``."""
         down, catch = self.coord.payload(client)
         coding = self.coord.down  # --compress-down: the state is held at this precision
-        content = RecordDict({"global": to_record(pack(coding, down)), "config": self._round_config(rnd)})
+        content = RecordDict({"config": self._round_config(rnd)})
+        if down:  # nothing to send is not sent (FLoRA's first round, without a head): 0 bytes, as billed
+            content["global"] = to_record(pack(coding, down))
         if catch:
             content["catchup"] = to_record(pack(coding, catch))
         return content

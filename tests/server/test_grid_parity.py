@@ -195,6 +195,10 @@ def test_fold_rank_over_nf4_deployment_matches_the_simulator(tiny_llama_dir, tmp
     assert errors[0] == 0 and min(errors[1:]) > 0
     assert errors == pytest.approx([r["fold_truncation_error"] for r in want], rel=1e-4)
     assert_same_adapter(tmp_path / "sim", tmp_path / "grid", rtol=1e-4, atol=1e-6)
+    # ... and the same bytes: round 1 sends nothing (fresh adapters, no head), where the deployment
+    # had sent an empty record's 908 bytes
+    assert [r["bytes_down_per_client"] for r in got] == [r["bytes_down_per_client"] for r in want]
+    assert got[1]["bytes_down_per_client"] == [0, 0]
     config = json.loads((tmp_path / "grid" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 3
 
