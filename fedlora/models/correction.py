@@ -81,10 +81,14 @@ class CorrectedLinear(nn.Module):
     def bias(self) -> Tensor | None:
         return self.base.bias
 
+    def frozen_term(self, x: Tensor) -> Tensor:
+        """``x Vᵀ Uᵀ`` in the adapter dtype (an adapted layer adds it to its own terms, then rounds
+        their sum to the compute dtype once, as a PEFT adapter holding the correction does)."""
+        return (x.to(self.corr_V.dtype) @ self.corr_V.T) @ self.corr_U.T   # (…, R) -> (…, d_out)
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)                                            # (…, d_out), quantized GEMM
-        xc = x.to(self.corr_V.dtype)
-        return y + ((xc @ self.corr_V.T) @ self.corr_U.T).to(y.dtype)   # (…, R) -> (…, d_out)
+        return y + self.frozen_term(x).to(y.dtype)
 
 
 @torch.no_grad()

@@ -226,11 +226,14 @@ class BatchedLoRALinear(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)                                          # (N, T, d_out), shared GEMM
+        corrected = getattr(self.base, "frozen_term", None)      # a quantized base with its correction
+        y = (self.base.base if corrected else self.base)(x)       # (N, T, d_out), shared GEMM
         xa = self.router.as_rows(x).to(self.scale.dtype)          # (N, T, d_in), also when flattened
         routing = self.router.get(xa)
+        frozen = corrected(xa) if corrected else None             # frozen terms in the adapter dtype
         if self.quantized and self.fold_U.shape[1]:
-            y = y + ((xa @ self.fold_V.T) @ self.fold_U.T).reshape(y.shape).to(y.dtype)
+            fold = (xa @ self.fold_V.T) @ self.fold_U.T
+            frozen = fold if frozen is None else frozen + fold
         if not self.core:
             A, B = self.lora_A, self.lora_B
             if self.heterogeneous:
@@ -239,6 +242,8 @@ class BatchedLoRALinear(nn.Module):
             delta = lora_delta(xa, A, B, self.scale, routing)
         else:
             delta = sb_delta(xa, self.sb_A, self.sb_B, self.lora_R, self.scale[0], routing)
+        if frozen is not None:  # one rounding of every adapter-dtype term, as PEFT's one LoRA pair
+            delta = delta.reshape(frozen.shape) + frozen
         return y + delta.reshape(y.shape).to(y.dtype)
 
     # ------------------------------------------------------------- slot access
