@@ -190,8 +190,35 @@ class FlowerTransport:
         contents = {c: self._content(c, rnd) for c in clients}
         down = {c: sum(wire_bytes(r) for r in content.array_records.values())
                 for c, content in contents.items()}
+        sent_to = {c: self.nodes[c] for c in clients}
         replies = self._exchange(rnd, "train", contents, str(rnd))
+        errors = dict(self.errors)
+        again = self._came_back(rnd, clients, replies, sent_to)
+        if again:  # its restart's node was not identified yet when the round was sent
+            replies = replies + self._exchange(rnd, "train", again, f"{rnd}-again")
+            errors.update(self.errors)
+            for c, content in again.items():  # both sends were shipped
+                down[c] += sum(wire_bytes(r) for r in content.array_records.values())
+        answered = {self.clients.get(r.metadata.src_node_id) for r in replies}
+        lost = [c for c in clients if c not in answered]
+        self.errors = [(c, errors[c]) for c in lost if c in errors]
+        self.failures = (len(self.errors), len(lost) - len(self.errors))
         return self.collect(replies, down, rnd)
+
+    def _came_back(self, rnd: int, clients: list[int], replies: list[Message],
+                   sent_to: dict[int, int]) -> dict[int, RecordDict]:
+        """The round's content for each of ``clients`` that sent no result and has since identified
+        from another node (a client restarted while the SuperLink still listed its dead node, which
+        the round was sent to): its round is sent once more, to the new node."""
+        answered = {self.clients.get(r.metadata.src_node_id) for r in replies}
+        if all(c in answered for c in clients):
+            return {}
+        self._identify(sorted(self.grid.get_node_ids()))
+        moved = [c for c in clients if c not in answered and self.nodes.get(c) not in (None, sent_to[c])]
+        for c in moved:
+            log.info("round %d: client %d came back as node %s: its round is sent again", rnd, c,
+                     self.nodes[c])
+        return {c: self._content(c, rnd) for c in moved}
 
     def collect(self, replies: list[Message], down: dict[int, int], rnd: int) -> Replies:
         """The valid uploads among a round's ``replies`` (``down``: bytes sent, by client)."""

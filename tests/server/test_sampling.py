@@ -7,6 +7,8 @@ client each node is before its first round.
 
 from __future__ import annotations
 
+from flwr.app import Context, RecordDict
+
 from fedlora.job.schema import JobConfig
 from fedlora.server.app import run_server
 from fedlora.simulations.engine import run
@@ -155,3 +157,46 @@ def test_a_clients_refusal_is_one_line_on_both_sides(tiny_bert_dir, tiny_csv, tm
     notes = tail.notes()
     assert any("client 1" in n and "--num-partitions 3 differs" in n for n in notes)
     assert all("\n" not in n for n in notes)
+
+
+class RestartingGrid(LocalGrid):
+    """Node 1 (client 1) dies when round ``rnd``'s training reaches it, still listed as the SuperLink
+    lists a dead node until its heartbeat expires; its restarted client joins as node 7."""
+
+    def __init__(self, run_config: dict, n: int, rnd: int) -> None:
+        super().__init__(run_config, n)
+        self.rnd, self.gone = rnd, False
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            round_of = msg.content.config_records.get("config", {}).get("round")
+            dies = msg.metadata.message_type == "train" and round_of == self.rnd
+            if msg.metadata.dst_node_id == 1 and (self.gone or dies):
+                if not self.gone:  # the restart: a new node, the same client (its node config)
+                    self.gone, old = True, self.contexts[1]
+                    self.contexts[7] = Context(run_id=1, node_id=7, node_config=dict(old.node_config),
+                                               state=RecordDict(), run_config=old.run_config)
+                ids.append(f"lost-{id(msg)}")  # sent; no reply, ever
+                continue
+            ids += super().push_messages([msg])
+        return ids
+
+
+def test_a_client_restarted_before_its_round_gets_it_on_its_new_node(tiny_bert_dir, tiny_csv, tmp_path,
+                                                                     monkeypatch):
+    # Prepare: 2 clients, 2 rounds; client 1's node dies as round 2 is sent to it
+    rc = three_nodes_two_rounds(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch, identify_timeout=2.0,
+                                round_timeout=2.0)
+    rc["num-clients"] = 2
+    grid = RestartingGrid(rc, 2, rnd=2)
+    # Execute
+    run_server(grid, rc)
+    # Assert: round 2 has both clients (client 1's round went to its dead node, and was lost), the
+    # second on node 7, billed both sends
+    got = rows(tmp_path / "out")
+    assert [r["client_ids"] for r in got[1:]] == [[0, 1], [0, 1]] and got[2]["failed"] == 0
+    trained = {(m.metadata.src_node_id, m.content["metrics"]["client-id"]) for m in grid.seen
+               if "upload" in m.content.array_records}
+    assert (7, 1) in trained and (1, 1) in trained  # round 1 on node 1, round 2 on node 7
+    assert got[2]["bytes_down_per_client"][1] > got[2]["bytes_down_per_client"][0]
