@@ -69,10 +69,13 @@ def gather(grid, ids: Iterable[str], timeout: float, poll: float = 0.1) -> list:
     return replies
 
 
-def collect(grid, messages: Iterable, timeout: float, poll: float = 0.1):
+def collect(grid, messages: Iterable, timeout: float, poll: float = 0.1, sent: dict | None = None):
     """Push ``messages``; return ``(replies, missing_node_ids)``: every reply (error replies
-    too) that arrived before ``timeout``, and the nodes that sent none."""
+    too) that arrived before ``timeout``, and the nodes that sent none. ``sent``, if given, is
+    filled with message id -> the node it went to."""
     dst = push(grid, messages)
+    if sent is not None:
+        sent.update(dst)
     replies = gather(grid, dst, timeout, poll)
     answered = {r.metadata.reply_to_message_id for r in replies}
     return replies, sorted(node for mid, node in dst.items() if mid not in answered)
@@ -82,10 +85,13 @@ def send_and_collect(grid, messages: Iterable, timeout: float, poll: float = 0.1
     """Push ``messages``; return ``(replies, errors, missing_node_ids)``.
 
     ``replies``: result messages; ``errors``: ``(node_id, reason)`` for error replies
-    (a crashed ClientApp, an unreachable node); ``missing``: nodes that did not reply
-    before ``timeout``.
+    (a crashed ClientApp, an unreachable node), the node being the one the message went to (the
+    SuperLink sends an unreachable node's error reply itself); ``missing``: nodes that did not
+    reply before ``timeout``.
     """
-    got, missing = collect(grid, messages, timeout, poll)
+    sent: dict = {}
+    got, missing = collect(grid, messages, timeout, poll, sent)
     replies = [r for r in got if not r.has_error()]
-    errors = [(r.metadata.src_node_id, r.error.reason or "error") for r in got if r.has_error()]
+    errors = [(sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r.error.reason or "error")
+              for r in got if r.has_error()]
     return replies, errors, missing

@@ -171,3 +171,25 @@ def test_an_oversized_reply_is_refused_before_its_arrays_are_decoded(coord, monk
     assert len(strategy.rejected) == 1 and strategy.rejected[0]["node"] == 12
     assert "refused before decoding" in strategy.rejected[0]["reason"]
     assert len(decoded) == 2
+
+
+def test_an_unreachable_nodes_error_names_that_node_not_the_superlink():
+    from flwr.app import Error
+
+    from fedlora.server.polling import send_and_collect
+
+    class Grid:  # node 5 is gone: the SuperLink (node 1) answers for it with an error
+        def push_messages(self, messages):
+            self.sent = list(messages)
+            return ["m5"]
+
+        def pull_messages(self, ids):
+            reply = Message(error=Error(code=0, reason="Node Unavailable"), reply_to=self.sent[0])
+            reply.metadata.__dict__.update(_src_node_id=1, _reply_to_message_id="m5")
+            return [reply]
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    msg = Message(content=RecordDict(), message_type="train", dst_node_id=5, group_id="1")
+    msg.metadata.__dict__["_message_id"] = "m5"
+    replies, errors, missing = send_and_collect(Grid(), [msg], timeout=1.0)
+    assert (replies, errors, missing) == ([], [(5, "Node Unavailable")], [])  # it said node 1, client None
