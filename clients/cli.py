@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from fedlora.data.readers import is_pattern, locate
@@ -116,8 +117,10 @@ def supernode_command(args: argparse.Namespace, runtime_port: int) -> list[str]:
     return cmd
 
 
-def supervise(cmd: list[str], env: dict, stop: threading.Event) -> None:
-    """Keep one SuperNode running until ``stop``; restart it when it exits."""
+def supervise(cmd: list[str], env: dict, stop: threading.Event,
+              diagnose: Callable[[], None] = lambda: None) -> None:
+    """Keep one SuperNode running until ``stop``; restart it when it exits, after ``diagnose()``
+    (which may say why it could not talk to the server)."""
     while not stop.is_set():
         proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
         while proc.poll() is None and not stop.is_set():
@@ -132,6 +135,7 @@ def supervise(cmd: list[str], env: dict, stop: threading.Event) -> None:
         hint = " (refused: is this node's public key registered with --auth-keys?)" \
             if proc.returncode == 305 and "--auth-supernode-private-key" in cmd else ""
         log.warning("SuperNode exited (code %s)%s; reconnecting to %s", proc.returncode, hint, cmd[4])
+        diagnose()
         stop.wait(1.0)
 
 
@@ -156,14 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     from fedlora.clients.app import app
     from fedlora.clients.executor import serve
 
-    hint = transport_hint(*parse_address(args.server, "--server"), args.root_certificates)
-    if hint is not None:  # else the SuperNode retries, saying only that the server disconnected
-        log.warning("fedlora-client: %s", hint)
+    said: set[str] = set()
+
+    def diagnose() -> None:  # at start, and when the SuperNode gives up (the server may start later)
+        hint = transport_hint(*parse_address(args.server, "--server"), args.root_certificates)
+        if hint is not None and hint not in said:  # else it retries, saying the server disconnected
+            said.add(hint)
+            log.warning("fedlora-client: %s", hint)
+
+    diagnose()
     port = args.runtime_port or free_port()
     env = dict(os.environ, FEDLORA_SUPERNODE_POLL=str(args.poll))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    keeper = threading.Thread(target=supervise, args=(supernode_command(args, port), env, stop),
+    keeper = threading.Thread(target=supervise, args=(supernode_command(args, port), env, stop, diagnose),
                               daemon=True)
     keeper.start()
     log.info("fedlora-client: connecting to %s (runtime API on 127.0.0.1:%d)", args.server, port)

@@ -259,3 +259,19 @@ def test_a_clients_transport_flags_that_do_not_fit_the_server_get_a_hint(tmp_pat
     assert transport_hint("127.0.0.1", http_port, None) is None
     assert transport_hint("127.0.0.1", free_port(), None) is None         # not up yet: no hint
     plain.shutdown()
+
+
+def test_a_supernode_that_gives_up_is_diagnosed_before_it_is_restarted():
+    import sys
+    import threading
+
+    from fedlora.clients.cli import supervise
+
+    stop, calls = threading.Event(), []
+
+    def diagnose():  # a server started after its client: checked again when the SuperNode gives up
+        calls.append(1)
+        stop.set()
+
+    supervise([sys.executable, "-c", "raise SystemExit(3)", "--superlink", "127.0.0.1:1"], {}, stop, diagnose)
+    assert calls == [1]
