@@ -17,6 +17,7 @@ exact zeros).
 
 from __future__ import annotations
 
+import filecmp
 import json
 import math
 import re
@@ -139,10 +140,26 @@ def check_correction(adapter: PeftAdapter, quantize: str, correcting: bool = Fal
 
 
 def same_base(recorded: str, resolved: Path) -> bool:
-    """Whether an adapter's recorded base model is the folder ``resolved``: the same folder, or one of
-    the same name (a run's relative path, a copy, the GGUF cache's folder keyed by the file's hash)."""
+    """Whether an adapter's recorded base model is the folder ``resolved``: the same folder, one of
+    the same name (a run's relative path, a copy on another machine, the GGUF cache's folder keyed by
+    the file's hash), or, where the recorded folder is on this disk, a copy of it under another name
+    (the same files, byte for byte)."""
     rec = Path(recorded).expanduser()
-    return bool(recorded) and (rec.name == resolved.name or rec.resolve() == resolved.resolve())
+    if not recorded:
+        return False
+    if rec.name == resolved.name or rec.resolve() == resolved.resolve():
+        return True
+    return rec.is_dir() and resolved.is_dir() and same_files(rec, resolved)
+
+
+def same_files(a: Path, b: Path) -> bool:
+    """Whether folders ``a`` and ``b`` hold the same files (names, sizes and bytes; subfolders left out)."""
+    files = sorted(f.name for f in a.iterdir() if f.is_file())
+    if files != sorted(f.name for f in b.iterdir() if f.is_file()):
+        return False
+    if any((a / n).stat().st_size != (b / n).stat().st_size for n in files):
+        return False
+    return all(filecmp.cmp(a / n, b / n, shallow=False) for n in files)
 
 
 def linear_shapes(path: Path, kind: str) -> dict[str, tuple[int, int]]:

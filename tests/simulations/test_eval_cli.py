@@ -88,6 +88,24 @@ def test_eval_reproduces_a_classification_run_with_its_head(request, model, tiny
         assert {k: got[k] for k in keys} == {k: last[k] for k in keys}
 
 
+def test_a_copy_of_the_base_under_another_name_is_the_same_base(tiny_bert_dir, tiny_csv, tmp_path):
+    import shutil
+
+    # Prepare: a 1-round run, then its base copied under another name, and a copy with one file changed
+    job = ["--data", str(tiny_csv), "--max-length", "16"]
+    assert sim(["--model", str(tiny_bert_dir), *job, "--num-clients", "2", "--rounds", "1", "--local-steps",
+                "1", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    copy, other = tmp_path / "bert-copy", tmp_path / "bert-other"
+    shutil.copytree(tiny_bert_dir, copy)
+    shutil.copytree(tiny_bert_dir, other)
+    (other / "config.json").write_text((other / "config.json").read_text() + "\n")
+    adapter = ["--adapter", str(tmp_path / "run" / "adapter")]
+    # Execute / Assert: the copy scores the adapter (it was refused for its name); the changed one is not
+    # the base the adapter was trained on
+    assert evaluate(["--model", str(copy), *job, *adapter, "--out", str(tmp_path / "e"), "--quiet"]) == 0
+    assert evaluate(["--model", str(other), *job, *adapter, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+
+
 def test_eval_reproduces_each_saved_rounds_row(tiny_bert_dir, tiny_csv, tmp_path):
     # Prepare: a 2-round run that also exports round 1's adapter (--save-every 1)
     run = tmp_path / "run"
