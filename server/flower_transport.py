@@ -36,7 +36,7 @@ from fedlora.rounds.validate import (
     check_upload,
     expected_upload,
 )
-from fedlora.rounds.wire import from_record, to_record, wire_bytes
+from fedlora.rounds.wire import array_bytes, from_record, to_record, wire_bytes
 from fedlora.server.polling import gather, push, send_and_collect
 from fedlora.server.secagg import secure_round
 from fedlora.strategies.base import Probe
@@ -66,6 +66,12 @@ RECONNECT_GRACE = 5.0
 """Seconds a round after the first waits for its clients missing from the SuperLink's node list."""
 IDENTIFY_TIMEOUT = 30.0
 """Seconds a new node has to say which client it is."""
+
+
+def identify_query(node: int) -> Message:
+    """The query that asks ``node`` which client it is (the ClientApp answers from its node config)."""
+    return Message(content=RecordDict({"config": ConfigRecord({"identify": True})}), message_type="query",
+                   dst_node_id=node, group_id="identify")
 
 
 class FlowerTransport:
@@ -132,9 +138,7 @@ class FlowerTransport:
         self.asked.update(new)  # asked once a round, not at every poll of the round's wait
         got = []
         if new:
-            msgs = [Message(content=RecordDict({"config": ConfigRecord({"identify": True})}),
-                            message_type="query", dst_node_id=n, group_id="identify") for n in new]
-            sent = push(self.grid, msgs)
+            sent = push(self.grid, [identify_query(n) for n in new])
             self.asking.update(sent)
             wait = min(IDENTIFY_TIMEOUT, self.settings.round_timeout)
             got = gather(self.grid, sent, wait, self.settings.poll)
@@ -175,10 +179,8 @@ class FlowerTransport:
     def _answers(self, node: int) -> bool:
         """Whether ``node`` still answers an identify query (within :data:`RECONNECT_GRACE` × 2): a
         live node, not the dead one of a restarted client that the SuperLink still lists."""
-        msg = Message(content=RecordDict({"config": ConfigRecord({"identify": True})}), message_type="query",
-                      dst_node_id=node, group_id="identify")
-        got = gather(self.grid, push(self.grid, [msg]), min(2 * RECONNECT_GRACE, self.settings.round_timeout),
-                     self.settings.poll)
+        got = gather(self.grid, push(self.grid, [identify_query(node)]),
+                     min(2 * RECONNECT_GRACE, self.settings.round_timeout), self.settings.poll)
         return any(not r.has_error() for r in got)
 
     # ---- the exchanges ----
@@ -188,8 +190,7 @@ class FlowerTransport:
         if self.coord.cfg.secagg:
             return self._secure_train(rnd, clients)
         contents = {c: self._content(c, rnd) for c in clients}
-        down = {c: sum(wire_bytes(r) for r in content.array_records.values())
-                for c, content in contents.items()}
+        down = {c: array_bytes(content) for c, content in contents.items()}
         sent_to = {c: self.nodes[c] for c in clients}
         replies = self._exchange(rnd, "train", contents, str(rnd))
         errors = dict(self.errors)
@@ -198,7 +199,7 @@ class FlowerTransport:
             replies = replies + self._exchange(rnd, "train", again, f"{rnd}-again")
             errors.update(self.errors)
             for c, content in again.items():  # both sends were shipped
-                down[c] += sum(wire_bytes(r) for r in content.array_records.values())
+                down[c] += array_bytes(content)
         answered = {self.clients.get(r.metadata.src_node_id) for r in replies}
         lost = [c for c in clients if c not in answered]
         self.errors = [(c, errors[c]) for c in lost if c in errors]

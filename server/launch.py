@@ -19,11 +19,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from fedlora.errors import UserError
-from fedlora.job.paths import PATH_FIELDS, recorded_value
+from fedlora.job.paths import with_recorded_paths
 from fedlora.job.runconfig import to_run_config
 from fedlora.job.schema import JobConfig
 from fedlora.net.process import die_with_parent
@@ -233,7 +232,7 @@ def run_config(cfg: JobConfig, out_dir: Path, *, resume: bool = False, round_tim
     ``config.json`` records them: a client on this machine started from another folder finds them)
     plus the round settings of :class:`fedlora.server.flower_transport.RoundSettings` and the output
     folder."""
-    rc = to_run_config(replace(cfg, **{k: recorded_value(k, getattr(cfg, k)) for k in PATH_FIELDS}))
+    rc = to_run_config(with_recorded_paths(cfg))
     rc.update({"out": str(out_dir.resolve()), "resume": bool(resume), "round-timeout": float(round_timeout),
                "min-replies": int(min_replies), "max-update-norm": float(max_update_norm),
                "stateless-clients": bool(stateless)})

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from fedlora.privacy.secagg import MODULUS, max_weight, quantization_range, unflatten, value_range
 from fedlora.rounds.validate import FRAMING
-from fedlora.rounds.wire import wire_bytes
+from fedlora.rounds.wire import array_bytes
 from fedlora.server.polling import collect
 
 log = logging.getLogger("fedlora.server")
@@ -57,7 +57,7 @@ class SecureResult:
 
 def message_bytes(content: RecordDict) -> int:
     """Bytes of a message's arrays and of the bytes and strings in its config records."""
-    total = sum(wire_bytes(r) for r in content.array_records.values())
+    total = array_bytes(content)
     for record in content.config_records.values():
         for value in record.values():
             items = value if isinstance(value, list) else [value]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from fedlora.data.instructions import BBC_INSTRUCT
@@ -34,9 +34,14 @@ def recorded_value(name: str, value: Any) -> Any:
     return value
 
 
+def with_recorded_paths(cfg: JobConfig) -> JobConfig:
+    """``cfg`` with its paths as :func:`recorded_value` gives them (the server's run config)."""
+    return replace(cfg, **{name: recorded_value(name, getattr(cfg, name)) for name in PATH_FIELDS})
+
+
 def recorded(cfg: JobConfig) -> dict[str, Any]:
-    """``asdict(cfg)`` with its paths as :func:`recorded_value` gives them (``config.json``)."""
-    return {name: recorded_value(name, value) for name, value in asdict(cfg).items()}
+    """``cfg`` as a run records it (``config.json``, checkpoints): :func:`with_recorded_paths`."""
+    return asdict(with_recorded_paths(cfg))
 
 
 def same_setting(cfg: JobConfig, name: str, before: Any) -> bool:

@@ -96,6 +96,11 @@ def wire_bytes(record) -> int:
     return walk(record)
 
 
+def array_bytes(content) -> int:
+    """:func:`wire_bytes` of every array record of a message's ``content`` (a ``RecordDict``)."""
+    return sum(wire_bytes(r) for r in content.array_records.values())
+
+
 def tensor_bytes(tensors: dict[str, Tensor]) -> int:
     """:func:`wire_bytes` of the record Flower would ship for ``tensors`` (0 if empty)."""
     return wire_bytes(to_record(tensors)) if tensors else 0
