@@ -25,8 +25,9 @@ from fedlora.data.loading import TextDataset, partition, split
 from fedlora.errors import UserError, warn_once
 from fedlora.job.schema import JobConfig
 from fedlora.models.adapter import check_correction, fold_into_base, read_adapter
-from fedlora.models.correction import CALIBRATION_ROWS, add_correction, calibration_batches
+from fedlora.models.correction import CALIBRATION_ROWS, add_correction, calibration_batches, quantized_layers
 from fedlora.models.hub import context_length, head_labels, load_model, load_tokenizer, read_tokenizer_config
+from fedlora.models.lora import linear_shape
 from fedlora.models.model import AdapterConfig, FederatedModel
 from fedlora.strategies import AdapterPlan
 from fedlora.tasks import Task, get_task
@@ -164,6 +165,9 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan,
             fold_rank=cfg.fold_rank))
     except ValueError as exc:  # nothing matches --target-modules, or the model cannot checkpoint
         raise UserError(str(exc)) from None
+    check_rank_bound("--fold-rank", cfg.fold_rank, fm.adapters.values(), "adapted")
+    check_rank_bound("--quant-correction", cfg.quant_correction, quantized_layers(fm.model).values(),
+                     "quantized")
     if cfg.init_adapter:  # before the heads are zeroed or frozen: round 0 is base + this adapter
         adapter = read_adapter(cfg.init_adapter)
         check_correction(adapter, cfg.quantize, correcting=bool(cfg.quant_correction))
@@ -174,6 +178,17 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan,
         fm.zero_heads()
     fm.freeze_heads(cfg.head in ("frozen", "public"))  # public: the server trains it before round 1
     return fm.to(torch.device(cfg.device)), tokenizer, str(path)
+
+
+def check_rank_bound(flag: str, rank: int, layers, kind: str) -> None:
+    """Refuse a rank ``flag`` (``--fold-rank``, ``--quant-correction``) that bounds nothing: at
+    least every one of ``layers``' full rank ``min(d_out, d_in)``, where it would keep each layer's
+    whole matrix, as many numbers as the unquantized weights or more."""
+    full = max((min(linear_shape(m)) for m in layers), default=0)
+    if rank and full and rank >= full:
+        raise UserError(f"{flag} {rank} is at least the full rank of every {kind} layer (the largest is"
+                        f" {full}), so it would keep whole matrices, not a low-rank part: pass a rank below"
+                        f" {full}, or drop {flag}")
 
 
 def check_context(max_length: int | None, config, tokenizer) -> None:

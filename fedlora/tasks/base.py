@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedlora.errors import UserError
+from fedlora.models.hub import context_length
 
 #: name -> task object (filled by :func:`register_task`).
 TASKS: dict[str, Task] = {}
@@ -129,8 +130,7 @@ def held_out_source(cfg) -> str:
 def length_advice(tokenizer, longest: int) -> str:
     """What lets a text of ``longest`` tokens fit: a larger ``--max-length`` where the model (its
     tokenizer's ``model_max_length``) takes one, else shortening or dropping it."""
-    limit = getattr(tokenizer, "model_max_length", None)
-    limit = limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+    limit = context_length(None, tokenizer)
     if limit is not None and longest >= limit:
         return f"this model takes at most {limit} tokens: shorten or drop those rows"
     most = f" (this model takes up to {limit})" if limit else ""

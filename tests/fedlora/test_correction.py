@@ -161,16 +161,23 @@ def test_a_corrected_job_exports_an_adapter_peft_loads_onto_the_same_nf4_base(
 def test_refusals_are_one_line(tiny_chat_llama_dir, sentiment_tsv, tmp_path, capsys):
     from fedlora.simulations.cli import main
 
-    def refused(*extra) -> str:
+    def refused(*extra) -> str:  # one line; one refused while building the model follows the progress bar
         argv = [*_sft(tiny_chat_llama_dir, sentiment_tsv), "--out", str(tmp_path / "x"), *extra]
         assert main(argv) == 2 and not (tmp_path / "x").exists()
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1
-        return err[0]
+        assert len(err) == 1 or (len(err) == 2 and " 2 clients " in err[0])
+        return err[-1]
 
     assert "without --quantize" in refused("--quantize", "none", "--quant-correction", "4")
     assert "pass --quant-correction N" in refused("--quant-calibration", str(sentiment_tsv))
     assert "must be ≥ 1" in refused("--quant-correction", "-1")
+    # a rank at least every layer's min(d_out, d_in) (the tiny LLaMA's largest: 32) bounds nothing
+    assert refused("--quant-correction", "32") == (
+        "fedlora-sim: error: --quant-correction 32 is at least the full rank of every quantized layer (the"
+        " largest is 32), so it would keep whole matrices, not a low-rank part: pass a rank below 32, or drop"
+        " --quant-correction")
+    assert "--fold-rank 40 is at least the full rank of every adapted layer" in refused(
+        "--strategy", "flora", "--fold-rank", "40")
     msg = refused("--quant-correction", "4", "--quant-calibration", str(tmp_path / "nope.tsv"))
     assert "--quant-calibration:" in msg and "nope.tsv" in msg
 
