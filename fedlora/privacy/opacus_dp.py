@@ -114,8 +114,8 @@ def opacus_train_client(fm, data: dict[str, Tensor], sampler, cfg, budget: Budge
         noise=lambda step: noise_generator(sampler.seed, rnd, step, cfg.dp_reproducible))
     total = count = 0.0
     layers = fm.client_layers()
-    for layer in layers:  # Opacus hooks only layers in training mode; the base stays in eval
-        layer.train()
+    for layer in layers:  # Opacus hooks only layers in training mode; their frozen base stays in eval
+        layer.training = True  # (not .train(): an int8 base computes otherwise in training mode on CPU)
     try:
         for _ in range(cfg.local_steps):
             if not budget.can_step():
@@ -143,5 +143,5 @@ def opacus_train_client(fm, data: dict[str, Tensor], sampler, cfg, budget: Budge
         opt.zero_grad(set_to_none=True)
         gsm.cleanup()
         for layer in layers:
-            layer.eval()
+            layer.training = False
     return total / max(count, 1.0)
