@@ -53,17 +53,21 @@ from fedlora.training.optim import make_optimizer
 
 
 class Capture:
-    """Forward hooks that keep each adapter/head layer's input and output gradient.
+    """Forward hooks that keep each adapter/head layer's input ``x`` and output gradient ``g``.
 
+    A layer called more than once in a pass (ALBERT shares one block's layers across its depth)
+    has its calls joined along the token axis, in call order: a linear layer's per-example
+    gradient is a sum over its ``(g_t, x_t)`` pairs, and the calls' pairs are more of them.
     With ``keep_outputs`` the layers' outputs are kept too, for :meth:`backward`.
     """
 
     def __init__(self, modules: Sequence[nn.Module], keep_outputs: bool = False) -> None:
         self.modules = list(modules)
         self.keep_outputs = keep_outputs
-        self.x: dict[nn.Module, Tensor] = {}
-        self.y: dict[nn.Module, Tensor] = {}
-        self.g: dict[nn.Module, Tensor] = {}
+        self.calls: dict[nn.Module, list[Tensor]] = {}         # module -> its calls' inputs
+        self.grads: dict[nn.Module, dict[int, Tensor]] = {}    # module -> call -> output gradient
+        self.outputs: list[tuple[nn.Module, int, Tensor]] = []
+        self.joined: tuple[dict, dict] | None = None
         self.handles = []
 
     def __enter__(self) -> Capture:
@@ -73,29 +77,59 @@ class Capture:
 
     def _hook(self, module, inputs, output) -> None:
         x = module.router.as_rows(inputs[0].detach())  # a flattened (N·T, d) input kept as (N, T, d)
-        n = x.shape[0]
-        self.x[module] = x
+        n, calls = x.shape[0], self.calls.setdefault(module, [])
+        call = len(calls)
+        calls.append(x)
+        self.joined = None
         if output.requires_grad:
-            output.register_hook(lambda grad, m=module: self.g.__setitem__(m, _rows(grad.detach(), n)))
+            grads = self.grads.setdefault(module, {})
+            output.register_hook(lambda grad: grads.__setitem__(call, _rows(grad.detach(), n)))
             if self.keep_outputs:
-                self.y[module] = output
+                self.outputs.append((module, call, output))
+
+    @property
+    def x(self) -> dict[nn.Module, Tensor]:
+        """Module -> its input, ``(N, d)`` or ``(N, T, d)``; several calls' as ``(N, ΣT, d)``."""
+        return self._join()[0]
+
+    @property
+    def g(self) -> dict[nn.Module, Tensor]:
+        """Module -> its output gradient, shaped as :attr:`x` is (modules that got one)."""
+        return self._join()[1]
+
+    def _join(self) -> tuple[dict, dict]:
+        if self.joined is None:
+            x, g = {}, {}
+            for m, calls in self.calls.items():
+                grads = self.grads.get(m, {})
+                if len(calls) == 1:
+                    x[m] = calls[0]
+                    if grads:
+                        g[m] = grads[0]
+                    continue
+                x[m] = torch.cat([_tokens(t) for t in calls], dim=1)
+                if len(grads) == len(calls):
+                    g[m] = torch.cat([_tokens(grads[i]) for i in range(len(calls))], dim=1)
+            self.joined = (x, g)
+        return self.joined
 
     def backward(self, loss: Tensor) -> None:
         """Backpropagate ``loss`` only as far as the kept outputs (``keep_outputs``): their
         gradients ``g`` are all that per-example gradients need, so the parameters' own summed
         gradients (on the gather path, a scatter of every ``A[ids]``) are never computed."""
-        grads = torch.autograd.grad(loss, list(self.y.values()), allow_unused=True)
-        for m, grad in zip(list(self.y), grads, strict=True):
+        grads = torch.autograd.grad(loss, [y for _, _, y in self.outputs], allow_unused=True)
+        for (m, call, _), grad in zip(self.outputs, grads, strict=True):
             if grad is not None:
-                self.g[m] = _rows(grad.detach(), self.x[m].shape[0])
-        self.y.clear()
+                self.grads[m][call] = _rows(grad.detach(), self.calls[m][call].shape[0])
+        self.outputs.clear()
+        self.joined = None
 
     def group_rows(self, r: int) -> None:
         """Take every ``r`` adjacent rows as one example's: ``(r·N, T, ·) -> (N, r·T, ·)`` (a
         per-example gradient is a sum over the example's tokens, whichever row holds them)."""
         if r == 1:
             return
-        for kept in (self.x, self.g):
+        for kept in self._join():
             for m, t in kept.items():
                 kept[m] = t.reshape(t.shape[0] // r, r * t.shape[1], *t.shape[2:])
 
@@ -103,6 +137,11 @@ class Capture:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def _tokens(t: Tensor) -> Tensor:
+    """``t`` with a token axis: ``(N, d)`` as ``(N, 1, d)``."""
+    return t if t.dim() == 3 else t.unsqueeze(1)
 
 
 def _rows(t: Tensor, n: int) -> Tensor:

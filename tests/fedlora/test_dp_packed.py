@@ -229,9 +229,24 @@ def test_a_step_where_nobody_draws_an_example_releases_noise_only(base):
                                        rtol=1e-5, atol=1e-6)
 
 
-def test_example_norms_are_each_rows_own_gradient_norm_by_autograd(base):
-    # Prepare: 3 slots that differ; slot 0's adapters and head train; 12 rows of lengths 4..9
-    data, fm, cfg = _data(), _model(base, 3), _cfg()
+def _albert():
+    """A 2-layer ALBERT classifier: both layers are one shared block, so every adapted layer runs
+    twice a forward."""
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    torch.manual_seed(0)
+    return AlbertForSequenceClassification(AlbertConfig(
+        vocab_size=1000, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        classifier_dropout_prob=0.0, num_labels=3)).eval()
+
+
+@pytest.mark.parametrize("model", ["bert", "albert"])
+def test_example_norms_are_each_rows_own_gradient_norm_by_autograd(base, model):
+    # Prepare: 3 slots that differ; slot 0's adapters and head train; 12 rows of lengths 4..9.
+    # ALBERT's adapted layers run once per layer: their two calls' inputs and gradients both count
+    # (keeping only one call's gave 0.55 × the norms: clipping bounded nothing)
+    data, fm, cfg = _data(), _model(base if model == "bert" else _albert(), 3), _cfg()
     rows = list(range(12))
     # Execute
     got = example_norms(fm, data, rows, cfg, CPU)

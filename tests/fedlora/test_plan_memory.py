@@ -50,7 +50,7 @@ def test_base_bytes_by_hand(tiny_llama_dir, quantize, double_quant, precision, e
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 @pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_gpt2_dir"])   # GPT-2: Conv1D layers, tied head
 @pytest.mark.parametrize("quantize, correction", [("nf4", 0), ("int8", 0), ("nf4", 3),
-                                                 ("nf4", 31)])  # every layer's full rank is 32 (a job refuses 32)
+                                                 ("nf4", 31)])  # each full rank is 32 (a job refuses 32)
 def test_base_bytes_equal_what_bitsandbytes_stores(request, model, quantize, correction):
     # Prepare: the model as a job loads it, every tensor of it counted (4-bit scales and 8-bit row
     # scales hang off the packed weights; --quant-correction's factors are buffers beside them)
