@@ -192,7 +192,7 @@ def _clear(out: Path, plan: list[tuple[str, JobConfig]]) -> None:
 
 
 def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool,
-            tracked: dict[str, Tracking]) -> dict[str, list[dict]]:
+            tracked: dict[str, Tracking | None], overwrite: bool = False) -> dict[str, list[dict]]:
     """Run every planned job with the simulator into ``out/<folder_name(label)>/``.
 
     The table is rewritten after each run, so finished runs are kept if a later one fails. With
@@ -210,6 +210,9 @@ def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool,
     tracked : dict
         Filled with each finished run's trackers (label -> Tracking), left open for the plots; a run
         that fails closes its own.
+    overwrite : bool
+        ``--overwrite``: this command's files of an earlier comparison in ``out`` are removed once the
+        first run's job is set up (a refused job leaves them as they were).
 
     Returns
     -------
@@ -229,18 +232,22 @@ def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool,
         for label, cfg in plan:
             task = bar.add_task(label, total=cfg.rounds * cfg.local_steps * len(cfg.sampled(1)))
             t0 = time.perf_counter()
-            tracking = Tracking.open(cfg, out, run=label, subdir=folder_name(label),
-                                     experiment=out.resolve().name)
+
+            def begun(label=label, cfg=cfg) -> Tracking | None:  # the run's job is set up
+                if not runs and overwrite:  # the first run was not refused: the old tables go now
+                    _clear(out, plan)
+                tracked[label] = Tracking.open(cfg, out, run=label, subdir=folder_name(label),
+                                               experiment=out.resolve().name)
+                return tracked[label]
+
             try:
                 runs[label] = run(cfg, out / folder_name(label), on_step=lambda n, t=task: bar.advance(t, n),
                                   on_round=lambda row, lb=label: bar.console.print(
-                                      f"{lb}: {format_row(row)}", soft_wrap=True), tracking=tracking)
+                                      f"{lb}: {format_row(row)}", soft_wrap=True), tracking=begun)
             except BaseException:
-                if tracking is not None:
-                    tracking.close(failed=True)
+                if tracked.get(label) is not None:
+                    tracked.pop(label).close(failed=True)
                 raise
-            if tracking is not None:
-                tracked[label] = tracking
             walls[label] = time.perf_counter() - t0
             write_table([summarize(rows, lb, walls[lb]) for lb, rows in runs.items()], out,
                         job_notes(plan[0][1]))
@@ -264,16 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)  # --config FILE's fields, then the flags
     plan = plan_runs(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.out.is_dir() and args.overwrite:
-        _clear(args.out, plan)
-    tracked: dict[str, Tracking] = {}  # --track: every run's trackers, which keep the plots too
+    tracked: dict[str, Tracking | None] = {}  # --track: every run's trackers, which keep the plots too
     plots: list[Path] = []
     try:
-        runs, walls = run_all(plan, args.out, args.quiet, tracked)
+        runs, walls = run_all(plan, args.out, args.quiet, tracked, args.overwrite and args.out.is_dir())
         plots = plot(runs, args.out)
     finally:  # the finished runs' trackers end as finished, with the plots when there are some
         for tracking in tracked.values():
-            tracking.finish({"plots": plots} if plots else {})
+            if tracking is not None:
+                tracking.finish({"plots": plots} if plots else {})
     if not args.quiet:
         print(markdown_table([summarize(rows, label, walls[label]) for label, rows in runs.items()]))
         print(f"wrote {args.out / TABLE_FILES[0]}, {TABLE_FILES[1]} and the plots "

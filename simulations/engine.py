@@ -115,20 +115,22 @@ def pass_size(cfg: JobConfig, clients: int, num_labels: int = 2) -> int:
 def train(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = None,
           on_round: Callable[[dict], None] | None = None,
           schedule: Callable[[int], list[int]] | None = None,
-          tracking: Tracking | None = None, checkpoints: bool = False,
+          tracking: Callable[[], Tracking | None] | None = None, checkpoints: bool = False,
           resume: bool = False) -> tuple[Job, Coordinator]:
     """Run the job's rounds, one JSON line per round in ``out_dir/metrics.jsonl``. Returns
     ``(job, coordinator)``: the job's model is then the global one, the coordinator holds the
     state and the rows.
 
     ``schedule``: round -> its clients, in place of ``cfg.sampled`` (to replay the participation
-    of a deployed run, whose clients may have died: ``benchmarks/load.py``). ``tracking``: experiment
-    trackers every row also goes to (left open). ``checkpoints``: write the coordinator's checkpoint
-    (with the simulated clients' kept factors, error feedback and DP steps) after every round;
+    of a deployed run, whose clients may have died: ``benchmarks/load.py``). ``tracking``: opens, once
+    the job is set up, the experiment trackers every row also goes to (left open). ``checkpoints``:
+    write the coordinator's checkpoint (with the simulated clients' kept factors, error feedback and DP
+    steps) after every round;
     ``resume``: continue after the checkpoint in ``out_dir``."""
     t0 = time.perf_counter()
     job = build_job(cfg)
-    sink = RunFolder(out_dir, checkpoints=checkpoints or resume, on_round=on_round, tracking=tracking)
+    sink = RunFolder(out_dir, checkpoints=checkpoints or resume, on_round=on_round,
+                     tracking=tracking() if tracking is not None else None)
     coord = Coordinator(cfg, job.strategy, job.fm, job.test, job.public)
     if resume:
         coord.restore(out_dir)
@@ -144,24 +146,31 @@ def train(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None =
 def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = None,
         on_round: Callable[[dict], None] | None = None,
         schedule: Callable[[int], list[int]] | None = None,
-        tracking: Tracking | None = None, checkpoints: bool = False, resume: bool = False) -> list[dict]:
+        tracking: Callable[[], Tracking | None] | None = None, checkpoints: bool = False,
+        resume: bool = False) -> list[dict]:
     """:func:`train`, then export the final adapter to ``out_dir/adapter``. Returns the metric rows.
 
-    ``tracking``: experiment trackers the caller opened, which get the rows and the adapter and which
-    the caller ends (``fedlora-compare``); default: the job's own (``cfg.track``), ended here."""
+    ``tracking``: opens the experiment trackers the caller ends (``fedlora-compare``), called once the
+    job is set up; default: the job's own (``cfg.track``), ended here. Either way a job refused in its
+    setup (its data, its model) leaves the trackers' files of the run it would replace as they were."""
+    opened: list[Tracking | None] = []
+
+    def open_tracking() -> Tracking | None:
+        opened.append(tracking() if tracking is not None else Tracking.open(cfg, out_dir, fresh=not resume))
+        return opened[-1]
+
     own = tracking is None
-    if own:
-        tracking = Tracking.open(cfg, out_dir, fresh=not resume)
     try:
-        job, coord = train(cfg, out_dir, on_step, on_round, schedule, tracking, checkpoints, resume)
+        job, coord = train(cfg, out_dir, on_step, on_round, schedule, open_tracking, checkpoints, resume)
         export_model(job.fm, coord.state, out_dir / "adapter", job.model_path, job.task.peft_task_type,
                      job.label_names)
     except BaseException:
-        if own and tracking is not None:
-            tracking.close(failed=True)
+        if own and opened and opened[0] is not None:
+            opened[0].close(failed=True)
         raise
-    if own and tracking is not None:
-        tracking.finish({"adapter": [out_dir / "adapter"]})
-    elif tracking is not None:
-        tracking.artifacts("adapter", [out_dir / "adapter"])
+    if opened and opened[0] is not None:
+        if own:
+            opened[0].finish({"adapter": [out_dir / "adapter"]})
+        else:
+            opened[0].artifacts("adapter", [out_dir / "adapter"])
     return coord.rows

@@ -235,6 +235,33 @@ def test_unwritable_tracking_directory_is_refused_and_out_kept(tiny_bert_dir, ti
     assert (out / "metrics.jsonl").read_text() == "earlier\n" and not (tmp_path / "new").exists()
 
 
+@pytest.mark.skipif(not HAVE["tensorboard"], reason="checked by test_missing_package")
+@pytest.mark.parametrize("command", ["fedlora-sim", "fedlora-compare"])
+def test_a_job_refused_in_its_setup_leaves_the_earlier_run_and_its_tracker_files(tiny_bert_dir, tiny_csv,
+                                                                                 tmp_path, capsys, command):
+    from fedlora.simulations.compare import main as compare
+
+    # Prepare: an earlier run's files (a comparison's: its tables and a run folder), TensorBoard's included
+    out = tmp_path / "run"
+    run = out / "fedavg" if command == "fedlora-compare" else out
+    board = out / "tensorboard"
+    files = [run / "metrics.jsonl", run / "config.json", board / "fedavg" / "events.out.tfevents.1",
+             board / "events.out.tfevents.2", out / "comparison.md", out / "comparison.csv"]
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(f"earlier {f.name}\n")
+    # Execute: --overwrite, and a text column the data lacks (refused when the job reads its data)
+    main = compare if command == "fedlora-compare" else sim
+    extra = ("--strategies", "fedavg") if command == "fedlora-compare" else ()
+    code = main(_flags(tiny_bert_dir, tiny_csv, out, "--track", "tensorboard", "--overwrite", "--text-column",
+                       "nope", *extra))
+    # Assert: one line, exit 2, every file as it was (the trackers' were cleared before the data was read)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "text column 'nope'" in err[0]
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == sorted(files)
+    assert all(f.read_text() == f"earlier {f.name}\n" for f in files)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (HAVE["tensorboard"] and HAVE["mlflow"]), reason="checked by test_missing_package")
 def test_compare_logs_each_strategy_as_its_own_run(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
