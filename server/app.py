@@ -48,7 +48,7 @@ def build_coordinator(cfg: JobConfig) -> tuple[Coordinator, str, list[str]]:
     """Server-side model (one slot), held-out examples and coordinator for ``cfg``."""
     task, strategy = get_task(cfg.task), make_strategy(cfg)
     _, test_ds, label_names = splits(cfg, task)
-    fm, tokenizer, path = build_model(cfg, [cfg.rank], strategy.plan(1), len(label_names))
+    fm, tokenizer, path = build_model(cfg, [cfg.rank], strategy.plan(1), len(label_names), label_names)
     test = prepared(task, fm, cfg, task.eval_set(tokenizer, test_ds, cfg))
     public = prepared(task, fm, cfg, public_data(cfg, task, tokenizer, label_names))
     return Coordinator(cfg, strategy, fm, test, public), path, label_names

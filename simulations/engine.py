@@ -64,7 +64,7 @@ def build_job(cfg: JobConfig) -> Job:
     held = [personal_split(cfg, k, len(idx)) for k, idx in enumerate(parts)]
     slots = pass_size(cfg, len(cfg.sampled(1)), len(label_names))
     fm, tokenizer, path = build_model(cfg, [max(cfg.client_ranks())] * slots, strategy.plan(1),
-                                      len(label_names))
+                                      len(label_names), label_names)
     samplers = [ClientSampler.for_client(cfg, k, [idx[i] for i in train])
                 for k, (idx, (train, _)) in enumerate(zip(parts, held, strict=True))]
     budgets = (sample_budgets(cfg, [len(s) for s in samplers], strategy.init_releases, fm.model)

@@ -26,6 +26,7 @@ from fedlora.errors import UserError, warn_once
 from fedlora.job.schema import JobConfig
 from fedlora.models.adapter import check_correction, fold_into_base, read_adapter
 from fedlora.models.correction import CALIBRATION_ROWS, add_correction, calibration_batches, quantized_layers
+from fedlora.models.export import read_labels
 from fedlora.models.hub import context_length, head_labels, load_model, load_tokenizer, read_tokenizer_config
 from fedlora.models.lora import linear_shape
 from fedlora.models.model import AdapterConfig, FederatedModel
@@ -144,12 +145,13 @@ def personal_split(cfg: JobConfig, client: int, n: int) -> tuple[list[int], list
     return sorted(order[k:]), sorted(order[:k])
 
 
-def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan,
-                num_labels: int | None = None) -> tuple[FederatedModel, object, str]:
+def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan, num_labels: int | None = None,
+                labels: list[str] | None = None) -> tuple[FederatedModel, object, str]:
     """``(model with len(ranks) client slots, tokenizer, base model path)`` on ``cfg.device``.
 
     ``--precision bf16`` loads the frozen base in bfloat16 (the adapters and heads stay fp32);
     ``--quantize`` its linear layers in 4 or 8 bits (bitsandbytes), computed in that dtype.
+    ``labels``: the job's label names, where known, which an ``--init-adapter``'s head must have.
     """
     task = get_task(cfg.task)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -171,13 +173,38 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan,
     if cfg.init_adapter:  # before the heads are zeroed or frozen: round 0 is base + this adapter
         adapter = read_adapter(cfg.init_adapter)
         check_correction(adapter, cfg.quantize, correcting=bool(cfg.quant_correction))
-        fold_into_base(fm, adapter, cfg.model, path)
+        fold_into_base(fm, adapter, cfg.model, path, head=init_head(adapter, fm, labels, cfg.head))
     if cfg.quant_correction:
         correct_base(fm, cfg, task, tokenizer, path)
     if cfg.head == "zero":
         fm.zero_heads()
     fm.freeze_heads(cfg.head in ("frozen", "public"))  # public: the server trains it before round 1
     return fm.to(torch.device(cfg.device)), tokenizer, str(path)
+
+
+def init_head(adapter, fm: FederatedModel, labels: list[str] | None, head: str) -> bool:
+    """Whether ``--init-adapter``'s task head is loaded: not with ``--head zero`` (a new head), nor
+    where there is none on either side.
+
+    Raises
+    ------
+    UserError
+        Its head was trained on other labels than the job's (as its export recorded them), or has
+        another shape (one line: start a new head with ``--head zero``, or train on its labels).
+    """
+    if not adapter.head or not fm.heads or head == "zero":
+        return False
+    theirs = read_labels(adapter.path)
+    shapes = {f"{name}.{key}": getattr(layer, key).shape[1:]
+              for name, layer in fm.heads.items() for key in layer.slot_keys}
+    other = [k for k, t in adapter.head.items() if k in shapes and t.shape != shapes[k]]
+    if other or (theirs is not None and labels is not None and theirs != labels):
+        had = f"the labels {', '.join(map(repr, theirs))}" if theirs else f"another shape ({other[0]})"
+        mine = f"this job's data has {', '.join(map(repr, labels))}" if labels else "this job's differs"
+        raise UserError(f"--init-adapter {str(adapter.path)!r} holds a head trained on {had}, and {mine}:"
+                        " pass --head zero to start a new head from the adapter's update, or train on data"
+                        " with its labels")
+    return True
 
 
 def check_rank_bound(flag: str, rank: int, layers, kind: str) -> None:

@@ -202,11 +202,11 @@ def padded_state(adapter: PeftAdapter, rank: int) -> GlobalState:
     return GlobalState(factors=factors, scale=1.0, head=dict(adapter.head))
 
 
-def fold_into_base(fm, adapter: PeftAdapter, model: str, path: Path) -> None:
+def fold_into_base(fm, adapter: PeftAdapter, model: str, path: Path, head: bool = True) -> None:
     """Fold ``adapter``'s update ``B A`` into ``fm``'s frozen base (``--init-adapter``): into the weight
     (in its dtype), or as the exact residual beside a quantized one (:meth:`BatchedLoRALinear.fold`);
-    load its head into every slot; and keep its factors in ``fm.base_factors``, which the export adds
-    to the job's own, so the exported adapter is the whole update from the base ``path``.
+    load its head into every slot (with ``head``); and keep its factors in ``fm.base_factors``, which
+    the export adds to the job's own, so the exported adapter is the whole update from the base ``path``.
 
     Raises
     ------
@@ -222,10 +222,10 @@ def fold_into_base(fm, adapter: PeftAdapter, model: str, path: Path) -> None:
     check_adapter(adapter, model, path, shapes)
     for name, (A, B) in adapter.factors.items():
         fm.adapters[name].fold(A, B, exact=True)
-    for name, head in fm.heads.items():
-        for key in head.slot_keys:
+    for name, layer in fm.heads.items() if head else ():
+        for key in layer.slot_keys:
             if f"{name}.{key}" in adapter.head:
                 with torch.no_grad():
-                    getattr(head, key)[:] = adapter.head[f"{name}.{key}"].to(getattr(head, key))
+                    getattr(layer, key)[:] = adapter.head[f"{name}.{key}"].to(getattr(layer, key))
     fm.base_factors = dict(adapter.factors)
     fm.correction_note = adapter.correction or fm.correction_note  # its factors hold one: so will the export

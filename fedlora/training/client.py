@@ -63,7 +63,8 @@ class LocalClient:
         self.task = get_task(cfg.task)
         self.strategy = client_strategy(cfg)  # its plan, folds and releases: no DP calibration, no defences
         self.rank = cfg.rank_of(where.client_id)
-        self.fm, tokenizer, _ = build_model(cfg, [self.rank], self.strategy.plan(1), len(label_names))
+        self.fm, tokenizer, _ = build_model(cfg, [self.rank], self.strategy.plan(1), len(label_names),
+                                            label_names)
         ds = self._examples(label_names)
         train, test = personal_split(cfg, where.client_id, len(ds))
         # --personal-test-fraction: held-out examples of this client, to measure its own model

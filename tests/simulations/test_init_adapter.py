@@ -66,3 +66,30 @@ def test_an_adapter_of_other_layers_or_another_base_is_refused_in_one_line(tiny_
         # Assert
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_an_adapters_head_of_other_labels_is_refused_unless_a_new_head_starts(tiny_bert_dir, tiny_csv,
+                                                                               tmp_path, capsys):
+    # Prepare: a classifier run on labels 0, 1, 2; data of three other labels, and of two
+    job = ["--model", str(tiny_bert_dir), "--num-clients", "2", "--rounds", "1", "--local-steps", "1",
+           "--batch-size", "4", "--max-length", "16", "--quiet"]
+    assert sim([*job, "--data", str(tiny_csv), "--out", str(tmp_path / "first")]) == 0
+    rows = tiny_csv.read_text().splitlines()[1:]
+    renamed, two = tmp_path / "xyz.csv", tmp_path / "two.csv"
+    renamed.write_text("text,label\n" + "".join(f"{r[:-1]}{'xyz'[int(r[-1])]}\n" for r in rows))
+    two.write_text("text,label\n" + "".join(f"{r}\n" for r in rows if not r.endswith("2")))
+    adapter = ["--init-adapter", str(tmp_path / "first" / "adapter")]
+    capsys.readouterr()
+    for data, had in ((renamed, "'x', 'y', 'z'"), (two, "'0', '1'")):
+        # Execute: as it is (its head was copied to other labels, or failed with a shape error), and
+        # with --head zero
+        code = sim([*job, "--data", str(data), *adapter, "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err.strip().splitlines()
+        fresh = sim([*job, "--data", str(data), *adapter, "--head", "zero", "--out",
+                     str(tmp_path / data.stem)])
+        # Assert
+        assert code == 2 and not (tmp_path / "bad").exists()  # (two labels: a note on the base's head first)
+        assert len(err) == 1 or (len(err) == 2 and "replaced by a new, randomly initialised head" in err[0])
+        assert "holds a head trained on the labels '0', '1', '2', and this job's data has" in err[-1]
+        assert had in err[-1] and "pass --head zero" in err[-1]
+        assert fresh == 0
