@@ -19,6 +19,7 @@ from pathlib import Path
 from fedlora.errors import UserError, command
 from fedlora.job.checks import (
     RESUME_MAY_CHANGE,
+    check_data_unchanged,
     check_job_args,
     check_out_dir,
     check_private_rounds,
@@ -108,7 +109,7 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
 
             cfg.dp_run_id = uuid.uuid4().hex
         return cfg, args.out
-    from fedlora.rounds.checkpoint import find_checkpoint  # deferred start-up import (torch)
+    from fedlora.rounds.checkpoint import find_checkpoint, load_checkpoint  # deferred start-up import (torch)
 
     if "out" in getattr(args, "typed", ()) and args.out.resolve() != args.resume.resolve():
         raise UserError(f"--resume {str(args.resume)!r} continues the run there and writes its results"
@@ -117,7 +118,9 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
     if find_checkpoint(args.resume) is None or not conf.is_file():  # an older fedlora's checkpoint.pt too
         raise UserError(f"--resume {str(args.resume)!r} has no checkpoint.safetensors and config.json of a"
                         " fedlora-server run")
-    return resumed_job(from_dict(json.loads(conf.read_text())), args), args.resume
+    cfg = resumed_job(from_dict(json.loads(conf.read_text())), args)
+    check_data_unchanged(cfg, load_checkpoint(args.resume, keys=("data",)).get("data") or {})
+    return cfg, args.resume
 
 
 def resumed_job(saved: JobConfig, args: argparse.Namespace) -> JobConfig:

@@ -15,7 +15,7 @@ from fedlora.data.readers import locate, reader_for
 from fedlora.errors import UserError
 from fedlora.job.defaults import measures_clip
 from fedlora.job.flags import flag_name
-from fedlora.job.paths import same_setting
+from fedlora.job.paths import data_digests, same_setting
 from fedlora.job.schema import JobConfig
 from fedlora.models.hub import check_model_name
 from fedlora.models.quantize import QUANTIZE, require_bitsandbytes
@@ -334,17 +334,30 @@ def check_resume(cfg: JobConfig, out: Path) -> int:
     if found is None:
         raise UserError(f"--resume: {str(out)!r} holds no checkpoint of a run (fedlora-sim writes one after"
                         " every round unless --no-checkpoint); run without --resume")
-    blob = load_checkpoint(found, keys=("config", "round"))
+    blob = load_checkpoint(found, keys=("config", "round", "data"))
     saved = blob["config"]
     for name, value in asdict(cfg).items():
         if name not in RESUME_MAY_CHANGE and name in saved and not same_setting(cfg, name, saved[name]):
             raise UserError(f"--resume: the stopped run's {flag_name(name)} was {saved[name]!r}, not"
                             f" {value!r}; resume with the run's own flags (--config {out / 'config.json'})")
     check_private_rounds(cfg, saved.get("rounds", cfg.rounds))
+    check_data_unchanged(cfg, blob.get("data") or {})
     if blob["round"] > cfg.rounds:
         raise UserError(f"--resume: the run in {str(out)!r} is past round {cfg.rounds} already (round"
                         f" {blob['round']}); pass --rounds {blob['round']} or more")
     return blob["round"]
+
+
+def check_data_unchanged(cfg: JobConfig, saved: dict[str, str]) -> None:
+    """Refuse to resume a run whose data files (``saved``: their digests at its checkpoint,
+    :func:`~fedlora.job.paths.data_digests`; none in an older fedlora's) have changed since: its
+    clients' partitions, held-out set and labels would change between rounds."""
+    now = data_digests(cfg) if saved else {}
+    for name, digest in saved.items():
+        if now.get(name) != digest:
+            raise UserError(f"--resume: {flag_name(name)} {getattr(cfg, name)!r} has changed since the"
+                            " stopped run read it (its checkpoint recorded other contents): resume with the"
+                            " data as it was, or start a new run (--overwrite)")
 
 
 def check_private_rounds(cfg: JobConfig, planned: int) -> None:

@@ -8,13 +8,17 @@ that is not a local path: those mean the same from every folder.
 
 from __future__ import annotations
 
+import functools
 import glob
+import hashlib
 import os
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 from fedlora.data.instructions import BBC_INSTRUCT
 from fedlora.data.loading import DEFAULT_DATASET
+from fedlora.data.readers import is_pattern, locate
 from fedlora.job.schema import JobConfig
 from fedlora.models.hub import DEFAULT_MODEL, SMOLLM2
 
@@ -53,3 +57,41 @@ def same_setting(cfg: JobConfig, name: str, before: Any) -> bool:
         return [before[k % len(before)] for k in range(cfg.num_clients)] == cfg.client_ranks()
     return recorded_value(name, before) == recorded_value(name, now)
 
+
+#: The job fields whose files hold the data a run reads (a resumed run must read them unchanged).
+DATA_FIELDS = ("data", "test_data", "init_data", "quant_calibration")
+
+
+def data_digests(cfg: JobConfig) -> dict[str, str]:
+    """Field -> SHA-256 of the files each of :data:`DATA_FIELDS` reads (a file, the files a pattern
+    matches, or every file under a folder, with their names), for the local data of ``cfg``;
+    built-in data has none. Each file is hashed once a process while its size and time stay."""
+    out = {}
+    for name in DATA_FIELDS:
+        value = getattr(cfg, name)
+        if not value or value in BUILT_IN:
+            continue
+        root = locate(value)
+        if is_pattern(root):
+            files, root = sorted(p for p in root.parent.glob(root.name) if p.is_file()), root.parent
+        elif root.is_dir():
+            files = sorted(p for p in root.rglob("*") if p.is_file())
+        else:
+            files, root = ([root] if root.is_file() else []), root.parent
+        if files:
+            h = hashlib.sha256()
+            for f in files:
+                st = f.stat()
+                content = _file_digest(str(f), st.st_size, st.st_mtime_ns)
+                h.update(f"{f.relative_to(root)}\0{content}\0".encode())
+            out[name] = h.hexdigest()
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from fedlora.errors import UserError
 from fedlora.job.defaults import DP_RECIPE, measures_clip
-from fedlora.job.paths import recorded
+from fedlora.job.paths import data_digests, recorded
 from fedlora.job.schema import JobConfig
 from fedlora.models.lora import linear_shape
 from fedlora.models.model import FederatedModel, draw_seed
@@ -61,6 +61,7 @@ class Coordinator:
         self.state: GlobalState | None = None
         self.folds: list[dict[str, Factors]] = []    # folds[t-1]: fold of round t
         self.round = 0                               # last completed round
+        self.digests: dict[str, str] | None = None   # the data files' digests, at the first checkpoint
         self.fresh_seed: int | None = None           # FLoRA: adapters of the next round
         self.rows: list[dict] = []
         self.synced: dict[object, int] = {}          # client -> last round whose fold it applied
@@ -264,10 +265,12 @@ class Coordinator:
     # ---- checkpoints ----
     def save(self, out_dir: Path) -> Path:
         """Write ``checkpoint.safetensors`` atomically (:mod:`fedlora.rounds.checkpoint`: no pickle)."""
-        blob = {"config": recorded(self.cfg), "round": self.round, "state": self.state,
-                "folds": self.folds, "gen": self.gen.get_state(), "fresh_seed": self.fresh_seed,
-                "rows": self.rows, "personal": self.personal, "clip": self.clip,
-                "residual": self.residual, "ledgers": self.ledgers}
+        if self.digests is None:  # the data files as this run read them: --resume checks them
+            self.digests = data_digests(self.cfg)
+        blob = {"config": recorded(self.cfg), "data": self.digests, "round": self.round,
+                "state": self.state, "folds": self.folds, "gen": self.gen.get_state(),
+                "fresh_seed": self.fresh_seed, "rows": self.rows, "personal": self.personal,
+                "clip": self.clip, "residual": self.residual, "ledgers": self.ledgers}
         return save_checkpoint(out_dir, blob)
 
     def restore(self, path: Path) -> None:

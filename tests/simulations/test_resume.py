@@ -69,6 +69,11 @@ def test_resume_refusals_are_one_line_and_keep_the_run(tiny_bert_dir, tiny_csv, 
     kept = (out / "metrics.jsonl").read_text()
     private, dp = tmp_path / "dp", ["--dp", "sample", "--epsilon", "8", "--delta", "1e-3"]
     assert main([*job[:-2], "--rounds", "1", *dp, "--out", str(private)]) == 0
+    edited = tmp_path / "edited.csv"  # a run on a copy of the data, which is then edited in place
+    edited.write_text(tiny_csv.read_text())
+    on_copy = _job(tiny_bert_dir, edited, "--rounds", "1")
+    assert main([*on_copy, "--out", str(tmp_path / "copy")]) == 0
+    edited.write_text("".join(edited.read_text().splitlines(keepends=True)[:-1]))  # one row fewer
     capsys.readouterr()
     cases = {
         "no checkpoint": ([*job, "--out", str(tmp_path / "empty"), "--resume"], "holds no checkpoint"),
@@ -81,6 +86,9 @@ def test_resume_refusals_are_one_line_and_keep_the_run(tiny_bert_dir, tiny_csv, 
         # σ was set for 1 round at ε = 8: a second would spend more than ε (its row said less)
         "more private rounds": ([*job, *dp, "--out", str(private), "--resume"],
                                 "its 1 round spend ε = 8 (--dp sample); it cannot go to 2 rounds"),
+        # its clients' partitions and held-out set would change between rounds (it carried on)
+        "edited data": ([*on_copy[:-2], "--rounds", "2", "--out", str(tmp_path / "copy"), "--resume"],
+                        f"--resume: --data {str(edited)!r} has changed since the stopped run read it"),
     }
     for argv, message in cases.values():
         # Execute
