@@ -160,13 +160,14 @@ def test_flags_beside_resume_change_what_a_resumed_run_may_change_and_no_more(ca
 
     from fedlora.job.configfile import parse_args
     from fedlora.job.schema import JobConfig
+    from fedlora.rounds.checkpoint import save_checkpoint
     from fedlora.server.cli import build_parser, job_for
 
-    # Prepare: a stopped one-round run (its checkpoint is only found, not read, here)
+    # Prepare: a stopped one-round run (of its checkpoint only the data's digests are read here: none)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps(asdict(JobConfig(rounds=1, lr=0.01))))
-    (run / "checkpoint.safetensors").write_bytes(b"x")
+    save_checkpoint(run, {"round": 1, "data": {}})
     def parse(argv):
         return parse_args(build_parser(), argv)
 
@@ -184,9 +185,16 @@ def test_flags_beside_resume_change_what_a_resumed_run_may_change_and_no_more(ca
     private.mkdir()
     (private / "config.json").write_text(json.dumps(asdict(JobConfig(rounds=1, lr=0.01, dp="client",
                                                                      epsilon=8.0, delta=1e-3))))
-    (private / "checkpoint.safetensors").write_bytes(b"x")
+    save_checkpoint(private, {"round": 1, "data": {}})
     code = server_main(["--insecure", "--resume", str(private), "--rounds", "3"])
     assert "its 1 round spend ε = 8 (--dp client); it cannot go to 3 rounds" in one_line_error(capsys, code)
+    # data that changed since the checkpoint recorded its digest
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\nsome text,a\n")
+    (run / "config.json").write_text(json.dumps(asdict(JobConfig(rounds=1, lr=0.01, data=str(data)))))
+    save_checkpoint(run, {"round": 1, "data": {"data": "0" * 64}})
+    code = server_main(["--insecure", "--resume", str(run)])
+    assert f"--data {str(data)!r} has changed since the stopped run read it" in one_line_error(capsys, code)
 
 
 def test_a_partition_of_other_shares_than_the_jobs_is_refused(tiny_csv):
