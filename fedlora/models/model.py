@@ -138,7 +138,13 @@ def find_targets(model: nn.Module, patterns: list[str] | None) -> tuple[list[str
             return names, pats
     sample = ", ".join(sorted({n.split(".")[-1] for n in linears})[:12]) or "none"
     asked = ", ".join(patterns) if patterns else "attention query/value"
-    raise ValueError(f"no linear layer matches {asked}; this model's linear layer names"
+    why = ""
+    if patterns and any("," in p for p in patterns):
+        why = "; give several names apart (--target-modules q_proj v_proj), not joined by a comma"
+    elif output is not None and any(_matches(n, p) for p in patterns or () for n, m in model.named_modules()
+                                    if m is output):
+        why = "; the output embeddings (the LM head) are never adapted"
+    raise ValueError(f"no linear layer matches {asked}{why}; this model's linear layer names"
                      f" include: {sample} (pass them with --target-modules)")
 
 

@@ -149,9 +149,15 @@ def test_forward_matches_dense_merged_weights(base):
         assert torch.allclose(out[rows], want[rows], atol=1e-5)
 
 
-def test_unknown_target_modules_error_lists_names(base):
+def test_unknown_target_modules_error_lists_names(base, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
     with pytest.raises(ValueError, match="no linear layer matches nope.*query"):
         find_targets(copy.deepcopy(base), ["nope"])
+    with pytest.raises(ValueError, match="matches query,value; give several names apart"):
+        find_targets(copy.deepcopy(base), ["query,value"])           # as PEFT's config lists them
+    with pytest.raises(ValueError, match="matches lm_head; the output embeddings .* are never adapted"):
+        find_targets(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), ["lm_head"])
 
 
 def _ragged(n: int = 24, width: int = 16, seed: int = 2) -> dict[str, torch.Tensor]:
