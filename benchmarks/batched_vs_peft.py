@@ -96,7 +96,7 @@ def main() -> None:
     args = p.parse_args()
     from fedlora.models.hub import load_model
 
-    base, _, path = load_model("minilm", "sequence-classification", num_labels=5)
+    base, _, path, _ = load_model("minilm", "sequence-classification", num_labels=5)
     data = _data(256, args.tokens, 30000, 5)
     print(f"model: all-MiniLM-L6-v2 ({path.name}), LoRA r={args.rank} on query/value + head,"
           f" batch {args.batch}x{args.tokens} tokens per client, {args.steps} timed steps,"

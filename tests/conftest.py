@@ -81,6 +81,20 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def bert_mlm_dir(tmp_path_factory) -> Path:
+    """A 1-layer, 32-wide BERT saved as a masked LM: its checkpoint has no pooler (as DeBERTa-v3's has
+    none), which a sequence classifier then draws at random."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    path, tok = tmp_path_factory.mktemp("bert-mlm"), _tokenizer()
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def _tiny_llama(path: Path, tok, **config) -> Path:
     """Save a 2-layer, 32-wide random LLaMA causal LM (or as ``config`` says) and ``tok`` in ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM

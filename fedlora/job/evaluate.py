@@ -27,6 +27,7 @@ from fedlora.models.adapter import (
     check_adapter,
     check_correction,
     linear_shapes,
+    load_whole,
     padded_state,
     read_adapter,
 )
@@ -153,6 +154,7 @@ def load_scored_model(cfg: JobConfig, task: Task, adapter: PeftAdapter | None,
         raise UserError(f"adapter {str(adapter.path)!r} has no {missing[0]} for --task {cfg.task}'s head:"
                         " pass an adapter of that task")
     apply_global(fm, padded_state(adapter, r), {})
+    load_whole(fm, adapter)
     return fm, tokenizer
 
 

@@ -155,7 +155,7 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan, num_labels:
     """
     task = get_task(cfg.task)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    model, tokenizer, path = load_model(cfg.model, task.model_kind,
+    model, tokenizer, path, new = load_model(cfg.model, task.model_kind,
                                         num_labels if task.trains_head else None, seed=cfg.seed, dtype=dtype,
                                         quantize=cfg.quantize, double_quant=cfg.double_quant,
                                         device=cfg.device)
@@ -164,7 +164,7 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan, num_labels:
         fm = FederatedModel(model, AdapterConfig(
             ranks=ranks, alpha=cfg.lora_alpha, target_modules=cfg.target_modules, plan=plan,
             train_head=task.trains_head, gradient_checkpointing=cfg.gradient_checkpointing,
-            fold_rank=cfg.fold_rank))
+            fold_rank=cfg.fold_rank, new_modules=new))
     except ValueError as exc:  # nothing matches --target-modules, or the model cannot checkpoint
         raise UserError(str(exc)) from None
     check_rank_bound("--fold-rank", cfg.fold_rank, fm.adapters.values(), "adapted")

@@ -4,10 +4,11 @@ starts from (``--init-adapter``: :func:`fold_into_base`).
 
 An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with
 ``base_model.model.<layer>.lora_A.weight`` (``r × d_in``) and ``…lora_B.weight`` (``d_out × r``)
-per layer, and any task head under ``base_model.model.<module>.weight`` / ``.bias``
-(:mod:`fedlora.models.export` writes this; so does PEFT). A layer's update is
-``s · B A`` with PEFT's scale ``s = α / r`` (``α / √r`` with ``use_rslora``), α and r taken
-from ``alpha_pattern`` / ``rank_pattern`` where they name the layer. fedlora's exports have
+per layer, and any task head under ``base_model.model.<module>.weight`` / ``.bias``, with any other
+module saved whole (PEFT's ``modules_to_save``: a pooler the base's checkpoint lacked), which
+:func:`load_whole` puts into the base (:mod:`fedlora.models.export` writes this; so does PEFT).
+A layer's update is ``s · B A`` with PEFT's scale ``s = α / r`` (``α / √r`` with ``use_rslora``),
+α and r taken from ``alpha_pattern`` / ``rank_pattern`` where they name the layer. fedlora's exports have
 ``s = 1``, so their factors load bit for bit.
 
 The model is built with one slot of the adapter's largest rank and ``α`` equal to it (slot
@@ -31,8 +32,8 @@ from torch import Tensor
 from fedlora.errors import UserError
 from fedlora.models.correction import read_marker
 from fedlora.models.export import PREFIX
-from fedlora.models.lora import linear_shape
-from fedlora.models.model import LINEAR_TYPES, layer_dims
+from fedlora.models.lora import is_quantized, linear_shape
+from fedlora.models.model import HEAD_NAMES, LINEAR_TYPES, layer_dims
 from fedlora.strategies import GlobalState
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -53,7 +54,8 @@ class PeftAdapter:
         Layer -> ``(A (r, d_in), B (d_out, r))`` with ``B A`` the layer's whole update (scale
         folded into B).
     head : dict
-        Task-head tensors, ``<module>.weight`` / ``<module>.bias``.
+        Task-head tensors, ``<module>.weight`` / ``<module>.bias``, and those of the other modules
+        saved whole (:func:`load_whole`).
     correction : dict or None
         The quantization correction its factors hold (``--quant-correction``'s export:
         :mod:`fedlora.models.correction`), or None.
@@ -227,5 +229,35 @@ def fold_into_base(fm, adapter: PeftAdapter, model: str, path: Path, head: bool 
             if f"{name}.{key}" in adapter.head:
                 with torch.no_grad():
                     getattr(layer, key)[:] = adapter.head[f"{name}.{key}"].to(getattr(layer, key))
+    load_whole(fm, adapter, "--init-adapter")
     fm.base_factors = dict(adapter.factors)
     fm.correction_note = adapter.correction or fm.correction_note  # its factors hold one: so will the export
+
+
+@torch.no_grad()
+def load_whole(fm, adapter: PeftAdapter, flag: str = "--adapter") -> None:
+    """Copy ``adapter``'s modules saved whole besides the heads (``modules_to_save``: a pooler the
+    base's checkpoint lacked) into ``fm``'s frozen base, and add them to ``fm.saved_modules``, so that
+    an export carries them again.
+
+    Raises
+    ------
+    UserError
+        A tensor ``fm`` lacks or shapes otherwise, or one of a layer ``fm`` adapts or quantizes (one line).
+    """
+    own = dict(fm.model.state_dict(keep_vars=True))
+    for key, t in adapter.head.items():
+        module = key.rpartition(".")[0]
+        if key.split(".")[0] in HEAD_NAMES:
+            continue
+        where = f"{flag} {str(adapter.path)!r} holds {key} whole (modules_to_save)"
+        if module in fm.adapters:
+            raise UserError(f"{where}, a layer this job adapts: leave it out of --target-modules")
+        if key not in own or own[key].shape != t.shape:
+            raise UserError(f"{where}, which the model lacks or shapes otherwise: pass the adapter's"
+                            " base model")
+        if is_quantized(fm.model.get_submodule(module)):
+            raise UserError(f"{where}, a layer --quantize quantizes: drop --quantize")
+        own[key].copy_(t.to(own[key]))
+        if module not in fm.saved_modules:
+            fm.saved_modules.append(module)

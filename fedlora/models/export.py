@@ -50,7 +50,7 @@ def export_factors(state: GlobalState, layers: list[str], base: dict | None = No
 def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base_model: str,
                 task_type: str, head_modules: list[str], fan_in_fan_out: bool = False,
                 base: dict | None = None, fixed: dict | None = None, note: dict | None = None,
-                labels: list[str] | None = None) -> Path:
+                labels: list[str] | None = None, saved: dict | None = None) -> Path:
     """Write ``out_dir/adapter_config.json`` and ``adapter_model.safetensors``.
 
     Parameters
@@ -83,6 +83,9 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
         The run's label names in the order of their ids, written as :data:`LABELS` beside an
         adapter with a task head (``head_modules``), so that an evaluation numbers a test file's
         labels as the run did (:func:`read_labels`).
+    saved : dict, optional
+        Module name -> its frozen tensors (``state_dict``), exported whole (``modules_to_save``):
+        weights the base's checkpoint lacked, which a PEFT load would otherwise draw anew.
     """
     out_dir = Path(out_dir)
     factors = export_factors(state, layers, base)
@@ -92,8 +95,9 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
     for layer, (A, B) in factors.items():
         tensors[f"{PREFIX}{layer}.lora_A.weight"] = A
         tensors[f"{PREFIX}{layer}.lora_B.weight"] = B
-    for key, t in state.head.items():
-        tensors[f"{PREFIX}{key}"] = t.float().contiguous()
+    whole = {**state.head, **{f"{m}.{k}": t for m, part in (saved or {}).items() for k, t in part.items()}}
+    for key, t in whole.items():
+        tensors[f"{PREFIX}{key}"] = t.detach().float().cpu().contiguous()
     ranks = {layer: A.shape[0] for layer, (A, _) in factors.items()}
     r = max(ranks.values())
     pattern = {layer: rk for layer, rk in ranks.items() if rk != r}
@@ -112,7 +116,7 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
         "use_rslora": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": sorted({h.split(".")[0] for h in head_modules}) or None,
+        "modules_to_save": sorted({h.split(".")[0] for h in head_modules} | set(saved or {})) or None,
     }
     notes = {MARKER: note} if note else {}
     if labels is not None and head_modules:
@@ -137,13 +141,15 @@ def export_model(fm, state: GlobalState, out_dir: str | Path, base_model: str, t
     """:func:`export_peft` of a ``FederatedModel``'s global ``state``: ``fm``'s adapted layers, its
     task heads, whether its targets were ``Conv1D`` layers (``fm.transposed``), what was folded into
     its base before training (``fm.base_factors``) and the correction beside its quantized layers
-    (``fm.correction``: with the update on adapted layers, on its own elsewhere); ``labels``: the
-    run's label names, recorded beside a task head."""
+    (``fm.correction``: with the update on adapted layers, on its own elsewhere) and its frozen
+    modules exported whole (``fm.saved_modules``); ``labels``: the run's label names, recorded
+    beside a task head."""
     adapted = {n: f for n, f in fm.correction.items() if n in fm.adapters}
     fixed = {n: f for n, f in fm.correction.items() if n not in fm.adapters}
     return export_peft(state, list(fm.adapters), out_dir, base_model, task_type, list(fm.heads),
                        fan_in_fan_out=bool(fm.transposed), base=joined(fm.base_factors, adapted),
-                       fixed=fixed, note=fm.correction_note, labels=labels)
+                       fixed=fixed, note=fm.correction_note, labels=labels,
+                       saved={m: fm.model.get_submodule(m).state_dict() for m in fm.saved_modules})
 
 
 def read_labels(folder: str | Path) -> list[str] | None:

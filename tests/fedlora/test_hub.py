@@ -44,7 +44,7 @@ def test_a_gguf_transformers_cannot_read_is_one_line(monkeypatch, tmp_path):
 
 
 def test_all_linear_adapts_every_block_linear_but_the_vocabulary_layer(tiny_llama_dir):
-    model, _, _ = load_model(str(tiny_llama_dir), "causal-lm")
+    model, *_ = load_model(str(tiny_llama_dir), "causal-lm")
     fm = FederatedModel(model, AdapterConfig(ranks=[2], target_modules=["all-linear"], train_head=False))
     kinds = sorted({n.rsplit(".", 1)[1] for n in fm.adapters})
     assert kinds == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -55,7 +55,7 @@ def test_all_linear_adapts_every_block_linear_but_the_vocabulary_layer(tiny_llam
 
 
 def test_bf16_base_keeps_adapters_and_heads_in_fp32(tiny_bert_dir):
-    model, _, _ = load_model(str(tiny_bert_dir), "sequence-classification", 3, dtype=torch.bfloat16)
+    model, *_ = load_model(str(tiny_bert_dir), "sequence-classification", 3, dtype=torch.bfloat16)
     fm = FederatedModel(model, AdapterConfig(ranks=[2]))
     layer = next(iter(fm.adapters.values()))
     assert layer.base.weight.dtype == torch.bfloat16
@@ -103,9 +103,9 @@ def test_a_classifier_with_another_number_of_labels_gets_a_new_head_said_in_one_
     saved = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).classifier.weight
     capfd.readouterr()  # transformers' own progress bar
     # Execute
-    five, _, _ = load_model(str(tiny_bert_dir), "sequence-classification", num_labels=5)
+    five, *_ = load_model(str(tiny_bert_dir), "sequence-classification", num_labels=5)
     said = capfd.readouterr().err
-    three, _, _ = load_model(str(tiny_bert_dir), "sequence-classification", num_labels=3)
+    three, *_ = load_model(str(tiny_bert_dir), "sequence-classification", num_labels=3)
     # Assert: 5 labels: a new head and one line; 3: the saved head, nothing said
     assert tuple(five.classifier.weight.shape) == (5, 32)
     assert said.count("\n") == 1 and "has 3 labels and the data 5" in said
@@ -123,7 +123,7 @@ def test_smollm2_is_dequantized_once_and_answers(monkeypatch, fedlora_cache):
     folder = resolve_model_path("smollm2")
     assert folder.parent == fedlora_cache / "models" and folder.name.startswith(hub.smollm2_file().stem)
     stamp = (folder / "config.json").stat().st_mtime_ns
-    model, tok, path = load_model("smollm2", "causal-lm")
+    model, tok, path, _ = load_model("smollm2", "causal-lm")
     assert path == folder and (folder / "config.json").stat().st_mtime_ns == stamp  # the cache, reused
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
@@ -257,5 +257,5 @@ def test_the_config_pads_with_the_tokenizers_pad(tiny_llama_dir, tmp_path):
     # LLaMA classifier scored the last token that is not 102, so it pooled pads (accuracy moved with
     # the evaluation's batch size)
     odd = _copy(tiny_llama_dir, tmp_path / "odd", pad_token_id=102)
-    model, tokenizer, _ = load_model(str(odd), "sequence-classification", num_labels=2)
+    model, tokenizer, *_ = load_model(str(odd), "sequence-classification", num_labels=2)
     assert tokenizer.pad_token_id == 0 and model.config.pad_token_id == 0

@@ -69,7 +69,7 @@ def test_a_cached_hub_id_resolves_and_loads_offline(tiny_bert_dir, hf_cache, no_
     snapshot = cache_model(hf_cache, "tiny-org/tiny-bert", tiny_bert_dir)
     # Execute
     path = resolve_model_path("tiny-org/tiny-bert")
-    model, tokenizer, loaded = load_model("tiny-org/tiny-bert", "sequence-classification", 3)
+    model, tokenizer, loaded, _ = load_model("tiny-org/tiny-bert", "sequence-classification", 3)
     # Assert: the main snapshot's folder, loaded with no connection attempted; the planner reads it too
     assert path == loaded == snapshot and cached_snapshot("tiny-org/tiny-bert") == snapshot
     assert model.config.hidden_size == 32 and tokenizer("red apple")["input_ids"]

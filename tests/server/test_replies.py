@@ -24,7 +24,7 @@ def make_coord(tiny_bert_dir, **kw) -> Coordinator:
     from fedlora.models.model import AdapterConfig, FederatedModel
 
     cfg = JobConfig(model=str(tiny_bert_dir), rank=4, num_clients=3, seed=0, **kw)
-    model, _, _ = load_model(cfg.model, "sequence-classification", 3, seed=0)
+    model, *_ = load_model(cfg.model, "sequence-classification", 3, seed=0)
     fm = FederatedModel(model, AdapterConfig(ranks=[4], alpha=16.0, train_head=True))
     c = Coordinator(cfg, make_strategy(cfg), fm, test={})
     c.start()
