@@ -8,7 +8,9 @@ For prompts ``p_i`` (left-padded to P tokens) and reference completions ``c_i``:
 2. **teacher forcing**: the references ``c_i[:-1]`` continue from the cache, so
    ``nll_i = -Σ_j log p(c_ij | p_i, c_i<j)`` (the completion's tokens, end of turn included);
 3. the cache is cut back to the P prompt positions, and **greedy decoding** continues from it:
-   up to ``max_new`` tokens, a row stopping at its first stop token.
+   up to ``max_new`` tokens, a row stopping at its first stop token. A sliding-window layer
+   (Mistral, Gemma-3, Qwen2's) records its states past the window after the prefill, so that it
+   can be cut back too (tested).
 
 Evaluating a generative task this way costs one prompt pass instead of two (one for the
 teacher-forced loss, one for ``generate``'s prefill): prompts are long and answers short.
@@ -74,7 +76,14 @@ def _prefill(fm, prompts: list[list[int]], pad: int) -> _Prefix:
     key, last = _keywords(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
                 use_cache=True, **last)
-    return _Prefix(model, key, getattr(out, key), out.logits[:, -1].float(), mask, mask.sum(dim=1))
+    cache = getattr(out, key)
+    # a sliding-window layer keeps only its window's states, and cannot be cut back once a continuation
+    # reaches it; recording them (after the prefill, as transformers' generate does) lets it, at the
+    # cost of a continuation's states; an ordinary layer (full attention) has no such switch
+    record = getattr(cache, "activate_past_recording", None)
+    if record is not None:
+        record()
+    return _Prefix(model, key, cache, out.logits[:, -1].float(), mask, mask.sum(dim=1))
 
 
 def _continuation_nll(pre: _Prefix, rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:

@@ -120,3 +120,32 @@ def test_mc_refusals_and_long_prompts(chat_tok, capsys):
     with pytest.raises(UserError, match=r"every held-out example \(1, the held-out split of --data\) has a"
                        r" choice longer than --max-length 2 alone \(the longest has 3 tokens\)"):
         task.eval_set(chat_tok, TextDataset(["q"], [0], ["A"], None, [["a b c", "d"]]), _mc(max_length=2))
+
+
+def test_a_sliding_window_model_scores_choices_and_references_past_its_window(chat_tok):
+    # Prepare: a tiny Mistral attending to its last 4 positions, with random adapters; prompts of 2-10
+    # tokens and choices of 1-6, so a continuation crosses the window (its cache keeps only the window)
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from fedlora.tasks.decode import score_and_generate
+
+    torch.manual_seed(0)
+    shape = {"vocab_size": chat_tok.vocab_size, "hidden_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 64,
+             "pad_token_id": chat_tok.pad_token_id}
+    fm = FederatedModel(MistralForCausalLM(MistralConfig(sliding_window=4, **shape)),
+                        AdapterConfig(ranks=[2], train_head=False))
+    g = torch.Generator().manual_seed(1)
+    factors = {n: (torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g)) for n in fm.adapters}
+    apply_global(fm, GlobalState(factors=factors, scale=1.0), {})
+    prompts = [torch.randint(1000, 2000, (n,), generator=g).tolist() for n in (2, 7, 10)]
+    choices = [[torch.randint(1000, 2000, (k,), generator=g).tolist() for k in (1, 3, 6)] for _ in prompts]
+    # Execute: the choices, then each row's last choice as its reference (and greedy answers after it)
+    got = score_choices(fm, prompts, choices, chat_tok.pad_token_id)
+    nll, _, _ = score_and_generate(fm, prompts, [row[-1] for row in choices], 3, [chat_tok.sep_token_id],
+                                   chat_tok.pad_token_id)
+    # Assert: each equals the choice scored after its prompt in one pass of the whole row
+    want = [[_direct(fm, p, c) for c in row] for p, row in zip(prompts, choices, strict=True)]
+    for g_row, w_row in zip(got, want, strict=True):
+        assert g_row == pytest.approx(w_row, rel=1e-5, abs=1e-5)
+    assert (-nll).tolist() == pytest.approx([row[-1] for row in want], rel=1e-5, abs=1e-5)
