@@ -159,7 +159,7 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan, num_labels:
                                         num_labels if task.trains_head else None, seed=cfg.seed, dtype=dtype,
                                         quantize=cfg.quantize, double_quant=cfg.double_quant,
                                         device=cfg.device)
-    check_context(cfg.max_length, model.config, tokenizer)
+    check_context(cfg.max_length, model.config, tokenizer, model)
     try:
         fm = FederatedModel(model, AdapterConfig(
             ranks=ranks, alpha=cfg.lora_alpha, target_modules=cfg.target_modules, plan=plan,
@@ -218,12 +218,19 @@ def check_rank_bound(flag: str, rank: int, layers, kind: str) -> None:
                         f" {full}, or drop {flag}")
 
 
-def check_context(max_length: int | None, config, tokenizer) -> None:
-    """Refuse a ``--max-length`` beyond the tokens the model takes (:func:`context_length`)."""
-    context = context_length(config, tokenizer)
+def check_context(max_length: int | None, config, tokenizer, model=None) -> None:
+    """Refuse a ``--max-length`` beyond the tokens the model takes (:func:`context_length`; ``model``:
+    the model itself, where it is at hand)."""
+    context = context_length(config, tokenizer, model)
     if max_length and context and max_length > context:
-        source = ("max_position_embeddings" if getattr(config, "max_position_embeddings", None) == context
-                  else "tokenizer's model_max_length")
+        given = getattr(config, "max_position_embeddings", None)
+        if context_length(config, None, model) != context:
+            source = "tokenizer's model_max_length"
+        elif given == context:
+            source = "max_position_embeddings"
+        else:  # RoBERTa's: position ids start after the pad's
+            source = (f"max_position_embeddings {given}, less {given - context}: its position ids start"
+                      f" at {given - context}")
         raise UserError(f"--max-length {max_length} exceeds the {context} positions this model takes"
                         f" (its {source}); pass --max-length {context} or less")
 

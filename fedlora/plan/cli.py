@@ -193,7 +193,7 @@ def describe(cfg: JobConfig, shape: ModelShape, response: int) -> str:
 def plan_one(cfg: JobConfig, args: argparse.Namespace) -> dict:
     """The whole plan of one model: printed, and returned for ``--json``."""
     shape = build_shape(cfg, args.num_labels)
-    check_context(cfg.max_length, shape.text_config, None)  # as a job refuses it (positions, no tokenizer)
+    check_context(cfg.max_length, shape.text_config, None, shape.fm.model)  # as a job does (no tokenizer)
     response = args.response_tokens or default_response_tokens(cfg)
     mem = plan_memory(shape, cfg, response)
     clients = args.clients_per_pass or cfg.max_clients_per_pass or len(cfg.sampled(1))

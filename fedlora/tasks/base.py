@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedlora.errors import UserError
-from fedlora.models.hub import context_length
+from fedlora.models.hub import tokenizer_context
 
 #: name -> task object (filled by :func:`register_task`).
 TASKS: dict[str, Task] = {}
@@ -129,8 +129,9 @@ def held_out_source(cfg) -> str:
 
 def length_advice(tokenizer, longest: int) -> str:
     """What lets a text of ``longest`` tokens fit: a larger ``--max-length`` where the model (its
-    tokenizer's ``model_max_length``) takes one, else shortening or dropping it."""
-    limit = context_length(None, tokenizer)
+    positions and its tokenizer's ``model_max_length``: :func:`~fedlora.models.hub.tokenizer_context`)
+    takes one, else shortening or dropping it."""
+    limit = tokenizer_context(tokenizer)
     if limit is not None and longest >= limit:
         return f"this model takes at most {limit} tokens: shorten or drop those rows"
     most = f" (this model takes up to {limit})" if limit else ""

@@ -259,3 +259,34 @@ def test_the_config_pads_with_the_tokenizers_pad(tiny_llama_dir, tmp_path):
     odd = _copy(tiny_llama_dir, tmp_path / "odd", pad_token_id=102)
     model, tokenizer, *_ = load_model(str(odd), "sequence-classification", num_labels=2)
     assert tokenizer.pad_token_id == 0 and model.config.pad_token_id == 0
+
+
+def test_a_model_numbering_positions_after_the_pad_takes_that_many_fewer_tokens(tiny_bert_dir, tmp_path):
+    # Prepare: a tiny RoBERTa of 20 positions whose position ids start after the pad's (id 0), so a row
+    # takes 19 tokens; its tokenizer allows 512
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    from fedlora.job.setup import check_context
+    from fedlora.tasks.base import length_advice
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=32, max_position_embeddings=20,
+                           pad_token_id=tok.pad_token_id)
+    RobertaForSequenceClassification(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, tokenizer, *_ = load_model(str(tmp_path), "sequence-classification", 2)
+    # Execute: rows of 19 and 20 tokens (no pad)
+    model(input_ids=torch.full((1, 19), 5))
+    with pytest.raises((IndexError, RuntimeError), match="out of"):  # position 20 indexes nothing
+        model(input_ids=torch.full((1, 20), 5))
+    # Assert: every reading of the limit says 19: with the model, its config alone, the tokenizer's folder
+    assert tokenizer.model_max_length == 512
+    assert hub.context_length(model.config, tokenizer, model) == hub.load_tokenizer(str(tmp_path))[1] == 19
+    check_context(19, model.config, tokenizer, model)
+    with pytest.raises(UserError, match=r"--max-length 20 exceeds the 19 positions this model takes \(its"
+                                        r" max_position_embeddings 20, less 1"):
+        check_context(20, model.config, tokenizer)
+    assert length_advice(tokenizer, 25).startswith("this model takes at most 19 tokens")
+    assert "(this model takes up to 19)" in length_advice(tokenizer, 12)
