@@ -5,12 +5,15 @@ dataset repository's files under ``$HF_HUB_CACHE/datasets--ORG--NAME/snapshots/R
 ``refs/main`` naming the revision. :func:`locate_hub_dataset` finds a split's data files there,
 reading nothing but the file system: nothing is ever downloaded.
 
-A file belongs to split ``S`` when ``S`` is a whole part of its path inside the snapshot (split by
-``/``, ``-``, ``_`` and ``.``: ``data/train-00000-of-00002.parquet``, ``train.jsonl``,
-``sst2/train/0.parquet``); ``CONFIG/S`` names a configuration's split, every part a whole part of
-the path (``cais/mmlu:all/test`` is ``all/test-00000-of-00001.parquet``). Without ``:SPLIT`` the split
-is ``train``, and a repository of one data file (``alpaca_data.json``) is that file, whatever its
-name. A split in several shard files becomes the pattern of their names (``data/train-*.parquet``),
+A file belongs to split ``S`` when its name, without the data suffix and a shard number, is ``S``
+as a whole (``data/train-00000-of-00002.parquet``, ``train.jsonl``), or when its name is a shard
+number alone and its folder is ``S`` (``sst2/train/0.parquet``): ``train`` is neither ``train_prefs``
+nor ``train_sft`` (UltraFeedback's splits), ``validation`` neither of GLUE's ``validation_matched`` and
+``validation_mismatched``. ``CONFIG/S`` names a configuration's split, each ``CONFIG`` part a folder
+above the file (``cais/mmlu:all/test`` is ``all/test-00000-of-00001.parquet``). Without ``:SPLIT``
+the split is ``train``; a repository of one data file (``alpaca_data.json``) is that file, whatever
+its name, and one of other splits alone (``train_prefs``, ``train_sft``, ...) is refused, listing
+them. A split in several shard files becomes the pattern of their names (``data/train-*.parquet``),
 whose rows are read in name order.
 """
 
@@ -46,9 +49,36 @@ def snapshot(repo: str) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def _in_split(relative: str, split: str) -> bool:
-    parts = re.split(r"[/_.-]", relative.lower())
-    return all(part in parts for part in split.lower().split("/"))
+#: A shard's number at the end of a file's name: ``-00000-of-00002`` (with the hash that older
+#: conversions add: ``-00000-of-00001-3b1b0c39e2bea6e9``), or ``-00000``.
+SHARD = re.compile(r"-\d+(?:-of-\d+)?(?:-[0-9a-f]{8,})?$")
+#: A file's name that is a shard's number alone (``0.parquet``, ``0000.parquet``): its folder is the split.
+NUMBERED = re.compile(r"\d+(?:-of-\d+)?")
+
+
+def split_of(relative: str, suffixes: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """``(the split, the folders above it)`` of the data file at ``relative`` (a path inside the
+    snapshot, ``/``-separated), all in lower case; ``suffixes``: the data files' name ends."""
+    *folders, name = relative.lower().split("/")
+    suffix = max((s for s in suffixes if name.endswith(s)), key=len, default="")
+    stem = name[:len(name) - len(suffix)]
+    if NUMBERED.fullmatch(stem) and folders:
+        return folders[-1], tuple(folders[:-1])
+    return SHARD.sub("", stem), tuple(folders)
+
+
+def _in_split(place: tuple[str, tuple[str, ...]], split: str) -> bool:
+    """Whether a file at ``place`` (:func:`split_of`) is in ``split`` (``S`` or ``CONFIG/S``)."""
+    *config, name = split.lower().split("/")
+    return place[0] == name and all(part in place[1] for part in config)
+
+
+def _splits(places: list[tuple[str, tuple[str, ...]]]) -> str:
+    """The splits of ``places`` as ``:SPLIT`` names them (``CONFIG/S`` where they lie in several
+    folders), at most 12."""
+    several = len({under for _, under in places}) > 1
+    listed = sorted({"/".join(under[-1:] + (name,)) if several else name for name, under in places})
+    return ", ".join(listed[:12]) + (f", ... ({len(listed)} in all)" if len(listed) > 12 else "")
 
 
 def locate_hub_dataset(spec: str, suffixes: tuple[str, ...]) -> Path | None:
@@ -58,7 +88,8 @@ def locate_hub_dataset(spec: str, suffixes: tuple[str, ...]) -> Path | None:
     Raises
     ------
     UserError
-        The dataset is not in the cache (name the download command), or its files do not tell
+        The dataset is not in the cache (name the download command), it has no such split (or,
+        without ``:SPLIT``, no ``train`` split and several data files), or its files do not tell
         the split apart.
     """
     match = HUB_DATASET.fullmatch(spec)
@@ -71,18 +102,20 @@ def locate_hub_dataset(spec: str, suffixes: tuple[str, ...]) -> Path | None:
                         f" cache ({hub_cache()}); nothing is downloaded at run time: fetch it once with"
                         f" `hf download {repo} --repo-type dataset`")
     files = sorted(p for p in home.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
-    named = [p for p in files if _in_split(p.relative_to(home).as_posix(), split)]
+    places = [split_of(p.relative_to(home).as_posix(), suffixes) for p in files]
+    named = [(p, place) for p, place in zip(files, places, strict=True) if _in_split(place, split)]
     if not named and match["split"] is None and len(files) == 1:
-        named = files
+        named = [(files[0], places[0])]
     if not named:
-        listed = ", ".join(p.relative_to(home).as_posix() for p in files[:6]) or "no data files"
-        raise UserError(f"dataset {repo!r} in the cache has no {split!r} split file ({listed}); name a"
+        listed = f"its splits: {_splits(places)}" if files else "no data files"
+        raise UserError(f"dataset {repo!r} in the cache has no {split!r} split ({listed}); name a"
                         f" split as {repo}:SPLIT, or pass a file's path")
-    folders = sorted({p.parent.relative_to(home).as_posix() for p in named})
+    folders = sorted({p.parent.relative_to(home).as_posix() for p, _ in named})
     if len(folders) > 1:
+        name, above = named[0][1]
         raise UserError(f"dataset {repo!r} has {split!r} files in {len(folders)} folders"
-                        f" ({', '.join(folders[:5])}); name one as {repo}:{folders[0]}/{split}")
-    return named[0] if len(named) == 1 else shard_pattern(named, repo)
+                        f" ({', '.join(folders[:5])}); name one as {repo}:{'/'.join(above[-1:] + (name,))}")
+    return named[0][0] if len(named) == 1 else shard_pattern([p for p, _ in named], repo)
 
 
 def shard_pattern(files: list[Path], repo: str) -> Path:

@@ -182,7 +182,7 @@ def test_a_cached_hub_dataset_and_a_file_pattern_read_as_the_file(tiny_bert_dir,
     assert [[r[k] for k in same] for r in rows["pattern"]] == [[r[k] for k in same] for r in rows["csv"]]
     capsys.readouterr()
     refusals = {"tiny-org/toy:validation": "dataset 'tiny-org/toy' in the cache has no 'validation' split"
-                                           " file (data/test-00000-of-00001.parquet,",
+                                           " (its splits: test, train);",
                 "tiny-org/absent": "fetch it once with `hf download tiny-org/absent --repo-type dataset`"}
     for data, message in refusals.items():
         assert main([*job, "--data", data, "--out", str(tmp_path / "bad")]) == 2
@@ -213,3 +213,44 @@ def test_a_configuration_split_and_a_one_file_repository(hf_cache):
         load_instructions("cais/mmlu:test", "text", "label")
     alpaca = load_instructions("tatsu/alpaca", "text", "label")   # no train file: the one file
     assert (alpaca.texts, alpaca.responses) == (["Say hi."], ["Hi."])
+
+
+def _texts(spec: str) -> list[str]:
+    from fedlora.data.readers import read_rows
+
+    return [row["text"] for row in read_rows(spec)]
+
+
+def test_a_split_is_its_whole_name(hf_cache):
+    # Prepare: UltraFeedback's layout (train_prefs, train_sft, ... beside each other), GLUE's (a folder
+    # per configuration, validation_matched beside validation_mismatched), and numbered shards in
+    # split folders (the Hub's parquet conversion); each file's rows name it
+    def files(names: list[str]) -> dict[str, bytes]:
+        return {name: _parquet_bytes([(name, "0"), (name, "1")]) for name in names}
+
+    uf = "HuggingFaceH4/ultrafeedback_binarized"
+    cache_dataset(hf_cache, uf, files([f"data/{s}-00000-of-00001.parquet"
+                                       for s in ("train_prefs", "train_sft", "train_gen", "test_prefs")]))
+    cache_dataset(hf_cache, "nyu-mll/glue", files([
+        "mnli/train-00000-of-00001.parquet", "mnli/validation_matched-00000-of-00001.parquet",
+        "mnli/validation_mismatched-00000-of-00001.parquet", "sst2/validation-00000-of-00001.parquet"]))
+    cache_dataset(hf_cache, "org/converted", files(["default/train/0000.parquet",
+                                                    "default/train/0001.parquet",
+                                                    "default/train_extra/0000.parquet"]))
+    # Execute / Assert: a split is only the files of that whole name
+    assert _texts(f"{uf}:train_prefs") == ["data/train_prefs-00000-of-00001.parquet"] * 2
+    assert _texts(f"{uf}:test_prefs") == ["data/test_prefs-00000-of-00001.parquet"] * 2
+    matched = "mnli/validation_matched-00000-of-00001.parquet"
+    assert _texts("nyu-mll/glue:mnli/validation_matched") == [matched] * 2
+    assert _texts("nyu-mll/glue:sst2/validation") == ["sst2/validation-00000-of-00001.parquet"] * 2
+    assert _texts("org/converted") == ["default/train/0000.parquet"] * 2 + ["default/train/0001.parquet"] * 2
+    # no 'train' split (train_prefs is not one), no 'validation' beside validation_matched: one line each
+    refusals = {uf: rf"^dataset '{uf}' in the cache has no 'train' split \(its splits: test_prefs, train_gen,"
+                    rf" train_prefs, train_sft\); name a split as {uf}:SPLIT, or pass a file's path$",
+                f"{uf}:test": "has no 'test' split",
+                "nyu-mll/glue:mnli/validation": r"has no 'mnli/validation' split \(its splits: mnli/train,"
+                                                r" mnli/validation_matched, mnli/validation_mismatched,"
+                                                r" sst2/validation\)"}
+    for spec, message in refusals.items():
+        with pytest.raises(UserError, match=message):
+            _texts(spec)
