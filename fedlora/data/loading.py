@@ -113,8 +113,9 @@ def _labels(rows: list[dict], column: str, path: Path) -> tuple[list[int], list[
     an integer). A label is its text without surrounding spaces; ``1.0`` is ``1``."""
     missing = [i for i, r in enumerate(rows) if r.get(column) is None or str(r[column]).strip() == ""]
     if missing:
-        raise UserError(f"{len(missing)} row(s) of {path.name} have no {column!r} (the first is data"
-                        f" row {missing[0] + 1}): fill in their labels or drop those rows")
+        raise UserError(f"{len(missing)} row(s) of {path.name} have no {column!r} (unlabelled: null, empty"
+                        f" or a ClassLabel's -1; the first is data row {missing[0] + 1}): fill in their"
+                        " labels or drop those rows")
     raw = [cell_text(r, column, f"data row {i + 1} of {path.name}").strip() for i, r in enumerate(rows)]
     if all(v.lstrip("-").replace(".", "", 1).isdigit() for v in raw):
         raw = [str(int(float(v))) if float(v).is_integer() else v for v in raw]

@@ -9,7 +9,8 @@ that marks a folder:
   ``datasets``' ``to_json(lines=False)``); ``.jsonl.gz`` (or ``.json.gz``): the same, gzip-compressed;
 * ``.parquet``: a Parquet file (pyarrow);
 * a folder written by ``datasets``' ``save_to_disk``: a ``Dataset`` (``state.json``), or a
-  ``DatasetDict`` (``dataset_dict.json``) of one split; a ``ClassLabel`` column gives its names.
+  ``DatasetDict`` (``dataset_dict.json``) of one split; a ``ClassLabel`` column gives its names
+  (its ``-1``, no label, is null).
 
 A name pattern (``shards/train-*.parquet``: ``*``, ``?`` or ``[...]`` in its last part) reads every
 matching file in name order, all in one form. A hub dataset id, ``ORG/NAME`` or ``ORG/NAME:SPLIT``,
@@ -182,8 +183,8 @@ def _parquet(path: Path) -> Rows:
 
 
 def _dataset(path: Path) -> Rows:
-    """A ``Dataset`` folder's rows, a ``ClassLabel`` column's ids as their names (``-1``, no label,
-    stays)."""
+    """A ``Dataset`` folder's rows, a ``ClassLabel`` column's ids as their names; its ``-1`` (no label,
+    as in GLUE's test splits) is None, a missing label as a null in JSON lines is."""
     from datasets import ClassLabel, load_from_disk
 
     try:
@@ -196,6 +197,8 @@ def _dataset(path: Path) -> Rows:
         for column, names in named.items():
             if isinstance(row[column], int) and 0 <= row[column] < len(names):
                 row[column] = names[row[column]]
+            elif row[column] == -1:
+                row[column] = None
     return rows
 
 

@@ -71,8 +71,9 @@ def test_a_missing_column_names_the_one_meant(tmp_path):
 def test_rows_without_a_label_are_refused_not_made_a_class(tmp_path, body):
     f = tmp_path / ("d.csv" if body.startswith("text") else "d.jsonl")
     f.write_text(body)
-    with pytest.raises(UserError, match=r"^2 row\(s\) of d\.\w+ have no 'label' \(the first is data row 2\): "
-                                        r"fill in their labels or drop those rows$"):
+    with pytest.raises(UserError, match=r"^2 row\(s\) of d\.\w+ have no 'label' \(unlabelled: null, empty"
+                                        r" or a ClassLabel's -1; the first is data row 2\): fill in their"
+                                        r" labels or drop those rows$"):
         load_file(f)
 
 

@@ -104,8 +104,12 @@ def test_a_class_label_column_reads_as_its_names(tmp_path):
     features = Features({"text": Value("string"), "label": ClassLabel(names=["pos", "neg"])})
     Dataset.from_dict({"text": ["a", "b", "c"], "label": [1, 0, -1]}, features=features).save_to_disk(
         str(tmp_path / "ds"))
-    # Execute / Assert: the names, as a CSV of names would give them (an SFT job's answers are words)
-    assert [r["label"] for r in read_rows(tmp_path / "ds")] == ["neg", "pos", -1]
+    # Execute / Assert: the names, as a CSV of names would give them (an SFT job's answers are words);
+    # -1 is no label, refused as a null label is (it was a class "-1")
+    assert [r["label"] for r in read_rows(tmp_path / "ds")] == ["neg", "pos", None]
+    with pytest.raises(UserError, match=r"^1 row\(s\) of ds have no 'label' \(unlabelled: null, empty or a"
+                                        r" ClassLabel's -1; the first is data row 3\): fill in"):
+        load_file(tmp_path / "ds")
 
 
 def test_a_missing_column_is_the_csv_message(tmp_path):
