@@ -28,6 +28,7 @@ import csv
 import functools
 import gzip
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,21 +299,28 @@ def read_rows(path: Path | str) -> Rows:
                         f" {exc.start}); re-save it as UTF-8") from None
 
 
+def is_missing(value) -> bool:
+    """Whether a cell holds no value: null, or a float NaN or infinity (JSON's ``NaN``, as Python's
+    ``json.dumps`` writes a missing number, and pandas' missing values)."""
+    return value is None or isinstance(value, float) and not math.isfinite(value)
+
+
 def text_of(value, where: str, column: str) -> str:
     """A text cell's value: a string as it is, a number (or a boolean) as it is written.
 
     Raises
     ------
     UserError
-        ``value`` is null, a list or an object, whose Python text would be trained on (``where``
-        names the row in the message: ``"train.jsonl row 7"``).
+        ``value`` is missing (:func:`is_missing`), a list or an object, whose Python text would be
+        trained on (``where`` names the row in the message: ``"train.jsonl row 7"``).
     """
     if isinstance(value, str):
         return value
+    if is_missing(value):
+        said = "null" if value is None else f"{value} (a missing value)"
+        raise UserError(f"{where}: {column!r} is {said}; give it a text, or drop the row")
     if isinstance(value, int | float):
         return str(value)
-    if value is None:
-        raise UserError(f"{where}: {column!r} is null; give it a text, or drop the row")
     raise UserError(f"{where}: {column!r} is a {type(value).__name__} ({str(value)[:60]!r}), not text;"
                     " give it as a string, or drop the row")
 

@@ -67,13 +67,16 @@ def test_a_missing_column_names_the_one_meant(tmp_path):
 
 @pytest.mark.parametrize("body", ["text,label\na,0\nb,\nc,1\nd, \n",
                                   '{"text": "a", "label": 0}\n{"text": "b", "label": null}\n'
-                                  '{"text": "c", "label": 1}\n{"text": "d", "label": ""}\n'])
+                                  '{"text": "c", "label": 1}\n{"text": "d", "label": ""}\n',
+                                  # json.dumps writes a missing float as NaN (it was a class "nan")
+                                  '{"text": "a", "label": 0}\n{"text": "b", "label": NaN}\n'
+                                  '{"text": "c", "label": 1}\n{"text": "d", "label": -Infinity}\n'])
 def test_rows_without_a_label_are_refused_not_made_a_class(tmp_path, body):
     f = tmp_path / ("d.csv" if body.startswith("text") else "d.jsonl")
     f.write_text(body)
-    with pytest.raises(UserError, match=r"^2 row\(s\) of d\.\w+ have no 'label' \(unlabelled: null, empty"
-                                        r" or a ClassLabel's -1; the first is data row 2\): fill in their"
-                                        r" labels or drop those rows$"):
+    with pytest.raises(UserError, match=r"^2 row\(s\) of d\.\w+ have no 'label' \(unlabelled: null, NaN,"
+                                        r" empty or a ClassLabel's -1; the first is data row 2\):"
+                                        r" fill in their labels or drop those rows$"):
         load_file(f)
 
 
@@ -120,6 +123,7 @@ def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
 @pytest.mark.parametrize("row, message", [
     ('{"label": 1}', r"data row 2 of d\.jsonl has no 'text': give every row each column$"),
     ('{"text": null, "label": 1}', r"data row 2 of d\.jsonl: 'text' is null; give it a text"),
+    ('{"text": NaN, "label": 1}', r"data row 2 of d\.jsonl: 'text' is nan \(a missing value\); give it"),
     ('{"text": ["a", "b"], "label": 1}', r"data row 2 of d\.jsonl: 'text' is a list \(.*\), not text"),
     ('{"text": "b", "label": {"y": 1}}', r"data row 2 of d\.jsonl: 'label' is a dict \(.*\), not text"),
 ])

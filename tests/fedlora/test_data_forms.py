@@ -107,8 +107,8 @@ def test_a_class_label_column_reads_as_its_names(tmp_path):
     # Execute / Assert: the names, as a CSV of names would give them (an SFT job's answers are words);
     # -1 is no label, refused as a null label is (it was a class "-1")
     assert [r["label"] for r in read_rows(tmp_path / "ds")] == ["neg", "pos", None]
-    with pytest.raises(UserError, match=r"^1 row\(s\) of ds have no 'label' \(unlabelled: null, empty or a"
-                                        r" ClassLabel's -1; the first is data row 3\): fill in"):
+    with pytest.raises(UserError, match=r"^1 row\(s\) of ds have no 'label' \(unlabelled: null, NaN,"
+                                        r" empty or a ClassLabel's -1; the first is data row 3\): fill in"):
         load_file(tmp_path / "ds")
 
 
