@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,10 @@ from fedlora.errors import UserError, warn_once
 
 DEFAULT_DATASET = "bbcnews"
 PARTITIONS = ("iid", "dirichlet", "dirichlet-clients")
+#: A label that is a number, in ASCII digits (``³`` and ``①`` are digits to ``str.isdigit`` but text here).
+NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]*)?")
+#: A label that is an integer.
+INTEGER = re.compile(r"-?[0-9]+")
 
 
 @dataclass
@@ -117,19 +122,26 @@ def _labels(rows: list[dict], column: str, path: Path) -> tuple[list[int], list[
                         f" empty or a ClassLabel's -1; the first is data row {missing[0] + 1}): fill in their"
                         " labels or drop those rows")
     raw = [cell_text(r, column, f"data row {i + 1} of {path.name}").strip() for i, r in enumerate(rows)]
-    if all(v.lstrip("-").replace(".", "", 1).isdigit() for v in raw):
-        raw = [str(int(float(v))) if float(v).is_integer() else v for v in raw]
+    if all(NUMBER.fullmatch(v) for v in raw):
+        raw = [_integer(v) for v in raw]
     names = label_order(raw)
     _warn_case(names, path)
     index = {v: i for i, v in enumerate(names)}
     return [index[v] for v in raw], names
 
 
+def _integer(label: str) -> str:
+    """A :data:`NUMBER` label as an integer's digits where it is one (``1.0`` is ``1``, exactly for any
+    number of digits: ``12345678901234567`` stays apart from ``12345678901234568``), else as it is."""
+    whole, _, fraction = label.partition(".")
+    return label if fraction.strip("0") else str(int(whole))
+
+
 def label_order(names) -> list[str]:
-    """Label names in the order labels get their ids: by value when they are all integers, else by
-    text (a labeled file's, and the choices of label-word questions)."""
+    """Label names in the order labels get their ids: by value when they are all integers (ASCII
+    digits), else by text (a labeled file's, and the choices of label-word questions)."""
     names = set(names)
-    numeric = all(n.lstrip("-").isdigit() for n in names)
+    numeric = all(INTEGER.fullmatch(n) for n in names)
     return sorted(names, key=int) if numeric else sorted(names)
 
 

@@ -147,6 +147,21 @@ def test_labels_are_their_text_without_spaces_and_integer_floats_are_integers(tm
     assert "labels 'Pos' and 'pos' of s.csv differ only in case" in capsys.readouterr().err
 
 
+def test_long_integer_labels_stay_apart_and_unicode_digits_are_text(tmp_path):
+    # Prepare: 17-digit ids one apart (equal as floats), as CSV text and as JSON integers; labels of
+    # characters str.isdigit calls digits but int() refuses
+    ids, ints, signs = tmp_path / "ids.csv", tmp_path / "ids.jsonl", tmp_path / "signs.csv"
+    ids.write_text("text,label\na,12345678901234568\nb,12345678901234567\nc,12345678901234567.0\n")
+    ints.write_text('{"text": "a", "label": 12345678901234568}\n{"text": "b", "label": 12345678901234567}\n')
+    signs.write_text("text,label\na,\u00b3\nb,\u2460\nc,1\nd,\u00b3\n")
+    # Execute
+    got = [load_file(f) for f in (ids, ints, signs)]
+    # Assert: two classes, by value; the signs are text labels, in code point order ('1' < '³' < '①')
+    assert got[0].label_names == ["12345678901234567", "12345678901234568"] and got[0].labels == [1, 0, 0]
+    assert got[1].label_names == ["12345678901234567", "12345678901234568"] and got[1].labels == [1, 0]
+    assert got[2].label_names == ["1", "\u00b3", "\u2460"] and got[2].labels == [1, 2, 0, 1]
+
+
 def test_split_and_iid_partition_cover_train_exactly_once(tiny_csv):
     ds = load_file(tiny_csv)
     train, test = split(ds, 0.2, seed=0)
