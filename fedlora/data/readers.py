@@ -29,6 +29,7 @@ import functools
 import gzip
 import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,10 @@ def register_reader(reader: Reader) -> Reader:
     READERS[reader.name] = reader
     return reader
 
+
+#: CSV/TSV cells of any length (a long document), where the csv module stops at 131,072 characters;
+#: capped for a C long on Windows.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 #: Separators a delimited file may use instead of its form's: a header of one column holding one
 #: of them is refused (a semicolon-separated ``.csv``, as spreadsheets in some locales write one).

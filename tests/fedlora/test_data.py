@@ -101,6 +101,16 @@ def test_a_quoted_field_over_several_lines_is_one_row_and_one_warning(tmp_path, 
     assert capsys.readouterr().err.count("d.tsv:3: a quoted field runs over several lines") == 1
 
 
+def test_a_cell_longer_than_the_csv_modules_limit_is_read(tmp_path):
+    # Prepare: a 200,000-character document (the csv module stops at 131,072 by default)
+    text = "word " * 40_000
+    for name, sep in (("long.csv", ","), ("long.tsv", "\t")):
+        (tmp_path / name).write_text(f"text{sep}label\n{text}{sep}1\nshort{sep}0\n")
+        # Execute / Assert
+        ds = load_file(tmp_path / name)
+        assert ds.texts == [text, "short"] and ds.label_names == ["0", "1"] and ds.labels == [1, 0]
+
+
 def test_another_separator_and_spaced_header_names(tmp_path):
     semi, spaced = tmp_path / "semi.csv", tmp_path / "spaced.csv"
     semi.write_text("text;label\nhi;0\n")
