@@ -4,7 +4,8 @@ A form is a :class:`Reader` in :data:`READERS`, found by the end of a file's nam
 that marks a folder:
 
 * ``.csv`` / ``.tsv``: a header line, then a row per line (every value is text; a UTF-8 byte-order
-  mark, as spreadsheets write one, is dropped);
+  mark, as spreadsheets write one, is dropped); a TSV file's quotes are text unless it quotes a
+  cell whole (:func:`quoting`);
 * ``.jsonl`` (or ``.json``): a JSON object per line, or one JSON array of objects (``alpaca_data.json``,
   ``datasets``' ``to_json(lines=False)``); ``.jsonl.gz`` (or ``.json.gz``): the same, gzip-compressed;
 * ``.parquet``: a Parquet file (pyarrow);
@@ -95,12 +96,26 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 SEPARATORS = {",": "commas", "\t": "tabs", ";": "semicolons", "|": "bars"}
 
 
+def quoting(path: Path, delimiter: str) -> int:
+    """How ``path``'s cells are quoted: a CSV file's as the csv module reads them (``"..."`` around a
+    cell that holds a comma, a quote doubled inside); a TSV file's the same where one of its cells is
+    quoted whole (starts and ends with ``"``: pandas' ``to_csv(sep="\\t")`` quotes a text that holds a
+    quote), else not at all, as GLUE's TSVs are written: ``"great" movie`` is that text."""
+    if delimiter != "\t":
+        return csv.QUOTE_MINIMAL
+    with path.open(encoding="utf-8-sig") as fh:
+        for line in fh:
+            if any(len(c) > 1 and c[0] == c[-1] == '"' for c in line.rstrip("\r\n").split("\t")):
+                return csv.QUOTE_MINIMAL
+    return csv.QUOTE_NONE
+
+
 def _delimited_rows(path: Path, delimiter: str) -> Rows:
-    """The rows of a CSV or TSV file. A row with more or fewer fields than the header is refused
-    (an unquoted delimiter in a text, a lost field) where it would shift or lose a value, and a quoted
-    field that runs over several lines is reported, once, in a warning."""
+    """The rows of a CSV or TSV file (quoted as :func:`quoting` says). A row with more or fewer fields
+    than the header is refused (an unquoted delimiter in a text, a lost field) where it would shift or
+    lose a value, and a quoted field that runs over several lines is reported, once, in a warning."""
     with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh, delimiter=delimiter)
+        reader = csv.reader(fh, delimiter=delimiter, quoting=quoting(path, delimiter))
         header = next(reader, None)
         if header is None:
             return []
@@ -138,7 +153,7 @@ def _check_separator(path: Path, header: list[str], delimiter: str) -> None:
 
 def _delimited_cells(path: Path, delimiter: str) -> list[list[str]]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
-        return [r for r in csv.reader(fh, delimiter=delimiter) if r]
+        return [r for r in csv.reader(fh, delimiter=delimiter, quoting=quoting(path, delimiter)) if r]
 
 
 def _json(path: Path, opener: Callable = open) -> Rows:

@@ -94,11 +94,26 @@ def test_a_row_with_a_field_more_or_less_is_refused_with_its_line(tmp_path):
 
 
 def test_a_quoted_field_over_several_lines_is_one_row_and_one_warning(tmp_path, capsys):
-    f = tmp_path / "d.tsv"
-    f.write_text('text\tlabel\ngood\t1\n"a stray quote\t0\nbad\t0\nok"\t1\nfine\t0\n')
+    f = tmp_path / "d.csv"
+    f.write_text('text,label\ngood,1\n"a stray quote,0\nbad,0\nok",1\nfine,0\n')
     ds = load_file(f)
-    assert ds.texts == ["good", "a stray quote\t0\nbad\t0\nok", "fine"]
-    assert capsys.readouterr().err.count("d.tsv:3: a quoted field runs over several lines") == 1
+    assert ds.texts == ["good", "a stray quote,0\nbad,0\nok", "fine"]
+    assert capsys.readouterr().err.count("d.csv:3: a quoted field runs over several lines") == 1
+
+
+def test_a_tsv_file_quotes_nothing_unless_it_quotes_a_cell_whole(tmp_path, capsys):
+    # Prepare: GLUE's TSV (quotes are text: one starts a cell, one is unbalanced), and pandas' (a text
+    # holding a quote is quoted whole, its quotes doubled)
+    glue, pandas = tmp_path / "glue.tsv", tmp_path / "pandas.tsv"
+    glue.write_text('sentence\tlabel\n"great" movie\t1\n"a stray quote\t0\nbad\t0\nok"\t1\nfine\t0\n'
+                    'say "no"\t0\nlast\t1\n')
+    pandas.write_text('text\tlabel\n"say ""hi"" now"\t1\nplain\t0\n')
+    # Execute
+    g, pd = load_file(glue, "sentence"), load_file(pandas)
+    # Assert: every line of GLUE's is its row, as it is written (7 rows, not 4); pandas' unquoted
+    assert g.texts == ['"great" movie', '"a stray quote', "bad", 'ok"', "fine", 'say "no"', "last"]
+    assert g.labels == [1, 0, 0, 1, 0, 0, 1] and "several lines" not in capsys.readouterr().err
+    assert pd.texts == ['say "hi" now', "plain"] and pd.labels == [1, 0]
 
 
 def test_a_cell_longer_than_the_csv_modules_limit_is_read(tmp_path):
