@@ -121,6 +121,7 @@ def _delimited_rows(path: Path, delimiter: str) -> Rows:
             return []
         header = [name.strip() for name in header]  # "text, label": the column is "label"
         _check_separator(path, header, delimiter)
+        _check_unique(path, header)
         rows, merged, line = [], [], 1
         for cells in reader:
             first, line = line + 1, reader.line_num
@@ -149,6 +150,15 @@ def _check_separator(path: Path, header: list[str], delimiter: str) -> None:
         raise UserError(f"{path}: its header {header[0]!r} is one column: its fields are separated by"
                         f" {SEPARATORS[other]}, and fedlora reads .csv files separated by commas and"
                         " .tsv files by tabs; re-save it so")
+
+
+def _check_unique(path: Path, header: list[str]) -> None:
+    """Refuse a header that names a column twice (``text,label,text``): one of them would be lost."""
+    twice = next((name for n, name in enumerate(header) if name in header[:n]), None)
+    if twice is not None:
+        first, second = [n + 1 for n, name in enumerate(header) if name == twice][:2]
+        raise UserError(f"{path}: its header names the column {twice!r} twice (columns {first} and {second});"
+                        " rename one, so each column has its own name")
 
 
 def _delimited_cells(path: Path, delimiter: str) -> list[list[str]]:

@@ -137,6 +137,17 @@ def test_another_separator_and_spaced_header_names(tmp_path):
     assert ds.label_names == ["0", "1"] and ds.texts == ["hi", "ho"]
 
 
+def test_a_header_naming_a_column_twice_is_refused(tmp_path):
+    # Prepare: the last 'text' column would have been trained on, the first lost
+    for name, sep in (("d.csv", ","), ("d.tsv", "\t")):
+        (tmp_path / name).write_text(sep.join(["text", "label", " text"]) + "\n" + sep.join("a0b") + "\n")
+        # Execute / Assert
+        with pytest.raises(UserError, match=rf"^.*{name}: its header names the column 'text' twice"
+                                            r" \(columns 1 and 3\); rename one, so each column has its own"
+                                            r" name$"):
+            load_file(tmp_path / name)
+
+
 def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
     f = tmp_path / "latin1.csv"
     f.write_bytes("text,label\ncaf\u00e9,0\n".encode("latin-1"))
