@@ -67,13 +67,14 @@ def choice_set(tokenizer, ds, cfg) -> ChoiceSet:
     Raises
     ------
     UserError
-        The data has no choices (free-form responses), or every example has a choice longer than
-        ``--max-length``.
+        The data has no choices (free-form responses), an example's choices are not all different,
+        or every example has a choice longer than ``--max-length``.
     """
     if ds.choices is None or ds.labels is None:
         raise UserError("--eval mc needs choices for every held-out example, and this data has free-form"
                         " responses: give a .jsonl with question, choices and answer, MMLU's CSV"
                         " (question,A,B,C,D,answer), or a labeled file with --label-words")
+    _check_distinct(ds.choices, ds.label_names)
     texts = sorted({c for row in ds.choices for c in row})
     ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True))
     keep = drop_long([max(len(ids[c]) for c in row) for row in ds.choices], cfg, tokenizer, "choice")
@@ -87,6 +88,26 @@ def choice_set(tokenizer, ds, cfg) -> ChoiceSet:
     return ChoiceSet(prompts=[prompts[i] for i in order], choices=[choices[i] for i in order],
                      sizes=[[len(c.encode()) for c in ds.choices[i]] for i in order],
                      answers=[ds.labels[i] for i in order], pad=tokenizer.pad_token_id)
+
+
+def _check_distinct(choices: list[list[str]], label_names: list[str]) -> None:
+    """Refuse an example whose choices are not all different: two labels given one word by
+    ``--label-words`` (``1=bad,2=bad``), whose scores tie, so the answer would be right or wrong by
+    which of them is the label (a multiple-choice file's rows are refused so as they are read).
+
+    Raises
+    ------
+    UserError
+        Some example's choices hold one text twice.
+    """
+    twice = next((row for row in choices if len(set(row)) < len(row)), None)
+    if twice is None:
+        return
+    word = next(c for n, c in enumerate(twice) if c in twice[:n])
+    same = [name for name, c in zip(label_names, twice, strict=False) if c == word][:2]
+    which = f"labels {same[0]!r} and {same[1]!r} have" if len(same) == 2 else "two choices have"
+    raise UserError(f"--eval mc: {which} the same word {word!r} (--label-words), and two choices of one text"
+                    " cannot be told apart; give each label its own word, or use --eval generate")
 
 
 def first_best(values: list[float]) -> int:

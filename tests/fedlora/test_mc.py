@@ -149,3 +149,18 @@ def test_a_sliding_window_model_scores_choices_and_references_past_its_window(ch
     for g_row, w_row in zip(got, want, strict=True):
         assert g_row == pytest.approx(w_row, rel=1e-5, abs=1e-5)
     assert (-nll).tolist() == pytest.approx([row[-1] for row in want], rel=1e-5, abs=1e-5)
+
+
+def test_two_labels_of_one_word_are_refused_for_mc(chat_tok, tmp_path):
+    # Prepare: SST-5 collapsed by --label-words: labels 1 and 2 are both "bad", so their scores tie and
+    # a row was right (label 1, the first of the tie) or wrong (label 2) by which one it was
+    from fedlora.data.instructions import load_instructions
+
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\nawful,1\nmeh,2\nfine,3\n")
+    ds = load_instructions(str(data), "text", "label", "{text}", "1=bad,2=bad,3=good")
+    # Execute / Assert
+    with pytest.raises(UserError, match=r"^--eval mc: labels '1' and '2' have the same word 'bad'"
+                                        r" \(--label-words\), and two choices of one text cannot be told"
+                                        r" apart; give each label its own word, or use --eval generate$"):
+        get_task("sft").eval_set(chat_tok, ds, _mc())
