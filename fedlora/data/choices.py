@@ -2,8 +2,9 @@
 
 Two forms are read (``--prompt-template`` then puts the question in its ``{text}`` slot):
 
-1. rows with ``question``, ``choices`` (a list of at least two answers) and ``answer``: the
-   right choice's index (from 0) or its letter (``A`` for the first), in any form whose values
+1. rows with ``question``, ``choices`` (a list of at least two different answers) and ``answer``:
+   the right choice's index (from 0; ``3.0`` is ``3``), its letter (``A`` for the first) or else its
+   text, in any form whose values
    keep their types (``.jsonl``, ``.jsonl.gz``, ``.parquet``, a ``datasets.save_to_disk``
    folder: :mod:`fedlora.data.readers`). The benchmarks' own columns (:data:`FORMS`) read the
    same: ARC's and CommonsenseQA's ``choices`` of ``{"text", "label"}`` lists with ``answerKey``,
@@ -61,9 +62,12 @@ def answer_index(value, n: int, where: str) -> int:
 
 
 def _raw_index(value) -> int:
-    """``value`` as an index (an integer, its digits, or a letter: ``A`` is 0), else -1."""
+    """``value`` as an index (an integer, an integral float as pandas writes a nullable integer column:
+    ``3.0``, its ASCII digits, or a letter: ``A`` is 0), else -1."""
     text = str(value).strip()
-    if isinstance(value, int) and not isinstance(value, bool) or text.isdigit():
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) or text.isascii() and text.isdigit():
         return int(text)
     if len(text) == 1 and text.upper() in LETTERS:
         return LETTERS.index(text.upper())
@@ -86,8 +90,9 @@ def _listed(choices) -> tuple[object, list[str]]:
 
 
 def _row(question, choices, answer, where: str) -> tuple[str, list[str], int]:
-    """``(question, choices, the answer's index)``; an index outside the choices is kept (-1 for
-    neither an index nor a letter) for :func:`_checked` to refuse."""
+    """``(question, choices, the answer's index)``: one of the choices' labels, the choice of that text
+    where every choice is a number, an index or a letter, else the choice of that text; an index
+    outside the choices is kept (-1 for none of these) for :func:`_checked` to refuse."""
     choices, labels = _listed(choices)
     if not isinstance(choices, list) or len(choices) < 2 or len(choices) > len(LETTERS):
         raise UserError(f"{where}: 'choices' must be a list of 2 to {len(LETTERS)} answers,"
@@ -105,7 +110,10 @@ def _row(question, choices, answer, where: str) -> tuple[str, list[str], int]:
         return question, texts, labels.index(said)
     if isinstance(answer, str) and said in texts and all(NUMBER.fullmatch(t) for t in texts):
         return question, texts, texts.index(said)      # numbers as choices: the text names one
-    return question, texts, _raw_index(answer)
+    index = _raw_index(answer)
+    if not 0 <= index < len(texts) and said in texts:     # the right choice's own text
+        return question, texts, texts.index(said)
+    return question, texts, index
 
 
 def _checked(rows: list[tuple[str, list[str], int]], answers: list, wheres: list[str]

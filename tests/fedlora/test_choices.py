@@ -147,6 +147,21 @@ def test_an_answer_that_is_a_numeric_choices_text_names_that_choice(tmp_path):
     assert ds.labels == [1, 3, 2, 1] and ds.responses == ["2", "4", "3", "blue"]
 
 
+def test_an_answer_given_as_a_choices_text_or_an_integral_float(tmp_path):
+    # Prepare: the right choice's own text; 3.0 as pandas writes a nullable integer; "B" a letter even
+    # where a choice's text is "B" (the letter first, as before)
+    rows = [{"question": "q", "choices": ["option alpha", "option delta", "c"], "answer": "option delta"},
+            {"question": "q", "choices": ["a", "b", "c", "d"], "answer": 3.0},
+            {"question": "q", "choices": ["B", "A"], "answer": "B"},
+            {"question": "q", "choices": ["3", "many"], "answer": "3"}]     # not an index: the text
+    # Execute
+    ds = load_instructions(_jsonl(tmp_path / "t.jsonl", rows), "text", "label")
+    # Assert
+    assert ds.labels == [1, 3, 1, 0] and ds.responses == ["option delta", "d", "A", "3"]
+    with pytest.raises(UserError, match=r"row 1: answer 2\.5 is not among its 4 choices"):
+        load_instructions(_jsonl(tmp_path / "f.jsonl", [{**rows[1], "answer": 2.5}]), "text", "label")
+
+
 def test_one_based_answers_are_refused_with_that_advice(tmp_path):
     rows = [{"question": "q", "choices": ["a", "b", "c"], "answer": k} for k in (1, 3, 2)]
     one_based = r"; the answers look 1-based \(none is 0\): subtract 1 from each, or give letters$"
