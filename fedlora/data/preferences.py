@@ -7,7 +7,8 @@ A file is read in the first form its columns fit:
    same in both, are the prompt. Where the lists hold the assistant's answer alone (TRL's
    explicit-prompt form), the ``prompt`` column (a message list, or text: the user's turn) comes
    before it; otherwise a ``prompt`` column beside them is ignored. hh-rlhf's raw transcripts
-   (text of ``\n\nHuman: …\n\nAssistant: …`` turns) are read as such lists;
+   (text of ``\n\nHuman: …\n\nAssistant: …`` turns) are read as such lists. A message list is a real
+   list, as :func:`fedlora.data.instructions.listed` says: other text (``"[0, 1, 2]"``) is text;
 2. ``prompt`` / ``chosen`` / ``rejected`` columns of text;
 3. a labeled file with ``--label-words`` (or a multiple-choice file, or the built-in
    ``bbcnews-instruct``), read as ``--task sft`` reads it (``fedlora.data.instructions``): the
@@ -26,16 +27,15 @@ file is read); data of nothing else is refused.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedlora.data.instructions import _messages, cell, load_instructions, skip_rows
+from fedlora.data.instructions import _messages, cell, listed, load_instructions, skip_rows
 from fedlora.data.loading import DEFAULT_DATASET, TextDataset
-from fedlora.data.readers import is_pattern, locate, read_rows, text_of
+from fedlora.data.readers import is_pattern, locate, read_rows, reader_for, text_of
 from fedlora.errors import UserError
 
 #: Mixed into ``--seed`` for the rejected answers drawn from a labeled file's other choices.
@@ -70,37 +70,36 @@ def _transcript(text: str) -> list | None:
             for who, said in zip(parts[1::2], parts[2::2], strict=True)]
 
 
-def _chat(value) -> list | None:
-    """``value`` as a message list when it is one (or its JSON, or an hh-rlhf transcript), else None."""
-    if isinstance(value, str) and value.lstrip().startswith("["):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return None
-    if isinstance(value, str):
+def _chat(value, typed: bool) -> list | None:
+    """``value`` as a message list when it is one (:func:`~fedlora.data.instructions.listed`: a list,
+    or in a CSV/TSV file its JSON), or an hh-rlhf transcript; else None (text, ``"[0, 1, 2]"`` too)."""
+    msgs = listed(value, typed)
+    if msgs is None and isinstance(value, str):
         return _transcript(value)
-    return value if isinstance(value, list) else None
+    return msgs
 
 
-def _with_prompt(answer: list, prompt) -> list:
+def _with_prompt(answer: list, prompt, typed: bool) -> list:
     """``answer``, a message list, after the ``prompt`` column when it holds the assistant's turn alone."""
     if prompt is None or any(isinstance(m, dict) and m.get("role") != "assistant" for m in answer):
         return answer
-    asked = _chat(prompt)
+    asked = _chat(prompt, typed)
     return (asked if asked is not None else [{"role": "user", "content": str(prompt)}]) + answer
 
 
-def _from_rows(rows: list[dict], name: str) -> PairDataset:
-    """Forms 1 and 2 (the first row has ``chosen`` and ``rejected``)."""
+def _from_rows(rows: list[dict], name: str, typed: bool) -> PairDataset:
+    """Forms 1 and 2 (the first row has ``chosen`` and ``rejected``); ``typed``: the form's values keep
+    their types (False: a CSV/TSV file)."""
     prompts, chosen, rejected = [], [], []
     texts = "prompt" in rows[0]
     for n, row in enumerate(rows, 1):
         where = f"{name} row {n}"
         good_cell, bad_cell = cell(row, "chosen", where, "chosen/rejected"), cell(row, "rejected", where,
                                                                                  "chosen/rejected")
-        good, bad = _chat(good_cell), _chat(bad_cell)
+        good, bad = _chat(good_cell, typed), _chat(bad_cell, typed)
         if good is not None and bad is not None:
-            good, bad = _with_prompt(good, row.get("prompt")), _with_prompt(bad, row.get("prompt"))
+            asked = row.get("prompt")
+            good, bad = _with_prompt(good, asked, typed), _with_prompt(bad, asked, typed)
             good, bad = _messages(good, f"{where} chosen"), _messages(bad, f"{where} rejected")
             if good[:-1] != bad[:-1]:
                 raise UserError(f"{where}: the chosen and rejected conversations differ before"
@@ -187,7 +186,7 @@ def load_preferences(spec: str, text_column: str, label_column: str, template: s
     if not (template or label_words) and spec != DEFAULT_DATASET and here:
         rows = _pair_rows(path, spec)
         if rows is not None:
-            return drop_identical(_from_rows(rows, path.name), path.name)
+            return drop_identical(_from_rows(rows, path.name, reader_for(path).typed), path.name)
         rows = read_rows(path)
         if not {text_column, label_column} <= set(rows[0]) and not {"question", "choices"} <= set(rows[0]):
             raise UserError(f"{path.name} has no chosen/rejected columns (columns: {', '.join(rows[0])}):"
@@ -199,7 +198,7 @@ def load_preferences(spec: str, text_column: str, label_column: str, template: s
         rows = _pair_rows(path, spec) if spec != DEFAULT_DATASET and here else None
         if rows is None:  # a pair file beside --prompt-template / --label-words (for a labeled --test-data)
             raise
-        return drop_identical(_from_rows(rows, path.name), path.name)
+        return drop_identical(_from_rows(rows, path.name, reader_for(path).typed), path.name)
     return drop_identical(_from_answers(ds, seed), path.name if here else spec)
 
 

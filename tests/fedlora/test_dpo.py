@@ -243,6 +243,19 @@ def test_hh_rlhf_transcripts_and_trl_explicit_prompts_are_chat_pairs(tmp_path, r
     assert (ds.texts, ds.responses, ds.rejected) == ([prompt], [chosen], [rejected])
 
 
+def test_text_answers_that_look_like_json_arrays_are_text(tmp_path):
+    # Prepare: answers that are lists written as text (they were read as chat lists and refused)
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": "List 3 numbers", "chosen": "[0, 1, 2]", "rejected": "[]"},
+            {"prompt": "One entity?", "chosen": '[{"entity": "Alice"}]', "rejected": "[0]"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Execute
+    ds = get_task("dpo").load(str(path), _cfg())
+    # Assert
+    assert ds.texts == ["List 3 numbers", "One entity?"]
+    assert (ds.responses, ds.rejected) == (["[0, 1, 2]", '[{"entity": "Alice"}]'], ["[]", "[0]"])
+
+
 def test_identical_pairs_are_skipped_with_one_warning_or_refused(tmp_path, capsys):
     SAID.clear()
     task, path = get_task("dpo"), tmp_path / "p.jsonl"
