@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,5 +243,10 @@ def dirichlet_clients(labels: list[int], num_clients: int, alpha: float, seed: i
 
 
 def _load(part, table, num_clients: int) -> list[list[int]]:
+    """Each client's indices from flwr-datasets' partitioner ``part``, without its warnings (the
+    Dirichlet partitioner warns at every draw it retries, a dozen long lines even under --quiet;
+    a partition it cannot make is refused by :func:`partition` in one line)."""
     part.dataset = table
-    return [list(part.load_partition(i)["idx"]) for i in range(num_clients)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"flwr_datasets(\.|$)")
+        return [list(part.load_partition(i)["idx"]) for i in range(num_clients)]

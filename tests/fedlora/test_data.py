@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
-from fedlora.data.loading import load_bbcnews, load_dataset, load_file, partition, split
+from fedlora.data.loading import TextDataset, load_bbcnews, load_dataset, load_file, partition, split
 from fedlora.errors import UserError
 
 
@@ -215,6 +217,17 @@ def test_dirichlet_partition_is_skewed_and_seeded(tiny_csv):
     assert sorted(i for p in a for i in p) == list(range(len(ds)))
     shares = [max(sum(ds.labels[i] == c for i in p) for c in range(3)) / len(p) for p in a]
     assert max(shares) > 0.5   # α = 0.1: at least one client dominated by one class
+
+
+def test_a_dirichlet_partition_says_nothing_of_flwr_datasets_retries():
+    # Prepare: 90 of 100 examples of one class over 4 clients: flwr-datasets redraws, warning each time
+    ds = TextDataset([str(i) for i in range(100)], [0] * 90 + [1] * 10, ["a", "b"])
+    # Execute
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        parts = partition(ds, 4, "dirichlet", 0.3, 0)
+    # Assert: every example in one client, and no warning
+    assert sorted(i for part in parts for i in part) == list(range(100)) and said == []
 
 
 def test_too_many_clients_is_refused(tiny_csv):
