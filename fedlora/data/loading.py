@@ -104,7 +104,8 @@ def load_file(path: str | Path, text_column: str = "text",
     columns = list(rows[0].keys())
     for col, what in ((text_column, "text"), (label_column, "label")):
         if col is not None and col not in rows[0]:
-            guess = _closest(col, columns, rows, what)
+            others = [c for c in columns if c not in (text_column, label_column)]  # not another role's
+            guess = _closest(col, others, rows, what)
             raise UserError(f"{what} column {col!r} is not in {path.name} (columns: "
                             f"{', '.join(columns)}); pass --{flags}{what}-column {guess}")
     texts = [cell_text(r, text_column, f"data row {i + 1} of {path.name}") for i, r in enumerate(rows)]
@@ -158,8 +159,9 @@ def _warn_case(names: list[str], path: Path) -> None:
 
 
 def _closest(name: str, columns: list[str], rows: list[dict], what: str) -> str:
-    """The column ``name`` most likely means: the same name in other case, else the closest spelling,
-    else (a ``text`` column) the column of the longest values in the first rows, else ``NAME``."""
+    """The column of ``columns`` (those no other role uses: never the label column for a text column)
+    ``name`` most likely means: the same name in other case, else the closest spelling, else (a
+    ``text`` column) the column of the longest values in the first rows, else ``NAME``."""
     same = [c for c in columns if c.lower() == name.lower()]
     close = difflib.get_close_matches(name, columns, n=1)
     if what == "text" and not (same or close) and columns:

@@ -67,6 +67,18 @@ def test_a_missing_column_names_the_one_meant(tmp_path):
         load_file(typo)
 
 
+def test_a_missing_text_column_is_never_said_to_be_the_label_column(tmp_path):
+    # Prepare: the label column has the longest values, and "labels" is spelled like "label"
+    f = tmp_path / "d.csv"
+    f.write_text("id,label,body\n1,positive,ok\n2,negative,no\n")
+    # Execute / Assert: the longest values of the other columns; not the text column for a label typo
+    for text, message in (("text", "text column 'text'"), ("labels", "text column 'labels'")):
+        with pytest.raises(UserError, match=rf"{message} is not in d\.csv .*; pass --text-column body$"):
+            load_file(f, text)
+    with pytest.raises(UserError, match=r"label column 'bod' is not in d\.csv .*; pass --label-column NAME$"):
+        load_file(f, "body", "bod")
+
+
 @pytest.mark.parametrize("body", ["text,label\na,0\nb,\nc,1\nd, \n",
                                   '{"text": "a", "label": 0}\n{"text": "b", "label": null}\n'
                                   '{"text": "c", "label": 1}\n{"text": "d", "label": ""}\n',
