@@ -100,10 +100,6 @@ def _row(question, choices, answer, where: str) -> tuple[str, list[str], int]:
     texts = [text_of(c, where, f"choice {i}").strip() for i, c in enumerate(choices, 1)]
     if not all(texts):
         raise UserError(f"{where}: choice {texts.index('') + 1} is empty; every choice needs a text")
-    twice = [n for n, t in enumerate(texts, 1) if texts.count(t) > 1][:2]
-    if twice:
-        raise UserError(f"{where}: choices {twice[0]} and {twice[1]} are both {texts[twice[0] - 1]!r};"
-                        " a question's choices must differ (scores of one text tie): drop one, or the row")
     question = text_of(question, where, "question")
     said = text_of(answer, where, "answer").strip()
     if said in labels:
@@ -156,8 +152,8 @@ def read_choice_file(path: Path) -> TextDataset | None:
     Raises
     ------
     UserError
-        A row without a list of choices, with an empty choice or one choice twice, or whose answer
-        is outside them.
+        A row without a list of choices, with an empty choice, or whose answer is outside them (a
+        choice given twice is kept: ``--eval mc`` counts the right text, whichever copy scores best).
     """
     reader = reader_for(path)
     if reader.typed:

@@ -91,17 +91,17 @@ def choice_set(tokenizer, ds, cfg) -> ChoiceSet:
 
 
 def _check_distinct(choices: list[list[str]], label_names: list[str]) -> None:
-    """Refuse an example whose choices are not all different: two labels given one word by
-    ``--label-words`` (``1=bad,2=bad``), whose scores tie, so the answer would be right or wrong by
-    which of them is the label (a multiple-choice file's rows are refused so as they are read).
+    """Refuse label words that are not all different: two labels given one word by ``--label-words``
+    (``1=bad,2=bad``) are two classes that no score can tell apart. (A multiple-choice file's row that
+    holds a choice twice is scored by text: either copy is the right answer.)
 
     Raises
     ------
     UserError
-        Some example's choices hold one text twice.
+        The examples' choices are one list (label words) that holds one text twice.
     """
-    twice = next((row for row in choices if len(set(row)) < len(row)), None)
-    if twice is None:
+    twice = choices[0] if choices and len(set(choices[0])) < len(choices[0]) else None
+    if twice is None or any(row != twice for row in choices):
         return
     word = next(c for n, c in enumerate(twice) if c in twice[:n])
     same = [name for name, c in zip(label_names, twice, strict=False) if c == word][:2]
@@ -132,9 +132,10 @@ class MultipleChoice(Evaluation):
             end = min(n, start + cfg.eval_batch_size)
             scores = score_choices(fm, data.prompts[start:end], data.choices[start:end], data.pad)
             for i, row in zip(range(start, end), scores, strict=True):
-                answer = data.answers[i]
-                hits += first_best(row) == answer
-                hits_norm += first_best([s / b for s, b in zip(row, data.sizes[i], strict=True)]) == answer
+                answer, texts = data.answers[i], data.choices[i]    # right: the answer's text (a
+                hits += texts[first_best(row)] == texts[answer]     # choice given twice scores twice)
+                norm = first_best([s / b for s, b in zip(row, data.sizes[i], strict=True)])
+                hits_norm += texts[norm] == texts[answer]
                 nll -= row[answer]
                 tokens += len(data.choices[i][answer])
         acc, mean = hits / max(n, 1), nll / max(tokens, 1.0)

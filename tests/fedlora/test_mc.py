@@ -108,6 +108,22 @@ def test_accuracy_and_length_normalised_accuracy_by_hand(chat_tok, monkeypatch):
     assert got["loss"] == pytest.approx((4.0 + 1.0 + 4.0) / sum(tokens))
 
 
+def test_a_choice_given_twice_is_right_whichever_copy_scores_best(chat_tok, monkeypatch):
+    # Prepare: a row listing "yes" twice whose answer is the second copy (index 2); the first copy
+    # scores best (a tie broken by index); a row of distinct choices where the model is wrong
+    ds = TextDataset(["q0", "q11"], [2, 0], ["A", "B", "C"], None,
+                     [["yes", "no", "yes"], ["up", "down", "in"]])
+    scores = {"q0": [-1.0, -3.0, -1.0], "q11": [-2.0, -1.0, -3.0]}
+    task, cfg = get_task("sft"), _mc(eval_batch_size=8)
+    data = task.eval_set(chat_tok, ds, cfg)
+    monkeypatch.setattr(choice_module, "score_choices", lambda fm, prompts, choices, pad: [
+        scores[next(q for q in scores if q in chat_tok.decode(p).split())] for p in prompts])
+    # Execute
+    got = task.evaluate(None, data, cfg)
+    # Assert: the first row is right by its text (it was wrong by index), the second wrong
+    assert got["mc_accuracy"] == got["mc_accuracy_norm"] == 0.5
+
+
 def test_mc_refusals_and_long_prompts(chat_tok, capsys):
     task = get_task("sft")
     free = TextDataset(["hi"], None, [], ["hello"])
