@@ -25,9 +25,10 @@ from fedlora.data.loading import TextDataset, partition, split
 from fedlora.errors import UserError, warn_once
 from fedlora.job.schema import JobConfig
 from fedlora.models.adapter import check_correction, fold_into_base, read_adapter
+from fedlora.models.context import context_length
 from fedlora.models.correction import CALIBRATION_ROWS, add_correction, calibration_batches, quantized_layers
 from fedlora.models.export import read_labels
-from fedlora.models.hub import context_length, head_labels, load_model, load_tokenizer, read_tokenizer_config
+from fedlora.models.hub import head_labels, load_model, load_tokenizer, read_tokenizer_config
 from fedlora.models.lora import linear_shape
 from fedlora.models.model import AdapterConfig, FederatedModel
 from fedlora.strategies import AdapterPlan

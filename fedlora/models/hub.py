@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from fedlora.errors import UserError, first_line, warn_once
+from fedlora.models.context import context_length, quiet
 from fedlora.models.lora import is_quantized
 from fedlora.models.model import HEAD_NAMES
 from fedlora.models.quantize import check_quantized, quantization_config, quantize_skips, require_bitsandbytes
@@ -112,7 +113,7 @@ def _read_gguf(path: Path):
     """``(model, tokenizer)`` dequantized from ``path``, as a plain (saveable) fp32 model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet():
+    with quiet():
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
@@ -216,72 +217,6 @@ def check_custom_code(path: Path) -> None:
                     " model transformers implements")
 
 
-class _quiet:
-    """transformers' logging at error level and without progress bars, for one block."""
-
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self.log, self.verbosity = hf_logging, hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        self.log.set_verbosity(self.verbosity)
-        self.log.enable_progress_bar()
-
-
-def position_offset(model: nn.Module) -> int:
-    """The positions a model's learned position embeddings hold before its first token's: ``padding_idx
-    + 1`` where they have a padding index (RoBERTa, XLM-R, MPNet, ESM, Longformer: position ids start
-    after the pad's, so 514 positions hold 512 tokens), else 0."""
-    for name, module in model.named_modules():
-        if (isinstance(module, nn.Embedding) and "position" in name.rpartition(".")[2]
-                and module.padding_idx is not None):
-            return int(module.padding_idx) + 1
-    return 0
-
-
-def _config_offset(config) -> int:
-    """:func:`position_offset` of a weightless copy (meta device) of the model ``config`` describes; 0
-    where transformers builds no model from it."""
-    from transformers import AutoModel
-
-    try:
-        with _quiet(), torch.device("meta"):
-            return position_offset(AutoModel.from_config(config))
-    except Exception:  # noqa: BLE001 - a config transformers maps to no base model
-        return 0
-
-
-def context_length(config, tokenizer, model: nn.Module | None = None) -> int | None:
-    """The tokens a model takes: its config's ``max_position_embeddings`` less its
-    :func:`position_offset` (read from ``model``, or from a weightless copy built from ``config``), or
-    its tokenizer's ``model_max_length`` when smaller; None when neither says (a tokenizer without a
-    limit has a huge ``model_max_length``)."""
-    positions = getattr(config, "max_position_embeddings", None)
-    if isinstance(positions, int) and positions > 0:
-        positions -= position_offset(model) if model is not None else _config_offset(config)
-    limits = [positions, getattr(tokenizer, "model_max_length", None)]
-    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
-    return min(limits) if limits else None
-
-
-def tokenizer_context(tokenizer) -> int | None:
-    """:func:`context_length` of the model whose folder ``tokenizer`` was read from (its
-    ``config.json``), or of the tokenizer alone where that folder has no config."""
-    from transformers import AutoConfig
-
-    folder, config = Path(getattr(tokenizer, "name_or_path", "") or "."), None
-    if (folder / "config.json").is_file():
-        with _quiet():
-            try:
-                config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-            except (OSError, ValueError):
-                config = None
-    return context_length(config, tokenizer)
-
-
 def _read_tokenizer(path: Path):
     """The tokenizer in ``path``, padding on the right whatever it was saved with (Phi-3's and others'
     pad on the left for generation): every task cuts its rows after the longest."""
@@ -302,7 +237,7 @@ def read_tokenizer_config(name: str) -> tuple[object, object]:
     from transformers import AutoConfig
 
     path = resolve_model_path(name)
-    with _quiet():
+    with quiet():
         try:
             tokenizer = _read_tokenizer(path)
             config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
@@ -351,7 +286,7 @@ def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 
     path = resolve_model_path(name)
     auto, extra = ((AutoModelForSequenceClassification, {"num_labels": num_labels})
                    if kind == "sequence-classification" else (AutoModelForCausalLM, {}))
-    with _quiet():
+    with quiet():
         try:
             if kind == "sequence-classification" and new_head(path, num_labels):
                 extra["ignore_mismatched_sizes"] = True

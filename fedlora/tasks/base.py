@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedlora.errors import UserError
-from fedlora.models.hub import tokenizer_context
+from fedlora.models.context import tokenizer_context
 
 #: name -> task object (filled by :func:`register_task`).
 TASKS: dict[str, Task] = {}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedlora.errors import UserError
-from fedlora.models import hub
+from fedlora.models import context, hub
 from fedlora.models.hub import load_model, resolve_model_path
 from fedlora.models.model import AdapterConfig, FederatedModel
 
@@ -166,12 +166,12 @@ def test_the_context_is_the_smaller_of_the_positions_and_the_tokenizers_limit():
     from types import SimpleNamespace
 
     # RoBERTa: 514 positions (2 for its padding offset), a tokenizer limited to 512
-    assert hub.context_length(SimpleNamespace(max_position_embeddings=514),
+    assert context.context_length(SimpleNamespace(max_position_embeddings=514),
                               SimpleNamespace(model_max_length=512)) == 512
     # a tokenizer without a limit says 1e30 (transformers' VERY_LARGE_INTEGER); a config without positions
-    assert hub.context_length(SimpleNamespace(max_position_embeddings=128),
+    assert context.context_length(SimpleNamespace(max_position_embeddings=128),
                               SimpleNamespace(model_max_length=int(1e30))) == 128
-    assert hub.context_length(SimpleNamespace(), SimpleNamespace(model_max_length=int(1e30))) is None
+    assert context.context_length(SimpleNamespace(), SimpleNamespace(model_max_length=int(1e30))) is None
 
 
 def test_a_max_length_refusal_names_the_limit_it_met():
@@ -283,7 +283,8 @@ def test_a_model_numbering_positions_after_the_pad_takes_that_many_fewer_tokens(
         model(input_ids=torch.full((1, 20), 5))
     # Assert: every reading of the limit says 19: with the model, its config alone, the tokenizer's folder
     assert tokenizer.model_max_length == 512
-    assert hub.context_length(model.config, tokenizer, model) == hub.load_tokenizer(str(tmp_path))[1] == 19
+    limit = context.context_length(model.config, tokenizer, model)
+    assert limit == hub.load_tokenizer(str(tmp_path))[1] == 19
     check_context(19, model.config, tokenizer, model)
     with pytest.raises(UserError, match=r"--max-length 20 exceeds the 19 positions this model takes \(its"
                                         r" max_position_embeddings 20, less 1"):
