@@ -252,7 +252,10 @@ def evaluate(msg: Message, context: Context) -> Message:
 def gradient(msg: Message, context: Context) -> Message:
     """An initialisation phase (Fed-SB): this client's ``Lᵀ G R`` for the message's probes; or,
     for an ``identify`` query, which client this node is (from its node config, before any model
-    is loaded): the server samples rounds by client id."""
+    is loaded): the server samples rounds by client id; or the server's note that this node is left
+    out (its client id is another live node's), refused so that this client's output says why."""
+    if msg.content["config"].get("left-out"):  # another live node is this client: say why nothing comes
+        raise UserError(str(msg.content["config"]["left-out"]))
     if msg.content["config"].get("identify"):
         where = ClientData.from_node_config(dict(context.node_config))
         return Message(RecordDict({"metrics": MetricRecord({"client-id": where.client_id})}), reply_to=msg)

@@ -74,6 +74,16 @@ def identify_query(node: int) -> Message:
                    dst_node_id=node, group_id="identify")
 
 
+def left_out_notice(node: int, client: int) -> Message:
+    """The query that tells ``node`` it is left out: it says it is ``client``, which a live node
+    already is (the ClientApp refuses it, so the reason shows on that fedlora-client's output)."""
+    reason = (f"this node says it is client {client}, which another live node already is, so the server"
+              " leaves it out of every round: give each fedlora-client its own --client-id (or"
+              " --partition-id)")
+    return Message(content=RecordDict({"config": ConfigRecord({"left-out": reason})}), message_type="query",
+                   dst_node_id=node, group_id="identify")
+
+
 class FlowerTransport:
     """Rounds over a Flower ``grid`` (see the module docstring)."""
 
@@ -169,6 +179,7 @@ class FlowerTransport:
         if old is not None and old != node and self._answers(old):  # two live nodes, one client id
             log.warning("node %s says it is client %d, which node %s is: left out (give each fedlora-client"
                         " its own --client-id or --partition-id)", node, client, old)
+            push(self.grid, [left_out_notice(node, client)])  # its own output says so too
             return
         if old is not None and old != node:  # a restarted client: it holds nothing of ours
             log.info("client %d came back as node %s (was %s)", client, node, old)

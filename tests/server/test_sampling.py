@@ -115,7 +115,7 @@ def test_a_node_that_answers_after_the_identify_timeout_trains_in_the_same_round
 
 
 def test_a_second_live_node_with_a_clients_id_is_left_out_with_a_warning_on_the_servers_output(
-        tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
+        tiny_bert_dir, tiny_csv, tmp_path, monkeypatch, caplog):
     # Prepare: 2 clients' job; nodes 0 and 1 are clients 0 and 1, node 2 says it is client 0 too
     # (two fedlora-client --data without --client-id were both client 0)
     rc = three_nodes_two_rounds(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch, identify_timeout=5.0,
@@ -135,6 +135,11 @@ def test_a_second_live_node_with_a_clients_id_is_left_out_with_a_warning_on_the_
     assert 1 in trained and kept in (0, 2)
     log = (tmp_path / "out" / "server.log").read_text()
     assert f"WARNING node {2 - kept} says it is client 0, which node {kept} is: left out" in log
+    # ... and the left-out node's own output (its ClientApp's log, which fedlora-client prints) too
+    said = [r.getMessage() for r in caplog.records if r.name == "fedlora.client"]
+    assert said == ["fedlora-client: error: this node says it is client 0, which another live node already"
+                    " is, so the server leaves it out of every round: give each fedlora-client its own"
+                    " --client-id (or --partition-id)"]
 
 
 def test_a_clients_refusal_is_one_line_on_both_sides(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
