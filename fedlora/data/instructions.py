@@ -262,6 +262,7 @@ def _pairs(rows: list[dict], name: str, typed: bool = True) -> TextDataset | Non
     if form is None:
         return None
     ask, answer, extra = form
+    _check_kept(cols - {ask, answer, extra}, name, f"{ask}/{answer}")
     prompts, responses = [], []
     for n, r in enumerate(rows, 1):
         where = f"{name} row {n}"
@@ -270,6 +271,30 @@ def _pairs(rows: list[dict], name: str, typed: bool = True) -> TextDataset | Non
         prompts.append(f"{prompt}\n\n{more}" if more and isinstance(prompt, str) else prompt)
         responses.append(_response(cell(r, answer, where, f"{ask}/{answer}"), where, answer, typed))
     return nonempty(TextDataset(prompts, None, [], responses), name)
+
+
+#: Columns a prompt/response form would drop without a word, and what to do instead.
+UNREAD = {**dict.fromkeys(("choices", "options", "endings"), (
+              "multiple choice is read from question/choices/answer rows, the choices a list (JSONL,"
+              " Parquet) and the answer an index or letter, or MMLU's CSV (question,A,B,C,D,answer)")),
+          **dict.fromkeys(("passage", "context", "article", "input", "system", "system_prompt"), (
+              "put it in the prompt (a prompt/response or messages file) so that the model reads it"))}
+
+
+def _check_kept(others: set[str], name: str, form: str) -> None:
+    """Refuse a prompt/response file whose rows hold a column of :data:`UNREAD` besides its form's:
+    training on the rest would drop it (a question/answer file's choices: the answer's letter would
+    be learned as the response; a passage: the question alone would be the prompt).
+
+    Raises
+    ------
+    UserError
+        Such a column is there (one line: what it would lose and how to give it).
+    """
+    col = next((c for c in sorted(others) if c.lower() in UNREAD), None)
+    if col is not None:
+        raise UserError(f"{name}: its {form} rows also have a {col!r} column, which that form does not read"
+                        f" (it would be dropped): {UNREAD[col.lower()]}")
 
 
 def _form(row: dict) -> str | None:

@@ -219,3 +219,21 @@ def test_a_string_that_looks_like_json_is_text_and_a_csv_chat_is_messages(tmp_pa
     assert s.responses == ['[{"entity": "Alice0"}]', "1", '[{"role": "assistant", "content": "x"}]']
     assert c.texts == [[{"role": "user", "content": "2+2?"}], "Entities?"]
     assert c.responses == ["4", '[{"entity": "Alice0"}]']
+
+
+@pytest.mark.parametrize("row, column, advice", [
+    # MMLU saved by pandas to CSV (choices a string: the answer's index was the response), MMLU-Pro
+    ("question,subject,choices,answer\nWhat is 0+0?,math,['1' '0' '2' '3'],1\n", "choices", "choice"),
+    ({"question": "q", "options": ["a", "b"], "answer": "A", "answer_index": 0}, "options", "choice"),
+    # BoolQ: the passage would be dropped, the bare question the prompt
+    ({"question": "is it?", "answer": True, "passage": "It is."}, "passage", "put it in the prompt"),
+    ({"prompt": "hi", "response": "hello", "system": "Be brief."}, "system", "put it in the prompt"),
+])
+def test_a_column_a_pair_form_would_drop_is_refused(tmp_path, row, column, advice):
+    # Prepare
+    data = tmp_path / ("d.csv" if isinstance(row, str) else "d.jsonl")
+    data.write_text(row) if isinstance(row, str) else _jsonl(data, [row] * 3)
+    # Execute / Assert: one line naming the column (these rows trained without it, silently)
+    with pytest.raises(UserError, match=f"^{data.name}: its .* rows also have a '{column}' column, which"
+                                        f" that form does not read \\(it would be dropped\\): .*{advice}"):
+        load_instructions(str(data), "text", "label")
