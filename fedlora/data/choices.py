@@ -89,10 +89,11 @@ def _listed(choices) -> tuple[object, list[str]]:
     return choices, []
 
 
-def _row(question, choices, answer, where: str) -> tuple[str, list[str], int]:
+def _row(question, choices, answer, where: str, typed: bool = True) -> tuple[str, list[str], int]:
     """``(question, choices, the answer's index)``: one of the choices' labels, the choice of that text
     where every choice is a number, an index or a letter, else the choice of that text; an index
-    outside the choices is kept (-1 for none of these) for :func:`_checked` to refuse."""
+    outside the choices is kept (-1 for none of these) for :func:`_checked` to refuse. Not ``typed``
+    (a CSV, whose cells are all text): a number is always an index, as in every other row."""
     choices, labels = _listed(choices)
     if not isinstance(choices, list) or len(choices) < 2 or len(choices) > len(LETTERS):
         raise UserError(f"{where}: 'choices' must be a list of 2 to {len(LETTERS)} answers,"
@@ -104,10 +105,11 @@ def _row(question, choices, answer, where: str) -> tuple[str, list[str], int]:
     said = text_of(answer, where, "answer").strip()
     if said in labels:
         return question, texts, labels.index(said)
-    if isinstance(answer, str) and said in texts and all(NUMBER.fullmatch(t) for t in texts):
-        return question, texts, texts.index(said)      # numbers as choices: the text names one
+    if typed and isinstance(answer, str) and said in texts and all(NUMBER.fullmatch(t) for t in texts):
+        return question, texts, texts.index(said)      # numbers as choices: the (JSON) text names one
     index = _raw_index(answer)
-    if not 0 <= index < len(texts) and said in texts:     # the right choice's own text
+    if not 0 <= index < len(texts) and said in texts and (typed or not NUMBER.fullmatch(said)):
+        return question, texts, texts.index(said)      # the right choice's own text
         return question, texts, texts.index(said)
     return question, texts, index
 
@@ -178,7 +180,7 @@ def read_choice_file(path: Path) -> TextDataset | None:
         if len(cells) != width:
             raise UserError(f"{wheres[-1]} has {len(cells)} fields, not {width} (question, the choices,"
                             " answer) like the first line; quote fields that contain commas")
-        out.append(_row(cells[0], cells[1:-1], cells[-1], wheres[-1]))
+        out.append(_row(cells[0], cells[1:-1], cells[-1], wheres[-1], typed=False))
     if not out:
         raise UserError(f"{path.name} has a header but no questions")
     return _dataset(_checked(out, [c[-1] for c in lines[start:]], wheres))

@@ -68,6 +68,18 @@ def test_mmlu_csv_with_or_without_its_header(tmp_path, header):
     assert ds.labels == [1, 2] and ds.responses == ["4", "Jupiter"]
 
 
+def test_an_mmlu_csvs_numbers_are_indices_in_every_row(tmp_path):
+    # Prepare: index answers, two rows of numeric choices (the first was read as the choice "1",
+    # the other as index 3: one file, two readings)
+    path = tmp_path / "mmlu.csv"
+    path.write_text("question,A,B,C,D,answer\nWhat is 1+1?,1,2,3,4,1\n"
+                    "Capital of France?,Rome,Paris,Oslo,Bern,1\nWhat is 0+3?,0,1,2,4,3\n")
+    # Execute
+    ds = load_instructions(str(path), "text", "label")
+    # Assert
+    assert ds.labels == [1, 1, 3] and ds.responses == ["2", "Paris", "4"]
+
+
 def test_label_words_become_the_choices(tmp_path):
     tsv = tmp_path / "sst.tsv"
     tsv.write_text("label\tsentence\n1\tgood film\n0\tdull plot\n")
