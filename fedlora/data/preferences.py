@@ -57,7 +57,7 @@ class PairDataset(TextDataset):
 
 
 #: hh-rlhf's raw transcripts: the speaker markers and the chat roles they stand for.
-TRANSCRIPT_TURNS = re.compile(r"\n\n(Human|Assistant): ")
+TRANSCRIPT_TURNS = re.compile(r"\n\n(Human|Assistant): ?")
 TRANSCRIPT_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
@@ -87,6 +87,16 @@ def _with_prompt(answer: list, prompt, typed: bool) -> list:
     return (asked if asked is not None else [{"role": "user", "content": str(prompt)}]) + answer
 
 
+def _prompt_of(value, where: str) -> str | list:
+    """A text pair's prompt: an hh-rlhf transcript (``\n\nHuman: …\n\nAssistant:``, as Dahoas'
+    rm-static ships its prompts) as its messages before the empty assistant turn it ends with, else
+    its text."""
+    turns = _transcript(value) if isinstance(value, str) else None
+    if turns and turns[-1] == {"role": "assistant", "content": ""} and len(turns) > 1:
+        return turns[:-1]
+    return text_of(value, where, "prompt")
+
+
 def _from_rows(rows: list[dict], name: str, typed: bool) -> PairDataset:
     """Forms 1 and 2 (the first row has ``chosen`` and ``rejected``); ``typed``: the form's values keep
     their types (False: a CSV/TSV file)."""
@@ -113,7 +123,7 @@ def _from_rows(rows: list[dict], name: str, typed: bool) -> PairDataset:
             raise UserError(f"{where}: {lists!r} is a message list but {text!r} is text; give both as"
                             " message lists or both as text")
         elif texts:
-            prompts.append(text_of(cell(row, "prompt", where, "prompt/chosen/rejected"), where, "prompt"))
+            prompts.append(_prompt_of(cell(row, "prompt", where, "prompt/chosen/rejected"), where))
             chosen.append(text_of(good_cell, where, "chosen"))
             rejected.append(text_of(bad_cell, where, "rejected"))
         else:

@@ -226,6 +226,8 @@ def test_data_forms_and_label_word_pairs(tok, tmp_path, sentiment_tsv):
 #: answer lists hold the assistant's turn alone; the prompt a message list, or text).
 HH = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: A joke?\n\nAssistant: Why not.",
       "rejected": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: A joke?\n\nAssistant: No."}
+HH_PROMPT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "A joke?"}]
 TRL = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
        "rejected": [{"role": "assistant", "content": "5"}]}
 
@@ -235,12 +237,28 @@ TRL = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "ass
           {"role": "user", "content": "A joke?"}], "Why not.", "No."),
     (TRL, [{"role": "user", "content": "2+2?"}], "4", "5"),
     ({**TRL, "prompt": "2+2?"}, [{"role": "user", "content": "2+2?"}], "4", "5"),
+    # Dahoas' rm-static: the prompt a transcript ending in the assistant's empty turn, the answers text
+    # (the transcript was one user message holding "Human:" and "Assistant:")
+    ({"prompt": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: A joke?\n\nAssistant:", "chosen": " Why not.",
+      "rejected": " No."}, HH_PROMPT, " Why not.", " No."),
 ])
 def test_hh_rlhf_transcripts_and_trl_explicit_prompts_are_chat_pairs(tmp_path, row, prompt, chosen, rejected):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps(row) + "\n")
     ds = get_task("dpo").load(str(path), _cfg())
     assert (ds.texts, ds.responses, ds.rejected) == ([prompt], [chosen], [rejected])
+
+
+def test_an_hh_rlhf_pair_whose_last_turn_is_empty_is_skipped_as_empty(tmp_path, capsys):
+    # Prepare: one pair whose rejected transcript ends in "Assistant:" with nothing after it (no space:
+    # it was read as text beside a message list, and the whole file refused)
+    empty = {**HH, "rejected": HH["rejected"].removesuffix(" No.")}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(HH) + "\n" + json.dumps(empty) + "\n")
+    # Execute
+    ds = get_task("dpo").load(str(path), _cfg())
+    # Assert
+    assert ds.responses == ["Why not."] and "1 of 2 pairs in p.jsonl have an empty" in capsys.readouterr().err
 
 
 def test_text_answers_that_look_like_json_arrays_are_text(tmp_path):
