@@ -86,7 +86,13 @@ def _config(path: Path) -> dict:
         if not (path / name).is_file():
             raise UserError(f"adapter {str(path)!r} has no {name}: pass a folder written by fedlora-sim,"
                             " fedlora-server or PEFT's save_pretrained (runs/NAME/adapter)")
-    config = json.loads((path / CONFIG).read_text())
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"adapter {str(path)!r}: its {CONFIG} is not JSON ({exc}): export the adapter"
+                        " again, or restore the file") from None
+    if not isinstance(config, dict):
+        raise UserError(f"adapter {str(path)!r}: its {CONFIG} is not a JSON object: export the adapter again")
     # fan_in_fan_out (GPT-2's Conv1D layers) changes only how PEFT merges: its factors act as on a Linear
     if config.get("peft_type") != "LORA" or config.get("use_dora"):
         raise UserError(f"adapter {str(path)!r} is not a plain LoRA adapter (peft_type"

@@ -190,6 +190,15 @@ def _renamed(adapter, tmp_path):
     return bad
 
 
+def _cut_config(adapter, tmp_path):
+    """A copy of ``adapter`` whose adapter_config.json was cut short (a copy interrupted)."""
+    bad = tmp_path / "cut"
+    shutil.copytree(adapter, bad)
+    text = (bad / "adapter_config.json").read_text()
+    (bad / "adapter_config.json").write_text(text[: len(text) // 2])
+    return bad
+
+
 BAD = [
     ("classification", "--eval mc scores answers by a causal language model's log-likelihood, and --task"
                        " classification is a sequence-classification model"),
@@ -198,6 +207,7 @@ BAD = [
     ("outside", "mc.jsonl row 3: answer 7 is not among its 2 choices"),
     ("other-base", "was trained on"),
     ("other-targets", "its target module model.layers.7.self_attn.q_proj"),
+    ("corrupt-config", "its adapter_config.json is not JSON ("),  # was a JSONDecodeError traceback
 ]
 
 
@@ -222,6 +232,8 @@ def test_bad_input_is_one_line(runs, tiny_chat_llama_dir, tiny_llama_dir, tiny_b
                                   "mc", "--adapter", str(adapter)]),
         "other-targets": (evaluate, [*base, "--test-data", str(mc), "--eval", "mc",
                                      "--adapter", str(_renamed(adapter, tmp_path))]),
+        "corrupt-config": (evaluate, [*base, "--test-data", str(mc), "--eval", "mc",
+                                      "--adapter", str(_cut_config(adapter, tmp_path))]),
     }[case]
     # Execute
     code = command(argv)
