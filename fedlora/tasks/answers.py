@@ -2,9 +2,11 @@
 per metric.
 
 * ``exact``: the normalized answer equals the normalized reference (:func:`normalize`:
-  lower case, single spaces, no surrounding punctuation); a row's ``answer_accuracy``;
-* ``contains``: the normalized reference appears in the normalized answer (as a substring:
-  "positive" is found in "the review is positive"); ``answer_contains``;
+  lower case, single spaces, no surrounding punctuation, brackets or markdown emphasis: ``(B)``,
+  ``**positive**``); a row's ``answer_accuracy``;
+* ``contains``: the normalized reference appears in the normalized answer as whole words:
+  "positive" is found in "the review is positive", but "no" not in "i do not know", "yes" not in
+  "yesterday" and "4" not in "14"; ``answer_contains``;
 * ``rouge-l``: ROUGE-L F1 (Lin 2004) from the ``rouge-score`` package: the longest common
   subsequence of the two token lists, ``F = 2PR / (P + R)`` with ``P = LCS / len(answer)`` and
   ``R = LCS / len(reference)``; rouge-score's tokens are lower-cased runs of ASCII letters and
@@ -19,11 +21,12 @@ are mixed (what a skewed federation's bias shows as).
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from functools import cached_property
 from typing import ClassVar
 
-_PUNCT = " \t\n.!?,;:'\"`"
+_PUNCT = " \t\n.!?,;:'\"`*_()[]"
 
 #: name -> metric (filled by :func:`register_answer_metric`).
 ANSWER_METRICS: dict[str, AnswerMetric] = {}
@@ -32,7 +35,8 @@ AUTO = "auto"
 
 
 def normalize(text: str) -> str:
-    """An answer as it is compared: lower case, single spaces, no surrounding punctuation."""
+    """An answer as it is compared: lower case, single spaces, no surrounding punctuation (brackets
+    and markdown's ``*``/``_`` too)."""
     return " ".join(text.lower().split()).strip(_PUNCT)
 
 
@@ -98,7 +102,8 @@ class Contains(AnswerMetric):
     name, column = "contains", "answer_contains"
 
     def score(self, answer: str, reference: str) -> float:
-        return float(normalize(reference) in normalize(answer))
+        said = re.escape(normalize(reference))
+        return float(re.search(rf"(?<!\w){said}(?!\w)", normalize(answer)) is not None)
 
 
 @register_answer_metric

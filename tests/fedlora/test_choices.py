@@ -140,6 +140,11 @@ def test_exact_and_contains_compare_normalized_answers():
     assert exact.score(" Positive.\n", "positive") == 1.0 and exact.score("very positive", "positive") == 0.0
     assert contains.score("The review is  POSITIVE!", "positive") == 1.0
     assert contains.score("negative", "positive") == 0.0
+    # whole words: a yes/no/maybe answer is not found inside another word (it was a substring match)
+    cases = (("I do not know.", "no"), ("Yesterday", "yes"), ("14", "4"), ("No, it is not.", "no"),
+             ("maybe (B)", "b"))
+    assert [contains.score(a, r) for a, r in cases] == [0, 0, 0, 1, 1]
+    assert exact.score("**Positive**", "positive") == exact.score("(B)", "B") == 1.0
     assert (exact.column, contains.column, ANSWER_METRICS["rouge-l"].column) == \
         ("answer_accuracy", "answer_contains", "rouge_l")
     # the default: exact for closed-set answers, ROUGE-L for free-form ones
