@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"{cfg.strategy}: {cfg.num_clients} clients on Flower's simulation engine")
         run_flower(cfg, args.out, on_round=lambda row: console.print(format_row(row), soft_wrap=True),
                    client_cpus=args.client_cpus, client_gpus=args.client_gpus)
-        console.print(f"wrote {args.out / 'metrics.jsonl'} and {args.out / 'adapter'}")
+        console.print(f"wrote {args.out / 'metrics.jsonl'} and {args.out / 'adapter'}", soft_wrap=True)
         return 0
     if args.resume:
         console.print(f"resuming {args.out} after round {args.resumed} of {cfg.rounds}")
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg, args.out, on_step=lambda n: bar.advance(task, n),
             on_round=lambda row: bar.console.print(format_row(row), soft_wrap=True),
             checkpoints=not args.no_checkpoint, resume=args.resume)
-    console.print(f"wrote {args.out / 'metrics.jsonl'} and {args.out / 'adapter'}")
+    console.print(f"wrote {args.out / 'metrics.jsonl'} and {args.out / 'adapter'}", soft_wrap=True)
     return 0
 
 

@@ -78,8 +78,10 @@ def format_row(row: dict) -> str:
     eps = "" if row.get("epsilon") is None else f"  ε {row['epsilon']:.2f}"
     ppl = f"  ppl {row['perplexity']:.2f}" if row.get("perplexity") is not None else ""
     ppl += f"  personal {row['personal_accuracy']:.4f}" if row.get("personal_accuracy") is not None else ""
-    if row.get("reward_margin") is not None:  # --task dpo
-        ppl += f"  reward acc {row['reward_accuracy']:.4f}  margin {row['reward_margin']:.4f}"
+    if row.get("reward_margin") is not None:  # --task dpo (its reward accuracy, unless the headline)
+        shown = row.get("metric") == "reward_accuracy"
+        ppl += "" if shown else f"  reward acc {row['reward_accuracy']:.4f}"
+        ppl += f"  margin {row['reward_margin']:.4f}"
     name = METRIC_LABELS.get(row.get("metric", "accuracy"), row.get("metric", "acc"))
     scored = "not scored (--eval-every)" if row["accuracy"] is None else (
         f"{name} {row['accuracy']:.4f}  loss {row['loss']:.4f}")

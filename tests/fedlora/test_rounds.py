@@ -69,3 +69,13 @@ def test_a_fresh_run_leaves_nothing_of_the_adapter_or_checkpoint_it_replaces(tmp
     RunFolder(tmp_path).begin(JobConfig())
     # Assert: the new run's config and empty rows; a file fedlora does not write stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.jsonl", "notes.txt"]
+
+
+def test_a_dpo_line_shows_reward_accuracy_once():
+    # Prepare: the headline is reward accuracy (held-out pairs), or answer accuracy (label-word pairs)
+    dpo = {**ROW, "reward_accuracy": 0.8, "reward_margin": 0.25}
+    # Execute
+    pairs, answers = (format_row({**dpo, "metric": m}) for m in ("reward_accuracy", "answer_accuracy"))
+    # Assert: "reward acc" once either way (it was printed twice when it was the headline)
+    assert pairs.count("reward acc") == 1 and "reward acc 0.8000  loss 0.5000" in pairs
+    assert answers.count("reward acc") == 1 and "answer acc 0.8000" in answers and "margin 0.2500" in answers
