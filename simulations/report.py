@@ -33,6 +33,7 @@ PERPLEXITY_PLOT = "perplexity_per_round.png"  # runs whose task reports perplexi
 METRIC_NAMES = {"accuracy": "test accuracy", "answer_accuracy": "answer accuracy (generated)",
                 "token_accuracy": "next-token accuracy",
                 "answer_contains": "answers containing the reference",
+                "answer_number": "answers ending with the reference's number",
                 "rouge_l": "ROUGE-L F1 of the answers", "mc_accuracy": "multiple-choice accuracy",
                 "reward_accuracy": "DPO reward accuracy (held-out pairs)"}
 

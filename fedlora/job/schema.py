@@ -264,7 +264,8 @@ class JobConfig:
                        " question/choices/answer .jsonl, MMLU's CSV or --label-words)",
                        group="LLM fine-tuning", choices=sorted(EVALUATIONS))
     metric: str = option(AUTO, "--task sft --eval generate: the answers' headline score: exact (normalized"
-                         " answer equals the reference), contains (the reference appears in the answer) or"
+                         " answer equals the reference), contains (the reference appears in the answer),"
+                         " number (the final numbers are equal: GSM8K's #### 72) or"
                          " rouge-l (ROUGE-L F1); auto: exact for label words and multiple-choice data,"
                          " rouge-l for free-form responses", group="LLM fine-tuning",
                          choices=[AUTO, *ANSWER_METRICS])

@@ -68,8 +68,8 @@ def personal_columns(results: list[dict]) -> dict:
 
 
 METRIC_LABELS = {"accuracy": "acc", "answer_accuracy": "answer acc", "token_accuracy": "token acc",
-                 "answer_contains": "answer contains", "rouge_l": "rouge-l", "mc_accuracy": "mc acc",
-                 "reward_accuracy": "reward acc"}
+                 "answer_contains": "answer contains", "answer_number": "answer number", "rouge_l": "rouge-l",
+                 "mc_accuracy": "mc acc", "reward_accuracy": "reward acc"}
 
 
 def format_row(row: dict) -> str:

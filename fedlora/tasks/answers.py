@@ -7,6 +7,10 @@ per metric.
 * ``contains``: the normalized reference appears in the normalized answer as whole words:
   "positive" is found in "the review is positive", but "no" not in "i do not know", "yes" not in
   "yesterday" and "4" not in "14"; ``answer_contains``;
+* ``number``: the answer's final number equals the reference's (GSM8K's ``… #### 72``): each
+  side's number after its last ``####``, else its last number, compared as numbers (``1,080``,
+  ``$72`` and ``72.0`` are 1080, 72 and 72); an answer without a number scores 0;
+  ``answer_number``;
 * ``rouge-l``: ROUGE-L F1 (Lin 2004) from the ``rouge-score`` package: the longest common
   subsequence of the two token lists, ``F = 2PR / (P + R)`` with ``P = LCS / len(answer)`` and
   ``R = LCS / len(reference)``; rouge-score's tokens are lower-cased runs of ASCII letters and
@@ -104,6 +108,33 @@ class Contains(AnswerMetric):
     def score(self, answer: str, reference: str) -> float:
         said = re.escape(normalize(reference))
         return float(re.search(rf"(?<!\w){said}(?!\w)", normalize(answer)) is not None)
+
+
+#: A number as answers write it: a sign, digits with thousands commas, a decimal part.
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> float | None:
+    """The number ``text`` ends its answer with: the first after its last ``####`` (GSM8K's mark), else
+    its last number; None without one."""
+    head, mark, tail = text.rpartition("####")
+    found = _NUMBER.findall(tail) if mark else []
+    found = found[:1] if found else _NUMBER.findall(text)[-1:]
+    if not found:
+        return None
+    try:
+        return float(found[0].replace(",", ""))
+    except ValueError:
+        return None
+
+
+@register_answer_metric
+class FinalNumber(AnswerMetric):
+    name, column = "number", "answer_number"
+
+    def score(self, answer: str, reference: str) -> float:
+        want, got = final_number(reference), final_number(answer)
+        return float(want is not None and got is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want)))
 
 
 @register_answer_metric

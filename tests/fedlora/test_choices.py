@@ -152,6 +152,17 @@ def test_exact_and_contains_compare_normalized_answers():
     assert answer_metric("contains", True).name == "contains"
 
 
+def test_number_compares_the_final_numbers_as_gsm8k_marks_them():
+    number = ANSWER_METRICS["number"]
+    gsm8k = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether 48+24 = <<48+24=72>>72.\n#### 72"
+    cases = [("72", 1.0), ("So the answer is 72.", 1.0), ("48 + 24 = 72 #### 72", 1.0), ("#### 72.0", 1.0),
+             ("She sold $72 in all", 1.0), ("24 clips, then 48", 0.0), ("seventy-two", 0.0),
+             ("#### 71 (I think 72)", 0.0)]   # after ####: its first number, not the last
+    assert [number.score(a, gsm8k) for a, _ in cases] == [s for _, s in cases]
+    assert number.score("1,080 apples", "#### 1080") == number.score("-3", "it fell by -3") == 1.0
+    assert number.score("no idea", "no number either") == 0.0 and number.column == "answer_number"
+
+
 def test_an_answer_that_is_a_numeric_choices_text_names_that_choice(tmp_path):
     # choices that are numbers: "2" as text is the choice "2" (index 1), 2 as a JSON number index 2
     rows = [{"question": "q", "choices": ["1", "2", "3", "4"], "answer": "2"},
