@@ -173,7 +173,7 @@ def _json(path: Path, opener: Callable = open) -> Rows:
             head = fh.read(4096).lstrip()
             if not head.startswith("["):
                 fh.seek(0)
-                return _json_lines(path, fh)
+                return _not_columns(path, _json_lines(path, fh))
             try:
                 rows = json.loads(head + fh.read())
             except json.JSONDecodeError as exc:
@@ -184,6 +184,24 @@ def _json(path: Path, opener: Callable = open) -> Rows:
     if bad is not None:
         raise UserError(f"{path}: item {bad} of the JSON array is a {type(rows[bad]).__name__}, not an"
                         " object (a row of named columns)")
+    return rows
+
+
+def _not_columns(path: Path, rows: Rows) -> Rows:
+    """``rows``, unless they are one object of columns or of rows by index, as pandas' ``to_json``
+    writes a frame by default (``orient='columns'``, ``'index'``, ``'split'``, ``'table'``).
+
+    Raises
+    ------
+    UserError
+        So it is (one line: how to write rows).
+    """
+    keys = set(rows[0]) if len(rows) == 1 else set()
+    if keys and (all(isinstance(v, dict) for v in rows[0].values()) or {"columns", "data"} <= keys
+                 or {"schema", "data"} <= keys):
+        raise UserError(f"{path}: one JSON object of the whole table (as pandas' to_json writes it by"
+                        " default), not a row per example: write rows, df.to_json(path, orient='records',"
+                        " lines=True)")
     return rows
 
 

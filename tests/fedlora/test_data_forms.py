@@ -134,6 +134,9 @@ def test_unreadable_and_unknown_forms_are_one_line(tmp_path):
     (tmp_path / "x.jsonl.gz").write_bytes(b"not gzip")
     (tmp_path / "a.json").write_text('[{"text": "a"}, "b"]')
     (tmp_path / "b.json").write_text('[{"text": "a"},\n {"text": }]')
+    # pandas' to_json by default (orient="columns"), and orient="split": one object of the whole table
+    (tmp_path / "cols.json").write_text('{"text":{"0":"a","1":"b"},"label":{"0":1,"1":0}}')
+    (tmp_path / "split.json").write_text('{"columns":["text","label"],"index":[0],"data":[["a",1]]}')
     (tmp_path / "plain").mkdir()
     DatasetDict({"train": Dataset.from_list([{"text": "a"}]), "test": Dataset.from_list([{"text": "b"}])}
                 ).save_to_disk(str(tmp_path / "dd"))
@@ -146,7 +149,9 @@ def test_unreadable_and_unknown_forms_are_one_line(tmp_path):
                       r" datasets\.save_to_disk folder$",
              "dd": r"dd is a DatasetDict of the splits train, test: pass one split's folder, e\.g\."
                    r" .*dd/train$",
-             "nope.parquet": r"^data file '.*nope\.parquet' not found$"}
+             "nope.parquet": r"^data file '.*nope\.parquet' not found$",
+             **dict.fromkeys(("cols.json", "split.json"), r"one JSON object of the whole table \(as"
+                             r" pandas' to_json writes it by default\), not a row per example: write rows")}
     for name, message in cases.items():
         # Execute / Assert
         with pytest.raises(UserError, match=message) as err:
