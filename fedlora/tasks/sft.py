@@ -127,8 +127,11 @@ class ChatFormat:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
         except TemplateError as exc:
             if self.fold_system or messages[0]["role"] != "system":
-                raise UserError(f"the chat template refuses these messages ({first_line(exc)}); fix the"
-                                " data's roles, or pass --chat-template plain or a Jinja file") from None
+                roles = " ".join(m["role"] for m in messages)
+                said = " ".join(str(messages[0]["content"]).split())[:40]
+                raise UserError(f"the chat template refuses the messages of roles {roles}"
+                                f" ({first_line(exc)}), starting {said!r}: fix the data's roles, or pass"
+                                " --chat-template plain or a Jinja file") from None
             self.fold_system = True
             NO_SYSTEM_TEMPLATES.add(self.tokenizer.chat_template)
             print("fedlora: the chat template takes no system message; it is put at the start of the first"

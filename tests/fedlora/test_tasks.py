@@ -194,8 +194,9 @@ def test_a_template_without_a_system_role_gets_it_in_the_first_user_turn_said_on
     assert capsys.readouterr().err.count("takes no system message") == 1
     # roles that break the template otherwise are refused in one line
     turns = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
-    with pytest.raises(UserError, match=r"^the chat template refuses these messages \(Conversation roles must"
-                                        r" alternate\); fix the data's roles"):
+    with pytest.raises(UserError, match=r"^the chat template refuses the messages of roles user user"
+                                        r" .*\(Conversation roles must alternate\), starting 'a': fix the"
+                                        r" data's roles"):
         get_task("sft").pieces(tok, TextDataset([turns], None, [], ["c"]), _sft())
 
 
