@@ -30,6 +30,7 @@ import re
 import string
 from pathlib import Path
 
+from fedlora.data.columns import renamed
 from fedlora.data.loading import TextDataset
 from fedlora.data.readers import reader_for, text_of
 from fedlora.errors import UserError
@@ -147,9 +148,10 @@ def _mmlu_start(first: list[str]) -> int | None:
     return 0 if len(last) == 1 and last in LETTERS[:len(cells) - 2] else None
 
 
-def read_choice_file(path: Path) -> TextDataset | None:
+def read_choice_file(path: Path, columns: dict[str, str] | None = None) -> TextDataset | None:
     """The rows of a multiple-choice file (see the module docstring), or None when ``path`` is in
-    neither form.
+    neither form; ``columns``: ``--columns`` (:func:`~fedlora.data.columns.renamed`; not for MMLU's
+    CSV, whose columns are by position).
 
     Raises
     ------
@@ -159,7 +161,7 @@ def read_choice_file(path: Path) -> TextDataset | None:
     """
     reader = reader_for(path)
     if reader.typed:
-        rows = reader.rows(path)
+        rows = renamed(reader.rows(path), columns or {}, path.name)
         form = next((f for f in FORMS if rows and set(f) <= set(rows[0])), None)
         if form is None:
             return None

@@ -43,6 +43,7 @@ import json
 from collections.abc import Callable
 
 from fedlora.data.choices import read_choice_file
+from fedlora.data.columns import renamed
 from fedlora.data.loading import DEFAULT_DATASET, TextDataset, label_order, load_bbcnews, load_file
 from fedlora.data.readers import locate, read_rows, reader_for, text_of
 from fedlora.errors import UserError, warn_once
@@ -318,10 +319,12 @@ def _flags_hint(path, template: str, words: dict[str, str]) -> None:
 
 def load_instructions(spec: str, text_column: str, label_column: str, template: str = "",
                       label_words: str = "", known: Callable[[], list[str]] | None = None,
-                      flags: str = "") -> TextDataset:
+                      flags: str = "", columns: dict[str, str] | None = None) -> TextDataset:
     """Prompts and responses of ``spec`` (a file or ``bbcnews-instruct``), see the module docstring;
     ``known``: the training data's labels, for a held-out labeled file (:func:`from_labeled`);
-    ``flags``: the column flags' prefix a message names (``"test-"`` for ``--test-data``).
+    ``flags``: the column flags' prefix a message names (``"test-"`` for ``--test-data``);
+    ``columns``: ``--columns``, the file's columns read under a form's names
+    (:func:`~fedlora.data.columns.renamed`).
 
     Raises
     ------
@@ -334,12 +337,12 @@ def load_instructions(spec: str, text_column: str, label_column: str, template: 
     if spec in (BBC_INSTRUCT, DEFAULT_DATASET):  # the bundled BBC News, as questions
         return from_labeled(lead(load_bbcnews(), BBC_LEAD_WORDS), template or BBC_TEMPLATE, words, known)
     path = locate(spec)
-    choices = None if words else read_choice_file(path)
+    choices = None if words else read_choice_file(path, columns)
     if choices is not None:
         choices.texts = fill_template(template, choices.texts)
         return choices
     if not (template or words):
-        rows = read_rows(path)
+        rows = renamed(read_rows(path), columns or {}, path.name)
         if not rows:
             raise UserError(f"data file {spec!r} has no rows")
         pairs = _pairs(rows, path.name, reader_for(path).typed)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedlora.data.columns import renamed
 from fedlora.data.instructions import _messages, cell, listed, load_instructions, skip_rows
 from fedlora.data.loading import DEFAULT_DATASET, TextDataset
 from fedlora.data.readers import is_pattern, locate, read_rows, reader_for, text_of
@@ -180,10 +181,12 @@ def drop_identical(ds: PairDataset, name: str) -> PairDataset:
 
 def load_preferences(spec: str, text_column: str, label_column: str, template: str = "",
                      label_words: str = "", seed: int = 0,
-                     known: Callable[[], list[str]] | None = None, flags: str = "") -> PairDataset:
+                     known: Callable[[], list[str]] | None = None, flags: str = "",
+                     columns: dict[str, str] | None = None) -> PairDataset:
     """Preference pairs of ``spec`` (see the module docstring); ``known``: the training data's
     labels, for a held-out labeled file (:func:`fedlora.data.instructions.from_labeled`); ``flags``:
-    the column flags' prefix a message names (``"test-"`` for ``--test-data``).
+    the column flags' prefix a message names (``"test-"`` for ``--test-data``); ``columns``:
+    ``--columns`` (:func:`~fedlora.data.columns.renamed`).
 
     Raises
     ------
@@ -194,33 +197,34 @@ def load_preferences(spec: str, text_column: str, label_column: str, template: s
     path = locate(spec)
     here = path.exists() or is_pattern(path)
     if not (template or label_words) and spec != DEFAULT_DATASET and here:
-        rows = _pair_rows(path, spec)
+        rows = _pair_rows(path, spec, columns)
         if rows is not None:
             return drop_identical(_from_rows(rows, path.name, reader_for(path).typed), path.name)
-        rows = read_rows(path)
+        rows = renamed(read_rows(path), columns or {}, path.name)
         if not {text_column, label_column} <= set(rows[0]) and not {"question", "choices"} <= set(rows[0]):
             raise UserError(f"{path.name} has no chosen/rejected columns (columns: {', '.join(rows[0])}):"
                             " --task dpo reads prompt/chosen/rejected, chat chosen/rejected message lists,"
                             " or a labeled file with --label-words")
     try:
-        ds = load_instructions(spec, text_column, label_column, template, label_words, known, flags)
+        ds = load_instructions(spec, text_column, label_column, template, label_words, known, flags, columns)
     except UserError:
-        rows = _pair_rows(path, spec) if spec != DEFAULT_DATASET and here else None
+        rows = _pair_rows(path, spec, columns) if spec != DEFAULT_DATASET and here else None
         if rows is None:  # a pair file beside --prompt-template / --label-words (for a labeled --test-data)
             raise
         return drop_identical(_from_rows(rows, path.name, reader_for(path).typed), path.name)
     return drop_identical(_from_answers(ds, seed), path.name if here else spec)
 
 
-def _pair_rows(path, spec: str) -> list[dict] | None:
-    """The rows of ``path`` when its first has ``chosen`` and ``rejected`` columns, else None.
+def _pair_rows(path, spec: str, columns: dict[str, str] | None = None) -> list[dict] | None:
+    """The rows of ``path`` (its columns renamed by ``columns``) when its first has ``chosen`` and
+    ``rejected`` columns, else None.
 
     Raises
     ------
     UserError
         The file has no rows.
     """
-    rows = read_rows(path)
+    rows = renamed(read_rows(path), columns or {}, path.name)
     if not rows:
         raise UserError(f"data file {spec!r} has no rows")
     return rows if {"chosen", "rejected"} <= set(rows[0]) else None

@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from fedlora.data.columns import parse_columns
 from fedlora.data.readers import locate, reader_for
 from fedlora.errors import UserError
 from fedlora.job.defaults import measures_clip
@@ -189,6 +190,7 @@ def check_task_args(args) -> None:
     if args.data not in task.datasets and args.data in {d for t in TASKS.values() for d in t.datasets}:
         raise UserError(f"--data {args.data} is not for --task {task.name}; it reads"
                         f" {' or '.join(task.datasets)} or a file")
+    parse_columns(args.columns)  # --columns' names: one line now, not when the data is read
     for name in ("text_column", "label_column"):  # the bundled data's columns are not the user's to name
         if args.data in task.datasets and getattr(args, name) != JobConfig.__dataclass_fields__[name].default:
             raise UserError(f"{flag_name(name)} names a column of a --data file, and --data {args.data} is"

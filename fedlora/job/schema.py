@@ -230,6 +230,11 @@ class JobConfig:
     prompt_template: str = option("", "--task sft on a labeled file: the instruction, with a {text} slot"
                                   " for the text column (default: the text alone)",
                                   group="LLM fine-tuning")
+    columns: str = option("", "--task sft/dpo: read a data file's columns under the names of a form"
+                          " fedlora reads, as NAME=COLUMN pairs: prompt=problem,response=solution (MATH);"
+                          " question=question_stem,choices=options; chosen=response_j,rejected=response_k;"
+                          " for --data, --test-data and --init-data alike", group="LLM fine-tuning",
+                          metavar="NAME=COLUMN,...")
     label_words: str = option("", "--task sft on a labeled file: the answer for each label, e.g."
                               " 0=negative,1=positive (default: the label itself)",
                               group="LLM fine-tuning")

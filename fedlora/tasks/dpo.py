@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fedlora.data.columns import parse_columns
 from fedlora.data.loading import TextDataset
 from fedlora.data.preferences import PairDataset, load_preferences
 from fedlora.kernels import Routing
@@ -108,14 +109,14 @@ class DPO(SFT):
     name = "dpo"
     metric = "reward_accuracy"
     options = ("prompt_template", "label_words", "system_prompt", "chat_template", "max_new_tokens",
-               "dpo_beta", "dpo_sft_weight")
+               "dpo_beta", "dpo_sft_weight", "columns")
     rows_per_example = 2
     opacus = False
 
     def load(self, spec: str, cfg, *, test: bool = False) -> PairDataset:
         text, label = columns(cfg, test)
         return load_preferences(spec, text, label, cfg.prompt_template, cfg.label_words, cfg.seed,
-                                train_labels(cfg, test), "test-" if test else "")
+                                train_labels(cfg, test), "test-" if test else "", parse_columns(cfg.columns))
 
     def example_lengths(self, tokenizer, ds: PairDataset, cfg) -> tuple[list[int], list[int]]:
         """A pair's longer row, and its longer completion."""

@@ -37,6 +37,7 @@ import torch
 from jinja2.exceptions import TemplateError
 from torch import Tensor
 
+from fedlora.data.columns import parse_columns
 from fedlora.data.instructions import labeled_names, load_instructions
 from fedlora.errors import UserError, first_line
 from fedlora.tasks.answers import (
@@ -215,14 +216,14 @@ class SFT(TokenLossTask):
     name = "sft"
     metric = "answer_accuracy"
     options = ("prompt_template", "label_words", "system_prompt", "chat_template", "max_new_tokens", "eval",
-               "metric")
+               "metric", "columns")
     datasets = ("bbcnews-instruct", "bbcnews")
 
     def load(self, spec: str, cfg, *, test: bool = False):
         text, label = columns(cfg, test)
         known = train_labels(cfg, test)
         return load_instructions(spec, text, label, cfg.prompt_template, cfg.label_words, known,
-                                 "test-" if test else "")
+                                 "test-" if test else "", parse_columns(cfg.columns))
 
     length_from_data = True
 

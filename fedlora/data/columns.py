@@ -1,0 +1,52 @@
+"""``--columns``: a data file's own columns read under the names of the forms ``--task sft`` and
+``--task dpo`` read (``prompt=problem,response=solution``), for datasets whose columns are named
+otherwise (MATH, MetaMathQA, OpenBookQA's ``question_stem``, stack-exchange pairs)."""
+
+from __future__ import annotations
+
+from fedlora.data.readers import Rows
+from fedlora.errors import UserError
+
+#: The columns of the forms ``--task sft`` and ``dpo`` read by name (instruction, multiple-choice and
+#: preference files), which ``--columns`` maps a file's own columns to.
+FORM_COLUMNS = ("prompt", "response", "completion", "instruction", "input", "output", "context", "question",
+                "answer", "choices", "messages", "conversations", "chosen", "rejected")
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """``--columns``' ``NAME=COLUMN,...`` as ``{form column: file column}`` ({} for '').
+
+    Raises
+    ------
+    UserError
+        A pair without ``=``, a name that is not one of :data:`FORM_COLUMNS`, or a name given twice.
+    """
+    out: dict[str, str] = {}
+    for pair in (p.strip() for p in text.split(",") if p.strip()):
+        name, eq, column = (part.strip() for part in pair.partition("="))
+        if not eq or not name or not column:
+            raise UserError(f"--columns takes NAME=COLUMN pairs (e.g. prompt=problem,response=solution), got"
+                            f" {pair!r}")
+        if name not in FORM_COLUMNS or name in out:
+            why = "is given twice" if name in out else f"is not a form's column ({', '.join(FORM_COLUMNS)})"
+            raise UserError(f"--columns: {name!r} {why}")
+        out[name] = column
+    return out
+
+
+def renamed(rows: Rows, columns: dict[str, str], name: str) -> Rows:
+    """``rows`` with each file column that ``columns`` (:func:`parse_columns`) maps read under its form
+    name; a column of the file that has a mapped form name itself is left out.
+
+    Raises
+    ------
+    UserError
+        The file lacks a mapped column (one line listing its columns).
+    """
+    if not columns or not rows:
+        return rows
+    missing = next((c for c in columns.values() if c not in rows[0]), None)
+    if missing is not None:
+        raise UserError(f"{name} has no column {missing!r} (--columns); its columns: {', '.join(rows[0])}")
+    back = {column: form for form, column in columns.items()}
+    return [{back.get(k, k): v for k, v in row.items() if k in back or k not in columns} for row in rows]

@@ -1,0 +1,59 @@
+"""--columns: a data file's columns read under the names of the forms --task sft and dpo read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedlora.data.columns import parse_columns, renamed
+from fedlora.data.instructions import load_instructions
+from fedlora.data.preferences import load_preferences
+from fedlora.errors import UserError
+
+
+def _jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_a_files_own_columns_read_as_a_forms(tmp_path):
+    # Prepare: MATH's problem/solution (beside a column named prompt, which is then not the prompt),
+    # OpenBookQA's question_stem, and stack-exchange-paired's response_j/response_k
+    math = _jsonl(tmp_path / "math.jsonl", [{"problem": "1+1?", "solution": "2", "prompt": "other"}])
+    obqa = _jsonl(tmp_path / "obqa.jsonl", [{"question_stem": "Sky?", "choices": ["red", "blue"],
+                                             "answer": 1}])
+    pairs = _jsonl(tmp_path / "se.jsonl", [{"question": "Why?", "response_j": "Because.",
+                                            "response_k": "No."}])
+    # Execute
+    sft = load_instructions(math, "text", "label", columns=parse_columns("prompt=problem, response=solution"))
+    mc = load_instructions(obqa, "text", "label", columns=parse_columns("question=question_stem"))
+    dpo = load_preferences(pairs, "text", "label",
+                           columns=parse_columns("prompt=question,chosen=response_j,rejected=response_k"))
+    # Assert
+    assert (sft.texts, sft.responses) == (["1+1?"], ["2"])
+    assert (mc.texts, mc.choices, mc.labels, mc.responses) == (["Sky?"], [["red", "blue"]], [1], ["blue"])
+    assert (dpo.texts, dpo.responses, dpo.rejected) == (["Why?"], ["Because."], ["No."])
+
+
+def test_renamed_keeps_other_columns_and_leaves_out_a_shadowed_one():
+    rows = [{"q": "a", "prompt": "b", "id": 7}]
+    assert renamed(rows, {"prompt": "q"}, "f") == [{"prompt": "a", "id": 7}]
+    assert renamed(rows, {}, "f") is rows
+
+
+@pytest.mark.parametrize("text, message", [
+    ("promt=problem", "--columns: 'promt' is not a form's column (prompt, response,"),
+    ("prompt=a,prompt=b", "--columns: 'prompt' is given twice"),
+    ("prompt", "--columns takes NAME=COLUMN pairs (e.g. prompt=problem,response=solution), got 'prompt'"),
+])
+def test_bad_columns_are_one_line(text, message):
+    with pytest.raises(UserError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        parse_columns(text)
+
+
+def test_a_mapped_column_the_file_lacks_is_one_line(tmp_path):
+    data = _jsonl(tmp_path / "d.jsonl", [{"problem": "1+1?", "solution": "2"}])
+    with pytest.raises(UserError, match=r"^d\.jsonl has no column 'answer' \(--columns\); its columns:"
+                                        r" problem, solution$"):
+        load_instructions(data, "text", "label", columns={"prompt": "problem", "response": "answer"})
