@@ -104,7 +104,9 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
             sink.resume(coord.rows)
             log.info("resuming after round %d", coord.round)
         else:
-            sink.begin(cfg)
+            sink.begin(cfg)  # the job is set up: only now is an earlier run's output replaced
+        status["begun"] = True  # fedlora-server reads metrics.jsonl from here
+        sink.status("running", **status)
         sink.tracking = Tracking.open(cfg, out_dir, fresh=coord.round == 0)  # --track: rows go there too
         settings = RoundSettings.from_run_config(run_config)
         log.info("fedlora %s: %d rounds, rank %d, %d clients (%d per round; min %d replies, timeout %.0fs)",
@@ -116,7 +118,7 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
             sink.tracking.finish({"adapter": [out_dir / "adapter"]})
     except BaseException as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        sink.status("failed", error=reason, **status)
+        sink.status("failed", error=reason, refused=isinstance(exc, UserError), **status)
         if sink.tracking is not None:
             sink.tracking.close(failed=True)
         raise

@@ -179,7 +179,7 @@ def serve(args: argparse.Namespace, cfg: JobConfig, out_dir: Path) -> int:
                                                                   flush=True))
     if status["state"] != "finished":
         print(f"fedlora-server: error: {status.get('error', 'run failed')}", file=sys.stderr)
-        return 1
+        return 2 if status.get("refused") else 1  # the job refused (bad input), as fedlora-sim's exit
     print(f"wrote {out_dir / 'metrics.jsonl'} and {out_dir / 'adapter'}", file=sys.stderr)
     return 0
 

@@ -26,7 +26,6 @@ from fedlora.job.paths import with_recorded_paths
 from fedlora.job.runconfig import to_run_config
 from fedlora.job.schema import JobConfig
 from fedlora.net.process import die_with_parent
-from fedlora.rounds.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT
 from fedlora.server import ingress
 
 CONNECTION = "fedlora"
@@ -175,7 +174,7 @@ def follow(out_dir: Path, superlink: SuperLink, on_row: Callable[[dict], None], 
         status = json.loads(status_path.read_text()) if status_path.is_file() else {}
         if status.get("run_id") != str(run_id):
             status = {}  # not yet written by this run (or left by an older one)
-        if metrics.is_file():
+        if status.get("begun") and metrics.is_file():  # before, it may be an earlier run's
             rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
             for row in rows[seen:]:
                 on_row(row)
@@ -204,10 +203,6 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except (OSError, IndexError):
         return True
-
-
-OUTPUTS = ("metrics.jsonl", "config.json", CHECKPOINT, LEGACY_CHECKPOINT, "status.json", LOG_FILE)
-"""What a fresh run replaces in its output folder."""
 
 
 def check_not_written(out_dir: Path) -> None:
@@ -270,8 +265,7 @@ def launch(rc: dict[str, object], link_args: list[str], host: str, port: int, *,
     out_dir = Path(str(rc["out"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     check_not_written(out_dir)
-    for name in OUTPUTS if not rc.get("resume") else ("status.json",):
-        (out_dir / name).unlink(missing_ok=True)
+    (out_dir / "status.json").unlink(missing_ok=True)  # an earlier run's: the new run writes its own
     home = (out_dir / ".flwr").resolve()
     # the SuperLink starts flower-superexec and flwr-serverapp by name: this environment's first
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
