@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from fedlora.data.readers import is_pattern, locate
+from fedlora.data.readers import is_pattern, locate, reader_for
 from fedlora.errors import UserError, command
 from fedlora.job.flags import Parser
 from fedlora.net.process import die_with_parent
@@ -67,6 +67,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.data is not None and args.client_id is None:  # two clients must not both be client 0
         raise UserError("--data needs --client-id K: each client its own number in 0..N-1 (N the"
                         " server's --num-clients), which the server tells clients apart by")
+    if args.data is not None:
+        try:
+            reader_for(locate(args.data))  # a form it reads (not a .py file): one line now, not every round
+        except UserError as exc:
+            raise UserError(f"--data: {exc}") from None
     if args.client_id is not None and args.client_id < 0:
         raise UserError(f"--client-id must be ≥ 0, got {args.client_id}")
     if args.partition_id is not None:
@@ -94,7 +99,9 @@ def node_config(args: argparse.Namespace) -> str:
         items["partition-id"] = args.partition_id
         items["num-partitions"] = args.num_partitions
     if args.data is not None:
-        items["data"] = str(locate(args.data).expanduser().resolve())  # as this machine finds it
+        # as this machine finds it: absolute, its links kept (a hub cache's file links to a blob
+        # whose name has no suffix to tell its form by)
+        items["data"] = os.path.abspath(locate(args.data).expanduser())
     client_id = args.client_id if args.client_id is not None else args.partition_id
     items["client-id"] = client_id
     return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in items.items())

@@ -110,15 +110,22 @@ def test_client_data_as_a_pattern_or_a_cached_hub_id_reaches_the_clientapp_as_th
         (tmp_path / f"part-{i}.csv").write_text("text,label\na,0\n")
     snapshot = tmp_path / "cache" / "datasets--org--toy" / "snapshots" / "c0"
     snapshot.mkdir(parents=True)
-    (snapshot / "train.jsonl").write_text('{"text": "a", "label": 0}\n')
+    blob = tmp_path / "cache" / "datasets--org--toy" / "blobs" / "3727f3"  # as the hub's cache keeps it
+    blob.parent.mkdir()
+    blob.write_text('{"text": "a", "label": 0}\n')
+    (snapshot / "train.jsonl").symlink_to(blob)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     base = ["--server", "127.0.0.1:8000", "--insecure", "--client-id", "0", "--data"]
-    # Execute / Assert: each passes the checks and reaches the node config as a local path
+    # Execute / Assert: each passes the checks and reaches the node config as a local path, its link
+    # kept (the blob it resolved to has no suffix: the ClientApp refused it every round)
     cases = ((str(tmp_path / "part-*.csv"), tmp_path / "part-*.csv"), ("org/toy", snapshot / "train.jsonl"))
     for data, want in cases:
         args = build_parser().parse_args([*base, data])
         check_args(args)
-        assert f"data={str(want.resolve())!r}" in node_config(args)
+        assert f"data={str(want)!r}" in node_config(args)
+    (tmp_path / "mk.py").write_text("print()\n")  # a form no reader reads: refused at start
+    script = one_line_error(capsys, client_main([*base, str(tmp_path / "mk.py")]))
+    assert "--data: unsupported data file" in script
     absent = one_line_error(capsys, client_main([*base, "org/absent"]))
     assert "fetch it once with `hf download org/absent" in absent
     assert "file not found" in one_line_error(capsys, client_main([*base, str(tmp_path / "none-*.csv")]))
