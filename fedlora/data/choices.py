@@ -111,7 +111,6 @@ def _row(question, choices, answer, where: str, typed: bool = True) -> tuple[str
     index = _raw_index(answer)
     if not 0 <= index < len(texts) and said in texts and (typed or not NUMBER.fullmatch(said)):
         return question, texts, texts.index(said)      # the right choice's own text
-        return question, texts, texts.index(said)
     return question, texts, index
 
 

@@ -26,9 +26,9 @@ Closed-set answers (form 3 and multiple choice) keep their ``choices``: in form 
 that ``--label-words`` names or the data holds (a held-out file's choices add the training
 data's labels), whichever of them a file's rows use.
 
-A message list is a real list (a JSON array, a Parquet list): a string is text whatever it holds
-(``[{"entity": "Alice"}]``, a structured answer), except in a CSV/TSV file, whose cells are all text,
-where the JSON of a list of ``{role, content}`` objects is a message list (:func:`listed`).
+A message list is a list (a JSON array, a Parquet list), or a string holding the JSON of a list of
+``{role, content}`` objects (a CSV/TSV cell, or messages a file stored as strings); any other string
+is text whatever it holds (``[{"entity": "Alice"}]``, a structured answer: :func:`listed`).
 
 Every prompt and response is text (a number reads as it is written): a null, a list or an object
 where text belongs is refused with its row. A message's ``content`` may be a list of OpenAI-style
@@ -45,7 +45,7 @@ from collections.abc import Callable
 from fedlora.data.choices import read_choice_file
 from fedlora.data.columns import renamed
 from fedlora.data.loading import DEFAULT_DATASET, TextDataset, label_order, load_bbcnews, load_file
-from fedlora.data.readers import locate, read_rows, reader_for, text_of
+from fedlora.data.readers import locate, read_rows, text_of
 from fedlora.errors import UserError, warn_once
 
 BBC_INSTRUCT = "bbcnews-instruct"
@@ -173,13 +173,14 @@ def _messages(value, where: str) -> list[dict[str, str]]:
     return msgs
 
 
-def listed(value, typed: bool) -> list | None:
-    """``value`` as a message list where it is one, else None: a list, or (``typed`` False: a CSV/TSV
-    cell, where every value is text) the JSON of a list of ``{role, content}`` objects. Any other
-    string is text, whatever it looks like (``[{"entity": "Alice"}]``, a structured answer)."""
+def listed(value) -> list | None:
+    """``value`` as a message list where it is one, else None: a list, or a string holding the JSON of
+    a list of ``{role, content}`` objects (a CSV/TSV cell, whose values are all text, or a JSON/Parquet
+    file that stored its messages as strings). Any other string is text, whatever it looks like
+    (``[{"entity": "Alice"}]``, a structured answer, ``"[0, 1, 2]"``)."""
     if isinstance(value, list):
         return value
-    if typed or not isinstance(value, str) or not value.lstrip().startswith("["):
+    if not isinstance(value, str) or not value.lstrip().startswith("["):
         return None
     try:
         parsed = json.loads(value)
@@ -190,15 +191,15 @@ def listed(value, typed: bool) -> list | None:
     return parsed if chat else None
 
 
-def _prompt(value, where: str, column: str = "prompt", typed: bool = True) -> str | list[dict[str, str]]:
+def _prompt(value, where: str, column: str = "prompt") -> str | list[dict[str, str]]:
     """A prompt column's value: text, or (TRL's conversational form) a message list (:func:`listed`)."""
-    msgs = listed(value, typed)
+    msgs = listed(value)
     return text_of(value, where, column) if msgs is None else _chat_list(msgs, where, 1)
 
 
-def _response(value, where: str, column: str = "response", typed: bool = True) -> str:
+def _response(value, where: str, column: str = "response") -> str:
     """A response column's value: text, or the content of a message list's last message."""
-    said = _prompt(value, where, column, typed)
+    said = _prompt(value, where, column)
     return said if isinstance(said, str) else said[-1]["content"]
 
 
@@ -249,9 +250,8 @@ def nonempty(ds: TextDataset, name: str, what: str = "response") -> TextDataset:
                      f"{len(empty)} of {len(ds)} rows of {name} have an empty {what}; they were skipped")
 
 
-def _pairs(rows: list[dict], name: str, typed: bool = True) -> TextDataset | None:
-    """Forms 1 and 2, or None when the columns fit neither; ``typed``: the form's values keep their
-    types (False: a CSV/TSV file, :func:`listed`)."""
+def _pairs(rows: list[dict], name: str) -> TextDataset | None:
+    """Forms 1 and 2, or None when the columns fit neither."""
     cols = set(rows[0])
     chat = next((c for c in ("messages", "conversations") if c in cols), None)
     if chat:
@@ -267,10 +267,10 @@ def _pairs(rows: list[dict], name: str, typed: bool = True) -> TextDataset | Non
     prompts, responses = [], []
     for n, r in enumerate(rows, 1):
         where = f"{name} row {n}"
-        prompt = _prompt(cell(r, ask, where, f"{ask}/{answer}"), where, ask, typed)
+        prompt = _prompt(cell(r, ask, where, f"{ask}/{answer}"), where, ask)
         more = text_of(r.get(extra) or "", where, extra).strip() if extra else ""
         prompts.append(f"{prompt}\n\n{more}" if more and isinstance(prompt, str) else prompt)
-        responses.append(_response(cell(r, answer, where, f"{ask}/{answer}"), where, answer, typed))
+        responses.append(_response(cell(r, answer, where, f"{ask}/{answer}"), where, answer))
     return nonempty(TextDataset(prompts, None, [], responses), name)
 
 
@@ -345,7 +345,7 @@ def load_instructions(spec: str, text_column: str, label_column: str, template: 
         rows = renamed(read_rows(path), columns or {}, path.name)
         if not rows:
             raise UserError(f"data file {spec!r} has no rows")
-        pairs = _pairs(rows, path.name, reader_for(path).typed)
+        pairs = _pairs(rows, path.name)
         if pairs is not None:
             return pairs
         if not {text_column, label_column} <= set(rows[0]):

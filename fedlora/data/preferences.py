@@ -36,7 +36,7 @@ import numpy as np
 from fedlora.data.columns import renamed
 from fedlora.data.instructions import _messages, cell, listed, load_instructions, skip_rows
 from fedlora.data.loading import DEFAULT_DATASET, TextDataset
-from fedlora.data.readers import is_pattern, locate, read_rows, reader_for, text_of
+from fedlora.data.readers import is_pattern, locate, read_rows, text_of
 from fedlora.errors import UserError
 
 #: Mixed into ``--seed`` for the rejected answers drawn from a labeled file's other choices.
@@ -71,20 +71,20 @@ def _transcript(text: str) -> list | None:
             for who, said in zip(parts[1::2], parts[2::2], strict=True)]
 
 
-def _chat(value, typed: bool) -> list | None:
+def _chat(value) -> list | None:
     """``value`` as a message list when it is one (:func:`~fedlora.data.instructions.listed`: a list,
     or in a CSV/TSV file its JSON), or an hh-rlhf transcript; else None (text, ``"[0, 1, 2]"`` too)."""
-    msgs = listed(value, typed)
+    msgs = listed(value)
     if msgs is None and isinstance(value, str):
         return _transcript(value)
     return msgs
 
 
-def _with_prompt(answer: list, prompt, typed: bool) -> list:
+def _with_prompt(answer: list, prompt) -> list:
     """``answer``, a message list, after the ``prompt`` column when it holds the assistant's turn alone."""
     if prompt is None or any(isinstance(m, dict) and m.get("role") != "assistant" for m in answer):
         return answer
-    asked = _chat(prompt, typed)
+    asked = _chat(prompt)
     return (asked if asked is not None else [{"role": "user", "content": str(prompt)}]) + answer
 
 
@@ -98,19 +98,18 @@ def _prompt_of(value, where: str) -> str | list:
     return text_of(value, where, "prompt")
 
 
-def _from_rows(rows: list[dict], name: str, typed: bool) -> PairDataset:
-    """Forms 1 and 2 (the first row has ``chosen`` and ``rejected``); ``typed``: the form's values keep
-    their types (False: a CSV/TSV file)."""
+def _from_rows(rows: list[dict], name: str) -> PairDataset:
+    """Forms 1 and 2 (the first row has ``chosen`` and ``rejected``)."""
     prompts, chosen, rejected = [], [], []
     texts = "prompt" in rows[0]
     for n, row in enumerate(rows, 1):
         where = f"{name} row {n}"
         good_cell, bad_cell = cell(row, "chosen", where, "chosen/rejected"), cell(row, "rejected", where,
                                                                                  "chosen/rejected")
-        good, bad = _chat(good_cell, typed), _chat(bad_cell, typed)
+        good, bad = _chat(good_cell), _chat(bad_cell)
         if good is not None and bad is not None:
             asked = row.get("prompt")
-            good, bad = _with_prompt(good, asked, typed), _with_prompt(bad, asked, typed)
+            good, bad = _with_prompt(good, asked), _with_prompt(bad, asked)
             good, bad = _messages(good, f"{where} chosen"), _messages(bad, f"{where} rejected")
             if good[:-1] != bad[:-1]:
                 raise UserError(f"{where}: the chosen and rejected conversations differ before"
@@ -199,7 +198,7 @@ def load_preferences(spec: str, text_column: str, label_column: str, template: s
     if not (template or label_words) and spec != DEFAULT_DATASET and here:
         rows = _pair_rows(path, spec, columns)
         if rows is not None:
-            return drop_identical(_from_rows(rows, path.name, reader_for(path).typed), path.name)
+            return drop_identical(_from_rows(rows, path.name), path.name)
         rows = renamed(read_rows(path), columns or {}, path.name)
         if not {text_column, label_column} <= set(rows[0]) and not {"question", "choices"} <= set(rows[0]):
             raise UserError(f"{path.name} has no chosen/rejected columns (columns: {', '.join(rows[0])}):"
@@ -211,7 +210,7 @@ def load_preferences(spec: str, text_column: str, label_column: str, template: s
         rows = _pair_rows(path, spec, columns) if spec != DEFAULT_DATASET and here else None
         if rows is None:  # a pair file beside --prompt-template / --label-words (for a labeled --test-data)
             raise
-        return drop_identical(_from_rows(rows, path.name, reader_for(path).typed), path.name)
+        return drop_identical(_from_rows(rows, path.name), path.name)
     return drop_identical(_from_answers(ds, seed), path.name if here else spec)
 
 

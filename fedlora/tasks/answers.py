@@ -106,8 +106,14 @@ class Contains(AnswerMetric):
     name, column = "contains", "answer_contains"
 
     def score(self, answer: str, reference: str) -> float:
-        said = re.escape(normalize(reference))
-        return float(re.search(rf"(?<!\w){said}(?!\w)", normalize(answer)) is not None)
+        said = normalize(reference)
+        if not said:
+            return 0.0
+        # a word boundary where the reference begins or ends with an ASCII letter or digit ("no" is not
+        # in "not"); none in scripts written without spaces ("东京" is in "答案是东京")
+        head = r"(?<![A-Za-z0-9])" if re.match(r"[A-Za-z0-9]", said) else ""
+        tail = r"(?![A-Za-z0-9])" if re.match(r"[A-Za-z0-9]", said[-1]) else ""
+        return float(re.search(head + re.escape(said) + tail, normalize(answer)) is not None)
 
 
 #: A number as answers write it: a sign, digits with thousands commas, a decimal part.

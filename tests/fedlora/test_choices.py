@@ -144,6 +144,7 @@ def test_exact_and_contains_compare_normalized_answers():
     cases = (("I do not know.", "no"), ("Yesterday", "yes"), ("14", "4"), ("No, it is not.", "no"),
              ("maybe (B)", "b"))
     assert [contains.score(a, r) for a, r in cases] == [0, 0, 0, 1, 1]
+    assert contains.score("答案是东京", "东京") == contains.score("東京です", "東京") == 1.0  # no spaces
     assert exact.score("**Positive**", "positive") == exact.score("(B)", "B") == 1.0
     assert (exact.column, contains.column, ANSWER_METRICS["rouge-l"].column) == \
         ("answer_accuracy", "answer_contains", "rouge_l")

@@ -202,12 +202,13 @@ def test_template_on_instruction_data_says_to_drop_it(tmp_path, rows, flags, mes
 
 
 def test_a_string_that_looks_like_json_is_text_and_a_csv_chat_is_messages(tmp_path):
-    # Prepare: structured answers (a JSON array of objects, as text) in JSON lines, where only a real
-    # list is messages; TRL's conversational prompt/completion in a CSV, whose cells are all text
+    # Prepare: structured answers (a JSON array of objects, as text) in JSON lines, which stay text;
+    # messages a file stored as a JSON string (role/content objects); TRL's conversational
+    # prompt/completion in a CSV, whose cells are all text
     structured = _jsonl(tmp_path / "s.jsonl", [
         {"prompt": "Entities in 'Alice met Bob'?", "response": '[{"entity": "Alice0"}]'},
         {"prompt": '[{"id": 1}] Which id?', "response": "1"},
-        {"prompt": "Echo", "response": '[{"role": "assistant", "content": "x"}]'}])   # a string: text
+        {"prompt": "Echo", "response": '[{"role": "assistant", "content": "x"}]'}])   # messages, as a string
     csv = tmp_path / "c.csv"
     csv.write_text('prompt,completion\n"[{""role"": ""user"", ""content"": ""2+2?""}]",'
                    '"[{""role"": ""assistant"", ""content"": ""4""}]"\n'
@@ -216,7 +217,7 @@ def test_a_string_that_looks_like_json_is_text_and_a_csv_chat_is_messages(tmp_pa
     s, c = load_instructions(structured, "text", "label"), load_instructions(str(csv), "text", "label")
     # Assert
     assert s.texts == ["Entities in 'Alice met Bob'?", '[{"id": 1}] Which id?', "Echo"]
-    assert s.responses == ['[{"entity": "Alice0"}]', "1", '[{"role": "assistant", "content": "x"}]']
+    assert s.responses == ['[{"entity": "Alice0"}]', "1", "x"]
     assert c.texts == [[{"role": "user", "content": "2+2?"}], "Entities?"]
     assert c.responses == ["4", '[{"entity": "Alice0"}]']
 
