@@ -106,9 +106,14 @@ def _row(question, choices, answer, where: str, typed: bool = True) -> tuple[str
     said = text_of(answer, where, "answer").strip()
     if said in labels:
         return question, texts, labels.index(said)
-    if typed and isinstance(answer, str) and said in texts and all(NUMBER.fullmatch(t) for t in texts):
+    numbers = said in texts and all(NUMBER.fullmatch(t) for t in texts)
+    if typed and isinstance(answer, str) and numbers:
         return question, texts, texts.index(said)      # numbers as choices: the (JSON) text names one
     index = _raw_index(answer)
+    if not typed and numbers and index != texts.index(said):  # a CSV cell: index or the choice's text?
+        raise UserError(f"{where}: answer {said!r} could be index {index} or the choice {said!r} (index"
+                        f" {texts.index(said)}), and a CSV cell cannot say which: give the answer as a letter"
+                        f" ({LETTERS[0]}-{LETTERS[len(texts) - 1]})")
     if not 0 <= index < len(texts) and said in texts and (typed or not NUMBER.fullmatch(said)):
         return question, texts, texts.index(said)      # the right choice's own text
     return question, texts, index

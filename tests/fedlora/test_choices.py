@@ -68,16 +68,22 @@ def test_mmlu_csv_with_or_without_its_header(tmp_path, header):
     assert ds.labels == [1, 2] and ds.responses == ["4", "Jupiter"]
 
 
-def test_an_mmlu_csvs_numbers_are_indices_in_every_row(tmp_path):
-    # Prepare: index answers, two rows of numeric choices (the first was read as the choice "1",
-    # the other as index 3: one file, two readings)
-    path = tmp_path / "mmlu.csv"
-    path.write_text("question,A,B,C,D,answer\nWhat is 1+1?,1,2,3,4,1\n"
-                    "Capital of France?,Rome,Paris,Oslo,Bern,1\nWhat is 0+3?,0,1,2,4,3\n")
+def test_an_mmlu_csvs_numbers_are_indices_unless_a_choice_of_that_text_says_otherwise(tmp_path):
+    # Prepare: index answers; rows of numeric choices whose answer is no choice's text, or the choice at
+    # its own index; and one where the index and the choice of that text differ
+    path, bad = tmp_path / "mmlu.csv", tmp_path / "bad.csv"
+    head = "question,A,B,C,D,answer\n"
+    path.write_text(head + "Capital of France?,Rome,Paris,Oslo,Bern,1\nWhat is 0+3?,0,1,2,5,3\n"
+                    "What is 2-1?,0,1,2,3,1\n")
+    bad.write_text(head + "What is 1+1?,1,2,3,4,1\n")   # index 1 ('2') or the choice '1' (index 0)?
     # Execute
     ds = load_instructions(str(path), "text", "label")
-    # Assert
-    assert ds.labels == [1, 1, 3] and ds.responses == ["2", "Paris", "4"]
+    # Assert: one reading per file (it read each row its own way); the ambiguous row refused in one line
+    assert ds.labels == [1, 3, 1] and ds.responses == ["Paris", "5", "1"]
+    with pytest.raises(UserError, match=r"^bad\.csv line 2: answer '1' could be index 1 or the choice '1'"
+                                        r" \(index 0\), and a CSV cell cannot say which: give the answer as a"
+                                        r" letter \(A-D\)$"):
+        load_instructions(str(bad), "text", "label")
 
 
 def test_label_words_become_the_choices(tmp_path):
