@@ -99,15 +99,22 @@ SEPARATORS = {",": "commas", "\t": "tabs", ";": "semicolons", "|": "bars"}
 def quoting(path: Path, delimiter: str) -> int:
     """How ``path``'s cells are quoted: a CSV file's as the csv module reads them (``"..."`` around a
     cell that holds a comma, a quote doubled inside); a TSV file's the same where one of its cells is
-    quoted whole (starts and ends with ``"``: pandas' ``to_csv(sep="\\t")`` quotes a text that holds a
-    quote), else not at all, as GLUE's TSVs are written: ``"great" movie`` is that text."""
+    quoted whole as pandas' ``to_csv(sep="\\t")`` quotes a text that holds a quote (starts and ends with
+    ``"``, every quote inside doubled), else not at all, as GLUE's TSVs are written: ``"great" movie``
+    and ``"I love it," she said, "really."`` are those texts."""
     if delimiter != "\t":
         return csv.QUOTE_MINIMAL
     with path.open(encoding="utf-8-sig") as fh:
         for line in fh:
-            if any(len(c) > 1 and c[0] == c[-1] == '"' for c in line.rstrip("\r\n").split("\t")):
+            if any(_quoted_whole(c) for c in line.rstrip("\r\n").split("\t")):
                 return csv.QUOTE_MINIMAL
     return csv.QUOTE_NONE
+
+
+def _quoted_whole(cell: str) -> bool:
+    """Whether ``cell`` is quoted as the csv module writes a quoted field: ``"`` around it, and every
+    ``"`` inside doubled."""
+    return len(cell) > 1 and cell[0] == cell[-1] == '"' and '"' not in cell[1:-1].replace('""', "")
 
 
 def _delimited_rows(path: Path, delimiter: str) -> Rows:
@@ -153,8 +160,9 @@ def _check_separator(path: Path, header: list[str], delimiter: str) -> None:
 
 
 def _check_unique(path: Path, header: list[str]) -> None:
-    """Refuse a header that names a column twice (``text,label,text``): one of them would be lost."""
-    twice = next((name for n, name in enumerate(header) if name in header[:n]), None)
+    """Refuse a header that names a column twice (``text,label,text``): one of them would be lost.
+    Unnamed columns (a spreadsheet's trailing ``,,``) are not names."""
+    twice = next((name for n, name in enumerate(header) if name and name in header[:n]), None)
     if twice is not None:
         first, second = [n + 1 for n, name in enumerate(header) if name == twice][:2]
         raise UserError(f"{path}: its header names the column {twice!r} twice (columns {first} and {second});"

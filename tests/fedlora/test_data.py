@@ -120,13 +120,14 @@ def test_a_tsv_file_quotes_nothing_unless_it_quotes_a_cell_whole(tmp_path, capsy
     # holding a quote is quoted whole, its quotes doubled)
     glue, pandas = tmp_path / "glue.tsv", tmp_path / "pandas.tsv"
     glue.write_text('sentence\tlabel\n"great" movie\t1\n"a stray quote\t0\nbad\t0\nok"\t1\nfine\t0\n'
-                    'say "no"\t0\nlast\t1\n')
+                    'say "no"\t0\nlast\t1\n"I love it," she said, "really."\t1\n')  # starts and ends with "
     pandas.write_text('text\tlabel\n"say ""hi"" now"\t1\nplain\t0\n')
     # Execute
     g, pd = load_file(glue, "sentence"), load_file(pandas)
     # Assert: every line of GLUE's is its row, as it is written (7 rows, not 4); pandas' unquoted
-    assert g.texts == ['"great" movie', '"a stray quote', "bad", 'ok"', "fine", 'say "no"', "last"]
-    assert g.labels == [1, 0, 0, 1, 0, 0, 1] and "several lines" not in capsys.readouterr().err
+    assert g.texts == ['"great" movie', '"a stray quote', "bad", 'ok"', "fine", 'say "no"', "last",
+                       '"I love it," she said, "really."']
+    assert g.labels == [1, 0, 0, 1, 0, 0, 1, 1] and "several lines" not in capsys.readouterr().err
     assert pd.texts == ['say "hi" now', "plain"] and pd.labels == [1, 0]
 
 
@@ -160,6 +161,9 @@ def test_a_header_naming_a_column_twice_is_refused(tmp_path):
                                             r" \(columns 1 and 3\); rename one, so each column has its own"
                                             r" name$"):
             load_file(tmp_path / name)
+    # a spreadsheet's trailing unnamed columns are not names given twice
+    (tmp_path / "sheet.csv").write_text("text,label,,\nhello,1,,\nbye,0,,\n")
+    assert load_file(tmp_path / "sheet.csv").texts == ["hello", "bye"]
 
 
 def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
