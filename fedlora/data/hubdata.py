@@ -50,8 +50,8 @@ def snapshot(repo: str) -> Path | None:
 
 
 #: A shard's number at the end of a file's name: ``-00000-of-00002`` (with the hash that older
-#: conversions add: ``-00000-of-00001-3b1b0c39e2bea6e9``), or ``-00000``.
-SHARD = re.compile(r"-\d+(?:-of-\d+)?(?:-[0-9a-f]{8,})?$")
+#: conversions add: ``-00000-of-00001-3b1b0c39e2bea6e9``), ``-00000``, ``_0`` or ``.0``.
+SHARD = re.compile(r"[-_.]\d+(?:-of-\d+)?(?:-[0-9a-f]{8,})?$")
 #: A file's name that is a shard's number alone (``0.parquet``, ``0000.parquet``): its folder is the split.
 NUMBERED = re.compile(r"\d+(?:-of-\d+)?")
 

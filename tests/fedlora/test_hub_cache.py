@@ -237,6 +237,8 @@ def test_a_split_is_its_whole_name(hf_cache):
     cache_dataset(hf_cache, "org/converted", files(["default/train/0000.parquet",
                                                     "default/train/0001.parquet",
                                                     "default/train_extra/0000.parquet"]))
+    cache_dataset(hf_cache, "org/underscored", files(["data/train_0.parquet", "data/train_1.parquet",
+                                                      "data/test_0.parquet"]))
     # Execute / Assert: a split is only the files of that whole name
     assert _texts(f"{uf}:train_prefs") == ["data/train_prefs-00000-of-00001.parquet"] * 2
     assert _texts(f"{uf}:test_prefs") == ["data/test_prefs-00000-of-00001.parquet"] * 2
@@ -244,6 +246,7 @@ def test_a_split_is_its_whole_name(hf_cache):
     assert _texts("nyu-mll/glue:mnli/validation_matched") == [matched] * 2
     assert _texts("nyu-mll/glue:sst2/validation") == ["sst2/validation-00000-of-00001.parquet"] * 2
     assert _texts("org/converted") == ["default/train/0000.parquet"] * 2 + ["default/train/0001.parquet"] * 2
+    assert _texts("org/underscored") == ["data/train_0.parquet"] * 2 + ["data/train_1.parquet"] * 2
     # no 'train' split (train_prefs is not one), no 'validation' beside validation_matched: one line each
     refusals = {uf: rf"^dataset '{uf}' in the cache has no 'train' split \(its splits: test_prefs, train_gen,"
                     rf" train_prefs, train_sft\); name a split as {uf}:SPLIT, or pass a file's path$",
