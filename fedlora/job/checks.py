@@ -191,10 +191,13 @@ def check_task_args(args) -> None:
         raise UserError(f"--data {args.data} is not for --task {task.name}; it reads"
                         f" {' or '.join(task.datasets)} or a file")
     parse_columns(args.columns)  # --columns' names: one line now, not when the data is read
+    files = any(getattr(args, f, "") for f in ("test_data", "init_data", "quant_calibration"))
     for name in ("text_column", "label_column"):  # the bundled data's columns are not the user's to name
-        if args.data in task.datasets and getattr(args, name) != JobConfig.__dataclass_fields__[name].default:
-            raise UserError(f"{flag_name(name)} names a column of a --data file, and --data {args.data} is"
-                            " the bundled BBC News, whose columns are fixed: drop it, or pass --data FILE")
+        if (args.data in task.datasets and not files
+                and getattr(args, name) != JobConfig.__dataclass_fields__[name].default):
+            raise UserError(f"{flag_name(name)} names a column of a data file, and --data {args.data} is"
+                            " the bundled BBC News, whose columns are fixed (and no other data file is"
+                            " given): drop it, or pass --data FILE")
     if task.model_kind == "causal-lm" and args.model == "minilm":  # the bundled encoder
         raise UserError(f"--task {task.name} needs a causal language model, and minilm is an encoder:"
                         " pass --model smollm2, a .gguf file or a local LLM folder")

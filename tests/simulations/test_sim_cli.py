@@ -116,7 +116,7 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
     (["--data", "bbcnews-instruct"],
      "--data bbcnews-instruct is not for --task classification; it reads bbcnews"),
     (["--data", "bbcnews", "--text-column", "body"],  # was ignored
-     "--text-column names a column of a --data file, and --data bbcnews is the bundled BBC News"),
+     "--text-column names a column of a data file, and --data bbcnews is the bundled BBC News"),
     (["--eval-max", "-1"], "--eval-max must be ≥ 0 (0: all), got -1"),
     (["--clients-per-round", "4"],
      "--clients-per-round must be in 1..--num-clients (3; 0: every client), got 4"),
