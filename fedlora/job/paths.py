@@ -88,7 +88,7 @@ def data_digests(cfg: JobConfig) -> dict[str, str]:
     return out
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with Path(path).open("rb") as fh:

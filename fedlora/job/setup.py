@@ -185,7 +185,8 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan, num_labels:
 
 def init_head(adapter, fm: FederatedModel, labels: list[str] | None, head: str) -> bool:
     """Whether ``--init-adapter``'s task head is loaded: not with ``--head zero`` (a new head), nor
-    where there is none on either side.
+    where there is none on either side, nor with ``--head public`` where it was trained on other labels
+    (the public file trains a head afresh).
 
     Raises
     ------
@@ -200,11 +201,13 @@ def init_head(adapter, fm: FederatedModel, labels: list[str] | None, head: str) 
               for name, layer in fm.heads.items() for key in layer.slot_keys}
     other = [k for k, t in adapter.head.items() if k in shapes and t.shape != shapes[k]]
     if other or (theirs is not None and labels is not None and theirs != labels):
+        if head == "public":
+            return False
         had = f"the labels {', '.join(map(repr, theirs))}" if theirs else f"another shape ({other[0]})"
         mine = f"this job's data has {', '.join(map(repr, labels))}" if labels else "this job's differs"
         raise UserError(f"--init-adapter {str(adapter.path)!r} holds a head trained on {had}, and {mine}:"
-                        " pass --head zero to start a new head from the adapter's update, or train on data"
-                        " with its labels")
+                        " pass --head zero (or public) to start a new head from the adapter's update, or"
+                        " train on data with its labels")
     return True
 
 
