@@ -37,6 +37,7 @@ from fedlora.rounds.validate import (
     expected_upload,
 )
 from fedlora.rounds.wire import array_bytes, from_record, to_record, wire_bytes
+from fedlora.server.nodes import identify_query, left_out_notice
 from fedlora.server.polling import gather, push, send_and_collect
 from fedlora.server.secagg import secure_round
 from fedlora.strategies.base import Probe
@@ -66,22 +67,6 @@ RECONNECT_GRACE = 5.0
 """Seconds a round after the first waits for its clients missing from the SuperLink's node list."""
 IDENTIFY_TIMEOUT = 30.0
 """Seconds a new node has to say which client it is."""
-
-
-def identify_query(node: int) -> Message:
-    """The query that asks ``node`` which client it is (the ClientApp answers from its node config)."""
-    return Message(content=RecordDict({"config": ConfigRecord({"identify": True})}), message_type="query",
-                   dst_node_id=node, group_id="identify")
-
-
-def left_out_notice(node: int, client: int) -> Message:
-    """The query that tells ``node`` it is left out: it says it is ``client``, which a live node
-    already is (the ClientApp refuses it, so the reason shows on that fedlora-client's output)."""
-    reason = (f"this node says it is client {client}, which another live node already is, so the server"
-              " leaves it out of every round: give each fedlora-client its own --client-id (or"
-              " --partition-id)")
-    return Message(content=RecordDict({"config": ConfigRecord({"left-out": reason})}), message_type="query",
-                   dst_node_id=node, group_id="identify")
 
 
 class FlowerTransport:

@@ -10,6 +10,7 @@ goes to ``OUT/comparison.md``, ``OUT/comparison.csv`` and three PNG plots.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
@@ -191,6 +192,18 @@ def _clear(out: Path, plan: list[tuple[str, JobConfig]]) -> None:
             (out / folder_name(label) / name).unlink(missing_ok=True)
 
 
+def _begun(label: str, cfg: JobConfig, out: Path, plan: list[tuple[str, JobConfig]],
+           tracked: dict[str, Tracking | None], clear: bool) -> Tracking | None:
+    """Run ``label``'s job is set up: with ``clear`` (``--overwrite``, the first run) this command's
+    files of an earlier comparison go now, not before a refusal; its trackers open (kept in
+    ``tracked``)."""
+    if clear:
+        _clear(out, plan)
+    tracked[label] = Tracking.open(cfg, out, run=label, subdir=folder_name(label),
+                                   experiment=out.resolve().name)
+    return tracked[label]
+
+
 def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool,
             tracked: dict[str, Tracking | None], overwrite: bool = False) -> dict[str, list[dict]]:
     """Run every planned job with the simulator into ``out/<folder_name(label)>/``.
@@ -232,14 +245,7 @@ def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool,
         for label, cfg in plan:
             task = bar.add_task(label, total=cfg.rounds * cfg.local_steps * len(cfg.sampled(1)))
             t0 = time.perf_counter()
-
-            def begun(label=label, cfg=cfg) -> Tracking | None:  # the run's job is set up
-                if not runs and overwrite:  # the first run was not refused: the old tables go now
-                    _clear(out, plan)
-                tracked[label] = Tracking.open(cfg, out, run=label, subdir=folder_name(label),
-                                               experiment=out.resolve().name)
-                return tracked[label]
-
+            begun = functools.partial(_begun, label, cfg, out, plan, tracked, overwrite and not runs)
             try:
                 runs[label] = run(cfg, out / folder_name(label), on_step=lambda n, t=task: bar.advance(t, n),
                                   on_round=lambda row, lb=label: bar.console.print(
