@@ -58,7 +58,10 @@ class Capture:
     A layer called more than once in a pass (ALBERT shares one block's layers across its depth)
     has its calls joined along the token axis, in call order: a linear layer's per-example
     gradient is a sum over its ``(g_t, x_t)`` pairs, and the calls' pairs are more of them.
-    With ``keep_outputs`` the layers' outputs are kept too, for :meth:`backward`.
+    With ``keep_outputs`` the layers' outputs are kept too, for :meth:`backward`. Not for a model that
+    checkpoints activations in training mode, whose recomputation would call each layer once more
+    without another gradient (DP-SGD refuses ``--gradient-checkpointing``; Fed-SB's sketches run in
+    eval mode, where transformers does not checkpoint).
     """
 
     def __init__(self, modules: Sequence[nn.Module], keep_outputs: bool = False) -> None:
