@@ -98,30 +98,27 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
     whole = {**state.head, **{f"{m}.{k}": t for m, part in (saved or {}).items() for k, t in part.items()}}
     for key, t in whole.items():
         tensors[f"{PREFIX}{key}"] = t.detach().float().cpu().contiguous()
-    ranks = {layer: A.shape[0] for layer, (A, _) in factors.items()}
-    r = max(ranks.values())
-    pattern = {layer: rk for layer, rk in ranks.items() if rk != r}
-    config = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": str(base_model),
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "target_modules": sorted(factors),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": fan_in_fan_out,
-        "use_rslora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": sorted({h.split(".")[0] for h in head_modules} | set(saved or {})) or None,
-    }
+    whole_modules = sorted({h.split(".")[0] for h in head_modules} | set(saved or {}))
+    config = peft_config({layer: A.shape[0] for layer, (A, _) in factors.items()}, task_type, base_model,
+                         whole_modules, fan_in_fan_out)
     notes = {MARKER: note} if note else {}
     if labels is not None and head_modules:
         notes[LABELS] = list(labels)
     return write_adapter(out_dir, tensors, config, notes)
+
+
+def peft_config(ranks: dict[str, int], task_type: str, base_model: str, whole: list[str],
+                fan_in_fan_out: bool) -> dict:
+    """PEFT's ``adapter_config.json`` of LoRA pairs of ``ranks`` (layer -> rank) whose ``B`` holds the
+    scale (``lora_alpha`` = rank: PEFT's scale is 1; ``rank_pattern`` where a layer's differs), with
+    the modules saved ``whole`` (``modules_to_save``)."""
+    r = max(ranks.values())
+    pattern = {layer: rk for layer, rk in ranks.items() if rk != r}
+    return {"peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": str(base_model), "r": r,
+            "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+            "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": fan_in_fan_out, "use_rslora": False, "init_lora_weights": True,
+            "inference_mode": True, "modules_to_save": whole or None}
 
 
 def joined(*parts: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
