@@ -387,8 +387,12 @@ class FlowerTransport:
         failed, late = self.failures
         first = (f" (client {self.errors[0][0]}: {self.errors[0][1].strip().splitlines()[0][:300]})"
                  if self.errors else "")
+        reasons = {reason.strip() for _, reason in self.errors}
+        one = len(reasons) == 1 and next(iter(reasons)).startswith("refused:") and not (got or late)
+        advice = ("Every client refused the job for that reason: fix the job (its flags or data) and start it"
+                  " again" if one else "The last completed round is checkpointed: fix the clients and rerun"
+                  " with --resume")
         return (f"round {rnd}: {got} repl(ies) ({len(self.rejected)} rejected), {failed} client"
                 f" error(s){first}, {late} without a reply within --round-timeout"
                 f" {self.settings.round_timeout:.0f}s; fewer than --min-replies"
-                f" {self.settings.min_replies} valid ones. The last completed round is checkpointed:"
-                " fix the clients and rerun with --resume")
+                f" {self.settings.min_replies} valid ones. {advice}")

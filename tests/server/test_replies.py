@@ -134,6 +134,19 @@ def test_too_few_valid_replies_leave_the_state_unchanged(coord):
         assert torch.equal(coord.state.factors[name][0], A) and torch.equal(coord.state.factors[name][1], B)
 
 
+def test_when_every_client_refused_the_job_the_advice_is_to_fix_it_not_to_resume(coord):
+    # Prepare: every client refused for one reason (the job cannot run); one client failed otherwise
+    strategy = transport(coord)
+    same = "refused: 3 clients but only 2 training examples"
+    strategy.errors, strategy.failures = [(0, same), (1, same)], (2, 0)
+    job = strategy._too_few(1, 0)
+    strategy.errors = [(0, same), (1, "the ClientApp raised: CUDA out of memory")]
+    clients = strategy._too_few(1, 0)
+    # Assert: --resume cannot help a job its clients refuse; it can help clients that failed
+    assert "Every client refused the job for that reason: fix the job" in job and "--resume" not in job
+    assert clients.endswith("fix the clients and rerun with --resume")
+
+
 def test_a_claim_above_the_cap_is_logged_and_weighs_as_the_cap(tiny_bert_dir, caplog):
     # Prepare: the same three replies; client 2 claims 10⁹ examples, then honestly the cap (10)
     capped, honest = make_coord(tiny_bert_dir, max_examples=10), make_coord(tiny_bert_dir, max_examples=10)
