@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fedlora.errors import UserError, command
-from fedlora.job.checks import check_job_args
+from fedlora.job.checks import check_fold_rank, check_job_args, check_quant_correction
 from fedlora.job.configfile import add_config_argument, parse_args
 from fedlora.job.flags import Parser, add_job_arguments, to_config
 from fedlora.job.schema import JobConfig
@@ -104,6 +104,8 @@ def check_args(args: argparse.Namespace) -> JobConfig:
                "quant_calibration": "",                                # nothing is loaded or held out
                "personal_test_fraction": cfg.personal_test_fraction or 0.2}
     check_job_args(replace(cfg, **{k: v for k, v in planned.items() if hasattr(cfg, k)}))
+    check_fold_rank(cfg)  # and the quantized base's own flags, as a job checks them (no bitsandbytes)
+    check_quant_correction(cfg)
     for name in ("response_tokens", "num_labels", "clients_per_pass"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")

@@ -39,6 +39,11 @@ def test_memory_sizes(text, expected):
      "--memory 24 has no unit: write 24GB (10^9 bytes) or 24GiB (2^30 bytes)"),
     (["--model", "llama-3.1-8b", "--task", "sft", "--response-tokens", "0"], "--response-tokens must be ≥ 1"),
     (["--model", "llama-3.1-8b", "--task", "sft"], "a preset has none: pass --max-length (e.g. 512)"),
+    # the quantized base's own flags, as a job checks them (a negative --fold-rank planned negative bytes)
+    (["--model", "llama-3.1-8b", "--task", "sft", "--max-length", "64", "--quantize", "nf4", "--strategy",
+      "flora", "--fold-rank", "-1"], "--fold-rank must be ≥ 1 (0: the whole residual, exactly), got -1"),
+    (["--model", "llama-3.1-8b", "--task", "sft", "--max-length", "64", "--quant-correction", "8"],
+     "--quant-correction corrects a quantized base's error, and without --quantize the base has none"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, message, capsys):
     try:
