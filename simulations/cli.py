@@ -15,6 +15,7 @@ from fedlora.job.schema import JobConfig
 from fedlora.job.setup import resolve_max_length
 from fedlora.rounds.attacks import Attack
 from fedlora.rounds.rows import format_row
+from fedlora.strategies import STRATEGIES
 
 __all__ = ["add_scale_arguments", "build_parser", "check_args", "format_row", "main", "to_config"]
 
@@ -96,9 +97,17 @@ def check_args(args: argparse.Namespace) -> JobConfig:
                         " fedlora-sim --engine flower); the batched engine holds every client in one"
                         " process, so there is nothing to hide from the server")
     if getattr(args, "attack", ""):
-        Attack.parse(args.attack)
+        attack = Attack.parse(args.attack)
         if not 1 <= args.attackers <= args.num_clients:
             raise UserError(f"--attack needs --attackers between 1 and --num-clients, got {args.attackers}")
+        if attack.kind != "claim" and STRATEGIES[args.strategy].heterogeneous_ranks:
+            raise UserError(f"--attack {args.attack} changes an update against the global adapter, and"
+                            f" --strategy {args.strategy} keeps none (its clients start from fresh or"
+                            " truncated factors of their own rank): choose another strategy, or --attack"
+                            " claim:N")
+    elif getattr(args, "attackers", 0):
+        raise UserError("--attackers N says how many clients send --attack's update: pass --attack too"
+                        " (scale:F, flip or claim:N)")
     if getattr(args, "resume", False):
         if args.engine == "flower":
             raise UserError("--resume continues a batched run; Flower's engine keeps its clients' state in"

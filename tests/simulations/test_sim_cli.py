@@ -144,6 +144,9 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
     (["--max-examples", "-1"], "--max-examples must be ≥ 1 (0: no cap), got -1"),
     (["--attack", "boom", "--attackers", "1"], "--attack 'boom': use scale:F (e.g. scale:100), flip or"),
     (["--attack", "flip"], "--attack needs --attackers between 1 and --num-clients, got 0"),
+    (["--attackers", "1"], "--attackers N says how many clients send --attack's update: pass --attack too"),
+    (["--attack", "flip", "--attackers", "1", "--strategy", "flora"],  # a ValueError traceback after round 1
+     "--attack flip changes an update against the global adapter, and --strategy flora keeps none"),
     (["--dp", "client", "--epsilon", "8", "--delta", "1e-3", "--robust-mean", "trimmed"],
      "a robust mean cannot run under client-level DP"),
     (["--fold-rank", "4"], "--fold-rank bounds the residual of folded updates, and --strategy fedavg does"
