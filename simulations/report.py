@@ -17,6 +17,7 @@ COLUMNS = [
     ("run", "run"),
     ("final_accuracy", "final acc"),
     ("best_accuracy", "best acc"),
+    ("final_personal_accuracy", "final personal acc"),
     ("bytes_up", "bytes up"),
     ("bytes_down", "bytes down"),
     ("bytes_total", "bytes up+down"),
@@ -60,7 +61,9 @@ def summarize(rows: list[dict], label: str | None = None, wall: float | None = N
         ``bytes_total`` summed over all rounds, round 0 included; ``bytes_up_per_client_round`` and
         ``bytes_down_per_client_round``, the mean of the per-client byte counts over rounds ≥ 1
         (``None`` without such rounds); ``final_agg_error`` (last round's, ``None`` if not
-        reported); ``final_perplexity`` (``None`` unless the task reports it); ``metric``, the
+        reported); ``final_perplexity`` (``None`` unless the task reports it);
+        ``final_personal_accuracy`` (the clients' own models, ``--personal-test-fraction``; ``None``
+        otherwise); ``metric``, the
         name of what ``accuracy`` measures; ``seconds``, ``wall`` or else the sum of the rows'
         seconds (setup, round 0 and evaluations included), rounded to milliseconds.
     """
@@ -86,6 +89,7 @@ def summarize(rows: list[dict], label: str | None = None, wall: float | None = N
         "bytes_down_per_client_round": sum(downs) / len(downs) if downs else None,
         "final_agg_error": rows[-1]["agg_error"],
         "final_perplexity": rows[-1].get("perplexity"),
+        "final_personal_accuracy": rows[-1].get("personal_accuracy"),
         "metric": rows[-1].get("metric", "accuracy"),
         "seconds": round(wall if wall is not None else sum(r["seconds"] for r in rows), 3),
     }
@@ -118,10 +122,11 @@ def _cell(key: str, value) -> str:
 
 
 def markdown_table(summaries: list[dict]) -> str:
-    """The Markdown table of :data:`COLUMNS`, one row per summary (``final ppl`` only when a run
-    reports perplexity)."""
+    """The Markdown table of :data:`COLUMNS`, one row per summary (``final ppl`` and ``final personal
+    acc`` only when a run reports them: FedSA-LoRA is measured by its clients' own models)."""
+    optional = ("final_perplexity", "final_personal_accuracy")
     columns = [(k, h) for k, h in COLUMNS
-               if k != "final_perplexity" or any(s.get(k) is not None for s in summaries)]
+               if k not in optional or any(s.get(k) is not None for s in summaries)]
     lines = ["| " + " | ".join(header for _, header in columns) + " |",
              "|" + "|".join("---" if key == "run" else "---:" for key, _ in columns) + "|"]
     for s in summaries:

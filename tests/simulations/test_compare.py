@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fedlora.simulations.compare import main
-from fedlora.simulations.report import CSV_COLUMNS, plot, summarize, write_table
+from fedlora.simulations.report import CSV_COLUMNS, markdown_table, plot, summarize, write_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("accuracy_per_round.png", "accuracy_vs_bytes.png", "bytes_per_client_round.png")
@@ -49,9 +49,16 @@ def test_summarize_hand_computed():
                  "final_accuracy": 0.60, "best_accuracy": 0.70,
                  "bytes_up": 680, "bytes_down": 340, "bytes_total": 1020,
                  "bytes_up_per_client_round": 20.0, "bytes_down_per_client_round": 85.0,
-                 "final_agg_error": 1e-7, "final_perplexity": None, "metric": "accuracy", "seconds": 6.0}
+                 "final_agg_error": 1e-7, "final_perplexity": None, "final_personal_accuracy": None,
+                 "metric": "accuracy", "seconds": 6.0}
     assert summarize(rows)["run"] == "fed-sb"
     assert summarize(rows, wall=7.25)["seconds"] == 7.25  # a measured wall time wins over the rows' sum
+    # FedSA-LoRA is measured by its clients' own models: the last round's personal accuracy, a column of
+    # its own in the Markdown only when a run has it (the table showed the global accuracy alone)
+    personal = summarize([*rows[:-1], {**rows[-1], "personal_accuracy": 0.9}])
+    assert personal["final_personal_accuracy"] == 0.9
+    assert "final personal acc" in markdown_table([s, personal]) and "90.0%" in markdown_table([personal])
+    assert "personal" not in markdown_table([s])
 
 
 def test_summarize_round_zero_only():
