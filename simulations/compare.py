@@ -10,9 +10,12 @@ goes to ``OUT/comparison.md``, ``OUT/comparison.csv`` and three PNG plots.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import functools
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -184,7 +187,16 @@ def _dp_note(cfg: JobConfig) -> str:
 
 
 def _clear(out: Path, plan: list[tuple[str, JobConfig]]) -> None:
-    """--overwrite: remove the files this command writes (not whole folders)."""
+    """--overwrite: remove the files this command writes: the table, the plots and its runs' rows;
+    the runs of the comparison it replaces (its ``comparison.csv``'s) that this one does not run go
+    whole, their run folders and TensorBoard folders, so none is left beside the new table."""
+    table = out / TABLE_FILES[1]
+    with contextlib.suppress(OSError, csv.Error, KeyError):
+        with table.open(newline="") as fh:
+            gone = {row["run"] for row in csv.DictReader(fh)} - {label for label, _ in plan}
+            for label in gone:
+                for folder in (out / folder_name(label), out / "tensorboard" / folder_name(label)):
+                    shutil.rmtree(folder, ignore_errors=True)
     for name in TABLE_FILES + PLOT_FILES:
         (out / name).unlink(missing_ok=True)
     for label, _ in plan:

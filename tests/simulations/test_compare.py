@@ -190,3 +190,25 @@ def test_refuses_existing_non_empty_out(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.splitlines()) == 1 and "--overwrite" in err
     assert (tmp_path / "comparison.md").read_text() == "old\n"
+
+
+def test_overwrite_removes_the_replaced_comparisons_runs_and_no_other_files(tmp_path):
+    from fedlora.job.schema import JobConfig
+    from fedlora.simulations.compare import _clear
+
+    # Prepare: an earlier grid of two runs (its table names them), their TensorBoard folders, and a
+    # file of the user's own
+    out = tmp_path / "cmp"
+    for run in ("fedavg", "flora-int8"):
+        (out / run).mkdir(parents=True)
+        (out / run / "metrics.jsonl").write_text("{}\n")
+        (out / "tensorboard" / run).mkdir(parents=True)
+        (out / "tensorboard" / run / "events.out.tfevents.1").write_text("x")
+    (out / "comparison.csv").write_text("run,strategy\nfedavg,fedavg\nflora-int8,flora\n")
+    (out / "notes.txt").write_text("mine\n")
+    # Execute: a new comparison of fedavg alone replaces it (once its first run's job is set up)
+    _clear(out, [("fedavg", JobConfig())])
+    # Assert: the run it does not repeat is gone whole (it stood beside the new table), fedavg's rows go
+    # (its run writes them anew), the table goes, the user's file stays
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "notes.txt", "tensorboard/fedavg/events.out.tfevents.1"]
