@@ -11,6 +11,7 @@ An unknown key is refused with the closest valid name, a value of the wrong type
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import types
@@ -114,11 +115,8 @@ def _convert(path: Path, key: str, value: Any, hint: Any, choices) -> Any:
     if typing.get_origin(kind) is list:
         item = typing.get_args(kind)[0]
         if isinstance(value, str):  # the run config's spelling: "4,8" or "query value"
-            value = value.replace(",", " ").split()
-            try:
-                value = [item(v) for v in value]
-            except ValueError:
-                value = None
+            with contextlib.suppress(ValueError):  # else refused below, naming the value as written
+                value = [item(v) for v in value.replace(",", " ").split()]
         if isinstance(value, list) and all(_is(v, item) for v in value):
             value = [item(v) for v in value]
             _check_choices(path, key, value, choices)

@@ -136,6 +136,7 @@ def test_a_resumed_run_may_name_its_files_another_way(tmp_path, monkeypatch):
     ('rounds = "3"\n', "rounds must be an integer, got '3'"),
     ("lr = true\n", "lr must be a number, got True"),
     ("ranks = [4, 2.5]\n", "ranks must be a list of integers (or null), got [4, 2.5]"),
+    ('ranks = "4,x"\n', "ranks must be a list of integers (or null), got '4,x'"),  # it said: got None
     ('dp = "yes"\n', "dp must be one of none, sample, client, got 'yes'"),
     ('track = ["neptune"]\n', "track must be one of mlflow, tensorboard, wandb, got 'neptune'"),
     ("rounds = 3\n[x\n", "is not valid TOML"),
