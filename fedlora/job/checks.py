@@ -249,6 +249,11 @@ def check_secagg_args(args) -> None:
         raise UserError(f"--secagg-threshold must be in (0, 1] and --secagg-range ≥ 0, got"
                         f" {args.secagg_threshold}, {args.secagg_range}")
     if not args.secagg:
+        defaults = JobConfig.__dataclass_fields__
+        given = [n for n in ("secagg_range", "secagg_threshold") if getattr(args, n) != defaults[n].default]
+        if given:  # they set up --secagg's masking, which this job does not do
+            raise UserError(f"{flag_name(given[0])} sets up --secagg, which this job does not use: pass"
+                            f" --secagg, or drop {flag_name(given[0])}")
         return
     if not STRATEGIES[args.strategy].sum_only:
         takes = ", ".join(sorted(n for n, c in STRATEGIES.items() if c.sum_only))

@@ -150,6 +150,14 @@ def test_bad_secagg_jobs_are_refused_in_one_line(flags, words):
     assert "\n" not in str(err.value)
 
 
+def test_secagg_flags_without_secagg_are_refused():
+    from fedlora.job.checks import check_secagg_args
+
+    # --secagg-range without --secagg was ignored without a word
+    with pytest.raises(UserError, match="^--secagg-range sets up --secagg, which this job does not use"):
+        check_secagg_args(JobConfig(secagg_range=2.0))
+
+
 def test_client_level_dp_under_secagg_clips_on_the_clients(tiny_bert_dir, tiny_csv, tmp_path, spies):
     # Prepare: --dp client with a clip far below the updates' norms, so every client clips
     deltas, _ = spies
