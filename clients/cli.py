@@ -69,7 +69,7 @@ def check_args(args: argparse.Namespace) -> None:
                         " server's --num-clients), which the server tells clients apart by")
     if args.data is not None:
         try:
-            reader_for(locate(args.data))  # a form it reads (not a .py file): one line now, not every round
+            reader_for(located)  # a form it reads (not a .py file): one line now, not every round
         except UserError as exc:
             raise UserError(f"--data: {exc}") from None
     if args.client_id is not None and args.client_id < 0:

@@ -69,6 +69,10 @@ IDENTIFY_TIMEOUT = 30.0
 """Seconds a new node has to say which client it is."""
 
 
+RESUME_ADVICE = "The last completed round is checkpointed: fix the clients and rerun with --resume"
+"""What a deployed run that got too few replies advises (not ``--engine flower``, which cannot resume)."""
+
+
 class FlowerTransport:
     """Rounds over a Flower ``grid`` (see the module docstring)."""
 
@@ -390,8 +394,7 @@ class FlowerTransport:
         reasons = {reason.strip() for _, reason in self.errors}
         one = len(reasons) == 1 and next(iter(reasons)).startswith("refused:") and not (got or late)
         advice = ("Every client refused the job for that reason: fix the job (its flags or data) and start it"
-                  " again" if one else "The last completed round is checkpointed: fix the clients and rerun"
-                  " with --resume")
+                  " again" if one else RESUME_ADVICE)
         return (f"round {rnd}: {got} repl(ies) ({len(self.rejected)} rejected), {failed} client"
                 f" error(s){first}, {late} without a reply within --round-timeout"
                 f" {self.settings.round_timeout:.0f}s; fewer than --min-replies"

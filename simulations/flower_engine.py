@@ -25,6 +25,7 @@ from pathlib import Path
 from fedlora.errors import UserError
 from fedlora.job.schema import JobConfig
 from fedlora.net.tls import free_port
+from fedlora.server.flower_transport import RESUME_ADVICE
 from fedlora.server.launch import launch
 from fedlora.server.launch import run_config as server_run_config
 
@@ -76,6 +77,6 @@ def run_flower(cfg: JobConfig, out_dir: Path, on_round: Callable[[dict], None] |
                     run_options=federation_config(cfg, client_cpus, client_gpus), on_row=on_row,
                     on_note=lambda line: print(f"fedlora-sim: {line}", file=sys.stderr, flush=True))
     if status["state"] != "finished":  # a deployment's advice to --resume is not this engine's
-        error = status.get("error", "see").split(" The last completed round is checkpointed")[0]
+        error = status.get("error", "see").removesuffix(f" {RESUME_ADVICE}")
         raise UserError(f"the Flower simulation failed: {error} ({out_dir / 'server.log'})")
     return rows

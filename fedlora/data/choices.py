@@ -106,16 +106,17 @@ def _row(question, choices, answer, where: str, typed: bool = True) -> tuple[str
     said = text_of(answer, where, "answer").strip()
     if said in labels:
         return question, texts, labels.index(said)
-    numbers = said in texts and all(NUMBER.fullmatch(t) for t in texts)
+    at = texts.index(said) if said in texts else -1      # the choice of that text, if any
+    numbers = at >= 0 and all(NUMBER.fullmatch(t) for t in texts)
     if typed and isinstance(answer, str) and numbers:
-        return question, texts, texts.index(said)      # numbers as choices: the (JSON) text names one
+        return question, texts, at                       # numbers as choices: the (JSON) text names one
     index = _raw_index(answer)
-    if not typed and numbers and index != texts.index(said):  # a CSV cell: index or the choice's text?
+    if not typed and numbers and index != at:            # a CSV cell: index or the choice's text?
         raise UserError(f"{where}: answer {said!r} could be index {index} or the choice {said!r} (index"
-                        f" {texts.index(said)}), and a CSV cell cannot say which: give the answer as a letter"
+                        f" {at}), and a CSV cell cannot say which: give the answer as a letter"
                         f" ({LETTERS[0]}-{LETTERS[len(texts) - 1]})")
-    if not 0 <= index < len(texts) and said in texts and (typed or not NUMBER.fullmatch(said)):
-        return question, texts, texts.index(said)      # the right choice's own text
+    if not 0 <= index < len(texts) and at >= 0 and (typed or not NUMBER.fullmatch(said)):
+        return question, texts, at                       # the right choice's own text
     return question, texts, index
 
 
@@ -165,7 +166,7 @@ def read_choice_file(path: Path, columns: dict[str, str] | None = None) -> TextD
     """
     reader = reader_for(path)
     if reader.typed:
-        rows = renamed(reader.rows(path), columns or {}, path.name)
+        rows = renamed(reader.rows(path), columns, path.name)
         form = next((f for f in FORMS if rows and set(f) <= set(rows[0])), None)
         if form is None:
             return None

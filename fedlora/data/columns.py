@@ -34,9 +34,9 @@ def parse_columns(text: str) -> dict[str, str]:
     return out
 
 
-def renamed(rows: Rows, columns: dict[str, str], name: str) -> Rows:
-    """``rows`` with each file column that ``columns`` (:func:`parse_columns`) maps read under its form
-    name; a column of the file that has a mapped form name itself is left out.
+def renamed(rows: Rows, columns: dict[str, str] | None, name: str) -> Rows:
+    """``rows`` with each file column that ``columns`` (:func:`parse_columns`; None or {}: none) maps
+    read under its form name; a column of the file that has a mapped form name itself is left out.
 
     Raises
     ------

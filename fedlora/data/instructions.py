@@ -343,7 +343,7 @@ def load_instructions(spec: str, text_column: str, label_column: str, template: 
         choices.texts = fill_template(template, choices.texts)
         return choices
     if not (template or words):
-        rows = renamed(read_rows(path), columns or {}, path.name)
+        rows = renamed(read_rows(path), columns, path.name)
         if not rows:
             raise UserError(f"data file {spec!r} has no rows")
         pairs = _pairs(rows, path.name)

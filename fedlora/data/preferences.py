@@ -199,7 +199,7 @@ def load_preferences(spec: str, text_column: str, label_column: str, template: s
         rows = _pair_rows(path, spec, columns)
         if rows is not None:
             return drop_identical(_from_rows(rows, path.name), path.name)
-        rows = renamed(read_rows(path), columns or {}, path.name)
+        rows = renamed(read_rows(path), columns, path.name)
         if not {text_column, label_column} <= set(rows[0]) and not {"question", "choices"} <= set(rows[0]):
             raise UserError(f"{path.name} has no chosen/rejected columns (columns: {', '.join(rows[0])}):"
                             " --task dpo reads prompt/chosen/rejected, chat chosen/rejected message lists,"
@@ -223,7 +223,7 @@ def _pair_rows(path, spec: str, columns: dict[str, str] | None = None) -> list[d
     UserError
         The file has no rows.
     """
-    rows = renamed(read_rows(path), columns or {}, path.name)
+    rows = renamed(read_rows(path), columns, path.name)
     if not rows:
         raise UserError(f"data file {spec!r} has no rows")
     return rows if {"chosen", "rejected"} <= set(rows[0]) else None

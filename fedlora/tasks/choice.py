@@ -67,7 +67,7 @@ def choice_set(tokenizer, ds, cfg) -> ChoiceSet:
     Raises
     ------
     UserError
-        The data has no choices (free-form responses), an example's choices are not all different,
+        The data has no choices (free-form responses), two labels have one word (``--label-words``),
         or every example has a choice longer than ``--max-length``.
     """
     if ds.choices is None or ds.labels is None:
