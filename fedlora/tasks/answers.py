@@ -116,8 +116,9 @@ class Contains(AnswerMetric):
         return float(re.search(head + re.escape(said) + tail, normalize(answer)) is not None)
 
 
-#: A number as answers write it: a sign, digits with thousands commas, a decimal part.
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+#: A number as answers write it: a sign where no word runs into it (a date's "-05" is 5), digits with
+#: commas only as thousands separators ("1,080" is 1080; "1,2,3" is three numbers), a decimal part.
+_NUMBER = re.compile(r"(?:(?<!\w)-)?(?<!\d)(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
 
 
 def final_number(text: str) -> float | None:

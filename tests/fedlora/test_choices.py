@@ -170,6 +170,14 @@ def test_number_compares_the_final_numbers_as_gsm8k_marks_them():
     assert number.score("no idea", "no number either") == 0.0 and number.column == "answer_number"
 
 
+def test_number_reads_commas_as_thousands_only_and_a_sign_only_before_a_number():
+    number = ANSWER_METRICS["number"]
+    # "1,2,3" is a list (its last number 3, not 123); a date's "-05" is the day 5, not minus 5
+    assert number.score("1,2,3", "3") == number.score("on 2026-12-05", "5") == 1.0
+    assert number.score("1,2,3", "123") == number.score("on 2026-12-05", "-5") == 0.0
+    assert number.score("$1,000.50 in all", "#### 1000.5") == number.score("(-4)", "-4") == 1.0
+
+
 def test_an_answer_that_is_a_numeric_choices_text_names_that_choice(tmp_path):
     # choices that are numbers: "2" as text is the choice "2" (index 1), 2 as a JSON number index 2
     rows = [{"question": "q", "choices": ["1", "2", "3", "4"], "answer": "2"},
