@@ -111,6 +111,9 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
         return cfg, args.out
     from fedlora.rounds.checkpoint import find_checkpoint, load_checkpoint  # deferred start-up import (torch)
 
+    if args.overwrite:
+        raise UserError(f"--resume {str(args.resume)!r} continues the stopped run there and --overwrite"
+                        " replaces a run's results; give one")
     if "out" in getattr(args, "typed", ()) and args.out.resolve() != args.resume.resolve():
         raise UserError(f"--resume {str(args.resume)!r} continues the run there and writes its results"
                         f" there, not to --out {str(args.out)!r}: drop --out")

@@ -109,6 +109,9 @@ def check_args(args: argparse.Namespace) -> JobConfig:
         raise UserError("--attackers N says how many clients send --attack's update: pass --attack too"
                         " (scale:F, flip or claim:N)")
     if getattr(args, "resume", False):
+        if args.overwrite:
+            raise UserError("--resume continues the stopped run in --out and --overwrite replaces it;"
+                            " give one")
         if args.engine == "flower":
             raise UserError("--resume continues a batched run; Flower's engine keeps its clients' state in"
                             " Ray, which is gone when the run stops")

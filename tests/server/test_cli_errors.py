@@ -187,6 +187,8 @@ def test_flags_beside_resume_change_what_a_resumed_run_may_change_and_no_more(ca
     assert "its --lr cannot change (only --rounds" in one_line_error(capsys, code)
     code = server_main(["--insecure", "--resume", str(run), "--out", str(tmp_path / "other")])
     assert "writes its results there, not to --out" in one_line_error(capsys, code)
+    code = server_main(["--insecure", "--resume", str(run), "--overwrite"])  # it did nothing
+    assert "continues the stopped run there and --overwrite replaces" in one_line_error(capsys, code)
     # a DP run's σ was set for its rounds: it cannot grow (its ε would be spent over again)
     private = tmp_path / "private"
     private.mkdir()

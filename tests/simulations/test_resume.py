@@ -83,6 +83,8 @@ def test_resume_refusals_are_one_line_and_keep_the_run(tiny_bert_dir, tiny_csv, 
                             "is past round 1 already (round 2); pass --rounds 2 or more"),
         "flower": ([*job, "--out", str(out), "--resume", "--engine", "flower"],
                    "--resume continues a batched"),
+        "and overwrite": ([*job, "--out", str(out), "--resume", "--overwrite"],  # it resumed
+                          "--resume continues the stopped run in --out and --overwrite replaces it"),
         # σ was set for 1 round at ε = 8: a second would spend more than ε (its row said less)
         "more private rounds": ([*job, *dp, "--out", str(private), "--resume"],
                                 "its 1 round spend ε = 8 (--dp sample); it cannot go to 2 rounds"),
