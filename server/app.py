@@ -36,7 +36,7 @@ from fedlora.rounds.tracking import Tracking
 from fedlora.rounds.validate import request_limit
 from fedlora.server.flower_transport import FlowerTransport, RoundSettings
 from fedlora.server.ingress import write_limit
-from fedlora.server.launch import LOG_FILE
+from fedlora.server.launch import LOG_FILE, restart_log
 from fedlora.server.polling import fast_object_pulls
 from fedlora.tasks import get_task
 
@@ -80,6 +80,7 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
     out_dir = Path(str(run_config["out"])).expanduser().resolve()
     sink = RunFolder(out_dir, checkpoints=True, on_round=_log_round)
     lock = lock_out_dir(out_dir)
+    start = (out_dir / LOG_FILE).stat().st_size if (out_dir / LOG_FILE).is_file() else 0
     logged = logging.FileHandler(out_dir / LOG_FILE)  # fedlora-server shows its warnings
     logged.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logged.setLevel(logging.INFO)
@@ -105,6 +106,7 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
             log.info("resuming after round %d", coord.round)
         else:
             sink.begin(cfg)  # the job is set up: only now is an earlier run's output replaced
+            restart_log(logged, start)  # ... its log too
         status["begun"] = True  # fedlora-server reads metrics.jsonl from here
         sink.status("running", **status)
         sink.tracking = Tracking.open(cfg, out_dir, fresh=coord.round == 0)  # --track: rows go there too

@@ -11,6 +11,7 @@ with ``--simulation``), wait until it answers, register node public keys, write 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -141,16 +142,37 @@ LOG_FILE = "server.log"
 """The ServerApp's log in the output folder (its own process's output reaches no terminal)."""
 
 
+def restart_log(handler: logging.FileHandler, start: int) -> None:
+    """A fresh run's log holds its own lines only: those ``handler`` wrote from byte ``start`` on go to a
+    new file that replaces the log (an earlier run's lines went with its results, ``--overwrite``; kept
+    until this run was set up). :class:`LogTail` reads a new file from its start."""
+    path = Path(handler.baseFilename)
+    handler.acquire()
+    try:
+        handler.close()  # reopened (appending) at its next line
+        part = path.with_name(path.name + ".part")
+        part.write_bytes(path.read_bytes()[start:] if path.is_file() else b"")
+        os.replace(part, path)
+    finally:
+        handler.release()
+
+
 class LogTail:
     """The warnings and errors added to a log file (``%(asctime)s %(levelname)s %(message)s``
-    lines) since the last call."""
+    lines) since the last call; a file that replaced it (:func:`restart_log`) from its start."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.offset = path, path.stat().st_size if path.is_file() else 0
+        self.path, self.offset, self.inode = path, 0, None
+        if path.is_file():
+            stat = path.stat()
+            self.offset, self.inode = stat.st_size, stat.st_ino
 
     def notes(self) -> list[str]:
         if not self.path.is_file():
             return []
+        inode = self.path.stat().st_ino
+        if inode != self.inode:  # a new file: a fresh run's log
+            self.offset, self.inode = 0, inode
         with self.path.open("rb") as fh:
             fh.seek(self.offset)
             text = fh.read().decode(errors="replace")

@@ -69,10 +69,11 @@ def from_run_config(run_config: dict[str, object]) -> JobConfig:
         elif isinstance(getattr(cfg, f.name), int):
             value = int(value)
         setattr(cfg, f.name, value)
-    # lr 0, batch-size 0, head "": the job's default (the strategy's, or the DP recipe's)
-    if "lr" in run_config and float(run_config["lr"]) <= 0:
+    # lr 0, batch-size 0, head "": the job's default (the strategy's, or the DP recipe's); a negative
+    # one stays, for the job's checks to refuse
+    if "lr" in run_config and float(run_config["lr"]) == 0:
         cfg.lr = None
-    if cfg.batch_size <= 0:
+    if cfg.batch_size == 0:
         cfg.batch_size = None
     cfg.head = cfg.head or None
     fill_defaults(cfg)

@@ -9,6 +9,7 @@ import pytest
 import tomllib
 
 from fedlora.errors import UserError
+from fedlora.job.checks import check_job_args
 from fedlora.job.flags import to_config
 from fedlora.job.runconfig import from_dict, from_run_config, to_run_config
 from fedlora.job.schema import JobConfig
@@ -28,6 +29,11 @@ def test_run_config_round_trips_every_field():
 def test_zero_lr_means_the_strategy_default():
     assert from_run_config({"strategy": "fed-sb", "lr": 0.0}).lr == 1e-2
     assert from_run_config({"strategy": "fedavg", "lr": 0.0}).lr == 2e-3
+    # a negative one is no default: the job's checks refuse it (it ran at the default)
+    with pytest.raises(UserError, match="--lr must be > 0, got -1.0"):
+        check_job_args(from_run_config({"strategy": "fedavg", "lr": -1.0}))
+    with pytest.raises(UserError, match="--batch-size must be ≥ 1, got -4"):
+        check_job_args(from_run_config({"batch-size": -4}))
 
 
 def test_repo_flower_app_config_has_exactly_the_server_keys(tmp_path):

@@ -7,8 +7,10 @@ client each node is before its first round.
 
 from __future__ import annotations
 
+import pytest
 from flwr.app import Context, RecordDict
 
+from fedlora.errors import UserError
 from fedlora.job.schema import JobConfig
 from fedlora.server.app import run_server
 from fedlora.simulations.engine import run
@@ -151,7 +153,14 @@ def test_a_clients_refusal_is_one_line_on_both_sides(tiny_bert_dir, tiny_csv, tm
     rc["num-clients"], rc["rounds"] = 2, 1
     grid = LocalGrid(rc, 2)
     grid.contexts[1].node_config = {"partition-id": 1, "num-partitions": 3}
+    (tmp_path / "out").mkdir()
+    earlier = "2026-01-01 00:00:00,000 WARNING an earlier run's warning\n"
+    (tmp_path / "out" / "server.log").write_text(earlier)  # a run this one replaces (--overwrite)
     tail = LogTail(tmp_path / "out" / "server.log")
+    # a job that is refused at set-up keeps the earlier run's log (as its results)
+    with pytest.raises(UserError):
+        run_server(grid, {**rc, "lr": -1.0})
+    assert (tmp_path / "out" / "server.log").read_text().startswith(earlier)
     # Execute
     run_server(grid, rc)
     # Assert: the round went on with client 0; client 1's reply is an error whose reason is the
@@ -162,6 +171,10 @@ def test_a_clients_refusal_is_one_line_on_both_sides(tiny_bert_dir, tiny_csv, tm
     notes = tail.notes()
     assert any("client 1" in n and "--num-partitions 3 differs" in n for n in notes)
     assert all("\n" not in n for n in notes)
+    # the log is this run's alone (the earlier run's lines went with its results; they were appended)
+    log = (tmp_path / "out" / "server.log").read_text()
+    assert "earlier run" not in log and "--num-partitions 3" in log
+    assert not any("earlier run" in n for n in notes)
 
 
 class RestartingGrid(LocalGrid):
