@@ -11,6 +11,8 @@ adapter plan and heads), and :class:`ModelShape` holds what the planner reads of
 from __future__ import annotations
 
 import functools
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from fedlora.models.hub import (
     HUB_ID,
     SMOLLM2,
     cached_snapshot,
+    new_modules,
     resolve_model_path,
     smollm2_file,
 )
@@ -198,6 +201,37 @@ def base_tensors(model: nn.Module) -> list[BaseTensor]:
     return out
 
 
+def checkpoint_names(name: str) -> set[str] | None:
+    """The weight names in ``--model``'s safetensors files (their headers: no weight is read), or None
+    where there are none to read: a preset, a ``.gguf`` file (``smollm2``), ``.bin`` weights."""
+    path = Path(name).expanduser()
+    if name in PRESETS or name == SMOLLM2 or path.suffix.lower() == ".gguf":
+        return None
+    names: set[str] = set()
+    for file in sorted(resolve_model_path(name).glob("*.safetensors")):
+        with file.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            names |= set(json.loads(fh.read(size))) - {"__metadata__"}
+    return names or None
+
+
+def lacked_weights(model: nn.Module, names: set[str] | None) -> list[str]:
+    """The weights of ``model`` outside its repeated blocks that checkpoint ``names`` lacks (a masked-LM
+    checkpoint's pooler under a classifier), which loading draws at random and a job leaves out of its
+    targets (:func:`~fedlora.models.hub.new_modules`). Names are compared without the base model's
+    prefix (``bert.``); a checkpoint that names fewer than half the weights is not the model's
+    naming, and none counts as lacked."""
+    if not names:
+        return []
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    have = {n.removeprefix(prefix) for n in names}
+    params = [n for n, _ in model.named_parameters()]
+    lacked = [n for n in params if n.removeprefix(prefix) not in have]
+    if 2 * len(lacked) > len(params):
+        return []
+    return [n for n in lacked if not re.search(r"\.\d+\.", n)]
+
+
 def build_shape(cfg: JobConfig, num_labels: int = 2) -> ModelShape:
     """The job's model on the meta device, wrapped with one slot for the job's strategy and targets
     (``num_labels``: the classification head's outputs, ``--task classification`` only)."""
@@ -215,10 +249,11 @@ def build_shape(cfg: JobConfig, num_labels: int = 2) -> ModelShape:
             raise UserError(f"--task {cfg.task} cannot use {cfg.model}: {str(exc).splitlines()[0]}") from None
     base = base_tensors(model)
     plan = client_strategy(cfg).plan(1)
+    drawn = new_modules(model, lacked_weights(model, checkpoint_names(cfg.model)))
     try:
         fm = FederatedModel(model, AdapterConfig(ranks=[max(cfg.client_ranks())], alpha=cfg.lora_alpha,
                                                  target_modules=cfg.target_modules, plan=plan,
-                                                 train_head=task.trains_head))
+                                                 train_head=task.trains_head, new_modules=drawn))
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return ModelShape(config, fm, base)

@@ -77,3 +77,18 @@ def test_planned_bytes_equal_the_simulators(simulated, strategy):
     if strategy in VARIANTS:   # the server step's wider fold costs more down than the plain job's
         plain = simulated[VARIANTS[strategy][0]][1]
         assert sum(plan[2].down) > sum(plain[2]["bytes_down_per_client"])
+
+
+def test_a_checkpoint_without_a_pooler_is_planned_without_its_adapter(bert_mlm_dir, tiny_csv, tmp_path):
+    # Prepare: a masked-LM checkpoint as a classifier; its pooler is drawn at load, so the job leaves
+    # it out of all-linear (the planner, which reads no weights, adapted it: one layer too many)
+    cfg = JobConfig(model=str(bert_mlm_dir), data=str(tiny_csv), num_clients=2, rounds=1, local_steps=1,
+                    batch_size=2, rank=2, max_length=16, eval_max=2, target_modules=["all-linear"])
+    rows = run(cfg, tmp_path / "run")
+    # Execute
+    shape = build_shape(cfg, num_labels=3)
+    plan = plan_traffic(cfg, shape.layers, shape.heads)
+    # Assert
+    assert shape.fm.saved_modules == ["bert.pooler.dense"] and not any("pooler" in n for n in shape.layers)
+    assert [p.up for p in plan] == [r["bytes_up_per_client"] for r in rows]
+    assert [p.down for p in plan] == [r["bytes_down_per_client"] for r in rows]
