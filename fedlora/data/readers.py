@@ -299,8 +299,13 @@ def locate(path: Path | str) -> Path:
     return locate_hub_dataset(str(path), suffixes) or Path(path)
 
 
+def matching(pattern: Path) -> list[Path]:
+    """The files a pattern (:func:`is_pattern`) matches, in name order; none may."""
+    return sorted(p for p in pattern.parent.glob(pattern.name) if p.is_file())
+
+
 def _matches(path: Path) -> list[Path]:
-    found = sorted(p for p in path.parent.glob(path.name) if p.is_file())
+    found = matching(path)
     if not found:
         raise UserError(f"no data file matches {str(path)!r}")
     return found

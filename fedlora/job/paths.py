@@ -18,7 +18,7 @@ from typing import Any
 
 from fedlora.data.instructions import BBC_INSTRUCT
 from fedlora.data.loading import DEFAULT_DATASET
-from fedlora.data.readers import is_pattern, locate
+from fedlora.data.readers import is_pattern, locate, matching
 from fedlora.job.schema import JobConfig
 from fedlora.models.hub import DEFAULT_MODEL, SMOLLM2
 
@@ -73,7 +73,7 @@ def data_digests(cfg: JobConfig) -> dict[str, str]:
             continue
         root = locate(value)
         if is_pattern(root):
-            files, root = sorted(p for p in root.parent.glob(root.name) if p.is_file()), root.parent
+            files, root = matching(root), root.parent
         elif root.is_dir():
             files = sorted(p for p in root.rglob("*") if p.is_file())
         else:
