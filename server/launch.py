@@ -166,13 +166,14 @@ class LogTail:
         if path.is_file():
             stat = path.stat()
             self.offset, self.inode = stat.st_size, stat.st_ino
+        self.start = self.offset  # the earlier lines, which a fresh run's new file leaves out
 
     def notes(self) -> list[str]:
         if not self.path.is_file():
             return []
         inode = self.path.stat().st_ino
-        if inode != self.inode:  # a new file: a fresh run's log
-            self.offset, self.inode = 0, inode
+        if inode != self.inode:  # a fresh run's new file: its lines from byte start on, some read
+            self.offset, self.inode, self.start = max(0, self.offset - self.start), inode, 0
         with self.path.open("rb") as fh:
             fh.seek(self.offset)
             text = fh.read().decode(errors="replace")

@@ -218,3 +218,32 @@ def test_a_client_restarted_before_its_round_gets_it_on_its_new_node(tiny_bert_d
                if "upload" in m.content.array_records}
     assert (7, 1) in trained and (1, 1) in trained  # round 1 on node 1, round 2 on node 7
     assert got[2]["bytes_down_per_client"][1] > got[2]["bytes_down_per_client"][0]
+
+
+def test_a_fresh_runs_log_replaces_the_earlier_one_and_each_line_is_shown_once(tmp_path):
+    import logging
+
+    from fedlora.server.launch import LogTail, restart_log
+
+    # Prepare: an earlier run's log; fedlora-server's tail of it; the new ServerApp's handler
+    path = tmp_path / "server.log"
+    path.write_text("2026-01-01 00:00:00,000 WARNING an earlier run's warning\n")
+    tail, start = LogTail(path), path.stat().st_size
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("tests.restart_log")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("a set-up warning")
+        assert tail.notes() == ["a set-up warning"]
+        # Execute: the job is set up: the log becomes this run's alone
+        restart_log(handler, start)
+        logger.warning("a round's warning")
+        # Assert: nothing shown twice, the earlier run's lines gone, this run's kept
+        assert tail.notes() == ["a round's warning"]
+        text = path.read_text()
+        assert "earlier" not in text and text.count("a set-up warning") == 1 and "round's" in text
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
