@@ -2,7 +2,8 @@
 
 Replies carry the upload (``upload`` arrays, or ``grads`` for Fed-SB's round 0; with
 ``--secagg`` SecAgg+'s masked update, see ``clients/secagg.py``) and ``metrics``
-(``num-examples``, ``train-loss``, ``train-seconds``, ``rank``, ``client-id``). The node's
+(``num-examples``, ``train-loss``, ``train-seconds``, ``rank``, ``client-id``; ``data-digest`` for
+a node's own ``--data``, which the server holds it to for the run). The node's
 :class:`fedlora.training.client.LocalClient` (model, data, folds)
 is cached per (run, node): under ``fedlora-client`` the ClientApp runs inside one
 long-lived process, so the base model is loaded once per run, not per message. What must
@@ -165,10 +166,12 @@ def _keep_ledger(client: LocalClient, context: Context) -> None:
 
 
 def _metrics(client: LocalClient, seconds: float, loss: float = 0.0) -> MetricRecord:
+    own = {} if client.data_digest is None else {"data-digest": client.data_digest}
     return MetricRecord({"num-examples": len(client), "train-loss": float(loss),
                          "train-seconds": float(seconds), "rank": client.rank,
                          "client-id": client.where.client_id, "epsilon": float(client.epsilon),
-                         "noise-multiplier": 0.0 if client.budget is None else float(client.budget.sigma)})
+                         "noise-multiplier": 0.0 if client.budget is None else float(client.budget.sigma),
+                         **own})
 
 
 def _load_global(client: LocalClient, msg: Message) -> None:

@@ -4,9 +4,8 @@
 (a deployment, Flower's simulation engine, or an in-process grid in tests):
 
 * **who is who**: a node's client id (its partition) is learnt once, by an ``identify`` query, the
-  first time the node is seen; a client that comes back as a new node (a restarted process) is
-  forgotten by the coordinator, so it is re-sent what it lost. Rounds are sampled by client id in
-  every engine, so a deployment trains the clients ``fedlora-sim`` trains;
+  first time the node is seen; a client back as a new node (a restarted process) is forgotten by the
+  coordinator, so it is re-sent what it lost. Rounds are sampled by client id (as ``fedlora-sim``);
 * **round t**: a ``train`` message per sampled client with its payload (``global``: the global
   state, ``catchup``: the folds it misses, ``config``: the round's settings); the replies are
   validated (:mod:`fedlora.rounds.validate`, after ``--compress``'s decoding) and sorted by client
@@ -377,6 +376,7 @@ class FlowerTransport:
                 claimed = int(m.get("num-examples", 0))
                 if claimed < 1:
                     raise RejectedReply("num-examples must be ≥ 1")
+                self.coord.check_client_data(client, m.get("data-digest") if kind == "train" else None)
                 if cfg.max_examples and claimed > cfg.max_examples:
                     log.warning("node %s claims %d examples, above --max-examples %d: weighted as %d",
                                 node, claimed, cfg.max_examples, cfg.max_examples)

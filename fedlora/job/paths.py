@@ -63,29 +63,31 @@ DATA_FIELDS = ("data", "test_data", "init_data", "quant_calibration")
 
 
 def data_digests(cfg: JobConfig) -> dict[str, str]:
-    """Field -> SHA-256 of the files each of :data:`DATA_FIELDS` reads (a file, the files a pattern
-    matches, or every file under a folder, with their names), for the local data of ``cfg``;
-    built-in data has none. Each file is hashed once a process while its size and time stay."""
-    out = {}
-    for name in DATA_FIELDS:
-        value = getattr(cfg, name)
-        if not value or value in BUILT_IN:
-            continue
-        root = locate(value)
-        if is_pattern(root):
-            files, root = matching(root), root.parent
-        elif root.is_dir():
-            files = sorted(p for p in root.rglob("*") if p.is_file())
-        else:
-            files, root = ([root] if root.is_file() else []), root.parent
-        if files:
-            h = hashlib.sha256()
-            for f in files:
-                st = f.stat()
-                content = _file_digest(str(f), st.st_size, st.st_mtime_ns)
-                h.update(f"{f.relative_to(root)}\0{content}\0".encode())
-            out[name] = h.hexdigest()
-    return out
+    """Field -> :func:`digest_of` each of :data:`DATA_FIELDS` that names local data in ``cfg``."""
+    digests = {name: digest_of(getattr(cfg, name)) for name in DATA_FIELDS}
+    return {name: d for name, d in digests.items() if d is not None}
+
+
+def digest_of(value: str | None) -> str | None:
+    """SHA-256 of the files a data value reads (a file, the files a pattern matches, or every file
+    under a folder, with their names); None for built-in data, or none there. Each file is hashed once
+    a process while its size and time stay."""
+    if not value or value in BUILT_IN:
+        return None
+    root = locate(value)
+    if is_pattern(root):
+        files, root = matching(root), root.parent
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+    else:
+        files, root = ([root] if root.is_file() else []), root.parent
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}\0{_file_digest(str(f), st.st_size, st.st_mtime_ns)}\0".encode())
+    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=4096)

@@ -33,6 +33,7 @@ from fedlora.privacy.public import measure_clip, public_uploads, train_head, war
 from fedlora.rounds.checkpoint import CHECKPOINT as CHECKPOINT  # re-exported (server/app.py)
 from fedlora.rounds.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.rounds.compress import parse_scheme, round_trip, upload_codec
+from fedlora.rounds.validate import RejectedReply
 from fedlora.strategies import (
     Aggregate,
     ClientUpload,
@@ -73,6 +74,7 @@ class Coordinator:
         self.down = parse_scheme(cfg.compress_down)  # downloads: the state is kept at this precision
         self.residual: dict[object, dict[str, Tensor]] = {}  # simulated clients' error feedback
         self.ledgers: dict[object, int] = {}          # simulated clients' DP-SGD steps taken
+        self.client_data: dict[str, int] = {}         # deployed clients' own --data digests (same_data)
         self._reference: tuple[tuple[int, int], dict[str, Tensor]] | None = None  # reference() of a state
 
     # ---- state ----
@@ -252,6 +254,16 @@ class Coordinator:
         self.synced.pop(client, None)
         self.has_shared.discard(client)
 
+    def check_client_data(self, client: int, digest: int | None) -> None:
+        """Refuse (:class:`RejectedReply`) a deployed client's reply from other data than it first
+        trained on in this run (``digest``: of its own ``--data``; None: it trains on the job's, which
+        ``--resume`` checks). The first is kept, and checkpointed: a client restarted on an edited or
+        other file would change its share of the job unseen."""
+        if digest is not None and self.client_data.setdefault(str(client), int(digest)) != int(digest):
+            raise RejectedReply(f"client {client}'s --data is not the file it trained on earlier in this"
+                                " run (restarted on edited or other data): restart it on that data, or"
+                                " start a new run")
+
     def catch_up(self, folded_through: int) -> dict[str, Tensor]:
         """Folds a client that has applied rounds ≤ ``folded_through`` still misses,
         except the last one (which is in :meth:`download`): ``t<round>.<layer>.fold_A/B``."""
@@ -270,7 +282,8 @@ class Coordinator:
         blob = {"config": recorded(self.cfg), "data": self.digests, "round": self.round,
                 "state": self.state, "folds": self.folds, "gen": self.gen.get_state(),
                 "fresh_seed": self.fresh_seed, "rows": self.rows, "personal": self.personal,
-                "clip": self.clip, "residual": self.residual, "ledgers": self.ledgers}
+                "clip": self.clip, "residual": self.residual, "ledgers": self.ledgers,
+                "client_data": self.client_data}
         return save_checkpoint(out_dir, blob)
 
     def restore(self, path: Path) -> None:
@@ -287,6 +300,7 @@ class Coordinator:
         self.personal = blob.get("personal", {})
         self.residual = blob.get("residual", {})
         self.ledgers = blob.get("ledgers", {})
+        self.client_data = blob.get("client_data", {})
         self.clip = blob.get("clip")
         if self.clip is None and measures_clip(self.cfg):
             # written before the clip was measured: its clients clipped at the recipe's clip; keep it

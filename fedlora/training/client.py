@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from fedlora.errors import UserError
+from fedlora.job.paths import digest_of
 from fedlora.job.schema import JobConfig
 from fedlora.job.setup import build_model, client_share, personal_split, prepared
 from fedlora.models.state import (
@@ -66,6 +67,10 @@ class LocalClient:
         self.fm, tokenizer, _ = build_model(cfg, [self.rank], self.strategy.plan(1), len(label_names),
                                             label_names)
         ds = self._examples(label_names)
+        #: its own --data's digest (60 bits), sent with each upload: the server refuses another file
+        #: from this client later in the run (Coordinator.same_data)
+        own = digest_of(where.data) if where.data else None
+        self.data_digest = None if own is None else int(own[:15], 16)
         train, test = personal_split(cfg, where.client_id, len(ds))
         # --personal-test-fraction: held-out examples of this client, to measure its own model
         self.personal = (prepared(self.task, self.fm, cfg,

@@ -247,3 +247,43 @@ def test_a_fresh_runs_log_replaces_the_earlier_one_and_each_line_is_shown_once(t
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+class EditingGrid(LocalGrid):
+    """Node 0 trains on its own --data file, which is edited, and its client restarted, as round
+    ``rnd``'s training reaches it."""
+
+    def __init__(self, run_config: dict, n: int, rnd: int, own) -> None:
+        super().__init__(run_config, n)
+        self.rnd, self.own = rnd, own
+        self.contexts[0].node_config = {"client-id": 0, "data": str(own)}
+
+    def push_messages(self, messages):
+        for msg in messages:
+            round_of = msg.content.config_records.get("config", {}).get("round")
+            train = msg.metadata.message_type == "train"
+            if msg.metadata.dst_node_id == 0 and train and round_of == self.rnd:
+                self.own.write_text("".join(self.own.read_text().splitlines(keepends=True)[:-3]))
+                self.clients.pop(0, None)  # its process restarted: the file is read again
+        return super().push_messages(messages)
+
+
+def test_a_client_restarted_on_edited_data_is_left_out(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
+    from fedlora.rounds.checkpoint import load_checkpoint
+
+    # Prepare: 2 clients, 2 rounds; client 0 trains on its own copy of the data, edited before round 2
+    rc = three_nodes_two_rounds(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch, identify_timeout=5.0,
+                                round_timeout=10.0)
+    rc["num-clients"] = 2
+    own = tmp_path / "own.csv"
+    own.write_text(tiny_csv.read_text())
+    grid = EditingGrid(rc, 2, rnd=2, own=own)
+    # Execute
+    run_server(grid, rc)
+    # Assert: round 2 went on without client 0 (its share of the job had changed; it trained on), the
+    # server's log says why, and the checkpoint keeps the digest, for a resumed run to hold it to
+    got = rows(tmp_path / "out")
+    assert [r["client_ids"] for r in got[1:]] == [[0, 1], [1]]
+    log = (tmp_path / "out" / "server.log").read_text()
+    assert "client 0's --data is not the file it trained on earlier in this run" in log
+    assert list(load_checkpoint(tmp_path / "out", keys=("client_data",))["client_data"]) == ["0"]
