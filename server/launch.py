@@ -145,7 +145,7 @@ LOG_FILE = "server.log"
 def restart_log(handler: logging.FileHandler, start: int) -> None:
     """A fresh run's log holds its own lines only: those ``handler`` wrote from byte ``start`` on go to a
     new file that replaces the log (an earlier run's lines went with its results, ``--overwrite``; kept
-    until this run was set up). :class:`LogTail` reads a new file from its start."""
+    until this run was set up); :class:`LogTail` reads on in the new file from what it had read."""
     path = Path(handler.baseFilename)
     handler.acquire()
     try:

@@ -74,7 +74,7 @@ class Coordinator:
         self.down = parse_scheme(cfg.compress_down)  # downloads: the state is kept at this precision
         self.residual: dict[object, dict[str, Tensor]] = {}  # simulated clients' error feedback
         self.ledgers: dict[object, int] = {}          # simulated clients' DP-SGD steps taken
-        self.client_data: dict[str, int] = {}         # deployed clients' own --data digests (same_data)
+        self.client_data: dict[str, int] = {}         # deployed clients' own --data digests
         self._reference: tuple[tuple[int, int], dict[str, Tensor]] | None = None  # reference() of a state
 
     # ---- state ----

@@ -68,7 +68,7 @@ class LocalClient:
                                             label_names)
         ds = self._examples(label_names)
         #: its own --data's digest (60 bits), sent with each upload: the server refuses another file
-        #: from this client later in the run (Coordinator.same_data)
+        #: from this client later in the run (Coordinator.check_client_data)
         own = digest_of(where.data) if where.data else None
         self.data_digest = None if own is None else int(own[:15], 16)
         train, test = personal_split(cfg, where.client_id, len(ds))
