@@ -13,7 +13,7 @@ import difflib
 import importlib.util
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from fedlora.data.readers import cell_text, is_missing, locate, read_rows
 from fedlora.errors import UserError, warn_once
 
 DEFAULT_DATASET = "bbcnews"
-PARTITIONS = ("iid", "dirichlet", "dirichlet-clients")
+PARTITIONS = ("iid", "dirichlet", "dirichlet-clients", "natural")
 #: A label that is a number, in ASCII digits (``³`` and ``①`` are digits to ``str.isdigit`` but text here).
 NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]*)?")
 #: A label that is an integer.
@@ -46,15 +46,22 @@ class TextDataset:
     label_names: list[str]
     responses: list[str] | None = None
     choices: list[list[str]] | None = None
+    #: each example's row in the file it was read from (None: example i is row i), kept by subsets
+    #: (a reader skipping rows), so that :func:`with_groups` finds each example's row
+    source: list[int] | None = field(default=None, kw_only=True)
+    #: each example's value of ``--partition-column`` (:func:`with_groups`), which partitions read
+    groups: list[str] | None = field(default=None, kw_only=True)
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx: list[int] | np.ndarray) -> TextDataset:
-        labels = [self.labels[i] for i in idx] if self.labels is not None else None
-        responses = [self.responses[i] for i in idx] if self.responses is not None else None
-        choices = [self.choices[i] for i in idx] if self.choices is not None else None
-        return TextDataset([self.texts[i] for i in idx], labels, self.label_names, responses, choices)
+        def pick(values):
+            return None if values is None else [values[i] for i in idx]
+
+        source = [int(i) for i in idx] if self.source is None else pick(self.source)
+        return TextDataset(pick(self.texts), pick(self.labels), self.label_names, pick(self.responses),
+                           pick(self.choices), source=source, groups=pick(self.groups))
 
     def head(self, n: int) -> TextDataset:
         """The first ``n`` rows (all of them when ``n`` is 0)."""
@@ -69,7 +76,8 @@ class TextDataset:
             raise UserError(f"labels {', '.join(map(repr, unknown[:5]))} of {source} are not among the job's"
                             f" labels ({', '.join(names)}); fix its label column")
         assert self.labels is not None
-        return TextDataset(self.texts, [index[self.label_names[i]] for i in self.labels], list(names))
+        return TextDataset(self.texts, [index[self.label_names[i]] for i in self.labels], list(names),
+                           source=self.source, groups=self.groups)
 
 
 def load_bbcnews() -> TextDataset:
@@ -189,8 +197,9 @@ def split(ds: TextDataset, test_fraction: float, seed: int) -> tuple[TextDataset
 def partition(ds: TextDataset, num_clients: int, method: str, alpha: float,
               seed: int) -> list[list[int]]:
     """Indices of each client's examples: flwr-datasets' IID or Dirichlet partitioner (each class
-    split over the clients by ``Dir(α)``), or :func:`dirichlet_clients` (each client's label mix
-    drawn from ``Dir(α)``, equal sizes)."""
+    split over the clients by ``Dir(α)``), :func:`dirichlet_clients` (each client's label mix drawn
+    from ``Dir(α)``, equal sizes), or :func:`natural` (a client per group). The classes are the
+    examples' ``groups`` (``--partition-column``) where they have them, else their labels."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
@@ -198,16 +207,19 @@ def partition(ds: TextDataset, num_clients: int, method: str, alpha: float,
         raise UserError(f"unknown partition {method!r}; use one of {', '.join(PARTITIONS)}")
     if num_clients > len(ds):
         raise UserError(f"{num_clients} clients but only {len(ds)} training examples")
-    labels = ds.labels if ds.labels is not None else [0] * len(ds)
-    table = Dataset.from_dict({"idx": list(range(len(ds))), "label": labels})
+    if method == "natural":
+        return natural(ds.groups or [], num_clients)
+    classes = ds.labels if ds.groups is None else _numbered(ds.groups)
+    table = Dataset.from_dict({"idx": list(range(len(ds))), "label": classes or [0] * len(ds)})
     if method == "iid":
         return _load(IidPartitioner(num_partitions=num_clients), table, num_clients)
-    if ds.labels is None:
-        raise UserError(f"--partition {method} needs labels; use --partition iid")
+    if classes is None:
+        raise UserError(f"--partition {method} splits by the labels, and this data has none: use --partition"
+                        " iid, or --partition-column NAME to split by a column of the file (e.g. category)")
     if alpha <= 0:
         raise UserError(f"--alpha must be > 0, got {alpha}")
     if method == "dirichlet-clients":
-        return dirichlet_clients(ds.labels, num_clients, alpha, seed)
+        return dirichlet_clients(classes, num_clients, alpha, seed)
     error: Exception | None = None
     for size in dict.fromkeys([max(1, min(10, len(ds) // (4 * num_clients))), 1]):
         try:  # a minimum share per client first; then any non-empty share
@@ -218,6 +230,35 @@ def partition(ds: TextDataset, num_clients: int, method: str, alpha: float,
     raise UserError(f"cannot partition {len(ds)} examples into {num_clients} clients with"
                     f" alpha={alpha}: {error}; use fewer clients, a larger --alpha, or --partition"
                     " dirichlet-clients (each client's label mix from Dir(alpha), equal sizes)")
+
+
+def _numbered(groups: list[str]) -> list[int]:
+    """Each group's number, in :func:`label_order` of the groups."""
+    index = {g: i for i, g in enumerate(label_order(groups))}
+    return [index[g] for g in groups]
+
+
+def natural(groups: list[str], num_clients: int) -> list[list[int]]:
+    """A client per group (``--partition natural``): client k holds the examples of the k-th group in
+    :func:`label_order` (flwr-datasets' natural-id partitioning, numbered by value).
+
+    Raises
+    ------
+    UserError
+        No groups (``--partition-column`` not given), or as many clients as the job has.
+    """
+    if not groups:
+        raise UserError("--partition natural gives each value of a data column its own client: name the"
+                        " column with --partition-column NAME")
+    values = label_order(groups)
+    if len(values) != num_clients:
+        shown = ", ".join(values[:6]) + (", ..." if len(values) > 6 else "")
+        raise UserError(f"--partition natural: the training rows have {len(values)} values of"
+                        f" --partition-column ({shown}), a client each: pass --num-clients {len(values)}")
+    index, out = {v: k for k, v in enumerate(values)}, [[] for _ in values]
+    for i, group in enumerate(groups):
+        out[index[group]].append(i)
+    return out
 
 
 def dirichlet_clients(labels: list[int], num_clients: int, alpha: float, seed: int) -> list[list[int]]:

@@ -53,8 +53,7 @@ class PairDataset(TextDataset):
 
     def subset(self, idx) -> PairDataset:
         ds = super().subset(idx)
-        return PairDataset(ds.texts, ds.labels, ds.label_names, ds.responses, ds.choices,
-                           [self.rejected[i] for i in idx])
+        return PairDataset(**vars(ds), rejected=[self.rejected[i] for i in idx])
 
 
 #: hh-rlhf's raw transcripts: the speaker markers and the chat roles they stand for.
@@ -159,7 +158,7 @@ def _from_answers(ds: TextDataset, seed: int) -> PairDataset:
     for right, options in zip(ds.responses, ds.choices, strict=True):
         others = [c for c in options if c != right] or [right]  # one choice only: skipped as identical
         rejected.append(others[int(rng.integers(len(others)))])
-    return PairDataset(ds.texts, ds.labels, ds.label_names, ds.responses, ds.choices, rejected)
+    return PairDataset(**vars(ds), rejected=rejected)
 
 
 def drop_identical(ds: PairDataset, name: str) -> PairDataset:

@@ -29,6 +29,18 @@ from fedlora.strategies.server_step import ServerStep
 from fedlora.tasks import AUTO, EVALUATIONS, TASKS
 
 
+def check_partition(args: JobConfig) -> None:
+    """``--partition natural`` names its column; ``--partition-column`` goes with a partition that
+    reads it."""
+    if args.partition == "natural" and not args.partition_column:
+        raise UserError("--partition natural gives each value of a data column its own client: name the"
+                        " column with --partition-column NAME (e.g. category)")
+    if args.partition_column and args.partition == "iid":
+        raise UserError(f"--partition-column {args.partition_column} is what --partition natural,"
+                        " dirichlet or dirichlet-clients split by; --partition iid reads no column: pass"
+                        " one of those, or drop --partition-column")
+
+
 def check_job_args(args: JobConfig) -> None:
     """Refuse bad job values in one line each: every entry point runs this once, on the job its
     codec made (:func:`fedlora.job.flags.to_config`, :func:`fedlora.job.runconfig.from_run_config`,
@@ -68,6 +80,7 @@ def check_job_args(args: JobConfig) -> None:
                         " client has its own model: pass --personal-test-fraction (e.g. 0.2) to"
                         " measure those models on each client's own held-out examples")
     check_dp_args(args)
+    check_partition(args)
     check_secagg_args(args)
     check_compress_args(args)
     if args.ranks is not None and not STRATEGIES[args.strategy].heterogeneous_ranks:

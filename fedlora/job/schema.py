@@ -95,9 +95,14 @@ class JobConfig:
     partition: str = option("iid", "how the data is split over clients: iid; dirichlet (each class"
                             " split over the clients by Dir(--alpha)); dirichlet-clients (each client's"
                             " label mix from Dir(--alpha), equal sizes: works for many clients and a"
-                            " small alpha)", group="data and model",
-                            choices=["iid", "dirichlet", "dirichlet-clients"])
+                            " small alpha); natural (a client per value of --partition-column)",
+                            group="data and model",
+                            choices=["iid", "dirichlet", "dirichlet-clients", "natural"])
     alpha: float = option(0.5, "Dirichlet concentration", group="data and model")
+    partition_column: str = option("", "a --data column saying which group each row belongs to (e.g."
+                                   " Dolly's category): --partition natural gives each value a client,"
+                                   " dirichlet and dirichlet-clients split by its values instead of the"
+                                   " labels", group="data and model", metavar="COLUMN")
     max_length: int | None = option(64, "tokens per example (default 64; --task sft: derived from the"
                                     " training data, the 95th percentile of its tokenized examples"
                                     " rounded up to a multiple of 8, at most 512, and printed)",

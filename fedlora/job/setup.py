@@ -21,7 +21,8 @@ import sys
 
 import torch
 
-from fedlora.data.loading import TextDataset, partition, split
+from fedlora.data.groups import with_groups
+from fedlora.data.loading import TextDataset, natural, partition, split
 from fedlora.errors import UserError, warn_once
 from fedlora.job.schema import JobConfig
 from fedlora.models.adapter import check_correction, fold_into_base, read_adapter
@@ -51,6 +52,8 @@ def labeled_data(cfg: JobConfig, task: Task) -> TextDataset:
         What the task's reader refuses, or a classification ``--data`` of one label.
     """
     ds = task.load(cfg.data, cfg)
+    if cfg.partition_column:
+        ds = with_groups(ds, cfg.data, cfg.partition_column)
     if not task.trains_head:
         return ds
     if len(ds.label_names) < 2:
@@ -280,7 +283,9 @@ def check_inputs(cfg: JobConfig) -> None:
     """Read what the job reads, before a command writes anything: its data (columns and labels, the
     test file's too) and its model's tokenizer and positions (no weight). A deployment builds its job
     in the ServerApp, after ``--out`` is prepared, so its bad input is refused here first."""
-    splits(cfg)
+    train, _, _ = splits(cfg)
+    if cfg.partition == "natural":  # a client per group: as many clients as groups
+        natural(train.groups or [], cfg.num_clients)
     tokenizer, config = read_tokenizer_config(cfg.model)
     check_context(cfg.max_length, config, tokenizer)
 
