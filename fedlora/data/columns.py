@@ -1,6 +1,7 @@
 """``--columns``: a data file's own columns read under the names of the forms ``--task sft`` and
 ``--task dpo`` read (``prompt=problem,response=solution``), for datasets whose columns are named
-otherwise (MATH, MetaMathQA, OpenBookQA's ``question_stem``, stack-exchange pairs)."""
+otherwise (MATH, MetaMathQA, OpenBookQA's ``question_stem``, stack-exchange pairs). The choices of a
+multiple-choice file may be several columns joined by ``+`` (PIQA's ``choices=sol1+sol2``)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def parse_columns(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for pair in (p.strip() for p in text.split(",") if p.strip()):
         name, eq, column = (part.strip() for part in pair.partition("="))
-        if not eq or not name or not column:
+        if not eq or not name or not column or ("+" in column and not all(column.split("+"))):
             raise UserError(f"--columns takes NAME=COLUMN pairs (e.g. prompt=problem,response=solution), got"
                             f" {pair!r}")
         if name not in FORM_COLUMNS or name in out:
@@ -45,8 +46,23 @@ def renamed(rows: Rows, columns: dict[str, str] | None, name: str) -> Rows:
     """
     if not columns or not rows:
         return rows
-    missing = next((c for c in columns.values() if c not in rows[0]), None)
+    joined = _joined(columns.get("choices", ""), rows[0])
+    single = {form: column for form, column in columns.items() if not (form == "choices" and joined)}
+    missing = next((c for c in [*single.values(), *joined] if c not in rows[0]), None)
     if missing is not None:
         raise UserError(f"{name} has no column {missing!r} (--columns); its columns: {', '.join(rows[0])}")
-    back = {column: form for form, column in columns.items()}
-    return [{back.get(k, k): v for k, v in row.items() if k in back or k not in columns} for row in rows]
+    back = {column: form for form, column in single.items()}
+    out = [{back.get(k, k): v for k, v in row.items() if (k in back or k not in columns) and k not in joined}
+           for row in rows]
+    if joined:
+        for row, new in zip(rows, out, strict=True):
+            new["choices"] = [row[c] for c in joined]
+    return out
+
+
+def _joined(column: str, first: dict) -> list[str]:
+    """The columns a ``choices=A+B+...`` mapping joins into one list (none for a single column, or a
+    column whose own name has a ``+``)."""
+    if "+" not in column or column in first:
+        return []
+    return [c.strip() for c in column.split("+")]

@@ -237,7 +237,8 @@ class JobConfig:
                                   group="LLM fine-tuning")
     columns: str = option("", "--task sft/dpo: read a data file's columns under the names of a form"
                           " fedlora reads, as NAME=COLUMN pairs: prompt=problem,response=solution (MATH);"
-                          " question=question_stem,choices=options; chosen=response_j,rejected=response_k;"
+                          " question=question_stem,choices=options; question=goal,choices=sol1+sol2"
+                          " (PIQA: choices from several columns); chosen=response_j,rejected=response_k;"
                           " for --data, --test-data and --init-data alike", group="LLM fine-tuning",
                           metavar="NAME=COLUMN,...")
     label_words: str = option("", "--task sft on a labeled file: the answer for each label, e.g."

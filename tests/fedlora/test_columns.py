@@ -57,3 +57,27 @@ def test_a_mapped_column_the_file_lacks_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^d\.jsonl has no column 'answer' \(--columns\); its columns:"
                                         r" problem, solution$"):
         load_instructions(data, "text", "label", columns={"prompt": "problem", "response": "answer"})
+
+
+def test_choices_joined_from_several_columns(tmp_path):
+    # Prepare: PIQA's form (goal, sol1, sol2, a 0-based label), and a parquet-style A-D with a letter
+    piqa = tmp_path / "piqa.jsonl"
+    piqa.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"goal": "open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0},
+        {"goal": "dry a towel", "sol1": "soak it", "sol2": "hang it", "label": 1}]))
+    mmlu = tmp_path / "mmlu.jsonl"
+    row = {"input": "2+2?", "A": "3", "B": "4", "C": "5", "D": "6", "target": "B"}
+    mmlu.write_text(json.dumps(row) + "\n")
+    # Execute
+    ds = load_instructions(piqa, "text", "label",
+                           columns=parse_columns("question=goal,choices=sol1+sol2,answer=label"))
+    four = load_instructions(mmlu, "text", "label",
+                             columns=parse_columns("question=input,choices=A+B+C+D,answer=target"))
+    # Assert: the columns in the order named, the answer an index into them (or a letter)
+    assert ds.choices == [["twist the lid", "eat the lid"], ["soak it", "hang it"]]
+    assert ds.labels == [0, 1] and ds.responses == ["twist the lid", "hang it"]
+    assert four.choices == [["3", "4", "5", "6"]] and four.labels == [1]
+    with pytest.raises(UserError, match=r"piqa\.jsonl has no column 'sol3' \(--columns\)"):
+        load_instructions(piqa, "text", "label", columns=parse_columns("question=goal,choices=sol1+sol3"))
+    with pytest.raises(UserError, match="--columns takes NAME=COLUMN pairs"):
+        parse_columns("choices=sol1+")
