@@ -154,8 +154,8 @@ class ClientLevelDP(Wrapped):
     Parameters
     ----------
     inner : Strategy
-        A strategy whose ``sum_only`` is True (fedavg, fed-sb). Its name, plan and
-        flags are copied; its :meth:`aggregate` of one upload must return that upload
+        A strategy whose ``sum_only`` is True (fedavg, fed-sb, ffa-lora, rolora, fedsa-lora). Its
+        name, plan and flags are copied; its :meth:`aggregate` of one upload must return that upload
         as the new state (true of weighted averages).
     clip : float
         ``C``, the bound on each client's update norm.

@@ -171,7 +171,8 @@ class JobConfig:
                             choices=["fp32", "bf16"])
     dp: str = option("none", "sample: DP-SGD on each client (per-example clipping to --max-grad-norm,"
                      " Poisson batches); client: the server clips each client's update to"
-                     " --update-clip and noises the sum (fedavg, fed-sb)", group="differential privacy",
+                     " --update-clip and noises the sum (sum-only strategies: fedavg, fed-sb,"
+                     " ffa-lora, rolora, fedsa-lora)", group="differential privacy",
                      choices=["none", "sample", "client"])
     epsilon: float = option(0.0, "privacy budget ε (required with --dp)", group="differential privacy")
     delta: float = option(1e-5, "δ; must be below 1/(a client's examples) for --dp sample, 1/(clients)"
