@@ -150,7 +150,8 @@ class JobConfig:
         " own held-out examples (0: off; fedsa-lora needs it)", group="data and model")
     eval_batch_size: int = option(64, "examples per evaluation batch", group="data and model")
     clients_per_round: int = option(0, "clients sampled per round (default, or 0: all), drawn by client id"
-                                    " from (seed, round) alone, so every engine trains the same ones",
+                                    " from (seed, round) alone, so every engine trains the same ones"
+                                    " (--dp client: a secret draw, unless --dp-reproducible)",
                                     flag_default=None)
     max_clients_per_pass: int = option(0, group=None)   # simulator: clients per pass; 0: automatic
     optimizer: str = option("adamw", "local optimizer: adamw, or sgd with momentum 0.9",
@@ -345,14 +346,15 @@ class JobConfig:
         """Whether round ``rnd``'s global adapter is exported beside the final one (``--save-every``)."""
         return self.save_every > 0 and rnd > 0 and rnd % self.save_every == 0
 
-    def sampled(self, rnd: int) -> list[int]:
+    def sampled(self, rnd: int, secret: int | None = None) -> list[int]:
         """The clients of round ``rnd`` (sorted): all, or ``clients_per_round`` drawn from
-        ``(seed, round)`` only."""
+        ``(seed, round)`` only (from ``(secret, round)`` with a ``secret``: ``--dp client``'s draw,
+        :meth:`fedlora.rounds.coordinator.Coordinator.sampled`)."""
         import numpy as np
 
         k = self.clients_per_round
         if not k or k >= self.num_clients:
             return list(range(self.num_clients))
-        rng = np.random.default_rng([self.seed, 7919, int(rnd)])
+        rng = np.random.default_rng([self.seed, 7919, int(rnd)] if secret is None else [secret, int(rnd)])
         return sorted(int(c) for c in rng.choice(self.num_clients, size=k, replace=False))
 

@@ -16,6 +16,7 @@ by initialisation phases over the clients' data (:meth:`start` with a ``gather``
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,7 +76,18 @@ class Coordinator:
         self.residual: dict[object, dict[str, Tensor]] = {}  # simulated clients' error feedback
         self.ledgers: dict[object, int] = {}          # simulated clients' DP-SGD steps taken
         self.client_data: dict[str, int] = {}         # deployed clients' own --data digests
+        #: --dp client, fewer clients a round than clients: the rounds' clients drawn from a secret
+        #: (fresh each run and resume), not from --seed (default 0, and in config.json): the accountant
+        #: credits amplification by sampling, which a draw anyone can repeat does not give
+        #: (--dp-reproducible: from --seed, for tests)
+        self.draw_secret = (secrets.randbits(128) if cfg.dp == "client" and not cfg.dp_reproducible
+                            and len(cfg.sampled(1)) < cfg.num_clients else None)
         self._reference: tuple[tuple[int, int], dict[str, Tensor]] | None = None  # reference() of a state
+
+    def sampled(self, rnd: int) -> list[int]:
+        """Round ``rnd``'s clients: the job's draw (:meth:`JobConfig.sampled`), the same in every
+        engine, or under ``--dp client`` the secret one (:attr:`draw_secret`)."""
+        return self.cfg.sampled(rnd, self.draw_secret)
 
     # ---- state ----
     def start(self, gather: Gather | None = None) -> None:

@@ -6,8 +6,9 @@ output folder). Round 0 is the initial state: the strategy's initialisation phas
 ``query`` of the sampled clients (Fed-SB's sketches), then the public start (head, warm start,
 measured clip; :mod:`fedlora.privacy.public`). Round t ≥ 1 is
 
-1. **sample**: the clients of ``(seed, t)`` (:meth:`JobConfig.sampled`), in every engine, less
-   those whose ``--dp sample`` budget is spent and those the transport cannot reach;
+1. **sample**: the clients of ``(seed, t)`` (:meth:`JobConfig.sampled`), in every engine (under
+   ``--dp client`` a secret draw, :meth:`Coordinator.sampled`), less those whose ``--dp sample``
+   budget is spent and those the transport cannot reach;
 2. **train**: the transport sends each its payload (the global state, the folds it misses) and
    collects the valid uploads;
 3. **attack** (``--attack``, simulated clients only) and **aggregate**: each upload, or under
@@ -113,7 +114,7 @@ def sample(coord: Coordinator, transport: Transport, rnd: int, schedule: Schedul
     """Round ``rnd``'s clients: the job's draw (or ``schedule``'s), less those whose privacy budget
     is spent (None when that leaves nobody: the run stops) and those the transport cannot reach."""
     cfg = coord.cfg
-    clients = (schedule or cfg.sampled)(rnd)
+    clients = (schedule or coord.sampled)(rnd)
     if transport.budgets is not None:
         clients = spendable(transport, clients)
         if not clients:
@@ -134,13 +135,13 @@ def budget_stops_after(coord: Coordinator, transport: Transport, rnd: int, sched
     scored like a last round's (:meth:`JobConfig.scores` names the ``--rounds``-th)."""
     if transport.budgets is None or rnd >= coord.cfg.rounds:
         return False
-    return not spendable(transport, (schedule or coord.cfg.sampled)(rnd + 1))
+    return not spendable(transport, (schedule or coord.sampled)(rnd + 1))
 
 
 def initial_round(coord: Coordinator, transport: Transport, sink: RunFolder, ledger: Ledger,
                   t0: float) -> None:
     """Round 0: the initialisation phases through ``transport.query``, the initial state, its row."""
-    clients = coord.cfg.sampled(0) if coord.strategy.init_releases else []
+    clients = coord.sampled(0) if coord.strategy.init_releases else []
     phases = Phases(transport, transport.available(0, clients) if clients else [])
     coord.start(phases)
     last = phases.last

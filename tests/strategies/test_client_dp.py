@@ -377,6 +377,23 @@ def test_configured_noise_is_secret_unless_reproducible():
     assert torch.equal(draws(True), draws(True))
 
 
+def test_the_rounds_clients_are_a_secret_draw_unless_reproducible(stub_coordinator):
+    # Prepare: 10 clients, 4 a round; the job's own draw repeats from --seed (0 by default, and in
+    # config.json), so it gave no amplification by sampling, which the accountant credits
+    cfg, rounds = client_cfg(), range(1, 6)
+    public = [cfg.sampled(r) for r in rounds]
+    # Execute
+    secret = [[stub_coordinator(cfg).sampled(r) for r in rounds] for _ in range(2)]
+    seeded = stub_coordinator(client_cfg(dp_reproducible=True))
+    # Assert: two runs draw apart (5 rounds of C(10, 4) = 210 sets: equal by chance with p = 210^-5),
+    # neither the seed's; 4 distinct clients a round; --dp-reproducible and jobs without DP draw the seed's
+    assert secret[0] != secret[1] and public not in secret
+    assert all(len(set(c)) == 4 and set(c) <= set(range(10)) for draw in secret for c in draw)
+    assert [seeded.sampled(r) for r in rounds] == public
+    plain = client_cfg(dp="none")
+    assert [stub_coordinator(plain).sampled(r) for r in rounds] == [plain.sampled(r) for r in rounds]
+
+
 @pytest.mark.parametrize("name, rnd, pairs, want", [
     ("ffa-lora", 0, [(3.0, 2.0), (3.0, 6.0)], (3.0, 4.0)),      # B: 1 + ((2−1) + (6−1)) / 2 = 4
     ("rolora", 1, [(1.0, 1.0), (9.0, 1.0)], (5.0, 1.0)),        # round 2 trains A: 3 + (−2 + 6) / 2
