@@ -24,8 +24,9 @@ wrapped strategy aggregates:
    tensor, coordinate by coordinate over the K clients, is replaced by its trimmed mean (the
    ``⌊βK⌋`` smallest and largest values dropped, ``β = trim``) or its median, unweighted. The
    wrapped strategy then aggregates that one synthetic upload (a weighted average of one upload
-   is that upload), so ``agg_error`` is not reported. Not with client-level DP, whose noise is
-   calibrated to a sum of clipped updates.
+   is that upload), so ``agg_error`` is not reported. Neither this nor norm bounding runs under
+   client-level DP, whose noise is calibrated to a sum of updates each clipped alone (a bound at
+   M × the median lets one client move every other client's share).
 
    With ``mean="krum"`` (multi-Krum, Blanchard et al. 2017) no coordinate is replaced: the
    ``f = max(1, ⌊βK⌋)`` clients whose updates lie farthest from their ``K − f − 2`` nearest
@@ -168,9 +169,11 @@ class Robust(Wrapped):
         if norm_bound and any(inner.plan(r).keep for r in (1, 2)):
             raise ValueError(f"norm bounding needs each client's whole update; {inner.name} keeps"
                              " factors on the clients, so the server cannot measure it")
-        if mean != "mean" and isinstance(inner, ClientLevelDP):
-            raise ValueError("a robust mean cannot run under client-level DP: its noise is calibrated"
-                             " to a sum of clipped updates")
+        if robust and isinstance(inner, ClientLevelDP):
+            # the bound is M × the round's median norm: one client's update moves every other
+            # client's scale, so the released sum moves by more than the clip its noise is set for
+            raise ValueError(f"{' and '.join(robust)} cannot run under client-level DP: its noise is"
+                             " calibrated to a sum of updates each clipped to --update-clip alone")
         self.weighting, self.max_examples, self.norm_bound = weighting, max_examples, norm_bound
         self.mean, self.trim = mean, trim
         self.capped, self.bounded, self.dropped = 0, [], []

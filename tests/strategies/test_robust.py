@@ -171,7 +171,24 @@ def test_a_robust_mean_is_refused_under_client_level_dp():
     dp = ClientLevelDP(get_strategy("fedavg"), clip=1.0, noise_multiplier=1.0, expected_clients=2)
     with pytest.raises(ValueError, match="client-level DP"):
         Robust(dp, mean="trimmed")
-    assert Robust(dp, norm_bound=2.0).describe()["dp"] == "client"  # norm bounding composes with it
+    assert Robust(dp, max_examples=5).describe()["dp"] == "client"  # weights compose with it
+
+
+def test_norm_bounding_is_refused_under_client_level_dp():
+    # Why: the bound is M × the round's median norm. Four clients of update norm 0.1 and five of
+    # norm 1 with M = 1 and C = 1: one more client of norm 0.1 moves the median to 0.1 and shrinks
+    # the five others, and the released sum by 2.25 (measured before the refusal), more than the
+    # C its noise is set for
+    from fedlora.errors import UserError
+    from fedlora.job.flags import to_config
+    from fedlora.rounds.build import make_strategy
+    from fedlora.simulations.cli import build_parser
+    dp = ClientLevelDP(get_strategy("ffa-lora"), clip=1.0, noise_multiplier=1.0, expected_clients=10)
+    with pytest.raises(ValueError, match="norm bounding cannot run under client-level DP"):
+        Robust(dp, norm_bound=1.0)
+    args = ["--dp", "client", "--epsilon", "8", "--delta", "1e-3", "--num-clients", "10", "--norm-bound", "2"]
+    with pytest.raises(UserError, match="norm bounding cannot run under client-level DP"):
+        make_strategy(to_config(build_parser().parse_args(args), device="cpu"))
 
 
 def test_a_row_reports_the_ledger_and_the_defences_together():
