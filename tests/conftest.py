@@ -169,6 +169,24 @@ def tiny_csv(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def public_csv(tmp_path_factory) -> Path:
+    """A public file for ``tiny_csv``'s task: the same form, other phrases (under --dp, ``--init-data``
+    may not be the clients' own file)."""
+    import random
+
+    rng = random.Random(1)
+    words = ["apple", "river", "stone", "cloud", "paper", "glass", "music", "table"]
+    keys = {"red": "0", "green": "1", "blue": "2"}
+    path = tmp_path_factory.mktemp("public") / "public.csv"
+    lines = ["text,label"]
+    for i in range(60):
+        key = list(keys)[i % 3]
+        lines.append(f"{key} {' '.join(rng.choice(words) for _ in range(6))},{keys[key]}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 #: A tiny chat template in plain words (MiniLM's tokenizer has no <|im_start|>): turns end with [SEP].
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} [SEP] {% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")

@@ -16,7 +16,7 @@ from fedlora.data.readers import locate, reader_for
 from fedlora.errors import UserError
 from fedlora.job.defaults import measures_clip
 from fedlora.job.flags import flag_name
-from fedlora.job.paths import data_digests, same_setting
+from fedlora.job.paths import data_digests, digest_of, same_setting
 from fedlora.job.schema import JobConfig
 from fedlora.models.hub import check_model_name
 from fedlora.models.quantize import QUANTIZE, require_bitsandbytes
@@ -237,6 +237,7 @@ def check_dp_args(args) -> None:
         raise UserError(f"--noise-multiplier must be ≥ 0 (0: calibrate), got {args.noise_multiplier}")
     if getattr(args, "dp_backend", "auto") not in ("auto", "fedlora", "opacus"):
         raise UserError(f"--dp-backend must be auto, fedlora or opacus, got {args.dp_backend!r}")
+    check_public_file(args)
     if args.dp == "sample":
         if args.max_grad_norm is not None and args.max_grad_norm <= 0:
             raise UserError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
@@ -254,6 +255,23 @@ def check_dp_args(args) -> None:
         if args.delta >= 1 / args.num_clients:
             raise UserError(f"--delta {args.delta:g} is not below 1/(clients) = {1 / args.num_clients:g};"
                             " pass a smaller --delta")
+
+
+def check_public_file(args) -> None:
+    """Refuse, under ``--dp``, an ``--init-data`` holding ``--data``'s files: the server reads it at no ε
+    (the head, the warm start, the measured clip, Fed-SB's initialisation), so it must be public."""
+    public = getattr(args, "init_data", "")
+    if not public:
+        return
+    try:  # a renamed copy too; a hub id not cached here is left to the loading, which names it
+        digest = digest_of(public, names=False)
+        copy = digest is not None and digest == digest_of(args.data, names=False)
+    except UserError:
+        copy = False
+    if copy or same_setting(args, "data", public):
+        raise UserError(f"--init-data {public!r} holds the same examples as --data: under --dp {args.dp}"
+                        " the server reads it at no privacy cost, so it must be a public file that no"
+                        " client's data comes from; pass another --init-data, or drop it")
 
 
 def check_secagg_args(args) -> None:

@@ -68,10 +68,11 @@ def data_digests(cfg: JobConfig) -> dict[str, str]:
     return {name: d for name, d in digests.items() if d is not None}
 
 
-def digest_of(value: str | None) -> str | None:
+def digest_of(value: str | None, names: bool = True) -> str | None:
     """SHA-256 of the files a data value reads (a file, the files a pattern matches, or every file
-    under a folder, with their names); None for built-in data, or none there. Each file is hashed once
-    a process while its size and time stay."""
+    under a folder, with their names; without ``names``, of their contents alone, so that a renamed
+    copy has it too); None for built-in data, or none there. Each file is hashed once a process while
+    its size and time stay."""
     if not value or value in BUILT_IN:
         return None
     root = locate(value)
@@ -86,7 +87,8 @@ def digest_of(value: str | None) -> str | None:
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
-        h.update(f"{f.relative_to(root)}\0{_file_digest(str(f), st.st_size, st.st_mtime_ns)}\0".encode())
+        content = _file_digest(str(f), st.st_size, st.st_mtime_ns)
+        h.update(f"{f.relative_to(root) if names else ''}\0{content}\0".encode())
     return h.hexdigest()
 
 

@@ -19,11 +19,11 @@ from fedlora.tasks import gather_rows
 from fedlora.training.train import ClientSampler, TrainConfig, train_clients
 
 
-def _started(tiny_bert_dir, tiny_csv, *extra):
-    """A started Coordinator of a 2-client job whose public file is ``tiny_csv``."""
+def _started(tiny_bert_dir, tiny_csv, *extra, public=None):
+    """A started Coordinator of a 2-client job whose public file is ``public`` (default ``tiny_csv``)."""
     args = ["--model", str(tiny_bert_dir), "--data", str(tiny_csv), "--num-clients", "2", "--rank", "4",
             "--max-length", "16", "--batch-size", "8", "--lr", "5e-2", "--head", "public",
-            "--init-data", str(tiny_csv), *extra]
+            "--init-data", str(public or tiny_csv), *extra]
     cfg = to_config(build_parser().parse_args(args), device="cpu")
     job = build_job(cfg)
     coord = Coordinator(cfg, job.strategy, job.fm, job.test, job.public)
@@ -69,11 +69,11 @@ def test_warm_start_is_the_strategys_aggregate_of_those_public_steps(tiny_bert_d
     assert warm.round == 0 and warm.state.round == 0
 
 
-def test_warm_start_learns_and_the_clip_is_measured_after_it(tiny_bert_dir, tiny_csv):
+def test_warm_start_learns_and_the_clip_is_measured_after_it(tiny_bert_dir, tiny_csv, public_csv):
     # Execute: a --dp sample job measuring its clip on the public file, without and with a warm start
     dp = ["--dp", "sample", "--epsilon", "8", "--delta", "1e-3"]
-    cold_job, cold = _started(tiny_bert_dir, tiny_csv, *dp)
-    warm_job, warm = _started(tiny_bert_dir, tiny_csv, *dp, "--public-steps", "12")
+    cold_job, cold = _started(tiny_bert_dir, tiny_csv, *dp, public=public_csv)
+    warm_job, warm = _started(tiny_bert_dir, tiny_csv, *dp, "--public-steps", "12", public=public_csv)
     # Assert: the public examples' loss fell; the clip is the median norm at the warm state of the
     # examples held out of the warm start (not of all of them, nor at the cold state)
     public = warm_job.public

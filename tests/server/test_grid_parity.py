@@ -255,7 +255,7 @@ def test_dpo_deployment_matches_the_simulator(tiny_chat_llama_dir, sentiment_tsv
 # --- stateless clients (Flower's simulation engine's run config, clients rebuilt every message) ---
 
 DP = ["--dp", "sample", "--epsilon", "8", "--delta", "1e-3", "--dp-reproducible"]
-PUBLIC = ["--head", "public", "--init-data", "TINY_CSV", "--public-steps", "3"]
+PUBLIC = ["--head", "public", "--init-data", "PUBLIC_CSV", "--public-steps", "3"]
 #: (Flower's own engine runs FedSA-LoRA under sample-level DP: tests/simulations/test_flower_engine.py)
 STATELESS = {"flora-hetero": ["--strategy", "flora", "--ranks", "2,4,3"], "fed-sb": ["--strategy", "fed-sb"],
              "dp-sample-public-start": [*DP, *PUBLIC], "ffa-lora": ["--strategy", "ffa-lora"],
@@ -265,11 +265,11 @@ STATELESS = {"flora-hetero": ["--strategy", "flora", "--ranks", "2,4,3"], "fed-s
 
 
 @pytest.mark.parametrize("case", list(STATELESS))
-def test_stateless_clients_reach_the_batched_adapter(tiny_bert_dir, tiny_csv, tmp_path, case):
+def test_stateless_clients_reach_the_batched_adapter(tiny_bert_dir, tiny_csv, public_csv, tmp_path, case):
     # Prepare: a 3-client, 3-round job (dp-sample-public-start: the server trains the head, then
     # warm-starts the adapters on the public file, measures the clip there and sends it with each
     # round's config)
-    extra = [str(tiny_csv) if a == "TINY_CSV" else a for a in STATELESS[case]]
+    extra = [str(public_csv) if a == "PUBLIC_CSV" else a for a in STATELESS[case]]
     flags = [*job(tiny_bert_dir, tiny_csv, clients=3), "--rounds", "3", *extra]
     # Execute: the batched engine, and the apps with every client rebuilt for every message
     rb = simulate(flags, tmp_path / "batched")

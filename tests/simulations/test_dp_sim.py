@@ -85,11 +85,11 @@ def test_fed_sb_initialisation_is_counted_in_the_budget(tiny_bert_dir, tiny_csv,
     assert rows[1]["epsilon_per_client"] == [pytest.approx(spent(1.0, Q, steps + 3, 1e-3), abs=1e-4)] * 3
 
 
-def test_public_fed_sb_initialisation_costs_no_privacy(tiny_bert_dir, tiny_csv, tmp_path):
-    # Execute: --init-data (here the same file, standing in for a public one): nothing uploaded
+def test_public_fed_sb_initialisation_costs_no_privacy(tiny_bert_dir, tiny_csv, public_csv, tmp_path):
+    # Execute: --init-data, a public file: nothing uploaded
     out = tmp_path / "sb"
     assert main(_job(tiny_bert_dir, tiny_csv, out, "--strategy", "fed-sb", "--epsilon", "1e6",
-                     "--noise-multiplier", "1.0", "--rounds", "1", "--init-data", str(tiny_csv))) == 0
+                     "--noise-multiplier", "1.0", "--rounds", "1", "--init-data", str(public_csv))) == 0
     # Assert: round 0 spent nothing and sent nothing; round 1 its 3 steps
     rows = _rows(out)
     assert rows[0]["epsilon_per_client"] == [] and rows[0]["bytes_up"] == 0
@@ -116,11 +116,11 @@ def test_dp_refusals_are_one_line(tiny_bert_dir, tiny_csv, tmp_path, capsys, ext
 
 
 def test_the_clip_measured_on_the_public_file_is_the_one_the_clients_clip_to(tiny_bert_dir, tiny_csv,
-                                                                            tmp_path):
+                                                                            public_csv, tmp_path):
     # Execute: --init-data and no --max-grad-norm (the clip is the median per-example norm on the
     # public file), the same job with that clip given, and with --clip-quantile 1 (the largest norm)
     public = ["--epsilon", "8", "--dp-reproducible", "--rounds", "2", "--head", "public",
-              "--init-data", str(tiny_csv)]
+              "--init-data", str(public_csv)]
     assert main(_job(tiny_bert_dir, tiny_csv, tmp_path / "median", *public)) == 0
     clip = _rows(tmp_path / "median")[0]["max_grad_norm"]
     given = ["--max-grad-norm", repr(clip)]

@@ -171,6 +171,24 @@ def test_bad_input_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path, capsys, ex
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("dp", ["sample", "client"])
+def test_the_private_data_as_the_public_file_is_refused_under_dp(tiny_bert_dir, tiny_csv, tmp_path, capsys,
+                                                                 dp):
+    # Prepare: --init-data as --data's own file, and as a copy of it under another name (the server
+    # trains the head and measures the clip on it at no ε: it was accepted, and the run spent ε 8
+    # on the clients' steps alone)
+    copy = tmp_path / "copy.csv"
+    copy.write_bytes(tiny_csv.read_bytes())
+    for public in (tiny_csv, copy):
+        # Execute
+        code = main(_args(tiny_bert_dir, tiny_csv, tmp_path / "o", "--dp", dp, "--epsilon", "8",
+                          "--delta", "1e-3", "--head", "public", "--init-data", str(public)))
+        # Assert: one line, nothing run
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "holds the same examples as --data" in err[0], err
+        assert not (tmp_path / "o").exists()
+
+
 def test_init_data_without_the_task_columns_is_one_line(tiny_bert_dir, tiny_csv, tmp_path, capsys):
     # Prepare: a public file whose columns are not the task's (text, label)
     public = tmp_path / "public.csv"
