@@ -258,20 +258,20 @@ def check_dp_args(args) -> None:
 
 
 def check_public_file(args) -> None:
-    """Refuse, under ``--dp``, an ``--init-data`` holding ``--data``'s files: the server reads it at no ε
-    (the head, the warm start, the measured clip, Fed-SB's initialisation), so it must be public."""
-    public = getattr(args, "init_data", "")
-    if not public:
-        return
-    try:  # a renamed copy too; a hub id not cached here is left to the loading, which names it
-        digest = digest_of(public, names=False)
-        copy = digest is not None and digest == digest_of(args.data, names=False)
-    except UserError:
-        copy = False
-    if copy or same_setting(args, "data", public):
-        raise UserError(f"--init-data {public!r} holds the same examples as --data: under --dp {args.dp}"
-                        " the server reads it at no privacy cost, so it must be a public file that no"
-                        " client's data comes from; pass another --init-data, or drop it")
+    """Refuse, under ``--dp``, an ``--init-data`` or ``--quant-calibration`` holding ``--data``'s files:
+    they are read at no ε (the head, the warm start, the clip, Fed-SB's initialisation, the quantized
+    base's correction), so they must be public."""
+    for name in ("init_data", "quant_calibration"):
+        public = getattr(args, name, "")
+        try:  # a renamed copy too; a hub id not cached here is left to the loading, which names it
+            digest = digest_of(public, names=False) if public else None
+            copy = digest is not None and digest == digest_of(args.data, names=False)
+        except UserError:
+            copy = False
+        if public and (copy or same_setting(args, "data", public)):
+            raise UserError(f"{flag_name(name)} {public!r} holds the same examples as --data: under --dp"
+                            f" {args.dp} it is read at no privacy cost, so it must be a public file that no"
+                            f" client's data comes from; pass another {flag_name(name)}, or drop it")
 
 
 def check_secagg_args(args) -> None:

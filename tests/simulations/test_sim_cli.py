@@ -171,21 +171,25 @@ def test_bad_input_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path, capsys, ex
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("dp", ["sample", "client"])
+@pytest.mark.parametrize("dp, flag, extra", [
+    ("sample", "--init-data", ["--head", "public"]), ("client", "--init-data", ["--head", "public"]),
+    ("sample", "--quant-calibration", ["--quantize", "nf4", "--quant-correction", "2"])])
 def test_the_private_data_as_the_public_file_is_refused_under_dp(tiny_bert_dir, tiny_csv, tmp_path, capsys,
-                                                                 dp):
-    # Prepare: --init-data as --data's own file, and as a copy of it under another name (the server
-    # trains the head and measures the clip on it at no ε: it was accepted, and the run spent ε 8
-    # on the clients' steps alone)
+                                                                 dp, flag, extra):
+    # Prepare: --data's own file, and a copy of it under another name, as a file read at no ε (the
+    # server trained the public head and measured the clip on it, or every party set the quantized
+    # base's correction from its examples: it was accepted, and the run reported ε 8 for the
+    # clients' steps alone)
     copy = tmp_path / "copy.csv"
     copy.write_bytes(tiny_csv.read_bytes())
     for public in (tiny_csv, copy):
         # Execute
         code = main(_args(tiny_bert_dir, tiny_csv, tmp_path / "o", "--dp", dp, "--epsilon", "8",
-                          "--delta", "1e-3", "--head", "public", "--init-data", str(public)))
+                          "--delta", "1e-3", *extra, flag, str(public)))
         # Assert: one line, nothing run
         err = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and len(err) == 1 and "holds the same examples as --data" in err[0], err
+        assert code == 2 and len(err) == 1, err
+        assert f"{flag} {str(public)!r} holds the same examples" in err[0]
         assert not (tmp_path / "o").exists()
 
 
