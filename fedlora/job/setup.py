@@ -174,6 +174,8 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan, num_labels:
     check_rank_bound("--fold-rank", cfg.fold_rank, fm.adapters.values(), "adapted")
     check_rank_bound("--quant-correction", cfg.quant_correction, quantized_layers(fm.model).values(),
                      "quantized")
+    if plan.core:
+        check_core_rank(cfg.strategy, max(ranks), fm.adapters.values())
     if cfg.init_adapter:  # before the heads are zeroed or frozen: round 0 is base + this adapter
         adapter = read_adapter(cfg.init_adapter)
         check_correction(adapter, cfg.quantize, correcting=bool(cfg.quant_correction))
@@ -223,6 +225,17 @@ def check_rank_bound(flag: str, rank: int, layers, kind: str) -> None:
         raise UserError(f"{flag} {rank} is at least the full rank of every {kind} layer (the largest is"
                         f" {full}), so it would keep whole matrices, not a low-rank part: pass a rank below"
                         f" {full}, or drop {flag}")
+
+
+def check_core_rank(strategy: str, rank: int, layers) -> None:
+    """Refuse a LoRA-SB rank above an adapted layer's ``min(d_out, d_in)``: its shared, frozen ``A``
+    (``r × d_in``) and ``B`` (``d_out × r``) are orthonormal, which needs ``r`` directions on each side
+    (found when the job starts, not after its initialisation phases)."""
+    small = min((min(linear_shape(m)) for m in layers), default=0)
+    if small and rank > small:
+        raise UserError(f"--strategy {strategy}: --rank {rank} exceeds {small}, the smaller side of an"
+                        f" adapted layer; LoRA-SB's shared A (r × d_in) and B (d_out × r) are orthonormal,"
+                        f" so r ≤ min(d_out, d_in): pass --rank {small} or less")
 
 
 def check_context(max_length: int | None, config, tokenizer, model=None) -> None:

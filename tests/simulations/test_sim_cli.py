@@ -131,6 +131,10 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
     (["--personal-test-fraction", "1"], "--personal-test-fraction must be in [0, 1), got 1.0"),
     (["--strategy", "fed-sb", "--strategy-options", "sketch_width=2"],
      "sketch_width=2 is below the rank 4: the sketch must hold r directions; pass sketch_width ≥ 4"),
+    # a traceback after round 0's phases (init=seed, dense) or a misleading sketch_width=0 (sketch)
+    (["--strategy", "fed-sb", "--rank", "40", "--strategy-options", "init=seed"],
+     "--strategy fed-sb: --rank 40 exceeds 32, the smaller side of an adapted layer"),
+    (["--strategy", "fed-sb", "--rank", "40"], "so r ≤ min(d_out, d_in): pass --rank 32 or less"),
     (["--strategy", "fed-sb", "--strategy-options", "init=seed", "--init-data", "x.csv"],
      "init=seed reads no data: drop --init-data"),
     (["--init-data", "x.csv"], "--strategy fedavg with --head train reads none: drop it"),
