@@ -36,6 +36,7 @@ Each client uploads and downloads ``r²`` numbers per layer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -136,8 +137,8 @@ class FedSB(Strategy):
 
     def __init__(self, init_lr: float = 1e-3, init: str = "sketch", sketch_width: int = 0,
                  seed: int = 0, public: bool = False) -> None:
-        if init_lr <= 0:
-            raise ValueError(f"Fed-SB init_lr must be > 0, got {init_lr}")
+        if not 0 < init_lr < math.inf:  # nan or inf would make the initial state nan
+            raise ValueError(f"Fed-SB init_lr must be finite and > 0, got {init_lr}")
         if init not in INIT_PHASES:
             raise ValueError(f"Fed-SB init={init!r}: use one of {', '.join(INIT_PHASES)}")
         if sketch_width < 0:

@@ -26,6 +26,7 @@ needs Ā first, so it is not a single secure-aggregation sum.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -71,8 +72,8 @@ class LoRAFAIR(Strategy):
     options = {"lam": Option(float, 0.01, "λ of the ridge term λ‖ΔB‖²")}
 
     def __init__(self, lam: float = 0.01) -> None:
-        if lam < 0:
-            raise ValueError(f"LoRA-FAIR λ must be ≥ 0, got {lam}")
+        if not 0 <= lam < math.inf:  # nan and inf would make every factor of the aggregate nan
+            raise ValueError(f"LoRA-FAIR λ must be finite and ≥ 0, got {lam}")
         self.lam = lam
 
     def aggregate(self, uploads: Sequence[ClientUpload], state: GlobalState) -> Aggregate:

@@ -132,3 +132,6 @@ def test_fed_sb_rejects_rank_above_layer_size_and_missing_init():
         FedSB().aggregate(cores, GlobalState())
     with pytest.raises(ValueError, match="init_lr"):
         FedSB(init_lr=0.0)
+    for bad in (float("nan"), float("inf")):  # were taken, and made the initial state nan
+        with pytest.raises(ValueError, match="init_lr"):
+            FedSB(init_lr=bad)

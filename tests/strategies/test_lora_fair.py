@@ -79,7 +79,8 @@ def test_lora_fair_lam_zero_is_least_squares_projection():
     assert result.agg_error == pytest.approx(expected_error, rel=1e-8)
 
 
-def test_lora_fair_rejects_negative_lambda():
-    # Execute / Assert
+@pytest.mark.parametrize("lam", [-0.1, float("nan"), float("inf")])
+def test_lora_fair_rejects_negative_or_non_finite_lambda(lam):
+    # Execute / Assert: nan and inf were taken, and made every factor of the aggregate nan
     with pytest.raises(ValueError, match="λ"):
-        LoRAFAIR(lam=-0.1)
+        LoRAFAIR(lam=lam)
