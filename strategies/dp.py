@@ -36,6 +36,7 @@ sets from its completed rounds (``Coordinator.restore`` does), so ε stays right
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -188,8 +189,8 @@ class ClientLevelDP(Wrapped):
             raise ValueError(f"client-level DP needs a strategy whose aggregate is a sum of client"
                              f" updates (sum_only, e.g. fedavg, fed-sb); {inner.name}'s is not, so"
                              " clipping and noising a sum would not bound each client's influence")
-        if clip <= 0 or noise_multiplier < 0 or expected_clients < 1:
-            raise ValueError(f"client-level DP needs clip > 0, noise_multiplier ≥ 0 and"
+        if not 0 < clip < math.inf or not 0 <= noise_multiplier < math.inf or expected_clients < 1:
+            raise ValueError(f"client-level DP needs a finite clip > 0, noise_multiplier ≥ 0 and"
                              f" expected_clients ≥ 1, got {clip}, {noise_multiplier}, {expected_clients}")
         super().__init__(inner)
         self.heterogeneous_ranks = False

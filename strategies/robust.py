@@ -42,6 +42,7 @@ from the global ones (fedavg, fed-sb, ffa-lora, rolora; fedsa-lora for the robus
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import replace
@@ -157,8 +158,8 @@ class Robust(Wrapped):
         super().__init__(inner)
         if weighting not in WEIGHTINGS or mean not in MEANS:
             raise ValueError(f"weighting is one of {WEIGHTINGS} and mean one of {MEANS}")
-        if max_examples < 0 or norm_bound < 0 or not 0 <= trim < 0.5:
-            raise ValueError(f"max_examples ≥ 1 (0: no cap), norm_bound ≥ 0 and 0 ≤ trim < 0.5;"
+        if max_examples < 0 or not 0 <= norm_bound < math.inf or not 0 <= trim < 0.5:
+            raise ValueError(f"max_examples ≥ 1 (0: no cap), a finite norm_bound ≥ 0 and 0 ≤ trim < 0.5;"
                              f" got {max_examples}, {norm_bound}, {trim}")
         robust = [what for what, on in (("norm bounding", norm_bound), ("a robust mean", mean != "mean"))
                   if on]

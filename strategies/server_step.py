@@ -31,6 +31,7 @@ before the server's step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -66,8 +67,8 @@ class ServerStep(Wrapped):
 
     def __init__(self, inner: Strategy, lr: float) -> None:
         super().__init__(inner)
-        if not lr > 0:
-            raise ValueError(f"a server learning rate must be > 0 (1: off), got {lr}")
+        if not 0 < lr < math.inf:
+            raise ValueError(f"a server learning rate must be finite and > 0 (1: off), got {lr}")
         if inner.fresh_adapters and not inner.folds:
             raise ValueError(f"{inner.name} restarts its clients from truncations of a restacked global"
                              " update, so it has neither averaged factors nor a fold for --server-lr to"

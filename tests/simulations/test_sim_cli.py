@@ -159,7 +159,7 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
     (["--strategy", "flora", "--fold-rank", "-1"], "--fold-rank must be ≥ 1 (0: the whole residual"),
     (["--strategy", "flexlora", "--server-lr", "2"], "--strategy flexlora: flexlora restarts its clients from"
      " truncations of a restacked global update, so it has neither averaged factors nor a fold"),
-    (["--server-lr", "0"], "a server learning rate must be > 0 (1: off), got 0.0"),
+    (["--server-lr", "0"], "a server learning rate must be finite and > 0 (1: off), got 0.0"),
     (["--lora-alpha", "0"], "--lora-alpha must be > 0 (the update's scale is α / r), got 0.0"),
     (["--max-length", "65"], "--max-length 65 exceeds the 64 positions this model takes (its"
      " max_position_embeddings); pass --max-length 64 or less"),

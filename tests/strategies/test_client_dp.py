@@ -213,6 +213,12 @@ def test_refuses_strategies_that_are_not_sums(name):
         dp(name)
 
 
+@pytest.mark.parametrize("clip, sigma", [(float("nan"), 1.0), (float("inf"), 1.0), (1.0, float("nan"))])
+def test_refuses_a_clip_or_noise_that_is_not_finite(clip, sigma):  # nan was taken: no clip, no noise
+    with pytest.raises(ValueError, match="a finite clip > 0"):
+        ClientLevelDP(get_strategy("fedavg"), clip=clip, noise_multiplier=sigma, expected_clients=2)
+
+
 def test_refuses_more_replies_than_the_expected_clients():
     # Prepare
     g = global_lora()

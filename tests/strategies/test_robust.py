@@ -161,6 +161,7 @@ def test_trimmed_mean_and_median_of_fed_sb_cores():
     ("fedsa-lora", {"norm_bound": 2.0}, "keeps factors on the clients"),
     ("fedavg", {"max_examples": -1}, "max_examples ≥ 1"),
     ("fedavg", {"trim": 0.5}, "0 ≤ trim < 0.5"),
+    ("fedavg", {"norm_bound": float("nan")}, "a finite norm_bound"),  # was taken: every update cut to 0
 ])
 def test_what_a_strategy_cannot_take_is_refused(inner, kw, message):
     with pytest.raises(ValueError, match=message):

@@ -124,6 +124,7 @@ def test_flexlora_is_refused():
         ServerStep(get_strategy("flexlora"), 2.0)
 
 
-def test_a_rate_that_is_not_positive_is_refused():
-    with pytest.raises(ValueError, match="must be > 0"):
-        ServerStep(get_strategy("fedavg"), 0.0)
+@pytest.mark.parametrize("lr", [0.0, float("inf")])  # inf was taken: the state went nan
+def test_a_rate_that_is_not_positive_and_finite_is_refused(lr):
+    with pytest.raises(ValueError, match="must be finite and > 0"):
+        ServerStep(get_strategy("fedavg"), lr)
