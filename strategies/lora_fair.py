@@ -58,7 +58,10 @@ def correction(uploads: Sequence[ClientUpload], weights: Sequence[float], layer:
     gram = Ab @ Ab.T                                                   # Ā Āᵀ     (r, r)
     residual = target - s * Bb @ gram                                  # (ΔW* − s B̄ Ā) Āᵀ
     system = s * s * gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    # ΔB system = s·residual  ->  systemᵀ ΔBᵀ = s·residualᵀ (system is symmetric)
+    # ΔB system = s·residual  ->  systemᵀ ΔBᵀ = s·residualᵀ (system is symmetric). λ = 0 with Ā of
+    # dependent rows (r > d_in) leaves system singular: the least-norm ΔB (λ → 0⁺), not a solve's.
+    if lam == 0:
+        return (torch.linalg.pinv(system, hermitian=True) @ (s * residual.T)).T.to(B_bar.dtype)
     return torch.linalg.solve(system, s * residual.T).T.to(B_bar.dtype)
 
 

@@ -79,6 +79,25 @@ def test_lora_fair_lam_zero_is_least_squares_projection():
     assert result.agg_error == pytest.approx(expected_error, rel=1e-8)
 
 
+def test_lora_fair_lam_zero_with_rank_above_d_in_takes_the_minimum_norm_correction():
+    # Prepare: rank 20 over d_in 16, so Ā Āᵀ (20 × 20) is singular and Ā's rows span every input
+    uploads = same_rank_clients(seed=3, rank=20)
+    p, s = weights(uploads), uploads[0].scale
+    A_bar = sum(pk * u.factors["q"][0] for pk, u in zip(p, uploads, strict=True))
+    B_bar = sum(pk * u.factors["q"][1] for pk, u in zip(p, uploads, strict=True))
+    ideal = dense_ideal(uploads, "q")
+    # the λ → 0⁺ limit: the least-squares ΔB of least norm
+    expected = (ideal - s * B_bar @ A_bar) @ torch.linalg.pinv(s * A_bar)
+
+    # Execute
+    result = LoRAFAIR(lam=0.0).aggregate(uploads, GlobalState())
+
+    # Assert: the exact ΔW* and that ΔB (a solve of the singular system gave another ΔB, 10×
+    # larger and set by rounding, and an aggregate error of 1e-5 in float32)
+    torch.testing.assert_close(result.state.factors["q"][1] - B_bar, expected, rtol=1e-7, atol=1e-9)
+    assert result.agg_error < 1e-12
+
+
 @pytest.mark.parametrize("lam", [-0.1, float("nan"), float("inf")])
 def test_lora_fair_rejects_negative_or_non_finite_lambda(lam):
     # Execute / Assert: nan and inf were taken, and made every factor of the aggregate nan
