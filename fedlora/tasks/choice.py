@@ -9,8 +9,8 @@ are scored as its continuation (the choice alone, without the end of the turn):
 
 * ``mc_accuracy`` (lm-eval's ``acc``): the example is right when its answer has the highest
   ``ll_j`` (the first of equal ones);
-* ``mc_accuracy_norm`` (``acc_norm``): the same with ``ll_j / bytes_j``, the choice's length in
-  UTF-8 bytes, so long choices are not penalised for their length;
+* ``mc_accuracy_norm`` (``acc_norm``): the same with ``ll_j / chars_j``, the choice's length in
+  characters (lm-eval's ``len(choice)``), so long choices are not penalised for their length;
 * ``loss`` and ``perplexity``: the mean negative log-likelihood of the right choices' tokens.
 
 One prefill per prompt; the choices are scored from its KV cache
@@ -32,7 +32,7 @@ from fedlora.tasks.sft import ChatFormat, cut_prompts, warn_cut
 @dataclass
 class ChoiceSet:
     """Held-out multiple-choice examples, shortest prompt first: ``prompts`` (token ids), each
-    example's ``choices`` (token ids) and their ``sizes`` (UTF-8 bytes of their texts), the
+    example's ``choices`` (token ids) and their ``sizes`` (characters of their texts), the
     ``answers`` (the right choice's index), ``pad`` (the pad token id)."""
 
     prompts: list[list[int]]
@@ -86,7 +86,7 @@ def choice_set(tokenizer, ds, cfg) -> ChoiceSet:
                           [max(len(c) for c in row) for row in choices], cfg.max_length)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     return ChoiceSet(prompts=[prompts[i] for i in order], choices=[choices[i] for i in order],
-                     sizes=[[len(c.encode()) for c in ds.choices[i]] for i in order],
+                     sizes=[[len(c) for c in ds.choices[i]] for i in order],
                      answers=[ds.labels[i] for i in order], pad=tokenizer.pad_token_id)
 
 

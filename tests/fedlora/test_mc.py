@@ -87,12 +87,13 @@ def test_choices_from_one_prefill_equal_each_choice_scored_alone(fm, chat_tok, t
 
 
 def test_accuracy_and_length_normalised_accuracy_by_hand(chat_tok, monkeypatch):
-    # Prepare: three questions whose choice scores are given; sizes are UTF-8 bytes ("éé" is 4, not 2)
-    ds = TextDataset(["q0", "q11", "q222"], [1, 0, 0], ["A", "B"], None,
+    # Prepare: three questions whose choice scores are given; sizes are characters, as lm-eval's
+    # len(choice) ("éé" is 2, not its 4 UTF-8 bytes)
+    ds = TextDataset(["q0", "q11", "q222"], [1, 0, 1], ["A", "B"], None,
                      [["a", "bbbb"], ["xx", "y"], ["éé", "abc"]])
     scores = {"q0": [-2.0, -4.0],        # acc: a (wrong);  norm: -2/1 < -4/4, bbbb (right)
               "q11": [-1.0, -1.0],       # a tie: the first (right); norm: -1/2 > -1/1 (right)
-              "q222": [-4.0, -3.3]}      # acc: abc (wrong); norm: -4/4 > -3.3/3 (right; per character: wrong)
+              "q222": [-4.0, -4.0]}      # tie: éé (wrong); norm: -4/2 < -4/3, abc (right; per byte: wrong)
     task, cfg = get_task("sft"), _mc(eval_batch_size=8)
     data = task.eval_set(chat_tok, ds, cfg)
 
@@ -104,7 +105,7 @@ def test_accuracy_and_length_normalised_accuracy_by_hand(chat_tok, monkeypatch):
     got = task.evaluate(None, data, cfg)
     # Assert: acc 1/3, acc_norm 3/3; loss: the right choices' nll over their tokens
     assert got["mc_accuracy"] == pytest.approx(1 / 3) and got["mc_accuracy_norm"] == 1.0
-    tokens = [len(chat_tok(c, add_special_tokens=False)["input_ids"]) for c in ("bbbb", "xx", "éé")]
+    tokens = [len(chat_tok(c, add_special_tokens=False)["input_ids"]) for c in ("bbbb", "xx", "abc")]
     assert got["loss"] == pytest.approx((4.0 + 1.0 + 4.0) / sum(tokens))
 
 
