@@ -68,7 +68,8 @@ def choice_set(tokenizer, ds, cfg) -> ChoiceSet:
     ------
     UserError
         The data has no choices (free-form responses), two labels have one word (``--label-words``),
-        or every example has a choice longer than ``--max-length``.
+        a choice is no tokens to the tokenizer, or every example has a choice longer than
+        ``--max-length``.
     """
     if ds.choices is None or ds.labels is None:
         raise UserError("--eval mc needs choices for every held-out example, and this data has free-form"
@@ -77,6 +78,7 @@ def choice_set(tokenizer, ds, cfg) -> ChoiceSet:
     _check_distinct(ds.choices, ds.label_names)
     texts = sorted({c for row in ds.choices for c in row})
     ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True))
+    _check_tokens(ds.choices, ids)
     keep = drop_long([max(len(ids[c]) for c in row) for row in ds.choices], cfg, tokenizer, "choice")
     ds = ds.subset(keep) if len(keep) < len(ds) else ds
     chat = ChatFormat(tokenizer, cfg.chat_template, cfg.system_prompt)
@@ -108,6 +110,24 @@ def _check_distinct(choices: list[list[str]], label_names: list[str]) -> None:
     which = f"labels {same[0]!r} and {same[1]!r} have" if len(same) == 2 else "two choices have"
     raise UserError(f"--eval mc: {which} the same word {word!r} (--label-words), and two choices of one text"
                     " cannot be told apart; give each label its own word, or use --eval generate")
+
+
+def _check_tokens(choices: list[list[str]], ids: dict[str, list[int]]) -> None:
+    """Refuse a choice that the tokenizer encodes as no tokens (a zero-width space, a control
+    character to a BERT tokenizer): its log-probability would be 0, the highest there is, and it would
+    win every question it is in.
+
+    Raises
+    ------
+    UserError
+        Such a choice, named with the number of examples that hold it.
+    """
+    empty = [c for c in ids if not ids[c]]
+    if empty:
+        rows = sum(any(c in empty for c in row) for row in choices)
+        raise UserError(f"--eval mc: the choice {empty[0]!r} ({rows} example(s)) is no tokens to this model's"
+                        " tokenizer, so its log-probability would be 0 and it would win every question;"
+                        " give it a text the tokenizer keeps")
 
 
 def first_best(values: list[float]) -> int:

@@ -181,3 +181,15 @@ def test_two_labels_of_one_word_are_refused_for_mc(chat_tok, tmp_path):
                                         r" \(--label-words\), and two choices of one text cannot be told"
                                         r" apart; give each label its own word, or use --eval generate$"):
         get_task("sft").eval_set(chat_tok, ds, _mc())
+
+
+def test_a_choice_the_tokenizer_encodes_as_no_tokens_is_refused(chat_tok):
+    # Prepare: a zero-width space, which this (BERT) tokenizer drops: its choice would have no tokens,
+    # so a log-probability of 0 (the highest there is) and it would win every question it is in
+    assert chat_tok("\u200b", add_special_tokens=False)["input_ids"] == []
+    ds = TextDataset(["pick one", "pick two"], [0, 1], ["A", "B", "C"], None,
+                     [["yes", "no", "\u200b"], ["up", "down", "left"]])
+    # Execute / Assert
+    with pytest.raises(UserError, match=r"^--eval mc: the choice '\\u200b' \(1 example\(s\)\) is no tokens to"
+                                        r" this model's tokenizer, so its log-probability would be 0"):
+        get_task("sft").eval_set(chat_tok, ds, _mc())
