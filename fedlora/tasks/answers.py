@@ -116,9 +116,11 @@ class Contains(AnswerMetric):
         return float(re.search(head + re.escape(said) + tail, normalize(answer)) is not None)
 
 
-#: A number as answers write it: a sign where no word runs into it (a date's "-05" is 5), digits with
-#: commas only as thousands separators ("1,080" is 1080; "1,2,3" is three numbers), a decimal part.
-_NUMBER = re.compile(r"(?:(?<!\w)-)?(?<!\d)(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+#: A number as answers write it: a sign ("-", or the minus sign "−") where no word runs into it (a
+#: date's "-05" is 5), digits with commas only as thousands separators ("1,080" is 1080; "1,2,3" is
+#: three numbers), a decimal part; or a decimal part alone (".5" is 0.5, "$.75" 0.75).
+_NUMBER = re.compile(r"(?:(?<!\w)[-\u2212])?(?:(?<!\d)(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
+                     r"|(?<![\w.])\.\d+)")
 
 
 def final_number(text: str) -> float | None:
@@ -130,7 +132,7 @@ def final_number(text: str) -> float | None:
     if not found:
         return None
     try:
-        return float(found[0].replace(",", ""))
+        return float(found[0].replace(",", "").replace("\u2212", "-"))
     except ValueError:
         return None
 

@@ -178,6 +178,16 @@ def test_number_reads_commas_as_thousands_only_and_a_sign_only_before_a_number()
     assert number.score("$1,000.50 in all", "#### 1000.5") == number.score("(-4)", "-4") == 1.0
 
 
+def test_number_reads_a_decimal_without_its_leading_zero_and_the_unicode_minus_sign():
+    number = ANSWER_METRICS["number"]
+    # ".5" is a half and "$.75" 75 cents (they were read as 5 and 75); "−3" (U+2212) is minus 3, not 3
+    assert number.score("It is .5", "0.5") == number.score("$.75", "#### 0.75") == 1.0
+    assert number.score("It is .5", "5") == number.score("$.75", "75") == 0.0
+    assert number.score("a fall of −3", "-3") == number.score("-.25 in all", "#### -0.25") == 1.0
+    assert number.score("a fall of −3", "3") == 0.0
+    assert number.score("v1.2.3", "3") == number.score("2026-12-05", "5") == 1.0   # as before
+
+
 def test_an_answer_that_is_a_numeric_choices_text_names_that_choice(tmp_path):
     # choices that are numbers: "2" as text is the choice "2" (index 1), 2 as a JSON number index 2
     rows = [{"question": "q", "choices": ["1", "2", "3", "4"], "answer": "2"},
