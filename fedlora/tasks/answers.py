@@ -30,7 +30,10 @@ from abc import ABC, abstractmethod
 from functools import cached_property
 from typing import ClassVar
 
-_PUNCT = " \t\n.!?,;:'\"`*_()[]"
+#: What :func:`normalize` strips around an answer: spaces, ASCII punctuation, brackets and markdown
+#: emphasis, and their typographic and full-width forms (curly quotes, guillemets, CJK brackets and stops).
+_PUNCT = " \t\n.!?,;:'\"`*_()[]" "\u201c\u201d\u2018\u2019\u00ab\u00bb\u2039\u203a\u201e\u201a\u2026" \
+         "\u300c\u300d\u300e\u300f\u3010\u3011\u3002\u3001\uff08\uff09\uff0c\uff0e\uff01\uff1f\uff1a\uff1b"
 
 #: name -> metric (filled by :func:`register_answer_metric`).
 ANSWER_METRICS: dict[str, AnswerMetric] = {}
@@ -40,7 +43,7 @@ AUTO = "auto"
 
 def normalize(text: str) -> str:
     """An answer as it is compared: lower case, single spaces, no surrounding punctuation (brackets
-    and markdown's ``*``/``_`` too)."""
+    and markdown's ``*``/``_`` too, curly quotes and full-width stops: :data:`_PUNCT`)."""
     return " ".join(text.lower().split()).strip(_PUNCT)
 
 

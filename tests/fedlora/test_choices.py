@@ -159,6 +159,17 @@ def test_exact_and_contains_compare_normalized_answers():
     assert answer_metric("contains", True).name == "contains"
 
 
+def test_exact_strips_typographic_quotes_and_full_width_punctuation_as_it_strips_ascii_ones():
+    exact, contains = ANSWER_METRICS["exact"], ANSWER_METRICS["contains"]
+    # a chat model's curly quotes, guillemets, CJK brackets and full stop (they scored 0; '"yes"' scored 1)
+    answers = ["“positive”", "‘B’", "« oui »", "「東京」", "A。", "（B）",
+               "positive…"]
+    references = ["positive", "B", "oui", "東京", "A", "b", "Positive"]
+    assert [exact.score(a, r) for a, r in zip(answers, references, strict=True)] == [1.0] * 7
+    assert contains.score("it is positive", "“positive”") == 1.0
+    assert exact.score("“very” positive", "very positive") == 0.0     # inside: kept
+
+
 def test_number_compares_the_final_numbers_as_gsm8k_marks_them():
     number = ANSWER_METRICS["number"]
     gsm8k = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether 48+24 = <<48+24=72>>72.\n#### 72"
