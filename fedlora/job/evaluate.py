@@ -36,7 +36,7 @@ from fedlora.models.hub import load_tokenizer, resolve_model_path
 from fedlora.models.model import FederatedModel
 from fedlora.models.state import apply_global
 from fedlora.strategies.plan import LORA
-from fedlora.tasks import Task, get_task
+from fedlora.tasks import ANSWER_METRICS, Task, get_task
 
 #: The job fields an evaluation reads: ``fedlora-eval``'s job flags.
 EVAL_FIELDS = ("task", "model", "data", "text_column", "label_column", "test_data", "test_text_column",
@@ -184,7 +184,7 @@ def score_models(cfg: JobConfig, adapters: list[Path], base: bool, quiet: bool =
 
 def _cell(key: str, value) -> str:
     if isinstance(value, float) and (key.endswith(("accuracy", "accuracy_norm")) or key in
-                                     ("answer_contains", "rouge_l")):
+                                     {m.column for m in ANSWER_METRICS.values()}):
         return f"{100 * value:.1f}%"
     if isinstance(value, float):
         if key in ("loss", "reward_margin"):

@@ -243,3 +243,22 @@ def test_bad_input_is_one_line(runs, tiny_chat_llama_dir, tiny_llama_dir, tiny_b
     assert not (tmp_path / "o").exists()
     if case == "other-base":  # names both: the adapter's base and --model's
         assert str(tiny_chat_llama_dir) in err[0] and str(tiny_llama_dir) in err[0]
+
+
+def test_the_table_shows_every_answer_metric_as_a_percentage():
+    from fedlora.job.evaluate import eval_table
+    from fedlora.tasks import ANSWER_METRICS
+
+    # Prepare: a --metric number row (its 0.85 was shown as "0.8", as if a count)
+    row = {"model": "base", "adapter": None, "metric": "answer_number", "accuracy": 0.85,
+           "answer_accuracy": 0.5, "answer_number": 0.85, "loss": 1.25, "perplexity": 3.49,
+           "eval_examples": 20, "seconds": 0.5}
+    # Execute
+    table = eval_table([row])
+    # Assert
+    assert table.splitlines()[0] == ("| model | answer_number | answer_accuracy | loss | perplexity |"
+                                     " eval_examples | seconds |")
+    assert table.splitlines()[2] == "| base | 85.0% | 50.0% | 1.2500 | 3.49 | 20 | 0.5 |"
+    for metric in ANSWER_METRICS.values():
+        assert eval_table([{**row, "metric": metric.column, metric.column: 0.85}]).splitlines()[2] \
+            .startswith("| base | 85.0% |")
