@@ -140,24 +140,26 @@ def length_advice(tokenizer, longest: int) -> str:
 
 def drop_long(lengths: list[int], cfg, tokenizer, what: str) -> list[int]:
     """The positions of the held-out examples whose ``what`` (``lengths[i]`` tokens, which no cut
-    shortens) fits ``--max-length``: the others cannot be scored, and are skipped with one warning.
+    shortens) leaves room in ``--max-length`` for a token of the prompt: the others cannot be scored
+    (the first token would be predicted from no prompt at all), and are skipped with one warning.
 
     Raises
     ------
     UserError
         None fits.
     """
-    keep = [i for i, n in enumerate(lengths) if n <= cfg.max_length]
+    keep = [i for i, n in enumerate(lengths) if n < cfg.max_length]
     if len(keep) == len(lengths):
         return keep
     longest, source = max(lengths), held_out_source(cfg)
     if not keep:
-        raise UserError(f"every held-out example ({len(lengths)}, {source}) has a {what} longer than"
-                        f" --max-length {cfg.max_length} alone (the longest has {longest} tokens), so none"
-                        f" can be scored; {length_advice(tokenizer, longest)}")
+        raise UserError(f"every held-out example ({len(lengths)}, {source}) has a {what} of --max-length"
+                        f" {cfg.max_length} tokens or more alone (the longest has {longest} tokens), which"
+                        " leaves no token of the prompt, so none can be scored;"
+                        f" {length_advice(tokenizer, longest)}")
     print(f"fedlora: {len(lengths) - len(keep)} of {len(lengths)} held-out examples ({source}) have a {what}"
-          f" longer than --max-length {cfg.max_length} alone (the longest has {longest} tokens); they are not"
-          " scored", file=sys.stderr)
+          f" of --max-length {cfg.max_length} tokens or more alone (the longest has {longest} tokens), which"
+          " leaves no token of the prompt; they are not scored", file=sys.stderr)
     return keep
 
 

@@ -50,11 +50,12 @@ def fit_prompts(prompts: list[list[int]], room: list[int], max_length: int) -> l
     Raises
     ------
     UserError
-        A choice alone is longer than ``max_length`` (:func:`choice_set` drops those rows before).
+        A choice alone leaves no token of ``max_length`` to its prompt (:func:`choice_set` drops
+        those rows before).
     """
-    if max(room) > max_length:
-        raise UserError(f"a choice alone has {max(room)} tokens, more than --max-length {max_length};"
-                        " raise --max-length or shorten the choices")
+    if max(room) >= max_length:
+        raise UserError(f"a choice alone has {max(room)} tokens, which leaves its prompt none of --max-length"
+                        f" {max_length}; raise --max-length or shorten the choices")
     out, cut = cut_prompts(prompts, room, max_length)
     warn_cut(sum(cut), len(prompts), "multiple-choice prompts", max_length, kept="choices")
     return out

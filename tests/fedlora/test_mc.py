@@ -135,8 +135,24 @@ def test_mc_refusals_and_long_prompts(chat_tok, capsys):
     assert max(len(p) for p in data.prompts) == 15             # 16 minus the longest choice's one token
     assert "1 of 2 multiple-choice prompts exceed --max-length 16" in capsys.readouterr().err
     with pytest.raises(UserError, match=r"every held-out example \(1, the held-out split of --data\) has a"
-                       r" choice longer than --max-length 2 alone \(the longest has 3 tokens\)"):
+                       r" choice of --max-length 2 tokens or more alone \(the longest has 3 tokens\)"):
         task.eval_set(chat_tok, TextDataset(["q"], [0], ["A"], None, [["a b c", "d"]]), _mc(max_length=2))
+
+
+def test_a_choice_as_long_as_max_length_leaves_its_prompt_a_token_or_is_not_scored(chat_tok, fm, capsys):
+    # Prepare: "a b c d" is 4 tokens, all of --max-length 4: its prompts would be cut to no token (a
+    # batch of such prompts was a traceback: an empty tensor of floats to the embedding)
+    task = get_task("sft")
+    ds = TextDataset(["q one", "q two", "q three"], [0, 1, 1], ["A", "B"], None,
+                     [["a b c d", "no"], ["a b c d", "no"], ["yes", "no"]])
+    cfg = _mc(max_length=4)
+    # Execute
+    data = task.eval_set(chat_tok, ds, cfg)
+    got = task.evaluate(fm, data, cfg)
+    # Assert: the third row alone is scored, its prompt cut to 4 - 1 tokens
+    assert got["eval_examples"] == 1 and [len(p) for p in data.prompts] == [3]
+    assert ("2 of 3 held-out examples (the held-out split of --data) have a choice of --max-length 4"
+            " tokens or more alone") in capsys.readouterr().err
 
 
 def test_a_sliding_window_model_scores_choices_and_references_past_its_window(chat_tok):

@@ -384,11 +384,27 @@ def test_held_out_rows_whose_response_cannot_fit_are_skipped_with_one_warning(ch
     # Assert: the row is not scored (before: the whole job was refused, "raise --max-length")
     assert data.answers == ["yes"]
     err = capsys.readouterr().err
-    assert ("fedlora: 1 of 2 held-out examples (--test-data held.jsonl) have a response longer than"
-            " --max-length 4 alone (the longest has 7 tokens); they are not scored") in err
+    assert ("fedlora: 1 of 2 held-out examples (--test-data held.jsonl) have a response of --max-length"
+            " 4 tokens or more alone (the longest has 7 tokens), which leaves no token of the prompt; they"
+            " are not scored") in err
     with pytest.raises(UserError, match=r"every held-out example \(1, --test-data held.jsonl\) has a response"
-                                        r" longer than --max-length 4 alone \(the longest has 7 tokens\)"):
+                       r" of --max-length 4 tokens or more alone \(the longest has 7 tokens\)"):
         sft.eval_set(chat_tok, ds.subset([1]), cfg)
+
+
+def test_a_held_out_response_as_long_as_max_length_is_not_scored_without_its_prompt(chat_tok, capsys):
+    # Prepare: "a b c [SEP]" is 4 tokens, all of --max-length 4: its prompt would be cut to no token,
+    # and the reference and the answer scored from a pad position (a model asked nothing)
+    sft = get_task("sft")
+    ds = TextDataset(["q1", "q2"], None, [], ["yes", "a b c"])
+    cfg = _sft(max_length=4, test_data="held.jsonl")
+    # Execute
+    data = sft.eval_set(chat_tok, ds, cfg)
+    # Assert: every scored prompt keeps a token; the row is skipped with the warning
+    assert data.answers == ["yes"] and min(len(p) for p in data.prompts) > 0
+    assert ("fedlora: 1 of 2 held-out examples (--test-data held.jsonl) have a response of --max-length"
+            " 4 tokens or more alone (the longest has 4 tokens), which leaves no token of the prompt; they"
+            " are not scored") in capsys.readouterr().err
 
 
 def test_held_out_pairs_with_a_response_too_long_are_skipped(chat_tok, capsys):
