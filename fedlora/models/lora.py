@@ -212,6 +212,17 @@ class BatchedLoRALinear(nn.Module):
     def num_clients(self) -> int:
         return len(self.ranks)
 
+    @property
+    def weight(self) -> Tensor:
+        """The frozen base layer's weight, as PEFT's LoRA layers expose it: models read it beside the
+        call (T5's MLP casts its input to ``wo.weight``'s dtype)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The frozen base layer's bias (None when it has none)."""
+        return self.base.bias
+
     def factor(self, name: str) -> nn.Parameter:
         """The stacked per-slot tensor of factor ``name`` (``A``, ``B`` or, LoRA-SB, ``R``)."""
         if self.core and name in ("A", "B"):

@@ -180,3 +180,25 @@ def test_distilbert_trains_and_exports_both_head_layers(tiny_distilbert_dir, tin
     assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["classifier",
                                                                                         "pre_classifier"]
     torch.testing.assert_close(loaded, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_t5_runs_with_every_linear_layer_adapted():
+    # Prepare: a toy T5 classifier; its MLP reads wo.weight beside the call (to cast its input)
+    import transformers
+
+    _, sizes, _, _ = ARCHITECTURES["t5"]
+    torch.manual_seed(0)
+    config = transformers.T5Config(**sizes, num_labels=3, decoder_start_token_id=0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+    ids[:, -1] = model.config.eos_token_id
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    # Execute
+    fm = FederatedModel(model, AdapterConfig(ranks=[2, 2], target_modules=["all-linear"]))
+    with torch.no_grad():
+        got = fm(input_ids=ids, client_ids=torch.tensor([0, 1])).logits
+    # Assert: wo is adapted and shows its base's weight, as PEFT's layers do; B = 0 gives the base's logits
+    wo = fm.adapters["transformer.encoder.block.0.layer.1.DenseReluDense.wo"]
+    assert wo.weight is wo.base.weight and wo.bias is None
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
