@@ -46,8 +46,10 @@ LINEAR_TYPES = (nn.Linear, Conv1D)
 ALL_LINEAR = "all-linear"
 #: Attribute names of sequence-classification heads; every one a model has is trained per client:
 #: ``classifier`` (BERT, RoBERTa, DeBERTa, ELECTRA), ``pre_classifier`` with it (DistilBERT),
-#: ``score`` (decoders: LLaMA, GPT-2, Qwen), ``classification_head`` (BART, T5).
-HEAD_NAMES: tuple[str, ...] = ("pre_classifier", "classifier", "score", "classification_head")
+#: ``score`` (decoders: LLaMA, GPT-2, Qwen), ``classification_head`` (BART, T5), ``sequence_summary``
+#: (XLM, Flaubert; with ``logits_proj``, XLNet).
+HEAD_NAMES: tuple[str, ...] = ("pre_classifier", "classifier", "score", "classification_head",
+                               "sequence_summary", "logits_proj")
 
 
 @dataclass

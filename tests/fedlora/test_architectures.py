@@ -1,6 +1,7 @@
 """Models beyond BERT and LLaMA: GPT-2's ``Conv1D`` layers get adapters like ``nn.Linear`` ones, and
 the export loads into PEFT, which stores those layers transposed (``fan_in_fan_out``); every
-classification head a model has trains (DistilBERT's two layers, BART's ``classification_head``)."""
+classification head a model has trains (DistilBERT's two layers, BART's ``classification_head``, XLM's
+``sequence_summary``)."""
 
 from __future__ import annotations
 
@@ -91,6 +92,8 @@ ARCHITECTURES = {
                                 "vocab_size": 100},
                [f"funnel.encoder.blocks.{b}.0.attention.{n}_head" for b in (0, 1) for n in "qv"],
                ["classifier.linear_hidden", "classifier.linear_out"]),
+    "xlm": ("XLMConfig", {"emb_dim": 16, "n_layers": 1, "n_heads": 2, "vocab_size": 100},
+            [f"transformer.attentions.0.{n}_lin" for n in "qv"], ["sequence_summary.summary"]),
     "t5": ("T5Config", {"d_model": 16, "d_ff": 32, "num_layers": 1, "num_heads": 2, "d_kv": 8,
                         "vocab_size": 100}, T5, SEQ2SEQ_HEAD),
 }
