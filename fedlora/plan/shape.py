@@ -123,10 +123,11 @@ class ModelShape:
 
     def dims(self) -> dict[str, int]:
         """The block's sizes: ``hidden``, ``intermediate``, ``layers``, ``heads``, ``attention``
-        (query width), ``kv`` (key/value width), ``vocab``."""
+        (query width), ``kv`` (key/value width), ``vocab``. An attention-free model (FNet's Fourier
+        mixing, Mamba's state space) has 0 heads, and 0 attention and key/value widths."""
         text = self.text_config
-        heads = int(text.num_attention_heads)
-        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+        heads = int(getattr(text, "num_attention_heads", None) or 0)
+        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // max(heads, 1)) if heads else 0
         kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
         # the MLP's width under any of its names (INTERMEDIATE); 4 × hidden where a config leaves it
         # out (GPT-2's n_inner None, BLOOM)

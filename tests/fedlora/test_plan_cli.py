@@ -118,3 +118,18 @@ def test_a_plan_beyond_the_positions_or_over_a_bad_model_prints_no_table(tiny_ll
     assert main(["--models", "llama-3.1-8b,mistral-7b", "--task", "sft", "--max-length", "512"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| llama"))
     assert row.count("|") == 6          # five cells: model, parameters, base, per client (off, on)
+
+
+def test_an_attention_free_model_is_planned(tmp_path, capsys):
+    # Prepare: a toy FNet classifier's config (Fourier mixing, no attention heads)
+    from transformers import FNetConfig
+
+    config = FNetConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, intermediate_size=32)
+    config.save_pretrained(tmp_path)
+    out = tmp_path / "plan.json"
+    # Execute
+    code = main(["--model", str(tmp_path), "--task", "classification", "--target-modules", "all-linear",
+                 "--max-length", "16", "--json", str(out)])
+    # Assert: a plan with memory and traffic (dims() read num_attention_heads, which FNet lacks)
+    plan = json.loads(out.read_text())["plan"]
+    assert code == 0 and plan["per_client"] > 0 and plan["traffic"]["fedavg"][1]["up"]
