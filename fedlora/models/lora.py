@@ -200,6 +200,7 @@ class BatchedLoRALinear(nn.Module):
             mask[k, :r] = 1
         self.register_buffer("rank_mask", mask)
         self.heterogeneous = len(set(ranks)) > 1
+        self.called = self.weight_read = False   # for check_bypassed
         if not core:
             self.lora_A = nn.Parameter(torch.zeros(K, r_max, d_in, device=dev, dtype=dt))
             self.lora_B = nn.Parameter(torch.zeros(K, d_out, r_max, device=dev, dtype=dt))
@@ -215,7 +216,9 @@ class BatchedLoRALinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The frozen base layer's weight, as PEFT's LoRA layers expose it: models read it beside the
-        call (T5's MLP casts its input to ``wo.weight``'s dtype)."""
+        call (T5's MLP casts its input to ``wo.weight``'s dtype). One that reads it in place of the
+        call (Mamba's ``dt_proj``) computes past the adapter: :func:`check_bypassed` refuses it."""
+        self.weight_read = True
         return self.base.weight
 
     @property
@@ -237,6 +240,7 @@ class BatchedLoRALinear(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
+        self.called = True
         corrected = getattr(self.base, "frozen_term", None)      # a quantized base with its correction
         y = (self.base.base if corrected else self.base)(x)       # (N, T, d_out), shared GEMM
         xa = self.router.as_rows(x).to(self.scale.dtype)          # (N, T, d_in), also when flattened
@@ -352,6 +356,15 @@ class BatchedLoRALinear(nn.Module):
             self.fold_U, self.fold_V = saved
         else:
             self.base.weight.copy_(saved[0])
+
+
+def check_bypassed(adapters: dict[str, BatchedLoRALinear]) -> None:
+    """Refuse, after a forward pass, a layer whose weight the model read but which it never called:
+    it computes with the base weight itself (Mamba's ``dt_proj``; fused kernels), past the adapter."""
+    skipped = [name for name, layer in adapters.items() if layer.weight_read and not layer.called]
+    if skipped:
+        raise UserError(f"the model computes with {skipped[0]}'s weight itself, not through the layer, so"
+                        " an adapter there would not train: leave it out of --target-modules")
 
 
 @contextmanager

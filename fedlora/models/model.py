@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from fedlora.kernels import Routing
-from fedlora.models.lora import BatchedLinear, BatchedLoRALinear, Router, linear_shape
+from fedlora.models.lora import BatchedLinear, BatchedLoRALinear, Router, check_bypassed, linear_shape
 from fedlora.strategies.plan import LORA, AdapterPlan
 
 #: Attention query/value names tried in order when no target is given.
@@ -225,6 +225,7 @@ class FederatedModel(nn.Module):
             enable({"use_reentrant": False})
         # transformers' causal LMs compute the logits of chosen positions only (``logits_to_keep``)
         self.cuts_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.checked = False  # whether a forward pass has run the adapters' check_bypassed
         self.model.eval()
 
     def _head_linears(self) -> list[str]:
@@ -281,6 +282,9 @@ class FederatedModel(nn.Module):
         finally:
             if not self.config.gradient_checkpointing:  # the backward pass recomputes with it
                 self.router.routing = None
+        if not self.checked:
+            check_bypassed(self.adapters)
+            self.checked = True
         if positions is not None and not self.cuts_logits:
             out.logits = out.logits[:, positions]
         return out

@@ -205,3 +205,20 @@ def test_t5_runs_with_every_linear_layer_adapted():
     wo = fm.adapters["transformer.encoder.block.0.layer.1.DenseReluDense.wo"]
     assert wo.weight is wo.base.weight and wo.bias is None
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_whose_weight_the_model_uses_itself_is_refused():
+    # Prepare: a toy Mamba, whose mixer multiplies by dt_proj.weight itself (then adds dt_proj.bias)
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from fedlora.errors import UserError
+
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, state_size=4, expand=2)
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(3))
+    ok = FederatedModel(MambaForCausalLM(config), AdapterConfig(ranks=[2], target_modules=["x_proj"]))
+    fm = FederatedModel(MambaForCausalLM(config), AdapterConfig(ranks=[2], target_modules=["dt_proj"]))
+    # Execute / Assert: a layer the model calls passes; an adapter it would skip is refused in one line
+    ok(input_ids=ids)
+    with pytest.raises(UserError, match=r"computes with backbone.layers.0.mixer.dt_proj's weight itself"):
+        fm(input_ids=ids)
