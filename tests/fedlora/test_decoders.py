@@ -76,3 +76,25 @@ def test_a_flora_round_on_every_linear_layer_exports_what_peft_loads(family, tin
     assert coord.rows[-1]["agg_error"] < 1e-6
     torch.testing.assert_close(loaded, ours, rtol=1e-4, atol=1e-4)
     assert (ours - plain).abs().max() > 100 * (loaded - ours).abs().max()
+
+
+def test_a_dense_mlp_in_a_fused_mixture_of_experts_is_refused():
+    # Prepare: a toy DeepSeek-V3 (weightless): block 0 has a dense MLP, block 1 fused experts and a shared
+    # expert, whose gate_proj/up_proj/down_proj PEFT loads as the fused experts' (transformers 5)
+    from fedlora.models.model import AdapterConfig, FederatedModel
+
+    sizes = {**BLOCK, "num_hidden_layers": 2, "num_key_value_heads": 2, "n_routed_experts": 4,
+             "num_experts_per_tok": 2, "moe_intermediate_size": 8, "first_k_dense_replace": 1,
+             "kv_lora_rank": 8, "q_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
+             "v_head_dim": 8, "n_group": 1, "topk_group": 1, "vocab_size": 100}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(transformers.DeepseekV3Config(**sizes))
+
+    def wrap(*targets):
+        return FederatedModel(model, AdapterConfig(ranks=[2], target_modules=list(targets)))
+
+    # Execute / Assert: all-linear takes the dense MLP, refused in one line; the attention's layers pass
+    with pytest.raises(ValueError, match=r"^PEFT would load the adapter of model\.layers\.0\.mlp\.gate_proj"
+                                         r" onto this deepseek_v3 model's experts"):
+        wrap("all-linear")
+    assert len(wrap("q_b_proj", "kv_b_proj", "o_proj").adapters) == 6
