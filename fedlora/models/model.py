@@ -154,7 +154,10 @@ def find_targets(model: nn.Module, patterns: list[str] | None, new: list[str] = 
         names = [n for n in names if not _new(n, new)]
         if names:
             return names, pats
-    sample = ", ".join(sorted({n.split(".")[-1] for n in linears})[:12]) or "none"
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no linear layer to adapt (nn.Linear or transformers'"
+                         " Conv1D) outside its head: fedlora cannot put LoRA on it")
+    sample = ", ".join(sorted({n.split(".")[-1] for n in linears})[:12])
     asked = ", ".join(patterns) if patterns else "attention query/value"
     why = ""
     if patterns and any("," in p for p in patterns):

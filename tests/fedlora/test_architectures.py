@@ -222,3 +222,12 @@ def test_a_layer_whose_weight_the_model_uses_itself_is_refused():
     ok(input_ids=ids)
     with pytest.raises(UserError, match=r"computes with backbone.layers.0.mixer.dt_proj's weight itself"):
         fm(input_ids=ids)
+
+
+def test_a_model_without_linear_layers_is_refused_saying_so():
+    # Prepare: layers of other types only (I-BERT's are its own QuantLinear)
+    model = nn.Sequential(nn.Conv1d(4, 4, 1), nn.LayerNorm(4))
+    # Execute / Assert: said plainly, not as a list of linear layer names reading "none"
+    with pytest.raises(ValueError, match=r"^Sequential has no linear layer to adapt \(nn.Linear or"
+                                         r" transformers' Conv1D\) outside its head"):
+        find_targets(model, ["all-linear"])
