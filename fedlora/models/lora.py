@@ -243,6 +243,9 @@ class BatchedLoRALinear(nn.Module):
         self.called = True
         corrected = getattr(self.base, "frozen_term", None)      # a quantized base with its correction
         y = (self.base.base if corrected else self.base)(x)       # (N, T, d_out), shared GEMM
+        if not isinstance(y, Tensor):
+            raise UserError(f"an adapted {type(self.base).__name__} returns a {type(y).__name__}, not a"
+                            " linear layer's output: leave it out of --target-modules")
         xa = self.router.as_rows(x).to(self.scale.dtype)          # (N, T, d_in), also when flattened
         routing = self.router.get(xa)
         frozen = corrected(xa) if corrected else None             # frozen terms in the adapter dtype

@@ -40,7 +40,8 @@ DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
     ("q_head", "v_head"),        # Funnel Transformer
 )
 #: The layer types an adapter wraps: ``nn.Linear`` (bitsandbytes' quantized layers are subclasses)
-#: and transformers' ``Conv1D`` (GPT-2: ``y = x W + b`` with ``W`` stored ``d_in × d_out``).
+#: and transformers' ``Conv1D`` (GPT-2: ``y = x W + b`` with ``W`` stored ``d_in × d_out``); not a
+#: mixture of experts' router that is an ``nn.Linear`` returning its routing (PhiMoE's, Llama 4's).
 LINEAR_TYPES = (nn.Linear, Conv1D)
 #: ``--target-modules`` value that adapts every linear layer of the blocks.
 ALL_LINEAR = "all-linear"
@@ -139,7 +140,7 @@ def find_targets(model: nn.Module, patterns: list[str] | None, new: list[str] = 
     """
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linears = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and m is not output
-               and n.split(".")[0] not in HEAD_NAMES]
+               and n.split(".")[0] not in HEAD_NAMES and not type(m).__name__.endswith("Router")]
     if patterns and list(patterns) == [ALL_LINEAR]:
         names = [n for n in linears if not _new(n, new)]
         if names:

@@ -98,3 +98,30 @@ def test_a_dense_mlp_in_a_fused_mixture_of_experts_is_refused():
                                          r" onto this deepseek_v3 model's experts"):
         wrap("all-linear")
     assert len(wrap("q_b_proj", "kv_b_proj", "o_proj").adapters) == 6
+
+
+def test_a_router_that_is_a_linear_layer_is_not_adapted():
+    # Prepare: a toy PhiMoE, whose router is an nn.Linear returning (logits, weights, experts)
+    from fedlora.errors import UserError
+    from fedlora.models.model import AdapterConfig, FederatedModel
+
+    config = transformers.PhimoeConfig(**BLOCK, num_key_value_heads=1, num_local_experts=4,
+                                       num_experts_per_tok=2, vocab_size=100)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_config(config).eval()(input_ids=ids).logits
+    # Execute
+    torch.manual_seed(0)
+    fm = FederatedModel(AutoModelForCausalLM.from_config(config).eval(),
+                        AdapterConfig(ranks=[2, 2], target_modules=["all-linear"]))
+    with torch.no_grad():
+        got = fm(input_ids=ids, client_ids=torch.tensor([0, 1])).logits
+    # Assert: all-linear leaves the router out (it crashed on its tuple) and starts as the base
+    assert len(fm.adapters) == 4 and not any("router" in name for name in fm.adapters)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a linear layer returning something else is refused in one line when adapted
+    router = fm.model.model.layers[0].mlp.router
+    fm.adapters["model.layers.0.self_attn.q_proj"].base = router
+    with pytest.raises(UserError, match="^an adapted PhimoeTopKRouter returns a tuple, not a linear layer's"):
+        fm(input_ids=ids)
