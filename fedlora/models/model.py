@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fedlora.kernels import Routing
 from fedlora.models.lora import BatchedLinear, BatchedLoRALinear, Router, check_bypassed, linear_shape
+from fedlora.models.peft_targets import check_peft_targets
 from fedlora.strategies.plan import LORA, AdapterPlan
 
 #: Attention query/value names tried in order when no target is given.
@@ -168,43 +169,6 @@ def find_targets(model: nn.Module, patterns: list[str] | None, new: list[str] = 
         why = "; the output embeddings (the LM head) are never adapted"
     raise ValueError(f"no linear layer matches {asked}{why}; this model's linear layer names"
                      f" include: {sample} (pass them with --target-modules)")
-
-
-def check_peft_targets(model: nn.Module, names: list[str]) -> None:
-    """Refuse a layer whose factors PEFT would not load onto it: on a mixture of experts whose experts
-    transformers 5 fused (Qwen3-MoE, DeepSeek-V3, GLM-4-MoE, Mixtral, ...), PEFT reads a target named as
-    the old experts' layers (``gate_proj``, ``up_proj``, ``down_proj``; Mixtral's ``w1``...) as those
-    experts, a dense MLP's or a shared expert's too (asked of PEFT itself, where it is installed).
-
-    Raises
-    ------
-    ValueError
-        The first such layer of ``names``, in one line.
-    """
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    except ImportError:  # transformers 4: nothing was fused
-        return
-    if get_checkpoint_conversion_mapping(getattr(getattr(model, "config", None), "model_type", None)) is None:
-        return
-    try:
-        from peft import LoraConfig
-        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
-    except ImportError:
-        return
-    for name in names:
-        config = LoraConfig(target_modules=[name])
-        try:
-            convert_peft_config_for_transformers(config, model, None)
-            loaded = set(config.target_modules) == {name}
-        except ValueError:  # one of a fused pair (up_proj without gate_proj)
-            loaded = False
-        if not loaded:
-            kind = getattr(model.config, "model_type", type(model).__name__)
-            raise ValueError(f"PEFT would load the adapter of {name} onto this {kind} model's experts, not"
-                             f" onto {name} (it reads a mixture of experts' {name.rsplit('.', 1)[-1]} as its"
-                             " fused experts' since transformers 5), so the export would not load as"
-                             " trained: leave it out of --target-modules (name the others)")
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -231,3 +231,18 @@ def test_a_model_without_linear_layers_is_refused_saying_so():
     with pytest.raises(ValueError, match=r"^Sequential has no linear layer to adapt \(nn.Linear or"
                                          r" transformers' Conv1D\) outside its head"):
         find_targets(model, ["all-linear"])
+
+
+def test_a_mamba_layer_peft_refuses_is_refused():
+    # Prepare: a toy Mamba (weightless); PEFT refuses an adapter on a Mamba model's out_proj
+    from transformers import MambaConfig, MambaForCausalLM
+
+    config = MambaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, state_size=4)
+    with torch.device("meta"):
+        model = MambaForCausalLM(config)
+    # Execute / Assert: all-linear (out_proj among its layers) is refused in one line; in_proj passes
+    with pytest.raises(ValueError, match=r"^PEFT refuses an adapter on backbone\.layers\.0\.mixer\.out_proj"
+                                         r" of a mamba model"):
+        FederatedModel(model, AdapterConfig(ranks=[2], target_modules=["all-linear"]))
+    fm = FederatedModel(model, AdapterConfig(ranks=[2]))
+    assert list(fm.adapters) == ["backbone.layers.0.mixer.in_proj"]
