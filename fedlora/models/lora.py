@@ -216,14 +216,13 @@ class BatchedLoRALinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The frozen base layer's weight, as PEFT's LoRA layers expose it: models read it beside the
-        call (T5's MLP casts its input to ``wo.weight``'s dtype). One that reads it in place of the
-        call (Mamba's ``dt_proj``) computes past the adapter: :func:`check_bypassed` refuses it."""
+        call (T5's MLP casts its input to ``wo.weight``'s dtype); one that reads it in place of the call
+        (Mamba's ``dt_proj``) computes past the adapter (refused: ``model.check_bypassed``)."""
         self.weight_read = True
         return self.base.weight
 
     @property
     def bias(self) -> Tensor | None:
-        """The frozen base layer's bias (None when it has none)."""
         return self.base.bias
 
     def factor(self, name: str) -> nn.Parameter:
@@ -359,15 +358,6 @@ class BatchedLoRALinear(nn.Module):
             self.fold_U, self.fold_V = saved
         else:
             self.base.weight.copy_(saved[0])
-
-
-def check_bypassed(adapters: dict[str, BatchedLoRALinear]) -> None:
-    """Refuse, after a forward pass, a layer whose weight the model read but which it never called:
-    it computes with the base weight itself (Mamba's ``dt_proj``; fused kernels), past the adapter."""
-    skipped = [name for name, layer in adapters.items() if layer.weight_read and not layer.called]
-    if skipped:
-        raise UserError(f"the model computes with {skipped[0]}'s weight itself, not through the layer, so"
-                        " an adapter there would not train: leave it out of --target-modules")
 
 
 @contextmanager

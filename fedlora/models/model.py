@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from fedlora.errors import UserError
 from fedlora.kernels import Routing
-from fedlora.models.lora import BatchedLinear, BatchedLoRALinear, Router, check_bypassed, linear_shape
+from fedlora.models.lora import BatchedLinear, BatchedLoRALinear, Router, linear_shape
 from fedlora.models.peft_targets import check_peft_targets
 from fedlora.strategies.plan import LORA, AdapterPlan
 
@@ -169,6 +170,15 @@ def find_targets(model: nn.Module, patterns: list[str] | None, new: list[str] = 
         why = "; the output embeddings (the LM head) are never adapted"
     raise ValueError(f"no linear layer matches {asked}{why}; this model's linear layer names"
                      f" include: {sample} (pass them with --target-modules)")
+
+
+def check_bypassed(adapters: dict[str, BatchedLoRALinear]) -> None:
+    """Refuse, after a forward pass, a layer whose weight the model read but which it never called:
+    it computes with the base weight itself (Mamba's ``dt_proj``; fused kernels), past the adapter."""
+    skipped = [name for name, layer in adapters.items() if layer.weight_read and not layer.called]
+    if skipped:
+        raise UserError(f"the model computes with {skipped[0]}'s weight itself, not through the layer, so"
+                        " an adapter there would not train: leave it out of --target-modules")
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
