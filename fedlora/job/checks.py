@@ -7,8 +7,9 @@ job that arrives as a Flower run config is checked as its flags would be. Each c
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from fedlora.data.columns import parse_columns
@@ -45,6 +46,7 @@ def check_job_args(args: JobConfig) -> None:
     """Refuse bad job values in one line each: every entry point runs this once, on the job its
     codec made (:func:`fedlora.job.flags.to_config`, :func:`fedlora.job.runconfig.from_run_config`,
     which give unset fields their defaults)."""
+    check_numbers(args)
     positive = ("num_clients", "rounds", "local_steps", "batch_size", "rank", "max_length",
                 "init_batches", "eval_batch_size")
     for name in positive:  # --max-length None: derived from the data later (resolve_max_length)
@@ -104,6 +106,16 @@ def check_job_args(args: JobConfig) -> None:
     if args.gradient_checkpointing and args.dp == "sample":
         raise UserError("--gradient-checkpointing recomputes activations, which DP-SGD's per-example"
                         " gradient hooks would see twice; drop one of the two")
+
+
+def check_numbers(args: JobConfig) -> None:
+    """Refuse a number no setting takes whatever the rest of the job: NaN or infinity (which the
+    range checks below would let through, as every comparison with NaN is false)."""
+    for f in fields(JobConfig):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag_name(f.name)} must be a finite number, got {value}: pass one, or leave"
+                            " the flag out for its default")
 
 
 def check_init_args(args) -> None:

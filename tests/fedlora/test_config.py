@@ -109,3 +109,14 @@ def test_every_cli_prints_its_help(module, capsys):
     out = capsys.readouterr().out
     assert done.value.code == 0 and "usage:" in out
     assert ("--secagg" in out) is not module.endswith("clients.cli")  # a job flag, not a client's
+
+
+@pytest.mark.parametrize("field", ["lr", "lora_alpha", "weight_decay", "alpha", "norm_bound", "server_lr",
+                                   "epsilon", "update_clip", "max_grad_norm", "secagg_range"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_number_that_is_not_finite_is_refused_naming_its_flag(field, value):
+    # NaN passed every range check (a comparison with NaN is false): --lr nan and --lora-alpha nan
+    # failed with a traceback after the job had replaced an --overwrite folder's results
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(UserError, match=f"^{flag} must be a finite number, got {value}: pass one, or leave"):
+        check_job_args(JobConfig(**{field: value}))

@@ -161,6 +161,8 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
      " truncations of a restacked global update, so it has neither averaged factors nor a fold"),
     (["--server-lr", "0"], "a server learning rate must be finite and > 0 (1: off), got 0.0"),
     (["--lora-alpha", "0"], "--lora-alpha must be > 0 (the update's scale is α / r), got 0.0"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan: pass one, or leave the flag out"),
+    (["--lora-alpha", "inf"], "--lora-alpha must be a finite number, got inf"),
     (["--max-length", "65"], "--max-length 65 exceeds the 64 positions this model takes (its"
      " max_position_embeddings); pass --max-length 64 or less"),
 ])
