@@ -110,12 +110,15 @@ def check_job_args(args: JobConfig) -> None:
 
 def check_numbers(args: JobConfig) -> None:
     """Refuse a number no setting takes whatever the rest of the job: NaN or infinity (which the
-    range checks below would let through, as every comparison with NaN is false)."""
+    range checks after it would let through, as every comparison with NaN is false), a negative
+    weight decay."""
     for f in fields(JobConfig):
         value = getattr(args, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{flag_name(f.name)} must be a finite number, got {value}: pass one, or leave"
                             " the flag out for its default")
+    if args.weight_decay < 0:  # torch's optimizers refuse it, once the job has begun
+        raise UserError(f"--weight-decay must be ≥ 0 (0: none), got {args.weight_decay}")
 
 
 def check_init_args(args) -> None:

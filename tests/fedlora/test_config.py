@@ -120,3 +120,10 @@ def test_a_number_that_is_not_finite_is_refused_naming_its_flag(field, value):
     flag = "--" + field.replace("_", "-")
     with pytest.raises(UserError, match=f"^{flag} must be a finite number, got {value}: pass one, or leave"):
         check_job_args(JobConfig(**{field: value}))
+
+
+def test_a_negative_weight_decay_is_refused_before_the_job_begins():
+    # it was torch's ValueError traceback from the first round's optimizer, after an --overwrite
+    # folder's results had been replaced
+    with pytest.raises(UserError, match=r"^--weight-decay must be ≥ 0 \(0: none\), got -0.1$"):
+        check_job_args(JobConfig(weight_decay=-0.1))
