@@ -111,7 +111,7 @@ def check_job_args(args: JobConfig) -> None:
 def check_numbers(args: JobConfig) -> None:
     """Refuse a number no setting takes whatever the rest of the job: NaN or infinity (which the
     range checks after it would let through, as every comparison with NaN is false), a negative
-    weight decay."""
+    weight decay, a seed the random generators refuse."""
     for f in fields(JobConfig):
         value = getattr(args, f.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -119,6 +119,8 @@ def check_numbers(args: JobConfig) -> None:
                             " the flag out for its default")
     if args.weight_decay < 0:  # torch's optimizers refuse it, once the job has begun
         raise UserError(f"--weight-decay must be ≥ 0 (0: none), got {args.weight_decay}")
+    if not 0 <= args.seed < 2**32:  # numpy's generators take no negative seed, torch's none past 2**64
+        raise UserError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
 
 
 def check_init_args(args) -> None:

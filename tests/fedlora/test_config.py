@@ -127,3 +127,10 @@ def test_a_negative_weight_decay_is_refused_before_the_job_begins():
     # folder's results had been replaced
     with pytest.raises(UserError, match=r"^--weight-decay must be ≥ 0 \(0: none\), got -0.1$"):
         check_job_args(JobConfig(weight_decay=-0.1))
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 10**23])
+def test_a_seed_the_generators_refuse_is_refused_in_one_line(seed):
+    # -1 was numpy's ValueError traceback; 10**23 "cannot load model from ...: Overflow"
+    with pytest.raises(UserError, match=f"^--seed must be in 0..4294967295, got {seed}$"):
+        check_job_args(JobConfig(seed=seed))

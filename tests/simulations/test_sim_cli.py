@@ -164,6 +164,7 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
     (["--lr", "nan"], "--lr must be a finite number, got nan: pass one, or leave the flag out"),
     (["--lora-alpha", "inf"], "--lora-alpha must be a finite number, got inf"),
     (["--weight-decay", "-0.1"], "--weight-decay must be ≥ 0 (0: none), got -0.1"),
+    (["--seed", "-1"], "--seed must be in 0..4294967295, got -1"),
     (["--max-length", "65"], "--max-length 65 exceeds the 64 positions this model takes (its"
      " max_position_embeddings); pass --max-length 64 or less"),
 ])
