@@ -111,7 +111,7 @@ def check_job_args(args: JobConfig) -> None:
 def check_numbers(args: JobConfig) -> None:
     """Refuse a number no setting takes whatever the rest of the job: NaN or infinity (which the
     range checks after it would let through, as every comparison with NaN is false), a negative
-    weight decay, a seed the random generators refuse."""
+    weight decay or clip, a seed the random generators refuse."""
     for f in fields(JobConfig):
         value = getattr(args, f.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -119,6 +119,9 @@ def check_numbers(args: JobConfig) -> None:
                             " the flag out for its default")
     if args.weight_decay < 0:  # torch's optimizers refuse it, once the job has begun
         raise UserError(f"--weight-decay must be ≥ 0 (0: none), got {args.weight_decay}")
+    if args.max_grad_norm is not None and args.max_grad_norm <= 0:  # a factor ≤ 0 would zero or flip steps
+        raise UserError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}: pass a bound, or leave the"
+                        " flag out (no clipping; with --dp sample, the DP recipe's)")
     if not 0 <= args.seed < 2**32:  # numpy's generators take no negative seed, torch's none past 2**64
         raise UserError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
 
@@ -256,8 +259,6 @@ def check_dp_args(args) -> None:
         raise UserError(f"--dp-backend must be auto, fedlora or opacus, got {args.dp_backend!r}")
     check_public_file(args)
     if args.dp == "sample":
-        if args.max_grad_norm is not None and args.max_grad_norm <= 0:
-            raise UserError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
         if getattr(args, "dp_backend", "auto") == "opacus" and not TASKS[args.task].opacus:
             raise UserError(f"--dp-backend opacus clips each model row, and --task {args.task}'s example is"
                             " several rows (a preference pair): use --dp-backend fedlora (or auto)")

@@ -134,3 +134,12 @@ def test_a_seed_the_generators_refuse_is_refused_in_one_line(seed):
     # -1 was numpy's ValueError traceback; 10**23 "cannot load model from ...: Overflow"
     with pytest.raises(UserError, match=f"^--seed must be in 0..4294967295, got {seed}$"):
         check_job_args(JobConfig(seed=seed))
+
+
+@pytest.mark.parametrize("dp", ["none", "sample"])
+@pytest.mark.parametrize("clip", [0.0, -1.0])
+def test_a_clip_that_is_not_positive_is_refused_with_or_without_dp(dp, clip):
+    # without --dp it was taken: each client's gradient was scaled by clip / norm, so 0 trained nothing
+    # and -1 trained against the loss
+    with pytest.raises(UserError, match=f"^--max-grad-norm must be > 0, got {clip}: pass a bound, or leave"):
+        check_job_args(JobConfig(max_grad_norm=clip, dp=dp, epsilon=8.0))
