@@ -85,6 +85,8 @@ def check_job_args(args: JobConfig) -> None:
     check_partition(args)
     check_secagg_args(args)
     check_compress_args(args)
+    if args.ranks and min(args.ranks) < 1:  # a config file's or run config's list (the flag checks its own)
+        raise UserError(f"--ranks takes positive integers, got {','.join(map(str, args.ranks))}")
     if args.ranks is not None and not STRATEGIES[args.strategy].heterogeneous_ranks:
         if len(set(args.ranks)) > 1:
             takes = ", ".join(sorted(n for n, c in STRATEGIES.items() if c.heterogeneous_ranks))

@@ -156,6 +156,21 @@ def test_bad_keys_and_types_are_one_line_and_keep_out(tmp_path, capsys, text, wo
     assert (out / "metrics.jsonl").read_text() == "earlier\n"
 
 
+def test_a_rank_below_one_in_a_file_is_refused_as_the_flag_refuses_it(tmp_path, capsys):
+    # Prepare: the flag refuses --ranks 0,8; a file's list was taken, and set_ranks' ValueError
+    # traceback came once the job had begun (after --overwrite had replaced the results)
+    conf, out = tmp_path / "job.toml", tmp_path / "out"
+    conf.write_text('strategy = "flora"\nranks = [0, 8]\n')
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("earlier\n")
+    # Execute
+    code = sim(["--config", str(conf), "--out", str(out), "--overwrite", "--quiet"])
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 2 and err == "fedlora-sim: error: --ranks takes positive integers, got 0,8\n"
+    assert (out / "metrics.jsonl").read_text() == "earlier\n"
+
+
 def test_only_toml_and_json(tmp_path, capsys):
     conf = tmp_path / "job.yaml"
     conf.write_text("rounds: 3\n")
