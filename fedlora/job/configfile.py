@@ -81,20 +81,36 @@ def read_config(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise UserError(f"--config {str(path)!r}: cannot read it ({exc.strerror or exc})") from None
     try:
-        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text, object_pairs_hook=_pairs)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"--config {str(path)!r} is not valid {path.suffix[1:].upper()}: {exc}") from None
     if not isinstance(raw, dict):
         raise UserError(f"--config {str(path)!r}: expected a table of job fields, got {type(raw).__name__}")
     hints = typing.get_type_hints(JobConfig)
     known = {f.name: f for f in fields(JobConfig)}
-    values = {}
-    for key, value in raw.items():
+    values, spelled = {}, {}
+    for key, value in (raw.pairs if isinstance(raw, _Pairs) else raw.items()):
         name = key.replace("-", "_")
         if name not in known:
             raise UserError(f"--config {str(path)!r}: unknown key {key!r}{_closest(key, known)}")
+        if name in values:  # JSON keeps the last of a repeated key, and num_clients is num-clients
+            both = f" (as {spelled[name]!r} and {key!r})" if spelled[name] != key else ""
+            raise UserError(f"--config {str(path)!r} sets {key!r} twice{both}: keep one")
+        spelled[name] = key
         values[name] = _convert(path, key, value, hints[name], known[name].metadata.get("choices"))
     return values
+
+
+class _Pairs(dict):
+    """A JSON object as read, its repeated keys kept (``pairs``) for :func:`read_config` to refuse."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        self.pairs = pairs
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> _Pairs:
+    return _Pairs(pairs)
 
 
 def _closest(key: str, names) -> str:

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from fedlora.job.configfile import parse_args
+from fedlora.errors import UserError
+from fedlora.job.configfile import parse_args, read_config
 from fedlora.server.cli import build_parser as server_parser
 from fedlora.simulations.cli import build_parser, check_args, to_config
 from fedlora.simulations.cli import main as sim
@@ -140,6 +141,8 @@ def test_a_resumed_run_may_name_its_files_another_way(tmp_path, monkeypatch):
     ('dp = "yes"\n', "dp must be one of none, sample, client, got 'yes'"),
     ('track = ["neptune"]\n', "track must be one of mlflow, tensorboard, wandb, got 'neptune'"),
     ("rounds = 3\n[x\n", "is not valid TOML"),
+    ("num_clients = 3\nnum-clients = 4\n",  # the last one was taken
+     "sets 'num-clients' twice (as 'num_clients' and 'num-clients'): keep one"),
 ])
 def test_bad_keys_and_types_are_one_line_and_keep_out(tmp_path, capsys, text, words):
     # Prepare: an earlier run's results in --out
@@ -169,6 +172,13 @@ def test_a_rank_below_one_in_a_file_is_refused_as_the_flag_refuses_it(tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and err == "fedlora-sim: error: --ranks takes positive integers, got 0,8\n"
     assert (out / "metrics.jsonl").read_text() == "earlier\n"
+
+
+def test_a_json_key_given_twice_is_refused_not_the_last_taken(tmp_path):
+    conf = tmp_path / "job.json"
+    conf.write_text('{"rounds": 3, "lr": 0.1, "rounds": 5}')
+    with pytest.raises(UserError, match=r"job.json' sets 'rounds' twice: keep one$"):
+        read_config(conf)
 
 
 def test_only_toml_and_json(tmp_path, capsys):
