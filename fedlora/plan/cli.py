@@ -106,6 +106,9 @@ def check_args(args: argparse.Namespace) -> JobConfig:
     check_job_args(replace(cfg, **{k: v for k, v in planned.items() if hasattr(cfg, k)}))
     check_fold_rank(cfg)  # and the quantized base's own flags, as a job checks them (no bitsandbytes)
     check_quant_correction(cfg)
+    if args.json is not None and (args.json.is_dir() or not args.json.absolute().parent.is_dir()):
+        why = "is a folder" if args.json.is_dir() else "is in no existing folder"
+        raise UserError(f"--json {str(args.json)!r} {why}: pass a file path such as plan.json")
     for name in ("response_tokens", "num_labels", "clients_per_pass"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")

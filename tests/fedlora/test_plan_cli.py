@@ -44,6 +44,11 @@ def test_memory_sizes(text, expected):
       "flora", "--fold-rank", "-1"], "--fold-rank must be ≥ 1 (0: the whole residual, exactly), got -1"),
     (["--model", "llama-3.1-8b", "--task", "sft", "--max-length", "64", "--quant-correction", "8"],
      "--quant-correction corrects a quantized base's error, and without --quantize the base has none"),
+    # the plan was made, then writing it was an IsADirectoryError / FileNotFoundError traceback
+    (["--model", "llama-3.1-8b", "--task", "sft", "--max-length", "64", "--json", "/"],
+     "--json '/' is a folder: pass a file path such as plan.json"),
+    (["--model", "llama-3.1-8b", "--task", "sft", "--max-length", "64", "--json", "/no-such-folder/p.json"],
+     "--json '/no-such-folder/p.json' is in no existing folder: pass a file path such as plan.json"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, message, capsys):
     try:
