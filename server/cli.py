@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -84,6 +85,14 @@ def check_security(args: argparse.Namespace) -> None:
             raise UserError("--auth-keys needs TLS (Flower refuses node auth over plain HTTP)")
         for key in args.auth_keys:
             check_public_key(key, "--auth-keys")
+
+
+def check_round_settings(args: argparse.Namespace) -> None:
+    """Refuse a --round-timeout or --max-update-norm that is not a finite number > 0 (0 or less timed
+    every round out or rejected every upload; NaN rejected none), in one line."""
+    for flag, value in (("--round-timeout", args.round_timeout), ("--max-update-norm", args.max_update_norm)):
+        if not 0 < value < math.inf:
+            raise UserError(f"{flag} must be a finite number > 0, got {value}")
 
 
 def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
@@ -192,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedlora-server``."""
     args = parse_args(build_parser(), argv)  # --config FILE's fields, then the flags; args.typed
     check_security(args)
+    check_round_settings(args)
     check_port_free(args.host, args.port)
     cfg, out_dir = job_for(args)
     return serve(args, cfg, out_dir)

@@ -63,6 +63,17 @@ def test_server_refuses_a_defence_its_strategy_cannot_take(capsys, tmp_path, ext
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag, value", [("--round-timeout", "0"), ("--round-timeout", "-5"),
+                                         ("--round-timeout", "nan"), ("--round-timeout", "inf"),
+                                         ("--max-update-norm", "0"), ("--max-update-norm", "nan")])
+def test_server_round_settings_that_are_not_a_positive_number_are_refused(capsys, tmp_path, monkeypatch,
+                                                                           flag, value):
+    # they were taken: every round timed out, or every upload was rejected (NaN: none was)
+    monkeypatch.setattr("fedlora.server.cli.serve", lambda *a: 0)
+    code = server_main(["--insecure", "--out", str(tmp_path / "o"), flag, value])
+    assert one_line_error(capsys, code).endswith(f"{flag} must be a finite number > 0, got {float(value)}")
+
+
 def test_server_port_in_use(capsys, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
