@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -23,7 +24,14 @@ from fedlora.data.readers import is_pattern, locate, reader_for
 from fedlora.errors import UserError, command
 from fedlora.job.flags import Parser
 from fedlora.net.process import die_with_parent
-from fedlora.net.tls import check_certificate, check_private_key, free_port, parse_address, transport_hint
+from fedlora.net.tls import (
+    check_certificate,
+    check_port_free,
+    check_private_key,
+    free_port,
+    parse_address,
+    transport_hint,
+)
 
 log = logging.getLogger("fedlora.client")
 
@@ -88,8 +96,10 @@ def check_args(args: argparse.Namespace) -> None:
         if args.insecure:
             raise UserError("--auth-key needs TLS: pass --root-certificates instead of --insecure")
         check_private_key(args.auth_key, "--auth-key")
-    if args.poll <= 0:
-        raise UserError(f"--poll must be > 0, got {args.poll}")
+    if not 0 < args.poll < math.inf:  # the SuperNode's backoff cap: sleep(NaN) fails, inf never polls again
+        raise UserError(f"--poll must be a finite number of seconds > 0, got {args.poll}")
+    if args.runtime_port:  # 0 or none: a free one
+        check_port_free("127.0.0.1", args.runtime_port, "--runtime-port")
 
 
 def node_config(args: argparse.Namespace) -> str:

@@ -107,6 +107,13 @@ def test_server_keeps_existing_results_and_needs_a_checkpoint_to_resume(capsys, 
     (["--server", "127.0.0.1:8000", "--insecure", "--data", __file__], "--data needs --client-id K"),
     (["--server", "127.0.0.1:8000", "--insecure", "--partition-id", "0", "--num-partitions", "2",
       "--client-id", "-1"], "--client-id must be ≥ 0, got -1"),
+    # these were taken: the SuperNode, restarted again and again, failed on them (or backed off forever)
+    (["--server", "127.0.0.1:8000", "--insecure", "--partition-id", "0", "--num-partitions", "2",
+      "--poll", "nan"], "--poll must be a finite number of seconds > 0, got nan"),
+    (["--server", "127.0.0.1:8000", "--insecure", "--partition-id", "0", "--num-partitions", "2",
+      "--poll", "inf"], "--poll must be a finite number of seconds > 0, got inf"),
+    (["--server", "127.0.0.1:8000", "--insecure", "--partition-id", "0", "--num-partitions", "2",
+      "--runtime-port", "70000"], "--runtime-port 70000 is not a TCP port (1-65535)"),
 ])
 def test_client_bad_arguments(capsys, argv, words):
     assert words in one_line_error(capsys, client_main(argv))
