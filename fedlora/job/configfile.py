@@ -97,7 +97,8 @@ def read_config(path: Path) -> dict[str, Any]:
             both = f" (as {spelled[name]!r} and {key!r})" if spelled[name] != key else ""
             raise UserError(f"--config {str(path)!r} sets {key!r} twice{both}: keep one")
         spelled[name] = key
-        values[name] = _convert(path, key, value, hints[name], known[name].metadata.get("choices"))
+        values[name] = convert(f"--config {str(path)!r}", key, value, hints[name],
+                               known[name].metadata.get("choices"))
     return values
 
 
@@ -121,8 +122,9 @@ def _closest(key: str, names) -> str:
     return f"; did you mean {near[0]!r}?" if near else "; see --help for the job's fields"
 
 
-def _convert(path: Path, key: str, value: Any, hint: Any, choices) -> Any:
-    """``value`` as a value of the field's type ``hint``, or a one-line refusal naming the type."""
+def convert(where: str, key: str, value: Any, hint: Any, choices) -> Any:
+    """``value`` as a value of the field's type ``hint``, or a one-line refusal naming the type, which
+    starts with ``where`` (``--config 'job.toml'``, ``the run config``)."""
     args = typing.get_args(hint) if isinstance(hint, types.UnionType) else ()
     optional = type(None) in args
     kind = next((a for a in args if a is not type(None)), hint) if args else hint
@@ -135,18 +137,18 @@ def _convert(path: Path, key: str, value: Any, hint: Any, choices) -> Any:
                 value = [item(v) for v in value.replace(",", " ").split()]
         if isinstance(value, list) and all(_is(v, item) for v in value):
             value = [item(v) for v in value]
-            _check_choices(path, key, value, choices)
+            _check_choices(where, key, value, choices)
             return value or None
         expected = f"a list of {_TYPE_NAMES[item].removeprefix('an ').removeprefix('a ')}s"
     elif _is(value, kind):
         value = kind(value)
-        _check_choices(path, key, [value], choices)
+        _check_choices(where, key, [value], choices)
         return value
     else:
         expected = _TYPE_NAMES[kind]
     if optional:
         expected += " (or null)"
-    raise UserError(f"--config {str(path)!r}: {key} must be {expected}, got {value!r}")
+    raise UserError(f"{where}: {key} must be {expected}, got {value!r}")
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -158,8 +160,8 @@ def _is(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def _check_choices(path: Path, key: str, values: list, choices) -> None:
+def _check_choices(where: str, key: str, values: list, choices) -> None:
     for value in values:
         if choices is not None and value not in choices:
-            raise UserError(f"--config {str(path)!r}: {key} must be one of {', '.join(map(str, choices))},"
+            raise UserError(f"{where}: {key} must be one of {', '.join(map(str, choices))},"
                             f" got {value!r}")

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import fields
 from typing import Any
 
 from fedlora.errors import UserError
+from fedlora.job.configfile import convert
 from fedlora.job.defaults import fill_defaults
 from fedlora.job.schema import JobConfig
 
@@ -49,25 +51,19 @@ def to_run_config(cfg: JobConfig) -> dict[str, object]:
 
 
 def from_run_config(run_config: dict[str, object]) -> JobConfig:
-    """Inverse of :func:`to_run_config`; unknown keys are ignored, missing ones default."""
-    cfg = JobConfig()
+    """Inverse of :func:`to_run_config`; unknown keys are ignored, missing ones default, and a value
+    of the wrong type or not among the field's choices is refused in one line, as a ``--config``
+    file's is (``flwr run . --run-config "secagg='false'"`` was secagg on, ``strategy='x'`` a KeyError)."""
+    cfg, hints = JobConfig(), typing.get_type_hints(JobConfig)
     for f in fields(JobConfig):
         key = f.name.replace("_", "-")
         if key not in run_config:
             continue
         value = run_config[key]
-        if f.name == "ranks":
-            value = [int(v) for v in str(value).split(",") if v.strip()] or None
-        elif f.name in WORD_LISTS:
-            value = str(value).split() or None
-        elif f.name in OPTIONAL_FLOATS:
-            value = float(value) or None
-        elif isinstance(getattr(cfg, f.name), bool):
-            value = bool(value)
-        elif isinstance(getattr(cfg, f.name), float):
-            value = float(value)
-        elif isinstance(getattr(cfg, f.name), int):
-            value = int(value)
+        if not (f.name == "head" and value == ""):  # "": the job's default, as below
+            value = convert("the run config", key, value, hints[f.name], f.metadata.get("choices"))
+        if f.name in OPTIONAL_FLOATS:
+            value = value or None
         setattr(cfg, f.name, value)
     # lr 0, batch-size 0, head "": the job's default (the strategy's, or the DP recipe's); a negative
     # one stays, for the job's checks to refuse

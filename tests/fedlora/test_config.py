@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,6 +35,19 @@ def test_zero_lr_means_the_strategy_default():
         check_job_args(from_run_config({"strategy": "fedavg", "lr": -1.0}))
     with pytest.raises(UserError, match="--batch-size must be ≥ 1, got -4"):
         check_job_args(from_run_config({"batch-size": -4}))
+
+
+@pytest.mark.parametrize("entry, words", [
+    ({"secagg": "false"}, "secagg must be true or false, got 'false'"),  # bool("false"): secagg on
+    ({"num-clients": 2.7}, "num-clients must be an integer, got 2.7"),  # int(2.7): 2 clients
+    ({"strategy": "flora2"}, "strategy must be one of fed-sb, fedavg,"),  # a KeyError
+    ({"rounds": "x"}, "rounds must be an integer, got 'x'"),  # int()'s ValueError, naming no key
+    ({"ranks": "4,x"}, "ranks must be a list of integers (or null), got '4,x'"),
+])
+def test_a_run_config_value_of_the_wrong_type_is_refused_naming_its_key(entry, words):
+    # flwr run . --run-config "..." reaches the ServerApp and ClientApp as these
+    with pytest.raises(UserError, match="^the run config: " + re.escape(words)):
+        from_run_config(entry)
 
 
 def test_repo_flower_app_config_has_exactly_the_server_keys(tmp_path):
