@@ -161,20 +161,23 @@ class Robust(Wrapped):
         if max_examples < 0 or not 0 <= norm_bound < math.inf or not 0 <= trim < 0.5:
             raise ValueError(f"max_examples ≥ 1 (0: no cap), a finite norm_bound ≥ 0 and 0 ≤ trim < 0.5;"
                              f" got {max_examples}, {norm_bound}, {trim}")
-        robust = [what for what, on in (("norm bounding", norm_bound), ("a robust mean", mean != "mean"))
+        robust = [(what, flag) for what, flag, on in (("norm bounding", "--norm-bound", norm_bound),
+                                                      ("a robust mean", "--robust-mean", mean != "mean"))
                   if on]
         if robust and not inner.sum_only:
-            raise ValueError(f"{' and '.join(robust)} can only run on a sum-only strategy (fedavg, fed-sb,"
-                             f" ffa-lora, rolora, fedsa-lora); {inner.name} does not average what clients"
-                             " send")
+            what, flags = (" and ".join(names) for names in zip(*robust, strict=True))
+            raise ValueError(f"{what} can only run on a sum-only strategy (fedavg, fed-sb, ffa-lora, rolora,"
+                             f" fedsa-lora); {inner.name} does not average what clients send: drop {flags}"
+                             " or choose one of those")
         if norm_bound and any(inner.plan(r).keep for r in (1, 2)):
             raise ValueError(f"norm bounding needs each client's whole update; {inner.name} keeps"
-                             " factors on the clients, so the server cannot measure it")
+                             " factors on the clients, so the server cannot measure it: drop --norm-bound")
         if robust and isinstance(inner, ClientLevelDP):
             # the bound is M × the round's median norm: one client's update moves every other
             # client's scale, so the released sum moves by more than the clip its noise is set for
-            raise ValueError(f"{' and '.join(robust)} cannot run under client-level DP: its noise is"
-                             " calibrated to a sum of updates each clipped to --update-clip alone")
+            what, flags = (" and ".join(names) for names in zip(*robust, strict=True))
+            raise ValueError(f"{what} cannot run under client-level DP: its noise is calibrated to a sum of"
+                             f" updates each clipped to --update-clip alone; drop {flags} or --dp client")
         self.weighting, self.max_examples, self.norm_bound = weighting, max_examples, norm_bound
         self.mean, self.trim = mean, trim
         self.capped, self.bounded, self.dropped = 0, [], []

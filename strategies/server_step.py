@@ -68,7 +68,7 @@ class ServerStep(Wrapped):
     def __init__(self, inner: Strategy, lr: float) -> None:
         super().__init__(inner)
         if not 0 < lr < math.inf:
-            raise ValueError(f"a server learning rate must be finite and > 0 (1: off), got {lr}")
+            raise ValueError(f"--server-lr must be finite and > 0 (1: off), got {lr}")
         if inner.fresh_adapters and not inner.folds:
             raise ValueError(f"{inner.name} restarts its clients from truncations of a restacked global"
                              " update, so it has neither averaged factors nor a fold for --server-lr to"

@@ -144,7 +144,10 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
     (["--strategy", "flora", "--public-steps", "5", "--init-data", "x.csv"],
      "--strategy flora folds every round into the base: drop --public-steps"),
     (["--strategy", "flora", "--norm-bound", "2"], "norm bounding can only run on a sum-only strategy"),
-    (["--strategy", "lora-fair", "--robust-mean", "median"], "a robust mean can only run on a sum-only"),
+    (["--strategy", "lora-fair", "--robust-mean", "median"], "does not average what clients send: drop"
+     " --robust-mean or choose one of those"),  # these named no flag
+    (["--strategy", "fedsa-lora", "--personal-test-fraction", "0.2", "--norm-bound", "2"],
+     "so the server cannot measure it: drop --norm-bound"),
     (["--max-examples", "-1"], "--max-examples must be ≥ 1 (0: no cap), got -1"),
     (["--attack", "boom", "--attackers", "1"], "--attack 'boom': use scale:F (e.g. scale:100), flip or"),
     (["--attack", "flip"], "--attack needs --attackers between 1 and --num-clients, got 0"),
@@ -152,14 +155,15 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
     (["--attack", "flip", "--attackers", "1", "--strategy", "flora"],  # a ValueError traceback after round 1
      "--attack flip changes an update against the global adapter, and --strategy flora keeps none"),
     (["--dp", "client", "--epsilon", "8", "--delta", "1e-3", "--robust-mean", "trimmed"],
-     "a robust mean cannot run under client-level DP"),
+     "a robust mean cannot run under client-level DP: its noise is calibrated to a sum of updates each"
+     " clipped to --update-clip alone; drop --robust-mean or --dp client"),
     (["--fold-rank", "4"], "--fold-rank bounds the residual of folded updates, and --strategy fedavg does"
      " not fold (fedex-lora, flora do): drop --fold-rank"),
     (["--strategy", "flora", "--fold-rank", "4"], "without --quantize folds go into the weights exactly"),
     (["--strategy", "flora", "--fold-rank", "-1"], "--fold-rank must be ≥ 1 (0: the whole residual"),
     (["--strategy", "flexlora", "--server-lr", "2"], "--strategy flexlora: flexlora restarts its clients from"
      " truncations of a restacked global update, so it has neither averaged factors nor a fold"),
-    (["--server-lr", "0"], "a server learning rate must be finite and > 0 (1: off), got 0.0"),
+    (["--server-lr", "0"], "--server-lr must be finite and > 0 (1: off), got 0.0"),
     (["--lora-alpha", "0"], "--lora-alpha must be > 0 (the update's scale is α / r), got 0.0"),
     (["--lr", "nan"], "--lr must be a finite number, got nan: pass one, or leave the flag out"),
     (["--lora-alpha", "inf"], "--lora-alpha must be a finite number, got inf"),
