@@ -12,6 +12,7 @@ reads and writes.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -274,6 +275,8 @@ class Strategy(ABC):
             except ValueError:
                 raise ValueError(f"strategy option {key}={text!r}: expected a"
                                  f" {cls.options[key].type.__name__}") from None
+            if isinstance(values[key], float) and not math.isfinite(values[key]):  # NaN passes every bound
+                raise ValueError(f"strategy option {key}={text!r}: expected a finite number")
         if cls.takes_seed:
             values["seed"] = int(getattr(job, "seed", 0))
         return cls(**values)

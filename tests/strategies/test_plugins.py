@@ -57,6 +57,14 @@ def test_options_from_a_job_and_their_errors():
     assert parse_options(" lam = 1 , init-lr=2 ") == {"lam": "1", "init_lr": "2"}
 
 
+@pytest.mark.parametrize("name, options", [("lora-fair", "lam=nan"), ("fed-sb", "init_lr=inf")])
+def test_an_option_that_is_not_a_finite_number_is_refused(name, options):
+    # they were taken: NaN passed every bound (lam < 0 is false for NaN)
+    key = options.split("=")[0]
+    with pytest.raises(ValueError, match=f"strategy option {key}='.*': expected a finite number"):
+        strategy_class(name).from_job(SimpleNamespace(strategy_options=options, seed=0))
+
+
 def test_plans_refuse_impossible_combinations():
     with pytest.raises(ValueError, match="do not exist"):
         AdapterPlan(train=("R",))
