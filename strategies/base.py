@@ -190,7 +190,10 @@ def parse_options(text: str) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"strategy option {item!r} is not NAME=VALUE")
-        out[key.strip().replace("-", "_")] = value.strip()
+        name = key.strip().replace("-", "_")
+        if name in out:  # the last one was taken
+            raise ValueError(f"strategy option {key.strip()!r} is given twice: keep one")
+        out[name] = value.strip()
     return out
 
 

@@ -55,6 +55,8 @@ def test_options_from_a_job_and_their_errors():
     with pytest.raises(ValueError, match="not NAME=VALUE"):
         parse_options("lam")
     assert parse_options(" lam = 1 , init-lr=2 ") == {"lam": "1", "init_lr": "2"}
+    with pytest.raises(ValueError, match="strategy option 'init-lr' is given twice: keep one"):
+        parse_options("init_lr=1,lam=2,init-lr=3")  # the last one was taken
 
 
 @pytest.mark.parametrize("name, options", [("lora-fair", "lam=nan"), ("fed-sb", "init_lr=inf")])
