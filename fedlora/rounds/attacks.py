@@ -14,6 +14,7 @@ defences (``strategies/robust.py``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from fedlora.errors import UserError
@@ -35,11 +36,13 @@ class Attack:
         try:
             if kind == "flip" and not value:
                 return cls("flip", -1.0)
-            if kind in ("scale", "claim") and value:
-                return cls(kind, float(value))
+            number = float(value)  # a claim below 1 or not finite was a traceback once the round was in
+            if kind in ("scale", "claim") and math.isfinite(number) and (kind == "scale" or number >= 1):
+                return cls(kind, number)
         except ValueError:
             pass
-        raise UserError(f"--attack {text!r}: use scale:F (e.g. scale:100), flip or claim:N (e.g. claim:1e9)")
+        raise UserError(f"--attack {text!r}: use scale:F (e.g. scale:100), flip or claim:N (e.g. claim:1e9),"
+                        " F and N finite numbers, N ≥ 1")
 
     def apply(self, upload: ClientUpload, state: GlobalState, plan: AdapterPlan) -> ClientUpload:
         """What an attacker sends instead of ``upload``."""

@@ -150,6 +150,9 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
      "so the server cannot measure it: drop --norm-bound"),
     (["--max-examples", "-1"], "--max-examples must be ≥ 1 (0: no cap), got -1"),
     (["--attack", "boom", "--attackers", "1"], "--attack 'boom': use scale:F (e.g. scale:100), flip or"),
+    (["--attack", "claim:-5", "--attackers", "1"], "--attack 'claim:-5': use scale:F"),  # tracebacks after
+    (["--attack", "claim:inf", "--attackers", "1"], "--attack 'claim:inf': use scale:F"),  # the round began
+    (["--attack", "scale:nan", "--attackers", "1"], "F and N finite numbers, N ≥ 1"),
     (["--attack", "flip"], "--attack needs --attackers between 1 and --num-clients, got 0"),
     (["--attackers", "1"], "--attackers N says how many clients send --attack's update: pass --attack too"),
     (["--attack", "flip", "--attackers", "1", "--strategy", "flora"],  # a ValueError traceback after round 1
