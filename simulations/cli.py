@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -86,8 +87,9 @@ def check_args(args: argparse.Namespace) -> JobConfig:
     cfg = to_config(args)
     check_job_args(cfg)
     if getattr(args, "engine", "batched") == "flower":  # fedlora-compare has no --engine
-        if args.client_cpus <= 0 or args.client_gpus < 0:
-            raise UserError("--client-cpus must be ≥ 1 and --client-gpus ≥ 0")
+        if args.client_cpus <= 0 or not 0 <= args.client_gpus < math.inf:  # NaN was taken, and given to Ray
+            raise UserError(f"--client-cpus must be ≥ 1 and --client-gpus a finite number ≥ 0, got"
+                            f" {args.client_cpus}, {args.client_gpus}")
         if args.max_clients_per_pass is not None:
             raise UserError("--max-clients-per-pass applies to --engine batched only")
         if args.attack:

@@ -172,6 +172,7 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
     (["--lora-alpha", "inf"], "--lora-alpha must be a finite number, got inf"),
     (["--weight-decay", "-0.1"], "--weight-decay must be ≥ 0 (0: none), got -0.1"),
     (["--seed", "-1"], "--seed must be in 0..4294967295, got -1"),
+    (["--engine", "flower", "--client-gpus", "nan"], "--client-gpus a finite number ≥ 0, got 1, nan"),
     (["--num-clients", str(10**23)], f"{10**23} clients but only"),  # an OverflowError traceback
     (["--max-grad-norm", "-1"], "--max-grad-norm must be > 0, got -1.0: pass a bound, or leave the flag out"),
     (["--max-length", "65"], "--max-length 65 exceeds the 64 positions this model takes (its"
