@@ -17,7 +17,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from fedlora.errors import UserError, command
+from fedlora.errors import UserError, command, first_line
 from fedlora.job.checks import (
     RESUME_MAY_CHANGE,
     check_data_unchanged,
@@ -130,7 +130,12 @@ def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:
     if find_checkpoint(args.resume) is None or not conf.is_file():  # an older fedlora's checkpoint.pt too
         raise UserError(f"--resume {str(args.resume)!r} has no checkpoint.safetensors and config.json of a"
                         " fedlora-server run")
-    cfg = resumed_job(from_dict(json.loads(conf.read_text())), args)
+    try:
+        saved = json.loads(conf.read_text())
+    except (OSError, ValueError) as exc:  # a damaged file: one line, not json's traceback
+        raise UserError(f"--resume: {str(conf)!r} cannot be read as JSON ({first_line(exc)}): restore the"
+                        " run's config.json, or start a new run") from None
+    cfg = resumed_job(from_dict(saved, repr(str(conf))), args)
     check_data_unchanged(cfg, load_checkpoint(args.resume, keys=("data",)).get("data") or {})
     return cfg, args.resume
 

@@ -15,9 +15,13 @@ from fedlora.job.schema import JobConfig
 LEGACY_OPTIONS = {"fair_lambda": ("lora-fair", "lam"), "sb_init_lr": ("fed-sb", "init_lr")}
 
 
-def from_dict(values: dict[str, Any]) -> JobConfig:
-    """A :class:`JobConfig` from ``config.json`` (``asdict``): fields of older versions that
-    became strategy options are carried over when they apply, and unknown keys refused."""
+def from_dict(values: dict[str, Any], where: str = "config.json") -> JobConfig:
+    """A :class:`JobConfig` from ``config.json`` (``asdict``; ``where`` names it in refusals): fields of
+    older versions that became strategy options are carried over when they apply, and unknown keys and
+    values of the wrong type refused (a damaged file's ``rounds = "x"`` was a TypeError later)."""
+    if not isinstance(values, dict):
+        raise UserError(f"{where} holds no job's settings (got {type(values).__name__}): restore the run's"
+                        " config.json, or start a new run")
     values = dict(values)
     for old, (strategy, name) in LEGACY_OPTIONS.items():
         value = values.pop(old, None)
@@ -28,7 +32,9 @@ def from_dict(values: dict[str, Any]) -> JobConfig:
     if unknown:
         raise UserError(f"config.json has unknown settings {unknown}: it was written by another"
                         " fedlora version")
-    return JobConfig(**values)
+    hints, known = typing.get_type_hints(JobConfig), {f.name: f for f in fields(JobConfig)}
+    return JobConfig(**{key: convert(where, key, value, hints[key], known[key].metadata["choices"])
+                        for key, value in values.items()})
 
 
 

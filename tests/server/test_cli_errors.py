@@ -93,6 +93,23 @@ def test_server_keeps_existing_results_and_needs_a_checkpoint_to_resume(capsys, 
     assert "no checkpoint.safetensors" in one_line_error(capsys, code)
 
 
+@pytest.mark.parametrize("text, words", [
+    ("{", "config.json' cannot be read as JSON (Expecting property name"),  # json's traceback
+    ("[1]", "config.json' holds no job's settings (got list): restore the run's config.json"),  # TypeError
+    ('{"rounds": "x"}', "config.json': rounds must be an integer, got 'x'"),  # TypeError from a check
+    ('{"strategy": "nope"}', "config.json': strategy must be one of fed-sb, fedavg,"),  # KeyError
+])
+def test_resume_over_a_damaged_config_json_is_one_line_and_keeps_the_run(capsys, tmp_path, text, words):
+    # Prepare: a stopped run whose config.json was damaged
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "checkpoint.safetensors").write_bytes(b"kept")
+    (out / "config.json").write_text(text)
+    # Execute / Assert
+    assert words in one_line_error(capsys, server_main(["--insecure", "--resume", str(out)]))
+    assert (out / "checkpoint.safetensors").read_bytes() == b"kept"
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--server", "localhost", "--insecure", "--partition-id", "0", "--num-partitions", "2"],
      "not HOST:PORT"),
