@@ -163,7 +163,7 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan, num_labels:
                                         num_labels if task.trains_head else None, seed=cfg.seed, dtype=dtype,
                                         quantize=cfg.quantize, double_quant=cfg.double_quant,
                                         device=cfg.device)
-    check_context(cfg.max_length, model.config, tokenizer, model)
+    check_context(cfg.max_length, model.config, tokenizer, model, cfg.max_new_tokens)
     try:
         fm = FederatedModel(model, AdapterConfig(
             ranks=ranks, alpha=cfg.lora_alpha, target_modules=cfg.target_modules, plan=plan,
@@ -238,10 +238,13 @@ def check_core_rank(strategy: str, rank: int, layers) -> None:
                         f" so r ≤ min(d_out, d_in): pass --rank {small} or less")
 
 
-def check_context(max_length: int | None, config, tokenizer, model=None) -> None:
-    """Refuse a ``--max-length`` beyond the tokens the model takes (:func:`context_length`; ``model``:
-    the model itself, where it is at hand)."""
+def check_context(max_length: int | None, config, tokenizer, model=None, new_tokens: int = 0) -> None:
+    """Refuse a ``--max-length``, or ``--max-new-tokens`` (``new_tokens``), beyond the tokens the model
+    takes (:func:`context_length`; ``model``: the model itself, where it is at hand)."""
     context = context_length(config, tokenizer, model)
+    if new_tokens and context and new_tokens >= context:  # it generated on past the positions, for hours
+        raise UserError(f"--max-new-tokens {new_tokens} reaches past the {context} positions this model"
+                        " takes: pass fewer (0: the longest reference answer's)")
     if max_length and context and max_length > context:
         given = getattr(config, "max_position_embeddings", None)
         if context_length(config, None, model) != context:
@@ -300,7 +303,7 @@ def check_inputs(cfg: JobConfig) -> None:
     if cfg.partition == "natural":  # a client per group: as many clients as groups
         natural(train.groups or [], cfg.num_clients)
     tokenizer, config = read_tokenizer_config(cfg.model)
-    check_context(cfg.max_length, config, tokenizer)
+    check_context(cfg.max_length, config, tokenizer, new_tokens=cfg.max_new_tokens)
 
 
 def resolve_max_length(cfg: JobConfig, quiet: bool = False) -> None:

@@ -187,6 +187,9 @@ def test_a_max_length_refusal_names_the_limit_it_met():
     with pytest.raises(UserError, match=r"\(its max_position_embeddings\)"):
         check_context(600, SimpleNamespace(max_position_embeddings=128), tok)
     check_context(512, roberta, tok)                                        # fits: nothing said
+    with pytest.raises(UserError, match=r"^--max-new-tokens 512 reaches past the 512 positions this model"):
+        check_context(64, roberta, tok, new_tokens=512)  # it generated on past the positions, for hours
+    check_context(64, roberta, tok, new_tokens=511)
 
 
 def test_a_tokenizer_that_cannot_feed_the_model_is_one_line(tiny_llama_dir, tmp_path):
