@@ -62,6 +62,8 @@ def parse_label_words(text: str) -> dict[str, str]:
         label, sep, word = item.partition("=")
         if not sep or not label.strip() or not word.strip():
             raise UserError(f"--label-words takes LABEL=WORD pairs like 0=negative,1=positive, got {text!r}")
+        if label.strip() in words:  # the last one was taken
+            raise UserError(f"--label-words gives label {label.strip()!r} twice ({text!r}): keep one")
         words[label.strip()] = word.strip()
     return words
 

@@ -70,6 +70,8 @@ def test_label_words_parse_and_refusals(tmp_path):
         load_instructions(str(tsv), "sentence", "label", template="Classify this.")
     with pytest.raises(UserError, match="LABEL=WORD"):
         parse_label_words("negative,positive")
+    with pytest.raises(UserError, match=r"--label-words gives label '0' twice \('0=a,1=b,0=c'\): keep one"):
+        parse_label_words("0=a,1=b,0=c")  # the last one was taken
 
 
 #: One row in each form the common instruction sets ship, and the prompt and response it gives.
