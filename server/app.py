@@ -21,7 +21,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.errors import UserError
-from fedlora.job.checks import check_job_args, check_track_dir
+from fedlora.job.checks import check_job_args
+from fedlora.job.outdir import check_track_dir
 from fedlora.job.runconfig import from_run_config
 from fedlora.job.schema import JobConfig
 from fedlora.job.setup import build_model, prepared, public_data, splits

@@ -18,16 +18,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from fedlora.errors import UserError, command, first_line
-from fedlora.job.checks import (
+from fedlora.job.checks import check_job_args
+from fedlora.job.configfile import add_config_argument, parse_args
+from fedlora.job.flags import Parser, add_job_arguments, flag_name, to_config
+from fedlora.job.outdir import (
     RESUME_MAY_CHANGE,
     check_data_unchanged,
-    check_job_args,
     check_out_dir,
     check_private_rounds,
     check_track_dir,
 )
-from fedlora.job.configfile import add_config_argument, parse_args
-from fedlora.job.flags import Parser, add_job_arguments, flag_name, to_config
 from fedlora.job.paths import same_setting
 from fedlora.job.runconfig import from_dict
 from fedlora.job.schema import JobConfig

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 from fedlora.errors import UserError, command
-from fedlora.job.checks import check_job_args, check_out_dir, check_resume, check_track_dir
+from fedlora.job.checks import check_job_args
 from fedlora.job.configfile import add_config_argument, parse_args
 from fedlora.job.flags import Parser, add_job_arguments, to_config
+from fedlora.job.outdir import check_out_dir, check_resume, check_track_dir
 from fedlora.job.schema import JobConfig
 from fedlora.job.setup import resolve_max_length
 from fedlora.rounds.attacks import Attack

@@ -18,10 +18,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fedlora.errors import command
-from fedlora.job.checks import check_job_args, check_out_dir
+from fedlora.job.checks import check_job_args
 from fedlora.job.configfile import add_config_argument, parse_args
 from fedlora.job.evaluate import EVAL_FIELDS, eval_table, score_models
 from fedlora.job.flags import Parser, add_job_arguments, to_config
+from fedlora.job.outdir import check_out_dir
 
 __all__ = ["build_parser", "main"]
 

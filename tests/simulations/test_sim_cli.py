@@ -317,7 +317,7 @@ def test_a_scaled_attacker_is_bounded_by_the_server(tiny_bert_dir, tiny_csv, tmp
 
 def test_an_out_that_cannot_be_made_or_holds_a_stopped_run_is_one_line(tmp_path, capsys):
     from fedlora.errors import UserError
-    from fedlora.job.checks import check_out_dir
+    from fedlora.job.outdir import check_out_dir
 
     (tmp_path / "afile").write_text("hi")
     with pytest.raises(UserError, match=r"cannot be made: '.*afile' is a file; choose another folder$"):
