@@ -3,7 +3,11 @@ asked of the installed PEFT itself: a job refuses them before it trains, so that
 
 from __future__ import annotations
 
+import importlib.util
+
 from torch import nn
+
+from fedlora.models.quiet import import_bitsandbytes
 
 
 def check_peft_targets(model: nn.Module, names: list[str]) -> None:
@@ -18,18 +22,16 @@ def check_peft_targets(model: nn.Module, names: list[str]) -> None:
     ValueError
         The first such layer of ``names``, in one line.
     """
-    try:
-        from peft import LoraConfig
-    except ImportError:
-        return
     kind = getattr(getattr(model, "config", None), "model_type", None)
-    _check_mamba(model, names, kind)
+    if any("Mamba" in type(m).__name__ for m in model.modules()):
+        _check_mamba(model, names, kind)
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     except ImportError:  # transformers 4: nothing was fused
         return
-    if get_checkpoint_conversion_mapping(kind) is None:
+    if get_checkpoint_conversion_mapping(kind) is None or not _import_peft():
         return
+    from peft import LoraConfig
     from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
 
     for name in names:
@@ -48,11 +50,11 @@ def check_peft_targets(model: nn.Module, names: list[str]) -> None:
 
 def _check_mamba(model: nn.Module, names: list[str], kind: str | None) -> None:
     """:func:`check_peft_targets`' refusal of the layers PEFT refuses on a Mamba model."""
-    try:
-        from peft import LoraConfig
-        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
-    except ImportError:
+    if not _import_peft():
         return
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
+
     for name in names:
         try:
             _check_lora_target_modules_mamba(LoraConfig(), model, name.rsplit(".", 1)[-1])
@@ -60,3 +62,15 @@ def _check_mamba(model: nn.Module, names: list[str], kind: str | None) -> None:
             raise ValueError(f"PEFT refuses an adapter on {name} of a {kind} model (Mamba's fused kernels"
                              " read its weight themselves), so the export would not load: leave it out of"
                              " --target-modules (name the others)") from None
+
+
+def _import_peft() -> bool:
+    """Import PEFT (whether it is installed), only where a check needs it (it takes about 3 s) and with
+    bitsandbytes imported first without its CPU-kernel warning (PEFT imports it)."""
+    if importlib.util.find_spec("peft") is None:
+        return False
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import_bitsandbytes()
+    import peft  # noqa: F401
+
+    return True

@@ -7,7 +7,6 @@ the load dtype; what the adapters add to a quantized layer is :mod:`fedlora.mode
 from __future__ import annotations
 
 import importlib.util
-import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 from fedlora.errors import UserError
 from fedlora.models.lora import is_quantized
 from fedlora.models.model import HEAD_NAMES
+from fedlora.models.quiet import import_bitsandbytes
 
 QUANTIZE = ("none", "nf4", "fp4", "int8")
 BNB_PIN = "bitsandbytes==0.50.2"
@@ -43,35 +43,6 @@ def quantize_skips(path: Path, auto_class, **kwargs) -> list[str]:
     return sorted(names | set(UNQUANTIZED_HEADS))
 
 
-class _Once(logging.Filter):
-    """Let a logger's first record through, and no later one with the same message."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        new = record.msg not in self.seen
-        self.seen.add(record.msg)
-        return new
-
-
-def _import_bitsandbytes() -> None:
-    """Import bitsandbytes without its warning, on an AVX512-BF16 CPU, that the optional ``kernels``
-    package of its repacked CPU inference kernel is missing (fedlora does not use that kernel:
-    see :func:`check_quantized`)."""
-    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes  # noqa: F401
-    finally:
-        log.setLevel(level)
-    matmul = logging.getLogger("bitsandbytes.autograd._functions")  # int8: "inputs cast to fp16", per call
-    if not any(isinstance(f, _Once) for f in matmul.filters):
-        matmul.addFilter(_Once())
-
-
 def quantization_config(quantize: str, double_quant: bool, dtype: torch.dtype, skip: list[str]):
     """transformers' ``BitsAndBytesConfig`` for ``--quantize`` (None for ``none``): 4-bit NF4/FP4
     blocks computed in ``dtype`` (bf16 with ``--precision bf16``, else fp32), or 8-bit."""
@@ -80,7 +51,7 @@ def quantization_config(quantize: str, double_quant: bool, dtype: torch.dtype, s
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown --quantize {quantize!r}; use one of {', '.join(QUANTIZE)}")
     require_bitsandbytes(quantize)
-    _import_bitsandbytes()
+    import_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
     if quantize == "int8":

@@ -246,3 +246,23 @@ def test_a_mamba_layer_peft_refuses_is_refused():
         FederatedModel(model, AdapterConfig(ranks=[2], target_modules=["all-linear"]))
     fm = FederatedModel(model, AdapterConfig(ranks=[2]))
     assert list(fm.adapters) == ["backbone.layers.0.mixer.in_proj"]
+
+
+def test_peft_is_asked_only_of_models_it_could_refuse(monkeypatch):
+    # Prepare: importing PEFT takes about 3 s and, through bitsandbytes, printed a CPU-kernel warning on
+    # every run: a dense model (no fused experts, no Mamba) must not need it
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import fedlora.models.peft_targets as peft_targets
+
+    def asked():
+        raise AssertionError("PEFT was imported for a dense model")
+
+    monkeypatch.setattr(peft_targets, "_import_peft", asked)
+    config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    # Execute / Assert
+    fm = FederatedModel(model, AdapterConfig(ranks=[2], target_modules=["all-linear"]))
+    assert len(fm.adapters) == 7
