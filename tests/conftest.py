@@ -151,40 +151,33 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     return path
 
 
+def _keyword_csv(path: Path, rows: int, seed: int) -> Path:
+    """``rows`` rows of 3 classes, each signalled by a keyword (red, green, blue) before 6 words drawn
+    from ``seed``, written to ``path``."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "paper", "glass", "music", "table"]
+    keys = {"red": "0", "green": "1", "blue": "2"}
+    lines = ["text,label"]
+    for i in range(rows):
+        key = list(keys)[i % 3]
+        lines.append(f"{key} {' '.join(rng.choice(words) for _ in range(6))},{keys[key]}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_csv(tmp_path_factory) -> Path:
     """A 3-class CSV: the class is signalled by a keyword, so it is learnable."""
-    import random
-
-    rng = random.Random(0)
-    words = ["apple", "river", "stone", "cloud", "paper", "glass", "music", "table"]
-    keys = {"red": "0", "green": "1", "blue": "2"}
-    path = tmp_path_factory.mktemp("data") / "toy.csv"
-    lines = ["text,label"]
-    for i in range(180):
-        key = list(keys)[i % 3]
-        body = " ".join(rng.choice(words) for _ in range(6))
-        lines.append(f"{key} {body},{keys[key]}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return _keyword_csv(tmp_path_factory.mktemp("data") / "toy.csv", 180, seed=0)
 
 
 @pytest.fixture(scope="session")
 def public_csv(tmp_path_factory) -> Path:
     """A public file for ``tiny_csv``'s task: the same form, other phrases (under --dp, ``--init-data``
     may not be the clients' own file)."""
-    import random
-
-    rng = random.Random(1)
-    words = ["apple", "river", "stone", "cloud", "paper", "glass", "music", "table"]
-    keys = {"red": "0", "green": "1", "blue": "2"}
-    path = tmp_path_factory.mktemp("public") / "public.csv"
-    lines = ["text,label"]
-    for i in range(60):
-        key = list(keys)[i % 3]
-        lines.append(f"{key} {' '.join(rng.choice(words) for _ in range(6))},{keys[key]}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return _keyword_csv(tmp_path_factory.mktemp("public") / "public.csv", 60, seed=1)
 
 
 #: A tiny chat template in plain words (MiniLM's tokenizer has no <|im_start|>): turns end with [SEP].
