@@ -29,15 +29,16 @@ def check_peft_targets(model: nn.Module, names: list[str]) -> None:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     except ImportError:  # transformers 4: nothing was fused
         return
-    if get_checkpoint_conversion_mapping(kind) is None or not _import_peft():
+    convert = (_from_peft("peft.utils.transformers_weight_conversion", "convert_peft_config_for_transformers")
+               if get_checkpoint_conversion_mapping(kind) is not None else None)
+    if convert is None:
         return
     from peft import LoraConfig
-    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
 
     for name in names:
         config = LoraConfig(target_modules=[name])
         try:
-            convert_peft_config_for_transformers(config, model, None)
+            convert(config, model, None)
             loaded = set(config.target_modules) == {name}
         except ValueError:  # one of a fused pair (up_proj without gate_proj)
             loaded = False
@@ -50,18 +51,30 @@ def check_peft_targets(model: nn.Module, names: list[str]) -> None:
 
 def _check_mamba(model: nn.Module, names: list[str], kind: str | None) -> None:
     """:func:`check_peft_targets`' refusal of the layers PEFT refuses on a Mamba model."""
-    if not _import_peft():
+    check = _from_peft("peft.tuners.tuners_utils", "_check_lora_target_modules_mamba")
+    if check is None:
         return
     from peft import LoraConfig
-    from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
 
     for name in names:
         try:
-            _check_lora_target_modules_mamba(LoraConfig(), model, name.rsplit(".", 1)[-1])
+            check(LoraConfig(), model, name.rsplit(".", 1)[-1])
         except ValueError:
             raise ValueError(f"PEFT refuses an adapter on {name} of a {kind} model (Mamba's fused kernels"
                              " read its weight themselves), so the export would not load: leave it out of"
                              " --target-modules (name the others)") from None
+
+
+def _from_peft(module: str, name: str):
+    """PEFT's function ``name`` of ``module``, or None where PEFT is not installed or is a version
+    without it (PEFT is no dependency of fedlora's, and these are its private functions): the check is
+    then left out, as without PEFT, not an ImportError traceback."""
+    if not _import_peft():
+        return None
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
 
 
 def _import_peft() -> bool:

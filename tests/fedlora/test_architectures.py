@@ -266,3 +266,30 @@ def test_peft_is_asked_only_of_models_it_could_refuse(monkeypatch):
     # Execute / Assert
     fm = FederatedModel(model, AdapterConfig(ranks=[2], target_modules=["all-linear"]))
     assert len(fm.adapters) == 7
+
+
+@pytest.mark.parametrize("missing", [("peft.tuners.tuners_utils", "_check_lora_target_modules_mamba"),
+                                     ("peft.utils.transformers_weight_conversion",
+                                      "convert_peft_config_for_transformers")])
+def test_a_peft_without_the_check_it_is_asked_is_not_asked(monkeypatch, missing):
+    # Prepare: another PEFT version than the tests' (PEFT is no dependency of fedlora's), without the
+    # private function a check asks; a toy Mamba and a toy DeepSeek-V3 (weightless) that reach both checks
+    import importlib
+
+    from transformers import AutoModelForCausalLM, DeepseekV3Config, MambaConfig, MambaForCausalLM
+
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers.conversion_mapping")
+    module, name = missing
+    monkeypatch.delattr(importlib.import_module(module), name)
+    with torch.device("meta"):
+        mamba = MambaForCausalLM(MambaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1,
+                                             state_size=4))
+        moe = AutoModelForCausalLM.from_config(DeepseekV3Config(
+            hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+            num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+            first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
+            v_head_dim=8, n_group=1, topk_group=1, vocab_size=100))
+    # Execute / Assert: that check is left out (as without PEFT), not an ImportError traceback
+    for model, targets in ((mamba, ["x_proj"]), (moe, ["q_b_proj"])):
+        FederatedModel(model, AdapterConfig(ranks=[2], target_modules=targets))
