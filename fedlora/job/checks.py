@@ -82,13 +82,7 @@ def check_job_args(args: JobConfig) -> None:
     check_partition(args)
     check_secagg_args(args)
     check_compress_args(args)
-    if args.ranks and min(args.ranks) < 1:  # a config file's or run config's list (the flag checks its own)
-        raise UserError(f"--ranks takes positive integers, got {','.join(map(str, args.ranks))}")
-    if args.ranks is not None and not STRATEGIES[args.strategy].heterogeneous_ranks:
-        if len(set(args.ranks)) > 1:
-            takes = ", ".join(sorted(n for n, c in STRATEGIES.items() if c.heterogeneous_ranks))
-            raise UserError(f"--strategy {args.strategy} needs one rank for every client;"
-                            f" use --rank, or a strategy that takes heterogeneous ranks ({takes})")
+    check_ranks(args)
     try:
         inner = STRATEGIES[args.strategy].from_job(args)  # its options, checked before anything loads
         if args.norm_bound > 0 or args.robust_mean != "mean":  # what the server's defences can take
@@ -105,6 +99,18 @@ def check_job_args(args: JobConfig) -> None:
     if args.gradient_checkpointing and args.dp == "sample":
         raise UserError("--gradient-checkpointing recomputes activations, which DP-SGD's per-example"
                         " gradient hooks would see twice; drop one of the two")
+
+
+def check_ranks(args: JobConfig) -> None:
+    """Refuse ``--ranks`` below 1 (a config file's or run config's list: the flag checks its own) or
+    differing on a strategy that needs one rank for every client."""
+    if args.ranks and min(args.ranks) < 1:
+        raise UserError(f"--ranks takes positive integers, got {','.join(map(str, args.ranks))}")
+    if args.ranks is not None and not STRATEGIES[args.strategy].heterogeneous_ranks:
+        if len(set(args.ranks)) > 1:
+            takes = ", ".join(sorted(n for n, c in STRATEGIES.items() if c.heterogeneous_ranks))
+            raise UserError(f"--strategy {args.strategy} needs one rank for every client;"
+                            f" use --rank, or a strategy that takes heterogeneous ranks ({takes})")
 
 
 def check_numbers(args: JobConfig) -> None:
