@@ -171,10 +171,10 @@ class LogTail:
     def notes(self) -> list[str]:
         if not self.path.is_file():
             return []
-        inode = self.path.stat().st_ino
-        if inode != self.inode:  # a fresh run's new file: its lines from byte start on, some read
-            self.offset, self.inode, self.start = max(0, self.offset - self.start), inode, 0
-        with self.path.open("rb") as fh:
+        with self.path.open("rb") as fh:  # the file opened, not the path looked at: it may be replaced
+            inode = os.fstat(fh.fileno()).st_ino
+            if inode != self.inode:  # a fresh run's new file: its lines from byte start on, some read
+                self.offset, self.inode, self.start = max(0, self.offset - self.start), inode, 0
             fh.seek(self.offset)
             text = fh.read().decode(errors="replace")
         done = text.rfind("\n") + 1  # whole lines only: the rest is still being written

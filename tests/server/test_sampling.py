@@ -249,6 +249,41 @@ def test_a_fresh_runs_log_replaces_the_earlier_one_and_each_line_is_shown_once(t
         handler.close()
 
 
+
+def test_a_log_replaced_as_the_tail_opens_it_is_read_from_the_new_files_start(tmp_path, monkeypatch):
+    import logging
+    from pathlib import Path
+
+    from fedlora.server.launch import LogTail, restart_log
+
+    # Prepare: an earlier run's log and fedlora-server's tail of it; the new run's set-up warning
+    path = tmp_path / "server.log"
+    path.write_text("2026-01-01 00:00:00,000 WARNING an earlier run's warning\n")
+    tail, start = LogTail(path), path.stat().st_size
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("tests.restart_log_race")
+    logger.addHandler(handler)
+    logger.propagate = False
+    opened, real_open = [], Path.open
+
+    def replaced_first(self, *args, **kwargs):  # the ServerApp replaces the log just as the tail opens it
+        if self == path and not opened:
+            opened.append(self)
+            restart_log(handler, start)
+        return real_open(self, *args, **kwargs)
+
+    try:
+        logger.warning("a set-up warning")
+        monkeypatch.setattr(Path, "open", replaced_first)
+        # Execute / Assert: the new file is read from its start (its first line is not cut or lost)
+        assert tail.notes() == ["a set-up warning"] and opened
+        logger.warning("a round's warning")
+        assert tail.notes() == ["a round's warning"]
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
 class EditingGrid(LocalGrid):
     """Node 0 trains on its own --data file, which is edited, and its client restarted, as round
     ``rnd``'s training reaches it."""
