@@ -149,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.resume:
         console.print(f"resuming {args.out} after round {args.resumed} of {cfg.rounds}")
-    # client-steps; counted, not listed: --num-clients 10**23 is the data's refusal, not an OverflowError
-    total = cfg.rounds * cfg.local_steps * min(cfg.clients_per_round or cfg.num_clients, cfg.num_clients)
+    total = cfg.rounds * cfg.local_steps * cfg.per_round()  # client-steps
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                   disable=args.quiet) as bar:

@@ -255,8 +255,7 @@ def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool,
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, disable=quiet) as bar:
         for label, cfg in plan:
-            per_round = min(cfg.clients_per_round or cfg.num_clients, cfg.num_clients)  # not listed (cli.py)
-            task = bar.add_task(label, total=cfg.rounds * cfg.local_steps * per_round)
+            task = bar.add_task(label, total=cfg.rounds * cfg.local_steps * cfg.per_round())
             t0 = time.perf_counter()
             begun = functools.partial(_begun, label, cfg, out, plan, tracked, overwrite and not runs)
             try:

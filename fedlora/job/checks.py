@@ -314,7 +314,7 @@ def check_secagg_args(args) -> None:
         raise UserError(f"--secagg needs a strategy whose aggregate is a weighted mean of the uploads"
                         f" ({takes}); {args.strategy}'s is not, so the server cannot run it on the"
                         " clients' masked sum")
-    per_round = min(getattr(args, "clients_per_round", None) or args.num_clients, args.num_clients)
+    per_round = args.per_round()
     if per_round < 2:
         raise UserError(f"--secagg needs at least 2 clients per round (a mean of one client is that"
                         f" client's update), got {per_round}")

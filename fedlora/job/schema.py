@@ -346,6 +346,11 @@ class JobConfig:
         """Whether round ``rnd``'s global adapter is exported beside the final one (``--save-every``)."""
         return self.save_every > 0 and rnd > 0 and rnd % self.save_every == 0
 
+    def per_round(self) -> int:
+        """How many clients a round samples: :meth:`sampled`'s count, not listed (``--num-clients
+        10**23`` is then the data's refusal, not an OverflowError)."""
+        return min(self.clients_per_round or self.num_clients, self.num_clients)
+
     def sampled(self, rnd: int, secret: int | None = None) -> list[int]:
         """The clients of round ``rnd`` (sorted): all, or ``clients_per_round`` drawn from
         ``(seed, round)`` only (from ``(secret, round)`` with a ``secret``: ``--dp client``'s draw,
