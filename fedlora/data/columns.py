@@ -56,7 +56,7 @@ def renamed(rows: Rows, columns: dict[str, str] | None, name: str) -> Rows:
            for row in rows]
     if joined:
         for row, new in zip(rows, out, strict=True):
-            new["choices"] = [row[c] for c in joined]
+            new["choices"] = [row.get(c) for c in joined]  # a row without one: a missing choice
     return out
 
 

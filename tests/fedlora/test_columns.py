@@ -81,3 +81,15 @@ def test_choices_joined_from_several_columns(tmp_path):
         load_instructions(piqa, "text", "label", columns=parse_columns("question=goal,choices=sol1+sol3"))
     with pytest.raises(UserError, match="--columns takes NAME=COLUMN pairs"):
         parse_columns("choices=sol1+")
+
+
+def test_a_joined_choice_column_a_row_lacks_is_one_line(tmp_path):
+    # Prepare: a JSONL row without one of the joined columns (the first row has it)
+    piqa = tmp_path / "piqa.jsonl"
+    piqa.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"goal": "open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0},
+        {"goal": "dry a towel", "sol1": "soak it", "label": 1}]))
+    # Execute / Assert: read as a missing choice, as a null one is (it was a KeyError traceback)
+    with pytest.raises(UserError, match=r"^piqa\.jsonl row 2: 'choice 2' is null"):
+        load_instructions(piqa, "text", "label",
+                          columns=parse_columns("question=goal,choices=sol1+sol2,answer=label"))
