@@ -92,7 +92,8 @@ def check_round_settings(args: argparse.Namespace) -> None:
     every round out or rejected every upload; NaN rejected none), in one line."""
     for flag, value in (("--round-timeout", args.round_timeout), ("--max-update-norm", args.max_update_norm)):
         if not 0 < value < math.inf:
-            raise UserError(f"{flag} must be a finite number > 0, got {value}")
+            off = " (a cap no update reaches, e.g. 1e30, turns it off)" if "norm" in flag else ""
+            raise UserError(f"{flag} must be a finite number > 0, got {value}{off}")
 
 
 def job_for(args: argparse.Namespace) -> tuple[JobConfig, Path]:

@@ -71,7 +71,9 @@ def test_server_round_settings_that_are_not_a_positive_number_are_refused(capsys
     # they were taken: every round timed out, or every upload was rejected (NaN: none was)
     monkeypatch.setattr("fedlora.server.cli.serve", lambda *a: 0)
     code = server_main(["--insecure", "--out", str(tmp_path / "o"), flag, value])
-    assert one_line_error(capsys, code).endswith(f"{flag} must be a finite number > 0, got {float(value)}")
+    off = " (a cap no update reaches, e.g. 1e30, turns it off)" if "norm" in flag else ""
+    want = f"{flag} must be a finite number > 0, got {float(value)}{off}"
+    assert one_line_error(capsys, code).endswith(want)
 
 
 def test_server_port_in_use(capsys, tmp_path):
