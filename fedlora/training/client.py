@@ -69,7 +69,7 @@ class LocalClient:
         ds = self._examples(label_names)
         #: its own --data's digest (60 bits), sent with each upload: the server refuses another file
         #: from this client later in the run (Coordinator.check_client_data)
-        own = digest_of(where.data) if where.data else None
+        own = digest_of(where.data, names=False) if where.data else None  # a moved copy is the same
         self.data_digest = None if own is None else int(own[:15], 16)
         train, test = personal_split(cfg, where.client_id, len(ds))
         # --personal-test-fraction: held-out examples of this client, to measure its own model
