@@ -30,7 +30,7 @@ def from_dict(values: dict[str, Any], where: str = "config.json") -> JobConfig:
     known = {f.name for f in fields(JobConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise UserError(f"config.json has unknown settings {unknown}: it was written by another"
+        raise UserError(f"{where} has unknown settings {unknown}: it was written by another"
                         " fedlora version")
     hints, known = typing.get_type_hints(JobConfig), {f.name: f for f in fields(JobConfig)}
     return JobConfig(**{key: convert(where, key, value, hints[key], known[key].metadata["choices"])
