@@ -7,6 +7,9 @@ client each node is before its first round.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import pytest
 from flwr.app import Context, RecordDict
 
@@ -220,21 +223,32 @@ def test_a_client_restarted_before_its_round_gets_it_on_its_new_node(tiny_bert_d
     assert got[2]["bytes_down_per_client"][1] > got[2]["bytes_down_per_client"][0]
 
 
-def test_a_fresh_runs_log_replaces_the_earlier_one_and_each_line_is_shown_once(tmp_path):
-    import logging
+@contextlib.contextmanager
+def earlier_log(tmp_path):
+    """``(path, tail, start, handler, logger)``: an earlier run's ``server.log``, fedlora-server's tail of
+    it, the offset the new ServerApp starts at, and its handler on a logger of its own."""
+    from fedlora.server.launch import LogTail
 
-    from fedlora.server.launch import LogTail, restart_log
-
-    # Prepare: an earlier run's log; fedlora-server's tail of it; the new ServerApp's handler
     path = tmp_path / "server.log"
     path.write_text("2026-01-01 00:00:00,000 WARNING an earlier run's warning\n")
     tail, start = LogTail(path), path.stat().st_size
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger = logging.getLogger("tests.restart_log")
+    logger = logging.getLogger(f"tests.restart_log.{tmp_path.name}")
     logger.addHandler(handler)
     logger.propagate = False
     try:
+        yield path, tail, start, handler, logger
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def test_a_fresh_runs_log_replaces_the_earlier_one_and_each_line_is_shown_once(tmp_path):
+    from fedlora.server.launch import restart_log
+
+    # Prepare: an earlier run's log; fedlora-server's tail of it; the new ServerApp's handler
+    with earlier_log(tmp_path) as (path, tail, start, handler, logger):
         logger.warning("a set-up warning")
         assert tail.notes() == ["a set-up warning"]
         # Execute: the job is set up: the log becomes this run's alone
@@ -244,45 +258,30 @@ def test_a_fresh_runs_log_replaces_the_earlier_one_and_each_line_is_shown_once(t
         assert tail.notes() == ["a round's warning"]
         text = path.read_text()
         assert "earlier" not in text and text.count("a set-up warning") == 1 and "round's" in text
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
-
 
 
 def test_a_log_replaced_as_the_tail_opens_it_is_read_from_the_new_files_start(tmp_path, monkeypatch):
-    import logging
     from pathlib import Path
 
-    from fedlora.server.launch import LogTail, restart_log
+    from fedlora.server.launch import restart_log
 
     # Prepare: an earlier run's log and fedlora-server's tail of it; the new run's set-up warning
-    path = tmp_path / "server.log"
-    path.write_text("2026-01-01 00:00:00,000 WARNING an earlier run's warning\n")
-    tail, start = LogTail(path), path.stat().st_size
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger = logging.getLogger("tests.restart_log_race")
-    logger.addHandler(handler)
-    logger.propagate = False
-    opened, real_open = [], Path.open
+    with earlier_log(tmp_path) as (path, tail, start, handler, logger):
+        opened, real_open = [], Path.open
 
-    def replaced_first(self, *args, **kwargs):  # the ServerApp replaces the log just as the tail opens it
-        if self == path and not opened:
-            opened.append(self)
-            restart_log(handler, start)
-        return real_open(self, *args, **kwargs)
+        def replaced_first(self, *args, **kwargs):  # the ServerApp replaces the log as the tail opens it
+            if self == path and not opened:
+                opened.append(self)
+                restart_log(handler, start)
+            return real_open(self, *args, **kwargs)
 
-    try:
         logger.warning("a set-up warning")
         monkeypatch.setattr(Path, "open", replaced_first)
         # Execute / Assert: the new file is read from its start (its first line is not cut or lost)
         assert tail.notes() == ["a set-up warning"] and opened
         logger.warning("a round's warning")
         assert tail.notes() == ["a round's warning"]
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
+
 
 class EditingGrid(LocalGrid):
     """Node 0 trains on its own --data file, which is edited, and its client restarted, as round
