@@ -173,8 +173,9 @@ def find_targets(model: nn.Module, patterns: list[str] | None, new: list[str] = 
 
 
 def check_bypassed(adapters: dict[str, BatchedLoRALinear]) -> None:
-    """Refuse, after a forward pass, a layer whose weight the model read but which it never called:
-    it computes with the base weight itself (Mamba's ``dt_proj``; fused kernels), past the adapter."""
+    """Refuse, after a forward pass, a layer whose weight the model read in it but which it never
+    called: it computes with the base weight itself (Mamba's ``dt_proj``; fused kernels), past the
+    adapter (reads before the pass, by fedlora's own code, do not count)."""
     skipped = [name for name, layer in adapters.items() if layer.weight_read and not layer.called]
     if skipped:
         raise UserError(f"the model computes with {skipped[0]}'s weight itself, not through the layer, so"
@@ -293,6 +294,9 @@ class FederatedModel(nn.Module):
         if positions is not None and self.cuts_logits:
             inputs["logits_to_keep"] = positions
         self.router.routing = routing
+        if not self.checked:  # what this first pass reads and calls (check_bypassed)
+            for layer in self.adapters.values():
+                layer.called = layer.weight_read = False
         try:
             out = self.model(**inputs)
         finally:

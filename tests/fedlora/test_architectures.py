@@ -224,6 +224,25 @@ def test_a_layer_whose_weight_the_model_uses_itself_is_refused():
         fm(input_ids=ids)
 
 
+def test_a_weight_read_before_the_first_pass_is_no_bypass():
+    # Prepare: a layer the pass does not call, whose weight fedlora's own code read before it (export,
+    # shapes): only what the model reads in the pass counts
+    from types import SimpleNamespace
+
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.spare = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, inputs_embeds):
+            return SimpleNamespace(logits=self.used(inputs_embeds))
+
+    fm = FederatedModel(Toy(), AdapterConfig(ranks=[2], target_modules=["used", "spare"]))
+    assert fm.adapters["spare"].weight.shape == (4, 4)
+    # Execute / Assert: no refusal
+    assert fm(inputs_embeds=torch.randn(2, 3, 4)).logits.shape == (2, 3, 4)
+
+
 def test_a_model_without_linear_layers_is_refused_saying_so():
     # Prepare: layers of other types only (I-BERT's are its own QuantLinear)
     model = nn.Sequential(nn.Conv1d(4, 4, 1), nn.LayerNorm(4))
