@@ -113,7 +113,7 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
         sink.tracking = Tracking.open(cfg, out_dir, fresh=coord.round == 0)  # --track: rows go there too
         settings = RoundSettings.from_run_config(run_config)
         log.info("fedlora %s: %d rounds, rank %d, %d clients (%d per round; min %d replies, timeout %.0fs)",
-                 cfg.strategy, cfg.rounds, cfg.rank, cfg.num_clients, len(cfg.sampled(1)),
+                 cfg.strategy, cfg.rounds, cfg.rank, cfg.num_clients, cfg.per_round(),
                  settings.min_replies, settings.round_timeout)
         loop.run(coord, FlowerTransport(grid, coord, settings, labels), sink)
         sink.export(out_dir / "adapter")  # the final adapter, as every --save-every one

@@ -62,7 +62,7 @@ def build_job(cfg: JobConfig) -> Job:
     train_ds, test_ds, label_names = splits(cfg, task)
     parts = partition(train_ds, cfg.num_clients, cfg.partition, cfg.alpha, cfg.seed)
     held = [personal_split(cfg, k, len(idx)) for k, idx in enumerate(parts)]
-    slots = pass_size(cfg, len(cfg.sampled(1)), len(label_names))
+    slots = pass_size(cfg, cfg.per_round(), len(label_names))
     fm, tokenizer, path = build_model(cfg, [max(cfg.client_ranks())] * slots, strategy.plan(1),
                                       len(label_names), label_names)
     samplers = [ClientSampler.for_client(cfg, k, [idx[i] for i in train])

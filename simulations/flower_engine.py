@@ -42,7 +42,7 @@ def _check_ray() -> None:
 
 def run_config(cfg: JobConfig, out_dir: Path, round_timeout: float) -> dict[str, object]:
     """The ServerApp's run config for ``cfg``: every sampled client must reply, clients are stateless."""
-    rc = server_run_config(cfg, out_dir, round_timeout=round_timeout, min_replies=len(cfg.sampled(1)),
+    rc = server_run_config(cfg, out_dir, round_timeout=round_timeout, min_replies=cfg.per_round(),
                            stateless=True)
     if cfg.dp == "sample":
         import uuid

@@ -201,9 +201,9 @@ def plan_one(cfg: JobConfig, args: argparse.Namespace) -> dict:
     check_context(cfg.max_length, shape.text_config, None, shape.fm.model)  # as a job does (no tokenizer)
     response = args.response_tokens or default_response_tokens(cfg)
     mem = plan_memory(shape, cfg, response)
-    clients = args.clients_per_pass or cfg.max_clients_per_pass or len(cfg.sampled(1))
+    clients = args.clients_per_pass or cfg.max_clients_per_pass or cfg.per_round()
     traffic = strategy_traffic(cfg, shape)
-    picked = len(cfg.sampled(1))
+    picked = cfg.per_round()
     print(describe(cfg, shape, response), "\n")
     print("\n".join(memory_lines(mem, cfg, clients, args.memory)), "\n")
     print(f"bytes per client per round, the largest over the round's {picked} of {cfg.num_clients} clients"

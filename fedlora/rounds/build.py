@@ -45,7 +45,7 @@ def make_strategy(cfg: JobConfig) -> Strategy:
 def client_level_dp(cfg: JobConfig, inner: Strategy) -> ClientLevelDP:
     """``inner`` wrapped for ``--dp client``, with its privacy ledger.
 
-    ``m = len(cfg.sampled(1))`` clients per round sampled at rate ``q = m / num_clients``;
+    ``m = cfg.per_round()`` clients per round sampled at rate ``q = m / num_clients``;
     the planned releases are the rounds (plus Fed-SB's initialisation); ``σ`` is
     ``--noise-multiplier`` or calibrated to spend ``(ε, δ)`` over them; ``C`` is
     ``--update-clip``. A fixed ``σ`` that cannot afford every planned round is refused
@@ -56,7 +56,7 @@ def client_level_dp(cfg: JobConfig, inner: Strategy) -> ClientLevelDP:
     UserError
         Non-sum strategy, missing ε, bad δ or clip, or a ``σ`` too small for the rounds.
     """
-    m = len(cfg.sampled(1))
+    m = cfg.per_round()
     init = inner.init_releases
     steps = cfg.rounds + init
     budget = Budget.planned(cfg.epsilon, cfg.delta, m / cfg.num_clients, steps, cfg.noise_multiplier)

@@ -81,7 +81,7 @@ class Coordinator:
         #: credits amplification by sampling, which a draw anyone can repeat does not give
         #: (--dp-reproducible: from --seed, for tests)
         self.draw_secret = (secrets.randbits(128) if cfg.dp == "client" and not cfg.dp_reproducible
-                            and len(cfg.sampled(1)) < cfg.num_clients else None)
+                            and cfg.per_round() < cfg.num_clients else None)
         self._reference: tuple[tuple[int, int], dict[str, Tensor]] | None = None  # reference() of a state
 
     def sampled(self, rnd: int) -> list[int]:
