@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from fedlora.data.instructions import BBC_INSTRUCT
 from fedlora.data.loading import DEFAULT_DATASET, TextDataset
-from fedlora.data.readers import cell_text, is_missing, locate, read_rows
+from fedlora.data.readers import cell_text, is_blank, locate, read_rows
 from fedlora.errors import UserError
 
 
@@ -44,7 +44,7 @@ def with_groups(ds: TextDataset, spec: str, column: str) -> TextDataset:
         raise UserError(f"{flag}: the examples of {path.name} are not one per row ({len(ds)} examples of"
                         f" {len(rows)} rows), so a row's {column!r} names no example's group; use"
                         " --partition iid, or dirichlet by the labels")
-    missing = [i for i in where if is_missing(rows[i].get(column)) or str(rows[i][column]).strip() == ""]
+    missing = [i for i in where if is_blank(rows[i].get(column))]
     if missing:
         raise UserError(f"{len(missing)} row(s) of {path.name} have no {column!r} (null, NaN or empty; the"
                         f" first is data row {missing[0] + 1}), so {flag} puts them in no group: fill"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlora.data.readers import cell_text, is_missing, locate, read_rows
+from fedlora.data.readers import cell_text, is_blank, locate, read_rows
 from fedlora.errors import UserError, warn_once
 
 DEFAULT_DATASET = "bbcnews"
@@ -126,7 +126,7 @@ def load_file(path: str | Path, text_column: str = "text",
 def _labels(rows: list[dict], column: str, path: Path) -> tuple[list[int], list[str]]:
     """Each row's label id, and the label names in sorted order (numerically when every label is
     an integer). A label is its text without surrounding spaces; ``1.0`` is ``1``."""
-    missing = [i for i, r in enumerate(rows) if is_missing(r.get(column)) or str(r[column]).strip() == ""]
+    missing = [i for i, r in enumerate(rows) if is_blank(r.get(column))]
     if missing:
         raise UserError(f"{len(missing)} row(s) of {path.name} have no {column!r} (unlabelled: null, NaN,"
                         f" empty or a ClassLabel's -1; the first is data row {missing[0] + 1}): fill in their"

@@ -366,6 +366,11 @@ def is_missing(value) -> bool:
     return value is None or isinstance(value, float) and not math.isfinite(value)
 
 
+def is_blank(value) -> bool:
+    """Whether a cell gives no value: :func:`is_missing`, or text of spaces only."""
+    return is_missing(value) or str(value).strip() == ""
+
+
 def text_of(value, where: str, column: str) -> str:
     """A text cell's value: a string as it is, a number (or a boolean) as it is written.
 
