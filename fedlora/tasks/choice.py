@@ -19,6 +19,7 @@ One prefill per prompt; the choices are scored from its KV cache
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -26,7 +27,8 @@ from typing import ClassVar
 from fedlora.errors import UserError
 from fedlora.tasks.base import Evaluation, Task, drop_long, register_evaluation
 from fedlora.tasks.decode import score_choices
-from fedlora.tasks.sft import ChatFormat, cut_prompts, warn_cut
+from fedlora.tasks.render import ChatFormat, encode_pairs
+from fedlora.tasks.sft import cut_prompts, warn_cut
 
 
 @dataclass
@@ -77,20 +79,38 @@ def choice_set(tokenizer, ds, cfg) -> ChoiceSet:
                         " responses: give a .jsonl with question, choices and answer, MMLU's CSV"
                         " (question,A,B,C,D,answer), or a labeled file with --label-words")
     _check_distinct(ds.choices, ds.label_names)
-    texts = sorted({c for row in ds.choices for c in row})
-    ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True))
-    _check_tokens(ds.choices, ids)
-    keep = drop_long([max(len(ids[c]) for c in row) for row in ds.choices], cfg, tokenizer, "choice")
-    ds = ds.subset(keep) if len(keep) < len(ds) else ds
-    chat = ChatFormat(tokenizer, cfg.chat_template, cfg.system_prompt)
-    heads = [chat.split(p, c[0])[0] for p, c in zip(ds.texts, ds.choices, strict=True)]
-    choices = [[ids[c] for c in row] for row in ds.choices]
-    prompts = fit_prompts(tokenizer(heads, add_special_tokens=False)["input_ids"],
-                          [max(len(c) for c in row) for row in choices], cfg.max_length)
+    heads, choices = _encode(tokenizer, ds, ChatFormat(tokenizer, cfg.chat_template, cfg.system_prompt))
+    _check_tokens(ds.choices, choices)
+    keep = drop_long([max(map(len, row)) for row in choices], cfg, tokenizer, "choice")
+    if len(keep) < len(ds):
+        ds, heads, choices = ds.subset(keep), [heads[i] for i in keep], [choices[i] for i in keep]
+    prompts = fit_prompts(heads, [max(map(len, row)) for row in choices], cfg.max_length)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     return ChoiceSet(prompts=[prompts[i] for i in order], choices=[choices[i] for i in order],
                      sizes=[[len(c) for c in ds.choices[i]] for i in order],
                      answers=[ds.labels[i] for i in order], pad=tokenizer.pad_token_id)
+
+
+#: A stand-in answer (a private-use character) that shows where a template writes the answer.
+MARK = "\ue000"
+
+
+def _encode(tokenizer, ds, chat: ChatFormat) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Each example's prompt ids, and each of its choices' ids as the continuation of that prompt.
+
+    A choice is read as the rendered answer reads it: the template's text before an answer (what
+    precedes :data:`MARK` in the completion, e.g. Llama-2's space after ``[/INST]``), then the
+    choice; its ids are those it has after the prompt's (:func:`~fedlora.tasks.render.encode_pairs`).
+    """
+    pairs, counts = [], []
+    for prompt, row in zip(ds.texts, ds.choices, strict=True):
+        head, tail = chat.split(prompt, MARK)
+        lead = tail[:max(tail.find(MARK), 0)]
+        pairs += [(head, lead + c) for c in row]
+        counts.append(len(row))
+    prompt_ids, ids = encode_pairs(tokenizer, pairs)
+    starts = [0, *itertools.accumulate(counts)]
+    return [prompt_ids[a] for a in starts[:-1]], [ids[a:b] for a, b in itertools.pairwise(starts)]
 
 
 def _check_distinct(choices: list[list[str]], label_names: list[str]) -> None:
@@ -113,7 +133,7 @@ def _check_distinct(choices: list[list[str]], label_names: list[str]) -> None:
                     " cannot be told apart; give each label its own word, or use --eval generate")
 
 
-def _check_tokens(choices: list[list[str]], ids: dict[str, list[int]]) -> None:
+def _check_tokens(choices: list[list[str]], ids: list[list[list[int]]]) -> None:
     """Refuse a choice that the tokenizer encodes as no tokens (a zero-width space, a control
     character to a BERT tokenizer): its log-probability would be 0, the highest there is, and it would
     win every question it is in.
@@ -123,10 +143,12 @@ def _check_tokens(choices: list[list[str]], ids: dict[str, list[int]]) -> None:
     UserError
         Such a choice, named with the number of examples that hold it.
     """
-    empty = [c for c in ids if not ids[c]]
-    if empty:
-        rows = sum(any(c in empty for c in row) for row in choices)
-        raise UserError(f"--eval mc: the choice {empty[0]!r} ({rows} example(s)) is no tokens to this model's"
+    empty = [[c for c, t in zip(row, toks, strict=True) if not t]
+             for row, toks in zip(choices, ids, strict=True)]
+    if any(empty):
+        first = next(e[0] for e in empty if e)
+        rows = sum(first in row for row in empty)
+        raise UserError(f"--eval mc: the choice {first!r} ({rows} example(s)) is no tokens to this model's"
                         " tokenizer, so its log-probability would be 0 and it would win every question;"
                         " give it a text the tokenizer keeps")
 

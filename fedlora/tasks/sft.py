@@ -31,15 +31,13 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from jinja2.exceptions import TemplateError
 from torch import Tensor
 
 from fedlora.data.columns import parse_columns
 from fedlora.data.instructions import labeled_names, load_instructions
-from fedlora.errors import UserError, first_line
+from fedlora.errors import UserError
 from fedlora.tasks.answers import (
     ANSWER_METRICS,
     AnswerMetric,
@@ -59,96 +57,9 @@ from fedlora.tasks.base import (
 )
 from fedlora.tasks.classic import columns
 from fedlora.tasks.decode import score_and_generate
+from fedlora.tasks.render import ChatFormat, encode_pairs
 
-__all__ = ["SFT", "ChatFormat", "Generate", "GenerationSet", "normalize"]
-
-
-#: Chat templates found to refuse a system message in this process (said once each).
-NO_SYSTEM_TEMPLATES: set[str] = set()
-
-
-def _leads_with_bos(tokenizer) -> bool:
-    """Whether ``tokenizer`` puts its beginning-of-text token before a text it encodes."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    added, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
-    return added[:1] == [bos] and bare[:1] != [bos]
-
-
-class ChatFormat:
-    """Renders ``(prompt, response)`` as ``(prompt text, completion text)``.
-
-    ``mode``: ``"model"`` (the tokenizer's chat template), ``"plain"`` (the prompt's
-    contents, a newline, then the response and the end-of-text token; led by the beginning-of-text
-    token where the tokenizer puts one before every text it encodes, as LLaMA's and Gemma's
-    do: examples are encoded without special tokens), or a path to a
-    Jinja chat template file. ``system``: a system message put before every prompt that
-    has none (empty: none, so the template's default applies). A template that refuses a system
-    message (Gemma's) gets it at the start of the first user message instead, said once.
-    """
-
-    def __init__(self, tokenizer, mode: str = "model", system: str = "") -> None:
-        self.tokenizer, self.plain, self.system = tokenizer, mode == "plain", system
-        if mode not in ("model", "plain"):
-            path = Path(mode).expanduser()
-            if not path.is_file():
-                raise UserError(f"--chat-template {mode!r}: use model, plain or an existing Jinja file")
-            tokenizer.chat_template = path.read_text()
-        elif mode == "model" and not getattr(tokenizer, "chat_template", None):
-            raise UserError("this model's tokenizer has no chat template, which --task sft and dpo render"
-                            " prompts with; pass --chat-template plain, or --chat-template FILE.jinja")
-        self.fold_system = getattr(tokenizer, "chat_template", None) in NO_SYSTEM_TEMPLATES
-        self.bos = tokenizer.bos_token if self.plain and _leads_with_bos(tokenizer) else ""
-
-    def split(self, prompt, response: str) -> tuple[str, str]:
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        if self.system and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.system}, *messages]
-        if self.plain:
-            end = self.tokenizer.eos_token or ""
-            return self.bos + "\n\n".join(m["content"] for m in messages) + "\n", response + end
-        # a template with a thinking switch (Qwen3's) renders with it off: the answer follows the
-        # prompt's empty thinking block, not one the completion would teach the model to write; a
-        # template whose switch renders the prompt otherwise once the answer follows, as it is
-        for switch in ({"enable_thinking": False}, {}):
-            head = self._render(messages, add_generation_prompt=True, **switch)
-            full = self._render(messages + [{"role": "assistant", "content": response}], **switch)
-            if full.startswith(head):
-                return head, full[len(head):].rstrip()
-        raise UserError("the chat template renders a prompt differently once the answer follows;"
-                        " pass --chat-template plain or a Jinja file")
-
-    def _render(self, messages: list[dict], **kwargs) -> str:
-        """The chat template's text of ``messages``; a refused system message is retried in the
-        first user message (and so every later one)."""
-        if self.fold_system:
-            messages = system_in_user(messages)
-        try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-        except TemplateError as exc:
-            if self.fold_system or messages[0]["role"] != "system":
-                roles = " ".join(m["role"] for m in messages)
-                said = " ".join(str(messages[0]["content"]).split())[:40]
-                raise UserError(f"the chat template refuses the messages of roles {roles}"
-                                f" ({first_line(exc)}), starting {said!r}: fix the data's roles, or pass"
-                                " --chat-template plain or a Jinja file") from None
-            self.fold_system = True
-            NO_SYSTEM_TEMPLATES.add(self.tokenizer.chat_template)
-            print("fedlora: the chat template takes no system message; it is put at the start of the first"
-                  " user message instead", file=sys.stderr)
-            return self._render(messages, **kwargs)
-
-
-def system_in_user(messages: list[dict]) -> list[dict]:
-    """``messages`` with a leading system message joined to the start of the user message after it
-    (a user message of its own when none follows)."""
-    if messages[0]["role"] != "system":
-        return messages
-    system, rest = messages[0]["content"], messages[1:]
-    if rest and rest[0]["role"] == "user":
-        return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
-    return [{"role": "user", "content": system}, *rest]
+__all__ = ["SFT", "Generate", "GenerationSet", "normalize"]
 
 
 @dataclass
@@ -229,11 +140,10 @@ class SFT(TokenLossTask):
 
     @staticmethod
     def tokenized(tokenizer, ds, cfg) -> tuple[list[list[int]], list[list[int]]]:
-        """``(prompt ids, completion ids)`` of every example, uncut."""
+        """``(prompt ids, completion ids)`` of every example, uncut (``fedlora.tasks.render``)."""
         chat = ChatFormat(tokenizer, cfg.chat_template, cfg.system_prompt)
-        texts = [chat.split(p, r) for p, r in zip(ds.texts, ds.responses, strict=True)]
-        enc = tokenizer([t for pair in texts for t in pair], add_special_tokens=False)["input_ids"]
-        return enc[0::2], enc[1::2]
+        pairs = [chat.split(p, r) for p, r in zip(ds.texts, ds.responses, strict=True)]
+        return encode_pairs(tokenizer, pairs)
 
     def example_lengths(self, tokenizer, ds, cfg) -> tuple[list[int], list[int]]:
         """Tokens of each rendered example (prompt and completion), and of its completion (a
