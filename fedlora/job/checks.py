@@ -12,11 +12,11 @@ from dataclasses import fields
 
 from fedlora.data.columns import parse_columns
 from fedlora.data.readers import locate, reader_for
-from fedlora.errors import UserError
+from fedlora.errors import UserError, warn_once
 from fedlora.job.defaults import measures_clip
 from fedlora.job.flags import flag_name
 from fedlora.job.paths import digest_of, same_setting
-from fedlora.job.schema import JobConfig
+from fedlora.job.schema import USED_ONLY_WITH, JobConfig
 from fedlora.models.hub import check_model_name
 from fedlora.models.quantize import QUANTIZE, require_bitsandbytes
 from fedlora.rounds.compress import parse_scheme
@@ -99,6 +99,21 @@ def check_job_args(args: JobConfig) -> None:
     if args.gradient_checkpointing and args.dp == "sample":
         raise UserError("--gradient-checkpointing recomputes activations, which DP-SGD's per-example"
                         " gradient hooks would see twice; drop one of the two")
+    warn_unused(args)
+
+
+def warn_unused(args) -> None:
+    """Say once each field set away from its default that this job does not read, and the setting
+    that would read it (:data:`~fedlora.job.schema.USED_ONLY_WITH`); under ``--dp none``, that the
+    run is not private."""
+    for name, (reads, setting) in USED_ONLY_WITH.items():
+        value = getattr(args, name)
+        if value == JobConfig.__dataclass_fields__[name].default or reads(args):
+            continue
+        shown = "" if isinstance(value, bool) else f" {value}"
+        off = args.dp == "none" and setting.startswith("--dp")
+        private = ", so this run is not differentially private" if off else ""
+        warn_once(f"{flag_name(name)}{shown} is not used: it is read only with {setting}{private}")
 
 
 def check_ranks(args: JobConfig) -> None:

@@ -363,3 +363,26 @@ class JobConfig:
         rng = np.random.default_rng([self.seed, 7919, int(rnd)] if secret is None else [secret, int(rnd)])
         return sorted(int(c) for c in rng.choice(self.num_clients, size=k, replace=False))
 
+
+
+def _dp(*modes: str):
+    return lambda job: job.dp in modes
+
+
+#: Fields a job reads only beside another setting: ``field -> (whether this job reads it, the
+#: setting that makes it read)``. A field set away from its default without that setting is said
+#: once (:func:`fedlora.job.checks.warn_unused`), not refused: a run's ``config.json`` rerun with
+#: ``--dp none`` still carries its ε.
+USED_ONLY_WITH = {
+    **{name: (_dp("sample", "client"), "--dp sample or client")
+       for name in ("epsilon", "delta", "noise_multiplier", "dp_reproducible")},
+    "dp_backend": (_dp("sample"), "--dp sample"),
+    "update_clip": (_dp("client"), "--dp client"),
+    "alpha": (lambda job: job.partition.startswith("dirichlet"),
+              "--partition dirichlet or dirichlet-clients"),
+    "trim": (lambda job: job.robust_mean in ("trimmed", "krum"), "--robust-mean trimmed or krum"),
+    **{name: (lambda job: job.secagg, "--secagg") for name in ("secagg_range", "secagg_threshold")},
+    "no_error_feedback": (lambda job: job.compress != "none", "--compress"),
+    **{name: (lambda job: bool(job.test_data), "--test-data")
+       for name in ("test_text_column", "test_label_column")},
+}

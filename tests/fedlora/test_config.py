@@ -10,10 +10,10 @@ import pytest
 import tomllib
 
 from fedlora.errors import UserError
-from fedlora.job.checks import check_job_args
+from fedlora.job.checks import check_job_args, warn_unused
 from fedlora.job.flags import to_config
 from fedlora.job.runconfig import from_dict, from_run_config, to_run_config
-from fedlora.job.schema import JobConfig
+from fedlora.job.schema import USED_ONLY_WITH, JobConfig
 from fedlora.server.cli import build_parser
 from fedlora.server.launch import run_config
 
@@ -157,3 +157,44 @@ def test_a_clip_that_is_not_positive_is_refused_with_or_without_dp(dp, clip):
     # and -1 trained against the loss
     with pytest.raises(UserError, match=f"^--max-grad-norm must be > 0, got {clip}: pass a bound, or leave"):
         check_job_args(JobConfig(max_grad_norm=clip, dp=dp, epsilon=8.0))
+
+
+def test_a_dp_setting_without_dp_is_said_with_that_the_run_is_not_private(capsys):
+    # --epsilon 4 without --dp ran a non-private job without a word
+    check_job_args(JobConfig(epsilon=4.0, alpha=0.1))
+    assert capsys.readouterr().err.splitlines() == [
+        "fedlora: --epsilon 4.0 is not used: it is read only with --dp sample or client, so this run is"
+        " not differentially private",
+        "fedlora: --alpha 0.1 is not used: it is read only with --partition dirichlet or dirichlet-clients"]
+    check_job_args(JobConfig(epsilon=4.0, dp="sample", alpha=0.1, partition="dirichlet"))
+    assert capsys.readouterr().err == ""
+
+
+#: A value away from the default for each field of USED_ONLY_WITH, and the settings that read it.
+UNUSED = {"epsilon": (4.0, {"dp": "client"}), "delta": (1e-3, {"dp": "sample"}),
+          "noise_multiplier": (1.0, {"dp": "sample"}), "dp_reproducible": (True, {"dp": "client"}),
+          "dp_backend": ("opacus", {"dp": "sample"}), "update_clip": (2.0, {"dp": "client"}),
+          "alpha": (0.1, {"partition": "dirichlet-clients"}), "trim": (0.2, {"robust_mean": "krum"}),
+          "secagg_range": (1.0, {"secagg": True}), "secagg_threshold": (0.8, {"secagg": True}),
+          "no_error_feedback": (True, {"compress": "int8"}),
+          "test_text_column": ("t", {"test_data": "x.csv"}),
+          "test_label_column": ("y", {"test_data": "x.csv"})}
+
+
+@pytest.mark.parametrize("name", sorted(USED_ONLY_WITH))
+def test_each_field_read_only_beside_a_setting_is_said_without_it_and_not_with_it(name, capsys):
+    value, setting = UNUSED[name]
+    warn_unused(JobConfig(**{name: value}))
+    err = capsys.readouterr().err
+    assert err.startswith(f"fedlora: --{name.replace('_', '-')}") and "is not used" in err
+    assert err.count("\n") == 1
+    warn_unused(JobConfig(**{name: value}, **setting))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_dp_runs_config_rerun_with_dp_none_still_runs(capsys):
+    # the reason these are said, not refused: a finished DP run's config.json, rerun with --dp none,
+    # carries its ε
+    job = to_config(build_parser().parse_args(["--epsilon", "8", "--dp", "none"]))
+    check_job_args(job)
+    assert "--epsilon 8.0 is not used" in capsys.readouterr().err
