@@ -287,11 +287,11 @@ _DERIVED: dict[tuple, tuple[int, int, int]] = {}  # one derivation per data and 
 def derived_max_length(totals: list[int], musts: list[int], context: int | None = None) -> tuple[int, int]:
     """``(--max-length, the quantile's length)`` from each example's tokens (``totals``) and those no
     cut may shorten (``musts``): the :data:`LENGTH_QUANTILE` quantile (nearest rank: the smallest
-    length that many of the examples fit in), at least the longest of ``musts``, rounded up to a
-    multiple of 8, at most :data:`LENGTH_CAP` and ``context``."""
+    length that many of the examples fit in), above the longest of ``musts`` (which leaves its prompt a
+    token), rounded up to a multiple of 8, at most :data:`LENGTH_CAP` and ``context``."""
     ranked = sorted(totals)
     quantile = ranked[max(1, math.ceil(LENGTH_QUANTILE * len(ranked))) - 1]
-    need = max(quantile, max(musts))
+    need = max(quantile, max(musts) + 1)
     return min(-(-need // 8) * 8, LENGTH_CAP, context or LENGTH_CAP), quantile
 
 

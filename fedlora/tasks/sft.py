@@ -174,11 +174,11 @@ class SFT(TokenLossTask):
             raise ValueError("--task sft without --max-length: derive it first (resolve_max_length)")
         prompts, completions = tokens or self.tokenized(tokenizer, ds, cfg)
         longest = max(len(c) for c in completions)
-        if longest > cfg.max_length:
-            n = sum(len(c) > cfg.max_length for c in completions)
-            raise UserError(f"{n} of {len(ds)} training responses alone exceed --max-length {cfg.max_length}"
-                            f" (the longest has {longest} tokens), so no cut of their prompts fits them;"
-                            f" {length_advice(tokenizer, longest)}")
+        if longest >= cfg.max_length:  # a response needs a token of its prompt to be learnt from it
+            n = sum(len(c) >= cfg.max_length for c in completions)
+            raise UserError(f"{n} of {len(ds)} training responses alone have --max-length {cfg.max_length}"
+                            f" tokens or more (the longest has {longest}), which leaves their prompts no"
+                            f" token; {length_advice(tokenizer, longest)}")
         fit, cut = cut_prompts(prompts, [len(c) for c in completions], cfg.max_length)
         return fit, completions, cut
 

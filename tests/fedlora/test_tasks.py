@@ -88,9 +88,16 @@ def test_sft_cuts_long_prompts_from_the_left_and_refuses_long_responses(chat_tok
     assert int(data["attention_mask"][0].sum()) == 16 and row[16 - len(completion):16] == completion
     assert chat_tok.decode(row[:3]) == "word word word"                     # the start was cut
     assert "1 of 2 sft examples exceed --max-length 16" in capsys.readouterr().err
-    with pytest.raises(UserError, match=r"1 of 1 training responses alone exceed --max-length 4 \(the longest"
-                       r" has 7 tokens\).*; pass a --max-length above 7"):
+    with pytest.raises(UserError, match=r"1 of 1 training responses alone have --max-length 4 tokens or more"
+                       r" \(the longest has 7\).*; pass a --max-length above 7"):
         get_task("sft").encode(chat_tok, TextDataset(["q"], None, [], ["a b c d e f"]), _sft(max_length=4))
+    # a response of --max-length tokens exactly trained from an empty prompt: refused too
+    with pytest.raises(UserError, match=r"1 of 1 training responses alone have --max-length 7 tokens or more"
+                       r" \(the longest has 7\), which leaves their prompts no token; pass a --max-length"
+                       r" above 7"):
+        get_task("sft").encode(chat_tok, TextDataset(["q"], None, [], ["a b c d e f"]), _sft(max_length=7))
+    assert get_task("sft").encode(chat_tok, TextDataset(["q"], None, [], ["a b c d e f"]),
+                                  _sft(max_length=8))["labels"][0].tolist()[0] == -100     # one prompt token
 
 
 def test_sft_needs_a_chat_template_or_plain(tiny_llama_dir):

@@ -78,7 +78,7 @@ def test_compare_reports_answer_accuracy_and_perplexity(tiny_chat_llama_dir, sen
 
 @pytest.mark.parametrize("case, message", [
     ("columns", "odd.jsonl has no prompt/response columns (columns: query, reply)"),
-    ("long-response", "1 of 8 training responses alone exceed --max-length 24"),
+    ("long-response", "1 of 8 training responses alone have --max-length 24 tokens or more"),
     ("no-template", "tokenizer has no chat template"),
     ("gguf", "transformers cannot load broken.gguf"),
     ("encoder", "--task sft needs a causal language model, and minilm is an encoder"),

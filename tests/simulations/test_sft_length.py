@@ -21,6 +21,8 @@ def test_the_95th_percentile_rounded_up_to_8_within_the_caps():
     assert derived_max_length([16] * 10, [1] * 10) == (16, 16)
     assert derived_max_length([5000] * 10, [1] * 10) == (LENGTH_CAP, 5000) == (512, 5000)
     assert derived_max_length([5000] * 10, [1] * 10, context=128) == (128, 5000)
+    # a response of 16 tokens needs a token of prompt beside it: 17, rounded up to 24 (it was 16)
+    assert derived_max_length([10] * 3, [16] * 3) == (24, 10)
     # one example: its own length
     assert derived_max_length([9], [3]) == (16, 9)
 
