@@ -96,9 +96,6 @@ def check_job_args(args: JobConfig) -> None:
     check_quantize_args(args)
     check_track_args(args)
     check_model_name(args.model)  # a hub id the local HF cache lacks: one line, before anything runs
-    if args.gradient_checkpointing and args.dp == "sample":
-        raise UserError("--gradient-checkpointing recomputes activations, which DP-SGD's per-example"
-                        " gradient hooks would see twice; drop one of the two")
     warn_unused(args)
 
 
@@ -279,6 +276,9 @@ def check_dp_args(args) -> None:
         raise UserError(f"--dp-backend must be auto, fedlora or opacus, got {args.dp_backend!r}")
     check_public_file(args)
     if args.dp == "sample":
+        if getattr(args, "gradient_checkpointing", False):
+            raise UserError("--gradient-checkpointing recomputes activations, which DP-SGD's per-example"
+                            " gradient hooks would see twice; drop one of the two")
         if getattr(args, "dp_backend", "auto") == "opacus" and not TASKS[args.task].opacus:
             raise UserError(f"--dp-backend opacus clips each model row, and --task {args.task}'s example is"
                             " several rows (a preference pair): use --dp-backend fedlora (or auto)")

@@ -198,3 +198,9 @@ def test_a_dp_runs_config_rerun_with_dp_none_still_runs(capsys):
     job = to_config(build_parser().parse_args(["--epsilon", "8", "--dp", "none"]))
     check_job_args(job)
     assert "--epsilon 8.0 is not used" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_under_dp_sgd_is_refused():
+    with pytest.raises(UserError, match="^--gradient-checkpointing recomputes activations, which DP-SGD's"):
+        check_job_args(JobConfig(dp="sample", epsilon=8.0, gradient_checkpointing=True))
+    check_job_args(JobConfig(dp="client", epsilon=8.0, delta=1e-3, gradient_checkpointing=True))
