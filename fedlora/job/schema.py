@@ -272,9 +272,10 @@ class JobConfig:
     max_new_tokens: int = option(0, "--task sft: tokens generated per answer (0: the longest reference"
                                  " answer's, plus the end of turn)", group="LLM fine-tuning")
     eval: str = option("generate", "--task sft: how held-out examples are scored: generate (greedy answers,"
-                       " scored by --metric) or mc (multiple choice: the choice with the highest"
+                       " scored by --metric), mc (multiple choice: the choice with the highest"
                        " log-likelihood, lm-eval-harness' acc and acc_norm; choices from a"
-                       " question/choices/answer .jsonl, MMLU's CSV or --label-words)",
+                       " question/choices/answer .jsonl, MMLU's CSV or --label-words) or mc-letters"
+                       " (the choices listed after their letters, the letters scored: lm-eval's MMLU)",
                        group="LLM fine-tuning", choices=sorted(EVALUATIONS))
     metric: str = option(AUTO, "--task sft --eval generate: the answers' headline score: exact (normalized"
                          " answer equals the reference), contains (the reference appears in the answer),"

@@ -15,6 +15,9 @@ are scored as its continuation (the choice alone, without the end of the turn):
 
 One prefill per prompt; the choices are scored from its KV cache
 (:func:`fedlora.tasks.decode.score_choices`).
+
+``--eval mc-letters`` (:class:`LetterChoice`) scores as lm-eval-harness scores MMLU: the prompt
+lists the choices after their letters and ends ``Answer:``, and the letters are the choices.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from fedlora.data.choices import LETTERS
+from fedlora.data.loading import TextDataset
 from fedlora.errors import UserError
 from fedlora.tasks.base import Evaluation, Task, drop_long, register_evaluation
 from fedlora.tasks.decode import score_choices
@@ -184,3 +189,38 @@ class MultipleChoice(Evaluation):
         acc, mean = hits / max(n, 1), nll / max(tokens, 1.0)
         return {"accuracy": acc, "mc_accuracy": acc, "mc_accuracy_norm": hits_norm / max(n, 1), "loss": mean,
                 "perplexity": math.exp(min(mean, 50.0)), "eval_examples": n}
+
+
+def lettered(ds):
+    """``ds`` as MMLU's prompt lists its choices (lm-eval-harness' ``mmlu``): each question followed
+    by its choices after their letters, then ``Answer:``; the choices become the letters
+    ``A``, ``B``, … and the answers stay their indices. A chat's question gets them in its last
+    message."""
+    def ask(text, row: list[str]):
+        listed = "".join(f"\n{LETTERS[j]}. {c}" for j, c in enumerate(row)) + "\nAnswer:"
+        if isinstance(text, list):
+            return [*text[:-1], {**text[-1], "content": text[-1]["content"] + listed}]
+        return text + listed
+
+    texts = [ask(t, row) for t, row in zip(ds.texts, ds.choices, strict=True)]
+    letters = [list(LETTERS[:len(row)]) for row in ds.choices]
+    answers = [row[y] for row, y in zip(letters, ds.labels, strict=True)]
+    return TextDataset(texts, ds.labels, ds.label_names, answers, letters, source=ds.source, groups=ds.groups)
+
+
+@register_evaluation
+class LetterChoice(MultipleChoice):
+    """``--eval mc-letters``: the choices listed under each question after their letters, and the
+    letters scored as the continuation (:func:`lettered`): how lm-eval-harness scores MMLU, where
+    ``mc`` scores each choice's own text (its ``hellaswag``/``arc`` way). ``mc_accuracy_norm`` equals
+    ``mc_accuracy`` (every letter is one character)."""
+
+    name = "mc-letters"
+
+    def eval_set(self, task: Task, tokenizer, ds, cfg) -> ChoiceSet:
+        if ds.choices is None or ds.labels is None:
+            return choice_set(tokenizer, ds, cfg)    # its refusal: no choices
+        if max(map(len, ds.choices)) > len(LETTERS):
+            raise UserError(f"--eval mc-letters gives each choice a letter, and a question has"
+                            f" {max(map(len, ds.choices))} choices (at most {len(LETTERS)}): use --eval mc")
+        return choice_set(tokenizer, lettered(ds), cfg)

@@ -37,7 +37,7 @@ def fm(tiny_chat_llama_dir):
 
 
 def _mc(**kw) -> JobConfig:
-    return JobConfig(task="sft", model="unused", eval="mc", **{"max_length": 64, **kw})
+    return JobConfig(task="sft", model="unused", **{"eval": "mc", "max_length": 64, **kw})
 
 
 @torch.no_grad()
@@ -209,3 +209,38 @@ def test_a_choice_the_tokenizer_encodes_as_no_tokens_is_refused(chat_tok):
     with pytest.raises(UserError, match=r"^--eval mc: the choice '\\u200b' \(1 example\(s\)\) is no tokens to"
                                         r" this model's tokenizer, so its log-probability would be 0"):
         get_task("sft").eval_set(chat_tok, ds, _mc())
+
+
+def test_lettered_lists_each_questions_choices_and_makes_the_letters_the_choices():
+    ds = TextDataset(["Capital of France?", [{"role": "user", "content": "2+2?"}]], [1, 0], ["A", "B", "C"],
+                     ["Paris", "4"], [["Lyon", "Paris", "Nice"], ["4", "5"]])
+    got = choice_module.lettered(ds)
+    assert got.texts == ["Capital of France?\nA. Lyon\nB. Paris\nC. Nice\nAnswer:",
+                         [{"role": "user", "content": "2+2?\nA. 4\nB. 5\nAnswer:"}]]
+    assert got.choices == [["A", "B", "C"], ["A", "B"]] and got.labels == [1, 0]
+    assert got.responses == ["B", "A"]
+
+
+def test_mc_letters_scores_each_letter_after_the_listed_choices(fm, chat_tok, tmp_path):
+    # Prepare: an MMLU CSV; --eval mc-letters
+    spec = tmp_path / "mmlu.csv"
+    spec.write_text("question,A,B,C,D,answer\nCapital of France?,Lyon,Paris,Nice,Metz,B\n"
+                    "Largest planet?,Mars,Venus,Earth,Jupiter,D\n")
+    task, cfg = get_task("sft"), _mc(eval="mc-letters")
+    data = task.eval_set(chat_tok, task.load(str(spec), cfg), cfg)
+    # Assert: the prompt lists the choices (MiniLM's tokenizer lower-cases and drops newlines)
+    shown = [chat_tok.decode(p) for p in data.prompts]
+    assert any("capital of france? a. lyon b. paris c. nice d. metz answer :" in p for p in shown)
+    letters = [chat_tok(c, add_special_tokens=False)["input_ids"] for c in "ABCD"]
+    assert data.choices == [letters, letters] and sorted(data.answers) == [1, 3]
+    # Execute, and compare with each letter scored directly after its prompt
+    got = task.evaluate(fm, data, cfg)
+    want = [[_direct(fm, p, c) for c in row] for p, row in zip(data.prompts, data.choices, strict=True)]
+    right = sum(max(range(4), key=w.__getitem__) == a for w, a in zip(want, data.answers, strict=True))
+    assert got["mc_accuracy"] == got["mc_accuracy_norm"] == right / 2
+
+
+def test_mc_letters_refuses_more_choices_than_letters(chat_tok):
+    ds = TextDataset(["q"], [0], [], ["c0"], [[f"c{i}" for i in range(27)]])
+    with pytest.raises(UserError, match="^--eval mc-letters gives each choice a letter, and a question has"):
+        get_task("sft").eval_set(chat_tok, ds, _mc(eval="mc-letters"))
