@@ -11,7 +11,6 @@ writes ``OUT/eval.json``. Thin glue over :mod:`fedlora.job.evaluate`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import asdict
@@ -23,6 +22,7 @@ from fedlora.job.configfile import add_config_argument, parse_args
 from fedlora.job.evaluate import EVAL_FIELDS, eval_table, score_models
 from fedlora.job.flags import Parser, add_job_arguments, to_config
 from fedlora.job.outdir import check_out_dir
+from fedlora.rounds.jsonout import json_line
 
 __all__ = ["build_parser", "main"]
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = score_models(cfg, args.adapter, args.base, quiet=args.quiet)
     args.out.mkdir(parents=True, exist_ok=True)
     job = {k: v for k, v in asdict(cfg).items() if k in EVAL_FIELDS}  # no training field: none was used
-    (args.out / "eval.json").write_text(json.dumps({"job": job, "results": rows}, indent=1) + "\n")
+    (args.out / "eval.json").write_text(json_line({"job": job, "results": rows}, indent=1) + "\n")
     print(eval_table(rows))
     if not args.quiet:
         print(f"wrote {args.out / 'eval.json'}", file=sys.stderr)

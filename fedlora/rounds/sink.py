@@ -21,6 +21,7 @@ from fedlora.job.paths import recorded
 from fedlora.job.schema import JobConfig
 from fedlora.rounds.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT
 from fedlora.rounds.coordinator import Coordinator
+from fedlora.rounds.jsonout import json_line
 from fedlora.rounds.tracking import Tracking, clear_untracked
 
 
@@ -75,12 +76,12 @@ class RunFolder:
     def resume(self, rows: list[dict]) -> None:
         """A resumed run: ``metrics.jsonl`` holds exactly the checkpoint's rounds (a killed run may
         have written a row after its last checkpoint)."""
-        write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(self.metrics, "".join(json_line(r) + "\n" for r in rows))
 
     def commit(self, row: dict, coord: Coordinator) -> None:
         """One completed round: its row, then its checkpoint."""
         with self.metrics.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(json_line(row) + "\n")
         if self.checkpoints:
             coord.save(self.out_dir)
         if self.export is not None and coord.cfg.saves(row["round"]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fedlora.rounds.rows import format_row, personal_columns
@@ -79,3 +81,32 @@ def test_a_dpo_line_shows_reward_accuracy_once():
     # Assert: "reward acc" once either way (it was printed twice when it was the headline)
     assert pairs.count("reward acc") == 1 and "reward acc 0.8000  loss 0.5000" in pairs
     assert answers.count("reward acc") == 1 and "answer acc 0.8000" in answers and "margin 0.2500" in answers
+
+
+def _strict(text: str):
+    """``json.loads`` as a strict reader (jq, JavaScript): NaN and Infinity are errors."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_rows_are_strict_json_with_a_non_finite_value_as_null(tmp_path):
+    from types import SimpleNamespace
+
+    from fedlora.job.schema import JobConfig
+    from fedlora.rounds.jsonout import json_line
+    from fedlora.rounds.sink import RunFolder
+
+    # a diverged loss and an agg_error whose ideal update is zero were written NaN and Infinity
+    row = {"round": 1, "loss": float("nan"), "agg_error": float("inf"), "per": [1.5, float("-inf")],
+           "nested": {"x": float("nan")}, "accuracy": 0.5}
+    assert json_line(row) == ('{"round": 1, "loss": null, "agg_error": null, "per": [1.5, null],'
+                              ' "nested": {"x": null}, "accuracy": 0.5}')
+    folder = RunFolder(tmp_path)
+    folder.begin(JobConfig())
+    folder.commit(row, SimpleNamespace(cfg=JobConfig()))
+    folder.resume([row, {**row, "round": 2}])
+    rows = [_strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and rows[0]["loss"] is None and rows[0]["accuracy"] == 0.5
+    assert row["loss"] != row["loss"]            # the row the loop and trackers hold keeps its NaN
