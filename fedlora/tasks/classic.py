@@ -67,6 +67,25 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, Te
     return out
 
 
+def class_scores(confusion: Tensor | None) -> dict[str, float]:
+    """``macro_f1`` and ``balanced_accuracy`` of a confusion matrix (``confusion[y, ŷ]``: examples of
+    class y predicted ŷ), over the classes that are a label or a prediction (scikit-learn's)::
+
+        F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c)          macro_f1 = mean_c F1_c
+        recall_c = TP_c / (TP_c + FN_c)                  balanced_accuracy = mean over labels c
+
+    A skewed federation's model that predicts one class scores 1/classes in balanced accuracy,
+    whatever the test set's class mix; plain accuracy does not tell it from a weak model."""
+    if confusion is None or not int(confusion.sum()):
+        return {}
+    c = confusion.double()
+    tp, labelled, predicted = c.diagonal(), c.sum(dim=1), c.sum(dim=0)
+    seen = (labelled + predicted) > 0
+    f1 = 2 * tp[seen] / (labelled[seen] + predicted[seen])
+    recall = tp[labelled > 0] / labelled[labelled > 0]
+    return {"macro_f1": float(f1.mean()), "balanced_accuracy": float(recall.mean())}
+
+
 def eval_batches(fm, data: dict[str, Tensor], cfg):
     """``(batch without labels, labels, logits)`` of slot 0, batch by batch, without gradients
     (each batch padded to its longest row unless ``--padding max-length``)."""
@@ -105,12 +124,18 @@ class Classification(Task):
         return F.cross_entropy(logits.float(), labels, reduction="none")
 
     def evaluate(self, fm, data: dict[str, Tensor], cfg) -> dict[str, float]:
-        correct = loss = 0.0
+        """``accuracy``, ``loss`` (mean cross-entropy), and from the confusion counts ``macro_f1``
+        and ``balanced_accuracy`` (:func:`class_scores`)."""
+        loss, confusion = 0.0, None
         for _, labels, logits in eval_batches(fm, data, cfg):
             loss += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(-1) == labels).sum().item()
+            k = logits.shape[-1]
+            counts = torch.bincount(labels.cpu() * k + logits.argmax(-1).cpu(), minlength=k * k).view(k, k)
+            confusion = counts if confusion is None else confusion + counts
         n = max(int(data["labels"].shape[0]), 1)
-        return {"accuracy": correct / n, "loss": loss / n, "eval_examples": int(data["labels"].shape[0])}
+        correct = 0 if confusion is None else int(confusion.diagonal().sum())
+        return {"accuracy": correct / n, "loss": loss / n, **class_scores(confusion),
+                "eval_examples": int(data["labels"].shape[0])}
 
 
 @register_task

@@ -436,3 +436,22 @@ def test_a_labeled_test_files_choices_hold_the_training_labels(tmp_path):
     cfg = _sft(data=str(train), test_data=str(test), prompt_template="S? {text}")
     held = sft.load(str(test), cfg, test=True)
     assert held.choices == [["0", "1"]] * 2 and held.labels == [1, 1] and held.responses == ["1", "1"]
+
+
+def test_macro_f1_and_balanced_accuracy_by_hand():
+    from fedlora.tasks.classic import class_scores
+
+    # labels 0,0,0,1,1,2 predicted 0,0,1,1,2,2; class 3 is neither a label nor a prediction
+    confusion = torch.zeros(4, 4, dtype=torch.long)
+    for y, p in zip([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2], strict=True):
+        confusion[y, p] += 1
+    got = class_scores(confusion)
+    # F1: 2·2/(3+2), 2·1/(2+2), 2·1/(1+2); recall: 2/3, 1/2, 1/1
+    assert got["macro_f1"] == pytest.approx((4 / 5 + 1 / 2 + 2 / 3) / 3)
+    assert got["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    # a class predicted but never a label counts in F1 (0), not in recall
+    confusion[0, 3] += 1
+    got = class_scores(confusion)
+    assert got["macro_f1"] == pytest.approx((2 * 2 / (4 + 2) + 1 / 2 + 2 / 3 + 0) / 4)
+    assert got["balanced_accuracy"] == pytest.approx((2 / 4 + 1 / 2 + 1) / 3)
+    assert class_scores(None) == {}
