@@ -94,7 +94,7 @@ def from_labeled(ds: TextDataset, template: str, label_words: dict[str, str],
     more = list(label_words) if label_words else (known() if known else [])
     names = label_order([*ds.label_names, *more])
     answers = [label_words.get(name, name) for name in names]
-    prompts = fill_template(template, ds.texts)
+    prompts = fill_template(template, ds.joined())   # a pair of texts (--text-column a+b): one text
     assert ds.labels is not None
     index = [names.index(name) for name in ds.label_names]
     labels = [index[y] for y in ds.labels]

@@ -51,6 +51,9 @@ class TextDataset:
     source: list[int] | None = field(default=None, kw_only=True)
     #: each example's value of ``--partition-column`` (:func:`with_groups`), which partitions read
     groups: list[str] | None = field(default=None, kw_only=True)
+    #: each example's second text, for a classifier that reads a pair (``--text-column a+b``: GLUE's
+    #: sentence1/sentence2, question/sentence); None: one text each
+    second: list[str] | None = field(default=None, kw_only=True)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -61,7 +64,8 @@ class TextDataset:
 
         source = [int(i) for i in idx] if self.source is None else pick(self.source)
         return TextDataset(pick(self.texts), pick(self.labels), self.label_names, pick(self.responses),
-                           pick(self.choices), source=source, groups=pick(self.groups))
+                           pick(self.choices), source=source, groups=pick(self.groups),
+                           second=pick(self.second))
 
     def head(self, n: int) -> TextDataset:
         """The first ``n`` rows (all of them when ``n`` is 0)."""
@@ -77,7 +81,14 @@ class TextDataset:
                             f" labels ({', '.join(names)}); fix its label column")
         assert self.labels is not None
         return TextDataset(self.texts, [index[self.label_names[i]] for i in self.labels], list(names),
-                           source=self.source, groups=self.groups)
+                           source=self.source, groups=self.groups, second=self.second)
+
+    def joined(self, sep: str = "\n\n") -> list:
+        """Each example's text, its second text (if any) after ``sep``: one text for a task that
+        reads one (a prompt, a language model's text)."""
+        if self.second is None:
+            return self.texts
+        return [f"{a}{sep}{b}" for a, b in zip(self.texts, self.second, strict=True)]
 
 
 def load_bbcnews() -> TextDataset:
@@ -110,17 +121,35 @@ def load_file(path: str | Path, text_column: str = "text",
     if not rows:
         raise UserError(f"data file {str(path)!r} has no rows")
     columns = list(rows[0].keys())
-    for col, what in ((text_column, "text"), (label_column, "label")):
+    parts = text_columns(text_column, rows[0], flags)
+    for col, what in ((*((c, "text") for c in parts), (label_column, "label"))):
         if col is not None and col not in rows[0]:
-            others = [c for c in columns if c not in (text_column, label_column)]  # not another role's
+            others = [c for c in columns if c not in (*parts, label_column)]  # not another role's
             guess = _closest(col, others, rows, what)
             raise UserError(f"{what} column {col!r} is not in {path.name} (columns: "
                             f"{', '.join(columns)}); pass --{flags}{what}-column {guess}")
-    texts = [cell_text(r, text_column, f"data row {i + 1} of {path.name}") for i, r in enumerate(rows)]
+    texts = [[cell_text(r, c, f"data row {i + 1} of {path.name}") for i, r in enumerate(rows)] for c in parts]
+    second = texts[1] if len(parts) == 2 else None
     if label_column is None:
-        return TextDataset(texts, None, [])
+        return TextDataset(texts[0], None, [], second=second)
     labels, names = _labels(rows, label_column, path)
-    return TextDataset(texts, labels, names)
+    return TextDataset(texts[0], labels, names, second=second)
+
+
+def text_columns(spec: str, row: dict, flags: str = "") -> list[str]:
+    """The text column(s) ``--text-column spec`` names in a file whose first row is ``row``: the column
+    of that name, or two joined by ``+`` (``sentence1+sentence2``: a pair of texts).
+
+    Raises
+    ------
+    UserError
+        More than two columns joined.
+    """
+    parts = [spec] if spec in row or "+" not in spec else [c.strip() for c in spec.split("+")]
+    if len(parts) > 2 or not all(parts):
+        raise UserError(f"--{flags}text-column {spec!r}: give a column, or two joined by + for a pair of"
+                        " texts (sentence1+sentence2)")
+    return parts
 
 
 def _labels(rows: list[dict], column: str, path: Path) -> tuple[list[int], list[str]]:

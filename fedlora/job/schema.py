@@ -74,8 +74,9 @@ class JobConfig:
     task: str = option("classification", "classification (a head on the encoder), causal-lm (every"
                        " token), sft (instruction tuning: loss on the responses, answers scored by"
                        " generation)", group="data and model", choices=sorted(TASKS))
-    text_column: str = option("text", "column of the text (the prompt's {text} with --task sft)",
-                              group="data and model")
+    text_column: str = option("text", "column of the text (the prompt's {text} with --task sft); two"
+                              " joined by + (sentence1+sentence2) are a pair, which a classifier reads as"
+                              " its tokenizer encodes a pair", group="data and model")
     label_column: str = option("label", "column of the label", group="data and model")
     num_clients: int = option(10, "clients")
     rounds: int = option(3, "federated rounds")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,8 +26,9 @@ CUT_CHARS_PER_TOKEN = 16
 KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _encode(tokenizer, texts: list[str], max_length: int) -> dict[str, Tensor]:
-    enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length",
+def _encode(tokenizer, texts: list[str], max_length: int, second: list[str] | None = None
+            ) -> dict[str, Tensor]:
+    enc = tokenizer(texts, second, truncation=True, max_length=max_length, padding="max_length",
                     return_tensors="pt")
     return {k: v for k, v in enc.items() if k in KEYS}
 
@@ -38,8 +41,11 @@ def _cut(text: str, chars: int) -> str:
     return text[:space] if space > 0 else text
 
 
-def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, Tensor]:
-    """``input_ids``, ``attention_mask`` (and ``token_type_ids``), right-padded to ``max_length``.
+def tokenize_texts(tokenizer, texts: list[str], max_length: int, second: list[str] | None = None
+                   ) -> dict[str, Tensor]:
+    """``input_ids``, ``attention_mask`` (and ``token_type_ids``), right-padded to ``max_length``;
+    with ``second``, each text and its second as the tokenizer encodes a pair (``[CLS] a [SEP] b
+    [SEP]`` for BERT, the longer one truncated first), whole.
 
     The same tensors as tokenizing the whole texts with right truncation, faster on long texts
     (a news article is about 100 times ``--max-length 32``): each text is first cut at a space
@@ -47,6 +53,8 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, Te
     again from the whole text, and the cut rows are checked against the whole texts on a sample;
     a tokenizer that differs there (or truncates on the left) encodes every whole text.
     """
+    if second is not None:
+        return _encode(tokenizer, texts, max_length, second)
     chars = CUT_CHARS_PER_TOKEN * max_length
     cut = [_cut(t, chars) for t in texts]
     rows = [i for i, (a, b) in enumerate(zip(texts, cut, strict=True)) if len(b) < len(a)]  # cut
@@ -113,7 +121,7 @@ class Classification(Task):
         return load_dataset(spec, *columns(cfg, test), flags="test-" if test else "")
 
     def encode(self, tokenizer, ds: TextDataset, cfg) -> dict[str, Tensor]:
-        out = tokenize_texts(tokenizer, ds.texts, cfg.max_length)
+        out = tokenize_texts(tokenizer, ds.texts, cfg.max_length, ds.second)
         out["labels"] = torch.tensor(ds.labels, dtype=torch.long)
         return out
 
@@ -146,7 +154,8 @@ class CausalLM(TokenLossTask):
     metric = "token_accuracy"
 
     def load(self, spec: str, cfg, *, test: bool = False) -> TextDataset:
-        return load_dataset(spec, columns(cfg, test)[0], None, flags="test-" if test else "")
+        ds = load_dataset(spec, columns(cfg, test)[0], None, flags="test-" if test else "")
+        return replace(ds, texts=ds.joined(), second=None)    # a pair of texts (a+b): one text
 
     def encode(self, tokenizer, ds: TextDataset, cfg) -> dict[str, Tensor]:
         out = tokenize_texts(tokenizer, ds.texts, cfg.max_length)

@@ -325,3 +325,21 @@ def test_labels_are_numbered_as_a_fine_tuned_head_numbers_them(tiny_bert_dir, tm
     rows = zip(train.texts + test.texts, train.labels + test.labels, strict=True)
     assert sorted(rows) == [("a", 1), ("b", 0), ("c", 1), ("d", 0)]
     assert "labels numbered as the head of" in capsys.readouterr().err
+
+
+def test_two_text_columns_joined_by_plus_are_a_pair(tmp_path):
+    path = tmp_path / "rte.csv"
+    path.write_text("sentence1,sentence2,label\nthe cat sat,a cat sits,1\nthe sky is blue,it rains,0\n")
+    ds = load_file(path, "sentence1+sentence2", "label")
+    assert ds.texts == ["the cat sat", "the sky is blue"] and ds.second == ["a cat sits", "it rains"]
+    assert ds.subset([1]).second == ["it rains"] and ds.relabel(["0", "1"]).second == ds.second
+    assert ds.joined() == ["the cat sat\n\na cat sits", "the sky is blue\n\nit rains"]
+    assert load_file(path, "sentence1", "label").second is None
+    # a column whose own name holds a + is that column
+    odd = tmp_path / "odd.csv"
+    odd.write_text("a+b,label\nx,1\n")
+    assert load_file(odd, "a+b", "label").texts == ["x"]
+    with pytest.raises(UserError, match=r"^text column 'sentence3' is not in rte.csv .*--text-column"):
+        load_file(path, "sentence1+sentence3", "label")
+    with pytest.raises(UserError, match=r"^--test-text-column 'a\+b\+c': give a column, or two joined by \+"):
+        load_file(path, "a+b+c", "label", flags="test-")

