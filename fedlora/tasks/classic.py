@@ -121,7 +121,11 @@ class Classification(Task):
         return load_dataset(spec, *columns(cfg, test), flags="test-" if test else "")
 
     def encode(self, tokenizer, ds: TextDataset, cfg) -> dict[str, Tensor]:
-        out = tokenize_texts(tokenizer, ds.texts, cfg.max_length, ds.second)
+        # a pair: as the tokenizer encodes one where it separates them (BERT's [SEP]); a tokenizer
+        # without a separator (GPT-2's, LLaMA's) would butt the second text onto the first: one text
+        apart = ds.second is not None and getattr(tokenizer, "sep_token", None) is not None
+        texts = ds.texts if apart or ds.second is None else ds.joined()
+        out = tokenize_texts(tokenizer, texts, cfg.max_length, ds.second if apart else None)
         out["labels"] = torch.tensor(ds.labels, dtype=torch.long)
         return out
 

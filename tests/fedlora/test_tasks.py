@@ -477,3 +477,18 @@ def test_a_classifier_reads_a_pair_of_texts_as_its_tokenizer_encodes_a_pair(tmp_
     # a language model (and sft's prompts) read the pair as one text, a blank line between
     lm = get_task("causal-lm").load(str(path), JobConfig(task="causal-lm", text_column="question+sentence"))
     assert lm.texts[0] == "who sat?\n\nthe cat sat on the mat" and lm.second is None
+
+
+def test_a_pair_is_one_text_to_a_tokenizer_without_a_separator(sp_tokenizer):
+    # LLaMA's tokenizer (here its SentencePiece stand-in) has no [SEP]: a pair would be the second
+    # text's tokens butted onto the first's
+    import copy
+
+    tok = copy.deepcopy(sp_tokenizer)
+    tok.pad_token = "<unk>"
+    ds = TextDataset(["great film", "awful"], [0, 1], ["0", "1"], second=["a story", "the plot"])
+    assert tok.sep_token is None
+    got = get_task("classification").encode(tok, ds, JobConfig(max_length=12))
+    want = tok(["great film\n\na story", "awful\n\nthe plot"], truncation=True, max_length=12,
+               padding="max_length", return_tensors="pt")
+    assert torch.equal(got["input_ids"], want["input_ids"])

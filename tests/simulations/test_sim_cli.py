@@ -339,7 +339,7 @@ def test_a_sentence_pair_task_trains_on_both_texts(tiny_bert_dir, tmp_path):
     rng = random.Random(0)
     colours = ["red", "green", "blue", "black"]
     lines = ["sentence1,sentence2,label"]
-    for i in range(60):
+    for _ in range(60):
         a, b = rng.choice(colours), rng.choice(colours)
         lines.append(f"the {a} car,a {b} car,{int(a == b)}")
     data = tmp_path / "pairs.csv"
