@@ -492,3 +492,15 @@ def test_a_pair_is_one_text_to_a_tokenizer_without_a_separator(sp_tokenizer):
     want = tok(["great film\n\na story", "awful\n\nthe plot"], truncation=True, max_length=12,
                padding="max_length", return_tensors="pt")
     assert torch.equal(got["input_ids"], want["input_ids"])
+
+
+def test_sft_reads_a_passage_and_its_question_as_one_prompt(tmp_path):
+    # BoolQ: passage, question, answer; the prompt holds both
+    path = tmp_path / "boolq.jsonl"
+    path.write_text('{"passage": "Cats sleep a lot.", "question": "do cats sleep", "answer": true}\n'
+                    '{"passage": "Fish swim.", "question": "do fish fly", "answer": false}\n')
+    cfg = _sft(text_column="passage+question", label_column="answer", label_words="True=yes,False=no",
+               prompt_template="{text}?")
+    ds = get_task("sft").load(str(path), cfg)
+    assert ds.texts == ["Cats sleep a lot.\n\ndo cats sleep?", "Fish swim.\n\ndo fish fly?"]
+    assert ds.responses == ["yes", "no"]
