@@ -32,7 +32,7 @@ from fedlora.data.loading import TextDataset
 from fedlora.errors import UserError
 from fedlora.tasks.base import Evaluation, Task, drop_long, register_evaluation
 from fedlora.tasks.decode import score_choices
-from fedlora.tasks.render import ChatFormat, encode_pairs
+from fedlora.tasks.render import ChatFormat, encode_pairs, leading_bos
 from fedlora.tasks.sft import cut_prompts, warn_cut
 
 
@@ -50,9 +50,11 @@ class ChoiceSet:
     headline: ClassVar[str] = "mc_accuracy"
 
 
-def fit_prompts(prompts: list[list[int]], room: list[int], max_length: int) -> list[list[int]]:
+def fit_prompts(prompts: list[list[int]], room: list[int], max_length: int,
+                bos: int | None = None) -> list[list[int]]:
     """The prompts cut from the left so that prompt i and ``room[i]`` tokens (its longest choice)
-    fit ``max_length``; one warning counts the cut ones.
+    fit ``max_length``, a leading ``bos`` kept (:func:`~fedlora.tasks.sft.cut_prompts`); one warning
+    counts the cut ones.
 
     Raises
     ------
@@ -63,7 +65,7 @@ def fit_prompts(prompts: list[list[int]], room: list[int], max_length: int) -> l
     if max(room) >= max_length:
         raise UserError(f"a choice alone has {max(room)} tokens, which leaves its prompt none of --max-length"
                         f" {max_length}; raise --max-length or shorten the choices")
-    out, cut = cut_prompts(prompts, room, max_length)
+    out, cut = cut_prompts(prompts, room, max_length, bos)
     warn_cut(sum(cut), len(prompts), "multiple-choice prompts", max_length, kept="choices")
     return out
 
@@ -89,7 +91,8 @@ def choice_set(tokenizer, ds, cfg) -> ChoiceSet:
     keep = drop_long([max(map(len, row)) for row in choices], cfg, tokenizer, "choice")
     if len(keep) < len(ds):
         ds, heads, choices = ds.subset(keep), [heads[i] for i in keep], [choices[i] for i in keep]
-    prompts = fit_prompts(heads, [max(map(len, row)) for row in choices], cfg.max_length)
+    prompts = fit_prompts(heads, [max(map(len, row)) for row in choices], cfg.max_length,
+                          leading_bos(tokenizer))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     return ChoiceSet(prompts=[prompts[i] for i in order], choices=[choices[i] for i in order],
                      sizes=[[len(c) for c in ds.choices[i]] for i in order],

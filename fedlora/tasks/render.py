@@ -29,7 +29,7 @@ from jinja2.exceptions import TemplateError
 
 from fedlora.errors import UserError, first_line
 
-__all__ = ["ChatFormat", "encode_pairs", "system_in_user"]
+__all__ = ["ChatFormat", "encode_pairs", "leading_bos", "system_in_user"]
 
 
 #: Chat templates found to refuse a system message in this process (said once each).
@@ -43,6 +43,13 @@ def _leads_with_bos(tokenizer) -> bool:
         return False
     added, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
     return added[:1] == [bos] and bare[:1] != [bos]
+
+
+def leading_bos(tokenizer) -> int | None:
+    """The beginning-of-text id where ``tokenizer`` puts it before every text it encodes (LLaMA's,
+    Mistral's, Gemma's), which a prompt cut to fit ``--max-length`` keeps
+    (:func:`~fedlora.tasks.sft.cut_prompts`); else None."""
+    return tokenizer.bos_token_id if _leads_with_bos(tokenizer) else None
 
 
 class ChatFormat:

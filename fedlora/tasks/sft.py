@@ -57,7 +57,7 @@ from fedlora.tasks.base import (
 )
 from fedlora.tasks.classic import columns
 from fedlora.tasks.decode import score_and_generate
-from fedlora.tasks.render import ChatFormat, encode_pairs
+from fedlora.tasks.render import ChatFormat, encode_pairs, leading_bos
 
 __all__ = ["SFT", "Generate", "GenerationSet", "normalize"]
 
@@ -97,11 +97,30 @@ def _stop_ids(tokenizer, *configs, completions: list[list[int]] = ()) -> list[in
     return sorted(i for i in ids if i is not None)
 
 
-def cut_prompts(prompts: list[list[int]], room: list[int], max_length: int
+def cut_prompts(prompts: list[list[int]], room: list[int], max_length: int, bos: int | None = None
                 ) -> tuple[list[list[int]], list[bool]]:
     """Each prompt cut from the left so that it and ``room[i]`` more tokens (its completion, or its
-    longest choice) fit ``max_length``; and which prompts were cut."""
-    out = [p[max(0, len(p) - (max_length - r)):] for p, r in zip(prompts, room, strict=True)]
+    longest choice) fit ``max_length``; and which prompts were cut.
+
+    Parameters
+    ----------
+    prompts : list of list of int
+        The prompts' token ids.
+    room : list of int
+        The tokens each prompt must leave free.
+    max_length : int
+        ``--max-length``.
+    bos : int, optional
+        The beginning-of-text id of a tokenizer that leads every text with it (:func:`leading_bos`):
+        a prompt that starts with it keeps it, and loses the tokens after it instead (LLaMA, Mistral
+        and Gemma read every text from it; one cut off would leave the model a text unlike any it
+        saw), as long as one more token fits beside it.
+    """
+    out = []
+    for p, r in zip(prompts, room, strict=True):
+        fits = max(0, max_length - r)
+        lead = p[:1] if bos is not None and p[:1] == [bos] and len(p) > fits >= 2 else []
+        out.append(lead + p[len(p) - (fits - len(lead)):] if len(p) > fits else p)
     return out, [len(a) < len(b) for a, b in zip(out, prompts, strict=True)]
 
 
@@ -179,7 +198,8 @@ class SFT(TokenLossTask):
             raise UserError(f"{n} of {len(ds)} training responses alone have --max-length {cfg.max_length}"
                             f" tokens or more (the longest has {longest}), which leaves their prompts no"
                             f" token; {length_advice(tokenizer, longest)}")
-        fit, cut = cut_prompts(prompts, [len(c) for c in completions], cfg.max_length)
+        fit, cut = cut_prompts(prompts, [len(c) for c in completions], cfg.max_length,
+                               leading_bos(tokenizer))
         return fit, completions, cut
 
     def scorable(self, tokenizer, ds, cfg) -> tuple[object, tuple[list[list[int]], list[list[int]]]]:

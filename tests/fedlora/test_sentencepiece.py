@@ -1,0 +1,115 @@
+"""SentencePiece-style tokenizers (LLaMA-2 and Mistral-7B-v0.1 "legacy", Gemma): a beginning-of-text
+token before every text, byte fallback, no pad token. Each is built in this process with the
+``tokenizers`` library (no ``sentencepiece``, no download)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from fedlora.data.loading import TextDataset
+from fedlora.job.schema import JobConfig
+from fedlora.tasks import get_task
+from fedlora.tasks.sft import cut_prompts
+
+BYTES = [f"<0x{i:02X}>" for i in range(256)]
+WORDS = ("the a of to and in is was what which capital city france paris germany berlin answer question"
+         " review movie great bad good film story positive negative yes no one two three").split()
+#: LLaMA-2's chat template: it writes the beginning-of-text token itself.
+LLAMA2_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + message['content'].strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'].strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}")
+
+
+def llama2_tokenizer(template: str | None = LLAMA2_TEMPLATE) -> PreTrainedTokenizerFast:
+    """A LLaMA-2 "legacy" tokenizer of about 400 tokens: BPE with byte fallback, a dummy prefix "▁"
+    (a normalizer), ``<s>`` before every text, and no pad token (as LLaMA-2's)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    corpus = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12)) for i in range(60)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400,
+                                                        special_tokens=["<unk>", "<s>", "</s>", *BYTES]))
+    tok.pre_tokenizer = None   # trained on "▁word" pieces; encoded as LLaMA-2's tokenizer.json does
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    data = json.loads(tok.to_str())   # the byte pieces are ordinary tokens, as in LLaMA's tokenizer.json
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in BYTES]
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    out.chat_template = template
+    out.pad_token = out.eos_token   # what fedlora's loader sets where a tokenizer has no pad token
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama2_tok():
+    return llama2_tokenizer()
+
+
+def test_the_llama2_tokenizer_is_sentencepiece_like(llama2_tok):
+    # the dummy prefix, <s> first, byte fallback for what the vocabulary lacks
+    ids = llama2_tok("paris é")["input_ids"]
+    assert llama2_tok.convert_ids_to_tokens(ids)[:2] == ["<s>", "▁paris"]
+    assert "<0xC3>" in llama2_tok.convert_ids_to_tokens(ids)
+    assert llama2_tok.decode(ids, skip_special_tokens=True) == "paris é"
+
+
+def test_a_cut_prompt_keeps_its_beginning_of_text_token():
+    # Act: prompts led by <s> (id 1) cut to fit 6 tokens with 2 for the completion
+    out, cut = cut_prompts([[1, 10, 11, 12, 13, 14], [1, 10], [7, 8, 9, 10, 11]], [2, 2, 2], 6, bos=1)
+
+    # Assert: <s> stays, the tokens after it go; a prompt that fits is as it was; one without <s> as before
+    assert out == [[1, 12, 13, 14], [1, 10], [8, 9, 10, 11]]
+    assert cut == [True, False, True]
+    assert cut_prompts([[1, 10, 11, 12]], [5], 6, bos=1)[0] == [[12]]   # no room for <s> and a token
+    assert cut_prompts([[1, 10, 11, 12]], [4], 6, bos=1)[0] == [[1, 12]]
+
+
+def test_sft_and_mc_prompts_cut_to_fit_still_start_with_bos(llama2_tok, tmp_path):
+    # Prepare: LLaMA-2's template writes <s>; prompts far longer than --max-length 16
+    long = " ".join(["the capital city of france is a question"] * 4)
+    rows = [{"question": f"{long} {i}", "choices": ["paris", "berlin"], "answer": i % 2} for i in range(4)]
+    spec = tmp_path / "mc.jsonl"
+    spec.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = get_task("sft")
+    cfg = JobConfig(task="sft", model="unused", max_length=16)
+    ds = task.load(str(spec), cfg)
+
+    # Act
+    prompts, completions = task.pieces(llama2_tok, ds, cfg)
+    mc = task.eval_set(llama2_tok, ds, JobConfig(task="sft", model="unused", max_length=16, eval="mc"))
+    dpo, dpo_cfg = get_task("dpo"), JobConfig(task="dpo", model="unused", max_length=16)
+    pairs = dpo.encode(llama2_tok, dpo.load(str(_pairs(tmp_path, long)), dpo_cfg), dpo_cfg)
+
+    # Assert: every cut prompt still starts with <s>, once, and fits with its completion
+    bos = llama2_tok.bos_token_id
+    for p, c in zip(prompts, completions, strict=True):
+        assert p[0] == bos and p.count(bos) == 1 and len(p) + len(c) == 16
+    assert all(p[0] == bos and p.count(bos) == 1 for p in mc.prompts)
+    assert (pairs["input_ids"][:, :, 0] == bos).all()
+
+
+def _pairs(tmp_path, long: str):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"{long} {i}", "chosen": "paris", "rejected": "berlin"} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_prompts_without_a_leading_bos_are_cut_as_before(llama2_tok, tmp_path):
+    # a tokenizer whose texts do not start with <s> (a template that does not write it): plain left cut
+    tok = llama2_tokenizer("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    ds = TextDataset(["the capital city of france is " * 6], None, None, ["paris"])
+    cfg = JobConfig(task="sft", model="unused", max_length=8)
+    prompts, completions = get_task("sft").pieces(tok, ds, cfg)
+    whole = get_task("sft").tokenized(tok, ds, cfg)[0][0]
+    assert prompts[0] == whole[len(whole) - (8 - len(completions[0])):]
