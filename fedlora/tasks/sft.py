@@ -87,12 +87,16 @@ class GenerationSet:
 def _stop_ids(tokenizer, *configs, completions: list[list[int]] = ()) -> list[int]:
     """Where a greedy answer stops: the tokenizer's end of text, the ``eos_token_id`` (one or a list)
     of each of ``configs`` (the model's config and generation config: Gemma's end of turn is only in
-    the latter), and each special token that ends a reference completion (its template's end of turn)."""
+    the latter), and each special token that ends a reference completion (its template's end of turn):
+    one of the tokenizer's named special tokens, or an added token marked special, as a template's
+    end of turn often is without a name (decoding drops both kinds, ``skip_special_tokens``)."""
     ids = {tokenizer.eos_token_id}
     for config in configs:
         eos = getattr(config, "eos_token_id", None)
         ids.update(eos if isinstance(eos, list) else [eos])
-    special = set(getattr(tokenizer, "all_special_ids", ()))
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    special = set(getattr(tokenizer, "all_special_ids", ())) | {i for i, t in added.items()
+                                                                if getattr(t, "special", False)}
     ids.update(c[-1] for c in completions if c and c[-1] in special)
     return sorted(i for i in ids if i is not None)
 

@@ -50,6 +50,40 @@ def llama2_tokenizer(template: str | None = LLAMA2_TEMPLATE) -> PreTrainedTokeni
     return out
 
 
+#: Gemma's chat template: no system message, turns between <start_of_turn> and <end_of_turn>.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant'"
+    " else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim"
+    " + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+
+
+def gemma_tokenizer() -> PreTrainedTokenizerFast:
+    """A Gemma-like tokenizer: BPE with byte fallback and no dummy prefix, ``<bos>`` before every
+    text, and turn tokens that are added special tokens without a name in the special-tokens map."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    corpus = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12)) for i in range(60)]
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials + BYTES))
+    tok.pre_tokenizer = None
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    data = json.loads(tok.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in BYTES]
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>", pad_token="<pad>")
+    out.chat_template = GEMMA_TEMPLATE
+    return out
+
+
 @pytest.fixture(scope="module")
 def llama2_tok():
     return llama2_tokenizer()
@@ -113,3 +147,22 @@ def test_prompts_without_a_leading_bos_are_cut_as_before(llama2_tok, tmp_path):
     prompts, completions = get_task("sft").pieces(tok, ds, cfg)
     whole = get_task("sft").tokenized(tok, ds, cfg)[0][0]
     assert prompts[0] == whole[len(whole) - (8 - len(completions[0])):]
+
+
+def test_an_unnamed_special_end_of_turn_stops_greedy_answers(tmp_path):
+    # Prepare: Gemma's turns end with <end_of_turn>, an added special token the tokenizer does not name
+    # (not in its special-tokens map); decoding drops it, so an answer must stop there too
+    tok = gemma_tokenizer()
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert end not in tok.all_special_ids
+    ds = TextDataset(["what is the capital of france", "what is the capital of germany"], None, None,
+                     ["paris", "berlin"])
+    cfg = JobConfig(task="sft", model="unused", max_length=32)
+
+    # Act
+    data = get_task("sft").eval_set(tok, ds, cfg)
+
+    # Assert: the references end with it, and it is a stop token
+    assert all(c[-1] == end for c in data.completions)
+    assert end in data.stop_ids
+    assert tok.decode([*data.completions[0]], skip_special_tokens=True) == "paris"
