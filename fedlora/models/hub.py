@@ -302,8 +302,13 @@ def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 
         except (OSError, ValueError) as exc:
             hint = ("; transformers has no sequence-classification class for it: use --task sft with"
                     " --label-words" if kind == "sequence-classification"
-                    and "AutoModelForSequenceClassification" in str(exc) else "")
-            raise UserError(f"cannot load model from {str(path)!r}: {first_line(exc)}{hint}") from exc
+                    and "AutoModelForSequenceClassification" in str(exc) else
+                    "; transformers has no causal-LM class for it (an encoder-decoder such as T5, or an"
+                    " encoder): --task sft, dpo and causal-lm need a decoder; --task classification takes it"
+                    if kind == "causal-lm"
+                    and "AutoModelForCausalLM" in str(exc) else "")
+            said = first_line(exc).rstrip(".") if hint else first_line(exc)
+            raise UserError(f"cannot load model from {str(path)!r}: {said}{hint}") from exc
     if quantize != "none":
         check_quantized(model, name, quantize)
     if tokenizer.pad_token is None:

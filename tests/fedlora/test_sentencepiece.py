@@ -166,3 +166,41 @@ def test_an_unnamed_special_end_of_turn_stops_greedy_answers(tmp_path):
     assert all(c[-1] == end for c in data.completions)
     assert end in data.stop_ids
     assert tok.decode([*data.completions[0]], skip_special_tokens=True) == "paris"
+
+
+def t5_tokenizer() -> PreTrainedTokenizerFast:
+    """A T5-like tokenizer: Unigram with a "▁" prefix on every word, ``</s>`` after every text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    corpus = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12)) for i in range(60)]
+    tok.train_from_iterator(corpus, trainers.UnigramTrainer(vocab_size=120, unk_token="<unk>",
+                                                            special_tokens=["<pad>", "</s>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def test_a_t5_is_refused_as_a_causal_lm_in_one_line_naming_classification(tmp_path):
+    # Prepare: a tiny T5 (an encoder-decoder) with its Unigram tokenizer
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from fedlora.errors import UserError
+    from fedlora.models.hub import load_model
+
+    tok = t5_tokenizer()
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                        num_heads=2, decoder_start_token_id=0)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+
+    # Act / Assert: --task sft (a causal LM) is refused, saying what takes it; classification loads it
+    with pytest.raises(UserError, match=r"need a decoder; --task classification takes it") as info:
+        load_model(str(tmp_path), "causal-lm")
+    assert "\n" not in str(info.value) and "AutoModelForCausalLM;" in str(info.value)
+    model, _, _, _ = load_model(str(tmp_path), "sequence-classification", num_labels=2)
+    assert type(model).__name__ == "T5ForSequenceClassification"
