@@ -45,6 +45,24 @@ def _leads_with_bos(tokenizer) -> bool:
     return added[:1] == [bos] and bare[:1] != [bos]
 
 
+def _bos_prefix(tokenizer) -> str:
+    """The text that leads a ``plain`` prompt: the beginning-of-text token where the tokenizer puts
+    it before every text (else nothing), followed by what makes the prompt, encoded without special
+    tokens, the ids the tokenizer gives the prompt alone: nothing for LLaMA-2's "legacy" tokenizer
+    (its normalizer prefixes every piece of text with "▁"), a space for a ``Metaspace`` pre-tokenizer
+    that prefixes only a text's first piece (``prepend_scheme="first"``: the prompt's first word would
+    lose its "▁" after the token)."""
+    if not _leads_with_bos(tokenizer):
+        return ""
+    sample, bos = "Answer this", tokenizer.bos_token
+    alone = tokenizer(sample)["input_ids"]
+    for space in ("", " "):
+        ids = tokenizer(bos + space + sample, add_special_tokens=False)["input_ids"]
+        if ids in (alone, alone[:-1]):  # [:-1]: a tokenizer that also ends a text with its eos
+            return bos + space
+    return bos
+
+
 def leading_bos(tokenizer) -> int | None:
     """The beginning-of-text id where ``tokenizer`` puts it before every text it encodes (LLaMA's,
     Mistral's, Gemma's), which a prompt cut to fit ``--max-length`` keeps
@@ -58,7 +76,8 @@ class ChatFormat:
     ``mode``: ``"model"`` (the tokenizer's chat template), ``"plain"`` (the prompt's
     contents, a newline, then the response and the end-of-text token; led by the beginning-of-text
     token where the tokenizer puts one before every text it encodes, as LLaMA's and Gemma's
-    do: examples are encoded without special tokens), or a path to a
+    do: examples are encoded without special tokens, and the prompt has the ids the tokenizer gives it
+    alone, :func:`_bos_prefix`), or a path to a
     Jinja chat template file. ``system``: a system message put before every prompt that
     has none (empty: none, so the template's default applies). A template that refuses a system
     message (Gemma's) gets it at the start of the first user message instead, said once.
@@ -75,7 +94,7 @@ class ChatFormat:
             raise UserError("this model's tokenizer has no chat template, which --task sft and dpo render"
                             " prompts with; pass --chat-template plain, or --chat-template FILE.jinja")
         self.fold_system = getattr(tokenizer, "chat_template", None) in NO_SYSTEM_TEMPLATES
-        self.bos = tokenizer.bos_token if self.plain and _leads_with_bos(tokenizer) else ""
+        self.bos = _bos_prefix(tokenizer) if self.plain else ""
 
     def split(self, prompt, response: str) -> tuple[str, str]:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]

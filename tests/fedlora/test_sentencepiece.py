@@ -25,9 +25,11 @@ LLAMA2_TEMPLATE = (
     "{% endif %}{% endfor %}")
 
 
-def llama2_tokenizer(template: str | None = LLAMA2_TEMPLATE) -> PreTrainedTokenizerFast:
+def llama2_tokenizer(template: str | None = LLAMA2_TEMPLATE, legacy: bool = True) -> PreTrainedTokenizerFast:
     """A LLaMA-2 "legacy" tokenizer of about 400 tokens: BPE with byte fallback, a dummy prefix "▁"
-    (a normalizer), ``<s>`` before every text, and no pad token (as LLaMA-2's)."""
+    (a normalizer), ``<s>`` before every text, and no pad token (as LLaMA-2's). Not ``legacy``: the
+    prefix from a ``Metaspace`` pre-tokenizer on a text's first piece only (``prepend_scheme="first"``),
+    as LLaMA tokenizers converted with ``legacy=False`` have it."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
@@ -36,7 +38,10 @@ def llama2_tokenizer(template: str | None = LLAMA2_TEMPLATE) -> PreTrainedTokeni
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400,
                                                         special_tokens=["<unk>", "<s>", "</s>", *BYTES]))
     tok.pre_tokenizer = None   # trained on "▁word" pieces; encoded as LLaMA-2's tokenizer.json does
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    if legacy:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     data = json.loads(tok.to_str())   # the byte pieces are ordinary tokens, as in LLaMA's tokenizer.json
@@ -204,3 +209,19 @@ def test_a_t5_is_refused_as_a_causal_lm_in_one_line_naming_classification(tmp_pa
     assert "\n" not in str(info.value) and "AutoModelForCausalLM;" in str(info.value)
     model, _, _, _ = load_model(str(tmp_path), "sequence-classification", num_labels=2)
     assert type(model).__name__ == "T5ForSequenceClassification"
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "metaspace-first"])
+def test_plain_prompts_encode_as_the_tokenizer_encodes_them(legacy):
+    # Prepare: no chat template (a base model): --chat-template plain, <s> led
+    tok = llama2_tokenizer(None, legacy=legacy)
+    texts = ["what is the capital of france", "good film"]
+    ds = TextDataset(texts, None, None, ["paris", "positive"])
+    cfg = JobConfig(task="sft", model="unused", chat_template="plain", max_length=32)
+
+    # Act
+    prompts, _ = get_task("sft").tokenized(tok, ds, cfg)
+
+    # Assert: as the tokenizer encodes each prompt's text, <s> and the first word's "▁" included
+    assert prompts == [tok(t + "\n")["input_ids"] for t in texts]
+    assert tok.convert_ids_to_tokens(prompts[0])[:2] == ["<s>", "▁what"]
