@@ -127,38 +127,16 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]")
 
 
-#: LLaMA-2's chat template, shortened: the answer follows ``[/INST]`` after a space.
-LLAMA2_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
-                   "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}"
-                   "{% endif %}{% endfor %}")
-
-
 @pytest.fixture(scope="session")
 def sp_tokenizer():
-    """A SentencePiece-style BPE tokenizer as LLaMA-2's and Mistral-7B-v0.1's are: a '▁' put before
-    every text it encodes (the dummy prefix) and for each space, bytes for unknown characters, and
-    ``<s>`` before a text when special tokens are added; LLaMA-2's chat template, no pad token.
-    Trained here on a few hundred words (the ``sentencepiece`` package is not needed)."""
-    import random
+    """A SentencePiece-style tokenizer as LLaMA-2's and Mistral-7B-v0.1's are (a '▁' put before every
+    text it encodes, the dummy prefix, and for each space; bytes for unknown characters; ``<s>`` before
+    a text), with LLaMA-2's chat template shortened: the answer follows ``[/INST]`` after a space."""
+    from tests.fedlora.sp_tokenizers import llama2_tokenizer
 
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    words = ("the a film plot actor scene story music is was it and of great awful positive negative"
-             " review sentiment answer question yes no").split()
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(500)] + ["[INST] [/INST]"] * 20
-    specials = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                        show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    out.chat_template = LLAMA2_TEMPLATE
-    return out
+    return llama2_tokenizer("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                            "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}"
+                            "{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
 
 
 @pytest.fixture(scope="session")
