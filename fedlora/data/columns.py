@@ -1,11 +1,13 @@
 """``--columns``: a data file's own columns read under the names of the forms ``--task sft`` and
 ``--task dpo`` read (``prompt=problem,response=solution``), for datasets whose columns are named
 otherwise (MATH, MetaMathQA, OpenBookQA's ``question_stem``, stack-exchange pairs). The choices of a
-multiple-choice file may be several columns joined by ``+`` (PIQA's ``choices=sol1+sol2``)."""
+multiple-choice file may be several columns joined by ``+`` (PIQA's ``choices=sol1+sol2``), and so
+may a prompt's text, then read as one text with a blank line between the columns' (RACE's
+``question=article+question``, SocialIQA's ``question=context+question``)."""
 
 from __future__ import annotations
 
-from fedlora.data.readers import Rows
+from fedlora.data.readers import Rows, is_blank
 from fedlora.errors import UserError
 
 #: The columns of the forms ``--task sft`` and ``dpo`` read by name (instruction, multiple-choice and
@@ -46,23 +48,31 @@ def renamed(rows: Rows, columns: dict[str, str] | None, name: str) -> Rows:
     """
     if not columns or not rows:
         return rows
-    joined = _joined(columns.get("choices", ""), rows[0])
-    single = {form: column for form, column in columns.items() if not (form == "choices" and joined)}
-    missing = next((c for c in [*single.values(), *joined] if c not in rows[0]), None)
+    joins = {form: _joined(column, rows[0]) for form, column in columns.items()
+             if form in ("choices", *TEXT_JOINS) and _joined(column, rows[0])}
+    single = {form: column for form, column in columns.items() if form not in joins}
+    parts = [c for cols in joins.values() for c in cols]
+    missing = next((c for c in [*single.values(), *parts] if c not in rows[0]), None)
     if missing is not None:
         raise UserError(f"{name} has no column {missing!r} (--columns); its columns: {', '.join(rows[0])}")
     back = {column: form for form, column in single.items()}
-    out = [{back.get(k, k): v for k, v in row.items() if (k in back or k not in columns) and k not in joined}
+    out = [{back.get(k, k): v for k, v in row.items() if (k in back or k not in columns) and k not in parts}
            for row in rows]
-    if joined:
-        for row, new in zip(rows, out, strict=True):
-            new["choices"] = [row.get(c) for c in joined]  # a row without one: a missing choice
+    for row, new in zip(rows, out, strict=True):
+        for form, cols in joins.items():
+            values = [row.get(c) for c in cols]  # a row without one: a missing choice, or no text of it
+            text = "\n\n".join(str(v) for v in values if not is_blank(v))
+            new[form] = values if form == "choices" else text
     return out
 
 
+#: The form columns whose text may join several file columns (``question=context+question``).
+TEXT_JOINS = ("prompt", "instruction", "input", "context", "question")
+
+
 def _joined(column: str, first: dict) -> list[str]:
-    """The columns a ``choices=A+B+...`` mapping joins into one list (none for a single column, or a
-    column whose own name has a ``+``)."""
+    """The columns a ``NAME=A+B+...`` mapping joins (none for a single column, or a column whose own
+    name has a ``+``)."""
     if "+" not in column or column in first:
         return []
     return [c.strip() for c in column.split("+")]

@@ -281,8 +281,9 @@ UNREAD = {**dict.fromkeys(("choices", "options", "endings"), (
               "multiple choice is read from question/choices/answer rows, the choices a list (JSONL,"
               " Parquet) and the answer an index or letter, or MMLU's CSV (question,A,B,C,D,answer)")),
           **dict.fromkeys(("passage", "context", "article", "input", "system", "system_prompt"), (
-              "put it in the prompt (a prompt/response or messages file) so that the model reads it; a"
-              " context column is read by Dolly's form: --columns instruction=QUESTION,response=ANSWER"))}
+              "join it to the prompt so that the model reads it (--columns prompt=passage+question,"
+              "response=answer), or write it into a messages file; a context column is read by Dolly's form:"
+              " --columns instruction=QUESTION,response=ANSWER"))}
 
 
 def _check_kept(others: set[str], name: str, form: str) -> None:

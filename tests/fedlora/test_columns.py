@@ -93,3 +93,23 @@ def test_a_joined_choice_column_a_row_lacks_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^piqa\.jsonl row 2: 'choice 2' is null"):
         load_instructions(piqa, "text", "label",
                           columns=parse_columns("question=goal,choices=sol1+sol2,answer=label"))
+
+
+def test_a_question_joined_from_a_passage_and_its_question(tmp_path):
+    # RACE ships article, question, options (a list) and a letter answer: the model must read the article
+    race = _jsonl(tmp_path / "race.jsonl", [
+        {"article": "Tom has a red bike.", "question": "What colour is the bike?",
+         "options": ["blue", "red", "green", "black"], "answer": "B"},
+        {"article": "It rained.", "question": "", "options": ["wet", "dry"], "answer": "A"}])
+    ds = load_instructions(race, "text", "label",
+                           columns=parse_columns("question=article+question,choices=options"))
+    # a blank part is left out
+    assert ds.texts == ["Tom has a red bike.\n\nWhat colour is the bike?", "It rained."]
+    assert ds.labels == [1, 0] and ds.responses == ["red", "wet"]
+    # a prompt/response file: the prompt's text joined the same way
+    pairs = _jsonl(tmp_path / "qa.jsonl", [{"passage": "Cats nap.", "q": "Do cats nap?", "a": "yes"}])
+    got = load_instructions(pairs, "text", "label", columns=parse_columns("prompt=passage+q,response=a"))
+    assert got.texts == ["Cats nap.\n\nDo cats nap?"] and got.responses == ["yes"]
+    with pytest.raises(UserError, match=r"race\.jsonl has no column 'story' \(--columns\)"):
+        load_instructions(race, "text", "label",
+                          columns=parse_columns("question=story+question,choices=options"))

@@ -229,8 +229,8 @@ def test_a_string_that_looks_like_json_is_text_and_a_csv_chat_is_messages(tmp_pa
     ("question,subject,choices,answer\nWhat is 0+0?,math,['1' '0' '2' '3'],1\n", "choices", "choice"),
     ({"question": "q", "options": ["a", "b"], "answer": "A", "answer_index": 0}, "options", "choice"),
     # BoolQ: the passage would be dropped, the bare question the prompt
-    ({"question": "is it?", "answer": True, "passage": "It is."}, "passage", "put it in the prompt"),
-    ({"prompt": "hi", "response": "hello", "system": "Be brief."}, "system", "put it in the prompt"),
+    ({"question": "is it?", "answer": True, "passage": "It is."}, "passage", "join it to the prompt"),
+    ({"prompt": "hi", "response": "hello", "system": "Be brief."}, "system", "join it to the prompt"),
 ])
 def test_a_column_a_pair_form_would_drop_is_refused(tmp_path, row, column, advice):
     # Prepare
