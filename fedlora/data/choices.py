@@ -15,8 +15,9 @@ Two forms are read (``--prompt-template`` then puts the question in its ``{text}
 
 Where every choice of a row is a number (``["1", "2", "3", "4"]``), an answer given as text that
 equals one of them is that choice, not an index (``"2"`` is the choice ``2``); give an index as a
-JSON number there, or a letter. Indices count from 0: a file whose index answers reach its number
-of choices and are never 0 is 1-based, and is refused with that advice rather than read shifted.
+JSON number there, or a letter. Indices count from 0, except in a file whose answers are all
+numbers, never 0 and sometimes their row's number of choices (SocialIQA, Winogrande): it counts from
+1, and is read so, said once.
 
 A labeled file with ``--label-words`` is multiple choice too, its words being the choices
 (:func:`fedlora.data.instructions.from_labeled`). The rows become a ``TextDataset`` whose
@@ -33,7 +34,7 @@ from pathlib import Path
 from fedlora.data.columns import renamed
 from fedlora.data.loading import TextDataset
 from fedlora.data.readers import reader_for, text_of
-from fedlora.errors import UserError
+from fedlora.errors import UserError, warn_once
 
 LETTERS = string.ascii_uppercase
 #: The (question, choices, answer) columns of a multiple-choice row, in the order they are tried:
@@ -120,18 +121,37 @@ def _row(question, choices, answer, where: str, typed: bool = True) -> tuple[str
     return question, texts, index
 
 
-def _checked(rows: list[tuple[str, list[str], int]], answers: list, wheres: list[str]
+def _checked(rows: list[tuple[str, list[str], int]], answers: list, wheres: list[str], name: str
              ) -> list[tuple[str, list[str], int]]:
-    """``rows`` whose answers are all among their choices; a file whose index answers reach the
-    number of choices and are never 0 is refused as 1-based."""
+    """``rows`` whose answers are all among their choices. A file whose answers are all numbers, not
+    all one, none 0 and some its row's number of choices (SocialIQA's ``1``-``3``, Winogrande's
+    ``1``/``2``) counts from 1, which no 0-based reading fits: its answers are read shifted, said once.
+
+    Raises
+    ------
+    UserError
+        An answer outside its choices (a file that is not 1-based either).
+    """
     bad = next((i for i, (_, c, y) in enumerate(rows) if not 0 <= y < len(c)), None)
     if bad is None:
         return rows
-    n = len(rows[bad][1])
-    message = _outside(answers[bad], n, wheres[bad])
-    if rows[bad][2] == n and not any(y == 0 for _, _, y in rows):
-        message += "; the answers look 1-based (none is 0): subtract 1 from each, or give letters"
-    raise UserError(message)
+    numbers = all(_is_number(a) and _raw_index(a) == y for a, (_, _, y) in zip(answers, rows, strict=True))
+    if numbers and all(1 <= y <= len(c) for _, c, y in rows) and len({y for _, _, y in rows}) > 1:
+        warn_once(f"{name}: its answers count from 1 (none is 0, and some are their row's number of"
+                  " choices), so answer 1 is read as the first choice")
+        return [(q, c, y - 1) for q, c, y in rows]
+    raise UserError(_outside(answers[bad], len(rows[bad][1]), wheres[bad]))
+
+
+def _is_number(value) -> bool:
+    """Whether an answer is written as a number (an integer, an integral float, ASCII digits), not a
+    letter or a choice's text."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return float(value).is_integer()
+    text = str(value).strip()
+    return text.isascii() and text.isdigit()
 
 
 def _dataset(rows: list[tuple[str, list[str], int]]) -> TextDataset:
@@ -173,7 +193,7 @@ def read_choice_file(path: Path, columns: dict[str, str] | None = None) -> TextD
         ask, options, answer = form
         wheres = [f"{path.name} row {n}" for n in range(1, len(rows) + 1)]
         read = [_row(r.get(ask), r.get(options), r.get(answer), w) for r, w in zip(rows, wheres, strict=True)]
-        return _dataset(_checked(read, [r.get(answer) for r in rows], wheres))
+        return _dataset(_checked(read, [r.get(answer) for r in rows], wheres, path.name))
     if reader.cells is None:
         return None
     lines = reader.cells(path)
@@ -190,4 +210,4 @@ def read_choice_file(path: Path, columns: dict[str, str] | None = None) -> TextD
         out.append(_row(cells[0], cells[1:-1], cells[-1], wheres[-1], typed=False))
     if not out:
         raise UserError(f"{path.name} has a header but no questions")
-    return _dataset(_checked(out, [c[-1] for c in lines[start:]], wheres))
+    return _dataset(_checked(out, [c[-1] for c in lines[start:]], wheres, path.name))

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from fedlora.data.columns import parse_columns
 from fedlora.data.instructions import load_instructions
 from fedlora.errors import UserError
 from fedlora.tasks import ANSWER_METRICS
@@ -224,15 +225,33 @@ def test_an_answer_given_as_a_choices_text_or_an_integral_float(tmp_path):
         load_instructions(_jsonl(tmp_path / "f.jsonl", [{**rows[1], "answer": 2.5}]), "text", "label")
 
 
-def test_one_based_answers_are_refused_with_that_advice(tmp_path):
-    rows = [{"question": "q", "choices": ["a", "b", "c"], "answer": k} for k in (1, 3, 2)]
-    one_based = r"; the answers look 1-based \(none is 0\): subtract 1 from each, or give letters$"
-    with pytest.raises(UserError, match=r"o.jsonl row 2: answer 3 is not among its 3 choices;.*" + one_based):
-        load_instructions(_jsonl(tmp_path / "o.jsonl", rows), "text", "label")
-    rows.append({"question": "q", "choices": ["a", "b", "c"], "answer": 0})  # a 0: not 1-based, one bad row
+def test_one_based_answers_are_read_as_one_based_and_said_once(tmp_path, capsys):
+    # SocialIQA (context, question, answerA-C, label "1"-"3") and Winogrande (option1/option2, answer
+    # "1"/"2") count from 1; they were refused, and read shifted they were every answer off by one
+    siqa = [{"context": "Tom was cold.", "question": "What did Tom do?", "answerA": "swim",
+             "answerB": "sleep",
+             "answerC": "wear a coat", "label": k} for k in ("3", "1", "2")]
+    ds = load_instructions(_jsonl(tmp_path / "siqa.jsonl", siqa), "text", "label", columns=parse_columns(
+        "question=context+question,choices=answerA+answerB+answerC,answer=label"))
+    assert ds.labels == [2, 0, 1] and ds.responses == ["wear a coat", "swim", "sleep"]
+    assert ds.texts[0] == "Tom was cold.\n\nWhat did Tom do?"
+    assert capsys.readouterr().err.count("siqa.jsonl: its answers count from 1") == 1
+    wino = [{"sentence": "The cup fell off the table because _ was wobbly.", "option1": "the cup",
+             "option2": "the table", "answer": "2"}, {**{"sentence": "x _", "option1": "a", "option2": "b"},
+                                                       "answer": "1"}]
+    ds = load_instructions(_jsonl(tmp_path / "wino.jsonl", wino), "text", "label", columns=parse_columns(
+        "question=sentence,choices=option1+option2"))
+    assert ds.labels == [1, 0]
+
+
+def test_answers_that_are_not_one_based_either_are_refused(tmp_path):
+    rows = [{"question": "q", "choices": ["a", "b", "c"], "answer": k} for k in (1, 3, 0)]  # a 0: not 1-based
     with pytest.raises(UserError, match=r"answer 3 is not among its 3 choices; give the right choice's index"
                                         r" \(0-2\) or letter \(A-C\)$"):
         load_instructions(_jsonl(tmp_path / "o.jsonl", rows), "text", "label")
+    rows = [{"question": "q", "choices": ["a", "b", "c"], "answer": k} for k in ("B", 3)]     # a letter
+    with pytest.raises(UserError, match=r"answer 3 is not among its 3 choices"):
+        load_instructions(_jsonl(tmp_path / "l.jsonl", rows), "text", "label")
 
 
 @pytest.mark.parametrize("row, message", [
