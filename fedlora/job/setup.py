@@ -302,6 +302,10 @@ def check_inputs(cfg: JobConfig) -> None:
     train, _, _ = splits(cfg)
     if cfg.partition == "natural":  # a client per group: as many clients as groups
         natural(train.groups or [], cfg.num_clients)
+    elif cfg.num_clients > len(train):  # only clients on their own --data can join such a job
+        warn_once(f"--num-clients {cfg.num_clients} is more than the {len(train)} training examples of --data"
+                  f" {cfg.data}: a client on a --partition-id of them would have none, so only clients on"
+                  " their own --data can take part")
     tokenizer, config = read_tokenizer_config(cfg.model)
     check_context(cfg.max_length, config, tokenizer, new_tokens=cfg.max_new_tokens)
 

@@ -109,3 +109,14 @@ def test_bad_partition_columns_are_refused_in_one_line(sites_csv, tmp_path):
             check_job_args(cfg)
             check_inputs(cfg)
         assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_server_with_more_clients_than_training_rows_says_only_own_data_clients_can_join(tiny_csv, capsys):
+    # fedlora-server could not tell before the start that clients on --partition-id would get no rows
+    cfg = JobConfig(data=str(tiny_csv), num_clients=500, model="minilm")
+    check_inputs(cfg)
+    err = capsys.readouterr().err
+    assert ("--num-clients 500 is more than the 144 training examples of --data" in err
+            and "only clients on their own --data can take part" in err)
+    check_inputs(JobConfig(data=str(tiny_csv), num_clients=10, model="minilm"))
+    assert capsys.readouterr().err == ""
