@@ -53,7 +53,7 @@ def check_job_args(args: JobConfig) -> None:
         raise UserError(f"--clients-per-round must be in 1..--num-clients ({args.num_clients}; 0: every"
                         f" client), got {args.clients_per_round}")
     zero = {"eval_max": "all", "max_new_tokens": "auto", "eval_every": "only after the last round",
-            "save_every": "only the final adapter"}
+            "save_every": "only the final adapter", "fewshot": "none"}
     for name, meaning in zero.items():
         if getattr(args, name) < 0:
             raise UserError(f"{flag_name(name)} must be ≥ 0 (0: {meaning}), got {getattr(args, name)}")

@@ -44,7 +44,7 @@ EVAL_FIELDS = ("task", "model", "data", "text_column", "label_column", "test_dat
                "padding", "device", "precision", "quantize", "double_quant", "quant_correction",
                "quant_calibration", "target_modules",
                "prompt_template", "label_words", "system_prompt", "chat_template", "max_new_tokens", "eval",
-               "metric", "dpo_beta", "dpo_sft_weight", "columns")
+               "metric", "dpo_beta", "dpo_sft_weight", "columns", "fewshot")
 #: What a row of :func:`score_models` names the bare base model.
 BASE = "base"
 

@@ -272,6 +272,9 @@ class JobConfig:
                              " fedlora-eval to score each round's", group="data and model", metavar="N")
     max_new_tokens: int = option(0, "--task sft: tokens generated per answer (0: the longest reference"
                                  " answer's, plus the end of turn)", group="LLM fine-tuning")
+    fewshot: int = option(0, "--task sft: lead each held-out prompt with N other held-out examples and"
+                          " their answers, as chat turns (lm-eval's --num_fewshot; 0: none)",
+                          group="LLM fine-tuning", metavar="N")
     eval: str = option("generate", "--task sft: how held-out examples are scored: generate (greedy answers,"
                        " scored by --metric), mc (multiple choice: the choice with the highest"
                        " log-likelihood, lm-eval-harness' acc and acc_norm; choices from a"

@@ -32,6 +32,7 @@ from fedlora.data.loading import TextDataset
 from fedlora.errors import UserError
 from fedlora.tasks.base import Evaluation, Task, drop_long, register_evaluation
 from fedlora.tasks.decode import score_choices
+from fedlora.tasks.fewshot import with_shots
 from fedlora.tasks.render import ChatFormat, encode_pairs, leading_bos
 from fedlora.tasks.sft import cut_prompts, warn_cut
 
@@ -173,7 +174,9 @@ class MultipleChoice(Evaluation):
     name = "mc"
 
     def eval_set(self, task: Task, tokenizer, ds, cfg) -> ChoiceSet:
-        return choice_set(tokenizer, ds, cfg)
+        if ds.choices is None or ds.labels is None:
+            return choice_set(tokenizer, ds, cfg)    # its refusal: no choices
+        return choice_set(tokenizer, with_shots(ds, cfg.fewshot, cfg.seed), cfg)
 
     def evaluate(self, task: Task, fm, data: ChoiceSet, cfg) -> dict[str, float]:
         hits = hits_norm = 0
@@ -226,4 +229,4 @@ class LetterChoice(MultipleChoice):
         if max(map(len, ds.choices)) > len(LETTERS):
             raise UserError(f"--eval mc-letters gives each choice a letter, and a question has"
                             f" {max(map(len, ds.choices))} choices (at most {len(LETTERS)}): use --eval mc")
-        return choice_set(tokenizer, lettered(ds), cfg)
+        return choice_set(tokenizer, with_shots(lettered(ds), cfg.fewshot, cfg.seed), cfg)

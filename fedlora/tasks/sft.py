@@ -57,6 +57,7 @@ from fedlora.tasks.base import (
 )
 from fedlora.tasks.classic import columns
 from fedlora.tasks.decode import score_and_generate
+from fedlora.tasks.fewshot import with_shots
 from fedlora.tasks.render import ChatFormat, encode_pairs, leading_bos
 
 __all__ = ["SFT", "Generate", "GenerationSet", "normalize"]
@@ -150,7 +151,7 @@ class SFT(TokenLossTask):
     name = "sft"
     metric = "answer_accuracy"
     options = ("prompt_template", "label_words", "system_prompt", "chat_template", "max_new_tokens", "eval",
-               "metric", "columns")
+               "metric", "columns", "fewshot")
     datasets = ("bbcnews-instruct", "bbcnews")
 
     def load(self, spec: str, cfg, *, test: bool = False):
@@ -288,7 +289,7 @@ class Generate(Evaluation):
     takes_metric = True
 
     def eval_set(self, task: SFT, tokenizer, ds, cfg) -> GenerationSet:
-        return task.generation_set(tokenizer, ds, cfg)
+        return task.generation_set(tokenizer, with_shots(ds, cfg.fewshot, cfg.seed), cfg)
 
     def evaluate(self, task: SFT, fm, data: GenerationSet, cfg) -> dict[str, float]:
         loss = count = 0.0

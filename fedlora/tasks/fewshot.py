@@ -1,0 +1,56 @@
+"""``--fewshot N``: each held-out prompt led by N solved examples, as lm-eval-harness' ``--num_fewshot``.
+
+The shots are other held-out examples and their reference answers, drawn for each question from
+``--seed`` and its position (never the question itself), and given as the conversation before it::
+
+    user: q_a   assistant: r_a   user: q_b   assistant: r_b   …   user: q_i  →  the answer scored
+
+The chat template renders these turns as it renders any conversation (lm-eval's
+``--fewshot_as_multiturn``); ``--chat-template plain`` joins them with blank lines. Every
+evaluation reads them alike: greedy answers, ``--eval mc`` (whose answers are the right choices'
+texts) and ``--eval mc-letters`` (the shots lettered as the question is). A prompt that no longer
+fits ``--max-length`` loses its first shots first (the prompts are cut from the left).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from fedlora.data.loading import TextDataset
+from fedlora.errors import UserError
+
+
+def _turns(prompt) -> list[dict]:
+    """A prompt as chat turns: a text is one user message; a chat's system messages are left out of a
+    shot (a template takes one system message, first)."""
+    if isinstance(prompt, list):
+        return [m for m in prompt if m["role"] != "system"]
+    return [{"role": "user", "content": prompt}]
+
+
+def with_shots(ds: TextDataset, shots: int, seed: int) -> TextDataset:
+    """``ds`` with each prompt led by ``shots`` other examples of ``ds`` and their responses (the
+    module docstring); ``ds`` itself when ``shots`` is 0.
+
+    Raises
+    ------
+    UserError
+        ``ds`` has no more examples than ``shots``, or no reference responses.
+    """
+    if not shots:
+        return ds
+    if ds.responses is None or len(ds) <= shots:
+        raise UserError(f"--fewshot {shots} leads each held-out question with {shots} others and their"
+                        f" answers, and there are {len(ds)} held-out examples: pass a smaller --fewshot")
+    prompts = []
+    for i, prompt in enumerate(ds.texts):
+        drawn = np.random.default_rng([seed, 4271, i]).choice(len(ds) - 1, size=shots, replace=False)
+        turns = []
+        for j in (int(d) + (d >= i) for d in drawn):        # any example but the question's own
+            turns += [*_turns(ds.texts[j]), {"role": "assistant", "content": ds.responses[j]}]
+        own = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        system = [m for m in own if m["role"] == "system"]
+        prompts.append([*system, *turns, *(m for m in own if m["role"] != "system")])
+    return replace(ds, texts=prompts)
