@@ -44,7 +44,14 @@ from collections.abc import Callable
 
 from fedlora.data.choices import read_choice_file
 from fedlora.data.columns import renamed
-from fedlora.data.loading import DEFAULT_DATASET, TextDataset, label_order, load_bbcnews, load_file
+from fedlora.data.loading import (
+    DEFAULT_DATASET,
+    TextDataset,
+    label_order,
+    load_bbcnews,
+    load_file,
+    text_columns,
+)
 from fedlora.data.readers import locate, read_rows, text_of
 from fedlora.errors import UserError, warn_once
 
@@ -352,7 +359,7 @@ def load_instructions(spec: str, text_column: str, label_column: str, template: 
         pairs = _pairs(rows, path.name)
         if pairs is not None:
             return pairs
-        if not {text_column, label_column} <= set(rows[0]):
+        if not {*text_columns(text_column, rows[0], flags), label_column} <= set(rows[0]):  # a+b: a pair
             raise UserError(
                 f"{path.name} has no prompt/response columns (columns: {', '.join(rows[0])}): --task sft"
                 f" reads messages or conversations, {', '.join(f'{a}/{b}' for a, b, _ in PAIR_FORMS)},"

@@ -35,7 +35,7 @@ import numpy as np
 
 from fedlora.data.columns import renamed
 from fedlora.data.instructions import _messages, cell, listed, load_instructions, skip_rows
-from fedlora.data.loading import DEFAULT_DATASET, TextDataset
+from fedlora.data.loading import DEFAULT_DATASET, TextDataset, text_columns
 from fedlora.data.readers import is_pattern, locate, read_rows, text_of
 from fedlora.errors import UserError
 
@@ -199,7 +199,8 @@ def load_preferences(spec: str, text_column: str, label_column: str, template: s
         if rows is not None:
             return drop_identical(_from_rows(rows, path.name), path.name)
         rows = renamed(read_rows(path), columns, path.name)
-        if not {text_column, label_column} <= set(rows[0]) and not {"question", "choices"} <= set(rows[0]):
+        labeled = {*text_columns(text_column, rows[0], flags), label_column}   # a+b: a pair of texts
+        if not labeled <= set(rows[0]) and not {"question", "choices"} <= set(rows[0]):
             raise UserError(f"{path.name} has no chosen/rejected columns (columns: {', '.join(rows[0])}):"
                             " --task dpo reads prompt/chosen/rejected, chat chosen/rejected message lists,"
                             " or a labeled file with --label-words")

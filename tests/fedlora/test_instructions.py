@@ -240,3 +240,17 @@ def test_a_column_a_pair_form_would_drop_is_refused(tmp_path, row, column, advic
     with pytest.raises(UserError, match=f"^{data.name}: its .* rows also have a '{column}' column, which"
                                         f" that form does not read \\(it would be dropped\\): .*{advice}"):
         load_instructions(str(data), "text", "label")
+
+
+def test_a_pair_of_text_columns_is_a_labeled_file_without_label_words(tmp_path):
+    # --text-column s1+s2 names two columns: the file is labeled data (its labels the answers), for
+    # --task sft and dpo alike, as one text column is; not refused as having no prompt/response columns
+    from fedlora.data.preferences import load_preferences
+
+    path = _jsonl(tmp_path / "rte.jsonl", [{"s1": "Cats sleep.", "s2": "Cats rest.", "label": "yes"},
+                                           {"s1": "Fish swim.", "s2": "Fish fly.", "label": "no"}])
+    ds = load_instructions(str(path), "s1+s2", "label")
+    assert ds.texts == ["Cats sleep.\n\nCats rest.", "Fish swim.\n\nFish fly."]
+    assert ds.responses == ["yes", "no"]
+    pairs = load_preferences(str(path), "s1+s2", "label")
+    assert pairs.texts == ds.texts and pairs.rejected == ["no", "yes"]
