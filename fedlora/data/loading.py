@@ -126,6 +126,8 @@ def load_file(path: str | Path, text_column: str = "text",
         if col is not None and col not in rows[0]:
             others = [c for c in columns if c not in (*parts, label_column)]  # not another role's
             guess = _closest(col, others, rows, what)
+            if what == "text":  # one of a pair: the pair with that column replaced
+                guess = "+".join(guess if c == col else c for c in parts)
             raise UserError(f"{what} column {col!r} is not in {path.name} (columns: "
                             f"{', '.join(columns)}); pass --{flags}{what}-column {guess}")
     texts = [[cell_text(r, c, f"data row {i + 1} of {path.name}") for i, r in enumerate(rows)] for c in parts]

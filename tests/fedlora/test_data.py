@@ -343,3 +343,14 @@ def test_two_text_columns_joined_by_plus_are_a_pair(tmp_path):
         load_file(path, "sentence1+sentence3", "label")
     with pytest.raises(UserError, match=r"^--test-text-column 'a\+b\+c': give a column, or two joined by \+"):
         load_file(path, "a+b+c", "label", flags="test-")
+
+
+def test_a_missing_column_of_a_pair_is_advised_as_the_pair(tmp_path):
+    # the advice replaces the missing column within the pair: following it keeps both texts
+    path = tmp_path / "rte.csv"
+    path.write_text("sentence1,sentence2,label\nthe cat sat,a cat sits,1\n")
+    with pytest.raises(UserError, match=r"^text column 'sentence3' is not in rte.csv \(columns: sentence1,"
+                                        r" sentence2, label\); pass --text-column sentence1\+sentence2$"):
+        load_file(path, "sentence1+sentence3", "label")
+    with pytest.raises(UserError, match=r"; pass --text-column sentence[12]$"):  # one column: one
+        load_file(path, "sentence", "label")
