@@ -331,10 +331,17 @@ def test_an_out_that_cannot_be_made_or_holds_a_stopped_run_is_one_line(tmp_path,
         check_out_dir(stopped, overwrite=False)
 
 
-def test_a_sentence_pair_task_trains_on_both_texts(tiny_bert_dir, tmp_path):
+def test_a_sentence_pair_task_trains_on_both_texts(tiny_bert_dir, tmp_path, monkeypatch):
     # GLUE's pair tasks (RTE, MRPC, QNLI): --text-column sentence1+sentence2; the label is whether the
     # second sentence repeats the first's colour, so no one text tells it
     import random
+
+    from fedlora.tasks import classic
+
+    seconds = []    # what the job encodes: every example's second text reaches the tokenizer
+    encode = classic.tokenize_texts
+    monkeypatch.setattr(classic, "tokenize_texts", lambda tok, texts, n, second=None: (
+        seconds.append((len(texts), second)), encode(tok, texts, n, second))[1])
 
     rng = random.Random(0)
     colours = ["red", "green", "blue", "black"]
@@ -348,3 +355,5 @@ def test_a_sentence_pair_task_trains_on_both_texts(tiny_bert_dir, tmp_path):
     assert main(_args(tiny_bert_dir, data, out, "--text-column", "sentence1+sentence2", "--rounds", "1")) == 0
     assert [r["round"] for r in _rows(out)] == [0, 1]
     assert json.loads((out / "config.json").read_text())["text_column"] == "sentence1+sentence2"
+    assert len(seconds) == 2 and sum(n for n, _ in seconds) == 60         # the training and the test set
+    assert all(s is not None and len(s) == n and s[0].startswith("a ") for n, s in seconds)
