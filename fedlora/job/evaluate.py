@@ -36,7 +36,7 @@ from fedlora.models.hub import load_tokenizer, resolve_model_path
 from fedlora.models.model import FederatedModel
 from fedlora.models.state import apply_global
 from fedlora.strategies.plan import LORA
-from fedlora.tasks import ANSWER_METRICS, Task, get_task
+from fedlora.tasks import ANSWER_METRICS, EVALUATIONS, Task, get_task
 
 #: The job fields an evaluation reads: ``fedlora-eval``'s job flags.
 EVAL_FIELDS = ("task", "model", "data", "text_column", "label_column", "test_data", "test_text_column",
@@ -110,11 +110,13 @@ def adapter_labels(adapters: list[PeftAdapter], data: list[str] | None = None) -
 
 def resolve_eval_length(cfg: JobConfig, task: Task, examples: TextDataset, quiet: bool = False) -> None:
     """Give ``--max-length`` its value when it was left to the data: from ``--data`` as the run derived
-    it, or, without ``--data``, by the same rule from the test examples (printed unless ``quiet``)."""
+    it, or, without ``--data``, by the same rule from the test examples as ``--eval`` scores them
+    (``mc-letters``: their choices listed in the prompt), printed unless ``quiet``."""
     if cfg.data or cfg.max_length is not None or not task.length_from_data:
         resolve_max_length(cfg, quiet=quiet)
         return
     tokenizer, context = load_tokenizer(cfg.model)
+    examples = EVALUATIONS[cfg.eval].scored(examples, cfg)  # --fewshot's shots, mc-letters' choices
     cfg.max_length, quantile = derived_max_length(*task.example_lengths(tokenizer, examples, cfg), context)
     if not quiet:
         print(f"fedlora: --max-length {cfg.max_length} (from the {len(examples):,} test examples, whose 95th"

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from fedlora.errors import UserError
 from fedlora.models.context import tokenizer_context
+from fedlora.tasks.fewshot import with_shots
 
 #: name -> task object (filled by :func:`register_task`).
 TASKS: dict[str, Task] = {}
@@ -292,6 +293,13 @@ class Evaluation(ABC):
     @abstractmethod
     def evaluate(self, task: Task, fm, data: Any, cfg) -> dict[str, float]:
         """The metrics of slot 0 of ``fm`` on ``data``, as :meth:`Task.evaluate`."""
+
+    def scored(self, ds, cfg):
+        """The held-out examples ``ds`` with the prompts and answers this evaluation scores (what a
+        ``--max-length`` derived from them must hold): each prompt led by ``--fewshot`` solved
+        examples (:func:`~fedlora.tasks.fewshot.with_shots`), and rewritten where an evaluation
+        rewrites it (``mc-letters`` lists the choices in the prompt)."""
+        return with_shots(ds, cfg.fewshot, cfg.seed)
 
 
 class TokenLossTask(Task):

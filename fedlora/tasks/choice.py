@@ -32,7 +32,6 @@ from fedlora.data.loading import TextDataset
 from fedlora.errors import UserError
 from fedlora.tasks.base import Evaluation, Task, drop_long, register_evaluation
 from fedlora.tasks.decode import score_choices
-from fedlora.tasks.fewshot import with_shots
 from fedlora.tasks.render import ChatFormat, encode_pairs, leading_bos
 from fedlora.tasks.sft import cut_prompts, warn_cut
 
@@ -176,7 +175,7 @@ class MultipleChoice(Evaluation):
     def eval_set(self, task: Task, tokenizer, ds, cfg) -> ChoiceSet:
         if ds.choices is None or ds.labels is None:
             return choice_set(tokenizer, ds, cfg)    # its refusal: no choices
-        return choice_set(tokenizer, with_shots(ds, cfg.fewshot, cfg.seed), cfg)
+        return choice_set(tokenizer, self.scored(ds, cfg), cfg)
 
     def evaluate(self, task: Task, fm, data: ChoiceSet, cfg) -> dict[str, float]:
         hits = hits_norm = 0
@@ -229,4 +228,7 @@ class LetterChoice(MultipleChoice):
         if max(map(len, ds.choices)) > len(LETTERS):
             raise UserError(f"--eval mc-letters gives each choice a letter, and a question has"
                             f" {max(map(len, ds.choices))} choices (at most {len(LETTERS)}): use --eval mc")
-        return choice_set(tokenizer, with_shots(lettered(ds), cfg.fewshot, cfg.seed), cfg)
+        return choice_set(tokenizer, self.scored(ds, cfg), cfg)
+
+    def scored(self, ds, cfg):
+        return ds if ds.choices is None or ds.labels is None else super().scored(lettered(ds), cfg)

@@ -57,7 +57,6 @@ from fedlora.tasks.base import (
 )
 from fedlora.tasks.classic import columns
 from fedlora.tasks.decode import score_and_generate
-from fedlora.tasks.fewshot import with_shots
 from fedlora.tasks.render import ChatFormat, encode_pairs, leading_bos
 
 __all__ = ["SFT", "Generate", "GenerationSet", "normalize"]
@@ -289,7 +288,7 @@ class Generate(Evaluation):
     takes_metric = True
 
     def eval_set(self, task: SFT, tokenizer, ds, cfg) -> GenerationSet:
-        return task.generation_set(tokenizer, with_shots(ds, cfg.fewshot, cfg.seed), cfg)
+        return task.generation_set(tokenizer, self.scored(ds, cfg), cfg)
 
     def evaluate(self, task: SFT, fm, data: GenerationSet, cfg) -> dict[str, float]:
         loss = count = 0.0

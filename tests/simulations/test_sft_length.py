@@ -79,3 +79,20 @@ def test_fedlora_server_sends_the_derived_value_in_the_run_config(tiny_chat_llam
     rc = run_config(cfg, out)
     # Assert: the number travels, and a client's job has it
     assert rc["max-length"] == 24 and from_run_config(rc).max_length == 24
+
+
+def test_fedlora_eval_derives_mc_letters_length_from_the_prompts_with_their_choices(tiny_chat_llama_dir,
+                                                                                     tmp_path, capsys):
+    # without --data, --max-length is read from the test examples: under --eval mc-letters their prompts
+    # list every choice, which a length read from the bare questions cut from the left (the question lost)
+    from fedlora.simulations.evaluate import main as evaluate
+
+    spec = tmp_path / "mmlu.csv"
+    question = "which of the following words is the name of a colour that the sky has on a clear day"
+    spec.write_text("question,A,B,C,D,answer\n" + "".join(
+        f"{question} {i}?,the red of fire,the blue of the sea,the green of grass,the black of night,B\n"
+        for i in range(8)))
+    assert evaluate(["--task", "sft", "--model", str(tiny_chat_llama_dir), "--eval", "mc-letters",
+                     "--test-data", str(spec), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "fedlora: --max-length " in err and "were cut" not in err
