@@ -319,7 +319,7 @@ def resolve_max_length(cfg: JobConfig, quiet: bool = False) -> None:
         return
     key = tuple(getattr(cfg, f) for f in ("task", "model", "data", "test_data", "test_fraction", "seed",
                                           "text_column", "label_column", "prompt_template", "label_words",
-                                          "system_prompt", "chat_template"))
+                                          "system_prompt", "chat_template", "columns"))
     if key not in _DERIVED:
         tokenizer, context = load_tokenizer(cfg.model)
         ds = training_data(cfg, task)

@@ -96,3 +96,21 @@ def test_fedlora_eval_derives_mc_letters_length_from_the_prompts_with_their_choi
                      "--test-data", str(spec), "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "fedlora: --max-length " in err and "were cut" not in err
+
+
+def test_a_length_derived_for_other_columns_is_derived_again(tiny_chat_llama_dir, tmp_path):
+    # one process (fedlora-compare) deriving for one file under two --columns: a prompt joined from
+    # two columns is longer than one of them, and its length is its own, not the first job's
+    from fedlora.job.schema import JobConfig
+    from fedlora.job.setup import resolve_max_length
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"background": " ".join(["the"] * 30), "q": "the", "a": "yes"}) + "\n"
+                            for _ in range(4)))
+    job = {"task": "sft", "model": str(tiny_chat_llama_dir), "data": str(data), "chat_template": "plain",
+           "max_length": None, "test_fraction": 0.25}
+    short = JobConfig(**job, columns="prompt=q,response=a")
+    joined = JobConfig(**job, columns="prompt=background+q,response=a")
+    resolve_max_length(short, quiet=True)
+    resolve_max_length(joined, quiet=True)
+    assert short.max_length == 8 and joined.max_length == 40
