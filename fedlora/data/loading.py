@@ -120,16 +120,8 @@ def load_file(path: str | Path, text_column: str = "text",
     rows = read_rows(path)
     if not rows:
         raise UserError(f"data file {str(path)!r} has no rows")
-    columns = list(rows[0].keys())
     parts = text_columns(text_column, rows[0], flags)
-    for col, what in ((*((c, "text") for c in parts), (label_column, "label"))):
-        if col is not None and col not in rows[0]:
-            others = [c for c in columns if c not in (*parts, label_column)]  # not another role's
-            guess = _closest(col, others, rows, what)
-            if what == "text":  # one of a pair: the pair with that column replaced
-                guess = "+".join(guess if c == col else c for c in parts)
-            raise UserError(f"{what} column {col!r} is not in {path.name} (columns: "
-                            f"{', '.join(columns)}); pass --{flags}{what}-column {guess}")
+    _check_columns(path, rows, parts, label_column, flags)
     texts = [[cell_text(r, c, f"data row {i + 1} of {path.name}") for i, r in enumerate(rows)] for c in parts]
     second = texts[1] if len(parts) == 2 else None
     if label_column is None:
@@ -152,6 +144,35 @@ def text_columns(spec: str, row: dict, flags: str = "") -> list[str]:
         raise UserError(f"--{flags}text-column {spec!r}: give a column, or two joined by + for a pair of"
                         " texts (sentence1+sentence2)")
     return parts
+
+
+def _check_columns(path: Path, rows: list[dict], parts: list[str], label_column: str | None,
+                   flags: str) -> None:
+    """Refuse text columns (``parts``) and a label column that the file's first row lacks, or that
+    would train on the label: a text column that is the label column (``--text-column label``,
+    ``sentence1+label``), or a pair naming one column twice.
+
+    Raises
+    ------
+    UserError
+        One line naming the column, and for a missing one the column most likely meant.
+    """
+    columns = list(rows[0].keys())
+    for col, what in ((*((c, "text") for c in parts), (label_column, "label"))):
+        if col is not None and col not in rows[0]:
+            others = [c for c in columns if c not in (*parts, label_column)]  # not another role's
+            guess = _closest(col, others, rows, what)
+            if what == "text":  # one of a pair: the pair with that column replaced
+                guess = "+".join(guess if c == col else c for c in parts)
+            raise UserError(f"{what} column {col!r} is not in {path.name} (columns: "
+                            f"{', '.join(columns)}); pass --{flags}{what}-column {guess}")
+    if label_column in parts:
+        raise UserError(f"--{flags}text-column {'+'.join(parts)!r} reads the label column {label_column!r}"
+                        f" as text, so the model would read each row's answer; name the text column(s) of"
+                        f" {path.name} (columns: {', '.join(columns)})")
+    if len(parts) == 2 and parts[0] == parts[1]:
+        raise UserError(f"--{flags}text-column {'+'.join(parts)!r} names {parts[0]!r} twice: a pair is two"
+                        " columns (sentence1+sentence2)")
 
 
 def _labels(rows: list[dict], column: str, path: Path) -> tuple[list[int], list[str]]:

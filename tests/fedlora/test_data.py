@@ -354,3 +354,18 @@ def test_a_missing_column_of_a_pair_is_advised_as_the_pair(tmp_path):
         load_file(path, "sentence1+sentence3", "label")
     with pytest.raises(UserError, match=r"; pass --text-column sentence[12]$"):  # one column: one
         load_file(path, "sentence", "label")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("label", r"^--text-column 'label' reads the label column 'label' as text"),
+    ("sentence1+label", r"^--text-column 'sentence1\+label' reads the label column 'label' as text"),
+    ("sentence1+sentence1", r"^--text-column 'sentence1\+sentence1' names 'sentence1' twice"),
+])
+def test_a_text_column_that_is_the_label_or_a_pair_of_one_column_is_refused(tmp_path, text, message):
+    # Prepare: before, the model read each row's label as its text (or one sentence twice), silently
+    path = tmp_path / "rte.tsv"
+    path.write_text("sentence1\tsentence2\tlabel\nthe cat sat\ta cat sits\tentailment\n"
+                    "the sky is blue\tit rains\tnot_entailment\n")
+    # Execute / Assert
+    with pytest.raises(UserError, match=message):
+        load_file(path, text, "label")
