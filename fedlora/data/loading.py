@@ -160,6 +160,13 @@ def _check_columns(path: Path, rows: list[dict], parts: list[str], label_column:
     columns = list(rows[0].keys())
     for col, what in ((*((c, "text") for c in parts), (label_column, "label"))):
         if col is not None and col not in rows[0]:
+            if _headerless(path, columns):
+                shown = ", ".join(repr(c[:30]) for c in columns[:3])
+                raise UserError(f"{what} column {col!r} is not in {path.name}, whose first line looks like a"
+                                f" row of data, not column names ({shown}, ...):"
+                                " a .csv or .tsv file's first line is its header, and AG News', DBpedia's,"
+                                " Yelp's and CoLA's files ship without one; add a header line naming the"
+                                " columns (e.g. label,title,description) and pass those names")
             others = [c for c in columns if c not in (*parts, label_column)]  # not another role's
             guess = _closest(col, others, rows, what)
             if what == "text":  # one of a pair: the pair with that column replaced
@@ -173,6 +180,14 @@ def _check_columns(path: Path, rows: list[dict], parts: list[str], label_column:
     if len(parts) == 2 and parts[0] == parts[1]:
         raise UserError(f"--{flags}text-column {'+'.join(parts)!r} names {parts[0]!r} twice: a pair is two"
                         " columns (sentence1+sentence2)")
+
+
+def _headerless(path: Path, columns: list[str]) -> bool:
+    """Whether a CSV or TSV file's header (its first line, ``columns``) looks like a row of data: a
+    name that is a number (AG News' class index, CoLA's ``0``) or a text of more than four words."""
+    if path.is_dir() or not path.name.lower().endswith((".csv", ".tsv")):
+        return False
+    return any(NUMBER.fullmatch(c.strip()) or len(c.split()) > 4 for c in map(str, columns))
 
 
 def _labels(rows: list[dict], column: str, path: Path) -> tuple[list[int], list[str]]:

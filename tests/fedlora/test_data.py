@@ -369,3 +369,22 @@ def test_a_text_column_that_is_the_label_or_a_pair_of_one_column_is_refused(tmp_
     # Execute / Assert
     with pytest.raises(UserError, match=message):
         load_file(path, text, "label")
+
+
+@pytest.mark.parametrize("name, body", [
+    ("ag.csv", '"3","Wall St. Bears Claw Back Into the Black (Reuters)","Reuters - Short-sellers, ..."\n'
+               '"4","Google IPO","Google said on Friday ..."\n'),
+    ("in_domain_train.tsv", "gj04\t1\t\tOur friends won't buy this analysis, let alone the next one.\n"
+                            "gj04\t0\t*\tOne more pseudo generalization and I'm giving up.\n"),
+])
+def test_a_file_without_a_header_line_is_said_to_have_none(tmp_path, name, body):
+    # Prepare: AG News' and CoLA's files as they ship, whose first line is a row (before, the refusal
+    # told the user to pass a text of that row as the column name)
+    path = tmp_path / name
+    path.write_text(body)
+    # Execute / Assert
+    with pytest.raises(UserError, match=r"first line looks like a row of data, not column names .*add a"
+                                        r" header line") as info:
+        load_file(path, "text", "label")
+    assert "pass --text-column" not in str(info.value)
+
