@@ -201,10 +201,29 @@ def _labels(rows: list[dict], column: str, path: Path) -> tuple[list[int], list[
     raw = [cell_text(r, column, f"data row {i + 1} of {path.name}").strip() for i, r in enumerate(rows)]
     if all(NUMBER.fullmatch(v) for v in raw):
         raw = [_integer(v) for v in raw]
+        _refuse_scores(raw, column, path)
     names = label_order(raw)
     _warn_case(names, path)
     index = {v: i for i, v in enumerate(names)}
     return [index[v] for v in raw], names
+
+
+def _refuse_scores(labels: list[str], column: str, path: Path) -> None:
+    """Refuse numeric labels (:func:`_integer`'s) of which some have a fraction: a regression target
+    (STS-B's similarity score, 0 to 5), not classes; each distinct score would be a class of its own.
+
+    Raises
+    ------
+    UserError
+        So they are (one line).
+    """
+    scores = sorted({v for v in labels if not INTEGER.fullmatch(v)}, key=float)
+    if scores:
+        shown = ", ".join(scores[:3]) + (", ..." if len(scores) > 3 else "")
+        raise UserError(f"{column!r} of {path.name} holds scores with fractions ({shown}; {len(set(labels))}"
+                        " distinct values): a regression target, as STS-B's similarity is, and fedlora"
+                        " classifies (regression is not supported); give classes, e.g. scores binned"
+                        " into a label column of your own")
 
 
 def _integer(label: str) -> str:

@@ -388,3 +388,23 @@ def test_a_file_without_a_header_line_is_said_to_have_none(tmp_path, name, body)
         load_file(path, "text", "label")
     assert "pass --text-column" not in str(info.value)
 
+
+def test_a_missing_column_of_a_pair_is_guessed_keeping_the_pair(tmp_path):
+    path = tmp_path / "mrpc.tsv"
+    path.write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t7\t8\tthe cat sat\ta cat sits\n")
+    with pytest.raises(UserError, match=r"pass --text-column #1 String\+#2 String$"):
+        load_file(path, "#1 String+#2 Strin", "Quality")
+
+
+def test_scores_with_fractions_are_refused_as_a_regression_target(tmp_path):
+    # Prepare: STS-B's similarity (0 to 5); before, each distinct score became a class of its own
+    path = tmp_path / "sts-b.tsv"
+    path.write_text("sentence1\tsentence2\tscore\na plane takes off\tan air plane is taking off\t5.000\n"
+                    "a man plays a flute\ta man plays a bamboo flute\t3.800\n"
+                    "A man is smoking\tA man skates\t0.500\n")
+    # Execute / Assert: one line; integer scores (5.000) are still classes
+    with pytest.raises(UserError, match=r"^'score' of sts-b.tsv holds scores with fractions \(0.500, 3.800;"
+                                        r" 3 distinct values\): a regression target.*not supported"):
+        load_file(path, "sentence1+sentence2", "score")
+    path.write_text("text\tscore\na\t5.000\nb\t3\nc\t1.0\n")
+    assert load_file(path, "text", "score").label_names == ["1", "3", "5"]
