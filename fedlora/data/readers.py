@@ -8,7 +8,8 @@ that marks a folder:
   cell whole (:func:`quoting`);
 * ``.jsonl`` (or ``.json``): a JSON object per line, or one JSON array of objects (``alpaca_data.json``,
   ``datasets``' ``to_json(lines=False)``); ``.jsonl.gz`` (or ``.json.gz``): the same, gzip-compressed;
-* ``.parquet``: a Parquet file (pyarrow);
+* ``.parquet``: a Parquet file (pyarrow); a ``ClassLabel`` column that ``datasets`` recorded in its
+  metadata (its ``to_parquet``, the hub's files) gives its names, as a folder's does;
 * a folder written by ``datasets``' ``save_to_disk``: a ``Dataset`` (``state.json``), or a
   ``DatasetDict`` (``dataset_dict.json``) of one split; a ``ClassLabel`` column gives its names
   (its ``-1``, no label, is null).
@@ -236,7 +237,34 @@ def _parquet(path: Path) -> Rows:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise UserError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
-    return table.to_pylist()
+    return _class_names(table.to_pylist(), _parquet_class_labels(table.schema.metadata or {}))
+
+
+def _parquet_class_labels(metadata: dict) -> dict[str, list[str]]:
+    """``{column: label names}`` of the ``ClassLabel`` columns that ``datasets`` records in a Parquet
+    file's schema metadata (its ``huggingface`` key: the files it writes, and the hub's Parquet
+    files); {} for a file without them."""
+    try:
+        features = json.loads(metadata.get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+    except (ValueError, AttributeError):
+        return {}
+    if not isinstance(features, dict):
+        return {}
+    return {c: f["names"] for c, f in features.items() if isinstance(f, dict)
+            and f.get("_type") == "ClassLabel" and isinstance(f.get("names"), list)}
+
+
+def _class_names(rows: Rows, named: dict[str, list[str]]) -> Rows:
+    """``rows`` with each ``ClassLabel`` column's ids (``named``: its label names) as their names, and
+    its ``-1`` (no label, as in GLUE's test splits) as None, as a missing label is."""
+    for row in rows:
+        for column, names in named.items():
+            value = row.get(column)
+            if isinstance(value, int) and 0 <= value < len(names):
+                row[column] = names[value]
+            elif value == -1:
+                row[column] = None
+    return rows
 
 
 def _dataset(path: Path) -> Rows:
@@ -249,14 +277,7 @@ def _dataset(path: Path) -> Rows:
         rows = ds.to_list()
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"{path}: not a readable datasets.save_to_disk folder ({first_line(exc)})") from None
-    named = {c: f.names for c, f in ds.features.items() if isinstance(f, ClassLabel)}
-    for row in rows:
-        for column, names in named.items():
-            if isinstance(row[column], int) and 0 <= row[column] < len(names):
-                row[column] = names[row[column]]
-            elif row[column] == -1:
-                row[column] = None
-    return rows
+    return _class_names(rows, {c: f.names for c, f in ds.features.items() if isinstance(f, ClassLabel)})
 
 
 def _dataset_dict(path: Path) -> Rows:

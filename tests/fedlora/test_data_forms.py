@@ -182,3 +182,20 @@ def test_preference_pairs_read_from_every_file_form(tmp_path, form):
     # Execute / Assert: the same pairs
     got = get_task("dpo").load(str(data), dpo)
     assert got == get_task("dpo").load(str(jsonl), dpo) and got.rejected == [f"bad {i}" for i in range(4)]
+
+
+def test_a_parquet_class_label_column_reads_as_its_names(tmp_path):
+    from datasets import ClassLabel, Features, Value
+
+    # Prepare: the same ClassLabel column as a save_to_disk folder and as datasets' (and the hub's)
+    # Parquet; before, the Parquet file's ids were its labels, so a folder's --data and a Parquet
+    # --test-data of one dataset had no label in common, and GLUE's test -1 was a class
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["pos", "neg"])})
+    ds = Dataset.from_dict({"text": ["a", "b", "c"], "label": [1, 0, -1]}, features=features)
+    ds.save_to_disk(str(tmp_path / "ds"))
+    ds.to_parquet(str(tmp_path / "ds.parquet"))
+    # Execute / Assert
+    assert read_rows(tmp_path / "ds.parquet") == read_rows(tmp_path / "ds")
+    assert [r["label"] for r in read_rows(tmp_path / "ds.parquet")] == ["neg", "pos", None]
+    with pytest.raises(UserError, match=r"^1 row\(s\) of ds.parquet have no 'label' \(unlabelled"):
+        load_file(tmp_path / "ds.parquet")
