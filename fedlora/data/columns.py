@@ -40,6 +40,8 @@ def parse_columns(text: str) -> dict[str, str]:
 def renamed(rows: Rows, columns: dict[str, str] | None, name: str) -> Rows:
     """``rows`` with each file column that ``columns`` (:func:`parse_columns`; None or {}: none) maps
     read under its form name; a column of the file that has a mapped form name itself is left out.
+    Where ``choices`` joins columns, an answer that names one of them (COPA's ``ClassLabel`` names
+    ``choice1``/``choice2``) is that choice's index.
 
     Raises
     ------
@@ -63,6 +65,9 @@ def renamed(rows: Rows, columns: dict[str, str] | None, name: str) -> Rows:
             values = [row.get(c) for c in cols]  # a row without one: a missing choice, or no text of it
             text = "\n\n".join(str(v) for v in values if not is_blank(v))
             new[form] = values if form == "choices" else text
+        chosen = joins.get("choices", [])
+        if "answer" in columns and new.get("answer") in chosen:  # COPA's "choice2": that column's
+            new["answer"] = chosen.index(new["answer"])
     return out
 
 

@@ -113,3 +113,21 @@ def test_a_question_joined_from_a_passage_and_its_question(tmp_path):
     with pytest.raises(UserError, match=r"race\.jsonl has no column 'story' \(--columns\)"):
         load_instructions(race, "text", "label",
                           columns=parse_columns("question=story+question,choices=options"))
+
+
+def test_an_answer_naming_a_joined_choice_column_is_that_choice(tmp_path):
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    # Prepare: COPA as datasets ships it, its label a ClassLabel named after the choice columns
+    # (read as names from a folder or Parquet file; before, 'choice2' was refused as no choice)
+    features = Features({"premise": Value("string"), "choice1": Value("string"), "choice2": Value("string"),
+                         "label": ClassLabel(names=["choice1", "choice2"])})
+    Dataset.from_dict({"premise": ["My body cast a shadow.", "The man broke his toe."],
+                       "choice1": ["The sun was rising.", "He dropped a hammer."],
+                       "choice2": ["The grass was cut.", "He got a hole in his sock."], "label": [0, 1]},
+                      features=features).to_parquet(str(tmp_path / "copa.parquet"))
+    # Execute
+    ds = load_instructions(tmp_path / "copa.parquet", "text", "label",
+                           columns=parse_columns("question=premise,choices=choice1+choice2,answer=label"))
+    # Assert
+    assert ds.labels == [0, 1] and ds.responses == ["The sun was rising.", "He got a hole in his sock."]
