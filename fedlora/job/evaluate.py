@@ -185,7 +185,7 @@ def score_models(cfg: JobConfig, adapters: list[Path], base: bool, quiet: bool =
 
 
 def _cell(key: str, value) -> str:
-    if isinstance(value, float) and (key.endswith(("accuracy", "accuracy_norm")) or key in
+    if isinstance(value, float) and (key.endswith(("accuracy", "accuracy_norm", "f1")) or key in
                                      {m.column for m in ANSWER_METRICS.values()}):
         return f"{100 * value:.1f}%"
     if isinstance(value, float):
