@@ -25,6 +25,9 @@ DEFAULT_DATASET = "bbcnews"
 PARTITIONS = ("iid", "dirichlet", "dirichlet-clients", "natural")
 #: A label that is a number, in ASCII digits (``³`` and ``①`` are digits to ``str.isdigit`` but text here).
 NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]*)?")
+#: The label of a row without one in SNLI's and MultiNLI's own files (``gold_label``: the annotators did
+#: not agree), which is no class (unless ``+`` is a label too: polarity).
+NO_LABEL = "-"
 #: A label that is an integer.
 INTEGER = re.compile(r"-?[0-9]+")
 
@@ -193,11 +196,12 @@ def _headerless(path: Path, columns: list[str]) -> bool:
 def _labels(rows: list[dict], column: str, path: Path) -> tuple[list[int], list[str]]:
     """Each row's label id, and the label names in sorted order (numerically when every label is
     an integer). A label is its text without surrounding spaces; ``1.0`` is ``1``."""
-    missing = [i for i, r in enumerate(rows) if is_blank(r.get(column))]
+    dash = not any(r.get(column) == "+" for r in rows)  # "+" and "-": polarity labels, "-" a class
+    missing = [i for i, r in enumerate(rows) if is_blank(r.get(column)) or dash and r.get(column) == NO_LABEL]
     if missing:
         raise UserError(f"{len(missing)} row(s) of {path.name} have no {column!r} (unlabelled: null, NaN,"
-                        f" empty or a ClassLabel's -1; the first is data row {missing[0] + 1}): fill in their"
-                        " labels or drop those rows")
+                        f" empty, '{NO_LABEL}' or a ClassLabel's -1; the first is data row {missing[0] + 1}):"
+                        " fill in their labels or drop those rows")
     raw = [cell_text(r, column, f"data row {i + 1} of {path.name}").strip() for i, r in enumerate(rows)]
     if all(NUMBER.fullmatch(v) for v in raw):
         raw = [_integer(v) for v in raw]

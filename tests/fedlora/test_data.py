@@ -89,7 +89,7 @@ def test_rows_without_a_label_are_refused_not_made_a_class(tmp_path, body):
     f = tmp_path / ("d.csv" if body.startswith("text") else "d.jsonl")
     f.write_text(body)
     with pytest.raises(UserError, match=r"^2 row\(s\) of d\.\w+ have no 'label' \(unlabelled: null, NaN,"
-                                        r" empty or a ClassLabel's -1; the first is data row 2\):"
+                                        r" empty, '-' or a ClassLabel's -1; the first is data row 2\):"
                                         r" fill in their labels or drop those rows$"):
         load_file(f)
 
@@ -408,3 +408,19 @@ def test_scores_with_fractions_are_refused_as_a_regression_target(tmp_path):
         load_file(path, "sentence1+sentence2", "score")
     path.write_text("text\tscore\na\t5.000\nb\t3\nc\t1.0\n")
     assert load_file(path, "text", "score").label_names == ["1", "3", "5"]
+
+
+def test_snli_rows_whose_gold_label_is_a_dash_are_unlabelled_not_a_class(tmp_path):
+    # Prepare: SNLI's own JSON lines, where annotators did not agree (before, "-" was a fourth class)
+    path = tmp_path / "snli_1.0_dev.jsonl"
+    path.write_text('{"gold_label": "neutral", "sentence1": "A man.", "sentence2": "A person."}\n'
+                    '{"gold_label": "-", "sentence1": "Two dogs run.", "sentence2": "Dogs play."}\n'
+                    '{"gold_label": "contradiction", "sentence1": "A cat.", "sentence2": "No cat."}\n')
+    # Execute / Assert
+    with pytest.raises(UserError, match=r"^1 row\(s\) of snli_1.0_dev.jsonl have no 'gold_label'"
+                                        r" \(unlabelled: null, NaN, empty, '-' or a ClassLabel's -1;"
+                                        r" the first is data row 2"):
+        load_file(path, "sentence1+sentence2", "gold_label")
+    polarity = tmp_path / "polarity.csv"                 # beside "+", "-" is a class
+    polarity.write_text("text,label\ngood,+\nbad,-\n")
+    assert load_file(polarity).label_names == ["+", "-"]

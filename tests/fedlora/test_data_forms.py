@@ -108,7 +108,7 @@ def test_a_class_label_column_reads_as_its_names(tmp_path):
     # -1 is no label, refused as a null label is (it was a class "-1")
     assert [r["label"] for r in read_rows(tmp_path / "ds")] == ["neg", "pos", None]
     with pytest.raises(UserError, match=r"^1 row\(s\) of ds have no 'label' \(unlabelled: null, NaN,"
-                                        r" empty or a ClassLabel's -1; the first is data row 3\): fill in"):
+                                        r" empty, '-' or a ClassLabel's -1; the first is data row 3\)"):
         load_file(tmp_path / "ds")
 
 
