@@ -153,7 +153,9 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[list[int
     whole's (a token spans the boundary), the completion is tokenized on its own."""
     if not pairs:
         return [], []
-    heads = tokenizer([h for h, _ in pairs], add_special_tokens=False)["input_ids"]
+    unique = list(dict.fromkeys(h for h, _ in pairs))      # a question's choices share its prompt
+    once = dict(zip(unique, tokenizer(unique, add_special_tokens=False)["input_ids"], strict=True))
+    heads = [list(once[h]) for h, _ in pairs]
     wholes = tokenizer([h + t for h, t in pairs], add_special_tokens=False)["input_ids"]
     apart = [i for i, (h, w) in enumerate(zip(heads, wholes, strict=True)) if w[:len(h)] != h]
     alone = tokenizer([pairs[i][1] for i in apart], add_special_tokens=False)["input_ids"] if apart else []
