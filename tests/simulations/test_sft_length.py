@@ -114,3 +114,16 @@ def test_a_length_derived_for_other_columns_is_derived_again(tiny_chat_llama_dir
     resolve_max_length(short, quiet=True)
     resolve_max_length(joined, quiet=True)
     assert short.max_length == 8 and joined.max_length == 40
+
+
+def test_fedlora_eval_derives_the_length_of_few_shot_prompts_from_them(tiny_chat_llama_dir, tmp_path, capsys):
+    # --fewshot 3 makes each prompt four questions long: a length read from one question cut them all
+    from fedlora.simulations.evaluate import main as evaluate
+
+    spec = tmp_path / "qa.jsonl"
+    spec.write_text("".join(f'{{"prompt": "what is the colour of the sky over the sea number {i}",'
+                            f' "response": "blue {i}"}}\n' for i in range(8)))
+    assert evaluate(["--task", "sft", "--model", str(tiny_chat_llama_dir), "--fewshot", "3",
+                     "--test-data", str(spec), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "fedlora: --max-length " in err and "were cut" not in err
