@@ -127,6 +127,10 @@ def load_file(path: str | Path, text_column: str = "text",
     _check_columns(path, rows, parts, label_column, flags)
     texts = [[cell_text(r, c, f"data row {i + 1} of {path.name}") for i, r in enumerate(rows)] for c in parts]
     second = texts[1] if len(parts) == 2 else None
+    empty = sum(not any(t[i].strip() for t in texts) for i in range(len(rows)))
+    if empty:  # kept (a row's place and label stay), but a model learns nothing from no words
+        warn_once(f"{empty} of {len(rows)} rows of {path.name} have an empty {'+'.join(parts)!r}: they are"
+                  " read as texts of no words; fill them in or drop those rows")
     if label_column is None:
         return TextDataset(texts[0], None, [], second=second)
     labels, names = _labels(rows, label_column, path)

@@ -424,3 +424,14 @@ def test_snli_rows_whose_gold_label_is_a_dash_are_unlabelled_not_a_class(tmp_pat
     polarity = tmp_path / "polarity.csv"                 # beside "+", "-" is a class
     polarity.write_text("text,label\ngood,+\nbad,-\n")
     assert load_file(polarity).label_names == ["+", "-"]
+
+
+def test_rows_with_an_empty_text_are_said_once(tmp_path, capsys):
+    path = tmp_path / "gaps.csv"
+    path.write_text('text,label\n"",1\nfine,0\n"  ",1\n')
+    ds = load_file(path, "text", "label")
+    assert len(ds) == 3 and capsys.readouterr().err.count("2 of 3 rows of gaps.csv have an empty 'text'") == 1
+    pair = tmp_path / "pair.csv"
+    pair.write_text('a,b,label\n"",x,1\ny,"",0\n')       # one text of a pair is enough
+    load_file(pair, "a+b", "label")
+    assert "empty" not in capsys.readouterr().err
