@@ -198,8 +198,9 @@ def _headerless(path: Path, columns: list[str]) -> bool:
 
 
 def _labels(rows: list[dict], column: str, path: Path) -> tuple[list[int], list[str]]:
-    """Each row's label id, and the label names in sorted order (numerically when every label is
-    an integer). A label is its text without surrounding spaces; ``1.0`` is ``1``."""
+    """Each row's label id, and the label names: a ``ClassLabel`` column's in its ids' order (every
+    name, so the ids are the dataset's), else in sorted order (numerically when every label is an
+    integer). A label is its text without surrounding spaces; ``1.0`` is ``1``."""
     dash = not any(r.get(column) == "+" for r in rows)  # "+" and "-": polarity labels, "-" a class
     missing = [i for i, r in enumerate(rows) if is_blank(r.get(column)) or dash and r.get(column) == NO_LABEL]
     if missing:
@@ -207,6 +208,9 @@ def _labels(rows: list[dict], column: str, path: Path) -> tuple[list[int], list[
                         f" empty, '{NO_LABEL}' or a ClassLabel's -1; the first is data row {missing[0] + 1}):"
                         " fill in their labels or drop those rows")
     raw = [cell_text(r, column, f"data row {i + 1} of {path.name}").strip() for i, r in enumerate(rows)]
+    named = getattr(rows, "class_names", {}).get(column)   # a ClassLabel's names: its ids' order
+    if named and set(raw) <= set(named):
+        return [named.index(v) for v in raw], list(named)
     if all(NUMBER.fullmatch(v) for v in raw):
         raw = [_integer(v) for v in raw]
         _refuse_scores(raw, column, path)

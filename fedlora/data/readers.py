@@ -254,9 +254,21 @@ def _parquet_class_labels(metadata: dict) -> dict[str, list[str]]:
             and f.get("_type") == "ClassLabel" and isinstance(f.get("names"), list)}
 
 
+class NamedRows(list):
+    """Rows whose ``ClassLabel`` columns had names: ``class_names[column]`` lists them in their ids'
+    order, which a classifier's label ids keep (:func:`fedlora.data.loading.load_file`)."""
+
+    class_names: dict[str, list[str]]
+
+    def __init__(self, rows, class_names: dict[str, list[str]]) -> None:
+        super().__init__(rows)
+        self.class_names = class_names
+
+
 def _class_names(rows: Rows, named: dict[str, list[str]]) -> Rows:
     """``rows`` with each ``ClassLabel`` column's ids (``named``: its label names) as their names, and
-    its ``-1`` (no label, as in GLUE's test splits) as None, as a missing label is."""
+    its ``-1`` (no label, as in GLUE's test splits) as None, as a missing label is; their names'
+    order kept (:class:`NamedRows`)."""
     for row in rows:
         for column, names in named.items():
             value = row.get(column)
@@ -264,7 +276,7 @@ def _class_names(rows: Rows, named: dict[str, list[str]]) -> Rows:
                 row[column] = names[value]
             elif value == -1:
                 row[column] = None
-    return rows
+    return NamedRows(rows, dict(named)) if named else rows
 
 
 def _dataset(path: Path) -> Rows:
@@ -333,8 +345,15 @@ def _matches(path: Path) -> list[Path]:
 
 
 def _each(read: Callable[[Path], list]) -> Callable[[Path], list]:
-    """``read`` over every file a pattern matches, in name order, as one list."""
-    return lambda pattern: [item for f in _matches(pattern) for item in read(f)]
+    """``read`` over every file a pattern matches, in name order, as one list (with the first file's
+    ``ClassLabel`` names: a dataset's shards share them)."""
+    def each(pattern: Path) -> list:
+        parts = [read(f) for f in _matches(pattern)]
+        rows = [item for part in parts for item in part]
+        named = next((p.class_names for p in parts if isinstance(p, NamedRows)), None)
+        return NamedRows(rows, named) if named else rows
+
+    return each
 
 
 def reader_for(path: Path) -> Reader:

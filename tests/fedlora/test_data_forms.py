@@ -199,3 +199,21 @@ def test_a_parquet_class_label_column_reads_as_its_names(tmp_path):
     assert [r["label"] for r in read_rows(tmp_path / "ds.parquet")] == ["neg", "pos", None]
     with pytest.raises(UserError, match=r"^1 row\(s\) of ds.parquet have no 'label' \(unlabelled"):
         load_file(tmp_path / "ds.parquet")
+
+
+def test_a_class_label_keeps_its_ids_order_and_every_name(tmp_path):
+    from datasets import ClassLabel, Features, Value
+
+    # emotion's ClassLabel is sadness, joy, love, anger, ...: its ids were renumbered in sorted name
+    # order, so a prediction read with the dataset's int2str named another class
+    names = ["sadness", "joy", "love", "anger"]
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+    ds = Dataset.from_dict({"text": ["a", "b", "c"], "label": [1, 0, 1]}, features=features)
+    ds.save_to_disk(str(tmp_path / "emo"))
+    ds.to_parquet(str(tmp_path / "emo.parquet"))
+    for path in (tmp_path / "emo", tmp_path / "emo.parquet"):
+        got = load_file(path)
+        assert got.label_names == names and got.labels == [1, 0, 1]     # the dataset's ids
+    # a CSV of the same names: sorted, as before
+    (tmp_path / "emo.csv").write_text("text,label\na,joy\nb,sadness\n")
+    assert load_file(tmp_path / "emo.csv").label_names == ["joy", "sadness"]
