@@ -176,7 +176,7 @@ UNUSED = {"epsilon": (4.0, {"dp": "client"}), "delta": (1e-3, {"dp": "sample"}),
           "dp_backend": ("opacus", {"dp": "sample"}), "update_clip": (2.0, {"dp": "client"}),
           "alpha": (0.1, {"partition": "dirichlet-clients"}), "trim": (0.2, {"robust_mean": "krum"}),
           "secagg_range": (1.0, {"secagg": True}), "secagg_threshold": (0.8, {"secagg": True}),
-          "no_error_feedback": (True, {"compress": "int8"}),
+          "no_error_feedback": (True, {"compress": "int8"}), "init_batches": (4, {"strategy": "fed-sb"}),
           "test_text_column": ("t", {"test_data": "x.csv"}),
           "test_label_column": ("y", {"test_data": "x.csv"})}
 
