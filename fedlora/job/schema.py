@@ -386,9 +386,8 @@ USED_ONLY_WITH = {
     "alpha": (lambda job: job.partition.startswith("dirichlet"),
               "--partition dirichlet or dirichlet-clients"),
     "trim": (lambda job: job.robust_mean in ("trimmed", "krum"), "--robust-mean trimmed or krum"),
-    "init_batches": (lambda job: STRATEGIES[job.strategy].from_job(job).init_releases > 0,
-                     "a strategy that initialises on the clients' data (fed-sb, without --init-data"
-                     " or init=seed)"),
+    "init_batches": (lambda job: STRATEGIES[job.strategy].from_job(job).init_phases > 0,
+                     "a strategy that initialises on data (fed-sb, but not init=seed)"),
     **{name: (lambda job: job.secagg, "--secagg") for name in ("secagg_range", "secagg_threshold")},
     "no_error_feedback": (lambda job: job.compress != "none", "--compress"),
     **{name: (lambda job: bool(job.test_data), "--test-data")
