@@ -3,6 +3,7 @@ and its line on the console."""
 
 from __future__ import annotations
 
+import math
 import time
 
 from fedlora.models.state import exact_global
@@ -73,7 +74,20 @@ METRIC_LABELS = {"accuracy": "acc", "answer_accuracy": "answer acc", "token_accu
 
 
 def format_row(row: dict) -> str:
-    """One round as a line: the task's headline metric, loss (and perplexity), bytes, times."""
+    """One round as a line: the task's headline metric, loss (and perplexity), bytes, times.
+
+    Parameters
+    ----------
+    row : dict
+        A round's metric row, as the run made it or as ``metrics.jsonl`` gives it back (what
+        ``fedlora-server`` and ``--engine flower`` print): there a loss that was not a finite number
+        (a diverged run) is ``None`` (strict JSON), shown as ``nan`` as the simulator shows its own.
+
+    Returns
+    -------
+    str
+        The round's line.
+    """
     err = "-" if row["agg_error"] is None else f"{row['agg_error']:.2e}"
     eps = "" if row.get("epsilon") is None else f"  ε {row['epsilon']:.2f}"
     ppl = f"  ppl {row['perplexity']:.2f}" if row.get("perplexity") is not None else ""
@@ -84,7 +98,7 @@ def format_row(row: dict) -> str:
         ppl += f"  margin {row['reward_margin']:.4f}"
     name = METRIC_LABELS.get(row.get("metric", "accuracy"), row.get("metric", "acc"))
     scored = "not scored (--eval-every)" if row["accuracy"] is None else (
-        f"{name} {row['accuracy']:.4f}  loss {row['loss']:.4f}")
+        f"{name} {row['accuracy']:.4f}  loss {math.nan if row['loss'] is None else row['loss']:.4f}")
     return (f"round {row['round']:>3}  {scored}{ppl}  "
             f"agg_err {err}  up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB  "
             f"{row['seconds']:.1f}s (eval {row.get('eval_seconds', 0.0):.1f}s){eps}")

@@ -30,6 +30,13 @@ def test_a_round_eval_every_skips_says_so_in_its_line():
     assert "not scored (--eval-every)" in line and "loss" not in line and "up 2.00 MB" in line
 
 
+def test_a_diverged_round_read_back_from_metrics_jsonl_prints_its_line():
+    # metrics.jsonl writes a NaN loss as null (strict JSON); fedlora-server and --engine flower print
+    # the rows read back from it, and crashed formatting None (the run died with its server)
+    line = format_row(json.loads(json.dumps({**ROW, "loss": None})))
+    assert "acc 0.8000  loss nan" in line and line == format_row({**ROW, "loss": float("nan")})
+
+
 @pytest.mark.parametrize("saved, restored", [(0.37, 0.37), (None, 0.1)])
 def test_resume_keeps_the_clip_its_clients_trained_with(tmp_path, caplog, stub_coordinator, saved, restored):
     from fedlora.job.schema import JobConfig
