@@ -62,7 +62,9 @@ def local_client(msg: Message, context: Context) -> LocalClient:
         while _CACHE and len(_CACHE) >= CACHED_CLIENTS:
             del _CACHE[next(iter(_CACHE))]  # the oldest
         cfg = from_run_config(dict(context.run_config))
-        check_job_args(cfg)  # the run config's job, checked once as the server checked it
+        # the run config's job, checked once as the server checked it; the flags it does not read are
+        # the server's to say (said on every client, they named flags the client was never given)
+        check_job_args(cfg, unused=False)
         labels = [n for n in msg.content["config"]["label-names"] if n]
         client = LocalClient(cfg, ClientData.from_node_config(dict(context.node_config)), labels)
         _CACHE[key] = client

@@ -39,10 +39,20 @@ def check_partition(args: JobConfig) -> None:
                         " one of those, or drop --partition-column")
 
 
-def check_job_args(args: JobConfig) -> None:
+def check_job_args(args: JobConfig, unused: bool = True) -> None:
     """Refuse bad job values in one line each: every entry point runs this once, on the job its
     codec made (:func:`fedlora.job.flags.to_config`, :func:`fedlora.job.runconfig.from_run_config`,
-    which give unset fields their defaults)."""
+    which give unset fields their defaults).
+
+    Parameters
+    ----------
+    args : JobConfig
+        The job.
+    unused : bool
+        Also say the flags this job does not read (:func:`warn_unused`): where the job's flags were
+        typed (not on a deployed client, which was sent the server's job: it did not set them, and
+        the server has said so).
+    """
     check_numbers(args)
     positive = ("num_clients", "rounds", "local_steps", "batch_size", "rank", "max_length",
                 "init_batches", "eval_batch_size")
@@ -96,7 +106,8 @@ def check_job_args(args: JobConfig) -> None:
     check_quantize_args(args)
     check_track_args(args)
     check_model_name(args.model)  # a hub id the local HF cache lacks: one line, before anything runs
-    warn_unused(args)
+    if unused:
+        warn_unused(args)
 
 
 def warn_unused(args) -> None:
