@@ -137,12 +137,54 @@ def _log_round(row: dict) -> None:
     log.info("round %d done: %s, %d clients", row["round"], score, row["clients"])
 
 
+class WarningsToLog:
+    """The ServerApp's ``sys.stderr``: each ``fedlora: MESSAGE`` line that fedlora prints there (a
+    warning about the job's input, as :func:`fedlora.errors.warn_once` and the tasks say it: test
+    prompts cut to ``--max-length``, clients out of privacy budget) is also logged as a warning, into
+    ``OUT/server.log``, which ``fedlora-server`` prints; everything goes on to ``stream``.
+
+    The ServerApp's own output reaches no terminal, so, unlogged, these were said by ``fedlora-sim``
+    and never by a deployment.
+
+    Parameters
+    ----------
+    stream : text stream
+        Where the text goes as well (the process's own ``sys.stderr``).
+    """
+
+    PREFIX = "fedlora: "
+
+    def __init__(self, stream) -> None:
+        self.stream, self.part, self.busy = stream, "", False
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.part += text
+        *lines, self.part = self.part.split("\n")
+        if not self.busy:  # a handler writing to this stream: not logged again
+            self.busy = True
+            try:
+                for line in lines:
+                    if line.startswith(self.PREFIX):
+                        log.warning(line.removeprefix(self.PREFIX))
+            finally:
+                self.busy = False
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Flower entry point."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    sys.stderr = WarningsToLog(sys.stderr)  # fedlora's printed warnings reach OUT/server.log
     die_with_parent()  # no orphan ServerApp writing into --out after its SuperLink is gone
     fast_object_pulls(RoundSettings.from_run_config(dict(context.run_config)).round_timeout)
     run_server(grid, dict(context.run_config), context.run_id)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fedlora.errors import UserError
+from fedlora.errors import SAID, UserError
 from fedlora.job.paths import with_recorded_paths
 from fedlora.job.runconfig import to_run_config
 from fedlora.job.schema import JobConfig
@@ -187,13 +187,19 @@ def follow(out_dir: Path, superlink: SuperLink, on_row: Callable[[dict], None], 
            poll: float = 0.5, on_note: Callable[[str], None] = lambda line: None,
            log: LogTail | None = None) -> dict:
     """Report new metric rows, and the ServerApp's warnings (``on_note``, from ``log``: by default
-    what ``OUT/server.log`` gets from now on), until run ``run_id``'s ``status.json`` says finished or
-    failed."""
+    what ``OUT/server.log`` gets from now on) but those this process has said already
+    (:data:`fedlora.errors.SAID`: its own checks of the job, which the ServerApp repeats), until run
+    ``run_id``'s ``status.json`` says finished or failed."""
     metrics, status_path = out_dir / "metrics.jsonl", out_dir / "status.json"
     seen, log = 0, log or LogTail(out_dir / LOG_FILE)
-    while True:
+
+    def notes() -> None:
         for line in log.notes():
-            on_note(line)
+            if line not in SAID:  # a warning this process said itself (checking the job) only once
+                on_note(line)
+
+    while True:
+        notes()
         status = json.loads(status_path.read_text()) if status_path.is_file() else {}
         if status.get("run_id") != str(run_id):
             status = {}  # not yet written by this run (or left by an older one)
@@ -203,8 +209,7 @@ def follow(out_dir: Path, superlink: SuperLink, on_row: Callable[[dict], None], 
                 on_row(row)
             seen = max(seen, len(rows))
         if status.get("state") in ("finished", "failed"):
-            for line in log.notes():
-                on_note(line)
+            notes()
             return status
         if superlink.proc.poll() is not None:
             return {"state": "failed", "error": f"the SuperLink stopped: {superlink.last_error()}"}
