@@ -267,11 +267,13 @@ def _warn_case(names: list[str], path: Path) -> None:
 def _closest(name: str, columns: list[str], rows: list[dict], what: str) -> str:
     """The column of ``columns`` (those no other role uses: never the label column for a text column)
     ``name`` most likely means: the same name in other case, else the closest spelling, else (a
-    ``text`` column) the column of the longest values in the first rows, else ``NAME``."""
+    ``text`` column) the column of the longest values in the first rows, not one of numbers only (an
+    id: GLUE's ``idx``, which a pair missing its second text was told to read), else ``NAME``."""
     same = [c for c in columns if c.lower() == name.lower()]
     close = difflib.get_close_matches(name, columns, n=1)
-    if what == "text" and not (same or close) and columns:
-        return max(columns, key=lambda c: sum(len(str(r.get(c) or "")) for r in rows[:50]))
+    texts = [c for c in columns if not all(NUMBER.fullmatch(str(r.get(c)).strip()) for r in rows[:50])]
+    if what == "text" and not (same or close) and texts:
+        return max(texts, key=lambda c: sum(len(str(r.get(c) or "")) for r in rows[:50]))
     return (same or close or ["NAME"])[0]
 
 

@@ -67,6 +67,17 @@ def test_a_missing_column_names_the_one_meant(tmp_path):
         load_file(typo)
 
 
+def test_a_missing_text_column_is_never_said_to_be_an_id_column(tmp_path):
+    # Prepare: a client's pair file without its second text (RTE's columns less sentence2): its idx
+    # column, of numbers only, has the longest values of the columns left
+    f = tmp_path / "rte.tsv"
+    f.write_text("idx\tsentence1\tlabel\n10\tA\tentailment\n11\tB\tnot_entailment\n")
+    # Execute / Assert: it was advised as --text-column sentence1+idx
+    with pytest.raises(UserError, match=r"text column 'sentence2' is not in rte\.tsv .*; pass --text-column"
+                                        r" sentence1\+NAME$"):
+        load_file(f, "sentence1+sentence2")
+
+
 def test_a_missing_text_column_is_never_said_to_be_the_label_column(tmp_path):
     # Prepare: the label column has the longest values, and "labels" is spelled like "label"
     f = tmp_path / "d.csv"
