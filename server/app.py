@@ -184,7 +184,12 @@ def main(grid: Grid, context: Context) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    sys.stderr = WarningsToLog(sys.stderr)  # fedlora's printed warnings reach OUT/server.log
-    die_with_parent()  # no orphan ServerApp writing into --out after its SuperLink is gone
-    fast_object_pulls(RoundSettings.from_run_config(dict(context.run_config)).round_timeout)
-    run_server(grid, dict(context.run_config), context.run_id)
+    stderr = sys.stderr
+    if not isinstance(stderr, WarningsToLog):  # a ServerApp run again in one process: wrapped once
+        sys.stderr = WarningsToLog(stderr)  # fedlora's printed warnings reach OUT/server.log
+    try:
+        die_with_parent()  # no orphan ServerApp writing into --out after its SuperLink is gone
+        fast_object_pulls(RoundSettings.from_run_config(dict(context.run_config)).round_timeout)
+        run_server(grid, dict(context.run_config), context.run_id)
+    finally:
+        sys.stderr = stderr
