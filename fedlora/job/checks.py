@@ -53,6 +53,36 @@ def check_job_args(args: JobConfig, unused: bool = True) -> None:
         typed (not on a deployed client, which was sent the server's job: it did not set them, and
         the server has said so).
     """
+    check_ranges(args)
+    if STRATEGIES[args.strategy].adapter_plan.keep and not args.personal_test_fraction:
+        raise UserError(f"--strategy {args.strategy} keeps personal factors on each client, so each"
+                        " client has its own model: pass --personal-test-fraction (e.g. 0.2) to"
+                        " measure those models on each client's own held-out examples")
+    check_dp_args(args)
+    check_partition(args)
+    check_secagg_args(args)
+    check_compress_args(args)
+    check_ranks(args)
+    try:
+        inner = STRATEGIES[args.strategy].from_job(args)  # its options, checked before anything loads
+        if args.norm_bound > 0 or args.robust_mean != "mean":  # what the server's defences can take
+            Robust(inner, args.weighting, args.max_examples, args.norm_bound, args.robust_mean, args.trim)
+        if args.server_lr != 1:
+            ServerStep(inner, args.server_lr)
+    except ValueError as exc:
+        raise UserError(f"--strategy {args.strategy}: {exc}") from None
+    check_task_args(args)
+    check_init_args(args)
+    check_quantize_args(args)
+    check_track_args(args)
+    check_model_name(args.model)  # a hub id the local HF cache lacks: one line, before anything runs
+    if unused:
+        warn_unused(args)
+
+
+def check_ranges(args: JobConfig) -> None:
+    """Refuse a number outside its range (finite, positive, at least 0, a fraction), in one line
+    naming the flag."""
     check_numbers(args)
     positive = ("num_clients", "rounds", "local_steps", "batch_size", "rank", "max_length",
                 "init_batches", "eval_batch_size")
@@ -84,30 +114,6 @@ def check_job_args(args: JobConfig, unused: bool = True) -> None:
                         f" {args.trim}")
     if not 0 <= args.personal_test_fraction < 1:
         raise UserError(f"--personal-test-fraction must be in [0, 1), got {args.personal_test_fraction}")
-    if STRATEGIES[args.strategy].adapter_plan.keep and not args.personal_test_fraction:
-        raise UserError(f"--strategy {args.strategy} keeps personal factors on each client, so each"
-                        " client has its own model: pass --personal-test-fraction (e.g. 0.2) to"
-                        " measure those models on each client's own held-out examples")
-    check_dp_args(args)
-    check_partition(args)
-    check_secagg_args(args)
-    check_compress_args(args)
-    check_ranks(args)
-    try:
-        inner = STRATEGIES[args.strategy].from_job(args)  # its options, checked before anything loads
-        if args.norm_bound > 0 or args.robust_mean != "mean":  # what the server's defences can take
-            Robust(inner, args.weighting, args.max_examples, args.norm_bound, args.robust_mean, args.trim)
-        if args.server_lr != 1:
-            ServerStep(inner, args.server_lr)
-    except ValueError as exc:
-        raise UserError(f"--strategy {args.strategy}: {exc}") from None
-    check_task_args(args)
-    check_init_args(args)
-    check_quantize_args(args)
-    check_track_args(args)
-    check_model_name(args.model)  # a hub id the local HF cache lacks: one line, before anything runs
-    if unused:
-        warn_unused(args)
 
 
 def warn_unused(args) -> None:
