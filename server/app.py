@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -155,20 +156,22 @@ class WarningsToLog:
     PREFIX = "fedlora: "
 
     def __init__(self, stream) -> None:
-        self.stream, self.part, self.busy = stream, "", False
+        # each thread's unfinished line and re-entry guard: threads write at once (Flower's simulation
+        # runs the ServerApp in a thread beside Ray's, which prints its workers' lines here)
+        self.stream, self.mine = stream, threading.local()
 
     def write(self, text: str) -> int:
         self.stream.write(text)
-        self.part += text
-        *lines, self.part = self.part.split("\n")
-        if not self.busy:  # a handler writing to this stream: not logged again
-            self.busy = True
+        mine = self.mine
+        *lines, mine.part = (getattr(mine, "part", "") + text).split("\n")
+        if not getattr(mine, "busy", False):  # a handler writing to this stream: not logged again
+            mine.busy = True
             try:
                 for line in lines:
                     if line.startswith(self.PREFIX):
                         log.warning(line.removeprefix(self.PREFIX))
             finally:
-                self.busy = False
+                mine.busy = False
         return len(text)
 
     def flush(self) -> None:

@@ -43,3 +43,31 @@ def test_the_server_relays_the_logs_warnings_but_those_it_said_itself(tmp_path):
     follow(tmp_path, link, lambda row: None, 1, on_note=notes.append, log=tail)
     # Assert
     assert notes == ["20 of 20 prompts exceed"]
+
+
+def test_lines_written_by_two_threads_at_once_are_logged_whole(caplog):
+    import threading
+
+    from fedlora.server.app import WarningsToLog
+
+    # Prepare: Flower's simulation runs the ServerApp in a thread, beside Ray's, which prints its
+    # workers' lines on the same stderr; print() writes a line, then its newline
+    err = WarningsToLog(io.StringIO())
+    halfway, other_done = threading.Event(), threading.Event()
+
+    def server() -> None:
+        err.write("fedlora: 20 of 20 prompts exceed")
+        halfway.set()
+        other_done.wait(5)
+        err.write(" --max-length 64\n")
+
+    # Act
+    with caplog.at_level(logging.WARNING, logger="fedlora.server"):
+        thread = threading.Thread(target=server)
+        thread.start()
+        halfway.wait(5)
+        err.write("(ClientAppActor pid=7) a worker's line\n")
+        other_done.set()
+        thread.join(5)
+    # Assert: the server thread's line, whole; the other thread's line not folded into it
+    assert [r.getMessage() for r in caplog.records] == ["20 of 20 prompts exceed --max-length 64"]
