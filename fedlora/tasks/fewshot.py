@@ -1,7 +1,9 @@
 """``--fewshot N``: each held-out prompt led by N solved examples, as lm-eval-harness' ``--num_fewshot``.
 
 The shots are other held-out examples and their reference answers, drawn for each question from
-``--seed`` and its position (never the question itself), and given as the conversation before it::
+``--seed`` and its position (never the question itself, nor a copy of it: a duplicate row would
+give its own answer away, as lm-eval leaves out a shot equal to the question), and given as the
+conversation before it::
 
     user: q_a   assistant: r_a   user: q_b   assistant: r_b   …   user: q_i  →  the answer scored
 
@@ -30,6 +32,13 @@ def _turns(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 
+def _skipping(d: int, own: list[int]) -> int:
+    """The ``d``-th position (from 0) that is not one of ``own`` (sorted)."""
+    for e in own:
+        d += d >= e
+    return d
+
+
 def with_shots(ds: TextDataset, shots: int, seed: int) -> TextDataset:
     """``ds`` with each prompt led by ``shots`` other examples of ``ds`` and their responses (the
     module docstring); ``ds`` itself when ``shots`` is 0.
@@ -41,14 +50,21 @@ def with_shots(ds: TextDataset, shots: int, seed: int) -> TextDataset:
     """
     if not shots:
         return ds
-    if ds.responses is None or len(ds) <= shots:
+    keys = [p if isinstance(p, str) else repr(p) for p in ds.texts]
+    copies: dict[str, list[int]] = {}                       # a prompt's positions, in order
+    for i, key in enumerate(keys):
+        copies.setdefault(key, []).append(i)
+    if ds.responses is None or len(ds) - max(map(len, copies.values()), default=0) < shots:
         raise UserError(f"--fewshot {shots} leads each held-out question with {shots} others and their"
-                        f" answers, and there are {len(ds)} held-out examples: pass a smaller --fewshot")
+                        f" answers, and there are {len(ds)} held-out examples"
+                        f"{'' if len(copies) == len(ds) else f' ({len(copies)} different questions)'}:"
+                        " pass a smaller --fewshot")
     prompts = []
     for i, prompt in enumerate(ds.texts):
-        drawn = np.random.default_rng([seed, 4271, i]).choice(len(ds) - 1, size=shots, replace=False)
+        same = copies[keys[i]]                              # the question and its copies: no shots
+        drawn = np.random.default_rng([seed, 4271, i]).choice(len(ds) - len(same), size=shots, replace=False)
         turns = []
-        for j in (int(d) + (d >= i) for d in drawn):        # any example but the question's own
+        for j in (_skipping(int(d), same) for d in drawn):
             turns += [*_turns(ds.texts[j]), {"role": "assistant", "content": ds.responses[j]}]
         own = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         system = [m for m in own if m["role"] == "system"]

@@ -34,7 +34,8 @@ def test_each_prompt_is_led_by_other_examples_and_their_answers_as_turns():
 
 def test_a_chats_system_message_stays_first_and_shots_carry_none():
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
-    ds = TextDataset([chat, chat], None, [], ["hello", "hey"])
+    other = [*chat[:1], {"role": "user", "content": "hey there"}]
+    ds = TextDataset([chat, other], None, [], ["hello", "hey"])
     got = with_shots(ds, 1, seed=0).texts[0]
     assert [m["role"] for m in got] == ["system", "user", "assistant", "user"]
     assert got[2] == {"role": "assistant", "content": "hey"}
@@ -66,3 +67,19 @@ def test_mc_letters_shots_are_lettered_and_answered_by_letter(tiny_chat_llama_di
     cfg = JobConfig(task="sft", model="unused", eval="generate", fewshot=1, max_length=128)
     answers = task.eval_set(tok, task.load(str(spec), cfg), cfg)
     assert any("assistant : jupiter [SEP]" in tok.decode(p) for p in answers.prompts)  # mc file: the texts
+
+
+def test_a_copy_of_the_question_is_never_its_shot():
+    # Prepare: two identical held-out rows (BBC News holds 98 such articles): either one as the
+    # other's shot would give its answer away
+    ds = TextDataset(["q0", "q1", "q1", "q3"], None, [], ["a0", "a1", "a1", "a3"])
+    for seed in range(20):
+        # Act
+        got = with_shots(ds, 2, seed=seed)
+        # Assert
+        for i in (1, 2):
+            assert {m["content"] for m in got.texts[i][:-1]} == {"q0", "a0", "q3", "a3"}
+    with pytest.raises(UserError, match=r"there are 4 held-out examples \(3 different questions\)"):
+        with_shots(ds, 3, seed=0)
+    # rows without copies are drawn as before (a question's shots do not change)
+    assert with_shots(_ds(), 2, seed=0).texts[0][0]["content"] == "q1"
