@@ -201,8 +201,9 @@ def _labels(rows: list[dict], column: str, path: Path) -> tuple[list[int], list[
     """Each row's label id, and the label names: a ``ClassLabel`` column's in its ids' order (every
     name, so the ids are the dataset's), else in sorted order (numerically when every label is an
     integer). A label is its text without surrounding spaces; ``1.0`` is ``1``."""
-    dash = not any(r.get(column) == "+" for r in rows)  # "+" and "-": polarity labels, "-" a class
-    missing = [i for i, r in enumerate(rows) if is_blank(r.get(column)) or dash and r.get(column) == NO_LABEL]
+    given = [v.strip() if isinstance(v, str) else v for v in (r.get(column) for r in rows)]  # " -" is "-"
+    dash = "+" not in given  # "+" and "-": polarity labels, "-" a class
+    missing = [i for i, v in enumerate(given) if is_blank(v) or dash and v == NO_LABEL]
     if missing:
         raise UserError(f"{len(missing)} row(s) of {path.name} have no {column!r} (unlabelled: null, NaN,"
                         f" empty, '{NO_LABEL}' or a ClassLabel's -1; the first is data row {missing[0] + 1}):"

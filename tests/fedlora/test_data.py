@@ -435,6 +435,12 @@ def test_snli_rows_whose_gold_label_is_a_dash_are_unlabelled_not_a_class(tmp_pat
     polarity = tmp_path / "polarity.csv"                 # beside "+", "-" is a class
     polarity.write_text("text,label\ngood,+\nbad,-\n")
     assert load_file(polarity).label_names == ["+", "-"]
+    spaced = tmp_path / "spaced.csv"                     # labels are read stripped: " -" is "-"
+    spaced.write_text("text,label\na man,entailment\ntwo dogs, -\n")
+    with pytest.raises(UserError, match=r"^1 row\(s\) of spaced.csv have no 'label'"):
+        load_file(spaced)
+    polarity.write_text("text,label\ngood, +\nbad,-\n")
+    assert load_file(polarity).label_names == ["+", "-"]
 
 
 def test_rows_with_an_empty_text_are_said_once(tmp_path, capsys):
