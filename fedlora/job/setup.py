@@ -56,8 +56,9 @@ def labeled_data(cfg: JobConfig, task: Task) -> TextDataset:
         ds = with_groups(ds, cfg.data, cfg.partition_column)
     if not task.trains_head:
         return ds
-    if len(ds.label_names) < 2:
-        raise UserError(f"--data {cfg.data} has one label ({ds.label_names[0]!r}): a classifier learns"
+    used = sorted(set(ds.labels or []))  # a ClassLabel's names may name classes no row has
+    if len(used) < 2:
+        raise UserError(f"--data {cfg.data} has one label ({ds.label_names[used[0]]!r}): a classifier learns"
                         " from two or more; check --label-column, or add the other classes' rows")
     return in_head_order(ds, cfg.model)
 

@@ -283,6 +283,22 @@ def test_dirichlet_clients_gives_100_equal_skewed_clients_where_classwise_cannot
         partition(train, 100, "dirichlet", 0.1, seed=0)
 
 
+def test_a_classlabel_naming_classes_no_row_has_is_still_one_label(tmp_path):
+    import datasets
+
+    from fedlora.job.schema import JobConfig
+    from fedlora.job.setup import splits
+
+    # Prepare: a ClassLabel of two names (its ids kept: every name is a label), every row of one
+    path = tmp_path / "positives.parquet"
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "pos"])})
+    datasets.Dataset.from_dict({"text": ["a", "b"], "label": [1, 1]}, features=features).to_parquet(path)
+    # Execute / Assert: refused as a file of one label is, not trained on one class
+    with pytest.raises(UserError, match=r"--data .*positives\.parquet has one label \('pos'\): a classifier"):
+        splits(JobConfig(data=str(path)))
+
+
 def test_a_job_refuses_one_label_and_names_the_test_file_whose_label_is_foreign(tmp_path):
     from fedlora.job.schema import JobConfig
     from fedlora.job.setup import splits
