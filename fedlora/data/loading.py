@@ -117,8 +117,8 @@ def load_bbcnews() -> TextDataset:
 def load_file(path: str | Path, text_column: str = "text",
               label_column: str | None = "label", flags: str = "") -> TextDataset:
     """Rows of a data file or folder (any form of :mod:`fedlora.data.readers`); labels are mapped to
-    ids in sorted order. ``flags``: the prefix of the column flags a missing column's message names
-    (``"test-"``: ``--test-text-column``)."""
+    ids as :func:`_labels` numbers them (a ``ClassLabel``'s ids, else sorted order). ``flags``: the
+    prefix of the column flags a missing column's message names (``"test-"``: ``--test-text-column``)."""
     path = locate(path)
     rows = read_rows(path)
     if not rows:

@@ -81,7 +81,7 @@ def splits(cfg: JobConfig, task: Task | None = None) -> tuple[TextDataset, TextD
 def in_head_order(ds: TextDataset, model: str) -> TextDataset:
     """``ds`` with its labels numbered as ``model``'s classification head numbers them, where the head
     was trained on the same label names (its ``id2label``): a fine-tuned classifier keeps its rows'
-    meaning. Other data keeps its sorted order."""
+    meaning. Other data keeps its own order (a ``ClassLabel``'s, else sorted)."""
     names = head_labels(model)
     if names is None or sorted(names) != sorted(ds.label_names) or names == ds.label_names:
         return ds
