@@ -31,9 +31,10 @@ import re
 import string
 from pathlib import Path
 
+from fedlora.data.cells import text_of
 from fedlora.data.columns import renamed
 from fedlora.data.loading import TextDataset
-from fedlora.data.readers import reader_for, text_of
+from fedlora.data.readers import reader_for
 from fedlora.errors import UserError, warn_once
 
 LETTERS = string.ascii_uppercase

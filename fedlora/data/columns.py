@@ -7,7 +7,8 @@ may a prompt's text, then read as one text with a blank line between the columns
 
 from __future__ import annotations
 
-from fedlora.data.readers import Rows, is_blank
+from fedlora.data.cells import is_blank
+from fedlora.data.readers import Rows
 from fedlora.errors import UserError
 
 #: The columns of the forms ``--task sft`` and ``dpo`` read by name (instruction, multiple-choice and

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from fedlora.data.cells import cell_text, is_blank
 from fedlora.data.instructions import BBC_INSTRUCT
 from fedlora.data.loading import DEFAULT_DATASET, TextDataset
-from fedlora.data.readers import cell_text, is_blank, locate, read_rows
+from fedlora.data.readers import locate, read_rows
 from fedlora.errors import UserError
 
 

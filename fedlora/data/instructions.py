@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+from fedlora.data.cells import text_of
 from fedlora.data.choices import read_choice_file
 from fedlora.data.columns import renamed
 from fedlora.data.loading import (
@@ -52,7 +53,7 @@ from fedlora.data.loading import (
     load_file,
     text_columns,
 )
-from fedlora.data.readers import locate, read_rows, text_of
+from fedlora.data.readers import locate, read_rows
 from fedlora.errors import UserError, warn_once
 
 BBC_INSTRUCT = "bbcnews-instruct"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlora.data.readers import cell_text, is_blank, locate, read_rows
+from fedlora.data.cells import cell_text, is_blank
+from fedlora.data.readers import locate, read_rows
 from fedlora.errors import UserError, warn_once
 
 DEFAULT_DATASET = "bbcnews"

@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedlora.data.cells import text_of
 from fedlora.data.columns import renamed
 from fedlora.data.instructions import _messages, cell, listed, load_instructions, skip_rows
 from fedlora.data.loading import DEFAULT_DATASET, TextDataset, text_columns
-from fedlora.data.readers import is_pattern, locate, read_rows, text_of
+from fedlora.data.readers import is_pattern, locate, read_rows
 from fedlora.errors import UserError
 
 #: Mixed into ``--seed`` for the rejected answers drawn from a labeled file's other choices.
