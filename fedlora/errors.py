@@ -3,20 +3,44 @@ way a warning about the user's input is said: once per process (:func:`warn_once
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 #: The warnings said in this process: a file or model read twice (a derived --max-length, then the
 #: job; a model's path resolved for its tokenizer, then its weights) is warned about once.
 SAID: set[str] = set()
 
 
+#: Who hears each note besides stderr, ``listener(message)`` (:func:`listening`): the ServerApp logs
+#: them into ``OUT/server.log``, as its own stderr reaches no terminal.
+LISTENERS: list[Callable[[str], None]] = []
+
+
+def say(message: str) -> None:
+    """Print ``fedlora: MESSAGE`` on stderr (a note about the job or its input), and hand it to each
+    of :data:`LISTENERS`."""
+    print(f"fedlora: {message}", file=sys.stderr)
+    for listener in list(LISTENERS):
+        listener(message)
+
+
+@contextlib.contextmanager
+def listening(listener: Callable[[str], None]) -> Iterator[None]:
+    """``listener`` hears every note :func:`say` says within the block."""
+    LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        LISTENERS.remove(listener)
+
+
 def warn_once(message: str) -> None:
-    """Print ``fedlora: MESSAGE`` on stderr, unless this process has already said it."""
+    """:func:`say` ``message``, unless this process has already said it."""
     if message not in SAID:
         SAID.add(message)
-        print(f"fedlora: {message}", file=sys.stderr)
+        say(message)
 
 
 class UserError(Exception):

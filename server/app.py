@@ -14,14 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.errors import UserError
+from fedlora.errors import UserError, listening
 from fedlora.job.checks import check_job_args
 from fedlora.job.outdir import check_track_dir
 from fedlora.job.runconfig import from_run_config
@@ -138,61 +137,15 @@ def _log_round(row: dict) -> None:
     log.info("round %d done: %s, %d clients", row["round"], score, row["clients"])
 
 
-class WarningsToLog:
-    """The ServerApp's ``sys.stderr``: each ``fedlora: MESSAGE`` line that fedlora prints there (a
-    warning about the job's input, as :func:`fedlora.errors.warn_once` and the tasks say it: test
-    prompts cut to ``--max-length``, clients out of privacy budget) is also logged as a warning, into
-    ``OUT/server.log``, which ``fedlora-server`` prints; everything goes on to ``stream``.
-
-    The ServerApp's own output reaches no terminal, so, unlogged, these were said by ``fedlora-sim``
-    and never by a deployment.
-
-    Parameters
-    ----------
-    stream : text stream
-        Where the text goes as well (the process's own ``sys.stderr``).
-    """
-
-    PREFIX = "fedlora: "
-
-    def __init__(self, stream) -> None:
-        # each thread's unfinished line and re-entry guard: threads write at once (Flower's simulation
-        # runs the ServerApp in a thread beside Ray's, which prints its workers' lines here)
-        self.stream, self.mine = stream, threading.local()
-
-    def write(self, text: str) -> int:
-        self.stream.write(text)
-        mine = self.mine
-        *lines, mine.part = (getattr(mine, "part", "") + text).split("\n")
-        if not getattr(mine, "busy", False):  # a handler writing to this stream: not logged again
-            mine.busy = True
-            try:
-                for line in lines:
-                    if line.startswith(self.PREFIX):
-                        log.warning(line.removeprefix(self.PREFIX))
-            finally:
-                mine.busy = False
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Flower entry point."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stderr = sys.stderr
-    if not isinstance(stderr, WarningsToLog):  # a ServerApp run again in one process: wrapped once
-        sys.stderr = WarningsToLog(stderr)  # fedlora's printed warnings reach OUT/server.log
-    try:
+    # fedlora's notes (test prompts cut to --max-length, clients out of privacy budget) reach
+    # OUT/server.log, which fedlora-server prints: this process's stderr reaches no terminal
+    with listening(log.warning):
         die_with_parent()  # no orphan ServerApp writing into --out after its SuperLink is gone
         fast_object_pulls(RoundSettings.from_run_config(dict(context.run_config)).round_timeout)
         run_server(grid, dict(context.run_config), context.run_id)
-    finally:
-        sys.stderr = stderr

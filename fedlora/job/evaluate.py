@@ -11,7 +11,6 @@ batched code as every round's) scores it. The base alone is the same model with 
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fedlora.data.loading import TextDataset
-from fedlora.errors import UserError
+from fedlora.errors import UserError, say
 from fedlora.job.schema import JobConfig
 from fedlora.job.setup import build_model, derived_max_length, resolve_max_length, splits
 from fedlora.models.adapter import (
@@ -119,8 +118,8 @@ def resolve_eval_length(cfg: JobConfig, task: Task, examples: TextDataset, quiet
     examples = EVALUATIONS[cfg.eval].scored(examples, cfg)  # --fewshot's shots, mc-letters' choices
     cfg.max_length, quantile = derived_max_length(*task.example_lengths(tokenizer, examples, cfg), context)
     if not quiet:
-        print(f"fedlora: --max-length {cfg.max_length} (from the {len(examples):,} test examples, whose 95th"
-              f" percentile is {quantile} tokens); pass --max-length to choose", file=sys.stderr)
+        say(f"--max-length {cfg.max_length} (from the {len(examples):,} test examples, whose 95th"
+              f" percentile is {quantile} tokens); pass --max-length to choose")
 
 
 def check_adapters(cfg: JobConfig, task: Task, paths: list[Path]) -> list[PeftAdapter]:

@@ -17,13 +17,12 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
 from fedlora.data.groups import with_groups
 from fedlora.data.loading import TextDataset, natural, partition, split
-from fedlora.errors import UserError, warn_once
+from fedlora.errors import UserError, say, warn_once
 from fedlora.job.schema import JobConfig
 from fedlora.models.adapter import check_correction, fold_into_base, read_adapter
 from fedlora.models.context import context_length
@@ -332,7 +331,7 @@ def resolve_max_length(cfg: JobConfig, quiet: bool = False) -> None:
         if not quiet:
             value, quantile, n = _DERIVED[key]
             cap = min(LENGTH_CAP, context or LENGTH_CAP)
-            print(f"fedlora: --max-length {value} (the {LENGTH_QUANTILE * 100:.0f}th percentile of {n:,}"
+            say(f"--max-length {value} (the {LENGTH_QUANTILE * 100:.0f}th percentile of {n:,}"
                   f" tokenized training examples is {quantile:,} tokens; rounded up to a multiple of 8, at"
-                  f" most {cap}); pass --max-length to choose", file=sys.stderr)
+                  f" most {cap}); pass --max-length to choose")
     cfg.max_length = _DERIVED[key][0]

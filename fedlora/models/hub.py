@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedlora.errors import UserError, first_line, warn_once
+from fedlora.errors import UserError, first_line, say, warn_once
 from fedlora.models.context import context_length
 from fedlora.models.lora import is_quantized
 from fedlora.models.model import HEAD_NAMES
@@ -105,8 +104,7 @@ def gguf_folder(path: Path) -> Path:
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"fedlora: dequantized {path.name} in {time.perf_counter() - t0:.0f} s, once: cached in {folder}",
-          file=sys.stderr)
+    say(f"dequantized {path.name} in {time.perf_counter() - t0:.0f} s, once: cached in {folder}")
     return folder
 
 
@@ -264,8 +262,8 @@ def new_head(path: Path, num_labels: int | None) -> bool:
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     if num_labels is None or not classifier or config.num_labels == num_labels:
         return False
-    print(f"fedlora: the classification head of {path.name} has {config.num_labels} labels and the data"
-          f" {num_labels}: it is replaced by a new, randomly initialised head", file=sys.stderr, flush=True)
+    say(f"the classification head of {path.name} has {config.num_labels} labels and the data"
+          f" {num_labels}: it is replaced by a new, randomly initialised head")
     return True
 
 

@@ -23,11 +23,11 @@ A resumed coordinator (``coord.round > 0``) continues after its last round.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from fedlora.errors import say
 from fedlora.rounds.attacks import Attack, attack_uploads
 from fedlora.rounds.coordinator import Coordinator
 from fedlora.rounds.rows import personal_columns, round_row
@@ -118,8 +118,8 @@ def sample(coord: Coordinator, transport: Transport, rnd: int, schedule: Schedul
     if transport.budgets is not None:
         clients = spendable(transport, clients)
         if not clients:
-            print(f"fedlora: every client of round {rnd} has spent its privacy budget"
-                  f" (ε={cfg.epsilon:g}); stopping after round {rnd - 1}", file=sys.stderr)
+            say(f"every client of round {rnd} has spent its privacy budget"
+                  f" (ε={cfg.epsilon:g}); stopping after round {rnd - 1}")
             return None
     return transport.available(rnd, clients)
 

@@ -13,7 +13,6 @@ its longest row (dynamic padding), so a pass of short phrases costs what its tok
 
 from __future__ import annotations
 
-import sys
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedlora.errors import UserError
+from fedlora.errors import UserError, say
 from fedlora.models.context import tokenizer_context
 from fedlora.tasks.fewshot import with_shots
 
@@ -158,9 +157,9 @@ def drop_long(lengths: list[int], cfg, tokenizer, what: str) -> list[int]:
                         f" {cfg.max_length} tokens or more alone (the longest has {longest} tokens), which"
                         " leaves no token of the prompt, so none can be scored;"
                         f" {length_advice(tokenizer, longest)}")
-    print(f"fedlora: {len(lengths) - len(keep)} of {len(lengths)} held-out examples ({source}) have a {what}"
+    say(f"{len(lengths) - len(keep)} of {len(lengths)} held-out examples ({source}) have a {what}"
           f" of --max-length {cfg.max_length} tokens or more alone (the longest has {longest} tokens), which"
-          " leaves no token of the prompt; they are not scored", file=sys.stderr)
+          " leaves no token of the prompt; they are not scored")
     return keep
 
 

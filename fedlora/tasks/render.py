@@ -22,12 +22,11 @@ Byte-level BPE (SmolLM2, GPT-2, Llama-3) and WordPiece give the same ids either 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from jinja2.exceptions import TemplateError
 
-from fedlora.errors import UserError, first_line
+from fedlora.errors import UserError, first_line, say
 
 __all__ = ["ChatFormat", "encode_pairs", "leading_bos", "system_in_user"]
 
@@ -130,8 +129,8 @@ class ChatFormat:
                                 " --chat-template plain or a Jinja file") from None
             self.fold_system = True
             NO_SYSTEM_TEMPLATES.add(self.tokenizer.chat_template)
-            print("fedlora: the chat template takes no system message; it is put at the start of the first"
-                  " user message instead", file=sys.stderr)
+            say("the chat template takes no system message; it is put at the start of the first"
+                  " user message instead")
             return self._render(messages, **kwargs)
 
 

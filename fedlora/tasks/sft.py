@@ -28,7 +28,6 @@ both of these from one pass over each batch of left-padded prompts (``fedlora.ta
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,7 +36,7 @@ from torch import Tensor
 
 from fedlora.data.columns import parse_columns
 from fedlora.data.instructions import labeled_names, load_instructions
-from fedlora.errors import UserError
+from fedlora.errors import UserError, say
 from fedlora.tasks.answers import (
     ANSWER_METRICS,
     AnswerMetric,
@@ -131,8 +130,8 @@ def cut_prompts(prompts: list[list[int]], room: list[int], max_length: int, bos:
 def warn_cut(cut: int, total: int, what: str, max_length: int, kept: str = "responses") -> None:
     """One warning counting the prompts :func:`cut_prompts` cut (none: nothing)."""
     if cut:
-        print(f"fedlora: {cut} of {total} {what} exceed --max-length {max_length}; their prompts were"
-              f" cut from the left ({kept} kept)", file=sys.stderr)
+        say(f"{cut} of {total} {what} exceed --max-length {max_length}; their prompts were"
+              f" cut from the left ({kept} kept)")
 
 
 def train_labels(cfg, test: bool) -> Callable[[], list[str]] | None:

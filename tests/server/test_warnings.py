@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from types import SimpleNamespace
@@ -10,21 +9,23 @@ from types import SimpleNamespace
 from fedlora.errors import SAID
 
 
-def test_the_serverapps_printed_warnings_are_logged(caplog):
-    from fedlora.server.app import WarningsToLog
+def test_the_notes_fedlora_says_reach_a_listener_as_the_serverapps_log(caplog, capsys):
+    from fedlora.errors import LISTENERS, listening, say
+    from fedlora.tasks.sft import warn_cut
 
     # Prepare: the ServerApp's stderr reaches no terminal; a test set's prompts cut to --max-length
-    # (fedlora.tasks.sft.warn_cut) were said by fedlora-sim and by no deployment
-    stream = io.StringIO()
-    err = WarningsToLog(stream)
-    # Act
-    with caplog.at_level(logging.WARNING, logger="fedlora.server"):
-        err.write("fedlora: 20 of 20 multiple-choice prompts exceed")
-        err.write(" --max-length 64\nsome library's note\n")
-    # Assert: the fedlora line is a warning of the log (OUT/server.log), and all goes on to stderr
-    line = "20 of 20 multiple-choice prompts exceed --max-length 64"
-    assert [r.getMessage() for r in caplog.records] == [line]
-    assert stream.getvalue() == f"fedlora: {line}\nsome library's note\n"
+    # (warn_cut) were said by fedlora-sim and by no deployment
+    log = logging.getLogger("fedlora.server")
+    # Act: the ServerApp listens while it runs (its main: with listening(log.warning))
+    with caplog.at_level(logging.WARNING, logger="fedlora.server"), listening(log.warning):
+        warn_cut(20, 20, "multiple-choice prompts", 64, kept="choices")
+    say("said after the run")
+    # Assert: the note is a warning of the log (OUT/server.log), and still printed on stderr
+    assert [r.getMessage() for r in caplog.records] == [
+        "20 of 20 multiple-choice prompts exceed --max-length 64; their prompts were cut from the left"
+        " (choices kept)"]
+    assert capsys.readouterr().err.count("fedlora: 20 of 20 multiple-choice prompts exceed") == 1
+    assert LISTENERS == []
 
 
 def test_the_server_relays_the_logs_warnings_but_those_it_said_itself(tmp_path):
@@ -43,31 +44,3 @@ def test_the_server_relays_the_logs_warnings_but_those_it_said_itself(tmp_path):
     follow(tmp_path, link, lambda row: None, 1, on_note=notes.append, log=tail)
     # Assert
     assert notes == ["20 of 20 prompts exceed"]
-
-
-def test_lines_written_by_two_threads_at_once_are_logged_whole(caplog):
-    import threading
-
-    from fedlora.server.app import WarningsToLog
-
-    # Prepare: Flower's simulation runs the ServerApp in a thread, beside Ray's, which prints its
-    # workers' lines on the same stderr; print() writes a line, then its newline
-    err = WarningsToLog(io.StringIO())
-    halfway, other_done = threading.Event(), threading.Event()
-
-    def server() -> None:
-        err.write("fedlora: 20 of 20 prompts exceed")
-        halfway.set()
-        other_done.wait(5)
-        err.write(" --max-length 64\n")
-
-    # Act
-    with caplog.at_level(logging.WARNING, logger="fedlora.server"):
-        thread = threading.Thread(target=server)
-        thread.start()
-        halfway.wait(5)
-        err.write("(ClientAppActor pid=7) a worker's line\n")
-        other_done.set()
-        thread.join(5)
-    # Assert: the server thread's line, whole; the other thread's line not folded into it
-    assert [r.getMessage() for r in caplog.records] == ["20 of 20 prompts exceed --max-length 64"]
