@@ -278,8 +278,10 @@ class JobConfig:
     eval: str = option("generate", "--task sft: how held-out examples are scored: generate (greedy answers,"
                        " scored by --metric), mc (multiple choice: the choice with the highest"
                        " log-likelihood, lm-eval-harness' acc and acc_norm; choices from a"
-                       " question/choices/answer .jsonl, MMLU's CSV or --label-words) or mc-letters"
-                       " (the choices listed after their letters, the letters scored: lm-eval's MMLU)",
+                       " question/choices/answer .jsonl, MMLU's CSV or --label-words), mc-letters"
+                       " (the choices listed after their letters, the letters scored: lm-eval's MMLU) or"
+                       " mc-partial (each choice fills the question's blank '_', the rest scored:"
+                       " lm-eval's Winogrande)",
                        group="LLM fine-tuning", choices=sorted(EVALUATIONS))
     metric: str = option(AUTO, "--task sft --eval generate: the answers' headline score: exact (normalized"
                          " answer equals the reference), contains (the reference appears in the answer),"

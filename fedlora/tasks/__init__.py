@@ -1,7 +1,8 @@
 """Tasks: one object per ``--task`` (data, tokenization, loss, metrics, export type).
 
 Importing this package registers the built-in tasks, the evaluations of a task that answers
-prompts (``--eval``: ``generate``, ``mc``) and the answer metrics (``--metric``);
+prompts (``--eval``: ``generate``, ``mc``, ``mc-letters``, ``mc-partial``) and the answer
+metrics (``--metric``);
 ``get_task(name)`` returns a task.
 """
 
@@ -23,9 +24,11 @@ from .base import (
 from .choice import ChoiceSet, MultipleChoice
 from .classic import CausalLM, Classification
 from .dpo import DPO
+from .partial import PartialChoice
 from .sft import SFT, GenerationSet, normalize
 
 __all__ = ["ANSWER_METRICS", "AUTO", "DPO", "EVALUATIONS", "SFT", "TASKS", "AnswerMetric", "CausalLM",
-           "ChoiceSet", "Classification", "Evaluation", "GenerationSet", "MultipleChoice", "Task",
+           "ChoiceSet", "Classification", "Evaluation", "GenerationSet", "MultipleChoice", "PartialChoice",
+           "Task",
            "TokenLossTask", "gather_rows", "get_task", "length_groups", "normalize", "register_answer_metric",
            "register_evaluation", "register_task", "row_groups", "token_losses"]
