@@ -119,7 +119,7 @@ def resolve_eval_length(cfg: JobConfig, task: Task, examples: TextDataset, quiet
     cfg.max_length, quantile = derived_max_length(*task.example_lengths(tokenizer, examples, cfg), context)
     if not quiet:
         say(f"--max-length {cfg.max_length} (from the {len(examples):,} test examples, whose 95th"
-              f" percentile is {quantile} tokens); pass --max-length to choose")
+            f" percentile is {quantile} tokens); pass --max-length to choose")
 
 
 def check_adapters(cfg: JobConfig, task: Task, paths: list[Path]) -> list[PeftAdapter]:

@@ -332,6 +332,6 @@ def resolve_max_length(cfg: JobConfig, quiet: bool = False) -> None:
             value, quantile, n = _DERIVED[key]
             cap = min(LENGTH_CAP, context or LENGTH_CAP)
             say(f"--max-length {value} (the {LENGTH_QUANTILE * 100:.0f}th percentile of {n:,}"
-                  f" tokenized training examples is {quantile:,} tokens; rounded up to a multiple of 8, at"
-                  f" most {cap}); pass --max-length to choose")
+                f" tokenized training examples is {quantile:,} tokens; rounded up to a multiple of 8, at"
+                f" most {cap}); pass --max-length to choose")
     cfg.max_length = _DERIVED[key][0]

@@ -263,7 +263,7 @@ def new_head(path: Path, num_labels: int | None) -> bool:
     if num_labels is None or not classifier or config.num_labels == num_labels:
         return False
     say(f"the classification head of {path.name} has {config.num_labels} labels and the data"
-          f" {num_labels}: it is replaced by a new, randomly initialised head")
+        f" {num_labels}: it is replaced by a new, randomly initialised head")
     return True
 
 

@@ -119,7 +119,7 @@ def sample(coord: Coordinator, transport: Transport, rnd: int, schedule: Schedul
         clients = spendable(transport, clients)
         if not clients:
             say(f"every client of round {rnd} has spent its privacy budget"
-                  f" (ε={cfg.epsilon:g}); stopping after round {rnd - 1}")
+                f" (ε={cfg.epsilon:g}); stopping after round {rnd - 1}")
             return None
     return transport.available(rnd, clients)
 

@@ -158,8 +158,8 @@ def drop_long(lengths: list[int], cfg, tokenizer, what: str) -> list[int]:
                         " leaves no token of the prompt, so none can be scored;"
                         f" {length_advice(tokenizer, longest)}")
     say(f"{len(lengths) - len(keep)} of {len(lengths)} held-out examples ({source}) have a {what}"
-          f" of --max-length {cfg.max_length} tokens or more alone (the longest has {longest} tokens), which"
-          " leaves no token of the prompt; they are not scored")
+        f" of --max-length {cfg.max_length} tokens or more alone (the longest has {longest} tokens), which"
+        " leaves no token of the prompt; they are not scored")
     return keep
 
 

@@ -130,7 +130,7 @@ class ChatFormat:
             self.fold_system = True
             NO_SYSTEM_TEMPLATES.add(self.tokenizer.chat_template)
             say("the chat template takes no system message; it is put at the start of the first"
-                  " user message instead")
+                " user message instead")
             return self._render(messages, **kwargs)
 
 

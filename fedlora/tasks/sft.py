@@ -131,7 +131,7 @@ def warn_cut(cut: int, total: int, what: str, max_length: int, kept: str = "resp
     """One warning counting the prompts :func:`cut_prompts` cut (none: nothing)."""
     if cut:
         say(f"{cut} of {total} {what} exceed --max-length {max_length}; their prompts were"
-              f" cut from the left ({kept} kept)")
+            f" cut from the left ({kept} kept)")
 
 
 def train_labels(cfg, test: bool) -> Callable[[], list[str]] | None:
