@@ -222,13 +222,17 @@ class LetterChoice(MultipleChoice):
 
     name = "mc-letters"
 
-    def eval_set(self, task: Task, tokenizer, ds, cfg) -> ChoiceSet:
+    def scored(self, ds, cfg):
+        """``ds`` :func:`lettered` (then led by ``--fewshot`` shots); ``ds`` itself without choices.
+
+        Raises
+        ------
+        UserError
+            A question has more choices than there are letters.
+        """
         if ds.choices is None or ds.labels is None:
-            return choice_set(tokenizer, ds, cfg)    # its refusal: no choices
+            return ds
         if max(map(len, ds.choices)) > len(LETTERS):
             raise UserError(f"--eval mc-letters gives each choice a letter, and a question has"
                             f" {max(map(len, ds.choices))} choices (at most {len(LETTERS)}): use --eval mc")
-        return choice_set(tokenizer, self.scored(ds, cfg), cfg)
-
-    def scored(self, ds, cfg):
-        return ds if ds.choices is None or ds.labels is None else super().scored(lettered(ds), cfg)
+        return super().scored(lettered(ds), cfg)
