@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedlora.data.columns import parse_columns
 from fedlora.errors import UserError
 from fedlora.job.schema import JobConfig
 from fedlora.models.model import AdapterConfig, FederatedModel
@@ -71,4 +70,3 @@ def test_a_question_without_a_blank_or_with_shots_is_refused(tiny_chat_llama_dir
         task.eval_set(tok, task.load(str(spec), _cfg()), _cfg())
     with pytest.raises(UserError, match="take no --fewshot examples"):
         task.eval_set(tok, task.load(str(spec), _cfg()), _cfg(fewshot=1))
-    assert parse_columns(_cfg().columns)["choices"] == "option1+option2"
