@@ -25,8 +25,9 @@ from fedlora.errors import UserError
 
 
 def _turns(prompt) -> list[dict]:
-    """A prompt as chat turns: a text is one user message; a chat's system messages are left out of a
-    shot (a template takes one system message, first)."""
+    """A prompt as chat turns: a text is one user message; a chat's system messages are left out (a
+    template takes one system message, first: the question's own, which :func:`with_shots` puts
+    before the shots)."""
     if isinstance(prompt, list):
         return [m for m in prompt if m["role"] != "system"]
     return [{"role": "user", "content": prompt}]
@@ -66,7 +67,6 @@ def with_shots(ds: TextDataset, shots: int, seed: int) -> TextDataset:
         turns = []
         for j in (_skipping(int(d), same) for d in drawn):
             turns += [*_turns(ds.texts[j]), {"role": "assistant", "content": ds.responses[j]}]
-        own = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        system = [m for m in own if m["role"] == "system"]
-        prompts.append([*system, *turns, *(m for m in own if m["role"] != "system")])
+        system = [m for m in prompt if m["role"] == "system"] if isinstance(prompt, list) else []
+        prompts.append([*system, *turns, *_turns(prompt)])
     return replace(ds, texts=prompts)
