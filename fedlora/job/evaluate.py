@@ -188,7 +188,7 @@ def _cell(key: str, value) -> str:
                                      {m.column for m in ANSWER_METRICS.values()}):
         return f"{100 * value:.1f}%"
     if isinstance(value, float):
-        if key in ("loss", "reward_margin"):
+        if key in ("loss", "reward_margin", "mcc"):
             return f"{value:.4f}"
         return f"{value:.4g}" if key == "perplexity" else f"{value:.1f}"
     return str(value)

