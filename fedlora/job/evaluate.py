@@ -35,13 +35,13 @@ from fedlora.models.hub import load_tokenizer, resolve_model_path
 from fedlora.models.model import FederatedModel
 from fedlora.models.state import apply_global
 from fedlora.strategies.plan import LORA
-from fedlora.tasks import ANSWER_METRICS, EVALUATIONS, Task, get_task
+from fedlora.tasks import ANSWER_METRICS, EVALUATIONS, TEST, Task, get_task
 
 #: The job fields an evaluation reads: ``fedlora-eval``'s job flags.
 EVAL_FIELDS = ("task", "model", "data", "text_column", "label_column", "test_data", "test_text_column",
                "test_label_column", "test_fraction", "seed", "eval_max", "eval_batch_size", "max_length",
                "padding", "device", "precision", "quantize", "double_quant", "quant_correction",
-               "quant_calibration", "target_modules",
+               "quant_calibration", "init_text_column", "init_label_column", "target_modules",
                "prompt_template", "label_words", "system_prompt", "chat_template", "max_new_tokens", "eval",
                "metric", "dpo_beta", "dpo_sft_weight", "columns", "fewshot")
 #: What a row of :func:`score_models` names the bare base model.
@@ -69,7 +69,7 @@ def eval_examples(cfg: JobConfig, task: Task,
     if not cfg.test_data:
         raise UserError("fedlora-eval needs examples: --test-data FILE, or --data FILE (or bbcnews-instruct)"
                         " to score its held-out split as the run did (same --seed and --test-fraction)")
-    test = task.load(cfg.test_data, cfg, test=True)
+    test = task.load(cfg.test_data, cfg, role=TEST)
     names = adapter_labels(adapters) if task.trains_head and adapters else None
     if names is None:
         return test.head(cfg.eval_max), test.label_names

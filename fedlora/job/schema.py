@@ -118,6 +118,10 @@ class JobConfig:
                             " instead of the clients' data; --head public trains the head on it and"
                             " --public-steps the adapters",
                             group="strategy options")
+    init_text_column: str = option("", "the text column of --init-data and --quant-calibration, the public"
+                                   " files (default: --text-column)", group="strategy options")
+    init_label_column: str = option("", "the label column of --init-data and --quant-calibration, the public"
+                                    " files (default: --label-column)", group="strategy options")
     init_adapter: str = option("", "start from an exported PEFT LoRA adapter of --model (runs/NAME/adapter):"
                                " its update is folded into the frozen base, exactly (beside a quantized"
                                " one), and its head loaded, so round 0 is that model; the new adapters"
@@ -318,8 +322,9 @@ class JobConfig:
                                    " unquantized weights; it never trains or travels, and the exported"
                                    " adapter carries it; 0: none (8 closed NF4's held-out perplexity gap"
                                    " on SmolLM2, 32 did less)", group="LLM fine-tuning", metavar="N")
-    quant_calibration: str = option("", "--quant-correction: a data file (or folder, as --data) whose first"
-                                    " 32 examples set the input scales; every party must pass the same"
+    quant_calibration: str = option("", "--quant-correction: a data file (or folder, as --data; its"
+                                    " columns as --init-data's) whose first 32 examples set the input"
+                                    " scales; every party must pass the same"
                                     " (default: --init-data; with neither, the plain SVD of the error)",
                                     group="LLM fine-tuning", metavar="FILE")
     track: list[str] | None = option(None, "also log every round's metrics (step = round), the job config and"
@@ -394,4 +399,7 @@ USED_ONLY_WITH = {
     "no_error_feedback": (lambda job: job.compress != "none", "--compress"),
     **{name: (lambda job: bool(job.test_data), "--test-data")
        for name in ("test_text_column", "test_label_column")},
+    **{name: (lambda job: bool(job.init_data or getattr(job, "quant_calibration", "")),
+              "--init-data or --quant-calibration")
+       for name in ("init_text_column", "init_label_column")},
 }

@@ -32,7 +32,7 @@ from fedlora.models.hub import head_labels, load_model, load_tokenizer, read_tok
 from fedlora.models.lora import linear_shape
 from fedlora.models.model import AdapterConfig, FederatedModel
 from fedlora.strategies import AdapterPlan
-from fedlora.tasks import Task, get_task
+from fedlora.tasks import INIT, TEST, Task, get_task
 
 
 def training_data(cfg: JobConfig, task: Task | None = None) -> TextDataset:
@@ -71,7 +71,7 @@ def splits(cfg: JobConfig, task: Task | None = None) -> tuple[TextDataset, TextD
     if not cfg.test_data:
         train, test = split(ds, cfg.test_fraction, cfg.seed)
     else:
-        train, test = ds, task.load(cfg.test_data, cfg, test=True)
+        train, test = ds, task.load(cfg.test_data, cfg, role=TEST)
         if task.trains_head:
             test = test.relabel(ds.label_names, f"--test-data {cfg.test_data}")
     return train, test.head(cfg.eval_max), ds.label_names
@@ -100,7 +100,7 @@ def public_data(cfg: JobConfig, task: Task, tokenizer,
     if not cfg.init_data:
         return None
     try:
-        ds = task.load(cfg.init_data, cfg)
+        ds = task.load(cfg.init_data, cfg, role=INIT)
         if task.trains_head:
             ds = ds.relabel(label_names, "the file")
     except UserError as exc:
@@ -267,7 +267,7 @@ def correct_base(fm: FederatedModel, cfg: JobConfig, task: Task, tokenizer, path
     if spec:
         flag = "--quant-calibration" if cfg.quant_calibration else "--init-data"
         try:
-            data = task.encode(tokenizer, task.load(spec, cfg).head(CALIBRATION_ROWS), cfg)
+            data = task.encode(tokenizer, task.load(spec, cfg, role=INIT).head(CALIBRATION_ROWS), cfg)
         except UserError as exc:
             raise UserError(f"{flag}: {exc}") from None
     note = {"quantize": cfg.quantize, "rank": cfg.quant_correction, "calibration": spec or None}

@@ -9,7 +9,10 @@ metrics (``--metric``);
 from .answers import ANSWER_METRICS, AUTO, AnswerMetric, register_answer_metric
 from .base import (
     EVALUATIONS,
+    INIT,
     TASKS,
+    TEST,
+    TRAIN,
     Evaluation,
     Task,
     TokenLossTask,
@@ -27,8 +30,8 @@ from .dpo import DPO
 from .partial import PartialChoice
 from .sft import SFT, GenerationSet, normalize
 
-__all__ = ["ANSWER_METRICS", "AUTO", "DPO", "EVALUATIONS", "SFT", "TASKS", "AnswerMetric", "CausalLM",
-           "ChoiceSet", "Classification", "Evaluation", "GenerationSet", "MultipleChoice", "PartialChoice",
-           "Task",
-           "TokenLossTask", "gather_rows", "get_task", "length_groups", "normalize", "register_answer_metric",
-           "register_evaluation", "register_task", "row_groups", "token_losses"]
+__all__ = ["ANSWER_METRICS", "AUTO", "DPO", "EVALUATIONS", "INIT", "SFT", "TASKS", "TEST", "TRAIN",
+           "AnswerMetric", "CausalLM", "ChoiceSet", "Classification", "Evaluation", "GenerationSet",
+           "MultipleChoice", "PartialChoice", "Task", "TokenLossTask", "gather_rows", "get_task",
+           "length_groups", "normalize", "register_answer_metric", "register_evaluation", "register_task",
+           "row_groups", "token_losses"]

@@ -24,6 +24,10 @@ from fedlora.errors import UserError, say
 from fedlora.models.context import tokenizer_context
 from fedlora.tasks.fewshot import with_shots
 
+#: Which file :meth:`Task.load` reads, named by its column flags' prefix: ``--data`` (``--text-column``),
+#: ``--test-data`` (``--test-text-column``), or a public file, ``--init-data`` or ``--quant-calibration``
+#: (``--init-text-column``).
+TRAIN, TEST, INIT = "", "test-", "init-"
 #: name -> task object (filled by :func:`register_task`).
 TASKS: dict[str, Task] = {}
 #: ``--eval`` name -> how a task that answers prompts scores them (:func:`register_evaluation`).
@@ -204,8 +208,10 @@ class Task(ABC):
     opacus: ClassVar[bool] = True
 
     @abstractmethod
-    def load(self, spec: str, cfg, *, test: bool = False):
-        """The examples of ``spec`` (``--data`` or ``--test-data``) as a ``TextDataset``."""
+    def load(self, spec: str, cfg, *, role: str = TRAIN):
+        """The examples of ``spec`` as a ``TextDataset``: ``--data``, or with ``role`` ``"test-"`` /
+        ``"init-"`` ``--test-data`` / ``--init-data``, read by their own column flags
+        (:func:`fedlora.tasks.classic.columns`)."""
 
     @abstractmethod
     def encode(self, tokenizer, ds, cfg) -> dict[str, Tensor]:

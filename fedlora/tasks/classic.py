@@ -10,14 +10,15 @@ from torch import Tensor
 
 from fedlora.data.loading import TextDataset, load_dataset
 from fedlora.kernels import Routing
-from fedlora.tasks.base import Task, TokenLossTask, gather_rows, register_task, token_losses
+from fedlora.tasks.base import TRAIN, Task, TokenLossTask, gather_rows, register_task, token_losses
 
 
-def columns(cfg, test: bool) -> tuple[str, str]:
-    """``(text column, label column)`` of ``--data``, or of ``--test-data`` when ``test``."""
-    if test:
-        return cfg.test_text_column or cfg.text_column, cfg.test_label_column or cfg.label_column
-    return cfg.text_column, cfg.label_column
+def columns(cfg, role: str = TRAIN) -> tuple[str, str]:
+    """``(text column, label column)`` of the file ``role`` names: ``--data``'s, or those of
+    ``--test-data`` / ``--init-data`` where their own flags name them (default: ``--data``'s)."""
+    field = role.replace("-", "_")
+    return (role and getattr(cfg, f"{field}text_column", "") or cfg.text_column,
+            role and getattr(cfg, f"{field}label_column", "") or cfg.label_column)
 
 
 #: A long text is cut at a space this many characters per token of ``max_length`` in, before it is
@@ -125,8 +126,8 @@ class Classification(Task):
     peft_task_type = "SEQ_CLS"
     trains_head = True
 
-    def load(self, spec: str, cfg, *, test: bool = False) -> TextDataset:
-        return load_dataset(spec, *columns(cfg, test), flags="test-" if test else "")
+    def load(self, spec: str, cfg, *, role: str = TRAIN) -> TextDataset:
+        return load_dataset(spec, *columns(cfg, role), flags=role)
 
     def encode(self, tokenizer, ds: TextDataset, cfg) -> dict[str, Tensor]:
         # a pair: as the tokenizer encodes one where it separates them (BERT's [SEP]); a tokenizer
@@ -165,8 +166,8 @@ class CausalLM(TokenLossTask):
     name = "causal-lm"
     metric = "token_accuracy"
 
-    def load(self, spec: str, cfg, *, test: bool = False) -> TextDataset:
-        ds = load_dataset(spec, columns(cfg, test)[0], None, flags="test-" if test else "")
+    def load(self, spec: str, cfg, *, role: str = TRAIN) -> TextDataset:
+        ds = load_dataset(spec, columns(cfg, role)[0], None, flags=role)
         return replace(ds, texts=ds.joined(), second=None)    # a pair of texts (a+b): one text
 
     def encode(self, tokenizer, ds: TextDataset, cfg) -> dict[str, Tensor]:

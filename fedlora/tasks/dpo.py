@@ -44,7 +44,7 @@ from fedlora.data.preferences import PairDataset, load_preferences
 from fedlora.kernels import Routing
 from fedlora.models.lora import adapters_off
 from fedlora.tasks.answers import ANSWER_METRICS, Exact
-from fedlora.tasks.base import drop_long, gather_rows, register_task, token_losses
+from fedlora.tasks.base import TRAIN, drop_long, gather_rows, register_task, token_losses
 from fedlora.tasks.classic import columns
 from fedlora.tasks.sft import SFT, GenerationSet, train_labels, warn_cut
 
@@ -113,10 +113,10 @@ class DPO(SFT):
     rows_per_example = 2
     opacus = False
 
-    def load(self, spec: str, cfg, *, test: bool = False) -> PairDataset:
-        text, label = columns(cfg, test)
+    def load(self, spec: str, cfg, *, role: str = TRAIN) -> PairDataset:
+        text, label = columns(cfg, role)
         return load_preferences(spec, text, label, cfg.prompt_template, cfg.label_words, cfg.seed,
-                                train_labels(cfg, test), "test-" if test else "", parse_columns(cfg.columns))
+                                train_labels(cfg, role), role, parse_columns(cfg.columns))
 
     def example_lengths(self, tokenizer, ds: PairDataset, cfg) -> tuple[list[int], list[int]]:
         """A pair's longer row, and its longer completion."""

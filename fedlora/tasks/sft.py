@@ -47,6 +47,7 @@ from fedlora.tasks.answers import (
 )
 from fedlora.tasks.base import (
     EVALUATIONS,
+    TRAIN,
     Evaluation,
     TokenLossTask,
     drop_long,
@@ -134,10 +135,11 @@ def warn_cut(cut: int, total: int, what: str, max_length: int, kept: str = "resp
             f" cut from the left ({kept} kept)")
 
 
-def train_labels(cfg, test: bool) -> Callable[[], list[str]] | None:
-    """For ``--test-data`` (``test``) beside ``--data``: the labels of ``--data`` read as a labeled
-    file, which a labeled test file's choices hold besides its own (read only if asked); else None."""
-    if not test or not cfg.data:
+def train_labels(cfg, role: str) -> Callable[[], list[str]] | None:
+    """For a file beside ``--data`` (``role``: ``--test-data``, ``--init-data``): the labels of
+    ``--data`` read as a labeled file, which a labeled file's choices hold besides its own (read only
+    if asked); else None."""
+    if role == TRAIN or not cfg.data:
         return None
     return lambda: labeled_names(cfg.data, cfg.text_column, cfg.label_column, cfg.prompt_template)
 
@@ -152,11 +154,10 @@ class SFT(TokenLossTask):
                "metric", "columns", "fewshot")
     datasets = ("bbcnews-instruct", "bbcnews")
 
-    def load(self, spec: str, cfg, *, test: bool = False):
-        text, label = columns(cfg, test)
-        known = train_labels(cfg, test)
-        return load_instructions(spec, text, label, cfg.prompt_template, cfg.label_words, known,
-                                 "test-" if test else "", parse_columns(cfg.columns))
+    def load(self, spec: str, cfg, *, role: str = TRAIN):
+        text, label = columns(cfg, role)
+        return load_instructions(spec, text, label, cfg.prompt_template, cfg.label_words,
+                                 train_labels(cfg, role), role, parse_columns(cfg.columns))
 
     length_from_data = True
 

@@ -178,7 +178,9 @@ UNUSED = {"epsilon": (4.0, {"dp": "client"}), "delta": (1e-3, {"dp": "sample"}),
           "secagg_range": (1.0, {"secagg": True}), "secagg_threshold": (0.8, {"secagg": True}),
           "no_error_feedback": (True, {"compress": "int8"}), "init_batches": (4, {"strategy": "fed-sb"}),
           "test_text_column": ("t", {"test_data": "x.csv"}),
-          "test_label_column": ("y", {"test_data": "x.csv"})}
+          "test_label_column": ("y", {"test_data": "x.csv"}),
+          "init_text_column": ("t", {"init_data": "p.csv"}),
+          "init_label_column": ("y", {"init_data": "p.csv"})}
 
 
 @pytest.mark.parametrize("name", sorted(USED_ONLY_WITH))

@@ -19,7 +19,7 @@ from fedlora.models.model import AdapterConfig, FederatedModel
 from fedlora.models.state import apply_global
 from fedlora.privacy.dpsgd import example_norms
 from fedlora.strategies import GlobalState
-from fedlora.tasks import gather_rows, get_task, row_groups
+from fedlora.tasks import TEST, gather_rows, get_task, row_groups
 from fedlora.training.train import ClientSampler, TrainConfig, _step, train_clients
 
 BETA = 0.5
@@ -364,7 +364,7 @@ def test_a_labeled_test_file_rejects_from_every_label_word(tmp_path, pairs_file)
                prompt_template="S? {text}")
     task = get_task("dpo")
     # Execute: the pairs file is read as pairs (the flags are for the labeled test file)
-    train, held = task.load(str(pairs_file), cfg), task.load(str(test), cfg, test=True)
+    train, held = task.load(str(pairs_file), cfg), task.load(str(test), cfg, role=TEST)
     # Assert: "negative" is rejected (before: the test file's one label, refused as identical pairs)
     assert train.responses == [c for _, c, _ in PAIRS] and train.texts == [p for p, _, _ in PAIRS]
     assert held.responses == ["positive"] * 2 and held.rejected == ["negative"] * 2

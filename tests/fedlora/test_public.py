@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 from dataclasses import replace
 
 import pytest
 import torch
 
+from fedlora.errors import UserError
 from fedlora.job.flags import to_config
 from fedlora.job.schema import JobConfig
 from fedlora.kernels import Routing
@@ -100,3 +102,25 @@ def test_the_clip_is_measured_on_public_rows_the_warm_start_did_not_train_on():
     assert len(held) == 2 and sorted(train + held) == list(range(10)) and not set(train) & set(held)
     assert warm == warm_again and other_seed != warm
     assert all(split_public(2, JobConfig(public_steps=5)))  # a tiny file: one row each
+
+
+def test_a_public_file_with_its_own_column_names_is_read_by_the_init_column_flags(
+        tiny_bert_dir, tiny_csv, public_csv, tmp_path):
+    # Prepare: the public file with other column names (a public set of another source)
+    with open(public_csv, newline="") as f:
+        rows = list(csv.reader(f))
+    renamed = tmp_path / "public_renamed.csv"
+    with open(renamed, "w", newline="") as f:
+        csv.writer(f).writerows([["review", "sentiment"]] + rows[1:])
+    assert rows[0] == ["text", "label"]
+    # Execute and assert: without the flags, the refusal names --init-text-column (--text-column would
+    # break --data); with them, the encoded public examples are the original file's
+    with pytest.raises(UserError, match=r"^--init-data: text column 'text' is not in .*"
+                                        r"pass --init-text-column review$"):
+        _started(tiny_bert_dir, tiny_csv, public=renamed)
+    job, _ = _started(tiny_bert_dir, tiny_csv, "--init-text-column", "review", "--init-label-column",
+                      "sentiment", public=renamed)
+    ref, _ = _started(tiny_bert_dir, tiny_csv, public=public_csv)
+    assert job.public.keys() == ref.public.keys()
+    for key in ref.public:
+        assert torch.equal(job.public[key], ref.public[key])

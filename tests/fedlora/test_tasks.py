@@ -12,7 +12,7 @@ from fedlora.data.loading import TextDataset
 from fedlora.data.preferences import PairDataset
 from fedlora.errors import UserError
 from fedlora.job.schema import JobConfig
-from fedlora.tasks import TASKS, gather_rows, get_task, length_groups, normalize
+from fedlora.tasks import TASKS, TEST, gather_rows, get_task, length_groups, normalize
 
 
 def test_every_task_is_registered_once():
@@ -395,10 +395,10 @@ def test_a_labeled_test_files_choices_hold_the_training_labels(tmp_path):
     sft = get_task("sft")
     # Execute / Assert: with label words, every word; without, every training label (the label itself)
     cfg = _sft(data=str(train), test_data=str(test), prompt_template="S? {text}", label_words="0=neg,1=pos")
-    held = sft.load(str(test), cfg, test=True)
+    held = sft.load(str(test), cfg, role=TEST)
     assert held.choices == [["neg", "pos"]] * 2 and held.labels == [1, 1] and held.responses == ["pos"] * 2
     cfg = _sft(data=str(train), test_data=str(test), prompt_template="S? {text}")
-    held = sft.load(str(test), cfg, test=True)
+    held = sft.load(str(test), cfg, role=TEST)
     assert held.choices == [["0", "1"]] * 2 and held.labels == [1, 1] and held.responses == ["1", "1"]
 
 
