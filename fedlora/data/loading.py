@@ -77,13 +77,14 @@ class TextDataset:
 
     def relabel(self, names: list[str], source: str = "the client's data") -> TextDataset:
         """The same rows with label ids taken from ``names`` (the server's label list; ``source``
-        names these rows in the message when a label is not among them)."""
+        names these rows in the message when a label of theirs is not among them: a label name no
+        row has, as a ``ClassLabel``'s may be, is no matter)."""
         index = {n: i for i, n in enumerate(names)}
-        unknown = sorted(set(self.label_names) - set(index))
+        assert self.labels is not None
+        unknown = sorted({self.label_names[i] for i in self.labels} - set(index))
         if unknown:
             raise UserError(f"labels {', '.join(map(repr, unknown[:5]))} of {source} are not among the job's"
                             f" labels ({', '.join(names)}); fix its label column")
-        assert self.labels is not None
         return TextDataset(self.texts, [index[self.label_names[i]] for i in self.labels], list(names),
                            source=self.source, groups=self.groups, second=self.second)
 

@@ -4,18 +4,16 @@ column that is the label, a file without a header, scores, unlabelled rows, empt
 
 from __future__ import annotations
 
+import datasets
 import pytest
 
 from fedlora.data.loading import load_file
 from fedlora.errors import UserError
+from fedlora.job.schema import JobConfig
+from fedlora.job.setup import splits
 
 
 def test_a_classlabel_naming_classes_no_row_has_is_still_one_label(tmp_path):
-    import datasets
-
-    from fedlora.job.schema import JobConfig
-    from fedlora.job.setup import splits
-
     # Prepare: a ClassLabel of two names (its ids kept: every name is a label), every row of one
     path = tmp_path / "positives.parquet"
     features = datasets.Features({"text": datasets.Value("string"),
@@ -140,3 +138,21 @@ def test_rows_with_an_empty_text_are_said_once(tmp_path, capsys):
     pair.write_text('a,b,label\n"",x,1\ny,"",0\n')       # one text of a pair is enough
     load_file(pair, "a+b", "label")
     assert "empty" not in capsys.readouterr().err
+
+
+def test_a_test_files_classlabel_name_no_row_has_is_no_unknown_label(tmp_path):
+    # Prepare: --data of neg/pos; a test Parquet whose ClassLabel also names 'neutral', which no row has
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\n" + "".join(f"t{i},{'neg' if i % 2 else 'pos'}\n" for i in range(8)))
+    test = tmp_path / "test.parquet"
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neutral", "pos", "neg"])})
+    datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [2, 1, 2]},
+                               features=features).to_parquet(test)
+    # Execute
+    train, held, names = splits(JobConfig(data=str(data), test_data=str(test)))
+    # Assert: the rows keep their labels under --data's numbering; a row of a label --data lacks is refused
+    assert names == ["neg", "pos"] and [names[i] for i in held.labels] == ["neg", "pos", "neg"]
+    datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}, features=features).to_parquet(test)
+    with pytest.raises(UserError, match=r"labels 'neutral' of --test-data .* are not among the job's labels"):
+        splits(JobConfig(data=str(data), test_data=str(test)))
