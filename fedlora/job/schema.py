@@ -73,7 +73,8 @@ class JobConfig:
                        ".parquet file or a datasets.save_to_disk folder", group="data and model")
     task: str = option("classification", "classification (a head on the encoder), causal-lm (every"
                        " token), sft (instruction tuning: loss on the responses, answers scored by"
-                       " generation)", group="data and model", choices=sorted(TASKS))
+                       " generation), dpo (preference pairs: Direct Preference Optimization)",
+                       group="data and model", choices=sorted(TASKS))
     text_column: str = option("text", "column of the text (the prompt's {text} with --task sft); two"
                               " joined by + (sentence1+sentence2) are a pair, which a classifier reads as"
                               " its tokenizer encodes a pair", group="data and model")
