@@ -29,8 +29,9 @@ def add_scale_arguments(p: argparse.ArgumentParser, title: str = "scale") -> Non
                        help="fraction of clients sampled per round, in (0, 1] (instead of"
                             " --clients-per-round)")
     scale.add_argument("--max-clients-per-pass", type=int, default=None,
-                       help="clients trained together in one forward/backward (default: all the"
-                            " round's clients on CPU; what fits in free memory on a GPU)")
+                       help="clients trained together in one forward/backward (default: on CPU as"
+                            " many as fill about 4,096 tokens, --batch-size × --max-length each; on a"
+                            " GPU as many as fedlora-plan's estimate fits in 80%% of the free memory)")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
