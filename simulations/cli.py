@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, default=Path("runs/sim"), help="output folder")
     out.add_argument("--overwrite", action="store_true",
                      help="replace the results in an existing, non-empty --out folder")
-    out.add_argument("--quiet", action="store_true", help="no progress bar")
+    out.add_argument("--quiet", action="store_true",
+                     help="print no progress bar, round lines or notes (warnings and errors still)")
     out.add_argument("--resume", action="store_true",
                      help="continue the stopped run in --out after its last checkpointed round (the same"
                           " job; --rounds may grow)")

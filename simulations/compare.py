@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
     out.add_argument("--overwrite", action="store_true",
                      help="replace the results in an existing, non-empty --out folder")
-    out.add_argument("--quiet", action="store_true", help="no progress bar")
+    out.add_argument("--quiet", action="store_true",
+                     help="print no progress bar, round lines, table or notes (warnings and errors still)")
     return p
 
 
