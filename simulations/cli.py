@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedlora.errors import UserError, command
@@ -19,7 +21,8 @@ from fedlora.rounds.attacks import Attack
 from fedlora.rounds.rows import format_row
 from fedlora.strategies import STRATEGIES
 
-__all__ = ["add_scale_arguments", "build_parser", "check_args", "format_row", "main", "to_config"]
+__all__ = ["add_scale_arguments", "build_parser", "check_args", "format_row", "main", "progress_bar",
+           "to_config"]
 
 
 def add_scale_arguments(p: argparse.ArgumentParser, title: str = "scale") -> None:
@@ -32,6 +35,38 @@ def add_scale_arguments(p: argparse.ArgumentParser, title: str = "scale") -> Non
                        help="clients trained together in one forward/backward (default: on CPU as"
                             " many as fill about 4,096 tokens, --batch-size × --max-length each; on a"
                             " GPU as many as fedlora-plan's estimate fits in 80%% of the free memory)")
+
+
+@contextlib.contextmanager
+def progress_bar(console, quiet: bool) -> Iterator:
+    """A ``rich`` progress bar of client-steps on ``console`` (none when ``quiet``; shared with
+    ``fedlora-compare``). Bad input found as a run loads (a missing file, an unknown model or
+    column: a :class:`UserError`) takes the bar off the screen, so the refusal is the one line
+    the command prints.
+
+    Parameters
+    ----------
+    console : rich.console.Console
+        Where the bar and the lines printed through ``bar.console`` go.
+    quiet : bool
+        No bar at all.
+
+    Yields
+    ------
+    rich.progress.Progress
+        The bar, to add a task per run to.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, disable=quiet) as bar:
+        try:
+            yield bar
+        except UserError:
+            bar.live.transient = True  # erased as it stops, not printed a last time
+            bar.live.stop()
+            bar.disable = True  # nor followed by the blank line a finished bar gets in a log
+            raise
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = check_args(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from fedlora.simulations.engine import run
 
@@ -152,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         console.print(f"resuming {args.out} after round {args.resumed} of {cfg.rounds}")
     total = cfg.rounds * cfg.local_steps * cfg.per_round()  # client-steps
-    with Progress("[progress.description]{task.description}", BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                  disable=args.quiet) as bar:
+    with progress_bar(console, args.quiet) as bar:
         task = bar.add_task(f"{cfg.strategy}: {cfg.num_clients} clients", total=total)
         run(cfg, args.out, on_step=lambda n: bar.advance(task, n),
             on_round=lambda row: bar.console.print(format_row(row), soft_wrap=True),

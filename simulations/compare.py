@@ -25,7 +25,7 @@ from fedlora.job.configfile import add_config_argument, parse_args
 from fedlora.job.flags import Parser, add_job_arguments
 from fedlora.job.schema import JobConfig, parse_ranks
 from fedlora.rounds.tracking import Tracking
-from fedlora.simulations.cli import add_scale_arguments, format_row
+from fedlora.simulations.cli import add_scale_arguments, format_row, progress_bar
 from fedlora.simulations.cli import check_args as check_sim_args
 from fedlora.simulations.report import (
     COLUMNS,
@@ -246,15 +246,13 @@ def run_all(plan: list[tuple[str, JobConfig]], out: Path, quiet: bool,
         Run label -> its metric rows, in plan order; run label -> its measured wall seconds.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from fedlora.simulations.engine import run
 
     console = Console(stderr=True, quiet=quiet)
     runs: dict[str, list[dict]] = {}
     walls: dict[str, float] = {}
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, disable=quiet) as bar:
+    with progress_bar(console, quiet) as bar:
         for label, cfg in plan:
             task = bar.add_task(label, total=cfg.rounds * cfg.local_steps * cfg.per_round())
             t0 = time.perf_counter()

@@ -181,6 +181,15 @@ def test_refuses_other_bad_flags_in_one_line(tmp_path, capsys, argv, expected):
     assert code == 2 and len(err.splitlines()) == 1 and expected in err
 
 
+def test_a_missing_data_file_is_one_line_without_the_progress_bar(tiny_bert_dir, tmp_path, capsys):
+    # Execute: no --quiet, so the first run's progress bar starts before its data loads
+    code = main(["--model", str(tiny_bert_dir), "--data", str(tmp_path / "missing.csv"),
+                 "--strategies", "fedavg", "--out", str(tmp_path / "o")])
+    # Assert: the refusal alone (the bar's last frame, "fedavg ... 0/300", was printed above it)
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and "data file" in err[0], err
+
+
 def test_refuses_existing_non_empty_out(tmp_path, capsys):
     # Prepare: an earlier comparison's table
     (tmp_path / "comparison.md").write_text("old\n")

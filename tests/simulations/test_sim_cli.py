@@ -191,6 +191,24 @@ def test_bad_input_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path, capsys, ex
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("model, data, extra, message", [
+    (None, "missing.csv", [], "data file"),
+    (None, None, ["--text-column", "nosuch"], "text column 'nosuch' is not in toy.csv"),
+    ("no-such-model", None, [], "model 'no-such-model' not found")])
+def test_bad_input_found_as_the_run_loads_is_one_line_without_the_progress_bar(tiny_bert_dir, tiny_csv,
+                                                                               tmp_path, capsys, model,
+                                                                               data, extra, message):
+    # Prepare: the flags without --quiet, so the progress bar starts before the model and data load
+    argv = _args(model or tiny_bert_dir, tmp_path / data if data else tiny_csv, tmp_path / "o", *extra)
+    argv.remove("--quiet")
+    # Execute
+    code = main(argv)
+    # Assert: the refusal alone (the bar's last frame, "fedavg: 3 clients ... 0/12", was printed above it)
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("dp, flag, extra", [
     ("sample", "--init-data", ["--head", "public"]), ("client", "--init-data", ["--head", "public"]),
     ("sample", "--quant-calibration", ["--quantize", "nf4", "--quant-correction", "2"])])
