@@ -154,12 +154,13 @@ def write_table(summaries: list[dict], out: Path, notes: str | None = None) -> t
     """
     out.mkdir(parents=True, exist_ok=True)
     legend = ("Bytes are the serialized sizes of the arrays each way; totals include round 0 "
-              "(Fed-SB's gradient upload), the per-client means are over rounds ≥ 1. Best acc is "
-              "the best global-model accuracy after a round ≥ 1 (for --task sft: answer accuracy, "
-              "greedy answers equal to the reference; ppl: perplexity of the reference responses); "
-              "agg error is ‖ΔW_agg − Σ p_k ΔW_k‖_F / ‖Σ p_k ΔW_k‖_F of the last round; wall s is "
-              "the run's measured wall time: setup, rounds, evaluations and export (the first run "
-              "also pays one-off start-up costs).")
+              "(Fed-SB's initialisation: by default its probes down, its clients' gradient "
+              "sketches up), the per-client means are over rounds ≥ 1. Best acc is the best "
+              "global-model score after a round ≥ 1, the headline each row's metric names (test "
+              "accuracy; for --task sft answer accuracy, or --metric's or --eval's score; ppl: "
+              "perplexity of the reference responses); agg error is ‖ΔW_agg − Σ p_k ΔW_k‖_F / "
+              "‖Σ p_k ΔW_k‖_F of the last round; wall s is the run's measured wall time: setup, "
+              "rounds, evaluations and export (the first run also pays one-off start-up costs).")
     text = "# fedlora-compare\n\n" + markdown_table(summaries) + "\n" + legend + "\n"
     if notes:
         text += "\n" + notes.rstrip() + "\n"
