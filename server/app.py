@@ -97,7 +97,7 @@ def run_server(grid, run_config: dict, run_id: int = 0) -> None:
         check_track_dir(cfg, out_dir)
         coord, model_path, labels = build_coordinator(cfg)
         sink.export = lambda folder: export_model(coord.fm, coord.state, folder, model_path,
-                                                  coord.task.peft_task_type, labels)
+                                                  coord.task.peft_task_type, labels, coord.task.name)
         # the SuperLink's limit on client pushes (ingress.py)
         write_limit(out_dir, request_limit(coord.fm, cfg, coord.plan, coord.strategy.init_releases > 0))
         ckpt = find_checkpoint(out_dir)  # checkpoint.safetensors, else an older fedlora's checkpoint.pt

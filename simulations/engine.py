@@ -138,7 +138,7 @@ def train(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None =
     else:
         sink.begin(cfg)
     sink.export = lambda folder: export_model(job.fm, coord.state, folder, job.model_path,
-                                              job.task.peft_task_type, job.label_names)
+                                              job.task.peft_task_type, job.label_names, job.task.name)
     loop.run(coord, BatchedTransport(job, coord, on_step), sink, schedule, started=t0)
     return job, coord
 
@@ -163,7 +163,7 @@ def run(cfg: JobConfig, out_dir: Path, on_step: Callable[[int], None] | None = N
     try:
         job, coord = train(cfg, out_dir, on_step, on_round, schedule, open_tracking, checkpoints, resume)
         export_model(job.fm, coord.state, out_dir / "adapter", job.model_path, job.task.peft_task_type,
-                     job.label_names)
+                     job.label_names, job.task.name)
     except BaseException:
         if own and opened and opened[0] is not None:
             opened[0].close(failed=True)

@@ -224,6 +224,31 @@ def sentiment_tsv(tmp_path_factory) -> Path:
     return path
 
 
+def _stsb_tsv(path: Path, rows: int, seed: int) -> Path:
+    """``rows`` STS-B-like rows (``sentence1``, ``sentence2``, ``score``) written to ``path``: the score
+    is a known function of the text, 0.5 + 2 × (the keyword's place: low, mid, high) plus a jitter of
+    hundredths, so it is learnable and fractional (as STS-B's 3.800)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "paper", "glass", "music", "table"]
+    lines = ["sentence1\tsentence2\tscore"]
+    for i in range(rows):
+        level = i % 3
+        key = ("low", "mid", "high")[level]
+        first = f"{key} " + " ".join(rng.choice(words) for _ in range(3))
+        second = " ".join(rng.choice(words) for _ in range(3))
+        lines.append(f"{first}\t{second}\t{0.5 + 2 * level + rng.randint(0, 20) / 100:.3f}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stsb_tsv(tmp_path_factory) -> Path:
+    """An STS-B-like TSV (sentence1, sentence2, a fractional score of 0.5 to 4.7): :func:`_stsb_tsv`."""
+    return _stsb_tsv(tmp_path_factory.mktemp("stsb") / "train.tsv", 120, seed=0)
+
+
 @pytest.fixture
 def stub_coordinator():
     """``make(cfg)``: a Coordinator of ``cfg``'s strategy over a model-less stand-in (no adapters

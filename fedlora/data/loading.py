@@ -11,31 +11,25 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fedlora.data.cells import cell_text, is_blank
+from fedlora.data.cells import cell_text
+from fedlora.data.labels import NUMBER, class_labels, label_order, score_targets
 from fedlora.data.readers import locate, read_rows
 from fedlora.errors import UserError, warn_once
 
 DEFAULT_DATASET = "bbcnews"
 PARTITIONS = ("iid", "dirichlet", "dirichlet-clients", "natural")
-#: A label that is a number, in ASCII digits (``³`` and ``①`` are digits to ``str.isdigit`` but text here).
-NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]*)?")
-#: The label of a row without one in SNLI's and MultiNLI's own files (``gold_label``: the annotators did
-#: not agree), which is no class (unless ``+`` is a label too: polarity).
-NO_LABEL = "-"
-#: A label that is an integer.
-INTEGER = re.compile(r"-?[0-9]+")
 
 
 @dataclass
 class TextDataset:
-    """Texts with integer labels (``labels`` is None for language modelling).
+    """Texts with integer labels (``labels`` is None for language modelling), or with scores to
+    fit (``targets``, ``--task regression``: ``labels`` None, no label names).
 
     For instruction data ``texts`` are the prompts (a string, or a chat's earlier
     ``messages``) and ``responses`` the answers to learn; ``labels`` stay set when
@@ -58,6 +52,8 @@ class TextDataset:
     #: each example's second text, for a classifier that reads a pair (``--text-column a+b``: GLUE's
     #: sentence1/sentence2, question/sentence); None: one text each
     second: list[str] | None = field(default=None, kw_only=True)
+    #: each example's score, for a task that fits numbers (``--task regression``: STS-B's similarity)
+    targets: list[float] | None = field(default=None, kw_only=True)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -69,7 +65,7 @@ class TextDataset:
         source = [int(i) for i in idx] if self.source is None else pick(self.source)
         return TextDataset(pick(self.texts), pick(self.labels), self.label_names, pick(self.responses),
                            pick(self.choices), source=source, groups=pick(self.groups),
-                           second=pick(self.second))
+                           second=pick(self.second), targets=pick(self.targets))
 
     def head(self, n: int) -> TextDataset:
         """The first ``n`` rows (all of them when ``n`` is 0)."""
@@ -116,11 +112,13 @@ def load_bbcnews() -> TextDataset:
     return TextDataset(texts, labels, names)
 
 
-def load_file(path: str | Path, text_column: str = "text",
-              label_column: str | None = "label", flags: str = "") -> TextDataset:
+def load_file(path: str | Path, text_column: str = "text", label_column: str | None = "label",
+              flags: str = "", scores: bool = False) -> TextDataset:
     """Rows of a data file or folder (any form of :mod:`fedlora.data.readers`); labels are mapped to
-    ids as :func:`_labels` numbers them (a ``ClassLabel``'s ids, else sorted order). ``flags``: the
-    prefix of the column flags a missing column's message names (``"test-"``: ``--test-text-column``)."""
+    ids as :func:`~fedlora.data.labels.class_labels` numbers them (a ``ClassLabel``'s ids, else sorted
+    order), or with ``scores`` read as numbers into ``targets``
+    (:func:`~fedlora.data.labels.score_targets`). ``flags``: the prefix of the column flags a missing
+    column's message names (``"test-"``: ``--test-text-column``)."""
     path = locate(path)
     rows = read_rows(path)
     if not rows:
@@ -135,7 +133,9 @@ def load_file(path: str | Path, text_column: str = "text",
                   " read as texts of no words; fill them in or drop those rows")
     if label_column is None:
         return TextDataset(texts[0], None, [], second=second)
-    labels, names = _labels(rows, label_column, path)
+    if scores:
+        return TextDataset(texts[0], None, [], second=second, targets=score_targets(rows, label_column, path))
+    labels, names = class_labels(rows, label_column, path)
     return TextDataset(texts[0], labels, names, second=second)
 
 
@@ -199,74 +199,6 @@ def _headerless(path: Path, columns: list[str]) -> bool:
     return any(NUMBER.fullmatch(c.strip()) or len(c.split()) > 4 for c in map(str, columns))
 
 
-def _labels(rows: list[dict], column: str, path: Path) -> tuple[list[int], list[str]]:
-    """Each row's label id, and the label names: a ``ClassLabel`` column's in its ids' order (every
-    name, so the ids are the dataset's), else in sorted order (numerically when every label is an
-    integer). A label is its text without surrounding spaces; ``1.0`` is ``1``."""
-    given = [v.strip() if isinstance(v, str) else v for v in (r.get(column) for r in rows)]  # " -" is "-"
-    dash = "+" not in given  # "+" and "-": polarity labels, "-" a class
-    missing = [i for i, v in enumerate(given) if is_blank(v) or dash and v == NO_LABEL]
-    if missing:
-        raise UserError(f"{len(missing)} row(s) of {path.name} have no {column!r} (unlabelled: null, NaN,"
-                        f" empty, '{NO_LABEL}' or a ClassLabel's -1; the first is data row {missing[0] + 1}):"
-                        " fill in their labels or drop those rows")
-    raw = [cell_text(r, column, f"data row {i + 1} of {path.name}").strip() for i, r in enumerate(rows)]
-    named = getattr(rows, "class_names", {}).get(column)   # a ClassLabel's names: its ids' order
-    if named and set(raw) <= set(named):
-        return [named.index(v) for v in raw], list(named)
-    if all(NUMBER.fullmatch(v) for v in raw):
-        raw = [_integer(v) for v in raw]
-        _refuse_scores(raw, column, path)
-    names = label_order(raw)
-    _warn_case(names, path)
-    index = {v: i for i, v in enumerate(names)}
-    return [index[v] for v in raw], names
-
-
-def _refuse_scores(labels: list[str], column: str, path: Path) -> None:
-    """Refuse numeric labels (:func:`_integer`'s) of which some have a fraction: a regression target
-    (STS-B's similarity score, 0 to 5), not classes; each distinct score would be a class of its own.
-
-    Raises
-    ------
-    UserError
-        So they are (one line).
-    """
-    scores = sorted({v for v in labels if not INTEGER.fullmatch(v)}, key=float)
-    if scores:
-        shown = ", ".join(scores[:3]) + (", ..." if len(scores) > 3 else "")
-        raise UserError(f"{column!r} of {path.name} holds scores with fractions ({shown}; {len(set(labels))}"
-                        " distinct values): a regression target, as STS-B's similarity is, and fedlora"
-                        " classifies (regression is not supported); give classes, e.g. scores binned"
-                        " into a label column of your own")
-
-
-def _integer(label: str) -> str:
-    """A :data:`NUMBER` label as an integer's digits where it is one (``1.0`` is ``1``, exactly for any
-    number of digits: ``12345678901234567`` stays apart from ``12345678901234568``), else as it is."""
-    whole, _, fraction = label.partition(".")
-    return label if fraction.strip("0") else str(int(whole))
-
-
-def label_order(names) -> list[str]:
-    """Label names in the order labels get their ids: by value when they are all integers (ASCII
-    digits), else by text (a labeled file's, and the choices of label-word questions)."""
-    names = set(names)
-    numeric = all(INTEGER.fullmatch(n) for n in names)
-    return sorted(names, key=int) if numeric else sorted(names)
-
-
-def _warn_case(names: list[str], path: Path) -> None:
-    """One warning when labels differ only in case (``pos``, ``Pos``): they stay separate classes."""
-    seen: dict[str, str] = {}
-    for name in names:
-        if name.lower() in seen:
-            warn_once(f"labels {seen[name.lower()]!r} and {name!r} of {path.name} differ only in case, so"
-                      " they are separate classes; write one spelling if they are one")
-            return
-        seen[name.lower()] = name
-
-
 def _closest(name: str, columns: list[str], rows: list[dict], what: str) -> str:
     """The column of ``columns`` (those no other role uses: never the label column for a text column)
     ``name`` most likely means: the same name in other case, else the closest spelling, else (a
@@ -281,11 +213,12 @@ def _closest(name: str, columns: list[str], rows: list[dict], what: str) -> str:
 
 
 def load_dataset(spec: str, text_column: str = "text", label_column: str | None = "label",
-                 flags: str = "") -> TextDataset:
-    """``"bbcnews"`` or a file path (:func:`load_file`)."""
-    if spec == DEFAULT_DATASET:
+                 flags: str = "", scores: bool = False) -> TextDataset:
+    """``"bbcnews"`` or a file path (:func:`load_file`; ``scores``: numeric targets, which a file
+    alone holds)."""
+    if spec == DEFAULT_DATASET and not scores:
         return load_bbcnews()
-    return load_file(spec, text_column, label_column, flags)
+    return load_file(spec, text_column, label_column, flags, scores)
 
 
 def split(ds: TextDataset, test_fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
@@ -317,8 +250,10 @@ def partition(ds: TextDataset, num_clients: int, method: str, alpha: float,
     if method == "iid":
         return _load(IidPartitioner(num_partitions=num_clients), table, num_clients)
     if classes is None:
-        raise UserError(f"--partition {method} splits by the labels, and this data has none: use --partition"
-                        " iid, or --partition-column NAME to split by a column of the file (e.g. category)")
+        what = " (its targets are scores, not classes)" if ds.targets is not None else ""
+        raise UserError(f"--partition {method} splits by the labels, and this data has none{what}: use"
+                        " --partition iid, or --partition-column NAME to split by a column of the file (e.g."
+                        " category)")
     if alpha <= 0:
         raise UserError(f"--alpha must be > 0, got {alpha}")
     if method == "dirichlet-clients":

@@ -256,7 +256,7 @@ def check_task_args(args) -> None:
             raise UserError(f"{flag_name(name)} is for --task {other.name} (this job is --task {task.name})")
     if args.data not in task.datasets and args.data in {d for t in TASKS.values() for d in t.datasets}:
         raise UserError(f"--data {args.data} is not for --task {task.name}; it reads"
-                        f" {' or '.join(task.datasets)} or a file")
+                        f" {' or '.join([*task.datasets, 'a data file (--data FILE)'])}")
     parse_columns(args.columns)  # --columns' names: one line now, not when the data is read
     files = any(getattr(args, f, "") for f in ("test_data", "init_data", "quant_calibration"))
     for name in ("text_column", "label_column"):  # the bundled data's columns are not the user's to name

@@ -27,10 +27,11 @@ from fedlora.models.adapter import (
     check_correction,
     linear_shapes,
     load_whole,
+    other_head,
     padded_state,
     read_adapter,
 )
-from fedlora.models.export import read_labels
+from fedlora.models.export import read_labels, read_task
 from fedlora.models.hub import load_tokenizer, resolve_model_path
 from fedlora.models.model import FederatedModel
 from fedlora.models.state import apply_global
@@ -63,14 +64,14 @@ def eval_examples(cfg: JobConfig, task: Task,
     """
     if cfg.data:
         _, test, names = splits(cfg, task)
-        if task.trains_head:
+        if task.classes:
             adapter_labels(adapters, names)
         return test, names
     if not cfg.test_data:
         raise UserError("fedlora-eval needs examples: --test-data FILE, or --data FILE (or bbcnews-instruct)"
                         " to score its held-out split as the run did (same --seed and --test-fraction)")
     test = task.load(cfg.test_data, cfg, role=TEST)
-    names = adapter_labels(adapters) if task.trains_head and adapters else None
+    names = adapter_labels(adapters) if task.classes and adapters else None
     if names is None:
         return test.head(cfg.eval_max), test.label_names
     unknown = [n for n in test.label_names if n not in names]
@@ -123,8 +124,15 @@ def resolve_eval_length(cfg: JobConfig, task: Task, examples: TextDataset, quiet
 
 
 def check_adapters(cfg: JobConfig, task: Task, paths: list[Path]) -> list[PeftAdapter]:
-    """The adapters in ``paths``, each checked against ``--model`` (one-line refusals)."""
+    """The adapters in ``paths``, each checked against ``--model`` and against ``--task`` where its export
+    recorded the task that trained it (one-line refusals: a regression's one-output head is no
+    classifier's)."""
     adapters = [read_adapter(p) for p in paths]
+    for adapter in adapters:
+        theirs = read_task(adapter.path)
+        if theirs is not None and theirs != task.name:
+            raise UserError(f"adapter {str(adapter.path)!r} was trained by --task {theirs}, whose head is not"
+                            f" --task {task.name}'s: score it with --task {theirs}")
     if adapters:
         model_path = resolve_model_path(cfg.model)
         shapes = linear_shapes(model_path, task.model_kind)
@@ -151,9 +159,11 @@ def load_scored_model(cfg: JobConfig, task: Task, adapter: PeftAdapter | None,
     job = replace(cfg, rank=r, lora_alpha=float(r), target_modules=sorted(adapter.factors))
     fm, tokenizer, _ = build_model(job, [r], LORA, num_labels)
     missing = sorted(f"{name}.weight" for name in fm.heads if f"{name}.weight" not in adapter.head)
-    if missing:
-        raise UserError(f"adapter {str(adapter.path)!r} has no {missing[0]} for --task {cfg.task}'s head:"
-                        " pass an adapter of that task")
+    other = other_head(adapter, fm)
+    if missing or other:
+        why = f"has no {missing[0]}" if missing else f"holds {other},"
+        raise UserError(f"adapter {str(adapter.path)!r} {why} for --task {cfg.task}'s head: pass an"
+                        " adapter of that task (and of its labels)")
     apply_global(fm, padded_state(adapter, r), {})
     load_whole(fm, adapter)
     return fm, tokenizer
@@ -188,7 +198,7 @@ def _cell(key: str, value) -> str:
                                      {m.column for m in ANSWER_METRICS.values()}):
         return f"{100 * value:.1f}%"
     if isinstance(value, float):
-        if key in ("loss", "reward_margin", "mcc"):
+        if key in ("loss", "reward_margin", "mcc", "pearson", "spearman", "mse"):
             return f"{value:.4f}"
         return f"{value:.4g}" if key == "perplexity" else f"{value:.1f}"
     return str(value)

@@ -71,14 +71,16 @@ class JobConfig:
                         " downloaded)", group="data and model")
     data: str = option("bbcnews", "'bbcnews', 'bbcnews-instruct' (--task sft), a .csv/.tsv/.jsonl(.gz)/"
                        ".parquet file or a datasets.save_to_disk folder", group="data and model")
-    task: str = option("classification", "classification (a head on the encoder), causal-lm (every"
+    task: str = option("classification", "classification (a head on the encoder), regression (a score"
+                       " per text: a one-output head, squared error, Pearson/Spearman), causal-lm (every"
                        " token), sft (instruction tuning: loss on the responses, answers scored by"
                        " generation), dpo (preference pairs: Direct Preference Optimization)",
                        group="data and model", choices=sorted(TASKS))
     text_column: str = option("text", "column of the text (the prompt's {text} with --task sft); two"
                               " joined by + (sentence1+sentence2) are a pair, which a classifier reads as"
                               " its tokenizer encodes a pair", group="data and model")
-    label_column: str = option("label", "column of the label", group="data and model")
+    label_column: str = option("label", "column of the label (--task regression: of the score, a number)",
+                               group="data and model")
     num_clients: int = option(10, "clients")
     rounds: int = option(3, "federated rounds")
     local_steps: int = option(10, "optimizer steps per client per round")

@@ -24,7 +24,7 @@ from fedlora.data.groups import with_groups
 from fedlora.data.loading import TextDataset, natural, partition, split
 from fedlora.errors import UserError, say, warn_once
 from fedlora.job.schema import JobConfig
-from fedlora.models.adapter import check_correction, fold_into_base, read_adapter
+from fedlora.models.adapter import check_correction, fold_into_base, other_head, read_adapter
 from fedlora.models.context import context_length
 from fedlora.models.correction import CALIBRATION_ROWS, add_correction, calibration_batches, quantized_layers
 from fedlora.models.export import read_labels
@@ -42,7 +42,7 @@ def training_data(cfg: JobConfig, task: Task | None = None) -> TextDataset:
 
 
 def labeled_data(cfg: JobConfig, task: Task) -> TextDataset:
-    """``--data``'s examples; for a task with a head, of two labels at least, numbered as the model's
+    """``--data``'s examples; for a task of classes, of two labels at least, numbered as the model's
     head numbers them where it was trained on the same labels (:func:`in_head_order`).
 
     Raises
@@ -53,7 +53,7 @@ def labeled_data(cfg: JobConfig, task: Task) -> TextDataset:
     ds = task.load(cfg.data, cfg)
     if cfg.partition_column:
         ds = with_groups(ds, cfg.data, cfg.partition_column)
-    if not task.trains_head:
+    if not task.classes:
         return ds
     used = sorted(set(ds.labels or []))  # a ClassLabel's names may name classes no row has
     if len(used) < 2:
@@ -72,7 +72,7 @@ def splits(cfg: JobConfig, task: Task | None = None) -> tuple[TextDataset, TextD
         train, test = split(ds, cfg.test_fraction, cfg.seed)
     else:
         train, test = ds, task.load(cfg.test_data, cfg, role=TEST)
-        if task.trains_head:
+        if task.classes:
             test = test.relabel(ds.label_names, f"--test-data {cfg.test_data}")
     return train, test.head(cfg.eval_max), ds.label_names
 
@@ -101,7 +101,7 @@ def public_data(cfg: JobConfig, task: Task, tokenizer,
         return None
     try:
         ds = task.load(cfg.init_data, cfg, role=INIT)
-        if task.trains_head:
+        if task.classes:
             ds = ds.relabel(label_names, "the file")
     except UserError as exc:
         raise UserError(f"--init-data: {exc}") from None
@@ -159,10 +159,10 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan, num_labels:
     """
     task = get_task(cfg.task)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    model, tokenizer, path, new = load_model(cfg.model, task.model_kind,
-                                        num_labels if task.trains_head else None, seed=cfg.seed, dtype=dtype,
-                                        quantize=cfg.quantize, double_quant=cfg.double_quant,
-                                        device=cfg.device)
+    model, tokenizer, path, new = load_model(cfg.model, task.model_kind, task.head_outputs(num_labels or 0),
+                                             seed=cfg.seed, dtype=dtype, quantize=cfg.quantize,
+                                             double_quant=cfg.double_quant, device=cfg.device,
+                                             problem_type=task.problem_type)
     check_context(cfg.max_length, model.config, tokenizer, model, cfg.max_new_tokens)
     try:
         fm = FederatedModel(model, AdapterConfig(
@@ -202,13 +202,11 @@ def init_head(adapter, fm: FederatedModel, labels: list[str] | None, head: str) 
     if not adapter.head or not fm.heads or head == "zero":
         return False
     theirs = read_labels(adapter.path)
-    shapes = {f"{name}.{key}": getattr(layer, key).shape[1:]
-              for name, layer in fm.heads.items() for key in layer.slot_keys}
-    other = [k for k, t in adapter.head.items() if k in shapes and t.shape != shapes[k]]
+    other = other_head(adapter, fm)
     if other or (theirs is not None and labels is not None and theirs != labels):
         if head == "public":
             return False
-        had = f"the labels {', '.join(map(repr, theirs))}" if theirs else f"another shape ({other[0]})"
+        had = f"the labels {', '.join(map(repr, theirs))}" if theirs else f"another shape ({other})"
         mine = f"this job's data has {', '.join(map(repr, labels))}" if labels else "this job's differs"
         raise UserError(f"--init-adapter {str(adapter.path)!r} holds a head trained on {had}, and {mine}:"
                         " pass --head zero (or public) to start a new head from the adapter's update, or"

@@ -208,6 +208,17 @@ def padded_state(adapter: PeftAdapter, rank: int) -> GlobalState:
     return GlobalState(factors=factors, scale=1.0, head=dict(adapter.head))
 
 
+def other_head(adapter: PeftAdapter, fm) -> str | None:
+    """The first of ``adapter``'s head tensors that ``fm``'s heads shape otherwise, described
+    (``classifier.weight of shape (1, 32), not (5, 32)``: a regression's head, or one of other
+    labels), or None."""
+    own = {f"{name}.{key}": getattr(layer, key).shape[1:] for name, layer in fm.heads.items()
+           for key in layer.slot_keys}
+    other = sorted(k for k, t in adapter.head.items() if k in own and t.shape != own[k])
+    return (f"{other[0]} of shape {tuple(adapter.head[other[0]].shape)}, not {tuple(own[other[0]])}"
+            if other else None)
+
+
 def fold_into_base(fm, adapter: PeftAdapter, model: str, path: Path, head: bool = True) -> None:
     """Fold ``adapter``'s update ``B A`` into ``fm``'s frozen base (``--init-adapter``): into the weight
     (in its dtype), or as the exact residual beside a quantized one (:meth:`BatchedLoRALinear.fold`);

@@ -29,6 +29,9 @@ PREFIX = "base_model.model."
 #: The file beside an adapter with a task head that names the head's rows: the run's label names,
 #: in the order of their ids (a JSON list).
 LABELS = "fedlora_labels.json"
+#: The file beside an adapter with a task head that names the ``--task`` that trained it (a JSON
+#: string): a classifier's head and a regression's are not each other's.
+TASK = "fedlora_task.json"
 
 
 def export_factors(state: GlobalState, layers: list[str], base: dict | None = None
@@ -50,7 +53,7 @@ def export_factors(state: GlobalState, layers: list[str], base: dict | None = No
 def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base_model: str,
                 task_type: str, head_modules: list[str], fan_in_fan_out: bool = False,
                 base: dict | None = None, fixed: dict | None = None, note: dict | None = None,
-                labels: list[str] | None = None, saved: dict | None = None) -> Path:
+                labels: list[str] | None = None, saved: dict | None = None, task: str | None = None) -> Path:
     """Write ``out_dir/adapter_config.json`` and ``adapter_model.safetensors``.
 
     Parameters
@@ -82,10 +85,13 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
     labels : list of str, optional
         The run's label names in the order of their ids, written as :data:`LABELS` beside an
         adapter with a task head (``head_modules``), so that an evaluation numbers a test file's
-        labels as the run did (:func:`read_labels`).
+        labels as the run did (:func:`read_labels`); none (a regression's scores): no file.
     saved : dict, optional
         Module name -> its frozen tensors (``state_dict``), exported whole (``modules_to_save``):
         weights the base's checkpoint lacked, which a PEFT load would otherwise draw anew.
+    task : str, optional
+        The ``--task`` that trained it, written as :data:`TASK` beside an adapter with a task head
+        (:func:`read_task`).
     """
     out_dir = Path(out_dir)
     factors = export_factors(state, layers, base)
@@ -102,8 +108,10 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
     config = peft_config({layer: A.shape[0] for layer, (A, _) in factors.items()}, task_type, base_model,
                          whole_modules, fan_in_fan_out)
     notes = {MARKER: note} if note else {}
-    if labels is not None and head_modules:
+    if labels and head_modules:
         notes[LABELS] = list(labels)
+    if task and head_modules:
+        notes[TASK] = task
     return write_adapter(out_dir, tensors, config, notes)
 
 
@@ -134,18 +142,18 @@ def joined(*parts: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def export_model(fm, state: GlobalState, out_dir: str | Path, base_model: str, task_type: str,
-                 labels: list[str] | None = None) -> Path:
+                 labels: list[str] | None = None, task: str | None = None) -> Path:
     """:func:`export_peft` of a ``FederatedModel``'s global ``state``: ``fm``'s adapted layers, its
     task heads, whether its targets were ``Conv1D`` layers (``fm.transposed``), what was folded into
     its base before training (``fm.base_factors``) and the correction beside its quantized layers
     (``fm.correction``: with the update on adapted layers, on its own elsewhere) and its frozen
     modules exported whole (``fm.saved_modules``); ``labels``: the run's label names, recorded
-    beside a task head."""
+    beside a task head, and ``task``, the ``--task`` that trained it."""
     adapted = {n: f for n, f in fm.correction.items() if n in fm.adapters}
     fixed = {n: f for n, f in fm.correction.items() if n not in fm.adapters}
     return export_peft(state, list(fm.adapters), out_dir, base_model, task_type, list(fm.heads),
                        fan_in_fan_out=bool(fm.transposed), base=joined(fm.base_factors, adapted),
-                       fixed=fixed, note=fm.correction_note, labels=labels,
+                       fixed=fixed, note=fm.correction_note, labels=labels, task=task,
                        saved={m: fm.model.get_submodule(m).state_dict() for m in fm.saved_modules})
 
 
@@ -170,6 +178,17 @@ def read_labels(folder: str | Path) -> list[str] | None:
         raise UserError(f"{str(f)!r} is not a JSON list of label names: re-export the adapter, or delete"
                         " the file and pass the run's training file as --data")
     return names
+
+
+def read_task(folder: str | Path) -> str | None:
+    """The ``--task`` recorded beside the adapter in ``folder`` (its :data:`TASK`), or None where it
+    has none (no head, or exported before fedlora recorded it, or unreadable: the head's shape is
+    checked where it is loaded)."""
+    try:
+        task = json.loads((Path(folder) / TASK).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return task if isinstance(task, str) else None
 
 
 def write_adapter(out_dir: Path, tensors: dict, config: dict, notes: dict | None = None) -> Path:

@@ -262,20 +262,23 @@ def new_head(path: Path, num_labels: int | None) -> bool:
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     if num_labels is None or not classifier or config.num_labels == num_labels:
         return False
-    say(f"the classification head of {path.name} has {config.num_labels} labels and the data"
-        f" {num_labels}: it is replaced by a new, randomly initialised head")
+    say(f"the classification head of {path.name} has {config.num_labels} outputs, and this job's head"
+        f" {num_labels} (one per label; one for --task regression): it is replaced by a new, randomly"
+        " initialised head")
     return True
 
 
 def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 0,
                dtype: torch.dtype = torch.float32, quantize: str = "none", double_quant: bool = False,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, object, Path, list[str]]:
+               device: str | torch.device = "cpu", problem_type: str | None = None
+               ) -> tuple[nn.Module, object, Path, list[str]]:
     """``(model, tokenizer, path, new)`` for ``name``, as a ``kind`` model (:data:`MODEL_KINDS`).
 
     The random initialisation of the weights not in the checkpoint (the head's, and others':
     :func:`new_modules`, whose names are ``new``) is seeded. With
     ``quantize`` (:data:`QUANTIZE`) the linear layers but the heads are loaded by bitsandbytes
     onto ``device`` (a model without quantization is loaded on the CPU: callers move it).
+    ``num_labels`` and ``problem_type`` (``"regression"``) set a classifier's head in its config.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -283,7 +286,8 @@ def load_model(name: str, kind: str, num_labels: int | None = None, seed: int = 
         raise ValueError(f"unknown model kind {kind!r}; use one of {', '.join(MODEL_KINDS)}")
     require_bitsandbytes(quantize)
     path = resolve_model_path(name)
-    auto, extra = ((AutoModelForSequenceClassification, {"num_labels": num_labels})
+    head = {"num_labels": num_labels, **({"problem_type": problem_type} if problem_type else {})}
+    auto, extra = ((AutoModelForSequenceClassification, head)
                    if kind == "sequence-classification" else (AutoModelForCausalLM, {}))
     with quiet():
         try:

@@ -120,9 +120,12 @@ def check_args(args: argparse.Namespace) -> JobConfig:
             raise UserError("--task sft without --max-length reads it from the data with the model's"
                             " tokenizer, and a preset has none: pass --max-length (e.g. 512)")
         resolve_max_length(cfg)
+    task = get_task(cfg.task)
+    if args.num_labels is not None and task.trains_head and not task.classes:
+        raise UserError(f"--num-labels counts a classifier's classes, and --task {task.name}'s head has"
+                        f" {task.head_outputs(0)} output: drop --num-labels")
     if args.num_labels is None:
-        task = get_task(cfg.task)
-        args.num_labels = len(task.load(cfg.data, cfg).label_names) if task.trains_head else 2
+        args.num_labels = len(task.load(cfg.data, cfg).label_names) if task.classes else 2
     return cfg
 
 

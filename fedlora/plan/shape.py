@@ -235,14 +235,14 @@ def lacked_weights(model: nn.Module, names: set[str] | None) -> list[str]:
 
 def build_shape(cfg: JobConfig, num_labels: int = 2) -> ModelShape:
     """The job's model on the meta device, wrapped with one slot for the job's strategy and targets
-    (``num_labels``: the classification head's outputs, ``--task classification`` only)."""
+    (``num_labels``: the classes of a classifier's head; a regression's has one output)."""
     config = model_config(cfg.model)
     task = get_task(cfg.task)
     if task.model_kind == "causal-lm":
         auto = AutoModelForCausalLM
     else:
         auto = AutoModelForSequenceClassification
-        config.num_labels = num_labels
+        config.num_labels = task.head_outputs(num_labels)
     with torch.device("meta"):
         try:
             model = auto.from_config(config)

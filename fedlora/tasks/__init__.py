@@ -28,10 +28,11 @@ from .choice import ChoiceSet, MultipleChoice
 from .classic import CausalLM, Classification
 from .dpo import DPO
 from .partial import PartialChoice
+from .regression import Regression
 from .sft import SFT, GenerationSet, normalize
 
 __all__ = ["ANSWER_METRICS", "AUTO", "DPO", "EVALUATIONS", "INIT", "SFT", "TASKS", "TEST", "TRAIN",
            "AnswerMetric", "CausalLM", "ChoiceSet", "Classification", "Evaluation", "GenerationSet",
-           "MultipleChoice", "PartialChoice", "Task", "TokenLossTask", "gather_rows", "get_task",
-           "length_groups", "normalize", "register_answer_metric", "register_evaluation", "register_task",
-           "row_groups", "token_losses"]
+           "MultipleChoice", "PartialChoice", "Regression", "Task", "TokenLossTask", "gather_rows",
+           "get_task", "length_groups", "normalize", "register_answer_metric", "register_evaluation",
+           "register_task", "row_groups", "token_losses"]

@@ -180,6 +180,11 @@ class Task(ABC):
         The exported adapter's PEFT task type.
     trains_head : bool
         Clients train (and the server averages) the classification head.
+    classes : bool
+        Its labels are classes, numbered by the label names of ``--data``: other files' labels are
+        renumbered to them, and an export records them (a classifier's); a regression's are scores.
+    problem_type : str or None
+        The head's ``problem_type`` in the model's config (transformers' name), where it sets one.
     metric : str
         Name of the round's headline metric (a row's ``accuracy``).
     options : tuple of str
@@ -200,6 +205,8 @@ class Task(ABC):
     model_kind: ClassVar[str] = "causal-lm"
     peft_task_type: ClassVar[str] = "CAUSAL_LM"
     trains_head: ClassVar[bool] = False
+    classes: ClassVar[bool] = False
+    problem_type: ClassVar[str | None] = None
     metric: ClassVar[str] = "accuracy"
     options: ClassVar[tuple[str, ...]] = ()
     datasets: ClassVar[tuple[str, ...]] = ("bbcnews",)
@@ -216,6 +223,11 @@ class Task(ABC):
     @abstractmethod
     def encode(self, tokenizer, ds, cfg) -> dict[str, Tensor]:
         """Training tensors of ``ds``: ``input_ids``, ``attention_mask``, ``labels``, …"""
+
+    def head_outputs(self, num_labels: int) -> int | None:
+        """The outputs of the task head for data of ``num_labels`` classes (the model config's
+        ``num_labels``), or None: a model without one."""
+        return None
 
     def prepare(self, fm, data: Any, cfg) -> None:
         """Complete :meth:`encode`'s or :meth:`eval_set`'s ``data`` with what it needs from the

@@ -76,6 +76,15 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int, second: list[st
     return out
 
 
+def tokenize_inputs(tokenizer, ds: TextDataset, max_length: int) -> dict[str, Tensor]:
+    """A classifier's inputs of ``ds`` (:func:`tokenize_texts`): a pair of texts as the tokenizer
+    encodes one where it separates them (BERT's ``[SEP]``); a tokenizer without a separator (GPT-2's,
+    LLaMA's) would butt the second text onto the first, so it reads them as one text."""
+    apart = ds.second is not None and getattr(tokenizer, "sep_token", None) is not None
+    texts = ds.texts if apart or ds.second is None else ds.joined()
+    return tokenize_texts(tokenizer, texts, max_length, ds.second if apart else None)
+
+
 def class_scores(confusion: Tensor | None) -> dict[str, float]:
     """``macro_f1``, ``balanced_accuracy`` and ``mcc`` of a confusion matrix (``confusion[y, ŷ]``:
     examples of class y predicted ŷ), over the classes that are a label or a prediction
@@ -125,18 +134,18 @@ class Classification(Task):
     model_kind = "sequence-classification"
     peft_task_type = "SEQ_CLS"
     trains_head = True
+    classes = True
 
     def load(self, spec: str, cfg, *, role: str = TRAIN) -> TextDataset:
         return load_dataset(spec, *columns(cfg, role), flags=role)
 
     def encode(self, tokenizer, ds: TextDataset, cfg) -> dict[str, Tensor]:
-        # a pair: as the tokenizer encodes one where it separates them (BERT's [SEP]); a tokenizer
-        # without a separator (GPT-2's, LLaMA's) would butt the second text onto the first: one text
-        apart = ds.second is not None and getattr(tokenizer, "sep_token", None) is not None
-        texts = ds.texts if apart or ds.second is None else ds.joined()
-        out = tokenize_texts(tokenizer, texts, cfg.max_length, ds.second if apart else None)
+        out = tokenize_inputs(tokenizer, ds, cfg.max_length)
         out["labels"] = torch.tensor(ds.labels, dtype=torch.long)
         return out
+
+    def head_outputs(self, num_labels: int) -> int:
+        return num_labels
 
     def loss_counts(self, labels: Tensor) -> Tensor:
         return torch.ones(labels.shape[0], device=labels.device)

@@ -101,7 +101,7 @@ class LocalClient:
         """This client's examples: its own file (labels renamed to the job's), or its partition."""
         if self.where.data:
             ds = self.task.load(self.where.data, self.cfg)
-            return ds.relabel(label_names) if self.task.trains_head else ds
+            return ds.relabel(label_names) if self.task.classes else ds
         if self.where.partition_id is None:
             raise UserError("the client has neither --data nor --partition-id")
         return client_share(self.cfg, self.where.partition_id, self.where.num_partitions)

@@ -230,3 +230,45 @@ def test_all_linear_leaves_out_the_weights_the_checkpoint_lacked(bert_mlm_dir):
     assert fm.adapters and not any("pooler" in name for name in fm.adapters)
     with pytest.raises(UserError, match="--target-modules matches bert.pooler.dense, whose weights the"):
         build_model(JobConfig(model=str(bert_mlm_dir), target_modules=["query", "dense"]), [2], LORA, 3)
+
+
+def test_a_regression_export_loads_with_one_label_and_is_refused_as_a_classifier(bert_mlm_dir, tmp_path):
+    from dataclasses import replace
+
+    from fedlora.job.evaluate import check_adapters, load_scored_model
+    from fedlora.job.schema import JobConfig
+    from fedlora.job.setup import build_model
+    from fedlora.models.adapter import read_adapter
+    from fedlora.models.export import TASK, export_model, read_task
+    from fedlora.tasks import get_task
+
+    # Prepare: a regression job's model (one output, no classes) with a random adapter and head
+    cfg = JobConfig(task="regression", model=str(bert_mlm_dir), rank=4, seed=3)
+    fm, _, path = build_model(cfg, [4], LORA, num_labels=0, labels=[])
+    g = torch.Generator().manual_seed(6)
+    state = replace(_random_state(fm, "lora", g), head={"classifier.weight": torch.randn(1, 32, generator=g),
+                                                        "classifier.bias": torch.randn(1, generator=g)})
+    apply_global(fm, state, dict(state.merged))
+    x = _inputs()
+    want = fm(**x).logits
+    # Execute: export as a run does (its label names: none), load with PEFT onto a one-label base
+    out = export_model(fm, state, tmp_path / "adapter", path, "SEQ_CLS", [], "regression")
+    torch.manual_seed(11)
+    base = AutoModelForSequenceClassification.from_pretrained(bert_mlm_dir, num_labels=1)
+    theirs = peft.PeftModel.from_pretrained(base, out).eval()(**x).logits
+    scored = load_scored_model(replace(cfg, seed=11), get_task("regression"), read_adapter(out), 0)[0]
+    scored = scored(**x).logits
+    # Assert: fedlora's predictions, one per row; the task recorded, no label names
+    assert want.shape == (4, 1)
+    for got in (theirs, scored):
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert read_task(out) == "regression" and read_labels(out) is None and not (out / LABELS).exists()
+    # ... and scored as a classifier: refused by its record, or (an export without one) by its head
+    classify = replace(cfg, task="classification")
+    with pytest.raises(UserError, match=r"was trained by --task regression, whose head is not --task"
+                                        r" classification's: score it with --task regression$"):
+        check_adapters(classify, get_task("classification"), [out])
+    (out / TASK).unlink()
+    with pytest.raises(UserError, match=r"holds classifier.bias of shape \(1,\), not \(3,\), for"
+                                        r" --task classification's head"):
+        load_scored_model(classify, get_task("classification"), read_adapter(out), 3)

@@ -108,7 +108,7 @@ def test_a_classifier_with_another_number_of_labels_gets_a_new_head_said_in_one_
     three, *_ = load_model(str(tiny_bert_dir), "sequence-classification", num_labels=3)
     # Assert: 5 labels: a new head and one line; 3: the saved head, nothing said
     assert tuple(five.classifier.weight.shape) == (5, 32)
-    assert said.count("\n") == 1 and "has 3 labels and the data 5" in said
+    assert said.count("\n") == 1 and "has 3 outputs, and this job's head 5" in said
     assert torch.equal(three.classifier.weight, saved) and "labels" not in capfd.readouterr().err
 
 

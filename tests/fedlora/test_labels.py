@@ -101,10 +101,59 @@ def test_scores_with_fractions_are_refused_as_a_regression_target(tmp_path):
                     "A man is smoking\tA man skates\t0.500\n")
     # Execute / Assert: one line; integer scores (5.000) are still classes
     with pytest.raises(UserError, match=r"^'score' of sts-b.tsv holds scores with fractions \(0.500, 3.800;"
-                                        r" 3 distinct values\): a regression target.*not supported"):
+                                        r" 3 distinct values\): a regression target.*which --task"
+                                        r" regression fits"):
         load_file(path, "sentence1+sentence2", "score")
     path.write_text("text\tscore\na\t5.000\nb\t3\nc\t1.0\n")
     assert load_file(path, "text", "score").label_names == ["1", "3", "5"]
+
+
+@pytest.mark.parametrize("form", ["tsv", "csv", "jsonl", "parquet", "folder"])
+def test_scores_are_read_as_numbers_in_every_data_form(tmp_path, form):
+    import datasets
+
+    # Prepare: STS-B's rows (a pair and a score) in one of the data forms; JSON and Parquet keep numbers
+    rows = {"sentence1": ["a plane takes off", "a man plays a flute", "a man is smoking"],
+            "sentence2": ["an air plane is taking off", "a man plays a bamboo flute", "a man skates"],
+            "score": [5.0, 3.8, 0.5]}
+    path = tmp_path / f"sts-b.{form}"
+    table = datasets.Dataset.from_dict(rows)
+    if form in ("tsv", "csv"):
+        sep = "\t" if form == "tsv" else ","
+        lines = [sep.join(rows)] + [sep.join(map(str, r)) for r in zip(*rows.values(), strict=True)]
+        path.write_text("\n".join(lines).replace("5.0", "5.000") + "\n")
+    elif form == "jsonl":
+        table.to_json(path)
+    elif form == "parquet":
+        table.to_parquet(path)
+    else:
+        table.save_to_disk(path)
+    # Execute
+    ds = load_file(path, "sentence1+sentence2", "score", scores=True)
+    # Assert: the scores as floats, the pair kept, no classes; a subset keeps each row's score
+    assert ds.targets == [5.0, 3.8, 0.5] and ds.labels is None and ds.label_names == []
+    assert ds.second[1] == "a man plays a bamboo flute" and ds.subset([2, 0]).targets == [0.5, 5.0]
+
+
+@pytest.mark.parametrize(("cells", "message"), [
+    (["3.8", "high", "1e-1"], r"^1 row\(s\) of s.tsv have a 'score' that is not a number \(the first is data"
+                              r" row 2: 'high'\): --task regression fits numeric targets"),
+    (["3.8", "nan", "inf"], r"^2 row\(s\) of s.tsv have a 'score' that is not a number \(the first is data"
+                            r" row 2: 'nan'\)"),
+    (["3.8", "", "1"], r"^1 row\(s\) of s.tsv have no 'score' \(unlabelled: .* data row 2\)"),
+])
+def test_scores_that_are_not_numbers_or_missing_are_refused_in_one_line(tmp_path, cells, message):
+    path = tmp_path / "s.tsv"
+    path.write_text("text\tscore\n" + "".join(f"t{i}\t{c}\n" for i, c in enumerate(cells)))
+    with pytest.raises(UserError, match=message) as err:
+        load_file(path, "text", "score", scores=True)
+    assert "\n" not in str(err.value)
+
+
+def test_scores_read_signs_exponents_and_leading_points(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("text,score\na,-1\nb,+2.5\nc,.5\nd,2e-1\ne, 4. \n")
+    assert load_file(path, "text", "score", scores=True).targets == [-1.0, 2.5, 0.5, 0.2, 4.0]
 
 
 def test_snli_rows_whose_gold_label_is_a_dash_are_unlabelled_not_a_class(tmp_path):

@@ -16,7 +16,7 @@ from fedlora.tasks import TASKS, TEST, gather_rows, get_task, length_groups, nor
 
 
 def test_every_task_is_registered_once():
-    assert sorted(TASKS) == ["causal-lm", "classification", "dpo", "sft"]
+    assert sorted(TASKS) == ["causal-lm", "classification", "dpo", "regression", "sft"]
     assert get_task("sft").peft_task_type == "CAUSAL_LM" and get_task("classification").trains_head
     with pytest.raises(ValueError, match="unknown task 'qa'"):
         get_task("qa")

@@ -324,3 +324,27 @@ def test_stateless_clients_run_llm_tasks_to_the_batched_adapter(tiny_chat_llama_
         assert rf[-1]["reward_margin"] != 0 and rf[-1]["strategy"] == "flora"
     config = json.loads((tmp_path / "stateless" / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM"
+
+
+REGRESSION = ["--task", "regression", "--text-column", "sentence1+sentence2", "--label-column", "score"]
+
+
+def test_a_regression_under_dp_sgd_deployed_or_stateless_matches_the_simulator(tiny_bert_dir, stsb_tsv,
+                                                                               tmp_path):
+    # Prepare: STS-B-like scores, DP-SGD with the one-output head trained (its per-example gradients
+    # clipped with the adapters'): fedlora's batched kernels in the simulator, Opacus on each
+    # deployed client (a lone client's default backend), clients rebuilt every message in the other
+    flags = [*REGRESSION, "--rounds", "2", *job(tiny_bert_dir, stsb_tsv), *DP, "--head", "train"]
+    # Execute
+    want = simulate(flags, tmp_path / "sim")
+    got = deploy(flags, tmp_path / "grid", 2)
+    stateless = deploy(flags, tmp_path / "stateless", 2, stateless=True)
+    # Assert: the same correlations every round, and the same adapter and head
+    assert [r["dp_backend"] for r in got[1:]] == ["opacus", "opacus"]
+    for s, d, f in zip(want, got, stateless, strict=True):
+        assert d["metric"] == f["metric"] == "pearson"
+        assert d["pearson"] == pytest.approx(s["pearson"], abs=1e-6) == f["pearson"]
+        assert d["spearman"] == pytest.approx(s["spearman"], abs=1e-6)
+    for out in ("grid", "stateless"):
+        assert_same_adapter(tmp_path / "sim", tmp_path / out, rtol=1e-4, atol=1e-6)
+    assert adapter_tensors(tmp_path / "grid")["base_model.model.classifier.weight"].shape == (1, 32)
