@@ -36,7 +36,11 @@ METRIC_NAMES = {"accuracy": "test accuracy", "answer_accuracy": "answer accuracy
                 "answer_contains": "answers containing the reference",
                 "answer_number": "answers ending with the reference's number",
                 "rouge_l": "ROUGE-L F1 of the answers", "mc_accuracy": "multiple-choice accuracy",
-                "reward_accuracy": "DPO reward accuracy (held-out pairs)"}
+                "reward_accuracy": "DPO reward accuracy (held-out pairs)",
+                "pearson": "Pearson correlation of the predicted scores"}
+#: Headline metrics that are no share of the examples (``--task regression``'s correlation): the
+#: table shows their ``acc`` columns as numbers, not percentages.
+UNITLESS = frozenset({"pearson"})
 
 # ---- summaries and the table ----
 
@@ -105,13 +109,13 @@ def human_bytes(n: float | None) -> str:
     return f"{n:.0f} B"
 
 
-def _cell(key: str, value) -> str:
+def _cell(key: str, value, metric: str = "accuracy") -> str:
     if value is None:
         return "-"
     if key == "run":
         return f"`{value}`"
     if key.endswith("accuracy"):
-        return f"{100 * value:.1f}%"
+        return f"{value:.4f}" if metric in UNITLESS else f"{100 * value:.1f}%"
     if key.startswith("bytes"):
         return human_bytes(value)
     if key == "final_agg_error":
@@ -130,7 +134,8 @@ def markdown_table(summaries: list[dict]) -> str:
     lines = ["| " + " | ".join(header for _, header in columns) + " |",
              "|" + "|".join("---" if key == "run" else "---:" for key, _ in columns) + "|"]
     for s in summaries:
-        lines.append("| " + " | ".join(_cell(key, s[key]) for key, _ in columns) + " |")
+        metric = s.get("metric", "accuracy")
+        lines.append("| " + " | ".join(_cell(key, s[key], metric) for key, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,7 +163,8 @@ def write_table(summaries: list[dict], out: Path, notes: str | None = None) -> t
               "sketches up), the per-client means are over rounds ≥ 1. Best acc is the best "
               "global-model score after a round ≥ 1, the headline each row's metric names (test "
               "accuracy; for --task sft answer accuracy, or --metric's or --eval's score; ppl: "
-              "perplexity of the reference responses); agg error is ‖ΔW_agg − Σ p_k ΔW_k‖_F / "
+              "perplexity of the reference responses; --task regression: the Pearson correlation, shown as a "
+              "number); agg error is ‖ΔW_agg − Σ p_k ΔW_k‖_F / "
               "‖Σ p_k ΔW_k‖_F of the last round; wall s is the run's measured wall time: setup, "
               "rounds, evaluations and export (the first run also pays one-off start-up costs).")
     text = "# fedlora-compare\n\n" + markdown_table(summaries) + "\n" + legend + "\n"

@@ -61,6 +61,16 @@ def test_summarize_hand_computed():
     assert "personal" not in markdown_table([s])
 
 
+def test_a_regressions_correlation_is_a_number_in_the_table_not_a_percentage():
+    # Prepare: --task regression's rows, whose headline (accuracy) is the Pearson correlation
+    rows = [{**r, "metric": "pearson"} for r in _hand_rows()]
+    # Execute
+    table = markdown_table([summarize(rows)])
+    # Assert: final 0.60 and best 0.70 as correlations; a classifier's as percentages
+    assert "| 0.6000 | 0.7000 |" in table and "%" not in table
+    assert "| 60.0% | 70.0% |" in markdown_table([summarize(_hand_rows())])
+
+
 def test_summarize_round_zero_only():
     # Prepare / Execute: a run with no training round
     s = summarize([_row(0, 0.25, [], [], None, 3.0, strategy="fedavg")])
