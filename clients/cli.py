@@ -23,6 +23,7 @@ from pathlib import Path
 from fedlora.data.readers import is_pattern, locate, reader_for
 from fedlora.errors import UserError, command
 from fedlora.job.flags import Parser
+from fedlora.job.schema import DATA_FORMS
 from fedlora.net.process import die_with_parent
 from fedlora.net.tls import (
     check_certificate,
@@ -41,8 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", required=True, help="the fedlora-server's HOST:PORT")
     data = p.add_argument_group("data (one of)")
-    data.add_argument("--data", type=Path, help="this client's training data: a .csv, .tsv, .jsonl(.gz) or"
-                      " .parquet file, or a datasets.save_to_disk folder")
+    data.add_argument("--data", type=Path, help=f"this client's training data: {DATA_FORMS}")
     data.add_argument("--partition-id", type=int, help="this client's share of the job's dataset")
     data.add_argument("--num-partitions", type=int, help="number of shares (with --partition-id)")
     data.add_argument("--client-id", type=int, default=None,

