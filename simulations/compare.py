@@ -30,6 +30,7 @@ from fedlora.simulations.cli import check_args as check_sim_args
 from fedlora.simulations.report import (
     COLUMNS,
     CSV_COLUMNS,
+    PERPLEXITY_PLOT,
     PLOT_FILES,
     TABLE_FILES,
     markdown_table,
@@ -198,7 +199,7 @@ def _clear(out: Path, plan: list[tuple[str, JobConfig]]) -> None:
             for label in gone:
                 for folder in (out / folder_name(label), out / "tensorboard" / folder_name(label)):
                     shutil.rmtree(folder, ignore_errors=True)
-    for name in TABLE_FILES + PLOT_FILES:
+    for name in (*TABLE_FILES, *PLOT_FILES, PERPLEXITY_PLOT):  # every plot an earlier comparison wrote
         (out / name).unlink(missing_ok=True)
     for label, _ in plan:
         for name in ("metrics.jsonl", "config.json"):

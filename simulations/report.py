@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-__all__ = ["COLUMNS", "CSV_COLUMNS", "PLOT_FILES", "TABLE_FILES", "human_bytes", "markdown_table", "plot",
-           "summarize", "write_table"]
+__all__ = ["COLUMNS", "CSV_COLUMNS", "PERPLEXITY_PLOT", "PLOT_FILES", "TABLE_FILES", "human_bytes",
+           "markdown_table", "plot", "summarize", "write_table"]
 
 # (summary key, Markdown header); the CSV uses the keys as its header, plus ``strategy``.
 COLUMNS = [

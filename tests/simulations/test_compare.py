@@ -224,10 +224,11 @@ def test_overwrite_removes_the_replaced_comparisons_runs_and_no_other_files(tmp_
         (out / "tensorboard" / run).mkdir(parents=True)
         (out / "tensorboard" / run / "events.out.tfevents.1").write_text("x")
     (out / "comparison.csv").write_text("run,strategy\nfedavg,fedavg\nflora-int8,flora\n")
+    (out / "perplexity_per_round.png").write_bytes(PNG_MAGIC)  # its runs were sft: a fourth plot
     (out / "notes.txt").write_text("mine\n")
     # Execute: a new comparison of fedavg alone replaces it (once its first run's job is set up)
     _clear(out, [("fedavg", JobConfig())])
     # Assert: the run it does not repeat is gone whole (it stood beside the new table), fedavg's rows go
-    # (its run writes them anew), the table goes, the user's file stays
+    # (its run writes them anew), the table and every plot go, the user's file stays
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         "notes.txt", "tensorboard/fedavg/events.out.tfevents.1"]
