@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(markdown_table([summarize(rows, label, walls[label]) for label, rows in runs.items()]))
         print(f"wrote {args.out / TABLE_FILES[0]}, {TABLE_FILES[1]} and the plots "
-              f"{', '.join(PLOT_FILES)}", file=sys.stderr)
+              f"{', '.join(p.name for p in plots)}", file=sys.stderr)
     return 0
 
 
