@@ -4,7 +4,8 @@ Every run uses the same model, data, partition, seed and round settings (the job
 ``fedlora-sim``); only the strategy, its default learning rate (unless ``--lr`` is given) and,
 for the ``--hetero-ranks`` runs, the per-client ranks differ. Each run is written by the
 simulator to ``OUT/<run>/`` (``metrics.jsonl``, ``config.json``, ``adapter/``); the comparison
-goes to ``OUT/comparison.md``, ``OUT/comparison.csv`` and three PNG plots.
+goes to ``OUT/comparison.md``, ``OUT/comparison.csv`` and three PNG plots (a fourth, of
+perplexity, where every run reports one: ``--task sft``).
 """
 
 from __future__ import annotations
