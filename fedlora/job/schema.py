@@ -92,8 +92,9 @@ class JobConfig:
     local_steps: int = option(10, "optimizer steps per client per round")
     batch_size: int = option(8, "examples per client per step (default 8; with --dp sample, the DP"
                              " recipe's)", flag_default=None)
-    lr: float = option(2e-3, "local AdamW learning rate (default: the strategy's, e.g. 1e-2 for"
-                       " fed-sb, which trains only the r×r cores, 2e-3 for fedavg)", flag_default=None)
+    lr: float = option(2e-3, "local learning rate (default: the strategy's, e.g. 1e-2 for fed-sb, which"
+                       " trains only the r×r cores, 2e-3 for fedavg; with --dp sample the DP recipe's"
+                       " 3e-3, fed-sb's 3e-2)", flag_default=None)
     rank: int = option(8, "LoRA rank")
     ranks: list[int] | None = option(None, "per-client ranks, cycled over clients (e.g. 4,8,16); for"
                                      " strategies that take heterogeneous ranks (flora, flexlora)",
