@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="this node's private key (its public key registered with the server)")
     p.add_argument("--runtime-port", type=int, default=None,
                    help="local port of the SuperNode's runtime API (default: a free one)")
-    p.add_argument("--poll", type=float, default=0.2, help="seconds between polls of the server")
+    p.add_argument("--poll", type=float, default=0.2,
+                   help="seconds between polls of the server (default %(default)s)")
     p.add_argument("--ledger-dir", type=Path, default=None,
                    help="where this client keeps its DP privacy ledger across restarts and resumed"
                         " runs (default ~/.cache/fedlora/ledgers)")

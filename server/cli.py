@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_argument(p)
     net = p.add_argument_group("network and security")
     net.add_argument("--host", default="127.0.0.1",
-                     help="address to listen on (0.0.0.0 for clients on other machines)")
-    net.add_argument("--port", type=int, default=8000, help="the SuperLink's HTTP(S) port")
+                     help="address to listen on (default %(default)s; 0.0.0.0 for clients on other machines)")
+    net.add_argument("--port", type=int, default=8000,
+                     help="the SuperLink's HTTP(S) port (default %(default)s)")
     net.add_argument("--ssl-certfile", type=Path, help="server certificate (PEM)")
     net.add_argument("--ssl-keyfile", type=Path, help="server private key (PEM)")
     net.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (PEM) clients verify")
@@ -53,13 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="OpenSSH EC public keys of the nodes allowed to join (turns on node auth)")
     rnd = p.add_argument_group("rounds and faults")
     rnd.add_argument("--round-timeout", type=float, default=600.0,
-                     help="seconds to wait for clients (to connect, and to reply) in a round")
+                     help="seconds to wait for clients (to connect, and to reply) in a round (default"
+                          " %(default)g)")
     rnd.add_argument("--min-replies", type=int, default=1,
-                     help="valid replies a round needs; fewer stops the run (resumable)")
+                     help="valid replies a round needs; fewer stops the run (resumable; default %(default)s)")
     rnd.add_argument("--max-update-norm", type=float, default=1e4,
-                     help="reject an uploaded tensor whose Frobenius norm exceeds this")
+                     help="reject an uploaded tensor whose Frobenius norm exceeds this (default %(default)g)")
     out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("runs/server"), help="output folder")
+    out.add_argument("--out", type=Path, default=Path("runs/server"),
+                     help="output folder (default %(default)s)")
     out.add_argument("--overwrite", action="store_true",
                      help="replace the results in an existing, non-empty --out folder")
     out.add_argument("--resume", type=Path, default=None, metavar="DIR",

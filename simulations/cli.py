@@ -76,7 +76,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                           " flower: Flower's simulation engine, one ClientApp call per client"
                           " (to check that both agree; needs flwr[simulation])")
     eng.add_argument("--client-cpus", type=int, default=1,
-                     help="--engine flower: CPUs reserved per client call (Ray client resources)")
+                     help="--engine flower: CPUs reserved per client call (Ray client resources; default"
+                          " %(default)s)")
     eng.add_argument("--client-gpus", type=float, default=0.0,
                      help="--engine flower: GPU fraction per client call (e.g. 0.1 on a GPU)")
 
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(p)
     add_attack_arguments(p)
     out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("runs/sim"), help="output folder")
+    out.add_argument("--out", type=Path, default=Path("runs/sim"), help="output folder (default %(default)s)")
     out.add_argument("--overwrite", action="store_true",
                      help="replace the results in an existing, non-empty --out folder")
     out.add_argument("--quiet", action="store_true",

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also run every selected strategy that allows per-client ranks (flora, flexlora)"
                            " with these ranks cycled over the clients, e.g. 4,8,16")
     out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
+    out.add_argument("--out", type=Path, default=Path("runs/compare"),
+                     help="output folder (default %(default)s)")
     out.add_argument("--overwrite", action="store_true",
                      help="replace the results in an existing, non-empty --out folder")
     out.add_argument("--quiet", action="store_true",

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--base", action="store_true",
                         help="also score the bare base model, first (it is scored alone without --adapter)")
     out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (eval.json)")
+    out.add_argument("--out", type=Path, default=Path("runs/eval"),
+                     help="output folder, for eval.json (default %(default)s)")
     out.add_argument("--overwrite", action="store_true",
                      help="replace the results in an existing, non-empty --out folder")
     out.add_argument("--quiet", action="store_true", help="no notes on stderr")

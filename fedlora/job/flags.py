@@ -23,6 +23,16 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def with_default(text: str, default: Any) -> str:
+    """A flag's help with its default at the end, ``rounds (default 3)``, unless the text says its
+    default itself, or the flag is required where it is read, or there is none to say (a switch, an
+    empty or unset value)."""
+    if ("default" in text or "required" in text or default is None or isinstance(default, bool)
+            or default in ("", [])):
+        return text
+    return f"{text} (default {default:g})" if isinstance(default, float) else f"{text} (default {default})"
+
+
 class Words(argparse.Action):
     """``nargs="+"`` over a closed set of names, given apart or joined by commas (``--track
     tensorboard,mlflow`` as ``--track tensorboard mlflow``, as a config file spells them)."""
@@ -52,7 +62,7 @@ def add_job_arguments(p: argparse.ArgumentParser, *, num_clients_help: str = "cl
             continue
         default = f.default if f.default is not MISSING else f.default_factory()
         text = num_clients_help if f.name == "num_clients" else meta["help"]
-        kwargs: dict[str, Any] = {"help": text.replace("%", "%%"),  # argparse formats help with %
+        kwargs: dict[str, Any] = {"help": with_default(text, default).replace("%", "%%"),  # argparse's %
                                   "default": default if meta["flag_default"] is MISSING
                                   else meta["flag_default"]}
         if only is not None and f.name not in only:

@@ -125,6 +125,24 @@ def test_every_cli_prints_its_help(module, capsys):
     assert ("--secagg" in out) is not module.endswith("clients.cli")  # a job flag, not a client's
 
 
+def test_a_job_flags_help_ends_with_its_default_unless_it_says_it(capsys):
+    # Execute
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse's line breaks undone
+    # Assert: the defaults a user could not see (fedlora-server's --num-clients has its own help, and its
+    # own flags say theirs); a help that says its default, a required value and a switch get nothing more
+    for says in ("federated rounds (default 3)", "clients to wait for and train in each round (default 10)",
+                 "LoRA α (scale α / r) (default 16)", "Dirichlet concentration (default 0.5)",
+                 "δ; must be below 1/(a client's examples) for --dp sample, 1/(clients) for client (default"
+                 " 1e-05)", "aggregation strategy (default fedavg)", "HTTP(S) port (default 8000)",
+                 "in a round (default 600)", "output folder (default runs/server)"):
+        assert says in out
+    assert "tokens per example (default 64; --task sft: derived" in out and "and printed) (default" not in out
+    assert "privacy budget ε (required with --dp) --delta" in out
+    assert "the client's next upload (default" not in out  # --no-error-feedback, a switch
+
+
 @pytest.mark.parametrize("field", ["lr", "lora_alpha", "weight_decay", "alpha", "norm_bound", "server_lr",
                                    "epsilon", "update_clip", "max_grad_norm", "secagg_range"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
