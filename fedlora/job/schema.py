@@ -283,7 +283,7 @@ class JobConfig:
                              metavar="N")
     save_every: int = option(0, "also export the global adapter after every N-th round, to"
                              " OUT/adapters/round-N (0: only the final one, to OUT/adapter), for"
-                             " fedlora-eval to score each round's", group="data and model", metavar="N")
+                             " fedlora-eval to score each round's model", group="data and model", metavar="N")
     max_new_tokens: int = option(0, "--task sft: tokens generated per answer (0: the longest reference"
                                  " answer's, plus the end of turn)", group="LLM fine-tuning")
     fewshot: int = option(0, "--task sft: lead each held-out prompt with N other held-out examples and"
