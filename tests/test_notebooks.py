@@ -59,4 +59,9 @@ def test_notebook_executes(name, tmp_path, request):
     errors = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
               if out.output_type == "error"]
     assert not errors
+    # what a reader sees on stderr: fedlora's notes, no library's warnings (tqdm's "IProgress not found",
+    # bitsandbytes' missing CPU kernel)
+    stderr = "".join(out.text for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+                     if out.output_type == "stream" and out.name == "stderr")
+    assert "warning" not in stderr.lower(), stderr
     assert any(tmp_path.iterdir()), "the notebook wrote nothing under TMPDIR"
