@@ -115,9 +115,12 @@ def _read_gguf(path: Path):
     with quiet():
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+            loaded, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                ignore_mismatched_sizes=True,
+                                                                output_loading_info=True)
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a bad file
             raise UserError(f"transformers cannot load {path.name}: {first_line(exc)}") from exc
+    _check_gguf_weights(path, loaded.config.model_type, info)
     # transformers marks a GGUF model as quantized (not saveable): rebuild it from its config
     values = loaded.config.to_dict()
     values.pop("quantization_config", None)
@@ -127,6 +130,26 @@ def _read_gguf(path: Path):
     model.load_state_dict(loaded.state_dict(), assign=True)
     model.tie_weights()
     return model, tokenizer
+
+
+def _check_gguf_weights(path: Path, kind: str, info: dict) -> None:
+    """Refuse GGUF file ``path`` where its tensors do not fill transformers' ``kind`` model built from its
+    metadata (``info``: the load's ``missing_keys`` and ``mismatched_keys``): transformers would draw
+    the weights the file lacks, or holds in another shape, at random, and the model would be garbage."""
+    def shape(size) -> str:
+        return "×".join(str(n) for n in size)
+
+    where = f"transformers cannot load {path.name}: transformers' {kind!r} model built from its metadata"
+    fix = "transformers' GGUF reader does not read this file: pass the model's transformers folder instead"
+    if info.get("mismatched_keys"):
+        key, found, wanted = sorted(info["mismatched_keys"])[0]
+        count = len(info["mismatched_keys"])
+        raise UserError(f"{where} has {key} of shape {shape(wanted)}, the file's is {shape(found)}"
+                        f" ({count} tensor{'s differ' if count > 1 else ' differs'}); {fix}")
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise UserError(f"{where} has {missing[0]}, which the file lacks ({len(missing)} missing, that would"
+                        f" be drawn at random); {fix}")
 
 
 def cached_snapshot(repo_id: str) -> Path | None:

@@ -1,0 +1,58 @@
+"""--model x.gguf beyond SmolLM2: tiny GGUF files of other tensor types, tokenizers and metadata
+(:mod:`tests.fedlora.gguf_files`), dequantized into the cache, or refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlora.errors import UserError
+from fedlora.models.hub import load_model, resolve_model_path
+from tests.fedlora.gguf_files import tiny_llama, write_llama_gguf
+
+pytest.importorskip("gguf")
+
+IDS = torch.tensor([[1, 50, 60, 70, 2]])
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty fedlora cache of this test (``FEDLORA_CACHE_DIR``)."""
+    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "models"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_gguf_loads_as_the_model_it_was_written_from(tied, cache, tmp_path):
+    # Prepare: a tiny LLaMA, its head tied to the embeddings or its own (an output.weight tensor)
+    model = tiny_llama(tie_word_embeddings=tied)
+    path = write_llama_gguf(tmp_path / "tiny.gguf", model)
+    # Execute: fedlora's load of the file (dequantized into the cache)
+    loaded, tok, folder, _ = load_model(str(path), "causal-lm")
+    # Assert: the same logits, the head as the file has it, the file's special tokens
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits)
+    head, embeddings = loaded.get_output_embeddings().weight, loaded.get_input_embeddings().weight
+    assert (head.data_ptr() == embeddings.data_ptr()) is tied and loaded.dtype == torch.float32
+    assert folder.parent == cache and (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
+
+
+def test_a_gguf_whose_tensors_do_not_fit_its_metadata_is_refused_naming_the_tensor(cache, tmp_path):
+    # Prepare: the metadata's feed-forward width (256) is not its tensors' (128), as a file whose
+    # shapes transformers' reader does not take (Qwen3's head_dim, GPT-2's n_positions) reads
+    wide = write_llama_gguf(tmp_path / "wide.gguf", extra={"llama.feed_forward_length": 256})
+    # Execute, Assert: refused in one line naming the first tensor and both shapes; nothing cached
+    with pytest.raises(UserError, match=r"^transformers cannot load wide\.gguf: transformers' 'llama'"
+                       r" model built from its metadata has model\.layers\.0\.mlp\.down_proj\.weight of"
+                       r" shape 64×256, the file.s is 64×128 \(6 tensors differ\); transformers"):
+        resolve_model_path(str(wide))
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_a_gguf_without_a_tensor_of_its_model_is_refused_not_drawn_at_random(cache, tmp_path):
+    # Prepare: a file without block 1's down projection
+    short = write_llama_gguf(tmp_path / "short.gguf", skip=("blk.1.ffn_down.weight",))
+    # Execute, Assert: refused in one line naming it (transformers would have drawn it at random)
+    with pytest.raises(UserError, match=r"^transformers cannot load short\.gguf: .* has"
+                       r" model\.layers\.1\.mlp\.down_proj\.weight, which the file lacks \(1 missing"):
+        resolve_model_path(str(short))
