@@ -106,20 +106,32 @@ def gguf_folder(path: Path) -> Path:
     if (folder / "config.json").is_file():
         return folder
     t0 = time.perf_counter()
-    model, tokenizer = _read_gguf(path, scaling)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=folder.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)
-    except OSError:
-        if not (folder / "config.json").is_file():  # not another process's copy: a real failure
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _save(*_read_gguf(path, scaling), folder, path.name)
     say(f"dequantized {path.name} in {time.perf_counter() - t0:.0f} s, once: cached in {folder}")
     return folder
+
+
+def _save(model, tokenizer, folder: Path, name: str) -> None:
+    """Save ``model`` and ``tokenizer`` as ``folder``: written beside it and renamed into place, so the
+    cache never holds a folder half written (one without ``config.json`` there is replaced), or a
+    failure, such as a full disk, refused in one line (GGUF file ``name``'s)."""
+    tmp = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=folder.parent))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            shutil.rmtree(folder)  # not renamed into place by this function, whose folders are whole
+        os.replace(tmp, folder)
+    except OSError as exc:
+        if not (folder / "config.json").is_file():  # not another process's copy: a real failure
+            size = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+            raise UserError(f"cannot cache {name} dequantized in {str(folder.parent)!r} ({first_line(exc)}):"
+                            f" set FEDLORA_CACHE_DIR to a writable folder with {size:.1f} GB free") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rope_scaling(path: Path) -> dict:

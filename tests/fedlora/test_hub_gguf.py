@@ -113,3 +113,31 @@ def test_a_gguf_with_per_frequency_rope_factors_says_they_are_not_read(cache, tm
     # Assert: one line says the model is loaded without them
     assert ("fedlora: llama3.gguf scales its rotary positions (tensors rope_freqs), which transformers' GGUF"
             " reader does not read: the model is loaded without it") in capsys.readouterr().err
+
+
+def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    # Prepare: FEDLORA_CACHE_DIR names a file, as a cache on a full or read-only disk fails to write
+    path = write_llama_gguf(tmp_path / "tiny.gguf")
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path / "cache"))
+    # Execute, Assert: refused in one line saying where and what room it needs (the tiny model's fp32
+    # weights take under 1 MB: 0.0 GB)
+    with pytest.raises(UserError, match=r"^cannot cache tiny\.gguf dequantized in '.*/cache/models' \(.*Not a"
+                       r" directory.*\): set FEDLORA_CACHE_DIR to a writable folder with 0\.0 GB free$"):
+        resolve_model_path(str(path))
+
+
+def test_a_cache_folder_left_without_its_config_is_replaced(cache, tmp_path):
+    # Prepare: the file's cache folder holds a stray file and no config.json (not one fedlora renamed
+    # into place: each of those is whole)
+    from fedlora.models.gguf_cache import gguf_cache
+
+    path = write_llama_gguf(tmp_path / "tiny.gguf")
+    folder = gguf_cache(path)
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors.tmp").write_bytes(b"partial")
+    # Execute: the load
+    assert resolve_model_path(str(path)) == folder
+    # Assert: the folder is the dequantized model's, whole
+    assert (folder / "config.json").is_file() and not (folder / "model.safetensors.tmp").exists()
+    assert [p.name for p in cache.iterdir()] == [folder.name]
