@@ -163,12 +163,14 @@ def rope_scaling(path: Path) -> dict:
 
 def _read_gguf(path: Path, scaling: dict):
     """``(model, tokenizer)`` dequantized from ``path``, as a plain (saveable) fp32 model, its rotary
-    positions scaled as ``scaling`` adds (:func:`rope_scaling`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    positions scaled as ``scaling`` adds (:func:`rope_scaling`). fp32 whatever the file's float type:
+    transformers would load an architecture its newer reader takes (LFM2, Qwen3.5) in it, an F16
+    file's fp32 norms rounded, and the cached folder, the base a PEFT load of the export names, in fp16."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     tokenizer = from_gguf(path, AutoTokenizer)
-    loaded, info = from_gguf(path, AutoModelForCausalLM, ignore_mismatched_sizes=True,
-                              output_loading_info=True)
+    loaded, info = from_gguf(path, AutoModelForCausalLM, dtype=torch.float32, ignore_mismatched_sizes=True,
+                             quantization_config=GgufConfig(dequantize=True), output_loading_info=True)
     _check_gguf_weights(path, loaded.config.model_type, info)
     # transformers marks a GGUF model as quantized (not saveable): rebuild it from its config
     values = loaded.config.to_dict()

@@ -141,3 +141,21 @@ def test_a_cache_folder_left_without_its_config_is_replaced(cache, tmp_path):
     # Assert: the folder is the dequantized model's, whole
     assert (folder / "config.json").is_file() and not (folder / "model.safetensors.tmp").exists()
     assert [p.name for p in cache.iterdir()] == [folder.name]
+
+
+def test_an_f16_gguf_of_transformers_newer_reader_is_cached_in_fp32_with_its_fp32_norms(cache, tmp_path):
+    # Prepare: an LFM2 (read by transformers' newer GGUF reader, which loads a file in its own float
+    # type) with F16 matrices and F32 norms, as llama.cpp writes an F16 file
+    from transformers import AutoModelForCausalLM
+
+    from tests.fedlora.gguf_files import write_lfm2_gguf
+
+    model, path = write_lfm2_gguf(tmp_path / "lfm2.gguf", "F16")
+    # Execute: the load, and a plain transformers load of the cached folder (the base a PEFT load names)
+    folder = resolve_model_path(str(path))
+    plain = AutoModelForCausalLM.from_pretrained(folder)
+    # Assert: fp32, the norms exactly the file's, the matrices within F16's rounding
+    assert plain.dtype == torch.float32 and type(plain).__name__ == "Lfm2ForCausalLM"
+    assert torch.equal(plain.model.embedding_norm.weight, model.model.embedding_norm.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(IDS).logits, model(IDS).logits, atol=2e-3, rtol=0)
