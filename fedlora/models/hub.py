@@ -30,7 +30,7 @@ from torch import nn
 
 from fedlora.errors import UserError, first_line, say, warn_once
 from fedlora.models.context import context_length
-from fedlora.models.gguf_cache import SMOLLM2, from_gguf, gguf_cache, gguf_folder, gguf_source
+from fedlora.models.gguf_cache import SMOLLM2, current, from_gguf, gguf_cache, gguf_folder, gguf_source
 from fedlora.models.lora import is_quantized
 from fedlora.models.model import HEAD_NAMES
 from fedlora.models.quantize import check_quantized, quantization_config, quantize_skips, require_bitsandbytes
@@ -148,7 +148,7 @@ def read_tokenizer_config(name: str) -> tuple[object, object]:
     from transformers import AutoConfig, AutoTokenizer
 
     source = gguf_source(name)
-    if source is not None and not (gguf_cache(source) / "config.json").is_file():
+    if source is not None and not current(gguf_cache(source)):
         tokenizer = from_gguf(source, AutoTokenizer)
         tokenizer.padding_side = "right"   # as _read_tokenizer reads the dequantized folder's
         return tokenizer, from_gguf(source, AutoConfig)

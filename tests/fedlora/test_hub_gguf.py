@@ -127,19 +127,26 @@ def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
         resolve_model_path(str(path))
 
 
-def test_a_cache_folder_left_without_its_config_is_replaced(cache, tmp_path):
-    # Prepare: the file's cache folder holds a stray file and no config.json (not one fedlora renamed
-    # into place: each of those is whole)
+@pytest.mark.parametrize("left", ["stray", "earlier"])
+def test_a_cache_folder_not_marked_whole_by_this_fedlora_is_redone(left, cache, tmp_path):
+    # Prepare: the file's cache folder holds a stray file and no config.json, or what an earlier fedlora
+    # cached there (a config.json, no fedlora_gguf.json: here a wrong one), which may lack what this one
+    # reads from the file (rope scaling) or hold fp16 weights
+    import json
+
     from fedlora.models.gguf_cache import gguf_cache
 
     path = write_llama_gguf(tmp_path / "tiny.gguf")
     folder = gguf_cache(path)
     folder.mkdir(parents=True)
-    (folder / "model.safetensors.tmp").write_bytes(b"partial")
+    (folder / ("model.safetensors.tmp" if left == "stray" else "config.json")).write_text("{}")
     # Execute: the load
     assert resolve_model_path(str(path)) == folder
-    # Assert: the folder is the dequantized model's, whole
-    assert (folder / "config.json").is_file() and not (folder / "model.safetensors.tmp").exists()
+    # Assert: the folder is the dequantized model's, whole and marked so
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+    assert json.loads((folder / "fedlora_gguf.json").read_text()) == {"format": 2, "gguf": "tiny.gguf"}
+    names = {p.name for p in folder.iterdir()}
+    assert "model.safetensors" in names and "model.safetensors.tmp" not in names
     assert [p.name for p in cache.iterdir()] == [folder.name]
 
 
