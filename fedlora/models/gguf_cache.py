@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedlora.errors import UserError, first_line, say, warn_once
@@ -153,18 +154,24 @@ def _save(model, tokenizer, folder: Path, name: str) -> None:
 def rope_scaling(path: Path) -> dict:
     """The rotary-position scaling GGUF file ``path`` declares, which transformers' reader does not read:
     llama.cpp's ``linear`` and ``yarn`` (``{arch}.rope.scaling.*``, as its converter writes transformers'
-    ``rope_parameters``) as the fields to add to them; per-frequency factors (LLaMA-3's
-    ``rope_freqs``, Phi-3's ``rope_factors_*`` tensors) or another type, which transformers has no
-    field for, are said in one line (the model is loaded without them)."""
+    ``rope_parameters``) as the fields to add to them, and LLaMA-3's ``rope_freqs`` tensor where
+    :func:`_llama3` finds its parameters; other per-frequency factors (Phi-3's ``rope_factors_*``)
+    or another type, which transformers has no field for, are said in one line (the model is loaded
+    without them)."""
     from transformers.integrations.gguf import read_gguf_metadata
 
     try:
         metadata, tensors = read_gguf_metadata(str(path))
     except Exception:  # noqa: BLE001 - not a GGUF file: transformers' load says so in one line
         return {}
-    key = f"{metadata['general.architecture']}.rope.scaling."
+    arch = metadata["general.architecture"]
+    key = f"{arch}.rope.scaling."
     kind = metadata.get(key + "type", "none")
     dropped = [t.removesuffix(".weight") for t in tensors if t in ROPE_TENSORS]
+    if dropped == ["rope_freqs"] and kind == "none":
+        llama3 = _llama3(path, metadata.get(f"{arch}.rope.freq_base", 10000.0))
+        if llama3:
+            return llama3
     if dropped or kind not in ("none", *ROPE_FIELDS):
         what = f"tensors {', '.join(dropped)}" if dropped else f"{key}type {kind!r}"
         warn_once(f"{path.name} scales its rotary positions ({what}), which transformers' GGUF reader does"
@@ -175,6 +182,27 @@ def rope_scaling(path: Path) -> dict:
     fields = {name: metadata[key + field] for name, field in ROPE_FIELDS[kind].items()
               if key + field in metadata}
     return {"rope_type": kind, **fields}
+
+
+def _llama3(path: Path, theta: float) -> dict | None:
+    """LLaMA-3's ``rope_parameters`` (``llama3``: the published 1 and 4 low and high frequency factors
+    and 8,192 original positions, its ``factor`` the largest) where they give GGUF file ``path``'s
+    per-frequency factors (``rope_freqs``, as llama.cpp's converter computes them from those
+    parameters) to 1e-5, else None."""
+    from gguf import GGUFReader
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    found = next(t for t in GGUFReader(path).tensors if t.name == "rope_freqs.weight")
+    factors = torch.from_numpy(np.array(found.data, dtype=np.float32)).flatten()
+    fields = {"rope_type": "llama3", "factor": factors.max().item(), "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    dim = 2 * len(factors)
+    config = LlamaConfig(hidden_size=dim, num_attention_heads=1, head_dim=dim,
+                         rope_parameters={**fields, "rope_theta": theta})
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    return fields if torch.allclose(plain / scaled, factors, rtol=1e-5, atol=0) else None
 
 
 def _read_gguf(path: Path, scaling: dict):

@@ -105,8 +105,29 @@ def test_a_gguf_keeps_the_rope_scaling_its_metadata_declares(kind, fields, cache
     assert loaded.config.rope_parameters == {"rope_type": kind, "rope_theta": 10000.0, **fields}
 
 
+def test_a_gguf_with_llama3_rope_frequencies_keeps_them(cache, tmp_path):
+    # Prepare: a LLaMA-3.1-style model (factor 8, low and high frequency factors 1 and 4, 8,192
+    # original positions) and its rope_freqs as llama.cpp's converter computes them: head dim 16,
+    # wavelengths 2π·10000^(i/16) for i = 0, 2, ..., 14: those under 8192/4 keep 1, 19,869 > 8192
+    # takes the factor 8, and 6,283 between takes 1 / ((1 - s)/8 + s), s = (8192/6283 - 1)/(4 - 1)
+    import math
+
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    model = tiny_llama(rope_parameters={**llama3, "rope_theta": 10000.0})
+    smooth = (8192 / (2 * math.pi * 10000 ** (12 / 16)) - 1) / 3
+    factors = [1.0] * 6 + [1 / ((1 - smooth) / 8 + smooth), 8.0]
+    path = write_llama_gguf(tmp_path / "llama3.gguf", model, tensors={"rope_freqs.weight": factors})
+    # Execute: fedlora's load
+    loaded, *_ = load_model(str(path), "causal-lm")
+    # Assert: LLaMA-3's rope, and its model's logits
+    assert loaded.config.rope_parameters == {**llama3, "rope_theta": 10000.0}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits)
+
+
 def test_a_gguf_with_per_frequency_rope_factors_says_they_are_not_read(cache, tmp_path, capsys):
-    # Prepare: LLaMA-3's rope_freqs tensor (one factor per frequency), which transformers has no field for
+    # Prepare: a rope_freqs tensor (one factor per frequency) that LLaMA-3's parameters do not give
     path = write_llama_gguf(tmp_path / "llama3.gguf", tensors={"rope_freqs.weight": [1.0] * 4 + [8.0] * 4})
     # Execute: the load
     resolve_model_path(str(path))
