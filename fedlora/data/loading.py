@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,11 +232,16 @@ def split(ds: TextDataset, test_fraction: float, seed: int) -> tuple[TextDataset
 
 
 def partition(ds: TextDataset, num_clients: int, method: str, alpha: float,
-              seed: int) -> list[list[int]]:
+              seed: int, clients: Sequence[int] | None = None) -> list[list[int]]:
     """Indices of each client's examples: flwr-datasets' IID or Dirichlet partitioner (each class
     split over the clients by ``Dir(α)``), :func:`dirichlet_clients` (each client's label mix drawn
     from ``Dir(α)``, equal sizes), or :func:`natural` (a client per group). The classes are the
-    examples' ``groups`` (``--partition-column``) where they have them, else their labels."""
+    examples' ``groups`` (``--partition-column``) where they have them, else their labels.
+
+    ``clients``: only these clients' indices, in that order (default: every client's). A deployed
+    client reads its own share so, without loading the other ``num_clients - 1`` partitions (about a
+    millisecond each through flwr-datasets: seconds per message for thousands of clients)."""
+    wanted = range(num_clients) if clients is None else clients
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
@@ -244,11 +250,11 @@ def partition(ds: TextDataset, num_clients: int, method: str, alpha: float,
     if num_clients > len(ds):
         raise UserError(f"{num_clients} clients but only {len(ds)} training examples")
     if method == "natural":
-        return natural(ds.groups or [], num_clients)
+        return _pick(natural(ds.groups or [], num_clients), wanted)
     classes = ds.labels if ds.groups is None else _numbered(ds.groups)
     table = Dataset.from_dict({"idx": list(range(len(ds))), "label": classes or [0] * len(ds)})
     if method == "iid":
-        return _load(IidPartitioner(num_partitions=num_clients), table, num_clients)
+        return _load(IidPartitioner(num_partitions=num_clients), table, wanted)
     if classes is None:
         what = " (its targets are scores, not classes)" if ds.targets is not None else ""
         raise UserError(f"--partition {method} splits by the labels, and this data has none{what}: use"
@@ -257,12 +263,12 @@ def partition(ds: TextDataset, num_clients: int, method: str, alpha: float,
     if alpha <= 0:
         raise UserError(f"--alpha must be > 0, got {alpha}")
     if method == "dirichlet-clients":
-        return dirichlet_clients(classes, num_clients, alpha, seed)
+        return _pick(dirichlet_clients(classes, num_clients, alpha, seed), wanted)
     error: Exception | None = None
     for size in dict.fromkeys([max(1, min(10, len(ds) // (4 * num_clients))), 1]):
         try:  # a minimum share per client first; then any non-empty share
             return _load(DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=alpha,
-                                              min_partition_size=size, seed=seed), table, num_clients)
+                                              min_partition_size=size, seed=seed), table, wanted)
         except ValueError as exc:
             error = exc
     raise UserError(f"cannot partition {len(ds)} examples into {num_clients} clients with"
@@ -323,11 +329,17 @@ def dirichlet_clients(labels: list[int], num_clients: int, alpha: float, seed: i
     return out
 
 
-def _load(part, table, num_clients: int) -> list[list[int]]:
-    """Each client's indices from flwr-datasets' partitioner ``part``, without its warnings (the
-    Dirichlet partitioner warns at every draw it retries, a dozen long lines even under --quiet;
-    a partition it cannot make is refused by :func:`partition` in one line)."""
+def _pick(parts: list[list[int]], clients: Sequence[int]) -> list[list[int]]:
+    """The partitions of ``clients`` among every client's ``parts``."""
+    return [parts[c] for c in clients]
+
+
+def _load(part, table, clients: Sequence[int]) -> list[list[int]]:
+    """The indices of ``clients`` from flwr-datasets' partitioner ``part`` (each partition loaded
+    alone), without its warnings (the Dirichlet partitioner warns at every draw it retries, a dozen
+    long lines even under --quiet; a partition it cannot make is refused by :func:`partition` in one
+    line)."""
     part.dataset = table
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=r"flwr_datasets(\.|$)")
-        return [list(part.load_partition(i)["idx"]) for i in range(num_clients)]
+        return [list(part.load_partition(i)["idx"]) for i in clients]

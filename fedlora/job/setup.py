@@ -124,11 +124,11 @@ def client_share(cfg: JobConfig, partition_id: int, num_partitions: int) -> Text
         raise UserError(f"--num-partitions {num_partitions} differs from the server's --num-clients"
                         f" {cfg.num_clients}: pass --num-partitions {cfg.num_clients}, so the shares are"
                         " the job's")
+    if not 0 <= partition_id < num_partitions:
+        raise UserError(f"partition-id {partition_id} is not in 0..{num_partitions - 1}")
     train = training_data(cfg)
-    parts = partition(train, num_partitions, cfg.partition, cfg.alpha, cfg.seed)
-    if not 0 <= partition_id < len(parts):
-        raise UserError(f"partition-id {partition_id} is not in 0..{len(parts) - 1}")
-    return train.subset(parts[partition_id])
+    [mine] = partition(train, num_partitions, cfg.partition, cfg.alpha, cfg.seed, clients=[partition_id])
+    return train.subset(mine)
 
 
 def personal_split(cfg: JobConfig, client: int, n: int) -> tuple[list[int], list[int]]:

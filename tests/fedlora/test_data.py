@@ -336,3 +336,29 @@ def test_labels_are_numbered_as_a_fine_tuned_head_numbers_them(tiny_bert_dir, tm
     rows = zip(train.texts + test.texts, train.labels + test.labels, strict=True)
     assert sorted(rows) == [("a", 1), ("b", 0), ("c", 1), ("d", 0)]
     assert "labels numbered as the head of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["iid", "dirichlet"])
+def test_a_clients_share_loads_its_own_partition_alone(tiny_csv, monkeypatch, method):
+    # Prepare: 20 clients; count flwr-datasets' partition loads (about 1 ms each: a deployed or Ray
+    # client that loaded every partition to keep one spent seconds per message with thousands of clients)
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    from fedlora.job.schema import JobConfig
+    from fedlora.job.setup import client_share, training_data
+
+    loaded = []
+    for cls in (IidPartitioner, DirichletPartitioner):
+        real = cls.load_partition
+        monkeypatch.setattr(cls, "load_partition",
+                            lambda self, i, real=real: loaded.append(i) or real(self, i))
+    cfg = JobConfig(data=str(tiny_csv), num_clients=20, partition=method, alpha=10.0)
+    # Execute
+    share = client_share(cfg, 7, 20)
+    one = list(loaded)
+    every = partition(training_data(cfg), 20, method, 10.0, cfg.seed)
+    # Assert: client 7's partition alone was loaded, and it is the one of the whole partition
+    assert one == [7]
+    train = training_data(cfg)
+    assert share.texts == [train.texts[i] for i in every[7]]
+    assert partition(train, 20, method, 10.0, cfg.seed, clients=[7, 3]) == [every[7], every[3]]
