@@ -20,7 +20,7 @@ from fedlora.models.state import (
     upload_from_tensors,
     upload_tensors,
 )
-from fedlora.privacy.accounting import Budget
+from fedlora.privacy.accounting import Budget, ClientBudgets
 from fedlora.rounds.compress import pack, relative_error
 from fedlora.rounds.coordinator import Coordinator
 from fedlora.rounds.transport import Replies
@@ -52,7 +52,7 @@ class BatchedTransport:
 
     def __init__(self, job, coord: Coordinator, on_step: Callable[[int], None] | None = None) -> None:
         self.job, self.coord, self.on_step = job, coord, on_step
-        self.budgets: list[Budget] | None = job.budgets
+        self.budgets: ClientBudgets | None = job.budgets
         for c, steps in coord.ledgers.items():  # a resumed run: the steps each client had taken
             self.budgets[c].steps = steps
 
@@ -103,7 +103,7 @@ class BatchedTransport:
                 coord.personal.update({c: extract_kept(job.fm, k) for k, c in enumerate(chunk)})
         uploads, up, report = self._compressed(clients, uploads)
         if self.budgets is not None:  # kept with the checkpoint, as the personal factors are
-            coord.ledgers = {c: b.steps for c, b in enumerate(self.budgets) if b.steps}
+            coord.ledgers = {c: b.steps for c, b in self.budgets.made.items() if b.steps}  # the clients read
         return Replies(list(clients), uploads, up, down, losses, self._privacy(clients), report=report)
 
     def _compressed(self, clients: list[int], uploads: list[ClientUpload]

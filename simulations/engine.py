@@ -22,7 +22,7 @@ from fedlora.models.hub import resolve_model_path
 from fedlora.models.model import FederatedModel
 from fedlora.plan.memory import MemoryPlan, default_response_tokens, plan_memory
 from fedlora.plan.shape import build_shape
-from fedlora.privacy.accounting import Budget, sample_budgets
+from fedlora.privacy.accounting import ClientBudgets, sample_budgets
 from fedlora.rounds import loop
 from fedlora.rounds.build import make_strategy
 from fedlora.rounds.coordinator import Coordinator
@@ -51,7 +51,7 @@ class Job:
     samplers: list[ClientSampler]
     model_path: str
     label_names: list[str]
-    budgets: list[Budget] | None = None  # --dp sample: one privacy ledger per client
+    budgets: ClientBudgets | None = None  # --dp sample: one privacy ledger per client
     personal: list[object] | None = None  # --personal-test-fraction: each client's own test set
     public: dict[str, torch.Tensor] | None = None  # --init-data, encoded
 

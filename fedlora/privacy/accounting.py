@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +64,13 @@ def calibrate(epsilon: float, delta: float, sample_rate: float, steps: int) -> f
     except ValueError as exc:
         raise UserError(f"ε={epsilon:g} cannot be met with δ={delta:g} over {steps} steps at sampling"
                         f" rate {sample_rate:.3g}: {exc}; raise --epsilon or lower the steps") from None
+
+
+@functools.lru_cache(maxsize=1024)
+def planned_sigma(epsilon: float, delta: float, sample_rate: float, steps: int, sigma: float = 0.0) -> float:
+    """``sigma`` where given (> 0), else :func:`calibrate`'s, once per process for each rate (a Ray
+    actor of ``--engine flower`` rebuilds many clients of the same few rates)."""
+    return sigma if sigma > 0 else calibrate(epsilon, delta, sample_rate, steps)
 
 
 def spent(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
@@ -127,8 +135,8 @@ class Budget:
     def planned(cls, epsilon: float, delta: float, sample_rate: float, steps: int,
                 sigma: float = 0.0) -> Budget:
         """A budget whose σ is calibrated to spend ``ε`` in exactly ``steps`` (or the given σ)."""
-        sigma = sigma if sigma > 0 else calibrate(epsilon, delta, sample_rate, steps)
-        return cls(sigma=sigma, sample_rate=sample_rate, delta=delta, epsilon=epsilon)
+        return cls(sigma=planned_sigma(epsilon, delta, sample_rate, steps, sigma), sample_rate=sample_rate,
+                   delta=delta, epsilon=epsilon)
 
     def epsilon_after(self, steps: int) -> float:
         if steps not in self._cache:
@@ -167,13 +175,13 @@ def check_delta(delta: float, smallest: int, what: str) -> None:
                         f" pass --delta smaller than {1 / smallest:.3g}")
 
 
-def sample_budgets(cfg, sizes: list[int], init_releases: int, model=None) -> list[Budget]:
+def sample_budgets(cfg, sizes: list[int], init_releases: int, model=None) -> ClientBudgets:
     """One DP-SGD :class:`Budget` per client of ``--dp sample`` (``sizes``: examples per client).
 
     Client k samples at ``q_k = min(1, batch_size / n_k)`` and plans
     ``rounds × local_steps`` steps, plus ``init_batches`` per initialisation phase on the clients'
     data (``init_releases``, the strategy's); its σ_k is ``--noise-multiplier`` or calibrated to
-    ``(ε, δ)`` over those steps.
+    ``(ε, δ)`` over those steps, when its budget is first read (:class:`ClientBudgets`).
     """
     check_delta(cfg.delta, min(sizes), "the smallest client's examples")
     if model is not None:
@@ -182,16 +190,41 @@ def sample_budgets(cfg, sizes: list[int], init_releases: int, model=None) -> lis
             raise UserError(f"--dp sample needs per-example gradients, but {why}; use a model"
                             " without batch normalisation, or --dp client")
     init = cfg.init_batches * init_releases
-    steps = cfg.rounds * cfg.local_steps + init
-    sigmas: dict[float, float] = {}
-    out = []
-    for n in sizes:
-        q = min(1.0, cfg.batch_size / n)
-        if q not in sigmas:
-            sigmas[q] = Budget.planned(cfg.epsilon, cfg.delta, q, steps, cfg.noise_multiplier).sigma
-        out.append(Budget(sigma=sigmas[q], sample_rate=q, delta=cfg.delta, epsilon=cfg.epsilon))
-        out[-1].refuse_costly_init(init, f"{init} batches")
-    return out
+    budgets = ClientBudgets(cfg, sizes, cfg.rounds * cfg.local_steps + init)
+    if init:  # the smallest client samples at the largest rate: the others spend less on the same σ
+        budgets[int(np.argmin(sizes))].refuse_costly_init(init, f"{init} batches")
+    return budgets
+
+
+class ClientBudgets(Sequence[Budget]):
+    """``--dp sample``'s :class:`Budget` of each client, made when it is first read: calibrating a
+    client's σ to its own sampling rate takes seconds, and a run samples few of many clients (1,000
+    clients of as many sizes took many minutes to set up when every σ was calibrated first).
+
+    Parameters
+    ----------
+    cfg : JobConfig
+        ``batch_size``, ``epsilon``, ``delta`` and ``noise_multiplier`` (0: calibrate).
+    sizes : list of int
+        Examples of each client.
+    steps : int
+        Steps each client plans (σ is calibrated to spend ε over them).
+    """
+
+    def __init__(self, cfg, sizes: Sequence[int], steps: int) -> None:
+        self.cfg, self.sizes, self.steps = cfg, list(sizes), steps
+        self.made: dict[int, Budget] = {}  # the budgets read so far, by client
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, client: int) -> Budget:
+        client = range(len(self.sizes))[client]  # IndexError past the clients, as a list's
+        if client not in self.made:
+            cfg, q = self.cfg, min(1.0, self.cfg.batch_size / self.sizes[client])
+            sigma = planned_sigma(cfg.epsilon, cfg.delta, q, self.steps, cfg.noise_multiplier)
+            self.made[client] = Budget(sigma=sigma, sample_rate=q, delta=cfg.delta, epsilon=cfg.epsilon)
+        return self.made[client]
 
 
 def is_per_sample_safe(model: nn.Module) -> str | None:

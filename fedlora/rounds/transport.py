@@ -15,6 +15,7 @@ one file implementing this protocol.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -59,7 +60,7 @@ class Transport(Protocol):
     stateless : bool
         Whether clients keep nothing between rounds (Flower's simulation engine): the coordinator
         then re-sends folds and shared factors every round.
-    budgets : list of Budget or None
+    budgets : sequence of Budget or None
         ``--dp sample``: every client's privacy ledger, by client id, where the transport holds
         them (the simulator); None where each client keeps its own (a deployed client refuses to
         train past its budget, and reports what it spent).
@@ -67,7 +68,7 @@ class Transport(Protocol):
 
     lone: bool
     stateless: bool
-    budgets: list[Budget] | None
+    budgets: Sequence[Budget] | None
 
 
     def available(self, rnd: int, clients: list[int]) -> list[int]:

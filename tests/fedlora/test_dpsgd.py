@@ -174,6 +174,41 @@ def test_a_budget_checked_every_step_computes_one_step_s_rdp_once(monkeypatch):
     assert len(calls) == 1 and calls[0]["steps"] == 1
 
 
+def test_client_budgets_calibrate_a_sigma_when_a_client_is_first_read(monkeypatch):
+    # Prepare: 500 clients of 500 sizes (a Dirichlet partition): as many sampling rates, each σ a
+    # search of seconds; count the calibrations (stubbed: σ = 1 + q)
+    from fedlora.job.schema import JobConfig
+    from fedlora.privacy import accounting
+
+    asked = []
+    monkeypatch.setattr(accounting, "calibrate", lambda e, d, q, steps: asked.append((q, steps)) or 1.0 + q)
+    # an ε of this test alone: no σ of it is cached in this process yet
+    cfg = JobConfig(dp="sample", batch_size=4, epsilon=8.125, delta=1e-5, rounds=3, local_steps=2)
+    # Execute: set up, then read two clients (one of them twice) and a third of the second's size
+    budgets = accounting.sample_budgets(cfg, [8 + k for k in range(499)] + [9], init_releases=0)
+    set_up = list(asked)
+    got = [budgets[0], budgets[1], budgets[1], budgets[499]]
+    # Assert: nothing calibrated at set-up; then one σ per rate read, over the 6 planned steps
+    assert set_up == [] and len(budgets) == 500
+    assert asked == [(0.5, 6), (4 / 9, 6)]
+    assert [(b.sigma, b.sample_rate) for b in got] == [(1.5, 0.5)] + [(1 + 4 / 9, 4 / 9)] * 3
+    assert got[1] is got[2] and sorted(budgets.made) == [0, 1, 499]
+    with pytest.raises(IndexError):
+        budgets[500]
+
+
+def test_client_budgets_refuse_an_initialisation_the_smallest_client_cannot_afford():
+    # Prepare: σ = 0.3 given, 4 batches of initialisation, the smallest client (4 examples) at q = 1
+    from fedlora.job.schema import JobConfig
+    from fedlora.privacy.accounting import sample_budgets
+
+    cfg = JobConfig(dp="sample", batch_size=4, epsilon=1.0, delta=1e-5, noise_multiplier=0.3,
+                    init_batches=4)
+    # Execute / Assert
+    with pytest.raises(UserError, match="initialisation .4 batches of the clients' data. alone spends"):
+        sample_budgets(cfg, [400, 4, 200], init_releases=1)
+
+
 def test_budget_refuses_the_step_that_would_overspend():
     # Prepare: σ = 1, q = 1/12, δ = 1e-3: ε after 5 steps is 1.488, after 6 is 1.561
     b = Budget(sigma=1.0, sample_rate=1 / 12, delta=1e-3, epsilon=1.5)
