@@ -62,6 +62,12 @@ class BatchedTransport:
     def _ledgers(self, clients: list[int]) -> list[Budget] | None:
         return None if self.budgets is None else [self.budgets[c] for c in clients]
 
+    def _keep_ledgers(self) -> None:
+        """``--dp sample``: every client's DP-SGD steps so far, for the checkpoint (as the personal
+        factors are kept): those of each budget read so far, round 0's initialisation steps included."""
+        if self.budgets is not None:
+            self.coord.ledgers = {c: b.steps for c, b in self.budgets.made.items() if b.steps}
+
     def _privacy(self, clients: list[int]) -> list[tuple[float, float]]:
         ledgers = self._ledgers(clients) or []
         return [(b.spent, b.sigma) for b in ledgers]
@@ -102,8 +108,7 @@ class BatchedTransport:
             if job.fm.config.plan.keep:
                 coord.personal.update({c: extract_kept(job.fm, k) for k, c in enumerate(chunk)})
         uploads, up, report = self._compressed(clients, uploads)
-        if self.budgets is not None:  # kept with the checkpoint, as the personal factors are
-            coord.ledgers = {c: b.steps for c, b in self.budgets.made.items() if b.steps}  # the clients read
+        self._keep_ledgers()
         return Replies(list(clients), uploads, up, down, losses, self._privacy(clients), report=report)
 
     def _compressed(self, clients: list[int], uploads: list[ClientUpload]
@@ -140,6 +145,7 @@ class BatchedTransport:
                        for m, u in zip(messages, uploads, strict=True)]
         up = [tensor_bytes(m) for m in messages]
         down = [tensor_bytes(probe_tensors(probes))] * len(uploads)
+        self._keep_ledgers()
         return Replies(list(clients), uploads, up, down, privacy=self._privacy(clients))
 
     def evaluate(self, clients: list[int]) -> list[dict]:

@@ -1,0 +1,32 @@
+"""The simulator's transport (simulations/batched.py): what it keeps of its clients for the checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlora.job.schema import JobConfig
+from fedlora.rounds import sink
+from fedlora.rounds.checkpoint import load_checkpoint
+from fedlora.simulations.engine import run
+
+
+def test_round_0s_checkpoint_holds_the_dp_steps_of_fed_sbs_initialisation(tiny_bert_dir, tiny_csv, tmp_path,
+                                                                           monkeypatch):
+    # Prepare: Fed-SB under --dp sample, its initialisation (2 sketch phases × 1 batch) on round 0's
+    # 2 sampled clients of 6; the run stopped (Ctrl-C) once round 0 is committed, as a kill in round 1
+    cfg = JobConfig(model=str(tiny_bert_dir), data=str(tiny_csv), strategy="fed-sb", num_clients=6,
+                    clients_per_round=2, rounds=2, local_steps=1, batch_size=4, max_length=16, rank=2,
+                    dp="sample", epsilon=8.0, delta=1e-3, init_batches=1, dp_reproducible=True)
+    commit = sink.RunFolder.commit
+
+    def stop_after_round_0(self, row, coord):
+        commit(self, row, coord)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sink.RunFolder, "commit", stop_after_round_0)
+    # Execute
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "run", checkpoints=True)
+    # Assert: the checkpoint a --resume starts from counts the 2 steps each of those clients took
+    # (it held none: the resumed run would have let them spend ε past the budget)
+    assert load_checkpoint(tmp_path / "run")["ledgers"] == {c: 2 for c in cfg.sampled(0)}
