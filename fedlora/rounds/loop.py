@@ -52,16 +52,20 @@ class Ledger:
         self.on = coord.cfg.dp == "sample"
         self.backend = coord.cfg.dp_backend_for(lone=lone)
         self.spent: dict[int, tuple[float, float]] = {}
+        # a resumed run: the largest ε and σ its earlier rounds reported (clients it will not sample again)
+        self.before = [(r["epsilon"], r["noise_multiplier"]) for r in coord.rows
+                       if r.get("epsilon") is not None and r.get("noise_multiplier") is not None]
 
     def columns(self, replies: Replies | None) -> dict:
         """The DP columns of a row: the round's clients' ε, the largest ε any client has spent so
-        far, and the largest σ (none before a client has reported)."""
+        far, and the largest σ (none before a client has reported), a resumed run's earlier rounds
+        included."""
         if not self.on:
             return {}
         got = replies.privacy if replies is not None else []
         clients = replies.clients if replies is not None else []
         self.spent.update(zip(clients, got, strict=True))
-        values = list(self.spent.values())
+        values = [*self.spent.values(), *self.before]
         return {"dp": "sample", "dp_backend": self.backend,
                 "epsilon_per_client": [round(e, 4) for e, _ in got],
                 "epsilon": round(max((e for e, _ in values), default=0.0), 4),

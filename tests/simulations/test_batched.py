@@ -30,3 +30,31 @@ def test_round_0s_checkpoint_holds_the_dp_steps_of_fed_sbs_initialisation(tiny_b
     # Assert: the checkpoint a --resume starts from counts the 2 steps each of those clients took
     # (it held none: the resumed run would have let them spend ε past the budget)
     assert load_checkpoint(tmp_path / "run")["ledgers"] == {c: 2 for c in cfg.sampled(0)}
+
+
+def test_a_resumed_run_reports_the_largest_epsilon_spent_before_the_resume(tiny_bert_dir, tiny_csv, tmp_path,
+                                                                           monkeypatch):
+    # Prepare: --dp sample, one client of 3 per round: seed 3 samples client 1 in rounds 1 and 2 and
+    # client 2 in round 3, so round 3's ε (the largest any client has spent) is client 1's two rounds
+    cfg = JobConfig(model=str(tiny_bert_dir), data=str(tiny_csv), num_clients=3, clients_per_round=1,
+                    rounds=3, local_steps=1, batch_size=4, max_length=16, rank=2, seed=3, dp="sample",
+                    epsilon=50.0, noise_multiplier=1.0, delta=1e-3, dp_reproducible=True)
+    assert [cfg.sampled(r) for r in (1, 2, 3)] == [[1], [1], [2]]
+    whole = run(cfg, tmp_path / "whole")
+    commit = sink.RunFolder.commit
+
+    def stop_after_round_2(self, row, coord):
+        commit(self, row, coord)
+        if row["round"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sink.RunFolder, "commit", stop_after_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "cut", checkpoints=True)
+    monkeypatch.setattr(sink.RunFolder, "commit", commit)
+    # Execute
+    resumed = run(cfg, tmp_path / "cut", checkpoints=True, resume=True)
+    # Assert: the resumed round 3 reports client 1's ε, as the whole run does (it said client 2's alone)
+    assert whole[3]["epsilon"] > whole[3]["epsilon_per_client"][0]
+    assert resumed[3]["epsilon"] == whole[3]["epsilon"]
+    assert resumed[3]["noise_multiplier"] == whole[3]["noise_multiplier"]
