@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fedlora.errors import UserError, first_line, say, warn_once
@@ -189,12 +188,12 @@ def _llama3(path: Path, theta: float) -> dict | None:
     and 8,192 original positions, its ``factor`` the largest) where they give GGUF file ``path``'s
     per-frequency factors (``rope_freqs``, as llama.cpp's converter computes them from those
     parameters) to 1e-5, else None."""
-    from gguf import GGUFReader
     from transformers import LlamaConfig
+    from transformers.integrations.gguf import GgufHeader, load_gguf_state_dict
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    found = next(t for t in GGUFReader(path).tensors if t.name == "rope_freqs.weight")
-    factors = torch.from_numpy(np.array(found.data, dtype=np.float32)).flatten()
+    # transformers' own reader, as rope_scaling's: a cached folder loads without the gguf package
+    factors = load_gguf_state_dict(GgufHeader.from_file(str(path)))["rope_freqs.weight"][()].float().flatten()
     fields = {"rope_type": "llama3", "factor": factors.max().item(), "low_freq_factor": 1.0,
               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     dim = 2 * len(factors)

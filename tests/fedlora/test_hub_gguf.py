@@ -126,6 +126,27 @@ def test_a_gguf_with_llama3_rope_frequencies_keeps_them(cache, tmp_path):
         torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits)
 
 
+def test_a_cached_llama3_gguf_loads_without_the_gguf_package(cache, tmp_path, monkeypatch):
+    # Prepare: a LLaMA-3.1-style file (its rope_freqs as above) dequantized into the cache; then the
+    # gguf package gone (a machine sharing the cache, which needs neither gguf nor accelerate)
+    import math
+    import sys
+
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    smooth = (8192 / (2 * math.pi * 10000 ** (12 / 16)) - 1) / 3
+    factors = [1.0] * 6 + [1 / ((1 - smooth) / 8 + smooth), 8.0]
+    model = tiny_llama(rope_parameters={**llama3, "rope_theta": 10000.0})
+    path = write_llama_gguf(tmp_path / "llama3.gguf", model, tensors={"rope_freqs.weight": factors})
+    folder = resolve_model_path(str(path))
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf: ImportError
+    # Execute: the load of the cached folder (it raised ModuleNotFoundError: reading the file's rope_freqs)
+    assert resolve_model_path(str(path)) == folder
+    loaded, *_ = load_model(str(path), "causal-lm")
+    # Assert: LLaMA-3's rope, as cached
+    assert loaded.config.rope_parameters == {**llama3, "rope_theta": 10000.0}
+
+
 def test_a_gguf_with_per_frequency_rope_factors_says_they_are_not_read(cache, tmp_path, capsys):
     # Prepare: a rope_freqs tensor (one factor per frequency) that LLaMA-3's parameters do not give
     path = write_llama_gguf(tmp_path / "llama3.gguf", tensors={"rope_freqs.weight": [1.0] * 4 + [8.0] * 4})
