@@ -20,6 +20,8 @@ INTEGER = re.compile(r"-?[0-9]+")
 #: A regression target: a decimal number in ASCII digits, with an exponent or not (no ``nan``, ``inf``
 #: nor ``1_000``, which Python's ``float`` reads).
 SCORE = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+#: The largest score a float32 target holds (``torch.finfo(torch.float32).max``); one above is infinite.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def class_labels(rows: list[dict], column: str, path: Path) -> tuple[list[int], list[str]]:
@@ -65,11 +67,11 @@ def score_targets(rows: list[dict], column: str, path: Path) -> list[float]:
     Raises
     ------
     UserError
-        Rows without one (:func:`_label_cells`), or whose value is not a finite number (one line
-        counting them, with the first).
+        Rows without one (:func:`label_cells`), or whose value is not a finite number as the model's
+        float32 targets hold it (``1e39`` overflows): one line counting them, with the first.
     """
     raw = label_cells(rows, column, path)
-    bad = [i for i, v in enumerate(raw) if not SCORE.fullmatch(v)]
+    bad = [i for i, v in enumerate(raw) if not SCORE.fullmatch(v) or not abs(float(v)) <= FLOAT32_MAX]
     if bad:
         raise UserError(f"{len(bad)} row(s) of {path.name} have a {column!r} that is not a number (the first"
                         f" is data row {bad[0] + 1}: {raw[bad[0]][:40]!r}): --task regression fits numeric"

@@ -140,6 +140,8 @@ def test_scores_are_read_as_numbers_in_every_data_form(tmp_path, form):
                               r" row 2: 'high'\): --task regression fits numeric targets"),
     (["3.8", "nan", "inf"], r"^2 row\(s\) of s.tsv have a 'score' that is not a number \(the first is data"
                             r" row 2: 'nan'\)"),
+    (["3.8", "1e400", "1e39"], r"^2 row\(s\) of s.tsv have a 'score' that is not a number \(the first is"
+                               r" data row 2: '1e400'\)"),
     (["3.8", "", "1"], r"^1 row\(s\) of s.tsv have no 'score' \(unlabelled: .* data row 2\)"),
 ])
 def test_scores_that_are_not_numbers_or_missing_are_refused_in_one_line(tmp_path, cells, message):
