@@ -1,6 +1,7 @@
 """Batched per-client adapter ops (torch only), each beside a slow reference."""
 
 from . import per_sample
+from .dropout import dropout_mask, lora_dropout, row_keys, subrow_keys
 from .lora_ops import (
     Routing,
     dense_delta,
@@ -14,6 +15,10 @@ from .lora_ops import (
 __all__ = [
     "Routing",
     "per_sample",
+    "dropout_mask",
+    "lora_dropout",
+    "row_keys",
+    "subrow_keys",
     "dense_delta",
     "dense_delta_reference",
     "lora_delta",

@@ -104,6 +104,9 @@ def check_ranges(args: JobConfig) -> None:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if args.lora_alpha <= 0:  # the scale α / r: 0 would train adapters that change nothing
         raise UserError(f"--lora-alpha must be > 0 (the update's scale is α / r), got {args.lora_alpha}")
+    if not 0 <= args.lora_dropout < 1:
+        raise UserError(f"--lora-dropout is a probability in [0, 1) (0: none; recipes use 0.05-0.1), got"
+                        f" {args.lora_dropout}")
     if args.lr_min < 0 or (args.lr_min and args.lr_schedule != "cosine"):
         raise UserError(f"--lr-min is the rate --lr-schedule cosine falls toward: it needs that schedule and"
                         f" must be ≥ 0, got {args.lr_min} with --lr-schedule {args.lr_schedule}")

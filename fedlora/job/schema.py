@@ -100,6 +100,10 @@ class JobConfig:
                                      " strategies that take heterogeneous ranks (flora, flexlora)",
                                      flag_type=parse_ranks)
     lora_alpha: float = option(16.0, "LoRA α (scale α / r)")
+    lora_dropout: float = option(0.0, "dropout probability of the adapters' input in training (PEFT's"
+                                 " lora_dropout; QLoRA/FlowerTune recipes use 0.05-0.1), in [0, 1); the"
+                                 " masks are keyed to the client, round, step and example, so every engine"
+                                 " draws the same", metavar="P")
     target_modules: list[str] | None = option(
         None, "module names or regexes to adapt, or all-linear (default: attention query/value)",
         nargs="+")

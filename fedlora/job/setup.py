@@ -168,7 +168,7 @@ def build_model(cfg: JobConfig, ranks: list[int], plan: AdapterPlan, num_labels:
         fm = FederatedModel(model, AdapterConfig(
             ranks=ranks, alpha=cfg.lora_alpha, target_modules=cfg.target_modules, plan=plan,
             train_head=task.trains_head, gradient_checkpointing=cfg.gradient_checkpointing,
-            fold_rank=cfg.fold_rank, new_modules=new))
+            fold_rank=cfg.fold_rank, new_modules=new, dropout=cfg.lora_dropout))
     except ValueError as exc:  # nothing matches --target-modules, or the model cannot checkpoint
         raise UserError(str(exc)) from None
     check_rank_bound("--fold-rank", cfg.fold_rank, fm.adapters.values(), "adapted")

@@ -53,7 +53,8 @@ def export_factors(state: GlobalState, layers: list[str], base: dict | None = No
 def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base_model: str,
                 task_type: str, head_modules: list[str], fan_in_fan_out: bool = False,
                 base: dict | None = None, fixed: dict | None = None, note: dict | None = None,
-                labels: list[str] | None = None, saved: dict | None = None, task: str | None = None) -> Path:
+                labels: list[str] | None = None, saved: dict | None = None, task: str | None = None,
+                dropout: float = 0.0) -> Path:
     """Write ``out_dir/adapter_config.json`` and ``adapter_model.safetensors``.
 
     Parameters
@@ -92,6 +93,8 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
     task : str, optional
         The ``--task`` that trained it, written as :data:`TASK` beside an adapter with a task head
         (:func:`read_task`).
+    dropout : float
+        The ``--lora-dropout`` it trained with, recorded as PEFT's ``lora_dropout``.
     """
     out_dir = Path(out_dir)
     factors = export_factors(state, layers, base)
@@ -106,7 +109,7 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
         tensors[f"{PREFIX}{key}"] = t.detach().float().cpu().contiguous()
     whole_modules = sorted({h.split(".")[0] for h in head_modules} | set(saved or {}))
     config = peft_config({layer: A.shape[0] for layer, (A, _) in factors.items()}, task_type, base_model,
-                         whole_modules, fan_in_fan_out)
+                         whole_modules, fan_in_fan_out, dropout)
     notes = {MARKER: note} if note else {}
     if labels and head_modules:
         notes[LABELS] = list(labels)
@@ -116,15 +119,15 @@ def export_peft(state: GlobalState, layers: list[str], out_dir: str | Path, base
 
 
 def peft_config(ranks: dict[str, int], task_type: str, base_model: str, whole: list[str],
-                fan_in_fan_out: bool) -> dict:
+                fan_in_fan_out: bool, dropout: float = 0.0) -> dict:
     """PEFT's ``adapter_config.json`` of LoRA pairs of ``ranks`` (layer -> rank) whose ``B`` holds the
     scale (``lora_alpha`` = rank: PEFT's scale is 1; ``rank_pattern`` where a layer's differs), with
-    the modules saved ``whole`` (``modules_to_save``)."""
+    the modules saved ``whole`` (``modules_to_save``) and the training's ``lora_dropout``."""
     r = max(ranks.values())
     pattern = {layer: rk for layer, rk in ranks.items() if rk != r}
     return {"peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": str(base_model), "r": r,
             "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-            "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
+            "target_modules": sorted(ranks), "lora_dropout": dropout, "bias": "none",
             "fan_in_fan_out": fan_in_fan_out, "use_rslora": False, "init_lora_weights": True,
             "inference_mode": True, "modules_to_save": whole or None}
 
@@ -154,7 +157,8 @@ def export_model(fm, state: GlobalState, out_dir: str | Path, base_model: str, t
     return export_peft(state, list(fm.adapters), out_dir, base_model, task_type, list(fm.heads),
                        fan_in_fan_out=bool(fm.transposed), base=joined(fm.base_factors, adapted),
                        fixed=fixed, note=fm.correction_note, labels=labels, task=task,
-                       saved={m: fm.model.get_submodule(m).state_dict() for m in fm.saved_modules})
+                       saved={m: fm.model.get_submodule(m).state_dict() for m in fm.saved_modules},
+                       dropout=fm.config.dropout)
 
 
 def read_labels(folder: str | Path) -> list[str] | None:

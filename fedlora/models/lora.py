@@ -35,6 +35,14 @@ never requantized: it is kept as a frozen low-rank residual ``U V`` beside the b
 every fold (:func:`compact_residual`), so ``R`` never exceeds ``min(d_out, d_in)``. With a
 ``fold_rank`` N (``--fold-rank``) each fold keeps only the residual's top N singular directions:
 not exact any more, and the run reports what that costs (``fold_truncation_error``).
+
+**Dropout** (``--lora-dropout P``, PEFT's ``lora_dropout``): in training the adapter term reads a
+dropped-out input, ``s_k · dropout_P(x) A_kᵀ B_kᵀ`` (LoRA-SB: ``s · dropout_P(x) Aᵀ R_kᵀ Bᵀ``), while
+the base, the residual and any correction read ``x``. Kept entries are scaled by ``1 / (1 − P)``. The
+mask is a hash of each row's key (its client's sampler seed, round, step and place in the step,
+set on the :class:`Router` by the training step) with the layer, token and feature
+(``fedlora.kernels.dropout``), so it is the same whichever clients share the pass, in whichever
+order and micro-batches; without keys (evaluation, generation) there is no dropout.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlora.errors import UserError
-from fedlora.kernels import Routing, dense_delta, lora_delta, sb_delta
+from fedlora.kernels import Routing, dense_delta, lora_delta, lora_dropout, sb_delta
 from fedlora.strategies.factors import factored_svd
 
 #: Singular values of a folded residual ``U V`` at or below this share of ``‖U‖_F ‖V‖_F`` (the
@@ -62,12 +70,15 @@ class Router:
     ``rows`` is the batch's row count, recorded by every forward of the model (it outlives the
     forward, for the backward hooks). A model that flattens its tokens before a layer (OPT's MLP:
     ``(N, T, d) -> (N·T, d)``, row-major) hands that layer ``N·T`` rows; the layer views them as
-    ``(N, T, d)`` (:meth:`as_rows`), so each batch row's tokens go to that row's slot.
+    ``(N, T, d)`` (:meth:`as_rows`), so each batch row's tokens go to that row's slot. ``keys``:
+    each row's ``(N,)`` dropout key in a training pass (None: no dropout); like ``rows``, it outlives
+    the forward, for the backward hooks (Opacus' per-example gradients), until the next forward.
     """
 
     def __init__(self) -> None:
         self.routing: Routing | None = None
         self.rows: int | None = None
+        self.keys: Tensor | None = None
 
     def get(self, x: Tensor) -> Routing:
         """The routing of a layer's input ``x`` (``(N, ..., d)``, as :meth:`as_rows` gives it), or
@@ -175,11 +186,15 @@ class BatchedLoRALinear(nn.Module):
     fold_rank : int
         A quantized base: the most directions the folded residual keeps (``--fold-rank``;
         0: all of them, exactly).
+    dropout, layer_id : float, int
+        The adapter input's dropout probability (``--lora-dropout``) and the layer's number in its
+        model, which the dropout mask hashes.
     """
 
     def __init__(self, base: nn.Linear, ranks: list[int], alpha: float, router: Router,
-                 core: bool = False, fold_rank: int = 0) -> None:
+                 core: bool = False, fold_rank: int = 0, dropout: float = 0.0, layer_id: int = 0) -> None:
         super().__init__()
+        self.dropout, self.layer_id = float(dropout), int(layer_id)
         if core and len(set(ranks)) != 1:
             raise ValueError("LoRA-SB needs the same rank for every client")
         self.base = base
@@ -238,6 +253,15 @@ class BatchedLoRALinear(nn.Module):
             self.factor(name).requires_grad_(name in train)
 
     # ----------------------------------------------------------------- forward
+    def dropped(self, x: Tensor) -> Tensor:
+        """What the adapter term reads of ``x`` (``(N, T, d_in)`` rows): ``x`` itself, or, in a training
+        pass with ``--lora-dropout``, its dropout in the adapter dtype (the same bits in the forward
+        and in the per-example gradients)."""
+        keys = self.router.keys
+        if not self.dropout or keys is None:
+            return x
+        return lora_dropout(x.to(self.scale.dtype), keys, self.layer_id, self.dropout)
+
     def forward(self, x: Tensor) -> Tensor:
         self.called = True
         corrected = getattr(self.base, "frozen_term", None)      # a quantized base with its correction
@@ -251,14 +275,15 @@ class BatchedLoRALinear(nn.Module):
         if self.quantized and self.fold_U.shape[1]:
             fold = (xa @ self.fold_V.T) @ self.fold_U.T
             frozen = fold if frozen is None else frozen + fold
+        xd = self.dropped(xa)                                     # the adapter's input
         if not self.core:
             A, B = self.lora_A, self.lora_B
             if self.heterogeneous:
                 A = A * self.rank_mask.unsqueeze(-1)              # (K, r_max, d_in)
                 B = B * self.rank_mask.unsqueeze(1)               # (K, d_out, r_max)
-            delta = lora_delta(xa, A, B, self.scale, routing)
+            delta = lora_delta(xd, A, B, self.scale, routing)
         else:
-            delta = sb_delta(xa, self.sb_A, self.sb_B, self.lora_R, self.scale[0], routing)
+            delta = sb_delta(xd, self.sb_A, self.sb_B, self.lora_R, self.scale[0], routing)
         if frozen is not None:  # one rounding of every adapter-dtype term, as PEFT's one LoRA pair
             delta = delta.reshape(frozen.shape) + frozen
         return y + delta.reshape(y.shape).to(y.dtype)

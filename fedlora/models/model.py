@@ -84,6 +84,8 @@ class AdapterConfig:
     new_modules : list of str
         Modules besides the heads whose weights the checkpoint lacked (drawn at random at load:
         :func:`fedlora.models.hub.new_modules`): never adapted, and exported whole.
+    dropout : float
+        The adapters' input dropout in training (``--lora-dropout``; 0: none).
     """
 
     ranks: list[int]
@@ -94,6 +96,7 @@ class AdapterConfig:
     gradient_checkpointing: bool = False
     fold_rank: int = 0
     new_modules: list[str] = field(default_factory=list)
+    dropout: float = 0.0
     resolved_targets: list[str] = field(default_factory=list)
 
 
@@ -224,9 +227,10 @@ class FederatedModel(nn.Module):
         self.correction_note: dict | None = None
         #: Targets that were ``Conv1D`` layers (PEFT's ``fan_in_fan_out`` on export).
         self.transposed = [name for name in names if isinstance(model.get_submodule(name), Conv1D)]
-        for name in names:
+        for i, name in enumerate(names):
             layer = BatchedLoRALinear(as_linear(model.get_submodule(name)), config.ranks, config.alpha,
-                                      self.router, core=config.plan.core, fold_rank=config.fold_rank)
+                                      self.router, core=config.plan.core, fold_rank=config.fold_rank,
+                                      dropout=config.dropout, layer_id=i)
             set_module(model, name, layer)
             self.adapters[name] = layer
         self.set_plan(config.plan)
@@ -264,6 +268,8 @@ class FederatedModel(nn.Module):
         checkpointing, the checkpointed blocks themselves follow ``mode`` (transformers
         checkpoints only in training mode); their submodules stay in eval mode."""
         self.training = mode
+        if not mode:
+            self.router.keys = None  # evaluation and generation: no dropout
         if self.config.gradient_checkpointing:
             for module in self.model.modules():
                 if getattr(module, "gradient_checkpointing", False) is True:
@@ -279,18 +285,22 @@ class FederatedModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def forward(self, routing: Routing | None = None, client_ids: Tensor | None = None,
-                positions: Tensor | None = None, **inputs: Tensor):
+                positions: Tensor | None = None, dropout_keys: Tensor | None = None, **inputs: Tensor):
         """Run the wrapped model with batch rows routed to client slots.
 
         Give either ``routing`` or ``client_ids`` (``(N,)``); with neither, every row
         uses slot 0. ``positions`` (``(P,)`` sequence positions): the output's logits are
         those positions' only, ``(N, P, vocab)`` (a loss on response tokens needs no others;
-        the model computes only these where it can).
+        the model computes only these where it can). ``dropout_keys`` (``(N,)``, from
+        ``fedlora.kernels.row_keys``): the rows' adapter dropout masks, in training mode with
+        ``--lora-dropout`` only (ignored otherwise).
         """
         first = next(iter(inputs.values()))                   # (N, T) ids or (N, T, d) embeddings
         if routing is None and client_ids is not None:
             routing = Routing.from_ids(client_ids.to(first.device))
         self.router.rows = first.shape[0]
+        keyed = self.training and dropout_keys is not None and self.config.dropout > 0
+        self.router.keys = dropout_keys.to(first.device) if keyed else None
         if positions is not None and self.cuts_logits:
             inputs["logits_to_keep"] = positions
         self.router.routing = routing
@@ -311,7 +321,7 @@ class FederatedModel(nn.Module):
 
     def generate(self, **kwargs):
         """transformers' ``generate`` of the wrapped model with every row on slot 0."""
-        self.router.routing = None
+        self.router.routing = self.router.keys = None
         return self.model.generate(**kwargs)
 
     def set_plan(self, plan: AdapterPlan) -> None:

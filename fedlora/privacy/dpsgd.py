@@ -18,7 +18,10 @@ One step, for every client k of the pass (each with its own sampling rate
    interact, ``g_i`` is the gradient of example i's own loss. The backward stops at those
    outputs (:meth:`Capture.backward`): the parameters' summed gradients are not needed.
    When no client drew an example there is no pass: every clipped sum is zero and the
-   step releases noise only.
+   step releases noise only. With ``--lora-dropout``, a row's dropout key is its client's seed, the
+   round, the step and the example's place among the client's examples (not in the batch), so an
+   example's gradient depends on it alone, whichever others were drawn; the hooks keep the
+   adapter's dropped-out input, which is what its per-example gradients read.
 3. Per-example gradients of every trainable tensor (``kernels.per_sample``), their
    joint norm, clipping to ``C`` (``--max-grad-norm``): ``c_i = min(1, C / ‖∇ℓ_i‖)``.
 4. Client k's gradient is ``(Σ_{i∈k} c_i ∇ℓ_i + σ_k C ξ_k) / (q_k n_k)`` (the sum over its
@@ -40,13 +43,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedlora.kernels import Routing
+from fedlora.kernels import Routing, row_keys, subrow_keys
 from fedlora.kernels.per_sample import (
     dense_grad_sample,
     lora_grad_sample,
     sb_grad_sample,
 )
-from fedlora.models.lora import BatchedLinear
+from fedlora.models.lora import BatchedLinear, BatchedLoRALinear
 from fedlora.privacy.accounting import Budget, GaussianNoise
 from fedlora.tasks import gather_rows, row_groups
 from fedlora.training.optim import make_optimizer
@@ -80,6 +83,8 @@ class Capture:
 
     def _hook(self, module, inputs, output) -> None:
         x = module.router.as_rows(inputs[0].detach())  # a flattened (N·T, d) input kept as (N, T, d)
+        if isinstance(module, BatchedLoRALinear):
+            x = module.dropped(x)                      # what the adapter reads (--lora-dropout)
         n, calls = x.shape[0], self.calls.setdefault(module, [])
         call = len(calls)
         calls.append(x)
@@ -196,12 +201,21 @@ def clip_factors(sq_norms: Tensor, weights: Tensor | None, max_norm: float) -> T
     return c if weights is None else weights * c
 
 
+def dropout_keys(samplers, owner: Tensor, examples: Tensor, step: int) -> Tensor:
+    """``(N,)`` dropout keys (``fedlora.kernels.row_keys``) of rows of the clients ``owner`` (an index
+    into ``samplers``): each sampler's seed and round, ``step`` and the rows' ``examples``."""
+    seeds = torch.tensor([s.seed for s in samplers], dtype=torch.long)
+    rounds = torch.tensor([s.round for s in samplers], dtype=torch.long)
+    return row_keys(seeds[owner], rounds[owner], step, examples.long())
+
+
 class PackedBatch(NamedTuple):
     """Every client's Poisson batch, packed back to back: client 0's rows, then client 1's, …"""
 
     indices: list[int]  # (N,) dataset rows
     ids: Tensor         # (N,) long: the client (slot) of each row
     counts: Tensor      # (m,) long: each client's rows, 0 for a client that drew none
+    keys: Tensor | None = None  # (N,) each row's dropout key (a training step's batch)
 
     @property
     def offsets(self) -> Tensor:
@@ -209,22 +223,27 @@ class PackedBatch(NamedTuple):
         return torch.cat([self.counts.new_zeros(1), self.counts.cumsum(0)])
 
 
-def poisson_batches(samplers, rates: Sequence[float], reproducible: bool = False) -> PackedBatch:
-    """Each client's Poisson batch (example j of client k joins with probability ``q_k``), packed.
+def poisson_batches(samplers, rates: Sequence[float], reproducible: bool = False,
+                    step: int | None = None) -> PackedBatch:
+    """Each client's Poisson batch (example j of client k joins with probability ``q_k``), packed;
+    with ``step``, each row's dropout key (:func:`dropout_keys`, the example's place being j).
 
     The draws are secret (OS entropy) unless ``reproducible`` (then the sampler's own
     generator): privacy amplification by sampling assumes the adversary does not know
     which examples were drawn.
     """
-    picks = []
+    picks, rows = [], []
     for s, q in zip(samplers, rates, strict=True):
         rng = s.rng if reproducible else np.random.default_rng(secrets.randbits(128))
-        keep = rng.random(len(s.indices)) < q
-        picks.append(s.indices[keep])
+        picks.append(np.flatnonzero(rng.random(len(s.indices)) < q))      # the examples' places j
+        rows.append(s.indices[picks[-1]])
     counts = torch.tensor([len(p) for p in picks], dtype=torch.long)        # (m,)
     ids = torch.arange(len(picks)).repeat_interleave(counts)                # (N,)
-    indices = np.concatenate(picks).tolist() if picks else []
-    return PackedBatch(indices, ids, counts)
+    indices = np.concatenate(rows).tolist() if rows else []
+    if step is None or not picks:
+        return PackedBatch(indices, ids, counts)
+    places = torch.from_numpy(np.concatenate(picks))                        # (N,)
+    return PackedBatch(indices, ids, counts, dropout_keys(samplers, ids, places, step))
 
 
 def per_client_sum(values: Tensor, ids: Tensor, m: int) -> Tensor:
@@ -281,16 +300,17 @@ class DPPass:
     m: int
 
 
-def _rows_pass(fm, data, idx: list[int], ids: Tensor, m: int, cfg, device) -> DPPass:
-    """Forward/backward of ``Σ_i ℓ_i`` over rows ``idx`` (routed to slots ``ids``) with capture,
-    down to the client layers' outputs only (the parameters' ``.grad`` are left alone)."""
+def _rows_pass(fm, data, idx: list[int], ids: Tensor, m: int, cfg, device, keys: Tensor | None) -> DPPass:
+    """Forward/backward of ``Σ_i ℓ_i`` over rows ``idx`` (routed to slots ``ids``, dropout ``keys``)
+    with capture, down to the client layers' outputs only (the parameters' ``.grad`` are left alone)."""
     inputs, labels = cfg.task.model_inputs(gather_rows(data, idx, device, cfg.pad_to_longest))
     positions = cfg.task.logit_positions(labels)
     r = cfg.task.rows_per_example
     cap = Capture(fm.client_layers(), keep_outputs=True)
     with cap:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            out = fm(routing=Routing.from_ids(ids.repeat_interleave(r)), positions=positions, **inputs)
+            out = fm(routing=Routing.from_ids(ids.repeat_interleave(r)), positions=positions,
+                     dropout_keys=None if keys is None else subrow_keys(keys, r), **inputs)
         losses = cfg.task.row_losses(out.logits, labels, positions)            # (N,)
         cap.backward(losses.sum())
     cap.group_rows(r)
@@ -309,10 +329,11 @@ def dp_passes(fm, data, packed: PackedBatch, cfg, device) -> Iterator[DPPass]:
     rows = torch.as_tensor(packed.indices, dtype=torch.long)                  # (N,)
     for group in row_groups(data, rows, cfg.pad_to_longest) or [None]:
         if group is None:
-            idx, ids = packed.indices, packed.ids
+            idx, ids, keys = packed.indices, packed.ids, packed.keys
         else:
             idx, ids = rows[group].tolist(), packed.ids[group]
-        yield _rows_pass(fm, data, idx, ids.to(device), m, cfg, device)
+            keys = None if packed.keys is None else packed.keys[group]
+        yield _rows_pass(fm, data, idx, ids.to(device), m, cfg, device, keys)
 
 
 def pass_sums(fm, data, packed: PackedBatch, cfg, device,
@@ -372,7 +393,7 @@ def dp_train_clients(fm, data: dict[str, Tensor], samplers, cfg, budgets: Sequen
         if not active.any():
             break
         opt.zero_grad(set_to_none=True)
-        packed = poisson_batches(samplers, rates, cfg.dp_reproducible)
+        packed = poisson_batches(samplers, rates, cfg.dp_reproducible, step)
         sums, losses = pass_sums(fm, data, packed, cfg, device,
                                  lambda dpp: clipped_sums(fm, dpp, cfg.max_grad_norm))
         gens = [noise_generator(s.seed, rnd, step, cfg.dp_reproducible) for s in samplers]

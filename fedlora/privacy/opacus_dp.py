@@ -13,6 +13,10 @@ machinery on its model instead of fedlora's batched one (``fedlora.privacy.dpsgd
 * the client's :class:`~fedlora.privacy.Budget` (Opacus' RDP accountant at the same
   ``q`` and ``σ``) is the ledger that stops training and survives restarts.
 
+With ``--lora-dropout`` the rows carry the simulator's dropout keys, and the grad sampler reads the
+adapter's dropped-out input (:meth:`~fedlora.models.lora.BatchedLoRALinear.dropped`, from the keys
+the forward left on the router), not the layer input Opacus kept.
+
 Two parts are fedlora's, for reasons a deployment cares about:
 
 * **Batches**: ``PrivacyEngine.make_private`` would fix the sampling rate to
@@ -41,6 +45,7 @@ from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 
 from fedlora.errors import UserError
+from fedlora.kernels import subrow_keys
 from fedlora.models.lora import BatchedLinear, BatchedLoRALinear
 from fedlora.privacy.accounting import Budget, GaussianNoise
 from fedlora.privacy.dpsgd import (
@@ -66,6 +71,8 @@ def _fedlora_grad_sampler(layer: nn.Module, activations: list[Tensor],
     if next(p for p in layer.parameters() if p.requires_grad).shape[0] != 1:
         raise ValueError("Opacus' per-example gradients need a one-slot model (one client per pass)")
     ids = torch.zeros(n, dtype=torch.long, device=x.device)
+    if isinstance(layer, BatchedLoRALinear):
+        x = layer.dropped(layer.router.as_rows(x))
     return {p: gs.unsqueeze(1).to(p.dtype) for p, gs in layer_grad_samples(layer, x, backprops, ids)}
 
 
@@ -114,21 +121,25 @@ def opacus_train_client(fm, data: dict[str, Tensor], sampler, cfg, budget: Budge
         noise=lambda step: noise_generator(sampler.seed, rnd, step, cfg.dp_reproducible))
     total = count = 0.0
     layers = fm.client_layers()
+    fm.train()  # the flag only: the rows' dropout keys count
     for layer in layers:  # Opacus hooks only layers in training mode; their frozen base stays in eval
         layer.training = True  # (not .train(): an int8 base computes otherwise in training mode on CPU)
     try:
-        for _ in range(cfg.local_steps):
+        for step in range(cfg.local_steps):
             if not budget.can_step():
                 break
             opt.zero_grad(set_to_none=True)
-            idx = poisson_batches([sampler], [q], cfg.dp_reproducible).indices
+            packed = poisson_batches([sampler], [q], cfg.dp_reproducible, step)
+            idx = packed.indices
             # an empty Poisson draw is one zero-weight row: the step releases noise only
             w = torch.ones(len(idx), device=device) if idx else torch.zeros(1, device=device)
+            keys = subrow_keys(packed.keys if idx else torch.zeros(1, dtype=torch.long),
+                               cfg.task.rows_per_example)
             batch = gather_rows(data, idx or [int(sampler.indices[0])], device, cfg.pad_to_longest)
             labels = batch.pop("labels")
             positions = cfg.task.logit_positions(labels)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                out = gsm(positions=positions, **batch)
+                out = gsm(positions=positions, dropout_keys=keys, **batch)
             losses = cfg.task.row_losses(out.logits, labels, positions)
             with warnings.catch_warnings():   # the frozen base: the first adapter's input needs no grad
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -142,6 +153,7 @@ def opacus_train_client(fm, data: dict[str, Tensor], sampler, cfg, budget: Budge
     finally:
         opt.zero_grad(set_to_none=True)
         gsm.cleanup()
+        fm.eval()
         for layer in layers:
             layer.training = False
     return total / max(count, 1.0)

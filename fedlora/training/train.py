@@ -22,9 +22,9 @@ from torch import Tensor
 
 from fedlora.job.defaults import DP_RECIPE
 from fedlora.job.schema import JobConfig
-from fedlora.kernels import Routing
+from fedlora.kernels import Routing, subrow_keys
 from fedlora.models.model import FederatedModel
-from fedlora.privacy.dpsgd import dp_train_clients
+from fedlora.privacy.dpsgd import dp_train_clients, dropout_keys
 from fedlora.privacy.opacus_dp import opacus_train_client
 from fedlora.tasks import Task, gather_rows, get_task, row_groups
 from fedlora.training.optim import make_optimizer, round_lr
@@ -99,6 +99,7 @@ class ClientSampler:
 
     def start_round(self, rnd: int) -> None:
         """Restart the example order for round ``rnd`` (0 is Fed-SB's initialisation)."""
+        self.round = int(rnd)
         self.rng = np.random.default_rng([self.seed, int(rnd)])
         self.order: list[int] = []
 
@@ -112,18 +113,20 @@ class ClientSampler:
 
 
 def _step(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
-          slots: Tensor, cfg: TrainConfig, device: torch.device, split: bool = True) -> Tensor:
+          slots: Tensor, cfg: TrainConfig, device: torch.device, split: bool = True, step: int = 0) -> Tensor:
     """One step's forward and backward passes for the clients of a pass: slot ``slots[k]`` takes
     sampler k's next ``batch_size`` examples, and the gradient of ``Σ_k L_k`` (``L_k``: client
     k's mean loss over its batch's loss terms) is accumulated into the parameters.
 
     With dynamic padding and ``split``, the rows run as micro-batches of similar lengths
     (:func:`~fedlora.tasks.row_groups`, rows routed to their slots by id): the same gradient over fewer
-    padded tokens. Returns the ``(S,)`` losses ``L_k``.
+    padded tokens. Each row's dropout key (``--lora-dropout``) is its client's seed and round, ``step``
+    and its place in the client's batch, so it travels with the row. Returns the ``(S,)`` losses ``L_k``.
     """
     n, task = cfg.batch_size, cfg.task
     idx = [i for s in samplers for i in s.take(n)]
     owner = torch.arange(len(samplers)).repeat_interleave(n)              # (N,) client of each row
+    keys = dropout_keys(samplers, owner, torch.arange(n).repeat(len(samplers)), step)   # (N,)
     rows = torch.as_tensor(idx, dtype=torch.long)
     counts = torch.zeros(len(samplers)).index_add_(0, owner, task.loss_counts(data["labels"][rows]).float())
     groups = row_groups(data, rows, cfg.pad_to_longest) if split else None
@@ -136,8 +139,9 @@ def _step(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[Client
         routing = (Routing.segments(slots, n * r) if group is None
                    else Routing.from_ids(slots[who.to(device)].repeat_interleave(r)))
         positions = task.logit_positions(labels)
+        drop = subrow_keys(keys if group is None else keys[group], r)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            out = fm(routing=routing, positions=positions, **inputs)
+            out = fm(routing=routing, positions=positions, dropout_keys=drop, **inputs)
         share = task.loss_sums(out.logits, labels, positions) / counts[who].clamp_min(1.0).to(device)
         share.sum().backward()
         total.index_add_(0, who, share.detach().double().cpu())
@@ -180,9 +184,9 @@ def train_clients(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequenc
     opt = make_optimizer(params, cfg)
     fm.train()
     total = torch.zeros(len(slots), dtype=torch.float64)
-    for _ in range(cfg.local_steps):
+    for step in range(cfg.local_steps):
         opt.zero_grad(set_to_none=True)
-        total += _step(fm, data, samplers, slot_t, cfg, device)
+        total += _step(fm, data, samplers, slot_t, cfg, device, step=step)
         if cfg.max_grad_norm is not None:
             clip_per_client(params, cfg.max_grad_norm)
         opt.step()

@@ -24,9 +24,10 @@ def _data(n: int = 24, seq: int = 12, vocab: int = 1000, seed: int = 0) -> dict[
     }
 
 
-def _wrap(base, ranks, mode="lora", seed=0) -> FederatedModel:
+def _wrap(base, ranks, mode="lora", seed=0, dropout=0.0) -> FederatedModel:
     plan = FedSB.adapter_plan if mode == "lora-sb" else LORA
-    fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=ranks, alpha=8.0, plan=plan))
+    fm = FederatedModel(copy.deepcopy(base),
+                        AdapterConfig(ranks=ranks, alpha=8.0, plan=plan, dropout=dropout))
     fm.reset_adapters(seed) if mode == "lora" else None
     return fm
 
@@ -41,18 +42,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / max(b.norm(), 1e-12))
 
 
-@pytest.mark.parametrize("ranks", [[4, 4, 4], [2, 4, 8]])
-def test_batched_equals_one_by_one(base, ranks):
-    # Prepare: 3 clients with disjoint data, same initial adapter, same sampler seeds
+@pytest.mark.parametrize("ranks,dropout", [([4, 4, 4], 0.0), ([2, 4, 8], 0.0), ([2, 4, 8], 0.1)])
+def test_batched_equals_one_by_one(base, ranks, dropout):
+    # Prepare: 3 clients with disjoint data, same initial adapter, same sampler seeds (--lora-dropout:
+    # each row's mask is keyed to its client's seed, round, step and place, not to the pass)
     data = _data()
     parts = [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
     cfg = TrainConfig(local_steps=4, batch_size=3, lr=1e-2, max_grad_norm=0.5)
-    batched = _wrap(base, ranks)
+    batched = _wrap(base, ranks, dropout=dropout)
     # Execute: all clients in one pass, then each client alone in a K=1 model
     train_clients(batched, data, [ClientSampler(p, seed=k) for k, p in enumerate(parts)], cfg)
     singles = []
     for k, p in enumerate(parts):
-        solo = _wrap(base, [ranks[k]])
+        solo = _wrap(base, [ranks[k]], dropout=dropout)
         train_clients(solo, data, [ClientSampler(p, seed=k)], cfg)
         singles.append(extract_upload(solo, 0, len(p)))
     # Assert: every factor and head tensor agrees to 1e-5 relative
@@ -67,13 +69,14 @@ def test_batched_equals_one_by_one(base, ranks):
             assert _rel(t, singles[k].head[key]) <= 1e-5
 
 
-def test_lora_sb_batched_equals_one_by_one(base):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_sb_batched_equals_one_by_one(base, dropout):
     # Prepare: shared frozen A, B and a common R_0 in every slot
     data = _data(seed=1)
     parts = [list(range(0, 12)), list(range(12, 24))]
     cfg = TrainConfig(local_steps=3, batch_size=4, lr=1e-2)
     g = torch.Generator().manual_seed(3)
-    batched = _wrap(base, [4, 4], mode="lora-sb")
+    batched = _wrap(base, [4, 4], mode="lora-sb", dropout=dropout)
     shared = {n: (torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g))
               for n in batched.adapters}
     R0 = torch.randn(4, 4, generator=g)
@@ -87,7 +90,7 @@ def test_lora_sb_batched_equals_one_by_one(base):
     # Execute
     train_clients(batched, data, [ClientSampler(p, seed=k) for k, p in enumerate(parts)], cfg)
     for k, p in enumerate(parts):
-        solo = _wrap(base, [4], mode="lora-sb")
+        solo = _wrap(base, [4], mode="lora-sb", dropout=dropout)
         load(solo)
         train_clients(solo, data, [ClientSampler(p, seed=k)], cfg)
         # Assert: R_k agrees, and moved away from R_0
@@ -193,8 +196,10 @@ def test_dynamic_padding_equals_fixed_padding_and_one_by_one(base):
                 assert _rel(A, other.factors[layer][0]) <= 1e-5 and _rel(B, other.factors[layer][1]) <= 1e-5
 
 
-def test_gradient_checkpointing_trains_the_same_adapters(tiny_llama_dir):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_trains_the_same_adapters(tiny_llama_dir, dropout):
     # Prepare: a tiny LLaMA, two clients in one pass, with and without activation checkpointing
+    # (--lora-dropout: the recomputation draws the same masks, from the rows' keys)
     from transformers import AutoModelForCausalLM
 
     from fedlora.tasks import get_task
@@ -207,7 +212,7 @@ def test_gradient_checkpointing_trains_the_same_adapters(tiny_llama_dir):
     ups, forwards = [], []
     for ckpt in (False, True):
         fm = FederatedModel(copy.deepcopy(lm), AdapterConfig(ranks=[4, 4], alpha=8.0, train_head=False,
-                                                             gradient_checkpointing=ckpt))
+                                                             gradient_checkpointing=ckpt, dropout=dropout))
         fm.reset_adapters(0)
         calls = []
         fm.model.model.layers[0].self_attn.register_forward_hook(lambda *_, c=calls: c.append(1))

@@ -143,8 +143,8 @@ def test_a_job_flags_help_ends_with_its_default_unless_it_says_it(capsys):
     assert "the client's next upload (default" not in out  # --no-error-feedback, a switch
 
 
-@pytest.mark.parametrize("field", ["lr", "lora_alpha", "weight_decay", "alpha", "norm_bound", "server_lr",
-                                   "epsilon", "update_clip", "max_grad_norm", "secagg_range"])
+@pytest.mark.parametrize("field", ["lr", "lora_alpha", "lora_dropout", "weight_decay", "alpha", "norm_bound",
+                                   "server_lr", "epsilon", "update_clip", "max_grad_norm", "secagg_range"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_a_number_that_is_not_finite_is_refused_naming_its_flag(field, value):
     # NaN passed every range check (a comparison with NaN is false): --lr nan and --lora-alpha nan
@@ -152,6 +152,14 @@ def test_a_number_that_is_not_finite_is_refused_naming_its_flag(field, value):
     flag = "--" + field.replace("_", "-")
     with pytest.raises(UserError, match=f"^{flag} must be a finite number, got {value}: pass one, or leave"):
         check_job_args(JobConfig(**{field: value}))
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+def test_lora_dropout_outside_0_1_is_refused_in_one_line(p):
+    with pytest.raises(UserError, match=rf"^--lora-dropout is a probability in \[0, 1\) \(0: none; recipes"
+                                        rf" use 0.05-0.1\), got {p}$"):
+        check_job_args(JobConfig(lora_dropout=p))
+    check_job_args(JobConfig(lora_dropout=0.05))
 
 
 def test_a_negative_weight_decay_is_refused_before_the_job_begins():

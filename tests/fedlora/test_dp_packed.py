@@ -42,9 +42,9 @@ def _data(n=30, seq=10, seed=0):
             "labels": torch.randint(0, 3, (n,), generator=g)}
 
 
-def _model(base, slots, seed=1):
+def _model(base, slots, seed=1, dropout=0.0):
     """A model whose slots all differ (A, B ≠ 0 and the head), so a row routed to a wrong slot shows."""
-    fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[4] * slots, alpha=8.0))
+    fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[4] * slots, alpha=8.0, dropout=dropout))
     gen = torch.Generator().manual_seed(seed)
     for layer in fm.adapters.values():
         for k in range(slots):
@@ -58,8 +58,8 @@ def _model(base, slots, seed=1):
 
 
 def _alone(base, fm, k):
-    """A one-slot model holding slot k of ``fm``."""
-    one = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[4], alpha=8.0))
+    """A one-slot model holding slot k of ``fm`` (and its --lora-dropout)."""
+    one = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[4], alpha=8.0, dropout=fm.config.dropout))
     for name, layer in one.adapters.items():
         layer.set_slot(0, *fm.adapters[name].get_slot(k))
     one.heads["classifier"].set_slot(0, fm.heads["classifier"].get_slot(k))
@@ -180,10 +180,12 @@ def test_length_groups_give_the_one_pass_sums_over_fewer_padded_tokens(base):
     torch.testing.assert_close(grouped[1], whole[1], rtol=1e-6, atol=1e-6)
 
 
-def test_batched_dp_training_equals_one_client_at_a_time(base):
-    # Prepare: 3 clients of 12, 6 and 12 examples (q = 1/3, 2/3, 1/3), 3 steps
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_batched_dp_training_equals_one_client_at_a_time(base, dropout):
+    # Prepare: 3 clients of 12, 6 and 12 examples (q = 1/3, 2/3, 1/3), 3 steps (--lora-dropout: masks
+    # keyed to each example, whatever the packing and the length groups)
     data, cfg = _data(), _cfg(local_steps=3)
-    start = _model(base, 3)
+    start = _model(base, 3, dropout=dropout)
 
     def budgets(ks):
         return [Budget(sigma=0.8, sample_rate=min(1.0, 4 / len(PARTS[k])), delta=1e-3, epsilon=50.0)

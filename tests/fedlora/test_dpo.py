@@ -35,9 +35,10 @@ def tok(tiny_chat_llama_dir):
     return AutoTokenizer.from_pretrained(tiny_chat_llama_dir)
 
 
-def _fm(model_dir, slots: int = 1, seed: int = 3) -> FederatedModel:
+def _fm(model_dir, slots: int = 1, seed: int = 3, dropout: float = 0.0) -> FederatedModel:
     """The tiny chat LLaMA with the same random (nonzero) adapter in every slot."""
-    config = AdapterConfig(ranks=[4] * slots, alpha=8.0, target_modules=["all-linear"], train_head=False)
+    config = AdapterConfig(ranks=[4] * slots, alpha=8.0, target_modules=["all-linear"], train_head=False,
+                           dropout=dropout)
     fm = FederatedModel(AutoModelForCausalLM.from_pretrained(model_dir), config)
     g = torch.Generator().manual_seed(seed)
     factors = {n: (0.3 * torch.randn(4, m.lora_A.shape[2], generator=g),
@@ -185,18 +186,23 @@ def test_held_out_label_word_pairs_are_cut_once_for_pairs_and_answers(tok, senti
         plain.prompts, plain.completions, plain.answers)
 
 
-def test_batched_clients_equal_one_client_at_a_time(tiny_chat_llama_dir, tok, pairs_file):
-    # Prepare: two clients of two pairs each, with the same starting adapter
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_batched_clients_equal_one_client_at_a_time(tiny_chat_llama_dir, tok, pairs_file, dropout):
+    # Prepare: two clients of two pairs each, with the same starting adapter (--lora-dropout: a pair's
+    # two rows have keys of their own, kept together whatever the layout)
     cfg = _cfg()
     task = get_task("dpo")
-    batched = _fm(tiny_chat_llama_dir, slots=2)
+    batched = _fm(tiny_chat_llama_dir, slots=2, dropout=dropout)
     data = _encoded(tok, batched, pairs_file, cfg)
-    step = TrainConfig(task=task, batch_size=2, local_steps=2, lr=1e-2)
+    # (with dropout, SGD: AdamW moves an entry by about lr whatever its gradient's size, so an entry
+    # with a tiny gradient turns float32 differences of ~3e-6 of the largest gradient into ~1e-4)
+    step = TrainConfig(task=task, batch_size=2, local_steps=2, lr=1e-2,
+                       optimizer="sgd" if dropout else "adamw")
     parts = [[0, 1], [2, 3]]
     # Execute: both in one pass, then each alone
     losses = train_clients(batched, data, [ClientSampler(p, seed=k) for k, p in enumerate(parts)], step)
     for k, part in enumerate(parts):
-        solo = _fm(tiny_chat_llama_dir)
+        solo = _fm(tiny_chat_llama_dir, dropout=dropout)
         alone = train_clients(solo, data, [ClientSampler(part, seed=k)], step)
         # Assert: the same loss and the same trained adapter
         assert alone[0] == pytest.approx(losses[k], rel=1e-5)

@@ -30,9 +30,10 @@ def _data(n=24, seq=10, seed=0):
             "labels": torch.randint(0, 3, (n,), generator=g)}
 
 
-def _model(base, mode, slots=1):
+def _model(base, mode, slots=1, dropout=0.0):
     plan = {"lora-sb": FedSB.adapter_plan, "ffa-lora": FFALoRA.adapter_plan}.get(mode, LORA)
-    fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[4] * slots, alpha=8.0, plan=plan))
+    fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[4] * slots, alpha=8.0, plan=plan,
+                                                           dropout=dropout))
     if mode != "lora-sb":
         fm.reset_adapters(0)
     gen = torch.Generator().manual_seed(1)
@@ -52,13 +53,15 @@ def _cfg(backend, steps=4):
                        dp_reproducible=True, dp_backend=backend)
 
 
-@pytest.mark.parametrize("mode", ["lora", "lora-sb", "ffa-lora"])
-def test_opacus_client_equals_fedlora_batched_dp(base, mode):
+@pytest.mark.parametrize("mode,dropout", [("lora", 0.0), ("lora-sb", 0.0), ("ffa-lora", 0.0), ("lora", 0.2),
+                                          ("lora-sb", 0.2)])
+def test_opacus_client_equals_fedlora_batched_dp(base, mode, dropout):
     # Prepare: the same one-slot model, data (24 rows, q = 6/24) and seed-keyed draws twice
+    # (--lora-dropout: Opacus' grad sampler reads the adapter's dropped-out input)
     data = _data()
     runs = {}
     for backend in ("fedlora", "opacus"):
-        fm = _model(base, mode)
+        fm = _model(base, mode, dropout=dropout)
         budget = Budget(sigma=0.8, sample_rate=0.25, delta=1e-3, epsilon=50.0)
         # Execute: 4 DP-SGD steps through fedlora's kernels, then through Opacus' GradSampleModule
         # and DPOptimizer (with fedlora's grad samplers registered for its layers)
@@ -69,10 +72,16 @@ def test_opacus_client_equals_fedlora_batched_dp(base, mode):
     assert sa == so == 4 and lo[0] == pytest.approx(la[0], rel=1e-5)
     moved = 0.0
     for pa, po, p0 in zip(fa.trainable_parameters(), fo.trainable_parameters(),
-                          _model(base, mode).trainable_parameters(), strict=True):
+                          _model(base, mode, dropout=dropout).trainable_parameters(), strict=True):
         torch.testing.assert_close(po, pa, rtol=1e-4, atol=1e-6)
         moved = max(moved, float((pa - p0).detach().abs().max()))
     assert moved > 1e-3  # the steps did change the adapter
+    if dropout:  # ... and the dropout changed what they learnt
+        plain = _model(base, mode)
+        local_training(plain, data, [ClientSampler(range(24), 7)], _cfg("fedlora"), 1,
+                       [Budget(sigma=0.8, sample_rate=0.25, delta=1e-3, epsilon=50.0)])
+        assert any(not torch.allclose(p, q, atol=1e-5) for p, q in
+                   zip(plain.trainable_parameters(), fa.trainable_parameters(), strict=True))
     if mode == "ffa-lora":  # FFA-LoRA: only B has per-example gradients and moves; A stays put
         assert [p.shape[1:] for p in fa.trainable_parameters() if p.dim() == 3][:1] == [(32, 4)]
         start = _model(base, mode)

@@ -348,3 +348,24 @@ def test_a_regression_under_dp_sgd_deployed_or_stateless_matches_the_simulator(t
     for out in ("grid", "stateless"):
         assert_same_adapter(tmp_path / "sim", tmp_path / out, rtol=1e-4, atol=1e-6)
     assert adapter_tensors(tmp_path / "grid")["base_model.model.classifier.weight"].shape == (1, 32)
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_lora_dropout_deployed_or_stateless_matches_the_simulator(tiny_bert_dir, tiny_csv, tmp_path, dp):
+    # Prepare: --lora-dropout 0.1, plain or under DP-SGD (fedlora's kernels in the simulator, Opacus on
+    # each deployed client): every engine draws each row's mask from its client's seed, round, step
+    # and example, so all three reach one adapter
+    plain = ["--rounds", "2", *job(tiny_bert_dir, tiny_csv), *(DP if dp else [])]
+    flags = [*plain, "--lora-dropout", "0.1"]
+    # Execute
+    simulate(flags, tmp_path / "sim")
+    deploy(flags, tmp_path / "grid", 2)
+    deploy(flags, tmp_path / "stateless", 2, stateless=True)
+    simulate(plain, tmp_path / "plain")
+    # Assert: the same adapter, recorded with PEFT's lora_dropout, and not the adapter without dropout
+    for out in ("grid", "stateless"):
+        assert_same_adapter(tmp_path / "sim", tmp_path / out, rtol=1e-4 if dp else 1e-5, atol=1e-6)
+        config = json.loads((tmp_path / out / "adapter" / "adapter_config.json").read_text())
+        assert config["lora_dropout"] == 0.1
+    with pytest.raises(AssertionError):
+        assert_same_adapter(tmp_path / "plain", tmp_path / "grid", rtol=1e-3, atol=1e-4)

@@ -170,6 +170,8 @@ def test_causal_lm_runs(tiny_llama_dir, tmp_path):
      " truncations of a restacked global update, so it has neither averaged factors nor a fold"),
     (["--server-lr", "0"], "--server-lr must be finite and > 0 (1: off), got 0.0"),
     (["--lora-alpha", "0"], "--lora-alpha must be > 0 (the update's scale is α / r), got 0.0"),
+    (["--lora-dropout", "1"], "--lora-dropout is a probability in [0, 1) (0: none; recipes use 0.05-0.1),"
+     " got 1.0"),
     (["--lr", "nan"], "--lr must be a finite number, got nan: pass one, or leave the flag out"),
     (["--lora-alpha", "inf"], "--lora-alpha must be a finite number, got inf"),
     (["--weight-decay", "-0.1"], "--weight-decay must be ≥ 0 (0: none), got -0.1"),

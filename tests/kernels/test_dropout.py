@@ -1,0 +1,78 @@
+"""Keyed LoRA dropout masks: the vectorized hash against its Python-integer reference, statistics,
+determinism and the inverted-dropout scaling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlora.kernels import dropout, dropout_mask, lora_dropout, row_keys, subrow_keys
+from fedlora.kernels.dropout import M32, dropout_mask_reference, mix32, mix32_reference
+
+
+def test_mix32_equals_exact_integer_products_without_overflow():
+    # Prepare: the edges of [0, 2^32) and random values
+    g = torch.Generator().manual_seed(0)
+    h = torch.cat([torch.tensor([0, 1, 2**16 - 1, 2**31, M32 - 1, M32]),
+                   torch.randint(0, 2**32, (500,), generator=g, dtype=torch.long)])
+    # Execute / Assert: the int64 split products equal Python's exact ones, and stay in [0, 2^32)
+    got = mix32(h)
+    assert got.tolist() == [mix32_reference(v) for v in h.tolist()]
+    assert int(got.min()) >= 0 and int(got.max()) <= M32
+    assert mix32_reference(0) == 0 and mix32_reference(1) != 1  # lowbias32 fixes 0 only
+
+
+def test_mask_equals_the_element_by_element_reference_in_chunks_of_any_size(monkeypatch):
+    keys = row_keys(torch.tensor([7, 7, 2**40 + 3]), torch.tensor([1, 1, 2]), 5, torch.tensor([0, 1, 0]))
+    want = dropout_mask_reference(keys.tolist(), 3, 4, 6, 0.3)
+    assert torch.equal(dropout_mask(keys, 3, 4, 6, 0.3), want)
+    for chunk in (1, 6, 13, 30):  # a token's features a chunk, part of one, several, uneven
+        monkeypatch.setattr(dropout, "CHUNK", chunk)
+        assert torch.equal(dropout_mask(keys, 3, 4, 6, 0.3), want)
+
+
+def test_same_key_same_mask_and_the_kept_share_is_one_minus_p():
+    # Prepare: 64 rows' keys, 16 tokens, 64 features (65,536 elements)
+    keys = row_keys(torch.full((64,), 11), torch.full((64,), 2), 3, torch.arange(64))
+    # Execute
+    mask = dropout_mask(keys, 0, 16, 64, 0.1)
+    # Assert: deterministic, in any row order; another layer (or key) gives another mask
+    assert torch.equal(mask, dropout_mask(keys, 0, 16, 64, 0.1))
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(dropout_mask(keys[perm], 0, 16, 64, 0.1), mask[perm])
+    assert not torch.equal(dropout_mask(keys, 1, 16, 64, 0.1), mask)
+    # the share kept is 0.9 within 4 standard deviations (sqrt(0.09 / 65536) = 0.0012), per row,
+    # per token position and per feature within their own (larger) deviations: no structure
+    share = mask.float()
+    assert abs(float(share.mean()) - 0.9) < 0.005
+    for dims, n in (((1, 2), 1024), ((0, 2), 4096), ((0, 1), 1024)):
+        assert float((share.mean(dim=dims) - 0.9).abs().max()) < 5 * (0.09 / n) ** 0.5
+    # P = 0 keeps everything; a larger P drops a superset of a smaller P's drops
+    assert bool(dropout_mask(keys, 0, 16, 64, 0.0).all())
+    assert bool((dropout_mask(keys, 0, 16, 64, 0.3) <= mask).all())
+
+
+def test_row_keys_differ_for_every_seed_round_step_and_example():
+    # Prepare: 4 seeds (one beyond 32 bits, one differing only there) × 3 rounds × 5 steps × 16 examples
+    seeds = torch.tensor([0, 1, 2**33, 2**33 + 1])
+    grid = torch.cartesian_prod(seeds, torch.arange(3), torch.arange(16))
+    keys = torch.cat([row_keys(grid[:, 0], grid[:, 1], step, grid[:, 2]) for step in range(5)])
+    # Assert: 960 distinct keys; several-row examples give each row its own key
+    assert keys.unique().numel() == 960
+    sub = subrow_keys(keys[:10], 2)
+    assert sub.numel() == 20 and sub.unique().numel() == 20
+    assert torch.equal(subrow_keys(keys, 1), keys)
+
+
+def test_inverted_dropout_by_hand():
+    # Prepare: x = 1..12 over (1 row, 2 tokens, 6 features), P = 0.5 (so kept entries double, exactly)
+    x = torch.arange(1.0, 13.0).view(1, 2, 6)
+    keys = torch.tensor([12345])
+    mask = dropout_mask_reference([12345], 4, 2, 6, 0.5)
+    # Execute
+    got = lora_dropout(x, keys, 4, 0.5)
+    # Assert: 2·x where kept, 0 elsewhere; some of each
+    assert torch.equal(got, torch.where(mask, 2 * x, torch.zeros(())))
+    assert 0 < int(mask.sum()) < 12
+    with pytest.raises(ValueError, match="2 dropout keys for an input of 1 rows"):
+        lora_dropout(x, torch.tensor([1, 2]), 4, 0.5)
