@@ -25,6 +25,9 @@ positions' logits are computed). All in bytes::
                 = L N (b h + e) + max(4Nh + logits, 2 s)   with it (e = b(2h + a + m) on 8 bits, else 0)
     logits      = B P V (b + 12)
     dp          = N b Σ_layers d_out + 4 E × trainable (--dp sample; E = --batch-size examples)
+                  + 4 N Σ_layers d_in with --lora-dropout (the hooks' dropped-out inputs)
+    dropout     = N [(4 Σ_layers d_in − 4 Σ_inputs d_in, in fp32 only) + Σ_layers d_in] more in s
+                  with --lora-dropout
 
 ``s`` is one block's tensors kept for the backward pass, counted op by op on LLaMA's block
 (RMSNorm, rotary attention, gated MLP, as in Mistral and Qwen2): each RMSNorm keeps an fp32 copy of
@@ -47,6 +50,10 @@ a real forward keeps, to 2%, and the whole step against the profiler's record of
 the backward pass) and the two fp32 gradients of the loss's backward. A quantized base also dequantizes one
 layer's weight at a time (``b × numel`` of the largest, once per pass). ``dp``: DP-SGD keeps every
 adapted layer's output gradient and every row's per-example gradient of each trainable tensor.
+``dropout`` (``--lora-dropout``): each adapted layer keeps its own dropped-out input, in fp32 no longer
+one tensor shared by the layers that read it (under bf16 autocast each already kept its own copy), and
+its bool mask (a byte per entry; none in fact for the first block's layers whose input carries no
+gradient, counted all the same).
 
 This counts live tensors, what ``torch.cuda.max_memory_allocated`` measures on a GPU and the
 profiler's allocation record on the CPU (``benchmarks/llm_memory.py``'s ``live peak``). On the CPU the
@@ -150,6 +157,9 @@ def block_bytes(shape: ModelShape, cfg: JobConfig) -> int:
         inputs[key] = d_in
     layers = dims["layers"]
     per += b * (sum(inputs.values()) + max(cfg.client_ranks()) * len(shape.layers)) / layers
+    if cfg.lora_dropout:  # each layer's own dropped-out input (fp32: no longer shared), and its mask
+        adapted = sum(d_in for _, d_in in shape.layers.values())
+        per += ((4 * adapted - b * sum(inputs.values()) if b == 4 else 0) + adapted) / layers
     if cfg.quantize == "int8":  # in fp32 LoRA's copy of an input is the 8-bit layer's own tensor
         shared = {k.rpartition(".")[2] for k in inputs} if b == 4 else set()
         per += int8_input_bytes(shape, cfg, shared)
@@ -368,6 +378,8 @@ def plan_memory(shape: ModelShape, cfg: JobConfig, response_tokens: int) -> Memo
     largest = max((t.numel for t in shape.base if t.rows), default=0)
     n = batch_rows(cfg) * cfg.max_length  # per-example gradients: one per example (a DPO pair shares one)
     dp = n * b * sum(d_out for d_out, _ in shape.layers.values()) + 4 * cfg.batch_size * trainable
+    if cfg.lora_dropout:  # the hooks keep each layer's dropped-out input, in fp32
+        dp += 4 * n * sum(d_in for _, d_in in shape.layers.values())
     return MemoryPlan(
         base=base_bytes(shape, cfg), shared=4 * shared,
         transient=b * largest if cfg.quantize != "none" else 0,

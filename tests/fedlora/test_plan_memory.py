@@ -120,7 +120,7 @@ def _kept_for_backward(cfg: JobConfig, response: int) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         out = fm(routing=Routing.segments(torch.tensor([0]), rows), positions=positions,
-                 input_ids=ids, attention_mask=torch.ones_like(ids))
+                 input_ids=ids, attention_mask=torch.ones_like(ids), dropout_keys=torch.arange(rows))
         loss = task.loss_sums(out.logits, labels, positions).sum()
     _held_by_8bit_layers(loss.grad_fn, kept)
     return sum(kept.values())
@@ -134,6 +134,32 @@ def test_saved_activations_match_a_real_forward(tiny_llama_dir, task, precision,
     cfg = _job(tiny_llama_dir, task=task, precision=precision, target_modules=targets)
     planned = saved_bytes(build_shape(cfg), cfg, 3, checkpointing=False)
     assert planned == pytest.approx(_kept_for_backward(cfg, 3), rel=0.02)
+
+
+@pytest.mark.parametrize("task, precision, targets", [
+    ("causal-lm", "fp32", None), ("sft", "fp32", ["all-linear"]), ("causal-lm", "bf16", ["all-linear"]),
+])
+def test_lora_dropout_s_inputs_and_masks_match_a_real_forward(tiny_llama_dir, task, precision, targets):
+    cfg = _job(tiny_llama_dir, task=task, precision=precision, target_modules=targets, lora_dropout=0.1)
+    planned = saved_bytes(build_shape(cfg), cfg, 3, checkpointing=False)
+    assert planned == pytest.approx(_kept_for_backward(cfg, 3), rel=0.02)
+
+
+def test_lora_dropout_s_bytes_by_hand(tiny_llama_dir):
+    # 2 rows of 16 tokens, 2 blocks; q and v read one 32-wide input, which in fp32 they shared: each now
+    # keeps its own dropped-out copy (4 × 32 more bytes a token and block) and a bool mask (2 × 32)
+    jobs = {p: _job(tiny_llama_dir, lora_dropout=p) for p in (0.0, 0.1)}
+    saved = {p: saved_bytes(build_shape(cfg), cfg, 3, checkpointing=False) for p, cfg in jobs.items()}
+    assert saved[0.1] - saved[0.0] == 32 * 2 * (4 * 32 + 2 * 32)
+    # under bf16 autocast every adapted layer kept its own copy already: the masks only, all-linear's
+    # q, k, v, o, gate, up (32 wide) and down (64) a byte each
+    bf16 = {p: _job(tiny_llama_dir, lora_dropout=p, precision="bf16", target_modules=["all-linear"])
+            for p in (0.0, 0.1)}
+    saved = {p: saved_bytes(build_shape(cfg), cfg, 3, checkpointing=False) for p, cfg in bf16.items()}
+    assert saved[0.1] - saved[0.0] == 32 * 2 * (6 * 32 + 64)
+    # DP-SGD's hooks keep each layer's dropped-out input in fp32: 4 × (32 + 32) a token and block
+    dp = {p: plan_memory(build_shape(cfg), cfg, 3).dp for p, cfg in jobs.items()}
+    assert dp[0.1] - dp[0.0] == 32 * 2 * 4 * 64
 
 
 @pytest.mark.parametrize("precision, targets", [("fp32", None), ("bf16", ["query", "value", "output.dense"])])
