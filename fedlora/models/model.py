@@ -23,7 +23,8 @@ from transformers.pytorch_utils import Conv1D
 
 from fedlora.errors import UserError
 from fedlora.kernels import Routing
-from fedlora.models.lora import BatchedLinear, BatchedLoRALinear, Router, linear_shape
+from fedlora.models.head import BatchedLinear
+from fedlora.models.lora import BatchedLoRALinear, Router, linear_shape
 from fedlora.models.peft_targets import check_peft_targets
 from fedlora.strategies.plan import LORA, AdapterPlan
 

@@ -49,7 +49,8 @@ from fedlora.kernels.per_sample import (
     lora_grad_sample,
     sb_grad_sample,
 )
-from fedlora.models.lora import BatchedLinear, BatchedLoRALinear
+from fedlora.models.head import BatchedLinear
+from fedlora.models.lora import BatchedLoRALinear
 from fedlora.privacy.accounting import Budget, GaussianNoise
 from fedlora.tasks import gather_rows, row_groups
 from fedlora.training.optim import make_optimizer

@@ -46,7 +46,8 @@ from torch import Tensor, nn
 
 from fedlora.errors import UserError
 from fedlora.kernels import subrow_keys
-from fedlora.models.lora import BatchedLinear, BatchedLoRALinear
+from fedlora.models.head import BatchedLinear
+from fedlora.models.lora import BatchedLoRALinear
 from fedlora.privacy.accounting import Budget, GaussianNoise
 from fedlora.privacy.dpsgd import (
     dp_parameters,
