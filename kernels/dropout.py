@@ -10,9 +10,11 @@ example adds its place in the example: :func:`subrow_keys`). Kept entries are sc
 ``1 / (1 − P)`` (inverted dropout), so the expectation is the input.
 
 The hash is ``lowbias32`` (a bijection of ``[0, 2³²)``), chained ``h ← mix(h ⊕ v)`` over the
-values, in vectorized int64 ops whose products never exceed 2⁴⁸ (no overflow, so every device
-computes the same bits). :func:`mix32_reference` and :func:`dropout_mask_reference` loop over
-Python integers, for the tests.
+values. The keys are hashed in int64 ops whose products never exceed 2⁴⁸ (:func:`mix32`); the
+elements, which are many, in int32 (:func:`_mix32_i32`: the same bits, 4–6 times faster on a CPU),
+whose products wrap modulo 2³² as two's-complement hardware multiplies do (AVX2's ``vpmulld``,
+CUDA's ``mul.lo``). :func:`mix32_reference` and :func:`dropout_mask_reference` loop over Python
+integers, for the tests.
 """
 
 from __future__ import annotations
@@ -39,6 +41,24 @@ def mix32(h):
     h = h ^ (h >> 15)
     h = _mul32(h, _C2)
     return h ^ (h >> 16)
+
+
+def _signed(c: int) -> int:
+    """The int32 whose bits are the 32-bit unsigned ``c``."""
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+_C1_I32, _C2_I32 = _signed(_C1), _signed(_C2)
+
+
+def _mix32_i32(h: Tensor) -> Tensor:
+    """:func:`mix32` of an int32 tensor holding 32-bit values as their two's-complement bits: the
+    products wrap modulo 2³², and each right shift is made logical by masking the sign's copies."""
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _C1_I32
+    h = h ^ ((h >> 15) & 0x1FFFF)
+    h = h * _C2_I32
+    return h ^ ((h >> 16) & 0xFFFF)
 
 
 def _chain(h, *values):
@@ -71,11 +91,15 @@ def dropout_mask(keys: Tensor, layer: int, tokens: int, features: int, p: float)
     dev = keys.device
     c = mix32(keys.long() ^ mix32((layer & M32) ^ _LAYER_SALT))                     # (N,)
     c = mix32(c.unsqueeze(1) ^ torch.arange(tokens, device=dev)).reshape(-1, 1)      # (N·T, 1)
-    j, threshold = torch.arange(features, device=dev), int(round(p * 2**32))
+    c = (c - ((c >> 31) << 32)).to(torch.int32)                 # the same bits, as int32
+    j = torch.arange(features, device=dev, dtype=torch.int32)
+    # unsigned h ≥ P·2³² as signed int32s: both sides shifted by 2³¹ (the sign bit flipped)
+    threshold = min(int(round(p * 2**32)), M32) - (1 << 31)
     out = torch.empty(c.shape[0], features, dtype=torch.bool, device=dev)
     rows = max(1, CHUNK // max(features, 1))
     for start in range(0, c.shape[0], rows):
-        torch.ge(mix32(c[start:start + rows] ^ j), threshold, out=out[start:start + rows])
+        h = _mix32_i32(c[start:start + rows] ^ j) ^ _signed(1 << 31)
+        torch.ge(h, threshold, out=out[start:start + rows])
     return out.view(keys.numel(), tokens, features)
 
 

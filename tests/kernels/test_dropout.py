@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedlora.kernels import dropout, dropout_mask, lora_dropout, row_keys, subrow_keys
-from fedlora.kernels.dropout import M32, dropout_mask_reference, mix32, mix32_reference
+from fedlora.kernels.dropout import M32, _mix32_i32, dropout_mask_reference, mix32, mix32_reference
 
 
 def test_mix32_equals_exact_integer_products_without_overflow():
@@ -20,6 +20,9 @@ def test_mix32_equals_exact_integer_products_without_overflow():
     assert got.tolist() == [mix32_reference(v) for v in h.tolist()]
     assert int(got.min()) >= 0 and int(got.max()) <= M32
     assert mix32_reference(0) == 0 and mix32_reference(1) != 1  # lowbias32 fixes 0 only
+    # the elements' int32 form (wrapping products, masked shifts) holds the same bits
+    signed = (h - ((h >> 31) << 32)).to(torch.int32)
+    assert (_mix32_i32(signed).long() & M32).tolist() == got.tolist()
 
 
 def test_mask_equals_the_element_by_element_reference_in_chunks_of_any_size(monkeypatch):
