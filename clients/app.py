@@ -35,6 +35,7 @@ from fedlora.job.checks import check_job_args
 from fedlora.job.flags import flag_name
 from fedlora.job.runconfig import from_run_config
 from fedlora.job.schema import JobConfig
+from fedlora.job.warm import forget
 from fedlora.models.state import probes_from_tensors
 from fedlora.rounds.checkpoint import load_tensors, save_tensors
 from fedlora.rounds.compress import unpack
@@ -45,10 +46,12 @@ app = ClientApp(mods=[secagg_bridge])
 KEPT = "fedlora-kept"  # context.state record: the client's personal factors (plan's keep)
 RESIDUAL = "fedlora-residual"  # context.state record: --compress's error-feedback residual
 _CACHE: dict[tuple[int, int], LocalClient] = {}
+_RUN: dict[str, int] = {}  # the run the caches hold
 CACHED_CLIENTS = 1
 """Clients this process keeps warm: a SuperNode serves one node; a Ray actor of Flower's simulation
 serves many virtual nodes and keeps one model at a time (the others are rebuilt from their
-``context.state``); an in-process test grid may keep one per node."""
+``context.state``, with the job's data and their encoded examples as the process keeps them:
+``fedlora.job.warm``); an in-process test grid may keep one per node."""
 
 
 def local_client(msg: Message, context: Context) -> LocalClient:
@@ -57,8 +60,10 @@ def local_client(msg: Message, context: Context) -> LocalClient:
     client = _CACHE.get(key)
     if client is None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        for other in [k for k in _CACHE if k[0] != context.run_id]:
-            del _CACHE[other]  # one run at a time: release the previous run's models
+        if _RUN.get("id") != context.run_id:  # one run at a time: release the previous run's models,
+            _CACHE.clear()  # and its data (the model's folder may have changed since: its tokenizer)
+            forget()
+            _RUN["id"] = context.run_id
         while _CACHE and len(_CACHE) >= CACHED_CLIENTS:
             del _CACHE[next(iter(_CACHE))]  # the oldest
         cfg = from_run_config(dict(context.run_config))

@@ -10,9 +10,10 @@ Tokenisation belongs to the tasks (``fedlora.tasks``).
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,20 +242,34 @@ def partition(ds: TextDataset, num_clients: int, method: str, alpha: float,
     ``clients``: only these clients' indices, in that order (default: every client's). A deployed
     client reads its own share so, without loading the other ``num_clients - 1`` partitions (about a
     millisecond each through flwr-datasets: seconds per message for thousands of clients)."""
-    wanted = range(num_clients) if clients is None else clients
+    return shares(ds, num_clients, method, alpha, seed)(range(num_clients) if clients is None else clients)
+
+
+def shares(ds: TextDataset, num_clients: int, method: str, alpha: float,
+           seed: int) -> Callable[[Sequence[int]], list[list[int]]]:
+    """:func:`partition` in two steps: the partition is drawn once (a Dirichlet partition of 25,000
+    examples over 1,000 clients takes about a second: at its first call), and the function returned
+    gives the indices of the clients it is called with, each partition loaded alone.
+
+    Raises
+    ------
+    UserError
+        An unknown method, more clients than examples, a method of classes for data without any; at
+        the first call, a Dirichlet partition it cannot make.
+    """
     from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    from flwr_datasets.partitioner import IidPartitioner
 
     if method not in PARTITIONS:
         raise UserError(f"unknown partition {method!r}; use one of {', '.join(PARTITIONS)}")
     if num_clients > len(ds):
         raise UserError(f"{num_clients} clients but only {len(ds)} training examples")
     if method == "natural":
-        return _pick(natural(ds.groups or [], num_clients), wanted)
+        return functools.partial(_pick, natural(ds.groups or [], num_clients))
     classes = ds.labels if ds.groups is None else _numbered(ds.groups)
     table = Dataset.from_dict({"idx": list(range(len(ds))), "label": classes or [0] * len(ds)})
     if method == "iid":
-        return _load(IidPartitioner(num_partitions=num_clients), table, wanted)
+        return _loader(IidPartitioner(num_partitions=num_clients), table)
     if classes is None:
         what = " (its targets are scores, not classes)" if ds.targets is not None else ""
         raise UserError(f"--partition {method} splits by the labels, and this data has none{what}: use"
@@ -263,17 +278,38 @@ def partition(ds: TextDataset, num_clients: int, method: str, alpha: float,
     if alpha <= 0:
         raise UserError(f"--alpha must be > 0, got {alpha}")
     if method == "dirichlet-clients":
-        return _pick(dirichlet_clients(classes, num_clients, alpha, seed), wanted)
-    error: Exception | None = None
-    for size in dict.fromkeys([max(1, min(10, len(ds) // (4 * num_clients))), 1]):
-        try:  # a minimum share per client first; then any non-empty share
-            return _load(DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=alpha,
-                                              min_partition_size=size, seed=seed), table, wanted)
-        except ValueError as exc:
-            error = exc
-    raise UserError(f"cannot partition {len(ds)} examples into {num_clients} clients with"
-                    f" alpha={alpha}: {error}; use fewer clients, a larger --alpha, or --partition"
-                    " dirichlet-clients (each client's label mix from Dir(alpha), equal sizes)")
+        return functools.partial(_pick, dirichlet_clients(classes, num_clients, alpha, seed))
+    sizes = list(dict.fromkeys([max(1, min(10, len(ds) // (4 * num_clients))), 1]))
+    return _dirichlet(table, num_clients, alpha, seed, sizes)
+
+
+def _dirichlet(table, num_clients: int, alpha: float, seed: int,
+               sizes: list[int]) -> Callable[[Sequence[int]], list[list[int]]]:
+    """flwr-datasets' Dirichlet partition of ``table``, drawn at the first call (which loads the
+    clients it is called with alone), with a minimum share per client of ``sizes[0]``, else of the next
+    size it can give every client."""
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    drawn: list[Callable[[Sequence[int]], list[list[int]]]] = []
+
+    def load(clients: Sequence[int]) -> list[list[int]]:
+        if drawn or not clients:
+            return drawn[0](clients) if drawn else []
+        error: Exception | None = None
+        for size in sizes:  # a minimum share per client first; then any non-empty share
+            loader = _loader(DirichletPartitioner(num_partitions=num_clients, partition_by="label",
+                                                  alpha=alpha, min_partition_size=size, seed=seed), table)
+            try:
+                got = loader(clients)
+            except ValueError as exc:
+                error = exc
+                continue
+            drawn.append(loader)
+            return got
+        raise UserError(f"cannot partition {table.num_rows} examples into {num_clients} clients with"
+                        f" alpha={alpha}: {error}; use fewer clients, a larger --alpha, or --partition"
+                        " dirichlet-clients (each client's label mix from Dir(alpha), equal sizes)")
+    return load
 
 
 def _numbered(groups: list[str]) -> list[int]:
@@ -334,12 +370,15 @@ def _pick(parts: list[list[int]], clients: Sequence[int]) -> list[list[int]]:
     return [parts[c] for c in clients]
 
 
-def _load(part, table, clients: Sequence[int]) -> list[list[int]]:
-    """The indices of ``clients`` from flwr-datasets' partitioner ``part`` (each partition loaded
-    alone), without its warnings (the Dirichlet partitioner warns at every draw it retries, a dozen
-    long lines even under --quiet; a partition it cannot make is refused by :func:`partition` in one
-    line)."""
+def _loader(part, table) -> Callable[[Sequence[int]], list[list[int]]]:
+    """The indices of the clients it is called with, from flwr-datasets' partitioner ``part`` of
+    ``table`` (each partition loaded alone), without its warnings (the Dirichlet partitioner warns at
+    every draw it retries, a dozen long lines even under --quiet; a partition it cannot make is refused
+    by :func:`shares` in one line)."""
     part.dataset = table
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module=r"flwr_datasets(\.|$)")
-        return [list(part.load_partition(i)["idx"]) for i in clients]
+
+    def load(clients: Sequence[int]) -> list[list[int]]:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"flwr_datasets(\.|$)")
+            return [list(part.load_partition(i)["idx"]) for i in clients]
+    return load

@@ -18,6 +18,7 @@ from fedlora.errors import UserError
 from fedlora.job.paths import digest_of
 from fedlora.job.schema import JobConfig
 from fedlora.job.setup import build_model, client_share, personal_split, prepared
+from fedlora.job.warm import Recent, job_key
 from fedlora.models.state import (
     apply_global,
     download_from_tensors,
@@ -52,6 +53,21 @@ class ClientData:
                    data=node_config.get("data") or None)
 
 
+@dataclass
+class Examples:
+    """A client's encoded examples: ``train`` (``count`` of them) and ``personal`` (held out, or None)."""
+
+    train: object
+    personal: object
+    count: int
+
+
+CLIENTS_KEPT = 16
+"""Clients whose encoded examples a process keeps (a Ray actor of Flower's simulation rebuilds a
+client for each message: its train and evaluate messages of a round find them kept)."""
+_EXAMPLES: Recent[Examples] = Recent(CLIENTS_KEPT)
+
+
 KEEP_ROUNDS = 3
 """Rounds of kept (personal) factors a client holds: a resumed server redoes at most one."""
 
@@ -66,18 +82,15 @@ class LocalClient:
         self.rank = cfg.rank_of(where.client_id)
         self.fm, tokenizer, _ = build_model(cfg, [self.rank], self.strategy.plan(1), len(label_names),
                                             label_names)
-        ds = self._examples(label_names)
         #: its own --data's digest (60 bits), sent with each upload: the server refuses another file
         #: from this client later in the run (Coordinator.check_client_data)
         own = digest_of(where.data, names=False) if where.data else None  # a moved copy is the same
         self.data_digest = None if own is None else int(own[:15], 16)
-        train, test = personal_split(cfg, where.client_id, len(ds))
-        # --personal-test-fraction: held-out examples of this client, to measure its own model
-        self.personal = (prepared(self.task, self.fm, cfg,
-                                  self.task.eval_set(tokenizer, ds.subset(test), cfg)) if test else None)
-        ds = ds.subset(train) if test else ds
-        self.train = prepared(self.task, self.fm, cfg, self.task.encode(tokenizer, ds, cfg))
-        self.sampler = ClientSampler.for_client(cfg, where.client_id, range(len(ds)))
+        # the examples, encoded: kept by the process for the next rebuild of this client
+        key = (job_key(cfg), own, repr(where), tuple(label_names))
+        ex = _EXAMPLES.get(key, lambda: self._encoded(tokenizer, label_names))
+        self.train, self.personal = ex.train, ex.personal
+        self.sampler = ClientSampler.for_client(cfg, where.client_id, range(ex.count))
         self.folded_through = 0
         self.clip: float | None = None  # --dp sample: the per-example clip the server measured
         self.start: dict[str, Tensor] = {}  # --secagg: the uploaded tensors' values before the last fit
@@ -94,8 +107,19 @@ class LocalClient:
         self.reference: dict[str, Tensor] = {}
         self.residuals: dict[int, dict[str, Tensor]] = {}
         # --dp sample: this client's privacy ledger (σ calibrated to its own sampling rate)
-        self.budget = (sample_budgets(cfg, [len(ds)], self.strategy.init_releases, self.fm.model)[0]
+        self.budget = (sample_budgets(cfg, [ex.count], self.strategy.init_releases, self.fm.model)[0]
                        if cfg.dp == "sample" else None)
+
+    def _encoded(self, tokenizer, label_names: list[str]) -> Examples:
+        """This client's examples, encoded and :func:`prepared`: those it trains on and, with
+        ``--personal-test-fraction``, those it holds out to measure its own model."""
+        cfg, ds = self.cfg, self._examples(label_names)
+        train, test = personal_split(cfg, self.where.client_id, len(ds))
+        personal = (prepared(self.task, self.fm, cfg, self.task.eval_set(tokenizer, ds.subset(test), cfg))
+                    if test else None)
+        ds = ds.subset(train) if test else ds
+        return Examples(prepared(self.task, self.fm, cfg, self.task.encode(tokenizer, ds, cfg)), personal,
+                        len(ds))
 
     def _examples(self, label_names: list[str]):
         """This client's examples: its own file (labels renamed to the job's), or its partition."""
