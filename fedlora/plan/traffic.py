@@ -25,8 +25,10 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, fields, is_dataclass, replace
 from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ from fedlora.rounds.coordinator import Coordinator
 from fedlora.rounds.wire import DATA, INDEX, record_index
 from fedlora.strategies import ClientUpload, GlobalState
 
+T = TypeVar("T")
 #: Length of a Flower object id (a SHA-256 in hex).
 OBJECT_ID = 64
 
@@ -133,6 +136,8 @@ class Replay:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.coord = Coordinator(cfg, self.strategy, fm=None, test=None)
         self.state: GlobalState | None = None                                  # on representatives only
+        self.seen: dict[tuple, Any] = {}           # what rounds of these shapes counted (see round)
+        self.fold_shapes: list[Hashable] = []       # fold_shapes[t - 1]: :func:`shapes` of round t's fold
 
     def _full(self, per_rep: dict | None) -> dict | None:
         """A dict over the representatives as a dict over every layer (shared tensors); None and
@@ -188,22 +193,70 @@ class Replay:
 
     def round(self, rnd: int) -> RoundBytes:
         """Round ``rnd``: every sampled client's download (with the folds it missed) and upload, then
-        the strategy's aggregate, as :func:`fedlora.rounds.loop.run` orders them."""
-        coord, clients = self.coord, self.cfg.sampled(rnd)
+        the strategy's aggregate, as :func:`fedlora.rounds.loop.run` orders them. What a round of the
+        same shapes as an earlier one counted (a download, an upload, the aggregate's next state) is
+        taken from it (:attr:`seen`): a long plan's rounds are mostly alike."""
+        coord, clients, plan = self.coord, self.cfg.sampled(rnd), self.coord.plan
         coded = coord.down, coord.codec.scheme  # --compress-down, --compress (none: as they are)
-        down = [record_bytes(pack(coded[0], sent)) + record_bytes(pack(coded[0], catch))
-                for sent, catch in map(coord.payload, clients)]
-        uploads = [self._upload(c) for c in clients]
-        full = [replace(u, factors=self._full(u.factors), cores=self._full(u.cores)) for u in uploads]
-        up = [record_bytes(pack(coded[1], upload_tensors(u, coord.plan))) for u in full]
+        state = (shapes(self.state, skip=UNSHIPPED), shapes(coord.fold))
+        down = [self._seen(("down", plan, state, *self._missed(c)),
+                           lambda c=c: sum(record_bytes(pack(coded[0], t)) for t in coord.payload(c)))
+                for c in clients]
+        ranks = tuple(self.cfg.rank_of(c) for c in clients)
+        up = [self._seen(("up", plan, r), lambda c=c: record_bytes(pack(coded[1], upload_tensors(
+            self._full_upload(self._upload(c)), coord.plan)))) for c, r in zip(clients, ranks, strict=True)]
         for c in clients:
             coord.delivered(c)
-        agg = self.strategy.aggregate(uploads, self.state)
-        self.state = agg.state
-        coord.folds.append(self._full(agg.fold) if agg.fold else {})
-        coord.round = self.state.round = rnd
+        # the aggregate's next state and fold, on random uploads: only their shapes are used
+        new, fold = self._seen(("aggregate", plan, state, ranks), lambda: self._aggregate(clients))
+        self.state = replace(new, round=rnd)
+        coord.folds.append(fold)
+        self.fold_shapes.append(shapes(fold))
+        coord.round = rnd
         self._publish(self.state)
         return RoundBytes(rnd, list(clients), up, down)
+
+    def _seen(self, key: tuple, count: Callable[[], T]) -> T:
+        """What ``count()`` gives for ``key``, counted once."""
+        if key not in self.seen:
+            self.seen[key] = count()
+        return self.seen[key]
+
+    def _missed(self, client: int) -> tuple[bool, tuple]:
+        """What sets ``client``'s download's size besides the round's state: whether it is sent the
+        shared factors, and the rounds (their numbers are in the names) and shapes of the folds it missed."""
+        coord = self.coord
+        first = coord.holds_state and client not in coord.has_shared
+        missed = range(coord.synced.get(client, 0) + 1, coord.round)
+        return first, tuple((t, self.fold_shapes[t - 1]) for t in missed)
+
+    def _full_upload(self, upload: ClientUpload) -> ClientUpload:
+        return replace(upload, factors=self._full(upload.factors), cores=self._full(upload.cores))
+
+    def _aggregate(self, clients: list[int]) -> tuple[GlobalState, dict]:
+        """The strategy's aggregate of random uploads of ``clients``: ``(next state, fold over every
+        layer)``. The sum of the folds so far (``merged``, which never travels and grew every round:
+        FLoRA's cost grew with it) is left out."""
+        agg = self.strategy.aggregate([self._upload(c) for c in clients], replace(self.state, merged={}))
+        return agg.state, (self._full(agg.fold) if agg.fold else {})
+
+
+UNSHIPPED = ("round", "merged", "residual")
+"""The fields of a global state that no message carries (:func:`shapes` leaves them out)."""
+
+
+def shapes(value: Any, skip: tuple[str, ...] = ()) -> Hashable:
+    """``value`` with each tensor replaced by its dtype and shape (a dataclass's fields but ``skip``,
+    dicts, sequences; other values as they are): what a message's size depends on."""
+    if isinstance(value, Tensor):
+        return str(value.dtype), tuple(value.shape)
+    if is_dataclass(value):
+        return tuple((f.name, shapes(getattr(value, f.name))) for f in fields(value) if f.name not in skip)
+    if isinstance(value, dict):
+        return tuple((k, shapes(v)) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return tuple(shapes(v) for v in value)
+    return value
 
 
 def plan_traffic(cfg: JobConfig, layers: dict[str, tuple[int, int]], head: dict[str, tuple[int, ...]],

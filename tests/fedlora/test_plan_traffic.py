@@ -9,7 +9,7 @@ import torch
 
 from fedlora.job.schema import JobConfig
 from fedlora.plan.shape import build_shape
-from fedlora.plan.traffic import plan_traffic, record_bytes
+from fedlora.plan.traffic import Replay, plan_traffic, record_bytes
 from fedlora.rounds.wire import tensor_bytes
 from fedlora.simulations.engine import run
 from fedlora.strategies import STRATEGIES
@@ -92,3 +92,37 @@ def test_a_checkpoint_without_a_pooler_is_planned_without_its_adapter(bert_mlm_d
     assert shape.fm.saved_modules == ["bert.pooler.dense"] and not any("pooler" in n for n in shape.layers)
     assert [p.up for p in plan] == [r["bytes_up_per_client"] for r in rows]
     assert [p.down for p in plan] == [r["bytes_down_per_client"] for r in rows]
+
+
+def _long_job(model, strategy: str, **kw) -> JobConfig:
+    """A 12-round job of 5 clients, 2 a round (mixed ranks where the strategy takes them)."""
+    mixed = {"ranks": [2, 4, 3, 4, 2]} if STRATEGIES[strategy].heterogeneous_ranks else {}
+    values = dict(strategy=strategy, model=str(model), task="causal-lm", num_clients=5, clients_per_round=2,
+                  rounds=12, rank=4, max_length=16, target_modules=["all-linear"], seed=3)
+    return JobConfig(**{**values, **mixed, **kw})
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_rounds_counted_once_per_shape_equal_rounds_counted_each(strategy, tiny_llama_dir, monkeypatch):
+    # Prepare: a long job of uneven rounds (missed folds, first downloads, mixed ranks)
+    cfg = _long_job(tiny_llama_dir, strategy)
+    shape = build_shape(cfg)
+    # Execute: counted once per shape of round, then every round counted afresh
+    once = plan_traffic(cfg, shape.layers, shape.heads)
+    monkeypatch.setattr(Replay, "_seen", lambda self, key, count: count())
+    each = plan_traffic(cfg, shape.layers, shape.heads)
+    # Assert: the same bytes, client by client, round by round
+    assert [(r.clients, r.up, r.down) for r in once] == [(r.clients, r.up, r.down) for r in each]
+
+
+def test_alike_rounds_aggregate_once(tiny_llama_dir, monkeypatch):
+    # Prepare: FedAvg over 40 rounds, counting its aggregates
+    cfg = _long_job(tiny_llama_dir, "fedavg", rounds=40)
+    shape = build_shape(cfg)
+    calls, fedavg = [], STRATEGIES["fedavg"]
+    counted = fedavg.aggregate
+    monkeypatch.setattr(fedavg, "aggregate", lambda self, *a: calls.append(1) or counted(self, *a))
+    # Execute
+    plan = plan_traffic(cfg, shape.layers, shape.heads)
+    # Assert: every round planned, from one aggregate per distinct pair of ranks at most
+    assert len(plan) == 41 and 1 <= len(calls) <= 4
