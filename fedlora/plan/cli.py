@@ -146,18 +146,44 @@ def strategy_traffic(cfg: JobConfig, shape: ModelShape) -> dict[str, list[RoundB
     return out
 
 
+FIRST_ROUNDS = 3
+"""Rounds the traffic table shows one by one (after round 0); later ones share a column."""
+
+
 def traffic_lines(traffic: dict[str, list[RoundBytes] | str], rounds: int) -> list[str]:
-    """The traffic table: each round's largest upload and download over its clients."""
-    shown = range(rounds + 1)
-    lines = ["| strategy | " + " | ".join(f"round {t}" for t in shown) + " |",
-             "|---|" + "---:|" * len(shown)]
+    """The traffic table: round 0 and each of the first :data:`FIRST_ROUNDS` rounds' largest upload
+    and download over its clients, the largest of the later rounds in one column, and the most one
+    client sends and receives over the whole run."""
+    last = min(rounds, FIRST_ROUNDS)
+    spans = [(t, t) for t in range(last + 1)] + ([(last + 1, rounds)] if rounds > last else [])
+    heads = [f"round {a}" if a == b else f"rounds {a}–{b}, largest" for a, b in spans]
+    heads.append(f"run of {rounds} round{'' if rounds == 1 else 's'}, most per client")
+    lines = ["| strategy | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
     for name, rows in traffic.items():
         if isinstance(rows, str):
-            lines.append(f"| `{name}` | {rows} |" + " |" * (len(shown) - 1))
+            lines.append(f"| `{name}` | {rows} |" + " |" * (len(heads) - 1))
             continue
-        cells = [f"↑ {human_wire(max(r.up))} ↓ {human_wire(max(r.down))}" if r.up else "–" for r in rows]
-        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+        cells = [_largest(rows[a:b + 1]) for a, b in spans]
+        lines.append(f"| `{name}` | " + " | ".join([*cells, _run_total(rows)]) + " |")
     return lines
+
+
+def _largest(rows: list[RoundBytes]) -> str:
+    """``↑ up ↓ down``: the largest upload and download of any client in ``rows`` ('–': no client)."""
+    if not any(r.up for r in rows):
+        return "–"
+    return (f"↑ {human_wire(max(max(r.up) for r in rows if r.up))}"
+            f" ↓ {human_wire(max(max(r.down) for r in rows if r.down))}")
+
+
+def _run_total(rows: list[RoundBytes]) -> str:
+    """``↑ up ↓ down``: the most any one client sends, and receives, over every round of ``rows``."""
+    up: dict[int, int] = {}
+    down: dict[int, int] = {}
+    for r in rows:
+        for c, u, d in zip(r.clients, r.up, r.down, strict=True):
+            up[c], down[c] = up.get(c, 0) + u, down.get(c, 0) + d
+    return f"↑ {human_wire(max(up.values()))} ↓ {human_wire(max(down.values()))}" if up else "–"
 
 
 def memory_lines(mem: MemoryPlan, cfg: JobConfig, clients: int, memories: list[tuple[str, int]]) -> list[str]:

@@ -7,10 +7,11 @@ import json
 import pytest
 
 from fedlora.job.schema import JobConfig
-from fedlora.plan.cli import main, parse_memory
+from fedlora.plan.cli import _largest, _run_total, main, parse_memory
 from fedlora.plan.memory import plan_memory
 from fedlora.plan.presets import PRESETS
 from fedlora.plan.shape import build_shape
+from fedlora.plan.traffic import RoundBytes
 from fedlora.strategies import STRATEGIES
 
 
@@ -138,3 +139,28 @@ def test_an_attention_free_model_is_planned(tmp_path, capsys):
     # Assert: a plan with memory and traffic (dims() read num_attention_heads, which FNet lacks)
     plan = json.loads(out.read_text())["plan"]
     assert code == 0 and plan["per_client"] > 0 and plan["traffic"]["fedavg"][1]["up"]
+
+
+def _traffic_table(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| strategy |") or line.startswith("| `")]
+
+
+def test_a_long_run_shows_its_first_rounds_the_rest_and_the_run(tiny_llama_dir, capsys):
+    # Execute: 60 rounds of 3 of 6 clients, every strategy
+    job = ["--task", "causal-lm", "--rank", "4", "--batch-size", "2", "--max-length", "16"]
+    assert main(["--model", str(tiny_llama_dir), *job, "--num-clients", "6", "--clients-per-round", "3",
+                 "--rounds", "60"]) == 0
+    # Assert: rounds 0-3 one by one, rounds 4-60 in one column, the run's total: 6 columns a row
+    head, *rows = _traffic_table(capsys.readouterr().out)
+    assert head.split(" | ")[1:] == ["round 0", "round 1", "round 2", "round 3", "rounds 4–60, largest",
+                                     "run of 60 rounds, most per client |"]
+    assert len(rows) == len(STRATEGIES) and all(row.count(" | ") == 6 for row in rows)
+
+
+def test_run_total_is_the_most_one_client_sends_over_the_rounds():
+    # Prepare: client 1 in both rounds (5 + 7 up, 1 + 1 down), client 2 in one (9 up, 30 down)
+    rows = [RoundBytes(1, [1, 2], [5, 9], [1, 30]), RoundBytes(2, [1], [7], [1])]
+    # Execute / Assert: the largest totals, each over its own client
+    assert _run_total(rows) == "↑ 12 B ↓ 30 B"
+    assert _largest(rows[1:]) == "↑ 7 B ↓ 1 B" and _largest([RoundBytes(0, [], [], [])]) == "–"
+
