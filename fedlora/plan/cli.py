@@ -1,5 +1,6 @@
 """``fedlora-plan``: a job's memory per client and per pass, the clients a pass fits in ``--memory``,
-and the bytes each client sends and receives per round under every strategy, from the model's
+and the bytes each client sends and receives per round under --strategy (every strategy where the
+job does not name one), from the model's
 shape alone: the model is built on the meta device and no weight is read.
 
     fedlora-plan --model llama-3.1-8b --task sft --quantize nf4 --precision bf16 --rank 16 \\
@@ -22,7 +23,7 @@ import torch
 
 from fedlora.errors import UserError, command
 from fedlora.job.checks import check_fold_rank, check_job_args, check_quant_correction
-from fedlora.job.configfile import add_config_argument, parse_args
+from fedlora.job.configfile import add_config_argument, parse_args, read_config
 from fedlora.job.flags import Parser, add_job_arguments, to_config
 from fedlora.job.schema import JobConfig
 from fedlora.job.setup import check_context, resolve_max_length
@@ -129,11 +130,14 @@ def check_args(args: argparse.Namespace) -> JobConfig:
     return cfg
 
 
-def strategy_traffic(cfg: JobConfig, shape: ModelShape) -> dict[str, list[RoundBytes] | str]:
-    """Every registered strategy's bytes per client per round for the job (its options for the job's
-    own strategy, defaults for the others), or why that strategy cannot run it."""
+def strategy_traffic(cfg: JobConfig, shape: ModelShape,
+                     names: list[str] | None = None) -> dict[str, list[RoundBytes] | str]:
+    """The bytes per client per round of each of ``names`` (default: every registered strategy) for
+    the job (its options for the job's own strategy, defaults for the others), or why that strategy
+    cannot run it."""
     out: dict[str, list[RoundBytes] | str] = {}
-    for name, cls in sorted(STRATEGIES.items()):
+    for name in names or sorted(STRATEGIES):
+        cls = STRATEGIES[name]
         if cfg.ranks and len(set(cfg.ranks)) > 1 and not cls.heterogeneous_ranks:
             out[name] = "needs one rank for every client"
             continue
@@ -186,6 +190,12 @@ def _run_total(rows: list[RoundBytes]) -> str:
     return f"↑ {human_wire(max(up.values()))} ↓ {human_wire(max(down.values()))}" if up else "–"
 
 
+def chosen_strategy(args: argparse.Namespace) -> bool:
+    """Whether the job names its strategy (``--strategy``, or ``--config``'s file): the traffic table
+    then plans it alone; else every strategy, to compare them."""
+    return "strategy" in args.typed or (args.config is not None and "strategy" in read_config(args.config))
+
+
 def memory_lines(mem: MemoryPlan, cfg: JobConfig, clients: int, memories: list[tuple[str, int]]) -> list[str]:
     """The memory table of one model, and the clients a pass fits in each memory."""
     ckpt = "on" if cfg.gradient_checkpointing else "off"
@@ -231,12 +241,14 @@ def plan_one(cfg: JobConfig, args: argparse.Namespace) -> dict:
     response = args.response_tokens or default_response_tokens(cfg)
     mem = plan_memory(shape, cfg, response)
     clients = args.clients_per_pass or cfg.max_clients_per_pass or cfg.per_round()
-    traffic = strategy_traffic(cfg, shape)
+    chosen = chosen_strategy(args)
+    traffic = strategy_traffic(cfg, shape, [cfg.strategy] if chosen else None)
     picked = cfg.per_round()
     print(describe(cfg, shape, response), "\n")
     print("\n".join(memory_lines(mem, cfg, clients, args.memory)), "\n")
+    others = "" if chosen else "; each strategy but --strategy with its default options"
     print(f"bytes per client per round, the largest over the round's {picked} of {cfg.num_clients} clients"
-          f" (round 0: initialisation; each strategy with its default options):\n")
+          f" (round 0: initialisation{others}):\n")
     print("\n".join(traffic_lines(traffic, cfg.rounds)))
     return {"model": cfg.model, "memory": asdict(mem), "per_client": mem.per_client,
             "fits": {label: mem.largest_pass(size) for label, size in args.memory},

@@ -164,3 +164,18 @@ def test_run_total_is_the_most_one_client_sends_over_the_rounds():
     assert _run_total(rows) == "↑ 12 B ↓ 30 B"
     assert _largest(rows[1:]) == "↑ 7 B ↓ 1 B" and _largest([RoundBytes(0, [], [], [])]) == "–"
 
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_a_named_strategy_is_planned_alone(how, tiny_llama_dir, tmp_path, capsys):
+    # Prepare: the job's strategy named by the flag, or by a config file
+    flags = ["--model", str(tiny_llama_dir), "--task", "causal-lm", "--rank", "4", "--batch-size", "2",
+             "--max-length", "16", "--num-clients", "3", "--rounds", "2", "--json", str(tmp_path / "p.json")]
+    config = tmp_path / "job.toml"
+    config.write_text('strategy = "flora"\n')
+    named = ["--strategy", "flora"] if how == "flag" else ["--config", str(config)]
+    # Execute
+    assert main([*flags, *named]) == 0
+    # Assert: FLoRA's row alone, in the table and the JSON
+    rows = _traffic_table(capsys.readouterr().out)[1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| `flora`"]
+    assert list(json.loads((tmp_path / "p.json").read_text())["plan"]["traffic"]) == ["flora"]
