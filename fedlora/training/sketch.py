@@ -84,7 +84,7 @@ def _plain(fm, data, samplers, cfg, steps, probes, layers) -> dict[str, Tensor]:
     sums: dict[str, Tensor] = {}
     for _ in range(steps):
         with Capture(list(layers.values())) as cap:  # one pass: each client's rows contiguous, equal
-            _step(fm, data, samplers, slots, cfg, device, split=False)
+            _step(fm, data, samplers, slots, cfg, device, split=False, step=None)  # no dropout
         cap.group_rows(cfg.task.rows_per_example)
         for name, layer in layers.items():
             xr, gl = project(cap.x[layer], cap.g[layer], probes[name])

@@ -113,7 +113,8 @@ class ClientSampler:
 
 
 def _step(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[ClientSampler],
-          slots: Tensor, cfg: TrainConfig, device: torch.device, split: bool = True, step: int = 0) -> Tensor:
+          slots: Tensor, cfg: TrainConfig, device: torch.device, split: bool = True, step: int | None = 0
+          ) -> Tensor:
     """One step's forward and backward passes for the clients of a pass: slot ``slots[k]`` takes
     sampler k's next ``batch_size`` examples, and the gradient of ``Σ_k L_k`` (``L_k``: client
     k's mean loss over its batch's loss terms) is accumulated into the parameters.
@@ -121,12 +122,15 @@ def _step(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[Client
     With dynamic padding and ``split``, the rows run as micro-batches of similar lengths
     (:func:`~fedlora.tasks.row_groups`, rows routed to their slots by id): the same gradient over fewer
     padded tokens. Each row's dropout key (``--lora-dropout``) is its client's seed and round, ``step``
-    and its place in the client's batch, so it travels with the row. Returns the ``(S,)`` losses ``L_k``.
+    and its place in the client's batch, so it travels with the row; ``step`` None: no dropout (the
+    frozen weights' gradients of Fed-SB's initialisation read ``x`` itself). Returns the ``(S,)`` losses
+    ``L_k``.
     """
     n, task = cfg.batch_size, cfg.task
     idx = [i for s in samplers for i in s.take(n)]
     owner = torch.arange(len(samplers)).repeat_interleave(n)              # (N,) client of each row
-    keys = dropout_keys(samplers, owner, torch.arange(n).repeat(len(samplers)), step)   # (N,)
+    keys = (None if step is None else
+            dropout_keys(samplers, owner, torch.arange(n).repeat(len(samplers)), step))  # (N,)
     rows = torch.as_tensor(idx, dtype=torch.long)
     counts = torch.zeros(len(samplers)).index_add_(0, owner, task.loss_counts(data["labels"][rows]).float())
     groups = row_groups(data, rows, cfg.pad_to_longest) if split else None
@@ -139,7 +143,7 @@ def _step(fm: FederatedModel, data: dict[str, Tensor], samplers: Sequence[Client
         routing = (Routing.segments(slots, n * r) if group is None
                    else Routing.from_ids(slots[who.to(device)].repeat_interleave(r)))
         positions = task.logit_positions(labels)
-        drop = subrow_keys(keys if group is None else keys[group], r)
+        drop = None if keys is None else subrow_keys(keys if group is None else keys[group], r)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             out = fm(routing=routing, positions=positions, dropout_keys=drop, **inputs)
         share = task.loss_sums(out.logits, labels, positions) / counts[who].clamp_min(1.0).to(device)

@@ -17,8 +17,10 @@ from fedlora.models.lora import BatchedLoRALinear, Router
 from fedlora.models.model import AdapterConfig, FederatedModel
 from fedlora.models.state import extract_upload
 from fedlora.privacy.dpsgd import Capture, grad_samples
-from fedlora.strategies import GlobalState
+from fedlora.strategies import GlobalState, Probe
+from fedlora.strategies.fed_sb import FedSB
 from fedlora.tasks import get_task
+from fedlora.training.sketch import client_sketches
 from fedlora.training.train import ClientSampler, TrainConfig, train_clients
 
 
@@ -154,3 +156,18 @@ def test_export_records_lora_dropout(base, tmp_path):
     state = GlobalState(factors=factors, scale=2.0, head=fm.heads["classifier"].get_slot(0))
     out = export_model(fm, state, tmp_path / "adapter", "base", "SEQ_CLS")
     assert json.loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0.05
+
+
+def test_fed_sb_initialisation_sketches_read_the_input_without_dropout(base):
+    # Prepare: Fed-SB models with and without --lora-dropout, as built (a new model is in training mode)
+    data, cfg = _data(n=8), TrainConfig(batch_size=4)
+    fms = {p: FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=[2, 2], alpha=4.0,
+                                                                plan=FedSB.adapter_plan, dropout=p))
+           for p in (0.5, 0.0)}
+    probes = {n: Probe() for n in fms[0.0].adapters}
+    # Execute: each client's dense G_k = Σ g xᵀ of the frozen weights
+    got = {p: client_sketches(fm, data, [ClientSampler(range(4 * k, 4 * k + 4), 11 + k) for k in range(2)],
+                              cfg, 2, probes) for p, fm in fms.items()}
+    # Assert: the frozen weights read x itself, so the sketch is the one without dropout
+    for name in probes:
+        torch.testing.assert_close(got[0.5][name], got[0.0][name], rtol=1e-5, atol=1e-7)
