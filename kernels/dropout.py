@@ -104,11 +104,13 @@ def dropout_mask(keys: Tensor, layer: int, tokens: int, features: int, p: float)
 
 
 def lora_dropout(x: Tensor, keys: Tensor, layer: int, p: float) -> Tensor:
-    """Inverted dropout of ``x`` (``(N, T, d)``): kept entries times ``1 / (1 − p)``, the rest 0 (the
+    """Inverted dropout of ``x`` (``(N, T, d)``; a pooled ``(N, d)`` is one token a row, more dims
+    between count as tokens in row-major order): kept entries times ``1 / (1 − p)``, the rest 0 (the
     backward pass keeps the bool mask only: a byte per entry)."""
     if keys.numel() != x.shape[0]:
         raise ValueError(f"{keys.numel()} dropout keys for an input of {x.shape[0]} rows")
-    keep = dropout_mask(keys.to(x.device), layer, x.shape[1], x.shape[2], p)
+    tokens = x[0].numel() // x.shape[-1] if x.shape[0] else 0
+    keep = dropout_mask(keys.to(x.device), layer, tokens, x.shape[-1], p).view(x.shape)
     return torch.where(keep, x * (1.0 / (1.0 - p)), x.new_zeros(()))
 
 

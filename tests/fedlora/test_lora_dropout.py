@@ -39,9 +39,10 @@ def _data(n=24, seq=10, seed=0):
             "labels": torch.randint(0, 3, (n,), generator=g)}
 
 
-def _model(base, ranks, dropout, seed=1):
+def _model(base, ranks, dropout, seed=1, targets=None):
     """Slots that all differ, B ≠ 0 (so the adapter's input matters from the first step)."""
-    fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=ranks, alpha=8.0, dropout=dropout))
+    fm = FederatedModel(copy.deepcopy(base), AdapterConfig(ranks=ranks, alpha=8.0, dropout=dropout,
+                                                           target_modules=targets))
     gen = torch.Generator().manual_seed(seed)
     for layer in fm.adapters.values():
         for k, r in enumerate(ranks):
@@ -127,13 +128,14 @@ def test_batched_equals_one_by_one_across_micro_batches_and_dropout_moves_the_re
                    for n, (_, B) in got.factors.items())
 
 
-def test_per_example_gradients_with_dropout_equal_autograd_one_example_at_a_time(base):
+@pytest.mark.parametrize("targets", [None, ["all-linear"]])  # all-linear: BERT's pooler reads (N, d)
+def test_per_example_gradients_with_dropout_equal_autograd_one_example_at_a_time(base, targets):
     # Prepare: P = 0.3, 5 rows of different lengths with their keys, in training mode
     data = _data(n=5, seed=2)
     inputs = {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"]}
     keys = row_keys(torch.full((5,), 3), torch.full((5,), 1), 2, torch.arange(5))
     task = get_task("classification")
-    fm = _model(base, [4], 0.3)
+    fm = _model(base, [4], 0.3, targets=targets)
     fm.train()
     # Execute: fedlora's per-example gradients from one batched pass
     with Capture(fm.client_layers()) as cap:

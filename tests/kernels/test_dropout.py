@@ -79,3 +79,12 @@ def test_inverted_dropout_by_hand():
     assert 0 < int(mask.sum()) < 12
     with pytest.raises(ValueError, match="2 dropout keys for an input of 1 rows"):
         lora_dropout(x, torch.tensor([1, 2]), 4, 0.5)
+
+
+def test_a_pooled_input_of_one_token_a_row_is_dropped_as_its_only_token():
+    # Prepare: (N, d) rows, as BERT's pooler (adapted under all-linear) reads, and the same as (N, 1, d)
+    x = torch.arange(1.0, 13.0).view(2, 6)
+    keys = torch.tensor([5, 6])
+    # Execute / Assert: the mask of token 0 of each row, in x's own shape
+    assert torch.equal(lora_dropout(x, keys, 1, 0.5), lora_dropout(x.view(2, 1, 6), keys, 1, 0.5).view(2, 6))
+    assert lora_dropout(x[:0], keys[:0], 1, 0.5).shape == (0, 6)
