@@ -21,6 +21,7 @@ from fedlora.privacy.dpsgd import example_norms
 from fedlora.strategies import GlobalState
 from fedlora.tasks import TEST, gather_rows, get_task, row_groups
 from fedlora.training.train import ClientSampler, TrainConfig, _step, train_clients
+from tests.fedlora.test_lora_dropout_dp import assert_alone, fedlora_per_example
 
 BETA = 0.5
 #: Pairs of unequal lengths: (prompt, chosen, rejected).
@@ -375,3 +376,13 @@ def test_a_labeled_test_file_rejects_from_every_label_word(tmp_path, pairs_file)
     assert train.responses == [c for _, c, _ in PAIRS] and train.texts == [p for p, _, _ in PAIRS]
     assert held.responses == ["positive"] * 2 and held.rejected == ["negative"] * 2
     assert held.choices == [["negative", "positive"]] * 2
+
+
+def test_dp_per_pair_gradients_with_dropout_are_each_pair_alone(tiny_chat_llama_dir, tok, pairs_file):
+    # Prepare: --lora-dropout 0.3, the pairs with their references (computed without dropout), q = 1
+    fm = _fm(tiny_chat_llama_dir, dropout=0.3)
+    data, task = _encoded(tok, fm, pairs_file, _cfg()), get_task("dpo")
+    # Execute / Assert: each pair's gradient, both its rows through their own masks
+    ours, keys = fedlora_per_example(fm, data, len(PAIRS), task, q=1.0)
+    assert len(ours) == len(PAIRS)
+    assert_alone(fm, data, ours, keys, task)
