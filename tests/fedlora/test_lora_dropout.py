@@ -173,3 +173,26 @@ def test_fed_sb_initialisation_sketches_read_the_input_without_dropout(base):
     # Assert: the frozen weights read x itself, so the sketch is the one without dropout
     for name in probes:
         torch.testing.assert_close(got[0.5][name], got[0.0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks(base):
+    # Prepare: P = 0.3, the same start with and without --gradient-checkpointing (the backward then
+    # recomputes each block's forward, adapters and their dropout included)
+    data, cfg = _data(), TrainConfig(local_steps=2, batch_size=4, lr=1e-2)
+    runs, calls = {}, {}
+    for ckpt in (False, True):
+        fm = _model(base, [4], 0.3)
+        fm.config.gradient_checkpointing = ckpt
+        if ckpt:
+            fm.model.gradient_checkpointing_enable({"use_reentrant": False})
+        layer = next(iter(fm.adapters.values()))
+        calls[ckpt] = 0
+        layer.register_forward_pre_hook(lambda *_, c=ckpt: calls.__setitem__(c, calls[c] + 1))
+        # Execute
+        train_clients(fm, data, [ClientSampler(range(8), 5)], cfg, rnd=1)
+        runs[ckpt] = extract_upload(fm, 0, 8)
+    # Assert: the backward did recompute the adapters' forwards, with the same masks: the same adapter
+    assert calls[True] == 2 * calls[False] > 0
+    for layer, (A, B) in runs[True].factors.items():
+        torch.testing.assert_close(A, runs[False].factors[layer][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(B, runs[False].factors[layer][1], rtol=1e-5, atol=1e-6)

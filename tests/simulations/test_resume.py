@@ -13,9 +13,11 @@ from fedlora.simulations.cli import main
 pytestmark = pytest.mark.slow  # five CLI runs end to end
 
 #: Kept factors (FedSA-LoRA's B), error feedback (top-k) and DP-SGD ledgers: the state a simulated
-#: client holds between rounds, which the checkpoint must carry.
+#: client holds between rounds, which the checkpoint must carry (and --lora-dropout's masks, keyed to
+#: the round, which the resumed rounds must draw as the uninterrupted run did).
 STATEFUL = ["--strategy", "fedsa-lora", "--personal-test-fraction", "0.3", "--compress", "topk:0.5",
-            "--dp", "sample", "--epsilon", "8", "--delta", "1e-3", "--dp-reproducible"]
+            "--dp", "sample", "--epsilon", "8", "--delta", "1e-3", "--dp-reproducible",
+            "--lora-dropout", "0.1"]
 TIMES = ("seconds", "train_seconds", "eval_seconds", "pass_seconds")
 
 
