@@ -9,12 +9,16 @@ local step and the example's place in that client's step (:func:`row_keys`; a ro
 example adds its place in the example: :func:`subrow_keys`). Kept entries are scaled by
 ``1 / (1 − P)`` (inverted dropout), so the expectation is the input.
 
-The hash is ``lowbias32`` (a bijection of ``[0, 2³²)``), chained ``h ← mix(h ⊕ v)`` over the
-values. The keys are hashed in int64 ops whose products never exceed 2⁴⁸ (:func:`mix32`); the
-elements, which are many, in int32 (:func:`_mix32_i32`: the same bits, 4–6 times faster on a CPU),
-whose products wrap modulo 2³² as two's-complement hardware multiplies do (AVX2's ``vpmulld``,
-CUDA's ``mul.lo``). :func:`mix32_reference` and :func:`dropout_mask_reference` loop over Python
-integers, for the tests.
+The hash is ``lowbias32`` (a bijection of ``[0, 2³²)``), chained ``h ← mix(h ⊕ spread(v))`` over
+the values, ``spread(v) = mix(v ⊕ salt)``: xoring a small number in as is would let two states that
+differ in a few low bits alias (state ``h`` with token ``t`` hashing as state ``h ⊕ 1`` with token
+``t ⊕ 1``, so one row's tokens would carry another row's masks, or a token's a permutation of another
+token's); spread, the numbers differ in about half their bits and such states draw unrelated masks.
+The keys are hashed in int64 ops whose products never exceed 2⁴⁸ (:func:`mix32`); the elements,
+which are many, in int32 (:func:`_mix32_i32`: the same bits, 4–6 times faster on a CPU), whose
+products wrap modulo 2³² as two's-complement hardware multiplies do (AVX2's ``vpmulld``, CUDA's
+``mul.lo``). :func:`mix32_reference` and :func:`dropout_mask_reference` loop over Python integers,
+for the tests.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import Tensor
 
 M32 = 0xFFFFFFFF
 _C1, _C2 = 0x7FEB352D, 0x846CA68B   # lowbias32's multipliers (Wellons' hash prospector)
-_ROW_SALT, _LAYER_SALT = 0x5EED5EED, 0x9E3779B9
+_ROW_SALT, _LAYER_SALT, _VALUE_SALT = 0x5EED5EED, 0x9E3779B9, 0x2545F491
 #: Elements of a mask hashed at once (int64 temporaries of 128 MiB each).
 CHUNK = 1 << 24
 
@@ -51,6 +55,11 @@ def _signed(c: int) -> int:
 _C1_I32, _C2_I32 = _signed(_C1), _signed(_C2)
 
 
+def _as_i32(h: Tensor) -> Tensor:
+    """An int64 tensor of 32-bit values as int32 holding the same bits."""
+    return (h - ((h >> 31) << 32)).to(torch.int32)
+
+
 def _mix32_i32(h: Tensor) -> Tensor:
     """:func:`mix32` of an int32 tensor holding 32-bit values as their two's-complement bits: the
     products wrap modulo 2³², and each right shift is made logical by masking the sign's copies."""
@@ -61,9 +70,14 @@ def _mix32_i32(h: Tensor) -> Tensor:
     return h ^ ((h >> 16) & 0xFFFF)
 
 
+def _spread(v):
+    """``mix(v ⊕ salt)`` of a number (its low 32 bits) before it is xored into a hash state."""
+    return mix32((v & M32) ^ _VALUE_SALT)
+
+
 def _chain(h, *values):
     for v in values:
-        h = mix32(h ^ (v & M32))
+        h = mix32(h ^ _spread(v))
     return h
 
 
@@ -90,9 +104,8 @@ def dropout_mask(keys: Tensor, layer: int, tokens: int, features: int, p: float)
     so the int64 temporaries stay a few hundred MiB however large the pass."""
     dev = keys.device
     c = mix32(keys.long() ^ mix32((layer & M32) ^ _LAYER_SALT))                     # (N,)
-    c = mix32(c.unsqueeze(1) ^ torch.arange(tokens, device=dev)).reshape(-1, 1)      # (N·T, 1)
-    c = (c - ((c >> 31) << 32)).to(torch.int32)                 # the same bits, as int32
-    j = torch.arange(features, device=dev, dtype=torch.int32)
+    c = mix32(c.unsqueeze(1) ^ _spread(torch.arange(tokens, device=dev))).reshape(-1, 1)  # (N·T, 1)
+    c, j = _as_i32(c), _as_i32(_spread(torch.arange(features, device=dev)))      # the same bits
     # unsigned h ≥ P·2³² as signed int32s: both sides shifted by 2³¹ (the sign bit flipped)
     threshold = min(int(round(p * 2**32)), M32) - (1 << 31)
     out = torch.empty(c.shape[0], features, dtype=torch.bool, device=dev)
@@ -132,7 +145,7 @@ def dropout_mask_reference(keys: list[int], layer: int, tokens: int, features: i
     for i, key in enumerate(keys):
         c = mix32_reference(key ^ salt)
         for t in range(tokens):
-            ct = mix32_reference(c ^ t)
+            ct = mix32_reference(c ^ mix32_reference(t ^ _VALUE_SALT))
             for j in range(features):
-                out[i, t, j] = mix32_reference(ct ^ j) >= int(round(p * 2**32))
+                out[i, t, j] = mix32_reference(ct ^ mix32_reference(j ^ _VALUE_SALT)) >= int(round(p * 2**32))
     return out

@@ -53,7 +53,7 @@ def _model(base, ranks, dropout, seed=1, targets=None):
 
 def test_forward_by_hand_with_keys_and_without():
     # Prepare: W = [[1,0,2],[0,1,-1]], b = [0.5,-0.5], A = [[1,1,0],[0,1,1]], B = diag(1, 2), s = 2/2;
-    # key 99 on layer 3 at P = 0.5 keeps token 0's features 1, 2 and token 1's feature 0
+    # key 96 on layer 3 at P = 0.5 keeps token 0's features 1, 2 and token 1's feature 0
     lin = nn.Linear(3, 2)
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]]))
@@ -64,7 +64,7 @@ def test_forward_by_hand_with_keys_and_without():
                    torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
     x = torch.tensor([[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]])
     # Execute: a training pass's keys, then none
-    router.keys = torch.tensor([99])
+    router.keys = torch.tensor([96])
     dropped = layer(x)
     router.keys = None
     plain = layer(x)

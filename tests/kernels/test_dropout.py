@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from fedlora.kernels import dropout, dropout_mask, lora_dropout, row_keys, subrow_keys
-from fedlora.kernels.dropout import M32, _mix32_i32, dropout_mask_reference, mix32, mix32_reference
+from fedlora.kernels.dropout import (
+    _LAYER_SALT,
+    M32,
+    _mix32_i32,
+    dropout_mask_reference,
+    mix32,
+    mix32_reference,
+)
 
 
 def test_mix32_equals_exact_integer_products_without_overflow():
@@ -88,3 +95,33 @@ def test_a_pooled_input_of_one_token_a_row_is_dropped_as_its_only_token():
     # Execute / Assert: the mask of token 0 of each row, in x's own shape
     assert torch.equal(lora_dropout(x, keys, 1, 0.5), lora_dropout(x.view(2, 1, 6), keys, 1, 0.5).view(2, 6))
     assert lora_dropout(x[:0], keys[:0], 1, 0.5).shape == (0, 6)
+
+
+def _unmix(h: int) -> int:
+    """The inverse of ``lowbias32`` (:func:`mix32_reference`)."""
+    def unshift(h, s):  # inverse of h ^ (h >> s)
+        out = h
+        for _ in range(32 // s + 1):
+            out = h ^ (out >> s)
+        return out
+    h = unshift(h, 16)
+    h = (h * pow(0x846CA68B, -1, 2**32)) & M32
+    h = unshift(h, 15)
+    h = (h * pow(0x7FEB352D, -1, 2**32)) & M32
+    return unshift(h, 16)
+
+
+def test_rows_whose_hash_states_differ_in_a_low_bit_draw_unrelated_masks():
+    # Prepare: two rows whose layer-0 states differ in bit 0 only: were the token number xored into
+    # the state as is, token t of one row would hash as token t ^ 1 of the other (the whole mask of a
+    # token shared); the same for two tokens' states and the feature number
+    assert _unmix(mix32_reference(123456789)) == 123456789
+    salt = mix32_reference(_LAYER_SALT)   # layer 0's
+    key = 987654321
+    c = mix32_reference(key ^ salt)
+    twin = _unmix(c ^ 1) ^ salt
+    # Execute
+    a, b = dropout_mask(torch.tensor([key, twin]), 0, 8, 64, 0.5)
+    # Assert: no token of one row has a token's mask of the other; about half the features agree
+    assert not any(torch.equal(b[t], a[u]) for t in range(8) for u in range(8))
+    assert all(16 < int((b[t] == a[t ^ 1]).sum()) < 48 for t in range(8))
