@@ -322,8 +322,13 @@ class FederatedModel(nn.Module):
 
     def generate(self, **kwargs):
         """transformers' ``generate`` of the wrapped model with every row on slot 0."""
-        self.router.routing = self.router.keys = None
+        self.unrouted()
         return self.model.generate(**kwargs)
+
+    def unrouted(self) -> None:
+        """Every row on slot 0 and no dropout, for passes that bypass :meth:`forward` (generation, the
+        decoder's cached passes): no routing or dropout keys a training pass left."""
+        self.router.routing = self.router.keys = None
 
     def set_plan(self, plan: AdapterPlan) -> None:
         """Train the factors ``plan.train`` from now on (e.g. RoLoRA's alternation)."""

@@ -71,7 +71,7 @@ class _Prefix:
 
 def _prefill(fm, prompts: list[list[int]], pad: int) -> _Prefix:
     model, device = fm.model, next(fm.parameters()).device
-    fm.router.routing = None                                        # every row on slot 0
+    fm.unrouted()                                                   # every row on slot 0, no dropout
     ids, mask = _left_pad(prompts, pad, device)                     # (B, P)
     key, last = _keywords(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),

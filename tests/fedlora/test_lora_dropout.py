@@ -196,3 +196,24 @@ def test_gradient_checkpointing_recomputes_the_same_masks(base):
     for layer, (A, B) in runs[True].factors.items():
         torch.testing.assert_close(A, runs[False].factors[layer][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(B, runs[False].factors[layer][1], rtol=1e-5, atol=1e-6)
+
+
+def test_the_decoders_cached_passes_drop_nothing_whatever_a_training_pass_left(tiny_llama_dir):
+    # Prepare: P = 0.5, a causal LM whose last training pass (2 rows, keyed) left its keys on the router
+    # (kept for the backward hooks; a round that raised before its end never cleared them)
+    from transformers import AutoModelForCausalLM
+
+    from fedlora.tasks.decode import score_and_generate
+    fm = _model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), [4], 0.5)
+    prompts, completions = [[5, 6, 7], [8, 9]], [[10, 11], [12]]
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    fm.train()
+    fm(input_ids=ids, dropout_keys=row_keys(torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long),
+                                            0, torch.arange(2)))
+    # Execute: the decoder's scoring (its own cached passes) with the keys left, then without
+    left = score_and_generate(fm, prompts, completions, 3, [0], 0)
+    fm.eval()
+    clean = score_and_generate(fm, prompts, completions, 3, [0], 0)
+    # Assert: the same scores and answers: evaluation drops nothing
+    torch.testing.assert_close(left[0], clean[0])
+    assert left[2] == clean[2]
