@@ -18,10 +18,10 @@ One step, for every client k of the pass (each with its own sampling rate
    interact, ``g_i`` is the gradient of example i's own loss. The backward stops at those
    outputs (:meth:`Capture.backward`): the parameters' summed gradients are not needed.
    When no client drew an example there is no pass: every clipped sum is zero and the
-   step releases noise only. With ``--lora-dropout``, a row's dropout key is its client's seed, the
-   round, the step and the example's place among the client's examples (not in the batch), so an
-   example's gradient depends on it alone, whichever others were drawn; the hooks keep the
-   adapter's dropped-out input, which is what its per-example gradients read.
+   step releases noise only. With ``--lora-dropout``, a row's key is a secret number of its client's
+   step (``--dp-reproducible``: the client's seed and round) and the example's place among the
+   client's examples: a fresh mask, not one that others' presence (which shifts the place) or the
+   public seed decides; the hooks keep the dropped-out input its per-example gradients read.
 3. Per-example gradients of every trainable tensor (``kernels.per_sample``), their
    joint norm, clipping to ``C`` (``--max-grad-norm``): ``c_i = min(1, C / ‖∇ℓ_i‖)``.
 4. Client k's gradient is ``(Σ_{i∈k} c_i ∇ℓ_i + σ_k C ξ_k) / (q_k n_k)`` (the sum over its
@@ -202,10 +202,11 @@ def clip_factors(sq_norms: Tensor, weights: Tensor | None, max_norm: float) -> T
     return c if weights is None else weights * c
 
 
-def dropout_keys(samplers, owner: Tensor, examples: Tensor, step: int) -> Tensor:
+def dropout_keys(samplers, owner: Tensor, examples: Tensor, step: int, secret: bool = False) -> Tensor:
     """``(N,)`` dropout keys (``fedlora.kernels.row_keys``) of rows of the clients ``owner`` (an index
-    into ``samplers``): each sampler's seed and round, ``step`` and the rows' ``examples``."""
-    seeds = torch.tensor([s.seed for s in samplers], dtype=torch.long)
+    into ``samplers``): each sampler's seed (``secret``: a secret 63-bit number drawn for each) and
+    round, ``step`` and the rows' ``examples``."""
+    seeds = torch.tensor([secrets.randbits(63) if secret else s.seed for s in samplers], dtype=torch.long)
     rounds = torch.tensor([s.round for s in samplers], dtype=torch.long)
     return row_keys(seeds[owner], rounds[owner], step, examples.long())
 
@@ -229,9 +230,9 @@ def poisson_batches(samplers, rates: Sequence[float], reproducible: bool = False
     """Each client's Poisson batch (example j of client k joins with probability ``q_k``), packed;
     with ``step``, each row's dropout key (:func:`dropout_keys`, the example's place being j).
 
-    The draws are secret (OS entropy) unless ``reproducible`` (then the sampler's own
-    generator): privacy amplification by sampling assumes the adversary does not know
-    which examples were drawn.
+    The draws and the dropout keys are secret (OS entropy) unless ``reproducible`` (then the
+    sampler's own generator and seed): privacy amplification by sampling assumes the adversary does
+    not know which examples were drawn, and an example's mask must not hang on the others' presence.
     """
     picks, rows = [], []
     for s, q in zip(samplers, rates, strict=True):
@@ -244,7 +245,7 @@ def poisson_batches(samplers, rates: Sequence[float], reproducible: bool = False
     if step is None or not picks:
         return PackedBatch(indices, ids, counts)
     places = torch.from_numpy(np.concatenate(picks))                        # (N,)
-    return PackedBatch(indices, ids, counts, dropout_keys(samplers, ids, places, step))
+    return PackedBatch(indices, ids, counts, dropout_keys(samplers, ids, places, step, not reproducible))
 
 
 def per_client_sum(values: Tensor, ids: Tensor, m: int) -> Tensor:

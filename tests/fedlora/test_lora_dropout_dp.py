@@ -12,7 +12,7 @@ import torch
 from opacus import GradSampleModule
 from transformers import AutoModelForSequenceClassification
 
-from fedlora.kernels import subrow_keys
+from fedlora.kernels import row_keys, subrow_keys
 from fedlora.models.model import AdapterConfig, FederatedModel
 from fedlora.privacy import opacus_dp  # noqa: F401  (registers fedlora's grad samplers with Opacus)
 from fedlora.privacy.dpsgd import dp_passes, grad_samples, poisson_batches
@@ -124,3 +124,17 @@ def test_opacus_grad_samples_are_each_example_alone_through_its_mask(base, mode)
     gsm.remove_hooks()
     # Assert: each example's grad sample is autograd of its loss alone, through its own mask
     assert_alone(fm, data, ours, dict(zip(packed.indices, packed.keys, strict=True)), task)
+
+
+def test_private_masks_are_secret_unless_reproducible():
+    # Prepare: a client of 10 examples, every one drawn (q = 1), round 3, step 2
+    sampler = ClientSampler(range(10), seed=4)
+    sampler.start_round(3)
+    # Execute: two secret draws of the same step, and a reproducible one
+    first, second = (poisson_batches([sampler], [1.0], reproducible=False, step=2).keys for _ in range(2))
+    seeded = poisson_batches([sampler], [1.0], reproducible=True, step=2).keys
+    # Assert: a secret draw's masks are fresh (so an example's mask is no function of its place among
+    # the client's examples, which adding or removing another example shifts, and of --seed, which
+    # is in config.json); --dp-reproducible keys them to the seed, round, step and place
+    assert not torch.equal(first, second) and not torch.equal(first, seeded)
+    assert torch.equal(seeded, row_keys(torch.full((10,), 4), torch.full((10,), 3), 2, torch.arange(10)))
