@@ -7,7 +7,6 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from fedlora.rounds import sink
 from fedlora.simulations.cli import main
 
 pytestmark = pytest.mark.slow  # five CLI runs end to end
@@ -33,20 +32,13 @@ def _rows(out) -> list[dict]:
 
 
 def test_a_stopped_run_resumes_to_the_uninterrupted_runs_rows_and_adapter(tiny_bert_dir, tiny_csv, tmp_path,
-                                                                          monkeypatch):
+                                                                          stop_after_round):
     # Prepare: the uninterrupted run, and the same job stopped (Ctrl-C) once round 2 is committed
     job = _job(tiny_bert_dir, tiny_csv, *STATEFUL, "--rounds", "3")
     assert main([*job, "--out", str(tmp_path / "straight")]) == 0
-    commit = sink.RunFolder.commit
-
-    def stop_after_round_2(self, row, coord):
-        commit(self, row, coord)
-        if row["round"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(sink.RunFolder, "commit", stop_after_round_2)
+    stop_after_round(2)
     assert main([*job, "--out", str(tmp_path / "cut")]) == 130
-    monkeypatch.undo()
+    stop_after_round(None)
     assert len(_rows(tmp_path / "cut")) == 3 and not (tmp_path / "cut" / "adapter").exists()
     # Execute
     assert main([*job, "--out", str(tmp_path / "cut"), "--resume"]) == 0
