@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import replace
 
 import torch
@@ -126,29 +127,43 @@ def eval_batches(fm, data: dict[str, Tensor], cfg):
             yield batch, labels, fm(routing=routing, **batch).logits.float()
 
 
-@register_task
-class Classification(Task):
-    """Sequence classification: cross-entropy of a per-client head; accuracy per example."""
+class HeadTask(Task):
+    """A per-client head on the model's reading of a text or pair of texts (a classifier's, a
+    regressor's): the examples' label column read as classes (``classes``) or else as scores, the
+    texts encoded by :func:`tokenize_inputs`, and one loss term per example."""
 
-    name = "classification"
     model_kind = "sequence-classification"
     peft_task_type = "SEQ_CLS"
     trains_head = True
-    classes = True
 
     def load(self, spec: str, cfg, *, role: str = TRAIN) -> TextDataset:
-        return load_dataset(spec, *columns(cfg, role), flags=role)
+        return load_dataset(spec, *columns(cfg, role), flags=role, scores=not self.classes)
 
     def encode(self, tokenizer, ds: TextDataset, cfg) -> dict[str, Tensor]:
         out = tokenize_inputs(tokenizer, ds, cfg.max_length)
-        out["labels"] = torch.tensor(ds.labels, dtype=torch.long)
+        out["labels"] = self.label_tensor(ds)
         return out
 
-    def head_outputs(self, num_labels: int) -> int:
-        return num_labels
+    @abstractmethod
+    def label_tensor(self, ds: TextDataset) -> Tensor:
+        """``(N,)``: the examples' labels as the loss reads them."""
 
     def loss_counts(self, labels: Tensor) -> Tensor:
         return torch.ones(labels.shape[0], device=labels.device)
+
+
+@register_task
+class Classification(HeadTask):
+    """Sequence classification: cross-entropy of a per-client head; accuracy per example."""
+
+    name = "classification"
+    classes = True
+
+    def label_tensor(self, ds: TextDataset) -> Tensor:
+        return torch.tensor(ds.labels, dtype=torch.long)
+
+    def head_outputs(self, num_labels: int) -> int:
+        return num_labels
 
     def loss_sums(self, logits: Tensor, labels: Tensor, positions: Tensor | None = None) -> Tensor:
         return F.cross_entropy(logits.float(), labels, reduction="none")

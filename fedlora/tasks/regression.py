@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedlora.data.loading import TextDataset, load_dataset
-from fedlora.tasks.base import TRAIN, Task, register_task
-from fedlora.tasks.classic import columns, eval_batches, tokenize_inputs
+from fedlora.data.loading import TextDataset
+from fedlora.tasks.base import register_task
+from fedlora.tasks.classic import HeadTask, eval_batches
 
 
 def average_ranks(x: Tensor) -> Tensor:
@@ -35,31 +35,20 @@ def spearman(x: Tensor, y: Tensor) -> float:
 
 
 @register_task
-class Regression(Task):
+class Regression(HeadTask):
     """A score per example from ``--label-column`` (floats), a one-output head trained on each
     example's squared error; ``pearson`` is the headline, beside ``spearman``, ``mse`` and ``loss``."""
 
     name = "regression"
-    model_kind = "sequence-classification"
-    peft_task_type = "SEQ_CLS"
-    trains_head = True
     problem_type = "regression"
     metric = "pearson"
     datasets = ()
 
-    def load(self, spec: str, cfg, *, role: str = TRAIN) -> TextDataset:
-        return load_dataset(spec, *columns(cfg, role), flags=role, scores=True)
-
-    def encode(self, tokenizer, ds: TextDataset, cfg) -> dict[str, Tensor]:
-        out = tokenize_inputs(tokenizer, ds, cfg.max_length)
-        out["labels"] = torch.tensor(ds.targets, dtype=torch.float32)
-        return out
+    def label_tensor(self, ds: TextDataset) -> Tensor:
+        return torch.tensor(ds.targets, dtype=torch.float32)
 
     def head_outputs(self, num_labels: int) -> int:
         return 1
-
-    def loss_counts(self, labels: Tensor) -> Tensor:
-        return torch.ones(labels.shape[0], device=labels.device)
 
     def loss_sums(self, logits: Tensor, labels: Tensor, positions: Tensor | None = None) -> Tensor:
         """``(N,)``: each example's squared error ``(ŷ - y)²`` (``ŷ``: its one output)."""
